@@ -1,0 +1,269 @@
+"""The model bundle: a folder holding everything a device needs to inspect.
+
+::
+
+    manifest.json          model kind, input size, output names, versions, sha256 of every file
+    model.onnx             FP32 graph (normalization inside, raw maps out)
+    model.int8.onnx        Q/DQ graph, when quantized      model.fp16.onnx   FP16 graph
+    checkpoint.pt          torch weights (state_dict) for fine-tuning and re-export
+    calibration.json       the calibration in force (byte-identical to its calibration.d/ entry)
+    calibration.d/NNNN.json  every calibration version ever written
+    engines/<key>.engine   TensorRT engines
+    quant_report.json      guard results
+
+Every write is atomic (temp file + fsync + rename). The manifest records the sha256 of every file so a
+corrupt copy is refused, and ``manifest["active"]`` names the graph that inspects (FP32 until a
+quantized graph passes the guard).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import __version__, atomic
+from .errors import InputError
+from .scoring import Calibration
+
+FORMAT = "edge-ad-bundle"
+FORMAT_VERSION = 1
+MODEL_KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
+_CAL_RE = re.compile(r"^(\d{4,})\.json$")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Bundle:
+    def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    # ----------------------------------------------------------------- create / open
+    @classmethod
+    def create(cls, path: str | os.PathLike, model: dict[str, Any]) -> "Bundle":
+        """Start a bundle folder. ``model`` needs kind, image_size [H, W] and outputs (raw map names)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path}: exists and is not a folder")
+        for key in ("kind", "image_size", "outputs"):
+            if key not in model:
+                raise InputError(f"bundle model description lacks '{key}'")
+        if model["kind"] not in MODEL_KINDS:
+            raise InputError(f"model kind '{model['kind']}': expected one of {', '.join(MODEL_KINDS)}")
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": now_iso(),
+            "model": dict(model),
+            "versions": {"edge_ad": __version__},
+            "files": {},
+            "active": {"graph": "model.onnx", "precision": "fp32"},
+        }
+        b = cls(path, manifest)
+        b.save_manifest()
+        return b
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = False) -> "Bundle":
+        path = Path(path)
+        mf = path / "manifest.json"
+        if not path.is_dir():
+            raise InputError(f"{path}: bundle folder not found")
+        if not mf.is_file():
+            raise InputError(f"{mf}: not found; a bundle folder holds a manifest.json (made by 'edge-ad train')")
+        try:
+            manifest = json.loads(mf.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{mf}: unreadable manifest ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise InputError(f"{mf}: 'format' is not '{FORMAT}'")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise InputError(f"{mf}: format_version {manifest.get('format_version')} is newer than this "
+                             f"edge_ad understands ({FORMAT_VERSION}); upgrade edge-ad")
+        for key in ("model", "files", "active"):
+            if key not in manifest:
+                raise InputError(f"{mf}: field '{key}' missing")
+        b = cls(path, manifest)
+        if verify:
+            b.verify()
+        return b
+
+    # ----------------------------------------------------------------- manifest and files
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest["model"]
+
+    @property
+    def kind(self) -> str:
+        return self.model["kind"]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.model["image_size"]
+        return int(h), int(w)
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.model["outputs"])
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def save_manifest(self) -> None:
+        atomic.write_json(self.path / "manifest.json", self.manifest)
+
+    def add_file(self, name: str, data: bytes | None = None, src: str | os.PathLike | None = None,
+                 save: bool = True) -> str:
+        """Write ``name`` atomically (from bytes or a source file), record its sha256; returns the hash."""
+        dst = self.path / name
+        if data is not None:
+            atomic.write_bytes(dst, data)
+        elif src is not None:
+            if Path(src).resolve() != dst.resolve():
+                atomic.copy_file(src, dst)
+        elif not dst.is_file():
+            raise InputError(f"{dst}: not found")
+        digest = atomic.sha256_file(dst)
+        self.manifest["files"][name] = {"sha256": digest, "bytes": dst.stat().st_size}
+        if save:
+            self.save_manifest()
+        return digest
+
+    def remove_file(self, name: str, save: bool = True) -> None:
+        self.manifest["files"].pop(name, None)
+        try:
+            (self.path / name).unlink()
+        except FileNotFoundError:
+            pass
+        if save:
+            self.save_manifest()
+
+    def verify(self, names: Iterable[str] | None = None) -> None:
+        """Check the sha256 of every recorded file (or of ``names``); raise naming the first bad one."""
+        files = self.manifest["files"]
+        for name in (names if names is not None else list(files)):
+            if name not in files:
+                raise InputError(f"{self.path}: '{name}' is not recorded in manifest.json")
+            p = self.path / name
+            if not p.is_file():
+                raise InputError(f"{p}: listed in manifest.json but missing")
+            got = atomic.sha256_file(p)
+            if got != files[name]["sha256"]:
+                raise InputError(f"{p}: sha256 {got[:12]}… does not match manifest.json "
+                                 f"({files[name]['sha256'][:12]}…); the file is corrupt or was changed")
+
+    # ----------------------------------------------------------------- active graph
+    @property
+    def active_graph(self) -> str:
+        return self.manifest["active"]["graph"]
+
+    @property
+    def active_precision(self) -> str:
+        return self.manifest["active"].get("precision", "fp32")
+
+    def graph_for(self, precision: str | None = None) -> Path:
+        """Path of the ONNX graph for a precision ('fp32', 'fp16', 'int8'; None = the active one)."""
+        if precision is None:
+            name = self.active_graph
+        else:
+            name = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
+                    "int8-u8": "model.int8-u8.onnx"}.get(precision)
+            if name is None:
+                raise InputError(f"precision '{precision}': expected fp32, fp16, int8 or int8-u8")
+        p = self.path / name
+        if not p.is_file():
+            hint = "run 'edge-ad export'" if name == "model.onnx" else f"run 'edge-ad quantize --precision {precision}'"
+            raise InputError(f"{p}: not found; {hint}")
+        return p
+
+    def set_active(self, graph: str, precision: str) -> None:
+        self.manifest["active"] = {"graph": graph, "precision": precision}
+        self.save_manifest()
+
+    def model_hash(self, graph: str | None = None) -> str:
+        name = graph or self.active_graph
+        rec = self.manifest["files"].get(name)
+        if rec is None:
+            p = self.path / name
+            return atomic.sha256_file(p) if p.is_file() else ""
+        return rec["sha256"]
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.path / "engines"
+
+    # ----------------------------------------------------------------- calibration
+    @property
+    def calibration_dir(self) -> Path:
+        return self.path / "calibration.d"
+
+    def calibration_versions(self) -> list[int]:
+        d = self.calibration_dir
+        if not d.is_dir():
+            return []
+        return sorted(int(m.group(1)) for f in d.iterdir() if (m := _CAL_RE.match(f.name)))
+
+    def calibration(self) -> Calibration:
+        p = self.path / "calibration.json"
+        if not p.is_file():
+            raise InputError(f"{p}: not found; the bundle has no calibration (train or calibrate it first)")
+        try:
+            d = json.loads(p.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{p}: unreadable ({exc})") from exc
+        return Calibration.from_dict(d, where=str(p))
+
+    def calibration_version_file(self, version: int) -> Path:
+        return self.calibration_dir / f"{version:04d}.json"
+
+    def write_calibration(self, cal: Calibration) -> Calibration:
+        """Store ``cal`` as the next version and put it in force. Returns it with version and date set.
+
+        Order matters for power cuts: the history file is written (atomically) first, then
+        calibration.json is replaced atomically. A cut between the two leaves the old calibration in force.
+        """
+        versions = self.calibration_versions()
+        version = (versions[-1] + 1) if versions else 1
+        cal = cal.replace(version=version, created=cal.created or now_iso())
+        data = (json.dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+        atomic.write_bytes(self.calibration_version_file(version), data)
+        self._put_calibration(data)
+        return cal
+
+    def _put_calibration(self, data: bytes) -> None:
+        atomic.write_bytes(self.path / "calibration.json", data)
+        digest = atomic.sha256_file(self.path / "calibration.json")
+        self.manifest["files"]["calibration.json"] = {"sha256": digest, "bytes": len(data)}
+        self.save_manifest()
+
+    def rollback_calibration(self, version: int | None = None) -> Calibration:
+        """Put an earlier calibration version back in force, byte for byte.
+
+        Without ``version``: the version before the one in force.
+        """
+        versions = self.calibration_versions()
+        if not versions:
+            raise InputError(f"{self.calibration_dir}: no calibration history to roll back to")
+        current = self.calibration().version
+        if version is None:
+            older = [v for v in versions if v < current]
+            if not older:
+                raise InputError(f"calibration version {current} is the oldest; nothing to roll back to")
+            version = older[-1]
+        if version not in versions:
+            raise InputError(f"calibration version {version} not found; versions kept: "
+                             f"{', '.join(map(str, versions))}")
+        data = self.calibration_version_file(version).read_bytes()
+        Calibration.from_dict(json.loads(data), where=str(self.calibration_version_file(version)))
+        self._put_calibration(data)
+        return self.calibration()

@@ -1,0 +1,51 @@
+"""The one ``edge-ad`` entry point. Thin: parse arguments, call the library, print.
+
+Commands live in small modules of this package, one per area, each registering on :data:`main`.
+Heavy imports (torch, onnxruntime) happen inside the commands, so ``edge-ad --help`` is instant and a
+runtime-only install never needs torch.
+
+Exit codes: 0 ok, 2 usage or input error, 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import EdgeADError
+
+# Modules that add commands to `main`. Each owns one area of the CLI.
+COMMAND_MODULES = ("train", "compile", "run", "mqtt", "calibrate", "deploy")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeADError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edge-ad")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """edge-ad: visual anomaly inspection for factory lines on edge devices."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+for _name in COMMAND_MODULES:
+    try:
+        importlib.import_module(f"{__name__}.{_name}")
+    except ModuleNotFoundError as _exc:  # a module of this package not written yet
+        if _exc.name != f"{__name__}.{_name}":
+            raise

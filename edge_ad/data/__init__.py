@@ -1,0 +1,1 @@
+"""Datasets (MVTec AD layout), image decoding and synthetic parts with planted defects."""

@@ -1,0 +1,89 @@
+"""Image decoding and the one preprocessing step every backend shares.
+
+Frames are RGB ``uint8`` arrays ``[H, W, 3]``. The model input is ``float32 [B, 3, H, W]`` in 0..255
+(RGB); normalization (ImageNet mean/std or the backbone's own scaling) lives inside each graph.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as RGB uint8 ``[H, W, 3]`` (grayscale and 16-bit are converted)."""
+    import cv2
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: image not found")
+    buf = np.fromfile(str(p), dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    if img is None:
+        raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP or TIFF)")
+    return to_rgb8(img, where=str(p))
+
+
+def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarray:
+    """Any decoded image (gray, BGR, BGRA, 16-bit) -> RGB uint8 ``[H, W, 3]``."""
+    import cv2
+
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.ndim == 3 and img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else img
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    raise InputError(f"{where}: unsupported image shape {img.shape}")
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a ground-truth mask as bool ``[H, W]`` (any non-zero pixel is defective)."""
+    import cv2
+
+    p = Path(path)
+    buf = np.fromfile(str(p), dtype=np.uint8) if p.is_file() else np.zeros(0, np.uint8)
+    m = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if buf.size else None
+    if m is None:
+        raise InputError(f"{p}: not a readable mask image")
+    return m > 0
+
+
+def resize_rgb(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    h, w = size_hw
+    if img.shape[0] == h and img.shape[1] == w:
+        return img
+    interp = cv2.INTER_AREA if (img.shape[0] > h and img.shape[1] > w) else cv2.INTER_LINEAR
+    return cv2.resize(img, (w, h), interpolation=interp)
+
+
+def to_batch(frames: Sequence[np.ndarray], size_hw: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 frames of any size -> model input ``float32 [B, 3, H, W]`` in 0..255."""
+    h, w = size_hw
+    out = np.empty((len(frames), 3, h, w), dtype=np.float32)
+    for i, f in enumerate(frames):
+        out[i] = resize_rgb(f, size_hw).transpose(2, 0, 1)
+    return out
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder in name order (no recursion)."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise InputError(f"{d}: folder not found")
+    return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())

@@ -1,0 +1,23 @@
+"""Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure)."""
+
+
+class EdgeADError(Exception):
+    """Base class. ``exit_code`` is what ``edge-ad`` exits with when this escapes a command."""
+
+    exit_code = 1
+
+
+class InputError(EdgeADError):
+    """Bad user input: a file, field or value that is not what was expected. Exit code 2."""
+
+    exit_code = 2
+
+
+class RuntimeFailure(EdgeADError):
+    """Something failed while doing valid work (a broker, a device, a numerical guard). Exit code 1."""
+
+    exit_code = 1
+
+
+class GuardFailure(RuntimeFailure):
+    """A quantized or compiled artefact did not match FP32 closely enough; nothing was switched in."""
