@@ -1,0 +1,80 @@
+"""Model families as plain ``nn.Module`` s (no training loops, downloads or logging here).
+
+Every model takes ``image`` float32 ``[B, 3, H, W]`` RGB in 0..255 and returns a tuple of raw outputs
+named by ``module.output_names``. Importing this package imports torch: runtime code must not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
+
+
+def default_config(kind: str) -> dict[str, Any]:
+    if kind in ("efficientad-s", "efficientad-m"):
+        return {"teacher": "lite0", "teacher_channels": None}
+    if kind == "fader":
+        return {"width": 32, "cell": 32, "hint": 8}
+    if kind == "gaussian":
+        return {"layout": "patch", "dims": 100, "seed": 0}
+    raise InputError(f"model '{kind}': expected one of {', '.join(KINDS)}")
+
+
+def build(kind: str, image_size: int | tuple[int, int], config: dict[str, Any] | None = None,
+          pretrained: bool = True) -> nn.Module:
+    """A fresh model. ``pretrained=False`` skips loading the ImageNet backbone (for loading a checkpoint)."""
+    cfg = default_config(kind)
+    cfg.update({k: v for k, v in (config or {}).items() if v is not None or k not in cfg})
+    size = image_size if isinstance(image_size, int) else int(image_size[0])
+    if not isinstance(image_size, int) and int(image_size[0]) != int(image_size[1]):
+        raise InputError(f"image size {image_size}: models take square inputs")
+    if size % 32 or size < 64:
+        raise InputError(f"image size {size}: expected a multiple of 32, at least 64")
+    if kind in ("efficientad-s", "efficientad-m"):
+        from .efficientad import EfficientAD
+
+        return EfficientAD(kind[-1], size, cfg["teacher"], cfg.get("teacher_channels"),
+                           pretrained_teacher=pretrained)
+    if kind == "fader":
+        from .fader import FaderNet
+
+        return FaderNet(size, int(cfg["width"]), int(cfg["cell"]), int(cfg["hint"]), weights=pretrained)
+    from .gaussian_model import GaussianFeatures
+
+    return GaussianFeatures(size, cfg["layout"], int(cfg["dims"]), int(cfg["seed"]), weights=pretrained)
+
+
+def load_from_bundle(bundle, device: str = "cpu") -> nn.Module:
+    """The bundle's model with its checkpoint weights, in eval mode."""
+    ckpt = bundle.file("checkpoint.pt")
+    if not ckpt.is_file():
+        raise InputError(f"{ckpt}: not found; the torch backend needs the bundle's checkpoint")
+    model = build(bundle.kind, bundle.image_size, bundle.model.get("config", {}), pretrained=False)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise InputError(f"{ckpt}: unreadable checkpoint ({exc})") from exc
+    state = state.get("model", state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"{ckpt}: weights do not fit a {bundle.kind} model: {str(exc)[:300]}") from exc
+    return model.to(device).eval()
+
+
+def describe(model: nn.Module, kind: str, image_size: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``model`` section for a built model."""
+    return {
+        "kind": kind,
+        "image_size": [image_size, image_size],
+        "outputs": list(model.output_names),
+        "map_pad": int(getattr(model, "map_pad", 0)),
+        "config": dict(config),
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
