@@ -1,0 +1,284 @@
+"""Datasets (MVTec layout) and the synthetic part generator."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_ad.data.mvtec import MVTecCategory, Sample, split_train_val
+from edge_ad.data.synthetic import (DEFECTS, KINDS, ConveyorStream, lighting_shift, make_part,
+                                    write_category)
+from edge_ad.errors import InputError
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
+
+
+def _write(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+
+
+def _category(root: Path, gray: bool = False, masks: bool = True) -> Path:
+    """A tiny hand-made MVTec folder: mixed PNG/JPEG, mixed sizes, colour or grey."""
+    rng = np.random.default_rng(0)
+
+    def img(h, w):
+        return rng.integers(0, 255, (h, w) if gray else (h, w, 3), dtype=np.uint8)
+
+    _write(root / "train/good/a.png", img(40, 50))
+    _write(root / "train/good/b.jpg", img(30, 60))
+    _write(root / "train/good/c.png", img(40, 50))
+    (root / "train/good/notes.txt").write_text("not an image")
+    _write(root / "test/good/g1.jpg", img(40, 50))
+    _write(root / "test/scratch/s1.png", img(40, 50))
+    _write(root / "test/scratch/s2.jpg", img(36, 44))
+    _write(root / "test/dent/d1.png", img(20, 20))
+    if masks:
+        m = np.zeros((40, 50), np.uint8)
+        m[5:10, 5:20] = 255
+        _write(root / "ground_truth/scratch/s1_mask.png", m)
+        m2 = np.zeros((36, 44), np.uint8)
+        m2[1:3, 1:3] = 255
+        _write(root / "ground_truth/scratch/s2_mask.png", m2)
+    return root
+
+
+# ---------------------------------------------------------------------------- MVTec loader
+def test_listing_and_labels(tmp_path):
+    cat = MVTecCategory(_category(tmp_path / "cat"))
+    assert [p.name for p in cat.train_paths()] == ["a.png", "b.jpg", "c.png"]
+    samples = cat.test_samples()
+    assert [(s.path.name, s.defect_type, s.label) for s in samples] == [
+        ("g1.jpg", "good", 0), ("d1.png", "dent", 1), ("s1.png", "scratch", 1), ("s2.jpg", "scratch", 1)]
+    assert samples[0].mask_path is None and samples[1].mask_path is None
+    assert samples[2].mask_path.name == "s1_mask.png"
+    assert cat.defect_types() == ["dent", "scratch"]
+    assert not cat.has_masks  # 'dent' has no masks
+    summ = cat.summary()
+    assert summ["train"] == 3 and summ["test"] == {"good": 1, "dent": 1, "scratch": 2}
+
+
+def test_load_sample_resizes_image_and_mask(tmp_path):
+    cat = MVTecCategory(_category(tmp_path / "cat"))
+    s1 = cat.test_samples()[2]
+    img, mask = cat.load_sample(s1)
+    assert img.shape == (40, 50, 3) and img.dtype == np.uint8
+    assert mask.dtype == bool and mask.sum() == 5 * 15
+    img, mask = cat.load_sample(s1, size=(20, 25))
+    assert img.shape == (20, 25, 3) and mask.shape == (20, 25)
+    assert set(np.unique(mask)) <= {False, True} and 0 < mask.sum() < 20 * 25
+    good = cat.test_samples()[0]
+    _, gmask = cat.load_sample(good, size=(16, 16))
+    assert gmask.shape == (16, 16) and not gmask.any()
+    assert cat.load_mask(s1, image_shape=(40, 50)).sum() == 75
+    frames = cat.load_train(size=(32, 32))
+    assert len(frames) == 3 and all(f.shape == (32, 32, 3) for f in frames)
+
+
+def test_grayscale_images_become_rgb(tmp_path):
+    cat = MVTecCategory(_category(tmp_path / "cat", gray=True))
+    img, _ = cat.load_sample(cat.test_samples()[1])
+    assert img.shape == (20, 20, 3)
+    assert np.array_equal(img[..., 0], img[..., 1])
+    assert cat.check()["has_masks"] is False
+
+
+def test_image_level_dataset_without_ground_truth(tmp_path):
+    cat = MVTecCategory(_category(tmp_path / "cat", masks=False))
+    assert all(s.mask_path is None for s in cat.test_samples())
+    assert not cat.has_masks
+    cat.check()
+
+
+def test_missing_folders_are_named(tmp_path):
+    with pytest.raises(InputError, match="data folder not found"):
+        MVTecCategory(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="neither 'train/' nor 'test/'"):
+        MVTecCategory(tmp_path / "empty")
+    root = _category(tmp_path / "cat")
+    import shutil
+    shutil.rmtree(root / "train")
+    cat = MVTecCategory(root)
+    with pytest.raises(InputError, match=r"train/good.*not found"):
+        cat.train_paths()
+    assert len(cat.test_samples()) == 4  # the test part still works
+
+
+def test_unreadable_image_named(tmp_path):
+    root = _category(tmp_path / "cat")
+    (root / "test/good/broken.png").write_bytes(b"definitely not a png")
+    cat = MVTecCategory(root)
+    bad = [s for s in cat.test_samples() if s.path.name == "broken.png"][0]
+    with pytest.raises(InputError, match="broken.png"):
+        cat.load_sample(bad)
+    with pytest.raises(InputError, match="broken.png"):
+        cat.check()
+
+
+def test_mask_size_mismatch_named(tmp_path):
+    root = _category(tmp_path / "cat")
+    _write(root / "ground_truth/scratch/s1_mask.png", np.zeros((41, 50), np.uint8))
+    cat = MVTecCategory(root)
+    with pytest.raises(InputError, match=r"s1_mask.png: mask is 50x41.*s1.png is 50x40"):
+        cat.load_sample(cat.test_samples()[2])
+
+
+def test_mask_without_image_named(tmp_path):
+    root = _category(tmp_path / "cat")
+    _write(root / "ground_truth/scratch/zz_mask.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(InputError, match="zz_mask.png: mask without an image"):
+        MVTecCategory(root).test_samples()
+
+
+def test_image_without_mask_named(tmp_path):
+    root = _category(tmp_path / "cat")
+    (root / "ground_truth/scratch/s2_mask.png").unlink()
+    with pytest.raises(InputError, match=r"s2.jpg: no mask"):
+        MVTecCategory(root).test_samples()
+
+
+def test_masks_for_unknown_defect_type_named(tmp_path):
+    root = _category(tmp_path / "cat")
+    _write(root / "ground_truth/hole/h1_mask.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(InputError, match="ground_truth/hole"):
+        MVTecCategory(root).test_samples()
+
+
+def test_split_train_val_deterministic():
+    paths = [Path(f"{i:03d}.png") for i in range(50)]
+    tr, va = split_train_val(paths, 0.1, seed=3)
+    assert len(va) == 5 and len(tr) == 45 and set(tr).isdisjoint(va) and set(tr) | set(va) == set(paths)
+    assert tr == sorted(tr) and va == sorted(va)  # input order kept
+    assert split_train_val(paths, 0.1, seed=3) == (tr, va)
+    assert split_train_val(paths, 0.1, seed=4)[1] != va
+    assert split_train_val(paths[:2], 0.1)[1] and len(split_train_val(paths[:2], 0.1)[0]) == 1
+    assert split_train_val(paths, 0.0) == (paths, [])
+    with pytest.raises(InputError):
+        split_train_val(paths[:1], 0.1)
+    with pytest.raises(InputError):
+        split_train_val(paths, 1.0)
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/magnetic_tile is absent")
+def test_real_magnetic_tile_layout():
+    cat = MVTecCategory(REAL)
+    assert len(cat.train_paths()) == 786
+    summ = cat.summary()
+    assert summ["test"]["good"] == 166 and summ["has_masks"]
+    assert cat.defect_types() == ["blowhole", "break", "crack", "fray", "uneven"]
+    bad = [s for s in cat.test_samples() if s.label == 1]
+    img, mask = cat.load_sample(bad[0], size=(128, 128))
+    assert img.shape == (128, 128, 3) and mask.any()
+
+
+# ---------------------------------------------------------------------------- synthetic parts
+@pytest.mark.parametrize("kind", KINDS)
+def test_make_part_deterministic_and_masks(kind):
+    a = make_part(kind, 128, None, seed=1, index=2)
+    b = make_part(kind, 128, None, seed=1, index=2)
+    assert np.array_equal(a.image, b.image) and a.label == 0 and not a.mask.any()
+    assert a.image.shape == (128, 128, 3) and a.image.dtype == np.uint8
+    assert not np.array_equal(a.image, make_part(kind, 128, None, seed=1, index=3).image)
+    for d in DEFECTS:
+        p = make_part(kind, 128, d, seed=1, index=2)
+        assert p.label == 1 and p.defect_type == d and p.mask.any()
+        # the defect is visible: pixels under the mask differ clearly from the same part without it
+        diff = np.abs(p.image.astype(int) - a.image.astype(int)).mean(axis=2)
+        assert diff[p.mask].mean() > 25, (kind, d)
+        assert (diff[~p.mask] > 20).mean() < 0.02, (kind, d)
+
+
+def test_make_part_non_square_and_errors():
+    p = make_part("plate", (96, 160), "scratch", seed=0)
+    assert p.image.shape == (96, 160, 3) and p.mask.shape == (96, 160)
+    with pytest.raises(InputError, match="kind"):
+        make_part("sphere")
+    with pytest.raises(InputError, match="defect"):
+        make_part("disc", defect="dent")
+    with pytest.raises(InputError, match="size"):
+        make_part("disc", size=8)
+
+
+def test_defects_separable_by_a_simple_feature():
+    """A trivial model (per-pixel mean/std over normals, max |z|) separates defects: they are visible."""
+    size = 128
+    normals = np.stack([make_part("disc", size, None, 5, i).image.mean(2) for i in range(30)]).astype(np.float32)
+    blur = lambda x: cv2.GaussianBlur(x, (0, 0), 2.0)  # noqa: E731
+    normals = np.stack([blur(n) for n in normals])
+    mu, sd = normals.mean(0), normals.std(0) + 8.0
+    def score(img):
+        return float(np.abs((blur(img.mean(2).astype(np.float32)) - mu) / sd).max())
+    good = [score(make_part("disc", size, None, 5, 1000 + i).image) for i in range(12)]
+    bad = [score(make_part("disc", size, DEFECTS[i % 4], 5, 2000 + i).image) for i in range(12)]
+    auc = np.mean([[b > g for g in good] for b in bad])
+    assert auc >= 0.9, auc
+
+
+def test_generation_is_fast():
+    t = time.perf_counter()
+    for i in range(40):
+        make_part(KINDS[i % 4], 256, DEFECTS[i % 4] if i % 2 else None, 0, i)
+    rate = 40 / (time.perf_counter() - t)
+    assert rate > 60, f"{rate:.0f} images/s"  # ~250/s on one core; slack for a busy machine
+
+
+def test_write_category_roundtrip(tmp_path):
+    root = write_category(tmp_path / "syn", n_train=4, n_test_good=2, n_test_defect=2, size=64,
+                          kind="grain", seed=7, defects=("scratch", "missing"))
+    cat = MVTecCategory(root)
+    assert len(cat.train_paths()) == 4
+    assert cat.summary()["test"] == {"good": 2, "missing": 2, "scratch": 2}
+    assert cat.has_masks
+    for s in cat.test_samples():
+        img, mask = cat.load_sample(s)
+        assert img.shape == (64, 64, 3)
+        assert mask.any() == bool(s.label)
+    # deterministic: same arguments, same bytes
+    again = write_category(tmp_path / "syn2", n_train=4, n_test_good=2, n_test_defect=2, size=64,
+                           kind="grain", seed=7, defects=("scratch", "missing"))
+    assert (root / "test/scratch/001.png").read_bytes() == (again / "test/scratch/001.png").read_bytes()
+    jpg = write_category(tmp_path / "syn3", 2, 1, 1, 64, "woven", 0, defects=("spot",), ext=".jpg")
+    assert (jpg / "train/good/000.jpg").is_file() and (jpg / "ground_truth/spot/000_mask.png").is_file()
+    MVTecCategory(jpg).check()
+
+
+def test_conveyor_stream():
+    s = ConveyorStream("disc", (96, 128), defect_rate=0.5, seed=3)
+    frames = list(s.frames(0, 20))
+    assert [f.index for f in frames] == list(range(20))
+    labels = [f.label for f in frames]
+    assert 0 < sum(labels) < 20
+    assert all(f.mask.any() == bool(f.label) for f in frames)
+    assert all(f.defect_type == "good" for f in frames if not f.label)
+    assert np.array_equal(s.frame(7).image, frames[7].image)  # random access, replayable
+    assert frames[0].image.shape == (96, 128, 3)
+    assert all(ConveyorStream("grain", 64, defect_rate=0.0).frame(i).label == 0 for i in range(5))
+    it = iter(ConveyorStream("plate", 64, seed=1))
+    assert next(it).index == 0 and next(it).index == 1
+    with pytest.raises(InputError):
+        ConveyorStream("disc", defect_rate=1.5)
+
+
+def test_lighting_shift():
+    img = np.array([[0, 64, 128, 200, 255]], np.uint8)
+    assert np.array_equal(lighting_shift(img), img)
+    out = lighting_shift(img, brightness=30)
+    assert out.tolist() == [[30, 94, 158, 230, 255]]
+    out = lighting_shift(img, contrast=0.5)
+    assert out.tolist() == [[64, 96, 128, 164, 192]]
+    rgb = make_part("disc", 64, None, 0).image
+    assert lighting_shift(rgb, 20, 1.1).shape == rgb.shape
+    with pytest.raises(InputError):
+        lighting_shift(img, contrast=0)
+    s = ConveyorStream("disc", 64, defect_rate=0.0, seed=2)
+    before = s.frame(5).image
+    s.set_lighting(brightness=40, contrast=1.0, from_index=5)
+    assert not np.array_equal(s.frame(5).image, before)
+    assert np.array_equal(s.frame(4).image, ConveyorStream("disc", 64, defect_rate=0.0, seed=2).frame(4).image)
+    assert s.frame(5).image.mean() > before.mean() + 20
