@@ -1,0 +1,80 @@
+"""Accuracy benchmark on the shared Magnetic Tile split (MVTec layout).
+
+Trains each requested model with its preset, evaluates the exported ONNX graph with ONNX Runtime
+(the artefact that runs on the device), and prints one table: model, preset, training time, image
+AUROC, pixel AUROC, AUPRO. Results also go to bench/results/accuracy.json.
+
+    python bench/accuracy.py --models gaussian,efficientad-s,fader --preset quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("EDGE_AD_BENCH_DATA", str(DEFAULT_DATA)))
+    ap.add_argument("--models", default="gaussian,efficientad-s,fader")
+    ap.add_argument("--preset", default="quick", choices=["quick", "paper"])
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", default=str(HERE / "results" / "accuracy_bundles"))
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--config", action="append", default=[], help="model config override key=value")
+    args = ap.parse_args(argv)
+    data = Path(args.data)
+    if not (data / "train" / "good").is_dir():
+        print(f"skipped: dataset not found at {data}")
+        return 0
+    from edge_ad.evaluate import evaluate
+    from edge_ad.train.pipeline import train_bundle
+
+    cfg = {}
+    for kv in args.config:
+        k, _, v = kv.partition("=")
+        cfg[k] = int(v) if v.isdigit() else v
+    rows = []
+    for m in [x.strip() for x in args.models.split(",") if x.strip()]:
+        out = Path(args.work) / f"{m}-{args.preset}"
+        t0 = time.time()
+        b = train_bundle(m, data, out, image_size=args.image_size, steps=args.steps, preset=args.preset,
+                         device=args.device, config=cfg or None)
+        train_s = time.time() - t0
+        rep = evaluate(out, data, backend=args.backend, device="cpu")
+        o = rep["overall"]
+        rows.append({"model": m, "preset": args.preset, "steps": b.manifest["training"].get("steps", 0),
+                     "train_s": round(train_s, 1), "image_auroc": o["image_auroc"],
+                     "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro"], "f1": o.get("f1"),
+                     "backend": rep["backend"], "eval_img_s": rep["images_per_second"]})
+        print(json.dumps(rows[-1]), flush=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()} ({args.device})"
+    print(f"\nMagnetic Tile ({data}), {args.image_size}x{args.image_size}, evaluated with {args.backend}; {machine}")
+    hdr = ("model", "preset", "steps", "train time", "image AUROC", "pixel AUROC", "AUPRO")
+    lines = [hdr] + [(r["model"], r["preset"], str(r["steps"]), f"{r['train_s'] / 60:.1f} min",
+                      f"{r['image_auroc']:.3f}", f"{r['pixel_auroc']:.3f}" if r["pixel_auroc"] is not None else "n/a",
+                      f"{r['aupro']:.3f}" if r["aupro"] is not None else "n/a") for r in rows]
+    w = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
+    for l in lines:
+        print("| " + " | ".join(v.ljust(w[i]) for i, v in enumerate(l)) + " |")
+    res = HERE / "results"
+    res.mkdir(exist_ok=True)
+    prev = json.loads((res / "accuracy.json").read_text()) if (res / "accuracy.json").is_file() else {}
+    for r in rows:
+        prev[f"{r['model']}-{r['preset']}"] = {**r, "machine": machine}
+    (res / "accuracy.json").write_text(json.dumps(prev, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Commands: train, eval, distill-teacher."""
+
+from __future__ import annotations
+
+import click
+
+from . import main
+
+
+@main.command()
+@click.option("--model", "model_kind", required=True,
+              type=click.Choice(["efficientad-s", "efficientad-m", "fader", "gaussian"]), help="Model family.")
+@click.option("--data", required=True, type=click.Path(), help="MVTec-layout category folder (train/good ...).")
+@click.option("--out", required=True, type=click.Path(), help="Bundle folder to write.")
+@click.option("--image-size", default=256, show_default=True, type=int, help="Square input size (multiple of 32).")
+@click.option("--steps", type=int, default=None, help="Training steps (default: the preset's).")
+@click.option("--batch-size", type=int, default=None, help="Batch size (default: the preset's).")
+@click.option("--preset", default="quick", show_default=True, type=click.Choice(["quick", "paper"]))
+@click.option("--teacher", default=None,
+              help="EfficientAD teacher: 'lite0' (default: truncated ImageNet EfficientNet-Lite0) or a PDN "
+                   "weights file (teacher_small.pth format, or from 'edge-ad distill-teacher').")
+@click.option("--penalty-dir", type=click.Path(), default=None,
+              help="Generic images for EfficientAD's penalty term (skipped, with a warning, when absent).")
+@click.option("--gaussian-layout", type=click.Choice(["patch", "shared", "image"]), default=None,
+              help="Gaussian model: per-location (PaDiM-like), one shared Gaussian, or image-level (Rippel).")
+@click.option("--policy", default="max", show_default=True, help="Threshold policy: fpr:P | max | sigma:K.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
+@click.option("--no-export", is_flag=True, help="Skip the ONNX export at the end.")
+def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher, penalty_dir, gaussian_layout,
+          policy, seed, device, resume, no_export):
+    """Fit a model on normal images and write a bundle (checkpoint, calibration, ONNX)."""
+    from ..train.pipeline import train_bundle
+
+    config = {"layout": gaussian_layout} if gaussian_layout else None
+    b = train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset, teacher=teacher,
+                     seed=seed, device=device, resume=resume, penalty_dir=penalty_dir, policy=policy,
+                     batch_size=batch_size, export=not no_export, config=config)
+    cal = b.calibration()
+    t = b.manifest["training"]
+    click.echo(f"bundle {b.path}: {b.kind} {image_size}x{image_size}, {t.get('steps', 0)} steps in "
+               f"{t['seconds']} s, calibration v{cal.version} threshold {cal.threshold:.4g} ({cal.policy})")
+
+
+@main.command("eval")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder.")
+@click.option("--data", required=True, type=click.Path(), help="MVTec-layout category folder with test/.")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "tensorrt", "torch"]))
+@click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "int8", "int8-u8"]),
+              help="Graph to evaluate (default: the bundle's active one).")
+@click.option("--device", default=None, help="cpu or cuda (default: what the backend picks).")
+@click.option("--batch", default=8, show_default=True, type=int)
+@click.option("--out", "out_dir", default=None, type=click.Path(), help="Report folder (default BUNDLE/eval).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_json):
+    """Image AUROC, pixel AUROC, AUPRO and F1 at the bundle's threshold, per defect type."""
+    from ..evaluate import dumps, evaluate, report_text
+
+    rep = evaluate(bundle_dir, data, backend, precision, device, batch, out_dir)
+    click.echo(dumps(rep) if as_json else report_text(rep))
+
+
+@main.command("distill-teacher")
+@click.option("--data", required=True, type=click.Path(), help="Folder of images (any; ImageNet-like is best).")
+@click.option("--out", required=True, type=click.Path(), help="Teacher weights file to write (.pth).")
+@click.option("--size", default="s", show_default=True, type=click.Choice(["s", "m"]), help="PDN size.")
+@click.option("--image-size", default=256, show_default=True, type=int)
+@click.option("--steps", default=2000, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True)
+def distill_teacher(data, out, size, image_size, steps, batch_size, seed, device):
+    """Distill a PDN teacher from the offline ImageNet EfficientNet-Lite0 on an image folder."""
+    from ..train.distill import distill
+
+    info = distill(data, out, size=size, image_size=image_size, steps=steps, batch_size=batch_size,
+                   seed=seed, device=device)
+    click.echo(f"teacher {out}: PDN-{size.upper()} with {info['channels']} channels, final loss "
+               f"{info['final_loss']:.4f} after {steps} steps")

@@ -1,0 +1,151 @@
+"""What every training loop shares: images in memory, seeding, augmentation, checkpoints, progress."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import atomic
+from ..data.image import list_images, load_image, resize_rgb
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def load_images(paths: Sequence[Path], size: int, desc: str = "loading images") -> torch.Tensor:
+    """Images resized to ``size`` as a uint8 tensor ``[N, 3, size, size]`` (kept in memory)."""
+    from tqdm import tqdm
+
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=None, leave=False)):
+        out[i] = torch.from_numpy(resize_rgb(load_image(p), (size, size)).transpose(2, 0, 1).copy())
+    return out
+
+
+def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation jitter of +-``strength`` on 0..255 images (EfficientAD's I')."""
+    b = x.shape[0]
+
+    def factor():
+        return (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * strength)
+
+    x = x * factor()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * factor() + mean
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (x - gray) * factor() + gray
+    return x.clamp(0, 255)
+
+
+def penalty_images(folder: str | os.PathLike | None, size: int, limit: int = 2000) -> torch.Tensor | None:
+    """Generic images for EfficientAD's penalty term: grayscale with p=0.3, resized to 2x, centre crop."""
+    if folder is None:
+        return None
+    paths = list_images(folder)[:limit]
+    if not paths:
+        raise InputError(f"{folder}: no images for the penalty term")
+    rng = np.random.default_rng(0)
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        img = resize_rgb(load_image(p), (2 * size, 2 * size))
+        c = size // 2
+        img = img[c:c + size, c:c + size]
+        if rng.random() < 0.3:
+            g = img.mean(axis=2, keepdims=True).astype(np.uint8)
+            img = np.repeat(g, 3, axis=2)
+        out[i] = torch.from_numpy(img.transpose(2, 0, 1).copy())
+    return out
+
+
+@dataclass
+class TrainState:
+    step: int
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, gen: torch.Generator) -> None:
+    buf = io.BytesIO()
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()}}, buf)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator) -> int:
+    if not path.is_file():
+        raise InputError(f"{path}: no checkpoint to resume from")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"]["torch"])
+        gen.set_state(st["rng"]["gen"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{path}: checkpoint does not fit this model/run ({str(exc)[:200]})") from exc
+    return int(st["step"])
+
+
+def batches(images: torch.Tensor, batch_size: int, gen: torch.Generator):
+    """Endless random batches (float 0..255) drawn with ``gen`` (deterministic)."""
+    n = images.shape[0]
+    while True:
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        yield images[idx].float()
+
+
+def planted_anomalies(x: torch.Tensor, gen: torch.Generator, others: torch.Tensor | None = None,
+                      p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic anomalies for self-supervised training: for a fraction ``p`` of the images, paste a
+    random rectangle of noise, a shifted patch of another image, or a dark/bright blob.
+    Returns (corrupted, mask [B,1,H,W])."""
+    b, _, h, w = x.shape
+    out = x.clone()
+    mask = torch.zeros((b, 1, h, w))
+    for i in range(b):
+        if torch.rand(1, generator=gen).item() > p:
+            continue
+        ph = int(torch.randint(h // 16, h // 4, (1,), generator=gen))
+        pw = int(torch.randint(w // 16, w // 4, (1,), generator=gen))
+        y0 = int(torch.randint(0, h - ph, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - pw, (1,), generator=gen))
+        kind = int(torch.randint(0, 3, (1,), generator=gen))
+        if kind == 0:
+            patch = torch.rand((3, ph, pw), generator=gen) * 255
+        elif kind == 1 and others is not None:
+            j = int(torch.randint(0, others.shape[0], (1,), generator=gen))
+            sy = int(torch.randint(0, h - ph, (1,), generator=gen))
+            sx = int(torch.randint(0, w - pw, (1,), generator=gen))
+            patch = others[j, :, sy:sy + ph, sx:sx + pw].float().flip(-1)
+        else:
+            shift = (torch.rand(1, generator=gen).item() - 0.5) * 200
+            patch = (out[i, :, y0:y0 + ph, x0:x0 + pw] + shift).clamp(0, 255)
+        yy = torch.linspace(-1, 1, ph).view(-1, 1)
+        xx = torch.linspace(-1, 1, pw).view(1, -1)
+        ell = ((yy ** 2 + xx ** 2) <= 1).float()  # elliptic blob, not only rectangles
+        region = out[i, :, y0:y0 + ph, x0:x0 + pw]
+        out[i, :, y0:y0 + ph, x0:x0 + pw] = region * (1 - ell) + patch * ell
+        mask[i, 0, y0:y0 + ph, x0:x0 + pw] = ell
+    return out, mask
+
+
+def smooth_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(mask, (size, size))

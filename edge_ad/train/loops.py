@@ -1,0 +1,167 @@
+"""Gradient training loops: EfficientAD (student + autoencoder) and the FADeR-style inpainter.
+
+Both loops: Adam, learning rate x0.1 at 95% of the steps (EfficientAD's schedule), a tqdm progress bar,
+a checkpoint every ``checkpoint_every`` steps (``train_state.pt``, atomic) and ``resume``.
+Deterministic given the seed (CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .common import (batches, color_jitter, load_checkpoint, planted_anomalies, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    state_path: Path | None = None
+
+
+def _optimizer(params, cfg: LoopConfig):
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(int(0.95 * cfg.steps), 1), gamma=0.1)
+    return opt, sched
+
+
+def _run(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt, sched = _optimizer(params, cfg)
+    start = 0
+    if cfg.resume and cfg.state_path is not None and cfg.state_path.is_file():
+        start = load_checkpoint(cfg.state_path, model, opt, sched, gen)
+        log.warning("resumed from %s at step %d", cfg.state_path, start)
+    t0 = time.time()
+    last = {}
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=None, dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        losses = step_fn(gen)
+        losses["loss"].backward()
+        opt.step()
+        sched.step()
+        last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if cfg.state_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(cfg.state_path, model, opt, sched, step + 1, gen)
+    bar.close()
+    if cfg.state_path is not None and cfg.steps > start:
+        save_checkpoint(cfg.state_path, model, opt, sched, cfg.steps, gen)
+    return {"final_losses": last, "train_seconds": time.time() - t0, "steps": cfg.steps, "resumed_at": start}
+
+
+@torch.no_grad()
+def fit_teacher_normalization(model, images: torch.Tensor, device: str, batch: int = 8) -> None:
+    """Per-channel mean / std of the teacher output over the training images (EfficientAD, Alg. 1)."""
+    model.t_mean.zero_()
+    model.t_std.fill_(1.0)
+    s1 = s2 = None
+    n = 0
+    for i in range(0, images.shape[0], batch):
+        t = model.teacher_features(images[i:i + batch].float().to(device))
+        s1 = t.sum(dim=(0, 2, 3)) if s1 is None else s1 + t.sum(dim=(0, 2, 3))
+        s2 = (t ** 2).sum(dim=(0, 2, 3)) if s2 is None else s2 + (t ** 2).sum(dim=(0, 2, 3))
+        n += t.shape[0] * t.shape[2] * t.shape[3]
+    mean = s1 / n
+    std = (s2 / n - mean ** 2).clamp_min(1e-12).sqrt()
+    model.t_mean.copy_(mean.view(1, -1, 1, 1))
+    model.t_std.copy_(std.view(1, -1, 1, 1))
+
+
+def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: torch.Tensor | None = None,
+                      q_hard: float = 0.999) -> dict:
+    """EfficientAD losses: L_hard (q=0.999) + penalty + L_AE + L_STAE (Batzner et al., Sec. 3)."""
+    dev = cfg.device
+    model.to(dev)
+    if not cfg.resume or cfg.state_path is None or not cfg.state_path.is_file():
+        fit_teacher_normalization(model, images, dev)
+    model.teacher.eval()
+    model.student.train()
+    model.autoencoder.train()
+    c = model.channels
+    data = batches(images, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+    pen = batches(penalty, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 2)) if penalty is not None else None
+
+    def step(gen):
+        img = next(data).to(dev)
+        aug = color_jitter(img, 0.2, gen).to(dev)
+        with torch.no_grad():
+            t = model.teacher_features(img)
+            t_aug = model.teacher_features(aug)
+        s = model.student(model.normalize(img))[:, :c]
+        d = (t - s) ** 2
+        flat = d.flatten()
+        k = max(int(flat.numel() * q_hard), 1)
+        d_hard = flat.kthvalue(k).values
+        l_hard = d[d >= d_hard].mean()
+        loss_st = l_hard
+        out = {}
+        if pen is not None:
+            p = next(pen).to(dev)
+            l_p = (model.student(model.normalize(p))[:, :c] ** 2).mean()
+            loss_st = loss_st + l_p
+            out["penalty"] = l_p.detach()
+        xa = model.normalize(aug)
+        a = model.autoencoder(xa)
+        s_ae = model.student(xa)[:, c:]
+        l_ae = ((t_aug - a) ** 2).mean()
+        l_stae = (a - s_ae).pow(2).mean()
+        out.update(loss=loss_st + l_ae + l_stae, hard=l_hard.detach(), ae=l_ae.detach(), stae=l_stae.detach())
+        return out
+
+    params = list(model.student.parameters()) + list(model.autoencoder.parameters())
+    res = _run(step, model, params, cfg, "train efficientad")
+    model.eval()
+    return res
+
+
+def train_fader(model, images: torch.Tensor, cfg: LoopConfig, tau: float = 0.1, w_att: float = 0.1) -> dict:
+    """Reconstruct clean images from inputs with planted anomalies; attenuation targets from patch errors."""
+    dev = cfg.device
+    model.to(dev)
+    model.backbone.eval()
+    data = batches(images, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+
+    def step(gen):
+        clean = next(data)
+        bad, _mask = planted_anomalies(clean, gen, images)
+        clean, bad = clean.to(dev), bad.to(dev)
+        xc = (clean - model.mean) / model.std
+        xb = (bad - model.mean) / model.std
+        m = model.mask(bad)
+        rec, atts = model.reconstruct(xb, m)
+        l_rec = (rec - xc).abs().mean()
+        err = (xb - xc).abs().mean(dim=1, keepdim=True)
+        l_att = 0.0
+        for a in atts:
+            e = F.adaptive_avg_pool2d(err, a.shape[-2:])
+            target = torch.exp(-e / tau)
+            l_att = l_att + F.binary_cross_entropy(a, target)
+        loss = l_rec + w_att * l_att
+        return {"loss": loss, "rec": l_rec.detach(), "att": torch.as_tensor(l_att).detach()}
+
+    params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    model.train()
+    model.backbone.eval()
+    res = _run(step, model, params, cfg, "train fader")
+    model.eval()
+    return res

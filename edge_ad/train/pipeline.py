@@ -1,0 +1,188 @@
+"""``edge-ad train``: data -> model -> bundle (checkpoint, manifest, calibration, ONNX).
+
+Presets: ``quick`` fits in tens of CPU minutes (fewer steps, larger batches and learning rate than the
+paper); ``paper`` is EfficientAD's published schedule (70,000 steps, batch 1, Adam 1e-4, weight decay
+1e-5, x0.1 at 95%), meant for a GPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__, gaussian, scoring
+from ..bundle import Bundle, now_iso
+from ..errors import InputError
+from ..models import KINDS, build, default_config, describe
+from ..data.mvtec import MVTecCategory, split_train_val
+from .common import load_images, penalty_images, seed_everything
+from .loops import LoopConfig, train_efficientad, train_fader
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "efficientad-s": {"quick": {"steps": 1500, "batch_size": 4, "lr": 5e-4},
+                      "paper": {"steps": 70000, "batch_size": 1, "lr": 1e-4}},
+    "efficientad-m": {"quick": {"steps": 1500, "batch_size": 4, "lr": 5e-4},
+                      "paper": {"steps": 70000, "batch_size": 1, "lr": 1e-4}},
+    "fader": {"quick": {"steps": 1500, "batch_size": 4, "lr": 1e-3},
+              "paper": {"steps": 30000, "batch_size": 8, "lr": 1e-3}},
+    "gaussian": {"quick": {"steps": 0}, "paper": {"steps": 0}},
+}
+DEFAULT_POLICY = "max"
+
+
+def load_teacher_file(path: str | Path) -> tuple[str, int, dict]:
+    """A PDN teacher weights file (public ``teacher_small.pth`` / ``teacher_medium.pth`` format:
+    the state_dict of the nn.Sequential). Returns (size 's'|'m', out channels, state_dict)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: teacher weights file not found")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{p}: unreadable teacher file ({exc})") from exc
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise InputError(f"{p}: expected a PDN state_dict (keys like '0.weight', '3.weight', ...)")
+    convs = sorted({int(k.split(".")[0]) for k in sd if k.endswith(".weight")})
+    if convs == [0, 3, 6, 8]:
+        size = "s"
+    elif convs == [0, 3, 6, 8, 10, 12]:
+        size = "m"
+    else:
+        raise InputError(f"{p}: layer indices {convs} match neither PDN-S (0,3,6,8) nor PDN-M (0,3,6,8,10,12)")
+    channels = int(sd[f"{convs[-1]}.weight"].shape[0])
+    return size, channels, sd
+
+
+@torch.no_grad()
+def model_outputs(model, images: torch.Tensor, device: str, batch: int = 8) -> dict[str, np.ndarray]:
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in model.output_names}
+    for i in range(0, images.shape[0], batch):
+        res = model(images[i:i + batch].float().to(device))
+        for n, t in zip(model.output_names, res):
+            outs[n].append(t.float().cpu().numpy())
+    return {n: np.concatenate(v) for n, v in outs.items()}
+
+
+def fit_calibration(kind: str, raw_val: dict[str, np.ndarray], map_pad: int, policy: str,
+                    source: str, extra: dict | None = None) -> scoring.Calibration:
+    """Map normalization and threshold from raw maps of the validation normals."""
+    norms = scoring.fit_map_norms(raw_val)
+    cal = scoring.Calibration(maps=norms, threshold=0.0, policy=policy, map_pad=map_pad,
+                              source=source, n_frames=int(next(iter(raw_val.values())).shape[0]),
+                              extra=extra or {})
+    s = scoring.score(raw_val, cal).scores
+    return cal.replace(threshold=scoring.threshold_from_policy(s, policy), normal=scoring.normal_stats(s))
+
+
+def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size: int = 256,
+                 steps: int | None = None, preset: str = "quick", teacher: str | None = None, seed: int = 0,
+                 device: str = "cpu", resume: bool = False, penalty_dir: str | None = None,
+                 policy: str = DEFAULT_POLICY, val_fraction: float = 0.1, batch_size: int | None = None,
+                 export: bool = True, config: dict | None = None) -> Bundle:
+    if model_kind not in KINDS:
+        raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
+    if preset not in ("quick", "paper"):
+        raise InputError(f"--preset '{preset}': expected quick or paper")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available to torch here")
+    scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # validate early
+    out = Path(out)
+    seed_everything(seed)
+    t_start = time.time()
+    paths = MVTecCategory(data).train_paths()
+    train_paths, val_paths = split_train_val(paths, val_fraction, seed)
+    if len(val_paths) < 2 or len(train_paths) < 2:
+        raise InputError(f"{data}: {len(paths)} normal training images are too few; need at least 2 for "
+                         f"training and 2 for the validation split (val fraction {val_fraction})")
+    train_imgs = load_images(train_paths, image_size, "loading train images")
+    val_imgs = load_images(val_paths, image_size, "loading validation images")
+
+    cfg = default_config(model_kind)
+    cfg.update(config or {})
+    teacher_sd = None
+    if model_kind.startswith("efficientad"):
+        if teacher and teacher != "lite0":
+            tsize, tch, teacher_sd = load_teacher_file(teacher)
+            if tsize != model_kind[-1]:
+                raise InputError(f"--teacher {teacher}: a PDN-{tsize.upper()} teacher does not fit {model_kind}")
+            cfg.update(teacher="pdn", teacher_channels=tch)
+        else:
+            cfg.update(teacher="lite0", teacher_channels=None)
+    model = build(model_kind, image_size, cfg)
+    if teacher_sd is not None:
+        model.teacher.load_state_dict(teacher_sd)
+
+    p = dict(PRESETS[model_kind][preset])
+    if steps is not None:
+        p["steps"] = int(steps)
+    if batch_size is not None:
+        p["batch_size"] = int(batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "train_state.pt"
+    train_info: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    gauss_stats = None
+    if model_kind.startswith("efficientad"):
+        pen = penalty_images(penalty_dir, image_size)
+        if pen is None:
+            log.warning("penalty term skipped: no --penalty-dir of generic images given (EfficientAD uses "
+                        "ImageNet); the student is then not pushed away from teacher features on "
+                        "unrelated images")
+        lc = LoopConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device,
+                        resume=resume, state_path=state_path)
+        train_info = train_efficientad(model, train_imgs, lc, pen)
+        train_info["penalty"] = bool(pen is not None)
+    elif model_kind == "fader":
+        lc = LoopConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device,
+                        resume=resume, state_path=state_path)
+        train_info = train_fader(model, train_imgs, lc)
+    else:
+        model.to(device).eval()
+        feats = model_outputs(model, train_imgs, device)["feat"]
+        gauss_stats = gaussian.fit(feats, "patch" if cfg["layout"] == "patch" else "shared")
+        train_info = {"steps": 0, "fitted_on": int(train_imgs.shape[0])}
+    model.to("cpu").eval()
+
+    raw_val = model_outputs(model, val_imgs, "cpu")
+    if gauss_stats is not None:
+        extra["gaussian"] = "gaussian.d/0001.npz"
+        raw_val = {"map": gaussian.distance_map(raw_val["feat"], gauss_stats)}
+    cal = fit_calibration(model_kind, raw_val, int(getattr(model, "map_pad", 0)), policy,
+                          source=f"validation split of {Path(data) / 'train' / 'good'} ({len(val_paths)} images)",
+                          extra=extra)
+
+    info = describe(model, model_kind, image_size, cfg)
+    bundle = Bundle.create(out, info)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    bundle.add_file("checkpoint.pt", data=buf.getvalue(), save=False)
+    if gauss_stats is not None:
+        gauss_stats.save(bundle.file(extra["gaussian"]))
+        bundle.add_file(extra["gaussian"], save=False)
+    bundle.manifest["versions"].update({"torch": torch.__version__})
+    bundle.manifest["training"] = {
+        "data": str(Path(data).resolve()), "preset": preset, "seed": seed, "device": device,
+        "image_size": image_size, "policy": policy, "date": now_iso(), "edge_ad": __version__,
+        "n_train": len(train_paths), "val_images": [str(Path(v).resolve()) for v in val_paths],
+        "batch_size": p.get("batch_size"), "lr": p.get("lr"),
+        "seconds": round(time.time() - t_start, 1), **train_info,
+    }
+    bundle.save_manifest()
+    bundle.write_calibration(cal)
+    if state_path.exists() and not resume:
+        pass  # kept for --resume with more steps; not part of the bundle's manifest
+    if export:
+        from ..compile.export import export_bundle
+
+        export_bundle(bundle, module=model)
+    return bundle
