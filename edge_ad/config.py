@@ -1,0 +1,412 @@
+"""Typed settings for ``edge-ad run``: a TOML file, ``EDGE_AD_*`` environment overrides, CLI overrides.
+
+Loaded once, validated with pydantic v2, passed down as finished objects; nothing reads the environment
+at import time. Precedence (lowest first): defaults < TOML file < environment < command-line flags.
+
+Environment variables name a field by section and key joined with a double underscore, after the
+``EDGE_AD_`` prefix: ``EDGE_AD_SOURCE__URI=rtsp://...``, ``EDGE_AD_MQTT__URL=mqtts://broker:8883``,
+``EDGE_AD_MQTT__PASSWORD=...``, ``EDGE_AD_PIPELINE__MAX_BATCH=4``. Values are parsed as TOML values
+when they parse (``4``, ``true``, ``[0, 0, 640, 480]``) and taken as strings otherwise.
+
+An invalid config raises :class:`~edge_ad.errors.InputError` naming the field, the value and where the
+value came from (the file, the environment variable or the flag), before any camera is opened.
+The reference of every field is ``docs/runtime.md``; ``examples/edge-ad.toml`` is a documented example.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_AD_"
+ENV_CONFIG = "EDGE_AD_CONFIG"  # default for --config; not an override
+
+
+class Mode(str, enum.Enum):
+    """``stream``: infer on the newest frame, drop and count the rest.
+    ``trigger``: every triggered frame is inspected, none dropped (the capture waits)."""
+
+    STREAM = "stream"
+    TRIGGER = "trigger"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class ModelSettings(_Section):
+    """Which bundle inspects, on which backend."""
+
+    bundle: Path = Field(title="Bundle folder (made by edge-ad train)")
+    backend: str = Field("auto", title="auto | onnxruntime | tensorrt | torch")
+    precision: Optional[str] = Field(None, title="fp32 | fp16 | int8; empty: the bundle's active graph")
+    device: str = Field("cpu", title="cpu | cuda[:N] | tensorrt[:N]")
+    threads: int = Field(0, ge=0, title="ONNX Runtime intra-op threads (0: its default)")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("auto", "onnxruntime", "tensorrt", "torch"):
+            raise ValueError(f"'{v}': expected auto, onnxruntime, tensorrt or torch")
+        return v
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip() == ""):
+            return None
+        v = str(v).strip().lower()
+        if v not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"'{v}': expected fp32, fp16 or int8 (or empty for the bundle's active graph)")
+        return v
+
+
+class GpioSettings(_Section):
+    """A GPIO line as the trigger (``source.trigger = "gpio"``), read with Jetson.GPIO."""
+
+    pin: int = Field(7, ge=0, title="Board pin number (BOARD numbering)")
+    edge: str = Field("rising", title="rising | falling | both")
+    debounce_ms: int = Field(20, ge=0, le=10_000)
+
+    @field_validator("edge")
+    @classmethod
+    def _edge(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("rising", "falling", "both"):
+            raise ValueError(f"'{v}': expected rising, falling or both")
+        return v
+
+
+class SourceSettings(_Section):
+    """Where frames come from and how the camera is kept alive."""
+
+    uri: str = Field(title="Source URI: v4l2:///dev/video0, csi://0, rtsp://..., file://..., dir://..., synthetic://")
+    mode: Mode = Field(Mode.STREAM, title="stream | trigger")
+    trigger: str = Field("frame", title="trigger mode: frame | command | gpio | module:callable")
+    frames_per_trigger: int = Field(1, ge=1, le=1000)
+    roi: Optional[list[int]] = Field(None, title="[x, y, width, height] crop in source pixels")
+    rotate: int = Field(0, title="0 | 90 | 180 | 270 degrees clockwise, after the crop")
+    reconnect: bool = Field(True, title="Reopen a lost source with back-off")
+    reconnect_attempts: int = Field(0, ge=0, title="Attempts per outage before giving up (0: forever)")
+    backoff_initial_s: float = Field(0.5, gt=0, le=3600)
+    backoff_max_s: float = Field(30.0, gt=0, le=3600)
+    watchdog_s: float = Field(10.0, ge=0, title="An outage when no frame arrives for this long (0: off)")
+    open_timeout_s: float = Field(10.0, gt=0, le=600, title="Network cameras: open and read timeout")
+    rtsp_transport: str = Field("tcp", title="tcp | udp")
+    gpio: GpioSettings = Field(default_factory=GpioSettings)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        from .runtime.sources import parse_uri  # one parser, with its own clear messages
+
+        try:
+            parse_uri(v)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("frame", "command", "gpio") or (":" in v and all(v.partition(":")[::2])):
+            return v
+        raise ValueError(f"'{v}': expected frame, command, gpio or 'package.module:callable'")
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is None or len(v) == 0:
+            return None
+        if len(v) != 4:
+            raise ValueError(f"{v}: expected [x, y, width, height]")
+        x, y, w, h = v
+        if x < 0 or y < 0 or w <= 0 or h <= 0:
+            raise ValueError(f"{v}: x, y must be >= 0 and width, height > 0")
+        return list(v)
+
+    @field_validator("rotate")
+    @classmethod
+    def _rotate(cls, v: int) -> int:
+        if v not in (0, 90, 180, 270):
+            raise ValueError(f"{v}: expected 0, 90, 180 or 270")
+        return v
+
+    @field_validator("rtsp_transport")
+    @classmethod
+    def _transport(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("tcp", "udp"):
+            raise ValueError(f"'{v}': expected tcp or udp")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff(self) -> "SourceSettings":
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) is below backoff_initial_s "
+                             f"({self.backoff_initial_s})")
+        return self
+
+
+class PipelineSettings(_Section):
+    """Queues between the capture, inference and reporting threads."""
+
+    queue_size: int = Field(2, ge=1, le=10_000, title="Frames waiting for inference")
+    result_queue_size: int = Field(256, ge=1, le=1_000_000, title="Results waiting for reporting")
+    max_batch: int = Field(4, ge=1, le=1024, title="Frames inferred together when several wait")
+    drain_timeout_s: float = Field(30.0, gt=0, title="Longest wait for the queues to drain at stop")
+
+
+class DecisionSettings(_Section):
+    """How a score map becomes a decision and defect regions."""
+
+    threshold: Optional[float] = Field(None, title="Override the calibration's threshold (empty: use it)")
+    min_region_area: int = Field(4, ge=1, title="Smallest defect region reported (pixels)")
+    max_regions: int = Field(16, ge=0, le=1000, title="Most regions reported per frame (largest peaks)")
+
+
+class OutputSettings(_Section):
+    """Local outputs: the JSONL result log and NG snapshots."""
+
+    jsonl: Optional[Path] = Field(Path("edge-ad-results.jsonl"), title="Result log (empty: off)")
+    jsonl_max_bytes: int = Field(50_000_000, ge=1024, title="Rotate the log past this size")
+    jsonl_backups: int = Field(5, ge=0, le=1000, title="Rotated logs kept (.1 ... .N)")
+    jsonl_fsync: bool = Field(False, title="fsync after every line (slower; survives power loss)")
+    snapshots_dir: Optional[Path] = Field(None, title="Folder for NG snapshots (empty: off)")
+    snapshot_ok_every: int = Field(0, ge=0, title="Also keep every Nth OK frame (0: never)")
+    snapshots_max_count: int = Field(1000, ge=1)
+    snapshots_max_bytes: int = Field(500_000_000, ge=1024)
+    heatmap: bool = Field(True, title="Overlay the anomaly map on snapshots")
+    jpeg_quality: int = Field(90, ge=10, le=100)
+    event_image: bool = Field(True, title="Send the NG snapshot with the MQTT event")
+
+    @field_validator("jsonl", "snapshots_dir", mode="before")
+    @classmethod
+    def _empty_is_off(cls, v: Any) -> Any:
+        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+
+
+class TelemetrySettings(_Section):
+    interval_s: float = Field(10.0, gt=0, le=86_400)
+    path: Optional[Path] = Field(None, title="Also append telemetry as JSON lines to this file")
+    tegrastats: bool = Field(True, title="Read tegrastats on Jetson (when the binary exists)")
+    nvml: bool = Field(True, title="Read NVML (pynvml) when present")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _empty_is_off(cls, v: Any) -> Any:
+        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+
+
+class CalibrationSettings(_Section):
+    """Defaults of the MQTT ``calibrate`` command."""
+
+    policy: str = Field("fpr:0.001", title="fpr:P | max | sigma:K")
+    frames: int = Field(200, ge=2, le=100_000)
+    timeout_s: float = Field(600.0, gt=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        from .scoring import threshold_from_policy
+
+        try:
+            threshold_from_policy([0.0, 1.0], v)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class DriftSettings(_Section):
+    enabled: bool = True
+    window: int = Field(200, ge=10, le=1_000_000, title="OK scores in the rolling window")
+    limit: float = Field(3.0, gt=0, title="Drift when the window's mean is this many standard errors off")
+
+
+class Settings(_Section):
+    """Everything ``edge-ad run`` needs. Sections as in the TOML file."""
+
+    model: ModelSettings
+    source: SourceSettings
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    decision: DecisionSettings = Field(default_factory=DecisionSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    mqtt: Optional[dict[str, Any]] = Field(None, title="edge_ad.mqtt.MqttSettings fields; absent: MQTT off")
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+
+    # where the file was (relative paths in it are resolved against its folder)
+    config_dir: Optional[Path] = Field(None, exclude=True)
+
+    def mqtt_settings(self):
+        """The validated :class:`edge_ad.mqtt.MqttSettings`, or None when MQTT is off."""
+        if not self.mqtt or not self.mqtt.get("url"):
+            return None
+        from .mqtt import MqttSettings
+
+        return MqttSettings(**self.mqtt)
+
+    def redacted(self) -> dict:
+        """The settings as a dict with secrets and credentials removed (for logs and ``status``)."""
+        from .runtime.sources import redact_uri
+
+        d = self.model_dump(mode="json", exclude={"config_dir"})
+        d["source"]["uri"] = redact_uri(self.source.uri)
+        if d.get("mqtt"):
+            m = dict(d["mqtt"])
+            for k in list(m):
+                if any(s in k.lower() for s in ("password", "secret", "key", "token")) and m[k]:
+                    m[k] = "***"
+            if m.get("url"):
+                m["url"] = redact_uri(str(m["url"]))
+            d["mqtt"] = m
+        return d
+
+
+# ----------------------------------------------------------------------------- loading
+def _parse_scalar(text: str) -> Any:
+    """An override's text as a TOML value when it is one (4, true, [1, 2], "x"), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(tree: dict, path: list[str], value: Any, origin: str, origins: dict) -> None:
+    node = tree
+    for key in path[:-1]:
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    node[path[-1]] = value
+    origins[tuple(path)] = origin
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[list[str], Any, str]]:
+    """``EDGE_AD_SECTION__KEY[__SUB]=value`` -> [(path, value, origin)]; other EDGE_AD_* names ignored."""
+    environ = os.environ if environ is None else environ
+    sections = set(Settings.model_fields) - {"config_dir"}
+    out = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if path[0] not in sections or any(not p for p in path):
+            raise InputError(f"environment variable {name}: '{path[0]}' is not a config section "
+                             f"(expected EDGE_AD_<SECTION>__<KEY> with SECTION one of {', '.join(sorted(sections))})")
+        out.append((path, _parse_scalar(environ[name]), f"environment variable {name}"))
+    return out
+
+
+def parse_set_option(text: str) -> tuple[list[str], Any, str]:
+    """``section.key=value`` (a ``--set`` flag) -> (path, value, origin)."""
+    key, sep, value = text.partition("=")
+    path = [p.strip() for p in key.strip().split(".")]
+    if not sep or len(path) < 2 or any(not p for p in path):
+        raise InputError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. --set pipeline.max_batch=8")
+    return path, _parse_scalar(value.strip()), f"--set {key.strip()}"
+
+
+def _where(loc: tuple, origins: dict, config_path: Path | None) -> str:
+    for n in range(len(loc), 0, -1):
+        o = origins.get(tuple(str(p) for p in loc[:n]))
+        if o:
+            return o
+    return str(config_path) if config_path else "defaults"
+
+
+def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = ()) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        got = ""
+        if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
+            got = f" (got {err['input']!r})"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{field}: {msg}{got} [from {_where(loc, origins, config_path)}]")
+    head = f"{config_path}: invalid config" if config_path else "invalid config"
+    return head + ": " + "; ".join(lines)
+
+
+def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple[list[str], Any, str]] = (),
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (optional), apply env then ``overrides`` ((path, value, origin) tuples), validate.
+
+    Relative paths in the file are taken relative to the file's folder; relative paths given in the
+    environment or on the command line are taken relative to the working directory.
+    """
+    tree: dict = {}
+    origins: dict = {}
+    cfg_path = Path(config) if config else None
+    if cfg_path is not None:
+        if not cfg_path.is_file():
+            raise InputError(f"{cfg_path}: config file not found")
+        try:
+            tree = tomllib.loads(cfg_path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{cfg_path}: unreadable ({exc})") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"{cfg_path}: not valid TOML ({exc})") from exc
+    file_paths = _relative_file_paths(tree)
+    for path, value, origin in list(env_overrides(environ)) + list(overrides):
+        _set_path(tree, path, value, origin, origins)
+        file_paths.discard(tuple(path))
+    try:
+        s = Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise InputError(_format_errors(exc, origins, cfg_path)) from None
+    if s.mqtt:
+        try:
+            s.mqtt_settings()
+        except ValidationError as exc:
+            raise InputError(_format_errors(exc, origins, cfg_path, prefix=("mqtt",))) from None
+    base = cfg_path.resolve().parent if cfg_path is not None else None
+    # only paths that came from the file are relative to the file
+    s = _resolve_file_paths(s, base, file_paths)
+    s.config_dir = base
+    return s
+
+
+_PATH_FIELDS = (("model", "bundle"), ("output", "jsonl"), ("output", "snapshots_dir"), ("telemetry", "path"))
+
+
+def _relative_file_paths(tree: dict) -> set:
+    out = set()
+    for sec, key in _PATH_FIELDS:
+        v = tree.get(sec, {}).get(key) if isinstance(tree.get(sec), dict) else None
+        if isinstance(v, str) and v and not Path(v).is_absolute():
+            out.add((sec, key))
+    return out
+
+
+def _resolve_file_paths(s: Settings, base: Path | None, which: set) -> Settings:
+    if base is None:
+        return s
+    for sec, key in which:
+        section = getattr(s, sec)
+        p = getattr(section, key)
+        if p is not None and not Path(p).is_absolute():
+            setattr(section, key, base / p)
+    return s

@@ -1,0 +1,1 @@
+"""Runtime: frame sources, inference backends, the inspection pipeline and telemetry."""

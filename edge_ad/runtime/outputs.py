@@ -1,0 +1,170 @@
+"""Local outputs of the loop: a JSON-lines log with rotation, and NG snapshots with retention limits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class JsonlLog:
+    """Append one JSON object per line; rotate to ``.1`` ... ``.N`` past ``max_bytes``.
+
+    Each line is written whole and flushed, so a crash leaves at most one partial last line (which
+    readers skip); ``fsync=True`` also survives a power cut at the cost of a disk sync per line.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_bytes: int = 50_000_000, backups: int = 5,
+                 fsync: bool = False):
+        self.path = Path(path)
+        self.max_bytes = int(max_bytes)
+        self.backups = int(backups)
+        self.fsync = bool(fsync)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "ab", buffering=0)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot open the result log for writing ({exc.strerror})") from exc
+        self._size = self._fh.tell()
+        self.lines = 0
+        self.rotations = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            self._fh.write(data)
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+            self._size += len(data)
+            self.lines += 1
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        if self.backups > 0:
+            for i in range(self.backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink(missing_ok=True)
+        self._fh = open(self.path, "ab", buffering=0)
+        self._size = 0
+        self.rotations += 1
+
+    def flush(self, sync: bool = True) -> None:
+        with self._lock:
+            if not self._fh.closed and sync:
+                try:
+                    os.fsync(self._fh.fileno())
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._fh.closed:
+                try:
+                    os.fsync(self._fh.fileno())
+                except OSError:
+                    pass
+                self._fh.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All complete records of a JSONL log (a torn last line is skipped)."""
+    out = []
+    with open(path, "rb") as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+_SNAP_RE = re.compile(r"^\d{8}T\d{6}")
+
+
+class SnapshotStore:
+    """JPEG snapshots in one folder, oldest deleted first beyond ``max_count`` files or ``max_bytes``."""
+
+    def __init__(self, folder: str | os.PathLike, max_count: int = 1000, max_bytes: int = 500_000_000,
+                 quality: int = 90):
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{self.folder}: cannot create the snapshot folder ({exc.strerror})") from exc
+        self.max_count = int(max_count)
+        self.max_bytes = int(max_bytes)
+        self.quality = int(quality)
+        self._lock = threading.Lock()
+        existing = sorted((p for p in self.folder.glob("*.jpg") if _SNAP_RE.match(p.name)),
+                          key=lambda p: p.name)
+        self._files: deque[tuple[Path, int]] = deque((p, p.stat().st_size) for p in existing)
+        self._bytes = sum(s for _, s in self._files)
+        self.saved = 0
+        self.deleted = 0
+        self._enforce()
+
+    @property
+    def count(self) -> int:
+        return len(self._files)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def encode(self, image_rgb: np.ndarray, heat: np.ndarray | None = None) -> bytes:
+        """JPEG bytes of the image, with the anomaly map overlaid when ``heat`` is given."""
+        import cv2
+
+        if heat is not None:
+            from ..viz import overlay_jpeg
+
+            return overlay_jpeg(image_rgb, heat, quality=self.quality)
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        if not ok:
+            raise ValueError("JPEG encoding failed")
+        return buf.tobytes()
+
+    def save(self, name: str, data: bytes) -> Path:
+        """Write ``data`` as ``name`` (names sort by time: make them start with YYYYMMDDTHHMMSS)."""
+        p = self.folder / name
+        tmp = p.with_name("." + p.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, p)
+        with self._lock:
+            self._files.append((p, len(data)))
+            self._bytes += len(data)
+            self.saved += 1
+            self._enforce()
+        return p
+
+    def _enforce(self) -> None:
+        while self._files and (len(self._files) > self.max_count or self._bytes > self.max_bytes):
+            p, size = self._files.popleft()
+            self._bytes -= size
+            try:
+                p.unlink()
+                self.deleted += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("snapshot retention: cannot delete %s (%s)", p, exc)

@@ -1,0 +1,95 @@
+"""The frozen records that travel between the pipeline's threads: frames, regions, decisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A captured frame on its way to inference."""
+
+    seq: int                      # running number of accepted frames in this run (0, 1, ...)
+    image: np.ndarray             # RGB uint8 [H, W, 3], after ROI crop and rotation
+    source_index: int             # frame number in the source (file frame, image index, ...)
+    t_wall: float                 # time.time() when the frame was read
+    t_captured: float             # time.perf_counter() when the read returned
+    capture_ms: float             # time spent reading and decoding it
+    trigger: str = "stream"       # stream | frame | command | gpio | <plugin name>
+    truth: Optional[Mapping[str, Any]] = None   # ground truth of synthetic sources
+
+
+@dataclass(frozen=True)
+class Region:
+    """A connected component of the thresholded full-resolution anomaly map."""
+
+    box: tuple[int, int, int, int]   # x, y, width, height in inspected-image pixels
+    area: int                        # pixels above the threshold
+    peak: float                      # highest map value inside the region
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "area": int(self.area), "peak": round(float(self.peak), 6)}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One inspected frame: score, decision and everything needed to trace it."""
+
+    id: str
+    seq: int
+    source_index: int
+    ts: float                           # time.time() of capture
+    score: float
+    threshold: float
+    ng: bool
+    calibration_version: int
+    model_hash: str
+    backend: str
+    precision: str
+    image_size: tuple[int, int]         # inspected image H, W (after ROI / rotation)
+    latency_ms: Mapping[str, float]     # capture, queue, preprocess, infer, score, total
+    batch: int
+    trigger: str
+    regions: tuple[Region, ...] = ()
+    truth: Optional[Mapping[str, Any]] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        import datetime as _dt
+
+        d = {
+            "id": self.id,
+            "frame": self.seq,
+            "source_index": self.source_index,
+            "captured_at": _dt.datetime.fromtimestamp(self.ts, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "score": round(float(self.score), 6),
+            "threshold": round(float(self.threshold), 6),
+            "ng": bool(self.ng),
+            "decision": "NG" if self.ng else "OK",
+            "calibration_version": int(self.calibration_version),
+            "model_hash": self.model_hash,
+            "backend": self.backend,
+            "precision": self.precision,
+            "image_size": [int(self.image_size[0]), int(self.image_size[1])],
+            "latency_ms": {k: round(float(v), 3) for k, v in self.latency_ms.items()},
+            "batch": int(self.batch),
+            "trigger": self.trigger,
+            "regions": [r.to_dict() for r in self.regions],
+        }
+        if self.truth is not None:
+            d["truth"] = dict(self.truth)
+        d.update(self.extra)
+        return d
+
+
+@dataclass(frozen=True)
+class ResultItem:
+    """What inference hands to reporting: the decision plus what snapshots need (NG frames only)."""
+
+    decision: Decision
+    image: Optional[np.ndarray] = None     # the inspected image, kept for NG snapshots
+    full_map: Optional[np.ndarray] = None  # the full-resolution anomaly map [H, W], NG only
+    t_decided: float = 0.0                 # time.perf_counter() when the decision was made

@@ -1,0 +1,490 @@
+"""Frame sources as URIs: one parser, one small class per kind of camera.
+
+=====================================  ===========================================================
+``v4l2:///dev/video0`` / ``v4l2://0``  USB / V4L2 camera (path or index). Options: width, height,
+                                       fps, fourcc (e.g. MJPG), buffer.
+``csi://0``                            Jetson CSI camera through GStreamer ``nvarguscamerasrc``.
+                                       Options: width, height, fps, flip (0-7), sensor_mode.
+``rtsp://[user:pass@]host[:port]/...`` RTSP (FFmpeg). The query string belongs to the camera's URL.
+``file://clip.mp4``                    A video file (relative or ``file:///abs/path``). Options:
+                                       loop=1, fps=N|native (pace like a camera; default: as fast as
+                                       it decodes).
+``dir://folder``                       The images of a folder in name order. Options: loop, fps.
+``synthetic://disc``                   Generated parts with planted defects (edge_ad.data.synthetic).
+                                       Options: kind, size, defect_rate, defects, seed, fps, count,
+                                       brightness, contrast, lighting_from.
+=====================================  ===========================================================
+
+The capture contract follows jetson-utils: ``read()`` returns a frame, ``None`` at the end of a finite
+stream, and raises :class:`SourceLost` when the camera fails (the capture loop then reconnects with
+back-off). Frames are RGB ``uint8 [H, W, 3]``. Credentials never reach a log: use :func:`redact_uri`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import numpy as np
+
+from ..errors import InputError, RuntimeFailure
+
+SCHEMES = ("v4l2", "csi", "rtsp", "rtsps", "file", "dir", "synthetic")
+_SECRET_KEYS = re.compile(r"(pass(word)?|pwd|secret|token|key|auth|signature|sig)", re.I)
+
+
+class SourceLost(RuntimeFailure):
+    """The camera could not be opened or stopped delivering frames (reconnect may help)."""
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"'{v}' is not a boolean (1/0, true/false)")
+
+
+def _fps(v: str) -> float | str:
+    if v.strip().lower() == "native":
+        return "native"
+    f = float(v)
+    if f < 0:
+        raise ValueError(f"{v} is negative")
+    return f
+
+
+def _fourcc(v: str) -> str:
+    if len(v) != 4:
+        raise ValueError(f"'{v}' is not a four-character code such as MJPG or YUYV")
+    return v
+
+
+def _flip(v: str) -> int:
+    i = int(v)
+    if not 0 <= i <= 7:
+        raise ValueError(f"{v} is not 0..7 (nvvidconv flip-method)")
+    return i
+
+
+def _pos_int(v: str) -> int:
+    i = int(v)
+    if i <= 0:
+        raise ValueError(f"{v} is not a positive integer")
+    return i
+
+
+def _nonneg_int(v: str) -> int:
+    i = int(v)
+    if i < 0:
+        raise ValueError(f"{v} is negative")
+    return i
+
+
+_OPTIONS: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
+    "v4l2": {"width": (_pos_int, None), "height": (_pos_int, None), "fps": (float, None),
+             "fourcc": (_fourcc, None), "buffer": (_pos_int, None)},
+    "csi": {"width": (_pos_int, 1920), "height": (_pos_int, 1080), "fps": (_pos_int, 30),
+            "flip": (_flip, 0), "sensor_mode": (int, -1)},
+    "rtsp": {},
+    "rtsps": {},
+    "file": {"loop": (_bool, False), "fps": (_fps, 0.0)},
+    "dir": {"loop": (_bool, False), "fps": (_fps, 0.0)},
+    "synthetic": {"kind": (str, "disc"), "size": (_pos_int, 256), "defect_rate": (float, 0.2),
+                  "defects": (str, ""), "seed": (_nonneg_int, 0), "fps": (_fps, 0.0),
+                  "count": (_nonneg_int, 0), "brightness": (float, 0.0), "contrast": (float, 1.0),
+                  "lighting_from": (_nonneg_int, 0)},
+}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed source URI. ``target`` is the device, path, URL or synthetic kind."""
+
+    scheme: str
+    target: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    uri: str = ""
+
+    @property
+    def live(self) -> bool:
+        """A camera that keeps producing frames whether or not they are read."""
+        return self.scheme in ("v4l2", "csi", "rtsp", "rtsps")
+
+    @property
+    def safe_uri(self) -> str:
+        return redact_uri(self.uri)
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with user, password and secret-looking query values replaced by ``***``."""
+    try:
+        parts = urlsplit(str(uri))
+    except ValueError:
+        return "<unparseable uri>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = "&".join(f"{k}={'***' if _SECRET_KEYS.search(k) else v}" for k, v in pairs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def parse_uri(uri: str) -> SourceSpec:
+    """Parse and check a source URI; raises InputError saying what was expected."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise InputError("source uri is empty; expected e.g. v4l2:///dev/video0, csi://0, rtsp://host/stream, "
+                         "file://clip.mp4, dir://folder or synthetic://")
+    uri = uri.strip()
+    safe = redact_uri(uri)
+    if "://" not in uri:
+        raise InputError(f"source uri '{safe}': no scheme; expected one of "
+                         f"{', '.join(s + '://' for s in SCHEMES)} (e.g. file://{uri})")
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        raise InputError(f"source uri '{safe}': not a valid URI ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise InputError(f"source uri '{safe}': unknown scheme '{scheme}://'; expected one of "
+                         f"{', '.join(s + '://' for s in SCHEMES)}")
+    if scheme in ("rtsp", "rtsps"):
+        if not parts.hostname:
+            raise InputError(f"source uri '{safe}': no host; expected rtsp://host[:port]/path")
+        try:
+            parts.port
+        except ValueError:
+            raise InputError(f"source uri '{safe}': the port is not a number 1-65535") from None
+        return SourceSpec(scheme, uri, {}, uri)
+
+    raw_opts = dict(parse_qsl(parts.query, keep_blank_values=True))
+    allowed = _OPTIONS[scheme]
+    opts: dict[str, Any] = {}
+    for k, (conv, default) in allowed.items():
+        if k in raw_opts:
+            try:
+                opts[k] = conv(raw_opts.pop(k))
+            except ValueError as exc:
+                raise InputError(f"source uri '{safe}': option {k}: {exc}") from None
+        elif default is not None:
+            opts[k] = default
+    if raw_opts:
+        names = ", ".join(sorted(raw_opts))
+        raise InputError(f"source uri '{safe}': unknown option(s) {names} for {scheme}://; expected "
+                         f"{', '.join(allowed) or 'none'}")
+
+    target = parts.netloc + parts.path
+    if scheme == "v4l2":
+        if not target:
+            raise InputError(f"source uri '{safe}': no device; expected v4l2:///dev/video0 or v4l2://0")
+        if not (target.isdigit() or target.startswith("/dev/")):
+            raise InputError(f"source uri '{safe}': device '{target}' is neither /dev/videoN nor an index")
+    elif scheme == "csi":
+        target = target or "0"
+        if not target.isdigit():
+            raise InputError(f"source uri '{safe}': sensor '{target}' is not an index (csi://0)")
+    elif scheme in ("file", "dir"):
+        if not target:
+            raise InputError(f"source uri '{safe}': no path; expected {scheme}://relative/path or "
+                             f"{scheme}:///absolute/path")
+        target = os.path.expanduser(target)
+    elif scheme == "synthetic":
+        target = target.strip("/") or str(opts.get("kind", "disc"))
+        from ..data.synthetic import DEFECTS, KINDS
+
+        if target not in KINDS:
+            raise InputError(f"source uri '{safe}': synthetic kind '{target}': expected one of {', '.join(KINDS)}")
+        opts["kind"] = target
+        if opts.get("defects"):
+            bad = [d for d in str(opts["defects"]).split(",") if d not in DEFECTS]
+            if bad:
+                raise InputError(f"source uri '{safe}': defects {bad}: expected a comma list of {', '.join(DEFECTS)}")
+        if not 0.0 <= float(opts["defect_rate"]) <= 1.0:
+            raise InputError(f"source uri '{safe}': defect_rate {opts['defect_rate']}: expected 0..1")
+    return SourceSpec(scheme, target, opts, uri)
+
+
+# ----------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class RawFrame:
+    """What a source returns: the RGB image, its index in the source, optional ground truth."""
+
+    image: np.ndarray
+    index: int
+    truth: Mapping[str, Any] | None = None
+
+
+class Source:
+    """Base class: ``open``, ``read`` (RawFrame | None at end | raises SourceLost), ``close``."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.live = spec.live
+        self._count = 0
+        self._next_t = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.safe_uri
+
+    def open(self) -> None:
+        raise TypeError(f"{type(self).__name__} does not implement open")
+
+    def read(self) -> RawFrame | None:
+        raise TypeError(f"{type(self).__name__} does not implement read")
+
+    def close(self) -> None:
+        """Release the device; safe to call twice."""
+
+    def _pace(self, fps: float) -> None:
+        """Sleep so that a file or generated source delivers ``fps`` frames per second (0: no pacing)."""
+        if not fps or fps <= 0:
+            return
+        now = time.monotonic()
+        if self._next_t <= 0 or now - self._next_t > 1.0:
+            self._next_t = now
+        delay = self._next_t - now
+        if delay > 0:
+            time.sleep(delay)
+        self._next_t += 1.0 / fps
+
+
+def has_gstreamer() -> bool:
+    import cv2
+
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line.upper()
+    return False
+
+
+def csi_pipeline(sensor: int, width: int, height: int, fps: int, flip: int = 0, sensor_mode: int = -1) -> str:
+    """The GStreamer pipeline for a Jetson CSI camera (Argus), ending in a BGR appsink."""
+    mode = f" sensor-mode={sensor_mode}" if sensor_mode >= 0 else ""
+    return (f"nvarguscamerasrc sensor-id={sensor}{mode} ! "
+            f"video/x-raw(memory:NVMM), width=(int){width}, height=(int){height}, "
+            f"framerate=(fraction){fps}/1, format=(string)NV12 ! "
+            f"nvvidconv flip-method={flip} ! video/x-raw, format=(string)BGRx ! "
+            f"videoconvert ! video/x-raw, format=(string)BGR ! appsink drop=true max-buffers=1 sync=false")
+
+
+class OpenCVSource(Source):
+    """v4l2, csi, rtsp and file sources through ``cv2.VideoCapture``."""
+
+    def __init__(self, spec: SourceSpec, open_timeout_s: float = 10.0, rtsp_transport: str = "tcp"):
+        super().__init__(spec)
+        self.open_timeout_s = float(open_timeout_s)
+        self.rtsp_transport = rtsp_transport
+        self._cap = None
+        self._lock = threading.Lock()
+        self._index = 0
+        self._fps = 0.0
+
+    def _capture_args(self):
+        import cv2
+
+        s, o = self.spec, self.spec.options
+        ms = int(self.open_timeout_s * 1000)
+        if s.scheme == "csi":
+            if not has_gstreamer():
+                raise InputError(
+                    f"{s.safe_uri}: this OpenCV ({cv2.__version__}) was built without GStreamer, which csi:// "
+                    "cameras need (nvarguscamerasrc). On a Jetson use the system OpenCV from JetPack: create "
+                    "the venv with --system-site-packages and 'pip uninstall opencv-python-headless' in it "
+                    "(see jetson/README.md), or use v4l2:// for a USB camera.")
+            pipe = csi_pipeline(int(s.target), o["width"], o["height"], o["fps"], o["flip"], o["sensor_mode"])
+            return (pipe, cv2.CAP_GSTREAMER), []
+        if s.scheme == "v4l2":
+            dev = int(s.target) if s.target.isdigit() else s.target
+            if isinstance(dev, str) and not os.path.exists(dev):
+                raise SourceLost(f"{s.safe_uri}: {dev} does not exist (camera unplugged?)")
+            return (dev, cv2.CAP_V4L2), []
+        if s.scheme in ("rtsp", "rtsps"):
+            os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", f"rtsp_transport;{self.rtsp_transport}")
+            return (s.target, cv2.CAP_FFMPEG), [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        # file
+        p = Path(s.target)
+        if not p.is_file():
+            raise SourceLost(f"{s.safe_uri}: video file {p} not found (removed or not yet written?)")
+        return (str(p), cv2.CAP_FFMPEG if _has_ffmpeg() else cv2.CAP_ANY), []
+
+    def open(self) -> None:
+        import cv2
+
+        (target, api), params = self._capture_args()
+        cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceLost(f"{self.spec.safe_uri}: could not open ({self._why_not()})")
+        o = self.spec.options
+        if self.spec.scheme == "v4l2":
+            if o.get("fourcc"):
+                cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*o["fourcc"]))
+            if o.get("width"):
+                cap.set(cv2.CAP_PROP_FRAME_WIDTH, o["width"])
+            if o.get("height"):
+                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, o["height"])
+            if o.get("fps"):
+                cap.set(cv2.CAP_PROP_FPS, o["fps"])
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, o.get("buffer") or 1)
+        self._fps = 0.0  # pacing: only files are paced (cameras pace themselves)
+        if self.spec.scheme == "file":
+            fps = o.get("fps", 0.0)
+            self._fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) if fps == "native" else float(fps or 0.0)
+        with self._lock:
+            self._cap = cap
+        self._index = 0
+
+    def _why_not(self) -> str:
+        s = self.spec
+        if s.scheme in ("rtsp", "rtsps"):
+            return (f"no answer from {urlsplit(s.target).hostname}:{urlsplit(s.target).port or 554} within "
+                    f"{self.open_timeout_s:g} s, connection refused, or the stream path/credentials are wrong")
+        if s.scheme == "v4l2":
+            return "device busy, unplugged, or the user is not in the 'video' group"
+        if s.scheme == "csi":
+            return "is nvargus-daemon running and the sensor connected? (sudo systemctl restart nvargus-daemon)"
+        return "not a video OpenCV/FFmpeg can decode"
+
+    def read(self) -> RawFrame | None:
+        cap = self._cap
+        if cap is None:
+            raise SourceLost(f"{self.spec.safe_uri}: not open")
+        self._pace(self._fps)
+        ok, img = cap.read()
+        if not ok or img is None:
+            if self.spec.scheme == "file":
+                if self.spec.options.get("loop"):
+                    self.close()
+                    self.open()  # raises SourceLost when the file was removed
+                    ok, img = self._cap.read()
+                    if not ok or img is None:
+                        raise SourceLost(f"{self.spec.safe_uri}: no frame after rewinding (empty or corrupt file)")
+                else:
+                    return None
+            else:
+                raise SourceLost(f"{self.spec.safe_uri}: no frame (camera stopped, stream ended or timed out)")
+        from ..data.image import to_rgb8
+
+        frame = RawFrame(to_rgb8(img, where=self.spec.safe_uri), self._index)
+        self._index += 1
+        return frame
+
+    def close(self) -> None:
+        with self._lock:
+            cap, self._cap = self._cap, None
+        if cap is not None:
+            cap.release()
+
+
+def _has_ffmpeg() -> bool:
+    import cv2
+
+    return any(line.strip().startswith("FFMPEG:") and "YES" in line
+               for line in cv2.getBuildInformation().splitlines())
+
+
+class DirSource(Source):
+    """The images of a folder in name order (listed at open; ``loop`` lists again at the end)."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self._files: list[Path] = []
+        self._pos = 0
+        self._index = 0
+
+    def open(self) -> None:
+        from ..data.image import list_images
+
+        folder = Path(self.spec.target)
+        if not folder.is_dir():
+            raise SourceLost(f"{self.spec.safe_uri}: folder {folder} not found")
+        self._files = list_images(folder)
+        if not self._files:
+            raise SourceLost(f"{self.spec.safe_uri}: no images (.png, .jpg, .bmp, .tif) in {folder}")
+        self._pos = 0
+
+    def read(self) -> RawFrame | None:
+        from ..data.image import load_image
+
+        if self._pos >= len(self._files):
+            if not self.spec.options.get("loop"):
+                return None
+            self.open()
+        p = self._files[self._pos]
+        self._pos += 1
+        fps = self.spec.options.get("fps") or 0.0
+        self._pace(0.0 if fps == "native" else float(fps))
+        try:
+            img = load_image(p)
+        except InputError as exc:
+            raise SourceLost(f"{self.spec.safe_uri}: {exc}") from None
+        frame = RawFrame(img, self._index, {"file": p.name})
+        self._index += 1
+        return frame
+
+
+class SyntheticSource(Source):
+    """Generated conveyor frames with planted defects (ground truth in ``RawFrame.truth``)."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self._stream = None
+        self._index = 0
+
+    def open(self) -> None:
+        from ..data.synthetic import DEFECTS, ConveyorStream
+
+        o = self.spec.options
+        defects = tuple(d for d in str(o.get("defects") or "").split(",") if d) or DEFECTS
+        self._stream = ConveyorStream(kind=o["kind"], size=o["size"], defect_rate=o["defect_rate"],
+                                      defects=defects, seed=o["seed"], brightness=o["brightness"],
+                                      contrast=o["contrast"], lighting_from=o["lighting_from"])
+
+    @property
+    def stream(self):
+        """The :class:`~edge_ad.data.synthetic.ConveyorStream` (e.g. to change its lighting live)."""
+        return self._stream
+
+    def read(self) -> RawFrame | None:
+        o = self.spec.options
+        if o.get("count") and self._index >= o["count"]:
+            return None
+        fps = o.get("fps") or 0.0
+        self._pace(0.0 if fps == "native" else float(fps))
+        f = self._stream.frame(self._index)
+        self._index += 1
+        return RawFrame(f.image, f.index, {"label": int(f.label), "defect_type": f.defect_type})
+
+
+def open_source(spec: SourceSpec | str, open_timeout_s: float = 10.0, rtsp_transport: str = "tcp") -> Source:
+    """A source object for a URI (not opened yet: call ``open()``; the capture loop does)."""
+    if isinstance(spec, str):
+        spec = parse_uri(spec)
+    if spec.scheme == "dir":
+        return DirSource(spec)
+    if spec.scheme == "synthetic":
+        return SyntheticSource(spec)
+    return OpenCVSource(spec, open_timeout_s=open_timeout_s, rtsp_transport=rtsp_transport)
+
+
+def check_startup(spec: SourceSpec) -> None:
+    """Input errors worth stopping for before anything starts (a mistyped file or folder path).
+
+    Cameras are not checked here: a camera that is not there yet is waited for with back-off.
+    """
+    if spec.scheme == "file" and not Path(spec.target).is_file():
+        raise InputError(f"source {spec.safe_uri}: video file {spec.target} not found")
+    if spec.scheme == "dir" and not Path(spec.target).is_dir():
+        raise InputError(f"source {spec.safe_uri}: folder {spec.target} not found")
+    if spec.scheme == "csi" and not has_gstreamer():
+        OpenCVSource(spec)._capture_args()  # raises the InputError that explains the fix
