@@ -1,0 +1,116 @@
+"""OpenCV drawings: overlays, eval grid, score histogram (decoded back and checked)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_ad import viz
+from edge_ad.errors import InputError
+
+
+def _decode(data: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _frame_and_map():
+    frame = np.full((120, 160, 3), 128, np.uint8)
+    amap = np.zeros((15, 20), np.float32)
+    amap[5:9, 10:15] = 3.0  # a hot region in the right half
+    return frame, amap
+
+
+def test_colorize_scale():
+    m = np.array([[0.0, 1.0]], np.float32)
+    c = viz.colorize(m)
+    assert c.shape == (1, 2, 3) and c.dtype == np.uint8
+    assert c[0, 0, 2] > c[0, 0, 0] and c[0, 1, 0] > c[0, 1, 2]  # low blue, high red (RGB)
+    assert viz.colorize(np.zeros((4, 4))).shape == (4, 4, 3)  # flat map: no division by zero
+    assert viz.colorize(m, size_hw=(8, 10)).shape == (8, 10, 3)
+
+
+def test_heatmap_overlay_marks_the_hot_region():
+    frame, amap = _frame_and_map()
+    out = viz.heatmap_overlay(frame, amap, threshold=1.0)
+    assert out.shape == frame.shape and out.dtype == np.uint8
+    hot = out[60:70, 110:130].astype(int)
+    cold = out[10:20, 10:30].astype(int)
+    assert hot[..., 0].mean() > cold[..., 0].mean() + 40  # red where the map is high
+    # the threshold outline (yellow) is drawn around the region
+    yellow = (out[..., 0] > 200) & (out[..., 1] > 170) & (out[..., 2] < 120)
+    assert yellow.any() and yellow[:, :70].sum() == 0
+    # [1, h, w] maps and grey frames are accepted
+    assert viz.heatmap_overlay(frame[..., 0], amap[None]).shape == frame.shape
+    with pytest.raises(InputError):
+        viz.heatmap_overlay(frame.astype(np.float32), amap)
+    with pytest.raises(InputError):
+        viz.heatmap_overlay(frame, np.zeros((2, 3, 4, 5)))
+
+
+def test_normal_map_below_threshold_looks_calm():
+    frame, _ = _frame_and_map()
+    calm = viz.heatmap_overlay(frame, np.full((15, 20), 0.2, np.float32), threshold=1.0)
+    assert calm[..., 2].mean() > calm[..., 0].mean()  # blue-ish, not red
+
+
+def test_overlay_jpeg_snapshot():
+    frame = np.full((720, 1280, 3), 90, np.uint8)
+    amap = np.zeros((45, 80), np.float32)
+    amap[20:25, 40:50] = 5.0
+    data = viz.overlay_jpeg(frame, amap, threshold=1.0, label="NG score 5.00", quality=80)
+    assert data[:2] == b"\xff\xd8"
+    img = _decode(data)
+    assert img.shape == (360, 640, 3)  # downscaled to max_side 640
+    assert img[2:20, 2:80].min() < 60  # caption box drawn top-left
+    with pytest.raises(InputError, match="quality"):
+        viz.overlay_jpeg(frame, amap, quality=0)
+
+
+def test_grid_png(tmp_path):
+    frame, amap = _frame_and_map()
+    mask = np.zeros((120, 160), bool)
+    mask[40:72, 80:120] = True
+    rows = [viz.GridRow(frame, mask, amap, "scratch 3.00 NG"),
+            viz.GridRow(frame, None, np.zeros((15, 20), np.float32), "good 0.00 OK")]
+    path = tmp_path / "report" / "grid.png"
+    viz.write_grid(path, rows, cell=96, threshold=1.0, title="eval")
+    img = _decode(path.read_bytes())
+    assert img.shape[1] == 3 * 96 + 4 * 4 and img.shape[0] > 2 * 96
+    assert not list(path.parent.glob(".*.tmp"))  # atomic write left no temp file
+    with pytest.raises(InputError, match="does not match"):
+        viz.grid_png([viz.GridRow(frame, mask[:10], amap)])
+    with pytest.raises(InputError, match="no rows"):
+        viz.grid_png([])
+
+
+def test_histogram_png(tmp_path):
+    rng = np.random.default_rng(0)
+    normal, defect = rng.normal(0, 1, 200), rng.normal(4, 1, 50)
+    path = tmp_path / "hist.png"
+    viz.write_histogram(path, normal, defect, threshold=2.0, size_hw=(300, 500))
+    img = _decode(path.read_bytes())
+    assert img.shape == (300, 500, 3)
+    blue = (img[..., 2] > 150) & (img[..., 0] < 120)
+    orange = (img[..., 0] > 150) & (img[..., 2] < 100) & (img[..., 1] < 140)
+    assert blue[:, :250].sum() > blue[:, 250:].sum()       # normals on the left
+    assert orange[:, 250:].sum() > orange[:, :250].sum()   # defects on the right
+    yellow = (img[..., 0] > 200) & (img[..., 1] > 170) & (img[..., 2] < 100)
+    assert yellow.any()
+    # one class only, all equal scores, no threshold: still a picture
+    assert _decode(viz.histogram_png([1.0, 1.0], [], None)).shape == (360, 640, 3)
+    with pytest.raises(InputError, match="no scores"):
+        viz.histogram_png([], [])
+    with pytest.raises(InputError, match="NaN"):
+        viz.histogram_png([1.0, float("nan")], [])
+
+
+def test_no_matplotlib_imported():
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(viz))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+             for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any("matplotlib" in str(x) or "torch" in str(x) for x in names)
