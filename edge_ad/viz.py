@@ -348,3 +348,69 @@ def write_histogram(path: str | os.PathLike, normal_scores, defect_scores, thres
                     **kw) -> None:
     """Write :func:`histogram_image` as a PNG (atomically)."""
     atomic.write_bytes(path, histogram_png(normal_scores, defect_scores, threshold, **kw))
+
+
+# ---------------------------------------------------------------------------- eval report pictures
+def pick_examples(scores: Sequence[float], types: Sequence[str], per_type: int = 3) -> list[int]:
+    """Indices to show per type: ``per_type`` samples spread over that type's score range (lowest,
+    middle, highest), so a grid shows both missed and found defects and the worst false alarms."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(list(types), dtype=object)
+    order_types = (["good"] if "good" in set(t) else []) + sorted(set(t) - {"good"})
+    picked: list[int] = []
+    for name in order_types:
+        idx = np.flatnonzero(t == name)
+        idx = idx[np.argsort(s[idx], kind="stable")]
+        k = min(int(per_type), idx.size)
+        if k:
+            picked += [int(idx[j]) for j in np.unique(np.round(np.linspace(0, idx.size - 1, k)).astype(int))]
+    return picked
+
+
+def write_eval_pictures(out_dir: str | os.PathLike, images: Sequence[np.ndarray],
+                        masks: Sequence[np.ndarray | None], maps: Sequence[np.ndarray],
+                        scores: Sequence[float], labels: Sequence[int], types: Sequence[str],
+                        threshold: float | None, size: tuple[int, int] | None = None,
+                        per_type: int = 3, cell: int = 160) -> dict:
+    """The pictures of an eval report, written atomically into ``out_dir``:
+
+    ``grid.png`` (image | ground truth | anomaly map for :func:`pick_examples`, captions with type, score
+    and decision) and ``histogram.png`` (normal vs defective scores and the threshold). ``size`` (H, W)
+    resizes the images to the maps' size when given. A defective sample whose mask is missing or empty
+    shows "no mask". Returns ``{"grid": "grid.png", "histogram": "histogram.png"}`` (names in ``out_dir``).
+    """
+    from pathlib import Path
+
+    from .data.image import resize_rgb
+
+    n = len(scores)
+    if not (len(images) == len(masks) == len(maps) == len(labels) == len(types) == n):
+        raise InputError(f"eval pictures: {n} scores but {len(images)} images, {len(masks)} masks, "
+                         f"{len(maps)} maps, {len(labels)} labels, {len(types)} types")
+    out = Path(out_dir)
+    rows = []
+    for i in pick_examples(scores, types, per_type):
+        img = _as_rgb(images[i])
+        if size is not None:
+            img = resize_rgb(img, tuple(size))
+        mk = masks[i]
+        if mk is not None:
+            mk = np.asarray(mk) > 0
+            if int(labels[i]) == 1 and not mk.any():
+                mk = None
+            elif mk.shape != img.shape[:2]:
+                mk = _cv2().resize(mk.astype(np.uint8), (img.shape[1], img.shape[0]),
+                                   interpolation=_cv2().INTER_NEAREST) > 0
+        verdict = "" if threshold is None else (" NG" if float(scores[i]) > float(threshold) else " OK")
+        rows.append(GridRow(img, mk, maps[i], f"{types[i]} #{i}  score {float(scores[i]):.3g}{verdict}"))
+    result = {}
+    if rows:
+        write_grid(out / "grid.png", rows, cell=cell, threshold=threshold,
+                   title="anomaly maps (shared colour scale; outline: above threshold)")
+        result["grid"] = "grid.png"
+    lab = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=np.float64)
+    if n:
+        write_histogram(out / "histogram.png", s[lab == 0], s[lab == 1], threshold)
+        result["histogram"] = "histogram.png"
+    return result

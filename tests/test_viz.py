@@ -114,3 +114,26 @@ def test_no_matplotlib_imported():
     names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
              for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any("matplotlib" in str(x) or "torch" in str(x) for x in names)
+
+
+def test_write_eval_pictures(tmp_path):
+    rng = np.random.default_rng(3)
+    types = ["good"] * 5 + ["scratch"] * 4 + ["dent"] * 2
+    labels = [0 if t == "good" else 1 for t in types]
+    scores = [float(v) for v in rng.random(len(types)) + np.array(labels) * 1.5]
+    images = [np.full((50, 70, 3), 100, np.uint8) for _ in types]   # original size
+    masks = [np.zeros((32, 32), bool) for _ in types]                # at the maps' size
+    for i in range(5, 9):
+        masks[i][4:10, 4:10] = True                                   # dent: no masks (image-level)
+    maps = [rng.random((32, 32)).astype(np.float32) + (3.0 * m) for m in masks]
+    idx = viz.pick_examples(scores, types, per_type=3)
+    assert len(idx) == 3 + 3 + 2 and [types[i] for i in idx][:3] == ["good"] * 3
+    good_scores = [scores[i] for i in idx[:3]]
+    assert good_scores == sorted(good_scores) and good_scores[-1] == max(scores[:5])
+    res = viz.write_eval_pictures(tmp_path, images, masks, maps, scores, labels, types, 1.2, (32, 32))
+    assert res == {"grid": "grid.png", "histogram": "histogram.png"}
+    grid = _decode((tmp_path / "grid.png").read_bytes())
+    assert grid.shape[0] > 8 * 160
+    assert _decode((tmp_path / "histogram.png").read_bytes()).shape == (360, 640, 3)
+    with pytest.raises(InputError, match="11 scores"):
+        viz.write_eval_pictures(tmp_path, images[:3], masks, maps, scores, labels, types, 1.2)
