@@ -1,0 +1,114 @@
+"""Interchangeable inference backends behind one interface (docs/CONTRACTS.md, "Backends").
+
+>>> backend = open_backend(bundle, "auto")          # TensorRT engine, else ONNX Runtime (CUDA, else CPU)
+>>> outputs = backend.infer(batch)                  # float32 [B, 3, H, W] in 0..255 -> raw outputs
+>>> backend.close()
+
+``backend``: ``auto`` | ``onnxruntime`` | ``tensorrt`` | ``torch``. ``precision``: ``fp32`` | ``fp16`` |
+``int8``; None = the bundle's active precision. ``device``: ``cpu``, ``cuda[:N]`` or, for onnxruntime,
+``tensorrt[:N]`` (its TensorRT execution provider); None = the best this machine has.
+Extra keyword options go to the backend (``threads``, ``max_batch``, ``module`` for torch,
+``cuda_graphs``, ``build`` for tensorrt).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from ...bundle import Bundle
+from ...errors import InputError
+from .base import CPU_INT8_FILE, GRAPH_FILES, PRECISIONS, Backend, precision_of_graph
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+
+__all__ = ["Backend", "open_backend", "BACKENDS", "PRECISIONS", "GRAPH_FILES", "CPU_INT8_FILE",
+           "precision_of_graph", "tensorrt_usable", "available"]
+
+
+def tensorrt_usable() -> tuple[bool, str]:
+    """(True, "") when tensorrt imports and a CUDA device answers; else (False, why not)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "the tensorrt Python package is not installed"
+    try:
+        import tensorrt  # noqa: F401
+
+        from .cuda import cuda_api
+        api = cuda_api()
+        n = api.device_count()
+    except Exception as exc:  # a broken install or no driver: report, never crash a probe
+        return False, f"TensorRT/CUDA not usable: {exc}"
+    if n < 1:
+        return False, "no CUDA device"
+    return True, ""
+
+
+def available() -> dict[str, tuple[bool, str]]:
+    """Which backend/device pairs this machine can run, with the reason for each one it cannot."""
+    from .onnxruntime import available_providers
+
+    prov = available_providers()
+    out = {"onnxruntime:cpu": (bool(prov), "" if prov else "onnxruntime is not installed")}
+    out["onnxruntime:cuda"] = ("CUDAExecutionProvider" in prov,
+                               "" if "CUDAExecutionProvider" in prov else "onnxruntime has no CUDA provider")
+    out["onnxruntime:tensorrt"] = ("TensorrtExecutionProvider" in prov, "" if "TensorrtExecutionProvider" in prov
+                                   else "onnxruntime has no TensorRT provider")
+    out["tensorrt"] = tensorrt_usable()
+    if importlib.util.find_spec("torch") is None:
+        out["torch:cpu"] = out["torch:cuda"] = (False, "torch is not installed")
+    else:
+        import torch
+
+        out["torch:cpu"] = (True, "")
+        out["torch:cuda"] = (torch.cuda.is_available(), "" if torch.cuda.is_available() else "torch has no CUDA device")
+    return out
+
+
+def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = None,
+                 device: str | None = None, **options) -> Backend:
+    if backend not in BACKENDS:
+        raise InputError(f"backend '{backend}': expected one of {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)}")
+    if backend == "auto":
+        return _open_auto(bundle, precision, device, **options)
+    if backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend, available_providers
+
+        if device is None:
+            device = "cuda" if "CUDAExecutionProvider" in available_providers() else "cpu"
+        return OnnxRuntimeBackend(bundle, precision=precision, device=device, **options)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle, precision=precision, device=device or "cuda:0", **options)
+    from .torch import TorchBackend
+
+    return TorchBackend(bundle, precision=precision, device=device, **options)
+
+
+def _open_auto(bundle: Bundle, precision: str | None, device: str | None, **options) -> Backend:
+    prec = precision or bundle.active_precision
+    if device is None or device.startswith("cuda"):
+        ok, why = tensorrt_usable()
+        if ok:
+            from . import engine_cache
+            from .cuda import cuda_api
+            from .tensorrt import TensorRTBackend, current_target, import_tensorrt, parse_device
+
+            index = parse_device(device)
+            chk = engine_cache.check(bundle, prec, current_target(import_tensorrt(), cuda_api(), index))
+            if chk.ok:
+                return TensorRTBackend(bundle, precision=prec, device=f"cuda:{index}",
+                                       **{k: v for k, v in options.items() if k not in ("threads",)})
+            log.warning("not using TensorRT: %s (run 'edge-ad compile'); using ONNX Runtime", chk.reason)
+        else:
+            log.info("not using TensorRT: %s", why)
+    from .onnxruntime import OnnxRuntimeBackend, available_providers
+
+    if device is None:
+        device = "cuda" if "CUDAExecutionProvider" in available_providers() else "cpu"
+    options.pop("build", None)
+    return OnnxRuntimeBackend(bundle, precision=prec, device=device, **options)

@@ -1,0 +1,109 @@
+"""The backend interface: one loaded graph or engine, float32 ``[B, 3, H, W]`` in, raw outputs out.
+
+Every backend returns the same raw outputs (named by the bundle's ``outputs``), so the one scoring path
+(:mod:`edge_ad.scoring` through :class:`edge_ad.inspector.Inspector`) serves them all. Nothing here imports
+torch, onnxruntime or tensorrt: each backend module imports its own engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ...errors import InputError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# ONNX file of each precision inside a bundle. "int8" has two forms: signed symmetric activations
+# (model.int8.onnx, the form TensorRT and GPUs want) and unsigned 8-bit activations for CPUs
+# (model.int8-u8.onnx, about twice as fast in ONNX Runtime on x86).
+GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+CPU_INT8_FILE = "model.int8-u8.onnx"
+
+
+def precision_of_graph(name: str) -> str:
+    """'model.int8-u8.onnx' -> 'int8' (the precision a graph file holds)."""
+    if name == CPU_INT8_FILE:
+        return "int8"
+    for prec, fname in GRAPH_FILES.items():
+        if fname == name:
+            return prec
+    raise InputError(f"graph '{name}': not one of the bundle's graph files "
+                     f"({', '.join(list(GRAPH_FILES.values()) + [CPU_INT8_FILE])})")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+class Backend:
+    """One loaded graph or engine. Subclasses set the attributes and implement ``_run``.
+
+    ``infer`` checks the input once for every backend (dtype, rank, channels, size) and splits a batch
+    larger than ``max_batch`` into chunks, so callers never have to know an engine's profile.
+    """
+
+    name: str = ""
+    precision: str = "fp32"
+    device: str = "cpu"
+    output_names: list[str]
+    image_size: tuple[int, int]
+    max_batch: int = 64
+    graph: Path | None = None      # the file this backend runs (ONNX graph or TensorRT engine)
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch = self._check_batch(batch)
+        n = batch.shape[0]
+        if n <= self.max_batch:
+            return self._run(batch)
+        parts = [self._run(batch[i:i + self.max_batch]) for i in range(0, n, self.max_batch)]
+        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in self.output_names}
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} does not implement _run")
+
+    def close(self) -> None:
+        """Release the graph, engine and buffers. Safe to call twice."""
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "precision": self.precision, "device": self.device,
+                "graph": str(self.graph) if self.graph else None, "max_batch": self.max_batch,
+                "image_size": list(self.image_size), "outputs": list(self.output_names)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.precision} on {self.device}>"
+
+    # ------------------------------------------------------------------ helpers
+    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        if not isinstance(batch, np.ndarray):
+            raise InputError(f"backend input: expected a numpy array, got {type(batch).__name__}")
+        h, w = self.image_size
+        if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (h, w):
+            raise InputError(f"backend input has shape {tuple(batch.shape)}; expected [B, 3, {h}, {w}] "
+                             "(edge_ad.data.image.to_batch makes it)")
+        if batch.shape[0] == 0:
+            raise InputError("backend input: empty batch")
+        if batch.dtype != np.float32:
+            batch = batch.astype(np.float32)
+        return np.ascontiguousarray(batch)
+
+
+def check_outputs(have: Iterable[str], want: list[str], where: str) -> None:
+    have = list(have)
+    missing = [n for n in want if n not in have]
+    if missing:
+        raise InputError(f"{where}: outputs {have} lack {missing} named by the bundle's manifest "
+                         f"(model.outputs = {want}); re-export with 'edge-ad export'")

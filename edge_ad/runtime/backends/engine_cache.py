@@ -1,0 +1,218 @@
+"""TensorRT engine cache of a bundle: keys, sidecars and the checks that refuse a wrong engine.
+
+An engine is tied to the model, the precision, the GPU architecture and the TensorRT version. Its key
+says all four::
+
+    engines/<model sha256[:16]>-<precision>-sm<major><minor>-trt<version>.engine
+    engines/<same key>.json      sidecar: what it was built from, on what, and the engine's sha256
+
+An engine is used only when its sidecar matches this machine and this bundle exactly and the file's
+sha256 matches the sidecar. Anything else (another GPU, another TensorRT, a changed or re-quantized
+model, a truncated or altered file, a missing sidecar) is refused with the reason; ``edge-ad compile``
+then rebuilds it. Pure Python: tested without TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ... import __version__, atomic
+from ...bundle import Bundle, now_iso
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = 1
+_KEY_RE = re.compile(r"^(?P<sha>[0-9a-f]{16})-(?P<prec>fp32|fp16|int8)-sm(?P<cc>\d+)-trt(?P<trt>[0-9][0-9.]*)$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an engine runs: GPU compute capability ("8.7"), GPU name and TensorRT version."""
+
+    compute_capability: str
+    trt_version: str
+    gpu_name: str = ""
+
+    @property
+    def sm(self) -> str:
+        return "sm" + self.compute_capability.replace(".", "")
+
+
+@dataclass(frozen=True)
+class EngineCheck:
+    key: str
+    engine: Path
+    sidecar: Path
+    ok: bool
+    reason: str = ""             # why it is refused ("" when ok)
+    meta: dict | None = None     # the sidecar, when readable
+
+
+def engine_key(model_sha256: str, precision: str, target: Target) -> str:
+    if not re.fullmatch(r"[0-9a-f]{16,64}", model_sha256 or ""):
+        raise ValueError(f"model sha256 '{model_sha256}' is not a hex digest")
+    if not re.fullmatch(r"[0-9][0-9.]*", target.trt_version):
+        raise ValueError(f"TensorRT version '{target.trt_version}' is not a version number")
+    return f"{model_sha256[:16]}-{precision}-{target.sm}-trt{target.trt_version}"
+
+
+def parse_key(key: str) -> dict | None:
+    m = _KEY_RE.match(key)
+    if not m:
+        return None
+    return {"model_sha16": m["sha"], "precision": m["prec"], "sm": "sm" + m["cc"], "trt_version": m["trt"]}
+
+
+def paths(bundle: Bundle, key: str) -> tuple[Path, Path]:
+    d = bundle.engines_dir
+    return d / f"{key}.engine", d / f"{key}.json"
+
+
+def timing_cache_path(bundle: Bundle, target: Target) -> Path:
+    """Timing caches are per GPU architecture and TensorRT version, shared by all precisions."""
+    return bundle.engines_dir / f"timing-{target.sm}-trt{target.trt_version}.cache"
+
+
+def model_sha(bundle: Bundle) -> str:
+    """The FP32 model's identity: engines of every precision are keyed by it."""
+    sha = bundle.model_hash("model.onnx")
+    if not sha:
+        raise FileNotFoundError(f"{bundle.file('model.onnx')}: not found; run 'edge-ad export'")
+    return sha
+
+
+def make_sidecar(bundle: Bundle, precision: str, target: Target, engine_sha256: str, source_graph: str,
+                 max_batch: int, typing: str, workspace_mib: int, build_seconds: float) -> dict:
+    return {
+        "format": SIDECAR_FORMAT,
+        "model_sha256": model_sha(bundle),
+        "precision": precision,
+        "source_graph": source_graph,
+        "source_sha256": bundle.model_hash(source_graph),
+        "compute_capability": target.compute_capability,
+        "gpu_name": target.gpu_name,
+        "tensorrt": target.trt_version,
+        "engine_sha256": engine_sha256,
+        "image_size": list(bundle.image_size),
+        "outputs": bundle.outputs,
+        "max_batch": int(max_batch),
+        "typing": typing,
+        "workspace_mib": int(workspace_mib),
+        "build_seconds": round(float(build_seconds), 2),
+        "built": now_iso(),
+        "edge_ad": __version__,
+    }
+
+
+def check(bundle: Bundle, precision: str, target: Target) -> EngineCheck:
+    """Is there a usable engine for ``precision`` on ``target``? Never raises for a bad engine."""
+    try:
+        key = engine_key(model_sha(bundle), precision, target)
+    except (FileNotFoundError, ValueError) as exc:
+        return EngineCheck("", Path(), Path(), False, str(exc))
+    eng, side = paths(bundle, key)
+    if not eng.is_file():
+        others = [p.name for p in bundle.engines_dir.glob(f"*-{precision}-*.engine")] if bundle.engines_dir.is_dir() else []
+        extra = f" (engines present for other models / GPUs / TensorRT versions: {', '.join(others)})" if others else ""
+        return EngineCheck(key, eng, side, False, f"no {precision} engine for this model on "
+                           f"{target.sm} with TensorRT {target.trt_version}{extra}")
+    reason, meta = validate_sidecar(bundle, key, precision, target)
+    if reason is None:
+        got = atomic.sha256_file(eng)
+        if got != meta["engine_sha256"]:
+            reason = (f"{eng.name}: sha256 {got[:12]}… does not match its sidecar "
+                      f"({str(meta['engine_sha256'])[:12]}…); the file is corrupt or was changed")
+    return EngineCheck(key, eng, side, reason is None, reason or "", meta)
+
+
+def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target) -> tuple[str | None, dict | None]:
+    """(None, sidecar) when the sidecar matches this bundle and target; (reason, sidecar or None) if not."""
+    _, side = paths(bundle, key)
+    if not side.is_file():
+        return f"{side.name}: sidecar missing (an engine without one is never run)", None
+    try:
+        meta = json.loads(side.read_text("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{side.name}: unreadable sidecar ({exc})", None
+    if meta.get("format") != SIDECAR_FORMAT:
+        return f"{side.name}: sidecar format {meta.get('format')!r}, expected {SIDECAR_FORMAT}", meta
+    expect = {
+        "model_sha256": model_sha(bundle),
+        "precision": precision,
+        "compute_capability": target.compute_capability,
+        "tensorrt": target.trt_version,
+        "image_size": list(bundle.image_size),
+        "outputs": bundle.outputs,
+    }
+    what = {"model_sha256": "built from another model", "precision": "another precision",
+            "compute_capability": "built for another GPU architecture", "tensorrt": "built by another TensorRT",
+            "image_size": "another input size", "outputs": "other outputs"}
+    for field, want in expect.items():
+        if meta.get(field) != want:
+            return (f"{side.name}: {what[field]} ({field} {meta.get(field)!r}, this machine/bundle has "
+                    f"{want!r})"), meta
+    src = meta.get("source_graph")
+    if not isinstance(src, str) or not src:
+        return f"{side.name}: names no source graph", meta
+    if bundle.model_hash(src) != meta.get("source_sha256"):
+        return (f"{side.name}: its source graph {src} changed since the engine was built "
+                "(re-quantized or re-exported)"), meta
+    if not isinstance(meta.get("engine_sha256"), str):
+        return f"{side.name}: no engine_sha256", meta
+    return None, meta
+
+
+def scan(bundle: Bundle, target: Target) -> list[EngineCheck]:
+    """Every engine file in the bundle, checked against this machine (for reports and clean-up)."""
+    out = []
+    d = bundle.engines_dir
+    if not d.is_dir():
+        return out
+    for eng in sorted(d.glob("*.engine")):
+        key = eng.stem
+        parsed = parse_key(key)
+        side = eng.with_suffix(".json")
+        if parsed is None:
+            out.append(EngineCheck(key, eng, side, False, f"{eng.name}: not an edge-ad engine key"))
+            continue
+        c = check(bundle, parsed["precision"], target)
+        if c.key == key:
+            out.append(c)
+        else:
+            out.append(EngineCheck(key, eng, side, False,
+                                   f"{eng.name}: for {parsed['sm']} / TensorRT {parsed['trt_version']} / "
+                                   f"model {parsed['model_sha16']}; this is {target.sm} / TensorRT "
+                                   f"{target.trt_version} / model {c.key[:16]}"))
+    return out
+
+
+def write(bundle: Bundle, key: str, engine: bytes, sidecar: dict) -> Path:
+    """Engine first, sidecar last (atomically each): a power cut leaves no sidecar for a torn engine."""
+    eng, side = paths(bundle, key)
+    atomic.write_bytes(eng, engine)
+    sidecar = dict(sidecar, engine_sha256=atomic.sha256_file(eng))
+    atomic.write_json(side, sidecar)
+    return eng
+
+
+def update_sidecar(bundle: Bundle, key: str, **fields) -> None:
+    _, side = paths(bundle, key)
+    meta = json.loads(side.read_text("utf-8"))
+    meta.update(fields)
+    atomic.write_json(side, meta)
+
+
+def remove(bundle: Bundle, key: str) -> None:
+    """Sidecar first (so a half-removed engine is already refused), then the engine."""
+    eng, side = paths(bundle, key)
+    for p in (side, eng):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
