@@ -5,7 +5,8 @@
 >>> backend.close()
 
 ``backend``: ``auto`` | ``onnxruntime`` | ``tensorrt`` | ``torch``. ``precision``: ``fp32`` | ``fp16`` |
-``int8``; None = the bundle's active precision. ``device``: ``cpu``, ``cuda[:N]`` or, for onnxruntime,
+``int8``; None = the bundle's active precision; ``int8-u8`` names the CPU form of INT8 explicitly
+(ONNX Runtime; ``int8_form="s8"`` runs the TensorRT form on the CPU instead). ``device``: ``cpu``, ``cuda[:N]`` or, for onnxruntime,
 ``tensorrt[:N]`` (its TensorRT execution provider); None = the best this machine has.
 Extra keyword options go to the backend (``threads``, ``max_batch``, ``module`` for torch,
 ``cuda_graphs``, ``build`` for tensorrt).
@@ -70,8 +71,13 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
                  device: str | None = None, **options) -> Backend:
     if backend not in BACKENDS:
         raise InputError(f"backend '{backend}': expected one of {', '.join(BACKENDS)}")
+    if precision == "int8-u8":  # the CPU form of INT8, by name (ONNX Runtime only)
+        if backend not in ("auto", "onnxruntime"):
+            raise InputError("precision 'int8-u8' (unsigned-activation INT8 for CPUs) runs in onnxruntime only")
+        backend, precision = "onnxruntime", "int8"
+        options["int8_form"] = "u8"
     if precision is not None and precision not in PRECISIONS:
-        raise InputError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)}")
+        raise InputError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)} or int8-u8")
     if backend == "auto":
         return _open_auto(bundle, precision, device, **options)
     if backend == "onnxruntime":
@@ -90,7 +96,6 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
 
 
 def _open_auto(bundle: Bundle, precision: str | None, device: str | None, **options) -> Backend:
-    prec = precision or bundle.active_precision
     if device is None or device.startswith("cuda"):
         ok, why = tensorrt_usable()
         if ok:
@@ -99,11 +104,18 @@ def _open_auto(bundle: Bundle, precision: str | None, device: str | None, **opti
             from .tensorrt import TensorRTBackend, current_target, import_tensorrt, parse_device
 
             index = parse_device(device)
-            chk = engine_cache.check(bundle, prec, current_target(import_tensorrt(), cuda_api(), index))
-            if chk.ok:
-                return TensorRTBackend(bundle, precision=prec, device=f"cuda:{index}",
-                                       **{k: v for k, v in options.items() if k not in ("threads",)})
-            log.warning("not using TensorRT: %s (run 'edge-ad compile'); using ONNX Runtime", chk.reason)
+            target = current_target(import_tensorrt(), cuda_api(), index)
+            if precision is None:
+                chk = engine_cache.best(bundle, target, prefer=bundle.active_precision)
+                reason = "no guarded engine for this model, GPU and TensorRT"
+            else:
+                chk = engine_cache.check(bundle, precision, target, require_guard=True)
+                reason = chk.reason
+                chk = chk if chk.ok else None
+            if chk is not None:
+                trt_opts = {k: v for k, v in options.items() if k not in ("threads", "max_batch")}
+                return TensorRTBackend(bundle, precision=chk.meta["precision"], device=f"cuda:{index}", **trt_opts)
+            log.warning("not using TensorRT: %s (run 'edge-ad compile'); using ONNX Runtime", reason)
         else:
             log.info("not using TensorRT: %s", why)
     from .onnxruntime import OnnxRuntimeBackend, available_providers
@@ -111,4 +123,4 @@ def _open_auto(bundle: Bundle, precision: str | None, device: str | None, **opti
     if device is None:
         device = "cuda" if "CUDAExecutionProvider" in available_providers() else "cpu"
     options.pop("build", None)
-    return OnnxRuntimeBackend(bundle, precision=prec, device=device, **options)
+    return OnnxRuntimeBackend(bundle, precision=precision or bundle.active_precision, device=device, **options)

@@ -108,8 +108,12 @@ def make_sidecar(bundle: Bundle, precision: str, target: Target, engine_sha256: 
     }
 
 
-def check(bundle: Bundle, precision: str, target: Target) -> EngineCheck:
-    """Is there a usable engine for ``precision`` on ``target``? Never raises for a bad engine."""
+def check(bundle: Bundle, precision: str, target: Target, require_guard: bool = False) -> EngineCheck:
+    """Is there a usable engine for ``precision`` on ``target``? Never raises for a bad engine.
+
+    ``require_guard``: also refuse an engine whose sidecar does not record a passed accuracy guard
+    (``edge-ad compile`` builds, guards, then records; an interrupted compile leaves none).
+    """
     try:
         key = engine_key(model_sha(bundle), precision, target)
     except (FileNotFoundError, ValueError) as exc:
@@ -126,6 +130,8 @@ def check(bundle: Bundle, precision: str, target: Target) -> EngineCheck:
         if got != meta["engine_sha256"]:
             reason = (f"{eng.name}: sha256 {got[:12]}… does not match its sidecar "
                       f"({str(meta['engine_sha256'])[:12]}…); the file is corrupt or was changed")
+    if reason is None and require_guard and not (meta.get("guard") or {}).get("passed"):
+        reason = f"{eng.name}: never passed the accuracy guard (run 'edge-ad compile')"
     return EngineCheck(key, eng, side, reason is None, reason or "", meta)
 
 
@@ -166,6 +172,16 @@ def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target) -
     if not isinstance(meta.get("engine_sha256"), str):
         return f"{side.name}: no engine_sha256", meta
     return None, meta
+
+
+def best(bundle: Bundle, target: Target, prefer: str | None = None) -> EngineCheck | None:
+    """The guarded engine to run when no precision is asked for: ``prefer`` first, then int8, fp16, fp32."""
+    order = ([prefer] if prefer else []) + [p for p in ("int8", "fp16", "fp32") if p != prefer]
+    for prec in order:
+        c = check(bundle, prec, target, require_guard=True)
+        if c.ok:
+            return c
+    return None
 
 
 def scan(bundle: Bundle, target: Target) -> list[EngineCheck]:

@@ -50,11 +50,18 @@ def parse_device(device: str | None) -> tuple[str, int]:
     return ("tensorrt" if kind == "trt" else kind), index
 
 
-def graph_file(bundle: Bundle, precision: str, device_kind: str) -> str:
-    """Which ONNX file of the bundle runs ``precision`` on this kind of device."""
+def graph_file(bundle: Bundle, precision: str, device_kind: str, int8_form: str = "auto") -> str:
+    """Which ONNX file of the bundle runs ``precision`` on this kind of device.
+
+    INT8 on the CPU: the unsigned-activation form when the bundle has it (``int8_form`` 'auto'), or the
+    form asked for ('u8' / 's8'); on GPUs always the signed symmetric form.
+    """
     check_precision(precision)
-    if precision == "int8" and device_kind == "cpu" and bundle.has(CPU_INT8_FILE):
-        return CPU_INT8_FILE
+    if int8_form not in ("auto", "u8", "s8"):
+        raise InputError(f"int8_form '{int8_form}': expected auto, u8 or s8")
+    if precision == "int8":
+        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and bundle.has(CPU_INT8_FILE)):
+            return CPU_INT8_FILE
     return GRAPH_FILES[precision]
 
 
@@ -63,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle, precision: str | None = None, device: str | None = "cpu",
                  threads: int = 0, max_batch: int = 64, graph: str | os.PathLike | None = None,
-                 verify: bool = True, optimization: str = "all"):
+                 verify: bool = True, optimization: str = "all", int8_form: str = "auto"):
         ort = _import_ort()
         kind, index = parse_device(device)
         self.device = kind if kind == "cpu" else f"{kind}:{index}"
@@ -74,7 +81,7 @@ class OnnxRuntimeBackend(Backend):
             self.precision = check_precision(precision or "fp32")
         else:
             self.precision = check_precision(precision or bundle.active_precision)
-            name = graph_file(bundle, self.precision, kind)
+            name = graph_file(bundle, self.precision, kind, int8_form)
             path = bundle.file(name)
             if not path.is_file():
                 raise InputError(f"{path}: not found; " + (

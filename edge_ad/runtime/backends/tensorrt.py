@@ -5,8 +5,9 @@ TensorRT 8.6 (JetPack 6.0), 10.x (JetPack 6.1 / 6.2) and 11.x share the name-bas
 ``set_tensor_address`` and ``execute_async_v3``. One CUDA stream, pinned host buffers and device
 buffers sized for the engine's largest batch, allocated once and freed in ``close()``.
 
-The engine is loaded only after :mod:`engine_cache` accepted it (key, sidecar, sha256); a refused
-engine raises with the reason (``build=True`` rebuilds it instead, as ``edge-ad compile`` does).
+The engine is loaded only after :mod:`engine_cache` accepted it (key, sidecar, sha256, a passed accuracy
+guard); a refused engine raises with the reason (``build=True`` compiles and guards a new one instead,
+as ``edge-ad compile`` does).
 """
 
 from __future__ import annotations
@@ -117,15 +118,24 @@ class TensorRTBackend(Backend):
             self.precision = check_precision(precision or "fp32")
             path = engine_path
         else:
-            self.precision = check_precision(precision or bundle.active_precision)
-            chk = engine_cache.check(bundle, self.precision, target)
+            if precision is None:  # the best guarded engine, the bundle's active precision first
+                chk = engine_cache.best(bundle, target, prefer=bundle.active_precision)
+                if chk is None:
+                    chk = engine_cache.check(bundle, bundle.active_precision, target, require_guard=True)
+            else:
+                chk = engine_cache.check(bundle, check_precision(precision), target, require_guard=True)
+            self.precision = (chk.meta or {}).get("precision") if chk.ok else (precision or bundle.active_precision)
             if not chk.ok:
                 if not build:
                     raise InputError(f"TensorRT engine refused: {chk.reason}. Build one on this device: "
                                      f"edge-ad compile --bundle {bundle.path} --precision {self.precision}")
                 log.warning("TensorRT engine refused (%s); building a new one", chk.reason)
-                from ...compile.tensorrt import build_engine
-                chk = build_engine(bundle, self.precision, device=index, **build_options).check
+                from ...compile.tensorrt import compile_bundle
+
+                compile_bundle(bundle, self.precision, device=index, **build_options)
+                chk = engine_cache.check(bundle, self.precision, target, require_guard=True)
+                if not chk.ok:
+                    raise RuntimeFailure(f"TensorRT engine still refused after building: {chk.reason}")
             path = chk.engine
         self.graph = path
         self._logger = _Logger(trt)
