@@ -52,7 +52,7 @@ class ModelSettings(_Section):
     bundle: Path = Field(title="Bundle folder (made by edge-ad train)")
     backend: str = Field("auto", title="auto | onnxruntime | tensorrt | torch")
     precision: Optional[str] = Field(None, title="fp32 | fp16 | int8; empty: the bundle's active graph")
-    device: str = Field("cpu", title="cpu | cuda[:N] | tensorrt[:N]")
+    device: Optional[str] = Field(None, title="cpu | cuda[:N] | tensorrt[:N]; empty: the best this machine has")
     threads: int = Field(0, ge=0, title="ONNX Runtime intra-op threads (0: its default)")
 
     @field_validator("backend")
@@ -62,6 +62,11 @@ class ModelSettings(_Section):
         if v not in ("auto", "onnxruntime", "tensorrt", "torch"):
             raise ValueError(f"'{v}': expected auto, onnxruntime, tensorrt or torch")
         return v
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: Any) -> Any:
+        return None if v is None or (isinstance(v, str) and v.strip() == "") else str(v).strip().lower()
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -187,7 +192,6 @@ class OutputSettings(_Section):
     jsonl_backups: int = Field(5, ge=0, le=1000, title="Rotated logs kept (.1 ... .N)")
     jsonl_fsync: bool = Field(False, title="fsync after every line (slower; survives power loss)")
     snapshots_dir: Optional[Path] = Field(None, title="Folder for NG snapshots (empty: off)")
-    snapshot_ok_every: int = Field(0, ge=0, title="Also keep every Nth OK frame (0: never)")
     snapshots_max_count: int = Field(1000, ge=1)
     snapshots_max_bytes: int = Field(500_000_000, ge=1024)
     heatmap: bool = Field(True, title="Overlay the anomaly map on snapshots")

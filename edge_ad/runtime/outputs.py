@@ -129,20 +129,6 @@ class SnapshotStore:
     def bytes(self) -> int:
         return self._bytes
 
-    def encode(self, image_rgb: np.ndarray, heat: np.ndarray | None = None) -> bytes:
-        """JPEG bytes of the image, with the anomaly map overlaid when ``heat`` is given."""
-        import cv2
-
-        if heat is not None:
-            from ..viz import overlay_jpeg
-
-            return overlay_jpeg(image_rgb, heat, quality=self.quality)
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, self.quality])
-        if not ok:
-            raise ValueError("JPEG encoding failed")
-        return buf.tobytes()
-
     def save(self, name: str, data: bytes) -> Path:
         """Write ``data`` as ``name`` (names sort by time: make them start with YYYYMMDDTHHMMSS)."""
         p = self.folder / name

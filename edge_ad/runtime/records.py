@@ -31,7 +31,10 @@ class Region:
     peak: float                      # highest map value inside the region
 
     def to_dict(self) -> dict:
-        return {"box": list(self.box), "area": int(self.area), "peak": round(float(self.peak), 6)}
+        """The ``result`` schema's region form: box as x, y, w, h; ``score`` is the peak map value."""
+        x, y, w, h = self.box
+        return {"x": int(x), "y": int(y), "w": int(w), "h": int(h), "area": int(self.area),
+                "score": round(float(self.peak), 6)}
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class Decision:
     backend: str
     precision: str
     image_size: tuple[int, int]         # inspected image H, W (after ROI / rotation)
-    latency_ms: Mapping[str, float]     # capture, queue, preprocess, infer, score, total
+    stages_ms: Mapping[str, float]      # capture, queue, preprocess, infer, score
+    latency_ms: float                   # capture start to decision
     batch: int
     trigger: str
     regions: tuple[Region, ...] = ()
@@ -64,7 +68,8 @@ class Decision:
             "id": self.id,
             "frame": self.seq,
             "source_index": self.source_index,
-            "captured_at": _dt.datetime.fromtimestamp(self.ts, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": _dt.datetime.fromtimestamp(self.ts, _dt.timezone.utc).isoformat(timespec="milliseconds")
+                  .replace("+00:00", "Z"),
             "score": round(float(self.score), 6),
             "threshold": round(float(self.threshold), 6),
             "ng": bool(self.ng),
@@ -74,7 +79,8 @@ class Decision:
             "backend": self.backend,
             "precision": self.precision,
             "image_size": [int(self.image_size[0]), int(self.image_size[1])],
-            "latency_ms": {k: round(float(v), 3) for k, v in self.latency_ms.items()},
+            "latency_ms": round(float(self.latency_ms), 3),
+            "stages_ms": {k: round(float(v), 3) for k, v in self.stages_ms.items()},
             "batch": int(self.batch),
             "trigger": self.trigger,
             "regions": [r.to_dict() for r in self.regions],
@@ -93,3 +99,4 @@ class ResultItem:
     image: Optional[np.ndarray] = None     # the inspected image, kept for NG snapshots
     full_map: Optional[np.ndarray] = None  # the full-resolution anomaly map [H, W], NG only
     t_decided: float = 0.0                 # time.perf_counter() when the decision was made
+    request: Any = None                    # the MQTT inspect request waiting for this decision, if any

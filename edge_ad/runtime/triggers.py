@@ -39,6 +39,13 @@ class TriggerGate:
             self._cv.notify_all()
         log.debug("trigger fired (%s): %d pending frames", source or "?", self._pending)
 
+    def fire_frames(self, frames: int, source: str = "") -> None:
+        """Release exactly ``frames`` frames (the inspect command's ``count``)."""
+        with self._cv:
+            self._pending += int(frames)
+            self._cv.notify_all()
+        log.debug("trigger fired (%s): %d pending frames", source or "?", self._pending)
+
     @property
     def pending(self) -> int:
         with self._cv:

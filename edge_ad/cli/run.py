@@ -1,0 +1,161 @@
+"""``edge-ad run`` (the inspection loop) and ``edge-ad capture`` (collect normal frames)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from . import main
+
+
+def _settings_loader(config: str | None, overrides: list):
+    from ..config import load_settings
+
+    return lambda: load_settings(config, overrides)
+
+
+@main.command("run")
+@click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
+              help="TOML config file (default: $EDGE_AD_CONFIG). See examples/edge-ad.toml.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after inspecting N frames.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after S seconds.")
+@click.option("--bundle", default=None, help="Override model.bundle.")
+@click.option("--source", default=None, help="Override source.uri (e.g. file://clip.mp4?loop=1).")
+@click.option("--mode", type=click.Choice(["stream", "trigger"]), default=None, help="Override source.mode.")
+@click.option("--backend", default=None, help="Override model.backend (auto | onnxruntime | tensorrt | torch).")
+@click.option("--precision", default=None, help="Override model.precision (fp32 | fp16 | int8).")
+@click.option("--device", default=None, help="Override model.device (cpu | cuda[:N]).")
+@click.option("--mqtt-url", default=None, help="Override mqtt.url (mqtt://host:1883).")
+@click.option("--jsonl", default=None, help="Override output.jsonl (the result log; '' turns it off).")
+@click.option("--snapshots", default=None, help="Override output.snapshots_dir ('' turns snapshots off).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override any field, e.g. --set pipeline.max_batch=8 (repeatable).")
+@click.option("--print-config", is_flag=True, help="Print the validated settings (secrets hidden) and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON line.")
+def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precision, device, mqtt_url, jsonl,
+            snapshots, sets, print_config, as_json):
+    """Run the inspection loop: camera -> model -> OK/NG -> JSONL, snapshots, MQTT.
+
+    Settings come from the TOML file, then EDGE_AD_<SECTION>__<KEY> environment variables, then these
+    flags. An invalid config stops here, naming the field, before any camera is opened. SIGTERM / Ctrl-C
+    drain the queues, flush the outbox and publish the offline status. Exit codes: 0 ok, 2 bad input,
+    1 runtime failure (e.g. the camera was lost for good).
+    """
+    from ..config import ENV_CONFIG, load_settings, parse_set_option
+
+    config = config or os.environ.get(ENV_CONFIG) or None
+    overrides = []
+    for flag, path, value in (("--bundle", ["model", "bundle"], bundle), ("--source", ["source", "uri"], source),
+                              ("--mode", ["source", "mode"], mode), ("--backend", ["model", "backend"], backend),
+                              ("--precision", ["model", "precision"], precision),
+                              ("--device", ["model", "device"], device), ("--mqtt-url", ["mqtt", "url"], mqtt_url),
+                              ("--jsonl", ["output", "jsonl"], jsonl),
+                              ("--snapshots", ["output", "snapshots_dir"], snapshots)):
+        if value is not None:
+            overrides.append((path, value, flag))
+    overrides += [parse_set_option(s) for s in sets]
+    settings = load_settings(config, overrides)
+    if print_config:
+        click.echo(json.dumps(settings.redacted(), indent=2))
+        return
+    from ..runtime.service import Service
+
+    svc = Service(settings, max_frames=max_frames, duration=duration,
+                  reload_settings=_settings_loader(config, overrides) if config else None)
+    summary = svc.run()
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{summary['frames']} frames inspected ({summary['ng']} NG, {summary['dropped']} dropped) in "
+                   f"{summary['duration_s']:.1f} s, {summary['fps']:.1f} frames/s; stopped: {summary['reason']}")
+
+
+@main.command("capture")
+@click.option("--source", "source", required=True, help="Source URI (v4l2:///dev/video0, csi://0, rtsp://..., "
+                                                         "file://..., dir://..., synthetic://...).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for the frames.")
+@click.option("--frames", "count", required=True, type=click.IntRange(min=1), help="How many frames to save.")
+@click.option("--every", type=click.FloatRange(min=0), default=0.0,
+              help="Seconds between saved frames (live cameras: frames in between are read and discarded).")
+@click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
+              help="Take ROI and rotation (and reconnect settings) from this run config, so the frames "
+                   "match what the loop inspects.")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", help="Image format.")
+@click.option("--prefix", default="frame_", help="File name prefix.")
+def capture_cmd(source, out, count, every, config, fmt, prefix):
+    """Save N frames of a camera (or file) to a folder, e.g. normal parts to train or calibrate on."""
+    import cv2
+    from tqdm import tqdm
+
+    from ..errors import InputError
+    from ..runtime.capture import Camera
+    from ..runtime.pipeline import apply_roi_rotate
+    from ..runtime.sources import check_startup, open_source, parse_uri
+
+    spec = parse_uri(source)
+    check_startup(spec)
+    roi, rotate = None, 0
+    src_settings = None
+    if config:
+        from ..config import load_settings
+
+        s = load_settings(config, [(["source", "uri"], source, "--source")])
+        roi, rotate, src_settings = s.source.roi, s.source.rotate, s.source
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create the output folder ({exc.strerror})") from exc
+    stop = threading.Event()
+    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    kw = {}
+    if src_settings is not None:
+        kw = dict(reconnect=src_settings.reconnect, reconnect_attempts=src_settings.reconnect_attempts,
+                  backoff_initial_s=src_settings.backoff_initial_s, backoff_max_s=src_settings.backoff_max_s,
+                  watchdog_s=src_settings.watchdog_s)
+    src = open_source(spec, src_settings.open_timeout_s if src_settings else 10.0,
+                      src_settings.rtsp_transport if src_settings else "tcp")
+    cam = Camera(src, stop, on_event=lambda e: click.echo(f"{e['type']}: {e.get('reason', '')}", err=True), **kw)
+    saved = 0
+    last = 0.0
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpg" else []
+    try:
+        with tqdm(total=count, unit="frame", disable=None, desc="capture") as bar:
+            while saved < count and not stop.is_set():
+                if every and not src.live:
+                    wait = last + every - time.monotonic()
+                    if wait > 0 and stop.wait(wait):
+                        break
+                raw = cam.read()
+                if raw is None:
+                    break
+                now = time.monotonic()
+                if every and src.live and saved and now - last < every:
+                    continue
+                img = apply_roi_rotate(raw.image, roi, rotate)
+                ok, buf = cv2.imencode(f".{fmt}", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
+                if not ok:
+                    raise InputError(f"could not encode frame {raw.index} as {fmt}")
+                p = folder / f"{prefix}{saved:05d}.{fmt}"
+                tmp = p.with_name("." + p.name + ".tmp")
+                tmp.write_bytes(buf.tobytes())
+                os.replace(tmp, p)
+                saved += 1
+                last = now
+                bar.update(1)
+    finally:
+        cam.close()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    click.echo(f"saved {saved} frames to {folder}" + ("" if saved == count else f" (asked for {count}; the "
+                                                      "source ended or capture was interrupted)"))
+    if saved == 0:
+        sys.exit(1)

@@ -1,0 +1,149 @@
+"""The loop's MQTT command handlers (registered on :class:`edge_ad.mqtt.MqttLink`).
+
+Each handler takes the validated argument dict and returns a result dict; an
+:class:`~edge_ad.errors.EdgeADError` becomes an error reply. Handlers run on the link's command worker
+(one at a time), never on the inference thread: a long ``calibrate`` keeps the loop inspecting with the
+old calibration, and the new one is swapped in between two batches.
+
+=======================  ===========================================================================
+status                   pipeline, source, model, calibration, drift, outbox, settings (redacted)
+set_threshold            ``threshold`` [, ``persist`` = true: a new calibration version]
+inspect                  the decisions of the next ``count`` frames (trigger mode: releases them)
+snapshot                 a JPEG of the next frame with its heat map [, ``publish``, ``note``]
+pause / resume           stop / restart inspecting (cameras keep being read, frames are skipped)
+reload                   ``what`` = bundle (calibration or model changed on disk) | config | all
+calibrate                refit calibration on ``frames`` normal frames (live, or a ``source`` folder)
+rollback_calibration     put ``version`` (default: the previous one) back in force
+update_model             install a bundle archive (verified, checked on golden images), swap it in
+=======================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import TYPE_CHECKING
+
+from ..errors import InputError, RuntimeFailure
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
+COMMAND_NAMES = ("status", "set_threshold", "inspect", "snapshot", "pause", "resume", "reload", "calibrate",
+                 "rollback_calibration", "update_model")
+
+
+class Commands:
+    """Handlers bound to a running :class:`~edge_ad.runtime.service.Service`."""
+
+    def __init__(self, service: "Service", inspect_timeout_s: float = 30.0):
+        self.svc = service
+        self.inspect_timeout_s = float(inspect_timeout_s)
+        self._busy = threading.Lock()   # one calibration / model change at a time
+
+    def register(self, link) -> None:
+        for name in COMMAND_NAMES:
+            link.register_command(name, getattr(self, name))
+
+    # ------------------------------------------------------------------ read-only
+    def status(self, args: dict) -> dict:
+        return self.svc.status()
+
+    def inspect(self, args: dict) -> dict:
+        count = int(args.get("count", 1))
+        req = self._wait_frames(count, part_id=args.get("part_id"))
+        return {"count": len(req.results), "results": req.results}
+
+    def snapshot(self, args: dict) -> dict:
+        req = self._wait_frames(1, snapshot=True, publish=bool(args.get("publish", False)),
+                                note=str(args.get("note", "")), heatmap=args.get("heatmap"))
+        rec = req.results[0]
+        return {"snapshot": rec.get("snapshot"), "published": bool(args.get("publish", False)), "result": rec}
+
+    def _wait_frames(self, count: int, **kw):
+        pipe = self.svc.pipeline
+        if pipe.paused.is_set():
+            raise InputError("inspection is paused; send 'resume' first")
+        heatmap = kw.pop("heatmap", None)
+        req = pipe.inspect_request(count, **kw)
+        if heatmap is not None:
+            req.heatmap = bool(heatmap)
+        timeout = self.inspect_timeout_s + 0.5 * count
+        if not req.done.wait(timeout):
+            pipe.cancel_request(req)
+            cam = self.svc.camera.stats()
+            why = "the source is in an outage" if cam["in_outage"] else "no frame arrived"
+            raise RuntimeFailure(f"got {len(req.results)} of {count} frames within {timeout:g} s: {why} "
+                                 f"({cam['uri']})")
+        return req
+
+    # ------------------------------------------------------------------ state changes
+    def pause(self, args: dict) -> dict:
+        self.svc.pipeline.pause()
+        reason = str(args.get("reason", ""))
+        self.svc.event({"type": "paused", "reason": reason})
+        self.svc.update_birth(paused=True)
+        return {"paused": True}
+
+    def resume(self, args: dict) -> dict:
+        self.svc.pipeline.resume()
+        self.svc.event({"type": "resumed"})
+        self.svc.update_birth(paused=False)
+        return {"paused": False}
+
+    def set_threshold(self, args: dict) -> dict:
+        thr = float(args["threshold"])
+        if not math.isfinite(thr):
+            raise InputError(f"threshold {args['threshold']!r}: expected a finite number")
+        persist = bool(args.get("persist", True))
+        svc = self.svc
+        old = svc.effective_threshold()
+        if not persist:
+            svc.pipeline.threshold_override = thr
+            svc.event({"type": "threshold", "threshold": thr, "previous": old, "persisted": False})
+            return {"threshold": thr, "previous": old, "persisted": False}
+        with self._busy:
+            cal = svc.inspector.calibration
+            new = svc.bundle.write_calibration(cal.replace(version=0, created="", threshold=thr, policy="manual",
+                                                           source=f"set_threshold (was {cal.threshold:g})"))
+            svc.swap_calibration(new, reason="set_threshold")
+            svc.pipeline.threshold_override = None   # the calibration holds it now
+        return {"threshold": thr, "previous": old, "persisted": True, "calibration_version": new.version}
+
+    def rollback_calibration(self, args: dict) -> dict:
+        version = args.get("version")
+        with self._busy:
+            before = self.svc.inspector.calibration.version
+            cal = self.svc.rollback_calibration(int(version) if version is not None else None)
+        return {"version": cal.version, "previous_version": before, "threshold": cal.threshold,
+                "policy": cal.policy}
+
+    def calibrate(self, args: dict) -> dict:
+        svc = self.svc
+        n = int(args.get("frames", svc.settings.calibration.frames))
+        policy = str(args.get("policy", svc.settings.calibration.policy))
+        timeout = float(args.get("timeout_s", svc.settings.calibration.timeout_s))
+        source = args.get("source") or "live"
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeFailure("another calibration or model change is running; try again when it finished")
+        try:
+            return svc.calibrate(n, policy, source, timeout)
+        finally:
+            self._busy.release()
+
+    def reload(self, args: dict) -> dict:
+        what = str(args.get("what", "bundle"))
+        with self._busy:
+            return self.svc.reload(what)
+
+    def update_model(self, args: dict) -> dict:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeFailure("another calibration or model change is running; try again when it finished")
+        try:
+            return self.svc.update_model(args)
+        finally:
+            self._busy.release()
+

@@ -1,0 +1,426 @@
+"""The inspection pipeline: capture -> bounded queue -> inference -> bounded queue -> reporting.
+
+Three threads, each owning one stage:
+
+- **capture** reads the :class:`~edge_ad.runtime.capture.Camera`, applies ROI and rotation, and puts
+  frozen :class:`Frame` records on the frame queue. Stream mode: the queue's policy is ``drop_oldest``
+  (the newest frame wins; every frame pushed out is counted in ``dropped``). Trigger mode: ``block``
+  (nothing is dropped; the capture waits), and with a ``command`` / ``gpio`` / plug-in trigger only
+  frames released by the :class:`TriggerGate` are queued.
+- **inference** takes one frame, plus up to ``max_batch - 1`` more that already wait (batching only
+  when frames queue up, so a lone frame is never delayed), runs the Inspector, makes decisions
+  (regions for NG frames), and puts :class:`ResultItem` records on the result queue (``block``).
+- **reporting** (:class:`~edge_ad.runtime.reporting.Reporter`) writes the outbox, JSONL and snapshots.
+
+Stopping: ``request_stop()`` stops the capture, whose ``finally`` closes the frame queue; inference
+drains it and closes the result queue; reporting drains that. Nothing accepted into a queue is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .. import scoring
+from ..data.image import to_batch
+from ..errors import EdgeADError, InputError, RuntimeFailure
+from .capture import Camera
+from .decision import find_regions, upsample_one
+from .queues import STOP, BoundedQueue, DropPolicy
+from .records import Decision, Frame, ResultItem
+from .sources import SourceLost
+from .telemetry import LatencyWindow
+from .triggers import TriggerGate
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_ERRORS = 5
+
+
+def apply_roi_rotate(image: np.ndarray, roi: Optional[list[int]], rotate: int) -> np.ndarray:
+    """Crop ``roi`` = [x, y, w, h] (checked against the frame) then rotate clockwise by ``rotate``."""
+    import cv2
+
+    if roi:
+        x, y, w, h = roi
+        H, W = image.shape[:2]
+        if x + w > W or y + h > H:
+            raise InputError(f"source.roi {roi} reaches outside the {W}x{H} frame (x + width <= {W}, "
+                             f"y + height <= {H})")
+        image = image[y:y + h, x:x + w]
+    if rotate == 90:
+        image = cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+    elif rotate == 180:
+        image = cv2.rotate(image, cv2.ROTATE_180)
+    elif rotate == 270:
+        image = cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return np.ascontiguousarray(image)
+
+
+@dataclass
+class InspectRequest:
+    """An MQTT ``inspect`` waiting for the decisions of the next ``count`` frames."""
+
+    count: int
+    part_id: Optional[str] = None
+    snapshot: bool = False          # keep the image and map of these frames even when OK (snapshot command)
+    publish: bool = False           # and send the snapshot as an MQTT event with its JPEG
+    heatmap: Optional[bool] = None  # overlay the map on that snapshot (None: output.heatmap)
+    note: str = ""
+    t_created: float = field(default_factory=time.time)
+    assigned: int = 0
+    results: list = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def deliver(self, record: dict) -> None:
+        self.results.append(record)
+        if len(self.results) >= self.count:
+            self.done.set()
+
+
+@dataclass
+class FrameCollector:
+    """Collects the next ``count`` inspected frames (for recalibration from the live stream)."""
+
+    count: int
+    frames: list = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def offer(self, image: np.ndarray) -> None:
+        if len(self.frames) < self.count:
+            self.frames.append(image)
+            if len(self.frames) >= self.count:
+                self.done.set()
+
+
+class Pipeline:
+    def __init__(self, *, camera: Camera, inspector, reporter, mode: str = "stream",
+                 gate: TriggerGate | None = None, trigger: str = "stream", roi: Optional[list[int]] = None,
+                 rotate: int = 0, queue_size: int = 2, result_queue_size: int = 256, max_batch: int = 4,
+                 threshold: Optional[float] = None, min_region_area: int = 4, max_regions: int = 16,
+                 max_frames: Optional[int] = None, on_event: Callable[[dict], None] | None = None):
+        self.camera = camera
+        self._inspector = inspector
+        self.reporter = reporter
+        self.mode = str(getattr(mode, "value", mode))
+        self.gate = gate
+        self.trigger = trigger if self.mode == "trigger" else "stream"
+        self.gated = self.mode == "trigger" and trigger != "frame"
+        self.roi = roi
+        self.rotate = int(rotate)
+        self.max_batch = int(max_batch)
+        self.threshold_override = threshold
+        self.min_region_area = int(min_region_area)
+        self.max_regions = int(max_regions)
+        self.max_frames = int(max_frames) if max_frames else None
+        self.on_event = on_event or (lambda e: None)
+        policy = DropPolicy.DROP_OLDEST if self.mode == "stream" else DropPolicy.BLOCK
+        self.frames: BoundedQueue[Frame] = BoundedQueue(queue_size, policy, "frames")
+        self.results: BoundedQueue[ResultItem] = BoundedQueue(result_queue_size, DropPolicy.BLOCK, "results")
+        self.stop_capture = threading.Event()
+        self.paused = threading.Event()
+        self.finished = threading.Event()
+        self.latency = {k: LatencyWindow() for k in ("capture", "queue", "preprocess", "infer", "score", "total")}
+        self._swap_lock = threading.Lock()
+        self._req_lock = threading.Lock()
+        self._requests: list[InspectRequest] = []
+        self._collectors: list[FrameCollector] = []
+        self._threads: list[threading.Thread] = []
+        self.error: BaseException | None = None
+        self.end_reason = ""
+        # counters
+        self.captured = 0          # frames accepted into the frame queue (or dropped from it)
+        self.inspected = 0
+        self.skipped_untriggered = 0
+        self.skipped_paused = 0
+        self.discarded_at_stop = 0
+        self.inference_errors = 0
+        self.batches = 0
+        self.last_frame_image: Optional[np.ndarray] = None
+        self.started_at = 0.0
+
+    # ------------------------------------------------------------------ public
+    @property
+    def inspector(self):
+        return self._inspector
+
+    def set_inspector(self, inspector) -> None:
+        """Swap the inspector (a new model) between two batches."""
+        with self._swap_lock:
+            self._inspector = inspector
+
+    @property
+    def dropped(self) -> int:
+        return self.frames.dropped
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        for name, target in (("capture", self._capture_loop), ("inference", self._inference_loop),
+                             ("reporting", self._report_loop)):
+            t = threading.Thread(target=target, name=f"edge-ad-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        if not self.stop_capture.is_set():
+            self.end_reason = self.end_reason or reason
+            self.stop_capture.set()
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout: float = 30.0) -> bool:
+        """Wait for the queues to drain; True when every thread finished within ``timeout`` s.
+
+        A capture stuck in a read (a stalled camera) does not hold up the drain: after a short grace the
+        frame queue is closed here, so inference and reporting finish what was accepted.
+        """
+        deadline = time.monotonic() + timeout
+        cap = self._threads[0] if self._threads else None
+        if cap is not None:
+            cap.join(timeout=min(2.0, timeout))
+            if cap.is_alive():
+                log.warning("capture is blocked in a read; draining what was captured without it")
+                self.frames.close()
+        for t in self._threads[1:]:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads[1:])
+
+    def pause(self) -> None:
+        self.paused.set()
+
+    def resume(self) -> None:
+        self.paused.clear()
+
+    def inspect_request(self, count: int = 1, part_id: str | None = None, snapshot: bool = False,
+                        publish: bool = False, note: str = "") -> InspectRequest:
+        """Register an inspect request: the next ``count`` inspected frames are delivered to it. In a
+        gated trigger mode it also releases ``count`` frames."""
+        req = InspectRequest(int(count), part_id, bool(snapshot), bool(publish), note)
+        with self._req_lock:
+            self._requests.append(req)
+        if self.gated and self.gate is not None:
+            self.gate.fire_frames(req.count, source="inspect command")
+        return req
+
+    def cancel_request(self, req: InspectRequest) -> None:
+        with self._req_lock:
+            if req in self._requests:
+                self._requests.remove(req)
+
+    def collect_frames(self, count: int) -> FrameCollector:
+        c = FrameCollector(int(count))
+        with self._req_lock:
+            self._collectors.append(c)
+        if self.gated and self.gate is not None:
+            self.gate.fire_frames(c.count, source="calibrate command")
+        return c
+
+    def cancel_collector(self, c: FrameCollector) -> None:
+        with self._req_lock:
+            if c in self._collectors:
+                self._collectors.remove(c)
+
+    def stats(self) -> dict[str, Any]:
+        return {"mode": self.mode, "trigger": self.trigger, "captured": self.captured, "inspected": self.inspected,
+                "dropped": self.frames.dropped, "skipped_untriggered": self.skipped_untriggered,
+                "skipped_paused": self.skipped_paused, "discarded_at_stop": self.discarded_at_stop,
+                "inference_errors": self.inference_errors, "batches": self.batches,
+                "paused": self.paused.is_set(),
+                "queues": {"frames": len(self.frames), "frames_max": self.frames.maxsize,
+                           "frames_high_water": self.frames.high_water, "results": len(self.results),
+                           "results_max": self.results.maxsize, "results_high_water": self.results.high_water,
+                           "frames_policy": self.frames.policy.value},
+                "pending_triggers": self.gate.pending if self.gate is not None else 0}
+
+    # ------------------------------------------------------------------ capture thread
+    def _fail(self, exc: BaseException, where: str) -> None:
+        if self.error is None:
+            self.error = exc
+        log.error("%s: %s", where, exc)
+        self.request_stop(f"{where} failed")
+
+    def _capture_loop(self) -> None:
+        cam = self.camera
+        live = cam.source.live
+        try:
+            while not self.stop_capture.is_set():
+                if self.paused.is_set() and not live:
+                    self.stop_capture.wait(0.05)
+                    continue
+                if self.gated and not live and not self.gate.wait(0.1):
+                    continue   # a file or folder is read one triggered frame at a time
+                if self.max_frames and self.mode == "trigger" and self.captured >= self.max_frames:
+                    break
+                t0 = time.perf_counter()
+                raw = cam.read()
+                t1 = time.perf_counter()
+                if raw is None:
+                    if not self.stop_capture.is_set():
+                        self.end_reason = self.end_reason or "end of stream"
+                    break
+                if self.paused.is_set():
+                    self.skipped_paused += 1
+                    continue
+                if self.gated and not self.gate.take():
+                    self.skipped_untriggered += 1
+                    continue
+                image = apply_roi_rotate(raw.image, self.roi, self.rotate)
+                frame = Frame(seq=self.captured, image=image, source_index=raw.index, t_wall=time.time(),
+                              t_captured=t1, capture_ms=(t1 - t0) * 1000.0, trigger=self.trigger,
+                              truth=raw.truth)
+                if self.frames.put(frame, cancel=self.stop_capture):
+                    self.captured += 1
+        except SourceLost as exc:
+            self._fail(exc, "capture")
+        except EdgeADError as exc:
+            self._fail(exc, "capture")
+        except Exception as exc:  # a bug must stop the loop with a message, not hang it
+            log.exception("capture thread crashed")
+            self._fail(RuntimeFailure(f"capture: {type(exc).__name__}: {exc}"), "capture")
+        finally:
+            self.frames.close()
+            cam.close()
+
+    # ------------------------------------------------------------------ inference thread
+    def _inference_loop(self) -> None:
+        consecutive = 0
+        try:
+            while True:
+                got = self.frames.get_batch(self.max_batch, timeout=0.5)
+                if got is STOP:
+                    break
+                if not got:
+                    continue
+                if self.max_frames is not None:
+                    room = self.max_frames - self.inspected
+                    if room <= 0:
+                        self.discarded_at_stop += len(got)
+                        self.request_stop("max frames reached")
+                        continue
+                    if len(got) > room:
+                        self.discarded_at_stop += len(got) - room
+                        got = got[:room]
+                try:
+                    items = self._infer(got)
+                    consecutive = 0
+                except InputError:
+                    raise
+                except Exception as exc:
+                    consecutive += 1
+                    self.inference_errors += 1
+                    log.exception("inference failed on a batch of %d frames", len(got))
+                    self.on_event({"type": "inference_error", "error": f"{type(exc).__name__}: {exc}",
+                                   "frames": len(got)})
+                    if consecutive >= MAX_CONSECUTIVE_ERRORS:
+                        raise RuntimeFailure(f"inference failed {consecutive} times in a row; last error: "
+                                             f"{type(exc).__name__}: {exc}") from exc
+                    continue
+                for it in items:
+                    self.results.put(it)
+                self.inspected += len(items)
+                if self.max_frames is not None and self.inspected >= self.max_frames:
+                    self.request_stop("max frames reached")
+        except EdgeADError as exc:
+            self._fail(exc, "inference")
+        except Exception as exc:
+            log.exception("inference thread crashed")
+            self._fail(RuntimeFailure(f"inference: {type(exc).__name__}: {exc}"), "inference")
+        finally:
+            # whatever is still queued after a failure is counted, never silently lost
+            left = self.frames.drain_all()
+            self.frames.close()
+            self.discarded_at_stop += len(left)
+            self.results.close()
+
+    def _infer(self, frames: list[Frame]) -> list[ResultItem]:
+        with self._swap_lock:
+            insp = self._inspector
+        t_deq = time.perf_counter()
+        t0 = time.perf_counter()
+        size = tuple(insp.image_size)
+        batch = to_batch([f.image for f in frames], size)
+        t1 = time.perf_counter()
+        outputs = insp.raw_outputs(batch)
+        t2 = time.perf_counter()
+        cal = insp.calibration                     # one calibration for the whole batch
+        scored = scoring.score(insp.head(outputs, cal), cal)
+        threshold = float(self.threshold_override) if self.threshold_override is not None else float(cal.threshold)
+        backend = insp.backend
+        bname = getattr(backend, "name", type(backend).__name__)
+        prec = getattr(backend, "precision", "")
+        model_hash = insp.model_hash
+        items = []
+        n = len(frames)
+        with self._req_lock:
+            requests = [r for r in self._requests]
+            collectors = list(self._collectors)
+        for i, f in enumerate(frames):
+            s = float(scored.scores[i])
+            ng = s > threshold
+            regions = ()
+            full = None
+            h, w = f.image.shape[:2]
+            extra, request = {}, None
+            for r in requests:
+                if r.assigned < r.count and f.t_wall >= r.t_created - 0.001:
+                    r.assigned += 1
+                    request = r
+                    if r.part_id:
+                        extra["part_id"] = r.part_id
+                    break
+            keep = ng or (request is not None and request.snapshot)
+            if keep:
+                full = upsample_one(scored.combined[i], (h, w))
+            if ng:
+                regions = find_regions(full, threshold, self.min_region_area, self.max_regions)
+            for c in collectors:
+                c.offer(f.image)
+            t_dec = time.perf_counter()
+            stages = {"capture": f.capture_ms, "queue": (t_deq - f.t_captured) * 1000.0,
+                      "preprocess": (t1 - t0) * 1000.0, "infer": (t2 - t1) * 1000.0,
+                      "score": (t_dec - t2) * 1000.0}
+            total = f.capture_ms + (t_dec - f.t_captured) * 1000.0
+            d = Decision(id=uuid.uuid4().hex, seq=f.seq, source_index=f.source_index, ts=f.t_wall, score=s,
+                         threshold=threshold, ng=bool(ng), calibration_version=int(cal.version),
+                         model_hash=model_hash, backend=bname, precision=prec, image_size=(h, w),
+                         stages_ms=stages, latency_ms=total, batch=n, trigger=f.trigger, regions=regions,
+                         truth=f.truth, extra=extra)
+            items.append(ResultItem(d, f.image if keep else None, full, t_dec, request))
+            for k, v in stages.items():
+                self.latency[k].add(v)
+            self.latency["total"].add(total)
+        with self._req_lock:
+            self._requests = [r for r in self._requests if r.assigned < r.count]
+            self._collectors = [c for c in self._collectors if not c.done.is_set()]
+        self.last_frame_image = frames[-1].image
+        self.batches += 1
+        return items
+
+    # ------------------------------------------------------------------ reporting thread
+    def _report_loop(self) -> None:
+        try:
+            while True:
+                item = self.results.get(timeout=0.5)
+                if item is STOP:
+                    break
+                if item is None:
+                    continue
+                self.reporter.report(item)
+        except EdgeADError as exc:
+            self._fail(exc, "reporting")
+        except Exception as exc:
+            log.exception("reporting thread crashed")
+            self._fail(RuntimeFailure(f"reporting: {type(exc).__name__}: {exc}"), "reporting")
+        finally:
+            self.results.close()
+            left = self.results.drain_all()
+            if left:  # reporting failed: say how many decisions never reached an output
+                log.error("%d decisions were not reported because reporting failed", len(left))
+            self.finished.set()

