@@ -1,0 +1,342 @@
+"""Remote commands: ``cmd/<name>`` in, one reply out. Parsing, authorization, argument schemas, dispatch.
+
+A command payload is a JSON object: the command's arguments plus a few reserved fields (``ts``,
+``client_id``, ``reply_to``, ``correlation_id``); an empty payload means no arguments. The arguments
+are checked against ``edge_ad/schemas/cmd.<name>.schema.json`` and handed to the handler the runtime
+registered (``handler(args: dict) -> dict``). Every command gets exactly one reply; a malformed,
+unknown, unauthorized or failing command gets an error reply (and a log line) and never stops anything.
+
+Where the reply goes: the MQTT v5 response topic with the request's correlation data; else the payload's
+``reply_to`` with its ``correlation_id`` echoed (MQTT 3.1.1); else ``edge-ad/v1/<site>/<device>/reply/<name>``.
+
+Authorization applies to the commands that change state (:data:`STATE_CHANGING`; all commands with
+``command_auth_all``):
+
+* **allow-list** (``command_clients``): the requester's id is taken from the v5 user property
+  ``client_id``, else the payload field ``client_id``. Receivers cannot see a publisher's MQTT client id,
+  so this is a self-declared name that guards against mistakes, not attackers: use the HMAC and broker
+  ACLs for that.
+* **HMAC** (``command_secret``): ``hex(HMAC-SHA256(secret, payload bytes))`` in the v5 user property
+  ``hmac-sha256``, or the signed form ``{"signed": "<payload JSON text>", "hmac-sha256": "<hex>"}`` (any
+  protocol). A signed payload must carry ``ts`` (unix seconds or RFC 3339) within ``command_max_skew_s``
+  of the device's clock, and a signature is accepted once (replays are refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ..errors import EdgeADError, InputError
+from . import payloads, schema
+from .settings import MqttSettings
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("status", "calibrate", "rollback_calibration", "set_threshold", "inspect", "snapshot", "pause",
+            "resume", "reload", "update_model")
+STATE_CHANGING = frozenset({"calibrate", "rollback_calibration", "set_threshold", "pause", "resume", "reload",
+                            "update_model"})
+RESERVED = ("ts", "client_id", "reply_to", "correlation_id")
+HMAC_KEY = "hmac-sha256"
+Handler = Callable[[dict], "Mapping[str, Any] | None"]
+
+
+class CommandError(Exception):
+    """A command refused or failed; ``code`` is one of the reply schema's error codes."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def sign(secret: str | bytes, data: bytes) -> str:
+    """Hex HMAC-SHA256 of ``data`` under ``secret`` (what a requester puts in ``hmac-sha256``)."""
+    key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    return hmac.new(key, bytes(data), hashlib.sha256).hexdigest()
+
+
+def signed_envelope(secret: str | bytes, payload: bytes) -> bytes:
+    """The signed form of a payload, for requesters without v5 user properties."""
+    return payloads.encode({"signed": bytes(payload).decode("utf-8"), HMAC_KEY: sign(secret, payload)})
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A command message as it came off the wire (the network thread builds this and nothing more)."""
+
+    name: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: Mapping[str, str] = field(default_factory=dict)
+    received: float = field(default_factory=time.time)
+
+
+@dataclass
+class Reply:
+    topic: str
+    body: dict
+    correlation_data: bytes | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.body.get("ok"))
+
+
+@dataclass
+class Spec:
+    name: str
+    handler: Handler | None
+    schema_name: str | None
+    validator: Any          # a jsonschema validator, or None: any JSON object is accepted
+    changes_state: bool
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_object(data: bytes, what: str) -> dict:
+    text = bytes(data).decode("utf-8")      # UnicodeDecodeError is a ValueError
+    if not text.strip():
+        return {}
+    obj = json.loads(text, parse_constant=_reject_constant)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} is a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
+class Dispatcher:
+    """Turns an :class:`Incoming` into a :class:`Reply`. No network here: the link publishes replies."""
+
+    def __init__(self, settings: MqttSettings, topics: Topics, clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.topics = topics
+        self.clock = clock
+        self._specs: dict[str, Spec] = {}
+        self._seen: dict[str, float] = {}       # accepted signatures -> when they may be forgotten
+        self.handled = 0
+        self.errors = 0
+        for name in COMMANDS:
+            self._specs[name] = Spec(name, None, f"cmd.{name}", schema.validator(f"cmd.{name}"),
+                                     name in STATE_CHANGING)
+
+    # ------------------------------------------------------------------ registry
+    def register(self, name: str, handler: Handler, schema_name: str | dict | None = None,
+                 changes_state: bool | None = None) -> None:
+        """Attach ``handler`` to command ``name``. The ten standard commands keep their shipped schemas;
+        another name needs ``schema_name`` (a shipped schema name or a schema dict) or takes any object."""
+        if not callable(handler):
+            raise InputError(f"command '{name}': handler {handler!r} is not callable")
+        if not name or any(c in name for c in "/+#"):
+            raise InputError(f"command name '{name}': expected one topic level, no '/', '+' or '#'")
+        old = self._specs.get(name)
+        if old is not None and schema_name is None:
+            sname, validator = old.schema_name, old.validator
+        elif isinstance(schema_name, dict):
+            sname, validator = None, schema.validator_for(schema_name)
+        elif schema_name is not None:
+            sname, validator = schema_name, schema.validator(schema_name)
+        else:
+            sname, validator = None, None
+        if changes_state is None:
+            changes_state = old.changes_state if old is not None else True
+        self._specs[name] = Spec(name, handler, sname, validator, bool(changes_state))
+
+    def has_handler(self, name: str) -> bool:
+        spec = self._specs.get(name)
+        return spec is not None and spec.handler is not None
+
+    def names(self) -> list[str]:
+        return sorted(n for n, s in self._specs.items() if s.handler is not None)
+
+    # ------------------------------------------------------------------ routing
+    def route(self, msg: Incoming) -> tuple[str, bytes | None, str | None]:
+        """(reply topic, correlation data, correlation id) for ``msg``, even when it is malformed."""
+        obj = None
+        try:
+            obj = _parse_object(msg.payload, "payload")
+            if isinstance(obj.get("signed"), str):
+                obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload")
+        except ValueError:
+            obj = None
+        reply_to = msg.response_topic
+        if not reply_to and obj is not None:
+            candidate = obj.get("reply_to")
+            if isinstance(candidate, str) and candidate and not any(c in candidate for c in "+#"):
+                reply_to = candidate
+        corr_id = obj.get("correlation_id") if obj is not None else None
+        if not isinstance(corr_id, str):
+            corr_id = None
+        return reply_to or self.topics.reply(msg.name), msg.correlation_data, corr_id
+
+    def error_reply(self, msg: Incoming, code: str, message: str) -> Reply:
+        topic, corr, corr_id = self.route(msg)
+        self.errors += 1
+        return Reply(topic, self._body(msg.name, False, corr_id, error={"code": code, "message": message}), corr)
+
+    def _body(self, name: str, ok: bool, corr_id: str | None, result: dict | None = None,
+              error: dict | None = None) -> dict:
+        body = {"schema_version": payloads.SCHEMA_VERSION, "ts": payloads.now_iso(), "site": self.topics.site,
+                "device": self.topics.device, "command": name, "ok": ok}
+        if corr_id is not None:
+            body["correlation_id"] = corr_id
+        if ok:
+            body["result"] = result if result is not None else {}
+        else:
+            body["error"] = error
+        return body
+
+    # ------------------------------------------------------------------ handling
+    def handle(self, msg: Incoming) -> Reply:
+        """Parse, authorize, validate, run. Always returns a reply; never raises."""
+        topic, corr, corr_id = self.route(msg)
+        try:
+            spec, args, who = self._admit(msg)
+            result = self._run(spec, args)
+        except CommandError as exc:
+            self.errors += 1
+            log.warning("command %s from %s refused: %s: %s", msg.name, self._claimed(msg) or "?", exc.code,
+                        exc.message)
+            return Reply(topic, self._body(msg.name, False, corr_id, error={"code": exc.code, "message": exc.message}),
+                         corr)
+        self.handled += 1
+        log.info("command %s from %s: ok", msg.name, who or "?")
+        return Reply(topic, self._body(msg.name, True, corr_id, result=result), corr)
+
+    def _claimed(self, msg: Incoming) -> str | None:
+        who = msg.user_properties.get("client_id")
+        if who:
+            return who
+        try:
+            obj = _parse_object(msg.payload, "payload")
+            if isinstance(obj.get("signed"), str):
+                obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload")
+        except ValueError:
+            return None
+        who = obj.get("client_id")
+        return who if isinstance(who, str) else None
+
+    def _admit(self, msg: Incoming) -> tuple[Spec, dict, str | None]:
+        try:
+            obj = _parse_object(msg.payload, "payload")
+        except ValueError as exc:
+            raise CommandError("malformed", f"cmd/{msg.name}: payload is not a JSON object ({exc})") from None
+        signature = msg.user_properties.get(HMAC_KEY)
+        signed_bytes = bytes(msg.payload)
+        problems = schema.errors("command", obj)
+        if problems:
+            raise CommandError("malformed", f"cmd/{msg.name}: " + "; ".join(problems))
+        if "signed" in obj:
+            extra = sorted(set(obj) - {"signed", HMAC_KEY})
+            if extra:
+                raise CommandError("malformed", f"cmd/{msg.name}: the signed form holds only 'signed' and "
+                                                f"'{HMAC_KEY}', not {', '.join(extra)}")
+            signature = obj[HMAC_KEY]
+            signed_bytes = obj["signed"].encode("utf-8")
+            try:
+                obj = _parse_object(signed_bytes, "signed payload")
+            except ValueError as exc:
+                raise CommandError("malformed", f"cmd/{msg.name}: 'signed' is not a JSON object ({exc})") from None
+            problems = schema.errors("command", obj)
+            if problems or "signed" in obj:
+                raise CommandError("malformed", f"cmd/{msg.name}: signed payload: "
+                                                + ("; ".join(problems) or "nested 'signed'"))
+        spec = self._specs.get(msg.name)
+        if spec is None:
+            known = ", ".join(sorted(self._specs))
+            raise CommandError("unknown_command", f"unknown command '{msg.name}': expected one of {known}")
+        who = msg.user_properties.get("client_id") or (obj.get("client_id") if isinstance(obj.get("client_id"), str)
+                                                       else None)
+        if spec.changes_state or self.settings.command_auth_all:
+            self._authorize(msg, obj, who, signature, signed_bytes)
+        args = {k: v for k, v in obj.items() if k not in RESERVED}
+        if spec.validator is not None:
+            problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '(args)'}: {e.message}"
+                        for e in spec.validator.iter_errors(args)]
+            if problems:
+                raise CommandError("invalid_args", f"{msg.name}: " + "; ".join(problems))
+        if spec.handler is None:
+            raise CommandError("not_available", f"command '{msg.name}' has no handler on this device")
+        return spec, args, who
+
+    def _authorize(self, msg: Incoming, obj: dict, who: str | None, signature: str | None,
+                   signed_bytes: bytes) -> None:
+        allow = self.settings.command_clients
+        if allow is not None and who not in allow:
+            raise CommandError("unauthorized", f"{msg.name}: client id {who!r} is not in the allow-list "
+                                               "(v5 user property or payload field 'client_id')")
+        secret = self.settings.command_secret
+        if secret is None:
+            return
+        if not signature:
+            raise CommandError("unauthorized", f"{msg.name} changes state and needs an HMAC-SHA256 signature "
+                                               f"('{HMAC_KEY}' user property or the signed form)")
+        expected = sign(secret.get_secret_value(), signed_bytes)
+        if not hmac.compare_digest(expected, str(signature).lower()):
+            raise CommandError("unauthorized", f"{msg.name}: bad HMAC-SHA256 signature")
+        sent = payloads.parse_time(obj.get("ts"))
+        if sent is None:
+            raise CommandError("unauthorized", f"{msg.name}: a signed command needs 'ts' (unix seconds or RFC 3339)")
+        now = self.clock()
+        skew = self.settings.command_max_skew_s
+        if abs(now - sent) > skew:
+            raise CommandError("unauthorized", f"{msg.name}: 'ts' is {now - sent:+.0f} s from the device clock "
+                                               f"(accepted: within {skew:g} s)")
+        for sig, until in list(self._seen.items()):
+            if until < now:
+                del self._seen[sig]
+        key = str(signature).lower()
+        if key in self._seen:
+            raise CommandError("unauthorized", f"{msg.name}: this signed command was already received (replay)")
+        if len(self._seen) >= 100_000:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[key] = now + 2 * skew
+
+    def _run(self, spec: Spec, args: dict) -> dict:
+        try:
+            out = spec.handler(args)
+        except EdgeADError as exc:
+            raise CommandError("failed", f"{spec.name}: {exc}") from None
+        except Exception as exc:  # a handler bug must not stop the command loop
+            log.exception("command %s: handler raised", spec.name)
+            raise CommandError("internal", f"{spec.name}: {type(exc).__name__}: {exc}") from None
+        if out is None:
+            return {}
+        if not isinstance(out, Mapping):
+            raise CommandError("internal", f"{spec.name}: handler returned {type(out).__name__}, expected a dict")
+        out = dict(out)
+        try:
+            payloads.encode(out, f"{spec.name} result")
+        except InputError as exc:
+            raise CommandError("internal", str(exc)) from None
+        return out
+
+
+class CommandQueue:
+    """Bounded queue between the network thread (producer) and the command worker (consumer)."""
+
+    def __init__(self, size: int):
+        self._q: queue.Queue = queue.Queue(maxsize=size)
+
+    def offer(self, msg: Incoming | None) -> bool:
+        try:
+            self._q.put_nowait(msg)
+            return True
+        except queue.Full:
+            return False
+
+    def close(self) -> None:
+        self._q.put(None)
+
+    def get(self, timeout: float | None = None) -> Incoming | None:
+        return self._q.get(timeout=timeout)

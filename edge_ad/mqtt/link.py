@@ -1,0 +1,563 @@
+"""The device's MQTT link: results and events through the outbox, telemetry, status, commands.
+
+Threads:
+
+* the caller (the inspection loop): ``publish_result`` / ``publish_event`` write to the SQLite outbox and
+  return; that write is the only synchronous step, nothing waits on the network.
+* paho's network thread (``loop_start``): connects with back-off, keeps the session alive, calls the
+  ``on_*`` callbacks, which only record facts and wake the sender (``on_connect`` also subscribes and
+  publishes the birth, calibration and discovery messages).
+* the sender: hands outbox messages to paho, at most ``inflight_window`` unacknowledged at a time and
+  in outbox order, deletes them when their PUBACK arrives, publishes telemetry and status updates.
+  Messages handed to paho before a disconnect are re-sent by paho after the reconnect (with DUP); a
+  new process sends everything left in the outbox from the start.
+* the command worker: runs one command at a time and publishes its reply.
+
+Delivery is at least once: a message whose PUBACK was lost (a cut between the broker's ack and ours, a
+kill before the ack was recorded) is sent again. Consumers de-duplicate on the ``id`` field.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from .. import __version__
+from ..errors import InputError, RuntimeFailure
+from . import homeassistant, payloads, schema
+from .client import connect_async, make_client, reason_failed, reason_text
+from .commands import CommandQueue, Dispatcher, Handler, Incoming
+from .outbox import Outbox, Row
+from .settings import MqttSettings, Protocol
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+AckListener = Callable[[str, "str | None", float, float], None]   # (kind, msg_id, created, acked) unix s
+
+
+@dataclass
+class _Inflight:
+    row_id: int
+    kind: str
+    msg_id: str | None
+    created: float
+    sent: float          # monotonic
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    return ordered[k]
+
+
+class MqttLink:
+    """One device's connection to the broker. Safe to call from any thread.
+
+    ``ack_listener(kind, msg_id, created, acked)`` (optional) is called from the sender thread for every
+    outbox message the broker acknowledged; benchmarks use it to time publish -> PUBACK.
+    """
+
+    def __init__(self, settings: MqttSettings, birth: Mapping[str, Any] | None = None, *,
+                 ack_listener: AckListener | None = None):
+        if not isinstance(settings, MqttSettings):
+            raise InputError(f"MqttLink needs MqttSettings, got {type(settings).__name__}")
+        self.settings = settings
+        self.topics = Topics(settings.site, settings.device)
+        self.outbox = Outbox(settings.effective_outbox_path, settings.outbox_max_messages,
+                             settings.outbox_max_bytes, settings.outbox_sync)
+        self.dispatcher = Dispatcher(settings, self.topics)
+        self.dispatcher.register("status", self._status_command, changes_state=False)
+        self._ack_listener = ack_listener
+        self._birth: dict[str, Any] = dict(birth or {})
+        self._calibration: bytes | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._acks: queue.SimpleQueue = queue.SimpleQueue()
+        self._telemetry: collections.deque = collections.deque(maxlen=8)
+        self._retained_dirty = False          # birth / calibration changed since last published
+        self._inflight: dict[int, _Inflight] = {}
+        self._cursor = 0                      # highest outbox row id handed to paho
+        self._connected = False
+        self._connected_at = 0.0
+        self._started = False
+        self._stopping = False
+        self._stopped = False
+        self._client: paho.Client | None = None
+        self._sender: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._commands = CommandQueue(settings.command_queue)
+        self._latency_ms: collections.deque = collections.deque(maxlen=10_000)
+        self._last_image = float("-inf")
+        self._started_iso = payloads.now_iso()
+        self._counters = collections.Counter()
+        self._last_error: str | None = None
+        self._resend_after = max(60.0, 2.0 * settings.keepalive_s)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "MqttLink":
+        """Start connecting in the background (``connect_async`` + ``loop_start``); returns at once,
+        whether or not a broker is reachable."""
+        with self._lock:
+            if self._started:
+                return self
+            if self._stopped:
+                raise RuntimeFailure("MqttLink was stopped; make a new one")
+            self._started = True
+        s = self.settings
+        client = make_client(s, s.effective_client_id, persistent=True, max_inflight=s.inflight_window)
+        client.will_set(self.topics.status, self._status_bytes("offline", "will"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self._client = client
+        connect_async(client, s, clean_start=False, session_expiry_s=s.session_expiry_s)
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+        self._worker = threading.Thread(target=self._command_loop, name="mqtt-commands", daemon=True)
+        self._sender.start()
+        self._worker.start()
+        client.loop_start()
+        log.info("mqtt: connecting to %s as %s (outbox %s, %d waiting)", s.safe_url, s.effective_client_id,
+                 self.outbox.path, self.outbox.depth)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush what can be flushed within ``timeout`` s, publish the ``offline`` status, disconnect.
+        Whatever is still in the outbox stays there for the next start."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopping = True
+        t0 = time.monotonic()
+        deadline = t0 + max(0.0, timeout)
+        if self._started:
+            while time.monotonic() < deadline:
+                if self.outbox.depth == 0 and not self._inflight:
+                    break
+                if not self._connected and time.monotonic() - t0 > min(2.0, timeout):
+                    break       # broker unreachable: the backlog waits in the outbox for the next start
+                self._wake.set()
+                time.sleep(0.02)
+            self._commands.close()
+            if self._worker is not None:
+                self._worker.join(timeout=max(0.5, deadline - time.monotonic()))
+            client = self._client
+            if self._connected and client is not None:
+                info = client.publish(self.topics.status, self._status_bytes("offline", "stopped"), qos=1,
+                                      retain=True)
+                try:
+                    info.wait_for_publish(timeout=max(0.5, deadline - time.monotonic()))
+                except (RuntimeError, ValueError):
+                    pass
+            with self._lock:
+                self._stopped = True
+            self._wake.set()
+            if self._sender is not None:
+                self._sender.join(timeout=5.0)
+            if client is not None:
+                client.disconnect()
+                client.loop_stop()
+            self._drain_acks()
+        with self._lock:
+            self._stopped = True
+        self.outbox.close()
+        log.info("mqtt: stopped (%d messages left in the outbox)", self.outbox.depth)
+
+    def __enter__(self) -> "MqttLink":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ publishing (any thread)
+    def publish_result(self, payload: Mapping[str, Any]) -> str:
+        """Store a result in the outbox (QoS 1 on ``result``); returns its id. Adds ``schema_version``,
+        ``id`` (kept if given), ``seq``, ``ts`` (kept if given), ``site`` and ``device``."""
+        return self._store("result", self.topics.result, payload)
+
+    def publish_event(self, payload: Mapping[str, Any], jpeg: bytes | None = None) -> str:
+        """Store an NG event (QoS 1 on ``event``); returns its id. ``jpeg`` (encoded image bytes) follows
+        on ``event/image`` at most once per ``image_min_interval_s``; the event says whether it was sent
+        (``image``) or why not (``image_skipped``)."""
+        extra: dict[str, Any] = {}
+        image = None
+        if jpeg is not None:
+            data = bytes(jpeg)
+            now = time.monotonic()
+            if len(data) > self.settings.image_max_bytes:
+                extra = {"image": None, "image_skipped": "too_large"}
+            elif now - self._last_image < self.settings.image_min_interval_s:
+                extra = {"image": None, "image_skipped": "rate_limited"}
+                self._counters["images_skipped"] += 1
+            else:
+                self._last_image = now
+                image = data
+                extra = {"image": {"topic": self.topics.event_image, "bytes": len(data),
+                                   "sha256": hashlib.sha256(data).hexdigest(), "content_type": "image/jpeg"}}
+        fields = {"type": "ng", **dict(payload), **extra} if isinstance(payload, Mapping) else payload
+        event_id = self._store("event", self.topics.event, fields)
+        if image is not None:
+            self.outbox.put("image", self.topics.event_image, image, msg_id=event_id,
+                            meta={"event_id": event_id})
+            self._wake.set()
+        return event_id
+
+    def publish_telemetry(self, payload: Mapping[str, Any]) -> None:
+        """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state."""
+        self._check_open()
+        if not isinstance(payload, Mapping):
+            raise InputError(f"telemetry payload must be a mapping, got {type(payload).__name__}")
+        body = {"schema_version": payloads.SCHEMA_VERSION, "ts": payloads.now_iso(), "site": self.settings.site,
+                "device": self.settings.device, **dict(payload)}
+        outbox = {"depth": self.outbox.depth, "bytes": self.outbox.bytes, "dropped": self.outbox.dropped,
+                  "connected": self._connected, "inflight": len(self._inflight)}
+        if isinstance(body.get("outbox"), Mapping):
+            outbox = {**dict(body["outbox"]), **outbox}
+        body["outbox"] = outbox
+        data = payloads.encode(body, "telemetry")
+        self._maybe_validate("telemetry", body)
+        self._telemetry.append(data)
+        self._wake.set()
+
+    def publish_calibration(self, calibration: Any) -> None:
+        """Publish the calibration in force (retained; re-published on every connect). Accepts a
+        :class:`edge_ad.scoring.Calibration` or its ``to_dict()``. Also updates the birth message's
+        ``calibration_version``."""
+        self._check_open()
+        cal = calibration.to_dict() if hasattr(calibration, "to_dict") else calibration
+        if not isinstance(cal, Mapping) or "threshold" not in cal:
+            raise InputError("calibration to publish: expected a Calibration or its dict with 'threshold'")
+        version = int(cal.get("version") or 0)
+        body = {"schema_version": payloads.SCHEMA_VERSION, "ts": payloads.now_iso(), "site": self.settings.site,
+                "device": self.settings.device, "version": version, "threshold": cal["threshold"],
+                "policy": cal.get("policy"), "created": cal.get("created"), "calibration": dict(cal)}
+        body = {k: v for k, v in body.items() if v is not None}
+        data = payloads.encode(body, "calibration")
+        self._maybe_validate("calibration", body)
+        with self._lock:
+            self._calibration = data
+            self._birth["calibration_version"] = version
+            self._retained_dirty = True
+        self._wake.set()
+
+    def update_birth(self, **fields: Any) -> None:
+        """Merge ``fields`` into the birth message and re-publish the retained ``online`` status."""
+        self._check_open()
+        payloads.encode(fields, "birth fields")
+        with self._lock:
+            self._birth.update(fields)
+            self._retained_dirty = True
+        self._wake.set()
+
+    def register_command(self, name: str, handler: Handler, schema_name: str | dict | None = None,
+                         changes_state: bool | None = None) -> None:
+        """``handler(args: dict) -> dict`` runs on the command worker thread; raise an
+        :class:`edge_ad.errors.EdgeADError` for an error reply. See :mod:`edge_ad.mqtt.commands`."""
+        self.dispatcher.register(name, handler, schema_name, changes_state)
+        if self._started:
+            self.update_birth()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def stats(self) -> dict[str, Any]:
+        lat = list(self._latency_ms)
+        c = self._counters
+        return {
+            "connected": self._connected,
+            "outbox_depth": self.outbox.depth,
+            "outbox_bytes": self.outbox.bytes,
+            "outbox_dropped": self.outbox.dropped,
+            "inflight": len(self._inflight),
+            "published": c["published"],
+            "acked": c["acked"],
+            "rejected": c["rejected"],
+            "resent": c["resent"],
+            "connects": c["connects"],
+            "disconnects": c["disconnects"],
+            "telemetry_sent": c["telemetry_sent"],
+            "telemetry_dropped": c["telemetry_dropped"],
+            "images_skipped": c["images_skipped"],
+            "commands": self.dispatcher.handled,
+            "command_errors": self.dispatcher.errors,
+            "ack_latency_ms": {"p50": _percentile(lat, 0.5), "p99": _percentile(lat, 0.99), "n": len(lat)},
+            "last_error": self._last_error,
+        }
+
+    # ------------------------------------------------------------------ internals: payloads
+    def _check_open(self) -> None:
+        if self._stopped:
+            raise RuntimeFailure("MqttLink is stopped")
+
+    def _maybe_validate(self, name: str, body: Any) -> None:
+        if self.settings.validate_payloads:
+            schema.validate(name, body)
+
+    def _store(self, kind: str, topic: str, payload: Mapping[str, Any]) -> str:
+        self._check_open()
+        if not isinstance(payload, Mapping):
+            raise InputError(f"{kind} payload must be a mapping (dict), got {type(payload).__name__}")
+        fields = dict(payload)
+        msg_id = fields.pop("id", None)
+        msg_id = str(msg_id) if msg_id else str(uuid.uuid4())
+        ts = fields.pop("ts", None)
+        if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+            ts = payloads.iso_from_unix(float(ts))
+        elif not ts:
+            ts = payloads.now_iso()
+        for key in ("schema_version", "seq", "site", "device"):
+            fields.pop(key, None)
+        head = {"schema_version": payloads.SCHEMA_VERSION, "id": msg_id}
+        tail = {"ts": ts, "site": self.settings.site, "device": self.settings.device, **fields}
+
+        def build(seq: int) -> bytes:
+            body = {**head, "seq": seq, **tail}
+            data = payloads.encode(body, kind)
+            self._maybe_validate(kind, body)
+            return data
+
+        self.outbox.put(kind, topic, build, msg_id=msg_id)
+        self._wake.set()
+        return msg_id
+
+    def _birth_body(self) -> dict[str, Any]:
+        with self._lock:
+            extra = dict(self._birth)
+        body = {"schema_version": payloads.SCHEMA_VERSION, "state": "online", "reason": "connected",
+                "ts": payloads.now_iso(), "site": self.settings.site, "device": self.settings.device,
+                "client_id": self.settings.effective_client_id, "version": __version__,
+                "protocol": self.settings.protocol.value, "outbox_instance": self.outbox.instance,
+                "started": self._started_iso, "commands": self.dispatcher.names()}
+        body.update(extra)
+        body.update({"schema_version": payloads.SCHEMA_VERSION, "state": "online", "reason": "connected",
+                     "site": self.settings.site, "device": self.settings.device})
+        return body
+
+    def _status_bytes(self, state: str, reason: str) -> bytes:
+        if state == "online":
+            body = self._birth_body()
+        else:
+            body = {"schema_version": payloads.SCHEMA_VERSION, "state": "offline", "reason": reason,
+                    "site": self.settings.site, "device": self.settings.device,
+                    "client_id": self.settings.effective_client_id}
+            if reason != "will":
+                body["ts"] = payloads.now_iso()
+        self._maybe_validate("status", body)
+        return payloads.encode(body, "status")
+
+    def _publish_retained(self, client: paho.Client) -> None:
+        """Birth, calibration and discovery configs: on every connect and after each change."""
+        with self._lock:
+            self._retained_dirty = False
+            calibration = self._calibration
+        client.publish(self.topics.status, self._status_bytes("online", "connected"), qos=1, retain=True)
+        if calibration is not None:
+            client.publish(self.topics.calibration, calibration, qos=1, retain=True)
+        if self.settings.homeassistant:
+            for topic, data in homeassistant.discovery(self.settings, self._birth):
+                client.publish(topic, data, qos=1, retain=True)
+
+    # ------------------------------------------------------------------ paho callbacks (network thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_failed(reason_code):
+            self._connected = False
+            self._last_error = f"broker {self.settings.safe_url} refused the connection: {reason_text(reason_code)}"
+            log.error("mqtt: %s", self._last_error)
+            return
+        self._connected = True
+        self._connected_at = time.monotonic()
+        self._counters["connects"] += 1
+        self._last_error = None
+        if client.protocol == paho.MQTTv5:
+            client.subscribe(self.topics.cmd_filter, options=SubscribeOptions(qos=1, noLocal=True))
+        else:
+            client.subscribe(self.topics.cmd_filter, qos=1)
+        self._publish_retained(client)
+        log.info("mqtt: connected to %s (session present: %s, %d waiting in the outbox)", self.settings.safe_url,
+                 bool(getattr(flags, "session_present", False)), self.outbox.depth)
+        self._wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._last_error = f"cannot connect to {self.settings.safe_url}"
+        log.debug("mqtt: %s", self._last_error)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self._connected
+        self._connected = False
+        if was:
+            self._counters["disconnects"] += 1
+            if not self._stopping:
+                self._last_error = f"disconnected from {self.settings.safe_url}: {reason_text(reason_code)}"
+                log.warning("mqtt: %s; reconnecting (%d waiting in the outbox)", self._last_error,
+                            self.outbox.depth)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._acks.put((mid, reason_failed(reason_code), reason_code))
+        self._wake.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        prefix = self.topics.base + "/cmd/"
+        if not message.topic.startswith(prefix):
+            return
+        props = message.properties if client.protocol == paho.MQTTv5 else None
+        user = {}
+        response_topic = corr = None
+        if props is not None:
+            user = {str(k): str(v) for k, v in (getattr(props, "UserProperty", None) or [])}
+            response_topic = getattr(props, "ResponseTopic", None) or None
+            corr = getattr(props, "CorrelationData", None)
+        msg = Incoming(message.topic[len(prefix):], bytes(message.payload), response_topic,
+                       bytes(corr) if corr is not None else None, user)
+        if not self._commands.offer(msg):
+            reply = self.dispatcher.error_reply(msg, "busy", f"{self.settings.command_queue} commands are waiting; "
+                                                              "try again later")
+            self._send_reply(client, reply)
+
+    # ------------------------------------------------------------------ command worker
+    def _command_loop(self) -> None:
+        while True:
+            msg = self._commands.get()
+            if msg is None:
+                return
+            reply = self.dispatcher.handle(msg)
+            client = self._client
+            if client is not None:
+                self._send_reply(client, reply)
+
+    def _send_reply(self, client: paho.Client, reply) -> None:
+        try:
+            self._maybe_validate("reply", reply.body)
+            data = payloads.encode(reply.body, "reply")
+            props = None
+            if client.protocol == paho.MQTTv5:
+                props = Properties(PacketTypes.PUBLISH)
+                props.ContentType = "application/json"
+                if reply.correlation_data is not None:
+                    props.CorrelationData = reply.correlation_data
+            client.publish(reply.topic, data, qos=1, retain=False, properties=props)
+        except Exception:  # a reply that cannot be sent must not stop the worker
+            log.exception("mqtt: cannot send the reply to %s", reply.topic)
+
+    def _status_command(self, args: dict) -> dict:
+        return {"birth": self._birth_body(), "link": self.stats()}
+
+    # ------------------------------------------------------------------ sender thread
+    def _send_loop(self) -> None:
+        last_check = time.monotonic()
+        while True:
+            self._wake.wait(timeout=0.25)
+            self._wake.clear()
+            try:
+                self._drain_acks()
+                if self._stopped:
+                    return
+                client = self._client
+                if client is None:
+                    continue
+                if not self._connected:
+                    self._counters["telemetry_dropped"] += len(self._telemetry)
+                    self._telemetry.clear()
+                    continue
+                if self._retained_dirty:
+                    self._publish_retained(client)
+                while self._telemetry:
+                    client.publish(self.topics.telemetry, self._telemetry.popleft(), qos=0)
+                    self._counters["telemetry_sent"] += 1
+                now = time.monotonic()
+                if now - last_check > 1.0:
+                    last_check = now
+                    self._resend_stale(client, now)
+                self._fill_window(client)
+            except Exception as exc:  # keep sending whatever happens to one message
+                self._last_error = f"sender: {type(exc).__name__}: {exc}"
+                log.exception("mqtt: sender error")
+                time.sleep(0.1)
+
+    def _fill_window(self, client: paho.Client) -> None:
+        room = self.settings.inflight_window - len(self._inflight)
+        if room <= 0:
+            return
+        for row in self.outbox.fetch_after(self._cursor, room):
+            if not self._hand_over(client, row):
+                break
+            self._cursor = row.id
+
+    def _hand_over(self, client: paho.Client, row: Row) -> bool:
+        props = None
+        if row.kind == "image" and client.protocol == paho.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "image/jpeg"
+            if row.msg_id:
+                props.UserProperty = ("event_id", row.msg_id)
+        info = client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain, properties=props)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.debug("mqtt: publish of outbox row %d deferred (%s)", row.id, paho.error_string(info.rc))
+            return False
+        self._inflight[info.mid] = _Inflight(row.id, row.kind, row.msg_id, row.created, time.monotonic())
+        self._counters["published"] += 1
+        return True
+
+    def _resend_stale(self, client: paho.Client, now: float) -> None:
+        """Safety net: a message unacknowledged long after it was sent on a live connection is sent again
+        (the broker or paho lost it); the duplicate is removed by the consumer's de-duplication."""
+        if now - self._connected_at < self._resend_after:
+            return
+        stale = [mid for mid, f in self._inflight.items() if now - f.sent > self._resend_after]
+        if not stale:
+            return
+        row_ids = [self._inflight.pop(mid).row_id for mid in stale]
+        resent = 0
+        for row in self.outbox.fetch_ids(row_ids):
+            if self._hand_over(client, row):
+                resent += 1
+        self._counters["resent"] += resent
+        log.warning("mqtt: %d messages unacknowledged for %.0f s were sent again", resent, self._resend_after)
+
+    def _drain_acks(self) -> None:
+        done: list[int] = []
+        now = time.time()
+        while True:
+            try:
+                mid, failed, reason = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                continue          # birth, reply, calibration: not from the outbox
+            done.append(entry.row_id)
+            if failed:
+                self._counters["rejected"] += 1
+                log.error("mqtt: the broker refused %s %s: %s (removed from the outbox)", entry.kind,
+                          entry.msg_id, reason_text(reason))
+                continue
+            self._counters["acked"] += 1
+            self._latency_ms.append((now - entry.created) * 1000.0)
+            if self._ack_listener is not None:
+                try:
+                    self._ack_listener(entry.kind, entry.msg_id, entry.created, now)
+                except Exception:
+                    log.exception("mqtt: ack listener raised")
+        if done:
+            try:
+                self.outbox.delete(done)
+            except RuntimeFailure:
+                if not self._stopped:
+                    raise

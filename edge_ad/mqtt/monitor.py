@@ -1,0 +1,314 @@
+"""Fleet monitor: every device seen under ``edge-ad/v1/<site>/<device>/``, one row each.
+
+:class:`FleetView` is pure: feed it ``(topic, payload)`` and read rows, so it is tested without a broker.
+:func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad
+monitor``. Sources per column: state from the retained ``status`` (birth / will), fps, latency, NG rate,
+outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
+the retained ``calibration`` (else the birth message). A device that is ``online`` but silent for
+``stale_after_s`` shows as ``stale``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, TextIO
+
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ..errors import RuntimeFailure
+from . import topics as _topics
+from .client import connect_async, make_client, reason_failed, reason_text
+from .settings import BrokerSettings, Protocol
+
+
+@dataclass
+class DeviceRow:
+    site: str
+    device: str
+    state: str = "unknown"            # online | offline | unknown (stale is derived when shown)
+    reason: str | None = None         # connected | will | stopped
+    last_seen: float | None = None    # unix time of the last message from the device
+    version: str | None = None
+    model_hash: str | None = None
+    fps: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    ng_rate: float | None = None
+    results: int = 0                  # results seen by this monitor
+    ng: int = 0
+    last_result: dict | None = None   # {"ts", "score", "ng", "seq"}
+    calibration_version: int | None = None
+    threshold: float | None = None
+    outbox_depth: int | None = None
+    outbox_dropped: int | None = None
+    drift: bool | None = None
+    paused: bool | None = None
+    events: int = 0
+    _ng_from_telemetry: bool = field(default=False, repr=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.site, self.device
+
+    def shown_state(self, now: float, stale_after_s: float) -> str:
+        if self.state == "online" and self.last_seen is not None and now - self.last_seen > stale_after_s:
+            return "stale"
+        return self.state
+
+    def to_dict(self, now: float | None = None, stale_after_s: float = 60.0) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        if now is not None:
+            d["state"] = self.shown_state(now, stale_after_s)
+        d["last_seen"] = _iso(self.last_seen)
+        return d
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return int(value)
+
+
+class FleetView:
+    def __init__(self, clock: Callable[[], float] = time.time, stale_after_s: float = 60.0):
+        self.clock = clock
+        self.stale_after_s = stale_after_s
+        self.devices: dict[tuple[str, str], DeviceRow] = {}
+
+    def consume(self, topic: str, payload: bytes | str) -> DeviceRow | None:
+        """Apply one message; returns the row it changed, or None when the message is not for a row."""
+        parsed = _topics.parse(topic)
+        if parsed is None:
+            return None
+        site, device, kind = parsed
+        if kind not in ("status", "result", "event", "telemetry", "calibration"):
+            return None                   # commands, replies, event images
+        raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+        key = (site, device)
+        if kind == "status" and not raw:
+            self.devices.pop(key, None)    # retained status cleared: the device is gone
+            return None
+        body: Any
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            text = raw.decode("utf-8", errors="replace").strip().lower()
+            body = {"state": text} if kind == "status" and text in ("online", "offline") else None
+        if not isinstance(body, dict):
+            return None
+        row = self.devices.get(key)
+        if row is None:
+            row = self.devices[key] = DeviceRow(site, device)
+        now = self.clock()
+        getattr(self, f"_on_{kind}")(row, body)
+        if kind != "status" or body.get("state") == "online":
+            row.last_seen = now
+        return row
+
+    # ------------------------------------------------------------------ per kind
+    @staticmethod
+    def _on_status(row: DeviceRow, b: dict) -> None:
+        state = b.get("state")
+        row.state = state if state in ("online", "offline") else "unknown"
+        row.reason = b.get("reason") if isinstance(b.get("reason"), str) else None
+        if isinstance(b.get("version"), str):
+            row.version = b["version"]
+        if "model_hash" in b:
+            row.model_hash = b["model_hash"] if isinstance(b["model_hash"], str) else None
+        cal = _int(b.get("calibration_version"))
+        if cal is not None and row.calibration_version is None:
+            row.calibration_version = cal
+
+    @staticmethod
+    def _on_telemetry(row: DeviceRow, b: dict) -> None:
+        if row.state != "online":
+            row.state = "online"          # telemetry flows only from a live device
+        row.fps = _num(b.get("fps")) if "fps" in b else row.fps
+        lat = b.get("latency_ms")
+        if isinstance(lat, dict):
+            row.latency_p50_ms = _num(lat.get("p50"))
+            row.latency_p99_ms = _num(lat.get("p99"))
+        rate = _num(b.get("ng_rate"))
+        if rate is not None:
+            row.ng_rate = rate
+            row._ng_from_telemetry = True
+        box = b.get("outbox")
+        if isinstance(box, dict):
+            row.outbox_depth = _int(box.get("depth"))
+            row.outbox_dropped = _int(box.get("dropped"))
+        drift = b.get("drift")
+        if isinstance(drift, dict) and isinstance(drift.get("drift"), bool):
+            row.drift = drift["drift"]
+        elif isinstance(drift, bool):
+            row.drift = drift
+        if isinstance(b.get("paused"), bool):
+            row.paused = b["paused"]
+        cal = _int(b.get("calibration_version"))
+        if cal is not None:
+            row.calibration_version = cal
+
+    @staticmethod
+    def _on_result(row: DeviceRow, b: dict) -> None:
+        row.results += 1
+        ng = b.get("ng") is True
+        row.ng += int(ng)
+        row.last_result = {"ts": b.get("ts"), "score": _num(b.get("score")), "ng": ng, "seq": _int(b.get("seq"))}
+        if not row._ng_from_telemetry:
+            row.ng_rate = row.ng / row.results
+        lat = _num(b.get("latency_ms"))
+        if lat is not None and row.latency_p50_ms is None:
+            row.latency_p50_ms = lat
+        cal = _int(b.get("calibration_version"))
+        if cal is not None:
+            row.calibration_version = cal
+
+    @staticmethod
+    def _on_event(row: DeviceRow, b: dict) -> None:
+        row.events += 1
+
+    @staticmethod
+    def _on_calibration(row: DeviceRow, b: dict) -> None:
+        row.calibration_version = _int(b.get("version"))
+        row.threshold = _num(b.get("threshold"))
+
+    # ------------------------------------------------------------------ output
+    def rows(self) -> list[DeviceRow]:
+        return [self.devices[k] for k in sorted(self.devices)]
+
+    def table(self) -> str:
+        return render_table(self.rows(), self.clock(), self.stale_after_s)
+
+
+COLUMNS = ("SITE", "DEVICE", "STATE", "FPS", "LAT p50/p99 ms", "NG %", "LAST RESULT", "CAL", "OUTBOX", "DRIFT",
+           "SEEN")
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def render_table(rows: list[DeviceRow], now: float, stale_after_s: float = 60.0) -> str:
+    """A plain-text table, one line per device (no colour codes, so it is safe in logs)."""
+    lines = [COLUMNS]
+    for r in rows:
+        last = "-"
+        if r.last_result is not None:
+            last = f"{'NG' if r.last_result['ng'] else 'OK'} {_fmt(r.last_result['score'], '.3f')}"
+        outbox = "-" if r.outbox_depth is None else str(r.outbox_depth)
+        if r.outbox_dropped:
+            outbox += f" ({r.outbox_dropped} dropped)"
+        seen = "-" if r.last_seen is None else f"{max(0.0, now - r.last_seen):.0f}s ago"
+        state = r.shown_state(now, stale_after_s) + (" paused" if r.paused else "")
+        lat = f"{_fmt(r.latency_p50_ms, '.1f')}/{_fmt(r.latency_p99_ms, '.1f')}"
+        lines.append((r.site, r.device, state, _fmt(r.fps, '.1f'), lat,
+                      _fmt(None if r.ng_rate is None else 100 * r.ng_rate, '.2f'), last,
+                      "-" if r.calibration_version is None else str(r.calibration_version), outbox,
+                      {True: "DRIFT", False: "ok", None: "-"}[r.drift], seen))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: bool = False,
+                duration: float | None = None, interval: float = 1.0, stale_after_s: float = 60.0,
+                out: TextIO | None = None, live: bool | None = None, connect_timeout: float = 10.0) -> FleetView:
+    """Watch the fleet until ``duration`` s pass (forever when None) or Ctrl-C.
+
+    ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
+    ``interval`` s when ``live`` (default: ``out`` is a terminal); else printed once at the end when a
+    ``duration`` is given, or after each change (at most every ``interval`` s) when not.
+    """
+    out = out or sys.stdout
+    live = out.isatty() if live is None else live
+    view = FleetView(stale_after_s=stale_after_s)
+    lock = threading.Lock()
+    connected = threading.Event()
+    problem: list[str] = []
+    dirty = threading.Event()
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        if reason_failed(reason_code):
+            problem.append(f"broker {broker.safe_url} refused the connection: {reason_text(reason_code)}")
+            return
+        filt = _topics.fleet_filter(site)
+        if broker.protocol == Protocol.V5:
+            client.subscribe(filt, options=SubscribeOptions(qos=1))
+        else:
+            client.subscribe(filt, qos=1)
+        connected.set()
+
+    def on_message(client, userdata, message):
+        with lock:
+            row = view.consume(message.topic, message.payload)
+            if row is None:
+                return
+            if as_json:
+                out.write(json.dumps(row.to_dict(view.clock(), stale_after_s), separators=(",", ":")) + "\n")
+                out.flush()
+        dirty.set()
+
+    client = make_client(broker, f"edge-ad-monitor-{uuid.uuid4().hex[:10]}", persistent=False, jitter=False)
+    client.on_connect = on_connect
+    client.on_message = on_message
+    connect_async(client, broker, clean_start=True)
+    client.loop_start()
+    try:
+        t0 = time.monotonic()
+        while not connected.wait(0.1):
+            if problem:
+                raise RuntimeFailure(problem[0])
+            if time.monotonic() - t0 > connect_timeout:
+                raise RuntimeFailure(f"monitor: cannot connect to {broker.safe_url} within {connect_timeout:g} s")
+        end = None if duration is None else time.monotonic() + duration
+        last_draw = float("-inf")
+        pending = False
+        while end is None or time.monotonic() < end:
+            wait = interval if end is None else max(0.0, min(interval, end - time.monotonic()))
+            if dirty.wait(wait):
+                dirty.clear()
+                pending = True
+            if as_json:
+                continue
+            now = time.monotonic()
+            since = now - last_draw
+            if live and since >= 0.2 and (pending or since >= interval):
+                with lock:
+                    text = view.table()
+                out.write("\x1b[H\x1b[2J" + f"edge-ad monitor  {broker.safe_url}  {_iso(time.time())}\n\n"
+                          + text + "\n")
+                out.flush()
+                last_draw, pending = now, False
+            elif not live and duration is None and pending and since >= interval:
+                with lock:
+                    text = view.table()
+                out.write(text + "\n\n")
+                out.flush()
+                last_draw, pending = now, False
+    except KeyboardInterrupt:
+        pass
+    else:
+        if not as_json and not live and duration is not None:
+            with lock:
+                out.write(view.table() + "\n")
+            out.flush()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return view

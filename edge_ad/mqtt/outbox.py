@@ -1,0 +1,259 @@
+"""Store-and-forward outbox: a SQLite (WAL) table of messages waiting for the broker's acknowledgement.
+
+Every result, event and event image is written here (one transaction, fsync'd in ``full`` sync mode)
+before anything is sent, and deleted only when the broker acknowledged it (PUBACK). A broker restart,
+a network cut, ``kill -9`` or a power cut therefore loses nothing: whoever opens the file next sends
+what is left, oldest first.
+
+The outbox is bounded by a message count and by payload bytes. When a write would exceed a bound, the
+oldest event images go first, then the oldest messages of any kind; every dropped message is counted
+in ``dropped`` (persisted in the file). A message dropped while it was in flight may still arrive.
+
+Per-kind sequence numbers (``seq``) are allocated in the same transaction as the insert and persisted,
+so they increase monotonically per device across restarts; a consumer sees a gap only for a dropped
+message. ``instance`` is a random id made when the file is created: if the file is ever replaced, the
+sequence restarts and the instance changes (both appear in the device's birth message).
+
+One connection, guarded by a lock, serves the writer (the inspection thread) and the sender.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import InputError, RuntimeFailure
+from .settings import SyncMode
+
+log = logging.getLogger(__name__)
+
+KINDS = ("result", "event", "image")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL DEFAULT 1,
+    retain INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    msg_id TEXT,
+    meta TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_kind ON outbox(kind, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    kind: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created: float          # unix time of the write
+    msg_id: str | None      # the payload's id (results, events) or the event id (images)
+    meta: dict
+
+
+class Outbox:
+    def __init__(self, path: str | Path, max_messages: int = 100_000, max_bytes: int = 256 * 1024 * 1024,
+                 sync: SyncMode | str = SyncMode.FULL):
+        if max_messages < 1:
+            raise InputError(f"outbox max_messages {max_messages}: expected >= 1")
+        if max_bytes < 1:
+            raise InputError(f"outbox max_bytes {max_bytes}: expected >= 1")
+        self.path = Path(path)
+        self.max_messages = int(max_messages)
+        self.max_bytes = int(max_bytes)
+        sync = SyncMode(sync)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                       timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={sync.value.upper()}")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc})") from None
+        self._lock = threading.Lock()
+        self._closed = False
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+            self._count, self._bytes = int(row[0]), int(row[1])
+            self.instance = self._meta_get("instance")
+            if self.instance is None:
+                self.instance = uuid.uuid4().hex
+                self._meta_set("instance", self.instance)
+            self._dropped = int(self._meta_get("dropped") or 0)
+
+    # ------------------------------------------------------------------ meta
+    def _meta_get(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _meta_set(self, key: str, value) -> None:
+        self._db.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, str(value)))
+
+    # ------------------------------------------------------------------ write
+    def put(self, kind: str, topic: str, payload: bytes | Callable[[int], bytes], *, qos: int = 1,
+            retain: bool = False, msg_id: str | None = None, meta: dict | None = None) -> tuple[int, int]:
+        """Store one message; returns (row id, seq).
+
+        ``payload`` is bytes, or a function ``seq -> bytes`` called inside the transaction with the next
+        sequence number of ``kind`` (so the number in the payload is the one persisted).
+        """
+        if kind not in KINDS:
+            raise InputError(f"outbox kind '{kind}': expected one of {', '.join(KINDS)}")
+        meta_text = json.dumps(meta, separators=(",", ":")) if meta else None
+        with self._lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    seq_key = f"seq.{kind}"
+                    seq = int(self._meta_get(seq_key) or 0) + 1
+                    data = payload(seq) if callable(payload) else bytes(payload)
+                    size = len(data)
+                    cur = self._db.execute(
+                        "INSERT INTO outbox(kind, topic, payload, qos, retain, size, created, msg_id, meta) "
+                        "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (kind, topic, data, int(qos), int(bool(retain)), size, time.time(), msg_id, meta_text))
+                    row_id = int(cur.lastrowid)
+                    self._meta_set(seq_key, seq)
+                    count, nbytes = self._count + 1, self._bytes + size
+                    dropped = 0
+                    while count > self.max_messages or nbytes > self.max_bytes:
+                        victim = self._db.execute(
+                            "SELECT id, size FROM outbox WHERE kind = 'image' AND id != ? ORDER BY id LIMIT 1",
+                            (row_id,)).fetchone()
+                        if victim is None:
+                            victim = self._db.execute(
+                                "SELECT id, size FROM outbox ORDER BY id LIMIT 1").fetchone()
+                        self._db.execute("DELETE FROM outbox WHERE id = ?", (victim[0],))
+                        count, nbytes, dropped = count - 1, nbytes - int(victim[1]), dropped + 1
+                    if dropped:
+                        self._meta_set("dropped", self._dropped + dropped)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise RuntimeFailure(f"outbox {self.path}: write failed ({exc})") from None
+            self._count, self._bytes = count, nbytes
+            if dropped:
+                self._dropped += dropped
+                log.warning("outbox %s full (%d messages, %d bytes max): dropped %d oldest (total %d)",
+                            self.path, self.max_messages, self.max_bytes, dropped, self._dropped)
+            return row_id, seq
+
+    # ------------------------------------------------------------------ read / delete
+    def fetch_after(self, after_id: int, limit: int) -> list[Row]:
+        """Up to ``limit`` messages with id > ``after_id``, oldest first."""
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT id, kind, topic, payload, qos, retain, created, msg_id, meta FROM outbox "
+                "WHERE id > ? ORDER BY id LIMIT ?", (int(after_id), int(limit))).fetchall()
+        return [self._row(r) for r in rows]
+
+    def fetch_ids(self, ids: Iterable[int]) -> list[Row]:
+        """The messages with these ids that are still stored, oldest first."""
+        ids = sorted({int(i) for i in ids})
+        out: list[Row] = []
+        with self._lock:
+            self._check_open()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                out.extend(self._db.execute(
+                    "SELECT id, kind, topic, payload, qos, retain, created, msg_id, meta FROM outbox "
+                    f"WHERE id IN ({marks}) ORDER BY id", chunk).fetchall())
+        return [self._row(r) for r in out]
+
+    @staticmethod
+    def _row(r) -> Row:
+        return Row(int(r[0]), r[1], r[2], bytes(r[3]), int(r[4]), bool(r[5]), float(r[6]), r[7],
+                   json.loads(r[8]) if r[8] else {})
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Remove acknowledged messages; ids already gone (dropped) are ignored. Returns how many went."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        gone = 0
+        with self._lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for start in range(0, len(ids), 500):
+                        chunk = ids[start:start + 500]
+                        marks = ",".join("?" * len(chunk))
+                        row = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox "
+                                               f"WHERE id IN ({marks})", chunk).fetchone()
+                        self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+                        gone += int(row[0])
+                        self._count -= int(row[0])
+                        self._bytes -= int(row[1])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise RuntimeFailure(f"outbox {self.path}: delete failed ({exc})") from None
+        return gone
+
+    # ------------------------------------------------------------------ state
+    @property
+    def depth(self) -> int:
+        return self._count
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def next_seq(self, kind: str) -> int:
+        with self._lock:
+            self._check_open()
+            return int(self._meta_get(f"seq.{kind}") or 0) + 1
+
+    def stats(self) -> dict:
+        return {"depth": self._count, "bytes": self._bytes, "dropped": self._dropped,
+                "max_messages": self.max_messages, "max_bytes": self.max_bytes}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeFailure(f"outbox {self.path} is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._db.close()
+
+    def __enter__(self) -> "Outbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

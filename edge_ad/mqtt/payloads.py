@@ -1,0 +1,81 @@
+"""JSON encoding of payloads: compact, strict (no NaN), numpy scalars and arrays accepted."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+from typing import Any
+
+from ..errors import InputError
+
+SCHEMA_VERSION = 1
+
+
+def now_iso() -> str:
+    """UTC time, RFC 3339 with milliseconds: ``2025-05-01T12:00:00.123Z``."""
+    return iso_from_unix(time.time())
+
+
+def iso_from_unix(t: float) -> str:
+    """RFC 3339 UTC with milliseconds for a unix time."""
+    stamp = _dt.datetime.fromtimestamp(t, _dt.timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def parse_time(value: Any) -> float | None:
+    """Unix seconds from a number or an RFC 3339 string; None when it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        try:
+            stamp = _dt.datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=_dt.timezone.utc)
+        return stamp.timestamp()
+    return None
+
+
+def _default(obj: Any) -> Any:
+    # numpy without importing it: scalars have .item(), arrays .tolist()
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def encode(obj: Any, what: str = "payload") -> bytes:
+    """Compact UTF-8 JSON. Raises :class:`InputError` naming ``what`` for NaN / infinity or a value
+    JSON cannot hold."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), default=_default, allow_nan=False,
+                          ensure_ascii=False).encode("utf-8")
+    except ValueError as exc:
+        raise InputError(f"{what}: {exc} (NaN and infinity are not valid JSON)") from None
+    except TypeError as exc:
+        raise InputError(f"{what}: {exc}") from None
+
+
+def decode(data: bytes | str, what: str = "payload") -> Any:
+    """Parse JSON; raises :class:`InputError` naming ``what``."""
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data).decode("utf-8")
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{what}: not valid UTF-8 JSON ({exc})") from None

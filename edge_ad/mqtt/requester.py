@@ -1,0 +1,161 @@
+"""Send a command to a device and wait for its reply (``edge-ad command``, tests, plant tools).
+
+MQTT v5: the request carries a response topic (``edge-ad/replies/<client id>``) and correlation data; the
+device answers there with the same correlation data. MQTT 3.1.1: the same travel as the payload fields
+``reply_to`` and ``correlation_id``. With a shared secret the payload gets ``ts`` and an HMAC-SHA256
+(v5 user property ``hmac-sha256``; 3.1.1: the signed form).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any, Mapping
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ..errors import InputError, RuntimeFailure
+from . import payloads
+from .client import connect_async, make_client, reason_failed
+from .commands import HMAC_KEY, sign, signed_envelope
+from .settings import BrokerSettings, Protocol
+from .topics import Topics
+
+REPLY_ROOT = "edge-ad/replies"
+
+
+class CommandClient:
+    def __init__(self, broker: BrokerSettings, *, client_id: str | None = None, secret: str | None = None):
+        self.broker = broker
+        self.client_id = client_id or f"edge-ad-cli-{uuid.uuid4().hex[:10]}"
+        self.secret = secret
+        self.reply_topic = f"{REPLY_ROOT}/{self.client_id}"
+        self._lock = threading.Lock()
+        self._waiting: dict[str, threading.Event] = {}
+        self._replies: dict[str, dict] = {}
+        self._ready = threading.Event()
+        self._error: str | None = None
+        self._client: paho.Client | None = None
+
+    @property
+    def v5(self) -> bool:
+        return self.broker.protocol == Protocol.V5
+
+    def start(self, timeout: float = 10.0) -> "CommandClient":
+        client = make_client(self.broker, self.client_id, persistent=False, jitter=False)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+        connect_async(client, self.broker, clean_start=True)
+        client.loop_start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise RuntimeFailure(f"command client: no connection to {self.broker.safe_url} within {timeout:g} s"
+                                 + (f" ({self._error})" if self._error else ""))
+        return self
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def __enter__(self) -> "CommandClient":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_failed(reason_code):
+            self._error = f"refused: {reason_code}"
+            return
+        client.subscribe(self.reply_topic, qos=1)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._ready.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            body = payloads.decode(message.payload, "reply")
+        except InputError:
+            return
+        key = None
+        props = getattr(message, "properties", None)
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        if corr is not None:
+            key = bytes(corr).decode("utf-8", errors="replace")
+        elif isinstance(body, dict) and isinstance(body.get("correlation_id"), str):
+            key = body["correlation_id"]
+        with self._lock:
+            event = self._waiting.get(key) if key is not None else None
+            if event is not None:
+                self._replies[key] = body
+                event.set()
+
+    # ------------------------------------------------------------------ requests
+    def build(self, name: str, args: Mapping[str, Any] | None, correlation: str,
+              claim: str | None = None) -> tuple[bytes, Properties | None]:
+        """The payload and (v5) properties of one request."""
+        body: dict[str, Any] = dict(args or {})
+        if self.secret is not None:
+            body["ts"] = time.time()
+        if claim is not None and not self.v5:
+            body["client_id"] = claim
+        if not self.v5:
+            body["reply_to"] = self.reply_topic
+            body["correlation_id"] = correlation
+        data = payloads.encode(body, f"cmd/{name} payload")
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = correlation.encode("utf-8")
+            props.ContentType = "application/json"
+            user = []
+            if claim is not None:
+                user.append(("client_id", claim))
+            if self.secret is not None:
+                user.append((HMAC_KEY, sign(self.secret, data)))
+            if user:
+                props.UserProperty = user
+        elif self.secret is not None:
+            data = signed_envelope(self.secret, data)
+        return data, props
+
+    def call(self, site: str, device: str, name: str, args: Mapping[str, Any] | None = None, *,
+             timeout: float = 10.0, claim: str | None = None) -> dict:
+        """Send ``cmd/<name>`` to a device; returns its reply (``{"ok": ..., "result" | "error": ...}``).
+        ``claim`` is the client id the allow-list sees (default: this client's id)."""
+        corr = uuid.uuid4().hex
+        data, props = self.build(name, args, corr, claim if claim is not None else self.client_id)
+        return self.send_raw(Topics(site, device).cmd(name), data, corr, props, timeout=timeout)
+
+    def send_raw(self, topic: str, data: bytes, correlation: str, properties: Properties | None = None, *,
+                 timeout: float = 10.0) -> dict:
+        """Publish exactly ``data`` on ``topic`` and wait for the reply correlated by ``correlation``."""
+        client = self._client
+        if client is None:
+            raise RuntimeFailure("command client is not started")
+        if self.v5 and properties is None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = self.reply_topic
+            properties.CorrelationData = correlation.encode("utf-8")
+        event = threading.Event()
+        with self._lock:
+            self._waiting[correlation] = event
+        try:
+            client.publish(topic, data, qos=1, properties=properties)
+            if not event.wait(timeout):
+                raise RuntimeFailure(f"no reply on {self.reply_topic} to {topic} within {timeout:g} s "
+                                     "(device offline, wrong site/device, or reply routing)")
+            with self._lock:
+                return self._replies.pop(correlation)
+        finally:
+            with self._lock:
+                self._waiting.pop(correlation, None)

@@ -1,0 +1,310 @@
+"""MqttLink against a real Mosquitto: QoS 1 delivery, last will, broker restarts, kill -9 with a backlog,
+non-blocking publishing, bounds, TLS, passwords, MQTT 3.1.1 mode."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from edge_ad.mqtt import MqttLink, MqttSettings
+from edge_ad.mqtt.broker import TlsFiles, find_mosquitto_passwd, free_port, make_password_file
+from edge_ad.mqtt.collector import Collector
+from edge_ad.mqtt.outbox import Outbox
+from edge_ad.mqtt.settings import BrokerSettings
+
+FAST = {"reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "keepalive_s": 5}
+
+
+def _settings(url: str, tmp_path, device: str = "d1", **kw) -> MqttSettings:
+    return MqttSettings(url=url, site="t", device=device, outbox_path=tmp_path / f"outbox-{device}.sqlite",
+                        **{**FAST, **kw})
+
+
+def _wait(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def _results(col: Collector) -> list[dict]:
+    return [m.json() for m in col.of_kind("result")]
+
+
+def test_results_arrive_with_qos1_ids_and_seq(mosquitto, tmp_path):
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/+/result") as col:
+        link = MqttLink(_settings(mosquitto.url, tmp_path)).start()
+        ids = [link.publish_result({"score": i / 10, "ng": i == 7, "part_id": f"p{i}"}) for i in range(20)]
+        assert col.wait_ids(20, 10)
+        msgs = col.of_kind("result")
+        assert all(m.qos == 1 and not m.retain for m in msgs)
+        bodies = [m.json() for m in msgs]
+        assert [b["id"] for b in bodies] == ids                   # in order
+        assert [b["seq"] for b in bodies] == list(range(1, 21))
+        assert bodies[7]["ng"] is True and bodies[3]["part_id"] == "p3"
+        assert all(b["site"] == "t" and b["device"] == "d1" and b["schema_version"] == 1 for b in bodies)
+        assert _wait(lambda: link.stats()["outbox_depth"] == 0, 5)
+        st = link.stats()
+        assert st["acked"] == 20 and st["connected"] and st["ack_latency_ms"]["n"] == 20
+        link.stop()
+
+
+def test_publishing_never_blocks_on_a_dead_broker(tmp_path):
+    port = free_port()
+    t0 = time.monotonic()
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{port}", tmp_path)).start()
+    for i in range(100):
+        link.publish_result({"score": 0.1, "ng": False})
+    link.publish_telemetry({"fps": 10.0})
+    elapsed = time.monotonic() - t0
+    st = link.stats()
+    assert not st["connected"] and st["outbox_depth"] == 100
+    assert elapsed < 5.0, f"start + 100 publishes took {elapsed:.2f} s with no broker"
+    t1 = time.monotonic()
+    link.stop(timeout=10)
+    assert time.monotonic() - t1 < 4.0                       # gives up quickly when the broker is unreachable
+    assert Outbox(tmp_path / "outbox-d1.sqlite").depth == 100  # kept for the next start
+
+
+def test_broker_restarts_mid_stream_lose_and_duplicate_nothing(mosquitto, tmp_path):
+    n = 400
+    with Collector(BrokerSettings(url=mosquitto.url, **FAST), "edge-ad/v1/t/+/result") as col:
+        link = MqttLink(_settings(mosquitto.url, tmp_path)).start()
+        assert _wait(lambda: link.connected)
+        sent = []
+
+        def produce():
+            for i in range(n):
+                sent.append(link.publish_result({"score": i, "ng": False}))
+                time.sleep(0.003)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        for _ in range(2):
+            _wait(lambda: len(sent) > n // 3 * (_ + 1), 10)
+            mosquitto.stop()
+            time.sleep(0.3)
+            mosquitto.start()
+        producer.join()
+        assert col.wait_ids(n, 30), f"{len(col.unique_ids())} of {n} arrived"
+        assert col.unique_ids() == set(sent)
+        seqs = sorted({b["seq"] for b in _results(col)})
+        assert seqs == list(range(1, n + 1))
+        assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+        st = link.stats()
+        assert st["disconnects"] >= 2 and st["connects"] >= 3
+        link.stop()
+
+
+PUBLISHER = r"""
+import sys, time
+from edge_ad.mqtt import MqttLink, MqttSettings
+url, outbox, n, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+link = MqttLink(MqttSettings(url=url, site="t", device="sub", outbox_path=outbox, reconnect_min_s=0.1,
+                             reconnect_max_s=0.5, keepalive_s=5))
+link.start()
+for i in range(n):
+    link.publish_result({"score": i / 1000, "ng": False, "i": i})
+print("stored", flush=True)
+if mode == "connected":
+    while not link.connected:
+        time.sleep(0.02)
+    print("connected", flush=True)
+elif mode == "drain":
+    while link.stats()["outbox_depth"] or not link.connected:
+        time.sleep(0.02)
+    link.stop()
+    print("drained", flush=True)
+    sys.exit(0)
+time.sleep(120)
+"""
+
+
+def _spawn(*args) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-c", PUBLISHER, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _expect_line(proc: subprocess.Popen, word: str, timeout: float = 20.0) -> None:
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not box or box[0].strip() != word:
+        proc.kill()
+        raise AssertionError(f"expected {word!r} from the publisher, got {box!r}; stderr: {proc.stderr.read()[-2000:]}")
+
+
+def test_last_will_marks_a_killed_client_offline(mosquitto, tmp_path):
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/sub/status", persistent=False) as col:
+        proc = _spawn(mosquitto.url, tmp_path / "o.sqlite", 0, "connected")
+        _expect_line(proc, "stored")
+        _expect_line(proc, "connected")
+        assert col.wait_for(lambda c: any(m.json()["state"] == "online" for m in c.of_kind("status")), 10)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert col.wait_for(lambda c: c.of_kind("status")[-1].json()["state"] == "offline", 10)
+        will = col.of_kind("status")[-1]
+        assert will.json()["reason"] == "will"
+    # retained: a newcomer sees the device offline
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/sub/status", persistent=False) as late:
+        assert late.wait_for(lambda c: len(c.of_kind("status")) >= 1, 5)
+        first = late.of_kind("status")[0]
+        assert first.retain and first.json()["state"] == "offline"
+
+
+def test_kill_9_with_a_backlog_then_restart_delivers_it(mosquitto_factory, tmp_path):
+    broker = mosquitto_factory()
+    outbox = tmp_path / "kill.sqlite"
+    n = 150
+    with Collector(BrokerSettings(url=broker.url, **FAST), "edge-ad/v1/t/sub/result") as col:
+        broker.stop()                                               # broker down: everything stays in the outbox
+        proc = _spawn(broker.url, outbox, n, "hold")
+        _expect_line(proc, "stored")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert Outbox(outbox).depth == n
+        broker.start()
+        proc = _spawn(broker.url, outbox, 0, "drain")               # a new process, same outbox
+        _expect_line(proc, "stored")
+        _expect_line(proc, "drained", 30)
+        proc.wait(10)
+        assert col.wait_ids(n, 20), f"{len(col.unique_ids())} of {n} arrived"
+        bodies = _results(col)
+        assert sorted({b["i"] for b in bodies}) == list(range(n))
+        assert sorted({b["seq"] for b in bodies}) == list(range(1, n + 1))
+    assert Outbox(outbox).depth == 0
+
+
+def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path):
+    broker = mosquitto_factory()
+    with Collector(BrokerSettings(url=broker.url, **FAST), "edge-ad/v1/t/d1/#") as col:
+        broker.stop()
+        link = MqttLink(_settings(broker.url, tmp_path, outbox_max_messages=50)).start()
+        for i in range(80):
+            link.publish_result({"score": i, "ng": False})
+        st = link.stats()
+        assert st["outbox_depth"] == 50 and st["outbox_dropped"] == 30
+        broker.start()
+        assert _wait(lambda: link.connected and link.stats()["outbox_depth"] == 0, 15)
+        link.publish_telemetry({"fps": 1.0})
+        assert col.wait_for(lambda c: len(c.of_kind("telemetry")) >= 1, 10)
+        assert col.wait_ids(50, 10)
+        assert sorted(b["seq"] for b in _results(col)) == list(range(31, 81))     # the newest 50
+        tele = col.of_kind("telemetry")[-1].json()
+        assert tele["outbox"]["dropped"] == 30 and tele["fps"] == 1.0
+        link.stop()
+
+
+def test_events_images_calibration_and_birth(mosquitto, tmp_path):
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
+        link = MqttLink(_settings(mosquitto.url, tmp_path, image_min_interval_s=60),
+                        birth={"model_hash": "abc123", "calibration_version": 2}).start()
+        e1 = link.publish_event({"score": 0.9, "result_id": "r1"}, jpeg=b"\xff\xd8jpeg-bytes")
+        e2 = link.publish_event({"score": 0.8}, jpeg=b"\xff\xd8second")          # rate-limited
+        link.publish_calibration({"version": 5, "threshold": 0.42, "policy": "fpr:0.001",
+                                  "maps": {"map": {"q_a": 0.1, "q_b": 0.9, "weight": 1.0}}})
+        assert col.wait_ids(2, 10)
+        assert col.wait_for(lambda c: len(c.of_kind("event/image")) == 1 and len(c.of_kind("calibration")) >= 1, 10)
+        events = {m.json()["id"]: m.json() for m in col.of_kind("event")}
+        assert events[e1]["image"]["bytes"] == len(b"\xff\xd8jpeg-bytes") and events[e1]["type"] == "ng"
+        assert events[e2]["image"] is None and events[e2]["image_skipped"] == "rate_limited"
+        img = col.of_kind("event/image")[0]
+        assert img.payload == b"\xff\xd8jpeg-bytes"
+        assert dict(img.properties.UserProperty)["event_id"] == e1 and img.properties.ContentType == "image/jpeg"
+        cal = col.of_kind("calibration")[-1]
+        assert cal.json()["version"] == 5 and cal.json()["threshold"] == 0.42
+        assert col.wait_for(lambda c: c.of_kind("status")[-1].json().get("calibration_version") == 5, 5)
+        birth = col.of_kind("status")[-1].json()
+        assert birth["state"] == "online" and birth["model_hash"] == "abc123"
+        link.update_birth(model_hash="def456")
+        assert col.wait_for(lambda c: c.of_kind("status")[-1].json().get("model_hash") == "def456", 5)
+        link.stop()
+        assert col.wait_for(lambda c: c.of_kind("status")[-1].json()["state"] == "offline", 5)
+        assert col.of_kind("status")[-1].json()["reason"] == "stopped"
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_pki(folder, name: str = "ca"):
+    """A test CA and a server (localhost) and client certificate signed by it, EC P-256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+             "-subj", f"/CN=edge-ad test {name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
+    for who, usage, san in (("server", "serverAuth", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"),
+                            ("client", "clientAuth", "")):
+        (folder / f"{who}.ext").write_text(f"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                           f"extendedKeyUsage={usage}\n{san}authorityKeyIdentifier=keyid\n"
+                                           "subjectKeyIdentifier=hash\n")
+        _openssl("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj",
+                 f"/CN={'localhost' if who == 'server' else 'edge-ad-client'}", cwd=folder)
+        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", f"{name}.pem", "-CAkey", f"{name}.key",
+                 "-CAcreateserial", "-out", f"{who}.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=folder)
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a test CA")
+def test_tls_with_a_test_ca_and_client_certificate(mosquitto_factory, tmp_path):
+    pki = _make_pki(tmp_path / "pki")
+    broker = mosquitto_factory(tls=TlsFiles(pki / "ca.pem", pki / "server.pem", pki / "server.key"))
+    assert broker.url.startswith("mqtts://localhost:")
+    tls = {"ca_file": pki / "ca.pem", "cert_file": pki / "client.pem", "key_file": pki / "client.key"}
+    with Collector(BrokerSettings(url=broker.url, **tls), "edge-ad/v1/t/+/result") as col:
+        link = MqttLink(_settings(broker.url, tmp_path, **tls)).start()
+        rid = link.publish_result({"score": 0.5, "ng": False})
+        assert col.wait_ids(1, 10) and col.unique_ids() == {rid}
+        link.stop()
+    # a client that trusts another CA does not connect, and says why
+    other = _make_pki(tmp_path / "other", "otherca")
+    bad = MqttLink(_settings(broker.url, tmp_path, device="bad", ca_file=other / "otherca.pem",
+                             cert_file=pki / "client.pem", key_file=pki / "client.key")).start()
+    bad.publish_result({"score": 0.5, "ng": False})
+    time.sleep(1.0)
+    assert not bad.connected and bad.stats()["outbox_depth"] == 1
+    assert bad.stats()["last_error"]
+    bad.stop(timeout=1)
+
+
+@pytest.mark.skipif(find_mosquitto_passwd() is None, reason="needs mosquitto_passwd")
+def test_password_from_environment_and_never_logged(mosquitto_factory, tmp_path, monkeypatch, caplog):
+    pw = make_password_file(tmp_path / "passwd", {"edge": "Sup3r-Secret"})
+    broker = mosquitto_factory(password_file=pw)
+    caplog.set_level(logging.DEBUG, logger="edge_ad")
+    monkeypatch.setenv("EDGE_AD_MQTT_USERNAME", "edge")
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", "Sup3r-Secret")
+    good = MqttLink(_settings(broker.url, tmp_path)).start()
+    assert _wait(lambda: good.connected, 10)
+    good.stop()
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", "wrong-Secret")
+    bad = MqttLink(_settings(broker.url.replace("mqtt://", "mqtt://edge:wrong-Url-Secret@"), tmp_path,
+                             device="d2")).start()
+    assert _wait(lambda: bad.stats()["last_error"] and "refused" in bad.stats()["last_error"], 10)
+    assert not bad.connected
+    bad.stop(timeout=1)
+    text = caplog.text
+    assert "Sup3r-Secret" not in text and "wrong-Secret" not in text and "wrong-Url-Secret" not in text
+
+
+def test_mqtt_311_mode(mosquitto, tmp_path):
+    broker = BrokerSettings(url=mosquitto.url, protocol="3.1.1")
+    with Collector(broker, "edge-ad/v1/t/+/result") as col:
+        link = MqttLink(_settings(mosquitto.url, tmp_path, protocol="3.1.1")).start()
+        rid = link.publish_result({"score": 0.1, "ng": False})
+        assert col.wait_ids(1, 10) and col.unique_ids() == {rid}
+        link.stop()

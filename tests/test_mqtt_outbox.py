@@ -1,0 +1,122 @@
+"""The SQLite outbox: order, persistence, per-kind sequence numbers, bounds (oldest / images dropped first)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+
+from edge_ad.errors import InputError
+from edge_ad.mqtt.outbox import Outbox
+
+
+def _json(seq: int, **kw) -> bytes:
+    return json.dumps({"seq": seq, **kw}).encode()
+
+
+def test_order_seq_and_wal(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+    for i in range(5):
+        ob.put("result", "t/result", lambda seq, i=i: _json(seq, i=i), msg_id=f"r{i}")
+    ob.put("event", "t/event", lambda seq: _json(seq))
+    rows = ob.fetch_after(0, 100)
+    assert [r.msg_id for r in rows[:5]] == [f"r{i}" for i in range(5)]
+    assert [json.loads(r.payload)["seq"] for r in rows] == [1, 2, 3, 4, 5, 1]     # per-kind counters
+    assert ob.depth == 6 and ob.bytes == sum(len(r.payload) for r in rows)
+    assert [r.id for r in ob.fetch_after(rows[2].id, 2)] == [rows[3].id, rows[4].id]
+    mode = sqlite3.connect(tmp_path / "o.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    ob.close()
+
+
+def test_delete_and_persistence_across_reopen(tmp_path):
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path)
+    ids = [ob.put("result", "t", lambda s: _json(s))[0] for _ in range(10)]
+    assert ob.delete(ids[:4] + [999_999]) == 4          # unknown ids are ignored
+    assert ob.delete(ids[:4]) == 0                       # deleting twice is harmless
+    instance = ob.instance
+    ob.close()
+    ob = Outbox(path)
+    assert ob.depth == 6 and ob.instance == instance
+    assert [r.id for r in ob.fetch_after(0, 100)] == ids[4:]
+    _, seq = ob.put("result", "t", lambda s: _json(s))
+    assert seq == 11                                      # the sequence survives a restart
+    assert [r.id for r in ob.fetch_ids([ids[5], ids[4], 12345])] == [ids[4], ids[5]]
+    ob.close()
+
+
+def test_count_bound_drops_oldest_and_counts(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=10)
+    for _ in range(25):
+        ob.put("result", "t", lambda s: _json(s))
+    seqs = [json.loads(r.payload)["seq"] for r in ob.fetch_after(0, 100)]
+    assert seqs == list(range(16, 26))
+    assert ob.depth == 10 and ob.dropped == 15
+    ob.close()
+    assert Outbox(tmp_path / "o.sqlite", max_messages=10).dropped == 15   # the counter is persisted
+
+
+def test_byte_bound_drops_images_first(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=1000, max_bytes=10_000)
+    ob.put("result", "t/result", b"r" * 1000)
+    ob.put("image", "t/event/image", b"i" * 4000, msg_id="e1")
+    ob.put("result", "t/result", b"r" * 1000)
+    ob.put("image", "t/event/image", b"i" * 3000, msg_id="e2")
+    assert ob.depth == 4 and ob.bytes == 9000
+    ob.put("result", "t/result", b"r" * 1500)           # 10500 > 10000: the oldest image goes
+    kinds = [(r.kind, r.msg_id) for r in ob.fetch_after(0, 100)]
+    assert ("image", "e1") not in kinds and ("image", "e2") in kinds
+    assert ob.bytes == 6500 and ob.dropped == 1
+    ob.put("result", "t/result", b"r" * 6000)           # 12500: the other image goes
+    assert "image" not in [r.kind for r in ob.fetch_after(0, 100)]
+    assert ob.bytes == 9500 and ob.dropped == 2
+    first = ob.fetch_after(0, 1)[0].id
+    ob.put("result", "t/result", b"r" * 1000)           # 10500, no image left: the oldest result goes
+    assert ob.fetch_after(0, 1)[0].id > first
+    assert ob.bytes == 9500 and ob.dropped == 3
+    ob.close()
+
+
+def test_failed_payload_build_leaves_nothing(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+
+    def bad(seq):
+        raise InputError("result: NaN")
+
+    with pytest.raises(InputError):
+        ob.put("result", "t", bad)
+    assert ob.depth == 0 and ob.next_seq("result") == 1
+    with pytest.raises(InputError, match="kind"):
+        ob.put("bogus", "t", b"x")
+    ob.close()
+
+
+def test_concurrent_writers_and_deleter(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite", sync="normal")
+    stop = threading.Event()
+    deleted = []
+
+    def deleter():
+        after = 0
+        while not stop.is_set() or ob.depth:
+            rows = ob.fetch_after(after, 50)
+            if rows:
+                after = rows[-1].id
+                ob.delete([r.id for r in rows])
+                deleted.extend(json.loads(r.payload)["seq"] for r in rows)
+
+    t = threading.Thread(target=deleter)
+    t.start()
+    writers = [threading.Thread(target=lambda: [ob.put("result", "t", lambda s: _json(s)) for _ in range(200)])
+               for _ in range(3)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    stop.set()
+    t.join(timeout=20)
+    assert sorted(deleted) == list(range(1, 601)) and ob.depth == 0 and ob.bytes == 0
+    ob.close()

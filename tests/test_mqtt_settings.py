@@ -1,0 +1,99 @@
+"""MQTT settings: URLs, credentials (settings, URL, environment at build time), TLS files, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edge_ad.errors import InputError
+from edge_ad.mqtt import MqttSettings, redact_url
+from edge_ad.mqtt.settings import BrokerSettings, Protocol
+
+
+def test_defaults_and_derived():
+    s = MqttSettings(url="mqtt://broker.local", site="p1", device="cam-3")
+    assert (s.host, s.port, s.tls) == ("broker.local", 1883, False)
+    assert s.effective_client_id == "edge-ad-p1-cam-3"
+    assert s.effective_outbox_path.name == "outbox-p1-cam-3.sqlite"
+    t = MqttSettings(url="mqtts://10.0.0.5", site="p1", device="d")
+    assert (t.port, t.tls) == (8883, True)
+    assert MqttSettings(url="mqtt://h:1999").port == 1999
+    assert MqttSettings(url="mqtt://h", protocol="3.1.1").protocol is Protocol.V311
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("http://host", "scheme 'http'"),
+    ("mqtt://", "no host"),
+    ("mqtt://host/path", "no path"),
+    ("mqtt://host:99999", "url"),
+])
+def test_bad_url_names_the_field(url, needle):
+    with pytest.raises(InputError) as exc:
+        MqttSettings(url=url)
+    assert "mqtt.url" in str(exc.value) and needle in str(exc.value)
+
+
+def test_bad_names_and_values():
+    with pytest.raises(InputError, match=r"mqtt\.site.*topic-safe"):
+        MqttSettings(site="a/b")
+    with pytest.raises(InputError, match=r"mqtt\.device"):
+        MqttSettings(device="x+")
+    with pytest.raises(InputError, match=r"mqtt\.keepalive_s"):
+        MqttSettings(keepalive_s=1)
+    with pytest.raises(InputError, match=r"mqtt\.bogus"):
+        MqttSettings(bogus=1)
+    with pytest.raises(InputError, match=r"ca_file .* does not exist"):
+        MqttSettings(url="mqtts://h", ca_file="/nonexistent/ca.pem")
+    with pytest.raises(InputError, match="needs its key"):
+        MqttSettings(url="mqtts://h", cert_file=__file__)
+    with pytest.raises(InputError, match=r"cfg\.mqtt\.site"):
+        MqttSettings.from_mapping({"site": ""}, where="cfg.mqtt")
+
+
+def test_credentials_from_env_at_build_time(monkeypatch):
+    monkeypatch.delenv("EDGE_AD_MQTT_USERNAME", raising=False)
+    monkeypatch.delenv("EDGE_AD_MQTT_PASSWORD", raising=False)
+    before = MqttSettings()
+    assert before.credentials() == (None, None)
+    monkeypatch.setenv("EDGE_AD_MQTT_USERNAME", "edge")
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", "pw-from-env")
+    assert before.credentials() == (None, None)          # read when built, not later
+    s = MqttSettings()
+    assert s.credentials() == ("edge", "pw-from-env")
+    assert "pw-from-env" not in repr(s) and "pw-from-env" not in str(s.model_dump())
+    explicit = MqttSettings(username="u", password="p")
+    assert explicit.credentials() == ("u", "p")
+
+
+def test_url_credentials_are_used_and_redacted(monkeypatch):
+    monkeypatch.delenv("EDGE_AD_MQTT_USERNAME", raising=False)
+    monkeypatch.delenv("EDGE_AD_MQTT_PASSWORD", raising=False)
+    s = MqttSettings(url="mqtts://alice:s%40cret@broker:8883")
+    assert s.credentials() == ("alice", "s@cret")
+    assert s.safe_url == "mqtts://***@broker:8883"
+    assert "cret" not in s.safe_url
+    assert redact_url("mqtt://h:1") == "mqtt://h:1"
+    with pytest.raises(InputError) as exc:
+        MqttSettings(url="ftp://bob:hunter2@h")
+    assert "hunter2" not in str(exc.value)
+
+
+def test_command_secret_from_env(monkeypatch):
+    monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "shh")
+    s = MqttSettings()
+    assert s.command_secret is not None and s.command_secret.get_secret_value() == "shh"
+    assert "shh" not in repr(s)
+
+
+def test_broker_settings_is_the_shared_base():
+    b = BrokerSettings(url="mqtt://127.0.0.1:1")
+    assert b.port == 1 and not b.tls
+
+
+def test_mqtt_package_does_not_import_torch():
+    code = ("import sys, edge_ad.mqtt, edge_ad.mqtt.monitor, edge_ad.mqtt.broker, edge_ad.mqtt.requester, "
+            "edge_ad.mqtt.collector, edge_ad.mqtt.homeassistant; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
