@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ def export_bundle(bundle: Bundle, module=None, opset: int = DEFAULT_OPSET, progr
     buf = io.BytesIO()
     dyn = {"image": {0: "batch"}, **{n: {0: "batch"} for n in names}}
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer / constant-folding chatter; the checks below decide
             torch.onnx.export(module, (sample,), buf, input_names=["image"], output_names=names,
                               dynamic_axes=dyn, opset_version=int(opset), do_constant_folding=True,
                               dynamo=False)

@@ -43,8 +43,8 @@ def check(result, what: str = "CUDA call"):
 
 
 def _error_name(status) -> str:
-    rt = _cudart_module()
     try:
+        rt = _cudart_module()
         err, name = rt.cudaGetErrorName(status)
         if int(getattr(err, "value", err)) == 0:
             return name.decode() if isinstance(name, bytes) else str(name)

@@ -1,0 +1,93 @@
+"""ONNX export: the graph contract (one dynamic-batch input, the bundle's outputs), checker, parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from edge_ad import models  # noqa: E402
+from edge_ad.bundle import Bundle  # noqa: E402
+from edge_ad.compile.export import export_bundle  # noqa: E402
+from edge_ad.errors import InputError, RuntimeFailure  # noqa: E402
+from edge_ad.runtime.backends import open_backend  # noqa: E402
+
+from test_backends import make_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("export") / "b")
+
+
+def test_graph_contract_and_manifest(exported):
+    b, _ = exported
+    m = onnx.load(str(b.file("model.onnx")))
+    assert [i.name for i in m.graph.input] == ["image"]
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]
+    assert [o.name for o in m.graph.output] == ["map_st", "map_ae"]
+    assert all(o.type.tensor_type.shape.dim[0].dim_param for o in m.graph.output)
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 17
+    mf = json.loads(b.file("manifest.json").read_text())
+    assert mf["export"]["opset"] == 17 and mf["export"]["outputs"] == ["map_st", "map_ae"]
+    assert mf["files"]["model.onnx"]["sha256"] == b.model_hash("model.onnx")
+    assert mf["active"] == {"graph": "model.onnx", "precision": "fp32"}
+    b.verify(["model.onnx"])
+
+
+def test_dynamic_batch_matches_torch_with_normalization_inside(exported):
+    b, m = exported
+    rng = np.random.default_rng(0)
+    for n in (1, 3):
+        x = (rng.random((n, 3, 64, 64)) * 255).astype(np.float32)   # raw 0..255 pixels in
+        with torch.inference_mode():
+            ref = [t.numpy() for t in m(torch.from_numpy(x))]
+        with open_backend(b, "onnxruntime", "fp32", "cpu") as be:
+            out = be.infer(x)
+        for name, r in zip(m.output_names, ref):
+            assert out[name].shape == (n, 1, 8, 8) == r.shape  # PDN map at 64x64
+            assert np.max(np.abs(out[name] - r)) / np.max(np.abs(r)) <= 1e-4
+
+
+def test_reexport_drops_derived_graphs_and_resets_active(exported, tmp_path):
+    import shutil
+
+    shutil.copytree(exported[0].path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    b.add_file("model.int8.onnx", data=b.file("model.onnx").read_bytes())
+    b.add_file("quant_report.json", data=b"{}")
+    b.set_active("model.int8.onnx", "int8")
+    export_bundle(b, exported[1], progress=False)
+    b = Bundle.open(tmp_path / "b", verify=True)
+    assert not b.has("model.int8.onnx") and not b.has("quant_report.json")
+    assert "model.int8.onnx" not in b.manifest["files"]
+    assert b.active_graph == "model.onnx" and b.active_precision == "fp32"
+
+
+def test_output_name_mismatch_is_refused(tmp_path):
+    m = models.build("efficientad-s", 64, pretrained=False)
+    b = Bundle.create(tmp_path / "b", {"kind": "efficientad-s", "image_size": [64, 64], "outputs": ["map"]})
+    with pytest.raises(InputError, match=r"output_names \['map_st', 'map_ae'\] differ"):
+        export_bundle(b, m, progress=False)
+    assert not b.has("model.onnx")
+
+
+def test_gaussian_exports_features(tmp_path):
+    m = models.build("gaussian", 64, pretrained=False)
+    b = Bundle.create(tmp_path / "g", models.describe(m, "gaussian", 64, models.default_config("gaussian")))
+    export_bundle(b, m, progress=False)
+    with open_backend(b, "onnxruntime", "fp32", "cpu") as be:
+        out = be.infer(np.full((2, 3, 64, 64), 128, np.float32))
+    assert list(out) == ["feat"] and out["feat"].ndim == 4 and out["feat"].shape[0] == 2
+
+
+def test_checker_failures_are_reported(tmp_path):
+    from edge_ad.compile.export import check_graph
+
+    with pytest.raises(RuntimeFailure, match="the ONNX checker refused it"):
+        check_graph(b"not an onnx file", ["map"], (64, 64), where="x")
