@@ -1,0 +1,102 @@
+"""Deployment commands: ``edge-ad doctor``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import main
+
+
+@main.command()
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="EDGE_AD_CONFIG", help="The edge-ad run config to check (bundle, source, MQTT, paths). "
+                                            "Default: $EDGE_AD_CONFIG.")
+@click.option("--bundle", type=click.Path(path_type=Path), help="Bundle folder to verify (overrides the config).")
+@click.option("--mqtt", "mqtt_url", metavar="URL",
+              help="Broker to reach, mqtt://host[:port] or mqtts://host[:port] (overrides the config's URL).")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CA certificate for an mqtts:// broker (when not in the config).")
+@click.option("--source", metavar="URI", help="Camera / source URI to check (overrides the config).")
+@click.option("--data-dir", "data_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Folder run writes to (outbox, log, snapshots); repeatable. Default: the config's paths, "
+                   "else the outbox folder and the working directory.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default=None,
+              help="Backend run will use (tensorrt makes TensorRT, CUDA and an engine required).")
+@click.option("--min-free-mb", type=click.IntRange(0), default=256, show_default=True,
+              help="Free disk space required in each data folder.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
+              help="Seconds to wait for a broker or camera host.")
+@click.option("--strict", is_flag=True, help="Exit 1 on any warning or failed optional check too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(config, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_free_mb, timeout_s, strict, as_json):
+    """Check what this machine can do for `edge-ad run`, and say how to fix what is missing.
+
+    Exit code: 0 when `edge-ad run` can start, 1 when something it needs is missing, 2 for usage errors.
+
+    \b
+    edge-ad doctor
+    edge-ad doctor --config /etc/edge-ad/config.toml
+    edge-ad doctor --bundle bundles/tile --mqtt mqtts://broker:8883 --ca-file ca.pem --source csi://0
+    """
+    from .. import doctor as d
+    from ..errors import EdgeADError
+
+    extra: list[d.Check] = []
+    settings = None
+    mqtt = None
+    precision = None
+    if config is not None:
+        from ..config import load_settings
+
+        try:
+            settings = load_settings(config)
+            extra.append(d.Check("config", d.Status.OK, f"{config}: valid"))
+        except EdgeADError as exc:
+            extra.append(d.Check("config", d.Status.FAIL, str(exc), required=True,
+                                 fix="fix the field named above (docs: edge-ad run --help, examples/)"))
+    dirs = list(data_dirs)
+    if settings is not None:
+        bundle = bundle or settings.model.bundle
+        source = source or settings.source.uri
+        backend = backend or settings.model.backend
+        precision = settings.model.precision
+        if settings.mqtt and settings.mqtt.get("url"):
+            try:
+                mqtt = settings.mqtt_settings()
+            except EdgeADError as exc:
+                extra.append(d.Check("config", d.Status.FAIL, str(exc), required=True))
+        if not dirs:
+            out = settings.output
+            dirs += [Path(p).parent for p in (out.jsonl, settings.telemetry.path) if p is not None]
+            if out.snapshots_dir is not None:
+                dirs.append(Path(out.snapshots_dir))
+            if mqtt is not None:
+                dirs.append(mqtt.effective_outbox_path().parent)
+    if ca_file is not None and mqtt_url is None and mqtt is None:
+        raise click.UsageError("--ca-file needs --mqtt URL (or a config with an [mqtt] url)")
+    if mqtt_url is not None or ca_file is not None:
+        from ..mqtt.settings import BrokerSettings
+
+        fields = {}
+        if mqtt is not None:
+            fields = {k: getattr(mqtt, k) for k in BrokerSettings.model_fields}
+            if fields.get("password") is not None:
+                fields["password"] = fields["password"].get_secret_value()
+        if mqtt_url is not None:
+            fields["url"] = mqtt_url
+        if ca_file is not None:
+            fields["ca_file"] = ca_file
+        mqtt = BrokerSettings(**fields)  # a malformed URL is a usage error (exit 2)
+    checks = extra + d.run_checks(bundle=bundle, mqtt=mqtt, data_dirs=dirs, source=source,
+                                  backend=backend or "auto", precision=precision, min_free_mb=min_free_mb,
+                                  timeout_s=timeout_s)
+    code = d.exit_code(checks, strict)
+    if as_json:
+        click.echo(json.dumps(d.report_dict(checks, strict), indent=2, sort_keys=False, default=str))
+    else:
+        click.echo(d.format_report(checks, strict))
+    sys.exit(code)

@@ -1,0 +1,810 @@
+"""``edge-ad doctor``: what this machine can do, what is missing, and the fix for each.
+
+Every check returns a :class:`Check` (name, status, what was found, the fix). ``required`` checks are the
+ones ``edge-ad run`` cannot start without; :func:`exit_code` is 0 when none of them failed, 1 otherwise
+(``strict``: any warning or failure). Checks never raise: a probe that crashes is reported as failed.
+
+What is checked: Python, numpy, OpenCV (and its GStreamer / FFmpeg / V4L2 support), ONNX Runtime and its
+providers, TensorRT, the CUDA driver and GPUs (cuda-python, else ``nvidia-smi``, else the kernel driver
+files), the Jetson L4T / JetPack release and power mode, cameras, the MQTT broker (TCP, TLS handshake,
+MQTT CONNECT with the credentials), disk space and write access for the outbox, log and snapshots, the
+bundle's integrity and calibration, and whether a TensorRT engine exists for this GPU.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+MIN_PYTHON = (3, 10)
+MIN_NUMPY = (1, 24)
+DEFAULT_MIN_FREE_MB = 256
+
+# L4T (Jetson Linux) release -> JetPack release. Kept in step with jetson/install.sh.
+JETPACK_BY_L4T = {
+    "35.2": "5.1", "35.3": "5.1.1", "35.4": "5.1.2", "35.5": "5.1.3", "35.6": "5.1.4",
+    "36.2": "6.0 DP", "36.3": "6.0", "36.4": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1", "36.4.7": "6.2.1",
+    "38.2": "7.0", "38.4": "7.1",
+}
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass
+class Check:
+    """One line of the report. A FAIL of a ``required`` check means ``edge-ad run`` cannot start."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+    required: bool = False
+    data: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["status"] = self.status.value
+        return d
+
+
+def _ok(name, detail, **kw) -> Check:
+    return Check(name, Status.OK, detail, **kw)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", str(text))[:3])
+
+
+def _run(cmd: Sequence[str], timeout: float = 3.0) -> tuple[int, str]:
+    """(exit code, stdout+stderr) of a short command; (127, why) when it cannot run."""
+    try:
+        p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return 127, f"{cmd[0]}: not found"
+    except subprocess.TimeoutExpired:
+        return 124, f"{cmd[0]}: no answer within {timeout:g} s"
+    except OSError as exc:
+        return 126, f"{cmd[0]}: {exc}"
+    return p.returncode, (p.stdout + p.stderr).strip()
+
+
+# ---------------------------------------------------------------------------- Jetson facts
+def parse_nv_tegra_release(text: str) -> str | None:
+    """``# R36 (release), REVISION: 4.3, GCID: ...`` -> ``"36.4.3"`` (None when not that format)."""
+    m = re.search(r"#\s*R(\d+)\s*\(\w+\),\s*REVISION:\s*([0-9.]+)", text)
+    if not m:
+        return None
+    return f"{m.group(1)}.{m.group(2).strip('.')}"
+
+
+def jetpack_for_l4t(l4t: str) -> str | None:
+    """The JetPack release of an L4T version ("36.4.3" -> "6.2"); None when unknown."""
+    parts = l4t.split(".")
+    for n in (3, 2):
+        key = ".".join(parts[:n])
+        if key in JETPACK_BY_L4T:
+            return JETPACK_BY_L4T[key]
+    if parts and parts[0] == "38":
+        return "7.x"
+    return None
+
+
+def l4t_version(root: str = "/") -> str | None:
+    """This machine's L4T version from /etc/nv_tegra_release (None when not a Jetson)."""
+    p = Path(root) / "etc" / "nv_tegra_release"
+    try:
+        return parse_nv_tegra_release(p.read_text(errors="replace"))
+    except OSError:
+        pass
+    rc, out = _run(["dpkg-query", "-W", "-f=${Version}", "nvidia-l4t-core"])
+    if rc == 0 and out:
+        m = re.match(r"(\d+\.\d+(?:\.\d+)?)", out)
+        return m.group(1) if m else None
+    return None
+
+
+# ---------------------------------------------------------------------------- software
+def check_python() -> Check:
+    v = sys.version_info
+    text = f"{v.major}.{v.minor}.{v.micro} ({sys.executable})"
+    if (v.major, v.minor) < MIN_PYTHON:
+        return Check("python", Status.FAIL, text, required=True,
+                     fix="edge-ad needs Python >= 3.10: JetPack 6 ships it; on JetPack 5 run jetson/install.sh, "
+                         "which installs python3.10 and makes the venv with it")
+    venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
+    return _ok("python", text + (", venv" if venv else ""), data={"version": f"{v.major}.{v.minor}.{v.micro}",
+                                                                  "venv": venv})
+
+
+def check_numpy() -> Check:
+    try:
+        import numpy as np
+    except Exception as exc:  # noqa: BLE001 - any import failure is the finding
+        return Check("numpy", Status.FAIL, f"not importable ({exc})", required=True,
+                     fix="pip install 'numpy>=1.24,<2'")
+    if _version_tuple(np.__version__) < MIN_NUMPY:
+        return Check("numpy", Status.FAIL, f"{np.__version__} is older than 1.24", required=True,
+                     fix="pip install -U 'numpy>=1.24,<2'")
+    return _ok("numpy", np.__version__, data={"version": np.__version__})
+
+
+def parse_opencv_build(info: str) -> dict[str, bool]:
+    """Which video I/O back-ends a ``cv2.getBuildInformation()`` text says are built in."""
+    found = {"gstreamer": False, "ffmpeg": False, "v4l2": False}
+    for line in info.splitlines():
+        key, _, value = line.strip().partition(":")
+        key = key.strip().lower()
+        yes = value.strip().upper().startswith("YES")
+        if key == "gstreamer":
+            found["gstreamer"] = yes
+        elif key == "ffmpeg":
+            found["ffmpeg"] = yes
+        elif key in ("v4l/v4l2", "v4l2", "v4l"):
+            found["v4l2"] = found["v4l2"] or yes
+    return found
+
+
+def check_opencv(source_scheme: str | None = None) -> list[Check]:
+    try:
+        import cv2
+    except Exception as exc:  # noqa: BLE001
+        fix = ("on a Jetson: sudo apt install nvidia-opencv (JetPack's OpenCV, with GStreamer) and use a venv "
+               "made with --system-site-packages; elsewhere: pip install opencv-python-headless")
+        if "numpy" in str(exc).lower():
+            fix = ("this OpenCV was built against numpy 1.x: pip install 'numpy>=1.24,<2' in the venv")
+        return [Check("opencv", Status.FAIL, f"not importable ({exc})", fix=fix, required=True)]
+    where = Path(getattr(cv2, "__file__", "") or "?")
+    pip_wheel = "site-packages" in str(where) and "dist-packages" not in str(where)
+    io = parse_opencv_build(cv2.getBuildInformation())
+    origin = "pip wheel" if pip_wheel else "system"
+    out = [_ok("opencv", f"{cv2.__version__} ({origin}, {where.parent})",
+               data={"version": cv2.__version__, "path": str(where), "pip_wheel": pip_wheel, **io})]
+    need_gst = source_scheme == "csi"
+    if io["gstreamer"]:
+        out.append(_ok("gstreamer", "OpenCV has GStreamer: csi:// cameras (nvarguscamerasrc) work"))
+    else:
+        fix = ("csi:// cameras need an OpenCV with GStreamer. On a Jetson: "
+               "'pip uninstall -y opencv-python-headless' inside the venv so JetPack's OpenCV is used "
+               "(jetson/install.sh does this); v4l2:// USB cameras work without it")
+        out.append(Check("gstreamer", Status.FAIL if need_gst else Status.WARN,
+                         "OpenCV was built without GStreamer" + (" (a pip wheel)" if pip_wheel else ""),
+                         fix=fix, required=need_gst))
+    if source_scheme in ("rtsp", "rtsps", "file") and not io["ffmpeg"]:
+        out.append(Check("ffmpeg", Status.FAIL, "OpenCV was built without FFmpeg, which rtsp:// and file:// "
+                         "sources use", required=True,
+                         fix="install an OpenCV with FFmpeg (the pip wheel has it; JetPack's OpenCV has it)"))
+    if source_scheme == "v4l2" and not io["v4l2"]:
+        out.append(Check("v4l2", Status.FAIL, "OpenCV was built without V4L2", required=True,
+                         fix="install an OpenCV with V4L/V4L2 video I/O (the pip wheel and JetPack's both have it)"))
+    return out
+
+
+def check_onnxruntime(required: bool = True) -> Check:
+    try:
+        import onnxruntime as ort
+    except Exception as exc:  # noqa: BLE001
+        return Check("onnxruntime", Status.FAIL if required else Status.WARN, f"not importable ({exc})",
+                     required=required,
+                     fix="pip install onnxruntime (or onnxruntime-gpu from the Jetson Zoo for its CUDA provider)")
+    providers = list(ort.get_available_providers())
+    short = ", ".join(p.replace("ExecutionProvider", "") for p in providers)
+    return _ok("onnxruntime", f"{ort.__version__}; providers: {short}",
+               data={"version": ort.__version__, "providers": providers})
+
+
+def check_tensorrt(required: bool = False, jetson: bool = False) -> Check:
+    if importlib.util.find_spec("tensorrt") is None:
+        fix = ("sudo apt install python3-libnvinfer, and make the venv with --system-site-packages "
+               "(jetson/install.sh does both)") if jetson else \
+              "pip install tensorrt (x86-64 / SBSA), or use ONNX Runtime (the default without TensorRT)"
+        return Check("tensorrt", Status.FAIL if required else Status.WARN,
+                     "not installed: inference runs on ONNX Runtime", fix=fix, required=required)
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # noqa: BLE001
+        return Check("tensorrt", Status.FAIL if required else Status.WARN, f"installed but not importable ({exc})",
+                     required=required, fix="a TensorRT built for another Python or CUDA: reinstall the "
+                     "bindings that match this Python (jetson/install.sh)")
+    return _ok("tensorrt", str(trt.__version__), data={"version": str(trt.__version__)})
+
+
+# ---------------------------------------------------------------------------- GPU / CUDA
+def _cuda_python_driver():
+    try:
+        from cuda.bindings import driver  # cuda-python >= 12.6
+        return driver
+    except ImportError:
+        from cuda import cuda as driver  # older cuda-python
+        return driver
+
+
+def _cu(result):
+    if isinstance(result, tuple):
+        status, values = result[0], result[1:]
+    else:
+        status, values = result, ()
+    code = int(getattr(status, "value", status))
+    if code != 0:
+        raise RuntimeError(f"{getattr(status, 'name', code)}")
+    return values[0] if len(values) == 1 else values
+
+
+def _gpus_cuda_python() -> dict:
+    drv = _cuda_python_driver()
+    _cu(drv.cuInit(0))
+    version = int(_cu(drv.cuDriverGetVersion()))
+    n = int(_cu(drv.cuDeviceGetCount()))
+    gpus = []
+    attr = drv.CUdevice_attribute
+    for i in range(n):
+        dev = _cu(drv.cuDeviceGet(i))
+        name = _cu(drv.cuDeviceGetName(128, dev))
+        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace") if isinstance(name, (bytes, bytearray)) \
+            else str(name)
+        major = int(_cu(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)))
+        minor = int(_cu(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)))
+        gpus.append({"index": i, "name": name, "compute_capability": f"{major}.{minor}"})
+    return {"driver_cuda": f"{version // 1000}.{(version % 1000) // 10}", "gpus": gpus, "via": "cuda-python"}
+
+
+def _gpus_nvidia_smi() -> dict | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    rc, out = _run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"], 5.0)
+    if rc != 0:
+        return {"error": out.splitlines()[-1] if out else f"nvidia-smi exited {rc}", "gpus": [], "via": "nvidia-smi"}
+    gpus = []
+    driver = ""
+    for i, line in enumerate(l for l in out.splitlines() if l.strip()):
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) >= 3:
+            gpus.append({"index": i, "name": cells[0], "compute_capability": cells[2]})
+            driver = cells[1]
+    return {"driver": driver, "gpus": gpus, "via": "nvidia-smi"}
+
+
+def check_cuda(required: bool = False, jetson_l4t: str | None = None) -> list[Check]:
+    """The CUDA driver and GPUs; plus whether the TensorRT backend's CUDA binding is importable."""
+    info = None
+    errors = []
+    has_cuda_python = importlib.util.find_spec("cuda") is not None
+    if has_cuda_python:
+        try:
+            info = _gpus_cuda_python()
+        except Exception as exc:  # noqa: BLE001 - no driver, no device, an old binding
+            errors.append(f"cuda-python: {exc}")
+    if info is None or not info.get("gpus"):
+        smi = _gpus_nvidia_smi()
+        if smi and smi.get("gpus"):
+            info = smi
+        elif smi and smi.get("error"):
+            errors.append(f"nvidia-smi: {smi['error']}")
+    out: list[Check] = []
+    if info and info.get("gpus"):
+        gpus = ", ".join(f"{g['name']} (sm_{g['compute_capability'].replace('.', '')})" for g in info["gpus"])
+        drv = info.get("driver_cuda") or info.get("driver") or "?"
+        what = "CUDA driver API" if "driver_cuda" in info else "driver"
+        out.append(_ok("cuda", f"{what} {drv}; {len(info['gpus'])} GPU(s): {gpus} [via {info['via']}]", data=info))
+    else:
+        proc = Path("/proc/driver/nvidia/version")
+        if proc.is_file():
+            first = proc.read_text(errors="replace").splitlines()[0] if proc.stat().st_size else ""
+            detail = f"kernel driver present ({first.strip()[:80]})"
+        elif jetson_l4t or glob.glob("/dev/nvhost-ctrl-gpu") or Path("/dev/nvgpu").exists():
+            detail = f"Jetson integrated GPU (L4T {jetson_l4t or '?'})"
+        else:
+            detail = ""
+        if detail:
+            fix = "pip install cuda-python matching the CUDA version (jetson/install.sh picks it) to query the GPU"
+            if errors:
+                detail += "; " + "; ".join(errors)
+                fix = ("the CUDA driver did not answer: check that this user is in the 'video' group "
+                       "(sudo usermod -aG video $USER, then log in again) and that no container hides /dev/nv*")
+            out.append(Check("cuda", Status.WARN, detail, fix=fix, data={"errors": errors}))
+        else:
+            out.append(Check("cuda", Status.FAIL if required else Status.WARN,
+                             "no NVIDIA GPU found" + (f" ({'; '.join(errors)})" if errors else "")
+                             + ": inference runs on the CPU", required=required,
+                             fix="on a Jetson, flash JetPack; on a PC, install the NVIDIA driver"))
+    if importlib.util.find_spec("tensorrt") is not None:
+        binding = "cuda-python" if has_cuda_python else ("pycuda" if importlib.util.find_spec("pycuda") else "")
+        if binding:
+            out.append(_ok("cuda-binding", f"{binding} (used by the TensorRT backend)"))
+        else:
+            out.append(Check("cuda-binding", Status.FAIL if required else Status.WARN,
+                             "TensorRT is installed but neither cuda-python nor pycuda is", required=required,
+                             fix="pip install cuda-python matching the CUDA major.minor, e.g. "
+                                 "'cuda-python==12.6.*' on JetPack 6.1/6.2 (jetson/install.sh does it)"))
+    return out
+
+
+def check_platform() -> Check:
+    l4t = l4t_version()
+    if not l4t:
+        import platform
+        return Check("platform", Status.SKIP, f"not a Jetson ({platform.machine()}, {platform.system()})")
+    jp = jetpack_for_l4t(l4t) or "unknown JetPack"
+    detail = f"Jetson L4T R{l4t} (JetPack {jp})"
+    data: dict[str, Any] = {"l4t": l4t, "jetpack": jp}
+    model = Path("/proc/device-tree/model")
+    if model.is_file():
+        name = model.read_bytes().rstrip(b"\0").decode(errors="replace")
+        detail += f", {name}"
+        data["model"] = name
+    if shutil.which("nvpmodel"):
+        rc, out = _run(["nvpmodel", "-q"], 3.0)
+        m = re.search(r"NV Power Mode:\s*(\S+)", out)
+        if rc == 0 and m:
+            mode = m.group(1)
+            nums = re.findall(r"^\s*(\d+)\s*$", out, re.M)
+            detail += f", power mode {mode}" + (f" ({nums[-1]})" if nums else "")
+            data["power_mode"] = mode
+    fix = "" if jetpack_for_l4t(l4t) else "an L4T release this version of edge-ad was not tested on"
+    return Check("platform", Status.OK if not fix else Status.WARN, detail, fix=fix, data=data)
+
+
+# ---------------------------------------------------------------------------- cameras
+def _video_devices() -> list[dict]:
+    out = []
+    for dev in sorted(glob.glob("/dev/video*"), key=lambda p: int(re.sub(r"\D", "", p) or 0)):
+        name_file = Path("/sys/class/video4linux") / Path(dev).name / "name"
+        try:
+            name = name_file.read_text().strip()
+        except OSError:
+            name = ""
+        out.append({"device": dev, "name": name, "access": os.access(dev, os.R_OK | os.W_OK)})
+    return out
+
+
+def _argus() -> tuple[bool, str]:
+    """(daemon present, state) for nvargus-daemon (Jetson CSI cameras)."""
+    if not (shutil.which("nvargus-daemon") or Path("/usr/sbin/nvargus-daemon").exists()):
+        return False, "absent"
+    if shutil.which("systemctl"):
+        rc, out = _run(["systemctl", "is-active", "nvargus-daemon"], 3.0)
+        return True, out.strip() or ("active" if rc == 0 else "unknown")
+    return True, "unknown"
+
+
+def check_cameras(source: str | None = None) -> list[Check]:
+    devices = _video_devices()
+    present, argus = _argus()
+    listing = ", ".join(f"{d['device']}" + (f" ({d['name']})" if d["name"] else "") for d in devices)
+    detail = (listing or "no /dev/video* devices") + (f"; nvargus-daemon {argus}" if present else "")
+    data = {"devices": devices, "nvargus": argus}
+    if source is None:
+        if devices or present:
+            return [_ok("cameras", detail, data=data)]
+        return [Check("cameras", Status.WARN, detail, data=data,
+                      fix="plug in a USB camera (then it shows as /dev/videoN) or connect a CSI camera; "
+                          "file://, rtsp:// and synthetic:// sources need none")]
+    out = [_ok("cameras", detail, data=data)] if (devices or present) else \
+        [Check("cameras", Status.SKIP, detail, data=data)]
+    out.append(check_source(source, devices, present, argus))
+    return out
+
+
+def check_source(uri: str, devices: list[dict] | None = None, argus_present: bool | None = None,
+                 argus_state: str = "") -> Check:
+    """The configured source: the device exists and is accessible, the file exists, the host answers."""
+    from .errors import InputError
+
+    try:
+        from .runtime.sources import parse_uri, redact_uri
+        spec = parse_uri(uri)
+        scheme, target, safe = spec.scheme, spec.target, redact_uri(uri)
+    except InputError as exc:
+        return Check("source", Status.FAIL, str(exc), required=True, fix="fix the source URI (see docs of edge-ad run)")
+    if scheme == "v4l2":
+        dev = f"/dev/video{target}" if str(target).isdigit() else str(target)
+        if not os.path.exists(dev):
+            return Check("source", Status.FAIL, f"{safe}: {dev} does not exist", required=True,
+                         fix="plug the camera in (ls /dev/video*; v4l2-ctl --list-devices) or fix the URI")
+        if not os.access(dev, os.R_OK | os.W_OK):
+            return Check("source", Status.FAIL, f"{safe}: no read/write access to {dev}", required=True,
+                         fix="add the user to the 'video' group: sudo usermod -aG video $USER (the service user "
+                             "made by jetson/install.sh is in it)")
+        return _ok("source", f"{safe}: {dev} present and accessible")
+    if scheme == "csi":
+        if argus_present is None:
+            argus_present, argus_state = _argus()
+        if not argus_present:
+            return Check("source", Status.FAIL, f"{safe}: nvargus-daemon not found (not a Jetson?)", required=True,
+                         fix="csi:// needs a Jetson with JetPack (nvargus-daemon); use v4l2:// for a USB camera")
+        if argus_state not in ("active", "unknown"):
+            return Check("source", Status.WARN, f"{safe}: nvargus-daemon is {argus_state}",
+                         fix="sudo systemctl enable --now nvargus-daemon")
+        return _ok("source", f"{safe}: nvargus-daemon {argus_state}")
+    if scheme in ("rtsp", "rtsps"):
+        from urllib.parse import urlsplit
+        parts = urlsplit(uri)
+        port = parts.port or 554
+        err = _tcp_probe(parts.hostname or "", port, 3.0)
+        if err:
+            return Check("source", Status.WARN, f"{safe}: {err}",
+                         fix="check the camera's address and network; run reconnects with back-off meanwhile")
+        return _ok("source", f"{safe}: {parts.hostname}:{port} answers")
+    if scheme == "file":
+        p = Path(target)
+        if not p.is_file():
+            return Check("source", Status.FAIL, f"{safe}: {p} not found", required=True, fix="fix the path")
+        return _ok("source", f"{safe}: {p} ({p.stat().st_size} bytes)")
+    if scheme == "dir":
+        p = Path(target)
+        if not p.is_dir():
+            return Check("source", Status.FAIL, f"{safe}: folder {p} not found", required=True, fix="fix the path")
+        return _ok("source", f"{safe}: folder {p}")
+    return _ok("source", f"{safe}: generated frames, no camera needed")
+
+
+# ---------------------------------------------------------------------------- broker
+def _tcp_probe(host: str, port: int, timeout: float) -> str:
+    """'' when a TCP connection opens, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return ""
+    except socket.gaierror as exc:
+        return f"cannot resolve host '{host}' ({exc.strerror or exc})"
+    except socket.timeout:
+        return f"{host}:{port}: no answer within {timeout:g} s (firewall or wrong address?)"
+    except ConnectionRefusedError:
+        return f"{host}:{port}: connection refused (nothing listens there)"
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+
+
+def _tls_context(settings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    if settings.cert_file:
+        ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    if settings.tls_insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+def _mqtt_connect(settings, timeout: float) -> tuple[bool, str]:
+    """MQTT CONNECT with the settings' credentials and protocol: (accepted, reason)."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    v5 = str(getattr(settings.protocol, "value", settings.protocol)) == "5"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-ad-doctor-{os.getpid()}",
+                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+    user, password = settings.credentials()
+    if user is not None:
+        client.username_pw_set(user, password)
+    if settings.tls:
+        client.tls_set_context(_tls_context(settings))
+        if settings.tls_insecure:
+            client.tls_insecure_set(True)
+    done = threading.Event()
+    result: dict[str, Any] = {}
+
+    def on_connect(_c, _u, _flags, reason_code, _props=None):
+        result["ok"] = not reason_code.is_failure
+        result["reason"] = str(reason_code)
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(settings.host, settings.port, keepalive=max(5, int(timeout) + 5))
+    except Exception as exc:  # noqa: BLE001
+        return False, f"connect failed: {exc}"
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            return False, f"no CONNACK within {timeout:g} s (is this an MQTT broker? MQTT v5 refused?)"
+        return bool(result.get("ok")), str(result.get("reason"))
+    finally:
+        try:
+            client.disconnect()
+        finally:
+            client.loop_stop()
+
+
+def check_broker(settings, timeout: float = 3.0) -> list[Check]:
+    """TCP connect, TLS handshake (mqtts://) and MQTT CONNECT. Never required: ``run`` starts without a
+    broker (results wait in the outbox), so an unreachable broker is a warning and a refused TLS or login
+    (which will not fix itself) a failure of an optional check."""
+    url = settings.safe_url
+    err = _tcp_probe(settings.host, settings.port, timeout)
+    if err:
+        return [Check("broker", Status.WARN, f"{url}: {err}",
+                      fix="start the broker or fix mqtt.url; edge-ad run keeps results in its outbox meanwhile")]
+    checks = []
+    if settings.tls:
+        try:
+            ctx = _tls_context(settings)
+            with socket.create_connection((settings.host, settings.port), timeout=timeout) as raw:
+                with ctx.wrap_socket(raw, server_hostname=settings.host) as tls:
+                    version = tls.version()
+                    cert = tls.getpeercert() or {}
+            subject = dict(x[0] for x in cert.get("subject", ()) if x)
+            checks.append(_ok("broker-tls", f"{url}: {version}, certificate of '{subject.get('commonName', '?')}' "
+                                            "verified" + (" (host name not checked)" if settings.tls_insecure else "")))
+        except ssl.SSLCertVerificationError as exc:
+            return [Check("broker-tls", Status.FAIL, f"{url}: certificate not trusted ({exc.verify_message})",
+                          fix="set mqtt.ca_file to the CA that signed the broker's certificate "
+                              "(tls_insecure only skips the host name check)")]
+        except (ssl.SSLError, OSError) as exc:
+            return [Check("broker-tls", Status.FAIL, f"{url}: TLS handshake failed ({exc})",
+                          fix="is this port TLS (8883)? check the broker's TLS listener, ca_file, cert_file, key_file")]
+    try:
+        ok, reason = _mqtt_connect(settings, timeout)
+    except Exception as exc:  # noqa: BLE001
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
+    if ok:
+        checks.append(_ok("broker", f"{url}: MQTT CONNECT accepted ({reason})"))
+    else:
+        fix = "check mqtt.username / password (or EDGE_AD_MQTT_USERNAME / EDGE_AD_MQTT_PASSWORD) and the broker's ACL"
+        if "CONNACK" in reason:
+            fix = "check that this port is an MQTT listener; for a 3.1.1-only broker set mqtt.protocol = \"3.1.1\""
+        checks.append(Check("broker", Status.FAIL, f"{url}: MQTT CONNECT refused: {reason}", fix=fix))
+    return checks
+
+
+# ---------------------------------------------------------------------------- disk
+def _existing_ancestor(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_disk(dirs: Iterable[str | os.PathLike], min_free_mb: int = DEFAULT_MIN_FREE_MB) -> list[Check]:
+    """Each folder the run writes to: writable (or creatable), and at least ``min_free_mb`` MiB free."""
+    out = []
+    seen = set()
+    for d in dirs:
+        p = Path(d).expanduser()
+        if p in seen:
+            continue
+        seen.add(p)
+        base = _existing_ancestor(p)
+        if not base.is_dir():
+            out.append(Check("disk", Status.FAIL, f"{p}: {base} is not a folder, so {p} cannot be created",
+                             required=True, fix="choose another folder (--data-dir / the config's paths)"))
+            continue
+        try:
+            with tempfile.NamedTemporaryFile(dir=base, prefix=".edge-ad-doctor-"):
+                pass
+        except OSError as exc:
+            out.append(Check("disk", Status.FAIL, f"{p}: cannot write in {base} ({exc.strerror or exc})",
+                             required=True, fix=f"give the service user write access: sudo chown -R edge-ad {base}"))
+            continue
+        usage = shutil.disk_usage(base)
+        free_mb = usage.free / 2**20
+        detail = (f"{p}{'' if base == p.absolute() else f' (to be created in {base})'}: "
+                  f"{free_mb / 1024:.1f} GiB free of {usage.total / 2**30:.1f} GiB")
+        data = {"path": str(p), "free_mb": round(free_mb, 1), "total_mb": round(usage.total / 2**20, 1)}
+        if free_mb < min_free_mb:
+            out.append(Check("disk", Status.FAIL, detail + f", below the {min_free_mb} MiB needed", required=True,
+                             data=data, fix="free disk space, or lower outbox_max_bytes / snapshots_max_bytes"))
+        elif free_mb < 4 * min_free_mb:
+            out.append(Check("disk", Status.WARN, detail + " (getting low)", data=data,
+                             fix="free disk space before the outbox and snapshots fill it"))
+        else:
+            out.append(_ok("disk", detail, data=data))
+    return out
+
+
+# ---------------------------------------------------------------------------- bundle and engine
+def check_bundle(path: str | os.PathLike) -> tuple[list[Check], Any]:
+    """Integrity (sha256 of every file), calibration and the active graph. Returns (checks, bundle|None)."""
+    from .bundle import Bundle
+    from .errors import EdgeADError
+
+    try:
+        b = Bundle.open(path, verify=True)
+    except EdgeADError as exc:
+        return [Check("bundle", Status.FAIL, str(exc), required=True,
+                      fix="copy the bundle again (edge-ad bundle install) or re-create it (edge-ad train)")], None
+    checks = []
+    n = len(b.manifest.get("files", {}))
+    h, w = b.image_size
+    detail = f"{b.path}: {b.kind} {h}x{w}, {n} files verified, active {b.active_graph} ({b.active_precision})"
+    problems = []
+    try:
+        b.graph_for(None)
+    except EdgeADError as exc:
+        problems.append(str(exc))
+    try:
+        cal = b.calibration()
+        detail += f", calibration v{cal.version} (threshold {cal.threshold:.4g})"
+    except EdgeADError as exc:
+        problems.append(str(exc))
+    if problems:
+        checks.append(Check("bundle", Status.FAIL, detail + "; " + "; ".join(problems), required=True,
+                            fix="finish the bundle: edge-ad train writes the graph and calibration; "
+                                "edge-ad calibrate refits the calibration"))
+    else:
+        checks.append(_ok("bundle", detail, data={"kind": b.kind, "files": n, "precision": b.active_precision}))
+    if not os.access(b.path, os.W_OK):
+        checks.append(Check("bundle-writable", Status.WARN, f"{b.path} is read-only for this user",
+                            fix="recalibration writes calibration.d/ in the bundle: give the service user write "
+                                "access (sudo chown -R edge-ad BUNDLE)"))
+    return checks, b
+
+
+def check_engine(bundle, required: bool = False, precision: str | None = None) -> Check:
+    """Whether a TensorRT engine built for this GPU and TensorRT version is in the bundle."""
+    engines = sorted(p.name for p in bundle.engines_dir.glob("*.engine")) if bundle.engines_dir.is_dir() else []
+    listing = f"{len(engines)} engine(s) in the bundle" + (f": {', '.join(engines)}" if engines else "")
+    try:
+        from .runtime.backends import tensorrt_usable
+        ok, why = tensorrt_usable()
+    except Exception as exc:  # noqa: BLE001
+        ok, why = False, f"TensorRT backend not available ({exc})"
+    if not ok:
+        status = Status.FAIL if required else Status.SKIP
+        return Check("engine", status, f"{listing}; {why}: ONNX Runtime runs the ONNX graph", required=required,
+                     fix="engines are built on the device itself: install TensorRT, then "
+                         f"edge-ad compile --bundle {bundle.path}" if required else "")
+    from .runtime.backends import engine_cache
+    from .runtime.backends.cuda import cuda_api
+    from .runtime.backends.tensorrt import current_target, import_tensorrt
+
+    target = current_target(import_tensorrt(), cuda_api(), 0)
+    wanted = precision or bundle.active_precision
+    order = [wanted] + [p for p in ("int8", "fp16", "fp32") if p != wanted]
+    usable, reasons = [], []
+    for prec in order:
+        chk = engine_cache.check(bundle, prec, target)
+        if chk.ok:
+            usable.append(prec)
+        elif prec == wanted:
+            reasons.append(chk.reason)
+    where = f"{target.gpu_name} {target.sm}, TensorRT {target.trt_version}"
+    if wanted in usable:
+        return _ok("engine", f"{wanted} engine for {where} present and verified",
+                   data={"usable": usable, "target": where})
+    detail = f"no usable {wanted} engine for {where}" + (f" ({reasons[0]})" if reasons else "")
+    if usable:
+        detail += f"; usable: {', '.join(usable)}"
+    return Check("engine", Status.FAIL if required else Status.WARN, detail, required=required,
+                 data={"usable": usable, "target": where, "engines": engines},
+                 fix=f"edge-ad compile --bundle {bundle.path} --precision {wanted if wanted != 'fp32' else 'fp16'} "
+                     "(on this device; takes minutes)")
+
+
+def check_service(unit: str = "edge-ad.service") -> Check:
+    if not shutil.which("systemctl"):
+        return Check("service", Status.SKIP, "no systemd here")
+    rc, out = _run(["systemctl", "show", unit, "--property=LoadState,ActiveState,SubState,UnitFileState"], 3.0)
+    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    if rc != 0 or not props:
+        why = (out.splitlines() or ["no answer"])[0].strip()
+        return Check("service", Status.SKIP, f"{unit}: systemd not answering ({why[:100]})")
+    if props.get("LoadState") == "not-found":
+        return Check("service", Status.SKIP, f"{unit} not installed (jetson/install.sh installs it)")
+    return _ok("service", f"{unit}: {props.get('ActiveState')} ({props.get('SubState')}), "
+                          f"{props.get('UnitFileState') or 'unknown'} at boot", data=props)
+
+
+# ---------------------------------------------------------------------------- all together
+def default_outbox_dir() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "edge-ad"
+
+
+def _safe(name: str, fn: Callable[[], Check | list[Check]], required: bool = False) -> list[Check]:
+    try:
+        res = fn()
+    except Exception as exc:  # noqa: BLE001 - a crashing probe is itself a finding
+        return [Check(name, Status.FAIL if required else Status.WARN,
+                      f"the check itself failed: {type(exc).__name__}: {exc}", required=required)]
+    return res if isinstance(res, list) else [res]
+
+
+def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Sequence[str | os.PathLike] = (),
+               source: str | None = None, backend: str = "auto", precision: str | None = None,
+               min_free_mb: int = DEFAULT_MIN_FREE_MB, timeout_s: float = 3.0,
+               service: bool = True) -> list[Check]:
+    """Run every check. ``mqtt``: a :class:`edge_ad.mqtt.settings.BrokerSettings` (or None: skipped);
+    ``data_dirs``: folders ``run`` writes (default: the outbox folder and the working directory);
+    ``backend``: what ``run`` will use ("tensorrt" makes TensorRT, CUDA and the engine required)."""
+    need_trt = backend == "tensorrt"
+    scheme = source.split("://", 1)[0].lower() if source and "://" in source else None
+    l4t = None
+    try:
+        l4t = l4t_version()
+    except Exception:  # noqa: BLE001
+        pass
+    checks: list[Check] = []
+    checks += _safe("python", check_python, True)
+    checks += _safe("numpy", check_numpy, True)
+    checks += _safe("opencv", lambda: check_opencv(scheme), True)
+    checks += _safe("onnxruntime", lambda: check_onnxruntime(required=not need_trt), not need_trt)
+    checks += _safe("tensorrt", lambda: check_tensorrt(need_trt, jetson=bool(l4t)), need_trt)
+    checks += _safe("cuda", lambda: check_cuda(need_trt, l4t), need_trt)
+    checks += _safe("platform", check_platform)
+    checks += _safe("cameras", lambda: check_cameras(source), bool(source))
+    if mqtt is not None:
+        checks += _safe("broker", lambda: check_broker(mqtt, timeout_s))
+    else:
+        checks.append(Check("broker", Status.SKIP, "no broker given (--mqtt URL or a config with [mqtt])"))
+    dirs = list(data_dirs) or [default_outbox_dir(), Path.cwd()]
+    checks += _safe("disk", lambda: check_disk(dirs, min_free_mb), True)
+    if bundle is not None:
+        found: list = [None]
+
+        def _bundle():
+            res, found[0] = check_bundle(bundle)
+            return res
+
+        checks += _safe("bundle", _bundle, True)
+        if found[0] is not None:
+            checks += _safe("engine", lambda: check_engine(found[0], need_trt, precision), need_trt)
+    else:
+        checks.append(Check("bundle", Status.SKIP, "no bundle given (--bundle DIR or a config)"))
+    if service:
+        checks += _safe("service", check_service)
+    return checks
+
+
+def exit_code(checks: Sequence[Check], strict: bool = False) -> int:
+    """0 when ``run`` can start (no required check failed; with ``strict`` also no warning or failure)."""
+    bad = [c for c in checks if c.status == Status.FAIL and (c.required or strict)]
+    if strict:
+        bad += [c for c in checks if c.status == Status.WARN]
+    return 1 if bad else 0
+
+
+def summary(checks: Sequence[Check], strict: bool = False) -> str:
+    blocking = [c.name for c in checks if c.status == Status.FAIL and c.required]
+    optional = [c.name for c in checks if c.status == Status.FAIL and not c.required]
+    warns = [c.name for c in checks if c.status == Status.WARN]
+    if blocking:
+        head = f"edge-ad run cannot start: {', '.join(dict.fromkeys(blocking))}"
+    else:
+        head = "edge-ad run can start"
+    tail = []
+    if optional:
+        tail.append(f"failed (not needed to start): {', '.join(dict.fromkeys(optional))}")
+    if warns:
+        tail.append(f"warnings: {', '.join(dict.fromkeys(warns))}")
+    if strict and (optional or warns) and not blocking:
+        head += ", but --strict counts these"
+    return head + (" (" + "; ".join(tail) + ")" if tail else "")
+
+
+_MARK = {Status.OK: "  ok", Status.WARN: "warn", Status.FAIL: "FAIL", Status.SKIP: "  - "}
+
+
+def format_report(checks: Sequence[Check], strict: bool = False) -> str:
+    width = max(len(c.name) for c in checks) if checks else 8
+    lines = []
+    for c in checks:
+        mark = _MARK[c.status]
+        lines.append(f"[{mark}] {c.name.ljust(width)}  {c.detail}")
+        if c.fix and c.status in (Status.WARN, Status.FAIL):
+            lines.append(f"       {' ' * width}  fix: {c.fix}")
+    lines.append("")
+    lines.append(summary(checks, strict))
+    return "\n".join(lines)
+
+
+def report_dict(checks: Sequence[Check], strict: bool = False) -> dict:
+    code = exit_code(checks, strict)
+    return {"ok": code == 0, "exit_code": code, "strict": strict, "summary": summary(checks, strict),
+            "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checks": [c.to_dict() for c in checks]}

@@ -1,0 +1,266 @@
+"""edge-ad doctor: each check against the real thing (files, sockets, Mosquitto, OpenSSL), and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge_ad import doctor as d
+from edge_ad.bundle import Bundle
+from edge_ad.cli import main
+from edge_ad.mqtt.broker import TlsFiles, free_port
+from edge_ad.mqtt.settings import BrokerSettings
+from edge_ad.scoring import Calibration, MapNorm
+
+
+def _bundle(path: Path) -> Bundle:
+    b = Bundle.create(path, {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+    b.add_file("model.onnx", data=b"an onnx graph stands here")
+    b.write_calibration(Calibration(maps={"map": MapNorm(0.0, 1.0)}, threshold=0.5))
+    return b
+
+
+def _by(checks, name):
+    return [c for c in checks if c.name == name]
+
+
+# ---------------------------------------------------------------------------- pure helpers
+def test_l4t_parsing_and_jetpack_table():
+    line = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8\n"
+    assert d.parse_nv_tegra_release(line) == "36.4.3"
+    assert d.parse_nv_tegra_release("# R35 (release), REVISION: 2.1, GCID: 32413640, BOARD: t186ref") == "35.2.1"
+    assert d.parse_nv_tegra_release("garbage") is None
+    assert d.jetpack_for_l4t("35.2.1") == "5.1"
+    assert d.jetpack_for_l4t("35.4.1") == "5.1.2"
+    assert d.jetpack_for_l4t("36.3.0") == "6.0"
+    assert d.jetpack_for_l4t("36.4.0") == "6.1"
+    assert d.jetpack_for_l4t("36.4.3") == "6.2"
+    assert d.jetpack_for_l4t("38.2.1") == "7.0"
+    assert d.jetpack_for_l4t("38.9.0") == "7.x"
+    assert d.jetpack_for_l4t("32.7.1") is None
+
+
+def test_opencv_build_info_parsing():
+    info = """
+  Video I/O:
+    DC1394:                      NO
+    FFMPEG:                      YES
+      avcodec:                   YES (58.54.100)
+    GStreamer:                   YES (1.16.3)
+    v4l/v4l2:                    YES (linux/videodev2.h)
+"""
+    assert d.parse_opencv_build(info) == {"gstreamer": True, "ffmpeg": True, "v4l2": True}
+    assert d.parse_opencv_build("    GStreamer:   NO\n    FFMPEG: NO\n") == {"gstreamer": False, "ffmpeg": False,
+                                                                             "v4l2": False}
+
+
+def test_exit_code_and_summary():
+    ok = d.Check("a", d.Status.OK, "fine")
+    warn = d.Check("b", d.Status.WARN, "meh", fix="do x")
+    opt_fail = d.Check("c", d.Status.FAIL, "broken but optional")
+    req_fail = d.Check("e", d.Status.FAIL, "broken", required=True, fix="do y")
+    assert d.exit_code([ok, warn, opt_fail]) == 0
+    assert d.exit_code([ok, warn], strict=True) == 1
+    assert d.exit_code([ok, req_fail]) == 1
+    assert "cannot start: e" in d.summary([ok, req_fail])
+    text = d.format_report([ok, warn, req_fail])
+    assert "[FAIL] e" in text and "fix: do y" in text and "fix: do x" in text
+    rep = d.report_dict([ok, warn])
+    assert rep["ok"] and rep["exit_code"] == 0 and rep["checks"][1]["status"] == "warn"
+
+
+# ---------------------------------------------------------------------------- software on this machine
+def test_software_checks_here():
+    assert d.check_python().status == d.Status.OK
+    assert d.check_numpy().status == d.Status.OK
+    cv = d.check_opencv()
+    assert cv[0].name == "opencv" and cv[0].status == d.Status.OK
+    assert cv[1].name == "gstreamer" and cv[1].status in (d.Status.OK, d.Status.WARN) and not cv[1].required
+    ort = d.check_onnxruntime()
+    assert ort.status == d.Status.OK and "CPUExecutionProvider" in ort.data["providers"]
+    trt = d.check_tensorrt()
+    assert trt.status in (d.Status.OK, d.Status.WARN) and not trt.required
+    if trt.status == d.Status.WARN:
+        assert d.check_tensorrt(required=True).status == d.Status.FAIL
+    assert all(c.status in (d.Status.OK, d.Status.WARN) for c in d.check_cuda())
+    assert d.check_platform().status in (d.Status.OK, d.Status.SKIP, d.Status.WARN)
+
+
+def test_gstreamer_required_for_csi():
+    cv = d.check_opencv("csi")
+    gst = _by(cv, "gstreamer")[0]
+    if not cv[0].data["gstreamer"]:
+        assert gst.status == d.Status.FAIL and gst.required
+
+
+# ---------------------------------------------------------------------------- sources
+def test_source_checks(tmp_path):
+    assert d.check_source("synthetic://disc").status == d.Status.OK
+    missing = d.check_source("v4l2:///dev/video97")
+    assert missing.status == d.Status.FAIL and missing.required and "/dev/video97" in missing.detail
+    assert d.check_source("v4l2://96").status == d.Status.FAIL
+    bad = d.check_source("ftp://camera")
+    assert bad.status == d.Status.FAIL and "scheme" in bad.detail
+    assert d.check_source(f"file://{tmp_path}/clip.mp4").status == d.Status.FAIL
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"x" * 10)
+    assert d.check_source(f"file://{clip}").status == d.Status.OK
+    assert d.check_source(f"dir://{tmp_path}").status == d.Status.OK
+    # an RTSP camera that does not answer is a warning: run reconnects with back-off
+    port = free_port()
+    rtsp = d.check_source(f"rtsp://user:secret@127.0.0.1:{port}/stream")
+    assert rtsp.status == d.Status.WARN and "refused" in rtsp.detail and "secret" not in rtsp.detail
+    cams = d.check_cameras("synthetic://disc")
+    assert _by(cams, "source")[0].status == d.Status.OK
+
+
+# ---------------------------------------------------------------------------- disk
+def test_disk_checks(tmp_path):
+    ok = d.check_disk([tmp_path, tmp_path / "new" / "outbox"], min_free_mb=1)
+    assert [c.status for c in ok] == [d.Status.OK, d.Status.OK]
+    assert "to be created" in ok[1].detail
+    full = d.check_disk([tmp_path], min_free_mb=10**9)
+    assert full[0].status == d.Status.FAIL and full[0].required and "below" in full[0].detail
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    under_file = d.check_disk([blocker / "sub"], min_free_mb=1)
+    assert under_file[0].status == d.Status.FAIL and "not a folder" in under_file[0].detail
+
+
+# ---------------------------------------------------------------------------- bundle and engine
+def test_bundle_checks(tmp_path):
+    b = _bundle(tmp_path / "b")
+    checks, opened = d.check_bundle(b.path)
+    assert checks[0].status == d.Status.OK and opened is not None
+    assert "calibration v1" in checks[0].detail and "files verified" in checks[0].detail
+    eng = d.check_engine(opened)
+    assert eng.status in (d.Status.SKIP, d.Status.WARN, d.Status.OK) and not eng.required
+    if eng.status == d.Status.SKIP:
+        assert d.check_engine(opened, required=True).status == d.Status.FAIL
+    # a corrupt file is refused, naming it
+    (b.path / "model.onnx").write_bytes(b"tampered")
+    checks, opened = d.check_bundle(b.path)
+    assert checks[0].status == d.Status.FAIL and checks[0].required and "model.onnx" in checks[0].detail
+    assert opened is None
+    missing, _ = d.check_bundle(tmp_path / "nope")
+    assert missing[0].status == d.Status.FAIL and "not found" in missing[0].detail
+
+
+def test_bundle_without_calibration_fails(tmp_path):
+    b = Bundle.create(tmp_path / "b", {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+    b.add_file("model.onnx", data=b"graph")
+    checks, _ = d.check_bundle(b.path)
+    assert checks[0].status == d.Status.FAIL and "calibration" in checks[0].detail
+
+
+# ---------------------------------------------------------------------------- broker
+def test_broker_unreachable_is_a_warning():
+    port = free_port()
+    checks = d.check_broker(BrokerSettings(url=f"mqtt://127.0.0.1:{port}"), timeout=1.0)
+    assert checks[0].status == d.Status.WARN and "refused" in checks[0].detail and not checks[0].required
+
+
+def test_broker_not_mqtt(tmp_path):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    try:
+        checks = d.check_broker(BrokerSettings(url=f"mqtt://127.0.0.1:{port}"), timeout=0.5)
+    finally:
+        srv.close()
+    assert checks[-1].name == "broker" and checks[-1].status == d.Status.FAIL
+    assert "CONNACK" in checks[-1].detail
+
+
+def test_broker_mosquitto(mosquitto):
+    checks = d.check_broker(BrokerSettings(url=mosquitto.url), timeout=3.0)
+    assert [c.status for c in checks] == [d.Status.OK], checks
+    assert "CONNECT accepted" in checks[0].detail
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _server_pki(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=doctor test ca",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             cwd=folder)
+    (folder / "server.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                       "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=folder)
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "2", "-extfile", "server.ext", cwd=folder)
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a test CA")
+def test_broker_tls(mosquitto_factory, tmp_path):
+    pki = _server_pki(tmp_path / "pki")
+    broker = mosquitto_factory(tls=TlsFiles(pki / "ca.pem", pki / "server.pem", pki / "server.key",
+                                            require_certificate=False))
+    good = d.check_broker(BrokerSettings(url=broker.url, ca_file=pki / "ca.pem"), timeout=3.0)
+    assert [(c.name, c.status) for c in good] == [("broker-tls", d.Status.OK), ("broker", d.Status.OK)], good
+    assert "TLSv1" in good[0].detail and "localhost" in good[0].detail
+    untrusted = d.check_broker(BrokerSettings(url=broker.url), timeout=3.0)
+    assert untrusted[0].name == "broker-tls" and untrusted[0].status == d.Status.FAIL
+    assert "not trusted" in untrusted[0].detail and "ca_file" in untrusted[0].fix
+
+
+# ---------------------------------------------------------------------------- everything, and the CLI
+def test_run_checks_and_cli(tmp_path, mosquitto):
+    b = _bundle(tmp_path / "b")
+    checks = d.run_checks(bundle=b.path, mqtt=BrokerSettings(url=mosquitto.url), data_dirs=[tmp_path],
+                          source="synthetic://disc", min_free_mb=1, service=False)
+    names = [c.name for c in checks]
+    for name in ("python", "numpy", "opencv", "onnxruntime", "tensorrt", "cuda", "platform", "cameras",
+                 "source", "broker", "disk", "bundle", "engine"):
+        assert name in names, name
+    assert d.exit_code(checks) == 0, d.format_report(checks)
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["doctor", "--json", "--bundle", str(b.path), "--mqtt", mosquitto.url,
+                               "--data-dir", str(tmp_path), "--min-free-mb", "1", "--source", "synthetic://"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["ok"] and rep["exit_code"] == 0
+    assert {c["name"]: c["status"] for c in rep["checks"]}["broker"] == "ok"
+
+    res = runner.invoke(main, ["doctor", "--bundle", str(tmp_path / "missing"), "--data-dir", str(tmp_path),
+                               "--min-free-mb", "1"])
+    assert res.exit_code == 1 and "[FAIL] bundle" in res.output and "cannot start" in res.output
+
+    res = runner.invoke(main, ["doctor", "--mqtt", "ftp://broker", "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "scheme" in res.output
+    res = runner.invoke(main, ["doctor", "--no-such-flag"])
+    assert res.exit_code == 2
+    res = runner.invoke(main, ["doctor", "--ca-file", str(b.path / "manifest.json"), "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "--ca-file needs --mqtt" in res.output
+
+
+def test_cli_with_config(tmp_path):
+    b = _bundle(tmp_path / "b")
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\nbackend = "auto"\n\n[source]\nuri = "synthetic://disc"\n\n'
+                   f'[output]\njsonl = "{tmp_path / "log" / "results.jsonl"}"\n')
+    runner = CliRunner()
+    res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    by = {c["name"]: c for c in rep["checks"]}
+    assert by["config"]["status"] == "ok" and by["bundle"]["status"] == "ok" and by["source"]["status"] == "ok"
+    assert any(str(tmp_path / "log") in c["detail"] for c in rep["checks"] if c["name"] == "disk")
+    cfg.write_text('[model]\nbundle = "x"\nbackend = "warp-drive"\n\n[source]\nuri = "synthetic://"\n')
+    res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--data-dir", str(tmp_path)])
+    assert res.exit_code == 1 and "model.backend" in res.output
+    res = runner.invoke(main, ["doctor", "--config", str(tmp_path / "absent.toml")])
+    assert res.exit_code == 2
