@@ -264,3 +264,63 @@ def test_cli_with_config(tmp_path):
     assert res.exit_code == 1 and "model.backend" in res.output
     res = runner.invoke(main, ["doctor", "--config", str(tmp_path / "absent.toml")])
     assert res.exit_code == 2
+
+
+# ---------------------------------------------------------------------------- GPU probes without a GPU
+def test_cuda_via_fake_nvidia_smi(tmp_path, monkeypatch):
+    import importlib.util
+    if importlib.util.find_spec("cuda") is not None:
+        pytest.skip("cuda-python is installed: it is asked first")
+    tool = tmp_path / "bin" / "nvidia-smi"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 550.54.15, 9.0'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:/usr/bin:/bin")
+    cuda = d.check_cuda()[0]
+    assert cuda.status == d.Status.OK and "H100" in cuda.detail and "sm_90" in cuda.detail
+    assert "550.54.15" in cuda.detail and cuda.data["via"] == "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\n"
+                    "exit 9\n")
+    broken = d.check_cuda()[0]
+    assert broken.status == d.Status.WARN and "could not communicate" in broken.detail
+
+
+def test_cuda_via_fake_cuda_python(monkeypatch):
+    """The cuda-python driver-API probe, against a stand-in with the binding's call shapes."""
+    import enum
+    import importlib.machinery
+    import sys
+    import types
+
+    class CUresult(enum.IntEnum):
+        CUDA_SUCCESS = 0
+
+    class CUdevice_attribute(enum.IntEnum):
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+
+    ok = CUresult.CUDA_SUCCESS
+    drv = types.ModuleType("cuda.bindings.driver")
+    drv.CUdevice_attribute = CUdevice_attribute
+    drv.cuInit = lambda flags: (ok,)
+    drv.cuDriverGetVersion = lambda: (ok, 12060)
+    drv.cuDeviceGetCount = lambda: (ok, 1)
+    drv.cuDeviceGet = lambda i: (ok, i)
+    drv.cuDeviceGetName = lambda n, dev: (ok, b"Orin\0\0\0")
+    drv.cuDeviceGetAttribute = lambda a, dev: (ok, 8 if a == CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+                                               else 7)
+    pkg = types.ModuleType("cuda")
+    pkg.__spec__ = importlib.machinery.ModuleSpec("cuda", None, is_package=True)
+    pkg.__path__ = []
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings", None, is_package=True)
+    bindings.__path__ = []
+    bindings.driver = drv
+    pkg.bindings = bindings
+    monkeypatch.setitem(sys.modules, "cuda", pkg)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.driver", drv)
+    cuda = d.check_cuda()[0]
+    assert cuda.status == d.Status.OK, cuda
+    assert "CUDA driver API 12.6" in cuda.detail and "Orin (sm_87)" in cuda.detail
+    assert cuda.data["via"] == "cuda-python"
