@@ -258,12 +258,17 @@ class Settings(_Section):
     config_dir: Optional[Path] = Field(None, exclude=True)
 
     def mqtt_settings(self):
-        """The validated :class:`edge_ad.mqtt.MqttSettings`, or None when MQTT is off."""
-        if not self.mqtt or not self.mqtt.get("url"):
+        """The validated :class:`edge_ad.mqtt.MqttSettings`, or None when MQTT is off (no ``[mqtt]``
+        section, or ``enabled = false`` in it)."""
+        if self.mqtt is None:
             return None
-        from .mqtt import MqttSettings
+        fields = dict(self.mqtt)
+        enabled = fields.pop("enabled", True)
+        if enabled is False or str(enabled).lower() in ("false", "0", "no", "off"):
+            return None
+        from .mqtt.settings import MqttSettings
 
-        return MqttSettings(**self.mqtt)
+        return MqttSettings(**fields)
 
     def redacted(self) -> dict:
         """The settings as a dict with secrets and credentials removed (for logs and ``status``)."""
@@ -381,11 +386,15 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         s = Settings.model_validate(tree)
     except ValidationError as exc:
         raise InputError(_format_errors(exc, origins, cfg_path)) from None
-    if s.mqtt:
+    if s.mqtt is not None:
         try:
             s.mqtt_settings()
         except ValidationError as exc:
             raise InputError(_format_errors(exc, origins, cfg_path, prefix=("mqtt",))) from None
+        except InputError as exc:  # MqttSettings names the field itself ("mqtt.url = ...: ...")
+            where = [o for k, o in origins.items() if k and k[0] == "mqtt"]
+            src = f" [from {', '.join(sorted(set(where)))} or {cfg_path or 'defaults'}]" if where else ""
+            raise InputError(f"{cfg_path or 'config'}: invalid config: {exc}{src}") from None
     base = cfg_path.resolve().parent if cfg_path is not None else None
     # only paths that came from the file are relative to the file
     s = _resolve_file_paths(s, base, file_paths)

@@ -137,7 +137,7 @@ class Service:
         self.telemetry = Telemetry(s.telemetry.tegrastats, s.telemetry.nvml, s.telemetry.interval_s)
         mqtt = s.mqtt_settings()
         if mqtt is not None:
-            from ..mqtt import MqttLink
+            from ..mqtt.link import MqttLink
 
             self.link = MqttLink(mqtt, birth=self._birth())
         self.reporter = Reporter(source_name=self.spec.safe_uri, jsonl=jsonl, snapshots=snaps, link=self.link,

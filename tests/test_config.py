@@ -1,0 +1,155 @@
+"""Settings for `edge-ad run`: TOML + EDGE_AD_* environment + flags, and errors that name the field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_ad.config import Mode, env_overrides, load_settings, parse_set_option
+from edge_ad.errors import InputError
+
+EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
+
+MINIMAL = """
+[model]
+bundle = "bundles/part"
+
+[source]
+uri = "file://clip.avi"
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "edge-ad.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_minimal_config_gets_defaults_and_paths_relative_to_the_file(tmp_path):
+    cfg = _write(tmp_path, MINIMAL + '\n[output]\njsonl = "out/results.jsonl"\nsnapshots_dir = "/abs/snaps"\n')
+    s = load_settings(cfg, environ={})
+    assert s.model.bundle == tmp_path / "bundles/part"
+    assert s.output.jsonl == tmp_path / "out/results.jsonl"
+    assert str(s.output.snapshots_dir) == "/abs/snaps"
+    assert s.source.mode is Mode.STREAM and s.source.trigger == "frame"
+    assert s.pipeline.max_batch == 4 and s.pipeline.queue_size == 2
+    assert s.model.backend == "auto" and s.model.precision is None and s.model.device is None
+    assert s.mqtt_settings() is None            # no [mqtt] section: MQTT off
+    assert s.drift.window == 200 and s.telemetry.interval_s == 10
+
+
+def test_example_config_is_valid():
+    example = Path(__file__).resolve().parents[1] / "examples" / "edge-ad.toml"
+    s = load_settings(example, environ={})
+    assert s.source.uri and s.model.bundle
+    assert s.mqtt_settings() is not None
+
+
+@pytest.mark.parametrize("text, field, words", [
+    (MINIMAL.replace('uri = "file://clip.avi"', 'uri = "file://clip.avi"\nmode = "strem"'),
+     "source.mode", ["stream", "trigger", "strem"]),
+    (MINIMAL + "\n[pipeline]\nmax_bach = 3\n", "pipeline.max_bach", ["unknown field"]),
+    (MINIMAL + "\n[pipeline]\nmax_batch = 0\n", "pipeline.max_batch", ["greater than or equal to 1"]),
+    (MINIMAL.replace("file://clip.avi", "ftp://cam/x"), "source.uri", ["unknown scheme", "ftp://"]),
+    (MINIMAL.replace("file://clip.avi", "file://clip.avi?lop=1"), "source.uri", ["lop", "loop"]),
+    (MINIMAL + "\n[decision]\nthreshold = \"high\"\n", "decision.threshold", ["high"]),
+    (MINIMAL.replace('uri = "file://clip.avi"', 'uri = "file://clip.avi"\nroi = [0, 0, 10]'),
+     "source.roi", ["[x, y, width, height]"]),
+    (MINIMAL.replace('uri = "file://clip.avi"', 'uri = "file://clip.avi"\nrotate = 45'),
+     "source.rotate", ["0, 90, 180 or 270"]),
+    (MINIMAL + "\n[calibration]\npolicy = \"fpr:2\"\n", "calibration.policy", ["fpr:P"]),
+    ('[source]\nuri = "file://x.avi"\n', "model", ["Field required"]),
+    (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\nbackend = "tensorflow"'), "model.backend",
+     ["onnxruntime", "tensorflow"]),
+])
+def test_invalid_config_names_the_field_and_the_file(tmp_path, text, field, words):
+    cfg = _write(tmp_path, text)
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, environ={})
+    msg = str(ei.value)
+    assert field in msg, msg
+    assert str(cfg) in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_settings(_write(tmp_path, "[model\nbundle=1"), environ={})
+    with pytest.raises(InputError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_environment_and_flags_override_the_file_in_order(tmp_path):
+    cfg = _write(tmp_path, MINIMAL + "\n[pipeline]\nmax_batch = 2\n")
+    env = {"EDGE_AD_PIPELINE__MAX_BATCH": "8", "EDGE_AD_SOURCE__ROI": "[1, 2, 30, 40]",
+           "EDGE_AD_SOURCE__URI": "rtsp://user:secret@10.0.0.5/stream1", "EDGE_AD_CONFIG": "ignored.toml",
+           "EDGE_AD_MQTT_PASSWORD": "not-an-override", "PATH": "/bin"}
+    s = load_settings(cfg, environ=env)
+    assert s.pipeline.max_batch == 8
+    assert s.source.roi == [1, 2, 30, 40]
+    assert s.source.uri.startswith("rtsp://")
+    s = load_settings(cfg, [parse_set_option("pipeline.max_batch=16"), (["source", "mode"], "trigger", "--mode")],
+                      environ=env)
+    assert s.pipeline.max_batch == 16 and s.source.mode is Mode.TRIGGER
+    # the log-safe view hides the camera password
+    red = json.dumps(s.redacted())
+    assert "secret" not in red and "rtsp://***@10.0.0.5/stream1" in red
+
+
+def test_an_invalid_override_names_its_origin(tmp_path):
+    cfg = _write(tmp_path, MINIMAL)
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, environ={"EDGE_AD_PIPELINE__QUEUE_SIZE": "-3"})
+    assert "pipeline.queue_size" in str(ei.value) and "EDGE_AD_PIPELINE__QUEUE_SIZE" in str(ei.value)
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, [parse_set_option("drift.window=3")], environ={})
+    assert "drift.window" in str(ei.value) and "--set drift.window" in str(ei.value)
+    with pytest.raises(InputError, match="not a config section"):
+        env_overrides({"EDGE_AD_SORCE__URI": "file://x"})
+    with pytest.raises(InputError, match="SECTION.KEY=VALUE"):
+        parse_set_option("max_batch=3")
+
+
+def test_mqtt_section(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://127.0.0.1:1884"\nsite = "plant1"\ndevice = "cam-3"\n'
+                                     'password = "hunter2"\n')
+    s = load_settings(cfg, environ={})
+    m = s.mqtt_settings()
+    assert m.port == 1884 and m.site == "plant1" and m.device == "cam-3"
+    assert "hunter2" not in json.dumps(s.redacted())
+    s = load_settings(cfg, [parse_set_option("mqtt.enabled=false")], environ={})
+    assert s.mqtt_settings() is None
+    bad = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "http://broker"\n', "bad.toml")
+    with pytest.raises(InputError) as ei:
+        load_settings(bad, environ={})
+    assert "mqtt.url" in str(ei.value) and str(bad) in str(ei.value)
+    bad = _write(tmp_path, MINIMAL + '\n[mqtt]\nsite = "has space"\n', "bad2.toml")
+    with pytest.raises(InputError, match="mqtt.site"):
+        load_settings(bad, environ={})
+
+
+def test_cli_invalid_config_exits_2_before_opening_the_camera(tmp_path):
+    # the camera device does not exist: had the loop tried to open it, the error would be about it
+    cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "v4l2:///dev/video-does-not-exist")
+                 + "\n[pipeline]\nmax_batch = -1\n")
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "pipeline.max_batch" in r.stderr and "video-does-not-exist" not in r.stderr
+
+
+def test_cli_print_config_applies_flags(tmp_path):
+    cfg = _write(tmp_path, MINIMAL)
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg), "--print-config",
+                        "--mode", "trigger", "--set", "pipeline.max_batch=3", "--source", "synthetic://disc?size=64"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["source"]["mode"] == "trigger" and d["pipeline"]["max_batch"] == 3
+    assert d["source"]["uri"] == "synthetic://disc?size=64"

@@ -1,0 +1,298 @@
+"""Source URIs, real OpenCV video files and folders, camera loss: reconnect with back-off, watchdog, give up."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_ad.errors import InputError
+from edge_ad.runtime.capture import Camera
+from edge_ad.runtime.sources import (RawFrame, Source, SourceLost, check_startup, csi_pipeline, has_gstreamer,
+                                     open_source, parse_uri, redact_uri)
+from fixtures_bundle import make_tiny_bundle, part_frame, write_video
+
+EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ----------------------------------------------------------------------------- the parser
+def test_parse_every_scheme():
+    s = parse_uri("v4l2:///dev/video0?width=640&height=480&fps=30&fourcc=MJPG")
+    assert (s.scheme, s.target, s.live) == ("v4l2", "/dev/video0", True)
+    assert s.options["width"] == 640 and s.options["fourcc"] == "MJPG"
+    assert parse_uri("v4l2://1").target == "1"
+    s = parse_uri("csi://0?flip=2")
+    assert s.target == "0" and s.options == {"width": 1920, "height": 1080, "fps": 30, "flip": 2, "sensor_mode": -1}
+    assert parse_uri("rtsp://cam.local:8554/live?channel=1").target == "rtsp://cam.local:8554/live?channel=1"
+    s = parse_uri("file://videos/a.avi?loop=1&fps=native")
+    assert (s.target, s.options["loop"], s.options["fps"], s.live) == ("videos/a.avi", True, "native", False)
+    assert parse_uri("file:///abs/a.mp4").target == "/abs/a.mp4"
+    assert parse_uri("dir://frames").options == {"loop": False, "fps": 0.0}
+    s = parse_uri("synthetic://plate?size=64&defect_rate=0.5&seed=3&count=10")
+    assert s.options["kind"] == "plate" and s.options["size"] == 64 and s.options["count"] == 10
+    assert parse_uri("synthetic://").options["kind"] == "disc"
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("", ["empty", "v4l2:///dev/video0"]),
+    ("/dev/video0", ["no scheme", "file:///dev/video0"]),
+    ("http://cam/stream", ["unknown scheme", "rtsp://"]),
+    ("v4l2://camera", ["neither /dev/videoN nor an index"]),
+    ("v4l2:///dev/video0?widht=640", ["unknown option", "widht", "width"]),
+    ("v4l2:///dev/video0?width=-1", ["width", "positive"]),
+    ("csi://0?flip=9", ["flip", "0..7"]),
+    ("csi://left", ["not an index"]),
+    ("rtsp:///stream", ["no host"]),
+    ("rtsp://cam:99999/x", ["port"]),
+    ("file://", ["no path"]),
+    ("file://a.mp4?loop=maybe", ["loop", "boolean"]),
+    ("synthetic://wheel", ["kind", "disc"]),
+    ("synthetic://disc?defects=dent", ["defects", "scratch"]),
+])
+def test_parse_errors_say_what_was_expected(uri, words):
+    with pytest.raises(InputError) as ei:
+        parse_uri(uri)
+    for w in words:
+        assert w in str(ei.value), str(ei.value)
+
+
+def test_credentials_never_reach_logs():
+    assert redact_uri("rtsp://admin:s3cret@10.1.2.3:554/ch1") == "rtsp://***@10.1.2.3:554/ch1"
+    assert redact_uri("rtsp://cam/x?token=abc123&channel=1") == "rtsp://cam/x?token=***&channel=1"
+    with pytest.raises(InputError) as ei:
+        parse_uri("rtsp://admin:s3cret@cam:99999/x")
+    assert "s3cret" not in str(ei.value)
+
+
+def test_csi_pipeline_and_missing_gstreamer():
+    p = csi_pipeline(1, 1280, 720, 60, flip=2)
+    assert p.startswith("nvarguscamerasrc sensor-id=1 ")
+    assert "width=(int)1280" in p and "framerate=(fraction)60/1" in p and "flip-method=2" in p
+    assert p.endswith("appsink drop=true max-buffers=1 sync=false")
+    if has_gstreamer():
+        pytest.skip("this OpenCV has GStreamer; the missing-GStreamer message cannot be shown")
+    with pytest.raises(InputError) as ei:
+        check_startup(parse_uri("csi://0"))
+    msg = str(ei.value)
+    assert "GStreamer" in msg and "--system-site-packages" in msg
+
+
+# ----------------------------------------------------------------------------- real files and folders
+def test_file_source_reads_rgb_frames_and_ends(tmp_path):
+    frames = [part_frame(i, 64, defect=(i == 2)) for i in range(5)]
+    frames[1] = frames[1].copy()
+    frames[1][:, :, 0] = 250  # a red frame: checks RGB order after OpenCV's BGR
+    path = write_video(tmp_path / "v.avi", frames)
+    src = open_source(f"file://{path}")
+    src.open()
+    got = []
+    while (f := src.read()) is not None:
+        got.append(f)
+    src.close()
+    assert [f.index for f in got] == [0, 1, 2, 3, 4]
+    assert got[0].image.shape == (64, 64, 3) and got[0].image.dtype == np.uint8
+    r, g, b = (got[1].image[..., c].mean() for c in range(3))
+    assert r > 200 and g < 160 and b < 160
+
+
+def test_file_loop_and_pacing(tmp_path):
+    path = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(3)])
+    src = open_source(f"file://{path}?loop=1&fps=50")
+    src.open()
+    t0 = time.monotonic()
+    idx = [src.read().index for _ in range(8)]
+    dt = time.monotonic() - t0
+    src.close()
+    assert idx == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert dt >= 7 / 50 * 0.8  # paced like a 50 fps camera
+
+
+def test_dir_source_name_order(tmp_path):
+    import cv2
+
+    for name, v in (("b.png", 20), ("a.png", 10), ("c.jpg", 30), ("notes.txt", 0)):
+        if name.endswith(".txt"):
+            (tmp_path / name).write_text("x")
+        else:
+            cv2.imwrite(str(tmp_path / name), np.full((8, 8, 3), v, np.uint8))
+    src = open_source(f"dir://{tmp_path}")
+    src.open()
+    vals = []
+    while (f := src.read()) is not None:
+        vals.append((f.truth["file"], int(f.image.mean())))
+    assert [v[0] for v in vals] == ["a.png", "b.png", "c.jpg"]
+    assert [v[1] for v in vals[:2]] == [10, 20]
+
+
+def test_synthetic_source_plants_known_defects():
+    src = open_source("synthetic://disc?size=64&defect_rate=0.5&seed=1&count=12")
+    src.open()
+    frames = []
+    while (f := src.read()) is not None:
+        frames.append(f)
+    assert len(frames) == 12 and frames[0].image.shape == (64, 64, 3)
+    labels = [f.truth["label"] for f in frames]
+    assert 0 < sum(labels) < 12
+    assert all((f.truth["defect_type"] == "good") == (f.truth["label"] == 0) for f in frames)
+
+
+def test_missing_file_or_folder_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        check_startup(parse_uri(f"file://{tmp_path}/missing.mp4"))
+    with pytest.raises(InputError, match="folder"):
+        check_startup(parse_uri(f"dir://{tmp_path}/missing"))
+
+
+# ----------------------------------------------------------------------------- outages
+def test_removed_video_reconnects_when_it_comes_back(tmp_path):
+    path = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(4)])
+    events = []
+    stop = threading.Event()
+    cam = Camera(open_source(f"file://{path}?loop=1"), stop, on_event=events.append, backoff_initial_s=0.05,
+                 backoff_max_s=0.2)
+    assert cam.read().index == 0
+    moved = tmp_path / "away.avi"
+    os.replace(path, moved)             # unplugged: the next rewind finds no file
+    threading.Timer(0.5, lambda: os.replace(moved, path)).start()
+    t0 = time.monotonic()
+    idx = [cam.read().index for _ in range(6)]
+    assert time.monotonic() - t0 >= 0.4
+    cam.close()
+    assert idx[:3] == [1, 2, 3] and idx[3:] == [0, 1, 2]
+    types = [e["type"] for e in events]
+    assert types == ["source_lost", "source_restored"]
+    assert "not found" in events[0]["reason"]
+    assert cam.outages == 1 and cam.reconnects == 1 and cam.open_failures >= 1
+
+
+def test_removed_video_gives_up_with_a_clear_message(tmp_path):
+    path = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(2)])
+    cam = Camera(open_source(f"file://{path}?loop=1"), threading.Event(), reconnect_attempts=3,
+                 backoff_initial_s=0.01, backoff_max_s=0.02)
+    cam.read()
+    path.unlink()
+    with pytest.raises(SourceLost) as ei:
+        for _ in range(10):
+            cam.read()
+    msg = str(ei.value)
+    assert "gave up after 3 reconnect attempt(s)" in msg and "v.avi" in msg and "not found" in msg
+
+
+def test_dead_rtsp_url_fails_clearly_without_leaking_the_password():
+    port = _free_port()   # nothing listens there: connection refused
+    events = []
+    cam = Camera(open_source(f"rtsp://admin:pw123@127.0.0.1:{port}/stream", open_timeout_s=2.0), threading.Event(),
+                 on_event=events.append, reconnect_attempts=2, backoff_initial_s=0.05, backoff_max_s=0.1)
+    t0 = time.monotonic()
+    with pytest.raises(SourceLost) as ei:
+        cam.read()
+    assert time.monotonic() - t0 < 20
+    msg = str(ei.value)
+    assert f"rtsp://***@127.0.0.1:{port}/stream" in msg and "could not open" in msg
+    assert "pw123" not in msg and all("pw123" not in str(e) for e in events)
+    assert events and events[0]["type"] == "source_lost" and cam.open_failures == 2
+
+
+class _StallingSource(Source):
+    """A camera that delivers two frames, then blocks in read() until released."""
+
+    def __init__(self):
+        super().__init__(parse_uri("v4l2:///dev/video9"))
+        self.release = threading.Event()
+        self.n = 0
+
+    def open(self):
+        pass
+
+    def read(self):
+        self.n += 1
+        if self.n == 3:
+            self.release.wait(10)
+        return RawFrame(np.zeros((4, 4, 3), np.uint8), self.n)
+
+
+def test_watchdog_declares_an_outage_when_no_frame_arrives():
+    src = _StallingSource()
+    events = []
+    cam = Camera(src, threading.Event(), on_event=events.append, watchdog_s=0.2)
+    cam.read()
+    cam.read()
+    t = threading.Thread(target=cam.read)
+    t.start()
+    time.sleep(0.1)
+    assert not cam.watchdog()
+    time.sleep(0.25)
+    assert cam.watchdog() and cam.watchdog_trips == 1 and cam.in_outage
+    assert "watchdog" in events[-1]["reason"]
+    src.release.set()
+    t.join(5)
+    assert not cam.in_outage and [e["type"] for e in events] == ["source_lost", "source_restored"]
+
+
+def test_reconnect_off_fails_at_once(tmp_path):
+    path = write_video(tmp_path / "v.avi", [part_frame(0, 32)])
+    cam = Camera(open_source(f"file://{path}?loop=1"), threading.Event(), reconnect=False)
+    cam.read()
+    path.unlink()
+    with pytest.raises(SourceLost, match="reconnect is off"):
+        cam.read()
+
+
+# ----------------------------------------------------------------------------- through the CLI
+def _config(tmp_path: Path, uri: str, extra: str = "") -> Path:
+    bundle = tmp_path / "bundle"
+    if not bundle.exists():
+        make_tiny_bundle(bundle)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[model]\nbundle = "bundle"\nbackend = "onnxruntime"\ndevice = "cpu"\n\n[source]\nuri = "{uri}"\n'
+                   f'backoff_initial_s = 0.05\nbackoff_max_s = 0.1\n{extra}\n[output]\njsonl = "out.jsonl"\n'
+                   "[drift]\nenabled = false\n")
+    return cfg
+
+
+def test_run_on_a_dead_rtsp_camera_exits_1_with_the_reason(tmp_path):
+    port = _free_port()
+    cfg = _config(tmp_path, f"rtsp://op:pw999@127.0.0.1:{port}/cam", "reconnect_attempts = 2\nopen_timeout_s = 2\n")
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "error:" in r.stderr and "gave up after 2 reconnect attempt(s)" in r.stderr
+    assert "pw999" not in r.stderr + r.stdout
+
+
+def test_run_on_a_missing_file_exits_2(tmp_path):
+    cfg = _config(tmp_path, "file://nope.avi")
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "nope.avi" in r.stderr and "not found" in r.stderr
+
+
+def test_capture_saves_frames(tmp_path):
+    path = write_video(tmp_path / "v.avi", [part_frame(i, 48) for i in range(6)])
+    out = tmp_path / "normals"
+    r = subprocess.run([*EDGE_AD, "capture", "--source", f"file://{path}", "--out", str(out), "--frames", "4"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [f"frame_{i:05d}.png" for i in range(4)]
+    from edge_ad.data.image import load_image
+
+    assert load_image(files[0]).shape == (48, 48, 3)
+    # asking for more frames than a file holds saves what there is and says so
+    r = subprocess.run([*EDGE_AD, "capture", "--source", f"file://{path}", "--out", str(tmp_path / "all"),
+                        "--frames", "10", "--every", "0.01", "--format", "jpg"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "saved 6 frames" in r.stdout and "source ended" in r.stdout
