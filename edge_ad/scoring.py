@@ -200,7 +200,7 @@ def threshold_from_policy(scores: np.ndarray, policy: str) -> float:
             p = float(arg)
             if not 0.0 < p < 1.0:
                 raise ValueError
-            return float(np.quantile(s, 1.0 - p, method="higher"))
+            return float(np.quantile(s, 1.0 - p))
         if kind == "max" and not arg:
             spread = float(s.max() - np.median(s))
             return float(s.max() + max(0.1 * spread, 1e-3))

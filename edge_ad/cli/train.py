@@ -27,16 +27,18 @@ from . import main
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
+@click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
 @click.option("--no-export", is_flag=True, help="Skip the ONNX export at the end.")
 def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher, penalty_dir, gaussian_layout,
-          policy, seed, device, resume, no_export):
+          policy, seed, device, resume, checkpoint_every, no_export):
     """Fit a model on normal images and write a bundle (checkpoint, calibration, ONNX)."""
     from ..train.pipeline import train_bundle
 
     config = {"layout": gaussian_layout} if gaussian_layout else None
     b = train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset, teacher=teacher,
                      seed=seed, device=device, resume=resume, penalty_dir=penalty_dir, policy=policy,
-                     batch_size=batch_size, export=not no_export, config=config)
+                     batch_size=batch_size, export=not no_export, config=config,
+                     checkpoint_every=checkpoint_every)
     cal = b.calibration()
     t = b.manifest["training"]
     click.echo(f"bundle {b.path}: {b.kind} {image_size}x{image_size}, {t.get('steps', 0)} steps in "

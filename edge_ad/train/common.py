@@ -6,7 +6,6 @@ import io
 import logging
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -72,31 +71,20 @@ def penalty_images(folder: str | os.PathLike | None, size: int, limit: int = 200
     return out
 
 
-@dataclass
-class TrainState:
-    step: int
-    model: dict
-    optimizer: dict
-    scheduler: dict
-    rng: dict
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, gen: torch.Generator) -> None:
+def save_checkpoint(path: Path, model, optimizer, step: int, gen: torch.Generator) -> None:
     buf = io.BytesIO()
     torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()}}, buf)
     atomic.write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator) -> int:
+def load_checkpoint(path: Path, model, optimizer, gen: torch.Generator) -> int:
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint to resume from")
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"]["torch"])
         gen.set_state(st["rng"]["gen"])
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -104,12 +92,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generato
     return int(st["step"])
 
 
-def batches(images: torch.Tensor, batch_size: int, gen: torch.Generator):
-    """Endless random batches (float 0..255) drawn with ``gen`` (deterministic)."""
-    n = images.shape[0]
-    while True:
-        idx = torch.randint(0, n, (batch_size,), generator=gen)
-        yield images[idx].float()
+def sample_batch(images: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """A random batch (float 0..255) drawn with ``gen``; the generator's state is checkpointed, so a
+    resumed run draws the same batches as an uninterrupted one."""
+    idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
+    return images[idx].float()
 
 
 def planted_anomalies(x: torch.Tensor, gen: torch.Generator, others: torch.Tensor | None = None,

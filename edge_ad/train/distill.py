@@ -20,7 +20,7 @@ from ..data.image import list_images
 from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
 from ..models.pdn import pdn
-from .common import batches, color_jitter, load_images, seed_everything
+from .common import color_jitter, load_images, sample_batch, seed_everything
 
 
 def distill(data, out, size: str = "s", image_size: int = 256, steps: int = 2000, batch_size: int = 8,
@@ -50,10 +50,9 @@ def distill(data, out, size: str = "s", image_size: int = 256, steps: int = 2000
     net = pdn(size, channels, padding=True).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
     gen = torch.Generator().manual_seed(seed)
-    data_it = batches(imgs, batch_size, torch.Generator().manual_seed(seed + 1))
     loss_v = float("nan")
     for _ in tqdm(range(steps), desc="distill teacher", unit="step", disable=None):
-        x = color_jitter(next(data_it), 0.1, gen).to(device)
+        x = color_jitter(sample_batch(imgs, batch_size, gen), 0.1, gen).to(device)
         y = (feats(x) - f_mean) / f_std
         pred = net((x - mean) / std)
         loss = F.mse_loss(pred, y)

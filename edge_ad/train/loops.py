@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import (batches, color_jitter, load_checkpoint, planted_anomalies, save_checkpoint)
+from .common import color_jitter, load_checkpoint, planted_anomalies, sample_batch, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,39 +33,40 @@ class LoopConfig:
     state_path: Path | None = None
 
 
-def _optimizer(params, cfg: LoopConfig):
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(int(0.95 * cfg.steps), 1), gamma=0.1)
-    return opt, sched
+def lr_at(step: int, cfg: LoopConfig) -> float:
+    """EfficientAD's schedule: the learning rate drops to 10% at 95% of the steps (a pure function of the
+    step, so a resumed run with the same total steps follows the same schedule)."""
+    return cfg.lr * (0.1 if step >= int(0.95 * cfg.steps) else 1.0)
 
 
 def _run(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt, sched = _optimizer(params, cfg)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if cfg.resume and cfg.state_path is not None and cfg.state_path.is_file():
-        start = load_checkpoint(cfg.state_path, model, opt, sched, gen)
+        start = load_checkpoint(cfg.state_path, model, opt, gen)
         log.warning("resumed from %s at step %d", cfg.state_path, start)
     t0 = time.time()
     last = {}
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=None, dynamic_ncols=True)
     for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         losses = step_fn(gen)
         losses["loss"].backward()
         opt.step()
-        sched.step()
         last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if cfg.state_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(cfg.state_path, model, opt, sched, step + 1, gen)
+            save_checkpoint(cfg.state_path, model, opt, step + 1, gen)
     bar.close()
     if cfg.state_path is not None and cfg.steps > start:
-        save_checkpoint(cfg.state_path, model, opt, sched, cfg.steps, gen)
+        save_checkpoint(cfg.state_path, model, opt, cfg.steps, gen)
     return {"final_losses": last, "train_seconds": time.time() - t0, "steps": cfg.steps, "resumed_at": start}
 
 
@@ -98,11 +99,8 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     model.student.train()
     model.autoencoder.train()
     c = model.channels
-    data = batches(images, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1))
-    pen = batches(penalty, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 2)) if penalty is not None else None
-
     def step(gen):
-        img = next(data).to(dev)
+        img = sample_batch(images, cfg.batch_size, gen).to(dev)
         aug = color_jitter(img, 0.2, gen).to(dev)
         with torch.no_grad():
             t = model.teacher_features(img)
@@ -115,8 +113,8 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
         l_hard = d[d >= d_hard].mean()
         loss_st = l_hard
         out = {}
-        if pen is not None:
-            p = next(pen).to(dev)
+        if penalty is not None:
+            p = sample_batch(penalty, cfg.batch_size, gen).to(dev)
             l_p = (model.student(model.normalize(p))[:, :c] ** 2).mean()
             loss_st = loss_st + l_p
             out["penalty"] = l_p.detach()
@@ -139,10 +137,8 @@ def train_fader(model, images: torch.Tensor, cfg: LoopConfig, tau: float = 0.1, 
     dev = cfg.device
     model.to(dev)
     model.backbone.eval()
-    data = batches(images, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1))
-
     def step(gen):
-        clean = next(data)
+        clean = sample_batch(images, cfg.batch_size, gen)
         bad, _mask = planted_anomalies(clean, gen, images)
         clean, bad = clean.to(dev), bad.to(dev)
         xc = (clean - model.mean) / model.std

@@ -52,7 +52,11 @@ def load_teacher_file(path: str | Path) -> tuple[str, int, dict]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
         raise InputError(f"{p}: expected a PDN state_dict (keys like '0.weight', '3.weight', ...)")
-    convs = sorted({int(k.split(".")[0]) for k in sd if k.endswith(".weight")})
+    heads = {k.split(".")[0] for k in sd if isinstance(k, str) and k.endswith(".weight")}
+    if not heads or not all(h.isdigit() for h in heads):
+        raise InputError(f"{p}: keys {sorted(map(str, sd))[:4]} are not a PDN state_dict "
+                         "(expected '0.weight', '3.weight', ...): neither PDN-S nor PDN-M")
+    convs = sorted(int(h) for h in heads)
     if convs == [0, 3, 6, 8]:
         size = "s"
     elif convs == [0, 3, 6, 8, 10, 12]:
@@ -88,7 +92,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                  steps: int | None = None, preset: str = "quick", teacher: str | None = None, seed: int = 0,
                  device: str = "cpu", resume: bool = False, penalty_dir: str | None = None,
                  policy: str = DEFAULT_POLICY, val_fraction: float = 0.1, batch_size: int | None = None,
-                 export: bool = True, config: dict | None = None) -> Bundle:
+                 export: bool = True, config: dict | None = None, checkpoint_every: int = 500) -> Bundle:
     if model_kind not in KINDS:
         raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
     if preset not in ("quick", "paper"):
@@ -97,16 +101,6 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         raise InputError("--device cuda: no CUDA device is available to torch here")
     scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # validate early
     out = Path(out)
-    seed_everything(seed)
-    t_start = time.time()
-    paths = MVTecCategory(data).train_paths()
-    train_paths, val_paths = split_train_val(paths, val_fraction, seed)
-    if len(val_paths) < 2 or len(train_paths) < 2:
-        raise InputError(f"{data}: {len(paths)} normal training images are too few; need at least 2 for "
-                         f"training and 2 for the validation split (val fraction {val_fraction})")
-    train_imgs = load_images(train_paths, image_size, "loading train images")
-    val_imgs = load_images(val_paths, image_size, "loading validation images")
-
     cfg = default_config(model_kind)
     cfg.update(config or {})
     teacher_sd = None
@@ -118,6 +112,16 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
             cfg.update(teacher="pdn", teacher_channels=tch)
         else:
             cfg.update(teacher="lite0", teacher_channels=None)
+    seed_everything(seed)
+    t_start = time.time()
+    paths = MVTecCategory(data).train_paths()
+    train_paths, val_paths = split_train_val(paths, val_fraction, seed)
+    if len(val_paths) < 2 or len(train_paths) < 2:
+        raise InputError(f"{data}: {len(paths)} normal training images are too few; need at least 2 for "
+                         f"training and 2 for the validation split (val fraction {val_fraction})")
+    train_imgs = load_images(train_paths, image_size, "loading train images")
+    val_imgs = load_images(val_paths, image_size, "loading validation images")
+
     model = build(model_kind, image_size, cfg)
     if teacher_sd is not None:
         model.teacher.load_state_dict(teacher_sd)
@@ -139,12 +143,12 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                         "ImageNet); the student is then not pushed away from teacher features on "
                         "unrelated images")
         lc = LoopConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device,
-                        resume=resume, state_path=state_path)
+                        resume=resume, state_path=state_path, checkpoint_every=checkpoint_every)
         train_info = train_efficientad(model, train_imgs, lc, pen)
         train_info["penalty"] = bool(pen is not None)
     elif model_kind == "fader":
         lc = LoopConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device,
-                        resume=resume, state_path=state_path)
+                        resume=resume, state_path=state_path, checkpoint_every=checkpoint_every)
         train_info = train_fader(model, train_imgs, lc)
     else:
         model.to(device).eval()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install what edge_ad needs on a fresh Debian/Ubuntu machine (x86-64 workstation or CI).
+# On a Jetson use jetson/install.sh instead (system TensorRT and OpenCV with GStreamer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# torch is pinned to the CPU build (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
+python3 -m pip install -q --disable-pip-version-check -e ".[train,dev]"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite on a fresh machine: install, then pytest (GPU / TensorRT / dataset tests skip when absent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install.sh
+exec python3 -m pytest -q -p no:cacheprovider "$@"

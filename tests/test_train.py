@@ -1,0 +1,114 @@
+"""Training, bundles and evaluation on tiny synthetic data (64x64, a few steps)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edge_ad.bundle import Bundle
+from edge_ad.data.synthetic import write_category
+from edge_ad.errors import InputError
+from edge_ad.models import build, load_from_bundle
+from edge_ad.models.pdn import pdn_small
+from edge_ad.train.pipeline import train_bundle
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    return write_category(tmp_path_factory.mktemp("data") / "disc", n_train=16, n_test_good=6, n_test_defect=2,
+                          size=SIZE, kind="disc", seed=1)
+
+
+def test_paper_sizes_of_efficientad_s():
+    m = build("efficientad-s", 256, {"teacher": "pdn", "teacher_channels": 384}, pretrained=False)
+    count = lambda mod: sum(p.numel() for p in mod.parameters()) / 1e6  # noqa: E731
+    assert count(m.teacher) == pytest.approx(2.69, abs=0.01)
+    assert count(m.student) == pytest.approx(4.27, abs=0.01)
+    assert count(m.autoencoder) == pytest.approx(1.10, abs=0.01)
+    out = m(torch.zeros(1, 3, 256, 256))
+    assert [tuple(o.shape) for o in out] == [(1, 1, 56, 56), (1, 1, 56, 56)]
+    assert m.map_pad == 4
+
+
+@pytest.mark.parametrize("kind,names", [("gaussian", ["feat"]), ("efficientad-s", ["map_st", "map_ae"]),
+                                        ("fader", ["map_pix", "map_feat"])])
+def test_train_writes_a_complete_bundle(category, tmp_path, kind, names):
+    b = train_bundle(kind, category, tmp_path / "b", image_size=SIZE, steps=2, batch_size=2, export=False)
+    b = Bundle.open(tmp_path / "b", verify=True)
+    assert b.outputs == names
+    cal = b.calibration()
+    assert cal.version == 1 and np.isfinite(cal.threshold)
+    assert cal.normal["n"] >= 2
+    assert b.manifest["training"]["val_images"]
+    m = load_from_bundle(b)
+    outs = m(torch.zeros(1, 3, SIZE, SIZE))
+    assert len(outs) == len(names)
+
+
+def test_training_is_deterministic_and_resume_matches(category, tmp_path, monkeypatch):
+    import edge_ad.train.loops as loops
+
+    kw = dict(image_size=SIZE, steps=4, batch_size=2, export=False, seed=3)
+    a = train_bundle("efficientad-s", category, tmp_path / "a", **kw)
+    a2 = train_bundle("efficientad-s", category, tmp_path / "a2", **kw)
+    real_save = loops.save_checkpoint
+
+    def crash_after_first_checkpoint(path, model, opt, step, gen):
+        real_save(path, model, opt, step, gen)
+        if step == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(loops, "save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_bundle("efficientad-s", category, tmp_path / "b", checkpoint_every=2, **kw)
+    monkeypatch.setattr(loops, "save_checkpoint", real_save)
+    b = train_bundle("efficientad-s", category, tmp_path / "b", resume=True, **kw)
+    assert b.manifest["training"]["resumed_at"] == 2
+    sa, sa2, sb = (torch.load(x.file("checkpoint.pt"), weights_only=True) for x in (a, a2, b))
+    for k in sa:
+        assert torch.equal(sa[k], sa2[k]), f"not deterministic: {k}"
+        assert torch.equal(sa[k], sb[k]), f"resume differs: {k}"
+
+
+def test_teacher_file_in_public_format(category, tmp_path):
+    t = pdn_small(384)
+    torch.save(t.state_dict(), tmp_path / "teacher_small.pth")
+    b = train_bundle("efficientad-s", category, tmp_path / "b", image_size=SIZE, steps=1, batch_size=1,
+                     export=False, teacher=str(tmp_path / "teacher_small.pth"))
+    assert b.model["config"]["teacher"] == "pdn" and b.model["config"]["teacher_channels"] == 384
+    m = load_from_bundle(b)
+    assert torch.equal(m.teacher[0].weight, t[0].weight)
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(InputError, match="neither PDN-S"):
+        train_bundle("efficientad-s", category, tmp_path / "c", image_size=SIZE, steps=1, export=False,
+                     teacher=str(tmp_path / "bad.pth"))
+
+
+def test_bad_data_folder_is_named(tmp_path):
+    with pytest.raises(InputError, match="train/good"):
+        train_bundle("gaussian", tmp_path, tmp_path / "b", image_size=SIZE)
+
+
+def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
+    out = tmp_path / "g"
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "train", "--model", "gaussian", "--data", str(category),
+                        "--out", str(out), "--image-size", str(SIZE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.onnx").is_file()
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(out), "--data", str(category),
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["backend"] == "onnxruntime"
+    assert set(rep["per_type"]) >= {"good", "scratch"}
+    assert rep["overall"]["image_auroc"] > 0.7
+    assert (out / "eval" / "grid.png").stat().st_size > 1000
+    assert (out / "eval" / "histogram.png").is_file()
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(tmp_path / "missing"),
+                        "--data", str(category)], capture_output=True, text=True)
+    assert r.returncode == 2 and "bundle folder not found" in r.stderr
