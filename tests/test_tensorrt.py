@@ -1,0 +1,221 @@
+"""TensorRT: the engine cache's refusal rules (pure Python, run everywhere) and, where ``tensorrt``
+imports and a GPU answers, a real engine build, guard and parity run (skipped with the reason elsewhere).
+
+The cache tests write placeholder bytes as "engines": they check keys, sidecars and refusals, which
+never deserialize anything. Nothing here pretends to be TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_ad.bundle import Bundle
+from edge_ad.runtime.backends import engine_cache, tensorrt_usable
+from edge_ad.runtime.backends.engine_cache import Target
+
+ORIN = Target("8.7", "10.3.0", "Orin")
+SHA = "ab" * 32
+
+
+def _bundle(tmp_path) -> Bundle:
+    b = Bundle.create(tmp_path / "b", {"kind": "efficientad-s", "image_size": [64, 64],
+                                       "outputs": ["map_st", "map_ae"]})
+    b.add_file("model.onnx", data=b"fp32 graph bytes")
+    b.add_file("model.int8.onnx", data=b"int8 graph bytes")
+    return b
+
+
+def _put(b, precision="int8", target=ORIN, source="model.int8.onnx", guard=True) -> str:
+    key = engine_cache.engine_key(engine_cache.model_sha(b), precision, target)
+    side = engine_cache.make_sidecar(b, precision, target, "", source, 8, "weak", 1024, 12.0)
+    if guard:
+        side["guard"] = {"passed": True}
+    engine_cache.write(b, key, b"serialized engine " + precision.encode(), side)
+    return key
+
+
+def test_engine_key_names_model_precision_gpu_and_tensorrt():
+    key = engine_cache.engine_key(SHA, "fp16", ORIN)
+    assert key == "abababababababab-fp16-sm87-trt10.3.0"
+    assert engine_cache.parse_key(key) == {"model_sha16": "abababababababab", "precision": "fp16",
+                                           "sm": "sm87", "trt_version": "10.3.0"}
+    assert engine_cache.parse_key("whatever") is None
+    with pytest.raises(ValueError):
+        engine_cache.engine_key("not-hex", "fp16", ORIN)
+
+
+def test_valid_engine_is_accepted_with_its_sidecar(tmp_path):
+    b = _bundle(tmp_path)
+    key = _put(b)
+    c = engine_cache.check(b, "int8", ORIN, require_guard=True)
+    assert c.ok and c.reason == "" and c.key == key and c.engine.name == f"{key}.engine"
+    side = json.loads(c.sidecar.read_text())
+    assert side["compute_capability"] == "8.7" and side["tensorrt"] == "10.3.0"
+    assert side["source_graph"] == "model.int8.onnx" and side["source_sha256"] == b.model_hash("model.int8.onnx")
+    assert side["engine_sha256"] and side["image_size"] == [64, 64]
+
+
+@pytest.mark.parametrize("change,reason", [
+    ("other_gpu", "no int8 engine for this model on sm72"),
+    ("other_trt", "no int8 engine for this model on sm87 with TensorRT 10.7.0"),
+    ("model_changed", "no int8 engine for this model"),
+    ("requantized", "source graph model.int8.onnx changed"),
+    ("corrupt", "does not match its sidecar"),
+    ("truncated", "does not match its sidecar"),
+    ("no_sidecar", "sidecar missing"),
+    ("bad_sidecar", "unreadable sidecar"),
+    ("foreign_sidecar", "built for another GPU architecture"),
+    ("unguarded", "never passed the accuracy guard"),
+])
+def test_stale_foreign_or_corrupt_engines_are_refused(tmp_path, change, reason):
+    b = _bundle(tmp_path)
+    key = _put(b, guard=change != "unguarded")
+    eng, side = engine_cache.paths(b, key)
+    target = ORIN
+    if change == "other_gpu":
+        target = Target("7.2", "10.3.0", "Xavier")
+    elif change == "other_trt":
+        target = Target("8.7", "10.7.0", "Orin")
+    elif change == "model_changed":
+        b.add_file("model.onnx", data=b"re-exported graph")
+    elif change == "requantized":
+        b.add_file("model.int8.onnx", data=b"new int8 graph")
+    elif change == "corrupt":
+        data = bytearray(eng.read_bytes())
+        data[3] ^= 0x01
+        eng.write_bytes(bytes(data))
+    elif change == "truncated":
+        eng.write_bytes(eng.read_bytes()[:5])
+    elif change == "no_sidecar":
+        side.unlink()
+    elif change == "bad_sidecar":
+        side.write_text("{not json")
+    elif change == "foreign_sidecar":  # a file copied under this machine's key from another device
+        meta = json.loads(side.read_text())
+        meta["compute_capability"] = "8.6"
+        side.write_text(json.dumps(meta))
+    c = engine_cache.check(b, "int8", target, require_guard=True)
+    assert not c.ok
+    assert reason in c.reason
+
+
+def test_best_prefers_the_active_precision_then_int8(tmp_path):
+    b = _bundle(tmp_path)
+    assert engine_cache.best(b, ORIN) is None
+    _put(b, "fp16", source="model.onnx")
+    assert engine_cache.best(b, ORIN).meta["precision"] == "fp16"
+    _put(b, "int8")
+    assert engine_cache.best(b, ORIN).meta["precision"] == "int8"
+    assert engine_cache.best(b, ORIN, prefer="fp16").meta["precision"] == "fp16"
+    _put(b, "fp32", source="model.onnx", guard=False)   # unguarded: never picked
+    assert engine_cache.best(b, ORIN, prefer="fp32").meta["precision"] == "int8"
+
+
+def test_scan_reports_engines_of_other_devices_and_remove(tmp_path):
+    b = _bundle(tmp_path)
+    mine = _put(b, "int8")
+    theirs = _put(b, "int8", target=Target("7.2", "8.6.2", "Xavier"))
+    (b.engines_dir / "junk.engine").write_bytes(b"x")
+    found = {c.key: c for c in engine_cache.scan(b, ORIN)}
+    assert found[mine].ok
+    assert not found[theirs].ok and "sm72 / TensorRT 8.6.2" in found[theirs].reason
+    assert not found["junk"].ok and "not an edge-ad engine key" in found["junk"].reason
+    engine_cache.remove(b, theirs)
+    assert not any(p.name.startswith(theirs) for p in b.engines_dir.iterdir())
+    assert engine_cache.timing_cache_path(b, ORIN).name == "timing-sm87-trt10.3.0.cache"
+
+
+def test_cuda_status_check_raises_with_the_error():
+    from edge_ad.runtime.backends.cuda import CudaError, check
+
+    assert check((0, 7)) == 7 and check(0) is None and check((0, 1, 2)) == (1, 2)
+    with pytest.raises(CudaError, match=r"cudaMalloc\(64\) failed: .*2"):
+        check((2,), "cudaMalloc(64)")
+
+
+@pytest.mark.skipif(tensorrt_usable()[0], reason="tensorrt is installed here")
+def test_compile_without_tensorrt_exits_2_saying_what_to_install(tmp_path):
+    from edge_ad.cli import main
+
+    b = _bundle(tmp_path)
+    r = CliRunner().invoke(main, ["compile", "--bundle", str(b.path)])
+    assert r.exit_code == 2
+    assert "python3-libnvinfer" in r.output and "pip install tensorrt" in r.output
+
+
+@pytest.mark.skipif(tensorrt_usable()[0], reason="tensorrt is installed here")
+def test_tensorrt_backend_without_tensorrt_is_an_input_error(tmp_path):
+    from edge_ad.errors import InputError
+    from edge_ad.runtime.backends import open_backend
+
+    with pytest.raises(InputError, match="TensorRT's Python package is not installed"):
+        open_backend(_bundle(tmp_path), "tensorrt", "fp16")
+
+
+# ------------------------------------------------------------------------- real TensorRT
+_TRT_OK, _TRT_WHY = tensorrt_usable()
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(tmp_path_factory):
+    if not _TRT_OK:
+        pytest.skip(_TRT_WHY)
+    pytest.importorskip("torch")
+    from test_backends import make_bundle
+
+    b, m = make_bundle(tmp_path_factory.mktemp("trt") / "b")
+    return b, m
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not _TRT_OK, reason=_TRT_WHY)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_real_engine_builds_guards_caches_and_matches(trt_bundle, tmp_path, precision):
+    import torch
+
+    from edge_ad.compile.guard import GuardLimits
+    from edge_ad.compile.tensorrt import build_engine, compile_bundle
+    from edge_ad.runtime.backends import open_backend
+
+    src, module = trt_bundle
+    shutil.copytree(src.path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    loose = GuardLimits(max_auroc_drop=1.0, min_rank_corr=-1.0) if precision == "fp16" else None
+    entry = compile_bundle(b, precision, max_batch=4, guard_normals=4, limits=loose, progress=False)
+    assert entry["built"] and entry["engine"].endswith(".engine")
+    again = build_engine(b, precision, max_batch=4, progress=False)
+    assert not again.built                       # a valid cached engine is reused
+    assert engine_cache.timing_cache_path(b, _target()).is_file()   # persisted for the next build
+
+    x = np.random.default_rng(0).uniform(0, 255, (6, 3, 64, 64)).astype(np.float32)  # > max_batch: split
+    with torch.inference_mode():
+        ref = [t.numpy() for t in module(torch.from_numpy(x))]
+    with open_backend(b, "tensorrt", precision) as be:
+        assert be.name == "tensorrt" and be.max_batch == 4 and be.precision == precision
+        out = be.infer(x)
+    tol = 1e-3 if precision == "fp32" else 5e-2
+    for name, r in zip(module.output_names, ref):
+        assert np.max(np.abs(out[name] - r)) / np.max(np.abs(r)) <= tol
+
+    # corrupt the engine: refused with the reason, then rebuilt by compile
+    eng = again.check.engine
+    eng.write_bytes(eng.read_bytes()[:-100])
+    from edge_ad.errors import InputError
+    with pytest.raises(InputError, match="does not match its sidecar"):
+        open_backend(b, "tensorrt", precision)
+    rebuilt = build_engine(b, precision, max_batch=4, progress=False)
+    assert rebuilt.built and rebuilt.refused and "does not match" in rebuilt.refused[0]
+
+
+def _target():
+    from edge_ad.runtime.backends.cuda import cuda_api
+    from edge_ad.runtime.backends.tensorrt import current_target, import_tensorrt
+
+    return current_target(import_tensorrt(), cuda_api(), 0)
+
