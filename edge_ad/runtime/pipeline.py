@@ -202,7 +202,8 @@ class Pipeline:
                         publish: bool = False, note: str = "") -> InspectRequest:
         """Register an inspect request: the next ``count`` inspected frames are delivered to it. In a
         gated trigger mode it also releases ``count`` frames."""
-        req = InspectRequest(int(count), part_id, bool(snapshot), bool(publish), note)
+        req = InspectRequest(int(count), part_id=part_id, snapshot=bool(snapshot), publish=bool(publish),
+                             note=str(note or ""))
         with self._req_lock:
             self._requests.append(req)
         if self.gated and self.gate is not None:

@@ -404,6 +404,10 @@ class Service:
         return payload
 
     # ------------------------------------------------------------------ run
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask a running service to drain and stop (what SIGTERM does); safe from any thread."""
+        self._stop_signal = self._stop_signal or reason
+
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if signum == getattr(signal, "SIGHUP", None):
@@ -472,7 +476,6 @@ class Service:
             if self._stop_signal and not p.stop_capture.is_set():
                 log.warning("%s: stopping; draining %d queued frames and %d results", self._stop_signal,
                             len(p.frames), len(p.results))
-                self.notifier.stopping(f"{self._stop_signal}: draining")
                 p.request_stop(self._stop_signal)
             if self.duration is not None and now - t_start >= self.duration and not p.stop_capture.is_set():
                 p.request_stop("duration reached")
@@ -503,6 +506,7 @@ class Service:
     def _shutdown(self, t_start: float) -> dict:
         p = self.pipeline
         p.request_stop(self._stop_signal or "finished")
+        self.notifier.stopping(f"draining: {p.end_reason or self._stop_signal or 'finished'}")
         self._stop_all.set()
         drained = p.join(timeout=self.settings.pipeline.drain_timeout_s)
         if self.trigger is not None:

@@ -45,6 +45,7 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)   # a stalled reader must never stall the loop
             self._sock.sendto(msg.encode("utf-8"), self._addr)
             self.sent.append(msg)
             return True

@@ -1,0 +1,379 @@
+"""The real loop on real video files: decisions, stream drops, trigger mode, batching, bounds, ROI,
+SIGTERM without losing a result, MQTT commands, systemd notifications, local outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_ad.config import load_settings
+from edge_ad.runtime.decision import find_regions
+from edge_ad.runtime.outputs import JsonlLog, SnapshotStore, read_jsonl
+from edge_ad.runtime.service import Service
+from edge_ad.runtime.systemd import Notifier
+from fixtures_bundle import copy_bundle, defect_box, defect_video, part_frame, tiny_bundle, write_video  # noqa: F401
+
+EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
+
+
+def _settings(tmp_path: Path, bundle, uri: str, **fields):
+    """Settings from (section.key -> value) overrides, like --set flags."""
+    ov = [(["model", "bundle"], str(bundle.path), "test"), (["model", "backend"], "onnxruntime", "test"),
+          (["model", "device"], "cpu", "test"), (["source", "uri"], uri, "test"),
+          (["output", "jsonl"], str(tmp_path / "results.jsonl"), "test"),
+          (["telemetry", "interval_s"], 0.5, "test"), (["telemetry", "tegrastats"], False, "test")]
+    for key, value in fields.items():
+        ov.append((key.split("__"), value, "test"))
+    return load_settings(None, ov, environ={})
+
+
+def _run(settings, **kw) -> dict:
+    return Service(settings, install_signals=False, **kw).run()
+
+
+# ----------------------------------------------------------------------------- decisions on a video
+def test_trigger_mode_inspects_every_frame_and_finds_the_planted_defects(tmp_path, tiny_bundle):
+    video, labels = defect_video(tmp_path / "parts.avi", n=40, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  output__snapshots_dir=str(tmp_path / "snaps"), telemetry__path=str(tmp_path / "tel.jsonl"))
+    summary = _run(s)
+    assert summary["frames"] == 40 and summary["dropped"] == 0 and summary["reason"] == "end of stream"
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert [r["source_index"] for r in recs] == list(range(40))
+    assert [r["ng"] for r in recs] == labels
+    cal = tiny_bundle.calibration()
+    for r in recs:
+        assert r["threshold"] == pytest.approx(cal.threshold, abs=1e-6)
+        assert r["calibration_version"] == cal.version and r["model_hash"] == tiny_bundle.model_hash()
+        assert r["decision"] == ("NG" if r["ng"] else "OK") and r["image_size"] == [96, 96]
+        assert set(r["stages_ms"]) == {"capture", "queue", "preprocess", "infer", "score"}
+        assert r["latency_ms"] >= r["stages_ms"]["infer"] >= 0
+        if not r["ng"]:
+            assert r["regions"] == [] and "snapshot" not in r
+            continue
+        # the defect region covers the planted blob
+        x, y, w, h = defect_box(r["source_index"], 96)
+        cx, cy = x + w / 2, y + h / 2
+        reg = r["regions"][0]
+        assert reg["x"] <= cx <= reg["x"] + reg["w"] and reg["y"] <= cy <= reg["y"] + reg["h"], (r, (x, y, w, h))
+        assert reg["area"] > 0 and reg["score"] >= r["threshold"]
+        assert len(r["regions"]) == 1
+        snap = cv2.imread(r["snapshot"])
+        assert snap is not None and snap.shape[:2] == (96, 96)
+    assert len(list((tmp_path / "snaps").glob("*.jpg"))) == sum(labels)
+    tel = read_jsonl(tmp_path / "tel.jsonl")
+    assert tel and tel[-1]["frames"] == 40 and tel[-1]["ng"] == sum(labels)
+
+
+def test_stream_mode_infers_the_newest_frame_and_counts_drops(tmp_path, tiny_bundle):
+    video, labels = defect_video(tmp_path / "long.avi", n=240, defect_every=5, size=160)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="stream", pipeline__queue_size=1,
+                  pipeline__max_batch=1)
+    summary = _run(s)
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert summary["captured"] == 240
+    assert summary["dropped"] > 0
+    assert summary["frames"] + summary["dropped"] + summary["discarded_at_stop"] == 240
+    assert len(recs) == summary["frames"]
+    idx = [r["source_index"] for r in recs]
+    assert idx == sorted(idx) and len(set(idx)) == len(idx)      # newest-first never reorders
+    assert all(r["ng"] == labels[r["source_index"]] for r in recs)
+
+
+def test_trigger_mode_drops_nothing(tmp_path, tiny_bundle):
+    video, labels = defect_video(tmp_path / "long.avi", n=240, defect_every=5, size=160)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", pipeline__queue_size=1)
+    summary = _run(s)
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert summary["frames"] == 240 and summary["dropped"] == 0 and summary["discarded_at_stop"] == 0
+    assert [r["source_index"] for r in recs] == list(range(240))
+    assert [r["ng"] for r in recs] == labels
+
+
+def test_batches_form_when_frames_wait(tmp_path, tiny_bundle):
+    video, labels = defect_video(tmp_path / "v.avi", n=32, defect_every=4, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", pipeline__queue_size=8,
+                  pipeline__max_batch=4)
+    svc = Service(s, install_signals=False)
+    real = svc.inspector.backend._backend
+
+    class Slow:                      # a model that takes 30 ms per call, whatever the batch
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def infer(self, batch):
+            time.sleep(0.03)
+            return real.infer(batch)
+
+    svc.inspector.backend._backend = Slow()
+    summary = svc.run()
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert summary["frames"] == 32 and [r["ng"] for r in recs] == labels
+    assert max(r["batch"] for r in recs) == 4 and summary["fps"] > 0
+
+
+def test_bounds_max_frames_and_duration(tmp_path, tiny_bundle):
+    video, _ = defect_video(tmp_path / "v.avi", n=20, size=64)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1", source__mode="trigger")
+    summary = _run(s, max_frames=7)
+    assert summary["frames"] == 7 and len(read_jsonl(tmp_path / "results.jsonl")) == 7
+    assert summary["reason"] == "max frames reached"
+    s = _settings(tmp_path / "d", tiny_bundle, f"file://{video}?loop=1&fps=50", source__mode="stream")
+    t0 = time.monotonic()
+    summary = _run(s, duration=1.0)
+    assert summary["reason"] == "duration reached" and 0.9 <= time.monotonic() - t0 < 10
+    assert 20 <= summary["frames"] <= 70
+
+
+def test_roi_and_rotation_are_applied_before_inference(tmp_path, tiny_bundle):
+    video, labels = defect_video(tmp_path / "v.avi", n=10, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", source__roi=[8, 16, 80, 64],
+                  source__rotate=90)
+    _run(s)
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert all(r["image_size"] == [80, 64] for r in recs)
+    assert [r["ng"] for r in recs] == labels
+    s = _settings(tmp_path / "bad", tiny_bundle, f"file://{video}", source__roi=[50, 50, 80, 80])
+    with pytest.raises(Exception) as ei:
+        _run(s)
+    assert "source.roi" in str(ei.value) and "96x96" in str(ei.value)
+
+
+# ----------------------------------------------------------------------------- stopping
+def _config_file(tmp_path: Path, bundle, uri: str, extra: str = "") -> Path:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[model]\nbundle = "{bundle.path}"\nbackend = "onnxruntime"\ndevice = "cpu"\n\n'
+                   f'[source]\nuri = "{uri}"\nmode = "trigger"\n\n[output]\njsonl = "results.jsonl"\n\n'
+                   f'[telemetry]\ninterval_s = 0.5\ntegrastats = false\n{extra}')
+    return cfg
+
+
+def _wait_lines(path: Path, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(read_jsonl(path)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {n} results after {timeout} s")
+
+
+def _sigterm_run(tmp_path: Path, cfg: Path) -> tuple[dict, list]:
+    proc = subprocess.Popen([*EDGE_AD, "run", "--config", str(cfg), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        _wait_lines(tmp_path / "results.jsonl", 25)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    return summary, read_jsonl(tmp_path / "results.jsonl")
+
+
+def test_sigterm_mid_run_drains_and_loses_no_result(tmp_path, tiny_bundle):
+    video, labels = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
+    cfg = _config_file(tmp_path, tiny_bundle, f"file://{video}?loop=1",
+                       "\n[pipeline]\nqueue_size = 8\nresult_queue_size = 64\n")
+    summary, recs = _sigterm_run(tmp_path, cfg)
+    assert summary["reason"] == "SIGTERM" and summary["drained"]
+    # every frame accepted into the pipeline was inspected and written
+    assert summary["captured"] == summary["frames"] == len(recs) and summary["discarded_at_stop"] == 0
+    assert [r["frame"] for r in recs] == list(range(len(recs)))
+    assert all(r["ng"] == labels[r["source_index"]] for r in recs)
+
+
+def test_sigterm_with_mqtt_every_result_reaches_the_broker_or_the_outbox(tmp_path, tiny_bundle, mosquitto):
+    from edge_ad.mqtt import BrokerSettings, Outbox, schema
+    from edge_ad.mqtt.collector import Collector
+
+    video, labels = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
+    outbox = tmp_path / "outbox.sqlite"
+    cfg = _config_file(tmp_path, tiny_bundle, f"file://{video}?loop=1",
+                       f'\n[mqtt]\nurl = "{mosquitto.url}"\nsite = "t"\ndevice = "cam1"\noutbox_path = "{outbox}"\n'
+                       "validate_payloads = true\n")
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/#") as col:
+        summary, recs = _sigterm_run(tmp_path, cfg)
+        ids = {r["id"] for r in recs}
+        col.wait_for(lambda c: ids <= c.unique_ids(), timeout=10)
+        got = col.unique_ids()
+        left = Outbox(outbox)
+        try:
+            pending = {row.msg_id for row in left.fetch_after(0, 1_000_000)}
+        finally:
+            left.close()
+        assert ids <= got | pending, f"{len(ids - got - pending)} results neither delivered nor in the outbox"
+        assert summary["outbox_left"] == len(pending) == 0     # the broker was up: all flushed
+        results = [m.json() for m in col.of_kind("result")]
+        assert all(schema.errors("result", r) == [] for r in results)
+        ng_events = [m.json() for m in col.of_kind("event") if m.json().get("type") == "ng"]
+        assert {e["result_id"] for e in ng_events} == {r["id"] for r in recs if r["ng"]}
+        status = [m.json() for m in col.of_kind("status")]
+        assert status[-1]["state"] == "offline" and status[-1]["reason"] == "stopped"
+        assert any(m.json().get("fps") is not None for m in col.of_kind("telemetry"))
+
+
+# ----------------------------------------------------------------------------- commands over MQTT
+@pytest.fixture
+def running(tmp_path, tiny_bundle, mosquitto):
+    """A service in trigger mode whose frames are released by the MQTT inspect command."""
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    frames = [part_frame(i, 96, defect=(i % 4 == 3)) for i in range(16)]
+    video = write_video(tmp_path / "v.avi", frames)
+    s = _settings(tmp_path, bundle, f"file://{video}?loop=1", source__mode="trigger", source__trigger="command",
+                  output__snapshots_dir=str(tmp_path / "snaps"),
+                  mqtt__url=mosquitto.url, mqtt__site="t", mqtt__device="cam1",
+                  mqtt__outbox_path=str(tmp_path / "outbox.sqlite"), mqtt__validate_payloads=True)
+    svc = Service(s, install_signals=False)
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(summary=svc.run()), daemon=True)
+    th.start()
+    deadline = time.monotonic() + 10
+    while not (svc.link.connected and svc.pipeline.started_at) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    svc.thread, svc.out = th, out
+    yield svc
+    svc.stop("test over")
+    th.join(30)
+
+
+def test_commands_drive_the_running_loop(running, mosquitto, tmp_path):
+    from edge_ad.mqtt import BrokerSettings, schema
+    from edge_ad.mqtt.requester import CommandClient
+
+    svc = running
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        def call(name, args=None, ok=True):
+            r = cc.call("t", "cam1", name, args, timeout=20)
+            assert schema.errors("reply", r) == [], r
+            assert r["ok"] is ok, r
+            return r.get("result") or r.get("error")
+
+        st = call("status")
+        assert st["state"] == "running" and st["pipeline"]["mode"] == "trigger" and st["calibration"]["version"] == 1
+        assert st["pipeline"]["inspected"] == 0          # nothing released yet: trigger = command
+        r = call("inspect", {"count": 4, "part_id": "P-17"})
+        assert r["count"] == 4 and [x["part_id"] for x in r["results"]] == ["P-17"] * 4
+        assert [x["ng"] for x in r["results"]] == [False, False, False, True]
+        # threshold: runtime-only, then persisted as a new calibration version
+        r = call("set_threshold", {"threshold": 1e6, "persist": False})
+        assert r["persisted"] is False
+        assert not any(x["ng"] for x in call("inspect", {"count": 4})["results"])
+        r = call("set_threshold", {"threshold": 0.5})
+        assert r["calibration_version"] == 2 and svc.bundle.calibration().threshold == 0.5
+        res = call("inspect", {"count": 2})["results"]
+        assert all(x["calibration_version"] == 2 and x["threshold"] == 0.5 for x in res)
+        r = call("rollback_calibration")
+        assert r["version"] == 1 and r["previous_version"] == 2
+        assert call("inspect")["results"][0]["calibration_version"] == 1
+        # snapshot of the next frame, with its heat map, sent as an event
+        r = call("snapshot", {"publish": True, "note": "operator check"})
+        assert Path(r["snapshot"]).is_file() and r["result"]["note"] == "operator check"
+        # pause: inspect is refused until resume
+        assert call("pause", {"reason": "maintenance"})["paused"] is True
+        assert call("status")["state"] == "paused"
+        err = call("inspect", ok=False)
+        assert err["code"] == "failed" and "paused" in err["message"]
+        call("resume")
+        assert call("inspect")["count"] == 1
+        r = call("reload", {"what": "bundle"})
+        assert r["bundle"]["model"] == "unchanged"
+        r = call("update_model", {"url": "file:///nonexistent.tar", "sha256": "0" * 64}, ok=False)
+        assert r["code"] in ("failed", "internal")
+        assert call("set_threshold", {"threshold": 2.0})["persisted"]
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert len(recs) == svc.pipeline.inspected
+
+
+# ----------------------------------------------------------------------------- systemd
+def test_systemd_ready_watchdog_and_stopping(tmp_path, tiny_bundle):
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.2)
+    video, _ = defect_video(tmp_path / "v.avi", n=10, size=64)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1&fps=100", source__mode="trigger")
+    n = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "100000", "WATCHDOG_PID": str(os.getpid())})
+    assert n.enabled and n.watchdog_s == 0.1
+    got: list[str] = []
+    done = threading.Event()
+
+    def listen():                      # what systemd does: read every notification as it comes
+        while not done.is_set():
+            try:
+                got.append(sock.recv(4096).decode())
+            except (socket.timeout, BlockingIOError):
+                continue
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    svc = Service(s, install_signals=False, notifier=n)
+    th = threading.Thread(target=svc.run, daemon=True)
+    th.start()
+    time.sleep(0.8)
+    t0 = time.monotonic()
+    svc.stop("test")
+    th.join(20)
+    assert time.monotonic() - t0 < 5
+    time.sleep(0.3)
+    done.set()
+    listener.join(2)
+    sock.close()
+    assert got[0].startswith("READY=1")
+    assert sum(m == "WATCHDOG=1" for m in got) >= 3
+    assert any(m.startswith("STOPPING=1") for m in got)
+    assert any(m.startswith("STATUS=") for m in got)
+
+
+# ----------------------------------------------------------------------------- local outputs
+def test_find_regions_boxes_areas_peaks():
+    m = np.zeros((40, 60), np.float32)
+    m[5:10, 5:15] = 2.0
+    m[7, 8] = 5.0
+    m[30:33, 40:42] = 3.0
+    m[20, 20] = 9.0           # one pixel: below min_area
+    regs = find_regions(m, 1.0, min_area=2)
+    assert [r.box for r in regs] == [(5, 5, 10, 5), (40, 30, 2, 3)]
+    assert [r.area for r in regs] == [50, 6] and [r.peak for r in regs] == [5.0, 3.0]
+    assert find_regions(m, 10.0) == () and len(find_regions(m, 1.0, max_regions=1)) == 1
+
+
+def test_jsonl_rotation_keeps_every_line(tmp_path):
+    log = JsonlLog(tmp_path / "r.jsonl", max_bytes=2048, backups=50)
+    for i in range(200):
+        log.write({"i": i, "pad": "x" * 40})
+    log.close()
+    files = sorted(tmp_path.glob("r.jsonl*"), key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0,
+                   reverse=True)
+    lines = [r["i"] for f in files for r in read_jsonl(f)]
+    assert lines == list(range(200)) and log.rotations >= 5
+    assert all(f.stat().st_size <= 2048 for f in files)
+    log = JsonlLog(tmp_path / "s.jsonl", max_bytes=1024, backups=2)
+    for i in range(200):
+        log.write({"i": i, "pad": "x" * 40})
+    log.close()
+    assert sorted(p.name for p in tmp_path.glob("s.jsonl*")) == ["s.jsonl", "s.jsonl.1", "s.jsonl.2"]
+
+
+def test_snapshot_retention_by_count_and_bytes(tmp_path):
+    st = SnapshotStore(tmp_path / "snaps", max_count=5, max_bytes=10_000)
+    for i in range(8):
+        st.save(f"20250101T0000{i:02d}_000_{i:08d}_NG.jpg", b"x" * 1000)
+    names = sorted(p.name for p in (tmp_path / "snaps").glob("*.jpg"))
+    assert len(names) == 5 and names[0].endswith("00000003_NG.jpg") and st.deleted == 3
+    st = SnapshotStore(tmp_path / "snaps", max_count=100, max_bytes=2500)   # a restart applies new limits
+    assert st.count == 2 and st.bytes == 2000
+    st.save("20250101T000100_000_00000100_NG.jpg", b"y" * 1000)
+    assert st.count == 2 and (tmp_path / "snaps" / "20250101T000100_000_00000100_NG.jpg").is_file()
