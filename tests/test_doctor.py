@@ -324,3 +324,28 @@ def test_cuda_via_fake_cuda_python(monkeypatch):
     assert cuda.status == d.Status.OK, cuda
     assert "CUDA driver API 12.6" in cuda.detail and "Orin (sm_87)" in cuda.detail
     assert cuda.data["via"] == "cuda-python"
+
+
+def test_cli_with_config_and_mqtt(tmp_path, mosquitto):
+    b = _bundle(tmp_path / "b")
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\n\n[source]\nuri = "synthetic://disc"\n\n'
+                   f'[output]\njsonl = "{tmp_path / "log" / "results.jsonl"}"\n\n'
+                   f'[mqtt]\nurl = "{mosquitto.url}"\nsite = "s1"\ndevice = "d1"\n'
+                   f'outbox_path = "{tmp_path / "state" / "outbox.sqlite"}"\n')
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    by = {c["name"]: c for c in rep["checks"]}
+    assert by["broker"]["status"] == "ok"
+    disks = [c["detail"] for c in rep["checks"] if c["name"] == "disk"]
+    assert any(str(tmp_path / "state") in t for t in disks) and any(str(tmp_path / "log") in t for t in disks)
+    # --mqtt overrides the config's URL, keeping the rest
+    port = free_port()
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json",
+                                    "--mqtt", f"mqtt://127.0.0.1:{port}"])
+    assert res.exit_code == 0, res.output
+    assert {c["name"]: c for c in json.loads(res.output)["checks"]}["broker"]["status"] == "warn"
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--strict",
+                                    "--mqtt", f"mqtt://127.0.0.1:{port}"])
+    assert res.exit_code == 1 and "--strict" in res.output

@@ -75,7 +75,7 @@ def doctor(config, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_fr
             if out.snapshots_dir is not None:
                 dirs.append(Path(out.snapshots_dir))
             if mqtt is not None:
-                dirs.append(mqtt.effective_outbox_path().parent)
+                dirs.append(Path(mqtt.effective_outbox_path).parent)
     if ca_file is not None and mqtt_url is None and mqtt is None:
         raise click.UsageError("--ca-file needs --mqtt URL (or a config with an [mqtt] url)")
     if mqtt_url is not None or ca_file is not None:

@@ -1,0 +1,220 @@
+"""The jetson/ deployment files: shellcheck, systemd-analyze verify, the installer's release logic (dry run),
+the starting config against the real config loader. Tools that are absent skip their test."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edge_ad import doctor
+
+JETSON = Path(__file__).resolve().parents[1] / "jetson"
+INSTALL = JETSON / "install.sh"
+SCRIPTS = sorted(JETSON.glob("*.sh"))
+UNITS = ("edge-ad.service", "edge-ad-clocks.service")
+
+
+def _bash(*args, timeout=60, **kw):
+    return subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _plan(l4t: str, *extra) -> dict:
+    res = _bash("--l4t", l4t, "--print-plan", *extra)
+    assert res.returncode == 0, res.stderr
+    return dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+
+
+# ---------------------------------------------------------------------------- static checks
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_shellcheck(script):
+    res = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_scripts_are_executable_bash():
+    assert SCRIPTS, "no scripts in jetson/"
+    for s in SCRIPTS:
+        assert os.access(s, os.X_OK), f"{s.name} is not executable"
+        assert s.read_text().startswith("#!/usr/bin/env bash\n")
+        assert "set -Eeuo pipefail" in s.read_text()
+
+
+def _render_units(tmp_path: Path) -> list[Path]:
+    """The units as install.sh writes them, pointed at executables that exist here."""
+    prefix = tmp_path / "opt"
+    exe = prefix / "venv" / "bin" / "edge-ad"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    main = tmp_path / "edge-ad.service"
+    res = _bash("--l4t", "36.4.3", "--prefix", str(prefix), "--config-dir", str(tmp_path / "etc"),
+                "--data-dir", str(tmp_path / "var"), "--user", "inspector", "--render-unit", str(main))
+    assert res.returncode == 0, res.stderr
+    clocks = tmp_path / "edge-ad-clocks.service"
+    clocks.write_text((JETSON / "edge-ad-clocks.service").read_text().replace("/usr/bin/jetson_clocks", "/bin/true"))
+    return [main, clocks]
+
+
+def test_rendered_unit_uses_the_install_paths(tmp_path):
+    main, _ = _render_units(tmp_path)
+    text = main.read_text()
+    assert f"ExecStart={tmp_path}/opt/venv/bin/edge-ad run --config {tmp_path}/etc/config.toml" in text
+    assert "User=inspector" in text and "Group=inspector" in text
+    assert f"WorkingDirectory={tmp_path}/var" in text
+    assert "/opt/edge-ad" not in text and "/var/lib/edge-ad" not in text
+
+
+def test_unit_contract():
+    text = (JETSON / "edge-ad.service").read_text()
+    keys = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            keys.setdefault(k.strip(), []).append(v.strip())
+    assert keys["Type"] == ["notify"]
+    assert keys["Restart"] == ["always"]
+    assert int(keys["WatchdogSec"][0]) > 0
+    after = " ".join(keys["After"])
+    assert "network-online.target" in after and "nvargus-daemon.service" in after
+    assert "network-online.target" in " ".join(keys["Wants"])
+    assert "video" in keys["SupplementaryGroups"][0]
+    assert keys["PrivateTmp"] == ["no"]  # CSI: nvargus-daemon's socket lives in /tmp
+    assert keys["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify(tmp_path):
+    for unit in _render_units(tmp_path):
+        res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        text = res.stdout + res.stderr
+        about_unit = [line for line in text.splitlines() if unit.name in line]
+        assert res.returncode == 0 and not about_unit, text
+
+
+def test_dockerfile_uses_the_installer():
+    text = (JETSON / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE=nvcr\.io/nvidia/l4t-jetpack:r\$\{L4T\}$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE\}$", text, re.M)
+    assert "jetson/install.sh --l4t" in text and "--no-service" in text and "--no-user" in text
+    assert 'ENTRYPOINT ["edge-ad"]' in text and "/tmp/argus_socket" in text
+    assert (JETSON / "Dockerfile.dockerignore").is_file()
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed")
+def test_hadolint():
+    res = subprocess.run(["hadolint", "--failure-threshold", "warning", str(JETSON / "Dockerfile")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------- the installer's decisions
+@pytest.mark.parametrize("l4t, jetpack, trt, cuda_python, python, bindings, opencv", [
+    ("35.2.1", "5.1", "8.5", "cuda-python>=11.4,<12", "python3.10", "build", "pip"),
+    ("35.4.1", "5.1.2", "8.5", "cuda-python>=11.4,<12", "python3.10", "build", "pip"),
+    ("36.3.0", "6.0", "8.6", "cuda-python>=12.2,<12.3", "python3", "system", "system"),
+    ("36.4.0", "6.1", "10.3", "cuda-python>=12.6,<12.7", "python3", "system", "system"),
+    ("36.4.3", "6.2", "10.3", "cuda-python>=12.6,<12.7", "python3", "system", "system"),
+    ("38.2.0", "7.0", "10.13+", "cuda-python>=13.0,<14", "python3", "system", "system"),
+    ("R38.4", "7.1", "10.13+", "cuda-python>=13.0,<14", "python3", "system", "system"),
+])
+def test_plan_per_release(l4t, jetpack, trt, cuda_python, python, bindings, opencv):
+    if Path("/usr/local/cuda/version.json").exists():
+        pytest.skip("a CUDA installation here overrides the CUDA version of the plan")
+    plan = _plan(l4t)
+    assert plan["JETPACK"] == jetpack and plan["TENSORRT"] == trt
+    assert plan["CUDA_PYTHON"] == cuda_python and plan["PYTHON"] == python
+    assert plan["TRT_BINDINGS"] == bindings and plan["OPENCV"] == opencv
+    # the installer and edge-ad doctor agree on the JetPack names
+    assert doctor.jetpack_for_l4t(plan["L4T"]) == jetpack
+
+
+def test_plan_options_and_refusals():
+    plan = _plan("36.4.3", "--python", "/usr/bin/python3.12", "--trt-bindings", "none", "--opencv", "pip",
+                 "--prefix", "/srv/ead", "--user", "inspector")
+    assert plan["PYTHON"] == "/usr/bin/python3.12" and plan["TRT_BINDINGS"] == "none" and plan["OPENCV"] == "pip"
+    assert plan["VENV"] == "/srv/ead/venv" and plan["SERVICE_USER"] == "inspector"
+    for args, message in ((["--l4t", "32.7.1"], "JetPack 4"), (["--l4t", "35.1.0"], "JetPack 5.0"),
+                          (["--l4t", "banana"], "expected a version"), (["--l4t", "36.4", "--opencv", "x"], "--opencv"),
+                          (["--l4t", "36.4", "--prefix", "relative"], "absolute"), (["--bogus"], "unknown option"),
+                          (["--l4t", "36.4", "--user", "Bad User"], "user name")):
+        res = _bash(*args, "--print-plan")
+        assert res.returncode != 0 and message in res.stderr, (args, res.stderr)
+    assert "Usage:" in _bash("--help").stdout
+
+
+@pytest.mark.skipif(Path("/etc/nv_tegra_release").exists(), reason="this is a Jetson")
+def test_refuses_a_non_jetson_without_override():
+    res = _bash("--print-plan")
+    assert res.returncode != 0 and "not a Jetson" in res.stderr
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    prefix, etc, var = tmp_path / "opt", tmp_path / "etc", tmp_path / "var"
+    res = _bash("--l4t", "36.4.3", "--dry-run", "--prefix", str(prefix), "--config-dir", str(etc),
+                "--data-dir", str(var), "--clocks", "--enable", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert f"-m venv --system-site-packages {prefix}/venv" in out
+    assert "apt-get install -y --no-install-recommends python3-libnvinfer" in out
+    assert "apt-get install -y --no-install-recommends nvidia-opencv" in out
+    assert "pip install --no-deps --upgrade" in out
+    assert "without opencv-python-headless" in out
+    assert "pip uninstall -y opencv-python-headless opencv-python" in out
+    assert "cuda-python\\>=12.6\\,\\<12.7" in out
+    assert "numpy>=1.24,<2" in out
+    assert "systemctl enable edge-ad-clocks.service" in out and "systemctl enable --now edge-ad.service" in out
+    assert "edge-ad doctor" in out
+    assert not prefix.exists() and not etc.exists() and not var.exists()
+
+
+def test_dry_run_jetpack5_builds_trt_bindings(tmp_path):
+    res = _bash("--l4t", "35.4.1", "--dry-run", "--yes", "--no-service", "--prefix", str(tmp_path / "opt"),
+                "--python", "python3.10-that-is-not-here", timeout=120)
+    assert res.returncode != 0 and "not found" in res.stderr  # only python3.10 is fetched from deadsnakes
+    res = _bash("--l4t", "35.4.1", "--dry-run", "--yes", "--no-service", "--prefix", str(tmp_path / "opt"),
+                timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    if "add-apt-repository -y ppa:deadsnakes/ppa" not in out:
+        assert "python3.10 -m venv" in out  # a python3.10 exists here already
+    assert "git clone --depth 1 --branch release/8.5 https://github.com/NVIDIA/TensorRT.git" in out
+    assert "TARGET_ARCHITECTURE=aarch64" in out and "PYTHON_MINOR_VERSION=10" in out
+    assert "OpenCV from pip (no GStreamer)" in res.stderr
+    assert "cuda-python\\>=11.4\\,\\<12" in out
+    assert not (tmp_path / "opt").exists()
+
+
+# ---------------------------------------------------------------------------- config and docs
+def test_starting_config_is_valid():
+    from edge_ad.config import load_settings
+
+    s = load_settings(JETSON / "config.toml")
+    assert s.model.backend == "tensorrt" and str(s.model.bundle) == "/var/lib/edge-ad/bundle"
+    assert s.source.uri.startswith("csi://")
+    mqtt = s.mqtt_settings()
+    assert mqtt is not None and str(mqtt.outbox_path).startswith("/var/lib/edge-ad/")
+
+
+def test_env_file_is_all_comments_or_assignments():
+    for line in (JETSON / "edge-ad.env").read_text().splitlines():
+        line = line.strip()
+        assert not line or line.startswith("#") or re.match(r"^[A-Z_][A-Z0-9_]*=", line), line
+
+
+def test_readme_walks_flash_to_service():
+    text = (JETSON / "README.md").read_text()
+    for step in ("Flash", "Install edge-ad", "capture", "Train a bundle", "TensorRT engine", "start the service",
+                 "Recalibrate", "Monitor"):
+        assert step.lower() in text.lower(), step
+    for cmd in ("edge-ad doctor", "edge-ad capture", "edge-ad train", "edge-ad compile", "edge-ad quantize",
+                "edge-ad calibrate", "edge-ad monitor", "edge-ad bundle pack", "edge-ad bundle install",
+                "systemctl enable --now edge-ad", "nvpmodel", "jetson_clocks"):
+        assert cmd in text, cmd
+    for doc in ("CAMERAS.md", "POWER.md"):
+        assert (JETSON / doc).is_file()
