@@ -669,7 +669,10 @@ def check_engine(bundle, required: bool = False, precision: str | None = None) -
     order = [wanted] + [p for p in ("int8", "fp16", "fp32") if p != wanted]
     usable, reasons = [], []
     for prec in order:
-        chk = engine_cache.check(bundle, prec, target)
+        try:  # run only takes an engine that passed the accuracy guard of `edge-ad compile`
+            chk = engine_cache.check(bundle, prec, target, require_guard=True)
+        except TypeError:  # an engine cache without guard records
+            chk = engine_cache.check(bundle, prec, target)
         if chk.ok:
             usable.append(prec)
         elif prec == wanted:

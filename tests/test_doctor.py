@@ -349,3 +349,44 @@ def test_cli_with_config_and_mqtt(tmp_path, mosquitto):
     res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--strict",
                                     "--mqtt", f"mqtt://127.0.0.1:{port}"])
     assert res.exit_code == 1 and "--strict" in res.output
+
+
+def test_engine_check_with_a_stand_in_gpu(tmp_path, monkeypatch):
+    """The engine check against the real engine cache, with TensorRT and the GPU replaced by stand-ins."""
+    import hashlib
+
+    from edge_ad import atomic
+    from edge_ad.runtime import backends
+    from edge_ad.runtime.backends import cuda as cuda_mod
+    from edge_ad.runtime.backends import engine_cache
+    from edge_ad.runtime.backends import tensorrt as trt_mod
+
+    target = engine_cache.Target("8.7", "10.3.0", "Orin")
+    monkeypatch.setattr(backends, "tensorrt_usable", lambda: (True, ""))
+    monkeypatch.setattr(trt_mod, "import_tensorrt", lambda: object())
+    monkeypatch.setattr(cuda_mod, "cuda_api", lambda: object())
+    monkeypatch.setattr(trt_mod, "current_target", lambda trt, api, index=0: target)
+    b = _bundle(tmp_path / "b")
+    b.set_active("model.onnx", "fp16")
+    missing = d.check_engine(b)
+    assert missing.status == d.Status.WARN and "no usable fp16 engine for Orin sm87, TensorRT 10.3.0" in missing.detail
+    assert "edge-ad compile --bundle" in missing.fix
+    assert d.check_engine(b, required=True).status == d.Status.FAIL
+
+    key = engine_cache.engine_key(engine_cache.model_sha(b), "fp16", target)
+    eng, side = engine_cache.paths(b, key)
+    data = b"serialized engine"
+    atomic.write_bytes(eng, data)
+    meta = engine_cache.make_sidecar(b, "fp16", target, hashlib.sha256(data).hexdigest(), "model.onnx", 8,
+                                     "weak", 1024, 1.0)
+    atomic.write_json(side, meta)
+    unguarded = d.check_engine(b)
+    assert unguarded.status == d.Status.WARN and "guard" in unguarded.detail
+    meta["guard"] = {"passed": True}
+    atomic.write_json(side, meta)
+    ok = d.check_engine(b)
+    assert ok.status == d.Status.OK and "fp16 engine for Orin sm87" in ok.detail, ok
+    # another TensorRT on the device (a JetPack upgrade) makes it stale
+    monkeypatch.setattr(trt_mod, "current_target", lambda trt, api, index=0: engine_cache.Target("8.7", "10.4.0", "Orin"))
+    stale = d.check_engine(b)
+    assert stale.status == d.Status.WARN and "10.4.0" in stale.detail

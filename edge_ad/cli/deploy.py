@@ -24,8 +24,9 @@ from . import main
 @click.option("--data-dir", "data_dirs", multiple=True, type=click.Path(path_type=Path),
               help="Folder run writes to (outbox, log, snapshots); repeatable. Default: the config's paths, "
                    "else the outbox folder and the working directory.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default=None,
-              help="Backend run will use (tensorrt makes TensorRT, CUDA and an engine required).")
+@click.option("--backend", default=None, metavar="NAME",
+              help="Backend run will use: auto, onnxruntime, tensorrt, ... (tensorrt makes TensorRT, CUDA and "
+                   "an engine required). Default: the config's, else auto.")
 @click.option("--min-free-mb", type=click.IntRange(0), default=256, show_default=True,
               help="Free disk space required in each data folder.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
