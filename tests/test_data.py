@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_ad.data.mvtec import MVTecCategory, Sample, split_train_val
+from edge_ad.data.mvtec import MVTecCategory, split_train_val
 from edge_ad.data.synthetic import (DEFECTS, KINDS, ConveyorStream, lighting_shift, make_part,
                                     write_category)
 from edge_ad.errors import InputError
