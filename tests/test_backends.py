@@ -85,6 +85,7 @@ CASES = [
     ("tensorrt", "cuda:0", "tensorrt"),
     ("torch", "cpu", "torch:cpu"),
     ("torch", "cuda", "torch:cuda"),
+    ("openvino", "cpu", "openvino:cpu"),
 ]
 
 
@@ -156,8 +157,8 @@ def test_auto_on_cpu_is_onnxruntime_with_the_active_graph(bundle):
 
 def test_open_backend_errors_name_the_choices(bundle):
     b, _ = bundle
-    with pytest.raises(InputError, match="expected one of auto, onnxruntime, tensorrt, torch"):
-        open_backend(b, "openvino")
+    with pytest.raises(InputError, match="expected one of auto, onnxruntime, tensorrt, torch, openvino"):
+        open_backend(b, "mxnet")
     with pytest.raises(InputError, match="precision 'int4'"):
         open_backend(b, "onnxruntime", "int4")
     with pytest.raises(InputError, match="model.int8.onnx: not found; run 'edge-ad quantize"):

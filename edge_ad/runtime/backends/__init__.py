@@ -4,7 +4,8 @@
 >>> outputs = backend.infer(batch)                  # float32 [B, 3, H, W] in 0..255 -> raw outputs
 >>> backend.close()
 
-``backend``: ``auto`` | ``onnxruntime`` | ``tensorrt`` | ``torch``. ``precision``: ``fp32`` | ``fp16`` |
+``backend``: ``auto`` | ``onnxruntime`` | ``tensorrt`` | ``torch`` | ``openvino`` (optional, x86 CPUs;
+never chosen by ``auto``). ``precision``: ``fp32`` | ``fp16`` |
 ``int8``; None = the bundle's active precision; ``int8-u8`` names the CPU form of INT8 explicitly
 (ONNX Runtime; ``int8_form="s8"`` runs the TensorRT form on the CPU instead). ``device``: ``cpu``, ``cuda[:N]`` or, for onnxruntime,
 ``tensorrt[:N]`` (its TensorRT execution provider); None = the best this machine has.
@@ -23,7 +24,7 @@ from .base import CPU_INT8_FILE, GRAPH_FILES, PRECISIONS, Backend, precision_of_
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "openvino")
 
 __all__ = ["Backend", "open_backend", "BACKENDS", "PRECISIONS", "GRAPH_FILES", "CPU_INT8_FILE",
            "precision_of_graph", "tensorrt_usable", "available"]
@@ -57,6 +58,8 @@ def available() -> dict[str, tuple[bool, str]]:
     out["onnxruntime:tensorrt"] = ("TensorrtExecutionProvider" in prov, "" if "TensorrtExecutionProvider" in prov
                                    else "onnxruntime has no TensorRT provider")
     out["tensorrt"] = tensorrt_usable()
+    ov = importlib.util.find_spec("openvino") is not None
+    out["openvino:cpu"] = (ov, "" if ov else "openvino is not installed (optional: pip install openvino)")
     if importlib.util.find_spec("torch") is None:
         out["torch:cpu"] = out["torch:cuda"] = (False, "torch is not installed")
     else:
@@ -86,6 +89,10 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
         if device is None:
             device = "cuda" if "CUDAExecutionProvider" in available_providers() else "cpu"
         return OnnxRuntimeBackend(bundle, precision=precision, device=device, **options)
+    if backend == "openvino":  # optional, x86 CPUs: pip install openvino
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(bundle, precision=precision, device=device or "cpu", **options)
     if backend == "tensorrt":
         from .tensorrt import TensorRTBackend
 

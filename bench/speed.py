@@ -1,0 +1,498 @@
+"""Speed benchmark: every model x backend x precision side by side, in one run, on this machine.
+
+Per model (EfficientAD-S, EfficientAD-M, FADeR-style, Gaussian) and configuration (torch eager FP32, ONNX
+Runtime FP32, ONNX Runtime INT8 in both forms: signed symmetric activations (the TensorRT form) and
+unsigned activations (the CPU form), OpenVINO FP32, OpenVINO NNCF INT8 (anomalib's CPU path) and our
+guarded INT8 graph on OpenVINO (edge_ad's ``openvino`` backend) when ``openvino`` + ``nncf`` are
+installed; on a GPU: torch FP16 with CUDA graphs, ONNX Runtime CUDA, TensorRT when compiled):
+
+- batch-1 latency p50 / p99 (ms), throughput (images/s) at each batch size, peak memory (RSS of a fresh
+  process running only that configuration), the ratio to torch eager FP32;
+- GFLOPs per image of each model (from its ONNX graph) and the fraction of this machine's FP32 peak
+  (measured with a large matmul) that the fastest configuration reaches;
+- the INT8 accuracy guard result (vs FP32, default limits) on the calibration data given.
+
+Each configuration runs in its own subprocess, one after the other (peak memory per configuration, no
+interference). Weights are random (or ImageNet for the backbones) unless ``--bundle KIND=DIR`` names a
+trained bundle: speed does not depend on the weights, accuracy guard results do.
+
+    python bench/speed.py                                   # all models, batches 1 and 8, 256x256
+    python bench/speed.py --models efficientad-s --batches 1,8,32 --data ../shared/data/magnetic_tile
+    python bench/speed.py --models efficientad-s,gaussian --size 128 --seconds 2   # a quick look
+
+Prints a table, writes ``OUT/speed.json`` and ``OUT/speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
+LABEL = {"efficientad-s": "EfficientAD-S", "efficientad-m": "EfficientAD-M", "fader": "FADeR-style",
+         "gaussian": "Gaussian"}
+
+
+# ============================================================================ worker (one configuration)
+def _rss_mb() -> float:
+    """Peak resident memory of this process since its exec (VmHWM; ru_maxrss would include the parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time(run, batch: np.ndarray, seconds: float, min_iters: int) -> list[float]:
+    times = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < min_iters or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    return times
+
+
+def _runner(cfg: dict):
+    """(run(batch) callable, close()) for one configuration."""
+    from edge_ad.bundle import Bundle
+
+    b = Bundle.open(cfg["bundle"])
+    backend, prec, device = cfg["backend"], cfg["precision"], cfg.get("device", "cpu")
+    if backend == "openvino-nncf":
+        import openvino as ov
+
+        core = ov.Core()
+        path = Path(cfg["bundle"]) / "openvino-int8.xml"
+        model = core.read_model(str(path))
+        compiled: dict[int, object] = {}
+
+        def run(x):
+            n = x.shape[0]
+            if n not in compiled:  # static shapes per batch, as an x86 OpenVINO deployment compiles them
+                m = model.clone()
+                m.reshape({m.inputs[0].get_any_name(): [n, 3, x.shape[2], x.shape[3]]})
+                hint = "LATENCY" if n == 1 else "THROUGHPUT"
+                compiled[n] = core.compile_model(m, "CPU", {"PERFORMANCE_HINT": hint}).create_infer_request()
+            return compiled[n].infer({0: x})
+
+        return run, lambda: None
+    from edge_ad.runtime.backends import open_backend
+
+    opts = {}
+    if backend == "torch":
+        import torch
+
+        from edge_ad import models
+
+        torch.manual_seed(0)
+        opts["module"] = models.build(b.kind, b.image_size, b.model.get("config", {}), pretrained=False)
+        opts["cuda_graphs"] = bool(cfg.get("cuda_graphs"))
+    if backend == "onnxruntime" and prec == "int8":
+        opts["int8_form"] = cfg.get("int8_form", "auto")
+    opts["max_batch"] = 1024
+    be = open_backend(b, backend, prec, device, **opts)
+    sync = None
+    if device.startswith("cuda") and backend == "torch":
+        import torch
+
+        sync = torch.cuda.synchronize
+
+    def run(x):
+        out = be.infer(x)
+        if sync:
+            sync()
+        return out
+
+    return run, be.close
+
+
+def worker(cfg: dict) -> dict:
+    h = w = cfg["size"]
+    rss0 = _rss_mb()
+    run, close = _runner(cfg)
+    rng = np.random.default_rng(0)
+    res = {"latency_ms": None, "throughput": {}}
+    for b in cfg["batches"]:
+        x = (rng.random((b, 3, h, w)) * 255).astype(np.float32)
+        run(x)  # warm-up (allocations, kernel selection, graph capture)
+        if b == 1:
+            run(x)
+            t = np.array(_time(run, x, cfg["seconds"], 5)) * 1000.0
+            res["latency_ms"] = {"p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)),
+                                 "n": int(len(t))}
+            res["throughput"]["1"] = float(1000.0 / t.mean())
+        else:
+            t = _time(run, x, cfg["seconds"], 2)
+            res["throughput"][str(b)] = float(b * len(t) / sum(t))
+    close()
+    res["peak_rss_mb"] = _rss_mb()
+    res["rss_before_model_mb"] = rss0
+    if cfg.get("device", "cpu").startswith("cuda"):
+        try:
+            import torch
+
+            res["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        except Exception:
+            pass
+    return res
+
+
+# ============================================================================ preparation (main process)
+def graph_gflops(onnx_path: Path, size: int) -> float:
+    """GFLOPs (2 x multiply-adds) of Conv / ConvTranspose / MatMul / Gemm for one image."""
+    import onnx
+    from onnx import shape_inference
+
+    m = onnx.load(str(onnx_path))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    m = shape_inference.infer_shapes(m)
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    for init in m.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    macs = 0
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "ConvTranspose"):
+            wshape = shapes.get(n.input[1])
+            out = shapes.get(n.output[0])
+            if not wshape or not out or 0 in out:
+                continue
+            group = next((a.i for a in n.attribute if a.name == "group"), 1)
+            if n.op_type == "Conv":
+                macs += int(np.prod(out)) * int(np.prod(wshape[1:]))
+            else:
+                inp = shapes.get(n.input[0])
+                macs += int(np.prod(inp)) * wshape[1] * int(np.prod(wshape[2:])) // max(group, 1) * group
+        elif n.op_type in ("MatMul", "Gemm"):
+            a, out = shapes.get(n.input[0]), shapes.get(n.output[0])
+            if a and out and 0 not in out:
+                macs += int(np.prod(out)) * a[-1]
+    return 2.0 * macs / 1e9
+
+
+def measured_peak_gflops(n: int = 2048, seconds: float = 2.0) -> float:
+    """FP32 matmul GFLOP/s with all cores, the best of numpy's BLAS and torch's (MKL / oneDNN) when
+    installed: the machine's practical FP32 peak."""
+    mats = [(np.random.default_rng(0).random((n, n), dtype=np.float32),
+             np.random.default_rng(1).random((n, n), dtype=np.float32))]
+    try:
+        import torch
+
+        mats.append((torch.from_numpy(mats[0][0]), torch.from_numpy(mats[0][1])))
+    except ImportError:
+        pass
+    best = 0.0
+    for a, b in mats:
+        a @ b
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def synthetic_data(work: Path, size: int) -> Path:
+    from edge_ad.data.synthetic import write_category
+
+    d = work / "synthetic-data"
+    if not d.is_dir():
+        write_category(d, n_train=60, n_test_good=16, n_test_defect=4, size=size, kind="grain")
+    return d
+
+
+def prepare(kind: str, size: int, work: Path, data: Path, trained: str | None, calib_samples: int,
+            guard_normals: int, log) -> dict:
+    """Bundle with model.onnx, both INT8 forms (+ guard results) and the OpenVINO NNCF INT8 model."""
+    from edge_ad import models
+    from edge_ad.bundle import Bundle
+    from edge_ad.compile.export import export_bundle
+    from edge_ad.compile.guard import GuardLimits
+    from edge_ad.compile.quantize import quantize_bundle
+
+    info: dict = {"kind": kind}
+    if trained:
+        src = Bundle.open(trained)
+        d = work / f"{kind}-{size}-trained"
+        if d.exists():
+            shutil.rmtree(d)
+        shutil.copytree(src.path, d)
+        b = Bundle.open(d)
+        if b.image_size != (size, size):
+            raise SystemExit(f"{trained}: image size {b.image_size}, bench runs at {size}")
+        info["weights"] = f"trained ({trained})"
+        if not b.has("model.onnx"):
+            export_bundle(b, progress=False)
+    else:
+        d = work / f"{kind}-{size}"
+        if d.exists():
+            shutil.rmtree(d)
+        m = models.build(kind, size)
+        b = Bundle.create(d, models.describe(m, kind, size, models.default_config(kind)))
+        info["weights"] = "random (ImageNet backbone where the model has one)"
+        try:
+            export_bundle(b, m, progress=False)
+        except Exception as exc:  # report and go on: the torch row is still measured
+            info["export_error"] = str(exc).splitlines()[0][:200]
+            log(f"  {kind}: export failed: {info['export_error']}")
+            return info | {"bundle": str(d)}
+    b.manifest["training"] = {"data": str(data)}
+    b.save_manifest()
+    info["bundle"] = str(d)
+    info["gflops"] = graph_gflops(b.file("model.onnx"), size)
+    t0 = time.perf_counter()
+    # Keep the graphs whatever the guard says (the speed of a graph that fails is still worth knowing);
+    # judge the guard with the default limits below.
+    res = quantize_bundle(b, "int8", samples=calib_samples, guard_normals=guard_normals,
+                          limits=GuardLimits(max_auroc_drop=1.0, min_rank_corr=-1.0), progress=False)
+    info["quantize_s"] = time.perf_counter() - t0
+    limits = GuardLimits()
+    info["guard"] = {}
+    for e in res.entries:
+        ok = e["rank_corr"] >= limits.min_rank_corr and all(
+            a["drop"] <= limits.max_auroc_drop for a in e["auroc"].values())
+        info["guard"][e["candidate"]] = {"passed": bool(ok), "rank_corr": e["rank_corr"],
+                                         "auroc": {g: (a["fp32"], a["candidate"]) for g, a in e["auroc"].items()}}
+    b.set_active("model.onnx", "fp32")
+    try:
+        info["openvino"] = openvino_int8(b, calib_samples)
+    except ImportError:
+        info["openvino"] = None
+        return info
+    # the same guard for our INT8 graph run by OpenVINO (its kernels round differently from ORT's)
+    from edge_ad.compile.guard import evaluate, prepare_guard_set, training_images
+    from edge_ad.runtime.backends.openvino import OpenVinoBackend
+
+    _, held = training_images(b)
+    gset = prepare_guard_set(b, held, n_normal=guard_normals)
+    with OpenVinoBackend(b, "int8") as ovb:
+        e = evaluate(b, ovb, gset, None, limits, name="openvino-int8")
+    info["guard"]["openvino-int8"] = {"passed": bool(e["passed"]), "rank_corr": e["rank_corr"],
+                                      "auroc": {g: (a["fp32"], a["candidate"]) for g, a in e["auroc"].items()}}
+    return info
+
+
+def openvino_int8(bundle, samples: int) -> str:
+    """NNCF post-training INT8 (its default preset, as anomalib's OpenVINO export uses) on the same
+    calibration images; saved as openvino-int8.xml beside the ONNX graphs."""
+    import nncf
+    import openvino as ov
+
+    from edge_ad.compile.guard import spread, training_images
+    from edge_ad.data.image import load_image, to_batch
+
+    pool, _ = training_images(bundle)
+    calib = [to_batch([load_image(p)], bundle.image_size) for p in spread(pool, samples)]
+    model = ov.Core().read_model(str(bundle.file("model.onnx")))
+    q = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib))
+    out = bundle.file("openvino-int8.xml")
+    ov.save_model(q, str(out))
+    return str(out)
+
+
+def configs(info: dict, gpu: bool, have_ov: bool) -> list[dict]:
+    out = [{"name": "torch eager fp32", "backend": "torch", "precision": "fp32", "device": "cpu"}]
+    if "export_error" in info:
+        return out
+    out += [{"name": "onnxruntime fp32", "backend": "onnxruntime", "precision": "fp32", "device": "cpu"},
+            {"name": "onnxruntime int8 (s8, TensorRT form)", "backend": "onnxruntime", "precision": "int8",
+             "device": "cpu", "int8_form": "s8"},
+            {"name": "onnxruntime int8 (u8, CPU form)", "backend": "onnxruntime", "precision": "int8",
+             "device": "cpu", "int8_form": "u8"}]
+    if have_ov and info.get("openvino"):
+        out += [{"name": "openvino fp32", "backend": "openvino", "precision": "fp32", "device": "cpu"},
+                {"name": "openvino int8 (NNCF, anomalib's path)", "backend": "openvino-nncf", "precision": "int8",
+                 "device": "cpu"},
+                {"name": "openvino int8 (our guarded s8 graph)", "backend": "openvino", "precision": "int8",
+                 "device": "cpu"}]
+    if gpu:
+        out += [{"name": "torch cuda fp32", "backend": "torch", "precision": "fp32", "device": "cuda"},
+                {"name": "torch cuda fp16 + cuda graphs", "backend": "torch", "precision": "fp16",
+                 "device": "cuda", "cuda_graphs": True},
+                {"name": "onnxruntime cuda fp32", "backend": "onnxruntime", "precision": "fp32", "device": "cuda"}]
+    return out
+
+
+def run_config(cfg: dict, timeout: float) -> dict:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
+                           text=True, timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s (use --timeout, fewer --batches)"}
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            r["wall_s"] = time.perf_counter() - t0
+            return r
+    tail = (p.stderr or p.stdout).strip().splitlines()[-1:]
+    crash = f"exit code {p.returncode}" + (" (crashed: signal %d)" % -p.returncode if p.returncode < 0 else "")
+    return {"error": (tail[0][:160] + f" [{crash}]") if tail else crash}
+
+
+# ============================================================================ report
+def fmt_table(results: list[dict], batches: list[int], peak: float) -> str:
+    head = (f"{'model':<14} {'configuration':<38} {'p50 ms':>8} {'p99 ms':>8} "
+            + " ".join(f"{'b' + str(b) + ' img/s':>10}" for b in batches)
+            + f" {'peak MB':>8} {'x torch':>8} {'guard':>6}")
+    lines = [head, "-" * len(head)]
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        base = next((r for r in rows if r["name"] == "torch eager fp32" and "error" not in r), None)
+        for r in rows:
+            if "error" in r:
+                lines.append(f"{LABEL[model]:<14} {r['name']:<38} error: {r['error']}")
+                continue
+            lat = r.get("latency_ms") or {}
+            tp = r["throughput"]
+            ratio = ""
+            if base and base is not r:
+                best_b = str(max(batches))
+                if best_b in tp and best_b in base["throughput"]:
+                    ratio = f"{tp[best_b] / base['throughput'][best_b]:.2f}"
+            lines.append(f"{LABEL[model]:<14} {r['name']:<38} {lat.get('p50', float('nan')):8.1f} "
+                         f"{lat.get('p99', float('nan')):8.1f} "
+                         + " ".join(f"{tp.get(str(b), float('nan')):10.2f}" for b in batches)
+                         + f" {r['peak_rss_mb']:8.0f} {ratio:>8} {r.get('guard', ''):>6}")
+        info = next((r["info"] for r in rows if "info" in r), {})
+        if info.get("gflops"):
+            ok = [r for r in rows if "error" not in r and r["throughput"]]
+            best = max(ok, key=lambda r: max(r["throughput"].values()))
+            ips = max(best["throughput"].values())
+            lines.append(f"{'':<14} {info['gflops']:.1f} GFLOPs/image; best: {best['name']} "
+                         f"{ips:.2f} img/s = {info['gflops'] * ips:.1f} GFLOP/s = "
+                         f"{info['gflops'] * ips / peak:.0%} of the measured FP32 peak ({peak:.0f} GFLOP/s)")
+        if info.get("export_error"):
+            lines.append(f"{'':<14} export failed: {info['export_error']}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], batches: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4.8), squeeze=False)
+    b = str(max(batches))
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in results if r["model"] == model and "error" not in r]
+        names = [r["name"] for r in rows]
+        vals = [r["throughput"].get(b, 0.0) for r in rows]
+        ax.barh(range(len(rows)), vals, color=["#888" if "torch" in n else "#2a7" if "u8" in n else
+                                               "#36c" if "openvino" in n else "#c84" for n in names])
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"images/s at batch {b}")
+        ax.set_title(LABEL[model])
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    fig.suptitle("edge_ad inference throughput on this machine (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ============================================================================ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    ap.add_argument("--size", type=int, default=256, help="square input size")
+    ap.add_argument("--batches", default="1,8", help="batch sizes (1 gives latency too), e.g. 1,8,32")
+    ap.add_argument("--seconds", type=float, default=3.0, help="time per measurement (at least 5 / 2 runs)")
+    ap.add_argument("--data", default=None, help="normal images for calibration and the guard (MVTec category); "
+                                                 "default: a synthetic category")
+    ap.add_argument("--bundle", action="append", default=[], metavar="KIND=DIR",
+                    help="use a trained bundle for KIND instead of random weights")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--guard-normals", type=int, default=32)
+    ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO columns")
+    ap.add_argument("--timeout", type=float, default=900, help="per configuration, seconds")
+    ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "edge_ad_speed"))
+    ap.add_argument("--out", default="bench/out", help="folder for speed.json and speed.png")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    import importlib.util
+
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in MODELS]
+    if bad:
+        ap.error(f"unknown models {bad}; choose from {', '.join(MODELS)}")
+    batches = sorted({int(b) for b in args.batches.split(",")})
+    trained = dict(s.split("=", 1) for s in args.bundle)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data) if args.data else synthetic_data(work, args.size)
+    have_ov = (not args.no_openvino and importlib.util.find_spec("openvino") is not None
+               and importlib.util.find_spec("nncf") is not None)
+    gpu = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    peak = measured_peak_gflops()
+    import platform
+
+    machine = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+               "fp32_matmul_peak_gflops": peak, "gpu": gpu, "openvino": have_ov}
+    log(f"machine: {os.cpu_count()} cores, FP32 matmul peak {peak:.0f} GFLOP/s; OpenVINO: "
+        f"{'yes' if have_ov else 'no (pip install openvino nncf)'}; GPU: {'yes' if gpu else 'no'}")
+    results = []
+    for kind in kinds:
+        log(f"{LABEL[kind]}: preparing (export, INT8 calibration + guard on {data})")
+        info = prepare(kind, args.size, work, data, trained.get(kind), args.calib_samples, args.guard_normals, log)
+        for cfg in configs(info, gpu, have_ov):
+            cfg.update(bundle=info["bundle"], size=args.size, batches=batches, seconds=args.seconds)
+            log(f"  {cfg['name']} ...")
+            r = run_config(cfg, args.timeout)
+            r.update(model=kind, name=cfg["name"], info=info)
+            if cfg["backend"] in ("onnxruntime", "openvino") and cfg["precision"] == "int8":
+                g = info.get("guard", {}).get("openvino-int8" if cfg["backend"] == "openvino" else
+                                              "onnxruntime-int8-u8" if cfg.get("int8_form") == "u8"
+                                              else "onnxruntime-int8")
+                r["guard"] = "" if g is None else ("pass" if g["passed"] else "FAIL")
+            results.append(r)
+            if "error" in r:
+                log(f"    error: {r['error']}")
+            else:
+                log(f"    p50 {((r.get('latency_ms') or {}).get('p50') or float('nan')):.1f} ms, "
+                    f"throughput {r['throughput']}")
+    table = fmt_table(results, batches, peak)
+    print(table)
+    (out / "speed.json").write_text(json.dumps({"machine": machine, "size": args.size, "batches": batches,
+                                                "results": results}, indent=2, default=str))
+    plot(results, batches, out / "speed.png")
+    print(f"\nwrote {out / 'speed.json'} and {out / 'speed.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
