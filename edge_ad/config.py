@@ -49,7 +49,12 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Which bundle inspects, on which backend."""
 
-    bundle: Path = Field(title="Bundle folder (made by edge-ad train)")
+    bundle: Optional[Path] = Field(None, title="Bundle folder (made by edge-ad train); or give deploy_dir")
+    deploy_dir: Optional[Path] = Field(None, title="Deploy folder of 'edge-ad bundle install' (its 'current' "
+                                                   "bundle runs; MQTT update_model installs into it)")
+    golden_dir: Optional[Path] = Field(None, title="Golden images a model update must pass (default "
+                                                   "<deploy_dir>/golden)")
+    update_key: Optional[Path] = Field(None, title="Key that model update archives must be signed with")
     backend: str = Field("auto", title="auto | onnxruntime | tensorrt | torch")
     precision: Optional[str] = Field(None, title="fp32 | fp16 | int8; empty: the bundle's active graph")
     device: Optional[str] = Field(None, title="cpu | cuda[:N] | tensorrt[:N]; empty: the best this machine has")
@@ -62,6 +67,25 @@ class ModelSettings(_Section):
         if v not in ("auto", "onnxruntime", "tensorrt", "torch"):
             raise ValueError(f"'{v}': expected auto, onnxruntime, tensorrt or torch")
         return v
+
+    @field_validator("bundle", "deploy_dir", "golden_dir", "update_key", mode="before")
+    @classmethod
+    def _empty_path(cls, v: Any) -> Any:
+        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+
+    @model_validator(mode="after")
+    def _bundle_or_deploy(self) -> "ModelSettings":
+        if self.bundle is None and self.deploy_dir is None:
+            raise ValueError("give bundle (a bundle folder) or deploy_dir (a folder of installed bundles)")
+        return self
+
+    def bundle_path(self) -> Path:
+        """The bundle to open: ``bundle``, else the deploy folder's current release."""
+        if self.bundle is not None:
+            return Path(self.bundle)
+        from .calibration import current_path
+
+        return current_path(self.deploy_dir)
 
     @field_validator("device", mode="before")
     @classmethod
@@ -402,7 +426,8 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
     return s
 
 
-_PATH_FIELDS = (("model", "bundle"), ("output", "jsonl"), ("output", "snapshots_dir"), ("telemetry", "path"))
+_PATH_FIELDS = (("model", "bundle"), ("model", "deploy_dir"), ("model", "golden_dir"), ("model", "update_key"),
+                ("output", "jsonl"), ("output", "snapshots_dir"), ("telemetry", "path"))
 
 
 def _relative_file_paths(tree: dict) -> set:

@@ -148,7 +148,7 @@ def tiny_graph(image_size: tuple[int, int], pool: int = TINY_POOL) -> bytes:
 
 def make_tiny_bundle(path: str | Path, image_size: tuple[int, int] = (64, 64),
                      normal_frames: Sequence[np.ndarray] | None = None, policy: str = "max",
-                     min_threshold: float | None = 1.0):
+                     min_threshold: float | None = 1.0, pool: int = TINY_POOL):
     """A bundle around :func:`tiny_graph`, calibrated on ``normal_frames`` (default: 60 part frames read
     back from an MJPG video).
 
@@ -163,9 +163,9 @@ def make_tiny_bundle(path: str | Path, image_size: tuple[int, int] = (64, 64),
     from edge_ad.data.image import to_batch
 
     path = Path(path)
-    data = tiny_graph(image_size)
+    data = tiny_graph(image_size, pool)
     b = Bundle.create(path, {"kind": "fader", "image_size": list(image_size), "outputs": ["map"], "map_pad": 0,
-                             "config": {"tiny": True, "pool": TINY_POOL}})
+                             "config": {"tiny": True, "pool": pool}})
     b.add_file("model.onnx", data=data)
     if normal_frames is None:
         normal_frames = video_frames(write_video(path.parent / f".{path.name}-normals.avi",

@@ -35,6 +35,7 @@ class Reporter:
         self._drift_lock = threading.Lock()
         self.drift = drift_factory(calibration) if (drift_factory and calibration is not None) else None
         self.drift_state = None
+        self.health = None          # a HealthWatch after a model update (edge_ad.calibration)
         self.on_event = on_event or (lambda e: None)
         self.latency = LatencyWindow()
         self.reported = 0
@@ -54,14 +55,16 @@ class Reporter:
             self.drift_state = None
 
     def drift_summary(self) -> dict[str, Any]:
+        """``drift`` (bool) and the monitor's figures (z, shift, mean of the OK window, n, ...)."""
         st = self.drift_state
         if st is None:
-            return {"drift": False}
-        out: dict[str, Any] = {"drift": bool(st.drift)}
-        for k in ("z", "mean", "n", "window", "limit"):
-            v = getattr(st, k, None)
-            if isinstance(v, (int, float)):
-                out[k] = round(float(v), 6) if isinstance(v, float) else v
+            return {"drift": False, "enabled": self.drift is not None}
+        out: dict[str, Any] = {}
+        for k, v in st.to_dict().items():
+            if k == "event" or v is None:
+                continue
+            out[k] = round(v, 6) if isinstance(v, float) else v
+        out["drift"] = bool(st.drift)
         return out
 
     def _update_drift(self, score: float, ng: bool) -> None:
@@ -143,6 +146,8 @@ class Reporter:
             self.events += 1
             self.link.publish_event(ev, jpeg=jpeg if (self.event_image or publish_snapshot) else None)
         self._update_drift(d.score, d.ng)
+        if self.health is not None:
+            self.health.record(ng=d.ng)
         self.reported += 1
         self.last_result = rec
         if req is not None:

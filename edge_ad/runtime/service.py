@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -79,11 +80,7 @@ def open_inspector(bundle: Bundle, settings: Settings):
 def _drift_factory(settings: Settings):
     if not settings.drift.enabled:
         return None
-    try:
-        from ..calibration import DriftMonitor
-    except ImportError as exc:
-        log.warning("drift monitoring unavailable (%s); running without it", exc)
-        return None
+    from ..calibration import DriftMonitor
 
     d = settings.drift
     return lambda cal: DriftMonitor(cal, window=d.window, limit=d.limit)
@@ -115,7 +112,7 @@ class Service:
         s = self.settings
         self.spec = parse_uri(s.source.uri)
         check_startup(self.spec)
-        self.bundle = Bundle.open(s.model.bundle, verify=True)
+        self.bundle = Bundle.open(s.model.bundle_path(), verify=True)
         self.inspector = open_inspector(self.bundle, s)
         try:
             self._build_rest()
@@ -175,6 +172,9 @@ class Service:
             del self.events[:-50]
 
     def event(self, payload: dict) -> None:
+        if payload.get("type") == "inference_error" and self.reporter.health is not None:
+            for _ in range(int(payload.get("frames", 1))):
+                self.reporter.health.record(error=True)
         self.reporter.event(payload)
 
     def update_birth(self, **fields) -> None:
@@ -198,13 +198,15 @@ class Service:
                     "threshold": cal.threshold, "policy": cal.policy, "reason": reason})
 
     def rollback_calibration(self, version: int | None):
-        cal = self.bundle.rollback_calibration(version)
+        from ..calibration import rollback
+
+        cal = rollback(self.bundle, version)
         self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
         return cal
 
     def calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
         """Collect normal frames (live or from a folder), refit, swap in between two frames."""
-        from ..calibration import recalibrate
+        from ..calibration import collect_frames, recalibrate
 
         t0 = time.monotonic()
         if source == "live":
@@ -217,18 +219,17 @@ class Service:
                 raise RuntimeFailure(f"calibrate: collected {len(col.frames)} of {frames} frames within "
                                      f"{timeout:g} s; the calibration in force is unchanged")
             images = list(col.frames)
+            where = f"live {self.spec.safe_uri}"
         else:
-            images = _read_frames(source, frames)
+            images = collect_frames(source, frames, timeout_s=timeout, progress=False)
+            where = parse_uri(source).safe_uri if "://" in source else source
         t_collect = time.monotonic() - t0
-        old = self.inspector.calibration
-        res = recalibrate(self.bundle, self.inspector, images, policy=policy, progress=False)
-        cal = res.calibration
-        self.swap_calibration(cal, reason=f"calibrate ({len(images)} frames, policy {policy})")
-        excluded = getattr(res, "excluded", []) or []
-        return {"version": cal.version, "previous_version": old.version, "threshold": cal.threshold,
-                "previous_threshold": old.threshold, "policy": cal.policy, "frames": len(images),
-                "n_used": int(getattr(res, "n_used", len(images))), "excluded": _jsonable(excluded),
-                "collect_s": round(t_collect, 3), "fit_s": round(time.monotonic() - t0 - t_collect, 3)}
+        res = recalibrate(self.bundle, self.inspector, images, policy=policy, progress=False,
+                          source=f"MQTT calibrate: {len(images)} frames from {where}")
+        self.swap_calibration(res.calibration, reason=f"calibrate ({len(images)} frames, policy {policy})")
+        out = res.summary()
+        out["collect_s"] = round(t_collect, 3)
+        return _jsonable(out)
 
     def reload(self, what: str) -> dict:
         out: dict[str, Any] = {}
@@ -290,25 +291,63 @@ class Service:
                           backend=getattr(new.backend, "name", ""), precision=getattr(new.backend, "precision", ""))
         if self.link is not None:
             self.link.publish_calibration(new.calibration)
-        self.event({"type": "model", "model_hash": new.model_hash, "previous_model_hash": before, "reason": reason})
+        self.event({"type": "model", "model_hash": new.model_hash, "previous_model_hash": before, "reason": reason,
+                    "bundle": str(bundle.path)})
         return {"model_hash": new.model_hash, "previous_model_hash": before,
                 "calibration_version": new.calibration.version}
 
     def update_model(self, args: dict) -> dict:
-        """Install a bundle archive through edge_ad.calibration (verify, golden-set check), then swap."""
-        from .. import calibration as calib
+        """Install a bundle archive (edge_ad.calibration.install_bundle: verify, golden set, atomic switch),
+        swap it in between two batches, and watch its health: a failed check rolls back to the previous
+        bundle and reopens it. ``activate`` false only verifies and checks the archive."""
+        from ..calibration import HealthWatch, check_golden, extract_archive, install_bundle
 
-        installer = getattr(calib, "install_update", None)
-        if installer is None:
-            raise RuntimeFailure("update_model: this edge_ad has no bundle installer (edge_ad.calibration."
-                                 "install_update); install the bundle with 'edge-ad bundle install' and send reload")
-        res = installer(self.bundle, args["url"], sha256=args.get("sha256"), precision=args.get("precision"),
-                        activate=bool(args.get("activate", True)))
-        path = getattr(res, "path", None) or (res.get("path") if isinstance(res, dict) else None)
-        out = {"installed": str(path) if path else None}
-        if args.get("activate", True) and path:
-            out.update(self._swap_model(Bundle.open(path, verify=True), reason="update_model"))
-        return out
+        m = self.settings.model
+        if m.deploy_dir is None:
+            raise InputError("update_model needs model.deploy_dir in the config (a folder of installed bundles "
+                             "whose 'current' release runs; see docs/runtime.md)")
+        archive = _fetch_archive(str(args["url"]), Path(m.deploy_dir) / "downloads", str(args["sha256"]))
+        golden = m.golden_dir if m.golden_dir is not None else (
+            Path(m.deploy_dir) / "golden" if (Path(m.deploy_dir) / "golden").is_dir() else None)
+        key = str(m.update_key) if m.update_key is not None else None
+        precision = args.get("precision")
+        if not args.get("activate", True):
+            import shutil
+            import tempfile
+
+            tmp = Path(tempfile.mkdtemp(prefix=".check-", dir=m.deploy_dir))
+            try:
+                info = extract_archive(archive, tmp / "bundle", key=key)
+                cand = Bundle.open(tmp / "bundle", verify=True)
+                report = check_golden(cand, golden, self.bundle, precision=precision) if golden else None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return _jsonable({"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
+                              "golden": report})
+        res = install_bundle(archive, m.deploy_dir, golden, key, precision=precision,
+                             require_golden=golden is not None)
+        baseline = self.reporter.ng / max(1, self.reporter.ng + self.reporter.ok) if self.reporter.ok else None
+        out = self._swap_model(Bundle.open(res.path, verify=True), reason="update_model")
+        self.reporter.health = HealthWatch(m.deploy_dir, baseline_ng_rate=baseline)
+        out.update({"activated": True, "install": res.summary(), "health": "pending"})
+        return _jsonable(out)
+
+    def _check_health(self) -> None:
+        """After a model update: roll back when the new model's first frames look wrong."""
+        watch = self.reporter.health
+        if watch is None:
+            return
+        v = watch.poll()
+        if v.status == "pending":
+            return
+        self.reporter.health = None
+        if v.status == "ok":
+            self.event({"type": "model_health", "status": "ok", "reason": v.reason})
+            return
+        log.error("the new model failed its health check: %s", v.reason)
+        self.event({"type": "model_health", **_jsonable(v.to_dict())})
+        if v.rolled_back and v.restored is not None:
+            self._swap_model(Bundle.open(v.restored, verify=True), reason=f"rollback after health check: {v.reason}")
 
     def status(self) -> dict:
         cal = self.inspector.calibration
@@ -336,8 +375,9 @@ class Service:
         p = self.pipeline
         fps, dn, dt = self._rate.rate(p.inspected)
         cfps, _, _ = self._cap_rate.rate(self.camera.frames)
-        ng_now = self.reporter.ng
+        ng_now, rep_now = self.reporter.ng, self.reporter.reported
         dng, self._last_ng = ng_now - self._last_ng, ng_now
+        drep, self._last_rep = rep_now - self._last_rep, rep_now
         dropped_now = p.dropped
         ddrop, self._last_drop = dropped_now - self._last_drop, dropped_now
         stages = {k: p.latency[k].summary() for k in STAGES if k in p.latency}
@@ -352,7 +392,7 @@ class Service:
             "latency_ms": {k: v for k, v in (total or {}).items() if k != "n"},
             "stages_ms": {k: v for k, v in stages.items() if v is not None},
             "frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": ng_now,
-            "ng_rate": round(dng / dn, 4) if dn else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
+            "ng_rate": round(dng / drep, 4) if drep else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
             "skipped_untriggered": st["skipped_untriggered"], "skipped_paused": st["skipped_paused"],
             "inference_errors": p.inference_errors, "queues": st["queues"], "mode": p.mode,
             "paused": p.paused.is_set(), "uptime_s": round(time.monotonic() - self._t0, 1),
@@ -436,7 +476,7 @@ class Service:
             for sig in sigs:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
         self._rate, self._cap_rate = RateCounter(), RateCounter()
-        self._last_ng = self._last_drop = 0
+        self._last_ng = self._last_drop = self._last_rep = 0
         self.last_telemetry: dict = {}
         t_start = time.monotonic()
         try:
@@ -495,6 +535,10 @@ class Service:
                 except EdgeADError as exc:
                     log.error("SIGHUP reload failed: %s", exc)
             self.camera.watchdog(now)
+            try:
+                self._check_health()
+            except EdgeADError as exc:
+                log.error("model health check: %s", exc)
             if now >= next_tel:
                 next_tel = now + self.settings.telemetry.interval_s
                 self._emit_telemetry()
@@ -540,27 +584,42 @@ class Service:
         return summary
 
 
-def _read_frames(uri: str, count: int) -> list:
-    """Up to ``count`` frames of a finite source (a dir:// or file:// of normal images)."""
-    spec = parse_uri(uri)
-    if spec.live:
-        raise InputError(f"calibrate source {spec.safe_uri}: expected 'live' (the running camera) or a "
-                         "dir:// / file:// of normal images")
-    check_startup(spec)
-    src = open_source(spec)
-    src.open()
-    frames = []
-    try:
-        while len(frames) < count:
-            f = src.read()
-            if f is None:
-                break
-            frames.append(f.image)
-    finally:
-        src.close()
-    if not frames:
-        raise InputError(f"calibrate source {spec.safe_uri}: no frames")
-    return frames
+def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
+    """A local copy of a bundle archive (file://, a path, or http(s)://), checked against ``sha256``."""
+    import hashlib
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from .. import atomic
+
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / (Path(parts.path).name or "bundle.tar")
+        h = hashlib.sha256()
+        tmp = dest.with_name("." + dest.name + ".part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as fh:
+                while chunk := r.read(1 << 20):
+                    h.update(chunk)
+                    fh.write(chunk)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeFailure(f"update_model: cannot download {parts.scheme}://{parts.hostname}{parts.path}: "
+                                 f"{exc}") from exc
+        os.replace(tmp, dest)
+        got = h.hexdigest()
+    else:
+        dest = Path(parts.path if parts.scheme == "file" else url)
+        if parts.scheme == "file" and parts.netloc:
+            dest = Path(parts.netloc + parts.path)
+        if not dest.is_file():
+            raise InputError(f"update_model: archive {dest} not found")
+        got = atomic.sha256_file(dest)
+    if got != sha256.lower():
+        raise InputError(f"update_model: {dest.name} has sha256 {got[:16]}…, the command says {sha256[:16]}…; "
+                         "refusing it")
+    return dest
 
 
 def _jsonable(obj: Any) -> Any:
