@@ -48,7 +48,7 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
             scores.extend(sc.scores.tolist())
             for s, m, f in zip(chunk, full, frames):
                 maps.append(m.astype(np.float32))
-                masks.append(cat.load_mask(s, size))
+                masks.append(cat.load_mask(s, size, image_shape=f.shape[:2]))
                 thumbs.append(f)
     finally:
         be.close()

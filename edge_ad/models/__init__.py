@@ -20,7 +20,7 @@ def default_config(kind: str) -> dict[str, Any]:
     if kind in ("efficientad-s", "efficientad-m"):
         return {"teacher": "lite0", "teacher_channels": None}
     if kind == "fader":
-        return {"width": 32, "cell": 32, "hint": 8}
+        return {"width": 16, "cell": 32, "hint": 8}
     if kind == "gaussian":
         return {"layout": "patch", "dims": 100, "seed": 0}
     raise InputError(f"model '{kind}': expected one of {', '.join(KINDS)}")

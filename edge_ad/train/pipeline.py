@@ -27,11 +27,11 @@ from .loops import LoopConfig, train_efficientad, train_fader
 log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "efficientad-s": {"quick": {"steps": 1500, "batch_size": 4, "lr": 5e-4},
+    "efficientad-s": {"quick": {"steps": 1200, "batch_size": 1, "lr": 3e-4},
                       "paper": {"steps": 70000, "batch_size": 1, "lr": 1e-4}},
-    "efficientad-m": {"quick": {"steps": 1500, "batch_size": 4, "lr": 5e-4},
+    "efficientad-m": {"quick": {"steps": 600, "batch_size": 1, "lr": 3e-4},
                       "paper": {"steps": 70000, "batch_size": 1, "lr": 1e-4}},
-    "fader": {"quick": {"steps": 1500, "batch_size": 4, "lr": 1e-3},
+    "fader": {"quick": {"steps": 1000, "batch_size": 2, "lr": 1e-3},
               "paper": {"steps": 30000, "batch_size": 8, "lr": 1e-3}},
     "gaussian": {"quick": {"steps": 0}, "paper": {"steps": 0}},
 }
