@@ -310,8 +310,6 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
 
 
 def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(running, caller, tmp_path):
-    from edge_ad.data.image import load_image  # noqa: F401  (dir:// source reads PNGs)
-
     svc, call = running, caller
     before = call("inspect", {"count": 8})["results"]
     assert before[-1]["ng"] and before[0]["calibration_version"] == 1
@@ -408,6 +406,85 @@ def test_drift_flag_and_event_from_ok_scores(tiny_bundle):
     assert [e["type"] for e in events] == ["drift"] and "recalibrate" in events[0]["message"]
     rep.reset_drift(cal)                                          # a new calibration: measured afresh
     assert rep.drift_summary()["drift"] is False
+
+
+def test_reload_config_and_bundle(tmp_path, tiny_bundle):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    video, _ = defect_video(tmp_path / "v.avi", n=4, size=96)
+    s = _settings(tmp_path, bundle, f"file://{video}")
+    s2 = _settings(tmp_path, bundle, f"file://{video}?loop=1", decision__threshold=5.0, drift__window=50)
+    svc = Service(s, install_signals=False, reload_settings=lambda: s2)
+    try:
+        r = svc.reload("config")["config"]
+        assert set(r["applied"]) == {"decision", "drift"} and r["restart_required"] == ["source"]
+        assert svc.pipeline.threshold_override == 5.0 and svc.effective_threshold() == 5.0
+        assert svc.settings.source.uri == f"file://{video}"          # kept until a restart
+        assert svc.reload("bundle")["bundle"]["calibration"] == "unchanged"
+        # another process (edge-ad calibrate) writes a new calibration: reload puts it in force
+        cal = bundle.calibration()
+        bundle.write_calibration(cal.replace(version=0, threshold=2.5, created=""))
+        r = svc.reload("bundle")["bundle"]
+        assert r["calibration_version"] == 2 and svc.inspector.calibration.threshold == 2.5
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_plugin_trigger_releases_frames(tmp_path, tiny_bundle, monkeypatch):
+    (tmp_path / "line_plc.py").write_text(
+        "import threading\n"
+        "class PlcTrigger:\n"
+        "    name = 'plc'\n"
+        "    def __init__(self, gate):\n"
+        "        self.gate = gate\n"
+        "    def start(self):\n"
+        "        threading.Timer(0.2, lambda: [self.gate.fire(1, 'plc') for _ in range(3)]).start()\n"
+        "    def stop(self):\n"
+        "        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    video, labels = defect_video(tmp_path / "v.avi", n=20, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", source__trigger="line_plc:PlcTrigger",
+                  source__frames_per_trigger=2)
+    summary = _run(s, max_frames=6)
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert summary["frames"] == 6 and [r["source_index"] for r in recs] == list(range(6))
+    assert {r["trigger"] for r in recs} == {"line_plc:PlcTrigger"}
+    assert [r["ng"] for r in recs] == labels[:6]
+
+
+def test_gpio_trigger_with_a_stand_in_jetson_gpio(monkeypatch):
+    import types
+
+    from edge_ad.config import GpioSettings
+    from edge_ad.errors import InputError
+    from edge_ad.runtime.triggers import TriggerGate, load_trigger
+
+    calls = {}
+    gpio = types.ModuleType("Jetson.GPIO")
+    gpio.BOARD, gpio.IN, gpio.RISING, gpio.FALLING, gpio.BOTH = "BOARD", "IN", "RISING", "FALLING", "BOTH"
+    gpio.setmode = lambda mode: calls.setdefault("mode", mode)
+    gpio.setup = lambda pin, d: calls.setdefault("setup", (pin, d))
+    gpio.add_event_detect = lambda pin, edge, callback, bouncetime: calls.update(cb=callback, edge=edge,
+                                                                              bounce=bouncetime)
+    gpio.remove_event_detect = lambda pin: calls.setdefault("removed", pin)
+    gpio.cleanup = lambda pin: calls.setdefault("cleanup", pin)
+    jetson = types.ModuleType("Jetson")
+    jetson.GPIO = gpio
+    monkeypatch.setitem(sys.modules, "Jetson", jetson)
+    monkeypatch.setitem(sys.modules, "Jetson.GPIO", gpio)
+    gate = TriggerGate(frames_per_trigger=3)
+    trig = load_trigger("gpio", gate, GpioSettings(pin=12, edge="falling", debounce_ms=5))
+    trig.start()
+    assert calls["setup"] == (12, "IN") and calls["edge"] == "FALLING" and calls["bounce"] == 5
+    calls["cb"](12)
+    calls["cb"](12)
+    assert gate.pending == 6 and gate.take() and gate.pending == 5
+    trig.stop()
+    assert calls["removed"] == 12 and calls["cleanup"] == 12
+    monkeypatch.setitem(sys.modules, "Jetson.GPIO", None)
+    with pytest.raises(InputError, match="Jetson.GPIO"):
+        load_trigger("gpio", gate, GpioSettings())
+    with pytest.raises(InputError, match="cannot import module"):
+        load_trigger("no_such_module_x:make", gate)
 
 
 # ----------------------------------------------------------------------------- systemd

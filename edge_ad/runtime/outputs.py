@@ -11,7 +11,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..errors import InputError
 

@@ -265,7 +265,9 @@ class Service:
         return {"applied": applied, "restart_required": restart}
 
     def _reload_bundle(self) -> dict:
-        fresh = Bundle.open(self.bundle.path, verify=True)
+        # with a deploy folder, 'current' may point at another release now ('edge-ad bundle install')
+        path = self.settings.model.bundle_path() if self.settings.model.deploy_dir is not None else self.bundle.path
+        fresh = Bundle.open(path, verify=True)
         if fresh.model_hash() != self.inspector.model_hash or fresh.active_graph != self.bundle.active_graph:
             return self._swap_model(fresh, reason="reload")
         cal = fresh.calibration()
