@@ -70,6 +70,7 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
 
     svc = Service(settings, max_frames=max_frames, duration=duration,
                   reload_settings=_settings_loader(config, overrides) if config else None)
+    click.echo(f"edge-ad run: {svc.describe()}", err=True)
     summary = svc.run()
     if as_json:
         click.echo(json.dumps(summary))

@@ -469,6 +469,14 @@ class Service:
         wd = self.settings.source.watchdog_s
         return not (wd > 0 and self.camera.stalled_for > 3 * wd)
 
+    def describe(self) -> str:
+        """One line: what inspects what (for the CLI and logs)."""
+        b = self.inspector.backend
+        return (f"{self.spec.safe_uri} -> {self.bundle.path.name} ({self.bundle.kind}, {getattr(b, 'name', '')} "
+                f"{getattr(b, 'precision', '')} on {getattr(b, 'device', '?')}, calibration "
+                f"v{self.inspector.calibration.version}, threshold {self.effective_threshold():.4g}, "
+                f"{self.pipeline.mode} mode" + (f", MQTT {self.link.settings.safe_url}" if self.link else "") + ")")
+
     def run(self) -> dict:
         """Run until the source ends, a bound is reached, a signal arrives or a thread fails."""
         s = self.settings
@@ -490,7 +498,7 @@ class Service:
                 self.trigger.start()
             self.pipeline.start()
             self.notifier.ready(f"inspecting {self.spec.safe_uri}")
-            log.warning("edge-ad run: %s -> %s (%s %s, calibration v%d, threshold %.4g, mode %s)",
+            log.info("edge-ad run: %s -> %s (%s %s, calibration v%d, threshold %.4g, mode %s)",
                         self.spec.safe_uri, self.bundle.path.name, getattr(self.inspector.backend, "name", ""),
                         getattr(self.inspector.backend, "precision", ""), self.inspector.calibration.version,
                         self.effective_threshold(), self.pipeline.mode)
@@ -582,7 +590,7 @@ class Service:
                    "reason": self._stop_signal or p.end_reason or "finished", "drained": drained,
                    "jsonl": str(self.settings.output.jsonl) if self.settings.output.jsonl else None,
                    "outbox_left": outbox_left, "rss_mb": (final.get("process") or {}).get("rss_mb")}
-        log.warning("edge-ad run finished: %s", summary)
+        log.info("edge-ad run finished: %s", summary)
         return summary
 
 
