@@ -20,7 +20,8 @@ trained bundle: speed does not depend on the weights, accuracy guard results do.
     python bench/speed.py --models efficientad-s --batches 1,8,32 --data ../shared/data/magnetic_tile
     python bench/speed.py --models efficientad-s,gaussian --size 128 --seconds 2   # a quick look
 
-Prints a table, writes ``OUT/speed.json`` and ``OUT/speed.png``.
+Prints a table, writes ``OUT/speed.json`` / ``OUT/speed.txt`` (after every model) and ``OUT/speed.png``.
+Run it on an otherwise idle machine: other processes on the same cores skew every column.
 """
 
 from __future__ import annotations
@@ -485,12 +486,14 @@ def main(argv=None) -> int:
             else:
                 log(f"    p50 {((r.get('latency_ms') or {}).get('p50') or float('nan')):.1f} ms, "
                     f"throughput {r['throughput']}")
+        # after each model: a run cut short still leaves what it measured
+        (out / "speed.json").write_text(json.dumps({"machine": machine, "size": args.size, "batches": batches,
+                                                    "results": results}, indent=2, default=str))
+        (out / "speed.txt").write_text(fmt_table(results, batches, peak) + "\n")
     table = fmt_table(results, batches, peak)
     print(table)
-    (out / "speed.json").write_text(json.dumps({"machine": machine, "size": args.size, "batches": batches,
-                                                "results": results}, indent=2, default=str))
     plot(results, batches, out / "speed.png")
-    print(f"\nwrote {out / 'speed.json'} and {out / 'speed.png'}")
+    print(f"\nwrote {out / 'speed.json'}, speed.txt and {out / 'speed.png'}")
     return 0
 
 
