@@ -3,7 +3,6 @@ non-blocking publishing, bounds, TLS, passwords, MQTT 3.1.1 mode."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from edge_ad.mqtt import MqttLink, MqttSettings
+from edge_ad.mqtt import MqttLink, MqttSettings, schema
 from edge_ad.mqtt.broker import TlsFiles, find_mosquitto_passwd, free_port, make_password_file
 from edge_ad.mqtt.collector import Collector
 from edge_ad.mqtt.outbox import Outbox
@@ -36,6 +35,11 @@ def _wait(pred, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return pred()
+
+
+def _last(col: Collector, kind: str) -> dict:
+    msgs = col.of_kind(kind)
+    return msgs[-1].json() if msgs else {}
 
 
 def _results(col: Collector) -> list[dict]:
@@ -155,9 +159,10 @@ def test_last_will_marks_a_killed_client_offline(mosquitto, tmp_path):
         assert col.wait_for(lambda c: any(m.json()["state"] == "online" for m in c.of_kind("status")), 10)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert col.wait_for(lambda c: c.of_kind("status")[-1].json()["state"] == "offline", 10)
+        assert col.wait_for(lambda c: _last(c, "status").get("state") == "offline", 10)
         will = col.of_kind("status")[-1]
         assert will.json()["reason"] == "will"
+        assert schema.errors("status", will.json()) == []
     # retained: a newcomer sees the device offline
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/sub/status", persistent=False) as late:
         assert late.wait_for(lambda c: len(c.of_kind("status")) >= 1, 5)
@@ -199,10 +204,10 @@ def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path)
         assert st["outbox_depth"] == 50 and st["outbox_dropped"] == 30
         broker.start()
         assert _wait(lambda: link.connected and link.stats()["outbox_depth"] == 0, 15)
+        assert col.wait_ids(50, 10)                      # (the collector is back: QoS 0 telemetry is not queued)
+        assert sorted({b["seq"] for b in _results(col)}) == list(range(31, 81))   # the newest 50
         link.publish_telemetry({"fps": 1.0})
         assert col.wait_for(lambda c: len(c.of_kind("telemetry")) >= 1, 10)
-        assert col.wait_ids(50, 10)
-        assert sorted(b["seq"] for b in _results(col)) == list(range(31, 81))     # the newest 50
         tele = col.of_kind("telemetry")[-1].json()
         assert tele["outbox"]["dropped"] == 30 and tele["fps"] == 1.0
         link.stop()
@@ -226,14 +231,14 @@ def test_events_images_calibration_and_birth(mosquitto, tmp_path):
         assert dict(img.properties.UserProperty)["event_id"] == e1 and img.properties.ContentType == "image/jpeg"
         cal = col.of_kind("calibration")[-1]
         assert cal.json()["version"] == 5 and cal.json()["threshold"] == 0.42
-        assert col.wait_for(lambda c: c.of_kind("status")[-1].json().get("calibration_version") == 5, 5)
-        birth = col.of_kind("status")[-1].json()
+        assert col.wait_for(lambda c: _last(c, "status").get("calibration_version") == 5, 5)
+        birth = _last(col, "status")
         assert birth["state"] == "online" and birth["model_hash"] == "abc123"
         link.update_birth(model_hash="def456")
-        assert col.wait_for(lambda c: c.of_kind("status")[-1].json().get("model_hash") == "def456", 5)
+        assert col.wait_for(lambda c: _last(c, "status").get("model_hash") == "def456", 5)
         link.stop()
-        assert col.wait_for(lambda c: c.of_kind("status")[-1].json()["state"] == "offline", 5)
-        assert col.of_kind("status")[-1].json()["reason"] == "stopped"
+        assert col.wait_for(lambda c: _last(c, "status").get("state") == "offline", 5)
+        assert _last(col, "status")["reason"] == "stopped"
 
 
 def _openssl(*args, cwd):

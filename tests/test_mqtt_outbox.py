@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -101,7 +102,8 @@ def test_concurrent_writers_and_deleter(tmp_path):
 
     def deleter():
         after = 0
-        while not stop.is_set() or ob.depth:
+        deadline = time.monotonic() + 60
+        while (not stop.is_set() or ob.depth) and time.monotonic() < deadline:
             rows = ob.fetch_after(after, 50)
             if rows:
                 after = rows[-1].id

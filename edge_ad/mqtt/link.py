@@ -40,7 +40,7 @@ from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text
 from .commands import CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import Outbox, Row
-from .settings import MqttSettings, Protocol
+from .settings import MqttSettings
 from .topics import Topics
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ so they increase monotonically per device across restarts; a consumer sees a gap
 message. ``instance`` is a random id made when the file is created: if the file is ever replaced, the
 sequence restarts and the instance changes (both appear in the device's birth message).
 
-One connection, guarded by a lock, serves the writer (the inspection thread) and the sender.
+The writer (the inspection thread) and the sender use separate connections; only the writer's commits
+are fsync'd (see :class:`Outbox`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class Row:
 
 
 class Outbox:
+    """Two SQLite connections on one file: the writer's (``put``, any caller thread; ``sync`` mode) and the
+    sender's (``fetch_after`` / ``fetch_ids`` / ``delete``; ``synchronous=NORMAL``: a delete lost to a
+    power cut only means a message is sent twice, so deletes need no fsync and never hold up a write)."""
+
     def __init__(self, path: str | Path, max_messages: int = 100_000, max_bytes: int = 256 * 1024 * 1024,
                  sync: SyncMode | str = SyncMode.FULL):
         if max_messages < 1:
@@ -76,17 +81,20 @@ class Outbox:
         self.path = Path(path)
         self.max_messages = int(max_messages)
         self.max_bytes = int(max_bytes)
-        sync = SyncMode(sync)
+        try:
+            sync = SyncMode(sync)
+        except ValueError:
+            raise InputError(f"outbox sync '{sync}': expected full or normal") from None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                       timeout=30.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={sync.value.upper()}")
+            self._db = self._connect(sync)
             self._db.executescript(_SCHEMA)
+            self._rdb = self._connect(SyncMode.NORMAL)
         except (sqlite3.Error, OSError) as exc:
             raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc})") from None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # the writer connection, and every write transaction
+        self._rlock = threading.Lock()       # the sender connection (taken before _lock)
+        self._stat = threading.Lock()        # count / bytes / dropped (changed by deltas)
         self._closed = False
         with self._lock:
             row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
@@ -96,6 +104,12 @@ class Outbox:
                 self.instance = uuid.uuid4().hex
                 self._meta_set("instance", self.instance)
             self._dropped = int(self._meta_get("dropped") or 0)
+
+    def _connect(self, sync: SyncMode) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=60.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={sync.value.upper()}")
+        return db
 
     # ------------------------------------------------------------------ meta
     def _meta_get(self, key: str) -> str | None:
@@ -132,8 +146,9 @@ class Outbox:
                         (kind, topic, data, int(qos), int(bool(retain)), size, time.time(), msg_id, meta_text))
                     row_id = int(cur.lastrowid)
                     self._meta_set(seq_key, seq)
-                    count, nbytes = self._count + 1, self._bytes + size
-                    dropped = 0
+                    with self._stat:
+                        count, nbytes = self._count + 1, self._bytes + size
+                    dropped = dropped_bytes = 0
                     while count > self.max_messages or nbytes > self.max_bytes:
                         victim = self._db.execute(
                             "SELECT id, size FROM outbox WHERE kind = 'image' AND id != ? ORDER BY id LIMIT 1",
@@ -142,44 +157,51 @@ class Outbox:
                             victim = self._db.execute(
                                 "SELECT id, size FROM outbox ORDER BY id LIMIT 1").fetchone()
                         self._db.execute("DELETE FROM outbox WHERE id = ?", (victim[0],))
-                        count, nbytes, dropped = count - 1, nbytes - int(victim[1]), dropped + 1
+                        count, nbytes = count - 1, nbytes - int(victim[1])
+                        dropped, dropped_bytes = dropped + 1, dropped_bytes + int(victim[1])
                     if dropped:
                         self._meta_set("dropped", self._dropped + dropped)
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
+                # deltas, not totals: a delete may have committed (and counted) since our COMMIT
+                with self._stat:
+                    self._count += 1 - dropped
+                    self._bytes += size - dropped_bytes
+                    self._dropped += dropped
             except sqlite3.Error as exc:
                 raise RuntimeFailure(f"outbox {self.path}: write failed ({exc})") from None
-            self._count, self._bytes = count, nbytes
             if dropped:
-                self._dropped += dropped
                 log.warning("outbox %s full (%d messages, %d bytes max): dropped %d oldest (total %d)",
                             self.path, self.max_messages, self.max_bytes, dropped, self._dropped)
             return row_id, seq
 
-    # ------------------------------------------------------------------ read / delete
+    # ------------------------------------------------------------------ read / delete (the sender)
+    _COLUMNS = "id, kind, topic, payload, qos, retain, created, msg_id, meta"
+
     def fetch_after(self, after_id: int, limit: int) -> list[Row]:
         """Up to ``limit`` messages with id > ``after_id``, oldest first."""
-        with self._lock:
+        with self._rlock:
             self._check_open()
-            rows = self._db.execute(
-                "SELECT id, kind, topic, payload, qos, retain, created, msg_id, meta FROM outbox "
-                "WHERE id > ? ORDER BY id LIMIT ?", (int(after_id), int(limit))).fetchall()
+            try:
+                rows = self._rdb.execute(f"SELECT {self._COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                                         (int(after_id), int(limit))).fetchall()
+            except sqlite3.Error as exc:
+                raise RuntimeFailure(f"outbox {self.path}: read failed ({exc})") from None
         return [self._row(r) for r in rows]
 
     def fetch_ids(self, ids: Iterable[int]) -> list[Row]:
         """The messages with these ids that are still stored, oldest first."""
         ids = sorted({int(i) for i in ids})
-        out: list[Row] = []
-        with self._lock:
+        out: list = []
+        with self._rlock:
             self._check_open()
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
-                out.extend(self._db.execute(
-                    "SELECT id, kind, topic, payload, qos, retain, created, msg_id, meta FROM outbox "
-                    f"WHERE id IN ({marks}) ORDER BY id", chunk).fetchall())
+                out.extend(self._rdb.execute(f"SELECT {self._COLUMNS} FROM outbox WHERE id IN ({marks}) "
+                                             "ORDER BY id", chunk).fetchall())
         return [self._row(r) for r in out]
 
     @staticmethod
@@ -192,24 +214,32 @@ class Outbox:
         ids = list(ids)
         if not ids:
             return 0
-        gone = 0
-        with self._lock:
+        with self._rlock, self._lock:       # write transactions take turns here, never in SQLite's busy wait
             self._check_open()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                self._rdb.execute("BEGIN IMMEDIATE")
+                gone = gone_bytes = 0
                 try:
                     for start in range(0, len(ids), 500):
                         chunk = ids[start:start + 500]
                         marks = ",".join("?" * len(chunk))
-                        row = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox "
-                                               f"WHERE id IN ({marks})", chunk).fetchone()
-                        self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
-                        gone += int(row[0])
-                        self._count -= int(row[0])
-                        self._bytes -= int(row[1])
-                    self._db.execute("COMMIT")
+                        row = self._rdb.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox "
+                                                f"WHERE id IN ({marks})", chunk).fetchone()
+                        self._rdb.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+                        gone, gone_bytes = gone + int(row[0]), gone_bytes + int(row[1])
+                    with self._stat:      # before COMMIT: a put that follows sees them
+                        self._count -= gone
+                        self._bytes -= gone_bytes
+                    try:
+                        self._rdb.execute("COMMIT")
+                    except BaseException:
+                        with self._stat:
+                            self._count += gone
+                            self._bytes += gone_bytes
+                        raise
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._rdb.in_transaction:
+                        self._rdb.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 raise RuntimeFailure(f"outbox {self.path}: delete failed ({exc})") from None
@@ -242,10 +272,11 @@ class Outbox:
             raise RuntimeFailure(f"outbox {self.path} is closed")
 
     def close(self) -> None:
-        with self._lock:
+        with self._rlock, self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._rdb.close()
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:

@@ -1,0 +1,97 @@
+"""``edge-ad monitor`` (fleet view over MQTT) and ``edge-ad command`` (send one command, print the reply)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from ..errors import InputError
+from . import main
+
+
+def _broker_options(f):
+    f = click.option("--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True,
+                     help="MQTT protocol version.")(f)
+    f = click.option("--insecure", is_flag=True, help="TLS: do not check the broker's host name.")(f)
+    f = click.option("--key", "key_file", type=click.Path(dir_okay=False), help="TLS client key (PEM).")(f)
+    f = click.option("--cert", "cert_file", type=click.Path(dir_okay=False),
+                     help="TLS client certificate (PEM).")(f)
+    f = click.option("--ca", "ca_file", type=click.Path(dir_okay=False), help="TLS CA certificate (PEM).")(f)
+    f = click.option("--username", default=None,
+                     help="Broker user name (default $EDGE_AD_MQTT_USERNAME; the password comes from "
+                          "$EDGE_AD_MQTT_PASSWORD only).")(f)
+    f = click.option("--mqtt", "url", required=True, envvar="EDGE_AD_MQTT_URL", show_envvar=True,
+                     help="Broker URL: mqtt://host[:port] or mqtts://host[:port].")(f)
+    return f
+
+
+def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
+    from ..mqtt.settings import BrokerSettings
+
+    kw = {"url": url, "ca_file": ca_file, "cert_file": cert_file, "key_file": key_file, "tls_insecure": insecure,
+          "protocol": protocol, "reconnect_min_s": 0.5, "reconnect_max_s": 5.0}
+    if username is not None:
+        kw["username"] = username
+    return BrokerSettings(**kw)
+
+
+@main.command("monitor")
+@_broker_options
+@click.option("--site", default=None, help="Only this site (default: every site).")
+@click.option("--json", "as_json", is_flag=True, help="Stream one JSON line per device update instead of a table.")
+@click.option("--duration", type=click.FloatRange(min=0), default=None,
+              help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Table refresh interval (s).")
+@click.option("--stale-after", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="An online device silent this long shows as stale (s).")
+def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, site, as_json, duration, interval,
+            stale_after):
+    """Live table of every device under edge-ad/v1/<site>/<device>/: online or offline, fps, latency,
+    NG rate, last result, calibration version, outbox depth, drift."""
+    from ..mqtt.monitor import run_monitor
+
+    if site is not None and ("/" in site or "+" in site or "#" in site or not site):
+        raise InputError(f"--site '{site}': expected one topic level (no '/', '+' or '#')")
+    broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
+    run_monitor(broker, site=site, as_json=as_json, duration=duration, interval=interval,
+                stale_after_s=stale_after, out=sys.stdout)
+
+
+@main.command("command")
+@_broker_options
+@click.option("--site", required=True, help="Site of the device.")
+@click.option("--device", required=True, help="Device name.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds to wait for the reply.")
+@click.option("--client-id", "claim", default=None, help="Requester id the device's allow-list checks.")
+@click.argument("name")
+@click.argument("args", required=False)
+def command(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, timeout, claim, name,
+            args):
+    """Send command NAME (status, calibrate, set_threshold, pause, ...) with ARGS (a JSON object) to a
+    device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
+    the device answers with an error."""
+    from ..mqtt.requester import CommandClient
+
+    parsed = {}
+    if args:
+        try:
+            parsed = json.loads(args)
+        except ValueError as exc:
+            raise InputError(f"ARGS {args!r}: not JSON ({exc}); expected an object like '{{\"threshold\": 0.5}}'")
+        if not isinstance(parsed, dict):
+            raise InputError(f"ARGS {args!r}: expected a JSON object")
+    secret = os.environ.get("EDGE_AD_MQTT_COMMAND_SECRET") or None
+    broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
+    client = CommandClient(broker, secret=secret).start(timeout=min(timeout, 10.0))
+    try:
+        reply = client.call(site, device, name, parsed, timeout=timeout, claim=claim)
+    finally:
+        client.stop()
+    click.echo(json.dumps(reply, indent=2))
+    if not reply.get("ok"):
+        sys.exit(1)

@@ -1,0 +1,256 @@
+"""Commands: every command round-trips with its correlation data; malformed / unknown / invalid / failing
+commands get error replies and never stop the loop; allow-list and HMAC guard state-changing commands."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from edge_ad.errors import InputError, RuntimeFailure
+from edge_ad.mqtt import COMMANDS, STATE_CHANGING, MqttLink, MqttSettings, schema
+from edge_ad.mqtt.commands import HMAC_KEY, Dispatcher, Incoming, sign, signed_envelope
+from edge_ad.mqtt.requester import CommandClient
+from edge_ad.mqtt.settings import BrokerSettings
+from edge_ad.mqtt.topics import Topics
+
+VALID_ARGS = {
+    "status": {},
+    "calibrate": {"frames": 64, "policy": "fpr:0.001", "timeout_s": 30},
+    "rollback_calibration": {"version": 3},
+    "set_threshold": {"threshold": 0.61, "persist": False},
+    "inspect": {"count": 2, "part_id": "P-17"},
+    "snapshot": {"heatmap": True, "publish": False, "note": "shift start"},
+    "pause": {"reason": "maintenance"},
+    "resume": {},
+    "reload": {"what": "bundle"},
+    "update_model": {"url": "file:///opt/bundles/b2.tar", "sha256": "ab" * 32, "activate": True},
+}
+
+
+def _dispatcher(**kw) -> Dispatcher:
+    d = Dispatcher(MqttSettings(site="s", device="d", **kw), Topics("s", "d"))
+    for name in COMMANDS:
+        d.register(name, lambda args, name=name: {"echo": args, "command": name})
+    return d
+
+
+def _msg(name: str, body=None, raw: bytes | None = None, **kw) -> Incoming:
+    data = raw if raw is not None else json.dumps(body or {}).encode()
+    return Incoming(name, data, **kw)
+
+
+def _check_reply(reply) -> dict:
+    assert schema.errors("reply", reply.body) == []
+    return reply.body
+
+
+# ----------------------------------------------------------------------------- dispatcher (no broker)
+def test_every_command_has_a_schema_and_valid_args_pass():
+    d = _dispatcher()
+    assert set(VALID_ARGS) == set(COMMANDS)
+    for name, args in VALID_ARGS.items():
+        schema.validate(f"cmd.{name}", args)
+        body = _check_reply(d.handle(_msg(name, args, response_topic="r/t", correlation_data=b"c1")))
+        assert body["ok"] and body["result"] == {"echo": args, "command": name}
+
+
+def test_reply_routing_v5_311_and_default():
+    d = _dispatcher()
+    r = d.handle(_msg("status", response_topic="my/replies", correlation_data=b"\x00\x01"))
+    assert r.topic == "my/replies" and r.correlation_data == b"\x00\x01"
+    r = d.handle(_msg("status", {"reply_to": "legacy/replies", "correlation_id": "abc"}))
+    assert r.topic == "legacy/replies" and r.body["correlation_id"] == "abc" and r.correlation_data is None
+    r = d.handle(_msg("status"))
+    assert r.topic == "edge-ad/v1/s/d/reply/status"
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"{not json", "malformed"),
+    (b"[1, 2]", "malformed"),
+    (b"\xff\xfe", "malformed"),
+    (b'{"threshold": NaN}', "malformed"),
+    (b'{"reply_to": "a/#"}', "malformed"),
+])
+def test_malformed_payloads(raw, code):
+    body = _check_reply(_dispatcher().handle(_msg("set_threshold", raw=raw)))
+    assert not body["ok"] and body["error"]["code"] == code
+
+
+def test_unknown_invalid_unavailable_failed_internal():
+    d = _dispatcher()
+    assert d.handle(_msg("reboot")).body["error"]["code"] == "unknown_command"
+    bad = d.handle(_msg("set_threshold", {"threshold": "high"})).body
+    assert bad["error"]["code"] == "invalid_args" and "threshold" in bad["error"]["message"]
+    assert d.handle(_msg("set_threshold", {})).body["error"]["code"] == "invalid_args"          # required
+    assert d.handle(_msg("pause", {"bogus": 1})).body["error"]["code"] == "invalid_args"        # no extras
+    assert d.handle(_msg("update_model", {"url": "x", "sha256": "nothex"})).body["error"]["code"] == "invalid_args"
+    empty = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
+    assert empty.handle(_msg("calibrate")).body["error"]["code"] == "not_available"
+
+    def fails(args):
+        raise RuntimeFailure("camera is gone")
+
+    def crashes(args):
+        return 1 / 0
+
+    d.register("calibrate", fails)
+    d.register("reload", crashes)
+    d.register("inspect", lambda args: "not a dict")
+    r = _check_reply(d.handle(_msg("calibrate")))
+    assert r["error"] == {"code": "failed", "message": "calibrate: camera is gone"}
+    assert d.handle(_msg("reload")).body["error"]["code"] == "internal"
+    assert d.handle(_msg("inspect")).body["error"]["code"] == "internal"
+    assert d.handle(_msg("status")).body["ok"]                       # still working
+    with pytest.raises(InputError):
+        d.register("a/b", lambda a: {})
+
+
+def test_allow_list_applies_to_state_changing_commands():
+    d = _dispatcher(command_clients=["mes-1"])
+    assert d.handle(_msg("status")).body["ok"]                       # read-only: open
+    assert d.handle(_msg("pause", user_properties={"client_id": "mes-1"})).body["ok"]
+    assert d.handle(_msg("pause", {"client_id": "mes-1"})).body["ok"]
+    r = d.handle(_msg("pause", user_properties={"client_id": "intruder"})).body
+    assert r["error"]["code"] == "unauthorized" and "allow-list" in r["error"]["message"]
+    assert d.handle(_msg("pause")).body["error"]["code"] == "unauthorized"
+    strict = _dispatcher(command_clients=["mes-1"], command_auth_all=True)
+    assert strict.handle(_msg("status")).body["error"]["code"] == "unauthorized"
+    assert "pause" in STATE_CHANGING and "status" not in STATE_CHANGING
+
+
+def test_hmac_signature_freshness_and_replay():
+    now = [1_000_000.0]
+    d = _dispatcher(command_secret="s3cret")
+    d.clock = lambda: now[0]
+    payload = json.dumps({"reason": "x", "ts": now[0]}).encode()
+    good = {HMAC_KEY: sign("s3cret", payload)}
+    assert d.handle(_msg("status")).body["ok"]                       # read-only needs no signature
+    r = d.handle(_msg("pause", raw=payload)).body
+    assert r["error"]["code"] == "unauthorized" and "signature" in r["error"]["message"]
+    r = d.handle(_msg("pause", raw=payload, user_properties={HMAC_KEY: sign("wrong", payload)})).body
+    assert r["error"]["message"].endswith("bad HMAC-SHA256 signature")
+    assert d.handle(_msg("pause", raw=payload, user_properties=good)).body["ok"]
+    r = d.handle(_msg("pause", raw=payload, user_properties=good)).body
+    assert r["error"]["code"] == "unauthorized" and "replay" in r["error"]["message"]
+    # tampering with the payload breaks the signature
+    tampered = payload.replace(b'"x"', b'"y"')
+    assert d.handle(_msg("pause", raw=tampered, user_properties=good)).body["error"]["code"] == "unauthorized"
+    # stale and missing timestamps
+    old = json.dumps({"ts": now[0] - 3600}).encode()
+    r = d.handle(_msg("resume", raw=old, user_properties={HMAC_KEY: sign("s3cret", old)})).body
+    assert "from the device clock" in r["error"]["message"]
+    nots = b"{}"
+    r = d.handle(_msg("resume", raw=nots, user_properties={HMAC_KEY: sign("s3cret", nots)})).body
+    assert "needs 'ts'" in r["error"]["message"]
+    # the signed form (any protocol), with an RFC 3339 ts
+    inner = json.dumps({"what": "config", "ts": "1970-01-12T13:46:40Z"}).encode()
+    r = d.handle(_msg("reload", raw=signed_envelope("s3cret", inner))).body
+    assert r["ok"] and r["result"]["echo"] == {"what": "config"}
+    wrong = signed_envelope("nope", inner)
+    assert d.handle(_msg("reload", raw=wrong)).body["error"]["code"] == "unauthorized"
+
+
+# ----------------------------------------------------------------------------- through a broker
+@pytest.fixture
+def link(mosquitto, tmp_path):
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1, reconnect_max_s=0.5, command_queue=2)
+    lk = MqttLink(settings)
+    calls = []
+    for name in COMMANDS:
+        if name != "status":
+            lk.register_command(name, lambda args, name=name: calls.append(name) or {"done": name, "args": args})
+    lk.start()
+    deadline = time.monotonic() + 10
+    while not lk.connected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    lk.calls = calls
+    yield lk
+    lk.stop(timeout=2)
+
+
+def test_every_command_round_trips_with_correlation_data(link, mosquitto):
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        for name, args in VALID_ARGS.items():
+            reply = cc.call("s", "d", name, args, timeout=5)          # matched by its correlation data
+            assert schema.errors("reply", reply) == []
+            assert reply["ok"] and reply["command"] == name, reply
+            if name == "status":
+                assert reply["result"]["link"]["connected"] is True
+                assert set(reply["result"]["birth"]["commands"]) == set(COMMANDS)
+            else:
+                assert reply["result"] == {"done": name, "args": args}
+        # correlation data comes back byte for byte, on the response topic asked for
+        raw = cc.send_raw("edge-ad/v1/s/d/cmd/status", b"", "corr-\u00e9-42", timeout=5)
+        assert raw["ok"]
+    assert link.calls == [n for n in VALID_ARGS if n != "status"]
+
+
+def test_malformed_and_unknown_commands_get_error_replies(link, mosquitto):
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        r = cc.send_raw("edge-ad/v1/s/d/cmd/set_threshold", b"{oops", "c1", timeout=5)
+        assert r["error"]["code"] == "malformed"
+        assert cc.call("s", "d", "self_destruct", timeout=5)["error"]["code"] == "unknown_command"
+        assert cc.call("s", "d", "set_threshold", {"threshold": []}, timeout=5)["error"]["code"] == "invalid_args"
+        assert cc.call("s", "d", "status", timeout=5)["ok"]          # the loop goes on
+    assert link.stats()["command_errors"] == 3
+
+
+def test_busy_when_the_queue_is_full(link, mosquitto):
+    gate = threading.Event()
+    link.register_command("calibrate", lambda args: gate.wait(10) and {"calibrated": True})
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        results = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, cc.call("s", "d", "calibrate",
+                                                                                    timeout=10)))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        time.sleep(0.3)
+        gate.set()
+        for t in threads:
+            t.join(15)
+    codes = sorted(r.get("error", {}).get("code", "ok") for r in results.values())
+    assert codes == ["busy", "ok", "ok", "ok"]
+
+
+def test_hmac_refusal_through_the_broker(mosquitto, tmp_path):
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            command_secret="plant-secret", reconnect_min_s=0.1)
+    lk = MqttLink(settings)
+    lk.register_command("pause", lambda args: {"paused": True})
+    lk.start()
+    try:
+        with CommandClient(BrokerSettings(url=mosquitto.url)) as plain, \
+                CommandClient(BrokerSettings(url=mosquitto.url), secret="guess") as wrong, \
+                CommandClient(BrokerSettings(url=mosquitto.url), secret="plant-secret") as right:
+            r = plain.call("s", "d", "pause", timeout=5)
+            assert r["error"]["code"] == "unauthorized"
+            assert wrong.call("s", "d", "pause", timeout=5)["error"]["code"] == "unauthorized"
+            assert right.call("s", "d", "pause", {"reason": "test"}, timeout=5)["ok"]
+            assert plain.call("s", "d", "status", timeout=5)["ok"]
+    finally:
+        lk.stop(timeout=2)
+
+
+def test_commands_over_mqtt_311(mosquitto, tmp_path):
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            protocol="3.1.1", command_secret="k", reconnect_min_s=0.1)
+    lk = MqttLink(settings)
+    lk.register_command("set_threshold", lambda args: {"threshold": args["threshold"]})
+    lk.start()
+    try:
+        broker = BrokerSettings(url=mosquitto.url, protocol="3.1.1")
+        with CommandClient(broker, secret="k") as cc:
+            r = cc.call("s", "d", "set_threshold", {"threshold": 0.3}, timeout=5)
+            assert r["ok"] and r["result"] == {"threshold": 0.3} and "correlation_id" in r
+            assert cc.call("s", "d", "status", timeout=5)["ok"]
+        with CommandClient(broker) as unsigned:
+            assert unsigned.call("s", "d", "set_threshold", {"threshold": 0.3}, timeout=5)["error"]["code"] == \
+                "unauthorized"
+    finally:
+        lk.stop(timeout=2)

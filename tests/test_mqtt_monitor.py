@@ -1,0 +1,148 @@
+"""Fleet monitor (pure view + live broker + CLI) and Home Assistant discovery."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+from click.testing import CliRunner
+
+from edge_ad.cli import main
+from edge_ad.mqtt import MqttLink, MqttSettings
+from edge_ad.mqtt.collector import Collector
+from edge_ad.mqtt.homeassistant import discovery, node_id
+from edge_ad.mqtt.monitor import FleetView, render_table, run_monitor
+from edge_ad.mqtt.settings import BrokerSettings
+
+B = "edge-ad/v1"
+
+
+def _j(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_fleet_view_rows_from_messages():
+    now = [1000.0]
+    view = FleetView(clock=lambda: now[0], stale_after_s=30)
+    assert view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "version": "0.1.0", "model_hash": "ab12",
+                                                    "calibration_version": 3})).state == "online"
+    view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 29.5, "latency_ms": {"p50": 12.0, "p99": 30.5},
+                                               "ng_rate": 0.02, "outbox": {"depth": 4, "dropped": 1},
+                                               "drift": {"drift": True, "z": 4.2}}))
+    view.consume(f"{B}/p1/cam1/result", _j({"id": "a", "seq": 9, "score": 0.71, "ng": True, "ts": "t"}))
+    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 5, "threshold": 0.6}))
+    view.consume(f"{B}/p1/cam2/result", _j({"id": "b", "score": 0.1, "ng": False}))
+    view.consume(f"{B}/p1/cam2/result", _j({"id": "c", "score": 0.9, "ng": True}))
+    assert view.consume(f"{B}/p1/cam1/cmd/pause", b"{}") is None          # commands are not rows
+    assert view.consume(f"{B}/p1/cam1/event/image", b"\xff\xd8") is None
+    assert view.consume("other/topic", b"{}") is None
+    assert view.consume(f"{B}/p1/cam1/result", b"not json") is None
+    cam1, cam2 = view.rows()
+    assert (cam1.fps, cam1.latency_p50_ms, cam1.latency_p99_ms, cam1.ng_rate) == (29.5, 12.0, 30.5, 0.02)
+    assert (cam1.outbox_depth, cam1.outbox_dropped, cam1.drift, cam1.calibration_version) == (4, 1, True, 5)
+    assert cam1.last_result == {"ts": "t", "score": 0.71, "ng": True, "seq": 9}
+    assert cam2.ng_rate == 0.5 and cam2.results == 2               # no telemetry: counted from results
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "will"}))
+    assert view.rows()[0].state == "offline" and view.rows()[0].reason == "will"
+    view.consume(f"{B}/p1/cam2/status", b"online")                  # plain-text status is understood
+    now[0] += 31
+    table = view.table()
+    assert "cam1" in table and "offline" in table and "stale" in table and "DRIFT" in table
+    assert render_table([], 0).startswith("SITE")
+    d = view.rows()[1].to_dict(now[0], 30)
+    assert d["state"] == "stale" and json.dumps(d)
+    view.consume(f"{B}/p1/cam2/status", b"")                        # retained status cleared: gone
+    assert [r.device for r in view.rows()] == ["cam1"]
+
+
+def _link(url, tmp_path, device, **kw):
+    s = MqttSettings(url=url, site="p1", device=device, outbox_path=tmp_path / f"{device}.sqlite",
+                     reconnect_min_s=0.1, **kw)
+    return MqttLink(s, birth={"model_hash": "h1", "calibration_version": 2}).start()
+
+
+def _wait(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pred()
+
+
+def test_run_monitor_streams_json_lines(mosquitto, tmp_path):
+    link = _link(mosquitto.url, tmp_path, "cam1")
+    assert _wait(lambda: link.connected)
+    out = io.StringIO()
+
+    def feed():
+        time.sleep(0.4)
+        link.publish_telemetry({"fps": 12.5, "ng_rate": 0.1, "drift": {"drift": False}})
+        link.publish_result({"score": 0.3, "ng": False})
+
+    threading.Thread(target=feed, daemon=True).start()
+    view = run_monitor(BrokerSettings(url=mosquitto.url), site="p1", as_json=True, duration=1.5, out=out)
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert lines and all(x["site"] == "p1" and x["device"] == "cam1" for x in lines)
+    last = lines[-1]
+    assert last["state"] == "online" and last["fps"] == 12.5 and last["calibration_version"] == 2
+    assert last["last_result"]["score"] == 0.3 and last["drift"] is False and last["outbox_depth"] == 0
+    assert view.rows()[0].model_hash == "h1"
+    link.stop()
+
+
+def test_cli_monitor_and_command(mosquitto, tmp_path):
+    a = _link(mosquitto.url, tmp_path, "cam1")
+    b = _link(mosquitto.url, tmp_path, "cam2")
+    b.register_command("pause", lambda args: {"paused": True})
+    assert _wait(lambda: a.connected and b.connected)
+    a.stop()                                                         # offline (retained)
+    runner = CliRunner()
+    res = runner.invoke(main, ["monitor", "--mqtt", mosquitto.url, "--json", "--duration", "1"])
+    assert res.exit_code == 0, res.output
+    rows = {r["device"]: r for r in map(json.loads, res.output.splitlines())}
+    assert rows["cam1"]["state"] == "offline" and rows["cam2"]["state"] == "online"
+    res = runner.invoke(main, ["monitor", "--mqtt", mosquitto.url, "--site", "p1", "--duration", "0.7"])
+    assert res.exit_code == 0 and "cam1" in res.output and "cam2" in res.output and "STATE" in res.output
+    res = runner.invoke(main, ["monitor", "--mqtt", "http://x", "--duration", "1"])
+    assert res.exit_code == 2 and "mqtt.url" in res.output
+    res = runner.invoke(main, ["command", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam2", "pause",
+                               '{"reason": "cli"}', "--timeout", "5"])
+    assert res.exit_code == 0 and json.loads(res.output)["result"] == {"paused": True}
+    res = runner.invoke(main, ["command", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam2", "pause",
+                               '{"nope": 1}', "--timeout", "5"])
+    assert res.exit_code == 1 and json.loads(res.output)["error"]["code"] == "invalid_args"
+    b.stop()
+
+
+def test_cli_monitor_tty_redraw_is_bounded(mosquitto, tmp_path):
+    link = _link(mosquitto.url, tmp_path, "cam9")
+    assert _wait(lambda: link.connected)
+    out = io.StringIO()
+    run_monitor(BrokerSettings(url=mosquitto.url), duration=0.8, interval=0.2, out=out, live=True)
+    text = out.getvalue()
+    assert "\x1b[2J" in text and "cam9" in text and text.count("\x1b[2J") <= 6
+    link.stop()
+
+
+def test_home_assistant_discovery(mosquitto, tmp_path):
+    s = MqttSettings(url=mosquitto.url, site="p1", device="cam1", homeassistant=True)
+    configs = dict(discovery(s))
+    node = node_id("p1", "cam1")
+    assert f"homeassistant/binary_sensor/{node}/online/config" in configs
+    with Collector(BrokerSettings(url=mosquitto.url), "homeassistant/#", persistent=False) as col:
+        link = _link(mosquitto.url, tmp_path, "cam1", homeassistant=True)
+        assert col.wait_for(lambda c: len(c.messages) >= len(configs), 10)
+        link.stop()
+    got = {m.topic: json.loads(m.payload) for m in col.messages}
+    assert set(got) == set(configs)
+    unique = {c["unique_id"] for c in got.values()}
+    assert len(unique) == len(got)
+    for topic, cfg in got.items():
+        assert cfg["state_topic"].startswith(f"{B}/p1/cam1/") and cfg["device"]["identifiers"] == [node]
+        if "/online/" not in topic:
+            assert cfg["availability_topic"] == f"{B}/p1/cam1/status"
+    # retained: a Home Assistant that starts later still discovers the device
+    with Collector(BrokerSettings(url=mosquitto.url), "homeassistant/#", persistent=False) as late:
+        assert late.wait_for(lambda c: len(c.messages) >= len(configs), 5)
+        assert all(m.retain for m in late.messages)

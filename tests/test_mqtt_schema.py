@@ -1,0 +1,99 @@
+"""Payload schemas: valid schemas, every payload kind the link really publishes validates, bad payloads
+do not, and every example in docs/mqtt.md validates (so the documentation cannot drift)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from edge_ad.errors import InputError
+from edge_ad.mqtt import COMMANDS, MqttLink, MqttSettings, schema
+from edge_ad.mqtt.collector import Collector
+from edge_ad.mqtt.requester import CommandClient
+from edge_ad.mqtt.settings import BrokerSettings
+from edge_ad.scoring import Calibration, MapNorm
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "mqtt.md"
+
+
+def test_schema_files_are_valid_and_complete():
+    names = schema.schema_names()
+    for name in schema.PAYLOADS:
+        assert name in names
+    for name in COMMANDS:
+        assert f"cmd.{name}" in names
+    for name in names:
+        s = schema.load(name)
+        jsonschema.validators.validator_for(s).check_schema(s)
+        assert s["$id"] == f"urn:edge-ad:v1:{name}" and s.get("title")
+    with pytest.raises(InputError, match="no payload schema 'nope'"):
+        schema.load("nope")
+
+
+def test_bad_payloads_are_refused_with_the_field_named():
+    good = {"schema_version": 1, "id": "a", "seq": 1, "ts": "2025-01-01T00:00:00.000Z", "site": "s",
+            "device": "d", "score": 0.5, "ng": False}
+    schema.validate("result", good)
+    bad = dict(good)
+    del bad["seq"]
+    bad["ng"] = "no"
+    problems = schema.errors("result", bad)
+    assert any("'seq' is a required property" in p for p in problems)
+    assert any(p.startswith("ng:") for p in problems)
+    with pytest.raises(InputError, match="schema 'result'"):
+        schema.validate("result", bad)
+    assert schema.errors("status", {"schema_version": 1, "state": "asleep", "site": "s", "device": "d"})
+    assert schema.errors("reply", {"schema_version": 1, "ts": "t", "site": "s", "device": "d", "command": "x",
+                                   "ok": False})                    # an error reply needs 'error'
+
+
+def test_every_published_payload_matches_its_schema(mosquitto, tmp_path):
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1)
+    cal = Calibration(maps={"map": MapNorm(0.1, 0.9)}, threshold=0.5, policy="max", version=3)
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/s/d/#") as col:
+        link = MqttLink(settings, birth={"model_hash": "h", "calibration_version": 2})
+        link.register_command("pause", lambda args: {"paused": True})
+        link.start()
+        link.publish_result({"score": 0.7, "ng": True, "threshold": 0.5, "latency_ms": 3.2, "frame": 9,
+                             "regions": [{"x": 1, "y": 2, "w": 3, "h": 4, "score": 0.9}], "ts": time.time()})
+        link.publish_event({"score": 0.7, "result_id": "r"}, jpeg=b"\xff\xd8\xff")
+        link.publish_event({"type": "drift", "message": "OK scores drifted"})
+        link.publish_telemetry({"fps": 30.0, "latency_ms": {"p50": 4.0, "p99": 9.0}, "ng_rate": 0.01,
+                                "drift": {"drift": False, "z": 0.3}})
+        link.publish_calibration(cal)
+        with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+            replies = [cc.call("s", "d", "status", timeout=5), cc.call("s", "d", "pause", timeout=5),
+                       cc.call("s", "d", "pause", {"x": 1}, timeout=5), cc.call("s", "d", "nope", timeout=5)]
+        kinds = ("status", "result", "event", "telemetry", "calibration")
+        assert col.wait_for(lambda c: all(c.of_kind(k) for k in kinds) and len(c.of_kind("event")) == 2, 10)
+        link.stop()
+        assert col.wait_for(lambda c: c.of_kind("status")[-1].json()["state"] == "offline", 5)
+    checked = 0
+    for kind in kinds:
+        for m in col.of_kind(kind):
+            assert schema.errors(kind, m.json()) == [], (kind, m.payload)
+            checked += 1
+    for r in replies:
+        assert schema.errors("reply", r) == [], r
+    assert checked >= 7
+    assert [r["ok"] for r in replies] == [True, True, False, False]
+
+
+def _doc_examples() -> list[tuple[str, str]]:
+    text = DOC.read_text()
+    return re.findall(r"<!-- schema: ([\w.]+) -->\s*```json\n(.*?)```", text, flags=re.S)
+
+
+def test_docs_examples_match_the_schemas():
+    examples = _doc_examples()
+    kinds = {k for k, _ in examples}
+    assert {"status", "result", "event", "telemetry", "calibration", "reply"} <= kinds
+    for kind, body in examples:
+        obj = json.loads(body)
+        assert schema.errors(kind, obj) == [], (kind, body)
