@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -327,8 +328,11 @@ class CommandQueue:
 
     def __init__(self, size: int):
         self._q: queue.Queue = queue.Queue(maxsize=size)
+        self._closed = threading.Event()
 
-    def offer(self, msg: Incoming | None) -> bool:
+    def offer(self, msg: Incoming) -> bool:
+        if self._closed.is_set():
+            return True                     # stopping: dropped without a reply
         try:
             self._q.put_nowait(msg)
             return True
@@ -336,7 +340,20 @@ class CommandQueue:
             return False
 
     def close(self) -> None:
-        self._q.put(None)
+        """Wake the worker and make it return (commands still waiting get no reply). Never blocks."""
+        self._closed.set()
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:
+            pass
 
-    def get(self, timeout: float | None = None) -> Incoming | None:
-        return self._q.get(timeout=timeout)
+    def get(self) -> Incoming | None:
+        """The next command, or None once closed."""
+        while not self._closed.is_set():
+            try:
+                msg = self._q.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if msg is not None and not self._closed.is_set():
+                return msg
+        return None
