@@ -313,3 +313,33 @@ def test_mqtt_311_mode(mosquitto, tmp_path):
         rid = link.publish_result({"score": 0.1, "ng": False})
         assert col.wait_ids(1, 10) and col.unique_ids() == {rid}
         link.stop()
+
+
+def test_embedded_broker_fallback_speaks_311(tmp_path):
+    pytest.importorskip("amqtt", reason="the embedded broker needs amqtt (pip install amqtt)")
+    from edge_ad.mqtt.broker import EmbeddedBroker
+    from edge_ad.mqtt.requester import CommandClient
+
+    with EmbeddedBroker() as broker:
+        assert broker.protocol == "3.1.1"
+        client = BrokerSettings(url=broker.url, protocol="3.1.1")
+        with Collector(client, "edge-ad/v1/t/+/#", persistent=False) as col:
+            link = MqttLink(_settings(broker.url, tmp_path, protocol="3.1.1"))
+            link.register_command("pause", lambda args: {"paused": True})
+            link.start()
+            ids = [link.publish_result({"score": 0.1, "ng": False}) for _ in range(20)]
+            assert col.wait_ids(20, 10) and col.unique_ids() == set(ids)
+            with CommandClient(client) as cc:
+                reply = cc.call("t", "d1", "pause", timeout=5)
+            assert reply["ok"] and reply["correlation_id"]
+            link.stop()
+
+
+def test_start_broker_prefers_mosquitto(tmp_path, mosquitto_binary):
+    from edge_ad.mqtt.broker import Mosquitto, start_broker
+
+    broker = start_broker(tmp_path / "b")
+    try:
+        assert isinstance(broker, Mosquitto) and broker.protocol == "5" and broker.running
+    finally:
+        broker.close()

@@ -1,4 +1,9 @@
-"""A throw-away Mosquitto broker on a free loopback port, for tests, demos and benchmarks.
+"""A throw-away broker on a free loopback port, for tests, demos and benchmarks.
+
+:class:`Mosquitto` runs the real broker (MQTT 5 and 3.1.1). Where it is not installed,
+:class:`EmbeddedBroker` runs the pure-Python amqtt broker in a thread of this process (MQTT 3.1.1 only:
+connect with ``protocol = "3.1.1"``; install it with ``pip install amqtt``). :func:`start_broker` picks
+the first that is available; both have ``url``, ``protocol``, ``start``, ``stop`` and ``close``.
 
 ::
 
@@ -12,8 +17,12 @@ subscriber with a persistent session loses nothing across a restart, as with a p
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import logging
 import os
 import shutil
+import threading
 import signal
 import socket
 import subprocess
@@ -89,6 +98,8 @@ class TlsFiles:
 
 
 class Mosquitto:
+    protocol = "5"          # speaks 5 and 3.1.1
+
     def __init__(self, workdir: str | os.PathLike | None = None, port: int | None = None, *,
                  host: str = "127.0.0.1", persistence: bool = True, tls: TlsFiles | None = None,
                  password_file: str | os.PathLike | None = None, extra_config: str = "",
@@ -253,3 +264,105 @@ def make_password_file(path: str | os.PathLike, users: dict[str, str]) -> Path:
     for user, password in users.items():
         subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
     return path
+
+
+def embedded_available() -> bool:
+    """True when the amqtt package (the embedded broker) is importable."""
+    return importlib.util.find_spec("amqtt") is not None
+
+
+class EmbeddedBroker:
+    """amqtt (pure Python, MQTT 3.1.1 only) on a free loopback port, in a thread with its own event loop.
+
+    No persistence and no TLS: for demos on machines without Mosquitto. A link or monitor that talks to it
+    needs ``protocol = "3.1.1"`` (:attr:`protocol`).
+    """
+
+    protocol = "3.1.1"
+
+    def __init__(self, port: int | None = None, *, host: str = "127.0.0.1"):
+        if not embedded_available():
+            raise RuntimeFailure("the embedded broker needs the amqtt package (pip install amqtt) "
+                                 "or install mosquitto (apt-get install -y mosquitto)")
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+        if self.running:
+            return self
+        from amqtt.broker import Broker
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                self._broker = Broker(config, loop=loop)
+                loop.run_until_complete(self._broker.start())
+            except BaseException as exc:     # reported to start()
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=serve, name="edge-ad-embedded-broker", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout) or failure:
+            self._thread = None
+            raise RuntimeFailure(f"embedded broker did not start on {self.host}:{self.port}: "
+                                 f"{failure[0] if failure else 'timeout'}")
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop).result(timeout)
+        except Exception:   # shutting down anyway
+            logging.getLogger(__name__).debug("embedded broker shutdown", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_broker(workdir: str | os.PathLike | None = None, **mosquitto_options) -> "Mosquitto | EmbeddedBroker":
+    """A started broker on a free loopback port: Mosquitto when installed, else the embedded amqtt broker
+    (check ``.protocol``), else :class:`RuntimeFailure` saying what to install."""
+    if find_mosquitto() is not None:
+        return Mosquitto(workdir, **mosquitto_options).start()
+    if embedded_available():
+        return EmbeddedBroker().start()
+    raise RuntimeFailure("no MQTT broker: install mosquitto (apt-get install -y mosquitto) or amqtt "
+                         "(pip install amqtt) for the embedded one")
