@@ -111,6 +111,98 @@ def test_broker_restarts_mid_stream_lose_and_duplicate_nothing(mosquitto, tmp_pa
         link.stop()
 
 
+class CuttableProxy:
+    """A TCP relay between the link and the broker whose cable can be pulled (a network cut)."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target_port = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.cut_off = False
+        self.conns: list = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while True:
+            try:
+                down, _ = self.server.accept()
+            except OSError:
+                return
+            if self.cut_off:
+                down.close()
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.conns += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):      # shutdown first: a bare close() leaves a socket another thread reads open
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def cut(self):
+        import socket
+
+        self.cut_off = True
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def restore(self):
+        self.cut_off = False
+
+    def close(self):
+        self.cut()
+        self.server.close()
+
+
+def test_network_cut_loses_nothing_and_the_will_fires(mosquitto, tmp_path):
+    proxy = CuttableProxy(mosquitto.port)
+    n = 200
+    try:
+        with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
+            link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path)).start()
+            assert _wait(lambda: link.connected)
+            sent = []
+            for i in range(n):
+                sent.append(link.publish_result({"score": i, "ng": False}))
+                if i == n // 2:
+                    proxy.cut()                                  # pull the cable mid-stream
+                    assert col.wait_for(lambda c: _last(c, "status").get("reason") == "will", 10)
+                    assert not _wait(lambda: link.connected, 0.5)
+                    proxy.restore()
+                time.sleep(0.002)
+            assert col.wait_ids(n, 20), f"{len(col.unique_ids())} of {n} arrived"
+            assert col.unique_ids() == set(sent)
+            assert col.wait_for(lambda c: _last(c, "status").get("state") == "online", 10)
+            assert link.stats()["disconnects"] >= 1
+            link.stop()
+    finally:
+        proxy.close()
+
+
 PUBLISHER = r"""
 import sys, time
 from edge_ad.mqtt import MqttLink, MqttSettings
