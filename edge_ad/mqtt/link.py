@@ -8,7 +8,8 @@ Threads:
   ``on_*`` callbacks, which only record facts and wake the sender (``on_connect`` also subscribes and
   publishes the birth, calibration and discovery messages).
 * the sender: hands outbox messages to paho, at most ``inflight_window`` unacknowledged at a time and
-  in outbox order, deletes them when their PUBACK arrives, publishes telemetry and status updates.
+  in outbox order, deletes them when their PUBACK arrives (:mod:`.sender`), publishes telemetry and
+  status updates.
   Messages handed to paho before a disconnect are re-sent by paho after the reconnect (with DUP); a
   new process sends everything left in the outbox from the start.
 * the command worker: runs one command at a time and publishes its reply.
@@ -22,12 +23,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -39,31 +38,12 @@ from ..errors import InputError, RuntimeFailure
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text
 from .commands import CommandQueue, Dispatcher, Handler, Incoming
-from .outbox import Outbox, Row
+from .outbox import Outbox
+from .sender import AckListener, OutboxSender, percentile
 from .settings import MqttSettings
 from .topics import Topics
 
 log = logging.getLogger(__name__)
-
-AckListener = Callable[[str, "str | None", float, float], None]   # (kind, msg_id, created, acked) unix s
-
-
-@dataclass
-class _Inflight:
-    row_id: int
-    kind: str
-    msg_id: str | None
-    created: float
-    sent: float          # monotonic
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
-    return ordered[k]
-
 
 class MqttLink:
     """One device's connection to the broker. Safe to call from any thread.
@@ -82,16 +62,12 @@ class MqttLink:
                              settings.outbox_max_bytes, settings.outbox_sync)
         self.dispatcher = Dispatcher(settings, self.topics)
         self.dispatcher.register("status", self._status_command, changes_state=False)
-        self._ack_listener = ack_listener
         self._birth: dict[str, Any] = dict(birth or {})
         self._calibration: bytes | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._acks: queue.SimpleQueue = queue.SimpleQueue()
         self._telemetry: collections.deque = collections.deque(maxlen=8)
         self._retained_dirty = False          # birth / calibration changed since last published
-        self._inflight: dict[int, _Inflight] = {}
-        self._cursor = 0                      # highest outbox row id handed to paho
         self._connected = False
         self._connected_at = 0.0
         self._started = False
@@ -101,12 +77,12 @@ class MqttLink:
         self._sender: threading.Thread | None = None
         self._worker: threading.Thread | None = None
         self._commands = CommandQueue(settings.command_queue)
-        self._latency_ms: collections.deque = collections.deque(maxlen=10_000)
         self._last_image = float("-inf")
         self._started_iso = payloads.now_iso()
         self._counters = collections.Counter()
         self._last_error: str | None = None
-        self._resend_after = max(60.0, 2.0 * settings.keepalive_s)
+        self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
+                                 self._wake, ack_listener)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "MqttLink":
@@ -148,7 +124,7 @@ class MqttLink:
         deadline = t0 + max(0.0, timeout)
         if self._started:
             while time.monotonic() < deadline:
-                if self.outbox.depth == 0 and not self._inflight:
+                if self.outbox.depth == 0 and not self._out.inflight:
                     break
                 if not self._connected and time.monotonic() - t0 > min(2.0, timeout):
                     break       # broker unreachable: the backlog waits in the outbox for the next start
@@ -226,7 +202,7 @@ class MqttLink:
         body = {"schema_version": payloads.SCHEMA_VERSION, "ts": payloads.now_iso(), "site": self.settings.site,
                 "device": self.settings.device, **dict(payload)}
         outbox = {"depth": self.outbox.depth, "bytes": self.outbox.bytes, "dropped": self.outbox.dropped,
-                  "connected": self._connected, "inflight": len(self._inflight)}
+                  "connected": self._connected, "inflight": self._out.inflight}
         if isinstance(body.get("outbox"), Mapping):
             outbox = {**dict(body["outbox"]), **outbox}
         body["outbox"] = outbox
@@ -279,14 +255,14 @@ class MqttLink:
         return self._connected
 
     def stats(self) -> dict[str, Any]:
-        lat = list(self._latency_ms)
-        c = self._counters
+        lat = list(self._out.latency_ms)
+        c = self._counters + self._out.counters
         return {
             "connected": self._connected,
             "outbox_depth": self.outbox.depth,
             "outbox_bytes": self.outbox.bytes,
             "outbox_dropped": self.outbox.dropped,
-            "inflight": len(self._inflight),
+            "inflight": self._out.inflight,
             "published": c["published"],
             "acked": c["acked"],
             "rejected": c["rejected"],
@@ -298,7 +274,7 @@ class MqttLink:
             "images_skipped": c["images_skipped"],
             "commands": self.dispatcher.handled,
             "command_errors": self.dispatcher.errors,
-            "ack_latency_ms": {"p50": _percentile(lat, 0.5), "p99": _percentile(lat, 0.99), "n": len(lat)},
+            "ack_latency_ms": {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99), "n": len(lat)},
             "last_error": self._last_error,
         }
 
@@ -410,8 +386,7 @@ class MqttLink:
                             self.outbox.depth)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._acks.put((mid, reason_failed(reason_code), reason_code))
-        self._wake.set()
+        self._out.acknowledged(mid, reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
         prefix = self.topics.base + "/cmd/"
@@ -481,83 +456,18 @@ class MqttLink:
                 while self._telemetry:
                     client.publish(self.topics.telemetry, self._telemetry.popleft(), qos=0)
                     self._counters["telemetry_sent"] += 1
-                now = time.monotonic()
-                if now - last_check > 1.0:
-                    last_check = now
-                    self._resend_stale(client, now)
-                self._fill_window(client)
+                if time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    self._out.resend_stale(client, self._connected_at)
+                self._out.fill(client)
             except Exception as exc:  # keep sending whatever happens to one message
                 self._last_error = f"sender: {type(exc).__name__}: {exc}"
                 log.exception("mqtt: sender error")
                 time.sleep(0.1)
 
-    def _fill_window(self, client: paho.Client) -> None:
-        room = self.settings.inflight_window - len(self._inflight)
-        if room <= 0:
-            return
-        for row in self.outbox.fetch_after(self._cursor, room):
-            if not self._hand_over(client, row):
-                break
-            self._cursor = row.id
-
-    def _hand_over(self, client: paho.Client, row: Row) -> bool:
-        props = None
-        if row.kind == "image" and client.protocol == paho.MQTTv5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = "image/jpeg"
-            if row.msg_id:
-                props.UserProperty = ("event_id", row.msg_id)
-        info = client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain, properties=props)
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            log.debug("mqtt: publish of outbox row %d deferred (%s)", row.id, paho.error_string(info.rc))
-            return False
-        self._inflight[info.mid] = _Inflight(row.id, row.kind, row.msg_id, row.created, time.monotonic())
-        self._counters["published"] += 1
-        return True
-
-    def _resend_stale(self, client: paho.Client, now: float) -> None:
-        """Safety net: a message unacknowledged long after it was sent on a live connection is sent again
-        (the broker or paho lost it); the duplicate is removed by the consumer's de-duplication."""
-        if now - self._connected_at < self._resend_after:
-            return
-        stale = [mid for mid, f in self._inflight.items() if now - f.sent > self._resend_after]
-        if not stale:
-            return
-        row_ids = [self._inflight.pop(mid).row_id for mid in stale]
-        resent = 0
-        for row in self.outbox.fetch_ids(row_ids):
-            if self._hand_over(client, row):
-                resent += 1
-        self._counters["resent"] += resent
-        log.warning("mqtt: %d messages unacknowledged for %.0f s were sent again", resent, self._resend_after)
-
     def _drain_acks(self) -> None:
-        done: list[int] = []
-        now = time.time()
-        while True:
-            try:
-                mid, failed, reason = self._acks.get_nowait()
-            except queue.Empty:
-                break
-            entry = self._inflight.pop(mid, None)
-            if entry is None:
-                continue          # birth, reply, calibration: not from the outbox
-            done.append(entry.row_id)
-            if failed:
-                self._counters["rejected"] += 1
-                log.error("mqtt: the broker refused %s %s: %s (removed from the outbox)", entry.kind,
-                          entry.msg_id, reason_text(reason))
-                continue
-            self._counters["acked"] += 1
-            self._latency_ms.append((now - entry.created) * 1000.0)
-            if self._ack_listener is not None:
-                try:
-                    self._ack_listener(entry.kind, entry.msg_id, entry.created, now)
-                except Exception:
-                    log.exception("mqtt: ack listener raised")
-        if done:
-            try:
-                self.outbox.delete(done)
-            except RuntimeFailure:
-                if not self._stopped:
-                    raise
+        try:
+            self._out.drain_acks()
+        except RuntimeFailure:
+            if not self._stopped:      # the outbox closed under a late ack while stopping
+                raise
