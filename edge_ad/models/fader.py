@@ -91,10 +91,12 @@ class FaderNet(nn.Module):
         with torch.no_grad():
             f = self.backbone(image255)[0]
             energy = (f ** 2).mean(dim=1, keepdim=True)
-            cells = F.adaptive_avg_pool2d(energy, (self.image_size // self.cell, self.image_size // self.cell))
+            energy = F.interpolate(energy, size=(self.image_size, self.image_size), mode="nearest")
+            cells = F.avg_pool2d(energy, self.cell)  # fixed kernel: exports to ONNX / TensorRT
             flat = cells.flatten(1)
-            med = flat.median(dim=1, keepdim=True).values
-            m = (flat > med).float().view_as(cells)
+            k = max(flat.shape[1] // 2, 1)
+            kth = flat.topk(k, dim=1).values[:, -1:]  # TopK exports to ONNX (median does not)
+            m = (flat >= kth).float().view_as(cells)
             return F.interpolate(m, scale_factor=self.cell, mode="nearest")
 
     def excise(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
