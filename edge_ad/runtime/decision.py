@@ -4,7 +4,10 @@ Pure numpy / OpenCV functions. A frame is NG when its image score (the maximum o
 is above the threshold. Its defect regions are the 8-connected components of the full-resolution map
 (bilinearly upsampled to the inspected image) above the same threshold, each with its bounding box,
 area and peak value, largest peak first. An OK frame has no regions by construction: bilinear
-upsampling never exceeds the largest value of the map it interpolates.
+upsampling never exceeds the largest value of the map it interpolates. Conversely an NG frame whose peak
+barely passes the threshold can have an upsampled map that stays below it everywhere (interpolation
+lowers isolated peaks); its regions are then the map cells above the threshold, scaled to image pixels
+(:func:`regions_for`), so every NG decision says where.
 """
 
 from __future__ import annotations
@@ -49,3 +52,22 @@ def upsample_one(combined: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     from .. import scoring
 
     return scoring.upsample(combined[None], size_hw)[0]
+
+
+def regions_for(combined: np.ndarray, full_map: np.ndarray, threshold: float, min_area: int = 1,
+                max_regions: int = 16) -> tuple[Region, ...]:
+    """Regions of one NG frame: from the full-resolution map, else from the map cells (see module doc)."""
+    regs = find_regions(full_map, threshold, min_area, max_regions)
+    if regs or max_regions <= 0:
+        return regs
+    cells = find_regions(combined, threshold, 1, max_regions)
+    H, W = full_map.shape
+    h, w = combined.shape
+    sy, sx = H / h, W / w
+    out = []
+    for r in cells:
+        x, y, bw, bh = r.box
+        x0, y0 = int(round(x * sx)), int(round(y * sy))
+        x1, y1 = min(W, int(round((x + bw) * sx))), min(H, int(round((y + bh) * sy)))
+        out.append(Region((x0, y0, max(1, x1 - x0), max(1, y1 - y0)), int(round(r.area * sx * sy)), r.peak))
+    return tuple(out)

@@ -31,7 +31,7 @@ from .. import scoring
 from ..data.image import to_batch
 from ..errors import EdgeADError, InputError, RuntimeFailure
 from .capture import Camera
-from .decision import find_regions, upsample_one
+from .decision import regions_for, upsample_one
 from .queues import STOP, BoundedQueue, DropPolicy
 from .records import Decision, Frame, ResultItem
 from .sources import SourceLost
@@ -380,7 +380,7 @@ class Pipeline:
             if keep:
                 full = upsample_one(scored.combined[i], (h, w))
             if ng:
-                regions = find_regions(full, threshold, self.min_region_area, self.max_regions)
+                regions = regions_for(scored.combined[i], full, threshold, self.min_region_area, self.max_regions)
             for c in collectors:
                 c.offer(f.image)
             t_dec = time.perf_counter()
