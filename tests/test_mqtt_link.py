@@ -78,7 +78,8 @@ def test_publishing_never_blocks_on_a_dead_broker(tmp_path):
     t1 = time.monotonic()
     link.stop(timeout=10)
     assert time.monotonic() - t1 < 4.0                       # gives up quickly when the broker is unreachable
-    assert Outbox(tmp_path / "outbox-d1.sqlite").depth == 100  # kept for the next start
+    with Outbox(tmp_path / "outbox-d1.sqlite") as ob:
+        assert ob.depth == 100                                 # kept for the next start
 
 
 def test_broker_restarts_mid_stream_lose_and_duplicate_nothing(mosquitto, tmp_path):
@@ -191,7 +192,7 @@ def test_network_cut_loses_nothing_and_the_will_fires(mosquitto, tmp_path):
                 if i == n // 2:
                     proxy.cut()                                  # pull the cable mid-stream
                     assert col.wait_for(lambda c: _last(c, "status").get("reason") == "will", 10)
-                    assert not _wait(lambda: link.connected, 0.5)
+                    assert _wait(lambda: not link.connected, 5)
                     proxy.restore()
                 time.sleep(0.002)
             assert col.wait_ids(n, 20), f"{len(col.unique_ids())} of {n} arrived"
@@ -272,7 +273,8 @@ def test_kill_9_with_a_backlog_then_restart_delivers_it(mosquitto_factory, tmp_p
         _expect_line(proc, "stored")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert Outbox(outbox).depth == n
+        with Outbox(outbox) as ob:                                 # the kill left no lock behind
+            assert ob.depth == n
         broker.start()
         proc = _spawn(broker.url, outbox, 0, "drain")               # a new process, same outbox
         _expect_line(proc, "stored")
@@ -282,7 +284,8 @@ def test_kill_9_with_a_backlog_then_restart_delivers_it(mosquitto_factory, tmp_p
         bodies = _results(col)
         assert sorted({b["i"] for b in bodies}) == list(range(n))
         assert sorted({b["seq"] for b in bodies}) == list(range(1, n + 1))
-    assert Outbox(outbox).depth == 0
+    with Outbox(outbox) as ob:
+        assert ob.depth == 0
 
 
 def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path):

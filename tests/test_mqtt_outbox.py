@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from edge_ad.errors import InputError
+from edge_ad.errors import InputError, RuntimeFailure
 from edge_ad.mqtt.outbox import Outbox
 
 
@@ -57,7 +59,8 @@ def test_count_bound_drops_oldest_and_counts(tmp_path):
     assert seqs == list(range(16, 26))
     assert ob.depth == 10 and ob.dropped == 15
     ob.close()
-    assert Outbox(tmp_path / "o.sqlite", max_messages=10).dropped == 15   # the counter is persisted
+    with Outbox(tmp_path / "o.sqlite", max_messages=10) as again:
+        assert again.dropped == 15                          # the counter is persisted
 
 
 def test_byte_bound_drops_images_first(tmp_path):
@@ -122,3 +125,19 @@ def test_concurrent_writers_and_deleter(tmp_path):
     t.join(timeout=20)
     assert sorted(deleted) == list(range(1, 601)) and ob.depth == 0 and ob.bytes == 0
     ob.close()
+
+
+def test_one_process_per_outbox_file(tmp_path):
+    path = tmp_path / "o.sqlite"
+    code = ("import sys, time; from edge_ad.mqtt.outbox import Outbox; ob = Outbox(sys.argv[1]); "
+            "print('open', flush=True); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        with pytest.raises(RuntimeFailure, match=rf"in use by another process \(pid {proc.pid}\)"):
+            Outbox(path)
+    finally:
+        proc.kill()
+        proc.wait()
+    with Outbox(path) as ob:                               # a killed holder leaves no lock behind
+        assert ob.depth == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -87,10 +88,15 @@ class Outbox:
             raise InputError(f"outbox sync '{sync}': expected full or normal") from None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeFailure(f"outbox {self.path}: cannot make its folder ({exc})") from None
+        self._lockfile = self._lock_exclusive()
+        try:
             self._db = self._connect(sync)
             self._db.executescript(_SCHEMA)
             self._rdb = self._connect(SyncMode.NORMAL)
         except (sqlite3.Error, OSError) as exc:
+            self._release()
             raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc})") from None
         self._lock = threading.Lock()        # the writer connection, and every write transaction
         self._rlock = threading.Lock()       # the sender connection (taken before _lock)
@@ -104,6 +110,37 @@ class Outbox:
                 self.instance = uuid.uuid4().hex
                 self._meta_set("instance", self.instance)
             self._dropped = int(self._meta_get("dropped") or 0)
+
+    def _lock_exclusive(self):
+        """One process per outbox file: a second sender would send the same backlog and fight over the
+        MQTT session. The lock is the kernel's, so a killed process leaves none behind."""
+        try:
+            import fcntl
+        except ImportError:          # not POSIX: no guard
+            return None
+        path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fh = open(path, "a+")
+        except OSError as exc:
+            raise RuntimeFailure(f"outbox {self.path}: cannot open its lock file {path} ({exc})") from None
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise RuntimeFailure(f"outbox {self.path} is in use by another process (pid {holder}); one "
+                                 "device link per outbox file") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        return fh
+
+    def _release(self) -> None:
+        if self._lockfile is not None:
+            self._lockfile.close()       # closing the file releases the lock
+            self._lockfile = None
 
     def _connect(self, sync: SyncMode) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=60.0)
@@ -282,6 +319,7 @@ class Outbox:
             except sqlite3.Error:
                 pass
             self._db.close()
+            self._release()
 
     def __enter__(self) -> "Outbox":
         return self
