@@ -141,3 +141,6 @@ def test_one_process_per_outbox_file(tmp_path):
         proc.wait()
     with Outbox(path) as ob:                               # a killed holder leaves no lock behind
         assert ob.depth == 0
+        with pytest.raises(RuntimeFailure, match="already open in this process"):
+            Outbox(path)
+    Outbox(path).close()                                   # closed: free again

@@ -129,6 +129,9 @@ class Outbox:
             fh.seek(0)
             holder = fh.read().strip() or "?"
             fh.close()
+            if holder == str(os.getpid()):
+                raise RuntimeFailure(f"outbox {self.path} is already open in this process: stop (close) the "
+                                     "other MqttLink / Outbox first") from None
             raise RuntimeFailure(f"outbox {self.path} is in use by another process (pid {holder}); one "
                                  "device link per outbox file") from None
         fh.seek(0)
