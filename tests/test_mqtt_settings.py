@@ -97,3 +97,14 @@ def test_mqtt_package_does_not_import_torch():
             "edge_ad.mqtt.collector, edge_ad.mqtt.homeassistant; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_unreadable_tls_files_fail_at_start_naming_them(tmp_path):
+    from edge_ad.mqtt import MqttLink
+
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate")
+    link = MqttLink(MqttSettings(url="mqtts://127.0.0.1:1", ca_file=junk, outbox_path=tmp_path / "o.sqlite"))
+    with pytest.raises(InputError, match=r"ca_file=.*ca\.pem"):
+        link.start()
+    link.stop(timeout=0)

@@ -93,9 +93,9 @@ class MqttLink:
                 return self
             if self._stopped:
                 raise RuntimeFailure("MqttLink was stopped; make a new one")
+            s = self.settings
+            client = make_client(s, s.effective_client_id, persistent=True, max_inflight=s.inflight_window)
             self._started = True
-        s = self.settings
-        client = make_client(s, s.effective_client_id, persistent=True, max_inflight=s.inflight_window)
         client.will_set(self.topics.status, self._status_bytes("offline", "will"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
