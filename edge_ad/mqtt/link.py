@@ -79,7 +79,9 @@ class MqttLink:
         self._commands = CommandQueue(settings.command_queue)
         self._last_image = float("-inf")
         self._started_iso = payloads.now_iso()
-        self._counters = collections.Counter()
+        # every key exists from the start, so stats() never iterates a dict that grows under it
+        self._counters = collections.Counter({k: 0 for k in ("connects", "disconnects", "telemetry_sent",
+                                                             "telemetry_dropped", "images_skipped")})
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
                                  self._wake, ack_listener)
@@ -256,7 +258,7 @@ class MqttLink:
 
     def stats(self) -> dict[str, Any]:
         lat = list(self._out.latency_ms)
-        c = self._counters + self._out.counters
+        c = collections.Counter(dict(self._counters)) + collections.Counter(dict(self._out.counters))
         return {
             "connected": self._connected,
             "outbox_depth": self.outbox.depth,

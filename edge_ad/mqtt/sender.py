@@ -55,7 +55,8 @@ class OutboxSender:
         self._inflight: dict[int, _Inflight] = {}      # paho message id -> outbox row
         self._cursor = 0                               # highest outbox row id handed to paho
         self.latency_ms: collections.deque = collections.deque(maxlen=10_000)
-        self.counters: collections.Counter = collections.Counter()
+        self.counters: collections.Counter = collections.Counter({"published": 0, "acked": 0, "rejected": 0,
+                                                                  "resent": 0})
 
     @property
     def inflight(self) -> int:
