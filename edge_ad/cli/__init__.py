@@ -19,7 +19,7 @@ from .. import __version__
 from ..errors import EdgeADError
 
 # Modules that add commands to `main`. Each owns one area of the CLI.
-COMMAND_MODULES = ("train", "compile", "run", "mqtt", "calibrate", "deploy")
+COMMAND_MODULES = ("train", "compile", "run", "mqtt", "calibrate", "deploy", "demo")
 
 
 class _Group(click.Group):

@@ -1,0 +1,142 @@
+"""Demo steps 1-5: the work folder, synthetic data, training, evaluation, INT8 with the guard, the broker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import GuardFailure, InputError
+from .plan import DemoPlan
+
+MARKER = ".edge-ad-demo"
+
+
+def prepare_out(out: Path) -> Path:
+    """Create ``out`` (or empty a previous demo's folder, recognized by its marker file)."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        if any(out.iterdir()):
+            if not (out / MARKER).is_file():
+                raise InputError(f"--out {out}: the folder exists, is not empty and was not made by 'edge-ad "
+                                 f"demo' (no {MARKER} file in it); choose another folder or remove it")
+            for p in out.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("made by 'edge-ad demo'; the next demo run with this --out empties this folder\n")
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write there ({exc.strerror})") from exc
+    return out
+
+
+# ----------------------------------------------------------------------------- steps 1-4
+def step_data(out: Path, plan: DemoPlan) -> tuple[str, str]:
+    from ..data.synthetic import DEFECTS, write_category
+
+    data = write_category(out / "data", n_train=plan.n_train, n_test_good=plan.n_test_good,
+                          n_test_defect=plan.n_test_defect, size=plan.frame_size, kind=plan.kind, seed=plan.seed)
+    n_def = plan.n_test_defect * len(DEFECTS)
+    return "ok", (f"{plan.n_train} normal training images, test set {plan.n_test_good} good + {n_def} with planted "
+                  f"defects ({', '.join(DEFECTS)}); '{plan.kind}' parts {plan.frame_size} px -> {data}")
+
+
+def step_train(out: Path, plan: DemoPlan, model: str) -> tuple[str, str]:
+    import logging
+
+    from ..compile.export import export_bundle
+    from ..train.pipeline import train_bundle
+
+    quiet = logging.getLogger("edge_ad.train.pipeline")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the EfficientAD penalty-term warning: the demo has no ImageNet images
+    try:
+        b = train_bundle(model, out / "data", out / "bundle", image_size=plan.image_size,
+                         steps=None if model == "gaussian" else plan.steps, seed=plan.seed, policy=plan.policy,
+                         val_fraction=0.25, export=False, checkpoint_every=10 ** 9)
+    finally:
+        quiet.setLevel(level)
+    export_bundle(b, progress=False)
+    cal = b.calibration()
+    t = b.manifest["training"]
+    what = f"fitted on {t.get('fitted_on', t['n_train'])} images" if model == "gaussian" else f"{t['steps']} steps"
+    return "ok", (f"{model} {plan.image_size}x{plan.image_size} ({what}), exported to ONNX; calibration "
+                  f"v{cal.version}, threshold {cal.threshold:.4g} (policy {cal.policy} on {cal.n_frames} held-out "
+                  f"normals) -> {b.path}")
+
+
+def step_evaluate(out: Path) -> tuple[dict, tuple[str, str]]:
+    from ..evaluate import evaluate
+
+    rep = evaluate(out / "bundle", out / "data", backend="onnxruntime", out_dir=out / "eval", progress=False)
+    o = rep["overall"]
+
+    def f(k):
+        v = o.get(k)
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return rep, ("ok", f"image AUROC {f('image_auroc')}, pixel AUROC {f('pixel_auroc')}, AUPRO {f('aupro')}, "
+                       f"F1 {f('f1')} at the threshold ({o['n']} images, {rep['images_per_second']:.0f} img/s) "
+                       f"-> {out / 'eval'}/report.json, grid.png, histogram.png")
+
+
+def step_quantize(out: Path, plan: DemoPlan) -> tuple[dict, tuple[str, str]]:
+    from ..bundle import Bundle
+    from ..compile.quantize import quantize_bundle
+
+    from ..data.synthetic import write_category
+
+    b = Bundle.open(out / "bundle")
+    # normal images for INT8 calibration and the guard's held-out normals (the last quarter), apart from the
+    # training split (whose 10 % validation split is too small a guard set for the quick run)
+    calib = write_category(out / "quant-normals", n_train=plan.quant_normals, n_test_good=0, n_test_defect=0,
+                           size=plan.frame_size, kind=plan.kind, seed=plan.seed + 1)
+    info: dict[str, Any] = {"precision": "fp32", "passed": False, "entries": []}
+    try:
+        res = quantize_bundle(b, "int8", calib_dir=calib, samples=64, guard_normals=plan.quant_normals,
+                              progress=False)
+    except GuardFailure as exc:
+        entries = _guard_entries(b)
+        info.update(entries=entries, refused=str(exc))
+        why = "; ".join(f"{e['candidate']}: {', '.join(e.get('failures') or ['failed'])}" for e in entries) or str(exc)
+        return info, ("warning", f"INT8 REFUSED by the accuracy guard ({why}); nothing switched in, the loop "
+                                 f"runs the FP32 graph")
+    b = Bundle.open(out / "bundle")
+    info.update(precision=b.active_precision, passed=True, entries=res.entries, files=res.files)
+    e = res.entries[0]
+    auc = "; ".join(f"{g} AUROC {v['fp32']:.3f} -> {v['candidate']:.3f}" for g, v in e["auroc"].items())
+    return info, ("ok", f"INT8 passed the accuracy guard (rank corr {e['rank_corr']:.4f}, {auc}); the loop runs "
+                        f"{b.active_graph}")
+
+
+def _guard_entries(bundle) -> list[dict]:
+    p = bundle.file("quant_report.json")
+    try:
+        return list(json.loads(p.read_text("utf-8")).get("candidates", {}).values())
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+# ----------------------------------------------------------------------------- step 5: broker
+def step_broker(out: Path, want_mqtt: bool):
+    """(broker or None, why none, (status, summary))."""
+    from ..mqtt import broker as broker_mod
+
+    if not want_mqtt:
+        return None, "--no-mqtt", ("skipped", "MQTT off (--no-mqtt): the loop runs without a broker; "
+                                              "recalibration goes through the bundle and SIGHUP")
+    binary = broker_mod.find_mosquitto()
+    if binary is None:
+        why = ("mosquitto is not installed (apt-get install -y mosquitto, or set EDGE_AD_MOSQUITTO) and "
+               "edge_ad.mqtt.broker has no embedded broker")
+        return None, why, ("warning", f"NO BROKER: {why}; running the loop without MQTT (no monitor, "
+                                      "recalibration through the bundle and SIGHUP)")
+    b = broker_mod.Mosquitto(out / "broker", binary=binary, persistence=False)
+    b.start()
+    return b, "", ("ok", f"mosquitto ({binary}) on {b.url}, log {b.log_path}")

@@ -1,0 +1,113 @@
+"""``edge-ad demo --quick`` end to end, as a user runs it: a subprocess, a real Mosquitto when installed, a
+real ``edge-ad run`` subprocess (with torch blocked), real ONNX Runtime; then the report it leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _demo(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AD_") or k == "EDGE_AD_MOSQUITTO"}
+    return subprocess.run([sys.executable, "-m", "edge_ad", "demo", "--quick", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _check_report(out: Path, p: subprocess.CompletedProcess) -> dict:
+    assert p.returncode == 0, f"demo failed:\n{p.stdout}\n{p.stderr}"
+    for k in range(1, 9):
+        assert f"[{k}/8]" in p.stdout, f"no line for step {k}:\n{p.stdout}"
+    assert "FAILED" not in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+    html = (out / "report.html").read_text("utf-8")
+    for text in ("edge-ad demo report", "after recalibration", "planted defects", "false alarms"):
+        assert text in html
+    pngs = ["histogram_before.png", "histogram_lit.png", "histogram_after.png", "ng_maps_before.png",
+            "ng_maps_lit.png", "eval/grid.png", "eval/histogram.png"]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == PNG, name
+        assert name in html, f"{name} not shown in report.html"
+    summary = json.loads((out / "summary.json").read_text("utf-8"))
+    loop = summary["loop"]
+    assert loop["returncode"] == 0
+    run = loop["run_summary"]
+    assert run["frames"] > 0 and run["frames"] == loop["frames"]
+    assert run["reason"] == "SIGTERM" and run["drained"]
+    counts = loop["counts"]
+    assert counts["all"]["frames"] == run["frames"]
+    assert counts["before"]["frames"] > 0 and counts["lit"]["frames"] > 0 and counts["after"]["frames"] > 0
+    assert counts["all"]["defects"] == counts["all"]["found"] + counts["all"]["missed"]
+    # the recalibration produced a new calibration version, and the loop inspected with it
+    cal = loop["calibration"]
+    assert cal["after"] > cal["before"]
+    assert counts["after"]["calibration_versions"] == [cal["after"]]
+    from edge_ad.bundle import Bundle
+
+    b = Bundle.open(out / "bundle")
+    assert b.calibration().version == cal["after"]
+    assert cal["before"] in b.calibration_versions()
+    # re-inspection in the report reproduces the loop's scores
+    assert summary["reinspection"]["frames"] > 0
+    assert summary["reinspection"]["max_score_diff"] < 1e-3
+    assert summary["quantize"]["precision"] in ("fp32", "int8")
+    assert "INT8" in p.stdout
+    return summary
+
+
+def test_quick_demo(tmp_path):
+    from edge_ad.mqtt.broker import find_mosquitto
+
+    out = tmp_path / "demo-out"
+    p = _demo(out)
+    summary = _check_report(out, p)
+    mq = summary["mqtt"]
+    if find_mosquitto() is None:
+        assert not mq["enabled"] and "mosquitto" in mq["why_off"]
+        assert "NO BROKER" in p.stdout
+        return
+    frames = summary["loop"]["frames"]
+    assert mq["enabled"]
+    assert mq["results_received"] == frames            # every result arrived over MQTT
+    per = mq["per_topic"]
+    assert per["result"] == frames
+    assert per["cmd/calibrate"] == 1
+    assert per["calibration"] >= 2                      # the one in force at start, then the new one
+    assert per["status"] >= 2 and per["telemetry"] >= 1
+    assert summary["loop"]["calibration"]["via"] == "mqtt"
+    assert '"ok": true' in p.stdout and "calibrate reply" in p.stdout
+    assert f"calibration v1 -> v{summary['loop']['calibration']['after']}" in p.stdout
+    assert "monitor  demo/conveyor-1 online" in p.stdout  # the fleet view, as plain lines (not a terminal)
+    assert mq["final_row"]["state"] == "offline"        # the loop said goodbye on SIGTERM
+
+
+def test_quick_demo_without_mqtt(tmp_path):
+    """No broker: the loop runs without MQTT and the recalibration goes through the bundle and SIGHUP."""
+    out = tmp_path / "demo-out"
+    p = _demo(out, "--no-mqtt")
+    summary = _check_report(out, p)
+    assert not summary["mqtt"]["enabled"]
+    assert summary["loop"]["calibration"]["via"] == "sighup"
+    assert "MQTT off" in p.stdout
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    p = _demo(out, timeout=60)
+    assert p.returncode == 2
+    assert "not made by 'edge-ad demo'" in p.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_rejects_bad_options(tmp_path):
+    p = _demo(tmp_path / "x", "--image-size", "100", timeout=60)
+    assert p.returncode == 2 and "--image-size 100" in p.stderr
+    assert not (tmp_path / "x").exists()
