@@ -596,3 +596,34 @@ def test_snapshot_retention_by_count_and_bytes(tmp_path):
     assert st.count == 2 and st.bytes == 2000
     st.save("20250101T000100_000_00000100_NG.jpg", b"y" * 1000)
     assert st.count == 2 and (tmp_path / "snaps" / "20250101T000100_000_00000100_NG.jpg").is_file()
+
+
+def test_update_archives_are_fetched_over_http_and_checked(tmp_path):
+    import functools
+    import hashlib
+    import http.server
+
+    from edge_ad.errors import InputError
+    from edge_ad.runtime.service import _fetch_archive
+
+    data = os.urandom(50_000)
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "b.tar").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "srv"))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/b.tar"
+        got = _fetch_archive(url, tmp_path / "dl", digest)
+        assert got.read_bytes() == data
+        with pytest.raises(InputError, match="refusing it"):
+            _fetch_archive(url, tmp_path / "dl2", "0" * 64)
+        with pytest.raises(Exception, match="cannot download"):
+            _fetch_archive(url.replace("b.tar", "missing.tar"), tmp_path / "dl3", digest)
+        assert _fetch_archive(f"file://{tmp_path / 'srv' / 'b.tar'}", tmp_path, digest).name == "b.tar"
+        with pytest.raises(InputError, match="not found"):
+            _fetch_archive(str(tmp_path / "nope.tar"), tmp_path, digest)
+    finally:
+        srv.shutdown()
