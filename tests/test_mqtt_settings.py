@@ -73,6 +73,7 @@ def test_url_credentials_are_used_and_redacted(monkeypatch):
     s = MqttSettings(url="mqtts://alice:s%40cret@broker:8883")
     assert s.credentials() == ("alice", "s@cret")
     assert s.safe_url == "mqtts://***@broker:8883"
+    assert "s%40cret" not in repr(s) and "s%40cret" not in str(s) and "***@broker" in repr(s)
     assert "cret" not in s.safe_url
     assert redact_url("mqtt://h:1") == "mqtt://h:1"
     with pytest.raises(InputError) as exc:

@@ -150,6 +150,10 @@ class BrokerSettings(BaseModel):
             raise ValueError(f"reconnect_max_s {self.reconnect_max_s} < reconnect_min_s {self.reconnect_min_s}")
         return self
 
+    def __repr_args__(self):
+        for key, value in super().__repr_args__():
+            yield key, (redact_url(value) if key == "url" and isinstance(value, str) else value)
+
     # ------------------------------------------------------------------ derived
     @property
     def host(self) -> str:
