@@ -8,6 +8,7 @@ Deterministic given the seed (CPU).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,9 @@ def _run(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
         log.warning("resumed from %s at step %d", cfg.state_path, start)
     t0 = time.time()
     last = {}
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=None, dynamic_ncols=True)
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if tty else 30.0)  # logs (CI, journald) get a line every 30 s
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
