@@ -15,4 +15,4 @@ if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # torch is pinned to the CPU build (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
-python3 -m pip install -q --disable-pip-version-check -e ".[train,dev]"
+python3 -m pip install -q --disable-pip-version-check -e ".[train,dev,broker]"

@@ -111,3 +111,19 @@ def test_demo_rejects_bad_options(tmp_path):
     p = _demo(tmp_path / "x", "--image-size", "100", timeout=60)
     assert p.returncode == 2 and "--image-size 100" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_quick_demo_with_the_embedded_broker(tmp_path):
+    """Mosquitto absent: the demo starts the embedded amqtt broker (MQTT 3.1.1) and everything still flows."""
+    pytest.importorskip("amqtt", reason="the embedded broker needs amqtt (pip install 'edge-ad[broker]')")
+    out = tmp_path / "demo-out"
+    code = ("import sys, edge_ad.mqtt.broker as b; b.find_mosquitto = lambda: None\n"
+            "from edge_ad.cli import main; main(sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AD_")}
+    p = subprocess.run([sys.executable, "-c", code, "demo", "--quick", "--out", str(out)], capture_output=True,
+                       text=True, timeout=300, env=env)
+    summary = _check_report(out, p)
+    assert "embedded amqtt broker" in p.stdout
+    mq = summary["mqtt"]
+    assert mq["enabled"] and mq["results_received"] == summary["loop"]["frames"]
+    assert summary["loop"]["calibration"]["via"] == "mqtt"

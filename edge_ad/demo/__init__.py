@@ -6,8 +6,8 @@ Steps (each prints one line with its timing; a failed step stops the demo with a
 2. **train**     a quick model (Gaussian by default: seconds; EfficientAD / FADeR with a small step count);
 3. **evaluate**  AUROC / AUPRO / F1 through the deployed graph, with the grid and histogram pictures;
 4. **quantize**  INT8 with the accuracy guard; a refusal is reported and the loop runs FP32;
-5. **broker**    Mosquitto on a free loopback port (:mod:`edge_ad.mqtt.broker`); without it the demo runs
-                 the loop without MQTT (the mqtt package has no embedded broker);
+5. **broker**    Mosquitto on a free loopback port (:mod:`edge_ad.mqtt.broker`); when it is not installed, the
+                 embedded amqtt broker (MQTT 3.1.1) in this process; with neither, the loop runs without MQTT;
 6. **inspect**   ``edge-ad run`` as a subprocess on a ``synthetic://`` conveyor with planted defects and a
                  scheduled lighting change, with the live fleet table (:mod:`edge_ad.mqtt.monitor`) fed
                  by an in-process subscriber; after the lighting changed, one recalibration through the
@@ -102,9 +102,10 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, model:
 
         def _inspect():
             nonlocal watch, loop
-            config = write_config(out, plan, broker.url if broker else None)
+            protocol = str(getattr(broker, "protocol", "5"))
+            config = write_config(out, plan, broker.url if broker else None, protocol)
             if broker is not None:
-                watch = MqttWatch(broker.url).start()
+                watch = MqttWatch(broker.url, protocol).start()
             loop = LoopRun(out, plan, config, watch, console, steps_)
             loop.start()
             loop.drive()

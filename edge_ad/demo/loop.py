@@ -75,13 +75,13 @@ class MqttWatch:
     """The in-process subscriber: every message under the demo's site feeds the fleet view
     (:class:`edge_ad.mqtt.monitor.FleetView`) and a count per topic."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, protocol: str = "5"):
         from ..mqtt.collector import Collector
         from ..mqtt.monitor import FleetView
         from ..mqtt.settings import BrokerSettings
         from ..mqtt.topics import fleet_filter
 
-        self.broker = BrokerSettings(url=url, username=None, password=None, reconnect_min_s=0.5,
+        self.broker = BrokerSettings(url=url, protocol=protocol, username=None, password=None, reconnect_min_s=0.5,
                                      reconnect_max_s=5.0)
         self.view = FleetView(stale_after_s=30.0)
         self.lock = threading.Lock()

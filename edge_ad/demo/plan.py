@@ -106,7 +106,7 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
-def write_config(out: Path, plan: DemoPlan, broker_url: str | None) -> Path:
+def write_config(out: Path, plan: DemoPlan, broker_url: str | None, protocol: str = "5") -> Path:
     """The loop's TOML config (paths relative to it, as a user would write it)."""
     sections: dict[str, dict[str, Any]] = {
         "model": {"bundle": "bundle", "backend": "auto"},
@@ -120,7 +120,8 @@ def write_config(out: Path, plan: DemoPlan, broker_url: str | None) -> Path:
         "drift": {"enabled": True, "window": 20, "limit": 3.0},
     }
     if broker_url is not None:
-        sections["mqtt"] = {"url": broker_url, "site": SITE, "device": DEVICE, "outbox_path": "loop/outbox.sqlite",
+        sections["mqtt"] = {"url": broker_url, "protocol": protocol, "site": SITE, "device": DEVICE,
+                            "outbox_path": "loop/outbox.sqlite",
                             "outbox_sync": "normal", "image_min_interval_s": 0.5}
     lines = ["# written by 'edge-ad demo': run it again with  edge-ad run --config " + str(out / "edge-ad.toml"),
              "# (the broker's port was picked for this demo run)", ""]

@@ -132,11 +132,15 @@ def step_broker(out: Path, want_mqtt: bool):
         return None, "--no-mqtt", ("skipped", "MQTT off (--no-mqtt): the loop runs without a broker; "
                                               "recalibration goes through the bundle and SIGHUP")
     binary = broker_mod.find_mosquitto()
-    if binary is None:
-        why = ("mosquitto is not installed (apt-get install -y mosquitto, or set EDGE_AD_MOSQUITTO) and "
-               "edge_ad.mqtt.broker has no embedded broker")
-        return None, why, ("warning", f"NO BROKER: {why}; running the loop without MQTT (no monitor, "
-                                      "recalibration through the bundle and SIGHUP)")
-    b = broker_mod.Mosquitto(out / "broker", binary=binary, persistence=False)
-    b.start()
-    return b, "", ("ok", f"mosquitto ({binary}) on {b.url}, log {b.log_path}")
+    if binary is not None:
+        b = broker_mod.Mosquitto(out / "broker", binary=binary, persistence=False)
+        b.start()
+        return b, "", ("ok", f"mosquitto ({binary}) on {b.url}, log {b.log_path}")
+    if broker_mod.embedded_available():
+        b = broker_mod.EmbeddedBroker().start()
+        return b, "", ("ok", f"mosquitto is not installed: embedded amqtt broker in this process on {b.url} "
+                             "(MQTT 3.1.1: commands carry their reply topic in the payload)")
+    why = ("no broker: mosquitto is not installed (apt-get install -y mosquitto) and neither is amqtt for "
+           "the embedded one (pip install 'edge-ad[broker]')")
+    return None, why, ("warning", f"NO BROKER: {why}; running the loop without MQTT (no monitor, "
+                                  "recalibration through the bundle and SIGHUP)")
