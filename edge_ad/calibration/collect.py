@@ -1,0 +1,99 @@
+"""Collect calibration frames from a folder or a camera URI.
+
+- A folder (a plain path or ``dir://folder``): ``n`` images spread evenly over the folder in name order
+  (all of them when it holds fewer), so a folder captured over a shift is sampled over the whole shift.
+- Any other source URI (``v4l2://``, ``csi://``, ``rtsp://``, ``file://``, ``synthetic://``; see
+  :mod:`edge_ad.runtime.sources`): the next ``n`` frames, taking one frame in ``every`` (a moving line
+  shows more variety that way), until the source ends or ``timeout_s`` passes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data.image import list_images, load_image
+from ..errors import InputError, RuntimeFailure
+
+
+def spread(items: list, n: int) -> list:
+    """``n`` items evenly spread over the list (the whole list when it is shorter)."""
+    if n <= 0 or len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in idx]
+
+
+def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout_s: float | None = 600.0,
+                   progress: bool = True) -> list[np.ndarray]:
+    """Up to ``n`` RGB uint8 frames from ``source`` (a folder, ``dir://`` or any source URI)."""
+    from tqdm import tqdm
+
+    n = int(n)
+    if n < 1:
+        raise InputError(f"--frames {n}: expected >= 1")
+    if int(every) < 1:
+        raise InputError(f"every {every}: expected >= 1")
+    text = os.fspath(source)
+    folder = _folder_of(text)
+    if folder is not None:
+        paths = spread(list_images(folder), n)
+        if not paths:
+            raise InputError(f"{folder}: no images ({', '.join(('.png', '.jpg', '.bmp', '.tif'))})")
+        return [load_image(p) for p in tqdm(paths, desc="calibrate: reading", unit="frame", leave=False,
+                                            disable=None if progress else True)]
+    return _from_uri(text, n, int(every), timeout_s, progress)
+
+
+def _folder_of(text: str) -> Path | None:
+    if text.startswith("dir://"):
+        from ..runtime.sources import parse_uri
+
+        return Path(parse_uri(text).target)
+    if "://" in text:
+        return None
+    p = Path(text)
+    if not p.exists():
+        raise InputError(f"--source {text}: no such folder (give a folder of images or a source URI such as "
+                         "v4l2:///dev/video0, csi://0, rtsp://..., file://clip.mp4, dir://folder)")
+    if not p.is_dir():
+        raise InputError(f"--source {text}: not a folder (for a video give file://{text})")
+    return p
+
+
+def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: bool) -> list[np.ndarray]:
+    from tqdm import tqdm
+
+    from ..runtime.sources import SourceLost, open_source, parse_uri
+
+    spec = parse_uri(uri)
+    src = open_source(spec)
+    frames: list[np.ndarray] = []
+    deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
+    seen = 0
+    try:
+        src.open()
+        with tqdm(total=n, desc="calibrate: capturing", unit="frame", leave=False,
+                  disable=None if progress else True) as bar:
+            while len(frames) < n:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RuntimeFailure(f"{spec.safe_uri}: {len(frames)} of {n} frames within {timeout_s:g} s")
+                f = src.read()
+                if f is None:
+                    if spec.live:
+                        continue  # a live camera with no new frame yet
+                    break
+                seen += 1
+                if (seen - 1) % every == 0:
+                    frames.append(f.image)
+                    bar.update(1)
+    except SourceLost as exc:
+        raise RuntimeFailure(f"calibration source failed: {exc}") from exc
+    finally:
+        src.close()
+    if not frames:
+        raise InputError(f"{spec.safe_uri}: delivered no frames")
+    return frames

@@ -1,0 +1,348 @@
+"""Recalibration: new normal frames -> a new calibration version, written atomically and kept in history.
+
+``recalibrate(bundle, inspector, frames, policy)``:
+
+1. runs the deployed artefact (the inspector's backend: the same graph or engine and precision that
+   inspects) on the frames, once;
+2. **screens out defects** (pass 1): each frame's image score under the calibration in force, as a robust
+   z-score within the set, ``z = (score - median) / (1.4826 * MAD)``; frames with ``z > screen_z``
+   (default 6) are reported and left out. The reference is the set itself, not the old calibration's
+   normal statistics: after a lighting change *every* frame scores far from the old normals, while a
+   defective part still stands out from the other new frames;
+3. refits what calibration holds: for the Gaussian model the Gaussian statistics themselves (a new
+   ``gaussian.d/NNNN.npz``: the mean from the new frames, the covariance pooled with the one in force;
+   :mod:`.gaussfit`), then the map-normalization quantiles and the image threshold by the policy
+   (``fpr:P``, ``max``, ``sigma:K``: :func:`edge_ad.scoring.threshold_from_policy`). Gaussian scores are
+   leave-one-out scores (:mod:`.gaussfit`), so the threshold is set on scores of frames the statistics
+   did not see, as on a validation split, without giving up any frame;
+4. screens again (pass 2) with the same rule on the new scores, and refits once more without the frames
+   it flags (a defect hidden by a large lighting change shows up once the model fits the new light);
+5. refuses a set with fewer than ``min_frames`` usable frames, or where more than ``max_excluded`` of the
+   frames were flagged (the set is then not mostly normal parts, and the median is not a safe reference);
+6. writes the Gaussian file (atomic) and then the calibration as a new version (history file, then
+   ``calibration.json``, both atomic: :meth:`Bundle.write_calibration`). A power cut at any point leaves
+   the previous calibration in force and complete.
+
+It never touches the inspector: the caller swaps the returned calibration in between two frames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .. import scoring
+from ..bundle import Bundle
+from ..data.image import to_batch
+from ..errors import InputError, RuntimeFailure
+from ..scoring import Calibration
+from . import gaussfit
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICY = "fpr:0.001"
+SCREEN_Z = 6.0
+MIN_FRAMES = 20
+MAX_EXCLUDED = 0.25
+KEEP_GAUSSIAN = 5
+GAUSSIAN_DIR = "gaussian.d"
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """A frame left out of the calibration: its index in the given frames, why, and its numbers."""
+
+    index: int
+    score: float       # image score (pass 1: under the calibration in force; pass 2: under the refit)
+    z: float           # robust z-score within the set
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "score": _num(self.score), "z": _num(self.z), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    calibration: Calibration               # written as a new version and in force in the bundle
+    previous: Calibration                  # the one in force before
+    excluded: tuple[Excluded, ...]
+    n_frames: int
+    n_used: int
+    scores: np.ndarray = field(repr=False)  # image scores of the used frames under the new calibration
+    gaussian_file: str | None = None
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """JSON-ready summary (CLI output, MQTT command reply)."""
+        c, p = self.calibration, self.previous
+        return {"version": c.version, "previous_version": p.version, "policy": c.policy,
+                "threshold": c.threshold, "previous_threshold": p.threshold, "frames": self.n_frames,
+                "n_used": self.n_used, "excluded": [e.to_dict() for e in self.excluded],
+                "normal": dict(c.normal), "gaussian_file": self.gaussian_file,
+                "timings_s": {k: round(float(v), 3) for k, v in self.timings.items()}}
+
+
+def _num(x: float):
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def robust_z(scores: np.ndarray) -> np.ndarray:
+    """``(s - median) / (1.4826 * MAD)`` over the finite scores; non-finite scores get +inf.
+
+    The scale has a floor of 0.1 % of |median| (and 1e-9), so a set of near-identical frames does not
+    turn noise into huge z-scores.
+    """
+    s = np.asarray(scores, np.float64)
+    ok = np.isfinite(s)
+    z = np.full(s.shape, np.inf)
+    if not ok.any():
+        return z
+    med = float(np.median(s[ok]))
+    mad = float(np.median(np.abs(s[ok] - med)))
+    scale = max(1.4826 * mad, 1e-3 * abs(med), 1e-9)
+    z[ok] = (s[ok] - med) / scale
+    return z
+
+
+def _screen(scores: np.ndarray, index: np.ndarray, screen_z: float, reason: str) -> list[Excluded]:
+    z = robust_z(scores)
+    out = []
+    for i in np.nonzero(~(z <= screen_z))[0]:
+        why = "non-finite score" if not np.isfinite(scores[i]) else reason
+        out.append(Excluded(int(index[i]), float(scores[i]), float(z[i]), why))
+    return out
+
+
+# ----------------------------------------------------------------------------- the model pass
+def _run_model(inspector, frames: Iterable[np.ndarray], batch_size: int, progress: bool, total: int | None):
+    """One pass of the deployed artefact: (kept outputs, scores under the calibration in force, n)."""
+    from tqdm import tqdm
+
+    cur = inspector.calibration
+    gaussian = inspector.bundle.kind == "gaussian"
+    kept: dict[str, list[np.ndarray]] = {}
+    scores: list[np.ndarray] = []
+    n = 0
+    buf: list[np.ndarray] = []
+    bar = tqdm(total=total, desc="calibrate: inference", unit="frame", disable=None if progress else True,
+               leave=False)
+
+    def flush():
+        nonlocal n
+        batch = to_batch(buf, inspector.image_size)
+        outs = inspector.raw_outputs(batch)
+        maps = inspector.head(outs, cur)
+        scores.append(scoring.score(maps, cur).scores.astype(np.float64))
+        keep = {"feat": outs["feat"]} if gaussian else {k: maps[k] for k in cur.maps}
+        for k, v in keep.items():
+            kept.setdefault(k, []).append(np.asarray(v, np.float32))
+        n += len(buf)
+        bar.update(len(buf))
+        buf.clear()
+
+    try:
+        for i, f in enumerate(frames):
+            f = np.asarray(f)
+            if f.ndim != 3 or f.shape[2] != 3 or f.dtype != np.uint8:
+                raise InputError(f"calibration frame {i}: shape {f.shape} dtype {f.dtype}; expected RGB uint8 "
+                                 "[H, W, 3]")
+            buf.append(f)
+            if len(buf) >= batch_size:
+                flush()
+        if buf:
+            flush()
+    finally:
+        bar.close()
+    if n == 0:
+        return {}, np.zeros(0), 0
+    return {k: np.concatenate(v) for k, v in kept.items()}, np.concatenate(scores), n
+
+
+# ----------------------------------------------------------------------------- fitting
+def _fit(bundle: Bundle, cur: Calibration, inspector, kept: dict, used: np.ndarray, policy: str,
+         prior_weight: float | None):
+    """(calibration without version, scores of the used frames, Gaussian stats or None)."""
+    weights = {name: norm.weight for name, norm in cur.maps.items()}
+    stats = None
+    if bundle.kind == "gaussian":
+        feats = kept["feat"][used]
+        stats, loo = gaussfit.refit(feats, inspector.gaussian_stats(cur), prior_weight)
+        raw = {"map": gaussfit.loo_distance_map(feats, stats, loo)}
+    else:
+        raw = {k: v[used] for k, v in kept.items()}
+    norms = scoring.fit_map_norms(raw, weights={k: weights.get(k, 1.0 / len(raw)) for k in raw})
+    tmp = Calibration(maps=norms, threshold=0.0, policy=policy, map_pad=cur.map_pad)
+    s = scoring.score(raw, tmp).scores.astype(np.float64)
+    if not np.all(np.isfinite(s)):
+        raise RuntimeFailure("recalibration produced non-finite scores; the calibration in force is unchanged")
+    thr = scoring.threshold_from_policy(s, policy)
+    return tmp.replace(threshold=thr, normal=scoring.normal_stats(s)), s, stats
+
+
+def _gaussian_name(bundle: Bundle, version: int, cur: Calibration) -> str:
+    """``gaussian.d/NNNN.npz`` for the version about to be written, unless a kept calibration uses it."""
+    used = _referenced_gaussian(bundle) | {str(cur.extra.get("gaussian", ""))}
+    name = f"{GAUSSIAN_DIR}/{version:04d}.npz"
+    k = 1
+    while name in used:
+        name = f"{GAUSSIAN_DIR}/{version:04d}-{k}.npz"
+        k += 1
+    return name
+
+
+def _referenced_gaussian(bundle: Bundle, versions: Sequence[int] | None = None) -> set[str]:
+    out = set()
+    for v in (bundle.calibration_versions() if versions is None else versions):
+        try:
+            d = json.loads(bundle.calibration_version_file(v).read_text("utf-8"))
+            g = (d.get("extra") or {}).get("gaussian")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if g:
+            out.add(str(g))
+    return out
+
+
+def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
+    """Delete Gaussian statistics files no recent calibration uses; returns the names removed.
+
+    Kept: the files of the ``keep`` newest calibration versions and of the one in force. Each file is
+    tens of MB (``[h*w, d, d]`` float32), so the whole history cannot stay on a device; the calibration
+    JSON history stays complete, and :func:`rollback` refuses (clearly) a version whose file is gone.
+    """
+    d = bundle.file(GAUSSIAN_DIR)
+    if not d.is_dir():
+        return []
+    versions = bundle.calibration_versions()
+    keep_names = _referenced_gaussian(bundle, versions[-max(keep, 1):])
+    try:
+        keep_names.add(str(bundle.calibration().extra.get("gaussian", "")))
+    except InputError:
+        pass
+    removed = []
+    for p in sorted(d.iterdir()):
+        name = f"{GAUSSIAN_DIR}/{p.name}"
+        if p.is_file() and p.suffix == ".npz" and name not in keep_names:
+            bundle.remove_file(name, save=False)
+            removed.append(name)
+    if removed:
+        bundle.save_manifest()
+    return removed
+
+
+def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
+    """Put an earlier calibration back in force (byte for byte; default: the one before).
+
+    Checks first that the Gaussian statistics file it names still exists, so a rollback can never leave
+    a calibration in force that the model cannot load.
+    """
+    versions = bundle.calibration_versions()
+    target = version
+    if target is None:
+        current = bundle.calibration().version
+        older = [v for v in versions if v < current]
+        target = older[-1] if older else None
+    if target is not None and target in versions and bundle.kind == "gaussian":
+        p = bundle.calibration_version_file(target)
+        try:
+            g = (json.loads(p.read_text("utf-8")).get("extra") or {}).get("gaussian")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise InputError(f"{p}: unreadable calibration ({exc})") from exc
+        if not g or not bundle.has(str(g)):
+            raise InputError(f"calibration version {target} names Gaussian statistics '{g}', which are no longer "
+                             f"kept (only the last {KEEP_GAUSSIAN} versions keep theirs); recalibrate instead")
+    return bundle.rollback_calibration(target if version is None else version)
+
+
+# ----------------------------------------------------------------------------- the entry point
+def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy: str = DEFAULT_POLICY,
+                progress: bool = True, *, screen_z: float = SCREEN_Z, min_frames: int = MIN_FRAMES,
+                max_excluded: float = MAX_EXCLUDED, batch_size: int = 16, source: str = "",
+                keep_gaussian: int = KEEP_GAUSSIAN, prior_weight: float | None = None) -> CalibrationResult:
+    """Refit the calibration on new normal frames (RGB uint8) and write it as a new version.
+
+    Returns a :class:`CalibrationResult` whose ``calibration`` is already in force in the bundle; the
+    inspector is not touched (swap with ``inspector.set_calibration``). Raises :class:`InputError` for a
+    bad policy or too few usable frames (nothing written).
+
+    Gaussian model: ``prior_weight`` is how many frames the statistics in force count for when the
+    covariance is refitted (None: as many as the new frames, at most as many as they came from; 0: a
+    fresh fit from the new frames alone; see :mod:`.gaussfit`).
+    """
+    t0 = time.perf_counter()
+    scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # a bad policy fails before any work
+    if not screen_z > 0:
+        raise InputError(f"screen_z {screen_z}: expected > 0")
+    if not 0.0 <= max_excluded < 1.0:
+        raise InputError(f"max_excluded {max_excluded}: expected 0 <= value < 1")
+    min_frames = max(int(min_frames), 3)
+    cur = inspector.calibration
+    total = len(frames) if isinstance(frames, Sequence) else None
+    kept, s_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, total)
+    t_infer = time.perf_counter() - t0
+    if n < min_frames:
+        raise InputError(f"calibration needs at least {min_frames} normal frames, got {n}; "
+                         "the calibration in force is unchanged")
+
+    index = np.arange(n)
+    excluded = _screen(s_cur, index, screen_z, f"robust z > {screen_z:g} under calibration v{cur.version}")
+    used = np.setdiff1d(index, [e.index for e in excluded])
+    _check_usable(n, len(used), excluded, min_frames, max_excluded)
+
+    t1 = time.perf_counter()
+    cal, s_new, stats = _fit(bundle, cur, inspector, kept, used, policy, prior_weight)
+    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit")
+    if more:
+        excluded += more
+        used = np.setdiff1d(used, [e.index for e in more])
+        _check_usable(n, len(used), excluded, min_frames, max_excluded)
+        cal, s_new, stats = _fit(bundle, cur, inspector, kept, used, policy, prior_weight)
+    t_fit = time.perf_counter() - t1
+    for e in excluded:
+        log.warning("calibration frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
+
+    versions = bundle.calibration_versions()
+    version = (versions[-1] + 1) if versions else 1
+    extra = dict(cur.extra)
+    extra["recalibration"] = {"previous_version": cur.version, "frames": n, "excluded": [e.index for e in excluded],
+                              "screen_z": screen_z,
+                              "scores": "leave-one-out" if stats is not None else "in-sample"}
+    if stats is not None:
+        extra["recalibration"]["gaussian_n"] = int(stats.n)
+    gname = None
+    if stats is not None:
+        gname = _gaussian_name(bundle, version, cur)
+        stats.save(bundle.file(gname))
+        bundle.add_file(gname)
+        extra["gaussian"] = gname
+    cal = cal.replace(source=source or "recalibrate", n_frames=len(used), extra=extra, created="")
+    written = bundle.write_calibration(cal)
+    if written.version != version:
+        raise RuntimeFailure(f"{bundle.path}: calibration was written as version {written.version}, expected "
+                             f"{version}; another process is writing calibrations to this bundle")
+    if stats is not None:
+        removed = prune_gaussian(bundle, keep_gaussian)
+        if removed:
+            log.info("removed Gaussian statistics no kept calibration uses: %s", ", ".join(removed))
+    t_total = time.perf_counter() - t0
+    return CalibrationResult(calibration=written, previous=cur, excluded=tuple(excluded), n_frames=n,
+                             n_used=int(len(used)), scores=s_new, gaussian_file=gname,
+                             timings={"infer": t_infer, "fit": t_fit, "total": t_total})
+
+
+def _check_usable(n: int, n_used: int, excluded: list[Excluded], min_frames: int, max_excluded: float) -> None:
+    if len(excluded) > max_excluded * n:
+        worst = ", ".join(f"{e.index} (z {e.z:.1f})" for e in sorted(excluded, key=lambda e: -e.z)[:5])
+        raise InputError(f"{len(excluded)} of {n} calibration frames score far above the rest (more than "
+                         f"{max_excluded:.0%}; e.g. frames {worst}): this does not look like a set of normal "
+                         "parts; the calibration in force is unchanged")
+    if n_used < min_frames:
+        raise InputError(f"only {n_used} of {n} calibration frames are usable ({len(excluded)} left out as "
+                         f"likely defects); at least {min_frames} are needed; the calibration in force is "
+                         "unchanged")
