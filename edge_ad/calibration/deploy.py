@@ -1,0 +1,477 @@
+"""Safe model updates on the device: verify, validate on a golden set, switch atomically, roll back.
+
+A deploy folder holds the releases and two symlinks; the ``current`` link is the one truth about which
+bundle runs::
+
+    <deploy>/releases/<UTC time>-<model sha[:12]>/   one bundle folder per installed archive
+    <deploy>/current  -> releases/<id>               the bundle in force
+    <deploy>/previous -> releases/<id>               the one before (kept for rollback)
+    <deploy>/golden/                                 default golden set (good/ and defect folders)
+    <deploy>/deploy.json                             health of the last switch and a short history
+
+:func:`install_bundle` (``edge-ad bundle install``, the MQTT ``update_model`` command):
+
+1. extracts the archive into ``releases/.incoming-*`` and verifies it (signature when a key is given,
+   every file's sha256, the bundle's own manifest): a bad archive is refused and nothing else changes;
+2. runs the candidate on the golden set (:func:`check_golden`): labelled images (``good/`` must be OK,
+   every other folder NG) must be judged no worse than by the running bundle (or at least
+   ``min_accuracy`` right when there is none) with AUROC no lower than ``max_auroc_drop`` below it;
+   unlabelled images (directly in the folder) must get the running bundle's decision
+   (``min_agreement``). A failing candidate is deleted and nothing else changes;
+3. renames the staging folder into ``releases/``, records the switch as pending in ``deploy.json``,
+   points ``previous`` at the running release, then swaps ``current`` (a new symlink renamed over the
+   old one with ``os.replace``: atomic; a power cut leaves the old or the new link, never none);
+4. keeps the ``keep`` newest releases (never ``current`` or ``previous``).
+
+After the switch the runtime opens :func:`current_path` (the resolved release folder, never the
+``current`` link itself, so the running inspector keeps writing to its own bundle), and feeds a
+:class:`HealthWatch` every result; when the new model processes no frames within ``window_s``, its error
+rate passes ``max_error_rate``, or its NG rate jumps by more than ``max_ng_rate_jump`` over the old
+model's, the watch calls :func:`rollback_model` and says which bundle to reopen.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import atomic
+from ..bundle import Bundle, now_iso
+from ..data.image import IMAGE_EXTS, list_images, load_image
+from ..errors import InputError, RuntimeFailure
+from .package import PackageInfo, extract_archive, load_key
+
+log = logging.getLogger(__name__)
+
+RELEASES = "releases"
+CURRENT = "current"
+PREVIOUS = "previous"
+STATE = "deploy.json"
+GOLDEN = "golden"
+NORMAL_DIRS = ("good", "ok")
+HISTORY = 50
+
+
+# ----------------------------------------------------------------------------- the deploy folder
+@dataclass(frozen=True)
+class Deployment:
+    deploy_dir: Path
+    current: str | None          # release id the ``current`` link points at
+    previous: str | None
+    health: str                  # "pending" | "ok" | "failed" | "rolled_back" | "none"
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def current_path(self) -> Path | None:
+        return self.deploy_dir / RELEASES / self.current if self.current else None
+
+    @property
+    def previous_path(self) -> Path | None:
+        return self.deploy_dir / RELEASES / self.previous if self.previous else None
+
+
+def _link_target(deploy_dir: Path, name: str) -> str | None:
+    p = deploy_dir / name
+    if not p.is_symlink():
+        if p.exists():
+            raise InputError(f"{p}: exists but is not a symlink; the deploy folder layout is "
+                             f"{RELEASES}/<id> plus '{CURRENT}' and '{PREVIOUS}' symlinks")
+        return None
+    target = Path(os.readlink(p))
+    if target.is_absolute() or len(target.parts) != 2 or target.parts[0] != RELEASES:
+        raise InputError(f"{p}: points at {target}; expected {RELEASES}/<id>")
+    return target.parts[1]
+
+
+def _point(deploy_dir: Path, name: str, release: str) -> None:
+    """Point ``deploy_dir/name`` at ``releases/<release>`` atomically (symlink + rename)."""
+    tmp = deploy_dir / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    os.symlink(f"{RELEASES}/{release}", tmp)
+    try:
+        os.replace(tmp, deploy_dir / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic._fsync_dir(deploy_dir)
+
+
+def _read_state(deploy_dir: Path) -> dict:
+    p = deploy_dir / STATE
+    if not p.is_file():
+        return {}
+    try:
+        d = json.loads(p.read_text("utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        log.warning("%s: unreadable; treating the deployment's health as pending", p)
+        return {}
+
+
+def _write_state(deploy_dir: Path, state: dict, event: str, **detail) -> None:
+    hist = list(state.get("history", []))[-(HISTORY - 1):]
+    hist.append({"time": now_iso(), "event": event, **detail})
+    state = {**state, "schema_version": 1, "history": hist}
+    atomic.write_json(deploy_dir / STATE, state)
+
+
+def deployment(deploy_dir: str | os.PathLike) -> Deployment:
+    """What the deploy folder holds now. The links are the truth; ``deploy.json`` adds the health (a
+    switch whose record was cut by a power loss reads as "pending")."""
+    d = Path(deploy_dir)
+    cur, prev = _link_target(d, CURRENT), _link_target(d, PREVIOUS)
+    st = _read_state(d)
+    health = st.get("health", "none") if st.get("current") == cur else ("pending" if cur else "none")
+    return Deployment(d, cur, prev, health, {k: v for k, v in st.items() if k != "history"})
+
+
+def current_path(deploy_dir: str | os.PathLike) -> Path:
+    """The resolved bundle folder in force (open this, not the ``current`` link)."""
+    dep = deployment(deploy_dir)
+    if dep.current_path is None:
+        raise InputError(f"{deploy_dir}: no '{CURRENT}' link; install a bundle first ('edge-ad bundle install')")
+    return dep.current_path
+
+
+# ----------------------------------------------------------------------------- golden set
+@dataclass(frozen=True)
+class GoldenLimits:
+    min_accuracy: float = 0.9        # labelled images, when there is no running bundle to compare with
+    max_extra_errors: int = 0        # labelled: candidate errors <= running bundle's errors + this
+    max_auroc_drop: float = 0.02     # labelled, both classes: AUROC >= running bundle's - this
+    min_agreement: float = 0.95      # unlabelled: share of decisions equal to the running bundle's
+
+
+def golden_images(golden_dir: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(image, label) pairs: ``good/`` or ``ok/`` -> 0, any other folder -> 1, images directly in the
+    folder -> -1 (unlabelled: compared with the running bundle). ``test/`` is entered when present."""
+    root = Path(golden_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: golden folder not found")
+    if (root / "test").is_dir():
+        root = root / "test"
+    items = [(p, -1) for p in list_images(root)]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        label = 0 if sub.name.lower() in NORMAL_DIRS else 1
+        items += [(p, label) for p in list_images(sub)]
+    if not items:
+        raise InputError(f"{root}: no golden images ({', '.join(IMAGE_EXTS)}) in it or in its sub-folders")
+    return items
+
+
+def _decide(bundle: Bundle, frames: list[np.ndarray], backend: str, precision: str | None,
+            chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    from ..inspector import Inspector
+    from ..runtime.backends import open_backend
+
+    be = open_backend(bundle, backend, precision)
+    try:
+        insp = Inspector(bundle, be)
+        scores, ng = [], []
+        for i in range(0, len(frames), chunk):
+            s = insp.inspect(frames[i:i + chunk])
+            scores.append(s.scores)
+            ng.append(s.ng)
+    finally:
+        be.close()
+    return np.concatenate(scores).astype(np.float64), np.concatenate(ng).astype(bool)
+
+
+def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bundle | None = None,
+                 backend: str = "auto", precision: str | None = None,
+                 limits: GoldenLimits | None = None) -> dict:
+    """Judge ``candidate`` on the golden set (against ``running`` when given); a report with
+    ``passed`` and ``failures``."""
+    from ..compile.guard import auroc
+
+    limits = limits or GoldenLimits()
+    items = golden_images(golden_dir)
+    labels = np.array([lab for _, lab in items])
+    if running is None and not (labels >= 0).any():
+        raise InputError(f"{golden_dir}: only unlabelled golden images, and no running bundle to compare the "
+                         "candidate with; put normal images in good/ and defective ones in other folders")
+    frames = [load_image(p) for p, _ in items]
+    c_s, c_ng = _decide(candidate, frames, backend, precision)
+    report: dict = {"golden_dir": str(golden_dir), "n_images": len(items),
+                    "n_labelled": int((labels >= 0).sum()), "limits": asdict(limits)}
+    failures = []
+    if running is not None:
+        r_s, r_ng = _decide(running, frames, backend, precision)
+    lab = labels >= 0
+    if lab.any():
+        y = labels[lab] == 1
+        c_err = int((c_ng[lab] != y).sum())
+        report["candidate"] = {"errors": c_err, "accuracy": 1 - c_err / int(lab.sum()),
+                               "missed": int((~c_ng[lab] & y).sum()), "false_alarms": int((c_ng[lab] & ~y).sum())}
+        both = y.any() and (~y).any()
+        if both:
+            report["candidate"]["auroc"] = auroc(c_s[lab], y.astype(int))
+        if running is not None:
+            r_err = int((r_ng[lab] != y).sum())
+            report["running"] = {"errors": r_err, "accuracy": 1 - r_err / int(lab.sum()),
+                                 "missed": int((~r_ng[lab] & y).sum()), "false_alarms": int((r_ng[lab] & ~y).sum())}
+            if c_err > r_err + limits.max_extra_errors:
+                failures.append(f"{c_err} wrong decisions on {int(lab.sum())} labelled golden images, the running "
+                                f"model makes {r_err} (allowed extra: {limits.max_extra_errors})")
+            if both:
+                report["running"]["auroc"] = auroc(r_s[lab], y.astype(int))
+                drop = report["running"]["auroc"] - report["candidate"]["auroc"]
+                if drop > limits.max_auroc_drop:
+                    failures.append(f"golden AUROC {report['candidate']['auroc']:.4f} is {drop:.4f} below the "
+                                    f"running model's {report['running']['auroc']:.4f} (limit {limits.max_auroc_drop})")
+        elif report["candidate"]["accuracy"] < limits.min_accuracy:
+            failures.append(f"accuracy {report['candidate']['accuracy']:.3f} on {int(lab.sum())} labelled golden "
+                            f"images < {limits.min_accuracy}")
+    unl = ~lab
+    if unl.any() and running is not None:
+        agree = float(np.mean(c_ng[unl] == r_ng[unl]))
+        report["agreement"] = {"n": int(unl.sum()), "value": agree}
+        if agree < limits.min_agreement:
+            failures.append(f"decisions agree with the running model's on {agree:.3f} of {int(unl.sum())} "
+                            f"unlabelled golden images < {limits.min_agreement}")
+    report["passed"] = not failures
+    report["failures"] = failures
+    return report
+
+
+# ----------------------------------------------------------------------------- install
+@dataclass(frozen=True)
+class InstallResult:
+    path: Path                   # the new release folder (open this)
+    release: str
+    previous: str | None
+    previous_path: Path | None
+    package: PackageInfo
+    golden: dict | None          # check_golden's report (None when the check was skipped)
+    pruned: tuple[str, ...] = ()
+
+    def summary(self) -> dict:
+        return {"path": str(self.path), "release": self.release, "previous": self.previous,
+                "model_hash": self.package.index.get("bundle", {}).get("model_hash"),
+                "signed": self.package.signed, "signature_verified": self.package.verified,
+                "golden": self.golden, "pruned": list(self.pruned)}
+
+
+def _release_id(deploy_dir: Path, model_hash: str) -> str:
+    base = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{(model_hash or 'nohash')[:12]}"
+    rid, k = base, 1
+    while (deploy_dir / RELEASES / rid).exists():
+        rid = f"{base}-{k}"
+        k += 1
+    return rid
+
+
+def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
+                   golden_dir: str | os.PathLike | None = None, key=None, *,
+                   require_signature: bool | None = None, require_golden: bool = True, backend: str = "auto",
+                   precision: str | None = None, limits: GoldenLimits | None = None,
+                   keep: int = 3) -> InstallResult:
+    """Verify, validate and switch in a bundle archive (see the module doc). Raises InputError when the
+    archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
+    cases the running bundle and the links are untouched.
+
+    ``key``: HMAC secret (bytes or file) or Ed25519 public key file; with a key an unsigned archive is
+    refused (``require_signature`` overrides). ``golden_dir`` defaults to ``<deploy>/golden``; with no
+    golden set the install is refused unless ``require_golden=False``.
+    """
+    from ..errors import GuardFailure
+
+    d = Path(deploy_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / RELEASES).mkdir(exist_ok=True)
+    dep = deployment(d)
+    key_obj = load_key(key) if key is not None else None
+    if golden_dir is None and (d / GOLDEN).is_dir():
+        golden_dir = d / GOLDEN
+    if golden_dir is None and require_golden:
+        raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
+                         "folders); skip the check only on purpose (--no-golden)")
+    staging = d / RELEASES / f".incoming-{uuid.uuid4().hex[:12]}"
+    try:
+        info = extract_archive(archive, staging, key=key_obj, require_signature=require_signature)
+        candidate = Bundle.open(staging, verify=True)
+        running = None
+        if dep.current_path is not None and dep.current_path.is_dir():
+            running = Bundle.open(dep.current_path)
+        report = None
+        if golden_dir is not None:
+            report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
+                                  limits=limits)
+            if not report["passed"]:
+                raise GuardFailure("golden-set check failed, the running model is unchanged: "
+                                   + "; ".join(report["failures"]))
+        rid = _release_id(d, candidate.model_hash())
+        final = d / RELEASES / rid
+        os.rename(staging, final)
+        atomic._fsync_dir(d / RELEASES)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    state = _read_state(d)
+    state.update({"pending": {"release": rid, "previous": dep.current}})
+    _write_state(d, state, "switch_started", release=rid, previous=dep.current)
+    if dep.current is not None:
+        _point(d, PREVIOUS, dep.current)
+    _point(d, CURRENT, rid)
+    state = {**_read_state(d), "current": rid, "previous": dep.current, "health": "pending",
+             "switched_at": now_iso()}
+    state.pop("pending", None)
+    _write_state(d, state, "switched", release=rid, previous=dep.current,
+                 golden_passed=None if report is None else report["passed"])
+    pruned = prune_releases(d, keep)
+    log.warning("installed %s (previous %s)", rid, dep.current)
+    return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned))
+
+
+def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:
+    """Delete all but the ``keep`` newest releases; ``current`` and ``previous`` are always kept."""
+    d = Path(deploy_dir)
+    dep = deployment(d)
+    rel = d / RELEASES
+    if not rel.is_dir():
+        return []
+    ids = sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+    protect = {dep.current, dep.previous} | set(ids[:max(keep, 2)])
+    removed = []
+    for rid in ids:
+        if rid not in protect:
+            shutil.rmtree(rel / rid, ignore_errors=True)
+            removed.append(rid)
+    return removed
+
+
+def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual") -> Deployment:
+    """Swap ``current`` back to ``previous`` (the failed release becomes ``previous``); returns the new
+    state. Raises RuntimeFailure when there is nothing to roll back to."""
+    d = Path(deploy_dir)
+    dep = deployment(d)
+    if dep.previous is None or not (d / RELEASES / dep.previous).is_dir():
+        raise RuntimeFailure(f"{d}: no previous release to roll back to")
+    failed = dep.current
+    _point(d, CURRENT, dep.previous)
+    if failed is not None:
+        _point(d, PREVIOUS, failed)
+    state = {**_read_state(d), "current": dep.previous, "previous": failed, "health": "rolled_back",
+             "rolled_back_from": failed, "reason": reason}
+    _write_state(d, state, "rolled_back", release=dep.previous, failed=failed, reason=reason)
+    log.warning("rolled back from %s to %s: %s", failed, dep.previous, reason)
+    return deployment(d)
+
+
+def confirm(deploy_dir: str | os.PathLike) -> Deployment:
+    """Mark the release in force healthy."""
+    d = Path(deploy_dir)
+    dep = deployment(d)
+    state = {**_read_state(d), "current": dep.current, "previous": dep.previous, "health": "ok"}
+    _write_state(d, state, "health_ok", release=dep.current)
+    return deployment(d)
+
+
+# ----------------------------------------------------------------------------- health after a switch
+@dataclass(frozen=True)
+class HealthLimits:
+    window_s: float = 120.0          # the new model must process min_frames within this time
+    min_frames: int = 20
+    max_error_rate: float = 0.05     # failed inferences / attempts
+    max_ng_rate_jump: float = 0.2    # NG rate may rise at most this much (absolute) over the baseline
+
+
+@dataclass(frozen=True)
+class HealthVerdict:
+    status: str                      # "pending" | "ok" | "failed"
+    reason: str
+    frames: int
+    errors: int
+    ng_rate: float | None
+    elapsed_s: float
+    rolled_back: bool = False
+    restored: Path | None = None     # the bundle folder to reopen after a rollback
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["restored"] = str(self.restored) if self.restored else None
+        return d
+
+
+def judge_health(frames: int, errors: int, ng: int, elapsed_s: float, baseline_ng_rate: float | None,
+                 limits: HealthLimits) -> tuple[str, str]:
+    """(status, reason) from counts since the switch. Pure; :class:`HealthWatch` calls it."""
+    attempts = frames + errors
+    if attempts >= limits.min_frames and errors / attempts > limits.max_error_rate:
+        return "failed", f"error rate {errors}/{attempts} > {limits.max_error_rate:g}"
+    if frames >= limits.min_frames:
+        rate = ng / frames
+        if baseline_ng_rate is not None and rate - baseline_ng_rate > limits.max_ng_rate_jump:
+            return "failed", (f"NG rate jumped to {rate:.3f} from {baseline_ng_rate:.3f} "
+                              f"(limit +{limits.max_ng_rate_jump:g})")
+        return "ok", f"{frames} frames, NG rate {rate:.3f}, {errors} errors"
+    if elapsed_s >= limits.window_s:
+        what = "no frames processed" if frames == 0 else f"only {frames} frames processed"
+        return "failed", f"{what} within {limits.window_s:g} s of the switch"
+    return "pending", f"{frames} of {limits.min_frames} frames"
+
+
+class HealthWatch:
+    """Watches the first frames after a model switch; rolls back when they look wrong.
+
+    The runtime calls ``record(ng=..., error=...)`` for every frame (or failed inference) of the new
+    model and ``poll()`` now and then (e.g. with telemetry). On "failed", ``poll`` calls
+    :func:`rollback_model` (when ``deploy_dir`` is given) and returns ``rolled_back=True`` and the folder
+    to reopen; on "ok" it marks the release healthy. The verdict is final once not "pending".
+    """
+
+    def __init__(self, deploy_dir: str | os.PathLike | None = None, baseline_ng_rate: float | None = None,
+                 limits: HealthLimits | None = None, clock: Callable[[], float] = time.monotonic):
+        self.deploy_dir = Path(deploy_dir) if deploy_dir is not None else None
+        self.baseline_ng_rate = baseline_ng_rate
+        self.limits = limits or HealthLimits()
+        self._clock = clock
+        self._t0 = clock()
+        self._lock = threading.Lock()
+        self.frames = self.errors = self.ng = 0
+        self._final: HealthVerdict | None = None
+
+    def record(self, ng: bool | None = None, error: bool = False) -> None:
+        with self._lock:
+            if self._final is not None:
+                return
+            if error:
+                self.errors += 1
+            else:
+                self.frames += 1
+                self.ng += int(bool(ng))
+
+    def poll(self) -> HealthVerdict:
+        with self._lock:
+            if self._final is not None:
+                return self._final
+            elapsed = self._clock() - self._t0
+            status, reason = judge_health(self.frames, self.errors, self.ng, elapsed, self.baseline_ng_rate,
+                                          self.limits)
+            v = HealthVerdict(status, reason, self.frames, self.errors,
+                              self.ng / self.frames if self.frames else None, elapsed)
+            if status == "pending":
+                return v
+            if self.deploy_dir is not None:
+                if status == "ok":
+                    confirm(self.deploy_dir)
+                else:
+                    try:
+                        dep = rollback_model(self.deploy_dir, reason=f"health check: {reason}")
+                        v = HealthVerdict(status, reason, v.frames, v.errors, v.ng_rate, elapsed,
+                                          rolled_back=True, restored=dep.current_path)
+                    except RuntimeFailure as exc:
+                        v = HealthVerdict(status, f"{reason}; rollback impossible: {exc}", v.frames, v.errors,
+                                          v.ng_rate, elapsed)
+            self._final = v
+            return v

@@ -1,0 +1,385 @@
+"""Bundle archives for model updates: a tar with the sha256 of every file and an optional signature.
+
+::
+
+    edge-ad-package.json    index: format, the bundle's model kind and hash, {path: {sha256, bytes}}
+    edge-ad-package.sig     optional: {"alg": "hmac-sha256" | "ed25519", "key_id", "signature"} over the
+                            exact bytes of the index (which holds the hash of every file)
+    bundle/...              the bundle folder's files (not engines/: TensorRT engines are tied to the GPU
+                            and TensorRT version, the device builds its own; not temp files)
+
+Keys: HMAC-SHA256 with a shared secret (bytes, or a file holding it), or Ed25519 (PEM files: the private
+key signs, the public key verifies; needs the optional ``cryptography`` package, ``pip install
+'edge-ad[sign]'``). :func:`extract_archive` checks everything before a byte lands outside its staging
+folder: the signature (when a key is given, an unsigned archive is refused), member names and types
+(regular files under ``bundle/`` only: no links, devices, absolute paths or ``..``), that the files are
+exactly those of the index, and each file's size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..bundle import Bundle, now_iso
+from ..errors import InputError
+
+INDEX = "edge-ad-package.json"
+SIGNATURE = "edge-ad-package.sig"
+PREFIX = "bundle"
+FORMAT = "edge-ad-package"
+FORMAT_VERSION = 1
+SKIP_DIRS = ("engines",)
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    alg: str            # "hmac-sha256" | "ed25519"
+    secret: Any         # bytes (HMAC) or a cryptography Ed25519 key object
+    key_id: str         # short fingerprint, recorded in the signature file
+
+    @property
+    def can_sign(self) -> bool:
+        return self.alg == "hmac-sha256" or hasattr(self.secret, "sign")
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    index: dict
+    signed: bool
+    alg: str | None
+    key_id: str | None
+    verified: bool      # the signature was checked against a key
+
+
+# ----------------------------------------------------------------------------- keys
+def _crypto():
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as exc:
+        raise InputError("Ed25519 keys need the 'cryptography' package: pip install 'edge-ad[sign]' "
+                         "(or use an HMAC secret file)") from exc
+    return serialization, ed25519, InvalidSignature
+
+
+def load_key(key: bytes | str | os.PathLike | SigningKey) -> SigningKey:
+    """A key from bytes (an HMAC secret) or a file: a PEM Ed25519 key, else the file's bytes as an HMAC
+    secret (a trailing newline is stripped)."""
+    if isinstance(key, SigningKey):
+        return key
+    where = "key"
+    if isinstance(key, (bytes, bytearray)):
+        data = bytes(key)
+    else:
+        p = Path(key)
+        where = str(p)
+        if not p.is_file():
+            raise InputError(f"{p}: key file not found")
+        data = p.read_bytes()
+    if data.lstrip().startswith(b"-----BEGIN"):
+        serialization, ed25519, _ = _crypto()
+        try:
+            if b"PRIVATE KEY" in data:
+                k = serialization.load_pem_private_key(data, password=None)
+                pub = k.public_key()
+            else:
+                k = serialization.load_pem_public_key(data)
+                pub = k
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{where}: not a readable PEM key without a password ({exc})") from exc
+        if not isinstance(pub, ed25519.Ed25519PublicKey):
+            raise InputError(f"{where}: a {type(pub).__name__}; expected an Ed25519 key "
+                             "(make one with 'edge-ad bundle keygen')")
+        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return SigningKey("ed25519", k, hashlib.sha256(raw).hexdigest()[:16])
+    secret = data.rstrip(b"\r\n")
+    if len(secret) < 16:
+        raise InputError(f"{where}: an HMAC secret of {len(secret)} bytes; expected at least 16")
+    return SigningKey("hmac-sha256", secret, hashlib.sha256(b"edge-ad key id" + secret).hexdigest()[:16])
+
+
+def generate_ed25519(private_path: str | os.PathLike, public_path: str | os.PathLike) -> str:
+    """Write a new Ed25519 key pair (PEM; the private file mode 0600); returns the key id."""
+    from .. import atomic
+
+    serialization, ed25519, _ = _crypto()
+    k = ed25519.Ed25519PrivateKey.generate()
+    priv = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                           serialization.NoEncryption())
+    pub = k.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    atomic.write_bytes(private_path, priv)
+    os.chmod(private_path, 0o600)
+    atomic.write_bytes(public_path, pub)
+    return load_key(public_path).key_id
+
+
+def _sign(key: SigningKey, data: bytes) -> str:
+    if key.alg == "hmac-sha256":
+        return hmac.new(key.secret, data, hashlib.sha256).hexdigest()
+    if not key.can_sign:
+        raise InputError("signing needs the Ed25519 *private* key (the public key only verifies)")
+    return key.secret.sign(data).hex()
+
+
+def _verify(key: SigningKey, data: bytes, sig: dict, where: str) -> None:
+    alg = sig.get("alg")
+    if alg != key.alg:
+        raise InputError(f"{where}: signed with '{alg}', but the key given is {key.alg}; update refused")
+    try:
+        signature = bytes.fromhex(str(sig.get("signature", "")))
+    except ValueError:
+        raise InputError(f"{where}: the signature is not hex; update refused") from None
+    if key.alg == "hmac-sha256":
+        if not hmac.compare_digest(hmac.new(key.secret, data, hashlib.sha256).digest(), signature):
+            raise InputError(f"{where}: HMAC signature does not match (wrong key or altered archive); update refused")
+        return
+    _, _, InvalidSignature = _crypto()
+    pub = key.secret.public_key() if hasattr(key.secret, "sign") else key.secret
+    try:
+        pub.verify(signature, data)
+    except InvalidSignature:
+        raise InputError(f"{where}: Ed25519 signature does not verify (wrong key or altered archive); "
+                         "update refused") from None
+
+
+# ----------------------------------------------------------------------------- pack
+def _bundle_files(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and not (rel_dir == Path(".") and d in SKIP_DIRS))
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            if f.startswith(".") or p.is_symlink() or not p.is_file():
+                continue
+            out.append((rel_dir / f).as_posix())
+    return out
+
+
+def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
+                sign_key: bytes | str | os.PathLike | None = None) -> Path:
+    """Write ``out_archive`` (.tar; .tar.gz / .tgz compressed) from a bundle folder, verified first."""
+    from .. import atomic
+
+    b = Bundle.open(bundle_dir, verify=True)
+    key = load_key(sign_key) if sign_key is not None else None
+    if key is not None and not key.can_sign:
+        raise InputError(f"{sign_key}: a public key cannot sign; give the Ed25519 private key")
+    root = b.path
+    files = _bundle_files(root)
+    if "manifest.json" not in files:
+        raise InputError(f"{root}: no manifest.json")
+    index_files = {}
+    for rel in files:
+        p = root / rel
+        index_files[f"{PREFIX}/{rel}"] = {"sha256": atomic.sha256_file(p), "bytes": p.stat().st_size}
+    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": now_iso(),
+             "bundle": {"kind": b.kind, "model_hash": b.model_hash(), "image_size": list(b.image_size),
+                        "active": b.manifest.get("active")},
+             "files": index_files}
+    index_bytes = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    out = Path(out_archive)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = out.name.lower()
+    mode = "w:gz" if name.endswith((".tar.gz", ".tgz")) else "w"
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with tarfile.open(tmp, mode, format=tarfile.PAX_FORMAT) as tar:
+            _add_bytes(tar, INDEX, index_bytes)
+            if key is not None:
+                sig = {"alg": key.alg, "key_id": key.key_id, "signature": _sign(key, index_bytes)}
+                _add_bytes(tar, SIGNATURE, (json.dumps(sig, indent=2) + "\n").encode())
+            for rel in files:
+                info = tar.gettarinfo(str(root / rel), arcname=f"{PREFIX}/{rel}")
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = 0o644
+                with open(root / rel, "rb") as fh:
+                    tar.addfile(info, fh)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+# ----------------------------------------------------------------------------- verify and extract
+def _open_tar(archive: Path) -> tarfile.TarFile:
+    if not archive.is_file():
+        raise InputError(f"{archive}: archive not found")
+    try:
+        return tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise InputError(f"{archive}: not a readable tar archive ({exc}); update refused") from exc
+
+
+def _safe_name(name: str, where: str) -> str:
+    p = PurePosixPath(name)
+    if p.is_absolute() or name != p.as_posix() or ".." in p.parts or len(p.parts) < 2 or p.parts[0] != PREFIX:
+        raise InputError(f"{where}: member '{name}' is outside bundle/ or not a plain relative path; update refused")
+    return name
+
+
+def read_index(archive: str | os.PathLike, key: bytes | str | os.PathLike | SigningKey | None = None,
+               require_signature: bool | None = None) -> PackageInfo:
+    """Read and check the index and the signature (without extracting anything)."""
+    archive = Path(archive)
+    key_obj = load_key(key) if key is not None else None
+    if require_signature is None:
+        require_signature = key_obj is not None
+    with _open_tar(archive) as tar:
+        index_bytes, sig = _index_and_sig(tar, archive)
+    return _check_index(archive, index_bytes, sig, key_obj, require_signature)
+
+
+def _index_and_sig(tar: tarfile.TarFile, archive: Path) -> tuple[bytes, dict | None]:
+    index_bytes = sig_bytes = None
+    try:
+        for m in tar:
+            if m.name in (INDEX, SIGNATURE):
+                if not m.isfile() or m.size > 64 << 20:
+                    raise InputError(f"{archive}: '{m.name}' is not a plain file of sane size; update refused")
+                data = tar.extractfile(m).read()
+                if m.name == INDEX:
+                    if index_bytes is not None:
+                        raise InputError(f"{archive}: two '{INDEX}' members; update refused")
+                    index_bytes = data
+                else:
+                    if sig_bytes is not None:
+                        raise InputError(f"{archive}: two '{SIGNATURE}' members; update refused")
+                    sig_bytes = data
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise InputError(f"{archive}: corrupt archive ({exc}); update refused") from exc
+    if index_bytes is None:
+        raise InputError(f"{archive}: no '{INDEX}' (not made by 'edge-ad bundle pack'); update refused")
+    sig = None
+    if sig_bytes is not None:
+        try:
+            sig = json.loads(sig_bytes)
+            if not isinstance(sig, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise InputError(f"{archive}: unreadable '{SIGNATURE}' ({exc}); update refused") from exc
+    return index_bytes, sig
+
+
+def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: SigningKey | None,
+                 require_signature: bool) -> PackageInfo:
+    if sig is None and require_signature:
+        raise InputError(f"{archive}: unsigned, and a signed archive is required; update refused")
+    verified = False
+    if sig is not None and key is not None:
+        _verify(key, index_bytes, sig, str(archive))
+        verified = True
+    try:
+        index = json.loads(index_bytes)
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise ValueError(f"'format' is not '{FORMAT}'")
+        if int(index.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"format_version {index.get('format_version')} is newer than this edge_ad reads")
+        files = index["files"]
+        if not isinstance(files, dict) or f"{PREFIX}/manifest.json" not in files:
+            raise ValueError("'files' does not list bundle/manifest.json")
+        for name, rec in files.items():
+            _safe_name(name, str(archive))
+            if not isinstance(rec, dict) or len(str(rec.get("sha256", ""))) != 64 or int(rec.get("bytes", -1)) < 0:
+                raise ValueError(f"entry '{name}' lacks sha256 / bytes")
+    except InputError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{archive}: invalid '{INDEX}' ({exc}); update refused") from exc
+    return PackageInfo(index=index, signed=sig is not None, alg=(sig or {}).get("alg"),
+                       key_id=(sig or {}).get("key_id"), verified=verified)
+
+
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
+                    key: bytes | str | os.PathLike | SigningKey | None = None,
+                    require_signature: bool | None = None) -> PackageInfo:
+    """Verify ``archive`` and extract its bundle into the new folder ``dest`` (which must not exist).
+
+    Raises :class:`InputError` (and leaves ``dest`` removed) for a bad signature, an unsigned archive when
+    one is required, unsafe or unexpected members, or any size / sha256 mismatch.
+    """
+    import shutil
+
+    archive, dest = Path(archive), Path(dest)
+    key_obj = load_key(key) if key is not None else None
+    if require_signature is None:
+        require_signature = key_obj is not None
+    if dest.exists():
+        raise InputError(f"{dest}: already exists; extraction needs a new folder")
+    with _open_tar(archive) as tar:
+        index_bytes, sig = _index_and_sig(tar, archive)
+    info = _check_index(archive, index_bytes, sig, key_obj, require_signature)
+    files = info.index["files"]
+    dest.mkdir(parents=True)
+    seen: set[str] = set()
+    try:
+        with _open_tar(archive) as tar:
+            try:
+                for m in tar:
+                    if m.name in (INDEX, SIGNATURE):
+                        continue
+                    if m.isdir():
+                        _safe_name(m.name + "/x", str(archive))
+                        continue
+                    if not m.isfile():
+                        raise InputError(f"{archive}: member '{m.name}' is a link or special file; update refused")
+                    name = _safe_name(m.name, str(archive))
+                    if name not in files:
+                        raise InputError(f"{archive}: member '{name}' is not in the index; update refused")
+                    if name in seen:
+                        raise InputError(f"{archive}: member '{name}' appears twice; update refused")
+                    seen.add(name)
+                    rec = files[name]
+                    if m.size != int(rec["bytes"]):
+                        raise InputError(f"{archive}: '{name}' is {m.size} bytes, the index says {rec['bytes']}; "
+                                         "update refused")
+                    out = dest / PurePosixPath(name).relative_to(PREFIX)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    h = hashlib.sha256()
+                    src = tar.extractfile(m)
+                    with open(out, "wb") as fh:
+                        while True:
+                            block = src.read(1 << 20)
+                            if not block:
+                                break
+                            h.update(block)
+                            fh.write(block)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    if h.hexdigest() != rec["sha256"]:
+                        raise InputError(f"{archive}: '{name}' has sha256 {h.hexdigest()[:12]}…, the index says "
+                                         f"{rec['sha256'][:12]}… (corrupt or altered); update refused")
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+                raise InputError(f"{archive}: corrupt archive, or extracting to {dest} failed ({exc}); "
+                                 "update refused") from exc
+        missing = sorted(set(files) - seen)
+        if missing:
+            raise InputError(f"{archive}: files listed in the index are missing: {', '.join(missing[:5])}; "
+                             "update refused")
+        Bundle.open(dest, verify=True)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return info

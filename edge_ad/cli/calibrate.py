@@ -1,0 +1,212 @@
+"""Calibration and model-update commands: ``edge-ad calibrate`` and ``edge-ad bundle pack|install|...``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from . import main
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle folder.")
+@click.option("--source", metavar="URI|DIR",
+              help="Normal frames: a folder of images, dir://, or a camera / video URI (v4l2://, csi://, "
+                   "rtsp://, file://, synthetic://).")
+@click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
+@click.option("--policy", default="fpr:0.001", show_default=True,
+              help="Threshold policy: fpr:P (target false-positive rate), max (largest normal score + margin), "
+                   "sigma:K (mean + K std).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
+              help="Run the model as it inspects (same backend and precision as 'edge-ad run').")
+@click.option("--precision", default=None, help="fp32 | fp16 | int8 (default: the bundle's active graph).")
+@click.option("--device", default=None, help="Backend device (cpu, cuda, cuda:N).")
+@click.option("--every", default=1, show_default=True, type=click.IntRange(1),
+              help="Camera sources: keep one frame in N.")
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=click.FloatRange(min=1),
+              help="Camera sources: give up after this many seconds.")
+@click.option("--screen-z", default=6.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Leave out frames whose score is this many robust standard deviations above the set's median.")
+@click.option("--min-frames", default=20, show_default=True, type=click.IntRange(3),
+              help="Refuse with fewer usable frames.")
+@click.option("--prior-weight", default=None, type=click.FloatRange(min=0),
+              help="Gaussian model: frames the covariance in force counts for (default: as many as the new "
+                   "frames; 0: fit from the new frames alone).")
+@click.option("--rollback", "rollback_to", is_flag=False, flag_value="previous", default=None, metavar="[VERSION]",
+              help="Put an earlier calibration version back in force (default: the one before) and exit.")
+@click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def calibrate(bundle_dir, source, frames, policy, backend, precision, device, every, timeout_s, screen_z,
+              min_frames, prior_weight, rollback_to, list_versions, as_json):
+    """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
+
+    Writes a new calibration version (atomic; the old ones are kept), or with --rollback puts an older one
+    back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload' command.
+    """
+    from ..bundle import Bundle
+    from ..calibration import collect_frames, recalibrate, rollback
+    from ..errors import InputError
+
+    b = Bundle.open(bundle_dir)
+    if list_versions:
+        cur = b.calibration().version if b.has("calibration.json") else None
+        rows = []
+        for v in b.calibration_versions():
+            d = json.loads(b.calibration_version_file(v).read_text("utf-8"))
+            rows.append({"version": v, "in_force": v == cur, "created": d.get("created", ""),
+                         "policy": d.get("policy", ""), "threshold": d.get("threshold"),
+                         "n_frames": d.get("n_frames"), "source": d.get("source", "")})
+        if as_json:
+            _echo_json(rows)
+        else:
+            for r in rows:
+                click.echo(f"{'*' if r['in_force'] else ' '} v{r['version']:<4} {r['created']:<26} {r['policy']:<11} "
+                           f"threshold {r['threshold']:.6g}  {r['n_frames']} frames  {r['source']}")
+        return
+    if rollback_to is not None:
+        version = None
+        if rollback_to != "previous":
+            try:
+                version = int(rollback_to)
+            except ValueError:
+                raise InputError(f"--rollback {rollback_to}: expected a version number") from None
+        before = b.calibration().version
+        cal = rollback(b, version)
+        out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy}
+        if as_json:
+            _echo_json(out)
+        else:
+            click.echo(f"calibration v{cal.version} in force (was v{before}), threshold {cal.threshold:.6g}")
+        return
+    if not source:
+        raise InputError("--source is required (a folder of normal images or a source URI), unless --rollback "
+                         "or --list")
+    from ..inspector import Inspector
+    from ..runtime.backends import open_backend
+
+    images = collect_frames(source, frames, every=every, timeout_s=timeout_s)
+    if len(images) < frames:
+        click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
+    be = open_backend(b, backend, precision, device)
+    try:
+        insp = Inspector(b, be)
+        res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
+                          prior_weight=prior_weight, source=str(source))
+    finally:
+        be.close()
+    if as_json:
+        _echo_json(res.summary())
+        return
+    c = res.calibration
+    for e in res.excluded:
+        click.echo(f"left out frame {e.index}: score {e.score:.4g}, robust z {e.z:.1f} ({e.reason})", err=True)
+    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
+               f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
+               f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
+
+
+# ----------------------------------------------------------------------------- bundle archives
+@main.group("bundle")
+def bundle_group():
+    """Bundle archives for model updates: pack, install (verify, golden check, switch), rollback."""
+
+
+@bundle_group.command("pack")
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Sign with an HMAC secret file or an Ed25519 private key (PEM).")
+def pack_cmd(bundle_dir, out, sign_key):
+    """Write OUT (.tar, or .tar.gz) from BUNDLE_DIR with the sha256 of every file (engines left out)."""
+    from ..calibration import pack_bundle, read_index
+
+    path = pack_bundle(bundle_dir, out, sign_key=sign_key)
+    info = read_index(path)
+    click.echo(f"wrote {path} ({len(info.index['files'])} files, model {info.index['bundle']['model_hash'][:12]}, "
+               f"{'signed ' + str(info.alg) if info.signed else 'unsigned'})")
+
+
+@bundle_group.command("install")
+@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Deploy folder (releases/, current and previous links).")
+@click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Golden images: good/ must be OK, other folders NG, loose images must agree with the "
+                   "running model (default: DEPLOY/golden).")
+@click.option("--no-golden", is_flag=True, help="Install without the golden-set check.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="HMAC secret file or Ed25519 public key (PEM); unsigned archives are then refused.")
+@click.option("--require-signature", is_flag=True, help="Refuse unsigned archives (implied by --key).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS))
+@click.option("--precision", default=None, help="Precision for the golden check (default: each bundle's active).")
+@click.option("--keep", default=3, show_default=True, type=click.IntRange(2), help="Releases kept.")
+@click.option("--json", "as_json", is_flag=True)
+def install_cmd(archive, deploy_dir, golden_dir, no_golden, key, require_signature, backend, precision, keep, as_json):
+    """Verify ARCHIVE, check it on the golden set, and switch it in atomically (the old one is kept)."""
+    from ..calibration import install_bundle
+    from ..errors import InputError
+
+    if no_golden and golden_dir:
+        raise InputError("--golden and --no-golden exclude each other")
+    if require_signature and key is None:
+        raise InputError("--require-signature needs --key to check the signature with")
+    res = install_bundle(archive, deploy_dir, golden_dir, key, require_signature=True if key else None,
+                         require_golden=not no_golden, backend=backend, precision=precision, keep=keep)
+    if as_json:
+        _echo_json(res.summary())
+        return
+    g = res.golden
+    golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
+    click.echo(f"installed {res.release} ({golden}; previous: {res.previous or 'none'}); "
+               f"{deploy_dir}/current -> releases/{res.release}")
+    click.echo("the runtime confirms it with its health check (or rolls back): 'edge-ad bundle status'", err=True)
+
+
+@bundle_group.command("rollback")
+@click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def rollback_cmd(deploy_dir):
+    """Switch the deploy folder back to the previous release."""
+    from ..calibration import rollback_model
+
+    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback")
+    click.echo(f"{deploy_dir}/current -> releases/{dep.current} (previous: {dep.previous})")
+
+
+@bundle_group.command("status")
+@click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(deploy_dir, as_json):
+    """The release in force, the previous one, and the health of the last switch."""
+    from ..calibration import deployment
+
+    dep = deployment(deploy_dir)
+    out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
+           "current_path": str(dep.current_path) if dep.current_path else None, **dep.detail}
+    if as_json:
+        _echo_json(out)
+    else:
+        click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or '-'}  health: {dep.health}")
+
+
+@bundle_group.command("keygen")
+@click.option("--private", "private_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--public", "public_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def keygen_cmd(private_path, public_path):
+    """Make an Ed25519 key pair: sign with the private key, give devices the public one."""
+    from ..calibration import generate_ed25519
+    from ..errors import InputError
+
+    for p in (private_path, public_path):
+        if p.exists():
+            raise InputError(f"{p}: exists; not overwriting a key")
+    kid = generate_ed25519(private_path, public_path)
+    click.echo(f"wrote {private_path} (keep it secret) and {public_path}; key id {kid}")
