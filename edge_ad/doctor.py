@@ -238,14 +238,10 @@ def _cuda_python_driver():
 
 
 def _cu(result):
-    if isinstance(result, tuple):
-        status, values = result[0], result[1:]
-    else:
-        status, values = result, ()
-    code = int(getattr(status, "value", status))
-    if code != 0:
-        raise RuntimeError(f"{getattr(status, 'name', code)}")
-    return values[0] if len(values) == 1 else values
+    """cuda-python status check: the runtime's one function for it (raises CudaError with the name)."""
+    from .runtime.backends.cuda import check
+
+    return check(result, "CUDA driver call")
 
 
 def _gpus_cuda_python() -> dict:
