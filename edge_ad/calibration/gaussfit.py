@@ -1,15 +1,17 @@
 """Refit a Gaussian model's statistics on the device, with honest (leave-one-out) scores.
 
 **What is refitted.** The mean comes from the new frames alone (a lighting change moves it). The
-covariance is the new frames' scatter pooled with the covariance in force as a prior worth ``kappa``
-frames (:func:`refit`)::
+covariance is the new frames' scatter pooled with a prior covariance worth ``kappa`` frames
+(:func:`refit`)::
 
     Sigma' = (n S + kappa Sigma_prior) / (n + kappa)          S: the new frames' covariance (divisor n)
 
-``kappa`` defaults to ``min(prior.n, n)``: the statistics in force count as much as the new frames, at
-most as much as the frames they came from; the new statistics record ``n + kappa`` as their sample
-size, so repeated recalibrations forget old light geometrically. A few hundred frames cannot estimate a
-100 x 100 covariance per location well; the prior keeps the structure the model learnt on many more.
+``kappa`` defaults to ``min(prior.n, n)``: the prior counts as much as the new frames, at most as much as
+the frames it came from. A few hundred frames cannot estimate a 100 x 100 covariance per location well;
+the prior keeps the structure the model learnt on many more. The prior is the statistics the bundle was
+trained with (:mod:`.refit` carries its name along as ``extra["gaussian_prior"]``), never the last
+recalibration's: pooling with a refit that saw the same frames (the same folder calibrated twice)
+would count them twice, and scores would no longer be honest (measured: every held-out part flagged).
 Measured on magnetic_tile (features of the trained Gaussian bundle; calibration on 83 test/good images,
 held-out normals and defects; mean of 6 random splits), image AUROC / recall at a 1 % FPR target:
 keeping the old statistics (new normalization and threshold only) 0.912 / 42 %; a fresh fit from the

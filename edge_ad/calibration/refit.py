@@ -10,7 +10,7 @@
    normal statistics: after a lighting change *every* frame scores far from the old normals, while a
    defective part still stands out from the other new frames;
 3. refits what calibration holds: for the Gaussian model the Gaussian statistics themselves (a new
-   ``gaussian.d/NNNN.npz``: the mean from the new frames, the covariance pooled with the one in force;
+   ``gaussian.d/NNNN.npz``: the mean from the new frames, the covariance pooled with the trained one;
    :mod:`.gaussfit`), then the map-normalization quantiles and the image threshold by the policy
    (``fpr:P``, ``max``, ``sigma:K``: :func:`edge_ad.scoring.threshold_from_policy`). Gaussian scores are
    leave-one-out scores (:mod:`.gaussfit`), so the threshold is set on scores of frames the statistics
@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .. import scoring
+from .. import gaussian, scoring
 from ..bundle import Bundle
 from ..data.image import to_batch
 from ..errors import InputError, RuntimeFailure
@@ -165,14 +165,13 @@ def _run_model(inspector, frames: Iterable[np.ndarray], batch_size: int, progres
 
 
 # ----------------------------------------------------------------------------- fitting
-def _fit(bundle: Bundle, cur: Calibration, inspector, kept: dict, used: np.ndarray, policy: str,
-         prior_weight: float | None):
+def _fit(cur: Calibration, kept: dict, used: np.ndarray, policy: str, prior, prior_weight: float | None):
     """(calibration without version, scores of the used frames, Gaussian stats or None)."""
     weights = {name: norm.weight for name, norm in cur.maps.items()}
     stats = None
-    if bundle.kind == "gaussian":
+    if prior is not None:
         feats = kept["feat"][used]
-        stats, loo = gaussfit.refit(feats, inspector.gaussian_stats(cur), prior_weight)
+        stats, loo = gaussfit.refit(feats, prior, prior_weight)
         raw = {"map": gaussfit.loo_distance_map(feats, stats, loo)}
     else:
         raw = {k: v[used] for k, v in kept.items()}
@@ -196,23 +195,28 @@ def _gaussian_name(bundle: Bundle, version: int, cur: Calibration) -> str:
     return name
 
 
-def _referenced_gaussian(bundle: Bundle, versions: Sequence[int] | None = None) -> set[str]:
+def _prior_name(cal: Calibration) -> str:
+    """The Gaussian statistics a refit pools with: those the bundle was trained with (see gaussfit)."""
+    return str(cal.extra.get("gaussian_prior") or cal.extra.get("gaussian") or "")
+
+
+def _referenced_gaussian(bundle: Bundle, versions: Sequence[int] | None = None,
+                         keys: Sequence[str] = ("gaussian", "gaussian_prior")) -> set[str]:
     out = set()
     for v in (bundle.calibration_versions() if versions is None else versions):
         try:
-            d = json.loads(bundle.calibration_version_file(v).read_text("utf-8"))
-            g = (d.get("extra") or {}).get("gaussian")
+            extra = json.loads(bundle.calibration_version_file(v).read_text("utf-8")).get("extra") or {}
         except (OSError, ValueError, AttributeError):
             continue
-        if g:
-            out.add(str(g))
+        out.update(str(extra[k]) for k in keys if isinstance(extra, dict) and extra.get(k))
     return out
 
 
 def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
     """Delete Gaussian statistics files no recent calibration uses; returns the names removed.
 
-    Kept: the files of the ``keep`` newest calibration versions and of the one in force. Each file is
+    Kept: the files of the ``keep`` newest calibration versions and of the one in force, and every
+    prior (the statistics the bundle was trained with, which each refit pools with). Each file is
     tens of MB (``[h*w, d, d]`` float32), so the whole history cannot stay on a device; the calibration
     JSON history stays complete, and :func:`rollback` refuses (clearly) a version whose file is gone.
     """
@@ -221,8 +225,10 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
         return []
     versions = bundle.calibration_versions()
     keep_names = _referenced_gaussian(bundle, versions[-max(keep, 1):])
+    keep_names |= _referenced_gaussian(bundle, versions, keys=("gaussian_prior",))
     try:
-        keep_names.add(str(bundle.calibration().extra.get("gaussian", "")))
+        cal = bundle.calibration()
+        keep_names |= {str(cal.extra.get("gaussian", "")), _prior_name(cal)}
     except InputError:
         pass
     removed = []
@@ -271,9 +277,9 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     inspector is not touched (swap with ``inspector.set_calibration``). Raises :class:`InputError` for a
     bad policy or too few usable frames (nothing written).
 
-    Gaussian model: ``prior_weight`` is how many frames the statistics in force count for when the
-    covariance is refitted (None: as many as the new frames, at most as many as they came from; 0: a
-    fresh fit from the new frames alone; see :mod:`.gaussfit`).
+    Gaussian model: ``prior_weight`` is how many frames the statistics the bundle was trained with
+    count for when the covariance is refitted (None: as many as the new frames, at most as many as they
+    came from; 0: a fit from the new frames alone; see :mod:`.gaussfit`).
     """
     t0 = time.perf_counter()
     scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # a bad policy fails before any work
@@ -290,19 +296,31 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
         raise InputError(f"calibration needs at least {min_frames} normal frames, got {n}; "
                          "the calibration in force is unchanged")
 
+    prior = None
+    if bundle.kind == "gaussian":
+        pname = _prior_name(cur)
+        if pname == cur.extra.get("gaussian"):
+            prior = inspector.gaussian_stats(cur)
+        elif bundle.has(pname):
+            prior = gaussian.GaussianStats.load(bundle.file(pname))
+        else:
+            raise InputError(f"{bundle.file(pname)}: the Gaussian statistics the bundle was trained with "
+                             f"(calibration v{cur.version} extra.gaussian_prior) are missing; recalibrate with "
+                             "prior weight 0 (--prior-weight 0: a fit from the new frames alone)")
+
     index = np.arange(n)
     excluded = _screen(s_cur, index, screen_z, f"robust z > {screen_z:g} under calibration v{cur.version}")
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
 
     t1 = time.perf_counter()
-    cal, s_new, stats = _fit(bundle, cur, inspector, kept, used, policy, prior_weight)
+    cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight)
     more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit")
     if more:
         excluded += more
         used = np.setdiff1d(used, [e.index for e in more])
         _check_usable(n, len(used), excluded, min_frames, max_excluded)
-        cal, s_new, stats = _fit(bundle, cur, inspector, kept, used, policy, prior_weight)
+        cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight)
     t_fit = time.perf_counter() - t1
     for e in excluded:
         log.warning("calibration frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
@@ -321,6 +339,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
         stats.save(bundle.file(gname))
         bundle.add_file(gname)
         extra["gaussian"] = gname
+        extra["gaussian_prior"] = _prior_name(cur)
     cal = cal.replace(source=source or "recalibrate", n_frames=len(used), extra=extra, created="")
     written = bundle.write_calibration(cal)
     if written.version != version:

@@ -1,0 +1,316 @@
+"""Recalibration: lighting shift, defect exclusion, refusal, versions and rollback, power cut, the Gaussian
+refit and its leave-one-out scores, the frame collector and the CLI.
+
+The Gaussian tests use a real trained Gaussian bundle (EfficientNet-Lite0 features, 64 px, ONNX Runtime)
+on synthetic 'grain' parts; the others the tiny hand-built ONNX bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_ad import gaussian
+from edge_ad.bundle import Bundle
+from edge_ad.calibration import collect_frames, gaussfit, recalibrate, rollback
+from edge_ad.calibration.refit import prune_gaussian, robust_z
+from edge_ad.errors import InputError
+from edge_ad.inspector import Inspector
+
+from fixtures_bundle import copy_bundle, gaussian_bundle, part_frame, tiny_bundle, write_video  # noqa: F401
+
+SIZE = 64
+SHIFT = dict(brightness=70.0, contrast=0.5)   # a lamp much brighter and flatter than at training
+
+
+def _parts(n, start, defects=()):
+    from edge_ad.data.synthetic import make_part
+
+    if defects:
+        return [make_part("grain", SIZE, d, seed=7, index=start + i).image for i, d in enumerate(defects)]
+    return [make_part("grain", SIZE, None, seed=7, index=start + i).image for i in range(n)]
+
+
+def _shift(frames):
+    from edge_ad.data.synthetic import lighting_shift
+
+    return [lighting_shift(f, **SHIFT) for f in frames]
+
+
+def _inspector(bundle):
+    from edge_ad.runtime.backends import open_backend
+
+    return Inspector(bundle, open_backend(bundle, "onnxruntime", device="cpu"))
+
+
+@pytest.fixture
+def gbundle(gaussian_bundle, tmp_path):
+    return copy_bundle(gaussian_bundle, tmp_path / "bundle")
+
+
+@pytest.fixture
+def tbundle(tiny_bundle, tmp_path):
+    return copy_bundle(tiny_bundle, tmp_path / "tiny")
+
+
+DEFECTS = ("scratch", "crack", "missing") * 4
+
+
+# ----------------------------------------------------------------------------- lighting shift
+def test_lighting_shift_false_alarms_disappear_after_recalibration(gbundle):
+    insp = _inspector(gbundle)
+    calib, held, bad = _parts(40, 0), _parts(40, 500), _parts(0, 900, DEFECTS)
+    res = recalibrate(gbundle, insp, calib, policy="max", progress=False)
+    insp.set_calibration(res.calibration)
+    assert res.calibration.version == 2 and res.n_used == 40 and not res.excluded
+    assert insp.inspect(held).ng.mean() <= 0.1          # the line as calibrated: few false alarms
+    assert insp.inspect(bad).ng.mean() >= 0.9
+
+    fpr_shifted = insp.inspect(_shift(held)).ng.mean()  # the light changed
+    assert fpr_shifted >= 0.8, fpr_shifted
+
+    res2 = recalibrate(gbundle, insp, _shift(calib), policy="max", progress=False)
+    insp.set_calibration(res2.calibration)
+    assert res2.calibration.version == 3
+    assert insp.inspect(_shift(held)).ng.mean() <= 0.1  # false alarms gone ...
+    assert insp.inspect(_shift(bad)).ng.mean() >= 0.9   # ... and defects still caught
+    # the Gaussian itself was refitted: a new statistics file, pooled with the trained one
+    extra = res2.calibration.extra
+    assert extra["gaussian"] == "gaussian.d/0003.npz" and gbundle.has(extra["gaussian"])
+    assert extra["gaussian_prior"] == "gaussian.d/0001.npz"
+    assert extra["recalibration"]["scores"] == "leave-one-out"
+    gbundle.verify()
+
+
+# ----------------------------------------------------------------------------- defects in the set
+def test_planted_defects_are_reported_and_left_out(gbundle):
+    insp = _inspector(gbundle)
+    frames = _shift(_parts(45, 0))
+    planted = {7: "crack", 20: "missing", 33: "scratch"}
+    for i, (idx, kind) in enumerate(planted.items()):
+        frames[idx] = _shift(_parts(0, 950 + i, (kind,)))[0]
+    res = recalibrate(gbundle, insp, frames, policy="max", progress=False)
+    assert {e.index for e in res.excluded} == set(planted)
+    assert res.n_used == 42 and res.calibration.n_frames == 42
+    assert all(e.z > 6 and e.reason for e in res.excluded)
+    assert sorted(res.calibration.extra["recalibration"]["excluded"]) == sorted(planted)
+    assert [e["index"] for e in res.summary()["excluded"]] == [e.index for e in res.excluded]
+    # the threshold was not raised to absorb them: under the new calibration they are NG
+    insp.set_calibration(res.calibration)
+    assert insp.inspect([frames[i] for i in planted]).ng.all()
+
+
+def test_too_few_usable_frames_are_refused_and_nothing_is_written(gbundle, tbundle):
+    for b, frames in ((tbundle, [part_frame(i) for i in range(10)]),
+                      (gbundle, _parts(12, 0))):
+        insp = _inspector(b)
+        before = b.file("calibration.json").read_bytes()
+        with pytest.raises(InputError, match="at least 20"):
+            recalibrate(b, insp, frames, progress=False)
+        assert b.file("calibration.json").read_bytes() == before and b.calibration_versions() == [1]
+    # mostly defects: the median is no reference; refused
+    insp = _inspector(gbundle)
+    frames = _parts(20, 0) + _parts(0, 900, DEFECTS[:12])
+    with pytest.raises(InputError, match="does not look like a set of normal parts"):
+        recalibrate(gbundle, insp, frames, progress=False, max_excluded=0.2)
+    assert gbundle.calibration_versions() == [1] and not gbundle.has("gaussian.d/0002.npz")
+
+
+def test_bad_policy_and_bad_frames_fail_before_any_work(tbundle):
+    insp = _inspector(tbundle)
+    with pytest.raises(InputError, match="threshold policy 'fpr:2'"):
+        recalibrate(tbundle, insp, [part_frame(i) for i in range(30)], policy="fpr:2", progress=False)
+    with pytest.raises(InputError, match="calibration frame 3"):
+        recalibrate(tbundle, insp, [part_frame(i) for i in range(3)] + [np.zeros((8, 8), np.float32)],
+                    progress=False)
+    assert tbundle.calibration_versions() == [1]
+
+
+def test_map_model_recalibration_refits_quantiles_and_threshold(tbundle):
+    insp = _inspector(tbundle)
+    old = insp.calibration
+    frames = [part_frame(i, brightness=40.0) for i in range(60)]
+    res = recalibrate(tbundle, insp, frames, policy="sigma:3", progress=False, source="test")
+    c = res.calibration
+    assert c.version == 2 and c.policy == "sigma:3" and c.source == "test" and res.gaussian_file is None
+    assert c.maps["map"].q_a != old.maps["map"].q_a
+    assert c.threshold == pytest.approx(c.normal["mean"] + 3 * c.normal["std"])
+    assert not tbundle.has("gaussian.d") and "gaussian" not in c.extra
+    assert Bundle.open(tbundle.path).calibration() == c
+
+
+# ----------------------------------------------------------------------------- versions and rollback
+def test_rollback_restores_earlier_versions_byte_for_byte(tbundle):
+    insp = _inspector(tbundle)
+    v1 = tbundle.file("calibration.json").read_bytes()
+    recalibrate(tbundle, insp, [part_frame(i, brightness=20.0) for i in range(30)], policy="max", progress=False)
+    v2 = tbundle.file("calibration.json").read_bytes()
+    recalibrate(tbundle, insp, [part_frame(i, brightness=-20.0) for i in range(30)], policy="max", progress=False)
+    assert tbundle.calibration_versions() == [1, 2, 3]
+    assert rollback(tbundle).version == 2
+    assert tbundle.file("calibration.json").read_bytes() == v2
+    assert rollback(tbundle, 1).version == 1
+    assert tbundle.file("calibration.json").read_bytes() == v1
+    with pytest.raises(InputError, match="oldest"):
+        rollback(tbundle)
+    with pytest.raises(InputError, match="version 9 not found"):
+        rollback(tbundle, 9)
+    Bundle.open(tbundle.path, verify=True)
+
+
+def test_gaussian_files_are_pruned_and_rollback_refuses_a_pruned_version(gbundle):
+    insp = _inspector(gbundle)
+    for k in range(3):
+        recalibrate(gbundle, insp, _parts(24, 100 * k), policy="max", progress=False, keep_gaussian=5)
+    removed = prune_gaussian(gbundle, keep=1)
+    # kept: the newest version's, and the trained statistics (every refit's prior)
+    assert sorted(removed) == ["gaussian.d/0002.npz", "gaussian.d/0003.npz"]
+    assert gbundle.has("gaussian.d/0004.npz") and gbundle.has("gaussian.d/0001.npz")
+    with pytest.raises(InputError, match="no longer kept"):
+        rollback(gbundle, 2)
+    assert gbundle.calibration().version == 4
+    assert rollback(gbundle, 1).version == 1       # the trained calibration always works
+    Inspector(gbundle, insp.backend)
+    gbundle.verify()
+
+
+# ----------------------------------------------------------------------------- power cut
+POWER_CUT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from edge_ad.bundle import Bundle
+    from edge_ad.calibration import recalibrate
+    from edge_ad.inspector import Inspector
+    from edge_ad.runtime.backends import open_backend
+    from test_calibration import _parts
+
+    def cut(self, data):        # the power goes between the history write and the switch
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    Bundle._put_calibration = cut
+    b = Bundle.open({bundle!r})
+    insp = Inspector(b, open_backend(b, "onnxruntime", device="cpu"))
+    recalibrate(b, insp, _parts(24, 300), policy="max", progress=False)
+    print("not reached")
+""")
+
+
+def test_power_cut_between_write_and_switch_leaves_a_valid_calibration(gbundle):
+    before = gbundle.file("calibration.json").read_bytes()
+    script = POWER_CUT.format(tests=str(Path(__file__).parent), bundle=str(gbundle.path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "not reached" not in proc.stdout
+    b = Bundle.open(gbundle.path, verify=True)          # every recorded file intact
+    assert b.file("calibration.json").read_bytes() == before
+    assert b.calibration().version == 1
+    assert b.calibration_versions() == [1, 2]           # the history file written before the cut
+    insp = _inspector(b)                                # the model loads and inspects with v1
+    assert insp.inspect(_parts(4, 0)).scores.shape == (4,)
+    res = recalibrate(b, insp, _parts(24, 400), policy="max", progress=False)
+    assert res.calibration.version == 3 and res.gaussian_file == "gaussian.d/0003.npz"
+    insp.set_calibration(res.calibration)
+    assert rollback(b, 2).version == 2                  # the interrupted version is complete, too
+    insp.set_calibration(b.calibration())
+
+
+# ----------------------------------------------------------------------------- the Gaussian refit
+def test_fresh_fit_equals_edge_ad_gaussian_fit():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(30, 6, 3, 4)).astype(np.float32) * rng.uniform(0.5, 2, (1, 6, 1, 1)).astype(np.float32)
+    for layout in ("patch", "shared"):
+        ref = gaussian.fit(feats, layout)
+        got, _ = gaussfit.fit_fresh(feats, layout)
+        assert got.layout == ref.layout and got.n == ref.n
+        np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got.chol, ref.chol, rtol=1e-4, atol=1e-5)
+
+
+def test_leave_one_out_distances_match_refits_without_the_frame():
+    rng = np.random.default_rng(1)
+    prior_feats = rng.normal(size=(60, 8, 2, 2)).astype(np.float32)
+    feats = (rng.normal(size=(25, 8, 2, 2)) * 1.3 + 0.5).astype(np.float32)
+    prior = gaussian.fit(prior_feats, "patch")
+    for kappa, rtol in ((None, 1e-4), (10.0, 1e-4), (0.0, 0.06)):   # pooled: exact; fresh: approximate
+        stats, loo = gaussfit.refit(feats, prior, kappa)
+        approx = gaussfit.loo_distance_map(feats, stats, loo)
+        for i in (0, 7, 24):
+            left_out, _ = gaussfit.refit(np.delete(feats, i, axis=0), prior, kappa if kappa is not None else
+                                         float(min(prior.n, len(feats))))
+            exact = gaussian.distance_map(feats[i:i + 1], left_out)
+            np.testing.assert_allclose(approx[i:i + 1], exact, rtol=rtol)
+        insample = gaussian.distance_map(feats, stats)
+        assert (approx > insample).all()
+    assert gaussfit.refit(feats, prior)[0].n == 25 + 25
+
+
+def test_robust_z_ignores_outliers_and_handles_flat_and_nan_sets():
+    s = np.r_[np.linspace(1.0, 1.1, 50), 5.0, np.nan]
+    z = robust_z(s)
+    assert np.abs(z[:50]).max() < 2 and z[50] > 50 and z[51] == np.inf
+    assert np.isfinite(robust_z(np.ones(10))).all()
+
+
+# ----------------------------------------------------------------------------- collecting frames
+def test_collect_frames_from_a_folder_a_dir_uri_a_video_and_synthetic(tmp_path):
+    import cv2
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(30):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), np.full((20, 24, 3), i, np.uint8))
+    got = collect_frames(folder, 10, progress=False)
+    assert len(got) == 10 and got[0][0, 0, 0] == 0 and got[-1][0, 0, 0] == 29   # spread over the folder
+    assert [f[0, 0, 0] for f in collect_frames(f"dir://{folder}", 10, progress=False)] == [f[0, 0, 0] for f in got]
+    assert len(collect_frames(folder, 100, progress=False)) == 30
+    video = write_video(tmp_path / "clip.avi", (part_frame(i, 48) for i in range(12)))
+    assert len(collect_frames(f"file://{video}", 5, every=2, progress=False)) == 5
+    assert len(collect_frames(f"file://{video}", 50, progress=False)) == 12        # the file ends
+    syn = collect_frames("synthetic://grain?size=64&defect_rate=0", 6, progress=False)
+    assert len(syn) == 6 and syn[0].shape == (64, 64, 3) and syn[0].dtype == np.uint8
+    with pytest.raises(InputError, match="no such folder"):
+        collect_frames(tmp_path / "nope", 5)
+    with pytest.raises(InputError, match="unknown scheme"):
+        collect_frames("ftp://x/y", 5)
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    for i in range(40):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), part_frame(i, brightness=25.0))
+    r = CliRunner()
+    res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(folder), "--frames", "40",
+                          "--policy", "sigma:3", "--backend", "onnxruntime", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["version"] == 2 and out["n_used"] == 40 and out["policy"] == "sigma:3"
+    res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--list"])
+    assert res.exit_code == 0 and "* v2" in res.output
+    res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback"])
+    assert res.exit_code == 0 and "v1 in force (was v2)" in res.output
+    res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback", "2"])
+    assert res.exit_code == 0 and Bundle.open(tbundle.path).calibration().version == 2
+    res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(folder), "--policy", "p:1"])
+    assert res.exit_code == 2 and "threshold policy 'p:1'" in res.output
+    res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path)])
+    assert res.exit_code == 2 and "--source is required" in res.output
+
+
+def test_calibration_code_never_imports_torch():
+    code = "import sys, edge_ad.calibration, edge_ad.cli.calibrate; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "torch" not in out.split()
