@@ -1,27 +1,35 @@
-"""Drift: are the parts judged OK still scoring like the normals the calibration was fitted on?
+"""Drift: do the parts judged OK still score like the normals the calibration was fitted on?
 
-:class:`DriftMonitor` keeps the image scores of the last ``window`` parts judged OK and compares their
-mean with the calibration's normal statistics (``calibration.normal``: mean, std, n):
+:class:`DriftMonitor` keeps the image scores and decisions of the last ``window`` inspected parts and
+compares the **median score of the parts judged OK** with the calibration's normal statistics
+(``calibration.normal``: p50, std, n):
 
-- ``shift = (window mean - normal mean) / normal std``: how far the OK parts moved, in normal standard
+- ``shift = (median - normal median) / normal std``: how far the parts moved, in normal standard
   deviations (the effect size);
-- ``z = shift / sqrt(1/n_window + 1/n_normal)``: the same as a two-sample z-statistic (both means are
-  estimates), i.e. how sure we are that it moved.
+- ``z = shift / (1.2533 * sqrt(1/n + 1/n_normal))``: the same as a two-sample z-statistic for medians
+  (both are estimates), i.e. how sure we are that it moved.
+
+NG parts stay out (whatever the defect rate, defects do not move the statistic), but the OK parts are
+censored at the threshold: when the light changes so much that most parts turn NG, an OK-only window
+would empty (or keep stale scores) and go blind exactly when drift is largest. So when fewer than half
+the parts in the window are OK, the median of *all* parts is used (``basis = "all"``): it is then above
+the threshold and flags drift. The median rather than the mean: one odd OK part cannot move it.
 
 Drift is flagged when ``|z| > limit`` **and** ``|shift| >= min_shift`` (default 0.5 standard deviations):
 with a window of a few hundred parts the z-statistic alone calls harmless shifts significant, and a
 0.5-sigma rise already multiplies the false-alarm rate of an ``fpr:0.001`` threshold by about four. Both
 directions count: scores falling (a dimmer or blurred image) hide defects as surely as rising scores
 raise false alarms. The flag clears with hysteresis, when ``|z| <= 0.8 limit`` or
-``|shift| <= 0.8 min_shift``. Nothing is judged before ``min_samples`` OK parts are in the window.
+``|shift| <= 0.8 min_shift``. Nothing is judged before ``min_samples`` parts are in the window
+(default: a quarter of it).
 
 ``update()`` returns a :class:`DriftState` with ``event`` set to ``"drift"`` / ``"drift_cleared"`` on the
-update where the flag changes; the runtime puts ``drift`` in telemetry and publishes the events. NG parts
-do not enter the window (they are not normal parts); the window's NG rate is reported beside it.
+update where the flag changes; the runtime puts ``drift`` in telemetry and publishes the events.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -30,23 +38,25 @@ from ..errors import InputError
 from ..scoring import Calibration
 
 HYSTERESIS = 0.8
+MEDIAN_SE = math.sqrt(math.pi / 2)   # standard error of a median / that of a mean, normal data
 
 
 @dataclass(frozen=True)
 class DriftState:
     drift: bool
-    z: float                 # two-sample z of the window mean vs the normal mean (0 until judged)
-    shift: float             # (window mean - normal mean) / normal std
-    mean: float              # mean score of the OK parts in the window (nan when empty)
-    std: float
-    n: int                   # OK parts in the window
+    z: float                 # two-sample z of the median vs the normal median (0 until judged)
+    shift: float             # (median - normal median) / normal std
+    median: float            # median score of the OK parts (of all parts when most are NG); nan when empty
+    mean: float              # mean score of the OK parts in the window (nan when none)
+    n: int                   # parts the median is over
+    basis: str               # "ok" | "all"
     window: int
     limit: float
     min_shift: float
-    normal_mean: float
+    normal_median: float
     normal_std: float
-    ng_rate: float           # NG fraction over the last ``window`` parts (OK and NG)
-    judged: bool             # False until min_samples OK parts (or without normal statistics)
+    ng_rate: float           # NG fraction over the window
+    judged: bool             # False until min_samples parts (or without normal statistics)
     event: str | None = None  # "drift" / "drift_cleared" on the update where the flag changed
     direction: str = ""      # "up" / "down" while drifting
 
@@ -71,54 +81,68 @@ class DriftMonitor:
         self.min_samples = min(max(self.min_samples, 2), self.window)
         normal = calibration.normal or {}
         self.calibration_version = calibration.version
-        self.normal_mean = float(normal.get("mean", math.nan))
+        self.normal_median = float(normal.get("p50", normal.get("mean", math.nan)))
         self.normal_std = float(normal.get("std", math.nan))
         self.normal_n = float(normal.get("n", 0.0)) or math.inf
-        self._usable = math.isfinite(self.normal_mean) and math.isfinite(self.normal_std)
+        self._usable = math.isfinite(self.normal_median) and math.isfinite(self.normal_std)
         if self._usable and self.normal_std <= 0:
-            self.normal_std = max(abs(self.normal_mean) * 1e-3, 1e-9)
-        self._ok: deque[float] = deque(maxlen=self.window)
-        self._all: deque[bool] = deque(maxlen=self.window)
-        self._sum = 0.0
-        self._sq = 0.0
-        self._updates = 0
+            self.normal_std = max(abs(self.normal_median) * 1e-3, 1e-9)
+        self._parts: deque[tuple[float, bool]] = deque()
+        self._sorted: list[float] = []        # every part in the window
+        self._sorted_ok: list[float] = []     # the OK ones
+        self._ok_sum = 0.0
+        self._ok_n = 0
         self._ng = 0
         self.drift = False
 
     def update(self, score: float, ng: bool) -> DriftState:
-        """Add one inspected part (its image score and decision); returns the state after it."""
-        if len(self._all) == self.window and self._all[0]:
-            self._ng -= 1
-        self._all.append(bool(ng))
-        self._ng += int(bool(ng))
+        """Add one inspected part (its image score and decision); returns the state after it.
+        A non-finite score (a failed inference) is not a sample."""
         s = float(score)
-        if not ng and math.isfinite(s):
-            if len(self._ok) == self.window:
-                old = self._ok[0]
-                self._sum -= old
-                self._sq -= old * old
-            self._ok.append(s)
-            self._sum += s
-            self._sq += s * s
-            self._updates += 1
-            if self._updates % (4 * self.window) == 0:  # re-sum now and then: no creeping rounding error
-                self._sum = math.fsum(self._ok)
-                self._sq = math.fsum(v * v for v in self._ok)
+        if math.isfinite(s):
+            if len(self._parts) == self.window:
+                old, old_ng = self._parts.popleft()
+                del self._sorted[bisect.bisect_left(self._sorted, old)]
+                if old_ng:
+                    self._ng -= 1
+                else:
+                    del self._sorted_ok[bisect.bisect_left(self._sorted_ok, old)]
+                    self._ok_sum -= old
+                    self._ok_n -= 1
+            self._parts.append((s, bool(ng)))
+            bisect.insort(self._sorted, s)
+            if ng:
+                self._ng += 1
+            else:
+                bisect.insort(self._sorted_ok, s)
+                self._ok_sum += s
+                self._ok_n += 1
+            if self._ok_n == 0:
+                self._ok_sum = 0.0
         return self._state()
 
     def state(self) -> DriftState:
         return self._state(report_event=False)
 
+    @staticmethod
+    def _median(v: list[float]) -> float:
+        n = len(v)
+        if not n:
+            return math.nan
+        return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
     def _state(self, report_event: bool = True) -> DriftState:
-        n = len(self._ok)
-        mean = self._sum / n if n else math.nan
-        var = max(self._sq / n - mean * mean, 0.0) * n / (n - 1) if n > 1 else 0.0
-        judged = self._usable and n >= self.min_samples
+        total = len(self._parts)
+        basis = "ok" if 2 * self._ok_n >= total else "all"
+        values = self._sorted_ok if basis == "ok" else self._sorted
+        n = len(values)
+        med = self._median(values)
+        judged = self._usable and total >= self.min_samples and n >= 2
         z = shift = 0.0
         before = self.drift
         if judged:
-            shift = (mean - self.normal_mean) / self.normal_std
-            z = shift / math.sqrt(1.0 / n + 1.0 / self.normal_n)
+            shift = (med - self.normal_median) / self.normal_std
+            z = shift / (MEDIAN_SE * math.sqrt(1.0 / n + 1.0 / self.normal_n))
             if self.drift:
                 self.drift = abs(z) > HYSTERESIS * self.limit and abs(shift) > HYSTERESIS * self.min_shift
             else:
@@ -126,8 +150,9 @@ class DriftMonitor:
         event = None
         if report_event and self.drift != before:
             event = "drift" if self.drift else "drift_cleared"
-        return DriftState(drift=self.drift, z=z, shift=shift, mean=mean, std=math.sqrt(var), n=n,
-                          window=self.window, limit=self.limit, min_shift=self.min_shift,
-                          normal_mean=self.normal_mean, normal_std=self.normal_std,
-                          ng_rate=self._ng / len(self._all) if self._all else 0.0, judged=judged, event=event,
-                          direction=("up" if shift > 0 else "down") if self.drift else "")
+        return DriftState(drift=self.drift, z=z, shift=shift, median=med,
+                          mean=self._ok_sum / self._ok_n if self._ok_n else math.nan, n=n, basis=basis,
+                          window=self.window,
+                          limit=self.limit, min_shift=self.min_shift, normal_median=self.normal_median,
+                          normal_std=self.normal_std, ng_rate=self._ng / total if total else 0.0, judged=judged,
+                          event=event, direction=("up" if shift > 0 else "down") if self.drift else "")
