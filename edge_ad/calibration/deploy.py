@@ -3,7 +3,7 @@
 A deploy folder holds the releases and two symlinks; the ``current`` link is the one truth about which
 bundle runs::
 
-    <deploy>/releases/<UTC time>-<model sha[:12]>/   one bundle folder per installed archive
+    <deploy>/releases/r<seq>-<UTC time>-<sha[:12]>/  one bundle folder per installed archive
     <deploy>/current  -> releases/<id>               the bundle in force
     <deploy>/previous -> releases/<id>               the one before (kept for rollback)
     <deploy>/golden/                                 default golden set (good/ and defect folders)
@@ -262,13 +262,16 @@ class InstallResult:
                 "golden": self.golden, "pruned": list(self.pruned)}
 
 
+def _release_seq(name: str) -> int:
+    head = name.split("-", 1)[0]
+    return int(head[1:]) if head.startswith("r") and head[1:].isdigit() else -1
+
+
 def _release_id(deploy_dir: Path, model_hash: str) -> str:
-    base = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{(model_hash or 'nohash')[:12]}"
-    rid, k = base, 1
-    while (deploy_dir / RELEASES / rid).exists():
-        rid = f"{base}-{k}"
-        k += 1
-    return rid
+    """``r<seq>-<UTC time>-<model sha[:12]>``; the sequence number orders releases."""
+    rel = deploy_dir / RELEASES
+    seq = max((_release_seq(p.name) for p in rel.iterdir()), default=0) + 1 if rel.is_dir() else 1
+    return f"r{max(seq, 1):04d}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{(model_hash or 'nohash')[:12]}"
 
 
 def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
@@ -340,7 +343,8 @@ def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:
     rel = d / RELEASES
     if not rel.is_dir():
         return []
-    ids = sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+    ids = sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                 key=lambda n: (_release_seq(n), n), reverse=True)
     protect = {dep.current, dep.previous} | set(ids[:max(keep, 2)])
     removed = []
     for rid in ids:

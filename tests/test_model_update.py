@@ -1,0 +1,384 @@
+"""Model updates: archives with sha256 and signatures, golden-set check, atomic switch, health and rollback."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_ad.bundle import Bundle
+from edge_ad.calibration import (HealthLimits, HealthWatch, current_path, deployment, install_bundle,
+                                 judge_health, pack_bundle, read_index, rollback_model)
+from edge_ad.calibration import deploy as deploy_mod
+from edge_ad.errors import GuardFailure, InputError, RuntimeFailure
+
+from fixtures_bundle import copy_bundle, make_tiny_bundle, part_frame, tiny_bundle  # noqa: F401
+
+
+# ----------------------------------------------------------------------------- helpers
+def _write(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+
+
+@pytest.fixture
+def golden(tmp_path) -> Path:
+    """Labelled golden set: normal parts in good/, parts with a blob in ng/."""
+    g = tmp_path / "golden"
+    for i in range(8):
+        _write(g / "good" / f"{i}.png", part_frame(5000 + i))
+        _write(g / "ng" / f"{i}.png", part_frame(6000 + i, defect=True))
+    return g
+
+
+@pytest.fixture
+def bundles(tiny_bundle, tmp_path):
+    """(running A, candidate B with another graph, bad candidate C that never says NG)."""
+    a = copy_bundle(tiny_bundle, tmp_path / "A")
+    b = make_tiny_bundle(tmp_path / "B", image_size=(96, 96))
+    c = copy_bundle(tiny_bundle, tmp_path / "C")
+    c.write_calibration(c.calibration().replace(version=0, created="", threshold=1e9, policy="manual"))
+    return a, b, c
+
+
+def _release_files(deploy: Path) -> dict:
+    return {p.relative_to(deploy).as_posix(): p.read_bytes()
+            for p in sorted((deploy / "releases").rglob("*")) if p.is_file()}
+
+
+def _flip_byte(archive: Path, member: str) -> None:
+    with tarfile.open(archive) as tar:
+        m = tar.getmember(member)
+        off = m.offset_data + m.size // 2
+    data = bytearray(archive.read_bytes())
+    data[off] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- pack and install
+def test_pack_and_install_switch_atomically_and_keep_the_previous(bundles, golden, tmp_path):
+    a, b, _ = bundles
+    a.engines_dir.mkdir()
+    (a.engines_dir / "x.engine").write_bytes(b"device specific")
+    arch_a = pack_bundle(a.path, tmp_path / "a.tar")
+    info = read_index(arch_a)
+    assert "bundle/manifest.json" in info.index["files"] and "bundle/calibration.d/0001.json" in info.index["files"]
+    assert not any("engines" in f for f in info.index["files"]) and not info.signed
+    assert info.index["bundle"]["model_hash"] == a.model_hash()
+
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(arch_a, deploy, golden)
+    assert r1.previous is None and r1.golden["passed"] and r1.golden["candidate"]["errors"] == 0
+    dep = deployment(deploy)
+    assert dep.current == r1.release and dep.previous is None and dep.health == "pending"
+    assert current_path(deploy) == r1.path and (deploy / "current").is_symlink()
+    assert Bundle.open(r1.path, verify=True).model_hash() == a.model_hash()
+
+    r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar.gz"), deploy, golden)
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous) == (r2.release, r1.release)
+    assert r2.previous_path == r1.path and r2.golden["running"]["errors"] == 0
+    assert Bundle.open(current_path(deploy)).image_size == (96, 96)
+    assert not [p for p in (deploy / "releases").iterdir() if p.name.startswith(".")]   # no staging left
+    assert json.loads((deploy / "deploy.json").read_text())["history"][-1]["event"] == "switched"
+
+
+def test_corrupt_or_truncated_archive_is_refused_and_the_running_model_untouched(bundles, golden, tmp_path):
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    before, dep_before = _release_files(deploy), deployment(deploy)
+
+    bad = pack_bundle(b.path, tmp_path / "b.tar")
+    _flip_byte(bad, "bundle/model.onnx")
+    with pytest.raises(InputError, match="model.onnx' has sha256 .*corrupt or altered"):
+        install_bundle(bad, deploy, golden)
+    short = tmp_path / "short.tar"
+    whole = pack_bundle(b.path, tmp_path / "b2.tar").read_bytes()
+    short.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(InputError, match="update refused"):
+        install_bundle(short, deploy, golden)
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(InputError, match="not a readable tar"):
+        install_bundle(tmp_path / "junk.tar", deploy, golden)
+
+    assert _release_files(deploy) == before
+    assert deployment(deploy) == dep_before
+    Bundle.open(current_path(deploy), verify=True)
+
+
+def test_unsigned_or_wrongly_signed_archive_is_refused_when_a_key_is_required(bundles, golden, tmp_path):
+    a, b, _ = bundles
+    secret, other = tmp_path / "secret", tmp_path / "other"
+    secret.write_bytes(b"0123456789abcdef-line-7-secret\n")
+    other.write_bytes(b"another secret that is long enough")
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    before = _release_files(deploy)
+
+    with pytest.raises(InputError, match="unsigned, and a signed archive is required"):
+        install_bundle(pack_bundle(b.path, tmp_path / "u.tar"), deploy, golden, key=secret)
+    with pytest.raises(InputError, match="HMAC signature does not match"):
+        install_bundle(pack_bundle(b.path, tmp_path / "o.tar", sign_key=other), deploy, golden, key=secret)
+    signed = pack_bundle(b.path, tmp_path / "s.tar", sign_key=secret)
+    tampered = tmp_path / "t.tar"                                       # the index re-written, old signature
+    with tarfile.open(signed) as src, tarfile.open(tampered, "w") as dst:
+        for m in src:
+            data = src.extractfile(m).read()
+            if m.name == "edge-ad-package.json":
+                data = data.replace(b'"created"', b'"created" ', 1)
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    with pytest.raises(InputError, match="HMAC signature does not match"):
+        install_bundle(tampered, deploy, golden, key=secret)
+    with pytest.raises(InputError, match="at least 16"):
+        install_bundle(signed, deploy, golden, key=b"short")
+    assert _release_files(deploy) == before
+
+    res = install_bundle(signed, deploy, golden, key=secret)
+    assert res.package.signed and res.package.verified and res.package.alg == "hmac-sha256"
+
+
+def test_ed25519_signatures(bundles, golden, tmp_path):
+    pytest.importorskip("cryptography")
+    from edge_ad.calibration import generate_ed25519
+
+    a, b, _ = bundles
+    kid = generate_ed25519(tmp_path / "k.pem", tmp_path / "k.pub")
+    generate_ed25519(tmp_path / "x.pem", tmp_path / "x.pub")
+    assert len(kid) == 16 and (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
+    deploy = tmp_path / "deploy"
+    signed = pack_bundle(a.path, tmp_path / "a.tar", sign_key=tmp_path / "k.pem")
+    assert read_index(signed).alg == "ed25519" and read_index(signed).key_id == kid
+    with pytest.raises(InputError, match="Ed25519 signature does not verify"):
+        install_bundle(signed, deploy, golden, key=tmp_path / "x.pub")
+    with pytest.raises(InputError, match="signed with 'ed25519', but the key given is hmac-sha256"):
+        install_bundle(signed, deploy, golden, key=b"an hmac secret of some length")
+    with pytest.raises(InputError, match="cannot sign"):
+        pack_bundle(b.path, tmp_path / "b.tar", sign_key=tmp_path / "k.pub")
+    res = install_bundle(signed, deploy, golden, key=tmp_path / "k.pub")
+    assert res.package.verified and deployment(deploy).current == res.release
+
+
+def test_unsafe_members_are_refused(bundles, golden, tmp_path):
+    a, _, _ = bundles
+    good = pack_bundle(a.path, tmp_path / "a.tar")
+    deploy = tmp_path / "deploy"
+
+    def rewrite(name, extra):
+        out = tmp_path / name
+        with tarfile.open(good) as src, tarfile.open(out, "w") as dst:
+            for m in src:
+                dst.addfile(m, src.extractfile(m))
+            extra(dst)
+        return out
+
+    def traversal(dst):
+        data = b"owned"
+        info = tarfile.TarInfo("bundle/../../evil.txt")
+        info.size = len(data)
+        dst.addfile(info, io.BytesIO(data))
+
+    def link(dst):
+        info = tarfile.TarInfo("bundle/model2.onnx")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        dst.addfile(info)
+
+    def stray(dst):
+        data = b"not in the index"
+        info = tarfile.TarInfo("bundle/extra.bin")
+        info.size = len(data)
+        dst.addfile(info, io.BytesIO(data))
+
+    for name, extra, msg in (("trav.tar", traversal, "outside bundle/"), ("link.tar", link, "link or special"),
+                             ("stray.tar", stray, "not in the index")):
+        with pytest.raises(InputError, match=msg):
+            install_bundle(rewrite(name, extra), deploy, golden)
+    assert not (tmp_path / "evil.txt").exists() and deployment(deploy).current is None
+    assert not [p for p in (deploy / "releases").iterdir()]
+
+
+# ----------------------------------------------------------------------------- golden set
+def test_failing_golden_check_keeps_the_running_model(bundles, golden, tmp_path):
+    a, _, c = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    before, dep_before = _release_files(deploy), deployment(deploy)
+    with pytest.raises(GuardFailure, match="golden-set check failed, the running model is unchanged: 8 wrong"):
+        install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, golden)
+    assert _release_files(deploy) == before and deployment(deploy) == dep_before
+    # with no running model, the labelled images must be judged right on their own
+    with pytest.raises(GuardFailure, match="accuracy 0.500"):
+        install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), tmp_path / "fresh", golden)
+
+
+def test_unlabelled_golden_images_are_compared_with_the_running_model(bundles, golden, tmp_path):
+    a, b, c = bundles
+    loose = tmp_path / "loose"
+    for i in range(6):
+        _write(loose / f"n{i}.png", part_frame(7000 + i))
+        _write(loose / f"d{i}.png", part_frame(7100 + i, defect=True))
+    with pytest.raises(InputError, match="only unlabelled golden images"):
+        install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), tmp_path / "deploy", loose)
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), tmp_path / "deploy", golden)
+    res = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), tmp_path / "deploy", loose)
+    assert res.golden["agreement"] == {"n": 12, "value": 1.0}
+    with pytest.raises(GuardFailure, match="agree with the running model's on 0.500"):
+        install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), tmp_path / "deploy", loose)
+
+
+def test_a_golden_set_is_required_unless_skipped_on_purpose(bundles, golden, tmp_path):
+    a, _, _ = bundles
+    arch = pack_bundle(a.path, tmp_path / "a.tar")
+    with pytest.raises(InputError, match="no golden set"):
+        install_bundle(arch, tmp_path / "d1")
+    assert install_bundle(arch, tmp_path / "d1", require_golden=False).golden is None
+    shutil.copytree(golden, tmp_path / "d2" / "golden")                # the device's own golden folder
+    assert install_bundle(arch, tmp_path / "d2").golden["passed"]
+
+
+# ----------------------------------------------------------------------------- switch, health, rollback
+def test_power_cut_during_the_switch_leaves_the_old_model_in_force(bundles, golden, tmp_path, monkeypatch):
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    deploy_mod.confirm(deploy)
+    real = deploy_mod._point
+
+    def cut(d, name, release):
+        if name == "current":
+            raise KeyboardInterrupt("power cut")
+        real(d, name, release)
+
+    monkeypatch.setattr(deploy_mod, "_point", cut)
+    with pytest.raises(KeyboardInterrupt):
+        install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, golden)
+    monkeypatch.setattr(deploy_mod, "_point", real)
+    dep = deployment(deploy)
+    assert dep.current == r1.release and dep.health == "ok"       # the old model, healthy, in force
+    Bundle.open(current_path(deploy), verify=True)
+    r3 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, golden)   # and the next try works
+    assert deployment(deploy).current == r3.release
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def _two_releases(bundles, golden, tmp_path):
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, golden)
+    return deploy, r1, r2
+
+
+def test_health_watch_rolls_back_when_no_frames_are_processed(bundles, golden, tmp_path):
+    deploy, r1, r2 = _two_releases(bundles, golden, tmp_path)
+    clock = Clock()
+    watch = HealthWatch(deploy, baseline_ng_rate=0.02, limits=HealthLimits(window_s=60, min_frames=10), clock=clock)
+    clock.t += 30
+    assert watch.poll().status == "pending"
+    clock.t += 31
+    v = watch.poll()
+    assert v.status == "failed" and "no frames processed within 60 s" in v.reason
+    assert v.rolled_back and v.restored == r1.path
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous, dep.health) == (r1.release, r2.release, "rolled_back")
+    assert dep.detail["rolled_back_from"] == r2.release
+    watch.record(ng=False)
+    assert watch.poll() is v                                       # the verdict is final
+
+
+def test_health_watch_rolls_back_on_an_ng_rate_jump_and_confirms_a_healthy_model(bundles, golden, tmp_path):
+    deploy, r1, r2 = _two_releases(bundles, golden, tmp_path)
+    watch = HealthWatch(deploy, baseline_ng_rate=0.05, limits=HealthLimits(min_frames=20, max_ng_rate_jump=0.2))
+    for i in range(20):
+        watch.record(ng=i % 2 == 0)                                # 50 % NG after the switch
+    v = watch.poll()
+    assert v.status == "failed" and "NG rate jumped to 0.500 from 0.050" in v.reason and v.rolled_back
+    assert deployment(deploy).current == r1.release
+
+    r3 = install_bundle(pack_bundle(bundles[1].path, tmp_path / "b3.tar"), deploy, golden)
+    watch = HealthWatch(deploy, baseline_ng_rate=0.05, limits=HealthLimits(min_frames=20))
+    for i in range(19):
+        watch.record(ng=i == 3)
+    assert watch.poll().status == "pending"
+    watch.record(ng=False)
+    v = watch.poll()
+    assert v.status == "ok" and not v.rolled_back
+    assert deployment(deploy).health == "ok" and deployment(deploy).current == r3.release
+
+
+def test_judge_health_rules():
+    lim = HealthLimits(window_s=10, min_frames=10, max_error_rate=0.1, max_ng_rate_jump=0.2)
+    assert judge_health(0, 0, 0, 5, None, lim)[0] == "pending"
+    assert judge_health(3, 0, 0, 11, None, lim) == ("failed", "only 3 frames processed within 10 s of the switch")
+    assert judge_health(10, 2, 0, 1, None, lim)[0] == "failed"                # 2/12 errors
+    assert judge_health(10, 1, 0, 1, None, lim)[0] == "ok"                    # 1/11 errors
+    assert judge_health(10, 0, 3, 1, 0.1, lim)[0] == "ok"                     # +0.2 is allowed
+    assert judge_health(10, 0, 4, 1, 0.1, lim)[0] == "failed"
+    assert judge_health(10, 0, 10, 1, None, lim)[0] == "ok"                   # no baseline: no NG check
+
+
+def test_rollback_needs_a_previous_release(bundles, golden, tmp_path):
+    a, _, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    with pytest.raises(RuntimeFailure, match="no previous release"):
+        rollback_model(deploy)
+    v = HealthWatch(deploy, limits=HealthLimits(window_s=0)).poll()
+    assert v.status == "failed" and not v.rolled_back and "rollback impossible" in v.reason
+
+
+def test_old_releases_are_pruned_but_current_and_previous_kept(bundles, golden, tmp_path):
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    ids = [install_bundle(pack_bundle((a, b)[i % 2].path, tmp_path / f"{i}.tar"), deploy, golden, keep=2).release
+           for i in range(4)]
+    left = sorted(p.name for p in (deploy / "releases").iterdir())
+    assert left == sorted(ids[-2:]) and ids[0].startswith("r0001-") and ids[-1].startswith("r0004-")
+    rollback_model(deploy)
+    assert deployment(deploy).current == ids[-2]
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, c = bundles
+    r = CliRunner()
+    deploy = tmp_path / "deploy"
+    for name, bundle in (("a", a), ("b", b), ("c", c)):
+        res = r.invoke(main, ["bundle", "pack", str(bundle.path), str(tmp_path / f"{name}.tar")])
+        assert res.exit_code == 0 and "unsigned" in res.output, res.output
+    res = r.invoke(main, ["bundle", "install", str(tmp_path / "a.tar"), "--deploy", str(deploy),
+                          "--golden", str(golden), "--json"])
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.stdout)["release"]
+    res = r.invoke(main, ["bundle", "install", str(tmp_path / "b.tar"), "--deploy", str(deploy), "--golden",
+                          str(golden)])
+    assert res.exit_code == 0 and "golden check passed on 16 images" in res.output
+    res = r.invoke(main, ["bundle", "install", str(tmp_path / "c.tar"), "--deploy", str(deploy), "--golden",
+                          str(golden)])
+    assert res.exit_code == 1 and "golden-set check failed" in res.output
+    _flip_byte(tmp_path / "c.tar", "bundle/model.onnx")
+    res = r.invoke(main, ["bundle", "install", str(tmp_path / "c.tar"), "--deploy", str(deploy), "--no-golden"])
+    assert res.exit_code == 2 and "update refused" in res.output
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["health"] == "pending"
+    res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
+    assert res.exit_code == 0 and deployment(deploy).current == first
