@@ -39,6 +39,7 @@ every location of every frame) a frame is a tiny part of the sample and in-sampl
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,7 @@ import numpy as np
 from .. import gaussian
 from ..errors import InputError
 
-_CHUNK_ELEMS = 4_000_000  # float64 elements per work array when fitting many locations at once
+_LOCATIONS_PER_CHUNK = 128  # Gaussians fitted at once (work arrays [128, n, d] and [128, d, d] in float64)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,21 @@ class LooTerms:
     c: np.ndarray
     g: np.ndarray
     exact: bool
+
+
+def blas_single_thread():
+    """Run the batched small-matrix algebra on one BLAS thread.
+
+    Thousands of 100 x 100 inversions gain nothing from BLAS threads, and on a loaded CPU (inference
+    running beside a recalibration) OpenBLAS threads spin against each other: measured on 2 busy cores,
+    a 200-frame refit took 9-18 s with 2 threads and 1.6-1.9 s with one. Needs ``threadpoolctl``
+    (a dependency); without it, nothing changes.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _ledoit_wolf_many(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +120,7 @@ def _samples(f: np.ndarray, layout: str):
     n, d, h, w = f.shape
     if layout == "patch":
         flat = f.reshape(n, d, h * w)
-        step = max(1, _CHUNK_ELEMS // max(n * d, 1))
+        step = _LOCATIONS_PER_CHUNK
         for a in range(0, h * w, step):
             yield slice(a, min(a + step, h * w)), np.asarray(flat[:, :, a:a + step], np.float64).transpose(2, 0, 1)
     else:
@@ -124,6 +140,11 @@ def _check(feats: np.ndarray, layout: str) -> np.ndarray:
 
 def fit_fresh(feats: np.ndarray, layout: str) -> tuple[gaussian.GaussianStats, LooTerms]:
     """Ledoit-Wolf fit from the new frames only (``[N, d, h, w]``), as :func:`edge_ad.gaussian.fit`."""
+    with blas_single_thread():
+        return _fit_fresh(feats, layout)
+
+
+def _fit_fresh(feats: np.ndarray, layout: str) -> tuple[gaussian.GaussianStats, LooTerms]:
     f = _check(feats, layout)
     n, d, h, w = f.shape
     locs = h * w if layout == "patch" else 1
@@ -139,12 +160,19 @@ def fit_fresh(feats: np.ndarray, layout: str) -> tuple[gaussian.GaussianStats, L
     return stats, LooTerms(r=r, c=np.full(locs, r), g=(1.0 - shrink) * n / (n - 1.0) ** 2, exact=False)
 
 
-def refit(feats: np.ndarray, prior: gaussian.GaussianStats,
-          kappa: float | None = None) -> tuple[gaussian.GaussianStats, LooTerms]:
+def refit(feats: np.ndarray, prior: gaussian.GaussianStats, kappa: float | None = None,
+          cache: dict | None = None) -> tuple[gaussian.GaussianStats, LooTerms]:
     """New mean from ``feats``; covariance pooled with ``prior``'s worth ``kappa`` frames (module doc).
 
-    ``kappa`` None: ``min(prior.n, N)``; 0: :func:`fit_fresh`.
+    ``kappa`` None: ``min(prior.n, N)``; 0: :func:`fit_fresh`. ``cache``: a dict kept between refits
+    with the same prior (the prior's covariances, one inversion saved per refit).
     """
+    with blas_single_thread():
+        return _refit(feats, prior, kappa, cache if cache is not None else {})
+
+
+def _refit(feats: np.ndarray, prior: gaussian.GaussianStats, kappa: float | None,
+           cache: dict) -> tuple[gaussian.GaussianStats, LooTerms]:
     f = _check(feats, prior.layout)
     n, d, h, w = f.shape
     if kappa is None:
@@ -153,7 +181,7 @@ def refit(feats: np.ndarray, prior: gaussian.GaussianStats,
     if not kappa >= 0:
         raise InputError(f"Gaussian prior weight {kappa}: expected >= 0 (frames)")
     if kappa == 0:
-        return fit_fresh(f, prior.layout)
+        return _fit_fresh(f, prior.layout)
     locs = h * w if prior.layout == "patch" else 1
     if prior.mean.shape != (locs, d) or prior.chol.shape != (locs, d, d):
         raise InputError(f"the Gaussian statistics in force have shape {prior.mean.shape} but the features give "
@@ -166,13 +194,16 @@ def refit(feats: np.ndarray, prior: gaussian.GaussianStats,
         means[sl] = m
         xc = x - m[:, None, :]
         scatter = np.matmul(np.ascontiguousarray(xc.transpose(0, 2, 1)), xc)      # n * S
-        u = prior.chol[sl].astype(np.float64)
-        prec = np.matmul(u.transpose(0, 2, 1), u)
-        try:
-            cov_prior = np.linalg.inv(prec)
-        except np.linalg.LinAlgError as exc:
-            raise InputError(f"the Gaussian statistics in force are singular ({exc}); recalibrate with prior "
-                             "weight 0 (a fresh fit)") from exc
+        key = (id(prior), sl.start, sl.stop)
+        cov_prior = cache.get(key)
+        if cov_prior is None:
+            u = prior.chol[sl].astype(np.float64)
+            try:
+                cov_prior = np.linalg.inv(np.matmul(u.transpose(0, 2, 1), u))
+            except np.linalg.LinAlgError as exc:
+                raise InputError(f"the Gaussian statistics in force are singular ({exc}); recalibrate with "
+                                 "prior weight 0 (a fresh fit)") from exc
+            cache[key] = cov_prior
         per_frame = x.shape[1] / n                                                 # samples per frame
         cov = (scatter + kappa * per_frame * cov_prior) / (x.shape[1] + kappa * per_frame)
         mu = np.trace(cov, axis1=1, axis2=2) / d
@@ -187,7 +218,8 @@ def refit(feats: np.ndarray, prior: gaussian.GaussianStats,
 
 def loo_distance_map(feats: np.ndarray, stats: gaussian.GaussianStats, loo: LooTerms) -> np.ndarray:
     """Distance maps ``[N, 1, h, w]`` of the N frames ``stats`` was fitted on, each as if left out."""
-    dist = gaussian.distance_map(feats, stats).astype(np.float64)
+    with blas_single_thread():
+        dist = gaussian.distance_map(feats, stats).astype(np.float64)
     if stats.layout == "shared":
         return dist.astype(np.float32)
     h, w = dist.shape[2:]

@@ -165,13 +165,14 @@ def _run_model(inspector, frames: Iterable[np.ndarray], batch_size: int, progres
 
 
 # ----------------------------------------------------------------------------- fitting
-def _fit(cur: Calibration, kept: dict, used: np.ndarray, policy: str, prior, prior_weight: float | None):
+def _fit(cur: Calibration, kept: dict, used: np.ndarray, policy: str, prior, prior_weight: float | None,
+         cache: dict):
     """(calibration without version, scores of the used frames, Gaussian stats or None)."""
     weights = {name: norm.weight for name, norm in cur.maps.items()}
     stats = None
     if prior is not None:
         feats = kept["feat"][used]
-        stats, loo = gaussfit.refit(feats, prior, prior_weight)
+        stats, loo = gaussfit.refit(feats, prior, prior_weight, cache)
         raw = {"map": gaussfit.loo_distance_map(feats, stats, loo)}
     else:
         raw = {k: v[used] for k, v in kept.items()}
@@ -314,13 +315,15 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
 
     t1 = time.perf_counter()
-    cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight)
+    cache: dict = {}
+    cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
     more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit")
     if more:
         excluded += more
         used = np.setdiff1d(used, [e.index for e in more])
         _check_usable(n, len(used), excluded, min_frames, max_excluded)
-        cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight)
+        cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
+    del cache
     t_fit = time.perf_counter() - t1
     for e in excluded:
         log.warning("calibration frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
