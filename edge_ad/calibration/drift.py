@@ -17,11 +17,11 @@ the threshold and flags drift. The median rather than the mean: one odd OK part 
 
 Drift is flagged when ``|z| > limit`` **and** ``|shift| >= min_shift`` (default 0.5 standard deviations):
 with a window of a few hundred parts the z-statistic alone calls harmless shifts significant, and a
-0.5-sigma rise already multiplies the false-alarm rate of an ``fpr:0.001`` threshold by about four. Both
-directions count: scores falling (a dimmer or blurred image) hide defects as surely as rising scores
-raise false alarms. The flag clears with hysteresis, when ``|z| <= 0.8 limit`` or
-``|shift| <= 0.8 min_shift``. Nothing is judged before ``min_samples`` parts are in the window
-(default: a quarter of it).
+0.5-sigma rise already multiplies the false-alarm rate of an ``fpr:0.001`` threshold by about five
+(normally distributed scores). Both directions count: scores falling (a dimmer or blurred image) hide
+defects as surely as rising scores raise false alarms. The flag clears with hysteresis, when
+``|z| <= 0.8 limit`` or ``|shift| <= 0.8 min_shift``. Nothing is judged before ``min_samples`` parts are
+in the window (default: a quarter of it).
 
 ``update()`` returns a :class:`DriftState` with ``event`` set to ``"drift"`` / ``"drift_cleared"`` on the
 update where the flag changes; the runtime puts ``drift`` in telemetry and publishes the events.
