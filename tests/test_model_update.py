@@ -382,3 +382,54 @@ def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["health"] == "pending"
     res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
     assert res.exit_code == 0 and deployment(deploy).current == first
+
+
+# ----------------------------------------------------------------------------- --adapt
+@pytest.fixture(scope="module")
+def fader_bundle(tmp_path_factory):
+    """A FADeR-style bundle trained for a few steps at 64 px (torch needed)."""
+    pytest.importorskip("torch")
+    from edge_ad.data.synthetic import write_category
+    from edge_ad.train.pipeline import train_bundle
+
+    root = tmp_path_factory.mktemp("fader")
+    data = write_category(root / "data", n_train=20, n_test_good=0, n_test_defect=0, size=64, kind="grain")
+    return train_bundle("fader", data, root / "bundle", image_size=64, steps=2, policy="max")
+
+
+@pytest.mark.slow
+def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_model(fader_bundle, tmp_path,
+                                                                                     monkeypatch):
+    from edge_ad.calibration.adapt import adapt
+    from edge_ad.data.synthetic import make_part
+
+    deploy = tmp_path / "deploy"
+    first = install_bundle(fader_bundle.path, deploy, require_golden=False)
+    running = Bundle.open(first.path)
+    frames = [make_part("grain", 64, None, seed=9, index=i).image for i in range(8)]
+    before = _release_files(deploy)
+
+    def failing(candidate, golden_dir, running, backend="auto", precision=None, limits=None):
+        return {"passed": False, "failures": ["3 wrong decisions on 8 labelled golden images, the running model makes 0"]}
+
+    monkeypatch.setattr(deploy_mod, "check_golden", failing)
+    with pytest.raises(GuardFailure, match="golden-set check failed, the running model is unchanged: 3 wrong"):
+        adapt(running.path, frames, steps=1, deploy_dir=deploy, golden_dir=tmp_path)
+    assert _release_files(deploy) == before and deployment(deploy).current == first.release
+    assert not list(running.path.parent.glob("*.adapted-*"))          # the failed candidate is gone
+    monkeypatch.undo()
+
+    res = adapt(running.path, frames, steps=1, deploy_dir=deploy)
+    dep = deployment(deploy)
+    assert dep.current == res.install.release and dep.previous == first.release and dep.health == "pending"
+    cand = Bundle.open(current_path(deploy), verify=True)
+    assert cand.manifest["adapted"]["steps"] == 1 and cand.manifest["adapted"]["frames"] == 8
+    assert cand.model_hash() != running.model_hash() and res.precision == "fp32"
+    assert _release_files(deploy).items() >= before.items()            # the running release untouched
+    assert not list(running.path.parent.glob("*.adapted-*"))
+
+    b = copy_bundle(fader_bundle, tmp_path / "g")
+    b.manifest["model"]["kind"] = "gaussian"
+    b.save_manifest()
+    with pytest.raises(InputError, match="Gaussian model has no weights"):
+        adapt(b.path, frames, steps=1)

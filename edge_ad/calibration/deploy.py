@@ -281,7 +281,8 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
                    keep: int = 3) -> InstallResult:
     """Verify, validate and switch in a bundle archive (see the module doc). Raises InputError when the
     archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
-    cases the running bundle and the links are untouched.
+    cases the running bundle and the links are untouched. ``archive`` may also be a bundle folder made
+    on this device (an ``--adapt`` candidate): copied, verified against its manifest, no signature.
 
     ``key``: HMAC secret (bytes or file) or Ed25519 public key file; with a key an unsigned archive is
     refused (``require_signature`` overrides). ``golden_dir`` defaults to ``<deploy>/golden``; with no
@@ -301,7 +302,10 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
                          "folders); skip the check only on purpose (--no-golden)")
     staging = d / RELEASES / f".incoming-{uuid.uuid4().hex[:12]}"
     try:
-        info = extract_archive(archive, staging, key=key_obj, require_signature=require_signature)
+        if Path(archive).is_dir():
+            info = _stage_folder(Path(archive), staging, key_obj is not None or bool(require_signature))
+        else:
+            info = extract_archive(archive, staging, key=key_obj, require_signature=require_signature)
         candidate = Bundle.open(staging, verify=True)
         running = None
         if dep.current_path is not None and dep.current_path.is_dir():
@@ -334,6 +338,17 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     pruned = prune_releases(d, keep)
     log.warning("installed %s (previous %s)", rid, dep.current)
     return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned))
+
+
+def _stage_folder(src: Path, staging: Path, signed_required: bool) -> PackageInfo:
+    """A bundle folder made on this device (``calibrate --adapt``): copied as it is, engines included."""
+    if signed_required:
+        raise InputError(f"{src}: a bundle folder carries no signature; install a signed archive "
+                         "('edge-ad bundle pack --sign-key')")
+    b = Bundle.open(src, verify=True)
+    shutil.copytree(src, staging, ignore=shutil.ignore_patterns(".*"))
+    return PackageInfo(index={"bundle": {"kind": b.kind, "model_hash": b.model_hash(), "source": str(src)},
+                              "files": {}}, signed=False, alg=None, key_id=None, verified=False)
 
 
 def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:

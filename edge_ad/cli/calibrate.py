@@ -41,12 +41,26 @@ def _echo_json(obj) -> None:
 @click.option("--prior-weight", default=None, type=click.FloatRange(min=0),
               help="Gaussian model: frames the covariance in force counts for (default: as many as the new "
                    "frames; 0: fit from the new frames alone).")
+@click.option("--adapt", is_flag=True,
+              help="EfficientAD / FADeR-style: fine-tune on the frames for --adapt-steps, re-export, re-quantize "
+                   "and rebuild with the accuracy guard, check on --golden, switch in with --deploy (needs the "
+                   "train extra).")
+@click.option("--adapt-steps", default=200, show_default=True, type=click.IntRange(1), help="Fine-tuning steps.")
+@click.option("--adapt-out", type=click.Path(file_okay=False, path_type=Path),
+              help="--adapt: write the adapted bundle here (default: BUNDLE.adapted-<time>, removed once "
+                   "installed through --deploy).")
+@click.option("--train-device", default="cpu", show_default=True, help="--adapt: torch device for fine-tuning.")
+@click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="--adapt: golden images the adapted model must judge no worse than the running one.")
+@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="--adapt: deploy folder to switch the adapted model into (see 'edge-ad bundle install').")
 @click.option("--rollback", "rollback_to", is_flag=False, flag_value="previous", default=None, metavar="[VERSION]",
               help="Put an earlier calibration version back in force (default: the one before) and exit.")
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, frames, policy, backend, precision, device, every, timeout_s, screen_z,
-              min_frames, prior_weight, rollback_to, list_versions, as_json):
+              min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
+              rollback_to, list_versions, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
 
     Writes a new calibration version (atomic; the old ones are kept), or with --rollback puts an older one
@@ -93,9 +107,25 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
 
+    if (golden_dir or deploy_dir or adapt_out) and not adapt:
+        raise InputError("--golden, --deploy and --adapt-out go with --adapt")
     images = collect_frames(source, frames, every=every, timeout_s=timeout_s)
     if len(images) < frames:
         click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
+    if adapt:
+        from ..calibration.adapt import adapt as run_adapt
+
+        res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
+                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend)
+        if as_json:
+            _echo_json(res.summary())
+        elif res.install is not None:
+            click.echo(f"adapted model installed as {res.install.release} ({res.precision}, {res.steps} steps, "
+                       f"{res.seconds:.0f} s); the runtime's health check confirms it or rolls back")
+        else:
+            click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
+                       f"{res.seconds:.0f} s; the running bundle is unchanged)")
+        return
     be = open_backend(b, backend, precision, device)
     try:
         insp = Inspector(b, be)

@@ -1,0 +1,152 @@
+"""``--adapt``: fine-tune on new normals, re-export, re-quantize and rebuild with the guard, then switch.
+
+For lines that changed more than lighting (EfficientAD, FADeR-style; the Gaussian model's adaptation is
+the refit of :func:`edge_ad.calibration.recalibrate`):
+
+1. :func:`edge_ad.train.adapt.adapt_bundle` trains the student and autoencoder (or the inpainter) for a
+   bounded number of steps on the new normal frames into a **candidate** bundle (a new folder; the
+   running bundle is never written), re-exported to ONNX with a calibration from a validation split of
+   the new frames;
+2. when the running bundle inspects in INT8 or FP16, the candidate is quantized the same way and checked
+   by the accuracy guard against its FP32 graph (:func:`edge_ad.compile.quantize.quantize_bundle`; the
+   new frames are the guard's images);
+3. when the running bundle has TensorRT engines and TensorRT is here, the candidate's engine is built and
+   guarded (:func:`edge_ad.compile.tensorrt.compile_bundle`);
+4. with a golden set, the candidate must judge it no worse than the running bundle
+   (:func:`edge_ad.calibration.deploy.check_golden`);
+5. with a deploy folder, the candidate is switched in atomically (:func:`install_bundle` on the folder;
+   the runtime then runs its health check). Without one, the candidate folder is left for
+   ``edge-ad bundle pack`` / ``install`` or a manual switch.
+
+Any failure (:class:`GuardFailure`, :class:`InputError`) leaves the running model as it was and says why;
+the candidate folder is removed unless it was asked for by ``out_dir`` (by default it is written next
+to the bundle as ``<bundle>.adapted-<UTC time>``, and removed once installed as a release). Needs torch (the ``train``
+extra); this module imports it only inside :func:`adapt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import GuardFailure, InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    candidate: Path                    # the adapted bundle folder (the release folder once installed)
+    precision: str                     # what it inspects in
+    steps: int
+    engine: dict | None = None         # compile_bundle's guard entry when an engine was built
+    quantized: list[str] = field(default_factory=list)
+    golden: dict | None = None
+    install: object | None = None      # InstallResult when switched in through a deploy folder
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {"candidate": str(self.candidate), "precision": self.precision, "steps": self.steps,
+                "quantized": self.quantized, "engine": None if self.engine is None else self.engine.get("engine"),
+                "golden": self.golden, "installed": None if self.install is None else self.install.summary(),
+                "seconds": round(self.seconds, 1)}
+
+
+def _write_frames(frames: Sequence[np.ndarray], folder: Path) -> Path:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(frames):
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(np.asarray(f), cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise InputError(f"adapt frame {i}: could not encode")
+        (folder / f"{i:05d}.png").write_bytes(buf.tobytes())
+    return folder
+
+
+def _has_engines(bundle: Bundle) -> bool:
+    d = bundle.engines_dir
+    return d.is_dir() and any(p.suffix == ".engine" for p in d.iterdir())
+
+
+def _tensorrt_here() -> bool:
+    try:
+        from ..runtime.backends.tensorrt import import_tensorrt
+
+        import_tensorrt()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no TensorRT here"
+        return False
+
+
+def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy: str | None = None,
+          device: str = "cpu", out_dir=None, golden_dir=None, deploy_dir=None, backend: str = "auto",
+          limits=None, progress: bool = True) -> AdaptResult:
+    """Fine-tune the bundle at ``bundle_dir`` on ``frames`` and validate the candidate (module doc)."""
+    from ..train.adapt import adapt_bundle   # torch: only here
+
+    t0 = time.perf_counter()
+    src = Bundle.open(bundle_dir, verify=True)
+    if src.kind == "gaussian":
+        raise InputError("--adapt: the Gaussian model has no weights to fine-tune; 'edge-ad calibrate' without "
+                         "--adapt refits its statistics, which is its adaptation")
+    keep_out = out_dir is not None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    out = Path(out_dir) if keep_out else src.path.parent / f"{src.path.name}.adapted-{stamp}"
+    if out.exists():
+        raise InputError(f"{out}: exists; give --adapt-out a new folder")
+    precision = src.active_precision
+    work = Path(tempfile.mkdtemp(prefix=".adapt-frames-", dir=src.path.parent))
+    try:
+        cand = adapt_bundle(src.path, frames, out, steps=steps, policy=policy, device=device)
+        quantized: list[str] = []
+        engine = None
+        calib = _write_frames(frames, work / "normals")
+        if precision in ("int8", "fp16"):
+            from ..compile.quantize import quantize_bundle
+
+            res = quantize_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
+            quantized = list(res.files)
+        if _has_engines(src):
+            if _tensorrt_here():
+                from ..compile.tensorrt import compile_bundle
+
+                engine = compile_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
+            else:
+                log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
+                            "candidate's engine is left for 'edge-ad compile' on the device")
+        cand = Bundle.open(cand.path, verify=True)
+        golden = None
+        if golden_dir is not None and deploy_dir is None:
+            from .deploy import check_golden
+
+            golden = check_golden(cand, golden_dir, src, backend=backend)
+            if not golden["passed"]:
+                raise GuardFailure("--adapt: the adapted model failed the golden-set check, the running model is "
+                                   "unchanged: " + "; ".join(golden["failures"]))
+        install = None
+        if deploy_dir is not None:
+            from .deploy import install_bundle
+
+            install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=golden_dir is not None,
+                                     backend=backend)
+            golden = install.golden
+        result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
+                             engine, quantized, golden, install, time.perf_counter() - t0)
+    except BaseException:
+        if not keep_out:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if install is not None and not keep_out:
+        shutil.rmtree(out, ignore_errors=True)   # installed as a release: the working copy goes
+    return result
