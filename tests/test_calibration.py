@@ -251,6 +251,23 @@ def test_leave_one_out_distances_match_refits_without_the_frame():
     assert gaussfit.refit(feats, prior)[0].n == 25 + 25
 
 
+def test_refit_for_the_image_and_shared_layouts():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(20, 6, 1, 1)).astype(np.float32)
+    prior = gaussian.fit(rng.normal(size=(50, 6, 1, 1)).astype(np.float32), "image")
+    stats, loo = gaussfit.refit(feats, prior)
+    approx = gaussfit.loo_distance_map(feats, stats, loo)
+    left_out, _ = gaussfit.refit(feats[1:], prior, 20.0)
+    np.testing.assert_allclose(approx[:1], gaussian.distance_map(feats[:1], left_out), rtol=1e-4)
+    feats = rng.normal(size=(12, 5, 3, 3)).astype(np.float32)
+    prior = gaussian.fit(rng.normal(size=(30, 5, 3, 3)).astype(np.float32), "shared")
+    stats, loo = gaussfit.refit(feats, prior)
+    assert stats.layout == "shared" and stats.mean.shape == (1, 5) and stats.n == 24
+    np.testing.assert_array_equal(gaussfit.loo_distance_map(feats, stats, loo), gaussian.distance_map(feats, stats))
+    with pytest.raises(InputError, match="at least 3"):
+        gaussfit.refit(feats[:2], prior)
+
+
 def test_robust_z_ignores_outliers_and_handles_flat_and_nan_sets():
     s = np.r_[np.linspace(1.0, 1.1, 50), 5.0, np.nan]
     z = robust_z(s)
