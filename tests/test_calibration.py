@@ -79,6 +79,7 @@ def test_lighting_shift_false_alarms_disappear_after_recalibration(gbundle):
     res2 = recalibrate(gbundle, insp, _shift(calib), policy="max", progress=False)
     insp.set_calibration(res2.calibration)
     assert res2.calibration.version == 3
+    assert "score above the threshold of calibration v2" in res2.warnings[0]   # it says so
     assert insp.inspect(_shift(held)).ng.mean() <= 0.1  # false alarms gone ...
     assert insp.inspect(_shift(bad)).ng.mean() >= 0.9   # ... and defects still caught
     # the Gaussian itself was refitted: a new statistics file, pooled with the trained one

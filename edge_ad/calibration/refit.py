@@ -76,6 +76,7 @@ class CalibrationResult:
     scores: np.ndarray = field(repr=False)  # image scores of the used frames under the new calibration
     gaussian_file: str | None = None
     timings: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()          # things to check before trusting it (not errors)
 
     def summary(self) -> dict:
         """JSON-ready summary (CLI output, MQTT command reply)."""
@@ -83,7 +84,7 @@ class CalibrationResult:
         return {"version": c.version, "previous_version": p.version, "policy": c.policy,
                 "threshold": c.threshold, "previous_threshold": p.threshold, "frames": self.n_frames,
                 "n_used": self.n_used, "excluded": [e.to_dict() for e in self.excluded],
-                "normal": dict(c.normal), "gaussian_file": self.gaussian_file,
+                "normal": dict(c.normal), "gaussian_file": self.gaussian_file, "warnings": list(self.warnings),
                 "timings_s": {k: round(float(v), 3) for k, v in self.timings.items()}}
 
 
@@ -326,7 +327,8 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     del cache
     t_fit = time.perf_counter() - t1
     for e in excluded:
-        log.warning("calibration frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
+        log.info("calibration frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
+    warnings = _warnings(cur, s_cur, used)
 
     versions = bundle.calibration_versions()
     version = (versions[-1] + 1) if versions else 1
@@ -355,7 +357,27 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     t_total = time.perf_counter() - t0
     return CalibrationResult(calibration=written, previous=cur, excluded=tuple(excluded), n_frames=n,
                              n_used=int(len(used)), scores=s_new, gaussian_file=gname,
-                             timings={"infer": t_infer, "fit": t_fit, "total": t_total})
+                             timings={"infer": t_infer, "fit": t_fit, "total": t_total}, warnings=warnings)
+
+
+def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray) -> tuple[str, ...]:
+    """The screening compares frames with each other; a set made *only* of defects passes it. Say so when
+    the set as a whole scores like NG parts under the calibration in force (or a changed light does)."""
+    s = s_cur[used]
+    s = s[np.isfinite(s)]
+    if not s.size:
+        return ()
+    med = float(np.median(s))
+    ng = float(np.mean(s > cur.threshold))
+    if ng < 0.5:
+        return ()
+    msg = (f"{ng:.0%} of the frames used score above the threshold of calibration v{cur.version} "
+           f"(median {med:.4g} vs threshold {cur.threshold:.4g})")
+    std, p50 = cur.normal.get("std"), cur.normal.get("p50")
+    if std and p50 is not None:
+        msg += f", {(med - p50) / std:.1f} normal standard deviations above its normal median"
+    return (msg + ": fine after a change of light or material, but check that these are normal parts; "
+            "roll back with 'edge-ad calibrate --rollback' if not",)
 
 
 def _check_usable(n: int, n_used: int, excluded: list[Excluded], min_frames: int, max_excluded: float) -> None:

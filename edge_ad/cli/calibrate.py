@@ -139,6 +139,8 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     c = res.calibration
     for e in res.excluded:
         click.echo(f"left out frame {e.index}: score {e.score:.4g}, robust z {e.z:.1f} ({e.reason})", err=True)
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
     click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
                f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
                f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
