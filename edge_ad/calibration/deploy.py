@@ -336,7 +336,7 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     _write_state(d, state, "switched", release=rid, previous=dep.current,
                  golden_passed=None if report is None else report["passed"])
     pruned = prune_releases(d, keep)
-    log.warning("installed %s (previous %s)", rid, dep.current)
+    log.info("installed %s (previous %s)", rid, dep.current)
     return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned))
 
 
