@@ -149,7 +149,10 @@ class Bundle:
             self.save_manifest()
 
     def verify(self, names: Iterable[str] | None = None) -> None:
-        """Check the sha256 of every recorded file (or of ``names``); raise naming the first bad one."""
+        """Check the sha256 of every recorded file (or of ``names``) and that the calibration in force is
+        byte-identical to its history file; raise naming the first bad one."""
+        if names is None:
+            self._verify_calibration()
         files = self.manifest["files"]
         for name in (names if names is not None else list(files)):
             if name not in files:
@@ -161,6 +164,19 @@ class Bundle:
             if got != files[name]["sha256"]:
                 raise InputError(f"{p}: sha256 {got[:12]}… does not match manifest.json "
                                  f"({files[name]['sha256'][:12]}…); the file is corrupt or was changed")
+
+    def _verify_calibration(self) -> None:
+        p = self.path / "calibration.json"
+        if not p.is_file():
+            return
+        version = self.calibration().version
+        hist = self.calibration_version_file(version)
+        if not hist.is_file():
+            raise InputError(f"{p}: calibration version {version} has no history file {hist.name} in "
+                             f"{self.calibration_dir}")
+        if hist.read_bytes() != p.read_bytes():
+            raise InputError(f"{p}: differs from {hist} (version {version}); the file is corrupt or was "
+                             "edited by hand (use 'edge-ad calibrate --rollback VERSION' to restore one)")
 
     # ----------------------------------------------------------------- active graph
     @property
@@ -241,10 +257,12 @@ class Bundle:
         return cal
 
     def _put_calibration(self, data: bytes) -> None:
+        """One atomic rename puts a calibration in force. Its integrity is not a manifest hash (a power
+        cut between two files could leave them disagreeing) but its byte-identity with the history
+        file of its version, which :meth:`verify` checks."""
         atomic.write_bytes(self.path / "calibration.json", data)
-        digest = atomic.sha256_file(self.path / "calibration.json")
-        self.manifest["files"]["calibration.json"] = {"sha256": digest, "bytes": len(data)}
-        self.save_manifest()
+        if self.manifest["files"].pop("calibration.json", None) is not None:  # bundles of early versions
+            self.save_manifest()
 
     def rollback_calibration(self, version: int | None = None) -> Calibration:
         """Put an earlier calibration version back in force, byte for byte.

@@ -14,6 +14,7 @@ per Gaussian), which keeps them invertible with few samples.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -50,49 +51,101 @@ class GaussianStats:
             raise InputError(f"{p}: unreadable Gaussian statistics ({exc})") from exc
 
 
-def _ledoit_wolf(x: np.ndarray) -> np.ndarray:
-    """Shrunk covariance of samples ``x [n, d]`` (Ledoit & Wolf 2004)."""
-    n, d = x.shape
-    xc = x - x.mean(axis=0, keepdims=True)
-    s = (xc.T @ xc) / max(n, 1)
-    mu = np.trace(s) / d
-    delta = ((s - mu * np.eye(d)) ** 2).sum() / d
-    x2 = xc ** 2
-    beta_ = ((x2.T @ x2) / max(n, 1) - s ** 2).sum() / (d * max(n, 1))
-    beta = min(beta_, delta)
-    shrink = 0.0 if delta == 0 else beta / delta
-    cov = (1.0 - shrink) * s + shrink * mu * np.eye(d)
-    cov += np.eye(d) * (1e-6 * max(mu, 1e-12))
-    return cov
+_LOCATIONS_PER_CHUNK = 128  # Gaussians fitted at once (work arrays [128, n, d] and [128, d, d] in float64)
 
 
-def _upper_factor(cov: np.ndarray) -> np.ndarray:
-    """U with U^T U = inv(cov)."""
-    prec = np.linalg.inv(cov)
-    prec = 0.5 * (prec + prec.T)
-    lower = np.linalg.cholesky(prec)
-    return lower.T
+def blas_single_thread():
+    """Run the batched small-matrix algebra on one BLAS thread.
+
+    Thousands of 100 x 100 inversions gain nothing from BLAS threads, and on a loaded CPU (inference
+    running beside a recalibration) OpenBLAS threads spin against each other: measured on 2 busy cores,
+    a 200-frame refit took 9-18 s with 2 threads and 1.6-1.9 s with one. Needs ``threadpoolctl``
+    (a dependency); without it, nothing changes.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
-def fit(feats: np.ndarray, layout: str = "patch") -> GaussianStats:
-    """Fit from normal features ``[N, d, h, w]``."""
+def _ledoit_wolf_many(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shrunk covariances of ``x [L, n, d]`` -> (cov ``[L, d, d]``, shrinkage ``[L]``); float64.
+
+    Ledoit & Wolf (2004) optimal shrinkage towards a scaled identity, for L sample sets at once.
+    """
+    L, n, d = x.shape
+    nn = max(n, 1)
+    xc = x - x.mean(axis=1, keepdims=True)
+    xct = np.ascontiguousarray(xc.transpose(0, 2, 1))
+    s = np.matmul(xct, xc) / nn                                   # [L, d, d]
+    mu = np.trace(s, axis1=1, axis2=2) / d                        # [L]
+    eye = np.eye(d)
+    dev = s - mu[:, None, None] * eye
+    delta = np.einsum("lij,lij->l", dev, dev) / d
+    del dev
+    x2t = xct * xct
+    x2 = np.ascontiguousarray(x2t.transpose(0, 2, 1))
+    m2 = np.matmul(x2t, x2) / nn
+    m2 -= s * s
+    beta_ = m2.sum(axis=(1, 2)) / (d * nn)
+    del m2, x2, x2t, xct, xc
+    beta = np.minimum(beta_, delta)
+    shrink = np.divide(beta, delta, out=np.zeros_like(delta), where=delta != 0)
+    cov = (1.0 - shrink)[:, None, None] * s + (shrink * mu)[:, None, None] * eye
+    cov += eye * (1e-6 * np.maximum(mu, 1e-12))[:, None, None]
+    return cov, shrink
+
+
+def _upper_factors(cov: np.ndarray) -> np.ndarray:
+    """U with U^T U = inv(cov), for ``cov [L, d, d]`` ."""
+    try:
+        prec = np.linalg.inv(cov)
+        prec = 0.5 * (prec + prec.transpose(0, 2, 1))
+        lower = np.linalg.cholesky(prec)
+    except np.linalg.LinAlgError as exc:
+        raise InputError(f"the Gaussian refit failed: a covariance is not positive definite ({exc}); the "
+                         "calibration frames may be identical or blank") from exc
+    return lower.transpose(0, 2, 1)
+
+
+def _samples(f: np.ndarray, layout: str):
+    """Yield (slice of Gaussians, samples ``[l, n', d]`` float64) in memory-bounded chunks."""
+    n, d, h, w = f.shape
+    if layout == "patch":
+        flat = f.reshape(n, d, h * w)
+        step = _LOCATIONS_PER_CHUNK
+        for a in range(0, h * w, step):
+            yield slice(a, min(a + step, h * w)), np.asarray(flat[:, :, a:a + step], np.float64).transpose(2, 0, 1)
+    else:
+        yield slice(0, 1), np.asarray(f, np.float64).transpose(0, 2, 3, 1).reshape(1, -1, d)
+
+
+def fit_with_shrinkage(feats: np.ndarray, layout: str = "patch") -> tuple[GaussianStats, np.ndarray]:
+    """Fit from normal features ``[N, d, h, w]``; also returns the Ledoit-Wolf shrinkage per Gaussian."""
     if layout not in LAYOUTS:
         raise InputError(f"Gaussian layout '{layout}': expected one of {', '.join(LAYOUTS)}")
-    f = np.asarray(feats, dtype=np.float64)
+    f = np.asarray(feats)
     if f.ndim != 4:
         raise InputError(f"features have shape {f.shape}; expected [N, d, h, w]")
     n, d, h, w = f.shape
     if n < 2:
         raise InputError(f"a Gaussian needs at least 2 normal images, got {n}")
-    if layout == "patch":
-        x = f.reshape(n, d, h * w).transpose(2, 0, 1)          # [L, n, d]
-        means = x.mean(axis=1)
-        chol = np.stack([_upper_factor(_ledoit_wolf(x[i])) for i in range(h * w)])
-    else:
-        x = f.transpose(0, 2, 3, 1).reshape(-1, d)              # all locations pooled
-        means = x.mean(axis=0, keepdims=True)
-        chol = _upper_factor(_ledoit_wolf(x))[None]
-    return GaussianStats(mean=means.astype(np.float32), chol=chol.astype(np.float32), layout=layout, n=n)
+    locs = h * w if layout == "patch" else 1
+    means = np.empty((locs, d), np.float64)
+    chol = np.empty((locs, d, d), np.float32)
+    shrink = np.empty(locs, np.float64)
+    with blas_single_thread():
+        for sl, x in _samples(f, layout):
+            means[sl] = x.mean(axis=1)
+            cov, shrink[sl] = _ledoit_wolf_many(x)
+            chol[sl] = _upper_factors(cov)
+    return GaussianStats(mean=means.astype(np.float32), chol=chol, layout=layout, n=n), shrink
+
+
+def fit(feats: np.ndarray, layout: str = "patch") -> GaussianStats:
+    """Fit from normal features ``[N, d, h, w]``."""
+    return fit_with_shrinkage(feats, layout)[0]
 
 
 def distance_map(feats: np.ndarray, stats: GaussianStats) -> np.ndarray:

@@ -66,3 +66,13 @@ def test_power_cut_between_history_and_switch_keeps_old_calibration(tmp_path, mo
     assert again.calibration().threshold == 0.1
     assert json.loads((tmp_path / "b" / "calibration.d" / "0002.json").read_text())["threshold"] == 0.9
     assert not list((tmp_path / "b").glob(".*.tmp"))
+
+
+def test_verify_checks_the_calibration_against_its_history(tmp_path):
+    b = Bundle.create(tmp_path / "b", {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+    b.write_calibration(_cal(0.1))
+    Bundle.open(tmp_path / "b", verify=True)
+    p = tmp_path / "b" / "calibration.json"
+    p.write_text(p.read_text().replace("0.1", "0.7"))
+    with pytest.raises(InputError, match="differs from"):
+        Bundle.open(tmp_path / "b", verify=True)

@@ -39,15 +39,14 @@ every location of every frame) a frame is a tiny part of the sample and in-sampl
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import gaussian
+from ..gaussian import _samples, _upper_factors, blas_single_thread
 from ..errors import InputError
 
-_LOCATIONS_PER_CHUNK = 128  # Gaussians fitted at once (work arrays [128, n, d] and [128, d, d] in float64)
 
 
 @dataclass(frozen=True)
@@ -58,73 +57,6 @@ class LooTerms:
     c: np.ndarray
     g: np.ndarray
     exact: bool
-
-
-def blas_single_thread():
-    """Run the batched small-matrix algebra on one BLAS thread.
-
-    Thousands of 100 x 100 inversions gain nothing from BLAS threads, and on a loaded CPU (inference
-    running beside a recalibration) OpenBLAS threads spin against each other: measured on 2 busy cores,
-    a 200-frame refit took 9-18 s with 2 threads and 1.6-1.9 s with one. Needs ``threadpoolctl``
-    (a dependency); without it, nothing changes.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _ledoit_wolf_many(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Shrunk covariances of ``x [L, n, d]`` -> (cov ``[L, d, d]``, shrinkage ``[L]``); float64.
-
-    Same estimate as :func:`edge_ad.gaussian._ledoit_wolf`, for L sample sets at once.
-    """
-    L, n, d = x.shape
-    nn = max(n, 1)
-    xc = x - x.mean(axis=1, keepdims=True)
-    xct = np.ascontiguousarray(xc.transpose(0, 2, 1))
-    s = np.matmul(xct, xc) / nn                                   # [L, d, d]
-    mu = np.trace(s, axis1=1, axis2=2) / d                        # [L]
-    eye = np.eye(d)
-    dev = s - mu[:, None, None] * eye
-    delta = np.einsum("lij,lij->l", dev, dev) / d
-    del dev
-    x2t = xct * xct
-    x2 = np.ascontiguousarray(x2t.transpose(0, 2, 1))
-    m2 = np.matmul(x2t, x2) / nn
-    m2 -= s * s
-    beta_ = m2.sum(axis=(1, 2)) / (d * nn)
-    del m2, x2, x2t, xct, xc
-    beta = np.minimum(beta_, delta)
-    shrink = np.divide(beta, delta, out=np.zeros_like(delta), where=delta != 0)
-    cov = (1.0 - shrink)[:, None, None] * s + (shrink * mu)[:, None, None] * eye
-    cov += eye * (1e-6 * np.maximum(mu, 1e-12))[:, None, None]
-    return cov, shrink
-
-
-def _upper_factors(cov: np.ndarray) -> np.ndarray:
-    """U with U^T U = inv(cov), for ``cov [L, d, d]`` (as :func:`edge_ad.gaussian._upper_factor`)."""
-    try:
-        prec = np.linalg.inv(cov)
-        prec = 0.5 * (prec + prec.transpose(0, 2, 1))
-        lower = np.linalg.cholesky(prec)
-    except np.linalg.LinAlgError as exc:
-        raise InputError(f"the Gaussian refit failed: a covariance is not positive definite ({exc}); the "
-                         "calibration frames may be identical or blank") from exc
-    return lower.transpose(0, 2, 1)
-
-
-def _samples(f: np.ndarray, layout: str):
-    """Yield (slice of Gaussians, samples ``[l, n', d]`` float64) in memory-bounded chunks."""
-    n, d, h, w = f.shape
-    if layout == "patch":
-        flat = f.reshape(n, d, h * w)
-        step = _LOCATIONS_PER_CHUNK
-        for a in range(0, h * w, step):
-            yield slice(a, min(a + step, h * w)), np.asarray(flat[:, :, a:a + step], np.float64).transpose(2, 0, 1)
-    else:
-        yield slice(0, 1), np.asarray(f, np.float64).transpose(0, 2, 3, 1).reshape(1, -1, d)
 
 
 def _check(feats: np.ndarray, layout: str) -> np.ndarray:
@@ -146,18 +78,11 @@ def fit_fresh(feats: np.ndarray, layout: str) -> tuple[gaussian.GaussianStats, L
 
 def _fit_fresh(feats: np.ndarray, layout: str) -> tuple[gaussian.GaussianStats, LooTerms]:
     f = _check(feats, layout)
-    n, d, h, w = f.shape
-    locs = h * w if layout == "patch" else 1
-    means = np.empty((locs, d), np.float64)
-    chol = np.empty((locs, d, d), np.float32)
-    shrink = np.empty(locs, np.float64)
-    for sl, x in _samples(f, layout):
-        means[sl] = x.mean(axis=1)
-        cov, shrink[sl] = _ledoit_wolf_many(x)
-        chol[sl] = _upper_factors(cov)
-    stats = gaussian.GaussianStats(mean=means.astype(np.float32), chol=chol, layout=layout, n=n)
+    n = f.shape[0]
+    stats, shrink = gaussian.fit_with_shrinkage(f, layout)
     r = n / (n - 1.0)
-    return stats, LooTerms(r=r, c=np.full(locs, r), g=(1.0 - shrink) * n / (n - 1.0) ** 2, exact=False)
+    return stats, LooTerms(r=r, c=np.full(stats.mean.shape[0], r), g=(1.0 - shrink) * n / (n - 1.0) ** 2,
+                           exact=False)
 
 
 def refit(feats: np.ndarray, prior: gaussian.GaussianStats, kappa: float | None = None,

@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       "paper": {"steps": 70000, "batch_size": 1, "lr": 1e-4}},
     "efficientad-m": {"quick": {"steps": 600, "batch_size": 1, "lr": 3e-4},
                       "paper": {"steps": 70000, "batch_size": 1, "lr": 1e-4}},
-    "fader": {"quick": {"steps": 1000, "batch_size": 2, "lr": 1e-3},
+    "fader": {"quick": {"steps": 600, "batch_size": 2, "lr": 1e-3},
               "paper": {"steps": 30000, "batch_size": 8, "lr": 1e-3}},
     "gaussian": {"quick": {"steps": 0}, "paper": {"steps": 0}},
 }
