@@ -40,7 +40,7 @@ _RAIL_OLD = re.compile(r"\b((?:VDD|POM)_[A-Z0-9_]+) (\d+)/(\d+)(?![\dm])")
 _INPUT_RAILS = ("VDD_IN", "VIN", "POM_5V_IN")
 # rails already counted inside another one (AGX Orin: VDDQ_VDD2_1V8AO is part of VIN_SYS_5V0)
 _SUB_RAILS = ("VDDQ_VDD2_1V8AO",)
-# sensors that are not temperatures of the chip (PMIC@100C is a fixed placeholder on older modules)
+# sensors that are not temperatures of the chip (PMIC@100C always reads 100 C on older modules, not a real sensor)
 _NOT_CHIP = ("pmic",)
 _OFF_TEMP = -200.0  # -256C marks a sensor that is powered off
 
