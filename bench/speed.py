@@ -12,16 +12,21 @@ installed; on a GPU: torch FP16 with CUDA graphs, ONNX Runtime CUDA, TensorRT wh
   (measured with a large matmul) that the fastest configuration reaches;
 - the INT8 accuracy guard result (vs FP32, default limits) on the calibration data given.
 
-Each configuration runs in its own subprocess, one after the other (peak memory per configuration, no
-interference). Weights are random (or ImageNet for the backbones) unless ``--bundle KIND=DIR`` names a
-trained bundle: speed does not depend on the weights, accuracy guard results do.
+Each configuration runs in its own subprocess (peak memory per configuration, no interference), and the
+configurations are measured in ``--rounds`` interleaved rounds (every configuration once per round): on a
+machine shared with other work the load changes from one configuration to the next, and interleaving
+spreads it over all of them. Reported: medians over the rounds (throughput from the median batch time),
+and the spread of each configuration's throughput over the rounds, which says how noisy the machine
+was. Weights are random (or ImageNet for the backbones) unless ``--bundle KIND=DIR`` names a trained
+bundle: speed does not depend on the weights, accuracy guard results do (``--test DIR`` adds a real test
+folder to the guard; NNCF's model is guarded the same way, in its own process).
 
     python bench/speed.py                                   # all models, batches 1 and 8, 256x256
     python bench/speed.py --models efficientad-s --batches 1,8,32 --data ../shared/data/magnetic_tile
     python bench/speed.py --models efficientad-s,gaussian --size 128 --seconds 2   # a quick look
+    python bench/speed.py --models efficientad-s --bundle efficientad-s=B --data D --test D --rounds 5
 
 Prints a table, writes ``OUT/speed.json`` / ``OUT/speed.txt`` (after every model) and ``OUT/speed.png``.
-Run it on an otherwise idle machine: other processes on the same cores skew every column.
 """
 
 from __future__ import annotations
@@ -89,8 +94,13 @@ def _runner(cfg: dict):
             if n not in compiled:  # static shapes per batch, as an x86 OpenVINO deployment compiles them
                 m = model.clone()
                 m.reshape({m.inputs[0].get_any_name(): [n, 3, x.shape[2], x.shape[3]]})
-                hint = "LATENCY" if n == 1 else "THROUGHPUT"
-                compiled[n] = core.compile_model(m, "CPU", {"PERFORMANCE_HINT": hint}).create_infer_request()
+                # one synchronous request per call, as the inspection loop makes them (and as the openvino
+                # backend compiles): LATENCY; THROUGHPUT would split the cores into streams that one request
+                # cannot use together (measured: half the img/s at batch 8 on 2 cores)
+                conf = {"PERFORMANCE_HINT": "LATENCY"}
+                if cfg.get("threads"):
+                    conf["INFERENCE_NUM_THREADS"] = int(cfg["threads"])
+                compiled[n] = core.compile_model(m, "CPU", conf).create_infer_request()
             return compiled[n].infer({0: x})
 
         return run, lambda: None
@@ -103,11 +113,15 @@ def _runner(cfg: dict):
         from edge_ad import models
 
         torch.manual_seed(0)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg["threads"]))
         opts["module"] = models.build(b.kind, b.image_size, b.model.get("config", {}), pretrained=False)
         opts["cuda_graphs"] = bool(cfg.get("cuda_graphs"))
     if backend == "onnxruntime" and prec == "int8":
         opts["int8_form"] = cfg.get("int8_form", "auto")
     opts["max_batch"] = 1024
+    if cfg.get("threads") and backend in ("onnxruntime", "openvino"):
+        opts["threads"] = int(cfg["threads"])
     be = open_backend(b, backend, prec, device, **opts)
     sync = None
     if device.startswith("cuda") and backend == "torch":
@@ -138,10 +152,10 @@ def worker(cfg: dict) -> dict:
             t = np.array(_time(run, x, cfg["seconds"], 5)) * 1000.0
             res["latency_ms"] = {"p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)),
                                  "n": int(len(t))}
-            res["throughput"]["1"] = float(1000.0 / t.mean())
+            res["throughput"]["1"] = float(1000.0 / np.median(t))
         else:
             t = _time(run, x, cfg["seconds"], 2)
-            res["throughput"][str(b)] = float(b * len(t) / sum(t))
+            res["throughput"][str(b)] = float(b / np.median(t))   # median: bursts of load skew a mean
     close()
     res["peak_rss_mb"] = _rss_mb()
     res["rss_before_model_mb"] = rss0
@@ -220,8 +234,14 @@ def synthetic_data(work: Path, size: int) -> Path:
     return d
 
 
+def _guard_summary(e: dict) -> dict:
+    return {"passed": bool(e["passed"]), "rank_corr": e["rank_corr"], "failures": e.get("failures", []),
+            "auroc": {g: (a["fp32"], a["candidate"]) for g, a in e["auroc"].items()}}
+
+
 def prepare(kind: str, size: int, work: Path, data: Path, trained: str | None, calib_samples: int,
-            guard_normals: int, log) -> dict:
+            guard_normals: int, log, keep_fp32: str = "head", calibration: str = "minmax",
+            test_dir: str | None = None, guard_timeout: float = 900) -> dict:
     """Bundle with model.onnx, both INT8 forms (+ guard results) and the OpenVINO NNCF INT8 model."""
     from edge_ad import models
     from edge_ad.bundle import Bundle
@@ -255,40 +275,100 @@ def prepare(kind: str, size: int, work: Path, data: Path, trained: str | None, c
             info["export_error"] = str(exc).splitlines()[0][:200]
             log(f"  {kind}: export failed: {info['export_error']}")
             return info | {"bundle": str(d)}
-    b.manifest["training"] = {"data": str(data)}
-    b.save_manifest()
+    if not trained or not (b.manifest.get("training") or {}).get("data"):
+        b.manifest["training"] = {"data": str(data)}   # a trained bundle keeps its own held-out split
+        b.save_manifest()
     info["bundle"] = str(d)
     info["gflops"] = graph_gflops(b.file("model.onnx"), size)
     t0 = time.perf_counter()
     # Keep the graphs whatever the guard says (the speed of a graph that fails is still worth knowing);
     # judge the guard with the default limits below.
-    res = quantize_bundle(b, "int8", samples=calib_samples, guard_normals=guard_normals,
+    res = quantize_bundle(b, "int8", samples=calib_samples, guard_normals=guard_normals, keep_fp32=keep_fp32,
+                          calibration=calibration, test_dir=test_dir,
                           limits=GuardLimits(max_auroc_drop=1.0, min_rank_corr=-1.0), progress=False)
     info["quantize_s"] = time.perf_counter() - t0
+    info["int8"] = {"keep_fp32": keep_fp32, "fp32_convs": len(res.fp32_nodes), "calibration": calibration,
+                    "samples": calib_samples, "prepared": res.details.get("prepared")}
     limits = GuardLimits()
     info["guard"] = {}
     for e in res.entries:
         ok = e["rank_corr"] >= limits.min_rank_corr and all(
             a["drop"] <= limits.max_auroc_drop for a in e["auroc"].values())
-        info["guard"][e["candidate"]] = {"passed": bool(ok), "rank_corr": e["rank_corr"],
-                                         "auroc": {g: (a["fp32"], a["candidate"]) for g, a in e["auroc"].items()}}
+        info["guard"][e["candidate"]] = _guard_summary(e) | {"passed": bool(ok)}
     b.set_active("model.onnx", "fp32")
     try:
         info["openvino"] = openvino_int8(b, calib_samples)
     except ImportError:
         info["openvino"] = None
         return info
-    # the same guard for our INT8 graph run by OpenVINO (its kernels round differently from ORT's)
-    from edge_ad.compile.guard import evaluate, prepare_guard_set, training_images
+    # The same guard for NNCF's model and for our INT8 graph run by OpenVINO (its kernels round differently
+    # from ONNX Runtime's), each in its own process: OpenVINO may crash compiling a graph.
+    for name in ("openvino-nncf-int8", "openvino-int8"):
+        job = {"bundle": str(d), "candidate": name, "guard_normals": guard_normals, "test": test_dir}
+        info["guard"][name] = run_job("--guard-worker", job, guard_timeout)
+    return info
+
+
+class _NncfBackend:
+    """NNCF's OpenVINO model behind the Backend calls the guard makes (static batch 1, as deployed)."""
+
+    name, precision, device = "openvino-nncf", "int8", "cpu"
+
+    def __init__(self, xml: Path, outputs: list[str], size: tuple[int, int]):
+        import openvino as ov
+
+        core = ov.Core()
+        m = core.read_model(str(xml))
+        m.reshape({m.inputs[0].get_any_name(): [1, 3, int(size[0]), int(size[1])]})
+        self._compiled = core.compile_model(m, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        self._names = [o.get_any_name() for o in self._compiled.outputs]
+        self.outputs = outputs
+
+    def infer(self, batch: np.ndarray) -> dict:
+        parts = [self._compiled(batch[i:i + 1]) for i in range(len(batch))]
+        return {n: np.concatenate([np.asarray(p[j]) for p in parts]) for j, n in enumerate(self._names)}
+
+    def describe(self) -> str:
+        return "openvino nncf int8 (cpu)"
+
+    def close(self) -> None:
+        pass
+
+
+def guard_worker(job: dict) -> dict:
+    """Guard (default limits) of one OpenVINO candidate of a prepared bench bundle, in its own process."""
+    from edge_ad.bundle import Bundle
+    from edge_ad.compile.guard import GuardLimits, evaluate, prepare_guard_set, training_images
     from edge_ad.runtime.backends.openvino import OpenVinoBackend
 
+    b = Bundle.open(job["bundle"])
     _, held = training_images(b)
-    gset = prepare_guard_set(b, held, n_normal=guard_normals)
-    with OpenVinoBackend(b, "int8") as ovb:
-        e = evaluate(b, ovb, gset, None, limits, name="openvino-int8")
-    info["guard"]["openvino-int8"] = {"passed": bool(e["passed"]), "rank_corr": e["rank_corr"],
-                                      "auroc": {g: (a["fp32"], a["candidate"]) for g, a in e["auroc"].items()}}
-    return info
+    gset = prepare_guard_set(b, held, test_dir=job.get("test"), n_normal=job["guard_normals"])
+    if job["candidate"] == "openvino-nncf-int8":
+        cand = _NncfBackend(b.file("openvino-int8.xml"), b.outputs, b.image_size)
+    else:
+        cand = OpenVinoBackend(b, "int8")
+    e = evaluate(b, cand, gset, None, GuardLimits(), name=job["candidate"])
+    cand.close()
+    return _guard_summary(e)
+
+
+def run_job(flag: str, job: dict, timeout: float) -> dict:
+    """Run ``speed.py FLAG JSON`` in a fresh process; its RESULT line, or {"error": ...}."""
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, __file__, flag, json.dumps(job)], capture_output=True,
+                           text=True, timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s (use --timeout, fewer --batches)"}
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            r["wall_s"] = time.perf_counter() - t0
+            return r
+    tail = (p.stderr or p.stdout).strip().splitlines()[-1:]
+    crash = f"exit code {p.returncode}" + (" (crashed: signal %d)" % -p.returncode if p.returncode < 0 else "")
+    return {"error": (tail[0][:160] + f" [{crash}]") if tail else crash}
 
 
 def openvino_int8(bundle, samples: int) -> str:
@@ -333,46 +413,61 @@ def configs(info: dict, gpu: bool, have_ov: bool) -> list[dict]:
 
 
 def run_config(cfg: dict, timeout: float) -> dict:
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
-                           text=True, timeout=timeout, cwd=str(ROOT))
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s (use --timeout, fewer --batches)"}
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            r["wall_s"] = time.perf_counter() - t0
-            return r
-    tail = (p.stderr or p.stdout).strip().splitlines()[-1:]
-    crash = f"exit code {p.returncode}" + (" (crashed: signal %d)" % -p.returncode if p.returncode < 0 else "")
-    return {"error": (tail[0][:160] + f" [{crash}]") if tail else crash}
+    return run_job("--worker", cfg, timeout)
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One configuration's rounds -> medians (latency, throughput), the largest peak memory, and the
+    spread of the throughput at the largest batch over the rounds (machine noise)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[0]["error"] if runs else "not run", "rounds": len(runs)}
+    out: dict = {"rounds": len(ok), "throughput": {}, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
+    lats = [r["latency_ms"] for r in ok if r.get("latency_ms")]
+    if lats:
+        out["latency_ms"] = {k: float(np.median([lt[k] for lt in lats])) for k in ("p50", "p99")}
+    for b in ok[0]["throughput"]:
+        vals = [r["throughput"][b] for r in ok if b in r["throughput"]]
+        out["throughput"][b] = float(np.median(vals))
+        out.setdefault("throughput_rounds", {})[b] = vals
+    top = max(out["throughput"], key=int)
+    vals = out["throughput_rounds"][top]
+    out["spread"] = float((max(vals) - min(vals)) / out["throughput"][top]) if out["throughput"][top] else 0.0
+    if len(ok) < len(runs):
+        out["failed_rounds"] = [r["error"] for r in runs if "error" in r]
+    return out
 
 
 # ============================================================================ report
 def fmt_table(results: list[dict], batches: list[int], peak: float) -> str:
+    """Medians over the rounds. ``x torch`` / ``x NNCF``: throughput at the largest batch over torch eager
+    FP32's / OpenVINO NNCF INT8's; ``spread``: (max - min) / median of that throughput over the rounds."""
+    bb = str(max(batches))
     head = (f"{'model':<14} {'configuration':<38} {'p50 ms':>8} {'p99 ms':>8} "
             + " ".join(f"{'b' + str(b) + ' img/s':>10}" for b in batches)
-            + f" {'peak MB':>8} {'x torch':>8} {'guard':>6}")
+            + f" {'spread':>7} {'peak MB':>8} {'x torch':>8} {'x NNCF':>7} {'guard':>6}")
     lines = [head, "-" * len(head)]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         base = next((r for r in rows if r["name"] == "torch eager fp32" and "error" not in r), None)
+        nncf = next((r for r in rows if r["name"].startswith("openvino int8 (NNCF") and "error" not in r), None)
         for r in rows:
             if "error" in r:
                 lines.append(f"{LABEL[model]:<14} {r['name']:<38} error: {r['error']}")
                 continue
             lat = r.get("latency_ms") or {}
             tp = r["throughput"]
-            ratio = ""
-            if base and base is not r:
-                best_b = str(max(batches))
-                if best_b in tp and best_b in base["throughput"]:
-                    ratio = f"{tp[best_b] / base['throughput'][best_b]:.2f}"
+
+            def ratio(ref):
+                if ref is None or ref is r or bb not in tp or bb not in ref["throughput"]:
+                    return ""
+                return f"{tp[bb] / ref['throughput'][bb]:.2f}"
+
             lines.append(f"{LABEL[model]:<14} {r['name']:<38} {lat.get('p50', float('nan')):8.1f} "
                          f"{lat.get('p99', float('nan')):8.1f} "
                          + " ".join(f"{tp.get(str(b), float('nan')):10.2f}" for b in batches)
-                         + f" {r['peak_rss_mb']:8.0f} {ratio:>8} {r.get('guard', ''):>6}")
+                         + f" {r.get('spread', 0.0):7.0%} {r['peak_rss_mb']:8.0f} {ratio(base):>8} {ratio(nncf):>7} "
+                           f"{r.get('guard', ''):>6}")
         info = next((r["info"] for r in rows if "info" in r), {})
         if info.get("gflops"):
             ok = [r for r in rows if "error" not in r and r["throughput"]]
@@ -381,6 +476,18 @@ def fmt_table(results: list[dict], batches: list[int], peak: float) -> str:
             lines.append(f"{'':<14} {info['gflops']:.1f} GFLOPs/image; best: {best['name']} "
                          f"{ips:.2f} img/s = {info['gflops'] * ips:.1f} GFLOP/s = "
                          f"{info['gflops'] * ips / peak:.0%} of the measured FP32 peak ({peak:.0f} GFLOP/s)")
+        if info.get("int8"):
+            q = info["int8"]
+            lines.append(f"{'':<14} our INT8: keep-fp32 {q['keep_fp32']} ({q['fp32_convs']} convs in FP32), "
+                         f"{q['calibration']} on {q['samples']} images, quantized + guarded in "
+                         f"{info.get('quantize_s', 0):.0f} s")
+        for name, g in (info.get("guard") or {}).items():
+            if "error" in g:
+                lines.append(f"{'':<14} guard {name}: could not run ({g['error']})")
+            else:
+                au = "; ".join(f"{k} AUROC {a:.4f} -> {c:.4f}" for k, (a, c) in g["auroc"].items())
+                lines.append(f"{'':<14} guard {name}: {'pass' if g['passed'] else 'FAIL'}, rank corr "
+                             f"{g['rank_corr']:.4f}; {au}")
         if info.get("export_error"):
             lines.append(f"{'':<14} export failed: {info['export_error']}")
     return "\n".join(lines)
@@ -423,16 +530,30 @@ def main(argv=None) -> int:
                                                  "default: a synthetic category")
     ap.add_argument("--bundle", action="append", default=[], metavar="KIND=DIR",
                     help="use a trained bundle for KIND instead of random weights")
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--guard-normals", type=int, default=32)
+    ap.add_argument("--test", default=None, help="a real MVTec-layout test folder for the guard")
+    ap.add_argument("--keep-fp32", default="auto", choices=["auto", "head", "none"],
+                    help="INT8 layers kept in FP32 (edge-ad quantize --keep-fp32)")
+    ap.add_argument("--calibration", default="minmax", choices=["minmax", "percentile", "entropy"])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for every engine (ONNX Runtime intra-op, OpenVINO, torch); 0: each engine's "
+                         "default (all cores)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="every configuration is measured this many times, interleaved with the others "
+                         "(medians reported: on a shared machine the load changes between configurations)")
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO columns")
     ap.add_argument("--timeout", type=float, default=900, help="per configuration, seconds")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "edge_ad_speed"))
     ap.add_argument("--out", default="bench/out", help="folder for speed.json and speed.png")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--guard-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.guard_worker:
+        print("RESULT " + json.dumps(guard_worker(json.loads(args.guard_worker))), flush=True)
         return 0
 
     import importlib.util
@@ -463,31 +584,45 @@ def main(argv=None) -> int:
     import platform
 
     machine = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-               "fp32_matmul_peak_gflops": peak, "gpu": gpu, "openvino": have_ov}
-    log(f"machine: {os.cpu_count()} cores, FP32 matmul peak {peak:.0f} GFLOP/s; OpenVINO: "
-        f"{'yes' if have_ov else 'no (pip install openvino nncf)'}; GPU: {'yes' if gpu else 'no'}")
+               "fp32_matmul_peak_gflops": peak, "gpu": gpu, "openvino": have_ov, "load_avg_start": os.getloadavg()}
+    log(f"machine: {os.cpu_count()} cores, FP32 matmul peak {peak:.0f} GFLOP/s, load average "
+        f"{os.getloadavg()[0]:.1f}; OpenVINO: {'yes' if have_ov else 'no (pip install openvino nncf)'}; "
+        f"GPU: {'yes' if gpu else 'no'}")
     results = []
     for kind in kinds:
         log(f"{LABEL[kind]}: preparing (export, INT8 calibration + guard on {data})")
-        info = prepare(kind, args.size, work, data, trained.get(kind), args.calib_samples, args.guard_normals, log)
-        for cfg in configs(info, gpu, have_ov):
-            cfg.update(bundle=info["bundle"], size=args.size, batches=batches, seconds=args.seconds)
-            log(f"  {cfg['name']} ...")
-            r = run_config(cfg, args.timeout)
+        info = prepare(kind, args.size, work, data, trained.get(kind), args.calib_samples, args.guard_normals, log,
+                       keep_fp32=args.keep_fp32, calibration=args.calibration, test_dir=args.test,
+                       guard_timeout=args.timeout)
+        cfgs = configs(info, gpu, have_ov)
+        runs: list[list[dict]] = [[] for _ in cfgs]
+        for rnd in range(args.rounds):   # interleaved: every configuration once per round
+            for i, cfg in enumerate(cfgs):
+                if runs[i] and "crashed" in runs[i][0].get("error", ""):
+                    continue   # a crash is not noise: once is enough
+                cfg.update(bundle=info["bundle"], size=args.size, batches=batches, seconds=args.seconds,
+                           threads=args.threads)
+                log(f"  [{rnd + 1}/{args.rounds}] {cfg['name']} ...")
+                r = run_config(cfg, args.timeout)
+                runs[i].append(r)
+                if "error" in r:
+                    log(f"    error: {r['error']}")
+                else:
+                    log(f"    p50 {((r.get('latency_ms') or {}).get('p50') or float('nan')):.1f} ms, "
+                        f"throughput {r['throughput']}")
+        for cfg, rr in zip(cfgs, runs):
+            r = merge_rounds(rr)
             r.update(model=kind, name=cfg["name"], info=info)
-            if cfg["backend"] in ("onnxruntime", "openvino") and cfg["precision"] == "int8":
-                g = info.get("guard", {}).get("openvino-int8" if cfg["backend"] == "openvino" else
-                                              "onnxruntime-int8-u8" if cfg.get("int8_form") == "u8"
-                                              else "onnxruntime-int8")
-                r["guard"] = "" if g is None else ("pass" if g["passed"] else "FAIL")
+            if cfg["precision"] == "int8" and cfg["backend"] in ("onnxruntime", "openvino", "openvino-nncf"):
+                g = info.get("guard", {}).get(
+                    {"openvino": "openvino-int8", "openvino-nncf": "openvino-nncf-int8"}.get(cfg["backend"])
+                    or ("onnxruntime-int8-u8" if cfg.get("int8_form") == "u8" else "onnxruntime-int8"))
+                r["guard"] = "" if not g else ("error" if "error" in g else "pass" if g["passed"] else "FAIL")
             results.append(r)
-            if "error" in r:
-                log(f"    error: {r['error']}")
-            else:
-                log(f"    p50 {((r.get('latency_ms') or {}).get('p50') or float('nan')):.1f} ms, "
-                    f"throughput {r['throughput']}")
         # after each model: a run cut short still leaves what it measured
+        machine["load_avg_end"] = os.getloadavg()
         (out / "speed.json").write_text(json.dumps({"machine": machine, "size": args.size, "batches": batches,
+                                                    "rounds": args.rounds, "threads": args.threads,
                                                     "results": results}, indent=2, default=str))
         (out / "speed.txt").write_text(fmt_table(results, batches, peak) + "\n")
     table = fmt_table(results, batches, peak)

@@ -14,8 +14,10 @@ onnx = pytest.importorskip("onnx")
 from edge_ad.bundle import Bundle  # noqa: E402
 from edge_ad.compile import guard as guard_mod  # noqa: E402
 from edge_ad.compile.guard import GuardLimits  # noqa: E402
-from edge_ad.compile.quantize import graph_heads, quantize_bundle  # noqa: E402
-from edge_ad.errors import GuardFailure, InputError  # noqa: E402
+from edge_ad.compile import qgraph  # noqa: E402
+from edge_ad.compile.quantize import (CONV_OPS, INT8_FORMS, _Reader, calibrate, graph_heads,  # noqa: E402
+                                      quantize_bundle, quantize_int8_form)
+from edge_ad.errors import GuardFailure, InputError, RuntimeFailure  # noqa: E402
 from edge_ad.runtime.backends import open_backend  # noqa: E402
 
 from test_backends import make_bundle  # noqa: E402
@@ -37,7 +39,8 @@ def int8(base, tmp_path_factory):
     d = tmp_path_factory.mktemp("int8") / "b"
     shutil.copytree(base.path, d)
     b = Bundle.open(d)
-    res = quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=PASS_ALL, progress=False)
+    res = quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=PASS_ALL, keep_fp32="head",
+                          progress=False, bias_images=4)
     return b, res
 
 
@@ -76,6 +79,140 @@ def test_int8_forms_signed_symmetric_and_unsigned(int8):
         assert wdq
         assert any(onnx.numpy_helper.to_array(inits[n.input[1]]).size > 1 for n in wdq)
         assert all(np.all(onnx.numpy_helper.to_array(inits[n.input[2]]) == 0) for n in wdq if len(n.input) > 2)
+
+
+def test_activations_are_quantized_over_their_range(int8):
+    """A conv followed by ReLU / ReLU6 is quantized over the activation's range (0..6 after ReLU6), not
+    over its raw output's; the u8 form folds the activation into that quantization, the s8 form keeps it."""
+    b, _ = int8
+    u8, s8 = _nodes(b.file("model.int8-u8.onnx")), _nodes(b.file("model.int8.onnx"))
+    def after_int8_conv(g):
+        produced = {o: n for n in g.node for o in n.output}
+        return [n for n in g.node if n.op_type in ("Clip", "Relu") and n.input[0] in produced
+                and produced[n.input[0]].op_type == "Conv" and produced[produced[n.input[0]].input[1]].op_type
+                == "DequantizeLinear"]
+
+    def after_dq(g):
+        produced = {o: n for n in g.node for o in n.output}
+        return [n for n in g.node if n.op_type in ("Clip", "Relu") and n.input[0] in produced
+                and produced[n.input[0]].op_type == "DequantizeLinear"]
+
+    assert not after_int8_conv(u8) and not after_dq(u8)   # folded into the conv's output quantization
+    assert after_dq(s8)                                    # kept between Q/DQ pairs
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in u8.initializer}
+    produced = {o: n for n in u8.node for o in n.output}
+    after_conv = [n for n in u8.node if n.op_type == "QuantizeLinear" and n.input[0] in produced
+                  and produced[n.input[0]].op_type == "Conv"]
+    assert after_conv
+    zero_at_min = [q for q in after_conv if int(inits[q.input[2]]) == 0]   # rectified: range starts at 0
+    assert len(zero_at_min) >= len(after_conv) // 2
+    teacher_relu6 = [q for q in zero_at_min if "/teacher/" in q.input[0]]
+    assert teacher_relu6 and all(float(inits[q.input[1]]) * 255 <= 6.0 + 1e-4 for q in teacher_relu6)
+
+
+def test_prepared_graph_is_exact_and_rewritten(base, tmp_path):
+    """Pads fused into convs, PDN's average pools as depthwise convs, RGB convs widened: same outputs."""
+    x = np.random.default_rng(0).uniform(0, 255, (2, 3, 64, 64)).astype(np.float32)
+    path, done = qgraph.prepare_graph(base.file("model.onnx"), tmp_path / "p.onnx", check_batch=x)
+    assert done["pads_fused"] >= 10 and done["pools_to_convs"] == 2
+    assert not [n for n in _nodes(path).node if n.op_type in ("Pad", "AveragePool")]
+    wide, n = qgraph.widened(path, tmp_path / "w.onnx", check_batch=x)   # the CPU form's graph
+    assert n == 3   # teacher stem, student and autoencoder first convs
+    g = _nodes(wide)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    pads = [inits[n.input[1]].tolist() for n in g.node if n.op_type == "Pad"]
+    assert len(pads) == 2 and all(p == [0, 0, 0, 0, 0, 1, 0, 0] for p in pads)   # one per RGB input
+    ref = qgraph.session(base.file("model.onnx")).run(None, {"image": x})
+    for p in (path, wide):
+        for r, c in zip(ref, qgraph.session(p).run(None, {"image": x})):
+            assert np.max(np.abs(r - c)) <= 1e-4 * np.max(np.abs(r))
+    bad = onnx.load(str(wide))   # a rewrite that changed the numbers is refused
+    w = next(i for i in bad.graph.initializer if i.name.endswith("_as_depthwise_w"))
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 1.5, w.name))
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    with pytest.raises(RuntimeFailure, match="differs from"):
+        qgraph.check_same(wide, tmp_path / "bad.onnx", x)
+
+
+def test_fuse_pads_handles_asymmetric_same_padding():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "w")
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 1, 2], np.int64), "pads")
+    nodes = [helper.make_node("Pad", ["image", "pads"], ["p"], name="pad", mode="constant"),
+             helper.make_node("Conv", ["p", "w"], ["y"], name="conv", strides=[2, 2], pads=[1, 0, 0, 0])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 2, 9, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, pads])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(1, 2, 9, 8)).astype(np.float32)
+    ref = qgraph.session(m).run(None, {"image": x})[0]
+    assert qgraph.fuse_pads(m) == 1
+    assert [n.op_type for n in m.graph.node] == ["Conv"]
+    assert list(next(a for a in m.graph.node[0].attribute if a.name == "pads").ints) == [1, 1, 1, 2]
+    np.testing.assert_allclose(qgraph.session(m).run(None, {"image": x})[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_correction_takes_out_the_mean_shift(base, tmp_path):
+    """After correction, every conv's per-channel output mean on the calibration images matches FP32's
+    far better, and the maps move closer to FP32's."""
+    from edge_ad.compile import guard as gm
+    from edge_ad.data.image import load_image, to_batch
+
+    pool, _ = gm.training_images(base)
+    batch = to_batch([load_image(p) for p in pool[:8]], base.image_size)
+    src, _ = qgraph.prepare_graph(base.file("model.onnx"), tmp_path / "p.onnx")
+    cache = calibrate(src, _Reader(pool[:8], base.image_size), tmp_path / "cal.json")
+    q = quantize_int8_form(src, tmp_path / "q.onnx", "int8", cache)
+    before = tmp_path / "before.onnx"
+    shutil.copy(q, before)
+    summary = qgraph.correct_bias(src, q, batch)
+    assert summary["convs"] >= 40 and summary["levels"] >= 10
+
+    ref_m, q_m, b_m = onnx.load(str(src)), onnx.load(str(q)), onnx.load(str(before))
+    convs = [n.name for n in ref_m.graph.node if n.op_type == "Conv"]
+    out_of = {n.name: n.output[0] for n in q_m.graph.node if n.op_type == "Conv"}
+    ref_out = {n.name: n.output[0] for n in ref_m.graph.node if n.op_type == "Conv"}
+    r = qgraph._channel_means(ref_m, [ref_out[c] for c in convs], batch, 8, 0)
+    err = {}
+    for name, m in (("before", b_m), ("after", q_m)):
+        got = qgraph._channel_means(m, [out_of[c] for c in convs], batch, 8, 0)
+        err[name] = np.mean([np.abs(got[out_of[c]] - r[ref_out[c]]).mean() for c in convs])
+    assert err["after"] < 0.25 * err["before"]
+    maps = {k: qgraph.session(p).run(None, {"image": batch})
+            for k, p in (("fp32", src), ("before", before), ("after", q))}
+    dist = {k: sum(float(np.abs(a - f).mean()) for a, f in zip(maps[k], maps["fp32"])) for k in ("before", "after")}
+    assert dist["after"] < dist["before"]
+
+
+def test_keep_fp32_none_quantizes_every_conv(base, tmp_path):
+    shutil.copytree(base.path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    res = quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=PASS_ALL, keep_fp32="none",
+                          progress=False, bias_images=4)
+    assert res.fp32_nodes == []
+    for fname in INT8_FORMS.values():
+        g = _nodes(b.file(fname))
+        produced = {o: n for n in g.node for o in n.output}
+        for n in g.node:
+            if n.op_type in CONV_OPS:
+                assert n.input[1] in produced and produced[n.input[1]].op_type == "DequantizeLinear", n.name
+    q = b.manifest["quantized"]["int8"]
+    assert q["calibration"] == "minmax" and q["bias_correction"]["int8-u8"]["convs"] > 0
+
+
+def test_auto_keeps_the_sensitivity_outliers_in_fp32(base, tmp_path):
+    shutil.copytree(base.path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    res = quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=PASS_ALL, progress=False, bias_images=4,
+                          outlier_factor=2.0, max_fp32_layers=3)   # default keep_fp32: auto
+    table = res.details["sensitivity"]
+    errs = [r["error_alone"] for r in table]
+    assert errs == sorted(errs, reverse=True) and len(table) >= 40   # every conv but the map head's
+    outliers = [r["node"] for r in table if r["error_alone"] >= 2.0 * np.median(errs)]
+    assert res.fp32_nodes == outliers[:3] and res.fp32_nodes
+    assert b.manifest["quantized"]["int8"]["keep_fp32"] == "auto"
+    assert b.manifest["quantized"]["int8"]["fp32_nodes"] == res.fp32_nodes
 
 
 def test_head_convs_stay_fp32(int8):

@@ -320,7 +320,10 @@ def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
             continue
         a_ref = auroc(ref.scores[sel], gset.labels[sel])
         a_cand = auroc(cand.scores[sel], gset.labels[sel])
-        entry["auroc"][group] = {"fp32": a_ref, "candidate": a_cand, "drop": a_ref - a_cand}
+        pos = int(np.sum(gset.labels[sel] == 1))
+        # pairs: normal x defect pairs the AUROC counts; one pair ranked the other way moves it by 1/pairs
+        entry["auroc"][group] = {"fp32": a_ref, "candidate": a_cand, "drop": a_ref - a_cand,
+                                 "pairs": pos * (int(np.sum(sel)) - pos)}
     failures = []
     for group, a in entry["auroc"].items():
         if not a["drop"] <= limits.max_auroc_drop:

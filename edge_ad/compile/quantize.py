@@ -1,18 +1,36 @@
 """INT8 (explicit Q/DQ) and FP16 graphs from ``model.onnx``, each passed through the guard before use.
 
-INT8, two forms from one calibration (ONNX Runtime's static quantizer, MinMax ranges over normal images):
+INT8, two forms from one calibration (ONNX Runtime's static quantizer):
 
 - ``model.int8.onnx``    signed symmetric activations and weights (zero points 0), per-channel weights:
                          the explicit-quantization form TensorRT 8.6/10/11 builds from directly;
 - ``model.int8-u8.onnx`` unsigned 8-bit activations (asymmetric), signed per-channel weights: the form
                          ONNX Runtime's x86/ARM CPU kernels run fastest (u8 x s8 dot products).
 
-Only the compute-heavy ops (Conv, MatMul, Gemm) are quantized. Layers kept in FP32 (``keep_fp32``):
-``head`` (default): the last convolution on every path to an output (the layers whose error lands in
-the maps directly); ``none``; ``auto``: the head plus a per-layer sensitivity search, which quantizes one
-layer at a time, ranks the layers by the map error each causes alone, and keeps the worst in FP32 until
-the whole graph's map error is within ``target_error`` (at most ``max_fp32_layers``). Everything after the
-last convolution (the squared differences and channel means that make the maps) stays FP32 in every form.
+How (each step measured on trained bundles, see docs/compile.md):
+
+1. the FP32 graph is prepared with exact rewrites (:mod:`edge_ad.compile.qgraph`: BatchNorm folding,
+   TF-"same" ``Pad`` into the conv, PDN's average pools as depthwise convs, RGB convs widened to 4
+   channels);
+2. activation ranges from normal images (MinMax by default; Percentile / Entropy on request), computed
+   once for every tensor, both forms quantized from them;
+3. quantized: Conv, MatMul, Gemm **and their activations** (Clip / Relu: the conv's output is quantized
+   over the activation's range, 0..6 after ReLU6, instead of its raw range, which wasted most of the 8
+   bits; the u8 form folds the activation into the quantization), and Add, Concat, Resize and Pad between
+   convs, so the CPU form stays in 8 bits from one conv to the next;
+4. empirical bias correction of every conv, in order of depth, on calibration images
+   (:func:`edge_ad.compile.qgraph.correct_bias`).
+
+Everything after the last convolution (the squared differences and channel means that make the maps,
+the Gaussian model's pooling) stays FP32 in every form. Convolutions kept in FP32 (``keep_fp32``):
+
+- ``auto`` (default): a per-layer sensitivity search quantizes one convolution at a time and ranks them by
+  the map error each causes alone; the outliers (at least ``outlier_factor`` x the median layer's error,
+  at most ``max_fp32_layers``) stay FP32. On EfficientNet-Lite0 these are the stem and the first two
+  blocks, whose nearly constant channels INT8 cannot resolve; they are cheap at any resolution;
+- ``head``: the last convolution on every path to an output (the student's last conv is a quarter of
+  EfficientAD-S's compute);
+- ``none``: every convolution in INT8.
 
 FP16: ``model.fp16.onnx``, weights and activations in FP16, inputs and outputs FP32, and the map head
 (after the last convolution) in FP32.
@@ -20,11 +38,14 @@ FP16: ``model.fp16.onnx``, weights and activations in FP16, inputs and outputs F
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -34,13 +55,17 @@ from ..bundle import Bundle
 from ..data.image import load_image, to_batch
 from ..errors import InputError, RuntimeFailure
 from . import guard as guard_mod
+from . import qgraph
 from .export import check_graph
 from .guard import GuardLimits
 
 log = logging.getLogger(__name__)
 
-QUANT_OPS = ["Conv", "MatMul", "Gemm"]
+CONV_OPS = ["Conv", "MatMul", "Gemm"]
+# what is quantized besides the convs: their activations and the cheap ops between convs
+QUANT_OPS = CONV_OPS + ["Clip", "Relu", "Add", "Concat", "Resize", "Pad"]
 KEEP_FP32 = ("head", "none", "auto")
+CALIBRATIONS = ("minmax", "percentile", "entropy")
 INT8_FORMS = {"int8": "model.int8.onnx", "int8-u8": "model.int8-u8.onnx"}
 
 
@@ -51,6 +76,7 @@ class QuantizeResult:
     entries: list[dict]           # guard entries (quant_report.json)
     fp32_nodes: list[str]
     seconds: float
+    details: dict = field(default_factory=dict)   # preparation, calibration, bias correction
 
 
 # --------------------------------------------------------------------------- graph analysis
@@ -79,14 +105,15 @@ def graph_heads(model) -> tuple[list[str], list[str]]:
 
 
 def quantizable_nodes(model) -> list[str]:
-    return [n.name for n in model.graph.node if n.op_type in QUANT_OPS]
+    """The convolutions (Conv / MatMul / Gemm) of a graph: the layers ``keep_fp32`` chooses from."""
+    return [n.name for n in model.graph.node if n.op_type in CONV_OPS]
 
 
-# --------------------------------------------------------------------------- calibration data
+# --------------------------------------------------------------------------- calibration
 class _Reader:
     """onnxruntime.quantization CalibrationDataReader over a list of image files."""
 
-    def __init__(self, paths: Sequence[Path], size: tuple[int, int], batch: int = 4):
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int], batch: int = 2):
         self.paths, self.size, self.batch = list(paths), size, batch
         self.i = 0
 
@@ -104,90 +131,152 @@ class _Reader:
         return (len(self.paths) + self.batch - 1) // self.batch
 
 
-def _prepare(src: Path, dst: Path) -> Path:
-    """ONNX Runtime's pre-processing (shape inference + graph optimization) before quantization."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+class _One:
+    """A reader that yields one batch (the calibrators are fed batch by batch to bound their memory)."""
 
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def get_next(self):
+        b, self.batch = self.batch, None
+        return b
+
+
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[name]
+
+
+def _has_cache_option() -> bool:
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def calibrate(src: Path, reader: _Reader, cache: Path, method: str = "minmax",
+              percentile: float = 99.99) -> Path:
+    """Activation ranges of every float tensor of ``src`` over the reader's images, written to ``cache``
+    (ONNX Runtime's calibration-cache JSON); both INT8 forms and every trial of the sensitivity search
+    quantize from it."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.quantize import save_tensors_data
+
+    if method not in CALIBRATIONS:
+        raise InputError(f"calibration '{method}': expected one of {', '.join(CALIBRATIONS)}")
+    if not _has_cache_option():   # an older onnxruntime: quantize_static calibrates on every call instead
+        return cache
+    extra = {"percentile": percentile} if method == "percentile" else {}
+    chatter = io.StringIO()   # the histogram calibrators print progress on every batch
     try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-    except Exception as exc:  # fall back to the plain graph: quantization works without it, just less fused
-        log.warning("quantization pre-processing failed (%s); quantizing the graph as exported", exc)
-        return src
-    return dst
+        with tempfile.TemporaryDirectory(prefix="calib-", dir=cache.parent) as tmp, \
+                contextlib.redirect_stdout(chatter):
+            cal = create_calibrator(Path(src), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                    calibrate_method=_method(method), extra_options=extra)
+            reader.rewind()
+            while (batch := reader.get_next()) is not None:
+                cal.collect_data(_One(batch))
+            data = cal.compute_data()
+            del cal
+        save_tensors_data(data, cache)
+    except (InputError, RuntimeFailure):
+        raise
+    except Exception as exc:  # onnxruntime.quantization raises ValueError, RuntimeError, onnx errors...
+        raise RuntimeFailure(f"INT8 calibration ({method}) of {src} failed: {type(exc).__name__}: {exc}") from exc
+    return cache
 
 
-def quantize_int8_form(src: Path, dst: Path, form: str, cache: Path, reader: _Reader | None,
-                       exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> Path:
+def quantize_int8_form(src: Path, dst: Path, form: str, cache: Path, reader: _Reader | None = None,
+                       exclude: Sequence[str] = (), only: Sequence[str] | None = None,
+                       method: str = "minmax") -> Path:
     """Write one INT8 form (``int8`` signed symmetric / ``int8-u8`` unsigned activations) of ``src``.
 
-    ``cache`` holds the calibration ranges: the first call calibrates (``reader``), later calls reuse it.
+    Ranges come from ``cache`` (:func:`calibrate`); with an ONNX Runtime whose ``quantize_static`` cannot
+    read a cache, the reader's images are calibrated again. ``exclude``: nodes left in FP32; ``only``:
+    quantize these convolutions and nothing else (their activations included).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     signed = form == "int8"
     extra = {"ActivationSymmetric": signed, "WeightSymmetric": True}
-    if reader is not None:
+    kw = {}
+    if _has_cache_option():
+        kw["calibration_cache_path"] = str(cache)
+        data_reader = None
+    else:
+        if reader is None:
+            raise RuntimeFailure("this onnxruntime cannot reuse a calibration; a calibration reader is needed")
         reader.rewind()
+        data_reader = reader
+    nodes = None
+    if only:
+        import onnx
+
+        model = onnx.load(str(src), load_external_data=False)
+        chosen = set(only)
+        produced = {o: n for n in model.graph.node for o in n.output}
+        nodes = list(chosen)
+        for n in model.graph.node:  # the activation right after a chosen conv goes with it
+            if n.op_type in ("Clip", "Relu") and produced.get(n.input[0]) is not None \
+                    and produced[n.input[0]].name in chosen:
+                nodes.append(n.name)
     try:
         quantize_static(
-            str(src), str(dst), calibration_data_reader=reader, quant_format=QuantFormat.QDQ,
+            str(src), str(dst), calibration_data_reader=data_reader, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=QUANT_OPS, per_channel=True, reduce_range=False,
             activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
-            calibrate_method=CalibrationMethod.MinMax, extra_options=extra, calibration_cache_path=str(cache))
+            nodes_to_exclude=list(exclude), nodes_to_quantize=nodes,
+            calibrate_method=_method(method), extra_options=extra, **kw)
     except Exception as exc:  # onnxruntime.quantization raises ValueError, RuntimeError, onnx errors...
         raise RuntimeFailure(f"INT8 quantization ({form}) of {src} failed: {type(exc).__name__}: {exc}") from exc
     return dst
 
 
-def _map_error(sess_ref_out: dict[str, np.ndarray], path: Path, batch: np.ndarray) -> float:
+def _map_error(ref_out: dict[str, np.ndarray], path: Path, batch: np.ndarray) -> float:
     """Mean over outputs of ||q - r|| / ||r - mean(r)|| (0 = identical; 1 = as large as the signal)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    outs = sess.run(list(sess_ref_out), {"image": batch})
+    sess = qgraph.session(path)
+    outs = sess.run(list(ref_out), {"image": batch})
     errs = []
-    for (name, r), q in zip(sess_ref_out.items(), outs):
+    for (name, r), q in zip(ref_out.items(), outs):
         r = r.astype(np.float64)
         errs.append(float(np.linalg.norm(q - r) / (np.linalg.norm(r - r.mean()) + 1e-12)))
     return float(np.mean(errs))
 
 
-def sensitivity_search(src: Path, work: Path, cache: Path, reader: _Reader, batch: np.ndarray,
-                       base_exclude: Sequence[str], target_error: float = 0.05, max_fp32_layers: int = 6,
-                       progress: bool = True) -> tuple[list[str], list[dict]]:
-    """Per-layer sensitivity (signed form, the stricter one), then a greedy FP32 fallback of the worst."""
-    import onnx
-    import onnxruntime as ort
+def sensitivity_search(src: Path, work: Path, cache: Path, reader: _Reader | None, batch: np.ndarray,
+                       base_exclude: Sequence[str] = (), fixed_exclude: Sequence[str] = (),
+                       outlier_factor: float = 5.0, max_fp32_layers: int = 8, progress: bool = True,
+                       method: str = "minmax") -> tuple[list[str], list[dict]]:
+    """Per-layer INT8 sensitivity: every convolution not in ``base_exclude`` is quantized alone (with its
+    activation; signed form, the stricter one) and ranked by the map error it causes on ``batch``
+    (:func:`_map_error`). The outliers, layers whose error is at least ``outlier_factor`` times the median
+    layer's, are added to ``base_exclude`` (worst first, at most ``max_fp32_layers``).
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref_sess = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    ``fixed_exclude``: other nodes never quantized (the map head). Returns (convolutions kept in FP32,
+    the table, worst first)."""
+    import onnx
+
+    ref_sess = qgraph.session(src)
     ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, {"image": batch})))
     model = onnx.load(str(src), load_external_data=False)
-    cands = [n for n in quantizable_nodes(model) if n not in set(base_exclude)]
+    cands = [n for n in quantizable_nodes(model) if n not in set(base_exclude) and n not in set(fixed_exclude)]
     table = []
     for i, node in enumerate(cands):
         out = work / f"one-{i}.onnx"
-        quantize_int8_form(src, out, "int8", cache, reader, only=[node])
-        err = _map_error(ref, out, batch)
-        table.append({"node": node, "error_alone": err})
+        quantize_int8_form(src, out, "int8", cache, reader, only=[node], exclude=fixed_exclude, method=method)
+        table.append({"node": node, "error_alone": _map_error(ref, out, batch)})
         out.unlink()
         if progress:
-            guard_mod.log.info("sensitivity %d/%d %s: %.4f", i + 1, len(cands), node, err)
+            log.info("sensitivity %d/%d %s: %.4f", i + 1, len(cands), node, table[-1]["error_alone"])
     table.sort(key=lambda r: -r["error_alone"])
-    exclude = list(base_exclude)
-    trial = work / "trial.onnx"
-    for step in range(max_fp32_layers + 1):
-        quantize_int8_form(src, trial, "int8", cache, reader, exclude=exclude)
-        err = _map_error(ref, trial, batch)
-        log.info("sensitivity: %d layer(s) kept in FP32 -> map error %.4f", len(exclude), err)
-        if err <= target_error or step == max_fp32_layers or step >= len(table):
-            break
-        exclude.append(table[step]["node"])
-    return exclude, table
+    if not table:
+        return list(base_exclude), table
+    median = float(np.median([r["error_alone"] for r in table]))
+    for r in table:
+        r["x_median"] = r["error_alone"] / median if median > 0 else float("inf")
+    worst = [r["node"] for r in table if r["x_median"] >= outlier_factor][:max(0, max_fp32_layers)]
+    return list(base_exclude) + worst, table
 
 
 # --------------------------------------------------------------------------- FP16
@@ -232,11 +321,17 @@ def toposort(graph) -> None:
 
 # --------------------------------------------------------------------------- the command
 def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os.PathLike | None = None,
-                    samples: int = 64, keep_fp32: str = "head", test_dir: str | os.PathLike | None = None,
+                    samples: int = 64, keep_fp32: str = "auto", test_dir: str | os.PathLike | None = None,
                     limits: GuardLimits | None = None, guard_normals: int = 32, test_limit: int = 100,
-                    target_error: float = 0.05, max_fp32_layers: int = 6, threads: int = 0,
-                    progress: bool = True) -> QuantizeResult:
+                    outlier_factor: float = 5.0, max_fp32_layers: int = 8, threads: int = 0,
+                    progress: bool = True, calibration: str = "minmax", bias_correction: bool = True,
+                    bias_images: int = 32) -> QuantizeResult:
     """Make the ``precision`` graph(s), guard them against FP32, record them and make them active.
+
+    INT8: ``samples`` calibration images (from ``calib_dir`` or the bundle's training images, never the
+    guard's held-out normals), ranges by ``calibration`` (minmax | percentile | entropy), ``keep_fp32``
+    (auto | head | none; auto: the sensitivity search's outliers, at most ``max_fp32_layers``), bias
+    correction on ``bias_images`` of the calibration images.
 
     On a guard failure: ``quant_report.json`` records why, the new graphs are not kept, the active graph
     is unchanged, and :class:`edge_ad.errors.GuardFailure` is raised.
@@ -249,6 +344,8 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
         raise InputError(f"precision '{precision}': expected int8 or fp16")
     if keep_fp32 not in KEEP_FP32:
         raise InputError(f"keep_fp32 '{keep_fp32}': expected one of {', '.join(KEEP_FP32)}")
+    if calibration not in CALIBRATIONS:
+        raise InputError(f"calibration '{calibration}': expected one of {', '.join(CALIBRATIONS)}")
     t0 = time.perf_counter()
     src = bundle.graph_for("fp32")
     if "model.onnx" in bundle.manifest["files"]:
@@ -260,30 +357,17 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     ref_backend = OnnxRuntimeBackend(bundle, precision="fp32", device="cpu", threads=threads)
     made: dict[str, Path] = {}
     fp32_nodes: list[str] = []
+    details: dict = {}
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle.path) as tmp:
         work = Path(tmp)
         if precision == "fp16":
             _say(progress, "converting to FP16 (FP32 inputs, outputs and map head)")
             made["fp16"] = convert_fp16(src, work / "model.fp16.onnx")
         else:
-            calib = guard_mod.spread(pool, samples)
-            _say(progress, f"calibrating INT8 on {len(calib)} normal images "
-                           f"({len(held_out)} held out for the guard)")
-            prepped = _prepare(src, work / "prepared.onnx")
-            model = onnx.load(str(prepped), load_external_data=False)
-            _, head_convs = graph_heads(model)
-            fp32_nodes = list(head_convs) if keep_fp32 in ("head", "auto") else []
-            cache = work / "calibration.json"
-            reader = _Reader(calib, bundle.image_size)
-            if keep_fp32 == "auto":
-                probe = to_batch([load_image(p) for p in guard_mod.spread(calib, 4)], bundle.image_size)
-                _say(progress, "measuring per-layer INT8 sensitivity")
-                fp32_nodes, table = sensitivity_search(prepped, work, cache, reader, probe, fp32_nodes,
-                                                       target_error, max_fp32_layers, progress)
-                log.info("sensitivity table: %s", table[:10])
-            for form, fname in INT8_FORMS.items():
-                made[form] = quantize_int8_form(prepped, work / fname, form, cache,
-                                                reader if not cache.is_file() else None, exclude=fp32_nodes)
+            fp32_nodes, details = _make_int8(bundle, src, work, pool, samples, keep_fp32, calibration,
+                                             bias_correction, bias_images, outlier_factor, max_fp32_layers,
+                                             threads, progress, made)
+            _say(progress, f"({len(held_out)} held-out normal images are kept for the guard)")
         for form, path in made.items():
             check_graph(path, bundle.outputs, bundle.image_size, where=f"{form} graph")
         entries = []
@@ -308,9 +392,60 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
         bundle.manifest.setdefault("quantized", {})[precision] = {
             "files": files, "source_sha256": bundle.model_hash("model.onnx"), "fp32_nodes": fp32_nodes,
             "keep_fp32": keep_fp32, "samples": min(samples, len(pool)) if precision == "int8" else 0}
+        if precision == "int8":
+            bundle.manifest["quantized"]["int8"].update(
+                calibration=calibration, ops=QUANT_OPS, prepared=details.get("prepared", {}),
+                bias_correction={f: details.get(f"bias_{f}") for f in INT8_FORMS} if bias_correction else None)
         bundle.set_active(graph, precision)   # saves the manifest
     ref_backend.close()
-    return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0)
+    return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details)
+
+
+def _make_int8(bundle: Bundle, src: Path, work: Path, pool: list[Path], samples: int, keep_fp32: str,
+               calibration: str, bias_correction: bool, bias_images: int, outlier_factor: float,
+               max_fp32_layers: int, threads: int, progress: bool, made: dict) -> tuple[list[str], dict]:
+    """Prepare, calibrate, quantize both forms and correct their biases into ``made``; returns
+    (convolutions kept in FP32, details for the manifest)."""
+    import onnx
+
+    details: dict = {}
+    calib = guard_mod.spread(pool, samples)
+    probe = to_batch([load_image(p) for p in guard_mod.spread(calib, 2)], bundle.image_size)
+    prepped, details["prepared"] = qgraph.prepare_graph(src, work / "prepared.onnx", check_batch=probe)
+    # the CPU form's graph also has its RGB convs widened (an ONNX Runtime speed-up TensorRT does not need)
+    cpu_src, widened = qgraph.widened(prepped, work / "prepared-cpu.onnx", check_batch=probe)
+    details["prepared"]["rgb_convs_widened_u8"] = widened
+    sources = {"int8": prepped, "int8-u8": cpu_src}
+    model = onnx.load(str(prepped), load_external_data=False)
+    heads, head_convs = graph_heads(model)
+    fp32_nodes = list(head_convs) if keep_fp32 == "head" else []
+    cache = work / "calibration.json"
+    reader = _Reader(calib, bundle.image_size)
+    t = time.perf_counter()
+    _say(progress, f"calibrating INT8 ({calibration}) on {len(calib)} normal images")
+    calibrate(cpu_src, reader, cache, calibration)   # every tensor of both graphs
+    details["calibration_s"] = time.perf_counter() - t
+    if keep_fp32 == "auto":
+        probe = to_batch([load_image(p) for p in guard_mod.spread(calib, 4)], bundle.image_size)
+        t = time.perf_counter()
+        _say(progress, "measuring per-layer INT8 sensitivity")
+        fp32_nodes, table = sensitivity_search(prepped, work, cache, reader, probe, fp32_nodes, heads,
+                                               outlier_factor, max_fp32_layers, progress, calibration)
+        details["sensitivity"] = table
+        details["sensitivity_s"] = time.perf_counter() - t
+        _say(progress, f"kept in FP32 ({len(fp32_nodes)} of {len(table)}, error alone >= {outlier_factor:g}x the "
+                       f"median layer's): {', '.join(fp32_nodes) or 'none'}")
+    bias_batch = None
+    if bias_correction:
+        bias_batch = to_batch([load_image(p) for p in guard_mod.spread(calib, bias_images)], bundle.image_size)
+    for form, fname in INT8_FORMS.items():
+        path = quantize_int8_form(sources[form], work / fname, form, cache, reader, exclude=fp32_nodes + heads,
+                                  method=calibration)
+        if bias_batch is not None:
+            _say(progress, f"bias correction ({form}) on {len(bias_batch)} calibration images")
+            details[f"bias_{form}"] = qgraph.correct_bias(sources[form], path, bias_batch, threads=threads)
+        made[form] = path
+    return fp32_nodes, details
 
 
 def _say(progress: bool, msg: str) -> None:
