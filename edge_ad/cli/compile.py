@@ -62,7 +62,7 @@ def export(bundle_dir, opset):
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder.")
 @click.option("--precision", required=True, type=click.Choice(["int8", "fp16"]))
 @click.option("--samples", default=64, show_default=True, type=int, help="Calibration images (int8).")
-@click.option("--keep-fp32", default="head", show_default=True, type=click.Choice(["head", "auto", "none"]),
+@click.option("--keep-fp32", default="auto", show_default=True, type=click.Choice(["head", "auto", "none"]),
               help="int8 layers kept in FP32: the last conv of each map path, plus a per-layer "
                    "sensitivity search (auto), or none.")
 @click.option("--threads", default=0, type=int, help="ONNX Runtime threads (0: all cores).")
