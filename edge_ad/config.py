@@ -55,17 +55,20 @@ class ModelSettings(_Section):
     golden_dir: Optional[Path] = Field(None, title="Golden images a model update must pass (default "
                                                    "<deploy_dir>/golden)")
     update_key: Optional[Path] = Field(None, title="Key that model update archives must be signed with")
-    backend: str = Field("auto", title="auto | onnxruntime | tensorrt | torch")
+    backend: str = Field("auto", title="auto | onnxruntime | tensorrt | torch | openvino (x86 CPUs, optional)")
     precision: Optional[str] = Field(None, title="fp32 | fp16 | int8; empty: the bundle's active graph")
     device: Optional[str] = Field(None, title="cpu | cuda[:N] | tensorrt[:N]; empty: the best this machine has")
-    threads: int = Field(0, ge=0, title="ONNX Runtime intra-op threads (0: its default)")
+    threads: int = Field(0, ge=0, title="ONNX Runtime / OpenVINO inference threads (0: its default)")
+    thread_spinning: Optional[bool] = Field(None, title="ONNX Runtime intra-op thread spinning (empty: its "
+                                                        "default, on; false is faster on cores shared with "
+                                                        "other busy processes)")
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
         v = v.strip().lower()
-        if v not in ("auto", "onnxruntime", "tensorrt", "torch"):
-            raise ValueError(f"'{v}': expected auto, onnxruntime, tensorrt or torch")
+        if v not in ("auto", "onnxruntime", "tensorrt", "torch", "openvino"):
+            raise ValueError(f"'{v}': expected auto, onnxruntime, tensorrt, torch or openvino")
         return v
 
     @field_validator("bundle", "deploy_dir", "golden_dir", "update_key", mode="before")

@@ -187,3 +187,45 @@ def test_runtime_backends_import_without_torch():
             "edge_ad.runtime.backends.cuda, edge_ad.compile.guard, edge_ad.compile.quantize, "
             "edge_ad.compile.tensorrt; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onnxruntime_thread_spinning_option(bundle, batch, reference):
+    b, _ = bundle
+    for spin, want in ((False, "0"), (True, "1")):
+        with open_backend(b, "onnxruntime", "fp32", "cpu", spinning=spin, threads=2) as be:
+            entry = be._sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            assert entry == want
+            out = be.infer(batch)
+        np.testing.assert_allclose(out["map_st"], reference["map_st"], rtol=1e-4, atol=1e-5 * reference["map_st"].max())
+
+
+def test_run_settings_choose_openvino_and_spinning(bundle, batch):
+    from edge_ad.config import load_settings, parse_set_option
+    from edge_ad.runtime.service import open_inspector
+
+    b, _ = bundle
+    src = parse_set_option("source.uri=synthetic://")
+    bad = [src, parse_set_option("model.backend=mxnet")]
+    with pytest.raises(InputError, match="model.backend.*expected auto, onnxruntime, tensorrt, torch or openvino"):
+        load_settings(None, bad)
+    s = load_settings(None, [src, parse_set_option(f"model.bundle={b.path}"),
+                             parse_set_option("model.thread_spinning=false")])
+    assert s.model.thread_spinning is False
+    insp = open_inspector(b, s)
+    try:
+        be = insp.backend
+        assert be.name == "onnxruntime"
+        assert be._sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    finally:
+        insp.backend.close()
+    ok, why = available()["openvino:cpu"]
+    if not ok:
+        pytest.skip(why)
+    s = load_settings(None, [src, parse_set_option(f"model.bundle={b.path}"), parse_set_option("model.backend=openvino"),
+                             parse_set_option("model.thread_spinning=false")])  # ignored by OpenVINO
+    insp = open_inspector(b, s)
+    try:
+        assert insp.backend.name == "openvino"
+        assert insp.inspect_batch(batch).scores.shape == (len(batch),)
+    finally:
+        insp.backend.close()

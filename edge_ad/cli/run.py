@@ -30,7 +30,7 @@ def _settings_loader(config: str | None, overrides: list):
 @click.option("--bundle", default=None, help="Override model.bundle.")
 @click.option("--source", default=None, help="Override source.uri (e.g. file://clip.mp4?loop=1).")
 @click.option("--mode", type=click.Choice(["stream", "trigger"]), default=None, help="Override source.mode.")
-@click.option("--backend", default=None, help="Override model.backend (auto | onnxruntime | tensorrt | torch).")
+@click.option("--backend", default=None, help="Override model.backend (auto | onnxruntime | tensorrt | torch | openvino).")
 @click.option("--precision", default=None, help="Override model.precision (fp32 | fp16 | int8).")
 @click.option("--device", default=None, help="Override model.device (cpu | cuda[:N]).")
 @click.option("--mqtt-url", default=None, help="Override mqtt.url (mqtt://host:1883).")

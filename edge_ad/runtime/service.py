@@ -69,6 +69,8 @@ def open_inspector(bundle: Bundle, settings: Settings):
     options: dict[str, Any] = {"max_batch": max(settings.pipeline.max_batch, 1)}
     if m.threads:
         options["threads"] = m.threads
+    if m.thread_spinning is not None and m.backend in ("auto", "onnxruntime"):
+        options["spinning"] = m.thread_spinning
     backend = LockedBackend(open_backend(bundle, m.backend, m.precision, m.device, **options))
     try:
         return Inspector(bundle, backend)

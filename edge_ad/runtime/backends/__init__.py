@@ -120,7 +120,7 @@ def _open_auto(bundle: Bundle, precision: str | None, device: str | None, **opti
                 reason = chk.reason
                 chk = chk if chk.ok else None
             if chk is not None:
-                trt_opts = {k: v for k, v in options.items() if k not in ("threads", "max_batch")}
+                trt_opts = {k: v for k, v in options.items() if k not in ("threads", "max_batch", "spinning")}
                 return TensorRTBackend(bundle, precision=chk.meta["precision"], device=f"cuda:{index}", **trt_opts)
             log.warning("not using TensorRT: %s (run 'edge-ad compile'); using ONNX Runtime", reason)
         else:

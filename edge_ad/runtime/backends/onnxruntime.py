@@ -70,7 +70,10 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle, precision: str | None = None, device: str | None = "cpu",
                  threads: int = 0, max_batch: int = 64, graph: str | os.PathLike | None = None,
-                 verify: bool = True, optimization: str = "all", int8_form: str = "auto"):
+                 verify: bool = True, optimization: str = "all", int8_form: str = "auto",
+                 spinning: bool | None = None):
+        """``spinning``: ONNX Runtime's intra-op thread spinning (None: its default, on). Off is faster when
+        the cores are shared with other busy processes (docs/compile.md, "Threads")."""
         ort = _import_ort()
         kind, index = parse_device(device)
         self.device = kind if kind == "cpu" else f"{kind}:{index}"
@@ -102,6 +105,8 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
+        if spinning is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)

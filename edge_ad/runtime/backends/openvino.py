@@ -48,8 +48,10 @@ class OpenVinoBackend(Backend):
         check_outputs(names, bundle.outputs, str(path))
         self.output_names = bundle.outputs
         self._config = {"PERFORMANCE_HINT": hint}
-        if self.precision == "fp32":  # no silent bf16 on CPUs that have it
-            self._config["INFERENCE_PRECISION_HINT"] = "f32"
+        # f32 for every graph: the parts an INT8 graph keeps in float (the layers the guard kept in higher
+        # precision, the score maps) must not silently drop to bf16 on CPUs that have it (AMX / AVX512-BF16),
+        # or the guard measured on one machine would not hold on another.
+        self._config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self._requests: dict[int, object] = {}
