@@ -32,6 +32,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(HERE / "results" / "accuracy_bundles"))
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--config", action="append", default=[], help="model config override key=value")
+    ap.add_argument("--teacher", default=None, help="EfficientAD teacher: lite0 (default) or a PDN weights file")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="first distill a PDN teacher from Lite0 on the training images for this many steps "
+                         "(edge-ad distill-teacher) and train EfficientAD with it; its time is reported")
+    ap.add_argument("--distill-batch", type=int, default=8)
+    ap.add_argument("--tag", default="", help="suffix of the result rows and bundle folders (e.g. pdn-teacher)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     if not (data / "train" / "good").is_dir():
@@ -45,18 +51,32 @@ def main(argv=None) -> int:
         k, _, v = kv.partition("=")
         cfg[k] = int(v) if v.isdigit() else v
     rows = []
+    suffix = f"-{args.tag}" if args.tag else ""
+    teacher, distill_s = args.teacher, 0.0
+    if args.distill_steps:
+        from edge_ad.train.distill import distill
+
+        teacher = str(Path(args.work) / f"teacher-pdn-s-{args.distill_steps}.pth")
+        t0 = time.time()
+        distill(data / "train" / "good", teacher, "s", args.image_size, args.distill_steps,
+                batch_size=args.distill_batch, device=args.device)
+        distill_s = time.time() - t0
+        print(f"distilled {teacher} in {distill_s / 60:.1f} min", flush=True)
     for m in [x.strip() for x in args.models.split(",") if x.strip()]:
-        out = Path(args.work) / f"{m}-{args.preset}"
+        out = Path(args.work) / f"{m}-{args.preset}{suffix}"
         t0 = time.time()
         b = train_bundle(m, data, out, image_size=args.image_size, steps=args.steps, preset=args.preset,
-                         device=args.device, config=cfg or None)
+                         device=args.device, config=cfg or None,
+                         teacher=teacher if m.startswith("efficientad") else None)
         train_s = time.time() - t0
         rep = evaluate(out, data, backend=args.backend, device="cpu")
         o = rep["overall"]
         rows.append({"model": m, "preset": args.preset, "steps": b.manifest["training"].get("steps", 0),
                      "train_s": round(train_s, 1), "image_auroc": o["image_auroc"],
                      "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro"], "f1": o.get("f1"),
-                     "backend": rep["backend"], "eval_img_s": rep["images_per_second"]})
+                     "backend": rep["backend"], "eval_img_s": rep["images_per_second"], "tag": args.tag,
+                     "teacher": b.manifest["model"]["config"].get("teacher"), "distill_s": round(distill_s, 1),
+                     "distill": f"{args.distill_steps} steps x {args.distill_batch}" if args.distill_steps else None})
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()} ({args.device})"
     print(f"\nMagnetic Tile ({data}), {args.image_size}x{args.image_size}, evaluated with {args.backend}; {machine}")
@@ -71,7 +91,7 @@ def main(argv=None) -> int:
     res.mkdir(exist_ok=True)
     prev = json.loads((res / "accuracy.json").read_text()) if (res / "accuracy.json").is_file() else {}
     for r in rows:
-        prev[f"{r['model']}-{r['preset']}"] = {**r, "machine": machine}
+        prev[f"{r['model']}-{r['preset']}{suffix}"] = {**r, "machine": machine}
     (res / "accuracy.json").write_text(json.dumps(prev, indent=2, sort_keys=True) + "\n")
     return 0
 

@@ -171,35 +171,41 @@ def worker(cfg: dict) -> dict:
 
 # ============================================================================ preparation (main process)
 def graph_gflops(onnx_path: Path, size: int) -> float:
-    """GFLOPs (2 x multiply-adds) of Conv / ConvTranspose / MatMul / Gemm for one image."""
+    """GFLOPs (2 x multiply-adds) of Conv / ConvTranspose / MatMul / Gemm for one image. Shapes come from
+    running the graph once on a zero image with ONNX Runtime (static shape inference cannot follow the
+    pads and sizes some graphs compute, e.g. the Lite0 backbone's 'same' padding)."""
     import onnx
-    from onnx import shape_inference
+    import onnxruntime as ort
 
     m = onnx.load(str(onnx_path))
-    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
-    m = shape_inference.infer_shapes(m)
+    ops = [n for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
+    known = {o.name for o in m.graph.output}
+    for name in dict.fromkeys(t for n in ops for t in (n.input[0], n.input[1], n.output[0])):
+        if name and name not in known:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+            known.add(name)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    names = [o.name for o in sess.get_outputs()]
     shapes = {}
-    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     for init in m.graph.initializer:
         shapes[init.name] = list(init.dims)
+    vals = sess.run(names, {inp.name: np.zeros((1, 3, size, size), np.float32)})
+    shapes.update({k: list(v.shape) for k, v in zip(names, vals)})
     macs = 0
-    for n in m.graph.node:
-        if n.op_type in ("Conv", "ConvTranspose"):
-            wshape = shapes.get(n.input[1])
-            out = shapes.get(n.output[0])
-            if not wshape or not out or 0 in out:
-                continue
-            group = next((a.i for a in n.attribute if a.name == "group"), 1)
-            if n.op_type == "Conv":
-                macs += int(np.prod(out)) * int(np.prod(wshape[1:]))
-            else:
-                inp = shapes.get(n.input[0])
-                macs += int(np.prod(inp)) * wshape[1] * int(np.prod(wshape[2:])) // max(group, 1) * group
-        elif n.op_type in ("MatMul", "Gemm"):
-            a, out = shapes.get(n.input[0]), shapes.get(n.output[0])
-            if a and out and 0 not in out:
-                macs += int(np.prod(out)) * a[-1]
+    for n in ops:
+        a, wshape, out = shapes.get(n.input[0]), shapes.get(n.input[1]), shapes.get(n.output[0])
+        if not a or not wshape or not out:
+            continue
+        if n.op_type == "Conv":
+            macs += int(np.prod(out)) * int(np.prod(wshape[1:]))
+        elif n.op_type == "ConvTranspose":  # every input element meets C_out/group x kernel weights
+            macs += int(np.prod(a)) * wshape[1] * int(np.prod(wshape[2:]))
+        else:
+            macs += int(np.prod(out)) * a[-1]
     return 2.0 * macs / 1e9
 
 

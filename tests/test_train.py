@@ -113,3 +113,20 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(tmp_path / "missing"),
                         "--data", str(category)], capture_output=True, text=True)
     assert r.returncode == 2 and "bundle folder not found" in r.stderr
+
+
+
+def test_planted_anomalies_mark_what_they_change():
+    from edge_ad.train.common import planted_anomalies
+
+    x = torch.full((64, 3, 128, 128), 128.0)
+    x += torch.linspace(-20, 20, 128).view(1, 1, 1, -1)  # a gradient, so pasted patches differ
+    out, mask = planted_anomalies(x, torch.Generator().manual_seed(3), x.flip(-1), p=1.0)
+    changed = (out - x).abs().amax(dim=1, keepdim=True) > 0
+    assert not (changed & (mask == 0)).any(), "pixels changed outside the returned mask"
+    assert (mask.flatten(1).amax(1) > 0).all(), "p=1.0 must plant into every image"
+    assert (out >= 0).all() and (out <= 255).all()
+    again, mask2 = planted_anomalies(x, torch.Generator().manual_seed(3), x.flip(-1), p=1.0)
+    assert torch.equal(again, out) and torch.equal(mask2, mask)
+    _, none = planted_anomalies(x, torch.Generator().manual_seed(3), x.flip(-1), p=0.0)
+    assert not none.any()

@@ -10,6 +10,7 @@ MSE loss, Adam 1e-4 / weight decay 1e-5 (the paper's). The file is a plain PDN s
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import torch
@@ -51,7 +52,8 @@ def distill(data, out, size: str = "s", image_size: int = 256, steps: int = 2000
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
     gen = torch.Generator().manual_seed(seed)
     loss_v = float("nan")
-    for _ in tqdm(range(steps), desc="distill teacher", unit="step", disable=None):
+    tty = sys.stderr.isatty()  # logs (CI, journald) get a progress line every 30 s, as training does
+    for _ in tqdm(range(steps), desc="distill teacher", unit="step", mininterval=0.1 if tty else 30.0):
         x = color_jitter(sample_batch(imgs, batch_size, gen), 0.1, gen).to(device)
         y = (feats(x) - f_mean) / f_std
         pred = net((x - mean) / std)
