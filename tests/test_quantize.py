@@ -326,3 +326,15 @@ def test_planted_defects_change_the_image_where_the_mask_is():
         assert out.shape == img.shape and out.dtype == np.uint8
         assert mask.sum() >= 8
         assert np.abs(out.astype(int) - img.astype(int))[mask].mean() > 5
+
+
+def test_an_entry_judged_again_under_other_limits(int8):
+    """An entry measured under relaxed limits (as bench/speed.py keeps every graph) gives, judged again,
+    the same verdict evaluate() would have given under those limits."""
+    _, res = int8
+    e = res.entries[0]
+    assert e["passed"] and guard_mod.judge(e, PASS_ALL) == []
+    strict = GuardLimits(max_auroc_drop=-1.0, min_rank_corr=1.01, min_agreement=1.01, max_map_error_rel=-1.0)
+    msgs = guard_mod.judge(e, strict)
+    assert len(msgs) == len(e["auroc"]) + 3
+    assert any("rank correlation" in m for m in msgs) and any("decision agreement" in m for m in msgs)

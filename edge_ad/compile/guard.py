@@ -324,6 +324,15 @@ def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
         # pairs: normal x defect pairs the AUROC counts; one pair ranked the other way moves it by 1/pairs
         entry["auroc"][group] = {"fp32": a_ref, "candidate": a_cand, "drop": a_ref - a_cand,
                                  "pairs": pos * (int(np.sum(sel)) - pos)}
+    failures = judge(entry, limits)
+    entry["passed"] = not failures
+    entry["failures"] = failures
+    return entry
+
+
+def judge(entry: dict, limits: GuardLimits) -> list[str]:
+    """The limits an :func:`evaluate` entry breaks, as messages (empty: it passes ``limits``). Lets a
+    caller that measured under relaxed limits judge the same entry again under others."""
     failures = []
     for group, a in entry["auroc"].items():
         if not a["drop"] <= limits.max_auroc_drop:
@@ -335,9 +344,7 @@ def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
         failures.append(f"decision agreement {entry['agreement']:.4f} < {limits.min_agreement}")
     if limits.max_map_error_rel is not None and not entry["max_map_error_rel"] <= limits.max_map_error_rel:
         failures.append(f"map error {entry['max_map_error_rel']:.4f} of the threshold > {limits.max_map_error_rel}")
-    entry["passed"] = not failures
-    entry["failures"] = failures
-    return entry
+    return failures
 
 
 def write_report(bundle: Bundle, entries: Sequence[dict]) -> Path:
