@@ -117,7 +117,7 @@ def _runner(cfg: dict):
             torch.set_num_threads(int(cfg["threads"]))
         opts["module"] = models.build(b.kind, b.image_size, b.model.get("config", {}), pretrained=False)
         opts["cuda_graphs"] = bool(cfg.get("cuda_graphs"))
-    if backend == "onnxruntime" and prec == "int8":
+    if backend in ("onnxruntime", "openvino") and prec == "int8":
         opts["int8_form"] = cfg.get("int8_form", "auto")
     opts["max_batch"] = 1024
     if cfg.get("threads") and backend in ("onnxruntime", "openvino"):
@@ -229,6 +229,33 @@ def measured_peak_gflops(n: int = 2048, seconds: float = 2.0) -> float:
     return best
 
 
+def measured_int8_peak_gops(n: int = 2048, seconds: float = 2.0) -> float:
+    """INT8 GEMM GOP/s (2 x u8 x s8 multiply-adds with int32 sums) with all cores: ONNX Runtime's
+    ``MatMulInteger`` on a large square matrix, the same MLAS kernels (VNNI where the CPU has it) its
+    quantized convolutions use. The ceiling any INT8 graph on this machine can approach."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (n, n)).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "a_zero"], ["y"])], "int8_peak",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(3, np.uint8), "a_zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = {"a": rng.integers(0, 256, (n, n)).astype(np.uint8)}
+    sess.run(None, a)
+    best = 0.0
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        sess.run(None, a)
+        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def synthetic_data(work: Path, size: int) -> Path:
     from edge_ad.data.synthetic import write_category
 
@@ -245,8 +272,9 @@ def _guard_summary(e: dict) -> dict:
 
 def prepare(kind: str, size: int, work: Path, data: Path, trained: str | None, calib_samples: int,
             guard_normals: int, log, keep_fp32: str = "head", calibration: str = "minmax",
-            test_dir: str | None = None, guard_timeout: float = 900) -> dict:
-    """Bundle with model.onnx, both INT8 forms (+ guard results) and the OpenVINO NNCF INT8 model."""
+            test_dir: str | None = None, guard_timeout: float = 900, openvino: bool = True) -> dict:
+    """Bundle with model.onnx, both INT8 forms (+ guard results) and, with ``openvino``, the OpenVINO NNCF
+    INT8 model and the guard of NNCF's model and of both our INT8 forms run by OpenVINO."""
     from edge_ad import models
     from edge_ad.bundle import Bundle
     from edge_ad.compile.export import export_bundle
@@ -298,14 +326,16 @@ def prepare(kind: str, size: int, work: Path, data: Path, trained: str | None, c
         failures = judge(e, GuardLimits())
         info["guard"][e["candidate"]] = _guard_summary(e) | {"passed": not failures, "failures": failures}
     b.set_active("model.onnx", "fp32")
+    info["openvino"] = None
+    if not openvino:
+        return info
     try:
         info["openvino"] = openvino_int8(b, calib_samples)
     except ImportError:
-        info["openvino"] = None
         return info
     # The same guard for NNCF's model and for our INT8 graph run by OpenVINO (its kernels round differently
     # from ONNX Runtime's), each in its own process: OpenVINO may crash compiling a graph.
-    for name in ("openvino-nncf-int8", "openvino-int8"):
+    for name in ("openvino-nncf-int8", "openvino-int8", "openvino-int8-u8"):
         job = {"bundle": str(d), "candidate": name, "guard_normals": guard_normals, "test": test_dir}
         info["guard"][name] = run_job("--guard-worker", job, guard_timeout)
     return info
@@ -349,7 +379,7 @@ def guard_worker(job: dict) -> dict:
     if job["candidate"] == "openvino-nncf-int8":
         cand = _NncfBackend(b.file("openvino-int8.xml"), b.outputs, b.image_size)
     else:
-        cand = OpenVinoBackend(b, "int8")
+        cand = OpenVinoBackend(b, "int8", int8_form="u8" if job["candidate"].endswith("-u8") else "s8")
     e = evaluate(b, cand, gset, None, GuardLimits(), name=job["candidate"])
     cand.close()
     return _guard_summary(e)
@@ -405,7 +435,9 @@ def configs(info: dict, gpu: bool, have_ov: bool) -> list[dict]:
                 {"name": "openvino int8 (NNCF, anomalib's path)", "backend": "openvino-nncf", "precision": "int8",
                  "device": "cpu"},
                 {"name": "openvino int8 (our guarded s8 graph)", "backend": "openvino", "precision": "int8",
-                 "device": "cpu"}]
+                 "device": "cpu", "int8_form": "s8"},
+                {"name": "openvino int8 (our guarded u8 graph)", "backend": "openvino", "precision": "int8",
+                 "device": "cpu", "int8_form": "u8"}]
     if gpu:
         out += [{"name": "torch cuda fp32", "backend": "torch", "precision": "fp32", "device": "cuda"},
                 {"name": "torch cuda fp16 + cuda graphs", "backend": "torch", "precision": "fp16",
@@ -441,7 +473,7 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 
 # ============================================================================ report
-def fmt_table(results: list[dict], batches: list[int], peak: float) -> str:
+def fmt_table(results: list[dict], batches: list[int], peak: float, peak8: float = 0.0) -> str:
     """Medians over the rounds. ``x torch`` / ``x NNCF``: throughput at the largest batch over torch eager
     FP32's / OpenVINO NNCF INT8's; ``spread``: (max - min) / median of that throughput over the rounds."""
     bb = str(max(batches))
@@ -478,6 +510,13 @@ def fmt_table(results: list[dict], batches: list[int], peak: float) -> str:
             lines.append(f"{'':<14} {info['gflops']:.1f} GFLOPs/image; best: {best['name']} "
                          f"{ips:.2f} img/s = {info['gflops'] * ips:.1f} GFLOP/s = "
                          f"{info['gflops'] * ips / peak:.0%} of the measured FP32 peak ({peak:.0f} GFLOP/s)")
+            int8 = [r for r in ok if "int8" in r["name"]]
+            if int8 and peak8:
+                b8 = max(int8, key=lambda r: max(r["throughput"].values()))
+                ips8 = max(b8["throughput"].values())
+                lines.append(f"{'':<14} best INT8: {b8['name']} {info['gflops'] * ips8:.1f} GOP/s = "
+                             f"{info['gflops'] * ips8 / peak8:.0%} of the measured INT8 GEMM peak "
+                             f"({peak8:.0f} GOP/s, ONNX Runtime MatMulInteger)")
         if info.get("int8"):
             q = info["int8"]
             lines.append(f"{'':<14} our INT8: keep-fp32 {q['keep_fp32']} ({q['fp32_convs']} convs in FP32), "
@@ -583,11 +622,13 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     peak = measured_peak_gflops()
+    peak8 = measured_int8_peak_gops()
     import platform
 
     machine = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-               "fp32_matmul_peak_gflops": peak, "gpu": gpu, "openvino": have_ov, "load_avg_start": os.getloadavg()}
-    log(f"machine: {os.cpu_count()} cores, FP32 matmul peak {peak:.0f} GFLOP/s, load average "
+               "fp32_matmul_peak_gflops": peak, "int8_gemm_peak_gops": peak8, "gpu": gpu, "openvino": have_ov, "load_avg_start": os.getloadavg()}
+    log(f"machine: {os.cpu_count()} cores, FP32 matmul peak {peak:.0f} GFLOP/s, INT8 GEMM peak {peak8:.0f} "
+        f"GOP/s, load average "
         f"{os.getloadavg()[0]:.1f}; OpenVINO: {'yes' if have_ov else 'no (pip install openvino nncf)'}; "
         f"GPU: {'yes' if gpu else 'no'}")
     results = []
@@ -595,7 +636,7 @@ def main(argv=None) -> int:
         log(f"{LABEL[kind]}: preparing (export, INT8 calibration + guard on {data})")
         info = prepare(kind, args.size, work, data, trained.get(kind), args.calib_samples, args.guard_normals, log,
                        keep_fp32=args.keep_fp32, calibration=args.calibration, test_dir=args.test,
-                       guard_timeout=args.timeout)
+                       guard_timeout=args.timeout, openvino=have_ov)
         cfgs = configs(info, gpu, have_ov)
         runs: list[list[dict]] = [[] for _ in cfgs]
         for rnd in range(args.rounds):   # interleaved: every configuration once per round
@@ -616,9 +657,9 @@ def main(argv=None) -> int:
             r = merge_rounds(rr)
             r.update(model=kind, name=cfg["name"], info=info)
             if cfg["precision"] == "int8" and cfg["backend"] in ("onnxruntime", "openvino", "openvino-nncf"):
-                g = info.get("guard", {}).get(
-                    {"openvino": "openvino-int8", "openvino-nncf": "openvino-nncf-int8"}.get(cfg["backend"])
-                    or ("onnxruntime-int8-u8" if cfg.get("int8_form") == "u8" else "onnxruntime-int8"))
+                guard_name = {"openvino": "openvino-int8", "openvino-nncf": "openvino-nncf-int8",
+                              "onnxruntime": "onnxruntime-int8"}[cfg["backend"]]
+                g = info.get("guard", {}).get(guard_name + ("-u8" if cfg.get("int8_form") == "u8" else ""))
                 r["guard"] = "" if not g else ("error" if "error" in g else "pass" if g["passed"] else "FAIL")
             results.append(r)
         # after each model: a run cut short still leaves what it measured
@@ -626,8 +667,8 @@ def main(argv=None) -> int:
         (out / "speed.json").write_text(json.dumps({"machine": machine, "size": args.size, "batches": batches,
                                                     "rounds": args.rounds, "threads": args.threads,
                                                     "results": results}, indent=2, default=str))
-        (out / "speed.txt").write_text(fmt_table(results, batches, peak) + "\n")
-    table = fmt_table(results, batches, peak)
+        (out / "speed.txt").write_text(fmt_table(results, batches, peak, peak8) + "\n")
+    table = fmt_table(results, batches, peak, peak8)
     print(table)
     plot(results, batches, out / "speed.png")
     print(f"\nwrote {out / 'speed.json'}, speed.txt and {out / 'speed.png'}")

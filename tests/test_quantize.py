@@ -240,6 +240,24 @@ def test_cpu_runs_the_u8_form_and_matches_fp32_closely(int8):
         assert u8.graph.name == "model.int8-u8.onnx"
 
 
+
+def test_openvino_runs_the_guarded_int8_forms(int8):
+    """OpenVINO picks the u8 form by default (or s8 on request) and its maps track ONNX Runtime's on the
+    same graph to within INT8 rounding: the two engines round differently, never by a large amount."""
+    pytest.importorskip("openvino")
+    b, _ = int8
+    x = np.random.default_rng(1).uniform(0, 255, (2, 3, 64, 64)).astype(np.float32)
+    for form, name in (("auto", "model.int8-u8.onnx"), ("s8", "model.int8.onnx")):
+        with open_backend(b, "openvino", "int8", "cpu", int8_form=form) as ov, \
+                open_backend(b, "onnxruntime", "int8", "cpu", int8_form=form) as ref:
+            assert ov.graph.name == name == ref.graph.name
+            got, want = ov.infer(x), ref.infer(x)
+        for k in want:
+            assert got[k].shape == want[k].shape and np.isfinite(got[k]).all()
+            assert np.abs(got[k] - want[k]).max() <= 0.05 * np.abs(want[k]).max() + 1e-6, k
+    with pytest.raises(InputError, match="int8_form 'x8'"):
+        open_backend(b, "openvino", "int8", "cpu", int8_form="x8")
+
 def test_guard_failure_changes_nothing(base, tmp_path):
     shutil.copytree(base.path, tmp_path / "b")
     b = Bundle.open(tmp_path / "b")

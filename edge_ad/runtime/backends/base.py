@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from ...errors import InputError
+
+if TYPE_CHECKING:
+    from ...bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,22 @@ class Backend:
         if batch.dtype != np.float32:
             batch = batch.astype(np.float32)
         return np.ascontiguousarray(batch)
+
+
+def graph_file(bundle: Bundle, precision: str, device_kind: str, int8_form: str = "auto") -> str:
+    """Which ONNX file of the bundle runs ``precision`` on this kind of device.
+
+    INT8 on the CPU: the unsigned-activation form when the bundle has it (``int8_form`` 'auto'), or the
+    form asked for ('u8' / 's8'); on GPUs always the signed symmetric form. ONNX Runtime and OpenVINO
+    both run the u8 form faster on x86 CPUs (docs/compile.md).
+    """
+    check_precision(precision)
+    if int8_form not in ("auto", "u8", "s8"):
+        raise InputError(f"int8_form '{int8_form}': expected auto, u8 or s8")
+    if precision == "int8":
+        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and bundle.has(CPU_INT8_FILE)):
+            return CPU_INT8_FILE
+    return GRAPH_FILES[precision]
 
 
 def check_outputs(have: Iterable[str], want: list[str], where: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...bundle import Bundle
 from ...errors import InputError, RuntimeFailure
-from .base import CPU_INT8_FILE, GRAPH_FILES, Backend, check_outputs, check_precision
+from .base import GRAPH_FILES, Backend, check_outputs, check_precision, graph_file
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +48,6 @@ def parse_device(device: str | None) -> tuple[str, int]:
     except ValueError:
         raise InputError(f"onnxruntime device '{device}': the device index must be an integer") from None
     return ("tensorrt" if kind == "trt" else kind), index
-
-
-def graph_file(bundle: Bundle, precision: str, device_kind: str, int8_form: str = "auto") -> str:
-    """Which ONNX file of the bundle runs ``precision`` on this kind of device.
-
-    INT8 on the CPU: the unsigned-activation form when the bundle has it (``int8_form`` 'auto'), or the
-    form asked for ('u8' / 's8'); on GPUs always the signed symmetric form.
-    """
-    check_precision(precision)
-    if int8_form not in ("auto", "u8", "s8"):
-        raise InputError(f"int8_form '{int8_form}': expected auto, u8 or s8")
-    if precision == "int8":
-        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and bundle.has(CPU_INT8_FILE)):
-            return CPU_INT8_FILE
-    return GRAPH_FILES[precision]
 
 
 class OnnxRuntimeBackend(Backend):
