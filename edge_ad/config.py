@@ -66,9 +66,11 @@ class ModelSettings(_Section):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
+        from .runtime.backends import BACKENDS  # the one list open_backend accepts
+
         v = v.strip().lower()
-        if v not in ("auto", "onnxruntime", "tensorrt", "torch", "openvino"):
-            raise ValueError(f"'{v}': expected auto, onnxruntime, tensorrt, torch or openvino")
+        if v not in BACKENDS:
+            raise ValueError(f"'{v}': expected {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
         return v
 
     @field_validator("bundle", "deploy_dir", "golden_dir", "update_key", mode="before")

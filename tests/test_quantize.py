@@ -240,7 +240,6 @@ def test_cpu_runs_the_u8_form_and_matches_fp32_closely(int8):
         assert u8.graph.name == "model.int8-u8.onnx"
 
 
-
 def test_openvino_runs_the_guarded_int8_forms(int8):
     """OpenVINO picks the u8 form by default (or s8 on request) and its maps track ONNX Runtime's on the
     same graph to within INT8 rounding: the two engines round differently, never by a large amount."""
@@ -257,6 +256,7 @@ def test_openvino_runs_the_guarded_int8_forms(int8):
             assert np.abs(got[k] - want[k]).max() <= 0.05 * np.abs(want[k]).max() + 1e-6, k
     with pytest.raises(InputError, match="int8_form 'x8'"):
         open_backend(b, "openvino", "int8", "cpu", int8_form="x8")
+
 
 def test_guard_failure_changes_nothing(base, tmp_path):
     shutil.copytree(base.path, tmp_path / "b")

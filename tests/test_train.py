@@ -115,7 +115,6 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
     assert r.returncode == 2 and "bundle folder not found" in r.stderr
 
 
-
 def test_planted_anomalies_mark_what_they_change():
     from edge_ad.train.common import planted_anomalies
 

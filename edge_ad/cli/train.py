@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..runtime.backends import BACKENDS
 from . import main
 
 
@@ -49,7 +50,7 @@ def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher,
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder.")
 @click.option("--data", required=True, type=click.Path(), help="MVTec-layout category folder with test/.")
 @click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "tensorrt", "torch", "openvino"]))
+              type=click.Choice([b for b in BACKENDS if b != "auto"]))
 @click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "int8", "int8-u8"]),
               help="Graph to evaluate (default: the bundle's active one).")
 @click.option("--device", default=None, help="cpu or cuda (default: what the backend picks).")
