@@ -27,16 +27,23 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="gaussian,efficientad-s,fader")
     ap.add_argument("--preset", default="quick", choices=["quick", "paper"])
     ap.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    ap.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
+    ap.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    ap.add_argument("--max-minutes", type=float, default=None, help="time budget of each training (edge-ad train)")
+    ap.add_argument("--checkpoint-every", type=int, default=500, help="steps between training checkpoints")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=str(HERE / "results" / "accuracy_bundles"))
     ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--eval-device", default="cpu", help="device of the evaluation backend (torch: cuda)")
     ap.add_argument("--config", action="append", default=[], help="model config override key=value")
     ap.add_argument("--teacher", default=None, help="EfficientAD teacher: lite0 (default) or a PDN weights file")
     ap.add_argument("--distill-steps", type=int, default=0,
                     help="first distill a PDN teacher from Lite0 on the training images for this many steps "
                          "(edge-ad distill-teacher) and train EfficientAD with it; its time is reported")
     ap.add_argument("--distill-batch", type=int, default=8)
+    ap.add_argument("--results", default=str(HERE / "results" / "accuracy.json"),
+                    help="JSON file the rows are merged into (one per concurrent run)")
     ap.add_argument("--tag", default="", help="suffix of the result rows and bundle folders (e.g. pdn-teacher)")
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -66,19 +73,28 @@ def main(argv=None) -> int:
         out = Path(args.work) / f"{m}-{args.preset}{suffix}"
         t0 = time.time()
         b = train_bundle(m, data, out, image_size=args.image_size, steps=args.steps, preset=args.preset,
-                         device=args.device, config=cfg or None,
+                         device=args.device, config=cfg or None, lr=args.lr, batch_size=args.batch_size,
+                         max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
                          teacher=teacher if m.startswith("efficientad") else None)
         train_s = time.time() - t0
-        rep = evaluate(out, data, backend=args.backend, device="cpu")
+        rep = evaluate(out, data, backend=args.backend, device=args.eval_device)
         o = rep["overall"]
         rows.append({"model": m, "preset": args.preset, "steps": b.manifest["training"].get("steps", 0),
                      "train_s": round(train_s, 1), "image_auroc": o["image_auroc"],
                      "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro"], "f1": o.get("f1"),
                      "backend": rep["backend"], "eval_img_s": rep["images_per_second"], "tag": args.tag,
+                     "lr": b.manifest["training"].get("lr"), "batch_size": b.manifest["training"].get("batch_size"),
+                     "train_loop_s": round(b.manifest["training"].get("train_seconds", 0.0), 1),
+                     "device": args.device, "per_type": rep.get("per_type"),
+                     "planned_steps": b.manifest["training"].get("planned_steps"),
                      "teacher": b.manifest["model"]["config"].get("teacher"), "distill_s": round(distill_s, 1),
                      "distill": f"{args.distill_steps} steps x {args.distill_batch}" if args.distill_steps else None})
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()} ({args.device})"
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine += f", {torch.cuda.get_device_name()}, torch {torch.__version__}"
     print(f"\nMagnetic Tile ({data}), {args.image_size}x{args.image_size}, evaluated with {args.backend}; {machine}")
     hdr = ("model", "preset", "steps", "train time", "image AUROC", "pixel AUROC", "AUPRO")
     lines = [hdr] + [(r["model"], r["preset"], str(r["steps"]), f"{r['train_s'] / 60:.1f} min",
@@ -87,12 +103,12 @@ def main(argv=None) -> int:
     w = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
     for l in lines:
         print("| " + " | ".join(v.ljust(w[i]) for i, v in enumerate(l)) + " |")
-    res = HERE / "results"
-    res.mkdir(exist_ok=True)
-    prev = json.loads((res / "accuracy.json").read_text()) if (res / "accuracy.json").is_file() else {}
+    res = Path(args.results)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    prev = json.loads(res.read_text()) if res.is_file() else {}
     for r in rows:
         prev[f"{r['model']}-{r['preset']}{suffix}"] = {**r, "machine": machine}
-    (res / "accuracy.json").write_text(json.dumps(prev, indent=2, sort_keys=True) + "\n")
+    res.write_text(json.dumps(prev, indent=2, sort_keys=True) + "\n")
     return 0
 
 

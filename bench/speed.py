@@ -270,7 +270,8 @@ def _guard_summary(e: dict) -> dict:
 
 def prepare(kind: str, size: int, work: Path, data: Path, trained: str | None, calib_samples: int,
             guard_normals: int, log, keep_fp32: str = "head", calibration: str = "minmax",
-            test_dir: str | None = None, guard_timeout: float = 900, openvino: bool = True) -> dict:
+            test_dir: str | None = None, guard_timeout: float = 900, openvino: bool = True,
+            int8: bool = True) -> dict:
     """Bundle with model.onnx, both INT8 forms (+ guard results) and, with ``openvino``, the OpenVINO NNCF
     INT8 model and the guard of NNCF's model and of both our INT8 forms run by OpenVINO."""
     from edge_ad import models
@@ -310,6 +311,8 @@ def prepare(kind: str, size: int, work: Path, data: Path, trained: str | None, c
         b.save_manifest()
     info["bundle"] = str(d)
     info["gflops"] = graph_gflops(b.file("model.onnx"), size)
+    if not int8:
+        return info | {"openvino": None}
     t0 = time.perf_counter()
     # Keep the graphs whatever the guard says (the speed of a graph that fails is still worth knowing);
     # judge the guard with the default limits below.
@@ -419,7 +422,13 @@ def openvino_int8(bundle, samples: int) -> str:
     return str(out)
 
 
-def configs(info: dict, gpu: bool, have_ov: bool) -> list[dict]:
+def configs(info: dict, gpu: bool, have_ov: bool, gpu_only: bool = False) -> list[dict]:
+    if gpu_only:
+        return [c for c in _configs(info, gpu, False) if c["device"] == "cuda"]
+    return _configs(info, gpu, have_ov)
+
+
+def _configs(info: dict, gpu: bool, have_ov: bool) -> list[dict]:
     out = [{"name": "torch eager fp32", "backend": "torch", "precision": "fp32", "device": "cpu"}]
     if "export_error" in info:
         return out
@@ -582,6 +591,8 @@ def main(argv=None) -> int:
                     help="every configuration is measured this many times, interleaved with the others "
                          "(medians reported: on a shared machine the load changes between configurations)")
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO columns")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="only the CUDA rows (no CPU rows, no INT8 preparation): for a short lease of a GPU")
     ap.add_argument("--timeout", type=float, default=900, help="per configuration, seconds")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "edge_ad_speed"))
     ap.add_argument("--out", default="bench/out", help="folder for speed.json and speed.png")
@@ -608,13 +619,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else synthetic_data(work, args.size)
-    have_ov = (not args.no_openvino and importlib.util.find_spec("openvino") is not None
+    have_ov = (not args.no_openvino and not args.gpu_only and importlib.util.find_spec("openvino") is not None
                and importlib.util.find_spec("nncf") is not None)
     gpu = False
     if importlib.util.find_spec("torch") is not None:
         import torch
 
         gpu = torch.cuda.is_available()
+    gpu_name = torch.cuda.get_device_name() if gpu else None
+    if args.gpu_only and not gpu:
+        print("skipped: --gpu-only, and torch sees no CUDA device here")
+        return 0
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -624,7 +639,7 @@ def main(argv=None) -> int:
     import platform
 
     machine = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-               "fp32_matmul_peak_gflops": peak, "int8_gemm_peak_gops": peak8, "gpu": gpu, "openvino": have_ov, "load_avg_start": os.getloadavg()}
+               "fp32_matmul_peak_gflops": peak, "int8_gemm_peak_gops": peak8, "gpu": gpu, "gpu_name": gpu_name, "openvino": have_ov, "load_avg_start": os.getloadavg()}
     log(f"machine: {os.cpu_count()} cores, FP32 matmul peak {peak:.0f} GFLOP/s, INT8 GEMM peak {peak8:.0f} "
         f"GOP/s, load average "
         f"{os.getloadavg()[0]:.1f}; OpenVINO: {'yes' if have_ov else 'no (pip install openvino nncf)'}; "
@@ -634,8 +649,8 @@ def main(argv=None) -> int:
         log(f"{LABEL[kind]}: preparing (export, INT8 calibration + guard on {data})")
         info = prepare(kind, args.size, work, data, trained.get(kind), args.calib_samples, args.guard_normals, log,
                        keep_fp32=args.keep_fp32, calibration=args.calibration, test_dir=args.test,
-                       guard_timeout=args.timeout, openvino=have_ov)
-        cfgs = configs(info, gpu, have_ov)
+                       guard_timeout=args.timeout, openvino=have_ov, int8=not args.gpu_only)
+        cfgs = configs(info, gpu, have_ov, args.gpu_only)
         runs: list[list[dict]] = [[] for _ in cfgs]
         for rnd in range(args.rounds):   # interleaved: every configuration once per round
             for i, cfg in enumerate(cfgs):

@@ -76,6 +76,22 @@ def test_training_is_deterministic_and_resume_matches(category, tmp_path, monkey
         assert torch.equal(sa[k], sb[k]), f"resume differs: {k}"
 
 
+def test_time_budget_stops_training_and_still_writes_the_bundle(category, tmp_path):
+    import edge_ad.train.loops as loops
+
+    b = train_bundle("efficientad-s", category, tmp_path / "b", image_size=SIZE, steps=100000, batch_size=1,
+                     export=False, max_minutes=0.05)
+    t = b.manifest["training"]
+    assert t["stopped_by_time_budget"] and t["planned_steps"] == 100000 and 0 < t["steps"] < 100000
+    assert Bundle.open(tmp_path / "b").calibration().version == 1
+    cfg = loops.LoopConfig(steps=1000, lr=1.0, max_seconds=10.0)
+    assert loops.lr_at(10, cfg, elapsed=1.0) == 1.0
+    assert loops.lr_at(10, cfg, elapsed=9.6) == pytest.approx(0.1)   # the clock brings the low-rate phase
+    assert loops.lr_at(950, cfg, elapsed=1.0) == pytest.approx(0.1)  # so do the steps
+    with pytest.raises(InputError, match="--max-minutes"):
+        train_bundle("efficientad-s", category, tmp_path / "c", image_size=SIZE, max_minutes=0)
+
+
 def test_teacher_file_in_public_format(category, tmp_path):
     t = pdn_small(384)
     torch.save(t.state_dict(), tmp_path / "teacher_small.pth")
@@ -129,3 +145,26 @@ def test_planted_anomalies_mark_what_they_change():
     assert torch.equal(again, out) and torch.equal(mask2, mask)
     _, none = planted_anomalies(x, torch.Generator().manual_seed(3), x.flip(-1), p=0.0)
     assert not none.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
+@pytest.mark.parametrize("kind", ["efficientad-s", "fader"])
+def test_training_on_cuda_writes_a_bundle_that_scores_like_cpu(category, tmp_path, kind):
+    """`--device cuda`: the images live on the GPU, random draws stay on the CPU generator; the bundle's
+    ONNX graph (exported on the CPU) gives the trained module's maps."""
+    from edge_ad.runtime.backends import open_backend
+
+    b = train_bundle(kind, category, tmp_path / "b", image_size=SIZE, steps=20, batch_size=2, device="cuda")
+    assert b.manifest["training"]["device"] == "cuda" and b.manifest["training"]["steps"] == 20
+    assert all(np.isfinite(v) for v in b.manifest["training"]["final_losses"].values())
+    m = load_from_bundle(b).eval()
+    x = np.random.default_rng(0).uniform(0, 255, (3, 3, SIZE, SIZE)).astype(np.float32)
+    with torch.inference_mode():
+        ref = [t.numpy() for t in m(torch.from_numpy(x))]
+        gpu = [t.cpu().numpy() for t in m.cuda()(torch.from_numpy(x).cuda())]
+    with open_backend(b, "onnxruntime", "fp32", "cpu") as be:
+        out = be.infer(x)
+    for name, r, g in zip(m.output_names, ref, gpu):
+        assert np.max(np.abs(out[name] - r)) / np.max(np.abs(r)) <= 1e-4
+        assert np.max(np.abs(g - r)) / np.max(np.abs(r)) <= 1e-2  # TF32 convolutions on the GPU

@@ -29,9 +29,12 @@ from . import main
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
 @click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
+@click.option("--max-minutes", type=float, default=None,
+              help="Time budget for the gradient steps: stop there and write the bundle (the x0.1 learning-rate "
+                   "drop then comes at 95% of the budget if the steps do not fit).")
 @click.option("--no-export", is_flag=True, help="Skip the ONNX export at the end.")
 def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher, penalty_dir, gaussian_layout,
-          policy, seed, device, resume, checkpoint_every, no_export):
+          policy, seed, device, resume, checkpoint_every, max_minutes, no_export):
     """Fit a model on normal images and write a bundle (checkpoint, calibration, ONNX)."""
     from ..train.pipeline import train_bundle
 
@@ -39,9 +42,11 @@ def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher,
     b = train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset, teacher=teacher,
                      seed=seed, device=device, resume=resume, penalty_dir=penalty_dir, policy=policy,
                      batch_size=batch_size, export=not no_export, config=config,
-                     checkpoint_every=checkpoint_every)
+                     checkpoint_every=checkpoint_every, max_minutes=max_minutes)
     cal = b.calibration()
     t = b.manifest["training"]
+    if t.get("stopped_by_time_budget"):
+        click.echo(f"time budget reached: {t['steps']} of {t['planned_steps']} steps")
     click.echo(f"bundle {b.path}: {b.kind} {image_size}x{image_size}, {t.get('steps', 0)} steps in "
                f"{t['seconds']} s, calibration v{cal.version} threshold {cal.threshold:.4g} ({cal.policy})")
 

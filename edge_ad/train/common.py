@@ -37,11 +37,12 @@ def load_images(paths: Sequence[Path], size: int, desc: str = "loading images") 
 
 
 def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast and saturation jitter of +-``strength`` on 0..255 images (EfficientAD's I')."""
+    """Brightness, contrast and saturation jitter of +-``strength`` on 0..255 images (EfficientAD's I').
+    The factors are drawn on the CPU generator ``gen`` and moved to ``x``'s device."""
     b = x.shape[0]
 
     def factor():
-        return (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * strength)
+        return (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device)
 
     x = x * factor()
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -92,11 +93,21 @@ def load_checkpoint(path: Path, model, optimizer, gen: torch.Generator) -> int:
     return int(st["step"])
 
 
-def sample_batch(images: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """A random batch (float 0..255) drawn with ``gen``; the generator's state is checkpointed, so a
-    resumed run draws the same batches as an uninterrupted one."""
-    idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-    return images[idx].float()
+def on_device(images: torch.Tensor, device: str) -> torch.Tensor:
+    """The training images (uint8) moved to the training device once, so a GPU step reads no host memory."""
+    if str(device) == "cpu" or images.device.type != "cpu":
+        return images
+    return images.to(device)
+
+
+def sample_batch(images: torch.Tensor, batch_size: int, gen: torch.Generator,
+                 device: str | torch.device | None = None) -> torch.Tensor:
+    """A random batch (float 0..255) drawn with ``gen`` (a CPU generator) from ``images`` wherever they
+    are, on ``device`` (default: the images' own). The generator's state is checkpointed, so a resumed run
+    draws the same batches as an uninterrupted one."""
+    idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen).to(images.device)
+    out = images[idx]
+    return (out if device is None else out.to(device)).float()
 
 
 def planted_anomalies(x: torch.Tensor, gen: torch.Generator, others: torch.Tensor | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import color_jitter, load_checkpoint, planted_anomalies, sample_batch, save_checkpoint
+from .common import color_jitter, load_checkpoint, on_device, planted_anomalies, sample_batch, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -32,45 +32,59 @@ class LoopConfig:
     device: str = "cpu"
     resume: bool = False
     state_path: Path | None = None
+    max_seconds: float | None = None  # a time budget: stop there (the schedule then follows the clock)
 
 
-def lr_at(step: int, cfg: LoopConfig) -> float:
+def lr_at(step: int, cfg: LoopConfig, elapsed: float = 0.0) -> float:
     """EfficientAD's schedule: the learning rate drops to 10% at 95% of the steps (a pure function of the
-    step, so a resumed run with the same total steps follows the same schedule)."""
-    return cfg.lr * (0.1 if step >= int(0.95 * cfg.steps) else 1.0)
+    step, so a resumed run with the same total steps follows the same schedule). With a time budget the
+    drop also comes at 95% of the budget, so a run the clock stops still ends with its low-rate phase."""
+    late = step >= int(0.95 * cfg.steps) or (cfg.max_seconds is not None and elapsed >= 0.95 * cfg.max_seconds)
+    return cfg.lr * (0.1 if late else 1.0)
 
 
 def _run(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           fused=True if str(cfg.device).startswith("cuda") else None)
     start = 0
     if cfg.resume and cfg.state_path is not None and cfg.state_path.is_file():
         start = load_checkpoint(cfg.state_path, model, opt, gen)
         log.warning("resumed from %s at step %d", cfg.state_path, start)
     t0 = time.time()
-    last = {}
+    losses: dict = {}
     tty = sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                mininterval=0.1 if tty else 30.0)  # logs (CI, journald) get a line every 30 s
+    done = start
     for step in range(start, cfg.steps):
+        elapsed = time.time() - t0
+        if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+            log.warning("time budget of %.1f min reached at step %d of %d: stopping there",
+                        cfg.max_seconds / 60, step, cfg.steps)
+            break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg, elapsed)
         opt.zero_grad(set_to_none=True)
         losses = step_fn(gen)
         losses["loss"].backward()
         opt.step()
-        last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+        done = step + 1
         bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if step % 10 == 0:  # reading a loss waits for the GPU: not on every step
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
         if cfg.state_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(cfg.state_path, model, opt, step + 1, gen)
     bar.close()
-    if cfg.state_path is not None and cfg.steps > start:
-        save_checkpoint(cfg.state_path, model, opt, cfg.steps, gen)
-    return {"final_losses": last, "train_seconds": time.time() - t0, "steps": cfg.steps, "resumed_at": start}
+    last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+    if cfg.state_path is not None and done > start:
+        save_checkpoint(cfg.state_path, model, opt, done, gen)
+    out = {"final_losses": last, "train_seconds": time.time() - t0, "steps": done, "resumed_at": start}
+    if done < cfg.steps:
+        out.update(planned_steps=cfg.steps, stopped_by_time_budget=True)
+    return out
 
 
 @torch.no_grad()
@@ -96,6 +110,10 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     """EfficientAD losses: L_hard (q=0.999) + penalty + L_AE + L_STAE (Batzner et al., Sec. 3)."""
     dev = cfg.device
     model.to(dev)
+    images = on_device(images, dev)
+    penalty = None if penalty is None else on_device(penalty, dev)
+    if dev.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
     if not cfg.resume or cfg.state_path is None or not cfg.state_path.is_file():
         fit_teacher_normalization(model, images, dev)
     model.teacher.eval()
@@ -103,27 +121,29 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     model.autoencoder.train()
     c = model.channels
     def step(gen):
-        img = sample_batch(images, cfg.batch_size, gen).to(dev)
-        aug = color_jitter(img, 0.2, gen).to(dev)
-        with torch.no_grad():
-            t = model.teacher_features(img)
-            t_aug = model.teacher_features(aug)
-        s = model.student(model.normalize(img))[:, :c]
+        # random draws on the CPU generator (checkpointed, same on every device), pixels on the device
+        img = sample_batch(images, cfg.batch_size, gen, dev)
+        aug = color_jitter(img, 0.2, gen)
+        b = img.shape[0]
+        with torch.no_grad():  # one teacher pass over both the image and its jittered copy
+            t, t_aug = model.teacher_features(torch.cat([img, aug])).split(b)
+        xa = model.normalize(aug)
+        s_all = model.student(torch.cat([model.normalize(img), xa]))  # one student pass, both inputs
+        s, s_ae = s_all[:b, :c], s_all[b:, c:]
         d = (t - s) ** 2
         flat = d.flatten()
         k = max(int(flat.numel() * q_hard), 1)
         d_hard = flat.kthvalue(k).values
-        l_hard = d[d >= d_hard].mean()
+        hard = (d >= d_hard).to(d.dtype)  # the mean over the hardest elements, without a host sync
+        l_hard = (d * hard).sum() / hard.sum()
         loss_st = l_hard
         out = {}
         if penalty is not None:
-            p = sample_batch(penalty, cfg.batch_size, gen).to(dev)
+            p = sample_batch(penalty, cfg.batch_size, gen, dev)
             l_p = (model.student(model.normalize(p))[:, :c] ** 2).mean()
             loss_st = loss_st + l_p
             out["penalty"] = l_p.detach()
-        xa = model.normalize(aug)
         a = model.autoencoder(xa)
-        s_ae = model.student(xa)[:, c:]
         l_ae = ((t_aug - a) ** 2).mean()
         l_stae = (a - s_ae).pow(2).mean()
         out.update(loss=loss_st + l_ae + l_stae, hard=l_hard.detach(), ae=l_ae.detach(), stae=l_stae.detach())

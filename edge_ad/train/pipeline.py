@@ -92,9 +92,11 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                  steps: int | None = None, preset: str = "quick", teacher: str | None = None, seed: int = 0,
                  device: str = "cpu", resume: bool = False, penalty_dir: str | None = None,
                  policy: str = DEFAULT_POLICY, val_fraction: float = 0.1, batch_size: int | None = None,
-                 export: bool = True, config: dict | None = None, checkpoint_every: int = 500) -> Bundle:
+                 lr: float | None = None, max_minutes: float | None = None, export: bool = True, config: dict | None = None, checkpoint_every: int = 500) -> Bundle:
     if model_kind not in KINDS:
         raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise InputError(f"--max-minutes {max_minutes}: expected a positive number of minutes")
     if preset not in ("quick", "paper"):
         raise InputError(f"--preset '{preset}': expected quick or paper")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -131,6 +133,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         p["steps"] = int(steps)
     if batch_size is not None:
         p["batch_size"] = int(batch_size)
+    if lr is not None:
+        p["lr"] = float(lr)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.pt"
     train_info: dict[str, Any] = {}
@@ -143,12 +147,14 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                         "ImageNet); the student is then not pushed away from teacher features on "
                         "unrelated images")
         lc = LoopConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device,
-                        resume=resume, state_path=state_path, checkpoint_every=checkpoint_every)
+                        resume=resume, state_path=state_path, checkpoint_every=checkpoint_every,
+                        max_seconds=None if max_minutes is None else 60.0 * max_minutes)
         train_info = train_efficientad(model, train_imgs, lc, pen)
         train_info["penalty"] = bool(pen is not None)
     elif model_kind == "fader":
         lc = LoopConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device,
-                        resume=resume, state_path=state_path, checkpoint_every=checkpoint_every)
+                        resume=resume, state_path=state_path, checkpoint_every=checkpoint_every,
+                        max_seconds=None if max_minutes is None else 60.0 * max_minutes)
         train_info = train_fader(model, train_imgs, lc)
     else:
         model.to(device).eval()
