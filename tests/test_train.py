@@ -168,3 +168,13 @@ def test_training_on_cuda_writes_a_bundle_that_scores_like_cpu(category, tmp_pat
     for name, r, g in zip(m.output_names, ref, gpu):
         assert np.max(np.abs(out[name] - r)) / np.max(np.abs(r)) <= 1e-4
         assert np.max(np.abs(g - r)) / np.max(np.abs(r)) <= 1e-2  # TF32 convolutions on the GPU
+
+
+@pytest.mark.parametrize("kind", ["efficientad-s", "fader", "gaussian"])
+def test_every_model_runs_in_half_precision(kind):
+    """The torch backend's fp16 (CUDA) calls module.half(): no tensor made inside forward may stay fp32
+    (FADeR's mask did, and its fp16 run failed on the GPU). Checked on the CPU, which runs fp16 convs."""
+    m = build(kind, SIZE, None, pretrained=False).eval().half()
+    with torch.inference_mode():
+        out = m(torch.rand(1, 3, SIZE, SIZE).half() * 255)
+    assert all(o.dtype == torch.float16 and torch.isfinite(o).all() for o in out)

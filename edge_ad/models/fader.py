@@ -96,7 +96,7 @@ class FaderNet(nn.Module):
             flat = cells.flatten(1)
             k = max(flat.shape[1] // 2, 1)
             kth = flat.topk(k, dim=1).values[:, -1:]  # TopK exports to ONNX (median does not)
-            m = (flat >= kth).float().view_as(cells)
+            m = (flat >= kth).to(flat.dtype).view_as(cells)  # the model's dtype: fp16 runs stay fp16
             return F.interpolate(m, scale_factor=self.cell, mode="nearest")
 
     def excise(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,13 @@ class TorchBackend(Backend):
         self._graphs: dict[int, tuple] = {}
 
     def _forward(self, x):
-        outs = self._module(x)
+        if self.precision == "fp32" and self.device.startswith("cuda"):
+            # fp32 means fp32: cuDNN would otherwise run the convolutions in TF32 (10-bit mantissa), and
+            # scores would drift 1e-3 from every other backend's
+            with self._torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                outs = self._module(x)
+        else:
+            outs = self._module(x)
         if not isinstance(outs, (tuple, list)):
             outs = (outs,)
         return [outs[i] for i in self._index]
