@@ -423,13 +423,7 @@ def openvino_int8(bundle, samples: int) -> str:
     return str(out)
 
 
-def configs(info: dict, gpu: bool, have_ov: bool, gpu_only: bool = False) -> list[dict]:
-    if gpu_only:
-        return [c for c in _configs(info, gpu, False) if c["device"] == "cuda"]
-    return _configs(info, gpu, have_ov)
-
-
-def _configs(info: dict, gpu: bool, have_ov: bool) -> list[dict]:
+def configs(info: dict, gpu: bool, have_ov: bool) -> list[dict]:
     out = [{"name": "torch eager fp32", "backend": "torch", "precision": "fp32", "device": "cpu"}]
     if "export_error" in info:
         return out
@@ -658,7 +652,7 @@ def main(argv=None) -> int:
         info = prepare(kind, args.size, work, data, trained.get(kind), args.calib_samples, args.guard_normals, log,
                        keep_fp32=args.keep_fp32, calibration=args.calibration, test_dir=args.test,
                        guard_timeout=args.timeout, openvino=have_ov, int8=not args.gpu_only)
-        cfgs = configs(info, gpu, have_ov, args.gpu_only)
+        cfgs = [c for c in configs(info, gpu, have_ov) if c["device"] == "cuda" or not args.gpu_only]
         runs: list[list[dict]] = [[] for _ in cfgs]
         for rnd in range(args.rounds):   # interleaved: every configuration once per round
             for i, cfg in enumerate(cfgs):

@@ -93,21 +93,12 @@ def load_checkpoint(path: Path, model, optimizer, gen: torch.Generator) -> int:
     return int(st["step"])
 
 
-def on_device(images: torch.Tensor, device: str) -> torch.Tensor:
-    """The training images (uint8) moved to the training device once, so a GPU step reads no host memory."""
-    if str(device) == "cpu" or images.device.type != "cpu":
-        return images
-    return images.to(device)
-
-
-def sample_batch(images: torch.Tensor, batch_size: int, gen: torch.Generator,
-                 device: str | torch.device | None = None) -> torch.Tensor:
-    """A random batch (float 0..255) drawn with ``gen`` (a CPU generator) from ``images`` wherever they
-    are, on ``device`` (default: the images' own). The generator's state is checkpointed, so a resumed run
-    draws the same batches as an uninterrupted one."""
+def sample_batch(images: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """A random batch (float 0..255) drawn with ``gen`` (a CPU generator) from ``images``, on the images'
+    device. The generator's state is checkpointed, so a resumed run draws the same batches as an
+    uninterrupted one, on any device."""
     idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen).to(images.device)
-    out = images[idx]
-    return (out if device is None else out.to(device)).float()
+    return images[idx].float()
 
 
 def planted_anomalies(x: torch.Tensor, gen: torch.Generator, others: torch.Tensor | None = None,

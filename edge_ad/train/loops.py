@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import color_jitter, load_checkpoint, on_device, planted_anomalies, sample_batch, save_checkpoint
+from .common import color_jitter, load_checkpoint, planted_anomalies, sample_batch, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     """EfficientAD losses: L_hard (q=0.999) + penalty + L_AE + L_STAE (Batzner et al., Sec. 3)."""
     dev = cfg.device
     model.to(dev)
-    images = on_device(images, dev)
-    penalty = None if penalty is None else on_device(penalty, dev)
+    images = images.to(dev)  # once: a GPU step then reads no host memory
+    penalty = None if penalty is None else penalty.to(dev)
     if dev.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
     if not cfg.resume or cfg.state_path is None or not cfg.state_path.is_file():
@@ -122,7 +122,7 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     c = model.channels
     def step(gen):
         # random draws on the CPU generator (checkpointed, same on every device), pixels on the device
-        img = sample_batch(images, cfg.batch_size, gen, dev)
+        img = sample_batch(images, cfg.batch_size, gen)
         aug = color_jitter(img, 0.2, gen)
         b = img.shape[0]
         with torch.no_grad():  # one teacher pass over both the image and its jittered copy
@@ -139,7 +139,7 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
         loss_st = l_hard
         out = {}
         if penalty is not None:
-            p = sample_batch(penalty, cfg.batch_size, gen, dev)
+            p = sample_batch(penalty, cfg.batch_size, gen)
             l_p = (model.student(model.normalize(p))[:, :c] ** 2).mean()
             loss_st = loss_st + l_p
             out["penalty"] = l_p.detach()

@@ -92,7 +92,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                  steps: int | None = None, preset: str = "quick", teacher: str | None = None, seed: int = 0,
                  device: str = "cpu", resume: bool = False, penalty_dir: str | None = None,
                  policy: str = DEFAULT_POLICY, val_fraction: float = 0.1, batch_size: int | None = None,
-                 lr: float | None = None, max_minutes: float | None = None, export: bool = True, config: dict | None = None, checkpoint_every: int = 500) -> Bundle:
+                 lr: float | None = None, max_minutes: float | None = None, export: bool = True,
+                 config: dict | None = None, checkpoint_every: int = 500) -> Bundle:
     if model_kind not in KINDS:
         raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
     if max_minutes is not None and not max_minutes > 0:
@@ -140,21 +141,19 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     train_info: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     gauss_stats = None
+    lc = None if model_kind == "gaussian" else LoopConfig(  # the gradient-trained models' loop
+        steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device, resume=resume,
+        state_path=state_path, checkpoint_every=checkpoint_every,
+        max_seconds=None if max_minutes is None else 60.0 * max_minutes)
     if model_kind.startswith("efficientad"):
         pen = penalty_images(penalty_dir, image_size)
         if pen is None:
             log.warning("penalty term skipped: no --penalty-dir of generic images given (EfficientAD uses "
                         "ImageNet); the student is then not pushed away from teacher features on "
                         "unrelated images")
-        lc = LoopConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device,
-                        resume=resume, state_path=state_path, checkpoint_every=checkpoint_every,
-                        max_seconds=None if max_minutes is None else 60.0 * max_minutes)
         train_info = train_efficientad(model, train_imgs, lc, pen)
         train_info["penalty"] = bool(pen is not None)
     elif model_kind == "fader":
-        lc = LoopConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device,
-                        resume=resume, state_path=state_path, checkpoint_every=checkpoint_every,
-                        max_seconds=None if max_minutes is None else 60.0 * max_minutes)
         train_info = train_fader(model, train_imgs, lc)
     else:
         model.to(device).eval()
