@@ -42,6 +42,10 @@ def main(argv=None) -> int:
                     help="first distill a PDN teacher from Lite0 on the training images for this many steps "
                          "(edge-ad distill-teacher) and train EfficientAD with it; its time is reported")
     ap.add_argument("--distill-batch", type=int, default=8)
+    ap.add_argument("--distill-data", action="append", default=[],
+                    help="image folder to distill on (repeatable; default: the training images)")
+    ap.add_argument("--distill-minutes", type=float, default=None, help="time budget of the distillation")
+    ap.add_argument("--penalty-dir", default=None, help="generic images for EfficientAD's penalty term")
     ap.add_argument("--results", default=str(HERE / "results" / "accuracy.json"),
                     help="JSON file the rows are merged into (one per concurrent run)")
     ap.add_argument("--tag", default="", help="suffix of the result rows and bundle folders (e.g. pdn-teacher)")
@@ -63,19 +67,21 @@ def main(argv=None) -> int:
     if args.distill_steps:
         from edge_ad.train.distill import distill
 
-        teacher = str(Path(args.work) / f"teacher-pdn-s-{args.distill_steps}.pth")
+        teacher = str(Path(args.work) / f"teacher-pdn-s-{args.distill_steps}{suffix}.pth")
         t0 = time.time()
-        distill(data / "train" / "good", teacher, "s", args.image_size, args.distill_steps,
-                batch_size=args.distill_batch, device=args.device)
+        dinfo = distill(args.distill_data or [data / "train" / "good"], teacher, "s", args.image_size,
+                        args.distill_steps, batch_size=args.distill_batch, device=args.device,
+                        max_minutes=args.distill_minutes)
         distill_s = time.time() - t0
-        print(f"distilled {teacher} in {distill_s / 60:.1f} min", flush=True)
+        print(f"distilled {teacher} in {distill_s / 60:.1f} min: {dinfo}", flush=True)
     for m in [x.strip() for x in args.models.split(",") if x.strip()]:
         out = Path(args.work) / f"{m}-{args.preset}{suffix}"
         t0 = time.time()
         b = train_bundle(m, data, out, image_size=args.image_size, steps=args.steps, preset=args.preset,
                          device=args.device, config=cfg or None, lr=args.lr, batch_size=args.batch_size,
                          max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
-                         teacher=teacher if m.startswith("efficientad") else None)
+                         teacher=teacher if m.startswith("efficientad") else None,
+                         penalty_dir=args.penalty_dir if m.startswith("efficientad") else None)
         train_s = time.time() - t0
         rep = evaluate(out, data, backend=args.backend, device=args.eval_device)
         o = rep["overall"]
@@ -88,7 +94,10 @@ def main(argv=None) -> int:
                      "device": args.device, "per_type": rep.get("per_type"),
                      "planned_steps": b.manifest["training"].get("planned_steps"),
                      "teacher": b.manifest["model"]["config"].get("teacher"), "distill_s": round(distill_s, 1),
-                     "distill": f"{args.distill_steps} steps x {args.distill_batch}" if args.distill_steps else None})
+                     "distill": (f"{dinfo['steps']} steps x {args.distill_batch} on {dinfo['images']} images "
+                                 f"({', '.join(Path(d).name for d in args.distill_data) or 'train/good'})")
+                     if args.distill_steps else None,
+                     "penalty": b.manifest["training"].get("penalty")})
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()} ({args.device})"
     if args.device.startswith("cuda"):

@@ -282,3 +282,27 @@ def test_lighting_shift():
     assert not np.array_equal(s.frame(5).image, before)
     assert np.array_equal(s.frame(4).image, ConveyorStream("disc", 64, defect_rate=0.0, seed=2).frame(4).image)
     assert s.frame(5).image.mean() > before.mean() + 20
+
+
+def test_generic_images_are_deterministic_varied_and_written_whole(tmp_path):
+    from edge_ad.data.generic import generic_image, write_generic
+    from edge_ad.data.image import list_images, load_image
+
+    a, b = generic_image(96, seed=3, index=5), generic_image(96, seed=3, index=5)
+    assert a.shape == (96, 96, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    others = [generic_image(96, seed=3, index=i) for i in range(6)]
+    assert not np.array_equal(others[0], others[1])
+    assert not np.array_equal(generic_image(96, seed=4, index=5), a)
+    # pictures, not flat fields: a spread of intensities in every one, sharp edges in most (some are blurred)
+    grey = [img.astype(np.float32).mean(axis=2) for img in others]
+    assert all(g.std() > 8 for g in grey)
+    assert sum(np.abs(np.diff(g, axis=1)).max() > 30 for g in grey) >= 4
+    paths = write_generic(tmp_path / "gen", 4, size=64, seed=1, progress=False)
+    assert [p.name for p in list_images(tmp_path / "gen")] == [p.name for p in paths] == \
+        [f"generic_{i:06d}.jpg" for i in range(4)]
+    assert load_image(paths[2]).shape[:2] == (64, 64)
+    assert not list((tmp_path / "gen").glob(".*"))  # no temporary files left
+    with pytest.raises(InputError, match="count 0"):
+        write_generic(tmp_path / "x", 0)
+    with pytest.raises(InputError, match="size 8"):
+        generic_image(8)

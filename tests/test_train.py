@@ -106,6 +106,44 @@ def test_teacher_file_in_public_format(category, tmp_path):
                      teacher=str(tmp_path / "bad.pth"))
 
 
+def test_distill_teacher_cli_resumes_and_the_teacher_trains_efficientad(category, tmp_path):
+    gen = tmp_path / "generic"
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "generic-images", "--out", str(gen), "--count", "6",
+                        "--image-size", str(SIZE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "teacher.pth"
+    cmd = [sys.executable, "-m", "edge_ad", "distill-teacher", "--data", str(gen), "--data",
+           str(category / "train" / "good"), "--out", str(out), "--image-size", str(SIZE), "--batch-size", "2",
+           "--checkpoint-every", "2"]
+    r = subprocess.run(cmd + ["--steps", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "after 3 of 3 steps on 22 images" in r.stdout  # 6 generic + 16 normal images
+    first = torch.load(out, weights_only=True)
+    state = torch.load(out.with_name("teacher.pth.state.pt"), weights_only=True)
+    assert state["step"] == 3 and torch.equal(state["model"]["0.weight"], first["0.weight"])
+    r = subprocess.run(cmd + ["--steps", "5", "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr and "after 5 of 5 steps" in r.stdout
+    assert not torch.equal(torch.load(out, weights_only=True)["0.weight"], first["0.weight"])
+    b = train_bundle("efficientad-s", category, tmp_path / "b", image_size=SIZE, steps=1, export=False,
+                     teacher=str(out), penalty_dir=str(gen))
+    assert b.model["config"]["teacher"] == "pdn" and b.model["config"]["teacher_channels"] == 152
+    assert b.manifest["training"]["penalty"] is True
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "distill-teacher", "--data", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "t2.pth")], capture_output=True, text=True)
+    assert r.returncode == 2 and "none: folder not found" in r.stderr and not (tmp_path / "t2.pth").exists()
+
+
+def test_distill_time_budget_stops_and_writes_the_teacher(category, tmp_path):
+    from edge_ad.train.distill import distill
+
+    info = distill(category / "train" / "good", tmp_path / "t.pth", image_size=SIZE, steps=100000, batch_size=1,
+                   max_minutes=0.03)
+    assert info["stopped_by_time_budget"] and 0 < info["steps"] < 100000 and (tmp_path / "t.pth").is_file()
+    with pytest.raises(InputError, match="--max-minutes"):
+        distill(category / "train" / "good", tmp_path / "u.pth", image_size=SIZE, max_minutes=-1)
+
+
 def test_bad_data_folder_is_named(tmp_path):
     with pytest.raises(InputError, match="train/good"):
         train_bundle("gaussian", tmp_path, tmp_path / "b", image_size=SIZE)

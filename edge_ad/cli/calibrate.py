@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..runtime.backends import BACKENDS  # the one list open_backend accepts
 from . import main
-
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 def _echo_json(obj) -> None:

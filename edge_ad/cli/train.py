@@ -1,4 +1,4 @@
-"""Commands: train, eval, distill-teacher."""
+"""Commands: train, eval, distill-teacher, generic-images."""
 
 from __future__ import annotations
 
@@ -71,19 +71,40 @@ def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_js
 
 
 @main.command("distill-teacher")
-@click.option("--data", required=True, type=click.Path(), help="Folder of images (any; ImageNet-like is best).")
+@click.option("--data", required=True, multiple=True, type=click.Path(),
+              help="Folder of images (any; ImageNet-like is best); repeat to use several folders.")
 @click.option("--out", required=True, type=click.Path(), help="Teacher weights file to write (.pth).")
 @click.option("--size", default="s", show_default=True, type=click.Choice(["s", "m"]), help="PDN size.")
 @click.option("--image-size", default=256, show_default=True, type=int)
 @click.option("--steps", default=2000, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--max-minutes", default=None, type=float,
+              help="Time budget: stop there and still write the teacher.")
+@click.option("--checkpoint-every", default=1000, show_default=True, type=int,
+              help="Steps between checkpoints (OUT.state.pt), for --resume.")
+@click.option("--resume", is_flag=True, help="Continue from OUT.state.pt.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True)
-def distill_teacher(data, out, size, image_size, steps, batch_size, seed, device):
-    """Distill a PDN teacher from the offline ImageNet EfficientNet-Lite0 on an image folder."""
+def distill_teacher(data, out, size, image_size, steps, batch_size, max_minutes, checkpoint_every, resume, seed,
+                    device):
+    """Distill a PDN teacher from the offline ImageNet EfficientNet-Lite0 on image folders."""
     from ..train.distill import distill
 
-    info = distill(data, out, size=size, image_size=image_size, steps=steps, batch_size=batch_size,
-                   seed=seed, device=device)
+    info = distill(list(data), out, size=size, image_size=image_size, steps=steps, batch_size=batch_size,
+                   seed=seed, device=device, max_minutes=max_minutes, resume=resume,
+                   checkpoint_every=checkpoint_every)
     click.echo(f"teacher {out}: PDN-{size.upper()} with {info['channels']} channels, final loss "
-               f"{info['final_loss']:.4f} after {steps} steps")
+               f"{info['final_loss']:.4f} after {info['steps']} of {steps} steps on {info['images']} images")
+
+
+@main.command("generic-images")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write the JPEG files into.")
+@click.option("--count", default=2000, show_default=True, type=int)
+@click.option("--image-size", default=256, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+def generic_images(out, count, image_size, seed):
+    """Paint generic (dead-leaves) images: a stand-in for ImageNet in distill-teacher and --penalty-dir."""
+    from ..data.generic import write_generic
+
+    paths = write_generic(out, count, image_size, seed)
+    click.echo(f"{len(paths)} generic images in {out}")

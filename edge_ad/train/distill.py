@@ -1,17 +1,21 @@
 """``edge-ad distill-teacher``: a PDN teacher distilled from ImageNet EfficientNet-Lite0 features.
 
 The paper distills WideResNet-101-2 (layer2 + layer3 at 512x512, 384 channels) on ImageNet for 60,000
-steps. Here: the offline EfficientNet-Lite0 (stride-8 + stride-16 features, 152 channels, resampled to
-the padded PDN's 64x64 grid at 256x256 and normalized per channel) on the image folder the user gives,
-MSE loss, Adam 1e-4 / weight decay 1e-5 (the paper's). The file is a plain PDN state_dict, the public
-``teacher_small.pth`` format, loaded by ``edge-ad train --teacher FILE``.
+steps of batch 16. Here: the offline EfficientNet-Lite0 (stride-8 + stride-16 features, 152 channels,
+resampled to the padded PDN's 64x64 grid at 256x256 and normalized per channel) on the image folders the
+user gives (ImageNet if at hand; ``edge-ad generic-images`` paints dead-leaves pictures where it is not),
+MSE loss, Adam 1e-4 / weight decay 1e-5 (the paper's), with the training loop's progress bar, time
+budget (``max_minutes``), checkpoints every ``checkpoint_every`` steps to ``OUT.state.pt`` and ``resume``,
+and its x0.1 learning-rate drop for the last 5 % of the steps. The file is a plain PDN state_dict, the
+public ``teacher_small.pth`` format, loaded by ``edge-ad train --teacher FILE``.
 """
 
 from __future__ import annotations
 
 import io
-import sys
+import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,47 +26,56 @@ from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
 from ..models.pdn import pdn
 from .common import color_jitter, load_images, sample_batch, seed_everything
+from .loops import LoopConfig, run_loop
 
 
-def distill(data, out, size: str = "s", image_size: int = 256, steps: int = 2000, batch_size: int = 8,
-            seed: int = 0, device: str = "cpu", lr: float = 1e-4) -> dict:
-    from tqdm import tqdm
-
-    paths = list_images(data)
+def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: str = "s", image_size: int = 256,
+            steps: int = 2000, batch_size: int = 8, seed: int = 0, device: str = "cpu", lr: float = 1e-4,
+            max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
+    folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    paths = [p for f in folders for p in list_images(f)]
     if len(paths) < 2:
-        raise InputError(f"{data}: need at least 2 images to distill a teacher, found {len(paths)}")
+        raise InputError(f"{', '.join(map(str, folders))}: need at least 2 images to distill a teacher, "
+                         f"found {len(paths)}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise InputError(f"--max-minutes {max_minutes}: expected a positive number of minutes")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available to torch here")
     seed_everything(seed)
-    imgs = load_images(paths, image_size, "loading images")
+    imgs = load_images(paths, image_size, "loading images").to(device)  # once: a GPU step reads no host memory
     target = Lite0Teacher(image_size).to(device).eval()
     grid = image_size // 4
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
 
     @torch.no_grad()
     def feats(x):
         f = target.net(x)
         return torch.cat([F.interpolate(t, size=(grid, grid), mode="bilinear", align_corners=False) for t in f], 1)
 
-    with torch.no_grad():
-        sample = torch.cat([feats(imgs[i:i + 8].float().to(device)) for i in range(0, min(len(imgs), 64), 8)])
+    with torch.no_grad():  # channel normalization of the targets, from a spread sample of the images
+        pick = torch.linspace(0, len(imgs) - 1, min(len(imgs), 256)).long()
+        sample = torch.cat([feats(imgs[pick[i:i + 16]].float()) for i in range(0, len(pick), 16)])
         f_mean = sample.mean(dim=(0, 2, 3), keepdim=True)
         f_std = sample.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     channels = int(sample.shape[1])
     net = pdn(size, channels, padding=True).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
-    gen = torch.Generator().manual_seed(seed)
-    loss_v = float("nan")
-    tty = sys.stderr.isatty()  # logs (CI, journald) get a progress line every 30 s, as training does
-    for _ in tqdm(range(steps), desc="distill teacher", unit="step", mininterval=0.1 if tty else 30.0):
-        x = color_jitter(sample_batch(imgs, batch_size, gen), 0.1, gen).to(device)
-        y = (feats(x) - f_mean) / f_std
-        pred = net((x - mean) / std)
-        loss = F.mse_loss(pred, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_v = float(loss.detach())
+    out = Path(out)
+
+    def step(gen):
+        x = color_jitter(sample_batch(imgs, batch_size, gen), 0.1, gen)
+        loss = F.mse_loss(net((x - mean) / std), (feats(x) - f_mean) / f_std)
+        return {"loss": loss}
+
+    cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, resume=resume,
+                     state_path=out.with_name(out.name + ".state.pt"), checkpoint_every=checkpoint_every,
+                     max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+    net.train()
+    res = run_loop(step, net, list(net.parameters()), cfg, "distill teacher")
     buf = io.BytesIO()
     torch.save({k: v.cpu() for k, v in net.state_dict().items()}, buf)
-    atomic.write_bytes(Path(out), buf.getvalue())
-    return {"channels": channels, "final_loss": loss_v}
+    atomic.write_bytes(out, buf.getvalue())
+    return {"channels": channels, "final_loss": res["final_losses"].get("loss", float("nan")),
+            "images": len(paths), **{k: v for k, v in res.items() if k != "final_losses"}}

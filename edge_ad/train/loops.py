@@ -43,7 +43,7 @@ def lr_at(step: int, cfg: LoopConfig, elapsed: float = 0.0) -> float:
     return cfg.lr * (0.1 if late else 1.0)
 
 
-def _run(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
+def run_loop(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -150,7 +150,7 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
         return out
 
     params = list(model.student.parameters()) + list(model.autoencoder.parameters())
-    res = _run(step, model, params, cfg, "train efficientad")
+    res = run_loop(step, model, params, cfg, "train efficientad")
     model.eval()
     return res
 
@@ -181,6 +181,6 @@ def train_fader(model, images: torch.Tensor, cfg: LoopConfig, tau: float = 0.1, 
     params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     model.train()
     model.backbone.eval()
-    res = _run(step, model, params, cfg, "train fader")
+    res = run_loop(step, model, params, cfg, "train fader")
     model.eval()
     return res
