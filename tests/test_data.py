@@ -306,3 +306,6 @@ def test_generic_images_are_deterministic_varied_and_written_whole(tmp_path):
         write_generic(tmp_path / "x", 0)
     with pytest.raises(InputError, match="size 8"):
         generic_image(8)
+    with pytest.raises(InputError, match="size 8"):
+        write_generic(tmp_path / "y", 2, size=8)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -22,6 +22,13 @@ import numpy as np
 from ..errors import InputError
 
 
+def _check(size: int, seed: int, index: int = 0) -> None:
+    if int(size) < 32 or int(size) > 4096:
+        raise InputError(f"generic image size {size}: expected 32..4096 pixels")
+    if int(seed) < 0 or int(index) < 0:
+        raise InputError(f"generic image seed {seed} / index {index}: expected non-negative integers")
+
+
 def _fill(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """One shape's paint, float32 [h, w, 3] in 0..255."""
     import cv2
@@ -58,10 +65,7 @@ def generic_image(size: int = 256, seed: int = 0, index: int = 0) -> np.ndarray:
     """A dead-leaves picture, RGB uint8 ``[size, size, 3]``; a pure function of ``(seed, index)``."""
     import cv2
 
-    if int(size) < 32 or int(size) > 4096:
-        raise InputError(f"generic image size {size}: expected 32..4096 pixels")
-    if int(seed) < 0 or int(index) < 0:
-        raise InputError(f"generic image seed {seed} / index {index}: expected non-negative integers")
+    _check(size, seed, index)
     s = int(size)
     rng = np.random.default_rng([int(seed), int(index), 0x6E1E])
     img = _fill(rng, s, s).astype(np.float32).copy()
@@ -121,6 +125,7 @@ def write_generic(folder: str | os.PathLike, count: int, size: int = 256, seed: 
 
     if int(count) < 1:
         raise InputError(f"generic image count {count}: expected at least 1")
+    _check(size, seed)  # before the folder is made
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
