@@ -477,7 +477,8 @@ def merge_rounds(runs: list[dict]) -> dict:
 # ============================================================================ report
 def fmt_table(results: list[dict], batches: list[int], peak: float, peak8: float = 0.0) -> str:
     """Medians over the rounds. ``x torch`` / ``x NNCF``: throughput at the largest batch over torch eager
-    FP32's / OpenVINO NNCF INT8's; ``spread``: (max - min) / median of that throughput over the rounds."""
+    FP32's (on the same device: torch CUDA FP32 for a GPU row) / OpenVINO NNCF INT8's; ``spread``:
+    (max - min) / median of that throughput over the rounds."""
     bb = str(max(batches))
     head = (f"{'model':<14} {'configuration':<38} {'p50 ms':>8} {'p99 ms':>8} "
             + " ".join(f"{'b' + str(b) + ' img/s':>10}" for b in batches)
@@ -485,7 +486,8 @@ def fmt_table(results: list[dict], batches: list[int], peak: float, peak8: float
     lines = [head, "-" * len(head)]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
-        base = next((r for r in rows if r["name"] == "torch eager fp32" and "error" not in r), None)
+        base_cpu = next((r for r in rows if r["name"] == "torch eager fp32" and "error" not in r), None)
+        base_gpu = next((r for r in rows if r["name"] == "torch cuda fp32" and "error" not in r), None)
         nncf = next((r for r in rows if r["name"].startswith("openvino int8 (NNCF") and "error" not in r), None)
         for r in rows:
             if "error" in r:
@@ -502,7 +504,7 @@ def fmt_table(results: list[dict], batches: list[int], peak: float, peak8: float
             lines.append(f"{LABEL[model]:<14} {r['name']:<38} {lat.get('p50', float('nan')):8.1f} "
                          f"{lat.get('p99', float('nan')):8.1f} "
                          + " ".join(f"{tp.get(str(b), float('nan')):10.2f}" for b in batches)
-                         + f" {r.get('spread', 0.0):7.0%} {r['peak_rss_mb']:8.0f} {ratio(base):>8} {ratio(nncf):>7} "
+                         + f" {r.get('spread', 0.0):7.0%} {r['peak_rss_mb']:8.0f} {ratio(base_gpu if 'cuda' in r['name'] else base_cpu):>8} {ratio(nncf):>7} "
                            f"{r.get('guard', ''):>6}")
         info = next((r["info"] for r in rows if "info" in r), {})
         if info.get("gflops"):
