@@ -26,6 +26,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_run(device: str, max_minutes: float | None) -> None:
+    """The options every training run shares, checked before any image is loaded."""
+    if max_minutes is not None and not max_minutes > 0:
+        raise InputError(f"--max-minutes {max_minutes}: expected a positive number of minutes")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available to torch here")
+
+
 def load_images(paths: Sequence[Path], size: int, desc: str = "loading images") -> torch.Tensor:
     """Images resized to ``size`` as a uint8 tensor ``[N, 3, size, size]`` (kept in memory)."""
     from tqdm import tqdm

@@ -25,7 +25,7 @@ from ..data.image import list_images
 from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
 from ..models.pdn import pdn
-from .common import color_jitter, load_images, sample_batch, seed_everything
+from .common import check_run, color_jitter, load_images, sample_batch, seed_everything
 from .loops import LoopConfig, run_loop
 
 
@@ -37,10 +37,7 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
     if len(paths) < 2:
         raise InputError(f"{', '.join(map(str, folders))}: need at least 2 images to distill a teacher, "
                          f"found {len(paths)}")
-    if max_minutes is not None and not max_minutes > 0:
-        raise InputError(f"--max-minutes {max_minutes}: expected a positive number of minutes")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available to torch here")
+    check_run(device, max_minutes)
     seed_everything(seed)
     imgs = load_images(paths, image_size, "loading images").to(device)  # once: a GPU step reads no host memory
     target = Lite0Teacher(image_size).to(device).eval()

@@ -21,7 +21,7 @@ from ..bundle import Bundle, now_iso
 from ..errors import InputError
 from ..models import KINDS, build, default_config, describe
 from ..data.mvtec import MVTecCategory, split_train_val
-from .common import load_images, penalty_images, seed_everything
+from .common import check_run, load_images, penalty_images, seed_everything
 from .loops import LoopConfig, train_efficientad, train_fader
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,9 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                  config: dict | None = None, checkpoint_every: int = 500) -> Bundle:
     if model_kind not in KINDS:
         raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
-    if max_minutes is not None and not max_minutes > 0:
-        raise InputError(f"--max-minutes {max_minutes}: expected a positive number of minutes")
     if preset not in ("quick", "paper"):
         raise InputError(f"--preset '{preset}': expected quick or paper")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available to torch here")
+    check_run(device, max_minutes)
     scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # validate early
     out = Path(out)
     cfg = default_config(model_kind)
