@@ -149,6 +149,73 @@ def test_bad_data_folder_is_named(tmp_path):
         train_bundle("gaussian", tmp_path, tmp_path / "b", image_size=SIZE)
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--steps", "0"], "--steps 0: expected a positive whole number"),
+    (["--steps", "-1"], "--steps -1"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0"),
+    (["--seed", "-1"], "--seed -1: expected a whole number from 0 to 2**64"),
+])
+def test_bad_run_options_are_named_before_anything_is_written(category, tmp_path, args, named):
+    from edge_ad.cli import main
+    from click.testing import CliRunner
+
+    for cmd in (["train", "--model", "efficientad-s", "--data", str(category), "--out", str(tmp_path / "b")],
+                ["distill-teacher", "--data", str(category / "train" / "good"), "--out", str(tmp_path / "t.pth")]):
+        r = CliRunner().invoke(main, cmd + ["--image-size", str(SIZE)] + args)
+        assert r.exit_code == 2 and named in r.output, (cmd[0], r.output)
+        assert not r.exception or isinstance(r.exception, SystemExit)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distill_checks_its_output_and_size_before_training(category, tmp_path):
+    from edge_ad.train.distill import distill
+
+    good = category / "train" / "good"
+    with pytest.raises(InputError, match="is a folder; expected a file name"):
+        distill(good, tmp_path, image_size=SIZE, steps=1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="cannot make its folder"):
+        distill(good, tmp_path / "file" / "t.pth", image_size=SIZE, steps=1)
+    with pytest.raises(InputError, match="image size 63: expected a multiple of 32"):
+        distill(good, tmp_path / "t.pth", image_size=63, steps=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no checkpoint, no teacher
+
+
+def test_corrupt_weight_files_are_named(category, tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file at all")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    for name, match in (("junk.pth", "unreadable teacher file: not a complete PyTorch weights file"),
+                        ("cut.pth", "unreadable teacher file"),
+                        ("tensor.pth", "holds a Tensor, expected a dict of tensors")):
+        with pytest.raises(InputError, match=match) as exc:
+            train_bundle("efficientad-s", category, tmp_path / "b", image_size=SIZE, steps=1, export=False,
+                         teacher=str(tmp_path / name))
+        assert name in str(exc.value)
+    assert not (tmp_path / "b").exists()
+    # a corrupt training state on --resume, and a corrupt bundle checkpoint for the torch backend
+    b = train_bundle("efficientad-s", category, tmp_path / "e", image_size=SIZE, steps=2, batch_size=1,
+                     checkpoint_every=1, export=False)
+    (tmp_path / "e" / "train_state.pt").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="train_state.pt: unreadable training checkpoint"):
+        train_bundle("efficientad-s", category, tmp_path / "e", image_size=SIZE, steps=3, batch_size=1,
+                     export=False, resume=True)
+    (tmp_path / "e" / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="checkpoint.pt: unreadable checkpoint"):
+        load_from_bundle(Bundle.open(b.path))
+
+
+def test_cli_names_a_file_where_a_folder_must_be(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "generic-images", "--out", str(tmp_path / "taken"),
+                        "--count", "2", "--image-size", "32"], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "taken: file exists (a folder was expected there)" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
     out = tmp_path / "g"
     r = subprocess.run([sys.executable, "-m", "edge_ad", "train", "--model", "gaussian", "--data", str(category),

@@ -9,6 +9,7 @@ Exit codes: 0 ok, 2 usage or input error, 1 runtime failure.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -32,6 +33,26 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as exc:
+            if exc.filename is None:  # not about a path the user gave (a socket, a device): a real crash
+                raise
+            logging.getLogger(__name__).debug("OS error", exc_info=True)
+            click.echo(f"error: {os_error_text(exc)}", err=True)
+            sys.exit(2 if exc.errno in _INPUT_ERRNOS else 1)
+
+
+# OS errors about a path the user named (a file where a folder must be, a missing parent, no
+# permission): input errors (exit 2). Others with a path (disk full, I/O error): runtime failures (exit 1).
+_INPUT_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: what went wrong`` for an OSError about a path, e.g. ``out: file exists (a folder was expected)``."""
+    what = (exc.strerror or type(exc).__name__).lower()
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        what += " (a folder was expected there)"
+    target = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"{exc.filename}{target}: {what}"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

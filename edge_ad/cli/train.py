@@ -59,7 +59,7 @@ def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher,
 @click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "int8", "int8-u8"]),
               help="Graph to evaluate (default: the bundle's active one).")
 @click.option("--device", default=None, help="cpu or cuda (default: what the backend picks).")
-@click.option("--batch", default=8, show_default=True, type=int)
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "out_dir", default=None, type=click.Path(), help="Report folder (default BUNDLE/eval).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_json):

@@ -26,6 +26,12 @@ def default_config(kind: str) -> dict[str, Any]:
     raise InputError(f"model '{kind}': expected one of {', '.join(KINDS)}")
 
 
+def check_image_size(size: int) -> None:
+    """Every model (and a distilled teacher) takes square inputs of a multiple of 32 pixels, at least 64."""
+    if size % 32 or size < 64:
+        raise InputError(f"image size {size}: expected a multiple of 32, at least 64")
+
+
 def build(kind: str, image_size: int | tuple[int, int], config: dict[str, Any] | None = None,
           pretrained: bool = True) -> nn.Module:
     """A fresh model. ``pretrained=False`` skips loading the ImageNet backbone (for loading a checkpoint)."""
@@ -34,8 +40,7 @@ def build(kind: str, image_size: int | tuple[int, int], config: dict[str, Any] |
     size = image_size if isinstance(image_size, int) else int(image_size[0])
     if not isinstance(image_size, int) and int(image_size[0]) != int(image_size[1]):
         raise InputError(f"image size {image_size}: models take square inputs")
-    if size % 32 or size < 64:
-        raise InputError(f"image size {size}: expected a multiple of 32, at least 64")
+    check_image_size(size)
     if kind in ("efficientad-s", "efficientad-m"):
         from .efficientad import EfficientAD
 
@@ -56,16 +61,27 @@ def load_from_bundle(bundle, device: str = "cpu") -> nn.Module:
     if not ckpt.is_file():
         raise InputError(f"{ckpt}: not found; the torch backend needs the bundle's checkpoint")
     model = build(bundle.kind, bundle.image_size, bundle.model.get("config", {}), pretrained=False)
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise InputError(f"{ckpt}: unreadable checkpoint ({exc})") from exc
+    state = load_weights(ckpt, "checkpoint")
     state = state.get("model", state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise InputError(f"{ckpt}: weights do not fit a {bundle.kind} model: {str(exc)[:300]}") from exc
     return model.to(device).eval()
+
+
+def load_weights(path, what: str) -> dict:
+    """A torch weights file (``weights_only``: no code runs) that must hold a dict; ``what`` names it in
+    errors. A corrupt, truncated or foreign file is an InputError naming the file, not a torch traceback."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError, ...)
+        # torch's own messages (a pickle opcode, weights_only advice) do not help here; -vv shows them
+        raise InputError(f"{path}: unreadable {what}: not a complete PyTorch weights file written by "
+                         f"torch.save ({type(exc).__name__})") from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: {what} holds a {type(obj).__name__}, expected a dict of tensors (a state_dict)")
+    return obj
 
 
 def describe(model: nn.Module, kind: str, image_size: int, config: dict[str, Any]) -> dict[str, Any]:

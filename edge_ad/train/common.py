@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import numbers
 import os
 import random
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from .. import atomic
 from ..data.image import list_images, load_image, resize_rgb
 from ..errors import InputError
+from ..models import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_run(device: str, max_minutes: float | None) -> None:
-    """The options every training run shares, checked before any image is loaded."""
+def check_run(device: str, max_minutes: float | None, steps: int | None = None, batch_size: int | None = None,
+              checkpoint_every: int | None = None, seed: int = 0) -> None:
+    """The options every training run shares, checked before any image is loaded (``None``: the default)."""
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every)):
+        if value is not None and not (isinstance(value, numbers.Integral) and value >= 1):
+            raise InputError(f"{name} {value}: expected a positive whole number")
+    if not (isinstance(seed, numbers.Integral) and 0 <= seed < 2**64):  # torch.manual_seed's range
+        raise InputError(f"--seed {seed}: expected a whole number from 0 to 2**64 - 1")
     if max_minutes is not None and not max_minutes > 0:
         raise InputError(f"--max-minutes {max_minutes}: expected a positive number of minutes")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -90,8 +98,8 @@ def save_checkpoint(path: Path, model, optimizer, step: int, gen: torch.Generato
 def load_checkpoint(path: Path, model, optimizer, gen: torch.Generator) -> int:
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint to resume from")
+    st = load_weights(path, "training checkpoint")
     try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["rng"]["torch"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -24,6 +23,7 @@ from .. import atomic
 from ..data.image import list_images
 from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
+from ..models import check_image_size
 from ..models.pdn import pdn
 from .common import check_run, color_jitter, load_images, sample_batch, seed_everything
 from .loops import LoopConfig, run_loop
@@ -32,12 +32,14 @@ from .loops import LoopConfig, run_loop
 def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: str = "s", image_size: int = 256,
             steps: int = 2000, batch_size: int = 8, seed: int = 0, device: str = "cpu", lr: float = 1e-4,
             max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
+    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed)
+    check_image_size(image_size)
+    out = atomic.check_output_file(out)
     folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     paths = [p for f in folders for p in list_images(f)]
     if len(paths) < 2:
         raise InputError(f"{', '.join(map(str, folders))}: need at least 2 images to distill a teacher, "
                          f"found {len(paths)}")
-    check_run(device, max_minutes)
     seed_everything(seed)
     imgs = load_images(paths, image_size, "loading images").to(device)  # once: a GPU step reads no host memory
     target = Lite0Teacher(image_size).to(device).eval()
@@ -59,7 +61,6 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
         f_std = sample.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     channels = int(sample.shape[1])
     net = pdn(size, channels, padding=True).to(device)
-    out = Path(out)
 
     def step(gen):
         x = color_jitter(sample_batch(imgs, batch_size, gen), 0.1, gen)

@@ -19,7 +19,7 @@ import torch
 from .. import __version__, gaussian, scoring
 from ..bundle import Bundle, now_iso
 from ..errors import InputError
-from ..models import KINDS, build, default_config, describe
+from ..models import KINDS, build, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, split_train_val
 from .common import check_run, load_images, penalty_images, seed_everything
 from .loops import LoopConfig, train_efficientad, train_fader
@@ -44,10 +44,7 @@ def load_teacher_file(path: str | Path) -> tuple[str, int, dict]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: teacher weights file not found")
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"{p}: unreadable teacher file ({exc})") from exc
+    sd = load_weights(p, "teacher file")
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
@@ -98,7 +95,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
     if preset not in ("quick", "paper"):
         raise InputError(f"--preset '{preset}': expected quick or paper")
-    check_run(device, max_minutes)
+    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed)
     scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # validate early
     out = Path(out)
     cfg = default_config(model_kind)
