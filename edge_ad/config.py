@@ -208,7 +208,8 @@ class PipelineSettings(_Section):
 class DecisionSettings(_Section):
     """How a score map becomes a decision and defect regions."""
 
-    threshold: Optional[float] = Field(None, title="Override the calibration's threshold (empty: use it)")
+    threshold: Optional[float] = Field(None, allow_inf_nan=False,
+                                       title="Override the calibration's threshold (empty: use it)")
     min_region_area: int = Field(4, ge=1, title="Smallest defect region reported (pixels)")
     max_regions: int = Field(16, ge=0, le=1000, title="Most regions reported per frame (largest peaks)")
 

@@ -17,6 +17,7 @@ error), cheap, and equal to what the upsampled map's maximum approaches.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, asdict
 from typing import Mapping
 
@@ -26,6 +27,60 @@ from .errors import InputError
 
 Q_A = 0.9
 Q_B = 0.995
+
+SCHEMA_VERSION = 1   # of calibration.json; a file of another version is refused, never half-read
+MAX_MAP_PAD = 256    # cells of padding per side (EfficientAD uses 4); more is a corrupt file
+
+
+def _finite(v: object, what: str) -> float:
+    """``v`` as a finite float (JSON numbers only: no strings, no booleans)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise InputError(f"{what} {v!r}: expected a finite number")
+    return float(v)
+
+
+def _count(v: object, what: str, most: int | None = None) -> int:
+    """``v`` as an integer >= 0 (and <= ``most``)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 or (most is not None and v > most):
+        bound = f" and <= {most}" if most is not None else ""
+        raise InputError(f"{what} {v!r}: expected an integer >= 0{bound}")
+    return int(v)
+
+
+def _text(v: object, what: str) -> str:
+    if not isinstance(v, str):
+        raise InputError(f"{what} {v!r}: expected a string")
+    return v
+
+
+def _obj(v: object, what: str) -> Mapping:
+    if not isinstance(v, Mapping):
+        raise InputError(f"{what} {v!r}: expected an object")
+    return v
+
+
+def _maps(v: object, where: str) -> dict[str, "MapNorm"]:
+    """The ``maps`` field: {name: {q_a, q_b[, weight]}} with q_b > q_a, weights >= 0 and not all 0."""
+    maps = {}
+    for name, m in _obj(v, f"{where}: maps").items():
+        at = f"{where}: maps.{name}"
+        m = _obj(m, at)
+        for key in ("q_a", "q_b"):
+            if key not in m:
+                raise InputError(f"{at}: field '{key}' missing; expected {{q_a, q_b, weight}}")
+        qa, qb = _finite(m["q_a"], f"{at}.q_a"), _finite(m["q_b"], f"{at}.q_b")
+        if not qb > qa:
+            raise InputError(f"{at}.q_b {qb!r}: expected more than q_a ({qa!r}); the normalization divides "
+                             "by q_b - q_a")
+        w = _finite(m.get("weight", 1.0), f"{at}.weight")
+        if w < 0:
+            raise InputError(f"{at}.weight {w!r}: expected a finite number >= 0")
+        maps[str(name)] = MapNorm(qa, qb, w)
+    if not maps:
+        raise InputError(f"{where}: maps is empty; expected at least one map {{name: {{q_a, q_b, weight}}}}")
+    if not any(m.weight > 0 for m in maps.values()):
+        raise InputError(f"{where}: maps: every weight is 0; expected at least one weight > 0")
+    return maps
 
 
 @dataclass(frozen=True)
@@ -63,7 +118,7 @@ class Calibration:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["schema_version"] = 1
+        d["schema_version"] = SCHEMA_VERSION
         d["maps"] = {k: asdict(v) for k, v in self.maps.items()}
         d["normal"] = dict(self.normal)
         d["extra"] = dict(self.extra)
@@ -71,29 +126,31 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "calibration") -> "Calibration":
-        try:
-            maps = {str(k): MapNorm(float(v["q_a"]), float(v["q_b"]), float(v.get("weight", 1.0)))
-                    for k, v in d["maps"].items()}
-            if not maps:
-                raise ValueError("'maps' is empty")
-            thr = float(d["threshold"])
-            if not math.isfinite(thr):
-                raise ValueError(f"threshold {thr} is not finite")
-            return cls(
-                maps=maps,
-                threshold=thr,
-                policy=str(d.get("policy", "max")),
-                version=int(d.get("version", 0)),
-                map_pad=int(d.get("map_pad", 0)),
-                normal={str(k): float(v) for k, v in dict(d.get("normal", {})).items()},
-                created=str(d.get("created", "")),
-                source=str(d.get("source", "")),
-                n_frames=int(d.get("n_frames", 0)),
-                extra=dict(d.get("extra", {})),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InputError(f"{where}: invalid calibration ({exc!r}); expected 'maps' "
-                             "{name: {q_a, q_b, weight}} and a finite 'threshold'") from exc
+        """Check every field (numbers finite, ``q_b > q_a``, weights >= 0 and not all 0, a known
+        ``schema_version``) and build the calibration; :class:`InputError` naming ``where`` and the field."""
+        if not isinstance(d, Mapping):
+            raise InputError(f"{where}: expected a calibration (a JSON object), got {type(d).__name__}")
+        sv = d.get("schema_version", SCHEMA_VERSION)
+        if sv != SCHEMA_VERSION or isinstance(sv, bool):
+            raise InputError(f"{where}: schema_version {sv!r}: this edge_ad reads calibration schema "
+                             f"{SCHEMA_VERSION} only; upgrade edge-ad or recalibrate")
+        for key in ("maps", "threshold"):
+            if key not in d:
+                raise InputError(f"{where}: field '{key}' missing; expected 'maps' {{name: {{q_a, q_b, weight}}}} "
+                                 "and a finite 'threshold'")
+        return cls(
+            maps=_maps(d["maps"], where),
+            threshold=_finite(d["threshold"], f"{where}: threshold"),
+            policy=_text(d.get("policy", "max"), f"{where}: policy"),
+            version=_count(d.get("version", 0), f"{where}: version"),
+            map_pad=_count(d.get("map_pad", 0), f"{where}: map_pad", MAX_MAP_PAD),
+            normal={str(k): _finite(v, f"{where}: normal.{k}") for k, v in _obj(d.get("normal", {}),
+                                                                                f"{where}: normal").items()},
+            created=_text(d.get("created", ""), f"{where}: created"),
+            source=_text(d.get("source", ""), f"{where}: source"),
+            n_frames=_count(d.get("n_frames", 0), f"{where}: n_frames"),
+            extra=dict(_obj(d.get("extra", {}), f"{where}: extra")),
+        )
 
     def replace(self, **changes) -> "Calibration":
         d = self.to_dict()
@@ -165,13 +222,18 @@ def upsample(combined: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 class Scored:
     scores: np.ndarray        # [B] image scores
     combined: np.ndarray      # [B, h', w'] normalized combined maps at map resolution (padded)
-    ng: np.ndarray            # [B] bool: score > threshold
+    ng: np.ndarray            # [B] bool: score > threshold, or a score that is not a number
+
+
+def is_ng(scores: np.ndarray | float, threshold: float) -> np.ndarray | bool:
+    """NG unless the score is at most the threshold: a NaN score is never OK."""
+    return ~(np.asarray(scores) <= threshold) if np.ndim(scores) else not scores <= threshold
 
 
 def score(raw: Mapping[str, np.ndarray], cal: Calibration) -> Scored:
     comb = combine(raw, cal)
     s = image_scores(comb)
-    return Scored(scores=s, combined=comb, ng=s > cal.threshold)
+    return Scored(scores=s, combined=comb, ng=is_ng(s, cal.threshold))
 
 
 def normal_stats(scores: np.ndarray) -> dict[str, float]:

@@ -121,6 +121,21 @@ def test_trigger_mode_drops_nothing(tmp_path, tiny_bundle):
     assert [r["ng"] for r in recs] == labels
 
 
+def test_a_nan_score_is_an_inference_error_never_ok_and_a_run_that_inspects_nothing_fails(tmp_path, tiny_bundle,
+                                                                                           monkeypatch):
+    from edge_ad import scoring
+    from edge_ad.errors import RuntimeFailure
+
+    video, _ = defect_video(tmp_path / "v.avi", n=3, size=96)     # fewer batches than MAX_CONSECUTIVE_ERRORS
+    monkeypatch.setattr(scoring, "image_scores", lambda comb: np.full(comb.shape[0], np.nan, np.float32))
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger")
+    with pytest.raises(RuntimeFailure, match=r"no frame was inspected: inference failed on all \d+ batches .*"
+                                             r"image score nan of frame 0 .*expected a finite number") as err:
+        _run(s)
+    assert err.value.exit_code == 1
+    assert not (tmp_path / "results.jsonl").exists() or read_jsonl(tmp_path / "results.jsonl") == []
+
+
 def test_batches_form_when_frames_wait(tmp_path, tiny_bundle):
     video, labels = defect_video(tmp_path / "v.avi", n=32, defect_every=4, size=96)
     s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", pipeline__queue_size=8,
@@ -584,6 +599,15 @@ def test_jsonl_rotation_keeps_every_line(tmp_path):
         log.write({"i": i, "pad": "x" * 40})
     log.close()
     assert sorted(p.name for p in tmp_path.glob("s.jsonl*")) == ["s.jsonl", "s.jsonl.1", "s.jsonl.2"]
+
+
+def test_jsonl_never_writes_bare_nan(tmp_path):
+    log = JsonlLog(tmp_path / "r.jsonl")
+    log.write({"score": float("nan"), "ng": True, "stages_ms": {"x": float("inf")}, "ok": [1.0, float("-inf")]})
+    log.close()
+    line = (tmp_path / "r.jsonl").read_text()
+    assert json.loads(line) == {"score": None, "ng": True, "stages_ms": {"x": None}, "ok": [1.0, None]}
+    assert "NaN" not in line and "Infinity" not in line
 
 
 def test_snapshot_retention_by_count_and_bytes(tmp_path):

@@ -47,7 +47,7 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
     Settings come from the TOML file, then EDGE_AD_<SECTION>__<KEY> environment variables, then these
     flags. An invalid config stops here, naming the field, before any camera is opened. SIGTERM / Ctrl-C
     drain the queues, flush the outbox and publish the offline status. Exit codes: 0 ok, 2 bad input,
-    1 runtime failure (e.g. the camera was lost for good).
+    1 runtime failure (e.g. the camera was lost for good, or no frame could be inspected).
     """
     from ..config import ENV_CONFIG, load_settings, parse_set_option
 

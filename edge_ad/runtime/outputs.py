@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -15,6 +16,17 @@ from typing import Any
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 class JsonlLog:
@@ -41,7 +53,11 @@ class JsonlLog:
         self.rotations = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        data = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except ValueError:  # NaN / inf is not JSON: such a number is written as null
+            text = json.dumps(_finite_or_null(record), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        data = (text + "\n").encode("utf-8")
         with self._lock:
             if self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()

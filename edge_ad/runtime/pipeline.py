@@ -63,6 +63,17 @@ def apply_roi_rotate(image: np.ndarray, roi: Optional[list[int]], rotate: int) -
     return np.ascontiguousarray(image)
 
 
+def _check_finite(scores: np.ndarray, frames: list, cal) -> None:
+    """A score that is not a finite number decides nothing: the batch is an inference error (counted in
+    ``inference_errors``), never reported as OK."""
+    bad = [(f.seq, float(s)) for f, s in zip(frames, scores) if not np.isfinite(s)]
+    if bad:
+        seq, val = bad[0]
+        raise RuntimeFailure(f"image score {val} of frame {seq} ({len(bad)} of {len(frames)} in the batch): "
+                             f"expected a finite number; the model output or calibration v{cal.version} is "
+                             "broken, so no decision was made")
+
+
 @dataclass
 class InspectRequest:
     """An MQTT ``inspect`` waiting for the decisions of the next ``count`` frames."""
@@ -141,6 +152,7 @@ class Pipeline:
         self.skipped_paused = 0
         self.discarded_at_stop = 0
         self.inference_errors = 0
+        self.first_inference_error = ""   # "Type: message" of the first batch that failed
         self.batches = 0
         self.last_frame_image: Optional[np.ndarray] = None
         self.started_at = 0.0
@@ -316,9 +328,13 @@ class Pipeline:
                 except Exception as exc:
                     consecutive += 1
                     self.inference_errors += 1
-                    log.exception("inference failed on a batch of %d frames", len(got))
-                    self.on_event({"type": "inference_error", "error": f"{type(exc).__name__}: {exc}",
-                                   "frames": len(got)})
+                    what = f"{type(exc).__name__}: {exc}"
+                    self.first_inference_error = self.first_inference_error or what
+                    if isinstance(exc, EdgeADError):   # a known failure: its message says it all
+                        log.error("inference failed on a batch of %d frames: %s", len(got), exc)
+                    else:
+                        log.exception("inference failed on a batch of %d frames", len(got))
+                    self.on_event({"type": "inference_error", "error": what, "frames": len(got)})
                     if consecutive >= MAX_CONSECUTIVE_ERRORS:
                         raise RuntimeFailure(f"inference failed {consecutive} times in a row; last error: "
                                              f"{type(exc).__name__}: {exc}") from exc
@@ -352,6 +368,7 @@ class Pipeline:
         t2 = time.perf_counter()
         cal = insp.calibration                     # one calibration for the whole batch
         scored = scoring.score(insp.head(outputs, cal), cal)
+        _check_finite(scored.scores, frames, cal)
         threshold = float(self.threshold_override) if self.threshold_override is not None else float(cal.threshold)
         backend = insp.backend
         bname = getattr(backend, "name", type(backend).__name__)
@@ -364,7 +381,7 @@ class Pipeline:
             collectors = list(self._collectors)
         for i, f in enumerate(frames):
             s = float(scored.scores[i])
-            ng = s > threshold
+            ng = scoring.is_ng(s, threshold)
             regions = ()
             full = None
             h, w = f.image.shape[:2]

@@ -509,12 +509,20 @@ class Service:
             summary = self._shutdown(t_start)
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-        err = self.pipeline.error
+        err = self.pipeline.error or self._nothing_inspected()
         if err is not None:
             if isinstance(err, EdgeADError):
                 raise err
             raise RuntimeFailure(str(err))
         return summary
+
+    def _nothing_inspected(self) -> RuntimeFailure | None:
+        """A run whose every batch failed inspected nothing: a runtime failure, not a success."""
+        p = self.pipeline
+        if p.inspected or not p.inference_errors:
+            return None
+        return RuntimeFailure(f"no frame was inspected: inference failed on all {p.inference_errors} batches "
+                              f"({p.captured} frames captured); first error: {p.first_inference_error}")
 
     def _supervise(self, t_start: float) -> None:
         s = self.settings
