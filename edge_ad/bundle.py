@@ -19,9 +19,11 @@ quantized graph passes the guard).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,6 +39,32 @@ _CAL_RE = re.compile(r"^(\d{4,})\.json$")
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest_validator():
+    import jsonschema
+
+    schema = json.loads((resources.files("edge_ad") / "schemas" / "manifest.schema.json").read_text("utf-8"))
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def manifest_problems(manifest: Any) -> list[str]:
+    """What in ``manifest`` breaks ``edge_ad/schemas/manifest.schema.json``, as ``field: message`` lines
+    (``model.image_size.0: 0 is less than the minimum of 64``); empty when it is valid."""
+    out = []
+    for err in sorted(_manifest_validator().iter_errors(manifest), key=lambda e: [str(p) for p in e.absolute_path]):
+        where = ".".join(str(p) for p in err.absolute_path) or "manifest"
+        expected = err.schema.get("description") if isinstance(err.schema, dict) else None
+        out.append(f"{where}: {err.message}" + (f" (expected {expected})" if expected else ""))
+    return out
+
+
+def check_manifest(manifest: Any, where: str | os.PathLike) -> None:
+    """:class:`InputError` naming ``where`` and every bad field of a manifest (types, image size, names)."""
+    problems = manifest_problems(manifest)
+    if problems:
+        raise InputError(f"{where}: " + "; ".join(problems))
 
 
 class Bundle:
@@ -56,7 +84,6 @@ class Bundle:
                 raise InputError(f"bundle model description lacks '{key}'")
         if model["kind"] not in MODEL_KINDS:
             raise InputError(f"model kind '{model['kind']}': expected one of {', '.join(MODEL_KINDS)}")
-        path.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -66,6 +93,8 @@ class Bundle:
             "files": {},
             "active": {"graph": "model.onnx", "precision": "fp32"},
         }
+        check_manifest(manifest, path / "manifest.json")
+        path.mkdir(parents=True, exist_ok=True)
         b = cls(path, manifest)
         b.save_manifest()
         return b
@@ -84,12 +113,11 @@ class Bundle:
             raise InputError(f"{mf}: unreadable manifest ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise InputError(f"{mf}: 'format' is not '{FORMAT}'")
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise InputError(f"{mf}: format_version {manifest.get('format_version')} is newer than this "
-                             f"edge_ad understands ({FORMAT_VERSION}); upgrade edge-ad")
-        for key in ("model", "files", "active"):
-            if key not in manifest:
-                raise InputError(f"{mf}: field '{key}' missing")
+        fv = manifest.get("format_version", 0)
+        if isinstance(fv, int) and not isinstance(fv, bool) and fv > FORMAT_VERSION:
+            raise InputError(f"{mf}: format_version {fv} is newer than this edge_ad understands "
+                             f"({FORMAT_VERSION}); upgrade edge-ad")
+        check_manifest(manifest, mf)
         b = cls(path, manifest)
         if verify:
             b.verify()
@@ -233,11 +261,26 @@ class Bundle:
         p = self.path / "calibration.json"
         if not p.is_file():
             raise InputError(f"{p}: not found; the bundle has no calibration (train or calibrate it first)")
-        try:
-            d = json.loads(p.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{p}: unreadable ({exc})") from exc
-        return Calibration.from_dict(d, where=str(p))
+        return _read_calibration(p)[0]
+
+    def calibration_at(self, version: int) -> Calibration:
+        """Calibration ``version`` from its history file, checked like the one in force."""
+        p = self.calibration_version_file(version)
+        if not p.is_file():
+            raise InputError(f"{p}: calibration version {version} not found")
+        return _read_calibration(p)[0]
+
+    def next_calibration_version(self) -> int:
+        """One more than the newest version kept or in force: versions never go back nor get reused, even
+        when the history folder was emptied."""
+        versions = self.calibration_versions()
+        newest = versions[-1] if versions else 0
+        if self.has("calibration.json"):
+            try:
+                newest = max(newest, self.calibration().version)
+            except InputError:
+                pass  # an unreadable calibration in force is replaced; the history still numbers it
+        return newest + 1
 
     def calibration_version_file(self, version: int) -> Path:
         return self.calibration_dir / f"{version:04d}.json"
@@ -248,8 +291,7 @@ class Bundle:
         Order matters for power cuts: the history file is written (atomically) first, then
         calibration.json is replaced atomically. A cut between the two leaves the old calibration in force.
         """
-        versions = self.calibration_versions()
-        version = (versions[-1] + 1) if versions else 1
+        version = self.next_calibration_version()
         cal = cal.replace(version=version, created=cal.created or now_iso())
         data = (json.dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         atomic.write_bytes(self.calibration_version_file(version), data)
@@ -272,8 +314,8 @@ class Bundle:
         versions = self.calibration_versions()
         if not versions:
             raise InputError(f"{self.calibration_dir}: no calibration history to roll back to")
-        current = self.calibration().version
-        if version is None:
+        if version is None:  # an explicit version also repairs an unreadable calibration in force
+            current = self.calibration().version
             older = [v for v in versions if v < current]
             if not older:
                 raise InputError(f"calibration version {current} is the oldest; nothing to roll back to")
@@ -281,7 +323,16 @@ class Bundle:
         if version not in versions:
             raise InputError(f"calibration version {version} not found; versions kept: "
                              f"{', '.join(map(str, versions))}")
-        data = self.calibration_version_file(version).read_bytes()
-        Calibration.from_dict(json.loads(data), where=str(self.calibration_version_file(version)))
+        _, data = _read_calibration(self.calibration_version_file(version))
         self._put_calibration(data)
         return self.calibration()
+
+
+def _read_calibration(p: Path) -> tuple[Calibration, bytes]:
+    """A calibration file, checked (:meth:`Calibration.from_dict`), and its exact bytes."""
+    try:
+        data = p.read_bytes()
+        d = json.loads(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{p}: unreadable calibration ({exc})") from exc
+    return Calibration.from_dict(d, where=str(p)), data

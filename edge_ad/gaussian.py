@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +48,24 @@ class GaussianStats:
         p = Path(path)
         try:
             with np.load(p, allow_pickle=False) as z:
-                return cls(mean=z["mean"], chol=z["chol"], layout=str(z["layout"]), n=int(z["n"]))
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputError(f"{p}: unreadable Gaussian statistics ({exc})") from exc
+                st = cls(mean=z["mean"], chol=z["chol"], layout=str(z["layout"]), n=int(z["n"]))
+        except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
+            raise InputError(f"{p}: unreadable Gaussian statistics ({type(exc).__name__}: {exc or 'empty file'}); "
+                             "expected an .npz with mean, chol, layout and n") from exc
+        st.check(p)
+        return st
+
+    def check(self, where: str | os.PathLike) -> None:
+        """:class:`InputError` naming ``where`` unless the arrays fit together and are finite."""
+        m, c = self.mean, self.chol
+        if self.layout not in LAYOUTS:
+            raise InputError(f"{where}: layout '{self.layout}': expected one of {', '.join(LAYOUTS)}")
+        if m.ndim != 2 or c.shape != (m.shape[0], m.shape[1], m.shape[1]) or m.size == 0:
+            raise InputError(f"{where}: mean has shape {m.shape} and chol {c.shape}; expected [L, d] and "
+                             "[L, d, d]")
+        for name, a in (("mean", m), ("chol", c)):
+            if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+                raise InputError(f"{where}: {name} holds values that are not finite numbers (dtype {a.dtype})")
 
 
 _LOCATIONS_PER_CHUNK = 128  # Gaussians fitted at once (work arrays [128, n, d] and [128, d, d] in float64)

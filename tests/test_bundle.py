@@ -76,3 +76,126 @@ def test_verify_checks_the_calibration_against_its_history(tmp_path):
     p.write_text(p.read_text().replace("0.1", "0.7"))
     with pytest.raises(InputError, match="differs from"):
         Bundle.open(tmp_path / "b", verify=True)
+
+
+# ----------------------------------------------------------------------------- manifest fields
+def _made(tmp_path):
+    b = Bundle.create(tmp_path / "b", {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+    b.add_file("model.onnx", data=b"graph")
+    b.write_calibration(_cal(0.1))
+    return b
+
+
+def _edit_manifest(b, edit):
+    p = b.path / "manifest.json"
+    d = json.loads(p.read_text())
+    edit(d)
+    p.write_text(json.dumps(d))
+
+
+def _set(path, value):
+    def edit(d):
+        *parents, last = path.split(".")
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.image_size", 64, "model.image_size: 64 is not of type 'array'"),
+    ("model.image_size", "x", "model.image_size: 'x' is not of type 'array'"),
+    ("model.image_size", [0, 0], "model.image_size.0: 0 is less than the minimum of 64"),
+    ("model.image_size", [-64, 64], "model.image_size.0: -64 is less than the minimum of 64"),
+    ("model.image_size", [100000, 100000], "model.image_size.0: 100000 is greater than the maximum of 4096"),
+    ("model.image_size", [32, 32], "model.image_size.0: 32 is less than the minimum of 64"),
+    ("model.image_size", [96, 100], "model.image_size.1: 100 is not a multiple of 32"),
+    ("model.image_size", [64], "model.image_size: .* is too short"),
+    ("model", [], "model: \\[\\] is not of type 'object'"),
+    ("model.kind", "resnet", "model.kind: 'resnet' is not one of"),
+    ("model.outputs", [], "model.outputs: \\[\\] should be non-empty"),
+    ("model.outputs", "feat", "model.outputs: 'feat' is not of type 'array'"),
+    ("model.map_pad", -5, "model.map_pad: -5 is less than the minimum of 0"),
+    ("active", None, "active: None is not of type 'object'"),
+    ("active.graph", 5, "active.graph: 5 is not of type 'string'"),
+    ("files", None, "files: None is not of type 'object'"),
+    ("files", [], "files: \\[\\] is not of type 'object'"),
+    ("files.model.onnx", "abc", "files.model.onnx: 'abc' is not of type 'object'"),
+    ("format_version", "x", "format_version: 'x' is not of type 'integer'"),
+])
+def test_manifest_fields_of_the_wrong_type_or_value_are_refused_with_the_field_named(tmp_path, field, value,
+                                                                                     message):
+    b = _made(tmp_path)
+    edit = _set(field, value) if not field.startswith("files.") else (
+        lambda d: d["files"].__setitem__("model.onnx", value))
+    _edit_manifest(b, edit)
+    with pytest.raises(InputError, match=f"manifest.json: .*{message}"):
+        Bundle.open(b.path)
+
+
+@pytest.mark.parametrize("sha", [5, "abc", None])
+def test_a_bad_sha256_entry_is_refused(tmp_path, sha):
+    b = _made(tmp_path)
+    _edit_manifest(b, lambda d: d["files"]["model.onnx"].__setitem__("sha256", sha))
+    with pytest.raises(InputError, match="manifest.json: files.model.onnx.sha256: "):
+        Bundle.open(b.path, verify=True)
+
+
+def test_missing_fields_and_a_newer_format_are_named(tmp_path):
+    b = _made(tmp_path)
+    _edit_manifest(b, lambda d: d.pop("active"))
+    with pytest.raises(InputError, match="manifest.json: manifest: 'active' is a required property"):
+        Bundle.open(b.path)
+    b = _made(tmp_path / "2")
+    _edit_manifest(b, _set("format_version", 2))
+    with pytest.raises(InputError, match="format_version 2 is newer"):
+        Bundle.open(b.path)
+
+
+def test_create_refuses_a_bad_model_description_before_making_the_folder(tmp_path):
+    with pytest.raises(InputError, match="model.image_size.0: 32 is less than the minimum of 64"):
+        Bundle.create(tmp_path / "c", {"kind": "fader", "image_size": [32, 32], "outputs": ["map"]})
+    assert not (tmp_path / "c").exists()
+
+
+def test_manifest_schema_lists_the_model_kinds_the_code_knows():
+    from importlib import resources
+
+    from edge_ad.bundle import MODEL_KINDS
+
+    schema = json.loads((resources.files("edge_ad") / "schemas" / "manifest.schema.json").read_text())
+    assert tuple(schema["properties"]["model"]["properties"]["kind"]["enum"]) == MODEL_KINDS
+
+
+def test_bad_calibration_files_are_refused_naming_the_file_and_field(tmp_path):
+    b = _made(tmp_path)
+    for name in ("calibration.json", "calibration.d/0001.json"):
+        p = b.path / name
+        d = json.loads(p.read_text())
+        d["maps"]["map"]["weight"] = float("nan")
+        p.write_text(json.dumps(d))
+    with pytest.raises(InputError, match=r"calibration.json: maps.map.weight nan: expected a finite number"):
+        b.calibration()
+    with pytest.raises(InputError, match=r"0001.json: maps.map.weight nan"):
+        b.calibration_at(1)
+    (b.path / "calibration.d" / "0001.json").write_text("[]")
+    with pytest.raises(InputError, match=r"0001.json: expected a calibration \(a JSON object\), got list"):
+        b.rollback_calibration(1)
+
+
+def test_versions_never_go_back_when_the_history_is_emptied(tmp_path):
+    b = _made(tmp_path)
+    b.write_calibration(_cal(0.2))
+    for p in b.calibration_dir.iterdir():
+        p.unlink()
+    assert b.write_calibration(_cal(0.3)).version == 3
+    assert b.calibration_versions() == [3] and b.calibration().version == 3
+
+
+def test_an_explicit_rollback_repairs_an_unreadable_calibration_in_force(tmp_path):
+    b = _made(tmp_path)
+    (b.path / "calibration.json").write_text("{broken")
+    with pytest.raises(InputError, match="calibration.json: unreadable calibration"):
+        b.calibration()
+    assert b.rollback_calibration(1).version == 1
+    Bundle.open(b.path, verify=True)

@@ -332,3 +332,111 @@ def test_calibration_code_never_imports_torch():
     code = "import sys, edge_ad.calibration, edge_ad.cli.calibrate; print(' '.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "torch" not in out.split()
+
+
+# ----------------------------------------------------------------------------- damaged files
+def _stats(seed=0):
+    rng = np.random.default_rng(seed)
+    return gaussian.GaussianStats(mean=rng.random((4, 3), np.float32),
+                                  chol=np.repeat(np.eye(3, dtype=np.float32)[None], 4, 0), layout="patch", n=10)
+
+
+def _fake_gaussian_bundle(path):
+    """A Gaussian bundle without a model: two calibration versions, each with its statistics file."""
+    from edge_ad.scoring import Calibration, MapNorm
+
+    b = Bundle.create(path, {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+    for v in (1, 2):
+        name = f"gaussian.d/{v:04d}.npz"
+        _stats(v).save(b.file(name))
+        b.add_file(name)
+        b.write_calibration(Calibration(maps={"map": MapNorm(0.0, 1.0)}, threshold=0.1 * v,
+                                        extra={"gaussian": name}))
+    return b
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "nan"])
+def test_damaged_gaussian_statistics_are_refused_naming_the_file(tmp_path, damage):
+    p = tmp_path / "g.npz"
+    st = _stats()
+    if damage == "nan":
+        st.mean[0, 0] = np.nan
+    st.save(p)
+    data = p.read_bytes()
+    p.write_bytes({"empty": b"", "truncated": data[:len(data) // 2], "garbage": b"PK\x03\x04" + b"x" * 100,
+                   "nan": data}[damage])
+    with pytest.raises(InputError, match=f"{p}: "):
+        gaussian.GaussianStats.load(p)
+
+
+@pytest.mark.parametrize("rehash", [False, True])
+def test_rollback_checks_the_statistics_of_the_version_it_switches_to(tmp_path, rehash):
+    b = _fake_gaussian_bundle(tmp_path / "b")
+    b.file("gaussian.d/0001.npz").write_bytes(b"")
+    if rehash:   # the manifest agrees with the empty file: loading it still fails
+        b.add_file("gaussian.d/0001.npz")
+    with pytest.raises(InputError, match="calibration version 1 cannot be put back in force: .*0001.npz"):
+        rollback(b, 1)
+    assert b.calibration().version == 2
+    with pytest.raises(InputError, match="cannot be put back"):
+        rollback(b)
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"version": "x"}', '{"maps": {"map": {"q_a": 0, "q_b": 1}}, '
+                                                                '"threshold": NaN}'])
+def test_cli_list_names_an_unreadable_history_file(tmp_path, text):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    b = _fake_gaussian_bundle(tmp_path / "b")
+    b.calibration_version_file(1).write_text(text)
+    for extra in ([], ["--json"]):
+        res = CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--list", *extra])
+        assert res.exit_code == 2 and not isinstance(res.exception, (TypeError, AttributeError, ValueError))
+        assert "0001.json" in res.output and "unreadable" in res.output
+    assert "* v2" in CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--list"]).output
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--rollback", "1"])
+    assert res.exit_code == 2 and "0001.json" in res.output
+
+
+def test_cli_list_without_history_says_so(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    b = _fake_gaussian_bundle(tmp_path / "b")
+    shutil.rmtree(b.calibration_dir)
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--list"])
+    assert res.exit_code == 0 and "no calibration history" in res.output and "in force: v2" in res.output
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--list", "--json"])
+    assert res.exit_code == 0 and [r["version"] for r in json.loads(res.output)] == [2]
+    b.file("calibration.json").unlink()
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--list"])
+    assert res.exit_code == 0 and "no calibration in force" in res.output
+
+
+@pytest.mark.parametrize("weight", ["inf", "nan", "1e300"])
+def test_prior_weight_must_be_a_finite_number_of_frames(tbundle, tmp_path, weight):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(tmp_path / "none"),
+                                    "--prior-weight", weight])
+    assert res.exit_code == 2 and f"--prior-weight: Gaussian prior weight {float(weight)}" in res.output
+    with pytest.raises(InputError, match="prior weight"):
+        recalibrate(tbundle, _inspector(tbundle), [part_frame(i) for i in range(30)], prior_weight=float(weight),
+                    progress=False)
+    feats = np.random.default_rng(0).random((4, 3, 2, 2)).astype(np.float32)
+    with pytest.raises(InputError, match="prior weight"):
+        gaussfit.refit(feats, gaussian.fit(feats), float(weight))
+
+
+def test_recalibration_after_the_history_was_emptied_does_not_reuse_a_version(tbundle):
+    for p in tbundle.calibration_dir.iterdir():
+        p.unlink()
+    res = recalibrate(tbundle, _inspector(tbundle), [part_frame(i) for i in range(30)], policy="max", progress=False)
+    assert (res.previous.version, res.calibration.version) == (1, 2)

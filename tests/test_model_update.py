@@ -433,3 +433,19 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     b.save_manifest()
     with pytest.raises(InputError, match="Gaussian model has no weights"):
         adapt(b.path, frames, steps=1)
+
+
+@pytest.mark.parametrize("field, value", [("image_size", [32, 32]), ("outputs", []), ("map_pad", -5)])
+def test_an_archive_with_a_bad_manifest_is_refused_even_without_golden_check(tiny_bundle, tmp_path, monkeypatch,
+                                                                               field, value):
+    from edge_ad import bundle as bundle_mod
+
+    b = copy_bundle(tiny_bundle, tmp_path / "bad")
+    b.manifest["model"][field] = value
+    b.save_manifest()
+    with monkeypatch.context() as m:          # an archive made by another (older, buggy) packer
+        m.setattr(bundle_mod, "check_manifest", lambda manifest, where: None)
+        archive = pack_bundle(b.path, tmp_path / "bad.tar")
+    with pytest.raises(InputError, match=f"manifest.json: model.{field}"):
+        install_bundle(archive, tmp_path / "deploy", require_golden=False)
+    assert not (tmp_path / "deploy" / "current").exists() and not list((tmp_path / "deploy").rglob("*.*"))

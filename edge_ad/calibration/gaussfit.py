@@ -39,6 +39,7 @@ every location of every frame) a frame is a tiny part of the sample and in-sampl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,20 @@ def _fit_fresh(feats: np.ndarray, layout: str) -> tuple[gaussian.GaussianStats, 
                            exact=False)
 
 
+MAX_PRIOR_WEIGHT = 1e9  # frames; more overflows nothing useful (the new frames would count for nothing)
+
+
+def check_prior_weight(kappa: float | None) -> float | None:
+    """The prior weight (frames) as a float: None, or a finite number >= 0."""
+    if kappa is None:
+        return None
+    k = float(kappa)
+    if not (math.isfinite(k) and 0 <= k <= MAX_PRIOR_WEIGHT):
+        raise InputError(f"Gaussian prior weight {kappa}: expected a number of frames from 0 to "
+                         f"{MAX_PRIOR_WEIGHT:.0e} (0: a fit from the new frames alone)")
+    return k
+
+
 def refit(feats: np.ndarray, prior: gaussian.GaussianStats, kappa: float | None = None,
           cache: dict | None = None) -> tuple[gaussian.GaussianStats, LooTerms]:
     """New mean from ``feats``; covariance pooled with ``prior``'s worth ``kappa`` frames (module doc).
@@ -102,9 +117,7 @@ def _refit(feats: np.ndarray, prior: gaussian.GaussianStats, kappa: float | None
     n, d, h, w = f.shape
     if kappa is None:
         kappa = float(min(max(int(prior.n), 1), n))
-    kappa = float(kappa)
-    if not kappa >= 0:
-        raise InputError(f"Gaussian prior weight {kappa}: expected >= 0 (frames)")
+    kappa = check_prior_weight(kappa)
     if kappa == 0:
         return _fit_fresh(f, prior.layout)
     locs = h * w if prior.layout == "patch" else 1

@@ -247,8 +247,8 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
 def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
     """Put an earlier calibration back in force (byte for byte; default: the one before).
 
-    Checks first that the Gaussian statistics file it names still exists, so a rollback can never leave
-    a calibration in force that the model cannot load.
+    Checks first the calibration file and the Gaussian statistics it names (present, sha256 as recorded,
+    loadable), so a rollback can never leave a calibration in force that the model cannot load.
     """
     versions = bundle.calibration_versions()
     target = version
@@ -257,14 +257,17 @@ def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
         older = [v for v in versions if v < current]
         target = older[-1] if older else None
     if target is not None and target in versions and bundle.kind == "gaussian":
-        p = bundle.calibration_version_file(target)
-        try:
-            g = (json.loads(p.read_text("utf-8")).get("extra") or {}).get("gaussian")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise InputError(f"{p}: unreadable calibration ({exc})") from exc
-        if not g or not bundle.has(str(g)):
+        g = str(bundle.calibration_at(target).extra.get("gaussian") or "")
+        if not g or not bundle.has(g):
             raise InputError(f"calibration version {target} names Gaussian statistics '{g}', which are no longer "
                              f"kept (only the last {KEEP_GAUSSIAN} versions keep theirs); recalibrate instead")
+        try:
+            if g in bundle.manifest["files"]:
+                bundle.verify([g])
+            gaussian.GaussianStats.load(bundle.file(g))
+        except InputError as exc:
+            raise InputError(f"calibration version {target} cannot be put back in force: {exc}; the calibration "
+                             "in force is unchanged") from exc
     return bundle.rollback_calibration(target if version is None else version)
 
 
@@ -287,6 +290,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # a bad policy fails before any work
     if not screen_z > 0:
         raise InputError(f"screen_z {screen_z}: expected > 0")
+    gaussfit.check_prior_weight(prior_weight)
     if not 0.0 <= max_excluded < 1.0:
         raise InputError(f"max_excluded {max_excluded}: expected 0 <= value < 1")
     min_frames = max(int(min_frames), 3)
@@ -330,8 +334,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
         log.info("calibration frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
     warnings = _warnings(cur, s_cur, used)
 
-    versions = bundle.calibration_versions()
-    version = (versions[-1] + 1) if versions else 1
+    version = bundle.next_calibration_version()
     extra = dict(cur.extra)
     extra["recalibration"] = {"previous_version": cur.version, "frames": n, "excluded": [e.index for e in excluded],
                               "screen_z": screen_z,

@@ -39,7 +39,7 @@ def _echo_json(obj) -> None:
               help="Refuse with fewer usable frames.")
 @click.option("--prior-weight", default=None, type=click.FloatRange(min=0),
               help="Gaussian model: frames the covariance in force counts for (default: as many as the new "
-                   "frames; 0: fit from the new frames alone).")
+                   "frames; 0: fit from the new frames alone; at most 1e9).")
 @click.option("--adapt", is_flag=True,
               help="EfficientAD / FADeR-style: fine-tune on the frames for --adapt-steps, re-export, re-quantize "
                    "and rebuild with the accuracy guard, check on --golden, switch in with --deploy (needs the "
@@ -71,19 +71,7 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
 
     b = Bundle.open(bundle_dir)
     if list_versions:
-        cur = b.calibration().version if b.has("calibration.json") else None
-        rows = []
-        for v in b.calibration_versions():
-            d = json.loads(b.calibration_version_file(v).read_text("utf-8"))
-            rows.append({"version": v, "in_force": v == cur, "created": d.get("created", ""),
-                         "policy": d.get("policy", ""), "threshold": d.get("threshold"),
-                         "n_frames": d.get("n_frames"), "source": d.get("source", "")})
-        if as_json:
-            _echo_json(rows)
-        else:
-            for r in rows:
-                click.echo(f"{'*' if r['in_force'] else ' '} v{r['version']:<4} {r['created']:<26} {r['policy']:<11} "
-                           f"threshold {r['threshold']:.6g}  {r['n_frames']} frames  {r['source']}")
+        _list_calibrations(b, as_json)
         return
     if rollback_to is not None:
         version = None
@@ -92,13 +80,19 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
                 version = int(rollback_to)
             except ValueError:
                 raise InputError(f"--rollback {rollback_to}: expected a version number") from None
-        before = b.calibration().version
+        try:
+            before = b.calibration().version
+        except InputError:
+            if version is None:
+                raise
+            before = None   # unreadable: an explicit version puts a good one back
         cal = rollback(b, version)
         out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy}
         if as_json:
             _echo_json(out)
         else:
-            click.echo(f"calibration v{cal.version} in force (was v{before}), threshold {cal.threshold:.6g}")
+            was = f"v{before}" if before is not None else "unreadable"
+            click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
         return
     if not source:
         raise InputError("--source is required (a folder of normal images or a source URI), unless --rollback "
@@ -108,6 +102,13 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
 
     if (golden_dir or deploy_dir or adapt_out) and not adapt:
         raise InputError("--golden, --deploy and --adapt-out go with --adapt")
+    if prior_weight is not None:
+        from ..calibration.gaussfit import check_prior_weight
+
+        try:
+            check_prior_weight(prior_weight)
+        except InputError as exc:
+            raise InputError(f"--prior-weight: {exc}") from None
     images = collect_frames(source, frames, every=every, timeout_s=timeout_s)
     if len(images) < frames:
         click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
@@ -143,6 +144,59 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
                f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
                f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
+
+
+def _calibration_rows(b) -> tuple[list[dict], list[str]]:
+    """One row per calibration version kept (or the one in force, when no history is), and what was
+    unreadable, each history file checked as --rollback checks it."""
+    from ..errors import InputError
+
+    try:
+        cur = b.calibration() if b.has("calibration.json") else None
+    except InputError as exc:
+        cur, bad = None, [str(exc)]
+    else:
+        bad = []
+    rows = []
+    for v in b.calibration_versions():
+        try:
+            c = b.calibration_at(v)
+        except InputError as exc:
+            bad.append(str(exc))
+            rows.append({"version": v, "in_force": False, "error": str(exc)})
+            continue
+        rows.append(_row(c, v, in_force=cur is not None and v == cur.version))
+    if not rows and cur is not None:
+        rows.append(_row(cur, cur.version, in_force=True))
+    return rows, bad
+
+
+def _row(c, version: int, in_force: bool) -> dict:
+    return {"version": version, "in_force": in_force, "created": c.created, "policy": c.policy,
+            "threshold": c.threshold, "n_frames": c.n_frames, "source": c.source}
+
+
+def _list_calibrations(b, as_json: bool) -> None:
+    """``calibrate --list``: the versions kept; an unreadable history file is listed, then exit 2."""
+    from ..errors import InputError
+
+    rows, bad = _calibration_rows(b)
+    if as_json:
+        _echo_json(rows)
+    elif not b.calibration_versions():
+        click.echo(f"{b.calibration_dir}: no calibration history; " + (
+            f"in force: v{rows[0]['version']}, threshold {rows[0]['threshold']:.6g}" if rows else
+            "the bundle has no calibration in force either (train or calibrate it first)"))
+    else:
+        for r in rows:
+            mark = "*" if r["in_force"] else " "
+            if "error" in r:
+                click.echo(f"{mark} v{r['version']:<4} unreadable: {r['error']}")
+            else:
+                click.echo(f"{mark} v{r['version']:<4} {r['created']:<26} {r['policy']:<11} "
+                           f"threshold {r['threshold']:.6g}  {r['n_frames']} frames  {r['source']}")
+    if bad:
+        raise InputError(f"{len(bad)} calibration file(s) unreadable: " + "; ".join(bad))
 
 
 # ----------------------------------------------------------------------------- bundle archives
