@@ -62,6 +62,24 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
+def check_creatable(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Like :func:`check_output_file`, but makes nothing: the nearest existing folder above ``path`` is a
+    writable folder and ``path`` is not a folder. For several outputs checked before any is written."""
+    from .errors import InputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path}: is a folder; expected a file name")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path}: {parent} is a file; a folder was expected there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: the folder {parent} is not writable")
+    return path
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

@@ -439,15 +439,19 @@ def check_source(uri: str, devices: list[dict] | None = None, argus_present: boo
             return Check("source", Status.WARN, f"{safe}: {err}",
                          fix="check the camera's address and network; run reconnects with back-off meanwhile")
         return _ok("source", f"{safe}: {parts.hostname}:{port} answers")
-    if scheme == "file":
+    if scheme in ("file", "dir"):
+        from .runtime.sources import check_startup
+
         p = Path(target)
-        if not p.is_file():
-            return Check("source", Status.FAIL, f"{safe}: {p} not found", required=True, fix="fix the path")
-        return _ok("source", f"{safe}: {p} ({p.stat().st_size} bytes)")
-    if scheme == "dir":
-        p = Path(target)
-        if not p.is_dir():
-            return Check("source", Status.FAIL, f"{safe}: folder {p} not found", required=True, fix="fix the path")
+        try:
+            check_startup(spec)  # what run checks: the file decodes, the folder has a readable image
+        except InputError as exc:
+            fix = ("fix the path" if not p.exists() else
+                   "give a video OpenCV/FFmpeg can decode" if scheme == "file" else
+                   "put readable images (.png, .jpg, .bmp, .tif) in the folder")
+            return Check("source", Status.FAIL, str(exc), required=True, fix=fix)
+        if scheme == "file":
+            return _ok("source", f"{safe}: {p} ({p.stat().st_size} bytes, decodes)")
         return _ok("source", f"{safe}: folder {p}")
     return _ok("source", f"{safe}: generated frames, no camera needed")
 

@@ -17,6 +17,7 @@ from edge_ad.cli import main
 from edge_ad.mqtt.broker import TlsFiles, free_port
 from edge_ad.mqtt.settings import BrokerSettings
 from edge_ad.scoring import Calibration, MapNorm
+from fixtures_bundle import part_frame, write_video
 
 
 def _bundle(path: Path) -> Bundle:
@@ -109,9 +110,20 @@ def test_source_checks(tmp_path):
     assert bad.status == d.Status.FAIL and "scheme" in bad.detail
     assert d.check_source(f"file://{tmp_path}/clip.mp4").status == d.Status.FAIL
     clip = tmp_path / "clip.mp4"
-    clip.write_bytes(b"x" * 10)
-    assert d.check_source(f"file://{clip}").status == d.Status.OK
-    assert d.check_source(f"dir://{tmp_path}").status == d.Status.OK
+    clip.write_bytes(b"x" * 10)  # there, but not a video: run would refuse it, so doctor does too
+    junk = d.check_source(f"file://{clip}")
+    assert junk.status == d.Status.FAIL and junk.required and "not a video" in junk.detail
+    video = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(2)])
+    assert d.check_source(f"file://{video}").status == d.Status.OK
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    empty = d.check_source(f"dir://{folder}")
+    assert empty.status == d.Status.FAIL and "no images" in empty.detail
+    (folder / "a.png").write_bytes(b"x")
+    assert "none of the 1 images" in d.check_source(f"dir://{folder}").detail
+    import cv2
+    cv2.imwrite(str(folder / "b.png"), part_frame(0, 32))
+    assert d.check_source(f"dir://{folder}").status == d.Status.OK
     # an RTSP camera that does not answer is a warning: run reconnects with back-off
     port = free_port()
     rtsp = d.check_source(f"rtsp://user:secret@127.0.0.1:{port}/stream")
@@ -264,6 +276,10 @@ def test_cli_with_config(tmp_path):
     assert res.exit_code == 1 and "model.backend" in res.output
     res = runner.invoke(main, ["doctor", "--config", str(tmp_path / "absent.toml")])
     assert res.exit_code == 2
+    res = runner.invoke(main, ["doctor", "--backend", "foo"])  # the list run accepts, not "can start"
+    assert res.exit_code == 2 and "--backend" in res.output and "onnxruntime" in res.output
+    res = runner.invoke(main, ["doctor", "--timeout", "nan"])
+    assert res.exit_code == 2 and "--timeout" in res.output
 
 
 # ---------------------------------------------------------------------------- GPU probes without a GPU

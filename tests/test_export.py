@@ -91,3 +91,21 @@ def test_checker_failures_are_reported(tmp_path):
 
     with pytest.raises(RuntimeFailure, match="the ONNX checker refused it"):
         check_graph(b"not an onnx file", ["map"], (64, 64), where="x")
+
+
+def test_opset_outside_what_the_models_export_at_is_refused_before_torch_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.compile import MAX_OPSET, MIN_OPSET
+
+    for bad in ("0", "-5", "7", "12", "24", "999"):
+        res = CliRunner().invoke(main, ["export", "--bundle", str(tmp_path), "--opset", bad])
+        assert res.exit_code == 2 and "--opset" in res.output and f"{MIN_OPSET}<=x<={MAX_OPSET}" in res.output
+        assert "graph(" not in res.output  # was ~345 lines of Torch IR, then exit 1
+    m = models.build("gaussian", 64, pretrained=False)
+    b = Bundle.create(tmp_path / "g", models.describe(m, "gaussian", 64, models.default_config("gaussian")))
+    with pytest.raises(InputError, match="opset 7: expected a whole number 13..23"):
+        export_bundle(b, m, opset=7, progress=False)
+    export_bundle(b, m, opset=MAX_OPSET, progress=False)  # both ends of the range do export
+    export_bundle(b, m, opset=MIN_OPSET, progress=False)

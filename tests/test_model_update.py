@@ -202,7 +202,7 @@ def test_unsafe_members_are_refused(bundles, golden, tmp_path):
         with pytest.raises(InputError, match=msg):
             install_bundle(rewrite(name, extra), deploy, golden)
     assert not (tmp_path / "evil.txt").exists() and deployment(deploy).current is None
-    assert not [p for p in (deploy / "releases").iterdir()]
+    assert not deploy.exists()  # a refused first install leaves no deploy folder (not even an empty releases/)
 
 
 # ----------------------------------------------------------------------------- golden set
@@ -382,6 +382,71 @@ def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["health"] == "pending"
     res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
     assert res.exit_code == 0 and deployment(deploy).current == first
+
+
+def test_cli_bundle_refuses_bad_names_and_folders_leaving_nothing(bundles, golden, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, _, _ = bundles
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "pack", str(a.path), str(tmp_path / "pk" / "a.zip")])  # was a tar named .zip
+    assert res.exit_code == 2 and "a.zip: expected a name ending in .tar, .tar.gz, .tgz" in res.output, res.output
+    assert not (tmp_path / "pk").exists()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(tmp_path / "nowhere")])  # was "current: -", exit 0
+    assert res.exit_code == 2 and f"--deploy {tmp_path / 'nowhere'}: no such folder" in res.output, res.output
+    junk = tmp_path / "junk.tar"
+    junk.write_text("not a tar")
+    deploy = tmp_path / "new" / "deploy"
+    for args in (["--no-golden"], ["--golden", str(golden)]):
+        res = r.invoke(main, ["bundle", "install", str(junk), "--deploy", str(deploy), *args])
+        assert res.exit_code == 2 and "update refused" in res.output, res.output
+        assert not (tmp_path / "new").exists()  # was an empty deploy/releases/ left behind
+    existing = tmp_path / "dep"
+    (existing / "releases").mkdir(parents=True)
+    res = r.invoke(main, ["bundle", "install", str(junk), "--deploy", str(existing), "--no-golden"])
+    assert res.exit_code == 2 and (existing / "releases").is_dir()  # folders it did not make stay
+
+
+def test_cli_keygen_never_loses_or_strands_the_private_key(tmp_path):
+    pytest.importorskip("cryptography")
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    r = CliRunner()
+    same = tmp_path / "same.pem"
+    for pub in (same, tmp_path / "sub" / ".." / "same.pem"):
+        res = r.invoke(main, ["bundle", "keygen", "--private", str(same), "--public", str(pub)])
+        assert res.exit_code == 2 and "given for both the private and the public key" in res.output, res.output
+        assert not same.exists()  # was: exit 0 and only the public key in it
+    (tmp_path / "text.mp4").write_text("a file, not a folder")
+    ok = tmp_path / "ok.pem"
+    res = r.invoke(main, ["bundle", "keygen", "--private", str(ok), "--public", str(tmp_path / "text.mp4" / "pub.pem")])
+    assert res.exit_code == 2 and "text.mp4 is a file" in res.output, res.output
+    assert not ok.exists()  # was left behind, so a rerun said "exists; not overwriting a key"
+    res = r.invoke(main, ["bundle", "keygen", "--private", str(ok), "--public", str(tmp_path / "keys" / "ok.pub")])
+    assert res.exit_code == 0 and ok.stat().st_mode & 0o777 == 0o600, res.output
+    assert b"PRIVATE KEY" in ok.read_bytes() and b"PUBLIC KEY" in (tmp_path / "keys" / "ok.pub").read_bytes()
+
+
+def test_keygen_removes_the_private_key_when_the_public_one_fails(tmp_path, monkeypatch):
+    pytest.importorskip("cryptography")
+    from edge_ad import atomic
+    from edge_ad.calibration import generate_ed25519
+
+    real = atomic.write_bytes
+
+    def failing(path, data):
+        if str(path).endswith(".pub"):
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(atomic, "write_bytes", failing)
+    with pytest.raises(OSError):
+        generate_ed25519(tmp_path / "k.pem", tmp_path / "k.pub")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- --adapt

@@ -146,3 +146,32 @@ def test_home_assistant_discovery(mosquitto, tmp_path):
     with Collector(BrokerSettings(url=mosquitto.url), "homeassistant/#", persistent=False) as late:
         assert late.wait_for(lambda c: len(c.messages) >= len(configs), 5)
         assert all(m.retain for m in late.messages)
+
+
+def test_cli_site_device_and_name_are_checked_before_connecting():
+    import pytest
+
+    from edge_ad.errors import InputError
+    from edge_ad.mqtt.broker import free_port
+    from edge_ad.mqtt.topics import check_level
+
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: a check that connected first would time out
+    runner = CliRunner()
+    for argv, named in ((["--site", "+", "--device", "#", "status"], "--site '+'"),
+                        (["--site", "a", "--device", "#", "status"], "--device '#'"),
+                        (["--site", "a/b", "--device", "d", "status"], "--site 'a/b'"),
+                        (["--site", "", "--device", "d", "status"], "--site ''"),
+                        (["--site", "a", "--device", "d", "no such/cmd"], "NAME 'no such/cmd'")):
+        res = runner.invoke(main, ["command", "--mqtt", url, "--timeout", "0.5", *argv])
+        assert res.exit_code == 2 and named in res.output and "one topic level" in res.output, res.output
+    for bad in ("nan", "inf", "0"):
+        res = runner.invoke(main, ["command", "--mqtt", url, "--site", "a", "--device", "d", "--timeout", bad,
+                                   "status"])
+        assert res.exit_code == 2 and "--timeout" in res.output, res.output
+        res = runner.invoke(main, ["monitor", "--mqtt", url, "--duration", bad if bad != "0" else "-1"])
+        assert res.exit_code == 2 and "--duration" in res.output, res.output
+    res = runner.invoke(main, ["monitor", "--mqtt", url, "--site", "#"])
+    assert res.exit_code == 2 and "--site '#'" in res.output
+    assert check_level("line-3", "site") == "line-3"
+    with pytest.raises(InputError, match="device 'a\\+b'"):
+        check_level("a+b", "device")

@@ -356,3 +356,17 @@ def test_an_entry_judged_again_under_other_limits(int8):
     msgs = guard_mod.judge(e, strict)
     assert len(msgs) == len(e["auroc"]) + 3
     assert any("rank correlation" in m for m in msgs) and any("decision agreement" in m for m in msgs)
+
+
+@pytest.mark.parametrize("opt,bad", [("--samples", "0"), ("--samples", "-5"), ("--guard-normals", "0"),
+                                     ("--guard-normals", "3"), ("--test-limit", "0"), ("--test-limit", "-1"),
+                                     ("--threads", "-1"), ("--min-agreement", "nan"), ("--min-agreement", "1.5"),
+                                     ("--max-auroc-drop", "nan"), ("--min-rank-corr", "inf")])
+def test_quantize_options_are_checked_before_any_work(tmp_path, opt, bad):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    res = CliRunner().invoke(main, ["quantize", "--bundle", str(tmp_path / "missing"), "--precision", "int8",
+                                    opt, bad])
+    assert res.exit_code == 2 and f"Invalid value for '{opt}'" in res.output, res.output

@@ -158,6 +158,49 @@ def test_missing_file_or_folder_is_an_input_error(tmp_path):
         check_startup(parse_uri(f"dir://{tmp_path}/missing"))
 
 
+def test_undecodable_file_or_unreadable_folder_is_an_input_error(tmp_path):
+    import cv2
+
+    text = tmp_path / "text.mp4"
+    text.write_text("hello\n")
+    with pytest.raises(InputError, match=r"text\.mp4 is not a video OpenCV/FFmpeg can decode"):
+        check_startup(parse_uri(f"file://{text}"))
+    check_startup(parse_uri(f"file://{write_video(tmp_path / 'v.avi', [part_frame(0, 32)])}"))  # a real one passes
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=f"no images .* in {empty}"):
+        check_startup(parse_uri(f"dir://{empty}"))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_text("not a png")
+    with pytest.raises(InputError, match=r"none of the 1 images .*/a\.png: not a readable image"):
+        check_startup(parse_uri(f"dir://{junk}"))
+    cv2.imwrite(str(junk / "b.png"), np.full((8, 8, 3), 50, np.uint8))
+    check_startup(parse_uri(f"dir://{junk}"))  # one readable image is enough
+
+
+def test_dir_source_skips_unreadable_images_without_replaying(tmp_path):
+    import cv2
+
+    for name, v in (("a.png", 10), ("c.png", 30)):
+        cv2.imwrite(str(tmp_path / name), np.full((8, 8, 3), v, np.uint8))
+    (tmp_path / "b.png").write_text("truncated")
+    cam = Camera(open_source(f"dir://{tmp_path}"), threading.Event(), backoff_initial_s=0.01)
+    got = []
+    while (f := cam.read()) is not None:
+        got.append(f.truth["file"])
+    cam.close()
+    assert got == ["a.png", "c.png"] and cam.outages == 0  # was a, a, a, ...: each bad image reopened the folder
+    src = open_source(f"dir://{tmp_path}?loop=1")
+    src.open()
+    assert [src.read().truth["file"] for _ in range(4)] == ["a.png", "c.png", "a.png", "c.png"]
+    for name in ("a.png", "c.png"):
+        (tmp_path / name).write_text("gone bad")
+    with pytest.raises(SourceLost, match="none of the 3 images can be read"):
+        for _ in range(4):
+            src.read()
+
+
 # ----------------------------------------------------------------------------- outages
 def test_removed_video_reconnects_when_it_comes_back(tmp_path):
     path = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(4)])
@@ -278,6 +321,57 @@ def test_run_on_a_missing_file_exits_2(tmp_path):
     cfg = _config(tmp_path, "file://nope.avi")
     r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.avi" in r.stderr and "not found" in r.stderr
+
+
+def test_run_and_capture_on_a_file_that_is_not_a_video_exit_2_at_once(tmp_path):
+    text = tmp_path / "text.mp4"
+    text.write_text("hello\n")
+    cfg = _config(tmp_path, f"file://{text}")
+    t0 = time.monotonic()
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"{text} is not a video" in r.stderr and "outage" not in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 60  # was: reconnecting forever
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for src in (f"file://{text}", f"dir://{empty}"):
+        res = CliRunner().invoke(main, ["capture", "--source", src, "--out", str(tmp_path / "cap"), "--frames", "2"])
+        assert res.exit_code == 2 and "error: source" in res.output, res.output
+        assert not (tmp_path / "cap").exists()  # no empty output folder
+
+
+@pytest.mark.parametrize("prefix", ["../../escape_", "nosub/x", "..", ".hidden", "a\\b"])
+def test_capture_prefix_is_a_plain_file_name_prefix(tmp_path, prefix):
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    path = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(3)])
+    out = tmp_path / "a" / "b" / "cap"
+    res = CliRunner().invoke(main, ["capture", "--source", f"file://{path}", "--out", str(out), "--frames", "2",
+                                    "--prefix", prefix])
+    assert res.exit_code == 2 and "--prefix" in res.output, res.output
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob("escape_*"))  # nothing written anywhere
+
+
+@pytest.mark.parametrize("every", ["inf", "nan", "-1", "1e300"])
+def test_capture_every_must_be_a_finite_number_of_seconds(tmp_path, every):
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    res = CliRunner().invoke(main, ["capture", "--source", "synthetic://disc?size=32", "--out", str(tmp_path / "c"),
+                                    "--frames", "2", "--every", every])
+    assert res.exit_code == 2 and "--every" in res.output and not (tmp_path / "c").exists(), res.output
+
+
+def test_run_duration_must_be_finite():
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    for bad in ("nan", "inf", "0"):
+        res = CliRunner().invoke(main, ["run", "--duration", bad, "--source", "synthetic://disc"])
+        assert res.exit_code == 2 and "--duration" in res.output, res.output
 
 
 def test_capture_saves_frames(tmp_path):

@@ -148,6 +148,16 @@ def test_compile_without_tensorrt_exits_2_saying_what_to_install(tmp_path):
     assert "python3-libnvinfer" in r.output and "pip install tensorrt" in r.output
 
 
+def test_compile_names_a_wrong_bundle_before_looking_for_tensorrt(tmp_path):
+    from edge_ad.cli import main
+
+    r = CliRunner().invoke(main, ["compile", "--bundle", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "missing: bundle folder not found" in r.output, r.output  # was "TensorRT ..."
+    for opt, bad in (("--max-batch", "0"), ("--workspace", "8"), ("--device", "-1"), ("--min-agreement", "nan")):
+        r = CliRunner().invoke(main, ["compile", "--bundle", str(tmp_path), opt, bad])
+        assert r.exit_code == 2 and opt in r.output, r.output
+
+
 @pytest.mark.skipif(tensorrt_usable()[0], reason="tensorrt is installed here")
 def test_tensorrt_backend_without_tensorrt_is_an_input_error(tmp_path):
     from edge_ad.errors import InputError

@@ -125,10 +125,15 @@ def _write_state(deploy_dir: Path, state: dict, event: str, **detail) -> None:
     atomic.write_json(deploy_dir / STATE, state)
 
 
-def deployment(deploy_dir: str | os.PathLike) -> Deployment:
+def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deployment:
     """What the deploy folder holds now. The links are the truth; ``deploy.json`` adds the health (a
-    switch whose record was cut by a power loss reads as "pending")."""
+    switch whose record was cut by a power loss reads as "pending"). ``must_exist``: a missing folder is
+    an InputError (for ``bundle status``), not an empty deployment."""
     d = Path(deploy_dir)
+    if must_exist and not d.is_dir():
+        raise InputError(f"--deploy {d}: {'not a folder' if d.exists() else 'no such folder'}; expected a "
+                         f"deploy folder ({RELEASES}/, '{CURRENT}' and '{PREVIOUS}' links; made by 'edge-ad "
+                         "bundle install')")
     cur, prev = _link_target(d, CURRENT), _link_target(d, PREVIOUS)
     st = _read_state(d)
     health = st.get("health", "none") if st.get("current") == cur else ("pending" if cur else "none")
@@ -286,13 +291,33 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
 
     ``key``: HMAC secret (bytes or file) or Ed25519 public key file; with a key an unsigned archive is
     refused (``require_signature`` overrides). ``golden_dir`` defaults to ``<deploy>/golden``; with no
-    golden set the install is refused unless ``require_golden=False``.
+    golden set the install is refused unless ``require_golden=False``. A failed install into a new deploy
+    folder removes the folders it made.
     """
-    from ..errors import GuardFailure
-
     d = Path(deploy_dir)
+    made = []  # folders this install creates, deepest first: removed again when it fails
+    p = d / RELEASES
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
     d.mkdir(parents=True, exist_ok=True)
     (d / RELEASES).mkdir(exist_ok=True)
+    try:
+        return _install(archive, d, golden_dir, key, require_signature, require_golden, backend, precision,
+                        limits, keep)
+    except BaseException:
+        for p in made:
+            try:
+                p.rmdir()  # only while empty: a folder something else wrote into stays
+            except OSError:
+                break
+        raise
+
+
+def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
+             keep) -> InstallResult:
+    from ..errors import GuardFailure
+
     dep = deployment(d)
     key_obj = load_key(key) if key is not None else None
     if golden_dir is None and (d / GOLDEN).is_dir():

@@ -109,17 +109,31 @@ def load_key(key: bytes | str | os.PathLike | SigningKey) -> SigningKey:
 
 
 def generate_ed25519(private_path: str | os.PathLike, public_path: str | os.PathLike) -> str:
-    """Write a new Ed25519 key pair (PEM; the private file mode 0600); returns the key id."""
+    """Write a new Ed25519 key pair (PEM; the private file mode 0600); returns the key id.
+
+    Both paths are checked before either is written (two different files, each in a writable folder),
+    and the private key is removed again when the public one cannot be written, so a failure leaves
+    neither behind (and never a private key overwritten by its public half)."""
     from .. import atomic
 
+    private_path, public_path = Path(private_path), Path(public_path)
+    if private_path.resolve() == public_path.resolve():
+        raise InputError(f"{private_path}: given for both the private and the public key; expected two files "
+                         "(the public key would overwrite the private one)")
+    atomic.check_creatable(private_path, "private key")
+    atomic.check_creatable(public_path, "public key")
     serialization, ed25519, _ = _crypto()
     k = ed25519.Ed25519PrivateKey.generate()
     priv = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                            serialization.NoEncryption())
     pub = k.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     atomic.write_bytes(private_path, priv)
-    os.chmod(private_path, 0o600)
-    atomic.write_bytes(public_path, pub)
+    try:
+        os.chmod(private_path, 0o600)
+        atomic.write_bytes(public_path, pub)
+    except BaseException:
+        private_path.unlink(missing_ok=True)
+        raise
     return load_key(public_path).key_id
 
 
@@ -167,11 +181,17 @@ def _bundle_files(root: Path) -> list[str]:
     return out
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
 def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
                 sign_key: bytes | str | os.PathLike | None = None) -> Path:
     """Write ``out_archive`` (.tar; .tar.gz / .tgz compressed) from a bundle folder, verified first."""
     from .. import atomic
 
+    if not Path(out_archive).name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise InputError(f"{out_archive}: expected a name ending in {', '.join(ARCHIVE_SUFFIXES)} (.tar.gz and "
+                         ".tgz are compressed)")
     b = Bundle.open(bundle_dir, verify=True)
     key = load_key(sign_key) if sign_key is not None else None
     if key is not None and not key.can_sign:

@@ -273,7 +273,7 @@ def status_cmd(deploy_dir, as_json):
     """The release in force, the previous one, and the health of the last switch."""
     from ..calibration import deployment
 
-    dep = deployment(deploy_dir)
+    dep = deployment(deploy_dir, must_exist=True)
     out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
            "current_path": str(dep.current_path) if dep.current_path else None, **dep.detail}
     if as_json:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import click
 
+from ..compile import MAX_OPSET, MIN_OPSET
 from . import main
+from .types import FiniteFloat
 
 _LIMITS = [
-    click.option("--max-auroc-drop", default=0.005, show_default=True, type=float,
+    click.option("--max-auroc-drop", default=0.005, show_default=True, type=FiniteFloat(0, 1),
                  help="Guard: largest allowed image-AUROC drop vs FP32."),
-    click.option("--min-rank-corr", default=0.99, show_default=True, type=float,
+    click.option("--min-rank-corr", default=0.99, show_default=True, type=FiniteFloat(-1, 1),
                  help="Guard: smallest allowed Spearman correlation of image scores vs FP32."),
-    click.option("--min-agreement", default=None, type=float,
+    click.option("--min-agreement", default=None, type=FiniteFloat(0, 1),
                  help="Guard: smallest allowed OK/NG agreement at the threshold (default: reported only)."),
     click.option("--test", "test_dir", default=None, type=click.Path(),
                  help="A real MVTec-layout test folder for the guard (besides synthetic defects)."),
-    click.option("--test-limit", default=100, show_default=True, type=int,
+    click.option("--test-limit", default=100, show_default=True, type=click.IntRange(min=1),
                  help="At most this many real test images (spread over good and defect types)."),
-    click.option("--guard-normals", default=32, show_default=True, type=int,
-                 help="Held-out normal images the guard uses (and as many with synthetic defects)."),
+    click.option("--guard-normals", default=32, show_default=True, type=click.IntRange(min=4),
+                 help="Held-out normal images the guard uses (and as many with synthetic defects); at "
+                      "least 4, all there are when fewer."),
     click.option("--calib", "calib_dir", default=None, type=click.Path(),
                  help="Normal images (folder, or MVTec category) instead of the bundle's training images."),
 ]
@@ -32,10 +35,7 @@ def _with_limits(fn):
 
 def _limits(max_auroc_drop, min_rank_corr, min_agreement):
     from ..compile.guard import GuardLimits
-    from ..errors import InputError
 
-    if not 0 <= max_auroc_drop <= 1 or not -1 <= min_rank_corr <= 1:
-        raise InputError("--max-auroc-drop must lie in 0..1 and --min-rank-corr in -1..1")
     return GuardLimits(max_auroc_drop=max_auroc_drop, min_rank_corr=min_rank_corr, min_agreement=min_agreement)
 
 
@@ -47,7 +47,9 @@ def _open(bundle_dir):
 
 @main.command()
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder.")
-@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(MIN_OPSET, MAX_OPSET),
+              help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}: {MIN_OPSET} is the lowest the INT8 graphs "
+                   f"(per-channel Q/DQ) need, {MAX_OPSET} the highest torch's exporter writes.")
 def export(bundle_dir, opset):
     """Export the bundle's checkpoint to model.onnx (normalization inside, raw maps out, dynamic batch)."""
     from ..compile.export import export_bundle
@@ -61,11 +63,12 @@ def export(bundle_dir, opset):
 @main.command()
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder.")
 @click.option("--precision", required=True, type=click.Choice(["int8", "fp16"]))
-@click.option("--samples", default=64, show_default=True, type=int, help="Calibration images (int8).")
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Calibration images (int8; all there are when fewer).")
 @click.option("--keep-fp32", default="auto", show_default=True, type=click.Choice(["head", "auto", "none"]),
               help="int8 layers kept in FP32: the last conv of each map path, plus a per-layer "
                    "sensitivity search (auto), or none.")
-@click.option("--threads", default=0, type=int, help="ONNX Runtime threads (0: all cores).")
+@click.option("--threads", default=0, type=click.IntRange(0, 1024), help="ONNX Runtime threads (0: all cores).")
 @_with_limits
 def quantize(bundle_dir, precision, samples, keep_fp32, threads, max_auroc_drop, min_rank_corr, min_agreement,
              test_dir, test_limit, guard_normals, calib_dir):
@@ -83,10 +86,11 @@ def quantize(bundle_dir, precision, samples, keep_fp32, threads, max_auroc_drop,
 @main.command("compile")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder.")
 @click.option("--precision", default="best", show_default=True, type=click.Choice(["fp16", "int8", "fp32", "best"]))
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch of the engine's profile.")
-@click.option("--workspace", "workspace_mib", default=1024, show_default=True, type=int,
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Largest batch of the engine's profile.")
+@click.option("--workspace", "workspace_mib", default=1024, show_default=True, type=click.IntRange(min=16),
               help="Builder workspace limit, MiB.")
-@click.option("--device", default=0, show_default=True, type=int, help="CUDA device index.")
+@click.option("--device", default=0, show_default=True, type=click.IntRange(min=0), help="CUDA device index.")
 @click.option("--typing", default="auto", show_default=True, type=click.Choice(["auto", "weak", "strong"]),
               help="auto: builder precision flags on TensorRT 8.6/10, strongly typed on 11.")
 @click.option("--force", is_flag=True, help="Rebuild even when a valid engine is cached.")
@@ -94,15 +98,12 @@ def quantize(bundle_dir, precision, samples, keep_fp32, threads, max_auroc_drop,
 def compile_cmd(bundle_dir, precision, max_batch, workspace_mib, device, typing, force, max_auroc_drop,
                 min_rank_corr, min_agreement, test_dir, test_limit, guard_normals, calib_dir):
     """Build a TensorRT engine on this device, check it against FP32, cache it under engines/."""
-    from ..errors import InputError
     from ..runtime.backends.tensorrt import import_tensorrt
 
-    import_tensorrt()   # exit 2 with what to install, before anything else
-    if max_batch < 1 or workspace_mib < 16:
-        raise InputError("--max-batch must be >= 1 and --workspace >= 16 MiB")
+    b = _open(bundle_dir)   # a wrong --bundle is named before TensorRT is looked for
+    import_tensorrt()   # exit 2 with what to install, before any work
     from ..compile.tensorrt import compile_bundle
 
-    b = _open(bundle_dir)
     entry = compile_bundle(b, precision, max_batch=max_batch, workspace_mib=workspace_mib, device=device,
                            typing=typing, force=force, test_dir=test_dir,
                            limits=_limits(max_auroc_drop, min_rank_corr, min_agreement),

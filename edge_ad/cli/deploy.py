@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
+from ..runtime.backends import BACKENDS  # the one list run and open_backend accept
 from . import main
+from .types import Seconds
 
 
 @main.command()
@@ -24,12 +26,12 @@ from . import main
 @click.option("--data-dir", "data_dirs", multiple=True, type=click.Path(path_type=Path),
               help="Folder run writes to (outbox, log, snapshots); repeatable. Default: the config's paths, "
                    "else the outbox folder and the working directory.")
-@click.option("--backend", default=None, metavar="NAME",
-              help="Backend run will use: auto, onnxruntime, tensorrt, ... (tensorrt makes TensorRT, CUDA and "
-                   "an engine required). Default: the config's, else auto.")
+@click.option("--backend", default=None, type=click.Choice(BACKENDS),
+              help="Backend run will use (tensorrt makes TensorRT, CUDA and an engine required). Default: the "
+                   "config's, else auto.")
 @click.option("--min-free-mb", type=click.IntRange(0), default=256, show_default=True,
               help="Free disk space required in each data folder.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=Seconds(0.1, max=60), default=3.0, show_default=True,
               help="Seconds to wait for a broker or camera host.")
 @click.option("--strict", is_flag=True, help="Exit 1 on any warning or failed optional check too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

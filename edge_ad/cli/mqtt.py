@@ -10,6 +10,7 @@ import click
 
 from ..errors import InputError
 from . import main
+from .types import Seconds
 
 
 def _broker_options(f):
@@ -42,20 +43,21 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
 @_broker_options
 @click.option("--site", default=None, help="Only this site (default: every site).")
 @click.option("--json", "as_json", is_flag=True, help="Stream one JSON line per device update instead of a table.")
-@click.option("--duration", type=click.FloatRange(min=0), default=None,
+@click.option("--duration", type=Seconds(min=0), default=None,
               help="Stop after this many seconds (default: until Ctrl-C).")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+@click.option("--interval", type=Seconds(min=0.1), default=1.0, show_default=True,
               help="Table refresh interval (s).")
-@click.option("--stale-after", type=click.FloatRange(min=1), default=60.0, show_default=True,
+@click.option("--stale-after", type=Seconds(min=1), default=60.0, show_default=True,
               help="An online device silent this long shows as stale (s).")
 def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, site, as_json, duration, interval,
             stale_after):
     """Live table of every device under edge-ad/v1/<site>/<device>/: online or offline, fps, latency,
     NG rate, last result, calibration version, outbox depth, drift."""
     from ..mqtt.monitor import run_monitor
+    from ..mqtt.topics import check_level
 
-    if site is not None and ("/" in site or "+" in site or "#" in site or not site):
-        raise InputError(f"--site '{site}': expected one topic level (no '/', '+' or '#')")
+    if site is not None:
+        check_level(site, "--site")
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     run_monitor(broker, site=site, as_json=as_json, duration=duration, interval=interval,
                 stale_after_s=stale_after, out=sys.stdout)
@@ -65,7 +67,7 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
 @_broker_options
 @click.option("--site", required=True, help="Site of the device.")
 @click.option("--device", required=True, help="Device name.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--timeout", type=Seconds(min=0.1), default=30.0, show_default=True,
               help="Seconds to wait for the reply.")
 @click.option("--client-id", "claim", default=None, help="Requester id the device's allow-list checks.")
 @click.argument("name")
@@ -76,7 +78,10 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
     the device answers with an error."""
     from ..mqtt.requester import CommandClient
+    from ..mqtt.topics import check_level
 
+    for value, what in ((site, "--site"), (device, "--device"), (name, "NAME")):
+        check_level(value, what)
     parsed = {}
     if args:
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import main
+from .types import Seconds
 
 
 def _settings_loader(config: str | None, overrides: list):
@@ -25,7 +26,7 @@ def _settings_loader(config: str | None, overrides: list):
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
               help="TOML config file (default: $EDGE_AD_CONFIG). See examples/edge-ad.toml.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after inspecting N frames.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--duration", type=Seconds(min=0, min_open=True), default=None,
               help="Stop after S seconds.")
 @click.option("--bundle", default=None, help="Override model.bundle.")
 @click.option("--source", default=None, help="Override source.uri (e.g. file://clip.mp4?loop=1).")
@@ -84,13 +85,14 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
                                                          "file://..., dir://..., synthetic://...).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for the frames.")
 @click.option("--frames", "count", required=True, type=click.IntRange(min=1), help="How many frames to save.")
-@click.option("--every", type=click.FloatRange(min=0), default=0.0,
+@click.option("--every", type=Seconds(min=0), default=0.0,
               help="Seconds between saved frames (live cameras: frames in between are read and discarded).")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
               help="Take ROI and rotation (and reconnect settings) from this run config, so the frames "
                    "match what the loop inspects.")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", help="Image format.")
-@click.option("--prefix", default="frame_", help="File name prefix.")
+@click.option("--prefix", default="frame_", show_default=True,
+              help="File name prefix (a plain name: no '/', '\\', or leading '.').")
 def capture_cmd(source, out, count, every, config, fmt, prefix):
     """Save N frames of a camera (or file) to a folder, e.g. normal parts to train or calibrate on."""
     import cv2
@@ -101,6 +103,7 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
     from ..runtime.pipeline import apply_roi_rotate
     from ..runtime.sources import check_startup, open_source, parse_uri
 
+    _check_prefix(prefix)
     spec = parse_uri(source)
     check_startup(spec)
     roi, rotate = None, 0
@@ -160,3 +163,19 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
                                                       "source ended or capture was interrupted)"))
     if saved == 0:
         sys.exit(1)
+
+
+def _check_prefix(prefix: str) -> None:
+    """A file-name prefix: frames go to OUT/<prefix>00000.png, never elsewhere (a '/' or '..' in it wrote
+    outside --out or failed after OUT was made)."""
+    from ..errors import InputError
+
+    bad = next((c for c in ("/", "\\", "\0") if c in prefix), None)
+    if bad is not None:
+        raise InputError(f"--prefix {prefix!r}: contains {bad!r}; expected a plain file-name prefix such as "
+                         "'frame_' (the frames go into --out)")
+    if prefix.startswith("."):
+        raise InputError(f"--prefix {prefix!r}: starts with '.'; expected a plain file-name prefix such as "
+                         "'frame_' (no hidden files, no '..')")
+    if len(prefix.encode("utf-8", "surrogateescape")) > 200:
+        raise InputError(f"--prefix: {len(prefix)} characters; expected a file-name prefix of at most 200 bytes")

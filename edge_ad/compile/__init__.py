@@ -7,3 +7,9 @@
 
 ``import torch`` happens only inside export; quantization and the guard need only onnx / onnxruntime.
 """
+
+# ONNX opsets ``edge-ad export`` accepts: every model exports at 11..23 (torch 2.13, dynamo=False; the
+# bilinear / nearest upsampling needs 11), and the INT8 graphs' per-channel Q/DQ needs 13. 23 is torch's
+# ONNX_MAX_OPSET; an older torch refuses the newest with a clear message.
+MIN_OPSET = 13
+MAX_OPSET = 23

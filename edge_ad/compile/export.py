@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -32,6 +33,10 @@ def export_bundle(bundle: Bundle, module=None, opset: int = DEFAULT_OPSET, progr
     """Export ``module`` (default: the bundle's checkpoint) to ``bundle/model.onnx``; returns its path."""
     import torch
 
+    from . import MAX_OPSET, MIN_OPSET
+
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"opset {opset!r}: expected a whole number {MIN_OPSET}..{MAX_OPSET}")
     if module is None:
         from ..models import load_from_bundle
         module = load_from_bundle(bundle, device="cpu")

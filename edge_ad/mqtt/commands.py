@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 from ..errors import EdgeADError, InputError
 from . import payloads, schema
 from .settings import MqttSettings
-from .topics import Topics
+from .topics import Topics, check_level
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ class Dispatcher:
         another name needs ``schema_name`` (a shipped schema name or a schema dict) or takes any object."""
         if not callable(handler):
             raise InputError(f"command '{name}': handler {handler!r} is not callable")
-        if not name or any(c in name for c in "/+#"):
-            raise InputError(f"command name '{name}': expected one topic level, no '/', '+' or '#'")
+        check_level(name, "command name")
         old = self._specs.get(name)
         if old is not None and schema_name is None:
             sname, validator = old.schema_name, old.validator

@@ -22,7 +22,7 @@ from . import payloads
 from .client import connect_async, make_client, reason_failed
 from .commands import HMAC_KEY, sign, signed_envelope
 from .settings import BrokerSettings, Protocol
-from .topics import Topics
+from .topics import Topics, check_level
 
 REPLY_ROOT = "edge-ad/replies"
 
@@ -132,6 +132,8 @@ class CommandClient:
              timeout: float = 10.0, claim: str | None = None) -> dict:
         """Send ``cmd/<name>`` to a device; returns its reply (``{"ok": ..., "result" | "error": ...}``).
         ``claim`` is the client id the allow-list sees (default: this client's id)."""
+        for value, what in ((site, "site"), (device, "device"), (name, "command name")):
+            check_level(value, what)
         corr = uuid.uuid4().hex
         data, props = self.build(name, args, corr, claim if claim is not None else self.client_id)
         return self.send_raw(Topics(site, device).cmd(name), data, corr, props, timeout=timeout)

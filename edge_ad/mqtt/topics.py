@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InputError
+
 ROOT = "edge-ad/v1"
 KINDS = ("status", "result", "event", "event/image", "telemetry", "calibration")
 
@@ -64,6 +66,14 @@ class Topics:
 
     def reply(self, name: str) -> str:
         return f"{self.base}/reply/{name}"
+
+
+def check_level(value: str, what: str) -> str:
+    """``value`` if it can be one topic level (a site, a device, a command name); else InputError naming
+    ``what``. A '/' would publish to another topic and '+' / '#' are wildcards a publish may not carry."""
+    if not isinstance(value, str) or not value or any(c in value for c in "/+#\0"):
+        raise InputError(f"{what} '{value}': expected one topic level (no '/', '+' or '#')")
+    return value
 
 
 def fleet_filter(site: str | None = None) -> str:

@@ -18,10 +18,15 @@
 The capture contract follows jetson-utils: ``read()`` returns a frame, ``None`` at the end of a finite
 stream, and raises :class:`SourceLost` when the camera fails (the capture loop then reconnects with
 back-off). Frames are RGB ``uint8 [H, W, 3]``. Credentials never reach a log: use :func:`redact_uri`.
+
+Files and folders are checked once before anything starts (:func:`check_startup`): a file:// that is
+missing or not a video OpenCV can decode, or a dir:// without one readable image, is an input error,
+not an outage to wait out. Later failures (a looping file removed while running) are outages as usual.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -34,6 +39,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import numpy as np
 
 from ..errors import InputError, RuntimeFailure
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("v4l2", "csi", "rtsp", "rtsps", "file", "dir", "synthetic")
 _SECRET_KEYS = re.compile(r"(pass(word)?|pwd|secret|token|key|auth|signature|sig)", re.I)
@@ -136,7 +143,11 @@ def redact_uri(uri: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = "&".join(f"{k}={'***' if _SECRET_KEYS.search(k) else v}" for k, v in pairs)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    out = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    lead = f"{parts.scheme}://"
+    if parts.scheme and str(uri).startswith(lead) and not out.startswith(lead):  # dir:///abs came back dir:/abs
+        out = lead + out[len(parts.scheme) + 1:]
+    return out
 
 
 def parse_uri(uri: str) -> SourceSpec:
@@ -414,23 +425,33 @@ class DirSource(Source):
         self._pos = 0
 
     def read(self) -> RawFrame | None:
+        """The next readable image. An unreadable one (removed, truncated, not an image) is skipped with
+        a warning: raising SourceLost made the reconnect list the folder again and replay it from the
+        first image. A whole pass without one readable image is an outage (loop) or the end."""
         from ..data.image import load_image
 
-        if self._pos >= len(self._files):
-            if not self.spec.options.get("loop"):
-                return None
-            self.open()
-        p = self._files[self._pos]
-        self._pos += 1
-        fps = self.spec.options.get("fps") or 0.0
-        self._pace(0.0 if fps == "native" else float(fps))
-        try:
-            img = load_image(p)
-        except InputError as exc:
-            raise SourceLost(f"{self.spec.safe_uri}: {exc}") from None
-        frame = RawFrame(img, self._index, {"file": p.name})
-        self._index += 1
-        return frame
+        skipped = 0
+        while True:
+            if self._pos >= len(self._files):
+                if not self.spec.options.get("loop"):
+                    return None
+                if skipped and skipped >= len(self._files):
+                    raise SourceLost(f"{self.spec.safe_uri}: none of the {skipped} images can be read")
+                self.open()
+                skipped = 0
+            p = self._files[self._pos]
+            self._pos += 1
+            fps = self.spec.options.get("fps") or 0.0
+            self._pace(0.0 if fps == "native" else float(fps))
+            try:
+                img = load_image(p)
+            except (InputError, OSError) as exc:
+                skipped += 1
+                log.warning("%s: skipped %s", self.spec.safe_uri, exc)
+                continue
+            frame = RawFrame(img, self._index, {"file": p.name})
+            self._index += 1
+            return frame
 
 
 class SyntheticSource(Source):
@@ -478,13 +499,51 @@ def open_source(spec: SourceSpec | str, open_timeout_s: float = 10.0, rtsp_trans
 
 
 def check_startup(spec: SourceSpec) -> None:
-    """Input errors worth stopping for before anything starts (a mistyped file or folder path).
+    """Input errors worth stopping for before anything starts: a file:// that is missing or that OpenCV
+    cannot decode a first frame of, a dir:// that is missing or holds no readable image.
 
     Cameras are not checked here: a camera that is not there yet is waited for with back-off.
     """
-    if spec.scheme == "file" and not Path(spec.target).is_file():
-        raise InputError(f"source {spec.safe_uri}: video file {spec.target} not found")
-    if spec.scheme == "dir" and not Path(spec.target).is_dir():
-        raise InputError(f"source {spec.safe_uri}: folder {spec.target} not found")
+    if spec.scheme == "file":
+        _probe_file(spec)
+    if spec.scheme == "dir":
+        _probe_dir(spec)
     if spec.scheme == "csi" and not has_gstreamer():
         OpenCVSource(spec)._capture_args()  # raises the InputError that explains the fix
+
+
+def _probe_file(spec: SourceSpec) -> None:
+    p = Path(spec.target)
+    if not p.is_file():
+        raise InputError(f"source {spec.safe_uri}: video file {p} not found")
+    src = OpenCVSource(spec)
+    try:
+        src.open()
+        frame = src.read()
+    except SourceLost:
+        frame = None
+    finally:
+        src.close()
+    if frame is None:
+        raise InputError(f"source {spec.safe_uri}: {p} is not a video OpenCV/FFmpeg can decode (no first "
+                         "frame); expected a video file such as .mp4, .avi or .mkv")
+
+
+def _probe_dir(spec: SourceSpec) -> None:
+    from ..data.image import IMAGE_EXTS, list_images, load_image
+
+    folder = Path(spec.target)
+    if not folder.is_dir():
+        raise InputError(f"source {spec.safe_uri}: folder {folder} not found")
+    files = list_images(folder)
+    if not files:
+        raise InputError(f"source {spec.safe_uri}: no images ({', '.join(IMAGE_EXTS)}) in {folder}")
+    first = None
+    for f in files:
+        try:
+            load_image(f)
+            return
+        except (InputError, OSError) as exc:
+            first = first or exc
+    raise InputError(f"source {spec.safe_uri}: none of the {len(files)} images in {folder} can be read "
+                     f"(first: {first})")

@@ -1,0 +1,33 @@
+"""Option types the commands share (click's own ranges, plus what they miss)."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf``: ``nan`` passes every range comparison
+    (``--duration nan`` ran forever, ``--timeout nan`` waited 'nan s') and ``inf`` overflows timers."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class Seconds(FiniteFloat):
+    """A finite number of seconds, at most what ``threading`` can wait (``threading.TIMEOUT_MAX``, about
+    292 years): ``--every inf`` or ``1e300`` made ``Event.wait`` raise OverflowError."""
+
+    def convert(self, value, param, ctx):
+        import threading
+
+        rv = super().convert(value, param, ctx)
+        if rv > threading.TIMEOUT_MAX:
+            self.fail(f"{value!r} seconds is too long (at most {threading.TIMEOUT_MAX:.0f}).", param, ctx)
+        return rv
