@@ -45,26 +45,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Before long work whose result goes to ``path``: its folder exists (made if needed) and is
-    writable, and ``path`` is not a folder, so hours of training never end in an unwritable file."""
-    from .errors import InputError
-
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{option} {path}: is a folder; expected a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{option} {path}: cannot make its folder {path.parent} ({exc.strerror})") from exc
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"{option} {path}: its folder {path.parent} is not writable")
-    return path
-
-
 def check_creatable(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Like :func:`check_output_file`, but makes nothing: the nearest existing folder above ``path`` is a
-    writable folder and ``path`` is not a folder. For several outputs checked before any is written."""
+    """Before work whose result goes to ``path`` (a training, several outputs written in turn): ``path``
+    is not a folder and the nearest existing folder above it is a writable folder, so the work never ends
+    in an unwritable file. Makes nothing; the write makes the missing folders."""
     from .errors import InputError
 
     path = Path(path)

@@ -34,7 +34,7 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
             max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed)
     check_image_size(image_size)
-    out = atomic.check_output_file(out)
+    out = atomic.check_creatable(out)
     folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     paths = [p for f in folders for p in list_images(f)]
     if len(paths) < 2:
