@@ -67,6 +67,19 @@ def check_manifest(manifest: Any, where: str | os.PathLike) -> None:
         raise InputError(f"{where}: " + "; ".join(problems))
 
 
+_MEMBER_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def check_member(name: Any, what: str = "bundle file name") -> str:
+    """``name`` if it is a relative path inside a bundle (parts of letters, digits, ``_ . + -`` joined by
+    ``/``, none starting with a dot, so no ``..`` and no absolute path); else :class:`InputError`."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or not all(_MEMBER_PART.fullmatch(p) for p in parts):
+        raise InputError(f"{what} {name!r}: expected a relative path inside the bundle (letters, digits, "
+                         "'_', '.', '+', '-' in parts joined by '/', none starting with '.')")
+    return name
+
+
 class Bundle:
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]):
         self.path = Path(path)
@@ -142,10 +155,13 @@ class Bundle:
         return list(self.model["outputs"])
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """The path of bundle member ``name`` (from the manifest or a calibration): a relative path that
+        stays inside the bundle, else :class:`InputError` (a crafted bundle must not read or write
+        elsewhere)."""
+        return self.path / check_member(name, f"{self.path}: file name")
 
     def has(self, name: str) -> bool:
-        return (self.path / name).is_file()
+        return self.file(name).is_file()
 
     def save_manifest(self) -> None:
         atomic.write_json(self.path / "manifest.json", self.manifest)
@@ -153,7 +169,7 @@ class Bundle:
     def add_file(self, name: str, data: bytes | None = None, src: str | os.PathLike | None = None,
                  save: bool = True) -> str:
         """Write ``name`` atomically (from bytes or a source file), record its sha256; returns the hash."""
-        dst = self.path / name
+        dst = self.file(name)
         if data is not None:
             atomic.write_bytes(dst, data)
         elif src is not None:
@@ -170,7 +186,7 @@ class Bundle:
     def remove_file(self, name: str, save: bool = True) -> None:
         self.manifest["files"].pop(name, None)
         try:
-            (self.path / name).unlink()
+            self.file(name).unlink()
         except FileNotFoundError:
             pass
         if save:
@@ -185,7 +201,7 @@ class Bundle:
         for name in (names if names is not None else list(files)):
             if name not in files:
                 raise InputError(f"{self.path}: '{name}' is not recorded in manifest.json")
-            p = self.path / name
+            p = self.file(name)
             if not p.is_file():
                 raise InputError(f"{p}: listed in manifest.json but missing")
             got = atomic.sha256_file(p)
@@ -224,7 +240,7 @@ class Bundle:
                     "int8-u8": "model.int8-u8.onnx"}.get(precision)
             if name is None:
                 raise InputError(f"precision '{precision}': expected fp32, fp16, int8 or int8-u8")
-        p = self.path / name
+        p = self.file(name)
         if not p.is_file():
             hint = "run 'edge-ad export'" if name == "model.onnx" else f"run 'edge-ad quantize --precision {precision}'"
             raise InputError(f"{p}: not found; {hint}")
@@ -238,7 +254,7 @@ class Bundle:
         name = graph or self.active_graph
         rec = self.manifest["files"].get(name)
         if rec is None:
-            p = self.path / name
+            p = self.file(name)
             return atomic.sha256_file(p) if p.is_file() else ""
         return rec["sha256"]
 

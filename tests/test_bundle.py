@@ -199,3 +199,29 @@ def test_an_explicit_rollback_repairs_an_unreadable_calibration_in_force(tmp_pat
         b.calibration()
     assert b.rollback_calibration(1).version == 1
     Bundle.open(b.path, verify=True)
+
+
+@pytest.mark.parametrize("field, name", [
+    ("files", "../outside.bin"), ("files", "/etc/passwd"), ("files", "a/../../b"), ("files", ".hidden"),
+    ("active.graph", "../model.onnx"), ("active.graph", "/tmp/model.onnx"), ("active.graph", ""),
+])
+def test_manifest_file_names_outside_the_bundle_are_refused(tmp_path, field, name):
+    b = _made(tmp_path)
+    if field == "files":
+        edit = lambda d: d["files"].__setitem__(name, dict(d["files"]["model.onnx"]))  # noqa: E731
+    else:
+        edit = _set(field, name)
+    _edit_manifest(b, edit)
+    with pytest.raises(InputError, match=f"manifest.json: {field}: .* does not match .*relative path inside"):
+        Bundle.open(b.path)
+
+
+def test_a_member_named_by_a_calibration_stays_inside_the_bundle(tmp_path):
+    b = _made(tmp_path)
+    assert b.file("gaussian.d/0001-2.npz") == b.path / "gaussian.d" / "0001-2.npz"
+    for bad in ("../stats.npz", "/etc/passwd", "a//b", "gaussian.d/../../x", None, 5):
+        with pytest.raises(InputError, match="expected a relative path inside the bundle"):
+            b.file(bad)
+    with pytest.raises(InputError, match="'../x'"):
+        b.add_file("../x", data=b"never written")
+    assert not (tmp_path / "x").exists()

@@ -136,6 +136,28 @@ def test_a_nan_score_is_an_inference_error_never_ok_and_a_run_that_inspects_noth
     assert not (tmp_path / "results.jsonl").exists() or read_jsonl(tmp_path / "results.jsonl") == []
 
 
+def test_a_nan_score_costs_only_its_own_frame_in_a_batch(tmp_path, tiny_bundle, monkeypatch):
+    from edge_ad import scoring
+
+    real = scoring.image_scores
+    video, labels = defect_video(tmp_path / "v.avi", n=24, defect_every=3, size=96)
+    thr = tiny_bundle.calibration().threshold
+    # every frame that would be NG scores NaN instead: its batch mates must still be decided
+    monkeypatch.setattr(scoring, "image_scores", lambda comb: np.where(real(comb) > thr, np.nan, real(comb)))
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", pipeline__queue_size=24,
+                  pipeline__max_batch=4)
+    events = []
+    svc = Service(s, install_signals=False)
+    svc.pipeline.on_event = events.append
+    summary = svc.run()
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert [r["source_index"] for r in recs] == [i for i, bad in enumerate(labels) if not bad]
+    assert not any(r["ng"] for r in recs)
+    lost = sum(e["frames"] for e in events if e["type"] == "inference_error")
+    assert lost == sum(labels) and summary["inference_errors"] >= 1
+    assert all("expected a finite number" in e["error"] for e in events if e["type"] == "inference_error")
+
+
 def test_batches_form_when_frames_wait(tmp_path, tiny_bundle):
     video, labels = defect_video(tmp_path / "v.avi", n=32, defect_every=4, size=96)
     s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", pipeline__queue_size=8,

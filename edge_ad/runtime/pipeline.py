@@ -63,15 +63,22 @@ def apply_roi_rotate(image: np.ndarray, roi: Optional[list[int]], rotate: int) -
     return np.ascontiguousarray(image)
 
 
-def _check_finite(scores: np.ndarray, frames: list, cal) -> None:
-    """A score that is not a finite number decides nothing: the batch is an inference error (counted in
-    ``inference_errors``), never reported as OK."""
-    bad = [(f.seq, float(s)) for f, s in zip(frames, scores) if not np.isfinite(s)]
-    if bad:
-        seq, val = bad[0]
-        raise RuntimeFailure(f"image score {val} of frame {seq} ({len(bad)} of {len(frames)} in the batch): "
-                             f"expected a finite number; the model output or calibration v{cal.version} is "
-                             "broken, so no decision was made")
+def _finite_frames(scores: np.ndarray, frames: list, cal) -> list[int]:
+    """Indices of the frames whose image score is a finite number. A score that is not decides nothing:
+    when no frame of the batch has one, the batch is an inference error (counted in ``inference_errors``);
+    otherwise the others are decided and the caller reports the rest as an inference error."""
+    good = [i for i, s in enumerate(scores) if np.isfinite(s)]
+    if not good:
+        raise RuntimeFailure(_not_finite(scores, frames, range(len(frames)), cal))
+    return good
+
+
+def _not_finite(scores: np.ndarray, frames: list, bad, cal) -> str:
+    bad = list(bad)
+    i = bad[0]
+    return (f"image score {float(scores[i])} of frame {frames[i].seq} ({len(bad)} of {len(frames)} in the "
+            f"batch): expected a finite number; the model output or calibration v{cal.version} is broken, so "
+            "no decision was made")
 
 
 @dataclass
@@ -327,14 +334,7 @@ class Pipeline:
                     raise
                 except Exception as exc:
                     consecutive += 1
-                    self.inference_errors += 1
-                    what = f"{type(exc).__name__}: {exc}"
-                    self.first_inference_error = self.first_inference_error or what
-                    if isinstance(exc, EdgeADError):   # a known failure: its message says it all
-                        log.error("inference failed on a batch of %d frames: %s", len(got), exc)
-                    else:
-                        log.exception("inference failed on a batch of %d frames", len(got))
-                    self.on_event({"type": "inference_error", "error": what, "frames": len(got)})
+                    self._inference_error(exc, len(got))
                     if consecutive >= MAX_CONSECUTIVE_ERRORS:
                         raise RuntimeFailure(f"inference failed {consecutive} times in a row; last error: "
                                              f"{type(exc).__name__}: {exc}") from exc
@@ -356,6 +356,17 @@ class Pipeline:
             self.discarded_at_stop += len(left)
             self.results.close()
 
+    def _inference_error(self, exc: Exception, frames: int) -> None:
+        """Count, log and publish (an ``inference_error`` event) frames that got no decision."""
+        self.inference_errors += 1
+        what = f"{type(exc).__name__}: {exc}"
+        self.first_inference_error = self.first_inference_error or what
+        if isinstance(exc, EdgeADError):   # a known failure: its message says it all
+            log.error("inference failed on %d frame(s): %s", frames, exc)
+        else:
+            log.exception("inference failed on a batch of %d frames", frames)
+        self.on_event({"type": "inference_error", "error": what, "frames": frames})
+
     def _infer(self, frames: list[Frame]) -> list[ResultItem]:
         with self._swap_lock:
             insp = self._inspector
@@ -368,7 +379,10 @@ class Pipeline:
         t2 = time.perf_counter()
         cal = insp.calibration                     # one calibration for the whole batch
         scored = scoring.score(insp.head(outputs, cal), cal)
-        _check_finite(scored.scores, frames, cal)
+        good = _finite_frames(scored.scores, frames, cal)
+        if len(good) < len(frames):
+            bad = sorted(set(range(len(frames))) - set(good))
+            self._inference_error(RuntimeFailure(_not_finite(scored.scores, frames, bad, cal)), len(bad))
         threshold = float(self.threshold_override) if self.threshold_override is not None else float(cal.threshold)
         backend = insp.backend
         bname = getattr(backend, "name", type(backend).__name__)
@@ -379,7 +393,8 @@ class Pipeline:
         with self._req_lock:
             requests = [r for r in self._requests]
             collectors = list(self._collectors)
-        for i, f in enumerate(frames):
+        for i in good:
+            f = frames[i]
             s = float(scored.scores[i])
             ng = scoring.is_ng(s, threshold)
             regions = ()
