@@ -11,18 +11,9 @@
 #
 #   OUT=/tmp/out DATA=.gpudata/magnetic_tile BUDGET=560 bash bench/gpu_lease.sh
 set -u
-cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-/tmp/edge_ad_gpu}
-DATA=${DATA:-../shared/data/magnetic_tile}
 BUDGET=${BUDGET:-560}            # seconds this script may take in all
-WORK=${WORK:-/tmp/edge_ad_gpu_work}
-mkdir -p "$OUT" "$WORK"
-T0=$(date +%s)
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-
-log "start: $(nvidia-smi -L 2>&1 | head -1); python $(python3 -c 'import sys; print(sys.version.split()[0])')"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+source "$(dirname "$0")/gpu_common.sh"
 python3 - >>"$OUT/log.txt" 2>&1 <<'EOF'
 import torch, onnxruntime as ort
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),

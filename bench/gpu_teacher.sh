@@ -12,26 +12,18 @@
 #   OUT=/tmp/out DATA=.gpudata/magnetic_tile BUDGET=540 bash bench/gpu_teacher.sh
 # A dry run on a CPU: DEVICE=cpu GEN=40 DISTILL_BATCH=2 BUDGET=300 TESTS=0 bash bench/gpu_teacher.sh
 set -u
-cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-/tmp/edge_ad_gpu}
-DATA=${DATA:-../shared/data/magnetic_tile}
 BUDGET=${BUDGET:-540}            # seconds this script may take in all
 DEVICE=${DEVICE:-cuda}
 GEN=${GEN:-6000}                 # generic images (8 shards)
 DISTILL_BATCH=${DISTILL_BATCH:-16}
 TESTS=${TESTS:-1}
-WORK=${WORK:-/tmp/edge_ad_gpu_work}
-mkdir -p "$OUT" "$WORK"
-T0=$(date +%s)
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+source "$(dirname "$0")/gpu_common.sh"
 mins() { python3 -c "print(round(max(0.3, $1 / 60.0), 2))"; }
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 ACC=(python3 bench/accuracy.py --data "$DATA" --models efficientad-s --preset paper --device "$DEVICE"
      --backend torch --eval-device "$DEVICE" --checkpoint-every 1000000 --work "$WORK/acc"
      --results "$OUT/accuracy.json")
 
-log "start: $(nvidia-smi -L 2>&1 | head -1); python $(python3 -c 'import sys; print(sys.version.split()[0])')"
 if [ "$TESTS" = 1 ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_backends.py tests/test_train.py \
     -k "cuda" >"$OUT/pytest.txt" 2>&1 &

@@ -57,6 +57,11 @@ def manifest_problems(manifest: Any) -> list[str]:
         where = ".".join(str(p) for p in err.absolute_path) or "manifest"
         expected = err.schema.get("description") if isinstance(err.schema, dict) else None
         out.append(f"{where}: {err.message}" + (f" (expected {expected})" if expected else ""))
+    if not out:  # valid so far: image_size is [H, W]; that H == W is beyond JSON Schema
+        h, w = manifest["model"]["image_size"]
+        if h != w:
+            out.append(f"model.image_size: [{h}, {w}] is not square (expected [N, N]: every model takes "
+                       "square inputs)")
     return out
 
 

@@ -111,6 +111,7 @@ def _set(path, value):
     ("model.image_size", [32, 32], "model.image_size.0: 32 is less than the minimum of 64"),
     ("model.image_size", [96, 100], "model.image_size.1: 100 is not a multiple of 32"),
     ("model.image_size", [64], "model.image_size: .* is too short"),
+    ("model.image_size", [256, 320], "model.image_size: \\[256, 320\\] is not square \\(expected \\[N, N\\]"),
     ("model", [], "model: \\[\\] is not of type 'object'"),
     ("model.kind", "resnet", "model.kind: 'resnet' is not one of"),
     ("model.outputs", [], "model.outputs: \\[\\] should be non-empty"),

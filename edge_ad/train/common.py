@@ -28,6 +28,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fast_convolutions(device: str) -> None:
+    """On CUDA, let cuDNN pick the fastest convolution algorithms once (training shapes are fixed)."""
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+
+
 def check_run(device: str, max_minutes: float | None, steps: int | None = None, batch_size: int | None = None,
               checkpoint_every: int | None = None, seed: int = 0) -> None:
     """The options every training run shares, checked before any image is loaded (``None``: the default)."""

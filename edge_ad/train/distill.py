@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
 from ..models import check_image_size
 from ..models.pdn import pdn
-from .common import check_run, color_jitter, load_images, sample_batch, seed_everything
+from .common import check_run, color_jitter, fast_convolutions, load_images, sample_batch, seed_everything
 from .loops import LoopConfig, run_loop
 
 
@@ -46,8 +46,7 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
     grid = image_size // 4
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
+    fast_convolutions(device)
 
     @torch.no_grad()
     def feats(x):

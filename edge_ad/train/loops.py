@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import color_jitter, load_checkpoint, planted_anomalies, sample_batch, save_checkpoint
+from .common import color_jitter, fast_convolutions, load_checkpoint, planted_anomalies, sample_batch, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     model.to(dev)
     images = images.to(dev)  # once: a GPU step then reads no host memory
     penalty = None if penalty is None else penalty.to(dev)
-    if dev.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
+    fast_convolutions(dev)
     if not cfg.resume or cfg.state_path is None or not cfg.state_path.is_file():
         fit_teacher_normalization(model, images, dev)
     model.teacher.eval()
