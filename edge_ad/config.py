@@ -364,10 +364,15 @@ def parse_set_option(text: str) -> tuple[list[str], Any, str]:
 
 
 def _where(loc: tuple, origins: dict, config_path: Path | None) -> str:
-    for n in range(len(loc), 0, -1):
-        o = origins.get(tuple(str(p) for p in loc[:n]))
+    key = tuple(str(p) for p in loc)
+    for n in range(len(key), 0, -1):
+        o = origins.get(key[:n])
         if o:
             return o
+    # an unknown section or table set by a longer path (--set nope.x=1 makes 'nope')
+    below = [o for k, o in origins.items() if k[:len(key)] == key]
+    if below:
+        return below[0]
     return str(config_path) if config_path else "defaults"
 
 

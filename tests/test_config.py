@@ -109,6 +109,9 @@ def test_an_invalid_override_names_its_origin(tmp_path):
     with pytest.raises(InputError) as ei:
         load_settings(cfg, [parse_set_option("drift.window=3")], environ={})
     assert "drift.window" in str(ei.value) and "--set drift.window" in str(ei.value)
+    with pytest.raises(InputError) as ei:  # an unknown section is blamed on the flag that made it
+        load_settings(cfg, [parse_set_option("pipelin.max_batch=3")], environ={})
+    assert "pipelin: unknown field [from --set pipelin.max_batch]" in str(ei.value)
     with pytest.raises(InputError, match="not a config section"):
         env_overrides({"EDGE_AD_SORCE__URI": "file://x"})
     with pytest.raises(InputError, match="SECTION.KEY=VALUE"):
