@@ -149,6 +149,22 @@ def test_bad_data_folder_is_named(tmp_path):
         train_bundle("gaussian", tmp_path, tmp_path / "b", image_size=SIZE)
 
 
+def test_too_few_normal_images_says_how_many_are_needed(tmp_path):
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    data = write_category(tmp_path / "few", n_train=6, n_test_good=0, n_test_defect=0, size=SIZE, kind="grain")
+    cmd = ["train", "--model", "gaussian", "--data", str(data), "--image-size", str(SIZE)]
+    r = CliRunner().invoke(main, cmd + ["--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "6 normal training images are too few" in r.output
+    assert "keeps 1 and training 5" in r.output and "at least 15 images" in r.output
+    assert not (tmp_path / "b").exists()
+    # a larger held-out share makes the same six images enough
+    r = CliRunner().invoke(main, cmd + ["--out", str(tmp_path / "c"), "--val-fraction", "0.4", "--no-export"])
+    assert r.exit_code == 0, r.output
+    assert Bundle.open(tmp_path / "c").calibration().normal["n"] == 2
+
+
 @pytest.mark.parametrize("args, named", [
     (["--steps", "0"], "--steps 0: expected a positive whole number"),
     (["--steps", "-1"], "--steps -1"),

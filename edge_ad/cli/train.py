@@ -25,6 +25,9 @@ from . import main
 @click.option("--gaussian-layout", type=click.Choice(["patch", "shared", "image"]), default=None,
               help="Gaussian model: per-location (PaDiM-like), one shared Gaussian, or image-level (Rippel).")
 @click.option("--policy", default="max", show_default=True, help="Threshold policy: fpr:P | max | sigma:K.")
+@click.option("--val-fraction", default=0.1, show_default=True,
+              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="Share of the normal training images held out to fit the calibration and threshold.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
@@ -34,14 +37,14 @@ from . import main
                    "drop then comes at 95% of the budget if the steps do not fit).")
 @click.option("--no-export", is_flag=True, help="Skip the ONNX export at the end.")
 def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher, penalty_dir, gaussian_layout,
-          policy, seed, device, resume, checkpoint_every, max_minutes, no_export):
+          policy, val_fraction, seed, device, resume, checkpoint_every, max_minutes, no_export):
     """Fit a model on normal images and write a bundle (checkpoint, calibration, ONNX)."""
     from ..train.pipeline import train_bundle
 
     config = {"layout": gaussian_layout} if gaussian_layout else None
     b = train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset, teacher=teacher,
                      seed=seed, device=device, resume=resume, penalty_dir=penalty_dir, policy=policy,
-                     batch_size=batch_size, export=not no_export, config=config,
+                     val_fraction=val_fraction, batch_size=batch_size, export=not no_export, config=config,
                      checkpoint_every=checkpoint_every, max_minutes=max_minutes)
     cal = b.calibration()
     t = b.manifest["training"]

@@ -112,10 +112,13 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     seed_everything(seed)
     t_start = time.time()
     paths = MVTecCategory(data).train_paths()
-    train_paths, val_paths = split_train_val(paths, val_fraction, seed)
+    train_paths, val_paths = split_train_val(paths, val_fraction, seed) if len(paths) > 1 else (paths, [])
     if len(val_paths) < 2 or len(train_paths) < 2:
-        raise InputError(f"{data}: {len(paths)} normal training images are too few; need at least 2 for "
-                         f"training and 2 for the validation split (val fraction {val_fraction})")
+        need = next(n for n in range(4, 10 ** 6) if all(len(part) >= 2 for part in
+                                                        split_train_val(range(n), val_fraction, seed)))
+        raise InputError(f"{data}: {len(paths)} normal training images are too few: the validation split "
+                         f"(val fraction {val_fraction}) keeps {len(val_paths)} and training {len(train_paths)}, "
+                         f"and each needs at least 2; give at least {need} images, or a larger --val-fraction")
     train_imgs = load_images(train_paths, image_size, "loading train images")
     val_imgs = load_images(val_paths, image_size, "loading validation images")
 
@@ -175,7 +178,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     bundle.manifest["versions"].update({"torch": torch.__version__})
     bundle.manifest["training"] = {
         "data": str(Path(data).resolve()), "preset": preset, "seed": seed, "device": device,
-        "image_size": image_size, "policy": policy, "date": now_iso(), "edge_ad": __version__,
+        "image_size": image_size, "policy": policy, "val_fraction": val_fraction, "date": now_iso(), "edge_ad": __version__,
         "n_train": len(train_paths), "val_images": [str(Path(v).resolve()) for v in val_paths],
         "batch_size": p.get("batch_size"), "lr": p.get("lr"),
         "seconds": round(time.time() - t_start, 1), **train_info,
