@@ -336,8 +336,6 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     On a guard failure: ``quant_report.json`` records why, the new graphs are not kept, the active graph
     is unchanged, and :class:`edge_ad.errors.GuardFailure` is raised.
     """
-    import onnx
-
     from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     if precision not in ("int8", "fp16"):

@@ -213,7 +213,7 @@ def _final_lines(summary: dict, report: Path) -> str:
     lines.append(f"  calibration v{cal.get('before')} -> v{cal.get('after')} "
                  f"({'MQTT calibrate command' if cal.get('via') == 'mqtt' else 'recalibrate + SIGHUP'})")
     if mq["enabled"]:
-        lines.append(f"  MQTT messages per topic: " + ", ".join(f"{k} {v}" for k, v in mq.get("per_topic", {}).items()))
+        lines.append("  MQTT messages per topic: " + ", ".join(f"{k} {v}" for k, v in mq.get("per_topic", {}).items()))
     else:
         lines.append(f"  MQTT off: {mq['why_off']}")
     lines.append(f"report: {report}")

@@ -220,7 +220,7 @@ def write_report(out: Path, plan, summary: dict, records: Sequence[dict], steps:
     mq = summary.get("mqtt") or {}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>edge-ad demo report</title>"
              f"<style>{_CSS}</style></head><body>",
-             f"<h1>edge-ad demo report</h1>",
+             "<h1>edge-ad demo report</h1>",
              f"<p>{_e(_dt.datetime.now().astimezone().isoformat(timespec='seconds'))} &middot; edge_ad "
              f"{_e(summary.get('version'))} &middot; {_e(platform.platform())}, {os.cpu_count()} CPU cores &middot; "
              f"{'quick' if summary.get('quick') else 'full'} run, model <b>{_e(summary.get('model'))}</b> at "

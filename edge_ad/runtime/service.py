@@ -481,7 +481,6 @@ class Service:
 
     def run(self) -> dict:
         """Run until the source ends, a bound is reached, a signal arrives or a thread fails."""
-        s = self.settings
         old_handlers = {}
         if self.install_signals and threading.current_thread() is threading.main_thread():
             sigs = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])

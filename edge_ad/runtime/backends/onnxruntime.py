@@ -16,7 +16,7 @@ import numpy as np
 
 from ...bundle import Bundle
 from ...errors import InputError, RuntimeFailure
-from .base import GRAPH_FILES, Backend, check_outputs, check_precision, graph_file
+from .base import Backend, check_outputs, check_precision, graph_file
 
 log = logging.getLogger(__name__)
 
