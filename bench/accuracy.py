@@ -105,13 +105,17 @@ def main(argv=None) -> int:
 
         machine += f", {torch.cuda.get_device_name()}, torch {torch.__version__}"
     print(f"\nMagnetic Tile ({data}), {args.image_size}x{args.image_size}, evaluated with {args.backend}; {machine}")
-    hdr = ("model", "preset", "steps", "train time", "image AUROC", "pixel AUROC", "AUPRO")
-    lines = [hdr] + [(r["model"], r["preset"], str(r["steps"]), f"{r['train_s'] / 60:.1f} min",
-                      f"{r['image_auroc']:.3f}", f"{r['pixel_auroc']:.3f}" if r["pixel_auroc"] is not None else "n/a",
-                      f"{r['aupro']:.3f}" if r["aupro"] is not None else "n/a") for r in rows]
-    w = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
-    for l in lines:
-        print("| " + " | ".join(v.ljust(w[i]) for i, v in enumerate(l)) + " |")
+    print_table(("model", "preset", "steps", "train time", "image AUROC", "pixel AUROC", "AUPRO"),
+                [(r["model"], r["preset"], str(r["steps"]), f"{r['train_s'] / 60:.1f} min", _f(r["image_auroc"]),
+                  _f(r["pixel_auroc"]), _f(r["aupro"])) for r in rows])
+    # pooled pixel AUROC is dominated by the large 'uneven' masks: the same per defect type
+    types = sorted({t for r in rows for t in (r["per_type"] or {}) if t != "good"})
+    if types:
+        print("\nper defect type: image AUROC / pixel AUROC")
+        print_table(("model",) + tuple(types),
+                    [(r["model"],) + tuple(f"{_f(pt.get('image_auroc'))} / {_f(pt.get('pixel_auroc'))}"
+                                           for pt in ((r["per_type"] or {}).get(t, {}) for t in types))
+                     for r in rows])
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(res.read_text()) if res.is_file() else {}
@@ -119,6 +123,19 @@ def main(argv=None) -> int:
         prev[f"{r['model']}-{r['preset']}{suffix}"] = {**r, "machine": machine}
     res.write_text(json.dumps(prev, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def print_table(hdr: tuple, rows: list) -> None:
+    """A Markdown table, columns padded to their widest cell."""
+    lines = [hdr] + rows
+    w = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
+    lines.insert(1, tuple("-" * n for n in w))
+    for l in lines:
+        print("| " + " | ".join(v.ljust(w[i]) for i, v in enumerate(l)) + " |")
 
 
 if __name__ == "__main__":
