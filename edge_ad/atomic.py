@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,39 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else by a set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _mode_for(path: Path, mode: int | None) -> int:
+    """``mode`` if given; else the mode of the file being replaced; else what ``open()`` would give (0666
+    less the umask). A temp file is made 0600, and a bundle written by one user (say root, through sudo)
+    must stay readable by the service's user."""
+    if mode is not None:
+        return mode
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically; permissions as :func:`_mode_for` says (0600 for secrets)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    perm = _mode_for(path, mode)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, perm)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -226,3 +226,32 @@ def test_a_member_named_by_a_calibration_stays_inside_the_bundle(tmp_path):
     with pytest.raises(InputError, match="'../x'"):
         b.add_file("../x", data=b"never written")
     assert not (tmp_path / "x").exists()
+
+
+def test_files_written_keep_ordinary_permissions(tmp_path):
+    """Atomic writes go through a 0600 temp file; the result must still be readable by the service's user
+    (a bundle trained or recalibrated through sudo), keep the mode of the file it replaces, and a secret
+    asks for 0600 itself."""
+    import os
+
+    from edge_ad import atomic
+
+    old = os.umask(0o022)
+    try:
+        b = Bundle.create(tmp_path / "b", {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+        b.add_file("model.onnx", data=b"graph")
+        b.write_calibration(Calibration(maps={"feat": MapNorm(0.0, 1.0, 1.0)}, threshold=0.5))
+        for name in ("manifest.json", "model.onnx", "calibration.json", "calibration.d/0001.json"):
+            assert (b.path / name).stat().st_mode & 0o777 == 0o644, name
+        os.chmod(b.path / "calibration.json", 0o640)
+        b.write_calibration(Calibration(maps={"feat": MapNorm(0.0, 1.0, 1.0)}, threshold=0.6))
+        assert (b.path / "calibration.json").stat().st_mode & 0o777 == 0o640
+        os.umask(0o077)
+        atomic.write_text(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+        os.umask(0o022)
+        atomic.write_bytes(tmp_path / "key.pem", b"secret", mode=0o600)
+        assert (tmp_path / "key.pem").stat().st_mode & 0o777 == 0o600
+        assert not [p for p in tmp_path.rglob(".*.tmp")]
+    finally:
+        os.umask(old)

@@ -438,10 +438,10 @@ def test_keygen_removes_the_private_key_when_the_public_one_fails(tmp_path, monk
 
     real = atomic.write_bytes
 
-    def failing(path, data):
+    def failing(path, data, **kw):
         if str(path).endswith(".pub"):
             raise OSError(28, "No space left on device", str(path))
-        real(path, data)
+        real(path, data, **kw)
 
     monkeypatch.setattr(atomic, "write_bytes", failing)
     with pytest.raises(OSError):

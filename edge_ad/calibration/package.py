@@ -127,9 +127,8 @@ def generate_ed25519(private_path: str | os.PathLike, public_path: str | os.Path
     priv = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                            serialization.NoEncryption())
     pub = k.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    atomic.write_bytes(private_path, priv)
+    atomic.write_bytes(private_path, priv, mode=0o600)
     try:
-        os.chmod(private_path, 0o600)
         atomic.write_bytes(public_path, pub)
     except BaseException:
         private_path.unlink(missing_ok=True)
