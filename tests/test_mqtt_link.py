@@ -101,6 +101,7 @@ def test_broker_restarts_mid_stream_lose_and_duplicate_nothing(mosquitto, tmp_pa
             mosquitto.stop()
             time.sleep(0.3)
             mosquitto.start()
+            assert _wait(lambda: link.connected, 15)   # back before the next cut: two disconnects, not one
         producer.join()
         assert col.wait_ids(n, 30), f"{len(col.unique_ids())} of {n} arrived"
         assert col.unique_ids() == set(sent)
@@ -310,17 +311,20 @@ def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path)
 
 def test_events_images_calibration_and_birth(mosquitto, tmp_path):
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
-        link = MqttLink(_settings(mosquitto.url, tmp_path, image_min_interval_s=60),
+        link = MqttLink(_settings(mosquitto.url, tmp_path, image_min_interval_s=60, image_max_bytes=1024),
                         birth={"model_hash": "abc123", "calibration_version": 2}).start()
+        e0 = link.publish_event({"score": 0.95}, jpeg=b"\xff" * 2000)           # too large: not sent
         e1 = link.publish_event({"score": 0.9, "result_id": "r1"}, jpeg=b"\xff\xd8jpeg-bytes")
         e2 = link.publish_event({"score": 0.8}, jpeg=b"\xff\xd8second")          # rate-limited
+        assert link.stats()["images_skipped"] == 2                                # both reasons counted
         link.publish_calibration({"version": 5, "threshold": 0.42, "policy": "fpr:0.001",
                                   "maps": {"map": {"q_a": 0.1, "q_b": 0.9, "weight": 1.0}}})
-        assert col.wait_ids(2, 10)
+        assert col.wait_ids(3, 10)
         assert col.wait_for(lambda c: len(c.of_kind("event/image")) == 1 and len(c.of_kind("calibration")) >= 1, 10)
         events = {m.json()["id"]: m.json() for m in col.of_kind("event")}
         assert events[e1]["image"]["bytes"] == len(b"\xff\xd8jpeg-bytes") and events[e1]["type"] == "ng"
         assert events[e2]["image"] is None and events[e2]["image_skipped"] == "rate_limited"
+        assert events[e0]["image"] is None and events[e0]["image_skipped"] == "too_large"
         img = col.of_kind("event/image")[0]
         assert img.payload == b"\xff\xd8jpeg-bytes"
         assert dict(img.properties.UserProperty)["event_id"] == e1 and img.properties.ContentType == "image/jpeg"

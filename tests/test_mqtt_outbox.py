@@ -84,6 +84,43 @@ def test_byte_bound_drops_images_first(tmp_path):
     ob.close()
 
 
+def test_an_image_never_pushes_out_results_and_a_huge_message_drops_only_itself(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=1000, max_bytes=10_000)
+    for _ in range(8):
+        ob.put("result", "t/result", b"r" * 1000)
+    ob.put("image", "t/event/image", b"i" * 1500, msg_id="e1")   # 9500: fits
+    ob.put("image", "t/event/image", b"i" * 1500, msg_id="e2")   # the older image makes room
+    assert [r.msg_id for r in ob.fetch_after(0, 100) if r.kind == "image"] == ["e2"] and ob.dropped == 1
+    ob.put("image", "t/event/image", b"i" * 3000, msg_id="e3")   # even without e2 no room: e3 drops itself
+    rows = ob.fetch_after(0, 100)
+    assert [r.kind for r in rows].count("result") == 8 and "e3" not in [r.msg_id for r in rows]
+    assert ob.dropped == 3 and ob.bytes == 8000                  # e2 went first, then e3 itself
+    ob.put("event", "t/event", b"e" * 20_000)                    # larger than the whole bound
+    assert [r.kind for r in ob.fetch_after(0, 100)].count("result") == 8 and ob.dropped == 4
+    assert ob.depth == 8 and ob.bytes == 8000
+    ob.close()
+
+
+def test_a_failed_commit_reports_its_own_cause(tmp_path):
+    """A full disk (here a file-size limit) fails the COMMIT; the error names SQLite's cause, not the
+    'cannot rollback' of a transaction SQLite already ended."""
+    code = f"""
+import resource, signal
+from edge_ad.mqtt.outbox import Outbox
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+ob = Outbox({str(tmp_path / "o.sqlite")!r}, sync="normal")
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+try:
+    for i in range(1000):
+        ob.put("result", "t/result", b"x" * 2000)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.startswith("RuntimeFailure") and "write failed" in out, out
+    assert "cannot rollback" not in out
+
+
 def test_failed_payload_build_leaves_nothing(tmp_path):
     ob = Outbox(tmp_path / "o.sqlite")
 

@@ -52,6 +52,12 @@ def test_bad_names_and_values():
         MqttSettings.from_mapping({"site": ""}, where="cfg.mqtt")
 
 
+def test_an_event_image_must_fit_in_the_outbox():
+    with pytest.raises(InputError, match="image_max_bytes 2097152 > outbox_max_bytes 65536"):
+        MqttSettings(outbox_max_bytes=64 * 1024)
+    assert MqttSettings(outbox_max_bytes=64 * 1024, image_max_bytes=32 * 1024).image_max_bytes == 32 * 1024
+
+
 def test_credentials_from_env_at_build_time(monkeypatch):
     monkeypatch.delenv("EDGE_AD_MQTT_USERNAME", raising=False)
     monkeypatch.delenv("EDGE_AD_MQTT_PASSWORD", raising=False)

@@ -180,6 +180,7 @@ class MqttLink:
             now = time.monotonic()
             if len(data) > self.settings.image_max_bytes:
                 extra = {"image": None, "image_skipped": "too_large"}
+                self._counters["images_skipped"] += 1
             elif now - self._last_image < self.settings.image_min_interval_s:
                 extra = {"image": None, "image_skipped": "rate_limited"}
                 self._counters["images_skipped"] += 1

@@ -163,7 +163,9 @@ class Outbox:
     # ------------------------------------------------------------------ write
     def put(self, kind: str, topic: str, payload: bytes | Callable[[int], bytes], *, qos: int = 1,
             retain: bool = False, msg_id: str | None = None, meta: dict | None = None) -> tuple[int, int]:
-        """Store one message; returns (row id, seq).
+        """Store one message; returns (row id, seq). Beyond the bounds the oldest messages are dropped and
+        counted, images first; an image that would push out a result or an event, and a message larger than
+        ``max_bytes`` alone, is dropped itself (its row id is then gone).
 
         ``payload`` is bytes, or a function ``seq -> bytes`` called inside the transaction with the next
         sequence number of ``kind`` (so the number in the payload is the one persisted).
@@ -190,20 +192,33 @@ class Outbox:
                         count, nbytes = self._count + 1, self._bytes + size
                     dropped = dropped_bytes = 0
                     while count > self.max_messages or nbytes > self.max_bytes:
-                        victim = self._db.execute(
-                            "SELECT id, size FROM outbox WHERE kind = 'image' AND id != ? ORDER BY id LIMIT 1",
-                            (row_id,)).fetchone()
+                        # older images go first; an image never pushes out a result or an event (it
+                        # drops itself instead), and a message larger than the whole bound drops itself
+                        # without emptying the backlog first
+                        victim = None
+                        if size <= self.max_bytes:
+                            victim = self._db.execute(
+                                "SELECT id, size FROM outbox WHERE kind = 'image' AND id != ? ORDER BY id LIMIT 1",
+                                (row_id,)).fetchone()
+                        if victim is None and (kind == "image" or size > self.max_bytes):
+                            victim = (row_id, size)
                         if victim is None:
                             victim = self._db.execute(
                                 "SELECT id, size FROM outbox ORDER BY id LIMIT 1").fetchone()
                         self._db.execute("DELETE FROM outbox WHERE id = ?", (victim[0],))
                         count, nbytes = count - 1, nbytes - int(victim[1])
                         dropped, dropped_bytes = dropped + 1, dropped_bytes + int(victim[1])
+                        if victim[0] == row_id:
+                            log.warning("outbox %s: a %s message of %d bytes does not fit (%d messages, %d "
+                                        "bytes max, results and events kept): dropped", self.path, kind, size,
+                                        self.max_messages, self.max_bytes)
+                            break
                     if dropped:
                         self._meta_set("dropped", self._dropped + dropped)
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # a failed COMMIT may have ended it: keep the real error
+                        self._db.execute("ROLLBACK")
                     raise
                 # deltas, not totals: a delete may have committed (and counted) since our COMMIT
                 with self._stat:

@@ -210,6 +210,13 @@ class MqttSettings(BrokerSettings):
     homeassistant_prefix: str = Field("homeassistant", title="Home Assistant discovery prefix")
     validate_payloads: bool = Field(False, title="Check every outgoing payload against its schema (tests)")
 
+    @model_validator(mode="after")
+    def _check_image_fits(self):
+        if self.image_max_bytes > self.outbox_max_bytes:
+            raise ValueError(f"image_max_bytes {self.image_max_bytes} > outbox_max_bytes {self.outbox_max_bytes}: "
+                             "an event image must fit in the outbox (expected image_max_bytes <= outbox_max_bytes)")
+        return self
+
     @field_validator("site", "device")
     @classmethod
     def _check_name(cls, v: str) -> str:
