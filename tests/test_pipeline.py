@@ -632,6 +632,38 @@ def test_jsonl_never_writes_bare_nan(tmp_path):
     assert "NaN" not in line and "Infinity" not in line
 
 
+def test_jsonl_to_a_pipe_writes_and_never_rotates():
+    """``--jsonl /dev/stdout | jq``: a pipe has no size to ask and nothing to rename."""
+    import os
+
+    r, w = os.pipe()
+    try:
+        log = JsonlLog(f"/dev/fd/{w}", max_bytes=64)
+        for i in range(3):
+            log.write({"i": i, "pad": "x" * 40})
+        log.close()
+        os.close(w)
+        w = None
+        with os.fdopen(r, "rb") as fh:
+            r = None
+            lines = [json.loads(line)["i"] for line in fh.read().splitlines()]
+        assert lines == [0, 1, 2] and log.rotations == 0
+    finally:
+        for fd in (r, w):
+            if fd is not None:
+                os.close(fd)
+
+
+def test_a_failed_snapshot_write_leaves_no_temp_file(tmp_path):
+    st = SnapshotStore(tmp_path / "snaps")
+    with pytest.raises(TypeError):
+        st.save("20250101T000000_000_00000001_NG.jpg", "not bytes")    # fails after the temp file is made
+    assert list((tmp_path / "snaps").iterdir()) == [] and st.count == 0
+    (tmp_path / "snaps" / ".20250101T000001_000_00000002_NG.jpg.tmp").write_bytes(b"torn")  # a killed write
+    SnapshotStore(tmp_path / "snaps")
+    assert list((tmp_path / "snaps").iterdir()) == []
+
+
 def test_snapshot_retention_by_count_and_bytes(tmp_path):
     st = SnapshotStore(tmp_path / "snaps", max_count=5, max_bytes=10_000)
     for i in range(8):

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import stat
 import threading
 from collections import deque
 from pathlib import Path
@@ -48,7 +49,11 @@ class JsonlLog:
             self._fh = open(self.path, "ab", buffering=0)
         except OSError as exc:
             raise InputError(f"{self.path}: cannot open the result log for writing ({exc.strerror})") from exc
-        self._size = self._fh.tell()
+        # a regular file rotates by size; a pipe, a FIFO or a terminal (``--jsonl /dev/stdout | ...``) has no
+        # size to ask (tell() fails on it) and never rotates
+        st = os.fstat(self._fh.fileno())
+        self._regular = stat.S_ISREG(st.st_mode) and not str(self.path.absolute()).startswith(("/dev/", "/proc/"))
+        self._size = st.st_size if self._regular else 0
         self.lines = 0
         self.rotations = 0
 
@@ -59,7 +64,7 @@ class JsonlLog:
             text = json.dumps(_finite_or_null(record), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         data = (text + "\n").encode("utf-8")
         with self._lock:
-            if self._size and self._size + len(data) > self.max_bytes:
+            if self._regular and self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
             self._fh.write(data)
             if self.fsync:
@@ -128,6 +133,8 @@ class SnapshotStore:
         self.max_bytes = int(max_bytes)
         self.quality = int(quality)
         self._lock = threading.Lock()
+        for stale in self.folder.glob(".*.jpg.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         existing = sorted((p for p in self.folder.glob("*.jpg") if _SNAP_RE.match(p.name)),
                           key=lambda p: p.name)
         self._files: deque[tuple[Path, int]] = deque((p, p.stat().st_size) for p in existing)
@@ -148,9 +155,13 @@ class SnapshotStore:
         """Write ``data`` as ``name`` (names sort by time: make them start with YYYYMMDDTHHMMSS)."""
         p = self.folder / name
         tmp = p.with_name("." + p.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, p)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, p)
+        except BaseException:   # a full disk: no partial temp file left behind
+            tmp.unlink(missing_ok=True)
+            raise
         with self._lock:
             self._files.append((p, len(data)))
             self._bytes += len(data)
