@@ -339,6 +339,10 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     r = call("set_threshold", {"threshold": 1e6, "persist": False})
     assert r["persisted"] is False
     assert not any(x["ng"] for x in call("inspect", {"count": 8})["results"])
+    # ... and it goes with the calibration it was set on: after a swap, what is announced decides
+    r = call("rollback_calibration", {"version": 1})
+    assert svc.effective_threshold() == r["threshold"] == call("inspect")["results"][0]["threshold"]
+    assert [e for e in svc.events if e["type"] == "calibration"][-1]["threshold_in_force"] == r["threshold"]
     r = call("set_threshold", {"threshold": 0.5})
     assert r["calibration_version"] == 2 and svc.bundle.calibration().threshold == 0.5
     res = call("inspect", {"count": 2})["results"]
@@ -468,13 +472,16 @@ def test_reload_config_and_bundle(tmp_path, tiny_bundle):
     bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
     video, _ = defect_video(tmp_path / "v.avi", n=4, size=96)
     s = _settings(tmp_path, bundle, f"file://{video}")
-    s2 = _settings(tmp_path, bundle, f"file://{video}?loop=1", decision__threshold=5.0, drift__window=50)
+    s2 = _settings(tmp_path, bundle, f"file://{video}?loop=1", decision__threshold=5.0, drift__window=50,
+                   telemetry__interval_s=2.0, telemetry__nvml=not s.telemetry.nvml)
     svc = Service(s, install_signals=False, reload_settings=lambda: s2)
     try:
         r = svc.reload("config")["config"]
-        assert set(r["applied"]) == {"decision", "drift"} and r["restart_required"] == ["source"]
+        assert set(r["applied"]) == {"decision", "drift", "telemetry.interval_s"}
+        assert r["restart_required"] == ["source", "telemetry"]     # the NVML reader is made at start
         assert svc.pipeline.threshold_override == 5.0 and svc.effective_threshold() == 5.0
         assert svc.settings.source.uri == f"file://{video}"          # kept until a restart
+        assert svc.settings.telemetry.nvml == s.telemetry.nvml and svc.settings.telemetry.interval_s == 2.0
         assert svc.reload("bundle")["bundle"]["calibration"] == "unchanged"
         # another process (edge-ad calibrate) writes a new calibration: reload puts it in force
         cal = bundle.calibration()

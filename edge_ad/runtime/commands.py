@@ -103,6 +103,7 @@ class Commands:
         old = svc.effective_threshold()
         if not persist:
             svc.pipeline.threshold_override = thr
+            svc.transient_threshold = thr         # until the next calibration is swapped in
             svc.event({"type": "threshold", "threshold": thr, "previous": old, "persisted": False})
             return {"threshold": thr, "previous": old, "persisted": False}
         with self._busy:
@@ -111,6 +112,7 @@ class Commands:
                                                            source=f"set_threshold (was {cal.threshold:g})"))
             svc.swap_calibration(new, reason="set_threshold")
             svc.pipeline.threshold_override = None   # the calibration holds it now
+            svc.transient_threshold = None
         return {"threshold": thr, "previous": old, "persisted": True, "calibration_version": new.version}
 
     def rollback_calibration(self, args: dict) -> dict:

@@ -107,6 +107,7 @@ class Service:
         self.started_wall = time.time()
         self._t0 = time.monotonic()
         self._swap_lock = threading.Lock()
+        self.transient_threshold: float | None = None  # set_threshold {persist: false}, until a calibration swap
         self._build()
 
     # ------------------------------------------------------------------ build
@@ -193,11 +194,17 @@ class Service:
             before = self.inspector.calibration.version
             self.inspector.set_calibration(cal)
             self.reporter.reset_drift(cal)
+            transient, self.transient_threshold = self.transient_threshold, None
+            if transient is not None:   # a this-run-only threshold belonged to the calibration it replaced
+                self.pipeline.threshold_override = self.settings.decision.threshold
+        if transient is not None:
+            log.warning("set_threshold %g (this run only) dropped with calibration v%d", transient, before)
         log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
         if self.link is not None:
             self.link.publish_calibration(cal)
         self.event({"type": "calibration", "version": cal.version, "previous_version": before,
-                    "threshold": cal.threshold, "policy": cal.policy, "reason": reason})
+                    "threshold": cal.threshold, "policy": cal.policy, "reason": reason,
+                    "threshold_in_force": self.effective_threshold()})
 
     def rollback_calibration(self, version: int | None):
         from ..calibration import rollback
@@ -249,6 +256,7 @@ class Service:
         applied, restart = [], []
         if new.decision != old.decision:
             self.pipeline.threshold_override = new.decision.threshold
+            self.transient_threshold = None       # the config's threshold wins over set_threshold's
             self.pipeline.min_region_area = new.decision.min_region_area
             self.pipeline.max_regions = new.decision.max_regions
             applied.append("decision")
@@ -263,7 +271,12 @@ class Service:
         for sec in ("model", "source", "pipeline", "output", "mqtt"):
             if getattr(new, sec) != getattr(old, sec):
                 restart.append(sec)
-        self.settings = new.model_copy(update={sec: getattr(old, sec) for sec in restart})
+        keep = {sec: getattr(old, sec) for sec in restart}
+        # the readers (tegrastats, NVML, ...) are made at start: only the interval applies now
+        if new.telemetry.model_copy(update={"interval_s": old.telemetry.interval_s}) != old.telemetry:
+            restart.append("telemetry")
+            keep["telemetry"] = old.telemetry.model_copy(update={"interval_s": new.telemetry.interval_s})
+        self.settings = new.model_copy(update=keep)
         return {"applied": applied, "restart_required": restart}
 
     def _reload_bundle(self) -> dict:
