@@ -250,7 +250,7 @@ class CalibrationSettings(_Section):
     """Defaults of the MQTT ``calibrate`` command."""
 
     policy: str = Field("fpr:0.001", title="fpr:P | max | sigma:K")
-    frames: int = Field(200, ge=2, le=100_000)
+    frames: int = Field(200, ge=20, le=100_000, title="Frames to collect (a refit needs at least 20)")
     timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("policy")

@@ -388,9 +388,10 @@ def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(running
         cv2.imwrite(str(folder / f"n{i:02d}.png"), part_frame(500 + i, 96))
     r = call("calibrate", {"frames": 24, "source": f"dir://{folder}"}, timeout=120)
     assert r["version"] == 3 and r["n_used"] == 24
-    # too few frames: refused, the calibration in force stays
+    # too few frames: refused before any is collected (a refit needs 20), the calibration in force stays
     r = call("calibrate", {"frames": 10, "source": f"dir://{folder}", "policy": "fpr:0.01"}, ok=False)
-    assert r["code"] == "failed" and svc.inspector.calibration.version == 3
+    assert r["code"] == "invalid_args" and "minimum of 20" in r["message"]
+    assert svc.inspector.calibration.version == 3
     st = call("status")
     assert st["calibration"]["versions"] == [1, 2, 3]
     events = [e["type"] for e in st["events"]]
