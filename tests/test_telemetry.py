@@ -146,6 +146,34 @@ def test_reader_runs_tegrastats_and_keeps_the_newest_line(tmp_path):
         assert not TegrastatsReader().available and TegrastatsReader().start() is False
 
 
+def test_a_dead_tegrastats_is_restarted_and_its_last_reading_not_sent_as_current(tmp_path):
+    from edge_ad.runtime.telemetry import Telemetry
+
+    fake = tmp_path / "tegrastats"
+    count = tmp_path / "starts"
+    fake.write_text(f"#!/bin/sh\necho x >> '{count}'\necho '{JP6_ORIN_NANO}'\nexit 1\n")   # one line, then dies
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    tel = Telemetry(tegrastats=True, nvml=False, interval_s=1.0)
+    tel.tegra.binary = str(fake)
+    tel.start()
+    deadline = time.monotonic() + 10
+    while (tel.tegra.exits < 1 or tel.tegra.lines < 1) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tel.tegra.exits == 1 and not tel.tegra.alive
+    assert "jetson" in tel.host()                        # fresh enough; the dead reader is started again
+    deadline = time.monotonic() + 10
+    while count.read_text().count("x") < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert count.read_text().count("x") == 2
+    tel.host()                                            # still dead, but at most one restart a minute
+    time.sleep(0.3)
+    assert count.read_text().count("x") == 2
+    tel._tegra_max_age = 0.0                              # a reading older than the limit is stale
+    time.sleep(0.05)
+    assert "jetson" not in tel.host() and tel.tegra.latest()
+    tel.stop()
+
+
 def test_latency_percentiles():
     w = LatencyWindow()
     w.add_many(range(1, 101))

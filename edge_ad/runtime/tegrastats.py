@@ -142,6 +142,7 @@ class TegrastatsReader:
         self._lock = threading.Lock()
         self.lines = 0
         self.errors = 0
+        self.exits = 0            # times the tegrastats process ended on its own
 
     @property
     def available(self) -> bool:
@@ -161,9 +162,15 @@ class TegrastatsReader:
         self._thread.start()
         return True
 
+    @property
+    def alive(self) -> bool:
+        p = self._proc
+        return p is not None and p.poll() is None
+
     def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        for line in proc.stdout:
             try:
                 parsed = parse_line(line)
             except Exception:  # a line this parser chokes on must never stop telemetry
@@ -174,10 +181,18 @@ class TegrastatsReader:
                 with self._lock:
                     self._latest = parsed
                     self.lines += 1
+        if self._proc is proc:      # not stop(): the process ended by itself
+            self.exits += 1
+            log.warning("tegrastats (%s) ended (exit code %s); Jetson readings stop until it is restarted",
+                        self.binary, proc.wait())
 
-    def latest(self) -> dict[str, Any]:
+    def latest(self, max_age_s: float | None = None) -> dict[str, Any]:
+        """The newest reading; empty when there is none, or it is older than ``max_age_s`` (stale)."""
         with self._lock:
-            return dict(self._latest)
+            t = dict(self._latest)
+        if t and max_age_s is not None and time.time() - t.get("read_at", 0.0) > max_age_s:
+            return {}
+        return t
 
     def stop(self) -> None:
         p, self._proc = self._proc, None

@@ -140,6 +140,9 @@ class Telemetry:
         self.tegra = TegrastatsReader(interval_ms=int(max(0.5, min(interval_s, 5.0)) * 1000)) if tegrastats else None
         self.nvml = NvmlReader() if nvml else None
         self._started = False
+        # a reading older than this is stale (tegrastats died or hangs): not sent as current
+        self._tegra_max_age = max(3.0 * self.tegra.interval_ms / 1000.0, 5.0) if self.tegra else 0.0
+        self._tegra_restart_at = 0.0
 
     def start(self) -> None:
         if self.tegra is not None and self.tegra.available:
@@ -148,7 +151,13 @@ class Telemetry:
     def host(self) -> dict[str, Any]:
         out: dict[str, Any] = {"process": self.process.read()}
         if self.tegra is not None and self._started:
-            t = self.tegra.latest()
+            now = time.monotonic()
+            if not self.tegra.alive and now >= self._tegra_restart_at:   # at most one restart a minute
+                self._tegra_restart_at = now + 60.0
+                self.tegra.stop()
+                log.warning("restarting tegrastats (%d exit(s) so far)", self.tegra.exits)
+                self.tegra.start()
+            t = self.tegra.latest(max_age_s=self._tegra_max_age)
             if t:
                 out["jetson"] = {k: t[k] for k in _TEGRA_FIELDS if k in t}
         if self.nvml is not None and self.nvml.available:
