@@ -632,6 +632,91 @@ def test_jsonl_never_writes_bare_nan(tmp_path):
     assert "NaN" not in line and "Infinity" not in line
 
 
+class _FullDisk:
+    """The JSONL log's file on a disk that fills up: write calls ``first`` .. ``first + calls - 1`` fail with
+    ENOSPC, and the one before them takes only part of the line (as write(2) does on a nearly full disk)."""
+
+    def __init__(self, fh, first: int, calls: int):
+        self.fh, self.first, self.calls, self.n = fh, first, calls, 0
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def write(self, data):
+        self.n += 1
+        if self.n == self.first - 1:
+            return self.fh.write(bytes(data[:10]))
+        if self.first <= self.n < self.first + self.calls:
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.fh.write(data)
+
+
+def test_a_full_disk_under_the_jsonl_log_is_counted_and_inspection_goes_on(tmp_path, tiny_bundle, monkeypatch,
+                                                                           caplog):
+    from edge_ad.runtime import reporting
+
+    monkeypatch.setattr(reporting, "OUTPUT_ERROR_LOG_S", 3600.0)   # one report per failure streak
+    video, labels = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger")
+    svc = Service(s, install_signals=False)
+    # frames 0-3 written; frame 4 torn half-way, 4-13 fail (10 writes); the disk has room again from frame 14
+    svc.reporter.jsonl._fh = _FullDisk(svc.reporter.jsonl._fh, first=6, calls=10)
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.reporting"):
+        summary = svc.run()
+    assert summary["frames"] == 30 and summary["reason"] == "end of stream"
+    assert summary["output_errors"] == {"jsonl": 10, "outbox": 0, "snapshots": 0}
+    assert svc.last_telemetry["output_errors"]["jsonl"] == 10
+    recs = read_jsonl(tmp_path / "results.jsonl")              # the torn line does not spoil the next one
+    assert [r["frame"] for r in recs] == [0, 1, 2, 3] + list(range(14, 30))
+    assert [r["ng"] for r in recs] == [labels[r["source_index"]] for r in recs]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "No space left on device" in errors[0].getMessage()   # not one line per frame
+    assert sum("writing again" in r.getMessage() for r in caplog.records) == 1
+    kinds = [(e["type"], e.get("output")) for e in svc.events]
+    assert kinds.count(("output_error", "jsonl")) == 1 and kinds.count(("output_restored", "jsonl")) == 1
+
+
+def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision(tmp_path, tiny_bundle):
+    """The disk under the SQLite outbox is full (the broker is down, so it only grows): results the outbox
+    refuses are counted, every decision still reaches the JSONL log, and the outbox takes results again
+    once it can."""
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt import Outbox
+
+    video, labels = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1",
+                  mqtt__outbox_path=str(tmp_path / "outbox.sqlite"))
+    svc = Service(s, install_signals=False)
+    real = svc.link.outbox.put
+    results = []
+
+    def put(kind, *a, **kw):
+        if kind == "result":
+            results.append(1)
+        if 5 <= len(results) < 15:          # results 5-14 (and whatever else comes meanwhile) fail
+            raise RuntimeFailure(f"outbox {tmp_path}: write failed (database or disk is full)")
+        return real(kind, *a, **kw)
+
+    svc.link.outbox.put = put
+    summary = svc.run()
+    assert summary["frames"] == 30 and summary["output_errors"]["outbox"] >= 10
+    assert summary["output_errors"]["jsonl"] == 0
+    assert [r["frame"] for r in read_jsonl(tmp_path / "results.jsonl")] == list(range(30))
+    left = Outbox(tmp_path / "outbox.sqlite")
+    try:
+        rows = left.fetch_after(0, 1_000_000)
+    finally:
+        left.close()
+    stored = [json.loads(r.payload) for r in rows if r.kind == "result"]
+    assert [m["frame"] for m in stored] == list(range(4)) + list(range(14, 30))
+    events = [json.loads(r.payload) for r in rows if r.kind == "event"]
+    assert any(e["type"] == "output_restored" and e["output"] == "outbox" for e in events)
+    assert {e["result_id"] for e in events if e["type"] == "ng"} == {m["id"] for m in stored if m["ng"]}
+
+
 def test_snapshot_retention_by_count_and_bytes(tmp_path):
     st = SnapshotStore(tmp_path / "snaps", max_count=5, max_bytes=10_000)
     for i in range(8):

@@ -367,7 +367,8 @@ class Service:
                "calibration": {"version": cal.version, "threshold": cal.threshold, "policy": cal.policy,
                                "versions": self.bundle.calibration_versions()},
                "threshold": self.effective_threshold(), "drift": self.reporter.drift_summary(),
-               "results": {"ok": self.reporter.ok, "ng": self.reporter.ng},
+               "results": {"ok": self.reporter.ok, "ng": self.reporter.ng,
+                           "output_errors": dict(self.reporter.output_errors)},
                "last_result": self.reporter.last_result, "events": _jsonable(events),
                "settings": self.settings.redacted()}
         if self.link is not None:
@@ -398,7 +399,8 @@ class Service:
             "frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": ng_now,
             "ng_rate": round(dng / drep, 4) if drep else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
             "skipped_untriggered": st["skipped_untriggered"], "skipped_paused": st["skipped_paused"],
-            "inference_errors": p.inference_errors, "queues": st["queues"], "mode": p.mode,
+            "inference_errors": p.inference_errors, "output_errors": dict(self.reporter.output_errors),
+            "queues": st["queues"], "mode": p.mode,
             "paused": p.paused.is_set(), "uptime_s": round(time.monotonic() - self._t0, 1),
             "calibration_version": cal.version, "threshold": self.effective_threshold(),
             "model_hash": self.inspector.model_hash, "source": self.camera.stats(),
@@ -593,6 +595,7 @@ class Service:
         elapsed = time.monotonic() - t_start
         summary = {"frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": self.reporter.ng,
                    "dropped": p.dropped, "discarded_at_stop": p.discarded_at_stop,
+                   "output_errors": dict(self.reporter.output_errors),
                    "skipped_untriggered": p.skipped_untriggered, "inference_errors": p.inference_errors,
                    "outages": self.camera.outages, "reconnects": self.camera.reconnects,
                    "duration_s": round(elapsed, 3), "fps": round(p.inspected / elapsed, 3) if elapsed > 0 else 0.0,
