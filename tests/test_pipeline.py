@@ -282,6 +282,93 @@ def test_sigterm_with_mqtt_every_result_reaches_the_broker_or_the_outbox(tmp_pat
         assert any(m.json().get("fps") is not None for m in col.of_kind("telemetry"))
 
 
+class _SlowBackend:
+    """A model that takes ``delay`` s per call; records calls made after close() (a backend closed under
+    the loop)."""
+
+    def __init__(self, real, delay: float):
+        self._real, self.delay, self.closed, self.calls_after_close = real, delay, False, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def infer(self, batch):
+        if self.closed:
+            self.calls_after_close += 1
+            raise RuntimeError("infer on a closed backend")
+        time.sleep(self.delay)
+        return self._real.infer(batch)
+
+    def close(self):
+        self.closed = True
+        self._real.close()
+
+
+def test_stop_past_the_drain_deadline_is_bounded_once_and_accounts_for_every_frame(tmp_path, tiny_bundle):
+    """SIGTERM while many frames wait for a slow model: the drain deadline bounds the whole stop (not one
+    wait in the supervisor and another in the shutdown), frames not inferred by then are counted in
+    discarded_at_stop, every decision made is reported, and the backend is never used after it is closed."""
+    limit = 4.0
+    video, _ = defect_video(tmp_path / "v.avi", n=30, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1", source__mode="trigger", pipeline__queue_size=24,
+                  pipeline__max_batch=1, pipeline__drain_timeout_s=limit)
+    svc = Service(s, install_signals=False)
+    slow = _SlowBackend(svc.inspector.backend._backend, 0.5)   # 24 queued frames: 12 s to drain
+    svc.inspector.backend._backend = slow
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(summary=svc.run()), daemon=True)
+    th.start()
+    p = svc.pipeline
+    deadline = time.monotonic() + 60
+    while len(p.frames) < 24 and time.monotonic() < deadline:     # the frame queue is full
+        time.sleep(0.05)
+    t_stop = time.monotonic()
+    svc.stop("test stop")
+    th.join(60)
+    assert not th.is_alive()
+    stop_s = time.monotonic() - t_stop
+    summary = out["summary"]
+    # one deadline: the old code waited limit in the supervisor, then limit again in join() (>= 2 * limit)
+    assert limit - 0.5 < stop_s < 2 * limit - 0.5, stop_s
+    assert summary["drained"] is False and summary["discarded_at_stop"] > 0
+    assert summary["captured"] == summary["frames"] + summary["discarded_at_stop"]
+    assert summary["inference_errors"] == 0 and slow.calls_after_close == 0
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert len(recs) == summary["ok"] + summary["ng"] == summary["frames"] - summary["unreported"]
+    # a batch still in the backend at the deadline finishes alone and changes no count
+    for t in p._threads:
+        t.join(10)
+    assert summary["frames"] == p.inspected and summary["discarded_at_stop"] == p.discarded_at_stop
+    assert slow.calls_after_close == 0 and p.inference_errors == 0
+
+
+def test_decisions_the_reporting_never_got_are_counted_as_unreported(tmp_path, tiny_bundle):
+    """A reporting thread that crashes (a bug) stops the loop; every decision made after it died, or
+    waiting in the result queue, is counted in ``unreported``, not counted as reported and lost."""
+    from edge_ad.errors import RuntimeFailure
+
+    video, _ = defect_video(tmp_path / "v.avi", n=30, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", pipeline__queue_size=8,
+                  pipeline__result_queue_size=2, pipeline__max_batch=4)
+    svc = Service(s, install_signals=False)
+    real = svc.reporter._update_drift
+    calls = []
+
+    def update_drift(score, ng):
+        calls.append(score)
+        if len(calls) == 3:
+            raise ValueError("a bug in the reporting")
+        return real(score, ng)
+
+    svc.reporter._update_drift = update_drift
+    with pytest.raises(RuntimeFailure, match="reporting: ValueError: a bug in the reporting"):
+        svc.run()
+    p = svc.pipeline
+    assert p.unreported >= 1
+    assert p.inspected == svc.reporter.reported + p.unreported
+    assert p.captured == p.inspected + p.discarded_at_stop
+
+
 # ----------------------------------------------------------------------------- commands over MQTT
 def _start(tmp_path: Path, bundle, mosquitto, **fields) -> Service:
     """A running service in trigger mode whose frames are released by the MQTT inspect command; one
