@@ -282,6 +282,93 @@ def test_sigterm_with_mqtt_every_result_reaches_the_broker_or_the_outbox(tmp_pat
         assert any(m.json().get("fps") is not None for m in col.of_kind("telemetry"))
 
 
+class _SlowBackend:
+    """A model that takes ``delay`` s per call; records calls made after close() (a backend closed under
+    the loop)."""
+
+    def __init__(self, real, delay: float):
+        self._real, self.delay, self.closed, self.calls_after_close = real, delay, False, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def infer(self, batch):
+        if self.closed:
+            self.calls_after_close += 1
+            raise RuntimeError("infer on a closed backend")
+        time.sleep(self.delay)
+        return self._real.infer(batch)
+
+    def close(self):
+        self.closed = True
+        self._real.close()
+
+
+def test_stop_past_the_drain_deadline_is_bounded_once_and_accounts_for_every_frame(tmp_path, tiny_bundle):
+    """SIGTERM while many frames wait for a slow model: the drain deadline bounds the whole stop (not one
+    wait in the supervisor and another in the shutdown), frames not inferred by then are counted in
+    discarded_at_stop, every decision made is reported, and the backend is never used after it is closed."""
+    limit = 4.0
+    video, _ = defect_video(tmp_path / "v.avi", n=30, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1", source__mode="trigger", pipeline__queue_size=24,
+                  pipeline__max_batch=1, pipeline__drain_timeout_s=limit)
+    svc = Service(s, install_signals=False)
+    slow = _SlowBackend(svc.inspector.backend._backend, 0.5)   # 24 queued frames: 12 s to drain
+    svc.inspector.backend._backend = slow
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(summary=svc.run()), daemon=True)
+    th.start()
+    p = svc.pipeline
+    deadline = time.monotonic() + 60
+    while len(p.frames) < 24 and time.monotonic() < deadline:     # the frame queue is full
+        time.sleep(0.05)
+    t_stop = time.monotonic()
+    svc.stop("test stop")
+    th.join(60)
+    assert not th.is_alive()
+    stop_s = time.monotonic() - t_stop
+    summary = out["summary"]
+    # one deadline: the old code waited limit in the supervisor, then limit again in join() (>= 2 * limit)
+    assert limit - 0.5 < stop_s < 2 * limit - 0.5, stop_s
+    assert summary["drained"] is False and summary["discarded_at_stop"] > 0
+    assert summary["captured"] == summary["frames"] + summary["discarded_at_stop"]
+    assert summary["inference_errors"] == 0 and slow.calls_after_close == 0
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert len(recs) == summary["ok"] + summary["ng"] == summary["frames"] - summary["unreported"]
+    # a batch still in the backend at the deadline finishes alone and changes no count
+    for t in p._threads:
+        t.join(10)
+    assert summary["frames"] == p.inspected and summary["discarded_at_stop"] == p.discarded_at_stop
+    assert slow.calls_after_close == 0 and p.inference_errors == 0
+
+
+def test_decisions_the_reporting_never_got_are_counted_as_unreported(tmp_path, tiny_bundle):
+    """A reporting thread that crashes (a bug) stops the loop; every decision made after it died, or
+    waiting in the result queue, is counted in ``unreported``, not counted as reported and lost."""
+    from edge_ad.errors import RuntimeFailure
+
+    video, _ = defect_video(tmp_path / "v.avi", n=30, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger", pipeline__queue_size=8,
+                  pipeline__result_queue_size=2, pipeline__max_batch=4)
+    svc = Service(s, install_signals=False)
+    real = svc.reporter._update_drift
+    calls = []
+
+    def update_drift(score, ng):
+        calls.append(score)
+        if len(calls) == 3:
+            raise ValueError("a bug in the reporting")
+        return real(score, ng)
+
+    svc.reporter._update_drift = update_drift
+    with pytest.raises(RuntimeFailure, match="reporting: ValueError: a bug in the reporting"):
+        svc.run()
+    p = svc.pipeline
+    assert p.unreported >= 1
+    assert p.inspected == svc.reporter.reported + p.unreported
+    assert p.captured == p.inspected + p.discarded_at_stop
+
+
 # ----------------------------------------------------------------------------- commands over MQTT
 def _start(tmp_path: Path, bundle, mosquitto, **fields) -> Service:
     """A running service in trigger mode whose frames are released by the MQTT inspect command; one
@@ -670,6 +757,91 @@ def test_a_failed_snapshot_write_leaves_no_temp_file(tmp_path):
     (tmp_path / "snaps" / ".20250101T000001_000_00000002_NG.jpg.tmp").write_bytes(b"torn")  # a killed write
     SnapshotStore(tmp_path / "snaps")
     assert list((tmp_path / "snaps").iterdir()) == []
+
+
+class _FullDisk:
+    """The JSONL log's file on a disk that fills up: write calls ``first`` .. ``first + calls - 1`` fail with
+    ENOSPC, and the one before them takes only part of the line (as write(2) does on a nearly full disk)."""
+
+    def __init__(self, fh, first: int, calls: int):
+        self.fh, self.first, self.calls, self.n = fh, first, calls, 0
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def write(self, data):
+        self.n += 1
+        if self.n == self.first - 1:
+            return self.fh.write(bytes(data[:10]))
+        if self.first <= self.n < self.first + self.calls:
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.fh.write(data)
+
+
+def test_a_full_disk_under_the_jsonl_log_is_counted_and_inspection_goes_on(tmp_path, tiny_bundle, monkeypatch,
+                                                                           caplog):
+    from edge_ad.runtime import reporting
+
+    monkeypatch.setattr(reporting, "OUTPUT_ERROR_LOG_S", 3600.0)   # one report per failure streak
+    video, labels = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger")
+    svc = Service(s, install_signals=False)
+    # frames 0-3 written; frame 4 torn half-way, 4-13 fail (10 writes); the disk has room again from frame 14
+    svc.reporter.jsonl._fh = _FullDisk(svc.reporter.jsonl._fh, first=6, calls=10)
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.reporting"):
+        summary = svc.run()
+    assert summary["frames"] == 30 and summary["reason"] == "end of stream"
+    assert summary["output_errors"] == {"jsonl": 10, "outbox": 0, "snapshots": 0}
+    assert svc.last_telemetry["output_errors"]["jsonl"] == 10
+    recs = read_jsonl(tmp_path / "results.jsonl")              # the torn line does not spoil the next one
+    assert [r["frame"] for r in recs] == [0, 1, 2, 3] + list(range(14, 30))
+    assert [r["ng"] for r in recs] == [labels[r["source_index"]] for r in recs]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "No space left on device" in errors[0].getMessage()   # not one line per frame
+    assert sum("writing again" in r.getMessage() for r in caplog.records) == 1
+    kinds = [(e["type"], e.get("output")) for e in svc.events]
+    assert kinds.count(("output_error", "jsonl")) == 1 and kinds.count(("output_restored", "jsonl")) == 1
+
+
+def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision(tmp_path, tiny_bundle):
+    """The disk under the SQLite outbox is full (the broker is down, so it only grows): results the outbox
+    refuses are counted, every decision still reaches the JSONL log, and the outbox takes results again
+    once it can."""
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt import Outbox
+
+    video, labels = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1",
+                  mqtt__outbox_path=str(tmp_path / "outbox.sqlite"))
+    svc = Service(s, install_signals=False)
+    real = svc.link.outbox.put
+    results = []
+
+    def put(kind, *a, **kw):
+        if kind == "result":
+            results.append(1)
+        if 5 <= len(results) < 15:          # results 5-14 (and whatever else comes meanwhile) fail
+            raise RuntimeFailure(f"outbox {tmp_path}: write failed (database or disk is full)")
+        return real(kind, *a, **kw)
+
+    svc.link.outbox.put = put
+    summary = svc.run()
+    assert summary["frames"] == 30 and summary["output_errors"]["outbox"] >= 10
+    assert summary["output_errors"]["jsonl"] == 0
+    assert [r["frame"] for r in read_jsonl(tmp_path / "results.jsonl")] == list(range(30))
+    left = Outbox(tmp_path / "outbox.sqlite")
+    try:
+        rows = left.fetch_after(0, 1_000_000)
+    finally:
+        left.close()
+    stored = [json.loads(r.payload) for r in rows if r.kind == "result"]
+    assert [m["frame"] for m in stored] == list(range(4)) + list(range(14, 30))
+    events = [json.loads(r.payload) for r in rows if r.kind == "event"]
+    assert any(e["type"] == "output_restored" and e["output"] == "outbox" for e in events)
+    assert {e["result_id"] for e in events if e["type"] == "ng"} == {m["id"] for m in stored if m["ng"]}
 
 
 def test_snapshot_retention_by_count_and_bytes(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import EdgeADError
 from . import main
 from .types import Seconds
 
@@ -72,12 +73,33 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
     svc = Service(settings, max_frames=max_frames, duration=duration,
                   reload_settings=_settings_loader(config, overrides) if config else None)
     click.echo(f"edge-ad run: {svc.describe()}", err=True)
-    summary = svc.run()
+    try:
+        summary = svc.run()
+    except EdgeADError as exc:
+        _exit_past_busy_threads(svc, exc.exit_code, f"error: {exc}")
+        raise
     if as_json:
         click.echo(json.dumps(summary))
     else:
         click.echo(f"{summary['frames']} frames inspected ({summary['ng']} NG, {summary['dropped']} dropped) in "
                    f"{summary['duration_s']:.1f} s, {summary['fps']:.1f} frames/s; stopped: {summary['reason']}")
+    _exit_past_busy_threads(svc, 0)
+
+
+def _exit_past_busy_threads(svc, code: int, message: str = "") -> None:
+    """Exit now when a pipeline thread was left behind at the stop deadline (see Pipeline.abandon): the
+    interpreter's own shutdown would stop that thread inside the backend's native code and abort
+    ('terminate called without an active exception'). Everything that goes out was written by now."""
+    if not svc.pipeline.busy():
+        return
+    import logging
+
+    if message:
+        click.echo(message, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 @main.command("capture")

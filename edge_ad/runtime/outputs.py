@@ -54,36 +54,58 @@ class JsonlLog:
         st = os.fstat(self._fh.fileno())
         self._regular = stat.S_ISREG(st.st_mode) and not str(self.path.absolute()).startswith(("/dev/", "/proc/"))
         self._size = st.st_size if self._regular else 0
+        self._torn = False           # the last write left part of a line (a full disk)
+        self._closed = False
         self.lines = 0
         self.rotations = 0
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one line. A failed write (a full disk) raises OSError and leaves the log usable: the
+        next write starts on a fresh line (a torn part line is skipped by readers), so writing resumes
+        whole once there is room again."""
         try:
             text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except ValueError:  # NaN / inf is not JSON: such a number is written as null
             text = json.dumps(_finite_or_null(record), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         data = (text + "\n").encode("utf-8")
         with self._lock:
+            if self._fh.closed:
+                if self._closed:
+                    raise ValueError(f"{self.path}: the result log is closed")
+                self._reopen()           # a rotation failed half-way: reopen (raises while that fails)
             if self._regular and self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
-            self._fh.write(data)
+            if self._torn:
+                data = b"\n" + data
+            view, done = memoryview(data), 0
+            try:
+                while done < len(data):  # a nearly full disk may take part of a line
+                    done += self._fh.write(view[done:]) or 0
+            finally:
+                self._size += done
+                self._torn = 0 < done < len(data) or (self._torn and done == 0)
             if self.fsync:
                 os.fsync(self._fh.fileno())
-            self._size += len(data)
             self.lines += 1
+
+    def _reopen(self) -> None:
+        self._fh = open(self.path, "ab", buffering=0)
+        self._size = os.fstat(self._fh.fileno()).st_size if self._regular else 0
 
     def _rotate(self) -> None:
         self._fh.close()
-        if self.backups > 0:
-            for i in range(self.backups - 1, 0, -1):
-                src = self.path.with_name(f"{self.path.name}.{i}")
-                if src.exists():
-                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        else:
-            self.path.unlink(missing_ok=True)
-        self._fh = open(self.path, "ab", buffering=0)
-        self._size = 0
+        try:
+            if self.backups > 0:
+                for i in range(self.backups - 1, 0, -1):
+                    src = self.path.with_name(f"{self.path.name}.{i}")
+                    if src.exists():
+                        os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+                os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            else:
+                self.path.unlink(missing_ok=True)
+        finally:
+            self._reopen()           # even when a rename failed: keep appending where we can
+        self._torn = False
         self.rotations += 1
 
     def flush(self, sync: bool = True) -> None:
@@ -96,6 +118,7 @@ class JsonlLog:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if not self._fh.closed:
                 try:
                     os.fsync(self._fh.fileno())

@@ -14,6 +14,9 @@ Three threads, each owning one stage:
 
 Stopping: ``request_stop()`` stops the capture, whose ``finally`` closes the frame queue; inference
 drains it and closes the result queue; reporting drains that. Nothing accepted into a queue is lost.
+When the drain outlasts its deadline, ``abandon()`` ends it: frames not inferred yet are counted in
+``discarded_at_stop``, decisions not reported yet in ``unreported``; a thread still busy with one batch or
+one write is left to finish it alone and touches no queue or counter afterwards.
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ class Pipeline:
         self.frames: BoundedQueue[Frame] = BoundedQueue(queue_size, policy, "frames")
         self.results: BoundedQueue[ResultItem] = BoundedQueue(result_queue_size, DropPolicy.BLOCK, "results")
         self.stop_capture = threading.Event()
+        self.stop_requested_at: Optional[float] = None   # time.monotonic() of the first request_stop()
+        self.abandoned = threading.Event()               # the stop deadline passed: see abandon()
         self.paused = threading.Event()
         self.finished = threading.Event()
         self.latency = {k: LatencyWindow() for k in ("capture", "queue", "preprocess", "infer", "score", "total")}
@@ -157,7 +162,10 @@ class Pipeline:
         self.inspected = 0
         self.skipped_untriggered = 0
         self.skipped_paused = 0
-        self.discarded_at_stop = 0
+        self.discarded_at_stop = 0   # frames accepted but never inferred (a failure, max frames, the stop deadline)
+        self.unreported = 0          # decisions made but never handed to the reporter (counted in inspected)
+        self._in_flight = 0          # frames of the batch being inferred
+        self._count_lock = threading.Lock()
         self.inference_errors = 0
         self.first_inference_error = ""   # "Type: message" of the first batch that failed
         self.batches = 0
@@ -189,6 +197,7 @@ class Pipeline:
     def request_stop(self, reason: str = "stop requested") -> None:
         if not self.stop_capture.is_set():
             self.end_reason = self.end_reason or reason
+            self.stop_requested_at = time.monotonic()
             self.stop_capture.set()
 
     def alive(self) -> bool:
@@ -210,6 +219,28 @@ class Pipeline:
         for t in self._threads[1:]:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads[1:])
+
+    def busy(self) -> list[str]:
+        """Names of the stages whose thread still runs (``capture``, ``inference``, ``reporting``)."""
+        return [t.name.removeprefix("edge-ad-") for t in self._threads if t.is_alive()]
+
+    def abandon(self, reason: str) -> None:
+        """End a drain that outlasted its deadline: close both queues and count what is left in them. Frames
+        still queued, and the batch being inferred, are counted in ``discarded_at_stop`` (its decisions, if
+        the backend returns them later, are never made); decisions waiting for the reporting in
+        ``unreported``. A thread still busy (a batch in the backend, a write on a slow disk) finishes that
+        one item alone; the caller must not close what it uses (see ``busy()``)."""
+        with self._count_lock:
+            self.abandoned.set()
+            self.frames.close()
+            frames = len(self.frames.drain_all()) + self._in_flight
+            self._in_flight = 0
+            self.discarded_at_stop += frames
+            self.results.close()
+            decisions = len(self.results.drain_all())
+            self.unreported += decisions
+        log.error("%s: %d frame(s) discarded before inference (discarded_at_stop), %d decision(s) not reported "
+                  "(unreported)", reason, frames, decisions)
 
     def pause(self) -> None:
         self.paused.set()
@@ -251,6 +282,7 @@ class Pipeline:
         return {"mode": self.mode, "trigger": self.trigger, "captured": self.captured, "inspected": self.inspected,
                 "dropped": self.frames.dropped, "skipped_untriggered": self.skipped_untriggered,
                 "skipped_paused": self.skipped_paused, "discarded_at_stop": self.discarded_at_stop,
+                "unreported": self.unreported,
                 "inference_errors": self.inference_errors, "batches": self.batches,
                 "paused": self.paused.is_set(),
                 "queues": {"frames": len(self.frames), "frames_max": self.frames.maxsize,
@@ -318,30 +350,46 @@ class Pipeline:
                     break
                 if not got:
                     continue
-                if self.max_frames is not None:
-                    room = self.max_frames - self.inspected
-                    if room <= 0:
+                with self._count_lock:
+                    if self.abandoned.is_set():  # taken just as abandon() emptied the queue
                         self.discarded_at_stop += len(got)
-                        self.request_stop("max frames reached")
-                        continue
-                    if len(got) > room:
-                        self.discarded_at_stop += len(got) - room
-                        got = got[:room]
+                        break
+                    if self.max_frames is not None:
+                        room = self.max_frames - self.inspected
+                        if len(got) > room:
+                            self.discarded_at_stop += len(got) - max(room, 0)
+                            got = got[:max(room, 0)]
+                    self._in_flight = len(got)
+                if not got:
+                    self.request_stop("max frames reached")
+                    continue
                 try:
                     items = self._infer(got)
                     consecutive = 0
                 except InputError:
                     raise
                 except Exception as exc:
+                    with self._count_lock:
+                        self._in_flight = 0
+                        if self.abandoned.is_set():
+                            break       # its frames were counted by abandon(); no error of this run
                     consecutive += 1
                     self._inference_error(exc, len(got))
                     if consecutive >= MAX_CONSECUTIVE_ERRORS:
                         raise RuntimeFailure(f"inference failed {consecutive} times in a row; last error: "
                                              f"{type(exc).__name__}: {exc}") from exc
                     continue
-                for it in items:
-                    self.results.put(it)
-                self.inspected += len(items)
+                with self._count_lock:
+                    if self.abandoned.is_set():
+                        break           # too late: abandon() counted these frames in discarded_at_stop
+                    self._in_flight = 0
+                    self.inspected += len(items)
+                lost = [it for it in items if not self.results.put(it)]
+                if lost:                # the reporting has stopped (a crash, the stop deadline)
+                    with self._count_lock:
+                        self.unreported += len(lost)
+                    log.error("%d decision(s) (frames %s) not reported: the reporting has stopped", len(lost),
+                              ", ".join(str(it.decision.seq) for it in lost))
                 if self.max_frames is not None and self.inspected >= self.max_frames:
                     self.request_stop("max frames reached")
         except EdgeADError as exc:
@@ -351,9 +399,9 @@ class Pipeline:
             self._fail(RuntimeFailure(f"inference: {type(exc).__name__}: {exc}"), "inference")
         finally:
             # whatever is still queued after a failure is counted, never silently lost
-            left = self.frames.drain_all()
-            self.frames.close()
-            self.discarded_at_stop += len(left)
+            with self._count_lock:
+                self.frames.close()
+                self.discarded_at_stop += len(self.frames.drain_all())
             self.results.close()
 
     def _inference_error(self, exc: Exception, frames: int) -> None:
@@ -438,6 +486,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ reporting thread
     def _report_loop(self) -> None:
+        item = None
         try:
             while True:
                 item = self.results.get(timeout=0.5)
@@ -446,14 +495,17 @@ class Pipeline:
                 if item is None:
                     continue
                 self.reporter.report(item)
+                item = None
         except EdgeADError as exc:
             self._fail(exc, "reporting")
         except Exception as exc:
             log.exception("reporting thread crashed")
             self._fail(RuntimeFailure(f"reporting: {type(exc).__name__}: {exc}"), "reporting")
         finally:
-            self.results.close()
-            left = self.results.drain_all()
+            with self._count_lock:
+                self.results.close()
+                left = len(self.results.drain_all()) + int(item is not None and item is not STOP)
+                self.unreported += left
             if left:  # reporting failed: say how many decisions never reached an output
-                log.error("%d decisions were not reported because reporting failed", len(left))
+                log.error("%d decisions were not reported because reporting failed", left)
             self.finished.set()

@@ -1,6 +1,7 @@
 """Reporting: every decision to the outbox (MQTT ``result``) and the JSONL log; NG snapshots and events;
 drift tracking. Runs on the pipeline's reporting thread, so a slow disk or broker never stalls inference
-(the result queue between them absorbs bursts; the outbox write is a local SQLite insert).
+(the result queue between them absorbs bursts; the outbox write is a local SQLite insert). A failed
+write (a full disk, a broken outbox) is counted per output in ``output_errors`` and never stops the loop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from .records import ResultItem
 from .telemetry import LatencyWindow
 
 log = logging.getLogger(__name__)
+
+OUTPUT_ERROR_LOG_S = 60.0   # a failing output is logged (and published as an event) at most this often
 
 
 class Reporter:
@@ -42,7 +45,9 @@ class Reporter:
         self.ok = 0
         self.ng = 0
         self.events = 0
-        self.snapshot_errors = 0
+        # failed writes per output (a full disk, a broken outbox): the decision went on to the other outputs
+        self.output_errors = {"jsonl": 0, "outbox": 0, "snapshots": 0}
+        self._output_log: dict[str, tuple] = {}   # output -> (last logged, failures since, failing)
         self.last_result: dict | None = None
 
     # ------------------------------------------------------------------ drift
@@ -94,6 +99,41 @@ class Reporter:
             except Exception as exc:  # an event must never stop the loop
                 log.warning("could not queue event %s: %s", payload.get("type"), exc)
 
+    # ------------------------------------------------------------------ failed outputs
+    def _write(self, output: str, frame: int, write: Callable[[], Any]) -> bool:
+        """Run one output's write; a failure is counted and the loop goes on (False)."""
+        try:
+            write()
+        except Exception as exc:  # a full disk or a broken outbox must not stop inspection
+            self._output_failed(output, frame, exc)
+            return False
+        self._output_ok(output)
+        return True
+
+    def _output_ok(self, output: str) -> None:
+        state = self._output_log.get(output)
+        if state is not None and state[2]:       # failing until now: say once that it works again
+            self._output_log[output] = (state[0], 0, False)
+            log.warning("%s: writing again (%d failed write(s) in all)", output, self.output_errors[output])
+            self.event({"type": "output_restored", "output": output, "failed_total": self.output_errors[output]})
+
+    def _output_failed(self, output: str, frame: int, exc: BaseException) -> None:
+        """Count a failed write; log it and publish an ``output_error`` event at most once per
+        ``OUTPUT_ERROR_LOG_S`` per output (with how many failed since), never once per frame."""
+        self.output_errors[output] += 1
+        now = time.monotonic()
+        last, since, _ = self._output_log.get(output, (None, 0, False))
+        if last is not None and now - last < OUTPUT_ERROR_LOG_S:
+            self._output_log[output] = (last, since + 1, True)
+            return
+        self._output_log[output] = (now, 0, True)
+        what = f"{type(exc).__name__}: {exc}"
+        log.error("%s: writing frame %d failed (%s); %d failed write(s) since the last report, %d in all; "
+                  "inspection goes on (reported again in %.0f s at the earliest)", output, frame, what, since + 1,
+                  self.output_errors[output], OUTPUT_ERROR_LOG_S)
+        self.event({"type": "output_error", "output": output, "error": what, "frame": frame,
+                    "failed": since + 1, "failed_total": self.output_errors[output]})
+
     # ------------------------------------------------------------------ results
     def _jpeg(self, item: ResultItem, label: str) -> bytes:
         from .. import viz
@@ -122,21 +162,20 @@ class Reporter:
                     stamp = _dt.datetime.fromtimestamp(d.ts, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S_%f")[:-3]
                     name = f"{stamp}_{d.seq:08d}_{'NG' if d.ng else 'OK'}.jpg"
                     rec["snapshot"] = str(self.snapshots.save(name, jpeg))
+                    self._output_ok("snapshots")
             except Exception as exc:  # a full disk must not stop inspection; the decision still goes out
-                self.snapshot_errors += 1
-                log.warning("snapshot of frame %d failed: %s", d.seq, exc)
+                self._output_failed("snapshots", d.seq, exc)
         if req is not None and req.note:
             rec["note"] = req.note
-        if self.link is not None:
-            self.link.publish_result(rec)
+        stored = self.link is not None and self._write("outbox", d.seq, lambda: self.link.publish_result(rec))
         if self.jsonl is not None:
-            self.jsonl.write(rec)
+            self._write("jsonl", d.seq, lambda: self.jsonl.write(rec))
         if d.ng:
             self.ng += 1
         else:
             self.ok += 1
         publish_snapshot = req is not None and req.snapshot and req.publish
-        if self.link is not None and (d.ng or publish_snapshot):
+        if stored and (d.ng or publish_snapshot):   # (not when the outbox has just refused the result)
             ev = {"type": "ng" if d.ng else "snapshot", "result_id": d.id, "frame": d.seq, "score": rec["score"],
                   "threshold": rec["threshold"], "regions": rec["regions"], "source": self.source_name,
                   "calibration_version": d.calibration_version}
@@ -144,7 +183,8 @@ class Reporter:
                 if k in rec:
                     ev[k] = rec[k]
             self.events += 1
-            self.link.publish_event(ev, jpeg=jpeg if (self.event_image or publish_snapshot) else None)
+            image = jpeg if (self.event_image or publish_snapshot) else None
+            self._write("outbox", d.seq, lambda: self.link.publish_event(ev, jpeg=image))
         self._update_drift(d.score, d.ng)
         if self.health is not None:
             self.health.record(ng=d.ng)

@@ -8,8 +8,9 @@ start, and systemd hears ``READY=1``.
 The main thread supervises: the camera watchdog, telemetry every ``telemetry.interval_s``, systemd
 ``WATCHDOG=1`` while the threads are healthy, ``--duration`` / ``--max-frames`` bounds, and signals.
 SIGTERM / SIGINT stop the capture and drain both queues (every accepted frame is inspected and
-reported), flush the outbox, publish the offline status, and exit 0. A second SIGINT aborts at once.
-SIGHUP reloads the bundle (a calibration or model changed on disk).
+reported), flush the outbox, publish the offline status, and exit 0. The drain ends at one deadline,
+``pipeline.drain_timeout_s`` after the stop request (``Pipeline.abandon``: what is left is counted). A
+second SIGINT aborts at once. SIGHUP reloads the bundle (a calibration or model changed on disk).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from .telemetry import STAGES, RateCounter, Telemetry
 from .triggers import TriggerGate, load_trigger
 
 log = logging.getLogger(__name__)
+
+ABANDON_GRACE_S = 0.5   # after the stop deadline: how long idle pipeline threads get to see the closed queues
 
 
 class LockedBackend:
@@ -380,7 +383,8 @@ class Service:
                "calibration": {"version": cal.version, "threshold": cal.threshold, "policy": cal.policy,
                                "versions": self.bundle.calibration_versions()},
                "threshold": self.effective_threshold(), "drift": self.reporter.drift_summary(),
-               "results": {"ok": self.reporter.ok, "ng": self.reporter.ng},
+               "results": {"ok": self.reporter.ok, "ng": self.reporter.ng,
+                           "output_errors": dict(self.reporter.output_errors)},
                "last_result": self.reporter.last_result, "events": _jsonable(events),
                "settings": self.settings.redacted()}
         if self.link is not None:
@@ -411,7 +415,9 @@ class Service:
             "frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": ng_now,
             "ng_rate": round(dng / drep, 4) if drep else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
             "skipped_untriggered": st["skipped_untriggered"], "skipped_paused": st["skipped_paused"],
-            "inference_errors": p.inference_errors, "queues": st["queues"], "mode": p.mode,
+            "inference_errors": p.inference_errors, "discarded_at_stop": p.discarded_at_stop,
+            "unreported": p.unreported, "output_errors": dict(self.reporter.output_errors),
+            "queues": st["queues"], "mode": p.mode,
             "paused": p.paused.is_set(), "uptime_s": round(time.monotonic() - self._t0, 1),
             "calibration_version": cal.version, "threshold": self.effective_threshold(),
             "model_hash": self.inspector.model_hash, "source": self.camera.stats(),
@@ -542,7 +548,6 @@ class Service:
         next_tel = time.monotonic() + s.telemetry.interval_s
         wd_every = self.notifier.watchdog_s / 2.0 if self.notifier.watchdog_s else 0.0
         next_wd = time.monotonic()
-        stop_at = None
         while not p.finished.is_set():
             now = time.monotonic()
             if self._stop_signal and not p.stop_capture.is_set():
@@ -553,13 +558,8 @@ class Service:
                 p.request_stop("duration reached")
             if p.stop_capture.is_set():
                 self._stop_all.set()      # wakes a camera waiting out a back-off
-                if stop_at is None:
-                    stop_at = now
-                elif now - stop_at > s.pipeline.drain_timeout_s:
-                    log.error("the queues did not drain within %.0f s; stopping anyway", s.pipeline.drain_timeout_s)
-                    p.frames.close()
-                    p.results.close()
-                    break
+                if now - p.stop_requested_at > s.pipeline.drain_timeout_s:
+                    break                 # _shutdown() ends the drain (one deadline for the whole stop)
             if self._hup:
                 self._hup = False
                 try:
@@ -584,7 +584,14 @@ class Service:
         p.request_stop(self._stop_signal or "finished")
         self.notifier.stopping(f"draining: {p.end_reason or self._stop_signal or 'finished'}")
         self._stop_all.set()
-        drained = p.join(timeout=self.settings.pipeline.drain_timeout_s)
+        limit = self.settings.pipeline.drain_timeout_s
+        drained = p.join(timeout=max(0.0, p.stop_requested_at + limit - time.monotonic()))
+        if not drained:
+            p.abandon(f"the queues did not drain within pipeline.drain_timeout_s = {limit:g} s")
+            p.join(timeout=ABANDON_GRACE_S)     # idle threads see the closed queues and end at once
+        busy = p.busy()
+        if busy:
+            log.error("stopping without the %s thread(s), still busy past the stop deadline", ", ".join(busy))
         if self.trigger is not None:
             self.trigger.stop()
         try:
@@ -592,20 +599,27 @@ class Service:
         except Exception as exc:  # never let telemetry block the shutdown
             log.warning("final telemetry failed: %s", exc)
             final = {}
-        self.reporter.close()
+        if "reporting" in busy:   # a write still hangs: closing the log under it would lose that line too
+            log.warning("the result log is left open: the reporting thread is still writing")
+        else:
+            self.reporter.close()
         self.telemetry.stop()
         outbox_left = None
         if self.link is not None:
             self.link.stop(timeout=10.0)
             outbox_left = self.link.outbox.depth if hasattr(self.link, "outbox") else None
-        try:
-            self.inspector.backend.close()
-        except Exception as exc:
-            log.debug("closing the backend: %s", exc)
+        if "inference" in busy:   # never close a backend under a running batch
+            log.warning("the backend is left open: a batch is still being inferred past the stop deadline")
+        else:
+            try:
+                self.inspector.backend.close()
+            except Exception as exc:
+                log.debug("closing the backend: %s", exc)
         self.notifier.close()
         elapsed = time.monotonic() - t_start
         summary = {"frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": self.reporter.ng,
-                   "dropped": p.dropped, "discarded_at_stop": p.discarded_at_stop,
+                   "dropped": p.dropped, "discarded_at_stop": p.discarded_at_stop, "unreported": p.unreported,
+                   "output_errors": dict(self.reporter.output_errors),
                    "skipped_untriggered": p.skipped_untriggered, "inference_errors": p.inference_errors,
                    "outages": self.camera.outages, "reconnects": self.camera.reconnects,
                    "duration_s": round(elapsed, 3), "fps": round(p.inspected / elapsed, 3) if elapsed > 0 else 0.0,
