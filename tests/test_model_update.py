@@ -47,6 +47,24 @@ def bundles(tiny_bundle, tmp_path):
     return a, b, c
 
 
+def test_golden_check_refuses_a_candidate_that_scores_nan(bundles, golden, monkeypatch):
+    """A NaN score is NG (never OK) and ranks top in an AUROC, so a model that gives NaN on every defect
+    would look perfect; at run time such frames get no decision at all."""
+    a, b, _ = bundles
+    real = deploy_mod._decide
+
+    def nan_on_defects(bundle, frames, *args, **kw):
+        s, ng = real(bundle, frames, *args, **kw)
+        if bundle.path == b.path:
+            s[ng] = np.nan
+        return s, ng
+
+    monkeypatch.setattr(deploy_mod, "_decide", nan_on_defects)
+    rep = deploy_mod.check_golden(b, golden, a, backend="onnxruntime")
+    assert not rep["passed"] and rep["non_finite"] >= 1
+    assert "not a finite number" in rep["failures"][0]
+
+
 def _release_files(deploy: Path) -> dict:
     return {p.relative_to(deploy).as_posix(): p.read_bytes()
             for p in sorted((deploy / "releases").rglob("*")) if p.is_file()}

@@ -328,6 +328,14 @@ def test_graph_heads():
 def test_guard_metrics():
     assert guard_mod.spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1.0)
     assert guard_mod.spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1.0)
+    # a candidate that scores every image the same shares no order with one that varies
+    assert guard_mod.spearman(np.array([1, 2, 3, 4.0]), np.full(4, 0.5)) == 0.0
+    assert guard_mod.spearman(np.full(4, 0.5), np.full(4, 0.7)) == 1.0
+    assert np.isnan(guard_mod.spearman(np.array([1, 2, 3, 4.0]), np.array([1, np.nan, 3, 4.0])))
+    entry = {"auroc": {}, "rank_corr": 1.0, "agreement": 1.0, "max_map_error_rel": 0.0, "non_finite": 2}
+    assert guard_mod.judge(entry, GuardLimits())[0].startswith("2 image score(s) not finite")
+    entry["non_finite"] = 0
+    assert guard_mod.judge(entry, GuardLimits()) == []
     assert list(guard_mod.rankdata(np.array([3.0, 1.0, 3.0, 2.0]))) == [3.5, 1.0, 3.5, 2.0]
     assert guard_mod.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
     assert guard_mod.auroc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5

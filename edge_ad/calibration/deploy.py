@@ -210,6 +210,11 @@ def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bund
     report: dict = {"golden_dir": str(golden_dir), "n_images": len(items),
                     "n_labelled": int((labels >= 0).sum()), "limits": asdict(limits)}
     failures = []
+    bad = ~np.isfinite(c_s)
+    if bad.any():   # at run time such a frame gets no decision: never a model to switch in
+        report["non_finite"] = int(bad.sum())
+        failures.append(f"the candidate's score is not a finite number (NaN or inf) on {int(bad.sum())} of "
+                        f"{len(items)} golden images, e.g. {items[int(np.argmax(bad))][0]}")
     if running is not None:
         r_s, r_ng = _decide(running, frames, backend, precision)
     lab = labels >= 0

@@ -225,11 +225,19 @@ def rankdata(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation; NaN when a score is not finite. Two constant vectors rank alike (1.0); one
+    constant against one that varies shares no order (0.0): a model that scores every image the same
+    must not pass for a perfect copy."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
     ra, rb = rankdata(a), rankdata(b)
     ra -= ra.mean()
     rb -= rb.mean()
-    den = float(np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
-    return 1.0 if den == 0 else float((ra * rb).sum() / den)
+    sa, sb = float((ra ** 2).sum()), float((rb ** 2).sum())
+    if sa == 0 or sb == 0:
+        return 1.0 if sa == sb else 0.0
+    return float((ra * rb).sum() / np.sqrt(sa * sb))
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -307,6 +315,7 @@ def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
         "n_images": {g: int((gset.groups == g).sum()) for g in ("normal", "synthetic", "real")},
         "calibration": {"version": cal.version, "threshold": thr, "source": cal.source or "bundle"},
         "rank_corr": spearman(ref.scores, cand.scores),
+        "non_finite": int(np.sum(~np.isfinite(cand.scores))),   # images the candidate would not decide
         "max_map_error": map_err,
         "max_map_error_rel": map_err / abs(thr) if thr else float("inf"),
         "max_raw_error_rel": raw_err,
@@ -334,6 +343,9 @@ def judge(entry: dict, limits: GuardLimits) -> list[str]:
     """The limits an :func:`evaluate` entry breaks, as messages (empty: it passes ``limits``). Lets a
     caller that measured under relaxed limits judge the same entry again under others."""
     failures = []
+    if entry.get("non_finite"):
+        failures.append(f"{entry['non_finite']} image score(s) not finite (NaN or inf): such frames get no "
+                        "decision at run time")
     for group, a in entry["auroc"].items():
         if not a["drop"] <= limits.max_auroc_drop:
             failures.append(f"{group} AUROC fell {a['drop']:.4f} ({a['fp32']:.4f} -> {a['candidate']:.4f}; "
