@@ -516,6 +516,17 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     b.save_manifest()
     with pytest.raises(InputError, match="Gaussian model has no weights"):
         adapt(b.path, frames, steps=1)
+    # the CLI refuses it before collecting any frame (a camera source would take minutes)
+    from click.testing import CliRunner
+    from edge_ad import calibration as calibration_pkg
+    from edge_ad.cli import main
+
+    monkeypatch.setattr(calibration_pkg, "collect_frames", lambda *a, **k: pytest.fail("frames were collected"))
+    r = CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--source", str(tmp_path), "--adapt"])
+    assert r.exit_code == 2 and "Gaussian model has no weights" in r.output
+    r = CliRunner().invoke(main, ["calibrate", "--bundle", str(running.path), "--source", str(tmp_path), "--adapt",
+                                  "--adapt-out", str(tmp_path)])
+    assert r.exit_code == 2 and "exists; give --adapt-out a new folder" in r.output
 
 
 @pytest.mark.parametrize("field, value", [("image_size", [32, 32]), ("outputs", []), ("map_pad", -5)])

@@ -27,6 +27,7 @@ extra); this module imports it only inside :func:`adapt`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -87,6 +88,16 @@ def _tensorrt_here() -> bool:
         return False
 
 
+def check_adapt(src: Bundle, out: str | os.PathLike | None) -> None:
+    """What ``adapt`` refuses, checked before any frame is collected: a Gaussian bundle (nothing to
+    fine-tune) and an ``out`` folder that exists."""
+    if src.kind == "gaussian":
+        raise InputError("--adapt: the Gaussian model has no weights to fine-tune; 'edge-ad calibrate' without "
+                         "--adapt refits its statistics, which is its adaptation")
+    if out is not None and Path(out).exists():
+        raise InputError(f"{out}: exists; give --adapt-out a new folder")
+
+
 def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy: str | None = None,
           device: str = "cpu", out_dir=None, golden_dir=None, deploy_dir=None, backend: str = "auto",
           limits=None, progress: bool = True) -> AdaptResult:
@@ -95,14 +106,10 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
 
     t0 = time.perf_counter()
     src = Bundle.open(bundle_dir, verify=True)
-    if src.kind == "gaussian":
-        raise InputError("--adapt: the Gaussian model has no weights to fine-tune; 'edge-ad calibrate' without "
-                         "--adapt refits its statistics, which is its adaptation")
     keep_out = out_dir is not None
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     out = Path(out_dir) if keep_out else src.path.parent / f"{src.path.name}.adapted-{stamp}"
-    if out.exists():
-        raise InputError(f"{out}: exists; give --adapt-out a new folder")
+    check_adapt(src, out)
     precision = src.active_precision
     work = Path(tempfile.mkdtemp(prefix=".adapt-frames-", dir=src.path.parent))
     try:

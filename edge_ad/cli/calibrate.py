@@ -109,6 +109,10 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             check_prior_weight(prior_weight)
         except InputError as exc:
             raise InputError(f"--prior-weight: {exc}") from None
+    if adapt:
+        from ..calibration.adapt import check_adapt
+
+        check_adapt(b, adapt_out)   # before the frames: collecting them can take minutes
     images = collect_frames(source, frames, every=every, timeout_s=timeout_s)
     if len(images) < frames:
         click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
