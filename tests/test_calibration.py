@@ -297,6 +297,8 @@ def test_collect_frames_from_a_folder_a_dir_uri_a_video_and_synthetic(tmp_path):
         collect_frames(tmp_path / "nope", 5)
     with pytest.raises(InputError, match="unknown scheme"):
         collect_frames("ftp://x/y", 5)
+    with pytest.raises(InputError, match="not found"):          # bad input (exit 2), not a lost camera
+        collect_frames(f"file://{tmp_path / 'no-such-clip.mp4'}", 5)
 
 
 # ----------------------------------------------------------------------------- the CLI

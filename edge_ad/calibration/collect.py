@@ -67,9 +67,10 @@ def _folder_of(text: str) -> Path | None:
 def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: bool) -> list[np.ndarray]:
     from tqdm import tqdm
 
-    from ..runtime.sources import SourceLost, open_source, parse_uri
+    from ..runtime.sources import SourceLost, check_startup, open_source, parse_uri
 
     spec = parse_uri(uri)
+    check_startup(spec)   # a missing or undecodable video is bad input (exit 2), as for 'edge-ad run'
     src = open_source(spec)
     frames: list[np.ndarray] = []
     deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
