@@ -249,7 +249,9 @@ def normal_stats(scores: np.ndarray) -> dict[str, float]:
 def threshold_from_policy(scores: np.ndarray, policy: str) -> float:
     """Image threshold from normal image scores.
 
-    ``fpr:P``   the (1-P) quantile of the normal scores (target false-positive rate P),
+    ``fpr:P``   the lowest normal score with at most a share P of the normal scores above it (target
+                false-positive rate P, met on the scores themselves: the k = floor(P * n) largest are
+                above it; with fewer than 1/P scores it is the largest),
     ``max``     the largest normal score plus a 10% margin of the normal score spread (at least 1e-3),
     ``sigma:K`` mean + K standard deviations.
     """
@@ -262,7 +264,8 @@ def threshold_from_policy(scores: np.ndarray, policy: str) -> float:
             p = float(arg)
             if not 0.0 < p < 1.0:
                 raise ValueError
-            return float(np.quantile(s, 1.0 - p))
+            k = int(np.floor(p * s.size + 1e-9))   # scores allowed above the threshold
+            return float(np.sort(s)[s.size - 1 - k])
         if kind == "max" and not arg:
             spread = float(s.max() - np.median(s))
             return float(s.max() + max(0.1 * spread, 1e-3))

@@ -31,6 +31,12 @@ def test_threshold_policies():
     s = np.arange(1, 101, dtype=float)  # 1..100
     assert (s > scoring.threshold_from_policy(s, "fpr:0.01")).sum() == 1
     assert (s > scoring.threshold_from_policy(s, "fpr:0.05")).sum() == 5
+    # never more above than the target allows: 200 scores at fpr:0.001 allow none (interpolating would
+    # put the threshold between the two largest and call one normal frame NG)
+    r = np.random.default_rng(0).random(200)
+    assert scoring.threshold_from_policy(r, "fpr:0.001") == r.max()
+    assert (r > scoring.threshold_from_policy(r, "fpr:0.012")).sum() == 2          # floor(2.4)
+    assert scoring.threshold_from_policy(np.array([1.0, 2.0, 2.0, 2.0]), "fpr:0.3") == 2.0   # ties stay OK
     assert scoring.threshold_from_policy(s, "max") > 100
     t = scoring.threshold_from_policy(s, "sigma:3")
     assert t == pytest.approx(s.mean() + 3 * s.std(ddof=1))
