@@ -237,6 +237,22 @@ def test_failing_golden_check_keeps_the_running_model(bundles, golden, tmp_path)
         install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), tmp_path / "fresh", golden)
 
 
+def test_a_damaged_running_release_does_not_block_the_update_that_replaces_it(bundles, golden, tmp_path):
+    a, b, c = bundles
+    deploy = tmp_path / "deploy"
+    first = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    graph = first.path / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10] + b"x" * 10)         # the running graph no longer verifies
+    res = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, golden)
+    assert deployment(deploy).current == res.release and "does not match" in res.golden["running_error"]
+    assert res.golden["candidate"]["accuracy"] >= 0.9 and "running" not in res.golden
+    # judged on its own, a bad candidate is still refused
+    (res.path / "manifest.json").write_text("{")                    # now the running one cannot even open
+    with pytest.raises(GuardFailure, match="accuracy 0.500"):
+        install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, golden)
+    assert deployment(deploy).current == res.release
+
+
 def test_unlabelled_golden_images_are_compared_with_the_running_model(bundles, golden, tmp_path):
     a, b, c = bundles
     loose = tmp_path / "loose"

@@ -49,7 +49,7 @@ import numpy as np
 from .. import atomic
 from ..bundle import Bundle, now_iso
 from ..data.image import IMAGE_EXTS, list_images, load_image
-from ..errors import InputError, RuntimeFailure
+from ..errors import EdgeADError, InputError, RuntimeFailure
 from .package import PackageInfo, extract_archive, load_key
 
 log = logging.getLogger(__name__)
@@ -202,21 +202,30 @@ def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bund
     limits = limits or GoldenLimits()
     items = golden_images(golden_dir)
     labels = np.array([lab for _, lab in items])
+    frames = [load_image(p) for p, _ in items]
+    running_error = None
+    if running is not None:
+        try:
+            r_s, r_ng = _decide(running, frames, backend, precision)
+        except EdgeADError as exc:   # a damaged running release must not block the update that replaces it
+            running_error = f"{running.path}: {exc}"
+            log.warning("the running release cannot be judged on the golden set (%s); the candidate is judged "
+                        "on its own", running_error)
+            running = None
     if running is None and not (labels >= 0).any():
         raise InputError(f"{golden_dir}: only unlabelled golden images, and no running bundle to compare the "
                          "candidate with; put normal images in good/ and defective ones in other folders")
-    frames = [load_image(p) for p, _ in items]
     c_s, c_ng = _decide(candidate, frames, backend, precision)
     report: dict = {"golden_dir": str(golden_dir), "n_images": len(items),
                     "n_labelled": int((labels >= 0).sum()), "limits": asdict(limits)}
+    if running_error:
+        report["running_error"] = running_error
     failures = []
     bad = ~np.isfinite(c_s)
     if bad.any():   # at run time such a frame gets no decision: never a model to switch in
         report["non_finite"] = int(bad.sum())
         failures.append(f"the candidate's score is not a finite number (NaN or inf) on {int(bad.sum())} of "
                         f"{len(items)} golden images, e.g. {items[int(np.argmax(bad))][0]}")
-    if running is not None:
-        r_s, r_ng = _decide(running, frames, backend, precision)
     lab = labels >= 0
     if lab.any():
         y = labels[lab] == 1
@@ -339,7 +348,11 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
         candidate = Bundle.open(staging, verify=True)
         running = None
         if dep.current_path is not None and dep.current_path.is_dir():
-            running = Bundle.open(dep.current_path)
+            try:
+                running = Bundle.open(dep.current_path)
+            except EdgeADError as exc:   # damaged: the candidate is judged on its own (check_golden)
+                log.warning("the running release %s cannot be opened (%s); the candidate is judged on its own",
+                            dep.current_path, exc)
         report = None
         if golden_dir is not None:
             report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
