@@ -11,13 +11,15 @@
     engines/<key>.engine   TensorRT engines
     quant_report.json      guard results
 
-Every write is atomic (temp file + fsync + rename). The manifest records the sha256 of every file so a
-corrupt copy is refused, and ``manifest["active"]`` names the graph that inspects (FP32 until a
-quantized graph passes the guard).
+Every write is atomic (temp file + fsync + rename); a change of several files at once goes through
+:meth:`Bundle.replace_files`, ordered so the manifest on disk always agrees with the files. The
+manifest records the sha256 of every file so a corrupt copy is refused, and ``manifest["active"]`` names
+the graph that inspects (FP32 until a quantized graph passes the guard).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import functools
 import json
@@ -196,6 +198,71 @@ class Bundle:
             pass
         if save:
             self.save_manifest()
+
+    def replace_files(self, files: dict[str, bytes | str | os.PathLike], remove: Iterable[str] = (),
+                      meta: dict[str, Any] | None = None) -> dict[str, str]:
+        """Replace several members, remove others and set top-level manifest fields (``meta``, e.g.
+        ``active``) as one change; returns the new files' sha256. ``files`` maps a member name to its new
+        bytes or a source file.
+
+        Ordered so that at every moment the manifest on disk agrees with the files it names:
+
+        1. every new file is written (atomically) beside its place, under ``.new-NAME``; a failure here
+           (disk full) deletes them and leaves the bundle, manifest included, as it was;
+        2. a manifest naming none of the files that change is saved; if the active graph is one of them,
+           the FP32 ``model.onnx`` is active meanwhile (when ``model.onnx`` itself changes, it is the old
+           or the new graph, each whole, unrecorded until step 4);
+        3. the new files are renamed into place and the removed ones deleted (only now that the manifest
+           on disk no longer names them);
+        4. the new manifest is saved.
+
+        A power cut or a failure after step 1 (nothing left there to fill the disk: renames and one small
+        manifest) leaves the step-2 state: a complete bundle that verifies and runs. ``self.manifest``
+        always follows what is on disk.
+        """
+        names = list(files)
+        gone = [n for n in dict.fromkeys(remove) if n not in files]
+        for n in names + gone:
+            self.file(n)   # a member name (checked before anything is written)
+        changed = set(names) | set(gone)
+        staged: dict[str, Path] = {}
+        try:
+            for name, content in files.items():
+                dst = self.file(name)
+                tmp = dst.with_name(f".new-{dst.name}")
+                if isinstance(content, (bytes, bytearray)):
+                    atomic.write_bytes(tmp, bytes(content))
+                else:
+                    atomic.copy_file(content, tmp)
+                staged[name] = tmp
+            records = {n: {"sha256": atomic.sha256_file(p), "bytes": p.stat().st_size} for n, p in staged.items()}
+            interim = copy.deepcopy(self.manifest)
+            for n in changed:
+                interim["files"].pop(n, None)
+            if interim["active"]["graph"] in changed and interim["active"]["graph"] != "model.onnx":
+                interim["active"] = {"graph": "model.onnx", "precision": "fp32"}
+            if interim != self.manifest:
+                atomic.write_json(self.path / "manifest.json", interim)
+        except BaseException:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+            raise
+        final = copy.deepcopy(interim)
+        final.update(copy.deepcopy(meta or {}))
+        final["files"].update(records)
+        self.manifest = interim   # what is on disk until the end
+        folders = set()
+        for name, tmp in staged.items():
+            os.replace(tmp, self.file(name))
+            folders.add(tmp.parent)
+        for name in gone:
+            self.file(name).unlink(missing_ok=True)
+            folders.add(self.file(name).parent)
+        for folder in folders:
+            atomic._fsync_dir(folder)
+        atomic.write_json(self.path / "manifest.json", final)
+        self.manifest = final
+        return {n: r["sha256"] for n, r in records.items()}
 
     def verify(self, names: Iterable[str] | None = None) -> None:
         """Check the sha256 of every recorded file (or of ``names``) and that the calibration in force is

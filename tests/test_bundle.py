@@ -255,3 +255,82 @@ def test_files_written_keep_ordinary_permissions(tmp_path):
         assert not [p for p in tmp_path.rglob(".*.tmp")]
     finally:
         os.umask(old)
+
+
+def _graphs_bundle(path):
+    b = Bundle.create(path, {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+    b.add_file("model.onnx", data=b"fp32")
+    b.add_file("model.int8.onnx", data=b"old s8")
+    b.add_file("model.int8-u8.onnx", data=b"old u8")
+    b.add_file("quant_report.json", data=b"{}")
+    b.set_active("model.int8.onnx", "int8")
+    return b
+
+
+@pytest.mark.parametrize("remove", [(), ("quant_report.json",)])
+def test_replace_files_keeps_manifest_and_files_agreeing_at_every_step(tmp_path, monkeypatch, remove):
+    """A power cut at any rename or delete of Bundle.replace_files (each one tried in turn) leaves a bundle
+    that verifies and whose active graph is there: the old one, the FP32 one, or the new one."""
+    import os
+
+    real_replace, real_unlink = os.replace, os.unlink
+    seen = set()
+    for cut_at in range(1, 50):
+        b = _graphs_bundle(tmp_path / f"b{cut_at}")
+        calls = [0]
+
+        def counted(real):
+            def op(*a, **k):
+                calls[0] += 1
+                if calls[0] == cut_at:
+                    raise SystemExit("power cut")
+                return real(*a, **k)
+            return op
+
+        monkeypatch.setattr(os, "replace", counted(real_replace))
+        monkeypatch.setattr(os, "unlink", counted(real_unlink))
+        try:
+            b.replace_files({"model.int8.onnx": b"new s8", "model.int8-u8.onnx": b"new u8"}, remove=remove,
+                            meta={"active": {"graph": "model.int8.onnx", "precision": "int8"}, "note": "new"})
+            done = True
+        except SystemExit:
+            done = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        monkeypatch.setattr(os, "unlink", real_unlink)
+        on_disk = Bundle.open(b.path, verify=True)
+        assert on_disk.manifest == b.manifest       # the object follows what is on disk
+        graph = on_disk.graph_for().read_bytes()
+        state = {b"old s8": "old", b"fp32": "fp32", b"new s8": "new"}[graph]
+        seen.add(state)
+        if state == "new":
+            assert on_disk.manifest["note"] == "new" and on_disk.file("model.int8-u8.onnx").read_bytes() == b"new u8"
+            assert on_disk.has("quant_report.json") == (not remove)
+        if state == "old":
+            assert on_disk.file("model.int8-u8.onnx").read_bytes() == b"old u8"
+        if done:
+            assert state == "new" and not list(b.path.glob(".new-*"))
+            break
+    assert seen == {"old", "fp32", "new"}
+
+
+def test_replace_files_failing_to_write_changes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from edge_ad import atomic
+
+    b = _graphs_bundle(tmp_path / "b")
+    before = (b.path / "manifest.json").read_text()
+    real = atomic.write_bytes
+
+    def full(path, data, *a, **k):
+        if str(path).endswith("model.int8-u8.onnx"):
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return real(path, data, *a, **k)
+
+    monkeypatch.setattr(atomic, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        b.replace_files({"model.int8.onnx": b"new s8", "model.int8-u8.onnx": b"new u8"}, remove=["quant_report.json"])
+    assert (b.path / "manifest.json").read_text() == before
+    again = Bundle.open(b.path, verify=True)
+    assert again.manifest == b.manifest and again.graph_for().read_bytes() == b"old s8"
+    assert again.has("quant_report.json") and not list(b.path.glob(".new-*"))

@@ -69,6 +69,42 @@ def test_reexport_drops_derived_graphs_and_resets_active(exported, tmp_path):
     assert b.active_graph == "model.onnx" and b.active_precision == "fp32"
 
 
+def test_a_reexport_that_fails_writing_model_onnx_leaves_the_old_bundle_whole(exported, tmp_path, monkeypatch):
+    """Disk full while model.onnx is written: the quantized graphs were deleted first and the manifest still
+    named model.int8.onnx active, so the bundle could no longer run. Now nothing changes."""
+    import errno
+    import shutil
+
+    from edge_ad import atomic
+
+    shutil.copytree(exported[0].path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    fp32 = b.file("model.onnx").read_bytes()
+    b.add_file("model.int8.onnx", data=fp32)
+    b.add_file("model.int8-u8.onnx", data=fp32)
+    b.add_file("quant_report.json", data=b"{}")
+    b.set_active("model.int8.onnx", "int8")
+    before = b.file("manifest.json").read_text()
+    real = atomic.write_bytes
+
+    def full(path, data, *a, **k):
+        if str(path).endswith("model.onnx"):
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return real(path, data, *a, **k)
+
+    monkeypatch.setattr(atomic, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        export_bundle(b, exported[1], progress=False)
+    monkeypatch.setattr(atomic, "write_bytes", real)
+    assert b.file("manifest.json").read_text() == before
+    b = Bundle.open(tmp_path / "b", verify=True)
+    assert b.active_graph == "model.int8.onnx" and b.active_precision == "int8"
+    assert b.has("model.int8.onnx") and b.has("model.int8-u8.onnx") and b.has("quant_report.json")
+    assert b.file("model.onnx").read_bytes() == fp32 and not list(b.path.glob(".new-*"))
+    with open_backend(b, "onnxruntime", None, "cpu") as be:
+        assert set(be.infer(np.full((1, 3, 64, 64), 128, np.float32))) == {"map_st", "map_ae"}
+
+
 def test_output_name_mismatch_is_refused(tmp_path):
     m = models.build("efficientad-s", 64, pretrained=False)
     b = Bundle.create(tmp_path / "b", {"kind": "efficientad-s", "image_size": [64, 64], "outputs": ["map"]})

@@ -276,6 +276,39 @@ def test_guard_failure_changes_nothing(base, tmp_path):
     assert not list(b.path.glob(".quantize-*"))   # the work folder is gone
 
 
+def test_a_failure_while_switching_in_keeps_the_old_graphs(int8, tmp_path, monkeypatch):
+    """Disk full while the second form is copied into the bundle: the first was already replaced and the
+    manifest still held its old sha256, so the bundle no longer verified (nor packed). Now the old graphs
+    stay in force, verified."""
+    import errno
+
+    from edge_ad import atomic
+
+    shutil.copytree(int8[0].path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    old = {n: b.file(n).read_bytes() for n in ("model.int8.onnx", "model.int8-u8.onnx")}
+    old_manifest = json.loads(b.file("manifest.json").read_text())
+    real = atomic.copy_file
+
+    def full(src, dst, *a, **k):
+        if str(dst).endswith("model.int8-u8.onnx"):
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(atomic, "copy_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=PASS_ALL, keep_fp32="none",
+                        bias_correction=False, progress=False)
+    monkeypatch.setattr(atomic, "copy_file", real)
+    b = Bundle.open(tmp_path / "b", verify=True)
+    assert b.active_graph == "model.int8.onnx" and b.active_precision == "int8"
+    assert {n: b.file(n).read_bytes() for n in old} == old
+    mf = b.manifest
+    assert mf["quantized"] == old_manifest["quantized"]
+    assert all(mf["files"][n] == old_manifest["files"][n] for n in old)
+    assert not list(b.path.glob(".new-*")) and not list(b.path.glob(".quantize-*"))
+
+
 def test_fp16_keeps_io_fp32_and_passes_the_default_guard(tmp_path):
     from edge_ad import models
     from edge_ad.compile.export import export_bundle

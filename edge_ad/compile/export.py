@@ -68,14 +68,13 @@ def export_bundle(bundle: Bundle, module=None, opset: int = DEFAULT_OPSET, progr
     for name in DERIVED:
         if bundle.has(name):
             log.info("export: removing %s (derived from the previous model.onnx)", name)
-            bundle.remove_file(name, save=False)
-    bundle.manifest["active"] = {"graph": "model.onnx", "precision": "fp32"}
-    bundle.manifest.setdefault("versions", {}).update(
-        {"torch": torch.__version__.split("+")[0], "onnx": _onnx_version()})
-    bundle.manifest["export"] = {"opset": int(opset), "input": "image", "outputs": names,
-                                 "dynamic_batch": True, "exported": now_iso(),
-                                 "ir_version": int(model.ir_version)}
-    bundle.add_file("model.onnx", data=data)   # saves the manifest
+    versions = {**bundle.manifest.get("versions", {}),
+                "torch": torch.__version__.split("+")[0], "onnx": _onnx_version()}
+    # one change: until the new graph is on disk the old bundle stays whole (see Bundle.replace_files)
+    bundle.replace_files({"model.onnx": data}, remove=DERIVED, meta={
+        "active": {"graph": "model.onnx", "precision": "fp32"}, "versions": versions,
+        "export": {"opset": int(opset), "input": "image", "outputs": names, "dynamic_batch": True,
+                   "exported": now_iso(), "ir_version": int(model.ir_version)}})
     _say(progress, f"wrote {bundle.file('model.onnx')} ({len(data) / 1e6:.1f} MB)")
     return bundle.file("model.onnx")
 

@@ -381,20 +381,19 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
             _say(progress, guard_mod.summary(e))
         guard_mod.write_report(bundle, entries)
         guard_mod.raise_on_failure(entries)
-        files = []
-        for form, path in made.items():
-            name = path.name
-            bundle.add_file(name, src=path, save=False)
-            files.append(name)
+        files = [path.name for path in made.values()]
         graph = "model.fp16.onnx" if precision == "fp16" else "model.int8.onnx"
-        bundle.manifest.setdefault("quantized", {})[precision] = {
+        quantized = dict(bundle.manifest.get("quantized", {}))
+        quantized[precision] = {
             "files": files, "source_sha256": bundle.model_hash("model.onnx"), "fp32_nodes": fp32_nodes,
             "keep_fp32": keep_fp32, "samples": min(samples, len(pool)) if precision == "int8" else 0}
         if precision == "int8":
-            bundle.manifest["quantized"]["int8"].update(
+            quantized["int8"].update(
                 calibration=calibration, ops=QUANT_OPS, prepared=details.get("prepared", {}),
                 bias_correction={f: details.get(f"bias_{f}") for f in INT8_FORMS} if bias_correction else None)
-        bundle.set_active(graph, precision)   # saves the manifest
+        # the graphs and the manifest change together: a failure leaves the old graphs in force
+        bundle.replace_files({path.name: path for path in made.values()},
+                             meta={"quantized": quantized, "active": {"graph": graph, "precision": precision}})
     ref_backend.close()
     return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details)
 
