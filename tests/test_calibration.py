@@ -108,6 +108,20 @@ def test_planted_defects_are_reported_and_left_out(gbundle):
     assert insp.inspect([frames[i] for i in planted]).ng.all()
 
 
+def test_screen_after_a_refit_does_not_flag_the_frames_the_refit_did_not_see(gbundle):
+    # the statistics in force after a refit saw frames 0-29: they score those in-sample (far too low), so a
+    # screen under them took every other normal frame for a defect; it scores under the trained statistics
+    insp = _inspector(gbundle)
+    res = recalibrate(gbundle, insp, _parts(30, 0), policy="max", progress=False)
+    insp.set_calibration(res.calibration)
+    assert res.calibration.extra["gaussian"] != res.calibration.extra["gaussian_prior"]
+    frames = _parts(40, 0)
+    frames[35] = _parts(0, 950, ("crack",))[0]
+    res2 = recalibrate(gbundle, insp, frames, policy="max", progress=False)
+    assert [e.index for e in res2.excluded] == [35] and res2.n_used == 39
+    assert "trained statistics (gaussian.d/0001.npz)" in res2.excluded[0].reason
+
+
 def test_too_few_usable_frames_are_refused_and_nothing_is_written(gbundle, tbundle):
     for b, frames in ((tbundle, [part_frame(i) for i in range(10)]),
                       (gbundle, _parts(12, 0))):
