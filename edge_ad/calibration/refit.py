@@ -256,17 +256,16 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
 
 
 def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
-    """Put an earlier calibration back in force (byte for byte; default: the one before).
+    """Put an earlier calibration back in force (byte for byte; default: the one the calibration in force
+    replaced, :meth:`Bundle.previous_calibration_version`).
 
     Checks first the calibration file and the Gaussian statistics it names (present, sha256 as recorded,
     loadable), so a rollback can never leave a calibration in force that the model cannot load.
     """
     versions = bundle.calibration_versions()
     target = version
-    if target is None:
-        current = bundle.calibration().version
-        older = [v for v in versions if v < current]
-        target = older[-1] if older else None
+    if target is None and versions:
+        target = bundle.previous_calibration_version()   # the one the calibration in force replaced
     if target is not None and target in versions and bundle.kind == "gaussian":
         g = str(bundle.calibration_at(target).extra.get("gaussian") or "")
         if not g or not bundle.has(g):
@@ -279,7 +278,7 @@ def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
         except InputError as exc:
             raise InputError(f"calibration version {target} cannot be put back in force: {exc}; the calibration "
                              "in force is unchanged") from exc
-    return bundle.rollback_calibration(target if version is None else version)
+    return bundle.rollback_calibration(target)
 
 
 # ----------------------------------------------------------------------------- the entry point
