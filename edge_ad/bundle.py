@@ -378,9 +378,16 @@ class Bundle:
 
         Order matters for power cuts: the history file is written (atomically) first, then
         calibration.json is replaced atomically. A cut between the two leaves the old calibration in force.
+        ``extra["previous_version"]`` records the version in force it replaces (:meth:`previous_calibration_version`).
         """
         version = self.next_calibration_version()
-        cal = cal.replace(version=version, created=cal.created or now_iso())
+        extra = {k: v for k, v in cal.extra.items() if k != "previous_version"}
+        try:  # the one it replaces: where a rollback without a version goes back to
+            if self.has("calibration.json"):
+                extra["previous_version"] = self.calibration().version
+        except InputError:
+            pass  # an unreadable calibration in force: nothing to go back to
+        cal = cal.replace(version=version, created=cal.created or now_iso(), extra=extra)
         data = (json.dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         atomic.write_bytes(self.calibration_version_file(version), data)
         self._put_calibration(data)
@@ -394,20 +401,33 @@ class Bundle:
         if self.manifest["files"].pop("calibration.json", None) is not None:  # bundles of early versions
             self.save_manifest()
 
+    def previous_calibration_version(self) -> int:
+        """The version a rollback without a version puts back: the one the calibration in force replaced
+        when it was written (``extra["previous_version"]``; for files written before that was recorded, a
+        recalibration's ``extra["recalibration"]["previous_version"]``), else the newest older version.
+        Not simply the next lower number: after v3 -> rollback to v2 -> v4, the one before v4 is v2."""
+        cal = self.calibration()
+        rec = cal.extra.get("previous_version")
+        refit = cal.extra.get("recalibration")
+        if rec is None and isinstance(refit, dict) and cal.policy != "manual":  # manual: set_threshold's copy
+            rec = refit.get("previous_version")
+        if isinstance(rec, int) and not isinstance(rec, bool) and 0 < rec < cal.version:
+            return rec
+        older = [v for v in self.calibration_versions() if v < cal.version]
+        if not older:
+            raise InputError(f"calibration version {cal.version} is the oldest; nothing to roll back to")
+        return older[-1]
+
     def rollback_calibration(self, version: int | None = None) -> Calibration:
         """Put an earlier calibration version back in force, byte for byte.
 
-        Without ``version``: the version before the one in force.
+        Without ``version``: the one the calibration in force replaced (:meth:`previous_calibration_version`).
         """
         versions = self.calibration_versions()
         if not versions:
             raise InputError(f"{self.calibration_dir}: no calibration history to roll back to")
         if version is None:  # an explicit version also repairs an unreadable calibration in force
-            current = self.calibration().version
-            older = [v for v in versions if v < current]
-            if not older:
-                raise InputError(f"calibration version {current} is the oldest; nothing to roll back to")
-            version = older[-1]
+            version = self.previous_calibration_version()
         if version not in versions:
             raise InputError(f"calibration version {version} not found; versions kept: "
                              f"{', '.join(map(str, versions))}")

@@ -108,6 +108,20 @@ def test_planted_defects_are_reported_and_left_out(gbundle):
     assert insp.inspect([frames[i] for i in planted]).ng.all()
 
 
+def test_screen_after_a_refit_does_not_flag_the_frames_the_refit_did_not_see(gbundle):
+    # the statistics in force after a refit saw frames 0-29: they score those in-sample (far too low), so a
+    # screen under them took every other normal frame for a defect; it scores under the trained statistics
+    insp = _inspector(gbundle)
+    res = recalibrate(gbundle, insp, _parts(30, 0), policy="max", progress=False)
+    insp.set_calibration(res.calibration)
+    assert res.calibration.extra["gaussian"] != res.calibration.extra["gaussian_prior"]
+    frames = _parts(40, 0)
+    frames[35] = _parts(0, 950, ("crack",))[0]
+    res2 = recalibrate(gbundle, insp, frames, policy="max", progress=False)
+    assert [e.index for e in res2.excluded] == [35] and res2.n_used == 39
+    assert "trained statistics (gaussian.d/0001.npz)" in res2.excluded[0].reason
+
+
 def test_too_few_usable_frames_are_refused_and_nothing_is_written(gbundle, tbundle):
     for b, frames in ((tbundle, [part_frame(i) for i in range(10)]),
                       (gbundle, _parts(12, 0))):
@@ -165,6 +179,34 @@ def test_rollback_restores_earlier_versions_byte_for_byte(tbundle):
         rollback(tbundle, 9)
     Bundle.open(tbundle.path, verify=True)
 
+
+def test_rollback_goes_back_to_the_calibration_the_one_in_force_replaced(tbundle):
+    insp = _inspector(tbundle)
+    day = [part_frame(i, brightness=20.0) for i in range(30)]
+    for frames in (day, [part_frame(i, brightness=-20.0) for i in range(30)]):                  # v2, v3: wrong light
+        insp.set_calibration(recalibrate(tbundle, insp, frames, policy="max", progress=False).calibration)
+    insp.set_calibration(rollback(tbundle))
+    assert insp.calibration.version == 2
+    res = recalibrate(tbundle, insp, day[:20], policy="max", progress=False)                     # v4 replaces v2
+    assert res.calibration.version == 4 and res.calibration.extra["previous_version"] == 2
+    assert res.calibration.extra["recalibration"]["previous_version"] == 2
+    assert rollback(tbundle).version == 2          # not v3, the one rolled back from
+    assert rollback(tbundle).version == 1          # v2 replaced v1
+    # a threshold set by hand (MQTT set_threshold) records the one it replaced too, not a copied record
+    cal = tbundle.write_calibration(tbundle.calibration_at(4).replace(version=0, created="", threshold=0.5,
+                                                                      policy="manual"))
+    assert cal.version == 5 and cal.extra["previous_version"] == 1
+    assert rollback(tbundle).version == 1
+    # files written before the record: a recalibration's own previous_version, else the next lower number
+    # (a threshold set by hand carries a copy of the recalibration record it was set on: not its own)
+    for v in (4, 5):
+        d = json.loads(tbundle.calibration_version_file(v).read_text())
+        del d["extra"]["previous_version"]
+        tbundle.calibration_version_file(v).write_text(json.dumps(d))
+    assert rollback(tbundle, 4).version == 4 and rollback(tbundle).version == 2
+    assert tbundle.calibration_at(5).extra["recalibration"]["previous_version"] == 2
+    assert rollback(tbundle, 5).version == 5 and rollback(tbundle).version == 4
+    Bundle.open(tbundle.path, verify=True)
 
 def test_gaussian_files_are_pruned_and_rollback_refuses_a_pruned_version(gbundle):
     insp = _inspector(gbundle)

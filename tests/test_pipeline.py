@@ -483,6 +483,12 @@ def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(running
     assert st["calibration"]["versions"] == [1, 2, 3]
     events = [e["type"] for e in st["events"]]
     assert events.count("calibration") == 2
+    # rollback without a version: the one the calibration in force replaced, not the next lower number
+    assert call("rollback_calibration")["version"] == 2                          # v3 replaced v2
+    assert call("set_threshold", {"threshold": 0.5})["calibration_version"] == 4  # v4 replaces v2
+    r = call("rollback_calibration")
+    assert r["version"] == 2 and r["previous_version"] == 4                      # not v3, rolled back from
+    assert svc.inspector.calibration.version == 2 == svc.bundle.calibration().version
 
 
 def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquitto, caller):

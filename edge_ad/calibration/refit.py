@@ -8,7 +8,10 @@
    z-score within the set, ``z = (score - median) / (1.4826 * MAD)``; frames with ``z > screen_z``
    (default 6) are reported and left out. The reference is the set itself, not the old calibration's
    normal statistics: after a lighting change *every* frame scores far from the old normals, while a
-   defective part still stands out from the other new frames;
+   defective part still stands out from the other new frames. A Gaussian bundle is scored here with the
+   statistics it was trained with (``extra["gaussian_prior"]``), not with a refit in force: a refit saw
+   earlier calibration frames and scores those far too low (in-sample), so every frame it did not see
+   would stand out;
 3. refits what calibration holds: for the Gaussian model the Gaussian statistics themselves (a new
    ``gaussian.d/NNNN.npz``: the mean from the new frames, the covariance pooled with the trained one;
    :mod:`.gaussfit`), then the map-normalization quantiles and the image threshold by the policy
@@ -58,7 +61,8 @@ class Excluded:
     """A frame left out of the calibration: its index in the given frames, why, and its numbers."""
 
     index: int
-    score: float       # image score (pass 1: under the calibration in force; pass 2: under the refit)
+    score: float       # image score (pass 1: under the calibration in force, for a Gaussian bundle with the
+                       # trained statistics; pass 2: under the refit)
     z: float           # robust z-score within the set
     reason: str
 
@@ -165,6 +169,13 @@ def _run_model(inspector, frames: Iterable[np.ndarray], batch_size: int, progres
     return {k: np.concatenate(v) for k, v in kept.items()}, np.concatenate(scores), n
 
 
+def _screen_scores(feats: np.ndarray, stats: gaussian.GaussianStats, cur: Calibration, batch: int) -> np.ndarray:
+    """Image scores of Gaussian features under ``stats``, normalized as ``cur`` (the robust z-score of the
+    screen does not depend on the scale)."""
+    return np.concatenate([scoring.score({"map": gaussian.distance_map(feats[i:i + batch], stats)}, cur).scores
+                           for i in range(0, len(feats), batch)]).astype(np.float64)
+
+
 # ----------------------------------------------------------------------------- fitting
 def _fit(cur: Calibration, kept: dict, used: np.ndarray, policy: str, prior, prior_weight: float | None,
          cache: dict):
@@ -245,17 +256,16 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
 
 
 def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
-    """Put an earlier calibration back in force (byte for byte; default: the one before).
+    """Put an earlier calibration back in force (byte for byte; default: the one the calibration in force
+    replaced, :meth:`Bundle.previous_calibration_version`).
 
     Checks first the calibration file and the Gaussian statistics it names (present, sha256 as recorded,
     loadable), so a rollback can never leave a calibration in force that the model cannot load.
     """
     versions = bundle.calibration_versions()
     target = version
-    if target is None:
-        current = bundle.calibration().version
-        older = [v for v in versions if v < current]
-        target = older[-1] if older else None
+    if target is None and versions:
+        target = bundle.previous_calibration_version()   # the one the calibration in force replaced
     if target is not None and target in versions and bundle.kind == "gaussian":
         g = str(bundle.calibration_at(target).extra.get("gaussian") or "")
         if not g or not bundle.has(g):
@@ -268,7 +278,7 @@ def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
         except InputError as exc:
             raise InputError(f"calibration version {target} cannot be put back in force: {exc}; the calibration "
                              "in force is unchanged") from exc
-    return bundle.rollback_calibration(target if version is None else version)
+    return bundle.rollback_calibration(target)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -302,7 +312,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
         raise InputError(f"calibration needs at least {min_frames} normal frames, got {n}; "
                          "the calibration in force is unchanged")
 
-    prior = None
+    prior, pname = None, ""
     if bundle.kind == "gaussian":
         pname = _prior_name(cur)
         if pname == cur.extra.get("gaussian"):
@@ -314,8 +324,14 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
                              f"(calibration v{cur.version} extra.gaussian_prior) are missing; recalibrate with "
                              "prior weight 0 (--prior-weight 0: a fit from the new frames alone)")
 
+    s_screen, under = s_cur, f"calibration v{cur.version}"
+    if prior is not None and pname != cur.extra.get("gaussian"):
+        # the statistics in force were refitted on earlier calibration frames: the ones among these that
+        # they saw would score far too low (in-sample) and every other frame would look like an outlier
+        s_screen = _screen_scores(kept["feat"], prior, cur, max(1, int(batch_size)))
+        under = f"the trained statistics ({pname})"
     index = np.arange(n)
-    excluded = _screen(s_cur, index, screen_z, f"robust z > {screen_z:g} under calibration v{cur.version}")
+    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}")
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
 

@@ -54,7 +54,8 @@ def _echo_json(obj) -> None:
 @click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
               help="--adapt: deploy folder to switch the adapted model into (see 'edge-ad bundle install').")
 @click.option("--rollback", "rollback_to", is_flag=False, flag_value="previous", default=None, metavar="[VERSION]",
-              help="Put an earlier calibration version back in force (default: the one before) and exit.")
+              help="Put an earlier calibration version back in force (default: the one the calibration in force "
+                   "replaced) and exit.")
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, frames, policy, backend, precision, device, every, timeout_s, screen_z,

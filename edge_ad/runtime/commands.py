@@ -13,7 +13,7 @@ snapshot                 a JPEG of the next frame with its heat map [, ``publish
 pause / resume           stop / restart inspecting (cameras keep being read, frames are skipped)
 reload                   ``what`` = bundle (calibration or model changed on disk) | config | all
 calibrate                refit calibration on ``frames`` normal frames (live, or a ``source`` folder)
-rollback_calibration     put ``version`` (default: the previous one) back in force
+rollback_calibration     put ``version`` (default: the one in force replaced) back in force
 update_model             install a bundle archive (verified, checked on golden images), swap it in
 =======================  ===========================================================================
 """
