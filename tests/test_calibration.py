@@ -224,6 +224,16 @@ def test_gaussian_files_are_pruned_and_rollback_refuses_a_pruned_version(gbundle
     gbundle.verify()
 
 
+def test_missing_trained_statistics_need_prior_weight_0_which_then_works(gbundle):
+    insp = _inspector(gbundle)
+    insp.set_calibration(recalibrate(gbundle, insp, _parts(24, 0), policy="max", progress=False).calibration)
+    gbundle.file("gaussian.d/0001.npz").unlink()          # the trained statistics, lost
+    with pytest.raises(InputError, match="are missing; recalibrate with prior weight 0"):
+        recalibrate(gbundle, insp, _parts(24, 100), policy="max", progress=False)
+    res = recalibrate(gbundle, insp, _parts(24, 100), policy="max", progress=False, prior_weight=0)
+    assert res.calibration.version == 3 and len(res.excluded) == 0
+
+
 # ----------------------------------------------------------------------------- power cut
 POWER_CUT = textwrap.dedent("""
     import os, signal, sys

@@ -319,6 +319,10 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
             prior = inspector.gaussian_stats(cur)
         elif bundle.has(pname):
             prior = gaussian.GaussianStats.load(bundle.file(pname))
+        elif prior_weight == 0:   # a fresh fit needs no trained statistics: the ones in force give the layout
+            log.warning("%s (the trained Gaussian statistics) is missing; prior weight 0: the frames are "
+                        "screened under calibration v%d and fitted alone", bundle.file(pname), cur.version)
+            prior, pname = inspector.gaussian_stats(cur), cur.extra.get("gaussian")
         else:
             raise InputError(f"{bundle.file(pname)}: the Gaussian statistics the bundle was trained with "
                              f"(calibration v{cur.version} extra.gaussian_prior) are missing; recalibrate with "
