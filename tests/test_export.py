@@ -72,10 +72,10 @@ def test_reexport_drops_derived_graphs_and_resets_active(exported, tmp_path):
 def test_a_reexport_that_fails_writing_model_onnx_leaves_the_old_bundle_whole(exported, tmp_path, monkeypatch):
     """Disk full while model.onnx is written: the quantized graphs were deleted first and the manifest still
     named model.int8.onnx active, so the bundle could no longer run. Now nothing changes."""
-    import errno
     import shutil
 
     from edge_ad import atomic
+    from fixtures_bundle import disk_full_for
 
     shutil.copytree(exported[0].path, tmp_path / "b")
     b = Bundle.open(tmp_path / "b")
@@ -85,14 +85,7 @@ def test_a_reexport_that_fails_writing_model_onnx_leaves_the_old_bundle_whole(ex
     b.add_file("quant_report.json", data=b"{}")
     b.set_active("model.int8.onnx", "int8")
     before = b.file("manifest.json").read_text()
-    real = atomic.write_bytes
-
-    def full(path, data, *a, **k):
-        if str(path).endswith("model.onnx"):
-            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-        return real(path, data, *a, **k)
-
-    monkeypatch.setattr(atomic, "write_bytes", full)
+    real = disk_full_for(monkeypatch, "model.onnx")
     with pytest.raises(OSError, match="No space left"):
         export_bundle(b, exported[1], progress=False)
     monkeypatch.setattr(atomic, "write_bytes", real)

@@ -280,26 +280,17 @@ def test_a_failure_while_switching_in_keeps_the_old_graphs(int8, tmp_path, monke
     """Disk full while the second form is copied into the bundle: the first was already replaced and the
     manifest still held its old sha256, so the bundle no longer verified (nor packed). Now the old graphs
     stay in force, verified."""
-    import errno
-
-    from edge_ad import atomic
+    from fixtures_bundle import disk_full_for
 
     shutil.copytree(int8[0].path, tmp_path / "b")
     b = Bundle.open(tmp_path / "b")
     old = {n: b.file(n).read_bytes() for n in ("model.int8.onnx", "model.int8-u8.onnx")}
     old_manifest = json.loads(b.file("manifest.json").read_text())
-    real = atomic.copy_file
-
-    def full(src, dst, *a, **k):
-        if str(dst).endswith("model.int8-u8.onnx"):
-            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-        return real(src, dst, *a, **k)
-
-    monkeypatch.setattr(atomic, "copy_file", full)
-    with pytest.raises(OSError, match="No space left"):
-        quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=PASS_ALL, keep_fp32="none",
-                        bias_correction=False, progress=False)
-    monkeypatch.setattr(atomic, "copy_file", real)
+    with monkeypatch.context() as m:
+        disk_full_for(m, "model.int8-u8.onnx", "copy_file")
+        with pytest.raises(OSError, match="No space left"):
+            quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=PASS_ALL, keep_fp32="none",
+                            bias_correction=False, progress=False)
     b = Bundle.open(tmp_path / "b", verify=True)
     assert b.active_graph == "model.int8.onnx" and b.active_precision == "int8"
     assert {n: b.file(n).read_bytes() for n in old} == old
