@@ -71,6 +71,7 @@ def test_valid_engine_is_accepted_with_its_sidecar(tmp_path):
     ("bad_sidecar", "unreadable sidecar"),
     ("foreign_sidecar", "built for another GPU architecture"),
     ("unguarded", "never passed the accuracy guard"),
+    ("guard_not_object", "guard is list, expected an object"),
 ])
 def test_stale_foreign_or_corrupt_engines_are_refused(tmp_path, change, reason):
     b = _bundle(tmp_path)
@@ -99,6 +100,11 @@ def test_stale_foreign_or_corrupt_engines_are_refused(tmp_path, change, reason):
         meta = json.loads(side.read_text())
         meta["compute_capability"] = "8.6"
         side.write_text(json.dumps(meta))
+    elif change == "guard_not_object":  # hand-edited; used to raise AttributeError in check() and best()
+        meta = json.loads(side.read_text())
+        meta["guard"] = ["passed"]
+        side.write_text(json.dumps(meta))
+        assert engine_cache.best(b, target) is None
     c = engine_cache.check(b, "int8", target, require_guard=True)
     assert not c.ok
     assert reason in c.reason

@@ -171,6 +171,8 @@ def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target) -
                 "(re-quantized or re-exported)"), meta
     if not isinstance(meta.get("engine_sha256"), str):
         return f"{side.name}: no engine_sha256", meta
+    if not isinstance(meta.get("guard", {}), dict):
+        return f"{side.name}: guard is {type(meta['guard']).__name__}, expected an object or none", meta
     return None, meta
 
 
