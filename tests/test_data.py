@@ -87,6 +87,45 @@ def test_grayscale_images_become_rgb(tmp_path):
     assert cat.check()["has_masks"] is False
 
 
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an APP1 Exif segment holding only the Orientation tag (0x0112)."""
+    import struct
+
+    ifd = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    payload = b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from edge_ad.data.image import load_image
+
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, :40] = 255                       # left half white, as stored
+    ok, buf = cv2.imencode(".jpg", img)
+    (tmp_path / "rot.jpg").write_bytes(_with_exif_orientation(buf.tobytes(), 6))   # "rotate 90 CW to view"
+    got = load_image(tmp_path / "rot.jpg")
+    assert got.shape == (80, 40, 3)         # upright, as a viewer shows it: white on top
+    assert got[:30].mean() > 240 and got[-30:].mean() < 15
+
+
+def test_float_and_16_bit_tiffs_keep_their_contrast(tmp_path):
+    from edge_ad.data.image import load_image
+
+    ramp = np.linspace(0, 1, 64, dtype=np.float32)[None, :].repeat(8, 0)
+    assert cv2.imwrite(str(tmp_path / "f01.tiff"), ramp)                    # 0..1 floats
+    assert cv2.imwrite(str(tmp_path / "f255.tiff"), ramp * 255)             # 0..255 floats
+    assert cv2.imwrite(str(tmp_path / "u16.tiff"), (ramp * 65535).astype(np.uint16))
+    for name in ("f01.tiff", "f255.tiff", "u16.tiff"):
+        got = load_image(tmp_path / name)
+        assert got.dtype == np.uint8 and got.shape == (8, 64, 3), name
+        assert got[0, 0, 0] <= 1 and got[0, -1, 0] >= 254, name       # was all black for 0..1 floats
+    bad = ramp.copy()
+    bad[0, 0] = np.nan
+    assert cv2.imwrite(str(tmp_path / "nan.tiff"), bad)
+    with pytest.raises(InputError, match="nan.tiff.*NaN"):
+        load_image(tmp_path / "nan.tiff")
+
+
 def test_image_level_dataset_without_ground_truth(tmp_path):
     cat = MVTecCategory(_category(tmp_path / "cat", masks=False))
     assert all(s.mask_path is None for s in cat.test_samples())

@@ -18,25 +18,35 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as RGB uint8 ``[H, W, 3]`` (grayscale and 16-bit are converted)."""
+    """Read an image file as RGB uint8 ``[H, W, 3]`` (grayscale, 16-bit and float are converted).
+
+    The EXIF orientation of a JPEG or TIFF is applied, so a camera or phone picture stored sideways is
+    seen upright, as every image viewer shows it (IMREAD_UNCHANGED would ignore it)."""
     import cv2
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: image not found")
     buf = np.fromfile(str(p), dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
     if img is None:
         raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP or TIFF)")
     return to_rgb8(img, where=str(p))
 
 
 def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarray:
-    """Any decoded image (gray, BGR, BGRA, 16-bit) -> RGB uint8 ``[H, W, 3]``."""
+    """Any decoded image (gray, BGR, BGRA, 16-bit, float) -> RGB uint8 ``[H, W, 3]``.
+
+    Float images (e.g. 32-bit TIFF) are taken as 0..1 when no value exceeds 1, else as 0..255."""
     import cv2
 
     if img.dtype == np.uint16:
         img = (img >> 8).astype(np.uint8)
+    elif img.dtype.kind == "f":
+        if not np.isfinite(img).all():
+            raise InputError(f"{where}: float image holds NaN or infinite pixels")
+        scale = 255.0 if img.size and float(img.max()) <= 1.0 else 1.0
+        img = np.clip(np.rint(img * scale), 0, 255).astype(np.uint8)
     elif img.dtype != np.uint8:
         img = np.clip(img, 0, 255).astype(np.uint8)
     if img.ndim == 2:
