@@ -443,19 +443,23 @@ _PATH_FIELDS = (("model", "bundle"), ("model", "deploy_dir"), ("model", "golden_
 
 def _relative_file_paths(tree: dict) -> set:
     out = set()
-    for sec, key in _PATH_FIELDS:
+    for sec, key in _PATH_FIELDS + (("source", "uri"),):
         v = tree.get(sec, {}).get(key) if isinstance(tree.get(sec), dict) else None
         if isinstance(v, str) and v and not Path(v).is_absolute():
-            out.add((sec, key))
+            out.add((sec, key))  # source.uri: resolve_relative leaves all but a relative file/dir path alone
     return out
 
 
 def _resolve_file_paths(s: Settings, base: Path | None, which: set) -> Settings:
     if base is None:
         return s
+    from .runtime.sources import resolve_relative
+
     for sec, key in which:
         section = getattr(s, sec)
         p = getattr(section, key)
-        if p is not None and not Path(p).is_absolute():
+        if (sec, key) == ("source", "uri"):
+            section.uri = resolve_relative(p, base)
+        elif p is not None and not Path(p).is_absolute():
             setattr(section, key, base / p)
     return s

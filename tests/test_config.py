@@ -42,6 +42,26 @@ def test_minimal_config_gets_defaults_and_paths_relative_to_the_file(tmp_path):
     assert s.drift.window == 200 and s.telemetry.interval_s == 10
 
 
+def test_relative_source_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "file://recordings/line3.mp4?loop=1&fps=native"))
+    s = load_settings(cfg, environ={})
+    from edge_ad.runtime.sources import parse_uri
+
+    spec = parse_uri(s.source.uri)
+    assert spec.target == str(tmp_path / "recordings/line3.mp4")
+    assert spec.options["loop"] is True and spec.options["fps"] == "native"
+    cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "dir://parts/"))
+    assert parse_uri(load_settings(cfg, environ={}).source.uri).target == str(tmp_path / "parts")
+    # absolute paths and cameras are left alone; flags and environment stay relative to the working dir
+    cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "file:///abs/clip.avi"))
+    assert load_settings(cfg, environ={}).source.uri == "file:///abs/clip.avi"
+    s = load_settings(_write(tmp_path, MINIMAL), [(["source", "uri"], "dir://here", "--source")], environ={})
+    assert s.source.uri == "dir://here"
+    s = load_settings(_write(tmp_path, MINIMAL), environ={"EDGE_AD_SOURCE__URI": "synthetic://disc"})
+    assert s.source.uri == "synthetic://disc"
+
+
 def test_example_config_is_valid():
     example = Path(__file__).resolve().parents[1] / "examples" / "edge-ad.toml"
     s = load_settings(example, environ={})

@@ -63,12 +63,57 @@ def test_parse_every_scheme():
     ("file://a.mp4?loop=maybe", ["loop", "boolean"]),
     ("synthetic://wheel", ["kind", "disc"]),
     ("synthetic://disc?defects=dent", ["defects", "scratch"]),
+    ("synthetic://disc?size=16", ["size 16x16", "32..8192"]),
+    ("synthetic://disc?contrast=0", ["contrast", "> 0"]),
+    ("synthetic://disc?brightness=nan", ["brightness", "finite"]),
+    ("synthetic://disc?kind=plate", ["kind 'plate' contradicts synthetic://disc"]),
+    ("synthetic://disc#x", ["'#x'", "?name=value"]),
+    ("file://a.mp4?fps=nan", ["fps", "finite"]),
+    ("dir://parts?fps=inf", ["fps", "finite"]),
+    ("v4l2://0?fps=-30", ["fps", "> 0"]),
+    ("v4l2://0?fps=nan", ["fps", "finite"]),
 ])
 def test_parse_errors_say_what_was_expected(uri, words):
     with pytest.raises(InputError) as ei:
         parse_uri(uri)
     for w in words:
         assert w in str(ei.value), str(ei.value)
+
+
+def test_file_and_dir_paths_are_file_uris(tmp_path):
+    assert parse_uri("synthetic://?kind=plate").options["kind"] == "plate"
+    assert parse_uri("synthetic://plate?kind=plate").target == "plate"
+    # a '#' is part of the name, not a fragment to drop silently
+    s = parse_uri("dir://lots/lot#7?loop=1")
+    assert (s.target, s.options["loop"]) == ("lots/lot#7", True)
+    assert parse_uri("file:///rec/a#b.mp4").target == "/rec/a#b.mp4"
+    # percent-encoding is decoded (RFC 8089), so a folder with a space can be named
+    assert parse_uri("dir:///data/my%20parts?fps=2").target == "/data/my parts"
+    assert parse_uri("file:///data/100%25.mp4").target == "/data/100%.mp4"
+    folder = tmp_path / "my parts #2"
+    folder.mkdir()
+    import cv2
+
+    cv2.imwrite(str(folder / "a.png"), np.full((8, 8, 3), 40, np.uint8))
+    from urllib.parse import quote
+
+    spec = parse_uri(f"dir://{quote(str(folder))}")
+    check_startup(spec)
+    src = open_source(spec)
+    src.open()
+    assert int(src.read().image.mean()) == 40
+
+
+def test_resolve_relative_keeps_options_and_leaves_others_alone(tmp_path):
+    from edge_ad.runtime.sources import resolve_relative
+
+    got = resolve_relative("file://recordings/line 3.mp4?loop=1&fps=native", tmp_path)
+    s = parse_uri(got)
+    assert s.target == str(tmp_path / "recordings/line 3.mp4")
+    assert s.options["loop"] is True and s.options["fps"] == "native"
+    assert parse_uri(resolve_relative("dir://lot#7", tmp_path)).target == str(tmp_path / "lot#7")
+    for uri in ("file:///abs/a.mp4", "v4l2://0", "synthetic://disc?size=64", "rtsp://cam/x?a=1"):
+        assert resolve_relative(uri, tmp_path) == uri
 
 
 def test_credentials_never_reach_logs():
@@ -137,6 +182,11 @@ def test_dir_source_name_order(tmp_path):
         vals.append((f.truth["file"], int(f.image.mean())))
     assert [v[0] for v in vals] == ["a.png", "b.png", "c.jpg"]
     assert [v[1] for v in vals[:2]] == [10, 20]
+    # looping: each pass counts from 0 again, as a looping file does
+    src = open_source(f"dir://{tmp_path}?loop=1")
+    src.open()
+    got = [(f.index, f.truth["file"]) for f in (src.read() for _ in range(5))]
+    assert got == [(0, "a.png"), (1, "b.png"), (2, "c.jpg"), (0, "a.png"), (1, "b.png")]
 
 
 def test_synthetic_source_plants_known_defects():

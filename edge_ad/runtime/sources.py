@@ -27,6 +27,7 @@ not an outage to wait out. Later failures (a looping file removed while running)
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -59,12 +60,27 @@ def _bool(v: str) -> bool:
     raise ValueError(f"'{v}' is not a boolean (1/0, true/false)")
 
 
+def _finite(v: str) -> float:
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{v} is not a finite number")
+    return f
+
+
 def _fps(v: str) -> float | str:
+    """Pacing of a file, folder or generated source: N frames per second, 0 (as fast as it goes) or native."""
     if v.strip().lower() == "native":
         return "native"
-    f = float(v)
+    f = _finite(v)
     if f < 0:
-        raise ValueError(f"{v} is negative")
+        raise ValueError(f"{v} is negative; expected frames per second > 0, 0 (no pacing) or native")
+    return f
+
+
+def _pos_float(v: str) -> float:
+    f = _finite(v)
+    if f <= 0:
+        raise ValueError(f"{v}: expected a number > 0")
     return f
 
 
@@ -96,7 +112,7 @@ def _nonneg_int(v: str) -> int:
 
 
 _OPTIONS: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
-    "v4l2": {"width": (_pos_int, None), "height": (_pos_int, None), "fps": (float, None),
+    "v4l2": {"width": (_pos_int, None), "height": (_pos_int, None), "fps": (_pos_float, None),
              "fourcc": (_fourcc, None), "buffer": (_pos_int, None)},
     "csi": {"width": (_pos_int, 1920), "height": (_pos_int, 1080), "fps": (_pos_int, 30),
             "flip": (_flip, 0), "sensor_mode": (int, -1)},
@@ -104,9 +120,9 @@ _OPTIONS: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
     "rtsps": {},
     "file": {"loop": (_bool, False), "fps": (_fps, 0.0)},
     "dir": {"loop": (_bool, False), "fps": (_fps, 0.0)},
-    "synthetic": {"kind": (str, "disc"), "size": (_pos_int, 256), "defect_rate": (float, 0.2),
+    "synthetic": {"kind": (str, None), "size": (_pos_int, 256), "defect_rate": (_finite, 0.2),
                   "defects": (str, ""), "seed": (_nonneg_int, 0), "fps": (_fps, 0.0),
-                  "count": (_nonneg_int, 0), "brightness": (float, 0.0), "contrast": (float, 1.0),
+                  "count": (_nonneg_int, 0), "brightness": (_finite, 0.0), "contrast": (_pos_float, 1.0),
                   "lighting_from": (_nonneg_int, 0)},
 }
 
@@ -160,8 +176,10 @@ def parse_uri(uri: str) -> SourceSpec:
     if "://" not in uri:
         raise InputError(f"source uri '{safe}': no scheme; expected one of "
                          f"{', '.join(s + '://' for s in SCHEMES)} (e.g. file://{uri})")
+    # a '#' in a file or folder name is part of the path, not a fragment to drop
+    paths = uri.split("://", 1)[0].lower() in ("file", "dir")
     try:
-        parts = urlsplit(uri)
+        parts = urlsplit(uri, allow_fragments=not paths)
     except ValueError as exc:
         raise InputError(f"source uri '{safe}': not a valid URI ({exc})") from None
     scheme = parts.scheme.lower()
@@ -177,6 +195,9 @@ def parse_uri(uri: str) -> SourceSpec:
             raise InputError(f"source uri '{safe}': the port is not a number 1-65535") from None
         return SourceSpec(scheme, uri, {}, uri)
 
+    if parts.fragment:
+        raise InputError(f"source uri '{safe}': '#{parts.fragment}' means nothing for {scheme}://; "
+                         "expected options as ?name=value")
     raw_opts = dict(parse_qsl(parts.query, keep_blank_values=True))
     allowed = _OPTIONS[scheme]
     opts: dict[str, Any] = {}
@@ -207,9 +228,13 @@ def parse_uri(uri: str) -> SourceSpec:
         if not target:
             raise InputError(f"source uri '{safe}': no path; expected {scheme}://relative/path or "
                              f"{scheme}:///absolute/path")
-        target = os.path.expanduser(target)
+        target = os.path.expanduser(unquote(target))  # file:///my%20parts/ is the folder "my parts"
     elif scheme == "synthetic":
-        target = target.strip("/") or str(opts.get("kind", "disc"))
+        named = target.strip("/")
+        if named and opts.get("kind") and opts["kind"] != named:
+            raise InputError(f"source uri '{safe}': kind '{opts['kind']}' contradicts synthetic://{named}; "
+                             "give the kind once")
+        target = named or str(opts.get("kind") or "disc")
         from ..data.synthetic import DEFECTS, KINDS
 
         if target not in KINDS:
@@ -219,9 +244,31 @@ def parse_uri(uri: str) -> SourceSpec:
             bad = [d for d in str(opts["defects"]).split(",") if d not in DEFECTS]
             if bad:
                 raise InputError(f"source uri '{safe}': defects {bad}: expected a comma list of {', '.join(DEFECTS)}")
-        if not 0.0 <= float(opts["defect_rate"]) <= 1.0:
-            raise InputError(f"source uri '{safe}': defect_rate {opts['defect_rate']}: expected 0..1")
+        try:  # the generator's own checks (size 32..8192, defect_rate 0..1, ...), named with the URI
+            _synthetic_stream(opts)
+        except InputError as exc:
+            raise InputError(f"source uri '{safe}': {exc}") from None
     return SourceSpec(scheme, target, opts, uri)
+
+
+def _synthetic_stream(opts: Mapping[str, Any]):
+    from ..data.synthetic import DEFECTS, ConveyorStream
+
+    defects = tuple(d for d in str(opts.get("defects") or "").split(",") if d) or DEFECTS
+    return ConveyorStream(kind=opts["kind"], size=opts["size"], defect_rate=opts["defect_rate"],
+                          defects=defects, seed=opts["seed"], brightness=opts["brightness"],
+                          contrast=opts["contrast"], lighting_from=opts["lighting_from"])
+
+
+def resolve_relative(uri: str, base: str | os.PathLike) -> str:
+    """``uri`` with a relative file:// or dir:// path taken relative to ``base`` (a config file's folder);
+    any other URI unchanged. The options are kept."""
+    spec = parse_uri(uri)
+    if spec.scheme not in ("file", "dir") or os.path.isabs(spec.target):
+        return uri
+    parts = urlsplit(uri.strip(), allow_fragments=False)
+    path = quote(str(Path(base) / spec.target), safe="/")
+    return f"{spec.scheme}://{path}" + (f"?{parts.query}" if parts.query else "")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -423,6 +470,7 @@ class DirSource(Source):
         if not self._files:
             raise SourceLost(f"{self.spec.safe_uri}: no images (.png, .jpg, .bmp, .tif) in {folder}")
         self._pos = 0
+        self._index = 0  # each pass counts from 0, as a looping file does
 
     def read(self) -> RawFrame | None:
         """The next readable image. An unreadable one (removed, truncated, not an image) is skipped with
@@ -463,13 +511,7 @@ class SyntheticSource(Source):
         self._index = 0
 
     def open(self) -> None:
-        from ..data.synthetic import DEFECTS, ConveyorStream
-
-        o = self.spec.options
-        defects = tuple(d for d in str(o.get("defects") or "").split(",") if d) or DEFECTS
-        self._stream = ConveyorStream(kind=o["kind"], size=o["size"], defect_rate=o["defect_rate"],
-                                      defects=defects, seed=o["seed"], brightness=o["brightness"],
-                                      contrast=o["contrast"], lighting_from=o["lighting_from"])
+        self._stream = _synthetic_stream(self.spec.options)
 
     @property
     def stream(self):
