@@ -125,12 +125,13 @@ def test_hmac_signature_freshness_and_replay():
     now = [1_000_000.0]
     d = _dispatcher(command_secret="s3cret")
     d.clock = lambda: now[0]
+    pause = "edge-ad/v1/s/d/cmd/pause"
     payload = json.dumps({"reason": "x", "ts": now[0]}).encode()
-    good = {HMAC_KEY: sign("s3cret", payload)}
+    good = {HMAC_KEY: sign("s3cret", pause, payload)}
     assert d.handle(_msg("status")).body["ok"]                       # read-only needs no signature
     r = d.handle(_msg("pause", raw=payload)).body
     assert r["error"]["code"] == "unauthorized" and "signature" in r["error"]["message"]
-    r = d.handle(_msg("pause", raw=payload, user_properties={HMAC_KEY: sign("wrong", payload)})).body
+    r = d.handle(_msg("pause", raw=payload, user_properties={HMAC_KEY: sign("wrong", pause, payload)})).body
     assert r["error"]["message"].endswith("bad HMAC-SHA256 signature")
     assert d.handle(_msg("pause", raw=payload, user_properties=good)).body["ok"]
     r = d.handle(_msg("pause", raw=payload, user_properties=good)).body
@@ -139,18 +140,57 @@ def test_hmac_signature_freshness_and_replay():
     tampered = payload.replace(b'"x"', b'"y"')
     assert d.handle(_msg("pause", raw=tampered, user_properties=good)).body["error"]["code"] == "unauthorized"
     # stale and missing timestamps
+    resume = "edge-ad/v1/s/d/cmd/resume"
     old = json.dumps({"ts": now[0] - 3600}).encode()
-    r = d.handle(_msg("resume", raw=old, user_properties={HMAC_KEY: sign("s3cret", old)})).body
+    r = d.handle(_msg("resume", raw=old, user_properties={HMAC_KEY: sign("s3cret", resume, old)})).body
     assert "from the device clock" in r["error"]["message"]
     nots = b"{}"
-    r = d.handle(_msg("resume", raw=nots, user_properties={HMAC_KEY: sign("s3cret", nots)})).body
+    r = d.handle(_msg("resume", raw=nots, user_properties={HMAC_KEY: sign("s3cret", resume, nots)})).body
     assert "needs 'ts'" in r["error"]["message"]
     # the signed form (any protocol), with an RFC 3339 ts
+    reload = "edge-ad/v1/s/d/cmd/reload"
     inner = json.dumps({"what": "config", "ts": "1970-01-12T13:46:40Z"}).encode()
-    r = d.handle(_msg("reload", raw=signed_envelope("s3cret", inner))).body
+    r = d.handle(_msg("reload", raw=signed_envelope("s3cret", reload, inner))).body
     assert r["ok"] and r["result"]["echo"] == {"what": "config"}
-    wrong = signed_envelope("nope", inner)
+    wrong = signed_envelope("nope", reload, inner)
     assert d.handle(_msg("reload", raw=wrong)).body["error"]["code"] == "unauthorized"
+
+
+def test_a_signature_is_good_for_one_command_on_one_device():
+    now = 1_000_000.0
+    secret = "plant-secret"
+    cam1 = _dispatcher(command_secret=secret, command_auth_all=True)
+    cam2 = Dispatcher(MqttSettings(site="s", device="cam2", command_secret=secret), Topics("s", "cam2"))
+    cam2.register("pause", lambda args: {"paused": True})
+    for d in (cam1, cam2):
+        d.clock = lambda: now
+    payload = json.dumps({"ts": now}).encode()
+    status_sig = {HMAC_KEY: sign(secret, "edge-ad/v1/s/d/cmd/status", payload)}
+    assert cam1.handle(_msg("status", raw=payload, user_properties=status_sig)).body["ok"]
+    # the same bytes and signature, moved to another command or another device: refused
+    r = cam1.handle(_msg("pause", raw=payload, user_properties=status_sig)).body
+    assert r["error"]["code"] == "unauthorized" and "bad HMAC" in r["error"]["message"]
+    pause_sig = {HMAC_KEY: sign(secret, "edge-ad/v1/s/d/cmd/pause", payload)}
+    assert cam1.handle(_msg("pause", raw=payload, user_properties=pause_sig)).body["ok"]
+    r = cam2.handle(_msg("pause", raw=payload, user_properties=pause_sig)).body
+    assert r["error"]["code"] == "unauthorized"
+    env = signed_envelope(secret, "edge-ad/v1/s/d/cmd/pause", payload)
+    assert cam2.handle(_msg("pause", raw=env)).body["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize("raw, props, code", [
+    (b"[" * 100_000 + b"]" * 100_000, {}, "malformed"),                          # RecursionError
+    (b'{"signed": "\\ud800", "hmac-sha256": "00"}', {}, "malformed"),            # surrogate in the signed text
+    (b'{"reason": "\\ud800"}', {}, "malformed"),                                 # a surrogate argument
+    (b'{"ts": 1000000}', {HMAC_KEY: "\u00e9" * 64}, "unauthorized"),              # non-ASCII signature
+])
+def test_hostile_payloads_get_a_reply_and_the_worker_goes_on(raw, props, code):
+    d = _dispatcher(command_secret="s3cret")
+    d.clock = lambda: 1_000_000.0
+    r = _check_reply(d.handle(_msg("pause", raw=raw, user_properties=props, response_topic="r/t")))
+    assert r["ok"] is False and r["error"]["code"] == code, r
+    assert d.route(_msg("pause", raw=raw))[0] == "edge-ad/v1/s/d/reply/pause"
+    assert d.handle(_msg("status")).body["ok"]
 
 
 # ----------------------------------------------------------------------------- through a broker
@@ -216,6 +256,60 @@ def test_busy_when_the_queue_is_full(link, mosquitto):
             t.join(15)
     codes = sorted(r.get("error", {}).get("code", "ok") for r in results.values())
     assert codes == ["busy", "ok", "ok", "ok"]
+
+
+def test_a_hostile_payload_while_busy_does_not_stop_the_network_thread(link, mosquitto):
+    gate = threading.Event()
+    link.register_command("calibrate", lambda args: gate.wait(10) and {"calibrated": True})
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        threads = [threading.Thread(target=lambda: cc.call("s", "d", "calibrate", timeout=10)) for _ in range(3)]
+        for t in threads:                       # one running, two waiting: the queue (2) is full
+            t.start()
+            time.sleep(0.1)
+        time.sleep(0.3)
+        # the busy reply is built on paho's network thread; a RecursionError there used to end it
+        r = cc.send_raw("edge-ad/v1/s/d/cmd/status", b"[" * 100_000 + b"]" * 100_000, "deep", timeout=5)
+        assert r["error"]["code"] == "busy"
+        gate.set()
+        for t in threads:
+            t.join(15)
+        rid = link.publish_result({"score": 0.1, "ng": False})   # deliveries go on (PUBACKs still read)
+        assert cc.call("s", "d", "status", timeout=5)["ok"]
+        deadline = time.monotonic() + 10
+        while link.stats()["outbox_depth"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.stats()["outbox_depth"] == 0, rid
+
+
+def test_retained_commands_are_not_run(link, mosquitto):
+    import paho.mqtt.client as paho
+
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        # published live with the retain flag: refused with a reply, not run
+        replied = threading.Event()
+        with cc._lock:
+            cc._waiting["r1"] = replied
+        pub.publish("edge-ad/v1/s/d/cmd/pause", json.dumps({"reason": "stuck",
+                    "reply_to": cc.reply_topic, "correlation_id": "r1"}), qos=1, retain=True).wait_for_publish(5)
+        assert replied.wait(5)
+        r = cc._replies["r1"]
+        assert r["error"]["code"] == "malformed" and "retain" in r["error"]["message"]
+        assert link.calls == []
+        # reconnecting does not deliver it again (it would run at every reconnect)
+        link._client.reconnect()
+        deadline = time.monotonic() + 10
+        while not link.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cc.call("s", "d", "resume", timeout=5)["ok"]
+        assert link.calls == ["resume"]
+    pub.publish("edge-ad/v1/s/d/cmd/pause", b"", qos=1, retain=True).wait_for_publish(5)   # the usual "clear"
+    time.sleep(0.3)
+    assert link.calls == ["resume"]
+    pub.loop_stop()
+    pub.disconnect()
 
 
 def test_hmac_refusal_through_the_broker(mosquitto, tmp_path):

@@ -3,6 +3,7 @@ non-blocking publishing, bounds, TLS, passwords, MQTT 3.1.1 mode."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -338,6 +339,29 @@ def test_events_images_calibration_and_birth(mosquitto, tmp_path):
         link.stop()
         assert col.wait_for(lambda c: _last(c, "status").get("state") == "offline", 5)
         assert _last(col, "status")["reason"] == "stopped"
+
+
+def test_an_event_never_announces_an_image_the_outbox_would_drop(tmp_path):
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{free_port()}", tmp_path, outbox_max_messages=3,
+                              image_min_interval_s=0)).start()
+    try:
+        link.publish_result({"score": 0.1, "ng": False})
+        outcome = {}
+        e1 = link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8a", image_outcome=outcome)   # 2 + 1 image: fits
+        assert outcome["image"]["bytes"] == 3
+        link.publish_result({"score": 0.2, "ng": False})         # the outbox now holds 3 (result, event, result)
+        outcome = {}                                            # and an image (with its event) would not fit
+        e2 = link.publish_event({"score": 0.8}, jpeg=b"\xff\xd8b", image_outcome=outcome)
+        assert outcome == {"image": None, "image_skipped": "outbox_full"}
+        assert link.stats()["images_skipped"] == 1
+        with link.outbox._lock:
+            rows = link.outbox._db.execute("SELECT kind, msg_id, payload FROM outbox ORDER BY id").fetchall()
+        events = {r[1]: json.loads(r[2]) for r in rows if r[0] == "event"}
+        assert e1 not in events or events[e1]["image"] is not None   # (the old image made room for e2)
+        assert events[e2]["image"] is None and events[e2]["image_skipped"] == "outbox_full"
+        assert not any(r[0] == "image" and r[1] == e2 for r in rows)
+    finally:
+        link.stop(timeout=5)
 
 
 def _openssl(*args, cwd):

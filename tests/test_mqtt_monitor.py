@@ -57,6 +57,37 @@ def test_fleet_view_rows_from_messages():
     assert [r.device for r in view.rows()] == ["cam1"]
 
 
+def test_fleet_view_survives_hostile_payloads_and_shows_only_finite_numbers():
+    now = [1000.0]
+    view = FleetView(clock=lambda: now[0])
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert view.consume(f"{B}/p1/cam1/telemetry", deep) is None                # was RecursionError
+    row = view.consume(f"{B}/p1/cam1/telemetry", b'{"fps": 1' + b"0" * 400 + b', "ng_rate": NaN}')
+    assert row.fps is None and row.ng_rate is None                             # was OverflowError / NaN
+    view.consume(f"{B}/p1/cam1/result", b'{"score": 1e400, "ts": NaN, "ng": true}')
+    assert row.last_result["score"] is None and row.last_result["ts"] is None
+    json.dumps(row.to_dict(now[0]), allow_nan=False)                           # --json stays valid JSON
+
+
+def test_retained_messages_do_not_make_an_offline_device_look_just_seen():
+    now = [1000.0]
+    view = FleetView(clock=lambda: now[0])
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline"}), retained=True)
+    row = view.consume(f"{B}/p1/cam1/calibration", _j({"version": 4, "threshold": 0.5, "ts": 588.0}),
+                       retained=True)
+    assert row.last_seen == 588.0 and "412s ago" in view.table()
+    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 5}), retained=True)   # no ts: unchanged
+    assert row.last_seen == 588.0
+    view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 3}))                         # live: now
+    assert row.last_seen == 1000.0
+
+
+def test_home_assistant_node_ids_do_not_collide():
+    ids = {node_id("plant1", "line3_cam1"), node_id("plant1_line3", "cam1"), node_id("plant1.line3", "cam1")}
+    assert len(ids) == 3 and all(i.startswith("edge_ad_plant1") for i in ids)
+    assert node_id("p1", "cam1") == node_id("p1", "cam1")
+
+
 def _link(url, tmp_path, device, **kw):
     s = MqttSettings(url=url, site="p1", device=device, outbox_path=tmp_path / f"{device}.sqlite",
                      reconnect_min_s=0.1, **kw)

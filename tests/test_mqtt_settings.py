@@ -87,6 +87,32 @@ def test_url_credentials_are_used_and_redacted(monkeypatch):
     assert "hunter2" not in str(exc.value)
 
 
+def test_url_user_info_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("EDGE_AD_MQTT_USERNAME", "service-user")
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", "service-pw")
+    # before: ('service-user', 'alice-pw'), a mix of two identities
+    assert MqttSettings(url="mqtt://alice:alice-pw@broker").credentials() == ("alice", "alice-pw")
+    assert MqttSettings(url="mqtt://broker").credentials() == ("service-user", "service-pw")
+    assert MqttSettings(url="mqtt://alice:pw@broker", username="bob").credentials() == ("bob", "pw")
+
+
+@pytest.mark.parametrize("url", ["mqtt://plant:S3cretPW@broker:99999", "mqtt://plant:S3cretPW@broker:abc"])
+def test_a_bad_port_is_an_error_without_the_password(url):
+    with pytest.raises(InputError) as exc:          # was a traceback whose pydantic input showed the password
+        MqttSettings(url=url)
+    assert "S3cretPW" not in str(exc.value) and "mqtt.url" in str(exc.value)
+    assert "S3cretPW" not in redact_url(url)
+
+
+@pytest.mark.parametrize("field, value", [("site", "plant1\n"), ("device", "cam\n"),
+                                          ("command_max_skew_s", float("inf")),
+                                          ("command_max_skew_s", float("nan")),
+                                          ("image_min_interval_s", float("inf"))])
+def test_trailing_newlines_and_unbounded_windows_are_refused(field, value):
+    with pytest.raises(InputError, match=rf"mqtt\.{field}"):
+        MqttSettings(**{field: value})
+
+
 def test_command_secret_from_env(monkeypatch):
     monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "shh")
     s = MqttSettings()

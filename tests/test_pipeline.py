@@ -418,6 +418,7 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     svc, call = running, caller
     st = call("status")
     assert st["state"] == "running" and st["pipeline"]["mode"] == "trigger" and st["calibration"]["version"] == 1
+    assert st["birth"]["state"] == "online" and st["link"]["connected"] is True      # as docs/mqtt.md says
     assert st["pipeline"]["inspected"] == 0          # nothing released yet: trigger = command
     r = call("inspect", {"count": 8, "part_id": "P-17"})
     assert r["count"] == 8 and [x["part_id"] for x in r["results"]] == ["P-17"] * 8
@@ -440,6 +441,11 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     # snapshot of the next frame, with its heat map, sent as an event
     r = call("snapshot", {"publish": True, "note": "operator check"})
     assert Path(r["snapshot"]).is_file() and r["result"]["note"] == "operator check"
+    r2 = call("snapshot", {"publish": True})     # within image_min_interval_s of the last image sent
+    for x in (r, r2):
+        assert x["published"] is ("image_skipped" not in x)
+    assert r2["published"] is False and r2["image_skipped"] == "rate_limited"     # it said True before
+    assert call("snapshot")["published"] is False
     # pause: inspect is refused until resume
     assert call("pause", {"reason": "maintenance"})["paused"] is True
     assert call("status")["state"] == "paused"

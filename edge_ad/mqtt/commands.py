@@ -16,10 +16,15 @@ Authorization applies to the commands that change state (:data:`STATE_CHANGING`;
   ``client_id``, else the payload field ``client_id``. Receivers cannot see a publisher's MQTT client id,
   so this is a self-declared name that guards against mistakes, not attackers: use the HMAC and broker
   ACLs for that.
-* **HMAC** (``command_secret``): ``hex(HMAC-SHA256(secret, payload bytes))`` in the v5 user property
-  ``hmac-sha256``, or the signed form ``{"signed": "<payload JSON text>", "hmac-sha256": "<hex>"}`` (any
-  protocol). A signed payload must carry ``ts`` (unix seconds or RFC 3339) within ``command_max_skew_s``
-  of the device's clock, and a signature is accepted once (replays are refused).
+* **HMAC** (``command_secret``): ``hex(HMAC-SHA256(secret, topic + "\n" + payload bytes))`` in the v5 user
+  property ``hmac-sha256``, or the signed form ``{"signed": "<payload JSON text>", "hmac-sha256": "<hex>"}``
+  (any protocol). The topic (``edge-ad/v1/<site>/<device>/cmd/<name>``) is signed with the payload, so a
+  signature is good for one command on one device only. A signed payload must carry ``ts`` (unix seconds
+  or RFC 3339) within ``command_max_skew_s`` of the device's clock, and a signature is accepted once
+  (replays are refused).
+
+Commands published with the retain flag are not run (a retained command would run again at every
+reconnect): the link refuses them with a ``malformed`` reply.
 """
 
 from __future__ import annotations
@@ -59,15 +64,17 @@ class CommandError(Exception):
         self.message = message
 
 
-def sign(secret: str | bytes, data: bytes) -> str:
-    """Hex HMAC-SHA256 of ``data`` under ``secret`` (what a requester puts in ``hmac-sha256``)."""
+def sign(secret: str | bytes, topic: str, data: bytes) -> str:
+    """Hex HMAC-SHA256 of ``topic + "\n" + data`` under ``secret`` (what a requester puts in
+    ``hmac-sha256``). The command topic is part of what is signed, so the signature cannot be moved to
+    another command or another device."""
     key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-    return hmac.new(key, bytes(data), hashlib.sha256).hexdigest()
+    return hmac.new(key, topic.encode("utf-8") + b"\n" + bytes(data), hashlib.sha256).hexdigest()
 
 
-def signed_envelope(secret: str | bytes, payload: bytes) -> bytes:
+def signed_envelope(secret: str | bytes, topic: str, payload: bytes) -> bytes:
     """The signed form of a payload, for requesters without v5 user properties."""
-    return payloads.encode({"signed": bytes(payload).decode("utf-8"), HMAC_KEY: sign(secret, payload)})
+    return payloads.encode({"signed": bytes(payload).decode("utf-8"), HMAC_KEY: sign(secret, topic, payload)})
 
 
 @dataclass(frozen=True)
@@ -107,12 +114,20 @@ def _reject_constant(name: str):
 
 
 def _parse_object(data: bytes, what: str) -> dict:
+    """A JSON object from untrusted bytes; every way it can be bad is a ValueError."""
     text = bytes(data).decode("utf-8")      # UnicodeDecodeError is a ValueError
     if not text.strip():
         return {}
-    obj = json.loads(text, parse_constant=_reject_constant)
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{what} is a JSON {type(obj).__name__}, expected an object")
+    try:  # "\ud800" parses to a lone surrogate that nothing downstream can encode
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} holds a lone surrogate escape (such as \\ud800): not valid Unicode") from None
     return obj
 
 
@@ -201,7 +216,13 @@ class Dispatcher:
         """Parse, authorize, validate, run. Always returns a reply; never raises."""
         topic, corr, corr_id = self.route(msg)
         try:
-            spec, args, who = self._admit(msg)
+            try:
+                spec, args, who = self._admit(msg)
+            except CommandError:
+                raise
+            except Exception as exc:  # a parsing or checking bug must not stop the command worker
+                log.exception("command %s: refused by an unexpected error", msg.name)
+                raise CommandError("internal", f"{msg.name}: {type(exc).__name__}: {exc}") from None
             result = self._run(spec, args)
         except CommandError as exc:
             self.errors += 1
@@ -242,8 +263,8 @@ class Dispatcher:
                 raise CommandError("malformed", f"cmd/{msg.name}: the signed form holds only 'signed' and "
                                                 f"'{HMAC_KEY}', not {', '.join(extra)}")
             signature = obj[HMAC_KEY]
-            signed_bytes = obj["signed"].encode("utf-8")
             try:
+                signed_bytes = obj["signed"].encode("utf-8")
                 obj = _parse_object(signed_bytes, "signed payload")
             except ValueError as exc:
                 raise CommandError("malformed", f"cmd/{msg.name}: 'signed' is not a JSON object ({exc})") from None
@@ -281,8 +302,9 @@ class Dispatcher:
         if not signature:
             raise CommandError("unauthorized", f"{msg.name} changes state and needs an HMAC-SHA256 signature "
                                                f"('{HMAC_KEY}' user property or the signed form)")
-        expected = sign(secret.get_secret_value(), signed_bytes)
-        if not hmac.compare_digest(expected, str(signature).lower()):
+        expected = sign(secret.get_secret_value(), self.topics.cmd(msg.name), signed_bytes)
+        given = str(signature).lower().encode("utf-8", "replace")   # bytes: compare_digest refuses non-ASCII str
+        if not hmac.compare_digest(expected.encode("ascii"), given):
             raise CommandError("unauthorized", f"{msg.name}: bad HMAC-SHA256 signature")
         sent = payloads.parse_time(obj.get("ts"))
         if sent is None:

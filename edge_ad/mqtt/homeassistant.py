@@ -9,6 +9,7 @@ status is ``offline``. An empty retained payload on the same topics removes them
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Mapping
 
@@ -41,7 +42,10 @@ _ENTITIES: tuple[tuple[str, str, str, str, str, dict], ...] = (
 
 
 def node_id(site: str, device: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_-]", "_", f"edge_ad_{site}_{device}")
+    """``edge_ad_<site>_<device>_<6 hex>``: readable, and unique per site/device even where the readable
+    part is not (``p1/line3_cam1`` and ``p1_line3/cam1`` both read ``edge_ad_p1_line3_cam1``)."""
+    tag = hashlib.sha256(f"{site}/{device}".encode("utf-8")).hexdigest()[:6]
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", f"edge_ad_{site}_{device}") + f"_{tag}"
 
 
 def _topic(topics: Topics, kind: str) -> str:

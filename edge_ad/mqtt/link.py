@@ -169,10 +169,12 @@ class MqttLink:
         ``id`` (kept if given), ``seq``, ``ts`` (kept if given), ``site`` and ``device``."""
         return self._store("result", self.topics.result, payload)
 
-    def publish_event(self, payload: Mapping[str, Any], jpeg: bytes | None = None) -> str:
+    def publish_event(self, payload: Mapping[str, Any], jpeg: bytes | None = None,
+                      image_outcome: dict | None = None) -> str:
         """Store an NG event (QoS 1 on ``event``); returns its id. ``jpeg`` (encoded image bytes) follows
         on ``event/image`` at most once per ``image_min_interval_s``; the event says whether it was sent
-        (``image``) or why not (``image_skipped``)."""
+        (``image``) or why not (``image_skipped``), and so does ``image_outcome`` when given (a dict that
+        receives those fields)."""
         extra: dict[str, Any] = {}
         image = None
         if jpeg is not None:
@@ -184,6 +186,10 @@ class MqttLink:
             elif now - self._last_image < self.settings.image_min_interval_s:
                 extra = {"image": None, "image_skipped": "rate_limited"}
                 self._counters["images_skipped"] += 1
+            elif not self.outbox.image_fits(len(data), 1, len(payloads.encode(dict(payload), "event")) + 1024):
+                # the outbox would drop the image itself: say so in the event instead of announcing it
+                extra = {"image": None, "image_skipped": "outbox_full"}
+                self._counters["images_skipped"] += 1
             else:
                 self._last_image = now
                 image = data
@@ -191,6 +197,8 @@ class MqttLink:
                                    "sha256": hashlib.sha256(data).hexdigest(), "content_type": "image/jpeg"}}
         fields = {"type": "ng", **dict(payload), **extra} if isinstance(payload, Mapping) else payload
         event_id = self._store("event", self.topics.event, fields)
+        if image_outcome is not None:
+            image_outcome.update(extra)
         if image is not None:
             self.outbox.put("image", self.topics.event_image, image, msg_id=event_id,
                             meta={"event_id": event_id})
@@ -366,7 +374,9 @@ class MqttLink:
         self._counters["connects"] += 1
         self._last_error = None
         if client.protocol == paho.MQTTv5:
-            client.subscribe(self.topics.cmd_filter, options=SubscribeOptions(qos=1, noLocal=True))
+            # retained commands are not sent at subscribe, and keep their retain flag to be refused
+            client.subscribe(self.topics.cmd_filter, options=SubscribeOptions(
+                qos=1, noLocal=True, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
         else:
             client.subscribe(self.topics.cmd_filter, qos=1)
         self._publish_retained(client)
@@ -392,6 +402,12 @@ class MqttLink:
         self._out.acknowledged(mid, reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
+        try:   # paho's network thread dies with an exception from here, and with it every delivery
+            self._take_command(client, message)
+        except Exception:
+            log.exception("mqtt: command message on %s dropped", getattr(message, "topic", "?"))
+
+    def _take_command(self, client, message) -> None:
         prefix = self.topics.base + "/cmd/"
         if not message.topic.startswith(prefix):
             return
@@ -404,6 +420,14 @@ class MqttLink:
             corr = getattr(props, "CorrelationData", None)
         msg = Incoming(message.topic[len(prefix):], bytes(message.payload), response_topic,
                        bytes(corr) if corr is not None else None, user)
+        if message.retain:
+            # a retained command would run again at every reconnect; an empty one is the broker's "clear"
+            log.warning("mqtt: retained command on %s not run (publish commands with retain=false)", message.topic)
+            if msg.payload.strip():
+                self._send_reply(client, self.dispatcher.error_reply(
+                    msg, "malformed", f"cmd/{msg.name}: published with the retain flag; commands are not retained "
+                                      "(clear it with an empty retained message and send it again with retain=false)"))
+            return
         if not self._commands.offer(msg):
             reply = self.dispatcher.error_reply(msg, "busy", f"{self.settings.command_queue} commands are waiting; "
                                                               "try again later")
@@ -435,7 +459,11 @@ class MqttLink:
             log.exception("mqtt: cannot send the reply to %s", reply.topic)
 
     def _status_command(self, args: dict) -> dict:
-        return {"birth": self._birth_body(), "link": self.stats()}
+        return {"birth": self.birth(), "link": self.stats()}
+
+    def birth(self) -> dict[str, Any]:
+        """The birth message as it is published now (retained on ``status``)."""
+        return self._birth_body()
 
     # ------------------------------------------------------------------ sender thread
     def _send_loop(self) -> None:

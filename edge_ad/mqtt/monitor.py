@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
+import math
 import sys
 import threading
 import time
@@ -22,9 +24,12 @@ from typing import Any, Callable, TextIO
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..errors import RuntimeFailure
+from . import payloads
 from . import topics as _topics
 from .client import connect_async, make_client, reason_failed, reason_text
 from .settings import BrokerSettings, Protocol
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,9 +81,14 @@ def _iso(t: float | None) -> str | None:
 
 
 def _num(value: Any) -> float | None:
+    """A finite number from a payload field, else None (NaN, 1e400 and ints beyond float are not shown)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _int(value: Any) -> int | None:
@@ -93,8 +103,10 @@ class FleetView:
         self.stale_after_s = stale_after_s
         self.devices: dict[tuple[str, str], DeviceRow] = {}
 
-    def consume(self, topic: str, payload: bytes | str) -> DeviceRow | None:
-        """Apply one message; returns the row it changed, or None when the message is not for a row."""
+    def consume(self, topic: str, payload: bytes | str, retained: bool = False) -> DeviceRow | None:
+        """Apply one message; returns the row it changed, or None when the message is not for a row.
+        A ``retained`` message was kept by the broker: it says when the device was seen by its own
+        ``ts`` (if any), not by the time it reached the monitor."""
         parsed = _topics.parse(topic)
         if parsed is None:
             return None
@@ -109,7 +121,7 @@ class FleetView:
         body: Any
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             text = raw.decode("utf-8", errors="replace").strip().lower()
             body = {"state": text} if kind == "status" and text in ("online", "offline") else None
         if not isinstance(body, dict):
@@ -120,7 +132,9 @@ class FleetView:
         now = self.clock()
         getattr(self, f"_on_{kind}")(row, body)
         if kind != "status" or body.get("state") == "online":
-            row.last_seen = now
+            seen = payloads.parse_time(body.get("ts")) if retained else now
+            if seen is not None and (row.last_seen is None or seen > row.last_seen):
+                row.last_seen = min(seen, now)
         return row
 
     # ------------------------------------------------------------------ per kind
@@ -170,7 +184,8 @@ class FleetView:
         row.results += 1
         ng = b.get("ng") is True
         row.ng += int(ng)
-        row.last_result = {"ts": b.get("ts"), "score": _num(b.get("score")), "ng": ng, "seq": _int(b.get("seq"))}
+        ts = b.get("ts") if isinstance(b.get("ts"), str) else _num(b.get("ts"))
+        row.last_result = {"ts": ts, "score": _num(b.get("score")), "ng": ng, "seq": _int(b.get("seq"))}
         if not row._ng_from_telemetry:
             row.ng_rate = row.ng / row.results
         lat = _num(b.get("latency_ms"))
@@ -255,14 +270,18 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
         connected.set()
 
     def on_message(client, userdata, message):
-        with lock:
-            row = view.consume(message.topic, message.payload)
-            if row is None:
-                return
-            if as_json:
-                out.write(json.dumps(row.to_dict(view.clock(), stale_after_s), separators=(",", ":")) + "\n")
-                out.flush()
-        dirty.set()
+        try:   # an exception here would end paho's network thread: the view would freeze silently
+            with lock:
+                row = view.consume(message.topic, message.payload, retained=bool(message.retain))
+                if row is None:
+                    return
+                if as_json:
+                    out.write(json.dumps(row.to_dict(view.clock(), stale_after_s), separators=(",", ":"),
+                                         allow_nan=False) + "\n")
+                    out.flush()
+            dirty.set()
+        except Exception:
+            log.exception("monitor: message on %s ignored", message.topic)
 
     client = make_client(broker, f"edge-ad-monitor-{uuid.uuid4().hex[:10]}", persistent=False, jitter=False)
     client.on_connect = on_connect

@@ -313,6 +313,19 @@ class Outbox:
     def dropped(self) -> int:
         return self._dropped
 
+    def image_fits(self, size: int, plus_messages: int = 0, plus_bytes: int = 0) -> bool:
+        """Would an image of ``size`` bytes be kept, after ``plus_messages`` messages of ``plus_bytes``
+        (the event that announces it) are stored? Older images give way; results and events never do."""
+        with self._lock:
+            self._check_open()
+            try:
+                n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox "
+                                        "WHERE kind != 'image'").fetchone()
+            except sqlite3.Error as exc:
+                raise RuntimeFailure(f"outbox {self.path}: read failed ({exc})") from None
+        return (int(n) + plus_messages + 1 <= self.max_messages
+                and int(b) + plus_bytes + int(size) <= self.max_bytes)
+
     def next_seq(self, kind: str) -> int:
         with self._lock:
             self._check_open()

@@ -29,7 +29,11 @@ def parse_time(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
+        try:
+            f = float(value)
+        except OverflowError:               # an int beyond float range
+            return None
+        return f if math.isfinite(f) else None
     if isinstance(value, str):
         text = value.strip()
         if text.endswith("Z"):

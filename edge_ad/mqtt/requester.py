@@ -99,9 +99,9 @@ class CommandClient:
                 event.set()
 
     # ------------------------------------------------------------------ requests
-    def build(self, name: str, args: Mapping[str, Any] | None, correlation: str,
+    def build(self, topic: str, name: str, args: Mapping[str, Any] | None, correlation: str,
               claim: str | None = None) -> tuple[bytes, Properties | None]:
-        """The payload and (v5) properties of one request."""
+        """The payload and (v5) properties of one request to ``topic`` (``cmd/<name>`` of a device)."""
         body: dict[str, Any] = dict(args or {})
         if self.secret is not None:
             body["ts"] = time.time()
@@ -121,11 +121,11 @@ class CommandClient:
             if claim is not None:
                 user.append(("client_id", claim))
             if self.secret is not None:
-                user.append((HMAC_KEY, sign(self.secret, data)))
+                user.append((HMAC_KEY, sign(self.secret, topic, data)))
             if user:
                 props.UserProperty = user
         elif self.secret is not None:
-            data = signed_envelope(self.secret, data)
+            data = signed_envelope(self.secret, topic, data)
         return data, props
 
     def call(self, site: str, device: str, name: str, args: Mapping[str, Any] | None = None, *,
@@ -135,8 +135,9 @@ class CommandClient:
         for value, what in ((site, "site"), (device, "device"), (name, "command name")):
             check_level(value, what)
         corr = uuid.uuid4().hex
-        data, props = self.build(name, args, corr, claim if claim is not None else self.client_id)
-        return self.send_raw(Topics(site, device).cmd(name), data, corr, props, timeout=timeout)
+        topic = Topics(site, device).cmd(name)
+        data, props = self.build(topic, name, args, corr, claim if claim is not None else self.client_id)
+        return self.send_raw(topic, data, corr, props, timeout=timeout)
 
     def send_raw(self, topic: str, data: bytes, correlation: str, properties: Properties | None = None, *,
                  timeout: float = 10.0) -> dict:

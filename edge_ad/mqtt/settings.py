@@ -26,7 +26,7 @@ ENV_COMMAND_SECRET = "EDGE_AD_MQTT_COMMAND_SECRET"
 
 _WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("edge_ad_mqtt_settings_where", default="mqtt")
 SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")   # fullmatch: '$' would let a trailing newline through
 
 
 class Protocol(str, enum.Enum):
@@ -56,7 +56,11 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
+    try:
+        port = parts.port
+    except ValueError:                      # a bad port is reported elsewhere; keep it out of the way here
+        port = None
+    netloc = host + (f":{port}" if port else "")
     return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -91,8 +95,8 @@ class BrokerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     url: str = Field("mqtt://127.0.0.1:1883", title="Broker URL: mqtt://host[:port] or mqtts://host[:port]")
-    username: str | None = Field(default_factory=lambda: _env(ENV_USERNAME), title="User name (or env)")
-    password: SecretStr | None = Field(default_factory=lambda: _env_secret(ENV_PASSWORD), title="Password (or env)")
+    username: str | None = Field(None, title="User name (else the URL's, else $EDGE_AD_MQTT_USERNAME)")
+    password: SecretStr | None = Field(None, title="Password (else the URL's, else $EDGE_AD_MQTT_PASSWORD)")
     ca_file: Path | None = Field(None, title="CA certificate (PEM) that signed the broker's certificate")
     cert_file: Path | None = Field(None, title="Client certificate (PEM), for brokers that require one")
     key_file: Path | None = Field(None, title="Client private key (PEM)")
@@ -117,6 +121,24 @@ class BrokerSettings(BaseModel):
             return cls(**dict(data))
         finally:
             _WHERE.reset(token)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _env_credentials(cls, data: Any) -> Any:
+        """The environment's user name and password, only where neither the fields nor the URL give one
+        (a URL with alice's user info keeps alice's name, whatever the environment says)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        try:
+            in_url = urlsplit(str(data.get("url", ""))).username is not None
+        except ValueError:
+            in_url = False
+        if data.get("username") is None and not in_url:
+            data["username"] = _env(ENV_USERNAME)
+        if data.get("password") is None and not in_url:
+            data["password"] = _env_secret(ENV_PASSWORD)
+        return data
 
     @field_validator("url")
     @classmethod
@@ -175,7 +197,7 @@ class BrokerSettings(BaseModel):
 
     def credentials(self) -> tuple[str | None, str | None]:
         """(user name, password): explicit fields first, then the URL's user info, then the environment
-        (already folded into the fields when the settings were built)."""
+        (folded into the fields when the settings were built, only when the URL has no user info)."""
         parts = urlsplit(self.url)
         user = self.username
         password = self.password.get_secret_value() if self.password is not None else None
@@ -198,13 +220,13 @@ class MqttSettings(BrokerSettings):
     outbox_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, title="Outbox bound: payload bytes")
     outbox_sync: SyncMode = Field(SyncMode.FULL, title="Outbox durability: full (power-cut safe) or normal")
     inflight_window: int = Field(64, ge=1, le=10_000, title="Unacknowledged QoS 1 messages in flight at most")
-    image_min_interval_s: float = Field(1.0, ge=0, title="At most one event JPEG per this many seconds")
+    image_min_interval_s: float = Field(1.0, ge=0, le=86_400, title="At most one event JPEG per this many seconds")
     image_max_bytes: int = Field(2 * 1024 * 1024, ge=1024, title="Larger event JPEGs are not sent")
     command_clients: list[str] | None = Field(None, title="Allow-list of requester client ids for state-changing commands")
     command_secret: SecretStr | None = Field(default_factory=lambda: _env_secret(ENV_COMMAND_SECRET),
                                              title="Shared secret: state-changing commands need an HMAC-SHA256")
     command_auth_all: bool = Field(False, title="Apply the allow-list / HMAC to read-only commands as well")
-    command_max_skew_s: float = Field(300.0, gt=0, title="Signed commands: accepted clock difference (s)")
+    command_max_skew_s: float = Field(300.0, gt=0, le=86_400, title="Signed commands: accepted clock difference (s)")
     command_queue: int = Field(16, ge=1, le=1000, title="Commands waiting at most; more get a 'busy' reply")
     homeassistant: bool = Field(False, title="Publish Home Assistant MQTT discovery configs")
     homeassistant_prefix: str = Field("homeassistant", title="Home Assistant discovery prefix")
@@ -220,7 +242,7 @@ class MqttSettings(BrokerSettings):
     @field_validator("site", "device")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
+        if not _NAME_RE.fullmatch(v):
             raise ValueError(f"'{v}' is not a topic-safe name: expected 1-64 of A-Z a-z 0-9 _ . -")
         return v
 

@@ -71,8 +71,8 @@ class Topics:
 def check_level(value: str, what: str) -> str:
     """``value`` if it can be one topic level (a site, a device, a command name); else InputError naming
     ``what``. A '/' would publish to another topic and '+' / '#' are wildcards a publish may not carry."""
-    if not isinstance(value, str) or not value or any(c in value for c in "/+#\0"):
-        raise InputError(f"{what} '{value}': expected one topic level (no '/', '+' or '#')")
+    if not isinstance(value, str) or not value or any(c in value for c in "/+#") or any(ord(c) < 32 for c in value):
+        raise InputError(f"{what} {value!r}: expected one topic level (no '/', '+', '#' or control characters)")
     return value
 
 

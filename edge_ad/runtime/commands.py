@@ -61,7 +61,10 @@ class Commands:
         req = self._wait_frames(1, snapshot=True, publish=bool(args.get("publish", False)),
                                 note=str(args.get("note", "")), heatmap=args.get("heatmap"))
         rec = req.results[0]
-        return {"snapshot": rec.get("snapshot"), "published": bool(args.get("publish", False)), "result": rec}
+        out = {"snapshot": rec.get("snapshot"), "published": bool(req.image.get("image")), "result": rec}
+        if args.get("publish") and not out["published"]:   # rate limited, too large, outbox full or not stored
+            out["image_skipped"] = req.image.get("image_skipped") or "not_stored"
+        return out
 
     def _wait_frames(self, count: int, **kw):
         pipe = self.svc.pipeline

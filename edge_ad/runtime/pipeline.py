@@ -94,6 +94,7 @@ class InspectRequest:
     publish: bool = False           # and send the snapshot as an MQTT event with its JPEG
     heatmap: Optional[bool] = None  # overlay the map on that snapshot (None: output.heatmap)
     note: str = ""
+    image: dict = field(default_factory=dict)   # what became of the published JPEG (image / image_skipped)
     t_created: float = field(default_factory=time.time)
     assigned: int = 0
     results: list = field(default_factory=list)

@@ -184,7 +184,8 @@ class Reporter:
                     ev[k] = rec[k]
             self.events += 1
             image = jpeg if (self.event_image or publish_snapshot) else None
-            self._write("outbox", d.seq, lambda: self.link.publish_event(ev, jpeg=image))
+            outcome = req.image if publish_snapshot else None
+            self._write("outbox", d.seq, lambda: self.link.publish_event(ev, jpeg=image, image_outcome=outcome))
         self._update_drift(d.score, d.ng)
         if self.health is not None:
             self.health.record(ng=d.ng)

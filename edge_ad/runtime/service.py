@@ -389,6 +389,7 @@ class Service:
                "settings": self.settings.redacted()}
         if self.link is not None:
             out["link"] = self.link.stats()
+            out["birth"] = self.link.birth()
         return _jsonable(out)
 
     # ------------------------------------------------------------------ telemetry
