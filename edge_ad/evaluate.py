@@ -16,7 +16,8 @@ import numpy as np
 
 from . import atomic, metrics
 from .bundle import Bundle
-from .data.image import load_image, to_batch
+from .errors import InputError
+from .data.image import load_image, resize_rgb, to_batch
 from .data.mvtec import MVTecCategory
 from .inspector import Inspector
 
@@ -31,6 +32,10 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
     from .runtime.backends import open_backend
 
     bundle = Bundle.open(bundle_dir)
+    out = Path(out_dir) if out_dir else bundle.path / "eval"
+    if out.exists() and not out.is_dir():         # checked before the images are inferred, not after
+        raise InputError(f"--out {out}: is a file; expected a folder for report.json and the pictures")
+    out.mkdir(parents=True, exist_ok=True)
     cat = MVTecCategory(data)
     samples = cat.test_samples()
     be = open_backend(bundle, backend, precision, device)
@@ -49,7 +54,7 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
             for s, m, f in zip(chunk, full, frames):
                 maps.append(m.astype(np.float32))
                 masks.append(cat.load_mask(s, size, image_shape=f.shape[:2]))
-                thumbs.append(f)
+                thumbs.append(resize_rgb(f, size))   # the grid shows them at the maps' size: keep no more
     finally:
         be.close()
     seconds = time.time() - t0
@@ -62,8 +67,6 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
     report.update({"bundle": str(bundle.path), "data": str(cat.path), "backend": be.name,
                    "precision": be.precision, "model": bundle.kind, "calibration_version": cal.version,
                    "seconds": round(seconds, 2), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2)})
-    out = Path(out_dir) if out_dir else bundle.path / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "report.json", report)
     if pictures:
         from . import viz

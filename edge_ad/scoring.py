@@ -271,9 +271,9 @@ def threshold_from_policy(scores: np.ndarray, policy: str) -> float:
             return float(s.max() + max(0.1 * spread, 1e-3))
         if kind == "sigma":
             k = float(arg)
-            if not k > 0:
+            if not 0 < k < float("inf"):
                 raise ValueError
             return float(s.mean() + k * (s.std(ddof=1) if s.size > 1 else 0.0))
     except ValueError:
         pass
-    raise InputError(f"threshold policy '{policy}': expected 'fpr:P' with 0<P<1, 'max', or 'sigma:K' with K>0")
+    raise InputError(f"threshold policy '{policy}': expected 'fpr:P' with 0<P<1, 'max', or 'sigma:K' with a finite K>0")

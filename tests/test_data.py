@@ -126,6 +126,22 @@ def test_float_and_16_bit_tiffs_keep_their_contrast(tmp_path):
         load_image(tmp_path / "nan.tiff")
 
 
+def test_jpeg_and_16_bit_masks_mean_what_they_show(tmp_path):
+    from edge_ad.data.image import load_mask
+
+    m = np.zeros((64, 64), np.uint8)
+    m[20:30, 20:40] = 255
+    assert cv2.imwrite(str(tmp_path / "m.png"), m)
+    assert cv2.imwrite(str(tmp_path / "m.jpg"), m, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert (cv2.imread(str(tmp_path / "m.jpg"), 0) > 0).sum() > 200    # the compression's halo
+    assert load_mask(tmp_path / "m.png").sum() == 200
+    assert load_mask(tmp_path / "m.jpg").sum() == 200                   # was 252: every halo pixel counted
+    labels = np.zeros((64, 64), np.uint16)
+    labels[5:10, 5:10] = 1                                              # a 16-bit label image
+    assert cv2.imwrite(str(tmp_path / "m16.png"), labels)
+    assert load_mask(tmp_path / "m16.png").sum() == 25                  # was 0: 1 >> 8 in 8 bits
+
+
 def test_image_level_dataset_without_ground_truth(tmp_path):
     cat = MVTecCategory(_category(tmp_path / "cat", masks=False))
     assert all(s.mask_path is None for s in cat.test_samples())

@@ -349,6 +349,24 @@ def test_graph_heads():
     assert convs == ["c2"] and heads == ["sq", "mean"]
 
 
+def test_test_limit_is_at_most_that_many_with_both_kinds(tmp_path):
+    import cv2
+
+    from edge_ad.compile.guard import real_test_images
+
+    for sub, n in (("good", 30), ("scratch", 6), ("crack", 4)):
+        (tmp_path / "test" / sub).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(tmp_path / "test" / sub / f"{i:03d}.png"), np.full((8, 8, 3), i, np.uint8))
+    for limit in (2, 3, 11, 39):
+        items = real_test_images(tmp_path, limit)
+        labels = [lab for _, lab in items]
+        assert len(items) == limit and 0 < sum(labels) < limit, (limit, sum(labels))   # was 11 at limit 1
+    assert len(real_test_images(tmp_path, 100)) == 40
+    with pytest.raises(InputError, match="test limit 1: expected at least 2"):
+        real_test_images(tmp_path, 1)
+
+
 def test_guard_metrics():
     assert guard_mod.spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1.0)
     assert guard_mod.spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1.0)

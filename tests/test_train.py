@@ -165,12 +165,31 @@ def test_too_few_normal_images_says_how_many_are_needed(tmp_path):
     assert Bundle.open(tmp_path / "c").calibration().normal["n"] == 2
 
 
+def test_val_fraction_advice_is_quick_and_points_the_right_way(tmp_path):
+    from edge_ad.data.mvtec import smallest_split, split_train_val
+
+    for f in (0.1, 0.4, 0.95, 1e-5):   # computed, not searched by splitting n = 4, 5, ... (1e-5 hung)
+        n = smallest_split(f)
+        assert all(len(part) >= 2 for part in split_train_val(range(n), f))
+        assert any(len(part) < 2 for part in split_train_val(range(n - 1), f)), f
+    assert smallest_split(0.1) == 15 and smallest_split(1e-7) == 15_000_000
+    data = write_category(tmp_path / "few", n_train=6, n_test_good=0, n_test_defect=0, size=SIZE, kind="grain")
+    with pytest.raises(InputError, match="keeps 5 and training 1.*or a smaller --val-fraction"):
+        train_bundle("gaussian", data, tmp_path / "b", image_size=SIZE, val_fraction=0.95)
+    with pytest.raises(InputError, match="sigma:inf"):          # was found only after training
+        train_bundle("gaussian", data, tmp_path / "b", image_size=SIZE, policy="sigma:inf")
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("args, named", [
     (["--steps", "0"], "--steps 0: expected a positive whole number"),
     (["--steps", "-1"], "--steps -1"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--checkpoint-every", "0"], "--checkpoint-every 0"),
     (["--seed", "-1"], "--seed -1: expected a whole number from 0 to 2**64"),
+    (["--image-size", "0"], "image size 0: expected a multiple of 32 from 64 to 4096"),   # was a cv2 traceback
+    (["--image-size", "4128"], "image size 4128"),             # was refused by the manifest after training
+    (["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),                  # was a torch traceback
 ])
 def test_bad_run_options_are_named_before_anything_is_written(category, tmp_path, args, named):
     from edge_ad.cli import main
@@ -247,6 +266,11 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
     assert rep["overall"]["image_auroc"] > 0.7
     assert (out / "eval" / "grid.png").stat().st_size > 1000
     assert (out / "eval" / "histogram.png").is_file()
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(out), "--data", str(category),
+                        "--out", str(tmp_path / "afile")], capture_output=True, text=True)
+    assert r.returncode == 2 and "afile: is a file; expected a folder" in r.stderr
+    assert "eval (" not in r.stderr                   # refused before any batch was inferred
     r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(tmp_path / "missing"),
                         "--data", str(category)], capture_output=True, text=True)
     assert r.returncode == 2 and "bundle folder not found" in r.stderr

@@ -15,16 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.image import list_images, load_image
+from ..data.image import list_images, load_image, spread
 from ..errors import InputError, RuntimeFailure
-
-
-def spread(items: list, n: int) -> list:
-    """``n`` items evenly spread over the list (the whole list when it is shorter)."""
-    if n <= 0 or len(items) <= n:
-        return list(items)
-    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
-    return [items[i] for i in idx]
 
 
 def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout_s: float | None = 600.0,

@@ -17,7 +17,7 @@ _LIMITS = [
                  help="Guard: smallest allowed OK/NG agreement at the threshold (default: reported only)."),
     click.option("--test", "test_dir", default=None, type=click.Path(),
                  help="A real MVTec-layout test folder for the guard (besides synthetic defects)."),
-    click.option("--test-limit", default=100, show_default=True, type=click.IntRange(min=1),
+    click.option("--test-limit", default=100, show_default=True, type=click.IntRange(min=2),
                  help="At most this many real test images (spread over good and defect types)."),
     click.option("--guard-normals", default=32, show_default=True, type=click.IntRange(min=4),
                  help="Held-out normal images the guard uses (and as many with synthetic defects); at "

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import scoring
 from ..bundle import Bundle, now_iso
-from ..data.image import IMAGE_EXTS, list_images, load_image, to_batch
+from ..data.image import IMAGE_EXTS, list_images, load_image, spread, to_batch
 from ..errors import GuardFailure, InputError
 from ..scoring import Calibration, Scored
 
@@ -109,15 +109,6 @@ def _folder_images(root: Path) -> list[Path]:
     raise InputError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) in it or in train/good")
 
 
-def spread(paths: Sequence[Path], n: int) -> list[Path]:
-    """``n`` paths evenly spread over the list (deterministic; the whole list when it is shorter)."""
-    paths = list(paths)
-    if n <= 0 or len(paths) <= n:
-        return paths
-    idx = np.linspace(0, len(paths) - 1, n).round().astype(int)
-    return [paths[i] for i in sorted(set(idx.tolist()))]
-
-
 def real_test_images(test_dir: str | Path, limit: int = 100) -> list[tuple[Path, int]]:
     """MVTec-layout test folder (``DIR/test/<type>/`` or ``DIR/<type>/``): good -> 0, any other -> 1."""
     root = Path(test_dir)
@@ -134,7 +125,9 @@ def real_test_images(test_dir: str | Path, limit: int = 100) -> list[tuple[Path,
     if not good or not bad:
         raise InputError(f"{test_dir}: needs both good and defective test images")
     if limit and len(items) > limit:
-        ng = max(1, round(limit * len(good) / len(items)))
+        if limit < 2:
+            raise InputError(f"test limit {limit}: expected at least 2 (one good and one defective image)")
+        ng = min(max(1, round(limit * len(good) / len(items))), limit - 1)   # both kinds, at most limit
         good, bad = spread(good, ng), spread(bad, limit - ng)
     return good + bad
 

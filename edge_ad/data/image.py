@@ -61,14 +61,20 @@ def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarr
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a ground-truth mask as bool ``[H, W]`` (any non-zero pixel is defective)."""
+    """Read a ground-truth mask as bool ``[H, W]``.
+
+    Lossless masks (PNG, BMP, TIFF; 8 or 16 bits, so label images with value 1 count): any non-zero pixel
+    is defective. JPEG masks: pixels of at least half the full value (128), since the compression rings
+    faint non-zero pixels around every edge that would otherwise grow the defect."""
     import cv2
 
     p = Path(path)
     buf = np.fromfile(str(p), dtype=np.uint8) if p.is_file() else np.zeros(0, np.uint8)
-    m = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if buf.size else None
+    m = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) if buf.size else None
     if m is None:
         raise InputError(f"{p}: not a readable mask image")
+    if p.suffix.lower() in (".jpg", ".jpeg"):
+        return m >= (np.iinfo(m.dtype).max + 1) // 2 if m.dtype.kind == "u" else m >= 0.5
     return m > 0
 
 
@@ -89,6 +95,16 @@ def to_batch(frames: Sequence[np.ndarray], size_hw: tuple[int, int]) -> np.ndarr
     for i, f in enumerate(frames):
         out[i] = resize_rgb(f, size_hw).transpose(2, 0, 1)
     return out
+
+
+def spread(items: Sequence, n: int) -> list:
+    """``n`` items evenly spread over the list, in order (deterministic; the whole list when it is
+    shorter or ``n`` <= 0, which callers use as "no limit")."""
+    items = list(items)
+    if n <= 0 or len(items) <= n:
+        return items
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in sorted(set(idx.tolist()))]
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

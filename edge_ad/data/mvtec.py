@@ -232,6 +232,21 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
 
 
+def _n_val(n: int, val_fraction: float) -> int:
+    return min(max(1, int(round(n * val_fraction))), n - 1)
+
+
+def smallest_split(val_fraction: float, each: int = 2) -> int:
+    """The fewest images for which :func:`split_train_val` keeps at least ``each`` on both sides."""
+    if not 0.0 < val_fraction < 1.0:
+        raise InputError(f"val_fraction {val_fraction}: expected 0 < fraction < 1")
+    # round(n*f) >= each needs n >= (each - 0.5)/f; n - round(n*f) >= each needs n >= (each - 0.5)/(1-f)
+    n = max(2 * each, int((each - 0.5) / val_fraction) - 2, int((each - 0.5) / (1.0 - val_fraction)) - 2)
+    while _n_val(n, val_fraction) < each or n - _n_val(n, val_fraction) < each:
+        n += 1
+    return n
+
+
 def split_train_val(paths: Sequence[Path], val_fraction: float = 0.1,
                     seed: int = 0) -> tuple[list[Path], list[Path]]:
     """Deterministic split of normal training images into (train, validation).
@@ -247,7 +262,7 @@ def split_train_val(paths: Sequence[Path], val_fraction: float = 0.1,
         return paths, []
     if len(paths) < 2:
         raise InputError(f"{len(paths)} training image(s): need at least 2 to keep a validation split")
-    n_val = min(max(1, int(round(len(paths) * val_fraction))), len(paths) - 1)
+    n_val = _n_val(len(paths), val_fraction)
     order = np.random.default_rng(seed).permutation(len(paths))
     val_idx = set(int(i) for i in order[:n_val])
     train = [p for i, p in enumerate(paths) if i not in val_idx]

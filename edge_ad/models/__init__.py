@@ -26,10 +26,13 @@ def default_config(kind: str) -> dict[str, Any]:
     raise InputError(f"model '{kind}': expected one of {', '.join(KINDS)}")
 
 
+MAX_IMAGE_SIZE = 4096   # the manifest schema's bound
+
+
 def check_image_size(size: int) -> None:
-    """Every model (and a distilled teacher) takes square inputs of a multiple of 32 pixels, at least 64."""
-    if size % 32 or size < 64:
-        raise InputError(f"image size {size}: expected a multiple of 32, at least 64")
+    """Every model (and a distilled teacher) takes square inputs of a multiple of 32 pixels, 64..4096."""
+    if not isinstance(size, int) or size % 32 or not 64 <= size <= MAX_IMAGE_SIZE:
+        raise InputError(f"image size {size}: expected a multiple of 32 from 64 to {MAX_IMAGE_SIZE}")
 
 
 def build(kind: str, image_size: int | tuple[int, int], config: dict[str, Any] | None = None,

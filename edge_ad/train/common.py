@@ -7,6 +7,7 @@ import logging
 import numbers
 import os
 import random
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from .. import atomic
 from ..data.image import list_images, load_image, resize_rgb
 from ..errors import InputError
-from ..models import load_weights
+from ..models import check_image_size, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ def fast_convolutions(device: str) -> None:
 
 
 def check_run(device: str, max_minutes: float | None, steps: int | None = None, batch_size: int | None = None,
-              checkpoint_every: int | None = None, seed: int = 0) -> None:
+              checkpoint_every: int | None = None, seed: int = 0, image_size: int | None = None) -> None:
     """The options every training run shares, checked before any image is loaded (``None``: the default)."""
+    if image_size is not None:
+        check_image_size(image_size)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise InputError(f"--device {device}: expected cpu, cuda or cuda:N")
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every)):
         if value is not None and not (isinstance(value, numbers.Integral) and value >= 1):
             raise InputError(f"{name} {value}: expected a positive whole number")

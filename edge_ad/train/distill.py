@@ -23,7 +23,6 @@ from .. import atomic
 from ..data.image import list_images
 from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
-from ..models import check_image_size
 from ..models.pdn import pdn
 from .common import check_run, color_jitter, fast_convolutions, load_images, sample_batch, seed_everything
 from .loops import LoopConfig, run_loop
@@ -32,8 +31,7 @@ from .loops import LoopConfig, run_loop
 def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: str = "s", image_size: int = 256,
             steps: int = 2000, batch_size: int = 8, seed: int = 0, device: str = "cpu", lr: float = 1e-4,
             max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
-    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed)
-    check_image_size(image_size)
+    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     out = atomic.check_creatable(out)
     folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     paths = [p for f in folders for p in list_images(f)]

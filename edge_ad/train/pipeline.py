@@ -20,7 +20,7 @@ from .. import __version__, gaussian, scoring
 from ..bundle import Bundle, now_iso
 from ..errors import InputError
 from ..models import KINDS, build, default_config, describe, load_weights
-from ..data.mvtec import MVTecCategory, split_train_val
+from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
 from .common import check_run, load_images, penalty_images, seed_everything
 from .loops import LoopConfig, train_efficientad, train_fader
 
@@ -95,7 +95,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
     if preset not in ("quick", "paper"):
         raise InputError(f"--preset '{preset}': expected quick or paper")
-    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed)
+    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # validate early
     out = Path(out)
     cfg = default_config(model_kind)
@@ -114,11 +114,11 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     paths = MVTecCategory(data).train_paths()
     train_paths, val_paths = split_train_val(paths, val_fraction, seed) if len(paths) > 1 else (paths, [])
     if len(val_paths) < 2 or len(train_paths) < 2:
-        need = next(n for n in range(4, 10 ** 6) if all(len(part) >= 2 for part in
-                                                        split_train_val(range(n), val_fraction, seed)))
+        need = smallest_split(val_fraction) if 0 < val_fraction < 1 else 4
+        other = "larger" if len(val_paths) < 2 else "smaller"
         raise InputError(f"{data}: {len(paths)} normal training images are too few: the validation split "
                          f"(val fraction {val_fraction}) keeps {len(val_paths)} and training {len(train_paths)}, "
-                         f"and each needs at least 2; give at least {need} images, or a larger --val-fraction")
+                         f"and each needs at least 2; give at least {need} images, or a {other} --val-fraction")
     train_imgs = load_images(train_paths, image_size, "loading train images")
     val_imgs = load_images(val_paths, image_size, "loading validation images")
 
