@@ -59,8 +59,8 @@ def test_training_is_deterministic_and_resume_matches(category, tmp_path, monkey
     a2 = train_bundle("efficientad-s", category, tmp_path / "a2", **kw)
     real_save = loops.save_checkpoint
 
-    def crash_after_first_checkpoint(path, model, opt, step, gen):
-        real_save(path, model, opt, step, gen)
+    def crash_after_first_checkpoint(path, model, opt, step, gen, *rest):
+        real_save(path, model, opt, step, gen, *rest)
         if step == 2:
             raise KeyboardInterrupt("simulated crash")
 
@@ -132,6 +132,112 @@ def test_distill_teacher_cli_resumes_and_the_teacher_trains_efficientad(category
     r = subprocess.run([sys.executable, "-m", "edge_ad", "distill-teacher", "--data", str(tmp_path / "none"),
                         "--out", str(tmp_path / "t2.pth")], capture_output=True, text=True)
     assert r.returncode == 2 and "none: folder not found" in r.stderr and not (tmp_path / "t2.pth").exists()
+
+
+def test_resume_refuses_a_run_that_differs_from_the_checkpoint(category, tmp_path):
+    """train_state.pt records what defines its run: a --resume with another seed (another validation
+    split), image size, model, preset, val fraction, data folder or batch size is refused before any step,
+    each difference named with both values; the steps, time budget, checkpoint interval and policy may change."""
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    other = write_category(tmp_path / "other", n_train=16, n_test_good=0, n_test_defect=0, size=SIZE, seed=2)
+    out = tmp_path / "b"
+    opts = {"--model": "fader", "--data": str(category), "--out": str(out), "--image-size": str(SIZE),
+            "--steps": "2", "--batch-size": "2", "--seed": "3"}
+
+    def train(changed=None, *flags):
+        args = [x for kv in {**opts, **(changed or {})}.items() for x in kv]
+        return CliRunner().invoke(main, ["train", *args, "--no-export", *flags])
+
+    r = train()
+    assert r.exit_code == 0, r.output
+    state, manifest = (out / "train_state.pt").read_bytes(), (out / "manifest.json").read_bytes()
+    for changed, named in (
+            ({"--seed": "5"}, ["--seed: checkpoint 3; this run 5", "validation split: checkpoint 2 files"]),
+            ({"--image-size": "96"}, ["--image-size: checkpoint 64; this run 96"]),
+            ({"--model": "efficientad-s"}, ["--model: checkpoint fader; this run efficientad-s"]),
+            ({"--preset": "paper"}, ["--preset: checkpoint quick; this run paper"]),
+            ({"--val-fraction": "0.3"}, ["--val-fraction: checkpoint 0.1; this run 0.3",
+                                         "validation split: checkpoint 2 files"]),
+            ({"--data": str(other)}, [f"--data: checkpoint {category.resolve()}; this run {other.resolve()}"]),
+            ({"--batch-size": "4"}, ["--batch-size: checkpoint 2; this run 4"])):
+        r = train({**changed, "--steps": "4"}, "--resume")
+        assert r.exit_code == 2, (changed, r.output)
+        assert "train_state.pt: --resume refused" in r.output and "Rerun with the checkpoint's options" in r.output
+        assert "without --resume" in r.output and "--steps:" not in r.output
+        assert all(n in r.output for n in named), (changed, r.output)
+        assert (out / "train_state.pt").read_bytes() == state, changed  # no step was taken
+        assert (out / "manifest.json").read_bytes() == manifest, changed
+    r = train({"--steps": "4", "--checkpoint-every": "1", "--max-minutes": "5", "--policy": "sigma:3"}, "--resume")
+    assert r.exit_code == 0, r.output
+    t = Bundle.open(out).manifest["training"]
+    assert t["resumed_at"] == 2 and t["steps"] == 4 and t["seed"] == 3 and t["policy"] == "sigma:3"
+
+
+def test_resume_refuses_another_teacher_file(category, tmp_path):
+    teacher = tmp_path / "teacher_small.pth"
+    torch.save(pdn_small(384).state_dict(), teacher)
+    kw = dict(image_size=SIZE, steps=1, batch_size=1, export=False)
+    train_bundle("efficientad-s", category, tmp_path / "b", teacher=str(teacher), **kw)
+    kw["steps"] = 2
+    torch.save(pdn_small(384).state_dict(), teacher)  # the same file name, other weights
+    with pytest.raises(InputError, match=r"--teacher: checkpoint a PDN file with sha256 [0-9a-f]{16}; "
+                                         r"this run a PDN file with sha256 [0-9a-f]{16}\n"):
+        train_bundle("efficientad-s", category, tmp_path / "b", teacher=str(teacher), resume=True, **kw)
+    with pytest.raises(InputError, match=r"--teacher: checkpoint a PDN file with sha256 [0-9a-f]{16}; this run lite0"):
+        train_bundle("efficientad-s", category, tmp_path / "b", resume=True, **kw)
+
+
+def test_resume_without_a_checkpoint_or_from_an_older_one_is_refused(category, tmp_path):
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    good = category / "train" / "good"
+    fader = ["train", "--model", "fader", "--data", str(category), "--image-size", str(SIZE), "--steps", "2",
+             "--batch-size", "2", "--no-export"]
+    r = CliRunner().invoke(main, fader + ["--out", str(tmp_path / "n"), "--resume"])
+    assert r.exit_code == 2 and f"{tmp_path / 'n' / 'train_state.pt'}: no checkpoint to resume from" in r.output
+    assert not (tmp_path / "n").exists()
+    r = CliRunner().invoke(main, ["distill-teacher", "--data", str(good), "--out", str(tmp_path / "t.pth"),
+                                  "--image-size", str(SIZE), "--steps", "2", "--resume"])
+    assert r.exit_code == 2 and "t.pth.state.pt: no checkpoint to resume from" in r.output
+    assert not (tmp_path / "t.pth").exists()
+    r = CliRunner().invoke(main, ["train", "--model", "gaussian", "--data", str(category), "--out",
+                                  str(tmp_path / "g"), "--image-size", str(SIZE), "--resume"])
+    assert r.exit_code == 2 and "gaussian model is fitted in one pass" in r.output
+    assert not (tmp_path / "g").exists()
+    # a state file from an earlier edge-ad (weights, optimizer and RNG only): refused, not trusted
+    r = CliRunner().invoke(main, fader + ["--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    st = torch.load(tmp_path / "o" / "train_state.pt", weights_only=True)
+    torch.save({k: st[k] for k in ("step", "model", "optimizer", "rng")}, tmp_path / "o" / "train_state.pt")
+    r = CliRunner().invoke(main, fader + ["--out", str(tmp_path / "o"), "--resume", "--steps", "3"])
+    assert r.exit_code == 2 and "does not record the options of the run that wrote it" in r.output
+    assert "run without --resume" in r.output
+
+
+def test_distill_resume_refuses_another_image_size_or_folder(category, tmp_path):
+    from edge_ad.train.distill import distill
+
+    good, other, out = category / "train" / "good", category / "test" / "good", tmp_path / "t.pth"
+    kw = dict(image_size=SIZE, batch_size=2, checkpoint_every=1)
+    distill(good, out, steps=2, **kw)
+    state = out.with_name("t.pth.state.pt")
+    before = state.read_bytes()
+    with pytest.raises(InputError, match="--image-size: checkpoint 64; this run 96"):
+        distill(good, out, steps=3, resume=True, **{**kw, "image_size": 96})
+    with pytest.raises(InputError, match="--size: checkpoint s; this run m"):
+        distill(good, out, size="m", steps=3, resume=True, **kw)
+    with pytest.raises(InputError) as exc:
+        distill(other, out, steps=3, resume=True, **kw)
+    assert f"--data: checkpoint [{good.resolve()}]; this run [{other.resolve()}]" in str(exc.value)
+    assert "images: checkpoint 16 files" in str(exc.value) and "this run 6 files" in str(exc.value)
+    assert state.read_bytes() == before
+    stats = torch.load(state, weights_only=True)["extra"]  # the targets' normalization, taken back at resume
+    info = distill(good, out, steps=3, resume=True, **{**kw, "checkpoint_every": 5})  # more steps: allowed
+    assert info["resumed_at"] == 2 and info["steps"] == 3
+    assert torch.equal(torch.load(state, weights_only=True)["extra"]["f_std"], stats["f_std"])
 
 
 def test_distill_time_budget_stops_and_writes_the_teacher(category, tmp_path):

@@ -30,7 +30,9 @@ from . import main
               help="Share of the normal training images held out to fit the calibration and threshold.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in OUT/train_state.pt (refused unless this run's options match it; "
+                   "--steps, --max-minutes, --checkpoint-every, --device and --policy may change).")
 @click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
 @click.option("--max-minutes", type=float, default=None,
               help="Time budget for the gradient steps: stop there and write the bundle (the x0.1 learning-rate "
@@ -85,7 +87,9 @@ def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_js
               help="Time budget: stop there and still write the teacher.")
 @click.option("--checkpoint-every", default=1000, show_default=True, type=int,
               help="Steps between checkpoints (OUT.state.pt), for --resume.")
-@click.option("--resume", is_flag=True, help="Continue from OUT.state.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in OUT.state.pt (refused unless this run's options match it; "
+                   "--steps, --max-minutes, --checkpoint-every and --device may change).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True)
 def distill_teacher(data, out, size, image_size, steps, batch_size, max_minutes, checkpoint_every, resume, seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import numbers
@@ -99,17 +100,61 @@ def penalty_images(folder: str | os.PathLike | None, size: int, limit: int = 200
     return out
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, gen: torch.Generator) -> None:
+def file_list_id(names: Sequence[str]) -> str:
+    """A short, comparable description of a list of image file names: their count and a sha256 of the
+    names (give names relative to their folder, so a moved folder keeps its id). Contents are not read."""
+    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{len(names)} files (names sha256 {digest[:16]})"
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, gen: torch.Generator, run: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """The training state: weights, optimizer, RNG, and ``run`` (what defines the run, checked by
+    :func:`resume_state`) and ``extra`` (tensors the run needs back at resume, e.g. target statistics)."""
     buf = io.BytesIO()
     torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()}}, buf)
+                "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
+                "run": dict(run or {}), "extra": dict(extra or {})}, buf)
     atomic.write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path, model, optimizer, gen: torch.Generator) -> int:
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def resume_state(path: Path, run: dict) -> dict:
+    """The checkpoint ``path`` for ``--resume``, refused (InputError) when it is missing, unreadable, from
+    an edge-ad that did not record its run, or written by a run whose definition differs from ``run``
+    (``{option: value}``: what must not change across a resume; the step count, time budget, checkpoint
+    interval and device are not in it). Each differing option is named with both values."""
     if not path.is_file():
-        raise InputError(f"{path}: no checkpoint to resume from")
+        raise InputError(f"{path}: no checkpoint to resume from (--resume continues the run that wrote this "
+                         "file); run without --resume to start from step 0")
     st = load_weights(path, "training checkpoint")
+    old = st.get("run")
+    if not isinstance(old, dict) or not old:
+        raise InputError(f"{path}: this checkpoint does not record the options of the run that wrote it "
+                         "(written by an earlier edge-ad), so --resume cannot check that this run continues "
+                         "it; run without --resume to start from step 0 (the checkpoint is overwritten)")
+    missing = object()
+    diff = [f"  {key}: checkpoint {_shown(old.get(key))}; this run {_shown(run.get(key))}"
+            for key in list(run) + [k for k in old if k not in run]
+            if old.get(key, missing) != run.get(key, missing)]
+    if diff:
+        raise InputError(f"{path}: --resume refused: this run is not the one that wrote the checkpoint:\n"
+                         + "\n".join(diff) + "\nRerun with the checkpoint's options to continue it (--steps, "
+                         "--max-minutes, --checkpoint-every and --device may change), or run without --resume "
+                         "to start from step 0 (the checkpoint is overwritten)")
+    return st
+
+
+def load_checkpoint(path: Path, st: dict, model, optimizer, gen: torch.Generator) -> int:
+    """Restore the weights, optimizer and RNG from ``st``, the checkpoint :func:`resume_state` read from
+    ``path`` and accepted, and return the step to continue from."""
     try:
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])

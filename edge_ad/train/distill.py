@@ -5,15 +5,18 @@ steps of batch 16. Here: the offline EfficientNet-Lite0 (stride-8 + stride-16 fe
 resampled to the padded PDN's 64x64 grid at 256x256 and normalized per channel) on the image folders the
 user gives (ImageNet if at hand; ``edge-ad generic-images`` paints dead-leaves pictures where it is not),
 MSE loss, Adam 1e-4 / weight decay 1e-5 (the paper's), with the training loop's progress bar, time
-budget (``max_minutes``), checkpoints every ``checkpoint_every`` steps to ``OUT.state.pt`` and ``resume``,
-and its x0.1 learning-rate drop for the last 5 % of the steps. The file is a plain PDN state_dict, the
-public ``teacher_small.pth`` format, loaded by ``edge-ad train --teacher FILE``.
+budget (``max_minutes``), checkpoints every ``checkpoint_every`` steps to ``OUT.state.pt`` and ``resume``
+(refused unless the PDN size, image size, folders, their images, seed and batch size match the checkpoint's;
+the target normalization is taken back from it), and its x0.1 learning-rate drop for the last 5 % of the
+steps. The file is a plain PDN state_dict, the public ``teacher_small.pth`` format, loaded by
+``edge-ad train --teacher FILE``.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -24,7 +27,8 @@ from ..data.image import list_images
 from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
 from ..models.pdn import pdn
-from .common import check_run, color_jitter, fast_convolutions, load_images, sample_batch, seed_everything
+from .common import (check_run, color_jitter, fast_convolutions, file_list_id, load_images, resume_state, sample_batch,
+                     seed_everything)
 from .loops import LoopConfig, run_loop
 
 
@@ -34,10 +38,18 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     out = atomic.check_creatable(out)
     folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    paths = [p for f in folders for p in list_images(f)]
+    listed = [list_images(f) for f in folders]
+    paths = [p for ps in listed for p in ps]
     if len(paths) < 2:
         raise InputError(f"{', '.join(map(str, folders))}: need at least 2 images to distill a teacher, "
                          f"found {len(paths)}")
+    # what defines the run: saved in each checkpoint, checked by --resume before any image is loaded
+    run = {"command": "edge-ad distill-teacher", "--size": size, "--image-size": int(image_size),
+           "--data": [str(Path(f).resolve()) for f in folders],
+           "images": file_list_id([f"{i}/{p.name}" for i, ps in enumerate(listed) for p in ps]),
+           "--seed": int(seed), "--batch-size": int(batch_size), "learning rate": float(lr)}
+    state_path = out.with_name(out.name + ".state.pt")
+    resume_from = resume_state(state_path, run) if resume else None
     seed_everything(seed)
     imgs = load_images(paths, image_size, "loading images").to(device)  # once: a GPU step reads no host memory
     target = Lite0Teacher(image_size).to(device).eval()
@@ -51,12 +63,16 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
         f = target.net(x)
         return torch.cat([F.interpolate(t, size=(grid, grid), mode="bilinear", align_corners=False) for t in f], 1)
 
-    with torch.no_grad():  # channel normalization of the targets, from a spread sample of the images
-        pick = torch.linspace(0, len(imgs) - 1, min(len(imgs), 256)).long()
-        sample = torch.cat([feats(imgs[pick[i:i + 16]].float()) for i in range(0, len(pick), 16)])
-        f_mean = sample.mean(dim=(0, 2, 3), keepdim=True)
-        f_std = sample.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    channels = int(sample.shape[1])
+    if resume_from is not None:
+        # the first part's target normalization, so the targets do not move (e.g. on another device)
+        f_mean, f_std = (resume_from["extra"][k].to(device) for k in ("f_mean", "f_std"))
+    else:
+        with torch.no_grad():  # channel normalization of the targets, from a spread sample of the images
+            pick = torch.linspace(0, len(imgs) - 1, min(len(imgs), 256)).long()
+            sample = torch.cat([feats(imgs[pick[i:i + 16]].float()) for i in range(0, len(pick), 16)])
+            f_mean = sample.mean(dim=(0, 2, 3), keepdim=True)
+            f_std = sample.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    channels = int(f_mean.shape[1])
     net = pdn(size, channels, padding=True).to(device)
 
     def step(gen):
@@ -65,8 +81,9 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
         return {"loss": loss}
 
     cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, resume=resume,
-                     state_path=out.with_name(out.name + ".state.pt"), checkpoint_every=checkpoint_every,
-                     max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+                     state_path=state_path, checkpoint_every=checkpoint_every,
+                     max_seconds=None if max_minutes is None else 60.0 * max_minutes, run=run,
+                     resume_from=resume_from, extra={"f_mean": f_mean.cpu(), "f_std": f_std.cpu()})
     net.train()
     res = run_loop(step, net, list(net.parameters()), cfg, "distill teacher")
     buf = io.BytesIO()

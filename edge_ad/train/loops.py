@@ -1,7 +1,8 @@
 """Gradient training loops: EfficientAD (student + autoencoder) and the FADeR-style inpainter.
 
 Both loops: Adam, learning rate x0.1 at 95% of the steps (EfficientAD's schedule), a tqdm progress bar,
-a checkpoint every ``checkpoint_every`` steps (``train_state.pt``, atomic) and ``resume``.
+a checkpoint every ``checkpoint_every`` steps (``train_state.pt``, atomic) and ``resume``. A checkpoint
+records what defines its run (``LoopConfig.run``); a resume is refused unless the run matches it.
 Deterministic given the seed (CPU).
 """
 
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import color_jitter, fast_convolutions, load_checkpoint, planted_anomalies, sample_batch, save_checkpoint
+from ..errors import InputError
+from .common import (color_jitter, fast_convolutions, load_checkpoint, planted_anomalies, resume_state, sample_batch,
+                     save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,9 @@ class LoopConfig:
     resume: bool = False
     state_path: Path | None = None
     max_seconds: float | None = None  # a time budget: stop there (the schedule then follows the clock)
+    run: dict | None = None  # what defines the run ({option: value}), saved in each checkpoint, checked at resume
+    resume_from: dict | None = None  # the checkpoint already read and checked by common.resume_state
+    extra: dict | None = None  # tensors saved in each checkpoint that the run needs back at resume
 
 
 def lr_at(step: int, cfg: LoopConfig, elapsed: float = 0.0) -> float:
@@ -50,8 +56,11 @@ def run_loop(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True if str(cfg.device).startswith("cuda") else None)
     start = 0
-    if cfg.resume and cfg.state_path is not None and cfg.state_path.is_file():
-        start = load_checkpoint(cfg.state_path, model, opt, gen)
+    if cfg.resume:
+        if cfg.state_path is None:
+            raise InputError("--resume: this run has no checkpoint file to resume from")
+        st = cfg.resume_from if cfg.resume_from is not None else resume_state(cfg.state_path, cfg.run or {})
+        start = load_checkpoint(cfg.state_path, st, model, opt, gen)
         log.warning("resumed from %s at step %d", cfg.state_path, start)
     t0 = time.time()
     losses: dict = {}
@@ -76,11 +85,11 @@ def run_loop(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
         if step % 10 == 0:  # reading a loss waits for the GPU: not on every step
             bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
         if cfg.state_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(cfg.state_path, model, opt, step + 1, gen)
+            save_checkpoint(cfg.state_path, model, opt, step + 1, gen, cfg.run, cfg.extra)
     bar.close()
     last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
     if cfg.state_path is not None and done > start:
-        save_checkpoint(cfg.state_path, model, opt, done, gen)
+        save_checkpoint(cfg.state_path, model, opt, done, gen, cfg.run, cfg.extra)
     out = {"final_losses": last, "train_seconds": time.time() - t0, "steps": done, "resumed_at": start}
     if done < cfg.steps:
         out.update(planned_steps=cfg.steps, stopped_by_time_budget=True)
@@ -113,7 +122,7 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     images = images.to(dev)  # once: a GPU step then reads no host memory
     penalty = None if penalty is None else penalty.to(dev)
     fast_convolutions(dev)
-    if not cfg.resume or cfg.state_path is None or not cfg.state_path.is_file():
+    if not cfg.resume:  # a resumed run gets the first part's statistics back with the weights
         fit_teacher_normalization(model, images, dev)
     model.teacher.eval()
     model.student.train()

@@ -8,6 +8,7 @@ paper); ``paper`` is EfficientAD's published schedule (70,000 steps, batch 1, Ad
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__, gaussian, scoring
+from .. import __version__, atomic, gaussian, scoring
 from ..bundle import Bundle, now_iso
 from ..errors import InputError
 from ..models import KINDS, build, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
-from .common import check_run, load_images, penalty_images, seed_everything
+from .common import check_run, file_list_id, load_images, penalty_images, resume_state, seed_everything
 from .loops import LoopConfig, train_efficientad, train_fader
 
 log = logging.getLogger(__name__)
@@ -95,15 +96,21 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
     if preset not in ("quick", "paper"):
         raise InputError(f"--preset '{preset}': expected quick or paper")
+    if resume and model_kind == "gaussian":
+        raise InputError("--resume: the gaussian model is fitted in one pass, with no steps or checkpoint to "
+                         "resume from; train it without --resume")
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # validate early
     out = Path(out)
     cfg = default_config(model_kind)
     cfg.update(config or {})
     teacher_sd = None
+    teacher_id = None
     if model_kind.startswith("efficientad"):
+        teacher_id = "lite0"
         if teacher and teacher != "lite0":
             tsize, tch, teacher_sd = load_teacher_file(teacher)
+            teacher_id = f"a PDN file with sha256 {atomic.sha256_file(teacher)[:16]}"
             if tsize != model_kind[-1]:
                 raise InputError(f"--teacher {teacher}: a PDN-{tsize.upper()} teacher does not fit {model_kind}")
             cfg.update(teacher="pdn", teacher_channels=tch)
@@ -119,13 +126,6 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         raise InputError(f"{data}: {len(paths)} normal training images are too few: the validation split "
                          f"(val fraction {val_fraction}) keeps {len(val_paths)} and training {len(train_paths)}, "
                          f"and each needs at least 2; give at least {need} images, or a {other} --val-fraction")
-    train_imgs = load_images(train_paths, image_size, "loading train images")
-    val_imgs = load_images(val_paths, image_size, "loading validation images")
-
-    model = build(model_kind, image_size, cfg)
-    if teacher_sd is not None:
-        model.teacher.load_state_dict(teacher_sd)
-
     p = dict(PRESETS[model_kind][preset])
     if steps is not None:
         p["steps"] = int(steps)
@@ -133,15 +133,32 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         p["batch_size"] = int(batch_size)
     if lr is not None:
         p["lr"] = float(lr)
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.pt"
+    # what defines the run: saved in each checkpoint; --resume is refused (before any image is loaded)
+    # unless it matches. The step count, time budget, checkpoint interval, device and policy may change.
+    run = {"command": "edge-ad train", "--model": model_kind, "--preset": preset,
+           "model config": json.dumps(cfg, sort_keys=True, default=str), "--image-size": int(image_size),
+           "--seed": int(seed), "--val-fraction": float(val_fraction), "--data": str(Path(data).resolve()),
+           "validation split": file_list_id([v.name for v in val_paths]),
+           "training images": file_list_id([t.name for t in train_paths]), "--teacher": teacher_id,
+           "--penalty-dir": str(Path(penalty_dir).resolve()) if penalty_dir and teacher_id else None,
+           "--batch-size": p.get("batch_size"), "learning rate": p.get("lr")}
+    resume_from = resume_state(state_path, run) if resume else None
+    train_imgs = load_images(train_paths, image_size, "loading train images")
+    val_imgs = load_images(val_paths, image_size, "loading validation images")
+
+    model = build(model_kind, image_size, cfg)
+    if teacher_sd is not None:
+        model.teacher.load_state_dict(teacher_sd)
+
+    out.mkdir(parents=True, exist_ok=True)
     train_info: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     gauss_stats = None
     lc = None if model_kind == "gaussian" else LoopConfig(  # the gradient-trained models' loop
         steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device, resume=resume,
         state_path=state_path, checkpoint_every=checkpoint_every,
-        max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+        max_seconds=None if max_minutes is None else 60.0 * max_minutes, run=run, resume_from=resume_from)
     if model_kind.startswith("efficientad"):
         pen = penalty_images(penalty_dir, image_size)
         if pen is None:
