@@ -200,6 +200,8 @@ def quantize_int8_form(src: Path, dst: Path, form: str, cache: Path, reader: _Re
 
     signed = form == "int8"
     extra = {"ActivationSymmetric": signed, "WeightSymmetric": True}
+    if signed:   # the TensorRT form: its ONNX parser takes only INT8/FP8 into DequantizeLinear, not INT32
+        extra["QuantizeBias"] = False       # biases stay float; TensorRT fuses them into the INT8 conv
     kw = {}
     if _has_cache_option():
         kw["calibration_cache_path"] = str(cache)
