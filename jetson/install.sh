@@ -72,7 +72,8 @@ Usage: sudo jetson/install.sh [options]
   --python PATH        Python >= 3.10 for the venv (default: python3; python3.10 on JetPack 5)
   --trt-bindings MODE  auto | system | build | none   TensorRT Python bindings: JetPack's package
                        (system), built from TensorRT OSS for the venv's Python (build; JetPack 5),
-                       or none (ONNX Runtime only). auto: system, or build on JetPack 5.
+                       or none (ONNX Runtime only). auto: system, or none on JetPack 5
+                       (its TensorRT 8.5 is older than the 8.6 edge-ad compile needs).
   --opencv MODE        auto | system | pip   system: JetPack's OpenCV with GStreamer (CSI cameras);
                        pip: opencv-python-headless (no GStreamer: USB / RTSP / files only)
   --enable             enable and start edge-ad.service now (do this once a bundle is in place)
@@ -222,7 +223,9 @@ CUDA_VERSION=$(detect_cuda)
 CUDA_PYTHON=$(cuda_python_spec "${CUDA_VERSION}")
 PYTHON=${PYTHON:-${PY_DEFAULT}}
 if [[ ${TRT_BINDINGS} == auto ]]; then
-    if [[ ${JP_MAJOR} -eq 5 ]]; then TRT_BINDINGS=build; else TRT_BINDINGS=system; fi
+    # JetPack 5's TensorRT is 8.5: 'edge-ad compile' needs 8.6 or newer, so building bindings for it
+    # (about 10 minutes) would buy nothing; ONNX Runtime runs the models there
+    if [[ ${JP_MAJOR} -eq 5 ]]; then TRT_BINDINGS=none; else TRT_BINDINGS=system; fi
 fi
 if [[ ${OPENCV} == auto ]]; then
     # JetPack 5's OpenCV is built for its Python 3.8, which edge-ad cannot use

@@ -62,11 +62,14 @@ def test_reexport_drops_derived_graphs_and_resets_active(exported, tmp_path):
     b.add_file("model.int8.onnx", data=b.file("model.onnx").read_bytes())
     b.add_file("quant_report.json", data=b"{}")
     b.set_active("model.int8.onnx", "int8")
+    b.manifest["quantized"] = {"int8": {"files": ["model.int8.onnx"], "source_sha256": "old"}}
+    b.save_manifest()
     export_bundle(b, exported[1], progress=False)
     b = Bundle.open(tmp_path / "b", verify=True)
     assert not b.has("model.int8.onnx") and not b.has("quant_report.json")
     assert "model.int8.onnx" not in b.manifest["files"]
     assert b.active_graph == "model.onnx" and b.active_precision == "fp32"
+    assert b.manifest.get("quantized", {}) == {}          # no record of graphs that are gone
 
 
 def test_a_reexport_that_fails_writing_model_onnx_leaves_the_old_bundle_whole(exported, tmp_path, monkeypatch):

@@ -115,8 +115,8 @@ def test_hadolint():
 
 # ---------------------------------------------------------------------------- the installer's decisions
 @pytest.mark.parametrize("l4t, jetpack, trt, cuda_python, python, bindings, opencv", [
-    ("35.2.1", "5.1", "8.5", "cuda-python>=11.4,<12", "python3.10", "build", "pip"),
-    ("35.4.1", "5.1.2", "8.5", "cuda-python>=11.4,<12", "python3.10", "build", "pip"),
+    ("35.2.1", "5.1", "8.5", "cuda-python>=11.4,<12", "python3.10", "none", "pip"),     # 8.5: compile needs 8.6
+    ("35.4.1", "5.1.2", "8.5", "cuda-python>=11.4,<12", "python3.10", "none", "pip"),
     ("36.3.0", "6.0", "8.6", "cuda-python>=12.2,<12.3", "python3", "system", "system"),
     ("36.4.0", "6.1", "10.3", "cuda-python>=12.6,<12.7", "python3", "system", "system"),
     ("36.4.3", "6.2", "10.3", "cuda-python>=12.6,<12.7", "python3", "system", "system"),
@@ -173,12 +173,15 @@ def test_dry_run_changes_nothing(tmp_path):
     assert not prefix.exists() and not etc.exists() and not var.exists()
 
 
-def test_dry_run_jetpack5_builds_trt_bindings(tmp_path):
+def test_dry_run_jetpack5_builds_trt_bindings_when_asked(tmp_path):
     res = _bash("--l4t", "35.4.1", "--dry-run", "--yes", "--no-service", "--prefix", str(tmp_path / "opt"),
                 "--python", "python3.10-that-is-not-here", timeout=120)
     assert res.returncode != 0 and "not found" in res.stderr  # only python3.10 is fetched from deadsnakes
     res = _bash("--l4t", "35.4.1", "--dry-run", "--yes", "--no-service", "--prefix", str(tmp_path / "opt"),
                 timeout=120)
+    assert res.returncode == 0 and "git clone" not in res.stdout     # by default: ONNX Runtime only
+    res = _bash("--l4t", "35.4.1", "--dry-run", "--yes", "--no-service", "--prefix", str(tmp_path / "opt"),
+                "--trt-bindings", "build", timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     if "add-apt-repository -y ppa:deadsnakes/ppa" not in out:

@@ -227,6 +227,9 @@ def test_real_engine_builds_guards_caches_and_matches(trt_bundle, tmp_path, prec
         open_backend(b, "tensorrt", precision)
     rebuilt = build_engine(b, precision, max_batch=4, progress=False)
     assert rebuilt.built and rebuilt.refused and "does not match" in rebuilt.refused[0]
+    # other build options: the cached engine is not silently reused
+    other = build_engine(b, precision, max_batch=8, progress=False)
+    assert other.built and "built with other options (max_batch 4, asked 8)" in other.refused[0]
 
 
 def _target():

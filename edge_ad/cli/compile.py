@@ -66,8 +66,8 @@ def export(bundle_dir, opset):
 @click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1),
               help="Calibration images (int8; all there are when fewer).")
 @click.option("--keep-fp32", default="auto", show_default=True, type=click.Choice(["head", "auto", "none"]),
-              help="int8 layers kept in FP32: the last conv of each map path, plus a per-layer "
-                   "sensitivity search (auto), or none.")
+              help="int8 convolutions kept in FP32: auto (those a per-layer sensitivity search finds "
+                   "costly), head (the last conv of each map path), or none.")
 @click.option("--threads", default=0, type=click.IntRange(0, 1024), help="ONNX Runtime threads (0: all cores).")
 @_with_limits
 def quantize(bundle_dir, precision, samples, keep_fp32, threads, max_auroc_drop, min_rank_corr, min_agreement,

@@ -72,7 +72,7 @@ def export_bundle(bundle: Bundle, module=None, opset: int = DEFAULT_OPSET, progr
                 "torch": torch.__version__.split("+")[0], "onnx": _onnx_version()}
     # one change: until the new graph is on disk the old bundle stays whole (see Bundle.replace_files)
     bundle.replace_files({"model.onnx": data}, remove=DERIVED, meta={
-        "active": {"graph": "model.onnx", "precision": "fp32"}, "versions": versions,
+        "active": {"graph": "model.onnx", "precision": "fp32"}, "versions": versions, "quantized": {},
         "export": {"opset": int(opset), "input": "image", "outputs": names, "dynamic_batch": True,
                    "exported": now_iso(), "ir_version": int(model.ir_version)}})
     _say(progress, f"wrote {bundle.file('model.onnx')} ({len(data) / 1e6:.1f} MB)")

@@ -82,11 +82,17 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
 
     refused = []
     chk = engine_cache.check(bundle, precision, target)
-    if chk.ok and not force:
+    # a cached engine is reused only when it was built with the options asked for now
+    wanted = {"max_batch": int(max_batch), "typing": "strong" if strong else "weak",
+              "workspace_mib": int(workspace_mib)}
+    differs = [f"{k} {(chk.meta or {}).get(k)!r}, asked {v!r}" for k, v in wanted.items()
+               if (chk.meta or {}).get(k) != v] if chk.ok else []
+    if chk.ok and not force and not differs:
         _say(progress, f"engine {chk.engine.name} is valid for this GPU and TensorRT; not rebuilding")
         return BuildResult(chk, False, [], 0.0, chk.meta.get("source_graph", ""), chk.meta.get("typing", ""))
     if chk.engine.name and chk.engine.is_file():
-        refused.append(chk.reason if not chk.ok else "rebuild forced")
+        refused.append(chk.reason if not chk.ok else
+                       "rebuild forced" if force else "built with other options (" + "; ".join(differs) + ")")
         _say(progress, f"refusing engine {chk.engine.name}: {refused[-1]}; rebuilding")
         engine_cache.remove(bundle, chk.key)
     for other in engine_cache.scan(bundle, target):
@@ -211,7 +217,7 @@ def compile_bundle(bundle: Bundle, precision: str = "best", max_batch: int = DEF
                    calib_dir=None, test_limit: int = 100, progress: bool = True) -> dict:
     """Build (or reuse) the engine, guard it against FP32, make its precision active. Returns the guard
     entry. ``best``: int8 when the bundle has a (guarded) INT8 graph, falling back to fp16 when the INT8
-    engine fails its guard; otherwise fp16. A failed engine is removed, never left to be run."""
+    engine cannot be built or fails its guard; otherwise fp16. A failed engine is removed, never left to be run."""
     from ..errors import GuardFailure
     from ..runtime.backends.tensorrt import TensorRTBackend
     from . import guard as guard_mod
@@ -228,7 +234,14 @@ def compile_bundle(bundle: Bundle, precision: str = "best", max_batch: int = DEF
                                        n_normal=guard_normals)
     last_failure = None
     for prec in order:
-        res = build_engine(bundle, prec, max_batch, workspace_mib, device, typing, force=force, progress=progress)
+        try:
+            res = build_engine(bundle, prec, max_batch, workspace_mib, device, typing, force=force,
+                               progress=progress)
+        except (RuntimeFailure, InputError) as exc:
+            if prec == order[-1]:
+                raise
+            _say(progress, f"{prec} engine could not be built ({exc}); trying {order[order.index(prec) + 1]}")
+            continue
         backend = TensorRTBackend(bundle, precision=prec, device=f"cuda:{device}", engine_path=res.check.engine)
         try:
             name = f"tensorrt-{prec}-{res.check.key.split('-', 2)[2]}"

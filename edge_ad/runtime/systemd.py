@@ -7,6 +7,7 @@ systemd (no ``$NOTIFY_SOCKET``) every call is a no-op.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -32,7 +33,9 @@ class Notifier:
         self.watchdog_s = 0.0
         if usec.isdigit() and int(usec) > 0 and (not pid or (pid.isdigit() and int(pid) == os.getpid())):
             self.watchdog_s = int(usec) / 1e6
-        self.sent: list[str] = []  # what was sent (for tests and 'status')
+        # the last messages sent (for tests and 'status'): bounded, since a service sends a watchdog
+        # ping every few seconds for months
+        self.sent: collections.deque[str] = collections.deque(maxlen=64)
 
     @property
     def enabled(self) -> bool:
