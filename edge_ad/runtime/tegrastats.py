@@ -182,9 +182,10 @@ class TegrastatsReader:
                     self._latest = parsed
                     self.lines += 1
         if self._proc is proc:      # not stop(): the process ended by itself
+            code = proc.wait()      # reaped first: once exits counts it, alive is False
             self.exits += 1
             log.warning("tegrastats (%s) ended (exit code %s); Jetson readings stop until it is restarted",
-                        self.binary, proc.wait())
+                        self.binary, code)
 
     def latest(self, max_age_s: float | None = None) -> dict[str, Any]:
         """The newest reading; empty when there is none, or it is older than ``max_age_s`` (stale)."""
