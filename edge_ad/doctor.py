@@ -8,8 +8,11 @@ What is checked: Python, numpy, OpenCV (and its GStreamer / FFmpeg / V4L2 suppor
 providers, TensorRT, the CUDA driver and GPUs (cuda-python, else ``nvidia-smi``, else the kernel driver
 files), the Jetson L4T / JetPack release and power mode, cameras, the MQTT broker (TCP, TLS handshake,
 MQTT CONNECT with the credentials), disk space and write access for the outbox, log and snapshots, the
-bundle's integrity and calibration, and whether a TensorRT engine exists for this GPU.
-Nothing here imports torch.
+bundle's integrity and calibration (the bundle found as ``run`` finds it, ``model.deploy_dir`` included),
+whether a TensorRT engine ``run`` would use exists for this GPU, whether the model opens on the backend,
+precision and device ``run`` will use (it is opened and closed again, as ``run`` opens it), and the
+systemd service's state (failed or restarting is a warning). Nothing here imports torch, unless the
+backend to check is ``torch``.
 """
 
 from __future__ import annotations
@@ -660,48 +663,158 @@ def check_engine(bundle, required: bool = False, precision: str | None = None) -
         return Check("engine", status, f"{listing}; {why}: ONNX Runtime runs the ONNX graph", required=required,
                      fix="engines are built on the device itself: install TensorRT, then "
                          f"edge-ad compile --bundle {bundle.path}" if required else "")
-    from .runtime.backends import engine_cache
     from .runtime.backends.cuda import cuda_api
     from .runtime.backends.tensorrt import current_target, import_tensorrt
 
     target = current_target(import_tensorrt(), cuda_api(), 0)
-    wanted = precision or bundle.active_precision
-    order = [wanted] + [p for p in ("int8", "fp16", "fp32") if p != wanted]
-    usable, reasons = [], []
-    for prec in order:
-        try:  # run only takes an engine that passed the accuracy guard of `edge-ad compile`
-            chk = engine_cache.check(bundle, prec, target, require_guard=True)
-        except TypeError:  # an engine cache without guard records
-            chk = engine_cache.check(bundle, prec, target)
-        if chk.ok:
-            usable.append(prec)
-        elif prec == wanted:
-            reasons.append(chk.reason)
+    return engine_verdict(bundle, target, required, precision)
+
+
+def engine_verdict(bundle, target, required: bool = False, precision: str | None = None) -> Check:
+    """The engine check for a known ``target`` (GPU and TensorRT version): the engine ``run`` would open.
+
+    With no ``precision`` (the config leaves it empty) that is :func:`engine_cache.best`, the function the
+    TensorRT backend and ``backend = "auto"`` call: the bundle's active precision first, then int8, fp16,
+    fp32. So an fp16 engine built from ``model.onnx`` passes for a bundle whose active ONNX graph is int8
+    or fp32 (``compile`` only switches the ONNX side when a graph of that precision exists); the detail
+    says which engine runs and why the active precision's is not used, and a warning is given when an
+    engine of that precision is there but refused (corrupt, changed graph, never passed the guard).
+    With a ``precision``, only an engine of that precision counts, as in ``run``."""
+    from .runtime.backends import engine_cache
+
+    engines = sorted(p.name for p in bundle.engines_dir.glob("*.engine")) if bundle.engines_dir.is_dir() else []
     where = f"{target.gpu_name} {target.sm}, TensorRT {target.trt_version}"
-    if wanted in usable:
-        return _ok("engine", f"{wanted} engine for {where} present and verified",
-                   data={"usable": usable, "target": where})
-    detail = f"no usable {wanted} engine for {where}" + (f" ({reasons[0]})" if reasons else "")
+    wanted = precision or bundle.active_precision
+    checked = {p: engine_cache.check(bundle, p, target, require_guard=True) for p in ("int8", "fp16", "fp32")}
+    usable = [p for p, c in checked.items() if c.ok]
+    pref = checked.get(wanted) or engine_cache.check(bundle, wanted, target, require_guard=True)
+    if precision is None:  # what run opens: the same selection, not a copy of it
+        chosen = engine_cache.best(bundle, target, prefer=bundle.active_precision)
+    else:
+        chosen = pref if pref.ok else None
+    data = {"usable": usable, "target": where, "engines": engines}
+    if chosen is not None:
+        got = (chosen.meta or {}).get("precision", wanted)
+        data["runs"] = got
+        if got == wanted:
+            return _ok("engine", f"{wanted} engine for {where} present and verified", data=data)
+        detail = (f"{got} engine for {where} present and verified: run uses it, as the bundle's active "
+                  f"precision {wanted} has no usable engine ({pref.reason})")
+        if pref.engine.is_file():  # there, but refused: something went wrong with it
+            return Check("engine", Status.WARN, detail, data=data,
+                         fix=f"to run {wanted}: edge-ad compile --bundle {bundle.path} --precision {wanted} "
+                             "(on this device; takes minutes)")
+        return _ok("engine", detail, data=data)
+    detail = f"no usable {wanted} engine for {where} ({pref.reason})"
     if usable:
         detail += f"; usable: {', '.join(usable)}"
-    return Check("engine", Status.FAIL if required else Status.WARN, detail, required=required,
-                 data={"usable": usable, "target": where, "engines": engines},
+        if precision is not None:
+            detail += f" (model.precision = \"{precision}\" asks for {precision} only)"
+    return Check("engine", Status.FAIL if required else Status.WARN, detail, required=required, data=data,
                  fix=f"edge-ad compile --bundle {bundle.path} --precision {wanted if wanted != 'fp32' else 'fp16'} "
-                     "(on this device; takes minutes)")
+                     "(on this device; takes minutes)" + (
+                         f", or leave model.precision empty to run the {', '.join(usable)} engine"
+                         if usable and precision is not None else ""))
+
+
+def check_backend(bundle, backend: str = "auto", precision: str | None = None, device: str | None = None,
+                  settings=None) -> Check:
+    """Open the model the way ``edge-ad run`` does, then close it. With ``settings`` (a validated config)
+    that is ``run``'s own :func:`edge_ad.runtime.service.open_inspector` (the config's backend, precision,
+    device, threads and batch size); without, :func:`open_backend` with ``backend``, ``precision`` and
+    ``device``, and the :class:`Inspector` over the bundle's calibration. So a backend that is not
+    installed (openvino, torch), a bundle without what the backend needs (checkpoint.pt for torch) or
+    without the graph of the asked precision (int8 on a bundle never quantized) fail here as they fail in
+    ``run``. TensorRT is opened (and the GPU used) only where ``run`` would open it; the CPU backends need
+    no GPU."""
+    if settings is not None:
+        m = settings.model
+        backend, precision, device = m.backend, m.precision, m.device
+    asked = f"backend {backend}" + (f", precision {precision}" if precision else "") + \
+            (f", device {device}" if device else "")
+
+    def failed(exc: Exception) -> Check:
+        return Check("backend", Status.FAIL, f"{asked}: run cannot open the model: {exc}", required=True,
+                     fix=_backend_fix(bundle, backend, precision), data={"error": str(exc)})
+
+    try:
+        if settings is not None:
+            from .runtime.service import open_inspector
+
+            be = open_inspector(bundle, settings).backend
+        else:
+            from .inspector import Inspector
+            from .runtime.backends import open_backend
+
+            be = open_backend(bundle, backend, precision, device)
+            try:
+                Inspector(bundle, be)
+            except BaseException:
+                be.close()
+                raise
+    except Exception as exc:  # noqa: BLE001 - whatever run would die of is the finding
+        return failed(exc)
+    try:
+        name, prec, dev = getattr(be, "name", backend), getattr(be, "precision", precision), getattr(be, "device", "?")
+        graph = getattr(be, "graph", None)
+        detail = f"{name} {prec} on {dev}" + (f" ({Path(graph).name})" if graph else "") + ": the model opens"
+        if backend == "auto":
+            detail += " (backend auto)"
+        return _ok("backend", detail, data={"backend": name, "precision": prec, "device": str(dev)})
+    finally:
+        try:
+            be.close()
+        except Exception:  # noqa: BLE001 - closing a probe must not hide its finding
+            pass
+
+
+def _backend_fix(bundle, backend: str, precision: str | None) -> str:
+    """The fix for a backend that does not open: what the error asks, or another backend / precision."""
+    hints = []
+    if backend == "openvino":
+        hints.append("pip install openvino (x86 CPUs), or model.backend = \"onnxruntime\"")
+    elif backend == "torch":
+        hints.append("the torch backend needs PyTorch (pip install 'edge-ad[train]') and the bundle's "
+                     "checkpoint.pt (bundles from edge-ad train have it), and runs fp32 (fp16 on a CUDA device); "
+                     "otherwise model.backend = \"onnxruntime\"")
+    elif backend == "tensorrt":
+        hints.append(f"edge-ad compile --bundle {bundle.path} on this device, or model.backend = \"auto\"")
+    if precision is not None and backend not in ("tensorrt", "torch"):
+        make = (f"edge-ad export --bundle {bundle.path}" if precision == "fp32"
+                else f"edge-ad quantize --bundle {bundle.path} --precision {precision}")
+        hints.append(f"{make} for the {precision} graph, or leave model.precision empty to run the bundle's "
+                     f"active graph ({bundle.active_precision})")
+    if not hints:
+        hints.append("do what the message says (re-copy or re-export the bundle: edge-ad bundle install / "
+                     "edge-ad export)")
+    return "; ".join(hints)
 
 
 def check_service(unit: str = "edge-ad.service") -> Check:
     if not shutil.which("systemctl"):
         return Check("service", Status.SKIP, "no systemd here")
-    rc, out = _run(["systemctl", "show", unit, "--property=LoadState,ActiveState,SubState,UnitFileState"], 3.0)
+    rc, out = _run(["systemctl", "show", unit,
+                    "--property=LoadState,ActiveState,SubState,UnitFileState,NRestarts"], 3.0)
     props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     if rc != 0 or not props:
         why = (out.splitlines() or ["no answer"])[0].strip()
         return Check("service", Status.SKIP, f"{unit}: systemd not answering ({why[:100]})")
     if props.get("LoadState") == "not-found":
         return Check("service", Status.SKIP, f"{unit} not installed (jetson/install.sh installs it)")
-    return _ok("service", f"{unit}: {props.get('ActiveState')} ({props.get('SubState')}), "
-                          f"{props.get('UnitFileState') or 'unknown'} at boot", data=props)
+    active, sub = props.get("ActiveState"), props.get("SubState")
+    detail = f"{unit}: {active} ({sub}), {props.get('UnitFileState') or 'unknown'} at boot"
+    restarts = props.get("NRestarts", "")
+    if restarts.isdigit() and int(restarts) > 0:
+        detail += f", restarted {restarts} time(s) by systemd"
+    look = f"journalctl -u {unit} -n 100 --no-pager"
+    if active == "failed":
+        return Check("service", Status.WARN, detail + ": the service failed and is not running", data=props,
+                     fix=f"see why: {look}; after the fix: sudo systemctl restart {unit}")
+    if sub == "auto-restart":
+        return Check("service", Status.WARN, detail + ": the service exited and systemd is about to restart it "
+                     "(Restart=always); seen again, it is crash-looping", data=props,
+                     fix=f"see why it exits: {look}")
+    return _ok("service", detail, data=props)
 
 
 # ---------------------------------------------------------------------------- all together
@@ -722,10 +835,19 @@ def _safe(name: str, fn: Callable[[], Check | list[Check]], required: bool = Fal
 def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Sequence[str | os.PathLike] = (),
                source: str | None = None, backend: str = "auto", precision: str | None = None,
                min_free_mb: int = DEFAULT_MIN_FREE_MB, timeout_s: float = 3.0,
-               service: bool = True) -> list[Check]:
+               service: bool = True, device: str | None = None,
+               resolve_bundle: Callable[[], str | os.PathLike] | None = None, settings=None) -> list[Check]:
     """Run every check. ``mqtt``: a :class:`edge_ad.mqtt.settings.BrokerSettings` (or None: skipped);
     ``data_dirs``: folders ``run`` writes (default: the outbox folder and the working directory);
-    ``backend``: what ``run`` will use ("tensorrt" makes TensorRT, CUDA and the engine required)."""
+    ``backend``, ``precision``, ``device``: what ``run`` will use ("tensorrt" makes TensorRT, CUDA and the
+    engine required); the bundle is opened with them as ``run`` opens it (the "backend" check).
+    ``resolve_bundle``: when ``bundle`` is None, how ``run`` finds it (a config's
+    ``model.bundle_path``, which follows ``model.deploy_dir``'s 'current' link); its error is a required
+    failure. ``settings``: the validated config, when there is one: the model is then opened through
+    ``run``'s own :func:`open_inspector` with it (its backend, precision, device, threads, batch), so its
+    ``model`` section must already carry any override of ``backend`` / ``precision``."""
+    from .errors import EdgeADError
+
     need_trt = backend == "tensorrt"
     scheme = source.split("://", 1)[0].lower() if source and "://" in source else None
     l4t = None
@@ -748,6 +870,15 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
         checks.append(Check("broker", Status.SKIP, "no broker given (--mqtt URL or a config with [mqtt])"))
     dirs = list(data_dirs) or [default_outbox_dir(), Path.cwd()]
     checks += _safe("disk", lambda: check_disk(dirs, min_free_mb), True)
+    unresolved = False
+    if bundle is None and resolve_bundle is not None:
+        try:
+            bundle = resolve_bundle()
+        except (EdgeADError, OSError) as exc:
+            unresolved = True
+            checks.append(Check("bundle", Status.FAIL, f"run cannot find the bundle: {exc}", required=True,
+                                fix="install a bundle into the deploy folder (edge-ad bundle install ARCHIVE "
+                                    "--deploy DIR), or set model.bundle to a bundle folder (--bundle here)"))
     if bundle is not None:
         found: list = [None]
 
@@ -757,8 +888,15 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
 
         checks += _safe("bundle", _bundle, True)
         if found[0] is not None:
-            checks += _safe("engine", lambda: check_engine(found[0], need_trt, precision), need_trt)
-    else:
+            engine = _safe("engine", lambda: check_engine(found[0], need_trt, precision), need_trt)
+            checks += engine
+            if need_trt and engine[0].status == Status.FAIL:
+                checks.append(Check("backend", Status.SKIP, "tensorrt not opened: the engine check above says "
+                                                            "why run cannot (and how to fix it)"))
+            else:
+                checks += _safe("backend", lambda: check_backend(found[0], backend, precision, device,
+                                                                 settings=settings), True)
+    elif not unresolved:
         checks.append(Check("bundle", Status.SKIP, "no bundle given (--bundle DIR or a config)"))
     if service:
         checks += _safe("service", check_service)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import socket
@@ -17,14 +18,21 @@ from edge_ad.cli import main
 from edge_ad.mqtt.broker import TlsFiles, free_port
 from edge_ad.mqtt.settings import BrokerSettings
 from edge_ad.scoring import Calibration, MapNorm
-from fixtures_bundle import part_frame, write_video
+from fixtures_bundle import copy_bundle, make_tiny_bundle, part_frame, write_video
 
 
 def _bundle(path: Path) -> Bundle:
+    """A bundle that verifies but whose graph is no ONNX graph: the bundle check passes, run cannot open it."""
     b = Bundle.create(path, {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
     b.add_file("model.onnx", data=b"an onnx graph stands here")
     b.write_calibration(Calibration(maps={"map": MapNorm(0.0, 1.0)}, threshold=0.5))
     return b
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A bundle run can open (fixtures_bundle's tiny ONNX graph, calibrated); copy it before changing it."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
 
 
 def _by(checks, name):
@@ -229,13 +237,13 @@ def test_broker_tls(mosquitto_factory, tmp_path):
 
 
 # ---------------------------------------------------------------------------- everything, and the CLI
-def test_run_checks_and_cli(tmp_path, mosquitto):
-    b = _bundle(tmp_path / "b")
+def test_run_checks_and_cli(tmp_path, mosquitto, tiny):
+    b = copy_bundle(tiny, tmp_path / "b")
     checks = d.run_checks(bundle=b.path, mqtt=BrokerSettings(url=mosquitto.url), data_dirs=[tmp_path],
                           source="synthetic://disc", min_free_mb=1, service=False)
     names = [c.name for c in checks]
     for name in ("python", "numpy", "opencv", "onnxruntime", "tensorrt", "cuda", "platform", "cameras",
-                 "source", "broker", "disk", "bundle", "engine"):
+                 "source", "broker", "disk", "bundle", "engine", "backend"):
         assert name in names, name
     assert d.exit_code(checks) == 0, d.format_report(checks)
 
@@ -259,8 +267,8 @@ def test_run_checks_and_cli(tmp_path, mosquitto):
     assert res.exit_code == 2 and "--ca-file needs --mqtt" in res.output
 
 
-def test_cli_with_config(tmp_path):
-    b = _bundle(tmp_path / "b")
+def test_cli_with_config(tmp_path, tiny):
+    b = copy_bundle(tiny, tmp_path / "b")
     cfg = tmp_path / "edge-ad.toml"
     cfg.write_text(f'[model]\nbundle = "{b.path}"\nbackend = "auto"\n\n[source]\nuri = "synthetic://disc"\n\n'
                    f'[output]\njsonl = "{tmp_path / "log" / "results.jsonl"}"\n')
@@ -270,6 +278,7 @@ def test_cli_with_config(tmp_path):
     rep = json.loads(res.output)
     by = {c["name"]: c for c in rep["checks"]}
     assert by["config"]["status"] == "ok" and by["bundle"]["status"] == "ok" and by["source"]["status"] == "ok"
+    assert by["backend"]["status"] == "ok" and by["backend"]["data"]["backend"] == "onnxruntime"
     assert any(str(tmp_path / "log") in c["detail"] for c in rep["checks"] if c["name"] == "disk")
     cfg.write_text('[model]\nbundle = "x"\nbackend = "warp-drive"\n\n[source]\nuri = "synthetic://"\n')
     res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--data-dir", str(tmp_path)])
@@ -342,8 +351,8 @@ def test_cuda_via_fake_cuda_python(monkeypatch):
     assert cuda.data["via"] == "cuda-python"
 
 
-def test_cli_with_config_and_mqtt(tmp_path, mosquitto):
-    b = _bundle(tmp_path / "b")
+def test_cli_with_config_and_mqtt(tmp_path, mosquitto, tiny):
+    b = copy_bundle(tiny, tmp_path / "b")
     cfg = tmp_path / "edge-ad.toml"
     cfg.write_text(f'[model]\nbundle = "{b.path}"\n\n[source]\nuri = "synthetic://disc"\n\n'
                    f'[output]\njsonl = "{tmp_path / "log" / "results.jsonl"}"\n\n'
@@ -402,7 +411,229 @@ def test_engine_check_with_a_stand_in_gpu(tmp_path, monkeypatch):
     atomic.write_json(side, meta)
     ok = d.check_engine(b)
     assert ok.status == d.Status.OK and "fp16 engine for Orin sm87" in ok.detail, ok
+    # the bundle's active ONNX graph fp32 (compile built the fp16 engine from model.onnx): run opens the
+    # fp16 engine (engine_cache.best), so with backend tensorrt doctor says run can start
+    b.set_active("model.onnx", "fp32")
+    picked = d.check_engine(b, required=True)
+    assert picked.status == d.Status.OK and picked.data["runs"] == "fp16", picked
+    assert "active precision fp32 has no usable engine" in picked.detail
+    assert d.check_engine(b, required=True, precision="fp32").status == d.Status.FAIL  # asked for fp32 only
+    b.set_active("model.onnx", "fp16")
     # another TensorRT on the device (a JetPack upgrade) makes it stale
     monkeypatch.setattr(trt_mod, "current_target", lambda trt, api, index=0: engine_cache.Target("8.7", "10.4.0", "Orin"))
     stale = d.check_engine(b)
     assert stale.status == d.Status.WARN and "10.4.0" in stale.detail
+
+
+# ---------------------------------------------------------------------------- the engine run would open
+def _engine_bundle(tmp_path, active=("model.int8.onnx", "int8")) -> Bundle:
+    """Graph bytes and engine bytes are placeholders, as in test_tensorrt.py: the engine cache's checks
+    (keys, sidecars, sha256, guard records) never deserialize anything, and neither does this check."""
+    b = Bundle.create(tmp_path / "eb", {"kind": "efficientad-s", "image_size": [64, 64],
+                                        "outputs": ["map_st", "map_ae"]})
+    b.add_file("model.onnx", data=b"fp32 graph bytes")
+    b.add_file("model.int8.onnx", data=b"int8 graph bytes")
+    b.set_active(*active)
+    return b
+
+
+def _put_engine(b, precision, target, source="model.onnx", guard=True) -> None:
+    """An engine + sidecar written the way `edge-ad compile` writes them (engine_cache.write)."""
+    from edge_ad.runtime.backends import engine_cache
+
+    key = engine_cache.engine_key(engine_cache.model_sha(b), precision, target)
+    side = engine_cache.make_sidecar(b, precision, target, "", source, 8, "weak", 1024, 12.0)
+    if guard:
+        side["guard"] = {"passed": True}
+    engine_cache.write(b, key, b"serialized engine " + precision.encode(), side)
+
+
+
+def _orin():
+    from edge_ad.runtime.backends.engine_cache import Target
+
+    return Target("8.7", "10.3.0", "Orin")
+
+
+def test_engine_fp16_built_from_model_onnx_on_an_int8_bundle_passes(tmp_path):
+    """compile --precision fp16 on a quantized bundle leaves the active ONNX graph int8 (there is no
+    model.fp16.onnx to switch to); run (backend tensorrt or auto, no precision) opens the fp16 engine
+    through engine_cache.best, so doctor must not say run cannot start."""
+    from edge_ad.runtime.backends import engine_cache
+
+    b = _engine_bundle(tmp_path)
+    _put_engine(b, "fp16", _orin())
+    assert b.active_precision == "int8"
+    run_picks = engine_cache.best(b, _orin(), prefer=b.active_precision)  # what TensorRTBackend opens
+    assert run_picks is not None and run_picks.meta["precision"] == "fp16"
+    c = d.engine_verdict(b, _orin(), required=True, precision=None)
+    assert c.status == d.Status.OK and c.required is False, c
+    assert d.exit_code([c]) == 0
+    assert c.data["runs"] == "fp16" and c.data["usable"] == ["fp16"]
+    assert "fp16 engine for Orin sm87, TensorRT 10.3.0 present and verified" in c.detail
+    assert "active precision int8 has no usable engine" in c.detail
+
+
+def test_engine_fp16_on_an_fp32_bundle_passes(tmp_path):
+    """The usual flow without quantize: compile --precision best builds fp16 from model.onnx and the
+    bundle's active precision stays fp32."""
+    b = _engine_bundle(tmp_path, active=("model.onnx", "fp32"))
+    _put_engine(b, "fp16", _orin())
+    c = d.engine_verdict(b, _orin(), required=True)
+    assert c.status == d.Status.OK and c.data["runs"] == "fp16", c
+
+
+def test_engine_of_the_active_precision_refused_is_a_warning(tmp_path):
+    """An int8 engine is there but never passed the guard (an interrupted compile): run falls back to the
+    fp16 engine, so run can start, with a warning that says why int8 is not used and how to get it."""
+    b = _engine_bundle(tmp_path)
+    _put_engine(b, "fp16", _orin())
+    _put_engine(b, "int8", _orin(), source="model.int8.onnx", guard=False)
+    c = d.engine_verdict(b, _orin(), required=True)
+    assert c.status == d.Status.WARN and c.data["runs"] == "fp16", c
+    assert "never passed the accuracy guard" in c.detail and "--precision int8" in c.fix
+    assert d.exit_code([c]) == 0 and d.exit_code([c], strict=True) == 1
+    # with a guarded int8 engine too, int8 (the active precision) is the one run opens
+    _put_engine(b, "int8", _orin(), source="model.int8.onnx")
+    c = d.engine_verdict(b, _orin(), required=True)
+    assert c.status == d.Status.OK and c.data["runs"] == "int8" and "int8 engine for Orin" in c.detail
+
+
+def test_engine_asked_precision_only_and_none_usable(tmp_path):
+    b = _engine_bundle(tmp_path)
+    _put_engine(b, "fp16", _orin())
+    # model.precision = "int8": run opens an int8 engine or none
+    c = d.engine_verdict(b, _orin(), required=True, precision="int8")
+    assert c.status == d.Status.FAIL and c.required and "no usable int8 engine" in c.detail, c
+    assert "usable: fp16" in c.detail and "--precision int8" in c.fix and "model.precision empty" in c.fix
+    assert d.engine_verdict(b, _orin(), precision="int8").status == d.Status.WARN  # backend auto: ONNX Runtime
+    # no engine at all: run (tensorrt) cannot start
+    empty = _engine_bundle(tmp_path / "2")
+    c = d.engine_verdict(empty, _orin(), required=True)
+    assert c.status == d.Status.FAIL and "no usable int8 engine for Orin sm87" in c.detail
+    assert "edge-ad compile --bundle" in c.fix
+    # an engine for another TensorRT (a JetPack upgrade) does not count
+    other = _engine_bundle(tmp_path / "3")
+    from edge_ad.runtime.backends.engine_cache import Target
+    _put_engine(other, "fp16", Target("8.7", "10.4.0", "Orin"))
+    assert d.engine_verdict(other, _orin(), required=True).status == d.Status.FAIL
+
+
+# ---------------------------------------------------------------------------- the model opens as run opens it
+def test_backend_opens_the_model_as_run_does(tmp_path, tiny):
+    b = copy_bundle(tiny, tmp_path / "b")
+    ok = d.check_backend(b, "onnxruntime", None, "cpu")
+    assert ok.status == d.Status.OK and "onnxruntime fp32 on cpu (model.onnx)" in ok.detail, ok
+    # the precision asked has no graph: run refuses it (exit 2), so doctor fails it
+    int8 = d.check_backend(b, "onnxruntime", "int8", "cpu")
+    assert int8.status == d.Status.FAIL and int8.required, int8
+    assert "model.int8.onnx: not found" in int8.detail
+    assert f"edge-ad quantize --bundle {b.path} --precision int8" in int8.fix and "model.precision empty" in int8.fix
+    # torch on a bundle without checkpoint.pt (or without torch)
+    torch_be = d.check_backend(b, "torch", None, "cpu")
+    assert torch_be.status == d.Status.FAIL and torch_be.required, torch_be
+    assert "checkpoint.pt" in torch_be.detail or "PyTorch" in torch_be.detail
+    assert 'model.backend = "onnxruntime"' in torch_be.fix
+    # a graph that is no ONNX graph: the bundle verifies, the model does not open
+    junk = d.check_backend(_bundle(tmp_path / "junk"), "auto")
+    assert junk.status == d.Status.FAIL and "could not load" in junk.detail
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is not None, reason="OpenVINO is installed here")
+def test_backend_openvino_not_installed(tmp_path, tiny):
+    b = copy_bundle(tiny, tmp_path / "b")
+    checks = d.run_checks(bundle=b.path, data_dirs=[tmp_path], backend="openvino", min_free_mb=1, service=False)
+    be = _by(checks, "backend")[0]
+    assert be.status == d.Status.FAIL and be.required and "pip install openvino" in be.detail, be
+    assert "pip install openvino" in be.fix
+    assert d.exit_code(checks) == 1 and "cannot start: backend" in d.summary(checks)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_backend_tensorrt_without_tensorrt_is_not_a_second_failure(tmp_path, tiny):
+    """backend auto without TensorRT: run falls back to ONNX Runtime, so the model opens and tensorrt stays a
+    warning; backend tensorrt: the tensorrt / engine checks say why (as before) and the model is not opened."""
+    b = copy_bundle(tiny, tmp_path / "b")
+    auto = d.run_checks(bundle=b.path, data_dirs=[tmp_path], backend="auto", min_free_mb=1, service=False)
+    assert _by(auto, "tensorrt")[0].status == d.Status.WARN and not _by(auto, "tensorrt")[0].required
+    assert _by(auto, "backend")[0].status == d.Status.OK and d.exit_code(auto) == 0
+    trt = d.run_checks(bundle=b.path, data_dirs=[tmp_path], backend="tensorrt", min_free_mb=1, service=False)
+    assert _by(trt, "tensorrt")[0].status == d.Status.FAIL and _by(trt, "engine")[0].status == d.Status.FAIL
+    assert _by(trt, "backend")[0].status == d.Status.SKIP and d.exit_code(trt) == 1
+
+
+def test_cli_backend_and_precision_run_refuses(tmp_path, tiny):
+    b = copy_bundle(tiny, tmp_path / "b")
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\nbackend = "onnxruntime"\nprecision = "int8"\ndevice = "cpu"\n\n'
+                   f'[source]\nuri = "synthetic://disc"\n\n[output]\njsonl = "{tmp_path / "results.jsonl"}"\n')
+    runner = CliRunner()
+    res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1"])
+    assert res.exit_code == 1, res.output
+    assert "[FAIL] backend" in res.output and "model.int8.onnx: not found" in res.output
+    assert "cannot start: backend" in res.output
+    # run refuses it too, with the same reason
+    run = runner.invoke(main, ["run", "--config", str(cfg), "--max-frames", "1"])
+    assert run.exit_code == 2 and "model.int8.onnx: not found" in run.output, run.output
+    # --backend overrides the config's backend as run's --backend does
+    cfg.write_text(cfg.read_text().replace('precision = "int8"\n', ""))
+    assert runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1"]).exit_code == 0
+    res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--backend", "torch", "--json"])
+    assert res.exit_code == 1, res.output
+    be = {c["name"]: c for c in json.loads(res.output)["checks"]}["backend"]
+    assert be["status"] == "fail" and be["detail"].startswith("backend torch, device cpu: run cannot open")
+
+
+# ---------------------------------------------------------------------------- the bundle found as run finds it
+def test_cli_config_with_deploy_dir(tmp_path, tiny):
+    from edge_ad.calibration.deploy import CURRENT, RELEASES
+
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\nbackend = "onnxruntime"\ndevice = "cpu"\n\n'
+                   f'[source]\nuri = "synthetic://disc"\n\n[output]\njsonl = "{tmp_path / "results.jsonl"}"\n')
+    runner = CliRunner()
+    res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"])
+    assert res.exit_code == 1, res.output
+    bundle = {c["name"]: c for c in json.loads(res.output)["checks"]}["bundle"]
+    assert bundle["status"] == "fail" and bundle["required"] and "no 'current' link" in bundle["detail"], bundle
+    assert "edge-ad bundle install" in bundle["fix"]
+    # an installed release: doctor checks the bundle the 'current' link names, and opens it
+    copy_bundle(tiny, deploy / RELEASES / "r1")
+    (deploy / CURRENT).symlink_to(f"{RELEASES}/r1")
+    res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    by = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    assert by["bundle"]["status"] == "ok" and str(deploy / RELEASES / "r1") in by["bundle"]["detail"]
+    assert by["backend"]["status"] == "ok"
+    # --bundle still overrides the config
+    res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--bundle", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "[FAIL] bundle" in res.output and "not found" in res.output
+
+
+# ---------------------------------------------------------------------------- the systemd unit
+def _fake_systemctl(tmp_path, monkeypatch, props: str) -> None:
+    tool = tmp_path / "bin" / "systemctl"
+    tool.parent.mkdir(exist_ok=True)
+    tool.write_text(f"#!/bin/sh\nprintf '{props}'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:/usr/bin:/bin")
+
+
+def test_service_crash_loop_and_failed_are_warnings(tmp_path, monkeypatch):
+    _fake_systemctl(tmp_path, monkeypatch, "LoadState=loaded\\nActiveState=activating\\nSubState=auto-restart\\n"
+                                           "UnitFileState=enabled\\nNRestarts=17\\n")
+    c = d.check_service()
+    assert c.status == d.Status.WARN and "auto-restart" in c.detail and "restarted 17 time(s)" in c.detail, c
+    assert "journalctl -u edge-ad.service" in c.fix
+    _fake_systemctl(tmp_path, monkeypatch, "LoadState=loaded\\nActiveState=failed\\nSubState=failed\\n"
+                                           "UnitFileState=enabled\\n")
+    c = d.check_service()
+    assert c.status == d.Status.WARN and "failed" in c.detail and "journalctl -u edge-ad.service" in c.fix, c
+    _fake_systemctl(tmp_path, monkeypatch, "LoadState=loaded\\nActiveState=active\\nSubState=running\\n"
+                                           "UnitFileState=enabled\\nNRestarts=0\\n")
+    c = d.check_service()
+    assert c.status == d.Status.OK and c.detail == "edge-ad.service: active (running), enabled at boot", c
+    _fake_systemctl(tmp_path, monkeypatch, "LoadState=not-found\\nActiveState=inactive\\nSubState=dead\\n")
+    assert d.check_service().status == d.Status.SKIP

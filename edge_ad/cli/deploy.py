@@ -15,8 +15,8 @@ from .types import Seconds
 
 @main.command()
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              envvar="EDGE_AD_CONFIG", help="The edge-ad run config to check (bundle, source, MQTT, paths). "
-                                            "Default: $EDGE_AD_CONFIG.")
+              envvar="EDGE_AD_CONFIG", help="The edge-ad run config to check (bundle or deploy_dir, backend, "
+                                            "precision, device, source, MQTT, paths). Default: $EDGE_AD_CONFIG.")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Bundle folder to verify (overrides the config).")
 @click.option("--mqtt", "mqtt_url", metavar="URL",
               help="Broker to reach, mqtt://host[:port] or mqtts://host[:port] (overrides the config's URL).")
@@ -27,8 +27,9 @@ from .types import Seconds
               help="Folder run writes to (outbox, log, snapshots); repeatable. Default: the config's paths, "
                    "else the outbox folder and the working directory.")
 @click.option("--backend", default=None, type=click.Choice(BACKENDS),
-              help="Backend run will use (tensorrt makes TensorRT, CUDA and an engine required). Default: the "
-                   "config's, else auto.")
+              help="Backend run will use: the model is opened on it as run opens it (tensorrt also makes "
+                   "TensorRT, CUDA and an engine required). Overrides the config's, as run --backend does. "
+                   "Default: the config's, else auto.")
 @click.option("--min-free-mb", type=click.IntRange(0), default=256, show_default=True,
               help="Free disk space required in each data folder.")
 @click.option("--timeout", "timeout_s", type=Seconds(0.1, max=60), default=3.0, show_default=True,
@@ -62,11 +63,16 @@ def doctor(config, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_fr
             extra.append(d.Check("config", d.Status.FAIL, str(exc), required=True,
                                  fix="fix the field named above (docs: edge-ad run --help, examples/)"))
     dirs = list(data_dirs)
+    resolve_bundle = None
     if settings is not None:
-        bundle = bundle or settings.model.bundle
+        m = settings.model
+        if bundle is None:  # as run finds it: model.bundle, else model.deploy_dir's 'current' release
+            resolve_bundle = m.bundle_path
         source = source or settings.source.uri
-        backend = backend or settings.model.backend
-        precision = settings.model.precision
+        if backend is not None:  # as run's --backend: the config's backend only, its device and options stay
+            m.backend = backend
+        backend = m.backend
+        precision = m.precision
         if settings.mqtt and settings.mqtt.get("url"):
             try:
                 mqtt = settings.mqtt_settings()
@@ -96,7 +102,7 @@ def doctor(config, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_fr
         mqtt = BrokerSettings(**fields)  # a malformed URL is a usage error (exit 2)
     checks = extra + d.run_checks(bundle=bundle, mqtt=mqtt, data_dirs=dirs, source=source,
                                   backend=backend or "auto", precision=precision, min_free_mb=min_free_mb,
-                                  timeout_s=timeout_s)
+                                  timeout_s=timeout_s, resolve_bundle=resolve_bundle, settings=settings)
     code = d.exit_code(checks, strict)
     if as_json:
         click.echo(json.dumps(d.report_dict(checks, strict), indent=2, sort_keys=False, default=str))
