@@ -227,7 +227,15 @@ def check_tensorrt(required: bool = False, jetson: bool = False) -> Check:
         return Check("tensorrt", Status.FAIL if required else Status.WARN, f"installed but not importable ({exc})",
                      required=required, fix="a TensorRT built for another Python or CUDA: reinstall the "
                      "bindings that match this Python (jetson/install.sh)")
-    return _ok("tensorrt", str(trt.__version__), data={"version": str(trt.__version__)})
+    from .runtime.backends.tensorrt import trt_supported
+
+    version = str(trt.__version__)
+    if not trt_supported(version):
+        return Check("tensorrt", Status.FAIL if required else Status.WARN,
+                     f"{version} is older than the 8.6 edge-ad needs: no engine can be built; inference runs "
+                     "on ONNX Runtime", fix="JetPack 6 or newer for TensorRT (JetPack 5 ships 8.5)",
+                     required=required, data={"version": version})
+    return _ok("tensorrt", version, data={"version": version})
 
 
 # ---------------------------------------------------------------------------- GPU / CUDA

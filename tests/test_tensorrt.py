@@ -136,6 +136,13 @@ def test_scan_reports_engines_of_other_devices_and_remove(tmp_path):
     assert engine_cache.timing_cache_path(b, ORIN).name == "timing-sm87-trt10.3.0.cache"
 
 
+def test_supported_tensorrt_releases():
+    from edge_ad.runtime.backends.tensorrt import trt_supported
+
+    assert [trt_supported(v) for v in ("8.5.2.2", "8.6.2.3", "10.3.0.30", "10.13.0", "11.0.0", "7.1.3", "x")] \
+        == [False, True, True, True, True, False, False]        # 8.5 is JetPack 5's: refused by compile
+
+
 def test_cuda_status_check_raises_with_the_error():
     from edge_ad.runtime.backends.cuda import CudaError, check
 

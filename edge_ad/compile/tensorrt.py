@@ -29,7 +29,8 @@ from ..bundle import Bundle
 from ..errors import InputError, RuntimeFailure
 from ..runtime.backends import engine_cache
 from ..runtime.backends.engine_cache import EngineCheck
-from ..runtime.backends.tensorrt import _Logger, current_target, deserialize, import_tensorrt, trt_major
+from ..runtime.backends.tensorrt import (_Logger, current_target, deserialize, import_tensorrt, trt_major,
+                                         trt_supported)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
     cuda.set_device(device)
     target = current_target(trt, cuda, device)
     major = trt_major(trt)
-    if major < 8 or (major == 8 and not str(trt.__version__).startswith("8.6")):
+    if not trt_supported(trt.__version__):
         raise InputError(f"TensorRT {trt.__version__}: edge-ad needs TensorRT 8.6, 10.x or 11.x")
     strong = typing == "strong" or (typing == "auto" and major >= 11)
     if major >= 11 and typing == "weak":

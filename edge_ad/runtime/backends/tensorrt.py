@@ -42,6 +42,17 @@ def trt_major(trt) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
+def trt_supported(version: str) -> bool:
+    """TensorRT 8.6 (JetPack 6.0), 10.x and 11.x: the releases whose API this runtime is written for
+    (8.5, JetPack 5, lacks parts of it)."""
+    parts = str(version).split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return False
+    return major > 8 or (major == 8 and minor >= 6)
+
+
 def parse_device(device: str | None) -> int:
     device = (device or "cuda:0").strip().lower()
     kind, _, idx = device.partition(":")
