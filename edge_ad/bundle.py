@@ -37,6 +37,9 @@ FORMAT = "edge-ad-bundle"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 _CAL_RE = re.compile(r"^(\d{4,})\.json$")
+GRAPH_HINTS = {"model.onnx": "run 'edge-ad export'", "model.fp16.onnx": "run 'edge-ad quantize --precision fp16'",
+               "model.int8.onnx": "run 'edge-ad quantize --precision int8'",
+               "model.int8-u8.onnx": "run 'edge-ad quantize --precision int8'"}
 
 
 def now_iso() -> str:
@@ -316,6 +319,22 @@ class Bundle:
         if not p.is_file():
             hint = "run 'edge-ad export'" if name == "model.onnx" else f"run 'edge-ad quantize --precision {precision}'"
             raise InputError(f"{p}: not found; {hint}")
+        return p
+
+    def check_graph(self, name: str | None = None, verify: bool = True) -> Path:
+        """The path of graph ``name`` (None: the active one) when it is on disk and manifest.json records it
+        (and, with ``verify``, its sha256 matches); else :class:`InputError`. A graph the manifest does not
+        record is not this bundle's model (left from an earlier one, or copied in by hand): never run."""
+        name = name or self.active_graph
+        p = self.file(name)
+        hint = GRAPH_HINTS.get(name, "run 'edge-ad export'")
+        if not p.is_file():
+            raise InputError(f"{p}: not found; {hint}")
+        if name not in self.manifest["files"]:
+            raise InputError(f"{p}: not recorded in {self.path / 'manifest.json'}, so it is not this bundle's "
+                             f"model (left from an earlier model, or copied in by hand); {hint}")
+        if verify:
+            self.verify([name])
         return p
 
     def set_active(self, graph: str, precision: str) -> None:
