@@ -11,6 +11,10 @@
     engines/<key>.engine   TensorRT engines
     quant_report.json      guard results
 
+Besides the bundle, its folder may hold what is local to one machine or one run and never ships with it
+(:data:`NOT_SHIPPED`): ``train_state.pt`` (``edge-ad train --resume``'s checkpoint), ``engines/`` (built
+for one GPU), ``eval/`` (the last report).
+
 Every write is atomic (temp file + fsync + rename); a change of several files at once goes through
 :meth:`Bundle.replace_files`, ordered so the manifest on disk always agrees with the files. The
 manifest records the sha256 of every file so a corrupt copy is refused, and ``manifest["active"]`` names
@@ -37,6 +41,13 @@ FORMAT = "edge-ad-bundle"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 _CAL_RE = re.compile(r"^(\d{4,})\.json$")
+# What a bundle folder may hold that is not part of the bundle: training state for 'edge-ad train --resume'
+# (never shipped: optimizer state, tens of MB) and what belongs to one machine or run (TensorRT engines are
+# built per GPU, eval/ is the last report). Never packed into an update archive nor copied into an --adapt
+# candidate.
+TRAINING_STATE = ("train_state.pt",)
+LOCAL_ONLY = ("engines", "eval", "timing.cache")
+NOT_SHIPPED = TRAINING_STATE + LOCAL_ONLY
 GRAPH_HINTS = {"model.onnx": "run 'edge-ad export'", "model.fp16.onnx": "run 'edge-ad quantize --precision fp16'",
                "model.int8.onnx": "run 'edge-ad quantize --precision int8'",
                "model.int8-u8.onnx": "run 'edge-ad quantize --precision int8'"}
