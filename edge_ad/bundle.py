@@ -41,6 +41,7 @@ FORMAT = "edge-ad-bundle"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 _CAL_RE = re.compile(r"^(\d{4,})\.json$")
+
 # What a bundle folder may hold that is not part of the bundle: training state for 'edge-ad train --resume'
 # (never shipped: optimizer state, tens of MB) and what belongs to one machine or run (TensorRT engines are
 # built per GPU, eval/ is the last report). Never packed into an update archive nor copied into an --adapt
@@ -48,6 +49,11 @@ _CAL_RE = re.compile(r"^(\d{4,})\.json$")
 TRAINING_STATE = ("train_state.pt",)
 LOCAL_ONLY = ("engines", "eval", "timing.cache")
 NOT_SHIPPED = TRAINING_STATE + LOCAL_ONLY
+# Everything else a bundle folder holds (top-level names): 'edge-ad train' replaces a folder that holds
+# only these (and the manifest's files) as a whole, and refuses one that holds anything else.
+BUNDLE_ENTRIES = ("manifest.json", "checkpoint.pt", "calibration.json", "calibration.d", "gaussian.d",
+                  "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8-u8.onnx", "quant_report.json")
+_TEMP_RE = re.compile(r"^\.(new-.+|.+\.tmp)$")   # replace_files' staged files, atomic writes' temp files
 GRAPH_HINTS = {"model.onnx": "run 'edge-ad export'", "model.fp16.onnx": "run 'edge-ad quantize --precision fp16'",
                "model.int8.onnx": "run 'edge-ad quantize --precision int8'",
                "model.int8-u8.onnx": "run 'edge-ad quantize --precision int8'"}
@@ -91,6 +97,31 @@ def check_manifest(manifest: Any, where: str | os.PathLike) -> None:
 _MEMBER_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
+def foreign_entries(path: str | os.PathLike) -> list[str]:
+    """The names in folder ``path`` that are no part of an edge-ad bundle folder (:data:`BUNDLE_ENTRIES`,
+    :data:`NOT_SHIPPED`, the top folders of the files its manifest records, edge-ad's temp files): what a
+    command that replaces a bundle folder as a whole must not delete. Empty for a bundle folder, an empty
+    folder, or one holding only training state."""
+    path = Path(path)
+    known = set(BUNDLE_ENTRIES) | set(NOT_SHIPPED)
+    try:
+        files = json.loads((path / "manifest.json").read_text("utf-8")).get("files")
+        known |= {str(n).split("/")[0] for n in files} if isinstance(files, dict) else set()
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        pass
+    return sorted(p.name for p in path.iterdir() if p.name not in known and not _TEMP_RE.match(p.name))
+
+
+def is_bundle_folder(path: str | os.PathLike) -> bool:
+    """``path`` holds an edge-ad bundle: a manifest.json whose 'format' is edge-ad's (readable or not
+    against the schema: a damaged bundle is still a bundle)."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def check_member(name: Any, what: str = "bundle file name") -> str:
     """``name`` if it is a relative path inside a bundle (parts of letters, digits, ``_ . + -`` joined by
     ``/``, none starting with a dot, so no ``..`` and no absolute path); else :class:`InputError`."""
@@ -109,10 +140,15 @@ class Bundle:
     # ----------------------------------------------------------------- create / open
     @classmethod
     def create(cls, path: str | os.PathLike, model: dict[str, Any]) -> "Bundle":
-        """Start a bundle folder. ``model`` needs kind, image_size [H, W] and outputs (raw map names)."""
+        """Start a bundle in a new or empty folder (never over a bundle: its files would mix with the new
+        ones). ``model`` needs kind, image_size [H, W] and outputs (raw map names)."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise InputError(f"{path}: exists and is not a folder")
+        if path.is_dir() and any(path.iterdir()):
+            raise InputError(f"{path}: not empty ({', '.join(sorted(p.name for p in path.iterdir())[:5])}); a new "
+                             "bundle is made in a new or empty folder ('edge-ad train' replaces a bundle folder "
+                             "as a whole)")
         for key in ("kind", "image_size", "outputs"):
             if key not in model:
                 raise InputError(f"bundle model description lacks '{key}'")

@@ -329,6 +329,18 @@ def test_replace_files_failing_to_write_changes_nothing(tmp_path, monkeypatch):
     assert again.has("quant_report.json") and not list(b.path.glob(".new-*"))
 
 
+def test_create_refuses_a_folder_that_is_not_empty(tmp_path):
+    """A new bundle over an old one would leave the old graphs, calibration history and statistics beside
+    the new manifest."""
+    old = _graphs_bundle(tmp_path / "b")
+    with pytest.raises(InputError, match=r"b: not empty \(manifest.json, model.int8-u8.onnx, .*a new bundle is "
+                                         "made in a new or empty folder"):
+        Bundle.create(old.path, {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+    assert Bundle.open(old.path, verify=True).manifest == old.manifest
+    (tmp_path / "empty").mkdir()
+    assert Bundle.create(tmp_path / "empty", {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+
+
 def test_a_graph_the_manifest_does_not_record_is_never_run(tiny_bundle, tmp_path):
     """A graph file left from another model (an earlier training into the same folder) is refused by the
     ONNX Runtime backend, not run with this bundle's calibration; the CPU never picks an unrecorded u8 form."""
