@@ -11,6 +11,10 @@
     engines/<key>.engine   TensorRT engines
     quant_report.json      guard results
 
+Besides the bundle, its folder may hold what is local to one machine or one run and never ships with it
+(:data:`NOT_SHIPPED`): ``train_state.pt`` (``edge-ad train --resume``'s checkpoint), ``engines/`` (built
+for one GPU), ``eval/`` (the last report).
+
 Every write is atomic (temp file + fsync + rename); a change of several files at once goes through
 :meth:`Bundle.replace_files`, ordered so the manifest on disk always agrees with the files. The
 manifest records the sha256 of every file so a corrupt copy is refused, and ``manifest["active"]`` names
@@ -37,6 +41,22 @@ FORMAT = "edge-ad-bundle"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 _CAL_RE = re.compile(r"^(\d{4,})\.json$")
+
+# What a bundle folder may hold that is not part of the bundle: training state for 'edge-ad train --resume'
+# (never shipped: optimizer state, tens of MB) and what belongs to one machine or run (TensorRT engines are
+# built per GPU, eval/ is the last report). Never packed into an update archive nor copied into an --adapt
+# candidate.
+TRAINING_STATE = ("train_state.pt",)
+LOCAL_ONLY = ("engines", "eval", "timing.cache")
+NOT_SHIPPED = TRAINING_STATE + LOCAL_ONLY
+# Everything else a bundle folder holds (top-level names): 'edge-ad train' replaces a folder that holds
+# only these (and the manifest's files) as a whole, and refuses one that holds anything else.
+BUNDLE_ENTRIES = ("manifest.json", "checkpoint.pt", "calibration.json", "calibration.d", "gaussian.d",
+                  "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8-u8.onnx", "quant_report.json")
+_TEMP_RE = re.compile(r"^\.(new-.+|.+\.tmp)$")   # replace_files' staged files, atomic writes' temp files
+GRAPH_HINTS = {"model.onnx": "run 'edge-ad export'", "model.fp16.onnx": "run 'edge-ad quantize --precision fp16'",
+               "model.int8.onnx": "run 'edge-ad quantize --precision int8'",
+               "model.int8-u8.onnx": "run 'edge-ad quantize --precision int8'"}
 
 
 def now_iso() -> str:
@@ -77,6 +97,31 @@ def check_manifest(manifest: Any, where: str | os.PathLike) -> None:
 _MEMBER_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
+def foreign_entries(path: str | os.PathLike) -> list[str]:
+    """The names in folder ``path`` that are no part of an edge-ad bundle folder (:data:`BUNDLE_ENTRIES`,
+    :data:`NOT_SHIPPED`, the top folders of the files its manifest records, edge-ad's temp files): what a
+    command that replaces a bundle folder as a whole must not delete. Empty for a bundle folder, an empty
+    folder, or one holding only training state."""
+    path = Path(path)
+    known = set(BUNDLE_ENTRIES) | set(NOT_SHIPPED)
+    try:
+        files = json.loads((path / "manifest.json").read_text("utf-8")).get("files")
+        known |= {str(n).split("/")[0] for n in files} if isinstance(files, dict) else set()
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        pass
+    return sorted(p.name for p in path.iterdir() if p.name not in known and not _TEMP_RE.match(p.name))
+
+
+def is_bundle_folder(path: str | os.PathLike) -> bool:
+    """``path`` holds an edge-ad bundle: a manifest.json whose 'format' is edge-ad's (readable or not
+    against the schema: a damaged bundle is still a bundle)."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def check_member(name: Any, what: str = "bundle file name") -> str:
     """``name`` if it is a relative path inside a bundle (parts of letters, digits, ``_ . + -`` joined by
     ``/``, none starting with a dot, so no ``..`` and no absolute path); else :class:`InputError`."""
@@ -95,10 +140,15 @@ class Bundle:
     # ----------------------------------------------------------------- create / open
     @classmethod
     def create(cls, path: str | os.PathLike, model: dict[str, Any]) -> "Bundle":
-        """Start a bundle folder. ``model`` needs kind, image_size [H, W] and outputs (raw map names)."""
+        """Start a bundle in a new or empty folder (never over a bundle: its files would mix with the new
+        ones). ``model`` needs kind, image_size [H, W] and outputs (raw map names)."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise InputError(f"{path}: exists and is not a folder")
+        if path.is_dir() and any(path.iterdir()):
+            raise InputError(f"{path}: not empty ({', '.join(sorted(p.name for p in path.iterdir())[:5])}); a new "
+                             "bundle is made in a new or empty folder ('edge-ad train' replaces a bundle folder "
+                             "as a whole)")
         for key in ("kind", "image_size", "outputs"):
             if key not in model:
                 raise InputError(f"bundle model description lacks '{key}'")
@@ -316,6 +366,22 @@ class Bundle:
         if not p.is_file():
             hint = "run 'edge-ad export'" if name == "model.onnx" else f"run 'edge-ad quantize --precision {precision}'"
             raise InputError(f"{p}: not found; {hint}")
+        return p
+
+    def check_graph(self, name: str | None = None, verify: bool = True) -> Path:
+        """The path of graph ``name`` (None: the active one) when it is on disk and manifest.json records it
+        (and, with ``verify``, its sha256 matches); else :class:`InputError`. A graph the manifest does not
+        record is not this bundle's model (left from an earlier one, or copied in by hand): never run."""
+        name = name or self.active_graph
+        p = self.file(name)
+        hint = GRAPH_HINTS.get(name, "run 'edge-ad export'")
+        if not p.is_file():
+            raise InputError(f"{p}: not found; {hint}")
+        if name not in self.manifest["files"]:
+            raise InputError(f"{p}: not recorded in {self.path / 'manifest.json'}, so it is not this bundle's "
+                             f"model (left from an earlier model, or copied in by hand); {hint}")
+        if verify:
+            self.verify([name])
         return p
 
     def set_active(self, graph: str, precision: str) -> None:

@@ -6,6 +6,8 @@ from edge_ad.bundle import Bundle
 from edge_ad.errors import InputError
 from edge_ad.scoring import Calibration, MapNorm
 
+from fixtures_bundle import copy_bundle, tiny_bundle  # noqa: F401
+
 
 def _cal(thr):
     return Calibration(maps={"map": MapNorm(0.0, 1.0)}, threshold=thr)
@@ -325,3 +327,38 @@ def test_replace_files_failing_to_write_changes_nothing(tmp_path, monkeypatch):
     again = Bundle.open(b.path, verify=True)
     assert again.manifest == b.manifest and again.graph_for().read_bytes() == b"old s8"
     assert again.has("quant_report.json") and not list(b.path.glob(".new-*"))
+
+
+def test_create_refuses_a_folder_that_is_not_empty(tmp_path):
+    """A new bundle over an old one would leave the old graphs, calibration history and statistics beside
+    the new manifest."""
+    old = _graphs_bundle(tmp_path / "b")
+    with pytest.raises(InputError, match=r"b: not empty \(manifest.json, model.int8-u8.onnx, .*a new bundle is "
+                                         "made in a new or empty folder"):
+        Bundle.create(old.path, {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+    assert Bundle.open(old.path, verify=True).manifest == old.manifest
+    (tmp_path / "empty").mkdir()
+    assert Bundle.create(tmp_path / "empty", {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
+
+
+def test_a_graph_the_manifest_does_not_record_is_never_run(tiny_bundle, tmp_path):
+    """A graph file left from another model (an earlier training into the same folder) is refused by the
+    ONNX Runtime backend, not run with this bundle's calibration; the CPU never picks an unrecorded u8 form."""
+    from edge_ad.runtime.backends.base import graph_file
+    from edge_ad.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    OnnxRuntimeBackend(b).close()
+    b.manifest["files"].pop("model.onnx")
+    b.save_manifest()
+    b = Bundle.open(b.path, verify=True)
+    for verify in (True, False):
+        with pytest.raises(InputError, match=r"b/model.onnx: not recorded in .*manifest.json, so it is not this "
+                                             r"bundle's model .*run 'edge-ad export'"):
+            OnnxRuntimeBackend(b, verify=verify)
+    b.add_file("model.onnx")
+    b.add_file("model.int8.onnx", src=b.file("model.onnx"))
+    b.file("model.int8-u8.onnx").write_bytes(b.file("model.onnx").read_bytes())   # on disk, not recorded
+    assert graph_file(b, "int8", "cpu") == "model.int8.onnx"
+    b.add_file("model.int8-u8.onnx")
+    assert graph_file(b, "int8", "cpu") == "model.int8-u8.onnx"

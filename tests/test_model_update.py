@@ -107,6 +107,54 @@ def test_pack_and_install_switch_atomically_and_keep_the_previous(bundles, golde
     assert json.loads((deploy / "deploy.json").read_text())["history"][-1]["event"] == "switched"
 
 
+def test_pack_ships_the_bundle_only(tiny_bundle, tmp_path):
+    """Not the training state (optimizer state for --resume, tens of MB), eval reports, engines, temp files,
+    nor a graph the manifest does not record (left from an earlier model)."""
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    b.write_calibration(b.calibration().replace(version=0, created=""))   # history: v1 and v2
+    for name in ("train_state.pt", "eval/report.json", "engines/x.engine", "model.int8.onnx",
+                 "gaussian.d/0001.npz", ".new-model.onnx", "notes.txt"):
+        (b.path / name).parent.mkdir(exist_ok=True)
+        (b.path / name).write_bytes(b"not part of the bundle")
+    info = read_index(pack_bundle(b.path, tmp_path / "b.tar"))
+    assert sorted(info.index["files"]) == ["bundle/calibration.d/0001.json", "bundle/calibration.d/0002.json",
+                                           "bundle/calibration.json", "bundle/manifest.json", "bundle/model.onnx"]
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        assert sorted(tar.getnames()) == sorted(info.index["files"]) + ["edge-ad-package.json"]
+    r = install_bundle(tmp_path / "b.tar", tmp_path / "deploy", require_golden=False)
+    assert Bundle.open(r.path, verify=True).calibration().version == 2
+
+
+def test_a_bundle_without_its_graph_is_neither_packed_nor_installed(tiny_bundle, tmp_path, monkeypatch):
+    """A bundle trained with --no-export (or whose export failed) has no graph to inspect with."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    b.remove_file("model.onnx")
+    with pytest.raises(InputError, match=r"b/model.onnx: not found; run 'edge-ad export'.*must be there and "
+                                         r"recorded in manifest.json to pack it"):
+        pack_bundle(b.path, tmp_path / "b.tar")
+    res = CliRunner().invoke(main, ["bundle", "pack", str(b.path), str(tmp_path / "b.tar")])
+    assert res.exit_code == 2 and "model.onnx: not found; run 'edge-ad export'" in res.output, res.output
+    (b.path / "model.onnx").write_bytes((tiny_bundle.path / "model.onnx").read_bytes())  # there, unrecorded
+    with pytest.raises(InputError, match=r"b/model.onnx: not recorded in .*manifest.json"):
+        pack_bundle(b.path, tmp_path / "b.tar")
+    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*"))
+    (b.path / "model.onnx").unlink()
+    with monkeypatch.context() as m:          # an archive made by an older packer
+        m.setattr(Bundle, "check_graph", lambda self, name=None, verify=True: None)
+        archive = pack_bundle(b.path, tmp_path / "b.tar")
+    with pytest.raises(InputError, match="b.tar: the bundle has no active graph model.onnx"):
+        install_bundle(archive, tmp_path / "deploy", require_golden=False)
+    res = CliRunner().invoke(main, ["bundle", "install", str(archive), "--deploy", str(tmp_path / "deploy"),
+                                    "--no-golden"])
+    assert res.exit_code == 2 and "the bundle has no active graph model.onnx" in res.output, res.output
+    assert "run 'edge-ad export' on it and pack it again; update refused" in res.output
+    assert not (tmp_path / "deploy").exists()
+
+
 def test_corrupt_or_truncated_archive_is_refused_and_the_running_model_untouched(bundles, golden, tmp_path):
     a, b, _ = bundles
     deploy = tmp_path / "deploy"

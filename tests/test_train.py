@@ -76,6 +76,93 @@ def test_training_is_deterministic_and_resume_matches(category, tmp_path, monkey
         assert torch.equal(sa[k], sb[k]), f"resume differs: {k}"
 
 
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_retraining_into_a_bundle_folder_replaces_the_whole_bundle(category, tmp_path, monkeypatch):
+    """No file of the old model survives a new training into its folder (graphs, quantized graphs, quant
+    report, calibration history, Gaussian statistics, engines, eval report, an older run's training state),
+    so nothing runs the old graph with the new calibration, nor rolls back to the old model's calibration;
+    and a training that fails at the end leaves the old bundle whole."""
+    import edge_ad.compile.export as export_mod
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    out = tmp_path / "b"
+    old = train_bundle("gaussian", category, out, image_size=SIZE)
+    old.write_calibration(old.calibration().replace(version=0, created=""))   # a recalibration: v2
+    old.add_file("model.int8.onnx", src=old.file("model.onnx"))                # as if quantized
+    old.add_file("quant_report.json", data=b"{}")
+    old.set_active("model.int8.onnx", "int8")
+    for name in ("eval/report.json", "engines/x.engine", "train_state.pt"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_bytes(b"the old model's")
+    before = _files(out)
+
+    def broken_export(bundle, module=None, **kw):
+        raise RuntimeFailure("export failed (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(export_mod, "export_bundle", broken_export)
+        with pytest.raises(RuntimeFailure, match="simulated"):
+            train_bundle("gaussian", category, out, image_size=SIZE, seed=1)
+    assert _files(out) == before and Bundle.open(out, verify=True).active_graph == "model.int8.onnx"
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]   # no half-built bundle left beside it
+
+    new = train_bundle("gaussian", category, out, image_size=SIZE, seed=1, export=False)
+    assert sorted(_files(out)) == ["calibration.d/0001.json", "calibration.json", "checkpoint.pt",
+                                   "gaussian.d/0001.npz", "manifest.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]   # the old bundle is gone, not kept beside it
+    assert new.manifest["training"]["seed"] == 1 and new.active_graph == "model.onnx"
+    cal = new.calibration()
+    assert cal.version == 1 and "previous_version" not in cal.extra
+    with pytest.raises(InputError, match="nothing to roll back to"):
+        new.rollback_calibration()
+    with pytest.raises(InputError, match="b/model.onnx: not found; run 'edge-ad export'"):
+        OnnxRuntimeBackend(new)
+
+
+def test_retraining_keeps_this_runs_training_state_for_resume(category, tmp_path):
+    kw = dict(image_size=SIZE, batch_size=1, export=False)
+    out = tmp_path / "b"
+    train_bundle("gaussian", category, out, **kw)
+    train_bundle("efficientad-s", category, out, steps=2, **kw)
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+    b = train_bundle("efficientad-s", category, out, steps=3, resume=True, **kw)
+    assert b.manifest["training"]["resumed_at"] == 2 and b.manifest["training"]["steps"] == 3
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
+    train_bundle("gaussian", category, out, **kw)
+    assert not (out / "train_state.pt").exists()   # the efficientad run's state went with its bundle
+
+
+def test_training_never_deletes_what_is_not_a_bundle(category, tmp_path):
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("mine")
+    (mine / "manifest.json").write_text('{"name": "a web app"}')
+    with pytest.raises(InputError, match=r"--out .*mine: not empty and holds no bundle \(no edge-ad manifest.json; "
+                                         r"it holds manifest.json, todo.txt\); expected a new or empty folder"):
+        train_bundle("gaussian", category, mine, image_size=SIZE)
+    r = CliRunner().invoke(main, ["train", "--model", "gaussian", "--data", str(category), "--out", str(mine),
+                                  "--image-size", str(SIZE)])
+    assert r.exit_code == 2 and f"--out {mine}: not empty and holds no bundle" in r.output, r.output
+    b = Bundle.create(tmp_path / "b", {"kind": "gaussian", "image_size": [SIZE, SIZE], "outputs": ["feat"]})
+    (b.path / "images").mkdir()
+    (b.path / "images" / "0.png").write_bytes(b"mine")
+    with pytest.raises(InputError, match=r"--out .*b: holds images, which no bundle holds; training replaces the "
+                                         "bundle folder as a whole"):
+        train_bundle("gaussian", category, b.path, image_size=SIZE)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(InputError, match="file: exists and is not a folder"):
+        train_bundle("gaussian", category, tmp_path / "file", image_size=SIZE)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "b", "b/images", "b/images/0.png", "b/manifest.json", "file", "mine", "mine/manifest.json", "mine/todo.txt"]
+
+
 def test_time_budget_stops_training_and_still_writes_the_bundle(category, tmp_path):
     import edge_ad.train.loops as loops
 

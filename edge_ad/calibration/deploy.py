@@ -346,6 +346,12 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
         else:
             info = extract_archive(archive, staging, key=key_obj, require_signature=require_signature)
         candidate = Bundle.open(staging, verify=True)
+        try:  # an archive of a bundle without its graph (packed by an older edge-ad) cannot inspect
+            candidate.check_graph(verify=False)
+        except InputError:
+            raise InputError(f"{archive}: the bundle has no active graph {candidate.active_graph} (missing, or "
+                             "not recorded in its manifest.json), so it cannot inspect; run 'edge-ad export' on "
+                             "it and pack it again; update refused") from None
         running = None
         if dep.current_path is not None and dep.current_path.is_dir():
             try:

@@ -5,8 +5,15 @@
     edge-ad-package.json    index: format, the bundle's model kind and hash, {path: {sha256, bytes}}
     edge-ad-package.sig     optional: {"alg": "hmac-sha256" | "ed25519", "key_id", "signature"} over the
                             exact bytes of the index (which holds the hash of every file)
-    bundle/...              the bundle folder's files (not engines/: TensorRT engines are tied to the GPU
-                            and TensorRT version, the device builds its own; not temp files)
+    bundle/...              the bundle: manifest.json, every file it records (graphs, checkpoint,
+                            Gaussian statistics, quant report), calibration.json and calibration.d/; not
+                            what else lies in its folder: no engines/ (tied to the GPU and TensorRT
+                            version, the device builds its own), eval/, training state (train_state.pt:
+                            optimizer state for 'train --resume'), temp files, nor a file the manifest does
+                            not record (left from an earlier model)
+
+A bundle is packed only when its active graph is there and recorded (a bundle trained with --no-export
+cannot inspect: run 'edge-ad export' first).
 
 Keys: HMAC-SHA256 with a shared secret (bytes, or a file holding it), or Ed25519 (PEM files: the private
 key signs, the public key verifies; needs the optional ``cryptography`` package, ``pip install
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..bundle import Bundle, now_iso
+from ..bundle import NOT_SHIPPED, Bundle, now_iso
 from ..errors import InputError
 
 INDEX = "edge-ad-package.json"
@@ -37,7 +44,6 @@ SIGNATURE = "edge-ad-package.sig"
 PREFIX = "bundle"
 FORMAT = "edge-ad-package"
 FORMAT_VERSION = 1
-SKIP_DIRS = ("engines",)
 
 
 @dataclass(frozen=True)
@@ -166,17 +172,20 @@ def _verify(key: SigningKey, data: bytes, sig: dict, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------- pack
-def _bundle_files(root: Path) -> list[str]:
+def _bundle_files(b: Bundle) -> list[str]:
+    """What the bundle consists of: manifest.json, the files it records, the calibration in force and its
+    history (never :data:`edge_ad.bundle.NOT_SHIPPED`, links, or files the manifest does not record)."""
+    root = b.path
+    names = {"manifest.json", "calibration.json", *b.manifest["files"]}
+    names |= {f"calibration.d/{b.calibration_version_file(v).name}" for v in b.calibration_versions()}
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = Path(dirpath).relative_to(root)
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and not (rel_dir == Path(".") and d in SKIP_DIRS))
-        for f in sorted(filenames):
-            p = Path(dirpath) / f
-            if f.startswith(".") or p.is_symlink() or not p.is_file():
-                continue
-            out.append((rel_dir / f).as_posix())
+    for rel in sorted(names):
+        p = b.file(rel)
+        if rel.split("/")[0] in NOT_SHIPPED or p.is_symlink() or not p.is_file():
+            continue
+        out.append(rel)
+    if "manifest.json" not in out:
+        raise InputError(f"{root}: no manifest.json")
     return out
 
 
@@ -192,13 +201,16 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
         raise InputError(f"{out_archive}: expected a name ending in {', '.join(ARCHIVE_SUFFIXES)} (.tar.gz and "
                          ".tgz are compressed)")
     b = Bundle.open(bundle_dir, verify=True)
+    try:  # a bundle without its graph cannot inspect (trained with --no-export, or an export that failed)
+        b.check_graph(verify=False)  # verified above
+    except InputError as exc:
+        raise InputError(f"{exc}; the bundle's active graph ({b.active_graph}) must be there and recorded "
+                         "in manifest.json to pack it (nothing packed)") from None
     key = load_key(sign_key) if sign_key is not None else None
     if key is not None and not key.can_sign:
         raise InputError(f"{sign_key}: a public key cannot sign; give the Ed25519 private key")
     root = b.path
-    files = _bundle_files(root)
-    if "manifest.json" not in files:
-        raise InputError(f"{root}: no manifest.json")
+    files = _bundle_files(b)
     index_files = {}
     for rel in files:
         p = root / rel

@@ -101,10 +101,7 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
             log.info("engine cache: %s", other.reason)
 
     graph = source_graph(precision, strong)
-    path = bundle.graph_for({"model.onnx": "fp32", "model.fp16.onnx": "fp16",
-                             "model.int8.onnx": "int8"}[graph])
-    if graph in bundle.manifest.get("files", {}):
-        bundle.verify([graph])
+    path = bundle.check_graph(graph)  # on disk, recorded by the manifest, sha256 checked
     h, w = bundle.image_size
     _say(progress, f"building a TensorRT {trt.__version__} {precision} engine from {graph} for "
                    f"{target.gpu_name} ({target.sm}), batch 1..{max_batch}, "

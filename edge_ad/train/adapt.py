@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import scoring
-from ..bundle import Bundle, now_iso
+from ..bundle import NOT_SHIPPED, Bundle, now_iso
 from ..data.image import resize_rgb
 from ..errors import InputError
 from ..models import load_from_bundle
@@ -32,7 +32,7 @@ from .loops import LoopConfig, train_efficientad, train_fader
 from .pipeline import PRESETS, fit_calibration, model_outputs
 
 log = logging.getLogger(__name__)
-SKIP = {"engines", "eval", "calibration.d", "gaussian.d", "train_state.pt", "timing.cache"}
+SKIP = {*NOT_SHIPPED, "calibration.d", "gaussian.d"}  # a candidate starts its own calibration history
 
 
 def adapt_bundle(bundle_dir: str | Path, frames: Sequence[np.ndarray], out_dir: str | Path, steps: int = 200,

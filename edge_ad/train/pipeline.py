@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import __version__, atomic, gaussian, scoring
-from ..bundle import Bundle, now_iso
+from ..bundle import TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder, now_iso
 from ..errors import InputError
 from ..models import KINDS, build, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
@@ -86,6 +89,65 @@ def fit_calibration(kind: str, raw_val: dict[str, np.ndarray], map_pad: int, pol
     return cal.replace(threshold=scoring.threshold_from_policy(s, policy), normal=scoring.normal_stats(s))
 
 
+def check_out_folder(out: Path) -> None:
+    """``--out`` of a training: a new or empty folder, one holding only training state (an interrupted run to
+    ``--resume``), or a bundle folder (replaced as a whole at the end) whose parent folder is writable.
+    Anything else is refused, naming it: files that are not a bundle's are never deleted."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder; expected a bundle folder (new, empty, or "
+                         "holding a bundle to replace)")
+    if out.is_dir():
+        names = sorted(p.name for p in out.iterdir())
+        if names and not is_bundle_folder(out) and not set(names) <= set(TRAINING_STATE):
+            raise InputError(f"--out {out}: not empty and holds no bundle (no edge-ad manifest.json; it holds "
+                             f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); expected a new or empty "
+                             "folder, or a bundle folder to replace (nothing was changed)")
+        foreign = foreign_entries(out)
+        if foreign:
+            raise InputError(f"--out {out}: holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, "
+                             "which no bundle holds; training replaces the bundle folder as a whole, so move "
+                             "them away or choose another --out (nothing was changed)")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"--out {out}: {parent} is a file; a folder was expected there")
+    for folder in (parent, out) if out.is_dir() else (parent,):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"--out {out}: the folder {folder} is not writable (the new bundle is built "
+                             f"beside {out.name} and renamed into place)")
+
+
+def _switch_in(stage: Path, out: Path, state: Path | None) -> None:
+    """Put the bundle built in ``stage`` at ``out``; the bundle there before (if any) is removed. With
+    ``state`` (this run's training state, in ``out``) it moves into the new bundle for a later ``--resume``.
+
+    The old folder is renamed away, the new one renamed in, then the old one deleted: a failure or power cut
+    before the first rename leaves the old bundle whole (and ``stage`` beside it); between the two renames
+    (two system calls) both are whole, as ``.NAME.old-*`` and ``.NAME.new-*`` beside ``out``."""
+    if out.is_dir():
+        check_out_folder(out)  # again: something may have been put there during the training
+    if state is not None:
+        os.replace(state, stage / state.name)
+    old = None
+    try:
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+        os.rename(stage, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.rename(old, out)
+        if state is not None and (stage / state.name).exists():
+            os.replace(stage / state.name, state)
+        raise
+    atomic._fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            log.warning("%s: the replaced bundle could not be removed entirely; delete it by hand", old)
+
+
 def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size: int = 256,
                  steps: int | None = None, preset: str = "quick", teacher: str | None = None, seed: int = 0,
                  device: str = "cpu", resume: bool = False, penalty_dir: str | None = None,
@@ -102,6 +164,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # validate early
     out = Path(out)
+    real = Path(os.path.realpath(out))  # a link to a bundle folder: the folder is replaced, the link kept
+    check_out_folder(real)
     cfg = default_config(model_kind)
     cfg.update(config or {})
     teacher_sd = None
@@ -133,7 +197,9 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         p["batch_size"] = int(batch_size)
     if lr is not None:
         p["lr"] = float(lr)
-    state_path = out / "train_state.pt"
+    # checkpoints go where --resume looks for them, beside the bundle in force, which stays whole until the
+    # new one is complete (it is built in a sibling folder and replaces the old one as a whole)
+    state_path = real / TRAINING_STATE[0]
     # what defines the run: saved in each checkpoint; --resume is refused (before any image is loaded)
     # unless it matches. The step count, time budget, checkpoint interval, device and policy may change.
     run = {"command": "edge-ad train", "--model": model_kind, "--preset": preset,
@@ -151,7 +217,6 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     if teacher_sd is not None:
         model.teacher.load_state_dict(teacher_sd)
 
-    out.mkdir(parents=True, exist_ok=True)
     train_info: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     gauss_stats = None
@@ -159,6 +224,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device, resume=resume,
         state_path=state_path, checkpoint_every=checkpoint_every,
         max_seconds=None if max_minutes is None else 60.0 * max_minutes, run=run, resume_from=resume_from)
+    if lc is not None:
+        real.mkdir(parents=True, exist_ok=True)
     if model_kind.startswith("efficientad"):
         pen = penalty_images(penalty_dir, image_size)
         if pen is None:
@@ -185,27 +252,43 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                           extra=extra)
 
     info = describe(model, model_kind, image_size, cfg)
-    bundle = Bundle.create(out, info)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    bundle.add_file("checkpoint.pt", data=buf.getvalue(), save=False)
-    if gauss_stats is not None:
-        gauss_stats.save(bundle.file(extra["gaussian"]))
-        bundle.add_file(extra["gaussian"], save=False)
-    bundle.manifest["versions"].update({"torch": torch.__version__})
-    bundle.manifest["training"] = {
-        "data": str(Path(data).resolve()), "preset": preset, "seed": seed, "device": device,
-        "image_size": image_size, "policy": policy, "val_fraction": val_fraction, "date": now_iso(), "edge_ad": __version__,
-        "n_train": len(train_paths), "val_images": [str(Path(v).resolve()) for v in val_paths],
-        "batch_size": p.get("batch_size"), "lr": p.get("lr"),
-        "seconds": round(time.time() - t_start, 1), **train_info,
-    }
-    bundle.save_manifest()
-    bundle.write_calibration(cal)
-    if state_path.exists() and not resume:
-        pass  # kept for --resume with more steps; not part of the bundle's manifest
-    if export:
-        from ..compile.export import export_bundle
+    # the new bundle is built in a sibling folder and switched in whole: no file of a bundle that was at
+    # --out before (graphs, quantized graphs, calibration history, Gaussian statistics, engines, eval
+    # report) survives to mix with the new model, and a failure or interruption leaves that bundle as it was
+    real.parent.mkdir(parents=True, exist_ok=True)
+    stage = real.with_name(f".{real.name}.new-{uuid.uuid4().hex[:8]}")
+    stage.mkdir()
+    try:
+        if real.is_dir():  # the folder keeps its permissions
+            os.chmod(stage, real.stat().st_mode & 0o7777)
+        bundle = Bundle.create(stage, info)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        bundle.add_file("checkpoint.pt", data=buf.getvalue(), save=False)
+        if gauss_stats is not None:
+            gauss_stats.save(bundle.file(extra["gaussian"]))
+            bundle.add_file(extra["gaussian"], save=False)
+        bundle.manifest["versions"].update({"torch": torch.__version__})
+        bundle.manifest["training"] = {
+            "data": str(Path(data).resolve()), "preset": preset, "seed": seed, "device": device,
+            "image_size": image_size, "policy": policy, "val_fraction": val_fraction, "date": now_iso(), "edge_ad": __version__,
+            "n_train": len(train_paths), "val_images": [str(Path(v).resolve()) for v in val_paths],
+            "batch_size": p.get("batch_size"), "lr": p.get("lr"),
+            "seconds": round(time.time() - t_start, 1), **train_info,
+        }
+        bundle.save_manifest()
+        bundle.write_calibration(cal)
+        if export:
+            from ..compile.export import export_bundle
 
-        export_bundle(bundle, module=model)
-    return bundle
+            export_bundle(bundle, module=model)
+        # this run's training state (kept for --resume with more steps; not part of the bundle): only when
+        # this run wrote it or resumed from it, never an older run's
+        state = state_path if lc is not None and state_path.is_file() and (
+            resume or train_info.get("steps", 0) > train_info.get("resumed_at", 0)) else None
+        _switch_in(stage, real, state)
+    except BaseException:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return Bundle.open(out)

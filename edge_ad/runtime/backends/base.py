@@ -115,7 +115,8 @@ def graph_file(bundle: Bundle, precision: str, device_kind: str, int8_form: str 
     if int8_form not in ("auto", "u8", "s8"):
         raise InputError(f"int8_form '{int8_form}': expected auto, u8 or s8")
     if precision == "int8":
-        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and bundle.has(CPU_INT8_FILE)):
+        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and bundle.has(CPU_INT8_FILE)
+                                 and CPU_INT8_FILE in bundle.manifest.get("files", {})):
             return CPU_INT8_FILE
     return GRAPH_FILES[precision]
 

@@ -70,13 +70,8 @@ class OnnxRuntimeBackend(Backend):
         else:
             self.precision = check_precision(precision or bundle.active_precision)
             name = graph_file(bundle, self.precision, kind, int8_form)
-            path = bundle.file(name)
-            if not path.is_file():
-                raise InputError(f"{path}: not found; " + (
-                    "run 'edge-ad export'" if self.precision == "fp32"
-                    else f"run 'edge-ad quantize --precision {self.precision}'"))
-            if verify and name in bundle.manifest.get("files", {}):
-                bundle.verify([name])
+            # on disk and recorded by the manifest (an unrecorded graph is left from another model)
+            path = bundle.check_graph(name, verify=verify)
         self.graph = path
 
         providers = self._providers(kind, index, bundle, ort)

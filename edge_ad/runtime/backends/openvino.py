@@ -33,12 +33,7 @@ class OpenVinoBackend(Backend):
             raise InputError(f"openvino device '{device}': this backend runs on the CPU only")
         self.device = "cpu"
         name = graph_file(bundle, self.precision, "cpu", int8_form)
-        path = bundle.file(name)
-        if not path.is_file():
-            raise InputError(f"{path}: not found; run 'edge-ad quantize --precision {self.precision}'"
-                             if self.precision != "fp32" else f"{path}: not found; run 'edge-ad export'")
-        if verify and name in bundle.manifest.get("files", {}):
-            bundle.verify([name])
+        path = bundle.check_graph(name, verify=verify)  # on disk and recorded by the manifest
         self.graph = path
         self.image_size = bundle.image_size
         self.max_batch = int(max_batch)
