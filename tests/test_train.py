@@ -252,6 +252,7 @@ def test_resume_refuses_a_run_that_differs_from_the_checkpoint(category, tmp_pat
         r = train({**changed, "--steps": "4"}, "--resume")
         assert r.exit_code == 2, (changed, r.output)
         assert "train_state.pt: --resume refused" in r.output and "Rerun with the checkpoint's options" in r.output
+        assert "--device and --policy may change" in " ".join(r.output.split())
         assert "without --resume" in r.output and "--steps:" not in r.output
         assert all(n in r.output for n in named), (changed, r.output)
         assert (out / "train_state.pt").read_bytes() == state, changed  # no step was taken

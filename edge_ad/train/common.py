@@ -145,10 +145,12 @@ def resume_state(path: Path, run: dict) -> dict:
             for key in list(run) + [k for k in old if k not in run]
             if old.get(key, missing) != run.get(key, missing)]
     if diff:
+        free = "--steps, --max-minutes, --checkpoint-every, --device" + (
+            " and --policy" if run.get("command") == "edge-ad train" else "")
         raise InputError(f"{path}: --resume refused: this run is not the one that wrote the checkpoint:\n"
-                         + "\n".join(diff) + "\nRerun with the checkpoint's options to continue it (--steps, "
-                         "--max-minutes, --checkpoint-every and --device may change), or run without --resume "
-                         "to start from step 0 (the checkpoint is overwritten)")
+                         + "\n".join(diff) + f"\nRerun with the checkpoint's options to continue it ({free} "
+                         "may change), or run without --resume to start from step 0 (the checkpoint is "
+                         "overwritten)")
     return st
 
 
