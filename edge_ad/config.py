@@ -137,7 +137,7 @@ class SourceSettings(_Section):
     reconnect_attempts: int = Field(0, ge=0, title="Attempts per outage before giving up (0: forever)")
     backoff_initial_s: float = Field(0.5, gt=0, le=3600)
     backoff_max_s: float = Field(30.0, gt=0, le=3600)
-    watchdog_s: float = Field(10.0, ge=0, title="An outage when no frame arrives for this long (0: off)")
+    watchdog_s: float = Field(10.0, ge=0, le=86_400, title="An outage when no frame arrives for this long (0: off)")
     open_timeout_s: float = Field(10.0, gt=0, le=600, title="Network cameras: open and read timeout")
     rtsp_transport: str = Field("tcp", title="tcp | udp")
     gpio: GpioSettings = Field(default_factory=GpioSettings)
@@ -202,7 +202,7 @@ class PipelineSettings(_Section):
     queue_size: int = Field(2, ge=1, le=10_000, title="Frames waiting for inference")
     result_queue_size: int = Field(256, ge=1, le=1_000_000, title="Results waiting for reporting")
     max_batch: int = Field(4, ge=1, le=1024, title="Frames inferred together when several wait")
-    drain_timeout_s: float = Field(30.0, gt=0, title="Longest wait for the queues to drain at stop")
+    drain_timeout_s: float = Field(30.0, gt=0, le=86_400, title="Longest wait for the queues to drain at stop")
 
 
 class DecisionSettings(_Section):
@@ -251,7 +251,7 @@ class CalibrationSettings(_Section):
 
     policy: str = Field("fpr:0.001", title="fpr:P | max | sigma:K")
     frames: int = Field(200, ge=20, le=100_000, title="Frames to collect (a refit needs at least 20)")
-    timeout_s: float = Field(600.0, gt=0)
+    timeout_s: float = Field(600.0, gt=0, le=86_400, title="Longest wait for the calibration frames")
 
     @field_validator("policy")
     @classmethod
@@ -268,7 +268,8 @@ class CalibrationSettings(_Section):
 class DriftSettings(_Section):
     enabled: bool = True
     window: int = Field(200, ge=10, le=1_000_000, title="OK scores in the rolling window")
-    limit: float = Field(3.0, gt=0, title="Drift when the window's mean is this many standard errors off")
+    limit: float = Field(3.0, gt=0, allow_inf_nan=False,
+                         title="Drift when the window's median is this many standard errors off")
 
 
 class Settings(_Section):
@@ -318,12 +319,45 @@ class Settings(_Section):
 
 
 # ----------------------------------------------------------------------------- loading
-def _parse_scalar(text: str) -> Any:
-    """An override's text as a TOML value when it is one (4, true, [1, 2], "x"), else the string."""
+def _parse_scalar(text: str, path: list[str] | None = None) -> Any:
+    """An override's text as a TOML value when it is one (4, true, [1, 2], "x"), else the string. For a
+    text field (a name, a password, a path) the text is kept whole: device 42, password 123456 or
+    123#456 are strings there, not a number or a number and a TOML comment. A quoted "x" is unquoted."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    if path is not None and not isinstance(value, str) and _is_text_field(path):
+        return text
+    return value
+
+
+def _is_text_field(path: list[str]) -> bool:
+    """Does ``path`` name a field whose type is text (str, SecretStr, Path, or Optional of one)?"""
+    import typing
+
+    from pydantic import SecretStr
+
+    model: Any = Settings
+    if path and path[0] == "mqtt":
+        from .mqtt.settings import MqttSettings
+
+        model, path = MqttSettings, path[1:]
+    field = None
+    for i, key in enumerate(path):
+        fields = getattr(model, "model_fields", None)
+        if not fields or key not in fields:
+            return False
+        field = fields[key]
+        model = field.annotation
+        if i < len(path) - 1:
+            args = [a for a in typing.get_args(model) if a is not type(None)]
+            model = args[0] if args and not hasattr(model, "model_fields") else model
+    if field is None:
+        return False
+    ann = field.annotation
+    kinds = [a for a in (typing.get_args(ann) or (ann,)) if a is not type(None)]
+    return bool(kinds) and all(k in (str, SecretStr, Path) for k in kinds)
 
 
 def _set_path(tree: dict, path: list[str], value: Any, origin: str, origins: dict) -> None:
@@ -350,7 +384,7 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[list[s
         if path[0] not in sections or any(not p for p in path):
             raise InputError(f"environment variable {name}: '{path[0]}' is not a config section "
                              f"(expected EDGE_AD_<SECTION>__<KEY> with SECTION one of {', '.join(sorted(sections))})")
-        out.append((path, _parse_scalar(environ[name]), f"environment variable {name}"))
+        out.append((path, _parse_scalar(environ[name], path), f"environment variable {name}"))
     return out
 
 
@@ -360,7 +394,7 @@ def parse_set_option(text: str) -> tuple[list[str], Any, str]:
     path = [p.strip() for p in key.strip().split(".")]
     if not sep or len(path) < 2 or any(not p for p in path):
         raise InputError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. --set pipeline.max_batch=8")
-    return path, _parse_scalar(value.strip()), f"--set {key.strip()}"
+    return path, _parse_scalar(value.strip(), path), f"--set {key.strip()}"
 
 
 def _where(loc: tuple, origins: dict, config_path: Path | None) -> str:
@@ -417,6 +451,10 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
     for path, value, origin in list(env_overrides(environ)) + list(overrides):
         _set_path(tree, path, value, origin, origins)
         file_paths.discard(tuple(path))
+    # [mqtt] is a plain table checked by MqttSettings (its TLS files must exist): resolve its paths first
+    for sec, key in sorted(p for p in file_paths if p[0] == "mqtt"):
+        tree["mqtt"][key] = str(cfg_path.resolve().parent / tree["mqtt"][key])
+        file_paths.discard((sec, key))
     try:
         s = Settings.model_validate(tree)
     except ValidationError as exc:
@@ -441,9 +479,12 @@ _PATH_FIELDS = (("model", "bundle"), ("model", "deploy_dir"), ("model", "golden_
                 ("output", "jsonl"), ("output", "snapshots_dir"), ("telemetry", "path"))
 
 
+_MQTT_PATH_FIELDS = (("mqtt", "ca_file"), ("mqtt", "cert_file"), ("mqtt", "key_file"), ("mqtt", "outbox_path"))
+
+
 def _relative_file_paths(tree: dict) -> set:
     out = set()
-    for sec, key in _PATH_FIELDS + (("source", "uri"),):
+    for sec, key in _PATH_FIELDS + _MQTT_PATH_FIELDS + (("source", "uri"),):
         v = tree.get(sec, {}).get(key) if isinstance(tree.get(sec), dict) else None
         if isinstance(v, str) and v and not Path(v).is_absolute():
             out.add((sec, key))  # source.uri: resolve_relative leaves all but a relative file/dir path alone

@@ -157,6 +157,35 @@ def test_mqtt_section(tmp_path):
         load_settings(bad, environ={})
 
 
+def test_mqtt_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    pytest.importorskip("paho.mqtt")
+    monkeypatch.chdir("/")
+    (tmp_path / "ca.pem").write_text("not checked here")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtts://broker"\nca_file = "ca.pem"\n'
+                                     'outbox_path = "state/outbox.sqlite"\n')
+    m = load_settings(cfg, environ={}).mqtt_settings()     # ca.pem beside the file: was "does not exist"
+    assert m.ca_file == tmp_path / "ca.pem" and m.outbox_path == tmp_path / "state/outbox.sqlite"
+    s = load_settings(cfg, [parse_set_option(f"mqtt.ca_file={tmp_path / 'ca.pem'}")], environ={})
+    assert s.mqtt_settings().ca_file == tmp_path / "ca.pem"
+
+
+def test_text_fields_keep_their_text_from_env_and_flags(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\n')
+    env = {"EDGE_AD_MQTT__DEVICE": "42", "EDGE_AD_MQTT__SITE": "2024", "EDGE_AD_MQTT__PASSWORD": "123#456"}
+    m = load_settings(cfg, environ=env).mqtt_settings()   # each was refused ("a valid string") or cut at '#'
+    assert (m.device, m.site, m.password.get_secret_value()) == ("42", "2024", "123#456")
+    assert parse_set_option("mqtt.password=123456")[1] == "123456"
+    assert parse_set_option("pipeline.max_batch=8")[1] == 8            # numbers stay numbers elsewhere
+    assert parse_set_option("source.roi=[0, 0, 8, 8]")[1] == [0, 0, 8, 8]
+
+
+@pytest.mark.parametrize("field", ["pipeline.drain_timeout_s", "calibration.timeout_s", "source.watchdog_s"])
+def test_infinite_timeouts_are_refused(tmp_path, field):
+    with pytest.raises(InputError, match=field.replace(".", r"\.") + ".*less than or equal"):
+        load_settings(_write(tmp_path, MINIMAL), [parse_set_option(f"{field}=inf")], environ={})
+
+
 def test_cli_invalid_config_exits_2_before_opening_the_camera(tmp_path):
     # the camera device does not exist: had the loop tried to open it, the error would be about it
     cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "v4l2:///dev/video-does-not-exist")

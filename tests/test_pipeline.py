@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -614,6 +615,100 @@ def test_plugin_trigger_releases_frames(tmp_path, tiny_bundle, monkeypatch):
     assert [r["ng"] for r in recs] == labels[:6]
 
 
+def test_triggers_that_fire_while_paused_are_dropped_not_replayed():
+    from edge_ad.runtime.triggers import TriggerGate
+
+    gate = TriggerGate(frames_per_trigger=2)
+    for bad in (0, -2, 1.5, True):          # a negative count used to cancel later real triggers
+        with pytest.raises(ValueError, match="expected a whole number >= 1"):
+            gate.fire(bad, "plc")
+        with pytest.raises(ValueError):
+            gate.fire_frames(bad, "cmd")
+    gate.fire(3, "plc")
+    assert gate.clear() == 6 and gate.pending == 0 and not gate.take()
+
+
+def test_pause_in_a_gated_trigger_mode_drops_the_parts_that_passed(tmp_path, tiny_bundle, monkeypatch):
+    (tmp_path / "line_plc2.py").write_text(
+        "GATES = []\n"
+        "class Keep:\n"
+        "    name = 'plc'\n"
+        "    def __init__(self, gate):\n"
+        "        GATES.append(gate)\n"
+        "    def start(self):\n"
+        "        pass\n"
+        "    def stop(self):\n"
+        "        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import line_plc2
+
+    s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64&fps=50", source__mode="trigger",
+                  source__trigger="line_plc2:Keep", source__frames_per_trigger=2)
+    svc = Service(s, install_signals=False, duration=2.5)
+    svc.camera.source.live = True          # a camera: frames keep coming whether triggered or not
+
+    def driver():
+        time.sleep(0.5)
+        svc.pipeline.pause()
+        for _ in range(10):                # ten parts pass the light barrier while inspection is paused
+            line_plc2.GATES[-1].fire(1, "plc")
+            time.sleep(0.03)
+        time.sleep(0.2)
+        svc.pipeline.resume()              # and none after
+
+    threading.Thread(target=driver, daemon=True).start()
+    summary = svc.run()
+    assert summary["frames"] == 0          # was 20: stale triggers inspected frames of no part
+    assert svc.pipeline.triggers_dropped_paused == 20 and svc.pipeline.skipped_paused > 0
+
+
+def test_a_failing_plugin_trigger_is_named_and_a_failing_stop_costs_nothing_else(tmp_path, tiny_bundle,
+                                                                                 monkeypatch):
+    from edge_ad.errors import InputError
+
+    (tmp_path / "bad_plc.py").write_text(
+        "class Boom:\n"
+        "    name = 'boom'\n"
+        "    def __init__(self, gate):\n"
+        "        raise OSError('no PLC at 10.0.0.9')\n"
+        "class StartFails:\n"
+        "    def __init__(self, gate):\n"
+        "        pass\n"
+        "    def start(self):\n"
+        "        raise RuntimeError('port busy')\n"
+        "    def stop(self):\n"
+        "        pass\n"
+        "class StopFails:\n"
+        "    def __init__(self, gate):\n"
+        "        self.gate = gate\n"
+        "    def start(self):\n"
+        "        self.gate.fire(2, 'plc')\n"
+        "    def stop(self):\n"
+        "        raise RuntimeError('socket already closed')\n")
+    (tmp_path / "broken_import.py").write_text("raise KeyError('missing setting')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, words in (("bad_plc:Boom", "Boom(gate) failed: OSError: no PLC"),
+                        ("broken_import:make", "importing module 'broken_import' failed: KeyError"),
+                        ("bad_plc:StartFails", "start() failed: RuntimeError: port busy")):
+        s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64&count=4", source__mode="trigger",
+                      source__trigger=spec)
+        with pytest.raises(InputError, match=re.escape(words)):
+            _run(s, max_frames=2)
+    s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64&count=4", source__mode="trigger",
+                  source__trigger="bad_plc:StopFails")
+    summary = _run(s, max_frames=2)          # stop() raised after the drain: the rest still shuts down
+    assert summary["frames"] == 2 and len(read_jsonl(tmp_path / "results.jsonl")) == 2
+
+
+def test_command_trigger_without_mqtt_is_refused(tmp_path, tiny_bundle):
+    from edge_ad.errors import InputError
+
+    s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64", source__mode="trigger",
+                  source__trigger="command")
+    with pytest.raises(InputError, match="MQTT is off"):    # it idled forever, inspecting nothing
+        Service(s, install_signals=False)
+
+
 def test_gpio_trigger_with_a_stand_in_jetson_gpio(monkeypatch):
     import types
 
@@ -711,6 +806,14 @@ def test_find_regions_boxes_areas_peaks():
     assert full.max() < 1.0 and find_regions(full, 1.0) == ()
     (reg,) = regions_for(comb, full, 1.0)
     assert reg.box == (40, 24, 8, 8) and reg.area == 64 and reg.peak == pytest.approx(1.05)
+    # pixels above the threshold, all in regions smaller than min_area: the strongest region at its true
+    # size (the cell fallback is only for a map whose peak the upsampling lowered; it reported 64 px here)
+    comb[3, 5] = 3.0
+    full = upsample_one(comb, (64, 64))
+    above = int((full > 1.0).sum())
+    assert 0 < above < 500
+    (reg,) = regions_for(comb, full, 1.0, min_area=500)
+    assert reg.area == above and reg.peak == pytest.approx(float(full.max()))
 
 
 def test_jsonl_rotation_keeps_every_line(tmp_path):

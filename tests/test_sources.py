@@ -435,6 +435,13 @@ def test_capture_saves_frames(tmp_path):
     from edge_ad.data.image import load_image
 
     assert load_image(files[0]).shape == (48, 48, 3)
+    # a second session into the same folder goes on numbering: the first frames are not overwritten
+    before = files[0].read_bytes()
+    r = subprocess.run([*EDGE_AD, "capture", "--source", f"file://{path}", "--out", str(out), "--frames", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "numbering goes on from frame_00004" in r.stderr, r.stderr
+    assert [f.name for f in sorted(out.glob("*.png"))] == [f"frame_{i:05d}.png" for i in range(6)]
+    assert files[0].read_bytes() == before
     # asking for more frames than a file holds saves what there is and says so
     r = subprocess.run([*EDGE_AD, "capture", "--source", f"file://{path}", "--out", str(tmp_path / "all"),
                         "--frames", "10", "--every", "0.01", "--format", "jpg"], capture_output=True, text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -151,6 +152,12 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
                       src_settings.rtsp_transport if src_settings else "tcp")
     cam = Camera(src, stop, on_event=lambda e: click.echo(f"{e['type']}: {e.get('reason', '')}", err=True), **kw)
     saved = 0
+    # a second session into the same folder continues the numbering: earlier frames are never overwritten
+    numbered = re.compile(re.escape(prefix) + r"(\d+)\.(png|jpg)$")
+    first = 1 + max((int(m.group(1)) for m in map(numbered.match, os.listdir(folder)) if m), default=-1)
+    if first:
+        click.echo(f"{folder}: already holds frames up to {prefix}{first - 1:05d}; numbering goes on from "
+                   f"{prefix}{first:05d}", err=True)
     last = 0.0
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpg" else []
     try:
@@ -170,7 +177,7 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
                 ok, buf = cv2.imencode(f".{fmt}", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
                 if not ok:
                     raise InputError(f"could not encode frame {raw.index} as {fmt}")
-                p = folder / f"{prefix}{saved:05d}.{fmt}"
+                p = folder / f"{prefix}{first + saved:05d}.{fmt}"
                 tmp = p.with_name("." + p.name + ".tmp")
                 tmp.write_bytes(buf.tobytes())
                 os.replace(tmp, p)

@@ -60,6 +60,10 @@ def regions_for(combined: np.ndarray, full_map: np.ndarray, threshold: float, mi
     regs = find_regions(full_map, threshold, min_area, max_regions)
     if regs or max_regions <= 0:
         return regs
+    if bool((full_map > threshold).any()):
+        # every region is under min_area: an NG part still says where, with its strongest region at its
+        # true size (the cell fallback below reported a whole map cell's area instead)
+        return find_regions(full_map, threshold, 1, 1)
     cells = find_regions(combined, threshold, 1, max_regions)
     H, W = full_map.shape
     h, w = combined.shape

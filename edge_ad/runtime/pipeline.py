@@ -163,6 +163,7 @@ class Pipeline:
         self.inspected = 0
         self.skipped_untriggered = 0
         self.skipped_paused = 0
+        self.triggers_dropped_paused = 0   # triggered frames that came while paused: dropped, not replayed
         self.discarded_at_stop = 0   # frames accepted but never inferred (a failure, max frames, the stop deadline)
         self.unreported = 0          # decisions made but never handed to the reporter (counted in inspected)
         self._in_flight = 0          # frames of the batch being inferred
@@ -247,6 +248,8 @@ class Pipeline:
         self.paused.set()
 
     def resume(self) -> None:
+        if self.gated and self.gate is not None:
+            self.triggers_dropped_paused += self.gate.clear()
         self.paused.clear()
 
     def inspect_request(self, count: int = 1, part_id: str | None = None, snapshot: bool = False,
@@ -282,7 +285,7 @@ class Pipeline:
     def stats(self) -> dict[str, Any]:
         return {"mode": self.mode, "trigger": self.trigger, "captured": self.captured, "inspected": self.inspected,
                 "dropped": self.frames.dropped, "skipped_untriggered": self.skipped_untriggered,
-                "skipped_paused": self.skipped_paused, "discarded_at_stop": self.discarded_at_stop,
+                "skipped_paused": self.skipped_paused, "triggers_dropped_paused": self.triggers_dropped_paused, "discarded_at_stop": self.discarded_at_stop,
                 "unreported": self.unreported,
                 "inference_errors": self.inference_errors, "batches": self.batches,
                 "paused": self.paused.is_set(),
@@ -320,6 +323,8 @@ class Pipeline:
                     break
                 if self.paused.is_set():
                     self.skipped_paused += 1
+                    if self.gated and self.gate is not None:   # a part that passed while paused is gone: never inspect a later frame for it
+                        self.triggers_dropped_paused += self.gate.clear()
                     continue
                 if self.gated and not self.gate.take():
                     self.skipped_untriggered += 1

@@ -136,6 +136,10 @@ class Service:
                               o.jpeg_quality) if o.snapshots_dir else None
         self.gate = TriggerGate(s.source.frames_per_trigger)
         mode = s.source.mode.value
+        if mode == "trigger" and s.source.trigger == "command" and s.mqtt_settings() is None:
+            raise InputError("source.trigger = 'command' releases frames only on the MQTT inspect command, and "
+                             "MQTT is off (no [mqtt] section, or enabled = false): nothing could ever be "
+                             "inspected; add [mqtt], or use trigger 'frame', 'gpio' or a plug-in")
         self.trigger = load_trigger(s.source.trigger, self.gate, s.source.gpio) if mode == "trigger" else None
         self.telemetry = Telemetry(s.telemetry.tegrastats, s.telemetry.nvml, s.telemetry.interval_s)
         mqtt = s.mqtt_settings()
@@ -416,6 +420,7 @@ class Service:
             "frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": ng_now,
             "ng_rate": round(dng / drep, 4) if drep else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
             "skipped_untriggered": st["skipped_untriggered"], "skipped_paused": st["skipped_paused"],
+            "triggers_dropped_paused": st["triggers_dropped_paused"],
             "inference_errors": p.inference_errors, "discarded_at_stop": p.discarded_at_stop,
             "unreported": p.unreported, "output_errors": dict(self.reporter.output_errors),
             "queues": st["queues"], "mode": p.mode,
@@ -516,7 +521,13 @@ class Service:
                 self.link.publish_calibration(self.inspector.calibration)
             self.telemetry.start()
             if self.trigger is not None:
-                self.trigger.start()
+                try:
+                    self.trigger.start()
+                except EdgeADError:
+                    raise
+                except Exception as exc:  # a plug-in's start(): its error, named, is a config problem
+                    raise InputError(f"source.trigger '{self.settings.source.trigger}': start() failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
             self.pipeline.start()
             self.notifier.ready(f"inspecting {self.spec.safe_uri}")
             log.info("edge-ad run: %s -> %s (%s %s, calibration v%d, threshold %.4g, mode %s)",
@@ -594,7 +605,11 @@ class Service:
         if busy:
             log.error("stopping without the %s thread(s), still busy past the stop deadline", ", ".join(busy))
         if self.trigger is not None:
-            self.trigger.stop()
+            try:
+                self.trigger.stop()
+            except Exception:  # a plug-in's stop() must not cost the outbox flush, the log and the backend
+                log.exception("source.trigger '%s': stop() failed; stopping the rest anyway",
+                              self.settings.source.trigger)
         try:
             final = self._emit_telemetry()
         except Exception as exc:  # never let telemetry block the shutdown

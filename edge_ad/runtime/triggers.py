@@ -33,6 +33,7 @@ class TriggerGate:
         self.fired = 0
 
     def fire(self, parts: int = 1, source: str = "") -> None:
+        _check_count(parts, "parts", source)
         with self._cv:
             self._pending += int(parts) * self.frames_per_trigger
             self.fired += int(parts)
@@ -41,10 +42,17 @@ class TriggerGate:
 
     def fire_frames(self, frames: int, source: str = "") -> None:
         """Release exactly ``frames`` frames (the inspect command's ``count``)."""
+        _check_count(frames, "frames", source)
         with self._cv:
             self._pending += int(frames)
             self._cv.notify_all()
         log.debug("trigger fired (%s): %d pending frames", source or "?", self._pending)
+
+    def clear(self) -> int:
+        """Drop every pending frame (triggers that fired while inspection was paused); returns how many."""
+        with self._cv:
+            n, self._pending = self._pending, 0
+            return n
 
     @property
     def pending(self) -> int:
@@ -65,6 +73,12 @@ class TriggerGate:
             if self._pending <= 0:
                 self._cv.wait(timeout)
             return self._pending > 0
+
+
+def _check_count(n: Any, what: str, source: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"trigger {source or '?'}: fire {what}={n!r}; expected a whole number >= 1 "
+                         "(a zero or negative count would cancel real triggers)")
 
 
 class Trigger(Protocol):
@@ -111,9 +125,14 @@ class GpioTrigger:
 
     def start(self) -> None:
         g = self._gpio
-        g.setmode(g.BOARD)
-        g.setup(self.pin, g.IN)
-        g.add_event_detect(self.pin, self.edge, callback=self._on_edge, bouncetime=max(1, self.debounce_ms))
+        try:
+            g.setmode(g.BOARD)
+            g.setup(self.pin, g.IN)
+            g.add_event_detect(self.pin, self.edge, callback=self._on_edge, bouncetime=max(1, self.debounce_ms))
+        except Exception as exc:  # a wrong pin, a line in use, no permission on /dev/gpiochip*
+            raise InputError(f"source.trigger = 'gpio': pin {self.pin} (BOARD numbering) could not be set up: "
+                             f"{type(exc).__name__}: {exc} (is the pin right, free, and the service user in "
+                             "the 'gpio' group?)") from exc
         self._started = True
 
     def stop(self) -> None:
@@ -138,10 +157,16 @@ def load_trigger(spec: str, gate: TriggerGate, gpio_settings=None) -> Trigger:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
         raise InputError(f"source.trigger '{spec}': cannot import module '{mod_name}' ({exc})") from exc
+    except Exception as exc:  # the plug-in's own code failed while importing
+        raise InputError(f"source.trigger '{spec}': importing module '{mod_name}' failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise InputError(f"source.trigger '{spec}': '{attr}' is not a callable in module '{mod_name}'")
-    trig = factory(gate)
+    try:
+        trig = factory(gate)
+    except Exception as exc:
+        raise InputError(f"source.trigger '{spec}': {attr}(gate) failed: {type(exc).__name__}: {exc}") from exc
     for method in ("start", "stop"):
         if not callable(getattr(trig, method, None)):
             raise InputError(f"source.trigger '{spec}': the object it returned has no {method}() method")
