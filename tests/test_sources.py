@@ -337,6 +337,48 @@ def test_watchdog_declares_an_outage_when_no_frame_arrives():
     assert not cam.in_outage and [e["type"] for e in events] == ["source_lost", "source_restored"]
 
 
+@pytest.mark.parametrize("kind", ["synthetic", "dir"])
+def test_pacing_slower_than_the_watchdog_is_no_outage(tmp_path, kind):
+    """A source paced at fps=2 (a frame every 0.5 s) under a 0.2 s watchdog: the pacing wait comes before
+    the read and is not a blocked read, so the watchdog checks made while it waits find nothing."""
+    if kind == "synthetic":
+        uri = "synthetic://disc?size=32&count=3&fps=2"
+    else:
+        import cv2
+
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / f"{i}.png"), part_frame(i, 32))
+        uri = f"dir://{tmp_path}?fps=2"
+    events = []
+    stop = threading.Event()
+    cam = Camera(open_source(uri), stop, on_event=events.append, watchdog_s=0.2)
+    assert cam.read() is not None            # the first frame is due at once
+    got = []
+    t = threading.Thread(target=lambda: got.extend([cam.read(), cam.read()]))
+    t0 = time.monotonic()
+    t.start()
+    trips = []
+    while t.is_alive() and time.monotonic() - t0 < 5:
+        trips.append(cam.watchdog())
+        time.sleep(0.05)
+    t.join(5)
+    assert all(f is not None for f in got) and len(got) == 2
+    assert time.monotonic() - t0 >= 0.8      # still paced: two more frames at 2 fps
+    assert len(trips) >= 10 and not any(trips)
+    assert cam.watchdog_trips == 0 and cam.outages == 0 and events == []
+    assert cam.read() is None                # the end comes without a wait
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_pacing_wait_ends_at_stop():
+    stop = threading.Event()
+    cam = Camera(open_source("synthetic://disc?size=32&fps=0.05"), stop, watchdog_s=10)
+    assert cam.read() is not None            # due at once; the next one in 20 s
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.monotonic()
+    assert cam.read() is None and time.monotonic() - t0 < 5
+
+
 def test_reconnect_off_fails_at_once(tmp_path):
     path = write_video(tmp_path / "v.avi", [part_frame(0, 32)])
     cam = Camera(open_source(f"file://{path}?loop=1"), threading.Event(), reconnect=False)

@@ -8,7 +8,9 @@ gives up after that many failed attempts in one outage and raises :class:`Source
 
 The watchdog (``watchdog()``, called by the service every second) declares an outage when one read has
 been blocked for more than ``watchdog_s`` (a camera that stalls without an error); the systemd watchdog
-stops being fed if it stays stuck, so systemd restarts the service.
+stops being fed if it stays stuck, so systemd restarts the service. The pacing wait of a paced source
+(``fps=N`` of a file, folder or generated source: :meth:`Source.wait_turn`) comes before the read and is
+not timed.
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ class Camera:
         """The next frame; None at the end of a finite source or when stopped; SourceLost when given up."""
         while not self.stop.is_set():
             if not self._open and not self._try_open():
+                continue
+            # a paced file/folder/generated source waits for its frame's turn here, before the watchdog's
+            # clock starts: that wait is not a blocked read (fps=0.05 with watchdog_s=10 is no outage)
+            if not self.source.wait_turn(self.stop):
                 continue
             self._read_started = time.monotonic()
             try:

@@ -288,7 +288,8 @@ class Source:
         self.spec = spec
         self.live = spec.live
         self._count = 0
-        self._next_t = 0.0
+        self._next_t = 0.0          # monotonic time the next paced frame is due
+        self._turn_taken = False    # wait_turn() already waited for the frame read() is about to deliver
 
     @property
     def name(self) -> str:
@@ -303,17 +304,40 @@ class Source:
     def close(self) -> None:
         """Release the device; safe to call twice."""
 
-    def _pace(self, fps: float) -> None:
-        """Sleep so that a file or generated source delivers ``fps`` frames per second (0: no pacing)."""
-        if not fps or fps <= 0:
-            return
-        now = time.monotonic()
-        if self._next_t <= 0 or now - self._next_t > 1.0:
-            self._next_t = now
-        delay = self._next_t - now
-        if delay > 0:
-            time.sleep(delay)
-        self._next_t += 1.0 / fps
+    def pace_fps(self) -> float:
+        """Frames per second this source is paced at (``fps=N`` of a file, folder or generated source);
+        0: not paced (cameras pace themselves)."""
+        return 0.0
+
+    def wait_turn(self, stop: threading.Event | None = None) -> bool:
+        """Wait until the next frame of a paced source is due (no wait when it is not paced).
+
+        :class:`~edge_ad.runtime.capture.Camera` calls this before it starts the watchdog's clock, so the
+        pacing sleep is never taken for a blocked read (a source paced slower than ``watchdog_s`` is not an
+        outage); the following ``read()`` then does not wait again. A direct ``read()`` without it waits
+        itself. False when ``stop`` was set during the wait."""
+        fps = self.pace_fps()
+        self._turn_taken = False
+        if fps and fps > 0:
+            now = time.monotonic()
+            if self._next_t <= 0 or now - self._next_t > 1.0:
+                self._next_t = now
+            delay = self._next_t - now
+            self._next_t += 1.0 / fps
+            if delay > 0:
+                if stop is not None:
+                    if stop.wait(delay):
+                        return False
+                else:
+                    time.sleep(delay)
+        self._turn_taken = True
+        return True
+
+    def _pace(self) -> None:
+        """Called by ``read()`` before it produces a frame: wait for its turn unless ``wait_turn()`` did."""
+        if not self._turn_taken:
+            self.wait_turn()
+        self._turn_taken = False
 
 
 def has_gstreamer() -> bool:
@@ -413,11 +437,14 @@ class OpenCVSource(Source):
             return "is nvargus-daemon running and the sensor connected? (sudo systemctl restart nvargus-daemon)"
         return "not a video OpenCV/FFmpeg can decode"
 
+    def pace_fps(self) -> float:
+        return self._fps
+
     def read(self) -> RawFrame | None:
         cap = self._cap
         if cap is None:
             raise SourceLost(f"{self.spec.safe_uri}: not open")
-        self._pace(self._fps)
+        self._pace()
         ok, img = cap.read()
         if not ok or img is None:
             if self.spec.scheme == "file":
@@ -472,12 +499,19 @@ class DirSource(Source):
         self._pos = 0
         self._index = 0  # each pass counts from 0, as a looping file does
 
+    def pace_fps(self) -> float:
+        if self._pos >= len(self._files) and not self.spec.options.get("loop"):
+            return 0.0   # the end: nothing to wait for
+        fps = self.spec.options.get("fps") or 0.0
+        return 0.0 if fps == "native" else float(fps)
+
     def read(self) -> RawFrame | None:
         """The next readable image. An unreadable one (removed, truncated, not an image) is skipped with
         a warning: raising SourceLost made the reconnect list the folder again and replay it from the
         first image. A whole pass without one readable image is an outage (loop) or the end."""
         from ..data.image import load_image
 
+        self._pace()   # one turn per delivered frame (an unreadable image skipped takes none)
         skipped = 0
         while True:
             if self._pos >= len(self._files):
@@ -489,8 +523,6 @@ class DirSource(Source):
                 skipped = 0
             p = self._files[self._pos]
             self._pos += 1
-            fps = self.spec.options.get("fps") or 0.0
-            self._pace(0.0 if fps == "native" else float(fps))
             try:
                 img = load_image(p)
             except (InputError, OSError) as exc:
@@ -518,12 +550,18 @@ class SyntheticSource(Source):
         """The :class:`~edge_ad.data.synthetic.ConveyorStream` (e.g. to change its lighting live)."""
         return self._stream
 
+    def pace_fps(self) -> float:
+        o = self.spec.options
+        if o.get("count") and self._index >= o["count"]:
+            return 0.0   # the end: nothing to wait for
+        fps = o.get("fps") or 0.0
+        return 0.0 if fps == "native" else float(fps)
+
     def read(self) -> RawFrame | None:
         o = self.spec.options
         if o.get("count") and self._index >= o["count"]:
             return None
-        fps = o.get("fps") or 0.0
-        self._pace(0.0 if fps == "native" else float(fps))
+        self._pace()
         f = self._stream.frame(self._index)
         self._index += 1
         return RawFrame(f.image, f.index, {"label": int(f.label), "defect_type": f.defect_type})
