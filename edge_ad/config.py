@@ -201,6 +201,8 @@ class PipelineSettings(_Section):
 
     queue_size: int = Field(2, ge=1, le=10_000, title="Frames waiting for inference")
     result_queue_size: int = Field(256, ge=1, le=1_000_000, title="Results waiting for reporting")
+    result_queue_image_mb: float = Field(256.0, ge=0, allow_inf_nan=False,
+                                         title="Most MB of images the waiting results hold for snapshots")
     max_batch: int = Field(4, ge=1, le=1024, title="Frames inferred together when several wait")
     drain_timeout_s: float = Field(30.0, gt=0, le=86_400, title="Longest wait for the queues to drain at stop")
 

@@ -370,6 +370,84 @@ def test_decisions_the_reporting_never_got_are_counted_as_unreported(tmp_path, t
     assert p.captured == p.inspected + p.discarded_at_stop
 
 
+def _with_a_stalled_reporting(svc, n: int):
+    """Hold the reporting (a stalled disk) until ``n`` results wait in the result queue; return them."""
+    gate, seen = threading.Event(), []
+    orig = svc.reporter.report
+
+    def slow(item):
+        gate.wait(60)
+        return orig(item)
+
+    svc.reporter.report = slow
+
+    def watch():
+        t0 = time.monotonic()
+        while len(svc.pipeline.results) < n - 1 and time.monotonic() - t0 < 60:   # one is in report()
+            time.sleep(0.02)
+        with svc.pipeline.results._cv:
+            seen.extend(svc.pipeline.results._items)
+        gate.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
+
+
+def test_queued_results_hold_no_full_resolution_map_and_bounded_image_bytes(tmp_path, tiny_bundle):
+    """A slow disk fills the result queue with NG parts: each queued item holds the map at map resolution
+    (the reporting upsamples it), and the images held for snapshots stay within pipeline.result_queue_image_mb;
+    past it a snapshot is skipped and counted, and the decision (regions included) is still reported."""
+    size = 160
+    video, labels = defect_video(tmp_path / "parts.avi", n=24, defect_every=2, size=size)
+    frame_bytes = size * size * 3
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  output__snapshots_dir=str(tmp_path / "snaps"),
+                  pipeline__result_queue_image_mb=4.5 * frame_bytes / 2**20)     # room for 4 images
+    svc = Service(s, install_signals=False)
+    seen = _with_a_stalled_reporting(svc, 24)
+    summary = svc.run()
+    assert summary["frames"] == 24 and summary["ng"] == sum(labels) == 12
+    assert len(seen) >= 22
+    held = 0
+    for it in seen:
+        arrays = [v for v in vars(it).values() if isinstance(v, np.ndarray)]
+        assert all(a.shape[:2] != (size, size) or a.dtype == np.uint8 for a in arrays)   # no full-res float map
+        if it.combined is not None:
+            assert it.combined.size * 16 <= size * size                  # the map at map resolution
+        extra = sum(a.nbytes for a in arrays) - (it.image.nbytes if it.image is not None else 0)
+        assert extra <= 64 * 1024                                        # beside the image: small
+        if it.image is not None:
+            assert it.decision.ng and it.image_bytes == it.image.nbytes == frame_bytes
+            held += it.image.nbytes
+        else:
+            assert it.image_bytes == 0
+    assert 0 < held <= 4.5 * frame_bytes
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    ng = [r for r in recs if r["ng"]]
+    assert [r["ng"] for r in recs] == labels
+    assert all(r["regions"] for r in ng)                                 # regions found by the reporting
+    snaps = [r for r in ng if "snapshot" in r]
+    assert summary["snapshots_skipped"] == len(ng) - len(snaps) > 0
+    assert len(list((tmp_path / "snaps").glob("*.jpg"))) == len(snaps) >= 4
+    assert svc.pipeline.queued_image_bytes == 0                          # every image released
+
+
+def test_no_image_is_queued_when_no_snapshot_is_made(tmp_path, tiny_bundle):
+    video, labels = defect_video(tmp_path / "parts.avi", n=10, defect_every=2, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger")   # no snapshots, no MQTT
+    svc = Service(s, install_signals=False)
+    seen = _with_a_stalled_reporting(svc, 10)
+    summary = svc.run()
+    assert len(seen) >= 8
+    for it in seen:   # no full-resolution float map, no image: only the small map of NG frames
+        assert [a.shape for a in vars(it).values() if isinstance(a, np.ndarray) and a.shape[:2] == (96, 96)] == []
+    assert summary["ng"] == 5 and summary["snapshots_skipped"] == 0
+    assert all(it.image is None for it in seen)
+    assert any(it.combined is not None for it in seen)
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert [r["ng"] for r in recs] == labels and all(r["regions"] for r in recs if r["ng"])
+
+
 # ----------------------------------------------------------------------------- commands over MQTT
 def _start(tmp_path: Path, bundle, mosquitto, **fields) -> Service:
     """A running service in trigger mode whose frames are released by the MQTT inspect command; one

@@ -8,9 +8,14 @@ Three threads, each owning one stage:
   (nothing is dropped; the capture waits), and with a ``command`` / ``gpio`` / plug-in trigger only
   frames released by the :class:`TriggerGate` are queued.
 - **inference** takes one frame, plus up to ``max_batch - 1`` more that already wait (batching only
-  when frames queue up, so a lone frame is never delayed), runs the Inspector, makes decisions
-  (regions for NG frames), and puts :class:`ResultItem` records on the result queue (``block``).
-- **reporting** (:class:`~edge_ad.runtime.reporting.Reporter`) writes the outbox, JSONL and snapshots.
+  when frames queue up, so a lone frame is never delayed), runs the Inspector, decides OK / NG, and
+  puts :class:`ResultItem` records on the result queue (``block``). An NG (or snapshot) item carries the
+  combined map at the model's map resolution, never a full-resolution map; it carries the image only when
+  the reporting will make a snapshot or event image of it, and only while the images held in the queue
+  stay within ``result_queue_image_bytes`` (past it the image is left out and counted in
+  ``snapshots_skipped``: the decision is still reported). A slow disk then costs bounded memory.
+- **reporting** (:class:`~edge_ad.runtime.reporting.Reporter`) finds the regions of NG frames (on the
+  full-resolution map it upsamples there), writes the outbox, JSONL and snapshots.
 
 Stopping: ``request_stop()`` stops the capture, whose ``finally`` closes the frame queue; inference
 drains it and closes the result queue; reporting drains that. Nothing accepted into a queue is lost.
@@ -34,7 +39,6 @@ from .. import scoring
 from ..data.image import to_batch
 from ..errors import EdgeADError, InputError, RuntimeFailure
 from .capture import Camera
-from .decision import regions_for, upsample_one
 from .queues import STOP, BoundedQueue, DropPolicy
 from .records import Decision, Frame, ResultItem
 from .sources import SourceLost
@@ -44,6 +48,8 @@ from .triggers import TriggerGate
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_ERRORS = 5
+RESULT_QUEUE_IMAGE_BYTES = 256 * 2**20   # images held in the result queue for snapshots (default)
+SKIPPED_LOG_S = 60.0                     # skipped snapshot images are logged at most this often
 
 
 def apply_roi_rotate(image: np.ndarray, roi: Optional[list[int]], rotate: int) -> np.ndarray:
@@ -126,7 +132,8 @@ class Pipeline:
                  gate: TriggerGate | None = None, trigger: str = "stream", roi: Optional[list[int]] = None,
                  rotate: int = 0, queue_size: int = 2, result_queue_size: int = 256, max_batch: int = 4,
                  threshold: Optional[float] = None, min_region_area: int = 4, max_regions: int = 16,
-                 max_frames: Optional[int] = None, on_event: Callable[[dict], None] | None = None):
+                 max_frames: Optional[int] = None, on_event: Callable[[dict], None] | None = None,
+                 result_queue_image_bytes: int = RESULT_QUEUE_IMAGE_BYTES):
         self.camera = camera
         self._inspector = inspector
         self.reporter = reporter
@@ -145,6 +152,13 @@ class Pipeline:
         policy = DropPolicy.DROP_OLDEST if self.mode == "stream" else DropPolicy.BLOCK
         self.frames: BoundedQueue[Frame] = BoundedQueue(queue_size, policy, "frames")
         self.results: BoundedQueue[ResultItem] = BoundedQueue(result_queue_size, DropPolicy.BLOCK, "results")
+        # images held by queued results (for snapshots): bounded in bytes, not only in items
+        self.result_queue_image_bytes = int(result_queue_image_bytes)
+        self.queued_image_bytes = 0
+        self.queued_image_bytes_high_water = 0
+        self.snapshots_skipped = 0   # snapshot / event images left out because the queue held too many bytes
+        self._image_lock = threading.Lock()
+        self._skipped_log = (0.0, 0)   # (monotonic of the last log line, skipped since)
         self.stop_capture = threading.Event()
         self.stop_requested_at: Optional[float] = None   # time.monotonic() of the first request_stop()
         self.abandoned = threading.Event()               # the stop deadline passed: see abandon()
@@ -239,7 +253,9 @@ class Pipeline:
             self._in_flight = 0
             self.discarded_at_stop += frames
             self.results.close()
-            decisions = len(self.results.drain_all())
+            dropped = self.results.drain_all()
+            self._release_images(dropped)
+            decisions = len(dropped)
             self.unreported += decisions
         log.error("%s: %d frame(s) discarded before inference (discarded_at_stop), %d decision(s) not reported "
                   "(unreported)", reason, frames, decisions)
@@ -285,13 +301,17 @@ class Pipeline:
     def stats(self) -> dict[str, Any]:
         return {"mode": self.mode, "trigger": self.trigger, "captured": self.captured, "inspected": self.inspected,
                 "dropped": self.frames.dropped, "skipped_untriggered": self.skipped_untriggered,
-                "skipped_paused": self.skipped_paused, "triggers_dropped_paused": self.triggers_dropped_paused, "discarded_at_stop": self.discarded_at_stop,
-                "unreported": self.unreported,
+                "skipped_paused": self.skipped_paused, "triggers_dropped_paused": self.triggers_dropped_paused,
+                "discarded_at_stop": self.discarded_at_stop,
+                "unreported": self.unreported, "snapshots_skipped": self.snapshots_skipped,
                 "inference_errors": self.inference_errors, "batches": self.batches,
                 "paused": self.paused.is_set(),
                 "queues": {"frames": len(self.frames), "frames_max": self.frames.maxsize,
                            "frames_high_water": self.frames.high_water, "results": len(self.results),
                            "results_max": self.results.maxsize, "results_high_water": self.results.high_water,
+                           "results_image_mb": round(self.queued_image_bytes / 2**20, 1),
+                           "results_image_mb_max": round(self.result_queue_image_bytes / 2**20, 1),
+                           "results_image_mb_high_water": round(self.queued_image_bytes_high_water / 2**20, 1),
                            "frames_policy": self.frames.policy.value},
                 "pending_triggers": self.gate.pending if self.gate is not None else 0}
 
@@ -392,6 +412,7 @@ class Pipeline:
                     self.inspected += len(items)
                 lost = [it for it in items if not self.results.put(it)]
                 if lost:                # the reporting has stopped (a crash, the stop deadline)
+                    self._release_images(lost)
                     with self._count_lock:
                         self.unreported += len(lost)
                     log.error("%d decision(s) (frames %s) not reported: the reporting has stopped", len(lost),
@@ -451,8 +472,6 @@ class Pipeline:
             f = frames[i]
             s = float(scored.scores[i])
             ng = scoring.is_ng(s, threshold)
-            regions = ()
-            full = None
             h, w = f.image.shape[:2]
             extra, request = {}, None
             for r in requests:
@@ -462,11 +481,15 @@ class Pipeline:
                     if r.part_id:
                         extra["part_id"] = r.part_id
                     break
-            keep = ng or (request is not None and request.snapshot)
-            if keep:
-                full = upsample_one(scored.combined[i], (h, w))
-            if ng:
-                regions = regions_for(scored.combined[i], full, threshold, self.min_region_area, self.max_regions)
+            asked = request is not None and request.snapshot
+            keep = ng or asked
+            # the map at map resolution (a copy: no view keeps the batch's arrays alive); the reporting
+            # upsamples it for the regions and the heat map. The image only when a snapshot is made of it.
+            combined = scored.combined[i].copy() if keep else None
+            image, image_bytes = None, 0
+            if keep and self.reporter.wants_image(ng, request):
+                image_bytes = self._hold_image(f.image, f.seq, asked)
+                image = f.image if image_bytes else None
             for c in collectors:
                 c.offer(f.image)
             t_dec = time.perf_counter()
@@ -477,9 +500,10 @@ class Pipeline:
             d = Decision(id=uuid.uuid4().hex, seq=f.seq, source_index=f.source_index, ts=f.t_wall, score=s,
                          threshold=threshold, ng=bool(ng), calibration_version=int(cal.version),
                          model_hash=model_hash, backend=bname, precision=prec, image_size=(h, w),
-                         stages_ms=stages, latency_ms=total, batch=n, trigger=f.trigger, regions=regions,
-                         truth=f.truth, extra=extra)
-            items.append(ResultItem(d, f.image if keep else None, full, t_dec, request))
+                         stages_ms=stages, latency_ms=total, batch=n, trigger=f.trigger,
+                         truth=f.truth, extra=extra)   # regions: found by the reporting (ResultItem)
+            items.append(ResultItem(d, image, combined, t_dec, request, min_region_area=self.min_region_area,
+                                    max_regions=self.max_regions, image_bytes=image_bytes))
             for k, v in stages.items():
                 self.latency[k].add(v)
             self.latency["total"].add(total)
@@ -489,6 +513,36 @@ class Pipeline:
         self.last_frame_image = frames[-1].image
         self.batches += 1
         return items
+
+    def _hold_image(self, image: np.ndarray, seq: int, asked: bool) -> int:
+        """Count ``image`` against the result queue's image budget: its bytes, or 0 when it does not fit
+        (the snapshot is skipped and counted). An image the ``snapshot`` command asked for always fits."""
+        nbytes = max(int(image.nbytes), 1)
+        with self._image_lock:
+            if asked or self.queued_image_bytes + nbytes <= self.result_queue_image_bytes:
+                self.queued_image_bytes += nbytes
+                self.queued_image_bytes_high_water = max(self.queued_image_bytes_high_water,
+                                                         self.queued_image_bytes)
+                return nbytes
+            self.snapshots_skipped += 1
+            last, since = self._skipped_log
+            now = time.monotonic()
+            if last and now - last < SKIPPED_LOG_S:
+                self._skipped_log = (last, since + 1)
+                return 0
+            self._skipped_log = (now, 0)
+        log.warning("frame %d: snapshot skipped: the result queue already holds %.0f MB of images "
+                    "(pipeline.result_queue_image_mb; the disk or outbox is slower than the NG rate); %d skipped "
+                    "since the last report, %d in all; the decision is still reported", seq,
+                    self.queued_image_bytes / 2**20, since + 1, self.snapshots_skipped)
+        return 0
+
+    def _release_images(self, items) -> None:
+        """The images of these results left the queue (reported or dropped)."""
+        n = sum(getattr(it, "image_bytes", 0) for it in items if it is not None and it is not STOP)
+        if n:
+            with self._image_lock:
+                self.queued_image_bytes = max(0, self.queued_image_bytes - n)
 
     # ------------------------------------------------------------------ reporting thread
     def _report_loop(self) -> None:
@@ -500,7 +554,10 @@ class Pipeline:
                     break
                 if item is None:
                     continue
-                self.reporter.report(item)
+                try:
+                    self.reporter.report(item)
+                finally:
+                    self._release_images([item])
                 item = None
         except EdgeADError as exc:
             self._fail(exc, "reporting")
@@ -510,7 +567,9 @@ class Pipeline:
         finally:
             with self._count_lock:
                 self.results.close()
-                left = len(self.results.drain_all()) + int(item is not None and item is not STOP)
+                rest = self.results.drain_all()
+                self._release_images(rest)
+                left = len(rest) + int(item is not None and item is not STOP)
                 self.unreported += left
             if left:  # reporting failed: say how many decisions never reached an output
                 log.error("%d decisions were not reported because reporting failed", left)

@@ -93,10 +93,18 @@ class Decision:
 
 @dataclass(frozen=True)
 class ResultItem:
-    """What inference hands to reporting: the decision plus what snapshots need (NG frames only)."""
+    """What inference hands to reporting: the decision plus what regions and snapshots need.
+
+    It holds nothing of the frame's size but the image a snapshot needs: the anomaly map travels at the
+    model's map resolution (``combined``), and the reporting thread upsamples it to the inspected image
+    when it needs it (an NG frame's regions, a heat map). The decision of an NG frame made from
+    ``combined`` gets its regions there (see :meth:`edge_ad.runtime.reporting.Reporter.report`)."""
 
     decision: Decision
-    image: Optional[np.ndarray] = None     # the inspected image, kept for NG snapshots
-    full_map: Optional[np.ndarray] = None  # the full-resolution anomaly map [H, W], NG only
+    image: Optional[np.ndarray] = None     # the inspected image, kept only for a snapshot / event image
+    combined: Optional[np.ndarray] = None  # the combined map [h', w'] at map resolution (NG or snapshot)
     t_decided: float = 0.0                 # time.perf_counter() when the decision was made
     request: Any = None                    # the MQTT inspect request waiting for this decision, if any
+    min_region_area: int = 4               # decision.min_region_area when the frame was decided
+    max_regions: int = 16                  # decision.max_regions when the frame was decided
+    image_bytes: int = 0                   # bytes of ``image`` counted against the result queue's budget

@@ -6,12 +6,14 @@ write (a full disk, a broken outbox) is counted per output in ``output_errors`` 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import threading
 import time
 from typing import Any, Callable, Optional
 
+from .decision import regions_for, upsample_one
 from .outputs import JsonlLog, SnapshotStore
 from .records import ResultItem
 from .telemetry import LatencyWindow
@@ -135,20 +137,38 @@ class Reporter:
                     "failed": since + 1, "failed_total": self.output_errors[output]})
 
     # ------------------------------------------------------------------ results
-    def _jpeg(self, item: ResultItem, label: str) -> bytes:
+    def wants_image(self, ng: bool, request=None) -> bool:
+        """Whether a decision's image will become a JPEG (a snapshot file or an MQTT event image): only then
+        does the pipeline keep the image on the result queue."""
+        asked = request is not None and request.snapshot
+        if not (ng or asked):
+            return False
+        publish = asked and request.publish
+        return self.snapshots is not None or (self.link is not None and (self.event_image or publish))
+
+    def _jpeg(self, item: ResultItem, label: str, full=None) -> bytes:
         from .. import viz
 
         d = item.decision
         req = item.request
         heat = req.heatmap if (req is not None and req.heatmap is not None) else self.heatmap
-        if heat and item.full_map is not None:
-            return viz.overlay_jpeg(item.image, item.full_map, threshold=d.threshold, label=label,
+        if heat and (full is not None or item.combined is not None):
+            if full is None:
+                full = upsample_one(item.combined, item.image.shape[:2])
+            return viz.overlay_jpeg(item.image, full, threshold=d.threshold, label=label,
                                     quality=self.jpeg_quality, max_side=max(item.image.shape[:2]))
         return viz.encode_jpeg(item.image, self.jpeg_quality)
 
     def report(self, item: ResultItem) -> dict:
         t0 = time.perf_counter()
         d = item.decision
+        full = None
+        if d.ng and item.combined is not None:
+            # the regions of an NG frame: on the map upsampled to the inspected image, here on the reporting
+            # thread (the queued item holds only the map at map resolution)
+            full = upsample_one(item.combined, tuple(d.image_size))
+            d = dataclasses.replace(d, regions=regions_for(item.combined, full, d.threshold, item.min_region_area,
+                                                           item.max_regions))
         rec = d.to_dict()
         rec["source"] = self.source_name
         req = item.request
@@ -157,7 +177,7 @@ class Reporter:
         if want_snapshot and (self.snapshots is not None or self.link is not None):
             try:
                 label = f"{'NG' if d.ng else 'OK'} {d.score:.3f} / {d.threshold:.3f}"
-                jpeg = self._jpeg(item, label)
+                jpeg = self._jpeg(item, label, full)
                 if self.snapshots is not None:
                     stamp = _dt.datetime.fromtimestamp(d.ts, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S_%f")[:-3]
                     name = f"{stamp}_{d.seq:08d}_{'NG' if d.ng else 'OK'}.jpg"

@@ -163,7 +163,8 @@ class Service:
                                  queue_size=p.queue_size, result_queue_size=p.result_queue_size,
                                  max_batch=p.max_batch, threshold=s.decision.threshold,
                                  min_region_area=s.decision.min_region_area, max_regions=s.decision.max_regions,
-                                 max_frames=self.max_frames, on_event=self.event)
+                                 max_frames=self.max_frames, on_event=self.event,
+                                 result_queue_image_bytes=int(p.result_queue_image_mb * 2**20))
         self.commands = Commands(self)
         if self.link is not None:
             self.commands.register(self.link)
@@ -423,7 +424,7 @@ class Service:
             "triggers_dropped_paused": st["triggers_dropped_paused"],
             "inference_errors": p.inference_errors, "discarded_at_stop": p.discarded_at_stop,
             "unreported": p.unreported, "output_errors": dict(self.reporter.output_errors),
-            "queues": st["queues"], "mode": p.mode,
+            "snapshots_skipped": p.snapshots_skipped, "queues": st["queues"], "mode": p.mode,
             "paused": p.paused.is_set(), "uptime_s": round(time.monotonic() - self._t0, 1),
             "calibration_version": cal.version, "threshold": self.effective_threshold(),
             "model_hash": self.inspector.model_hash, "source": self.camera.stats(),
@@ -635,7 +636,7 @@ class Service:
         elapsed = time.monotonic() - t_start
         summary = {"frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": self.reporter.ng,
                    "dropped": p.dropped, "discarded_at_stop": p.discarded_at_stop, "unreported": p.unreported,
-                   "output_errors": dict(self.reporter.output_errors),
+                   "output_errors": dict(self.reporter.output_errors), "snapshots_skipped": p.snapshots_skipped,
                    "skipped_untriggered": p.skipped_untriggered, "inference_errors": p.inference_errors,
                    "outages": self.camera.outages, "reconnects": self.camera.reconnects,
                    "duration_s": round(elapsed, 3), "fps": round(p.inspected / elapsed, 3) if elapsed > 0 else 0.0,
