@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import sys
 import threading
 import time
@@ -82,13 +81,7 @@ def _iso(t: float | None) -> str | None:
 
 def _num(value: Any) -> float | None:
     """A finite number from a payload field, else None (NaN, 1e400 and ints beyond float are not shown)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        f = float(value)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
+    return payloads.finite_number(value)
 
 
 def _int(value: Any) -> int | None:

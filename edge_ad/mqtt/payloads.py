@@ -24,16 +24,21 @@ def iso_from_unix(t: float) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
+def finite_number(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (bool, NaN, 1e400, an int beyond float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 def parse_time(value: Any) -> float | None:
     """Unix seconds from a number or an RFC 3339 string; None when it is neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        try:
-            f = float(value)
-        except OverflowError:               # an int beyond float range
-            return None
-        return f if math.isfinite(f) else None
+    if isinstance(value, (bool, int, float)):
+        return finite_number(value)
     if isinstance(value, str):
         text = value.strip()
         if text.endswith("Z"):

@@ -343,7 +343,8 @@ class Pipeline:
                     break
                 if self.paused.is_set():
                     self.skipped_paused += 1
-                    if self.gated and self.gate is not None:   # a part that passed while paused is gone: never inspect a later frame for it
+                    if self.gated and self.gate is not None:   # a part that passed while paused is gone:
+                        # never inspect a later frame in its place
                         self.triggers_dropped_paused += self.gate.clear()
                     continue
                 if self.gated and not self.gate.take():
