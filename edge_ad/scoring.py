@@ -10,8 +10,10 @@ the weighted sum of the normalized maps, padded by ``map_pad`` cells on each sid
 map's minimum-free value 0 (EfficientAD's maps lose 4 cells per side to its unpadded convolutions), and
 upsampled bilinearly to the input image size when a full-resolution map is wanted.
 
-The image score is the maximum of the combined map at map resolution. It is exact (no interpolation
-error), cheap, and equal to what the upsampled map's maximum approaches.
+The image score is the maximum of the combined map at map resolution: cheap, and independent of the
+input size. The paper takes the maximum after upsampling; bilinear interpolation never exceeds its
+samples, so that is at most this score, and lower where a peak is a single cell (at 4x upsampling no
+output pixel lands exactly on a cell centre).
 """
 
 from __future__ import annotations

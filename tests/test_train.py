@@ -486,6 +486,48 @@ def test_planted_anomalies_mark_what_they_change():
     assert not none.any()
 
 
+def test_efficientad_jitter_changes_one_property_per_image():
+    """EfficientAD's I' applies ONE of brightness / contrast / saturation per image (Algorithm 1)."""
+    from edge_ad.train.common import color_jitter
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(40, 200, size=(64, 3, 16, 16)).astype(np.float32))
+    out = color_jitter(x, 0.2, torch.Generator().manual_seed(1), one_of=True)
+
+    def grey(v):
+        return 0.299 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2]
+
+    kinds = set()
+    for a, b in zip(x, out):
+        ratio = (b / a).flatten()
+        if torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4):  # brightness: one scale factor
+            kinds.add("brightness")
+            continue
+        ga, gb = grey(a[None])[0], grey(b[None])[0]
+        if torch.allclose(ga, gb, atol=1e-3):  # saturation keeps the grey image
+            kinds.add("saturation")
+            continue
+        # contrast keeps the grey mean and scales every deviation from it by one factor
+        m = ga.mean()
+        dev_a, dev_b = (a - m).flatten(), (b - m).flatten()
+        f = (dev_a @ dev_b) / (dev_a @ dev_a)
+        assert torch.allclose(dev_b, f * dev_a, atol=1e-2), "not one of the three single jitters"
+        kinds.add("contrast")
+    assert kinds == {"brightness", "contrast", "saturation"}
+    both = color_jitter(x, 0.2, torch.Generator().manual_seed(1))  # distillation: all three in turn
+    assert not torch.equal(both, out)
+
+
+def test_hard_feature_threshold_keeps_what_the_papers_quantile_keeps():
+    from edge_ad.train.loops import quantile_rank
+
+    for n in (1, 2, 7, 1000, 1001, 56 * 56 * 8):
+        x = torch.rand(n, generator=torch.Generator().manual_seed(n))
+        for q in (0.0, 0.5, 0.9, 0.999, 1.0):
+            kept = (x >= x.kthvalue(quantile_rank(n, q)).values).sum()
+            assert kept == (x >= torch.quantile(x, q)).sum(), (n, q)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
 @pytest.mark.parametrize("kind", ["efficientad-s", "fader"])

@@ -14,7 +14,8 @@ Choices, each ours (the paper publishes none of these details):
 4. **Attenuation (FADeR)**: each skip connection passes through two 1x1 convolutions (a per-location
    two-layer MLP) with a sigmoid, giving an attenuation in [0, 1] per location that multiplies the skip
    features, so detail of anomalous regions is not copied into the reconstruction.
-5. **Training** (see ``edge_ad/train/fader.py``): synthetic anomalies are planted into normal images; the
+5. **Training** (``train_fader`` in ``edge_ad/train/loops.py``, anomalies from
+   ``planted_anomalies`` in ``edge_ad/train/common.py``): synthetic anomalies are planted into normal images; the
    network reconstructs the clean image. Attenuation targets come from patch-wise reconstruction errors:
    a* = exp(-e / tau) with e the patch-wise error between the corrupted input and the clean target at
    the skip's resolution (1 on normal patches, near 0 on planted ones), with a BCE loss.

@@ -4,8 +4,11 @@
 - layouts ``patch`` / ``shared`` (PaDiM-like): stride-8 and stride-16 features (stride 16 upsampled),
   concatenated (152 channels), averaged over 3x3 neighbourhoods (local context, as in PatchCore),
   then a fixed random subset of ``dims`` channels (PaDiM's dimensionality reduction) -> ``[B, d, H/8, W/8]``.
-- layout ``image`` (Rippel et al. 2020): each stage (stride 8, 16, 32) globally averaged, concatenated
-  -> ``[B, 472, 1, 1]``.
+- layout ``image`` (after Rippel et al. 2020): each stage (stride 8, 16, 32) globally averaged,
+  concatenated -> ``[B, 472, 1, 1]``, with ONE joint Gaussian over the 472 values. Rippel et al. fit one
+  Gaussian per level (nine EfficientNet-B4 levels) and sum the distances; a joint Gaussian with
+  Ledoit-Wolf shrinkage also models the correlations between stages and keeps one statistic that the
+  on-device refit, prior blending and leave-one-out screening treat like the other layouts.
 The Gaussian statistics are applied by :mod:`edge_ad.gaussian` in numpy (calibration data, not weights).
 """
 

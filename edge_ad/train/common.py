@@ -64,20 +64,45 @@ def load_images(paths: Sequence[Path], size: int, desc: str = "loading images") 
     return out
 
 
-def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast and saturation jitter of +-``strength`` on 0..255 images (EfficientAD's I').
-    The factors are drawn on the CPU generator ``gen`` and moved to ``x``'s device."""
+def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator, one_of: bool = False) -> torch.Tensor:
+    """Brightness, contrast and saturation jitter of +-``strength`` on 0..255 images, with torchvision's
+    ``ColorJitter`` formulas (contrast blends with the grey mean, saturation with the grey image, each
+    result clamped to 0..255).
+
+    ``one_of``: EfficientAD's I' (Batzner et al., Algorithm 1) picks ONE of the three at random per image;
+    otherwise all three are applied in turn (used for distillation). Draws come from the CPU generator
+    ``gen`` (the same on every device) and are moved to ``x``'s device.
+    """
     b = x.shape[0]
 
     def factor():
         return (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device)
 
-    x = x * factor()
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * factor() + mean
-    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    x = (x - gray) * factor() + gray
-    return x.clamp(0, 255)
+    def grey(v):
+        return 0.299 * v[:, 0:1] + 0.587 * v[:, 1:2] + 0.114 * v[:, 2:3]
+
+    def brightness(v, f):
+        return (v * f).clamp(0, 255)
+
+    def contrast(v, f):
+        m = grey(v).mean(dim=(1, 2, 3), keepdim=True)
+        return ((v - m) * f + m).clamp(0, 255)
+
+    def saturation(v, f):
+        g = grey(v)
+        return ((v - g) * f + g).clamp(0, 255)
+
+    ops = (brightness, contrast, saturation)
+    if not one_of:
+        for op in ops:
+            x = op(x, factor())
+        return x
+    f = factor()
+    pick = torch.randint(0, len(ops), (b,), generator=gen).to(x.device).view(b, 1, 1, 1)
+    out = torch.empty_like(x, dtype=torch.result_type(x, f))
+    for i, op in enumerate(ops):
+        out = torch.where(pick == i, op(x, f), out)
+    return out
 
 
 def penalty_images(folder: str | os.PathLike | None, size: int, limit: int = 2000) -> torch.Tensor | None:

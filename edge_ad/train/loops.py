@@ -9,6 +9,7 @@ Deterministic given the seed (CPU).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -114,6 +115,18 @@ def fit_teacher_normalization(model, images: torch.Tensor, device: str, batch: i
     model.t_std.copy_(std.view(1, -1, 1, 1))
 
 
+def quantile_rank(n: int, q: float) -> int:
+    """1-based rank whose value is the first one at or above ``torch.quantile(x, q)`` of ``n`` values
+    (linear interpolation sits at 0-based position q*(n-1)). ``kthvalue`` at this rank gives the hard-feature
+    threshold without ``torch.quantile``'s input-size limit; elements ``>=`` it are the ones the paper's
+    ``D >= quantile(D, q)`` keeps."""
+    pos = q * (n - 1)
+    r = math.floor(pos)
+    if pos - r > 1e-9 * max(n, 1):  # strictly between two order statistics: the upper one is the first kept
+        r += 1
+    return min(r + 1, n)
+
+
 def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: torch.Tensor | None = None,
                       q_hard: float = 0.999) -> dict:
     """EfficientAD losses: L_hard (q=0.999) + penalty + L_AE + L_STAE (Batzner et al., Sec. 3)."""
@@ -131,7 +144,7 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     def step(gen):
         # random draws on the CPU generator (checkpointed, same on every device), pixels on the device
         img = sample_batch(images, cfg.batch_size, gen)
-        aug = color_jitter(img, 0.2, gen)
+        aug = color_jitter(img, 0.2, gen, one_of=True)  # one of the three, as published
         b = img.shape[0]
         with torch.no_grad():  # one teacher pass over both the image and its jittered copy
             t, t_aug = model.teacher_features(torch.cat([img, aug])).split(b)
@@ -140,8 +153,7 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
         s, s_ae = s_all[:b, :c], s_all[b:, c:]
         d = (t - s) ** 2
         flat = d.flatten()
-        k = max(int(flat.numel() * q_hard), 1)
-        d_hard = flat.kthvalue(k).values
+        d_hard = flat.kthvalue(quantile_rank(flat.numel(), q_hard)).values
         hard = (d >= d_hard).to(d.dtype)  # the mean over the hardest elements, without a host sync
         l_hard = (d * hard).sum() / hard.sum()
         loss_st = l_hard
