@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -364,3 +365,17 @@ def test_generic_images_are_deterministic_varied_and_written_whole(tmp_path):
     with pytest.raises(InputError, match="size 8"):
         write_generic(tmp_path / "y", 2, size=8)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_frames_that_are_not_rgb_uint8_are_named():
+    from edge_ad.data.image import to_batch
+
+    ok = np.zeros((10, 12, 3), np.uint8)
+    assert to_batch([ok], (8, 8)).shape == (1, 3, 8, 8)
+    for bad, words in ((np.zeros((10, 12), np.uint8), "shape (10, 12)"),
+                       (np.zeros((10, 12, 3), np.float32), "float32"),
+                       (np.zeros((10, 12, 3), np.uint16), "uint16"),
+                       (np.zeros((0, 12, 3), np.uint8), "shape (0, 12, 3)"),
+                       ([[1, 2, 3]], "list")):
+        with pytest.raises(InputError, match=r"frame 1: .*" + re.escape(words) + r".*RGB uint8"):
+            to_batch([ok, bad], (8, 8))

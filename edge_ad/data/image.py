@@ -93,6 +93,11 @@ def to_batch(frames: Sequence[np.ndarray], size_hw: tuple[int, int]) -> np.ndarr
     h, w = size_hw
     out = np.empty((len(frames), 3, h, w), dtype=np.float32)
     for i, f in enumerate(frames):
+        if (not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3
+                or 0 in f.shape):
+            got = (f"{f.dtype} array of shape {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__)
+            raise InputError(f"frame {i}: got a {got}; expected an RGB uint8 array [H, W, 3] "
+                             "(load_image gives one; to_rgb8(frame, bgr=False) converts grey, 16-bit and float frames)")
         out[i] = resize_rgb(f, size_hw).transpose(2, 0, 1)
     return out
 
