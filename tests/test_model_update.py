@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -269,6 +270,26 @@ def test_unsafe_members_are_refused(bundles, golden, tmp_path):
             install_bundle(rewrite(name, extra), deploy, golden)
     assert not (tmp_path / "evil.txt").exists() and deployment(deploy).current is None
     assert not deploy.exists()  # a refused first install leaves no deploy folder (not even an empty releases/)
+
+
+@pytest.mark.parametrize("edit", ['"format_version": 1e999', '"bytes": 1e999', '"bytes": "12"'])
+def test_an_index_with_numbers_that_are_not_whole_is_refused(tiny_bundle, tmp_path, edit):
+    good = pack_bundle(tiny_bundle.path, tmp_path / "a.tar")
+    with tarfile.open(good) as src:
+        index = src.extractfile("edge-ad-package.json").read().decode()
+    field = edit.split(":")[0]
+    index = re.sub(field + r": [0-9]+", edit, index, count=1).encode()
+    out = tmp_path / "bad.tar"
+    with tarfile.open(good) as src, tarfile.open(out, "w") as dst:
+        for m in src:
+            if m.name == "edge-ad-package.json":
+                m.size = len(index)
+                dst.addfile(m, io.BytesIO(index))
+            else:
+                dst.addfile(m, src.extractfile(m))
+    with pytest.raises(InputError, match=f"invalid 'edge-ad-package.json'.*{field.strip(chr(34))}.*whole number"):
+        install_bundle(out, tmp_path / "deploy", require_golden=False)
+    assert not (tmp_path / "deploy").exists()
 
 
 # ----------------------------------------------------------------------------- golden set

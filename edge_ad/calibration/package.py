@@ -314,6 +314,10 @@ def _index_and_sig(tar: tarfile.TarFile, archive: Path) -> tuple[bytes, dict | N
     return index_bytes, sig
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: SigningKey | None,
                  require_signature: bool) -> PackageInfo:
     if sig is None and require_signature:
@@ -326,15 +330,20 @@ def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: Signi
         index = json.loads(index_bytes)
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise ValueError(f"'format' is not '{FORMAT}'")
-        if int(index.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"format_version {index.get('format_version')} is newer than this edge_ad reads")
+        version = index.get("format_version", 0)
+        if not _is_int(version):
+            raise ValueError(f"format_version {str(version)[:40]!r} is not a whole number")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"format_version {version} is newer than this edge_ad reads")
         files = index["files"]
         if not isinstance(files, dict) or f"{PREFIX}/manifest.json" not in files:
             raise ValueError("'files' does not list bundle/manifest.json")
         for name, rec in files.items():
             _safe_name(name, str(archive))
-            if not isinstance(rec, dict) or len(str(rec.get("sha256", ""))) != 64 or int(rec.get("bytes", -1)) < 0:
-                raise ValueError(f"entry '{name}' lacks sha256 / bytes")
+            if not isinstance(rec, dict) or len(str(rec.get("sha256", ""))) != 64:
+                raise ValueError(f"entry '{name}' lacks sha256")
+            if not _is_int(rec.get("bytes")) or rec["bytes"] < 0:
+                raise ValueError(f"entry '{name}': bytes {str(rec.get('bytes'))[:40]!r} is not a whole number >= 0")
     except InputError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
