@@ -584,7 +584,7 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     frames = [make_part("grain", 64, None, seed=9, index=i).image for i in range(8)]
     before = _release_files(deploy)
 
-    def failing(candidate, golden_dir, running, backend="auto", precision=None, limits=None):
+    def failing(candidate, golden_dir, running, **settings):
         return {"passed": False, "failures": ["3 wrong decisions on 8 labelled golden images, the running model makes 0"]}
 
     monkeypatch.setattr(deploy_mod, "check_golden", failing)
