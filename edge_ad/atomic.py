@@ -65,13 +65,23 @@ def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise naming(exc, path) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def naming(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` with the file it was writing: a full disk's ENOSPC (or EIO, EDQUOT) from write() or fsync()
+    names no file, and an error must say where."""
+    if exc.filename is not None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def check_creatable(path: str | os.PathLike, what: str = "--out") -> Path:

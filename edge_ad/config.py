@@ -58,7 +58,7 @@ class ModelSettings(_Section):
     backend: str = Field("auto", title="auto | onnxruntime | tensorrt | torch | openvino (x86 CPUs, optional)")
     precision: Optional[str] = Field(None, title="fp32 | fp16 | int8; empty: the bundle's active graph")
     device: Optional[str] = Field(None, title="cpu | cuda[:N] | tensorrt[:N]; empty: the best this machine has")
-    threads: int = Field(0, ge=0, title="ONNX Runtime / OpenVINO inference threads (0: its default)")
+    threads: int = Field(0, ge=0, le=1024, title="ONNX Runtime / OpenVINO inference threads (0: its default)")
     thread_spinning: Optional[bool] = Field(None, title="ONNX Runtime intra-op thread spinning (empty: its "
                                                         "default, on; false is faster on cores shared with "
                                                         "other busy processes)")
@@ -82,6 +82,13 @@ class ModelSettings(_Section):
     def _bundle_or_deploy(self) -> "ModelSettings":
         if self.bundle is None and self.deploy_dir is None:
             raise ValueError("give bundle (a bundle folder) or deploy_dir (a folder of installed bundles)")
+        if self.bundle is not None and self.deploy_dir is not None:
+            # the two would disagree after an update: update_model installs into deploy_dir, a restart
+            # or reload would run model.bundle again and undo it
+            raise ValueError(f"both bundle ({self.bundle}) and deploy_dir ({self.deploy_dir}) are set; give one: "
+                             "bundle to run that folder, or deploy_dir to run its 'current' release (and take "
+                             "model updates); to run another bundle with this config, also empty deploy_dir "
+                             "(--set model.deploy_dir=)")
         return self
 
     def bundle_path(self) -> Path:

@@ -84,7 +84,13 @@ def test_example_config_is_valid():
     (MINIMAL + "\n[calibration]\npolicy = \"fpr:2\"\n", "calibration.policy", ["fpr:P"]),
     ('[source]\nuri = "file://x.avi"\n', "model", ["Field required"]),
     (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\nbackend = "tensorflow"'), "model.backend",
-     ["onnxruntime", "tensorflow"]),
+     ["onnxruntime", "tensorflow"]),    # both: an update installed into deploy_dir would be undone by a restart running bundle
+    (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\ndeploy_dir = "dep"'), "model",
+     ["bundle", "deploy_dir", "both", "give one"]),
+    (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\nthreads = 100000'), "model.threads",
+     ["1024", "100000"]),
+    (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\nthreads = 99999999999999999999999'),
+     "model.threads", ["1024"]),
 ])
 def test_invalid_config_names_the_field_and_the_file(tmp_path, text, field, words):
     cfg = _write(tmp_path, text)

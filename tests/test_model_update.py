@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -271,6 +272,26 @@ def test_unsafe_members_are_refused(bundles, golden, tmp_path):
     assert not deploy.exists()  # a refused first install leaves no deploy folder (not even an empty releases/)
 
 
+@pytest.mark.parametrize("edit", ['"format_version": 1e999', '"bytes": 1e999', '"bytes": "12"'])
+def test_an_index_with_numbers_that_are_not_whole_is_refused(tiny_bundle, tmp_path, edit):
+    good = pack_bundle(tiny_bundle.path, tmp_path / "a.tar")
+    with tarfile.open(good) as src:
+        index = src.extractfile("edge-ad-package.json").read().decode()
+    field = edit.split(":")[0]
+    index = re.sub(field + r": [0-9]+", edit, index, count=1).encode()
+    out = tmp_path / "bad.tar"
+    with tarfile.open(good) as src, tarfile.open(out, "w") as dst:
+        for m in src:
+            if m.name == "edge-ad-package.json":
+                m.size = len(index)
+                dst.addfile(m, io.BytesIO(index))
+            else:
+                dst.addfile(m, src.extractfile(m))
+    with pytest.raises(InputError, match=f"invalid 'edge-ad-package.json'.*{field.strip(chr(34))}.*whole number"):
+        install_bundle(out, tmp_path / "deploy", require_golden=False)
+    assert not (tmp_path / "deploy").exists()
+
+
 # ----------------------------------------------------------------------------- golden set
 def test_failing_golden_check_keeps_the_running_model(bundles, golden, tmp_path):
     a, _, c = bundles
@@ -412,6 +433,13 @@ def test_judge_health_rules():
     assert judge_health(10, 0, 3, 1, 0.1, lim)[0] == "ok"                     # +0.2 is allowed
     assert judge_health(10, 0, 4, 1, 0.1, lim)[0] == "failed"
     assert judge_health(10, 0, 10, 1, None, lim)[0] == "ok"                   # no baseline: no NG check
+
+
+def test_a_deploy_dir_that_is_a_file_is_named_as_such(tmp_path):
+    f = tmp_path / "deploy"
+    f.write_text("not a folder")
+    with pytest.raises(InputError, match="deploy: not a folder; expected a deploy folder"):
+        current_path(f)
 
 
 def test_rollback_needs_a_previous_release(bundles, golden, tmp_path):
@@ -556,7 +584,7 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     frames = [make_part("grain", 64, None, seed=9, index=i).image for i in range(8)]
     before = _release_files(deploy)
 
-    def failing(candidate, golden_dir, running, backend="auto", precision=None, limits=None):
+    def failing(candidate, golden_dir, running, **settings):
         return {"passed": False, "failures": ["3 wrong decisions on 8 labelled golden images, the running model makes 0"]}
 
     monkeypatch.setattr(deploy_mod, "check_golden", failing)
@@ -607,3 +635,233 @@ def test_an_archive_with_a_bad_manifest_is_refused_even_without_golden_check(tin
     with pytest.raises(InputError, match=f"manifest.json: model.{field}"):
         install_bundle(archive, tmp_path / "deploy", require_golden=False)
     assert not (tmp_path / "deploy" / "current").exists() and not list((tmp_path / "deploy").rglob("*.*"))
+
+
+# ----------------------------------------------------------------------------- the runtime's update_model
+def _line(tmp_path, deploy: Path, **model):
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.service import Service
+
+    extra = "".join(f'{k} = "{v}"\n' for k, v in model.items())
+    cfg = tmp_path / "line.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n{extra}[source]\nuri = "synthetic://disc?size=64"\n'
+                   '[output]\njsonl = ""\n')
+    return Service(load_settings(cfg), install_signals=False)
+
+
+def _update(svc, archive: Path, **args):
+    from edge_ad.atomic import sha256_file
+
+    return svc.update_model({"url": str(archive), "sha256": sha256_file(archive), **args})
+
+
+def _int8_release(tiny_bundle, tmp_path, golden):
+    """A deploy folder whose release in force has an INT8 graph (the line runs precision int8)."""
+    from fixtures_bundle import tiny_graph
+
+    a = copy_bundle(tiny_bundle, tmp_path / "A8")
+    a.add_file("model.int8.onnx", data=tiny_graph((64, 64)))   # stands in for a quantized graph
+    a.set_active("model.int8.onnx", "int8")
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a8.tar"), deploy, golden)
+    return deploy
+
+
+@pytest.mark.parametrize("with_golden", [True, False])
+def test_update_model_checks_and_opens_the_candidate_as_the_line_runs_it(tiny_bundle, golden, tmp_path,
+                                                                        with_golden):
+    """A candidate the line cannot open (no INT8 graph on an int8 line) is refused before 'current' moves,
+    with or without a golden set; a restart still finds a model it can run."""
+    deploy = _int8_release(tiny_bundle, tmp_path, golden)
+    if with_golden:
+        shutil.copytree(golden, deploy / "golden")
+    before = deployment(deploy).current
+    svc = _line(tmp_path, deploy, precision="int8")
+    fp32_only = pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar")
+    try:
+        with pytest.raises(InputError, match=r"cannot .*as the line runs it.*precision int8.*b\.tar: bundle/"
+                                             r"model\.int8\.onnx.*update refused"):
+            _update(svc, fp32_only)
+        assert deployment(deploy).current == before and svc.inspector.model_hash == Bundle.open(
+            current_path(deploy)).model_hash()
+        assert [p.name for p in (deploy / "releases").iterdir()] == [before]
+    finally:
+        svc.inspector.backend.close()
+    _line(tmp_path, deploy, precision="int8").inspector.backend.close()   # a restart opens it
+
+
+def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, golden, tmp_path, monkeypatch):
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    first = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    svc = _line(tmp_path, deploy)
+    new = pack_bundle(b.path, tmp_path / "b.tar")
+    try:
+        def fail(bundle, reason):
+            raise RuntimeFailure("out of device memory")
+
+        monkeypatch.setattr(svc, "_swap_model", fail)
+        with pytest.raises(RuntimeFailure, match=f"could not be swapped in.*back on {first.release}"):
+            _update(svc, new)
+        dep = deployment(deploy)
+        assert dep.current == first.release and dep.health == "rolled_back"
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_the_same_archive_again_changes_nothing(bundles, golden, tmp_path):
+    """A retried update (the reply was lost) must not push the real previous release out."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    arch_b = pack_bundle(b.path, tmp_path / "b.tar")
+    r2 = install_bundle(arch_b, deploy, golden)
+    again = install_bundle(arch_b, deploy, golden)
+    assert again.already_installed and again.release == r2.release and again.summary()["already_installed"]
+    res = CliRunner().invoke(main, ["bundle", "install", str(arch_b), "--deploy", str(deploy), "--no-golden"])
+    assert res.exit_code == 0 and "already installed" in res.output, res.output
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous) == (r2.release, r1.release)
+    assert sorted(p.name for p in (deploy / "releases").iterdir()) == sorted([r1.release, r2.release])
+    # the same model with another calibration is another release
+    b.write_calibration(b.calibration().replace(version=0, created="", threshold=2.5, policy="manual"))
+    r3 = install_bundle(pack_bundle(b.path, tmp_path / "b2.tar"), deploy, require_golden=False)
+    assert not r3.already_installed and deployment(deploy).previous == r2.release
+
+    svc = _line(tmp_path, deploy)
+    try:
+        out = _update(svc, tmp_path / "b2.tar")
+        assert out["already_installed"] and deployment(deploy).current == r3.release
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_an_install_cleans_what_a_killed_one_left_and_checks_the_free_space(bundles, tmp_path, monkeypatch):
+    import collections
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    left = [deploy / "releases" / ".incoming-0123456789ab", deploy / ".check-x1y2", deploy / "downloads" / ".b.tar.part"]
+    for p in left[:2]:
+        (p / "sub").mkdir(parents=True)
+        (p / "sub" / "big.bin").write_bytes(b"0" * 1000)
+    left[2].parent.mkdir()
+    left[2].write_bytes(b"half a download")
+    arch_b = pack_bundle(b.path, tmp_path / "b.tar")
+    real = shutil.disk_usage
+    monkeypatch.setattr(deploy_mod.shutil, "disk_usage",
+                        lambda p: collections.namedtuple("U", "total used free")(real(p).total, 0, 100_000))
+    with pytest.raises(RuntimeFailure, match=r"releases: 0\.1 MiB free, the bundle needs .* MiB"):
+        install_bundle(arch_b, deploy, require_golden=False)
+    assert not any(p.exists() for p in left)
+    assert [p.name for p in (deploy / "releases").iterdir()] == [deployment(deploy).current]
+
+
+def test_one_install_at_a_time_per_deploy_folder(bundles, tmp_path):
+    import fcntl
+    import os
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    before = deployment(deploy)
+    fd = os.open(deploy / "releases", os.O_RDONLY)   # another process installing holds this lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeFailure, match="another install into this deploy folder is running"):
+            install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
+    finally:
+        os.close(fd)
+    assert deployment(deploy) == before
+    install_bundle(tmp_path / "b.tar", deploy, require_golden=False)   # free again
+
+
+def _installed_twice(bundles, tmp_path):
+    """A deploy folder with A, then B installed by the CLI (pending); (deploy, A's release)."""
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
+    return deploy, r1
+
+
+def _failing_frames(svc) -> None:
+    """Every inference of the model in force fails, for as long as a health verdict needs."""
+    for _ in range(HealthLimits().min_frames):
+        svc.event({"type": "inference_error", "frames": 1})
+    svc._check_health()
+
+
+def test_run_watches_a_release_installed_while_it_was_not_running(bundles, tmp_path):
+    """'edge-ad bundle install' then a (re)start: the pending release is watched and rolled back."""
+    a = bundles[0]
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    svc = _line(tmp_path, deploy)
+    try:
+        _failing_frames(svc)
+        assert deployment(deploy).current == r1.release and deployment(deploy).health == "rolled_back"
+        assert svc.inspector.model_hash == a.model_hash()
+    finally:
+        svc.inspector.backend.close()
+    svc = _line(tmp_path, deploy)   # not pending any more: not watched again
+    try:
+        _failing_frames(svc)
+        assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_a_full_disk_names_the_path_and_exits_1(tiny_bundle, tmp_path, monkeypatch):
+    """ENOSPC from write()/fsync() names no file: the error must say where, and never blame the archive."""
+    import errno
+    import os
+
+    from click.testing import CliRunner
+
+    from edge_ad import atomic
+    from edge_ad.cli import main
+
+    arch = pack_bundle(tiny_bundle.path, tmp_path / "a.tar")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as ei:
+        atomic.write_text(tmp_path / "cal.json", "{}")
+    assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(tmp_path / "cal.json")
+    assert not list(tmp_path.glob(".cal.json*"))
+    res = CliRunner().invoke(main, ["bundle", "pack", str(tiny_bundle.path), str(tmp_path / "x.tar")])
+    assert res.exit_code == 1 and f"error: {tmp_path / 'x.tar'}: no space left on device" in res.output, res.output
+    assert not (tmp_path / "x.tar").exists()
+    res = CliRunner().invoke(main, ["bundle", "install", str(arch), "--deploy", str(tmp_path / "dep"), "--no-golden"])
+    assert res.exit_code == 1 and "releases: no space left on device (extracting bundle/" in res.output, res.output
+    assert "corrupt" not in res.output and not (tmp_path / "dep").exists()
+
+
+def test_pack_refuses_a_bundle_file_that_is_a_link(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path / "B")
+    store = tmp_path / "store.onnx"
+    (b.path / "model.onnx").rename(store)
+    (b.path / "model.onnx").symlink_to(store)
+    with pytest.raises(InputError, match="model.onnx: a symbolic link .*store.onnx.*copy of its target"):
+        pack_bundle(b.path, tmp_path / "b.tar")
+    assert not (tmp_path / "b.tar").exists()
+
+
+def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path):
+    b = bundles[1]
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    svc = _line(tmp_path, deploy)
+    try:
+        (r1.path / "model.onnx").write_bytes(b"damaged")
+        _failing_frames(svc)   # no exception out of the supervisor's call
+        assert deployment(deploy).current == r1.release and svc.inspector.model_hash == b.model_hash()
+        assert any(e.get("status") == "rollback_failed" for e in svc.events)
+    finally:
+        svc.inspector.backend.close()

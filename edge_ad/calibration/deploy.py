@@ -32,6 +32,7 @@ model's, the watch calls :func:`rollback_model` and says which bundle to reopen.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -50,7 +51,7 @@ from .. import atomic
 from ..bundle import Bundle, now_iso
 from ..data.image import IMAGE_EXTS, list_images, load_image
 from ..errors import EdgeADError, InputError, RuntimeFailure
-from .package import PackageInfo, extract_archive, load_key
+from .package import PREFIX, PackageInfo, extract_archive, load_key, read_index
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ STATE = "deploy.json"
 GOLDEN = "golden"
 NORMAL_DIRS = ("good", "ok")
 HISTORY = 50
+_held: dict[tuple[int, int], int] = {}   # deploy_lock: (inode, device) of releases/ -> depth held here
+_held_lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- the deploy folder
@@ -142,6 +145,9 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
 
 def current_path(deploy_dir: str | os.PathLike) -> Path:
     """The resolved bundle folder in force (open this, not the ``current`` link)."""
+    if Path(deploy_dir).exists() and not Path(deploy_dir).is_dir():
+        raise InputError(f"{deploy_dir}: not a folder; expected a deploy folder ({RELEASES}/, '{CURRENT}' and "
+                         f"'{PREVIOUS}' links; made by 'edge-ad bundle install')")
     dep = deployment(deploy_dir)
     if dep.current_path is None:
         raise InputError(f"{deploy_dir}: no '{CURRENT}' link; install a bundle first ('edge-ad bundle install')")
@@ -175,11 +181,11 @@ def golden_images(golden_dir: str | os.PathLike) -> list[tuple[Path, int]]:
 
 
 def _decide(bundle: Bundle, frames: list[np.ndarray], backend: str, precision: str | None,
-            chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+            device: str | None = None, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
 
-    be = open_backend(bundle, backend, precision)
+    be = open_backend(bundle, backend, precision, device)
     try:
         insp = Inspector(bundle, be)
         scores, ng = [], []
@@ -192,11 +198,17 @@ def _decide(bundle: Bundle, frames: list[np.ndarray], backend: str, precision: s
     return np.concatenate(scores).astype(np.float64), np.concatenate(ng).astype(bool)
 
 
+def run_as(backend: str, precision: str | None, device: str | None) -> str:
+    """``backend B, precision P, device D`` for messages (empty settings said as what they mean)."""
+    return f"backend {backend}, precision {precision or 'its active graph'}, device {device or 'auto'}"
+
+
 def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bundle | None = None,
                  backend: str = "auto", precision: str | None = None,
-                 limits: GoldenLimits | None = None) -> dict:
+                 limits: GoldenLimits | None = None, device: str | None = None) -> dict:
     """Judge ``candidate`` on the golden set (against ``running`` when given); a report with
-    ``passed`` and ``failures``."""
+    ``passed`` and ``failures``. Both run on ``backend`` / ``precision`` / ``device``: give the line's
+    (``model.*``), so that the check runs what will run."""
     from ..compile.guard import auroc
 
     limits = limits or GoldenLimits()
@@ -206,7 +218,7 @@ def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bund
     running_error = None
     if running is not None:
         try:
-            r_s, r_ng = _decide(running, frames, backend, precision)
+            r_s, r_ng = _decide(running, frames, backend, precision, device)
         except EdgeADError as exc:   # a damaged running release must not block the update that replaces it
             running_error = f"{running.path}: {exc}"
             log.warning("the running release cannot be judged on the golden set (%s); the candidate is judged "
@@ -215,7 +227,11 @@ def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bund
     if running is None and not (labels >= 0).any():
         raise InputError(f"{golden_dir}: only unlabelled golden images, and no running bundle to compare the "
                          "candidate with; put normal images in good/ and defective ones in other folders")
-    c_s, c_ng = _decide(candidate, frames, backend, precision)
+    try:
+        c_s, c_ng = _decide(candidate, frames, backend, precision, device)
+    except InputError as exc:   # e.g. the line runs int8 and the candidate has no int8 graph
+        raise InputError(f"the candidate cannot run as the line runs it ({run_as(backend, precision, device)}): "
+                         f"{exc}; update refused") from exc
     report: dict = {"golden_dir": str(golden_dir), "n_images": len(items),
                     "n_labelled": int((labels >= 0).sum()), "limits": asdict(limits)}
     if running_error:
@@ -273,12 +289,14 @@ class InstallResult:
     package: PackageInfo
     golden: dict | None          # check_golden's report (None when the check was skipped)
     pruned: tuple[str, ...] = ()
+    already_installed: bool = False   # the release in force holds the same files: nothing changed
+
 
     def summary(self) -> dict:
         return {"path": str(self.path), "release": self.release, "previous": self.previous,
                 "model_hash": self.package.index.get("bundle", {}).get("model_hash"),
                 "signed": self.package.signed, "signature_verified": self.package.verified,
-                "golden": self.golden, "pruned": list(self.pruned)}
+                "golden": self.golden, "pruned": list(self.pruned), "already_installed": self.already_installed}
 
 
 def _release_seq(name: str) -> int:
@@ -297,7 +315,8 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
                    golden_dir: str | os.PathLike | None = None, key=None, *,
                    require_signature: bool | None = None, require_golden: bool = True, backend: str = "auto",
                    precision: str | None = None, limits: GoldenLimits | None = None,
-                   keep: int = 3) -> InstallResult:
+                   keep: int = 3, device: str | None = None,
+                   probe: Callable[[Bundle], None] | None = None) -> InstallResult:
     """Verify, validate and switch in a bundle archive (see the module doc). Raises InputError when the
     archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
     cases the running bundle and the links are untouched. ``archive`` may also be a bundle folder made
@@ -306,7 +325,9 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     ``key``: HMAC secret (bytes or file) or Ed25519 public key file; with a key an unsigned archive is
     refused (``require_signature`` overrides). ``golden_dir`` defaults to ``<deploy>/golden``; with no
     golden set the install is refused unless ``require_golden=False``. A failed install into a new deploy
-    folder removes the folders it made.
+    folder removes the folders it made. ``backend`` / ``precision`` / ``device``: what the golden check
+    runs on (the line's). ``probe``: called with the verified candidate before the switch (the runtime
+    opens it as the line will); what it raises refuses the update, nothing switched.
     """
     d = Path(deploy_dir)
     made = []  # folders this install creates, deepest first: removed again when it fails
@@ -317,8 +338,9 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     d.mkdir(parents=True, exist_ok=True)
     (d / RELEASES).mkdir(exist_ok=True)
     try:
-        return _install(archive, d, golden_dir, key, require_signature, require_golden, backend, precision,
-                        limits, keep)
+        with deploy_lock(d):
+            return _install(archive, d, golden_dir, key, require_signature, require_golden, backend, precision,
+                            limits, keep, device, probe)
     except BaseException:
         for p in made:
             try:
@@ -329,7 +351,7 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
 
 
 def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
-             keep) -> InstallResult:
+             keep, device, probe) -> InstallResult:
     from ..errors import GuardFailure
 
     dep = deployment(d)
@@ -339,6 +361,24 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     if golden_dir is None and require_golden:
         raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
                          "folders); skip the check only on purpose (--no-golden)")
+    _clean_stale(d)
+    if Path(archive).is_dir():
+        content = _content(Bundle.open(archive, verify=True))
+        need = sum(Path(archive, rel).stat().st_size for rel in content)
+    else:
+        info = read_index(archive, key=key_obj, require_signature=require_signature)
+        files = info.index["files"]
+        content = {n[len(PREFIX) + 1:]: rec["sha256"] for n, rec in files.items()}
+        need = sum(rec["bytes"] for rec in files.values())
+    if dep.current_path is not None and _same_content(dep.current_path, content):
+        log.warning("%s: the release in force, %s, holds the same files; nothing installed", archive, dep.current)
+        return InstallResult(dep.current_path, dep.current, dep.previous, dep.previous_path,
+                             info if not Path(archive).is_dir() else PackageInfo({}, False, None, None, False),
+                             None, already_installed=True)
+    free = shutil.disk_usage(d / RELEASES).free
+    if need + SPACE_MARGIN > free:
+        raise RuntimeFailure(f"{d / RELEASES}: {free / 2**20:.1f} MiB free, the bundle needs {need / 2**20:.1f} MiB "
+                             f"(+{SPACE_MARGIN >> 20} MiB margin); free disk space; update not installed")
     staging = d / RELEASES / f".incoming-{uuid.uuid4().hex[:12]}"
     try:
         if Path(archive).is_dir():
@@ -362,14 +402,19 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
         report = None
         if golden_dir is not None:
             report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
-                                  limits=limits)
+                                  limits=limits, device=device)
             if not report["passed"]:
                 raise GuardFailure("golden-set check failed, the running model is unchanged: "
                                    + "; ".join(report["failures"]))
+        if probe is not None:
+            probe(candidate)
         rid = _release_id(d, candidate.model_hash())
         final = d / RELEASES / rid
         os.rename(staging, final)
         atomic._fsync_dir(d / RELEASES)
+    except InputError as exc:   # about the archive's content: named as in the archive, not the deleted staging
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _named_in_archive(exc, staging, Path(archive)) from exc.__cause__
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -387,6 +432,83 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     pruned = prune_releases(d, keep)
     log.info("installed %s (previous %s)", rid, dep.current)
     return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned))
+
+
+SPACE_MARGIN = 1 << 20
+
+
+@contextlib.contextmanager
+def deploy_lock(deploy_dir: str | os.PathLike):
+    """One install at a time per deploy folder (a CLI install beside the runtime's update_model): the
+    kernel's lock on ``releases/``, so a killed install leaves none behind. Re-entrant in one process; a
+    second process gets a RuntimeFailure at once."""
+    rel = Path(deploy_dir) / RELEASES
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no guard
+        yield
+        return
+    fd = os.open(rel, os.O_RDONLY)
+    key = os.fstat(fd)[1:3]   # (inode, device)
+    try:
+        with _held_lock:
+            depth = _held.get(key, 0)
+            if depth == 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RuntimeFailure(f"{deploy_dir}: another install into this deploy folder is running; "
+                                         "try again when it has finished") from None
+            _held[key] = depth + 1
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+                if _held[key] == 0:
+                    del _held[key]
+    finally:
+        os.close(fd)   # the outermost holder's close releases the lock
+
+
+def _clean_stale(d: Path) -> None:
+    """What a killed install, check or download left (under the lock, so none of it is in use)."""
+    stale = [*(d / RELEASES).glob(".incoming-*"), *d.glob(".check-*"), *(d / "downloads").glob(".*.part"),
+             *d.glob(f".{CURRENT}.*.tmp"), *d.glob(f".{PREVIOUS}.*.tmp"), *d.glob(f".{STATE}.*.tmp")]
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if stale:
+        log.warning("%s: removed what an interrupted install left: %s", d, ", ".join(p.name for p in stale))
+
+
+def _content(b: Bundle) -> dict[str, str]:
+    """{file: sha256} of what a bundle consists of (what 'bundle pack' would pack)."""
+    from .package import _bundle_files
+
+    return {rel: atomic.sha256_file(b.path / rel) for rel in _bundle_files(b)}
+
+
+def _same_content(release: Path, content: dict[str, str]) -> bool:
+    """``release`` holds exactly these files (installing them again would change nothing)."""
+    try:
+        return _content(Bundle.open(release)) == content
+    except (EdgeADError, OSError):
+        return False
+
+
+def _named_in_archive(exc: InputError, staging: Path, archive: Path) -> InputError:
+    """``exc`` with the staging folder (deleted by then) in its message replaced by what the user gave:
+    ``ARCHIVE: bundle/FILE`` (or the bundle folder installed)."""
+    msg = str(exc)
+    if str(staging) not in msg:
+        return exc
+    shown = str(archive) if archive.is_dir() else f"{archive}: {PREFIX}"
+    new = type(exc)(msg.replace(str(staging), shown))
+    new.__traceback__ = exc.__traceback__
+    return new
 
 
 def _stage_folder(src: Path, staging: Path, signed_required: bool) -> PackageInfo:

@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..bundle import NOT_SHIPPED, Bundle, now_iso
-from ..errors import InputError
+from ..errors import InputError, RuntimeFailure
 
 INDEX = "edge-ad-package.json"
 SIGNATURE = "edge-ad-package.sig"
@@ -174,14 +174,20 @@ def _verify(key: SigningKey, data: bytes, sig: dict, where: str) -> None:
 # ----------------------------------------------------------------------------- pack
 def _bundle_files(b: Bundle) -> list[str]:
     """What the bundle consists of: manifest.json, the files it records, the calibration in force and its
-    history (never :data:`edge_ad.bundle.NOT_SHIPPED`, links, or files the manifest does not record)."""
+    history (never :data:`edge_ad.bundle.NOT_SHIPPED` or files the manifest does not record). A file that is a
+    symbolic link is refused: packed as a link, no device would accept it."""
     root = b.path
     names = {"manifest.json", "calibration.json", *b.manifest["files"]}
     names |= {f"calibration.d/{b.calibration_version_file(v).name}" for v in b.calibration_versions()}
     out = []
     for rel in sorted(names):
         p = b.file(rel)
-        if rel.split("/")[0] in NOT_SHIPPED or p.is_symlink() or not p.is_file():
+        if rel.split("/")[0] in NOT_SHIPPED:
+            continue
+        if p.is_symlink():   # left out, the archive would miss a file its manifest records
+            raise InputError(f"{p}: a symbolic link (to {os.readlink(p)}); bundle files must be regular files: "
+                             "replace the link with a copy of its target, then pack again (nothing packed)")
+        if not p.is_file():
             continue
         out.append(rel)
     if "manifest.json" not in out:
@@ -241,8 +247,10 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:   # a full disk: say which file
+            raise atomic.naming(exc, out) from exc
         raise
     return out
 
@@ -314,6 +322,10 @@ def _index_and_sig(tar: tarfile.TarFile, archive: Path) -> tuple[bytes, dict | N
     return index_bytes, sig
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: SigningKey | None,
                  require_signature: bool) -> PackageInfo:
     if sig is None and require_signature:
@@ -326,21 +338,32 @@ def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: Signi
         index = json.loads(index_bytes)
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise ValueError(f"'format' is not '{FORMAT}'")
-        if int(index.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"format_version {index.get('format_version')} is newer than this edge_ad reads")
+        version = index.get("format_version", 0)
+        if not _is_int(version):
+            raise ValueError(f"format_version {str(version)[:40]!r} is not a whole number")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"format_version {version} is newer than this edge_ad reads")
         files = index["files"]
         if not isinstance(files, dict) or f"{PREFIX}/manifest.json" not in files:
             raise ValueError("'files' does not list bundle/manifest.json")
         for name, rec in files.items():
             _safe_name(name, str(archive))
-            if not isinstance(rec, dict) or len(str(rec.get("sha256", ""))) != 64 or int(rec.get("bytes", -1)) < 0:
-                raise ValueError(f"entry '{name}' lacks sha256 / bytes")
+            if not isinstance(rec, dict) or len(str(rec.get("sha256", ""))) != 64:
+                raise ValueError(f"entry '{name}' lacks sha256")
+            if not _is_int(rec.get("bytes")) or rec["bytes"] < 0:
+                raise ValueError(f"entry '{name}': bytes {str(rec.get('bytes'))[:40]!r} is not a whole number >= 0")
     except InputError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{archive}: invalid '{INDEX}' ({exc}); update refused") from exc
     return PackageInfo(index=index, signed=sig is not None, alg=(sig or {}).get("alg"),
                        key_id=(sig or {}).get("key_id"), verified=verified)
+
+
+def _write_failed(exc: OSError, dest: Path, name: str) -> RuntimeFailure:
+    """Writing the extracted bundle failed (a full disk, an I/O error): not the archive's fault."""
+    return RuntimeFailure(f"{dest.parent}: {(exc.strerror or str(exc)).lower()} (extracting {name}); update not "
+                          "installed")
 
 
 def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
@@ -390,15 +413,25 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
                     out.parent.mkdir(parents=True, exist_ok=True)
                     h = hashlib.sha256()
                     src = tar.extractfile(m)
-                    with open(out, "wb") as fh:
+                    try:
+                        fh = open(out, "wb")
+                    except OSError as exc:
+                        raise _write_failed(exc, dest, name) from exc
+                    with fh:
                         while True:
                             block = src.read(1 << 20)
                             if not block:
                                 break
                             h.update(block)
-                            fh.write(block)
-                        fh.flush()
-                        os.fsync(fh.fileno())
+                            try:
+                                fh.write(block)
+                            except OSError as exc:
+                                raise _write_failed(exc, dest, name) from exc
+                        try:
+                            fh.flush()
+                            os.fsync(fh.fileno())
+                        except OSError as exc:
+                            raise _write_failed(exc, dest, name) from exc
                     if h.hexdigest() != rec["sha256"]:
                         raise InputError(f"{archive}: '{name}' has sha256 {h.hexdigest()[:12]}…, the index says "
                                          f"{rec['sha256'][:12]}… (corrupt or altered); update refused")

@@ -34,7 +34,8 @@ class _Group(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except OSError as exc:
-            if exc.filename is None:  # not about a path the user gave (a socket, a device): a real crash
+            # not about a path the user gave (a socket, a device): a real crash; a full or failing disk is not
+            if exc.filename is None and exc.errno not in _DISK_ERRNOS:
                 raise
             logging.getLogger(__name__).debug("OS error", exc_info=True)
             click.echo(f"error: {os_error_text(exc)}", err=True)
@@ -43,6 +44,7 @@ class _Group(click.Group):
 
 # OS errors about a path the user named (a file where a folder must be, a missing parent, no
 # permission): input errors (exit 2). Others with a path (disk full, I/O error): runtime failures (exit 1).
+_DISK_ERRNOS = {errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _INPUT_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -51,6 +53,8 @@ def os_error_text(exc: OSError) -> str:
     what = (exc.strerror or type(exc).__name__).lower()
     if exc.errno in (errno.EEXIST, errno.ENOTDIR):
         what += " (a folder was expected there)"
+    if exc.filename is None:
+        return what
     target = f" -> {exc.filename2}" if exc.filename2 else ""
     return f"{exc.filename}{target}: {what}"
 

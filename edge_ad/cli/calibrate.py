@@ -254,11 +254,17 @@ def install_cmd(archive, deploy_dir, golden_dir, no_golden, key, require_signatu
     if as_json:
         _echo_json(res.summary())
         return
+    if res.already_installed:
+        click.echo(f"already installed: {deploy_dir}/current -> releases/{res.release} holds the same files; "
+                   "nothing changed")
+        return
     g = res.golden
     golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
     click.echo(f"installed {res.release} ({golden}; previous: {res.previous or 'none'}); "
                f"{deploy_dir}/current -> releases/{res.release}")
-    click.echo("the runtime confirms it with its health check (or rolls back): 'edge-ad bundle status'", err=True)
+    click.echo("'edge-ad run' with model.deploy_dir watches its first frames and rolls back when they look wrong "
+               "(started, restarted or reloaded after this install: SIGHUP or the MQTT reload command); "
+               "'edge-ad bundle status' shows the verdict", err=True)
 
 
 @bundle_group.command("rollback")

@@ -168,6 +168,22 @@ class Service:
         self.commands = Commands(self)
         if self.link is not None:
             self.commands.register(self.link)
+        self._watch_if_pending()
+
+    def _watch_if_pending(self, baseline_ng_rate: float | None = None) -> None:
+        """A release switched in while this line was not running it ('edge-ad bundle install', or a restart
+        before the verdict) is still pending: watch its first frames here, rolling back when they look wrong."""
+        from ..calibration import HealthWatch, deployment
+
+        d = self.settings.model.deploy_dir
+        if d is None or self.settings.model.bundle is not None:
+            return
+        dep = deployment(d)
+        if dep.health == "pending" and dep.current_path is not None and \
+                dep.current_path.resolve() == Path(self.bundle.path).resolve():
+            log.warning("release %s of %s is pending: its health is watched (rolled back when it fails)",
+                        dep.current, d)
+            self.reporter.health = HealthWatch(d, baseline_ng_rate=baseline_ng_rate)
 
     def _birth(self) -> dict:
         b = self.inspector.backend
@@ -292,7 +308,9 @@ class Service:
         path = self.settings.model.bundle_path() if self.settings.model.deploy_dir is not None else self.bundle.path
         fresh = Bundle.open(path, verify=True)
         if fresh.model_hash() != self.inspector.model_hash or fresh.active_graph != self.bundle.active_graph:
-            return self._swap_model(fresh, reason="reload")
+            out = self._swap_model(fresh, reason="reload")
+            self._watch_if_pending(self._ng_rate())
+            return out
         cal = fresh.calibration()
         if cal.version != self.inspector.calibration.version or cal.to_dict() != self.inspector.calibration.to_dict():
             self.bundle = fresh
@@ -324,19 +342,41 @@ class Service:
     def update_model(self, args: dict) -> dict:
         """Install a bundle archive (edge_ad.calibration.install_bundle: verify, golden set, atomic switch),
         swap it in between two batches, and watch its health: a failed check rolls back to the previous
-        bundle and reopens it. ``activate`` false only verifies and checks the archive."""
-        from ..calibration import HealthWatch, check_golden, extract_archive, install_bundle
+        bundle and reopens it. ``activate`` false only verifies and checks the archive.
+
+        The golden check runs the line's backend, precision and device, and the candidate is opened as the
+        line opens it before ``current`` moves; should the swap still fail, ``current`` goes back to the
+        running release and the update is reported failed."""
+        from ..calibration.deploy import deploy_lock
 
         m = self.settings.model
         if m.deploy_dir is None:
             raise InputError("update_model needs model.deploy_dir in the config (a folder of installed bundles "
                              "whose 'current' release runs; see docs/runtime.md)")
-        archive = _fetch_archive(str(args["url"]), Path(m.deploy_dir) / "downloads", str(args["sha256"]))
+        precision = args.get("precision") or m.precision
+        activate = args.get("activate", True)
+        if activate and precision != m.precision:
+            raise InputError(f"update_model: precision '{precision}' is not the one the line runs with "
+                             f"(model.precision: {m.precision or 'empty, each bundle its active graph'}); the "
+                             "check must run what will run: leave precision out, or use it with activate false "
+                             "to only check")
+        with deploy_lock(m.deploy_dir):   # one install at a time; stale staging is cleaned under it
+            url = str(args["url"])
+            archive = _fetch_archive(url, Path(m.deploy_dir) / "downloads", str(args["sha256"]))
+            try:
+                return self._install_update(archive, precision, activate)
+            finally:
+                if url.lower().startswith(("http://", "https://")):   # our download: installed or refused, not kept
+                    archive.unlink(missing_ok=True)
+
+    def _install_update(self, archive: Path, precision: str | None, activate: bool) -> dict:
+        from ..calibration import HealthWatch, check_golden, extract_archive, install_bundle, rollback_model
+
+        m = self.settings.model
         golden = m.golden_dir if m.golden_dir is not None else (
             Path(m.deploy_dir) / "golden" if (Path(m.deploy_dir) / "golden").is_dir() else None)
         key = str(m.update_key) if m.update_key is not None else None
-        precision = args.get("precision")
-        if not args.get("activate", True):
+        if not activate:
             import shutil
             import tempfile
 
@@ -344,18 +384,47 @@ class Service:
             try:
                 info = extract_archive(archive, tmp / "bundle", key=key)
                 cand = Bundle.open(tmp / "bundle", verify=True)
-                report = check_golden(cand, golden, self.bundle, precision=precision) if golden else None
+                report = check_golden(cand, golden, self.bundle, backend=m.backend, precision=precision,
+                                      device=m.device) if golden else None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return _jsonable({"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
                               "golden": report})
-        res = install_bundle(archive, m.deploy_dir, golden, key, precision=precision,
-                             require_golden=golden is not None)
-        baseline = self.reporter.ng / max(1, self.reporter.ng + self.reporter.ok) if self.reporter.ok else None
-        out = self._swap_model(Bundle.open(res.path, verify=True), reason="update_model")
-        self.reporter.health = HealthWatch(m.deploy_dir, baseline_ng_rate=baseline)
-        out.update({"activated": True, "install": res.summary(), "health": "pending"})
+        res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
+                             device=m.device, probe=self._probe_model, require_golden=golden is not None)
+        if res.already_installed and res.path.resolve() == Path(self.bundle.path).resolve():
+            return _jsonable({"activated": True, "already_installed": True, "model_hash": self.inspector.model_hash,
+                              "install": res.summary()})
+        baseline = self._ng_rate()
+        try:
+            out = self._swap_model(Bundle.open(res.path, verify=True), reason="update_model")
+        except Exception as exc:
+            if res.already_installed:   # nothing was switched: nothing to roll back
+                raise
+            dep = rollback_model(m.deploy_dir, reason=f"update_model: the new release could not be swapped in: {exc}")
+            raise RuntimeFailure(f"update_model: {res.release} was installed but could not be swapped in ({exc}); "
+                                 f"'current' is back on {dep.current}, the running model is unchanged") from exc
+        if not res.already_installed:
+            self.reporter.health = HealthWatch(m.deploy_dir, baseline_ng_rate=baseline)
+        out.update({"activated": True, "install": res.summary(),
+                    "health": "pending" if not res.already_installed else "unchanged"})
         return _jsonable(out)
+
+    def _ng_rate(self) -> float | None:
+        """The NG rate so far (the baseline a new model's health is judged against); None before any OK."""
+        return self.reporter.ng / max(1, self.reporter.ng + self.reporter.ok) if self.reporter.ok else None
+
+    def _probe_model(self, bundle: Bundle) -> None:
+        """Open ``bundle`` as the line opens it (model.backend / precision / device), then close it."""
+        from ..calibration.deploy import run_as
+
+        m = self.settings.model
+        try:
+            open_inspector(bundle, self.settings).backend.close()
+        except EdgeADError as exc:
+            how = run_as(m.backend, m.precision, m.device)
+            raise InputError(f"the new model cannot be opened as the line runs it ({how}): {exc}; update "
+                             "refused") from exc
 
     def _check_health(self) -> None:
         """After a model update: roll back when the new model's first frames look wrong."""
@@ -372,7 +441,14 @@ class Service:
         log.error("the new model failed its health check: %s", v.reason)
         self.event({"type": "model_health", **_jsonable(v.to_dict())})
         if v.rolled_back and v.restored is not None:
-            self._swap_model(Bundle.open(v.restored, verify=True), reason=f"rollback after health check: {v.reason}")
+            try:
+                self._swap_model(Bundle.open(v.restored, verify=True),
+                                 reason=f"rollback after health check: {v.reason}")
+            except Exception as exc:   # the loop keeps the model it has; a restart runs the restored one
+                log.error("rolled back to %s, but it cannot be opened here (%s); the new model keeps inspecting "
+                          "until a restart", v.restored, exc)
+                self.event({"type": "model_health", "status": "rollback_failed", "restored": str(v.restored),
+                            "reason": f"{type(exc).__name__}: {exc}"})
 
     def status(self) -> dict:
         cal = self.inspector.calibration
