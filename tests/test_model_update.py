@@ -435,6 +435,40 @@ def test_judge_health_rules():
     assert judge_health(10, 0, 10, 1, None, lim)[0] == "ok"                   # no baseline: no NG check
 
 
+def test_judge_health_with_offered_frames_judges_the_model_not_the_line():
+    lim = HealthLimits(window_s=10, min_frames=10, max_error_rate=0.1, max_ng_rate_jump=0.2)
+    assert judge_health(0, 0, 0, 1e6, None, lim, offered=0)[0] == "pending"        # idle or paused line
+    assert judge_health(4, 0, 0, 1e6, None, lim, offered=5)[0] == "pending"        # a slow trigger line
+    assert judge_health(0, 0, 0, 11, None, lim, offered=1) == (
+        "failed", "only 0 of 1 frames offered were processed within 10 s of the first")  # a hung model
+    assert judge_health(3, 0, 0, 11, None, lim, offered=13)[0] == "failed"         # 10 left unprocessed
+    assert judge_health(3, 0, 0, 9, None, lim, offered=13)[0] == "pending"         # not yet past the window
+    assert judge_health(10, 0, 0, 0, None, lim, offered=10)[0] == "ok"
+
+
+def test_health_watch_window_starts_at_the_first_offered_frame(bundles, golden, tmp_path):
+    deploy, r1, r2 = _two_releases(bundles, golden, tmp_path)
+    clock, captured = Clock(), [100]
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=60, min_frames=10), clock=clock,
+                        offered=lambda: captured[0])
+    clock.t += 3600                                                 # an hour with the line stopped
+    assert watch.poll().status == "pending"
+    captured[0] += 2                                                # two parts in trigger mode
+    watch.record(ng=False)
+    assert watch.poll().status == "pending"
+    clock.t += 59
+    assert watch.poll().status == "pending"
+    clock.t += 2                                                    # one frame offered and never processed
+    assert watch.poll().status == "pending"                         # ... but one is still in flight, not a hang
+    for _ in range(8):
+        captured[0] += 1
+        clock.t += 30
+        watch.record(ng=False)
+    watch.record(ng=False)
+    v = watch.poll()
+    assert v.status == "ok" and deployment(deploy).health == "ok" and deployment(deploy).current == r2.release
+
+
 def test_a_deploy_dir_that_is_a_file_is_named_as_such(tmp_path):
     f = tmp_path / "deploy"
     f.write_text("not a folder")

@@ -25,9 +25,10 @@ bundle runs::
 
 After the switch the runtime opens :func:`current_path` (the resolved release folder, never the
 ``current`` link itself, so the running inspector keeps writing to its own bundle), and feeds a
-:class:`HealthWatch` every result; when the new model processes no frames within ``window_s``, its error
-rate passes ``max_error_rate``, or its NG rate jumps by more than ``max_ng_rate_jump`` over the old
-model's, the watch calls :func:`rollback_model` and says which bundle to reopen.
+:class:`HealthWatch` every result; when the new model leaves the frames handed to it unprocessed for
+``window_s`` (see :func:`judge_health`), its error rate passes ``max_error_rate``, or its NG rate jumps by
+more than ``max_ng_rate_jump`` over the old model's, the watch calls :func:`rollback_model` and says which
+bundle to reopen.
 """
 
 from __future__ import annotations
@@ -594,8 +595,16 @@ class HealthVerdict:
 
 
 def judge_health(frames: int, errors: int, ng: int, elapsed_s: float, baseline_ng_rate: float | None,
-                 limits: HealthLimits) -> tuple[str, str]:
-    """(status, reason) from counts since the switch. Pure; :class:`HealthWatch` calls it."""
+                 limits: HealthLimits, offered: int | None = None) -> tuple[str, str]:
+    """(status, reason) from counts since the switch. Pure; :class:`HealthWatch` calls it.
+
+    ``offered``: frames the line handed to the model since the switch (captured and triggered, not
+    paused), with ``elapsed_s`` then counted from the first of them. With it, the time rule judges the
+    model, not the line: an idle or paused line stays pending, and a slow one (a part every 30 s in
+    trigger mode) waits for ``min_frames``; the model fails on time only when frames were offered and it
+    processed none, or left ``min_frames`` or more unprocessed. Without it (``None``), the window runs
+    from the switch and the model must process ``min_frames`` within it.
+    """
     attempts = frames + errors
     if attempts >= limits.min_frames and errors / attempts > limits.max_error_rate:
         return "failed", f"error rate {errors}/{attempts} > {limits.max_error_rate:g}"
@@ -605,6 +614,13 @@ def judge_health(frames: int, errors: int, ng: int, elapsed_s: float, baseline_n
             return "failed", (f"NG rate jumped to {rate:.3f} from {baseline_ng_rate:.3f} "
                               f"(limit +{limits.max_ng_rate_jump:g})")
         return "ok", f"{frames} frames, NG rate {rate:.3f}, {errors} errors"
+    if offered is not None:
+        if offered == 0:
+            return "pending", "no frames offered yet (the line is idle or paused)"
+        if elapsed_s >= limits.window_s and (attempts == 0 or offered - attempts >= limits.min_frames):
+            return "failed", (f"only {attempts} of {offered} frames offered were processed within "
+                              f"{limits.window_s:g} s of the first")
+        return "pending", f"{frames} of {limits.min_frames} frames ({offered} offered)"
     if elapsed_s >= limits.window_s:
         what = "no frames processed" if frames == 0 else f"only {frames} frames processed"
         return "failed", f"{what} within {limits.window_s:g} s of the switch"
@@ -621,12 +637,17 @@ class HealthWatch:
     """
 
     def __init__(self, deploy_dir: str | os.PathLike | None = None, baseline_ng_rate: float | None = None,
-                 limits: HealthLimits | None = None, clock: Callable[[], float] = time.monotonic):
+                 limits: HealthLimits | None = None, clock: Callable[[], float] = time.monotonic,
+                 offered: Callable[[], int] | None = None):
         self.deploy_dir = Path(deploy_dir) if deploy_dir is not None else None
         self.baseline_ng_rate = baseline_ng_rate
         self.limits = limits or HealthLimits()
         self._clock = clock
         self._t0 = clock()
+        # offered(): the line's running count of frames handed to the model (see judge_health)
+        self._offered = offered
+        self._offered0 = offered() if offered is not None else 0
+        self._t_first_offer: float | None = None
         self._lock = threading.Lock()
         self.frames = self.errors = self.ng = 0
         self._final: HealthVerdict | None = None
@@ -645,9 +666,16 @@ class HealthWatch:
         with self._lock:
             if self._final is not None:
                 return self._final
-            elapsed = self._clock() - self._t0
+            now = self._clock()
+            offered = None
+            elapsed = now - self._t0
+            if self._offered is not None:
+                offered = max(self._offered() - self._offered0, self.frames + self.errors)
+                if offered and self._t_first_offer is None:
+                    self._t_first_offer = now
+                elapsed = now - self._t_first_offer if self._t_first_offer is not None else 0.0
             status, reason = judge_health(self.frames, self.errors, self.ng, elapsed, self.baseline_ng_rate,
-                                          self.limits)
+                                          self.limits, offered)
             v = HealthVerdict(status, reason, self.frames, self.errors,
                               self.ng / self.frames if self.frames else None, elapsed)
             if status == "pending":

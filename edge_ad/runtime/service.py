@@ -183,7 +183,11 @@ class Service:
                 dep.current_path.resolve() == Path(self.bundle.path).resolve():
             log.warning("release %s of %s is pending: its health is watched (rolled back when it fails)",
                         dep.current, d)
-            self.reporter.health = HealthWatch(d, baseline_ng_rate=baseline_ng_rate)
+            self.reporter.health = HealthWatch(d, baseline_ng_rate=baseline_ng_rate, offered=self._offered)
+
+    def _offered(self) -> int:
+        """Frames the pipeline has handed to the model so far (captured, triggered, not paused)."""
+        return self.pipeline.captured
 
     def _birth(self) -> dict:
         b = self.inspector.backend
@@ -405,7 +409,7 @@ class Service:
             raise RuntimeFailure(f"update_model: {res.release} was installed but could not be swapped in ({exc}); "
                                  f"'current' is back on {dep.current}, the running model is unchanged") from exc
         if not res.already_installed:
-            self.reporter.health = HealthWatch(m.deploy_dir, baseline_ng_rate=baseline)
+            self.reporter.health = HealthWatch(m.deploy_dir, baseline_ng_rate=baseline, offered=self._offered)
         out.update({"activated": True, "install": res.summary(),
                     "health": "pending" if not res.already_installed else "unchanged"})
         return _jsonable(out)
