@@ -593,6 +593,31 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     assert r.exit_code == 2 and "exists; give --adapt-out a new folder" in r.output
 
 
+def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normalization(tmp_path):
+    """--adapt on EfficientAD: the candidate keeps the teacher normalization of the running bundle (its scores
+    stay comparable) and the fine-tuning is not mistaken for a resume of a training run."""
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+    from edge_ad.data.synthetic import make_part, write_category
+    from edge_ad.models import load_from_bundle
+    from edge_ad.train.pipeline import train_bundle
+
+    data = write_category(tmp_path / "data", n_train=16, n_test_good=0, n_test_defect=0, size=64, kind="disc")
+    src = train_bundle("efficientad-s", data, tmp_path / "eff", image_size=64, steps=1, policy="max")
+    for i in range(8):
+        _write(tmp_path / "new" / f"{i}.png", make_part("disc", 64, None, seed=9, index=i).image)
+    r = CliRunner().invoke(main, ["calibrate", "--bundle", str(src.path), "--source", str(tmp_path / "new"),
+                                  "--frames", "8", "--adapt", "--adapt-steps", "1", "--adapt-out",
+                                  str(tmp_path / "cand"), "--backend", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    cand = Bundle.open(tmp_path / "cand", verify=True)
+    assert cand.manifest["adapted"]["steps"] == 1
+    old, new = load_from_bundle(src), load_from_bundle(cand)
+    assert torch.equal(old.t_mean, new.t_mean) and torch.equal(old.t_std, new.t_std)
+    assert not torch.equal(old.student[0].weight, new.student[0].weight)
+
+
 @pytest.mark.parametrize("field, value", [("image_size", [32, 32]), ("outputs", []), ("map_pad", -5)])
 def test_an_archive_with_a_bad_manifest_is_refused_even_without_golden_check(tiny_bundle, tmp_path, monkeypatch,
                                                                                field, value):
