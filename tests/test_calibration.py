@@ -138,6 +138,16 @@ def test_too_few_usable_frames_are_refused_and_nothing_is_written(gbundle, tbund
     assert gbundle.calibration_versions() == [1] and not gbundle.has("gaussian.d/0002.npz")
 
 
+def test_identical_frames_are_refused_and_the_calibration_in_force_stays(gbundle, tbundle):
+    """A frozen camera (or one image copied) gives no spread: a refit would set threshold 0, every part NG."""
+    for b, frame in ((tbundle, part_frame(1)), (gbundle, _parts(1, 0)[0])):
+        before = b.file("calibration.json").read_bytes()
+        with pytest.raises(InputError, match="frames all the same.*calibration in force is unchanged"):
+            recalibrate(b, _inspector(b), [frame] * 25, progress=False)
+        assert b.file("calibration.json").read_bytes() == before and b.calibration_versions() == [1]
+        assert not b.has("gaussian.d/0002.npz")
+
+
 def test_bad_policy_and_bad_frames_fail_before_any_work(tbundle):
     insp = _inspector(tbundle)
     with pytest.raises(InputError, match="threshold policy 'fpr:2'"):

@@ -188,11 +188,19 @@ def _fit(cur: Calibration, kept: dict, used: np.ndarray, policy: str, prior, pri
         raw = {"map": gaussfit.loo_distance_map(feats, stats, loo)}
     else:
         raw = {k: v[used] for k, v in kept.items()}
-    norms = scoring.fit_map_norms(raw, weights={k: weights.get(k, 1.0 / len(raw)) for k in raw})
+    same = ("are the frames all the same (a frozen camera, one image copied)? calibrate on frames of different "
+            "normal parts; the calibration in force is unchanged")
+    try:
+        norms = scoring.fit_map_norms(raw, weights={k: weights.get(k, 1.0 / len(raw)) for k in raw}, flat_ok=False)
+    except InputError as exc:
+        raise InputError(f"calibration frames: {exc}: {same}") from None
     tmp = Calibration(maps=norms, threshold=0.0, policy=policy, map_pad=cur.map_pad)
     s = scoring.score(raw, tmp).scores.astype(np.float64)
     if not np.all(np.isfinite(s)):
         raise RuntimeFailure("recalibration produced non-finite scores; the calibration in force is unchanged")
+    if not np.ptp(s) > 1e-6 * max(1.0, float(np.abs(s).max())):
+        raise InputError(f"calibration frames: the image scores of the {s.size} frames used are all {s[0]:.6g}, "
+                         f"with no spread to set a threshold from: {same}")
     thr = scoring.threshold_from_policy(s, policy)
     return tmp.replace(threshold=thr, normal=scoring.normal_stats(s)), s, stats
 
