@@ -234,6 +234,33 @@ def test_gaussian_files_are_pruned_and_rollback_refuses_a_pruned_version(gbundle
     gbundle.verify()
 
 
+def test_a_failure_while_pruning_leaves_a_bundle_that_verifies_and_the_new_calibration_in_force(gbundle,
+                                                                                                 monkeypatch):
+    """The process dies (or the disk fails) while old statistics files are deleted: the manifest never
+    names a deleted file, the recalibration is not reported as failed, the next prune finishes the job."""
+    insp = _inspector(gbundle)
+    for k in range(2):
+        recalibrate(gbundle, insp, _parts(24, 100 * k), policy="max", progress=False)
+    real, calls = Path.unlink, []
+
+    def dying_unlink(self, *a, **kw):
+        if self.parent.name == "gaussian.d":
+            calls.append(self.name)
+            if len(calls) > 1:
+                raise OSError(5, "Input/output error", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    res = recalibrate(gbundle, insp, _parts(24, 300), policy="max", progress=False, keep_gaussian=1)
+    assert len(calls) == 2                                     # one deleted, then the failure
+    monkeypatch.undo()
+    b = Bundle.open(gbundle.path, verify=True)
+    assert b.calibration().version == res.calibration.version == 4
+    assert prune_gaussian(b, keep=1) == [f"gaussian.d/{calls[1]}"]
+    assert sorted(p.name for p in b.file("gaussian.d").iterdir()) == ["0001.npz", "0004.npz"]
+    Bundle.open(gbundle.path, verify=True)
+
+
 def test_missing_trained_statistics_need_prior_weight_0_which_then_works(gbundle):
     insp = _inspector(gbundle)
     insp.set_calibration(recalibrate(gbundle, insp, _parts(24, 0), policy="max", progress=False).calibration)

@@ -236,6 +236,9 @@ def _referenced_gaussian(bundle: Bundle, versions: Sequence[int] | None = None,
 def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
     """Delete Gaussian statistics files no recent calibration uses; returns the names removed.
 
+    The manifest stops naming them before they are deleted; a failure (disk, permissions) is logged and
+    left for the next call, which also removes files left unrecorded by a kill between the two steps.
+
     Kept: the files of the ``keep`` newest calibration versions and of the one in force, and every
     prior (the statistics the bundle was trained with, which each refit pools with). Each file is
     tens of MB (``[h*w, d, d]`` float32), so the whole history cannot stay on a device; the calibration
@@ -252,15 +255,27 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
         keep_names |= {str(cal.extra.get("gaussian", "")), _prior_name(cal)}
     except InputError:
         pass
-    removed = []
-    for p in sorted(d.iterdir()):
-        name = f"{GAUSSIAN_DIR}/{p.name}"
-        if p.is_file() and p.suffix == ".npz" and name not in keep_names:
-            bundle.remove_file(name, save=False)
-            removed.append(name)
-    if removed:
-        bundle.save_manifest()
-    return removed
+    files = bundle.manifest["files"]
+    gone = [n for n in files if n.startswith(GAUSSIAN_DIR + "/") and n not in keep_names]
+    on_disk = [f"{GAUSSIAN_DIR}/{p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".npz"]
+    removed = sorted({*gone, *(n for n in on_disk if n not in keep_names)})
+    if not removed:
+        return []
+    # the manifest first: a kill between the two steps leaves unrecorded files (removed next time), never a
+    # manifest naming files that are gone. The new calibration is in force already: a failure here is logged
+    done: list[str] = []
+    try:
+        if gone:
+            for n in gone:
+                files.pop(n, None)
+            bundle.save_manifest()
+        for n in removed:
+            bundle.file(n).unlink(missing_ok=True)
+            done.append(n)
+    except OSError as exc:
+        log.warning("%s: could not remove old Gaussian statistics (%s); they are removed at the next "
+                    "recalibration", bundle.path, exc)
+    return done
 
 
 def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
