@@ -365,6 +365,26 @@ def test_robust_z_ignores_outliers_and_handles_flat_and_nan_sets():
     assert np.isfinite(robust_z(np.ones(10))).all()
 
 
+def test_tied_scores_do_not_screen_out_normal_frames(tbundle):
+    """A quantized output gives image scores on a few levels; with more than half the frames tied the MAD is
+    0, and a frame one level up must not count as 'far above the rest'."""
+    s = np.array([1.0] * 25 + [1.05] * 10 + [1.1] * 5)
+    assert robust_z(s).max() < 6
+    assert robust_z(np.r_[np.ones(30), 1.2, 9.0]).max() > 6              # an outlier still stands out
+    assert robust_z(np.r_[np.ones(39), 1.01], fallback_scale=0.01)[-1] == pytest.approx(1.0)
+    from edge_ad.data.image import to_batch
+
+    insp = _inspector(tbundle)
+    frames = [part_frame(i) for i in range(40)]
+    maxima = insp.raw_outputs(to_batch(frames, insp.image_size))["map"].reshape(40, -1).max(1)
+    step = float(np.ptp(maxima)) / 2                                     # three levels over the set's maxima
+    real = insp.raw_outputs
+    insp.raw_outputs = lambda batch: {k: (np.round(v / step) * step).astype(np.float32)
+                                      for k, v in real(batch).items()}
+    res = recalibrate(tbundle, insp, frames, policy="fpr:0.05", progress=False)
+    assert res.excluded == () and res.n_used == 40
+
+
 # ----------------------------------------------------------------------------- collecting frames
 def test_collect_frames_from_a_folder_a_dir_uri_a_video_and_synthetic(tmp_path):
     import cv2

@@ -97,26 +97,38 @@ def _num(x: float):
     return x if np.isfinite(x) else None
 
 
-def robust_z(scores: np.ndarray) -> np.ndarray:
-    """``(s - median) / (1.4826 * MAD)`` over the finite scores; non-finite scores get +inf.
+def robust_z(scores: np.ndarray, fallback_scale: float | None = None) -> np.ndarray:
+    """``(s - median) / scale`` over the finite scores; non-finite scores get +inf.
 
-    The scale has a floor of 0.1 % of |median| (and 1e-9), so a set of near-identical frames does not
-    turn noise into huge z-scores.
+    The scale is ``1.4826 * MAD``. When more than half the scores tie (a quantized output takes few
+    levels) the MAD is 0; the scale is then ``IQR / 1.349``, or when that is 0 too ``1.2533 *`` the mean
+    absolute deviation from the median (each the standard deviation for normal data), and not below
+    ``fallback_scale`` (the normal standard deviation of the calibration in force): a set this tied says
+    little about its own spread. The scale has a floor of 0.1 % of |median| (and 1e-9), so a set of
+    near-identical frames does not turn noise into huge z-scores.
     """
     s = np.asarray(scores, np.float64)
     ok = np.isfinite(s)
     z = np.full(s.shape, np.inf)
     if not ok.any():
         return z
-    med = float(np.median(s[ok]))
-    mad = float(np.median(np.abs(s[ok] - med)))
-    scale = max(1.4826 * mad, 1e-3 * abs(med), 1e-9)
-    z[ok] = (s[ok] - med) / scale
+    v = s[ok]
+    med = float(np.median(v))
+    dev = np.abs(v - med)
+    scale = 1.4826 * float(np.median(dev))
+    if not scale > 0:
+        q1, q3 = np.quantile(v, [0.25, 0.75])
+        scale = float(q3 - q1) / 1.349 or 1.2533 * float(dev.mean())
+        if fallback_scale is not None and np.isfinite(fallback_scale):
+            scale = max(scale, float(fallback_scale))
+    scale = max(scale, 1e-3 * abs(med), 1e-9)
+    z[ok] = (v - med) / scale
     return z
 
 
-def _screen(scores: np.ndarray, index: np.ndarray, screen_z: float, reason: str) -> list[Excluded]:
-    z = robust_z(scores)
+def _screen(scores: np.ndarray, index: np.ndarray, screen_z: float, reason: str,
+            fallback_scale: float | None = None) -> list[Excluded]:
+    z = robust_z(scores, fallback_scale)
     out = []
     for i in np.nonzero(~(z <= screen_z))[0]:
         why = "non-finite score" if not np.isfinite(scores[i]) else reason
@@ -358,14 +370,15 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
         s_screen = _screen_scores(kept["feat"], prior, cur, max(1, int(batch_size)))
         under = f"the trained statistics ({pname})"
     index = np.arange(n)
-    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}")
+    std = cur.normal.get("std")    # the screen's last-resort scale (scores tied beyond the IQR)
+    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}", std)
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
 
     t1 = time.perf_counter()
     cache: dict = {}
     cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
-    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit")
+    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit", std)
     if more:
         excluded += more
         used = np.setdiff1d(used, [e.index for e in more])
