@@ -113,7 +113,7 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     if adapt:
         from ..calibration.adapt import check_adapt
 
-        check_adapt(b, adapt_out)   # before the frames: collecting them can take minutes
+        check_adapt(b, adapt_out, golden_dir, train_device)   # before the frames: collecting them takes minutes
     images = collect_frames(source, frames, every=every, timeout_s=timeout_s)
     if len(images) < frames:
         click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
