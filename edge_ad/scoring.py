@@ -250,6 +250,12 @@ def normal_stats(scores: np.ndarray) -> dict[str, float]:
             "min": float(s.min())}
 
 
+def check_policy(policy: str) -> str:
+    """``policy`` if :func:`threshold_from_policy` accepts it, else :class:`InputError` (before any work)."""
+    threshold_from_policy(np.array([0.0, 1.0]), policy)
+    return policy
+
+
 def threshold_from_policy(scores: np.ndarray, policy: str) -> float:
     """Image threshold from normal image scores.
 

@@ -148,6 +148,17 @@ def test_identical_frames_are_refused_and_the_calibration_in_force_stays(gbundle
         assert not b.has("gaussian.d/0002.npz")
 
 
+def test_frames_without_a_finite_score_are_counted_as_such_not_as_defects(tbundle):
+    insp = _inspector(tbundle)
+    real = insp.raw_outputs
+    insp.raw_outputs = lambda batch: {k: np.full_like(v, np.nan) for k, v in real(batch).items()}
+    with pytest.raises(InputError) as err:
+        recalibrate(tbundle, insp, [part_frame(i) for i in range(30)], progress=False)
+    assert "30 whose score is not a number" in str(err.value) and "likely defects" not in str(err.value)
+    assert "not look like a set of normal parts" not in str(err.value)
+    assert tbundle.calibration_versions() == [1]
+
+
 def test_bad_policy_and_bad_frames_fail_before_any_work(tbundle):
     insp = _inspector(tbundle)
     with pytest.raises(InputError, match="threshold policy 'fpr:2'"):

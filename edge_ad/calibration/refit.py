@@ -332,7 +332,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     came from; 0: a fit from the new frames alone; see :mod:`.gaussfit`).
     """
     t0 = time.perf_counter()
-    scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # a bad policy fails before any work
+    scoring.check_policy(policy)  # a bad policy fails before any work
     if not screen_z > 0:
         raise InputError(f"screen_z {screen_z}: expected > 0")
     gaussfit.check_prior_weight(prior_weight)
@@ -440,12 +440,17 @@ def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray) -> tuple[st
 
 
 def _check_usable(n: int, n_used: int, excluded: list[Excluded], min_frames: int, max_excluded: float) -> None:
+    nan = sum(not np.isfinite(e.score) for e in excluded)
+    why = ", ".join([f"{len(excluded) - nan} as likely defects"] * (len(excluded) > nan) +
+                    [f"{nan} whose score is not a number (the model's output is NaN or infinite on them: check "
+                     "the model and its precision)"] * (nan > 0)) or "none"
     if len(excluded) > max_excluded * n:
-        worst = ", ".join(f"{e.index} (z {e.z:.1f})" for e in sorted(excluded, key=lambda e: -e.z)[:5])
-        raise InputError(f"{len(excluded)} of {n} calibration frames score far above the rest (more than "
-                         f"{max_excluded:.0%}; e.g. frames {worst}): this does not look like a set of normal "
-                         "parts; the calibration in force is unchanged")
+        far = sorted((e for e in excluded if np.isfinite(e.score)), key=lambda e: -e.z)
+        what = (f" (e.g. frames {', '.join(f'{e.index} (z {e.z:.1f})' for e in far[:5])})" if far else "")
+        verdict = ("this does not look like a set of normal parts" if len(far) * 2 >= len(excluded) else
+                   "the model gives no usable score on most of them")
+        raise InputError(f"{len(excluded)} of {n} calibration frames left out, more than {max_excluded:.0%}: "
+                         f"{why}{what}; {verdict}; the calibration in force is unchanged")
     if n_used < min_frames:
-        raise InputError(f"only {n_used} of {n} calibration frames are usable ({len(excluded)} left out as "
-                         f"likely defects); at least {min_frames} are needed; the calibration in force is "
-                         "unchanged")
+        raise InputError(f"only {n_used} of {n} calibration frames are usable ({why} left out); at least "
+                         f"{min_frames} are needed; the calibration in force is unchanged")
