@@ -450,6 +450,39 @@ def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
     assert res.exit_code == 2 and "--source is required" in res.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "fpr:5"], "threshold policy 'fpr:5'"),
+    (["--policy", "max:"], "threshold policy 'max:'"),
+    (["--frames", "24", "--min-frames", "30"], "--min-frames 30 is more than --frames 24"),
+    (["--precision", "int4"], "int4"),
+    (["--adapt", "--min-frames", "30", "--screen-z", "2"], "--adapt does not use --min-frames, --screen-z"),
+    (["--adapt", "--prior-weight", "0"], "--adapt does not use --prior-weight"),
+    (["--adapt", "--precision", "int8"], "--adapt does not use --precision"),
+])
+def test_cli_calibrate_refuses_bad_options_before_collecting_frames(tbundle, tmp_path, monkeypatch, args, message):
+    from click.testing import CliRunner
+
+    from edge_ad import calibration as calibration_pkg
+    from edge_ad.cli import main
+
+    monkeypatch.setattr(calibration_pkg, "collect_frames", lambda *a, **k: pytest.fail("frames were collected"))
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(tmp_path),
+                                    "--backend", "onnxruntime", *args])
+    assert res.exit_code == 2 and "error:" in res.output and message in res.output, res.output
+    assert tbundle.calibration_versions() == [1]
+
+
+def test_cli_calibrate_list_and_rollback_together_are_refused(tbundle):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    tbundle.write_calibration(tbundle.calibration().replace(version=0, created="", threshold=0.5, policy="manual"))
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--list", "--rollback", "1"])
+    assert res.exit_code == 2 and "--list and --rollback exclude each other" in res.output
+    assert Bundle.open(tbundle.path).calibration().version == 2
+
+
 def test_calibration_code_never_imports_torch():
     code = "import sys, edge_ad.calibration, edge_ad.cli.calibrate; print(' '.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
