@@ -532,16 +532,25 @@ def test_keygen_removes_the_private_key_when_the_public_one_fails(tmp_path, monk
 
 
 # ----------------------------------------------------------------------------- --adapt
-@pytest.fixture(scope="module")
-def fader_bundle(tmp_path_factory):
-    """A FADeR-style bundle trained for a few steps at 64 px (torch needed)."""
+def _trained(tmp_path_factory, kind: str, part: str, steps: int) -> Bundle:
+    """A bundle of ``kind`` trained for ``steps`` at 64 px on 20 synthetic ``part`` images (torch needed)."""
     pytest.importorskip("torch")
     from edge_ad.data.synthetic import write_category
     from edge_ad.train.pipeline import train_bundle
 
-    root = tmp_path_factory.mktemp("fader")
-    data = write_category(root / "data", n_train=20, n_test_good=0, n_test_defect=0, size=64, kind="grain")
-    return train_bundle("fader", data, root / "bundle", image_size=64, steps=2, policy="max")
+    root = tmp_path_factory.mktemp(kind)
+    data = write_category(root / "data", n_train=20, n_test_good=0, n_test_defect=0, size=64, kind=part)
+    return train_bundle(kind, data, root / "bundle", image_size=64, steps=steps, policy="max")
+
+
+@pytest.fixture(scope="module")
+def fader_bundle(tmp_path_factory):
+    return _trained(tmp_path_factory, "fader", "grain", 2)
+
+
+@pytest.fixture(scope="module")
+def effad_bundle(tmp_path_factory):
+    return _trained(tmp_path_factory, "efficientad-s", "disc", 1)
 
 
 @pytest.mark.slow
@@ -591,18 +600,6 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     r = CliRunner().invoke(main, ["calibrate", "--bundle", str(running.path), "--source", str(tmp_path), "--adapt",
                                   "--adapt-out", str(tmp_path)])
     assert r.exit_code == 2 and "exists; give --adapt-out a new folder" in r.output
-
-
-@pytest.fixture(scope="module")
-def effad_bundle(tmp_path_factory):
-    """An EfficientAD-S bundle trained for one step at 64 px (torch needed)."""
-    pytest.importorskip("torch")
-    from edge_ad.data.synthetic import write_category
-    from edge_ad.train.pipeline import train_bundle
-
-    root = tmp_path_factory.mktemp("effad")
-    data = write_category(root / "data", n_train=16, n_test_good=0, n_test_defect=0, size=64, kind="disc")
-    return train_bundle("efficientad-s", data, root / "bundle", image_size=64, steps=1, policy="max")
 
 
 @pytest.fixture
