@@ -265,10 +265,10 @@ class CalibrationSettings(_Section):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        from .scoring import threshold_from_policy
+        from .scoring import check_policy
 
         try:
-            threshold_from_policy([0.0, 1.0], v)
+            check_policy(v)
         except InputError as exc:
             raise ValueError(str(exc)) from None
         return v

@@ -163,11 +163,12 @@ class Calibration:
 
 
 def fit_map_norms(raw: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None,
-                  q_a: float = Q_A, q_b: float = Q_B) -> dict[str, MapNorm]:
+                  q_a: float = Q_A, q_b: float = Q_B, flat_ok: bool = True) -> dict[str, MapNorm]:
     """Quantile normalization constants from raw maps of normal validation images.
 
     ``raw[name]`` is an array ``[N, 1, h, w]`` (or ``[N, h, w]``) of that map over N normal images.
-    Default weights: equal, summing to 1 (0.5 / 0.5 for EfficientAD's two maps).
+    Default weights: equal, summing to 1 (0.5 / 0.5 for EfficientAD's two maps). A map whose two quantiles
+    are equal gets a tiny spread (kept finite), or with ``flat_ok=False`` is refused (:class:`InputError`).
     """
     if not raw:
         raise InputError("no raw maps to fit the normalization on")
@@ -181,6 +182,9 @@ def fit_map_norms(raw: Mapping[str, np.ndarray], weights: Mapping[str, float] | 
             raise InputError(f"map '{n}': no values to fit the normalization on")
         qa, qb = np.quantile(a, [q_a, q_b])
         if not qb > qa:  # flat maps (tiny data sets): keep the normalization finite
+            if not flat_ok:
+                raise InputError(f"map '{n}': its {q_a:g} and {q_b:g} quantiles over the {len(raw[n])} frames are "
+                                 f"equal ({qa:.6g}), so it cannot be normalized")
             qb = qa + max(abs(qa) * 1e-6, 1e-12)
         out[n] = MapNorm(float(qa), float(qb), float(weights[n]))
     return out
@@ -248,6 +252,12 @@ def normal_stats(scores: np.ndarray) -> dict[str, float]:
             "min": float(s.min())}
 
 
+def check_policy(policy: str) -> str:
+    """``policy`` if :func:`threshold_from_policy` accepts it, else :class:`InputError` (before any work)."""
+    threshold_from_policy(np.array([0.0, 1.0]), policy)
+    return policy
+
+
 def threshold_from_policy(scores: np.ndarray, policy: str) -> float:
     """Image threshold from normal image scores.
 
@@ -268,7 +278,7 @@ def threshold_from_policy(scores: np.ndarray, policy: str) -> float:
                 raise ValueError
             k = int(np.floor(p * s.size + 1e-9))   # scores allowed above the threshold
             return float(np.sort(s)[s.size - 1 - k])
-        if kind == "max" and not arg:
+        if policy == "max":
             spread = float(s.max() - np.median(s))
             return float(s.max() + max(0.1 * spread, 1e-3))
         if kind == "sigma":

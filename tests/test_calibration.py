@@ -138,6 +138,27 @@ def test_too_few_usable_frames_are_refused_and_nothing_is_written(gbundle, tbund
     assert gbundle.calibration_versions() == [1] and not gbundle.has("gaussian.d/0002.npz")
 
 
+def test_identical_frames_are_refused_and_the_calibration_in_force_stays(gbundle, tbundle):
+    """A frozen camera (or one image copied) gives no spread: a refit would set threshold 0, every part NG."""
+    for b, frame in ((tbundle, part_frame(1)), (gbundle, _parts(1, 0)[0])):
+        before = b.file("calibration.json").read_bytes()
+        with pytest.raises(InputError, match="frames all the same.*calibration in force is unchanged"):
+            recalibrate(b, _inspector(b), [frame] * 25, progress=False)
+        assert b.file("calibration.json").read_bytes() == before and b.calibration_versions() == [1]
+        assert not b.has("gaussian.d/0002.npz")
+
+
+def test_frames_without_a_finite_score_are_counted_as_such_not_as_defects(tbundle):
+    insp = _inspector(tbundle)
+    real = insp.raw_outputs
+    insp.raw_outputs = lambda batch: {k: np.full_like(v, np.nan) for k, v in real(batch).items()}
+    with pytest.raises(InputError) as err:
+        recalibrate(tbundle, insp, [part_frame(i) for i in range(30)], progress=False)
+    assert "30 whose score is not a number" in str(err.value) and "likely defects" not in str(err.value)
+    assert "not look like a set of normal parts" not in str(err.value)
+    assert tbundle.calibration_versions() == [1]
+
+
 def test_bad_policy_and_bad_frames_fail_before_any_work(tbundle):
     insp = _inspector(tbundle)
     with pytest.raises(InputError, match="threshold policy 'fpr:2'"):
@@ -222,6 +243,33 @@ def test_gaussian_files_are_pruned_and_rollback_refuses_a_pruned_version(gbundle
     assert rollback(gbundle, 1).version == 1       # the trained calibration always works
     Inspector(gbundle, insp.backend)
     gbundle.verify()
+
+
+def test_a_failure_while_pruning_leaves_a_bundle_that_verifies_and_the_new_calibration_in_force(gbundle,
+                                                                                                 monkeypatch):
+    """The process dies (or the disk fails) while old statistics files are deleted: the manifest never
+    names a deleted file, the recalibration is not reported as failed, the next prune finishes the job."""
+    insp = _inspector(gbundle)
+    for k in range(2):
+        recalibrate(gbundle, insp, _parts(24, 100 * k), policy="max", progress=False)
+    real, calls = Path.unlink, []
+
+    def dying_unlink(self, *a, **kw):
+        if self.parent.name == "gaussian.d":
+            calls.append(self.name)
+            if len(calls) > 1:
+                raise OSError(5, "Input/output error", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    res = recalibrate(gbundle, insp, _parts(24, 300), policy="max", progress=False, keep_gaussian=1)
+    assert len(calls) == 2                                     # one deleted, then the failure
+    monkeypatch.undo()
+    b = Bundle.open(gbundle.path, verify=True)
+    assert b.calibration().version == res.calibration.version == 4
+    assert prune_gaussian(b, keep=1) == [f"gaussian.d/{calls[1]}"]
+    assert sorted(p.name for p in b.file("gaussian.d").iterdir()) == ["0001.npz", "0004.npz"]
+    Bundle.open(gbundle.path, verify=True)
 
 
 def test_missing_trained_statistics_need_prior_weight_0_which_then_works(gbundle):
@@ -328,6 +376,26 @@ def test_robust_z_ignores_outliers_and_handles_flat_and_nan_sets():
     assert np.isfinite(robust_z(np.ones(10))).all()
 
 
+def test_tied_scores_do_not_screen_out_normal_frames(tbundle):
+    """A quantized output gives image scores on a few levels; with more than half the frames tied the MAD is
+    0, and a frame one level up must not count as 'far above the rest'."""
+    s = np.array([1.0] * 25 + [1.05] * 10 + [1.1] * 5)
+    assert robust_z(s).max() < 6
+    assert robust_z(np.r_[np.ones(30), 1.2, 9.0]).max() > 6              # an outlier still stands out
+    assert robust_z(np.r_[np.ones(39), 1.01], fallback_scale=0.01)[-1] == pytest.approx(1.0)
+    from edge_ad.data.image import to_batch
+
+    insp = _inspector(tbundle)
+    frames = [part_frame(i) for i in range(40)]
+    maxima = insp.raw_outputs(to_batch(frames, insp.image_size))["map"].reshape(40, -1).max(1)
+    step = float(np.ptp(maxima)) / 2                                     # three levels over the set's maxima
+    real = insp.raw_outputs
+    insp.raw_outputs = lambda batch: {k: (np.round(v / step) * step).astype(np.float32)
+                                      for k, v in real(batch).items()}
+    res = recalibrate(tbundle, insp, frames, policy="fpr:0.05", progress=False)
+    assert res.excluded == () and res.n_used == 40
+
+
 # ----------------------------------------------------------------------------- collecting frames
 def test_collect_frames_from_a_folder_a_dir_uri_a_video_and_synthetic(tmp_path):
     import cv2
@@ -380,6 +448,39 @@ def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
     assert res.exit_code == 2 and "threshold policy 'p:1'" in res.output
     res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path)])
     assert res.exit_code == 2 and "--source is required" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "fpr:5"], "threshold policy 'fpr:5'"),
+    (["--policy", "max:"], "threshold policy 'max:'"),
+    (["--frames", "24", "--min-frames", "30"], "--min-frames 30 is more than --frames 24"),
+    (["--precision", "int4"], "int4"),
+    (["--adapt", "--min-frames", "30", "--screen-z", "2"], "--adapt does not use --min-frames, --screen-z"),
+    (["--adapt", "--prior-weight", "0"], "--adapt does not use --prior-weight"),
+    (["--adapt", "--precision", "int8"], "--adapt does not use --precision"),
+])
+def test_cli_calibrate_refuses_bad_options_before_collecting_frames(tbundle, tmp_path, monkeypatch, args, message):
+    from click.testing import CliRunner
+
+    from edge_ad import calibration as calibration_pkg
+    from edge_ad.cli import main
+
+    monkeypatch.setattr(calibration_pkg, "collect_frames", lambda *a, **k: pytest.fail("frames were collected"))
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(tmp_path),
+                                    "--backend", "onnxruntime", *args])
+    assert res.exit_code == 2 and "error:" in res.output and message in res.output, res.output
+    assert tbundle.calibration_versions() == [1]
+
+
+def test_cli_calibrate_list_and_rollback_together_are_refused(tbundle):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    tbundle.write_calibration(tbundle.calibration().replace(version=0, created="", threshold=0.5, policy="manual"))
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--list", "--rollback", "1"])
+    assert res.exit_code == 2 and "--list and --rollback exclude each other" in res.output
+    assert Bundle.open(tbundle.path).calibration().version == 2
 
 
 def test_calibration_code_never_imports_torch():

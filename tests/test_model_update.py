@@ -594,21 +594,30 @@ def test_keygen_removes_the_private_key_when_the_public_one_fails(tmp_path, monk
 
 
 # ----------------------------------------------------------------------------- --adapt
-@pytest.fixture(scope="module")
-def fader_bundle(tmp_path_factory):
-    """A FADeR-style bundle trained for a few steps at 64 px (torch needed)."""
+def _trained(tmp_path_factory, kind: str, part: str, steps: int) -> Bundle:
+    """A bundle of ``kind`` trained for ``steps`` at 64 px on 20 synthetic ``part`` images (torch needed)."""
     pytest.importorskip("torch")
     from edge_ad.data.synthetic import write_category
     from edge_ad.train.pipeline import train_bundle
 
-    root = tmp_path_factory.mktemp("fader")
-    data = write_category(root / "data", n_train=20, n_test_good=0, n_test_defect=0, size=64, kind="grain")
-    return train_bundle("fader", data, root / "bundle", image_size=64, steps=2, policy="max")
+    root = tmp_path_factory.mktemp(kind)
+    data = write_category(root / "data", n_train=20, n_test_good=0, n_test_defect=0, size=64, kind=part)
+    return train_bundle(kind, data, root / "bundle", image_size=64, steps=steps, policy="max")
+
+
+@pytest.fixture(scope="module")
+def fader_bundle(tmp_path_factory):
+    return _trained(tmp_path_factory, "fader", "grain", 2)
+
+
+@pytest.fixture(scope="module")
+def effad_bundle(tmp_path_factory):
+    return _trained(tmp_path_factory, "efficientad-s", "disc", 1)
 
 
 @pytest.mark.slow
 def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_model(fader_bundle, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     golden, monkeypatch):
     from edge_ad.calibration.adapt import adapt
     from edge_ad.data.synthetic import make_part
 
@@ -623,7 +632,7 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
 
     monkeypatch.setattr(deploy_mod, "check_golden", failing)
     with pytest.raises(GuardFailure, match="golden-set check failed, the running model is unchanged: 3 wrong"):
-        adapt(running.path, frames, steps=1, deploy_dir=deploy, golden_dir=tmp_path)
+        adapt(running.path, frames, steps=1, deploy_dir=deploy, golden_dir=golden)
     assert _release_files(deploy) == before and deployment(deploy).current == first.release
     assert not list(running.path.parent.glob("*.adapted-*"))          # the failed candidate is gone
     monkeypatch.undo()
@@ -653,6 +662,64 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     r = CliRunner().invoke(main, ["calibrate", "--bundle", str(running.path), "--source", str(tmp_path), "--adapt",
                                   "--adapt-out", str(tmp_path)])
     assert r.exit_code == 2 and "exists; give --adapt-out a new folder" in r.output
+
+
+@pytest.fixture
+def new_normals(tmp_path) -> Path:
+    from edge_ad.data.synthetic import make_part
+
+    for i in range(8):
+        _write(tmp_path / "new" / f"{i}.png", make_part("disc", 64, None, seed=9, index=i).image)
+    return tmp_path / "new"
+
+
+def _calibrate(*args: str):
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    return CliRunner().invoke(main, ["calibrate", "--backend", "onnxruntime", *args])
+
+
+def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normalization(effad_bundle, new_normals,
+                                                                                       tmp_path):
+    """--adapt on EfficientAD: the candidate keeps the teacher normalization of the running bundle (its scores
+    stay comparable) and the fine-tuning is not mistaken for a resume of a training run."""
+    import torch
+    from edge_ad.models import load_from_bundle
+
+    r = _calibrate("--bundle", str(effad_bundle.path), "--source", str(new_normals), "--frames", "8", "--adapt",
+                   "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"))
+    assert r.exit_code == 0, r.output
+    cand = Bundle.open(tmp_path / "cand", verify=True)
+    assert cand.manifest["adapted"]["steps"] == 1
+    old, new = load_from_bundle(effad_bundle), load_from_bundle(cand)
+    assert torch.equal(old.t_mean, new.t_mean) and torch.equal(old.t_std, new.t_std)
+    assert not torch.equal(old.student[0].weight, new.student[0].weight)
+
+
+def test_a_failed_adapt_removes_the_candidate_asked_for_with_adapt_out(effad_bundle, new_normals, golden, tmp_path,
+                                                                       monkeypatch):
+    def failing(candidate, golden_dir, running, backend="auto", precision=None, limits=None):
+        return {"passed": False, "failures": ["2 wrong decisions"]}
+
+    monkeypatch.setattr(deploy_mod, "check_golden", failing)
+    r = _calibrate("--bundle", str(effad_bundle.path), "--source", str(new_normals), "--frames", "8", "--adapt",
+                   "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"), "--golden", str(golden))
+    assert r.exit_code == 1 and "failed the golden-set check" in r.output
+    assert not (tmp_path / "cand").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--train-device", "gpu0"], "--train-device gpu0: expected cpu, cuda or cuda:N"),
+    (["--golden", "/nonexistent/golden"], "/nonexistent/golden: golden folder not found"),
+])
+def test_adapt_options_are_checked_before_any_frame_is_collected(effad_bundle, new_normals, monkeypatch, option,
+                                                                 message):
+    from edge_ad import calibration as calibration_pkg
+
+    monkeypatch.setattr(calibration_pkg, "collect_frames", lambda *a, **k: pytest.fail("frames were collected"))
+    r = _calibrate("--bundle", str(effad_bundle.path), "--source", str(new_normals), "--adapt", *option)
+    assert r.exit_code == 2 and message in r.output, r.output
 
 
 @pytest.mark.parametrize("field, value", [("image_size", [32, 32]), ("outputs", []), ("map_pad", -5)])

@@ -348,3 +348,19 @@ def test_commands_over_mqtt_311(mosquitto, tmp_path):
                 "unauthorized"
     finally:
         lk.stop(timeout=2)
+
+
+@pytest.mark.parametrize("policy", ["fpr:5", "sigma:0", "fpr:0"])
+def test_calibrate_refuses_a_policy_the_refit_would_refuse_before_collecting_frames(policy):
+    """The command checks the policy like the CLI and the config do, before minutes of live frames are
+    collected for a refit that would refuse it."""
+    from types import SimpleNamespace
+
+    from edge_ad.runtime.commands import Commands
+
+    svc = SimpleNamespace(settings=SimpleNamespace(calibration=SimpleNamespace(frames=64, policy="max",
+                                                                                timeout_s=30.0)),
+                          calibrate=lambda *a: pytest.fail("frames were collected"))
+    schema.validate("cmd.calibrate", {"policy": policy})          # the schema's pattern lets it through
+    with pytest.raises(InputError, match=f"threshold policy '{policy}'"):
+        Commands(svc).calibrate({"policy": policy})

@@ -40,7 +40,7 @@ def test_threshold_policies():
     assert scoring.threshold_from_policy(s, "max") > 100
     t = scoring.threshold_from_policy(s, "sigma:3")
     assert t == pytest.approx(s.mean() + 3 * s.std(ddof=1))
-    for bad in ("fpr:2", "fpr:x", "sigma:-1", "mean", "max:3"):
+    for bad in ("fpr:2", "fpr:x", "sigma:-1", "mean", "max:3", "max:"):
         with pytest.raises(InputError, match="policy"):
             scoring.threshold_from_policy(s, bad)
 

@@ -18,9 +18,10 @@ the refit of :func:`edge_ad.calibration.recalibrate`):
    the runtime then runs its health check). Without one, the candidate folder is left for
    ``edge-ad bundle pack`` / ``install`` or a manual switch.
 
-Any failure (:class:`GuardFailure`, :class:`InputError`) leaves the running model as it was and says why;
-the candidate folder is removed unless it was asked for by ``out_dir`` (by default it is written next
-to the bundle as ``<bundle>.adapted-<UTC time>``, and removed once installed as a release). Needs torch (the ``train``
+Any failure (:class:`GuardFailure`, :class:`InputError`) leaves the running model as it was, says why and
+removes the candidate folder, also one asked for by ``out_dir`` (by default it is written next to the
+bundle as ``<bundle>.adapted-<UTC time>``, and removed once installed as a release; an ``out_dir`` is
+kept once installed). Needs torch (the ``train``
 extra); this module imports it only inside :func:`adapt`.
 """
 
@@ -88,14 +89,25 @@ def _tensorrt_here() -> bool:
         return False
 
 
-def check_adapt(src: Bundle, out: str | os.PathLike | None) -> None:
+def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os.PathLike | None = None,
+                device: str = "cpu") -> None:
     """What ``adapt`` refuses, checked before any frame is collected: a Gaussian bundle (nothing to
-    fine-tune) and an ``out`` folder that exists."""
+    fine-tune), an ``out`` folder that exists, a golden folder without golden images, a training device
+    torch does not have (and no torch at all)."""
     if src.kind == "gaussian":
         raise InputError("--adapt: the Gaussian model has no weights to fine-tune; 'edge-ad calibrate' without "
                          "--adapt refits its statistics, which is its adaptation")
     if out is not None and Path(out).exists():
         raise InputError(f"{out}: exists; give --adapt-out a new folder")
+    if golden_dir is not None:
+        from .deploy import golden_images
+
+        golden_images(golden_dir)
+    try:
+        from ..train.common import check_device   # torch
+    except ImportError as exc:
+        raise InputError(f"--adapt needs torch (the train extra: pip install 'edge-ad[train]'): {exc}") from None
+    check_device(device, "--train-device")
 
 
 def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy: str | None = None,
@@ -109,7 +121,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
     keep_out = out_dir is not None
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     out = Path(out_dir) if keep_out else src.path.parent / f"{src.path.name}.adapted-{stamp}"
-    check_adapt(src, out)
+    check_adapt(src, out, golden_dir, device)
     precision = src.active_precision
     work = Path(tempfile.mkdtemp(prefix=".adapt-frames-", dir=src.path.parent))
     try:
@@ -149,8 +161,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
                              engine, quantized, golden, install, time.perf_counter() - t0)
     except BaseException:
-        if not keep_out:
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)   # check_adapt made sure it did not exist: ours, and unusable
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -97,26 +97,38 @@ def _num(x: float):
     return x if np.isfinite(x) else None
 
 
-def robust_z(scores: np.ndarray) -> np.ndarray:
-    """``(s - median) / (1.4826 * MAD)`` over the finite scores; non-finite scores get +inf.
+def robust_z(scores: np.ndarray, fallback_scale: float | None = None) -> np.ndarray:
+    """``(s - median) / scale`` over the finite scores; non-finite scores get +inf.
 
-    The scale has a floor of 0.1 % of |median| (and 1e-9), so a set of near-identical frames does not
-    turn noise into huge z-scores.
+    The scale is ``1.4826 * MAD``. When more than half the scores tie (a quantized output takes few
+    levels) the MAD is 0; the scale is then ``IQR / 1.349``, or when that is 0 too ``1.2533 *`` the mean
+    absolute deviation from the median (each the standard deviation for normal data), and not below
+    ``fallback_scale`` (the normal standard deviation of the calibration in force): a set this tied says
+    little about its own spread. The scale has a floor of 0.1 % of |median| (and 1e-9), so a set of
+    near-identical frames does not turn noise into huge z-scores.
     """
     s = np.asarray(scores, np.float64)
     ok = np.isfinite(s)
     z = np.full(s.shape, np.inf)
     if not ok.any():
         return z
-    med = float(np.median(s[ok]))
-    mad = float(np.median(np.abs(s[ok] - med)))
-    scale = max(1.4826 * mad, 1e-3 * abs(med), 1e-9)
-    z[ok] = (s[ok] - med) / scale
+    v = s[ok]
+    med = float(np.median(v))
+    dev = np.abs(v - med)
+    scale = 1.4826 * float(np.median(dev))
+    if not scale > 0:
+        q1, q3 = np.quantile(v, [0.25, 0.75])
+        scale = float(q3 - q1) / 1.349 or 1.2533 * float(dev.mean())
+        if fallback_scale is not None and np.isfinite(fallback_scale):
+            scale = max(scale, float(fallback_scale))
+    scale = max(scale, 1e-3 * abs(med), 1e-9)
+    z[ok] = (v - med) / scale
     return z
 
 
-def _screen(scores: np.ndarray, index: np.ndarray, screen_z: float, reason: str) -> list[Excluded]:
-    z = robust_z(scores)
+def _screen(scores: np.ndarray, index: np.ndarray, screen_z: float, reason: str,
+            fallback_scale: float | None = None) -> list[Excluded]:
+    z = robust_z(scores, fallback_scale)
     out = []
     for i in np.nonzero(~(z <= screen_z))[0]:
         why = "non-finite score" if not np.isfinite(scores[i]) else reason
@@ -188,11 +200,19 @@ def _fit(cur: Calibration, kept: dict, used: np.ndarray, policy: str, prior, pri
         raw = {"map": gaussfit.loo_distance_map(feats, stats, loo)}
     else:
         raw = {k: v[used] for k, v in kept.items()}
-    norms = scoring.fit_map_norms(raw, weights={k: weights.get(k, 1.0 / len(raw)) for k in raw})
+    same = ("are the frames all the same (a frozen camera, one image copied)? calibrate on frames of different "
+            "normal parts; the calibration in force is unchanged")
+    try:
+        norms = scoring.fit_map_norms(raw, weights={k: weights.get(k, 1.0 / len(raw)) for k in raw}, flat_ok=False)
+    except InputError as exc:
+        raise InputError(f"calibration frames: {exc}: {same}") from None
     tmp = Calibration(maps=norms, threshold=0.0, policy=policy, map_pad=cur.map_pad)
     s = scoring.score(raw, tmp).scores.astype(np.float64)
     if not np.all(np.isfinite(s)):
         raise RuntimeFailure("recalibration produced non-finite scores; the calibration in force is unchanged")
+    if not np.ptp(s) > 1e-6 * max(1.0, float(np.abs(s).max())):
+        raise InputError(f"calibration frames: the image scores of the {s.size} frames used are all {s[0]:.6g}, "
+                         f"with no spread to set a threshold from: {same}")
     thr = scoring.threshold_from_policy(s, policy)
     return tmp.replace(threshold=thr, normal=scoring.normal_stats(s)), s, stats
 
@@ -228,6 +248,9 @@ def _referenced_gaussian(bundle: Bundle, versions: Sequence[int] | None = None,
 def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
     """Delete Gaussian statistics files no recent calibration uses; returns the names removed.
 
+    The manifest stops naming them before they are deleted; a failure (disk, permissions) is logged and
+    left for the next call, which also removes files left unrecorded by a kill between the two steps.
+
     Kept: the files of the ``keep`` newest calibration versions and of the one in force, and every
     prior (the statistics the bundle was trained with, which each refit pools with). Each file is
     tens of MB (``[h*w, d, d]`` float32), so the whole history cannot stay on a device; the calibration
@@ -244,15 +267,27 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
         keep_names |= {str(cal.extra.get("gaussian", "")), _prior_name(cal)}
     except InputError:
         pass
-    removed = []
-    for p in sorted(d.iterdir()):
-        name = f"{GAUSSIAN_DIR}/{p.name}"
-        if p.is_file() and p.suffix == ".npz" and name not in keep_names:
-            bundle.remove_file(name, save=False)
-            removed.append(name)
-    if removed:
-        bundle.save_manifest()
-    return removed
+    files = bundle.manifest["files"]
+    gone = [n for n in files if n.startswith(GAUSSIAN_DIR + "/") and n not in keep_names]
+    on_disk = [f"{GAUSSIAN_DIR}/{p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".npz"]
+    removed = sorted({*gone, *(n for n in on_disk if n not in keep_names)})
+    if not removed:
+        return []
+    # the manifest first: a kill between the two steps leaves unrecorded files (removed next time), never a
+    # manifest naming files that are gone. The new calibration is in force already: a failure here is logged
+    done: list[str] = []
+    try:
+        if gone:
+            for n in gone:
+                files.pop(n, None)
+            bundle.save_manifest()
+        for n in removed:
+            bundle.file(n).unlink(missing_ok=True)
+            done.append(n)
+    except OSError as exc:
+        log.warning("%s: could not remove old Gaussian statistics (%s); they are removed at the next "
+                    "recalibration", bundle.path, exc)
+    return done
 
 
 def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
@@ -297,7 +332,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     came from; 0: a fit from the new frames alone; see :mod:`.gaussfit`).
     """
     t0 = time.perf_counter()
-    scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # a bad policy fails before any work
+    scoring.check_policy(policy)  # a bad policy fails before any work
     if not screen_z > 0:
         raise InputError(f"screen_z {screen_z}: expected > 0")
     gaussfit.check_prior_weight(prior_weight)
@@ -335,14 +370,15 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
         s_screen = _screen_scores(kept["feat"], prior, cur, max(1, int(batch_size)))
         under = f"the trained statistics ({pname})"
     index = np.arange(n)
-    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}")
+    std = cur.normal.get("std")    # the screen's last-resort scale (scores tied beyond the IQR)
+    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}", std)
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
 
     t1 = time.perf_counter()
     cache: dict = {}
     cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
-    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit")
+    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit", std)
     if more:
         excluded += more
         used = np.setdiff1d(used, [e.index for e in more])
@@ -404,12 +440,17 @@ def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray) -> tuple[st
 
 
 def _check_usable(n: int, n_used: int, excluded: list[Excluded], min_frames: int, max_excluded: float) -> None:
+    nan = sum(not np.isfinite(e.score) for e in excluded)
+    why = ", ".join([f"{len(excluded) - nan} as likely defects"] * (len(excluded) > nan) +
+                    [f"{nan} whose score is not a number (the model's output is NaN or infinite on them: check "
+                     "the model and its precision)"] * (nan > 0)) or "none"
     if len(excluded) > max_excluded * n:
-        worst = ", ".join(f"{e.index} (z {e.z:.1f})" for e in sorted(excluded, key=lambda e: -e.z)[:5])
-        raise InputError(f"{len(excluded)} of {n} calibration frames score far above the rest (more than "
-                         f"{max_excluded:.0%}; e.g. frames {worst}): this does not look like a set of normal "
-                         "parts; the calibration in force is unchanged")
+        far = sorted((e for e in excluded if np.isfinite(e.score)), key=lambda e: -e.z)
+        what = (f" (e.g. frames {', '.join(f'{e.index} (z {e.z:.1f})' for e in far[:5])})" if far else "")
+        verdict = ("this does not look like a set of normal parts" if len(far) * 2 >= len(excluded) else
+                   "the model gives no usable score on most of them")
+        raise InputError(f"{len(excluded)} of {n} calibration frames left out, more than {max_excluded:.0%}: "
+                         f"{why}{what}; {verdict}; the calibration in force is unchanged")
     if n_used < min_frames:
-        raise InputError(f"only {n_used} of {n} calibration frames are usable ({len(excluded)} left out as "
-                         f"likely defects); at least {min_frames} are needed; the calibration in force is "
-                         "unchanged")
+        raise InputError(f"only {n_used} of {n} calibration frames are usable ({why} left out); at least "
+                         f"{min_frames} are needed; the calibration in force is unchanged")

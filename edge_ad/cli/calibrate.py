@@ -67,10 +67,12 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload' command.
     """
     from ..bundle import Bundle
-    from ..calibration import collect_frames, recalibrate, rollback
+    from ..calibration import recalibrate, rollback
     from ..errors import InputError
 
     b = Bundle.open(bundle_dir)
+    if list_versions and rollback_to is not None:
+        raise InputError("--list and --rollback exclude each other: list the versions, then roll back")
     if list_versions:
         _list_calibrations(b, as_json)
         return
@@ -100,9 +102,23 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
                          "or --list")
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
+    from ..scoring import check_policy
 
     if (golden_dir or deploy_dir or adapt_out) and not adapt:
         raise InputError("--golden, --deploy and --adapt-out go with --adapt")
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in ("min_frames", "screen_z", "precision", "prior_weight")
+             if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    if adapt and given:
+        raise InputError(f"--adapt does not use {', '.join(given)}: the adapted model is calibrated on a "
+                         "validation split of the frames and quantized like the running one; leave "
+                         f"{'it' if len(given) == 1 else 'them'} out")
+    check_policy(policy)
+    if adapt and frames < 4:
+        raise InputError(f"--frames {frames}: --adapt needs at least 4 normal frames")
+    if not adapt and min_frames > frames:
+        raise InputError(f"--min-frames {min_frames} is more than --frames {frames}: the refit would refuse the "
+                         "set; collect more frames or lower --min-frames")
     if prior_weight is not None:
         from ..calibration.gaussfit import check_prior_weight
 
@@ -111,15 +127,10 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
         except InputError as exc:
             raise InputError(f"--prior-weight: {exc}") from None
     if adapt:
-        from ..calibration.adapt import check_adapt
+        from ..calibration.adapt import adapt as run_adapt, check_adapt
 
-        check_adapt(b, adapt_out)   # before the frames: collecting them can take minutes
-    images = collect_frames(source, frames, every=every, timeout_s=timeout_s)
-    if len(images) < frames:
-        click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
-    if adapt:
-        from ..calibration.adapt import adapt as run_adapt
-
+        check_adapt(b, adapt_out, golden_dir, train_device)   # before the frames: collecting them takes minutes
+        images = _collect(source, frames, every, timeout_s)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
                         golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend)
         if as_json:
@@ -131,8 +142,9 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s; the running bundle is unchanged)")
         return
-    be = open_backend(b, backend, precision, device)
+    be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
     try:
+        images = _collect(source, frames, every, timeout_s)
         insp = Inspector(b, be)
         res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
                           prior_weight=prior_weight, source=str(source))
@@ -149,6 +161,15 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
                f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
                f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
+
+
+def _collect(source, frames: int, every: int, timeout_s: float) -> list:
+    from ..calibration import collect_frames
+
+    images = collect_frames(source, frames, every=every, timeout_s=timeout_s)
+    if len(images) < frames:
+        click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
+    return images
 
 
 def _calibration_rows(b) -> tuple[list[dict], list[str]]:

@@ -26,6 +26,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from ..errors import InputError, RuntimeFailure
+from ..scoring import check_policy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .service import Service
@@ -129,7 +130,7 @@ class Commands:
     def calibrate(self, args: dict) -> dict:
         svc = self.svc
         n = int(args.get("frames", svc.settings.calibration.frames))
-        policy = str(args.get("policy", svc.settings.calibration.policy))
+        policy = check_policy(str(args.get("policy", svc.settings.calibration.policy)))  # before the frames
         timeout = float(args.get("timeout_s", svc.settings.calibration.timeout_s))
         source = args.get("source") or "live"
         if not self._busy.acquire(blocking=False):

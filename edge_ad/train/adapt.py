@@ -61,15 +61,12 @@ def adapt_bundle(bundle_dir: str | Path, frames: Sequence[np.ndarray], out_dir: 
     val, train = imgs[np.sort(order[:n_val])], imgs[np.sort(order[n_val:])]
     model = load_from_bundle(src, device)
     lr = lr if lr is not None else PRESETS[kind]["quick"]["lr"] * 0.5
-    cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, state_path=None)
+    # EfficientAD: the teacher normalization of the original training is kept (scores stay comparable)
+    cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, state_path=None,
+                     fit_teacher_norm=False)
     t0 = time.time()
     if kind.startswith("efficientad"):
-        # keep the teacher normalization of the original training (scores stay comparable)
-        t_mean, t_std = model.t_mean.clone(), model.t_std.clone()
-        cfg.resume = True  # means: do not refit the teacher normalization
         info = train_efficientad(model, train, cfg)
-        model.t_mean.copy_(t_mean)
-        model.t_std.copy_(t_std)
     else:
         info = train_fader(model, train, cfg)
     model.to("cpu").eval()

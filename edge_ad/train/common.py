@@ -41,8 +41,7 @@ def check_run(device: str, max_minutes: float | None, steps: int | None = None, 
     """The options every training run shares, checked before any image is loaded (``None``: the default)."""
     if image_size is not None:
         check_image_size(image_size)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
-        raise InputError(f"--device {device}: expected cpu, cuda or cuda:N")
+    check_device(device)
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every)):
         if value is not None and not (isinstance(value, numbers.Integral) and value >= 1):
             raise InputError(f"{name} {value}: expected a positive whole number")
@@ -50,8 +49,14 @@ def check_run(device: str, max_minutes: float | None, steps: int | None = None, 
         raise InputError(f"--seed {seed}: expected a whole number from 0 to 2**64 - 1")
     if max_minutes is not None and not max_minutes > 0:
         raise InputError(f"--max-minutes {max_minutes}: expected a positive number of minutes")
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """A torch training device: cpu, cuda or cuda:N, and CUDA only where torch has it."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise InputError(f"{flag} {device}: expected cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available to torch here")
+        raise InputError(f"{flag} {device}: no CUDA device is available to torch here")
 
 
 def load_images(paths: Sequence[Path], size: int, desc: str = "loading images") -> torch.Tensor:

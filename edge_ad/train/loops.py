@@ -40,6 +40,8 @@ class LoopConfig:
     run: dict | None = None  # what defines the run ({option: value}), saved in each checkpoint, checked at resume
     resume_from: dict | None = None  # the checkpoint already read and checked by common.resume_state
     extra: dict | None = None  # tensors saved in each checkpoint that the run needs back at resume
+    fit_teacher_norm: bool = True  # EfficientAD: fit the teacher normalization on the images (not at a resume,
+                                   # whose checkpoint has it; not for --adapt, which keeps the bundle's)
 
 
 def lr_at(step: int, cfg: LoopConfig, elapsed: float = 0.0) -> float:
@@ -135,7 +137,7 @@ def train_efficientad(model, images: torch.Tensor, cfg: LoopConfig, penalty: tor
     images = images.to(dev)  # once: a GPU step then reads no host memory
     penalty = None if penalty is None else penalty.to(dev)
     fast_convolutions(dev)
-    if not cfg.resume:  # a resumed run gets the first part's statistics back with the weights
+    if cfg.fit_teacher_norm and not cfg.resume:  # a resumed run gets the first part's statistics back
         fit_teacher_normalization(model, images, dev)
     model.teacher.eval()
     model.student.train()

@@ -162,7 +162,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         raise InputError("--resume: the gaussian model is fitted in one pass, with no steps or checkpoint to "
                          "resume from; train it without --resume")
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
-    scoring.threshold_from_policy(np.array([0.0, 1.0]), policy)  # validate early
+    scoring.check_policy(policy)  # validate early
     out = Path(out)
     real = Path(os.path.realpath(out))  # a link to a bundle folder: the folder is replaced, the link kept
     check_out_folder(real)
