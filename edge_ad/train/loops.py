@@ -124,7 +124,7 @@ def quantile_rank(n: int, q: float) -> int:
     ``D >= quantile(D, q)`` keeps."""
     pos = q * (n - 1)
     r = math.floor(pos)
-    if pos - r > 1e-9 * max(n, 1):  # strictly between two order statistics: the upper one is the first kept
+    if pos - r > 1e-12 * max(n, 1):  # strictly between two order statistics: the upper one is the first kept
         r += 1
     return min(r + 1, n)
 
