@@ -2,7 +2,8 @@
 
 Trains each requested model with its preset, evaluates the exported ONNX graph with ONNX Runtime
 (the artefact that runs on the device), and prints one table: model, preset, training time, image
-AUROC, pixel AUROC, AUPRO. Results also go to bench/results/accuracy.json.
+AUROC, pixel AUROC, AUPRO. The rows are merged into --out (default bench/out/accuracy.json; the README's
+figures: bench/results/accuracy.json), one key per model, preset and --tag.
 
     python bench/accuracy.py --models gaussian,efficientad-s,fader --preset quick
 """
@@ -17,42 +18,44 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import DATA_HELP, at_least, check_out, dataset, merge_json, out_default
+
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("EDGE_AD_BENCH_DATA", str(DEFAULT_DATA)))
+    ap.add_argument("--data", default=None, help=DATA_HELP)
     ap.add_argument("--models", default="gaussian,efficientad-s,fader")
     ap.add_argument("--preset", default="quick", choices=["quick", "paper"])
-    ap.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    ap.add_argument("--steps", type=at_least(1), default=None, help="override the preset's steps")
     ap.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
-    ap.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    ap.add_argument("--batch-size", type=at_least(1), default=None, help="override the preset's batch size")
     ap.add_argument("--max-minutes", type=float, default=None, help="time budget of each training (edge-ad train)")
-    ap.add_argument("--checkpoint-every", type=int, default=500, help="steps between training checkpoints")
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--checkpoint-every", type=at_least(1), default=500, help="steps between training checkpoints")
+    ap.add_argument("--image-size", type=at_least(32), default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=str(HERE / "results" / "accuracy_bundles"))
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--eval-device", default="cpu", help="device of the evaluation backend (torch: cuda)")
     ap.add_argument("--config", action="append", default=[], help="model config override key=value")
     ap.add_argument("--teacher", default=None, help="EfficientAD teacher: lite0 (default) or a PDN weights file")
-    ap.add_argument("--distill-steps", type=int, default=0,
+    ap.add_argument("--distill-steps", type=at_least(0), default=0,
                     help="first distill a PDN teacher from Lite0 on the training images for this many steps "
                          "(edge-ad distill-teacher) and train EfficientAD with it; its time is reported")
-    ap.add_argument("--distill-batch", type=int, default=8)
+    ap.add_argument("--distill-batch", type=at_least(1), default=8)
     ap.add_argument("--distill-data", action="append", default=[],
                     help="image folder to distill on (repeatable; default: the training images)")
     ap.add_argument("--distill-minutes", type=float, default=None, help="time budget of the distillation")
     ap.add_argument("--penalty-dir", default=None, help="generic images for EfficientAD's penalty term")
-    ap.add_argument("--results", default=str(HERE / "results" / "accuracy.json"),
-                    help="JSON file the rows are merged into (one per concurrent run)")
+    ap.add_argument("--out", "--results", dest="out", default=out_default("accuracy.json"),
+                    help="JSON file the rows are merged into (default: %(default)s; concurrent runs may share "
+                         "one; the README's figures: bench/results/accuracy.json)")
     ap.add_argument("--tag", default="", help="suffix of the result rows and bundle folders (e.g. pdn-teacher)")
     args = ap.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "train" / "good").is_dir():
-        print(f"skipped: dataset not found at {data}")
+    out_json = check_out(ap, args.out)
+    data = dataset(ap, args.data, ("train/good", "test"))
+    if data is None:
         return 0
     from edge_ad.evaluate import evaluate
     from edge_ad.train.pipeline import train_bundle
@@ -116,12 +119,8 @@ def main(argv=None) -> int:
                     [(r["model"],) + tuple(f"{_f(pt.get('image_auroc'))} / {_f(pt.get('pixel_auroc'))}"
                                            for pt in ((r["per_type"] or {}).get(t, {}) for t in types))
                      for r in rows])
-    res = Path(args.results)
-    res.parent.mkdir(parents=True, exist_ok=True)
-    prev = json.loads(res.read_text()) if res.is_file() else {}
-    for r in rows:
-        prev[f"{r['model']}-{r['preset']}{suffix}"] = {**r, "machine": machine}
-    res.write_text(json.dumps(prev, indent=2, sort_keys=True) + "\n")
+    merge_json(out_json, {f"{r['model']}-{r['preset']}{suffix}": {**r, "machine": machine} for r in rows})
+    print(f"wrote {out_json}")
     return 0
 
 

@@ -14,13 +14,17 @@
 Targets (issue 6): measured FPR within 1 point of the target; recalibration <= 1.5x the inference time.
 Everything runs the exported ONNX graph with ONNX Runtime on the CPU (the artefact a device runs).
 
-    python bench/calibration.py [--data DIR] [--bundle DIR] [--repeats 5] [--policy fpr:0.01]
+    python bench/calibration.py [--data DIR] [--bundle DIR] [--repeats 5] [--policy fpr:0.01] [--out FILE]
+
+The trained bundle is cached in --work under a name made from the training images (their folder, names,
+sizes and times), so another --data trains its own. Results: --out (default bench/out/calibration.json;
+the README's figures are bench/results/calibration.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import os
 import platform
 import shutil
@@ -30,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+from benchlib import DATA_HELP, at_least, check_out, dataset, out_default, write_json
+
 DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-ad" / "bench-calibration"
 SHIFT = {"brightness": 30.0, "contrast": 0.8}
 
@@ -70,6 +74,19 @@ def _open(path: Path, threads: int):
 
     b = Bundle.open(path)
     return b, Inspector(b, open_backend(b, "onnxruntime", None, "cpu", threads=threads))
+
+
+def cache_name(data: Path, image_size: int) -> str:
+    """Folder name of the cached bundle trained on ``data``/train/good: the dataset folder's name and a hash
+    of its resolved path and of its images' names, sizes and modification times."""
+    from edge_ad.data.image import list_images
+
+    train = (data / "train" / "good").resolve()
+    h = hashlib.sha256(str(train).encode())
+    for p in list_images(train):
+        st = p.stat()
+        h.update(f"\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return f"gaussian-{image_size}-{data.resolve().name}-{h.hexdigest()[:12]}"
 
 
 def _fresh_copy(trained: Path, work: Path, name: str) -> Path:
@@ -131,21 +148,26 @@ def timing(trained: Path, work: Path, frames, runs, threads):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("EDGE_AD_BENCH_DATA", str(DEFAULT_DATA)))
+    from edge_ad.calibration.refit import MIN_FRAMES
+
+    ap.add_argument("--data", default=None, help=DATA_HELP)
     ap.add_argument("--bundle", default=None, help="a trained Gaussian bundle (default: train one into --work)")
     ap.add_argument("--work", default=str(DEFAULT_WORK))
     ap.add_argument("--policy", default="fpr:0.01")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--timing-frames", type=int, default=200)
-    ap.add_argument("--timing-runs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--repeats", type=at_least(1), default=5)
+    ap.add_argument("--timing-frames", type=at_least(MIN_FRAMES), default=200,
+                    help=f"frames of the timed recalibration (at least {MIN_FRAMES}, as for edge-ad calibrate)")
+    ap.add_argument("--timing-runs", type=at_least(1), default=2)
+    ap.add_argument("--threads", type=at_least(0), default=0, help="ONNX Runtime threads (0: all cores)")
+    ap.add_argument("--image-size", type=at_least(32), default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-shift", action="store_true", help="skip the lighting-change run")
+    ap.add_argument("--out", default=out_default("calibration.json"),
+                    help="JSON results (default: %(default)s; the README's figures: bench/results/calibration.json)")
     args = ap.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "test" / "good").is_dir() or not (data / "train" / "good").is_dir():
-        print(f"skipped: dataset not found at {data} (expected MVTec layout: train/good, test/good, test/<defect>)")
+    out = check_out(ap, args.out)
+    data = dataset(ap, args.data, ("train/good", "test/good"))
+    if data is None:
         return 0
     from edge_ad.data.image import list_images
     from edge_ad.data.synthetic import lighting_shift
@@ -155,7 +177,7 @@ def main(argv=None) -> int:
     if args.bundle:
         trained = Path(args.bundle)
     else:
-        trained = work / f"gaussian-{args.image_size}"
+        trained = work / cache_name(data, args.image_size)
         if not (trained / "calibration.json").is_file():
             from edge_ad.train.pipeline import train_bundle
 
@@ -200,7 +222,7 @@ def main(argv=None) -> int:
 
     p, t = result["plain"], result["timing"]
     target = result["target_fpr"]
-    print(f"\nMagnetic Tile, Gaussian {args.image_size}x{args.image_size}, ONNX Runtime CPU; {machine}")
+    print(f"\n{data.resolve().name}, Gaussian {args.image_size}x{args.image_size}, ONNX Runtime CPU; {machine}")
     print(f"calibration on {p['n_calibration']} of test/good (random halves, {args.repeats} repeats), policy "
           f"{args.policy}; FPR on the other {p['n_held_out']}, recall on {len(bad)} defect images")
     hdr = ("case", "FPR (mean +- std)", "target", "recall", "AUROC", "left out")
@@ -222,9 +244,8 @@ def main(argv=None) -> int:
     ok_fpr = target is None or abs(p["fpr"] - target) <= 0.01
     print(f"targets: FPR within 1 point: {'met' if ok_fpr else 'NOT met'}; time: "
           f"{'met' if t['ratio'] <= 1.5 else 'NOT met'}")
-    res_dir = HERE / "results"
-    res_dir.mkdir(exist_ok=True)
-    (res_dir / "calibration.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(out, result)
+    print(f"wrote {out}")
     return 0
 
 

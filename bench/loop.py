@@ -24,7 +24,10 @@ Examples::
 
     python bench/loop.py                                    # EfficientAD-S 256, 100 frames (~2 min, 2 cores)
     python bench/loop.py --frames 10000 --model gaussian --image-size 128    # long run: memory growth
-    python bench/loop.py --bundle path/to/bundle --frames 2000 --json out.json
+    python bench/loop.py --bundle path/to/bundle --frames 2000 --out out.json
+
+Results: --out (default bench/out/loop.json; the README's figures: bench/results/loop.json and
+loop_10000.json).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchlib import at_least, check_out, out_default, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -225,30 +230,37 @@ def backend_busy(results: Path, skip: int) -> float:
     return busy / span if span > 0 else float("nan")
 
 
-def main() -> int:
-    if len(sys.argv) == 7 and sys.argv[1] == "--bare-only":   # the child process of bare_fps
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 6 and argv[0] == "--bare-only":   # the child process of bare_fps
         from edge_ad.bundle import Bundle
 
-        _, _, bpath, vpath, batch, n, threads = sys.argv
+        _, bpath, vpath, batch, n, threads = argv
         res = bare_model_fps(Bundle.open(bpath), read_video(Path(vpath)), int(batch), int(n), int(threads))
         print(json.dumps(res))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="efficientad-s", choices=("efficientad-s", "efficientad-m", "fader",
                                                                  "gaussian"))
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--image-size", type=at_least(32), default=256)
     ap.add_argument("--bundle", type=Path, default=None, help="Use this bundle instead of building one.")
-    ap.add_argument("--frames", type=int, default=100, help="Frames the loop inspects (10000 for the memory run).")
-    ap.add_argument("--bare-frames", type=int, default=None, help="Frames timed on the bare backend "
+    ap.add_argument("--frames", type=at_least(2), default=100, help="Frames the loop inspects (10000 for the memory run).")
+    ap.add_argument("--bare-frames", type=at_least(1), default=None, help="Frames timed on the bare backend "
                                                                    "(default: min(frames, 100)).")
-    ap.add_argument("--batch", type=int, default=1, help="Batch of the bare backend = the loop's max_batch.")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default).")
-    ap.add_argument("--video-size", type=int, default=None, help="Side of the video frames (default 1.25x model).")
-    ap.add_argument("--warmup", type=int, default=5, help="Loop frames left out of the steady-state rate.")
-    ap.add_argument("--rounds", type=int, default=1, help="Repeat bare / loop / bare; report the median round.")
+    ap.add_argument("--batch", type=at_least(1), default=1, help="Batch of the bare backend = the loop's max_batch.")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="ONNX Runtime intra-op threads (0: its default).")
+    ap.add_argument("--video-size", type=at_least(32), default=None, help="Side of the video frames (default 1.25x model).")
+    ap.add_argument("--warmup", type=at_least(0), default=5, help="Loop frames left out of the steady-state rate.")
+    ap.add_argument("--rounds", type=at_least(1), default=1, help="Repeat bare / loop / bare; report the median round.")
     ap.add_argument("--work", type=Path, default=None, help="Working folder (default: a temporary one).")
-    ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
-    args = ap.parse_args()
+    ap.add_argument("--out", "--json", dest="out", default=out_default("loop.json"),
+                    help="JSON results (default: %(default)s; '' for none).")
+    args = ap.parse_args(argv)
+    if args.frames < args.warmup + 2:
+        ap.error(f"--frames {args.frames}: expected at least --warmup ({args.warmup}) + 2, so that a steady "
+                 "rate is measured after the warm-up frames")
+    if args.out:
+        check_out(ap, args.out)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="edge-ad-bench-loop-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -317,9 +329,9 @@ def main() -> int:
     out = {"bare": bare, "loop": loop, "steady_fps": steady, "ratio": ratio, "rounds": rounds, "model": bundle.kind,
            "image_size": list(bundle.image_size), "batch": args.batch, "frames": args.frames,
            "machine": rows[0][1]}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    if args.out:
+        write_json(args.out, out)
+        print(f"wrote {args.out}")
     return 0 if not loop["torch"] else 1
 
 

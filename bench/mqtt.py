@@ -17,6 +17,9 @@ for ``--down-s`` seconds. Prints one table:
 
     python bench/mqtt.py                      # 10,000 results, 2 restarts
     python bench/mqtt.py --sync normal        # outbox without an fsync per result
+
+The run is merged into --out under its --sync (default bench/out/mqtt.json; the README's figures:
+bench/results/mqtt.json).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from benchlib import at_least, check_out, merge_json, out_default
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -236,30 +239,26 @@ def table(r: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=10_000, help="results to publish")
-    ap.add_argument("--restarts", type=int, default=2, help="broker restarts mid-stream")
+    ap.add_argument("--n", type=at_least(1), default=10_000, help="results to publish")
+    ap.add_argument("--restarts", type=at_least(0), default=2, help="broker restarts mid-stream")
     ap.add_argument("--down-s", type=float, default=1.0, help="seconds the broker stays down each time")
     ap.add_argument("--rate", type=float, default=1000.0, help="results per second (0: as fast as possible)")
     ap.add_argument("--sync", choices=["full", "normal"], default="full", help="outbox SQLite synchronous mode")
-    ap.add_argument("--out", default=str(HERE / "results" / "mqtt.json"), help="JSON results ('' for none)")
+    ap.add_argument("--out", default=out_default("mqtt.json"),
+                    help="JSON results, merged by --sync (default: %(default)s; '' for none; the README's "
+                         "figures: bench/results/mqtt.json)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the link's log (reconnects)")
     args = ap.parse_args(argv)
+    if args.out:
+        check_out(ap, args.out)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="edge-ad-bench-mqtt-") as tmp:
         r = run(args.n, args.restarts, args.down_s, args.rate, args.sync, Path(tmp))
     print(table(r))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        runs = {}
-        if out.exists():
-            try:
-                runs = json.loads(out.read_text())
-            except ValueError:
-                runs = {}
-        runs[f"sync={args.sync}"] = r
-        out.write_text(json.dumps(runs, indent=2) + "\n")
+        merge_json(args.out, {f"sync={args.sync}": r})
+        print(f"wrote {args.out}")
     return 0 if r["lost"] == 0 and r["duplicated_after_dedup"] == 0 else 1
 
 

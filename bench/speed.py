@@ -26,7 +26,8 @@ folder to the guard; NNCF's model is guarded the same way, in its own process).
     python bench/speed.py --models efficientad-s,gaussian --size 128 --seconds 2   # a quick look
     python bench/speed.py --models efficientad-s --bundle efficientad-s=B --data D --test D --rounds 5
 
-Prints a table, writes ``OUT/speed.json`` / ``OUT/speed.txt`` (after every model) and ``OUT/speed.png``.
+Prints a table, writes ``OUT/speed.json`` / ``OUT/speed.txt`` (after every model) and ``OUT/speed.png``
+(``--out OUT``, default bench/out; the README's figures: bench/results/speed.json).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchlib import at_least, check_out, int_list, kind_dir, out_default, positive_float
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -575,31 +578,32 @@ def plot(results: list[dict], batches: list[int], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
-    ap.add_argument("--size", type=int, default=256, help="square input size")
-    ap.add_argument("--batches", default="1,8", help="batch sizes (1 gives latency too), e.g. 1,8,32")
-    ap.add_argument("--seconds", type=float, default=3.0, help="time per measurement (at least 5 / 2 runs)")
+    ap.add_argument("--size", type=at_least(32), default=256, help="square input size")
+    ap.add_argument("--batches", type=int_list, default="1,8", help="batch sizes (1 gives latency too), e.g. 1,8,32")
+    ap.add_argument("--seconds", type=positive_float, default=3.0, help="time per measurement (at least 5 / 2 runs)")
     ap.add_argument("--data", default=None, help="normal images for calibration and the guard (MVTec category); "
                                                  "default: a synthetic category")
-    ap.add_argument("--bundle", action="append", default=[], metavar="KIND=DIR",
+    ap.add_argument("--bundle", action="append", type=kind_dir, default=[], metavar="KIND=DIR",
                     help="use a trained bundle for KIND instead of random weights")
-    ap.add_argument("--calib-samples", type=int, default=64)
-    ap.add_argument("--guard-normals", type=int, default=32)
+    ap.add_argument("--calib-samples", type=at_least(1), default=64)
+    ap.add_argument("--guard-normals", type=at_least(1), default=32)
     ap.add_argument("--test", default=None, help="a real MVTec-layout test folder for the guard")
     ap.add_argument("--keep-fp32", default="auto", choices=["auto", "head", "none"],
                     help="INT8 layers kept in FP32 (edge-ad quantize --keep-fp32)")
     ap.add_argument("--calibration", default="minmax", choices=["minmax", "percentile", "entropy"])
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--threads", type=at_least(0), default=0,
                     help="threads for every engine (ONNX Runtime intra-op, OpenVINO, torch); 0: each engine's "
                          "default (all cores)")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=at_least(1), default=3,
                     help="every configuration is measured this many times, interleaved with the others "
                          "(medians reported: on a shared machine the load changes between configurations)")
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO columns")
     ap.add_argument("--gpu-only", action="store_true",
                     help="only the CUDA rows (no CPU rows, no INT8 preparation): for a short lease of a GPU")
-    ap.add_argument("--timeout", type=float, default=900, help="per configuration, seconds")
+    ap.add_argument("--timeout", type=positive_float, default=900, help="per configuration, seconds")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "edge_ad_speed"))
-    ap.add_argument("--out", default="bench/out", help="folder for speed.json and speed.png")
+    ap.add_argument("--out", default=out_default(""), help="folder for speed.json, speed.txt and speed.png "
+                    "(default: %(default)s; the README's figures: bench/results)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--guard-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -616,11 +620,17 @@ def main(argv=None) -> int:
     bad = [k for k in kinds if k not in MODELS]
     if bad:
         ap.error(f"unknown models {bad}; choose from {', '.join(MODELS)}")
-    batches = sorted({int(b) for b in args.batches.split(",")})
-    trained = dict(s.split("=", 1) for s in args.bundle)
+    bad = [k for k, _ in args.bundle if k not in MODELS]
+    if bad:
+        ap.error(f"--bundle {bad[0]}=...: unknown model; choose from {', '.join(MODELS)}")
+    for k, d in args.bundle:
+        if not Path(d, "manifest.json").is_file():
+            ap.error(f"--bundle {k}={d}: not a bundle folder (no manifest.json in it)")
+    batches = args.batches
+    trained = dict(args.bundle)
+    out = check_out(ap, args.out, folder=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else synthetic_data(work, args.size)
     have_ov = (not args.no_openvino and not args.gpu_only and importlib.util.find_spec("openvino") is not None

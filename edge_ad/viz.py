@@ -63,13 +63,43 @@ def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 85) -> N
 
 
 # ---------------------------------------------------------------------------- heat maps
-def _as_map(amap: np.ndarray) -> np.ndarray:
+def _raw_map(amap: np.ndarray) -> np.ndarray:
     m = np.asarray(amap, dtype=np.float32)
     while m.ndim > 2 and m.shape[0] == 1:  # [1, H, W] or [1, 1, H, W]
         m = m[0]
     if m.ndim != 2:
         raise InputError(f"anomaly map of shape {np.shape(amap)}: expected [H, W] (or [1, H, W])")
-    return np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+    return m
+
+
+def _as_map(amap: np.ndarray) -> np.ndarray:
+    """The map as finite float32 [H, W]: NaN / infinite cells take the finite maximum (drawn hottest by
+    :func:`_mark_nonfinite`), so a broken model's map never looks clean."""
+    m = _raw_map(amap)
+    bad = ~np.isfinite(m)
+    if bad.any():
+        m = np.where(bad, m[~bad].max() if not bad.all() else 0.0, m).astype(np.float32)
+    return m
+
+
+def _nonfinite(amap: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray | None:
+    """Mask of the map's NaN / infinite cells at ``size_hw`` (None when there are none)."""
+    bad = ~np.isfinite(_raw_map(amap))
+    if not bad.any():
+        return None
+    if bad.shape != tuple(size_hw):
+        bad = _cv2().resize(bad.astype(np.uint8), (size_hw[1], size_hw[0]), interpolation=_cv2().INTER_NEAREST) > 0
+    return bad
+
+
+def _mark_nonfinite(heat: np.ndarray, amap: np.ndarray) -> np.ndarray:
+    """``heat`` (a colorized map) with the map's NaN / infinite cells in the colour scale's hottest colour."""
+    bad = _nonfinite(amap, heat.shape[:2])
+    if bad is not None:
+        cv2 = _cv2()
+        hot = cv2.cvtColor(cv2.applyColorMap(np.full((1, 1), 255, np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+        heat[bad] = hot[0, 0]
+    return heat
 
 
 def _as_rgb(frame: np.ndarray) -> np.ndarray:
@@ -80,6 +110,8 @@ def _as_rgb(frame: np.ndarray) -> np.ndarray:
         return np.repeat(f[..., None], 3, axis=2)
     if f.ndim != 3 or f.shape[2] != 3:
         raise InputError(f"frame of shape {f.shape}: expected RGB [H, W, 3]")
+    if f.shape[0] == 0 or f.shape[1] == 0:
+        raise InputError(f"frame of shape {f.shape}: empty")
     return f
 
 
@@ -95,7 +127,7 @@ def colorize(amap: np.ndarray, vmin: float | None = None, vmax: float | None = N
     hi = float(m.max()) if vmax is None else float(vmax)
     span = hi - lo if hi > lo else 1.0
     u8 = np.clip((m - lo) / span * 255.0, 0, 255).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return _mark_nonfinite(cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB), amap)
 
 
 def heatmap_overlay(frame: np.ndarray, amap: np.ndarray, alpha: float = 0.45, vmin: float | None = None,
@@ -113,10 +145,11 @@ def heatmap_overlay(frame: np.ndarray, amap: np.ndarray, alpha: float = 0.45, vm
         vmax = max(float(m.max()), 2.0 * float(threshold)) if threshold > 0 else None
     if vmin is None and threshold is not None:
         vmin = min(float(m.min()), 0.0)
-    heat = colorize(m, vmin, vmax)
+    heat = _mark_nonfinite(colorize(m, vmin, vmax), amap)
+    bad = _nonfinite(amap, (h, w))
     out = cv2.addWeighted(f, 1.0 - float(alpha), heat, float(alpha), 0.0)
     if threshold is not None:
-        region = (m > float(threshold)).astype(np.uint8)
+        region = ((m > float(threshold)) | (False if bad is None else bad)).astype(np.uint8)
         if region.any():
             contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             cv2.drawContours(out, contours, -1, THRESHOLD_COLOR, max(1, round(max(h, w) / 320)), cv2.LINE_AA)
@@ -226,9 +259,10 @@ def grid_image(rows: Sequence[GridRow], cell: int = 160, vmin: float | None = No
             _put(blank, "no mask", (cell // 2 - 28, cell // 2 + 4), 0.45)
             cells.append(blank)
         mm = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) if m.shape != (h, w) else m
-        heat = colorize(mm, lo, hi)
+        heat = _mark_nonfinite(colorize(mm, lo, hi), row.amap)
         if threshold is not None:
-            region = (mm > float(threshold)).astype(np.uint8)
+            bad = _nonfinite(row.amap, (h, w))
+            region = ((mm > float(threshold)) | (False if bad is None else bad)).astype(np.uint8)
             if region.any():
                 contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
                 thick = max(2, int(np.ceil(2 * max(h, w) / cell)))  # stays visible after fitting the cell
@@ -278,7 +312,9 @@ def histogram_image(normal_scores: Sequence[float], defect_scores: Sequence[floa
     H, W = size_hw
     if H < 120 or W < 200:
         raise InputError(f"histogram size {H}x{W}: expected at least 120x200")
-    vals = np.r_[a, b] if threshold is None else np.r_[a, b, float(threshold)]
+    thr = None if threshold is None else float(threshold)
+    drawn = thr is not None and np.isfinite(thr)   # a NaN / infinite threshold is named, not drawn
+    vals = np.r_[a, b, thr] if drawn else np.r_[a, b]
     lo, hi = float(vals.min()), float(vals.max())
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
@@ -321,18 +357,23 @@ def histogram_image(normal_scores: Sequence[float], defect_scores: Sequence[floa
     _put(img, "score", (left + pw // 2 - 18, H - 8), 0.45)
     _put(img, "count", (4, top - 12), 0.4)
     _put(img, title, (left + 4, 20), 0.5)
-    if threshold is not None:
-        x = X(float(threshold))
+    x = None
+    if drawn:
+        x = X(thr)
         for y0 in range(top, top + ph, 8):  # dashed
             cv2.line(img, (x, y0), (x, min(y0 + 4, top + ph)), THRESHOLD_COLOR, 2)
-        text = f"threshold {float(threshold):.3g}"
+        text = f"threshold {thr:.3g}"
         tw, _, _ = _text_size(text, 0.4)
         tx = x + 4 if x + 4 + tw < W - right else x - 4 - tw
         _put(img, text, (tx, top + 12), 0.4, THRESHOLD_COLOR)
-    # legend
+    elif thr is not None:
+        _put(img, f"threshold {thr}: not drawn", (left + 8, top + 12), 0.4, THRESHOLD_COLOR)
+    # legend, below the threshold's label, top right unless the threshold line runs through it
     entries = [(f"normal (n={a.size})", NORMAL_COLOR), (f"defective (n={b.size})", DEFECT_COLOR)]
     lw = max(_text_size(t, 0.4)[0] for t, _ in entries) + 22
-    lx, ly = W - right - lw - 4, top + 20
+    lx, ly = W - right - lw - 4, top + 32
+    if x is not None and lx - 6 <= x <= lx + lw + 6:
+        lx = left + 8
     for k, (text, color) in enumerate(entries):
         y = ly + 16 * k
         cv2.rectangle(img, (lx, y - 9), (lx + 12, y + 1), color, -1)

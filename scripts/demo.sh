@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
-exec edge-ad demo "$@"
+source scripts/python.sh
+exec "$PY" -m edge_ad demo "$@"

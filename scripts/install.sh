@@ -3,16 +3,26 @@
 # On a Jetson use jetson/install.sh instead (system TensorRT and OpenCV with GStreamer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/python.sh
 SUDO=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+make_venv=0
+if [ "$PY" = .venv/bin/python ] && [ ! -x .venv/bin/python ]; then make_venv=1; fi
+if [ $make_venv = 1 ] && ! python3 -c "import ensurepip" >/dev/null 2>&1; then
+  need_apt+=(python3-venv)         # Debian's python3 makes no venv without it
+fi
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # torch is pinned to the CPU build (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
-python3 -m pip install -q --disable-pip-version-check -e ".[train,dev,broker]"
+if [ $make_venv = 1 ]; then
+  echo "python3 is externally managed (PEP 668): installing into a virtual environment at .venv" >&2
+  python3 -m venv .venv
+fi
+"$PY" -m pip install -q --disable-pip-version-check -e ".[train,dev,broker]"

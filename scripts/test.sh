@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+source scripts/python.sh
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"

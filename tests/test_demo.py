@@ -107,6 +107,34 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_previous_demo_folder_that_cannot_be_emptied(tmp_path, monkeypatch):
+    """A file of the previous run that cannot be removed: a named input error, and the folder is still
+    recognized as a demo folder (its marker is removed last), so the next run can empty it."""
+    import shutil
+
+    from edge_ad.demo import steps
+    from edge_ad.errors import InputError
+
+    out = tmp_path / "prev"
+    (out / "loop").mkdir(parents=True)
+    (out / "loop" / "run.log").write_text("x")
+    (out / "zz.txt").write_text("x")
+    (out / steps.MARKER).write_text("made by 'edge-ad demo'\n")
+    stuck = out / "loop" / "run.log"
+
+    def rmtree(path, *a, **kw):
+        raise PermissionError(1, "Operation not permitted", str(stuck))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(InputError) as ei:
+        steps.prepare_out(out)
+    assert f"--out {out}" in str(ei.value) and str(stuck) in str(ei.value)
+    assert (out / steps.MARKER).is_file()
+    monkeypatch.undo()
+    assert steps.prepare_out(out) == out
+    assert sorted(p.name for p in out.iterdir()) == [steps.MARKER]
+
+
 def test_demo_rejects_bad_options(tmp_path):
     p = _demo(tmp_path / "x", "--image-size", "100", timeout=60)
     assert p.returncode == 2 and "--image-size 100" in p.stderr

@@ -466,3 +466,23 @@ def test_start_broker_prefers_mosquitto(tmp_path, mosquitto_binary):
         assert isinstance(broker, Mosquitto) and broker.protocol == "5" and broker.running
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("script, says", [
+    ("exit 3", "exited with code 3 before listening; no output, nothing in its log"),
+    ("echo 'Error: bad option' >&2; exit 1", "exited with code 1 before listening; its output and log"),
+])
+def test_broker_that_exits_at_once_says_why(tmp_path, script, says):
+    """A mosquitto that exits before listening: the error names its exit code and its output (it said
+    'did not start within 10 s:' with nothing after it)."""
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt.broker import Mosquitto
+
+    fake = tmp_path / "mosquitto"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeFailure) as ei:
+        Mosquitto(tmp_path / "b", binary=str(fake)).start(timeout=5)
+    assert says in str(ei.value)
+    if "bad option" in script:
+        assert "Error: bad option" in str(ei.value)

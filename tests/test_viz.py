@@ -137,3 +137,47 @@ def test_write_eval_pictures(tmp_path):
     assert _decode((tmp_path / "histogram.png").read_bytes()).shape == (360, 640, 3)
     with pytest.raises(InputError, match="11 scores"):
         viz.write_eval_pictures(tmp_path, images[:3], masks, maps, scores, labels, types, 1.2)
+
+
+HOTTEST = (128, 0, 0)   # JET at 255, RGB
+
+
+def test_nonfinite_map_cells_are_drawn_hottest():
+    """NaN / infinite cells of a broken model's map are drawn in the hottest colour (and outlined as above
+    the threshold), never as the coolest: a broken map must not look clean."""
+    m = np.full((4, 4), 0.1, np.float32)
+    m[0, 0], m[3, 3], m[1, 2] = np.nan, np.inf, 0.5
+    c = viz.colorize(m)
+    assert tuple(c[0, 0]) == HOTTEST and tuple(c[3, 3]) == HOTTEST
+    assert c[1, 1, 2] > c[1, 1, 0]                        # finite low cells still blue
+    frame = np.full((40, 40, 3), 128, np.uint8)
+    out = viz.heatmap_overlay(frame, m, threshold=1.0, alpha=1.0)
+    assert out[35, 35, 0] > 100 and out[35, 35, 2] < 30    # the inf cell: red, not blue
+    yellow = (out[..., 0] > 200) & (out[..., 1] > 170) & (out[..., 2] < 100)
+    assert yellow[:, :20].any() and yellow[20:, 20:].any()  # outlined although the threshold is 1.0
+    all_nan = viz.heatmap_overlay(frame, np.full((4, 4), np.nan), threshold=1.0, alpha=1.0)
+    assert all_nan[20, 20, 0] > 100 and all_nan[20, 20, 2] < 30
+    g = viz.grid_image([viz.GridRow(frame, None, m, "nan")], cell=40)
+    assert (np.abs(g.astype(int) - HOTTEST).sum(axis=2) == 0).any()
+
+
+@pytest.mark.parametrize("thr", [float("nan"), float("inf"), float("-inf")])
+def test_histogram_with_a_nonfinite_threshold(thr):
+    img = _decode(viz.histogram_png([1.0, 2.0], [3.0], thr))
+    assert img.shape == (360, 640, 3)
+
+
+def test_histogram_legend_clear_of_the_threshold_line():
+    rng = np.random.default_rng(0)
+    img = viz.histogram_image(rng.normal(0.3, 0.1, 200), rng.normal(0.6, 0.1, 20), 0.98)
+    yellow = (img[..., 0] > 200) & (img[..., 1] > 170) & (img[..., 2] < 100)
+    x = int(np.argmax(yellow[60:300].sum(axis=0)))       # the dashed line's column
+    near = img[40:90, max(0, x - 8):x + 9]
+    text = (near > 200).all(axis=2)                       # legend text is near-white
+    assert not text.any()
+    assert img.shape == (360, 640, 3) and 560 < x < 640
+
+
+def test_grid_refuses_an_empty_image():
+    with pytest.raises(InputError, match="empty"):
+        viz.grid_image([viz.GridRow(np.zeros((0, 0, 3), np.uint8), None, np.zeros((4, 4)))])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,23 @@ def prepare_out(out: Path) -> Path:
             if not (out / MARKER).is_file():
                 raise InputError(f"--out {out}: the folder exists, is not empty and was not made by 'edge-ad "
                                  f"demo' (no {MARKER} file in it); choose another folder or remove it")
-            for p in out.iterdir():
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+            def refuse(where, exc: OSError):
+                raise InputError(f"--out {out}: cannot empty this previous demo folder: {where}: "
+                                 f"{exc.strerror or exc}; remove it or choose another --out") from exc
+
+            def rmtree_error(_func, path, exc):   # the full path (the exception may hold a relative one)
+                refuse(path, exc if isinstance(exc, BaseException) else exc[1])
+
+            hook = {"onexc" if sys.version_info >= (3, 12) else "onerror": rmtree_error}
+            # the marker goes last: a folder that could not be emptied is still recognized next time
+            for p in sorted(out.iterdir(), key=lambda q: q.name == MARKER):
+                try:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, **hook)
+                    else:
+                        p.unlink()
+                except OSError as exc:
+                    refuse(exc.filename or p, exc)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text("made by 'edge-ad demo'; the next demo run with this --out empties this folder\n")

@@ -198,14 +198,18 @@ class Mosquitto:
                     self.starts += 1
                     return self
                 time.sleep(0.02)
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+            code = self.proc.poll()
+            err = self.proc.stderr.read().decode(errors="replace") if code is not None else ""
             self._terminate(signal.SIGKILL)
-            text = err + "\n" + self.log_tail()
+            text = (err + "\n" + self.log_tail()).strip()
             if "in use" in text and not self._fixed_port and self.starts == 0 and attempt < 4:
                 self.port = free_port(self.host)          # lost a race for the port: take another
                 continue
-            raise RuntimeFailure(f"mosquitto did not start on {self.host}:{self.port} within {timeout:g} s: "
-                                 f"{text.strip()[-800:]}")
+            what = (f"exited with code {code} before listening" if code is not None
+                    else f"was not listening within {timeout:g} s")
+            raise RuntimeFailure(f"mosquitto ({self.binary}) did not start on {self.host}:{self.port}: {what}; "
+                                 + (f"its output and log ({self.log_path}): {text[-800:]}" if text
+                                    else f"no output, nothing in its log {self.log_path}"))
         raise RuntimeFailure(f"mosquitto could not find a free port on {self.host}")
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -1,0 +1,132 @@
+"""What the benches share: argument types checked at parsing, the dataset check, where results go.
+
+Results: every bench prints its tables and writes its JSON to ``--out``, by default under ``bench/out/``
+(git-ignored). The figures quoted in README.md are the tracked ``bench/results/*.json``; a run replaces
+them only when asked to, with ``--out bench/results/NAME.json`` (``speed.py``: ``--out bench/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
+DATA_HELP = ("MVTec-layout category (train/good, test/good, test/<defect>); default $EDGE_AD_BENCH_DATA or "
+             f"{DEFAULT_DATA}, skipped when that default is absent")
+
+
+def out_default(name: str) -> str:
+    """The default ``--out`` of a bench: ``bench/out/NAME``."""
+    return str(OUT / name)
+
+
+def at_least(low: int):
+    """argparse type: an integer >= ``low``."""
+    def conv(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v}: expected an integer >= {low}")
+        return v
+    return conv
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite number > 0")
+    return v
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1 (``1,8,32``), sorted, without repeats."""
+    conv = at_least(1)
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 1, e.g. 1,8")
+    try:
+        return sorted({conv(t) for t in items})
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def kind_dir(text: str) -> tuple[str, str]:
+    """argparse type: ``KIND=DIR``."""
+    kind, sep, path = text.partition("=")
+    if not sep or not kind.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KIND=DIR, e.g. gaussian=bundles/mt")
+    return kind.strip(), path.strip()
+
+
+def dataset(ap: argparse.ArgumentParser, given: str | None, need: tuple[str, ...] = ("train/good",)) -> Path | None:
+    """The dataset folder: ``--data``, else $EDGE_AD_BENCH_DATA, else the shared Magnetic Tile split. One
+    that was named (flag or variable) and lacks a ``need`` folder is an argument error (exit 2); the default
+    one absent prints ``skipped`` and gives None (the bench returns 0: the data are not on every machine)."""
+    env = os.environ.get("EDGE_AD_BENCH_DATA") or None
+    path = Path(given or env or DEFAULT_DATA)
+    missing = [d for d in need if not (path / d).is_dir()]
+    if not missing:
+        return path
+    if given or env:
+        what = "--data" if given else "EDGE_AD_BENCH_DATA"
+        ap.error(f"{what} {path}: no {' or '.join(missing)} folder in it (expected the MVTec layout: "
+                 "train/good, test/good, test/<defect>)")
+    print(f"skipped: dataset not found at {path} (expected the MVTec layout: train/good, test/good, test/<defect>)")
+    return None
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    from edge_ad import atomic
+
+    atomic.write_json(path, obj)
+
+
+def merge_json(path: str | os.PathLike, rows: dict) -> None:
+    """Merge ``rows`` into the JSON object in ``path`` (made when missing; an unreadable one is replaced),
+    under a lock of its folder: concurrent runs writing the same file (bench/gpu_teacher.sh) keep every
+    row. The write is atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            prev = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            prev = {}
+        if not isinstance(prev, dict):
+            prev = {}
+        prev.update(rows)
+        write_json(path, prev)
+    finally:
+        os.close(fd)
+
+
+def check_out(ap: argparse.ArgumentParser, path: str | os.PathLike, folder: bool = False) -> Path:
+    """``--out`` checked before the (long) measurement: a file name (or a folder with ``folder``) that can
+    be written; an argument error otherwise."""
+    from edge_ad import atomic
+    from edge_ad.errors import InputError
+
+    p = Path(path)
+    try:
+        if folder:
+            if p.exists() and not p.is_dir():
+                raise InputError(f"--out {p}: is a file; expected a folder")
+            atomic.check_creatable(p / "speed.json")
+        else:
+            atomic.check_creatable(p)
+    except InputError as exc:
+        ap.error(str(exc))
+    return p
