@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import at_least, check_out, int_list, kind_dir, out_default, positive_float
+from benchlib import at_least, check_out, dataset, int_list, kind_dir, out_default, positive_float
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -582,7 +582,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int_list, default="1,8", help="batch sizes (1 gives latency too), e.g. 1,8,32")
     ap.add_argument("--seconds", type=positive_float, default=3.0, help="time per measurement (at least 5 / 2 runs)")
     ap.add_argument("--data", default=None, help="normal images for calibration and the guard (MVTec category); "
-                                                 "default: a synthetic category")
+                                                 "default: $EDGE_AD_BENCH_DATA, else a synthetic category")
     ap.add_argument("--bundle", action="append", type=kind_dir, default=[], metavar="KIND=DIR",
                     help="use a trained bundle for KIND instead of random weights")
     ap.add_argument("--calib-samples", type=at_least(1), default=64)
@@ -629,10 +629,12 @@ def main(argv=None) -> int:
     batches = args.batches
     trained = dict(args.bundle)
     out = check_out(ap, args.out, folder=True)
+    # a named --data (or $EDGE_AD_BENCH_DATA) must be an MVTec-layout folder (exit 2); none: synthetic parts
+    named = dataset(ap, args.data) if args.data or os.environ.get("EDGE_AD_BENCH_DATA") else None
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data) if args.data else synthetic_data(work, args.size)
+    data = named or synthetic_data(work, args.size)
     have_ov = (not args.no_openvino and not args.gpu_only and importlib.util.find_spec("openvino") is not None
                and importlib.util.find_spec("nncf") is not None)
     gpu = False

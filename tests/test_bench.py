@@ -50,13 +50,14 @@ def test_speed_bundle_must_be_a_bundle(capsys, tmp_path):
     assert "not a bundle folder" in _usage_error(capsys, "speed", ["--bundle", f"gaussian={tmp_path}"])
 
 
-@pytest.mark.parametrize("name", ["accuracy", "calibration"])
+@pytest.mark.parametrize("name", ["accuracy", "calibration", "speed"])
 def test_named_missing_dataset_is_an_error(capsys, monkeypatch, tmp_path, name):
     monkeypatch.delenv("EDGE_AD_BENCH_DATA", raising=False)
     err = _usage_error(capsys, name, ["--data", str(tmp_path / "typo"), "--out", str(tmp_path / "r.json")])
     assert f"--data {tmp_path / 'typo'}" in err
     monkeypatch.setenv("EDGE_AD_BENCH_DATA", str(tmp_path / "typo"))
     assert "EDGE_AD_BENCH_DATA" in _usage_error(capsys, name, ["--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()   # nothing made before the refusal
 
 
 @pytest.mark.parametrize("name", ["accuracy", "calibration"])

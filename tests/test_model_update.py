@@ -699,14 +699,30 @@ def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normaliz
 
 def test_a_failed_adapt_removes_the_candidate_asked_for_with_adapt_out(effad_bundle, new_normals, golden, tmp_path,
                                                                        monkeypatch):
-    def failing(candidate, golden_dir, running, backend="auto", precision=None, limits=None):
+    seen = {}
+
+    def failing(candidate, golden_dir, running, backend="auto", precision=None, limits=None, device=None):
+        seen.update(backend=backend, device=device)
         return {"passed": False, "failures": ["2 wrong decisions"]}
 
     monkeypatch.setattr(deploy_mod, "check_golden", failing)
     r = _calibrate("--bundle", str(effad_bundle.path), "--source", str(new_normals), "--frames", "8", "--adapt",
-                   "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"), "--golden", str(golden))
+                   "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"), "--golden", str(golden),
+                   "--device", "cpu")
     assert r.exit_code == 1 and "failed the golden-set check" in r.output
     assert not (tmp_path / "cand").exists()
+    assert seen == {"backend": "onnxruntime", "device": "cpu"}   # the golden check runs where the line runs
+
+
+def test_adapt_needs_the_trained_weights_and_says_so_before_collecting(effad_bundle, new_normals, tmp_path,
+                                                                       monkeypatch):
+    from edge_ad import calibration as calibration_pkg
+
+    b = copy_bundle(effad_bundle, tmp_path / "no-ckpt")
+    (b.path / "checkpoint.pt").unlink()
+    monkeypatch.setattr(calibration_pkg, "collect_frames", lambda *a, **k: pytest.fail("frames were collected"))
+    r = _calibrate("--bundle", str(b.path), "--source", str(new_normals), "--adapt")
+    assert r.exit_code == 2 and "checkpoint.pt: not found; --adapt fine-tunes the trained weights" in r.output
 
 
 @pytest.mark.parametrize("option, message", [
@@ -966,3 +982,141 @@ def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles
         assert any(e.get("status") == "rollback_failed" for e in svc.events)
     finally:
         svc.inspector.backend.close()
+
+
+def _fp32_only_installed(tiny_bundle, tmp_path, golden):
+    """An int8 line's deploy folder where 'edge-ad bundle install --no-golden' (an older edge-ad, or a check
+    run on another precision) switched in a bundle without an INT8 graph: pending, and unopenable there."""
+    deploy = _int8_release(tiny_bundle, tmp_path, golden)
+    good = deployment(deploy).current
+    fp32_only = make_tiny_bundle(tmp_path / "B", pool=4)
+    install_bundle(pack_bundle(fp32_only.path, tmp_path / "b.tar"), deploy, require_golden=False)
+    assert deployment(deploy).health == "pending" and deployment(deploy).current != good
+    return deploy, good
+
+
+def test_a_pending_release_the_line_cannot_open_is_rolled_back_at_start(tiny_bundle, tmp_path, golden):
+    """Not a crash loop under systemd: the start rolls back to the release that ran, and says so."""
+    deploy, good = _fp32_only_installed(tiny_bundle, tmp_path, golden)
+    svc = _line(tmp_path, deploy, precision="int8")
+    try:
+        dep = deployment(deploy)
+        assert dep.current == good and dep.health == "rolled_back"
+        assert Path(svc.bundle.path).resolve() == dep.current_path.resolve()
+        ev = [e for e in svc.events if e.get("type") == "model_health"]
+        assert ev and ev[0]["status"] == "failed" and ev[0]["rolled_back"] is True
+        assert "cannot be opened as the line runs it (backend auto, precision int8" in ev[0]["reason"]
+        assert "model.int8.onnx" in ev[0]["reason"]
+        assert svc.reporter.health is None       # the restored release ran before: not watched again
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_a_release_that_cannot_open_and_has_nothing_to_roll_back_to_is_a_clear_failure(tiny_bundle, tmp_path):
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    with pytest.raises(RuntimeFailure, match=r"cannot be opened as the line runs it .*precision int8.*; and it "
+                                             r"cannot be rolled back \(.*no previous release"):
+        _line(tmp_path, deploy, precision="int8")
+
+
+def test_reload_onto_a_pending_release_the_line_cannot_open_rolls_it_back(tiny_bundle, tmp_path, golden):
+    deploy = _int8_release(tiny_bundle, tmp_path, golden)
+    good = deployment(deploy).current
+    svc = _line(tmp_path, deploy, precision="int8")
+    try:
+        running = svc.inspector.model_hash
+        install_bundle(pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar"), deploy,
+                       require_golden=False)
+        with pytest.raises(RuntimeFailure, match=r"reload: release .* cannot be opened .*rolled back: 'current' "
+                                                 rf"is {good}, the running model is unchanged"):
+            svc._reload_bundle()
+        assert deployment(deploy).current == good and deployment(deploy).health == "rolled_back"
+        assert svc.inspector.model_hash == running
+        assert svc.events[-1]["type"] == "model_health" and svc.events[-1]["rolled_back"] is True
+        assert svc._reload_bundle()["model"] == "unchanged"   # and the next reload is quiet
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_cli_install_opens_the_new_model_as_the_line_runs_it(tiny_bundle, tmp_path, golden):
+    """--precision (or the line's --config) makes the install refuse what the line could not open, also
+    without a golden set; nothing moves."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy = _int8_release(tiny_bundle, tmp_path, golden)
+    before = deployment(deploy)
+    arch = pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar")
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "install", str(arch), "--deploy", str(deploy), "--no-golden",
+                          "--precision", "int8"])
+    assert res.exit_code == 2, res.output
+    assert "the new model cannot be opened as the line runs it (backend auto, precision int8" in res.output
+    assert "model.int8.onnx" in res.output and "update refused" in res.output
+    cfg = tmp_path / "line.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\nprecision = "int8"\n[source]\nuri = "synthetic://disc"\n')
+    res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--no-golden"])
+    assert res.exit_code == 2 and "precision int8" in res.output, res.output
+    assert deployment(deploy) == before and len(list((deploy / "releases").iterdir())) == 1
+    # the line's own precision opens: installed, from the config's deploy folder and golden set
+    shutil.copytree(golden, tmp_path / "g2")
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\ngolden_dir = "{tmp_path / "g2"}"\n'
+                   '[source]\nuri = "synthetic://disc"\n')
+    res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["golden"]["golden_dir"] == str(tmp_path / "g2") and deployment(deploy).current != before.current
+    res = r.invoke(main, ["bundle", "install", str(arch)])
+    assert res.exit_code == 2 and "--deploy DIR (or --config with a model.deploy_dir) is required" in res.output
+
+
+def test_doctor_applies_bundle_as_run_does(tiny_bundle, tmp_path):
+    """doctor --config C --bundle B says what run --config C --bundle B does: refused beside a deploy_dir."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    cfg = tmp_path / "line.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n[source]\nuri = "synthetic://disc"\n')
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--bundle", str(tiny_bundle.path), "--json"])
+    assert res.exit_code == 1, res.output
+    cfg_check = [c for c in json.loads(res.stdout)["checks"] if c["name"] == "config"]
+    assert cfg_check and cfg_check[0]["status"] == "fail" and "deploy_dir" in cfg_check[0]["detail"]
+
+
+def test_an_altered_archive_of_the_release_in_force_is_refused_not_already_installed(tiny_bundle, tmp_path):
+    """The 'already installed' short-cut compares the index; the archive's files must still match it."""
+    deploy = tmp_path / "deploy"
+    arch = pack_bundle(tiny_bundle.path, tmp_path / "a.tar")
+    install_bundle(arch, deploy, require_golden=False)
+    before = deployment(deploy)
+    bad = tmp_path / "altered.tar"
+    with tarfile.open(arch) as src, tarfile.open(bad, "w") as dst:
+        for m in src:
+            data = src.extractfile(m).read() if m.isfile() else None
+            if m.name.endswith("calibration.json"):
+                data = data.replace(b'"threshold"', b'"threshold" ')   # one byte more
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    with pytest.raises(InputError, match=r"altered\.tar: 'bundle/calibration\.json' is \d+ bytes, the index says"):
+        install_bundle(bad, deploy, require_golden=False)
+    assert deployment(deploy) == before and not list((deploy / "releases").glob(".incoming-*"))
+    assert install_bundle(arch, deploy, require_golden=False).already_installed
+
+
+def test_cli_status_on_a_bundle_folder_and_install_of_a_folder(tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(tiny_bundle.path)])
+    assert res.exit_code == 2 and "not a deploy folder: a bundle folder (use it as model.bundle" in res.output
+    res = r.invoke(main, ["bundle", "install", str(tiny_bundle.path), "--deploy", str(tmp_path / "d"), "--no-golden"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(tmp_path / "d"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["health"] == "pending"

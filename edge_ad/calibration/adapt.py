@@ -97,6 +97,10 @@ def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os
     if src.kind == "gaussian":
         raise InputError("--adapt: the Gaussian model has no weights to fine-tune; 'edge-ad calibrate' without "
                          "--adapt refits its statistics, which is its adaptation")
+    if not src.has("checkpoint.pt"):
+        raise InputError(f"{src.path / 'checkpoint.pt'}: not found; --adapt fine-tunes the trained weights that "
+                         "'edge-ad train' writes there (a bundle without them can be recalibrated, not adapted: "
+                         "leave out --adapt, or retrain)")
     if out is not None and Path(out).exists():
         raise InputError(f"{out}: exists; give --adapt-out a new folder")
     if golden_dir is not None:
@@ -112,8 +116,9 @@ def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os
 
 def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy: str | None = None,
           device: str = "cpu", out_dir=None, golden_dir=None, deploy_dir=None, backend: str = "auto",
-          limits=None, progress: bool = True) -> AdaptResult:
-    """Fine-tune the bundle at ``bundle_dir`` on ``frames`` and validate the candidate (module doc)."""
+          run_device: str | None = None, limits=None, progress: bool = True) -> AdaptResult:
+    """Fine-tune the bundle at ``bundle_dir`` on ``frames`` (on torch ``device``) and validate the candidate
+    (module doc) as the line runs it: on ``backend`` / ``run_device``, the running bundle's precision."""
     from ..train.adapt import adapt_bundle   # torch: only here
 
     t0 = time.perf_counter()
@@ -147,16 +152,17 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         if golden_dir is not None and deploy_dir is None:
             from .deploy import check_golden
 
-            golden = check_golden(cand, golden_dir, src, backend=backend)
+            golden = check_golden(cand, golden_dir, src, backend=backend, device=run_device)
             if not golden["passed"]:
                 raise GuardFailure("--adapt: the adapted model failed the golden-set check, the running model is "
                                    "unchanged: " + "; ".join(golden["failures"]))
         install = None
         if deploy_dir is not None:
-            from .deploy import install_bundle
+            from .deploy import install_bundle, open_probe
 
             install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=golden_dir is not None,
-                                     backend=backend)
+                                     backend=backend, device=run_device,
+                                     probe=open_probe(backend, None, run_device))
             golden = install.golden
         result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
                              engine, quantized, golden, install, time.perf_counter() - t0)

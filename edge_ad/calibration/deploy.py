@@ -138,6 +138,11 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
         raise InputError(f"--deploy {d}: {'not a folder' if d.exists() else 'no such folder'}; expected a "
                          f"deploy folder ({RELEASES}/, '{CURRENT}' and '{PREVIOUS}' links; made by 'edge-ad "
                          "bundle install')")
+    if must_exist and not (d / RELEASES).is_dir() and not (d / CURRENT).is_symlink():
+        what = "a bundle folder (use it as model.bundle, or install it into a deploy folder with 'edge-ad bundle " \
+               "install')" if (d / "manifest.json").is_file() else "no releases/ and no 'current' link in it"
+        raise InputError(f"--deploy {d}: not a deploy folder: {what}; a deploy folder is made by 'edge-ad bundle "
+                         "install'")
     cur, prev = _link_target(d, CURRENT), _link_target(d, PREVIOUS)
     st = _read_state(d)
     health = st.get("health", "none") if st.get("current") == cur else ("pending" if cur else "none")
@@ -202,6 +207,30 @@ def _decide(bundle: Bundle, frames: list[np.ndarray], backend: str, precision: s
 def run_as(backend: str, precision: str | None, device: str | None) -> str:
     """``backend B, precision P, device D`` for messages (empty settings said as what they mean)."""
     return f"backend {backend}, precision {precision or 'its active graph'}, device {device or 'auto'}"
+
+
+def open_probe(backend: str = "auto", precision: str | None = None, device: str | None = None,
+               opener: Callable[[Bundle], object] | None = None) -> Callable[[Bundle], None]:
+    """A ``probe`` for :func:`install_bundle`: open the candidate as a line with these model settings opens
+    it, then close it; what cannot be opened so is refused before ``current`` moves. ``opener``: how the
+    line opens a bundle (the runtime's, with its thread options); it returns an Inspector."""
+    def probe(bundle: Bundle) -> None:
+        from ..inspector import Inspector
+        from ..runtime.backends import open_backend
+
+        try:
+            if opener is not None:
+                opener(bundle).backend.close()
+                return
+            be = open_backend(bundle, backend, precision, device)
+            try:
+                Inspector(bundle, be)
+            finally:
+                be.close()
+        except EdgeADError as exc:
+            raise InputError(f"the new model cannot be opened as the line runs it "
+                             f"({run_as(backend, precision, device)}): {exc}; update refused") from exc
+    return probe
 
 
 def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bundle | None = None,
@@ -372,6 +401,14 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
         content = {n[len(PREFIX) + 1:]: rec["sha256"] for n, rec in files.items()}
         need = sum(rec["bytes"] for rec in files.values())
     if dep.current_path is not None and _same_content(dep.current_path, content):
+        if not Path(archive).is_dir():   # the index matches: its files must too, or the archive is refused
+            check = d / RELEASES / f".incoming-{uuid.uuid4().hex[:12]}"
+            try:
+                extract_archive(archive, check, key=key_obj, require_signature=require_signature)
+            except InputError as exc:
+                raise _named_in_archive(exc, check, Path(archive)) from exc.__cause__
+            finally:
+                shutil.rmtree(check, ignore_errors=True)
         log.warning("%s: the release in force, %s, holds the same files; nothing installed", archive, dep.current)
         return InstallResult(dep.current_path, dep.current, dep.previous, dep.previous_path,
                              info if not Path(archive).is_dir() else PackageInfo({}, False, None, None, False),

@@ -132,7 +132,7 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
         check_adapt(b, adapt_out, golden_dir, train_device)   # before the frames: collecting them takes minutes
         images = _collect(source, frames, every, timeout_s)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
-                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend)
+                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device)
         if as_json:
             _echo_json(res.summary())
         elif res.install is not None:
@@ -247,31 +247,62 @@ def pack_cmd(bundle_dir, out, sign_key):
 
 
 @bundle_group.command("install")
-@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Deploy folder (releases/, current and previous links).")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+              help="The line's run config: its [model] deploy_dir, golden_dir, update_key, backend, precision and "
+                   "device are the defaults of the options below, so the install checks what the line will run.")
+@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Deploy folder (releases/, current and previous links); default: the config's "
+                   "model.deploy_dir.")
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Golden images: good/ must be OK, other folders NG, loose images must agree with the "
-                   "running model (default: DEPLOY/golden).")
+                   "running model (default: the config's model.golden_dir, else DEPLOY/golden).")
 @click.option("--no-golden", is_flag=True, help="Install without the golden-set check.")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="HMAC secret file or Ed25519 public key (PEM); unsigned archives are then refused.")
-@click.option("--require-signature", is_flag=True, help="Refuse unsigned archives (implied by --key).")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS))
-@click.option("--precision", default=None, help="Precision for the golden check (default: each bundle's active).")
+              help="HMAC secret file or Ed25519 public key (PEM); unsigned archives are then refused "
+                   "(default: the config's model.update_key).")
+@click.option("--require-signature", is_flag=True,
+              help="Refuse unsigned archives (implied by --key, and needs it: the key checks the signature).")
+@click.option("--backend", default=None, type=click.Choice(BACKENDS),
+              help="Backend the line runs (model.backend): the new model is opened on it, and the golden check "
+                   "runs on it, before the switch. Default: the config's, else auto.")
+@click.option("--precision", default=None,
+              help="Precision the line runs (model.precision), for the open and golden checks. Default: the "
+                   "config's, else each bundle's active graph.")
+@click.option("--device", default=None, help="Device the line runs on (model.device), for the open and golden "
+                                             "checks. Default: the config's, else the best this machine has.")
 @click.option("--keep", default=3, show_default=True, type=click.IntRange(2), help="Releases kept.")
 @click.option("--json", "as_json", is_flag=True)
-def install_cmd(archive, deploy_dir, golden_dir, no_golden, key, require_signature, backend, precision, keep, as_json):
-    """Verify ARCHIVE, check it on the golden set, and switch it in atomically (the old one is kept)."""
+def install_cmd(archive, config, deploy_dir, golden_dir, no_golden, key, require_signature, backend, precision,
+                device, keep, as_json):
+    """Verify ARCHIVE (a 'bundle pack' archive, or a bundle folder made on this device), open it as the line
+    will, check it on the golden set, and switch it in atomically (the old one is kept)."""
     from ..calibration import install_bundle
+    from ..calibration.deploy import open_probe
     from ..errors import InputError
 
+    if config is not None:
+        from ..config import load_settings
+
+        m = load_settings(config).model
+        if deploy_dir is None and m.deploy_dir is None:
+            raise InputError(f"--config {config}: no model.deploy_dir in it; give --deploy DIR")
+        deploy_dir = deploy_dir or m.deploy_dir
+        golden_dir = golden_dir or (None if no_golden else m.golden_dir)
+        key = key or m.update_key
+        backend = backend or m.backend
+        precision = precision or m.precision
+        device = device or m.device
+    if deploy_dir is None:
+        raise InputError("--deploy DIR (or --config with a model.deploy_dir) is required: where to install")
+    backend = backend or "auto"
     if no_golden and golden_dir:
         raise InputError("--golden and --no-golden exclude each other")
     if require_signature and key is None:
         raise InputError("--require-signature needs --key to check the signature with")
     res = install_bundle(archive, deploy_dir, golden_dir, key, require_signature=True if key else None,
-                         require_golden=not no_golden, backend=backend, precision=precision, keep=keep)
+                         require_golden=not no_golden, backend=backend, precision=precision, device=device,
+                         keep=keep, probe=open_probe(backend, precision, device))
     if as_json:
         _echo_json(res.summary())
         return

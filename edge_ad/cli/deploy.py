@@ -17,7 +17,7 @@ from .types import Seconds
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="EDGE_AD_CONFIG", help="The edge-ad run config to check (bundle or deploy_dir, backend, "
                                             "precision, device, source, MQTT, paths). Default: $EDGE_AD_CONFIG.")
-@click.option("--bundle", type=click.Path(path_type=Path), help="Bundle folder to verify (overrides the config).")
+@click.option("--bundle", type=click.Path(path_type=Path), help="Bundle folder to verify (overrides the config's model.bundle, as run --bundle does).")
 @click.option("--mqtt", "mqtt_url", metavar="URL",
               help="Broker to reach, mqtt://host[:port] or mqtts://host[:port] (overrides the config's URL).")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -56,8 +56,8 @@ def doctor(config, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_fr
     if config is not None:
         from ..config import load_settings
 
-        try:
-            settings = load_settings(config)
+        try:  # --bundle overrides model.bundle as run's --bundle does (and is refused beside a deploy_dir, too)
+            settings = load_settings(config, [(["model", "bundle"], str(bundle), "--bundle")] if bundle else [])
             extra.append(d.Check("config", d.Status.OK, f"{config}: valid"))
         except EdgeADError as exc:
             extra.append(d.Check("config", d.Status.FAIL, str(exc), required=True,

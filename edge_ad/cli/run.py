@@ -30,7 +30,8 @@ def _settings_loader(config: str | None, overrides: list):
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after inspecting N frames.")
 @click.option("--duration", type=Seconds(min=0, min_open=True), default=None,
               help="Stop after S seconds.")
-@click.option("--bundle", default=None, help="Override model.bundle.")
+@click.option("--bundle", default=None, help="Override model.bundle (refused beside the config's model.deploy_dir: "
+                                             "add --set model.deploy_dir= to run another bundle there).")
 @click.option("--source", default=None, help="Override source.uri (e.g. file://clip.mp4?loop=1).")
 @click.option("--mode", type=click.Choice(["stream", "trigger"]), default=None, help="Override source.mode.")
 @click.option("--backend", default=None, help="Override model.backend (auto | onnxruntime | tensorrt | torch | openvino).")

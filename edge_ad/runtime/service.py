@@ -118,8 +118,8 @@ class Service:
         s = self.settings
         self.spec = parse_uri(s.source.uri)
         check_startup(self.spec)
-        self.bundle = Bundle.open(s.model.bundle_path(), verify=True)
-        self.inspector = open_inspector(self.bundle, s)
+        self._startup_rollback: dict | None = None
+        self.bundle, self.inspector = self._open_model()
         try:
             self._build_rest()
         except BaseException:
@@ -127,6 +127,50 @@ class Service:
             if self.link is not None:
                 self.link.stop(timeout=1.0)
             raise
+
+    def _open_model(self) -> tuple[Bundle, Any]:
+        """The bundle ``run`` inspects with, opened on the line's backend. A pending release of the deploy folder
+        ('edge-ad bundle install' while the line was stopped) that cannot be opened so is rolled back, and the
+        restored release opens instead: a crash loop on a release the line cannot run helps nobody."""
+        s = self.settings
+        try:
+            bundle = Bundle.open(s.model.bundle_path(), verify=True)
+            return bundle, open_inspector(bundle, s)
+        except Exception as exc:
+            dep = self._pending_release()
+            if dep is None:
+                raise
+            back = self._roll_back_unopenable(dep, exc)
+            bundle = Bundle.open(back.current_path, verify=True)
+            return bundle, open_inspector(bundle, s)
+
+    def _pending_release(self):
+        """The deploy folder's state when its release in force is pending (not yet confirmed by a health
+        check), else None."""
+        from ..calibration import deployment
+
+        m = self.settings.model
+        if m.deploy_dir is None or m.bundle is not None:
+            return None
+        dep = deployment(m.deploy_dir)
+        return dep if dep.health == "pending" and dep.current_path is not None else None
+
+    def _roll_back_unopenable(self, dep, exc: BaseException):
+        """Roll the pending release ``dep.current`` back because the line cannot open it (``exc``)."""
+        from ..calibration import rollback_model
+        from ..calibration.deploy import run_as
+
+        m = self.settings.model
+        reason = (f"release {dep.current} cannot be opened as the line runs it "
+                  f"({run_as(m.backend, m.precision, m.device)}): {exc}")
+        try:
+            back = rollback_model(m.deploy_dir, reason=reason)
+        except RuntimeFailure as nothing:
+            raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
+        log.error("%s; rolled back to %s", reason, back.current)
+        self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
+                                  "rolled_back": True, "restored": str(back.current_path)}
+        return back
 
     def _build_rest(self) -> None:
         s = self.settings
@@ -168,19 +212,19 @@ class Service:
         self.commands = Commands(self)
         if self.link is not None:
             self.commands.register(self.link)
+        if self._startup_rollback is not None:
+            self.event(self._startup_rollback)
+            self._startup_rollback = None
         self._watch_if_pending()
 
     def _watch_if_pending(self, baseline_ng_rate: float | None = None) -> None:
         """A release switched in while this line was not running it ('edge-ad bundle install', or a restart
         before the verdict) is still pending: watch its first frames here, rolling back when they look wrong."""
-        from ..calibration import HealthWatch, deployment
+        from ..calibration import HealthWatch
 
         d = self.settings.model.deploy_dir
-        if d is None or self.settings.model.bundle is not None:
-            return
-        dep = deployment(d)
-        if dep.health == "pending" and dep.current_path is not None and \
-                dep.current_path.resolve() == Path(self.bundle.path).resolve():
+        dep = self._pending_release()
+        if dep is not None and dep.current_path.resolve() == Path(self.bundle.path).resolve():
             log.warning("release %s of %s is pending: its health is watched (rolled back when it fails)",
                         dep.current, d)
             self.reporter.health = HealthWatch(d, baseline_ng_rate=baseline_ng_rate, offered=self._offered)
@@ -310,11 +354,21 @@ class Service:
     def _reload_bundle(self) -> dict:
         # with a deploy folder, 'current' may point at another release now ('edge-ad bundle install')
         path = self.settings.model.bundle_path() if self.settings.model.deploy_dir is not None else self.bundle.path
-        fresh = Bundle.open(path, verify=True)
-        if fresh.model_hash() != self.inspector.model_hash or fresh.active_graph != self.bundle.active_graph:
-            out = self._swap_model(fresh, reason="reload")
-            self._watch_if_pending(self._ng_rate())
-            return out
+        try:
+            fresh = Bundle.open(path, verify=True)
+            if fresh.model_hash() != self.inspector.model_hash or fresh.active_graph != self.bundle.active_graph:
+                out = self._swap_model(fresh, reason="reload")
+                self._watch_if_pending(self._ng_rate())
+                return out
+        except Exception as exc:   # a pending release the line cannot open: back to the one that runs
+            dep = self._pending_release()
+            if dep is None or dep.current_path.resolve() == Path(self.bundle.path).resolve():
+                raise
+            back = self._roll_back_unopenable(dep, exc)
+            ev, self._startup_rollback = self._startup_rollback, None
+            self.event(ev)
+            raise RuntimeFailure(f"reload: {ev['reason']}; rolled back: 'current' is {back.current}, the running "
+                                 "model is unchanged") from exc
         cal = fresh.calibration()
         if cal.version != self.inspector.calibration.version or cal.to_dict() != self.inspector.calibration.to_dict():
             self.bundle = fresh
@@ -375,6 +429,7 @@ class Service:
 
     def _install_update(self, archive: Path, precision: str | None, activate: bool) -> dict:
         from ..calibration import HealthWatch, check_golden, extract_archive, install_bundle, rollback_model
+        from ..calibration.deploy import open_probe
 
         m = self.settings.model
         golden = m.golden_dir if m.golden_dir is not None else (
@@ -394,8 +449,9 @@ class Service:
                 shutil.rmtree(tmp, ignore_errors=True)
             return _jsonable({"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
                               "golden": report})
+        probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
         res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
-                             device=m.device, probe=self._probe_model, require_golden=golden is not None)
+                             device=m.device, probe=probe, require_golden=golden is not None)
         if res.already_installed and res.path.resolve() == Path(self.bundle.path).resolve():
             return _jsonable({"activated": True, "already_installed": True, "model_hash": self.inspector.model_hash,
                               "install": res.summary()})
@@ -417,18 +473,6 @@ class Service:
     def _ng_rate(self) -> float | None:
         """The NG rate so far (the baseline a new model's health is judged against); None before any OK."""
         return self.reporter.ng / max(1, self.reporter.ng + self.reporter.ok) if self.reporter.ok else None
-
-    def _probe_model(self, bundle: Bundle) -> None:
-        """Open ``bundle`` as the line opens it (model.backend / precision / device), then close it."""
-        from ..calibration.deploy import run_as
-
-        m = self.settings.model
-        try:
-            open_inspector(bundle, self.settings).backend.close()
-        except EdgeADError as exc:
-            how = run_as(m.backend, m.precision, m.device)
-            raise InputError(f"the new model cannot be opened as the line runs it ({how}): {exc}; update "
-                             "refused") from exc
 
     def _check_health(self) -> None:
         """After a model update: roll back when the new model's first frames look wrong."""
