@@ -547,7 +547,7 @@ cat <<EOF
 
 edge-ad is installed in ${VENV} (JetPack ${JETPACK}).
 Next steps (jetson/README.md explains each):
-  1. copy or train a bundle into ${DATA_DIR}/bundle      (edge-ad bundle install ARCHIVE, or edge-ad train)
+  1. copy or train a bundle into ${DATA_DIR}/bundle      (or install archives into a deploy folder: jetson/README.md, step 5)
   2. build the TensorRT engine on this device:            sudo -u ${SERVICE_USER} ${VENV}/bin/edge-ad compile --bundle ${DATA_DIR}/bundle --precision fp16
   3. edit ${CONFIG_DIR}/config.toml (camera, broker) and ${CONFIG_DIR}/edge-ad.env (secrets)
   4. check:                                               sudo -u ${SERVICE_USER} ${VENV}/bin/edge-ad doctor --config ${CONFIG_DIR}/config.toml
