@@ -1118,5 +1118,9 @@ def test_cli_status_on_a_bundle_folder_and_install_of_a_folder(tiny_bundle, tmp_
     assert res.exit_code == 2 and "not a deploy folder: a bundle folder (use it as model.bundle" in res.output
     res = r.invoke(main, ["bundle", "install", str(tiny_bundle.path), "--deploy", str(tmp_path / "d"), "--no-golden"])
     assert res.exit_code == 0, res.output
+    for _ in range(2):   # "already installed" from a folder (no archive index) names the model too
+        res = r.invoke(main, ["bundle", "install", str(tiny_bundle.path), "--deploy", str(tmp_path / "d"),
+                              "--no-golden", "--json"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["model_hash"] == tiny_bundle.model_hash(), res.output
     res = r.invoke(main, ["bundle", "status", "--deploy", str(tmp_path / "d"), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["health"] == "pending"

@@ -323,8 +323,14 @@ class InstallResult:
 
 
     def summary(self) -> dict:
+        model_hash = self.package.index.get("bundle", {}).get("model_hash")
+        if model_hash is None:   # a bundle folder (no archive index): the release's own manifest says it
+            try:
+                model_hash = Bundle.open(self.path).model_hash() or None
+            except EdgeADError:
+                pass
         return {"path": str(self.path), "release": self.release, "previous": self.previous,
-                "model_hash": self.package.index.get("bundle", {}).get("model_hash"),
+                "model_hash": model_hash,
                 "signed": self.package.signed, "signature_verified": self.package.verified,
                 "golden": self.golden, "pruned": list(self.pruned), "already_installed": self.already_installed}
 

@@ -137,7 +137,8 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             _echo_json(res.summary())
         elif res.install is not None:
             click.echo(f"adapted model installed as {res.install.release} ({res.precision}, {res.steps} steps, "
-                       f"{res.seconds:.0f} s); the runtime's health check confirms it or rolls back")
+                       f"{res.seconds:.0f} s); a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command "
+                       "or a restart, and its health check then confirms it or rolls back")
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s; the running bundle is unchanged)")
