@@ -451,6 +451,7 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
                         "--out", str(out), "--image-size", str(SIZE)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / "model.onnx").is_file()
+    assert f"wrote {out / 'model.onnx'} (" in r.stderr and ".new-" not in r.stderr   # not the staging folder
     r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(out), "--data", str(category),
                         "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
