@@ -3,12 +3,17 @@
 Scores and maps come through the same :class:`~edge_ad.inspector.Inspector` the inspection loop uses,
 so a reported AUROC is the deployed graph's. Pixel metrics are computed at the model's input size
 (masks resized with nearest neighbour), as anomalib and the EfficientAD paper do.
+
+Besides the aggregates, ``report["samples"]`` lists every test image: ``path`` (relative to ``--data``),
+``type``, ``score`` and ``decision`` (``NG`` above the threshold, as the loop decides; ``null`` for a score
+that is not a finite number), sorted by type, then path.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -66,15 +71,28 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
                                         masks=masks if cat.has_masks else None)
     report.update({"bundle": str(bundle.path), "data": str(cat.path), "backend": be.name,
                    "precision": be.precision, "model": bundle.kind, "calibration_version": cal.version,
-                   "seconds": round(seconds, 2), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2)})
+                   "seconds": round(seconds, 2), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2),
+                   "samples": sample_rows(samples, scores, cat.path, cal.threshold)})
     atomic.write_json(out / "report.json", report)
     if pictures:
         from . import viz
 
         report["pictures"] = viz.write_eval_pictures(out, thumbs, masks, maps, scores, labels, types,
-                                                     cal.threshold, size)
+                                                     cal.threshold, size, names=[s.stem for s in samples])
         atomic.write_json(out / "report.json", report)
     return report
+
+
+def sample_rows(samples, scores, root: Path, threshold: float) -> list[dict]:
+    """One row per test image (see the module doc), sorted by type, then path."""
+    rows = []
+    for s, score in zip(samples, scores):
+        score = float(score)
+        finite = math.isfinite(score)
+        rows.append({"path": s.path.relative_to(root).as_posix(), "type": s.defect_type,
+                     "score": score if finite else None,
+                     "decision": ("NG" if score > threshold else "OK") if finite else None})
+    return sorted(rows, key=lambda r: (r["type"], r["path"]))
 
 
 def report_text(report: dict) -> str:

@@ -412,22 +412,25 @@ def write_eval_pictures(out_dir: str | os.PathLike, images: Sequence[np.ndarray]
                         masks: Sequence[np.ndarray | None], maps: Sequence[np.ndarray],
                         scores: Sequence[float], labels: Sequence[int], types: Sequence[str],
                         threshold: float | None, size: tuple[int, int] | None = None,
-                        per_type: int = 3, cell: int = 160) -> dict:
+                        per_type: int = 3, cell: int = 160, names: Sequence[str] | None = None) -> dict:
     """The pictures of an eval report, written atomically into ``out_dir``:
 
-    ``grid.png`` (image | ground truth | anomaly map for :func:`pick_examples`, captions with type, score
-    and decision) and ``histogram.png`` (normal vs defective scores and the threshold). ``size`` (H, W)
-    resizes the images to the maps' size when given. A defective sample whose mask is missing or empty
-    shows "no mask". Returns ``{"grid": "grid.png", "histogram": "histogram.png"}`` (names in ``out_dir``).
+    ``grid.png`` (image | ground truth | anomaly map for :func:`pick_examples`, captions with type, file
+    name (``names``, e.g. the image stems; the sample's index without them), score and decision) and
+    ``histogram.png`` (normal vs defective scores and the threshold). ``size`` (H, W) resizes the images
+    to the maps' size when given. A defective sample whose mask is missing or empty shows "no mask".
+    Returns ``{"grid": "grid.png", "histogram": "histogram.png"}`` (names in ``out_dir``).
     """
     from pathlib import Path
 
     from .data.image import resize_rgb
 
     n = len(scores)
-    if not (len(images) == len(masks) == len(maps) == len(labels) == len(types) == n):
+    if names is None:
+        names = [f"#{i}" for i in range(n)]
+    if not (len(images) == len(masks) == len(maps) == len(labels) == len(types) == len(names) == n):
         raise InputError(f"eval pictures: {n} scores but {len(images)} images, {len(masks)} masks, "
-                         f"{len(maps)} maps, {len(labels)} labels, {len(types)} types")
+                         f"{len(maps)} maps, {len(labels)} labels, {len(types)} types, {len(names)} names")
     out = Path(out_dir)
     rows = []
     for i in pick_examples(scores, types, per_type):
@@ -443,7 +446,8 @@ def write_eval_pictures(out_dir: str | os.PathLike, images: Sequence[np.ndarray]
                 mk = _cv2().resize(mk.astype(np.uint8), (img.shape[1], img.shape[0]),
                                    interpolation=_cv2().INTER_NEAREST) > 0
         verdict = "" if threshold is None else (" NG" if float(scores[i]) > float(threshold) else " OK")
-        rows.append(GridRow(img, mk, maps[i], f"{types[i]} #{i}  score {float(scores[i]):.3g}{verdict}"))
+        name = names[i] if len(names[i]) <= 28 else names[i][:13] + ".." + names[i][-13:]  # the score stays in view
+        rows.append(GridRow(img, mk, maps[i], f"{types[i]} {name}  score {float(scores[i]):.3g}{verdict}"))
     result = {}
     if rows:
         write_grid(out / "grid.png", rows, cell=cell, threshold=threshold,

@@ -8,6 +8,7 @@ on synthetic 'grain' parts; the others the tiny hand-built ONNX bundle.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -419,6 +420,26 @@ def test_collect_frames_from_a_folder_a_dir_uri_a_video_and_synthetic(tmp_path):
         collect_frames("ftp://x/y", 5)
     with pytest.raises(InputError, match="not found"):          # bad input (exit 2), not a lost camera
         collect_frames(f"file://{tmp_path / 'no-such-clip.mp4'}", 5)
+
+
+def test_collect_frames_skips_an_unreadable_image_of_a_folder(tmp_path, caplog):
+    import cv2
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), np.full((20, 24, 3), i, np.uint8))
+    (folder / "zz_bad.png").write_text("garbage")
+    for source in (folder, f"dir://{folder}"):          # as 'edge-ad run' does: skipped, named, not counted
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            got = collect_frames(source, 60, progress=False)
+        assert [f[0, 0, 0] for f in got] == [0, 1, 2, 3, 4]
+        assert "skipped" in caplog.text and "zz_bad.png: not a readable image" in caplog.text
+    for p in folder.glob("0*.png"):
+        p.write_bytes(b"")
+    with pytest.raises(InputError, match=f"{folder}: none of the 6 images can be read"):
+        collect_frames(f"dir://{folder}", 60, progress=False)
 
 
 # ----------------------------------------------------------------------------- the CLI

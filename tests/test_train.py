@@ -451,6 +451,7 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
                         "--out", str(out), "--image-size", str(SIZE)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / "model.onnx").is_file()
+    assert f"wrote {out / 'model.onnx'} (" in r.stderr and ".new-" not in r.stderr   # not the staging folder
     r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(out), "--data", str(category),
                         "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -458,6 +459,16 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
     assert rep["backend"] == "onnxruntime"
     assert set(rep["per_type"]) >= {"good", "scratch"}
     assert rep["overall"]["image_auroc"] > 0.7
+    # every test image by its path under --data, sorted by type then path, decided as the loop decides
+    samples = rep["samples"]
+    assert len(samples) == rep["overall"]["n"] and {s["type"] for s in samples} == set(rep["per_type"])
+    assert samples == sorted(samples, key=lambda s: (s["type"], s["path"]))
+    assert all((category / s["path"]).is_file() and s["path"].startswith(f"test/{s['type']}/") for s in samples)
+    thr = rep["overall"]["threshold"]
+    assert all(s["decision"] == ("NG" if s["score"] > thr else "OK") for s in samples)
+    good = [s for s in samples if s["type"] == "good"]
+    assert sum(s["decision"] == "NG" for s in good) / len(good) == pytest.approx(rep["per_type"]["good"]["fpr"])
+    assert json.loads((out / "eval" / "report.json").read_text())["samples"] == samples
     assert (out / "eval" / "grid.png").stat().st_size > 1000
     assert (out / "eval" / "histogram.png").is_file()
     (tmp_path / "afile").write_text("x")

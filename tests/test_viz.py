@@ -139,6 +139,20 @@ def test_write_eval_pictures(tmp_path):
         viz.write_eval_pictures(tmp_path, images[:3], masks, maps, scores, labels, types, 1.2)
 
 
+def test_eval_grid_captions_name_the_files(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(viz, "write_grid", lambda path, rows, **kw: drawn.extend(rows))
+    types, scores = ["good", "good", "scratch"], [0.2, 0.9, 2.0]
+    names = ["cam1_0001", "cam1_0002", "IMG_20240101_120000_line3_station7"]
+    viz.write_eval_pictures(tmp_path, [np.zeros((8, 8, 3), np.uint8)] * 3, [None] * 3,
+                            [np.zeros((8, 8), np.float32)] * 3, scores, [0, 0, 1], types, 0.5, names=names)
+    assert [r.caption for r in drawn] == ["good cam1_0001  score 0.2 OK", "good cam1_0002  score 0.9 NG",
+                                          "scratch IMG_20240101_..ine3_station7  score 2 NG"]
+    with pytest.raises(InputError, match="2 names"):
+        viz.write_eval_pictures(tmp_path, [np.zeros((8, 8, 3), np.uint8)] * 3, [None] * 3,
+                                [np.zeros((8, 8), np.float32)] * 3, scores, [0, 0, 1], types, 0.5, names=names[:2])
+
+
 HOTTEST = (128, 0, 0)   # JET at 255, RGB
 
 

@@ -2,6 +2,8 @@
 
 - A folder (a plain path or ``dir://folder``): ``n`` images spread evenly over the folder in name order
   (all of them when it holds fewer), so a folder captured over a shift is sampled over the whole shift.
+  An unreadable one (truncated, not an image) is skipped with a warning naming it, as ``edge-ad run``
+  does, and not counted; a folder where none of the picked images is readable is an error.
 - Any other source URI (``v4l2://``, ``csi://``, ``rtsp://``, ``file://``, ``synthetic://``; see
   :mod:`edge_ad.runtime.sources`): the next ``n`` frames, taking one frame in ``every`` (a moving line
   shows more variety that way), until the source ends or ``timeout_s`` passes.
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,6 +20,8 @@ import numpy as np
 
 from ..data.image import list_images, load_image, spread
 from ..errors import InputError, RuntimeFailure
+
+log = logging.getLogger(__name__)
 
 
 def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout_s: float | None = 600.0,
@@ -35,8 +40,16 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
         paths = spread(list_images(folder), n)
         if not paths:
             raise InputError(f"{folder}: no images ({', '.join(('.png', '.jpg', '.bmp', '.tif'))})")
-        return [load_image(p) for p in tqdm(paths, desc="calibrate: reading", unit="frame", leave=False,
-                                            disable=None if progress else True)]
+        frames = []
+        for p in tqdm(paths, desc="calibrate: reading", unit="frame", leave=False,
+                      disable=None if progress else True):
+            try:
+                frames.append(load_image(p))
+            except (InputError, OSError) as exc:
+                log.warning("skipped %s", exc)
+        if not frames:
+            raise InputError(f"{folder}: none of the {len(paths)} images can be read")
+        return frames
     return _from_uri(text, n, int(every), timeout_s, progress)
 
 

@@ -66,7 +66,8 @@ def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher,
 @click.option("--device", default=None, help="cpu or cuda (default: what the backend picks).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "out_dir", default=None, type=click.Path(), help="Report folder (default BUNDLE/eval).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON (report.json: with 'samples', each image's path, type, score, decision).")
 def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_json):
     """Image AUROC, pixel AUROC, AUPRO and F1 at the bundle's threshold, per defect type."""
     from ..evaluate import dumps, evaluate, report_text

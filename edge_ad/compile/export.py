@@ -29,8 +29,12 @@ DERIVED = ("model.fp16.onnx", "model.int8.onnx", "model.int8-u8.onnx", "quant_re
 EXPORT_RTOL = 1e-4
 
 
-def export_bundle(bundle: Bundle, module=None, opset: int = DEFAULT_OPSET, progress: bool = True) -> Path:
-    """Export ``module`` (default: the bundle's checkpoint) to ``bundle/model.onnx``; returns its path."""
+def export_bundle(bundle: Bundle, module=None, opset: int = DEFAULT_OPSET, progress: bool = True,
+                  shown_as: str | os.PathLike | None = None) -> Path:
+    """Export ``module`` (default: the bundle's checkpoint) to ``bundle/model.onnx``; returns its path.
+
+    ``shown_as``: the path the progress message names instead (training builds the bundle in a staging
+    folder that is renamed to its ``--out`` at the end)."""
     import torch
 
     from . import MAX_OPSET, MIN_OPSET
@@ -75,7 +79,7 @@ def export_bundle(bundle: Bundle, module=None, opset: int = DEFAULT_OPSET, progr
         "active": {"graph": "model.onnx", "precision": "fp32"}, "versions": versions, "quantized": {},
         "export": {"opset": int(opset), "input": "image", "outputs": names, "dynamic_batch": True,
                    "exported": now_iso(), "ir_version": int(model.ir_version)}})
-    _say(progress, f"wrote {bundle.file('model.onnx')} ({len(data) / 1e6:.1f} MB)")
+    _say(progress, f"wrote {shown_as or bundle.file('model.onnx')} ({len(data) / 1e6:.1f} MB)")
     return bundle.file("model.onnx")
 
 

@@ -281,7 +281,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         if export:
             from ..compile.export import export_bundle
 
-            export_bundle(bundle, module=model)
+            export_bundle(bundle, module=model, shown_as=Path(out) / "model.onnx")
         # this run's training state (kept for --resume with more steps; not part of the bundle): only when
         # this run wrote it or resumed from it, never an older run's
         state = state_path if lc is not None and state_path.is_file() and (
