@@ -617,6 +617,18 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         svc.thread.join(30)
 
 
+def test_pacing_wait_is_not_capture_time_nor_latency(tmp_path, tiny_bundle):
+    """A source paced at fps=4 waits 250 ms before each read after the first: the capture stage (and the
+    latency, which starts with it) is the read, not that wait (it was 250 ms per frame)."""
+    s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64&count=4&fps=4", source__mode="trigger")
+    assert _run(s)["frames"] == 4
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert len(recs) == 4
+    for r in recs:
+        assert r["stages_ms"]["capture"] < 125, r["stages_ms"]
+        assert r["latency_ms"] >= r["stages_ms"]["capture"]
+
+
 def test_drift_flag_and_event_from_ok_scores(tiny_bundle):
     from edge_ad.calibration import DriftMonitor
     from edge_ad.runtime.records import Decision, ResultItem
