@@ -70,7 +70,7 @@ class Reporter:
             self.event(ev)
 
     def drift_summary(self) -> dict[str, Any]:
-        """``drift`` (bool) and the monitor's figures (z, shift, mean of the OK window, n, ...)."""
+        """``drift`` (bool) and the monitor's figures (z, shift, median, n, ...)."""
         st = self.drift_state
         if st is None:
             return {"drift": False, "enabled": self.drift is not None}
