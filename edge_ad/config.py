@@ -276,7 +276,9 @@ class CalibrationSettings(_Section):
 
 class DriftSettings(_Section):
     enabled: bool = True
-    window: int = Field(200, ge=10, le=1_000_000, title="OK scores in the rolling window")
+    window: int = Field(200, ge=10, le=1_000_000,
+                        title="Last parts kept, OK and NG (median of the OK ones; of all when fewer than half "
+                              "are OK)")
     limit: float = Field(3.0, gt=0, allow_inf_nan=False,
                          title="Drift when the window's median is this many standard errors off")
 

@@ -617,6 +617,18 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         svc.thread.join(30)
 
 
+def test_pacing_wait_is_not_capture_time_nor_latency(tmp_path, tiny_bundle):
+    """A source paced at fps=4 waits 250 ms before each read after the first: the capture stage (and the
+    latency, which starts with it) is the read, not that wait (it was 250 ms per frame)."""
+    s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64&count=4&fps=4", source__mode="trigger")
+    assert _run(s)["frames"] == 4
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert len(recs) == 4
+    for r in recs:
+        assert r["stages_ms"]["capture"] < 125, r["stages_ms"]
+        assert r["latency_ms"] >= r["stages_ms"]["capture"]
+
+
 def test_drift_flag_and_event_from_ok_scores(tiny_bundle):
     from edge_ad.calibration import DriftMonitor
     from edge_ad.runtime.records import Decision, ResultItem
@@ -643,8 +655,16 @@ def test_drift_flag_and_event_from_ok_scores(tiny_bundle):
     summ = rep.drift_summary()
     assert summ["drift"] is True and summ["z"] > 3 and summ["direction"] == "up"
     assert [e["type"] for e in events] == ["drift"] and "recalibrate" in events[0]["message"]
-    rep.reset_drift(cal)                                          # a new calibration: measured afresh
+    rep.reset_drift(cal, "rollback to v1")                        # a new calibration: measured afresh
     assert rep.drift_summary()["drift"] is False
+    # the alarm raised by 'drift' ends with a 'drift_cleared' that says why
+    assert [e["type"] for e in events] == ["drift", "drift_cleared"]
+    assert events[1]["reason"] == "rollback to v1" and events[1]["drift"] is False
+    rep.reset_drift(cal, "calibrate")                             # not flagged: nothing to clear
+    assert len(events) == 2
+    rep._drift_factory = None                                     # drift disabled (reload config)
+    rep.reset_drift(cal, "reload config")
+    assert rep.drift is None and rep.drift_summary() == {"drift": False, "enabled": False}
 
 
 def test_reload_config_and_bundle(tmp_path, tiny_bundle):
@@ -662,11 +682,18 @@ def test_reload_config_and_bundle(tmp_path, tiny_bundle):
         assert svc.settings.source.uri == f"file://{video}"          # kept until a restart
         assert svc.settings.telemetry.nvml == s.telemetry.nvml and svc.settings.telemetry.interval_s == 2.0
         assert svc.reload("bundle")["bundle"]["calibration"] == "unchanged"
-        # another process (edge-ad calibrate) writes a new calibration: reload puts it in force
         cal = bundle.calibration()
+        for _ in range(50):                      # OK scores far above the normal ones: drift is flagged
+            svc.reporter._update_drift(cal.normal["mean"] + 4 * cal.normal["std"], False)
+        assert svc.reporter.drift_summary()["drift"] is True
+        # another process (edge-ad calibrate) writes a new calibration: reload puts it in force
         bundle.write_calibration(cal.replace(version=0, threshold=2.5, created=""))
         r = svc.reload("bundle")["bundle"]
         assert r["calibration_version"] == 2 and svc.inspector.calibration.threshold == 2.5
+        # ... and ends the drift alarm, saying why
+        cleared = [e for e in svc.events if e["type"] == "drift_cleared"]
+        assert len(cleared) == 1 and cleared[0]["reason"] == "reload" and cleared[0]["calibration_version"] == 2
+        assert svc.reporter.drift_summary()["drift"] is False
     finally:
         svc.inspector.backend.close()
 

@@ -379,6 +379,40 @@ def test_pacing_wait_ends_at_stop():
     assert cam.read() is None and time.monotonic() - t0 < 5
 
 
+class _PacedSource(Source):
+    """A paced source that notes when its pacing wait ended and when its read began (perf_counter)."""
+
+    def __init__(self):
+        super().__init__(parse_uri("synthetic://disc?fps=1000"))
+        self.marks = []
+
+    def open(self):
+        pass
+
+    def wait_turn(self, stop=None):
+        ok = super().wait_turn(stop)
+        self.marks.append(("waited", time.perf_counter()))
+        return ok
+
+    def read(self):
+        self._pace()
+        self.marks.append(("read", time.perf_counter()))
+        return RawFrame(np.zeros((4, 4, 3), np.uint8), len(self.marks))
+
+
+def test_read_started_is_after_the_pacing_wait():
+    """The capture time the pipeline uses (start of stages_ms.capture and latency_ms, and ts) is when the
+    read began, after a paced source's wait: that wait is neither capture nor latency."""
+    src = _PacedSource()
+    cam = Camera(src, threading.Event())
+    for _ in range(3):
+        wall = time.time()
+        assert cam.read() is not None
+        (w, waited), (r, read) = src.marks[-2:]
+        assert (w, r) == ("waited", "read")
+        assert waited <= cam.read_started[0] <= read and cam.read_started[1] >= wall
+
+
 def test_reconnect_off_fails_at_once(tmp_path):
     path = write_video(tmp_path / "v.avi", [part_frame(0, 32)])
     cam = Camera(open_source(f"file://{path}?loop=1"), threading.Event(), reconnect=False)

@@ -10,7 +10,8 @@ The watchdog (``watchdog()``, called by the service every second) declares an ou
 been blocked for more than ``watchdog_s`` (a camera that stalls without an error); the systemd watchdog
 stops being fed if it stays stuck, so systemd restarts the service. The pacing wait of a paced source
 (``fps=N`` of a file, folder or generated source: :meth:`Source.wait_turn`) comes before the read and is
-not timed.
+not timed: ``read_started`` is when the read of the last frame began, after that wait (the pipeline's
+capture time, start of ``stages_ms.capture`` and ``latency_ms``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Camera:
         self.last_error = ""
         self.last_frame_t = 0.0
         self._read_started = 0.0   # monotonic start of the read in progress (0: not reading)
+        # (time.perf_counter(), time.time()) when the read of the last frame began, after the pacing wait
+        self.read_started = (0.0, 0.0)
         self._attempts = 0
         self._next_open = 0.0
         self._delay = self.backoff_initial_s
@@ -144,6 +147,7 @@ class Camera:
             if not self.source.wait_turn(self.stop):
                 continue
             self._read_started = time.monotonic()
+            started = (time.perf_counter(), time.time())
             try:
                 frame = self.source.read()
             except SourceLost as exc:
@@ -156,6 +160,7 @@ class Camera:
             if frame is None:
                 return None
             self.frames += 1
+            self.read_started = started
             self.last_frame_t = time.monotonic()
             self._attempts = 0
             self._delay = self.backoff_initial_s

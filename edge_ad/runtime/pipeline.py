@@ -334,7 +334,6 @@ class Pipeline:
                     continue   # a file or folder is read one triggered frame at a time
                 if self.max_frames and self.mode == "trigger" and self.captured >= self.max_frames:
                     break
-                t0 = time.perf_counter()
                 raw = cam.read()
                 t1 = time.perf_counter()
                 if raw is None:
@@ -351,7 +350,8 @@ class Pipeline:
                     self.skipped_untriggered += 1
                     continue
                 image = apply_roi_rotate(raw.image, self.roi, self.rotate)
-                frame = Frame(seq=self.captured, image=image, source_index=raw.index, t_wall=time.time(),
+                t0, wall = cam.read_started        # after a paced source's wait: that is not capture time
+                frame = Frame(seq=self.captured, image=image, source_index=raw.index, t_wall=wall,
                               t_captured=t1, capture_ms=(t1 - t0) * 1000.0, trigger=self.trigger,
                               truth=raw.truth)
                 if self.frames.put(frame, cancel=self.stop_capture):

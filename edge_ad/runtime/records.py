@@ -15,9 +15,9 @@ class Frame:
     seq: int                      # running number of accepted frames in this run (0, 1, ...)
     image: np.ndarray             # RGB uint8 [H, W, 3], after ROI crop and rotation
     source_index: int             # frame number in the source (file frame, image index, ...)
-    t_wall: float                 # time.time() when the frame was read
+    t_wall: float                 # time.time() when its read began (after a paced source's wait)
     t_captured: float             # time.perf_counter() when the read returned
-    capture_ms: float             # time spent reading and decoding it
+    capture_ms: float             # time spent reading and decoding it (not the pacing wait)
     trigger: str = "stream"       # stream | frame | command | gpio | <plugin name>
     truth: Optional[Mapping[str, Any]] = None   # ground truth of synthetic sources
 

@@ -53,16 +53,24 @@ class Reporter:
         self.last_result: dict | None = None
 
     # ------------------------------------------------------------------ drift
-    def reset_drift(self, calibration) -> None:
-        """A new calibration is in force: drift is measured against it from now on."""
-        if self._drift_factory is None:
-            return
+    def reset_drift(self, calibration, reason: str) -> None:
+        """A new calibration (or model, or drift settings) is in force: drift is measured afresh against it
+        (not at all when the factory is gone: drift disabled). When drift was flagged, a ``drift_cleared``
+        event with ``reason`` says so: a consumer alarmed by ``drift`` would otherwise never hear the end."""
         with self._drift_lock:
-            self.drift = self._drift_factory(calibration)
+            flagged = self.drift_state is not None and bool(self.drift_state.drift)
+            self.drift = self._drift_factory(calibration) if self._drift_factory is not None else None
             self.drift_state = None
+        if flagged:
+            ev = {"type": "drift_cleared", "reason": reason, "calibration_version": calibration.version,
+                  **self.drift_summary(),
+                  "message": f"drift tracking restarted ({reason}): scores are measured afresh against "
+                             f"calibration v{calibration.version}"}
+            log.warning("%s", ev["message"])
+            self.event(ev)
 
     def drift_summary(self) -> dict[str, Any]:
-        """``drift`` (bool) and the monitor's figures (z, shift, mean of the OK window, n, ...)."""
+        """``drift`` (bool) and the monitor's figures (z, shift, median, n, ...)."""
         st = self.drift_state
         if st is None:
             return {"drift": False, "enabled": self.drift is not None}
@@ -80,8 +88,8 @@ class Reporter:
             if mon is None:
                 return
             before = bool(self.drift_state.drift) if self.drift_state is not None else False
-            self.drift_state = mon.update(score, ng)
-        now = bool(self.drift_state.drift)
+            self.drift_state = state = mon.update(score, ng)
+        now = bool(state.drift)   # (state: reset_drift may have cleared drift_state since)
         if now != before:
             ev = {"type": "drift" if now else "drift_cleared", **self.drift_summary(),
                   "message": ("OK scores drifted away from the calibration's normal distribution: recalibrate "

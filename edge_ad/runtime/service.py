@@ -265,7 +265,7 @@ class Service:
         with self._swap_lock:
             before = self.inspector.calibration.version
             self.inspector.set_calibration(cal)
-            self.reporter.reset_drift(cal)
+            self.reporter.reset_drift(cal, reason)
             transient, self.transient_threshold = self.transient_threshold, None
             if transient is not None:   # a this-run-only threshold belonged to the calibration it replaced
                 self.pipeline.threshold_override = self.settings.decision.threshold
@@ -336,7 +336,7 @@ class Service:
             applied.append("calibration")
         if new.drift != old.drift:
             self.reporter._drift_factory = _drift_factory(new)
-            self.reporter.reset_drift(self.inspector.calibration)
+            self.reporter.reset_drift(self.inspector.calibration, "reload config: drift settings changed")
             applied.append("drift")
         if new.telemetry.interval_s != old.telemetry.interval_s:
             applied.append("telemetry.interval_s")
@@ -386,7 +386,7 @@ class Service:
             self.pipeline.set_inspector(new)
             self.inspector = new
             self.bundle = bundle
-            self.reporter.reset_drift(new.calibration)
+            self.reporter.reset_drift(new.calibration, f"model swap ({reason})")
         old.backend.close()
         self.update_birth(model_hash=new.model_hash, calibration_version=new.calibration.version,
                           backend=getattr(new.backend, "name", ""), precision=getattr(new.backend, "precision", ""))
