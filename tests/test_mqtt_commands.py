@@ -331,6 +331,43 @@ def test_hmac_refusal_through_the_broker(mosquitto, tmp_path):
         lk.stop(timeout=2)
 
 
+def test_a_command_that_timed_out_on_an_offline_device_does_not_run_when_it_comes_back(mosquitto, tmp_path):
+    """The request's message expiry is its reply timeout: the broker drops a command it could not deliver
+    in time, so the requester's "no reply" does not turn into the command running hours later."""
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1)
+    calls = []
+
+    def start():
+        lk = MqttLink(settings)
+        lk.register_command("pause", lambda args: calls.append(args) or {"paused": True})
+        lk.start()
+        assert _wait(lambda: lk.connected)
+        return lk
+
+    start().stop(timeout=2)                       # the device has a persistent session, and is offline
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        with pytest.raises(RuntimeFailure) as err:
+            cc.call("s", "d", "pause", {"reason": "late"}, timeout=0.5)
+        msg = str(err.value)
+        assert "offline" in msg and "still running" in msg and "calibrate" in msg and "status" in msg
+        assert "--timeout" in msg and "drops the command after 1 s" in msg
+        time.sleep(1.6)                           # the broker's clock is in whole seconds: 1 s expiry, +1
+        lk = start()
+        try:
+            assert cc.call("s", "d", "status", timeout=5)["ok"]   # commands run in order: pause came first
+            assert calls == []
+        finally:
+            lk.stop(timeout=2)
+
+
+def _wait(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pred()
+
+
 def test_commands_over_mqtt_311(mosquitto, tmp_path):
     settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
                             protocol="3.1.1", command_secret="k", reconnect_min_s=0.1)

@@ -68,7 +68,8 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
 @click.option("--site", required=True, help="Site of the device.")
 @click.option("--device", required=True, help="Device name.")
 @click.option("--timeout", type=Seconds(min=0.1), default=30.0, show_default=True,
-              help="Seconds to wait for the reply.")
+              help="Seconds to wait for the reply. MQTT v5: also the command's message expiry (rounded up): "
+                   "the broker drops a command it could not deliver by then, so it never runs late.")
 @click.option("--client-id", "claim", default=None, help="Requester id the device's allow-list checks.")
 @click.argument("name")
 @click.argument("args", required=False)
