@@ -122,6 +122,39 @@ def test_run_monitor_streams_json_lines(mosquitto, tmp_path):
     link.stop()
 
 
+def test_run_monitor_says_when_it_loses_the_broker_and_rows_recover(mosquitto, tmp_path):
+    link = _link(mosquitto.url, tmp_path, "cam1", reconnect_max_s=0.5)
+    assert _wait(lambda: link.connected)
+    out, table, stop = io.StringIO(), io.StringIO(), threading.Event()
+    lines = lambda: [json.loads(x) for x in out.getvalue().splitlines()]   # noqa: E731
+    broker = BrokerSettings(url=mosquitto.url, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    watch = threading.Thread(target=run_monitor, args=(broker,), daemon=True,
+                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop})
+    tty = threading.Thread(target=run_monitor, args=(broker,), daemon=True,
+                           kwargs={"site": "p1", "out": table, "live": True, "interval": 0.1, "stop": stop})
+    watch.start()
+    tty.start()
+    try:
+        frame = lambda: table.getvalue().rsplit("\x1b[2J", 1)[-1]           # noqa: E731
+        assert _wait(lambda: any(x.get("state") == "online" for x in lines()) and " online " in frame())
+        mosquitto.stop()
+        assert _wait(lambda: any(x.get("monitor") == "disconnected" for x in lines()))
+        assert _wait(lambda: "DISCONNECTED from broker since" in table.getvalue())
+        mosquitto.start()
+        # the retained birth comes again after the reconnect: the row reads online again
+        assert _wait(lambda: any(x.get("monitor") == "reconnected" for x in lines()))
+        assert _wait(lambda: lines()[-1].get("state") == "online" and "device" in lines()[-1]), lines()
+        assert _wait(lambda: "DISCONNECTED" not in frame() and " online " in frame()), frame()
+    finally:
+        stop.set()
+        watch.join(5)
+        tty.join(5)
+        link.stop()
+    notes = [x for x in lines() if "monitor" in x]
+    assert [x["monitor"] for x in notes] == ["disconnected", "reconnected"]
+    assert notes[0]["broker"] == mosquitto.url and notes[0]["reason"] and notes[1]["down_s"] >= 0
+
+
 def test_cli_monitor_and_command(mosquitto, tmp_path):
     a = _link(mosquitto.url, tmp_path, "cam1")
     b = _link(mosquitto.url, tmp_path, "cam2")

@@ -42,7 +42,8 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
 @main.command("monitor")
 @_broker_options
 @click.option("--site", default=None, help="Only this site (default: every site).")
-@click.option("--json", "as_json", is_flag=True, help="Stream one JSON line per device update instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Stream one JSON line per device update instead of a table (and one when the monitor "
+                   "loses or regains the broker: {\"monitor\": \"disconnected\" | \"reconnected\", ...}).")
 @click.option("--duration", type=Seconds(min=0), default=None,
               help="Stop after this many seconds (default: until Ctrl-C).")
 @click.option("--interval", type=Seconds(min=0.1), default=1.0, show_default=True,
@@ -52,7 +53,8 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
 def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, site, as_json, duration, interval,
             stale_after):
     """Live table of every device under edge-ad/v1/<site>/<device>/: online or offline, fps, latency,
-    NG rate, last result, calibration version, outbox depth, drift."""
+    NG rate, last result, calibration version, outbox depth, drift. A lost broker connection is shown
+    (and retried) until it is back."""
     from ..mqtt.monitor import run_monitor
     from ..mqtt.topics import check_level
 
