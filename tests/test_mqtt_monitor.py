@@ -82,6 +82,22 @@ def test_retained_messages_do_not_make_an_offline_device_look_just_seen():
     assert row.last_seen == 1000.0
 
 
+def test_the_threshold_shown_is_the_one_deciding():
+    """set_threshold without persist: results and telemetry decide with 0.15, the calibration still says 0.5."""
+    view = FleetView(clock=lambda: 1000.0)
+    row = view.consume(f"{B}/p1/cam1/calibration", _j({"version": 4, "threshold": 0.5}), retained=True)
+    assert (row.threshold, row.calibration_threshold) == (0.5, 0.5)          # nothing live yet
+    view.consume(f"{B}/p1/cam1/result", _j({"score": 0.2, "ng": True, "threshold": 0.15, "calibration_version": 4}))
+    assert (row.threshold, row.calibration_threshold) == (0.15, 0.5)
+    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 4, "threshold": 0.5}), retained=True)  # reconnect
+    view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 3}))                       # no threshold: unchanged
+    assert row.threshold == 0.15 and row.to_dict()["threshold"] == 0.15
+    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 5, "threshold": 0.4}))  # a new one decides
+    assert (row.threshold, row.calibration_threshold, row.calibration_version) == (0.4, 0.4, 5)
+    view.consume(f"{B}/p1/cam1/telemetry", _j({"threshold": 0.3}))
+    assert row.threshold == 0.3
+
+
 def test_home_assistant_node_ids_do_not_collide():
     ids = {node_id("plant1", "line3_cam1"), node_id("plant1_line3", "cam1"), node_id("plant1.line3", "cam1")}
     assert len(ids) == 3 and all(i.startswith("edge_ad_plant1") for i in ids)

@@ -4,7 +4,8 @@
 :func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad
 monitor``. Sources per column: state from the retained ``status`` (birth / will), fps, latency, NG rate,
 outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
-the retained ``calibration`` (else the birth message). A device that is ``online`` but silent for
+the retained ``calibration`` (else the birth message), the threshold deciding from the latest result or
+telemetry (else the calibration's; the calibration's is kept as ``calibration_threshold``). A device that is ``online`` but silent for
 ``stale_after_s`` shows as ``stale``.
 """
 
@@ -48,7 +49,8 @@ class DeviceRow:
     ng: int = 0
     last_result: dict | None = None   # {"ts", "score", "ng", "seq"}
     calibration_version: int | None = None
-    threshold: float | None = None
+    threshold: float | None = None    # the one deciding: latest result / telemetry (else the calibration's)
+    calibration_threshold: float | None = None   # the calibration's (a set_threshold without persist differs)
     outbox_depth: int | None = None
     outbox_dropped: int | None = None
     drift: bool | None = None
@@ -171,6 +173,7 @@ class FleetView:
         cal = _int(b.get("calibration_version"))
         if cal is not None:
             row.calibration_version = cal
+        row.threshold = _num(b.get("threshold")) if "threshold" in b else row.threshold
 
     @staticmethod
     def _on_result(row: DeviceRow, b: dict) -> None:
@@ -187,6 +190,7 @@ class FleetView:
         cal = _int(b.get("calibration_version"))
         if cal is not None:
             row.calibration_version = cal
+        row.threshold = _num(b.get("threshold")) if "threshold" in b else row.threshold
 
     @staticmethod
     def _on_event(row: DeviceRow, b: dict) -> None:
@@ -194,8 +198,13 @@ class FleetView:
 
     @staticmethod
     def _on_calibration(row: DeviceRow, b: dict) -> None:
-        row.calibration_version = _int(b.get("version"))
-        row.threshold = _num(b.get("threshold"))
+        version = _int(b.get("version"))
+        row.calibration_threshold = _num(b.get("threshold"))
+        # a new calibration decides from now on; the same one again (retained, after a reconnect) does not
+        # undo a set_threshold without persist that results and telemetry report
+        if row.threshold is None or version != row.calibration_version:
+            row.threshold = row.calibration_threshold
+        row.calibration_version = version
 
     # ------------------------------------------------------------------ output
     def rows(self) -> list[DeviceRow]:
