@@ -1120,3 +1120,14 @@ def test_cli_status_on_a_bundle_folder_and_install_of_a_folder(tiny_bundle, tmp_
     assert res.exit_code == 0, res.output
     res = r.invoke(main, ["bundle", "status", "--deploy", str(tmp_path / "d"), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["health"] == "pending"
+
+
+# ----------------------------------------------------------------------------- update_model's download
+def test_update_model_refuses_a_folder_saying_it_takes_an_archive(tiny_bundle, tmp_path):
+    from edge_ad.runtime.service import _fetch_archive
+
+    for url in (str(tiny_bundle.path), tiny_bundle.path.as_uri()):
+        with pytest.raises(InputError, match="is a folder: update_model takes an archive made by 'edge-ad bundle "
+                                             "pack'") as err:
+            _fetch_archive(url, tmp_path / "downloads", "ab" * 32)
+        assert "update_model: update_model" not in str(err.value) and url in str(err.value)

@@ -800,6 +800,9 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
         dest = Path(parts.path if parts.scheme == "file" else url)
         if parts.scheme == "file" and parts.netloc:
             dest = Path(parts.netloc + parts.path)
+        if dest.is_dir():
+            raise InputError(f"update_model: url {url!r}: {dest} is a folder: update_model takes an archive made "
+                             "by 'edge-ad bundle pack' (its sha256 is the file's)")
         if not dest.is_file():
             raise InputError(f"update_model: archive {dest} not found")
         got = atomic.sha256_file(dest)
