@@ -1131,3 +1131,29 @@ def test_update_model_refuses_a_folder_saying_it_takes_an_archive(tiny_bundle, t
                                              "pack'") as err:
             _fetch_archive(url, tmp_path / "downloads", "ab" * 32)
         assert "update_model: update_model" not in str(err.value) and url in str(err.value)
+
+
+def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        with pytest.raises(RuntimeFailure, match=f"cannot download http://127.0.0.1:{port}/nope.tar: HTTP Error 404"):
+            _fetch_archive(f"http://127.0.0.1:{port}/nope.tar?sig=s3cret", tmp_path / "dl", "ab" * 32)
+        with pytest.raises(RuntimeFailure) as err:
+            _fetch_archive(f"http://bob:pw123@127.0.0.1:{port}/b.tar", tmp_path / "dl", "ab" * 32)
+        assert f"cannot download http://127.0.0.1:{port}/b.tar:" in str(err.value)
+        assert "pw123" not in str(err.value) and "bob" not in str(err.value)
+        with pytest.raises(RuntimeFailure, match="cannot download http://127.0.0.1:8o/b.tar: nonnumeric port"):
+            _fetch_archive("http://127.0.0.1:8o/b.tar", tmp_path / "dl", "ab" * 32)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert not list((tmp_path / "dl").iterdir())                   # no partial download left
