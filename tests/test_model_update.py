@@ -1133,6 +1133,19 @@ def test_update_model_refuses_a_folder_saying_it_takes_an_archive(tiny_bundle, t
         assert "update_model: update_model" not in str(err.value) and url in str(err.value)
 
 
+def test_update_model_takes_the_sha256_in_either_case(tmp_path):
+    import hashlib
+
+    from edge_ad.mqtt import schema
+    from edge_ad.runtime.service import _fetch_archive
+
+    archive = tmp_path / "b.tar"
+    archive.write_bytes(b"not really a tar")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest().upper()
+    schema.validate("cmd.update_model", {"url": str(archive), "sha256": digest})
+    assert _fetch_archive(str(archive), tmp_path / "dl", digest) == archive
+
+
 def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(tmp_path):
     import functools
     import http.server

@@ -87,6 +87,7 @@ def test_unknown_invalid_unavailable_failed_internal():
     assert d.handle(_msg("set_threshold", {})).body["error"]["code"] == "invalid_args"          # required
     assert d.handle(_msg("pause", {"bogus": 1})).body["error"]["code"] == "invalid_args"        # no extras
     assert d.handle(_msg("update_model", {"url": "x", "sha256": "nothex"})).body["error"]["code"] == "invalid_args"
+    assert d.handle(_msg("update_model", {"url": "x", "sha256": "AB" * 32})).body["ok"]      # sha256sum -b | tr
     empty = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
     assert empty.handle(_msg("calibrate")).body["error"]["code"] == "not_available"
 
