@@ -857,6 +857,26 @@ def test_the_same_archive_again_changes_nothing(bundles, golden, tmp_path):
         svc.inspector.backend.close()
 
 
+def test_the_update_model_example_of_the_docs_is_accepted_by_a_default_line(bundles, golden, tmp_path):
+    """docs/mqtt.md's example once carried "precision": "int8" with activate true: refused on every line
+    that does not run int8 (the check must run what will run)."""
+    from edge_ad.atomic import sha256_file
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
+    example = json.loads(re.search(r"\| `update_model` \| yes \| `(\{.*?\})`", doc).group(1))
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    arch = pack_bundle(b.path, tmp_path / "b.tar")
+    shutil.copytree(golden, deploy / "golden")
+    svc = _line(tmp_path, deploy)
+    try:
+        out = svc.update_model({**example, "url": arch.as_uri(), "sha256": sha256_file(arch)})
+        assert out["activated"] is True, out
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_an_install_cleans_what_a_killed_one_left_and_checks_the_free_space(bundles, tmp_path, monkeypatch):
     import collections
 
