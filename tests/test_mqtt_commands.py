@@ -102,6 +102,13 @@ def test_unknown_invalid_unavailable_failed_internal():
     d.register("inspect", lambda args: "not a dict")
     r = _check_reply(d.handle(_msg("calibrate")))
     assert r["error"] == {"code": "failed", "message": "calibrate: camera is gone"}
+    for text in ("calibrate: collected 10 of 30 frames", "calibrate needs a source"):   # named once
+
+        def says(args, text=text):
+            raise RuntimeFailure(text)
+
+        d.register("calibrate", says)
+        assert d.handle(_msg("calibrate")).body["error"]["message"] == text
     assert d.handle(_msg("reload")).body["error"]["code"] == "internal"
     assert d.handle(_msg("inspect")).body["error"]["code"] == "internal"
     assert d.handle(_msg("status")).body["ok"]                       # still working
