@@ -376,6 +376,36 @@ def _wait(pred, timeout=10.0):
     return pred()
 
 
+def test_cli_says_what_to_change_when_a_command_is_unauthorized(mosquitto, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            command_clients=["mes-1"], command_secret="plant-secret", reconnect_min_s=0.1)
+    lk = MqttLink(settings)
+    lk.register_command("pause", lambda args: {"paused": True})
+    lk.start()
+    argv = ["command", "--mqtt", mosquitto.url, "--site", "s", "--device", "d", "--timeout", "5", "pause"]
+    try:
+        monkeypatch.delenv("EDGE_AD_MQTT_COMMAND_SECRET", raising=False)
+        res = CliRunner().invoke(main, argv)
+        assert res.exit_code == 1 and json.loads(res.stdout)["error"]["code"] == "unauthorized", res.output
+        assert "--client-id" in res.stderr and "'edge-ad-cli-" in res.stderr and "not signed" in res.stderr
+        assert "$EDGE_AD_MQTT_COMMAND_SECRET" in res.stderr
+        res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
+        assert res.exit_code == 1 and "HMAC" in json.loads(res.stdout)["error"]["message"]
+        assert "'mes-1'" in res.stderr and "not signed" in res.stderr
+        monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "guess")
+        res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
+        assert res.exit_code == 1 and "was signed" in res.stderr and "clock" in res.stderr
+        monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "plant-secret")
+        res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
+        assert res.exit_code == 0 and res.stderr == "", res.output
+    finally:
+        lk.stop(timeout=2)
+
+
 def test_commands_over_mqtt_311(mosquitto, tmp_path):
     settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
                             protocol="3.1.1", command_secret="k", reconnect_min_s=0.1)

@@ -79,7 +79,7 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
             args):
     """Send command NAME (status, calibrate, set_threshold, pause, ...) with ARGS (a JSON object) to a
     device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
-    the device answers with an error."""
+    the device answers with an error (an 'unauthorized' one with a hint on stderr: --client-id, the secret)."""
     from ..mqtt.requester import CommandClient
     from ..mqtt.topics import check_level
 
@@ -102,4 +102,16 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
         client.stop()
     click.echo(json.dumps(reply, indent=2))
     if not reply.get("ok"):
+        if (reply.get("error") or {}).get("code") == "unauthorized":
+            click.echo(_unauthorized_hint(claim or client.client_id, secret is not None), err=True)
         sys.exit(1)
+
+
+def _unauthorized_hint(claim: str, signed: bool) -> str:
+    """What an operator can change when the device refused the command (allow-list, HMAC)."""
+    secret = ("it was signed with $EDGE_AD_MQTT_COMMAND_SECRET: check that it holds the device's "
+              "mqtt.command_secret and that the device's clock is right" if signed else
+              "it was not signed: set $EDGE_AD_MQTT_COMMAND_SECRET to the device's mqtt.command_secret")
+    return (f"hint: the device refused the command. Its allow-list (mqtt.command_clients) checks the requester "
+            f"id, here {claim!r}: give an allowed one with --client-id. Commands that change state may need "
+            f"an HMAC-SHA256 signature: {secret}.")
