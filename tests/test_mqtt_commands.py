@@ -326,6 +326,7 @@ def test_hmac_refusal_through_the_broker(mosquitto, tmp_path):
     lk = MqttLink(settings)
     lk.register_command("pause", lambda args: {"paused": True})
     lk.start()
+    assert _wait(lambda: lk.connected)       # a command sent before it subscribed would be lost
     try:
         with CommandClient(BrokerSettings(url=mosquitto.url)) as plain, \
                 CommandClient(BrokerSettings(url=mosquitto.url), secret="guess") as wrong, \
@@ -386,6 +387,7 @@ def test_cli_says_what_to_change_when_a_command_is_unauthorized(mosquitto, tmp_p
     lk = MqttLink(settings)
     lk.register_command("pause", lambda args: {"paused": True})
     lk.start()
+    assert _wait(lambda: lk.connected)       # a command sent before it subscribed would be lost
     argv = ["command", "--mqtt", mosquitto.url, "--site", "s", "--device", "d", "--timeout", "5", "pause"]
     try:
         monkeypatch.delenv("EDGE_AD_MQTT_COMMAND_SECRET", raising=False)
@@ -412,6 +414,7 @@ def test_commands_over_mqtt_311(mosquitto, tmp_path):
     lk = MqttLink(settings)
     lk.register_command("set_threshold", lambda args: {"threshold": args["threshold"]})
     lk.start()
+    assert _wait(lambda: lk.connected)       # a command sent before it subscribed would be lost
     try:
         broker = BrokerSettings(url=mosquitto.url, protocol="3.1.1")
         with CommandClient(broker, secret="k") as cc:
