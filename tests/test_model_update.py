@@ -857,6 +857,26 @@ def test_the_same_archive_again_changes_nothing(bundles, golden, tmp_path):
         svc.inspector.backend.close()
 
 
+def test_the_update_model_example_of_the_docs_is_accepted_by_a_default_line(bundles, golden, tmp_path):
+    """docs/mqtt.md's example once carried "precision": "int8" with activate true: refused on every line
+    that does not run int8 (the check must run what will run)."""
+    from edge_ad.atomic import sha256_file
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
+    example = json.loads(re.search(r"\| `update_model` \| yes \| `(\{.*?\})`", doc).group(1))
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    arch = pack_bundle(b.path, tmp_path / "b.tar")
+    shutil.copytree(golden, deploy / "golden")
+    svc = _line(tmp_path, deploy)
+    try:
+        out = svc.update_model({**example, "url": arch.as_uri(), "sha256": sha256_file(arch)})
+        assert out["activated"] is True, out
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_an_install_cleans_what_a_killed_one_left_and_checks_the_free_space(bundles, tmp_path, monkeypatch):
     import collections
 
@@ -1124,3 +1144,53 @@ def test_cli_status_on_a_bundle_folder_and_install_of_a_folder(tiny_bundle, tmp_
         assert res.exit_code == 0 and json.loads(res.stdout)["model_hash"] == tiny_bundle.model_hash(), res.output
     res = r.invoke(main, ["bundle", "status", "--deploy", str(tmp_path / "d"), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["health"] == "pending"
+
+
+# ----------------------------------------------------------------------------- update_model's download
+def test_update_model_refuses_a_folder_saying_it_takes_an_archive(tiny_bundle, tmp_path):
+    from edge_ad.runtime.service import _fetch_archive
+
+    for url in (str(tiny_bundle.path), tiny_bundle.path.as_uri()):
+        with pytest.raises(InputError, match="is a folder: update_model takes an archive made by 'edge-ad bundle "
+                                             "pack'") as err:
+            _fetch_archive(url, tmp_path / "downloads", "ab" * 32)
+        assert "update_model: update_model" not in str(err.value) and url in str(err.value)
+
+
+def test_update_model_takes_the_sha256_in_either_case(tmp_path):
+    import hashlib
+
+    from edge_ad.mqtt import schema
+    from edge_ad.runtime.service import _fetch_archive
+
+    archive = tmp_path / "b.tar"
+    archive.write_bytes(b"not really a tar")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest().upper()
+    schema.validate("cmd.update_model", {"url": str(archive), "sha256": digest})
+    assert _fetch_archive(str(archive), tmp_path / "dl", digest) == archive
+
+
+def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        with pytest.raises(RuntimeFailure, match=f"cannot download http://127.0.0.1:{port}/nope.tar: HTTP Error 404"):
+            _fetch_archive(f"http://127.0.0.1:{port}/nope.tar?sig=s3cret", tmp_path / "dl", "ab" * 32)
+        with pytest.raises(RuntimeFailure) as err:
+            _fetch_archive(f"http://bob:pw123@127.0.0.1:{port}/b.tar", tmp_path / "dl", "ab" * 32)
+        assert f"cannot download http://127.0.0.1:{port}/b.tar:" in str(err.value)
+        assert "pw123" not in str(err.value) and "bob" not in str(err.value)
+        with pytest.raises(RuntimeFailure, match="cannot download http://127.0.0.1:8o/b.tar: nonnumeric port"):
+            _fetch_archive("http://127.0.0.1:8o/b.tar", tmp_path / "dl", "ab" * 32)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert not list((tmp_path / "dl").iterdir())                   # no partial download left

@@ -87,6 +87,7 @@ def test_unknown_invalid_unavailable_failed_internal():
     assert d.handle(_msg("set_threshold", {})).body["error"]["code"] == "invalid_args"          # required
     assert d.handle(_msg("pause", {"bogus": 1})).body["error"]["code"] == "invalid_args"        # no extras
     assert d.handle(_msg("update_model", {"url": "x", "sha256": "nothex"})).body["error"]["code"] == "invalid_args"
+    assert d.handle(_msg("update_model", {"url": "x", "sha256": "AB" * 32})).body["ok"]      # sha256sum -b | tr
     empty = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
     assert empty.handle(_msg("calibrate")).body["error"]["code"] == "not_available"
 
@@ -101,6 +102,13 @@ def test_unknown_invalid_unavailable_failed_internal():
     d.register("inspect", lambda args: "not a dict")
     r = _check_reply(d.handle(_msg("calibrate")))
     assert r["error"] == {"code": "failed", "message": "calibrate: camera is gone"}
+    for text in ("calibrate: collected 10 of 30 frames", "calibrate needs a source"):   # named once
+
+        def says(args, text=text):
+            raise RuntimeFailure(text)
+
+        d.register("calibrate", says)
+        assert d.handle(_msg("calibrate")).body["error"]["message"] == text
     assert d.handle(_msg("reload")).body["error"]["code"] == "internal"
     assert d.handle(_msg("inspect")).body["error"]["code"] == "internal"
     assert d.handle(_msg("status")).body["ok"]                       # still working
@@ -318,6 +326,7 @@ def test_hmac_refusal_through_the_broker(mosquitto, tmp_path):
     lk = MqttLink(settings)
     lk.register_command("pause", lambda args: {"paused": True})
     lk.start()
+    assert _wait(lambda: lk.connected)       # a command sent before it subscribed would be lost
     try:
         with CommandClient(BrokerSettings(url=mosquitto.url)) as plain, \
                 CommandClient(BrokerSettings(url=mosquitto.url), secret="guess") as wrong, \
@@ -331,12 +340,81 @@ def test_hmac_refusal_through_the_broker(mosquitto, tmp_path):
         lk.stop(timeout=2)
 
 
+def test_a_command_that_timed_out_on_an_offline_device_does_not_run_when_it_comes_back(mosquitto, tmp_path):
+    """The request's message expiry is its reply timeout: the broker drops a command it could not deliver
+    in time, so the requester's "no reply" does not turn into the command running hours later."""
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1)
+    calls = []
+
+    def start():
+        lk = MqttLink(settings)
+        lk.register_command("pause", lambda args: calls.append(args) or {"paused": True})
+        lk.start()
+        assert _wait(lambda: lk.connected)
+        return lk
+
+    start().stop(timeout=2)                       # the device has a persistent session, and is offline
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        with pytest.raises(RuntimeFailure) as err:
+            cc.call("s", "d", "pause", {"reason": "late"}, timeout=0.5)
+        msg = str(err.value)
+        assert "offline" in msg and "still running" in msg and "calibrate" in msg and "status" in msg
+        assert "--timeout" in msg and "drops the command after 1 s" in msg
+        time.sleep(1.6)                           # the broker's clock is in whole seconds: 1 s expiry, +1
+        lk = start()
+        try:
+            assert cc.call("s", "d", "status", timeout=5)["ok"]   # commands run in order: pause came first
+            assert calls == []
+        finally:
+            lk.stop(timeout=2)
+
+
+def _wait(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pred()
+
+
+def test_cli_says_what_to_change_when_a_command_is_unauthorized(mosquitto, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            command_clients=["mes-1"], command_secret="plant-secret", reconnect_min_s=0.1)
+    lk = MqttLink(settings)
+    lk.register_command("pause", lambda args: {"paused": True})
+    lk.start()
+    assert _wait(lambda: lk.connected)       # a command sent before it subscribed would be lost
+    argv = ["command", "--mqtt", mosquitto.url, "--site", "s", "--device", "d", "--timeout", "5", "pause"]
+    try:
+        monkeypatch.delenv("EDGE_AD_MQTT_COMMAND_SECRET", raising=False)
+        res = CliRunner().invoke(main, argv)
+        assert res.exit_code == 1 and json.loads(res.stdout)["error"]["code"] == "unauthorized", res.output
+        assert "--client-id" in res.stderr and "'edge-ad-cli-" in res.stderr and "not signed" in res.stderr
+        assert "$EDGE_AD_MQTT_COMMAND_SECRET" in res.stderr
+        res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
+        assert res.exit_code == 1 and "HMAC" in json.loads(res.stdout)["error"]["message"]
+        assert "'mes-1'" in res.stderr and "not signed" in res.stderr
+        monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "guess")
+        res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
+        assert res.exit_code == 1 and "was signed" in res.stderr and "clock" in res.stderr
+        monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "plant-secret")
+        res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
+        assert res.exit_code == 0 and res.stderr == "", res.output
+    finally:
+        lk.stop(timeout=2)
+
+
 def test_commands_over_mqtt_311(mosquitto, tmp_path):
     settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
                             protocol="3.1.1", command_secret="k", reconnect_min_s=0.1)
     lk = MqttLink(settings)
     lk.register_command("set_threshold", lambda args: {"threshold": args["threshold"]})
     lk.start()
+    assert _wait(lambda: lk.connected)       # a command sent before it subscribed would be lost
     try:
         broker = BrokerSettings(url=mosquitto.url, protocol="3.1.1")
         with CommandClient(broker, secret="k") as cc:

@@ -82,6 +82,22 @@ def test_retained_messages_do_not_make_an_offline_device_look_just_seen():
     assert row.last_seen == 1000.0
 
 
+def test_the_threshold_shown_is_the_one_deciding():
+    """set_threshold without persist: results and telemetry decide with 0.15, the calibration still says 0.5."""
+    view = FleetView(clock=lambda: 1000.0)
+    row = view.consume(f"{B}/p1/cam1/calibration", _j({"version": 4, "threshold": 0.5}), retained=True)
+    assert (row.threshold, row.calibration_threshold) == (0.5, 0.5)          # nothing live yet
+    view.consume(f"{B}/p1/cam1/result", _j({"score": 0.2, "ng": True, "threshold": 0.15, "calibration_version": 4}))
+    assert (row.threshold, row.calibration_threshold) == (0.15, 0.5)
+    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 4, "threshold": 0.5}), retained=True)  # reconnect
+    view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 3}))                       # no threshold: unchanged
+    assert row.threshold == 0.15 and row.to_dict()["threshold"] == 0.15
+    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 5, "threshold": 0.4}))  # a new one decides
+    assert (row.threshold, row.calibration_threshold, row.calibration_version) == (0.4, 0.4, 5)
+    view.consume(f"{B}/p1/cam1/telemetry", _j({"threshold": 0.3}))
+    assert row.threshold == 0.3
+
+
 def test_home_assistant_node_ids_do_not_collide():
     ids = {node_id("plant1", "line3_cam1"), node_id("plant1_line3", "cam1"), node_id("plant1.line3", "cam1")}
     assert len(ids) == 3 and all(i.startswith("edge_ad_plant1") for i in ids)
@@ -120,6 +136,39 @@ def test_run_monitor_streams_json_lines(mosquitto, tmp_path):
     assert last["last_result"]["score"] == 0.3 and last["drift"] is False and last["outbox_depth"] == 0
     assert view.rows()[0].model_hash == "h1"
     link.stop()
+
+
+def test_run_monitor_says_when_it_loses_the_broker_and_rows_recover(mosquitto, tmp_path):
+    link = _link(mosquitto.url, tmp_path, "cam1", reconnect_max_s=0.5)
+    assert _wait(lambda: link.connected)
+    out, table, stop = io.StringIO(), io.StringIO(), threading.Event()
+    lines = lambda: [json.loads(x) for x in out.getvalue().splitlines()]   # noqa: E731
+    broker = BrokerSettings(url=mosquitto.url, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    watch = threading.Thread(target=run_monitor, args=(broker,), daemon=True,
+                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop})
+    tty = threading.Thread(target=run_monitor, args=(broker,), daemon=True,
+                           kwargs={"site": "p1", "out": table, "live": True, "interval": 0.1, "stop": stop})
+    watch.start()
+    tty.start()
+    try:
+        frame = lambda: table.getvalue().rsplit("\x1b[2J", 1)[-1]           # noqa: E731
+        assert _wait(lambda: any(x.get("state") == "online" for x in lines()) and " online " in frame())
+        mosquitto.stop()
+        assert _wait(lambda: any(x.get("monitor") == "disconnected" for x in lines()))
+        assert _wait(lambda: "DISCONNECTED from broker since" in table.getvalue())
+        mosquitto.start()
+        # the retained birth comes again after the reconnect: the row reads online again
+        assert _wait(lambda: any(x.get("monitor") == "reconnected" for x in lines()))
+        assert _wait(lambda: lines()[-1].get("state") == "online" and "device" in lines()[-1]), lines()
+        assert _wait(lambda: "DISCONNECTED" not in frame() and " online " in frame()), frame()
+    finally:
+        stop.set()
+        watch.join(5)
+        tty.join(5)
+        link.stop()
+    notes = [x for x in lines() if "monitor" in x]
+    assert [x["monitor"] for x in notes] == ["disconnected", "reconnected"]
+    assert notes[0]["broker"] == mosquitto.url and notes[0]["reason"] and notes[1]["down_s"] >= 0
 
 
 def test_cli_monitor_and_command(mosquitto, tmp_path):

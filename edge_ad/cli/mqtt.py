@@ -42,7 +42,8 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
 @main.command("monitor")
 @_broker_options
 @click.option("--site", default=None, help="Only this site (default: every site).")
-@click.option("--json", "as_json", is_flag=True, help="Stream one JSON line per device update instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Stream one JSON line per device update instead of a table (and one when the monitor "
+                   "loses or regains the broker: {\"monitor\": \"disconnected\" | \"reconnected\", ...}).")
 @click.option("--duration", type=Seconds(min=0), default=None,
               help="Stop after this many seconds (default: until Ctrl-C).")
 @click.option("--interval", type=Seconds(min=0.1), default=1.0, show_default=True,
@@ -52,7 +53,8 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
 def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, site, as_json, duration, interval,
             stale_after):
     """Live table of every device under edge-ad/v1/<site>/<device>/: online or offline, fps, latency,
-    NG rate, last result, calibration version, outbox depth, drift."""
+    NG rate, last result, calibration version, outbox depth, drift. A lost broker connection is shown
+    (and retried) until it is back."""
     from ..mqtt.monitor import run_monitor
     from ..mqtt.topics import check_level
 
@@ -68,7 +70,8 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
 @click.option("--site", required=True, help="Site of the device.")
 @click.option("--device", required=True, help="Device name.")
 @click.option("--timeout", type=Seconds(min=0.1), default=30.0, show_default=True,
-              help="Seconds to wait for the reply.")
+              help="Seconds to wait for the reply. MQTT v5: also the command's message expiry (rounded up): "
+                   "the broker drops a command it could not deliver by then, so it never runs late.")
 @click.option("--client-id", "claim", default=None, help="Requester id the device's allow-list checks.")
 @click.argument("name")
 @click.argument("args", required=False)
@@ -76,7 +79,7 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
             args):
     """Send command NAME (status, calibrate, set_threshold, pause, ...) with ARGS (a JSON object) to a
     device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
-    the device answers with an error."""
+    the device answers with an error (an 'unauthorized' one with a hint on stderr: --client-id, the secret)."""
     from ..mqtt.requester import CommandClient
     from ..mqtt.topics import check_level
 
@@ -99,4 +102,16 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
         client.stop()
     click.echo(json.dumps(reply, indent=2))
     if not reply.get("ok"):
+        if (reply.get("error") or {}).get("code") == "unauthorized":
+            click.echo(_unauthorized_hint(claim or client.client_id, secret is not None), err=True)
         sys.exit(1)
+
+
+def _unauthorized_hint(claim: str, signed: bool) -> str:
+    """What an operator can change when the device refused the command (allow-list, HMAC)."""
+    secret = ("it was signed with $EDGE_AD_MQTT_COMMAND_SECRET: check that it holds the device's "
+              "mqtt.command_secret and that the device's clock is right" if signed else
+              "it was not signed: set $EDGE_AD_MQTT_COMMAND_SECRET to the device's mqtt.command_secret")
+    return (f"hint: the device refused the command. Its allow-list (mqtt.command_clients) checks the requester "
+            f"id, here {claim!r}: give an allowed one with --client-id. Commands that change state may need "
+            f"an HMAC-SHA256 signature: {secret}.")

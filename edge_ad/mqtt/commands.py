@@ -328,7 +328,10 @@ class Dispatcher:
         try:
             out = spec.handler(args)
         except EdgeADError as exc:
-            raise CommandError("failed", f"{spec.name}: {exc}") from None
+            text = str(exc)
+            if not text.startswith((f"{spec.name}:", f"{spec.name} ")):   # many messages name it already
+                text = f"{spec.name}: {text}"
+            raise CommandError("failed", text) from None
         except Exception as exc:  # a handler bug must not stop the command loop
             log.exception("command %s: handler raised", spec.name)
             raise CommandError("internal", f"{spec.name}: {type(exc).__name__}: {exc}") from None

@@ -4,7 +4,8 @@
 :func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad
 monitor``. Sources per column: state from the retained ``status`` (birth / will), fps, latency, NG rate,
 outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
-the retained ``calibration`` (else the birth message). A device that is ``online`` but silent for
+the retained ``calibration`` (else the birth message), the threshold deciding from the latest result or
+telemetry (else the calibration's; the calibration's is kept as ``calibration_threshold``). A device that is ``online`` but silent for
 ``stale_after_s`` shows as ``stale``.
 """
 
@@ -48,7 +49,8 @@ class DeviceRow:
     ng: int = 0
     last_result: dict | None = None   # {"ts", "score", "ng", "seq"}
     calibration_version: int | None = None
-    threshold: float | None = None
+    threshold: float | None = None    # the one deciding: latest result / telemetry (else the calibration's)
+    calibration_threshold: float | None = None   # the calibration's (a set_threshold without persist differs)
     outbox_depth: int | None = None
     outbox_dropped: int | None = None
     drift: bool | None = None
@@ -171,6 +173,7 @@ class FleetView:
         cal = _int(b.get("calibration_version"))
         if cal is not None:
             row.calibration_version = cal
+        row.threshold = _num(b.get("threshold")) if "threshold" in b else row.threshold
 
     @staticmethod
     def _on_result(row: DeviceRow, b: dict) -> None:
@@ -187,6 +190,7 @@ class FleetView:
         cal = _int(b.get("calibration_version"))
         if cal is not None:
             row.calibration_version = cal
+        row.threshold = _num(b.get("threshold")) if "threshold" in b else row.threshold
 
     @staticmethod
     def _on_event(row: DeviceRow, b: dict) -> None:
@@ -194,8 +198,13 @@ class FleetView:
 
     @staticmethod
     def _on_calibration(row: DeviceRow, b: dict) -> None:
-        row.calibration_version = _int(b.get("version"))
-        row.threshold = _num(b.get("threshold"))
+        version = _int(b.get("version"))
+        row.calibration_threshold = _num(b.get("threshold"))
+        # a new calibration decides from now on; the same one again (retained, after a reconnect) does not
+        # undo a set_threshold without persist that results and telemetry report
+        if row.threshold is None or version != row.calibration_version:
+            row.threshold = row.calibration_threshold
+        row.calibration_version = version
 
     # ------------------------------------------------------------------ output
     def rows(self) -> list[DeviceRow]:
@@ -234,14 +243,31 @@ def render_table(rows: list[DeviceRow], now: float, stale_after_s: float = 60.0)
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
+def _clock_time(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def broker_line(down_since: float | None) -> str:
+    """The table's note on the monitor's own connection: empty while connected."""
+    if down_since is None:
+        return ""
+    return f"DISCONNECTED from broker since {_clock_time(down_since)}, reconnecting (rows show what was last seen)"
+
+
 def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: bool = False,
                 duration: float | None = None, interval: float = 1.0, stale_after_s: float = 60.0,
-                out: TextIO | None = None, live: bool | None = None, connect_timeout: float = 10.0) -> FleetView:
-    """Watch the fleet until ``duration`` s pass (forever when None) or Ctrl-C.
+                out: TextIO | None = None, live: bool | None = None, connect_timeout: float = 10.0,
+                stop: threading.Event | None = None) -> FleetView:
+    """Watch the fleet until ``duration`` s pass (forever when None), ``stop`` is set, or Ctrl-C.
 
     ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
     ``interval`` s when ``live`` (default: ``out`` is a terminal); else printed once at the end when a
     ``duration`` is given, or after each change (at most every ``interval`` s) when not.
+
+    When the monitor loses the broker it reconnects by itself and says so: the table gets a
+    ``DISCONNECTED from broker since HH:MM:SS`` line, ``as_json`` writes ``{"monitor": "disconnected", ...}``
+    and then ``{"monitor": "reconnected", ...}``; after the reconnect it subscribes again, and the broker
+    sends the retained status and calibration of every device again.
     """
     out = out or sys.stdout
     live = out.isatty() if live is None else live
@@ -250,6 +276,14 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     connected = threading.Event()
     problem: list[str] = []
     dirty = threading.Event()
+    stop = stop or threading.Event()
+    down: dict[str, Any] = {"since": None, "stopping": False}   # the monitor's own link to the broker
+
+    def note(state: str, **extra) -> None:   # a JSON line about the monitor's connection (under lock)
+        if as_json:
+            line = {"monitor": state, "broker": broker.safe_url, "ts": _iso(time.time()), **extra}
+            out.write(json.dumps(line, separators=(",", ":")) + "\n")
+            out.flush()
 
     def on_connect(client, userdata, flags, reason_code, properties):
         if reason_failed(reason_code):
@@ -260,7 +294,24 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
             client.subscribe(filt, options=SubscribeOptions(qos=1))
         else:
             client.subscribe(filt, qos=1)
+        with lock:
+            since = down["since"]
+            if since is not None:
+                down["since"] = None
+                log.warning("monitor: reconnected to %s", broker.safe_url)
+                note("reconnected", since=_iso(since), down_s=round(time.time() - since, 3))
+        dirty.set()
         connected.set()
+
+    def on_disconnect(client, userdata, flags, reason_code, properties):
+        with lock:
+            if down["stopping"] or down["since"] is not None or not connected.is_set():
+                return
+            down["since"] = time.time()
+            log.warning("monitor: disconnected from %s (%s); reconnecting", broker.safe_url,
+                        reason_text(reason_code))
+            note("disconnected", since=_iso(down["since"]), reason=reason_text(reason_code))
+        dirty.set()
 
     def on_message(client, userdata, message):
         try:   # an exception here would end paho's network thread: the view would freeze silently
@@ -278,6 +329,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
 
     client = make_client(broker, f"edge-ad-monitor-{uuid.uuid4().hex[:10]}", persistent=False, jitter=False)
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.on_message = on_message
     connect_async(client, broker, clean_start=True)
     client.loop_start()
@@ -291,7 +343,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
         end = None if duration is None else time.monotonic() + duration
         last_draw = float("-inf")
         pending = False
-        while end is None or time.monotonic() < end:
+        while (end is None or time.monotonic() < end) and not stop.is_set():
             wait = interval if end is None else max(0.0, min(interval, end - time.monotonic()))
             if dirty.wait(wait):
                 dirty.clear()
@@ -302,15 +354,15 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
             since = now - last_draw
             if live and since >= 0.2 and (pending or since >= interval):
                 with lock:
-                    text = view.table()
-                out.write("\x1b[H\x1b[2J" + f"edge-ad monitor  {broker.safe_url}  {_iso(time.time())}\n\n"
-                          + text + "\n")
+                    text, note_line = view.table(), broker_line(down["since"])
+                out.write("\x1b[H\x1b[2J" + f"edge-ad monitor  {broker.safe_url}  {_iso(time.time())}\n"
+                          + (f"{note_line}\n" if note_line else "") + "\n" + text + "\n")
                 out.flush()
                 last_draw, pending = now, False
             elif not live and duration is None and pending and since >= interval:
                 with lock:
-                    text = view.table()
-                out.write(text + "\n\n")
+                    text, note_line = view.table(), broker_line(down["since"])
+                out.write((f"{note_line}\n" if note_line else "") + text + "\n\n")
                 out.flush()
                 last_draw, pending = now, False
     except KeyboardInterrupt:
@@ -318,9 +370,12 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     else:
         if not as_json and not live and duration is not None:
             with lock:
-                out.write(view.table() + "\n")
+                note_line = broker_line(down["since"])
+                out.write((f"{note_line}\n" if note_line else "") + view.table() + "\n")
             out.flush()
     finally:
+        with lock:
+            down["stopping"] = True
         client.disconnect()
         client.loop_stop()
     return view

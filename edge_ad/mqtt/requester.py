@@ -2,12 +2,16 @@
 
 MQTT v5: the request carries a response topic (``edge-ad/replies/<client id>``) and correlation data; the
 device answers there with the same correlation data. MQTT 3.1.1: the same travel as the payload fields
-``reply_to`` and ``correlation_id``. With a shared secret the payload gets ``ts`` and an HMAC-SHA256
+``reply_to`` and ``correlation_id``. MQTT v5: the request also carries a message expiry equal to the reply
+timeout (rounded up, at least 1 s), so a command the broker could not deliver in that time (the device
+is offline) is dropped instead of running when the device comes back; MQTT 3.1.1 has no expiry. With a
+shared secret the payload gets ``ts`` and an HMAC-SHA256
 (v5 user property ``hmac-sha256``; 3.1.1: the signed form).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -25,6 +29,11 @@ from .settings import BrokerSettings, Protocol
 from .topics import Topics, check_level
 
 REPLY_ROOT = "edge-ad/replies"
+
+
+def expiry_s(timeout: float) -> int:
+    """The message expiry (MQTT v5) of a request whose reply is awaited ``timeout`` s: at least 1 s."""
+    return max(1, math.ceil(timeout))
 
 
 class CommandClient:
@@ -100,8 +109,9 @@ class CommandClient:
 
     # ------------------------------------------------------------------ requests
     def build(self, topic: str, name: str, args: Mapping[str, Any] | None, correlation: str,
-              claim: str | None = None) -> tuple[bytes, Properties | None]:
-        """The payload and (v5) properties of one request to ``topic`` (``cmd/<name>`` of a device)."""
+              claim: str | None = None, timeout: float | None = None) -> tuple[bytes, Properties | None]:
+        """The payload and (v5) properties of one request to ``topic`` (``cmd/<name>`` of a device).
+        ``timeout``: how long the reply is awaited, the request's message expiry (v5; see :func:`expiry_s`)."""
         body: dict[str, Any] = dict(args or {})
         if self.secret is not None:
             body["ts"] = time.time()
@@ -117,6 +127,8 @@ class CommandClient:
             props.ResponseTopic = self.reply_topic
             props.CorrelationData = correlation.encode("utf-8")
             props.ContentType = "application/json"
+            if timeout is not None:
+                props.MessageExpiryInterval = expiry_s(timeout)
             user = []
             if claim is not None:
                 user.append(("client_id", claim))
@@ -136,8 +148,21 @@ class CommandClient:
             check_level(value, what)
         corr = uuid.uuid4().hex
         topic = Topics(site, device).cmd(name)
-        data, props = self.build(topic, name, args, corr, claim if claim is not None else self.client_id)
+        data, props = self.build(topic, name, args, corr, claim if claim is not None else self.client_id,
+                                 timeout=timeout)
         return self.send_raw(topic, data, corr, props, timeout=timeout)
+
+    def _no_reply(self, topic: str, timeout: float) -> str:
+        if self.v5:
+            offline = (f"offline (the broker drops the command after {expiry_s(timeout)} s, so it will not "
+                       "run when the device comes back)")
+        else:
+            offline = ("offline (MQTT 3.1.1 has no message expiry: a device with a persistent session runs the "
+                       "command when it comes back)")
+        return (f"no reply on {self.reply_topic} to {topic} within {timeout:g} s: the device may be {offline}, "
+                "or still running the command (calibrate and update_model can take minutes), or the "
+                "site / device may be wrong. Check the device's retained status or send 'status' before "
+                "resending, or wait longer (--timeout).")
 
     def send_raw(self, topic: str, data: bytes, correlation: str, properties: Properties | None = None, *,
                  timeout: float = 10.0) -> dict:
@@ -149,14 +174,14 @@ class CommandClient:
             properties = Properties(PacketTypes.PUBLISH)
             properties.ResponseTopic = self.reply_topic
             properties.CorrelationData = correlation.encode("utf-8")
+            properties.MessageExpiryInterval = expiry_s(timeout)
         event = threading.Event()
         with self._lock:
             self._waiting[correlation] = event
         try:
             client.publish(topic, data, qos=1, properties=properties)
             if not event.wait(timeout):
-                raise RuntimeFailure(f"no reply on {self.reply_topic} to {topic} within {timeout:g} s "
-                                     "(device offline, wrong site/device, or reply routing)")
+                raise RuntimeFailure(self._no_reply(topic, timeout))
             with self._lock:
                 return self._replies.pop(correlation)
         finally:

@@ -774,6 +774,7 @@ class Service:
 def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
     """A local copy of a bundle archive (file://, a path, or http(s)://), checked against ``sha256``."""
     import hashlib
+    import http.client
     import urllib.request
     from urllib.parse import urlsplit
 
@@ -790,9 +791,10 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
                 while chunk := r.read(1 << 20):
                     h.update(chunk)
                     fh.write(chunk)
-        except OSError as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:   # e.g. InvalidURL (a bad port)
             tmp.unlink(missing_ok=True)
-            raise RuntimeFailure(f"update_model: cannot download {parts.scheme}://{parts.hostname}{parts.path}: "
+            where = parts.netloc.rsplit("@", 1)[-1]   # host[:port], without user name and password
+            raise RuntimeFailure(f"update_model: cannot download {parts.scheme}://{where}{parts.path}: "
                                  f"{exc}") from exc
         os.replace(tmp, dest)
         got = h.hexdigest()
@@ -800,6 +802,9 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
         dest = Path(parts.path if parts.scheme == "file" else url)
         if parts.scheme == "file" and parts.netloc:
             dest = Path(parts.netloc + parts.path)
+        if dest.is_dir():
+            raise InputError(f"update_model: url {url!r}: {dest} is a folder: update_model takes an archive made "
+                             "by 'edge-ad bundle pack' (its sha256 is the file's)")
         if not dest.is_file():
             raise InputError(f"update_model: archive {dest} not found")
         got = atomic.sha256_file(dest)
