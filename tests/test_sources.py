@@ -57,6 +57,16 @@ def test_parse_every_scheme():
     ("v4l2:///dev/video0?width=-1", ["width", "positive"]),
     ("csi://0?flip=9", ["flip", "0..7"]),
     ("csi://left", ["not an index"]),
+    ("csi://0?aelock=maybe", ["aelock", "not a boolean", "true/false"]),
+    ("csi://0?awblock=2", ["awblock", "not a boolean"]),
+    ("csi://0?exposuretimerange=20000000", ["exposuretimerange", "not a range", '"LOW HIGH"', "20000000+20000000"]),
+    ("csi://0?exposuretimerange=1+2+3", ["exposuretimerange", "not a range"]),
+    ("csi://0?gainrange=low+high", ["gainrange", "not a range", "two numbers"]),
+    ("csi://0?gainrange=4+1", ["gainrange", "LOW 4 is above HIGH 1"]),
+    ("csi://0?gainrange=0+1", ["gainrange", "> 0"]),
+    ("csi://0?exposuretimerange=-5+10", ["exposuretimerange", "> 0"]),
+    ("csi://0?ispdigitalgainrange=1+300", ["ispdigitalgainrange", "1..256"]),
+    ("csi://0?exposure=10", ["unknown option", "exposure", "aelock", "exposuretimerange"]),
     ("rtsp:///stream", ["no host"]),
     ("rtsp://cam:99999/x", ["port"]),
     ("file://", ["no path"]),
@@ -135,6 +145,33 @@ def test_csi_pipeline_and_missing_gstreamer():
         check_startup(parse_uri("csi://0"))
     msg = str(ei.value)
     assert "GStreamer" in msg and "--system-site-packages" in msg
+
+
+def test_csi_exposure_and_white_balance_lock_reach_nvarguscamerasrc(monkeypatch):
+    # jetson/CAMERAS.md: lock exposure with aelock/awblock, or fix exposuretimerange/gainrange
+    import edge_ad.runtime.sources as sources
+
+    monkeypatch.setattr(sources, "has_gstreamer", lambda: True)
+    uri = ('csi://1?width=1280&height=720&fps=60&aelock=true&awblock=1&exposuretimerange=20000000+20000000'
+           '&gainrange=%221%201%22&ispdigitalgainrange=1%202.5')
+    spec = parse_uri(uri)
+    assert spec.options["aelock"] is True and spec.options["gainrange"] == (1.0, 1.0)
+    (pipe, _api), _params = open_source(spec)._capture_args()
+    src = pipe.split(" ! ")[0]
+    assert src == ('nvarguscamerasrc sensor-id=1 aelock=true awblock=true exposuretimerange="20000000 20000000" '
+                   'gainrange="1 1" ispdigitalgainrange="1 2.5"'), src
+    # false is passed as given; options left out leave the plugin's defaults
+    (pipe, _api), _params = open_source("csi://0?aelock=0")._capture_args()
+    assert pipe.startswith("nvarguscamerasrc sensor-id=0 aelock=false ! ")
+    assert csi_pipeline(0, 1920, 1080, 30).startswith("nvarguscamerasrc sensor-id=0 ! ")
+    # the URIs jetson/CAMERAS.md shows are ones edge-ad accepts
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "jetson" / "CAMERAS.md").read_text()
+    shown = re.findall(r"csi://\d[^\s\"`)]*", doc)
+    assert any("aelock=true" in u for u in shown) and any("exposuretimerange=" in u for u in shown)
+    for u in shown:
+        parse_uri(u)
 
 
 # ----------------------------------------------------------------------------- real files and folders

@@ -4,7 +4,9 @@
 ``v4l2:///dev/video0`` / ``v4l2://0``  USB / V4L2 camera (path or index). Options: width, height,
                                        fps, fourcc (e.g. MJPG), buffer.
 ``csi://0``                            Jetson CSI camera through GStreamer ``nvarguscamerasrc``.
-                                       Options: width, height, fps, flip (0-7), sensor_mode.
+                                       Options: width, height, fps, flip (0-7), sensor_mode, and the
+                                       Argus controls aelock, awblock, exposuretimerange, gainrange,
+                                       ispdigitalgainrange (ranges "LOW HIGH").
 ``rtsp://[user:pass@]host[:port]/...`` RTSP (FFmpeg). The query string belongs to the camera's URL.
 ``file://clip.mp4``                    A video file (relative or ``file:///abs/path``). Options:
                                        loop=1, fps=N|native (pace like a camera; default: as fast as
@@ -111,11 +113,40 @@ def _nonneg_int(v: str) -> int:
     return i
 
 
+def _range(example: str, bounds: tuple[float, float] | None = None) -> Callable[[str], tuple[float, float]]:
+    """An nvarguscamerasrc range property: "LOW HIGH", two numbers > 0 (within ``bounds`` if given) with
+    LOW <= HIGH. Quotes around it are allowed: the plugin ignores them too."""
+    expected = f"both numbers in {bounds[0]:g}..{bounds[1]:g}" if bounds else "both numbers > 0"
+
+    def conv(v: str) -> tuple[float, float]:
+        try:
+            lo, hi = (_finite(p) for p in v.replace('"', " ").replace("'", " ").split())
+        except ValueError:
+            raise ValueError(f"'{v}' is not a range; expected \"LOW HIGH\": two numbers separated by a space "
+                             f"(+ or %20 in a URI), e.g. {example}") from None
+        if not all(bounds[0] <= x <= bounds[1] if bounds else x > 0 for x in (lo, hi)):
+            raise ValueError(f"'{v}': expected {expected}")
+        if lo > hi:
+            raise ValueError(f"'{v}': LOW {lo:g} is above HIGH {hi:g}; expected \"LOW HIGH\" with LOW <= HIGH")
+        return lo, hi
+
+    return conv
+
+
+# nvarguscamerasrc properties a csi:// URI may set (gst-inspect-1.0 nvarguscamerasrc): exposure in ns, gains
+# as factors. The plugin drops a malformed range, or an ISP digital gain range outside 1..256, with a line on
+# stdout and goes on with auto exposure: so they are checked here, when the URI is read.
+_ARGUS_CONTROLS = {"aelock": (_bool, None), "awblock": (_bool, None),
+                   "exposuretimerange": (_range("20000000+20000000 (ns)"), None),
+                   "gainrange": (_range("1+1"), None),
+                   "ispdigitalgainrange": (_range("1+1", (1.0, 256.0)), None)}
+
+
 _OPTIONS: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
     "v4l2": {"width": (_pos_int, None), "height": (_pos_int, None), "fps": (_pos_float, None),
              "fourcc": (_fourcc, None), "buffer": (_pos_int, None)},
     "csi": {"width": (_pos_int, 1920), "height": (_pos_int, 1080), "fps": (_pos_int, 30),
-            "flip": (_flip, 0), "sensor_mode": (int, -1)},
+            "flip": (_flip, 0), "sensor_mode": (int, -1), **_ARGUS_CONTROLS},
     "rtsp": {},
     "rtsps": {},
     "file": {"loop": (_bool, False), "fps": (_fps, 0.0)},
@@ -349,9 +380,25 @@ def has_gstreamer() -> bool:
     return False
 
 
-def csi_pipeline(sensor: int, width: int, height: int, fps: int, flip: int = 0, sensor_mode: int = -1) -> str:
-    """The GStreamer pipeline for a Jetson CSI camera (Argus), ending in a BGR appsink."""
+def _gst_value(v: Any) -> str:
+    """A property value as gst-launch syntax: booleans true/false, a (low, high) range quoted "low high"."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple):
+        return '"' + " ".join(f"{x:.0f}" if float(x).is_integer() else repr(float(x)) for x in v) + '"'
+    return str(v)
+
+
+def csi_pipeline(sensor: int, width: int, height: int, fps: int, flip: int = 0, sensor_mode: int = -1,
+                 **controls: Any) -> str:
+    """The GStreamer pipeline for a Jetson CSI camera (Argus), ending in a BGR appsink. ``controls``:
+    nvarguscamerasrc properties of :data:`_ARGUS_CONTROLS` (``aelock=True``, ``gainrange=(1.0, 1.0)``);
+    None leaves one at the plugin's default."""
+    unknown = sorted(set(controls) - set(_ARGUS_CONTROLS))
+    if unknown:
+        raise TypeError(f"csi_pipeline: unknown control(s) {', '.join(unknown)}; expected {', '.join(_ARGUS_CONTROLS)}")
     mode = f" sensor-mode={sensor_mode}" if sensor_mode >= 0 else ""
+    mode += "".join(f" {k}={_gst_value(v)}" for k, v in controls.items() if v is not None)
     return (f"nvarguscamerasrc sensor-id={sensor}{mode} ! "
             f"video/x-raw(memory:NVMM), width=(int){width}, height=(int){height}, "
             f"framerate=(fraction){fps}/1, format=(string)NV12 ! "
@@ -383,7 +430,8 @@ class OpenCVSource(Source):
                     "cameras need (nvarguscamerasrc). On a Jetson use the system OpenCV from JetPack: create "
                     "the venv with --system-site-packages and 'pip uninstall opencv-python-headless' in it "
                     "(see jetson/README.md), or use v4l2:// for a USB camera.")
-            pipe = csi_pipeline(int(s.target), o["width"], o["height"], o["fps"], o["flip"], o["sensor_mode"])
+            pipe = csi_pipeline(int(s.target), o["width"], o["height"], o["fps"], o["flip"], o["sensor_mode"],
+                                **{k: o[k] for k in _ARGUS_CONTROLS if k in o})
             return (pipe, cv2.CAP_GSTREAMER), []
         if s.scheme == "v4l2":
             dev = int(s.target) if s.target.isdigit() else s.target
