@@ -1194,3 +1194,175 @@ def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(t
         srv.shutdown()
         srv.server_close()
     assert not list((tmp_path / "dl").iterdir())                   # no partial download left
+
+
+# ----------------------------------------------------------------------------- TensorRT lines: orchestration
+# TensorRT is not installable here: these tests fake edge_ad.compile.tensorrt.compile_bundle (it records its
+# calls and drops a placeholder engine) and run the line's "tensorrt" backend on ONNX Runtime. They check what
+# the install does around the engine build, not TensorRT (tests/test_tensorrt.py runs the real one).
+@pytest.fixture
+def trt_line(monkeypatch):
+    """calls: one dict per compile_bundle call; order: "compile" / "open" as they happen. Set
+    ``fail`` to an exception to make the build fail."""
+    import edge_ad.compile.tensorrt as trt_compile
+    import edge_ad.runtime.backends as backends
+
+    state = {"calls": [], "order": [], "fail": None}
+    real_open = backends.open_backend
+
+    def fake_compile(bundle, precision="best", device=0, calib_dir=None, progress=True, **kw):
+        state["order"].append("compile")
+        state["calls"].append({"path": Path(bundle.path), "precision": precision, "device": device,
+                               "calib_dir": calib_dir, "progress": progress})
+        if state["fail"] is not None:
+            raise state["fail"]
+        bundle.engines_dir.mkdir(exist_ok=True)
+        (bundle.engines_dir / f"x-{precision}.engine").write_bytes(b"placeholder")
+        bundle.add_file("quant_report.json", data=b"{}")   # as the real one does: the manifest changes
+        return {"engine": f"x-{precision}.engine", "passed": True}
+
+    def fake_open(bundle, backend="auto", precision=None, device=None, **options):
+        state["order"].append("open")
+        if backend == "tensorrt":
+            backend, device = "onnxruntime", "cpu"
+        return real_open(bundle, backend, precision, device, **options)
+
+    monkeypatch.setattr(trt_compile, "compile_bundle", fake_compile)
+    monkeypatch.setattr(backends, "open_backend", fake_open)
+    return state
+
+
+def _normals(folder: Path, n: int = 8) -> Path:
+    for i in range(n):
+        _write(folder / f"{i}.png", part_frame(7000 + i))
+    return folder
+
+
+def test_orchestration_a_tensorrt_line_builds_the_engine_in_staging_before_the_checks(bundles, golden, tmp_path,
+                                                                                     trt_line):
+    """Archives carry no engine: on backend tensorrt the install builds and guards one in the staging folder
+    (the golden set's good/ images by default, the line's device), before the golden check and the probe
+    open the candidate; it travels with the release."""
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden, backend="tensorrt",
+                        device="cuda:1", probe=lambda c: trt_line["order"].append("probe"))
+    (call,) = trt_line["calls"]
+    assert call["path"].parent == deploy / "releases" and call["path"].name.startswith(".incoming-")
+    assert (call["precision"], call["device"], call["calib_dir"]) == ("fp32", 1, golden / "good")
+    assert trt_line["order"][0] == "compile" and trt_line["order"][-1] == "probe" and "open" in trt_line["order"]
+    assert (r1.path / "engines" / "x-fp32.engine").is_file() and r1.golden["passed"]
+    again = install_bundle(tmp_path / "a.tar", deploy, golden, backend="tensorrt", probe=lambda c: None)
+    assert again.already_installed and again.release == r1.release and len(trt_line["calls"]) == 1   # a retry
+    # --calib wins; the line's precision wins over the candidate's active one
+    calib = _normals(tmp_path / "calib")
+    install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, None, require_golden=False,
+                   backend="tensorrt", precision="int8", calib_dir=calib, probe=lambda c: None)
+    assert (trt_line["calls"][-1]["precision"], trt_line["calls"][-1]["calib_dir"]) == ("int8", calib)
+    assert deployment(deploy).previous == r1.release
+
+
+@pytest.mark.parametrize("fail", [GuardFailure("int8 engine: AUROC drop 0.2 > 0.005"),
+                                  InputError("TensorRT is not installed"),
+                                  RuntimeFailure("TensorRT could not build the engine")])
+def test_orchestration_a_failed_engine_build_or_guard_refuses_the_update(bundles, golden, tmp_path, trt_line,
+                                                                        fail):
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)   # an onnxruntime release
+    before = _release_files(deploy)
+    trt_line["fail"], trt_line["order"] = fail, []
+    with pytest.raises(type(fail), match=f"new release's fp32 TensorRT engine .*{re.escape(str(fail))}"):
+        install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, golden, backend="tensorrt",
+                       probe=lambda c: pytest.fail("probed after a failed build"))
+    assert trt_line["order"] == ["compile"]   # no golden check, no probe
+    assert deployment(deploy).current == r1.release and _release_files(deploy) == before   # no staging left
+
+
+def test_orchestration_a_tensorrt_line_without_normal_images_is_refused_clearly(bundles, tmp_path, trt_line,
+                                                                               monkeypatch):
+    a, _, _ = bundles
+    arch = pack_bundle(a.path, tmp_path / "a.tar")
+    deploy = tmp_path / "deploy"
+    with pytest.raises(InputError, match=r"line runs TensorRT.*give them with --calib DIR.*golden set's good/"):
+        install_bundle(arch, deploy, require_golden=False, backend="tensorrt")
+    assert trt_line["calls"] == [] and not deploy.exists()
+    extracted = []
+    monkeypatch.setattr(deploy_mod, "extract_archive", lambda *a, **k: extracted.append(a))
+    with pytest.raises(InputError, match=r"--calib .*nowhere: no such folder"):
+        install_bundle(arch, deploy, require_golden=False, backend="tensorrt", calib_dir=tmp_path / "nowhere")
+    assert extracted == [] and not deploy.exists()   # refused before anything was extracted
+
+
+def test_orchestration_onnxruntime_lines_never_build_an_engine(bundles, golden, tmp_path, trt_line, monkeypatch):
+    """backend onnxruntime (and auto on a CPU, or with a running release without engines, or without
+    TensorRT here) installs as before; auto with TensorRT here and a running release with engines builds."""
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    archives = {"a": pack_bundle(a.path, tmp_path / "a.tar"), "b": pack_bundle(b.path, tmp_path / "b.tar")}
+
+    def install(name, backend, device=None):
+        install_bundle(archives[name], deploy, golden, backend=backend, device=device)
+        engines = current_path(deploy) / "engines"   # the running release now has an engine
+        engines.mkdir(exist_ok=True)
+        (engines / "r.engine").write_bytes(b"placeholder")
+
+    monkeypatch.setattr(deploy_mod, "_tensorrt_here", lambda: True)
+    install_bundle(archives["a"], deploy, golden, backend="onnxruntime")
+    install("b", "auto")              # the running release has no engines
+    install("a", "onnxruntime")
+    install("b", "auto", "cpu")
+    monkeypatch.setattr(deploy_mod, "_tensorrt_here", lambda: False)
+    install("a", "auto")
+    assert trt_line["calls"] == []
+    monkeypatch.setattr(deploy_mod, "_tensorrt_here", lambda: True)
+    install("b", "auto")
+    assert [c["calib_dir"] for c in trt_line["calls"]] == [golden / "good"]
+
+
+def test_orchestration_cli_install_on_a_tensorrt_line_shows_progress(bundles, tmp_path, trt_line):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, _, _ = bundles
+    arch = pack_bundle(a.path, tmp_path / "a.tar")
+    deploy = tmp_path / "deploy"
+    base = ["bundle", "install", str(arch), "--deploy", str(deploy), "--no-golden", "--backend", "tensorrt"]
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code == 2 and "give them with --calib DIR" in res.output, res.output
+    calib = _normals(tmp_path / "calib")
+    res = CliRunner().invoke(main, base + ["--calib", str(calib)])
+    assert res.exit_code == 0, res.output
+    assert "building and guarding the new release's fp32 engine" in res.output
+    assert trt_line["calls"][0]["calib_dir"] == calib and trt_line["calls"][0]["progress"] is True
+    assert list((current_path(deploy) / "engines").glob("*.engine"))
+
+
+def test_orchestration_update_model_on_a_tensorrt_line_builds_from_the_golden_set(bundles, golden, tmp_path,
+                                                                                 trt_line):
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden, backend="tensorrt")
+    arch = pack_bundle(b.path, tmp_path / "b.tar")
+    svc = _line(tmp_path, deploy, backend="tensorrt")
+    try:
+        with pytest.raises(InputError, match="line runs TensorRT.*golden set's good/"):
+            _update(svc, arch)   # no golden set on the line: nowhere to take normal images from
+        shutil.copytree(golden, deploy / "golden")
+        out = _update(svc, arch, activate=False)   # the check alone builds too (in its scratch copy)
+        assert out["golden"]["passed"] and trt_line["calls"][-1]["calib_dir"] == deploy / "golden" / "good"
+        out = _update(svc, arch)
+        assert out["activated"] and list((current_path(deploy) / "engines").glob("*.engine"))
+        assert trt_line["calls"][-1]["path"].name.startswith(".incoming-") and len(trt_line["calls"]) == 3
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_a_refused_candidates_compile_hint_names_the_new_release_not_a_path(tmp_path):
+    staging = tmp_path / "deploy" / "releases" / ".incoming-abc"
+    exc = InputError(f"TensorRT engine refused: no fp32 engine. Build one on this device: edge-ad compile "
+                     f"--bundle {staging} --precision fp32; update refused")
+    msg = str(deploy_mod._named_in_archive(exc, staging, tmp_path / "part-a.tar"))
+    assert "part-a.tar: bundle" not in msg and str(staging) not in msg
+    assert "edge-ad compile --bundle <the new release> --precision fp32" in msg

@@ -239,6 +239,27 @@ def test_real_engine_builds_guards_caches_and_matches(trt_bundle, tmp_path, prec
     assert other.built and "built with other options (max_batch 4, asked 8)" in other.refused[0]
 
 
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not _TRT_OK, reason=_TRT_WHY)
+def test_real_install_on_a_tensorrt_line_builds_and_guards_the_new_release_engine(trt_bundle, tmp_path):
+    """An archive carries no engine: 'bundle install' on a backend tensorrt line builds and guards it in the
+    release (here from the bundle's recorded training data), then opens the release as the line does."""
+    from edge_ad.calibration import install_bundle, pack_bundle
+    from edge_ad.calibration.deploy import open_probe
+    from edge_ad.runtime.backends import open_backend
+
+    src, _ = trt_bundle
+    arch = pack_bundle(src.path, tmp_path / "b.tar")
+    res = install_bundle(arch, tmp_path / "deploy", require_golden=False, backend="tensorrt", device="cuda:0",
+                         probe=open_probe("tensorrt", None, "cuda:0"), progress=False)
+    release = Bundle.open(res.path, verify=True)
+    assert list(release.engines_dir.glob("*.engine"))
+    assert engine_cache.check(release, release.active_precision, _target(), require_guard=True).ok
+    with open_backend(release, "tensorrt", None, "cuda:0") as be:
+        assert be.name == "tensorrt"
+
+
 def _target():
     from edge_ad.runtime.backends.cuda import cuda_api
     from edge_ad.runtime.backends.tensorrt import current_target, import_tensorrt

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import GuardFailure, InputError
+from .deploy import _has_engines, _tensorrt_here
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +73,6 @@ def _write_frames(frames: Sequence[np.ndarray], folder: Path) -> Path:
             raise InputError(f"adapt frame {i}: could not encode")
         (folder / f"{i:05d}.png").write_bytes(buf.tobytes())
     return folder
-
-
-def _has_engines(bundle: Bundle) -> bool:
-    d = bundle.engines_dir
-    return d.is_dir() and any(p.suffix == ".engine" for p in d.iterdir())
-
-
-def _tensorrt_here() -> bool:
-    try:
-        from ..runtime.backends.tensorrt import import_tensorrt
-
-        import_tensorrt()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "no TensorRT here"
-        return False
 
 
 def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os.PathLike | None = None,
@@ -161,7 +147,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
             from .deploy import install_bundle, open_probe
 
             install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=golden_dir is not None,
-                                     backend=backend, device=run_device,
+                                     backend=backend, device=run_device, calib_dir=calib, progress=progress,
                                      probe=open_probe(backend, None, run_device))
             golden = install.golden
         result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,

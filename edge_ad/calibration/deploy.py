@@ -13,6 +13,8 @@ bundle runs::
 
 1. extracts the archive into ``releases/.incoming-*`` and verifies it (signature when a key is given,
    every file's sha256, the bundle's own manifest): a bad archive is refused and nothing else changes;
+   on a TensorRT line (:func:`engine_needed`) it then builds and guards the candidate's engine there
+   (:func:`build_line_engine`; archives carry no engines), so that it travels with the release;
 2. runs the candidate on the golden set (:func:`check_golden`): labelled images (``good/`` must be OK,
    every other folder NG) must be judged no worse than by the running bundle (or at least
    ``min_accuracy`` right when there is none) with AUROC no lower than ``max_auroc_drop`` below it;
@@ -63,6 +65,7 @@ STATE = "deploy.json"
 GOLDEN = "golden"
 NORMAL_DIRS = ("good", "ok")
 HISTORY = 50
+INSTALLED_FROM = ".installed-from.json"   # in a release whose engine install built: {"archive": .., "release": ..}
 _held: dict[tuple[int, int], int] = {}   # deploy_lock: (inode, device) of releases/ -> depth held here
 _held_lock = threading.Lock()
 
@@ -233,6 +236,81 @@ def open_probe(backend: str = "auto", precision: str | None = None, device: str 
     return probe
 
 
+def _has_engines(bundle: Bundle) -> bool:
+    d = bundle.engines_dir
+    return d.is_dir() and any(p.suffix == ".engine" for p in d.iterdir())
+
+
+def _tensorrt_here() -> bool:
+    try:
+        from ..runtime.backends.tensorrt import import_tensorrt
+
+        import_tensorrt()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no TensorRT here"
+        return False
+
+
+def engine_needed(backend: str, device: str | None, running: Bundle | None) -> bool:
+    """Whether a new release must get a TensorRT engine built on this device before the line can run it:
+    ``backend`` tensorrt, or auto on a GPU (``device`` empty or cuda) when TensorRT is here and the
+    running release has engines (auto would otherwise fall back to ONNX Runtime)."""
+    if backend == "tensorrt":
+        return True
+    if backend != "auto" or (device is not None and not device.startswith("cuda")):
+        return False
+    return running is not None and _has_engines(running) and _tensorrt_here()
+
+
+def engine_images(calib_dir: str | os.PathLike | None, golden_dir: str | os.PathLike | None) -> Path | None:
+    """The normal images a new release's engine is calibrated and guarded on: ``calib_dir`` (``--calib``),
+    else the golden set's ``good/`` (or ``ok/``) folder; None when neither (the candidate's recorded
+    training data is then the last resort, see :func:`build_line_engine`)."""
+    if calib_dir is not None:
+        if not Path(calib_dir).is_dir():
+            raise InputError(f"--calib {calib_dir}: no such folder; expected a folder of normal images of the "
+                             "part (or DIR/train/good) to build and guard the new release's TensorRT engine on")
+        return Path(calib_dir)
+    if golden_dir is None or not Path(golden_dir).is_dir():
+        return None
+    root = Path(golden_dir) / "test" if (Path(golden_dir) / "test").is_dir() else Path(golden_dir)
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in NORMAL_DIRS):
+        if list_images(sub):
+            return sub
+    return None
+
+
+def build_line_engine(candidate: Bundle, images: Path | None, precision: str | None, device: str | None,
+                      progress: bool = False) -> dict:
+    """Build and guard the TensorRT engine of ``candidate`` (in its folder: ``engines/``) with
+    :func:`edge_ad.compile.tensorrt.compile_bundle`, in ``precision`` (the line's ``model.precision``, else
+    the candidate's active precision), calibrated and guarded on ``images`` (else the candidate's recorded
+    training data, when it is on this machine). Raises InputError / GuardFailure / RuntimeFailure naming
+    what failed; the caller switches nothing in then."""
+    from ..compile.tensorrt import _say, compile_bundle
+    from ..errors import GuardFailure
+    from ..runtime.backends.tensorrt import parse_device
+
+    if images is None:
+        data = (candidate.manifest.get("training") or {}).get("data")
+        if not data or not Path(data).is_dir():
+            raise InputError("the line runs TensorRT, so the new release needs an engine built and guarded on this "
+                             "device from normal images of the part, and none were found: give them with --calib "
+                             "DIR ('edge-ad bundle install'), or put them in the golden set's good/ folder; "
+                             "update refused")
+    precision = precision or candidate.active_precision
+    _say(progress, f"the line runs TensorRT: building and guarding the new release's {precision} engine on this "
+                   f"device ({'normal images: ' + str(images) if images else 'its recorded training data'})")
+    what = f"the new release's {precision} TensorRT engine"
+    try:
+        return compile_bundle(candidate, precision, device=parse_device(device), calib_dir=images,
+                              progress=progress)
+    except GuardFailure as exc:
+        raise GuardFailure(f"{what} failed its accuracy guard, the running model is unchanged: {exc}") from exc
+    except (InputError, RuntimeFailure) as exc:
+        raise type(exc)(f"{what} could not be built on this device: {exc}; update refused") from exc
+
+
 def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bundle | None = None,
                  backend: str = "auto", precision: str | None = None,
                  limits: GoldenLimits | None = None, device: str | None = None) -> dict:
@@ -352,7 +430,8 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
                    require_signature: bool | None = None, require_golden: bool = True, backend: str = "auto",
                    precision: str | None = None, limits: GoldenLimits | None = None,
                    keep: int = 3, device: str | None = None,
-                   probe: Callable[[Bundle], None] | None = None) -> InstallResult:
+                   probe: Callable[[Bundle], None] | None = None, calib_dir: str | os.PathLike | None = None,
+                   progress: bool = False) -> InstallResult:
     """Verify, validate and switch in a bundle archive (see the module doc). Raises InputError when the
     archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
     cases the running bundle and the links are untouched. ``archive`` may also be a bundle folder made
@@ -363,7 +442,10 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     golden set the install is refused unless ``require_golden=False``. A failed install into a new deploy
     folder removes the folders it made. ``backend`` / ``precision`` / ``device``: what the golden check
     runs on (the line's). ``probe``: called with the verified candidate before the switch (the runtime
-    opens it as the line will); what it raises refuses the update, nothing switched.
+    opens it as the line will); what it raises refuses the update, nothing switched. On a TensorRT line
+    (:func:`engine_needed`) the candidate's engine is built and guarded before the golden check and the
+    probe (:func:`build_line_engine`, ``progress`` shown), on ``calib_dir`` else the golden set's normal
+    images (:func:`engine_images`); a failed build or guard refuses the update.
     """
     d = Path(deploy_dir)
     made = []  # folders this install creates, deepest first: removed again when it fails
@@ -376,7 +458,7 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     try:
         with deploy_lock(d):
             return _install(archive, d, golden_dir, key, require_signature, require_golden, backend, precision,
-                            limits, keep, device, probe)
+                            limits, keep, device, probe, calib_dir, progress)
     except BaseException:
         for p in made:
             try:
@@ -387,7 +469,7 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
 
 
 def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
-             keep, device, probe) -> InstallResult:
+             keep, device, probe, calib_dir, progress) -> InstallResult:
     from ..errors import GuardFailure
 
     dep = deployment(d)
@@ -398,6 +480,15 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
         raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
                          "folders); skip the check only on purpose (--no-golden)")
     _clean_stale(d)
+    running = None
+    if dep.current_path is not None and dep.current_path.is_dir():
+        try:
+            running = Bundle.open(dep.current_path)
+        except EdgeADError as exc:   # damaged: the candidate is judged on its own (check_golden)
+            log.warning("the running release %s cannot be opened (%s); the candidate is judged on its own",
+                        dep.current_path, exc)
+    build = engine_needed(backend, device, running)
+    images = engine_images(calib_dir, golden_dir) if build else None
     if Path(archive).is_dir():
         content = _content(Bundle.open(archive, verify=True))
         need = sum(Path(archive, rel).stat().st_size for rel in content)
@@ -436,13 +527,9 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
             raise InputError(f"{archive}: the bundle has no active graph {candidate.active_graph} (missing, or "
                              "not recorded in its manifest.json), so it cannot inspect; run 'edge-ad export' on "
                              "it and pack it again; update refused") from None
-        running = None
-        if dep.current_path is not None and dep.current_path.is_dir():
-            try:
-                running = Bundle.open(dep.current_path)
-            except EdgeADError as exc:   # damaged: the candidate is judged on its own (check_golden)
-                log.warning("the running release %s cannot be opened (%s); the candidate is judged on its own",
-                            dep.current_path, exc)
+        if build:   # before the golden check and the probe, which run the line's backend
+            build_line_engine(candidate, images, precision, device, progress)
+            atomic.write_json(staging / INSTALLED_FROM, {"archive": content, "release": _content(candidate)})
         report = None
         if golden_dir is not None:
             report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
@@ -536,19 +623,27 @@ def _content(b: Bundle) -> dict[str, str]:
 
 
 def _same_content(release: Path, content: dict[str, str]) -> bool:
-    """``release`` holds exactly these files (installing them again would change nothing)."""
+    """``release`` holds exactly these files (installing them again would change nothing). A release whose
+    engine was built at install (which records it in manifest.json and quant_report.json): it came from
+    these files and is as it was then (:data:`INSTALLED_FROM`)."""
     try:
-        return _content(Bundle.open(release)) == content
-    except (EdgeADError, OSError):
+        now = _content(Bundle.open(release))
+        if (release / INSTALLED_FROM).is_file():
+            was = json.loads((release / INSTALLED_FROM).read_text("utf-8"))
+            return was.get("archive") == content and was.get("release") == now
+        return now == content
+    except (EdgeADError, OSError, ValueError):
         return False
 
 
 def _named_in_archive(exc: InputError, staging: Path, archive: Path) -> InputError:
     """``exc`` with the staging folder (deleted by then) in its message replaced by what the user gave:
-    ``ARCHIVE: bundle/FILE`` (or the bundle folder installed)."""
+    ``ARCHIVE: bundle/FILE`` (or the bundle folder installed). A command to run on the bundle (the TensorRT
+    backend's "edge-ad compile --bundle ...") names "the new release" instead: no such path exists."""
     msg = str(exc)
     if str(staging) not in msg:
         return exc
+    msg = msg.replace(f"--bundle {staging} ", "--bundle <the new release> ")
     shown = str(archive) if archive.is_dir() else f"{archive}: {PREFIX}"
     new = type(exc)(msg.replace(str(staging), shown))
     new.__traceback__ = exc.__traceback__

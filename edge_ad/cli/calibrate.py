@@ -272,12 +272,21 @@ def pack_cmd(bundle_dir, out, sign_key):
                    "config's, else each bundle's active graph.")
 @click.option("--device", default=None, help="Device the line runs on (model.device), for the open and golden "
                                              "checks. Default: the config's, else the best this machine has.")
+@click.option("--calib", "calib_dir", type=click.Path(path_type=Path),
+              help="TensorRT lines: normal images of the part (or DIR/train/good) to build and guard the new "
+                   "release's engine on. Default: the golden set's good/ images, else the bundle's recorded "
+                   "training data when it is on this machine.")
 @click.option("--keep", default=3, show_default=True, type=click.IntRange(2), help="Releases kept.")
 @click.option("--json", "as_json", is_flag=True)
 def install_cmd(archive, config, deploy_dir, golden_dir, no_golden, key, require_signature, backend, precision,
-                device, keep, as_json):
+                device, calib_dir, keep, as_json):
     """Verify ARCHIVE (a 'bundle pack' archive, or a bundle folder made on this device), open it as the line
-    will, check it on the golden set, and switch it in atomically (the old one is kept)."""
+    will, check it on the golden set, and switch it in atomically (the old one is kept).
+
+    On a TensorRT line (backend tensorrt; or auto on a GPU when TensorRT is here and the running release has
+    engines) the new release's engine is first built and guarded on this device (archives carry none; see
+    --calib), in the line's precision, else the bundle's active one: minutes on a Jetson. A failed build or
+    guard refuses the update, nothing switched."""
     from ..calibration import install_bundle
     from ..calibration.deploy import open_probe
     from ..errors import InputError
@@ -303,7 +312,8 @@ def install_cmd(archive, config, deploy_dir, golden_dir, no_golden, key, require
         raise InputError("--require-signature needs --key to check the signature with")
     res = install_bundle(archive, deploy_dir, golden_dir, key, require_signature=True if key else None,
                          require_golden=not no_golden, backend=backend, precision=precision, device=device,
-                         keep=keep, probe=open_probe(backend, precision, device))
+                         keep=keep, probe=open_probe(backend, precision, device), calib_dir=calib_dir,
+                         progress=True)
     if as_json:
         _echo_json(res.summary())
         return

@@ -404,7 +404,9 @@ class Service:
 
         The golden check runs the line's backend, precision and device, and the candidate is opened as the
         line opens it before ``current`` moves; should the swap still fail, ``current`` goes back to the
-        running release and the update is reported failed."""
+        running release and the update is reported failed. On a TensorRT line the candidate's engine is
+        built and guarded first, on the golden set's good/ images (else its recorded training data when it
+        is on this machine; else the update is refused)."""
         from ..calibration.deploy import deploy_lock
 
         m = self.settings.model
@@ -429,7 +431,7 @@ class Service:
 
     def _install_update(self, archive: Path, precision: str | None, activate: bool) -> dict:
         from ..calibration import HealthWatch, check_golden, extract_archive, install_bundle, rollback_model
-        from ..calibration.deploy import open_probe
+        from ..calibration.deploy import build_line_engine, engine_images, engine_needed, open_probe
 
         m = self.settings.model
         golden = m.golden_dir if m.golden_dir is not None else (
@@ -443,6 +445,8 @@ class Service:
             try:
                 info = extract_archive(archive, tmp / "bundle", key=key)
                 cand = Bundle.open(tmp / "bundle", verify=True)
+                if golden and engine_needed(m.backend, m.device, self.bundle):   # the check runs the line's backend
+                    build_line_engine(cand, engine_images(None, golden), precision, m.device)
                 report = check_golden(cand, golden, self.bundle, backend=m.backend, precision=precision,
                                       device=m.device) if golden else None
             finally:
