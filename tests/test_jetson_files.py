@@ -103,6 +103,11 @@ def test_dockerfile_uses_the_installer():
     assert re.search(r"^FROM \$\{BASE\}$", text, re.M)
     assert "jetson/install.sh --l4t" in text and "--no-service" in text and "--no-user" in text
     assert 'ENTRYPOINT ["edge-ad"]' in text and "/tmp/argus_socket" in text
+    # the documented `docker run` gives the container what systemd gives the service: edge-ad.env, and
+    # time to drain (30 s) and flush the outbox (10 s) on stop
+    run = re.search(r"^#\s+docker run .*?edge-ad:r\S+$", text, re.M | re.S).group(0)
+    assert "--env-file /etc/edge-ad/edge-ad.env" in run
+    assert int(re.search(r"--stop-timeout (\d+)", run).group(1)) >= 40
     assert (JETSON / "Dockerfile.dockerignore").is_file()
 
 
