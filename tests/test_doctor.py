@@ -563,6 +563,27 @@ def test_backend_tensorrt_without_tensorrt_is_not_a_second_failure(tmp_path, tin
     assert _by(trt, "backend")[0].status == d.Status.SKIP and d.exit_code(trt) == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tensorrt_required_and_missing_says_run_cannot_start(tmp_path, tiny):
+    """backend tensorrt without TensorRT: run refuses to start (no fallback), so the tensorrt and engine lines
+    say that, not "inference runs on ONNX Runtime", and offer model.backend = "onnxruntime"."""
+    b = copy_bundle(tiny, tmp_path / "b")
+    trt = d.run_checks(bundle=b.path, data_dirs=[tmp_path], backend="tensorrt", min_free_mb=1, service=False)
+    for c in _by(trt, "tensorrt") + _by(trt, "engine"):
+        assert 'edge-ad run cannot start with model.backend = "tensorrt"' in c.detail, c
+        assert "ONNX Runtime runs" not in c.detail and "inference runs on ONNX" not in c.detail, c
+        assert 'model.backend = "onnxruntime"' in c.fix, c
+    auto = d.run_checks(bundle=b.path, data_dirs=[tmp_path], backend="auto", min_free_mb=1, service=False)
+    assert "inference runs on ONNX Runtime" in _by(auto, "tensorrt")[0].detail   # true with auto
+    jp6 = d.check_tensorrt(required=True, l4t="36.4.3")
+    assert "python3-libnvinfer" in jp6.fix and 'model.backend = "onnxruntime"' in jp6.fix
+    # JetPack 5: its TensorRT 8.5 is too old for edge-ad, and jetson/install.sh installs no bindings there
+    for required in (True, False):
+        jp5 = d.check_tensorrt(required=required, l4t="35.4.1")
+        assert "python3-libnvinfer" not in jp5.fix and 'set model.backend = "onnxruntime"' in jp5.fix, jp5
+        assert jp5.required == required and "8.5" in jp5.fix
+
+
 def test_cli_backend_and_precision_run_refuses(tmp_path, tiny):
     b = copy_bundle(tiny, tmp_path / "b")
     cfg = tmp_path / "edge-ad.toml"
