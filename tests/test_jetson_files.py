@@ -175,6 +175,11 @@ def test_dry_run_changes_nothing(tmp_path):
     assert "numpy>=1.24,<2" in out
     assert "systemctl enable edge-ad-clocks.service" in out and "systemctl enable --now edge-ad.service" in out
     assert "edge-ad doctor" in out
+    # edge-ad on PATH (the guide runs `sudo -u edge-ad edge-ad ...`): a link to this prefix's venv
+    assert f"ln -sfn {prefix}/venv/bin/edge-ad /usr/local/bin/edge-ad" in out
+    assert _plan("36.4.3")["BIN_LINK"] == "/usr/local/bin/edge-ad"
+    # the closing steps build the engine as jetson/README.md step 6 does
+    assert f"edge-ad compile --bundle {var}/bundle --precision best --calib {var}/normals" in out
     assert not prefix.exists() and not etc.exists() and not var.exists()
 
 
@@ -196,6 +201,30 @@ def test_dry_run_jetpack5_builds_trt_bindings_when_asked(tmp_path):
     assert "OpenCV from pip (no GStreamer)" in res.stderr
     assert "cuda-python\\>=11.4\\,\\<12" in out
     assert not (tmp_path / "opt").exists()
+
+
+@pytest.mark.parametrize("l4t, extra, backend, device", [
+    ("35.4.1", (), "onnxruntime", "cpu"),                                    # JetPack 5: TensorRT 8.5 is too old
+    ("35.4.1", ("--trt-bindings", "build"), "onnxruntime", "cpu"),           # bindings for your own use only
+    ("36.4.3", (), "tensorrt", "cuda:0"),
+    ("36.4.3", ("--trt-bindings", "none"), "onnxruntime", "cpu"),
+])
+def test_written_config_runs_without_tensorrt_where_none_is_installed(tmp_path, l4t, extra, backend, device):
+    from edge_ad.config import load_settings
+
+    plan = _plan(l4t, *extra)
+    assert plan["BACKEND"] == backend and plan["DEVICE"] == device
+    var = tmp_path / "var"
+    cfg = tmp_path / "config.toml"
+    res = _bash("--l4t", l4t, *extra, "--data-dir", str(var), "--render-config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    s = load_settings(cfg)
+    assert (s.model.backend, s.model.device) == (backend, device) and s.model.bundle == var / "bundle"
+    res = _bash("--l4t", l4t, *extra, "--dry-run", "--yes", "--no-service", "--prefix", str(tmp_path / "opt"),
+                "--config-dir", str(tmp_path / "etc"), "--data-dir", str(var), timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f'(backend = "{backend}", device = "{device}")' in res.stdout
+    assert ("edge-ad compile" in res.stdout) == (backend == "tensorrt"), res.stdout   # no engine to build
 
 
 # ---------------------------------------------------------------------------- config and docs
