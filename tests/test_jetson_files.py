@@ -79,6 +79,7 @@ def test_unit_contract():
             keys.setdefault(k.strip(), []).append(v.strip())
     assert keys["Type"] == ["notify"]
     assert keys["Restart"] == ["always"]
+    assert keys["ExecReload"] == ["/bin/kill -HUP $MAINPID"]   # systemctl reload: the loop reloads on SIGHUP
     assert int(keys["WatchdogSec"][0]) > 0
     after = " ".join(keys["After"])
     assert "network-online.target" in after and "nvargus-daemon.service" in after
