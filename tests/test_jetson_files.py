@@ -256,3 +256,26 @@ def test_readme_walks_flash_to_service():
         assert cmd in text, cmd
     for doc in ("CAMERAS.md", "POWER.md"):
         assert (JETSON / doc).is_file()
+
+
+# ---------------------------------------------------------------------------- camera-check.sh
+@pytest.mark.parametrize("gst_rc", [0, 1])
+def test_camera_check_exits_non_zero_when_the_capture_fails(tmp_path, gst_rc):
+    """camera-check.sh csi / snap: a GStreamer pipeline that fails (no sensor, Argus down) is an error exit
+    with a message, not 'exit 0' after the grep of its output. gst-launch-1.0 here is a stand-in script on
+    PATH that prints what GStreamer prints and exits with gst_rc."""
+    gst = tmp_path / "bin" / "gst-launch-1.0"
+    gst.parent.mkdir()
+    msg = "Setting pipeline to PLAYING ...\\nrendered: 60, dropped: 0" if gst_rc == 0 else \
+        "ERROR: from element /GstPipeline:pipeline0/GstNvArgusCameraSrc: No cameras available"
+    gst.write_text(f"#!/bin/sh\nprintf '{msg}\\n'\nexit {gst_rc}\n")
+    gst.chmod(0o755)
+    env = {**os.environ, "PATH": f"{gst.parent}:{os.environ['PATH']}"}
+    for args in (["csi", "0"], ["snap", "csi", "0", str(tmp_path / "s.jpg")]):
+        res = subprocess.run(["bash", str(JETSON / "camera-check.sh"), *args], capture_output=True, text=True,
+                             env=env, timeout=30)
+        if gst_rc == 0:
+            assert res.returncode == 0, res.stderr
+        else:
+            assert res.returncode == 1 and "camera-check: capture failed (gst-launch-1.0 exit 1)" in res.stderr
+            assert "No cameras available" in res.stdout + res.stderr
