@@ -15,8 +15,10 @@ The reference of every field is ``docs/runtime.md``; ``examples/edge-ad.toml`` i
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -32,6 +34,7 @@ else:  # pragma: no cover - Python 3.10
 
 ENV_PREFIX = "EDGE_AD_"
 ENV_CONFIG = "EDGE_AD_CONFIG"  # default for --config; not an override
+ENV_FILE = "edge-ad.env"      # the service's EnvironmentFile=, next to its config.toml (jetson/)
 
 
 class Mode(str, enum.Enum):
@@ -397,6 +400,71 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[list[s
                              f"(expected EDGE_AD_<SECTION>__<KEY> with SECTION one of {', '.join(sorted(sections))})")
         out.append((path, _parse_scalar(environ[name], path), f"environment variable {name}"))
     return out
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def read_env_file(path: str | os.PathLike) -> dict[str, str]:
+    """The variables of a systemd ``EnvironmentFile=`` (jetson/edge-ad.env): ``NAME=value`` lines; blank
+    lines and lines starting with ``#`` or ``;`` are skipped; whitespace around the name and the value is
+    dropped; a value in single quotes is taken verbatim, one in double quotes with the backslash before
+    a double quote, backslash, dollar or backtick removed, an unquoted one with every backslash escape
+    undone. A line that is none of these (no ``=``, a bad name, a quote left open: values spanning lines
+    are not supported) is an :class:`InputError` naming ``file:line`` (never the value: it may be a secret)."""
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: cannot read the environment file ({getattr(exc, 'strerror', None) or exc})") \
+            from exc
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        name, sep, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        where = f"{p}:{n}"
+        if not sep:
+            raise InputError(f"{where}: no '=' in this line; expected NAME=value (e.g. EDGE_AD_MQTT_PASSWORD=..., "
+                             "comments start with #)")
+        if not _ENV_NAME.fullmatch(name):
+            raise InputError(f"{where}: {name!r} is not a variable name (expected letters, digits and _, not "
+                             "starting with a digit)")
+        if value[:1] in ("'", '"'):
+            if len(value) < 2 or value[-1] != value[0]:
+                raise InputError(f"{where}: {name}'s value opens a {value[0]} quote that does not close at the end "
+                                 "of the line (values spanning lines are not supported)")
+            value = value[1:-1] if value[0] == "'" else re.sub(r'\\([\\"`$])', r"\1", value[1:-1])
+        else:
+            value = re.sub(r"\\(.)", r"\1", value)
+        out[name] = value
+    return out
+
+
+def default_env_file(config: str | os.PathLike | None) -> Path | None:
+    """``edge-ad.env`` next to ``config`` when that file exists (the service's EnvironmentFile=), else None."""
+    if config is None:
+        return None
+    p = Path(config).parent / ENV_FILE
+    return p if p.is_file() else None
+
+
+@contextlib.contextmanager
+def applied_environ(values: Mapping[str, str]):
+    """``os.environ`` with ``values`` over it for the block (as systemd gives the service an EnvironmentFile's
+    values, whatever the caller's shell has), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def parse_set_option(text: str) -> tuple[list[str], Any, str]:

@@ -214,26 +214,38 @@ def check_onnxruntime(required: bool = True) -> Check:
                data={"version": ort.__version__, "providers": providers})
 
 
-def check_tensorrt(required: bool = False, jetson: bool = False) -> Check:
+def check_tensorrt(required: bool = False, l4t: str | None = None) -> Check:
+    """TensorRT's Python bindings. ``required``: the config's backend is ``tensorrt``, without which ``run``
+    refuses to start (it falls back to ONNX Runtime only with ``auto``). ``l4t``: this Jetson's L4T
+    release (None: not a Jetson); on JetPack 5 (L4T 35) TensorRT 8.5 is too old for edge-ad, so the fix
+    there is ONNX Runtime, which jetson/install.sh sets up."""
+    status = Status.FAIL if required else Status.WARN
+    onnx = 'model.backend = "onnxruntime"'
+    runs = 'edge-ad run cannot start with model.backend = "tensorrt"' if required else "inference runs on ONNX Runtime"
+    instead = f"; or set {onnx} (or \"auto\") to run on ONNX Runtime" if required else ""
+    if l4t and l4t.split(".")[0] == "35":
+        return Check("tensorrt", status, f"not used on JetPack 5: {runs}", required=required,
+                     fix=f"JetPack 5's TensorRT 8.5 is older than the 8.6 edge-ad needs (jetson/install.sh installs "
+                         f"no bindings there by default): set {onnx}; JetPack 6 or newer for TensorRT")
     if importlib.util.find_spec("tensorrt") is None:
         fix = ("sudo apt install python3-libnvinfer, and make the venv with --system-site-packages "
-               "(jetson/install.sh does both)") if jetson else \
-              "pip install tensorrt (x86-64 / SBSA), or use ONNX Runtime (the default without TensorRT)"
-        return Check("tensorrt", Status.FAIL if required else Status.WARN,
-                     "not installed: inference runs on ONNX Runtime", fix=fix, required=required)
+               "(jetson/install.sh does both)") if l4t else \
+              "pip install tensorrt (x86-64 / SBSA)" + ("" if required else ", or use ONNX Runtime (the default "
+                                                                           "without TensorRT)")
+        return Check("tensorrt", status, f"not installed: {runs}", fix=fix + instead, required=required)
     try:
         import tensorrt as trt
     except Exception as exc:  # noqa: BLE001
-        return Check("tensorrt", Status.FAIL if required else Status.WARN, f"installed but not importable ({exc})",
+        return Check("tensorrt", status, f"installed but not importable ({exc}): {runs}",
                      required=required, fix="a TensorRT built for another Python or CUDA: reinstall the "
-                     "bindings that match this Python (jetson/install.sh)")
+                     "bindings that match this Python (jetson/install.sh)" + instead)
     from .runtime.backends.tensorrt import trt_supported
 
     version = str(trt.__version__)
     if not trt_supported(version):
-        return Check("tensorrt", Status.FAIL if required else Status.WARN,
-                     f"{version} is older than the 8.6 edge-ad needs: no engine can be built; inference runs "
-                     "on ONNX Runtime", fix="JetPack 6 or newer for TensorRT (JetPack 5 ships 8.5)",
+        return Check("tensorrt", status,
+                     f"{version} is older than the 8.6 edge-ad needs: no engine can be built; {runs}",
+                     fix="JetPack 6 or newer for TensorRT (JetPack 5 ships 8.5)" + instead,
                      required=required, data={"version": version})
     return _ok("tensorrt", version, data={"version": version})
 
@@ -667,10 +679,13 @@ def check_engine(bundle, required: bool = False, precision: str | None = None) -
     except Exception as exc:  # noqa: BLE001
         ok, why = False, f"TensorRT backend not available ({exc})"
     if not ok:
-        status = Status.FAIL if required else Status.SKIP
-        return Check("engine", status, f"{listing}; {why}: ONNX Runtime runs the ONNX graph", required=required,
-                     fix="engines are built on the device itself: install TensorRT, then "
-                         f"edge-ad compile --bundle {bundle.path}" if required else "")
+        if not required:
+            return Check("engine", Status.SKIP, f"{listing}; {why}: ONNX Runtime runs the ONNX graph")
+        return Check("engine", Status.FAIL, f'{listing}; {why}: edge-ad run cannot start with model.backend = '
+                                            '"tensorrt"', required=True,
+                     fix="engines are built on the device itself: TensorRT first (the tensorrt line says how), then "
+                         f'edge-ad compile --bundle {bundle.path}; or set model.backend = "onnxruntime" (or "auto") '
+                         "to run the ONNX graph on ONNX Runtime")
     from .runtime.backends.cuda import cuda_api
     from .runtime.backends.tensorrt import current_target, import_tensorrt
 
@@ -868,7 +883,7 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
     checks += _safe("numpy", check_numpy, True)
     checks += _safe("opencv", lambda: check_opencv(scheme), True)
     checks += _safe("onnxruntime", lambda: check_onnxruntime(required=not need_trt), not need_trt)
-    checks += _safe("tensorrt", lambda: check_tensorrt(need_trt, jetson=bool(l4t)), need_trt)
+    checks += _safe("tensorrt", lambda: check_tensorrt(need_trt, l4t), need_trt)
     checks += _safe("cuda", lambda: check_cuda(need_trt, l4t), need_trt)
     checks += _safe("platform", check_platform)
     checks += _safe("cameras", lambda: check_cameras(source), bool(source))

@@ -50,9 +50,13 @@ grab() {
     local src=$1
     need gst-launch-1.0 gstreamer1.0-tools
     echo "gst-launch-1.0 ${src} ! fpsdisplaysink video-sink=fakesink"
+    local log rc=0
+    log=$(mktemp)
     # shellcheck disable=SC2086  # the pipeline is split into gst-launch arguments on purpose
-    gst-launch-1.0 -e ${src} ! fpsdisplaysink video-sink=fakesink text-overlay=false -v 2>&1 \
-        | grep -E 'rendered|ERROR|WARNING|Setting pipeline' | tail -n 5 || true
+    gst-launch-1.0 -e ${src} ! fpsdisplaysink video-sink=fakesink text-overlay=false -v >"${log}" 2>&1 || rc=$?
+    grep -E 'rendered|ERROR|WARNING|Setting pipeline' "${log}" | tail -n 5 || true
+    rm -f "${log}"
+    [[ ${rc} -eq 0 ]] || die "capture failed (gst-launch-1.0 exit ${rc}): no frames from the camera, see the errors above"
 }
 
 # Save the last of 30 frames (auto exposure settles over the first ones) as a JPEG
@@ -60,7 +64,8 @@ snap() {
     local src=$1 out=$2
     need gst-launch-1.0 gstreamer1.0-tools
     # shellcheck disable=SC2086
-    gst-launch-1.0 -e ${src} ! videoconvert ! jpegenc ! multifilesink location="${out}"
+    gst-launch-1.0 -e ${src} ! videoconvert ! jpegenc ! multifilesink location="${out}" \
+        || die "capture failed (gst-launch-1.0 exit $?): ${out} not written, see the errors above"
     echo "saved ${out}"
 }
 

@@ -14,8 +14,9 @@
 #   3. installs edge-ad WITHOUT letting pip put opencv-python-headless over the system OpenCV, keeps
 #      numpy < 2 (JetPack's OpenCV and TensorRT are built against numpy 1.x), and installs the
 #      cuda-python matching the CUDA version;
-#   4. creates the service user (groups video, render, gpio, i2c where they exist), the config folder
-#      (/etc/edge-ad) and the data folder (/var/lib/edge-ad);
+#   4. links /usr/local/bin/edge-ad to the venv's edge-ad; creates the service user (groups video,
+#      render, gpio, i2c where they exist), the config folder (/etc/edge-ad: config.toml, set to ONNX
+#      Runtime on the CPU where no TensorRT is installed, e.g. JetPack 5) and the data folder (/var/lib/edge-ad);
 #   5. installs edge-ad.service (and, with --clocks, edge-ad-clocks.service) and runs `edge-ad doctor`.
 #
 # Usage: sudo jetson/install.sh [options]      (jetson/install.sh --help for the options)
@@ -30,6 +31,7 @@ CONFIG_DIR=/etc/edge-ad
 DATA_DIR=/var/lib/edge-ad
 SERVICE_USER=edge-ad
 UNIT_DIR=/etc/systemd/system
+BIN_LINK=/usr/local/bin/edge-ad    # on PATH, also for sudo -u edge-ad (secure_path)
 PACKAGE=""            # what to pip install: a folder, a wheel or a requirement (default: this repository)
 PYTHON=""             # interpreter for the venv (default: per JetPack)
 L4T_OVERRIDE=""
@@ -40,7 +42,7 @@ WITH_SERVICE=1
 ENABLE=0
 CLOCKS=0
 DRY_RUN=0
-ACTION=install        # install | plan | render-unit
+ACTION=install        # install | plan | render-unit | render-config
 RENDER_OUT=""
 ASSUME_YES=0
 
@@ -84,6 +86,9 @@ Usage: sudo jetson/install.sh [options]
   --dry-run            print what would be done, change nothing
   --print-plan         print the detected release and the choices, then exit
   --render-unit FILE   write edge-ad.service for these options to FILE, then exit
+  --render-config FILE write the config.toml a first install writes to FILE, then exit
+                       (backend onnxruntime on the CPU where no TensorRT is installed: JetPack 5,
+                       --trt-bindings none; else tensorrt on cuda:0)
   -y, --yes            do not ask before adding the deadsnakes PPA (JetPack 5)
   -h, --help           this help
 EOF
@@ -107,6 +112,7 @@ while [[ $# -gt 0 ]]; do
         --dry-run) DRY_RUN=1; shift ;;
         --print-plan) ACTION=plan; shift ;;
         --render-unit) ACTION=render-unit; RENDER_OUT=${2:?--render-unit needs a file}; shift 2 ;;
+        --render-config) ACTION=render-config; RENDER_OUT=${2:?--render-config needs a file}; shift 2 ;;
         -y|--yes) ASSUME_YES=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option '$1'" ;;
@@ -227,6 +233,12 @@ if [[ ${TRT_BINDINGS} == auto ]]; then
     # (about 10 minutes) would buy nothing; ONNX Runtime runs the models there
     if [[ ${JP_MAJOR} -eq 5 ]]; then TRT_BINDINGS=none; else TRT_BINDINGS=system; fi
 fi
+# the config's backend: TensorRT where its bindings are installed and new enough (not JetPack 5's 8.5)
+if [[ ${JP_MAJOR} -eq 5 || ${TRT_BINDINGS} == none ]]; then
+    BACKEND=onnxruntime; DEVICE=cpu
+else
+    BACKEND=tensorrt; DEVICE=cuda:0
+fi
 if [[ ${OPENCV} == auto ]]; then
     # JetPack 5's OpenCV is built for its Python 3.8, which edge-ad cannot use
     if [[ ${JP_MAJOR} -eq 5 ]]; then OPENCV=pip; else OPENCV=system; fi
@@ -243,8 +255,11 @@ PYTHON=${PYTHON}
 CUDA_PYTHON=${CUDA_PYTHON}
 TRT_BINDINGS=${TRT_BINDINGS}
 OPENCV=${OPENCV}
+BACKEND=${BACKEND}
+DEVICE=${DEVICE}
 PREFIX=${PREFIX}
 VENV=${VENV}
+BIN_LINK=${BIN_LINK}
 CONFIG_DIR=${CONFIG_DIR}
 DATA_DIR=${DATA_DIR}
 SERVICE_USER=${SERVICE_USER}
@@ -261,9 +276,20 @@ render_unit() {
         "${SCRIPT_DIR}/edge-ad.service"
 }
 
+# config.toml with this install's data folder and backend
+render_config() {
+    local -a edits=(-e "s|/var/lib/edge-ad|${DATA_DIR}|g")
+    if [[ ${BACKEND} != tensorrt ]]; then
+        edits+=(-e "s|^backend = \"tensorrt\" .*|backend = \"${BACKEND}\"              # this install has no usable TensorRT (install.sh)|"
+                -e "s|^device = \"cuda:0\"|device = \"${DEVICE}\"|")
+    fi
+    sed "${edits[@]}" "${SCRIPT_DIR}/config.toml"
+}
+
 case "${ACTION}" in
     plan) print_plan; exit 0 ;;
     render-unit) render_unit > "${RENDER_OUT}"; exit 0 ;;
+    render-config) render_config > "${RENDER_OUT}"; exit 0 ;;
 esac
 
 # ----------------------------------------------------------------------------- install
@@ -457,7 +483,16 @@ PY
     fi
 }
 
-# --- 4. user, folders, config
+# --- 4. edge-ad on PATH, user, folders, config
+link_cli() {
+    if [[ -e ${BIN_LINK} && ! -L ${BIN_LINK} ]]; then
+        warn "${BIN_LINK} exists and is not a link: leaving it (${VENV}/bin/edge-ad is the one installed now)"
+        return 0
+    fi
+    run install -d -m 0755 "$(dirname "${BIN_LINK}")"
+    run ln -sfn "${VENV}/bin/edge-ad" "${BIN_LINK}"
+}
+
 make_user_and_dirs() {
     if [[ ${WITH_USER} -eq 1 ]]; then
         if ! id -u "${SERVICE_USER}" >/dev/null 2>&1; then
@@ -476,15 +511,19 @@ make_user_and_dirs() {
     run install -d -m 0755 "${CONFIG_DIR}"
     run install -d -m 0750 -o "${owner}" -g "${owner}" "${DATA_DIR}" "${DATA_DIR}/snapshots" "${DATA_DIR}/state"
     if [[ ! -e ${CONFIG_DIR}/config.toml ]]; then
-        log "writing ${CONFIG_DIR}/config.toml (edit the source and the MQTT broker)"
+        log "writing ${CONFIG_DIR}/config.toml (edit the source and the MQTT broker; backend ${BACKEND}, device ${DEVICE})"
         if [[ ${DRY_RUN} -eq 1 ]]; then
-            printf '+ write %s from %s\n' "${CONFIG_DIR}/config.toml" "${SCRIPT_DIR}/config.toml"
+            printf '+ write %s from %s (backend = "%s", device = "%s")\n' "${CONFIG_DIR}/config.toml" \
+                "${SCRIPT_DIR}/config.toml" "${BACKEND}" "${DEVICE}"
         else
-            sed -e "s|/var/lib/edge-ad|${DATA_DIR}|g" "${SCRIPT_DIR}/config.toml" > "${CONFIG_DIR}/config.toml"
+            render_config > "${CONFIG_DIR}/config.toml"
             chmod 0644 "${CONFIG_DIR}/config.toml"
         fi
     else
         log "keeping ${CONFIG_DIR}/config.toml"
+        if [[ ${BACKEND} != tensorrt ]] && grep -q '^backend = "tensorrt"' "${CONFIG_DIR}/config.toml"; then
+            warn "${CONFIG_DIR}/config.toml has backend = \"tensorrt\", which this install cannot run: set backend = \"onnxruntime\" and device = \"cpu\" in [model]"
+        fi
     fi
     if [[ ! -e ${CONFIG_DIR}/edge-ad.env ]]; then
         run install -m 0640 -o root -g "${owner}" "${SCRIPT_DIR}/edge-ad.env" "${CONFIG_DIR}/edge-ad.env"
@@ -529,6 +568,7 @@ else
     warn "OpenCV from pip (no GStreamer): csi:// cameras are not available; v4l2://, rtsp:// and file:// are"
 fi
 install_edge_ad
+link_cli
 make_user_and_dirs
 install_units
 
@@ -543,13 +583,18 @@ else
     run "${VENV}/bin/edge-ad" doctor --data-dir "${DATA_DIR}"
 fi
 
+if [[ ${BACKEND} == tensorrt ]]; then
+    ENGINE_STEP="build the TensorRT engine on this device:            sudo -u ${SERVICE_USER} edge-ad compile --bundle ${DATA_DIR}/bundle --precision best --calib ${DATA_DIR}/normals"
+else
+    ENGINE_STEP="no TensorRT engine: this install runs on ONNX Runtime (backend = \"${BACKEND}\", device = \"${DEVICE}\" in config.toml)"
+fi
 cat <<EOF
 
-edge-ad is installed in ${VENV} (JetPack ${JETPACK}).
+edge-ad is installed in ${VENV} (JetPack ${JETPACK}), and on PATH as ${BIN_LINK}.
 Next steps (jetson/README.md explains each):
   1. copy or train a bundle into ${DATA_DIR}/bundle      (or install archives into a deploy folder: jetson/README.md, step 5)
-  2. build the TensorRT engine on this device:            sudo -u ${SERVICE_USER} ${VENV}/bin/edge-ad compile --bundle ${DATA_DIR}/bundle --precision fp16
+  2. ${ENGINE_STEP}
   3. edit ${CONFIG_DIR}/config.toml (camera, broker) and ${CONFIG_DIR}/edge-ad.env (secrets)
-  4. check:                                               sudo -u ${SERVICE_USER} ${VENV}/bin/edge-ad doctor --config ${CONFIG_DIR}/config.toml
+  4. check:                                               sudo -u ${SERVICE_USER} edge-ad doctor --config ${CONFIG_DIR}/config.toml
   5. start:                                               sudo systemctl enable --now edge-ad
 EOF

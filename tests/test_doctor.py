@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -562,6 +563,27 @@ def test_backend_tensorrt_without_tensorrt_is_not_a_second_failure(tmp_path, tin
     assert _by(trt, "backend")[0].status == d.Status.SKIP and d.exit_code(trt) == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tensorrt_required_and_missing_says_run_cannot_start(tmp_path, tiny):
+    """backend tensorrt without TensorRT: run refuses to start (no fallback), so the tensorrt and engine lines
+    say that, not "inference runs on ONNX Runtime", and offer model.backend = "onnxruntime"."""
+    b = copy_bundle(tiny, tmp_path / "b")
+    trt = d.run_checks(bundle=b.path, data_dirs=[tmp_path], backend="tensorrt", min_free_mb=1, service=False)
+    for c in _by(trt, "tensorrt") + _by(trt, "engine"):
+        assert 'edge-ad run cannot start with model.backend = "tensorrt"' in c.detail, c
+        assert "ONNX Runtime runs" not in c.detail and "inference runs on ONNX" not in c.detail, c
+        assert 'model.backend = "onnxruntime"' in c.fix, c
+    auto = d.run_checks(bundle=b.path, data_dirs=[tmp_path], backend="auto", min_free_mb=1, service=False)
+    assert "inference runs on ONNX Runtime" in _by(auto, "tensorrt")[0].detail   # true with auto
+    jp6 = d.check_tensorrt(required=True, l4t="36.4.3")
+    assert "python3-libnvinfer" in jp6.fix and 'model.backend = "onnxruntime"' in jp6.fix
+    # JetPack 5: its TensorRT 8.5 is too old for edge-ad, and jetson/install.sh installs no bindings there
+    for required in (True, False):
+        jp5 = d.check_tensorrt(required=required, l4t="35.4.1")
+        assert "python3-libnvinfer" not in jp5.fix and 'set model.backend = "onnxruntime"' in jp5.fix, jp5
+        assert jp5.required == required and "8.5" in jp5.fix
+
+
 def test_cli_backend_and_precision_run_refuses(tmp_path, tiny):
     b = copy_bundle(tiny, tmp_path / "b")
     cfg = tmp_path / "edge-ad.toml"
@@ -637,3 +659,66 @@ def test_service_crash_loop_and_failed_are_warnings(tmp_path, monkeypatch):
     assert c.status == d.Status.OK and c.detail == "edge-ad.service: active (running), enabled at boot", c
     _fake_systemctl(tmp_path, monkeypatch, "LoadState=not-found\\nActiveState=inactive\\nSubState=dead\\n")
     assert d.check_service().status == d.Status.SKIP
+
+
+# ---------------------------------------------------------------------------- the service's environment file
+def test_env_file_syntax(tmp_path):
+    from edge_ad.config import read_env_file
+    from edge_ad.errors import InputError
+
+    f = tmp_path / "edge-ad.env"
+    f.write_text("# secrets\n; also a comment\n\nA=1\n  B = two words  \nC=\"say \\\"hi\\\" \\\\ $x\"\n"
+                 "D='a\\b \"c\"'\nE=a\\ b\nF=\n")
+    assert read_env_file(f) == {"A": "1", "B": "two words", "C": 'say "hi" \\ $x', "D": 'a\\b "c"', "E": "a b",
+                                "F": ""}
+    for line, message in (("EDGE_AD_MQTT_PASSWORD s3cret", "no '='"), ("1X=1", "'1X' is not a variable name"),
+                          ("P='s3cret", "quote that does not close")):
+        f.write_text(f"# first\n{line}\n")
+        with pytest.raises(InputError, match=f"{f}:2: .*{message}") as exc:
+            read_env_file(f)
+        assert "s3cret" not in str(exc.value)
+
+
+def test_cli_config_reads_the_env_file_next_to_it(tmp_path, mosquitto_factory, tiny):
+    """doctor --config checks with edge-ad.env applied as systemd's EnvironmentFile= applies it to the service:
+    its broker credentials and its overrides, over the shell's values."""
+    from edge_ad.mqtt.broker import make_password_file
+
+    broker = mosquitto_factory(password_file=make_password_file(tmp_path / "passwd", {"line3-cam1": "s3cret"}))
+    b = copy_bundle(tiny, tmp_path / "b")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cfg = etc / "config.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\nbackend = "onnxruntime"\ndevice = "cpu"\n\n'
+                   f'[source]\nuri = "synthetic://disc"\n\n[output]\njsonl = "{tmp_path / "results.jsonl"}"\n\n'
+                   f'[mqtt]\nurl = "{broker.url}"\noutbox_path = "{tmp_path / "outbox.sqlite"}"\n')
+    args = ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"]
+    runner = CliRunner()
+    res = runner.invoke(main, args)
+    by = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    assert by["broker"]["status"] == "fail" and "env-file" not in by   # no file: the shell's environment only
+
+    env = etc / "edge-ad.env"
+    env.write_text("# as jetson/edge-ad.env\nEDGE_AD_MQTT_USERNAME=line3-cam1\nEDGE_AD_MQTT_PASSWORD='s3cret'\n"
+                   f"EDGE_AD_SOURCE__URI=dir://{tmp_path / 'absent'}\n")
+    res = runner.invoke(main, args, env={"EDGE_AD_MQTT_PASSWORD": "the-shell-s", "EDGE_AD_SOURCE__URI": None})
+    by = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    assert by["env-file"]["status"] == "ok" and str(env) in by["env-file"]["detail"], by["env-file"]
+    assert "s3cret" not in res.output
+    assert by["broker"]["status"] == "ok", by["broker"]            # the file's password, not the shell's
+    assert by["source"]["status"] == "fail" and "absent" in by["source"]["detail"]   # the file's override
+    import os
+    assert "EDGE_AD_SOURCE__URI" not in os.environ                 # applied for the command only
+
+    other = tmp_path / "other.env"                                 # --env-file names another file
+    other.write_text("EDGE_AD_MQTT_USERNAME=line3-cam1\nEDGE_AD_MQTT_PASSWORD=s3cret\n")
+    res = runner.invoke(main, args + ["--env-file", str(other)])
+    by = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    assert by["broker"]["status"] == "ok" and by["source"]["status"] == "ok" and str(other) in by["env-file"]["detail"]
+
+    env.write_text("EDGE_AD_MQTT_PASSWORD s3cret\n")               # a malformed line: file:line, nothing applied
+    res = runner.invoke(main, args[:-1])
+    assert re.search(rf"\[FAIL\] env-file +{re.escape(str(env))}:1: no '='", res.output), res.output
+    assert "s3cret" not in res.output
+    res = runner.invoke(main, args + ["--env-file", str(tmp_path / "nope.env")])
+    assert res.exit_code == 2 and "--env-file" in res.output

@@ -79,6 +79,7 @@ def test_unit_contract():
             keys.setdefault(k.strip(), []).append(v.strip())
     assert keys["Type"] == ["notify"]
     assert keys["Restart"] == ["always"]
+    assert keys["ExecReload"] == ["/bin/kill -HUP $MAINPID"]   # systemctl reload: the loop reloads on SIGHUP
     assert int(keys["WatchdogSec"][0]) > 0
     after = " ".join(keys["After"])
     assert "network-online.target" in after and "nvargus-daemon.service" in after
@@ -103,6 +104,11 @@ def test_dockerfile_uses_the_installer():
     assert re.search(r"^FROM \$\{BASE\}$", text, re.M)
     assert "jetson/install.sh --l4t" in text and "--no-service" in text and "--no-user" in text
     assert 'ENTRYPOINT ["edge-ad"]' in text and "/tmp/argus_socket" in text
+    # the documented `docker run` gives the container what systemd gives the service: edge-ad.env, and
+    # time to drain (30 s) and flush the outbox (10 s) on stop
+    run = re.search(r"^#\s+docker run .*?edge-ad:r\S+$", text, re.M | re.S).group(0)
+    assert "--env-file /etc/edge-ad/edge-ad.env" in run
+    assert int(re.search(r"--stop-timeout (\d+)", run).group(1)) >= 40
     assert (JETSON / "Dockerfile.dockerignore").is_file()
 
 
@@ -170,6 +176,11 @@ def test_dry_run_changes_nothing(tmp_path):
     assert "numpy>=1.24,<2" in out
     assert "systemctl enable edge-ad-clocks.service" in out and "systemctl enable --now edge-ad.service" in out
     assert "edge-ad doctor" in out
+    # edge-ad on PATH (the guide runs `sudo -u edge-ad edge-ad ...`): a link to this prefix's venv
+    assert f"ln -sfn {prefix}/venv/bin/edge-ad /usr/local/bin/edge-ad" in out
+    assert _plan("36.4.3")["BIN_LINK"] == "/usr/local/bin/edge-ad"
+    # the closing steps build the engine as jetson/README.md step 6 does
+    assert f"edge-ad compile --bundle {var}/bundle --precision best --calib {var}/normals" in out
     assert not prefix.exists() and not etc.exists() and not var.exists()
 
 
@@ -191,6 +202,30 @@ def test_dry_run_jetpack5_builds_trt_bindings_when_asked(tmp_path):
     assert "OpenCV from pip (no GStreamer)" in res.stderr
     assert "cuda-python\\>=11.4\\,\\<12" in out
     assert not (tmp_path / "opt").exists()
+
+
+@pytest.mark.parametrize("l4t, extra, backend, device", [
+    ("35.4.1", (), "onnxruntime", "cpu"),                                    # JetPack 5: TensorRT 8.5 is too old
+    ("35.4.1", ("--trt-bindings", "build"), "onnxruntime", "cpu"),           # bindings for your own use only
+    ("36.4.3", (), "tensorrt", "cuda:0"),
+    ("36.4.3", ("--trt-bindings", "none"), "onnxruntime", "cpu"),
+])
+def test_written_config_runs_without_tensorrt_where_none_is_installed(tmp_path, l4t, extra, backend, device):
+    from edge_ad.config import load_settings
+
+    plan = _plan(l4t, *extra)
+    assert plan["BACKEND"] == backend and plan["DEVICE"] == device
+    var = tmp_path / "var"
+    cfg = tmp_path / "config.toml"
+    res = _bash("--l4t", l4t, *extra, "--data-dir", str(var), "--render-config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    s = load_settings(cfg)
+    assert (s.model.backend, s.model.device) == (backend, device) and s.model.bundle == var / "bundle"
+    res = _bash("--l4t", l4t, *extra, "--dry-run", "--yes", "--no-service", "--prefix", str(tmp_path / "opt"),
+                "--config-dir", str(tmp_path / "etc"), "--data-dir", str(var), timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f'(backend = "{backend}", device = "{device}")' in res.stdout
+    assert ("edge-ad compile" in res.stdout) == (backend == "tensorrt"), res.stdout   # no engine to build
 
 
 # ---------------------------------------------------------------------------- config and docs
@@ -221,3 +256,26 @@ def test_readme_walks_flash_to_service():
         assert cmd in text, cmd
     for doc in ("CAMERAS.md", "POWER.md"):
         assert (JETSON / doc).is_file()
+
+
+# ---------------------------------------------------------------------------- camera-check.sh
+@pytest.mark.parametrize("gst_rc", [0, 1])
+def test_camera_check_exits_non_zero_when_the_capture_fails(tmp_path, gst_rc):
+    """camera-check.sh csi / snap: a GStreamer pipeline that fails (no sensor, Argus down) is an error exit
+    with a message, not 'exit 0' after the grep of its output. gst-launch-1.0 here is a stand-in script on
+    PATH that prints what GStreamer prints and exits with gst_rc."""
+    gst = tmp_path / "bin" / "gst-launch-1.0"
+    gst.parent.mkdir()
+    msg = "Setting pipeline to PLAYING ...\\nrendered: 60, dropped: 0" if gst_rc == 0 else \
+        "ERROR: from element /GstPipeline:pipeline0/GstNvArgusCameraSrc: No cameras available"
+    gst.write_text(f"#!/bin/sh\nprintf '{msg}\\n'\nexit {gst_rc}\n")
+    gst.chmod(0o755)
+    env = {**os.environ, "PATH": f"{gst.parent}:{os.environ['PATH']}"}
+    for args in (["csi", "0"], ["snap", "csi", "0", str(tmp_path / "s.jpg")]):
+        res = subprocess.run(["bash", str(JETSON / "camera-check.sh"), *args], capture_output=True, text=True,
+                             env=env, timeout=30)
+        if gst_rc == 0:
+            assert res.returncode == 0, res.stderr
+        else:
+            assert res.returncode == 1 and "camera-check: capture failed (gst-launch-1.0 exit 1)" in res.stderr
+            assert "No cameras available" in res.stdout + res.stderr

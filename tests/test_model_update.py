@@ -1366,3 +1366,30 @@ def test_a_refused_candidates_compile_hint_names_the_new_release_not_a_path(tmp_
     msg = str(deploy_mod._named_in_archive(exc, staging, tmp_path / "part-a.tar"))
     assert "part-a.tar: bundle" not in msg and str(staging) not in msg
     assert "edge-ad compile --bundle <the new release> --precision fp32" in msg
+
+
+def test_cli_install_config_takes_the_env_file_next_to_it(tiny_bundle, tmp_path, golden):
+    """bundle install --config applies the service's edge-ad.env (or --env-file) over the config, as the line
+    gets it from systemd: its precision override makes the install refuse what the line could not open."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy = _int8_release(tiny_bundle, tmp_path, golden)
+    before = deployment(deploy)
+    arch = pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cfg = etc / "config.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n[source]\nuri = "synthetic://disc"\n')
+    (etc / "edge-ad.env").write_text("# the line runs int8\nEDGE_AD_MODEL__PRECISION=\"int8\"\n")
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--no-golden"])
+    assert res.exit_code == 2 and "precision int8" in res.output, res.output
+    other = tmp_path / "other.env"
+    other.write_text("EDGE_AD_MODEL__PRECISION=int8\nBROKEN LINE\n")
+    res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--env-file", str(other)])
+    assert res.exit_code == 2 and f"{other}:2: no '='" in res.output, res.output
+    res = r.invoke(main, ["bundle", "install", str(arch), "--deploy", str(deploy), "--env-file", str(other)])
+    assert res.exit_code == 2 and "--env-file needs --config" in res.output, res.output
+    assert deployment(deploy) == before

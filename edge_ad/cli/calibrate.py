@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -252,6 +253,10 @@ def pack_cmd(bundle_dir, out, sign_key):
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
               help="The line's run config: its [model] deploy_dir, golden_dir, update_key, backend, precision and "
                    "device are the defaults of the options below, so the install checks what the line will run.")
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
+                   "its EDGE_AD_<SECTION>__<KEY> overrides apply over the config, its values replacing this "
+                   "shell's, as for the service. Default: edge-ad.env next to --config, when there is one.")
 @click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Deploy folder (releases/, current and previous links); default: the config's "
                    "model.deploy_dir.")
@@ -278,8 +283,8 @@ def pack_cmd(bundle_dir, out, sign_key):
                    "training data when it is on this machine.")
 @click.option("--keep", default=3, show_default=True, type=click.IntRange(2), help="Releases kept.")
 @click.option("--json", "as_json", is_flag=True)
-def install_cmd(archive, config, deploy_dir, golden_dir, no_golden, key, require_signature, backend, precision,
-                device, calib_dir, keep, as_json):
+def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, key, require_signature, backend,
+                precision, device, calib_dir, keep, as_json):
     """Verify ARCHIVE (a 'bundle pack' archive, or a bundle folder made on this device), open it as the line
     will, check it on the golden set, and switch it in atomically (the old one is kept).
 
@@ -291,10 +296,14 @@ def install_cmd(archive, config, deploy_dir, golden_dir, no_golden, key, require
     from ..calibration.deploy import open_probe
     from ..errors import InputError
 
+    if env_file is not None and config is None:
+        raise InputError("--env-file needs --config (it changes the config's values)")
     if config is not None:
-        from ..config import load_settings
+        from ..config import default_env_file, load_settings, read_env_file
 
-        m = load_settings(config).model
+        env_file = env_file or default_env_file(config)
+        env = read_env_file(env_file) if env_file is not None else {}
+        m = load_settings(config, environ={**os.environ, **env}).model
         if deploy_dir is None and m.deploy_dir is None:
             raise InputError(f"--config {config}: no model.deploy_dir in it; give --deploy DIR")
         deploy_dir = deploy_dir or m.deploy_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from .types import Seconds
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="EDGE_AD_CONFIG", help="The edge-ad run config to check (bundle or deploy_dir, backend, "
                                             "precision, device, source, MQTT, paths). Default: $EDGE_AD_CONFIG.")
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Environment file the service runs with (systemd EnvironmentFile= syntax: NAME=value lines, "
+                   "# comments, optional quotes): its MQTT credentials and EDGE_AD_<SECTION>__<KEY> overrides "
+                   "are checked, its values replacing this shell's as systemd gives them to the service. "
+                   "Default: edge-ad.env next to --config, when there is one.")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Bundle folder to verify (overrides the config's model.bundle, as run --bundle does).")
 @click.option("--mqtt", "mqtt_url", metavar="URL",
               help="Broker to reach, mqtt://host[:port] or mqtts://host[:port] (overrides the config's URL).")
@@ -36,20 +42,35 @@ from .types import Seconds
               help="Seconds to wait for a broker or camera host.")
 @click.option("--strict", is_flag=True, help="Exit 1 on any warning or failed optional check too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def doctor(config, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_free_mb, timeout_s, strict, as_json):
+def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_free_mb, timeout_s, strict,
+           as_json):
     """Check what this machine can do for `edge-ad run`, and say how to fix what is missing.
 
     Exit code: 0 when `edge-ad run` can start, 1 when something it needs is missing, 2 for usage errors.
 
     \b
     edge-ad doctor
-    edge-ad doctor --config /etc/edge-ad/config.toml
+    edge-ad doctor --config /etc/edge-ad/config.toml          (reads /etc/edge-ad/edge-ad.env too)
     edge-ad doctor --bundle bundles/tile --mqtt mqtts://broker:8883 --ca-file ca.pem --source csi://0
     """
     from .. import doctor as d
+    from ..config import applied_environ, default_env_file, read_env_file
     from ..errors import EdgeADError
 
     extra: list[d.Check] = []
+    env: dict[str, str] = {}
+    env_file = env_file or default_env_file(config)
+    if env_file is not None:
+        try:
+            env = read_env_file(env_file)
+            extra.append(d.Check("env-file", d.Status.OK, f"{env_file}: {len(env)} variable(s) applied as the "
+                                 f"service gets them" + (f" ({', '.join(sorted(env))})" if env else "")))
+        except EdgeADError as exc:
+            extra.append(d.Check("env-file", d.Status.FAIL, f"{exc}: not applied", fix=(
+                "fix the line named above (NAME=value, # for comments)" if os.access(env_file, os.R_OK) else
+                "run doctor as the service user (sudo -u edge-ad ...): the file is root:edge-ad, mode 0640")))
+    # the checks below (config overrides, MQTT credentials) see the file's values, as the service does
+    click.get_current_context().with_resource(applied_environ(env))
     settings = None
     mqtt = None
     precision = None

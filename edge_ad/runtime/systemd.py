@@ -1,6 +1,7 @@
 """systemd notifications (``sd_notify``) over ``$NOTIFY_SOCKET``, without a dependency.
 
-Under a unit with ``Type=notify`` the loop sends ``READY=1`` once it inspects, ``WATCHDOG=1`` while it
+Under a unit with ``Type=notify`` the loop sends ``READY=1`` once the model is open and its threads run
+(before the first frame: the capture thread opens the camera, retrying), ``WATCHDOG=1`` while it
 is healthy (at half of ``WatchdogSec``), ``STATUS=...`` lines, and ``STOPPING=1`` when it drains. Outside
 systemd (no ``$NOTIFY_SOCKET``) every call is a no-op.
 """
