@@ -486,3 +486,24 @@ def test_broker_that_exits_at_once_says_why(tmp_path, script, says):
     assert says in str(ei.value)
     if "bad option" in script:
         assert "Error: bad option" in str(ei.value)
+
+
+def test_an_unreachable_broker_is_a_warning_at_once_then_at_most_once_a_minute(tmp_path, caplog):
+    """A wrong URL or a broker that is down must show: the first failed connect is a WARNING naming the
+    broker and the outbox depth; the retries after it (seconds apart here) stay at DEBUG."""
+    port = free_port()
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{port}", tmp_path))
+    link.outbox.put("result", "t/x", b"{}", msg_id="r1")
+    fails = []
+    real = link._on_connect_fail
+    link._on_connect_fail = lambda *a: (real(*a), fails.append(1))   # counted after the real callback ran
+    with caplog.at_level(logging.DEBUG, logger="edge_ad.mqtt.link"):
+        link.start()
+        try:
+            assert _wait(lambda: len(fails) >= 3, 20), "the link did not retry"
+        finally:
+            link.stop(timeout=1)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot connect" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert f"127.0.0.1:{port}" in warned[0].getMessage() and "1 results and events waiting" in warned[0].getMessage()
+    assert link.stats()["last_error"] == f"cannot connect to mqtt://127.0.0.1:{port}"

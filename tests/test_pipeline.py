@@ -1105,3 +1105,24 @@ def test_update_archives_are_fetched_over_http_and_checked(tmp_path):
             _fetch_archive(str(tmp_path / "nope.tar"), tmp_path, digest)
     finally:
         srv.shutdown()
+
+
+def test_run_says_how_many_messages_wait_in_the_outbox_when_the_broker_was_unreachable(tmp_path, tiny_bundle,
+                                                                                     monkeypatch):
+    """A broker that cannot be reached must not look like a clean run: the summary line counts the results
+    that stayed in the outbox and names its file."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.mqtt.broker import free_port
+
+    video, _ = defect_video(tmp_path / "v.avi", n=4, defect_every=2, size=96)
+    outbox = tmp_path / "outbox.sqlite"
+    cfg = _config_file(tmp_path, tiny_bundle, f"file://{video}",
+                       f'\n[mqtt]\nurl = "mqtt://127.0.0.1:{free_port()}"\nsite = "s"\ndevice = "d"\n'
+                       f'outbox_path = "{outbox}"\n')
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["run", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    m = re.search(r"(\d+) MQTT messages not delivered yet: they wait in the outbox \((.+)\)", res.output)
+    assert m and int(m.group(1)) >= 4 and m.group(2) == str(outbox), res.output

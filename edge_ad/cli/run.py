@@ -85,6 +85,9 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
     else:
         click.echo(f"{summary['frames']} frames inspected ({summary['ng']} NG, {summary['dropped']} dropped) in "
                    f"{summary['duration_s']:.1f} s, {summary['fps']:.1f} frames/s; stopped: {summary['reason']}")
+        if summary.get("outbox_left"):
+            click.echo(f"{summary['outbox_left']} MQTT messages not delivered yet: they wait in the outbox "
+                       f"({summary['outbox']}) and go out on the next run that reaches the broker")
     _exit_past_busy_threads(svc, 0)
 
 

@@ -44,6 +44,8 @@ from .settings import MqttSettings
 from .topics import Topics
 
 log = logging.getLogger(__name__)
+UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
+
 
 class MqttLink:
     """One device's connection to the broker. Safe to call from any thread.
@@ -70,6 +72,7 @@ class MqttLink:
         self._retained_dirty = False          # birth / calibration changed since last published
         self._connected = False
         self._connected_at = 0.0
+        self._unreachable_warned = float("-inf")   # when "cannot connect" was last logged at WARNING
         self._started = False
         self._stopping = False
         self._stopped = False
@@ -373,6 +376,7 @@ class MqttLink:
         self._connected_at = time.monotonic()
         self._counters["connects"] += 1
         self._last_error = None
+        self._unreachable_warned = float("-inf")
         if client.protocol == paho.MQTTv5:
             # retained commands are not sent at subscribe, and keep their retain flag to be refused
             client.subscribe(self.topics.cmd_filter, options=SubscribeOptions(
@@ -386,7 +390,15 @@ class MqttLink:
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._last_error = f"cannot connect to {self.settings.safe_url}"
-        log.debug("mqtt: %s", self._last_error)
+        now = time.monotonic()
+        if now - self._unreachable_warned >= UNREACHABLE_WARN_S and not self._stopping:
+            # the first failure, then once a minute while it lasts: a wrong URL or a broker that is down
+            # must not look like a healthy line; results wait in the outbox meanwhile
+            self._unreachable_warned = now
+            log.warning("mqtt: %s; retrying in the background (%d results and events waiting in the outbox %s)",
+                        self._last_error, self.outbox.depth, self.outbox.path)
+        else:
+            log.debug("mqtt: %s", self._last_error)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self._connected

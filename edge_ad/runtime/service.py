@@ -749,10 +749,11 @@ class Service:
         else:
             self.reporter.close()
         self.telemetry.stop()
-        outbox_left = None
+        outbox_left = outbox = None
         if self.link is not None:
             self.link.stop(timeout=10.0)
-            outbox_left = self.link.outbox.depth if hasattr(self.link, "outbox") else None
+            if hasattr(self.link, "outbox"):
+                outbox_left, outbox = self.link.outbox.depth, str(self.link.outbox.path)
         if "inference" in busy:   # never close a backend under a running batch
             log.warning("the backend is left open: a batch is still being inferred past the stop deadline")
         else:
@@ -770,7 +771,7 @@ class Service:
                    "duration_s": round(elapsed, 3), "fps": round(p.inspected / elapsed, 3) if elapsed > 0 else 0.0,
                    "reason": self._stop_signal or p.end_reason or "finished", "drained": drained,
                    "jsonl": str(self.settings.output.jsonl) if self.settings.output.jsonl else None,
-                   "outbox_left": outbox_left, "rss_mb": (final.get("process") or {}).get("rss_mb")}
+                   "outbox_left": outbox_left, "outbox": outbox, "rss_mb": (final.get("process") or {}).get("rss_mb")}
         log.info("edge-ad run finished: %s", summary)
         return summary
 
