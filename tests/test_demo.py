@@ -155,3 +155,37 @@ def test_quick_demo_with_the_embedded_broker(tmp_path):
     mq = summary["mqtt"]
     assert mq["enabled"] and mq["results_received"] == summary["loop"]["frames"]
     assert summary["loop"]["calibration"]["via"] == "mqtt"
+
+
+def test_the_quantize_step_names_only_the_guard_candidates_that_failed(tmp_path, monkeypatch):
+    """One INT8 form passing and the other failing: the console line names the failing one with its reason
+    and says the passing one passed (it said 'failed' for both, against quant_report.json)."""
+    import edge_ad.compile.quantize as quantize
+    from edge_ad.demo import steps
+    from edge_ad.demo.plan import make_plan
+    from edge_ad.errors import GuardFailure
+
+    def refuse(*a, **k):
+        raise GuardFailure("onnxruntime-int8: score rank correlation 0.9882 < 0.99")
+
+    monkeypatch.setattr("edge_ad.bundle.Bundle.open", staticmethod(lambda *a, **k: None))
+    monkeypatch.setattr("edge_ad.data.synthetic.write_category", lambda *a, **k: tmp_path / "q")
+    monkeypatch.setattr(quantize, "quantize_bundle", refuse)
+    monkeypatch.setattr(steps, "_guard_entries", lambda b: [
+        {"candidate": "onnxruntime-int8", "passed": False, "failures": ["score rank correlation 0.9882 < 0.99"]},
+        {"candidate": "onnxruntime-int8-u8", "passed": True, "failures": []}])
+    info, (level, line) = steps.step_quantize(tmp_path, make_plan(True, "gaussian"))
+    assert level == "warning" and not info["passed"]
+    assert "onnxruntime-int8: score rank correlation 0.9882 < 0.99" in line
+    assert "onnxruntime-int8-u8: failed" not in line
+    assert "onnxruntime-int8-u8 passed, but INT8 is switched in only when every form passes" in line
+
+
+def test_the_demo_monitor_line_says_the_ng_rate_is_the_last_intervals():
+    """Telemetry's ng_rate covers the last interval, the counts beside it every result since the start: the
+    line labels both (it showed 'NG 5% (47/87)', a rate that contradicted the counts)."""
+    from edge_ad.demo.loop import monitor_line
+    from edge_ad.mqtt.monitor import DeviceRow
+
+    row = DeviceRow("demo", "conveyor-1", state="online", fps=19.9, ng_rate=0.05, results=87, ng=47)
+    assert "NG 5% last interval (47 of 87 results since start)" in monitor_line(row, 300)

@@ -161,8 +161,10 @@ def monitor_line(row, msgs: int) -> str:
     cal = "-" if row.calibration_version is None else f"v{row.calibration_version}"
     box = "-" if row.outbox_depth is None else str(row.outbox_depth)
     drift = {True: "DRIFT", False: "ok", None: "-"}[row.drift]
-    return (f"      monitor  {row.site}/{row.device} {row.state}: {fps} fps, NG {ng} ({row.ng}/{row.results}), "
-            f"last {last}, calibration {cal}, outbox {box}, drift {drift}, {msgs} MQTT messages")
+    # ng_rate is the last telemetry interval's; the counts are the results received since the monitor started
+    return (f"      monitor  {row.site}/{row.device} {row.state}: {fps} fps, NG {ng} last interval "
+            f"({row.ng} of {row.results} results since start), last {last}, calibration {cal}, outbox {box}, "
+            f"drift {drift}, {msgs} MQTT messages")
 
 
 class LoopRun:

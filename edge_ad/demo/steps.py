@@ -117,9 +117,12 @@ def step_quantize(out: Path, plan: DemoPlan) -> tuple[dict, tuple[str, str]]:
     except GuardFailure as exc:
         entries = _guard_entries(b)
         info.update(entries=entries, refused=str(exc))
-        why = "; ".join(f"{e['candidate']}: {', '.join(e.get('failures') or ['failed'])}" for e in entries) or str(exc)
-        return info, ("warning", f"INT8 REFUSED by the accuracy guard ({why}); nothing switched in, the loop "
-                                 f"runs the FP32 graph")
+        failed = [e for e in entries if not e.get("passed")]
+        why = "; ".join(f"{e['candidate']}: {', '.join(e.get('failures') or ['failed'])}" for e in failed) or str(exc)
+        passed = [e["candidate"] for e in entries if e.get("passed")]
+        also = f"; {', '.join(passed)} passed, but INT8 is switched in only when every form passes" if passed else ""
+        return info, ("warning", f"INT8 REFUSED by the accuracy guard ({why}{also}); nothing switched in, the "
+                                 f"loop runs the FP32 graph")
     b = Bundle.open(out / "bundle")
     info.update(precision=b.active_precision, passed=True, entries=res.entries, files=res.files)
     e = res.entries[0]
