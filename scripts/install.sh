@@ -15,10 +15,19 @@ if [ "$PY" = .venv/bin/python ] && [ ! -x .venv/bin/python ]; then make_venv=1; 
 if [ $make_venv = 1 ] && ! python3 -c "import ensurepip" >/dev/null 2>&1; then
   need_apt+=(python3-venv)         # Debian's python3 makes no venv without it
 fi
+has_pip() { "$PY" -m pip --version >/dev/null 2>&1; }
+if [ $make_venv = 0 ] && ! has_pip; then
+  need_apt+=(python3-pip)          # stock Ubuntu 22.04 / Debian 11 python3 comes without pip
+fi
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+if [ $make_venv = 0 ] && ! has_pip; then
+  echo "error: $(command -v "$PY") has no pip ('$PY -m pip' fails): install it (Debian/Ubuntu: apt-get install" \
+       "python3-pip) or activate a Python environment that has it, then run $0 again" >&2
+  exit 1
 fi
 # torch is pinned to the CPU build (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
 if [ $make_venv = 1 ]; then

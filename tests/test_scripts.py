@@ -62,3 +62,41 @@ def test_scripts_use_the_chosen_python():
         assert os.access(ROOT / "scripts" / name, os.X_OK), name
     assert 'exec "$PY" -m edge_ad demo' in (ROOT / "scripts" / "demo.sh").read_text()
     assert 'exec "$PY" -m pytest' in (ROOT / "scripts" / "test.sh").read_text()
+
+
+def _fake_repo(tmp_path: Path, python3: str) -> tuple[Path, dict]:
+    """A copy of scripts/ in tmp_path/repo, and an environment whose PATH starts with tmp_path/bin: a
+    ``python3`` (the given shell script body), an ``apt-get`` that records its arguments in apt.log and a
+    ``sudo`` that runs its command with that PATH."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "scripts", repo / "scripts")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, body in (("python3", python3), ("apt-get", f'echo "$@" >> {tmp_path}/apt.log\n'),
+                       ("sudo", 'exec "$@"\n')):
+        (bindir / name).write_text("#!/bin/sh\n" + body)
+        (bindir / name).chmod(0o755)
+    return repo, {"PATH": f"{bindir}:/usr/sbin:/usr/bin:/bin", "HOME": str(tmp_path)}
+
+
+def test_demo_sh_runs_the_demo_in_the_callers_folder(tmp_path):
+    """'/path/to/edge_ad/scripts/demo.sh --out mydemo' writes mydemo where the user is, not in the repo."""
+    repo, env = _fake_repo(tmp_path, 'case "$1" in -) exit 1;; esac\necho "cwd=$(pwd) args=$*"\n')
+    (repo / "scripts" / "install.sh").write_text("#!/usr/bin/env bash\nexit 0\n")   # installs nothing here
+    user = tmp_path / "user"
+    user.mkdir()
+    res = subprocess.run(["bash", str(repo / "scripts" / "demo.sh"), "--out", "mydemo"], capture_output=True,
+                         text=True, env=env, cwd=user)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"cwd={user} args=-m edge_ad demo --out mydemo"
+
+
+def test_install_sh_asks_for_pip_when_python3_has_none(tmp_path):
+    """A python3 without pip (stock Ubuntu 22.04) gets python3-pip from apt-get; still none: an error that
+    says what to install, not just 'No module named pip'."""
+    repo, env = _fake_repo(tmp_path, 'case "$1" in -) exit 1;; esac\necho "No module named pip" >&2\nexit 1\n')
+    res = subprocess.run(["bash", str(repo / "scripts" / "install.sh")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 1
+    assert "python3-pip" in (tmp_path / "apt.log").read_text()
+    assert "has no pip" in res.stderr and "apt-get install python3-pip" in res.stderr, res.stderr
