@@ -95,6 +95,17 @@ def test_quick_demo_without_mqtt(tmp_path):
     assert not summary["mqtt"]["enabled"]
     assert summary["loop"]["calibration"]["via"] == "sighup"
     assert "MQTT off" in p.stdout
+    # the loop again, as the demo says at the end: the line as the demo left it (new light, its calibration)
+    assert f"run the loop again: edge-ad run --config {out / 'rerun.toml'}" in p.stdout
+    demo_results = (out / "loop" / "results.jsonl").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "run", "--config", str(out / "rerun.toml"), "--max-frames",
+                        "60"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in (out / "rerun" / "results.jsonl").read_text().splitlines()]
+    good = [x for x in recs if not x["truth"]["label"]]
+    assert len(recs) == 60 and good
+    assert sum(x["ng"] for x in good) <= 0.2 * len(good), "the rerun calls good parts NG"   # was every one
+    assert (out / "loop" / "results.jsonl").read_bytes() == demo_results   # the demo's own log is kept
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

@@ -36,7 +36,8 @@ from typing import Any
 from ..errors import EdgeADError
 from .console import Console, Steps
 from .loop import LoopRun, MqttWatch
-from .plan import DEVICE, FULL, QUICK, SITE, DemoFailure, DemoPlan, make_plan, source_uri, write_config
+from .plan import (DEVICE, FULL, QUICK, RERUN_CONFIG, SITE, DemoFailure, DemoPlan, make_plan, source_uri,
+                   write_config, write_rerun_config)
 from .steps import prepare_out, step_broker, step_data, step_evaluate, step_quantize, step_train
 
 __all__ = ["run_demo", "DemoResult", "DemoFailure", "DemoPlan", "make_plan", "FULL", "QUICK", "Console"]
@@ -135,6 +136,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, model:
             return "ok", "; ".join(parts)
 
         steps_.run("stop", _stop)
+        write_rerun_config(out, plan)
     except DemoFailure as exc:
         failure = exc
     except KeyboardInterrupt:
@@ -217,4 +219,6 @@ def _final_lines(summary: dict, report: Path) -> str:
     else:
         lines.append(f"  MQTT off: {mq['why_off']}")
     lines.append(f"report: {report}")
+    if (report.parent / RERUN_CONFIG).is_file():
+        lines.append(f"run the loop again: edge-ad run --config {report.parent / RERUN_CONFIG} --duration 30")
     return "\n".join(lines)

@@ -106,32 +106,58 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
-def write_config(out: Path, plan: DemoPlan, broker_url: str | None, protocol: str = "5") -> Path:
-    """The loop's TOML config (paths relative to it, as a user would write it)."""
-    sections: dict[str, dict[str, Any]] = {
+def _sections(plan: DemoPlan, folder: str) -> dict[str, dict[str, Any]]:
+    """The loop's settings, its outputs in ``folder`` (relative to the config)."""
+    return {
         "model": {"bundle": "bundle", "backend": "auto"},
         "source": {"uri": source_uri(plan), "mode": "stream", "watchdog_s": 20.0},
         "pipeline": {"queue_size": 2, "max_batch": 4, "drain_timeout_s": 30.0},
-        "output": {"jsonl": "loop/results.jsonl", "snapshots_dir": "loop/snapshots", "snapshots_max_count": 200,
-                   "heatmap": True, "event_image": True, "jpeg_quality": 85},
-        "telemetry": {"interval_s": plan.telemetry_s, "path": "loop/telemetry.jsonl", "tegrastats": False,
+        "output": {"jsonl": f"{folder}/results.jsonl", "snapshots_dir": f"{folder}/snapshots",
+                   "snapshots_max_count": 200, "heatmap": True, "event_image": True, "jpeg_quality": 85},
+        "telemetry": {"interval_s": plan.telemetry_s, "path": f"{folder}/telemetry.jsonl", "tegrastats": False,
                       "nvml": False},
         "calibration": {"policy": plan.policy, "frames": plan.calib_frames, "timeout_s": 120.0},
         "drift": {"enabled": True, "window": 20, "limit": 3.0},
     }
-    if broker_url is not None:
-        sections["mqtt"] = {"url": broker_url, "protocol": protocol, "site": SITE, "device": DEVICE,
-                            "outbox_path": "loop/outbox.sqlite",
-                            "outbox_sync": "normal", "image_min_interval_s": 0.5}
-    lines = ["# written by 'edge-ad demo': run it again with  edge-ad run --config " + str(out / "edge-ad.toml"),
-             "# (the broker's port was picked for this demo run)", ""]
+
+
+def _write_toml(path: Path, header: list[str], sections: dict[str, dict[str, Any]]) -> Path:
+    lines = [*header, ""]
     for name, fields in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in fields.items()]
         lines.append("")
-    path = out / "edge-ad.toml"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def write_config(out: Path, plan: DemoPlan, broker_url: str | None, protocol: str = "5") -> Path:
+    """The loop's TOML config (paths relative to it, as a user would write it)."""
+    sections = _sections(plan, "loop")
+    if broker_url is not None:
+        sections["mqtt"] = {"url": broker_url, "protocol": protocol, "site": SITE, "device": DEVICE,
+                            "outbox_path": "loop/outbox.sqlite",
+                            "outbox_sync": "normal", "image_min_interval_s": 0.5}
+    header = ["# written by 'edge-ad demo': the config its loop ran (the broker's port was this demo run's, and",
+              f"# the light changes at frame {plan.lighting_from}). To run the loop again after the demo:",
+              f"#   edge-ad run --config {out / RERUN_CONFIG} --duration 30"]
+    return _write_toml(out / "edge-ad.toml", header, sections)
+
+
+RERUN_CONFIG = "rerun.toml"
+
+
+def write_rerun_config(out: Path, plan: DemoPlan) -> Path:
+    """The loop again after the demo, on the line as the demo left it: the changed light from the first
+    frame (the calibration in force was fitted on it), outputs in ``rerun/`` (the demo's ``loop/`` kept),
+    no MQTT (the demo's broker is gone)."""
+    import dataclasses
+
+    header = ["# written by 'edge-ad demo': its loop again, on the line as the demo left it: the changed light from",
+              "# the first frame (the recalibration fitted on it is in force), outputs in rerun/, no MQTT (the",
+              "# demo's broker is gone; add an [mqtt] section with url, site and device to report to yours).",
+              f"#   edge-ad run --config {out / RERUN_CONFIG} --duration 30"]
+    return _write_toml(out / RERUN_CONFIG, header, _sections(dataclasses.replace(plan, lighting_from=0), "rerun"))
 
 
 def child_env() -> dict[str, str]:

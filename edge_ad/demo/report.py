@@ -316,7 +316,7 @@ def write_report(out: Path, plan, summary: dict, records: Sequence[dict], steps:
             parts.append(_table(["graph", "guard", "rank corr", "agreement", "AUROC fp32->int8", "why"], grows))
 
     parts.append("<h2>Files</h2><ul>")
-    for name in ("edge-ad.toml", "loop/results.jsonl", "loop/run.log", "loop/telemetry.jsonl", "eval/report.json",
+    for name in ("edge-ad.toml", "rerun.toml", "loop/results.jsonl", "loop/run.log", "loop/telemetry.jsonl", "eval/report.json",
                  "bundle/quant_report.json", "bundle/calibration.d", "summary.json"):
         if (out / name).exists() or name == "summary.json":
             parts.append(f"<li><a href='{_e(name)}'>{_e(name)}</a></li>")
