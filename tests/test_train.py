@@ -570,3 +570,22 @@ def test_every_model_runs_in_half_precision(kind):
     with torch.inference_mode():
         out = m(torch.rand(1, 3, SIZE, SIZE).half() * 255)
     assert all(o.dtype == torch.float16 and torch.isfinite(o).all() for o in out)
+
+
+@pytest.mark.parametrize("model, extra, named", [
+    ("fader", ["--teacher", "lite0", "--penalty-dir", "g"], ["--teacher applies to efficientad-s, efficientad-m",
+                                                             "--penalty-dir applies to"]),
+    ("gaussian", ["--steps", "5", "--checkpoint-every", "2"], ["--steps applies to", "--checkpoint-every applies to",
+                                                               "fitted in one pass"]),
+    ("efficientad-s", ["--gaussian-layout", "image"], ["--gaussian-layout applies to gaussian only"]),
+])
+def test_train_refuses_options_the_model_does_not_use(tmp_path, model, extra, named):
+    """An engineer comparing 'fader with my teacher' against EfficientAD must not get a silent no-op."""
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--model", model, "--data", str(tmp_path / "nodata"), "--out",
+                                  str(tmp_path / "b"), *extra])
+    assert r.exit_code == 2 and f"--model {model} does not use" in r.output, r.output
+    assert all(n in r.output for n in named), r.output
+    assert not (tmp_path / "b").exists()

@@ -43,6 +43,7 @@ def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher,
     """Fit a model on normal images and write a bundle (checkpoint, calibration, ONNX)."""
     from ..train.pipeline import train_bundle
 
+    _check_options_apply(model_kind)
     config = {"layout": gaussian_layout} if gaussian_layout else None
     b = train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset, teacher=teacher,
                      seed=seed, device=device, resume=resume, penalty_dir=penalty_dir, policy=policy,
@@ -54,6 +55,34 @@ def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher,
         click.echo(f"time budget reached: {t['steps']} of {t['planned_steps']} steps")
     click.echo(f"bundle {b.path}: {b.kind} {image_size}x{image_size}, {t.get('steps', 0)} steps in "
                f"{t['seconds']} s, calibration v{cal.version} threshold {cal.threshold:.4g} ({cal.policy})")
+
+
+# options that only some model families use: given to another, they would be silently ignored
+_MODEL_OPTIONS = {
+    "teacher": ("--teacher", ("efficientad-s", "efficientad-m")),
+    "penalty_dir": ("--penalty-dir", ("efficientad-s", "efficientad-m")),
+    "gaussian_layout": ("--gaussian-layout", ("gaussian",)),
+    "steps": ("--steps", ("efficientad-s", "efficientad-m", "fader")),
+    "batch_size": ("--batch-size", ("efficientad-s", "efficientad-m", "fader")),
+    "checkpoint_every": ("--checkpoint-every", ("efficientad-s", "efficientad-m", "fader")),
+    "max_minutes": ("--max-minutes", ("efficientad-s", "efficientad-m", "fader")),
+}
+
+
+def _check_options_apply(model_kind: str) -> None:
+    """Refuse (exit 2, before any work) an option given on the command line that --model does not use."""
+    from click.core import ParameterSource
+
+    from ..errors import InputError
+
+    ctx = click.get_current_context()
+    wrong = [(flag, models) for name, (flag, models) in _MODEL_OPTIONS.items()
+             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None) and model_kind not in models]
+    if wrong:
+        raise InputError("; ".join(f"{flag} applies to {', '.join(models)} only" for flag, models in wrong)
+                         + f": --model {model_kind} does not use {'it' if len(wrong) == 1 else 'them'}"
+                         + (" (the gaussian model is fitted in one pass, without steps)"
+                            if model_kind == "gaussian" else "") + "; leave it out")
 
 
 @main.command("eval")
