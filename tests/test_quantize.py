@@ -426,3 +426,23 @@ def test_quantize_options_are_checked_before_any_work(tmp_path, opt, bad):
     res = CliRunner().invoke(main, ["quantize", "--bundle", str(tmp_path / "missing"), "--precision", "int8",
                                     opt, bad])
     assert res.exit_code == 2 and f"Invalid value for '{opt}'" in res.output, res.output
+
+
+def test_a_validation_split_too_small_for_the_guard_says_how_to_fix_it(tmp_path):
+    """A bundle trained on 20 normals (2 held out) cannot be guarded on its own split: the error names the
+    held-out count and both ways out (--calib, a larger --val-fraction), not 'give more images'."""
+    from types import SimpleNamespace
+
+    from edge_ad.compile import guard as gm
+    from edge_ad.data.synthetic import write_category
+    from edge_ad.errors import InputError
+
+    data = write_category(tmp_path / "c", n_train=20, n_test_good=0, n_test_defect=0, size=32, kind="grain")
+    imgs = sorted((data / "train" / "good").iterdir())
+    b = SimpleNamespace(path=tmp_path / "b", manifest={"training": {"data": str(data),
+                                                                    "val_images": [str(p) for p in imgs[-2:]]}})
+    with pytest.raises(InputError, match=r"validation split holds 2 normal images.*at least 4 held out.*--calib "
+                                         r"DIR.*larger --val-fraction"):
+        gm.training_images(b)
+    pool, held = gm.training_images(b, data)   # --calib: the last quarter held out
+    assert (len(pool), len(held)) == (15, 5)

@@ -92,9 +92,14 @@ def training_images(bundle: Bundle, calib_dir: str | Path | None = None) -> tupl
     if not val:
         k = max(4, len(pool) // 10)
         pool, val = pool[:-k], pool[-k:]
-    if len(pool) < 4 or len(val) < 4:
-        raise InputError(f"{root}: too few normal images ({len(pool)} for calibration, {len(val)} held out); "
+    if len(pool) < 4:
+        raise InputError(f"{root}: too few normal images ({len(pool)} for calibration, at least 4 needed); "
                          "give more with --calib DIR")
+    if len(val) < 4:
+        raise InputError(f"{root}: the bundle's validation split holds {len(val)} normal images, and the guard "
+                         "needs at least 4 held out (never calibrated on); give normal images with --calib DIR "
+                         "(8 or more: the last quarter is held out), or train with a larger --val-fraction "
+                         "(4 of the training images or more)")
     return pool, val
 
 
