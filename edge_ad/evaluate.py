@@ -70,7 +70,8 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
                                         maps=maps if cat.has_masks else None,
                                         masks=masks if cat.has_masks else None)
     report.update({"bundle": str(bundle.path), "data": str(cat.path), "backend": be.name,
-                   "precision": be.precision, "model": bundle.kind, "calibration_version": cal.version,
+                   "precision": be.precision,
+                   "graph": Path(be.graph).name if getattr(be, "graph", None) else None, "model": bundle.kind, "calibration_version": cal.version,
                    "seconds": round(seconds, 2), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2),
                    "samples": sample_rows(samples, scores, cat.path, cal.threshold)})
     atomic.write_json(out / "report.json", report)
@@ -96,7 +97,8 @@ def sample_rows(samples, scores, root: Path, threshold: float) -> list[dict]:
 
 
 def report_text(report: dict) -> str:
-    head = (f"{report['model']} ({report['backend']} {report['precision']}, calibration "
+    graph = f" {report['graph']}" if report.get("graph") else ""
+    head = (f"{report['model']} ({report['backend']} {report['precision']}{graph}, calibration "
             f"v{report['calibration_version']}) on {report['data']}: {report['overall']['n']} images, "
             f"{report['images_per_second']} img/s")
     return head + "\n" + metrics.format_report(report)

@@ -456,7 +456,7 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
                         "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout.strip().splitlines()[-1])
-    assert rep["backend"] == "onnxruntime"
+    assert rep["backend"] == "onnxruntime" and rep["graph"] == "model.onnx"   # the graph file that ran
     assert set(rep["per_type"]) >= {"good", "scratch"}
     assert rep["overall"]["image_auroc"] > 0.7
     # every test image by its path under --data, sorted by type then path, decided as the loop decides
@@ -471,6 +471,9 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
     assert json.loads((out / "eval" / "report.json").read_text())["samples"] == samples
     assert (out / "eval" / "grid.png").stat().st_size > 1000
     assert (out / "eval" / "histogram.png").is_file()
+    r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(out), "--data", str(category),
+                        "--out", str(tmp_path / "e2")], capture_output=True, text=True)
+    assert r.returncode == 0 and "gaussian (onnxruntime fp32 model.onnx, calibration v1)" in r.stdout, r.stdout
     (tmp_path / "afile").write_text("x")
     r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(out), "--data", str(category),
                         "--out", str(tmp_path / "afile")], capture_output=True, text=True)

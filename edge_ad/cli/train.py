@@ -91,7 +91,8 @@ def _check_options_apply(model_kind: str) -> None:
 @click.option("--backend", default="onnxruntime", show_default=True,
               type=click.Choice([b for b in BACKENDS if b != "auto"]))
 @click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "int8", "int8-u8"]),
-              help="Graph to evaluate (default: the bundle's active one).")
+              help="Graph to evaluate (default: the bundle's active one; int8 on a CPU runs model.int8-u8.onnx "
+                   "when the bundle has it). The report names the graph file that ran.")
 @click.option("--device", default=None, help="cpu or cuda (default: what the backend picks).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "out_dir", default=None, type=click.Path(), help="Report folder (default BUNDLE/eval).")
