@@ -367,6 +367,29 @@ def test_generic_images_are_deterministic_varied_and_written_whole(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_generic_images_never_write_into_a_folder_of_other_files(tmp_path):
+    """--out holding anything but a previous run's generic_NNNNNN.jpg is refused untouched (a category's
+    train/good would get dead-leaves pictures as 'good' parts); a previous run's folder is replaced as a
+    whole, none of its images beyond the new count left behind."""
+    from edge_ad.data.generic import write_generic
+
+    gen = tmp_path / "gen"
+    write_generic(gen, 5, size=32, progress=False)
+    (gen / ".generic_000009.jpg.abc.tmp").write_bytes(b"killed run")
+    write_generic(gen, 2, size=32, seed=3, progress=False)
+    assert sorted(p.name for p in gen.iterdir()) == ["generic_000000.jpg", "generic_000001.jpg"]
+    good = tmp_path / "cat" / "train" / "good"
+    good.mkdir(parents=True)
+    (good / "generic_000000.jpg").write_bytes(b"mine")
+    (good / "part_001.png").write_bytes(b"mine")
+    with pytest.raises(InputError, match=r"good: holds part_001.png; expected a new or empty folder"):
+        write_generic(good, 2, size=32, progress=False)
+    assert (good / "generic_000000.jpg").read_bytes() == b"mine" and len(list(good.iterdir())) == 2
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="afile: is a file"):
+        write_generic(tmp_path / "afile", 2, size=32, progress=False)
+
+
 def test_frames_that_are_not_rgb_uint8_are_named():
     from edge_ad.data.image import to_batch
 

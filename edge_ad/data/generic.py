@@ -15,6 +15,7 @@ at every scale and orientation, occlusions, textures), not any object's appearan
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,20 @@ def write_generic(folder: str | os.PathLike, count: int, size: int = 256, seed: 
         raise InputError(f"generic image count {count}: expected at least 1")
     _check(size, seed)  # before the folder is made
     out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; expected a folder to write the generic images into")
+    ours = re.compile(r"\.?generic_\d{6}\.jpg(\..*\.tmp)?")   # a previous run's images (and a killed one's temps)
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if not ours.fullmatch(p.name))
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise InputError(f"{out}: holds {shown}; expected a new or empty folder, or one a previous "
+                             "'edge-ad generic-images' wrote (generic_NNNNNN.jpg only): its images are replaced")
     out.mkdir(parents=True, exist_ok=True)
+    keep = {f"generic_{i:06d}.jpg" for i in range(int(count))}
+    for p in out.iterdir():   # a previous run's images beyond this count, and its temporary files
+        if p.name not in keep:
+            p.unlink()
     paths = []
     for i in tqdm(range(int(count)), desc="generic images", unit="img", disable=None if progress else True):
         img = generic_image(size, seed, i)
