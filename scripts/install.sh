@@ -29,9 +29,15 @@ if [ $make_venv = 0 ] && ! has_pip; then
        "python3-pip) or activate a Python environment that has it, then run $0 again" >&2
   exit 1
 fi
-# torch is pinned to the CPU build (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
 if [ $make_venv = 1 ]; then
   echo "python3 is externally managed (PEP 668): installing into a virtual environment at .venv" >&2
   python3 -m venv .venv
+fi
+# torch is pinned (2.13.0). PyPI's Linux torch is the multi-GB CUDA build: unless pip is configured with an
+# index or wheel folder of its own (CI's, a company mirror), PyTorch's CPU wheel index is added, whose
+# 2.13.0+cpu satisfies the pin and is preferred.
+if ! "$PY" -m pip config list 2>/dev/null | grep -qE '(index-url|find-links)='; then
+  export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+  echo "pip has no index configured besides PyPI: adding PyTorch's CPU wheels ($PIP_EXTRA_INDEX_URL)" >&2
 fi
 "$PY" -m pip install -q --disable-pip-version-check -e ".[train,dev,broker]"

@@ -100,3 +100,23 @@ def test_install_sh_asks_for_pip_when_python3_has_none(tmp_path):
     assert res.returncode == 1
     assert "python3-pip" in (tmp_path / "apt.log").read_text()
     assert "has no pip" in res.stderr and "apt-get install python3-pip" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("pip_config, expected", [("", "https://download.pytorch.org/whl/cpu"),
+                                                  ("global.extra-index-url='file:///opt/pypi/simple'", ""),
+                                                  (":env:.find-links='/opt/wheels'", "")])
+def test_install_sh_adds_pytorchs_cpu_index_only_where_pip_has_none(tmp_path, pip_config, expected):
+    """PyPI's Linux torch is the CUDA build: a pip with no index of its own gets PyTorch's CPU wheel index;
+    a configured one (CI's, a mirror, a wheel folder) is left alone."""
+    log = tmp_path / "pip.log"
+    repo, env = _fake_repo(tmp_path, f"""case "$1" in -) exit 1;; esac
+case "$*" in
+  "-m pip config list") printf '%s\\n' "{pip_config}" ;;
+  "-m pip install"*) echo "index=$PIP_EXTRA_INDEX_URL" > {log} ;;
+esac
+exit 0
+""")
+    res = subprocess.run(["bash", str(repo / "scripts" / "install.sh")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().strip() == f"index={expected}"
