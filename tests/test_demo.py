@@ -143,7 +143,29 @@ def test_previous_demo_folder_that_cannot_be_emptied(tmp_path, monkeypatch):
     assert (out / steps.MARKER).is_file()
     monkeypatch.undo()
     assert steps.prepare_out(out) == out
-    assert sorted(p.name for p in out.iterdir()) == [steps.MARKER]
+    assert sorted(p.name for p in out.iterdir()) == [steps.MARKER, steps.LOCK]
+
+
+def test_a_second_demo_into_a_running_demos_folder_is_refused(tmp_path):
+    """Two demos into one --out (two terminals, two CI jobs on one checkout): the second is refused with
+    exit 2 and the running one's files are untouched (it emptied them under the first one)."""
+    from edge_ad.demo import steps
+    from edge_ad.errors import InputError
+
+    out = tmp_path / "demo-out"
+    first = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; from edge_ad.demo import "
+                              "steps; steps.prepare_out(Path(sys.argv[1])); print('ready', flush=True); "
+                              "sys.stdin.read()", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "ready"
+        (out / "bundle").mkdir()
+        with pytest.raises(InputError, match=rf"another edge-ad demo \(pid {first.pid}\) is using this folder"):
+            steps.prepare_out(out)
+        assert (out / "bundle").is_dir() and (out / steps.MARKER).is_file()
+    finally:
+        first.stdin.close()
+        first.wait(timeout=30)
+    assert steps.prepare_out(out) == out and not (out / "bundle").exists()   # its lock went with it
 
 
 def test_demo_rejects_bad_options(tmp_path):
@@ -200,3 +222,18 @@ def test_the_demo_monitor_line_says_the_ng_rate_is_the_last_intervals():
 
     row = DeviceRow("demo", "conveyor-1", state="online", fps=19.9, ng_rate=0.05, results=87, ng=47)
     assert "NG 5% last interval (47 of 87 results since start)" in monitor_line(row, 300)
+
+
+def test_the_rerun_command_the_demo_prints_can_be_pasted_into_a_shell(tmp_path):
+    """--out with a space, a quote and a '#': the command in rerun.toml (and the demo's last line, built the
+    same way) is shell-quoted, so pasting it runs edge-ad with that one path."""
+    import shlex
+
+    from edge_ad.demo.plan import make_plan, write_config, write_rerun_config
+
+    out = tmp_path / "my demo's #1"
+    out.mkdir()
+    plan = make_plan(True, "gaussian")
+    for path in (write_rerun_config(out, plan), write_config(out, plan, None)):
+        line = next(x for x in path.read_text().splitlines() if x.startswith("#   edge-ad run"))
+        assert shlex.split(line[1:]) == ["edge-ad", "run", "--config", str(out / "rerun.toml"), "--duration", "30"]

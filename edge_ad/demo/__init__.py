@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -220,5 +221,6 @@ def _final_lines(summary: dict, report: Path) -> str:
         lines.append(f"  MQTT off: {mq['why_off']}")
     lines.append(f"report: {report}")
     if (report.parent / RERUN_CONFIG).is_file():
-        lines.append(f"run the loop again: edge-ad run --config {report.parent / RERUN_CONFIG} --duration 30")
+        lines.append(f"run the loop again: edge-ad run --config {shlex.quote(str(report.parent / RERUN_CONFIG))} "
+                     "--duration 30")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def write_config(out: Path, plan: DemoPlan, broker_url: str | None, protocol: st
                             "outbox_sync": "normal", "image_min_interval_s": 0.5}
     header = ["# written by 'edge-ad demo': the config its loop ran (the broker's port was this demo run's, and",
               f"# the light changes at frame {plan.lighting_from}). To run the loop again after the demo:",
-              f"#   edge-ad run --config {out / RERUN_CONFIG} --duration 30"]
+              f"#   edge-ad run --config {shlex.quote(str(out / RERUN_CONFIG))} --duration 30"]
     return _write_toml(out / "edge-ad.toml", header, sections)
 
 
@@ -156,7 +157,7 @@ def write_rerun_config(out: Path, plan: DemoPlan) -> Path:
     header = ["# written by 'edge-ad demo': its loop again, on the line as the demo left it: the changed light from",
               "# the first frame (the recalibration fitted on it is in force), outputs in rerun/, no MQTT (the",
               "# demo's broker is gone; add an [mqtt] section with url, site and device to report to yours).",
-              f"#   edge-ad run --config {out / RERUN_CONFIG} --duration 30"]
+              f"#   edge-ad run --config {shlex.quote(str(out / RERUN_CONFIG))} --duration 30"]
     return _write_toml(out / RERUN_CONFIG, header, _sections(dataclasses.replace(plan, lighting_from=0), "rerun"))
 
 

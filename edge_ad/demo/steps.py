@@ -14,39 +14,68 @@ from .plan import DemoPlan
 MARKER = ".edge-ad-demo"
 
 
+LOCK = ".edge-ad-demo.lock"   # held (flock) by the demo using the folder, for its whole run
+_held: dict[Path, int] = {}     # folder -> its lock's file descriptor, open until this process ends
+
+
 def prepare_out(out: Path) -> Path:
-    """Create ``out`` (or empty a previous demo's folder, recognized by its marker file)."""
+    """Create ``out`` (or empty a previous demo's folder, recognized by its marker file) and hold its lock: a
+    second demo into the same folder while this one runs is refused instead of emptying it under it."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a folder")
-        if any(out.iterdir()):
-            if not (out / MARKER).is_file():
-                raise InputError(f"--out {out}: the folder exists, is not empty and was not made by 'edge-ad "
-                                 f"demo' (no {MARKER} file in it); choose another folder or remove it")
-            def refuse(where, exc: OSError):
-                raise InputError(f"--out {out}: cannot empty this previous demo folder: {where}: "
-                                 f"{exc.strerror or exc}; remove it or choose another --out") from exc
-
-            def rmtree_error(_func, path, exc):   # the full path (the exception may hold a relative one)
-                refuse(path, exc if isinstance(exc, BaseException) else exc[1])
-
-            hook = {"onexc" if sys.version_info >= (3, 12) else "onerror": rmtree_error}
-            # the marker goes last: a folder that could not be emptied is still recognized next time
-            for p in sorted(out.iterdir(), key=lambda q: q.name == MARKER):
-                try:
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p, **hook)
-                    else:
-                        p.unlink()
-                except OSError as exc:
-                    refuse(exc.filename or p, exc)
+        if any(p.name != LOCK for p in out.iterdir()) and not (out / MARKER).is_file():
+            raise InputError(f"--out {out}: the folder exists, is not empty and was not made by 'edge-ad "
+                             f"demo' (no {MARKER} file in it); choose another folder or remove it")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        _lock(out)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write there ({exc.strerror})") from exc
+
+    def refuse(where, exc: OSError):
+        raise InputError(f"--out {out}: cannot empty this previous demo folder: {where}: "
+                         f"{exc.strerror or exc}; remove it or choose another --out") from exc
+
+    def rmtree_error(_func, path, exc):   # the full path (the exception may hold a relative one)
+        refuse(path, exc if isinstance(exc, BaseException) else exc[1])
+
+    hook = {"onexc" if sys.version_info >= (3, 12) else "onerror": rmtree_error}
+    # the marker goes last: a folder that could not be emptied is still recognized next time
+    for p in sorted((q for q in out.iterdir() if q.name != LOCK), key=lambda q: q.name == MARKER):
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, **hook)
+            else:
+                p.unlink()
+        except OSError as exc:
+            refuse(exc.filename or p, exc)
+    try:
         (out / MARKER).write_text("made by 'edge-ad demo'; the next demo run with this --out empties this folder\n")
     except OSError as exc:
         raise InputError(f"--out {out}: cannot write there ({exc.strerror})") from exc
     return out
+
+
+def _lock(out: Path) -> None:
+    """Take ``out``'s demo lock (kept until this process ends) or refuse: another demo is running there."""
+    import fcntl
+    import os
+
+    if out.resolve() in _held:   # this process holds it already (a library caller preparing it again)
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise InputError(f"--out {out}: another edge-ad demo{f' (pid {pid})' if pid else ''} is using this "
+                         "folder; wait for it to end or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[out.resolve()] = fd
 
 
 # ----------------------------------------------------------------------------- steps 1-4
