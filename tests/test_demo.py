@@ -237,3 +237,42 @@ def test_the_rerun_command_the_demo_prints_can_be_pasted_into_a_shell(tmp_path):
     for path in (write_rerun_config(out, plan), write_config(out, plan, None)):
         line = next(x for x in path.read_text().splitlines() if x.startswith("#   edge-ad run"))
         assert shlex.split(line[1:]) == ["edge-ad", "run", "--config", str(out / "rerun.toml"), "--duration", "30"]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and text in cmd:
+            found.append(f"{proc.name}: {cmd}")
+    return found
+
+
+def test_sigterm_to_the_demo_stops_its_loop_and_broker(tmp_path):
+    """A CI timeout or a cancelled job sends SIGTERM: the demo unwinds as on Ctrl-C (the loop and the broker
+    stop with it) and exits 143, instead of dying at once and leaving both running."""
+    import signal
+    import time
+
+    out = tmp_path / "term-out"
+    p = subprocess.Popen([sys.executable, "-m", "edge_ad", "demo", "--quick", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if "first result after" in line or line.startswith("[6/8] inspect "):
+                break
+        assert _processes_mentioning(str(out)), "the loop is not running"
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stderr = p.stderr.read()
+    assert rc == 143 and "terminated by SIGTERM: the loop and the broker were stopped" in stderr, stderr
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(out))

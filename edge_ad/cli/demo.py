@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from . import main
@@ -29,7 +31,11 @@ def demo(out, quick, model, steps, image_size, fps, kind, seed, no_mqtt):
     """Synthetic parts -> train -> evaluate -> INT8 with the accuracy guard -> Mosquitto -> 'edge-ad run'
     on a synthetic conveyor with the live MQTT monitor -> a lighting change and a recalibration over
     MQTT -> clean stop -> OUT/report.html. Exit 1 naming the step that failed."""
-    from ..demo import run_demo
+    from ..demo import Terminated, run_demo
 
-    run_demo(out, quick=quick, model=model, image_size=image_size, steps=steps, fps=fps, kind=kind, seed=seed,
-             mqtt=not no_mqtt)
+    try:
+        run_demo(out, quick=quick, model=model, image_size=image_size, steps=steps, fps=fps, kind=kind, seed=seed,
+                 mqtt=not no_mqtt)
+    except Terminated as exc:   # SIGTERM / SIGHUP: the loop and the broker were stopped on the way out
+        click.echo(f"{exc}: the loop and the broker were stopped", err=True)
+        sys.exit(128 + exc.signum)

@@ -26,9 +26,12 @@ Modules: :mod:`.plan` (sizes, frame counts, the loop's config), :mod:`.console` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +54,36 @@ class DemoResult:
     summary: dict
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during the demo (a CI timeout, a closed terminal): unwinds like Ctrl-C, so the loop and
+    the broker are stopped; the command exits 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    """SIGTERM / SIGHUP raise :class:`Terminated` in the main thread while the demo runs (their default
+    would end the process at once and leave the loop and the broker running)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        for sig in old:   # once: a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, model: str = "gaussian",
              image_size: int | None = None, steps: int | None = None, fps: float | None = None,
              kind: str = "disc", seed: int = 0, mqtt: bool = True, console: Console | None = None) -> DemoResult:
@@ -70,6 +103,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, model:
                                "out": str(out), "site": SITE, "device": DEVICE}
     broker = watch = loop = None
     failure: DemoFailure | None = None
+    unwind = _signals_unwind()
+    unwind.__enter__()
     try:
         steps_.run("data", lambda: step_data(out, plan))
         steps_.run("train", lambda: step_train(out, plan, model))
@@ -140,19 +175,22 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, model:
         write_rerun_config(out, plan)
     except DemoFailure as exc:
         failure = exc
-    except KeyboardInterrupt:
-        console.line("interrupted: stopping the loop and the broker")
+    except KeyboardInterrupt as exc:
+        console.line(f"{exc or 'interrupted'}: stopping the loop and the broker")
         raise
     finally:
-        if loop is not None:
-            loop.kill()
-        if watch is not None:
-            try:
-                watch.stop()
-            except Exception:
-                pass
-        if broker is not None:
-            broker.close()
+        try:
+            if loop is not None:
+                loop.kill()
+            if watch is not None:
+                try:
+                    watch.stop()
+                except Exception:
+                    pass
+            if broker is not None:
+                broker.close()
+        finally:
+            unwind.__exit__(None, None, None)
 
     # the report is written even after a failed step (what ran, and why it stopped)
     summary["loop"] = _loop_summary(loop)
