@@ -1126,3 +1126,25 @@ def test_run_says_how_many_messages_wait_in_the_outbox_when_the_broker_was_unrea
     assert res.exit_code == 0, res.output
     m = re.search(r"(\d+) MQTT messages not delivered yet: they wait in the outbox \((.+)\)", res.output)
     assert m and int(m.group(1)) >= 4 and m.group(2) == str(outbox), res.output
+
+
+def test_a_sigterm_after_the_run_stopped_does_not_kill_edge_ad_run(tmp_path, tiny_bundle):
+    """A supervisor's SIGTERM can land just after the run ended on its own bound (the loop's handlers already
+    restored): the summary is still printed and the exit is 0, not death by signal (-15)."""
+    video, _ = defect_video(tmp_path / "v.avi", n=4, defect_every=2, size=96)
+    cfg = _config_file(tmp_path, tiny_bundle, f"file://{video}")
+    code = ("import os, signal, sys\n"
+            "from edge_ad.runtime.service import Service\n"
+            "run = Service.run\n"
+            "def late(self):\n"
+            "    summary = run(self)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    return summary\n"
+            "Service.run = late\n"
+            "from edge_ad.cli import main\n"
+            "sys.exit(main(prog_name='edge-ad'))\n")
+    r = subprocess.run([sys.executable, "-c", code, "run", "--config", str(cfg), "--json"], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 4

@@ -72,6 +72,16 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
         return
     from ..runtime.service import Service
 
+    svc = None
+
+    def outside_the_loop(signum, _frame):
+        # Service.run handles these while it runs; before it (opening the model) SIGTERM stops the command,
+        # after it (the run has stopped and its summary is being written) a late one has nothing left to stop
+        if signum == signal.SIGTERM and not getattr(svc, "finished", False):
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, outside_the_loop)
     svc = Service(settings, max_frames=max_frames, duration=duration,
                   reload_settings=_settings_loader(config, overrides) if config else None)
     click.echo(f"edge-ad run: {svc.describe()}", err=True)

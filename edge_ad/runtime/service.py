@@ -103,6 +103,7 @@ class Service:
         self.link = None
         self.pipeline: Pipeline | None = None
         self._stop_signal: str | None = None
+        self.finished = False   # set once run() has stopped everything and made its summary
         self._hup = False
         self._signals = 0
         self._events_lock = threading.Lock()
@@ -773,6 +774,7 @@ class Service:
                    "jsonl": str(self.settings.output.jsonl) if self.settings.output.jsonl else None,
                    "outbox_left": outbox_left, "outbox": outbox, "rss_mb": (final.get("process") or {}).get("rss_mb")}
         log.info("edge-ad run finished: %s", summary)
+        self.finished = True
         return summary
 
 
