@@ -78,7 +78,8 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
         # Service.run handles these while it runs; before it (opening the model) SIGTERM stops the command,
         # after it (the run has stopped and its summary is being written) a late one has nothing left to stop
         if signum == signal.SIGTERM and not getattr(svc, "finished", False):
-            raise KeyboardInterrupt
+            click.echo("terminated by SIGTERM before the loop started", err=True)
+            raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, outside_the_loop)
