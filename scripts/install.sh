@@ -20,6 +20,11 @@ if [ $make_venv = 0 ] && ! has_pip; then
   need_apt+=(python3-pip)          # stock Ubuntu 22.04 / Debian 11 python3 comes without pip
 fi
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ] && [ -z "$SUDO" ]; then
+    echo "error: ${need_apt[*]} must be installed first (as root: apt-get install ${need_apt[*]}); this user" \
+         "is not root and has no sudo" >&2
+    exit 1
+  fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
