@@ -120,3 +120,19 @@ exit 0
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert log.read_text().strip() == f"index={expected}"
+
+
+def test_install_sh_without_root_or_sudo_names_the_packages_to_install(tmp_path):
+    repo, env = _fake_repo(tmp_path, 'case "$1" in -) exit 1;; esac\nexit 0\n')
+    bindir = Path(env["PATH"].split(":")[0])
+    (bindir / "sudo").unlink()
+    (bindir / "id").write_text("#!/bin/sh\necho 1000\n")
+    (bindir / "id").chmod(0o755)
+    (bindir / "dirname").symlink_to(shutil.which("dirname"))
+    env["PATH"] = str(bindir)   # no sudo, no shellcheck, no openssl on it
+    res = subprocess.run([shutil.which("bash"), str(repo / "scripts" / "install.sh")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 1
+    assert "error: shellcheck openssl must be installed first (as root: apt-get install shellcheck openssl)" \
+        in res.stderr, res.stderr
+    assert not (tmp_path / "apt.log").exists()
