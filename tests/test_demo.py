@@ -276,3 +276,21 @@ def test_sigterm_to_the_demo_stops_its_loop_and_broker(tmp_path):
     while _processes_mentioning(str(out)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _processes_mentioning(str(out))
+
+
+def test_a_broken_embedded_broker_falls_back_to_a_run_without_mqtt(tmp_path, monkeypatch):
+    """amqtt installed but failing (an incompatible version): the demo goes on without MQTT and says why,
+    instead of failing step 5."""
+    from edge_ad.demo import steps
+    from edge_ad.mqtt import broker
+
+    class Broken:
+        def start(self):
+            raise ImportError("cannot import name 'Broker' from 'amqtt.broker'")
+
+    monkeypatch.setattr(broker, "find_mosquitto", lambda: None)
+    monkeypatch.setattr(broker, "embedded_available", lambda: True)
+    monkeypatch.setattr(broker, "EmbeddedBroker", Broken)
+    b, why, (status, line) = steps.step_broker(tmp_path, True)
+    assert b is None and status == "warning" and "NO BROKER" in line
+    assert "embedded amqtt broker could not start (ImportError: cannot import name 'Broker'" in why

@@ -181,11 +181,16 @@ def step_broker(out: Path, want_mqtt: bool):
         b = broker_mod.Mosquitto(out / "broker", binary=binary, persistence=False)
         b.start()
         return b, "", ("ok", f"mosquitto ({binary}) on {b.url}, log {b.log_path}")
-    if broker_mod.embedded_available():
-        b = broker_mod.EmbeddedBroker().start()
-        return b, "", ("ok", f"mosquitto is not installed: embedded amqtt broker in this process on {b.url} "
-                             "(MQTT 3.1.1: commands carry their reply topic in the payload)")
     why = ("no broker: mosquitto is not installed (apt-get install -y mosquitto) and neither is amqtt for "
            "the embedded one (pip install 'edge-ad[broker]')")
+    if broker_mod.embedded_available():
+        try:
+            b = broker_mod.EmbeddedBroker().start()
+        except Exception as exc:   # installed but broken (a version that does not import, a failed start)
+            why = (f"no broker: mosquitto is not installed (apt-get install -y mosquitto) and the embedded amqtt "
+                   f"broker could not start ({type(exc).__name__}: {exc})")
+        else:
+            return b, "", ("ok", f"mosquitto is not installed: embedded amqtt broker in this process on {b.url} "
+                                 "(MQTT 3.1.1: commands carry their reply topic in the payload)")
     return None, why, ("warning", f"NO BROKER: {why}; running the loop without MQTT (no monitor, "
                                   "recalibration through the bundle and SIGHUP)")
