@@ -305,6 +305,136 @@ def test_resume_without_a_checkpoint_or_from_an_older_one_is_refused(category, t
     assert "run without --resume" in r.output
 
 
+def _tiny_loop(state, on_step, steps=50, **kw):
+    """run_loop on a 3-weight model; ``on_step(i)`` runs inside step i, before its loss."""
+    from edge_ad.train.loops import LoopConfig, run_loop
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    calls = []
+
+    def step(gen):
+        on_step(len(calls))
+        calls.append(1)
+        return {"loss": model(torch.ones(4, 2)).pow(2).mean()}
+
+    cfg = LoopConfig(steps=steps, state_path=state, checkpoint_every=1000, run={"command": "test"}, **kw)
+    return model, lambda: run_loop(step, model, list(model.parameters()), cfg, "test")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_loop_after_the_step_and_saves_its_state(tmp_path, sig):
+    import signal
+    from edge_ad.train.loops import Interrupted
+
+    sig = getattr(signal, sig)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    state = tmp_path / "train_state.pt"
+    model, run = _tiny_loop(state, lambda i: i == 2 and signal.raise_signal(sig))
+    with pytest.raises(Interrupted) as exc:
+        run()
+    assert str(exc.value) == (f"interrupted at step 3 of 50; the training state is in {state}: rerun the same "
+                              "command with --resume to continue")
+    st = torch.load(state, weights_only=True)
+    assert st["step"] == 3 and torch.equal(st["model"]["weight"], model.weight)  # the step was finished
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    model, run = _tiny_loop(state, lambda i: None, resume=True)
+    assert run()["resumed_at"] == 3
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_threads_keep_the_old_behaviour(tmp_path):
+    import signal
+    import threading
+
+    def twice(i):
+        if i == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # the default handler raises here, in the middle of the step
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    _, run = _tiny_loop(tmp_path / "s.pt", twice)
+    with pytest.raises(KeyboardInterrupt) as exc:
+        run()
+    assert type(exc.value) is KeyboardInterrupt and not (tmp_path / "s.pt").exists()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    # outside the main thread no handler can be installed: the loop runs as before
+    _, run = _tiny_loop(tmp_path / "t.pt", lambda i: None, steps=3)
+    res = []
+    t = threading.Thread(target=lambda: res.append(run()))
+    t.start()
+    t.join()
+    assert res and res[0]["steps"] == 3
+
+
+HOOK = """import sys
+import edge_ad.train.loops as loops
+real = loops.lr_at
+def lr_at(step, *a):
+    print("step", step, flush=True)
+    return real(step, *a)
+loops.lr_at = lr_at
+from edge_ad.cli import main
+main(sys.argv[1:], prog_name="edge-ad")
+"""
+
+
+def test_ctrl_c_during_train_saves_the_state_for_resume_and_keeps_the_bundle(category, tmp_path):
+    """Ctrl-C (SIGINT from outside, as a terminal sends it) finishes the step, saves train_state.pt at the step
+    reached, exits 130 naming it; the bundle already in --out is left whole; --resume goes on from there."""
+    import re
+    import signal
+
+    out = tmp_path / "b"
+    train_bundle("efficientad-s", category, out, image_size=SIZE, steps=1, export=False)
+    before = {k: v for k, v in _files(out).items() if k != "train_state.pt"}
+    args = ["train", "--model", "efficientad-s", "--data", str(category), "--out", str(out), "--image-size",
+            str(SIZE), "--no-export"]
+    p = subprocess.Popen([sys.executable, "-c", HOOK, *args, "--steps", "1000"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:  # the hook's line at the start of each step
+        if line.strip() == "step 2":
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    m = re.search(r"interrupted at step (\d+) of 1000; the training state is in (.+): rerun the same command "
+                  r"with --resume to continue", err)
+    assert m and m.group(2) == str(out / "train_state.pt"), err
+    n = int(m.group(1))
+    assert n >= 3 and torch.load(out / "train_state.pt", weights_only=True)["step"] == n
+    assert {k: v for k, v in _files(out).items() if k != "train_state.pt"} == before  # no bundle written
+    Bundle.open(out, verify=True)
+    r = subprocess.run([sys.executable, "-m", "edge_ad", *args, "--steps", str(n + 2), "--resume"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"at step {n}" in r.stderr
+    t = Bundle.open(out).manifest["training"]
+    assert t["resumed_at"] == n and t["steps"] == n + 2
+
+
+def test_ctrl_c_during_distill_saves_its_state_for_resume(category, tmp_path, monkeypatch):
+    import signal
+
+    from click.testing import CliRunner
+    import edge_ad.train.loops as loops
+    from edge_ad.cli import main
+
+    real = loops.lr_at
+    monkeypatch.setattr(loops, "lr_at", lambda step, *a: (step == 1 and signal.raise_signal(signal.SIGINT))
+                        or real(step, *a))
+    out = tmp_path / "t.pth"
+    cmd = ["distill-teacher", "--data", str(category / "train" / "good"), "--out", str(out), "--image-size",
+           str(SIZE), "--batch-size", "2", "--steps", "5"]
+    r = CliRunner().invoke(main, cmd)
+    assert r.exit_code == 130 and (f"interrupted at step 2 of 5; the training state is in {out}.state.pt: rerun "
+                                   "the same command with --resume to continue") in r.output
+    assert not out.exists() and torch.load(f"{out}.state.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(loops, "lr_at", real)
+    r = CliRunner().invoke(main, cmd + ["--resume"])
+    assert r.exit_code == 0 and "after 5 of 5 steps" in r.output and out.is_file()
+
+
 def test_distill_resume_refuses_another_image_size_or_folder(category, tmp_path):
     from edge_ad.train.distill import distill
 

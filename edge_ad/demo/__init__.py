@@ -141,7 +141,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, model:
         failure = exc
     except KeyboardInterrupt:
         console.line("interrupted: stopping the loop and the broker")
-        raise
+        raise KeyboardInterrupt from None  # plain: a training step's "rerun with --resume" is not the demo's
     finally:
         if loop is not None:
             loop.kill()
