@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_ad import atomic
 from edge_ad.bundle import Bundle
 from edge_ad.data.synthetic import write_category
 from edge_ad.errors import InputError
@@ -57,6 +58,7 @@ def test_training_is_deterministic_and_resume_matches(category, tmp_path, monkey
     kw = dict(image_size=SIZE, steps=4, batch_size=2, export=False, seed=3)
     a = train_bundle("efficientad-s", category, tmp_path / "a", **kw)
     a2 = train_bundle("efficientad-s", category, tmp_path / "a2", **kw)
+    assert a.manifest["training"]["teacher"] == "lite0" and a.manifest["training"]["penalty_dir"] is None
     real_save = loops.save_checkpoint
 
     def crash_after_first_checkpoint(path, model, opt, step, gen, *rest):
@@ -185,6 +187,10 @@ def test_teacher_file_in_public_format(category, tmp_path):
     b = train_bundle("efficientad-s", category, tmp_path / "b", image_size=SIZE, steps=1, batch_size=1,
                      export=False, teacher=str(tmp_path / "teacher_small.pth"))
     assert b.model["config"]["teacher"] == "pdn" and b.model["config"]["teacher_channels"] == 384
+    # the training record names the teacher file and the penalty folder that trained it
+    assert b.manifest["training"]["teacher"] == {"file": str((tmp_path / "teacher_small.pth").resolve()),
+                                                 "sha256": atomic.sha256_file(tmp_path / "teacher_small.pth")}
+    assert b.manifest["training"]["penalty_dir"] is None and b.manifest["training"]["penalty"] is False
     m = load_from_bundle(b)
     assert torch.equal(m.teacher[0].weight, t[0].weight)
     torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "bad.pth")
@@ -216,6 +222,8 @@ def test_distill_teacher_cli_resumes_and_the_teacher_trains_efficientad(category
                      teacher=str(out), penalty_dir=str(gen))
     assert b.model["config"]["teacher"] == "pdn" and b.model["config"]["teacher_channels"] == 152
     assert b.manifest["training"]["penalty"] is True
+    assert b.manifest["training"]["penalty_dir"] == {"path": str(gen.resolve()), "images": 6}
+    assert b.manifest["training"]["teacher"]["file"] == str(out.resolve())
     r = subprocess.run([sys.executable, "-m", "edge_ad", "distill-teacher", "--data", str(tmp_path / "none"),
                         "--out", str(tmp_path / "t2.pth")], capture_output=True, text=True)
     assert r.returncode == 2 and "none: folder not found" in r.stderr and not (tmp_path / "t2.pth").exists()

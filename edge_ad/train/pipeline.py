@@ -169,12 +169,13 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     cfg = default_config(model_kind)
     cfg.update(config or {})
     teacher_sd = None
-    teacher_id = None
+    teacher_id = teacher_record = None
     if model_kind.startswith("efficientad"):
-        teacher_id = "lite0"
+        teacher_id = teacher_record = "lite0"
         if teacher and teacher != "lite0":
             tsize, tch, teacher_sd = load_teacher_file(teacher)
-            teacher_id = f"a PDN file with sha256 {atomic.sha256_file(teacher)[:16]}"
+            teacher_record = {"file": str(Path(teacher).resolve()), "sha256": atomic.sha256_file(teacher)}
+            teacher_id = f"a PDN file with sha256 {teacher_record['sha256'][:16]}"
             if tsize != model_kind[-1]:
                 raise InputError(f"--teacher {teacher}: a PDN-{tsize.upper()} teacher does not fit {model_kind}")
             cfg.update(teacher="pdn", teacher_channels=tch)
@@ -233,7 +234,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                         "ImageNet); the student is then not pushed away from teacher features on "
                         "unrelated images")
         train_info = train_efficientad(model, train_imgs, lc, pen)
-        train_info["penalty"] = bool(pen is not None)
+        train_info.update(teacher=teacher_record, penalty=pen is not None, penalty_dir=None if pen is None else
+                          {"path": str(Path(penalty_dir).resolve()), "images": int(pen.shape[0])})
     elif model_kind == "fader":
         train_info = train_fader(model, train_imgs, lc)
     else:
