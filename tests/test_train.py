@@ -466,6 +466,18 @@ def test_distill_resume_refuses_another_image_size_or_folder(category, tmp_path)
     assert torch.equal(torch.load(state, weights_only=True)["extra"]["f_std"], stats["f_std"])
 
 
+def test_distill_takes_an_mvtec_categorys_train_good(category, tmp_path, caplog):
+    from edge_ad.train.distill import distill
+
+    info = distill(category, tmp_path / "t.pth", image_size=SIZE, steps=1, batch_size=1)
+    assert info["images"] == 16 and (tmp_path / "t.pth").is_file()
+    assert f"--data {category} holds no images itself: using its train/good (16 images)" in caplog.text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"empty: need at least 2 images \(.png, .jpg.*found 0 \(an MVTec "
+                                         r"category's are taken from its train/good\)"):
+        distill(tmp_path / "empty", tmp_path / "u.pth", image_size=SIZE, steps=1)
+
+
 def test_distill_time_budget_stops_and_writes_the_teacher(category, tmp_path):
     from edge_ad.train.distill import distill
 

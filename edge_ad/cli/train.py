@@ -110,7 +110,8 @@ def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_js
 
 @main.command("distill-teacher")
 @click.option("--data", required=True, multiple=True, type=click.Path(),
-              help="Folder of images (any; ImageNet-like is best); repeat to use several folders.")
+              help="Folder of images (any; ImageNet-like is best; of an MVTec category, its train/good); repeat "
+                   "to use several folders.")
 @click.option("--out", required=True, type=click.Path(), help="Teacher weights file to write (.pth).")
 @click.option("--size", default="s", show_default=True, type=click.Choice(["s", "m"]), help="PDN size.")
 @click.option("--image-size", default=256, show_default=True, type=int)
