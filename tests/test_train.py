@@ -61,8 +61,8 @@ def test_training_is_deterministic_and_resume_matches(category, tmp_path, monkey
     assert a.manifest["training"]["teacher"] == "lite0" and a.manifest["training"]["penalty_dir"] is None
     real_save = loops.save_checkpoint
 
-    def crash_after_first_checkpoint(path, model, opt, step, gen, *rest):
-        real_save(path, model, opt, step, gen, *rest)
+    def crash_after_first_checkpoint(path, model, opt, step, gen, *rest, **kw):
+        real_save(path, model, opt, step, gen, *rest, **kw)
         if step == 2:
             raise KeyboardInterrupt("simulated crash")
 
@@ -130,10 +130,14 @@ def test_retraining_keeps_this_runs_training_state_for_resume(category, tmp_path
     out = tmp_path / "b"
     train_bundle("gaussian", category, out, **kw)
     train_bundle("efficientad-s", category, out, steps=2, **kw)
-    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+    st = torch.load(out / "train_state.pt", weights_only=True)
+    assert st["step"] == 2 and 0 < st["seconds"] < 1000
+    torch.save({**st, "seconds": 1000.0}, out / "train_state.pt")  # as if the first part had taken 1000 s
     b = train_bundle("efficientad-s", category, out, steps=3, resume=True, **kw)
     assert b.manifest["training"]["resumed_at"] == 2 and b.manifest["training"]["steps"] == 3
-    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
+    assert b.manifest["training"]["seconds"] > 1000  # the first part's time counts
+    st = torch.load(out / "train_state.pt", weights_only=True)
+    assert st["step"] == 3 and st["seconds"] > 1000 and "earlier_seconds" not in b.manifest["training"]
     train_bundle("gaussian", category, out, **kw)
     assert not (out / "train_state.pt").exists()   # the efficientad run's state went with its bundle
 

@@ -44,6 +44,8 @@ class LoopConfig:
     run: dict | None = None  # what defines the run ({option: value}), saved in each checkpoint, checked at resume
     resume_from: dict | None = None  # the checkpoint already read and checked by common.resume_state
     extra: dict | None = None  # tensors saved in each checkpoint that the run needs back at resume
+    started: float | None = None  # time.time() when the command started (default: the loop's start); each
+                                  # checkpoint's "seconds" count from there, plus the resumed runs' seconds
     fit_teacher_norm: bool = True  # EfficientAD: fit the teacher normalization on the images (not at a resume,
                                    # whose checkpoint has it; not for --adapt, which keeps the bundle's)
 
@@ -109,16 +111,20 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True if str(cfg.device).startswith("cuda") else None)
     start = 0
+    earlier = 0.0  # the seconds of the runs this one continues
     if cfg.resume:
         if cfg.state_path is None:
             raise InputError("--resume: this run has no checkpoint file to resume from")
         st = cfg.resume_from if cfg.resume_from is not None else resume_state(cfg.state_path, cfg.run or {})
         start = load_checkpoint(cfg.state_path, st, model, opt, gen)
+        earlier = float(st.get("seconds", 0.0))
         log.warning("resumed from %s at step %d", cfg.state_path, start)
     t0 = time.time()
+    started = t0 if cfg.started is None else cfg.started
 
     def save(step):
-        save_checkpoint(cfg.state_path, model, opt, step, gen, cfg.run, cfg.extra)
+        save_checkpoint(cfg.state_path, model, opt, step, gen, cfg.run, cfg.extra,
+                        seconds=earlier + time.time() - started)
 
     losses: dict = {}
     tty = sys.stderr.isatty()
@@ -153,7 +159,8 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
                           "rerun the same command with --resume to continue")
     if cfg.state_path is not None and done > start:
         save(done)
-    out = {"final_losses": last, "train_seconds": time.time() - t0, "steps": done, "resumed_at": start}
+    out = {"final_losses": last, "train_seconds": time.time() - t0, "steps": done, "resumed_at": start,
+           "earlier_seconds": earlier}
     if done < cfg.steps:
         out.update(planned_steps=cfg.steps, stopped_by_time_budget=True)
     return out
