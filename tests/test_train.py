@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_ad import atomic
 from edge_ad.bundle import Bundle
 from edge_ad.data.synthetic import write_category
 from edge_ad.errors import InputError
@@ -57,10 +58,11 @@ def test_training_is_deterministic_and_resume_matches(category, tmp_path, monkey
     kw = dict(image_size=SIZE, steps=4, batch_size=2, export=False, seed=3)
     a = train_bundle("efficientad-s", category, tmp_path / "a", **kw)
     a2 = train_bundle("efficientad-s", category, tmp_path / "a2", **kw)
+    assert a.manifest["training"]["teacher"] == "lite0" and a.manifest["training"]["penalty_dir"] is None
     real_save = loops.save_checkpoint
 
-    def crash_after_first_checkpoint(path, model, opt, step, gen, *rest):
-        real_save(path, model, opt, step, gen, *rest)
+    def crash_after_first_checkpoint(path, model, opt, step, gen, *rest, **kw):
+        real_save(path, model, opt, step, gen, *rest, **kw)
         if step == 2:
             raise KeyboardInterrupt("simulated crash")
 
@@ -128,10 +130,14 @@ def test_retraining_keeps_this_runs_training_state_for_resume(category, tmp_path
     out = tmp_path / "b"
     train_bundle("gaussian", category, out, **kw)
     train_bundle("efficientad-s", category, out, steps=2, **kw)
-    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+    st = torch.load(out / "train_state.pt", weights_only=True)
+    assert st["step"] == 2 and 0 < st["seconds"] < 1000
+    torch.save({**st, "seconds": 1000.0}, out / "train_state.pt")  # as if the first part had taken 1000 s
     b = train_bundle("efficientad-s", category, out, steps=3, resume=True, **kw)
     assert b.manifest["training"]["resumed_at"] == 2 and b.manifest["training"]["steps"] == 3
-    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
+    assert b.manifest["training"]["seconds"] > 1000  # the first part's time counts
+    st = torch.load(out / "train_state.pt", weights_only=True)
+    assert st["step"] == 3 and st["seconds"] > 1000 and "earlier_seconds" not in b.manifest["training"]
     train_bundle("gaussian", category, out, **kw)
     assert not (out / "train_state.pt").exists()   # the efficientad run's state went with its bundle
 
@@ -185,6 +191,10 @@ def test_teacher_file_in_public_format(category, tmp_path):
     b = train_bundle("efficientad-s", category, tmp_path / "b", image_size=SIZE, steps=1, batch_size=1,
                      export=False, teacher=str(tmp_path / "teacher_small.pth"))
     assert b.model["config"]["teacher"] == "pdn" and b.model["config"]["teacher_channels"] == 384
+    # the training record names the teacher file and the penalty folder that trained it
+    assert b.manifest["training"]["teacher"] == {"file": str((tmp_path / "teacher_small.pth").resolve()),
+                                                 "sha256": atomic.sha256_file(tmp_path / "teacher_small.pth")}
+    assert b.manifest["training"]["penalty_dir"] is None and b.manifest["training"]["penalty"] is False
     m = load_from_bundle(b)
     assert torch.equal(m.teacher[0].weight, t[0].weight)
     torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "bad.pth")
@@ -216,6 +226,8 @@ def test_distill_teacher_cli_resumes_and_the_teacher_trains_efficientad(category
                      teacher=str(out), penalty_dir=str(gen))
     assert b.model["config"]["teacher"] == "pdn" and b.model["config"]["teacher_channels"] == 152
     assert b.manifest["training"]["penalty"] is True
+    assert b.manifest["training"]["penalty_dir"] == {"path": str(gen.resolve()), "images": 6}
+    assert b.manifest["training"]["teacher"]["file"] == str(out.resolve())
     r = subprocess.run([sys.executable, "-m", "edge_ad", "distill-teacher", "--data", str(tmp_path / "none"),
                         "--out", str(tmp_path / "t2.pth")], capture_output=True, text=True)
     assert r.returncode == 2 and "none: folder not found" in r.stderr and not (tmp_path / "t2.pth").exists()
@@ -305,6 +317,136 @@ def test_resume_without_a_checkpoint_or_from_an_older_one_is_refused(category, t
     assert "run without --resume" in r.output
 
 
+def _tiny_loop(state, on_step, steps=50, **kw):
+    """run_loop on a 3-weight model; ``on_step(i)`` runs inside step i, before its loss."""
+    from edge_ad.train.loops import LoopConfig, run_loop
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    calls = []
+
+    def step(gen):
+        on_step(len(calls))
+        calls.append(1)
+        return {"loss": model(torch.ones(4, 2)).pow(2).mean()}
+
+    cfg = LoopConfig(steps=steps, state_path=state, checkpoint_every=1000, run={"command": "test"}, **kw)
+    return model, lambda: run_loop(step, model, list(model.parameters()), cfg, "test")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_loop_after_the_step_and_saves_its_state(tmp_path, sig):
+    import signal
+    from edge_ad.train.loops import Interrupted
+
+    sig = getattr(signal, sig)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    state = tmp_path / "train_state.pt"
+    model, run = _tiny_loop(state, lambda i: i == 2 and signal.raise_signal(sig))
+    with pytest.raises(Interrupted) as exc:
+        run()
+    assert str(exc.value) == (f"interrupted at step 3 of 50; the training state is in {state}: rerun the same "
+                              "command with --resume to continue")
+    st = torch.load(state, weights_only=True)
+    assert st["step"] == 3 and torch.equal(st["model"]["weight"], model.weight)  # the step was finished
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    model, run = _tiny_loop(state, lambda i: None, resume=True)
+    assert run()["resumed_at"] == 3
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_threads_keep_the_old_behaviour(tmp_path):
+    import signal
+    import threading
+
+    def twice(i):
+        if i == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # the default handler raises here, in the middle of the step
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    _, run = _tiny_loop(tmp_path / "s.pt", twice)
+    with pytest.raises(KeyboardInterrupt) as exc:
+        run()
+    assert type(exc.value) is KeyboardInterrupt and not (tmp_path / "s.pt").exists()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    # outside the main thread no handler can be installed: the loop runs as before
+    _, run = _tiny_loop(tmp_path / "t.pt", lambda i: None, steps=3)
+    res = []
+    t = threading.Thread(target=lambda: res.append(run()))
+    t.start()
+    t.join()
+    assert res and res[0]["steps"] == 3
+
+
+HOOK = """import sys
+import edge_ad.train.loops as loops
+real = loops.lr_at
+def lr_at(step, *a):
+    print("step", step, flush=True)
+    return real(step, *a)
+loops.lr_at = lr_at
+from edge_ad.cli import main
+main(sys.argv[1:], prog_name="edge-ad")
+"""
+
+
+def test_ctrl_c_during_train_saves_the_state_for_resume_and_keeps_the_bundle(category, tmp_path):
+    """Ctrl-C (SIGINT from outside, as a terminal sends it) finishes the step, saves train_state.pt at the step
+    reached, exits 130 naming it; the bundle already in --out is left whole; --resume goes on from there."""
+    import re
+    import signal
+
+    out = tmp_path / "b"
+    train_bundle("efficientad-s", category, out, image_size=SIZE, steps=1, export=False)
+    before = {k: v for k, v in _files(out).items() if k != "train_state.pt"}
+    args = ["train", "--model", "efficientad-s", "--data", str(category), "--out", str(out), "--image-size",
+            str(SIZE), "--no-export"]
+    p = subprocess.Popen([sys.executable, "-c", HOOK, *args, "--steps", "1000"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:  # the hook's line at the start of each step
+        if line.strip() == "step 2":
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    m = re.search(r"interrupted at step (\d+) of 1000; the training state is in (.+): rerun the same command "
+                  r"with --resume to continue", err)
+    assert m and m.group(2) == str(out / "train_state.pt"), err
+    n = int(m.group(1))
+    assert n >= 3 and torch.load(out / "train_state.pt", weights_only=True)["step"] == n
+    assert {k: v for k, v in _files(out).items() if k != "train_state.pt"} == before  # no bundle written
+    Bundle.open(out, verify=True)
+    r = subprocess.run([sys.executable, "-m", "edge_ad", *args, "--steps", str(n + 2), "--resume"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"at step {n}" in r.stderr
+    t = Bundle.open(out).manifest["training"]
+    assert t["resumed_at"] == n and t["steps"] == n + 2
+
+
+def test_ctrl_c_during_distill_saves_its_state_for_resume(category, tmp_path, monkeypatch):
+    import signal
+
+    from click.testing import CliRunner
+    import edge_ad.train.loops as loops
+    from edge_ad.cli import main
+
+    real = loops.lr_at
+    monkeypatch.setattr(loops, "lr_at", lambda step, *a: (step == 1 and signal.raise_signal(signal.SIGINT))
+                        or real(step, *a))
+    out = tmp_path / "t.pth"
+    cmd = ["distill-teacher", "--data", str(category / "train" / "good"), "--out", str(out), "--image-size",
+           str(SIZE), "--batch-size", "2", "--steps", "5"]
+    r = CliRunner().invoke(main, cmd)
+    assert r.exit_code == 130 and (f"interrupted at step 2 of 5; the training state is in {out}.state.pt: rerun "
+                                   "the same command with --resume to continue") in r.output
+    assert not out.exists() and torch.load(f"{out}.state.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(loops, "lr_at", real)
+    r = CliRunner().invoke(main, cmd + ["--resume"])
+    assert r.exit_code == 0 and "after 5 of 5 steps" in r.output and out.is_file()
+
+
 def test_distill_resume_refuses_another_image_size_or_folder(category, tmp_path):
     from edge_ad.train.distill import distill
 
@@ -326,6 +468,18 @@ def test_distill_resume_refuses_another_image_size_or_folder(category, tmp_path)
     info = distill(good, out, steps=3, resume=True, **{**kw, "checkpoint_every": 5})  # more steps: allowed
     assert info["resumed_at"] == 2 and info["steps"] == 3
     assert torch.equal(torch.load(state, weights_only=True)["extra"]["f_std"], stats["f_std"])
+
+
+def test_distill_takes_an_mvtec_categorys_train_good(category, tmp_path, caplog):
+    from edge_ad.train.distill import distill
+
+    info = distill(category, tmp_path / "t.pth", image_size=SIZE, steps=1, batch_size=1)
+    assert info["images"] == 16 and (tmp_path / "t.pth").is_file()
+    assert f"--data {category} holds no images itself: using its train/good (16 images)" in caplog.text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"empty: need at least 2 images \(.png, .jpg.*found 0 \(an MVTec "
+                                         r"category's are taken from its train/good\)"):
+        distill(tmp_path / "empty", tmp_path / "u.pth", image_size=SIZE, steps=1)
 
 
 def test_distill_time_budget_stops_and_writes_the_teacher(category, tmp_path):
@@ -442,7 +596,7 @@ def test_cli_names_a_file_where_a_folder_must_be(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edge_ad", "generic-images", "--out", str(tmp_path / "taken"),
                         "--count", "2", "--image-size", "32"], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert "taken: file exists (a folder was expected there)" in r.stderr and "Traceback" not in r.stderr
+    assert "taken: is a file; expected a folder" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):

@@ -30,8 +30,8 @@ class _Group(click.Group):
         except EdgeADError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:  # a training loop's says where it stopped and how to go on
+            click.echo(str(exc) or "interrupted", err=True)
             sys.exit(130)
         except OSError as exc:
             # not about a path the user gave (a socket, a device): a real crash; a full or failing disk is not

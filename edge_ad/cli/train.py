@@ -33,7 +33,9 @@ from . import main
 @click.option("--resume", is_flag=True,
               help="Continue the run in OUT/train_state.pt (refused unless this run's options match it; "
                    "--steps, --max-minutes, --checkpoint-every, --device and --policy may change).")
-@click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
+@click.option("--checkpoint-every", default=500, show_default=True, type=int,
+              help="Steps between checkpoints (OUT/train_state.pt); Ctrl-C or SIGTERM during the steps also saves "
+                   "one, at the step reached, and exits 130 (no bundle written; twice: abort at once).")
 @click.option("--max-minutes", type=float, default=None,
               help="Time budget for the gradient steps: stop there and write the bundle (the x0.1 learning-rate "
                    "drop then comes at 95% of the budget if the steps do not fit).")
@@ -108,7 +110,8 @@ def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_js
 
 @main.command("distill-teacher")
 @click.option("--data", required=True, multiple=True, type=click.Path(),
-              help="Folder of images (any; ImageNet-like is best); repeat to use several folders.")
+              help="Folder of images (any; ImageNet-like is best; of an MVTec category, its train/good); repeat "
+                   "to use several folders.")
 @click.option("--out", required=True, type=click.Path(), help="Teacher weights file to write (.pth).")
 @click.option("--size", default="s", show_default=True, type=click.Choice(["s", "m"]), help="PDN size.")
 @click.option("--image-size", default=256, show_default=True, type=int)
@@ -117,7 +120,8 @@ def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_js
 @click.option("--max-minutes", default=None, type=float,
               help="Time budget: stop there and still write the teacher.")
 @click.option("--checkpoint-every", default=1000, show_default=True, type=int,
-              help="Steps between checkpoints (OUT.state.pt), for --resume.")
+              help="Steps between checkpoints (OUT.state.pt), for --resume; Ctrl-C or SIGTERM during the steps "
+                   "also saves one, at the step reached, and exits 130 (twice: abort at once).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in OUT.state.pt (refused unless this run's options match it; "
                    "--steps, --max-minutes, --checkpoint-every and --device may change).")

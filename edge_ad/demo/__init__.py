@@ -176,8 +176,11 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, model:
     except DemoFailure as exc:
         failure = exc
     except KeyboardInterrupt as exc:
-        console.line(f"{exc or 'interrupted'}: stopping the loop and the broker")
-        raise
+        if isinstance(exc, Terminated):   # SIGTERM / SIGHUP: the CLI exits 128 + the signal
+            console.line(f"{exc}: stopping the loop and the broker")
+            raise
+        console.line("interrupted: stopping the loop and the broker")
+        raise KeyboardInterrupt from None  # plain: a training step's "rerun with --resume" is not the demo's
     finally:
         try:
             if loop is not None:

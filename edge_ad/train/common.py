@@ -138,11 +138,12 @@ def file_list_id(names: Sequence[str]) -> str:
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, gen: torch.Generator, run: dict | None = None,
-                    extra: dict | None = None) -> None:
-    """The training state: weights, optimizer, RNG, and ``run`` (what defines the run, checked by
-    :func:`resume_state`) and ``extra`` (tensors the run needs back at resume, e.g. target statistics)."""
+                    extra: dict | None = None, seconds: float = 0.0) -> None:
+    """The training state: weights, optimizer, RNG, ``run`` (what defines the run, checked by
+    :func:`resume_state`), ``extra`` (tensors the run needs back at resume, e.g. target statistics) and
+    ``seconds`` (the time the run has taken so far, the parts it resumed included)."""
     buf = io.BytesIO()
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"step": step, "seconds": float(seconds), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
                 "run": dict(run or {}), "extra": dict(extra or {})}, buf)
     atomic.write_bytes(path, buf.getvalue())

@@ -15,6 +15,7 @@ steps. The file is a plain PDN state_dict, the public ``teacher_small.pth`` form
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import atomic
-from ..data.image import list_images
+from ..data.image import IMAGE_EXTS, list_images
 from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
 from ..models.pdn import pdn
@@ -31,18 +32,31 @@ from .common import (check_run, color_jitter, fast_convolutions, file_list_id, l
                      seed_everything)
 from .loops import LoopConfig, run_loop
 
+log = logging.getLogger(__name__)
+
+
+def _image_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, or its ``train/good`` when it holds no images itself but that does (an MVTec category),
+    said in a log line."""
+    good = Path(folder) / "train" / "good"
+    if not list_images(folder) and good.is_dir() and list_images(good):
+        log.warning("--data %s holds no images itself: using its train/good (%d images)", folder,
+                    len(list_images(good)))
+        return good
+    return Path(folder)
+
 
 def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: str = "s", image_size: int = 256,
             steps: int = 2000, batch_size: int = 8, seed: int = 0, device: str = "cpu", lr: float = 1e-4,
             max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     out = atomic.check_creatable(out)
-    folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    folders = [_image_folder(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]
     listed = [list_images(f) for f in folders]
     paths = [p for ps in listed for p in ps]
     if len(paths) < 2:
-        raise InputError(f"{', '.join(map(str, folders))}: need at least 2 images to distill a teacher, "
-                         f"found {len(paths)}")
+        raise InputError(f"{', '.join(map(str, folders))}: need at least 2 images ({', '.join(IMAGE_EXTS)}) to "
+                         f"distill a teacher, found {len(paths)} (an MVTec category's are taken from its train/good)")
     # what defines the run: saved in each checkpoint, checked by --resume before any image is loaded
     run = {"command": "edge-ad distill-teacher", "--size": size, "--image-size": int(image_size),
            "--data": [str(Path(f).resolve()) for f in folders],

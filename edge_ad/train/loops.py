@@ -3,15 +3,19 @@
 Both loops: Adam, learning rate x0.1 at 95% of the steps (EfficientAD's schedule), a tqdm progress bar,
 a checkpoint every ``checkpoint_every`` steps (``train_state.pt``, atomic) and ``resume``. A checkpoint
 records what defines its run (``LoopConfig.run``); a resume is refused unless the run matches it.
-Deterministic given the seed (CPU).
+SIGINT / SIGTERM (Ctrl-C) during a loop with a checkpoint file finish the current step, save the state
+there and raise :class:`Interrupted`; a second one aborts at once. Deterministic given the seed (CPU).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,8 @@ class LoopConfig:
     run: dict | None = None  # what defines the run ({option: value}), saved in each checkpoint, checked at resume
     resume_from: dict | None = None  # the checkpoint already read and checked by common.resume_state
     extra: dict | None = None  # tensors saved in each checkpoint that the run needs back at resume
+    started: float | None = None  # time.time() when the command started (default: the loop's start); each
+                                  # checkpoint's "seconds" count from there, plus the resumed runs' seconds
     fit_teacher_norm: bool = True  # EfficientAD: fit the teacher normalization on the images (not at a resume,
                                    # whose checkpoint has it; not for --adapt, which keeps the bundle's)
 
@@ -52,26 +58,82 @@ def lr_at(step: int, cfg: LoopConfig, elapsed: float = 0.0) -> float:
     return cfg.lr * (0.1 if late else 1.0)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A loop stopped by SIGINT / SIGTERM between two steps, its state saved; the message says where."""
+
+
+@contextmanager
+def stop_requests():
+    """While in the block, SIGINT and SIGTERM set ``flag["signal"]`` instead of stopping the process; a second
+    one restores the previous handlers and is re-raised to them (Ctrl-C twice aborts at once). The previous
+    handlers are restored on leaving. Outside the main thread (no handler can be installed there) and for a
+    signal that is ignored, nothing changes: the flag is never set."""
+    flag: dict = {"signal": None}
+    previous: dict = {}
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        previous.clear()
+
+    def handler(signum, frame):
+        if flag["signal"] is not None:
+            restore()
+            signal.raise_signal(signum)
+            return
+        flag["signal"] = signum
+        log.warning("%s: stopping after this step (again to abort at once)", signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old not in (signal.SIG_IGN, None):
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        restore()
+
+
 def run_loop(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
+    """Run ``step_fn`` from step 0 (or the checkpoint's step at a resume) to ``cfg.steps``. With a checkpoint
+    file, SIGINT / SIGTERM stop it between two steps: the state is saved there and :class:`Interrupted` raised."""
+    if cfg.state_path is None:
+        return _run_loop(step_fn, model, params, cfg, desc, {"signal": None})
+    with stop_requests() as flag:
+        return _run_loop(step_fn, model, params, cfg, desc, flag)
+
+
+def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) -> dict:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True if str(cfg.device).startswith("cuda") else None)
     start = 0
+    earlier = 0.0  # the seconds of the runs this one continues
     if cfg.resume:
         if cfg.state_path is None:
             raise InputError("--resume: this run has no checkpoint file to resume from")
         st = cfg.resume_from if cfg.resume_from is not None else resume_state(cfg.state_path, cfg.run or {})
         start = load_checkpoint(cfg.state_path, st, model, opt, gen)
+        earlier = float(st.get("seconds", 0.0))
         log.warning("resumed from %s at step %d", cfg.state_path, start)
     t0 = time.time()
+    started = t0 if cfg.started is None else cfg.started
+
+    def save(step):
+        save_checkpoint(cfg.state_path, model, opt, step, gen, cfg.run, cfg.extra,
+                        seconds=earlier + time.time() - started)
+
     losses: dict = {}
     tty = sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                mininterval=0.1 if tty else 30.0)  # logs (CI, journald) get a line every 30 s
     done = start
     for step in range(start, cfg.steps):
+        if stop["signal"] is not None:
+            break
         elapsed = time.time() - t0
         if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
             log.warning("time budget of %.1f min reached at step %d of %d: stopping there",
@@ -88,12 +150,17 @@ def run_loop(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
         if step % 10 == 0:  # reading a loss waits for the GPU: not on every step
             bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
         if cfg.state_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(cfg.state_path, model, opt, step + 1, gen, cfg.run, cfg.extra)
+            save(step + 1)
     bar.close()
     last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+    if stop["signal"] is not None:
+        save(done)
+        raise Interrupted(f"interrupted at step {done} of {cfg.steps}; the training state is in {cfg.state_path}: "
+                          "rerun the same command with --resume to continue")
     if cfg.state_path is not None and done > start:
-        save_checkpoint(cfg.state_path, model, opt, done, gen, cfg.run, cfg.extra)
-    out = {"final_losses": last, "train_seconds": time.time() - t0, "steps": done, "resumed_at": start}
+        save(done)
+    out = {"final_losses": last, "train_seconds": time.time() - t0, "steps": done, "resumed_at": start,
+           "earlier_seconds": earlier}
     if done < cfg.steps:
         out.update(planned_steps=cfg.steps, stopped_by_time_budget=True)
     return out

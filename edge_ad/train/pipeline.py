@@ -169,12 +169,13 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     cfg = default_config(model_kind)
     cfg.update(config or {})
     teacher_sd = None
-    teacher_id = None
+    teacher_id = teacher_record = None
     if model_kind.startswith("efficientad"):
-        teacher_id = "lite0"
+        teacher_id = teacher_record = "lite0"
         if teacher and teacher != "lite0":
             tsize, tch, teacher_sd = load_teacher_file(teacher)
-            teacher_id = f"a PDN file with sha256 {atomic.sha256_file(teacher)[:16]}"
+            teacher_record = {"file": str(Path(teacher).resolve()), "sha256": atomic.sha256_file(teacher)}
+            teacher_id = f"a PDN file with sha256 {teacher_record['sha256'][:16]}"
             if tsize != model_kind[-1]:
                 raise InputError(f"--teacher {teacher}: a PDN-{tsize.upper()} teacher does not fit {model_kind}")
             cfg.update(teacher="pdn", teacher_channels=tch)
@@ -223,7 +224,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     lc = None if model_kind == "gaussian" else LoopConfig(  # the gradient-trained models' loop
         steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device, resume=resume,
         state_path=state_path, checkpoint_every=checkpoint_every,
-        max_seconds=None if max_minutes is None else 60.0 * max_minutes, run=run, resume_from=resume_from)
+        max_seconds=None if max_minutes is None else 60.0 * max_minutes, run=run, resume_from=resume_from,
+        started=t_start)
     if lc is not None:
         real.mkdir(parents=True, exist_ok=True)
     if model_kind.startswith("efficientad"):
@@ -233,7 +235,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                         "ImageNet); the student is then not pushed away from teacher features on "
                         "unrelated images")
         train_info = train_efficientad(model, train_imgs, lc, pen)
-        train_info["penalty"] = bool(pen is not None)
+        train_info.update(teacher=teacher_record, penalty=pen is not None, penalty_dir=None if pen is None else
+                          {"path": str(Path(penalty_dir).resolve()), "images": int(pen.shape[0])})
     elif model_kind == "fader":
         train_info = train_fader(model, train_imgs, lc)
     else:
@@ -241,6 +244,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
         feats = model_outputs(model, train_imgs, device)["feat"]
         gauss_stats = gaussian.fit(feats, "patch" if cfg["layout"] == "patch" else "shared")
         train_info = {"steps": 0, "fitted_on": int(train_imgs.shape[0])}
+    earlier = train_info.pop("earlier_seconds", 0.0)  # of the runs a --resume continues
     model.to("cpu").eval()
 
     raw_val = model_outputs(model, val_imgs, "cpu")
@@ -274,7 +278,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
             "image_size": image_size, "policy": policy, "val_fraction": val_fraction, "date": now_iso(), "edge_ad": __version__,
             "n_train": len(train_paths), "val_images": [str(Path(v).resolve()) for v in val_paths],
             "batch_size": p.get("batch_size"), "lr": p.get("lr"),
-            "seconds": round(time.time() - t_start, 1), **train_info,
+            "seconds": round(earlier + time.time() - t_start, 1), **train_info,
         }
         bundle.save_manifest()
         bundle.write_calibration(cal)
