@@ -211,3 +211,17 @@ def test_cli_print_config_applies_flags(tmp_path):
     d = json.loads(r.stdout)
     assert d["source"]["mode"] == "trigger" and d["pipeline"]["max_batch"] == 3
     assert d["source"]["uri"] == "synthetic://disc?size=64"
+
+
+def test_mqtt_protocol_5_as_a_number_from_file_env_and_flag(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    from edge_ad.mqtt.settings import Protocol
+
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\nprotocol = 5\n')
+    assert load_settings(cfg, environ={}).mqtt_settings().protocol is Protocol.V5   # was "Input should be '5'"
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\n', "plain.toml")
+    assert load_settings(cfg, environ={"EDGE_AD_MQTT__PROTOCOL": "5"}).mqtt_settings().protocol is Protocol.V5
+    s = load_settings(cfg, [parse_set_option("mqtt.protocol=3.1.1")], environ={})
+    assert s.mqtt_settings().protocol is Protocol.V311
+    with pytest.raises(InputError, match=r"mqtt\.protocol = 4.*'5' or '3\.1\.1'.*--set mqtt\.protocol"):
+        load_settings(cfg, [parse_set_option("mqtt.protocol=4")], environ={})
