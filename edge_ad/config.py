@@ -105,7 +105,17 @@ class ModelSettings(_Section):
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, v: Any) -> Any:
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else str(v).strip().lower()
+        if v is None or (isinstance(v, str) and v.strip() == ""):
+            return None
+        from .runtime.backends.onnxruntime import parse_device  # the widest grammar; backends check the rest
+
+        v = str(v).strip().lower()
+        try:
+            parse_device(v)
+        except InputError:
+            raise ValueError(f"'{v}': expected cpu, cuda[:N] or tensorrt[:N] (N a device index; empty: the best "
+                             "this machine has)") from None
+        return v
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -91,6 +91,9 @@ def test_example_config_is_valid():
      ["1024", "100000"]),
     (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\nthreads = 99999999999999999999999'),
      "model.threads", ["1024"]),
+    (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\ndevice = "gpu"'), "model.device",
+     ["'gpu'", "cpu, cuda[:N] or tensorrt[:N]"]),                     # was valid until the backend opened
+    (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\ndevice = "cuda:x"'), "model.device", ["cuda:x"]),
 ])
 def test_invalid_config_names_the_field_and_the_file(tmp_path, text, field, words):
     cfg = _write(tmp_path, text)
@@ -138,6 +141,9 @@ def test_an_invalid_override_names_its_origin(tmp_path):
     with pytest.raises(InputError) as ei:  # an unknown section is blamed on the flag that made it
         load_settings(cfg, [parse_set_option("pipelin.max_batch=3")], environ={})
     assert "pipelin: unknown field [from --set pipelin.max_batch]" in str(ei.value)
+    with pytest.raises(InputError, match=r"model\.device: 'gpu': expected .*\[from --set model\.device\]"):
+        load_settings(cfg, [parse_set_option("model.device=gpu")], environ={})
+    assert load_settings(cfg, [parse_set_option("model.device=CUDA:1")], environ={}).model.device == "cuda:1"
     with pytest.raises(InputError, match="not a config section"):
         env_overrides({"EDGE_AD_SORCE__URI": "file://x"})
     with pytest.raises(InputError, match="SECTION.KEY=VALUE"):
