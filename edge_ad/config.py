@@ -45,6 +45,12 @@ class Mode(str, enum.Enum):
     TRIGGER = "trigger"
 
 
+def _empty_is_none(v: Any) -> Any:
+    """An empty text is an optional field's "not set": how a flag or the environment removes a value the file
+    gives (``--set decision.threshold=``, ``EDGE_AD_OUTPUT__JSONL=``)."""
+    return None if isinstance(v, str) and v.strip() == "" else v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
 
@@ -76,10 +82,10 @@ class ModelSettings(_Section):
             raise ValueError(f"'{v}': expected {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
         return v
 
-    @field_validator("bundle", "deploy_dir", "golden_dir", "update_key", mode="before")
+    @field_validator("bundle", "deploy_dir", "golden_dir", "update_key", "thread_spinning", mode="before")
     @classmethod
-    def _empty_path(cls, v: Any) -> Any:
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+    def _empty(cls, v: Any) -> Any:
+        return _empty_is_none(v)
 
     @model_validator(mode="after")
     def _bundle_or_deploy(self) -> "ModelSettings":
@@ -105,7 +111,7 @@ class ModelSettings(_Section):
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip() == ""):
+        if _empty_is_none(v) is None:
             return None
         from .runtime.backends.onnxruntime import parse_device  # the widest grammar; backends check the rest
 
@@ -120,7 +126,7 @@ class ModelSettings(_Section):
     @field_validator("precision", mode="before")
     @classmethod
     def _precision(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip() == ""):
+        if _empty_is_none(v) is None:
             return None
         v = str(v).strip().lower()
         if v not in ("fp32", "fp16", "int8"):
@@ -181,6 +187,11 @@ class SourceSettings(_Section):
             return v
         raise ValueError(f"'{v}': expected frame, command, gpio or 'package.module:callable'")
 
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _empty(cls, v: Any) -> Any:
+        return _empty_is_none(v)
+
     @field_validator("roi")
     @classmethod
     def _roi(cls, v: Optional[list[int]]) -> Optional[list[int]]:
@@ -235,6 +246,11 @@ class DecisionSettings(_Section):
     min_region_area: int = Field(4, ge=1, title="Smallest defect region reported (pixels)")
     max_regions: int = Field(16, ge=0, le=1000, title="Most regions reported per frame (largest peaks)")
 
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _empty(cls, v: Any) -> Any:
+        return _empty_is_none(v)
+
 
 class OutputSettings(_Section):
     """Local outputs: the JSONL result log and NG snapshots."""
@@ -253,7 +269,7 @@ class OutputSettings(_Section):
     @field_validator("jsonl", "snapshots_dir", mode="before")
     @classmethod
     def _empty_is_off(cls, v: Any) -> Any:
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+        return _empty_is_none(v)
 
 
 class TelemetrySettings(_Section):
@@ -265,7 +281,7 @@ class TelemetrySettings(_Section):
     @field_validator("path", mode="before")
     @classmethod
     def _empty_is_off(cls, v: Any) -> Any:
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+        return _empty_is_none(v)
 
 
 class CalibrationSettings(_Section):

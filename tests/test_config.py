@@ -231,3 +231,26 @@ def test_mqtt_protocol_5_as_a_number_from_file_env_and_flag(tmp_path):
     assert s.mqtt_settings().protocol is Protocol.V311
     with pytest.raises(InputError, match=r"mqtt\.protocol = 4.*'5' or '3\.1\.1'.*--set mqtt\.protocol"):
         load_settings(cfg, [parse_set_option("mqtt.protocol=4")], environ={})
+
+
+def test_an_empty_override_unsets_an_optional_field_the_file_gives(tmp_path):
+    cfg = _write(tmp_path, MINIMAL.replace('uri = "file://clip.avi"', 'uri = "file://clip.avi"\nroi = [0, 0, 8, 8]')
+                 .replace('bundle = "bundles/part"', 'bundle = "b"\nthread_spinning = false')
+                 + "\n[decision]\nthreshold = 0.5\n")
+    s = load_settings(cfg, environ={})
+    assert (s.decision.threshold, s.model.thread_spinning, s.source.roi) == (0.5, False, [0, 0, 8, 8])
+    # each was "Input should be a valid number / boolean / list (got '')"
+    s = load_settings(cfg, [parse_set_option("decision.threshold="), parse_set_option("model.thread_spinning="),
+                            parse_set_option("source.roi=")], environ={})
+    assert (s.decision.threshold, s.model.thread_spinning, s.source.roi) == (None, None, None)
+    assert load_settings(cfg, environ={"EDGE_AD_DECISION__THRESHOLD": ""}).decision.threshold is None
+
+
+def test_an_empty_override_unsets_an_optional_mqtt_field(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\noutbox_path = "ob.sqlite"\nclient_id = "c1"\n'
+                                     'command_clients = ["ops"]\n')
+    m = load_settings(cfg, [parse_set_option(f"mqtt.{k}=") for k in ("outbox_path", "client_id", "command_clients",
+                                                                       "ca_file")], environ={}).mqtt_settings()
+    assert (m.outbox_path, m.client_id, m.command_clients, m.ca_file) == (None, None, None, None)
+    assert m.effective_outbox_path.name == "outbox-site-dev.sqlite"      # not the folder '.'

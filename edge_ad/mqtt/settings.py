@@ -140,6 +140,14 @@ class BrokerSettings(BaseModel):
             data["password"] = _env_secret(ENV_PASSWORD)
         return data
 
+    @field_validator("ca_file", "cert_file", "key_file", "client_id", "outbox_path", "command_clients",
+                     mode="before", check_fields=False)   # the last three: MqttSettings's
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        """An empty text is "not set" (``--set mqtt.outbox_path=`` removes the file's value: the default
+        path, not '.')."""
+        return None if isinstance(v, str) and v.strip() == "" else v
+
     @field_validator("protocol", mode="before")
     @classmethod
     def _protocol_number(cls, v: Any) -> Any:
