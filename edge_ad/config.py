@@ -331,15 +331,19 @@ class Settings(_Section):
     def mqtt_settings(self):
         """The validated :class:`edge_ad.mqtt.MqttSettings`, or None when MQTT is off (no ``[mqtt]``
         section, or ``enabled = false`` in it)."""
-        if self.mqtt is None:
-            return None
-        fields = dict(self.mqtt)
-        enabled = fields.pop("enabled", True)
-        if enabled is False or str(enabled).lower() in ("false", "0", "no", "off"):
+        if not self.mqtt_enabled:
             return None
         from .mqtt.settings import MqttSettings
 
-        return MqttSettings(**fields)
+        return MqttSettings(**{k: v for k, v in self.mqtt.items() if k != "enabled"})
+
+    @property
+    def mqtt_enabled(self) -> bool:
+        """An ``[mqtt]`` section without ``enabled = false``."""
+        if self.mqtt is None:
+            return False
+        enabled = self.mqtt.get("enabled", True)
+        return not (enabled is False or str(enabled).lower() in ("false", "0", "no", "off"))
 
     def redacted(self) -> dict:
         """The settings as a dict with secrets and credentials removed (for logs and ``status``)."""
@@ -553,9 +557,12 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{cfg_path}: not valid TOML ({exc})") from exc
     file_paths = _relative_file_paths(tree)
+    mqtt_given = []  # origins of [mqtt] fields given after (over) the latest mqtt.enabled
     for path, value, origin in list(env_overrides(environ)) + list(overrides):
         _set_path(tree, path, value, origin, origins)
         file_paths.discard(tuple(path))
+        if path[0] == "mqtt":
+            mqtt_given = [] if path[1:] == ["enabled"] else mqtt_given + [f"{'.'.join(path)} [from {origin}]"]
     # [mqtt] is a plain table checked by MqttSettings (its TLS files must exist): resolve its paths first
     for sec, key in sorted(p for p in file_paths if p[0] == "mqtt"):
         tree["mqtt"][key] = str(cfg_path.resolve().parent / tree["mqtt"][key])
@@ -564,6 +571,12 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         s = Settings.model_validate(tree)
     except ValidationError as exc:
         raise InputError(_format_errors(exc, origins, cfg_path)) from None
+    if mqtt_given and not s.mqtt_enabled:
+        # a --mqtt-url that the file's enabled = false would silently drop
+        where = origins.get(("mqtt", "enabled"), cfg_path or "defaults")
+        raise InputError(f"{cfg_path or 'config'}: invalid config: {', '.join(mqtt_given)} given but "
+                         f"mqtt.enabled = false [from {where}]: give --set mqtt.enabled=true as well to run with "
+                         "MQTT, or leave the override out to run without")
     if s.mqtt is not None:
         try:
             s.mqtt_settings()

@@ -254,3 +254,21 @@ def test_an_empty_override_unsets_an_optional_mqtt_field(tmp_path):
                                                                        "ca_file")], environ={}).mqtt_settings()
     assert (m.outbox_path, m.client_id, m.command_clients, m.ca_file) == (None, None, None, None)
     assert m.effective_outbox_path.name == "outbox-site-dev.sqlite"      # not the folder '.'
+
+
+def test_an_mqtt_override_over_enabled_false_is_an_error_not_dropped(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nenabled = false\nurl = "mqtt://127.0.0.1:1"\n')
+    assert load_settings(cfg, environ={}).mqtt_settings() is None
+    url = (["mqtt", "url"], "mqtt://broker:1884", "--mqtt-url")
+    with pytest.raises(InputError) as ei:          # the run went on without MQTT, saying nothing
+        load_settings(cfg, [url], environ={})
+    assert "mqtt.url [from --mqtt-url] given but mqtt.enabled = false [from " + str(cfg) in str(ei.value)
+    with pytest.raises(InputError, match="EDGE_AD_MQTT__URL.*mqtt.enabled = false"):
+        load_settings(cfg, environ={"EDGE_AD_MQTT__URL": "mqtt://broker"})
+    m = load_settings(cfg, [url, parse_set_option("mqtt.enabled=true")], environ={}).mqtt_settings()
+    assert m.port == 1884
+    # a later enabled = false wins over what came before it; no [mqtt] section: the flag turns MQTT on
+    assert load_settings(cfg, [parse_set_option("mqtt.enabled=false")],
+                         environ={"EDGE_AD_MQTT__URL": "mqtt://broker"}).mqtt_settings() is None
+    assert load_settings(_write(tmp_path, MINIMAL, "plain.toml"), [url], environ={}).mqtt_settings().port == 1884
