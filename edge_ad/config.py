@@ -346,20 +346,31 @@ class Settings(_Section):
         return not (enabled is False or str(enabled).lower() in ("false", "0", "no", "off"))
 
     def redacted(self) -> dict:
-        """The settings as a dict with secrets and credentials removed (for logs and ``status``)."""
+        """The settings as a dict with secrets and credentials removed (for logs and ``status``). ``mqtt`` is
+        the validated :class:`~edge_ad.mqtt.MqttSettings` the run uses (defaults, the client id and outbox
+        path it derives), or ``{"enabled": false}`` when MQTT is off."""
         from .runtime.sources import redact_uri
 
         d = self.model_dump(mode="json", exclude={"config_dir"})
         d["source"]["uri"] = redact_uri(self.source.uri)
-        if d.get("mqtt"):
-            m = dict(d["mqtt"])
-            for k in list(m):
-                if any(s in k.lower() for s in ("password", "secret", "key", "token")) and m[k]:
-                    m[k] = "***"
-            if m.get("url"):
-                m["url"] = redact_uri(str(m["url"]))
-            d["mqtt"] = m
+        if d.get("mqtt") is not None:
+            d["mqtt"] = self._mqtt_redacted()
         return d
+
+    def _mqtt_redacted(self) -> dict:
+        from .runtime.sources import redact_uri
+
+        try:
+            m = self.mqtt_settings()
+        except InputError as exc:  # valid when loaded; a TLS file removed since (the status of a running line)
+            return {"enabled": True, "error": str(exc)}
+        if m is None:
+            return {"enabled": False}
+        d = m.model_dump(mode="json")
+        for k in ("password", "command_secret"):
+            d[k] = "***" if d[k] else None
+        return {"enabled": True, **d, "url": redact_uri(m.url), "client_id": m.effective_client_id,
+                "outbox_path": str(m.effective_outbox_path)}
 
 
 # ----------------------------------------------------------------------------- loading

@@ -272,3 +272,23 @@ def test_an_mqtt_override_over_enabled_false_is_an_error_not_dropped(tmp_path):
     assert load_settings(cfg, [parse_set_option("mqtt.enabled=false")],
                          environ={"EDGE_AD_MQTT__URL": "mqtt://broker"}).mqtt_settings() is None
     assert load_settings(_write(tmp_path, MINIMAL, "plain.toml"), [url], environ={}).mqtt_settings().port == 1884
+
+
+def test_redacted_shows_the_mqtt_settings_the_run_uses(tmp_path, monkeypatch):
+    pytest.importorskip("paho.mqtt")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", "hunter2")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://u:pw@broker"\nkeepalive_s = "45"\nsite = "p1"\n'
+                                     'command_secret = "s3cret"\nkey_file = "k.pem"\ncert_file = "c.pem"\n')
+    (tmp_path / "k.pem").write_text("x")
+    (tmp_path / "c.pem").write_text("x")
+    m = load_settings(cfg, environ={}).redacted()["mqtt"]   # was the table as typed: {'keepalive_s': '45', ...}
+    assert m["enabled"] is True and m["keepalive_s"] == 45 and m["protocol"] == "5"
+    assert m["client_id"] == "edge-ad-p1-dev"
+    assert m["outbox_path"] == str(tmp_path / "state/edge-ad/outbox-p1-dev.sqlite")
+    assert m["key_file"] == str(tmp_path / "k.pem")                        # a path, not a secret
+    assert (m["url"], m["command_secret"]) == ("mqtt://***@broker", "***")
+    text = json.dumps(m)
+    assert "hunter2" not in text and "s3cret" not in text and "pw" not in text
+    off = load_settings(cfg, [parse_set_option("mqtt.enabled=false")], environ={}).redacted()
+    assert off["mqtt"] == {"enabled": False}
