@@ -45,6 +45,12 @@ class Mode(str, enum.Enum):
     TRIGGER = "trigger"
 
 
+def _empty_is_none(v: Any) -> Any:
+    """An empty text is an optional field's "not set": how a flag or the environment removes a value the file
+    gives (``--set decision.threshold=``, ``EDGE_AD_OUTPUT__JSONL=``)."""
+    return None if isinstance(v, str) and v.strip() == "" else v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
 
@@ -76,10 +82,10 @@ class ModelSettings(_Section):
             raise ValueError(f"'{v}': expected {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
         return v
 
-    @field_validator("bundle", "deploy_dir", "golden_dir", "update_key", mode="before")
+    @field_validator("bundle", "deploy_dir", "golden_dir", "update_key", "thread_spinning", mode="before")
     @classmethod
-    def _empty_path(cls, v: Any) -> Any:
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+    def _empty(cls, v: Any) -> Any:
+        return _empty_is_none(v)
 
     @model_validator(mode="after")
     def _bundle_or_deploy(self) -> "ModelSettings":
@@ -105,12 +111,22 @@ class ModelSettings(_Section):
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, v: Any) -> Any:
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else str(v).strip().lower()
+        if _empty_is_none(v) is None:
+            return None
+        from .runtime.backends.onnxruntime import parse_device  # the widest grammar; backends check the rest
+
+        v = str(v).strip().lower()
+        try:
+            parse_device(v)
+        except InputError:
+            raise ValueError(f"'{v}': expected cpu, cuda[:N] or tensorrt[:N] (N a device index; empty: the best "
+                             "this machine has)") from None
+        return v
 
     @field_validator("precision", mode="before")
     @classmethod
     def _precision(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip() == ""):
+        if _empty_is_none(v) is None:
             return None
         v = str(v).strip().lower()
         if v not in ("fp32", "fp16", "int8"):
@@ -171,6 +187,11 @@ class SourceSettings(_Section):
             return v
         raise ValueError(f"'{v}': expected frame, command, gpio or 'package.module:callable'")
 
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _empty(cls, v: Any) -> Any:
+        return _empty_is_none(v)
+
     @field_validator("roi")
     @classmethod
     def _roi(cls, v: Optional[list[int]]) -> Optional[list[int]]:
@@ -225,6 +246,11 @@ class DecisionSettings(_Section):
     min_region_area: int = Field(4, ge=1, title="Smallest defect region reported (pixels)")
     max_regions: int = Field(16, ge=0, le=1000, title="Most regions reported per frame (largest peaks)")
 
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _empty(cls, v: Any) -> Any:
+        return _empty_is_none(v)
+
 
 class OutputSettings(_Section):
     """Local outputs: the JSONL result log and NG snapshots."""
@@ -243,7 +269,7 @@ class OutputSettings(_Section):
     @field_validator("jsonl", "snapshots_dir", mode="before")
     @classmethod
     def _empty_is_off(cls, v: Any) -> Any:
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+        return _empty_is_none(v)
 
 
 class TelemetrySettings(_Section):
@@ -255,7 +281,7 @@ class TelemetrySettings(_Section):
     @field_validator("path", mode="before")
     @classmethod
     def _empty_is_off(cls, v: Any) -> Any:
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+        return _empty_is_none(v)
 
 
 class CalibrationSettings(_Section):
@@ -305,31 +331,46 @@ class Settings(_Section):
     def mqtt_settings(self):
         """The validated :class:`edge_ad.mqtt.MqttSettings`, or None when MQTT is off (no ``[mqtt]``
         section, or ``enabled = false`` in it)."""
-        if self.mqtt is None:
-            return None
-        fields = dict(self.mqtt)
-        enabled = fields.pop("enabled", True)
-        if enabled is False or str(enabled).lower() in ("false", "0", "no", "off"):
+        if not self.mqtt_enabled:
             return None
         from .mqtt.settings import MqttSettings
 
-        return MqttSettings(**fields)
+        return MqttSettings(**{k: v for k, v in self.mqtt.items() if k != "enabled"})
+
+    @property
+    def mqtt_enabled(self) -> bool:
+        """An ``[mqtt]`` section without ``enabled = false``."""
+        if self.mqtt is None:
+            return False
+        enabled = self.mqtt.get("enabled", True)
+        return not (enabled is False or str(enabled).lower() in ("false", "0", "no", "off"))
 
     def redacted(self) -> dict:
-        """The settings as a dict with secrets and credentials removed (for logs and ``status``)."""
+        """The settings as a dict with secrets and credentials removed (for logs and ``status``). ``mqtt`` is
+        the validated :class:`~edge_ad.mqtt.MqttSettings` the run uses (defaults, the client id and outbox
+        path it derives), or ``{"enabled": false}`` when MQTT is off."""
         from .runtime.sources import redact_uri
 
         d = self.model_dump(mode="json", exclude={"config_dir"})
         d["source"]["uri"] = redact_uri(self.source.uri)
-        if d.get("mqtt"):
-            m = dict(d["mqtt"])
-            for k in list(m):
-                if any(s in k.lower() for s in ("password", "secret", "key", "token")) and m[k]:
-                    m[k] = "***"
-            if m.get("url"):
-                m["url"] = redact_uri(str(m["url"]))
-            d["mqtt"] = m
+        if d.get("mqtt") is not None:
+            d["mqtt"] = self._mqtt_redacted()
         return d
+
+    def _mqtt_redacted(self) -> dict:
+        from .runtime.sources import redact_uri
+
+        try:
+            m = self.mqtt_settings()
+        except InputError as exc:  # valid when loaded; a TLS file removed since (the status of a running line)
+            return {"enabled": True, "error": str(exc)}
+        if m is None:
+            return {"enabled": False}
+        d = m.model_dump(mode="json")
+        for k in ("password", "command_secret"):
+            d[k] = "***" if d[k] else None
+        return {"enabled": True, **d, "url": redact_uri(m.url), "client_id": m.effective_client_id,
+                "outbox_path": str(m.effective_outbox_path)}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -527,9 +568,12 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{cfg_path}: not valid TOML ({exc})") from exc
     file_paths = _relative_file_paths(tree)
+    mqtt_given = []  # origins of [mqtt] fields given after (over) the latest mqtt.enabled
     for path, value, origin in list(env_overrides(environ)) + list(overrides):
         _set_path(tree, path, value, origin, origins)
         file_paths.discard(tuple(path))
+        if path[0] == "mqtt":
+            mqtt_given = [] if path[1:] == ["enabled"] else mqtt_given + [f"{'.'.join(path)} [from {origin}]"]
     # [mqtt] is a plain table checked by MqttSettings (its TLS files must exist): resolve its paths first
     for sec, key in sorted(p for p in file_paths if p[0] == "mqtt"):
         tree["mqtt"][key] = str(cfg_path.resolve().parent / tree["mqtt"][key])
@@ -538,6 +582,12 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         s = Settings.model_validate(tree)
     except ValidationError as exc:
         raise InputError(_format_errors(exc, origins, cfg_path)) from None
+    if mqtt_given and not s.mqtt_enabled:
+        # a --mqtt-url that the file's enabled = false would silently drop
+        where = origins.get(("mqtt", "enabled"), cfg_path or "defaults")
+        raise InputError(f"{cfg_path or 'config'}: invalid config: {', '.join(mqtt_given)} given but "
+                         f"mqtt.enabled = false [from {where}]: give --set mqtt.enabled=true as well to run with "
+                         "MQTT, or leave the override out to run without")
     if s.mqtt is not None:
         try:
             s.mqtt_settings()

@@ -91,6 +91,9 @@ def test_example_config_is_valid():
      ["1024", "100000"]),
     (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\nthreads = 99999999999999999999999'),
      "model.threads", ["1024"]),
+    (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\ndevice = "gpu"'), "model.device",
+     ["'gpu'", "cpu, cuda[:N] or tensorrt[:N]"]),                     # was valid until the backend opened
+    (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\ndevice = "cuda:x"'), "model.device", ["cuda:x"]),
 ])
 def test_invalid_config_names_the_field_and_the_file(tmp_path, text, field, words):
     cfg = _write(tmp_path, text)
@@ -138,6 +141,9 @@ def test_an_invalid_override_names_its_origin(tmp_path):
     with pytest.raises(InputError) as ei:  # an unknown section is blamed on the flag that made it
         load_settings(cfg, [parse_set_option("pipelin.max_batch=3")], environ={})
     assert "pipelin: unknown field [from --set pipelin.max_batch]" in str(ei.value)
+    with pytest.raises(InputError, match=r"model\.device: 'gpu': expected .*\[from --set model\.device\]"):
+        load_settings(cfg, [parse_set_option("model.device=gpu")], environ={})
+    assert load_settings(cfg, [parse_set_option("model.device=CUDA:1")], environ={}).model.device == "cuda:1"
     with pytest.raises(InputError, match="not a config section"):
         env_overrides({"EDGE_AD_SORCE__URI": "file://x"})
     with pytest.raises(InputError, match="SECTION.KEY=VALUE"):
@@ -211,3 +217,78 @@ def test_cli_print_config_applies_flags(tmp_path):
     d = json.loads(r.stdout)
     assert d["source"]["mode"] == "trigger" and d["pipeline"]["max_batch"] == 3
     assert d["source"]["uri"] == "synthetic://disc?size=64"
+
+
+def test_mqtt_protocol_5_as_a_number_from_file_env_and_flag(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    from edge_ad.mqtt.settings import Protocol
+
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\nprotocol = 5\n')
+    assert load_settings(cfg, environ={}).mqtt_settings().protocol is Protocol.V5   # was "Input should be '5'"
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\n', "plain.toml")
+    assert load_settings(cfg, environ={"EDGE_AD_MQTT__PROTOCOL": "5"}).mqtt_settings().protocol is Protocol.V5
+    s = load_settings(cfg, [parse_set_option("mqtt.protocol=3.1.1")], environ={})
+    assert s.mqtt_settings().protocol is Protocol.V311
+    with pytest.raises(InputError, match=r"mqtt\.protocol = 4.*'5' or '3\.1\.1'.*--set mqtt\.protocol"):
+        load_settings(cfg, [parse_set_option("mqtt.protocol=4")], environ={})
+
+
+def test_an_empty_override_unsets_an_optional_field_the_file_gives(tmp_path):
+    cfg = _write(tmp_path, MINIMAL.replace('uri = "file://clip.avi"', 'uri = "file://clip.avi"\nroi = [0, 0, 8, 8]')
+                 .replace('bundle = "bundles/part"', 'bundle = "b"\nthread_spinning = false')
+                 + "\n[decision]\nthreshold = 0.5\n")
+    s = load_settings(cfg, environ={})
+    assert (s.decision.threshold, s.model.thread_spinning, s.source.roi) == (0.5, False, [0, 0, 8, 8])
+    # each was "Input should be a valid number / boolean / list (got '')"
+    s = load_settings(cfg, [parse_set_option("decision.threshold="), parse_set_option("model.thread_spinning="),
+                            parse_set_option("source.roi=")], environ={})
+    assert (s.decision.threshold, s.model.thread_spinning, s.source.roi) == (None, None, None)
+    assert load_settings(cfg, environ={"EDGE_AD_DECISION__THRESHOLD": ""}).decision.threshold is None
+
+
+def test_an_empty_override_unsets_an_optional_mqtt_field(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\noutbox_path = "ob.sqlite"\nclient_id = "c1"\n'
+                                     'command_clients = ["ops"]\n')
+    m = load_settings(cfg, [parse_set_option(f"mqtt.{k}=") for k in ("outbox_path", "client_id", "command_clients",
+                                                                       "ca_file")], environ={}).mqtt_settings()
+    assert (m.outbox_path, m.client_id, m.command_clients, m.ca_file) == (None, None, None, None)
+    assert m.effective_outbox_path.name == "outbox-site-dev.sqlite"      # not the folder '.'
+
+
+def test_an_mqtt_override_over_enabled_false_is_an_error_not_dropped(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nenabled = false\nurl = "mqtt://127.0.0.1:1"\n')
+    assert load_settings(cfg, environ={}).mqtt_settings() is None
+    url = (["mqtt", "url"], "mqtt://broker:1884", "--mqtt-url")
+    with pytest.raises(InputError) as ei:          # the run went on without MQTT, saying nothing
+        load_settings(cfg, [url], environ={})
+    assert "mqtt.url [from --mqtt-url] given but mqtt.enabled = false [from " + str(cfg) in str(ei.value)
+    with pytest.raises(InputError, match="EDGE_AD_MQTT__URL.*mqtt.enabled = false"):
+        load_settings(cfg, environ={"EDGE_AD_MQTT__URL": "mqtt://broker"})
+    m = load_settings(cfg, [url, parse_set_option("mqtt.enabled=true")], environ={}).mqtt_settings()
+    assert m.port == 1884
+    # a later enabled = false wins over what came before it; no [mqtt] section: the flag turns MQTT on
+    assert load_settings(cfg, [parse_set_option("mqtt.enabled=false")],
+                         environ={"EDGE_AD_MQTT__URL": "mqtt://broker"}).mqtt_settings() is None
+    assert load_settings(_write(tmp_path, MINIMAL, "plain.toml"), [url], environ={}).mqtt_settings().port == 1884
+
+
+def test_redacted_shows_the_mqtt_settings_the_run_uses(tmp_path, monkeypatch):
+    pytest.importorskip("paho.mqtt")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", "hunter2")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://u:pw@broker"\nkeepalive_s = "45"\nsite = "p1"\n'
+                                     'command_secret = "s3cret"\nkey_file = "k.pem"\ncert_file = "c.pem"\n')
+    (tmp_path / "k.pem").write_text("x")
+    (tmp_path / "c.pem").write_text("x")
+    m = load_settings(cfg, environ={}).redacted()["mqtt"]   # was the table as typed: {'keepalive_s': '45', ...}
+    assert m["enabled"] is True and m["keepalive_s"] == 45 and m["protocol"] == "5"
+    assert m["client_id"] == "edge-ad-p1-dev"
+    assert m["outbox_path"] == str(tmp_path / "state/edge-ad/outbox-p1-dev.sqlite")
+    assert m["key_file"] == str(tmp_path / "k.pem")                        # a path, not a secret
+    assert (m["url"], m["command_secret"]) == ("mqtt://***@broker", "***")
+    text = json.dumps(m)
+    assert "hunter2" not in text and "s3cret" not in text and "pw" not in text
+    off = load_settings(cfg, [parse_set_option("mqtt.enabled=false")], environ={}).redacted()
+    assert off["mqtt"] == {"enabled": False}

@@ -260,8 +260,8 @@ def test_sigterm_with_mqtt_every_result_reaches_the_broker_or_the_outbox(tmp_pat
     video, labels = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
     outbox = tmp_path / "outbox.sqlite"
     cfg = _config_file(tmp_path, tiny_bundle, f"file://{video}?loop=1",
-                       f'\n[mqtt]\nurl = "{mosquitto.url}"\nsite = "t"\ndevice = "cam1"\noutbox_path = "{outbox}"\n'
-                       "validate_payloads = true\n")
+                       f'path = "tel.jsonl"\n\n[mqtt]\nurl = "{mosquitto.url}"\nsite = "t"\ndevice = "cam1"\n'
+                       f'outbox_path = "{outbox}"\nvalidate_payloads = true\n')
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/#") as col:
         summary, recs = _sigterm_run(tmp_path, cfg)
         ids = {r["id"] for r in recs}
@@ -281,6 +281,11 @@ def test_sigterm_with_mqtt_every_result_reaches_the_broker_or_the_outbox(tmp_pat
         status = [m.json() for m in col.of_kind("status")]
         assert status[-1]["state"] == "offline" and status[-1]["reason"] == "stopped"
         assert any(m.json().get("fps") is not None for m in col.of_kind("telemetry"))
+        # telemetry.path holds the very payloads MQTT carried (was: a unix-float ts, no site, device, outbox)
+        in_file = read_jsonl(tmp_path / "tel.jsonl")
+        assert all(m.json() in in_file for m in col.of_kind("telemetry"))
+        assert in_file[-1]["site"] == "t" and in_file[-1]["device"] == "cam1" and "inflight" in in_file[-1]["outbox"]
+        assert schema.errors("telemetry", in_file[-1]) == []
 
 
 class _SlowBackend:

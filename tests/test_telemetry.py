@@ -3,7 +3,9 @@ process figures, and the telemetry payload against the MQTT schema."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -227,6 +229,10 @@ def test_telemetry_payload_matches_the_mqtt_schema(tmp_path):
     payload = svc.last_telemetry
     body = {"schema_version": 1, "ts": "2026-01-01T00:00:00.000Z", "site": "s", "device": "d", **payload}
     assert schema.errors("telemetry", body) == []
+    # telemetry.path without MQTT: the MQTT envelope without site and device (ts was a unix float)
+    line = json.loads((tmp_path / "tel.jsonl").read_text().splitlines()[-1])
+    assert line == {"schema_version": 1, "ts": line["ts"], **payload}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
     assert payload["frames"] == 12 and payload["dropped"] == 0 and payload["memory_mb"] > 0
     assert set(payload["stages_ms"]) >= {"capture", "queue", "preprocess", "infer", "score", "report"}
     assert {"p50", "p95", "p99"} <= set(payload["latency_ms"])
@@ -236,8 +242,6 @@ def test_telemetry_payload_matches_the_mqtt_schema(tmp_path):
 
 
 if __name__ == "__main__":  # print what the parser makes of each recorded line
-    import json
-
     for name, line in list(globals().items()):
         if name.startswith("JP") and isinstance(line, str):
             print(name, json.dumps(parse_line(line)), file=sys.stdout)

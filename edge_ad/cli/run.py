@@ -36,8 +36,9 @@ def _settings_loader(config: str | None, overrides: list):
 @click.option("--mode", type=click.Choice(["stream", "trigger"]), default=None, help="Override source.mode.")
 @click.option("--backend", default=None, help="Override model.backend (auto | onnxruntime | tensorrt | torch | openvino).")
 @click.option("--precision", default=None, help="Override model.precision (fp32 | fp16 | int8).")
-@click.option("--device", default=None, help="Override model.device (cpu | cuda[:N]).")
-@click.option("--mqtt-url", default=None, help="Override mqtt.url (mqtt://host:1883).")
+@click.option("--device", default=None, help="Override model.device (cpu | cuda[:N] | tensorrt[:N]).")
+@click.option("--mqtt-url", default=None, help="Override mqtt.url (mqtt://host:1883); turns MQTT on where the config has no [mqtt] "
+              "section (with enabled = false in it: an error unless --set mqtt.enabled=true).")
 @click.option("--jsonl", default=None, help="Override output.jsonl (the result log; '' turns it off).")
 @click.option("--snapshots", default=None, help="Override output.snapshots_dir ('' turns snapshots off).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",

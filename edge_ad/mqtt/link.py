@@ -208,8 +208,9 @@ class MqttLink:
             self._wake.set()
         return event_id
 
-    def publish_telemetry(self, payload: Mapping[str, Any]) -> None:
-        """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state."""
+    def publish_telemetry(self, payload: Mapping[str, Any]) -> dict:
+        """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state. Returns the
+        body queued (what ``telemetry.path`` writes too)."""
         self._check_open()
         if not isinstance(payload, Mapping):
             raise InputError(f"telemetry payload must be a mapping, got {type(payload).__name__}")
@@ -224,6 +225,7 @@ class MqttLink:
         self._maybe_validate("telemetry", body)
         self._telemetry.append(data)
         self._wake.set()
+        return body
 
     def publish_calibration(self, calibration: Any) -> None:
         """Publish the calibration in force (retained; re-published on every connect). Accepts a

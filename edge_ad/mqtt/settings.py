@@ -140,6 +140,22 @@ class BrokerSettings(BaseModel):
             data["password"] = _env_secret(ENV_PASSWORD)
         return data
 
+    @field_validator("ca_file", "cert_file", "key_file", "client_id", "outbox_path", "command_clients",
+                     mode="before", check_fields=False)   # the last three: MqttSettings's
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        """An empty text is "not set" (``--set mqtt.outbox_path=`` removes the file's value: the default
+        path, not '.')."""
+        return None if isinstance(v, str) and v.strip() == "" else v
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_number(cls, v: Any) -> Any:
+        """``protocol = 5`` as docs/mqtt.md writes it (a TOML number, or ``--set mqtt.protocol=5``) is "5"."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == 5:
+            return "5"
+        return v.strip() if isinstance(v, str) else v
+
     @field_validator("url")
     @classmethod
     def _check_url(cls, v: str) -> str:

@@ -581,17 +581,22 @@ class Service:
 
     def _emit_telemetry(self) -> dict:
         payload = self.telemetry_payload()
+        body = None
         if self.link is not None:
             try:
-                self.link.publish_telemetry(payload)
+                body = self.link.publish_telemetry(payload)
             except EdgeADError as exc:
                 log.warning("telemetry not sent: %s", exc)
         path = self.settings.telemetry.path
         if path is not None:
+            if body is None:  # no MQTT: the same envelope, without the link's site, device and outbox state
+                from ..mqtt.payloads import SCHEMA_VERSION, now_iso
+
+                body = {"schema_version": SCHEMA_VERSION, "ts": now_iso(), **payload}
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({"ts": time.time(), **payload}, separators=(",", ":")) + "\n")
+                    fh.write(json.dumps(body, separators=(",", ":")) + "\n")
             except OSError as exc:
                 log.warning("telemetry file %s: %s", path, exc)
         lat = payload.get("latency_ms") or {}

@@ -45,8 +45,10 @@ def parse_device(device: str | None) -> tuple[str, int]:
         raise InputError(f"onnxruntime device '{device}': expected cpu, cuda[:N] or tensorrt[:N]")
     try:
         index = int(idx) if idx else 0
+        if index < 0:
+            raise ValueError(idx)
     except ValueError:
-        raise InputError(f"onnxruntime device '{device}': the device index must be an integer") from None
+        raise InputError(f"onnxruntime device '{device}': the device index must be an integer >= 0") from None
     return ("tensorrt" if kind == "trt" else kind), index
 
 
