@@ -244,7 +244,7 @@ class DecisionSettings(_Section):
     threshold: Optional[float] = Field(None, allow_inf_nan=False,
                                        title="Override the calibration's threshold (empty: use it)")
     min_region_area: int = Field(4, ge=1, title="Smallest defect region reported (pixels)")
-    max_regions: int = Field(16, ge=0, le=1000, title="Most regions reported per frame (largest peaks)")
+    max_regions: int = Field(16, ge=1, le=1000, title="Most regions reported per frame (largest peaks)")
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -275,6 +275,8 @@ class OutputSettings(_Section):
 class TelemetrySettings(_Section):
     interval_s: float = Field(10.0, gt=0, le=86_400)
     path: Optional[Path] = Field(None, title="Also append telemetry as JSON lines to this file")
+    max_bytes: int = Field(10_000_000, ge=1024, title="Rotate the telemetry file past this size")
+    backups: int = Field(3, ge=0, le=1000, title="Rotated telemetry files kept (.1 ... .N)")
     tegrastats: bool = Field(True, title="Read tegrastats on Jetson (when the binary exists)")
     nvml: bool = Field(True, title="Read NVML (pynvml) when present")
 

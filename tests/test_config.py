@@ -94,6 +94,8 @@ def test_example_config_is_valid():
     (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\ndevice = "gpu"'), "model.device",
      ["'gpu'", "cpu, cuda[:N] or tensorrt[:N]"]),                     # was valid until the backend opened
     (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\ndevice = "cuda:x"'), "model.device", ["cuda:x"]),
+    (MINIMAL + "\n[decision]\nmax_regions = 0\n", "decision.max_regions", ["greater than or equal to 1"]),
+    (MINIMAL + "\n[telemetry]\nmax_bytes = 10\n", "telemetry.max_bytes", ["greater than or equal to 1024"]),
 ])
 def test_invalid_config_names_the_field_and_the_file(tmp_path, text, field, words):
     cfg = _write(tmp_path, text)

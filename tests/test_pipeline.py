@@ -1153,3 +1153,22 @@ def test_a_sigterm_after_the_run_stopped_does_not_kill_edge_ad_run(tmp_path, tin
                        text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 4
+
+
+def test_the_telemetry_file_rotates_and_a_bad_path_stops_run_at_start(tmp_path, tiny_bundle):
+    """A line runs for months: telemetry.path rotates past telemetry.max_bytes like the result log (it grew
+    without a limit, ~16 MB a day); a path that cannot be opened is refused at start like output.jsonl."""
+    from edge_ad.errors import InputError
+
+    video, _ = defect_video(tmp_path / "parts.avi", n=40, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?fps=200", source__mode="trigger",
+                  telemetry__path=str(tmp_path / "tel.jsonl"), telemetry__interval_s=0.01,
+                  telemetry__max_bytes=1024, telemetry__backups=1)
+    _run(s)
+    assert (tmp_path / "tel.jsonl.1").is_file() and not (tmp_path / "tel.jsonl.2").exists()
+    last = read_jsonl(tmp_path / "tel.jsonl")
+    assert len(last) == 1 and last[0]["frames"] == 40   # the final telemetry, alone after the last rotation
+    (tmp_path / "adir").mkdir()
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", telemetry__path=str(tmp_path / "adir"))
+    with pytest.raises(InputError, match="adir: cannot open the telemetry file for writing"):
+        _run(s)

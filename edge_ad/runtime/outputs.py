@@ -38,7 +38,7 @@ class JsonlLog:
     """
 
     def __init__(self, path: str | os.PathLike, max_bytes: int = 50_000_000, backups: int = 5,
-                 fsync: bool = False):
+                 fsync: bool = False, what: str = "the result log"):
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
         self.backups = int(backups)
@@ -48,7 +48,7 @@ class JsonlLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "ab", buffering=0)
         except OSError as exc:
-            raise InputError(f"{self.path}: cannot open the result log for writing ({exc.strerror})") from exc
+            raise InputError(f"{self.path}: cannot open {what} for writing ({exc.strerror})") from exc
         # a regular file rotates by size; a pipe, a FIFO or a terminal (``--jsonl /dev/stdout | ...``) has no
         # size to ask (tell() fails on it) and never rotates
         st = os.fstat(self._fh.fileno())

@@ -15,7 +15,6 @@ second SIGINT aborts at once. SIGHUP reloads the bundle (a calibration or model 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -101,6 +100,7 @@ class Service:
         self.notifier = notifier or Notifier()
         self.install_signals = install_signals
         self.link = None
+        self.telemetry_log: JsonlLog | None = None
         self.pipeline: Pipeline | None = None
         self._stop_signal: str | None = None
         self.finished = False   # set once run() has stopped everything and made its summary
@@ -187,6 +187,8 @@ class Service:
                              "inspected; add [mqtt], or use trigger 'frame', 'gpio' or a plug-in")
         self.trigger = load_trigger(s.source.trigger, self.gate, s.source.gpio) if mode == "trigger" else None
         self.telemetry = Telemetry(s.telemetry.tegrastats, s.telemetry.nvml, s.telemetry.interval_s)
+        t = s.telemetry
+        self.telemetry_log = JsonlLog(t.path, t.max_bytes, t.backups, what="the telemetry file") if t.path else None
         mqtt = s.mqtt_settings()
         if mqtt is not None:
             from ..mqtt.link import MqttLink
@@ -587,18 +589,15 @@ class Service:
                 body = self.link.publish_telemetry(payload)
             except EdgeADError as exc:
                 log.warning("telemetry not sent: %s", exc)
-        path = self.settings.telemetry.path
-        if path is not None:
+        if self.telemetry_log is not None:
             if body is None:  # no MQTT: the same envelope, without the link's site, device and outbox state
                 from ..mqtt.payloads import SCHEMA_VERSION, now_iso
 
                 body = {"schema_version": SCHEMA_VERSION, "ts": now_iso(), **payload}
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(body, separators=(",", ":")) + "\n")
-            except OSError as exc:
-                log.warning("telemetry file %s: %s", path, exc)
+                self.telemetry_log.write(body)
+            except (OSError, ValueError) as exc:   # a full disk; a write after the stop closed it
+                log.warning("telemetry file %s: %s", self.telemetry_log.path, exc)
         lat = payload.get("latency_ms") or {}
         log.info("telemetry: %.1f fps, latency p50 %s ms p99 %s ms, %d frames, %d NG, %d dropped, rss %.0f MB%s",
                  payload["fps"], lat.get("p50"), lat.get("p99"), payload["frames"], payload["ng"],
@@ -755,6 +754,8 @@ class Service:
         else:
             self.reporter.close()
         self.telemetry.stop()
+        if self.telemetry_log is not None:
+            self.telemetry_log.close()
         outbox_left = outbox = None
         if self.link is not None:
             self.link.stop(timeout=10.0)
