@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import at_least, check_out, out_default, write_json
+from benchlib import (at_least, bundle_dir, check_out, check_work, command, input_errors_exit_2, out_default,
+                      write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -230,6 +231,7 @@ def backend_busy(results: Path, skip: int) -> float:
     return busy / span if span > 0 else float("nan")
 
 
+@input_errors_exit_2
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 6 and argv[0] == "--bare-only":   # the child process of bare_fps
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="efficientad-s", choices=("efficientad-s", "efficientad-m", "fader",
                                                                  "gaussian"))
     ap.add_argument("--image-size", type=at_least(32), default=256)
-    ap.add_argument("--bundle", type=Path, default=None, help="Use this bundle instead of building one.")
+    ap.add_argument("--bundle", type=bundle_dir, default=None, help="Use this bundle instead of building one.")
     ap.add_argument("--frames", type=at_least(2), default=100, help="Frames the loop inspects (10000 for the memory run).")
     ap.add_argument("--bare-frames", type=at_least(1), default=None, help="Frames timed on the bare backend "
                                                                    "(default: min(frames, 100)).")
@@ -262,8 +264,7 @@ def main(argv=None) -> int:
     if args.out:
         check_out(ap, args.out)
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="edge-ad-bench-loop-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = check_work(ap, args.work) if args.work else Path(tempfile.mkdtemp(prefix="edge-ad-bench-loop-"))
     from edge_ad.bundle import Bundle
 
     t0 = time.perf_counter()
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
         print(f"{k:<{w}}  {v}")
     out = {"bare": bare, "loop": loop, "steady_fps": steady, "ratio": ratio, "rounds": rounds, "model": bundle.kind,
            "image_size": list(bundle.image_size), "batch": args.batch, "frames": args.frames,
-           "machine": rows[0][1]}
+           "machine": rows[0][1], "command": command("loop", argv)}
     if args.out:
         write_json(args.out, out)
         print(f"wrote {args.out}")

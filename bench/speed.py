@@ -44,12 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import at_least, check_out, dataset, int_list, kind_dir, out_default, positive_float
+from benchlib import (MODELS, at_least, check_out, check_work, command, dataset, input_errors_exit_2, int_list,
+                      kind_dir, model_list, out_default, positive_float)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 LABEL = {"efficientad-s": "EfficientAD-S", "efficientad-m": "EfficientAD-M", "fader": "FADeR-style",
          "gaussian": "Gaussian"}
 
@@ -575,9 +575,11 @@ def plot(results: list[dict], batches: list[int], path: Path) -> None:
 
 
 # ============================================================================ main
+@input_errors_exit_2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    ap.add_argument("--models", type=model_list, default=",".join(MODELS),
+                    help="comma-separated subset of " + ", ".join(MODELS))
     ap.add_argument("--size", type=at_least(32), default=256, help="square input size")
     ap.add_argument("--batches", type=int_list, default="1,8", help="batch sizes (1 gives latency too), e.g. 1,8,32")
     ap.add_argument("--seconds", type=positive_float, default=3.0, help="time per measurement (at least 5 / 2 runs)")
@@ -616,10 +618,7 @@ def main(argv=None) -> int:
 
     import importlib.util
 
-    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in MODELS]
-    if bad:
-        ap.error(f"unknown models {bad}; choose from {', '.join(MODELS)}")
+    kinds = args.models
     bad = [k for k, _ in args.bundle if k not in MODELS]
     if bad:
         ap.error(f"--bundle {bad[0]}=...: unknown model; choose from {', '.join(MODELS)}")
@@ -631,8 +630,7 @@ def main(argv=None) -> int:
     out = check_out(ap, args.out, folder=True)
     # a named --data (or $EDGE_AD_BENCH_DATA) must be an MVTec-layout folder (exit 2); none: synthetic parts
     named = dataset(ap, args.data) if args.data or os.environ.get("EDGE_AD_BENCH_DATA") else None
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = check_work(ap, args.work)
     out.mkdir(parents=True, exist_ok=True)
     data = named or synthetic_data(work, args.size)
     have_ov = (not args.no_openvino and not args.gpu_only and importlib.util.find_spec("openvino") is not None
@@ -695,6 +693,7 @@ def main(argv=None) -> int:
         machine["load_avg_end"] = os.getloadavg()
         (out / "speed.json").write_text(json.dumps({"machine": machine, "size": args.size, "batches": batches,
                                                     "rounds": args.rounds, "threads": args.threads,
+                                                    "command": command("speed", argv),
                                                     "results": results}, indent=2, default=str))
         (out / "speed.txt").write_text(fmt_table(results, batches, peak, peak8) + "\n")
     table = fmt_table(results, batches, peak, peak8)
