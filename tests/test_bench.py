@@ -199,3 +199,9 @@ def test_calibration_writes_the_accuracy_results_before_the_timing(capsys, monke
     res = json.loads(out.read_text())
     assert res["plain"]["n_calibration"] == 22 and "timing" not in res
 
+
+def test_loop_median_round_of_an_even_count_is_the_lower():
+    loop = _bench("loop")
+    rounds = [{"ratio": r} for r in (1.071, 0.951)]
+    assert loop.median_round(rounds)["ratio"] == 0.951
+    assert loop.median_round(rounds + [{"ratio": 1.0}])["ratio"] == 1.0
