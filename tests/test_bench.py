@@ -205,3 +205,15 @@ def test_loop_median_round_of_an_even_count_is_the_lower():
     rounds = [{"ratio": r} for r in (1.071, 0.951)]
     assert loop.median_round(rounds)["ratio"] == 0.951
     assert loop.median_round(rounds + [{"ratio": 1.0}])["ratio"] == 1.0
+
+
+def test_speed_fp32_peak_fraction_counts_fp32_rows_only():
+    speed = _bench("speed")
+    info = {"gflops": 10.0}
+    rows = [{"model": "gaussian", "name": n, "throughput": {"1": v}, "latency_ms": {"p50": 1.0, "p99": 1.0},
+             "peak_rss_mb": 1.0, "info": info} for n, v in (("onnxruntime fp32", 5.0),
+                                                             ("onnxruntime int8 (u8, CPU form)", 30.0))]
+    text = speed.fmt_table(rows, [1], peak=100.0, peak8=1000.0)
+    assert "best on the CPU: onnxruntime int8 (u8, CPU form) 30.00 img/s = 300.0 GFLOP/s;" in text
+    assert "best FP32: onnxruntime fp32 50.0 GFLOP/s = 50% of the measured FP32 peak" in text
+    assert "300% of the measured FP32" not in text and "30% of the measured INT8 GEMM peak" in text
