@@ -593,7 +593,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="normal images for calibration and the guard (MVTec category); "
                                                  "default: $EDGE_AD_BENCH_DATA, else a synthetic category")
     ap.add_argument("--bundle", action="append", type=kind_dir, default=[], metavar="KIND=DIR",
-                    help="use a trained bundle for KIND instead of random weights")
+                    help="use a trained bundle for KIND (a KIND bundle at --size) instead of random weights; "
+                         "its calibration and guard use its own training data where its manifest names it")
     ap.add_argument("--calib-samples", type=at_least(1), default=64)
     ap.add_argument("--guard-normals", type=at_least(1), default=32)
     ap.add_argument("--test", default=None, help="a real MVTec-layout test folder for the guard")
@@ -629,9 +630,17 @@ def main(argv=None) -> int:
     bad = [k for k, _ in args.bundle if k not in MODELS]
     if bad:
         ap.error(f"--bundle {bad[0]}=...: unknown model; choose from {', '.join(MODELS)}")
+    from edge_ad.bundle import Bundle
+
     for k, d in args.bundle:
         if not Path(d, "manifest.json").is_file():
             ap.error(f"--bundle {k}={d}: not a bundle folder (no manifest.json in it)")
+        b = Bundle.open(d)
+        if b.kind != k:
+            ap.error(f"--bundle {k}={d}: a {b.kind} bundle; expected a {k} one")
+        if b.image_size != (args.size, args.size):
+            ap.error(f"--bundle {k}={d}: image size {b.image_size[1]}x{b.image_size[0]}; expected --size "
+                     f"{args.size} ({args.size}x{args.size})")
     batches = args.batches
     trained = dict(args.bundle)
     out = check_out(ap, args.out, folder=True)
@@ -667,7 +676,9 @@ def main(argv=None) -> int:
         f"GPU: {'yes' if gpu else 'no'}")
     results = []
     for kind in kinds:
-        log(f"{LABEL[kind]}: preparing (export, INT8 calibration + guard on {data})")
+        own = (Bundle.open(trained[kind]).manifest.get("training") or {}).get("data") if kind in trained else None
+        where = f"{own}, the bundle's training data" if own else data
+        log(f"{LABEL[kind]}: preparing (export, INT8 calibration + guard on {where})")
         info = prepare(kind, args.size, work, data, trained.get(kind), args.calib_samples, args.guard_normals, log,
                        keep_fp32=args.keep_fp32, calibration=args.calibration, test_dir=args.test,
                        guard_timeout=args.timeout, openvino=have_ov, int8=not args.gpu_only)

@@ -217,3 +217,13 @@ def test_speed_fp32_peak_fraction_counts_fp32_rows_only():
     assert "best on the CPU: onnxruntime int8 (u8, CPU form) 30.00 img/s = 300.0 GFLOP/s;" in text
     assert "best FP32: onnxruntime fp32 50.0 GFLOP/s = 50% of the measured FP32 peak" in text
     assert "300% of the measured FP32" not in text and "30% of the measured INT8 GEMM peak" in text
+
+
+@pytest.mark.parametrize("spec, size, says", [("gaussian", "64", "a fader bundle; expected a gaussian one"),
+                                              ("fader", "256", "image size 64x64; expected --size 256")])
+def test_speed_bundle_must_match_its_kind_and_size(capsys, tmp_path, spec, size, says):
+    from fixtures_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "tiny")                       # a fader bundle at 64x64
+    assert says in _usage_error(capsys, "speed", ["--bundle", f"{spec}={b.path}", "--size", size,
+                                                  "--out", str(tmp_path / "o")])
