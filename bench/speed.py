@@ -555,14 +555,22 @@ def fmt_table(results: list[dict], batches: list[int], peak: float, peak8: float
     return "\n".join(lines)
 
 
-def plot(results: list[dict], batches: list[int], path: Path) -> None:
+def machine_label(machine: dict) -> str:
+    """The machine in a few words, for the chart's title: the GPU's name, else the CPU cores."""
+    if machine.get("gpu_name"):
+        return f"{machine['gpu_name']}"
+    return f"{machine.get('machine', '?')}, {machine.get('cpu_count', '?')} CPU cores"
+
+
+def plot(results: list[dict], batches: list[int], path: Path, machine: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in results))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4.8), squeeze=False)
+    # at least 9 inches wide: with one model the title would be cut off at both sides
+    fig, axes = plt.subplots(1, len(models), figsize=(max(9.0, 4.5 * len(models)), 4.8), squeeze=False)
     b = str(max(batches))
     for ax, model in zip(axes[0], models):
         rows = [r for r in results if r["model"] == model and "error" not in r]
@@ -576,7 +584,7 @@ def plot(results: list[dict], batches: list[int], path: Path) -> None:
         ax.set_title(LABEL[model])
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
-    fig.suptitle("edge_ad inference throughput on this machine (higher is better)")
+    fig.suptitle(f"edge_ad inference throughput, {machine_label(machine)} (higher is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -716,7 +724,7 @@ def main(argv=None) -> int:
         (out / "speed.txt").write_text(fmt_table(results, batches, peak, peak8) + "\n")
     table = fmt_table(results, batches, peak, peak8)
     print(table)
-    plot(results, batches, out / "speed.png")
+    plot(results, batches, out / "speed.png", machine)
     print(f"\nwrote {out / 'speed.json'}, speed.txt and {out / 'speed.png'}")
     return 0
 

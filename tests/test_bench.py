@@ -227,3 +227,15 @@ def test_speed_bundle_must_match_its_kind_and_size(capsys, tmp_path, spec, size,
     b = make_tiny_bundle(tmp_path / "tiny")                       # a fader bundle at 64x64
     assert says in _usage_error(capsys, "speed", ["--bundle", f"{spec}={b.path}", "--size", size,
                                                   "--out", str(tmp_path / "o")])
+
+
+def test_speed_chart_of_one_model_is_wide_enough_for_its_title(tmp_path):
+    import struct
+
+    speed = _bench("speed")
+    rows = [{"model": "gaussian", "name": "onnxruntime fp32", "throughput": {"1": 5.0}}]
+    speed.plot(rows, [1], tmp_path / "s.png", {"machine": "x86_64", "cpu_count": 2})
+    width = struct.unpack(">I", (tmp_path / "s.png").read_bytes()[16:20])[0]
+    assert width >= 9 * 110                                        # 9 inches at 110 dpi
+    assert speed.machine_label({"machine": "x86_64", "cpu_count": 2, "gpu_name": None}) == "x86_64, 2 CPU cores"
+    assert speed.machine_label({"gpu_name": "NVIDIA H200"}) == "NVIDIA H200"
