@@ -2,8 +2,10 @@
 
 Trains each requested model with its preset, evaluates the exported ONNX graph with ONNX Runtime
 (the artefact that runs on the device), and prints one table: model, preset, training time, image
-AUROC, pixel AUROC, AUPRO. The rows are merged into --out (default bench/out/accuracy.json; the README's
-figures: bench/results/accuracy.json), one key per model, preset and --tag.
+AUROC, pixel AUROC, AUPRO. Each row is merged into --out (default bench/out/accuracy.json; the README's
+figures: bench/results/accuracy.json) as soon as its model is evaluated, one key per model, preset and
+--tag, with the command line that made it; a later model failing keeps the earlier rows. The bundles go to
+--work as MODEL-PRESET[-TAG].
 
     python bench/accuracy.py --models gaussian,efficientad-s,fader --preset quick
 """
@@ -18,24 +20,28 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import DATA_HELP, at_least, check_out, dataset, merge_json, out_default
+from benchlib import (DATA_HELP, at_least, check_out, check_work, command, dataset, input_errors_exit_2, merge_json,
+                      model_list, out_default, positive_float)
 
 HERE = Path(__file__).resolve().parent
 
 
+@input_errors_exit_2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help=DATA_HELP)
-    ap.add_argument("--models", default="gaussian,efficientad-s,fader")
+    ap.add_argument("--models", type=model_list, default="gaussian,efficientad-s,fader",
+                    help="comma-separated, trained in this order (default: %(default)s)")
     ap.add_argument("--preset", default="quick", choices=["quick", "paper"])
     ap.add_argument("--steps", type=at_least(1), default=None, help="override the preset's steps")
-    ap.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
+    ap.add_argument("--lr", type=positive_float, default=None, help="override the preset's learning rate")
     ap.add_argument("--batch-size", type=at_least(1), default=None, help="override the preset's batch size")
-    ap.add_argument("--max-minutes", type=float, default=None, help="time budget of each training (edge-ad train)")
+    ap.add_argument("--max-minutes", type=positive_float, default=None, help="time budget of each training (edge-ad train)")
     ap.add_argument("--checkpoint-every", type=at_least(1), default=500, help="steps between training checkpoints")
     ap.add_argument("--image-size", type=at_least(32), default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--work", default=str(HERE / "results" / "accuracy_bundles"))
+    ap.add_argument("--work", default=str(HERE / "results" / "accuracy_bundles"),
+                    help="folder of the trained bundles, MODEL-PRESET[-TAG] (default: %(default)s)")
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--eval-device", default="cpu", help="device of the evaluation backend (torch: cuda)")
     ap.add_argument("--config", action="append", default=[], help="model config override key=value")
@@ -46,7 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-batch", type=at_least(1), default=8)
     ap.add_argument("--distill-data", action="append", default=[],
                     help="image folder to distill on (repeatable; default: the training images)")
-    ap.add_argument("--distill-minutes", type=float, default=None, help="time budget of the distillation")
+    ap.add_argument("--distill-minutes", type=positive_float, default=None, help="time budget of the distillation")
     ap.add_argument("--penalty-dir", default=None, help="generic images for EfficientAD's penalty term")
     ap.add_argument("--out", "--results", dest="out", default=out_default("accuracy.json"),
                     help="JSON file the rows are merged into (default: %(default)s; concurrent runs may share "
@@ -58,7 +64,17 @@ def main(argv=None) -> int:
     if data is None:
         return 0
     from edge_ad.evaluate import evaluate
+    from edge_ad.train.common import check_run
     from edge_ad.train.pipeline import train_bundle
+
+    check_run(args.device, args.max_minutes, args.steps, args.batch_size, args.checkpoint_every, 0, args.image_size)
+    check_work(ap, args.work)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()} ({args.device})"
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine += f", {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cmd = command("accuracy", argv)
 
     cfg = {}
     for kv in args.config:
@@ -77,7 +93,7 @@ def main(argv=None) -> int:
                         max_minutes=args.distill_minutes)
         distill_s = time.time() - t0
         print(f"distilled {teacher} in {distill_s / 60:.1f} min: {dinfo}", flush=True)
-    for m in [x.strip() for x in args.models.split(",") if x.strip()]:
+    for m in args.models:
         out = Path(args.work) / f"{m}-{args.preset}{suffix}"
         t0 = time.time()
         b = train_bundle(m, data, out, image_size=args.image_size, steps=args.steps, preset=args.preset,
@@ -102,11 +118,7 @@ def main(argv=None) -> int:
                      if args.distill_steps else None,
                      "penalty": b.manifest["training"].get("penalty")})
         print(json.dumps(rows[-1]), flush=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()} ({args.device})"
-    if args.device.startswith("cuda"):
-        import torch
-
-        machine += f", {torch.cuda.get_device_name()}, torch {torch.__version__}"
+        merge_json(out_json, {f"{m}-{args.preset}{suffix}": {**rows[-1], "machine": machine, "command": cmd}})
     print(f"\nMagnetic Tile ({data}), {args.image_size}x{args.image_size}, evaluated with {args.backend}; {machine}")
     print_table(("model", "preset", "steps", "train time", "image AUROC", "pixel AUROC", "AUPRO"),
                 [(r["model"], r["preset"], str(r["steps"]), f"{r['train_s'] / 60:.1f} min", _f(r["image_auroc"]),
@@ -119,7 +131,6 @@ def main(argv=None) -> int:
                     [(r["model"],) + tuple(f"{_f(pt.get('image_auroc'))} / {_f(pt.get('pixel_auroc'))}"
                                            for pt in ((r["per_type"] or {}).get(t, {}) for t in types))
                      for r in rows])
-    merge_json(out_json, {f"{r['model']}-{r['preset']}{suffix}": {**r, "machine": machine} for r in rows})
     print(f"wrote {out_json}")
     return 0
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -18,6 +21,9 @@ OUT = HERE / "out"
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "magnetic_tile"
 DATA_HELP = ("MVTec-layout category (train/good, test/good, test/<defect>); default $EDGE_AD_BENCH_DATA or "
              f"{DEFAULT_DATA}, skipped when that default is absent")
+
+
+MODELS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 
 
 def out_default(name: str) -> str:
@@ -38,15 +44,56 @@ def at_least(low: int):
     return conv
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
+def _finite(text: str, zero_ok: bool) -> float:
+    want = "a finite number >= 0" if zero_ok else "a finite number > 0"
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"{text}: expected a finite number > 0")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {want}") from None
+    if not ((v >= 0 if zero_ok else v > 0) and v != float("inf")):   # nan fails both comparisons
+        raise argparse.ArgumentTypeError(f"{text}: expected {want}")
     return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _finite(text, zero_ok=False)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _finite(text, zero_ok=True)
+
+
+def model_list(text: str) -> list[str]:
+    """argparse type: comma-separated model kinds out of :data:`MODELS`, in the order given."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in MODELS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown model {', '.join(bad) or '(none given)'}; "
+                                         f"expected a comma-separated subset of {', '.join(MODELS)}")
+    return kinds
+
+
+def bundle_dir(text: str) -> Path:
+    """argparse type: a bundle folder (one with a manifest.json)."""
+    if not Path(text, "manifest.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a bundle folder (no manifest.json in it)")
+    return Path(text)
+
+
+def checked(check, name: str):
+    """argparse type from an edge_ad check that raises InputError (e.g. ``scoring.check_policy``)."""
+    def conv(text: str):
+        from edge_ad.errors import InputError
+
+        try:
+            check(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    conv.__name__ = name          # argparse names the type in its fallback message
+    return conv
 
 
 def int_list(text: str) -> list[int]:
@@ -84,6 +131,45 @@ def dataset(ap: argparse.ArgumentParser, given: str | None, need: tuple[str, ...
                  "train/good, test/good, test/<defect>)")
     print(f"skipped: dataset not found at {path} (expected the MVTec layout: train/good, test/good, test/<defect>)")
     return None
+
+
+def fail(prog: str, msg: str):
+    """End the bench as an argument error does: ``PROG: error: MSG`` on stderr, exit 2."""
+    print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def input_errors_exit_2(main):
+    """Decorator of a bench's ``main``: an InputError from edge_ad (a bundle it cannot open, too few usable
+    frames) ends it with :func:`fail` instead of a traceback."""
+    prog = main.__module__ + ".py"
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        from edge_ad.errors import InputError
+
+        try:
+            return main(argv)
+        except InputError as exc:
+            fail(prog, str(exc))
+    return wrapper
+
+
+def command(name: str, argv) -> str:
+    """The command line of this run, for its results JSON: ``python bench/NAME.py ARGS``."""
+    return shlex.join(["python", f"bench/{name}.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+def check_work(ap: argparse.ArgumentParser, path: str | os.PathLike) -> Path:
+    """``--work`` made (with its parents) and writable before the run; an argument error otherwise."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--work {p}: cannot make the folder ({exc.strerror}); expected a writable folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        ap.error(f"--work {p}: the folder is not writable; expected a writable folder")
+    return p
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import DATA_HELP, at_least, check_out, dataset, out_default, write_json
+from benchlib import (DATA_HELP, at_least, bundle_dir, check_out, check_work, checked, command, dataset,
+                      input_errors_exit_2, out_default, write_json)
 
 DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-ad" / "bench-calibration"
 SHIFT = {"brightness": 30.0, "contrast": 0.8}
@@ -146,17 +147,23 @@ def timing(trained: Path, work: Path, frames, runs, threads):
             "ratio": best_cal / best_inf, "recalibration_parts_s": parts}
 
 
+@input_errors_exit_2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from edge_ad.calibration.refit import MIN_FRAMES
+    from edge_ad.scoring import check_policy
 
     ap.add_argument("--data", default=None, help=DATA_HELP)
-    ap.add_argument("--bundle", default=None, help="a trained Gaussian bundle (default: train one into --work)")
+    ap.add_argument("--bundle", type=bundle_dir, default=None,
+                    help="a trained Gaussian bundle (default: train one into --work)")
     ap.add_argument("--work", default=str(DEFAULT_WORK))
-    ap.add_argument("--policy", default="fpr:0.01")
+    ap.add_argument("--policy", type=checked(check_policy, "policy"), default="fpr:0.01",
+                    help="threshold policy of the recalibrations: fpr:P, max or sigma:K (default: %(default)s)")
     ap.add_argument("--repeats", type=at_least(1), default=5)
     ap.add_argument("--timing-frames", type=at_least(MIN_FRAMES), default=200,
-                    help=f"frames of the timed recalibration (at least {MIN_FRAMES}, as for edge-ad calibrate)")
+                    help=f"frames of the timed recalibration (at least {MIN_FRAMES}, as for edge-ad calibrate, "
+                         "after the likely defects among them are left out; the accuracy results are written "
+                         "before this phase)")
     ap.add_argument("--timing-runs", type=at_least(1), default=2)
     ap.add_argument("--threads", type=at_least(0), default=0, help="ONNX Runtime threads (0: all cores)")
     ap.add_argument("--image-size", type=at_least(32), default=256)
@@ -171,9 +178,9 @@ def main(argv=None) -> int:
         return 0
     from edge_ad.data.image import list_images
     from edge_ad.data.synthetic import lighting_shift
+    from edge_ad.errors import InputError
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = check_work(ap, args.work)
     if args.bundle:
         trained = Path(args.bundle)
     else:
@@ -197,7 +204,8 @@ def main(argv=None) -> int:
     good_outs, bad_outs = _outputs(insp, good), _outputs(insp, bad)
     print(f"features of the test images in {time.time() - t0:.0f} s", flush=True)
     result = {"policy": args.policy, "target_fpr": float(args.policy.split(":")[1]) if args.policy.startswith("fpr:")
-              else None, "repeats": args.repeats, "data": str(data), "bundle": str(trained)}
+              else None, "repeats": args.repeats, "data": str(data), "bundle": str(trained),
+              "command": command("calibration", argv)}
     result["plain"], rows = accuracy(trained, work, good, good_outs, bad_outs, args.policy, args.repeats, args.seed,
                                      args.threads, "plain")
     result["plain"]["splits"] = rows
@@ -213,12 +221,16 @@ def main(argv=None) -> int:
             "policy": trained_cal.policy, "fpr": float(ng_before.mean()), "recall": float(dng_before.mean())},
             "splits": rows}
     insp.backend.close()
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    result["machine"] = machine
+    write_json(out, result)                 # the accuracy results, kept should the timing fail
     train_paths = list_images(data / "train" / "good")
     idx = np.linspace(0, len(train_paths) - 1, args.timing_frames).round().astype(int)
     frames = _load([train_paths[i] for i in idx])
-    result["timing"] = timing(trained, work, frames, args.timing_runs, args.threads)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    result["machine"] = machine
+    try:
+        result["timing"] = timing(trained, work, frames, args.timing_runs, args.threads)
+    except InputError as exc:
+        raise InputError(f"timing phase: {exc} (raise --timing-frames; the accuracy results are in {out})") from None
 
     p, t = result["plain"], result["timing"]
     target = result["target_fpr"]

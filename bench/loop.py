@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import at_least, check_out, out_default, write_json
+from benchlib import (at_least, bundle_dir, check_out, check_work, command, input_errors_exit_2, out_default,
+                      write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -230,6 +231,13 @@ def backend_busy(results: Path, skip: int) -> float:
     return busy / span if span > 0 else float("nan")
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round of median loop / bare ratio; of an even number, the lower of the middle two (never the
+    best round of two)."""
+    return sorted(rounds, key=lambda x: x["ratio"])[(len(rounds) - 1) // 2]
+
+
+@input_errors_exit_2
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 6 and argv[0] == "--bare-only":   # the child process of bare_fps
@@ -243,7 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="efficientad-s", choices=("efficientad-s", "efficientad-m", "fader",
                                                                  "gaussian"))
     ap.add_argument("--image-size", type=at_least(32), default=256)
-    ap.add_argument("--bundle", type=Path, default=None, help="Use this bundle instead of building one.")
+    ap.add_argument("--bundle", type=bundle_dir, default=None, help="Use this bundle instead of building one.")
     ap.add_argument("--frames", type=at_least(2), default=100, help="Frames the loop inspects (10000 for the memory run).")
     ap.add_argument("--bare-frames", type=at_least(1), default=None, help="Frames timed on the bare backend "
                                                                    "(default: min(frames, 100)).")
@@ -251,7 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=at_least(0), default=0, help="ONNX Runtime intra-op threads (0: its default).")
     ap.add_argument("--video-size", type=at_least(32), default=None, help="Side of the video frames (default 1.25x model).")
     ap.add_argument("--warmup", type=at_least(0), default=5, help="Loop frames left out of the steady-state rate.")
-    ap.add_argument("--rounds", type=at_least(1), default=1, help="Repeat bare / loop / bare; report the median round.")
+    ap.add_argument("--rounds", type=at_least(1), default=1, help="Repeat bare / loop / bare; report the median round "
+                                                                  "(of an even number, the lower of the middle two).")
     ap.add_argument("--work", type=Path, default=None, help="Working folder (default: a temporary one).")
     ap.add_argument("--out", "--json", dest="out", default=out_default("loop.json"),
                     help="JSON results (default: %(default)s; '' for none).")
@@ -262,8 +271,7 @@ def main(argv=None) -> int:
     if args.out:
         check_out(ap, args.out)
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="edge-ad-bench-loop-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = check_work(ap, args.work) if args.work else Path(tempfile.mkdtemp(prefix="edge-ad-bench-loop-"))
     from edge_ad.bundle import Bundle
 
     t0 = time.perf_counter()
@@ -298,7 +306,7 @@ def main(argv=None) -> int:
                        "steady_fps": steady, "ratio": steady / bare_mean, "backend_busy": busy})
         print(f"round {r + 1}: bare {before['fps']:.2f} / loop {steady:.2f} / bare {after['fps']:.2f} frames/s "
               f"-> ratio {steady / bare_mean:.3f}; backend busy {busy:.3f} of the loop's time", flush=True)
-    best = sorted(rounds, key=lambda x: x["ratio"])[len(rounds) // 2]      # the median round
+    best = median_round(rounds)
     before, after, loop, steady = best["bare_before"], best["bare_after"], best["loop"], best["steady_fps"]
     bare = {"fps": best["bare_fps"], "frames": before["frames"]}
     ratio = best["ratio"]
@@ -310,7 +318,7 @@ def main(argv=None) -> int:
         ("edge-ad run frames/s (steady)", f"{steady:.2f}  (frames {args.warmup}..{loop['frames'] - 1})"),
         ("edge-ad run frames/s (whole run)", f"{loop['fps']:.2f}  ({loop['frames']} frames in {loop['duration_s']:.1f} s)"),
         ("loop / bare", f"{ratio:.3f}  (target >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'}"
-                        + (f"; median of {len(rounds)} rounds: "
+                        + (f"; {'lower ' if len(rounds) % 2 == 0 else ''}median of {len(rounds)} rounds: "
                            + ", ".join(f"{x['ratio']:.3f}" for x in rounds) if len(rounds) > 1 else "") + ")"),
         ("backend busy in the loop", f"{best['backend_busy']:.3f}  (share of wall time inside backend.infer; "
                                      "independent of the machine's load while the bare model was timed)"),
@@ -328,7 +336,7 @@ def main(argv=None) -> int:
         print(f"{k:<{w}}  {v}")
     out = {"bare": bare, "loop": loop, "steady_fps": steady, "ratio": ratio, "rounds": rounds, "model": bundle.kind,
            "image_size": list(bundle.image_size), "batch": args.batch, "frames": args.frames,
-           "machine": rows[0][1]}
+           "machine": rows[0][1], "command": command("loop", argv)}
     if args.out:
         write_json(args.out, out)
         print(f"wrote {args.out}")

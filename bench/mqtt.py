@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import at_least, check_out, merge_json, out_default
+from benchlib import at_least, check_out, command, input_errors_exit_2, merge_json, non_negative_float, out_default
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -237,12 +237,13 @@ def table(r: dict) -> str:
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 
 
+@input_errors_exit_2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=at_least(1), default=10_000, help="results to publish")
     ap.add_argument("--restarts", type=at_least(0), default=2, help="broker restarts mid-stream")
-    ap.add_argument("--down-s", type=float, default=1.0, help="seconds the broker stays down each time")
-    ap.add_argument("--rate", type=float, default=1000.0, help="results per second (0: as fast as possible)")
+    ap.add_argument("--down-s", type=non_negative_float, default=1.0, help="seconds the broker stays down each time")
+    ap.add_argument("--rate", type=non_negative_float, default=1000.0, help="results per second (0: as fast as possible)")
     ap.add_argument("--sync", choices=["full", "normal"], default="full", help="outbox SQLite synchronous mode")
     ap.add_argument("--out", default=out_default("mqtt.json"),
                     help="JSON results, merged by --sync (default: %(default)s; '' for none; the README's "
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
         r = run(args.n, args.restarts, args.down_s, args.rate, args.sync, Path(tmp))
     print(table(r))
     if args.out:
-        merge_json(args.out, {f"sync={args.sync}": r})
+        merge_json(args.out, {f"sync={args.sync}": {**r, "command": command("mqtt", argv)}})
         print(f"wrote {args.out}")
     return 0 if r["lost"] == 0 and r["duplicated_after_dedup"] == 0 else 1
 

@@ -9,7 +9,8 @@ installed; on a GPU: torch FP16 with CUDA graphs, ONNX Runtime CUDA, TensorRT wh
 - batch-1 latency p50 / p99 (ms), throughput (images/s) at each batch size, peak memory (RSS of a fresh
   process running only that configuration), the ratio to torch eager FP32;
 - GFLOPs per image of each model (from its ONNX graph) and the fraction of this machine's FP32 peak
-  (measured with a large matmul) that the fastest configuration reaches;
+  (measured with a large matmul) that the fastest FP32 configuration reaches, and of its INT8 GEMM peak
+  that the fastest INT8 one reaches;
 - the INT8 accuracy guard result (vs FP32, default limits) on the calibration data given.
 
 Each configuration runs in its own subprocess (peak memory per configuration, no interference), and the
@@ -44,12 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import at_least, check_out, dataset, int_list, kind_dir, out_default, positive_float
+from benchlib import (MODELS, at_least, check_out, check_work, command, dataset, input_errors_exit_2, int_list,
+                      kind_dir, model_list, out_default, positive_float)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 LABEL = {"efficientad-s": "EfficientAD-S", "efficientad-m": "EfficientAD-M", "fader": "FADeR-style",
          "gaussian": "Gaussian"}
 
@@ -518,9 +519,15 @@ def fmt_table(results: list[dict], batches: list[int], peak: float, peak8: float
                     continue
                 best = max(group, key=lambda r: max(r["throughput"].values()))
                 ips = max(best["throughput"].values())
-                # the measured peak is the CPU's FP32 matmul: a GPU row is not a fraction of it
-                frac = (f" = {info['gflops'] * ips / peak:.0%} of the measured FP32 peak ({peak:.0f} GFLOP/s)"
-                        if where == "CPU" else "")
+                # the measured peak is the CPU's FP32 matmul: only a CPU FP32 row is a fraction of it (INT8:
+                # the INT8 GEMM peak below; a GPU row: neither)
+                fp32 = [r for r in group if "int8" not in r["name"]] if where == "CPU" else []
+                frac = ""
+                if fp32:
+                    bf = max(fp32, key=lambda r: max(r["throughput"].values()))
+                    gf = info["gflops"] * max(bf["throughput"].values())
+                    frac = (f"; best FP32: {bf['name']} {gf:.1f} GFLOP/s = {gf / peak:.0%} of the measured FP32 "
+                            f"peak ({peak:.0f} GFLOP/s)")
                 lines.append(f"{'':<14} {info['gflops']:.1f} GFLOPs/image; best on the {where}: {best['name']} "
                              f"{ips:.2f} img/s = {info['gflops'] * ips:.1f} GFLOP/s{frac}")
             ok = [r for r in ok if "cuda" not in r["name"]]
@@ -548,14 +555,22 @@ def fmt_table(results: list[dict], batches: list[int], peak: float, peak8: float
     return "\n".join(lines)
 
 
-def plot(results: list[dict], batches: list[int], path: Path) -> None:
+def machine_label(machine: dict) -> str:
+    """The machine in a few words, for the chart's title: the GPU's name, else the CPU cores."""
+    if machine.get("gpu_name"):
+        return f"{machine['gpu_name']}"
+    return f"{machine.get('machine', '?')}, {machine.get('cpu_count', '?')} CPU cores"
+
+
+def plot(results: list[dict], batches: list[int], path: Path, machine: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in results))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4.8), squeeze=False)
+    # at least 9 inches wide: with one model the title would be cut off at both sides
+    fig, axes = plt.subplots(1, len(models), figsize=(max(9.0, 4.5 * len(models)), 4.8), squeeze=False)
     b = str(max(batches))
     for ax, model in zip(axes[0], models):
         rows = [r for r in results if r["model"] == model and "error" not in r]
@@ -569,22 +584,25 @@ def plot(results: list[dict], batches: list[int], path: Path) -> None:
         ax.set_title(LABEL[model])
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
-    fig.suptitle("edge_ad inference throughput on this machine (higher is better)")
+    fig.suptitle(f"edge_ad inference throughput, {machine_label(machine)} (higher is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 # ============================================================================ main
+@input_errors_exit_2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    ap.add_argument("--models", type=model_list, default=",".join(MODELS),
+                    help="comma-separated subset of " + ", ".join(MODELS))
     ap.add_argument("--size", type=at_least(32), default=256, help="square input size")
     ap.add_argument("--batches", type=int_list, default="1,8", help="batch sizes (1 gives latency too), e.g. 1,8,32")
     ap.add_argument("--seconds", type=positive_float, default=3.0, help="time per measurement (at least 5 / 2 runs)")
     ap.add_argument("--data", default=None, help="normal images for calibration and the guard (MVTec category); "
                                                  "default: $EDGE_AD_BENCH_DATA, else a synthetic category")
     ap.add_argument("--bundle", action="append", type=kind_dir, default=[], metavar="KIND=DIR",
-                    help="use a trained bundle for KIND instead of random weights")
+                    help="use a trained bundle for KIND (a KIND bundle at --size) instead of random weights; "
+                         "its calibration and guard use its own training data where its manifest names it")
     ap.add_argument("--calib-samples", type=at_least(1), default=64)
     ap.add_argument("--guard-normals", type=at_least(1), default=32)
     ap.add_argument("--test", default=None, help="a real MVTec-layout test folder for the guard")
@@ -616,23 +634,27 @@ def main(argv=None) -> int:
 
     import importlib.util
 
-    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in MODELS]
-    if bad:
-        ap.error(f"unknown models {bad}; choose from {', '.join(MODELS)}")
+    kinds = args.models
     bad = [k for k, _ in args.bundle if k not in MODELS]
     if bad:
         ap.error(f"--bundle {bad[0]}=...: unknown model; choose from {', '.join(MODELS)}")
+    from edge_ad.bundle import Bundle
+
     for k, d in args.bundle:
         if not Path(d, "manifest.json").is_file():
             ap.error(f"--bundle {k}={d}: not a bundle folder (no manifest.json in it)")
+        b = Bundle.open(d)
+        if b.kind != k:
+            ap.error(f"--bundle {k}={d}: a {b.kind} bundle; expected a {k} one")
+        if b.image_size != (args.size, args.size):
+            ap.error(f"--bundle {k}={d}: image size {b.image_size[1]}x{b.image_size[0]}; expected --size "
+                     f"{args.size} ({args.size}x{args.size})")
     batches = args.batches
     trained = dict(args.bundle)
     out = check_out(ap, args.out, folder=True)
     # a named --data (or $EDGE_AD_BENCH_DATA) must be an MVTec-layout folder (exit 2); none: synthetic parts
     named = dataset(ap, args.data) if args.data or os.environ.get("EDGE_AD_BENCH_DATA") else None
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = check_work(ap, args.work)
     out.mkdir(parents=True, exist_ok=True)
     data = named or synthetic_data(work, args.size)
     have_ov = (not args.no_openvino and not args.gpu_only and importlib.util.find_spec("openvino") is not None
@@ -662,7 +684,9 @@ def main(argv=None) -> int:
         f"GPU: {'yes' if gpu else 'no'}")
     results = []
     for kind in kinds:
-        log(f"{LABEL[kind]}: preparing (export, INT8 calibration + guard on {data})")
+        own = (Bundle.open(trained[kind]).manifest.get("training") or {}).get("data") if kind in trained else None
+        where = f"{own}, the bundle's training data" if own else data
+        log(f"{LABEL[kind]}: preparing (export, INT8 calibration + guard on {where})")
         info = prepare(kind, args.size, work, data, trained.get(kind), args.calib_samples, args.guard_normals, log,
                        keep_fp32=args.keep_fp32, calibration=args.calibration, test_dir=args.test,
                        guard_timeout=args.timeout, openvino=have_ov, int8=not args.gpu_only)
@@ -695,11 +719,12 @@ def main(argv=None) -> int:
         machine["load_avg_end"] = os.getloadavg()
         (out / "speed.json").write_text(json.dumps({"machine": machine, "size": args.size, "batches": batches,
                                                     "rounds": args.rounds, "threads": args.threads,
+                                                    "command": command("speed", argv),
                                                     "results": results}, indent=2, default=str))
         (out / "speed.txt").write_text(fmt_table(results, batches, peak, peak8) + "\n")
     table = fmt_table(results, batches, peak, peak8)
     print(table)
-    plot(results, batches, out / "speed.png")
+    plot(results, batches, out / "speed.png", machine)
     print(f"\nwrote {out / 'speed.json'}, speed.txt and {out / 'speed.png'}")
     return 0
 

@@ -41,6 +41,16 @@ def _usage_error(capsys, name, argv) -> str:
     ("calibration", ["--repeats", "0"], "--repeats: 0"),
     ("mqtt", ["--n", "0"], "--n: 0"),
     ("accuracy", ["--steps", "-1"], "--steps: -1"),
+    ("accuracy", ["--models", "gaussian,efficientad-s,fadr"], "unknown model fadr"),
+    ("accuracy", ["--max-minutes", "-1"], "--max-minutes: -1"),
+    ("speed", ["--models", "gaussian,foo"], "unknown model foo"),
+    ("loop", ["--bundle", "/nonexistent"], "--bundle: /nonexistent: not a bundle folder"),
+    ("calibration", ["--bundle", "/nonexistent"], "--bundle: /nonexistent: not a bundle folder"),
+    ("calibration", ["--policy", "fpr:abc"], "threshold policy 'fpr:abc'"),
+    ("calibration", ["--policy", "foo"], "threshold policy 'foo'"),
+    ("mqtt", ["--down-s", "-1"], "--down-s: -1: expected a finite number >= 0"),
+    ("mqtt", ["--down-s", "nan"], "--down-s: nan"),
+    ("mqtt", ["--rate", "-5"], "--rate: -5: expected a finite number >= 0"),
 ])
 def test_bad_arguments_are_usage_errors(capsys, name, argv, says):
     assert says in _usage_error(capsys, name, argv)
@@ -117,3 +127,115 @@ def test_calibration_cache_follows_the_data(tmp_path):
     assert "tile" in ka
     (a / "train" / "good" / "3.png").write_bytes(b"new")
     assert cal.cache_name(a, 64) != ka                # images added: trained again
+
+
+def _mvtec(root: Path, good: int = 2) -> Path:
+    import cv2
+    from fixtures_bundle import part_frame
+
+    for sub, n, defect in (("train/good", 2, False), ("test/good", good, False), ("test/blob", 2, True)):
+        (root / sub).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(root / sub / f"{i:03d}.png"), part_frame(i, 64, defect))
+    return root
+
+
+@pytest.mark.parametrize("name", ["accuracy", "calibration", "loop", "speed"])
+def test_unusable_work_folder_is_refused_before_the_run(capsys, monkeypatch, tmp_path, name):
+    monkeypatch.delenv("EDGE_AD_BENCH_DATA", raising=False)
+    (tmp_path / "afile").write_text("x")
+    argv = ["--work", str(tmp_path / "afile" / "w")]
+    if name in ("accuracy", "calibration"):
+        argv += ["--data", str(_mvtec(tmp_path / "cat")), "--out", str(tmp_path / "r.json")]
+    if name == "loop":
+        argv += ["--out", ""]
+    assert f"--work {tmp_path / 'afile' / 'w'}: cannot make the folder" in _usage_error(capsys, name, argv)
+
+
+def test_accuracy_keeps_earlier_rows_when_a_later_model_fails(capsys, monkeypatch, tmp_path):
+    """Each row is in --out as soon as it is evaluated; a failure afterwards is an error (exit 2)."""
+    import edge_ad.evaluate
+    import edge_ad.train.pipeline
+    from edge_ad.errors import InputError
+
+    class Trained:
+        manifest = {"training": {"steps": 0}, "model": {"config": {}}}
+
+    def train(kind, data, out, **kw):
+        if kind == "fader":
+            raise InputError("fader: training failed")
+        return Trained()
+
+    overall = {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}
+    monkeypatch.setattr(edge_ad.train.pipeline, "train_bundle", train)
+    monkeypatch.setattr(edge_ad.evaluate, "evaluate", lambda *a, **kw: {"overall": overall, "backend": "x",
+                                                                         "images_per_second": 1.0})
+    out = tmp_path / "acc.json"
+    argv = ["--models", "gaussian,fader", "--data", str(_mvtec(tmp_path / "cat")), "--out", str(out),
+            "--work", str(tmp_path / "w")]
+    assert "accuracy.py: error: fader: training failed" in _usage_error(capsys, "accuracy", argv)
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["gaussian-quick"] and rows["gaussian-quick"]["image_auroc"] == 0.9
+    assert rows["gaussian-quick"]["command"].startswith("python bench/accuracy.py --models gaussian,fader")
+
+
+def test_calibration_writes_the_accuracy_results_before_the_timing(capsys, monkeypatch, tmp_path):
+    from fixtures_bundle import make_tiny_bundle
+
+    from edge_ad.errors import InputError
+
+    cal = _bench("calibration")
+    bundle = make_tiny_bundle(tmp_path / "tiny")
+
+    def too_few(*a, **kw):
+        raise InputError("only 17 of 20 calibration frames are usable")
+
+    monkeypatch.setattr(cal, "timing", too_few)
+    out = tmp_path / "cal.json"
+    argv = ["--data", str(_mvtec(tmp_path / "cat", good=44)), "--bundle", str(bundle.path), "--repeats", "1",
+            "--no-shift", "--out", str(out), "--work", str(tmp_path / "w")]
+    err = _usage_error(capsys, "calibration", argv)
+    assert "timing phase: only 17 of 20" in err and "raise --timing-frames" in err and str(out) in err
+    res = json.loads(out.read_text())
+    assert res["plain"]["n_calibration"] == 22 and "timing" not in res
+
+
+def test_loop_median_round_of_an_even_count_is_the_lower():
+    loop = _bench("loop")
+    rounds = [{"ratio": r} for r in (1.071, 0.951)]
+    assert loop.median_round(rounds)["ratio"] == 0.951
+    assert loop.median_round(rounds + [{"ratio": 1.0}])["ratio"] == 1.0
+
+
+def test_speed_fp32_peak_fraction_counts_fp32_rows_only():
+    speed = _bench("speed")
+    info = {"gflops": 10.0}
+    rows = [{"model": "gaussian", "name": n, "throughput": {"1": v}, "latency_ms": {"p50": 1.0, "p99": 1.0},
+             "peak_rss_mb": 1.0, "info": info} for n, v in (("onnxruntime fp32", 5.0),
+                                                             ("onnxruntime int8 (u8, CPU form)", 30.0))]
+    text = speed.fmt_table(rows, [1], peak=100.0, peak8=1000.0)
+    assert "best on the CPU: onnxruntime int8 (u8, CPU form) 30.00 img/s = 300.0 GFLOP/s;" in text
+    assert "best FP32: onnxruntime fp32 50.0 GFLOP/s = 50% of the measured FP32 peak" in text
+    assert "300% of the measured FP32" not in text and "30% of the measured INT8 GEMM peak" in text
+
+
+@pytest.mark.parametrize("spec, size, says", [("gaussian", "64", "a fader bundle; expected a gaussian one"),
+                                              ("fader", "256", "image size 64x64; expected --size 256")])
+def test_speed_bundle_must_match_its_kind_and_size(capsys, tmp_path, spec, size, says):
+    from fixtures_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "tiny")                       # a fader bundle at 64x64
+    assert says in _usage_error(capsys, "speed", ["--bundle", f"{spec}={b.path}", "--size", size,
+                                                  "--out", str(tmp_path / "o")])
+
+
+def test_speed_chart_of_one_model_is_wide_enough_for_its_title(tmp_path):
+    import struct
+
+    speed = _bench("speed")
+    rows = [{"model": "gaussian", "name": "onnxruntime fp32", "throughput": {"1": 5.0}}]
+    speed.plot(rows, [1], tmp_path / "s.png", {"machine": "x86_64", "cpu_count": 2})
+    width = struct.unpack(">I", (tmp_path / "s.png").read_bytes()[16:20])[0]
+    assert width >= 9 * 110                                        # 9 inches at 110 dpi
+    assert speed.machine_label({"machine": "x86_64", "cpu_count": 2, "gpu_name": None}) == "x86_64, 2 CPU cores"
+    assert speed.machine_label({"gpu_name": "NVIDIA H200"}) == "NVIDIA H200"
