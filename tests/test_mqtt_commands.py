@@ -201,6 +201,20 @@ def test_hostile_payloads_get_a_reply_and_the_worker_goes_on(raw, props, code):
     assert d.handle(_msg("status")).body["ok"]
 
 
+def test_a_command_whose_message_expiry_passed_while_it_waited_is_not_run():
+    now = [1000.0]
+    d = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"), clock=lambda: now[0])
+    calls = []
+    d.register("pause", lambda args: calls.append(args) or {"paused": True})
+    msg = _msg("pause", {"reason": "x"}, received=1000.0, expiry_s=4.0)
+    now[0] = 1004.5                                     # it waited behind a calibrate past its expiry
+    r = _check_reply(d.handle(msg))
+    assert r["error"]["code"] == "expired" and "not run" in r["error"]["message"] and calls == []
+    now[0] = 1003.9                                     # still within it: runs
+    assert d.handle(msg).body["ok"] and calls == [{"reason": "x"}]
+    assert d.handle(_msg("pause", received=0.0)).body["ok"]      # no expiry (MQTT 3.1.1): runs when its turn comes
+
+
 # ----------------------------------------------------------------------------- through a broker
 @pytest.fixture
 def link(mosquitto, tmp_path):
@@ -276,7 +290,7 @@ def test_a_hostile_payload_while_busy_does_not_stop_the_network_thread(link, mos
             time.sleep(0.1)
         time.sleep(0.3)
         # the busy reply is built on paho's network thread; a RecursionError there used to end it
-        r = cc.send_raw("edge-ad/v1/s/d/cmd/status", b"[" * 100_000 + b"]" * 100_000, "deep", timeout=5)
+        r = cc.send_raw("edge-ad/v1/s/d/cmd/resume", b"[" * 100_000 + b"]" * 100_000, "deep", timeout=5)
         assert r["error"]["code"] == "busy"
         gate.set()
         for t in threads:
@@ -287,6 +301,25 @@ def test_a_hostile_payload_while_busy_does_not_stop_the_network_thread(link, mos
         while link.stats()["outbox_depth"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert link.stats()["outbox_depth"] == 0, rid
+
+
+def test_status_is_answered_during_a_long_calibrate_and_a_timed_out_pause_does_not_run_later(link, mosquitto):
+    gate = threading.Event()
+    link.register_command("calibrate", lambda args: gate.wait(10) and {"calibrated": True})
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("cal", cc.call("s", "d", "calibrate", timeout=10)))
+        t.start()
+        time.sleep(0.2)                                         # calibrate holds the command thread
+        assert cc.call("s", "d", "status", timeout=5)["ok"]     # not held behind it
+        with pytest.raises(RuntimeFailure, match="busy with another command"):
+            cc.call("s", "d", "pause", {"reason": "late"}, timeout=1)
+        time.sleep(0.3)                                         # its 1 s expiry has passed on the device too
+        gate.set()
+        t.join(15)
+        assert out["cal"]["ok"]
+        assert cc.call("s", "d", "resume", timeout=5)["ok"]     # commands run in order: pause came first
+    assert link.calls == ["resume"]                              # the operator was told pause timed out
 
 
 def test_retained_commands_are_not_run(link, mosquitto):
