@@ -544,6 +544,16 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     assert len(recs) == svc.pipeline.inspected
 
 
+def test_rollback_without_a_version_follows_the_calibration_the_loop_has_in_force(running, caller):
+    svc, call = running, caller
+    assert call("set_threshold", {"threshold": 0.5})["calibration_version"] == 2
+    assert call("set_threshold", {"threshold": 0.7})["calibration_version"] == 3     # in force: v3, replaced v2
+    svc.bundle.rollback_calibration(2)           # the CLI's --rollback on disk, not applied yet (no SIGHUP)
+    r = call("rollback_calibration")
+    assert r["version"] == 2 and r["previous_version"] == 3     # was v1: two steps back from the loop's v3
+    assert svc.inspector.calibration.version == 2
+
+
 @pytest.fixture
 def plc_line(tmp_path, tiny_bundle, mosquitto, monkeypatch):
     """A running service on a trigger line whose parts a plug-in light barrier announces: (service, gate)."""
