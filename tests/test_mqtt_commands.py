@@ -475,3 +475,43 @@ def test_calibrate_refuses_a_policy_the_refit_would_refuse_before_collecting_fra
     schema.validate("cmd.calibrate", {"policy": policy})          # the schema's pattern lets it through
     with pytest.raises(InputError, match=f"threshold policy '{policy}'"):
         Commands(svc).calibrate({"policy": policy})
+
+
+def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_path, monkeypatch):
+    """calibrate, set_threshold and rollback_calibration on a bundle that cannot be written: refused before
+    any frame is collected, or (a disk error on the way) a 'failed' reply naming the file, as the CLI says it."""
+    import errno
+    from types import SimpleNamespace
+
+    from edge_ad.runtime import commands as runtime_commands
+    from edge_ad.runtime.commands import Commands
+
+    def read_only(*a):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "calibration.d" / ".0002.json.tmp"))
+
+    cal = SimpleNamespace(version=1, threshold=0.5, replace=lambda **kw: None)
+    svc = SimpleNamespace(settings=SimpleNamespace(calibration=SimpleNamespace(frames=64, policy="max",
+                                                                                timeout_s=30.0)),
+                          bundle=SimpleNamespace(path=tmp_path, write_calibration=read_only),
+                          inspector=SimpleNamespace(calibration=cal), calibrate=read_only,
+                          rollback_calibration=read_only, effective_threshold=lambda: 0.5)
+    d = _dispatcher()
+    cmds = Commands(svc)
+    for name, args in (("calibrate", {}), ("set_threshold", {"threshold": 0.3}), ("rollback_calibration", {})):
+        d.register(name, getattr(cmds, name))
+        err = _check_reply(d.handle(_msg(name, args)))["error"]
+        assert err["code"] == "failed", err
+        assert err["message"] == (f"{name}: {tmp_path}/calibration.d/.0002.json.tmp: read-only file system; "
+                                  "the calibration in force is unchanged")
+    # the bundle folder itself cannot be written: known before minutes of frames are collected
+    monkeypatch.setattr(runtime_commands.os, "access", lambda path, mode: False)
+    svc.calibrate = lambda *a: pytest.fail("frames were collected")
+    err = d.handle(_msg("calibrate")).body["error"]
+    assert err["code"] == "failed" and err["message"].startswith(f"calibrate: {tmp_path}: ")
+    assert "the calibration in force is unchanged" in err["message"]
+    # any handler's disk error names its file; an OSError about no file is still a bug
+    d.register("reload", lambda args: read_only())
+    assert d.handle(_msg("reload")).body["error"]["code"] == "failed"
+    d.register("reload", lambda args: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")))
+    assert d.handle(_msg("reload")).body["error"]["code"] == "internal"
+
