@@ -399,7 +399,7 @@ class InstallResult:
     package: PackageInfo
     golden: dict | None          # check_golden's report (None when the check was skipped)
     pruned: tuple[str, ...] = ()
-    already_installed: bool = False   # the release in force holds the same files: nothing changed
+    already_installed: bool = False   # the release in force was installed from the same files: nothing changed
 
 
     def summary(self) -> dict:
@@ -508,7 +508,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
                 raise _named_in_archive(exc, check, Path(archive)) from exc.__cause__
             finally:
                 shutil.rmtree(check, ignore_errors=True)
-        log.warning("%s: the release in force, %s, holds the same files; nothing installed", archive, dep.current)
+        log.warning("%s: the release in force, %s, was installed from the same files; nothing installed", archive,
+                    dep.current)
         return InstallResult(dep.current_path, dep.current, dep.previous, dep.previous_path,
                              info if not Path(archive).is_dir() else PackageInfo({}, False, None, None, False),
                              None, already_installed=True)
