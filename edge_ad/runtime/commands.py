@@ -2,8 +2,8 @@
 
 Each handler takes the validated argument dict and returns a result dict; an
 :class:`~edge_ad.errors.EdgeADError` becomes an error reply. Handlers run on the link's command worker
-(one at a time; ``status`` on a thread of its own), never on the inference thread: a long ``calibrate`` keeps the loop inspecting with the
-old calibration, and the new one is swapped in between two batches.
+(one at a time; ``status`` on a thread of its own), never on the inference thread: a long ``calibrate``
+keeps the loop inspecting with the old calibration, and the new one is swapped in between two batches.
 
 =======================  ===========================================================================
 status                   pipeline, source, model, calibration, drift, outbox, settings (redacted)
