@@ -1,5 +1,7 @@
 """Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure)."""
 
+import errno
+
 
 class EdgeADError(Exception):
     """Base class. ``exit_code`` is what ``edge-ad`` exits with when this escapes a command."""
@@ -21,3 +23,14 @@ class RuntimeFailure(EdgeADError):
 
 class GuardFailure(RuntimeFailure):
     """A quantized or compiled artefact did not match FP32 closely enough; nothing was switched in."""
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: what went wrong`` for an OSError about a path, e.g. ``out: file exists (a folder was expected)``."""
+    what = (exc.strerror or type(exc).__name__).lower()
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        what += " (a folder was expected there)"
+    if exc.filename is None:
+        return what
+    target = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"{exc.filename}{target}: {what}"

@@ -857,6 +857,23 @@ def test_the_same_archive_again_changes_nothing(bundles, golden, tmp_path):
         svc.inspector.backend.close()
 
 
+def test_a_retried_update_after_a_recalibration_on_the_device_keeps_its_calibration(tiny_bundle, tmp_path):
+    """The line recalibrated the release in force; the fleet tool retries the update it came from: still
+    "already installed", and the line's calibration stays in force (a copy with the archive's went in)."""
+    deploy = tmp_path / "deploy"
+    arch = pack_bundle(copy_bundle(tiny_bundle, tmp_path / "a").path, tmp_path / "a.tar")
+    r1 = install_bundle(arch, deploy, require_golden=False)
+    line = Bundle.open(current_path(deploy))
+    line.write_calibration(line.calibration().replace(version=0, created="", threshold=2.5, policy="manual"))
+    line.add_file("gaussian.d/0002.npz", data=b"refitted statistics")      # a Gaussian refit records its file
+    again = install_bundle(arch, deploy, require_golden=False)
+    assert again.already_installed and again.release == r1.release
+    assert sorted(p.name for p in (deploy / "releases").iterdir()) == [r1.release]
+    assert Bundle.open(current_path(deploy)).calibration().threshold == 2.5
+    line.add_file("extra.onnx", data=b"not from the archive")                # anything else: not the same
+    assert not install_bundle(arch, deploy, require_golden=False).already_installed
+
+
 def test_the_update_model_example_of_the_docs_is_accepted_by_a_default_line(bundles, golden, tmp_path):
     """docs/mqtt.md's example once carried "precision": "int8" with activate true: refused on every line
     that does not run int8 (the check must run what will run)."""

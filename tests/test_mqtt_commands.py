@@ -201,6 +201,20 @@ def test_hostile_payloads_get_a_reply_and_the_worker_goes_on(raw, props, code):
     assert d.handle(_msg("status")).body["ok"]
 
 
+def test_a_command_whose_message_expiry_passed_while_it_waited_is_not_run():
+    now = [1000.0]
+    d = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"), clock=lambda: now[0])
+    calls = []
+    d.register("pause", lambda args: calls.append(args) or {"paused": True})
+    msg = _msg("pause", {"reason": "x"}, received=1000.0, expiry_s=4.0)
+    now[0] = 1004.5                                     # it waited behind a calibrate past its expiry
+    r = _check_reply(d.handle(msg))
+    assert r["error"]["code"] == "expired" and "not run" in r["error"]["message"] and calls == []
+    now[0] = 1003.9                                     # still within it: runs
+    assert d.handle(msg).body["ok"] and calls == [{"reason": "x"}]
+    assert d.handle(_msg("pause", received=0.0)).body["ok"]      # no expiry (MQTT 3.1.1): runs when its turn comes
+
+
 # ----------------------------------------------------------------------------- through a broker
 @pytest.fixture
 def link(mosquitto, tmp_path):
@@ -276,7 +290,7 @@ def test_a_hostile_payload_while_busy_does_not_stop_the_network_thread(link, mos
             time.sleep(0.1)
         time.sleep(0.3)
         # the busy reply is built on paho's network thread; a RecursionError there used to end it
-        r = cc.send_raw("edge-ad/v1/s/d/cmd/status", b"[" * 100_000 + b"]" * 100_000, "deep", timeout=5)
+        r = cc.send_raw("edge-ad/v1/s/d/cmd/resume", b"[" * 100_000 + b"]" * 100_000, "deep", timeout=5)
         assert r["error"]["code"] == "busy"
         gate.set()
         for t in threads:
@@ -287,6 +301,25 @@ def test_a_hostile_payload_while_busy_does_not_stop_the_network_thread(link, mos
         while link.stats()["outbox_depth"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert link.stats()["outbox_depth"] == 0, rid
+
+
+def test_status_is_answered_during_a_long_calibrate_and_a_timed_out_pause_does_not_run_later(link, mosquitto):
+    gate = threading.Event()
+    link.register_command("calibrate", lambda args: gate.wait(10) and {"calibrated": True})
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("cal", cc.call("s", "d", "calibrate", timeout=10)))
+        t.start()
+        time.sleep(0.2)                                         # calibrate holds the command thread
+        assert cc.call("s", "d", "status", timeout=5)["ok"]     # not held behind it
+        with pytest.raises(RuntimeFailure, match="busy with another command"):
+            cc.call("s", "d", "pause", {"reason": "late"}, timeout=1)
+        time.sleep(0.3)                                         # its 1 s expiry has passed on the device too
+        gate.set()
+        t.join(15)
+        assert out["cal"]["ok"]
+        assert cc.call("s", "d", "resume", timeout=5)["ok"]     # commands run in order: pause came first
+    assert link.calls == ["resume"]                              # the operator was told pause timed out
 
 
 def test_retained_commands_are_not_run(link, mosquitto):
@@ -442,3 +475,43 @@ def test_calibrate_refuses_a_policy_the_refit_would_refuse_before_collecting_fra
     schema.validate("cmd.calibrate", {"policy": policy})          # the schema's pattern lets it through
     with pytest.raises(InputError, match=f"threshold policy '{policy}'"):
         Commands(svc).calibrate({"policy": policy})
+
+
+def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_path, monkeypatch):
+    """calibrate, set_threshold and rollback_calibration on a bundle that cannot be written: refused before
+    any frame is collected, or (a disk error on the way) a 'failed' reply naming the file, as the CLI says it."""
+    import errno
+    from types import SimpleNamespace
+
+    from edge_ad.runtime import commands as runtime_commands
+    from edge_ad.runtime.commands import Commands
+
+    def read_only(*a):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "calibration.d" / ".0002.json.tmp"))
+
+    cal = SimpleNamespace(version=1, threshold=0.5, replace=lambda **kw: None)
+    svc = SimpleNamespace(settings=SimpleNamespace(calibration=SimpleNamespace(frames=64, policy="max",
+                                                                                timeout_s=30.0)),
+                          bundle=SimpleNamespace(path=tmp_path, write_calibration=read_only),
+                          inspector=SimpleNamespace(calibration=cal), calibrate=read_only,
+                          rollback_calibration=read_only, effective_threshold=lambda: 0.5)
+    d = _dispatcher()
+    cmds = Commands(svc)
+    for name, args in (("calibrate", {}), ("set_threshold", {"threshold": 0.3}), ("rollback_calibration", {})):
+        d.register(name, getattr(cmds, name))
+        err = _check_reply(d.handle(_msg(name, args)))["error"]
+        assert err["code"] == "failed", err
+        assert err["message"] == (f"{name}: {tmp_path}/calibration.d/.0002.json.tmp: read-only file system; "
+                                  "the calibration in force is unchanged")
+    # the bundle folder itself cannot be written: known before minutes of frames are collected
+    monkeypatch.setattr(runtime_commands.os, "access", lambda path, mode: False)
+    svc.calibrate = lambda *a: pytest.fail("frames were collected")
+    err = d.handle(_msg("calibrate")).body["error"]
+    assert err["code"] == "failed" and err["message"].startswith(f"calibrate: {tmp_path}: ")
+    assert "the calibration in force is unchanged" in err["message"]
+    # any handler's disk error names its file; an OSError about no file is still a bug
+    d.register("reload", lambda args: read_only())
+    assert d.handle(_msg("reload")).body["error"]["code"] == "failed"
+    d.register("reload", lambda args: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")))
+    assert d.handle(_msg("reload")).body["error"]["code"] == "internal"
+

@@ -454,12 +454,12 @@ def test_no_image_is_queued_when_no_snapshot_is_made(tmp_path, tiny_bundle):
 
 
 # ----------------------------------------------------------------------------- commands over MQTT
-def _start(tmp_path: Path, bundle, mosquitto, **fields) -> Service:
-    """A running service in trigger mode whose frames are released by the MQTT inspect command; one
-    defective part (a dark blob) in every 8, on a looping video."""
+def _start(tmp_path: Path, bundle, mosquitto, trigger: str = "command", **fields) -> Service:
+    """A running service in trigger mode whose frames are released by the MQTT inspect command (or a
+    plug-in ``trigger``); one defective part (a dark blob) in every 8, on a looping video."""
     frames = [part_frame(i, 96, defect=(i % 8 == 7)) for i in range(16)]
     video = write_video(tmp_path / "v.avi", frames)
-    s = _settings(tmp_path, bundle, f"file://{video}?loop=1", source__mode="trigger", source__trigger="command",
+    s = _settings(tmp_path, bundle, f"file://{video}?loop=1", source__mode="trigger", source__trigger=trigger,
                   output__snapshots_dir=str(tmp_path / "snaps"),
                   mqtt__url=mosquitto.url, mqtt__site="t", mqtt__device="cam1",
                   mqtt__outbox_path=str(tmp_path / "outbox.sqlite"), mqtt__validate_payloads=True, **fields)
@@ -504,6 +504,9 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     assert st["state"] == "running" and st["pipeline"]["mode"] == "trigger" and st["calibration"]["version"] == 1
     assert st["birth"]["state"] == "online" and st["link"]["connected"] is True      # as docs/mqtt.md says
     assert st["pipeline"]["inspected"] == 0          # nothing released yet: trigger = command
+    err = call("calibrate", {"frames": 20}, ok=False)   # live: no parts but those inspect releases
+    assert err["code"] == "failed" and 'trigger = "command"' in err["message"] and "dir://" in err["message"]
+    assert svc.pipeline.inspected == 0 and svc.pipeline.gate.pending == 0
     r = call("inspect", {"count": 8, "part_id": "P-17"})
     assert r["count"] == 8 and [x["part_id"] for x in r["results"]] == ["P-17"] * 8
     assert [x["ng"] for x in r["results"]] == [False] * 7 + [True]
@@ -546,13 +549,57 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     assert len(recs) == svc.pipeline.inspected
 
 
-def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(running, caller, tmp_path):
+def test_rollback_without_a_version_follows_the_calibration_the_loop_has_in_force(running, caller):
     svc, call = running, caller
+    assert call("set_threshold", {"threshold": 0.5})["calibration_version"] == 2
+    assert call("set_threshold", {"threshold": 0.7})["calibration_version"] == 3     # in force: v3, replaced v2
+    svc.bundle.rollback_calibration(2)           # the CLI's --rollback on disk, not applied yet (no SIGHUP)
+    r = call("rollback_calibration")
+    assert r["version"] == 2 and r["previous_version"] == 3     # was v1: two steps back from the loop's v3
+    assert svc.inspector.calibration.version == 2
+
+
+@pytest.fixture
+def plc_line(tmp_path, tiny_bundle, mosquitto, monkeypatch):
+    """A running service on a trigger line whose parts a plug-in light barrier announces: (service, gate)."""
+    (tmp_path / "line_plc3.py").write_text(
+        "GATES = []\n"
+        "class Barrier:\n"
+        "    def __init__(self, gate):\n"
+        "        GATES.append(gate)\n"
+        "    def start(self):\n"
+        "        pass\n"
+        "    def stop(self):\n"
+        "        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import line_plc3
+
+    svc = _start(tmp_path, copy_bundle(tiny_bundle, tmp_path / "bundle"), mosquitto, trigger="line_plc3:Barrier")
+    yield svc, line_plc3.GATES[-1]
+    svc.stop("test over")
+    svc.thread.join(30)
+
+
+def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(plc_line, caller, tmp_path):
+    (svc, barrier), call = plc_line, caller
     before = call("inspect", {"count": 8})["results"]
     assert before[-1]["ng"] and before[0]["calibration_version"] == 1
-    # live: the next 24 frames (three of them defective) are collected while inspection goes on
-    r = call("calibrate", {"frames": 24, "policy": "max"}, timeout=120)
+    # live on a trigger line: the frames of the next parts; no part passes, no frame (none fired, published)
+    r = call("calibrate", {"frames": 24, "timeout_s": 0.5}, ok=False)
+    assert r["code"] == "failed" and "collected 0 of 24" in r["message"]
+    assert svc.pipeline.inspected == 8 and svc.pipeline.gate.pending == 0
+    # the next 24 parts (three of them defective) are collected while inspection goes on
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=call("calibrate", {"frames": 24, "policy": "max"}, timeout=120)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not svc.pipeline._collectors and time.monotonic() < deadline:
+        time.sleep(0.02)
+    barrier.fire(24, "light barrier")
+    t.join(120)
+    r = out["r"]
     assert r["version"] == 2 and r["previous_version"] == 1 and r["frames"] == 24
+    assert svc.pipeline.inspected == 32                      # the parts, reported as parts
     assert r["n_used"] == 21 and len(r["excluded"]) == 3
     assert svc.inspector.calibration.version == 2 == svc.bundle.calibration().version
     after = call("inspect", {"count": 8})["results"]

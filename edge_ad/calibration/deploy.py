@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -65,7 +66,8 @@ STATE = "deploy.json"
 GOLDEN = "golden"
 NORMAL_DIRS = ("good", "ok")
 HISTORY = 50
-INSTALLED_FROM = ".installed-from.json"   # in a release whose engine install built: {"archive": .., "release": ..}
+INSTALLED_FROM = ".installed-from.json"   # in each release: {"archive": .., "release": .., "model": ..} at install
+DEVICE_WRITTEN = ("calibration.json", "calibration.d/", "gaussian.d/")   # what calibrating on the device writes
 _held: dict[tuple[int, int], int] = {}   # deploy_lock: (inode, device) of releases/ -> depth held here
 _held_lock = threading.Lock()
 
@@ -397,7 +399,7 @@ class InstallResult:
     package: PackageInfo
     golden: dict | None          # check_golden's report (None when the check was skipped)
     pruned: tuple[str, ...] = ()
-    already_installed: bool = False   # the release in force holds the same files: nothing changed
+    already_installed: bool = False   # the release in force was installed from the same files: nothing changed
 
 
     def summary(self) -> dict:
@@ -506,7 +508,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
                 raise _named_in_archive(exc, check, Path(archive)) from exc.__cause__
             finally:
                 shutil.rmtree(check, ignore_errors=True)
-        log.warning("%s: the release in force, %s, holds the same files; nothing installed", archive, dep.current)
+        log.warning("%s: the release in force, %s, was installed from the same files; nothing installed", archive,
+                    dep.current)
         return InstallResult(dep.current_path, dep.current, dep.previous, dep.previous_path,
                              info if not Path(archive).is_dir() else PackageInfo({}, False, None, None, False),
                              None, already_installed=True)
@@ -529,7 +532,6 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
                              "it and pack it again; update refused") from None
         if build:   # before the golden check and the probe, which run the line's backend
             build_line_engine(candidate, images, precision, device, progress)
-            atomic.write_json(staging / INSTALLED_FROM, {"archive": content, "release": _content(candidate)})
         report = None
         if golden_dir is not None:
             report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
@@ -539,6 +541,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
                                    + "; ".join(report["failures"]))
         if probe is not None:
             probe(candidate)
+        atomic.write_json(staging / INSTALLED_FROM, {"archive": content, "release": _content(candidate),
+                                                     "model": _model_content(candidate)})
         rid = _release_id(d, candidate.model_hash())
         final = d / RELEASES / rid
         os.rename(staging, final)
@@ -622,17 +626,30 @@ def _content(b: Bundle) -> dict[str, str]:
     return {rel: atomic.sha256_file(b.path / rel) for rel in _bundle_files(b)}
 
 
+def _model_content(b: Bundle) -> dict[str, str]:
+    """:func:`_content` less what calibrating on the device writes (:data:`DEVICE_WRITTEN`, and its records
+    in manifest.json): unchanged by a recalibration of the line, changed by anything else."""
+    out = {rel: h for rel, h in _content(b).items() if not rel.startswith(DEVICE_WRITTEN)}
+    manifest = {**b.manifest, "files": {k: v for k, v in b.manifest["files"].items()
+                                        if not k.startswith(DEVICE_WRITTEN)}}
+    out["manifest.json"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode("utf-8")).hexdigest()
+    return out
+
+
 def _same_content(release: Path, content: dict[str, str]) -> bool:
-    """``release`` holds exactly these files (installing them again would change nothing). A release whose
-    engine was built at install (which records it in manifest.json and quant_report.json): it came from
-    these files and is as it was then (:data:`INSTALLED_FROM`)."""
+    """Installing these files again would change nothing: ``release`` was installed from exactly these
+    files and is as it was then (:data:`INSTALLED_FROM`; an engine built at install is recorded in
+    manifest.json and quant_report.json), but for calibrations written on the device since, which a retried
+    update must not undo. A release without that record (installed by an older version): holds exactly
+    these files."""
     try:
-        now = _content(Bundle.open(release))
+        b = Bundle.open(release)
         if (release / INSTALLED_FROM).is_file():
             was = json.loads((release / INSTALLED_FROM).read_text("utf-8"))
-            return was.get("archive") == content and was.get("release") == now
-        return now == content
-    except (EdgeADError, OSError, ValueError):
+            return was.get("archive") == content and (was.get("release") == _content(b)
+                                                      or was.get("model") == _model_content(b))
+        return _content(b) == content
+    except (EdgeADError, OSError, ValueError, AttributeError):
         return False
 
 

@@ -17,7 +17,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import EdgeADError
+from ..errors import EdgeADError, os_error_text
 
 # Modules that add commands to `main`. Each owns one area of the CLI.
 COMMAND_MODULES = ("train", "compile", "run", "mqtt", "calibrate", "deploy", "demo")
@@ -46,17 +46,6 @@ class _Group(click.Group):
 # permission): input errors (exit 2). Others with a path (disk full, I/O error): runtime failures (exit 1).
 _DISK_ERRNOS = {errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _INPUT_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-def os_error_text(exc: OSError) -> str:
-    """``PATH: what went wrong`` for an OSError about a path, e.g. ``out: file exists (a folder was expected)``."""
-    what = (exc.strerror or type(exc).__name__).lower()
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        what += " (a folder was expected there)"
-    if exc.filename is None:
-        return what
-    target = f" -> {exc.filename2}" if exc.filename2 else ""
-    return f"{exc.filename}{target}: {what}"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

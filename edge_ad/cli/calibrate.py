@@ -327,8 +327,8 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
         _echo_json(res.summary())
         return
     if res.already_installed:
-        click.echo(f"already installed: {deploy_dir}/current -> releases/{res.release} holds the same files; "
-                   "nothing changed")
+        click.echo(f"already installed: {deploy_dir}/current -> releases/{res.release} was installed from the "
+                   "same files; nothing changed")
         return
     g = res.golden
     golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"

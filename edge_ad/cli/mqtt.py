@@ -71,7 +71,8 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
 @click.option("--device", required=True, help="Device name.")
 @click.option("--timeout", type=Seconds(min=0.1), default=30.0, show_default=True,
               help="Seconds to wait for the reply. MQTT v5: also the command's message expiry (rounded up): "
-                   "the broker drops a command it could not deliver by then, so it never runs late.")
+                   "the broker drops a command it could not deliver by then, and the device does not start "
+                   "one that waited that long behind another command, so it never runs late.")
 @click.option("--client-id", "claim", default=None, help="Requester id the device's allow-list checks.")
 @click.argument("name")
 @click.argument("args", required=False)

@@ -25,6 +25,11 @@ Authorization applies to the commands that change state (:data:`STATE_CHANGING`;
 
 Commands published with the retain flag are not run (a retained command would run again at every
 reconnect): the link refuses them with a ``malformed`` reply.
+
+Commands run one at a time, in order, except :data:`QUICK` ones (``status``), which the link answers on
+a thread of their own so they never wait behind a long ``calibrate``. A command whose MQTT v5 message
+expiry has passed when its turn comes (it waited behind a long one) is not run: it gets an ``expired``
+reply, since its requester has stopped waiting and was told it timed out.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..errors import EdgeADError, InputError
+from ..errors import EdgeADError, InputError, os_error_text
 from . import payloads, schema
 from .settings import MqttSettings
 from .topics import Topics, check_level
@@ -50,6 +55,7 @@ COMMANDS = ("status", "calibrate", "rollback_calibration", "set_threshold", "ins
             "resume", "reload", "update_model")
 STATE_CHANGING = frozenset({"calibrate", "rollback_calibration", "set_threshold", "pause", "resume", "reload",
                             "update_model"})
+QUICK = frozenset({"status"})   # read-only and instant: answered on their own thread, never queued behind others
 RESERVED = ("ts", "client_id", "reply_to", "correlation_id")
 HMAC_KEY = "hmac-sha256"
 Handler = Callable[[dict], "Mapping[str, Any] | None"]
@@ -87,6 +93,11 @@ class Incoming:
     correlation_data: bytes | None = None
     user_properties: Mapping[str, str] = field(default_factory=dict)
     received: float = field(default_factory=time.time)
+    expiry_s: float | None = None       # MQTT v5 message expiry left when it arrived (None: none set)
+
+    def expired(self, now: float) -> bool:
+        """Its message expiry has passed: the requester stopped waiting for the reply."""
+        return self.expiry_s is not None and now > self.received + self.expiry_s
 
 
 @dataclass
@@ -140,6 +151,7 @@ class Dispatcher:
         self.clock = clock
         self._specs: dict[str, Spec] = {}
         self._seen: dict[str, float] = {}       # accepted signatures -> when they may be forgotten
+        self._lock = threading.Lock()           # two workers: the ordered one and the QUICK one
         self.handled = 0
         self.errors = 0
         for name in COMMANDS:
@@ -196,7 +208,7 @@ class Dispatcher:
 
     def error_reply(self, msg: Incoming, code: str, message: str) -> Reply:
         topic, corr, corr_id = self.route(msg)
-        self.errors += 1
+        self._count(ok=False)
         return Reply(topic, self._body(msg.name, False, corr_id, error={"code": code, "message": message}), corr)
 
     def _body(self, name: str, ok: bool, corr_id: str | None, result: dict | None = None,
@@ -216,6 +228,11 @@ class Dispatcher:
         """Parse, authorize, validate, run. Always returns a reply; never raises."""
         topic, corr, corr_id = self.route(msg)
         try:
+            now = self.clock()
+            if msg.expired(now):
+                raise CommandError("expired", f"{msg.name}: not run: its message expiry ({msg.expiry_s:g} s) "
+                                              f"passed {now - msg.received - msg.expiry_s:.1f} s ago while it "
+                                              "waited behind another command; send it again")
             try:
                 spec, args, who = self._admit(msg)
             except CommandError:
@@ -225,14 +242,21 @@ class Dispatcher:
                 raise CommandError("internal", f"{msg.name}: {type(exc).__name__}: {exc}") from None
             result = self._run(spec, args)
         except CommandError as exc:
-            self.errors += 1
+            self._count(ok=False)
             log.warning("command %s from %s refused: %s: %s", msg.name, self._claimed(msg) or "?", exc.code,
                         exc.message)
             return Reply(topic, self._body(msg.name, False, corr_id, error={"code": exc.code, "message": exc.message}),
                          corr)
-        self.handled += 1
+        self._count(ok=True)
         log.info("command %s from %s: ok", msg.name, who or "?")
         return Reply(topic, self._body(msg.name, True, corr_id, result=result), corr)
+
+    def _count(self, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self.handled += 1
+            else:
+                self.errors += 1
 
     def _claimed(self, msg: Incoming) -> str | None:
         who = msg.user_properties.get("client_id")
@@ -314,15 +338,16 @@ class Dispatcher:
         if abs(now - sent) > skew:
             raise CommandError("unauthorized", f"{msg.name}: 'ts' is {now - sent:+.0f} s from the device clock "
                                                f"(accepted: within {skew:g} s)")
-        for sig, until in list(self._seen.items()):
-            if until < now:
-                del self._seen[sig]
-        key = str(signature).lower()
-        if key in self._seen:
-            raise CommandError("unauthorized", f"{msg.name}: this signed command was already received (replay)")
-        if len(self._seen) >= 100_000:
-            self._seen.pop(next(iter(self._seen)))
-        self._seen[key] = now + 2 * skew
+        with self._lock:   # the QUICK worker may check a signature at the same time (command_auth_all)
+            for sig, until in list(self._seen.items()):
+                if until < now:
+                    del self._seen[sig]
+            key = str(signature).lower()
+            if key in self._seen:
+                raise CommandError("unauthorized", f"{msg.name}: this signed command was already received (replay)")
+            if len(self._seen) >= 100_000:
+                self._seen.pop(next(iter(self._seen)))
+            self._seen[key] = now + 2 * skew
 
     def _run(self, spec: Spec, args: dict) -> dict:
         try:
@@ -332,6 +357,12 @@ class Dispatcher:
             if not text.startswith((f"{spec.name}:", f"{spec.name} ")):   # many messages name it already
                 text = f"{spec.name}: {text}"
             raise CommandError("failed", text) from None
+        except OSError as exc:
+            if exc.filename is None:   # not about a file (a socket, a device): a handler bug
+                log.exception("command %s: handler raised", spec.name)
+                raise CommandError("internal", f"{spec.name}: {type(exc).__name__}: {exc}") from None
+            log.warning("command %s: %s", spec.name, os_error_text(exc))   # a read-only or full disk: no bug
+            raise CommandError("failed", f"{spec.name}: {os_error_text(exc)}") from None
         except Exception as exc:  # a handler bug must not stop the command loop
             log.exception("command %s: handler raised", spec.name)
             raise CommandError("internal", f"{spec.name}: {type(exc).__name__}: {exc}") from None

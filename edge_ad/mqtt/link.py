@@ -12,7 +12,8 @@ Threads:
   status updates.
   Messages handed to paho before a disconnect are re-sent by paho after the reconnect (with DUP); a
   new process sends everything left in the outbox from the start.
-* the command worker: runs one command at a time and publishes its reply.
+* the command worker: runs one command at a time and publishes its reply; a second one answers ``status``
+  (:data:`~edge_ad.mqtt.commands.QUICK`), so it is never held behind a long ``calibrate``.
 
 Delivery is at least once: a message whose PUBACK was lost (a cut between the broker's ack and ours, a
 kill before the ack was recorded) is sent again. Consumers de-duplicate on the ``id`` field.
@@ -37,7 +38,7 @@ from .. import __version__
 from ..errors import InputError, RuntimeFailure
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text
-from .commands import CommandQueue, Dispatcher, Handler, Incoming
+from .commands import QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import Outbox
 from .sender import AckListener, OutboxSender, percentile
 from .settings import MqttSettings
@@ -78,8 +79,9 @@ class MqttLink:
         self._stopped = False
         self._client: paho.Client | None = None
         self._sender: threading.Thread | None = None
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._commands = CommandQueue(settings.command_queue)
+        self._quick = CommandQueue(settings.command_queue)     # QUICK commands: their own worker
         self._last_image = float("-inf")
         self._started_iso = payloads.now_iso()
         # every key exists from the start, so stats() never iterates a dict that grows under it
@@ -110,9 +112,11 @@ class MqttLink:
         self._client = client
         connect_async(client, s, clean_start=False, session_expiry_s=s.session_expiry_s)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
-        self._worker = threading.Thread(target=self._command_loop, name="mqtt-commands", daemon=True)
+        self._workers = [threading.Thread(target=self._command_loop, args=(q,), name=name, daemon=True)
+                         for q, name in ((self._commands, "mqtt-commands"), (self._quick, "mqtt-status"))]
         self._sender.start()
-        self._worker.start()
+        for w in self._workers:
+            w.start()
         client.loop_start()
         log.info("mqtt: connecting to %s as %s (outbox %s, %d waiting)", s.safe_url, s.effective_client_id,
                  self.outbox.path, self.outbox.depth)
@@ -136,8 +140,9 @@ class MqttLink:
                 self._wake.set()
                 time.sleep(0.02)
             self._commands.close()
-            if self._worker is not None:
-                self._worker.join(timeout=max(0.5, deadline - time.monotonic()))
+            self._quick.close()
+            for w in self._workers:
+                w.join(timeout=max(0.5, deadline - time.monotonic()))
             client = self._client
             if self._connected and client is not None:
                 info = client.publish(self.topics.status, self._status_bytes("offline", "stopped"), qos=1,
@@ -427,13 +432,15 @@ class MqttLink:
             return
         props = message.properties if client.protocol == paho.MQTTv5 else None
         user = {}
-        response_topic = corr = None
+        response_topic = corr = expiry = None
         if props is not None:
             user = {str(k): str(v) for k, v in (getattr(props, "UserProperty", None) or [])}
             response_topic = getattr(props, "ResponseTopic", None) or None
             corr = getattr(props, "CorrelationData", None)
+            expiry = getattr(props, "MessageExpiryInterval", None)   # what is left of it (the broker counts)
         msg = Incoming(message.topic[len(prefix):], bytes(message.payload), response_topic,
-                       bytes(corr) if corr is not None else None, user)
+                       bytes(corr) if corr is not None else None, user,
+                       expiry_s=float(expiry) if expiry is not None else None)
         if message.retain:
             # a retained command would run again at every reconnect; an empty one is the broker's "clear"
             log.warning("mqtt: retained command on %s not run (publish commands with retain=false)", message.topic)
@@ -442,15 +449,15 @@ class MqttLink:
                     msg, "malformed", f"cmd/{msg.name}: published with the retain flag; commands are not retained "
                                       "(clear it with an empty retained message and send it again with retain=false)"))
             return
-        if not self._commands.offer(msg):
+        if not (self._quick if msg.name in QUICK else self._commands).offer(msg):
             reply = self.dispatcher.error_reply(msg, "busy", f"{self.settings.command_queue} commands are waiting; "
                                                               "try again later")
             self._send_reply(client, reply)
 
     # ------------------------------------------------------------------ command worker
-    def _command_loop(self) -> None:
+    def _command_loop(self, commands: CommandQueue) -> None:
         while True:
-            msg = self._commands.get()
+            msg = commands.get()
             if msg is None:
                 return
             reply = self.dispatcher.handle(msg)

@@ -4,7 +4,8 @@ MQTT v5: the request carries a response topic (``edge-ad/replies/<client id>``) 
 device answers there with the same correlation data. MQTT 3.1.1: the same travel as the payload fields
 ``reply_to`` and ``correlation_id``. MQTT v5: the request also carries a message expiry equal to the reply
 timeout (rounded up, at least 1 s), so a command the broker could not deliver in that time (the device
-is offline) is dropped instead of running when the device comes back; MQTT 3.1.1 has no expiry. With a
+is offline) is dropped instead of running when the device comes back, and the device does not start one
+that waited that long behind another command (``expired``); MQTT 3.1.1 has no expiry. With a
 shared secret the payload gets ``ts`` and an HMAC-SHA256
 (v5 user property ``hmac-sha256``; 3.1.1: the signed form).
 """
@@ -154,13 +155,14 @@ class CommandClient:
 
     def _no_reply(self, topic: str, timeout: float) -> str:
         if self.v5:
-            offline = (f"offline (the broker drops the command after {expiry_s(timeout)} s, so it will not "
-                       "run when the device comes back)")
+            offline = (f"offline or busy with another command (the broker drops the command after "
+                       f"{expiry_s(timeout)} s, and the device does not start one that waited that long, so it "
+                       "will not run late)")
         else:
-            offline = ("offline (MQTT 3.1.1 has no message expiry: a device with a persistent session runs the "
-                       "command when it comes back)")
+            offline = ("offline or busy with another command (MQTT 3.1.1 has no message expiry: the device runs "
+                       "the command when it comes back or when its turn comes)")
         return (f"no reply on {self.reply_topic} to {topic} within {timeout:g} s: the device may be {offline}, "
-                "or still running the command (calibrate and update_model can take minutes), or the "
+                "or still running the command it started (calibrate and update_model can take minutes), or the "
                 "site / device may be wrong. Check the device's retained status or send 'status' before "
                 "resending, or wait longer (--timeout).")
 

@@ -2,8 +2,8 @@
 
 Each handler takes the validated argument dict and returns a result dict; an
 :class:`~edge_ad.errors.EdgeADError` becomes an error reply. Handlers run on the link's command worker
-(one at a time), never on the inference thread: a long ``calibrate`` keeps the loop inspecting with the
-old calibration, and the new one is swapped in between two batches.
+(one at a time; ``status`` on a thread of its own), never on the inference thread: a long ``calibrate``
+keeps the loop inspecting with the old calibration, and the new one is swapped in between two batches.
 
 =======================  ===========================================================================
 status                   pipeline, source, model, calibration, drift, outbox, settings (redacted)
@@ -20,12 +20,14 @@ update_model             install a bundle archive (verified, checked on golden i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import threading
 from typing import TYPE_CHECKING
 
-from ..errors import InputError, RuntimeFailure
+from ..errors import InputError, RuntimeFailure, os_error_text
 from ..scoring import check_policy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,7 +112,7 @@ class Commands:
             svc.transient_threshold = thr         # until the next calibration is swapped in
             svc.event({"type": "threshold", "threshold": thr, "previous": old, "persisted": False})
             return {"threshold": thr, "previous": old, "persisted": False}
-        with self._busy:
+        with self._busy, self._changing_calibration("set_threshold"):
             cal = svc.inspector.calibration
             new = svc.bundle.write_calibration(cal.replace(version=0, created="", threshold=thr, policy="manual",
                                                            source=f"set_threshold (was {cal.threshold:g})"))
@@ -121,7 +123,7 @@ class Commands:
 
     def rollback_calibration(self, args: dict) -> dict:
         version = args.get("version")
-        with self._busy:
+        with self._busy, self._changing_calibration("rollback_calibration"):
             before = self.svc.inspector.calibration.version
             cal = self.svc.rollback_calibration(int(version) if version is not None else None)
         return {"version": cal.version, "previous_version": before, "threshold": cal.threshold,
@@ -136,9 +138,23 @@ class Commands:
         if not self._busy.acquire(blocking=False):
             raise RuntimeFailure("another calibration or model change is running; try again when it finished")
         try:
-            return svc.calibrate(n, policy, source, timeout)
+            with self._changing_calibration("calibrate"):   # before the frames: a read-only bundle is known now
+                return svc.calibrate(n, policy, source, timeout)
         finally:
             self._busy.release()
+
+    @contextlib.contextmanager
+    def _changing_calibration(self, what: str):
+        """Around a write of a new calibration: refused at once when the bundle folder cannot be written,
+        and a disk error on the way (read-only, full) is a ``failed`` reply naming the file."""
+        path = self.svc.bundle.path
+        if not os.access(path, os.W_OK | os.X_OK):
+            why = "read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "not writable"
+            raise RuntimeFailure(f"{what}: {path}: {why}; the calibration in force is unchanged")
+        try:
+            yield
+        except OSError as exc:
+            raise RuntimeFailure(f"{what}: {os_error_text(exc)}; the calibration in force is unchanged") from exc
 
     def reload(self, args: dict) -> dict:
         what = str(args.get("what", "bundle"))

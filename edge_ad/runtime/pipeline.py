@@ -286,11 +286,16 @@ class Pipeline:
                 self._requests.remove(req)
 
     def collect_frames(self, count: int) -> FrameCollector:
+        """Register a collector of the next ``count`` inspected frames. In a gated trigger mode those are the
+        frames the line's trigger releases (its next parts): firing the gate here would inspect and publish
+        frames of no part. With ``trigger = "command"`` only ``inspect`` releases frames: refused."""
+        if self.gated and self.trigger == "command":
+            raise InputError("live calibration on a line with source.trigger = \"command\" has no frames to "
+                             "collect (only the inspect command releases frames); give a folder of normal parts "
+                             "instead: \"source\": \"dir:///path/to/normals\"")
         c = FrameCollector(int(count))
         with self._req_lock:
             self._collectors.append(c)
-        if self.gated and self.gate is not None:
-            self.gate.fire_frames(c.count, source="calibrate command")
         return c
 
     def cancel_collector(self, c: FrameCollector) -> None:

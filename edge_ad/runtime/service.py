@@ -284,6 +284,8 @@ class Service:
     def rollback_calibration(self, version: int | None):
         from ..calibration import rollback
 
+        if version is None:   # the one the loop's calibration replaced (calibration.json may be newer or older)
+            version = self.bundle.previous_calibration_version(self.inspector.calibration)
         cal = rollback(self.bundle, version)
         self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
         return cal
