@@ -471,6 +471,29 @@ def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
     assert res.exit_code == 2 and "--source is required" in res.output
 
 
+def test_cli_calibrate_and_rollback_are_refused_while_another_calibration_of_the_bundle_runs(tbundle, tmp_path):
+    import fcntl
+    import os
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    tbundle.write_calibration(tbundle.calibration().replace(version=0, created="", threshold=0.5, policy="manual"))
+    fd = os.open(tbundle.path, os.O_RDONLY)   # another process (edge-ad calibrate, edge-ad run) holds this lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for args in (["--source", str(tmp_path), "--frames", "20", "--backend", "onnxruntime"], ["--rollback"]):
+            res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), *args])
+            assert res.exit_code == 1, res.output
+            assert "another calibration of this bundle is running" in res.output
+        assert Bundle.open(tbundle.path).calibration().version == 2 and tbundle.calibration_versions() == [1, 2]
+    finally:
+        os.close(fd)
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback"])   # free again
+    assert res.exit_code == 0 and "v1 in force (was v2)" in res.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--policy", "fpr:5"], "threshold policy 'fpr:5'"),
     (["--policy", "max:"], "threshold policy 'max:'"),

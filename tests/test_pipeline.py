@@ -3,6 +3,7 @@ SIGTERM without losing a result, MQTT commands, systemd notifications, local out
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -574,6 +575,18 @@ def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(running
     r = call("rollback_calibration")
     assert r["version"] == 2 and r["previous_version"] == 4                      # not v3, rolled back from
     assert svc.inspector.calibration.version == 2 == svc.bundle.calibration().version
+    # an 'edge-ad calibrate' of the same bundle is running (it holds the bundle's lock): refused at once
+    fd = os.open(svc.bundle.path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for name, args in (("calibrate", {"frames": 24, "source": f"dir://{folder}"}), ("rollback_calibration", {}),
+                           ("set_threshold", {"threshold": 0.4})):
+            r = call(name, args, ok=False)
+            assert r["code"] == "failed" and "another calibration of this bundle is running" in r["message"]
+    finally:
+        os.close(fd)
+    assert svc.inspector.calibration.version == 2 == svc.bundle.calibration().version
+    assert svc.bundle.calibration_versions() == [1, 2, 3, 4]
 
 
 def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquitto, caller):

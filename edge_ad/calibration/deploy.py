@@ -35,7 +35,6 @@ bundle to reopen.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
@@ -66,8 +65,6 @@ GOLDEN = "golden"
 NORMAL_DIRS = ("good", "ok")
 HISTORY = 50
 INSTALLED_FROM = ".installed-from.json"   # in a release whose engine install built: {"archive": .., "release": ..}
-_held: dict[tuple[int, int], int] = {}   # deploy_lock: (inode, device) of releases/ -> depth held here
-_held_lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- the deploy folder
@@ -568,38 +565,13 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
 SPACE_MARGIN = 1 << 20
 
 
-@contextlib.contextmanager
 def deploy_lock(deploy_dir: str | os.PathLike):
     """One install at a time per deploy folder (a CLI install beside the runtime's update_model): the
-    kernel's lock on ``releases/``, so a killed install leaves none behind. Re-entrant in one process; a
-    second process gets a RuntimeFailure at once."""
-    rel = Path(deploy_dir) / RELEASES
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no guard
-        yield
-        return
-    fd = os.open(rel, os.O_RDONLY)
-    key = os.fstat(fd)[1:3]   # (inode, device)
-    try:
-        with _held_lock:
-            depth = _held.get(key, 0)
-            if depth == 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise RuntimeFailure(f"{deploy_dir}: another install into this deploy folder is running; "
-                                         "try again when it has finished") from None
-            _held[key] = depth + 1
-        try:
-            yield
-        finally:
-            with _held_lock:
-                _held[key] -= 1
-                if _held[key] == 0:
-                    del _held[key]
-    finally:
-        os.close(fd)   # the outermost holder's close releases the lock
+    kernel's lock on ``releases/`` (:func:`atomic.folder_lock`), so a killed install leaves none behind.
+    Re-entrant in one process; a second process gets a RuntimeFailure at once."""
+    return atomic.folder_lock(Path(deploy_dir) / RELEASES,
+                              f"{deploy_dir}: another install into this deploy folder is running; try again when "
+                              "it has finished")
 
 
 def _clean_stale(d: Path) -> None:

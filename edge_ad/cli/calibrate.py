@@ -65,7 +65,8 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
 
     Writes a new calibration version (atomic; the old ones are kept), or with --rollback puts an older one
-    back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload' command.
+    back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload' command. One calibration of a
+    bundle at a time: refused (exit 1) while another runs (an 'edge-ad calibrate', or an MQTT calibrate).
     """
     from ..bundle import Bundle
     from ..calibration import recalibrate, rollback
@@ -84,13 +85,14 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
                 version = int(rollback_to)
             except ValueError:
                 raise InputError(f"--rollback {rollback_to}: expected a version number") from None
-        try:
-            before = b.calibration().version
-        except InputError:
-            if version is None:
-                raise
-            before = None   # unreadable: an explicit version puts a good one back
-        cal = rollback(b, version)
+        with b.calibration_lock():
+            try:
+                before = b.calibration().version
+            except InputError:
+                if version is None:
+                    raise
+                before = None   # unreadable: an explicit version puts a good one back
+            cal = rollback(b, version)
         out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy}
         if as_json:
             _echo_json(out)
@@ -144,14 +146,15 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s; the running bundle is unchanged)")
         return
-    be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
-    try:
-        images = _collect(source, frames, every, timeout_s)
-        insp = Inspector(b, be)
-        res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
-                          prior_weight=prior_weight, source=str(source))
-    finally:
-        be.close()
+    with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
+        be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
+        try:
+            images = _collect(source, frames, every, timeout_s)
+            insp = Inspector(b, be)
+            res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
+                              prior_weight=prior_weight, source=str(source))
+        finally:
+            be.close()
     if as_json:
         _echo_json(res.summary())
         return

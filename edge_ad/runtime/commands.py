@@ -110,7 +110,7 @@ class Commands:
             svc.transient_threshold = thr         # until the next calibration is swapped in
             svc.event({"type": "threshold", "threshold": thr, "previous": old, "persisted": False})
             return {"threshold": thr, "previous": old, "persisted": False}
-        with self._busy:
+        with self._busy, svc.bundle.calibration_lock():
             cal = svc.inspector.calibration
             new = svc.bundle.write_calibration(cal.replace(version=0, created="", threshold=thr, policy="manual",
                                                            source=f"set_threshold (was {cal.threshold:g})"))

@@ -282,12 +282,17 @@ class Service:
     def rollback_calibration(self, version: int | None):
         from ..calibration import rollback
 
-        cal = rollback(self.bundle, version)
-        self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
+        with self.bundle.calibration_lock():
+            cal = rollback(self.bundle, version)
+            self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
         return cal
 
     def calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
         """Collect normal frames (live or from a folder), refit, swap in between two frames."""
+        with self.bundle.calibration_lock():   # from before the frames to the swap (edge-ad calibrate beside)
+            return self._calibrate(frames, policy, source, timeout)
+
+    def _calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
         from ..calibration import collect_frames, recalibrate
 
         t0 = time.monotonic()
