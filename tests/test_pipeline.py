@@ -711,6 +711,31 @@ def test_reload_config_and_bundle(tmp_path, tiny_bundle):
         svc.inspector.backend.close()
 
 
+def test_one_rule_for_the_threshold_in_force_after_a_calibration_and_the_replies_name_it(tmp_path, tiny_bundle):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    video, _ = defect_video(tmp_path / "v.avi", n=4, size=96)
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    for i in range(24):
+        cv2.imwrite(str(folder / f"n{i:02d}.png"), part_frame(500 + i, 96))
+    svc = Service(_settings(tmp_path, bundle, f"file://{video}", decision__threshold=0.5), install_signals=False)
+    cmd = svc.commands
+    calibrate = {"frames": 24, "source": f"dir://{folder}", "policy": "max"}
+    try:
+        r = cmd.calibrate(calibrate)                       # the config's threshold overrides the new one
+        assert r["threshold"] != 0.5 and r["threshold_in_force"] == 0.5 == svc.effective_threshold()
+        cmd.set_threshold({"threshold": 0.25, "persist": False})
+        r = cmd.rollback_calibration({})                   # the this-run-only threshold goes: as before it
+        assert r["version"] == 1 and r["threshold_in_force"] == 0.5 == svc.effective_threshold()
+        cmd.set_threshold({"threshold": 0.3})              # persisted: the calibration holds it, not the config
+        cmd.set_threshold({"threshold": 0.25, "persist": False})
+        r = cmd.calibrate(calibrate)                       # ... so the new calibration's threshold decides
+        assert r["threshold_in_force"] == r["threshold"] == svc.effective_threshold() != 0.5
+        assert [e for e in svc.events if e["type"] == "calibration"][-1]["threshold_in_force"] == r["threshold"]
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_plugin_trigger_releases_frames(tmp_path, tiny_bundle, monkeypatch):
     (tmp_path / "line_plc.py").write_text(
         "import threading\n"

@@ -106,6 +106,8 @@ class Commands:
         svc = self.svc
         old = svc.effective_threshold()
         if not persist:
+            if svc.transient_threshold is None:   # what decides again once a calibration swap drops it
+                svc.override_under_transient = svc.pipeline.threshold_override
             svc.pipeline.threshold_override = thr
             svc.transient_threshold = thr         # until the next calibration is swapped in
             svc.event({"type": "threshold", "threshold": thr, "previous": old, "persisted": False})
@@ -124,8 +126,9 @@ class Commands:
         with self._busy:
             before = self.svc.inspector.calibration.version
             cal = self.svc.rollback_calibration(int(version) if version is not None else None)
+            in_force = self.svc.effective_threshold()
         return {"version": cal.version, "previous_version": before, "threshold": cal.threshold,
-                "policy": cal.policy}
+                "policy": cal.policy, "threshold_in_force": in_force}
 
     def calibrate(self, args: dict) -> dict:
         svc = self.svc
