@@ -183,6 +183,25 @@ def test_map_model_recalibration_refits_quantiles_and_threshold(tbundle):
     assert Bundle.open(tbundle.path).calibration() == c
 
 
+def test_screen_frames_is_the_refits_screen_alone(tbundle):
+    """--adapt screens its frames with this: defects left out, a set of mostly defects refused, and a set
+    that mostly scores above the threshold in force warned of."""
+    from edge_ad.calibration.refit import screen_frames
+
+    insp = _inspector(tbundle)
+    used, excluded, warnings = screen_frames(insp, [part_frame(i, defect=i % 10 == 9) for i in range(40)],
+                                             progress=False)
+    assert [e.index for e in excluded] == [9, 19, 29, 39] and len(used) == 36 and warnings == ()
+    with pytest.raises(InputError, match="more than 25%"):
+        screen_frames(insp, [part_frame(i, defect=i % 10 >= 7) for i in range(40)], progress=False)
+    with pytest.raises(InputError, match="at least 200 are needed"):
+        screen_frames(insp, [part_frame(i) for i in range(40)], min_frames=200, progress=False)
+    insp.set_calibration(insp.calibration.replace(threshold=-1e9))
+    assert "100% of the frames used score above the threshold" in screen_frames(
+        insp, [part_frame(i) for i in range(40)], progress=False)[2][0]
+    assert tbundle.calibration_versions() == [1]                 # nothing written
+
+
 # ----------------------------------------------------------------------------- versions and rollback
 def test_rollback_restores_earlier_versions_byte_for_byte(tbundle):
     insp = _inspector(tbundle)

@@ -419,6 +419,24 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
                              timings={"infer": t_infer, "fit": t_fit, "total": t_total}, warnings=warnings)
 
 
+def screen_frames(inspector, frames: Sequence[np.ndarray], *, screen_z: float = SCREEN_Z,
+                  min_frames: int = MIN_FRAMES, max_excluded: float = MAX_EXCLUDED, batch_size: int = 16,
+                  progress: bool = True) -> tuple[np.ndarray, list[Excluded], tuple[str, ...]]:
+    """The refit's first pass alone, for frames something else is fitted on (``--adapt``): the deployed
+    artefact scores them under the calibration in force, likely defects are left out (robust z >
+    ``screen_z``), and the set is refused as :func:`recalibrate` refuses it (fewer than ``min_frames``
+    usable, more than ``max_excluded`` flagged). Returns (indices of the frames kept, those left out, the
+    warnings: most frames above the threshold in force)."""
+    cur = inspector.calibration
+    _, s_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, len(frames))
+    index = np.arange(n)
+    excluded = _screen(s_cur, index, screen_z, f"robust z > {screen_z:g} under calibration v{cur.version}",
+                       cur.normal.get("std"))
+    used = np.setdiff1d(index, [e.index for e in excluded])
+    _check_usable(n, len(used), excluded, min_frames, max_excluded)
+    return used, excluded, _warnings(cur, s_cur, used)
+
+
 def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray) -> tuple[str, ...]:
     """The screening compares frames with each other; a set made *only* of defects passes it. Say so when
     the set as a whole scores like NG parts under the calibration in force (or a changed light does)."""

@@ -42,7 +42,8 @@ def _echo_json(obj) -> None:
               help="Gaussian model: frames the covariance in force counts for (default: as many as the new "
                    "frames; 0: fit from the new frames alone; at most 1e9).")
 @click.option("--adapt", is_flag=True,
-              help="EfficientAD / FADeR-style: fine-tune on the frames for --adapt-steps, re-export, re-quantize "
+              help="EfficientAD / FADeR-style: screen the frames as a refit does, fine-tune on them for "
+                   "--adapt-steps, calibrate on one in 10 (needs --frames 200 or more), re-export, re-quantize "
                    "and rebuild with the accuracy guard, check on --golden, switch in with --deploy (needs the "
                    "train extra).")
 @click.option("--adapt-steps", default=200, show_default=True, type=click.IntRange(1), help="Fine-tuning steps.")
@@ -117,8 +118,10 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
                          "validation split of the frames and quantized like the running one; leave "
                          f"{'it' if len(given) == 1 else 'them'} out")
     check_policy(policy)
-    if adapt and frames < 4:
-        raise InputError(f"--frames {frames}: --adapt needs at least 4 normal frames")
+    if adapt:
+        from ..calibration.adapt import check_adapt_frames
+
+        check_adapt_frames(frames)
     if not adapt and min_frames > frames:
         raise InputError(f"--min-frames {min_frames} is more than --frames {frames}: the refit would refuse the "
                          "set; collect more frames or lower --min-frames")
@@ -138,7 +141,9 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
                         golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device)
         if as_json:
             _echo_json(res.summary())
-        elif res.install is not None:
+            return
+        _screened(res)
+        if res.install is not None:
             click.echo(f"adapted model installed as {res.install.release} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s); a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command "
                        "or a restart, and its health check then confirms it or rolls back")
@@ -159,13 +164,18 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
         _echo_json(res.summary())
         return
     c = res.calibration
+    _screened(res)
+    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
+               f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
+               f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
+
+
+def _screened(res) -> None:
+    """The frames the screen left out and the warnings (a refit's or --adapt's result), on stderr."""
     for e in res.excluded:
         click.echo(f"left out frame {e.index}: score {e.score:.4g}, robust z {e.z:.1f} ({e.reason})", err=True)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
-    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
-               f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
-               f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
 
 
 def _collect(source, frames: int, every: int, timeout_s: float) -> list:
