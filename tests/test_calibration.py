@@ -518,6 +518,7 @@ def test_cli_calibrate_and_rollback_are_refused_while_another_calibration_of_the
     (["--policy", "max:"], "threshold policy 'max:'"),
     (["--frames", "24", "--min-frames", "30"], "--min-frames 30 is more than --frames 24"),
     (["--precision", "int4"], "int4"),
+    (["--prior-weight", "5"], "--prior-weight 5: only the Gaussian model has trained statistics to pool with"),
     (["--adapt", "--min-frames", "30", "--screen-z", "2"], "--adapt does not use --min-frames, --screen-z"),
     (["--adapt", "--prior-weight", "0"], "--adapt does not use --prior-weight"),
     (["--adapt", "--precision", "int8"], "--adapt does not use --precision"),

@@ -39,8 +39,8 @@ def _echo_json(obj) -> None:
 @click.option("--min-frames", default=20, show_default=True, type=click.IntRange(3),
               help="Refuse with fewer usable frames.")
 @click.option("--prior-weight", default=None, type=click.FloatRange(min=0),
-              help="Gaussian model: frames the covariance in force counts for (default: as many as the new "
-                   "frames; 0: fit from the new frames alone; at most 1e9).")
+              help="Gaussian model only (refused for others): frames the covariance in force counts for "
+                   "(default: as many as the new frames; 0: fit from the new frames alone; at most 1e9).")
 @click.option("--adapt", is_flag=True,
               help="EfficientAD / FADeR-style: screen the frames as a refit does, fine-tune on them for "
                    "--adapt-steps, calibrate on one in 10 (needs --frames 200 or more), re-export, re-quantize "
@@ -125,6 +125,9 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     if not adapt and min_frames > frames:
         raise InputError(f"--min-frames {min_frames} is more than --frames {frames}: the refit would refuse the "
                          "set; collect more frames or lower --min-frames")
+    if prior_weight is not None and b.kind != "gaussian":
+        raise InputError(f"--prior-weight {prior_weight:g}: only the Gaussian model has trained statistics to pool "
+                         f"with; {b.path} is a {b.kind} bundle: leave it out")
     if prior_weight is not None:
         from ..calibration.gaussfit import check_prior_weight
 
