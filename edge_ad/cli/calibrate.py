@@ -125,9 +125,6 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     if not adapt and min_frames > frames:
         raise InputError(f"--min-frames {min_frames} is more than --frames {frames}: the refit would refuse the "
                          "set; collect more frames or lower --min-frames")
-    if prior_weight is not None and b.kind != "gaussian":
-        raise InputError(f"--prior-weight {prior_weight:g}: only the Gaussian model has trained statistics to pool "
-                         f"with; {b.path} is a {b.kind} bundle: leave it out")
     if prior_weight is not None:
         from ..calibration.gaussfit import check_prior_weight
 
@@ -135,6 +132,9 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             check_prior_weight(prior_weight)
         except InputError as exc:
             raise InputError(f"--prior-weight: {exc}") from None
+        if b.kind != "gaussian":
+            raise InputError(f"--prior-weight {prior_weight:g}: only the Gaussian model has trained statistics "
+                             f"to pool with; {b.path} is a {b.kind} bundle: leave it out")
     if adapt:
         from ..calibration.adapt import adapt as run_adapt, check_adapt
 
