@@ -428,6 +428,9 @@ def test_collect_frames_from_a_folder_a_dir_uri_a_video_and_synthetic(tmp_path):
     assert len(got) == 10 and got[0][0, 0, 0] == 0 and got[-1][0, 0, 0] == 29   # spread over the folder
     assert [f[0, 0, 0] for f in collect_frames(f"dir://{folder}", 10, progress=False)] == [f[0, 0, 0] for f in got]
     assert len(collect_frames(folder, 100, progress=False)) == 30
+    for src in (folder, f"dir://{folder}"):                     # spread evenly: --every means nothing there
+        with pytest.raises(InputError, match="--every 5: a folder .* is sampled evenly over its images"):
+            collect_frames(src, 10, every=5, progress=False)
     video = write_video(tmp_path / "clip.avi", (part_frame(i, 48) for i in range(12)))
     assert len(collect_frames(f"file://{video}", 5, every=2, progress=False)) == 5
     assert len(collect_frames(f"file://{video}", 50, progress=False)) == 12        # the file ends

@@ -1,7 +1,8 @@
 """Collect calibration frames from a folder or a camera URI.
 
 - A folder (a plain path or ``dir://folder``): ``n`` images spread evenly over the folder in name order
-  (all of them when it holds fewer), so a folder captured over a shift is sampled over the whole shift.
+  (all of them when it holds fewer), so a folder captured over a shift is sampled over the whole shift
+  (``every`` > 1 is refused: it means nothing here).
   An unreadable one (truncated, not an image) is skipped with a warning naming it, as ``edge-ad run``
   does, and not counted; a folder where none of the picked images is readable is an error.
 - Any other source URI (``v4l2://``, ``csi://``, ``rtsp://``, ``file://``, ``synthetic://``; see
@@ -36,6 +37,9 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
         raise InputError(f"every {every}: expected >= 1")
     text = os.fspath(source)
     folder = _folder_of(text)
+    if folder is not None and int(every) > 1:
+        raise InputError(f"--every {every}: a folder ({text}) is sampled evenly over its images, not frame by "
+                         "frame; --every is for cameras, videos and synthetic:// sources: leave it out")
     if folder is not None:
         paths = spread(list_images(folder), n)
         if not paths:

@@ -31,7 +31,8 @@ def _echo_json(obj) -> None:
 @click.option("--precision", default=None, help="fp32 | fp16 | int8 (default: the bundle's active graph).")
 @click.option("--device", default=None, help="Backend device (cpu, cuda, cuda:N).")
 @click.option("--every", default=1, show_default=True, type=click.IntRange(1),
-              help="Camera sources: keep one frame in N.")
+              help="Camera, video and synthetic sources: keep one frame in N (refused with a folder, which is "
+                   "sampled evenly).")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=click.FloatRange(min=1),
               help="Camera sources: give up after this many seconds.")
 @click.option("--screen-z", default=6.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
