@@ -458,9 +458,15 @@ def test_collect_frames_skips_an_unreadable_image_of_a_folder(tmp_path, caplog):
             got = collect_frames(source, 60, progress=False)
         assert [f[0, 0, 0] for f in got] == [0, 1, 2, 3, 4]
         assert "skipped" in caplog.text and "zz_bad.png: not a readable image" in caplog.text
+    for i in range(5, 10):                               # picked but unreadable: replaced by readable ones
+        (folder / f"{i:03d}.png").write_text("garbage")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        got = collect_frames(folder, 5, progress=False)
+    assert [f[0, 0, 0] for f in got] == [0, 1, 2, 3, 4] and "009.png: not a readable image" in caplog.text
     for p in folder.glob("0*.png"):
         p.write_bytes(b"")
-    with pytest.raises(InputError, match=f"{folder}: none of the 6 images can be read"):
+    with pytest.raises(InputError, match=f"{folder}: none of the 11 images can be read"):
         collect_frames(f"dir://{folder}", 60, progress=False)
 
 
