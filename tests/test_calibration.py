@@ -260,6 +260,15 @@ def test_gaussian_files_are_pruned_and_rollback_refuses_a_pruned_version(gbundle
     with pytest.raises(InputError, match="no longer kept"):
         rollback(gbundle, 2)
     assert gbundle.calibration().version == 4
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(gbundle.path), "--list", "--json"])
+    assert {r["version"]: r["rollback"] for r in json.loads(res.stdout)} == {1: True, 2: False, 3: False, 4: True}
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(gbundle.path), "--list"])
+    assert [line[:4] for line in res.output.splitlines() if "statistics pruned: no rollback" in line] == ["  v2",
+                                                                                                     "  v3"]
     assert rollback(gbundle, 1).version == 1       # the trained calibration always works
     Inspector(gbundle, insp.backend)
     gbundle.verify()

@@ -290,6 +290,13 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
     return done
 
 
+def statistics_kept(bundle: Bundle, cal: Calibration) -> bool:
+    """Whether a rollback to ``cal`` can load its model: for the Gaussian model the statistics file it
+    names must still be kept (only the last versions keep theirs); other models need none."""
+    g = str(cal.extra.get("gaussian") or "")
+    return bundle.kind != "gaussian" or bool(g) and bundle.has(g)
+
+
 def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
     """Put an earlier calibration back in force (byte for byte; default: the one the calibration in force
     replaced, :meth:`Bundle.previous_calibration_version`).
@@ -302,8 +309,9 @@ def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
     if target is None and versions:
         target = bundle.previous_calibration_version()   # the one the calibration in force replaced
     if target is not None and target in versions and bundle.kind == "gaussian":
-        g = str(bundle.calibration_at(target).extra.get("gaussian") or "")
-        if not g or not bundle.has(g):
+        cal = bundle.calibration_at(target)
+        g = str(cal.extra.get("gaussian") or "")
+        if not statistics_kept(bundle, cal):
             raise InputError(f"calibration version {target} names Gaussian statistics '{g}', which are no longer "
                              f"kept (only the last {KEEP_GAUSSIAN} versions keep theirs); recalibrate instead")
         try:

@@ -210,15 +210,18 @@ def _calibration_rows(b) -> tuple[list[dict], list[str]]:
             bad.append(str(exc))
             rows.append({"version": v, "in_force": False, "error": str(exc)})
             continue
-        rows.append(_row(c, v, in_force=cur is not None and v == cur.version))
+        rows.append(_row(b, c, v, in_force=cur is not None and v == cur.version))
     if not rows and cur is not None:
-        rows.append(_row(cur, cur.version, in_force=True))
+        rows.append(_row(b, cur, cur.version, in_force=True))
     return rows, bad
 
 
-def _row(c, version: int, in_force: bool) -> dict:
+def _row(b, c, version: int, in_force: bool) -> dict:
+    from ..calibration.refit import statistics_kept
+
     return {"version": version, "in_force": in_force, "created": c.created, "policy": c.policy,
-            "threshold": c.threshold, "n_frames": c.n_frames, "source": c.source}
+            "threshold": c.threshold, "n_frames": c.n_frames, "source": c.source,
+            "rollback": statistics_kept(b, c)}
 
 
 def _list_calibrations(b, as_json: bool) -> None:
@@ -239,7 +242,8 @@ def _list_calibrations(b, as_json: bool) -> None:
                 click.echo(f"{mark} v{r['version']:<4} unreadable: {r['error']}")
             else:
                 click.echo(f"{mark} v{r['version']:<4} {r['created']:<26} {r['policy']:<11} "
-                           f"threshold {r['threshold']:.6g}  {r['n_frames']} frames  {r['source']}")
+                           f"threshold {r['threshold']:.6g}  {r['n_frames']} frames  {r['source']}"
+                           + ("" if r["rollback"] else "  (statistics pruned: no rollback to it)"))
     if bad:
         raise InputError(f"{len(bad)} calibration file(s) unreadable: " + "; ".join(bad))
 
