@@ -637,7 +637,9 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     assert not list(running.path.parent.glob("*.adapted-*"))          # the failed candidate is gone
     monkeypatch.undo()
 
-    res = adapt(running.path, frames, steps=1, deploy_dir=deploy)
+    with pytest.raises(InputError, match="no golden set: give --golden DIR"):   # as 'bundle install' refuses
+        adapt(running.path, frames, steps=1, deploy_dir=deploy)
+    res = adapt(running.path, frames, steps=1, deploy_dir=deploy, require_golden=False)
     dep = deployment(deploy)
     assert dep.current == res.install.release and dep.previous == first.release and dep.health == "pending"
     cand = Bundle.open(current_path(deploy), verify=True)
@@ -732,6 +734,9 @@ def test_adapt_needs_the_trained_weights_and_says_so_before_collecting(effad_bun
 @pytest.mark.parametrize("option, message", [
     (["--train-device", "gpu0"], "--train-device gpu0: expected cpu, cuda or cuda:N"),
     (["--golden", "/nonexistent/golden"], "/nonexistent/golden: golden folder not found"),
+    (["--deploy", "/nonexistent/deploy"], "no golden set: give --golden DIR or put images in "
+                                          "/nonexistent/deploy/golden"),     # as 'bundle install' refuses
+    (["--no-golden"], "--no-golden goes with --deploy"),
     (["--frames", "12"], "--adapt on 12 frames: the candidate is calibrated on one frame in 10 (its validation "
                          "split), and a calibration needs at least 20 frames: give --frames 200 or more"),
 ])

@@ -125,9 +125,12 @@ def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os
 
 def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy: str | None = None,
           device: str = "cpu", out_dir=None, golden_dir=None, deploy_dir=None, backend: str = "auto",
-          run_device: str | None = None, limits=None, progress: bool = True) -> AdaptResult:
+          run_device: str | None = None, limits=None, progress: bool = True,
+          require_golden: bool = True) -> AdaptResult:
     """Fine-tune the bundle at ``bundle_dir`` on ``frames`` (on torch ``device``) and validate the candidate
-    (module doc) as the line runs it: on ``backend`` / ``run_device``, the running bundle's precision."""
+    (module doc) as the line runs it: on ``backend`` / ``run_device``, the running bundle's precision.
+    With ``deploy_dir`` the install's golden rule applies: ``golden_dir``, else ``<deploy>/golden``, else
+    refused unless ``require_golden`` is false."""
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
     from ..train.adapt import adapt_bundle   # torch: only here
@@ -139,6 +142,10 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
     out = Path(out_dir) if keep_out else src.path.parent / f"{src.path.name}.adapted-{stamp}"
     check_adapt(src, out, golden_dir, device)
     check_adapt_frames(len(frames))
+    if deploy_dir is not None:
+        from .deploy import golden_for
+
+        golden_dir = golden_for(deploy_dir, golden_dir, require_golden)
     be = open_backend(src, backend, None, run_device)
     try:   # the screen of a recalibration: defects left out, a set of (mostly) defects refused or warned of
         used, excluded, warnings = screen_frames(Inspector(src, be), frames, min_frames=MIN_ADAPT_FRAMES,
@@ -181,7 +188,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         if deploy_dir is not None:
             from .deploy import install_bundle, open_probe
 
-            install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=golden_dir is not None,
+            install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=require_golden,
                                      backend=backend, device=run_device, calib_dir=calib, progress=progress,
                                      probe=open_probe(backend, None, run_device))
             golden = install.golden

@@ -465,17 +465,25 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
         raise
 
 
+def golden_for(deploy_dir: str | os.PathLike, golden_dir, require_golden: bool = True) -> Path | None:
+    """The golden set an install into ``deploy_dir`` checks on: ``golden_dir``, else ``<deploy>/golden``
+    when it exists; none is refused unless ``require_golden`` is false (the check skipped on purpose)."""
+    d = Path(deploy_dir)
+    if golden_dir is None and (d / GOLDEN).is_dir():
+        golden_dir = d / GOLDEN
+    if golden_dir is None and require_golden:
+        raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
+                         "folders); skip the check only on purpose (--no-golden)")
+    return Path(golden_dir) if golden_dir is not None else None
+
+
 def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
              keep, device, probe, calib_dir, progress) -> InstallResult:
     from ..errors import GuardFailure
 
     dep = deployment(d)
     key_obj = load_key(key) if key is not None else None
-    if golden_dir is None and (d / GOLDEN).is_dir():
-        golden_dir = d / GOLDEN
-    if golden_dir is None and require_golden:
-        raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
-                         "folders); skip the check only on purpose (--no-golden)")
+    golden_dir = golden_for(d, golden_dir, require_golden)
     _clean_stale(d)
     running = None
     if dep.current_path is not None and dep.current_path.is_dir():

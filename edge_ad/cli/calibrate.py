@@ -55,7 +55,9 @@ def _echo_json(obj) -> None:
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
               help="--adapt: golden images the adapted model must judge no worse than the running one.")
 @click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="--adapt: deploy folder to switch the adapted model into (see 'edge-ad bundle install').")
+              help="--adapt: deploy folder to switch the adapted model into (see 'edge-ad bundle install'; the "
+                   "golden set is --golden, else DEPLOY/golden, else refused unless --no-golden).")
+@click.option("--no-golden", is_flag=True, help="--adapt --deploy: switch in without the golden-set check.")
 @click.option("--rollback", "rollback_to", is_flag=False, flag_value="previous", default=None, metavar="[VERSION]",
               help="Put an earlier calibration version back in force (default: the one the calibration in force "
                    "replaced) and exit.")
@@ -63,7 +65,7 @@ def _echo_json(obj) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, frames, policy, backend, precision, device, every, timeout_s, screen_z,
               min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
-              rollback_to, list_versions, as_json):
+              no_golden, rollback_to, list_versions, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
 
     Writes a new calibration version (atomic; the old ones are kept), or with --rollback puts an older one
@@ -109,8 +111,10 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     from ..runtime.backends import open_backend
     from ..scoring import check_policy
 
-    if (golden_dir or deploy_dir or adapt_out) and not adapt:
-        raise InputError("--golden, --deploy and --adapt-out go with --adapt")
+    if (golden_dir or deploy_dir or adapt_out or no_golden) and not adapt:
+        raise InputError("--golden, --deploy, --no-golden and --adapt-out go with --adapt")
+    if no_golden and (golden_dir or not deploy_dir):
+        raise InputError("--no-golden goes with --deploy (switching in unchecked), and not with --golden")
     ctx = click.get_current_context()
     given = [f"--{n.replace('_', '-')}" for n in ("min_frames", "screen_z", "precision", "prior_weight")
              if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
@@ -140,16 +144,23 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
         from ..calibration.adapt import adapt as run_adapt, check_adapt
 
         check_adapt(b, adapt_out, golden_dir, train_device)   # before the frames: collecting them takes minutes
+        if deploy_dir is not None:
+            from ..calibration.deploy import golden_for
+
+            golden_for(deploy_dir, golden_dir, not no_golden)
         images = _collect(source, frames, every, timeout_s)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
-                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device)
+                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
+                        require_golden=not no_golden)
         if as_json:
             _echo_json(res.summary())
             return
         _screened(res)
         if res.install is not None:
-            click.echo(f"adapted model installed as {res.install.release} ({res.precision}, {res.steps} steps, "
-                       f"{res.seconds:.0f} s); a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command "
+            g = res.install.golden
+            golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
+            click.echo(f"adapted model installed as {res.install.release} ({golden}; {res.precision}, "
+                       f"{res.steps} steps, {res.seconds:.0f} s); a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command "
                        "or a restart, and its health check then confirms it or rolls back")
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
