@@ -5,13 +5,18 @@ A power cut at any point leaves either the old file or the new one, never a torn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
+
+_held: dict[tuple[int, int], int] = {}   # folder_lock: (inode, device) of the folder -> depth held here
+_held_lock = threading.Lock()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -74,6 +79,40 @@ def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -
             raise naming(exc, path) from exc
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, busy: str):
+    """One holder at a time per folder, across processes: the kernel's lock (flock) on the folder, so a
+    killed holder leaves none behind. Re-entrant in one process; another process gets a RuntimeFailure
+    with the message ``busy`` at once. Not POSIX: no guard."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    from .errors import RuntimeFailure
+
+    fd = os.open(folder, os.O_RDONLY)
+    key = os.fstat(fd)[1:3]   # (inode, device)
+    try:
+        with _held_lock:
+            depth = _held.get(key, 0)
+            if depth == 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RuntimeFailure(busy) from None
+            _held[key] = depth + 1
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+                if _held[key] == 0:
+                    del _held[key]
+    finally:
+        os.close(fd)   # the outermost holder's close releases the lock
 
 
 def naming(exc: OSError, path: str | os.PathLike) -> OSError:

@@ -183,6 +183,25 @@ def test_map_model_recalibration_refits_quantiles_and_threshold(tbundle):
     assert Bundle.open(tbundle.path).calibration() == c
 
 
+def test_screen_frames_is_the_refits_screen_alone(tbundle):
+    """--adapt screens its frames with this: defects left out, a set of mostly defects refused, and a set
+    that mostly scores above the threshold in force warned of."""
+    from edge_ad.calibration.refit import screen_frames
+
+    insp = _inspector(tbundle)
+    used, excluded, warnings = screen_frames(insp, [part_frame(i, defect=i % 10 == 9) for i in range(40)],
+                                             progress=False)
+    assert [e.index for e in excluded] == [9, 19, 29, 39] and len(used) == 36 and warnings == ()
+    with pytest.raises(InputError, match="more than 25%"):
+        screen_frames(insp, [part_frame(i, defect=i % 10 >= 7) for i in range(40)], progress=False)
+    with pytest.raises(InputError, match="at least 200 are needed"):
+        screen_frames(insp, [part_frame(i) for i in range(40)], min_frames=200, progress=False)
+    insp.set_calibration(insp.calibration.replace(threshold=-1e9))
+    assert "100% of the frames used score above the threshold" in screen_frames(
+        insp, [part_frame(i) for i in range(40)], progress=False)[2][0]
+    assert tbundle.calibration_versions() == [1]                 # nothing written
+
+
 # ----------------------------------------------------------------------------- versions and rollback
 def test_rollback_restores_earlier_versions_byte_for_byte(tbundle):
     insp = _inspector(tbundle)
@@ -241,6 +260,15 @@ def test_gaussian_files_are_pruned_and_rollback_refuses_a_pruned_version(gbundle
     with pytest.raises(InputError, match="no longer kept"):
         rollback(gbundle, 2)
     assert gbundle.calibration().version == 4
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(gbundle.path), "--list", "--json"])
+    assert {r["version"]: r["rollback"] for r in json.loads(res.stdout)} == {1: True, 2: False, 3: False, 4: True}
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(gbundle.path), "--list"])
+    assert [line[:4] for line in res.output.splitlines() if "statistics pruned: no rollback" in line] == ["  v2",
+                                                                                                     "  v3"]
     assert rollback(gbundle, 1).version == 1       # the trained calibration always works
     Inspector(gbundle, insp.backend)
     gbundle.verify()
@@ -409,6 +437,9 @@ def test_collect_frames_from_a_folder_a_dir_uri_a_video_and_synthetic(tmp_path):
     assert len(got) == 10 and got[0][0, 0, 0] == 0 and got[-1][0, 0, 0] == 29   # spread over the folder
     assert [f[0, 0, 0] for f in collect_frames(f"dir://{folder}", 10, progress=False)] == [f[0, 0, 0] for f in got]
     assert len(collect_frames(folder, 100, progress=False)) == 30
+    for src in (folder, f"dir://{folder}"):                     # spread evenly: --every means nothing there
+        with pytest.raises(InputError, match="--every 5: a folder .* is sampled evenly over its images"):
+            collect_frames(src, 10, every=5, progress=False)
     video = write_video(tmp_path / "clip.avi", (part_frame(i, 48) for i in range(12)))
     assert len(collect_frames(f"file://{video}", 5, every=2, progress=False)) == 5
     assert len(collect_frames(f"file://{video}", 50, progress=False)) == 12        # the file ends
@@ -436,9 +467,15 @@ def test_collect_frames_skips_an_unreadable_image_of_a_folder(tmp_path, caplog):
             got = collect_frames(source, 60, progress=False)
         assert [f[0, 0, 0] for f in got] == [0, 1, 2, 3, 4]
         assert "skipped" in caplog.text and "zz_bad.png: not a readable image" in caplog.text
+    for i in range(5, 10):                               # picked but unreadable: replaced by readable ones
+        (folder / f"{i:03d}.png").write_text("garbage")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        got = collect_frames(folder, 5, progress=False)
+    assert [f[0, 0, 0] for f in got] == [0, 1, 2, 3, 4] and "009.png: not a readable image" in caplog.text
     for p in folder.glob("0*.png"):
         p.write_bytes(b"")
-    with pytest.raises(InputError, match=f"{folder}: none of the 6 images can be read"):
+    with pytest.raises(InputError, match=f"{folder}: none of the 11 images can be read"):
         collect_frames(f"dir://{folder}", 60, progress=False)
 
 
@@ -471,11 +508,35 @@ def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
     assert res.exit_code == 2 and "--source is required" in res.output
 
 
+def test_cli_calibrate_and_rollback_are_refused_while_another_calibration_of_the_bundle_runs(tbundle, tmp_path):
+    import fcntl
+    import os
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    tbundle.write_calibration(tbundle.calibration().replace(version=0, created="", threshold=0.5, policy="manual"))
+    fd = os.open(tbundle.path, os.O_RDONLY)   # another process (edge-ad calibrate, edge-ad run) holds this lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for args in (["--source", str(tmp_path), "--frames", "20", "--backend", "onnxruntime"], ["--rollback"]):
+            res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), *args])
+            assert res.exit_code == 1, res.output
+            assert "another calibration of this bundle is running" in res.output
+        assert Bundle.open(tbundle.path).calibration().version == 2 and tbundle.calibration_versions() == [1, 2]
+    finally:
+        os.close(fd)
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback"])   # free again
+    assert res.exit_code == 0 and "v1 in force (was v2)" in res.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--policy", "fpr:5"], "threshold policy 'fpr:5'"),
     (["--policy", "max:"], "threshold policy 'max:'"),
     (["--frames", "24", "--min-frames", "30"], "--min-frames 30 is more than --frames 24"),
     (["--precision", "int4"], "int4"),
+    (["--prior-weight", "5"], "--prior-weight 5: only the Gaussian model has trained statistics to pool with"),
     (["--adapt", "--min-frames", "30", "--screen-z", "2"], "--adapt does not use --min-frames, --screen-z"),
     (["--adapt", "--prior-weight", "0"], "--adapt does not use --prior-weight"),
     (["--adapt", "--precision", "int8"], "--adapt does not use --precision"),

@@ -92,6 +92,21 @@ def test_defects_are_not_drift_but_a_line_gone_all_ng_is():
     assert st.drift and st.ng_rate == 1.0 and math.isnan(st.mean) and st.basis == "all"
 
 
+def test_a_window_flipping_between_bases_is_one_drift_episode():
+    # the light changed: about half the parts NG, the OK ones far below normal; the OK share
+    # crosses one half back and forth, and the median of all parts lands near the normal median
+    rng = np.random.default_rng(5)
+    mon = DriftMonitor(_cal(), window=40, limit=3.0)
+    states = []
+    for i in range(2000):
+        ng = rng.random() < 0.5
+        states.append(mon.update(rng.uniform(0.1, 0.22) if ng else rng.uniform(-0.14, -0.06), ng))
+    assert {s.basis for s in states[100:]} == {"ok", "all"}
+    assert [s.event for s in states if s.event] == ["drift"]
+    back = _feed(mon, rng.normal(0.1, 0.02, 200))               # the light is back: it clears
+    assert [s.event for s in back if s.event] == ["drift_cleared"]
+
+
 def test_not_judged_before_min_samples_or_without_normal_statistics():
     mon = DriftMonitor(_cal(), window=200)
     st = _feed(mon, [0.5] * 49)[-1]

@@ -624,7 +624,7 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     deploy = tmp_path / "deploy"
     first = install_bundle(fader_bundle.path, deploy, require_golden=False)
     running = Bundle.open(first.path)
-    frames = [make_part("grain", 64, None, seed=9, index=i).image for i in range(8)]
+    frames = [make_part("grain", 64, None, seed=9, index=i).image for i in range(200)]
     before = _release_files(deploy)
 
     def failing(candidate, golden_dir, running, **settings):
@@ -637,11 +637,13 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
     assert not list(running.path.parent.glob("*.adapted-*"))          # the failed candidate is gone
     monkeypatch.undo()
 
-    res = adapt(running.path, frames, steps=1, deploy_dir=deploy)
+    with pytest.raises(InputError, match="no golden set: give --golden DIR"):   # as 'bundle install' refuses
+        adapt(running.path, frames, steps=1, deploy_dir=deploy)
+    res = adapt(running.path, frames, steps=1, deploy_dir=deploy, require_golden=False)
     dep = deployment(deploy)
     assert dep.current == res.install.release and dep.previous == first.release and dep.health == "pending"
     cand = Bundle.open(current_path(deploy), verify=True)
-    assert cand.manifest["adapted"]["steps"] == 1 and cand.manifest["adapted"]["frames"] == 8
+    assert cand.manifest["adapted"]["steps"] == 1 and cand.manifest["adapted"]["frames"] == 200
     assert cand.model_hash() != running.model_hash() and res.precision == "fp32"
     assert _release_files(deploy).items() >= before.items()            # the running release untouched
     assert not list(running.path.parent.glob("*.adapted-*"))
@@ -668,8 +670,8 @@ def test_adapt_fine_tunes_a_candidate_and_switches_it_in_or_keeps_the_running_mo
 def new_normals(tmp_path) -> Path:
     from edge_ad.data.synthetic import make_part
 
-    for i in range(8):
-        _write(tmp_path / "new" / f"{i}.png", make_part("disc", 64, None, seed=9, index=i).image)
+    for i in range(200):
+        _write(tmp_path / "new" / f"{i:03d}.png", make_part("disc", 64, None, seed=9, index=i).image)
     return tmp_path / "new"
 
 
@@ -687,10 +689,14 @@ def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normaliz
     import torch
     from edge_ad.models import load_from_bundle
 
-    r = _calibrate("--bundle", str(effad_bundle.path), "--source", str(new_normals), "--frames", "8", "--adapt",
+    running = copy_bundle(effad_bundle, tmp_path / "running")   # whose threshold every frame scores above
+    running.write_calibration(running.calibration().replace(version=0, created="", threshold=-1e9, policy="manual"))
+    r = _calibrate("--bundle", str(running.path), "--source", str(new_normals), "--frames", "200", "--adapt",
                    "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"))
     assert r.exit_code == 0, r.output
+    assert "warning: 100% of the frames used score above the threshold of calibration v2" in r.stderr   # as a refit
     cand = Bundle.open(tmp_path / "cand", verify=True)
+    assert cand.calibration().n_frames == 20                    # the validation split: a refit's minimum
     assert cand.manifest["adapted"]["steps"] == 1
     old, new = load_from_bundle(effad_bundle), load_from_bundle(cand)
     assert torch.equal(old.t_mean, new.t_mean) and torch.equal(old.t_std, new.t_std)
@@ -706,7 +712,7 @@ def test_a_failed_adapt_removes_the_candidate_asked_for_with_adapt_out(effad_bun
         return {"passed": False, "failures": ["2 wrong decisions"]}
 
     monkeypatch.setattr(deploy_mod, "check_golden", failing)
-    r = _calibrate("--bundle", str(effad_bundle.path), "--source", str(new_normals), "--frames", "8", "--adapt",
+    r = _calibrate("--bundle", str(effad_bundle.path), "--source", str(new_normals), "--frames", "200", "--adapt",
                    "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"), "--golden", str(golden),
                    "--device", "cpu")
     assert r.exit_code == 1 and "failed the golden-set check" in r.output
@@ -728,6 +734,11 @@ def test_adapt_needs_the_trained_weights_and_says_so_before_collecting(effad_bun
 @pytest.mark.parametrize("option, message", [
     (["--train-device", "gpu0"], "--train-device gpu0: expected cpu, cuda or cuda:N"),
     (["--golden", "/nonexistent/golden"], "/nonexistent/golden: golden folder not found"),
+    (["--deploy", "/nonexistent/deploy"], "no golden set: give --golden DIR or put images in "
+                                          "/nonexistent/deploy/golden"),     # as 'bundle install' refuses
+    (["--no-golden"], "--no-golden goes with --deploy"),
+    (["--frames", "12"], "--adapt on 12 frames: the candidate is calibrated on one frame in 10 (its validation "
+                         "split), and a calibration needs at least 20 frames: give --frames 200 or more"),
 ])
 def test_adapt_options_are_checked_before_any_frame_is_collected(effad_bundle, new_normals, monkeypatch, option,
                                                                  message):

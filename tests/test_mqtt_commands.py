@@ -480,6 +480,7 @@ def test_calibrate_refuses_a_policy_the_refit_would_refuse_before_collecting_fra
 def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_path, monkeypatch):
     """calibrate, set_threshold and rollback_calibration on a bundle that cannot be written: refused before
     any frame is collected, or (a disk error on the way) a 'failed' reply naming the file, as the CLI says it."""
+    import contextlib
     import errno
     from types import SimpleNamespace
 
@@ -492,7 +493,8 @@ def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_pa
     cal = SimpleNamespace(version=1, threshold=0.5, replace=lambda **kw: None)
     svc = SimpleNamespace(settings=SimpleNamespace(calibration=SimpleNamespace(frames=64, policy="max",
                                                                                 timeout_s=30.0)),
-                          bundle=SimpleNamespace(path=tmp_path, write_calibration=read_only),
+                          bundle=SimpleNamespace(path=tmp_path, write_calibration=read_only,
+                                                 calibration_lock=contextlib.nullcontext),
                           inspector=SimpleNamespace(calibration=cal), calibrate=read_only,
                           rollback_calibration=read_only, effective_threshold=lambda: 0.5)
     d = _dispatcher()

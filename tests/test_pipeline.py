@@ -3,6 +3,7 @@ SIGTERM without losing a result, MQTT commands, systemd notifications, local out
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -626,6 +627,18 @@ def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(plc_lin
     r = call("rollback_calibration")
     assert r["version"] == 2 and r["previous_version"] == 4                      # not v3, rolled back from
     assert svc.inspector.calibration.version == 2 == svc.bundle.calibration().version
+    # an 'edge-ad calibrate' of the same bundle is running (it holds the bundle's lock): refused at once
+    fd = os.open(svc.bundle.path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for name, args in (("calibrate", {"frames": 24, "source": f"dir://{folder}"}), ("rollback_calibration", {}),
+                           ("set_threshold", {"threshold": 0.4})):
+            r = call(name, args, ok=False)
+            assert r["code"] == "failed" and "another calibration of this bundle is running" in r["message"]
+    finally:
+        os.close(fd)
+    assert svc.inspector.calibration.version == 2 == svc.bundle.calibration().version
+    assert svc.bundle.calibration_versions() == [1, 2, 3, 4]
 
 
 def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquitto, caller):
@@ -746,6 +759,31 @@ def test_reload_config_and_bundle(tmp_path, tiny_bundle):
         cleared = [e for e in svc.events if e["type"] == "drift_cleared"]
         assert len(cleared) == 1 and cleared[0]["reason"] == "reload" and cleared[0]["calibration_version"] == 2
         assert svc.reporter.drift_summary()["drift"] is False
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_one_rule_for_the_threshold_in_force_after_a_calibration_and_the_replies_name_it(tmp_path, tiny_bundle):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    video, _ = defect_video(tmp_path / "v.avi", n=4, size=96)
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    for i in range(24):
+        cv2.imwrite(str(folder / f"n{i:02d}.png"), part_frame(500 + i, 96))
+    svc = Service(_settings(tmp_path, bundle, f"file://{video}", decision__threshold=0.5), install_signals=False)
+    cmd = svc.commands
+    calibrate = {"frames": 24, "source": f"dir://{folder}", "policy": "max"}
+    try:
+        r = cmd.calibrate(calibrate)                       # the config's threshold overrides the new one
+        assert r["threshold"] != 0.5 and r["threshold_in_force"] == 0.5 == svc.effective_threshold()
+        cmd.set_threshold({"threshold": 0.25, "persist": False})
+        r = cmd.rollback_calibration({})                   # the this-run-only threshold goes: as before it
+        assert r["version"] == 1 and r["threshold_in_force"] == 0.5 == svc.effective_threshold()
+        cmd.set_threshold({"threshold": 0.3})              # persisted: the calibration holds it, not the config
+        cmd.set_threshold({"threshold": 0.25, "persist": False})
+        r = cmd.calibrate(calibrate)                       # ... so the new calibration's threshold decides
+        assert r["threshold_in_force"] == r["threshold"] == svc.effective_threshold() != 0.5
+        assert [e for e in svc.events if e["type"] == "calibration"][-1]["threshold_in_force"] == r["threshold"]
     finally:
         svc.inspector.backend.close()
 

@@ -3,6 +3,9 @@
 For lines that changed more than lighting (EfficientAD, FADeR-style; the Gaussian model's adaptation is
 the refit of :func:`edge_ad.calibration.recalibrate`):
 
+0. the frames are screened as a recalibration screens them (:func:`.refit.screen_frames`, the running
+   bundle as the line runs it): likely defects are left out, a set that is not mostly normal parts or
+   too small is refused, and a set that mostly scores above the threshold in force gets a warning;
 1. :func:`edge_ad.train.adapt.adapt_bundle` trains the student and autoencoder (or the inpainter) for a
    bounded number of steps on the new normal frames into a **candidate** bundle (a new folder; the
    running bundle is never written), re-exported to ONNX with a calibration from a validation split of
@@ -41,8 +44,25 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import GuardFailure, InputError
 from .deploy import _has_engines, _tensorrt_here
+from .refit import MIN_FRAMES, Excluded, screen_frames
 
 log = logging.getLogger(__name__)
+
+VALIDATION_SHARE = 10                          # one frame in 10 calibrates the candidate (its validation split)
+MIN_ADAPT_FRAMES = MIN_FRAMES * VALIDATION_SHARE   # so that the split holds what a recalibration needs
+
+
+def validation_frames(n: int) -> int:
+    """How many of ``n`` frames the candidate is calibrated on (the rest fine-tune it)."""
+    return n // VALIDATION_SHARE
+
+
+def check_adapt_frames(n: int) -> None:
+    """Refuse a set whose validation split would be smaller than a recalibration's minimum."""
+    if validation_frames(n) < MIN_FRAMES:
+        raise InputError(f"--adapt on {n} frames: the candidate is calibrated on one frame in {VALIDATION_SHARE} "
+                         f"(its validation split), and a calibration needs at least {MIN_FRAMES} frames: give "
+                         f"--frames {MIN_ADAPT_FRAMES} or more")
 
 
 @dataclass(frozen=True)
@@ -55,12 +75,15 @@ class AdaptResult:
     golden: dict | None = None
     install: object | None = None      # InstallResult when switched in through a deploy folder
     seconds: float = 0.0
+    excluded: tuple[Excluded, ...] = ()  # frames left out as likely defects (the screen of a recalibration)
+    warnings: tuple[str, ...] = ()     # most frames above the threshold in force: check they are normal parts
 
     def summary(self) -> dict:
         return {"candidate": str(self.candidate), "precision": self.precision, "steps": self.steps,
                 "quantized": self.quantized, "engine": None if self.engine is None else self.engine.get("engine"),
                 "golden": self.golden, "installed": None if self.install is None else self.install.summary(),
-                "seconds": round(self.seconds, 1)}
+                "seconds": round(self.seconds, 1), "excluded": [e.to_dict() for e in self.excluded],
+                "warnings": list(self.warnings)}
 
 
 def _write_frames(frames: Sequence[np.ndarray], folder: Path) -> Path:
@@ -102,9 +125,14 @@ def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os
 
 def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy: str | None = None,
           device: str = "cpu", out_dir=None, golden_dir=None, deploy_dir=None, backend: str = "auto",
-          run_device: str | None = None, limits=None, progress: bool = True) -> AdaptResult:
+          run_device: str | None = None, limits=None, progress: bool = True,
+          require_golden: bool = True) -> AdaptResult:
     """Fine-tune the bundle at ``bundle_dir`` on ``frames`` (on torch ``device``) and validate the candidate
-    (module doc) as the line runs it: on ``backend`` / ``run_device``, the running bundle's precision."""
+    (module doc) as the line runs it: on ``backend`` / ``run_device``, the running bundle's precision.
+    With ``deploy_dir`` the install's golden rule applies: ``golden_dir``, else ``<deploy>/golden``, else
+    refused unless ``require_golden`` is false."""
+    from ..inspector import Inspector
+    from ..runtime.backends import open_backend
     from ..train.adapt import adapt_bundle   # torch: only here
 
     t0 = time.perf_counter()
@@ -113,6 +141,20 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     out = Path(out_dir) if keep_out else src.path.parent / f"{src.path.name}.adapted-{stamp}"
     check_adapt(src, out, golden_dir, device)
+    check_adapt_frames(len(frames))
+    if deploy_dir is not None:
+        from .deploy import golden_for
+
+        golden_dir = golden_for(deploy_dir, golden_dir, require_golden)
+    be = open_backend(src, backend, None, run_device)
+    try:   # the screen of a recalibration: defects left out, a set of (mostly) defects refused or warned of
+        used, excluded, warnings = screen_frames(Inspector(src, be), frames, min_frames=MIN_ADAPT_FRAMES,
+                                                 progress=progress)
+    finally:
+        be.close()
+    for e in excluded:
+        log.info("adapt frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
+    frames = [frames[i] for i in used]
     precision = src.active_precision
     work = Path(tempfile.mkdtemp(prefix=".adapt-frames-", dir=src.path.parent))
     try:
@@ -146,12 +188,13 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         if deploy_dir is not None:
             from .deploy import install_bundle, open_probe
 
-            install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=golden_dir is not None,
+            install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=require_golden,
                                      backend=backend, device=run_device, calib_dir=calib, progress=progress,
                                      probe=open_probe(backend, None, run_device))
             golden = install.golden
         result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
-                             engine, quantized, golden, install, time.perf_counter() - t0)
+                             engine, quantized, golden, install, time.perf_counter() - t0, tuple(excluded),
+                             warnings)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)   # check_adapt made sure it did not exist: ours, and unusable
         raise

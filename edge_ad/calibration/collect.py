@@ -1,9 +1,11 @@
 """Collect calibration frames from a folder or a camera URI.
 
 - A folder (a plain path or ``dir://folder``): ``n`` images spread evenly over the folder in name order
-  (all of them when it holds fewer), so a folder captured over a shift is sampled over the whole shift.
+  (all of them when it holds fewer), so a folder captured over a shift is sampled over the whole shift
+  (``every`` > 1 is refused: it means nothing here).
   An unreadable one (truncated, not an image) is skipped with a warning naming it, as ``edge-ad run``
-  does, and not counted; a folder where none of the picked images is readable is an error.
+  does, and not counted: the ``n`` are spread over the readable images; a folder where none is readable
+  is an error.
 - Any other source URI (``v4l2://``, ``csi://``, ``rtsp://``, ``file://``, ``synthetic://``; see
   :mod:`edge_ad.runtime.sources`): the next ``n`` frames, taking one frame in ``every`` (a moving line
   shows more variety that way), until the source ends or ``timeout_s`` passes.
@@ -36,20 +38,35 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
         raise InputError(f"every {every}: expected >= 1")
     text = os.fspath(source)
     folder = _folder_of(text)
+    if folder is not None and int(every) > 1:
+        raise InputError(f"--every {every}: a folder ({text}) is sampled evenly over its images, not frame by "
+                         "frame; --every is for cameras, videos and synthetic:// sources: leave it out")
     if folder is not None:
-        paths = spread(list_images(folder), n)
+        paths = list_images(folder)
         if not paths:
             raise InputError(f"{folder}: no images ({', '.join(('.png', '.jpg', '.bmp', '.tif'))})")
-        frames = []
-        for p in tqdm(paths, desc="calibrate: reading", unit="frame", leave=False,
-                      disable=None if progress else True):
-            try:
-                frames.append(load_image(p))
-            except (InputError, OSError) as exc:
-                log.warning("skipped %s", exc)
-        if not frames:
+        loaded: dict[Path, np.ndarray] = {}
+        bad: set[Path] = set()
+        bar = tqdm(total=min(n, len(paths)), desc="calibrate: reading", unit="frame", leave=False,
+                   disable=None if progress else True)
+        try:
+            while True:   # spread over the readable ones: an unreadable pick is replaced, not lost
+                picked = spread([p for p in paths if p not in bad], n)
+                new = [p for p in picked if p not in loaded]
+                if not new:
+                    break
+                for p in new:
+                    try:
+                        loaded[p] = load_image(p)
+                        bar.update(1)
+                    except (InputError, OSError) as exc:
+                        log.warning("skipped %s", exc)
+                        bad.add(p)
+        finally:
+            bar.close()
+        if not picked:
             raise InputError(f"{folder}: none of the {len(paths)} images can be read")
-        return frames
+        return [loaded[p] for p in picked]
     return _from_uri(text, n, int(every), timeout_s, progress)
 
 

@@ -35,7 +35,6 @@ bundle to reopen.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -68,8 +67,6 @@ NORMAL_DIRS = ("good", "ok")
 HISTORY = 50
 INSTALLED_FROM = ".installed-from.json"   # in each release: {"archive": .., "release": .., "model": ..} at install
 DEVICE_WRITTEN = ("calibration.json", "calibration.d/", "gaussian.d/")   # what calibrating on the device writes
-_held: dict[tuple[int, int], int] = {}   # deploy_lock: (inode, device) of releases/ -> depth held here
-_held_lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- the deploy folder
@@ -470,17 +467,25 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
         raise
 
 
+def golden_for(deploy_dir: str | os.PathLike, golden_dir, require_golden: bool = True) -> Path | None:
+    """The golden set an install into ``deploy_dir`` checks on: ``golden_dir``, else ``<deploy>/golden``
+    when it exists; none is refused unless ``require_golden`` is false (the check skipped on purpose)."""
+    d = Path(deploy_dir)
+    if golden_dir is None and (d / GOLDEN).is_dir():
+        golden_dir = d / GOLDEN
+    if golden_dir is None and require_golden:
+        raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
+                         "folders); skip the check only on purpose (--no-golden)")
+    return Path(golden_dir) if golden_dir is not None else None
+
+
 def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
              keep, device, probe, calib_dir, progress) -> InstallResult:
     from ..errors import GuardFailure
 
     dep = deployment(d)
     key_obj = load_key(key) if key is not None else None
-    if golden_dir is None and (d / GOLDEN).is_dir():
-        golden_dir = d / GOLDEN
-    if golden_dir is None and require_golden:
-        raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
-                         "folders); skip the check only on purpose (--no-golden)")
+    golden_dir = golden_for(d, golden_dir, require_golden)
     _clean_stale(d)
     running = None
     if dep.current_path is not None and dep.current_path.is_dir():
@@ -572,38 +577,13 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
 SPACE_MARGIN = 1 << 20
 
 
-@contextlib.contextmanager
 def deploy_lock(deploy_dir: str | os.PathLike):
     """One install at a time per deploy folder (a CLI install beside the runtime's update_model): the
-    kernel's lock on ``releases/``, so a killed install leaves none behind. Re-entrant in one process; a
-    second process gets a RuntimeFailure at once."""
-    rel = Path(deploy_dir) / RELEASES
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no guard
-        yield
-        return
-    fd = os.open(rel, os.O_RDONLY)
-    key = os.fstat(fd)[1:3]   # (inode, device)
-    try:
-        with _held_lock:
-            depth = _held.get(key, 0)
-            if depth == 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise RuntimeFailure(f"{deploy_dir}: another install into this deploy folder is running; "
-                                         "try again when it has finished") from None
-            _held[key] = depth + 1
-        try:
-            yield
-        finally:
-            with _held_lock:
-                _held[key] -= 1
-                if _held[key] == 0:
-                    del _held[key]
-    finally:
-        os.close(fd)   # the outermost holder's close releases the lock
+    kernel's lock on ``releases/`` (:func:`atomic.folder_lock`), so a killed install leaves none behind.
+    Re-entrant in one process; a second process gets a RuntimeFailure at once."""
+    return atomic.folder_lock(Path(deploy_dir) / RELEASES,
+                              f"{deploy_dir}: another install into this deploy folder is running; try again when "
+                              "it has finished")
 
 
 def _clean_stale(d: Path) -> None:

@@ -20,7 +20,9 @@ with a window of a few hundred parts the z-statistic alone calls harmless shifts
 0.5-sigma rise already multiplies the false-alarm rate of an ``fpr:0.001`` threshold by about five
 (normally distributed scores). Both directions count: scores falling (a dimmer or blurred image) hide
 defects as surely as rising scores raise false alarms. The flag clears with hysteresis, when
-``|z| <= 0.8 limit`` or ``|shift| <= 0.8 min_shift``. Nothing is judged before ``min_samples`` parts are
+``|z| <= 0.8 limit`` or ``|shift| <= 0.8 min_shift``; on the ``all`` basis the OK parts' own median must
+be back inside that band too (when at least 2 are OK), so that a window that flips between the bases (about
+half the parts NG, the OK ones still far from normal) stays one drift episode instead of clearing. Nothing is judged before ``min_samples`` parts are
 in the window (default: a quarter of it).
 
 ``update()`` returns a :class:`DriftState` with ``event`` set to ``"drift"`` / ``"drift_cleared"`` on the
@@ -131,6 +133,15 @@ class DriftMonitor:
             return math.nan
         return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
+    def _stat(self, med: float, n: int) -> tuple[float, float]:
+        """(z, shift) of a median over n parts."""
+        shift = (med - self.normal_median) / self.normal_std
+        return shift / (MEDIAN_SE * math.sqrt(1.0 / n + 1.0 / self.normal_n)), shift
+
+    def _within(self, z: float, shift: float) -> bool:
+        """Inside the hysteresis band: a flagged drift clears."""
+        return abs(z) <= HYSTERESIS * self.limit or abs(shift) <= HYSTERESIS * self.min_shift
+
     def _state(self, report_event: bool = True) -> DriftState:
         total = len(self._parts)
         basis = "ok" if 2 * self._ok_n >= total else "all"
@@ -141,10 +152,12 @@ class DriftMonitor:
         z = shift = 0.0
         before = self.drift
         if judged:
-            shift = (med - self.normal_median) / self.normal_std
-            z = shift / (MEDIAN_SE * math.sqrt(1.0 / n + 1.0 / self.normal_n))
+            z, shift = self._stat(med, n)
             if self.drift:
-                self.drift = abs(z) > HYSTERESIS * self.limit and abs(shift) > HYSTERESIS * self.min_shift
+                self.drift = not self._within(z, shift)
+                if not self.drift and basis == "all" and self._ok_n >= 2:
+                    # a basis change is no recovery: the OK parts must be back too
+                    self.drift = not self._within(*self._stat(self._median(self._sorted_ok), self._ok_n))
             else:
                 self.drift = abs(z) > self.limit and abs(shift) >= self.min_shift
         event = None

@@ -290,6 +290,13 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
     return done
 
 
+def statistics_kept(bundle: Bundle, cal: Calibration) -> bool:
+    """Whether a rollback to ``cal`` can load its model: for the Gaussian model the statistics file it
+    names must still be kept (only the last versions keep theirs); other models need none."""
+    g = str(cal.extra.get("gaussian") or "")
+    return bundle.kind != "gaussian" or bool(g) and bundle.has(g)
+
+
 def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
     """Put an earlier calibration back in force (byte for byte; default: the one the calibration in force
     replaced, :meth:`Bundle.previous_calibration_version`).
@@ -302,8 +309,9 @@ def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
     if target is None and versions:
         target = bundle.previous_calibration_version()   # the one the calibration in force replaced
     if target is not None and target in versions and bundle.kind == "gaussian":
-        g = str(bundle.calibration_at(target).extra.get("gaussian") or "")
-        if not g or not bundle.has(g):
+        cal = bundle.calibration_at(target)
+        g = str(cal.extra.get("gaussian") or "")
+        if not statistics_kept(bundle, cal):
             raise InputError(f"calibration version {target} names Gaussian statistics '{g}', which are no longer "
                              f"kept (only the last {KEEP_GAUSSIAN} versions keep theirs); recalibrate instead")
         try:
@@ -417,6 +425,24 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     return CalibrationResult(calibration=written, previous=cur, excluded=tuple(excluded), n_frames=n,
                              n_used=int(len(used)), scores=s_new, gaussian_file=gname,
                              timings={"infer": t_infer, "fit": t_fit, "total": t_total}, warnings=warnings)
+
+
+def screen_frames(inspector, frames: Sequence[np.ndarray], *, screen_z: float = SCREEN_Z,
+                  min_frames: int = MIN_FRAMES, max_excluded: float = MAX_EXCLUDED, batch_size: int = 16,
+                  progress: bool = True) -> tuple[np.ndarray, list[Excluded], tuple[str, ...]]:
+    """The refit's first pass alone, for frames something else is fitted on (``--adapt``): the deployed
+    artefact scores them under the calibration in force, likely defects are left out (robust z >
+    ``screen_z``), and the set is refused as :func:`recalibrate` refuses it (fewer than ``min_frames``
+    usable, more than ``max_excluded`` flagged). Returns (indices of the frames kept, those left out, the
+    warnings: most frames above the threshold in force)."""
+    cur = inspector.calibration
+    _, s_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, len(frames))
+    index = np.arange(n)
+    excluded = _screen(s_cur, index, screen_z, f"robust z > {screen_z:g} under calibration v{cur.version}",
+                       cur.normal.get("std"))
+    used = np.setdiff1d(index, [e.index for e in excluded])
+    _check_usable(n, len(used), excluded, min_frames, max_excluded)
+    return used, excluded, _warnings(cur, s_cur, used)
 
 
 def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray) -> tuple[str, ...]:

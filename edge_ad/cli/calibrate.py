@@ -31,7 +31,8 @@ def _echo_json(obj) -> None:
 @click.option("--precision", default=None, help="fp32 | fp16 | int8 (default: the bundle's active graph).")
 @click.option("--device", default=None, help="Backend device (cpu, cuda, cuda:N).")
 @click.option("--every", default=1, show_default=True, type=click.IntRange(1),
-              help="Camera sources: keep one frame in N.")
+              help="Camera, video and synthetic sources: keep one frame in N (refused with a folder, which is "
+                   "sampled evenly).")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=click.FloatRange(min=1),
               help="Camera sources: give up after this many seconds.")
 @click.option("--screen-z", default=6.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -39,10 +40,11 @@ def _echo_json(obj) -> None:
 @click.option("--min-frames", default=20, show_default=True, type=click.IntRange(3),
               help="Refuse with fewer usable frames.")
 @click.option("--prior-weight", default=None, type=click.FloatRange(min=0),
-              help="Gaussian model: frames the covariance in force counts for (default: as many as the new "
-                   "frames; 0: fit from the new frames alone; at most 1e9).")
+              help="Gaussian model only (refused for others): frames the covariance in force counts for "
+                   "(default: as many as the new frames; 0: fit from the new frames alone; at most 1e9).")
 @click.option("--adapt", is_flag=True,
-              help="EfficientAD / FADeR-style: fine-tune on the frames for --adapt-steps, re-export, re-quantize "
+              help="EfficientAD / FADeR-style: screen the frames as a refit does, fine-tune on them for "
+                   "--adapt-steps, calibrate on one in 10 (needs --frames 200 or more), re-export, re-quantize "
                    "and rebuild with the accuracy guard, check on --golden, switch in with --deploy (needs the "
                    "train extra).")
 @click.option("--adapt-steps", default=200, show_default=True, type=click.IntRange(1), help="Fine-tuning steps.")
@@ -53,7 +55,9 @@ def _echo_json(obj) -> None:
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
               help="--adapt: golden images the adapted model must judge no worse than the running one.")
 @click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="--adapt: deploy folder to switch the adapted model into (see 'edge-ad bundle install').")
+              help="--adapt: deploy folder to switch the adapted model into (see 'edge-ad bundle install'; the "
+                   "golden set is --golden, else DEPLOY/golden, else refused unless --no-golden).")
+@click.option("--no-golden", is_flag=True, help="--adapt --deploy: switch in without the golden-set check.")
 @click.option("--rollback", "rollback_to", is_flag=False, flag_value="previous", default=None, metavar="[VERSION]",
               help="Put an earlier calibration version back in force (default: the one the calibration in force "
                    "replaced) and exit.")
@@ -61,11 +65,12 @@ def _echo_json(obj) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, frames, policy, backend, precision, device, every, timeout_s, screen_z,
               min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
-              rollback_to, list_versions, as_json):
+              no_golden, rollback_to, list_versions, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
 
     Writes a new calibration version (atomic; the old ones are kept), or with --rollback puts an older one
-    back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload' command.
+    back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload' command. One calibration of a
+    bundle at a time: refused (exit 1) while another runs (an 'edge-ad calibrate', or an MQTT calibrate).
     """
     from ..bundle import Bundle
     from ..calibration import recalibrate, rollback
@@ -84,13 +89,14 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
                 version = int(rollback_to)
             except ValueError:
                 raise InputError(f"--rollback {rollback_to}: expected a version number") from None
-        try:
-            before = b.calibration().version
-        except InputError:
-            if version is None:
-                raise
-            before = None   # unreadable: an explicit version puts a good one back
-        cal = rollback(b, version)
+        with b.calibration_lock():
+            try:
+                before = b.calibration().version
+            except InputError:
+                if version is None:
+                    raise
+                before = None   # unreadable: an explicit version puts a good one back
+            cal = rollback(b, version)
         out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy}
         if as_json:
             _echo_json(out)
@@ -105,8 +111,10 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     from ..runtime.backends import open_backend
     from ..scoring import check_policy
 
-    if (golden_dir or deploy_dir or adapt_out) and not adapt:
-        raise InputError("--golden, --deploy and --adapt-out go with --adapt")
+    if (golden_dir or deploy_dir or adapt_out or no_golden) and not adapt:
+        raise InputError("--golden, --deploy, --no-golden and --adapt-out go with --adapt")
+    if no_golden and (golden_dir or not deploy_dir):
+        raise InputError("--no-golden goes with --deploy (switching in unchecked), and not with --golden")
     ctx = click.get_current_context()
     given = [f"--{n.replace('_', '-')}" for n in ("min_frames", "screen_z", "precision", "prior_weight")
              if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
@@ -115,8 +123,10 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
                          "validation split of the frames and quantized like the running one; leave "
                          f"{'it' if len(given) == 1 else 'them'} out")
     check_policy(policy)
-    if adapt and frames < 4:
-        raise InputError(f"--frames {frames}: --adapt needs at least 4 normal frames")
+    if adapt:
+        from ..calibration.adapt import check_adapt_frames
+
+        check_adapt_frames(frames)
     if not adapt and min_frames > frames:
         raise InputError(f"--min-frames {min_frames} is more than --frames {frames}: the refit would refuse the "
                          "set; collect more frames or lower --min-frames")
@@ -127,42 +137,60 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             check_prior_weight(prior_weight)
         except InputError as exc:
             raise InputError(f"--prior-weight: {exc}") from None
+        if b.kind != "gaussian":
+            raise InputError(f"--prior-weight {prior_weight:g}: only the Gaussian model has trained statistics "
+                             f"to pool with; {b.path} is a {b.kind} bundle: leave it out")
     if adapt:
         from ..calibration.adapt import adapt as run_adapt, check_adapt
 
         check_adapt(b, adapt_out, golden_dir, train_device)   # before the frames: collecting them takes minutes
+        if deploy_dir is not None:
+            from ..calibration.deploy import golden_for
+
+            golden_for(deploy_dir, golden_dir, not no_golden)
         images = _collect(source, frames, every, timeout_s)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
-                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device)
+                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
+                        require_golden=not no_golden)
         if as_json:
             _echo_json(res.summary())
-        elif res.install is not None:
-            click.echo(f"adapted model installed as {res.install.release} ({res.precision}, {res.steps} steps, "
-                       f"{res.seconds:.0f} s); a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command "
+            return
+        _screened(res)
+        if res.install is not None:
+            g = res.install.golden
+            golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
+            click.echo(f"adapted model installed as {res.install.release} ({golden}; {res.precision}, "
+                       f"{res.steps} steps, {res.seconds:.0f} s); a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command "
                        "or a restart, and its health check then confirms it or rolls back")
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s; the running bundle is unchanged)")
         return
-    be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
-    try:
-        images = _collect(source, frames, every, timeout_s)
-        insp = Inspector(b, be)
-        res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
-                          prior_weight=prior_weight, source=str(source))
-    finally:
-        be.close()
+    with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
+        be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
+        try:
+            images = _collect(source, frames, every, timeout_s)
+            insp = Inspector(b, be)
+            res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
+                              prior_weight=prior_weight, source=str(source))
+        finally:
+            be.close()
     if as_json:
         _echo_json(res.summary())
         return
     c = res.calibration
+    _screened(res)
+    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
+               f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
+               f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
+
+
+def _screened(res) -> None:
+    """The frames the screen left out and the warnings (a refit's or --adapt's result), on stderr."""
     for e in res.excluded:
         click.echo(f"left out frame {e.index}: score {e.score:.4g}, robust z {e.z:.1f} ({e.reason})", err=True)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
-    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
-               f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
-               f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
 
 
 def _collect(source, frames: int, every: int, timeout_s: float) -> list:
@@ -193,15 +221,18 @@ def _calibration_rows(b) -> tuple[list[dict], list[str]]:
             bad.append(str(exc))
             rows.append({"version": v, "in_force": False, "error": str(exc)})
             continue
-        rows.append(_row(c, v, in_force=cur is not None and v == cur.version))
+        rows.append(_row(b, c, v, in_force=cur is not None and v == cur.version))
     if not rows and cur is not None:
-        rows.append(_row(cur, cur.version, in_force=True))
+        rows.append(_row(b, cur, cur.version, in_force=True))
     return rows, bad
 
 
-def _row(c, version: int, in_force: bool) -> dict:
+def _row(b, c, version: int, in_force: bool) -> dict:
+    from ..calibration.refit import statistics_kept
+
     return {"version": version, "in_force": in_force, "created": c.created, "policy": c.policy,
-            "threshold": c.threshold, "n_frames": c.n_frames, "source": c.source}
+            "threshold": c.threshold, "n_frames": c.n_frames, "source": c.source,
+            "rollback": statistics_kept(b, c)}
 
 
 def _list_calibrations(b, as_json: bool) -> None:
@@ -222,7 +253,8 @@ def _list_calibrations(b, as_json: bool) -> None:
                 click.echo(f"{mark} v{r['version']:<4} unreadable: {r['error']}")
             else:
                 click.echo(f"{mark} v{r['version']:<4} {r['created']:<26} {r['policy']:<11} "
-                           f"threshold {r['threshold']:.6g}  {r['n_frames']} frames  {r['source']}")
+                           f"threshold {r['threshold']:.6g}  {r['n_frames']} frames  {r['source']}"
+                           + ("" if r["rollback"] else "  (statistics pruned: no rollback to it)"))
     if bad:
         raise InputError(f"{len(bad)} calibration file(s) unreadable: " + "; ".join(bad))
 

@@ -108,11 +108,13 @@ class Commands:
         svc = self.svc
         old = svc.effective_threshold()
         if not persist:
+            if svc.transient_threshold is None:   # what decides again once a calibration swap drops it
+                svc.override_under_transient = svc.pipeline.threshold_override
             svc.pipeline.threshold_override = thr
             svc.transient_threshold = thr         # until the next calibration is swapped in
             svc.event({"type": "threshold", "threshold": thr, "previous": old, "persisted": False})
             return {"threshold": thr, "previous": old, "persisted": False}
-        with self._busy, self._changing_calibration("set_threshold"):
+        with self._busy, self._changing_calibration("set_threshold"), svc.bundle.calibration_lock():
             cal = svc.inspector.calibration
             new = svc.bundle.write_calibration(cal.replace(version=0, created="", threshold=thr, policy="manual",
                                                            source=f"set_threshold (was {cal.threshold:g})"))
@@ -126,8 +128,9 @@ class Commands:
         with self._busy, self._changing_calibration("rollback_calibration"):
             before = self.svc.inspector.calibration.version
             cal = self.svc.rollback_calibration(int(version) if version is not None else None)
+            in_force = self.svc.effective_threshold()
         return {"version": cal.version, "previous_version": before, "threshold": cal.threshold,
-                "policy": cal.policy}
+                "policy": cal.policy, "threshold_in_force": in_force}
 
     def calibrate(self, args: dict) -> dict:
         svc = self.svc

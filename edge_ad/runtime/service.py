@@ -112,6 +112,7 @@ class Service:
         self._t0 = time.monotonic()
         self._swap_lock = threading.Lock()
         self.transient_threshold: float | None = None  # set_threshold {persist: false}, until a calibration swap
+        self.override_under_transient: float | None = None  # the override it replaced: back on that swap
         self._build()
 
     # ------------------------------------------------------------------ build
@@ -271,7 +272,7 @@ class Service:
             self.reporter.reset_drift(cal, reason)
             transient, self.transient_threshold = self.transient_threshold, None
             if transient is not None:   # a this-run-only threshold belonged to the calibration it replaced
-                self.pipeline.threshold_override = self.settings.decision.threshold
+                self.pipeline.threshold_override = self.override_under_transient
         if transient is not None:
             log.warning("set_threshold %g (this run only) dropped with calibration v%d", transient, before)
         log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
@@ -284,14 +285,19 @@ class Service:
     def rollback_calibration(self, version: int | None):
         from ..calibration import rollback
 
-        if version is None:   # the one the loop's calibration replaced (calibration.json may be newer or older)
-            version = self.bundle.previous_calibration_version(self.inspector.calibration)
-        cal = rollback(self.bundle, version)
-        self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
+        with self.bundle.calibration_lock():
+            if version is None:   # the one the loop's calibration replaced (calibration.json may be newer or older)
+                version = self.bundle.previous_calibration_version(self.inspector.calibration)
+            cal = rollback(self.bundle, version)
+            self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
         return cal
 
     def calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
         """Collect normal frames (live or from a folder), refit, swap in between two frames."""
+        with self.bundle.calibration_lock():   # from before the frames to the swap (edge-ad calibrate beside)
+            return self._calibrate(frames, policy, source, timeout)
+
+    def _calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
         from ..calibration import collect_frames, recalibrate
 
         t0 = time.monotonic()
@@ -314,6 +320,7 @@ class Service:
                           source=f"MQTT calibrate: {len(images)} frames from {where}")
         self.swap_calibration(res.calibration, reason=f"calibrate ({len(images)} frames, policy {policy})")
         out = res.summary()
+        out["threshold_in_force"] = self.effective_threshold()   # a [decision] threshold overrides the new one
         out["collect_s"] = round(t_collect, 3)
         return _jsonable(out)
 

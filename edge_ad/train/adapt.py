@@ -24,6 +24,7 @@ import torch
 
 from .. import scoring
 from ..bundle import NOT_SHIPPED, Bundle, now_iso
+from ..calibration.adapt import check_adapt_frames, validation_frames
 from ..data.image import resize_rgb
 from ..errors import InputError
 from ..models import load_from_bundle
@@ -44,8 +45,7 @@ def adapt_bundle(bundle_dir: str | Path, frames: Sequence[np.ndarray], out_dir: 
     if kind == "gaussian":
         raise InputError("the Gaussian model has no weights to fine-tune: 'edge-ad calibrate' (without "
                          "--adapt) refits its statistics, which is its adaptation")
-    if len(frames) < 4:
-        raise InputError(f"--adapt needs at least 4 normal frames, got {len(frames)}")
+    check_adapt_frames(len(frames))
     if steps < 1:
         raise InputError(f"--adapt-steps {steps}: expected >= 1")
     out = Path(out_dir)
@@ -57,7 +57,7 @@ def adapt_bundle(bundle_dir: str | Path, frames: Sequence[np.ndarray], out_dir: 
     size = src.image_size[0]
     imgs = torch.from_numpy(np.stack([resize_rgb(f, (size, size)).transpose(2, 0, 1) for f in frames]).copy())
     order = np.random.default_rng(seed).permutation(len(imgs))
-    n_val = max(2, int(round(0.1 * len(imgs))))
+    n_val = validation_frames(len(imgs))
     val, train = imgs[np.sort(order[:n_val])], imgs[np.sort(order[n_val:])]
     model = load_from_bundle(src, device)
     lr = lr if lr is not None else PRESETS[kind]["quick"]["lr"] * 0.5
