@@ -560,20 +560,22 @@ def test_rollback_without_a_version_follows_the_calibration_the_loop_has_in_forc
     assert svc.inspector.calibration.version == 2
 
 
+def _gate_plugin(tmp_path, monkeypatch, module: str, cls: str, name: str | None = None):
+    """A trigger plug-in module MODULE:CLS that keeps the gates it is given in MODULE.GATES (imported)."""
+    import importlib
+
+    (tmp_path / f"{module}.py").write_text(
+        f"GATES = []\nclass {cls}:\n" + (f"    name = {name!r}\n" if name else "") +
+        "    def __init__(self, gate):\n        GATES.append(gate)\n"
+        "    def start(self):\n        pass\n    def stop(self):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return importlib.import_module(module)
+
+
 @pytest.fixture
 def plc_line(tmp_path, tiny_bundle, mosquitto, monkeypatch):
     """A running service on a trigger line whose parts a plug-in light barrier announces: (service, gate)."""
-    (tmp_path / "line_plc3.py").write_text(
-        "GATES = []\n"
-        "class Barrier:\n"
-        "    def __init__(self, gate):\n"
-        "        GATES.append(gate)\n"
-        "    def start(self):\n"
-        "        pass\n"
-        "    def stop(self):\n"
-        "        pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import line_plc3
+    line_plc3 = _gate_plugin(tmp_path, monkeypatch, "line_plc3", "Barrier")
 
     svc = _start(tmp_path, copy_bundle(tiny_bundle, tmp_path / "bundle"), mosquitto, trigger="line_plc3:Barrier")
     yield svc, line_plc3.GATES[-1]
@@ -824,18 +826,7 @@ def test_triggers_that_fire_while_paused_are_dropped_not_replayed():
 
 
 def test_pause_in_a_gated_trigger_mode_drops_the_parts_that_passed(tmp_path, tiny_bundle, monkeypatch):
-    (tmp_path / "line_plc2.py").write_text(
-        "GATES = []\n"
-        "class Keep:\n"
-        "    name = 'plc'\n"
-        "    def __init__(self, gate):\n"
-        "        GATES.append(gate)\n"
-        "    def start(self):\n"
-        "        pass\n"
-        "    def stop(self):\n"
-        "        pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import line_plc2
+    line_plc2 = _gate_plugin(tmp_path, monkeypatch, "line_plc2", "Keep", name="plc")
 
     s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64&fps=50", source__mode="trigger",
                   source__trigger="line_plc2:Keep", source__frames_per_trigger=2)
