@@ -532,6 +532,18 @@ def _where(loc: tuple, origins: dict, config_path: Path | None) -> str:
     return str(config_path) if config_path else "defaults"
 
 
+def _shown_input(field: str, value: Any) -> str:
+    """A refused value as an error message may show it: a secret field's as ***, a URI without its
+    credentials (an error lands in the journal)."""
+    if any(w in field.lower() for w in ("password", "secret", "token")):
+        return "***"
+    if isinstance(value, str) and "://" in value:
+        from .runtime.sources import redact_uri
+
+        return repr(redact_uri(value))
+    return repr(value)
+
+
 def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = ()) -> str:
     lines = []
     for err in exc.errors():
@@ -542,7 +554,7 @@ def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None
             msg = msg[len("Value error, "):]
         got = ""
         if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
-            got = f" (got {err['input']!r})"
+            got = f" (got {_shown_input(field, err['input'])})"
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         lines.append(f"{field}: {msg}{got} [from {_where(loc, origins, config_path)}]")

@@ -294,3 +294,15 @@ def test_redacted_shows_the_mqtt_settings_the_run_uses(tmp_path, monkeypatch):
     assert "hunter2" not in text and "s3cret" not in text and "pw" not in text
     off = load_settings(cfg, [parse_set_option("mqtt.enabled=false")], environ={}).redacted()
     assert off["mqtt"] == {"enabled": False}
+
+
+def test_a_refused_camera_uri_or_secret_never_shows_its_credentials(tmp_path):
+    """The error of a config that does not validate lands in the journal: the '(got ...)' part shows the URI
+    masked as the rest of the message does, and a secret field's value not at all."""
+    cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "rtsp://admin:Hunter2@10.0.0.5:5544O/ch1"))
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, environ={})
+    assert "Hunter2" not in str(ei.value) and "(got 'rtsp://***@10.0.0.5:5544O/ch1')" in str(ei.value)
+    from edge_ad.config import _shown_input
+
+    assert _shown_input("mqtt.password", ["hunter2"]) == "***" and _shown_input("model.threads", 0) == "0"
