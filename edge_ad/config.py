@@ -544,6 +544,13 @@ def _shown_input(field: str, value: Any) -> str:
     return repr(value)
 
 
+class CaptureSettings(Settings):
+    """The settings of a command that reads the source only (``edge-ad capture``): ``[model]`` may be
+    absent (frames are captured before any bundle exists), and is checked as usual when it is there."""
+
+    model: Optional[ModelSettings] = None
+
+
 def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = ()) -> str:
     lines = []
     for err in exc.errors():
@@ -563,8 +570,9 @@ def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None
 
 
 def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple[list[str], Any, str]] = (),
-                  environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the TOML file (optional), apply env then ``overrides`` ((path, value, origin) tuples), validate.
+                  environ: Mapping[str, str] | None = None, schema: type[Settings] | None = None) -> Settings:
+    """Read the TOML file (optional), apply env then ``overrides`` ((path, value, origin) tuples), validate
+    (against ``schema``: :class:`Settings`, or :class:`CaptureSettings` for a command that opens no model).
 
     Relative paths in the file are taken relative to the file's folder; relative paths given in the
     environment or on the command line are taken relative to the working directory.
@@ -593,7 +601,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         tree["mqtt"][key] = str(cfg_path.resolve().parent / tree["mqtt"][key])
         file_paths.discard((sec, key))
     try:
-        s = Settings.model_validate(tree)
+        s = (schema or Settings).model_validate(tree)
     except ValidationError as exc:
         raise InputError(_format_errors(exc, origins, cfg_path)) from None
     if mqtt_given and not s.mqtt_enabled:

@@ -560,3 +560,23 @@ def test_capture_saves_frames(tmp_path):
                         "--frames", "10", "--every", "0.01", "--format", "jpg"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "saved 6 frames" in r.stdout and "source ended" in r.stdout
+
+
+def test_capture_config_needs_no_model_and_a_bad_roi_leaves_no_folder(tmp_path):
+    """Frames are captured before any bundle exists: a config of [source] alone is enough (it asked for a
+    [model] it never used); an ROI outside the frame is an error that leaves no empty --out behind."""
+    path = write_video(tmp_path / "v.avi", [part_frame(i, 48) for i in range(4)])
+    cfg = tmp_path / "cam.toml"
+    cfg.write_text('[source]\nuri = "file://ignored.avi"\nroi = [8, 8, 32, 24]\n')
+    out = tmp_path / "normals"
+    r = subprocess.run([*EDGE_AD, "capture", "--source", f"file://{path}", "--out", str(out), "--frames", "2",
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from edge_ad.data.image import load_image
+
+    assert load_image(sorted(out.glob("*.png"))[0]).shape == (24, 32, 3)
+    cfg.write_text('[source]\nuri = "file://ignored.avi"\nroi = [40, 8, 32, 24]\n')
+    r = subprocess.run([*EDGE_AD, "capture", "--source", f"file://{path}", "--out", str(tmp_path / "bad"),
+                        "--frames", "2", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "source.roi" in r.stderr, r.stderr
+    assert not (tmp_path / "bad").exists()

@@ -148,11 +148,12 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
     roi, rotate = None, 0
     src_settings = None
     if config:
-        from ..config import load_settings
+        from ..config import CaptureSettings, load_settings
 
-        s = load_settings(config, [(["source", "uri"], source, "--source")])
+        s = load_settings(config, [(["source", "uri"], source, "--source")], schema=CaptureSettings)
         roi, rotate, src_settings = s.source.roi, s.source.rotate, s.source
     folder = Path(out)
+    made = not folder.exists()   # removed again when no frame was saved into it (a bad ROI, a dead source)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -204,6 +205,11 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
         cam.close()
         for sig, h in old.items():
             signal.signal(sig, h)
+        if made and saved == 0:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
     click.echo(f"saved {saved} frames to {folder}" + ("" if saved == count else f" (asked for {count}; the "
                                                       "source ended or capture was interrupted)"))
     if saved == 0:
