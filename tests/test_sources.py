@@ -580,3 +580,13 @@ def test_capture_config_needs_no_model_and_a_bad_roi_leaves_no_folder(tmp_path):
                         "--frames", "2", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "source.roi" in r.stderr, r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("uri", ["dir://frames?fps=native", "synthetic://disc?fps=native"])
+def test_native_pacing_is_refused_where_the_source_has_no_frame_rate(uri):
+    """fps=native is a video file's own rate: on a folder or a generated source it paced nothing at all."""
+    from edge_ad.errors import InputError
+
+    with pytest.raises(InputError, match="option fps: 'native' is a video file's own frame rate"):
+        parse_uri(uri)
+    assert parse_uri(uri.replace("native", "12")).options["fps"] == 12.0

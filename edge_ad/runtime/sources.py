@@ -79,6 +79,15 @@ def _fps(v: str) -> float | str:
     return f
 
 
+def _rate(v: str) -> float:
+    """Pacing of a folder or generated source: N frames per second or 0 (as fast as it goes); they have no
+    native rate (only a video file has one)."""
+    if v.strip().lower() == "native":
+        raise ValueError("'native' is a video file's own frame rate, and this source has none; expected frames "
+                         "per second > 0 or 0 (no pacing)")
+    return float(_fps(v))
+
+
 def _pos_float(v: str) -> float:
     f = _finite(v)
     if f <= 0:
@@ -150,9 +159,9 @@ _OPTIONS: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
     "rtsp": {},
     "rtsps": {},
     "file": {"loop": (_bool, False), "fps": (_fps, 0.0)},
-    "dir": {"loop": (_bool, False), "fps": (_fps, 0.0)},
+    "dir": {"loop": (_bool, False), "fps": (_rate, 0.0)},
     "synthetic": {"kind": (str, None), "size": (_pos_int, 256), "defect_rate": (_finite, 0.2),
-                  "defects": (str, ""), "seed": (_nonneg_int, 0), "fps": (_fps, 0.0),
+                  "defects": (str, ""), "seed": (_nonneg_int, 0), "fps": (_rate, 0.0),
                   "count": (_nonneg_int, 0), "brightness": (_finite, 0.0), "contrast": (_pos_float, 1.0),
                   "lighting_from": (_nonneg_int, 0)},
 }
