@@ -786,6 +786,12 @@ def test_one_rule_for_the_threshold_in_force_after_a_calibration_and_the_replies
         r = cmd.calibrate(calibrate)                       # ... so the new calibration's threshold decides
         assert r["threshold_in_force"] == r["threshold"] == svc.effective_threshold() != 0.5
         assert [e for e in svc.events if e["type"] == "calibration"][-1]["threshold_in_force"] == r["threshold"]
+        # a model swap (update_model, reload of a new release) drops a this-run-only threshold too: it kept
+        # deciding on the new model, whose defects then passed as OK
+        cmd.set_threshold({"threshold": 1000.0, "persist": False})
+        assert svc.effective_threshold() == 1000.0
+        svc._swap_model(copy_bundle(tiny_bundle, tmp_path / "bundle2"), reason="test")
+        assert svc.effective_threshold() == svc.inspector.calibration.threshold != 1000.0
     finally:
         svc.inspector.backend.close()
 

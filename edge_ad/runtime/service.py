@@ -270,17 +270,21 @@ class Service:
             before = self.inspector.calibration.version
             self.inspector.set_calibration(cal)
             self.reporter.reset_drift(cal, reason)
-            transient, self.transient_threshold = self.transient_threshold, None
-            if transient is not None:   # a this-run-only threshold belonged to the calibration it replaced
-                self.pipeline.threshold_override = self.override_under_transient
-        if transient is not None:
-            log.warning("set_threshold %g (this run only) dropped with calibration v%d", transient, before)
+            self._drop_transient_threshold(f"calibration v{before}")
         log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
         if self.link is not None:
             self.link.publish_calibration(cal)
         self.event({"type": "calibration", "version": cal.version, "previous_version": before,
                     "threshold": cal.threshold, "policy": cal.policy, "reason": reason,
                     "threshold_in_force": self.effective_threshold()})
+
+    def _drop_transient_threshold(self, what: str) -> None:
+        """A this-run-only threshold belongs to the calibration (and model) it was set on: when another is
+        put in force, the override it replaced decides again. Called under ``_swap_lock``."""
+        transient, self.transient_threshold = self.transient_threshold, None
+        if transient is not None:
+            self.pipeline.threshold_override = self.override_under_transient
+            log.warning("set_threshold %g (this run only) dropped with %s", transient, what)
 
     def rollback_calibration(self, version: int | None):
         from ..calibration import rollback
@@ -399,6 +403,7 @@ class Service:
             self.inspector = new
             self.bundle = bundle
             self.reporter.reset_drift(new.calibration, f"model swap ({reason})")
+            self._drop_transient_threshold(f"model {before}")
         old.backend.close()
         self.update_birth(model_hash=new.model_hash, calibration_version=new.calibration.version,
                           backend=getattr(new.backend, "name", ""), precision=getattr(new.backend, "precision", ""))
