@@ -294,3 +294,24 @@ def test_a_broken_embedded_broker_falls_back_to_a_run_without_mqtt(tmp_path, mon
     b, why, (status, line) = steps.step_broker(tmp_path, True)
     assert b is None and status == "warning" and "NO BROKER" in line
     assert "embedded amqtt broker could not start (ImportError: cannot import name 'Broker'" in why
+
+
+def test_sigterm_during_the_demos_training_exits_as_sigterm(tmp_path, monkeypatch):
+    """The training loop turns SIGTERM into a stop after the step (Interrupted, a KeyboardInterrupt): inside
+    the demo that is still SIGTERM (exit 143 from the CLI), not a Ctrl-C (130)."""
+    import signal
+
+    import edge_ad.demo as demo
+    from edge_ad.train.loops import Interrupted
+
+    def train(out, plan, model):
+        raise Interrupted("interrupted at step 3 of 2000; ...", signum=signal.SIGTERM)
+
+    monkeypatch.setattr(demo, "step_train", train)
+    with pytest.raises(demo.Terminated) as ei:
+        demo.run_demo(tmp_path / "d", quick=True, mqtt=False)
+    assert ei.value.signum == signal.SIGTERM
+    monkeypatch.setattr(demo, "step_train", lambda *a: (_ for _ in ()).throw(Interrupted("x", signal.SIGINT)))
+    with pytest.raises(KeyboardInterrupt) as ei:
+        demo.run_demo(tmp_path / "e", quick=True, mqtt=False)
+    assert type(ei.value) is KeyboardInterrupt   # Ctrl-C: plain, no '--resume' advice the demo has no use for

@@ -176,9 +176,11 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, model:
     except DemoFailure as exc:
         failure = exc
     except KeyboardInterrupt as exc:
-        if isinstance(exc, Terminated):   # SIGTERM / SIGHUP: the CLI exits 128 + the signal
-            console.line(f"{exc}: stopping the loop and the broker")
-            raise
+        signum = getattr(exc, "signum", None)   # Terminated; a training step stopped by SIGTERM (Interrupted)
+        if signum is not None and signum != signal.SIGINT:   # the CLI exits 128 + the signal
+            term = exc if isinstance(exc, Terminated) else Terminated(signum)
+            console.line(f"{term}: stopping the loop and the broker")
+            raise term from None
         console.line("interrupted: stopping the loop and the broker")
         raise KeyboardInterrupt from None  # plain: a training step's "rerun with --resume" is not the demo's
     finally:

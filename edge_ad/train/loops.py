@@ -59,7 +59,12 @@ def lr_at(step: int, cfg: LoopConfig, elapsed: float = 0.0) -> float:
 
 
 class Interrupted(KeyboardInterrupt):
-    """A loop stopped by SIGINT / SIGTERM between two steps, its state saved; the message says where."""
+    """A loop stopped by SIGINT / SIGTERM between two steps, its state saved; the message says where,
+    ``signum`` which signal stopped it."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 @contextmanager
@@ -156,7 +161,7 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
     if stop["signal"] is not None:
         save(done)
         raise Interrupted(f"interrupted at step {done} of {cfg.steps}; the training state is in {cfg.state_path}: "
-                          "rerun the same command with --resume to continue")
+                          "rerun the same command with --resume to continue", signum=stop["signal"])
     if cfg.state_path is not None and done > start:
         save(done)
     out = {"final_losses": last, "train_seconds": time.time() - t0, "steps": done, "resumed_at": start,
