@@ -677,3 +677,15 @@ def test_recalibration_after_the_history_was_emptied_does_not_reuse_a_version(tb
         p.unlink()
     res = recalibrate(tbundle, _inspector(tbundle), [part_frame(i) for i in range(30)], policy="max", progress=False)
     assert (res.previous.version, res.calibration.version) == (1, 2)
+
+
+def test_adapt_keeps_a_recalibrations_20_frames_when_the_screen_leaves_a_few_out():
+    """--adapt --frames 200 with one likely defect left out: 199 frames still give the candidate 20 to be
+    calibrated on (it was refused: 'only 199 of 200 ... at least 200 are needed')."""
+    from edge_ad.calibration.adapt import check_adapt_frames, validation_frames
+    from edge_ad.errors import InputError
+
+    assert [validation_frames(n) for n in (199, 200, 150, 350)] == [20, 20, 20, 35]
+    check_adapt_frames(200)
+    with pytest.raises(InputError, match="give --frames 200 or more"):
+        check_adapt_frames(199)

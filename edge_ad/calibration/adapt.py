@@ -53,13 +53,14 @@ MIN_ADAPT_FRAMES = MIN_FRAMES * VALIDATION_SHARE   # so that the split holds wha
 
 
 def validation_frames(n: int) -> int:
-    """How many of ``n`` frames the candidate is calibrated on (the rest fine-tune it)."""
-    return n // VALIDATION_SHARE
+    """How many of ``n`` frames the candidate is calibrated on (the rest fine-tune it): one in 10, and never
+    fewer than a recalibration needs (the screen may have left a few likely defects out of 200)."""
+    return max(n // VALIDATION_SHARE, min(MIN_FRAMES, n))
 
 
 def check_adapt_frames(n: int) -> None:
-    """Refuse a set whose validation split would be smaller than a recalibration's minimum."""
-    if validation_frames(n) < MIN_FRAMES:
+    """Refuse, before any frame is collected, a request too small for one in 10 to calibrate on."""
+    if n // VALIDATION_SHARE < MIN_FRAMES:
         raise InputError(f"--adapt on {n} frames: the candidate is calibrated on one frame in {VALIDATION_SHARE} "
                          f"(its validation split), and a calibration needs at least {MIN_FRAMES} frames: give "
                          f"--frames {MIN_ADAPT_FRAMES} or more")
@@ -148,7 +149,9 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         golden_dir = golden_for(deploy_dir, golden_dir, require_golden)
     be = open_backend(src, backend, None, run_device)
     try:   # the screen of a recalibration: defects left out, a set of (mostly) defects refused or warned of
-        used, excluded, warnings = screen_frames(Inspector(src, be), frames, min_frames=MIN_ADAPT_FRAMES,
+        # refused as a recalibration is (more than a quarter flagged); what is kept still holds the 20 frames
+        # the candidate is calibrated on (validation_frames) and at least as many more to fine-tune on
+        used, excluded, warnings = screen_frames(Inspector(src, be), frames, min_frames=2 * MIN_FRAMES,
                                                  progress=progress)
     finally:
         be.close()
