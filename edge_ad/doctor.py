@@ -435,8 +435,8 @@ def check_source(uri: str, devices: list[dict] | None = None, argus_present: boo
         return Check("source", Status.FAIL, str(exc), required=True, fix="fix the source URI (see docs of edge-ad run)")
     if scheme == "v4l2":
         dev = f"/dev/video{target}" if str(target).isdigit() else str(target)
-        if not os.path.exists(dev):
-            return Check("source", Status.FAIL, f"{safe}: {dev} does not exist", required=True,
+        if not os.path.exists(dev):   # run starts and waits for it with back-off, as for an RTSP camera
+            return Check("source", Status.WARN, f"{safe}: {dev} does not exist (yet): run starts and waits for it",
                          fix="plug the camera in (ls /dev/video*; v4l2-ctl --list-devices) or fix the URI")
         if not os.access(dev, os.R_OK | os.W_OK):
             return Check("source", Status.FAIL, f"{safe}: no read/write access to {dev}", required=True,
