@@ -1362,6 +1362,11 @@ def test_orchestration_cli_install_on_a_tensorrt_line_shows_progress(bundles, tm
     calib = _normals(tmp_path / "calib")
     res = CliRunner().invoke(main, base + ["--calib", str(calib)])
     assert res.exit_code == 0, res.output
+    # a --calib typo is refused on any line, not only where it would be used
+    typo = CliRunner().invoke(main, ["bundle", "install", str(arch), "--deploy", str(tmp_path / "d2"), "--no-golden",
+                                     "--backend", "onnxruntime", "--calib", str(tmp_path / "nromals")])
+    assert typo.exit_code == 2 and "nromals: no such folder" in typo.output, typo.output
+    assert not (tmp_path / "d2").exists()
     assert "building and guarding the new release's fp32 engine" in res.output
     assert trt_line["calls"][0]["calib_dir"] == calib and trt_line["calls"][0]["progress"] is True
     assert list((current_path(deploy) / "engines").glob("*.engine"))
