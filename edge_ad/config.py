@@ -355,8 +355,7 @@ class Settings(_Section):
 
         d = self.model_dump(mode="json", exclude={"config_dir"})
         d["source"]["uri"] = redact_uri(self.source.uri)
-        if d.get("mqtt") is not None:
-            d["mqtt"] = self._mqtt_redacted()
+        d["mqtt"] = self._mqtt_redacted()   # no [mqtt] section is MQTT off too: {"enabled": false}
         return d
 
     def _mqtt_redacted(self) -> dict:

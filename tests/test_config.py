@@ -219,6 +219,7 @@ def test_cli_print_config_applies_flags(tmp_path):
     d = json.loads(r.stdout)
     assert d["source"]["mode"] == "trigger" and d["pipeline"]["max_batch"] == 3
     assert d["source"]["uri"] == "synthetic://disc?size=64"
+    assert d["mqtt"] == {"enabled": False}   # no [mqtt] section: MQTT off, as with enabled = false (was null)
 
 
 def test_mqtt_protocol_5_as_a_number_from_file_env_and_flag(tmp_path):

@@ -576,10 +576,10 @@ def test_capture_config_needs_no_model_and_a_bad_roi_leaves_no_folder(tmp_path):
 
     assert load_image(sorted(out.glob("*.png"))[0]).shape == (24, 32, 3)
     cfg.write_text('[source]\nuri = "file://ignored.avi"\nroi = [40, 8, 32, 24]\n')
-    r = subprocess.run([*EDGE_AD, "capture", "--source", f"file://{path}", "--out", str(tmp_path / "bad"),
+    r = subprocess.run([*EDGE_AD, "capture", "--source", f"file://{path}", "--out", str(tmp_path / "bad" / "deeper"),
                         "--frames", "2", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "source.roi" in r.stderr, r.stderr
-    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "bad").exists()   # nor the parent it made
 
 
 @pytest.mark.parametrize("uri", ["dir://frames?fps=native", "synthetic://disc?fps=native"])

@@ -153,7 +153,8 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
         s = load_settings(config, [(["source", "uri"], source, "--source")], schema=CaptureSettings)
         roi, rotate, src_settings = s.source.roi, s.source.rotate, s.source
     folder = Path(out)
-    made = not folder.exists()   # removed again when no frame was saved into it (a bad ROI, a dead source)
+    # the folders this capture makes: removed again when no frame was saved (a bad ROI, a dead source)
+    made = [q for q in (folder, *folder.parents) if not q.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -205,11 +206,12 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
         cam.close()
         for sig, h in old.items():
             signal.signal(sig, h)
-        if made and saved == 0:
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        if saved == 0:
+            for q in made:   # deepest first; only while empty
+                try:
+                    q.rmdir()
+                except OSError:
+                    break
     click.echo(f"saved {saved} frames to {folder}" + ("" if saved == count else f" (asked for {count}; the "
                                                       "source ended or capture was interrupted)"))
     if saved == 0:
