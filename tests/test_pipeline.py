@@ -1254,3 +1254,21 @@ def test_the_telemetry_file_rotates_and_a_bad_path_stops_run_at_start(tmp_path, 
     s = _settings(tmp_path, tiny_bundle, f"file://{video}", telemetry__path=str(tmp_path / "adir"))
     with pytest.raises(InputError, match="adir: cannot open the telemetry file for writing"):
         _run(s)
+
+
+def test_the_telemetry_ng_rate_never_passes_1_while_a_result_is_being_reported(tmp_path, tiny_bundle):
+    """The reporter counts an NG before its event is written and 'reported' after: telemetry read in
+    between showed ng_rate 1.07 (a schema violation). The rate is NG over OK + NG of the interval."""
+    from edge_ad.runtime.telemetry import RateCounter
+
+    video, _ = defect_video(tmp_path / "v.avi", n=4, size=96)
+    svc = Service(_settings(tmp_path, tiny_bundle, f"file://{video}"), install_signals=False)
+    try:
+        svc._rate, svc._cap_rate = RateCounter(), RateCounter()
+        svc._last_ng = svc._last_drop = svc._last_rep = 0
+        svc.reporter.ng, svc.reporter.ok, svc.reporter.reported = 5, 0, 4   # the fifth NG's event being written
+        assert svc.telemetry_payload()["ng_rate"] == 1.0
+        svc.reporter.ng, svc.reporter.ok, svc.reporter.reported = 6, 3, 9
+        assert svc.telemetry_payload()["ng_rate"] == 0.25                  # 1 NG, 3 OK in this interval
+    finally:
+        svc.inspector.backend.close()

@@ -547,9 +547,11 @@ class Service:
         p = self.pipeline
         fps, dn, dt = self._rate.rate(p.inspected)
         cfps, _, _ = self._cap_rate.rate(self.camera.frames)
-        ng_now, rep_now = self.reporter.ng, self.reporter.reported
+        # ok and ng are counted together (the result's outputs written, its NG event not yet): the interval's
+        # rate is NG over OK + NG, never above 1 (over 'reported', counted after the event, it reached 1.07)
+        ok_now, ng_now = self.reporter.ok, self.reporter.ng
         dng, self._last_ng = ng_now - self._last_ng, ng_now
-        drep, self._last_rep = rep_now - self._last_rep, rep_now
+        drep, self._last_rep = dng + ok_now - self._last_rep, ok_now
         dropped_now = p.dropped
         ddrop, self._last_drop = dropped_now - self._last_drop, dropped_now
         stages = {k: p.latency[k].summary() for k in STAGES if k in p.latency}
