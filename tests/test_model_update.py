@@ -810,6 +810,8 @@ def test_update_model_checks_and_opens_the_candidate_as_the_line_runs_it(tiny_bu
         with pytest.raises(InputError, match=r"cannot .*as the line runs it.*precision int8.*b\.tar: bundle/"
                                              r"model\.int8\.onnx.*update refused"):
             _update(svc, fp32_only)
+        with pytest.raises(InputError, match=r"cannot .*as the line runs it.*precision int8.*update refused"):
+            _update(svc, fp32_only, activate=False)   # the check alone opens it too (it said ok)
         assert deployment(deploy).current == before and svc.inspector.model_hash == Bundle.open(
             current_path(deploy)).model_hash()
         assert [p.name for p in (deploy / "releases").iterdir()] == [before]

@@ -464,6 +464,10 @@ class Service:
                 cand = Bundle.open(tmp / "bundle", verify=True)
                 if golden and engine_needed(m.backend, m.device, self.bundle):   # the check runs the line's backend
                     build_line_engine(cand, engine_images(None, golden), precision, m.device)
+                # opened as it would run, with or without a golden set (an int8 check of a bundle without
+                # an INT8 graph said ok): as the line opens it, or in the precision the check asks for
+                open_probe(m.backend, precision, m.device, opener=(lambda b: open_inspector(b, self.settings))
+                           if precision == m.precision else None)(cand)
                 report = check_golden(cand, golden, self.bundle, backend=m.backend, precision=precision,
                                       device=m.device) if golden else None
             finally:
