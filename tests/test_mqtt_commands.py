@@ -496,7 +496,8 @@ def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_pa
                           bundle=SimpleNamespace(path=tmp_path, write_calibration=read_only,
                                                  calibration_lock=contextlib.nullcontext),
                           inspector=SimpleNamespace(calibration=cal), calibrate=read_only,
-                          rollback_calibration=read_only, effective_threshold=lambda: 0.5)
+                          rollback_calibration=read_only, effective_threshold=lambda: 0.5,
+                          check_calibration_current=lambda what: None)
     d = _dispatcher()
     cmds = Commands(svc)
     for name, args in (("calibrate", {}), ("set_threshold", {"threshold": 0.3}), ("rollback_calibration", {})):

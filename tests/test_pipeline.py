@@ -550,14 +550,21 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     assert len(recs) == svc.pipeline.inspected
 
 
-def test_rollback_without_a_version_follows_the_calibration_the_loop_has_in_force(running, caller):
+def test_a_calibration_change_is_refused_while_another_process_wrote_one_not_reloaded_yet(running, caller):
+    """A CLI calibrate / --rollback writes the bundle's calibration; until the run reloads it, an MQTT
+    rollback_calibration, set_threshold or calibrate built on the run's older one would silently replace it
+    (or roll back from the wrong version): refused, naming both versions and 'reload'."""
     svc, call = running, caller
     assert call("set_threshold", {"threshold": 0.5})["calibration_version"] == 2
     assert call("set_threshold", {"threshold": 0.7})["calibration_version"] == 3     # in force: v3, replaced v2
     svc.bundle.rollback_calibration(2)           # the CLI's --rollback on disk, not applied yet (no SIGHUP)
-    r = call("rollback_calibration")
-    assert r["version"] == 2 and r["previous_version"] == 3     # was v1: two steps back from the loop's v3
-    assert svc.inspector.calibration.version == 2
+    for name, args in (("rollback_calibration", {}), ("set_threshold", {"threshold": 0.6})):
+        r = call(name, args, ok=False)
+        assert "this run still uses v3: send 'reload' first; nothing changed" in r["message"], r
+    assert svc.inspector.calibration.version == 3
+    call("reload", {"what": "bundle"})
+    assert svc.inspector.calibration.version == svc.bundle.calibration().version
+    assert call("set_threshold", {"threshold": 0.6})["persisted"] is True
 
 
 def _gate_plugin(tmp_path, monkeypatch, module: str, cls: str, name: str | None = None):

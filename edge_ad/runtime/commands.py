@@ -115,6 +115,7 @@ class Commands:
             svc.event({"type": "threshold", "threshold": thr, "previous": old, "persisted": False})
             return {"threshold": thr, "previous": old, "persisted": False}
         with self._busy, self._changing_calibration("set_threshold"), svc.bundle.calibration_lock():
+            svc.check_calibration_current("set_threshold")
             cal = svc.inspector.calibration
             new = svc.bundle.write_calibration(cal.replace(version=0, created="", threshold=thr, policy="manual",
                                                            source=f"set_threshold (was {cal.threshold:g})"))

@@ -290,6 +290,7 @@ class Service:
         from ..calibration import rollback
 
         with self.bundle.calibration_lock():
+            self.check_calibration_current("rollback_calibration")
             if version is None:   # the one the loop's calibration replaced (calibration.json may be newer or older)
                 version = self.bundle.previous_calibration_version(self.inspector.calibration)
             cal = rollback(self.bundle, version)
@@ -299,7 +300,19 @@ class Service:
     def calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
         """Collect normal frames (live or from a folder), refit, swap in between two frames."""
         with self.bundle.calibration_lock():   # from before the frames to the swap (edge-ad calibrate beside)
+            self.check_calibration_current("calibrate")
             return self._calibrate(frames, policy, source, timeout)
+
+    def check_calibration_current(self, what: str) -> None:
+        """Refuse to build a new calibration on the one this run has when the bundle's calibration in force
+        is another (written by another process, e.g. edge-ad calibrate, and not reloaded yet): it would be
+        silently replaced. Called under the bundle's calibration lock."""
+        on_disk = self.bundle.calibration().version
+        here = self.inspector.calibration.version
+        if on_disk != here:
+            raise RuntimeFailure(f"{what}: the bundle's calibration in force is v{on_disk} (written by another "
+                                 f"process, e.g. edge-ad calibrate) and this run still uses v{here}: send "
+                                 "'reload' first; nothing changed")
 
     def _calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
         from ..calibration import collect_frames, recalibrate
