@@ -1279,3 +1279,24 @@ def test_the_telemetry_ng_rate_never_passes_1_while_a_result_is_being_reported(t
         assert svc.telemetry_payload()["ng_rate"] == 0.25                  # 1 NG, 3 OK in this interval
     finally:
         svc.inspector.backend.close()
+
+
+def test_a_new_models_health_baseline_is_the_recent_ng_rate_of_the_model_in_force(tmp_path, tiny_bundle):
+    """update_model compares the new model's NG rate with the old model's: the latest decisions under the
+    model and calibration in force, not the whole run's (a badly calibrated start, all NG, made a new model
+    that calls every part NG look no worse, and it was kept)."""
+    video, _ = defect_video(tmp_path / "v.avi", n=4, size=96)
+    svc = Service(_settings(tmp_path, tiny_bundle, f"file://{video}"), install_signals=False)
+    try:
+        rep = svc.reporter
+        for ng in [True] * 300:                      # the start: a calibration that did not fit
+            rep.recent_ng.append(ng)
+        rep.ng, rep.ok = 300, 0
+        assert svc._ng_rate() is None                # no OK among them: no baseline
+        svc.swap_calibration(svc.inspector.calibration, reason="recalibrated")   # a new one in force
+        for i in range(50):
+            rep.recent_ng.append(i % 25 == 0)
+        rep.ok += 48
+        assert svc._ng_rate() == pytest.approx(0.04)   # the whole run's would be 302 / 350 = 0.86
+    finally:
+        svc.inspector.backend.close()

@@ -6,6 +6,7 @@ write (a full disk, a broken outbox) is counted per output in ``output_errors`` 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as _dt
 import logging
@@ -19,6 +20,7 @@ from .records import ResultItem
 from .telemetry import LatencyWindow
 
 log = logging.getLogger(__name__)
+RECENT = 200   # decisions a new model's NG rate is compared with (those of the model in force)
 
 OUTPUT_ERROR_LOG_S = 60.0   # a failing output is logged (and published as an event) at most this often
 
@@ -46,6 +48,7 @@ class Reporter:
         self.reported = 0
         self.ok = 0
         self.ng = 0
+        self.recent_ng: collections.deque = collections.deque(maxlen=RECENT)   # NG of the latest decisions
         self.events = 0
         # failed writes per output (a full disk, a broken outbox): the decision went on to the other outputs
         self.output_errors = {"jsonl": 0, "outbox": 0, "snapshots": 0}
@@ -57,6 +60,7 @@ class Reporter:
         """A new calibration (or model, or drift settings) is in force: drift is measured afresh against it
         (not at all when the factory is gone: drift disabled). When drift was flagged, a ``drift_cleared``
         event with ``reason`` says so: a consumer alarmed by ``drift`` would otherwise never hear the end."""
+        self.recent_ng.clear()   # the decisions of what is in force now, not of the model or calibration before
         with self._drift_lock:
             flagged = self.drift_state is not None and bool(self.drift_state.drift)
             self.drift = self._drift_factory(calibration) if self._drift_factory is not None else None
@@ -202,6 +206,7 @@ class Reporter:
             self.ng += 1
         else:
             self.ok += 1
+        self.recent_ng.append(bool(d.ng))
         publish_snapshot = req is not None and req.snapshot and req.publish
         if stored and (d.ng or publish_snapshot):   # (not when the outbox has just refused the result)
             ev = {"type": "ng" if d.ng else "snapshot", "result_id": d.id, "frame": d.seq, "score": rec["score"],

@@ -509,8 +509,11 @@ class Service:
         return _jsonable(out)
 
     def _ng_rate(self) -> float | None:
-        """The NG rate so far (the baseline a new model's health is judged against); None before any OK."""
-        return self.reporter.ng / max(1, self.reporter.ng + self.reporter.ok) if self.reporter.ok else None
+        """The NG rate of the latest decisions of the model and calibration in force (the baseline a new
+        model's health is judged against: not the whole run's, which a badly calibrated start skews); None
+        before any OK among them."""
+        recent = list(self.reporter.recent_ng)
+        return sum(recent) / len(recent) if recent and not all(recent) else None
 
     def _check_health(self) -> None:
         """After a model update: roll back when the new model's first frames look wrong."""
