@@ -476,13 +476,12 @@ class Bundle:
         if self.manifest["files"].pop("calibration.json", None) is not None:  # bundles of early versions
             self.save_manifest()
 
-    def previous_calibration_version(self, cal: Calibration | None = None) -> int:
+    def previous_calibration_version(self) -> int:
         """The version a rollback without a version puts back: the one the calibration in force replaced
         when it was written (``extra["previous_version"]``; for files written before that was recorded, a
         recalibration's ``extra["recalibration"]["previous_version"]``), else the newest older version.
-        Not simply the next lower number: after v3 -> rollback to v2 -> v4, the one before v4 is v2.
-        ``cal``: the calibration in force when it is not calibration.json (a running loop's)."""
-        cal = self.calibration() if cal is None else cal
+        Not simply the next lower number: after v3 -> rollback to v2 -> v4, the one before v4 is v2."""
+        cal = self.calibration()
         rec = cal.extra.get("previous_version")
         refit = cal.extra.get("recalibration")
         if rec is None and isinstance(refit, dict) and cal.policy != "manual":  # manual: set_threshold's copy

@@ -1272,7 +1272,7 @@ def test_the_telemetry_ng_rate_never_passes_1_while_a_result_is_being_reported(t
     svc = Service(_settings(tmp_path, tiny_bundle, f"file://{video}"), install_signals=False)
     try:
         svc._rate, svc._cap_rate = RateCounter(), RateCounter()
-        svc._last_ng = svc._last_drop = svc._last_rep = 0
+        svc._last_ng = svc._last_drop = svc._last_ok = 0
         svc.reporter.ng, svc.reporter.ok, svc.reporter.reported = 5, 0, 4   # the fifth NG's event being written
         assert svc.telemetry_payload()["ng_rate"] == 1.0
         svc.reporter.ng, svc.reporter.ok, svc.reporter.reported = 6, 3, 9

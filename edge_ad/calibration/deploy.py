@@ -171,14 +171,18 @@ class GoldenLimits:
     min_agreement: float = 0.95      # unlabelled: share of decisions equal to the running bundle's
 
 
+def _golden_root(folder: Path) -> Path:
+    """Where a golden set's labelled folders are: ``test/`` when present (an MVTec category), else itself."""
+    return folder / "test" if (folder / "test").is_dir() else folder
+
+
 def golden_images(golden_dir: str | os.PathLike) -> list[tuple[Path, int]]:
     """(image, label) pairs: ``good/`` or ``ok/`` -> 0, any other folder -> 1, images directly in the
     folder -> -1 (unlabelled: compared with the running bundle). ``test/`` is entered when present."""
     root = Path(golden_dir)
     if not root.is_dir():
         raise InputError(f"{root}: golden folder not found")
-    if (root / "test").is_dir():
-        root = root / "test"
+    root = _golden_root(root)
     items = [(p, -1) for p in list_images(root)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         label = 0 if sub.name.lower() in NORMAL_DIRS else 1
@@ -265,14 +269,11 @@ def engine_images(calib_dir: str | os.PathLike | None, golden_dir: str | os.Path
     """The normal images a new release's engine is calibrated and guarded on: ``calib_dir`` (``--calib``),
     else the golden set's ``good/`` (or ``ok/``) folder; None when neither (the candidate's recorded
     training data is then the last resort, see :func:`build_line_engine`)."""
-    if calib_dir is not None:
-        if not Path(calib_dir).is_dir():
-            raise InputError(f"--calib {calib_dir}: no such folder; expected a folder of normal images of the "
-                             "part (or DIR/train/good) to build and guard the new release's TensorRT engine on")
+    if calib_dir is not None:   # checked by _install on every line
         return Path(calib_dir)
     if golden_dir is None or not Path(golden_dir).is_dir():
         return None
-    root = Path(golden_dir) / "test" if (Path(golden_dir) / "test").is_dir() else Path(golden_dir)
+    root = _golden_root(Path(golden_dir))
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in NORMAL_DIRS):
         if list_images(sub):
             return sub
@@ -486,6 +487,9 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     dep = deployment(d)
     key_obj = load_key(key) if key is not None else None
     golden_dir = golden_for(d, golden_dir, require_golden)
+    if calib_dir is not None and not Path(calib_dir).is_dir():   # on every line: a typo is not kept quiet
+        raise InputError(f"--calib {calib_dir}: no such folder; expected a folder of normal images of the part "
+                         "(or DIR/train/good) to build and guard the new release's TensorRT engine on")
     _clean_stale(d)
     running = None
     if dep.current_path is not None and dep.current_path.is_dir():

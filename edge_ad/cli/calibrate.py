@@ -351,8 +351,6 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
         raise InputError("--golden and --no-golden exclude each other")
     if require_signature and key is None:
         raise InputError("--require-signature needs --key to check the signature with")
-    if calib_dir is not None and not calib_dir.is_dir():   # checked on every line: a typo is not kept quiet
-        raise InputError(f"--calib {calib_dir}: no such folder; expected a folder of normal images of the part")
     res = install_bundle(archive, deploy_dir, golden_dir, key, require_signature=True if key else None,
                          require_golden=not no_golden, backend=backend, precision=precision, device=device,
                          keep=keep, probe=open_probe(backend, precision, device), calib_dir=calib_dir,

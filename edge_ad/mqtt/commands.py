@@ -357,13 +357,10 @@ class Dispatcher:
             if not text.startswith((f"{spec.name}:", f"{spec.name} ")):   # many messages name it already
                 text = f"{spec.name}: {text}"
             raise CommandError("failed", text) from None
-        except OSError as exc:
-            if exc.filename is None:   # not about a file (a socket, a device): a handler bug
-                log.exception("command %s: handler raised", spec.name)
-                raise CommandError("internal", f"{spec.name}: {type(exc).__name__}: {exc}") from None
-            log.warning("command %s: %s", spec.name, os_error_text(exc))   # a read-only or full disk: no bug
-            raise CommandError("failed", f"{spec.name}: {os_error_text(exc)}") from None
         except Exception as exc:  # a handler bug must not stop the command loop
+            if isinstance(exc, OSError) and exc.filename is not None:   # a read-only or full disk: no bug
+                log.warning("command %s: %s", spec.name, os_error_text(exc))
+                raise CommandError("failed", f"{spec.name}: {os_error_text(exc)}") from None
             log.exception("command %s: handler raised", spec.name)
             raise CommandError("internal", f"{spec.name}: {type(exc).__name__}: {exc}") from None
         if out is None:

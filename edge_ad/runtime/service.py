@@ -290,9 +290,7 @@ class Service:
         from ..calibration import rollback
 
         with self.bundle.calibration_lock():
-            self.check_calibration_current("rollback_calibration")
-            if version is None:   # the one the loop's calibration replaced (calibration.json may be newer or older)
-                version = self.bundle.previous_calibration_version(self.inspector.calibration)
+            self.check_calibration_current("rollback_calibration")   # so the default is the one the loop's replaced
             cal = rollback(self.bundle, version)
             self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
         return cal
@@ -571,7 +569,7 @@ class Service:
         # rate is NG over OK + NG, never above 1 (over 'reported', counted after the event, it reached 1.07)
         ok_now, ng_now = self.reporter.ok, self.reporter.ng
         dng, self._last_ng = ng_now - self._last_ng, ng_now
-        drep, self._last_rep = dng + ok_now - self._last_rep, ok_now
+        drep, self._last_ok = dng + ok_now - self._last_ok, ok_now
         dropped_now = p.dropped
         ddrop, self._last_drop = dropped_now - self._last_drop, dropped_now
         stages = {k: p.latency[k].summary() for k in STAGES if k in p.latency}
@@ -682,7 +680,7 @@ class Service:
             for sig in sigs:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
         self._rate, self._cap_rate = RateCounter(), RateCounter()
-        self._last_ng = self._last_drop = self._last_rep = 0
+        self._last_ng = self._last_drop = self._last_ok = 0
         self.last_telemetry: dict = {}
         t_start = time.monotonic()
         try:
