@@ -528,6 +528,54 @@ def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
     assert res.exit_code == 0 and deployment(deploy).current == first
 
 
+def test_cli_rollback_to_any_kept_release_and_status_lists_them(bundles, tmp_path):
+    """A plain rollback swaps current and previous (twice: back where it was); --to goes further back, the
+    running loop switches to it on a reload as after a plain rollback; an unknown or pruned id is refused
+    naming the kept ones."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    ids = []
+    for i, (src, threshold) in enumerate(((b, None), (a, None), (b, 2.0), (b, 2.5))):  # another calibration: a release
+        if threshold is not None:
+            src.write_calibration(src.calibration().replace(version=0, created="", threshold=threshold,
+                                                            policy="manual"))
+        ids.append(install_bundle(pack_bundle(src.path, tmp_path / f"{i}.tar"), deploy,
+                                  require_golden=False).release)
+    pruned, (r1, r2, r3) = ids[0], ids[1:]                  # keep=3: the first is gone
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"])
+    kept = json.loads(res.stdout)["releases"]
+    assert [k["id"] for k in kept] == [r3, r2, r1] and [k["role"] for k in kept] == ["current", "previous", None]
+    assert kept[0]["health"] == "pending" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", kept[1]["installed"])
+    for _ in range(2):                                       # a second plain rollback undoes the first
+        assert r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy)]).exit_code == 0
+    assert (deployment(deploy).current, deployment(deploy).previous) == (r3, r2)
+
+    svc = _line(tmp_path, deploy)
+    try:
+        assert svc.inspector.model_hash == b.model_hash()
+        for bad in (pruned, "r0099-nope", r3):
+            res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy), "--to", bad])
+            assert res.exit_code == 2 and f"--to {bad}: " in res.output and f"kept: {r3}, {r2}, {r1}" in res.output
+        assert deployment(deploy).current == r3
+        res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy), "--to", r1])
+        assert res.exit_code == 0 and f"current -> releases/{r1} (previous: {r3})" in res.stdout, res.output
+        assert "SIGHUP" in res.stderr
+        assert svc._reload_bundle()["model_hash"] == a.model_hash()      # what SIGHUP / MQTT reload call
+        assert svc.inspector.model_hash == a.model_hash() and svc.reporter.health is None
+        dep = deployment(deploy)
+        assert (dep.current, dep.previous, dep.health) == (r1, r3, "rolled_back")
+    finally:
+        svc.inspector.backend.close()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 0 and re.search(rf"{r3}  installed \S+  health rolled_back  \(previous\)", res.output)
+    assert re.search(rf"{r1}  installed \S+  health rolled_back  \(current\)", res.output), res.output
+
+
 def test_cli_bundle_refuses_bad_names_and_folders_leaving_nothing(bundles, golden, tmp_path):
     from click.testing import CliRunner
 

@@ -666,35 +666,83 @@ def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:
     """Delete all but the ``keep`` newest releases; ``current`` and ``previous`` are always kept."""
     d = Path(deploy_dir)
     dep = deployment(d)
-    rel = d / RELEASES
-    if not rel.is_dir():
-        return []
-    ids = sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                 key=lambda n: (_release_seq(n), n), reverse=True)
+    ids = _release_ids(d)
     protect = {dep.current, dep.previous} | set(ids[:max(keep, 2)])
     removed = []
     for rid in ids:
         if rid not in protect:
-            shutil.rmtree(rel / rid, ignore_errors=True)
+            shutil.rmtree(d / RELEASES / rid, ignore_errors=True)
             removed.append(rid)
     return removed
 
 
-def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual") -> Deployment:
-    """Swap ``current`` back to ``previous`` (the failed release becomes ``previous``); returns the new
-    state. Raises RuntimeFailure when there is nothing to roll back to."""
+def _release_ids(d: Path) -> list[str]:
+    """The release folders kept in ``d/releases``, newest (highest sequence number) first."""
+    rel = d / RELEASES
+    if not rel.is_dir():
+        return []
+    return sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda n: (_release_seq(n), n), reverse=True)
+
+
+def releases(deploy_dir: str | os.PathLike) -> list[dict]:
+    """The kept releases, newest first: ``id``, ``installed`` (UTC, from the id), ``role`` ("current",
+    "previous" or None) and ``health``: the release in force's is :attr:`Deployment.health`; another's is
+    the last verdict on it in ``deploy.json``'s history: "ok" (its health check passed), "rolled_back"
+    (rolled back from, by a health check or by hand) or "unknown" (none recorded)."""
     d = Path(deploy_dir)
     dep = deployment(d)
-    if dep.previous is None or not (d / RELEASES / dep.previous).is_dir():
-        raise RuntimeFailure(f"{d}: no previous release to roll back to")
+    hist = _read_state(d).get("history", [])
+    out = []
+    for rid in _release_ids(d):
+        health = dep.health if rid == dep.current else "unknown"
+        if rid != dep.current:
+            for ev in reversed(hist if isinstance(hist, list) else []):
+                if not isinstance(ev, dict):
+                    continue
+                if ev.get("event") == "health_ok" and ev.get("release") == rid:
+                    health = "ok"
+                elif ev.get("event") == "rolled_back" and ev.get("failed") == rid:
+                    health = "rolled_back"
+                else:
+                    continue
+                break
+        parts = rid.split("-")
+        try:
+            installed = _dt.datetime.strptime(parts[1], "%Y%m%dT%H%M%SZ").strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (IndexError, ValueError):
+            installed = None
+        role = "current" if rid == dep.current else "previous" if rid == dep.previous else None
+        out.append({"id": rid, "installed": installed, "role": role, "health": health})
+    return out
+
+
+def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: str | None = None) -> Deployment:
+    """Point ``current`` at ``previous``, or at the kept release ``to``; the release left becomes
+    ``previous`` (so a second plain rollback undoes the first). Returns the new state. Raises
+    RuntimeFailure when there is no previous release, InputError when ``to`` is not a kept release or is
+    the one in force."""
+    d = Path(deploy_dir)
+    dep = deployment(d)
+    if to is None:
+        if dep.previous is None or not (d / RELEASES / dep.previous).is_dir():
+            raise RuntimeFailure(f"{d}: no previous release to roll back to")
+        to = dep.previous
+    else:
+        kept = _release_ids(d)
+        if to not in kept:
+            raise InputError(f"--to {to}: no such release in {d / RELEASES} (never installed, or pruned); "
+                             f"kept: {', '.join(kept) or 'none'}")
+        if to == dep.current:
+            raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
     failed = dep.current
-    _point(d, CURRENT, dep.previous)
+    _point(d, CURRENT, to)
     if failed is not None:
         _point(d, PREVIOUS, failed)
-    state = {**_read_state(d), "current": dep.previous, "previous": failed, "health": "rolled_back",
+    state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
              "rolled_back_from": failed, "reason": reason}
-    _write_state(d, state, "rolled_back", release=dep.previous, failed=failed, reason=reason)
-    log.warning("rolled back from %s to %s: %s", failed, dep.previous, reason)
+    _write_state(d, state, "rolled_back", release=to, failed=failed, reason=reason)
+    log.warning("rolled back from %s to %s: %s", failed, to, reason)
     return deployment(d)
 
 

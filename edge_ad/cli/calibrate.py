@@ -373,28 +373,44 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
 
 @bundle_group.command("rollback")
 @click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-def rollback_cmd(deploy_dir):
-    """Switch the deploy folder back to the previous release."""
-    from ..calibration import rollback_model
+@click.option("--to", "to", metavar="RELEASE_ID",
+              help="Switch to this kept release (ids: 'edge-ad bundle status') instead of the previous one.")
+def rollback_cmd(deploy_dir, to):
+    """Switch the deploy folder back to the previous release, or to any kept one with --to.
 
-    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback")
+    The release left becomes 'previous', so a second plain rollback undoes the first; to go two or more
+    releases back, give --to RELEASE_ID. A running 'edge-ad run' switches on its next reload (SIGHUP or the
+    MQTT reload command) or restart."""
+    from ..calibration import deployment, rollback_model
+
+    deployment(deploy_dir, must_exist=True)
+    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to)
     click.echo(f"{deploy_dir}/current -> releases/{dep.current} (previous: {dep.previous})")
+    click.echo("'edge-ad run' with model.deploy_dir switches on its next reload (SIGHUP or the MQTT reload "
+               "command) or restart", err=True)
 
 
 @bundle_group.command("status")
 @click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def status_cmd(deploy_dir, as_json):
-    """The release in force, the previous one, and the health of the last switch."""
+    """The release in force, the previous one, the health of the last switch, and every kept release
+    (newest first: id, install time, health) that 'edge-ad bundle rollback --to ID' can switch to."""
     from ..calibration import deployment
+    from ..calibration.deploy import releases
 
     dep = deployment(deploy_dir, must_exist=True)
+    kept = releases(deploy_dir)
     out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
-           "current_path": str(dep.current_path) if dep.current_path else None, **dep.detail}
+           "current_path": str(dep.current_path) if dep.current_path else None, **dep.detail, "releases": kept}
     if as_json:
         _echo_json(out)
-    else:
-        click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or '-'}  health: {dep.health}")
+        return
+    click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or '-'}  health: {dep.health}")
+    click.echo("kept releases, newest first ('edge-ad bundle rollback --to ID' switches to one):")
+    for r in kept:
+        click.echo(f"  {r['id']}  installed {r['installed'] or '?'}  health {r['health']}"
+                   + (f"  ({r['role']})" if r["role"] else ""))
 
 
 @bundle_group.command("keygen")
