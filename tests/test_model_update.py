@@ -918,12 +918,20 @@ def test_the_same_archive_again_changes_nothing(bundles, golden, tmp_path):
         svc.inspector.backend.close()
 
 
-def test_a_retried_update_after_a_recalibration_on_the_device_keeps_its_calibration(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("older_install", [False, True])
+def test_a_retried_update_after_a_recalibration_on_the_device_keeps_its_calibration(tiny_bundle, tmp_path,
+                                                                                   older_install):
     """The line recalibrated the release in force; the fleet tool retries the update it came from: still
-    "already installed", and the line's calibration stays in force (a copy with the archive's went in)."""
+    "already installed", and the line's calibration stays in force (a copy with the archive's went in).
+    Also for a release installed before installs recorded their archive (older_install): recognised by its
+    files, then recorded; an archive of the same model with another calibration is still a new release."""
     deploy = tmp_path / "deploy"
-    arch = pack_bundle(copy_bundle(tiny_bundle, tmp_path / "a").path, tmp_path / "a.tar")
+    src = copy_bundle(tiny_bundle, tmp_path / "a")
+    arch = pack_bundle(src.path, tmp_path / "a.tar")
     r1 = install_bundle(arch, deploy, require_golden=False)
+    marker = r1.path / deploy_mod.INSTALLED_FROM
+    if older_install:
+        marker.unlink()
     line = Bundle.open(current_path(deploy))
     line.write_calibration(line.calibration().replace(version=0, created="", threshold=2.5, policy="manual"))
     line.add_file("gaussian.d/0002.npz", data=b"refitted statistics")      # a Gaussian refit records its file
@@ -931,6 +939,13 @@ def test_a_retried_update_after_a_recalibration_on_the_device_keeps_its_calibrat
     assert again.already_installed and again.release == r1.release
     assert sorted(p.name for p in (deploy / "releases").iterdir()) == [r1.release]
     assert Bundle.open(current_path(deploy)).calibration().threshold == 2.5
+    assert marker.is_file()
+    if older_install:
+        marker.unlink()
+        src.write_calibration(src.calibration().replace(version=0, created="", threshold=3.5, policy="manual"))
+        other = install_bundle(pack_bundle(src.path, tmp_path / "a2.tar"), deploy, require_golden=False)
+        assert not other.already_installed and Bundle.open(current_path(deploy)).calibration().threshold == 3.5
+        return
     line.add_file("extra.onnx", data=b"not from the archive")                # anything else: not the same
     assert not install_bundle(arch, deploy, require_golden=False).already_installed
 

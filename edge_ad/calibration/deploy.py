@@ -508,20 +508,28 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
         files = info.index["files"]
         content = {n[len(PREFIX) + 1:]: rec["sha256"] for n, rec in files.items()}
         need = sum(rec["bytes"] for rec in files.values())
-    if dep.current_path is not None and _same_content(dep.current_path, content):
+    marker = dep.current_path / INSTALLED_FROM if dep.current_path is not None else None
+    if marker is not None and _same_content(dep.current_path, content):
+        older = not marker.is_file()   # installed by an older edge-ad: its manifest must be the archive's too
+        same = not older or Path(archive).is_dir() and _same_model(Path(archive), dep.current_path)
         if not Path(archive).is_dir():   # the index matches: its files must too, or the archive is refused
             check = d / RELEASES / f".incoming-{uuid.uuid4().hex[:12]}"
             try:
                 extract_archive(archive, check, key=key_obj, require_signature=require_signature)
+                same = same or _same_model(check, dep.current_path)
             except InputError as exc:
                 raise _named_in_archive(exc, check, Path(archive)) from exc.__cause__
             finally:
                 shutil.rmtree(check, ignore_errors=True)
-        log.warning("%s: the release in force, %s, was installed from the same files; nothing installed", archive,
-                    dep.current)
-        return InstallResult(dep.current_path, dep.current, dep.previous, dep.previous_path,
-                             info if not Path(archive).is_dir() else PackageInfo({}, False, None, None, False),
-                             None, already_installed=True)
+        if same:
+            if older:   # recorded now, as an install records it
+                b = Bundle.open(dep.current_path)
+                atomic.write_json(marker, {"archive": content, "release": _content(b), "model": _model_content(b)})
+            log.warning("%s: the release in force, %s, was installed from the same files; nothing installed",
+                        archive, dep.current)
+            return InstallResult(dep.current_path, dep.current, dep.previous, dep.previous_path,
+                                 info if not Path(archive).is_dir() else PackageInfo({}, False, None, None, False),
+                                 None, already_installed=True)
     free = shutil.disk_usage(d / RELEASES).free
     if need + SPACE_MARGIN > free:
         raise RuntimeFailure(f"{d / RELEASES}: {free / 2**20:.1f} MiB free, the bundle needs {need / 2**20:.1f} MiB "
@@ -624,16 +632,33 @@ def _same_content(release: Path, content: dict[str, str]) -> bool:
     """Installing these files again would change nothing: ``release`` was installed from exactly these
     files and is as it was then (:data:`INSTALLED_FROM`; an engine built at install is recorded in
     manifest.json and quant_report.json), but for calibrations written on the device since, which a retried
-    update must not undo. A release without that record (installed by an older version): holds exactly
-    these files."""
+    update must not undo. A release without that record (installed by an older version): holds the same
+    files but for what calibrating on the device changed since (calibration.json replaced, calibration.d/
+    and gaussian.d/ versions added, old gaussian.d/ ones pruned; the archive's calibration history must be
+    in the release as it is in the archive), and for manifest.json, which :func:`_same_model` compares
+    once the archive is extracted."""
     try:
         b = Bundle.open(release)
         if (release / INSTALLED_FROM).is_file():
             was = json.loads((release / INSTALLED_FROM).read_text("utf-8"))
             return was.get("archive") == content and (was.get("release") == _content(b)
                                                       or was.get("model") == _model_content(b))
-        return _content(b) == content
+        now = _content(b)
+        if any(now.get(rel) != h for rel, h in content.items()
+               if rel not in ("manifest.json", "calibration.json") and not (rel.startswith("gaussian.d/")
+                                                                           and rel not in now)):
+            return False
+        return all(rel in content for rel in now if rel != "manifest.json" and not rel.startswith(DEVICE_WRITTEN))
     except (EdgeADError, OSError, ValueError, AttributeError):
+        return False
+
+
+def _same_model(bundle: Path, release: Path) -> bool:
+    """The two bundle folders are one model (:func:`_model_content`: their manifests too), whatever
+    calibration each holds."""
+    try:
+        return _model_content(Bundle.open(bundle)) == _model_content(Bundle.open(release))
+    except (EdgeADError, OSError, ValueError):
         return False
 
 
