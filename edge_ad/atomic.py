@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-_held: dict[tuple[int, int], int] = {}   # folder_lock: (inode, device) of the folder -> depth held here
+_held: dict[tuple[int, int, int], int] = {}   # folder_lock: (inode, device, thread) -> depth held there
 _held_lock = threading.Lock()
 
 
@@ -84,8 +84,8 @@ def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, busy: str):
     """One holder at a time per folder, across processes: the kernel's lock (flock) on the folder, so a
-    killed holder leaves none behind. Re-entrant in one process; another process gets a RuntimeFailure
-    with the message ``busy`` at once. Not POSIX: no guard."""
+    killed holder leaves none behind. Re-entrant in one thread; another thread or process gets a
+    RuntimeFailure with the message ``busy`` at once. Not POSIX: no guard."""
     try:
         import fcntl
     except ImportError:
@@ -94,7 +94,7 @@ def folder_lock(folder: str | os.PathLike, busy: str):
     from .errors import RuntimeFailure
 
     fd = os.open(folder, os.O_RDONLY)
-    key = os.fstat(fd)[1:3]   # (inode, device)
+    key = (*os.fstat(fd)[1:3], threading.get_ident())   # (inode, device, thread): its own flock in another thread
     try:
         with _held_lock:
             depth = _held.get(key, 0)
@@ -112,7 +112,7 @@ def folder_lock(folder: str | os.PathLike, busy: str):
                 if _held[key] == 0:
                     del _held[key]
     finally:
-        os.close(fd)   # the outermost holder's close releases the lock
+        os.close(fd)   # the thread's outermost holder's close releases the lock
 
 
 def naming(exc: OSError, path: str | os.PathLike) -> OSError:

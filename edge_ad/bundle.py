@@ -409,7 +409,7 @@ class Bundle:
         """One calibration change of this bundle at a time (``edge-ad calibrate`` and its ``--rollback``, the
         runtime's MQTT calibrate / rollback_calibration / persisted set_threshold), held from before the
         frames are collected to the switch: a second is refused at once (RuntimeFailure) instead of
-        silently replacing the first's calibration. Re-entrant in one process."""
+        silently replacing the first's calibration. Re-entrant in one thread."""
         return atomic.folder_lock(self.path, f"{self.path}: another calibration of this bundle is running "
                                   "(edge-ad calibrate, or the MQTT calibrate, rollback_calibration or set_threshold "
                                   "of a running edge-ad run); try again when it has finished")

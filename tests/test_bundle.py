@@ -362,3 +362,32 @@ def test_a_graph_the_manifest_does_not_record_is_never_run(tiny_bundle, tmp_path
     assert graph_file(b, "int8", "cpu") == "model.int8.onnx"
     b.add_file("model.int8-u8.onnx")
     assert graph_file(b, "int8", "cpu") == "model.int8-u8.onnx"
+
+
+def test_folder_lock_is_reentrant_in_one_thread_and_refuses_another_thread(tmp_path):
+    """Another thread of the same process is refused as another process is, instead of sharing the lock."""
+    import threading
+
+    from edge_ad import atomic
+    from edge_ad.errors import RuntimeFailure
+
+    def other_thread() -> str:
+        out = []
+
+        def enter():
+            try:
+                with atomic.folder_lock(tmp_path, "busy: held elsewhere"):
+                    out.append("entered")
+            except RuntimeFailure as exc:
+                out.append(str(exc))
+
+        t = threading.Thread(target=enter)
+        t.start()
+        t.join()
+        return out[0]
+
+    with atomic.folder_lock(tmp_path, "busy"):
+        with atomic.folder_lock(tmp_path, "busy"):      # re-entrant in this thread
+            assert other_thread() == "busy: held elsewhere"
+        assert other_thread() == "busy: held elsewhere"  # still held by the outer one
+    assert other_thread() == "entered"                    # released

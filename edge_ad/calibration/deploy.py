@@ -592,7 +592,7 @@ SPACE_MARGIN = 1 << 20
 def deploy_lock(deploy_dir: str | os.PathLike):
     """One install at a time per deploy folder (a CLI install beside the runtime's update_model): the
     kernel's lock on ``releases/`` (:func:`atomic.folder_lock`), so a killed install leaves none behind.
-    Re-entrant in one process; a second process gets a RuntimeFailure at once."""
+    Re-entrant in one thread; another thread or process gets a RuntimeFailure at once."""
     return atomic.folder_lock(Path(deploy_dir) / RELEASES,
                               f"{deploy_dir}: another install into this deploy folder is running; try again when "
                               "it has finished")
