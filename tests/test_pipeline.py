@@ -650,6 +650,32 @@ def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(plc_lin
     assert svc.bundle.calibration_versions() == [1, 2, 3, 4]
 
 
+def test_a_stop_cancels_a_live_calibrate_which_is_answered_and_changes_nothing(tmp_path, tiny_bundle, mosquitto,
+                                                                              caller):
+    """SIGTERM while an MQTT calibrate collects live frames: the collection ends at once (it waited out its
+    timeout, the stop waited for it, and the requester got no reply), the calibration in force is unchanged
+    and the reply goes out before the link disconnects."""
+    svc = _start(tmp_path, copy_bundle(tiny_bundle, tmp_path / "bundle"), mosquitto, trigger="frame")
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=caller("calibrate", {"frames": 100000, "timeout_s": 600},
+                                                             ok=False, timeout=20)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not (svc.pipeline._collectors and svc.pipeline._collectors[0].frames) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    svc.stop("SIGTERM")
+    svc.thread.join(30)
+    t.join(30)
+    assert not svc.thread.is_alive() and svc.out["summary"]["reason"] == "SIGTERM"
+    r = out["r"]
+    assert r["code"] == "failed" and "cancelled after" in r["message"], r
+    assert "the run is stopping (SIGTERM); the calibration in force is unchanged" in r["message"]
+    assert svc.bundle.calibration_versions() == [1] and svc.bundle.calibration().version == 1
+    # a calibrate that comes while the run stops is cancelled at once too
+    col = svc.pipeline.collect_frames(5)
+    assert col.done.is_set() and col.cancelled == "SIGTERM"
+
+
 def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquitto, caller):
     from edge_ad.atomic import sha256_file
     from edge_ad.calibration import deployment, install_bundle, pack_bundle

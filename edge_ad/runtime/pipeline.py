@@ -119,9 +119,10 @@ class FrameCollector:
     count: int
     frames: list = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: str = ""   # why it was cancelled (the run is stopping): ``done`` is set with fewer frames
 
     def offer(self, image: np.ndarray) -> None:
-        if len(self.frames) < self.count:
+        if len(self.frames) < self.count and not self.cancelled:
             self.frames.append(image)
             if len(self.frames) >= self.count:
                 self.done.set()
@@ -215,6 +216,10 @@ class Pipeline:
             self.end_reason = self.end_reason or reason
             self.stop_requested_at = time.monotonic()
             self.stop_capture.set()
+        with self._req_lock:   # a live calibration gets no more frames: it ends now, not at its timeout
+            for c in self._collectors:
+                c.cancelled = c.cancelled or self.end_reason or reason
+                c.done.set()
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
@@ -296,6 +301,9 @@ class Pipeline:
         c = FrameCollector(int(count))
         with self._req_lock:
             self._collectors.append(c)
+            if self.stop_capture.is_set():   # the run is stopping: no frames will come
+                c.cancelled = self.end_reason or "stop requested"
+                c.done.set()
         return c
 
     def cancel_collector(self, c: FrameCollector) -> None:

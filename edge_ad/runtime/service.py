@@ -325,6 +325,10 @@ class Service:
                 self.pipeline.cancel_collector(col)
                 raise RuntimeFailure(f"calibrate: collected {len(col.frames)} of {frames} frames within "
                                      f"{timeout:g} s; the calibration in force is unchanged")
+            if col.cancelled:
+                self.pipeline.cancel_collector(col)
+                raise RuntimeFailure(f"calibrate: cancelled after {len(col.frames)} of {frames} frames: the run "
+                                     f"is stopping ({col.cancelled}); the calibration in force is unchanged")
             images = list(col.frames)
             where = f"live {self.spec.safe_uri}"
         else:
