@@ -263,10 +263,10 @@ def test_malformed_and_unknown_commands_get_error_replies(link, mosquitto):
 
 def test_busy_when_the_queue_is_full(link, mosquitto):
     gate = threading.Event()
-    link.register_command("calibrate", lambda args: gate.wait(10) and {"calibrated": True})
+    link.register_command("pause", lambda args: gate.wait(10) and {"paused": True})
     with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
         results = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, cc.call("s", "d", "calibrate",
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, cc.call("s", "d", "pause",
                                                                                     timeout=10)))
                    for i in range(4)]
         for t in threads:
@@ -282,9 +282,9 @@ def test_busy_when_the_queue_is_full(link, mosquitto):
 
 def test_a_hostile_payload_while_busy_does_not_stop_the_network_thread(link, mosquitto):
     gate = threading.Event()
-    link.register_command("calibrate", lambda args: gate.wait(10) and {"calibrated": True})
+    link.register_command("pause", lambda args: gate.wait(10) and {"paused": True})
     with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
-        threads = [threading.Thread(target=lambda: cc.call("s", "d", "calibrate", timeout=10)) for _ in range(3)]
+        threads = [threading.Thread(target=lambda: cc.call("s", "d", "pause", timeout=10)) for _ in range(3)]
         for t in threads:                       # one running, two waiting: the queue (2) is full
             t.start()
             time.sleep(0.1)
@@ -303,21 +303,47 @@ def test_a_hostile_payload_while_busy_does_not_stop_the_network_thread(link, mos
         assert link.stats()["outbox_depth"] == 0, rid
 
 
-def test_status_is_answered_during_a_long_calibrate_and_a_timed_out_pause_does_not_run_later(link, mosquitto):
+def test_status_is_answered_during_a_long_calibrate_and_other_commands_are_refused_at_once(link, mosquitto):
+    """Queued behind a calibrate, a second calibrate, a rollback or an inspect ran minutes after it was sent:
+    refused at once (busy, naming the command that runs); status is answered meanwhile."""
     gate = threading.Event()
     link.register_command("calibrate", lambda args: gate.wait(10) and {"calibrated": True})
     with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
         out = {}
         t = threading.Thread(target=lambda: out.setdefault("cal", cc.call("s", "d", "calibrate", timeout=10)))
         t.start()
-        time.sleep(0.2)                                         # calibrate holds the command thread
+        deadline = time.monotonic() + 5
+        while link._long is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert cc.call("s", "d", "status", timeout=5)["ok"]     # not held behind it
+        for name, args in (("calibrate", {}), ("rollback_calibration", {}), ("set_threshold", {"threshold": 0.5}),
+                           ("update_model", VALID_ARGS["update_model"]), ("reload", {}), ("pause", {}),
+                           ("inspect", {}), ("snapshot", {})):
+            r = cc.call("s", "d", name, args, timeout=5)
+            assert schema.errors("reply", r) == [] and r["error"]["code"] == "busy", r
+            assert r["error"]["message"].startswith(f"{name}: not run: 'calibrate' (received "), r
+        gate.set()
+        t.join(15)
+        assert out["cal"]["ok"]
+        assert cc.call("s", "d", "pause", timeout=5)["ok"]      # runs again once calibrate has finished
+    assert link.calls == ["pause"]
+
+
+def test_a_command_that_timed_out_waiting_behind_another_does_not_run_later(link, mosquitto):
+    gate = threading.Event()
+    link.register_command("set_threshold", lambda args: gate.wait(10) and {"threshold": 0.5})
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("thr", cc.call("s", "d", "set_threshold",
+                                                                          {"threshold": 0.5}, timeout=10)))
+        t.start()
+        time.sleep(0.2)                                         # set_threshold holds the command thread
         with pytest.raises(RuntimeFailure, match="busy with another command"):
             cc.call("s", "d", "pause", {"reason": "late"}, timeout=1)
         time.sleep(0.3)                                         # its 1 s expiry has passed on the device too
         gate.set()
         t.join(15)
-        assert out["cal"]["ok"]
+        assert out["thr"]["ok"]
         assert cc.call("s", "d", "resume", timeout=5)["ok"]     # commands run in order: pause came first
     assert link.calls == ["resume"]                              # the operator was told pause timed out
 

@@ -27,7 +27,9 @@ Commands published with the retain flag are not run (a retained command would ru
 reconnect): the link refuses them with a ``malformed`` reply.
 
 Commands run one at a time, in order, except :data:`QUICK` ones (``status``), which the link answers on
-a thread of their own so they never wait behind a long ``calibrate``. A command whose MQTT v5 message
+a thread of their own so they never wait behind a long ``calibrate``. While a :data:`LONG` one
+(``calibrate``, ``update_model``, ``reload``) waits or runs, any other command is refused at once with a
+``busy`` reply naming it, instead of running minutes after it was sent. A command whose MQTT v5 message
 expiry has passed when its turn comes (it waited behind a long one) is not run: it gets an ``expired``
 reply, since its requester has stopped waiting and was told it timed out.
 """
@@ -56,6 +58,8 @@ COMMANDS = ("status", "calibrate", "rollback_calibration", "set_threshold", "ins
 STATE_CHANGING = frozenset({"calibrate", "rollback_calibration", "set_threshold", "pause", "resume", "reload",
                             "update_model"})
 QUICK = frozenset({"status"})   # read-only and instant: answered on their own thread, never queued behind others
+# can take minutes: while one waits or runs, every other command but QUICK ones is refused at once (busy)
+LONG = frozenset({"calibrate", "update_model", "reload"})
 RESERVED = ("ts", "client_id", "reply_to", "correlation_id")
 HMAC_KEY = "hmac-sha256"
 Handler = Callable[[dict], "Mapping[str, Any] | None"]

@@ -13,7 +13,8 @@ Threads:
   Messages handed to paho before a disconnect are re-sent by paho after the reconnect (with DUP); a
   new process sends everything left in the outbox from the start.
 * the command worker: runs one command at a time and publishes its reply; a second one answers ``status``
-  (:data:`~edge_ad.mqtt.commands.QUICK`), so it is never held behind a long ``calibrate``.
+  (:data:`~edge_ad.mqtt.commands.QUICK`), so it is never held behind a long ``calibrate``; while a
+  :data:`~edge_ad.mqtt.commands.LONG` command waits or runs, the others are refused at once (``busy``).
 
 Delivery is at least once: a message whose PUBACK was lost (a cut between the broker's ack and ours, a
 kill before the ack was recorded) is sent again. Consumers de-duplicate on the ``id`` field.
@@ -38,7 +39,7 @@ from .. import __version__
 from ..errors import InputError, RuntimeFailure
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text
-from .commands import QUICK, CommandQueue, Dispatcher, Handler, Incoming
+from .commands import LONG, QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import Outbox
 from .sender import AckListener, OutboxSender, percentile
 from .settings import MqttSettings
@@ -82,6 +83,7 @@ class MqttLink:
         self._workers: list[threading.Thread] = []
         self._commands = CommandQueue(settings.command_queue)
         self._quick = CommandQueue(settings.command_queue)     # QUICK commands: their own worker
+        self._long: Incoming | None = None    # the LONG command waiting or running: others are refused meanwhile
         self._last_image = float("-inf")
         self._started_iso = payloads.now_iso()
         # every key exists from the start, so stats() never iterates a dict that grows under it
@@ -449,10 +451,28 @@ class MqttLink:
                     msg, "malformed", f"cmd/{msg.name}: published with the retain flag; commands are not retained "
                                       "(clear it with an empty retained message and send it again with retain=false)"))
             return
+        if msg.name not in QUICK:
+            with self._lock:
+                long = self._long
+                if long is None and msg.name in LONG:
+                    self._long = msg
+            if long is not None:   # queued, it would run minutes after it was sent, long after its requester gave up
+                self._send_reply(client, self.dispatcher.error_reply(
+                    msg, "busy", f"{msg.name}: not run: '{long.name}' (received "
+                                 f"{time.time() - long.received:.0f} s ago) has not finished; send it again when it "
+                                 "has (status answers meanwhile)"))
+                return
         if not (self._quick if msg.name in QUICK else self._commands).offer(msg):
+            self._done_with(msg)
             reply = self.dispatcher.error_reply(msg, "busy", f"{self.settings.command_queue} commands are waiting; "
                                                               "try again later")
             self._send_reply(client, reply)
+
+    def _done_with(self, msg: Incoming) -> None:
+        """``msg`` is answered: when it was the LONG command, other commands are run again."""
+        with self._lock:
+            if self._long is msg:
+                self._long = None
 
     # ------------------------------------------------------------------ command worker
     def _command_loop(self, commands: CommandQueue) -> None:
@@ -461,6 +481,7 @@ class MqttLink:
             if msg is None:
                 return
             reply = self.dispatcher.handle(msg)
+            self._done_with(msg)    # before the reply: a command sent on it must not find this one running
             client = self._client
             if client is not None:
                 self._send_reply(client, reply)
