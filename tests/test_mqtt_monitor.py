@@ -96,6 +96,10 @@ def test_the_threshold_shown_is_the_one_deciding():
     assert (row.threshold, row.calibration_threshold, row.calibration_version) == (0.4, 0.4, 5)
     view.consume(f"{B}/p1/cam1/telemetry", _j({"threshold": 0.3}))
     assert row.threshold == 0.3
+    # a device that says which threshold decides (threshold_in_force, re-published when it changes)
+    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 5, "threshold": 0.4, "threshold_in_force": 0.25}),
+                 retained=True)
+    assert (row.threshold, row.calibration_threshold) == (0.25, 0.4)
 
 
 def test_home_assistant_node_ids_do_not_collide():

@@ -676,6 +676,35 @@ def test_a_stop_cancels_a_live_calibrate_which_is_answered_and_changes_nothing(t
     assert col.done.is_set() and col.cancelled == "SIGTERM"
 
 
+def test_the_retained_calibration_says_which_threshold_decides(tmp_path, tiny_bundle, mosquitto, caller):
+    """A dashboard reading the retained calibration showed the calibration's threshold while the config's
+    [decision] threshold or a set_threshold without persist decided: it carries threshold_in_force, published
+    again when that changes."""
+    from edge_ad.mqtt import BrokerSettings
+    from edge_ad.mqtt.collector import Collector
+
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/calibration") as col:
+        svc = _start(tmp_path, copy_bundle(tiny_bundle, tmp_path / "bundle"), mosquitto, decision__threshold=0.5)
+        try:
+            def seen(**want):
+                ok = col.wait_for(lambda c: any(all(m.json().get(k) == v for k, v in want.items())
+                                                for m in c.of_kind("calibration")), timeout=10)
+                assert ok, [m.json() for m in col.of_kind("calibration")]
+
+            cal_thr = svc.inspector.calibration.threshold
+            assert cal_thr != 0.5
+            seen(version=1, threshold=cal_thr, threshold_in_force=0.5)       # the config's decides
+            caller("set_threshold", {"threshold": 0.9, "persist": False})
+            seen(version=1, threshold=cal_thr, threshold_in_force=0.9)
+            caller("set_threshold", {"threshold": 0.7})                       # persisted: the calibration's decides
+            seen(version=2, threshold=0.7, threshold_in_force=0.7)
+            assert svc.effective_threshold() == 0.7
+            assert [e for e in svc.events if e["type"] == "calibration"][-1]["threshold_in_force"] == 0.7
+        finally:
+            svc.stop("test over")
+            svc.thread.join(30)
+
+
 def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquitto, caller):
     from edge_ad.atomic import sha256_file
     from edge_ad.calibration import deployment, install_bundle, pack_bundle

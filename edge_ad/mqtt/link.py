@@ -234,10 +234,11 @@ class MqttLink:
         self._wake.set()
         return body
 
-    def publish_calibration(self, calibration: Any) -> None:
+    def publish_calibration(self, calibration: Any, threshold_in_force: float | None = None) -> None:
         """Publish the calibration in force (retained; re-published on every connect). Accepts a
-        :class:`edge_ad.scoring.Calibration` or its ``to_dict()``. Also updates the birth message's
-        ``calibration_version``."""
+        :class:`edge_ad.scoring.Calibration` or its ``to_dict()``. ``threshold_in_force``: the threshold that
+        decides, when an override (the config's, a set_threshold without persist) decides instead of the
+        calibration's (default: the calibration's). Also updates the birth message's ``calibration_version``."""
         self._check_open()
         cal = calibration.to_dict() if hasattr(calibration, "to_dict") else calibration
         if not isinstance(cal, Mapping) or "threshold" not in cal:
@@ -245,6 +246,7 @@ class MqttLink:
         version = int(cal.get("version") or 0)
         body = {"schema_version": payloads.SCHEMA_VERSION, "ts": payloads.now_iso(), "site": self.settings.site,
                 "device": self.settings.device, "version": version, "threshold": cal["threshold"],
+                "threshold_in_force": cal["threshold"] if threshold_in_force is None else float(threshold_in_force),
                 "policy": cal.get("policy"), "created": cal.get("created"), "calibration": dict(cal)}
         body = {k: v for k, v in body.items() if v is not None}
         data = payloads.encode(body, "calibration")

@@ -4,8 +4,9 @@
 :func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad
 monitor``. Sources per column: state from the retained ``status`` (birth / will), fps, latency, NG rate,
 outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
-the retained ``calibration`` (else the birth message), the threshold deciding from the latest result or
-telemetry (else the calibration's; the calibration's is kept as ``calibration_threshold``). A device that is ``online`` but silent for
+the retained ``calibration`` (else the birth message), the threshold deciding from the latest result,
+telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is
+kept as ``calibration_threshold``). A device that is ``online`` but silent for
 ``stale_after_s`` shows as ``stale``.
 """
 
@@ -200,9 +201,11 @@ class FleetView:
     def _on_calibration(row: DeviceRow, b: dict) -> None:
         version = _int(b.get("version"))
         row.calibration_threshold = _num(b.get("threshold"))
-        # a new calibration decides from now on; the same one again (retained, after a reconnect) does not
-        # undo a set_threshold without persist that results and telemetry report
-        if row.threshold is None or version != row.calibration_version:
+        if "threshold_in_force" in b:   # the device says what decides (re-published when it changes)
+            row.threshold = _num(b.get("threshold_in_force"))
+        # older devices: a new calibration decides from now on; the same one again (retained, after a
+        # reconnect) does not undo a set_threshold without persist that results and telemetry report
+        elif row.threshold is None or version != row.calibration_version:
             row.threshold = row.calibration_threshold
         row.calibration_version = version
 

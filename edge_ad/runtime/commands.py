@@ -112,6 +112,7 @@ class Commands:
                 svc.override_under_transient = svc.pipeline.threshold_override
             svc.pipeline.threshold_override = thr
             svc.transient_threshold = thr         # until the next calibration is swapped in
+            svc.publish_calibration()             # its threshold_in_force
             svc.event({"type": "threshold", "threshold": thr, "previous": old, "persisted": False})
             return {"threshold": thr, "previous": old, "persisted": False}
         with self._busy, self._changing_calibration("set_threshold"), svc.bundle.calibration_lock():
@@ -119,9 +120,7 @@ class Commands:
             cal = svc.inspector.calibration
             new = svc.bundle.write_calibration(cal.replace(version=0, created="", threshold=thr, policy="manual",
                                                            source=f"set_threshold (was {cal.threshold:g})"))
-            svc.swap_calibration(new, reason="set_threshold")
-            svc.pipeline.threshold_override = None   # the calibration holds it now
-            svc.transient_threshold = None
+            svc.swap_calibration(new, reason="set_threshold", decides=True)   # the calibration holds it now
         return {"threshold": thr, "previous": old, "persisted": True, "calibration_version": new.version}
 
     def rollback_calibration(self, args: dict) -> dict:

@@ -264,16 +264,24 @@ class Service:
         o = self.pipeline.threshold_override
         return float(o) if o is not None else float(self.inspector.calibration.threshold)
 
-    def swap_calibration(self, cal, reason: str) -> None:
-        """Put ``cal`` in force between two batches, restart drift tracking, tell MQTT."""
+    def publish_calibration(self) -> None:
+        """The retained MQTT ``calibration``: the calibration in force and the threshold that decides. Sent
+        again whenever either changes (a swap, set_threshold without persist, a reloaded [decision] threshold)."""
+        if self.link is not None:
+            self.link.publish_calibration(self.inspector.calibration, threshold_in_force=self.effective_threshold())
+
+    def swap_calibration(self, cal, reason: str, decides: bool = False) -> None:
+        """Put ``cal`` in force between two batches, restart drift tracking, tell MQTT. ``decides``: its
+        threshold decides from now on, over any override (a persisted set_threshold)."""
         with self._swap_lock:
             before = self.inspector.calibration.version
             self.inspector.set_calibration(cal)
             self.reporter.reset_drift(cal, reason)
             self._drop_transient_threshold(f"calibration v{before}")
+            if decides:
+                self.pipeline.threshold_override = None
         log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
-        if self.link is not None:
-            self.link.publish_calibration(cal)
+        self.publish_calibration()
         self.event({"type": "calibration", "version": cal.version, "previous_version": before,
                     "threshold": cal.threshold, "policy": cal.policy, "reason": reason,
                     "threshold_in_force": self.effective_threshold()})
@@ -363,6 +371,7 @@ class Service:
             self.pipeline.min_region_area = new.decision.min_region_area
             self.pipeline.max_regions = new.decision.max_regions
             applied.append("decision")
+            self.publish_calibration()   # the threshold in force may have changed
         if new.calibration != old.calibration:
             applied.append("calibration")
         if new.drift != old.drift:
@@ -422,8 +431,7 @@ class Service:
         old.backend.close()
         self.update_birth(model_hash=new.model_hash, calibration_version=new.calibration.version,
                           backend=getattr(new.backend, "name", ""), precision=getattr(new.backend, "precision", ""))
-        if self.link is not None:
-            self.link.publish_calibration(new.calibration)
+        self.publish_calibration()
         self.event({"type": "model", "model_hash": new.model_hash, "previous_model_hash": before, "reason": reason,
                     "bundle": str(bundle.path)})
         return {"model_hash": new.model_hash, "previous_model_hash": before,
@@ -690,7 +698,7 @@ class Service:
         try:
             if self.link is not None:
                 self.link.start()
-                self.link.publish_calibration(self.inspector.calibration)
+                self.publish_calibration()
             self.telemetry.start()
             if self.trigger is not None:
                 try:
