@@ -8,6 +8,7 @@
     checkpoint.pt          torch weights (state_dict) for fine-tuning and re-export
     calibration.json       the calibration in force (byte-identical to its calibration.d/ entry)
     calibration.d/NNNN.json  every calibration version ever written
+    calibration.d/rollbacks.json  every rollback: to which version, from which, when, by what
     engines/<key>.engine   TensorRT engines
     quant_report.json      guard results
 
@@ -27,6 +28,7 @@ import copy
 import datetime as _dt
 import functools
 import json
+import logging
 import os
 import re
 from importlib import resources
@@ -41,6 +43,7 @@ FORMAT = "edge-ad-bundle"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 _CAL_RE = re.compile(r"^(\d{4,})\.json$")
+log = logging.getLogger(__name__)
 
 # What a bundle folder may hold that is not part of the bundle: training state for 'edge-ad train --resume'
 # (never shipped: optimizer state, tens of MB) and what belongs to one machine or run (TensorRT engines are
@@ -493,8 +496,23 @@ class Bundle:
             raise InputError(f"calibration version {cal.version} is the oldest; nothing to roll back to")
         return older[-1]
 
-    def rollback_calibration(self, version: int | None = None) -> Calibration:
-        """Put an earlier calibration version back in force, byte for byte.
+    @property
+    def rollback_log(self) -> Path:
+        return self.calibration_dir / "rollbacks.json"
+
+    def calibration_rollbacks(self) -> list[dict]:
+        """The rollbacks recorded (oldest first): ``version`` put back, ``previous_version`` (None when the one
+        in force was unreadable), ``ts``, ``by`` (``cli``, ``mqtt``, ``mqtt (client ID)``). An unreadable log
+        reads as none: it is a record, never needed to run."""
+        try:
+            records = json.loads(self.rollback_log.read_text("utf-8"))
+        except (OSError, ValueError):
+            return []
+        return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+    def rollback_calibration(self, version: int | None = None, by: str = "") -> Calibration:
+        """Put an earlier calibration version back in force, byte for byte, and record it in
+        :attr:`rollback_log` (``by``: what asked for it).
 
         Without ``version``: the one the calibration in force replaced (:meth:`previous_calibration_version`).
         """
@@ -507,7 +525,16 @@ class Bundle:
             raise InputError(f"calibration version {version} not found; versions kept: "
                              f"{', '.join(map(str, versions))}")
         _, data = _read_calibration(self.calibration_version_file(version))
+        try:
+            before = self.calibration().version if self.has("calibration.json") else None
+        except InputError:
+            before = None   # unreadable: an explicit version repairs it
         self._put_calibration(data)
+        record = {"version": version, "previous_version": before, "ts": now_iso(), "by": by or "api"}
+        try:   # after the switch, which is done: a full disk costs the record, not the rollback
+            atomic.write_json(self.rollback_log, self.calibration_rollbacks() + [record])
+        except OSError as exc:
+            log.warning("rollback to calibration v%d not recorded in %s: %s", version, self.rollback_log, exc)
         return self.calibration()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -502,6 +503,14 @@ def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
     assert res.exit_code == 0 and "v1 in force (was v2)" in res.output
     res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback", "2"])
     assert res.exit_code == 0 and Bundle.open(tbundle.path).calibration().version == 2
+    # the history says what made each version and every rollback: to which, from which, when, by what
+    rows = {x["version"]: x for x in json.loads(r.invoke(main, ["calibrate", "--bundle", str(tbundle.path),
+                                                                 "--list", "--json"]).stdout)}
+    assert rows[2]["source"] == f"edge-ad calibrate: {folder}"
+    assert [(x["previous_version"], x["by"]) for x in rows[1]["rolled_back_to"]] == [(2, "cli")]
+    assert [(x["previous_version"], x["by"]) for x in rows[2]["rolled_back_to"]] == [(1, "cli")]
+    text = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--list"]).output
+    assert re.search(r"\n +rolled back to at \S+ by cli \(from v2\)\n", text), text
     res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(folder), "--policy", "p:1"])
     assert res.exit_code == 2 and "threshold policy 'p:1'" in res.output
     res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path)])

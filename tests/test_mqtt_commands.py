@@ -513,7 +513,7 @@ def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_pa
     from edge_ad.runtime import commands as runtime_commands
     from edge_ad.runtime.commands import Commands
 
-    def read_only(*a):
+    def read_only(*a, **kw):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "calibration.d" / ".0002.json.tmp"))
 
     cal = SimpleNamespace(version=1, threshold=0.5, replace=lambda **kw: None)
@@ -534,7 +534,7 @@ def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_pa
                                   "the calibration in force is unchanged")
     # the bundle folder itself cannot be written: known before minutes of frames are collected
     monkeypatch.setattr(runtime_commands.os, "access", lambda path, mode: False)
-    svc.calibrate = lambda *a: pytest.fail("frames were collected")
+    svc.calibrate = lambda *a, **kw: pytest.fail("frames were collected")
     err = d.handle(_msg("calibrate")).body["error"]
     assert err["code"] == "failed" and err["message"].startswith(f"calibrate: {tmp_path}: ")
     assert "the calibration in force is unchanged" in err["message"]

@@ -526,6 +526,12 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     r = call("rollback_calibration")
     assert r["version"] == 1 and r["previous_version"] == 2
     assert call("inspect")["results"][0]["calibration_version"] == 1
+    # the history names the command and its requester (CommandClient sends its client id) of every change
+    assert re.fullmatch(r"MQTT set_threshold \(client edge-ad-cli-\w+\): was [\d.e+-]+",
+                        svc.bundle.calibration_at(2).source), svc.bundle.calibration_at(2).source
+    rbs = svc.bundle.calibration_rollbacks()
+    assert [(x["version"], x["previous_version"]) for x in rbs] == [(1, 1), (1, 2)]
+    assert all(re.fullmatch(r"MQTT rollback_calibration \(client edge-ad-cli-\w+\)", x["by"]) for x in rbs), rbs
     # snapshot of the next frame, with its heat map, sent as an event
     r = call("snapshot", {"publish": True, "note": "operator check"})
     assert Path(r["snapshot"]).is_file() and r["result"]["note"] == "operator check"

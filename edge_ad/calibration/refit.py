@@ -297,12 +297,13 @@ def statistics_kept(bundle: Bundle, cal: Calibration) -> bool:
     return bundle.kind != "gaussian" or bool(g) and bundle.has(g)
 
 
-def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
+def rollback(bundle: Bundle, version: int | None = None, by: str = "") -> Calibration:
     """Put an earlier calibration back in force (byte for byte; default: the one the calibration in force
     replaced, :meth:`Bundle.previous_calibration_version`).
 
     Checks first the calibration file and the Gaussian statistics it names (present, sha256 as recorded,
-    loadable), so a rollback can never leave a calibration in force that the model cannot load.
+    loadable), so a rollback can never leave a calibration in force that the model cannot load. ``by``
+    (``cli``, ``mqtt (client ID)``) goes into the bundle's rollback record.
     """
     versions = bundle.calibration_versions()
     target = version
@@ -321,7 +322,7 @@ def rollback(bundle: Bundle, version: int | None = None) -> Calibration:
         except InputError as exc:
             raise InputError(f"calibration version {target} cannot be put back in force: {exc}; the calibration "
                              "in force is unchanged") from exc
-    return bundle.rollback_calibration(target)
+    return bundle.rollback_calibration(target, by=by)
 
 
 # ----------------------------------------------------------------------------- the entry point

@@ -96,7 +96,7 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
                 if version is None:
                     raise
                 before = None   # unreadable: an explicit version puts a good one back
-            cal = rollback(b, version)
+            cal = rollback(b, version, by="cli")
         out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy}
         if as_json:
             _echo_json(out)
@@ -172,7 +172,7 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             images = _collect(source, frames, every, timeout_s)
             insp = Inspector(b, be)
             res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
-                              prior_weight=prior_weight, source=str(source))
+                              prior_weight=prior_weight, source=f"edge-ad calibrate: {source}")
         finally:
             be.close()
     if as_json:
@@ -214,6 +214,9 @@ def _calibration_rows(b) -> tuple[list[dict], list[str]]:
     else:
         bad = []
     rows = []
+    rollbacks: dict = {}
+    for r in b.calibration_rollbacks():
+        rollbacks.setdefault(r.get("version"), []).append(r)
     for v in b.calibration_versions():
         try:
             c = b.calibration_at(v)
@@ -222,6 +225,7 @@ def _calibration_rows(b) -> tuple[list[dict], list[str]]:
             rows.append({"version": v, "in_force": False, "error": str(exc)})
             continue
         rows.append(_row(b, c, v, in_force=cur is not None and v == cur.version))
+        rows[-1]["rolled_back_to"] = rollbacks.get(v, [])
     if not rows and cur is not None:
         rows.append(_row(b, cur, cur.version, in_force=True))
     return rows, bad
@@ -255,6 +259,10 @@ def _list_calibrations(b, as_json: bool) -> None:
                 click.echo(f"{mark} v{r['version']:<4} {r['created']:<26} {r['policy']:<11} "
                            f"threshold {r['threshold']:.6g}  {r['n_frames']} frames  {r['source']}"
                            + ("" if r["rollback"] else "  (statistics pruned: no rollback to it)"))
+                for rb in r.get("rolled_back_to", []):
+                    was = rb.get("previous_version")
+                    click.echo(f"        rolled back to at {rb.get('ts')} by {rb.get('by')}"
+                               + (f" (from v{was})" if was is not None else ""))
     if bad:
         raise InputError(f"{len(bad)} calibration file(s) unreadable: " + "; ".join(bad))
 

@@ -156,6 +156,7 @@ class Dispatcher:
         self._specs: dict[str, Spec] = {}
         self._seen: dict[str, float] = {}       # accepted signatures -> when they may be forgotten
         self._lock = threading.Lock()           # two workers: the ordered one and the QUICK one
+        self._running = threading.local()       # the requester id of the command this thread runs
         self.handled = 0
         self.errors = 0
         for name in COMMANDS:
@@ -186,6 +187,11 @@ class Dispatcher:
     def has_handler(self, name: str) -> bool:
         spec = self._specs.get(name)
         return spec is not None and spec.handler is not None
+
+    def requester(self) -> str | None:
+        """Called from a handler: the requester id of the command it runs (v5 user property or payload field
+        ``client_id``; self-declared), None when the command named none."""
+        return getattr(self._running, "who", None)
 
     def names(self) -> list[str]:
         return sorted(n for n, s in self._specs.items() if s.handler is not None)
@@ -244,7 +250,11 @@ class Dispatcher:
             except Exception as exc:  # a parsing or checking bug must not stop the command worker
                 log.exception("command %s: refused by an unexpected error", msg.name)
                 raise CommandError("internal", f"{msg.name}: {type(exc).__name__}: {exc}") from None
-            result = self._run(spec, args)
+            self._running.who = who
+            try:
+                result = self._run(spec, args)
+            finally:
+                self._running.who = None
         except CommandError as exc:
             self._count(ok=False)
             log.warning("command %s from %s refused: %s: %s", msg.name, self._claimed(msg) or "?", exc.code,

@@ -46,10 +46,18 @@ class Commands:
         self.svc = service
         self.inspect_timeout_s = float(inspect_timeout_s)
         self._busy = threading.Lock()   # one calibration / model change at a time
+        self._link = None
 
     def register(self, link) -> None:
+        self._link = link
         for name in COMMAND_NAMES:
             link.register_command(name, getattr(self, name))
+
+    def _by(self, command: str) -> str:
+        """What made a calibration version or a rollback: ``MQTT <command>``, with the requester's id when the
+        command carried one (recorded in the version's ``source`` and the bundle's rollback record)."""
+        who = self._link.dispatcher.requester() if self._link is not None else None
+        return f"MQTT {command}" + (f" (client {who})" if who else "")
 
     # ------------------------------------------------------------------ read-only
     def status(self, args: dict) -> dict:
@@ -119,7 +127,8 @@ class Commands:
             svc.check_calibration_current("set_threshold")
             cal = svc.inspector.calibration
             new = svc.bundle.write_calibration(cal.replace(version=0, created="", threshold=thr, policy="manual",
-                                                           source=f"set_threshold (was {cal.threshold:g})"))
+                                                           source=f"{self._by('set_threshold')}: was "
+                                                                  f"{cal.threshold:g}"))
             svc.swap_calibration(new, reason="set_threshold", decides=True)   # the calibration holds it now
         return {"threshold": thr, "previous": old, "persisted": True, "calibration_version": new.version}
 
@@ -127,7 +136,8 @@ class Commands:
         version = args.get("version")
         with self._busy, self._changing_calibration("rollback_calibration"):
             before = self.svc.inspector.calibration.version
-            cal = self.svc.rollback_calibration(int(version) if version is not None else None)
+            cal = self.svc.rollback_calibration(int(version) if version is not None else None,
+                                                by=self._by("rollback_calibration"))
             in_force = self.svc.effective_threshold()
         return {"version": cal.version, "previous_version": before, "threshold": cal.threshold,
                 "policy": cal.policy, "threshold_in_force": in_force}
@@ -142,7 +152,7 @@ class Commands:
             raise RuntimeFailure("another calibration or model change is running; try again when it finished")
         try:
             with self._changing_calibration("calibrate"):   # before the frames: a read-only bundle is known now
-                return svc.calibrate(n, policy, source, timeout)
+                return svc.calibrate(n, policy, source, timeout, by=self._by("calibrate"))
         finally:
             self._busy.release()
 

@@ -294,20 +294,21 @@ class Service:
             self.pipeline.threshold_override = self.override_under_transient
             log.warning("set_threshold %g (this run only) dropped with %s", transient, what)
 
-    def rollback_calibration(self, version: int | None):
+    def rollback_calibration(self, version: int | None, by: str = "MQTT rollback_calibration"):
         from ..calibration import rollback
 
         with self.bundle.calibration_lock():
             self.check_calibration_current("rollback_calibration")   # so the default is the one the loop's replaced
-            cal = rollback(self.bundle, version)
+            cal = rollback(self.bundle, version, by=by)
             self.swap_calibration(cal, reason=f"rollback to v{cal.version}")
         return cal
 
-    def calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
-        """Collect normal frames (live or from a folder), refit, swap in between two frames."""
+    def calibrate(self, frames: int, policy: str, source: str, timeout: float, by: str = "MQTT calibrate") -> dict:
+        """Collect normal frames (live or from a folder), refit, swap in between two frames. ``by``: what asked
+        (the new version's ``source`` starts with it)."""
         with self.bundle.calibration_lock():   # from before the frames to the swap (edge-ad calibrate beside)
             self.check_calibration_current("calibrate")
-            return self._calibrate(frames, policy, source, timeout)
+            return self._calibrate(frames, policy, source, timeout, by)
 
     def check_calibration_current(self, what: str) -> None:
         """Refuse to build a new calibration on the one this run has when the bundle's calibration in force
@@ -320,7 +321,7 @@ class Service:
                                  f"process, e.g. edge-ad calibrate) and this run still uses v{here}: send "
                                  "'reload' first; nothing changed")
 
-    def _calibrate(self, frames: int, policy: str, source: str, timeout: float) -> dict:
+    def _calibrate(self, frames: int, policy: str, source: str, timeout: float, by: str) -> dict:
         from ..calibration import collect_frames, recalibrate
 
         t0 = time.monotonic()
@@ -344,7 +345,7 @@ class Service:
             where = parse_uri(source).safe_uri if "://" in source else source
         t_collect = time.monotonic() - t0
         res = recalibrate(self.bundle, self.inspector, images, policy=policy, progress=False,
-                          source=f"MQTT calibrate: {len(images)} frames from {where}")
+                          source=f"{by}: {len(images)} frames from {where}")
         self.swap_calibration(res.calibration, reason=f"calibrate ({len(images)} frames, policy {policy})")
         out = res.summary()
         out["threshold_in_force"] = self.effective_threshold()   # a [decision] threshold overrides the new one
