@@ -615,8 +615,11 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         except ValidationError as exc:
             raise InputError(_format_errors(exc, origins, cfg_path, prefix=("mqtt",))) from None
         except InputError as exc:  # MqttSettings names the field itself ("mqtt.url = ...: ...")
-            where = [o for k, o in origins.items() if k and k[0] == "mqtt"]
-            src = f" [from {', '.join(sorted(set(where)))} or {cfg_path or 'defaults'}]" if where else ""
+            # the origins of the fields the message names, not of every [mqtt] override (an unrelated
+            # EDGE_AD_MQTT__PASSWORD would be blamed for an outbox bound in the file)
+            where = sorted({str(o) for k, o in origins.items() if len(k) > 1 and k[0] == "mqtt"
+                            and re.search(rf"\b{re.escape(str(k[1]))}\b", str(exc))})
+            src = f" [from {' or '.join(where + [str(cfg_path or 'defaults')])}]"
             raise InputError(f"{cfg_path or 'config'}: invalid config: {exc}{src}") from None
     base = cfg_path.resolve().parent if cfg_path is not None else None
     # only paths that came from the file are relative to the file

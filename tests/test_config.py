@@ -307,3 +307,17 @@ def test_a_refused_camera_uri_or_secret_never_shows_its_credentials(tmp_path):
     from edge_ad.config import _shown_input
 
     assert _shown_input("mqtt.password", ["hunter2"]) == "***" and _shown_input("model.threads", 0) == "0"
+
+
+def test_an_mqtt_cross_field_error_names_only_the_origins_of_its_fields(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://127.0.0.1:1884"\noutbox_max_bytes = 60000\n')
+    env = {"EDGE_AD_MQTT__SITE": "x", "EDGE_AD_MQTT__PASSWORD": "hunter2"}
+    with pytest.raises(InputError) as ei:   # the conflict is in the file: no override is blamed for it
+        load_settings(cfg, [parse_set_option("mqtt.keepalive_s=20")], environ=env)
+    msg = str(ei.value)
+    assert "image_max_bytes 2097152 > outbox_max_bytes 60000" in msg and msg.endswith(f"[from {cfg}]")
+    assert "EDGE_AD_MQTT__SITE" not in msg and "PASSWORD" not in msg and "keepalive" not in msg
+    with pytest.raises(InputError) as ei:   # an override of a field in the check is named
+        load_settings(cfg, [parse_set_option("mqtt.image_max_bytes=70000")], environ=env)
+    assert str(ei.value).endswith(f"[from --set mqtt.image_max_bytes or {cfg}]")
