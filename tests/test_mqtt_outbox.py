@@ -63,6 +63,24 @@ def test_count_bound_drops_oldest_and_counts(tmp_path):
         assert again.dropped == 15                          # the counter is persisted
 
 
+def test_drops_of_a_full_outbox_are_logged_at_once_then_at_most_once_a_minute(tmp_path, monkeypatch, caplog):
+    """A broker down for hours on a 50 fps line: one WARNING per dropped message flooded the journal."""
+    from edge_ad import ratelimit
+
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=10)
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.outbox"):
+        for _ in range(25):
+            ob.put("result", "t", lambda s: _json(s))
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "full (10 messages" in lines[0] and "dropped 1 oldest since" in lines[0]
+        monkeypatch.setattr(ratelimit, "REPORT_EVERY_S", 0.0)     # the minute has passed
+        ob.put("result", "t", lambda s: _json(s))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "dropped 15 oldest since the last report (16 in all)" in lines[1]
+    assert ob.dropped == 16
+    ob.close()
+
+
 def test_byte_bound_drops_images_first(tmp_path):
     ob = Outbox(tmp_path / "o.sqlite", max_messages=1000, max_bytes=10_000)
     ob.put("result", "t/result", b"r" * 1000)

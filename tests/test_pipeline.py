@@ -1157,9 +1157,9 @@ class _FullDisk:
 
 def test_a_full_disk_under_the_jsonl_log_is_counted_and_inspection_goes_on(tmp_path, tiny_bundle, monkeypatch,
                                                                            caplog):
-    from edge_ad.runtime import reporting
+    from edge_ad import ratelimit
 
-    monkeypatch.setattr(reporting, "OUTPUT_ERROR_LOG_S", 3600.0)   # one report per failure streak
+    monkeypatch.setattr(ratelimit, "REPORT_EVERY_S", 3600.0)   # one report per failure streak
     video, labels = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
     s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger")
     svc = Service(s, install_signals=False)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import InputError, RuntimeFailure
+from ..ratelimit import LogLimiter
 from .settings import SyncMode
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Outbox:
         self._rlock = threading.Lock()       # the sender connection (taken before _lock)
         self._stat = threading.Lock()        # count / bytes / dropped (changed by deltas)
         self._closed = False
+        self._full_log = LogLimiter()        # drops are logged at once, then at most once a minute
         with self._lock:
             row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
             self._count, self._bytes = int(row[0]), int(row[1])
@@ -227,9 +229,11 @@ class Outbox:
                     self._dropped += dropped
             except sqlite3.Error as exc:
                 raise RuntimeFailure(f"outbox {self.path}: write failed ({exc})") from None
-            if dropped:
-                log.warning("outbox %s full (%d messages, %d bytes max): dropped %d oldest (total %d)",
-                            self.path, self.max_messages, self.max_bytes, dropped, self._dropped)
+            since = self._full_log.hit("full", dropped) if dropped else 0
+            if since:     # not one line per message on a line whose broker is down for hours
+                log.warning("outbox %s full (%d messages, %d bytes max): dropped %d oldest since the last report "
+                            "(%d in all); reported again in %.0f s at the earliest", self.path, self.max_messages,
+                            self.max_bytes, since, self._dropped, self._full_log.interval_s)
             return row_id, seq
 
     # ------------------------------------------------------------------ read / delete (the sender)

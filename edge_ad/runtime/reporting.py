@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from ..ratelimit import LogLimiter
 from .decision import regions_for, upsample_one
 from .outputs import JsonlLog, SnapshotStore
 from .records import ResultItem
@@ -21,9 +22,6 @@ from .telemetry import LatencyWindow
 
 log = logging.getLogger(__name__)
 RECENT = 200   # decisions a new model's NG rate is compared with (those of the model in force)
-
-OUTPUT_ERROR_LOG_S = 60.0   # a failing output is logged (and published as an event) at most this often
-
 
 class Reporter:
     def __init__(self, *, source_name: str, jsonl: Optional[JsonlLog] = None,
@@ -52,7 +50,7 @@ class Reporter:
         self.events = 0
         # failed writes per output (a full disk, a broken outbox): the decision went on to the other outputs
         self.output_errors = {"jsonl": 0, "outbox": 0, "snapshots": 0}
-        self._output_log: dict[str, tuple] = {}   # output -> (last logged, failures since, failing)
+        self._output_log = LogLimiter()   # per output: logged (and an event) at most once a minute
         self.last_result: dict | None = None
 
     # ------------------------------------------------------------------ drift
@@ -125,28 +123,23 @@ class Reporter:
         return True
 
     def _output_ok(self, output: str) -> None:
-        state = self._output_log.get(output)
-        if state is not None and state[2]:       # failing until now: say once that it works again
-            self._output_log[output] = (state[0], 0, False)
+        if self._output_log.clear(output):       # failing until now: say once that it works again
             log.warning("%s: writing again (%d failed write(s) in all)", output, self.output_errors[output])
             self.event({"type": "output_restored", "output": output, "failed_total": self.output_errors[output]})
 
     def _output_failed(self, output: str, frame: int, exc: BaseException) -> None:
-        """Count a failed write; log it and publish an ``output_error`` event at most once per
-        ``OUTPUT_ERROR_LOG_S`` per output (with how many failed since), never once per frame."""
+        """Count a failed write; log it and publish an ``output_error`` event at most once a minute per
+        output (with how many failed since: :class:`~edge_ad.ratelimit.LogLimiter`), never once per frame."""
         self.output_errors[output] += 1
-        now = time.monotonic()
-        last, since, _ = self._output_log.get(output, (None, 0, False))
-        if last is not None and now - last < OUTPUT_ERROR_LOG_S:
-            self._output_log[output] = (last, since + 1, True)
+        since = self._output_log.hit(output)
+        if not since:
             return
-        self._output_log[output] = (now, 0, True)
         what = f"{type(exc).__name__}: {exc}"
         log.error("%s: writing frame %d failed (%s); %d failed write(s) since the last report, %d in all; "
-                  "inspection goes on (reported again in %.0f s at the earliest)", output, frame, what, since + 1,
-                  self.output_errors[output], OUTPUT_ERROR_LOG_S)
+                  "inspection goes on (reported again in %.0f s at the earliest)", output, frame, what, since,
+                  self.output_errors[output], self._output_log.interval_s)
         self.event({"type": "output_error", "output": output, "error": what, "frame": frame,
-                    "failed": since + 1, "failed_total": self.output_errors[output]})
+                    "failed": since, "failed_total": self.output_errors[output]})
 
     # ------------------------------------------------------------------ results
     def wants_image(self, ng: bool, request=None) -> bool:

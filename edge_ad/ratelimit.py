@@ -1,0 +1,51 @@
+"""Reporting a recurring failure without flooding the log: the first occurrence at once, then at most one
+report per interval saying how many occurred since. A full disk or a full outbox on a 50 fps line fails
+50 times a second; a line per failure hides everything else (journald rate-limits the service).
+
+Used for failed output writes (:mod:`edge_ad.runtime.reporting`), messages the full outbox drops
+(:mod:`edge_ad.mqtt.outbox`) and acknowledged messages it cannot delete (:mod:`edge_ad.mqtt.sender`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+REPORT_EVERY_S = 60.0   # a recurring failure is reported at most this often (per key)
+
+
+class LogLimiter:
+    """Counts occurrences per key; :meth:`hit` says when to report them. Thread-safe."""
+
+    def __init__(self, every_s: float | None = None):
+        self.every_s = every_s            # None: REPORT_EVERY_S as it is when asked (tests change it)
+        self._lock = threading.Lock()
+        self._state: dict[str, list] = {}   # key -> [last report (monotonic) or None, occurrences since, failing]
+
+    def hit(self, key: str = "", n: int = 1) -> int:
+        """Count ``n`` occurrences of ``key``. Returns how many to report now (all since the last report,
+        these included), or 0 while the last report of ``key`` is younger than the interval."""
+        every = REPORT_EVERY_S if self.every_s is None else self.every_s
+        now = time.monotonic()
+        with self._lock:
+            st = self._state.setdefault(key, [None, 0, False])
+            st[1] += n
+            st[2] = True
+            if st[0] is not None and now - st[0] < every:
+                return 0
+            since, st[0], st[1] = st[1], now, 0
+            return since
+
+    def clear(self, key: str = "") -> bool:
+        """``key`` works again. True when it was failing until now (say so once); the occurrences not
+        reported yet are forgotten, and the interval since the last report still holds."""
+        with self._lock:
+            st = self._state.get(key)
+            if st is None or not st[2]:
+                return False
+            st[1], st[2] = 0, False
+            return True
+
+    @property
+    def interval_s(self) -> float:
+        return REPORT_EVERY_S if self.every_s is None else self.every_s
