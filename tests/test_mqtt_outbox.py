@@ -199,3 +199,49 @@ def test_one_process_per_outbox_file(tmp_path):
         with pytest.raises(RuntimeFailure, match="already open in this process"):
             Outbox(path)
     Outbox(path).close()                                   # closed: free again
+
+
+def test_an_acked_message_whose_delete_fails_is_deleted_on_a_later_pass(tmp_path, caplog):
+    """A full disk fails the delete of acknowledged rows: the sender keeps their ids and deletes them once
+    it can (they stayed in the outbox for the whole run, and the next start sent them again)."""
+    import types
+
+    import paho.mqtt.client as paho
+
+    from edge_ad.mqtt.sender import OutboxSender
+
+    class Client:
+        protocol = paho.MQTTv311
+        mids = iter(range(1, 100))
+
+        def publish(self, *a, **kw):
+            return types.SimpleNamespace(rc=paho.MQTT_ERR_SUCCESS, mid=next(self.mids))
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    for _ in range(3):
+        ob.put("result", "t", lambda s: _json(s))
+    out = OutboxSender(ob, window=10, resend_after_s=60.0, wake=threading.Event())
+    out.fill(Client())
+    real, full = ob.delete, [True]
+
+    def delete(ids):
+        if full[0]:
+            raise RuntimeFailure(f"outbox {ob.path}: delete failed (database or disk is full)")
+        return real(ids)
+
+    ob.delete = delete
+    out.acknowledged(1, 0)
+    out.acknowledged(2, 0)
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.sender"):
+        out.drain_acks()                 # no exception for the sender loop to log with a traceback
+        out.acknowledged(3, 0)
+        out.drain_acks()
+        assert ob.depth == 3 and out.inflight == 0
+        full[0] = False                  # room again: the next pass deletes all three
+        out.drain_acks()
+    assert ob.depth == 0 and out.counters["acked"] == 3
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(msgs) == 2 and msgs[0][0] == "ERROR" and "2 acknowledged message(s) not deleted" in msgs[0][1]
+    assert "disk is full" in msgs[0][1] and not any(r.exc_info for r in caplog.records)
+    assert "deleted from the outbox again" in msgs[1][1]
+    ob.close()

@@ -19,6 +19,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ..errors import RuntimeFailure
+from ..ratelimit import LogLimiter
 from .client import reason_failed, reason_text
 from .outbox import Outbox, Row
 
@@ -54,6 +56,8 @@ class OutboxSender:
         self._acks: queue.SimpleQueue = queue.SimpleQueue()
         self._inflight: dict[int, _Inflight] = {}      # paho message id -> outbox row
         self._cursor = 0                               # highest outbox row id handed to paho
+        self._undeleted: list[int] = []                # acknowledged rows a failed delete left in the outbox
+        self._delete_log = LogLimiter()
         self.latency_ms: collections.deque = collections.deque(maxlen=10_000)
         self.counters: collections.Counter = collections.Counter({"published": 0, "acked": 0, "rejected": 0,
                                                                   "resent": 0})
@@ -110,8 +114,10 @@ class OutboxSender:
         log.warning("mqtt: %d messages unacknowledged for %.0f s were sent again", resent, self.resend_after_s)
 
     def drain_acks(self) -> None:
-        """Delete acknowledged messages from the outbox (one transaction for all that arrived)."""
-        done: list[int] = []
+        """Delete acknowledged messages from the outbox (one transaction for all that arrived). A delete
+        that fails (a full disk) is retried on every later pass with the acks that come meanwhile: the rows
+        stay counted in the outbox depth until then, and a process that ends first sends them again."""
+        done: list[int] = list(self._undeleted)
         now = time.time()
         while True:
             try:
@@ -134,5 +140,16 @@ class OutboxSender:
                     self._ack_listener(entry.kind, entry.msg_id, entry.created, now)
                 except Exception:
                     log.exception("mqtt: ack listener raised")
-        if done:
+        if not done:
+            return
+        try:
             self.outbox.delete(done)
+        except RuntimeFailure as exc:
+            self._undeleted = done
+            if self._delete_log.hit("delete"):
+                log.error("mqtt: %d acknowledged message(s) not deleted: %s; retried on every pass (logged again in "
+                          "%.0f s at the earliest)", len(done), exc, self._delete_log.interval_s)
+            return
+        self._undeleted = []
+        if self._delete_log.clear("delete"):
+            log.warning("mqtt: acknowledged messages are deleted from the outbox again")
