@@ -1168,7 +1168,7 @@ def test_a_full_disk_under_the_jsonl_log_is_counted_and_inspection_goes_on(tmp_p
     with caplog.at_level("WARNING", logger="edge_ad.runtime.reporting"):
         summary = svc.run()
     assert summary["frames"] == 30 and summary["reason"] == "end of stream"
-    assert summary["output_errors"] == {"jsonl": 10, "outbox": 0, "snapshots": 0}
+    assert summary["output_errors"] == {"jsonl": 10, "outbox": 0, "snapshots": 0, "telemetry": 0}
     assert svc.last_telemetry["output_errors"]["jsonl"] == 10
     recs = read_jsonl(tmp_path / "results.jsonl")              # the torn line does not spoil the next one
     assert [r["frame"] for r in recs] == [0, 1, 2, 3] + list(range(14, 30))
@@ -1178,6 +1178,28 @@ def test_a_full_disk_under_the_jsonl_log_is_counted_and_inspection_goes_on(tmp_p
     assert sum("writing again" in r.getMessage() for r in caplog.records) == 1
     kinds = [(e["type"], e.get("output")) for e in svc.events]
     assert kinds.count(("output_error", "jsonl")) == 1 and kinds.count(("output_restored", "jsonl")) == 1
+
+
+def test_a_full_disk_under_the_telemetry_file_is_counted_like_the_other_outputs(tmp_path, tiny_bundle, monkeypatch,
+                                                                              caplog):
+    """It was a WARNING every interval, not in output_errors, with no output_error / output_restored event."""
+    from edge_ad import ratelimit
+
+    monkeypatch.setattr(ratelimit, "REPORT_EVERY_S", 3600.0)
+    video, _ = defect_video(tmp_path / "v.avi", n=40, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?fps=40", source__mode="trigger",   # ~10 intervals
+                  telemetry__path=str(tmp_path / "tel.jsonl"), telemetry__interval_s=0.01)
+    svc = Service(s, install_signals=False)
+    svc.telemetry_log._fh = _FullDisk(svc.telemetry_log._fh, first=3, calls=3)   # telemetry 2-4 fail
+    with caplog.at_level("WARNING", logger="edge_ad"):
+        summary = svc.run()
+    assert summary["output_errors"] == {"jsonl": 0, "outbox": 0, "snapshots": 0, "telemetry": 3}
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("telemetry: writing failed (OSError: [Errno 28]")
+    assert not any("telemetry file" in r.getMessage() for r in caplog.records)
+    kinds = [(e["type"], e.get("output")) for e in svc.events]
+    assert kinds.count(("output_error", "telemetry")) == 1 and kinds.count(("output_restored", "telemetry")) == 1
+    assert read_jsonl(tmp_path / "tel.jsonl")[-1]["frames"] == 40
 
 
 def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision(tmp_path, tiny_bundle):

@@ -237,7 +237,7 @@ def test_telemetry_payload_matches_the_mqtt_schema(tmp_path):
     assert set(payload["stages_ms"]) >= {"capture", "queue", "preprocess", "infer", "score", "report"}
     assert {"p50", "p95", "p99"} <= set(payload["latency_ms"])
     assert payload["drift"]["drift"] in (False, True)
-    assert payload["output_errors"] == {"jsonl": 0, "outbox": 0, "snapshots": 0}
+    assert payload["output_errors"] == {"jsonl": 0, "outbox": 0, "snapshots": 0, "telemetry": 0}
     assert payload["discarded_at_stop"] == 0 and payload["unreported"] == 0
 
 

@@ -49,7 +49,7 @@ class Reporter:
         self.recent_ng: collections.deque = collections.deque(maxlen=RECENT)   # NG of the latest decisions
         self.events = 0
         # failed writes per output (a full disk, a broken outbox): the decision went on to the other outputs
-        self.output_errors = {"jsonl": 0, "outbox": 0, "snapshots": 0}
+        self.output_errors = {"jsonl": 0, "outbox": 0, "snapshots": 0, "telemetry": 0}
         self._output_log = LogLimiter()   # per output: logged (and an event) at most once a minute
         self.last_result: dict | None = None
 
@@ -112,8 +112,9 @@ class Reporter:
                 log.warning("could not queue event %s: %s", payload.get("type"), exc)
 
     # ------------------------------------------------------------------ failed outputs
-    def _write(self, output: str, frame: int, write: Callable[[], Any]) -> bool:
-        """Run one output's write; a failure is counted and the loop goes on (False)."""
+    def _write(self, output: str, frame: int | None, write: Callable[[], Any]) -> bool:
+        """Run one output's write (of ``frame``'s decision; None: of telemetry); a failure is counted and
+        the loop goes on (False). Thread-safe per output."""
         try:
             write()
         except Exception as exc:  # a full disk or a broken outbox must not stop inspection
@@ -127,7 +128,7 @@ class Reporter:
             log.warning("%s: writing again (%d failed write(s) in all)", output, self.output_errors[output])
             self.event({"type": "output_restored", "output": output, "failed_total": self.output_errors[output]})
 
-    def _output_failed(self, output: str, frame: int, exc: BaseException) -> None:
+    def _output_failed(self, output: str, frame: int | None, exc: BaseException) -> None:
         """Count a failed write; log it and publish an ``output_error`` event at most once a minute per
         output (with how many failed since: :class:`~edge_ad.ratelimit.LogLimiter`), never once per frame."""
         self.output_errors[output] += 1
@@ -135,11 +136,13 @@ class Reporter:
         if not since:
             return
         what = f"{type(exc).__name__}: {exc}"
-        log.error("%s: writing frame %d failed (%s); %d failed write(s) since the last report, %d in all; "
-                  "inspection goes on (reported again in %.0f s at the earliest)", output, frame, what, since,
+        log.error("%s: writing%s failed (%s); %d failed write(s) since the last report, %d in all; "
+                  "inspection goes on (reported again in %.0f s at the earliest)", output,
+                  "" if frame is None else f" frame {frame}", what, since,
                   self.output_errors[output], self._output_log.interval_s)
-        self.event({"type": "output_error", "output": output, "error": what, "frame": frame,
-                    "failed": since, "failed_total": self.output_errors[output]})
+        ev = {"type": "output_error", "output": output, "error": what, "frame": frame, "failed": since,
+              "failed_total": self.output_errors[output]}
+        self.event({k: v for k, v in ev.items() if v is not None})
 
     # ------------------------------------------------------------------ results
     def wants_image(self, ng: bool, request=None) -> bool:

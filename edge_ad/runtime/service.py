@@ -641,10 +641,8 @@ class Service:
                 from ..mqtt.payloads import SCHEMA_VERSION, now_iso
 
                 body = {"schema_version": SCHEMA_VERSION, "ts": now_iso(), **payload}
-            try:
-                self.telemetry_log.write(body)
-            except (OSError, ValueError) as exc:   # a full disk; a write after the stop closed it
-                log.warning("telemetry file %s: %s", self.telemetry_log.path, exc)
+            # a full disk: counted in output_errors, logged once a minute, output_error / output_restored events
+            self.reporter._write("telemetry", None, lambda: self.telemetry_log.write(body))
         lat = payload.get("latency_ms") or {}
         log.info("telemetry: %.1f fps, latency p50 %s ms p99 %s ms, %d frames, %d NG, %d dropped, rss %.0f MB%s",
                  payload["fps"], lat.get("p50"), lat.get("p99"), payload["frames"], payload["ng"],
