@@ -1202,6 +1202,26 @@ def test_a_full_disk_under_the_telemetry_file_is_counted_like_the_other_outputs(
     assert read_jsonl(tmp_path / "tel.jsonl")[-1]["frames"] == 40
 
 
+def test_the_run_summary_counts_the_messages_the_full_outbox_dropped(tmp_path, tiny_bundle):
+    """With the broker down the full outbox dropped messages; the summary said output_errors.outbox 0 and
+    outbox_left N, nothing of the drops. outbox_dropped counts those of this run (not the file's total)."""
+    from edge_ad.mqtt import Outbox
+
+    path = tmp_path / "outbox.sqlite"
+    with Outbox(path, max_messages=1) as ob:   # an earlier run dropped 2
+        for _ in range(3):
+            ob.put("result", "t", b"{}")
+    video, _ = defect_video(tmp_path / "v.avi", n=20, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1", mqtt__outbox_path=str(path),
+                  mqtt__outbox_max_messages=5)
+    summary = Service(s, install_signals=False).run()
+    with Outbox(path) as ob:
+        total = ob.dropped
+    assert summary["outbox_left"] == 5 and summary["output_errors"]["outbox"] == 0
+    assert summary["outbox_dropped"] == total - 2 >= 20 - 4
+
+
 def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision(tmp_path, tiny_bundle):
     """The disk under the SQLite outbox is full (the broker is down, so it only grows): results the outbox
     refuses are counted, every decision still reaches the JSONL log, and the outbox takes results again

@@ -100,6 +100,9 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
         if summary.get("outbox_left"):
             click.echo(f"{summary['outbox_left']} MQTT messages not delivered yet: they wait in the outbox "
                        f"({summary['outbox']}) and go out on the next run that reaches the broker")
+        if summary.get("outbox_dropped"):
+            click.echo(f"{summary['outbox_dropped']} MQTT messages dropped by the full outbox (oldest first, event "
+                       "images before results): mqtt.outbox_max_messages / outbox_max_bytes")
     _exit_past_busy_threads(svc, 0)
 
 

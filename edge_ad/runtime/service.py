@@ -195,6 +195,7 @@ class Service:
             from ..mqtt.link import MqttLink
 
             self.link = MqttLink(mqtt, birth=self._birth())
+        self._outbox_dropped0 = self.link.outbox.dropped if self.link is not None else 0   # persisted total
         self.reporter = Reporter(source_name=self.spec.safe_uri, jsonl=jsonl, snapshots=snaps, link=self.link,
                                  heatmap=o.heatmap, event_image=o.event_image, jpeg_quality=o.jpeg_quality,
                                  drift_factory=_drift_factory(s), calibration=self.inspector.calibration,
@@ -801,11 +802,12 @@ class Service:
         self.telemetry.stop()
         if self.telemetry_log is not None:
             self.telemetry_log.close()
-        outbox_left = outbox = None
+        outbox_left = outbox = outbox_dropped = None
         if self.link is not None:
             self.link.stop(timeout=10.0)
             if hasattr(self.link, "outbox"):
                 outbox_left, outbox = self.link.outbox.depth, str(self.link.outbox.path)
+                outbox_dropped = self.link.outbox.dropped - self._outbox_dropped0   # by this run (outbox full)
         if "inference" in busy:   # never close a backend under a running batch
             log.warning("the backend is left open: a batch is still being inferred past the stop deadline")
         else:
@@ -823,7 +825,7 @@ class Service:
                    "duration_s": round(elapsed, 3), "fps": round(p.inspected / elapsed, 3) if elapsed > 0 else 0.0,
                    "reason": self._stop_signal or p.end_reason or "finished", "drained": drained,
                    "jsonl": str(self.settings.output.jsonl) if self.settings.output.jsonl else None,
-                   "outbox_left": outbox_left, "outbox": outbox, "rss_mb": (final.get("process") or {}).get("rss_mb")}
+                   "outbox_left": outbox_left, "outbox_dropped": outbox_dropped, "outbox": outbox, "rss_mb": (final.get("process") or {}).get("rss_mb")}
         log.info("edge-ad run finished: %s", summary)
         self.finished = True
         return summary
