@@ -1403,3 +1403,28 @@ def test_a_new_models_health_baseline_is_the_recent_ng_rate_of_the_model_in_forc
         assert svc._ng_rate() == pytest.approx(0.04)   # the whole run's would be 302 / 350 = 0.86
     finally:
         svc.inspector.backend.close()
+
+
+def test_results_on_stdout_keep_the_summary_out_and_a_closed_pipe_stops_the_run(tmp_path, tiny_bundle):
+    """`--jsonl /dev/stdout`: the run summary went into the result stream; a reader that closed the pipe
+    (`| head -2`) left the loop inspecting with every line lost, then an exit 1 with no error line."""
+    video, _ = defect_video(tmp_path / "v.avi", n=6, defect_every=2, size=96)
+    cfg = _config_file(tmp_path, tiny_bundle, f"file://{video}?loop=1")
+    run = EDGE_AD + ["run", "--config", str(cfg), "--jsonl", "/dev/stdout", "--json"]
+    r = subprocess.run(run + ["--max-frames", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(line)["frame"] for line in r.stdout.splitlines()] == [0, 1, 2]     # results only
+    assert json.loads(r.stderr.strip().splitlines()[-1])["frames"] == 3
+    p = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(p.stdout.readline())["frame"] == 0
+    p.stdout.close()                     # the consumer is gone
+    _, err = p.communicate(timeout=120)  # (no --max-frames: only the closed pipe ends this run)
+    assert p.returncode == 0, err[-2000:]
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert summary["reason"] == "the reader of the result log /dev/stdout closed the pipe"
+    assert summary["output_errors"]["jsonl"] >= 1 and "Traceback" not in err
+    p = subprocess.Popen(EDGE_AD + ["run", "--config", str(cfg), "--max-frames", "3"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    p.stdout.close()                     # `edge-ad run | head -0`: the summary meets a closed pipe
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "Error" not in err, err[-2000:]

@@ -39,7 +39,8 @@ def _settings_loader(config: str | None, overrides: list):
 @click.option("--device", default=None, help="Override model.device (cpu | cuda[:N] | tensorrt[:N]).")
 @click.option("--mqtt-url", default=None, help="Override mqtt.url (mqtt://host:1883); turns MQTT on where the config has no [mqtt] "
               "section (with enabled = false in it: an error unless --set mqtt.enabled=true).")
-@click.option("--jsonl", default=None, help="Override output.jsonl (the result log; '' turns it off).")
+@click.option("--jsonl", default=None, help="Override output.jsonl (the result log; '' turns it off; /dev/stdout: "
+              "results on stdout, the summary then on stderr, and the run stops when the reader closes the pipe).")
 @click.option("--snapshots", default=None, help="Override output.snapshots_dir ('' turns snapshots off).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any field, e.g. --set pipeline.max_batch=8 (repeatable).")
@@ -92,18 +93,35 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
     except EdgeADError as exc:
         _exit_past_busy_threads(svc, exc.exit_code, f"error: {exc}")
         raise
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        click.echo(f"{summary['frames']} frames inspected ({summary['ng']} NG, {summary['dropped']} dropped) in "
-                   f"{summary['duration_s']:.1f} s, {summary['fps']:.1f} frames/s; stopped: {summary['reason']}")
-        if summary.get("outbox_left"):
-            click.echo(f"{summary['outbox_left']} MQTT messages not delivered yet: they wait in the outbox "
-                       f"({summary['outbox']}) and go out on the next run that reaches the broker")
-        if summary.get("outbox_dropped"):
-            click.echo(f"{summary['outbox_dropped']} MQTT messages dropped by the full outbox (oldest first, event "
-                       "images before results): mqtt.outbox_max_messages / outbox_max_bytes")
+    err = _is_stdout(settings.output.jsonl)   # the results go to stdout: the summary must not join them
+    try:
+        if as_json:
+            click.echo(json.dumps(summary), err=err)
+        else:
+            click.echo(f"{summary['frames']} frames inspected ({summary['ng']} NG, {summary['dropped']} dropped) "
+                       f"in {summary['duration_s']:.1f} s, {summary['fps']:.1f} frames/s; stopped: "
+                       f"{summary['reason']}", err=err)
+            if summary.get("outbox_left"):
+                click.echo(f"{summary['outbox_left']} MQTT messages not delivered yet: they wait in the outbox "
+                           f"({summary['outbox']}) and go out on the next run that reaches the broker", err=err)
+            if summary.get("outbox_dropped"):
+                click.echo(f"{summary['outbox_dropped']} MQTT messages dropped by the full outbox (oldest first, "
+                           "event images before results): mqtt.outbox_max_messages / outbox_max_bytes", err=err)
+        sys.stdout.flush()
+    except BrokenPipeError:   # `edge-ad run | head`: the reader left; the run itself went well
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
     _exit_past_busy_threads(svc, 0)
+
+
+def _is_stdout(path) -> bool:
+    """Is ``path`` (output.jsonl) this process's stdout: /dev/stdout, /proc/self/fd/1, or the file stdout
+    was redirected to?"""
+    if not path:
+        return False
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):   # no such file; stdout closed or not a real file
+        return False
 
 
 def _exit_past_busy_threads(svc, code: int, message: str = "") -> None:

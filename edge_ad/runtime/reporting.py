@@ -28,7 +28,8 @@ class Reporter:
                  snapshots: Optional[SnapshotStore] = None, link=None, heatmap: bool = True,
                  event_image: bool = True, jpeg_quality: int = 90,
                  drift_factory: Callable[[Any], Any] | None = None, calibration=None,
-                 on_event: Callable[[dict], None] | None = None):
+                 on_event: Callable[[dict], None] | None = None,
+                 on_reader_gone: Callable[[str], None] | None = None):
         self.source_name = source_name
         self.jsonl = jsonl
         self.snapshots = snapshots
@@ -42,6 +43,7 @@ class Reporter:
         self.drift_state = None
         self.health = None          # a HealthWatch after a model update (edge_ad.calibration)
         self.on_event = on_event or (lambda e: None)
+        self.on_reader_gone = on_reader_gone   # (reason): the JSONL log is a pipe whose reader has gone
         self.latency = LatencyWindow()
         self.reported = 0
         self.ok = 0
@@ -132,6 +134,11 @@ class Reporter:
         """Count a failed write; log it and publish an ``output_error`` event at most once a minute per
         output (with how many failed since: :class:`~edge_ad.ratelimit.LogLimiter`), never once per frame."""
         self.output_errors[output] += 1
+        if output == "jsonl" and isinstance(exc, BrokenPipeError) and self.on_reader_gone is not None:
+            # `--jsonl /dev/stdout | consumer` and the consumer exited: every line from now on would be lost;
+            # the run stops (the stop logs why), so no "inspection goes on" error
+            self.on_reader_gone(f"the reader of the result log {self.jsonl.path} closed the pipe")
+            return
         since = self._output_log.hit(output)
         if not since:
             return

@@ -199,7 +199,7 @@ class Service:
         self.reporter = Reporter(source_name=self.spec.safe_uri, jsonl=jsonl, snapshots=snaps, link=self.link,
                                  heatmap=o.heatmap, event_image=o.event_image, jpeg_quality=o.jpeg_quality,
                                  drift_factory=_drift_factory(s), calibration=self.inspector.calibration,
-                                 on_event=self._log_event)
+                                 on_event=self._log_event, on_reader_gone=self.stop)
         src = open_source(self.spec, s.source.open_timeout_s, s.source.rtsp_transport)
         self._stop_all = threading.Event()
         self.camera = Camera(src, self._stop_all, on_event=self.event, reconnect=s.source.reconnect,
