@@ -472,8 +472,8 @@ def read_env_file(path: str | os.PathLike) -> dict[str, str]:
             raise InputError(f"{where}: no '=' in this line; expected NAME=value (e.g. EDGE_AD_MQTT_PASSWORD=..., "
                              "comments start with #)")
         if not _ENV_NAME.fullmatch(name):
-            raise InputError(f"{where}: {name!r} is not a variable name (expected letters, digits and _, not "
-                             "starting with a digit)")
+            raise InputError(f"{where}: {name!r} is not a variable name; expected NAME=value with NAME made of "
+                             "letters, digits and _, not starting with a digit")
         if value[:1] in ("'", '"'):
             if len(value) < 2 or value[-1] != value[0]:
                 raise InputError(f"{where}: {name}'s value opens a {value[0]} quote that does not close at the end "
