@@ -194,6 +194,26 @@ def test_text_fields_keep_their_text_from_env_and_flags(tmp_path):
     assert parse_set_option("source.roi=[0, 0, 8, 8]")[1] == [0, 0, 8, 8]
 
 
+def test_an_empty_mqtt_user_name_or_password_is_not_set(tmp_path, monkeypatch):
+    """username = "" / password = "" (file, environment or --set) is no value, as for other optional fields: the
+    URL's or $EDGE_AD_MQTT_USERNAME's applies, else no login; an empty name was sent to the broker."""
+    pytest.importorskip("paho.mqtt")
+    monkeypatch.delenv("EDGE_AD_MQTT_USERNAME", raising=False)
+    monkeypatch.delenv("EDGE_AD_MQTT_PASSWORD", raising=False)
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\nusername = ""\npassword = ""\n')
+    m = load_settings(cfg, environ={}).mqtt_settings()
+    assert (m.username, m.password, m.credentials()) == (None, None, (None, None))
+    assert load_settings(cfg, environ={}).redacted()["mqtt"]["password"] is None
+    cfg2 = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\nusername = "u"\npassword = "p"\n', "2.toml")
+    m = load_settings(cfg2, environ={"EDGE_AD_MQTT__USERNAME": "", "EDGE_AD_MQTT__PASSWORD": ""}).mqtt_settings()
+    assert m.credentials() == (None, None)
+    monkeypatch.setenv("EDGE_AD_MQTT_USERNAME", "svc")
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", "svc-pw")
+    assert load_settings(cfg, environ={}).mqtt_settings().credentials() == ("svc", "svc-pw")
+    m = load_settings(cfg, [parse_set_option("mqtt.url=mqtt://alice:pw@broker")], environ={}).mqtt_settings()
+    assert m.credentials() == ("alice", "pw")
+
+
 @pytest.mark.parametrize("field", ["pipeline.drain_timeout_s", "calibration.timeout_s", "source.watchdog_s"])
 def test_infinite_timeouts_are_refused(tmp_path, field):
     with pytest.raises(InputError, match=field.replace(".", r"\.") + ".*less than or equal"):
