@@ -171,6 +171,27 @@ def test_mqtt_section(tmp_path):
         load_settings(bad, environ={})
 
 
+@pytest.mark.parametrize("enabled", ["true", "false"])
+def test_an_unknown_mqtt_key_is_refused_whether_or_not_mqtt_is_on(tmp_path, enabled):
+    """A typo in [mqtt] is refused with enabled = false too (it was kept, to surface the day MQTT is turned on),
+    naming it and the known fields, never its value (it may be a mistyped password)."""
+    pytest.importorskip("paho.mqtt")
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    cfg = _write(tmp_path, MINIMAL + f'\n[mqtt]\nenabled = {enabled}\nhots = "x"\npasword = "s3cret"\n')
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, environ={})
+    msg = str(ei.value)
+    assert f"mqtt.hots: unknown field [from {cfg}]; mqtt.pasword: unknown field" in msg, msg
+    assert "(the [mqtt] fields: " in msg and "password, protocol" in msg and "s3cret" not in msg
+    res = CliRunner().invoke(main, ["run", "--config", str(cfg), "--print-config"])
+    assert res.exit_code == 2 and "mqtt.hots: unknown field" in res.output, res.output
+    ok = _write(tmp_path, MINIMAL + f'\n[mqtt]\nenabled = {enabled}\nurl = "mqtt://broker"\n', "ok.toml")
+    assert load_settings(ok, environ={}).mqtt_enabled is (enabled == "true")
+
+
 def test_mqtt_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
     pytest.importorskip("paho.mqtt")
     monkeypatch.chdir("/")
