@@ -425,7 +425,9 @@ def test_ctrl_c_during_train_saves_the_state_for_resume_and_keeps_the_bundle(cat
     assert t["resumed_at"] == n and t["steps"] == n + 2
 
 
-def test_ctrl_c_during_distill_saves_its_state_for_resume(category, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_during_distill_saves_its_state_for_resume(category, tmp_path, monkeypatch, sig, code):
+    """Ctrl-C or SIGTERM: the state saved, exit 128 + the signal (SIGTERM exited 130, SIGINT's code)."""
     import signal
 
     from click.testing import CliRunner
@@ -433,13 +435,13 @@ def test_ctrl_c_during_distill_saves_its_state_for_resume(category, tmp_path, mo
     from edge_ad.cli import main
 
     real = loops.lr_at
-    monkeypatch.setattr(loops, "lr_at", lambda step, *a: (step == 1 and signal.raise_signal(signal.SIGINT))
+    monkeypatch.setattr(loops, "lr_at", lambda step, *a: (step == 1 and signal.raise_signal(getattr(signal, sig)))
                         or real(step, *a))
     out = tmp_path / "t.pth"
     cmd = ["distill-teacher", "--data", str(category / "train" / "good"), "--out", str(out), "--image-size",
            str(SIZE), "--batch-size", "2", "--steps", "5"]
     r = CliRunner().invoke(main, cmd)
-    assert r.exit_code == 130 and (f"interrupted at step 2 of 5; the training state is in {out}.state.pt: rerun "
+    assert r.exit_code == code and (f"interrupted at step 2 of 5; the training state is in {out}.state.pt: rerun "
                                    "the same command with --resume to continue") in r.output
     assert not out.exists() and torch.load(f"{out}.state.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(loops, "lr_at", real)
