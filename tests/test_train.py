@@ -354,6 +354,31 @@ def test_a_signal_stops_the_loop_after_the_step_and_saves_its_state(tmp_path, si
     assert run()["resumed_at"] == 3
 
 
+def test_a_closed_stderr_drops_the_progress_bar_not_the_training(tmp_path, monkeypatch, caplog):
+    """`edge-ad train ... 2>&1 | head -1`: once the pipe's reader is gone the bar's write raised BrokenPipeError
+    and the training died, nothing saved; now the bar goes quiet and the loop ends and saves as usual."""
+    class ClosedPipe:
+        writes = 0
+
+        def write(self, text):
+            ClosedPipe.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    state = tmp_path / "train_state.pt"
+    _, run = _tiny_loop(state, lambda i: None, steps=5)
+    with caplog.at_level("WARNING", logger="edge_ad.train.loops"):
+        assert run()["steps"] == 5
+    assert torch.load(state, weights_only=True)["step"] == 5
+    assert ClosedPipe.writes == 1 and "progress output dropped, training goes on" in caplog.text
+
+
 def test_a_second_ctrl_c_aborts_at_once_and_threads_keep_the_old_behaviour(tmp_path):
     import signal
     import threading
