@@ -203,6 +203,24 @@ def test_teacher_file_in_public_format(category, tmp_path):
                      teacher=str(tmp_path / "bad.pth"))
 
 
+def test_penalty_dir_takes_an_mvtec_category_as_distill_teacher_does(category, tmp_path, caplog):
+    """--penalty-dir CATEGORY found no images (it looked in CATEGORY only); now its train/good's, as
+    distill-teacher's --data; a folder with none at all is refused naming it, before any image is loaded."""
+    from edge_ad.train.common import penalty_images
+
+    with caplog.at_level("WARNING"):
+        pen = penalty_images(category, SIZE)
+    assert pen.shape == (16, 3, SIZE, SIZE)            # the category's 16 train/good images
+    assert f"--penalty-dir {category} holds no images itself: using its train/good (16 images)" in caplog.text
+    assert penalty_images(category / "train" / "good", SIZE).shape[0] == 16
+    empty = tmp_path / "empty"
+    (empty / "train" / "good").mkdir(parents=True)
+    with pytest.raises(InputError, match=f"--penalty-dir {empty}: no images .* in it nor in its train/good"):
+        train_bundle("efficientad-s", category, tmp_path / "b", image_size=SIZE, steps=1, export=False,
+                     penalty_dir=str(empty))
+    assert not (tmp_path / "b").exists()
+
+
 def test_distill_teacher_cli_resumes_and_the_teacher_trains_efficientad(category, tmp_path):
     gen = tmp_path / "generic"
     r = subprocess.run([sys.executable, "-m", "edge_ad", "generic-images", "--out", str(gen), "--count", "6",

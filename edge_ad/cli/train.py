@@ -21,7 +21,9 @@ from . import main
               help="EfficientAD teacher: 'lite0' (default: truncated ImageNet EfficientNet-Lite0) or a PDN "
                    "weights file (teacher_small.pth format, or from 'edge-ad distill-teacher').")
 @click.option("--penalty-dir", type=click.Path(), default=None,
-              help="Generic images for EfficientAD's penalty term (skipped, with a warning, when absent).")
+              help="Generic images for EfficientAD's penalty term (skipped, with a warning, when absent): a "
+                   "folder of images, or one with none itself but a train/good (an MVTec category), as "
+                   "distill-teacher's --data.")
 @click.option("--gaussian-layout", type=click.Choice(["patch", "shared", "image"]), default=None,
               help="Gaussian model: per-location (PaDiM-like), one shared Gaussian, or image-level (Rippel).")
 @click.option("--policy", default="max", show_default=True, help="Threshold policy: fpr:P | max | sigma:K.")

@@ -25,7 +25,8 @@ from ..bundle import TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder, 
 from ..errors import InputError
 from ..models import KINDS, build, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
-from .common import check_run, file_list_id, load_images, penalty_images, resume_state, seed_everything
+from .common import (check_run, file_list_id, load_images, penalty_folder, penalty_images, resume_state,
+                     seed_everything)
 from .loops import LoopConfig, train_efficientad, train_fader
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
             cfg.update(teacher="pdn", teacher_channels=tch)
         else:
             cfg.update(teacher="lite0", teacher_channels=None)
+        if penalty_dir is not None:  # its images, or its train/good's: checked before any image is loaded
+            penalty_dir = penalty_folder(penalty_dir)
     seed_everything(seed)
     t_start = time.time()
     paths = MVTecCategory(data).train_paths()
