@@ -23,7 +23,7 @@ import torch
 from .. import __version__, atomic, gaussian, scoring
 from ..bundle import TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder, now_iso
 from ..errors import InputError
-from ..models import KINDS, build, default_config, describe, load_weights
+from ..models import KINDS, build, check_model_config, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
 from .common import (check_run, file_list_id, load_images, penalty_folder, penalty_images, resume_state,
                      seed_everything)
@@ -164,6 +164,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                          "resume from; train it without --resume")
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     scoring.check_policy(policy)  # validate early
+    check_model_config(model_kind, config, image_size)
     out = Path(out)
     real = Path(os.path.realpath(out))  # a link to a bundle folder: the folder is replaced, the link kept
     check_out_folder(real)
