@@ -26,6 +26,27 @@ from benchlib import (DATA_HELP, at_least, check_out, check_work, command, datas
 HERE = Path(__file__).resolve().parent
 
 
+def model_config(ap, pairs, models, image_size) -> dict:
+    """--config KEY=VALUE pairs as a model config (digits: a number), checked as edge-ad train checks its
+    model config, for each of --models: a usage error (exit 2) naming the key and what was expected."""
+    from edge_ad.errors import InputError
+    from edge_ad.models import check_model_config
+
+    cfg = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.strip():
+            ap.error(f"--config {kv!r}: expected KEY=VALUE")
+        cfg[k.strip()] = int(v) if v.strip().isdigit() else v.strip()
+    for m in models:
+        try:
+            check_model_config(m, cfg, image_size)
+        except InputError as exc:
+            ap.error(f"--config: {exc}" + (" (--config applies to every model of --models: run them "
+                                            "separately)" if len(models) > 1 else ""))
+    return cfg
+
+
 @input_errors_exit_2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +65,10 @@ def main(argv=None) -> int:
                     help="folder of the trained bundles, MODEL-PRESET[-TAG] (default: %(default)s)")
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--eval-device", default="cpu", help="device of the evaluation backend (torch: cuda)")
-    ap.add_argument("--config", action="append", default=[], help="model config override key=value")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help="model config override (repeatable), checked for each of --models before any work: "
+                         "gaussian layout=patch|shared|image, dims=N, seed=N; fader width=N, cell=N, hint=N "
+                         "(cell and hint divide --image-size); EfficientAD takes none (--teacher)")
     ap.add_argument("--teacher", default=None, help="EfficientAD teacher: lite0 (default) or a PDN weights file")
     ap.add_argument("--distill-steps", type=at_least(0), default=0,
                     help="first distill a PDN teacher from Lite0 on the training images for this many steps "
@@ -59,6 +83,7 @@ def main(argv=None) -> int:
                          "one; the README's figures: bench/results/accuracy.json)")
     ap.add_argument("--tag", default="", help="suffix of the result rows and bundle folders (e.g. pdn-teacher)")
     args = ap.parse_args(argv)
+    cfg = model_config(ap, args.config, args.models, args.image_size)
     out_json = check_out(ap, args.out)
     data = dataset(ap, args.data, ("train/good", "test"))
     if data is None:
@@ -76,10 +101,6 @@ def main(argv=None) -> int:
         machine += f", {torch.cuda.get_device_name()}, torch {torch.__version__}"
     cmd = command("accuracy", argv)
 
-    cfg = {}
-    for kv in args.config:
-        k, _, v = kv.partition("=")
-        cfg[k] = int(v) if v.isdigit() else v
     rows = []
     suffix = f"-{args.tag}" if args.tag else ""
     teacher, distill_s = args.teacher, 0.0

@@ -472,8 +472,8 @@ def read_env_file(path: str | os.PathLike) -> dict[str, str]:
             raise InputError(f"{where}: no '=' in this line; expected NAME=value (e.g. EDGE_AD_MQTT_PASSWORD=..., "
                              "comments start with #)")
         if not _ENV_NAME.fullmatch(name):
-            raise InputError(f"{where}: {name!r} is not a variable name (expected letters, digits and _, not "
-                             "starting with a digit)")
+            raise InputError(f"{where}: {name!r} is not a variable name; expected NAME=value with NAME made of "
+                             "letters, digits and _, not starting with a digit")
         if value[:1] in ("'", '"'):
             if len(value) < 2 or value[-1] != value[0]:
                 raise InputError(f"{where}: {name}'s value opens a {value[0]} quote that does not close at the end "
@@ -568,6 +568,20 @@ def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None
     return head + ": " + "; ".join(lines)
 
 
+def _check_mqtt_keys(table: dict, origins: dict, config_path: Path | None) -> None:
+    """An :class:`InputError` naming each key of ``[mqtt]`` that is not a field (nor ``enabled``) and the known
+    ones: checked whether or not MQTT is on, so a typo in a section turned off is not kept for later."""
+    from .mqtt.settings import MqttSettings
+
+    known = {"enabled", *MqttSettings.model_fields}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        where = "; ".join(f"mqtt.{k}: unknown field [from {_where(('mqtt', k), origins, config_path)}]"
+                          for k in unknown)
+        raise InputError(f"{config_path or 'config'}: invalid config: {where} (the [mqtt] fields: "
+                         f"{', '.join(sorted(known))})")
+
+
 def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple[list[str], Any, str]] = (),
                   environ: Mapping[str, str] | None = None, schema: type[Settings] | None = None) -> Settings:
     """Read the TOML file (optional), apply env then ``overrides`` ((path, value, origin) tuples), validate
@@ -610,6 +624,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
                          f"mqtt.enabled = false [from {where}]: give --set mqtt.enabled=true as well to run with "
                          "MQTT, or leave the override out to run without")
     if s.mqtt is not None:
+        _check_mqtt_keys(s.mqtt, origins, cfg_path)   # a typo is one with enabled = false too
         try:
             s.mqtt_settings()
         except ValidationError as exc:

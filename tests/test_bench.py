@@ -20,6 +20,9 @@ def _bench(name):
     return importlib.import_module(name)
 
 
+NODATA = ["--data", "/nonexistent/data"]  # a check that regressed fails on --data, never trains on the default
+
+
 def _usage_error(capsys, name, argv) -> str:
     with pytest.raises(SystemExit) as ei:
         _bench(name).main(argv)
@@ -43,6 +46,16 @@ def _usage_error(capsys, name, argv) -> str:
     ("accuracy", ["--steps", "-1"], "--steps: -1"),
     ("accuracy", ["--models", "gaussian,efficientad-s,fadr"], "unknown model fadr"),
     ("accuracy", ["--max-minutes", "-1"], "--max-minutes: -1"),
+    # --config KEY=VALUE: checked before any work (a typo was ignored, a bad value failed in training)
+    ("accuracy", [*NODATA, "--models", "gaussian", "--config", "dim=50"],
+     "--config: model config dim=50: not a gaussian config key; expected one of: dims, layout, seed"),
+    ("accuracy", [*NODATA, "--models", "gaussian", "--config", "layout=pach"],
+     "model config layout='pach': expected one of patch, shared, image"),
+    ("accuracy", [*NODATA, "--models", "fader", "--config", "width=wide"], "model config width='wide': expected an integer"),
+    ("accuracy", [*NODATA, "--models", "fader", "--config", "cell=48"], "cell=48: expected a divisor of the image size 256"),
+    ("accuracy", [*NODATA, "--models", "efficientad-s", "--config", "teacher=pdn"], "none (its teacher is set by --teacher)"),
+    ("accuracy", [*NODATA, "--models", "gaussian,fader", "--config", "dims=50"], "not a fader config key"),
+    ("accuracy", [*NODATA, "--models", "gaussian", "--config", "dims"], "--config 'dims': expected KEY=VALUE"),
     ("speed", ["--models", "gaussian,foo"], "unknown model foo"),
     ("loop", ["--bundle", "/nonexistent"], "--bundle: /nonexistent: not a bundle folder"),
     ("calibration", ["--bundle", "/nonexistent"], "--bundle: /nonexistent: not a bundle folder"),
@@ -54,6 +67,20 @@ def _usage_error(capsys, name, argv) -> str:
 ])
 def test_bad_arguments_are_usage_errors(capsys, name, argv, says):
     assert says in _usage_error(capsys, name, argv)
+
+
+def test_accuracy_config_values_are_typed_and_checked_per_model():
+    import argparse
+
+    from edge_ad.errors import InputError
+    from edge_ad.train.pipeline import train_bundle
+
+    ap = argparse.ArgumentParser()
+    assert _bench("accuracy").model_config(ap, ["layout=image", "dims=50"], ["gaussian"], 256) == \
+        {"layout": "image", "dims": 50}
+    assert _bench("accuracy").model_config(ap, [], ["gaussian", "fader", "efficientad-s"], 256) == {}
+    with pytest.raises(InputError, match="model config dim=5: not a gaussian config key"):  # the library too
+        train_bundle("gaussian", "/nonexistent", "/nonexistent/out", image_size=64, config={"dim": 5})
 
 
 def test_speed_bundle_must_be_a_bundle(capsys, tmp_path):

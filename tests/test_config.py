@@ -171,6 +171,27 @@ def test_mqtt_section(tmp_path):
         load_settings(bad, environ={})
 
 
+@pytest.mark.parametrize("enabled", ["true", "false"])
+def test_an_unknown_mqtt_key_is_refused_whether_or_not_mqtt_is_on(tmp_path, enabled):
+    """A typo in [mqtt] is refused with enabled = false too (it was kept, to surface the day MQTT is turned on),
+    naming it and the known fields, never its value (it may be a mistyped password)."""
+    pytest.importorskip("paho.mqtt")
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    cfg = _write(tmp_path, MINIMAL + f'\n[mqtt]\nenabled = {enabled}\nhots = "x"\npasword = "s3cret"\n')
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, environ={})
+    msg = str(ei.value)
+    assert f"mqtt.hots: unknown field [from {cfg}]; mqtt.pasword: unknown field" in msg, msg
+    assert "(the [mqtt] fields: " in msg and "password, protocol" in msg and "s3cret" not in msg
+    res = CliRunner().invoke(main, ["run", "--config", str(cfg), "--print-config"])
+    assert res.exit_code == 2 and "mqtt.hots: unknown field" in res.output, res.output
+    ok = _write(tmp_path, MINIMAL + f'\n[mqtt]\nenabled = {enabled}\nurl = "mqtt://broker"\n', "ok.toml")
+    assert load_settings(ok, environ={}).mqtt_enabled is (enabled == "true")
+
+
 def test_mqtt_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
     pytest.importorskip("paho.mqtt")
     monkeypatch.chdir("/")
@@ -192,6 +213,26 @@ def test_text_fields_keep_their_text_from_env_and_flags(tmp_path):
     assert parse_set_option("mqtt.password=123456")[1] == "123456"
     assert parse_set_option("pipeline.max_batch=8")[1] == 8            # numbers stay numbers elsewhere
     assert parse_set_option("source.roi=[0, 0, 8, 8]")[1] == [0, 0, 8, 8]
+
+
+def test_an_empty_mqtt_user_name_or_password_is_not_set(tmp_path, monkeypatch):
+    """username = "" / password = "" (file, environment or --set) is no value, as for other optional fields: the
+    URL's or $EDGE_AD_MQTT_USERNAME's applies, else no login; an empty name was sent to the broker."""
+    pytest.importorskip("paho.mqtt")
+    monkeypatch.delenv("EDGE_AD_MQTT_USERNAME", raising=False)
+    monkeypatch.delenv("EDGE_AD_MQTT_PASSWORD", raising=False)
+    cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\nusername = ""\npassword = ""\n')
+    m = load_settings(cfg, environ={}).mqtt_settings()
+    assert (m.username, m.password, m.credentials()) == (None, None, (None, None))
+    assert load_settings(cfg, environ={}).redacted()["mqtt"]["password"] is None
+    cfg2 = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\nusername = "u"\npassword = "p"\n', "2.toml")
+    m = load_settings(cfg2, environ={"EDGE_AD_MQTT__USERNAME": "", "EDGE_AD_MQTT__PASSWORD": ""}).mqtt_settings()
+    assert m.credentials() == (None, None)
+    monkeypatch.setenv("EDGE_AD_MQTT_USERNAME", "svc")
+    monkeypatch.setenv("EDGE_AD_MQTT_PASSWORD", "svc-pw")
+    assert load_settings(cfg, environ={}).mqtt_settings().credentials() == ("svc", "svc-pw")
+    m = load_settings(cfg, [parse_set_option("mqtt.url=mqtt://alice:pw@broker")], environ={}).mqtt_settings()
+    assert m.credentials() == ("alice", "pw")
 
 
 @pytest.mark.parametrize("field", ["pipeline.drain_timeout_s", "calibration.timeout_s", "source.watchdog_s"])

@@ -720,7 +720,15 @@ def test_cli_config_reads_the_env_file_next_to_it(tmp_path, mosquitto_factory, t
 
     env.write_text("EDGE_AD_MQTT_PASSWORD s3cret\n")               # a malformed line: file:line, nothing applied
     res = runner.invoke(main, args[:-1])
-    assert re.search(rf"\[FAIL\] env-file +{re.escape(str(env))}:1: no '='", res.output), res.output
+    assert re.search(rf"\[FAIL\] env-file +{re.escape(str(env))}:1: no '='.*expected NAME=value", res.output), \
+        res.output
     assert "s3cret" not in res.output
+    assert res.exit_code == 1, res.output                          # the service could not get its values either
+    env.write_text("# ok\n=s3cret\n")
+    res = runner.invoke(main, args)
+    assert res.exit_code == 1 and "s3cret" not in res.output, res.output
+    by = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    assert by["env-file"]["status"] == "fail" and by["env-file"]["required"], by["env-file"]
+    assert f"{env}:2: '' is not a variable name; expected NAME=value" in by["env-file"]["detail"], by["env-file"]
     res = runner.invoke(main, args + ["--env-file", str(tmp_path / "nope.env")])
     assert res.exit_code == 2 and "--env-file" in res.output

@@ -203,6 +203,24 @@ def test_teacher_file_in_public_format(category, tmp_path):
                      teacher=str(tmp_path / "bad.pth"))
 
 
+def test_penalty_dir_takes_an_mvtec_category_as_distill_teacher_does(category, tmp_path, caplog):
+    """--penalty-dir CATEGORY found no images (it looked in CATEGORY only); now its train/good's, as
+    distill-teacher's --data; a folder with none at all is refused naming it, before any image is loaded."""
+    from edge_ad.train.common import penalty_images
+
+    with caplog.at_level("WARNING"):
+        pen = penalty_images(category, SIZE)
+    assert pen.shape == (16, 3, SIZE, SIZE)            # the category's 16 train/good images
+    assert f"--penalty-dir {category} holds no images itself: using its train/good (16 images)" in caplog.text
+    assert penalty_images(category / "train" / "good", SIZE).shape[0] == 16
+    empty = tmp_path / "empty"
+    (empty / "train" / "good").mkdir(parents=True)
+    with pytest.raises(InputError, match=f"--penalty-dir {empty}: no images .* in it nor in its train/good"):
+        train_bundle("efficientad-s", category, tmp_path / "b", image_size=SIZE, steps=1, export=False,
+                     penalty_dir=str(empty))
+    assert not (tmp_path / "b").exists()
+
+
 def test_distill_teacher_cli_resumes_and_the_teacher_trains_efficientad(category, tmp_path):
     gen = tmp_path / "generic"
     r = subprocess.run([sys.executable, "-m", "edge_ad", "generic-images", "--out", str(gen), "--count", "6",
@@ -354,6 +372,31 @@ def test_a_signal_stops_the_loop_after_the_step_and_saves_its_state(tmp_path, si
     assert run()["resumed_at"] == 3
 
 
+def test_a_closed_stderr_drops_the_progress_bar_not_the_training(tmp_path, monkeypatch, caplog):
+    """`edge-ad train ... 2>&1 | head -1`: once the pipe's reader is gone the bar's write raised BrokenPipeError
+    and the training died, nothing saved; now the bar goes quiet and the loop ends and saves as usual."""
+    class ClosedPipe:
+        writes = 0
+
+        def write(self, text):
+            ClosedPipe.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    state = tmp_path / "train_state.pt"
+    _, run = _tiny_loop(state, lambda i: None, steps=5)
+    with caplog.at_level("WARNING", logger="edge_ad.train.loops"):
+        assert run()["steps"] == 5
+    assert torch.load(state, weights_only=True)["step"] == 5
+    assert ClosedPipe.writes == 1 and "progress output dropped, training goes on" in caplog.text
+
+
 def test_a_second_ctrl_c_aborts_at_once_and_threads_keep_the_old_behaviour(tmp_path):
     import signal
     import threading
@@ -425,7 +468,9 @@ def test_ctrl_c_during_train_saves_the_state_for_resume_and_keeps_the_bundle(cat
     assert t["resumed_at"] == n and t["steps"] == n + 2
 
 
-def test_ctrl_c_during_distill_saves_its_state_for_resume(category, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_during_distill_saves_its_state_for_resume(category, tmp_path, monkeypatch, sig, code):
+    """Ctrl-C or SIGTERM: the state saved, exit 128 + the signal (SIGTERM exited 130, SIGINT's code)."""
     import signal
 
     from click.testing import CliRunner
@@ -433,13 +478,13 @@ def test_ctrl_c_during_distill_saves_its_state_for_resume(category, tmp_path, mo
     from edge_ad.cli import main
 
     real = loops.lr_at
-    monkeypatch.setattr(loops, "lr_at", lambda step, *a: (step == 1 and signal.raise_signal(signal.SIGINT))
+    monkeypatch.setattr(loops, "lr_at", lambda step, *a: (step == 1 and signal.raise_signal(getattr(signal, sig)))
                         or real(step, *a))
     out = tmp_path / "t.pth"
     cmd = ["distill-teacher", "--data", str(category / "train" / "good"), "--out", str(out), "--image-size",
            str(SIZE), "--batch-size", "2", "--steps", "5"]
     r = CliRunner().invoke(main, cmd)
-    assert r.exit_code == 130 and (f"interrupted at step 2 of 5; the training state is in {out}.state.pt: rerun "
+    assert r.exit_code == code and (f"interrupted at step 2 of 5; the training state is in {out}.state.pt: rerun "
                                    "the same command with --resume to continue") in r.output
     assert not out.exists() and torch.load(f"{out}.state.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(loops, "lr_at", real)

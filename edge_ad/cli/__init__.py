@@ -4,7 +4,8 @@ Commands live in small modules of this package, one per area, each registering o
 Heavy imports (torch, onnxruntime) happen inside the commands, so ``edge-ad --help`` is instant and a
 runtime-only install never needs torch.
 
-Exit codes: 0 ok, 2 usage or input error, 1 runtime failure.
+Exit codes: 0 ok, 2 usage or input error, 1 runtime failure; a training loop stopped by a signal:
+128 + the signal (130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import signal
 import sys
 
 import click
@@ -32,7 +34,8 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:  # a training loop's says where it stopped and how to go on
             click.echo(str(exc) or "interrupted", err=True)
-            sys.exit(130)
+            # 128 + the signal, as the shell reports it: 130 for Ctrl-C, 143 for SIGTERM (systemd, docker stop)
+            sys.exit(128 + (getattr(exc, "signum", None) or signal.SIGINT))
         except OSError as exc:
             # not about a path the user gave (a socket, a device): a real crash; a full or failing disk is not
             if exc.filename is None and exc.errno not in _DISK_ERRNOS:

@@ -66,7 +66,8 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
             extra.append(d.Check("env-file", d.Status.OK, f"{env_file}: {len(env)} variable(s) applied as the "
                                  f"service gets them" + (f" ({', '.join(sorted(env))})" if env else "")))
         except EdgeADError as exc:
-            extra.append(d.Check("env-file", d.Status.FAIL, f"{exc}: not applied", fix=(
+            # required: the service would not get these values either (edge-ad refuses such a file)
+            extra.append(d.Check("env-file", d.Status.FAIL, f"{exc}: not applied", required=True, fix=(
                 "fix the line named above (NAME=value, # for comments)" if os.access(env_file, os.R_OK) else
                 "run doctor as the service user (sudo -u edge-ad ...): the file is root:edge-ad, mode 0640")))
     # the checks below (config overrides, MQTT credentials) see the file's values, as the service does

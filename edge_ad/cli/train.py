@@ -21,7 +21,9 @@ from . import main
               help="EfficientAD teacher: 'lite0' (default: truncated ImageNet EfficientNet-Lite0) or a PDN "
                    "weights file (teacher_small.pth format, or from 'edge-ad distill-teacher').")
 @click.option("--penalty-dir", type=click.Path(), default=None,
-              help="Generic images for EfficientAD's penalty term (skipped, with a warning, when absent).")
+              help="Generic images for EfficientAD's penalty term (skipped, with a warning, when absent): a "
+                   "folder of images, or one with none itself but a train/good (an MVTec category), as "
+                   "distill-teacher's --data.")
 @click.option("--gaussian-layout", type=click.Choice(["patch", "shared", "image"]), default=None,
               help="Gaussian model: per-location (PaDiM-like), one shared Gaussian, or image-level (Rippel).")
 @click.option("--policy", default="max", show_default=True, help="Threshold policy: fpr:P | max | sigma:K.")
@@ -35,7 +37,8 @@ from . import main
                    "--steps, --max-minutes, --checkpoint-every, --device and --policy may change).")
 @click.option("--checkpoint-every", default=500, show_default=True, type=int,
               help="Steps between checkpoints (OUT/train_state.pt); Ctrl-C or SIGTERM during the steps also saves "
-                   "one, at the step reached, and exits 130 (no bundle written; twice: abort at once).")
+                   "one, at the step reached, and exits 130 (Ctrl-C) or 143 (SIGTERM) (no bundle written; twice: "
+                   "abort at once).")
 @click.option("--max-minutes", type=float, default=None,
               help="Time budget for the gradient steps: stop there and write the bundle (the x0.1 learning-rate "
                    "drop then comes at 95% of the budget if the steps do not fit).")
@@ -121,7 +124,8 @@ def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_js
               help="Time budget: stop there and still write the teacher.")
 @click.option("--checkpoint-every", default=1000, show_default=True, type=int,
               help="Steps between checkpoints (OUT.state.pt), for --resume; Ctrl-C or SIGTERM during the steps "
-                   "also saves one, at the step reached, and exits 130 (twice: abort at once).")
+                   "also saves one, at the step reached, and exits 130 (Ctrl-C) or 143 (SIGTERM) (twice: abort at "
+                   "once).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in OUT.state.pt (refused unless this run's options match it; "
                    "--steps, --max-minutes, --checkpoint-every and --device may change).")

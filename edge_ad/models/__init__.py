@@ -26,6 +26,29 @@ def default_config(kind: str) -> dict[str, Any]:
     raise InputError(f"model '{kind}': expected one of {', '.join(KINDS)}")
 
 
+GAUSSIAN_LAYOUTS = ("patch", "shared", "image")
+
+
+def check_model_config(kind: str, config: dict[str, Any] | None, image_size: int | None = None) -> None:
+    """The model config a caller sets (``train_bundle(config=)``; bench/accuracy.py ``--config KEY=VALUE``):
+    each key one of the kind's (:func:`default_config`; EfficientAD's teacher is ``--teacher``'s, none
+    here), each value of its type and range; an :class:`InputError` naming the key and what was expected."""
+    keys = {} if kind.startswith("efficientad") else default_config(kind)
+    for k, v in (config or {}).items():
+        if k not in keys:
+            known = ", ".join(sorted(keys)) or "none (its teacher is set by --teacher)"
+            raise InputError(f"model config {k}={v!r}: not a {kind} config key; expected one of: {known}")
+        if k == "layout":
+            if v not in GAUSSIAN_LAYOUTS:
+                raise InputError(f"model config layout={v!r}: expected one of {', '.join(GAUSSIAN_LAYOUTS)}")
+            continue
+        low = 0 if k == "seed" else 1
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise InputError(f"model config {k}={v!r}: expected an integer >= {low}")
+        if k in ("cell", "hint") and image_size is not None and image_size % v:
+            raise InputError(f"model config {k}={v}: expected a divisor of the image size {image_size}")
+
+
 MAX_IMAGE_SIZE = 4096   # the manifest schema's bound
 
 

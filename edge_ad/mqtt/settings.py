@@ -126,10 +126,18 @@ class BrokerSettings(BaseModel):
     @classmethod
     def _env_credentials(cls, data: Any) -> Any:
         """The environment's user name and password, only where neither the fields nor the URL give one
-        (a URL with alice's user info keeps alice's name, whatever the environment says)."""
+        (a URL with alice's user info keeps alice's name, whatever the environment says). An empty one is
+        not given (``username = ""``, ``EDGE_AD_MQTT__USERNAME=``), as for every optional field: never an
+        empty name or password sent to the broker."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        for k in ("username", "password"):
+            v = data.get(k)
+            if isinstance(v, SecretStr):
+                v = v.get_secret_value()
+            if isinstance(v, str) and v.strip() == "":
+                data[k] = None
         try:
             in_url = urlsplit(str(data.get("url", ""))).username is not None
         except ValueError:

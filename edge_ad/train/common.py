@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import atomic
-from ..data.image import list_images, load_image, resize_rgb
+from ..data.image import IMAGE_EXTS, list_images, load_image, resize_rgb
 from ..errors import InputError
 from ..models import check_image_size, load_weights
 
@@ -110,13 +110,33 @@ def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator, one_of:
     return out
 
 
+def image_folder(folder: str | os.PathLike, option: str = "--data") -> Path:
+    """``folder``, or its ``train/good`` when it holds no images itself but that does (an MVTec category),
+    said in a log line naming ``option``."""
+    good = Path(folder) / "train" / "good"
+    if not list_images(folder) and good.is_dir() and list_images(good):
+        log.warning("%s %s holds no images itself: using its train/good (%d images)", option, folder,
+                    len(list_images(good)))
+        return good
+    return Path(folder)
+
+
+def penalty_folder(folder: str | os.PathLike) -> Path:
+    """``--penalty-dir``'s images: the folder's, else its ``train/good`` (as distill-teacher's ``--data``);
+    an :class:`InputError` naming it when neither has any."""
+    d = image_folder(folder, "--penalty-dir")
+    if not list_images(d):
+        raise InputError(f"--penalty-dir {folder}: no images ({', '.join(IMAGE_EXTS)}) in it nor in its "
+                         "train/good; expected a folder of generic images for the penalty term")
+    return d
+
+
 def penalty_images(folder: str | os.PathLike | None, size: int, limit: int = 2000) -> torch.Tensor | None:
-    """Generic images for EfficientAD's penalty term: grayscale with p=0.3, resized to 2x, centre crop."""
+    """Generic images for EfficientAD's penalty term (:func:`penalty_folder`): grayscale with p=0.3, resized
+    to 2x, centre crop."""
     if folder is None:
         return None
-    paths = list_images(folder)[:limit]
-    if not paths:
-        raise InputError(f"{folder}: no images for the penalty term")
+    paths = list_images(penalty_folder(folder))[:limit]
     rng = np.random.default_rng(0)
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for i, p in enumerate(paths):

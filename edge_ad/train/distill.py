@@ -28,22 +28,11 @@ from ..data.image import IMAGE_EXTS, list_images
 from ..errors import InputError
 from ..models.efficientad import IMAGENET_MEAN, IMAGENET_STD, Lite0Teacher
 from ..models.pdn import pdn
-from .common import (check_run, color_jitter, fast_convolutions, file_list_id, load_images, resume_state, sample_batch,
-                     seed_everything)
+from .common import (check_run, color_jitter, fast_convolutions, file_list_id, image_folder, load_images, resume_state,
+                     sample_batch, seed_everything)
 from .loops import LoopConfig, run_loop
 
 log = logging.getLogger(__name__)
-
-
-def _image_folder(folder: str | os.PathLike) -> Path:
-    """``folder``, or its ``train/good`` when it holds no images itself but that does (an MVTec category),
-    said in a log line."""
-    good = Path(folder) / "train" / "good"
-    if not list_images(folder) and good.is_dir() and list_images(good):
-        log.warning("--data %s holds no images itself: using its train/good (%d images)", folder,
-                    len(list_images(good)))
-        return good
-    return Path(folder)
 
 
 def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: str = "s", image_size: int = 256,
@@ -51,7 +40,7 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
             max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     out = atomic.check_creatable(out)
-    folders = [_image_folder(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]
+    folders = [image_folder(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]
     listed = [list_images(f) for f in folders]
     paths = [p for ps in listed for p in ps]
     if len(paths) < 2:

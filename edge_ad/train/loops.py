@@ -100,6 +100,35 @@ def stop_requests():
         restore()
 
 
+class _ProgressStream:
+    """The progress bar's stream (stderr): once a write or flush fails (the pipe's reader gone, as with
+    ``edge-ad train ... 2>&1 | head -1``; a closed stream) the progress output is dropped and the training
+    goes on, saving its checkpoints and result as usual; it stopped there, nothing saved."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._broken = False
+
+    def _guard(self, name, *args):
+        if self._broken:
+            return None
+        try:
+            return getattr(self._stream, name)(*args)
+        except (OSError, ValueError) as exc:  # BrokenPipeError, EIO, "I/O operation on closed file"
+            self._broken = True
+            log.warning("progress output dropped, training goes on: stderr cannot be written (%s)", exc)
+            return None
+
+    def write(self, text):
+        return self._guard("write", text)
+
+    def flush(self):
+        return self._guard("flush")
+
+    def __getattr__(self, name):  # encoding, fileno, isatty: the stream's
+        return getattr(self._stream, name)
+
+
 def run_loop(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
     """Run ``step_fn`` from step 0 (or the checkpoint's step at a resume) to ``cfg.steps``. With a checkpoint
     file, SIGINT / SIGTERM stop it between two steps: the state is saved there and :class:`Interrupted` raised."""
@@ -134,7 +163,7 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
     losses: dict = {}
     tty = sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               mininterval=0.1 if tty else 30.0)  # logs (CI, journald) get a line every 30 s
+               mininterval=0.1 if tty else 30.0, file=_ProgressStream(sys.stderr))  # logs (CI, journald) get a line every 30 s
     done = start
     for step in range(start, cfg.steps):
         if stop["signal"] is not None:

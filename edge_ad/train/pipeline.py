@@ -23,9 +23,10 @@ import torch
 from .. import __version__, atomic, gaussian, scoring
 from ..bundle import TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder, now_iso
 from ..errors import InputError
-from ..models import KINDS, build, default_config, describe, load_weights
+from ..models import KINDS, build, check_model_config, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
-from .common import check_run, file_list_id, load_images, penalty_images, resume_state, seed_everything
+from .common import (check_run, file_list_id, load_images, penalty_folder, penalty_images, resume_state,
+                     seed_everything)
 from .loops import LoopConfig, train_efficientad, train_fader
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                          "resume from; train it without --resume")
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     scoring.check_policy(policy)  # validate early
+    check_model_config(model_kind, config, image_size)
     out = Path(out)
     real = Path(os.path.realpath(out))  # a link to a bundle folder: the folder is replaced, the link kept
     check_out_folder(real)
@@ -181,6 +183,8 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
             cfg.update(teacher="pdn", teacher_channels=tch)
         else:
             cfg.update(teacher="lite0", teacher_channels=None)
+        if penalty_dir is not None:  # its images, or its train/good's: checked before any image is loaded
+            penalty_dir = penalty_folder(penalty_dir)
     seed_everything(seed)
     t_start = time.time()
     paths = MVTecCategory(data).train_paths()
