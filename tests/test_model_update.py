@@ -751,6 +751,25 @@ def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normaliz
     assert not torch.equal(old.student[0].weight, new.student[0].weight)
 
 
+def test_adapt_of_200_frames_goes_on_when_the_screen_leaves_a_few_out(effad_bundle, tmp_path, monkeypatch):
+    """--adapt --frames 200 whose screen left 6 likely defects out: the 194 kept still give the candidate 20
+    frames to be calibrated on (it was refused: '--adapt on 194 frames: ... give --frames 200 or more')."""
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.data.synthetic import make_part
+    from edge_ad.train.adapt import adapt_bundle
+
+    frames = [make_part("disc", 64, None, seed=9, index=i).image for i in range(200)]
+    left_out = [adapt_mod.Excluded(i, 9.0, 9.0, "likely defect") for i in range(6)]
+    monkeypatch.setattr(adapt_mod, "screen_frames", lambda insp, fr, **k: (list(range(6, 200)), left_out, ()))
+    res = adapt_mod.adapt(effad_bundle.path, frames, steps=1, out_dir=tmp_path / "cand", progress=False)
+    cand = Bundle.open(res.candidate, verify=True)
+    assert cand.calibration().n_frames == 20 and cand.manifest["adapted"]["frames"] == 194
+    assert len(res.excluded) == 6
+    with pytest.raises(InputError, match="--adapt on 39 frames: the candidate is calibrated on 20 of them .* at "
+                                         "least 40 are needed"):
+        adapt_bundle(effad_bundle.path, frames[:39], tmp_path / "small", steps=1, export=False)
+
+
 def test_a_failed_adapt_removes_the_candidate_asked_for_with_adapt_out(effad_bundle, new_normals, golden, tmp_path,
                                                                        monkeypatch):
     seen = {}
