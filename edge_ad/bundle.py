@@ -262,16 +262,18 @@ class Bundle:
 
         1. every new file is written (atomically) beside its place, under ``.new-NAME``; a failure here
            (disk full) deletes them and leaves the bundle, manifest included, as it was;
-        2. a manifest naming none of the files that change is saved; if the active graph is one of them,
-           the FP32 ``model.onnx`` is active meanwhile (when ``model.onnx`` itself changes, it is the old
-           or the new graph, each whole, unrecorded until step 4);
+        2. an interim manifest is saved: it no longer names the files removed, and records each replaced
+           file as its old or its new version (``replacing``: the new sha256, which :meth:`verify`,
+           :meth:`check_graph` and :meth:`model_hash` accept as well); if the active graph is removed or
+           replaced (but for ``model.onnx``), the FP32 ``model.onnx`` is active meanwhile;
         3. the new files are renamed into place and the removed ones deleted (only now that the manifest
            on disk no longer names them);
         4. the new manifest is saved.
 
         A power cut or a failure after step 1 (nothing left there to fill the disk: renames and one small
-        manifest) leaves the step-2 state: a complete bundle that verifies and runs. ``self.manifest``
-        always follows what is on disk.
+        manifest) leaves the step-2 manifest: a complete bundle that verifies and runs, each replaced file
+        old or new, whole (the same command run again completes the change). ``self.manifest`` always
+        follows what is on disk.
         """
         names = list(files)
         gone = [n for n in dict.fromkeys(remove) if n not in files]
@@ -290,8 +292,11 @@ class Bundle:
                 staged[name] = tmp
             records = {n: {"sha256": atomic.sha256_file(p), "bytes": p.stat().st_size} for n, p in staged.items()}
             interim = copy.deepcopy(self.manifest)
-            for n in changed:
+            interim.pop("replacing", None)   # left by an earlier change a power cut interrupted
+            for n in gone:
                 interim["files"].pop(n, None)
+            if records:
+                interim["replacing"] = copy.deepcopy(records)
             if interim["active"]["graph"] in changed and interim["active"]["graph"] != "model.onnx":
                 interim["active"] = {"graph": "model.onnx", "precision": "fp32"}
             if interim != self.manifest:
@@ -301,6 +306,7 @@ class Bundle:
                 tmp.unlink(missing_ok=True)
             raise
         final = copy.deepcopy(interim)
+        final.pop("replacing", None)
         final.update(copy.deepcopy(meta or {}))
         final["files"].update(records)
         self.manifest = interim   # what is on disk until the end
@@ -317,22 +323,33 @@ class Bundle:
         self.manifest = final
         return {n: r["sha256"] for n, r in records.items()}
 
+    @property
+    def replacing(self) -> dict[str, dict]:
+        """{name: new record} of the files a :meth:`replace_files` a power cut interrupted was renaming in
+        (each is its recorded version or this one)."""
+        rep = self.manifest.get("replacing")
+        return rep if isinstance(rep, dict) else {}
+
     def verify(self, names: Iterable[str] | None = None) -> None:
         """Check the sha256 of every recorded file (or of ``names``) and that the calibration in force is
         byte-identical to its history file; raise naming the first bad one."""
         if names is None:
             self._verify_calibration()
-        files = self.manifest["files"]
-        for name in (names if names is not None else list(files)):
-            if name not in files:
+        files, replacing = self.manifest["files"], self.replacing
+        for name in (names if names is not None else list({**files, **replacing})):
+            if name not in files and name not in replacing:
                 raise InputError(f"{self.path}: '{name}' is not recorded in manifest.json")
             p = self.file(name)
             if not p.is_file():
+                if name not in files:   # a new file a power cut kept from its place: not part of the bundle yet
+                    continue
                 raise InputError(f"{p}: listed in manifest.json but missing")
             got = atomic.sha256_file(p)
-            if got != files[name]["sha256"]:
+            ok = {r["sha256"] for r in (files.get(name), replacing.get(name)) if r}
+            if got not in ok:
+                want = (files.get(name) or replacing[name])["sha256"]
                 raise InputError(f"{p}: sha256 {got[:12]}… does not match manifest.json "
-                                 f"({files[name]['sha256'][:12]}…); the file is corrupt or was changed")
+                                 f"({want[:12]}…); the file is corrupt or was changed")
 
     def _verify_calibration(self) -> None:
         p = self.path / "calibration.json"
@@ -380,7 +397,7 @@ class Bundle:
         hint = GRAPH_HINTS.get(name, "run 'edge-ad export'")
         if not p.is_file():
             raise InputError(f"{p}: not found; {hint}")
-        if name not in self.manifest["files"]:
+        if name not in self.manifest["files"] and name not in self.replacing:
             raise InputError(f"{p}: not recorded in {self.path / 'manifest.json'}, so it is not this bundle's "
                              f"model (left from an earlier model, or copied in by hand); {hint}")
         if verify:
@@ -394,7 +411,7 @@ class Bundle:
     def model_hash(self, graph: str | None = None) -> str:
         name = graph or self.active_graph
         rec = self.manifest["files"].get(name)
-        if rec is None:
+        if rec is None or name in self.replacing:   # old or new: the file says which
             p = self.file(name)
             return atomic.sha256_file(p) if p.is_file() else ""
         return rec["sha256"]

@@ -315,6 +315,50 @@ def test_replace_files_keeps_manifest_and_files_agreeing_at_every_step(tmp_path,
     assert seen == {"old", "fp32", "new"}
 
 
+def test_replace_files_of_model_onnx_leaves_a_bundle_that_runs_at_every_step(tmp_path, monkeypatch):
+    """A re-export replaces model.onnx itself: a power cut at any write, rename or delete leaves a bundle
+    whose model.onnx (old or new, whole) is recorded, verifies and runs; it did not: the interim manifest
+    no longer recorded model.onnx, so the bundle refused to run until torch re-exported it."""
+    import hashlib
+    import os
+
+    from edge_ad import atomic
+
+    real = {"replace": os.replace, "unlink": os.unlink, "write_bytes": atomic.write_bytes}
+    seen = set()
+    for cut_at in range(1, 50):
+        b = _graphs_bundle(tmp_path / f"b{cut_at}")
+        calls = [0]
+
+        def counted(fn):
+            def op(*a, **k):
+                calls[0] += 1
+                if calls[0] == cut_at:
+                    raise SystemExit("power cut")
+                return fn(*a, **k)
+            return op
+
+        monkeypatch.setattr(os, "replace", counted(real["replace"]))
+        monkeypatch.setattr(os, "unlink", counted(real["unlink"]))
+        monkeypatch.setattr(atomic, "write_bytes", counted(real["write_bytes"]))
+        try:
+            b.replace_files({"model.onnx": b"new fp32"}, remove=["model.int8.onnx", "model.int8-u8.onnx"],
+                            meta={"active": {"graph": "model.onnx", "precision": "fp32"}})
+            done = True
+        except SystemExit:
+            done = False
+        for name, fn in real.items():
+            monkeypatch.setattr(atomic if name == "write_bytes" else os, name, fn)
+        on_disk = Bundle.open(b.path, verify=True)
+        graph = on_disk.check_graph()          # what 'edge-ad run' asks
+        seen.add(graph.read_bytes())
+        assert on_disk.model_hash() == hashlib.sha256(graph.read_bytes()).hexdigest()
+        if done:
+            assert "replacing" not in on_disk.manifest and not list(b.path.glob(".new-*"))
+            break
+    assert seen == {b"old s8", b"fp32", b"new fp32"}
+
+
 def test_replace_files_failing_to_write_changes_nothing(tmp_path, monkeypatch):
     from fixtures_bundle import disk_full_for
 

@@ -497,6 +497,103 @@ def test_old_releases_are_pruned_but_current_and_previous_kept(bundles, golden, 
     assert deployment(deploy).current == ids[-2]
 
 
+def test_a_power_cut_in_a_prune_leaves_no_half_release_to_roll_back_to(bundles, tmp_path, monkeypatch):
+    """A power cut while an install deletes an old release: no half-deleted release is listed or taken by
+    'rollback --to' (it was, and the next run failed: current/manifest.json not found); the next install
+    deletes what is left."""
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    arch = [pack_bundle(a.path, tmp_path / "a.tar"), pack_bundle(b.path, tmp_path / "b.tar")]
+    ids = [install_bundle(arch[i], deploy, require_golden=False, keep=2).release for i in range(2)]
+    real = deploy_mod.shutil.rmtree
+
+    def cut(path, *args, **kw):   # the power goes after the first file of a release is deleted
+        if Path(path).parent.name == "releases" and not Path(path).name.startswith(".incoming"):
+            next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+            raise SystemExit("power cut")
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(deploy_mod.shutil, "rmtree", cut)
+    with pytest.raises(SystemExit):
+        install_bundle(arch[0], deploy, require_golden=False, keep=2)   # prunes ids[0]
+    monkeypatch.undo()
+    current = deployment(deploy).current
+    assert [r["id"] for r in deploy_mod.releases(deploy)] == [current, ids[1]]
+    with pytest.raises(InputError, match=f"--to {ids[0]}: no such release"):
+        rollback_model(deploy, to=ids[0])
+    install_bundle(arch[1], deploy, require_golden=False, keep=2)
+    assert not [p.name for p in (deploy / "releases").iterdir() if p.name.startswith(".")]
+
+
+def test_rollback_refuses_a_release_that_cannot_be_opened(bundles, tmp_path):
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    (r1.path / "model.onnx").unlink()                  # half deleted (by hand, or an older edge-ad's prune)
+    with pytest.raises(RuntimeFailure, match=f"release {r1.release} cannot be opened .*model.onnx: not found.*; "
+                                             f"not rolled back, 'current' is still {before.current}"):
+        rollback_model(deploy)
+    with pytest.raises(InputError, match=f"release {r1.release} cannot be opened"):
+        rollback_model(deploy, to=r1.release)
+    v = HealthWatch(deploy, limits=HealthLimits(window_s=0)).poll()
+    assert not v.rolled_back and "rollback impossible" in v.reason and deployment(deploy) == before
+    shutil.rmtree(r1.path / "calibration.d")
+    (r1.path / "manifest.json").unlink()               # no manifest: not a release any more
+    assert [r["id"] for r in deploy_mod.releases(deploy)] == [before.current]
+
+
+def test_a_power_cut_between_the_two_link_updates_never_leaves_previous_on_current(bundles, tmp_path,
+                                                                                   monkeypatch):
+    """It left previous == current: a rollback then 'succeeded' onto the release in force, changing nothing."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    r2 = deployment(deploy).current
+    real, calls = deploy_mod._point, []
+
+    def cut_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise SystemExit("power cut")
+        return real(*args)
+
+    monkeypatch.setattr(deploy_mod, "_point", cut_second)
+    with pytest.raises(SystemExit):
+        install_bundle(tmp_path / "a.tar", deploy, require_golden=False)   # A again: a new release
+    dep = deployment(deploy)
+    assert dep.current not in (r1.release, r2) and dep.previous == r2 and dep.health == "pending"
+    calls.clear()
+    with pytest.raises(SystemExit):
+        rollback_model(deploy)
+    monkeypatch.undo()
+    back = deployment(deploy)
+    assert (back.current, back.previous) == (r2, dep.current)
+    assert (rollback_model(deploy).current, deployment(deploy).previous) == (dep.current, r2)
+    deploy_mod._point(deploy, "previous", dep.current)   # left so by an older edge-ad
+    with pytest.raises(RuntimeFailure, match=f"no previous release to roll back to \\('previous' is the release "
+                                             f"in force, {dep.current}\\)"):
+        rollback_model(deploy)
+
+
+def test_a_rollback_waits_for_no_install(bundles, tmp_path):
+    """A rollback (CLI, health check) takes the deploy lock an install holds: refused while another process
+    or thread installs; the thread that holds it (update_model rolling back a failed swap) may."""
+    import fcntl
+    import os
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    fd = os.open(deploy / "releases", os.O_RDONLY)   # another process installing holds this lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeFailure, match="another install or rollback in this deploy folder is running"):
+            rollback_model(deploy)
+        v = HealthWatch(deploy, limits=HealthLimits(window_s=0)).poll()
+        assert not v.rolled_back and "another install or rollback" in v.reason
+    finally:
+        os.close(fd)
+    assert deployment(deploy) == before
+    with deploy_mod.deploy_lock(deploy):
+        assert rollback_model(deploy).current == r1.release
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
     from click.testing import CliRunner
@@ -751,6 +848,25 @@ def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normaliz
     assert not torch.equal(old.student[0].weight, new.student[0].weight)
 
 
+def test_adapt_of_200_frames_goes_on_when_the_screen_leaves_a_few_out(effad_bundle, tmp_path, monkeypatch):
+    """--adapt --frames 200 whose screen left 6 likely defects out: the 194 kept still give the candidate 20
+    frames to be calibrated on (it was refused: '--adapt on 194 frames: ... give --frames 200 or more')."""
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.data.synthetic import make_part
+    from edge_ad.train.adapt import adapt_bundle
+
+    frames = [make_part("disc", 64, None, seed=9, index=i).image for i in range(200)]
+    left_out = [adapt_mod.Excluded(i, 9.0, 9.0, "likely defect") for i in range(6)]
+    monkeypatch.setattr(adapt_mod, "screen_frames", lambda insp, fr, **k: (list(range(6, 200)), left_out, ()))
+    res = adapt_mod.adapt(effad_bundle.path, frames, steps=1, out_dir=tmp_path / "cand", progress=False)
+    cand = Bundle.open(res.candidate, verify=True)
+    assert cand.calibration().n_frames == 20 and cand.manifest["adapted"]["frames"] == 194
+    assert len(res.excluded) == 6
+    with pytest.raises(InputError, match="--adapt on 39 frames: the candidate is calibrated on 20 of them .* at "
+                                         "least 40 are needed"):
+        adapt_bundle(effad_bundle.path, frames[:39], tmp_path / "small", steps=1, export=False)
+
+
 def test_a_failed_adapt_removes_the_candidate_asked_for_with_adapt_out(effad_bundle, new_normals, golden, tmp_path,
                                                                        monkeypatch):
     seen = {}
@@ -1003,7 +1119,7 @@ def test_one_install_at_a_time_per_deploy_folder(bundles, tmp_path):
     fd = os.open(deploy / "releases", os.O_RDONLY)   # another process installing holds this lock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(RuntimeFailure, match="another install into this deploy folder is running"):
+        with pytest.raises(RuntimeFailure, match="another install or rollback in this deploy folder is running"):
             install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
     finally:
         os.close(fd)

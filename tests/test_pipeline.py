@@ -1102,6 +1102,25 @@ def test_jsonl_never_writes_bare_nan(tmp_path):
     assert "NaN" not in line and "Infinity" not in line
 
 
+def test_jsonl_torn_by_a_power_cut_next_run_starts_a_new_line(tmp_path):
+    """A power cut tore the last line: the next run's first record must not be glued onto the fragment."""
+    path = tmp_path / "r.jsonl"
+    log = JsonlLog(path)
+    for i in range(3):
+        log.write({"id": f"a{i}"})
+    log.close()
+    path.write_bytes(path.read_bytes()[:-5])
+    log = JsonlLog(path)
+    log.write({"id": "NEW0"})
+    log.write({"id": "NEW1"})
+    log.close()
+    assert [r["id"] for r in read_jsonl(path)] == ["a0", "a1", "NEW0", "NEW1"]
+    log = JsonlLog(path)                 # a whole last line: no blank line added
+    log.write({"id": "NEW2"})
+    log.close()
+    assert path.read_bytes().endswith(b'"NEW1"}\n{"id":"NEW2"}\n')
+
+
 def test_jsonl_to_a_pipe_writes_and_never_rotates():
     """``--jsonl /dev/stdout | jq``: a pipe has no size to ask and nothing to rename."""
     import os

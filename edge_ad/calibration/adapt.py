@@ -58,6 +58,18 @@ def validation_frames(n: int) -> int:
     return max(n // VALIDATION_SHARE, min(MIN_FRAMES, n))
 
 
+MIN_KEPT_FRAMES = 2 * MIN_FRAMES   # after the screen: the 20 the candidate is calibrated on, as many to fine-tune
+
+
+def check_kept_frames(n: int) -> None:
+    """Refuse frames (those the screen kept) too few for :func:`validation_frames`'s split: 20 to calibrate
+    the candidate on and as many more to fine-tune it on. Not :func:`check_adapt_frames`: a few likely
+    defects the screen leaves out of 200 must not refuse the request."""
+    if n < MIN_KEPT_FRAMES:
+        raise InputError(f"--adapt on {n} frames: the candidate is calibrated on {MIN_FRAMES} of them (its "
+                         f"validation split) and fine-tuned on the rest: at least {MIN_KEPT_FRAMES} are needed")
+
+
 def check_adapt_frames(n: int) -> None:
     """Refuse, before any frame is collected, a request too small for one in 10 to calibrate on."""
     if n // VALIDATION_SHARE < MIN_FRAMES:
@@ -151,7 +163,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
     try:   # the screen of a recalibration: defects left out, a set of (mostly) defects refused or warned of
         # refused as a recalibration is (more than a quarter flagged); what is kept still holds the 20 frames
         # the candidate is calibrated on (validation_frames) and at least as many more to fine-tune on
-        used, excluded, warnings = screen_frames(Inspector(src, be), frames, min_frames=2 * MIN_FRAMES,
+        used, excluded, warnings = screen_frames(Inspector(src, be), frames, min_frames=MIN_KEPT_FRAMES,
                                                  progress=progress)
     finally:
         be.close()

@@ -21,9 +21,11 @@ bundle runs::
    unlabelled images (directly in the folder) must get the running bundle's decision
    (``min_agreement``). A failing candidate is deleted and nothing else changes;
 3. renames the staging folder into ``releases/``, records the switch as pending in ``deploy.json``,
-   points ``previous`` at the running release, then swaps ``current`` (a new symlink renamed over the
-   old one with ``os.replace``: atomic; a power cut leaves the old or the new link, never none);
-4. keeps the ``keep`` newest releases (never ``current`` or ``previous``).
+   swaps ``current`` (a new symlink renamed over the old one with ``os.replace``: atomic; a power cut
+   leaves the old or the new link, never none), then points ``previous`` at the release replaced
+   (:func:`_switch`);
+4. keeps the ``keep`` newest releases (never ``current`` or ``previous``), each older one renamed to
+   ``releases/.trash-<id>`` before it is deleted.
 
 After the switch the runtime opens :func:`current_path` (the resolved release folder, never the
 ``current`` link itself, so the running inspector keeps writing to its own bundle), and feeds a
@@ -133,7 +135,8 @@ def _write_state(deploy_dir: Path, state: dict, event: str, **detail) -> None:
 
 def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deployment:
     """What the deploy folder holds now. The links are the truth; ``deploy.json`` adds the health (a
-    switch whose record was cut by a power loss reads as "pending"). ``must_exist``: a missing folder is
+    switch whose record was cut by a power loss reads as "pending") and, for a switch a power cut
+    interrupted after ``current`` moved, its ``previous`` (:func:`_switch`). ``must_exist``: a missing folder is
     an InputError (for ``bundle status``), not an empty deployment."""
     d = Path(deploy_dir)
     if must_exist and not d.is_dir():
@@ -147,6 +150,11 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
                          "install'")
     cur, prev = _link_target(d, CURRENT), _link_target(d, PREVIOUS)
     st = _read_state(d)
+    pending = st.get("pending")
+    if cur is not None and isinstance(pending, dict) and pending.get("release") == cur:
+        # a switch a power cut interrupted after 'current' moved: 'previous' may not have followed yet
+        was = pending.get("previous")
+        prev = was if was is None or isinstance(was, str) and "/" not in was else prev
     health = st.get("health", "none") if st.get("current") == cur else ("pending" if cur else "none")
     return Deployment(d, cur, prev, health, {k: v for k, v in st.items() if k != "history"})
 
@@ -570,12 +578,7 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    state = _read_state(d)
-    state.update({"pending": {"release": rid, "previous": dep.current}})
-    _write_state(d, state, "switch_started", release=rid, previous=dep.current)
-    if dep.current is not None:
-        _point(d, PREVIOUS, dep.current)
-    _point(d, CURRENT, rid)
+    _switch(d, rid, dep.current)
     state = {**_read_state(d), "current": rid, "previous": dep.current, "health": "pending",
              "switched_at": now_iso()}
     state.pop("pending", None)
@@ -589,18 +592,32 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
 SPACE_MARGIN = 1 << 20
 
 
+def _switch(d: Path, to: str, previous: str | None) -> None:
+    """Point ``current`` at ``to``, then ``previous`` at ``previous``, after recording both as ``pending`` in
+    deploy.json: a power cut between the two link updates leaves ``current`` moved and ``previous`` not
+    (it would name the release in force), and :func:`deployment` takes ``previous`` from that record. The
+    caller's next state write drops it."""
+    state = _read_state(d)
+    state["pending"] = {"release": to, "previous": previous}
+    _write_state(d, state, "switch_started", release=to, previous=previous)
+    _point(d, CURRENT, to)
+    if previous is not None:
+        _point(d, PREVIOUS, previous)
+
+
 def deploy_lock(deploy_dir: str | os.PathLike):
-    """One install at a time per deploy folder (a CLI install beside the runtime's update_model): the
+    """One install or rollback at a time per deploy folder (a CLI install beside the runtime's update_model
+    or its health check's rollback): the
     kernel's lock on ``releases/`` (:func:`atomic.folder_lock`), so a killed install leaves none behind.
     Re-entrant in one thread; another thread or process gets a RuntimeFailure at once."""
     return atomic.folder_lock(Path(deploy_dir) / RELEASES,
-                              f"{deploy_dir}: another install into this deploy folder is running; try again when "
-                              "it has finished")
+                              f"{deploy_dir}: another install or rollback in this deploy folder is running; try "
+                              "again when it has finished")
 
 
 def _clean_stale(d: Path) -> None:
-    """What a killed install, check or download left (under the lock, so none of it is in use)."""
-    stale = [*(d / RELEASES).glob(".incoming-*"), *d.glob(".check-*"), *(d / "downloads").glob(".*.part"),
+    """What a killed install, prune, check or download left (under the lock, so none of it is in use)."""
+    stale = [*(d / RELEASES).glob(".incoming-*"), *(d / RELEASES).glob(".trash-*"), *d.glob(".check-*"), *(d / "downloads").glob(".*.part"),
              *d.glob(f".{CURRENT}.*.tmp"), *d.glob(f".{PREVIOUS}.*.tmp"), *d.glob(f".{STATE}.*.tmp")]
     for p in stale:
         if p.is_dir() and not p.is_symlink():
@@ -688,25 +705,32 @@ def _stage_folder(src: Path, staging: Path, signed_required: bool) -> PackageInf
 
 
 def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:
-    """Delete all but the ``keep`` newest releases; ``current`` and ``previous`` are always kept."""
+    """Delete all but the ``keep`` newest releases; ``current`` and ``previous`` are always kept. Each goes
+    by a rename to ``.trash-<id>`` first, so a power cut in the middle of deleting it leaves no half
+    release behind (the next install deletes the rest); a folder without a manifest.json (left half
+    deleted by an older edge-ad) goes too."""
     d = Path(deploy_dir)
     dep = deployment(d)
-    ids = _release_ids(d)
-    protect = {dep.current, dep.previous} | set(ids[:max(keep, 2)])
+    protect = {dep.current, dep.previous} | set(_release_ids(d)[:max(keep, 2)])
     removed = []
-    for rid in ids:
+    for rid in _release_ids(d, complete=False):
         if rid not in protect:
-            shutil.rmtree(d / RELEASES / rid, ignore_errors=True)
+            trash = d / RELEASES / f".trash-{rid}"
+            os.rename(d / RELEASES / rid, trash)
+            atomic._fsync_dir(d / RELEASES)
+            shutil.rmtree(trash, ignore_errors=True)
             removed.append(rid)
     return removed
 
 
-def _release_ids(d: Path) -> list[str]:
-    """The release folders kept in ``d/releases``, newest (highest sequence number) first."""
+def _release_ids(d: Path, complete: bool = True) -> list[str]:
+    """The release folders kept in ``d/releases`` (``complete``: only those holding a manifest.json, so a
+    bundle), newest (highest sequence number) first."""
     rel = d / RELEASES
     if not rel.is_dir():
         return []
-    return sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")),
+    return sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and (not complete or (p / "manifest.json").is_file())),
                   key=lambda n: (_release_seq(n), n), reverse=True)
 
 
@@ -745,30 +769,41 @@ def releases(deploy_dir: str | os.PathLike) -> list[dict]:
 def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: str | None = None) -> Deployment:
     """Point ``current`` at ``previous``, or at the kept release ``to``; the release left becomes
     ``previous`` (so a second plain rollback undoes the first). Returns the new state. Raises
-    RuntimeFailure when there is no previous release, InputError when ``to`` is not a kept release or is
-    the one in force."""
+    RuntimeFailure when there is no previous release (none, or the release in force) or it cannot be
+    opened, or another install or rollback holds the deploy folder (:func:`deploy_lock`); InputError when
+    ``to`` is not a kept release, is the one in force, or cannot be opened."""
     d = Path(deploy_dir)
-    dep = deployment(d)
-    if to is None:
-        if dep.previous is None or not (d / RELEASES / dep.previous).is_dir():
-            raise RuntimeFailure(f"{d}: no previous release to roll back to")
-        to = dep.previous
-    else:
-        kept = _release_ids(d)
-        if to not in kept:
-            raise InputError(f"--to {to}: no such release in {d / RELEASES} (never installed, or pruned); "
-                             f"kept: {', '.join(kept) or 'none'}")
-        if to == dep.current:
-            raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
-    failed = dep.current
-    _point(d, CURRENT, to)
-    if failed is not None:
-        _point(d, PREVIOUS, failed)
-    state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
-             "rolled_back_from": failed, "reason": reason}
-    _write_state(d, state, "rolled_back", release=to, failed=failed, reason=reason)
-    log.warning("rolled back from %s to %s: %s", failed, to, reason)
-    return deployment(d)
+    if not (d / RELEASES).is_dir():
+        raise RuntimeFailure(f"{d}: no previous release to roll back to (no {RELEASES}/ folder)")
+    with deploy_lock(d):
+        dep = deployment(d)
+        if to is None:
+            if dep.previous is None or not (d / RELEASES / dep.previous).is_dir() or dep.previous == dep.current:
+                raise RuntimeFailure(f"{d}: no previous release to roll back to"
+                                     + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
+                                        if dep.previous is not None and dep.previous == dep.current else ""))
+            to, refuse = dep.previous, RuntimeFailure
+        else:
+            kept = _release_ids(d)
+            if to not in kept:
+                raise InputError(f"--to {to}: no such release in {d / RELEASES} (never installed, pruned, or "
+                                 f"without a manifest.json); kept: {', '.join(kept) or 'none'}")
+            if to == dep.current:
+                raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
+            refuse = InputError
+        try:   # cheap: the manifest, and the active graph there and recorded (no sha256 of every file)
+            Bundle.open(d / RELEASES / to).check_graph(verify=False)
+        except InputError as exc:
+            raise refuse(f"release {to} cannot be opened ({exc}); not rolled back, '{CURRENT}' is still "
+                         f"{dep.current}") from None
+        failed = dep.current
+        _switch(d, to, failed)
+        state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
+                 "rolled_back_from": failed, "reason": reason}
+        state.pop("pending", None)
+        _write_state(d, state, "rolled_back", release=to, failed=failed, reason=reason)
+        log.warning("rolled back from %s to %s: %s", failed, to, reason)
+        return deployment(d)
 
 
 def confirm(deploy_dir: str | os.PathLike) -> Deployment:

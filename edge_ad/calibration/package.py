@@ -177,7 +177,7 @@ def _bundle_files(b: Bundle) -> list[str]:
     history (never :data:`edge_ad.bundle.NOT_SHIPPED` or files the manifest does not record). A file that is a
     symbolic link is refused: packed as a link, no device would accept it."""
     root = b.path
-    names = {"manifest.json", "calibration.json", *b.manifest["files"]}
+    names = {"manifest.json", "calibration.json", *b.manifest["files"], *b.replacing}
     names |= {f"calibration.d/{b.calibration_version_file(v).name}" for v in b.calibration_versions()}
     out = []
     for rel in sorted(names):

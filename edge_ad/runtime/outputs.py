@@ -34,7 +34,8 @@ class JsonlLog:
     """Append one JSON object per line; rotate to ``.1`` ... ``.N`` past ``max_bytes``.
 
     Each line is written whole and flushed, so a crash leaves at most one partial last line (which
-    readers skip); ``fsync=True`` also survives a power cut at the cost of a disk sync per line.
+    readers skip; the next line, in this run or the next, starts on its own); ``fsync=True`` also
+    survives a power cut at the cost of a disk sync per line.
     """
 
     def __init__(self, path: str | os.PathLike, max_bytes: int = 50_000_000, backups: int = 5,
@@ -54,7 +55,7 @@ class JsonlLog:
         st = os.fstat(self._fh.fileno())
         self._regular = stat.S_ISREG(st.st_mode) and not str(self.path.absolute()).startswith(("/dev/", "/proc/"))
         self._size = st.st_size if self._regular else 0
-        self._torn = False           # the last write left part of a line (a full disk)
+        self._torn = self._ends_torn()  # the last write left part of a line (a full disk, a power cut)
         self._closed = False
         self.lines = 0
         self.rotations = 0
@@ -91,6 +92,19 @@ class JsonlLog:
     def _reopen(self) -> None:
         self._fh = open(self.path, "ab", buffering=0)
         self._size = os.fstat(self._fh.fileno()).st_size if self._regular else 0
+        self._torn = self._ends_torn()
+
+    def _ends_torn(self) -> bool:
+        """Whether the file ends in part of a line (a power cut or a full disk tore the last write), so
+        the next line must start with a newline of its own."""
+        if not (self._regular and self._size):
+            return False
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                return fh.read(1) != b"\n"
+        except OSError:
+            return False
 
     def _rotate(self) -> None:
         self._fh.close()
@@ -105,7 +119,6 @@ class JsonlLog:
                 self.path.unlink(missing_ok=True)
         finally:
             self._reopen()           # even when a rename failed: keep appending where we can
-        self._torn = False
         self.rotations += 1
 
     def flush(self, sync: bool = True) -> None:

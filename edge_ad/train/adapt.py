@@ -24,7 +24,7 @@ import torch
 
 from .. import scoring
 from ..bundle import NOT_SHIPPED, Bundle, now_iso
-from ..calibration.adapt import check_adapt_frames, validation_frames
+from ..calibration.adapt import check_kept_frames, validation_frames
 from ..data.image import resize_rgb
 from ..errors import InputError
 from ..models import load_from_bundle
@@ -45,7 +45,7 @@ def adapt_bundle(bundle_dir: str | Path, frames: Sequence[np.ndarray], out_dir: 
     if kind == "gaussian":
         raise InputError("the Gaussian model has no weights to fine-tune: 'edge-ad calibrate' (without "
                          "--adapt) refits its statistics, which is its adaptation")
-    check_adapt_frames(len(frames))
+    check_kept_frames(len(frames))   # screened: what calibrate --adapt requested was checked before
     if steps < 1:
         raise InputError(f"--adapt-steps {steps}: expected >= 1")
     out = Path(out_dir)
