@@ -56,7 +56,8 @@ NOT_SHIPPED = TRAINING_STATE + LOCAL_ONLY
 # only these (and the manifest's files) as a whole, and refuses one that holds anything else.
 BUNDLE_ENTRIES = ("manifest.json", "checkpoint.pt", "calibration.json", "calibration.d", "gaussian.d",
                   "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8-u8.onnx", "quant_report.json")
-_TEMP_RE = re.compile(r"^\.(new-.+|.+\.tmp)$")   # replace_files' staged files, atomic writes' temp files
+# replace_files' staged files, atomic writes' temp files, quantize's work folders
+_TEMP_RE = re.compile(r"^\.(new-.+|quantize-.+|.+\.tmp)$")
 GRAPH_HINTS = {"model.onnx": "run 'edge-ad export'", "model.fp16.onnx": "run 'edge-ad quantize --precision fp16'",
                "model.int8.onnx": "run 'edge-ad quantize --precision int8'",
                "model.int8-u8.onnx": "run 'edge-ad quantize --precision int8'"}

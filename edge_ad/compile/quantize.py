@@ -51,6 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..bundle import Bundle
 from ..data.image import load_image, to_batch
 from ..errors import InputError, RuntimeFailure
@@ -358,7 +359,11 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     made: dict[str, Path] = {}
     fp32_nodes: list[str] = []
     details: dict = {}
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle.path) as tmp:
+    for left in bundle.path.glob(".quantize-*"):   # a killed quantize's work folder (one at work holds its lock)
+        if left.is_dir() and not left.is_symlink():
+            atomic.remove_unheld(left)
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle.path, ignore_cleanup_errors=True) as tmp, \
+            atomic.folder_lock(tmp, f"{tmp}: taken by another edge-ad quantize; quantize again"):
         work = Path(tmp)
         if precision == "fp16":
             _say(progress, "converting to FP16 (FP32 inputs, outputs and map head)")
