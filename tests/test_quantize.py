@@ -298,13 +298,15 @@ def test_guard_failure_changes_nothing(base, tmp_path):
 def test_a_failure_while_switching_in_keeps_the_old_graphs(int8, tmp_path, monkeypatch):
     """Disk full while the second form is copied into the bundle: the first was already replaced and the
     manifest still held its old sha256, so the bundle no longer verified (nor packed). Now the old graphs
-    stay in force, verified."""
+    stay in force, verified, and the guard report of the new ones (written before, as passed) goes in with
+    them or not at all."""
     from fixtures_bundle import disk_full_for
 
     shutil.copytree(int8[0].path, tmp_path / "b")
     b = Bundle.open(tmp_path / "b")
     old = {n: b.file(n).read_bytes() for n in ("model.int8.onnx", "model.int8-u8.onnx")}
     old_manifest = json.loads(b.file("manifest.json").read_text())
+    old_report = b.file("quant_report.json").read_bytes()
     with monkeypatch.context() as m:
         disk_full_for(m, "model.int8-u8.onnx", "copy_file")
         with pytest.raises(OSError, match="No space left"):
@@ -316,6 +318,7 @@ def test_a_failure_while_switching_in_keeps_the_old_graphs(int8, tmp_path, monke
     mf = b.manifest
     assert mf["quantized"] == old_manifest["quantized"]
     assert all(mf["files"][n] == old_manifest["files"][n] for n in old)
+    assert b.file("quant_report.json").read_bytes() == old_report   # no report of graphs not switched in
     assert not list(b.path.glob(".new-*")) and not list(b.path.glob(".quantize-*"))
 
 
