@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -113,6 +114,25 @@ def folder_lock(folder: str | os.PathLike, busy: str):
                     del _held[key]
     finally:
         os.close(fd)   # the thread's outermost holder's close releases the lock
+
+
+def remove_unheld(folder: str | os.PathLike) -> bool:
+    """Delete ``folder``, a work folder its maker holds with :func:`folder_lock` while it works (a quantize's
+    ``.quantize-*``, a training's ``.NAME.new-*``), unless another process or thread holds it: what a
+    killed command left behind goes, one still at work keeps it. Returns whether it is gone. Where the
+    kernel's lock is missing (not POSIX) nothing is deleted: in use or not cannot be told."""
+    if os.name != "posix":
+        return False
+    from .errors import RuntimeFailure
+
+    try:
+        with folder_lock(folder, "held"):
+            shutil.rmtree(folder, ignore_errors=True)
+    except RuntimeFailure:
+        return False
+    except FileNotFoundError:
+        return True
+    return not os.path.exists(folder)
 
 
 def naming(exc: OSError, path: str | os.PathLike) -> OSError:

@@ -56,7 +56,8 @@ NOT_SHIPPED = TRAINING_STATE + LOCAL_ONLY
 # only these (and the manifest's files) as a whole, and refuses one that holds anything else.
 BUNDLE_ENTRIES = ("manifest.json", "checkpoint.pt", "calibration.json", "calibration.d", "gaussian.d",
                   "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8-u8.onnx", "quant_report.json")
-_TEMP_RE = re.compile(r"^\.(new-.+|.+\.tmp)$")   # replace_files' staged files, atomic writes' temp files
+# replace_files' staged files, atomic writes' temp files, quantize's work folders
+_TEMP_RE = re.compile(r"^\.(new-.+|quantize-.+|.+\.tmp)$")
 GRAPH_HINTS = {"model.onnx": "run 'edge-ad export'", "model.fp16.onnx": "run 'edge-ad quantize --precision fp16'",
                "model.int8.onnx": "run 'edge-ad quantize --precision int8'",
                "model.int8-u8.onnx": "run 'edge-ad quantize --precision int8'"}
@@ -113,6 +114,24 @@ def foreign_entries(path: str | os.PathLike) -> list[str]:
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         pass
     return sorted(p.name for p in path.iterdir() if p.name not in known and not _TEMP_RE.match(p.name))
+
+
+def switch_leftovers(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """What a training into bundle folder ``path`` leaves beside it when cut off: its staging folders
+    (``.NAME.new-*``, the new bundle being built) and replaced bundles not yet deleted (``.NAME.old-*``),
+    each list newest first. ``path`` missing with both beside it: a power cut between the two renames that
+    switch a new bundle in (the new one is complete)."""
+    path = Path(path)
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.(new|old)-[0-9a-f]{{8}}$")
+    found: dict[str, list[Path]] = {"new": [], "old": []}
+    try:
+        for p in path.parent.iterdir():
+            if (m := pat.match(p.name)) and p.is_dir() and not p.is_symlink():
+                found[m.group(1)].append(p)
+    except OSError:
+        pass
+    newest = lambda p: p.stat().st_mtime  # noqa: E731
+    return sorted(found["new"], key=newest, reverse=True), sorted(found["old"], key=newest, reverse=True)
 
 
 def is_bundle_folder(path: str | os.PathLike) -> bool:
@@ -177,6 +196,12 @@ class Bundle:
         path = Path(path)
         mf = path / "manifest.json"
         if not path.is_dir():
+            new, old = switch_leftovers(path)
+            whole = [p for p in new if is_bundle_folder(p)]
+            if whole and old and not path.exists():
+                raise InputError(f"{path}: bundle folder not found; a training into it was cut off while switching "
+                                 f"bundles and left the new one beside it, in {whole[0].name}: put it in place "
+                                 f"with: mv {whole[0]} {path}")
             raise InputError(f"{path}: bundle folder not found")
         if not mf.is_file():
             raise InputError(f"{mf}: not found; a bundle folder holds a manifest.json (made by 'edge-ad train')")

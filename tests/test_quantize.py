@@ -265,9 +265,21 @@ def test_openvino_runs_the_guarded_int8_forms(int8):
 
 
 def test_guard_failure_changes_nothing(base, tmp_path):
+    """... and a killed quantize's work folder (tens of MB, which 'edge-ad train --out' then refused as
+    foreign) is removed by the next one, never one another quantize holds."""
+    import fcntl
+    import os
+    from edge_ad.bundle import foreign_entries
+
     shutil.copytree(base.path, tmp_path / "b")
     b = Bundle.open(tmp_path / "b")
     before = b.file("manifest.json").read_text()
+    for name in (".quantize-killed", ".quantize-at-work"):
+        (b.path / name).mkdir()
+        (b.path / name / "model.int8.onnx").write_bytes(b"x" * 1000)
+    assert foreign_entries(b.path) == []   # edge-ad's own
+    fd = os.open(b.path / ".quantize-at-work", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)   # as another quantize at work holds it
     strict = GuardLimits(max_auroc_drop=-1.0, min_rank_corr=0.99)  # an AUROC drop below -1 is impossible
     with pytest.raises(GuardFailure, match=r"(?s)nothing was switched in.*onnxruntime-int8: synthetic AUROC fell"):
         quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=strict, progress=False)
@@ -279,19 +291,22 @@ def test_guard_failure_changes_nothing(base, tmp_path):
     assert report["candidates"]["onnxruntime-int8"]["failures"]
     mf_before, mf_after = json.loads(before), json.loads(b.file("manifest.json").read_text())
     assert mf_after["active"] == mf_before["active"]
-    assert not list(b.path.glob(".quantize-*"))   # the work folder is gone
+    os.close(fd)
+    assert [p.name for p in b.path.glob(".quantize-*")] == [".quantize-at-work"]   # its own and the killed one's gone
 
 
 def test_a_failure_while_switching_in_keeps_the_old_graphs(int8, tmp_path, monkeypatch):
     """Disk full while the second form is copied into the bundle: the first was already replaced and the
     manifest still held its old sha256, so the bundle no longer verified (nor packed). Now the old graphs
-    stay in force, verified."""
+    stay in force, verified, and the guard report of the new ones (written before, as passed) goes in with
+    them or not at all."""
     from fixtures_bundle import disk_full_for
 
     shutil.copytree(int8[0].path, tmp_path / "b")
     b = Bundle.open(tmp_path / "b")
     old = {n: b.file(n).read_bytes() for n in ("model.int8.onnx", "model.int8-u8.onnx")}
     old_manifest = json.loads(b.file("manifest.json").read_text())
+    old_report = b.file("quant_report.json").read_bytes()
     with monkeypatch.context() as m:
         disk_full_for(m, "model.int8-u8.onnx", "copy_file")
         with pytest.raises(OSError, match="No space left"):
@@ -303,6 +318,7 @@ def test_a_failure_while_switching_in_keeps_the_old_graphs(int8, tmp_path, monke
     mf = b.manifest
     assert mf["quantized"] == old_manifest["quantized"]
     assert all(mf["files"][n] == old_manifest["files"][n] for n in old)
+    assert b.file("quant_report.json").read_bytes() == old_report   # no report of graphs not switched in
     assert not list(b.path.glob(".new-*")) and not list(b.path.glob(".quantize-*"))
 
 

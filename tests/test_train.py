@@ -169,6 +169,80 @@ def test_training_never_deletes_what_is_not_a_bundle(category, tmp_path):
         "b", "b/images", "b/images/0.png", "b/manifest.json", "file", "mine", "mine/manifest.json", "mine/todo.txt"]
 
 
+def test_a_checkpoint_cut_off_while_written_still_resumes(category, tmp_path):
+    """A power cut while train_state.pt is replaced leaves its temp file in --out: --resume refused the folder
+    as 'not empty and holds no bundle', pushing the user to empty it and lose the checkpoint. The temp file is
+    edge-ad's own: removed, and the training resumes."""
+    import shutil
+
+    kw = dict(image_size=SIZE, batch_size=2, export=False)
+    train_bundle("fader", category, tmp_path / "src", steps=2, **kw)
+    out = tmp_path / "b"   # a training into a new folder, cut off: its checkpoint only, and the next one's temp file
+    out.mkdir()
+    shutil.copy(tmp_path / "src" / "train_state.pt", out)
+    (out / ".train_state.pt.omt3h7rh.tmp").write_bytes(b"half a checkpoint")
+    b = train_bundle("fader", category, out, steps=3, resume=True, **kw)
+    assert b.manifest["training"]["resumed_at"] == 2
+    assert not list(out.glob(".*"))
+
+
+def test_a_training_cut_off_between_its_two_renames_is_finished_by_the_next(category, tmp_path):
+    """A power cut between the renames that switch a new bundle in leaves the folder missing, the new bundle
+    (with the training state) in .NAME.new-* and the old one in .NAME.old-*: opening the folder said only
+    'bundle folder not found' and --resume found no checkpoint. Now the error names the new bundle and the
+    command that puts it in place, and the next training does it."""
+    import shutil
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    kw = dict(image_size=SIZE, batch_size=2, export=False)
+    train_bundle("fader", category, tmp_path / "src", steps=2, **kw)
+    out = tmp_path / "b"
+    shutil.copytree(tmp_path / "src", tmp_path / ".b.old-0123abcd")
+    shutil.copytree(tmp_path / "src", tmp_path / ".b.new-4567cdef")
+    with pytest.raises(InputError, match=rf"b: bundle folder not found; a training into it was cut off while "
+                                         rf"switching bundles and left the new one beside it, in .b.new-4567cdef: "
+                                         rf"put it in place with: mv {tmp_path / '.b.new-4567cdef'} {out}$"):
+        Bundle.open(out)
+    r = CliRunner().invoke(main, ["calibrate", "--bundle", str(out), "--list"])
+    assert r.exit_code == 2 and "mv " in r.output, r.output
+    b = train_bundle("fader", category, out, steps=3, resume=True, **kw)
+    assert b.manifest["training"]["resumed_at"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "src"]
+
+
+def test_training_removes_what_killed_trainings_left_beside_out(category, tmp_path, monkeypatch):
+    """A training killed while building its new bundle leaves .NAME.new-* (tens of MB) beside --out, one cut
+    off while deleting the bundle it replaced .NAME.old-*: the next training removes them, never a staging
+    folder another training holds (each holds its own)."""
+    import fcntl
+    import os
+    import threading
+    import edge_ad.train.pipeline as pipeline
+
+    out = tmp_path / "b"
+    train_bundle("gaussian", category, out, image_size=SIZE, export=False)
+    for name in (".b.new-0123abcd", ".b.old-4567cdef", ".b.new-89abcdef", ".b.new-mine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"x" * 1000)
+    fd = os.open(tmp_path / ".b.new-89abcdef", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)   # as another training at work holds it
+    held = []
+    real_switch = pipeline._switch_in
+
+    def switch(stage, out, state):   # another training starting now leaves this one's staging folder alone
+        t = threading.Thread(target=lambda: held.append(not atomic.remove_unheld(stage)))
+        t.start()
+        t.join()
+        real_switch(stage, out, state)
+
+    monkeypatch.setattr(pipeline, "_switch_in", switch)
+    train_bundle("gaussian", category, out, image_size=SIZE, export=False, seed=1)
+    os.close(fd)
+    assert held == [True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.new-89abcdef", ".b.new-mine", "b"]
+
+
 def test_time_budget_stops_training_and_still_writes_the_bundle(category, tmp_path):
     import edge_ad.train.loops as loops
 

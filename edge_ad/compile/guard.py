@@ -359,6 +359,13 @@ def judge(entry: dict, limits: GuardLimits) -> list[str]:
 
 def write_report(bundle: Bundle, entries: Sequence[dict]) -> Path:
     """Merge entries (by candidate name) into ``quant_report.json``, atomically, recorded in the manifest."""
+    bundle.add_file(REPORT, data=report_data(bundle, entries))
+    return bundle.file(REPORT)
+
+
+def report_data(bundle: Bundle, entries: Sequence[dict]) -> bytes:
+    """The bytes of ``quant_report.json`` with ``entries`` merged in (by candidate name), for a change that
+    writes it with other files (:meth:`Bundle.replace_files`)."""
     p = bundle.file(REPORT)
     report = {"schema_version": 1, "candidates": {}}
     if p.is_file():
@@ -372,8 +379,7 @@ def write_report(bundle: Bundle, entries: Sequence[dict]) -> Path:
         report["candidates"][e["candidate"]] = e
     report["updated"] = now_iso()
     report["model_sha256"] = bundle.model_hash("model.onnx")
-    bundle.add_file(REPORT, data=(json.dumps(report, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
-    return p
+    return (json.dumps(report, indent=2, sort_keys=True, default=_jsonable) + "\n").encode()
 
 
 def _jsonable(x):

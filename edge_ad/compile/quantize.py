@@ -51,6 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..bundle import Bundle
 from ..data.image import load_image, to_batch
 from ..errors import InputError, RuntimeFailure
@@ -358,7 +359,11 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     made: dict[str, Path] = {}
     fp32_nodes: list[str] = []
     details: dict = {}
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle.path) as tmp:
+    for left in bundle.path.glob(".quantize-*"):   # a killed quantize's work folder (one at work holds its lock)
+        if left.is_dir() and not left.is_symlink():
+            atomic.remove_unheld(left)
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle.path, ignore_cleanup_errors=True) as tmp, \
+            atomic.folder_lock(tmp, f"{tmp}: taken by another edge-ad quantize; quantize again"):
         work = Path(tmp)
         if precision == "fp16":
             _say(progress, "converting to FP16 (FP32 inputs, outputs and map head)")
@@ -381,8 +386,10 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
             cand.close()
             entries.append(e)
             _say(progress, guard_mod.summary(e))
-        guard_mod.write_report(bundle, entries)
-        guard_mod.raise_on_failure(entries)
+        report = guard_mod.report_data(bundle, entries)
+        if not all(e["passed"] for e in entries):
+            bundle.add_file(guard_mod.REPORT, data=report)
+            guard_mod.raise_on_failure(entries)
         files = [path.name for path in made.values()]
         graph = "model.fp16.onnx" if precision == "fp16" else "model.int8.onnx"
         quantized = dict(bundle.manifest.get("quantized", {}))
@@ -393,8 +400,9 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
             quantized["int8"].update(
                 calibration=calibration, ops=QUANT_OPS, prepared=details.get("prepared", {}),
                 bias_correction={f: details.get(f"bias_{f}") for f in INT8_FORMS} if bias_correction else None)
-        # the graphs and the manifest change together: a failure leaves the old graphs in force
-        bundle.replace_files({path.name: path for path in made.values()},
+        # the graphs, the report of their guard and the manifest change together: a failure leaves the old
+        # graphs in force, and no report says a graph not in force passed
+        bundle.replace_files({**{path.name: path for path in made.values()}, guard_mod.REPORT: report},
                              meta={"quantized": quantized, "active": {"graph": graph, "precision": precision}})
     ref_backend.close()
     return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details)

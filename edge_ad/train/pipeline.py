@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 
 from .. import __version__, atomic, gaussian, scoring
-from ..bundle import TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder, now_iso
-from ..errors import InputError
+from ..bundle import (_TEMP_RE, TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder, now_iso,
+                      switch_leftovers)
+from ..errors import InputError, RuntimeFailure
 from ..models import KINDS, build, check_model_config, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
 from .common import (check_run, file_list_id, load_images, penalty_folder, penalty_images, resume_state,
@@ -98,7 +100,7 @@ def check_out_folder(out: Path) -> None:
         raise InputError(f"--out {out}: exists and is not a folder; expected a bundle folder (new, empty, or "
                          "holding a bundle to replace)")
     if out.is_dir():
-        names = sorted(p.name for p in out.iterdir())
+        names = sorted(p.name for p in out.iterdir() if not _TEMP_RE.match(p.name))  # edge-ad's temp files
         if names and not is_bundle_folder(out) and not set(names) <= set(TRAINING_STATE):
             raise InputError(f"--out {out}: not empty and holds no bundle (no edge-ad manifest.json; it holds "
                              f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); expected a new or empty "
@@ -117,6 +119,36 @@ def check_out_folder(out: Path) -> None:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise InputError(f"--out {out}: the folder {folder} is not writable (the new bundle is built "
                              f"beside {out.name} and renamed into place)")
+
+
+def tidy_out(out: Path) -> None:
+    """Before a training into ``out``, what a cut-off one left there and beside it: a power cut between
+    :func:`_switch_in`'s two renames (``out`` missing, ``.NAME.old-*`` beside it) is finished by renaming the
+    complete new bundle (``.NAME.new-*``, with its training state for ``--resume``) into place; other
+    ``.NAME.new-*`` (a training killed while building it), ``.NAME.old-*`` (once ``out`` is whole) and the
+    temp files of a checkpoint being written (``.train_state.pt.*.tmp``) are deleted. A staging folder
+    another training still holds (it locks it) is left alone."""
+    new, old = switch_leftovers(out)
+    if old and not out.exists():
+        for stage in new:   # newest first
+            try:
+                with atomic.folder_lock(stage, "held"):
+                    Bundle.open(stage, verify=True)
+                    os.rename(stage, out)
+            except (InputError, RuntimeFailure, OSError):
+                continue
+            atomic._fsync_dir(out.parent)
+            log.warning("%s: a training into it was cut off while switching bundles; its new bundle %s was put "
+                        "in place", out, stage.name)
+            break
+    for p in new + (old if out.is_dir() else []):
+        if p.exists() and not atomic.remove_unheld(p):
+            log.info("%s: left in place (another training holds it)", p)
+    if out.is_dir():
+        temp = re.compile(rf"^\.({'|'.join(map(re.escape, TRAINING_STATE))})\..+\.tmp$")
+        for p in out.iterdir():
+            if temp.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
 
 
 def _switch_in(stage: Path, out: Path, state: Path | None) -> None:
@@ -167,6 +199,7 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     check_model_config(model_kind, config, image_size)
     out = Path(out)
     real = Path(os.path.realpath(out))  # a link to a bundle folder: the folder is replaced, the link kept
+    tidy_out(real)
     check_out_folder(real)
     cfg = default_config(model_kind)
     cfg.update(config or {})
@@ -267,34 +300,36 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     stage = real.with_name(f".{real.name}.new-{uuid.uuid4().hex[:8]}")
     stage.mkdir()
     try:
-        if real.is_dir():  # the folder keeps its permissions
-            os.chmod(stage, real.stat().st_mode & 0o7777)
-        bundle = Bundle.create(stage, info)
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        bundle.add_file("checkpoint.pt", data=buf.getvalue(), save=False)
-        if gauss_stats is not None:
-            gauss_stats.save(bundle.file(extra["gaussian"]))
-            bundle.add_file(extra["gaussian"], save=False)
-        bundle.manifest["versions"].update({"torch": torch.__version__})
-        bundle.manifest["training"] = {
-            "data": str(Path(data).resolve()), "preset": preset, "seed": seed, "device": device,
-            "image_size": image_size, "policy": policy, "val_fraction": val_fraction, "date": now_iso(), "edge_ad": __version__,
-            "n_train": len(train_paths), "val_images": [str(Path(v).resolve()) for v in val_paths],
-            "batch_size": p.get("batch_size"), "lr": p.get("lr"),
-            "seconds": round(earlier + time.time() - t_start, 1), **train_info,
-        }
-        bundle.save_manifest()
-        bundle.write_calibration(cal)
-        if export:
-            from ..compile.export import export_bundle
+        with atomic.folder_lock(stage, f"{stage}: taken by another edge-ad train tidying up beside {real.name}; "
+                                "train again"):   # held to the end: tidy_out of another training leaves it alone
+            if real.is_dir():  # the folder keeps its permissions
+                os.chmod(stage, real.stat().st_mode & 0o7777)
+            bundle = Bundle.create(stage, info)
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            bundle.add_file("checkpoint.pt", data=buf.getvalue(), save=False)
+            if gauss_stats is not None:
+                gauss_stats.save(bundle.file(extra["gaussian"]))
+                bundle.add_file(extra["gaussian"], save=False)
+            bundle.manifest["versions"].update({"torch": torch.__version__})
+            bundle.manifest["training"] = {
+                "data": str(Path(data).resolve()), "preset": preset, "seed": seed, "device": device,
+                "image_size": image_size, "policy": policy, "val_fraction": val_fraction, "date": now_iso(), "edge_ad": __version__,
+                "n_train": len(train_paths), "val_images": [str(Path(v).resolve()) for v in val_paths],
+                "batch_size": p.get("batch_size"), "lr": p.get("lr"),
+                "seconds": round(earlier + time.time() - t_start, 1), **train_info,
+            }
+            bundle.save_manifest()
+            bundle.write_calibration(cal)
+            if export:
+                from ..compile.export import export_bundle
 
-            export_bundle(bundle, module=model, shown_as=Path(out) / "model.onnx")
-        # this run's training state (kept for --resume with more steps; not part of the bundle): only when
-        # this run wrote it or resumed from it, never an older run's
-        state = state_path if lc is not None and state_path.is_file() and (
-            resume or train_info.get("steps", 0) > train_info.get("resumed_at", 0)) else None
-        _switch_in(stage, real, state)
+                export_bundle(bundle, module=model, shown_as=Path(out) / "model.onnx")
+            # this run's training state (kept for --resume with more steps; not part of the bundle): only when
+            # this run wrote it or resumed from it, never an older run's
+            state = state_path if lc is not None and state_path.is_file() and (
+                resume or train_info.get("steps", 0) > train_info.get("resumed_at", 0)) else None
+            _switch_in(stage, real, state)
     except BaseException:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
