@@ -79,6 +79,15 @@ def test_malformed_payloads(raw, code):
     assert not body["ok"] and body["error"]["code"] == code
 
 
+def test_an_oversized_refused_value_is_not_repeated_whole(caplog):
+    """jsonschema quotes the offending value: a 1 MB argument came back whole in the reply and the log."""
+    with caplog.at_level("WARNING"):
+        body = _dispatcher().handle(_msg("set_threshold", {"threshold": "x" * 1_000_000})).body
+    assert body["error"]["code"] == "invalid_args" and "threshold" in body["error"]["message"]
+    assert len(body["error"]["message"]) < 1000 and "characters" in body["error"]["message"]
+    assert max(len(r.getMessage()) for r in caplog.records) < 1000
+
+
 def test_unknown_invalid_unavailable_failed_internal():
     d = _dispatcher()
     assert d.handle(_msg("reboot")).body["error"]["code"] == "unknown_command"

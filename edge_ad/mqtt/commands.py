@@ -124,6 +124,12 @@ class Spec:
     changes_state: bool
 
 
+def _short(text: str, limit: int = 200) -> str:
+    """A refusal's text cut to ``limit`` characters: jsonschema quotes the offending value whole, and an
+    8 MiB argument was repeated in the reply and in one log line."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -320,7 +326,7 @@ class Dispatcher:
             self._authorize(msg, obj, who, signature, signed_bytes)
         args = {k: v for k, v in obj.items() if k not in RESERVED}
         if spec.validator is not None:
-            problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '(args)'}: {e.message}"
+            problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '(args)'}: {_short(e.message)}"
                         for e in spec.validator.iter_errors(args)]
             if problems:
                 raise CommandError("invalid_args", f"{msg.name}: " + "; ".join(problems))
