@@ -736,6 +736,7 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         assert "sha256" in r["message"] and svc.inspector.model_hash == first.model_hash()
         r = call("update_model", {"url": f"file://{archive}", "sha256": digest, "activate": False}, timeout=120)
         assert r["activated"] is False and r["golden"]["passed"] and svc.inspector.model_hash == first.model_hash()
+        assert r["signed"] is False and r["signature_verified"] is False   # a line without update_key checks none
         r = call("update_model", {"url": str(archive), "sha256": digest}, timeout=120)
         assert r["activated"] and r["model_hash"] == second.model_hash() and r["health"] == "pending"
         res = call("inspect", {"count": 24})["results"]

@@ -498,7 +498,7 @@ class Service:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return _jsonable({"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
-                              "golden": report})
+                              "signature_verified": info.verified, "golden": report})
         probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
         res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
                              device=m.device, probe=probe, require_golden=golden is not None)
