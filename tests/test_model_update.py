@@ -1379,6 +1379,22 @@ def test_update_model_takes_the_sha256_in_either_case(tmp_path):
     assert _fetch_archive(str(archive), tmp_path / "dl", digest) == archive
 
 
+def test_update_model_percent_decodes_a_file_url_as_camera_sources_do(tmp_path):
+    import hashlib
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    archive = tmp_path / "my parts" / "new 100%.tar"
+    archive.parent.mkdir()
+    archive.write_bytes(b"not really a tar")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert archive.as_uri().endswith("/my%20parts/new%20100%25.tar")
+    assert _fetch_archive(archive.as_uri(), tmp_path / "dl", digest) == archive
+    assert _fetch_archive(str(archive), tmp_path / "dl", digest) == archive   # a plain path is taken as written
+    with pytest.raises(InputError, match="not found"):
+        _fetch_archive(str(archive.parent / "new%20100%25.tar"), tmp_path / "dl", digest)
+
+
 def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(tmp_path):
     import functools
     import http.server

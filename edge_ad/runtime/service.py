@@ -836,7 +836,7 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
     import hashlib
     import http.client
     import urllib.request
-    from urllib.parse import urlsplit
+    from urllib.parse import unquote, urlsplit
 
     from .. import atomic
 
@@ -859,9 +859,9 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
         os.replace(tmp, dest)
         got = h.hexdigest()
     else:
-        dest = Path(parts.path if parts.scheme == "file" else url)
-        if parts.scheme == "file" and parts.netloc:
-            dest = Path(parts.netloc + parts.path)
+        # file:// is percent-decoded as camera sources are (file:///my%20parts/b.tar is "/my parts/b.tar"); a
+        # plain path is taken as written
+        dest = Path(unquote(parts.netloc + parts.path)) if parts.scheme == "file" else Path(url)
         if dest.is_dir():
             raise InputError(f"update_model: url {url!r}: {dest} is a folder: update_model takes an archive made "
                              "by 'edge-ad bundle pack' (its sha256 is the file's)")
