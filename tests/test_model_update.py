@@ -1395,6 +1395,29 @@ def test_update_model_percent_decodes_a_file_url_as_camera_sources_do(tmp_path):
         _fetch_archive(str(archive.parent / "new%20100%25.tar"), tmp_path / "dl", digest)
 
 
+def test_update_model_refuses_a_url_scheme_it_cannot_fetch(tmp_path, monkeypatch):
+    import hashlib
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ftp:" / "host").mkdir(parents=True)   # what "ftp://host/x.tar" read as a relative path finds
+    (tmp_path / "ftp:" / "host" / "x.tar").write_bytes(b"x")
+    digest = hashlib.sha256(b"x").hexdigest()
+    for url, scheme in (("ftp://host/x.tar", "ftp"), ("s3://bucket/x.tar", "s3"), ("FTP:x.tar", "ftp"),
+                        ("sftp://bob:pw123@host/x.tar", "sftp")):
+        with pytest.raises(InputError) as err:
+            _fetch_archive(url, tmp_path / "dl", digest)
+        msg = str(err.value)
+        assert f"url scheme '{scheme}:' is not supported; expected file://, http://, https:// or a local path" in msg
+        assert "not found" not in msg and "pw123" not in msg
+    (tmp_path / "b2:v1.tar").write_bytes(b"x")   # a relative name with a colon: written as ./name it is a path
+    with pytest.raises(InputError, match="url scheme 'b2:' is not supported.*write it as ./name"):
+        _fetch_archive("b2:v1.tar", tmp_path / "dl", digest)
+    assert _fetch_archive("./b2:v1.tar", tmp_path / "dl", digest) == Path("./b2:v1.tar")
+    assert not (tmp_path / "dl").exists()
+
+
 def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(tmp_path):
     import functools
     import http.server

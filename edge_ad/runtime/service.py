@@ -831,6 +831,9 @@ class Service:
         return summary
 
 
+_FETCH_SCHEMES = ("file", "http", "https")   # and a plain local path (no scheme)
+
+
 def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
     """A local copy of a bundle archive (file://, a path, or http(s)://), checked against ``sha256``."""
     import hashlib
@@ -841,6 +844,10 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
     from .. import atomic
 
     parts = urlsplit(url)
+    if parts.scheme and parts.scheme not in _FETCH_SCHEMES:   # not a relative path "ftp:/host/x.tar" not found
+        raise InputError(f"update_model: url scheme '{parts.scheme}:' is not supported; expected "
+                         f"{', '.join(s + '://' for s in _FETCH_SCHEMES)} or a local path (a relative file name "
+                         "with ':' in it: write it as ./name)")
     if parts.scheme in ("http", "https"):
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / (Path(parts.path).name or "bundle.tar")
