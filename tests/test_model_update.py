@@ -1444,6 +1444,77 @@ def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(t
     assert not list((tmp_path / "dl").iterdir())                   # no partial download left
 
 
+@pytest.fixture
+def http_bytes():
+    """An HTTP server on a free loopback port that answers every GET path (even "/.." or none) with
+    ``state["data"]``; yields (base URL, state)."""
+    import http.server
+    import threading
+
+    state = {"data": b""}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(state["data"])))
+            self.end_headers()
+            self.wfile.write(state["data"])
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", state
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_download_is_named_from_the_sha256_never_from_the_url(http_bytes, tmp_path):
+    import hashlib
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    base, state = http_bytes
+    state["data"] = data = b"an archive" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    dl = tmp_path / "deploy" / "downloads"
+    for path, name in (("/..", f"{digest[:16]}.tar"), ("/.", f"{digest[:16]}.tar"), ("", f"{digest[:16]}.tar"),
+                       ("/x/%2E%2E", f"{digest[:16]}.tar"), ("/.b.tar.part", f"{digest[:16]}.tar"),
+                       ("/odd%20name%3F*.tar?v=1", f"{digest[:16]}.tar"), ("/b.TGZ", f"{digest[:16]}.tar.gz"),
+                       ("/b.tar.gz", f"{digest[:16]}.tar.gz")):
+        got = _fetch_archive(base + path, dl, digest.upper())
+        assert got == dl / name and got.read_bytes() == data, path
+        assert [p.name for p in dl.iterdir()] == [name], path   # nothing else in the folder, nor beside it
+        assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["downloads"], path
+        got.unlink()
+    # refused (its sha256 is not the command's): neither the download nor its .part stays
+    with pytest.raises(InputError, match="refusing it"):
+        _fetch_archive(base + "/b.tar", dl, "0" * 64)
+    assert not list(dl.iterdir())
+
+
+def test_update_model_deletes_its_download_however_the_url_spells_http(bundles, http_bytes, tmp_path):
+    from edge_ad.atomic import sha256_file
+
+    a, _, _ = bundles
+    deploy = tmp_path / "deploy"
+    archive = pack_bundle(a.path, tmp_path / "a.tar")
+    install_bundle(archive, deploy, require_golden=False)
+    base, state = http_bytes
+    state["data"] = archive.read_bytes()
+    svc = _line(tmp_path, deploy)
+    try:
+        for url in (f" {base}/a.tar", base.upper() + "/a.tar"):   # urlopen strips the space; the scheme is caseless
+            out = svc.update_model({"url": url, "sha256": sha256_file(archive)})
+            assert out["already_installed"]
+            assert not list((deploy / "downloads").iterdir()), url
+    finally:
+        svc.inspector.backend.close()
+
+
 # ----------------------------------------------------------------------------- TensorRT lines: orchestration
 # TensorRT is not installable here: these tests fake edge_ad.compile.tensorrt.compile_bundle (it records its
 # calls and drops a placeholder engine) and run the line's "tensorrt" backend on ONNX Runtime. They check what
