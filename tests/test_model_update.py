@@ -1496,6 +1496,33 @@ def test_a_download_is_named_from_the_sha256_never_from_the_url(http_bytes, tmp_
     assert not list(dl.iterdir())
 
 
+def test_a_sha256_mismatch_reply_does_not_give_the_files_sha256_the_log_does(http_bytes, tmp_path, caplog):
+    """A command may name any local file the service can read: the reply must not tell its sender that
+    file's sha256 (nor a prefix of it); the operator reads it in the log."""
+    import hashlib
+    import logging
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    secret = tmp_path / "private.key"
+    secret.write_bytes(b"only the service user reads this")
+    real = hashlib.sha256(secret.read_bytes()).hexdigest()
+    base, state = http_bytes
+    state["data"] = secret.read_bytes()
+    for url, shown in ((str(secret), str(secret)), (secret.as_uri(), str(secret)),
+                       (base + "/k.tar?token=t0k", base + "/k.tar")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edge_ad.runtime.service"):
+            with pytest.raises(InputError) as err:
+                _fetch_archive(url, tmp_path / "dl", "Ab" * 32)
+        msg = str(err.value)
+        assert msg == f"update_model: {shown}: its sha256 does not match the command's ({'Ab' * 8}…); refusing it"
+        assert real[:4] not in msg
+        logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert logged == [f"update_model: {shown} has sha256 {real}, the command says {'ab' * 32}; refused"]
+        assert "t0k" not in logged[0]
+
+
 def test_update_model_deletes_its_download_however_the_url_spells_http(bundles, http_bytes, tmp_path):
     from edge_ad.atomic import sha256_file
 

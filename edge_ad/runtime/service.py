@@ -845,7 +845,8 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
     ``.tar.gz`` when the URL's path ends in .tar.gz / .tgz: only messages see the suffix, extraction
     detects compression), never from the URL, whose path may end in ``/..``, ``/.`` or nothing, or carry
     any character. It is written to a ``.part`` file and moved in place only once its sha256 matches: a
-    failed, refused or interrupted download leaves nothing behind."""
+    failed, refused or interrupted download leaves nothing behind. A mismatch is refused without the
+    file's own sha256 (:func:`_check_sha256`)."""
     import hashlib
     import http.client
     import urllib.request
@@ -892,9 +893,12 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
 
 
 def _check_sha256(shown: str, got: str, sha256: str) -> None:
-    """Refuse an archive whose sha256 is not the command's."""
+    """Refuse an archive whose sha256 is not the command's, without saying what it is: a command may name
+    any local file the service can read, and a reply giving its sha256 would hand that to whoever can send
+    commands. The operator finds it in the log."""
     if got != sha256.lower():
-        raise InputError(f"update_model: {shown} has sha256 {got[:16]}…, the command says {sha256[:16]}…; "
+        log.warning("update_model: %s has sha256 %s, the command says %s; refused", shown, got, sha256.lower())
+        raise InputError(f"update_model: {shown}: its sha256 does not match the command's ({sha256[:16]}…); "
                          "refusing it")
 
 
