@@ -1379,6 +1379,45 @@ def test_update_model_takes_the_sha256_in_either_case(tmp_path):
     assert _fetch_archive(str(archive), tmp_path / "dl", digest) == archive
 
 
+def test_update_model_percent_decodes_a_file_url_as_camera_sources_do(tmp_path):
+    import hashlib
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    archive = tmp_path / "my parts" / "new 100%.tar"
+    archive.parent.mkdir()
+    archive.write_bytes(b"not really a tar")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert archive.as_uri().endswith("/my%20parts/new%20100%25.tar")
+    assert _fetch_archive(archive.as_uri(), tmp_path / "dl", digest) == archive
+    assert _fetch_archive(str(archive), tmp_path / "dl", digest) == archive   # a plain path is taken as written
+    with pytest.raises(InputError, match="not found"):
+        _fetch_archive(str(archive.parent / "new%20100%25.tar"), tmp_path / "dl", digest)
+
+
+def test_update_model_refuses_a_url_scheme_it_cannot_fetch(tmp_path, monkeypatch):
+    import hashlib
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ftp:" / "host").mkdir(parents=True)   # what "ftp://host/x.tar" read as a relative path finds
+    (tmp_path / "ftp:" / "host" / "x.tar").write_bytes(b"x")
+    digest = hashlib.sha256(b"x").hexdigest()
+    for url, scheme in (("ftp://host/x.tar", "ftp"), ("s3://bucket/x.tar", "s3"), ("FTP:x.tar", "ftp"),
+                        ("sftp://bob:pw123@host/x.tar", "sftp")):
+        with pytest.raises(InputError) as err:
+            _fetch_archive(url, tmp_path / "dl", digest)
+        msg = str(err.value)
+        assert f"url scheme '{scheme}:' is not supported; expected file://, http://, https:// or a local path" in msg
+        assert "not found" not in msg and "pw123" not in msg
+    (tmp_path / "b2:v1.tar").write_bytes(b"x")   # a relative name with a colon: written as ./name it is a path
+    with pytest.raises(InputError, match="url scheme 'b2:' is not supported.*write it as ./name"):
+        _fetch_archive("b2:v1.tar", tmp_path / "dl", digest)
+    assert _fetch_archive("./b2:v1.tar", tmp_path / "dl", digest) == Path("./b2:v1.tar")
+    assert not (tmp_path / "dl").exists()
+
+
 def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(tmp_path):
     import functools
     import http.server
@@ -1403,6 +1442,104 @@ def test_a_failed_download_names_the_url_with_its_port_and_without_credentials(t
         srv.shutdown()
         srv.server_close()
     assert not list((tmp_path / "dl").iterdir())                   # no partial download left
+
+
+@pytest.fixture
+def http_bytes():
+    """An HTTP server on a free loopback port that answers every GET path (even "/.." or none) with
+    ``state["data"]``; yields (base URL, state)."""
+    import http.server
+    import threading
+
+    state = {"data": b""}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(state["data"])))
+            self.end_headers()
+            self.wfile.write(state["data"])
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", state
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_download_is_named_from_the_sha256_never_from_the_url(http_bytes, tmp_path):
+    import hashlib
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    base, state = http_bytes
+    state["data"] = data = b"an archive" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    dl = tmp_path / "deploy" / "downloads"
+    for path, name in (("/..", f"{digest[:16]}.tar"), ("/.", f"{digest[:16]}.tar"), ("", f"{digest[:16]}.tar"),
+                       ("/x/%2E%2E", f"{digest[:16]}.tar"), ("/.b.tar.part", f"{digest[:16]}.tar"),
+                       ("/odd%20name%3F*.tar?v=1", f"{digest[:16]}.tar"), ("/b.TGZ", f"{digest[:16]}.tar.gz"),
+                       ("/b.tar.gz", f"{digest[:16]}.tar.gz")):
+        got = _fetch_archive(base + path, dl, digest.upper())
+        assert got == dl / name and got.read_bytes() == data, path
+        assert [p.name for p in dl.iterdir()] == [name], path   # nothing else in the folder, nor beside it
+        assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["downloads"], path
+        got.unlink()
+    # refused (its sha256 is not the command's): neither the download nor its .part stays
+    with pytest.raises(InputError, match="refusing it"):
+        _fetch_archive(base + "/b.tar", dl, "0" * 64)
+    assert not list(dl.iterdir())
+
+
+def test_a_sha256_mismatch_reply_does_not_give_the_files_sha256_the_log_does(http_bytes, tmp_path, caplog):
+    """A command may name any local file the service can read: the reply must not tell its sender that
+    file's sha256 (nor a prefix of it); the operator reads it in the log."""
+    import hashlib
+    import logging
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    secret = tmp_path / "private.key"
+    secret.write_bytes(b"only the service user reads this")
+    real = hashlib.sha256(secret.read_bytes()).hexdigest()
+    base, state = http_bytes
+    state["data"] = secret.read_bytes()
+    for url, shown in ((str(secret), str(secret)), (secret.as_uri(), str(secret)),
+                       (base + "/k.tar?token=t0k", base + "/k.tar")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edge_ad.runtime.service"):
+            with pytest.raises(InputError) as err:
+                _fetch_archive(url, tmp_path / "dl", "Ab" * 32)
+        msg = str(err.value)
+        assert msg == f"update_model: {shown}: its sha256 does not match the command's ({'Ab' * 8}…); refusing it"
+        assert real[:4] not in msg
+        logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert logged == [f"update_model: {shown} has sha256 {real}, the command says {'ab' * 32}; refused"]
+        assert "t0k" not in logged[0]
+
+
+def test_update_model_deletes_its_download_however_the_url_spells_http(bundles, http_bytes, tmp_path):
+    from edge_ad.atomic import sha256_file
+
+    a, _, _ = bundles
+    deploy = tmp_path / "deploy"
+    archive = pack_bundle(a.path, tmp_path / "a.tar")
+    install_bundle(archive, deploy, require_golden=False)
+    base, state = http_bytes
+    state["data"] = archive.read_bytes()
+    svc = _line(tmp_path, deploy)
+    try:
+        for url in (f" {base}/a.tar", base.upper() + "/a.tar"):   # urlopen strips the space; the scheme is caseless
+            out = svc.update_model({"url": url, "sha256": sha256_file(archive)})
+            assert out["already_installed"]
+            assert not list((deploy / "downloads").iterdir()), url
+    finally:
+        svc.inspector.backend.close()
 
 
 # ----------------------------------------------------------------------------- TensorRT lines: orchestration

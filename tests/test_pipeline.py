@@ -733,7 +733,8 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         call = caller
         assert svc.inspector.model_hash == first.model_hash()
         r = call("update_model", {"url": f"file://{archive}", "sha256": "f" * 64}, ok=False)
-        assert "sha256" in r["message"] and svc.inspector.model_hash == first.model_hash()
+        assert "its sha256 does not match the command's" in r["message"] and digest[:8] not in r["message"]
+        assert svc.inspector.model_hash == first.model_hash()   # (the file's sha256 is in the log, not the reply)
         r = call("update_model", {"url": f"file://{archive}", "sha256": digest, "activate": False}, timeout=120)
         assert r["activated"] is False and r["golden"]["passed"] and svc.inspector.model_hash == first.model_hash()
         assert r["signed"] is False and r["signature_verified"] is False   # a line without update_key checks none

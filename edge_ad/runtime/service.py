@@ -449,6 +449,8 @@ class Service:
         running release and the update is reported failed. On a TensorRT line the candidate's engine is
         built and guarded first, on the golden set's good/ images (else its recorded training data when it
         is on this machine; else the update is refused)."""
+        from urllib.parse import urlsplit
+
         from ..calibration.deploy import deploy_lock
 
         m = self.settings.model
@@ -468,7 +470,9 @@ class Service:
             try:
                 return self._install_update(archive, precision, activate)
             finally:
-                if url.lower().startswith(("http://", "https://")):   # our download: installed or refused, not kept
+                # our download: installed or refused, not kept (the scheme as _fetch_archive reads it: " http://"
+                # and "HTTP://" are downloads too)
+                if urlsplit(url).scheme in ("http", "https"):
                     archive.unlink(missing_ok=True)
 
     def _install_update(self, archive: Path, precision: str | None, activate: bool) -> dict:
@@ -831,47 +835,71 @@ class Service:
         return summary
 
 
+_FETCH_SCHEMES = ("file", "http", "https")   # and a plain local path (no scheme)
+
+
 def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
-    """A local copy of a bundle archive (file://, a path, or http(s)://), checked against ``sha256``."""
+    """A local copy of a bundle archive (file://, a path, or http(s)://), checked against ``sha256``.
+
+    A download lands in ``folder`` under a name made from the command's sha256 (``<16 hex>.tar``, or
+    ``.tar.gz`` when the URL's path ends in .tar.gz / .tgz: only messages see the suffix, extraction
+    detects compression), never from the URL, whose path may end in ``/..``, ``/.`` or nothing, or carry
+    any character. It is written to a ``.part`` file and moved in place only once its sha256 matches: a
+    failed, refused or interrupted download leaves nothing behind. A mismatch is refused without the
+    file's own sha256 (:func:`_check_sha256`)."""
     import hashlib
     import http.client
     import urllib.request
-    from urllib.parse import urlsplit
+    from urllib.parse import unquote, urlsplit
 
     from .. import atomic
 
     parts = urlsplit(url)
+    if parts.scheme and parts.scheme not in _FETCH_SCHEMES:   # not a relative path "ftp:/host/x.tar" not found
+        raise InputError(f"update_model: url scheme '{parts.scheme}:' is not supported; expected "
+                         f"{', '.join(s + '://' for s in _FETCH_SCHEMES)} or a local path (a relative file name "
+                         "with ':' in it: write it as ./name)")
     if parts.scheme in ("http", "https"):
+        where = parts.netloc.rsplit("@", 1)[-1]   # host[:port], without user name and password
+        shown = f"{parts.scheme}://{where}{parts.path}"   # nor the query (it may carry a token)
         folder.mkdir(parents=True, exist_ok=True)
-        dest = folder / (Path(parts.path).name or "bundle.tar")
+        want = sha256.lower()
+        dest = folder / (want[:16] + (".tar.gz" if parts.path.lower().endswith((".tar.gz", ".tgz")) else ".tar"))
+        tmp = folder / f".{dest.name}.part"   # what install_bundle's cleanup of a killed install removes
         h = hashlib.sha256()
-        tmp = dest.with_name("." + dest.name + ".part")
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as fh:
-                while chunk := r.read(1 << 20):
-                    h.update(chunk)
-                    fh.write(chunk)
-        except (OSError, ValueError, http.client.HTTPException) as exc:   # e.g. InvalidURL (a bad port)
+            try:
+                with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as fh:
+                    while chunk := r.read(1 << 20):
+                        h.update(chunk)
+                        fh.write(chunk)
+            except (OSError, ValueError, http.client.HTTPException) as exc:   # e.g. InvalidURL (a bad port)
+                raise RuntimeFailure(f"update_model: cannot download {shown}: {exc}") from exc
+            _check_sha256(shown, h.hexdigest(), sha256)
+            os.replace(tmp, dest)
+        finally:   # failed, refused or interrupted: no partial or unchecked download stays
             tmp.unlink(missing_ok=True)
-            where = parts.netloc.rsplit("@", 1)[-1]   # host[:port], without user name and password
-            raise RuntimeFailure(f"update_model: cannot download {parts.scheme}://{where}{parts.path}: "
-                                 f"{exc}") from exc
-        os.replace(tmp, dest)
-        got = h.hexdigest()
-    else:
-        dest = Path(parts.path if parts.scheme == "file" else url)
-        if parts.scheme == "file" and parts.netloc:
-            dest = Path(parts.netloc + parts.path)
-        if dest.is_dir():
-            raise InputError(f"update_model: url {url!r}: {dest} is a folder: update_model takes an archive made "
-                             "by 'edge-ad bundle pack' (its sha256 is the file's)")
-        if not dest.is_file():
-            raise InputError(f"update_model: archive {dest} not found")
-        got = atomic.sha256_file(dest)
-    if got != sha256.lower():
-        raise InputError(f"update_model: {dest.name} has sha256 {got[:16]}…, the command says {sha256[:16]}…; "
-                         "refusing it")
+        return dest
+    # file:// is percent-decoded as camera sources are (file:///my%20parts/b.tar is "/my parts/b.tar"); a
+    # plain path is taken as written
+    dest = Path(unquote(parts.netloc + parts.path)) if parts.scheme == "file" else Path(url)
+    if dest.is_dir():
+        raise InputError(f"update_model: url {url!r}: {dest} is a folder: update_model takes an archive made "
+                         "by 'edge-ad bundle pack' (its sha256 is the file's)")
+    if not dest.is_file():
+        raise InputError(f"update_model: archive {dest} not found")
+    _check_sha256(str(dest), atomic.sha256_file(dest), sha256)
     return dest
+
+
+def _check_sha256(shown: str, got: str, sha256: str) -> None:
+    """Refuse an archive whose sha256 is not the command's, without saying what it is: a command may name
+    any local file the service can read, and a reply giving its sha256 would hand that to whoever can send
+    commands. The operator finds it in the log."""
+    if got != sha256.lower():
+        log.warning("update_model: %s has sha256 %s, the command says %s; refused", shown, got, sha256.lower())
+        raise InputError(f"update_model: {shown}: its sha256 does not match the command's ({sha256[:16]}…); "
+                         "refusing it")
 
 
 def _jsonable(obj: Any) -> Any:
