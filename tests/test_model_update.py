@@ -594,6 +594,148 @@ def test_a_rollback_waits_for_no_install(bundles, tmp_path):
         assert rollback_model(deploy).current == r1.release
 
 
+class _HeldElsewhere:
+    """The deploy lock as another process holds it (an 'edge-ad bundle install' from a shell): flock on
+    another open of releases/, which no thread of this process may take either."""
+
+    def __init__(self, deploy: Path):
+        import fcntl
+        import os
+
+        self._os = os
+        self.fd = os.open(deploy / "releases", os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self):
+        if self.fd is not None:
+            self._os.close(self.fd)
+            self.fd = None
+
+
+def test_a_health_rollback_waits_for_the_deploy_lock_and_lands_when_it_is_free(bundles, tmp_path):
+    """It gave up for good: 'rollback impossible', and the failing model kept inspecting until a restart."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=60, min_frames=10, rollback_wait_s=300), clock=clock)
+    held = _HeldElsewhere(deploy)
+    try:
+        clock.t += 61
+        v = watch.poll()
+        assert v.status == "failed" and v.rollback == "waiting" and not v.rolled_back
+        assert "no frames processed within 60 s" in v.reason and "the rollback waits for the deploy folder" in v.reason
+        assert "another install or rollback in this deploy folder is running" in v.reason
+        watch.record(ng=False)                                          # frames after the verdict do not count
+        clock.t += 100
+        assert watch.poll().rollback == "waiting" and watch.frames == 0
+        assert deployment(deploy).current == failing
+    finally:
+        held.release()
+    clock.t += 1
+    v = watch.poll()
+    assert v.status == "failed" and v.rollback == "done" and v.rolled_back and v.restored == r1.path
+    assert "after waiting 101 s for the deploy lock" in v.reason
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "rolled_back")
+    assert watch.poll() is v                                            # final now
+
+
+def test_a_health_rollback_held_off_too_long_is_given_up_saying_so(bundles, tmp_path):
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0, rollback_wait_s=300), clock=clock)
+    held = _HeldElsewhere(deploy)
+    try:
+        assert watch.poll().rollback == "waiting"
+        clock.t += 299
+        assert watch.poll().rollback == "waiting"
+        clock.t += 1
+        v = watch.poll()
+    finally:
+        held.release()
+    assert v.status == "failed" and v.rollback == "given_up" and not v.rolled_back
+    assert "rollback given up: another install or rollback held the deploy folder for 300 s" in v.reason
+    assert watch.poll() is v and deployment(deploy) == before          # final: not retried once the lock is free
+
+
+@pytest.mark.parametrize("meanwhile", ["install", "rollback"])
+def test_an_owed_health_rollback_never_undoes_someone_elses_switch(bundles, tmp_path, meanwhile):
+    """The lock was held by an install (or a rollback by hand) that switched 'current': rolling back then
+    would have rolled back THEIR release. The owed rollback is dropped, and says why."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0))
+    held = _HeldElsewhere(deploy)
+    try:
+        assert watch.poll().rollback == "waiting"
+    finally:
+        held.release()                                                  # their command ends with a switch:
+    if meanwhile == "install":
+        theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
+                                require_golden=False).release
+    else:
+        theirs = rollback_model(deploy, reason="edge-ad bundle rollback").current
+    assert theirs != failing
+    v = watch.poll()
+    assert v.status == "failed" and v.rollback == "dropped" and not v.rolled_back
+    assert f"rollback dropped: 'current' is {theirs} now, not the release judged, {failing}" in v.reason
+    assert deployment(deploy).current == theirs and watch.poll() is v
+
+
+def test_a_health_watch_judges_only_its_release(bundles, tmp_path):
+    """A release switched in by someone else while the watch ran is neither rolled back nor called healthy
+    on the frames of the model the watch judged."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    bad, good = HealthWatch(deploy, limits=HealthLimits(window_s=0)), HealthWatch(deploy, limits=HealthLimits(min_frames=1))
+    theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy, require_golden=False).release
+    v = bad.poll()
+    assert v.rollback == "dropped" and f"not the release judged, {judged}" in v.reason
+    good.record(ng=False)
+    v = good.poll()
+    assert v.status == "ok" and "not recorded as healthy" in v.reason
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (theirs, "pending")
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "install"])
+def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bundles, tmp_path, meanwhile):
+    """update_model's health check fails while 'edge-ad bundle install' holds the deploy folder: one
+    model_health event says the rollback waits, the next says how it ended; the restored model is swapped
+    in once the rollback lands, and someone else's new release is left alone."""
+    a, b, _ = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    svc = _line(tmp_path, deploy)
+    held = _HeldElsewhere(deploy)
+    try:
+        _failing_frames(svc)
+        for _ in range(3):
+            svc._check_health()
+        health = [e for e in svc.events if e.get("type") == "model_health"]
+        assert [e["rollback"] for e in health] == ["waiting"] and health[0]["status"] == "failed"
+        assert "the rollback waits for the deploy folder" in health[0]["reason"] and not health[0]["rolled_back"]
+        assert svc.inspector.model_hash == b.model_hash()
+        held.release()
+        theirs = None
+        if meanwhile == "install":
+            theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
+                                    require_golden=False).release
+        svc._check_health()
+        svc._check_health()
+        health = [e for e in svc.events if e.get("type") == "model_health"]
+        assert len(health) == 2 and svc.reporter.health is None
+        if meanwhile == "nothing":
+            assert health[1]["rollback"] == "done" and health[1]["rolled_back"] is True
+            assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
+        else:
+            assert health[1]["rollback"] == "dropped" and f"'current' is {theirs} now" in health[1]["reason"]
+            assert deployment(deploy).current == theirs and svc.inspector.model_hash == b.model_hash()
+    finally:
+        held.release()
+        svc.inspector.backend.close()
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
     from click.testing import CliRunner
