@@ -815,6 +815,61 @@ def test_cli_rollback_to_any_kept_release_and_status_lists_them(bundles, tmp_pat
     assert re.search(rf"{r1}  installed \S+  health rolled_back  \(current\)", res.output), res.output
 
 
+def test_cli_status_and_rollback_name_a_release_deleted_by_hand_or_with_a_corrupt_manifest(bundles, tmp_path):
+    """status listed a deleted or unopenable release in force or previous as if all were well (exit 0), and
+    a plain rollback whose previous release was deleted said only 'no previous release to roll back to'."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    r = CliRunner()
+    archives = [pack_bundle(b.path, tmp_path / f"{i}.tar") for i, b in enumerate(bundles)]
+
+    def three(name):
+        d = tmp_path / name
+        ids = [install_bundle(a, d, require_golden=False).release for a in archives]
+        return d, ids                                           # ids[2] current, ids[1] previous
+
+    def cli(*args):
+        res = r.invoke(main, [*args])
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception   # no traceback
+        return res
+
+    d, (r1, r2, r3) = three("prev_deleted")
+    shutil.rmtree(d / "releases" / r2)
+    res = cli("bundle", "status", "--deploy", str(d))
+    assert res.exit_code == 0 and f"warning: the previous release, {r2}, is gone (no such folder" in res.stderr
+    assert f"'rollback --to ID' takes a kept one: {r1}" in res.stderr
+    res = cli("bundle", "rollback", "--deploy", str(d))
+    assert res.exit_code == 1 and f"'previous' points at releases/{r2}, which is gone (no such folder" in res.output
+    assert f"roll back to a kept release with --to ID: {r1}" in res.output and deployment(d).current == r3
+    assert cli("bundle", "rollback", "--deploy", str(d), "--to", r1).exit_code == 0
+
+    d, (r1, r2, r3) = three("cur_corrupt")
+    (d / "releases" / r3 / "manifest.json").write_text("{not json")
+    res = cli("bundle", "status", "--deploy", str(d))
+    assert res.exit_code == 1 and re.search(rf"{r3} .*\(current\)  PROBLEM: not openable: .*unreadable manifest",
+                                            res.stdout), res.output
+    assert (f"error: the release in force, releases/{r3}, is not openable: " in res.output
+            and f"roll back to a kept release ('edge-ad bundle rollback', or --to ID: {r2}, {r1})" in res.output)
+    res = cli("bundle", "status", "--deploy", str(d), "--json")
+    out = json.loads(res.stdout)
+    assert res.exit_code == 1 and "unreadable manifest" in out["current_problem"] and out["previous_problem"] is None
+    assert [x["problem"] is None for x in out["releases"]] == [False, True, True]
+    (d / "releases" / r1 / "manifest.json").write_text("")
+    res = cli("bundle", "rollback", "--deploy", str(d), "--to", r1)
+    assert res.exit_code == 2 and f"release {r1} cannot be opened" in res.output and deployment(d).current == r3
+    assert cli("bundle", "rollback", "--deploy", str(d)).exit_code == 0 and deployment(d).current == r2
+
+    d, (r1, r2, r3) = three("cur_deleted")
+    shutil.rmtree(d / "releases" / r3)
+    res = cli("bundle", "status", "--deploy", str(d))
+    assert res.exit_code == 1 and f"error: the release in force, releases/{r3}, is gone (no such folder" in res.output
+    shutil.rmtree(d / "releases")
+    res = cli("bundle", "rollback", "--deploy", str(d), "--to", r1)
+    assert res.exit_code == 2 and f"--to {r1}: no such release: {d} has no releases/ folder" in res.output
+
+
 def test_cli_bundle_refuses_bad_names_and_folders_leaving_nothing(bundles, golden, tmp_path):
     from click.testing import CliRunner
 

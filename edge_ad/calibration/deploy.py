@@ -736,11 +736,28 @@ def _release_ids(d: Path, complete: bool = True) -> list[str]:
                   key=lambda n: (_release_seq(n), n), reverse=True)
 
 
+def release_problem(deploy_dir: str | os.PathLike, release: str) -> str | None:
+    """What keeps ``release`` from being run or rolled back to, checked as :func:`rollback_model` checks it
+    (its manifest, and its active graph there and recorded; no sha256 of every file): "gone (no such
+    folder...)", "not a folder", or why it cannot be opened. None when it opens."""
+    p = Path(deploy_dir) / RELEASES / release
+    if not p.is_dir():
+        return ("not a folder" if p.exists() or p.is_symlink()
+                else "gone (no such folder: deleted by hand, or by an older edge-ad's prune)")
+    try:
+        Bundle.open(p).check_graph(verify=False)
+    except (EdgeADError, OSError, ValueError) as exc:
+        return f"not openable: {exc}"
+    return None
+
+
 def releases(deploy_dir: str | os.PathLike) -> list[dict]:
     """The kept releases, newest first: ``id``, ``installed`` (UTC, from the id), ``role`` ("current",
     "previous" or None) and ``health``: the release in force's is :attr:`Deployment.health`; another's is
     the last verdict on it in ``deploy.json``'s history: "ok" (its health check passed), "rolled_back"
-    (rolled back from, by a health check or by hand) or "unknown" (none recorded)."""
+    (rolled back from, by a health check or by hand) or "unknown" (none recorded); ``problem``: None, or
+    why it cannot be run or rolled back to (:func:`release_problem`: a corrupt manifest.json, a missing
+    graph)."""
     d = Path(deploy_dir)
     dep = deployment(d)
     hist = _read_state(d).get("history", [])
@@ -764,7 +781,8 @@ def releases(deploy_dir: str | os.PathLike) -> list[dict]:
         except (IndexError, ValueError):
             installed = None
         role = "current" if rid == dep.current else "previous" if rid == dep.previous else None
-        out.append({"id": rid, "installed": installed, "role": role, "health": health})
+        out.append({"id": rid, "installed": installed, "role": role, "health": health,
+                    "problem": release_problem(d, rid)})
     return out
 
 
@@ -777,11 +795,20 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
     ``to`` is not a kept release, is the one in force, or cannot be opened."""
     d = Path(deploy_dir)
     if not (d / RELEASES).is_dir():
+        if to is not None:
+            raise InputError(f"--to {to}: no such release: {d} has no {RELEASES}/ folder (deleted?); install a "
+                             "release ('edge-ad bundle install')")
         raise RuntimeFailure(f"{d}: no previous release to roll back to (no {RELEASES}/ folder)")
     with deploy_lock(d):
         dep = deployment(d)
         if to is None:
-            if dep.previous is None or not (d / RELEASES / dep.previous).is_dir() or dep.previous == dep.current:
+            if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
+                kept = [r for r in _release_ids(d) if r != dep.current]
+                raise RuntimeFailure(f"{d}: no previous release to roll back to: '{PREVIOUS}' points at "
+                                     f"{RELEASES}/{dep.previous}, which is {release_problem(d, dep.previous)}; "
+                                     + (f"roll back to a kept release with --to ID: {', '.join(kept)}" if kept
+                                        else "no other release is kept"))
+            if dep.previous is None or dep.previous == dep.current:
                 raise RuntimeFailure(f"{d}: no previous release to roll back to"
                                      + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
                                         if dep.previous is not None and dep.previous == dep.current else ""))
