@@ -688,7 +688,8 @@ def test_a_health_watch_judges_only_its_release(bundles, tmp_path):
     on the frames of the model the watch judged."""
     deploy, r1 = _installed_twice(bundles, tmp_path)
     judged = deployment(deploy).current
-    bad, good = HealthWatch(deploy, limits=HealthLimits(window_s=0)), HealthWatch(deploy, limits=HealthLimits(min_frames=1))
+    bad = HealthWatch(deploy, limits=HealthLimits(window_s=0))
+    good = HealthWatch(deploy, limits=HealthLimits(min_frames=1))
     theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy, require_golden=False).release
     v = bad.poll()
     assert v.rollback == "dropped" and f"not the release judged, {judged}" in v.reason

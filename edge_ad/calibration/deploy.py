@@ -1022,7 +1022,7 @@ class HealthWatch:
                                       f"{self.limits.rollback_wait_s:g} s"), rollback="waiting")
         except RuntimeFailure as exc:
             return self._finish(replace(v, reason=f"{v.reason}; rollback impossible: {exc}", rollback="impossible"))
-        waited = f" (after waiting {now - self._owed_since:.0f} s for the deploy lock)" if self._owed is not None else ""
+        waited = "" if self._owed is None else f" (after waiting {now - self._owed_since:.0f} s for the deploy lock)"
         return self._finish(replace(v, reason=v.reason + waited, rolled_back=True, restored=dep.current_path,
                                     rollback="done"))
 
