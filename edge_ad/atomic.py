@@ -86,13 +86,13 @@ def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -
 def folder_lock(folder: str | os.PathLike, busy: str):
     """One holder at a time per folder, across processes: the kernel's lock (flock) on the folder, so a
     killed holder leaves none behind. Re-entrant in one thread; another thread or process gets a
-    RuntimeFailure with the message ``busy`` at once. Not POSIX: no guard."""
+    :class:`~edge_ad.errors.Busy` (a RuntimeFailure) with the message ``busy`` at once. Not POSIX: no guard."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    from .errors import RuntimeFailure
+    from .errors import Busy
 
     fd = os.open(folder, os.O_RDONLY)
     key = (*os.fstat(fd)[1:3], threading.get_ident())   # (inode, device, thread): its own flock in another thread
@@ -103,7 +103,7 @@ def folder_lock(folder: str | os.PathLike, busy: str):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise RuntimeFailure(busy) from None
+                    raise Busy(busy) from None
             _held[key] = depth + 1
         try:
             yield

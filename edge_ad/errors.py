@@ -21,6 +21,11 @@ class RuntimeFailure(EdgeADError):
     exit_code = 1
 
 
+class Busy(RuntimeFailure):
+    """Another process or thread holds the lock of a folder (:func:`edge_ad.atomic.folder_lock`): nothing
+    was done, and the same work may succeed once it is free (a health check's rollback retries it)."""
+
+
 class GuardFailure(RuntimeFailure):
     """A quantized or compiled artefact did not match FP32 closely enough; nothing was switched in."""
 

@@ -373,6 +373,40 @@ def test_replace_files_failing_to_write_changes_nothing(tmp_path, monkeypatch):
     assert again.has("quant_report.json") and not list(b.path.glob(".new-*"))
 
 
+def test_a_guard_report_written_again_is_never_torn_from_its_manifest(tmp_path, monkeypatch):
+    """guard.write_report (edge-ad compile's engine records, a quantize whose guard failed) wrote the report,
+    then the manifest recording it: a power cut between the two left a bundle that no longer opened
+    (quant_report.json's sha256 refused). At every rename it is the old report or the new one now."""
+    import os
+
+    from edge_ad.compile import guard as guard_mod
+
+    real = os.replace
+    for cut_at in range(1, 20):
+        b = _graphs_bundle(tmp_path / f"b{cut_at}")
+        calls = [0]
+
+        def cut(*a, **k):
+            calls[0] += 1
+            if calls[0] == cut_at:
+                raise SystemExit("power cut")
+            return real(*a, **k)
+
+        monkeypatch.setattr(os, "replace", cut)
+        try:
+            guard_mod.write_report(b, [{"candidate": "onnxruntime-int8", "passed": False}])
+            done = True
+        except SystemExit:
+            done = False
+        monkeypatch.setattr(os, "replace", real)
+        report = json.loads(Bundle.open(b.path, verify=True).file("quant_report.json").read_text())
+        assert report == {} or report["candidates"]["onnxruntime-int8"]["passed"] is False
+        if done:
+            assert report and not list(b.path.glob(".new-*"))
+            break
+    assert done
+
+
 def test_create_refuses_a_folder_that_is_not_empty(tmp_path):
     """A new bundle over an old one would leave the old graphs, calibration history and statistics beside
     the new manifest."""

@@ -594,6 +594,149 @@ def test_a_rollback_waits_for_no_install(bundles, tmp_path):
         assert rollback_model(deploy).current == r1.release
 
 
+class _HeldElsewhere:
+    """The deploy lock as another process holds it (an 'edge-ad bundle install' from a shell): flock on
+    another open of releases/, which no thread of this process may take either."""
+
+    def __init__(self, deploy: Path):
+        import fcntl
+        import os
+
+        self._os = os
+        self.fd = os.open(deploy / "releases", os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self):
+        if self.fd is not None:
+            self._os.close(self.fd)
+            self.fd = None
+
+
+def test_a_health_rollback_waits_for_the_deploy_lock_and_lands_when_it_is_free(bundles, tmp_path):
+    """It gave up for good: 'rollback impossible', and the failing model kept inspecting until a restart."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=60, min_frames=10, rollback_wait_s=300), clock=clock)
+    held = _HeldElsewhere(deploy)
+    try:
+        clock.t += 61
+        v = watch.poll()
+        assert v.status == "failed" and v.rollback == "waiting" and not v.rolled_back
+        assert "no frames processed within 60 s" in v.reason and "the rollback waits for the deploy folder" in v.reason
+        assert "another install or rollback in this deploy folder is running" in v.reason
+        watch.record(ng=False)                                          # frames after the verdict do not count
+        clock.t += 100
+        assert watch.poll().rollback == "waiting" and watch.frames == 0
+        assert deployment(deploy).current == failing
+    finally:
+        held.release()
+    clock.t += 1
+    v = watch.poll()
+    assert v.status == "failed" and v.rollback == "done" and v.rolled_back and v.restored == r1.path
+    assert "after waiting 101 s for the deploy lock" in v.reason
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "rolled_back")
+    assert watch.poll() is v                                            # final now
+
+
+def test_a_health_rollback_held_off_too_long_is_given_up_saying_so(bundles, tmp_path):
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0, rollback_wait_s=300), clock=clock)
+    held = _HeldElsewhere(deploy)
+    try:
+        assert watch.poll().rollback == "waiting"
+        clock.t += 299
+        assert watch.poll().rollback == "waiting"
+        clock.t += 1
+        v = watch.poll()
+    finally:
+        held.release()
+    assert v.status == "failed" and v.rollback == "given_up" and not v.rolled_back
+    assert "rollback given up: another install or rollback held the deploy folder for 300 s" in v.reason
+    assert watch.poll() is v and deployment(deploy) == before          # final: not retried once the lock is free
+
+
+@pytest.mark.parametrize("meanwhile", ["install", "rollback"])
+def test_an_owed_health_rollback_never_undoes_someone_elses_switch(bundles, tmp_path, meanwhile):
+    """The lock was held by an install (or a rollback by hand) that switched 'current': rolling back then
+    would have rolled back THEIR release. The owed rollback is dropped, and says why."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0))
+    held = _HeldElsewhere(deploy)
+    try:
+        assert watch.poll().rollback == "waiting"
+    finally:
+        held.release()                                                  # their command ends with a switch:
+    if meanwhile == "install":
+        theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
+                                require_golden=False).release
+    else:
+        theirs = rollback_model(deploy, reason="edge-ad bundle rollback").current
+    assert theirs != failing
+    v = watch.poll()
+    assert v.status == "failed" and v.rollback == "dropped" and not v.rolled_back
+    assert f"rollback dropped: 'current' is {theirs} now, not the release judged, {failing}" in v.reason
+    assert deployment(deploy).current == theirs and watch.poll() is v
+
+
+def test_a_health_watch_judges_only_its_release(bundles, tmp_path):
+    """A release switched in by someone else while the watch ran is neither rolled back nor called healthy
+    on the frames of the model the watch judged."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    bad = HealthWatch(deploy, limits=HealthLimits(window_s=0))
+    good = HealthWatch(deploy, limits=HealthLimits(min_frames=1))
+    theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy, require_golden=False).release
+    v = bad.poll()
+    assert v.rollback == "dropped" and f"not the release judged, {judged}" in v.reason
+    good.record(ng=False)
+    v = good.poll()
+    assert v.status == "ok" and "not recorded as healthy" in v.reason
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (theirs, "pending")
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "install"])
+def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bundles, tmp_path, meanwhile):
+    """update_model's health check fails while 'edge-ad bundle install' holds the deploy folder: one
+    model_health event says the rollback waits, the next says how it ended; the restored model is swapped
+    in once the rollback lands, and someone else's new release is left alone."""
+    a, b, _ = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    svc = _line(tmp_path, deploy)
+    held = _HeldElsewhere(deploy)
+    try:
+        _failing_frames(svc)
+        for _ in range(3):
+            svc._check_health()
+        health = [e for e in svc.events if e.get("type") == "model_health"]
+        assert [e["rollback"] for e in health] == ["waiting"] and health[0]["status"] == "failed"
+        assert "the rollback waits for the deploy folder" in health[0]["reason"] and not health[0]["rolled_back"]
+        assert svc.inspector.model_hash == b.model_hash()
+        held.release()
+        theirs = None
+        if meanwhile == "install":
+            theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
+                                    require_golden=False).release
+        svc._check_health()
+        svc._check_health()
+        health = [e for e in svc.events if e.get("type") == "model_health"]
+        assert len(health) == 2 and svc.reporter.health is None
+        if meanwhile == "nothing":
+            assert health[1]["rollback"] == "done" and health[1]["rolled_back"] is True
+            assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
+        else:
+            assert health[1]["rollback"] == "dropped" and f"'current' is {theirs} now" in health[1]["reason"]
+            assert deployment(deploy).current == theirs and svc.inspector.model_hash == b.model_hash()
+    finally:
+        held.release()
+        svc.inspector.backend.close()
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
     from click.testing import CliRunner
@@ -671,6 +814,61 @@ def test_cli_rollback_to_any_kept_release_and_status_lists_them(bundles, tmp_pat
     res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
     assert res.exit_code == 0 and re.search(rf"{r3}  installed \S+  health rolled_back  \(previous\)", res.output)
     assert re.search(rf"{r1}  installed \S+  health rolled_back  \(current\)", res.output), res.output
+
+
+def test_cli_status_and_rollback_name_a_release_deleted_by_hand_or_with_a_corrupt_manifest(bundles, tmp_path):
+    """status listed a deleted or unopenable release in force or previous as if all were well (exit 0), and
+    a plain rollback whose previous release was deleted said only 'no previous release to roll back to'."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    r = CliRunner()
+    archives = [pack_bundle(b.path, tmp_path / f"{i}.tar") for i, b in enumerate(bundles)]
+
+    def three(name):
+        d = tmp_path / name
+        ids = [install_bundle(a, d, require_golden=False).release for a in archives]
+        return d, ids                                           # ids[2] current, ids[1] previous
+
+    def cli(*args):
+        res = r.invoke(main, [*args])
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception   # no traceback
+        return res
+
+    d, (r1, r2, r3) = three("prev_deleted")
+    shutil.rmtree(d / "releases" / r2)
+    res = cli("bundle", "status", "--deploy", str(d))
+    assert res.exit_code == 0 and f"warning: the previous release, {r2}, is gone (no such folder" in res.stderr
+    assert f"'rollback --to ID' takes a kept one: {r1}" in res.stderr
+    res = cli("bundle", "rollback", "--deploy", str(d))
+    assert res.exit_code == 1 and f"'previous' points at releases/{r2}, which is gone (no such folder" in res.output
+    assert f"roll back to a kept release with --to ID: {r1}" in res.output and deployment(d).current == r3
+    assert cli("bundle", "rollback", "--deploy", str(d), "--to", r1).exit_code == 0
+
+    d, (r1, r2, r3) = three("cur_corrupt")
+    (d / "releases" / r3 / "manifest.json").write_text("{not json")
+    res = cli("bundle", "status", "--deploy", str(d))
+    assert res.exit_code == 1 and re.search(rf"{r3} .*\(current\)  PROBLEM: not openable: .*unreadable manifest",
+                                            res.stdout), res.output
+    assert (f"error: the release in force, releases/{r3}, is not openable: " in res.output
+            and f"roll back to a kept release ('edge-ad bundle rollback', or --to ID: {r2}, {r1})" in res.output)
+    res = cli("bundle", "status", "--deploy", str(d), "--json")
+    out = json.loads(res.stdout)
+    assert res.exit_code == 1 and "unreadable manifest" in out["current_problem"] and out["previous_problem"] is None
+    assert [x["problem"] is None for x in out["releases"]] == [False, True, True]
+    (d / "releases" / r1 / "manifest.json").write_text("")
+    res = cli("bundle", "rollback", "--deploy", str(d), "--to", r1)
+    assert res.exit_code == 2 and f"release {r1} cannot be opened" in res.output and deployment(d).current == r3
+    assert cli("bundle", "rollback", "--deploy", str(d)).exit_code == 0 and deployment(d).current == r2
+
+    d, (r1, r2, r3) = three("cur_deleted")
+    shutil.rmtree(d / "releases" / r3)
+    res = cli("bundle", "status", "--deploy", str(d))
+    assert res.exit_code == 1 and f"error: the release in force, releases/{r3}, is gone (no such folder" in res.output
+    shutil.rmtree(d / "releases")
+    res = cli("bundle", "rollback", "--deploy", str(d), "--to", r1)
+    assert res.exit_code == 2 and f"--to {r1}: no such release: {d} has no releases/ folder" in res.output
 
 
 def test_cli_bundle_refuses_bad_names_and_folders_leaving_nothing(bundles, golden, tmp_path):

@@ -136,6 +136,68 @@ def test_scan_reports_engines_of_other_devices_and_remove(tmp_path):
     assert engine_cache.timing_cache_path(b, ORIN).name == "timing-sm87-trt10.3.0.cache"
 
 
+@pytest.mark.parametrize("passed", [True, False])
+def test_a_cut_while_an_engine_is_switched_in_never_leaves_a_record_of_an_engine_not_there(tmp_path, monkeypatch,
+                                                                                         passed):
+    """compile_bundle's last step (record_engine) with a placeholder engine as build_engine leaves it (engine
+    and sidecar, no guard yet); a power cut at each rename or delete in turn: the bundle still opens and
+    verifies (the report was written before the manifest that records it: a cut between them left a
+    quant_report.json whose sha256 the manifest refused), an engine the report says passed is in place and
+    guarded, the active precision never switches ahead of that record, and a failed engine is never left
+    runnable."""
+    import os
+
+    from edge_ad.compile import guard as guard_mod
+    from edge_ad.compile.tensorrt import record_engine
+
+    real_replace, real_unlink = os.replace, os.unlink
+    seen_done = False
+    for cut_at in range(1, 40):
+        b = _bundle(tmp_path / f"c{cut_at}")
+        guard_mod.write_report(b, [{"candidate": "onnxruntime-int8", "passed": True}])   # quantize's
+        key = _put(b, "int8", guard=False)
+        entry = {"candidate": f"tensorrt-int8-{key.split('-', 2)[2]}", "passed": passed, "checked": 12,
+                 "rank_corr": 0.999, "auroc": 1.0, "engine": f"{key}.engine"}
+        calls = [0]
+
+        def counted(real):
+            def op(*a, **k):
+                calls[0] += 1
+                if calls[0] == cut_at:
+                    raise SystemExit("power cut")
+                return real(*a, **k)
+            return op
+
+        monkeypatch.setattr(os, "replace", counted(real_replace))
+        monkeypatch.setattr(os, "unlink", counted(real_unlink))
+        try:
+            assert record_engine(b, key, dict(entry), "int8") is passed
+            done = True
+        except SystemExit:
+            done = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        monkeypatch.setattr(os, "unlink", real_unlink)
+        on_disk = Bundle.open(b.path, verify=True)
+        report = json.loads(on_disk.file("quant_report.json").read_text())["candidates"]
+        assert "onnxruntime-int8" in report
+        usable = engine_cache.check(on_disk, "int8", ORIN, require_guard=True).ok
+        rec = report.get(entry["candidate"])
+        if passed:
+            if rec is not None:                       # the record names an engine that is there, guarded
+                assert rec["passed"] and usable and (on_disk.engines_dir / rec["engine"]).is_file()
+            assert on_disk.active_precision != "int8" or rec is not None   # never switched ahead of its record
+        else:
+            assert not usable and on_disk.active_precision != "int8"
+            if rec is not None:
+                assert not rec["passed"]
+        if done:
+            assert rec is not None and usable == passed and not list(b.path.glob(".new-*"))
+            assert (on_disk.engines_dir / entry["engine"]).is_file() == passed
+            seen_done = True
+            break
+    assert seen_done
+
+
 def test_supported_tensorrt_releases():
     from edge_ad.runtime.backends.tensorrt import trt_supported
 

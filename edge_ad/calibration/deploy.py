@@ -32,7 +32,8 @@ After the switch the runtime opens :func:`current_path` (the resolved release fo
 :class:`HealthWatch` every result; when the new model leaves the frames handed to it unprocessed for
 ``window_s`` (see :func:`judge_health`), its error rate passes ``max_error_rate``, or its NG rate jumps by
 more than ``max_ng_rate_jump`` over the old model's, the watch calls :func:`rollback_model` and says which
-bundle to reopen.
+bundle to reopen; while another install or rollback holds the deploy folder it tries again at its next
+polls, and never rolls back a release someone else switched in meanwhile.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -55,7 +56,7 @@ import numpy as np
 from .. import atomic
 from ..bundle import Bundle, now_iso
 from ..data.image import IMAGE_EXTS, list_images, load_image
-from ..errors import EdgeADError, InputError, RuntimeFailure
+from ..errors import Busy, EdgeADError, InputError, RuntimeFailure
 from .package import PREFIX, PackageInfo, extract_archive, load_key, read_index
 
 log = logging.getLogger(__name__)
@@ -609,7 +610,8 @@ def deploy_lock(deploy_dir: str | os.PathLike):
     """One install or rollback at a time per deploy folder (a CLI install beside the runtime's update_model
     or its health check's rollback): the
     kernel's lock on ``releases/`` (:func:`atomic.folder_lock`), so a killed install leaves none behind.
-    Re-entrant in one thread; another thread or process gets a RuntimeFailure at once."""
+    Re-entrant in one thread; another thread or process gets a :class:`~edge_ad.errors.Busy` (a
+    RuntimeFailure) at once."""
     return atomic.folder_lock(Path(deploy_dir) / RELEASES,
                               f"{deploy_dir}: another install or rollback in this deploy folder is running; try "
                               "again when it has finished")
@@ -734,11 +736,28 @@ def _release_ids(d: Path, complete: bool = True) -> list[str]:
                   key=lambda n: (_release_seq(n), n), reverse=True)
 
 
+def release_problem(deploy_dir: str | os.PathLike, release: str) -> str | None:
+    """What keeps ``release`` from being run or rolled back to, checked as :func:`rollback_model` checks it
+    (its manifest, and its active graph there and recorded; no sha256 of every file): "gone (no such
+    folder...)", "not a folder", or why it cannot be opened. None when it opens."""
+    p = Path(deploy_dir) / RELEASES / release
+    if not p.is_dir():
+        return ("not a folder" if p.exists() or p.is_symlink()
+                else "gone (no such folder: deleted by hand, or by an older edge-ad's prune)")
+    try:
+        Bundle.open(p).check_graph(verify=False)
+    except (EdgeADError, OSError, ValueError) as exc:
+        return f"not openable: {exc}"
+    return None
+
+
 def releases(deploy_dir: str | os.PathLike) -> list[dict]:
     """The kept releases, newest first: ``id``, ``installed`` (UTC, from the id), ``role`` ("current",
     "previous" or None) and ``health``: the release in force's is :attr:`Deployment.health`; another's is
     the last verdict on it in ``deploy.json``'s history: "ok" (its health check passed), "rolled_back"
-    (rolled back from, by a health check or by hand) or "unknown" (none recorded)."""
+    (rolled back from, by a health check or by hand) or "unknown" (none recorded); ``problem``: None, or
+    why it cannot be run or rolled back to (:func:`release_problem`: a corrupt manifest.json, a missing
+    graph)."""
     d = Path(deploy_dir)
     dep = deployment(d)
     hist = _read_state(d).get("history", [])
@@ -762,7 +781,8 @@ def releases(deploy_dir: str | os.PathLike) -> list[dict]:
         except (IndexError, ValueError):
             installed = None
         role = "current" if rid == dep.current else "previous" if rid == dep.previous else None
-        out.append({"id": rid, "installed": installed, "role": role, "health": health})
+        out.append({"id": rid, "installed": installed, "role": role, "health": health,
+                    "problem": release_problem(d, rid)})
     return out
 
 
@@ -770,15 +790,25 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
     """Point ``current`` at ``previous``, or at the kept release ``to``; the release left becomes
     ``previous`` (so a second plain rollback undoes the first). Returns the new state. Raises
     RuntimeFailure when there is no previous release (none, or the release in force) or it cannot be
-    opened, or another install or rollback holds the deploy folder (:func:`deploy_lock`); InputError when
+    opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
+    :func:`deploy_lock`: nothing changed, try again later); InputError when
     ``to`` is not a kept release, is the one in force, or cannot be opened."""
     d = Path(deploy_dir)
     if not (d / RELEASES).is_dir():
+        if to is not None:
+            raise InputError(f"--to {to}: no such release: {d} has no {RELEASES}/ folder (deleted?); install a "
+                             "release ('edge-ad bundle install')")
         raise RuntimeFailure(f"{d}: no previous release to roll back to (no {RELEASES}/ folder)")
     with deploy_lock(d):
         dep = deployment(d)
         if to is None:
-            if dep.previous is None or not (d / RELEASES / dep.previous).is_dir() or dep.previous == dep.current:
+            if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
+                kept = [r for r in _release_ids(d) if r != dep.current]
+                raise RuntimeFailure(f"{d}: no previous release to roll back to: '{PREVIOUS}' points at "
+                                     f"{RELEASES}/{dep.previous}, which is {release_problem(d, dep.previous)}; "
+                                     + (f"roll back to a kept release with --to ID: {', '.join(kept)}" if kept
+                                        else "no other release is kept"))
+            if dep.previous is None or dep.previous == dep.current:
                 raise RuntimeFailure(f"{d}: no previous release to roll back to"
                                      + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
                                         if dep.previous is not None and dep.previous == dep.current else ""))
@@ -822,6 +852,7 @@ class HealthLimits:
     min_frames: int = 20
     max_error_rate: float = 0.05     # failed inferences / attempts
     max_ng_rate_jump: float = 0.2    # NG rate may rise at most this much (absolute) over the baseline
+    rollback_wait_s: float = 600.0   # a failed model's rollback waits this long for a deploy lock held elsewhere
 
 
 @dataclass(frozen=True)
@@ -834,6 +865,10 @@ class HealthVerdict:
     elapsed_s: float
     rolled_back: bool = False
     restored: Path | None = None     # the bundle folder to reopen after a rollback
+    # a failed verdict's rollback: "done" | "waiting" (another install or rollback holds the deploy lock: retried
+    # at the next polls) | "given_up" (held for rollback_wait_s) | "dropped" ('current' is no longer the release
+    # judged) | "impossible" (no previous release, or it cannot be opened); None: none was due
+    rollback: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -880,13 +915,22 @@ class HealthWatch:
     The runtime calls ``record(ng=..., error=...)`` for every frame (or failed inference) of the new
     model and ``poll()`` now and then (e.g. with telemetry). On "failed", ``poll`` calls
     :func:`rollback_model` (when ``deploy_dir`` is given) and returns ``rolled_back=True`` and the folder
-    to reopen; on "ok" it marks the release healthy. The verdict is final once not "pending".
+    to reopen; on "ok" it marks the release healthy. The verdict is final once not "pending", but for a
+    rollback another install or rollback keeps waiting (:func:`deploy_lock` held elsewhere, e.g. an
+    ``edge-ad bundle install`` from a shell): the verdict stays "failed" with ``rollback`` "waiting" and
+    each later ``poll`` tries again, for up to ``limits.rollback_wait_s`` ("given_up" after that).
+
+    ``release``: the release judged (default: the one ``current`` points at now). Both the rollback and
+    the "ok" record apply to it only: when ``current`` has moved on since (someone else installed or
+    rolled back), the rollback is dropped (``rollback`` "dropped") and nothing is confirmed, so that their
+    release is never rolled back or called healthy on frames of another model.
     """
 
     def __init__(self, deploy_dir: str | os.PathLike | None = None, baseline_ng_rate: float | None = None,
                  limits: HealthLimits | None = None, clock: Callable[[], float] = time.monotonic,
-                 offered: Callable[[], int] | None = None):
+                 offered: Callable[[], int] | None = None, release: str | None = None):
         self.deploy_dir = Path(deploy_dir) if deploy_dir is not None else None
+        self.release = release if release is not None or self.deploy_dir is None else deployment(deploy_dir).current
         self.baseline_ng_rate = baseline_ng_rate
         self.limits = limits or HealthLimits()
         self._clock = clock
@@ -898,10 +942,12 @@ class HealthWatch:
         self._lock = threading.Lock()
         self.frames = self.errors = self.ng = 0
         self._final: HealthVerdict | None = None
+        self._owed: HealthVerdict | None = None    # a failed verdict whose rollback waits for the deploy lock
+        self._owed_since = 0.0
 
     def record(self, ng: bool | None = None, error: bool = False) -> None:
         with self._lock:
-            if self._final is not None:
+            if self._final is not None or self._owed is not None:
                 return
             if error:
                 self.errors += 1
@@ -914,6 +960,8 @@ class HealthWatch:
             if self._final is not None:
                 return self._final
             now = self._clock()
+            if self._owed is not None:
+                return self._roll_back(self._owed, now)
             offered = None
             elapsed = now - self._t0
             if self._offered is not None:
@@ -928,15 +976,57 @@ class HealthWatch:
             if status == "pending":
                 return v
             if self.deploy_dir is not None:
-                if status == "ok":
+                if status == "failed":
+                    self._owed_since = now
+                    return self._roll_back(v, now)
+                moved = self._moved_on()
+                if moved is None:
                     confirm(self.deploy_dir)
                 else:
-                    try:
-                        dep = rollback_model(self.deploy_dir, reason=f"health check: {reason}")
-                        v = HealthVerdict(status, reason, v.frames, v.errors, v.ng_rate, elapsed,
-                                          rolled_back=True, restored=dep.current_path)
-                    except RuntimeFailure as exc:
-                        v = HealthVerdict(status, f"{reason}; rollback impossible: {exc}", v.frames, v.errors,
-                                          v.ng_rate, elapsed)
+                    v = replace(v, reason=f"{reason}; not recorded as healthy: {moved}")
             self._final = v
             return v
+
+    def _moved_on(self) -> str | None:
+        """Why the deploy folder's release in force is no longer the one judged; None while it is."""
+        cur = deployment(self.deploy_dir).current
+        if self.release is None or cur == self.release:
+            return None
+        return (f"'{CURRENT}' is {cur or 'gone'} now, not the release judged, {self.release} (switched by another "
+                "install or rollback)")
+
+    def _roll_back(self, v: HealthVerdict, now: float) -> HealthVerdict:
+        """Roll the failed release back (under the deploy lock, only while it is still ``current``); the
+        verdict to return: final, or "waiting" while another install or rollback holds the lock."""
+        try:
+            with deploy_lock(self.deploy_dir):
+                moved = self._moved_on()
+                if moved is not None:
+                    return self._finish(replace(v, reason=f"{v.reason}; rollback dropped: {moved}",
+                                                rollback="dropped"))
+                dep = rollback_model(self.deploy_dir, reason=f"health check: {v.reason}")
+        except Busy as exc:
+            waited = now - self._owed_since
+            if waited >= self.limits.rollback_wait_s:
+                log.error("the rollback of %s is given up: the deploy lock stayed held for %.0f s", self.release,
+                          waited)
+                return self._finish(replace(v, reason=(
+                    f"{v.reason}; rollback given up: another install or rollback held the deploy folder for "
+                    f"{waited:.0f} s ({exc}); the failing model keeps inspecting until 'edge-ad bundle rollback' "
+                    "or a restart (which watches the release again)"), rollback="given_up"))
+            if self._owed is None:
+                log.warning("the rollback of %s waits for the deploy lock: %s", self.release, exc)
+            self._owed = v
+            return replace(v, reason=(f"{v.reason}; the rollback waits for the deploy folder, which another install "
+                                      f"or rollback holds ({exc}): tried again at every check for up to "
+                                      f"{self.limits.rollback_wait_s:g} s"), rollback="waiting")
+        except RuntimeFailure as exc:
+            return self._finish(replace(v, reason=f"{v.reason}; rollback impossible: {exc}", rollback="impossible"))
+        waited = "" if self._owed is None else f" (after waiting {now - self._owed_since:.0f} s for the deploy lock)"
+        return self._finish(replace(v, reason=v.reason + waited, rolled_back=True, restored=dep.current_path,
+                                    rollback="done"))
+
+    def _finish(self, v: HealthVerdict) -> HealthVerdict:
+        self._owed = None
+        self._final = v
+        return v

@@ -403,22 +403,40 @@ def rollback_cmd(deploy_dir, to):
 @click.option("--json", "as_json", is_flag=True)
 def status_cmd(deploy_dir, as_json):
     """The release in force, the previous one, the health of the last switch, and every kept release
-    (newest first: id, install time, health) that 'edge-ad bundle rollback --to ID' can switch to."""
+    (newest first: id, install time, health) that 'edge-ad bundle rollback --to ID' can switch to.
+
+    A release that cannot be run or rolled back to (its folder deleted by hand, a corrupt manifest.json)
+    is named with what is wrong; exit 1 when it is the release in force, after the listing."""
     from ..calibration import deployment
-    from ..calibration.deploy import releases
+    from ..calibration.deploy import release_problem, releases
+    from ..errors import RuntimeFailure
 
     dep = deployment(deploy_dir, must_exist=True)
     kept = releases(deploy_dir)
+    problems = {role: release_problem(deploy_dir, rid) if rid else None
+                for role, rid in (("current", dep.current), ("previous", dep.previous))}
+    others = [r["id"] for r in kept if r["id"] != dep.current and not r["problem"]]
     out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
-           "current_path": str(dep.current_path) if dep.current_path else None, **dep.detail, "releases": kept}
+           "current_path": str(dep.current_path) if dep.current_path else None, **dep.detail,
+           "current_problem": problems["current"], "previous_problem": problems["previous"], "releases": kept}
     if as_json:
         _echo_json(out)
-        return
-    click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or '-'}  health: {dep.health}")
-    click.echo("kept releases, newest first ('edge-ad bundle rollback --to ID' switches to one):")
-    for r in kept:
-        click.echo(f"  {r['id']}  installed {r['installed'] or '?'}  health {r['health']}"
-                   + (f"  ({r['role']})" if r["role"] else ""))
+    else:
+        click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or '-'}  health: {dep.health}")
+        if problems["previous"] and dep.previous != dep.current:
+            click.echo(f"warning: the previous release, {dep.previous}, is {problems['previous']}: a plain "
+                       "'edge-ad bundle rollback' is refused"
+                       + (f"; 'rollback --to ID' takes a kept one: {', '.join(others)}" if others else ""), err=True)
+        click.echo("kept releases, newest first ('edge-ad bundle rollback --to ID' switches to one):")
+        for r in kept:
+            click.echo(f"  {r['id']}  installed {r['installed'] or '?'}  health {r['health']}"
+                       + (f"  ({r['role']})" if r["role"] else "")
+                       + (f"  PROBLEM: {r['problem']}" if r["problem"] else ""))
+    if problems["current"]:
+        raise RuntimeFailure(f"the release in force, releases/{dep.current}, is {problems['current']}; "
+                             "'edge-ad run' cannot run it: "
+                             + (f"roll back to a kept release ('edge-ad bundle rollback', or --to ID: "
+                                f"{', '.join(others)})" if others else "install a release ('edge-ad bundle install')"))
 
 
 @bundle_group.command("keygen")

@@ -357,9 +357,12 @@ def judge(entry: dict, limits: GuardLimits) -> list[str]:
     return failures
 
 
-def write_report(bundle: Bundle, entries: Sequence[dict]) -> Path:
-    """Merge entries (by candidate name) into ``quant_report.json``, atomically, recorded in the manifest."""
-    bundle.add_file(REPORT, data=report_data(bundle, entries))
+def write_report(bundle: Bundle, entries: Sequence[dict], meta: dict | None = None) -> Path:
+    """Merge entries (by candidate name) into ``quant_report.json`` and record it in the manifest, with the
+    top-level manifest fields ``meta`` (e.g. ``active``) as one change (:meth:`Bundle.replace_files`): a
+    power cut leaves the old report and manifest or the new ones. (Written, then recorded, a cut between
+    the two left a report whose sha256 the manifest refused: a bundle that no longer opened.)"""
+    bundle.replace_files({REPORT: report_data(bundle, entries)}, meta=meta)
     return bundle.file(REPORT)
 
 

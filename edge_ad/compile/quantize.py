@@ -388,7 +388,7 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
             _say(progress, guard_mod.summary(e))
         report = guard_mod.report_data(bundle, entries)
         if not all(e["passed"] for e in entries):
-            bundle.add_file(guard_mod.REPORT, data=report)
+            guard_mod.write_report(bundle, entries)
             guard_mod.raise_on_failure(entries)
         files = [path.name for path in made.values()]
         graph = "model.fp16.onnx" if precision == "fp16" else "model.int8.onnx"

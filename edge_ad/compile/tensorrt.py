@@ -248,21 +248,45 @@ def compile_bundle(bundle: Bundle, precision: str = "best", max_batch: int = DEF
             backend.close()
         entry.update(engine=res.check.engine.name, built=res.built, refused=res.refused,
                      build_seconds=res.seconds, source_graph=res.source_graph, typing=res.typing)
-        guard_mod.write_report(bundle, [entry])
-        _say(progress, guard_mod.summary(entry))
-        if entry["passed"]:
-            engine_cache.update_sidecar(bundle, res.check.key, guard={
-                "passed": True, "checked": entry["checked"], "rank_corr": entry["rank_corr"],
-                "auroc": entry["auroc"]})
-            graph = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[prec]
-            if bundle.has(graph):  # an fp16 engine built from model.onnx leaves the ONNX side as it is
-                bundle.set_active(graph, prec)
+        if record_engine(bundle, res.check.key, entry, prec):
+            _say(progress, guard_mod.summary(entry))
             return entry
-        engine_cache.remove(bundle, res.check.key)
+        _say(progress, guard_mod.summary(entry))
         last_failure = entry
         _say(progress, f"{prec} engine failed the guard and was removed")
     guard_mod.raise_on_failure([last_failure])
     raise GuardFailure("no engine passed the guard")
+
+
+def record_engine(bundle: Bundle, key: str, entry: dict, precision: str) -> bool:
+    """Switch the engine ``key`` (written with its sidecar by :func:`build_engine`) in when its guard
+    ``entry`` passed, else out, and record ``entry`` in ``quant_report.json``; returns whether it passed.
+
+    The engine first, then the records that name it, so that a power cut at any point leaves a bundle
+    that opens and no record of an engine that is not in force:
+
+    - passed: the sidecar records the guard (from then on the runtime may run the engine: it runs only
+      engines whose sidecar says they passed), then the report and the active precision change as one
+      (:func:`guard.write_report`: :meth:`Bundle.replace_files`, as ``edge-ad quantize`` switches its graphs
+      in). The report was written first, on its own and then recorded: a cut between the two left a
+      ``quant_report.json`` whose sha256 the manifest refused (a bundle that no longer opened), a cut before
+      the sidecar a report saying "passed" of an engine the runtime refuses;
+    - failed: the engine goes (sidecar first, :func:`engine_cache.remove`), then the report says why.
+    """
+    from . import guard as guard_mod
+
+    if entry["passed"]:
+        engine_cache.update_sidecar(bundle, key, guard={
+            "passed": True, "checked": entry["checked"], "rank_corr": entry["rank_corr"],
+            "auroc": entry["auroc"]})
+        graph = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[precision]
+        # an fp16 engine built from model.onnx leaves the ONNX side as it is
+        guard_mod.write_report(bundle, [entry], meta={"active": {"graph": graph, "precision": precision}}
+                               if bundle.has(graph) else None)
+        return True
+    engine_cache.remove(bundle, key)
+    guard_mod.write_report(bundle, [entry])
+    return False
 
 
 def _say(progress: bool, msg: str) -> None:

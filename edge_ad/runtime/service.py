@@ -111,6 +111,7 @@ class Service:
         self.started_wall = time.time()
         self._t0 = time.monotonic()
         self._swap_lock = threading.Lock()
+        self._health_waiting = None   # the HealthWatch whose rollback waits for the deploy lock, once said
         self.transient_threshold: float | None = None  # set_threshold {persist: false}, until a calibration swap
         self.override_under_transient: float | None = None  # the override it replaced: back on that swap
         self._build()
@@ -232,7 +233,8 @@ class Service:
         if dep is not None and dep.current_path.resolve() == Path(self.bundle.path).resolve():
             log.warning("release %s of %s is pending: its health is watched (rolled back when it fails)",
                         dep.current, d)
-            self.reporter.health = HealthWatch(d, baseline_ng_rate=baseline_ng_rate, offered=self._offered)
+            self.reporter.health = HealthWatch(d, baseline_ng_rate=baseline_ng_rate, offered=self._offered,
+                                               release=dep.current)
 
     def _offered(self) -> int:
         """Frames the pipeline has handed to the model so far (captured, triggered, not paused)."""
@@ -519,7 +521,8 @@ class Service:
             raise RuntimeFailure(f"update_model: {res.release} was installed but could not be swapped in ({exc}); "
                                  f"'current' is back on {dep.current}, the running model is unchanged") from exc
         if not res.already_installed:
-            self.reporter.health = HealthWatch(m.deploy_dir, baseline_ng_rate=baseline, offered=self._offered)
+            self.reporter.health = HealthWatch(m.deploy_dir, baseline_ng_rate=baseline, offered=self._offered,
+                                               release=res.release)
         out.update({"activated": True, "install": res.summary(),
                     "health": "pending" if not res.already_installed else "unchanged"})
         return _jsonable(out)
@@ -532,14 +535,23 @@ class Service:
         return sum(recent) / len(recent) if recent and not all(recent) else None
 
     def _check_health(self) -> None:
-        """After a model update: roll back when the new model's first frames look wrong."""
+        """After a model update: roll back when the new model's first frames look wrong. A rollback that
+        waits for the deploy lock (an 'edge-ad bundle install' or 'rollback' from a shell holds it) keeps the
+        watch, which tries again at every call: one event says it waits, one more how it ended."""
         watch = self.reporter.health
         if watch is None:
             return
         v = watch.poll()
         if v.status == "pending":
             return
+        if v.rollback == "waiting":
+            if self._health_waiting is not watch:   # said once; the next event is the outcome
+                self._health_waiting = watch
+                log.error("the new model failed its health check: %s", v.reason)
+                self.event({"type": "model_health", **_jsonable(v.to_dict())})
+            return
         self.reporter.health = None
+        self._health_waiting = None
         if v.status == "ok":
             self.event({"type": "model_health", "status": "ok", "reason": v.reason})
             return
