@@ -21,6 +21,11 @@ key signs, the public key verifies; needs the optional ``cryptography`` package,
 folder: the signature (when a key is given, an unsigned archive is refused), member names and types
 (regular files under ``bundle/`` only: no links, devices, absolute paths or ``..``), that the files are
 exactly those of the index, and each file's size and sha256.
+
+The index and the signature are the archive's first members, as ``pack`` writes them, and only they are
+read before the signature is checked: an archive is never read through (a .tar.gz decompressed whole, a
+member list kept in memory) on the strength of an index that may not verify. An index lists at most
+:data:`MAX_FILES` files, so nothing an archive says can make extraction keep a huge member list.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ SIGNATURE = "edge-ad-package.sig"
 PREFIX = "bundle"
 FORMAT = "edge-ad-package"
 FORMAT_VERSION = 1
+# A bundle has tens of files (graphs, checkpoint, calibration versions, Gaussian statistics): an index or an
+# archive with more entries than this is not one, and reading it would only cost time and memory.
+MAX_FILES = 10_000
 
 
 @dataclass(frozen=True)
@@ -292,25 +300,34 @@ def read_index(archive: str | os.PathLike, key: bytes | str | os.PathLike | Sign
 
 
 def _index_and_sig(tar: tarfile.TarFile, archive: Path) -> tuple[bytes, dict | None]:
+    """The index and the signature: the archive's first members ('edge-ad bundle pack' writes the index, then
+    the signature). Reading stops at the first other member, so what follows is never read (nor decompressed,
+    nor kept in ``tar.members``) before the signature is checked: a hostile archive of a million members is
+    refused at once. :func:`extract_archive` refuses an index or a signature found later on."""
     index_bytes = sig_bytes = None
+    seen = []   # the names read: at most the index, the signature and one other
     try:
         for m in tar:
-            if m.name in (INDEX, SIGNATURE):
-                if not m.isfile() or m.size > 64 << 20:
-                    raise InputError(f"{archive}: '{m.name}' is not a plain file of sane size; update refused")
-                data = tar.extractfile(m).read()
-                if m.name == INDEX:
-                    if index_bytes is not None:
-                        raise InputError(f"{archive}: two '{INDEX}' members; update refused")
-                    index_bytes = data
-                else:
-                    if sig_bytes is not None:
-                        raise InputError(f"{archive}: two '{SIGNATURE}' members; update refused")
-                    sig_bytes = data
+            seen.append(f"'{m.name[:200]}'")
+            if m.name not in (INDEX, SIGNATURE):
+                break
+            if not m.isfile() or m.size > 64 << 20:
+                raise InputError(f"{archive}: '{m.name}' is not a plain file of sane size; update refused")
+            data = tar.extractfile(m).read()
+            if m.name == INDEX:
+                if index_bytes is not None:
+                    raise InputError(f"{archive}: two '{INDEX}' members; update refused")
+                index_bytes = data
+            else:
+                if sig_bytes is not None:
+                    raise InputError(f"{archive}: two '{SIGNATURE}' members; update refused")
+                sig_bytes = data
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise InputError(f"{archive}: corrupt archive ({exc}); update refused") from exc
     if index_bytes is None:
-        raise InputError(f"{archive}: no '{INDEX}' (not made by 'edge-ad bundle pack'); update refused")
+        found = f"it starts with {', '.join(seen)}" if seen else "it holds no member"
+        raise InputError(f"{archive}: no '{INDEX}' among its first two members ({found}); an archive made by "
+                         f"'edge-ad bundle pack' starts with its index, then its signature; update refused")
     sig = None
     if sig_bytes is not None:
         try:
@@ -346,6 +363,9 @@ def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: Signi
         files = index["files"]
         if not isinstance(files, dict) or f"{PREFIX}/manifest.json" not in files:
             raise ValueError("'files' does not list bundle/manifest.json")
+        if len(files) > MAX_FILES:
+            raise ValueError(f"'files' lists {len(files):,} entries; a bundle has tens, at most {MAX_FILES:,} are "
+                             "accepted")
         for name, rec in files.items():
             _safe_name(name, str(archive))
             if not isinstance(rec, dict) or len(str(rec.get("sha256", ""))) != 64:
@@ -391,9 +411,18 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
     try:
         with _open_tar(archive) as tar:
             try:
+                count, head = 0, True   # head: still among the index and signature members at the start
                 for m in tar:
+                    count += 1   # every member is kept in tar.members: a signed index cannot lift this cap
+                    if count > MAX_FILES + 2:
+                        raise InputError(f"{archive}: more than {MAX_FILES:,} members besides its index and "
+                                         "signature (a bundle has tens of files); update refused")
                     if m.name in (INDEX, SIGNATURE):
+                        if not head:   # read_index stopped before it: never checked, never ignored
+                            raise InputError(f"{archive}: '{m.name}' after the bundle's files ('edge-ad bundle "
+                                             "pack' writes it first); update refused")
                         continue
+                    head = False
                     if m.isdir():
                         _safe_name(m.name + "/x", str(archive))
                         continue
