@@ -379,6 +379,36 @@ def test_an_index_or_archive_of_more_entries_than_a_bundle_has_is_refused(tiny_b
     assert not (tmp_path / "deploy").exists()
 
 
+@pytest.mark.parametrize("file,under", [("bundle/manifest.json", "bundle/manifest.json/x"),
+                                        ("bundle/model.onnx", "bundle/model.onnx/x/y"),
+                                        ("bundle/calibration.d/0001.json", "bundle/calibration.d/0001.json/z")])
+def test_an_index_listing_a_file_and_a_file_under_it_is_refused_as_the_archives_fault(tiny_bundle, tmp_path,
+                                                                                       file, under):
+    """'bundle/a' and 'bundle/a/b' cannot both be files: extracting them failed on the disk ("is a directory"),
+    reported as a write failure (exit 1, "update not installed") as if the disk were at fault."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    good = pack_bundle(tiny_bundle.path, tmp_path / "good.tar")
+    bad = _forged(good, tmp_path / "bad.tar", before={under: b"x"})    # extracted before the file itself
+    msg = f"bad.tar: the index lists both '{file}' and '{under}'"
+    with pytest.raises(InputError, match=re.escape(msg)):
+        read_index(bad)
+    res = CliRunner().invoke(main, ["bundle", "install", str(bad), "--deploy", str(tmp_path / "deploy"), "--no-golden"])
+    assert res.exit_code == 2 and msg in res.output and "would be a file and a folder at once" in res.output, res.output
+    assert not (tmp_path / "deploy").exists()
+
+
+@pytest.mark.parametrize("name", ["bundle/manifest.json/", "./bundle/manifest.json", "bundle/./manifest.json",
+                                  "bundle//manifest.json"])
+def test_an_index_entry_that_names_a_file_twice_is_refused(tiny_bundle, tmp_path, name):
+    """Another spelling of a listed name (trailing slash, './', '//') is no plain relative path."""
+    good = pack_bundle(tiny_bundle.path, tmp_path / "good.tar")
+    with pytest.raises(InputError, match=f"member '{re.escape(name)}' is outside bundle/ or not a plain relative"):
+        read_index(_forged(good, tmp_path / "bad.tar", add={name: b"x"}))
+
+
 @pytest.mark.parametrize("edit", ['"format_version": 1e999', '"bytes": 1e999', '"bytes": "12"'])
 def test_an_index_with_numbers_that_are_not_whole_is_refused(tiny_bundle, tmp_path, edit):
     good = pack_bundle(tiny_bundle.path, tmp_path / "a.tar")

@@ -372,6 +372,14 @@ def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: Signi
                 raise ValueError(f"entry '{name}' lacks sha256")
             if not _is_int(rec.get("bytes")) or rec["bytes"] < 0:
                 raise ValueError(f"entry '{name}': bytes {str(rec.get('bytes'))[:40]!r} is not a whole number >= 0")
+        for name in files:
+            # 'bundle/a' and 'bundle/a/b' cannot both be files: extracting one would fail on the other as if
+            # the disk were at fault
+            for parent in PurePosixPath(name).parents[:-2]:
+                if parent.as_posix() in files:
+                    raise InputError(f"{archive}: the index lists both '{parent}' and '{name}', so '{parent}' would "
+                                     "be a file and a folder at once (not made by 'edge-ad bundle pack'); update "
+                                     "refused")
     except InputError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
