@@ -409,6 +409,33 @@ def test_an_index_entry_that_names_a_file_twice_is_refused(tiny_bundle, tmp_path
         read_index(_forged(good, tmp_path / "bad.tar", add={name: b"x"}))
 
 
+@pytest.mark.parametrize("name,why", [("bundle/engines/x.engine", "is never part of a bundle archive"),
+                                      ("bundle/train_state.pt", "is never part of a bundle archive"),
+                                      ("bundle/eval/report.json", "is never part of a bundle archive"),
+                                      ("bundle/notes.txt", "is not part of the bundle, its manifest.json does not"),
+                                      ("bundle/model.int8.onnx", "is not part of the bundle"),   # not recorded
+                                      ("bundle/gaussian.d/0001.npz", "is not part of the bundle"),
+                                      ("bundle/calibration.d/rollbacks.json", "is not part of the bundle"),
+                                      ("bundle/calibration.d/00001.json", "is not part of the bundle")])
+def test_install_refuses_files_a_bundle_never_ships(bundles, golden, tmp_path, name, why):
+    """An archive holds what pack ships (manifest.json, calibration.json, calibration.d/NNNN.json and the files
+    the manifest records); anything else in a signed index was installed with the bundle: an engine built
+    for another GPU, training state, a file the manifest does not record."""
+    a, b, _ = bundles
+    key = tmp_path / "secret"
+    key.write_bytes(b"0123456789abcdef-line-7-secret\n")
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    before, dep_before = _release_files(deploy), deployment(deploy)
+    bad = _forged(pack_bundle(b.path, tmp_path / "b.tar"), tmp_path / "bad.tar", add={name: b"not shipped"}, key=key)
+    with pytest.raises(InputError, match=f"bad.tar: '{re.escape(name)}' {why}.*update refused"):
+        install_bundle(bad, deploy, golden, key=key)
+    assert _release_files(deploy) == before and deployment(deploy) == dep_before
+    assert not [p for p in (deploy / "releases").iterdir() if p.name.startswith(".")]   # no staging left
+    res = install_bundle(pack_bundle(b.path, tmp_path / "b2.tar", sign_key=key), deploy, golden, key=key)
+    assert deployment(deploy).current == res.release
+
+
 @pytest.mark.parametrize("edit", ['"format_version": 1e999', '"bytes": 1e999', '"bytes": "12"'])
 def test_an_index_with_numbers_that_are_not_whole_is_refused(tiny_bundle, tmp_path, edit):
     good = pack_bundle(tiny_bundle.path, tmp_path / "a.tar")

@@ -20,7 +20,8 @@ key signs, the public key verifies; needs the optional ``cryptography`` package,
 'edge-ad[sign]'``). :func:`extract_archive` checks everything before a byte lands outside its staging
 folder: the signature (when a key is given, an unsigned archive is refused), member names and types
 (regular files under ``bundle/`` only: no links, devices, absolute paths or ``..``), that the files are
-exactly those of the index, and each file's size and sha256.
+exactly those of the index, and each file's size and sha256; then, before the caller installs anything,
+that every file is one ``pack`` ships (:func:`ships`).
 
 The index and the signature are the archive's first members, as ``pack`` writes them, and only they are
 read before the signature is checked: an archive is never read through (a .tar.gz decompressed whole, a
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..bundle import NOT_SHIPPED, Bundle, now_iso
+from ..bundle import _CAL_RE, NOT_SHIPPED, Bundle, now_iso
 from ..errors import InputError, RuntimeFailure
 
 INDEX = "edge-ad-package.json"
@@ -180,17 +181,39 @@ def _verify(key: SigningKey, data: bytes, sig: dict, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------- pack
+_NEVER = [n + "/" if n in ("engines", "eval") else n for n in NOT_SHIPPED]
+# what an archive's bundle/ may hold, for messages
+SHIPPED = ("manifest.json, calibration.json, calibration.d/NNNN.json and the files its manifest.json records; "
+           f"never {', '.join(_NEVER[:-1])} or {_NEVER[-1]}")
+
+
+def ships(rel: str, b: Bundle) -> bool:
+    """Whether bundle file ``rel`` is one ``pack`` ships from bundle ``b`` (:func:`_bundle_files`), and so one an
+    archive may hold: manifest.json, calibration.json, a calibration version ``calibration.d/NNNN.json``, a
+    file the manifest records (or a :meth:`Bundle.replace_files` cut off by a power cut was renaming in); never
+    what :data:`edge_ad.bundle.NOT_SHIPPED` names, even recorded (TensorRT engines are built for one GPU,
+    training state stays where it was trained)."""
+    if rel.split("/")[0] in NOT_SHIPPED:
+        return False
+    if rel in ("manifest.json", "calibration.json") or rel in b.manifest["files"] or rel in b.replacing:
+        return True
+    folder, _, name = rel.rpartition("/")
+    m = _CAL_RE.match(name)
+    return folder == "calibration.d" and m is not None and b.calibration_version_file(int(m.group(1))).name == name
+
+
 def _bundle_files(b: Bundle) -> list[str]:
     """What the bundle consists of: manifest.json, the files it records, the calibration in force and its
-    history (never :data:`edge_ad.bundle.NOT_SHIPPED` or files the manifest does not record). A file that is a
-    symbolic link is refused: packed as a link, no device would accept it."""
+    history (never :data:`edge_ad.bundle.NOT_SHIPPED` or files the manifest does not record: :func:`ships`,
+    which an install checks every file of an archive against). A file that is a symbolic link is refused:
+    packed as a link, no device would accept it."""
     root = b.path
     names = {"manifest.json", "calibration.json", *b.manifest["files"], *b.replacing}
     names |= {f"calibration.d/{b.calibration_version_file(v).name}" for v in b.calibration_versions()}
     out = []
     for rel in sorted(names):
         p = b.file(rel)
-        if rel.split("/")[0] in NOT_SHIPPED:
+        if not ships(rel, b):
             continue
         if p.is_symlink():   # left out, the archive would miss a file its manifest records
             raise InputError(f"{p}: a symbolic link (to {os.readlink(p)}); bundle files must be regular files: "
@@ -373,6 +396,9 @@ def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: Signi
             if not _is_int(rec.get("bytes")) or rec["bytes"] < 0:
                 raise ValueError(f"entry '{name}': bytes {str(rec.get('bytes'))[:40]!r} is not a whole number >= 0")
         for name in files:
+            if name.split("/")[1] in NOT_SHIPPED:   # whatever the manifest says: see ships()
+                raise InputError(f"{archive}: '{name}' is never part of a bundle archive (it holds {SHIPPED}); "
+                                 "update refused")
             # 'bundle/a' and 'bundle/a/b' cannot both be files: extracting one would fail on the other as if
             # the disk were at fault
             for parent in PurePosixPath(name).parents[:-2]:
@@ -479,7 +505,16 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
         if missing:
             raise InputError(f"{archive}: files listed in the index are missing: {', '.join(missing[:5])}; "
                              "update refused")
-        Bundle.open(dest, verify=True)
+        # Only files 'pack' ships: which ones depends on the manifest, which is one member among the others
+        # (sorted after the checkpoint), so this is checked once all are extracted into dest rather than in a
+        # second read of the whole archive. dest is a new folder of the caller's (a release's staging folder)
+        # and removed below, so a refused file is never installed, nor left behind.
+        b = Bundle.open(dest, verify=True)
+        foreign = sorted(n for n in files if not ships(n[len(PREFIX) + 1:], b))
+        if foreign:
+            raise InputError(f"{archive}: '{foreign[0]}' is not part of the bundle, its manifest.json does not "
+                             f"record it (an archive holds {SHIPPED}: pack the bundle again with 'edge-ad bundle "
+                             "pack', which ships only those); update refused")
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
