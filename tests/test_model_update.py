@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -264,12 +266,174 @@ def test_unsafe_members_are_refused(bundles, golden, tmp_path):
         info.size = len(data)
         dst.addfile(info, io.BytesIO(data))
 
+    def late_signature(dst):   # read_index stops before it: never checked, so never ignored either
+        data = b'{"alg": "hmac-sha256", "key_id": "x", "signature": "00"}'
+        info = tarfile.TarInfo("edge-ad-package.sig")
+        info.size = len(data)
+        dst.addfile(info, io.BytesIO(data))
+
     for name, extra, msg in (("trav.tar", traversal, "outside bundle/"), ("link.tar", link, "link or special"),
-                             ("stray.tar", stray, "not in the index")):
+                             ("stray.tar", stray, "not in the index"),
+                             ("late.tar", late_signature, "'edge-ad-package.sig' after the bundle's files")):
         with pytest.raises(InputError, match=msg):
             install_bundle(rewrite(name, extra), deploy, golden)
     assert not (tmp_path / "evil.txt").exists() and deployment(deploy).current is None
     assert not deploy.exists()  # a refused first install leaves no deploy folder (not even an empty releases/)
+
+
+def _forged(good: Path, out: Path, add: dict[str, bytes] = {}, before: dict[str, bytes] = {},  # noqa: B006
+            key=None) -> Path:
+    """``good`` (made by pack) with files the index lists as well: ``add`` after the bundle's files, ``before``
+    ahead of them (right after the index and signature); re-signed with ``key`` (a signed index can list them
+    too)."""
+    from edge_ad.calibration.package import _sign, load_key
+
+    with tarfile.open(good) as src:
+        members = [(m, src.extractfile(m).read()) for m in src]
+    index = json.loads(members[0][1])
+    assert members[0][0].name == "edge-ad-package.json"
+    for name, data in {**before, **add}.items():
+        index["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    head = {"edge-ad-package.json": json.dumps(index).encode()}
+    if key is not None:
+        k = load_key(key)
+        head["edge-ad-package.sig"] = json.dumps({"alg": k.alg, "key_id": k.key_id,
+                                                  "signature": _sign(k, head["edge-ad-package.json"])}).encode()
+    body = {m.name: data for m, data in members if not m.name.startswith("edge-ad-package.")}
+    with tarfile.open(out, "w") as dst:
+        for name, data in {**head, **before, **body, **add}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    return out
+
+
+def test_only_the_index_and_signature_are_read_before_the_signature_is_checked(tiny_bundle, tmp_path):
+    """pack writes the index, then the signature, as the first members: reading stops at the first other one,
+    so an archive of a million members is refused at once (it was read through, 24 s and 566 MiB, every member
+    kept in memory), and nothing after that member is read, nor decompressed, before the signature is
+    checked."""
+    good = pack_bundle(tiny_bundle.path, tmp_path / "good.tar")
+    with tarfile.open(good) as src:
+        index = src.extractfile("edge-ad-package.json").read()
+    info = tarfile.TarInfo("edge-ad-package.json")
+    info.size = len(index)
+    many = tmp_path / "many.tar.gz"        # 100,000 empty members, then the index
+    gz = zlib.compressobj(1, zlib.DEFLATED, 31)
+    with open(many, "wb") as fh:
+        for _ in range(100):
+            fh.write(gz.compress(tarfile.TarInfo("bundle/x").tobuf() * 1000))
+        pad = -len(index) % 512
+        fh.write(gz.compress(info.tobuf() + index + b"\0" * (pad + 1024)) + gz.flush())
+    with pytest.raises(InputError, match=r"many.tar.gz: no 'edge-ad-package.json' among its first two members "
+                                         r"\(it starts with 'bundle/x'\); an archive made by 'edge-ad bundle pack' "
+                                         r"starts with its index, then its signature; update refused"):
+        read_index(many)
+    with pytest.raises(InputError, match="no 'edge-ad-package.json' among its first two members"):
+        install_bundle(many, tmp_path / "deploy", require_golden=False)
+    assert not (tmp_path / "deploy").exists()
+    sig_first = tmp_path / "sig-first.tar"   # a signature, then neither the index nor a signature
+    with tarfile.open(sig_first, "w") as dst:
+        for name, data in (("edge-ad-package.sig", b"{}"), ("bundle/x", b""), ("edge-ad-package.json", index)):
+            m = tarfile.TarInfo(name)
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    with pytest.raises(InputError, match=r"first two members \(it starts with 'edge-ad-package.sig', 'bundle/x'\)"):
+        read_index(sig_first)
+
+    # a .tar.gz cut short in its third member: read_index never gets there; an install reads it all
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    b.add_file("checkpoint.pt", data=np.random.default_rng(0).bytes(1 << 18))   # incompressible
+    whole = pack_bundle(b.path, tmp_path / "b.tar.gz").read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    assert read_index(cut).index == read_index(tmp_path / "b.tar.gz").index
+    with pytest.raises(InputError, match="cut.tar.gz: corrupt archive"):
+        install_bundle(cut, tmp_path / "deploy", require_golden=False)
+    assert not (tmp_path / "deploy").exists()
+
+
+def test_an_index_or_archive_of_more_entries_than_a_bundle_has_is_refused(tiny_bundle, tmp_path):
+    """A bundle has tens of files: an index listing more than MAX_FILES (10,000) is refused, so no index,
+    signed or not, can make an extraction keep a list of a million members; neither can directory members,
+    which no index lists."""
+    from edge_ad.calibration.package import MAX_FILES
+
+    good = pack_bundle(tiny_bundle.path, tmp_path / "good.tar")
+    big = _forged(good, tmp_path / "big.tar", add={f"bundle/calibration.d/{i:04d}.json": b"" for i in
+                                                   range(2, MAX_FILES)})
+    with pytest.raises(InputError, match=r"big.tar: invalid 'edge-ad-package.json' \('files' lists 10,002 entries; "
+                                         r"a bundle has tens, at most 10,000 are accepted\)"):
+        read_index(big)
+    dirs = tmp_path / "dirs.tar"
+    with tarfile.open(good) as src, tarfile.open(dirs, "w") as dst:
+        for m in src:
+            dst.addfile(m, src.extractfile(m))
+        folder = tarfile.TarInfo("bundle/calibration.d")
+        folder.type = tarfile.DIRTYPE
+        for _ in range(MAX_FILES):
+            dst.addfile(folder)
+    read_index(dirs)   # the index is fine
+    with pytest.raises(InputError, match="dirs.tar: more than 10,000 members besides its index and signature"):
+        install_bundle(dirs, tmp_path / "deploy", require_golden=False)
+    assert not (tmp_path / "deploy").exists()
+
+
+@pytest.mark.parametrize("file,under", [("bundle/manifest.json", "bundle/manifest.json/x"),
+                                        ("bundle/model.onnx", "bundle/model.onnx/x/y"),
+                                        ("bundle/calibration.d/0001.json", "bundle/calibration.d/0001.json/z")])
+def test_an_index_listing_a_file_and_a_file_under_it_is_refused_as_the_archives_fault(tiny_bundle, tmp_path,
+                                                                                       file, under):
+    """'bundle/a' and 'bundle/a/b' cannot both be files: extracting them failed on the disk ("is a directory"),
+    reported as a write failure (exit 1, "update not installed") as if the disk were at fault."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    good = pack_bundle(tiny_bundle.path, tmp_path / "good.tar")
+    bad = _forged(good, tmp_path / "bad.tar", before={under: b"x"})    # extracted before the file itself
+    msg = f"bad.tar: the index lists both '{file}' and '{under}'"
+    with pytest.raises(InputError, match=re.escape(msg)):
+        read_index(bad)
+    res = CliRunner().invoke(main, ["bundle", "install", str(bad), "--deploy", str(tmp_path / "deploy"), "--no-golden"])
+    assert res.exit_code == 2 and msg in res.output and "would be a file and a folder at once" in res.output, res.output
+    assert not (tmp_path / "deploy").exists()
+
+
+@pytest.mark.parametrize("name", ["bundle/manifest.json/", "./bundle/manifest.json", "bundle/./manifest.json",
+                                  "bundle//manifest.json"])
+def test_an_index_entry_that_names_a_file_twice_is_refused(tiny_bundle, tmp_path, name):
+    """Another spelling of a listed name (trailing slash, './', '//') is no plain relative path."""
+    good = pack_bundle(tiny_bundle.path, tmp_path / "good.tar")
+    with pytest.raises(InputError, match=f"member '{re.escape(name)}' is outside bundle/ or not a plain relative"):
+        read_index(_forged(good, tmp_path / "bad.tar", add={name: b"x"}))
+
+
+@pytest.mark.parametrize("name,why", [("bundle/engines/x.engine", "is never part of a bundle archive"),
+                                      ("bundle/train_state.pt", "is never part of a bundle archive"),
+                                      ("bundle/eval/report.json", "is never part of a bundle archive"),
+                                      ("bundle/notes.txt", "is not part of the bundle, its manifest.json does not"),
+                                      ("bundle/model.int8.onnx", "is not part of the bundle"),   # not recorded
+                                      ("bundle/gaussian.d/0001.npz", "is not part of the bundle"),
+                                      ("bundle/calibration.d/rollbacks.json", "is not part of the bundle"),
+                                      ("bundle/calibration.d/00001.json", "is not part of the bundle")])
+def test_install_refuses_files_a_bundle_never_ships(bundles, golden, tmp_path, name, why):
+    """An archive holds what pack ships (manifest.json, calibration.json, calibration.d/NNNN.json and the files
+    the manifest records); anything else in a signed index was installed with the bundle: an engine built
+    for another GPU, training state, a file the manifest does not record."""
+    a, b, _ = bundles
+    key = tmp_path / "secret"
+    key.write_bytes(b"0123456789abcdef-line-7-secret\n")
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    before, dep_before = _release_files(deploy), deployment(deploy)
+    bad = _forged(pack_bundle(b.path, tmp_path / "b.tar"), tmp_path / "bad.tar", add={name: b"not shipped"}, key=key)
+    with pytest.raises(InputError, match=f"bad.tar: '{re.escape(name)}' {why}.*update refused"):
+        install_bundle(bad, deploy, golden, key=key)
+    assert _release_files(deploy) == before and deployment(deploy) == dep_before
+    assert not [p for p in (deploy / "releases").iterdir() if p.name.startswith(".")]   # no staging left
+    res = install_bundle(pack_bundle(b.path, tmp_path / "b2.tar", sign_key=key), deploy, golden, key=key)
+    assert deployment(deploy).current == res.release
 
 
 @pytest.mark.parametrize("edit", ['"format_version": 1e999', '"bytes": 1e999', '"bytes": "12"'])

@@ -20,7 +20,13 @@ key signs, the public key verifies; needs the optional ``cryptography`` package,
 'edge-ad[sign]'``). :func:`extract_archive` checks everything before a byte lands outside its staging
 folder: the signature (when a key is given, an unsigned archive is refused), member names and types
 (regular files under ``bundle/`` only: no links, devices, absolute paths or ``..``), that the files are
-exactly those of the index, and each file's size and sha256.
+exactly those of the index, and each file's size and sha256; then, before the caller installs anything,
+that every file is one ``pack`` ships (:func:`ships`).
+
+The index and the signature are the archive's first members, as ``pack`` writes them, and only they are
+read before the signature is checked: an archive is never read through (a .tar.gz decompressed whole, a
+member list kept in memory) on the strength of an index that may not verify. An index lists at most
+:data:`MAX_FILES` files, so nothing an archive says can make extraction keep a huge member list.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..bundle import NOT_SHIPPED, Bundle, now_iso
+from ..bundle import _CAL_RE, NOT_SHIPPED, Bundle, now_iso
 from ..errors import InputError, RuntimeFailure
 
 INDEX = "edge-ad-package.json"
@@ -44,6 +50,9 @@ SIGNATURE = "edge-ad-package.sig"
 PREFIX = "bundle"
 FORMAT = "edge-ad-package"
 FORMAT_VERSION = 1
+# A bundle has tens of files (graphs, checkpoint, calibration versions, Gaussian statistics): an index or an
+# archive with more entries than this is not one, and reading it would only cost time and memory.
+MAX_FILES = 10_000
 
 
 @dataclass(frozen=True)
@@ -172,17 +181,39 @@ def _verify(key: SigningKey, data: bytes, sig: dict, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------- pack
+_NEVER = [n + "/" if n in ("engines", "eval") else n for n in NOT_SHIPPED]
+# what an archive's bundle/ may hold, for messages
+SHIPPED = ("manifest.json, calibration.json, calibration.d/NNNN.json and the files its manifest.json records; "
+           f"never {', '.join(_NEVER[:-1])} or {_NEVER[-1]}")
+
+
+def ships(rel: str, b: Bundle) -> bool:
+    """Whether bundle file ``rel`` is one ``pack`` ships from bundle ``b`` (:func:`_bundle_files`), and so one an
+    archive may hold: manifest.json, calibration.json, a calibration version ``calibration.d/NNNN.json``, a
+    file the manifest records (or a :meth:`Bundle.replace_files` cut off by a power cut was renaming in); never
+    what :data:`edge_ad.bundle.NOT_SHIPPED` names, even recorded (TensorRT engines are built for one GPU,
+    training state stays where it was trained)."""
+    if rel.split("/")[0] in NOT_SHIPPED:
+        return False
+    if rel in ("manifest.json", "calibration.json") or rel in b.manifest["files"] or rel in b.replacing:
+        return True
+    folder, _, name = rel.rpartition("/")
+    m = _CAL_RE.match(name)
+    return folder == "calibration.d" and m is not None and b.calibration_version_file(int(m.group(1))).name == name
+
+
 def _bundle_files(b: Bundle) -> list[str]:
     """What the bundle consists of: manifest.json, the files it records, the calibration in force and its
-    history (never :data:`edge_ad.bundle.NOT_SHIPPED` or files the manifest does not record). A file that is a
-    symbolic link is refused: packed as a link, no device would accept it."""
+    history (never :data:`edge_ad.bundle.NOT_SHIPPED` or files the manifest does not record: :func:`ships`,
+    which an install checks every file of an archive against). A file that is a symbolic link is refused:
+    packed as a link, no device would accept it."""
     root = b.path
     names = {"manifest.json", "calibration.json", *b.manifest["files"], *b.replacing}
     names |= {f"calibration.d/{b.calibration_version_file(v).name}" for v in b.calibration_versions()}
     out = []
     for rel in sorted(names):
         p = b.file(rel)
-        if rel.split("/")[0] in NOT_SHIPPED:
+        if not ships(rel, b):
             continue
         if p.is_symlink():   # left out, the archive would miss a file its manifest records
             raise InputError(f"{p}: a symbolic link (to {os.readlink(p)}); bundle files must be regular files: "
@@ -292,25 +323,34 @@ def read_index(archive: str | os.PathLike, key: bytes | str | os.PathLike | Sign
 
 
 def _index_and_sig(tar: tarfile.TarFile, archive: Path) -> tuple[bytes, dict | None]:
+    """The index and the signature: the archive's first members ('edge-ad bundle pack' writes the index, then
+    the signature). Reading stops at the first other member, so what follows is never read (nor decompressed,
+    nor kept in ``tar.members``) before the signature is checked: a hostile archive of a million members is
+    refused at once. :func:`extract_archive` refuses an index or a signature found later on."""
     index_bytes = sig_bytes = None
+    seen = []   # the names read: at most the index, the signature and one other
     try:
         for m in tar:
-            if m.name in (INDEX, SIGNATURE):
-                if not m.isfile() or m.size > 64 << 20:
-                    raise InputError(f"{archive}: '{m.name}' is not a plain file of sane size; update refused")
-                data = tar.extractfile(m).read()
-                if m.name == INDEX:
-                    if index_bytes is not None:
-                        raise InputError(f"{archive}: two '{INDEX}' members; update refused")
-                    index_bytes = data
-                else:
-                    if sig_bytes is not None:
-                        raise InputError(f"{archive}: two '{SIGNATURE}' members; update refused")
-                    sig_bytes = data
+            seen.append(f"'{m.name[:200]}'")
+            if m.name not in (INDEX, SIGNATURE):
+                break
+            if not m.isfile() or m.size > 64 << 20:
+                raise InputError(f"{archive}: '{m.name}' is not a plain file of sane size; update refused")
+            data = tar.extractfile(m).read()
+            if m.name == INDEX:
+                if index_bytes is not None:
+                    raise InputError(f"{archive}: two '{INDEX}' members; update refused")
+                index_bytes = data
+            else:
+                if sig_bytes is not None:
+                    raise InputError(f"{archive}: two '{SIGNATURE}' members; update refused")
+                sig_bytes = data
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise InputError(f"{archive}: corrupt archive ({exc}); update refused") from exc
     if index_bytes is None:
-        raise InputError(f"{archive}: no '{INDEX}' (not made by 'edge-ad bundle pack'); update refused")
+        found = f"it starts with {', '.join(seen)}" if seen else "it holds no member"
+        raise InputError(f"{archive}: no '{INDEX}' among its first two members ({found}); an archive made by "
+                         f"'edge-ad bundle pack' starts with its index, then its signature; update refused")
     sig = None
     if sig_bytes is not None:
         try:
@@ -346,12 +386,26 @@ def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: Signi
         files = index["files"]
         if not isinstance(files, dict) or f"{PREFIX}/manifest.json" not in files:
             raise ValueError("'files' does not list bundle/manifest.json")
+        if len(files) > MAX_FILES:
+            raise ValueError(f"'files' lists {len(files):,} entries; a bundle has tens, at most {MAX_FILES:,} are "
+                             "accepted")
         for name, rec in files.items():
             _safe_name(name, str(archive))
             if not isinstance(rec, dict) or len(str(rec.get("sha256", ""))) != 64:
                 raise ValueError(f"entry '{name}' lacks sha256")
             if not _is_int(rec.get("bytes")) or rec["bytes"] < 0:
                 raise ValueError(f"entry '{name}': bytes {str(rec.get('bytes'))[:40]!r} is not a whole number >= 0")
+        for name in files:
+            if name.split("/")[1] in NOT_SHIPPED:   # whatever the manifest says: see ships()
+                raise InputError(f"{archive}: '{name}' is never part of a bundle archive (it holds {SHIPPED}); "
+                                 "update refused")
+            # 'bundle/a' and 'bundle/a/b' cannot both be files: extracting one would fail on the other as if
+            # the disk were at fault
+            for parent in PurePosixPath(name).parents[:-2]:
+                if parent.as_posix() in files:
+                    raise InputError(f"{archive}: the index lists both '{parent}' and '{name}', so '{parent}' would "
+                                     "be a file and a folder at once (not made by 'edge-ad bundle pack'); update "
+                                     "refused")
     except InputError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
@@ -391,9 +445,18 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
     try:
         with _open_tar(archive) as tar:
             try:
+                count, head = 0, True   # head: still among the index and signature members at the start
                 for m in tar:
+                    count += 1   # every member is kept in tar.members: a signed index cannot lift this cap
+                    if count > MAX_FILES + 2:
+                        raise InputError(f"{archive}: more than {MAX_FILES:,} members besides its index and "
+                                         "signature (a bundle has tens of files); update refused")
                     if m.name in (INDEX, SIGNATURE):
+                        if not head:   # read_index stopped before it: never checked, never ignored
+                            raise InputError(f"{archive}: '{m.name}' after the bundle's files ('edge-ad bundle "
+                                             "pack' writes it first); update refused")
                         continue
+                    head = False
                     if m.isdir():
                         _safe_name(m.name + "/x", str(archive))
                         continue
@@ -442,7 +505,16 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
         if missing:
             raise InputError(f"{archive}: files listed in the index are missing: {', '.join(missing[:5])}; "
                              "update refused")
-        Bundle.open(dest, verify=True)
+        # Only files 'pack' ships: which ones depends on the manifest, which is one member among the others
+        # (sorted after the checkpoint), so this is checked once all are extracted into dest rather than in a
+        # second read of the whole archive. dest is a new folder of the caller's (a release's staging folder)
+        # and removed below, so a refused file is never installed, nor left behind.
+        b = Bundle.open(dest, verify=True)
+        foreign = sorted(n for n in files if not ships(n[len(PREFIX) + 1:], b))
+        if foreign:
+            raise InputError(f"{archive}: '{foreign[0]}' is not part of the bundle, its manifest.json does not "
+                             f"record it (an archive holds {SHIPPED}: pack the bundle again with 'edge-ad bundle "
+                             "pack', which ships only those); update refused")
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
