@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,23 @@ def test_cli_invalid_config_exits_2_before_opening_the_camera(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "pipeline.max_batch" in r.stderr and "video-does-not-exist" not in r.stderr
+
+
+def test_an_empty_command_secret_stops_run_at_start_naming_where_it_came_from(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "synthetic://")
+                 + '\n[mqtt]\nurl = "mqtt://127.0.0.1:1"\ncommand_secret = ""\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AD_")}
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 2, r.stderr
+    assert "mqtt.command_secret" in r.stderr and "empty" in r.stderr and f"[from {cfg}]" in r.stderr
+    cfg.write_text(cfg.read_text().replace('command_secret = ""\n', ""))   # then from the service's env file
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60,
+                       env={**env, "EDGE_AD_MQTT_COMMAND_SECRET": ""})
+    assert r.returncode == 2, r.stderr
+    assert "$EDGE_AD_MQTT_COMMAND_SECRET is set but empty" in r.stderr
+    assert "[from environment variable EDGE_AD_MQTT_COMMAND_SECRET" in r.stderr
 
 
 def test_cli_print_config_applies_flags(tmp_path):
