@@ -236,6 +236,19 @@ def test_an_empty_mqtt_user_name_or_password_is_not_set(tmp_path, monkeypatch):
     assert m.credentials() == ("alice", "pw")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_a_threshold_that_is_not_finite_is_refused_and_a_negative_one_taken(tmp_path, value):
+    # a NaN threshold would decide every part NG (no score is <= NaN) with no defect region; negative
+    # thresholds are legitimate (normalized scores are below 0 under a map's 0.9 quantile)
+    cfg = _write(tmp_path, MINIMAL + f"\n[decision]\nthreshold = {value}\n")
+    with pytest.raises(InputError, match=r"decision\.threshold: Input should be a finite number"):
+        load_settings(cfg, environ={})
+    with pytest.raises(InputError, match=r"decision\.threshold.*EDGE_AD_DECISION__THRESHOLD"):
+        load_settings(_write(tmp_path, MINIMAL, "m.toml"), environ={"EDGE_AD_DECISION__THRESHOLD": value})
+    assert load_settings(_write(tmp_path, MINIMAL + "\n[decision]\nthreshold = -0.05\n", "n.toml"),
+                         environ={}).decision.threshold == -0.05
+
+
 @pytest.mark.parametrize("field", ["pipeline.drain_timeout_s", "calibration.timeout_s", "source.watchdog_s"])
 def test_infinite_timeouts_are_refused(tmp_path, field):
     with pytest.raises(InputError, match=field.replace(".", r"\.") + ".*less than or equal"):
