@@ -116,6 +116,73 @@ def folder_lock(folder: str | os.PathLike, busy: str):
         os.close(fd)   # the thread's outermost holder's close releases the lock
 
 
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, busy: str):
+    """One writer at a time of an output ``path`` (the bundle folder a training replaces as a whole, a
+    teacher file), across processes: the kernel's lock (flock) on ``.NAME.lock`` beside it, which holds the
+    holder's pid. Another gets an InputError at once: ``busy`` with ``{pid}`` replaced by the holder's.
+    A lock file and not :func:`folder_lock` on ``path``: ``path`` may not exist yet, and a training renames
+    a new folder into its place. The file goes when released (a killed holder's stays, unlocked, and is
+    taken over); missing folders above ``path`` are made, and removed again if they are still empty then.
+    Not POSIX: no guard."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    from .errors import InputError
+
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    made = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise InputError(busy.replace("{pid}", holder)) from None   # not format(): a path may hold braces
+            try:   # the holder before removes the file: a lock on the one it removed guards nothing
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+    except BaseException as exc:
+        for folder in made:
+            _rmdir_quietly(folder)
+        if isinstance(exc, OSError):
+            raise naming(exc, lock) from exc
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        try:
+            os.unlink(lock)   # while still held: whoever opened it meanwhile sees it gone and opens anew
+        except OSError:
+            pass
+        os.close(fd)
+        for folder in made:   # deepest first: an output written there keeps its folder
+            _rmdir_quietly(folder)
+
+
+def _rmdir_quietly(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 def remove_unheld(folder: str | os.PathLike) -> bool:
     """Delete ``folder``, a work folder its maker holds with :func:`folder_lock` while it works (a quantize's
     ``.quantize-*``, a training's ``.NAME.new-*``), unless another process or thread holds it: what a

@@ -625,6 +625,11 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
                          "MQTT, or leave the override out to run without")
     if s.mqtt is not None:
         _check_mqtt_keys(s.mqtt, origins, cfg_path)   # a typo is one with enabled = false too
+        from .mqtt.settings import ENV_COMMAND_SECRET
+
+        if "command_secret" not in s.mqtt and ENV_COMMAND_SECRET in os.environ:
+            # MqttSettings reads it itself: an error about it names the variable, not the config file
+            origins[("mqtt", "command_secret")] = f"environment variable {ENV_COMMAND_SECRET}"
         try:
             s.mqtt_settings()
         except ValidationError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,19 @@ def test_an_empty_mqtt_user_name_or_password_is_not_set(tmp_path, monkeypatch):
     assert m.credentials() == ("alice", "pw")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_a_threshold_that_is_not_finite_is_refused_and_a_negative_one_taken(tmp_path, value):
+    # a NaN threshold would decide every part NG (no score is <= NaN) with no defect region; negative
+    # thresholds are legitimate (normalized scores are below 0 under a map's 0.9 quantile)
+    cfg = _write(tmp_path, MINIMAL + f"\n[decision]\nthreshold = {value}\n")
+    with pytest.raises(InputError, match=r"decision\.threshold: Input should be a finite number"):
+        load_settings(cfg, environ={})
+    with pytest.raises(InputError, match=r"decision\.threshold.*EDGE_AD_DECISION__THRESHOLD"):
+        load_settings(_write(tmp_path, MINIMAL, "m.toml"), environ={"EDGE_AD_DECISION__THRESHOLD": value})
+    assert load_settings(_write(tmp_path, MINIMAL + "\n[decision]\nthreshold = -0.05\n", "n.toml"),
+                         environ={}).decision.threshold == -0.05
+
+
 @pytest.mark.parametrize("field", ["pipeline.drain_timeout_s", "calibration.timeout_s", "source.watchdog_s"])
 def test_infinite_timeouts_are_refused(tmp_path, field):
     with pytest.raises(InputError, match=field.replace(".", r"\.") + ".*less than or equal"):
@@ -249,6 +263,23 @@ def test_cli_invalid_config_exits_2_before_opening_the_camera(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "pipeline.max_batch" in r.stderr and "video-does-not-exist" not in r.stderr
+
+
+def test_an_empty_command_secret_stops_run_at_start_naming_where_it_came_from(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "synthetic://")
+                 + '\n[mqtt]\nurl = "mqtt://127.0.0.1:1"\ncommand_secret = ""\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AD_")}
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 2, r.stderr
+    assert "mqtt.command_secret" in r.stderr and "empty" in r.stderr and f"[from {cfg}]" in r.stderr
+    cfg.write_text(cfg.read_text().replace('command_secret = ""\n', ""))   # then from the service's env file
+    r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60,
+                       env={**env, "EDGE_AD_MQTT_COMMAND_SECRET": ""})
+    assert r.returncode == 2, r.stderr
+    assert "$EDGE_AD_MQTT_COMMAND_SECRET is set but empty" in r.stderr
+    assert "[from environment variable EDGE_AD_MQTT_COMMAND_SECRET" in r.stderr
 
 
 def test_cli_print_config_applies_flags(tmp_path):

@@ -732,3 +732,20 @@ def test_cli_config_reads_the_env_file_next_to_it(tmp_path, mosquitto_factory, t
     assert f"{env}:2: '' is not a variable name; expected NAME=value" in by["env-file"]["detail"], by["env-file"]
     res = runner.invoke(main, args + ["--env-file", str(tmp_path / "nope.env")])
     assert res.exit_code == 2 and "--env-file" in res.output
+
+
+def test_an_empty_command_secret_in_the_env_file_fails_the_config_check(tmp_path, tiny):
+    """``EDGE_AD_MQTT_COMMAND_SECRET=`` in the service's env file (a template left unfilled) would turn command
+    signing off, or sign with an empty key: doctor says so, naming the variable, as run refuses to start."""
+    b = copy_bundle(tiny, tmp_path / "b")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\n\n[source]\nuri = "synthetic://disc"\n\n'
+                   f'[mqtt]\nurl = "mqtt://127.0.0.1:1"\noutbox_path = "{tmp_path / "outbox.sqlite"}"\n')
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_MQTT_COMMAND_SECRET=\n")
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"],
+                             env={"EDGE_AD_MQTT_COMMAND_SECRET": None})
+    assert res.exit_code == 1, res.output
+    fails = [c for c in json.loads(res.output)["checks"] if c["name"] == "config" and c["status"] == "fail"]
+    assert fails and fails[0]["required"], res.output
+    assert "$EDGE_AD_MQTT_COMMAND_SECRET is set but empty" in fails[0]["detail"]
+    assert "[from environment variable EDGE_AD_MQTT_COMMAND_SECRET" in fails[0]["detail"]

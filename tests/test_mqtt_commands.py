@@ -79,6 +79,43 @@ def test_malformed_payloads(raw, code):
     assert not body["ok"] and body["error"]["code"] == code
 
 
+@pytest.mark.parametrize("raw, field, shown", [
+    (b'{"threshold": NaN}', "threshold", "NaN"),
+    (b'{"threshold": -Infinity, "persist": false}', "threshold", "-Infinity"),
+    (b'{"threshold": 1e999}', "threshold", "1e999"),             # was parsed as inf and handed to the handler
+    (b'{"threshold": -1e400}', "threshold", "-1e400"),
+    (b'{"threshold": 1' + b"0" * 400 + b"}", "threshold", "1000"),   # was: OverflowError in float(), 'internal'
+    (b'{"frames": 40, "timeout_s": 1e999}', "timeout_s", "1e999"),
+    (b'{"threshold": 0.5, "ts": 1e999}', "ts", "1e999"),
+    (b'{"threshold": 0.5, "extra": [1, {"deep": NaN}]}', "extra/1/deep", "NaN"),
+], ids=["nan", "-infinity", "1e999", "-1e400", "10**400", "timeout_s", "ts", "nested"])
+def test_a_number_that_is_not_a_finite_double_is_refused_at_parse_naming_its_field(raw, field, shown):
+    seen = []
+    d = _dispatcher()
+    for name in ("set_threshold", "calibrate"):
+        d.register(name, seen.append)
+    body = _check_reply(d.handle(_msg("set_threshold", raw=raw, response_topic="r/t")))
+    assert not body["ok"] and body["error"]["code"] == "malformed", body
+    msg = body["error"]["message"]
+    assert f"field '{field}' is {shown}" in msg and "expected a finite number" in msg, msg
+    assert len(msg) < 300 and seen == []
+    # in the signed form as well; and a 3.1.1 requester's refusal still goes to its reply_to
+    topic = "edge-ad/v1/s/d/cmd/set_threshold"
+    d = _dispatcher(command_secret="0123456789abcdef")
+    inner = b'{"ts": %d, "reply_to": "my/replies", "correlation_id": "c7", ' % int(time.time()) + raw[1:]
+    r = d.handle(_msg("set_threshold", raw=signed_envelope("0123456789abcdef", topic, inner)))
+    assert (r.topic, r.body["correlation_id"], r.body["error"]["code"]) == ("my/replies", "c7", "malformed"), r
+    assert f"signed payload field '{field}' is {shown}" in r.body["error"]["message"], r.body
+
+
+def test_any_finite_threshold_passes_negative_ones_too():
+    # normalized scores are below 0 where a map is under its 0.9 quantile: a calibration's threshold can be
+    d = _dispatcher()
+    for value in (-0.25, 0, 1e300, -1e-300):
+        body = _check_reply(d.handle(_msg("set_threshold", {"threshold": value})))
+        assert body["ok"] and body["result"]["echo"] == {"threshold": value}, body
+
+
 def test_an_oversized_refused_value_is_not_repeated_whole(caplog):
     """jsonschema quotes the offending value: a 1 MB argument came back whole in the reply and the log."""
     with caplog.at_level("WARNING"):

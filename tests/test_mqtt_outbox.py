@@ -34,6 +34,32 @@ def test_order_seq_and_wal(tmp_path):
     ob.close()
 
 
+@pytest.mark.parametrize("max_bytes, limit", [(128 * 1024, 128 * 1024), (2048, 64 * 1024),
+                                              (256 * 1024 * 1024, 4 * 1024 * 1024)])
+def test_the_write_ahead_log_stays_near_the_outbox_bound(tmp_path, max_bytes, limit):
+    """The -wal file grew to SQLite's 4 MiB of pages between checkpoints and was never cut back (no
+    journal_size_limit): a 1 MiB outbox kept 4 MiB more beside it. Now it checkpoints at wal_limit bytes
+    (max_bytes within 64 KiB .. 4 MiB) and is truncated to that after each checkpoint."""
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path, max_bytes=max_bytes, sync="normal")
+    assert ob.wal_limit == limit
+    for db in (ob._db, ob._rdb):   # both connections write: inserts, the sender's deletes
+        assert db.execute("PRAGMA journal_size_limit").fetchone()[0] == limit
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] * 4096 == limit
+    if max_bytes > 4 * 1024 * 1024:
+        return
+    wal, payload, largest = tmp_path / "o.sqlite-wal", bytes(range(256)) * 6, 0
+    for i in range(1200):                        # ~1.8 MiB written, acknowledged and deleted as the sender does
+        ob.put("result", "edge-ad/v1/s/d/result", payload, msg_id=f"r{i}")
+        if i % 20 == 19:
+            ob.delete([r.id for r in ob.fetch_after(0, 15)])
+        largest = max(largest, wal.stat().st_size)
+    # a checkpoint happens once the log passes the limit: it ends a little past it (the frames of the
+    # commit that crossed it), not at 1.8 MiB
+    assert largest <= limit + 64 * 1024, largest
+    ob.close()
+
+
 def test_delete_and_persistence_across_reopen(tmp_path):
     path = tmp_path / "o.sqlite"
     ob = Outbox(path)

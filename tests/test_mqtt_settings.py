@@ -120,6 +120,41 @@ def test_command_secret_from_env(monkeypatch):
     assert "shh" not in repr(s)
 
 
+@pytest.mark.parametrize("value", ["", "   ", "\t\n"])
+def test_an_empty_command_secret_is_refused_wherever_it_comes_from(monkeypatch, value):
+    # was: "" from a config signed commands with an empty HMAC key (anyone could sign them), and an empty
+    # $EDGE_AD_MQTT_COMMAND_SECRET (an env file's "EDGE_AD_MQTT_COMMAND_SECRET=") turned signing off silently
+    monkeypatch.delenv("EDGE_AD_MQTT_COMMAND_SECRET", raising=False)
+    with pytest.raises(InputError, match=r"mqtt\.command_secret.*(empty|blank).*anyone") as ei:
+        MqttSettings(command_secret=value)
+    assert "EDGE_AD_MQTT_COMMAND_SECRET" not in str(ei.value)
+    # an empty user name or password still means "not set" (never sent to the broker)
+    assert MqttSettings(username="", password=" ").credentials() == (None, None)
+    monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", value)
+    with pytest.raises(InputError, match=r"mqtt\.command_secret.*\$EDGE_AD_MQTT_COMMAND_SECRET is set but"):
+        MqttSettings()
+    s = MqttSettings(command_secret="a-long-enough-secret")   # the field wins over the variable, as before
+    assert s.command_secret.get_secret_value() == "a-long-enough-secret"
+
+
+def test_a_short_command_secret_is_taken_with_a_warning_at_start(tmp_path, caplog):
+    pytest.importorskip("paho.mqtt")
+    from edge_ad.mqtt import MqttLink
+
+    def started(secret):
+        caplog.clear()
+        link = MqttLink(MqttSettings(url="mqtt://127.0.0.1:1", command_secret=secret,
+                                     outbox_path=tmp_path / "o.sqlite"))
+        with caplog.at_level("WARNING", logger="edge_ad.mqtt.link"):
+            link.start()
+        link.stop(timeout=0.5)
+        return [r.getMessage() for r in caplog.records if "command_secret is" in r.getMessage()]
+
+    warned = started("k3y")
+    assert len(warned) == 1 and "3 characters" in warned[0] and "k3y" not in warned[0]
+    assert started("0123456789abcdef") == []
+
+
 def test_broker_settings_is_the_shared_base():
     b = BrokerSettings(url="mqtt://127.0.0.1:1")
     assert b.port == 1 and not b.tls

@@ -1449,3 +1449,15 @@ def test_results_on_stdout_keep_the_summary_out_and_a_closed_pipe_stops_the_run(
     p.stdout.close()                     # `edge-ad run | head -0`: the summary meets a closed pipe
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0 and "Error" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10 ** 400],
+                         ids=["nan", "inf", "-inf", "10**400"])
+def test_set_threshold_handler_refuses_what_is_not_a_finite_number(value):
+    """The link refuses these at parse; a handler called otherwise (a plug-in, a test) refuses them too, as an
+    input error naming the value: 10**400 was an OverflowError in float(), an 'internal' reply."""
+    from edge_ad.errors import InputError
+    from edge_ad.runtime.commands import Commands
+
+    with pytest.raises(InputError, match=r"threshold .*: expected a finite number"):
+        Commands(None).set_threshold({"threshold": value, "persist": False})

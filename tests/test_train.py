@@ -865,3 +865,60 @@ def test_train_refuses_options_the_model_does_not_use(tmp_path, model, extra, na
     assert r.exit_code == 2 and f"--model {model} does not use" in r.output, r.output
     assert all(n in r.output for n in named), r.output
     assert not (tmp_path / "b").exists()
+
+
+_HOLD = ("import sys, time\nfrom edge_ad import atomic\n"
+         "with atomic.output_lock(sys.argv[1], 'busy (pid {pid})'):\n"
+         "    print('held', flush=True)\n    time.sleep(120)\n")
+
+
+def _holder(path):
+    """Another process holding ``path``'s output lock, as a training into it would."""
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_training_into_the_same_out_is_refused_naming_the_first(category, tmp_path):
+    """Two `edge-ad train --out B` at once both wrote checkpoints into B and switched their bundles in; the
+    second is refused at once (exit 2) naming the folder and the first's pid, with nothing changed."""
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    out = tmp_path / "bundles" / "b"
+    train_bundle("gaussian", category, out, image_size=SIZE, export=False)
+    assert not (out.parent / ".b.lock").exists()                 # released: the lock file goes with it
+    before = sorted(p.name for p in out.iterdir())
+    holder = _holder(out)
+    try:
+        r = CliRunner().invoke(main, ["train", "--model", "gaussian", "--data", str(category), "--out", str(out),
+                                      "--image-size", str(SIZE), "--no-export"])
+        assert r.exit_code == 2, r.output
+        assert f"--out {out}: another edge-ad train into this folder is running (pid {holder.pid})" in r.output
+        assert sorted(p.name for p in out.iterdir()) == before
+        assert sorted(p.name for p in out.parent.iterdir()) == [".b.lock", "b"]   # no staging folder
+        with pytest.raises(InputError, match=rf"pid {holder.pid}"):  # --resume as well (efficientad)
+            train_bundle("efficientad-s", category, out, image_size=SIZE, steps=1, resume=True)
+        teacher = tmp_path / "teacher.pth"
+        t_holder = _holder(teacher)
+        try:
+            r = CliRunner().invoke(main, ["distill-teacher", "--data", str(category / "train" / "good"),
+                                          "--out", str(teacher), "--steps", "1"])
+            assert r.exit_code == 2, r.output
+            assert f"--out {teacher}: another edge-ad distill-teacher" in r.output and f"pid {t_holder.pid}" in r.output
+            assert not teacher.exists() and not teacher.with_name("teacher.pth.state.pt").exists()
+        finally:
+            t_holder.kill()
+            t_holder.wait()
+    finally:
+        holder.kill()   # killed: its lock is the kernel's and goes with it; its lock file stays, unlocked
+        holder.wait()
+    assert (out.parent / ".b.lock").read_text().strip() == str(holder.pid)
+    b = train_bundle("gaussian", category, out, image_size=SIZE, seed=1, export=False)
+    assert b.manifest["training"]["seed"] == 1 and not (out.parent / ".b.lock").exists()
+
+
+def test_a_refused_training_leaves_no_folder_made_for_its_lock(category, tmp_path):
+    with pytest.raises(InputError, match="--model 'nope'"):
+        train_bundle("nope", category, tmp_path / "new" / "deeper" / "b", image_size=SIZE)
+    assert list(tmp_path.iterdir()) == []

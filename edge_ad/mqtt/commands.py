@@ -40,7 +40,9 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -130,23 +132,68 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+class NonFiniteNumber(ValueError):
+    """A command payload holds a number that is not a finite double: ``NaN``, ``Infinity`` (which Python's
+    JSON parser accepts), ``1e999`` (parsed as infinity) or an integer too large for a double. Its message
+    names the field: ``threshold: NaN``."""
 
 
-def _parse_object(data: bytes, what: str) -> dict:
-    """A JSON object from untrusted bytes; every way it can be bad is a ValueError."""
+class _NotFinite:
+    """Placeholder the parser leaves where such a number was, so that the refusal can name its field."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _float(text: str):
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
+def _int(text: str):
+    value = int(text)
+    return value if abs(value) <= sys.float_info.max else _NotFinite(text)
+
+
+def _first_not_finite(obj) -> tuple[str, str] | None:
+    """(path, text) of the first number the parser marked, the path as jsonschema's ("a/0/b"), else None.
+    Iterative: the payload may be nested as deeply as the parser allows."""
+    todo = [(obj, "")]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, _NotFinite):
+            return path or "(payload)", value.text
+        if isinstance(value, dict):
+            todo.extend((v, f"{path}/{k}" if path else str(k)) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((v, f"{path}/{i}" if path else str(i)) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _parse_object(data: bytes, what: str, finite: bool = True) -> dict:
+    """A JSON object from untrusted bytes; every way it can be bad is a ValueError (a number that is not a
+    finite double: :class:`NonFiniteNumber`, naming its field; a NaN threshold would make every part NG, with
+    no region). ``finite=False``: such numbers are left as placeholders, for reading the routing fields of a payload
+    that is refused for them (the refusal still goes where the requester waits)."""
     text = bytes(data).decode("utf-8")      # UnicodeDecodeError is a ValueError
     if not text.strip():
         return {}
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_NotFinite, parse_float=_float, parse_int=_int)
     except RecursionError:
         raise ValueError(f"{what} is nested too deeply") from None
+    if isinstance(obj, _NotFinite):
+        raise ValueError(f"{what} is {_short(obj.text, 40)}, expected an object")
     if not isinstance(obj, dict):
         raise ValueError(f"{what} is a JSON {type(obj).__name__}, expected an object")
+    bad = _first_not_finite(obj) if finite else None
+    if bad is not None:
+        raise NonFiniteNumber(f"{what} field '{_short(bad[0], 100)}' is {_short(bad[1], 40)}: expected a finite "
+                              "number (JSON has no NaN or infinity, and a number must fit a 64-bit float)")
     try:  # "\ud800" parses to a lone surrogate that nothing downstream can encode
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        json.dumps(obj, ensure_ascii=False, default=lambda v: v.text).encode("utf-8")   # v: a _NotFinite
     except UnicodeEncodeError:
         raise ValueError(f"{what} holds a lone surrogate escape (such as \\ud800): not valid Unicode") from None
     return obj
@@ -207,9 +254,9 @@ class Dispatcher:
         """(reply topic, correlation data, correlation id) for ``msg``, even when it is malformed."""
         obj = None
         try:
-            obj = _parse_object(msg.payload, "payload")
+            obj = _parse_object(msg.payload, "payload", finite=False)
             if isinstance(obj.get("signed"), str):
-                obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload")
+                obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload", finite=False)
         except ValueError:
             obj = None
         reply_to = msg.response_topic
@@ -283,9 +330,9 @@ class Dispatcher:
         if who:
             return who
         try:
-            obj = _parse_object(msg.payload, "payload")
+            obj = _parse_object(msg.payload, "payload", finite=False)
             if isinstance(obj.get("signed"), str):
-                obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload")
+                obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload", finite=False)
         except ValueError:
             return None
         who = obj.get("client_id")
@@ -294,6 +341,8 @@ class Dispatcher:
     def _admit(self, msg: Incoming) -> tuple[Spec, dict, str | None]:
         try:
             obj = _parse_object(msg.payload, "payload")
+        except NonFiniteNumber as exc:
+            raise CommandError("malformed", f"cmd/{msg.name}: {exc}") from None
         except ValueError as exc:
             raise CommandError("malformed", f"cmd/{msg.name}: payload is not a JSON object ({exc})") from None
         signature = msg.user_properties.get(HMAC_KEY)
@@ -310,6 +359,8 @@ class Dispatcher:
             try:
                 signed_bytes = obj["signed"].encode("utf-8")
                 obj = _parse_object(signed_bytes, "signed payload")
+            except NonFiniteNumber as exc:
+                raise CommandError("malformed", f"cmd/{msg.name}: {exc}") from None
             except ValueError as exc:
                 raise CommandError("malformed", f"cmd/{msg.name}: 'signed' is not a JSON object ({exc})") from None
             problems = schema.errors("command", obj)

@@ -42,7 +42,7 @@ from .client import connect_async, make_client, reason_failed, reason_text
 from .commands import LONG, QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import Outbox
 from .sender import AckListener, OutboxSender, percentile
-from .settings import MqttSettings
+from .settings import SHORT_SECRET, MqttSettings
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ class MqttLink:
         client.loop_start()
         log.info("mqtt: connecting to %s as %s (outbox %s, %d waiting)", s.safe_url, s.effective_client_id,
                  self.outbox.path, self.outbox.depth)
+        n = len(s.command_secret.get_secret_value()) if s.command_secret is not None else None
+        if n is not None and n < SHORT_SECRET:   # taken (a requester may share it), but it can be guessed
+            log.warning("mqtt: command_secret is %d characters long: a short secret can be guessed, and whoever "
+                        "guesses it can sign commands; use %d or more random characters (openssl rand -hex 32)",
+                        n, SHORT_SECRET)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -147,10 +147,21 @@ class Outbox:
             self._lockfile.close()       # closing the file releases the lock
             self._lockfile = None
 
+    @property
+    def wal_limit(self) -> int:
+        """Bytes the write-ahead log (``PATH-wal``) grows to before a checkpoint copies it into the file, and is
+        cut back to after one: ``outbox_max_bytes`` within 64 KiB .. 4 MiB (SQLite's own default is 4 MiB of
+        pages, and a WAL that is never truncated: a 1 MiB outbox kept a 4 MiB -wal beside it)."""
+        return max(64 * 1024, min(4 * 1024 * 1024, self.max_bytes))
+
     def _connect(self, sync: SyncMode) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=60.0)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync.value.upper()}")
+        # both per connection, and both connections write (inserts; the sender's deletes)
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        db.execute(f"PRAGMA wal_autocheckpoint={max(16, self.wal_limit // page)}")
+        db.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
         return db
 
     # ------------------------------------------------------------------ meta

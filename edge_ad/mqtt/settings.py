@@ -74,6 +74,21 @@ def _env_secret(name: str) -> SecretStr | None:
     return SecretStr(value) if value is not None else None
 
 
+class _FromEnv(str):
+    """The text of ``$EDGE_AD_MQTT_COMMAND_SECRET``, marked so that an error names the variable, not a field
+    of the config."""
+
+
+def _env_command_secret() -> str | None:
+    """``$EDGE_AD_MQTT_COMMAND_SECRET`` when it is set, even to an empty text (refused by the field's check):
+    unlike the user name and password, an empty secret is never taken as "not set"."""
+    value = os.environ.get(ENV_COMMAND_SECRET)
+    return _FromEnv(value) if value is not None else None
+
+
+SHORT_SECRET = 16   # characters: a shorter command secret is taken, with a WARNING when the link starts
+
+
 def _format_validation_error(exc: ValidationError, where: str) -> str:
     lines = []
     for err in exc.errors():
@@ -247,7 +262,7 @@ class MqttSettings(BrokerSettings):
     image_min_interval_s: float = Field(1.0, ge=0, le=86_400, title="At most one event JPEG per this many seconds")
     image_max_bytes: int = Field(2 * 1024 * 1024, ge=1024, title="Larger event JPEGs are not sent")
     command_clients: list[str] | None = Field(None, title="Allow-list of requester client ids for state-changing commands")
-    command_secret: SecretStr | None = Field(default_factory=lambda: _env_secret(ENV_COMMAND_SECRET),
+    command_secret: SecretStr | None = Field(default_factory=_env_command_secret,
                                              title="Shared secret: state-changing commands need an HMAC-SHA256")
     command_auth_all: bool = Field(False, title="Apply the allow-list / HMAC to read-only commands as well")
     command_max_skew_s: float = Field(300.0, gt=0, le=86_400, title="Signed commands: accepted clock difference (s)")
@@ -262,6 +277,23 @@ class MqttSettings(BrokerSettings):
             raise ValueError(f"image_max_bytes {self.image_max_bytes} > outbox_max_bytes {self.outbox_max_bytes}: "
                              "an event image must fit in the outbox (expected image_max_bytes <= outbox_max_bytes)")
         return self
+
+    @field_validator("command_secret", mode="before")
+    @classmethod
+    def _check_secret(cls, v: Any) -> Any:
+        """An empty or blank secret is refused, wherever it came from (``command_secret = ""`` of a templated
+        config, ``EDGE_AD_MQTT_COMMAND_SECRET=`` in an env file): taken as is, every command would be signed
+        with an empty key that anyone can sign with; taken as "not set", signing would silently be off. Not
+        setting it at all is how commands go unsigned."""
+        text = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if isinstance(text, str) and text.strip() == "":
+            where = f"${ENV_COMMAND_SECRET} is set but" if isinstance(v, _FromEnv) else "it is"
+            remove = (f"unset {ENV_COMMAND_SECRET}" if isinstance(v, _FromEnv) else
+                      "remove the field") + " to take commands without a signature"
+            raise ValueError(f"{where} {'empty' if not text else 'blank'}: commands would be signed with an empty "
+                             "key that anyone can use; expected a long random text (openssl rand -hex 32), or "
+                             f"{remove}")
+        return str(text) if isinstance(text, _FromEnv) else v
 
     @field_validator("site", "device")
     @classmethod

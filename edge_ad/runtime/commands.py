@@ -109,7 +109,12 @@ class Commands:
         return {"paused": False}
 
     def set_threshold(self, args: dict) -> dict:
-        thr = float(args["threshold"])
+        try:
+            thr = float(args["threshold"])
+        except OverflowError:       # an integer beyond a double (the MQTT link refuses it before it gets here)
+            thr = math.inf
+        # any finite value, negative ones too: normalized scores are below 0 where a map is under its 0.9
+        # quantile, and an 'image' layout Gaussian's fpr: or sigma: threshold can be (docs/mqtt.md)
         if not math.isfinite(thr):
             raise InputError(f"threshold {args['threshold']!r}: expected a finite number")
         persist = bool(args.get("persist", True))

@@ -38,6 +38,21 @@ log = logging.getLogger(__name__)
 def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: str = "s", image_size: int = 256,
             steps: int = 2000, batch_size: int = 8, seed: int = 0, device: str = "cpu", lr: float = 1e-4,
             max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
+    """Distill a PDN teacher into the file ``out`` (its checkpoints: ``OUT.state.pt``). One run at a time per
+    ``out``: a second is refused at once (:class:`InputError`, exit 2) naming the file and the first's pid, since
+    both would write the same checkpoint and teacher file."""
+    out = atomic.check_creatable(out)
+    with atomic.output_lock(out, f"--out {out}: another edge-ad distill-teacher writing this file is running "
+                            "(pid {pid}); try again when it has finished, or choose another --out (nothing "
+                            "was changed)"):
+        return _distill(data, out, size=size, image_size=image_size, steps=steps, batch_size=batch_size, seed=seed,
+                        device=device, lr=lr, max_minutes=max_minutes, resume=resume,
+                        checkpoint_every=checkpoint_every)
+
+
+def _distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: str = "s", image_size: int = 256,
+             steps: int = 2000, batch_size: int = 8, seed: int = 0, device: str = "cpu", lr: float = 1e-4,
+             max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
     check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
     out = atomic.check_creatable(out)
     folders = [image_folder(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]

@@ -187,6 +187,29 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
                  policy: str = DEFAULT_POLICY, val_fraction: float = 0.1, batch_size: int | None = None,
                  lr: float | None = None, max_minutes: float | None = None, export: bool = True,
                  config: dict | None = None, checkpoint_every: int = 500) -> Bundle:
+    """Train a ``model_kind`` model on the MVTec-layout category ``data`` into the bundle folder ``out``.
+
+    One training at a time per ``out``, for the whole run: two into the same folder (two shells) both wrote
+    checkpoints there and switched their bundles in, each other's files mixed. The second is refused at once
+    (:class:`InputError`, exit 2) naming the folder and the first one's pid; ``--resume`` of a run that was
+    stopped takes the folder as any training does."""
+    real = Path(os.path.realpath(out))  # a link to a bundle folder: the folder is the one guarded
+    check_out_folder(real)   # its clear messages (a folder that is not writable) before the lock file is made
+    with atomic.output_lock(real, f"--out {out}: another edge-ad train into this folder is running (pid {{pid}}); "
+                            "try again when it has finished, or choose another --out (nothing was changed)"):
+        return _train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset,
+                             teacher=teacher, seed=seed, device=device, resume=resume, penalty_dir=penalty_dir,
+                             policy=policy, val_fraction=val_fraction, batch_size=batch_size, lr=lr,
+                             max_minutes=max_minutes, export=export, config=config,
+                             checkpoint_every=checkpoint_every)
+
+
+def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size: int = 256,
+                  steps: int | None = None, preset: str = "quick", teacher: str | None = None, seed: int = 0,
+                  device: str = "cpu", resume: bool = False, penalty_dir: str | None = None,
+                  policy: str = DEFAULT_POLICY, val_fraction: float = 0.1, batch_size: int | None = None,
+                  lr: float | None = None, max_minutes: float | None = None, export: bool = True,
+                  config: dict | None = None, checkpoint_every: int = 500) -> Bundle:
     if model_kind not in KINDS:
         raise InputError(f"--model '{model_kind}': expected one of {', '.join(KINDS)}")
     if preset not in ("quick", "paper"):
