@@ -563,6 +563,78 @@ def test_cli_calibrate_refuses_bad_options_before_collecting_frames(tbundle, tmp
     assert tbundle.calibration_versions() == [1]
 
 
+def _training_folder(bundle) -> tuple[Path, list[Path], list[Path]]:
+    """(the bundle's recorded train/good folder, its training images, its validation split)."""
+    t = bundle.manifest["training"]
+    good = Path(t["data"]) / "train" / "good"
+    val = sorted(Path(v) for v in t["val_images"])
+    return good, sorted(p for p in good.iterdir() if p not in val), val
+
+
+def test_cli_calibrate_refuses_the_bundles_own_training_images(gbundle, tmp_path):
+    """A Gaussian bundle calibrated on its own train/good judged every unseen good part NG (the trained
+    statistics hold those images: their scores are in-sample, far below any new part's). The training
+    images are recognised by file (also through a link) and by content, and refused: exit 2, nothing
+    written."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    good, train, val = _training_folder(gbundle)
+    assert len(train) == 22 and len(val) == 2
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for i, f in enumerate(train):                 # the same bytes under other names
+        (copies / f"copy{i:03d}{f.suffix}").write_bytes(f.read_bytes())
+    (tmp_path / "link").symlink_to(good)
+    r = CliRunner()
+    for source in (str(good), f"dir://{tmp_path / 'link'}", str(copies)):
+        res = r.invoke(main, ["calibrate", "--bundle", str(gbundle.path), "--source", source, "--frames", "40",
+                              "--policy", "max", "--backend", "onnxruntime"])
+        assert res.exit_code == 2, res.output
+        n = len(list(Path(source.removeprefix("dir://")).iterdir()))
+        assert (f"{len(train)} of the {n} images of " in res.output and f"are images {gbundle.path} was trained on"
+                in res.output and f"the recorded training data {good}" in res.output), res.output
+        assert f"the {n - len(train)} other images are fewer than the 20 a calibration needs" in res.output
+        assert "images of good parts the model has not seen" in res.output
+    assert Bundle.open(gbundle.path, verify=True).calibration_versions() == [1]
+    assert sorted(p.name for p in gbundle.file("gaussian.d").iterdir()) == ["0001.npz"]
+
+
+def test_training_images_in_a_calibration_folder_are_left_out_with_a_warning(gbundle, tmp_path):
+    """A folder that holds some training images besides new ones: those are left out (the warning says how
+    many), and the calibration is the one the new images alone give."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    good, train, val = _training_folder(gbundle)
+    new, mixed = tmp_path / "new", tmp_path / "mixed"
+    for d in (new, mixed):
+        d.mkdir()
+        for i, f in enumerate(_parts(24, 0)):
+            cv2.imwrite(str(d / f"new{i:03d}.png"), f[..., ::-1])
+    for f in train[:10]:                          # ten training images (their bytes, under other names)
+        (mixed / f"old-{f.name}").write_bytes(f.read_bytes())
+    alone = copy_bundle(gbundle, tmp_path / "alone")
+    r = CliRunner()
+    outs = []
+    for b, folder in ((gbundle, mixed), (alone, new)):
+        res = r.invoke(main, ["calibrate", "--bundle", str(b.path), "--source", str(folder), "--frames", "100",
+                              "--policy", "max", "--backend", "onnxruntime", "--json"])
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads(res.stdout))
+    mixed_out, alone_out = outs
+    assert mixed_out["frames"] == alone_out["frames"] == 24
+    assert mixed_out["warnings"][0].startswith(f"10 of the 34 images of {mixed} are images {gbundle.path} was "
+                                               "trained on")
+    assert mixed_out["warnings"][0].endswith("left out, calibrating on the other 24")
+    assert mixed_out["warnings"][1:] == alone_out["warnings"] and "trained on" not in str(alone_out["warnings"])
+    assert mixed_out["threshold"] == pytest.approx(alone_out["threshold"])
+    assert mixed_out["normal"] == pytest.approx(alone_out["normal"])
+
+
 def test_cli_calibrate_list_and_rollback_together_are_refused(tbundle):
     from click.testing import CliRunner
 

@@ -1210,6 +1210,19 @@ def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normaliz
     assert not torch.equal(old.student[0].weight, new.student[0].weight)
 
 
+def test_cli_adapt_refuses_the_bundles_own_training_images(effad_bundle, tmp_path):
+    """--adapt calibrates the candidate on a split of the frames: on the running model's training images
+    that threshold would be far too low. A folder of them is refused before any fine-tuning (exit 2)."""
+    good = Path(effad_bundle.manifest["training"]["data"]) / "train" / "good"
+    r = _calibrate("--bundle", str(effad_bundle.path), "--source", f"dir://{good}", "--frames", "200", "--adapt",
+                   "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"))
+    n_val = len(effad_bundle.manifest["training"]["val_images"])
+    assert r.exit_code == 2, r.output
+    assert f"{20 - n_val} of the 20 images of {good} are images {effad_bundle.path} was trained on" in r.output
+    assert f"the {n_val} other images are fewer than the 40 a calibration needs" in r.output
+    assert not (tmp_path / "cand").exists() and effad_bundle.calibration_versions() == [1]
+
+
 def test_adapt_of_200_frames_goes_on_when_the_screen_leaves_a_few_out(effad_bundle, tmp_path, monkeypatch):
     """--adapt --frames 200 whose screen left 6 likely defects out: the 194 kept still give the candidate 20
     frames to be calibrated on (it was refused: '--adapt on 194 frames: ... give --frames 200 or more')."""

@@ -866,6 +866,53 @@ def test_one_rule_for_the_threshold_in_force_after_a_calibration_and_the_replies
         svc.inspector.backend.close()
 
 
+def test_mqtt_calibrate_leaves_out_or_refuses_the_bundles_training_images(tmp_path, tiny_bundle):
+    """The MQTT calibrate command: a source folder's images that are the bundle's training images (by file
+    or by content; the recorded training data on this machine, but its validation split) are left out with
+    a warning in the reply, and refused when fewer than 20 others remain; a live calibration on a line
+    that replays a folder holding training images is refused (some frames would be those)."""
+    from edge_ad.errors import InputError
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    good = tmp_path / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(30):
+        cv2.imwrite(str(good / f"t{i:02d}.png"), part_frame(700 + i, 96))
+    val = sorted(good.iterdir())[:2]
+    bundle.manifest["training"] = {"data": str(tmp_path / "data"), "n_train": 28,
+                                   "val_images": [str(v) for v in val]}
+    bundle.save_manifest()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(24):
+        cv2.imwrite(str(mixed / f"n{i:02d}.png"), part_frame(500 + i, 96))
+    for f in sorted(good.iterdir())[2:8]:          # six training images, copied under other names
+        (mixed / f"old-{f.name}").write_bytes(f.read_bytes())
+    video, _ = defect_video(tmp_path / "v.avi", n=4, size=96)
+    svc = Service(_settings(tmp_path, bundle, f"file://{video}"), install_signals=False)
+    try:
+        with pytest.raises(InputError, match=re.escape(
+                f"28 of the 30 images of {good} are images {bundle.path} was trained on (the recorded training "
+                f"data {good}, the same files or the same bytes)")) as err:
+            svc.commands.calibrate({"frames": 30, "source": f"dir://{good}", "policy": "max"})
+        assert "the 2 other images are fewer than the 20 a calibration needs" in str(err.value)
+        assert svc.bundle.calibration_versions() == [1] and svc.inspector.calibration.version == 1
+        r = svc.commands.calibrate({"frames": 30, "source": f"dir://{mixed}", "policy": "max"})
+        assert r["version"] == 2 and r["frames"] == 24
+        assert r["warnings"][0].startswith(f"6 of the 30 images of {mixed} are images {bundle.path} was trained on")
+    finally:
+        svc.inspector.backend.close()
+    svc = Service(_settings(tmp_path, bundle, f"dir://{good}"), install_signals=False)
+    try:
+        with pytest.raises(InputError, match=re.escape(
+                f"live calibration: 28 of the 30 images of the line's source folder {good} are images "
+                f"{bundle.path} was trained on")):
+            svc.commands.calibrate({"frames": 20, "policy": "max"})
+        assert svc.bundle.calibration_versions() == [1, 2]
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_plugin_trigger_releases_frames(tmp_path, tiny_bundle, monkeypatch):
     (tmp_path / "line_plc.py").write_text(
         "import threading\n"

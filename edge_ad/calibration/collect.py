@@ -9,6 +9,14 @@
 - Any other source URI (``v4l2://``, ``csi://``, ``rtsp://``, ``file://``, ``synthetic://``; see
   :mod:`edge_ad.runtime.sources`): the next ``n`` frames, taking one frame in ``every`` (a moving line
   shows more variety that way), until the source ends or ``timeout_s`` passes.
+
+**Training images are not calibration frames.** A model scores the images it was fitted on lower than
+any unseen part (the Gaussian statistics contain them, a network was trained on them), so a threshold set
+on them is far too low and the line calls every good part NG afterwards (a Gaussian bundle calibrated on
+its own ``train/good``: 200 of 200 good parts NG). Given the ``bundle``, a folder's images that are the
+bundle's training images (:func:`training_images`: the recorded training folder when it is on this
+machine, minus its validation split, which the model never saw) are left out before the ``n`` are spread,
+with a warning, and the folder is refused (InputError) when fewer than ``min_frames`` others remain.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -27,8 +37,13 @@ log = logging.getLogger(__name__)
 
 
 def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout_s: float | None = 600.0,
-                   progress: bool = True) -> list[np.ndarray]:
-    """Up to ``n`` RGB uint8 frames from ``source`` (a folder, ``dir://`` or any source URI)."""
+                   progress: bool = True, bundle=None, min_frames: int = 1,
+                   notes: list[str] | None = None) -> list[np.ndarray]:
+    """Up to ``n`` RGB uint8 frames from ``source`` (a folder, ``dir://`` or any source URI).
+
+    ``bundle`` (the bundle being calibrated): a folder's images that are its training images are left
+    out (:func:`leave_out_training_images`; the warning is appended to ``notes``, else logged), and the
+    folder is refused when fewer than ``min_frames`` others remain."""
     from tqdm import tqdm
 
     n = int(n)
@@ -45,6 +60,12 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
         paths = list_images(folder)
         if not paths:
             raise InputError(f"{folder}: no images ({', '.join(('.png', '.jpg', '.bmp', '.tif'))})")
+        if bundle is not None:
+            paths, note = leave_out_training_images(bundle, folder, paths, min_frames)
+            if note and notes is not None:
+                notes.append(note)
+            elif note:
+                log.warning("%s", note)
         loaded: dict[Path, np.ndarray] = {}
         bad: set[Path] = set()
         bar = tqdm(total=min(n, len(paths)), desc="calibrate: reading", unit="frame", leave=False,
@@ -120,3 +141,107 @@ def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: b
     if not frames:
         raise InputError(f"{spec.safe_uri}: delivered no frames")
     return frames
+
+
+# ----------------------------------------------------------------------------- training images
+@dataclass(frozen=True)
+class TrainingImages:
+    """The images a bundle's model was fitted on, as far as this machine can tell."""
+
+    folder: Path              # the recorded training data's normal images (DATA/train/good)
+    files: tuple[Path, ...]   # its images but the validation split
+    n_val: int                # validation split images found there (never fitted on: fine to calibrate on)
+    n_train: int | None       # training images the manifest records (training.n_train)
+
+    def matches(self, paths: Iterable[Path]) -> list[Path]:
+        """The ``paths`` that are training images: the same file (device and inode, so also through a link,
+        a bind mount or another spelling of the path) or the same bytes (sha256; only files of a size some
+        training image has are read, so a folder of other images costs a ``stat`` each)."""
+        from ..atomic import sha256_file
+
+        ids: set[tuple[int, int]] = set()
+        by_size: dict[int, list[Path]] = {}
+        for t in self.files:
+            try:
+                st = t.stat()
+            except OSError:
+                continue
+            ids.add((st.st_dev, st.st_ino))
+            by_size.setdefault(st.st_size, []).append(t)
+        digests: dict[int, set[str]] = {}
+        out = []
+        for p in paths:
+            try:
+                st = p.stat()
+                if (st.st_dev, st.st_ino) in ids:
+                    out.append(p)
+                    continue
+                if st.st_size not in by_size:
+                    continue
+                if st.st_size not in digests:
+                    digests[st.st_size] = set()
+                    for t in by_size[st.st_size]:
+                        try:
+                            digests[st.st_size].add(sha256_file(t))
+                        except OSError:
+                            pass
+                if sha256_file(p) in digests[st.st_size]:
+                    out.append(p)
+            except OSError:
+                continue   # unreadable: the loader skips it with its own warning
+        return out
+
+
+def training_images(bundle) -> TrainingImages | None:
+    """The images ``bundle``'s model was fitted on: the normal images of the training data folder its
+    manifest records (``training.data``, ``train/good``) but the validation split (``training.val_images``:
+    held out from the fit, the training calibrated on them). None when the manifest records no training
+    data or the folder is not on this machine (a bundle trained elsewhere): nothing to compare with.
+    Images added to the folder since the training are counted as training images (the manifest records
+    how many there were, not which)."""
+    from ..data.mvtec import MVTecCategory
+
+    training = bundle.manifest.get("training") or {}
+    data = training.get("data")
+    if not data or not Path(data).is_dir():
+        return None
+    try:
+        paths = MVTecCategory(data).train_paths()
+    except (InputError, OSError):
+        return None
+    val = {os.path.realpath(v) for v in training.get("val_images") or []}
+    files = tuple(p for p in paths if os.path.realpath(p) not in val)
+    n_train = training.get("n_train")
+    return TrainingImages(folder=Path(data) / "train" / "good", files=files, n_val=len(paths) - len(files),
+                          n_train=int(n_train) if isinstance(n_train, int) else None)
+
+
+def leave_out_training_images(bundle, folder: Path, paths: list[Path],
+                              min_frames: int = 1) -> tuple[list[Path], str]:
+    """``paths`` (the images of calibration folder ``folder``) without the bundle's training images, and
+    a warning saying how many were left out ("" when none). Raises InputError when fewer than
+    ``min_frames`` remain: the folder is then (mostly) the training data, and a calibration on it would
+    call every unseen good part NG."""
+    train = training_images(bundle)
+    if train is None:
+        return paths, ""
+    hits = set(train.matches(paths))
+    if not hits:
+        return paths, ""
+    rest = [p for p in paths if p not in hits]
+    n_recorded = "" if train.n_train in (None, len(train.files)) else (
+        f"; it holds {len(train.files)} besides the validation split, the training recorded {train.n_train}: "
+        "images added since count as training images too")
+    why = (f"{len(hits)} of the {len(paths)} images of {folder} are images {bundle.path} was trained on "
+           f"(the recorded training data {train.folder}, the same files or the same bytes{n_recorded}); "
+           "a model scores its own training images far lower than any new part, so a threshold set on them "
+           "would call good parts NG")
+    need = max(int(min_frames), 1)
+    if len(rest) < need:
+        val = (f", or on its validation split ({train.n_val} images of {train.folder} the training held out, "
+               "listed as training.val_images in manifest.json)" if train.n_val >= need else "")
+        left = f"the {len(rest)} other images are" if len(rest) != 1 else "the 1 other image is"
+        raise InputError(f"{why}; {left} fewer than the {need} a calibration needs: "
+                         "calibrate on images of good parts the model has not seen (capture new ones, e.g. "
+                         f"'edge-ad capture --source CAMERA --out DIR'){val}; the calibration in force is unchanged")
+    return rest, f"{why}: left out, calibrating on the other {len(rest)}"

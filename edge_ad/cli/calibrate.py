@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -148,10 +149,14 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             from ..calibration.deploy import golden_for
 
             golden_for(deploy_dir, golden_dir, not no_golden)
-        images = _collect(source, frames, every, timeout_s)
+        from ..calibration.adapt import MIN_KEPT_FRAMES
+
+        notes: list[str] = []
+        images = _collect(source, frames, every, timeout_s, b, MIN_KEPT_FRAMES, notes)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
                         golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
                         require_golden=not no_golden)
+        res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
         if as_json:
             _echo_json(res.summary())
             return
@@ -169,12 +174,14 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
     with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
         try:
-            images = _collect(source, frames, every, timeout_s)
+            notes: list[str] = []
+            images = _collect(source, frames, every, timeout_s, b, min_frames, notes)
             insp = Inspector(b, be)
             res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
                               prior_weight=prior_weight, source=f"edge-ad calibrate: {source}")
         finally:
             be.close()
+    res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
     if as_json:
         _echo_json(res.summary())
         return
@@ -193,10 +200,13 @@ def _screened(res) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
-def _collect(source, frames: int, every: int, timeout_s: float) -> list:
+def _collect(source, frames: int, every: int, timeout_s: float, bundle, min_frames: int, notes: list) -> list:
+    """The frames; a folder's images that are ``bundle``'s training images are left out (the warning goes
+    to ``notes``), and a folder with fewer than ``min_frames`` others is refused (exit 2)."""
     from ..calibration import collect_frames
 
-    images = collect_frames(source, frames, every=every, timeout_s=timeout_s)
+    images = collect_frames(source, frames, every=every, timeout_s=timeout_s, bundle=bundle,
+                            min_frames=min_frames, notes=notes)
     if len(images) < frames:
         click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
     return images

@@ -326,12 +326,15 @@ class Service:
 
     def _calibrate(self, frames: int, policy: str, source: str, timeout: float, by: str) -> dict:
         from ..calibration import collect_frames, recalibrate
+        from ..calibration.refit import MIN_FRAMES
 
         t0 = time.monotonic()
+        notes: list[str] = []   # the training images a source folder held, left out
         if source == "live":
             if self.pipeline.paused.is_set():
                 raise InputError("inspection is paused: live calibration needs frames; resume first or "
                                  "give a source folder")
+            self._check_live_frames_unseen()
             col = self.pipeline.collect_frames(frames)
             if not col.done.wait(timeout):
                 self.pipeline.cancel_collector(col)
@@ -343,17 +346,47 @@ class Service:
                                      f"is stopping ({col.cancelled}); the calibration in force is unchanged")
             images = list(col.frames)
             where = f"live {self.spec.safe_uri}"
-        else:
-            images = collect_frames(source, frames, timeout_s=timeout, progress=False)
+        else:   # a folder's images that are the bundle's training images are left out (collect_frames)
+            images = collect_frames(source, frames, timeout_s=timeout, progress=False, bundle=self.bundle,
+                                    min_frames=MIN_FRAMES, notes=notes)
+            for note in notes:
+                log.warning("calibrate: %s", note)
             where = parse_uri(source).safe_uri if "://" in source else source
         t_collect = time.monotonic() - t0
         res = recalibrate(self.bundle, self.inspector, images, policy=policy, progress=False,
                           source=f"{by}: {len(images)} frames from {where}")
         self.swap_calibration(res.calibration, reason=f"calibrate ({len(images)} frames, policy {policy})")
         out = res.summary()
+        out["warnings"] = [*notes, *out["warnings"]]
         out["threshold_in_force"] = self.effective_threshold()   # a [decision] threshold overrides the new one
         out["collect_s"] = round(t_collect, 3)
         return _jsonable(out)
+
+    def _check_live_frames_unseen(self) -> None:
+        """Live calibration on a line that replays a folder (``dir://``): refused when the folder holds
+        images the bundle was trained on, as some of the frames collected would be those (a threshold set
+        on training images calls good parts NG). A folder given as the command's source leaves them out."""
+        if self.spec.scheme != "dir":
+            return   # a camera, a video, synthetic frames: nothing to compare with the training images
+        from ..calibration.collect import training_images
+        from ..data.image import list_images
+
+        train = training_images(self.bundle)
+        if train is None:
+            return
+        folder = Path(self.spec.target)
+        try:
+            paths = list_images(folder)
+        except InputError:
+            return   # the source itself reports a folder that is gone
+        hits = train.matches(paths)
+        if hits:
+            raise InputError(f"live calibration: {len(hits)} of the {len(paths)} images of the line's source "
+                             f"folder {folder} are images {self.bundle.path} was trained on (the recorded "
+                             f"training data {train.folder}), and a threshold set on them calls good parts NG; "
+                             f"give the folder as the source (\"source\": \"dir://{folder}\"), which leaves "
+                             "them out, or a folder of good parts the model has not seen; the calibration in "
+                             "force is unchanged")
 
     def reload(self, what: str) -> dict:
         out: dict[str, Any] = {}
