@@ -6,7 +6,8 @@ so a reported AUROC is the deployed graph's. Pixel metrics are computed at the m
 
 Besides the aggregates, ``report["samples"]`` lists every test image: ``path`` (relative to ``--data``),
 ``type``, ``score`` and ``decision`` (``NG`` above the threshold, as the loop decides; ``null`` for a score
-that is not a finite number), sorted by type, then path.
+that is not a finite number), sorted by type, then path. ``report["notes"]`` says what was left out: files
+of other formats, a test/<type> folder without images (each is logged as a warning too).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
     report = metrics.defect_type_report(scores, labels, types, threshold=cal.threshold,
                                         maps=maps if cat.has_masks else None,
                                         masks=masks if cat.has_masks else None)
+    report["notes"] = list(cat.notes)
     report.update({"bundle": str(bundle.path), "data": str(cat.path), "backend": be.name,
                    "precision": be.precision,
                    "graph": Path(be.graph).name if getattr(be, "graph", None) else None, "model": bundle.kind, "calibration_version": cal.version,
@@ -101,7 +103,8 @@ def report_text(report: dict) -> str:
     head = (f"{report['model']} ({report['backend']} {report['precision']}{graph}, calibration "
             f"v{report['calibration_version']}) on {report['data']}: {report['overall']['n']} images, "
             f"{report['images_per_second']} img/s")
-    return head + "\n" + metrics.format_report(report)
+    notes = "".join(f"\nnote: {n}" for n in report.get("notes") or [])
+    return head + "\n" + metrics.format_report(report) + ("\n" + notes if notes else "")
 
 
 def dumps(report: dict) -> str:

@@ -402,3 +402,72 @@ def test_frames_that_are_not_rgb_uint8_are_named():
                        ([[1, 2, 3]], "list")):
         with pytest.raises(InputError, match=r"frame 1: .*" + re.escape(words) + r".*RGB uint8"):
             to_batch([ok, bad], (8, 8))
+
+
+# ---------------------------------------------------------------------------- what a folder lists
+def test_hidden_and_system_files_are_skipped_by_every_reader(tmp_path, caplog):
+    """A folder copied from a Mac gets a '._NAME' AppleDouble twin per image: train and eval stopped at
+    the first ('not a readable image') while run and calibrate skipped them one warning each. Hidden and
+    system files are now listed by none of them, without a word."""
+    from edge_ad.calibration.collect import collect_frames
+    from edge_ad.data.image import list_images
+    from edge_ad.runtime.sources import check_startup, open_source, parse_uri
+
+    root = _category(tmp_path / "cat")
+    for d in ("train/good", "test/good", "test/scratch"):
+        for name in ("._a.png", "._s1.png", ".DS_Store", "Thumbs.db", "desktop.ini"):
+            (root / d / name).write_bytes(b"\x00\x05\x16\x07junk")
+    (root / "ground_truth/scratch/._s1_mask.png").write_bytes(b"\x00\x05\x16\x07junk")
+    caplog.set_level("WARNING")
+    cat = MVTecCategory(root)
+    assert [p.name for p in cat.train_paths()] == ["a.png", "b.jpg", "c.png"]
+    cat.check()    # train and eval decode every listed image and mask: none of the junk is among them
+    assert [s.path.name for s in cat.test_samples()] == ["g1.jpg", "d1.png", "s1.png", "s2.jpg"]
+    good = root / "test/good"
+    assert [p.name for p in list_images(good)] == ["g1.jpg"]
+    check_startup(parse_uri(f"dir://{good}"))
+    src = open_source(f"dir://{good}")
+    src.open()
+    assert [f.truth["file"] for f in iter(src.read, None)] == ["g1.jpg"]
+    assert len(collect_frames(good, 10, progress=False)) == 1       # calibrate lists the same
+    text = caplog.text
+    assert "._" not in text and "Thumbs" not in text and "DS_Store" not in text and "skipped" not in text
+
+
+def test_files_of_other_formats_are_named_once_and_webp_is_read(tmp_path, caplog):
+    """A defect type saved in a format the loader does not list vanished from the eval report, and extra
+    training images were dropped, without a word: now a warning names the folder, the count and the
+    extensions (once per folder), the eval report keeps it as a note, and so does an empty defect folder.
+    WebP and PGM, which OpenCV decodes itself, are read like PNG."""
+    from edge_ad.data.image import IMAGE_EXTS, list_images, load_image
+
+    root = _category(tmp_path / "cat")
+    img = np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    _write(root / "train/good/d.webp", img)
+    _write(root / "train/good/e.pgm", img[..., 0])
+    _write(root / "test/crack/c1.png", img)
+    (root / "test/crack/c2.gif").write_bytes(b"GIF89a")
+    (root / "test/crack/c3.gif").write_bytes(b"GIF89a")
+    (root / "test/crack/c4").write_bytes(b"no extension")
+    (root / "test/empty").mkdir()
+    assert ".webp" in IMAGE_EXTS and ".pgm" in IMAGE_EXTS
+    assert load_image(root / "train/good/d.webp").shape == (40, 50, 3)
+    assert np.array_equal(load_image(root / "train/good/e.pgm")[..., 1], img[..., 0])
+    caplog.set_level("WARNING")
+    cat = MVTecCategory(root)
+    assert [p.name for p in cat.train_paths()] == ["a.png", "b.jpg", "c.png", "d.webp", "e.pgm"]
+    assert [s.defect_type for s in cat.test_samples()].count("crack") == 1
+    crack = root / "test/crack"
+    want = {f"{root / 'train/good'}: 1 file not read (.txt); readable formats are {' '.join(IMAGE_EXTS)}",
+            f"{crack}: 3 files not read (.gif, no extension); readable formats are {' '.join(IMAGE_EXTS)}",
+            f"{root / 'test/empty'}: no images; defect type 'empty' is not evaluated"}
+    assert set(cat.notes) == want
+    assert all(n in caplog.text for n in want)
+    # a folder listed again (a looping dir:// source) is not warned about again; another extension is
+    caplog.clear()
+    list_images(crack)
+    assert "not read" not in caplog.text
+    (crack / "c5.heic").write_bytes(b"x")
+    list_images(crack)
+    assert f"{crack}: 4 files not read (.gif, .heic, no extension)" in caplog.text
+

@@ -6,7 +6,9 @@ Frames are RGB ``uint8`` arrays ``[H, W, 3]``. The model input is ``float32 [B, 
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +16,17 @@ import numpy as np
 
 from ..errors import InputError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+log = logging.getLogger(__name__)
+
+# The formats every reader of images (train, eval, run dir://, calibrate, golden sets, the guard) lists and
+# decodes, all through load_image. WebP and the PNM family (PBM/PGM/PPM) are decoded by OpenCV itself (its
+# bundled libwebp, its own PNM reader), so a Jetson's JetPack OpenCV reads them as a workstation's pip
+# wheel does. Left out on purpose: GIF (only OpenCV >= 4.11 reads it), JPEG 2000 (a build option that
+# differs between builds), EXR / HDR (float formats, EXR off by default at run time).
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".pnm")
+# Files of an image folder skipped without a word: the operating system's own (a folder copied from Windows
+# or a Mac). Hidden files (names starting with ".", e.g. macOS "._NAME.png" AppleDouble twins) are too.
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -30,7 +42,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     buf = np.fromfile(str(p), dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
     if img is None:
-        raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP or TIFF)")
+        raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or PBM/PGM/PPM)")
     return to_rgb8(img, where=str(p))
 
 
@@ -112,9 +124,51 @@ def spread(items: Sequence, n: int) -> list:
     return [items[i] for i in sorted(set(idx.tolist()))]
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files of a folder in name order (no recursion)."""
+def scan_images(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(images, others)`` of a folder, both in name order (no recursion): ``images`` the files with an
+    extension of :data:`IMAGE_EXTS`, ``others`` the files that are not read (another extension). Hidden
+    files (a name starting with ".": macOS AppleDouble "._NAME.png", .DS_Store) and the system's own
+    (Thumbs.db, desktop.ini) are in neither, and neither are sub-folders."""
     d = Path(folder)
     if not d.is_dir():
         raise InputError(f"{d}: folder not found")
-    return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    images, others = [], []
+    for p in sorted(d.iterdir()):
+        if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES or not p.is_file():
+            continue
+        (images if p.suffix.lower() in IMAGE_EXTS else others).append(p)
+    return images, others
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder in name order (no recursion; hidden files skipped: see :func:`scan_images`).
+
+    Other files are not read: the first time a folder is listed with such files, a warning names the
+    folder, their count and extensions (a defect type saved as .gif would otherwise vanish unseen)."""
+    images, others = scan_images(folder)
+    if others:
+        warn_skipped(folder, others)
+    return images
+
+
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+_warned_lock = threading.Lock()
+
+
+def skipped_text(folder: str | os.PathLike, others: Sequence[Path]) -> str:
+    """``"FOLDER: 3 files not read (.gif, .txt); readable formats are .png, ..."``"""
+    exts = sorted({p.suffix.lower() or "no extension" for p in others})
+    n = len(others)
+    return (f"{folder}: {n} file{'s' if n != 1 else ''} not read ({', '.join(exts)}); readable formats are "
+            f"{' '.join(IMAGE_EXTS)}")
+
+
+def warn_skipped(folder: str | os.PathLike, others: Sequence[Path]) -> None:
+    """Log :func:`skipped_text` once per folder and set of extensions (a looping dir:// source lists its
+    folder at every pass)."""
+    key = (os.path.abspath(folder), tuple(sorted({p.suffix.lower() for p in others})))
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning("%s", skipped_text(folder, others))

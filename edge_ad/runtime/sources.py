@@ -545,14 +545,14 @@ class DirSource(Source):
         self._index = 0
 
     def open(self) -> None:
-        from ..data.image import list_images
+        from ..data.image import IMAGE_EXTS, list_images
 
         folder = Path(self.spec.target)
         if not folder.is_dir():
             raise SourceLost(f"{self.spec.safe_uri}: folder {folder} not found")
         self._files = list_images(folder)
         if not self._files:
-            raise SourceLost(f"{self.spec.safe_uri}: no images (.png, .jpg, .bmp, .tif) in {folder}")
+            raise SourceLost(f"{self.spec.safe_uri}: no images ({', '.join(IMAGE_EXTS)}) in {folder}")
         self._pos = 0
         self._index = 0  # each pass counts from 0, as a looping file does
 
