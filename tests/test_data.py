@@ -471,3 +471,35 @@ def test_files_of_other_formats_are_named_once_and_webp_is_read(tmp_path, caplog
     list_images(crack)
     assert f"{crack}: 4 files not read (.gif, .heic, no extension)" in caplog.text
 
+
+def test_masks_drawn_in_alpha_or_colour_and_empty_masks(tmp_path):
+    """Masks drawn in the alpha channel (black or white colour on a transparent layer, as annotation tools
+    export) read empty (black) or all defective (white); a red outline in a JPEG read empty too (as grey
+    it is 76 < 128). Now the alpha is read where the colour is uniform, any colour channel counts, and
+    an empty mask of a defective image is recorded (eval warns and leaves it out of the pixel metrics)."""
+    from edge_ad.data.image import load_mask
+
+    m = np.zeros((40, 50), np.uint8)
+    m[5:10, 5:20] = 255
+    for colour in (0, 255):
+        rgba = np.zeros((40, 50, 4), np.uint8)
+        rgba[..., :3] = colour
+        rgba[..., 3] = m
+        _write(tmp_path / f"alpha{colour}.png", rgba)
+        assert np.array_equal(load_mask(tmp_path / f"alpha{colour}.png"), m > 0), colour
+    opaque = np.dstack([np.dstack([m] * 3), np.full_like(m, 255)])   # colour mask, opaque: the colour counts
+    _write(tmp_path / "opaque.png", opaque)
+    assert np.array_equal(load_mask(tmp_path / "opaque.png"), m > 0)
+    red = np.zeros((40, 50, 3), np.uint8)
+    red[..., 2] = m                                                  # BGR: red
+    _write(tmp_path / "red.jpg", red)
+    assert load_mask(tmp_path / "red.jpg").sum() == 75
+    dark_blue = np.zeros((40, 50, 3), np.uint8)
+    dark_blue[..., 0] = (m > 0) * 2                                  # a label 2 in the blue channel
+    _write(tmp_path / "blue.png", dark_blue)
+    assert load_mask(tmp_path / "blue.png").sum() == 75
+    root = _category(tmp_path / "cat")
+    _write(root / "ground_truth/scratch/s2_mask.png", np.zeros((36, 44), np.uint8))
+    cat = MVTecCategory(root)
+    cat.check()
+    assert {p.name: q.name for p, q in cat.empty_masks.items()} == {"s2.jpg": "s2_mask.png"}

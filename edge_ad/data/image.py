@@ -75,16 +75,31 @@ def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarr
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a ground-truth mask as bool ``[H, W]``.
 
-    Lossless masks (PNG, BMP, TIFF; 8 or 16 bits, so label images with value 1 count): any non-zero pixel
-    is defective. JPEG masks: pixels of at least half the full value (128), since the compression rings
-    faint non-zero pixels around every edge that would otherwise grow the defect."""
+    Lossless masks (PNG, BMP, TIFF, WebP, PNM; 8 or 16 bits, so label images with value 1 count): a pixel
+    is defective when any colour channel is non-zero (a red or blue outline counts; as grey, dark blue was
+    0). JPEG masks: when a channel reaches half the full value (128), since the compression rings faint
+    non-zero pixels around every edge that would otherwise grow the defect.
+
+    A mask with an alpha channel whose colour is the same everywhere (black, or white, on a transparent
+    layer, as some annotation tools export) is drawn in its alpha: defective where the alpha is non-zero.
+    The colour of such a file says nothing (all normal, or all defective), its alpha does. A mask whose
+    colour varies is read from its colour, whatever its alpha."""
     import cv2
 
     p = Path(path)
     buf = np.fromfile(str(p), dtype=np.uint8) if p.is_file() else np.zeros(0, np.uint8)
-    m = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) if buf.size else None
+    # ANYCOLOR applies the EXIF orientation as load_image does, so a mask stays aligned with its image
+    m = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
     if m is None:
         raise InputError(f"{p}: not a readable mask image")
+    if m.size and m.min() == m.max():   # uniform colour: the drawing, if any, is in the alpha channel
+        full = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if full is not None and full.ndim == 3 and full.shape[2] in (2, 4) and full.shape[:2] == m.shape[:2]:
+            a = full[:, :, -1]
+            if a.min() != a.max():
+                return a > 0
+    if m.ndim == 3:
+        m = m.max(axis=2)
     if p.suffix.lower() in (".jpg", ".jpeg"):
         return m >= (np.iinfo(m.dtype).max + 1) // 2 if m.dtype.kind == "u" else m >= 0.5
     return m > 0

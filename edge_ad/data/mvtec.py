@@ -12,9 +12,12 @@ Images may be of any format of :data:`edge_ad.data.image.IMAGE_EXTS` (PNG, JPEG,
 PBM/PGM/PPM), grayscale or colour, of any size (sizes may differ between images). Hidden files (".name",
 e.g. macOS "._NAME.png") are skipped; other files are not read, and a warning names their folder, count
 and extensions (:attr:`MVTecCategory.notes` keeps it for the eval report), as it does for a test/<type>
-folder without images. A mask must have the size of its image. When ``ground_truth/<type>/``
+folder without images. A mask must have the size of its image (``<stem>_mask.<ext>`` or ``<stem>.<ext>``;
+see :func:`edge_ad.data.image.load_mask` for what counts as defective). When ``ground_truth/<type>/``
 exists, every image of ``test/<type>/`` needs a mask there, and every mask needs an image: a half-labelled
-folder would make the pixel metrics silently wrong. ``ground_truth/good/`` is ignored if present (good images are defect-free by definition).
+folder would make the pixel metrics silently wrong. A mask of a defective image that holds no defective
+pixel is recorded in :attr:`MVTecCategory.empty_masks` (eval warns and leaves it out of the pixel
+metrics). ``ground_truth/good/`` is ignored if present (good images are defect-free by definition).
 Everything that is wrong raises :class:`edge_ad.errors.InputError` naming the file.
 """
 
@@ -67,6 +70,8 @@ class MVTecCategory:
         # what the listing left out, one line each (files of other formats, a test/<type> without images),
         # each also logged as a warning; the eval report carries them
         self.notes: list[str] = []
+        # image -> its mask, for defective images whose mask holds no defective pixel (filled as they load)
+        self.empty_masks: dict[Path, Path] = {}
 
     def __repr__(self) -> str:
         return f"MVTecCategory({str(self.path)!r})"
@@ -224,8 +229,7 @@ class MVTecCategory:
             self.load_sample(s)
         return self.summary()
 
-    @staticmethod
-    def _mask_for(sample: Sample, shape_hw: tuple[int, int]) -> np.ndarray:
+    def _mask_for(self, sample: Sample, shape_hw: tuple[int, int]) -> np.ndarray:
         h, w = int(shape_hw[0]), int(shape_hw[1])
         if sample.mask_path is None:
             return np.zeros((h, w), dtype=bool)
@@ -233,6 +237,8 @@ class MVTecCategory:
         if m.shape != (h, w):
             raise InputError(f"{sample.mask_path}: mask is {m.shape[1]}x{m.shape[0]} (WxH) but its image "
                              f"{sample.path} is {w}x{h}; a mask must have its image's size")
+        if sample.label == 1 and not m.any():   # checked at full size: a resize may drop a tiny defect
+            self.empty_masks[sample.path] = sample.mask_path
         return m
 
 
