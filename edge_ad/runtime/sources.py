@@ -545,6 +545,12 @@ class DirSource(Source):
         self._files: list[Path] = []
         self._pos = 0
         self._index = 0
+        self.skipped = 0   # unreadable images skipped (the pipeline's skipped_images)
+
+    @property
+    def listed(self) -> int:
+        """Images in the folder's listing (the current pass)."""
+        return len(self._files)
 
     def open(self) -> None:
         from ..data.image import IMAGE_EXTS, list_images
@@ -586,6 +592,7 @@ class DirSource(Source):
                 img = load_image(p)
             except (InputError, OSError) as exc:
                 skipped += 1
+                self.skipped += 1
                 log.warning("%s: skipped %s", self.spec.safe_uri, exc)
                 continue
             frame = RawFrame(img, self._index, {"file": p.name})
