@@ -503,3 +503,26 @@ def test_masks_drawn_in_alpha_or_colour_and_empty_masks(tmp_path):
     cat = MVTecCategory(root)
     cat.check()
     assert {p.name: q.name for p, q in cat.empty_masks.items()} == {"s2.jpg": "s2_mask.png"}
+
+
+def test_16_bit_images_that_use_only_the_low_bits_are_warned_about(tmp_path, caplog):
+    """12-bit camera data in a 16-bit PNG (Mono12: 0..4095) is scaled like 16-bit data to 0..15 of 255, in
+    training, eval, run and snapshots alike, and nothing said so. The scaling stays the same for every
+    image (a per-image stretch would make scores depend on content), but a warning now names the first
+    such file of a folder, the bits it fits in and the conversion."""
+    from edge_ad.data.image import load_image
+
+    ramp = np.linspace(0, 4000, 64)[None, :].repeat(8, 0).astype(np.uint16)
+    for name in ("a.png", "b.png"):
+        _write(tmp_path / "mono12" / name, ramp)
+    full = tmp_path / "full"
+    full.mkdir()
+    assert cv2.imwrite(str(full / "c.png"), (ramp.astype(np.uint32) * 16).astype(np.uint16))
+    caplog.set_level("WARNING")
+    assert load_image(tmp_path / "mono12/a.png").max() == 15          # unchanged: the same rule for all
+    load_image(tmp_path / "mono12/b.png")
+    assert load_image(full / "c.png").max() == 250
+    warned = [r.getMessage() for r in caplog.records if "16-bit image" in r.getMessage()]
+    assert len(warned) == 1, warned                                   # once per folder, none for full range
+    assert warned[0].startswith(f"{tmp_path / 'mono12' / 'a.png'}: a 16-bit image whose brightest value is 4000")
+    assert "fits in 12 bits" in warned[0] and "0..15 of 255" in warned[0] and "value * 255 / 4095" in warned[0]

@@ -27,6 +27,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pbm",
 # Files of an image folder skipped without a word: the operating system's own (a folder copied from Windows
 # or a Mac). Hidden files (names starting with ".", e.g. macOS "._NAME.png" AppleDouble twins) are too.
 SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+# warnings given once: (folder, extensions) of files not read; folders of 16-bit images using few bits
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+_low_bits_warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -49,10 +53,15 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarray:
     """Any decoded image (gray, BGR, BGRA, 16-bit, float) -> RGB uint8 ``[H, W, 3]``.
 
-    Float images (e.g. 32-bit TIFF) are taken as 0..1 when no value exceeds 1, else as 0..255."""
+    16-bit images are taken as full-range 16-bit data: scaled by 1/256, the same for every image, so a
+    score never depends on an image's content range. 10- to 14-bit camera data stored in 16 bits (a Mono12
+    PNG holds 0..4095) therefore reads dark: :func:`_warn_low_bits` says so. Float images (e.g. 32-bit
+    TIFF) are taken as 0..1 when no value exceeds 1, else as 0..255."""
     import cv2
 
     if img.dtype == np.uint16:
+        if img.size:
+            _warn_low_bits(int(img.max()), where)
         img = (img >> 8).astype(np.uint8)
     elif img.dtype.kind == "f":
         if not np.isfinite(img).all():
@@ -70,6 +79,29 @@ def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarr
     if img.ndim == 3 and img.shape[2] == 4:
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
     raise InputError(f"{where}: unsupported image shape {img.shape}")
+
+
+LOW_BITS = 14   # a 16-bit image whose values all fit in this many bits is warned about (0..63 of 255 or less)
+
+
+def _warn_low_bits(brightest: int, where: str) -> None:
+    """Warn, once per folder (or source), about a 16-bit image that uses only its low bits: 12-bit camera
+    data (Mono12, BayerRG12 exported LSB-aligned) becomes 0..15 of 255, ten grey levels, in training, eval,
+    run and snapshots alike, and nothing failed to say so."""
+    depth = next((d for d in (8, 10, 12, 14) if brightest < 1 << d), 16)
+    if depth > LOW_BITS:
+        return
+    key = os.path.dirname(where) if os.sep in where else where
+    with _warned_lock:
+        if key in _low_bits_warned:
+            return
+        _low_bits_warned.add(key)
+    log.warning("%s: a 16-bit image whose brightest value is %d of 65535 (it fits in %d bits): 16-bit images "
+                "are read as full-range 16-bit data, scaled by 1/256, so it reads as 0..%d of 255 and loses its "
+                "detail. If this is %d-bit camera data stored in 16 bits, convert the images to 8 bits (value * "
+                "255 / %d) for training, eval and run alike (README: Image folders, bit depth); further such "
+                "images here are not warned about", where, brightest, depth, brightest >> 8, depth,
+                (1 << depth) - 1)
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
@@ -164,10 +196,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if others:
         warn_skipped(folder, others)
     return images
-
-
-_warned: set[tuple[str, tuple[str, ...]]] = set()
-_warned_lock = threading.Lock()
 
 
 def skipped_text(folder: str | os.PathLike, others: Sequence[Path]) -> str:
