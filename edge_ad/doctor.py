@@ -463,6 +463,7 @@ def check_source(uri: str, devices: list[dict] | None = None, argus_present: boo
                          fix="check the camera's address and network; run reconnects with back-off meanwhile")
         return _ok("source", f"{safe}: {parts.hostname}:{port} answers")
     if scheme in ("file", "dir"):
+        from .data.image import IMAGE_EXTS
         from .runtime.sources import check_startup
 
         p = Path(target)
@@ -471,7 +472,7 @@ def check_source(uri: str, devices: list[dict] | None = None, argus_present: boo
         except InputError as exc:
             fix = ("fix the path" if not p.exists() else
                    "give a video OpenCV/FFmpeg can decode" if scheme == "file" else
-                   "put readable images (.png, .jpg, .bmp, .tif) in the folder")
+                   f"put readable images ({' '.join(IMAGE_EXTS)}) in the folder")
             return Check("source", Status.FAIL, str(exc), required=True, fix=fix)
         if scheme == "file":
             return _ok("source", f"{safe}: {p} ({p.stat().st_size} bytes, decodes)")

@@ -6,7 +6,9 @@ so a reported AUROC is the deployed graph's. Pixel metrics are computed at the m
 
 Besides the aggregates, ``report["samples"]`` lists every test image: ``path`` (relative to ``--data``),
 ``type``, ``score`` and ``decision`` (``NG`` above the threshold, as the loop decides; ``null`` for a score
-that is not a finite number), sorted by type, then path.
+that is not a finite number), sorted by type, then path. ``report["notes"]`` says what was left out: files
+of other formats, a test/<type> folder without images, defect types without masks and masks without a
+defective pixel (both left out of the pixel metrics); each is logged as a warning too.
 """
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
     cal = insp.calibration
     labels = [s.label for s in samples]
     types = [s.defect_type for s in samples]
+    notes = list(cat.notes)
+    pixel_masks = _pixel_labels(cat, samples, masks, notes)
     report = metrics.defect_type_report(scores, labels, types, threshold=cal.threshold,
-                                        maps=maps if cat.has_masks else None,
-                                        masks=masks if cat.has_masks else None)
+                                        maps=maps if pixel_masks is not None else None, masks=pixel_masks)
+    report["notes"] = notes
     report.update({"bundle": str(bundle.path), "data": str(cat.path), "backend": be.name,
                    "precision": be.precision,
                    "graph": Path(be.graph).name if getattr(be, "graph", None) else None, "model": bundle.kind, "calibration_version": cal.version,
@@ -82,6 +86,35 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
                                                      cal.threshold, size, names=[s.stem for s in samples])
         atomic.write_json(out / "report.json", report)
     return report
+
+
+def _pixel_labels(cat: MVTecCategory, samples, masks: list, notes: list[str]) -> list | None:
+    """The masks the pixel metrics use: None for an image-level data set (no masks at all), else one per
+    sample, None for a defective image without a usable mask, which is left out of the pixel metrics: of a
+    defect type without masks (the others are still measured, their overall marked), or whose mask holds no
+    defective pixel (an empty mask would count every pixel of a defective image as normal, and lower the
+    overall pixel AUROC / AUPRO silently). Each case is logged and added to ``notes``."""
+    bad = [s for s in samples if s.label == 1]
+    if not any(s.mask_path is not None for s in bad):
+        return None
+    out = [m if s.label == 0 or (s.mask_path is not None and s.path not in cat.empty_masks) else None
+           for s, m in zip(samples, masks)]
+    unmasked = sorted({s.defect_type for s in bad if s.mask_path is None})
+    if unmasked:
+        have = sorted({s.defect_type for s in bad if s.mask_path is not None})
+        notes.append(f"pixel metrics: {', '.join(unmasked)} {'has' if len(unmasked) == 1 else 'have'} no masks "
+                     f"in {cat.path / 'ground_truth'}: left out of the pixel metrics, which cover good + "
+                     f"{', '.join(have)} only")
+    empty = [(s, cat.empty_masks[s.path]) for s in bad if s.path in cat.empty_masks]
+    if empty:
+        shown = ", ".join(str(m) for _, m in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        notes.append(f"pixel metrics: {len(empty)} mask(s) of defective images hold no defective pixel ({shown}): "
+                     "those images are left out of the pixel metrics. A mask is read from its colour (any "
+                     "non-zero channel; JPEG masks from 128 up, so a 0/1 JPEG reads empty: save it as PNG), or "
+                     "from its alpha when its colour is the same everywhere")
+    for n in notes[len(cat.notes):]:
+        log.warning("%s", n)
+    return out
 
 
 def sample_rows(samples, scores, root: Path, threshold: float) -> list[dict]:
@@ -101,7 +134,8 @@ def report_text(report: dict) -> str:
     head = (f"{report['model']} ({report['backend']} {report['precision']}{graph}, calibration "
             f"v{report['calibration_version']}) on {report['data']}: {report['overall']['n']} images, "
             f"{report['images_per_second']} img/s")
-    return head + "\n" + metrics.format_report(report)
+    notes = "".join(f"\nnote: {n}" for n in report.get("notes") or [])
+    return head + "\n" + metrics.format_report(report) + ("\n" + notes if notes else "")
 
 
 def dumps(report: dict) -> str:

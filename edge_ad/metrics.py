@@ -300,6 +300,7 @@ def _clean(v):
 def _pixel_block(idx: np.ndarray, maps, masks, fpr_limit: float) -> dict:
     if maps is None or masks is None:
         return {"pixel_auroc": None, "aupro": None}
+    idx = [i for i in idx if masks[i] is not None]   # images without pixel labels count for nothing here
     sub_maps = [maps[i] for i in idx]
     sub_masks = [masks[i] for i in idx]
     return {"pixel_auroc": _clean(pixel_auroc(sub_maps, sub_masks)),
@@ -312,6 +313,9 @@ def defect_type_report(scores, labels, defect_types: Sequence[str], threshold: f
 
     ``scores``/``labels``/``defect_types`` per test image ("good" for normals); ``maps``/``masks`` per
     image (same [H, W] per pair), or None for image-level data sets; masks of good images all False.
+    A mask of None: that image has no pixel labels (a defect type without masks, a mask that is empty);
+    it is left out of the pixel metrics, and ``overall["pixel_n_defect"]`` counts the defective images
+    they were computed on (below ``n_defect``: :func:`format_report` marks the overall values with "*").
     Per defect type, the AUROCs and AUPRO compare that type against all good images; ``recall`` is the
     fraction of that type found at ``threshold``. The "good" row carries the false-alarm rate (fpr).
     """
@@ -323,7 +327,7 @@ def defect_type_report(scores, labels, defect_types: Sequence[str], threshold: f
         maps, masks = list(maps), list(masks)
         if len(maps) != s.size or len(masks) != s.size:
             raise InputError(f"metrics: {s.size} scores but {len(maps)} maps and {len(masks)} masks")
-        if not any(np.asarray(g).any() for g in masks):
+        if not any(g is not None and np.asarray(g).any() for g in masks):
             maps = masks = None  # no pixel labels at all: image-level data set
     t = np.asarray(types, dtype=object)
     good_idx = np.flatnonzero(~y)
@@ -331,6 +335,8 @@ def defect_type_report(scores, labels, defect_types: Sequence[str], threshold: f
     overall = {"n": int(s.size), "n_good": int((~y).sum()), "n_defect": int(y.sum()),
                "image_auroc": _clean(image_auroc(s, y))}
     overall.update(_pixel_block(np.arange(s.size), maps, masks, fpr_limit))
+    if masks is not None:
+        overall["pixel_n_defect"] = int(sum(1 for i in np.flatnonzero(y) if masks[i] is not None))
     bf1, bthr = best_f1(s, y)
     overall["best_f1"], overall["best_f1_threshold"] = _clean(bf1), _clean(bthr)
     if threshold is not None:
@@ -367,8 +373,12 @@ def format_report(report: Mapping) -> str:
     for name, r in report["per_type"].items():
         rows.append((name, f(r.get("n")), f(r.get("image_auroc")), f(r.get("pixel_auroc")), f(r.get("aupro")),
                      f(r.get("recall")), f(r.get("fpr"))))
-    rows.append(("overall", f(o["n"]), f(o["image_auroc"]), f(o["pixel_auroc"]), f(o["aupro"]),
-                 f(o.get("recall")), f(o.get("fpr"))))
+    # pixel metrics over part of the defective images (the others have no masks): marked, and said below
+    part = o.get("pixel_n_defect") is not None and o["pixel_n_defect"] < o.get("n_defect", 0)
+    star = "*" if part else ""
+    rows.append(("overall", f(o["n"]), f(o["image_auroc"]),
+                 f(o["pixel_auroc"]) + (star if o["pixel_auroc"] is not None else ""),
+                 f(o["aupro"]) + (star if o["aupro"] is not None else ""), f(o.get("recall")), f(o.get("fpr"))))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda r: "  ".join(v.ljust(widths[0]) if i == 0 else v.rjust(widths[i])  # noqa: E731
                                for i, v in enumerate(r))
@@ -380,4 +390,7 @@ def format_report(report: Mapping) -> str:
     if o.get("best_f1") is not None:
         tail.append(f"best F1 {f(o['best_f1'])} at threshold {o['best_f1_threshold']:.4g}")
     tail.append(f"AUPRO integrated to FPR {report.get('fpr_limit', 0.3)}, normalized")
+    if part and (o["pixel_auroc"] is not None or o["aupro"] is not None):
+        tail.append(f"* pixel metrics over the good images and the {o['pixel_n_defect']} of {o['n_defect']} "
+                    "defective images that have a mask with a defect")
     return "\n".join(out + [""] + tail)

@@ -402,3 +402,127 @@ def test_frames_that_are_not_rgb_uint8_are_named():
                        ([[1, 2, 3]], "list")):
         with pytest.raises(InputError, match=r"frame 1: .*" + re.escape(words) + r".*RGB uint8"):
             to_batch([ok, bad], (8, 8))
+
+
+# ---------------------------------------------------------------------------- what a folder lists
+def test_hidden_and_system_files_are_skipped_by_every_reader(tmp_path, caplog):
+    """A folder copied from a Mac gets a '._NAME' AppleDouble twin per image: train and eval stopped at
+    the first ('not a readable image') while run and calibrate skipped them one warning each. Hidden and
+    system files are now listed by none of them, without a word."""
+    from edge_ad.calibration.collect import collect_frames
+    from edge_ad.data.image import list_images
+    from edge_ad.runtime.sources import check_startup, open_source, parse_uri
+
+    root = _category(tmp_path / "cat")
+    for d in ("train/good", "test/good", "test/scratch"):
+        for name in ("._a.png", "._s1.png", ".DS_Store", "Thumbs.db", "desktop.ini"):
+            (root / d / name).write_bytes(b"\x00\x05\x16\x07junk")
+    (root / "ground_truth/scratch/._s1_mask.png").write_bytes(b"\x00\x05\x16\x07junk")
+    caplog.set_level("WARNING")
+    cat = MVTecCategory(root)
+    assert [p.name for p in cat.train_paths()] == ["a.png", "b.jpg", "c.png"]
+    cat.check()    # train and eval decode every listed image and mask: none of the junk is among them
+    assert [s.path.name for s in cat.test_samples()] == ["g1.jpg", "d1.png", "s1.png", "s2.jpg"]
+    good = root / "test/good"
+    assert [p.name for p in list_images(good)] == ["g1.jpg"]
+    check_startup(parse_uri(f"dir://{good}"))
+    src = open_source(f"dir://{good}")
+    src.open()
+    assert [f.truth["file"] for f in iter(src.read, None)] == ["g1.jpg"]
+    assert len(collect_frames(good, 10, progress=False)) == 1       # calibrate lists the same
+    text = caplog.text
+    assert "._" not in text and "Thumbs" not in text and "DS_Store" not in text and "skipped" not in text
+
+
+def test_files_of_other_formats_are_named_once_and_webp_is_read(tmp_path, caplog):
+    """A defect type saved in a format the loader does not list vanished from the eval report, and extra
+    training images were dropped, without a word: now a warning names the folder, the count and the
+    extensions (once per folder), the eval report keeps it as a note, and so does an empty defect folder.
+    WebP and PGM, which OpenCV decodes itself, are read like PNG."""
+    from edge_ad.data.image import IMAGE_EXTS, list_images, load_image
+
+    root = _category(tmp_path / "cat")
+    img = np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    _write(root / "train/good/d.webp", img)
+    _write(root / "train/good/e.pgm", img[..., 0])
+    _write(root / "test/crack/c1.png", img)
+    (root / "test/crack/c2.gif").write_bytes(b"GIF89a")
+    (root / "test/crack/c3.gif").write_bytes(b"GIF89a")
+    (root / "test/crack/c4").write_bytes(b"no extension")
+    (root / "test/empty").mkdir()
+    assert ".webp" in IMAGE_EXTS and ".pgm" in IMAGE_EXTS
+    assert load_image(root / "train/good/d.webp").shape == (40, 50, 3)
+    assert np.array_equal(load_image(root / "train/good/e.pgm")[..., 1], img[..., 0])
+    caplog.set_level("WARNING")
+    cat = MVTecCategory(root)
+    assert [p.name for p in cat.train_paths()] == ["a.png", "b.jpg", "c.png", "d.webp", "e.pgm"]
+    assert [s.defect_type for s in cat.test_samples()].count("crack") == 1
+    crack = root / "test/crack"
+    want = {f"{root / 'train/good'}: 1 file not read (.txt); readable formats are {' '.join(IMAGE_EXTS)}",
+            f"{crack}: 3 files not read (.gif, no extension); readable formats are {' '.join(IMAGE_EXTS)}",
+            f"{root / 'test/empty'}: no images; defect type 'empty' is not evaluated"}
+    assert set(cat.notes) == want
+    assert all(n in caplog.text for n in want)
+    # a folder listed again (a looping dir:// source) is not warned about again; another extension is
+    caplog.clear()
+    list_images(crack)
+    assert "not read" not in caplog.text
+    (crack / "c5.heic").write_bytes(b"x")
+    list_images(crack)
+    assert f"{crack}: 4 files not read (.gif, .heic, no extension)" in caplog.text
+
+
+def test_masks_drawn_in_alpha_or_colour_and_empty_masks(tmp_path):
+    """Masks drawn in the alpha channel (black or white colour on a transparent layer, as annotation tools
+    export) read empty (black) or all defective (white); a red outline in a JPEG read empty too (as grey
+    it is 76 < 128). Now the alpha is read where the colour is uniform, any colour channel counts, and
+    an empty mask of a defective image is recorded (eval warns and leaves it out of the pixel metrics)."""
+    from edge_ad.data.image import load_mask
+
+    m = np.zeros((40, 50), np.uint8)
+    m[5:10, 5:20] = 255
+    for colour in (0, 255):
+        rgba = np.zeros((40, 50, 4), np.uint8)
+        rgba[..., :3] = colour
+        rgba[..., 3] = m
+        _write(tmp_path / f"alpha{colour}.png", rgba)
+        assert np.array_equal(load_mask(tmp_path / f"alpha{colour}.png"), m > 0), colour
+    opaque = np.dstack([np.dstack([m] * 3), np.full_like(m, 255)])   # colour mask, opaque: the colour counts
+    _write(tmp_path / "opaque.png", opaque)
+    assert np.array_equal(load_mask(tmp_path / "opaque.png"), m > 0)
+    red = np.zeros((40, 50, 3), np.uint8)
+    red[..., 2] = m                                                  # BGR: red
+    _write(tmp_path / "red.jpg", red)
+    assert load_mask(tmp_path / "red.jpg").sum() == 75
+    dark_blue = np.zeros((40, 50, 3), np.uint8)
+    dark_blue[..., 0] = (m > 0) * 2                                  # a label 2 in the blue channel
+    _write(tmp_path / "blue.png", dark_blue)
+    assert load_mask(tmp_path / "blue.png").sum() == 75
+    root = _category(tmp_path / "cat")
+    _write(root / "ground_truth/scratch/s2_mask.png", np.zeros((36, 44), np.uint8))
+    cat = MVTecCategory(root)
+    cat.check()
+    assert {p.name: q.name for p, q in cat.empty_masks.items()} == {"s2.jpg": "s2_mask.png"}
+
+
+def test_16_bit_images_that_use_only_the_low_bits_are_warned_about(tmp_path, caplog):
+    """12-bit camera data in a 16-bit PNG (Mono12: 0..4095) is scaled like 16-bit data to 0..15 of 255, in
+    training, eval, run and snapshots alike, and nothing said so. The scaling stays the same for every
+    image (a per-image stretch would make scores depend on content), but a warning now names the first
+    such file of a folder, the bits it fits in and the conversion."""
+    from edge_ad.data.image import load_image
+
+    ramp = np.linspace(0, 4000, 64)[None, :].repeat(8, 0).astype(np.uint16)
+    for name in ("a.png", "b.png"):
+        _write(tmp_path / "mono12" / name, ramp)
+    full = tmp_path / "full"
+    full.mkdir()
+    assert cv2.imwrite(str(full / "c.png"), (ramp.astype(np.uint32) * 16).astype(np.uint16))
+    caplog.set_level("WARNING")
+    assert load_image(tmp_path / "mono12/a.png").max() == 15          # unchanged: the same rule for all
+    load_image(tmp_path / "mono12/b.png")
+    assert load_image(full / "c.png").max() == 250
+    warned = [r.getMessage() for r in caplog.records if "16-bit image" in r.getMessage()]
+    assert len(warned) == 1, warned                                   # once per folder, none for full range
+    assert warned[0].startswith(f"{tmp_path / 'mono12' / 'a.png'}: a 16-bit image whose brightest value is 4000")
+    assert "fits in 12 bits" in warned[0] and "0..15 of 255" in warned[0] and "value * 255 / 4095" in warned[0]

@@ -11,6 +11,7 @@ import pytest
 from edge_ad.errors import InputError
 from edge_ad.metrics import (aupro, best_f1, binary_stats, defect_type_report, f1_at, format_report,
                              image_auroc, pixel_auroc, pro_curve, roc_curve)
+from fixtures_bundle import tiny_bundle  # noqa: F401 (a fixture)
 
 
 def _brute_auroc(scores, labels):
@@ -233,3 +234,68 @@ def test_defect_type_report():
         defect_type_report([0.1, 0.2], [0, 0], ["good", "dent"])
     with pytest.raises(InputError):
         defect_type_report([0.1, 0.2], [0, 1], ["good"])
+
+
+def test_images_without_pixel_labels_are_left_out_of_the_pixel_metrics():
+    """One defect type without masks made every pixel metric n/a without a reason, and a defective image
+    with an empty mask counted all its pixels as normal in the overall figure. A mask of None now leaves
+    that image out of the pixel metrics: its type's are n/a, the overall ones are computed over the rest
+    and marked."""
+    scores = [0.1, 0.2, 0.9, 0.8, 0.7, 0.6]
+    labels = [0, 0, 1, 1, 1, 1]
+    types = ["good", "good", "scratch", "scratch", "dent", "dent"]
+    maps = [np.full((4, 4), 0.1) for _ in scores]
+    masks = [np.zeros((4, 4), bool) for _ in scores]
+    for i in (2, 3):
+        maps[i][0, 0] = 5.0
+        masks[i][0, 0] = True
+    for i in (4, 5):                 # the dent's defect, where no mask says so
+        maps[i][3, 3] = 5.0
+    whole = defect_type_report(scores, labels, types, maps=maps, masks=masks)
+    assert whole["overall"]["pixel_auroc"] < 1.0          # the dents' "normal" pixels score high
+    masks[4] = masks[5] = None
+    r = defect_type_report(scores, labels, types, maps=maps, masks=masks)
+    json.dumps(r, allow_nan=False)
+    o = r["overall"]
+    assert o["pixel_auroc"] == 1.0 and o["aupro"] == 1.0 and o["pixel_n_defect"] == 2 and o["n_defect"] == 4
+    assert r["per_type"]["scratch"]["pixel_auroc"] == 1.0
+    assert r["per_type"]["dent"]["pixel_auroc"] is None and r["per_type"]["dent"]["aupro"] is None
+    assert r["per_type"]["dent"]["image_auroc"] == 1.0   # image metrics keep every image
+    text = format_report(r)
+    assert "1.000*" in text and "* pixel metrics over the good images and the 2 of 4 defective images" in text
+    assert "*" not in format_report(whole)
+
+
+def test_eval_names_what_it_left_out(tmp_path, tiny_bundle, caplog):
+    """eval on a folder with a defect type without masks, an empty mask, an empty defect folder and files
+    of another format: the pixel metrics cover what has masks, and the report (and the log) says why."""
+    import cv2
+
+    from edge_ad.evaluate import evaluate, report_text
+    from fixtures_bundle import part_frame
+
+    root = tmp_path / "cat"
+    for d in ("test/good", "test/blob", "test/spot", "test/empty", "ground_truth/blob"):
+        (root / d).mkdir(parents=True)
+    for i in range(4):
+        cv2.imwrite(str(root / f"test/good/{i}.png"), part_frame(i, 64))
+    for i in range(3):
+        img = part_frame(i, 64, defect=True)
+        cv2.imwrite(str(root / f"test/blob/{i}.png"), img)
+        cv2.imwrite(str(root / f"test/spot/{i}.png"), img)
+        mask = (img[..., 0] < 40).astype(np.uint8) * (255 if i else 0)   # blob/0: an empty mask
+        cv2.imwrite(str(root / f"ground_truth/blob/{i}_mask.png"), mask)
+    (root / "test/spot/3.gif").write_bytes(b"GIF89a")
+    caplog.set_level("WARNING")
+    r = evaluate(tiny_bundle.path, root, out_dir=tmp_path / "ev", progress=False, pictures=False)
+    o = r["overall"]
+    assert o["n_defect"] == 6 and o["pixel_n_defect"] == 2 and o["pixel_auroc"] is not None
+    assert r["per_type"]["spot"]["pixel_auroc"] is None and "empty" not in r["per_type"]
+    notes = "\n".join(r["notes"])
+    assert f"{root / 'test/empty'}: no images; defect type 'empty' is not evaluated" in notes
+    assert f"{root / 'test/spot'}: 1 file not read (.gif)" in notes
+    assert f"spot has no masks in {root / 'ground_truth'}: left out of the pixel metrics" in notes
+    assert f"1 mask(s) of defective images hold no defective pixel ({root / 'ground_truth/blob/0_mask.png'})" in notes
+    assert all(n in caplog.text for n in r["notes"])
+    assert "note: pixel metrics: spot has no masks" in report_text(r)
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["notes"] == r["notes"]

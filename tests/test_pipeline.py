@@ -206,7 +206,44 @@ def test_roi_and_rotation_are_applied_before_inference(tmp_path, tiny_bundle):
     s = _settings(tmp_path / "bad", tiny_bundle, f"file://{video}", source__roi=[50, 50, 80, 80])
     with pytest.raises(Exception) as ei:
         _run(s)
-    assert "source.roi" in str(ei.value) and "96x96" in str(ei.value)
+    assert "source.roi" in str(ei.value) and "96x96" in str(ei.value) and "frame 0" in str(ei.value)
+
+
+def test_a_folder_image_the_roi_does_not_fit_is_skipped_and_named(tmp_path, tiny_bundle, caplog):
+    """dir:// with source.roi: one smaller image in the folder stopped the whole run (exit 2) with a message
+    naming no file, and a restarted service replayed the folder up to it. It is now skipped with a warning
+    naming it and counted (skipped_images), as an unreadable image is; a folder the ROI fits no image of
+    is still an input error."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(5):
+        size = 32 if i == 2 else 96
+        cv2.imwrite(str(folder / f"{i:03d}.png"), part_frame(i, size, defect=(i == 3)))
+    (folder / "004.png").write_text("truncated")                  # an unreadable one: counted too
+    s = _settings(tmp_path, tiny_bundle, f"dir://{folder}", source__mode="trigger", source__roi=[8, 8, 64, 64],
+                  telemetry__path=str(tmp_path / "tel.jsonl"))
+    caplog.set_level("WARNING")
+    svc = Service(s, install_signals=False)
+    summary = svc.run()
+    assert summary["frames"] == 3 and summary["reason"] == "end of stream"
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert [r["truth"]["file"] for r in recs] == ["000.png", "001.png", "003.png"]
+    assert [r["ng"] for r in recs] == [False, False, True] and all(r["image_size"] == [64, 64] for r in recs)
+    assert (f"skipped dir://{folder} 002.png: source.roi [8, 8, 64, 64] reaches outside the 32x32 frame"
+            in caplog.text)
+    assert svc.pipeline.stats()["skipped_images"] == 2
+    assert read_jsonl(tmp_path / "tel.jsonl")[-1]["skipped_images"] == 2
+    # looping over a folder the ROI fits no image of: an input error, not an endless skip
+    s = _settings(tmp_path / "none", tiny_bundle, f"dir://{folder}?loop=1", source__mode="trigger",
+                  source__roi=[0, 0, 100, 100])
+    with pytest.raises(Exception) as ei:
+        _run(s)
+    assert "source.roi [0, 0, 100, 100] fits none of the 5 images of dir://" in str(ei.value)
+    s = _settings(tmp_path / "none2", tiny_bundle, f"dir://{folder}", source__mode="trigger",
+                  source__roi=[0, 0, 100, 100])
+    with pytest.raises(Exception) as ei:
+        _run(s)
+    assert "source.roi [0, 0, 100, 100] fits none of the 4 images dir://" in str(ei.value)
 
 
 # ----------------------------------------------------------------------------- stopping

@@ -192,6 +192,41 @@ def test_file_source_reads_rgb_frames_and_ends(tmp_path):
     assert r > 200 and g < 160 and b < 160
 
 
+def test_file_uri_of_a_still_image_reads_it_as_dir_and_eval_do(tmp_path):
+    """file://part.jpg went through FFmpeg: the EXIF orientation was ignored (a sideways part scored NG
+    where eval said OK) and a 16-bit PNG was rounded otherwise. A still image is now read by load_image,
+    one frame (loop=1 repeats it), and checked at start like a folder's images."""
+    import cv2
+
+    from edge_ad.data.image import load_image
+    from test_data import _with_exif_orientation
+
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, :40] = 255
+    ok, buf = cv2.imencode(".jpg", img)
+    (tmp_path / "rot.jpg").write_bytes(_with_exif_orientation(buf.tobytes(), 6))
+    ramp = (np.linspace(0, 65535, 64)[None, :].repeat(8, 0) + 127).clip(0, 65535).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "u16.png"), ramp)
+    for name in ("rot.jpg", "u16.png"):
+        spec = parse_uri(f"file://{tmp_path / name}")
+        check_startup(spec)
+        src = open_source(spec)
+        src.open()
+        f = src.read()
+        assert np.array_equal(f.image, load_image(tmp_path / name)), name   # as dir:// and eval read it
+        assert f.truth == {"file": name} and src.read() is None
+    assert f.image.shape == (8, 64, 3)
+    src = open_source(f"file://{tmp_path / 'rot.jpg'}?loop=1")
+    src.open()
+    frames = [src.read() for _ in range(3)]
+    assert [f.image.shape for f in frames] == [(80, 40, 3)] * 3 and [f.index for f in frames] == [0, 0, 0]
+    (tmp_path / "bad.png").write_text("not a png")
+    with pytest.raises(InputError, match=r"source file://.*bad\.png: .*bad\.png: not a readable image"):
+        check_startup(parse_uri(f"file://{tmp_path / 'bad.png'}"))
+    with pytest.raises(InputError, match=r"image file .*gone\.jpg not found"):
+        check_startup(parse_uri(f"file://{tmp_path / 'gone.jpg'}"))
+
+
 def test_file_loop_and_pacing(tmp_path):
     path = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(3)])
     src = open_source(f"file://{path}?loop=1&fps=50")

@@ -6,7 +6,9 @@ Frames are RGB ``uint8`` arrays ``[H, W, 3]``. The model input is ``float32 [B, 
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +16,21 @@ import numpy as np
 
 from ..errors import InputError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+log = logging.getLogger(__name__)
+
+# The formats every reader of images (train, eval, run dir://, calibrate, golden sets, the guard) lists and
+# decodes, all through load_image. WebP and the PNM family (PBM/PGM/PPM) are decoded by OpenCV itself (its
+# bundled libwebp, its own PNM reader), so a Jetson's JetPack OpenCV reads them as a workstation's pip
+# wheel does. Left out on purpose: GIF (only OpenCV >= 4.11 reads it), JPEG 2000 (a build option that
+# differs between builds), EXR / HDR (float formats, EXR off by default at run time).
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".pnm")
+# Files of an image folder skipped without a word: the operating system's own (a folder copied from Windows
+# or a Mac). Hidden files (names starting with ".", e.g. macOS "._NAME.png" AppleDouble twins) are too.
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+# warnings given once: (folder, extensions) of files not read; folders of 16-bit images using few bits
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+_low_bits_warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -30,17 +46,22 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     buf = np.fromfile(str(p), dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
     if img is None:
-        raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP or TIFF)")
+        raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or PBM/PGM/PPM)")
     return to_rgb8(img, where=str(p))
 
 
 def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarray:
     """Any decoded image (gray, BGR, BGRA, 16-bit, float) -> RGB uint8 ``[H, W, 3]``.
 
-    Float images (e.g. 32-bit TIFF) are taken as 0..1 when no value exceeds 1, else as 0..255."""
+    16-bit images are taken as full-range 16-bit data: scaled by 1/256, the same for every image, so a
+    score never depends on an image's content range. 10- to 14-bit camera data stored in 16 bits (a Mono12
+    PNG holds 0..4095) therefore reads dark: :func:`_warn_low_bits` says so. Float images (e.g. 32-bit
+    TIFF) are taken as 0..1 when no value exceeds 1, else as 0..255."""
     import cv2
 
     if img.dtype == np.uint16:
+        if img.size:
+            _warn_low_bits(int(img.max()), where)
         img = (img >> 8).astype(np.uint8)
     elif img.dtype.kind == "f":
         if not np.isfinite(img).all():
@@ -60,19 +81,57 @@ def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarr
     raise InputError(f"{where}: unsupported image shape {img.shape}")
 
 
+LOW_BITS = 14   # a 16-bit image whose values all fit in this many bits is warned about (0..63 of 255 or less)
+
+
+def _warn_low_bits(brightest: int, where: str) -> None:
+    """Warn, once per folder (or source), about a 16-bit image that uses only its low bits: 12-bit camera
+    data (Mono12, BayerRG12 exported LSB-aligned) becomes 0..15 of 255, ten grey levels, in training, eval,
+    run and snapshots alike, and nothing failed to say so."""
+    depth = next((d for d in (8, 10, 12, 14) if brightest < 1 << d), 16)
+    if depth > LOW_BITS:
+        return
+    key = os.path.dirname(where) if os.sep in where else where
+    with _warned_lock:
+        if key in _low_bits_warned:
+            return
+        _low_bits_warned.add(key)
+    log.warning("%s: a 16-bit image whose brightest value is %d of 65535 (it fits in %d bits): 16-bit images "
+                "are read as full-range 16-bit data, scaled by 1/256, so it reads as 0..%d of 255 and loses its "
+                "detail. If this is %d-bit camera data stored in 16 bits, convert the images to 8 bits (value * "
+                "255 / %d) for training, eval and run alike (README: Image folders, bit depth); further such "
+                "images here are not warned about", where, brightest, depth, brightest >> 8, depth,
+                (1 << depth) - 1)
+
+
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a ground-truth mask as bool ``[H, W]``.
 
-    Lossless masks (PNG, BMP, TIFF; 8 or 16 bits, so label images with value 1 count): any non-zero pixel
-    is defective. JPEG masks: pixels of at least half the full value (128), since the compression rings
-    faint non-zero pixels around every edge that would otherwise grow the defect."""
+    Lossless masks (PNG, BMP, TIFF, WebP, PNM; 8 or 16 bits, so label images with value 1 count): a pixel
+    is defective when any colour channel is non-zero (a red or blue outline counts; as grey, dark blue was
+    0). JPEG masks: when a channel reaches half the full value (128), since the compression rings faint
+    non-zero pixels around every edge that would otherwise grow the defect.
+
+    A mask with an alpha channel whose colour is the same everywhere (black, or white, on a transparent
+    layer, as some annotation tools export) is drawn in its alpha: defective where the alpha is non-zero.
+    The colour of such a file says nothing (all normal, or all defective), its alpha does. A mask whose
+    colour varies is read from its colour, whatever its alpha."""
     import cv2
 
     p = Path(path)
     buf = np.fromfile(str(p), dtype=np.uint8) if p.is_file() else np.zeros(0, np.uint8)
-    m = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) if buf.size else None
+    # ANYCOLOR applies the EXIF orientation as load_image does, so a mask stays aligned with its image
+    m = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
     if m is None:
         raise InputError(f"{p}: not a readable mask image")
+    if m.size and m.min() == m.max():   # uniform colour: the drawing, if any, is in the alpha channel
+        full = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if full is not None and full.ndim == 3 and full.shape[2] in (2, 4) and full.shape[:2] == m.shape[:2]:
+            a = full[:, :, -1]
+            if a.min() != a.max():
+                return a > 0
+    if m.ndim == 3:
+        m = m.max(axis=2)
     if p.suffix.lower() in (".jpg", ".jpeg"):
         return m >= (np.iinfo(m.dtype).max + 1) // 2 if m.dtype.kind == "u" else m >= 0.5
     return m > 0
@@ -112,9 +171,47 @@ def spread(items: Sequence, n: int) -> list:
     return [items[i] for i in sorted(set(idx.tolist()))]
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files of a folder in name order (no recursion)."""
+def scan_images(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(images, others)`` of a folder, both in name order (no recursion): ``images`` the files with an
+    extension of :data:`IMAGE_EXTS`, ``others`` the files that are not read (another extension). Hidden
+    files (a name starting with ".": macOS AppleDouble "._NAME.png", .DS_Store) and the system's own
+    (Thumbs.db, desktop.ini) are in neither, and neither are sub-folders."""
     d = Path(folder)
     if not d.is_dir():
         raise InputError(f"{d}: folder not found")
-    return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    images, others = [], []
+    for p in sorted(d.iterdir()):
+        if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES or not p.is_file():
+            continue
+        (images if p.suffix.lower() in IMAGE_EXTS else others).append(p)
+    return images, others
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder in name order (no recursion; hidden files skipped: see :func:`scan_images`).
+
+    Other files are not read: the first time a folder is listed with such files, a warning names the
+    folder, their count and extensions (a defect type saved as .gif would otherwise vanish unseen)."""
+    images, others = scan_images(folder)
+    if others:
+        warn_skipped(folder, others)
+    return images
+
+
+def skipped_text(folder: str | os.PathLike, others: Sequence[Path]) -> str:
+    """``"FOLDER: 3 files not read (.gif, .txt); readable formats are .png, ..."``"""
+    exts = sorted({p.suffix.lower() or "no extension" for p in others})
+    n = len(others)
+    return (f"{folder}: {n} file{'s' if n != 1 else ''} not read ({', '.join(exts)}); readable formats are "
+            f"{' '.join(IMAGE_EXTS)}")
+
+
+def warn_skipped(folder: str | os.PathLike, others: Sequence[Path]) -> None:
+    """Log :func:`skipped_text` once per folder and set of extensions (a looping dir:// source lists its
+    folder at every pass)."""
+    key = (os.path.abspath(folder), tuple(sorted({p.suffix.lower() for p in others})))
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning("%s", skipped_text(folder, others))

@@ -8,15 +8,22 @@
       test/<defect_type>/*                 defective test images
       ground_truth/<defect_type>/<stem>_mask.png   pixel masks (optional: image-level data sets have none)
 
-Images may be PNG, JPEG, BMP or TIFF, grayscale or colour, of any size (sizes may differ between
-images). A mask must have the size of its image. When ``ground_truth/<type>/`` exists, every image of
-``test/<type>/`` needs a mask there, and every mask needs an image: a half-labelled folder would make the
-pixel metrics silently wrong. ``ground_truth/good/`` is ignored if present (good images are defect-free
-by definition). Everything that is wrong raises :class:`edge_ad.errors.InputError` naming the file.
+Images may be of any format of :data:`edge_ad.data.image.IMAGE_EXTS` (PNG, JPEG, BMP, TIFF, WebP,
+PBM/PGM/PPM), grayscale or colour, of any size (sizes may differ between images). Hidden files (".name",
+e.g. macOS "._NAME.png") are skipped; other files are not read, and a warning names their folder, count
+and extensions (:attr:`MVTecCategory.notes` keeps it for the eval report), as it does for a test/<type>
+folder without images. A mask must have the size of its image (``<stem>_mask.<ext>`` or ``<stem>.<ext>``;
+see :func:`edge_ad.data.image.load_mask` for what counts as defective). When ``ground_truth/<type>/``
+exists, every image of ``test/<type>/`` needs a mask there, and every mask needs an image: a half-labelled
+folder would make the pixel metrics silently wrong. A mask of a defective image that holds no defective
+pixel is recorded in :attr:`MVTecCategory.empty_masks` (eval warns and leaves it out of the pixel
+metrics). ``ground_truth/good/`` is ignored if present (good images are defect-free by definition).
+Everything that is wrong raises :class:`edge_ad.errors.InputError` naming the file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +32,9 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
-from .image import IMAGE_EXTS, list_images, load_image, load_mask as _read_mask
+from .image import IMAGE_EXTS, load_image, load_mask as _read_mask, scan_images, skipped_text, warn_skipped
+
+log = logging.getLogger(__name__)
 
 GOOD = "good"
 MASK_SUFFIX = "_mask"
@@ -58,6 +67,11 @@ class MVTecCategory:
                              "train/good, test/<type>, ground_truth/<type>/<stem>_mask.png")
         self._train: list[Path] | None = None
         self._test: list[Sample] | None = None
+        # what the listing left out, one line each (files of other formats, a test/<type> without images),
+        # each also logged as a warning; the eval report carries them
+        self.notes: list[str] = []
+        # image -> its mask, for defective images whose mask holds no defective pixel (filled as they load)
+        self.empty_masks: dict[Path, Path] = {}
 
     def __repr__(self) -> str:
         return f"MVTecCategory({str(self.path)!r})"
@@ -73,7 +87,7 @@ class MVTecCategory:
             d = self.path / "train" / GOOD
             if not d.is_dir():
                 raise InputError(f"{d}: folder not found; training images go in train/good/")
-            paths = list_images(d)
+            paths = self._list(d)
             if not paths:
                 raise InputError(f"{d}: no images (expected {', '.join(IMAGE_EXTS)} files)")
             self._train = paths
@@ -116,13 +130,19 @@ class MVTecCategory:
         gt_root = self.path / "ground_truth"
         if gt_root.is_dir():
             for d in sorted(gt_root.iterdir()):
-                if d.is_dir() and d.name != GOOD and d.name not in types and any(_masks_in(d)):
+                if (d.is_dir() and d.name != GOOD and not d.name.startswith(".") and d.name not in types
+                        and any(_masks_in(d))):
                     raise InputError(f"{d}: masks for defect type '{d.name}' but no folder "
                                      f"{test_dir / d.name}")
         ordered = ([GOOD] if GOOD in types else []) + [t for t in types if t != GOOD]
         samples: list[Sample] = []
         for t in ordered:
-            images = list_images(test_dir / t)
+            images = self._list(test_dir / t)
+            if not images:   # left out of the report: say so, or its row simply is not there
+                note = (f"{test_dir / t}: no images; " + ("no good test images: false alarms are not measured"
+                        if t == GOOD else f"defect type '{t}' is not evaluated"))
+                self.notes.append(note)
+                log.warning("%s", note)   # (its masks, if any, are still checked: each needs an image)
             if t == GOOD:
                 samples += [Sample(p, GOOD, 0, None) for p in images]
                 continue
@@ -130,6 +150,13 @@ class MVTecCategory:
         if not samples:
             raise InputError(f"{test_dir}: no test images found")
         return samples
+
+    def _list(self, d: Path) -> list[Path]:
+        images, others = scan_images(d)
+        if others:
+            self.notes.append(skipped_text(d, others))
+            warn_skipped(d, others)
+        return images
 
     def _with_masks(self, dtype: str, images: list[Path], gt_dir: Path) -> list[Sample]:
         if not gt_dir.is_dir():
@@ -202,8 +229,7 @@ class MVTecCategory:
             self.load_sample(s)
         return self.summary()
 
-    @staticmethod
-    def _mask_for(sample: Sample, shape_hw: tuple[int, int]) -> np.ndarray:
+    def _mask_for(self, sample: Sample, shape_hw: tuple[int, int]) -> np.ndarray:
         h, w = int(shape_hw[0]), int(shape_hw[1])
         if sample.mask_path is None:
             return np.zeros((h, w), dtype=bool)
@@ -211,11 +237,13 @@ class MVTecCategory:
         if m.shape != (h, w):
             raise InputError(f"{sample.mask_path}: mask is {m.shape[1]}x{m.shape[0]} (WxH) but its image "
                              f"{sample.path} is {w}x{h}; a mask must have its image's size")
+        if sample.label == 1 and not m.any():   # checked at full size: a resize may drop a tiny defect
+            self.empty_masks[sample.path] = sample.mask_path
         return m
 
 
 def _masks_in(d: Path):
-    return (p for p in sorted(d.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return iter(scan_images(d)[0])
 
 
 def _mask_stem(p: Path) -> str:

@@ -52,16 +52,29 @@ RESULT_QUEUE_IMAGE_BYTES = 256 * 2**20   # images held in the result queue for s
 SKIPPED_LOG_S = 60.0                     # skipped snapshot images are logged at most this often
 
 
-def apply_roi_rotate(image: np.ndarray, roi: Optional[list[int]], rotate: int) -> np.ndarray:
-    """Crop ``roi`` = [x, y, w, h] (checked against the frame) then rotate clockwise by ``rotate``."""
+def roi_misfit(image: np.ndarray, roi: Optional[list[int]], where: str = "") -> str:
+    """Why ``roi`` = [x, y, w, h] does not fit ``image`` ("" when it does, or when there is no ROI): the
+    frame's size and the ROI, after ``where`` (the frame: a folder's file, a camera's frame number)."""
+    if not roi:
+        return ""
+    x, y, w, h = roi
+    H, W = image.shape[:2]
+    if x + w <= W and y + h <= H:
+        return ""
+    return (f"{where + ': ' if where else ''}source.roi {roi} reaches outside the {W}x{H} frame "
+            f"(x + width <= {W}, y + height <= {H})")
+
+
+def apply_roi_rotate(image: np.ndarray, roi: Optional[list[int]], rotate: int, where: str = "") -> np.ndarray:
+    """Crop ``roi`` = [x, y, w, h] (checked against the frame: InputError naming ``where``, the frame's
+    size and the ROI) then rotate clockwise by ``rotate``."""
     import cv2
 
     if roi:
+        why = roi_misfit(image, roi, where)
+        if why:
+            raise InputError(why)
         x, y, w, h = roi
-        H, W = image.shape[:2]
-        if x + w > W or y + h > H:
-            raise InputError(f"source.roi {roi} reaches outside the {W}x{H} frame (x + width <= {W}, "
-                             f"y + height <= {H})")
         image = image[y:y + h, x:x + w]
     if rotate == 90:
         image = cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
@@ -177,6 +190,9 @@ class Pipeline:
         self.captured = 0          # frames accepted into the frame queue (or dropped from it)
         self.inspected = 0
         self.skipped_untriggered = 0
+        self.skipped_roi = 0         # a folder's images the ROI does not fit (smaller ones): skipped, named
+        self._roi_fitted = False     # some frame of this run fitted the ROI
+        self._roi_misfits = 0        # folder images in a row the ROI did not fit
         self.skipped_paused = 0
         self.triggers_dropped_paused = 0   # triggered frames that came while paused: dropped, not replayed
         self.discarded_at_stop = 0   # frames accepted but never inferred (a failure, max frames, the stop deadline)
@@ -202,6 +218,11 @@ class Pipeline:
     @property
     def dropped(self) -> int:
         return self.frames.dropped
+
+    @property
+    def skipped_images(self) -> int:
+        """Images of a folder (or a still file://) skipped: unreadable ones, and those the ROI does not fit."""
+        return self.skipped_roi + int(getattr(getattr(self.camera, "source", None), "skipped", 0) or 0)
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -314,6 +335,7 @@ class Pipeline:
     def stats(self) -> dict[str, Any]:
         return {"mode": self.mode, "trigger": self.trigger, "captured": self.captured, "inspected": self.inspected,
                 "dropped": self.frames.dropped, "skipped_untriggered": self.skipped_untriggered,
+                "skipped_images": self.skipped_images,
                 "skipped_paused": self.skipped_paused, "triggers_dropped_paused": self.triggers_dropped_paused,
                 "discarded_at_stop": self.discarded_at_stop,
                 "unreported": self.unreported, "snapshots_skipped": self.snapshots_skipped,
@@ -350,6 +372,10 @@ class Pipeline:
                 raw = cam.read()
                 t1 = time.perf_counter()
                 if raw is None:
+                    if self.skipped_roi and not self._roi_fitted:
+                        raise InputError(f"source.roi {self.roi} fits none of the {self.skipped_roi} images "
+                                         f"{cam.name} delivered (each was skipped with a warning); expected "
+                                         "x + width and y + height within the images")
                     if not self.stop_capture.is_set():
                         self.end_reason = self.end_reason or "end of stream"
                     break
@@ -358,6 +384,8 @@ class Pipeline:
                     if self.gated and self.gate is not None:   # a part that passed while paused is gone:
                         # never inspect a later frame in its place
                         self.triggers_dropped_paused += self.gate.clear()
+                    continue
+                if self.roi and not self._roi_fits(raw):   # before the trigger: a skipped image takes none
                     continue
                 if self.gated and not self.gate.take():
                     self.skipped_untriggered += 1
@@ -379,6 +407,31 @@ class Pipeline:
         finally:
             self.frames.close()
             cam.close()
+
+    def _roi_fits(self, raw) -> bool:
+        """Whether ``source.roi`` fits the frame. A folder's image it does not fit (a smaller one among
+        the others) is skipped with a warning naming the file and counted, as an unreadable one is: stopping
+        made a restarted service list the folder again and replay it from the first image up to the same
+        file. A folder the ROI fits no image of is an InputError (one pass of it in a row, or the end), as
+        is a camera frame it does not fit (the ROI, or the camera's resolution, is wrong)."""
+        cam = self.camera
+        name = (raw.truth or {}).get("file") if not cam.source.live else None
+        why = roi_misfit(raw.image, self.roi, f"{cam.name} {name}" if name else f"{cam.name} frame {raw.index}")
+        if not why:
+            self._roi_fitted = True
+            self._roi_misfits = 0
+            return True
+        if name is None:
+            raise InputError(why)
+        self.skipped_roi += 1
+        self._roi_misfits += 1
+        log.warning("skipped %s", why)
+        listed = int(getattr(cam.source, "listed", 0) or 0)
+        if listed and self._roi_misfits >= listed:   # a looping folder would skip forever
+            raise InputError(f"source.roi {self.roi} fits none of the {listed} images of {cam.name} "
+                             "(each was skipped with a warning); expected x + width and y + height within "
+                             "the images")
+        return False
 
     # ------------------------------------------------------------------ inference thread
     def _inference_loop(self) -> None:

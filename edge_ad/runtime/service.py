@@ -649,7 +649,7 @@ class Service:
             "frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": ng_now,
             "ng_rate": round(dng / drep, 4) if drep else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
             "skipped_untriggered": st["skipped_untriggered"], "skipped_paused": st["skipped_paused"],
-            "triggers_dropped_paused": st["triggers_dropped_paused"],
+            "triggers_dropped_paused": st["triggers_dropped_paused"], "skipped_images": st["skipped_images"],
             "inference_errors": p.inference_errors, "discarded_at_stop": p.discarded_at_stop,
             "unreported": p.unreported, "output_errors": dict(self.reporter.output_errors),
             "snapshots_skipped": p.snapshots_skipped, "queues": st["queues"], "mode": p.mode,

@@ -10,7 +10,9 @@
 ``rtsp://[user:pass@]host[:port]/...`` RTSP (FFmpeg). The query string belongs to the camera's URL.
 ``file://clip.mp4``                    A video file (relative or ``file:///abs/path``). Options:
                                        loop=1, fps=N|native (pace like a camera; default: as fast as
-                                       it decodes).
+                                       it decodes). A still image (``file://part.png``, any extension
+                                       of IMAGE_EXTS) is read as dir:// reads its images (one frame;
+                                       ``loop=1`` repeats it), never through FFmpeg.
 ``dir://folder``                       The images of a folder in name order. Options: loop, fps.
 ``synthetic://disc``                   Generated parts with planted defects (edge_ad.data.synthetic).
                                        Options: kind, size, defect_rate, defects, seed, fps, count,
@@ -543,16 +545,22 @@ class DirSource(Source):
         self._files: list[Path] = []
         self._pos = 0
         self._index = 0
+        self.skipped = 0   # unreadable images skipped (the pipeline's skipped_images)
+
+    @property
+    def listed(self) -> int:
+        """Images in the folder's listing (the current pass)."""
+        return len(self._files)
 
     def open(self) -> None:
-        from ..data.image import list_images
+        from ..data.image import IMAGE_EXTS, list_images
 
         folder = Path(self.spec.target)
         if not folder.is_dir():
             raise SourceLost(f"{self.spec.safe_uri}: folder {folder} not found")
         self._files = list_images(folder)
         if not self._files:
-            raise SourceLost(f"{self.spec.safe_uri}: no images (.png, .jpg, .bmp, .tif) in {folder}")
+            raise SourceLost(f"{self.spec.safe_uri}: no images ({', '.join(IMAGE_EXTS)}) in {folder}")
         self._pos = 0
         self._index = 0  # each pass counts from 0, as a looping file does
 
@@ -584,11 +592,34 @@ class DirSource(Source):
                 img = load_image(p)
             except (InputError, OSError) as exc:
                 skipped += 1
+                self.skipped += 1
                 log.warning("%s: skipped %s", self.spec.safe_uri, exc)
                 continue
             frame = RawFrame(img, self._index, {"file": p.name})
             self._index += 1
             return frame
+
+
+class StillImageSource(DirSource):
+    """``file://`` of a still image: one frame, decoded by :func:`~edge_ad.data.image.load_image` as ``dir://``,
+    ``eval`` and ``train`` decode it. Through FFmpeg (a video's path) the same JPEG lost its EXIF orientation
+    and a 16-bit PNG was rounded otherwise, so ``run --source file://part.jpg`` judged another picture than
+    ``eval`` did (OK became NG). ``loop=1`` repeats it, ``fps=N`` paces it (``native``: no pacing)."""
+
+    def open(self) -> None:
+        p = Path(self.spec.target)
+        if not p.is_file():
+            raise SourceLost(f"{self.spec.safe_uri}: image file {p} not found (removed or not yet written?)")
+        self._files = [p]
+        self._pos = 0
+        self._index = 0
+
+
+def is_still_image(spec: SourceSpec) -> bool:
+    """A ``file://`` whose extension is an image format's (read as one image, not as a video)."""
+    from ..data.image import IMAGE_EXTS
+
+    return spec.scheme == "file" and Path(spec.target).suffix.lower() in IMAGE_EXTS
 
 
 class SyntheticSource(Source):
@@ -632,12 +663,15 @@ def open_source(spec: SourceSpec | str, open_timeout_s: float = 10.0, rtsp_trans
         return DirSource(spec)
     if spec.scheme == "synthetic":
         return SyntheticSource(spec)
+    if is_still_image(spec):
+        return StillImageSource(spec)
     return OpenCVSource(spec, open_timeout_s=open_timeout_s, rtsp_transport=rtsp_transport)
 
 
 def check_startup(spec: SourceSpec) -> None:
     """Input errors worth stopping for before anything starts: a file:// that is missing or that OpenCV
-    cannot decode a first frame of, a dir:// that is missing or holds no readable image.
+    cannot decode a first frame of (a still image: that load_image cannot read), a dir:// that is missing
+    or holds no readable image.
 
     Cameras are not checked here: a camera that is not there yet is waited for with back-off.
     """
@@ -651,6 +685,16 @@ def check_startup(spec: SourceSpec) -> None:
 
 def _probe_file(spec: SourceSpec) -> None:
     p = Path(spec.target)
+    if is_still_image(spec):
+        from ..data.image import load_image
+
+        if not p.is_file():
+            raise InputError(f"source {spec.safe_uri}: image file {p} not found")
+        try:
+            load_image(p)
+        except InputError as exc:
+            raise InputError(f"source {spec.safe_uri}: {exc}") from None
+        return
     if not p.is_file():
         raise InputError(f"source {spec.safe_uri}: video file {p} not found")
     src = OpenCVSource(spec)
