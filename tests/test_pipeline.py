@@ -1239,6 +1239,39 @@ def test_a_failed_snapshot_write_leaves_no_temp_file(tmp_path):
     assert list((tmp_path / "snaps").iterdir()) == []
 
 
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder that exists and cannot be written in: a read-only one, or for root (whom mode bits do not
+    stop) a sysfs folder, where no file can be created."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    return Path("/sys/kernel")
+
+
+def test_an_unwritable_snapshot_folder_stops_run_at_start_as_doctor_says(tmp_path, tiny_bundle):
+    """output.snapshots_dir that exists but cannot be written (the service user does not own it): run
+    started, exited 0 and lost every NG snapshot, while doctor said 'run cannot start'. It is refused at
+    start (InputError: exit 2) naming the folder, like an unwritable output.jsonl or telemetry.path, and
+    before the result log is created."""
+    from edge_ad import doctor
+    from edge_ad.errors import InputError
+
+    folder = _unwritable_folder(tmp_path)
+    check = doctor.check_disk([folder], min_free_mb=0)[0]
+    assert check.status == doctor.Status.FAIL and check.required
+    with pytest.raises(InputError, match=rf"{re.escape(str(folder))}: cannot write in the snapshot folder"):
+        SnapshotStore(folder)
+    video, _ = defect_video(tmp_path / "v.avi", n=4, defect_every=2, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", output__snapshots_dir=str(folder))
+    with pytest.raises(InputError, match="cannot write in the snapshot folder"):
+        Service(s, install_signals=False)
+    assert not (tmp_path / "results.jsonl").exists()
+    st = SnapshotStore(tmp_path / "snaps")                  # a writable one: the probe leaves nothing behind
+    assert list((tmp_path / "snaps").iterdir()) == [] and st.count == 0
+
+
 class _FullDisk:
     """The JSONL log's file on a disk that fills up: write calls ``first`` .. ``first + calls - 1`` fail with
     ENOSPC, and the one before them takes only part of the line (as write(2) does on a nearly full disk)."""

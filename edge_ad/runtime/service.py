@@ -178,9 +178,10 @@ class Service:
     def _build_rest(self) -> None:
         s = self.settings
         o = s.output
-        jsonl = JsonlLog(o.jsonl, o.jsonl_max_bytes, o.jsonl_backups, o.jsonl_fsync) if o.jsonl else None
+        # the snapshot folder first: its write check can refuse the run before the result log is created
         snaps = SnapshotStore(o.snapshots_dir, o.snapshots_max_count, o.snapshots_max_bytes,
                               o.jpeg_quality) if o.snapshots_dir else None
+        jsonl = JsonlLog(o.jsonl, o.jsonl_max_bytes, o.jsonl_backups, o.jsonl_fsync) if o.jsonl else None
         self.gate = TriggerGate(s.source.frames_per_trigger)
         mode = s.source.mode.value
         if mode == "trigger" and s.source.trigger == "command" and s.mqtt_settings() is None:
