@@ -131,7 +131,8 @@ class MqttLink:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Flush what can be flushed within ``timeout`` s, publish the ``offline`` status, disconnect.
-        Whatever is still in the outbox stays there for the next start."""
+        Whatever is still in the outbox stays there for the next start. Messages the broker acknowledged
+        but that could not be deleted (a full disk) are not waited for: they were delivered."""
         with self._lock:
             if self._stopped:
                 return
@@ -140,8 +141,8 @@ class MqttLink:
         deadline = t0 + max(0.0, timeout)
         if self._started:
             while time.monotonic() < deadline:
-                if self.outbox.depth == 0 and not self._out.inflight:
-                    break
+                if self._out.settled:
+                    break       # empty, or only acknowledged rows a failed delete left (a full disk)
                 if not self._connected and time.monotonic() - t0 > min(2.0, timeout):
                     break       # broker unreachable: the backlog waits in the outbox for the next start
                 self._wake.set()
