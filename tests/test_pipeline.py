@@ -1360,6 +1360,24 @@ def test_the_run_summary_counts_the_messages_the_full_outbox_dropped(tmp_path, t
     assert summary["outbox_dropped"] == total - 2 >= 20 - 4
 
 
+def test_the_summary_fps_is_over_the_inspection_not_the_stop(tmp_path, tiny_bundle):
+    """The summary's fps and duration_s counted the whole stop too: the outbox flush against a hung or
+    unreachable broker (up to 10 s) made a 20 fps line read 1.8 fps. duration_s now ends when the queues
+    are drained, fps is frames over it, and stop_s is the rest (closing outputs, the outbox flush)."""
+    video, _ = defect_video(tmp_path / "v.avi", n=20, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1",
+                  mqtt__outbox_path=str(tmp_path / "outbox.sqlite"))
+    svc = Service(s, install_signals=False)
+    t0 = time.monotonic()
+    summary = svc.run()
+    wall = time.monotonic() - t0
+    assert summary["frames"] == 20 and summary["outbox_left"] >= 20
+    assert summary["stop_s"] >= 1.9                     # the link waits 2 s for the unreachable broker
+    assert summary["duration_s"] + summary["stop_s"] <= wall + 0.01 and summary["duration_s"] < wall - 1.8
+    assert summary["fps"] == pytest.approx(20 / summary["duration_s"], rel=0.01)
+
+
 def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision(tmp_path, tiny_bundle):
     """The disk under the SQLite outbox is full (the broker is down, so it only grows): results the outbox
     refuses are counted, every decision still reaches the JSONL log, and the outbox takes results again
