@@ -336,6 +336,25 @@ def test_stop_does_not_wait_for_acknowledged_messages_a_full_disk_kept(mosquitto
         assert col.wait_for(lambda c: c.duplicates() == 5, 10) and col.unique_ids() == set(ids)
 
 
+def test_a_damaged_outbox_is_announced_once_connected(mosquitto, tmp_path):
+    """A damaged outbox file is moved aside at start (see test_mqtt_outbox): the consumers, whose seq
+    starts again at 1, get an outbox_reset event naming the moved file, and a birth with a new instance."""
+    (tmp_path / "outbox-d1.sqlite").write_bytes(b"not a database" * 100)
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
+        link = MqttLink(_settings(mosquitto.url, tmp_path)).start()
+        try:
+            moved = link.stats()["outbox_reset"]
+            assert moved and moved.startswith(str(tmp_path / "outbox-d1.sqlite.corrupt-"))
+            assert col.wait_for(lambda c: _last(c, "event") and _last(c, "status"), 10)
+            ev = _last(col, "event")
+            assert ev["type"] == "outbox_reset" and ev["seq"] == 1 and ev["moved_to"] == moved
+            assert ev["error"] == "file is not a database" and ev["outbox"] == str(tmp_path / "outbox-d1.sqlite")
+            assert ev["outbox_instance"] == _last(col, "status")["outbox_instance"] == link.outbox.instance
+            schema.validate("event", ev)
+        finally:
+            link.stop()
+
+
 def test_events_images_calibration_and_birth(mosquitto, tmp_path):
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
         link = MqttLink(_settings(mosquitto.url, tmp_path, image_min_interval_s=60, image_max_bytes=1024),

@@ -1378,6 +1378,25 @@ def test_the_summary_fps_is_over_the_inspection_not_the_stop(tmp_path, tiny_bund
     assert summary["fps"] == pytest.approx(20 / summary["duration_s"], rel=0.01)
 
 
+def test_a_damaged_outbox_file_does_not_stop_the_line(tmp_path, tiny_bundle):
+    """A damaged outbox file stopped every start with exit 1 (no frame inspected, the unit restarting every
+    5 s). The run inspects, with a fresh outbox, and its summary names the moved file."""
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"\x13\x37" * 3000)
+    video, _ = defect_video(tmp_path / "v.avi", n=10, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1", mqtt__outbox_path=str(path))
+    summary = Service(s, install_signals=False).run()
+    assert summary["frames"] == 10 and len(read_jsonl(tmp_path / "results.jsonl")) == 10
+    assert summary["outbox_reset"].startswith(f"{path}.corrupt-")
+    assert summary["outbox_left"] >= 10 + 1            # the results, and the outbox_reset event first
+    from edge_ad.mqtt import Outbox
+
+    with Outbox(path) as ob:
+        first = json.loads(ob.fetch_after(0, 1)[0].payload)
+    assert first["type"] == "outbox_reset" and first["moved_to"] == summary["outbox_reset"]
+
+
 def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision(tmp_path, tiny_bundle):
     """The disk under the SQLite outbox is full (the broker is down, so it only grows): results the outbox
     refuses are counted, every decision still reaches the JSONL log, and the outbox takes results again

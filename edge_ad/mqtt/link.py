@@ -92,6 +92,18 @@ class MqttLink:
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
                                  self._wake, ack_listener)
+        if self.outbox.reset is not None:
+            self._announce_outbox_reset(self.outbox.reset)
+
+    def _announce_outbox_reset(self, reset: dict) -> None:
+        """The outbox file was damaged and moved aside (logged by the outbox): tell the consumers, whose
+        ``seq`` starts again at 1, with an event stored first in the new outbox (sent once connected)."""
+        try:
+            self.publish_event({"type": "outbox_reset", "outbox": str(self.outbox.path),
+                                "moved_to": reset["moved_to"], "error": reset["error"],
+                                "outbox_instance": self.outbox.instance, "ts": reset["ts"]})
+        except Exception as exc:  # a full disk: the ERROR in the log and the new outbox_instance still say it
+            log.warning("mqtt: could not store the outbox_reset event: %s", exc)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "MqttLink":
@@ -307,6 +319,7 @@ class MqttLink:
             "command_errors": self.dispatcher.errors,
             "ack_latency_ms": {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99), "n": len(lat)},
             "last_error": self._last_error,
+            "outbox_reset": self.outbox.reset["moved_to"] if self.outbox.reset else None,
         }
 
     # ------------------------------------------------------------------ internals: payloads

@@ -855,11 +855,13 @@ class Service:
         self.telemetry.stop()
         if self.telemetry_log is not None:
             self.telemetry_log.close()
-        outbox_left = outbox = outbox_dropped = None
+        outbox_left = outbox = outbox_dropped = outbox_reset = None
         if self.link is not None:
             self.link.stop(timeout=10.0)
             if hasattr(self.link, "outbox"):
                 outbox_left, outbox = self.link.outbox.depth, str(self.link.outbox.path)
+                reset = getattr(self.link.outbox, "reset", None)   # a damaged file moved aside at start
+                outbox_reset = reset["moved_to"] if reset else None
                 outbox_dropped = self.link.outbox.dropped - self._outbox_dropped0   # by this run (outbox full)
         if "inference" in busy:   # never close a backend under a running batch
             log.warning("the backend is left open: a batch is still being inferred past the stop deadline")
@@ -880,7 +882,8 @@ class Service:
                    "fps": round(p.inspected / inspect_s, 3) if inspect_s > 0 else 0.0,
                    "reason": self._stop_signal or p.end_reason or "finished", "drained": drained,
                    "jsonl": str(self.settings.output.jsonl) if self.settings.output.jsonl else None,
-                   "outbox_left": outbox_left, "outbox_dropped": outbox_dropped, "outbox": outbox, "rss_mb": (final.get("process") or {}).get("rss_mb")}
+                   "outbox_left": outbox_left, "outbox_dropped": outbox_dropped, "outbox": outbox,
+                   "outbox_reset": outbox_reset, "rss_mb": (final.get("process") or {}).get("rss_mb")}
         log.info("edge-ad run finished: %s", summary)
         self.finished = True
         return summary
