@@ -131,10 +131,10 @@ class Outbox:
                 moved = self._move_aside()
                 self.reset = {"moved_to": str(moved), "error": str(exc), "ts": time.time()}
                 self._open(sync)
-                log.error("outbox %s was not a readable SQLite database (%s): moved aside to %s (with its -wal and "
-                          "-shm, if any); started an empty outbox: the messages it held that were not delivered yet are "
-                          "lost, seq starts again at 1 and the birth's outbox_instance is now %s", self.path, exc,
-                          moved, self.instance)
+                log.error("outbox %s was not a readable SQLite database (%s): moved aside to %s (with its -wal "
+                          "and -shm, if any); started an empty outbox: the messages it held that were not delivered "
+                          "yet are lost, seq starts again at 1 and the birth's outbox_instance is now %s", self.path,
+                          exc, moved, self.instance)
         except (sqlite3.Error, OSError) as exc:
             self._close_connections()
             self._release()
