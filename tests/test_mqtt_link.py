@@ -310,6 +310,51 @@ def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path)
         link.stop()
 
 
+def test_stop_does_not_wait_for_acknowledged_messages_a_full_disk_kept(mosquitto, tmp_path):
+    """On a full disk the broker's PUBACKs come but the rows cannot be deleted: stop() waited its whole
+    flush timeout for an outbox depth of 0 that could not come (every run's stop took 10 s). Delivered rows
+    are not waited for; they stay in the file and the next start sends them again (same ids)."""
+    from edge_ad.errors import RuntimeFailure
+
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/result") as col:
+        link = MqttLink(_settings(mosquitto.url, tmp_path)).start()
+
+        def full_disk(ids):
+            raise RuntimeFailure(f"outbox {link.outbox.path}: delete failed (database or disk is full)")
+
+        link.outbox.delete = full_disk
+        ids = [link.publish_result({"score": 0.1 * i, "ng": False}) for i in range(5)]
+        assert _wait(lambda: link.stats()["acked"] == 5, 10) and col.wait_ids(5, 10)
+        t0 = time.monotonic()
+        link.stop(timeout=6.0)
+        assert time.monotonic() - t0 < 3.0
+        with Outbox(tmp_path / "outbox-d1.sqlite") as ob:
+            assert ob.depth == 5                       # kept: sent again by the next start
+        again = MqttLink(_settings(mosquitto.url, tmp_path)).start()
+        assert _wait(lambda: again.stats()["outbox_depth"] == 0, 10)
+        again.stop()
+        assert col.wait_for(lambda c: c.duplicates() == 5, 10) and col.unique_ids() == set(ids)
+
+
+def test_a_damaged_outbox_is_announced_once_connected(mosquitto, tmp_path):
+    """A damaged outbox file is moved aside at start (see test_mqtt_outbox): the consumers, whose seq
+    starts again at 1, get an outbox_reset event naming the moved file, and a birth with a new instance."""
+    (tmp_path / "outbox-d1.sqlite").write_bytes(b"not a database" * 100)
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
+        link = MqttLink(_settings(mosquitto.url, tmp_path)).start()
+        try:
+            moved = link.stats()["outbox_reset"]
+            assert moved and moved.startswith(str(tmp_path / "outbox-d1.sqlite.corrupt-"))
+            assert col.wait_for(lambda c: _last(c, "event") and _last(c, "status"), 10)
+            ev = _last(col, "event")
+            assert ev["type"] == "outbox_reset" and ev["seq"] == 1 and ev["moved_to"] == moved
+            assert ev["error"] == "file is not a database" and ev["outbox"] == str(tmp_path / "outbox-d1.sqlite")
+            assert ev["outbox_instance"] == _last(col, "status")["outbox_instance"] == link.outbox.instance
+            schema.validate("event", ev)
+        finally:
+            link.stop()
+
+
 def test_events_images_calibration_and_birth(mosquitto, tmp_path):
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
         link = MqttLink(_settings(mosquitto.url, tmp_path, image_min_interval_s=60, image_max_bytes=1024),

@@ -102,6 +102,45 @@ def test_the_threshold_shown_is_the_one_deciding():
     assert (row.threshold, row.calibration_threshold) == (0.25, 0.4)
 
 
+def test_seq_gaps_are_counted_per_device_and_warned(caplog):
+    """A broker that drops a consumer's queued messages (Mosquitto's max_queued_messages) or a full outbox
+    shows only as a gap in seq: the monitor counts the missing results and events per device and says so;
+    repeats (at least once) are no gap, a late one fills its gap, a new outbox starts counting afresh."""
+    view = FleetView(clock=lambda: 1000.0)
+    res = lambda dev, seq: view.consume(f"{B}/p1/{dev}/result", _j({"id": f"{dev}{seq}", "seq": seq,  # noqa: E731
+                                                                   "score": 0.1, "ng": False}))
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), retained=True)
+    for seq in (40, 41, 42, 41):                              # joined mid-stream; 41 twice: at least once
+        row = res("cam1", seq)
+    assert row.results_missing == 0 and row.last_gap is None
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"):
+        res("cam1", 543)                                      # 500 never came
+        res("cam1", 547)
+        res("cam2", 7)
+        res("cam2", 8)
+    assert (row.results_missing, row.events_missing) == (503, 0)
+    assert row.last_gap == {"kind": "result", "from": 544, "to": 546, "missing": 3, "seen": row.last_gap["seen"]}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "p1/cam1: result seq 43..542 never arrived (500 missing" in warnings[0]
+    assert "max_queued_messages" in warnings[0]               # the second gap: counted, logged a minute later
+    res("cam1", 545)                                          # a re-sent one, late: not missing after all
+    assert row.results_missing == 502
+    view.consume(f"{B}/p1/cam1/event", _j({"id": "e1", "seq": 3, "type": "ng"}))
+    view.consume(f"{B}/p1/cam1/event", _j({"id": "e2", "seq": 6, "type": "ng"}))
+    assert row.events_missing == 2 and row.to_dict()["events_missing"] == 2
+    d = row.to_dict(1000.0)
+    assert d["results_missing"] == 502 and d["last_gap"]["kind"] == "event" and "_seq" not in d
+    table = view.table()
+    assert "MISSING" in table.splitlines()[0] and " 504 " in table.splitlines()[1]
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "b"}))   # a new outbox file
+    res("cam1", 1)
+    res("cam1", 2)
+    assert row.results_missing == 502
+    view.resync()                                             # the monitor was away from the broker itself
+    res("cam1", 90)
+    assert row.results_missing == 502 and view.devices[("p1", "cam2")].results_missing == 0
+
+
 def test_home_assistant_node_ids_do_not_collide():
     ids = {node_id("plant1", "line3_cam1"), node_id("plant1_line3", "cam1"), node_id("plant1.line3", "cam1")}
     assert len(ids) == 3 and all(i.startswith("edge_ad_plant1") for i in ids)
@@ -173,6 +212,36 @@ def test_run_monitor_says_when_it_loses_the_broker_and_rows_recover(mosquitto, t
     notes = [x for x in lines() if "monitor" in x]
     assert [x["monitor"] for x in notes] == ["disconnected", "reconnected"]
     assert notes[0]["broker"] == mosquitto.url and notes[0]["reason"] and notes[1]["down_s"] >= 0
+
+
+def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
+    """Live: a device cut off from the broker fills its outbox, which drops the oldest results; after the
+    reconnect the monitor's JSON rows show the results it never got (the monitor itself stayed connected)."""
+    from edge_ad.mqtt.broker import free_port
+
+    out, stop = io.StringIO(), threading.Event()
+    lines = lambda: [json.loads(x) for x in out.getvalue().splitlines() if '"device"' in x]   # noqa: E731
+    watch = threading.Thread(target=run_monitor, args=(BrokerSettings(url=mosquitto.url),), daemon=True,
+                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop})
+    watch.start()
+    try:
+        link = _link(mosquitto.url, tmp_path, "cam1")
+        for _ in range(5):
+            link.publish_result({"score": 0.1, "ng": False})
+        assert _wait(lambda: any((x.get("last_result") or {}).get("seq") == 5 for x in lines()))
+        link.stop()
+        cut = _link(f"mqtt://127.0.0.1:{free_port()}", tmp_path, "cam1", outbox_max_messages=10)   # no broker
+        for _ in range(30):                                 # seq 6..35: the outbox keeps the newest 10
+            cut.publish_result({"score": 0.1, "ng": False})
+        cut.stop(timeout=0.5)
+        link = _link(mosquitto.url, tmp_path, "cam1")       # back: 26..35 are delivered
+        assert _wait(lambda: lines()[-1]["last_result"]["seq"] == 35), lines()[-1]
+        link.stop()
+    finally:
+        stop.set()
+        watch.join(5)
+    last = lines()[-1]
+    assert last["results_missing"] == 20 and last["last_gap"]["from"] == 6 and last["last_gap"]["to"] == 25
 
 
 def test_cli_monitor_and_command(mosquitto, tmp_path):

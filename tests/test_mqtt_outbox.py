@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -271,3 +272,72 @@ def test_an_acked_message_whose_delete_fails_is_deleted_on_a_later_pass(tmp_path
     assert "disk is full" in msgs[0][1] and not any(r.exc_info for r in caplog.records)
     assert "deleted from the outbox again" in msgs[1][1]
     ob.close()
+
+
+def _side_files(path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_outbox_file_is_moved_aside_and_a_fresh_one_starts(tmp_path, caplog, damage):
+    """An outbox file that is not a readable SQLite database (a power cut on a card that lied about fsync)
+    made every start fail ('cannot open (database disk image is malformed)'): no frame was inspected, and
+    systemd restarted the service every 5 s forever. It is moved aside as NAME.corrupt-<UTC time> with its
+    -wal and -shm, and an empty outbox starts (seq from 1, a new instance), logged as an ERROR naming it."""
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path)
+    old_instance = ob.instance
+    for i in range(300):
+        ob.put("result", "t", lambda s: _json(s, pad="x" * 600))
+    ob.close()
+    if damage == "garbage":
+        path.write_bytes(b"\x00garbage, not SQLite" * 200)
+    else:
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size // 2)
+    damaged = path.read_bytes()
+    with caplog.at_level("ERROR", logger="edge_ad.mqtt.outbox"):
+        ob = Outbox(path)
+    try:
+        assert ob.reset is not None and ob.depth == 0 and ob.instance != old_instance
+        moved = tmp_path / ob.reset["moved_to"]
+        assert moved.parent == tmp_path and re.fullmatch(r"o\.sqlite\.corrupt-\d{8}T\d{6}Z", moved.name)
+        assert moved.read_bytes() == damaged                     # kept as it was, for whoever wants to look
+        assert ob.reset["error"] in ("file is not a database", "database disk image is malformed")
+        assert set(_side_files(path)) <= {"o.sqlite", "o.sqlite-wal", "o.sqlite-shm", "o.sqlite.lock", moved.name,
+                                           moved.name + "-wal", moved.name + "-shm"}
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and str(moved) in errors[0] and "not a readable SQLite database" in errors[0]
+        assert ob.put("result", "t", lambda s: _json(s))[1] == 1  # seq starts again
+    finally:
+        ob.close()
+    with Outbox(path) as again:                                  # the new file is kept from now on
+        assert again.reset is None and again.depth == 1
+
+
+def test_an_outbox_locked_by_another_program_or_unopenable_is_refused_not_moved(tmp_path, monkeypatch):
+    """Only a damaged file is moved aside: one another program holds a lock on (a sqlite3 shell in a
+    transaction) or that cannot be opened at all may be sound, so run is refused as before, nothing moved."""
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        ob.put("result", "t", lambda s: _json(s))
+    code = ("import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "db.execute('PRAGMA locking_mode=EXCLUSIVE'); db.execute('BEGIN EXCLUSIVE'); "
+            "db.execute('DELETE FROM outbox WHERE id < 0'); print('locked', flush=True); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    monkeypatch.setattr(Outbox, "BUSY_TIMEOUT_S", 0.2)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeFailure, match=r"cannot open \(database is locked\)"):
+            Outbox(path)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert path.is_file() and not list(tmp_path.glob("o.sqlite.corrupt-*"))
+    with Outbox(path) as ob:                                      # sound, with its message
+        assert ob.reset is None and ob.depth == 1
+    folder = tmp_path / "adir.sqlite"
+    folder.mkdir()
+    with pytest.raises(RuntimeFailure, match="cannot open"):
+        Outbox(folder)
+    assert folder.is_dir() and not list(tmp_path.glob("adir.sqlite.corrupt-*"))

@@ -1239,6 +1239,39 @@ def test_a_failed_snapshot_write_leaves_no_temp_file(tmp_path):
     assert list((tmp_path / "snaps").iterdir()) == []
 
 
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder that exists and cannot be written in: a read-only one, or for root (whom mode bits do not
+    stop) a sysfs folder, where no file can be created."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    return Path("/sys/kernel")
+
+
+def test_an_unwritable_snapshot_folder_stops_run_at_start_as_doctor_says(tmp_path, tiny_bundle):
+    """output.snapshots_dir that exists but cannot be written (the service user does not own it): run
+    started, exited 0 and lost every NG snapshot, while doctor said 'run cannot start'. It is refused at
+    start (InputError: exit 2) naming the folder, like an unwritable output.jsonl or telemetry.path, and
+    before the result log is created."""
+    from edge_ad import doctor
+    from edge_ad.errors import InputError
+
+    folder = _unwritable_folder(tmp_path)
+    check = doctor.check_disk([folder], min_free_mb=0)[0]
+    assert check.status == doctor.Status.FAIL and check.required
+    with pytest.raises(InputError, match=rf"{re.escape(str(folder))}: cannot write in the snapshot folder"):
+        SnapshotStore(folder)
+    video, _ = defect_video(tmp_path / "v.avi", n=4, defect_every=2, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", output__snapshots_dir=str(folder))
+    with pytest.raises(InputError, match="cannot write in the snapshot folder"):
+        Service(s, install_signals=False)
+    assert not (tmp_path / "results.jsonl").exists()
+    st = SnapshotStore(tmp_path / "snaps")                  # a writable one: the probe leaves nothing behind
+    assert list((tmp_path / "snaps").iterdir()) == [] and st.count == 0
+
+
 class _FullDisk:
     """The JSONL log's file on a disk that fills up: write calls ``first`` .. ``first + calls - 1`` fail with
     ENOSPC, and the one before them takes only part of the line (as write(2) does on a nearly full disk)."""
@@ -1325,6 +1358,43 @@ def test_the_run_summary_counts_the_messages_the_full_outbox_dropped(tmp_path, t
         total = ob.dropped
     assert summary["outbox_left"] == 5 and summary["output_errors"]["outbox"] == 0
     assert summary["outbox_dropped"] == total - 2 >= 20 - 4
+
+
+def test_the_summary_fps_is_over_the_inspection_not_the_stop(tmp_path, tiny_bundle):
+    """The summary's fps and duration_s counted the whole stop too: the outbox flush against a hung or
+    unreachable broker (up to 10 s) made a 20 fps line read 1.8 fps. duration_s now ends when the queues
+    are drained, fps is frames over it, and stop_s is the rest (closing outputs, the outbox flush)."""
+    video, _ = defect_video(tmp_path / "v.avi", n=20, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1",
+                  mqtt__outbox_path=str(tmp_path / "outbox.sqlite"))
+    svc = Service(s, install_signals=False)
+    t0 = time.monotonic()
+    summary = svc.run()
+    wall = time.monotonic() - t0
+    assert summary["frames"] == 20 and summary["outbox_left"] >= 20
+    assert summary["stop_s"] >= 1.9                     # the link waits 2 s for the unreachable broker
+    assert summary["duration_s"] + summary["stop_s"] <= wall + 0.01 and summary["duration_s"] < wall - 1.8
+    assert summary["fps"] == pytest.approx(20 / summary["duration_s"], rel=0.01)
+
+
+def test_a_damaged_outbox_file_does_not_stop_the_line(tmp_path, tiny_bundle):
+    """A damaged outbox file stopped every start with exit 1 (no frame inspected, the unit restarting every
+    5 s). The run inspects, with a fresh outbox, and its summary names the moved file."""
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"\x13\x37" * 3000)
+    video, _ = defect_video(tmp_path / "v.avi", n=10, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1", mqtt__outbox_path=str(path))
+    summary = Service(s, install_signals=False).run()
+    assert summary["frames"] == 10 and len(read_jsonl(tmp_path / "results.jsonl")) == 10
+    assert summary["outbox_reset"].startswith(f"{path}.corrupt-")
+    assert summary["outbox_left"] >= 10 + 1            # the results, and the outbox_reset event first
+    from edge_ad.mqtt import Outbox
+
+    with Outbox(path) as ob:
+        first = json.loads(ob.fetch_after(0, 1)[0].payload)
+    assert first["type"] == "outbox_reset" and first["moved_to"] == summary["outbox_reset"]
 
 
 def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision(tmp_path, tiny_bundle):

@@ -98,12 +98,17 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
         if as_json:
             click.echo(json.dumps(summary), err=err)
         else:
+            stop = summary.get("stop_s") or 0.0
             click.echo(f"{summary['frames']} frames inspected ({summary['ng']} NG, {summary['dropped']} dropped) "
                        f"in {summary['duration_s']:.1f} s, {summary['fps']:.1f} frames/s; stopped: "
-                       f"{summary['reason']}", err=err)
+                       f"{summary['reason']}" + (f" (the stop took {stop:.1f} s more)" if stop >= 1.0 else ""),
+                       err=err)
             if summary.get("outbox_left"):
                 click.echo(f"{summary['outbox_left']} MQTT messages not delivered yet: they wait in the outbox "
                            f"({summary['outbox']}) and go out on the next run that reaches the broker", err=err)
+            if summary.get("outbox_reset"):
+                click.echo(f"the MQTT outbox file was not a readable SQLite database: moved aside to "
+                           f"{summary['outbox_reset']}; this run started an empty one (what it held is lost)", err=err)
             if summary.get("outbox_dropped"):
                 click.echo(f"{summary['outbox_dropped']} MQTT messages dropped by the full outbox (oldest first, "
                            "event images before results): mqtt.outbox_max_messages / outbox_max_bytes", err=err)

@@ -92,6 +92,18 @@ class MqttLink:
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
                                  self._wake, ack_listener)
+        if self.outbox.reset is not None:
+            self._announce_outbox_reset(self.outbox.reset)
+
+    def _announce_outbox_reset(self, reset: dict) -> None:
+        """The outbox file was damaged and moved aside (logged by the outbox): tell the consumers, whose
+        ``seq`` starts again at 1, with an event stored first in the new outbox (sent once connected)."""
+        try:
+            self.publish_event({"type": "outbox_reset", "outbox": str(self.outbox.path),
+                                "moved_to": reset["moved_to"], "error": reset["error"],
+                                "outbox_instance": self.outbox.instance, "ts": reset["ts"]})
+        except Exception as exc:  # a full disk: the ERROR in the log and the new outbox_instance still say it
+            log.warning("mqtt: could not store the outbox_reset event: %s", exc)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "MqttLink":
@@ -131,7 +143,8 @@ class MqttLink:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Flush what can be flushed within ``timeout`` s, publish the ``offline`` status, disconnect.
-        Whatever is still in the outbox stays there for the next start."""
+        Whatever is still in the outbox stays there for the next start. Messages the broker acknowledged
+        but that could not be deleted (a full disk) are not waited for: they were delivered."""
         with self._lock:
             if self._stopped:
                 return
@@ -140,8 +153,8 @@ class MqttLink:
         deadline = t0 + max(0.0, timeout)
         if self._started:
             while time.monotonic() < deadline:
-                if self.outbox.depth == 0 and not self._out.inflight:
-                    break
+                if self._out.settled:
+                    break       # empty, or only acknowledged rows a failed delete left (a full disk)
                 if not self._connected and time.monotonic() - t0 > min(2.0, timeout):
                     break       # broker unreachable: the backlog waits in the outbox for the next start
                 self._wake.set()
@@ -306,6 +319,7 @@ class MqttLink:
             "command_errors": self.dispatcher.errors,
             "ack_latency_ms": {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99), "n": len(lat)},
             "last_error": self._last_error,
+            "outbox_reset": self.outbox.reset["moved_to"] if self.outbox.reset else None,
         }
 
     # ------------------------------------------------------------------ internals: payloads

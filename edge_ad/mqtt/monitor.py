@@ -8,6 +8,13 @@ the retained ``calibration`` (else the birth message), the threshold deciding fr
 telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is
 kept as ``calibration_threshold``). A device that is ``online`` but silent for
 ``stale_after_s`` shows as ``stale``.
+
+Gaps in ``seq`` (results and events each count +1 per device) are counted per device as messages missing
+(``results_missing``, ``events_missing``, ``last_gap``; the table's ``MISSING``) and logged as a WARNING: a
+message the device's full outbox dropped, or one the broker dropped on the way to this monitor
+(Mosquitto's ``max_queued_messages``). Repeats (at-least-once delivery) are not gaps, a late message fills
+its gap again, and a new outbox (the birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the
+monitor's own reconnect (what was published meanwhile never reached it) starts counting afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any, Callable, TextIO
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..errors import RuntimeFailure
+from ..ratelimit import LogLimiter
 from . import payloads
 from . import topics as _topics
 from .client import connect_async, make_client, reason_failed, reason_text
@@ -57,7 +65,17 @@ class DeviceRow:
     drift: bool | None = None
     paused: bool | None = None
     events: int = 0
+    results_missing: int = 0          # gaps in the results' seq seen by this monitor (messages never received)
+    events_missing: int = 0           # the same for events
+    last_gap: dict | None = None      # {"kind", "from", "to", "missing", "seen"}: the latest gap found
+    outbox_instance: str | None = None
     _ng_from_telemetry: bool = field(default=False, repr=False)
+    _seq: dict = field(default_factory=dict, repr=False)     # kind -> highest seq received
+    _gaps: list = field(default_factory=list, repr=False)    # [kind, first, last] still open (a late one fills)
+
+    @property
+    def missing(self) -> int:
+        return self.results_missing + self.events_missing
 
     @property
     def key(self) -> tuple[str, str]:
@@ -93,11 +111,22 @@ def _int(value: Any) -> int | None:
     return int(value)
 
 
+MAX_OPEN_GAPS = 64    # per device: a message that comes later than this many gaps is counted as missing
+
+
 class FleetView:
     def __init__(self, clock: Callable[[], float] = time.time, stale_after_s: float = 60.0):
         self.clock = clock
         self.stale_after_s = stale_after_s
         self.devices: dict[tuple[str, str], DeviceRow] = {}
+        self._gap_log = LogLimiter()   # per device: the first gap at once, then at most one line a minute
+
+    def resync(self) -> None:
+        """Forget the last ``seq`` of every device (counts stay): what was published while this monitor was
+        away from the broker never reached it, and is nobody's loss."""
+        for row in self.devices.values():
+            row._seq.clear()
+            row._gaps.clear()
 
     def consume(self, topic: str, payload: bytes | str, retained: bool = False) -> DeviceRow | None:
         """Apply one message; returns the row it changed, or None when the message is not for a row.
@@ -127,15 +156,72 @@ class FleetView:
             row = self.devices[key] = DeviceRow(site, device)
         now = self.clock()
         getattr(self, f"_on_{kind}")(row, body)
+        if kind in ("result", "event"):
+            self._check_seq(row, kind, _int(body.get("seq")), now)
         if kind != "status" or body.get("state") == "online":
             seen = payloads.parse_time(body.get("ts")) if retained else now
             if seen is not None and (row.last_seen is None or seen > row.last_seen):
                 row.last_seen = min(seen, now)
         return row
 
-    # ------------------------------------------------------------------ per kind
+    # ------------------------------------------------------------------ seq gaps
+    def _check_seq(self, row: DeviceRow, kind: str, seq: int | None, now: float) -> None:
+        if seq is None or seq < 1:
+            return
+        last = row._seq.get(kind)
+        if last is None or (seq == 1 and last > 1):
+            # the first one seen, or a new outbox file whose birth this monitor missed (seq starts again;
+            # a device re-sending its backlog re-sends it in order, so 1 again is followed by 2, 3, ...)
+            row._seq[kind] = seq
+            return
+        if seq <= last:
+            self._fills(row, kind, seq)   # a repeat (at least once), or a late one that closes its gap
+            return
+        row._seq[kind] = seq
+        missing = seq - last - 1
+        if not missing:
+            return
+        if kind == "result":
+            row.results_missing += missing
+        else:
+            row.events_missing += missing
+        row.last_gap = {"kind": kind, "from": last + 1, "to": seq - 1, "missing": missing, "seen": _iso(now)}
+        row._gaps.append([kind, last + 1, seq - 1])
+        del row._gaps[:-MAX_OPEN_GAPS]
+        since = self._gap_log.hit(f"{row.site}/{row.device}", missing)
+        if since:
+            log.warning("monitor: %s/%s: %s seq %d..%d never arrived (%d missing since the last report, %d results "
+                        "and %d events in all): dropped by the device's full outbox (its outbox 'dropped' count), "
+                        "or by the broker on the way to this monitor (Mosquitto's max_queued_messages: see "
+                        "docs/mqtt.md, 'The broker')", row.site, row.device, kind, last + 1, seq - 1, since,
+                        row.results_missing, row.events_missing)
+
     @staticmethod
-    def _on_status(row: DeviceRow, b: dict) -> None:
+    def _fills(row: DeviceRow, kind: str, seq: int) -> bool:
+        """A message that arrives after later ones (a re-send) and lies in an open gap: not missing after all."""
+        for gap in row._gaps:
+            k, lo, hi = gap
+            if k == kind and lo <= seq <= hi:
+                if kind == "result":
+                    row.results_missing -= 1
+                else:
+                    row.events_missing -= 1
+                row._gaps.remove(gap)
+                if lo < seq:
+                    row._gaps.append([k, lo, seq - 1])
+                if seq < hi:
+                    row._gaps.append([k, seq + 1, hi])
+                return True
+        return False
+
+    # ------------------------------------------------------------------ per kind
+    def _on_status(self, row: DeviceRow, b: dict) -> None:
+        instance = b.get("outbox_instance")
+        if isinstance(instance, str) and b.get("state") == "online":
+            if row.outbox_instance is not None and instance != row.outbox_instance:
+                row._seq.clear()          # a new outbox file: seq starts again at 1
+                row._gaps.clear()
+            row.outbox_instance = instance
         state = b.get("state")
         row.state = state if state in ("online", "offline") else "unknown"
         row.reason = b.get("reason") if isinstance(b.get("reason"), str) else None
@@ -217,8 +303,8 @@ class FleetView:
         return render_table(self.rows(), self.clock(), self.stale_after_s)
 
 
-COLUMNS = ("SITE", "DEVICE", "STATE", "FPS", "LAT p50/p99 ms", "NG %", "LAST RESULT", "CAL", "OUTBOX", "DRIFT",
-           "SEEN")
+COLUMNS = ("SITE", "DEVICE", "STATE", "FPS", "LAT p50/p99 ms", "NG %", "LAST RESULT", "CAL", "OUTBOX", "MISSING",
+           "DRIFT", "SEEN")
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -241,7 +327,7 @@ def render_table(rows: list[DeviceRow], now: float, stale_after_s: float = 60.0)
         lines.append((r.site, r.device, state, _fmt(r.fps, '.1f'), lat,
                       _fmt(None if r.ng_rate is None else 100 * r.ng_rate, '.2f'), last,
                       "-" if r.calibration_version is None else str(r.calibration_version), outbox,
-                      {True: "DRIFT", False: "ok", None: "-"}[r.drift], seen))
+                      str(r.missing), {True: "DRIFT", False: "ok", None: "-"}[r.drift], seen))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -301,6 +387,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
             since = down["since"]
             if since is not None:
                 down["since"] = None
+                view.resync()             # what was published meanwhile never reached us: no device's loss
                 log.warning("monitor: reconnected to %s", broker.safe_url)
                 note("reconnected", since=_iso(since), down_s=round(time.time() - since, 3))
         dirty.set()

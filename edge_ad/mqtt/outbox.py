@@ -14,6 +14,12 @@ so they increase monotonically per device across restarts; a consumer sees a gap
 message. ``instance`` is a random id made when the file is created: if the file is ever replaced, the
 sequence restarts and the instance changes (both appear in the device's birth message).
 
+A file that is not a readable SQLite database (malformed, truncated, not a database: a power cut on storage
+that lied about fsync, a disk error) is moved aside at open as ``NAME.corrupt-<UTC time>`` and an empty
+outbox starts (``reset`` says so; the link announces it with an ``outbox_reset`` event): the line keeps
+inspecting, and only the messages that file held are lost. A file locked by another program, or one that
+cannot be read for its permissions or an I/O error, is still refused (it may be sound).
+
 The writer (the inspection thread) and the sender use separate connections; only the writer's commits
 are fsync'd (see :class:`Outbox`).
 """
@@ -56,6 +62,20 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Is the file not a readable SQLite database (malformed, truncated, not a database at all)? Not a lock
+    held by another program, a permission or an I/O error: those are refused as they are (the file may be
+    fine, and moving it aside would lose what it holds)."""
+    code = getattr(exc, "sqlite_errorcode", None)       # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
+
+
 @dataclass(frozen=True)
 class Row:
     id: int
@@ -91,19 +111,45 @@ class Outbox:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RuntimeFailure(f"outbox {self.path}: cannot make its folder ({exc})") from None
-        self._lockfile = self._lock_exclusive()
-        try:
-            self._db = self._connect(sync)
-            self._db.executescript(_SCHEMA)
-            self._rdb = self._connect(SyncMode.NORMAL)
-        except (sqlite3.Error, OSError) as exc:
-            self._release()
-            raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc})") from None
         self._lock = threading.Lock()        # the writer connection, and every write transaction
         self._rlock = threading.Lock()       # the sender connection (taken before _lock)
         self._stat = threading.Lock()        # count / bytes / dropped (changed by deltas)
         self._closed = False
         self._full_log = LogLimiter()        # drops are logged at once, then at most once a minute
+        # set when the file was damaged and moved aside at open: {"moved_to", "error", "ts"}
+        self.reset: dict | None = None
+        self._lockfile = self._lock_exclusive()
+        try:
+            try:
+                self._open(sync)
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+                # not a readable SQLite database (a power cut on a card that lied about fsync, a bad
+                # sector): it would stop the line at every start, for messages it cannot give back anyway
+                self._close_connections()
+                moved = self._move_aside()
+                self.reset = {"moved_to": str(moved), "error": str(exc), "ts": time.time()}
+                self._open(sync)
+                log.error("outbox %s was not a readable SQLite database (%s): moved aside to %s (with its -wal "
+                          "and -shm, if any); started an empty outbox: the messages it held that were not delivered "
+                          "yet are lost, seq starts again at 1 and the birth's outbox_instance is now %s", self.path,
+                          exc, moved, self.instance)
+        except (sqlite3.Error, OSError) as exc:
+            self._close_connections()
+            self._release()
+            raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc})") from None
+        except BaseException:
+            self._close_connections()
+            self._release()
+            raise
+
+    def _open(self, sync: SyncMode) -> None:
+        """Both connections, the schema, and the state read back (a scan of the whole table: a damaged file
+        shows here, at start, rather than in the first write)."""
+        self._db = self._connect(sync)
+        self._db.executescript(_SCHEMA)
+        self._rdb = self._connect(SyncMode.NORMAL)
         with self._lock:
             row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
             self._count, self._bytes = int(row[0]), int(row[1])
@@ -112,6 +158,37 @@ class Outbox:
                 self.instance = uuid.uuid4().hex
                 self._meta_set("instance", self.instance)
             self._dropped = int(self._meta_get("dropped") or 0)
+
+    def _close_connections(self) -> None:
+        for name in ("_rdb", "_db"):
+            db = self.__dict__.pop(name, None)
+            if db is not None:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
+
+    def _move_aside(self) -> Path:
+        """Rename the damaged file to ``NAME.corrupt-<UTC time>`` (its ``-wal`` and ``-shm`` follow as
+        ``NAME.corrupt-<UTC time>-wal`` / ``-shm``, so SQLite tools find them: a file kept for whoever wants to
+        look at it, never deleted). Returns the new path."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while moved.exists():
+            moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        try:
+            os.replace(self.path, moved)
+            for suffix in ("-wal", "-shm"):
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    os.replace(side, moved.with_name(moved.name + suffix))
+        except OSError as exc:
+            raise RuntimeFailure(f"outbox {self.path} is not a readable SQLite database and cannot be moved aside "
+                                 f"({exc.strerror or exc}): move it (and its -wal, -shm) away by hand to start "
+                                 "with an empty outbox (the messages it held are lost)") from None
+        return moved
 
     def _lock_exclusive(self):
         """One process per outbox file: a second sender would send the same backlog and fight over the
@@ -154,8 +231,11 @@ class Outbox:
         pages, and a WAL that is never truncated: a 1 MiB outbox kept a 4 MiB -wal beside it)."""
         return max(64 * 1024, min(4 * 1024 * 1024, self.max_bytes))
 
+    BUSY_TIMEOUT_S = 60.0    # how long a connection waits for a lock another program holds on the file
+
     def _connect(self, sync: SyncMode) -> sqlite3.Connection:
-        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=60.0)
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                             timeout=self.BUSY_TIMEOUT_S)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync.value.upper()}")
         # both per connection, and both connections write (inserts; the sender's deletes)

@@ -66,6 +66,15 @@ class OutboxSender:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def settled(self) -> bool:
+        """Nothing waits for the broker: no message is in flight, and every message still stored is one the
+        broker acknowledged but whose delete failed (a full disk). Those are delivered: waiting for the
+        outbox to empty cannot make them go, and the next start sends them again (de-duplicated by id).
+        Read from any thread (the sender thread replaces ``_undeleted``, never changes it in place)."""
+        undeleted = self._undeleted
+        return not self._inflight and self.outbox.depth <= len(set(undeleted))
+
     # ------------------------------------------------------------------ paho's network thread
     def acknowledged(self, mid: int, reason_code) -> None:
         """``on_publish``: a PUBACK (or the send of a QoS 0 message) for ``mid``."""

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import stat
+import tempfile
 import threading
 from collections import deque
 from pathlib import Path
@@ -165,6 +166,7 @@ class SnapshotStore:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"{self.folder}: cannot create the snapshot folder ({exc.strerror})") from exc
+        self._probe()
         self.max_count = int(max_count)
         self.max_bytes = int(max_bytes)
         self.quality = int(quality)
@@ -178,6 +180,18 @@ class SnapshotStore:
         self.saved = 0
         self.deleted = 0
         self._enforce()
+
+    def _probe(self) -> None:
+        """Write and remove a temporary file: a folder that exists but cannot be written (a service user
+        that does not own it, a read-only mount) is refused at start, as the result log and the telemetry
+        file are, instead of losing every snapshot of the run (``edge-ad doctor``'s disk check agrees)."""
+        try:
+            fd, name = tempfile.mkstemp(dir=self.folder, prefix=".edge-ad-probe-", suffix=".jpg.tmp")
+            os.close(fd)
+            os.unlink(name)
+        except OSError as exc:
+            raise InputError(f"{self.folder}: cannot write in the snapshot folder ({exc.strerror or exc}); "
+                             "give the service user write access, or choose another output.snapshots_dir") from exc
 
     @property
     def count(self) -> int:

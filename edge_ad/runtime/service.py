@@ -178,9 +178,10 @@ class Service:
     def _build_rest(self) -> None:
         s = self.settings
         o = s.output
-        jsonl = JsonlLog(o.jsonl, o.jsonl_max_bytes, o.jsonl_backups, o.jsonl_fsync) if o.jsonl else None
+        # the snapshot folder first: its write check can refuse the run before the result log is created
         snaps = SnapshotStore(o.snapshots_dir, o.snapshots_max_count, o.snapshots_max_bytes,
                               o.jpeg_quality) if o.snapshots_dir else None
+        jsonl = JsonlLog(o.jsonl, o.jsonl_max_bytes, o.jsonl_backups, o.jsonl_fsync) if o.jsonl else None
         self.gate = TriggerGate(s.source.frames_per_trigger)
         mode = s.source.mode.value
         if mode == "trigger" and s.source.trigger == "command" and s.mqtt_settings() is None:
@@ -830,6 +831,9 @@ class Service:
         if not drained:
             p.abandon(f"the queues did not drain within pipeline.drain_timeout_s = {limit:g} s")
             p.join(timeout=ABANDON_GRACE_S)     # idle threads see the closed queues and end at once
+        # inspection ends here: what follows (closing outputs, the outbox flush: up to 10 s against a hung
+        # broker or a full disk) is the stop, and must not show as a slow line in the summary's fps
+        t_inspected = time.monotonic()
         busy = p.busy()
         if busy:
             log.error("stopping without the %s thread(s), still busy past the stop deadline", ", ".join(busy))
@@ -851,11 +855,13 @@ class Service:
         self.telemetry.stop()
         if self.telemetry_log is not None:
             self.telemetry_log.close()
-        outbox_left = outbox = outbox_dropped = None
+        outbox_left = outbox = outbox_dropped = outbox_reset = None
         if self.link is not None:
             self.link.stop(timeout=10.0)
             if hasattr(self.link, "outbox"):
                 outbox_left, outbox = self.link.outbox.depth, str(self.link.outbox.path)
+                reset = getattr(self.link.outbox, "reset", None)   # a damaged file moved aside at start
+                outbox_reset = reset["moved_to"] if reset else None
                 outbox_dropped = self.link.outbox.dropped - self._outbox_dropped0   # by this run (outbox full)
         if "inference" in busy:   # never close a backend under a running batch
             log.warning("the backend is left open: a batch is still being inferred past the stop deadline")
@@ -865,16 +871,19 @@ class Service:
             except Exception as exc:
                 log.debug("closing the backend: %s", exc)
         self.notifier.close()
-        elapsed = time.monotonic() - t_start
+        inspect_s = t_inspected - t_start
+        stop_s = time.monotonic() - t_inspected
         summary = {"frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": self.reporter.ng,
                    "dropped": p.dropped, "discarded_at_stop": p.discarded_at_stop, "unreported": p.unreported,
                    "output_errors": dict(self.reporter.output_errors), "snapshots_skipped": p.snapshots_skipped,
                    "skipped_untriggered": p.skipped_untriggered, "inference_errors": p.inference_errors,
                    "outages": self.camera.outages, "reconnects": self.camera.reconnects,
-                   "duration_s": round(elapsed, 3), "fps": round(p.inspected / elapsed, 3) if elapsed > 0 else 0.0,
+                   "duration_s": round(inspect_s, 3), "stop_s": round(stop_s, 3),
+                   "fps": round(p.inspected / inspect_s, 3) if inspect_s > 0 else 0.0,
                    "reason": self._stop_signal or p.end_reason or "finished", "drained": drained,
                    "jsonl": str(self.settings.output.jsonl) if self.settings.output.jsonl else None,
-                   "outbox_left": outbox_left, "outbox_dropped": outbox_dropped, "outbox": outbox, "rss_mb": (final.get("process") or {}).get("rss_mb")}
+                   "outbox_left": outbox_left, "outbox_dropped": outbox_dropped, "outbox": outbox,
+                   "outbox_reset": outbox_reset, "rss_mb": (final.get("process") or {}).get("rss_mb")}
         log.info("edge-ad run finished: %s", summary)
         self.finished = True
         return summary
