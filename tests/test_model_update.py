@@ -353,17 +353,17 @@ def test_only_the_index_and_signature_are_read_before_the_signature_is_checked(t
     assert not (tmp_path / "deploy").exists()
 
 
-def test_an_index_or_archive_of_more_entries_than_a_bundle_has_is_refused(tiny_bundle, tmp_path):
-    """A bundle has tens of files: an index listing more than MAX_FILES (10,000) is refused, so no index,
-    signed or not, can make an extraction keep a list of a million members; neither can directory members,
-    which no index lists."""
-    from edge_ad.calibration.package import MAX_FILES
+def test_an_index_or_archive_of_more_entries_than_a_bundle_has_is_refused(tiny_bundle, tmp_path, monkeypatch):
+    """An index listing more than MAX_FILES is refused, so no index, signed or not, can make an extraction keep a
+    list of a million members; neither can directory members, which no index lists. (MAX_FILES made small:
+    the rule, not 50,000 files.)"""
+    from edge_ad.calibration import package
 
+    monkeypatch.setattr(package, "MAX_FILES", 20)
     good = pack_bundle(tiny_bundle.path, tmp_path / "good.tar")
-    big = _forged(good, tmp_path / "big.tar", add={f"bundle/calibration.d/{i:04d}.json": b"" for i in
-                                                   range(2, MAX_FILES)})
-    with pytest.raises(InputError, match=r"big.tar: invalid 'edge-ad-package.json' \('files' lists 10,002 entries; "
-                                         r"a bundle has tens, at most 10,000 are accepted\)"):
+    big = _forged(good, tmp_path / "big.tar", add={f"bundle/calibration.d/{i:04d}.json": b"" for i in range(2, 20)})
+    with pytest.raises(InputError, match=r"big.tar: invalid 'edge-ad-package.json' \('files' lists 22 entries; "
+                                         r"at most 20 are accepted \(a bundle's files and its calibration history\)\)"):
         read_index(big)
     dirs = tmp_path / "dirs.tar"
     with tarfile.open(good) as src, tarfile.open(dirs, "w") as dst:
@@ -371,12 +371,62 @@ def test_an_index_or_archive_of_more_entries_than_a_bundle_has_is_refused(tiny_b
             dst.addfile(m, src.extractfile(m))
         folder = tarfile.TarInfo("bundle/calibration.d")
         folder.type = tarfile.DIRTYPE
-        for _ in range(MAX_FILES):
+        for _ in range(20):
             dst.addfile(folder)
     read_index(dirs)   # the index is fine
-    with pytest.raises(InputError, match="dirs.tar: more than 10,000 members besides its index and signature"):
+    with pytest.raises(InputError, match="dirs.tar: more than 20 members besides its index and signature"):
         install_bundle(dirs, tmp_path / "deploy", require_golden=False)
     assert not (tmp_path / "deploy").exists()
+
+
+def _long_history(tiny_bundle, path, versions):
+    """A bundle with ``versions`` calibration versions (each calibrate or persisted set_threshold adds one)."""
+    b = copy_bundle(tiny_bundle, path)
+    have = len(b.calibration_versions())
+    cal = b.calibration()
+    for _ in range(versions - have):
+        b.write_calibration(cal.replace(version=0, created=""))
+    assert len(b.calibration_versions()) == versions
+    return b
+
+
+def test_a_long_calibration_history_packs_and_installs(tiny_bundle, tmp_path, monkeypatch):
+    """Calibration versions are never pruned: a line tuned ~30 times a day had more than 10,000 (the cap
+    before) within a year, and such a bundle was refused. The cap is now years of that; a bundle of exactly
+    MAX_FILES files (MAX_FILES made small here) packs and installs."""
+    from edge_ad.calibration import package
+
+    assert package.MAX_FILES >= 2 * 365 * 30
+    monkeypatch.setattr(package, "MAX_FILES", 40)
+    b = _long_history(tiny_bundle, tmp_path / "b", 37)   # + manifest.json, calibration.json, model.onnx
+    info = read_index(pack_bundle(b.path, tmp_path / "b.tar"))
+    assert len(info.index["files"]) == 40
+    r = install_bundle(tmp_path / "b.tar", tmp_path / "deploy", require_golden=False)
+    assert len(Bundle.open(r.path, verify=True).calibration_versions()) == 37
+
+
+def test_pack_refuses_more_files_than_an_install_accepts_before_writing(tiny_bundle, tmp_path, monkeypatch):
+    """Pack wrote the archive, then its own check refused it with the install wording ('update refused') and
+    left the unusable archive (35 MB for 10,001 calibration versions). Now it counts first: exit 2, nothing
+    written, saying how to shorten the history."""
+    from click.testing import CliRunner
+
+    from edge_ad.calibration import package
+    from edge_ad.cli import main
+
+    monkeypatch.setattr(package, "MAX_FILES", 40)
+    b = _long_history(tiny_bundle, tmp_path / "b", 38)
+    out = tmp_path / "out" / "b.tar"
+    msg = (f"{b.path}: 41 files to pack (38 of them calibration versions in calibration.d/), and an install accepts "
+           f"at most 40: delete old calibration versions you will not roll back to from {b.calibration_dir} (keep "
+           "0038.json, the one in force, and any you may roll back to), then pack again (nothing packed)")
+    with pytest.raises(InputError, match=re.escape(msg)):
+        pack_bundle(b.path, out)
+    res = CliRunner().invoke(main, ["bundle", "pack", str(b.path), str(out)])
+    assert res.exit_code == 2 and msg in res.output and "update refused" not in res.output, res.output
+    assert not (tmp_path / "out").exists()
+    b.calibration_version_file(1).unlink()   # as the message says
+    assert len(read_index(pack_bundle(b.path, out)).index["files"]) == 40
 
 
 @pytest.mark.parametrize("file,under", [("bundle/manifest.json", "bundle/manifest.json/x"),
