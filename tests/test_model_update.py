@@ -1060,6 +1060,24 @@ def test_cli_status_and_rollback_name_a_release_deleted_by_hand_or_with_a_corrup
     assert f"roll back to a kept release with --to ID: {r1}" in res.output and deployment(d).current == r3
     assert cli("bundle", "rollback", "--deploy", str(d), "--to", r1).exit_code == 0
 
+    # the previous release deleted and the only other one unopenable: it was offered for --to all the same
+    d, (r1, r2, r3) = three("prev_deleted_other_corrupt")
+    shutil.rmtree(d / "releases" / r2)
+    (d / "releases" / r1 / "manifest.json").write_text("{")
+    res = cli("bundle", "status", "--deploy", str(d))
+    assert res.exit_code == 0 and "takes a kept one" not in res.stderr and f"{r1}  installed" in res.stdout
+    res = cli("bundle", "rollback", "--deploy", str(d))
+    assert res.exit_code == 1 and "--to ID" not in res.output and r1 not in res.output, res.output
+    assert ("no other kept release can be rolled back to (1 cannot be opened: see 'edge-ad bundle status'); "
+            "install a release ('edge-ad bundle install')") in res.output and deployment(d).current == r3
+    # one good, one bad: only the good one is offered
+    r4 = install_bundle(archives[0], d, require_golden=False, keep=4).release   # previous: r3, deleted next
+    (d / "releases" / r3).rename(d / "releases" / r2)   # r3's folder back as r2: kept and good
+    res = cli("bundle", "rollback", "--deploy", str(d))
+    assert res.exit_code == 1 and f"roll back to a kept release with --to ID: {r2}\n" in res.output, res.output
+    assert r1 not in res.output and "install a release" not in res.output
+    assert deployment(d).current == r4
+
     d, (r1, r2, r3) = three("cur_corrupt")
     (d / "releases" / r3 / "manifest.json").write_text("{not json")
     res = cli("bundle", "status", "--deploy", str(d))

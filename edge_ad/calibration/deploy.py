@@ -803,11 +803,16 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         dep = deployment(d)
         if to is None:
             if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
-                kept = [r for r in _release_ids(d) if r != dep.current]
+                # only those a --to would take (as 'bundle status' offers them): not one that cannot be opened
+                others = [r for r in _release_ids(d) if r != dep.current]
+                kept = [r for r in others if release_problem(d, r) is None]
                 raise RuntimeFailure(f"{d}: no previous release to roll back to: '{PREVIOUS}' points at "
                                      f"{RELEASES}/{dep.previous}, which is {release_problem(d, dep.previous)}; "
                                      + (f"roll back to a kept release with --to ID: {', '.join(kept)}" if kept
-                                        else "no other release is kept"))
+                                        else (f"no other kept release can be rolled back to ({len(others)} cannot "
+                                              "be opened: see 'edge-ad bundle status')" if others
+                                              else "no other release is kept")
+                                        + "; install a release ('edge-ad bundle install')"))
             if dep.previous is None or dep.previous == dep.current:
                 raise RuntimeFailure(f"{d}: no previous release to roll back to"
                                      + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
