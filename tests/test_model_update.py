@@ -914,6 +914,80 @@ def test_a_health_watch_judges_only_its_release(bundles, tmp_path):
     assert (dep.current, dep.health) == (theirs, "pending")
 
 
+def test_a_healthy_verdict_is_recorded_under_the_deploy_lock_on_the_judged_release_only(bundles, tmp_path):
+    """poll()'s "ok" checked that 'current' had not moved, then confirmed whatever 'current' was, without the
+    deploy lock: a rollback by hand landing between the two got its release (which a rollback leaves
+    'rolled_back', unjudged) recorded healthy on frames of the release judged. The check and the record now
+    happen under the lock: a switch tried in between is refused (Busy) and lands after."""
+    import threading
+
+    from edge_ad.errors import Busy
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10), clock=Clock())
+    real_moved_on, outcome = watch._moved_on, []
+
+    def moved_on_then_a_rollback_by_hand():
+        moved = real_moved_on()
+
+        def by_hand():   # another thread, as another process: the deploy lock is not shared with it
+            try:
+                outcome.append(rollback_model(deploy, reason="edge-ad bundle rollback", to=r1.release).current)
+            except Busy as exc:
+                outcome.append(exc)
+        t = threading.Thread(target=by_hand)
+        t.start()
+        t.join()
+        return moved
+
+    watch._moved_on = moved_on_then_a_rollback_by_hand
+    for _ in range(10):
+        watch.record(ng=False)
+    v = watch.poll()
+    assert v.status == "ok" and "not recorded" not in v.reason
+    assert len(outcome) == 1 and isinstance(outcome[0], Busy), outcome
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (judged, "ok")
+    assert rollback_model(deploy, reason="edge-ad bundle rollback", to=r1.release).current == r1.release  # now
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (r1.release, "rolled_back") and watch.poll() is v
+    with pytest.raises(RuntimeFailure, match=f"'current' is {r1.release} now, not {judged}; not recorded as healthy"):
+        deploy_mod.confirm(deploy, release=judged)
+    assert deployment(deploy).health == "rolled_back"
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "install"])
+def test_a_healthy_verdict_waits_for_the_deploy_lock(bundles, tmp_path, meanwhile):
+    """While another install or rollback holds the deploy folder the "ok" is not recorded yet (pending, its
+    frames judged): recorded at a later poll, or not at all when their command switched 'current'."""
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10), clock=Clock())
+    for _ in range(10):
+        watch.record(ng=False)
+    held = _HeldElsewhere(deploy)
+    try:
+        v = watch.poll()
+        assert v.status == "pending" and v.frames == 10 and "healthy, not recorded yet: another install" in v.reason
+        watch.record(ng=True)                                           # judged already: later frames do not count
+        assert watch.poll().status == "pending" and watch.frames == 10
+        assert deployment(deploy).health == "pending"
+    finally:
+        held.release()
+    if meanwhile == "install":
+        theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
+                                require_golden=False).release
+    v = watch.poll()
+    assert v.status == "ok" and v.frames == 10 and watch.poll() is v
+    dep = deployment(deploy)
+    if meanwhile == "nothing":
+        assert (dep.current, dep.health) == (judged, "ok") and "not recorded" not in v.reason
+    else:
+        assert (dep.current, dep.health) == (theirs, "pending")
+        assert f"not recorded as healthy: 'current' is {theirs} now, not the release judged, {judged}" in v.reason
+
+
 @pytest.mark.parametrize("meanwhile", ["nothing", "install"])
 def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bundles, tmp_path, meanwhile):
     """update_model's health check fails while 'edge-ad bundle install' holds the deploy folder: one
