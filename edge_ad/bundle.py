@@ -297,14 +297,17 @@ class Bundle:
 
         A power cut or a failure after step 1 (nothing left there to fill the disk: renames and one small
         manifest) leaves the step-2 manifest: a complete bundle that verifies and runs, each replaced file
-        old or new, whole (the same command run again completes the change). ``self.manifest`` always
-        follows what is on disk.
+        old or new, whole (the same command run again completes the change). The next change settles such
+        a leftover ``replacing`` first (:meth:`_settled_files`: each file recorded as the version on disk), so
+        a change of other files never drops it with the old sha256 of a file already renamed in.
+        ``self.manifest`` always follows what is on disk.
         """
         names = list(files)
         gone = [n for n in dict.fromkeys(remove) if n not in files]
         for n in names + gone:
             self.file(n)   # a member name (checked before anything is written)
         changed = set(names) | set(gone)
+        settled = self._settled_files(changed)   # checked before anything is written, too
         staged: dict[str, Path] = {}
         try:
             for name, content in files.items():
@@ -317,7 +320,10 @@ class Bundle:
                 staged[name] = tmp
             records = {n: {"sha256": atomic.sha256_file(p), "bytes": p.stat().st_size} for n, p in staged.items()}
             interim = copy.deepcopy(self.manifest)
-            interim.pop("replacing", None)   # left by an earlier change a power cut interrupted
+            # a 'replacing' left by an earlier change a power cut interrupted: each of its files recorded as
+            # the version on disk (dropped unsettled, the manifest kept the old sha256 of a file renamed in)
+            interim.pop("replacing", None)
+            interim["files"] = settled
             for n in gone:
                 interim["files"].pop(n, None)
             if records:
@@ -347,6 +353,30 @@ class Bundle:
         atomic.write_json(self.path / "manifest.json", final)
         self.manifest = final
         return {n: r["sha256"] for n, r in records.items()}
+
+    def _settled_files(self, changed: set[str]) -> dict[str, dict]:
+        """The manifest's ``files`` with each entry of a leftover ``replacing`` (a :meth:`replace_files` a power
+        cut interrupted) settled as :meth:`verify` accepts it: the record (old or new) that the file on disk
+        matches; a new file never renamed in is not part of the bundle. Any other file is refused, naming
+        it, before anything is written; but for one this change replaces or removes (its record is replaced
+        or dropped: the change repairs it)."""
+        files = copy.deepcopy(self.manifest["files"])
+        for name, new in self.replacing.items():
+            p = self.file(name)
+            if not p.is_file():
+                if name in files and name not in changed:
+                    raise InputError(f"{p}: listed in manifest.json but missing; nothing was changed")
+                continue
+            got = atomic.sha256_file(p)
+            if got == new["sha256"]:
+                files[name] = copy.deepcopy(new)
+            elif name in changed:
+                continue
+            elif name not in files or got != files[name]["sha256"]:
+                want = " or ".join(r["sha256"][:12] + "…" for r in (files.get(name), new) if r)
+                raise InputError(f"{p}: sha256 {got[:12]}… does not match manifest.json ({want}); the file is "
+                                 "corrupt or was changed; nothing was changed")
+        return files
 
     @property
     def replacing(self) -> dict[str, dict]:

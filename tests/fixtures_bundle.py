@@ -236,3 +236,40 @@ def disk_full_for(monkeypatch, suffix: str, func: str = "write_bytes"):
 
     monkeypatch.setattr(atomic, func, full)
     return real
+
+
+def cut_replace(bundle, files: dict, renamed: bool = True):
+    """Leave ``bundle`` as a power cut in :meth:`Bundle.replace_files` of ``files`` does: the interim manifest
+    (``replacing`` records the new sha256) on disk, the new files renamed in (``renamed``: the cut came
+    before the final manifest write) or still beside their place as ``.new-NAME`` (it came before the
+    first rename). Returns the bundle opened again, which verifies."""
+    import os
+
+    from edge_ad import atomic
+    from edge_ad.bundle import Bundle
+
+    real_write_json, real_replace = atomic.write_json, os.replace
+    calls = {"write_json": 0}
+
+    def write_json(path, obj, *a, **k):
+        calls["write_json"] += 1
+        if calls["write_json"] == 2:   # the final manifest
+            raise SystemExit("power cut")
+        return real_write_json(path, obj, *a, **k)
+
+    def replace(src, dst, *a, **k):
+        if Path(src).name.startswith(".new-"):
+            raise SystemExit("power cut")
+        return real_replace(src, dst, *a, **k)
+
+    atomic.write_json = write_json
+    if not renamed:
+        os.replace = replace
+    try:
+        with pytest.raises(SystemExit, match="power cut"):
+            bundle.replace_files(files)
+    finally:
+        atomic.write_json, os.replace = real_write_json, real_replace
+    again = Bundle.open(bundle.path, verify=True)
+    assert set(again.replacing) == set(files)
+    return again

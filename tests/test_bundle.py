@@ -407,6 +407,48 @@ def test_a_guard_report_written_again_is_never_torn_from_its_manifest(tmp_path, 
     assert done
 
 
+@pytest.mark.parametrize("renamed", [True, False])
+def test_a_report_write_settles_a_change_a_power_cut_left(tmp_path, renamed):
+    """A re-export cut by a power cut leaves 'replacing' (model.onnx old or new); the next change of other
+    files (guard.write_report: edge-ad compile's engine records, a quantize whose guard failed) dropped it
+    unsettled: the manifest kept the old sha256 of a model.onnx already renamed in, and the bundle no
+    longer opened (run, pack, doctor refused it). Now the file on disk is recorded as it is."""
+    import hashlib
+
+    from edge_ad.compile import guard as guard_mod
+    from fixtures_bundle import cut_replace
+
+    b = cut_replace(_graphs_bundle(tmp_path / "b"), {"model.onnx": b"new fp32", "model.fp16.onnx": b"fp16"},
+                    renamed=renamed)
+    guard_mod.write_report(b, [{"candidate": "tensorrt-fp16", "passed": False}])
+    again = Bundle.open(b.path, verify=True)
+    assert again.manifest == b.manifest and "replacing" not in again.manifest
+    on_disk = again.file("model.onnx").read_bytes()
+    assert on_disk == (b"new fp32" if renamed else b"fp32")
+    assert again.manifest["files"]["model.onnx"]["sha256"] == hashlib.sha256(on_disk).hexdigest()
+    # a file the cut change added: recorded when it was renamed in, else not part of the bundle
+    assert ("model.fp16.onnx" in again.manifest["files"]) == renamed == again.has("model.fp16.onnx")
+    assert json.loads(again.file("quant_report.json").read_text())["candidates"]["tensorrt-fp16"]["passed"] is False
+
+
+def test_a_change_refuses_a_cut_change_whose_file_is_neither_old_nor_new(tmp_path):
+    """The leftover 'replacing' of a file that is now neither version is refused, naming it, before anything
+    is written; a change that replaces that very file repairs it."""
+    from edge_ad.compile import guard as guard_mod
+    from fixtures_bundle import cut_replace
+
+    b = cut_replace(_graphs_bundle(tmp_path / "b"), {"model.onnx": b"new fp32"})
+    b.file("model.onnx").write_bytes(b"torn")
+    before = (b.path / "manifest.json").read_bytes()
+    with pytest.raises(InputError, match=r"model.onnx: sha256 .* does not match manifest.json \(.*… or .*…\); "
+                                         "the file is corrupt or was changed; nothing was changed"):
+        guard_mod.write_report(b, [{"candidate": "tensorrt-fp16", "passed": False}])
+    assert (b.path / "manifest.json").read_bytes() == before and not list(b.path.glob(".new-*"))
+    assert b.file("quant_report.json").read_bytes() == b"{}"
+    b.replace_files({"model.onnx": b"again"})
+    assert Bundle.open(b.path, verify=True).file("model.onnx").read_bytes() == b"again"
+
+
 def test_create_refuses_a_folder_that_is_not_empty(tmp_path):
     """A new bundle over an old one would leave the old graphs, calibration history and statistics beside
     the new manifest."""

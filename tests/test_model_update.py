@@ -353,17 +353,17 @@ def test_only_the_index_and_signature_are_read_before_the_signature_is_checked(t
     assert not (tmp_path / "deploy").exists()
 
 
-def test_an_index_or_archive_of_more_entries_than_a_bundle_has_is_refused(tiny_bundle, tmp_path):
-    """A bundle has tens of files: an index listing more than MAX_FILES (10,000) is refused, so no index,
-    signed or not, can make an extraction keep a list of a million members; neither can directory members,
-    which no index lists."""
-    from edge_ad.calibration.package import MAX_FILES
+def test_an_index_or_archive_of_more_entries_than_a_bundle_has_is_refused(tiny_bundle, tmp_path, monkeypatch):
+    """An index listing more than MAX_FILES is refused, so no index, signed or not, can make an extraction keep a
+    list of a million members; neither can directory members, which no index lists. (MAX_FILES made small:
+    the rule, not 50,000 files.)"""
+    from edge_ad.calibration import package
 
+    monkeypatch.setattr(package, "MAX_FILES", 20)
     good = pack_bundle(tiny_bundle.path, tmp_path / "good.tar")
-    big = _forged(good, tmp_path / "big.tar", add={f"bundle/calibration.d/{i:04d}.json": b"" for i in
-                                                   range(2, MAX_FILES)})
-    with pytest.raises(InputError, match=r"big.tar: invalid 'edge-ad-package.json' \('files' lists 10,002 entries; "
-                                         r"a bundle has tens, at most 10,000 are accepted\)"):
+    big = _forged(good, tmp_path / "big.tar", add={f"bundle/calibration.d/{i:04d}.json": b"" for i in range(2, 20)})
+    with pytest.raises(InputError, match=r"big.tar: invalid 'edge-ad-package.json' \('files' lists 22 entries; "
+                                         r"at most 20 are accepted \(a bundle's files and its calibration history\)\)"):
         read_index(big)
     dirs = tmp_path / "dirs.tar"
     with tarfile.open(good) as src, tarfile.open(dirs, "w") as dst:
@@ -371,12 +371,62 @@ def test_an_index_or_archive_of_more_entries_than_a_bundle_has_is_refused(tiny_b
             dst.addfile(m, src.extractfile(m))
         folder = tarfile.TarInfo("bundle/calibration.d")
         folder.type = tarfile.DIRTYPE
-        for _ in range(MAX_FILES):
+        for _ in range(20):
             dst.addfile(folder)
     read_index(dirs)   # the index is fine
-    with pytest.raises(InputError, match="dirs.tar: more than 10,000 members besides its index and signature"):
+    with pytest.raises(InputError, match="dirs.tar: more than 20 members besides its index and signature"):
         install_bundle(dirs, tmp_path / "deploy", require_golden=False)
     assert not (tmp_path / "deploy").exists()
+
+
+def _long_history(tiny_bundle, path, versions):
+    """A bundle with ``versions`` calibration versions (each calibrate or persisted set_threshold adds one)."""
+    b = copy_bundle(tiny_bundle, path)
+    have = len(b.calibration_versions())
+    cal = b.calibration()
+    for _ in range(versions - have):
+        b.write_calibration(cal.replace(version=0, created=""))
+    assert len(b.calibration_versions()) == versions
+    return b
+
+
+def test_a_long_calibration_history_packs_and_installs(tiny_bundle, tmp_path, monkeypatch):
+    """Calibration versions are never pruned: a line tuned ~30 times a day had more than 10,000 (the cap
+    before) within a year, and such a bundle was refused. The cap is now years of that; a bundle of exactly
+    MAX_FILES files (MAX_FILES made small here) packs and installs."""
+    from edge_ad.calibration import package
+
+    assert package.MAX_FILES >= 2 * 365 * 30
+    monkeypatch.setattr(package, "MAX_FILES", 40)
+    b = _long_history(tiny_bundle, tmp_path / "b", 37)   # + manifest.json, calibration.json, model.onnx
+    info = read_index(pack_bundle(b.path, tmp_path / "b.tar"))
+    assert len(info.index["files"]) == 40
+    r = install_bundle(tmp_path / "b.tar", tmp_path / "deploy", require_golden=False)
+    assert len(Bundle.open(r.path, verify=True).calibration_versions()) == 37
+
+
+def test_pack_refuses_more_files_than_an_install_accepts_before_writing(tiny_bundle, tmp_path, monkeypatch):
+    """Pack wrote the archive, then its own check refused it with the install wording ('update refused') and
+    left the unusable archive (35 MB for 10,001 calibration versions). Now it counts first: exit 2, nothing
+    written, saying how to shorten the history."""
+    from click.testing import CliRunner
+
+    from edge_ad.calibration import package
+    from edge_ad.cli import main
+
+    monkeypatch.setattr(package, "MAX_FILES", 40)
+    b = _long_history(tiny_bundle, tmp_path / "b", 38)
+    out = tmp_path / "out" / "b.tar"
+    msg = (f"{b.path}: 41 files to pack (38 of them calibration versions in calibration.d/), and an install accepts "
+           f"at most 40: delete old calibration versions you will not roll back to from {b.calibration_dir} (keep "
+           "0038.json, the one in force, and any you may roll back to), then pack again (nothing packed)")
+    with pytest.raises(InputError, match=re.escape(msg)):
+        pack_bundle(b.path, out)
+    res = CliRunner().invoke(main, ["bundle", "pack", str(b.path), str(out)])
+    assert res.exit_code == 2 and msg in res.output and "update refused" not in res.output, res.output
+    assert not (tmp_path / "out").exists()
+    b.calibration_version_file(1).unlink()   # as the message says
+    assert len(read_index(pack_bundle(b.path, out)).index["files"]) == 40
 
 
 @pytest.mark.parametrize("file,under", [("bundle/manifest.json", "bundle/manifest.json/x"),
@@ -864,6 +914,80 @@ def test_a_health_watch_judges_only_its_release(bundles, tmp_path):
     assert (dep.current, dep.health) == (theirs, "pending")
 
 
+def test_a_healthy_verdict_is_recorded_under_the_deploy_lock_on_the_judged_release_only(bundles, tmp_path):
+    """poll()'s "ok" checked that 'current' had not moved, then confirmed whatever 'current' was, without the
+    deploy lock: a rollback by hand landing between the two got its release (which a rollback leaves
+    'rolled_back', unjudged) recorded healthy on frames of the release judged. The check and the record now
+    happen under the lock: a switch tried in between is refused (Busy) and lands after."""
+    import threading
+
+    from edge_ad.errors import Busy
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10), clock=Clock())
+    real_moved_on, outcome = watch._moved_on, []
+
+    def moved_on_then_a_rollback_by_hand():
+        moved = real_moved_on()
+
+        def by_hand():   # another thread, as another process: the deploy lock is not shared with it
+            try:
+                outcome.append(rollback_model(deploy, reason="edge-ad bundle rollback", to=r1.release).current)
+            except Busy as exc:
+                outcome.append(exc)
+        t = threading.Thread(target=by_hand)
+        t.start()
+        t.join()
+        return moved
+
+    watch._moved_on = moved_on_then_a_rollback_by_hand
+    for _ in range(10):
+        watch.record(ng=False)
+    v = watch.poll()
+    assert v.status == "ok" and "not recorded" not in v.reason
+    assert len(outcome) == 1 and isinstance(outcome[0], Busy), outcome
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (judged, "ok")
+    assert rollback_model(deploy, reason="edge-ad bundle rollback", to=r1.release).current == r1.release  # now
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (r1.release, "rolled_back") and watch.poll() is v
+    with pytest.raises(RuntimeFailure, match=f"'current' is {r1.release} now, not {judged}; not recorded as healthy"):
+        deploy_mod.confirm(deploy, release=judged)
+    assert deployment(deploy).health == "rolled_back"
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "install"])
+def test_a_healthy_verdict_waits_for_the_deploy_lock(bundles, tmp_path, meanwhile):
+    """While another install or rollback holds the deploy folder the "ok" is not recorded yet (pending, its
+    frames judged): recorded at a later poll, or not at all when their command switched 'current'."""
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10), clock=Clock())
+    for _ in range(10):
+        watch.record(ng=False)
+    held = _HeldElsewhere(deploy)
+    try:
+        v = watch.poll()
+        assert v.status == "pending" and v.frames == 10 and "healthy, not recorded yet: another install" in v.reason
+        watch.record(ng=True)                                           # judged already: later frames do not count
+        assert watch.poll().status == "pending" and watch.frames == 10
+        assert deployment(deploy).health == "pending"
+    finally:
+        held.release()
+    if meanwhile == "install":
+        theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
+                                require_golden=False).release
+    v = watch.poll()
+    assert v.status == "ok" and v.frames == 10 and watch.poll() is v
+    dep = deployment(deploy)
+    if meanwhile == "nothing":
+        assert (dep.current, dep.health) == (judged, "ok") and "not recorded" not in v.reason
+    else:
+        assert (dep.current, dep.health) == (theirs, "pending")
+        assert f"not recorded as healthy: 'current' is {theirs} now, not the release judged, {judged}" in v.reason
+
+
 @pytest.mark.parametrize("meanwhile", ["nothing", "install"])
 def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bundles, tmp_path, meanwhile):
     """update_model's health check fails while 'edge-ad bundle install' holds the deploy folder: one
@@ -1009,6 +1133,24 @@ def test_cli_status_and_rollback_name_a_release_deleted_by_hand_or_with_a_corrup
     assert res.exit_code == 1 and f"'previous' points at releases/{r2}, which is gone (no such folder" in res.output
     assert f"roll back to a kept release with --to ID: {r1}" in res.output and deployment(d).current == r3
     assert cli("bundle", "rollback", "--deploy", str(d), "--to", r1).exit_code == 0
+
+    # the previous release deleted and the only other one unopenable: it was offered for --to all the same
+    d, (r1, r2, r3) = three("prev_deleted_other_corrupt")
+    shutil.rmtree(d / "releases" / r2)
+    (d / "releases" / r1 / "manifest.json").write_text("{")
+    res = cli("bundle", "status", "--deploy", str(d))
+    assert res.exit_code == 0 and "takes a kept one" not in res.stderr and f"{r1}  installed" in res.stdout
+    res = cli("bundle", "rollback", "--deploy", str(d))
+    assert res.exit_code == 1 and "--to ID" not in res.output and r1 not in res.output, res.output
+    assert ("no other kept release can be rolled back to (1 cannot be opened: see 'edge-ad bundle status'); "
+            "install a release ('edge-ad bundle install')") in res.output and deployment(d).current == r3
+    # one good, one bad: only the good one is offered
+    r4 = install_bundle(archives[0], d, require_golden=False, keep=4).release   # previous: r3, deleted next
+    (d / "releases" / r3).rename(d / "releases" / r2)   # r3's folder back as r2: kept and good
+    res = cli("bundle", "rollback", "--deploy", str(d))
+    assert res.exit_code == 1 and f"roll back to a kept release with --to ID: {r2}\n" in res.output, res.output
+    assert r1 not in res.output and "install a release" not in res.output
+    assert deployment(d).current == r4
 
     d, (r1, r2, r3) = three("cur_corrupt")
     (d / "releases" / r3 / "manifest.json").write_text("{not json")

@@ -295,6 +295,29 @@ def test_guard_failure_changes_nothing(base, tmp_path):
     assert [p.name for p in b.path.glob(".quantize-*")] == [".quantize-at-work"]   # its own and the killed one's gone
 
 
+def test_a_failed_guard_keeps_a_bundle_a_cut_re_export_left_whole(base, tmp_path):
+    """A re-export cut by a power cut after model.onnx was renamed in (manifest 'replacing', the bundle
+    verifies), then a quantize whose guard fails: its report write dropped 'replacing' and kept the old
+    sha256 of model.onnx, so the bundle no longer opened. Now the new model.onnx is recorded."""
+    import hashlib
+
+    from fixtures_bundle import cut_replace
+
+    shutil.copytree(base.path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b", verify=True)
+    m = onnx.load(str(b.file("model.onnx")))
+    m.doc_string = "re-exported"   # the same graph, other bytes
+    new = m.SerializeToString()
+    b = cut_replace(b, {"model.onnx": new})
+    strict = GuardLimits(max_auroc_drop=-1.0, min_rank_corr=0.99)  # an AUROC drop below -1 is impossible
+    with pytest.raises(GuardFailure):
+        quantize_bundle(b, "int8", samples=8, guard_normals=4, limits=strict, progress=False)
+    b = Bundle.open(tmp_path / "b", verify=True)
+    assert "replacing" not in b.manifest
+    assert b.manifest["files"]["model.onnx"]["sha256"] == hashlib.sha256(new).hexdigest()
+    assert json.loads(b.file("quant_report.json").read_text())["candidates"]["onnxruntime-int8"]["passed"] is False
+
+
 def test_a_failure_while_switching_in_keeps_the_old_graphs(int8, tmp_path, monkeypatch):
     """Disk full while the second form is copied into the bundle: the first was already replaced and the
     manifest still held its old sha256, so the bundle no longer verified (nor packed). Now the old graphs

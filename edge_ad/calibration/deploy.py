@@ -803,11 +803,16 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         dep = deployment(d)
         if to is None:
             if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
-                kept = [r for r in _release_ids(d) if r != dep.current]
+                # only those a --to would take (as 'bundle status' offers them): not one that cannot be opened
+                others = [r for r in _release_ids(d) if r != dep.current]
+                kept = [r for r in others if release_problem(d, r) is None]
                 raise RuntimeFailure(f"{d}: no previous release to roll back to: '{PREVIOUS}' points at "
                                      f"{RELEASES}/{dep.previous}, which is {release_problem(d, dep.previous)}; "
                                      + (f"roll back to a kept release with --to ID: {', '.join(kept)}" if kept
-                                        else "no other release is kept"))
+                                        else (f"no other kept release can be rolled back to ({len(others)} cannot "
+                                              "be opened: see 'edge-ad bundle status')" if others
+                                              else "no other release is kept")
+                                        + "; install a release ('edge-ad bundle install')"))
             if dep.previous is None or dep.previous == dep.current:
                 raise RuntimeFailure(f"{d}: no previous release to roll back to"
                                      + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
@@ -836,13 +841,21 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         return deployment(d)
 
 
-def confirm(deploy_dir: str | os.PathLike) -> Deployment:
-    """Mark the release in force healthy."""
+def confirm(deploy_dir: str | os.PathLike, release: str | None = None) -> Deployment:
+    """Mark the release in force healthy; with ``release``, only while it is that one (RuntimeFailure
+    otherwise: a verdict on frames of ``release`` must not land on a release switched in since). Under the
+    deploy lock, as a switch is (:class:`~edge_ad.errors.Busy` while another install or rollback holds it):
+    checked and written unlocked, a rollback landing in between got its release marked healthy, and the
+    state write could overwrite an install's."""
     d = Path(deploy_dir)
-    dep = deployment(d)
-    state = {**_read_state(d), "current": dep.current, "previous": dep.previous, "health": "ok"}
-    _write_state(d, state, "health_ok", release=dep.current)
-    return deployment(d)
+    with deploy_lock(d):
+        dep = deployment(d)
+        if release is not None and dep.current != release:
+            raise RuntimeFailure(f"{d}: '{CURRENT}' is {dep.current or 'gone'} now, not {release}; not recorded as "
+                                 "healthy")
+        state = {**_read_state(d), "current": dep.current, "previous": dep.previous, "health": "ok"}
+        _write_state(d, state, "health_ok", release=dep.current)
+        return deployment(d)
 
 
 # ----------------------------------------------------------------------------- health after a switch
@@ -857,7 +870,8 @@ class HealthLimits:
 
 @dataclass(frozen=True)
 class HealthVerdict:
-    status: str                      # "pending" | "ok" | "failed"
+    status: str                      # "pending" | "ok" | "failed" (an "ok" not recorded yet, the deploy lock held
+                                     # elsewhere, is returned as "pending": see HealthWatch)
     reason: str
     frames: int
     errors: int
@@ -923,7 +937,10 @@ class HealthWatch:
     ``release``: the release judged (default: the one ``current`` points at now). Both the rollback and
     the "ok" record apply to it only: when ``current`` has moved on since (someone else installed or
     rolled back), the rollback is dropped (``rollback`` "dropped") and nothing is confirmed, so that their
-    release is never rolled back or called healthy on frames of another model.
+    release is never rolled back or called healthy on frames of another model. Both are checked and done
+    under the deploy lock, so no switch lands in between; an "ok" while another install or rollback holds
+    the lock is returned as "pending" (not recorded yet: the frames are judged, later ones do not count)
+    and recorded at a later ``poll``, or not at all if their command switched ``current``.
     """
 
     def __init__(self, deploy_dir: str | os.PathLike | None = None, baseline_ng_rate: float | None = None,
@@ -961,7 +978,7 @@ class HealthWatch:
                 return self._final
             now = self._clock()
             if self._owed is not None:
-                return self._roll_back(self._owed, now)
+                return self._roll_back(self._owed, now) if self._owed.status == "failed" else self._confirm(self._owed)
             offered = None
             elapsed = now - self._t0
             if self._offered is not None:
@@ -979,13 +996,29 @@ class HealthWatch:
                 if status == "failed":
                     self._owed_since = now
                     return self._roll_back(v, now)
-                moved = self._moved_on()
-                if moved is None:
-                    confirm(self.deploy_dir)
-                else:
-                    v = replace(v, reason=f"{reason}; not recorded as healthy: {moved}")
+                return self._confirm(v)
             self._final = v
             return v
+
+    def _confirm(self, v: HealthVerdict) -> HealthVerdict:
+        """Record an "ok" verdict on the release judged (under the deploy lock, only while it is still
+        ``current``); the verdict to return: final, or "pending" while another install or rollback holds the
+        lock (tried again at the next poll, as a rollback is)."""
+        try:
+            with deploy_lock(self.deploy_dir):
+                moved = self._moved_on()
+                if moved is None:
+                    confirm(self.deploy_dir, release=self.release)
+        except Busy as exc:
+            if self._owed is None:
+                log.warning("the healthy verdict on %s waits for the deploy lock: %s", self.release, exc)
+            self._owed = v
+            return replace(v, status="pending", reason=(
+                f"{v.reason}; healthy, not recorded yet: another install or rollback holds the deploy folder "
+                f"({exc}); tried again at the next check"))
+        if moved is not None:
+            return self._finish(replace(v, reason=f"{v.reason}; not recorded as healthy: {moved}"))
+        return self._finish(v)
 
     def _moved_on(self) -> str | None:
         """Why the deploy folder's release in force is no longer the one judged; None while it is."""

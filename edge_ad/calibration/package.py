@@ -50,9 +50,14 @@ SIGNATURE = "edge-ad-package.sig"
 PREFIX = "bundle"
 FORMAT = "edge-ad-package"
 FORMAT_VERSION = 1
-# A bundle has tens of files (graphs, checkpoint, calibration versions, Gaussian statistics): an index or an
-# archive with more entries than this is not one, and reading it would only cost time and memory.
-MAX_FILES = 10_000
+# A bundle has tens of files (graphs, checkpoint, Gaussian statistics: gaussian.d keeps 5) plus its calibration
+# history, which is never pruned: one calibration.d/NNNN.json per calibrate and per persisted MQTT set_threshold,
+# ~11,000 a year on a line tuned 30 times a day (10,000, the cap before, refused such a bundle within a year).
+# An index or an archive with more entries than this is refused unread. What it bounds is memory: installing
+# keeps the parsed index, tarfile's member list and the files' records, ~2 KB an entry at its peak (measured:
+# 20 MB more for 10,000 calibration versions than for a bundle of tens of files), so 25,000 entries (over two
+# years at 30 a day, a decade at 6) cost ~50 MB. Longer histories need old versions deleted (see _check_count).
+MAX_FILES = 25_000
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,7 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
         raise InputError(f"{sign_key}: a public key cannot sign; give the Ed25519 private key")
     root = b.path
     files = _bundle_files(b)
+    _check_count(b, files)
     index_files = {}
     for rel in files:
         p = root / rel
@@ -284,6 +290,23 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
             raise atomic.naming(exc, out) from exc
         raise
     return out
+
+
+def _check_count(b: Bundle, files: list[str]) -> None:
+    """Refuse to pack more files than an install accepts (:data:`MAX_FILES`), before anything is written: packed,
+    the archive was refused by pack's own check afterwards ("update refused") and left on disk, unusable. What
+    grows is the calibration history (never pruned), so say how to shorten it."""
+    if len(files) <= MAX_FILES:
+        return
+    cal = [rel for rel in files if rel.startswith("calibration.d/")]
+    try:
+        keep = f"keep {b.calibration_version_file(b.calibration().version).name}, the one in force, and any "
+    except InputError:
+        keep = "keep any "
+    raise InputError(f"{b.path}: {len(files):,} files to pack ({len(cal):,} of them calibration versions in "
+                     f"calibration.d/), and an install accepts at most {MAX_FILES:,}: delete old calibration versions "
+                     f"you will not roll back to from {b.calibration_dir} ({keep}you may roll back to), then pack "
+                     "again (nothing packed)")
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -387,8 +410,8 @@ def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: Signi
         if not isinstance(files, dict) or f"{PREFIX}/manifest.json" not in files:
             raise ValueError("'files' does not list bundle/manifest.json")
         if len(files) > MAX_FILES:
-            raise ValueError(f"'files' lists {len(files):,} entries; a bundle has tens, at most {MAX_FILES:,} are "
-                             "accepted")
+            raise ValueError(f"'files' lists {len(files):,} entries; at most {MAX_FILES:,} are accepted (a bundle's "
+                             "files and its calibration history)")
         for name, rec in files.items():
             _safe_name(name, str(archive))
             if not isinstance(rec, dict) or len(str(rec.get("sha256", ""))) != 64:
@@ -450,7 +473,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
                     count += 1   # every member is kept in tar.members: a signed index cannot lift this cap
                     if count > MAX_FILES + 2:
                         raise InputError(f"{archive}: more than {MAX_FILES:,} members besides its index and "
-                                         "signature (a bundle has tens of files); update refused")
+                                         "signature (a bundle's files and its calibration history); update refused")
                     if m.name in (INDEX, SIGNATURE):
                         if not head:   # read_index stopped before it: never checked, never ignored
                             raise InputError(f"{archive}: '{m.name}' after the bundle's files ('edge-ad bundle "
