@@ -480,7 +480,129 @@ def test_collect_frames_skips_an_unreadable_image_of_a_folder(tmp_path, caplog):
         collect_frames(f"dir://{folder}", 60, progress=False)
 
 
+# ----------------------------------------------------------------------------- the frames the line inspects
+RAW = (120, 160)                  # the camera's frames (H, W)
+ROI, ROTATE = [8, 4, 100, 80], 90  # the line crops 100x80 at (8, 4), then turns it: it inspects 80x100 (W x H)
+
+
+def _raw_video(tmp_path, n=30):
+    """A camera's raw frames as a video, and those frames as every reader decodes them."""
+    from fixtures_bundle import video_frames
+
+    video = write_video(tmp_path / "raw.avi", (part_frame(i, RAW) for i in range(n)))
+    return video, video_frames(video)
+
+
+def _as_inspected(frames, size_hw=None):
+    """What the loop inspects (edge_ad.runtime.pipeline's own crop and rotation), at the model's size."""
+    from edge_ad.data.image import resize_rgb
+    from edge_ad.runtime.pipeline import apply_roi_rotate
+
+    out = [apply_roi_rotate(f, ROI, ROTATE) for f in frames]
+    return out if size_hw is None else [resize_rgb(f, size_hw) for f in out]
+
+
+def _write_pngs(folder, frames, names=None):
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / (names[i] if names else f"{i:03d}.png") for i in range(len(frames))]
+    for p, f in zip(paths, frames):
+        cv2.imwrite(str(p), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    return paths
+
+
+def test_collect_frames_crops_and_rotates_camera_frames_as_the_loop_does(tmp_path):
+    from edge_ad.calibration.collect import is_line_folder
+
+    video, raw = _raw_video(tmp_path, 12)
+    got = collect_frames(f"file://{video}", 12, roi=ROI, rotate=ROTATE, progress=False)
+    assert got[0].shape == (100, 80, 3)                                       # cropped, then turned
+    assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
+    every = collect_frames(f"file://{video}", 12, every=3, roi=ROI, rotate=ROTATE, progress=False)
+    assert len(every) == 4 and all(np.array_equal(a, b) for a, b in zip(every, _as_inspected(raw[::3])))
+
+    # a folder is taken as the loop inspects it: frames saved cropped ('capture --config') are not cropped again
+    _write_pngs(tmp_path / "crops", _as_inspected(raw))
+    got = collect_frames(tmp_path / "crops", 12, roi=ROI, rotate=ROTATE, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
+    # ... and whole camera frames in a folder are refused, naming the image, not calibrated on
+    _write_pngs(tmp_path / "whole", raw)
+    with pytest.raises(InputError, match=r"whole/000\.png: a 160x120 image; the line inspects 80x100 crops "
+                                         r"\(source\.roi \[8, 4, 100, 80\], rotate 90\).*edge-ad capture --config"):
+        collect_frames(tmp_path / "whole", 12, roi=ROI, rotate=ROTATE, progress=False)
+    # unless the folder is the line's own source: 'run' crops each of its images, so does the calibration
+    assert is_line_folder(tmp_path / "whole", f"dir://{tmp_path / 'whole'}")
+    assert not is_line_folder(tmp_path / "whole", f"dir://{tmp_path / 'crops'}")
+    assert not is_line_folder(tmp_path / "whole", f"file://{video}") and not is_line_folder("csi://0", None)
+    got = collect_frames(f"dir://{tmp_path / 'whole'}", 12, roi=ROI, rotate=ROTATE, folder_roi=True, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
+    with pytest.raises(InputError, match=r"000\.png: source\.roi \[8, 4, 200, 80\] reaches outside the 160x120 frame"):
+        collect_frames(tmp_path / "whole", 12, roi=[8, 4, 200, 80], folder_roi=True, progress=False)
+
+
 # ----------------------------------------------------------------------------- the CLI
+def _spy_recalibrate(monkeypatch):
+    """Record the frames the CLI hands to the refit."""
+    from edge_ad import calibration as calibration_pkg
+
+    seen = []
+    real = calibration_pkg.recalibrate
+
+    def spy(bundle, insp, frames, **kw):
+        seen.append(list(frames))
+        return real(bundle, insp, frames, **kw)
+
+    monkeypatch.setattr(calibration_pkg, "recalibrate", spy)
+    return seen
+
+
+def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tmp_path, monkeypatch):
+    """'edge-ad calibrate --source CAMERA' fitted whole, unrotated frames while the line inspects the ROI
+    turned (every part NG after it). --config LINE.toml applies the line's ROI and rotation; calibrating
+    live and on frames saved by 'capture --config' give the same frames, and so the same calibration."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    video, raw = _raw_video(tmp_path)
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "file://{video}"\nmode = "trigger"\nroi = {ROI}\nrotate = {ROTATE}\n')
+    seen = _spy_recalibrate(monkeypatch)
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "30", "--policy", "max", "--backend",
+            "onnxruntime", "--json"]
+    res = r.invoke(main, [*base, "--config", str(line)])            # the line's own source, as it inspects it
+    assert res.exit_code == 0, res.output
+    live = seen[-1]
+    assert all(np.array_equal(a, b) for a, b in zip(live, _as_inspected(raw))) and len(live) == 30
+    assert json.loads(res.stdout)["version"] == 2
+
+    res = r.invoke(main, ["capture", "--config", str(line), "--out", str(tmp_path / "cap"), "--frames", "30",
+                          "--source", f"file://{video}"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, [*base, "--config", str(line), "--source", str(tmp_path / "cap")])
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], live))
+    cals = [tbundle.calibration_at(v) for v in (2, 3)]
+    assert cals[0].threshold == cals[1].threshold and cals[0].to_dict()["maps"] == cals[1].to_dict()["maps"]
+
+    res = r.invoke(main, [*base, "--source", f"file://{video}"])     # no --config: whole frames, and a note
+    assert res.exit_code == 0 and "note: no --config: the frames of file://" in res.stderr
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], raw))
+
+    _write_pngs(tmp_path / "whole", raw)                             # whole frames in a folder: refused
+    res = r.invoke(main, [*base, "--config", str(line), "--source", str(tmp_path / "whole")])
+    assert res.exit_code == 2 and "whole/000.png: a 160x120 image; the line inspects 80x100 crops" in res.output
+    assert tbundle.calibration_versions() == [1, 2, 3, 4] and len(seen) == 3
+    line.write_text(f'[source]\nuri = "dir://{tmp_path / "whole"}"\nroi = {ROI}\nrotate = {ROTATE}\n')
+    res = r.invoke(main, [*base, "--config", str(line)])             # unless it is the line's own folder
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], live))
+    res = r.invoke(main, [*base, "--config", str(tmp_path / "nope.toml")])
+    assert res.exit_code == 2 and "nope.toml: config file not found" in res.output
+
+
 def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
     import cv2
     from click.testing import CliRunner
