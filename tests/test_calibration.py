@@ -23,6 +23,7 @@ from edge_ad import gaussian
 from edge_ad.bundle import Bundle
 from edge_ad.calibration import collect_frames, gaussfit, recalibrate, rollback
 from edge_ad.calibration.refit import prune_gaussian, robust_z
+from edge_ad.data.image import resize_rgb
 from edge_ad.errors import InputError
 from edge_ad.inspector import Inspector
 
@@ -519,8 +520,9 @@ def test_collect_frames_crops_and_rotates_camera_frames_as_the_loop_does(tmp_pat
     got = collect_frames(f"file://{video}", 12, roi=ROI, rotate=ROTATE, progress=False)
     assert got[0].shape == (100, 80, 3)                                       # cropped, then turned
     assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
-    every = collect_frames(f"file://{video}", 12, every=3, roi=ROI, rotate=ROTATE, progress=False)
-    assert len(every) == 4 and all(np.array_equal(a, b) for a, b in zip(every, _as_inspected(raw[::3])))
+    small = collect_frames(f"file://{video}", 12, every=3, roi=ROI, rotate=ROTATE, size_hw=(64, 64), progress=False)
+    assert [f.shape for f in small] == [(64, 64, 3)] * 4
+    assert all(np.array_equal(a, b) for a, b in zip(small, _as_inspected(raw[::3], (64, 64))))
 
     # a folder is taken as the loop inspects it: frames saved cropped ('capture --config') are not cropped again
     _write_pngs(tmp_path / "crops", _as_inspected(raw))
@@ -539,6 +541,24 @@ def test_collect_frames_crops_and_rotates_camera_frames_as_the_loop_does(tmp_pat
     assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
     with pytest.raises(InputError, match=r"000\.png: source\.roi \[8, 4, 200, 80\] reaches outside the 160x120 frame"):
         collect_frames(tmp_path / "whole", 12, roi=[8, 4, 200, 80], folder_roi=True, progress=False)
+
+
+def test_collected_frames_are_kept_at_the_model_size_and_score_as_the_full_frames(tbundle, tmp_path):
+    """A 1080p frame is 6 MB: 1000 of them (fpr:0.001) took 6 GB, on a Jetson and inside the service for the
+    MQTT calibrate. Each is kept at the model's input size, resized as inference resizes it: same scores."""
+    full = [part_frame(i, (360, 480), defect=i in (5, 17)) for i in range(30)]
+    _write_pngs(tmp_path / "hd", full)
+    size = tuple(tbundle.image_size)
+    got = collect_frames(tmp_path / "hd", 30, size_hw=size, progress=False)
+    assert [f.shape for f in got] == [(*size, 3)] * 30 and all(f.dtype == np.uint8 for f in got)
+    assert sum(f.nbytes for f in got) == 30 * size[0] * size[1] * 3 < sum(f.nbytes for f in full) / 40
+    insp = _inspector(tbundle)
+    assert np.array_equal(insp.inspect(got).scores, insp.inspect(full).scores)       # identical, not close
+    other = copy_bundle(tbundle, tmp_path / "other")
+    a = recalibrate(tbundle, insp, full, policy="max", progress=False)
+    b = recalibrate(other, _inspector(other), got, policy="max", progress=False)
+    assert a.calibration.to_dict()["maps"] == b.calibration.to_dict()["maps"]
+    assert a.calibration.threshold == b.calibration.threshold and [e.index for e in b.excluded] == [5, 17]
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -572,10 +592,11 @@ def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tm
     r = CliRunner()
     base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "30", "--policy", "max", "--backend",
             "onnxruntime", "--json"]
+    size = tuple(tbundle.image_size)
     res = r.invoke(main, [*base, "--config", str(line)])            # the line's own source, as it inspects it
     assert res.exit_code == 0, res.output
     live = seen[-1]
-    assert all(np.array_equal(a, b) for a, b in zip(live, _as_inspected(raw))) and len(live) == 30
+    assert all(np.array_equal(a, b) for a, b in zip(live, _as_inspected(raw, size))) and len(live) == 30
     assert json.loads(res.stdout)["version"] == 2
 
     res = r.invoke(main, ["capture", "--config", str(line), "--out", str(tmp_path / "cap"), "--frames", "30",
@@ -589,7 +610,7 @@ def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tm
 
     res = r.invoke(main, [*base, "--source", f"file://{video}"])     # no --config: whole frames, and a note
     assert res.exit_code == 0 and "note: no --config: the frames of file://" in res.stderr
-    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], raw))
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], [resize_rgb(f, size) for f in raw]))
 
     _write_pngs(tmp_path / "whole", raw)                             # whole frames in a folder: refused
     res = r.invoke(main, [*base, "--config", str(line), "--source", str(tmp_path / "whole")])
@@ -601,6 +622,38 @@ def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tm
     assert all(np.array_equal(a, b) for a, b in zip(seen[-1], live))
     res = r.invoke(main, [*base, "--config", str(tmp_path / "nope.toml")])
     assert res.exit_code == 2 and "nope.toml: config file not found" in res.output
+
+
+def test_live_calibration_frames_are_kept_as_the_model_sees_them(tbundle, tmp_path):
+    """The MQTT calibrate's live frames: after the line's ROI and rotation (as before), now at the model's input
+    size (the service held every full camera frame); a folder source is taken as the loop inspects it, the
+    line's ROI checked."""
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.service import Service
+
+    video, raw = _raw_video(tmp_path, 8)
+    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"file://{video}"), (["source", "mode"], "trigger"), (["source", "roi"], ROI),
+          (["source", "rotate"], ROTATE), (["output", "jsonl"], str(tmp_path / "results.jsonl")),
+          (["telemetry", "tegrastats"], False)]
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False,
+                  max_frames=8)
+    col = svc.pipeline.collect_frames(5)
+    svc.run()
+    size = tuple(tbundle.image_size)
+    assert col.done.is_set() and [f.shape for f in col.frames] == [(*size, 3)] * 5
+    assert all(np.array_equal(a, b) for a, b in zip(col.frames, _as_inspected(raw, size)))
+
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    try:
+        _write_pngs(tmp_path / "whole", raw * 3)
+        with pytest.raises(InputError, match="whole/000.png: a 160x120 image; the line inspects 80x100 crops"):
+            svc.commands.calibrate({"frames": 24, "source": f"dir://{tmp_path / 'whole'}", "policy": "max"})
+        _write_pngs(tmp_path / "crops", _as_inspected(raw * 3))
+        r = svc.commands.calibrate({"frames": 24, "source": f"dir://{tmp_path / 'crops'}", "policy": "max"})
+        assert r["version"] == 2 and r["n_used"] == 24
+    finally:
+        svc.inspector.backend.close()
 
 
 def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):

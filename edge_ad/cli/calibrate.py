@@ -162,7 +162,7 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
         from ..calibration.adapt import MIN_KEPT_FRAMES
 
         notes: list[str] = []
-        images = _collect(source, frames, every, timeout_s, line, b, MIN_KEPT_FRAMES, notes)
+        images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, MIN_KEPT_FRAMES, notes)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
                         golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
                         require_golden=not no_golden)
@@ -185,7 +185,7 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
         try:
             notes: list[str] = []
-            images = _collect(source, frames, every, timeout_s, line, b, min_frames, notes)
+            images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, min_frames, notes)
             insp = Inspector(b, be)
             res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
                               prior_weight=prior_weight, source=f"edge-ad calibrate: {source}")
@@ -219,10 +219,11 @@ def _line_source(config):
     return load_settings(config, schema=CaptureSettings).source
 
 
-def _collect(source, frames: int, every: int, timeout_s: float, line, bundle, min_frames: int, notes: list) -> list:
-    """The frames, as the line inspects them (``line``: its ``[source]``; see ``--config``); a folder's images
-    that are ``bundle``'s training images are left out (the warning goes to ``notes``), and a folder with
-    fewer than ``min_frames`` others is refused (exit 2)."""
+def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: tuple[int, int], bundle,
+             min_frames: int, notes: list):
+    """The frames, as the line inspects them (``line``: its ``[source]``; see ``--config``), each kept at the
+    model's input size ``size_hw``; a folder's images that are ``bundle``'s training images are left out
+    (the warning goes to ``notes``), and a folder with fewer than ``min_frames`` others is refused (exit 2)."""
     from ..calibration import collect_frames
     from ..calibration.collect import is_line_folder
 
@@ -232,7 +233,7 @@ def _collect(source, frames: int, every: int, timeout_s: float, line, bundle, mi
         click.echo(f"note: no --config: the frames of {redact_uri(source)} are calibrated on whole and unrotated; "
                    "on a line with source.roi or rotate give --config LINE.toml, else the refit fits other pictures "
                    "than the line inspects", err=True)
-    images = collect_frames(source, frames, every=every, timeout_s=timeout_s,
+    images = collect_frames(source, frames, every=every, timeout_s=timeout_s, size_hw=size_hw,
                             roi=line.roi if line is not None else None, rotate=line.rotate if line is not None else 0,
                             folder_roi=line is not None and is_line_folder(source, line.uri),
                             bundle=bundle, min_frames=min_frames, notes=notes)

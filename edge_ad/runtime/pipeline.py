@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .. import scoring
-from ..data.image import to_batch
+from ..data.image import resize_rgb, to_batch
 from ..errors import EdgeADError, InputError, RuntimeFailure
 from .capture import Camera
 from .queues import STOP, BoundedQueue, DropPolicy
@@ -127,7 +127,9 @@ class InspectRequest:
 
 @dataclass
 class FrameCollector:
-    """Collects the next ``count`` inspected frames (for recalibration from the live stream)."""
+    """Collects the next ``count`` inspected frames (for recalibration from the live stream): each one as the
+    model saw it (after ROI and rotation, resized to its input size: a few KB, where the running service
+    held every full camera frame)."""
 
     count: int
     frames: list = field(default_factory=list)
@@ -557,8 +559,10 @@ class Pipeline:
             if keep and self.reporter.wants_image(ng, request):
                 image_bytes = self._hold_image(f.image, f.seq, asked)
                 image = f.image if image_bytes else None
-            for c in collectors:
-                c.offer(f.image)
+            if collectors:   # the model's input, as to_batch made it: the refit needs no more
+                small = resize_rgb(f.image, size)
+                for c in collectors:
+                    c.offer(small)
             t_dec = time.perf_counter()
             stages = {"capture": f.capture_ms, "queue": (t_deq - f.t_captured) * 1000.0,
                       "preprocess": (t1 - t0) * 1000.0, "infer": (t2 - t1) * 1000.0,

@@ -351,12 +351,13 @@ class Service:
         else:
             # a folder of frames as the loop inspects them (cropped and rotated already, as 'edge-ad capture
             # --config' saves them: the line's ROI is the size they must have), or the line's own folder,
-            # cropped and rotated as the loop reads it; its images that are the bundle's training images are
-            # left out (collect_frames, on the files before they are read)
+            # cropped and rotated as the loop reads it; kept at the model's input size. Its images that are
+            # the bundle's training images are left out (collect_frames, on the files before they are read)
             src = self.settings.source
             images = collect_frames(source, frames, timeout_s=timeout, progress=False, roi=src.roi,
                                     rotate=src.rotate, folder_roi=is_line_folder(source, src.uri),
-                                    bundle=self.bundle, min_frames=MIN_FRAMES, notes=notes)
+                                    size_hw=tuple(self.inspector.image_size), bundle=self.bundle,
+                                    min_frames=MIN_FRAMES, notes=notes)
             for note in notes:
                 log.warning("calibrate: %s", note)
             where = parse_uri(source).safe_uri if "://" in source else source
