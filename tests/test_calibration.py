@@ -520,14 +520,17 @@ def test_collect_frames_crops_and_rotates_camera_frames_as_the_loop_does(tmp_pat
     got = collect_frames(f"file://{video}", 12, roi=ROI, rotate=ROTATE, progress=False)
     assert got[0].shape == (100, 80, 3)                                       # cropped, then turned
     assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
+    assert got.labels == [f"frame {i}" for i in range(12)]
     small = collect_frames(f"file://{video}", 12, every=3, roi=ROI, rotate=ROTATE, size_hw=(64, 64), progress=False)
     assert [f.shape for f in small] == [(64, 64, 3)] * 4
+    assert small.labels == ["frame 0", "frame 3", "frame 6", "frame 9"]
     assert all(np.array_equal(a, b) for a, b in zip(small, _as_inspected(raw[::3], (64, 64))))
 
     # a folder is taken as the loop inspects it: frames saved cropped ('capture --config') are not cropped again
-    _write_pngs(tmp_path / "crops", _as_inspected(raw))
+    crops = _write_pngs(tmp_path / "crops", _as_inspected(raw))
     got = collect_frames(tmp_path / "crops", 12, roi=ROI, rotate=ROTATE, progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
+    assert got.labels == [str(p) for p in crops]
     # ... and whole camera frames in a folder are refused, naming the image, not calibrated on
     _write_pngs(tmp_path / "whole", raw)
     with pytest.raises(InputError, match=r"whole/000\.png: a 160x120 image; the line inspects 80x100 crops "
@@ -624,11 +627,45 @@ def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tm
     assert res.exit_code == 2 and "nope.toml: config file not found" in res.output
 
 
-def test_live_calibration_frames_are_kept_as_the_model_sees_them(tbundle, tmp_path):
+def test_left_out_and_refused_frames_of_a_folder_are_named_by_their_file(tbundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    folder = tmp_path / "normals"
+    names = [f"{i:03d}.png" for i in range(40)]
+    frames = [part_frame(i, 96) for i in range(40)]
+    for i in (6, 23):                                     # two defective parts slipped in
+        names[i], frames[i] = f"{i:03d}_dent.png", part_frame(i, 96, defect=True)
+    _write_pngs(folder, frames, names)
+    r = CliRunner()
+    args = ["calibrate", "--bundle", str(tbundle.path), "--source", str(folder), "--frames", "20", "--policy",
+            "max", "--backend", "onnxruntime", "--min-frames", "10"]
+    res = r.invoke(main, args)                            # 20 spread over 40: the 6th and 23rd are not the 6th, 23rd
+    assert res.exit_code == 0, res.output
+    dent = re.escape(str(folder / "006_dent.png"))
+    assert re.search(rf"left out {dent}: score \S+, robust z", res.stderr), res.stderr
+    assert f"left out {folder / '023_dent.png'}: score" in res.stderr and "left out frame" not in res.stderr
+    rec = tbundle.calibration().extra["recalibration"]
+    assert sorted(rec["excluded_labels"]) == [str(folder / "006_dent.png"), str(folder / "023_dent.png")]
+    res = r.invoke(main, [*args, "--json"])
+    out = json.loads(res.stdout)
+    assert sorted(e["label"] for e in out["excluded"]) == rec["excluded_labels"]
+    assert sorted(e["index"] for e in out["excluded"]) == [3, 11]   # their places in the sample, beside
+    for i in range(0, 40, 3):                             # more than a quarter defective: refused, naming them
+        _write_pngs(folder, [part_frame(i, 96, defect=True)], [names[i]])
+    res = r.invoke(main, args)
+    assert res.exit_code == 2 and "does not look like a set of normal parts" in res.output
+    assert re.search(rf"e\.g\. {re.escape(str(folder))}/0\d\d\.png \(z \d", res.output), res.output
+    assert tbundle.calibration_versions() == [1, 2, 3]
+
+
+def test_live_calibration_frames_are_kept_as_the_model_sees_them_and_named_as_their_results(tbundle, tmp_path):
     """The MQTT calibrate's live frames: after the line's ROI and rotation (as before), now at the model's input
-    size (the service held every full camera frame); a folder source is taken as the loop inspects it, the
-    line's ROI checked."""
+    size (the service held every full camera frame), each named by its result record's frame and ts; a folder
+    source is taken as the loop inspects it, the line's ROI checked."""
     from edge_ad.config import load_settings
+    from edge_ad.runtime.outputs import read_jsonl
     from edge_ad.runtime.service import Service
 
     video, raw = _raw_video(tmp_path, 8)
@@ -643,6 +680,8 @@ def test_live_calibration_frames_are_kept_as_the_model_sees_them(tbundle, tmp_pa
     size = tuple(tbundle.image_size)
     assert col.done.is_set() and [f.shape for f in col.frames] == [(*size, 3)] * 5
     assert all(np.array_equal(a, b) for a, b in zip(col.frames, _as_inspected(raw, size)))
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert col.labels == [f"frame {r['frame']} ({r['ts']})" for r in recs[:5]]
 
     svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
     try:

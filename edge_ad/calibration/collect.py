@@ -29,7 +29,8 @@ it: it is not a frame the loop inspects.
 Each frame is kept at the model's input size (``size_hw``), resized when it is collected by
 :func:`~edge_ad.data.image.resize_rgb`, the resize :func:`~edge_ad.data.image.to_batch` does before
 inference: the model sees the same pixels (the scores are identical), and 1000 frames of a 1080p camera
-take 12 MB at 64 px instead of 6 GB.
+take 12 MB at 64 px instead of 6 GB. ``labels`` say what each frame is, for messages: the image file of a
+folder, ``frame N`` of a source URI (with its capture time for a live camera).
 """
 
 from __future__ import annotations
@@ -49,12 +50,21 @@ from ..errors import InputError, RuntimeFailure
 log = logging.getLogger(__name__)
 
 
+class CollectedFrames(list):
+    """The frames :func:`collect_frames` returns (a list of RGB uint8 arrays) and ``labels``, one per frame:
+    what to call it in a message (``/data/normals/0042.png``, ``frame 17``)."""
+
+    def __init__(self, frames=(), labels=()):
+        super().__init__(frames)
+        self.labels: list[str] = list(labels)
+
+
 def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout_s: float | None = 600.0,
                    progress: bool = True, roi: Sequence[int] | None = None, rotate: int = 0,
                    folder_roi: bool = False, size_hw: tuple[int, int] | None = None, bundle=None,
-                   min_frames: int = 1, notes: list[str] | None = None) -> list[np.ndarray]:
-    """Up to ``n`` RGB uint8 frames from ``source`` (a folder, ``dir://`` or any source URI) (module doc).
-    ``roi`` / ``rotate``: the line's ``source.roi`` / ``source.rotate``, applied to the
+                   min_frames: int = 1, notes: list[str] | None = None) -> CollectedFrames:
+    """Up to ``n`` RGB uint8 frames from ``source`` (a folder, ``dir://`` or any source URI), with their
+    labels (module doc). ``roi`` / ``rotate``: the line's ``source.roi`` / ``source.rotate``, applied to the
     frames of a source URI, and of a folder when ``folder_roi`` (the folder is the line's source); for
     another folder an ``roi`` is the size its images must have. ``size_hw``: the model's input size (H, W),
     each frame is kept resized to it (None: as read).
@@ -109,7 +119,7 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
             bar.close()
         if not picked:
             raise InputError(f"{folder}: none of the {len(paths)} images can be read")
-        return [loaded[p] for p in picked]
+        return CollectedFrames([loaded[p] for p in picked], [str(p) for p in picked])
     return _from_uri(text, n, int(every), timeout_s, progress, _preparer(roi, rotate, True, size_hw))
 
 
@@ -172,7 +182,7 @@ def _folder_of(text: str) -> Path | None:
     return p
 
 
-def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: bool, prepare) -> list[np.ndarray]:
+def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: bool, prepare) -> CollectedFrames:
     from tqdm import tqdm
 
     from ..runtime.sources import SourceLost, check_startup, open_source, parse_uri
@@ -180,7 +190,7 @@ def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: b
     spec = parse_uri(uri)
     check_startup(spec)   # a missing or undecodable video is bad input (exit 2), as for 'edge-ad run'
     src = open_source(spec)
-    frames: list[np.ndarray] = []
+    frames = CollectedFrames()
     deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
     seen = 0
     try:
@@ -197,7 +207,9 @@ def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: b
                     break
                 seen += 1
                 if (seen - 1) % every == 0:
-                    frames.append(prepare(f.image, f"{spec.safe_uri} frame {f.index}"))
+                    label = f"frame {f.index}" + (f" ({_stamp(time.time())})" if spec.live else "")
+                    frames.append(prepare(f.image, f"{spec.safe_uri} {label}"))
+                    frames.labels.append(label)
                     bar.update(1)
     except SourceLost as exc:
         raise RuntimeFailure(f"calibration source failed: {exc}") from exc
@@ -206,6 +218,13 @@ def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: b
     if not frames:
         raise InputError(f"{spec.safe_uri}: delivered no frames")
     return frames
+
+
+def _stamp(t: float) -> str:
+    """A capture time as the result records write ``ts`` (UTC, RFC 3339, milliseconds)."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------- training images

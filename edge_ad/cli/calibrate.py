@@ -165,7 +165,7 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
         images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, MIN_KEPT_FRAMES, notes)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
                         golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
-                        require_golden=not no_golden)
+                        require_golden=not no_golden, labels=images.labels)
         res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
         if as_json:
             _echo_json(res.summary())
@@ -188,7 +188,7 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
             images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, min_frames, notes)
             insp = Inspector(b, be)
             res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
-                              prior_weight=prior_weight, source=f"edge-ad calibrate: {source}")
+                              prior_weight=prior_weight, source=f"edge-ad calibrate: {source}", labels=images.labels)
         finally:
             be.close()
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
@@ -205,7 +205,7 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
 def _screened(res) -> None:
     """The frames the screen left out and the warnings (a refit's or --adapt's result), on stderr."""
     for e in res.excluded:
-        click.echo(f"left out frame {e.index}: score {e.score:.4g}, robust z {e.z:.1f} ({e.reason})", err=True)
+        click.echo(f"left out {e.name}: score {e.score:.4g}, robust z {e.z:.1f} ({e.reason})", err=True)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
 

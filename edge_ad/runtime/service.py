@@ -346,7 +346,7 @@ class Service:
                 self.pipeline.cancel_collector(col)
                 raise RuntimeFailure(f"calibrate: cancelled after {len(col.frames)} of {frames} frames: the run "
                                      f"is stopping ({col.cancelled}); the calibration in force is unchanged")
-            images = list(col.frames)
+            images, labels = list(col.frames), list(col.labels)
             where = f"live {self.spec.safe_uri}"
         else:
             # a folder of frames as the loop inspects them (cropped and rotated already, as 'edge-ad capture
@@ -358,12 +358,13 @@ class Service:
                                     rotate=src.rotate, folder_roi=is_line_folder(source, src.uri),
                                     size_hw=tuple(self.inspector.image_size), bundle=self.bundle,
                                     min_frames=MIN_FRAMES, notes=notes)
+            labels = images.labels   # the files kept: the training images left out have none
             for note in notes:
                 log.warning("calibrate: %s", note)
             where = parse_uri(source).safe_uri if "://" in source else source
         t_collect = time.monotonic() - t0
         res = recalibrate(self.bundle, self.inspector, images, policy=policy, progress=False,
-                          source=f"{by}: {len(images)} frames from {where}")
+                          source=f"{by}: {len(images)} frames from {where}", labels=labels)
         self.swap_calibration(res.calibration, reason=f"calibrate ({len(images)} frames, policy {policy})")
         out = res.summary()
         out["warnings"] = [*notes, *out["warnings"]]
