@@ -849,6 +849,95 @@ def test_training_images_in_a_calibration_folder_are_left_out_with_a_warning(gbu
     assert mixed_out["normal"] == pytest.approx(alone_out["normal"])
 
 
+def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_and_resize(tbundle, tmp_path,
+                                                                                          monkeypatch):
+    """The training-image check compares the files themselves, so it works with --config: the line's own
+    dir:// folder (cropped, turned and resized as the loop reads it) and a folder of crops alike. Training
+    images of another size are left out before any is read (neither an ROI misfit nor a wrong crop size
+    refuses the folder), and each frame's label is the file it came from: the defects left out are named,
+    whatever the training images did to the spread. The MQTT calibrate on the line's folder does the same."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad import calibration as calibration_pkg
+    from edge_ad.cli import main
+    from edge_ad.config import load_settings
+    from edge_ad.data.image import spread
+    from edge_ad.runtime.pipeline import apply_roi_rotate
+    from edge_ad.runtime.service import Service
+
+    good = tmp_path / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(30):                                # training images: 96x96, the ROI reaches outside them
+        cv2.imwrite(str(good / f"t{i:02d}.png"), part_frame(700 + i, 96))
+    tbundle.manifest["training"] = {"data": str(tmp_path / "data"), "n_train": 28,
+                                    "val_images": [str(v) for v in sorted(good.iterdir())[:2]]}
+    tbundle.save_manifest()
+    roi, rotate, size = [20, 10, 100, 100], 90, tuple(tbundle.image_size)
+    names = [f"n{i:02d}.png" for i in range(24)]
+    whole = [part_frame(500 + i, (120, 140)) for i in range(24)]
+    for i in (5, 17):                                  # two defective parts among the new ones
+        names[i], whole[i] = f"n{i:02d}_dent.png", part_frame(500 + i, (120, 140), defect=True)
+    line = tmp_path / "line"
+    new = _write_pngs(line, whole, names)
+    for k, f in enumerate(sorted(good.iterdir())[2:8]):   # six training images, interleaved by name
+        (line / f"n{4 * k:02d}-old.png").write_bytes(f.read_bytes())
+    crops = tmp_path / "crops"                         # the same new parts as 'capture --config' saves them
+    _write_pngs(crops, [apply_roi_rotate(f, roi, rotate) for f in whole], names)
+    for k, f in enumerate(sorted(good.iterdir())[2:8]):
+        (crops / f"n{4 * k:02d}-old.png").write_bytes(f.read_bytes())
+    cfg = tmp_path / "line.toml"
+    cfg.write_text(f'[source]\nuri = "dir://{line}"\nroi = {roi}\nrotate = {rotate}\n')
+
+    seen = []
+    real = calibration_pkg.recalibrate
+
+    def spy(bundle, insp, frames, **kw):
+        seen.append((list(frames), list(kw["labels"])))
+        return real(bundle, insp, frames, **kw)
+
+    monkeypatch.setattr(calibration_pkg, "recalibrate", spy)
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--config", str(cfg), "--policy", "max", "--backend",
+            "onnxruntime", "--json"]
+    expected = [resize_rgb(apply_roi_rotate(f, roi, rotate), size) for f in whole]
+    outs = {}
+    for source in (line, crops):                       # the line's own folder, then the folder of its crops
+        res = r.invoke(main, [*base, "--source", str(source), "--frames", "100"])
+        assert res.exit_code == 0, res.output
+        out = outs[source] = json.loads(res.stdout)
+        assert out["frames"] == 24 and out["warnings"][0] == (
+            f"6 of the 30 images of {source} are images {tbundle.path} was trained on (the recorded training data "
+            f"{good}, the same files or the same bytes); a model scores its own training images far lower than "
+            "any new part, so a threshold set on them would call good parts NG: left out, calibrating on the "
+            "other 24")
+        frames, labels = seen[-1]
+        assert labels == [str(source / n) for n in names]
+        assert all(np.array_equal(a, b) for a, b in zip(frames, expected)) and len(frames) == 24
+        assert sorted(e["label"] for e in out["excluded"]) == [str(source / names[5]), str(source / names[17])]
+        assert sorted(e["index"] for e in out["excluded"]) == [5, 17]
+    assert outs[line]["threshold"] == outs[crops]["threshold"]
+
+    res = r.invoke(main, [*base, "--frames", "12", "--min-frames", "10"])   # the line's own source: 12 of the 24
+    assert res.exit_code == 0, res.output
+    frames, labels = seen[-1]
+    assert labels == [str(p) for p in spread(new, 12)]
+    assert all(np.array_equal(a, expected[new.index(Path(p))]) for a, p in zip(frames, labels))
+    assert tbundle.calibration().extra["recalibration"]["frames"] == 12
+
+    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"dir://{line}"), (["source", "roi"], roi), (["source", "rotate"], rotate),
+          (["output", "jsonl"], str(tmp_path / "results.jsonl")), (["telemetry", "tegrastats"], False)]
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    try:
+        out = svc.commands.calibrate({"frames": 100, "source": f"dir://{line}", "policy": "max"})
+        assert out["frames"] == 24 and out["warnings"][0].startswith(f"6 of the 30 images of {line} are images")
+        assert sorted(e["label"] for e in out["excluded"]) == [str(line / names[5]), str(line / names[17])]
+        assert out["threshold"] == outs[line]["threshold"]
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_cli_calibrate_list_and_rollback_together_are_refused(tbundle):
     from click.testing import CliRunner
 
