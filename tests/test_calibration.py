@@ -481,6 +481,27 @@ def test_collect_frames_skips_an_unreadable_image_of_a_folder(tmp_path, caplog):
         collect_frames(f"dir://{folder}", 60, progress=False)
 
 
+def test_collect_frames_names_and_reads_every_accepted_image_format(tmp_path):
+    """The 'no images' message listed '.png, .jpg, .bmp, .tif' while a folder is read with every format of
+    IMAGE_EXTS (WebP and PBM/PGM/PPM/PNM too); hidden files are skipped."""
+    import cv2
+
+    from edge_ad.data.image import IMAGE_EXTS
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "._000.png").write_bytes(b"AppleDouble")      # a hidden twin: not an image either
+    with pytest.raises(InputError) as err:
+        collect_frames(folder, 5, progress=False)
+    assert str(err.value) == f"{folder}: no images ({', '.join(IMAGE_EXTS)})"
+    assert ".webp" in str(err.value) and ".pnm" in str(err.value)
+    cv2.imwrite(str(folder / "a.webp"), np.full((20, 24, 3), 7, np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])
+    cv2.imwrite(str(folder / "b.ppm"), np.full((20, 24, 3), 9, np.uint8))
+    got = collect_frames(folder, 5, progress=False)
+    assert [int(f[0, 0, 0]) for f in got] == [7, 9] and got.labels == [str(folder / "a.webp"), str(folder / "b.ppm")]
+
+
 # ----------------------------------------------------------------------------- the frames the line inspects
 RAW = (120, 160)                  # the camera's frames (H, W)
 ROI, ROTATE = [8, 4, 100, 80], 90  # the line crops 100x80 at (8, 4), then turns it: it inspects 80x100 (W x H)

@@ -44,7 +44,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..data.image import list_images, load_image, resize_rgb, spread
+from ..data.image import IMAGE_EXTS, list_images, load_image, resize_rgb, spread
 from ..errors import InputError, RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
     if folder is not None:
         paths = list_images(folder)
         if not paths:
-            raise InputError(f"{folder}: no images ({', '.join(('.png', '.jpg', '.bmp', '.tif'))})")
+            raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")   # the formats list_images reads
         if bundle is not None:   # on the files as they are, before any is read, cropped, rotated or resized
             paths, note = leave_out_training_images(bundle, folder, paths, min_frames)
             if note and notes is not None:
