@@ -23,6 +23,7 @@ from edge_ad import gaussian
 from edge_ad.bundle import Bundle
 from edge_ad.calibration import collect_frames, gaussfit, recalibrate, rollback
 from edge_ad.calibration.refit import prune_gaussian, robust_z
+from edge_ad.data.image import resize_rgb
 from edge_ad.errors import InputError
 from edge_ad.inspector import Inspector
 
@@ -480,7 +481,241 @@ def test_collect_frames_skips_an_unreadable_image_of_a_folder(tmp_path, caplog):
         collect_frames(f"dir://{folder}", 60, progress=False)
 
 
+def test_collect_frames_names_and_reads_every_accepted_image_format(tmp_path):
+    """The 'no images' message listed '.png, .jpg, .bmp, .tif' while a folder is read with every format of
+    IMAGE_EXTS (WebP and PBM/PGM/PPM/PNM too); hidden files are skipped."""
+    import cv2
+
+    from edge_ad.data.image import IMAGE_EXTS
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "._000.png").write_bytes(b"AppleDouble")      # a hidden twin: not an image either
+    with pytest.raises(InputError) as err:
+        collect_frames(folder, 5, progress=False)
+    assert str(err.value) == f"{folder}: no images ({', '.join(IMAGE_EXTS)})"
+    assert ".webp" in str(err.value) and ".pnm" in str(err.value)
+    cv2.imwrite(str(folder / "a.webp"), np.full((20, 24, 3), 7, np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])
+    cv2.imwrite(str(folder / "b.ppm"), np.full((20, 24, 3), 9, np.uint8))
+    got = collect_frames(folder, 5, progress=False)
+    assert [int(f[0, 0, 0]) for f in got] == [7, 9] and got.labels == [str(folder / "a.webp"), str(folder / "b.ppm")]
+
+
+# ----------------------------------------------------------------------------- the frames the line inspects
+RAW = (120, 160)                  # the camera's frames (H, W)
+ROI, ROTATE = [8, 4, 100, 80], 90  # the line crops 100x80 at (8, 4), then turns it: it inspects 80x100 (W x H)
+
+
+def _raw_video(tmp_path, n=30):
+    """A camera's raw frames as a video, and those frames as every reader decodes them."""
+    from fixtures_bundle import video_frames
+
+    video = write_video(tmp_path / "raw.avi", (part_frame(i, RAW) for i in range(n)))
+    return video, video_frames(video)
+
+
+def _as_inspected(frames, size_hw=None):
+    """What the loop inspects (edge_ad.runtime.pipeline's own crop and rotation), at the model's size."""
+    from edge_ad.data.image import resize_rgb
+    from edge_ad.runtime.pipeline import apply_roi_rotate
+
+    out = [apply_roi_rotate(f, ROI, ROTATE) for f in frames]
+    return out if size_hw is None else [resize_rgb(f, size_hw) for f in out]
+
+
+def _write_pngs(folder, frames, names=None):
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / (names[i] if names else f"{i:03d}.png") for i in range(len(frames))]
+    for p, f in zip(paths, frames):
+        cv2.imwrite(str(p), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    return paths
+
+
+def test_collect_frames_crops_and_rotates_camera_frames_as_the_loop_does(tmp_path):
+    from edge_ad.calibration.collect import is_line_folder
+
+    video, raw = _raw_video(tmp_path, 12)
+    got = collect_frames(f"file://{video}", 12, roi=ROI, rotate=ROTATE, progress=False)
+    assert got[0].shape == (100, 80, 3)                                       # cropped, then turned
+    assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
+    assert got.labels == [f"frame {i}" for i in range(12)]
+    small = collect_frames(f"file://{video}", 12, every=3, roi=ROI, rotate=ROTATE, size_hw=(64, 64), progress=False)
+    assert [f.shape for f in small] == [(64, 64, 3)] * 4
+    assert small.labels == ["frame 0", "frame 3", "frame 6", "frame 9"]
+    assert all(np.array_equal(a, b) for a, b in zip(small, _as_inspected(raw[::3], (64, 64))))
+
+    # a folder is taken as the loop inspects it: frames saved cropped ('capture --config') are not cropped again
+    crops = _write_pngs(tmp_path / "crops", _as_inspected(raw))
+    got = collect_frames(tmp_path / "crops", 12, roi=ROI, rotate=ROTATE, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
+    assert got.labels == [str(p) for p in crops]
+    # ... and whole camera frames in a folder are refused, naming the image, not calibrated on
+    _write_pngs(tmp_path / "whole", raw)
+    with pytest.raises(InputError, match=r"whole/000\.png: a 160x120 image; the line inspects 80x100 crops "
+                                         r"\(source\.roi \[8, 4, 100, 80\], rotate 90\).*edge-ad capture --config"):
+        collect_frames(tmp_path / "whole", 12, roi=ROI, rotate=ROTATE, progress=False)
+    # unless the folder is the line's own source: 'run' crops each of its images, so does the calibration
+    assert is_line_folder(tmp_path / "whole", f"dir://{tmp_path / 'whole'}")
+    assert not is_line_folder(tmp_path / "whole", f"dir://{tmp_path / 'crops'}")
+    assert not is_line_folder(tmp_path / "whole", f"file://{video}") and not is_line_folder("csi://0", None)
+    got = collect_frames(f"dir://{tmp_path / 'whole'}", 12, roi=ROI, rotate=ROTATE, folder_roi=True, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
+    with pytest.raises(InputError, match=r"000\.png: source\.roi \[8, 4, 200, 80\] reaches outside the 160x120 frame"):
+        collect_frames(tmp_path / "whole", 12, roi=[8, 4, 200, 80], folder_roi=True, progress=False)
+
+
+def test_collected_frames_are_kept_at_the_model_size_and_score_as_the_full_frames(tbundle, tmp_path):
+    """A 1080p frame is 6 MB: 1000 of them (fpr:0.001) took 6 GB, on a Jetson and inside the service for the
+    MQTT calibrate. Each is kept at the model's input size, resized as inference resizes it: same scores."""
+    full = [part_frame(i, (360, 480), defect=i in (5, 17)) for i in range(30)]
+    _write_pngs(tmp_path / "hd", full)
+    size = tuple(tbundle.image_size)
+    got = collect_frames(tmp_path / "hd", 30, size_hw=size, progress=False)
+    assert [f.shape for f in got] == [(*size, 3)] * 30 and all(f.dtype == np.uint8 for f in got)
+    assert sum(f.nbytes for f in got) == 30 * size[0] * size[1] * 3 < sum(f.nbytes for f in full) / 40
+    insp = _inspector(tbundle)
+    assert np.array_equal(insp.inspect(got).scores, insp.inspect(full).scores)       # identical, not close
+    other = copy_bundle(tbundle, tmp_path / "other")
+    a = recalibrate(tbundle, insp, full, policy="max", progress=False)
+    b = recalibrate(other, _inspector(other), got, policy="max", progress=False)
+    assert a.calibration.to_dict()["maps"] == b.calibration.to_dict()["maps"]
+    assert a.calibration.threshold == b.calibration.threshold and [e.index for e in b.excluded] == [5, 17]
+
+
 # ----------------------------------------------------------------------------- the CLI
+def _spy_recalibrate(monkeypatch):
+    """Record the frames the CLI hands to the refit."""
+    from edge_ad import calibration as calibration_pkg
+
+    seen = []
+    real = calibration_pkg.recalibrate
+
+    def spy(bundle, insp, frames, **kw):
+        seen.append(list(frames))
+        return real(bundle, insp, frames, **kw)
+
+    monkeypatch.setattr(calibration_pkg, "recalibrate", spy)
+    return seen
+
+
+def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tmp_path, monkeypatch):
+    """'edge-ad calibrate --source CAMERA' fitted whole, unrotated frames while the line inspects the ROI
+    turned (every part NG after it). --config LINE.toml applies the line's ROI and rotation; calibrating
+    live and on frames saved by 'capture --config' give the same frames, and so the same calibration."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    video, raw = _raw_video(tmp_path)
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "file://{video}"\nmode = "trigger"\nroi = {ROI}\nrotate = {ROTATE}\n')
+    seen = _spy_recalibrate(monkeypatch)
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "30", "--policy", "max", "--backend",
+            "onnxruntime", "--json"]
+    size = tuple(tbundle.image_size)
+    res = r.invoke(main, [*base, "--config", str(line)])            # the line's own source, as it inspects it
+    assert res.exit_code == 0, res.output
+    live = seen[-1]
+    assert all(np.array_equal(a, b) for a, b in zip(live, _as_inspected(raw, size))) and len(live) == 30
+    assert json.loads(res.stdout)["version"] == 2
+
+    res = r.invoke(main, ["capture", "--config", str(line), "--out", str(tmp_path / "cap"), "--frames", "30",
+                          "--source", f"file://{video}"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, [*base, "--config", str(line), "--source", str(tmp_path / "cap")])
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], live))
+    cals = [tbundle.calibration_at(v) for v in (2, 3)]
+    assert cals[0].threshold == cals[1].threshold and cals[0].to_dict()["maps"] == cals[1].to_dict()["maps"]
+
+    res = r.invoke(main, [*base, "--source", f"file://{video}"])     # no --config: whole frames, and a note
+    assert res.exit_code == 0 and "note: no --config: the frames of file://" in res.stderr
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], [resize_rgb(f, size) for f in raw]))
+
+    _write_pngs(tmp_path / "whole", raw)                             # whole frames in a folder: refused
+    res = r.invoke(main, [*base, "--config", str(line), "--source", str(tmp_path / "whole")])
+    assert res.exit_code == 2 and "whole/000.png: a 160x120 image; the line inspects 80x100 crops" in res.output
+    assert tbundle.calibration_versions() == [1, 2, 3, 4] and len(seen) == 3
+    line.write_text(f'[source]\nuri = "dir://{tmp_path / "whole"}"\nroi = {ROI}\nrotate = {ROTATE}\n')
+    res = r.invoke(main, [*base, "--config", str(line)])             # unless it is the line's own folder
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], live))
+    res = r.invoke(main, [*base, "--config", str(tmp_path / "nope.toml")])
+    assert res.exit_code == 2 and "nope.toml: config file not found" in res.output
+
+
+def test_left_out_and_refused_frames_of_a_folder_are_named_by_their_file(tbundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    folder = tmp_path / "normals"
+    names = [f"{i:03d}.png" for i in range(40)]
+    frames = [part_frame(i, 96) for i in range(40)]
+    for i in (6, 23):                                     # two defective parts slipped in
+        names[i], frames[i] = f"{i:03d}_dent.png", part_frame(i, 96, defect=True)
+    _write_pngs(folder, frames, names)
+    r = CliRunner()
+    args = ["calibrate", "--bundle", str(tbundle.path), "--source", str(folder), "--frames", "20", "--policy",
+            "max", "--backend", "onnxruntime", "--min-frames", "10"]
+    res = r.invoke(main, args)                            # 20 spread over 40: the 6th and 23rd are not the 6th, 23rd
+    assert res.exit_code == 0, res.output
+    dent = re.escape(str(folder / "006_dent.png"))
+    assert re.search(rf"left out {dent}: score \S+, robust z", res.stderr), res.stderr
+    assert f"left out {folder / '023_dent.png'}: score" in res.stderr and "left out frame" not in res.stderr
+    rec = tbundle.calibration().extra["recalibration"]
+    assert sorted(rec["excluded_labels"]) == [str(folder / "006_dent.png"), str(folder / "023_dent.png")]
+    res = r.invoke(main, [*args, "--json"])
+    out = json.loads(res.stdout)
+    assert sorted(e["label"] for e in out["excluded"]) == rec["excluded_labels"]
+    assert sorted(e["index"] for e in out["excluded"]) == [3, 11]   # their places in the sample, beside
+    for i in range(0, 40, 3):                             # more than a quarter defective: refused, naming them
+        _write_pngs(folder, [part_frame(i, 96, defect=True)], [names[i]])
+    res = r.invoke(main, args)
+    assert res.exit_code == 2 and "does not look like a set of normal parts" in res.output
+    assert re.search(rf"e\.g\. {re.escape(str(folder))}/0\d\d\.png \(z \d", res.output), res.output
+    assert tbundle.calibration_versions() == [1, 2, 3]
+
+
+def test_live_calibration_frames_are_kept_as_the_model_sees_them_and_named_as_their_results(tbundle, tmp_path):
+    """The MQTT calibrate's live frames: after the line's ROI and rotation (as before), now at the model's input
+    size (the service held every full camera frame), each named by its result record's frame and ts; a folder
+    source is taken as the loop inspects it, the line's ROI checked."""
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.outputs import read_jsonl
+    from edge_ad.runtime.service import Service
+
+    video, raw = _raw_video(tmp_path, 8)
+    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"file://{video}"), (["source", "mode"], "trigger"), (["source", "roi"], ROI),
+          (["source", "rotate"], ROTATE), (["output", "jsonl"], str(tmp_path / "results.jsonl")),
+          (["telemetry", "tegrastats"], False)]
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False,
+                  max_frames=8)
+    col = svc.pipeline.collect_frames(5)
+    svc.run()
+    size = tuple(tbundle.image_size)
+    assert col.done.is_set() and [f.shape for f in col.frames] == [(*size, 3)] * 5
+    assert all(np.array_equal(a, b) for a, b in zip(col.frames, _as_inspected(raw, size)))
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert col.labels == [f"frame {r['frame']} ({r['ts']})" for r in recs[:5]]
+
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    try:
+        _write_pngs(tmp_path / "whole", raw * 3)
+        with pytest.raises(InputError, match="whole/000.png: a 160x120 image; the line inspects 80x100 crops"):
+            svc.commands.calibrate({"frames": 24, "source": f"dir://{tmp_path / 'whole'}", "policy": "max"})
+        _write_pngs(tmp_path / "crops", _as_inspected(raw * 3))
+        r = svc.commands.calibrate({"frames": 24, "source": f"dir://{tmp_path / 'crops'}", "policy": "max"})
+        assert r["version"] == 2 and r["n_used"] == 24
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
     import cv2
     from click.testing import CliRunner
@@ -633,6 +868,95 @@ def test_training_images_in_a_calibration_folder_are_left_out_with_a_warning(gbu
     assert mixed_out["warnings"][1:] == alone_out["warnings"] and "trained on" not in str(alone_out["warnings"])
     assert mixed_out["threshold"] == pytest.approx(alone_out["threshold"])
     assert mixed_out["normal"] == pytest.approx(alone_out["normal"])
+
+
+def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_and_resize(tbundle, tmp_path,
+                                                                                          monkeypatch):
+    """The training-image check compares the files themselves, so it works with --config: the line's own
+    dir:// folder (cropped, turned and resized as the loop reads it) and a folder of crops alike. Training
+    images of another size are left out before any is read (neither an ROI misfit nor a wrong crop size
+    refuses the folder), and each frame's label is the file it came from: the defects left out are named,
+    whatever the training images did to the spread. The MQTT calibrate on the line's folder does the same."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad import calibration as calibration_pkg
+    from edge_ad.cli import main
+    from edge_ad.config import load_settings
+    from edge_ad.data.image import spread
+    from edge_ad.runtime.pipeline import apply_roi_rotate
+    from edge_ad.runtime.service import Service
+
+    good = tmp_path / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(30):                                # training images: 96x96, the ROI reaches outside them
+        cv2.imwrite(str(good / f"t{i:02d}.png"), part_frame(700 + i, 96))
+    tbundle.manifest["training"] = {"data": str(tmp_path / "data"), "n_train": 28,
+                                    "val_images": [str(v) for v in sorted(good.iterdir())[:2]]}
+    tbundle.save_manifest()
+    roi, rotate, size = [20, 10, 100, 100], 90, tuple(tbundle.image_size)
+    names = [f"n{i:02d}.png" for i in range(24)]
+    whole = [part_frame(500 + i, (120, 140)) for i in range(24)]
+    for i in (5, 17):                                  # two defective parts among the new ones
+        names[i], whole[i] = f"n{i:02d}_dent.png", part_frame(500 + i, (120, 140), defect=True)
+    line = tmp_path / "line"
+    new = _write_pngs(line, whole, names)
+    for k, f in enumerate(sorted(good.iterdir())[2:8]):   # six training images, interleaved by name
+        (line / f"n{4 * k:02d}-old.png").write_bytes(f.read_bytes())
+    crops = tmp_path / "crops"                         # the same new parts as 'capture --config' saves them
+    _write_pngs(crops, [apply_roi_rotate(f, roi, rotate) for f in whole], names)
+    for k, f in enumerate(sorted(good.iterdir())[2:8]):
+        (crops / f"n{4 * k:02d}-old.png").write_bytes(f.read_bytes())
+    cfg = tmp_path / "line.toml"
+    cfg.write_text(f'[source]\nuri = "dir://{line}"\nroi = {roi}\nrotate = {rotate}\n')
+
+    seen = []
+    real = calibration_pkg.recalibrate
+
+    def spy(bundle, insp, frames, **kw):
+        seen.append((list(frames), list(kw["labels"])))
+        return real(bundle, insp, frames, **kw)
+
+    monkeypatch.setattr(calibration_pkg, "recalibrate", spy)
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--config", str(cfg), "--policy", "max", "--backend",
+            "onnxruntime", "--json"]
+    expected = [resize_rgb(apply_roi_rotate(f, roi, rotate), size) for f in whole]
+    outs = {}
+    for source in (line, crops):                       # the line's own folder, then the folder of its crops
+        res = r.invoke(main, [*base, "--source", str(source), "--frames", "100"])
+        assert res.exit_code == 0, res.output
+        out = outs[source] = json.loads(res.stdout)
+        assert out["frames"] == 24 and out["warnings"][0] == (
+            f"6 of the 30 images of {source} are images {tbundle.path} was trained on (the recorded training data "
+            f"{good}, the same files or the same bytes); a model scores its own training images far lower than "
+            "any new part, so a threshold set on them would call good parts NG: left out, calibrating on the "
+            "other 24")
+        frames, labels = seen[-1]
+        assert labels == [str(source / n) for n in names]
+        assert all(np.array_equal(a, b) for a, b in zip(frames, expected)) and len(frames) == 24
+        assert sorted(e["label"] for e in out["excluded"]) == [str(source / names[5]), str(source / names[17])]
+        assert sorted(e["index"] for e in out["excluded"]) == [5, 17]
+    assert outs[line]["threshold"] == outs[crops]["threshold"]
+
+    res = r.invoke(main, [*base, "--frames", "12", "--min-frames", "10"])   # the line's own source: 12 of the 24
+    assert res.exit_code == 0, res.output
+    frames, labels = seen[-1]
+    assert labels == [str(p) for p in spread(new, 12)]
+    assert all(np.array_equal(a, expected[new.index(Path(p))]) for a, p in zip(frames, labels))
+    assert tbundle.calibration().extra["recalibration"]["frames"] == 12
+
+    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"dir://{line}"), (["source", "roi"], roi), (["source", "rotate"], rotate),
+          (["output", "jsonl"], str(tmp_path / "results.jsonl")), (["telemetry", "tegrastats"], False)]
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    try:
+        out = svc.commands.calibrate({"frames": 100, "source": f"dir://{line}", "policy": "max"})
+        assert out["frames"] == 24 and out["warnings"][0].startswith(f"6 of the 30 images of {line} are images")
+        assert sorted(e["label"] for e in out["excluded"]) == [str(line / names[5]), str(line / names[17])]
+        assert out["threshold"] == outs[line]["threshold"]
+    finally:
+        svc.inspector.backend.close()
 
 
 def test_cli_calibrate_list_and_rollback_together_are_refused(tbundle):

@@ -139,11 +139,12 @@ def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os
 def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy: str | None = None,
           device: str = "cpu", out_dir=None, golden_dir=None, deploy_dir=None, backend: str = "auto",
           run_device: str | None = None, limits=None, progress: bool = True,
-          require_golden: bool = True) -> AdaptResult:
+          require_golden: bool = True, labels: Sequence[str] | None = None) -> AdaptResult:
     """Fine-tune the bundle at ``bundle_dir`` on ``frames`` (on torch ``device``) and validate the candidate
     (module doc) as the line runs it: on ``backend`` / ``run_device``, the running bundle's precision.
     With ``deploy_dir`` the install's golden rule applies: ``golden_dir``, else ``<deploy>/golden``, else
-    refused unless ``require_golden`` is false."""
+    refused unless ``require_golden`` is false. ``labels`` name the frames the screen leaves out (as for
+    :func:`~edge_ad.calibration.recalibrate`)."""
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
     from ..train.adapt import adapt_bundle   # torch: only here
@@ -164,11 +165,11 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         # refused as a recalibration is (more than a quarter flagged); what is kept still holds the 20 frames
         # the candidate is calibrated on (validation_frames) and at least as many more to fine-tune on
         used, excluded, warnings = screen_frames(Inspector(src, be), frames, min_frames=MIN_KEPT_FRAMES,
-                                                 progress=progress)
+                                                 progress=progress, labels=labels)
     finally:
         be.close()
     for e in excluded:
-        log.info("adapt frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
+        log.info("adapt frame %d (%s) left out: score %.4g, z %.1f (%s)", e.index, e.name, e.score, e.z, e.reason)
     frames = [frames[i] for i in used]
     precision = src.active_precision
     work = Path(tempfile.mkdtemp(prefix=".adapt-frames-", dir=src.path.parent))

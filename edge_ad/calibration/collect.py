@@ -17,6 +17,20 @@ its own ``train/good``: 200 of 200 good parts NG). Given the ``bundle``, a folde
 bundle's training images (:func:`training_images`: the recorded training folder when it is on this
 machine, minus its validation split, which the model never saw) are left out before the ``n`` are spread,
 with a warning, and the folder is refused (InputError) when fewer than ``min_frames`` others remain.
+
+The frames are those the line inspects: the line's ``source.roi`` and ``source.rotate`` (``roi``,
+``rotate``) are applied to every frame of a source URI by the loop's own
+:func:`~edge_ad.runtime.pipeline.apply_roi_rotate`, as ``edge-ad run`` and ``edge-ad capture --config`` apply
+them. A folder's images are taken as the loop inspects them, already cropped and rotated (what
+``edge-ad capture --config`` saves), unless the folder is the line's own source (``folder_roi``: ``run``
+reads it and crops every image); with an ``roi`` an image of another size than the crop is refused, naming
+it: it is not a frame the loop inspects.
+
+Each frame is kept at the model's input size (``size_hw``), resized when it is collected by
+:func:`~edge_ad.data.image.resize_rgb`, the resize :func:`~edge_ad.data.image.to_batch` does before
+inference: the model sees the same pixels (the scores are identical), and 1000 frames of a 1080p camera
+take 12 MB at 64 px instead of 6 GB. ``labels`` say what each frame is, for messages: the image file of a
+folder, ``frame N`` of a source URI (with its capture time for a live camera).
 """
 
 from __future__ import annotations
@@ -26,24 +40,39 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..data.image import list_images, load_image, spread
+from ..data.image import IMAGE_EXTS, list_images, load_image, resize_rgb, spread
 from ..errors import InputError, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
 
+class CollectedFrames(list):
+    """The frames :func:`collect_frames` returns (a list of RGB uint8 arrays) and ``labels``, one per frame:
+    what to call it in a message (``/data/normals/0042.png``, ``frame 17``)."""
+
+    def __init__(self, frames=(), labels=()):
+        super().__init__(frames)
+        self.labels: list[str] = list(labels)
+
+
 def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout_s: float | None = 600.0,
-                   progress: bool = True, bundle=None, min_frames: int = 1,
-                   notes: list[str] | None = None) -> list[np.ndarray]:
-    """Up to ``n`` RGB uint8 frames from ``source`` (a folder, ``dir://`` or any source URI).
+                   progress: bool = True, roi: Sequence[int] | None = None, rotate: int = 0,
+                   folder_roi: bool = False, size_hw: tuple[int, int] | None = None, bundle=None,
+                   min_frames: int = 1, notes: list[str] | None = None) -> CollectedFrames:
+    """Up to ``n`` RGB uint8 frames from ``source`` (a folder, ``dir://`` or any source URI), with their
+    labels (module doc). ``roi`` / ``rotate``: the line's ``source.roi`` / ``source.rotate``, applied to the
+    frames of a source URI, and of a folder when ``folder_roi`` (the folder is the line's source); for
+    another folder an ``roi`` is the size its images must have. ``size_hw``: the model's input size (H, W),
+    each frame is kept resized to it (None: as read).
 
     ``bundle`` (the bundle being calibrated): a folder's images that are its training images are left
     out (:func:`leave_out_training_images`; the warning is appended to ``notes``, else logged), and the
-    folder is refused when fewer than ``min_frames`` others remain."""
+    folder is refused when fewer than ``min_frames`` others remain. The check compares the image files
+    themselves, before any image is read, cropped, rotated or resized."""
     from tqdm import tqdm
 
     n = int(n)
@@ -59,13 +88,14 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
     if folder is not None:
         paths = list_images(folder)
         if not paths:
-            raise InputError(f"{folder}: no images ({', '.join(('.png', '.jpg', '.bmp', '.tif'))})")
-        if bundle is not None:
+            raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")   # the formats list_images reads
+        if bundle is not None:   # on the files as they are, before any is read, cropped, rotated or resized
             paths, note = leave_out_training_images(bundle, folder, paths, min_frames)
             if note and notes is not None:
                 notes.append(note)
             elif note:
                 log.warning("%s", note)
+        prepare = _preparer(roi, rotate, folder_roi, size_hw, expect=None if folder_roi else _crop_size(roi, rotate))
         loaded: dict[Path, np.ndarray] = {}
         bad: set[Path] = set()
         bar = tqdm(total=min(n, len(paths)), desc="calibrate: reading", unit="frame", leave=False,
@@ -78,17 +108,62 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
                     break
                 for p in new:
                     try:
-                        loaded[p] = load_image(p)
+                        img = load_image(p)
                         bar.update(1)
                     except (InputError, OSError) as exc:
                         log.warning("skipped %s", exc)
                         bad.add(p)
+                        continue
+                    loaded[p] = prepare(img, str(p))   # the full image goes now: one held at a time
         finally:
             bar.close()
         if not picked:
             raise InputError(f"{folder}: none of the {len(paths)} images can be read")
-        return [loaded[p] for p in picked]
-    return _from_uri(text, n, int(every), timeout_s, progress)
+        return CollectedFrames([loaded[p] for p in picked], [str(p) for p in picked])
+    return _from_uri(text, n, int(every), timeout_s, progress, _preparer(roi, rotate, True, size_hw))
+
+
+def is_line_folder(source: str | os.PathLike, line_uri: str | None) -> bool:
+    """Whether ``source`` is a folder the line itself reads (its ``source.uri`` is ``dir://`` of it): then
+    ``run`` crops and rotates its images, and so must a calibration on it (``folder_roi``)."""
+    if not line_uri or not str(line_uri).startswith("dir://"):
+        return False
+    try:
+        here, there = _folder_of(os.fspath(source)), _folder_of(str(line_uri))
+    except InputError:
+        return False
+    return here is not None and there is not None and here.resolve() == there.resolve()
+
+
+def _crop_size(roi: Sequence[int] | None, rotate: int) -> tuple[int, int] | None:
+    """(H, W) of the frames the loop inspects with ``roi`` and ``rotate`` (None without an ROI: unknown)."""
+    if not roi:
+        return None
+    _, _, w, h = roi
+    return (w, h) if rotate in (90, 270) else (h, w)
+
+
+def _preparer(roi, rotate: int, crop: bool, size_hw, expect: tuple[int, int] | None = None):
+    """``prepare(image, where)``: the frame as the loop inspects it (``crop``: through the loop's ROI and
+    rotation), checked against ``expect`` (H, W), resized to ``size_hw``; ``where`` names it in errors."""
+    from ..runtime.pipeline import apply_roi_rotate   # the loop's own step, not a copy of it
+
+    def prepare(img: np.ndarray, where: str) -> np.ndarray:
+        if crop and (roi or rotate):
+            try:
+                img = apply_roi_rotate(img, list(roi) if roi else None, int(rotate))
+            except InputError as exc:
+                raise InputError(f"{where}: {exc}") from None
+        if expect is not None and img.shape[:2] != tuple(expect):
+            h, w = img.shape[:2]
+            raise InputError(
+                f"{where}: a {w}x{h} image; the line inspects {expect[1]}x{expect[0]} crops (source.roi {list(roi)}, "
+                f"rotate {rotate}), and a folder is taken as the loop inspects its frames (as 'edge-ad capture "
+                "--config' saves them). Whole camera frames? Crop them first: edge-ad capture --config LINE.toml "
+                f"--source dir://{Path(where).parent} --out CROPPED --frames N; or calibrate on the camera itself")
+        return img if size_hw is None else resize_rgb(img, tuple(size_hw))
+
+    return prepare
 
 
 def _folder_of(text: str) -> Path | None:
@@ -107,7 +182,7 @@ def _folder_of(text: str) -> Path | None:
     return p
 
 
-def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: bool) -> list[np.ndarray]:
+def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: bool, prepare) -> CollectedFrames:
     from tqdm import tqdm
 
     from ..runtime.sources import SourceLost, check_startup, open_source, parse_uri
@@ -115,7 +190,7 @@ def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: b
     spec = parse_uri(uri)
     check_startup(spec)   # a missing or undecodable video is bad input (exit 2), as for 'edge-ad run'
     src = open_source(spec)
-    frames: list[np.ndarray] = []
+    frames = CollectedFrames()
     deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
     seen = 0
     try:
@@ -132,7 +207,9 @@ def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: b
                     break
                 seen += 1
                 if (seen - 1) % every == 0:
-                    frames.append(f.image)
+                    label = f"frame {f.index}" + (f" ({_stamp(time.time())})" if spec.live else "")
+                    frames.append(prepare(f.image, f"{spec.safe_uri} {label}"))
+                    frames.labels.append(label)
                     bar.update(1)
     except SourceLost as exc:
         raise RuntimeFailure(f"calibration source failed: {exc}") from exc
@@ -141,6 +218,13 @@ def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: b
     if not frames:
         raise InputError(f"{spec.safe_uri}: delivered no frames")
     return frames
+
+
+def _stamp(t: float) -> str:
+    """A capture time as the result records write ``ts`` (UTC, RFC 3339, milliseconds)."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------- training images

@@ -58,16 +58,24 @@ GAUSSIAN_DIR = "gaussian.d"
 
 @dataclass(frozen=True)
 class Excluded:
-    """A frame left out of the calibration: its index in the given frames, why, and its numbers."""
+    """A frame left out of the calibration: its index in the given frames, why, its numbers, and its label
+    (what the collector called it: the image file of a folder, ``frame N`` of a camera; "" when none)."""
 
     index: int
     score: float       # image score (pass 1: under the calibration in force, for a Gaussian bundle with the
                        # trained statistics; pass 2: under the refit)
     z: float           # robust z-score within the set
     reason: str
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        """The frame as messages name it: its label, else its index in the set."""
+        return self.label or f"frame {self.index}"
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "score": _num(self.score), "z": _num(self.z), "reason": self.reason}
+        return {"index": self.index, "label": self.label or None, "score": _num(self.score), "z": _num(self.z),
+                "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -127,13 +135,24 @@ def robust_z(scores: np.ndarray, fallback_scale: float | None = None) -> np.ndar
 
 
 def _screen(scores: np.ndarray, index: np.ndarray, screen_z: float, reason: str,
-            fallback_scale: float | None = None) -> list[Excluded]:
+            fallback_scale: float | None = None, labels: Sequence[str] | None = None) -> list[Excluded]:
     z = robust_z(scores, fallback_scale)
     out = []
     for i in np.nonzero(~(z <= screen_z))[0]:
         why = "non-finite score" if not np.isfinite(scores[i]) else reason
-        out.append(Excluded(int(index[i]), float(scores[i]), float(z[i]), why))
+        k = int(index[i])
+        out.append(Excluded(k, float(scores[i]), float(z[i]), why, str(labels[k]) if labels is not None else ""))
     return out
+
+
+def _labels(labels: Sequence[str] | None, n: int) -> list[str] | None:
+    """The frames' labels, one per frame the model pass saw (None: none given)."""
+    if labels is None:
+        return None
+    labels = [str(x) for x in labels]
+    if len(labels) != n:
+        raise InputError(f"calibration: {len(labels)} labels for {n} frames; expected one per frame")
+    return labels
 
 
 # ----------------------------------------------------------------------------- the model pass
@@ -329,8 +348,13 @@ def rollback(bundle: Bundle, version: int | None = None, by: str = "") -> Calibr
 def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy: str = DEFAULT_POLICY,
                 progress: bool = True, *, screen_z: float = SCREEN_Z, min_frames: int = MIN_FRAMES,
                 max_excluded: float = MAX_EXCLUDED, batch_size: int = 16, source: str = "",
-                keep_gaussian: int = KEEP_GAUSSIAN, prior_weight: float | None = None) -> CalibrationResult:
+                keep_gaussian: int = KEEP_GAUSSIAN, prior_weight: float | None = None,
+                labels: Sequence[str] | None = None) -> CalibrationResult:
     """Refit the calibration on new normal frames (RGB uint8) and write it as a new version.
+
+    ``labels``: what to call each frame in messages and in the calibration record (the file names of a
+    folder, :class:`~edge_ad.calibration.collect.CollectedFrames` ``.labels``); without them a frame left out
+    is named by its index in ``frames``.
 
     Returns a :class:`CalibrationResult` whose ``calibration`` is already in force in the bundle; the
     inspector is not touched (swap with ``inspector.set_calibration``). Raises :class:`InputError` for a
@@ -351,6 +375,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     cur = inspector.calibration
     total = len(frames) if isinstance(frames, Sequence) else None
     kept, s_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, total)
+    labels = _labels(labels, n)
     t_infer = time.perf_counter() - t0
     if n < min_frames:
         raise InputError(f"calibration needs at least {min_frames} normal frames, got {n}; "
@@ -380,14 +405,14 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
         under = f"the trained statistics ({pname})"
     index = np.arange(n)
     std = cur.normal.get("std")    # the screen's last-resort scale (scores tied beyond the IQR)
-    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}", std)
+    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}", std, labels)
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
 
     t1 = time.perf_counter()
     cache: dict = {}
     cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
-    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit", std)
+    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit", std, labels)
     if more:
         excluded += more
         used = np.setdiff1d(used, [e.index for e in more])
@@ -396,13 +421,15 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     del cache
     t_fit = time.perf_counter() - t1
     for e in excluded:
-        log.info("calibration frame %d left out: score %.4g, z %.1f (%s)", e.index, e.score, e.z, e.reason)
+        log.info("calibration frame %d (%s) left out: score %.4g, z %.1f (%s)", e.index, e.name, e.score, e.z,
+                 e.reason)
     warnings = _warnings(cur, s_cur, used)
 
     version = bundle.next_calibration_version()
     extra = dict(cur.extra)
     extra["recalibration"] = {"previous_version": cur.version, "frames": n, "excluded": [e.index for e in excluded],
                               "screen_z": screen_z,
+                              **({"excluded_labels": [e.label for e in excluded]} if labels is not None else {}),
                               "scores": "leave-one-out" if stats is not None else "in-sample"}
     if stats is not None:
         extra["recalibration"]["gaussian_n"] = int(stats.n)
@@ -430,17 +457,19 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
 
 def screen_frames(inspector, frames: Sequence[np.ndarray], *, screen_z: float = SCREEN_Z,
                   min_frames: int = MIN_FRAMES, max_excluded: float = MAX_EXCLUDED, batch_size: int = 16,
-                  progress: bool = True) -> tuple[np.ndarray, list[Excluded], tuple[str, ...]]:
+                  progress: bool = True, labels: Sequence[str] | None = None
+                  ) -> tuple[np.ndarray, list[Excluded], tuple[str, ...]]:
     """The refit's first pass alone, for frames something else is fitted on (``--adapt``): the deployed
     artefact scores them under the calibration in force, likely defects are left out (robust z >
     ``screen_z``), and the set is refused as :func:`recalibrate` refuses it (fewer than ``min_frames``
     usable, more than ``max_excluded`` flagged). Returns (indices of the frames kept, those left out, the
-    warnings: most frames above the threshold in force)."""
+    warnings: most frames above the threshold in force). ``labels``: as for :func:`recalibrate`."""
     cur = inspector.calibration
     _, s_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, len(frames))
+    labels = _labels(labels, n)
     index = np.arange(n)
     excluded = _screen(s_cur, index, screen_z, f"robust z > {screen_z:g} under calibration v{cur.version}",
-                       cur.normal.get("std"))
+                       cur.normal.get("std"), labels)
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
     return used, excluded, _warnings(cur, s_cur, used)
@@ -473,7 +502,7 @@ def _check_usable(n: int, n_used: int, excluded: list[Excluded], min_frames: int
                      "the model and its precision)"] * (nan > 0)) or "none"
     if len(excluded) > max_excluded * n:
         far = sorted((e for e in excluded if np.isfinite(e.score)), key=lambda e: -e.z)
-        what = (f" (e.g. frames {', '.join(f'{e.index} (z {e.z:.1f})' for e in far[:5])})" if far else "")
+        what = (f" (e.g. {', '.join(f'{e.name} (z {e.z:.1f})' for e in far[:5])})" if far else "")
         verdict = ("this does not look like a set of normal parts" if len(far) * 2 >= len(excluded) else
                    "the model gives no usable score on most of them")
         raise InputError(f"{len(excluded)} of {n} calibration frames left out, more than {max_excluded:.0%}: "

@@ -22,7 +22,15 @@ def _echo_json(obj) -> None:
               help="Bundle folder.")
 @click.option("--source", metavar="URI|DIR",
               help="Normal frames: a folder of images, dir://, or a camera / video URI (v4l2://, csi://, "
-                   "rtsp://, file://, synthetic://).")
+                   "rtsp://, file://, synthetic://). Default: --config's source.uri. A folder's images are taken "
+                   "as the loop inspects them (cropped and rotated already, as 'edge-ad capture --config' saves "
+                   "them), unless it is the line's own dir:// source.")
+@click.option("--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
+              help="The line's run config (the file 'edge-ad run --config' takes; only [source] is read): its "
+                   "source.roi and rotate are applied to the frames of a camera, video or synthetic source and "
+                   "of the line's own dir:// folder, as the loop applies them, so the refit sees what the line "
+                   "inspects; another folder's images must have the ROI's size. Without it frames are taken "
+                   "whole: give it on a line with source.roi or rotate.")
 @click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
 @click.option("--policy", default="fpr:0.001", show_default=True,
               help="Threshold policy: fpr:P (target false-positive rate), max (largest normal score + margin), "
@@ -64,7 +72,7 @@ def _echo_json(obj) -> None:
                    "replaced) and exit.")
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate(bundle_dir, source, frames, policy, backend, precision, device, every, timeout_s, screen_z,
+def calibrate(bundle_dir, source, config, frames, policy, backend, precision, device, every, timeout_s, screen_z,
               min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
               no_golden, rollback_to, list_versions, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
@@ -105,6 +113,8 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
             was = f"v{before}" if before is not None else "unreadable"
             click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
         return
+    line = _line_source(config)   # before the frames, as every other check: a bad config fails at once
+    source = source or (line.uri if line is not None else None)
     if not source:
         raise InputError("--source is required (a folder of normal images or a source URI), unless --rollback "
                          "or --list")
@@ -152,10 +162,10 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
         from ..calibration.adapt import MIN_KEPT_FRAMES
 
         notes: list[str] = []
-        images = _collect(source, frames, every, timeout_s, b, MIN_KEPT_FRAMES, notes)
+        images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, MIN_KEPT_FRAMES, notes)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
                         golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
-                        require_golden=not no_golden)
+                        require_golden=not no_golden, labels=images.labels)
         res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
         if as_json:
             _echo_json(res.summary())
@@ -175,10 +185,10 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
         try:
             notes: list[str] = []
-            images = _collect(source, frames, every, timeout_s, b, min_frames, notes)
+            images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, min_frames, notes)
             insp = Inspector(b, be)
             res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
-                              prior_weight=prior_weight, source=f"edge-ad calibrate: {source}")
+                              prior_weight=prior_weight, source=f"edge-ad calibrate: {source}", labels=images.labels)
         finally:
             be.close()
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
@@ -195,18 +205,38 @@ def calibrate(bundle_dir, source, frames, policy, backend, precision, device, ev
 def _screened(res) -> None:
     """The frames the screen left out and the warnings (a refit's or --adapt's result), on stderr."""
     for e in res.excluded:
-        click.echo(f"left out frame {e.index}: score {e.score:.4g}, robust z {e.z:.1f} ({e.reason})", err=True)
+        click.echo(f"left out {e.name}: score {e.score:.4g}, robust z {e.z:.1f} ({e.reason})", err=True)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
 
 
-def _collect(source, frames: int, every: int, timeout_s: float, bundle, min_frames: int, notes: list) -> list:
-    """The frames; a folder's images that are ``bundle``'s training images are left out (the warning goes
-    to ``notes``), and a folder with fewer than ``min_frames`` others is refused (exit 2)."""
-    from ..calibration import collect_frames
+def _line_source(config):
+    """The ``[source]`` of the line's run config (None without one), read as ``capture --config`` reads it."""
+    if config is None:
+        return None
+    from ..config import CaptureSettings, load_settings
 
-    images = collect_frames(source, frames, every=every, timeout_s=timeout_s, bundle=bundle,
-                            min_frames=min_frames, notes=notes)
+    return load_settings(config, schema=CaptureSettings).source
+
+
+def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: tuple[int, int], bundle,
+             min_frames: int, notes: list):
+    """The frames, as the line inspects them (``line``: its ``[source]``; see ``--config``), each kept at the
+    model's input size ``size_hw``; a folder's images that are ``bundle``'s training images are left out
+    (the warning goes to ``notes``), and a folder with fewer than ``min_frames`` others is refused (exit 2)."""
+    from ..calibration import collect_frames
+    from ..calibration.collect import is_line_folder
+
+    if line is None and "://" in str(source) and not str(source).startswith("dir://"):
+        from ..runtime.sources import redact_uri
+
+        click.echo(f"note: no --config: the frames of {redact_uri(source)} are calibrated on whole and unrotated; "
+                   "on a line with source.roi or rotate give --config LINE.toml, else the refit fits other pictures "
+                   "than the line inspects", err=True)
+    images = collect_frames(source, frames, every=every, timeout_s=timeout_s, size_hw=size_hw,
+                            roi=line.roi if line is not None else None, rotate=line.rotate if line is not None else 0,
+                            folder_roi=line is not None and is_line_folder(source, line.uri),
+                            bundle=bundle, min_frames=min_frames, notes=notes)
     if len(images) < frames:
         click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
     return images

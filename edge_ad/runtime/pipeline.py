@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .. import scoring
-from ..data.image import to_batch
+from ..data.image import resize_rgb, to_batch
 from ..errors import EdgeADError, InputError, RuntimeFailure
 from .capture import Camera
 from .queues import STOP, BoundedQueue, DropPolicy
@@ -127,18 +127,34 @@ class InspectRequest:
 
 @dataclass
 class FrameCollector:
-    """Collects the next ``count`` inspected frames (for recalibration from the live stream)."""
+    """Collects the next ``count`` inspected frames (for recalibration from the live stream): each one as the
+    model saw it (after ROI and rotation, resized to its input size: a few KB, where the running service
+    held every full camera frame), and its label (``frame SEQ (TS)`` as its result record has them, with
+    the file name of a folder source)."""
 
     count: int
     frames: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: str = ""   # why it was cancelled (the run is stopping): ``done`` is set with fewer frames
 
-    def offer(self, image: np.ndarray) -> None:
+    def offer(self, image: np.ndarray, label: str = "") -> None:
         if len(self.frames) < self.count and not self.cancelled:
             self.frames.append(image)
+            self.labels.append(label)
             if len(self.frames) >= self.count:
                 self.done.set()
+
+
+def _frame_label(f: Frame) -> str:
+    """A collected frame's name in calibration messages: its result record's ``frame`` and ``ts``, and the
+    image file it came from (a folder source)."""
+    import datetime as dt
+
+    ts = dt.datetime.fromtimestamp(f.t_wall, dt.timezone.utc).isoformat(timespec="milliseconds")
+    label = f"frame {f.seq} ({ts.replace('+00:00', 'Z')})"
+    file = (f.truth or {}).get("file")
+    return f"{file}, {label}" if file else label
 
 
 class Pipeline:
@@ -557,8 +573,10 @@ class Pipeline:
             if keep and self.reporter.wants_image(ng, request):
                 image_bytes = self._hold_image(f.image, f.seq, asked)
                 image = f.image if image_bytes else None
-            for c in collectors:
-                c.offer(f.image)
+            if collectors:   # the model's input, as to_batch made it: the refit needs no more
+                small, label = resize_rgb(f.image, size), _frame_label(f)
+                for c in collectors:
+                    c.offer(small, label)
             t_dec = time.perf_counter()
             stages = {"capture": f.capture_ms, "queue": (t_deq - f.t_captured) * 1000.0,
                       "preprocess": (t1 - t0) * 1000.0, "infer": (t2 - t1) * 1000.0,

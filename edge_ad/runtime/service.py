@@ -327,6 +327,7 @@ class Service:
 
     def _calibrate(self, frames: int, policy: str, source: str, timeout: float, by: str) -> dict:
         from ..calibration import collect_frames, recalibrate
+        from ..calibration.collect import is_line_folder
         from ..calibration.refit import MIN_FRAMES
 
         t0 = time.monotonic()
@@ -345,17 +346,25 @@ class Service:
                 self.pipeline.cancel_collector(col)
                 raise RuntimeFailure(f"calibrate: cancelled after {len(col.frames)} of {frames} frames: the run "
                                      f"is stopping ({col.cancelled}); the calibration in force is unchanged")
-            images = list(col.frames)
+            images, labels = list(col.frames), list(col.labels)
             where = f"live {self.spec.safe_uri}"
-        else:   # a folder's images that are the bundle's training images are left out (collect_frames)
-            images = collect_frames(source, frames, timeout_s=timeout, progress=False, bundle=self.bundle,
+        else:
+            # a folder of frames as the loop inspects them (cropped and rotated already, as 'edge-ad capture
+            # --config' saves them: the line's ROI is the size they must have), or the line's own folder,
+            # cropped and rotated as the loop reads it; kept at the model's input size. Its images that are
+            # the bundle's training images are left out (collect_frames, on the files before they are read)
+            src = self.settings.source
+            images = collect_frames(source, frames, timeout_s=timeout, progress=False, roi=src.roi,
+                                    rotate=src.rotate, folder_roi=is_line_folder(source, src.uri),
+                                    size_hw=tuple(self.inspector.image_size), bundle=self.bundle,
                                     min_frames=MIN_FRAMES, notes=notes)
+            labels = images.labels   # the files kept: the training images left out have none
             for note in notes:
                 log.warning("calibrate: %s", note)
             where = parse_uri(source).safe_uri if "://" in source else source
         t_collect = time.monotonic() - t0
         res = recalibrate(self.bundle, self.inspector, images, policy=policy, progress=False,
-                          source=f"{by}: {len(images)} frames from {where}")
+                          source=f"{by}: {len(images)} frames from {where}", labels=labels)
         self.swap_calibration(res.calibration, reason=f"calibrate ({len(images)} frames, policy {policy})")
         out = res.summary()
         out["warnings"] = [*notes, *out["warnings"]]
