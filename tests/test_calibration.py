@@ -534,7 +534,7 @@ def _write_pngs(folder, frames, names=None):
     return paths
 
 
-def test_collect_frames_crops_and_rotates_camera_frames_as_the_loop_does(tmp_path):
+def test_collect_frames_crops_and_rotates_camera_frames_as_the_loop_does(tmp_path, caplog):
     from edge_ad.calibration.collect import is_line_folder
 
     video, raw = _raw_video(tmp_path, 12)
@@ -563,7 +563,15 @@ def test_collect_frames_crops_and_rotates_camera_frames_as_the_loop_does(tmp_pat
     assert not is_line_folder(tmp_path / "whole", f"file://{video}") and not is_line_folder("csi://0", None)
     got = collect_frames(f"dir://{tmp_path / 'whole'}", 12, roi=ROI, rotate=ROTATE, folder_roi=True, progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(got, _as_inspected(raw)))
-    with pytest.raises(InputError, match=r"000\.png: source\.roi \[8, 4, 200, 80\] reaches outside the 160x120 frame"):
+    # an image of the line's folder the ROI does not fit is skipped and named, as 'run' skips it
+    small = _write_pngs(tmp_path / "whole", [raw[0][:60, :60]], names=["zz_small.png"])[0]
+    with caplog.at_level(logging.WARNING, logger="edge_ad"):
+        got = collect_frames(f"dir://{tmp_path / 'whole'}", 30, roi=ROI, rotate=ROTATE, folder_roi=True,
+                             progress=False)
+    assert str(small) not in got.labels and len(got) == len(raw)
+    assert f"skipped {small}: source.roi [8, 4, 100, 80] reaches outside the 60x60 frame" in caplog.text
+    # ... and an ROI that fits none of them is refused, saying so
+    with pytest.raises(InputError, match=r"none of the \d+ images can be read or fits source\.roi \[8, 4, 200, 80\]"):
         collect_frames(tmp_path / "whole", 12, roi=[8, 4, 200, 80], folder_roi=True, progress=False)
 
 

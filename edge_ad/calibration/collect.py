@@ -23,8 +23,9 @@ The frames are those the line inspects: the line's ``source.roi`` and ``source.r
 :func:`~edge_ad.runtime.pipeline.apply_roi_rotate`, as ``edge-ad run`` and ``edge-ad capture --config`` apply
 them. A folder's images are taken as the loop inspects them, already cropped and rotated (what
 ``edge-ad capture --config`` saves), unless the folder is the line's own source (``folder_roi``: ``run``
-reads it and crops every image); with an ``roi`` an image of another size than the crop is refused, naming
-it: it is not a frame the loop inspects.
+reads it and crops every image, skipping, with a warning naming it, one the ROI does not fit: so does the
+calibration); with an ``roi`` an image of another folder whose size is not the crop's is refused, naming it:
+it is not a frame the loop inspects.
 
 Each frame is kept at the model's input size (``size_hw``), resized when it is collected by
 :func:`~edge_ad.data.image.resize_rgb`, the resize :func:`~edge_ad.data.image.to_batch` does before
@@ -98,6 +99,7 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
         prepare = _preparer(roi, rotate, folder_roi, size_hw, expect=None if folder_roi else _crop_size(roi, rotate))
         loaded: dict[Path, np.ndarray] = {}
         bad: set[Path] = set()
+        misfit = 0
         bar = tqdm(total=min(n, len(paths)), desc="calibrate: reading", unit="frame", leave=False,
                    disable=None if progress else True)
         try:
@@ -114,11 +116,20 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
                         log.warning("skipped %s", exc)
                         bad.add(p)
                         continue
-                    loaded[p] = prepare(img, str(p))   # the full image goes now: one held at a time
+                    try:
+                        loaded[p] = prepare(img, str(p))   # the full image goes now: one held at a time
+                    except InputError as exc:
+                        if not folder_roi:   # another folder: an image of another size is not one the line inspects
+                            raise
+                        # the line's own folder: 'run' skips an image its ROI does not fit, naming it; so does this
+                        log.warning("skipped %s (edge-ad run skips it too)", exc)
+                        misfit += 1
+                        bad.add(p)
         finally:
             bar.close()
         if not picked:
-            raise InputError(f"{folder}: none of the {len(paths)} images can be read")
+            raise InputError(f"{folder}: none of the {len(paths)} images can be read"
+                             + (f" or fits source.roi {list(roi)} ({misfit} do not)" if misfit else ""))
         return CollectedFrames([loaded[p] for p in picked], [str(p) for p in picked])
     return _from_uri(text, n, int(every), timeout_s, progress, _preparer(roi, rotate, True, size_hw))
 
