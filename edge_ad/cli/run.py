@@ -109,9 +109,15 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
             if summary.get("outbox_reset"):
                 click.echo(f"the MQTT outbox file was not a readable SQLite database: moved aside to "
                            f"{summary['outbox_reset']}; this run started an empty one (what it held is lost)", err=err)
-            if summary.get("outbox_dropped"):
-                click.echo(f"{summary['outbox_dropped']} MQTT messages dropped by the full outbox (oldest first, "
+            by = summary.get("outbox_dropped_by") or {"full": summary.get("outbox_dropped") or 0}
+            if by.get("full"):
+                click.echo(f"{by['full']} MQTT messages dropped by the full outbox (oldest first, "
                            "event images before results): mqtt.outbox_max_messages / outbox_max_bytes", err=err)
+            refused = (by.get("too_large") or 0) + (by.get("disconnects") or 0)
+            if refused:
+                click.echo(f"{refused} MQTT messages dropped because the broker does not take them (larger than its "
+                           "maximum packet size, max_packet_size in Mosquitto): raise that limit above "
+                           "mqtt.image_max_bytes + 1 KiB, or lower image_max_bytes", err=err)
         sys.stdout.flush()
     except BrokenPipeError:   # `edge-ad run | head`: the reader left; the run itself went well
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
