@@ -166,7 +166,31 @@ def parse_opencv_build(info: str) -> dict[str, bool]:
     return found
 
 
-def check_opencv(source_scheme: str | None = None) -> list[Check]:
+def _reads_with_ffmpeg(source: str) -> bool:
+    """Does ``run`` read this source (a URI, or just its scheme) through OpenCV's FFmpeg? rtsp:// cameras and
+    file:// videos do; a file:// still image (an extension dir:// reads: .jpg, .png, ...) does not: the image
+    reader decodes it, as it decodes dir:// images."""
+    from .errors import InputError
+
+    scheme = source.split("://", 1)[0].lower() if "://" in source else source.lower()
+    if scheme in ("rtsp", "rtsps"):
+        return True
+    if scheme != "file":
+        return False
+    if "://" not in source:
+        return True          # a bare "file": a video, as far as can be told
+    try:
+        from .runtime.sources import is_still_image, parse_uri
+
+        return not is_still_image(parse_uri(source))
+    except InputError:       # a bad URI: the source check says what is wrong with it
+        return True
+
+
+def check_opencv(source: str | None = None) -> list[Check]:
+    """OpenCV, and what ``source`` (the URI run reads, or just its scheme) needs of it: GStreamer for csi://,
+    FFmpeg for rtsp:// and file:// videos (not for a file:// still image), V4L2 for v4l2://."""
+    source_scheme = (source.split("://", 1)[0].lower() if "://" in source else source.lower()) if source else None
     try:
         import cv2
     except Exception as exc:  # noqa: BLE001
@@ -191,10 +215,11 @@ def check_opencv(source_scheme: str | None = None) -> list[Check]:
         out.append(Check("gstreamer", Status.FAIL if need_gst else Status.WARN,
                          "OpenCV was built without GStreamer" + (" (a pip wheel)" if pip_wheel else ""),
                          fix=fix, required=need_gst))
-    if source_scheme in ("rtsp", "rtsps", "file") and not io["ffmpeg"]:
-        out.append(Check("ffmpeg", Status.FAIL, "OpenCV was built without FFmpeg, which rtsp:// and file:// "
-                         "sources use", required=True,
-                         fix="install an OpenCV with FFmpeg (the pip wheel has it; JetPack's OpenCV has it)"))
+    if source and _reads_with_ffmpeg(source) and not io["ffmpeg"]:
+        out.append(Check("ffmpeg", Status.FAIL, "OpenCV was built without FFmpeg, which rtsp:// sources and "
+                         "file:// videos use", required=True,
+                         fix="install an OpenCV with FFmpeg (the pip wheel has it; JetPack's OpenCV has it); a "
+                             "file:// still image (.png, .jpg, ...) needs none"))
     if source_scheme == "v4l2" and not io["v4l2"]:
         out.append(Check("v4l2", Status.FAIL, "OpenCV was built without V4L2", required=True,
                          fix="install an OpenCV with V4L/V4L2 video I/O (the pip wheel and JetPack's both have it)"))
@@ -470,9 +495,14 @@ def check_source(uri: str, devices: list[dict] | None = None, argus_present: boo
         try:
             check_startup(spec)  # what run checks: the file decodes, the folder has a readable image
         except InputError as exc:
-            fix = ("fix the path" if not p.exists() else
-                   "give a video OpenCV/FFmpeg can decode" if scheme == "file" else
-                   f"put readable images ({' '.join(IMAGE_EXTS)}) in the folder")
+            if not p.exists():
+                fix = "fix the path"
+            elif scheme == "dir":
+                fix = f"put readable images ({' '.join(IMAGE_EXTS)}) in the folder"
+            elif _reads_with_ffmpeg(uri):
+                fix = "give a video OpenCV/FFmpeg can decode"
+            else:             # a still image: read as dir:// images are, not by FFmpeg
+                fix = "give an image file the image reader can decode (a valid, complete file)"
             return Check("source", Status.FAIL, str(exc), required=True, fix=fix)
         if scheme == "file":
             return _ok("source", f"{safe}: {p} ({p.stat().st_size} bytes, decodes)")
@@ -873,7 +903,6 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
     from .errors import EdgeADError
 
     need_trt = backend == "tensorrt"
-    scheme = source.split("://", 1)[0].lower() if source and "://" in source else None
     l4t = None
     try:
         l4t = l4t_version()
@@ -882,7 +911,7 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
     checks: list[Check] = []
     checks += _safe("python", check_python, True)
     checks += _safe("numpy", check_numpy, True)
-    checks += _safe("opencv", lambda: check_opencv(scheme), True)
+    checks += _safe("opencv", lambda: check_opencv(source), True)
     checks += _safe("onnxruntime", lambda: check_onnxruntime(required=not need_trt), not need_trt)
     checks += _safe("tensorrt", lambda: check_tensorrt(need_trt, l4t), need_trt)
     checks += _safe("cuda", lambda: check_cuda(need_trt, l4t), need_trt)

@@ -109,6 +109,33 @@ def test_gstreamer_required_for_csi():
         assert gst.status == d.Status.FAIL and gst.required
 
 
+def test_ffmpeg_required_for_rtsp_and_videos_not_for_a_still_image(tmp_path, monkeypatch):
+    """A file:// still image is read by the image reader (as dir:// images are), not by FFmpeg: doctor said
+    run cannot start with an OpenCV built without FFmpeg, for a source that does not need it."""
+    import cv2
+
+    real = d.parse_opencv_build
+    monkeypatch.setattr(d, "parse_opencv_build", lambda info: {**real(info), "ffmpeg": False})
+    image = tmp_path / "part.PNG"
+    cv2.imwrite(str(tmp_path / "part.png"), part_frame(0, 32))
+    (tmp_path / "part.png").rename(image)
+    checks = d.run_checks(source=f"file://{image}", data_dirs=[tmp_path], min_free_mb=1, service=False)
+    assert not _by(checks, "ffmpeg") and _by(checks, "source")[0].status == d.Status.OK
+    assert d.exit_code(checks) == 0, d.format_report(checks)
+    video = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(2)])
+    checks = d.run_checks(source=f"file://{video}", data_dirs=[tmp_path], min_free_mb=1, service=False)
+    assert _by(checks, "ffmpeg")[0].status == d.Status.FAIL and d.exit_code(checks) == 1
+    for source in (f"file://{image}", f"file://{tmp_path}/other.jpg", "dir:///frames", "synthetic://", None):
+        assert not _by(d.check_opencv(source), "ffmpeg"), source
+    for source in (f"file://{video}", "file:///clip.mp4", "rtsp://cam/stream", "file"):
+        ff = _by(d.check_opencv(source), "ffmpeg")
+        assert ff and ff[0].status == d.Status.FAIL and ff[0].required, source
+        assert "file:// videos" in ff[0].detail and "still image" in ff[0].fix
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    broken = d.check_source(f"file://{tmp_path}/broken.jpg")
+    assert broken.status == d.Status.FAIL and "image reader" in broken.fix and "FFmpeg" not in broken.fix
+
+
 # ---------------------------------------------------------------------------- sources
 def test_source_checks(tmp_path):
     assert d.check_source("synthetic://disc").status == d.Status.OK

@@ -552,3 +552,144 @@ def test_an_unreachable_broker_is_a_warning_at_once_then_at_most_once_a_minute(t
     assert len(warned) == 1, [r.getMessage() for r in warned]
     assert f"127.0.0.1:{port}" in warned[0].getMessage() and "1 results and events waiting" in warned[0].getMessage()
     assert link.stats()["last_error"] == f"cannot connect to mqtt://127.0.0.1:{port}"
+
+
+def test_publish_size_is_the_packet_paho_writes():
+    """The size compared with the broker's Maximum Packet Size is the whole PUBLISH packet, byte for byte."""
+    import types
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_ad.mqtt.sender import image_properties, publish_size
+
+    topic = "edge-ad/v1/t/d1/event/image"
+    for protocol, v5 in ((paho.MQTTv5, True), (paho.MQTTv311, False)):
+        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+        written = []
+        client._sock = types.SimpleNamespace(close=lambda: None)      # "connected": publish writes its packet
+        client._packet_queue = lambda command, packet, mid, qos, info=None: (written.append(bytes(packet)),
+                                                                             paho.MQTT_ERR_SUCCESS)[1]
+        for n in (0, 100, 125, 16_000, 16_383, 2_100_000):              # the length field: 1 to 4 bytes
+            for props in ((None, image_properties("a" * 36)) if v5 else (None,)):
+                for qos in (0, 1):
+                    written.clear()
+                    client.publish(topic, b"x" * n, qos=qos, properties=props)
+                    assert len(written) == 1 and len(written[0]) == publish_size(topic, n, qos, props, v5)
+
+
+SMALL_PACKETS = "max_packet_size 2000"     # Mosquitto disconnects a client that sends a larger packet
+
+
+def test_a_message_over_the_announced_packet_size_is_dropped_and_the_outbox_goes_on(mosquitto_factory, tmp_path):
+    """MQTT v5: Mosquitto's max_packet_size disconnected the device for one larger message at every
+    reconnect, and everything behind it in the outbox waited for ever. The broker announces its limit in the
+    CONNACK: a larger message is never sent (dropped from the outbox, counted, announced by an output_error
+    event naming it), what follows is delivered, and an event image over it is left out at once."""
+    broker = mosquitto_factory(extra_config=SMALL_PACKETS)
+    with Collector(BrokerSettings(url=broker.url), "edge-ad/v1/t/d1/#") as col:
+        link = MqttLink(_settings(broker.url, tmp_path, image_min_interval_s=0))
+        # stored before the limit is known: the sender drops the image (its event went out announcing it)
+        e0 = link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8" + b"i" * 5000)
+        link.start()
+        try:
+            assert _wait(lambda: link.stats()["max_packet_size"] == 2000, 10)
+            r1 = link.publish_result({"score": 0.1, "ng": False})
+            big = link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000})
+            r2 = link.publish_result({"score": 0.3, "ng": False})
+            outcome = {}
+            e1 = link.publish_event({"score": 0.8}, jpeg=b"\xff\xd8" + b"j" * 5000, image_outcome=outcome)
+            assert outcome == {"image": None, "image_skipped": "too_large"}    # known now: left out at once
+            assert col.wait_for(lambda c: {r1, r2} <= {m.json()["id"] for m in c.of_kind("result")}
+                                and e1 in {m.json()["id"] for m in c.of_kind("event")}, 10)
+            assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+            st = link.stats()
+            assert st["outbox_dropped"] == 2
+            assert st["outbox_dropped_by"] == {"full": 0, "too_large": 2, "disconnects": 0}
+            assert st["disconnects"] == 0 and st["connects"] == 1
+            assert big not in {m.json()["id"] for m in col.of_kind("result")} and not col.of_kind("event/image")
+            errors = [m.json() for m in col.of_kind("event") if m.json().get("type") == "output_error"]
+            assert len(errors) == 1           # the second drop within the minute: counted, not announced again
+            ev = errors[0]
+            assert ev["output"] == "mqtt" and ev["reason"] == "too_large" and ev["kind"] == "image"
+            assert ev["message_id"] == e0 and ev["topic"] == "edge-ad/v1/t/d1/event/image"
+            assert ev["bytes"] > 5000 and ev["max_packet_size"] == 2000 and ev["failed"] == 1
+            assert "larger than the broker's maximum packet size (2000 bytes" in ev["error"]
+            schema.validate("event", ev)
+        finally:
+            link.stop()
+    assert "oversize" not in broker.log_tail(200)
+
+
+def test_mqtt_311_a_message_that_gets_the_connection_dropped_alone_three_times_is_dropped(mosquitto_factory,
+                                                                                         tmp_path):
+    """MQTT 3.1.1 announces no limit: the broker just closes the connection. Which message of those in
+    flight did it is unknown (those before it were taken, their PUBACKs lost with the connection), so the link
+    sends one at a time after such a loss: the one that gets the connection dropped right after it was sent
+    alone, 3 times in a row, is dropped; the results before and after it arrive, none of them dropped."""
+    broker = mosquitto_factory(extra_config=SMALL_PACKETS)
+    with Collector(BrokerSettings(url=broker.url, protocol="3.1.1"), "edge-ad/v1/t/d1/#") as col:
+        link = MqttLink(_settings(broker.url, tmp_path, protocol="3.1.1", image_min_interval_s=0)).start()
+        try:
+            assert _wait(lambda: link.connected, 10)
+            small = [link.publish_result({"score": 0.1, "ng": False})]
+            e1 = link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8" + b"i" * 5000)   # no limit known: stored
+            small += [link.publish_result({"score": 0.1 * i, "ng": False}) for i in range(3)]
+            big = link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000})
+            small += [link.publish_result({"score": 0.1 * i, "ng": False}) for i in range(3)]
+            assert col.wait_for(lambda c: set(small) <= {m.json()["id"] for m in c.of_kind("result")}, 30)
+            assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+            st = link.stats()
+            assert st["outbox_dropped_by"] == {"full": 0, "too_large": 0, "disconnects": 2}
+            assert st["max_packet_size"] is None
+            assert big not in {m.json()["id"] for m in col.of_kind("result")} and not col.of_kind("event/image")
+            assert e1 in {m.json()["id"] for m in col.of_kind("event")}
+            ev = next(m.json() for m in col.of_kind("event") if m.json().get("type") == "output_error")
+            assert ev["reason"] == "disconnects" and ev["kind"] == "image" and ev["message_id"] == e1
+            assert "lost right after each of its last 3 sends" in ev["error"] and "max_packet_size" not in ev
+        finally:
+            link.stop()
+
+
+def test_mqtt_311_a_connection_dropped_for_the_birth_never_blames_an_outbox_message(mosquitto_factory, tmp_path):
+    """The broker drops the connection at every connect for the birth message (larger than its limit): while
+    probing, the first outbox message waits for the connect's own messages to be acknowledged, so none is
+    sent, and none is dropped."""
+    broker = mosquitto_factory(extra_config="max_packet_size 250")      # the birth is ~300 bytes, results ~160
+    link = MqttLink(_settings(broker.url, tmp_path, protocol="3.1.1"))
+    ids = [link.publish_result({"score": 0.1, "ng": False}) for _ in range(3)]
+    link.start()
+    try:
+        assert _wait(lambda: link.stats()["disconnects"] >= 6, 20)
+        st = link.stats()
+        assert st["outbox_depth"] == 3 and st["outbox_dropped"] == 0 and len(ids) == 3
+    finally:
+        link.stop(timeout=1)
+
+
+def test_a_limit_lower_than_before_drops_what_paho_holds_over_it(mosquitto_factory, tmp_path, monkeypatch):
+    """Messages in flight when the connection is lost are sent again as it comes back: when the broker now
+    announces a limit (it restarted with max_packet_size set), paho's copies are taken back before that, and
+    one over the limit is dropped instead of getting the connection dropped at every reconnect. (Not through
+    probing: the loss counts as long after the sends here.)"""
+    from edge_ad.mqtt import sender
+
+    monkeypatch.setattr(sender, "POISON_WINDOW_S", -1.0)
+    first = mosquitto_factory()
+    link = MqttLink(_settings(first.url, tmp_path)).start()
+    try:
+        assert _wait(lambda: link.connected, 10) and link.stats()["max_packet_size"] is None
+        os.kill(first.proc.pid, signal.SIGSTOP)          # a hung broker: what is sent now is not acknowledged
+        ids = [link.publish_result({"score": 0.1, "ng": False}),
+               link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000}),
+               link.publish_result({"score": 0.3, "ng": False})]
+        assert _wait(lambda: link.stats()["inflight"] == 3, 10)
+        first.kill()
+        second = mosquitto_factory(port=first.port, extra_config=SMALL_PACKETS)
+        assert _wait(lambda: link.stats()["outbox_depth"] == 0, 15)
+        st = link.stats()
+        assert st["max_packet_size"] == 2000 and st["outbox_dropped_by"]["too_large"] == 1 and len(ids) == 3
+        assert st["acked"] >= 3                     # the two small results, and the output_error event
+        assert "oversize" not in second.log_tail(200)
+    finally:
+        link.stop()

@@ -90,6 +90,25 @@ def test_count_bound_drops_oldest_and_counts(tmp_path):
         assert again.dropped == 15                          # the counter is persisted
 
 
+def test_messages_the_broker_refuses_are_dropped_and_counted_per_reason(tmp_path):
+    """The sender drops a message the broker will not take (over its maximum packet size): gone from the
+    outbox, counted in dropped with those a full outbox dropped, and per reason; both persisted."""
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=3)
+    for _ in range(5):
+        ob.put("result", "t", lambda s: _json(s))              # 2 dropped: full
+    rows = ob.fetch_after(0, 10)
+    assert ob.drop([rows[0].id], "too_large") == 1
+    assert ob.drop([rows[0].id, rows[1].id], "disconnects") == 1    # one was gone already
+    assert ob.depth == 1 and ob.bytes == len(rows[2].payload) and ob.dropped == 4
+    assert ob.dropped_by == {"full": 2, "too_large": 1, "disconnects": 1}
+    with pytest.raises(InputError, match="drop reason 'full'"):
+        ob.drop([rows[2].id], "full")
+    ob.close()
+    with Outbox(tmp_path / "o.sqlite", max_messages=3) as again:
+        assert again.dropped == 4 and again.dropped_by == {"full": 2, "too_large": 1, "disconnects": 1}
+        assert again.stats()["dropped_by"]["too_large"] == 1
+
+
 def test_drops_of_a_full_outbox_are_logged_at_once_then_at_most_once_a_minute(tmp_path, monkeypatch, caplog):
     """A broker down for hours on a 50 fps line: one WARNING per dropped message flooded the journal."""
     from edge_ad import ratelimit

@@ -1358,6 +1358,7 @@ def test_the_run_summary_counts_the_messages_the_full_outbox_dropped(tmp_path, t
         total = ob.dropped
     assert summary["outbox_left"] == 5 and summary["output_errors"]["outbox"] == 0
     assert summary["outbox_dropped"] == total - 2 >= 20 - 4
+    assert summary["outbox_dropped_by"] == {"full": total - 2, "too_large": 0, "disconnects": 0}
 
 
 def test_the_summary_fps_is_over_the_inspection_not_the_stop(tmp_path, tiny_bundle):

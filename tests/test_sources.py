@@ -617,6 +617,40 @@ def test_capture_config_needs_no_model_and_a_bad_roi_leaves_no_folder(tmp_path):
     assert not (tmp_path / "bad").exists()   # nor the parent it made
 
 
+def test_capture_config_skips_a_folder_image_the_roi_does_not_fit_as_run_does(tmp_path, caplog):
+    """capture --config with dir:// stopped (exit 2, naming no file) at the first image smaller than
+    source.roi, where run skips it with a warning naming it (the same RoiFilter now decides both); a folder
+    the ROI fits no image of is still exit 2, leaving no empty --out."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.data.image import load_image
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), part_frame(i, 32 if i == 2 else 96))
+    cfg = tmp_path / "cam.toml"
+    cfg.write_text('[source]\nuri = "dir://ignored"\nroi = [8, 8, 64, 64]\n')
+    out = tmp_path / "normals"
+    caplog.set_level("WARNING")
+    res = CliRunner().invoke(main, ["capture", "--source", f"dir://{folder}", "--out", str(out), "--frames", "4",
+                                    "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "saved 4 frames" in res.output and f"1 images of dir://{folder} skipped" in res.output
+    assert (f"skipped dir://{folder} 002.png: source.roi [8, 8, 64, 64] reaches outside the 32x32 frame"
+            in caplog.text)
+    saved = sorted(out.glob("*.png"))
+    assert [load_image(p).shape for p in saved] == [(64, 64, 3)] * 4
+    assert load_image(saved[2]).tolist() == load_image(folder / "003.png")[8:72, 8:72].tolist()   # 002 left out
+    cfg.write_text('[source]\nuri = "dir://ignored"\nroi = [0, 0, 100, 100]\n')
+    res = CliRunner().invoke(main, ["capture", "--source", f"dir://{folder}", "--out", str(tmp_path / "none"),
+                                    "--frames", "2", "--config", str(cfg)])
+    assert res.exit_code == 2 and "source.roi [0, 0, 100, 100] fits none of the 5 images" in res.output, res.output
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("uri", ["dir://frames?fps=native", "synthetic://disc?fps=native"])
 def test_native_pacing_is_refused_where_the_source_has_no_frame_rate(uri):
     """fps=native is a video file's own rate: on a folder or a generated source it paced nothing at all."""

@@ -109,9 +109,15 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
             if summary.get("outbox_reset"):
                 click.echo(f"the MQTT outbox file was not a readable SQLite database: moved aside to "
                            f"{summary['outbox_reset']}; this run started an empty one (what it held is lost)", err=err)
-            if summary.get("outbox_dropped"):
-                click.echo(f"{summary['outbox_dropped']} MQTT messages dropped by the full outbox (oldest first, "
+            by = summary.get("outbox_dropped_by") or {"full": summary.get("outbox_dropped") or 0}
+            if by.get("full"):
+                click.echo(f"{by['full']} MQTT messages dropped by the full outbox (oldest first, "
                            "event images before results): mqtt.outbox_max_messages / outbox_max_bytes", err=err)
+            refused = (by.get("too_large") or 0) + (by.get("disconnects") or 0)
+            if refused:
+                click.echo(f"{refused} MQTT messages dropped because the broker does not take them (larger than its "
+                           "maximum packet size, max_packet_size in Mosquitto): raise that limit above "
+                           "mqtt.image_max_bytes + 1 KiB, or lower image_max_bytes", err=err)
         sys.stdout.flush()
     except BrokenPipeError:   # `edge-ad run | head`: the reader left; the run itself went well
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
@@ -165,7 +171,7 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
 
     from ..errors import InputError
     from ..runtime.capture import Camera
-    from ..runtime.pipeline import apply_roi_rotate
+    from ..runtime.pipeline import RoiFilter, apply_roi_rotate
     from ..runtime.sources import check_startup, open_source, parse_uri
 
     _check_prefix(prefix)
@@ -203,6 +209,8 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
         click.echo(f"{folder}: already holds frames up to {prefix}{first - 1:05d}; numbering goes on from "
                    f"{prefix}{first:05d}", err=True)
     last = 0.0
+    # as run decides: a folder's image the ROI does not fit is skipped and named, a camera frame is an error
+    roi_filter = RoiFilter(roi)
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpg" else []
     try:
         with tqdm(total=count, unit="frame", disable=None, desc="capture") as bar:
@@ -213,7 +221,10 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
                         break
                 raw = cam.read()
                 if raw is None:
+                    roi_filter.at_end(cam)
                     break
+                if not roi_filter.fits(raw, cam):
+                    continue
                 now = time.monotonic()
                 if every and src.live and saved and now - last < every:
                     continue
@@ -240,6 +251,10 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
                     break
     click.echo(f"saved {saved} frames to {folder}" + ("" if saved == count else f" (asked for {count}; the "
                                                       "source ended or capture was interrupted)"))
+    skipped = roi_filter.skipped + int(getattr(src, "skipped", 0) or 0)    # (run's skipped_images)
+    if skipped:
+        why = f"unreadable, or smaller than source.roi {roi}" if roi else "unreadable"
+        click.echo(f"{skipped} images of {src.name} skipped (each named in a warning above): {why}", err=True)
     if saved == 0:
         sys.exit(1)
 

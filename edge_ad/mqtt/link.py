@@ -18,6 +18,13 @@ Threads:
 
 Delivery is at least once: a message whose PUBACK was lost (a cut between the broker's ack and ours, a
 kill before the ack was recorded) is sent again. Consumers de-duplicate on the ``id`` field.
+
+Nothing larger than the broker's Maximum Packet Size (announced in its CONNACK, MQTT v5) is published: the
+broker would disconnect the device for it at every reconnect. An outbox message that is, or that gets the
+connection dropped right after it is sent several times in a row (MQTT 3.1.1: no limit is announced), is
+dropped, counted and announced with an ``output_error`` event (:mod:`.sender`); a too large event image is
+left out of its event (``image_skipped: too_large``), a too large status, calibration, discovery config,
+telemetry or reply is not sent (logged).
 """
 
 from __future__ import annotations
@@ -37,11 +44,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .. import __version__
 from ..errors import InputError, RuntimeFailure
+from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text
 from .commands import LONG, QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import Outbox
-from .sender import AckListener, OutboxSender, percentile
+from .sender import AckListener, OutboxSender, image_properties, percentile, publish_size
 from .settings import SHORT_SECRET, MqttSettings
 from .topics import Topics
 
@@ -91,7 +99,11 @@ class MqttLink:
                                                              "telemetry_dropped", "images_skipped")})
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
-                                 self._wake, ack_listener)
+                                 self._wake, ack_listener, on_drop=self._announce_drop)
+        self._drop_events: collections.deque = collections.deque(maxlen=64)   # ids of our output_error events
+        self._oversize_log = LogLimiter()     # direct publishes (status, telemetry, replies) over the limit
+        self._limit_warned: int | None = None
+        self._connect_sent: list = []         # paho's infos of the messages published at the last connect
         if self.outbox.reset is not None:
             self._announce_outbox_reset(self.outbox.reset)
 
@@ -104,6 +116,23 @@ class MqttLink:
                                 "outbox_instance": self.outbox.instance, "ts": reset["ts"]})
         except Exception as exc:  # a full disk: the ERROR in the log and the new outbox_instance still say it
             log.warning("mqtt: could not store the outbox_reset event: %s", exc)
+
+    def _announce_drop(self, info: dict) -> None:
+        """The sender dropped an outbox message the broker will not take (already logged, at most once a minute
+        per reason): an ``output_error`` event says which, how large, and how many since. Not for one of these
+        events itself (on a broker whose limit is below an event's size they would follow each other)."""
+        if info.get("message_id") in self._drop_events or self._stopped:
+            return
+        ev = {"type": "output_error", "output": "mqtt", "reason": info["reason"], "error": info["error"],
+              "kind": info["kind"], "message_id": info["message_id"], "topic": info["topic"],
+              "bytes": info["bytes"], "max_packet_size": info["max_packet_size"], "failed": info["dropped"],
+              "failed_total": info["dropped_total"]}
+        try:
+            event_id = str(uuid.uuid4())
+            self._drop_events.append(event_id)
+            self.publish_event({"id": event_id, **{k: v for k, v in ev.items() if v is not None}})
+        except Exception as exc:  # a full disk, a stopped link: the log says it already
+            log.warning("mqtt: could not store the output_error event: %s", exc)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "MqttLink":
@@ -208,7 +237,7 @@ class MqttLink:
         if jpeg is not None:
             data = bytes(jpeg)
             now = time.monotonic()
-            if len(data) > self.settings.image_max_bytes:
+            if len(data) > self.settings.image_max_bytes or self._too_large(self.topics.event_image, len(data)):
                 extra = {"image": None, "image_skipped": "too_large"}
                 self._counters["images_skipped"] += 1
             elif now - self._last_image < self.settings.image_min_interval_s:
@@ -305,6 +334,8 @@ class MqttLink:
             "outbox_depth": self.outbox.depth,
             "outbox_bytes": self.outbox.bytes,
             "outbox_dropped": self.outbox.dropped,
+            "outbox_dropped_by": self.outbox.dropped_by,
+            "max_packet_size": self._out.max_packet,
             "inflight": self._out.inflight,
             "published": c["published"],
             "acked": c["acked"],
@@ -358,6 +389,32 @@ class MqttLink:
         self._wake.set()
         return msg_id
 
+    def _too_large(self, topic: str, payload_bytes: int, qos: int = 1, properties: Properties | None = None,
+                   image: bool = True) -> bool:
+        """Would this message (an event image by default) be larger than the broker's announced Maximum
+        Packet Size? (MQTT v5; False while none is known.)"""
+        limit = self._out.max_packet
+        if limit is None:
+            return False
+        if image and properties is None:
+            properties = image_properties("0" * 36)       # the size of the event_id property it will carry
+        return publish_size(topic, payload_bytes, qos, properties, True) > limit
+
+    def _publish_direct(self, client: paho.Client, topic: str, data: bytes, qos: int, retain: bool = False,
+                        properties: Properties | None = None):
+        """Publish a message that is not stored in the outbox (status, calibration, discovery, telemetry, a
+        reply), unless it is larger than the broker's Maximum Packet Size: the broker would disconnect us
+        for it (and a retained one is published again at every connect). Such a one is logged, not sent
+        (None; else paho's message info)."""
+        if client.protocol == paho.MQTTv5 and self._too_large(topic, len(data), qos, properties, image=False):
+            since = self._oversize_log.hit(topic)
+            if since:
+                log.error("mqtt: %d-byte message on %s not sent: larger than the broker's maximum packet size "
+                          "(%s bytes); %d such since the last report (reported again in %.0f s at the earliest)",
+                          len(data), topic, self._out.max_packet, since, self._oversize_log.interval_s)
+            return None
+        return client.publish(topic, data, qos=qos, retain=retain, properties=properties)
+
     def _birth_body(self) -> dict[str, Any]:
         with self._lock:
             extra = dict(self._birth)
@@ -383,17 +440,19 @@ class MqttLink:
         self._maybe_validate("status", body)
         return payloads.encode(body, "status")
 
-    def _publish_retained(self, client: paho.Client) -> None:
-        """Birth, calibration and discovery configs: on every connect and after each change."""
+    def _publish_retained(self, client: paho.Client) -> list:
+        """Birth, calibration and discovery configs: on every connect and after each change. Returns paho's
+        infos of those published."""
         with self._lock:
             self._retained_dirty = False
             calibration = self._calibration
-        client.publish(self.topics.status, self._status_bytes("online", "connected"), qos=1, retain=True)
+        sent = [self._publish_direct(client, self.topics.status, self._status_bytes("online", "connected"), 1, True)]
         if calibration is not None:
-            client.publish(self.topics.calibration, calibration, qos=1, retain=True)
+            sent.append(self._publish_direct(client, self.topics.calibration, calibration, 1, True))
         if self.settings.homeassistant:
             for topic, data in homeassistant.discovery(self.settings, self._birth):
-                client.publish(topic, data, qos=1, retain=True)
+                sent.append(self._publish_direct(client, topic, data, 1, True))
+        return [info for info in sent if info is not None]
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -402,6 +461,15 @@ class MqttLink:
             self._last_error = f"broker {self.settings.safe_url} refused the connection: {reason_text(reason_code)}"
             log.error("mqtt: %s", self._last_error)
             return
+        limit = getattr(properties, "MaximumPacketSize", None) if client.protocol == paho.MQTTv5 else None
+        # before anything is published on this connection, and before paho sends again what it holds
+        self._out.reconnected(client, int(limit) if limit is not None else None)
+        if limit is not None and limit < self.settings.image_max_bytes + 1024 and self._limit_warned != limit:
+            self._limit_warned = limit
+            log.warning("mqtt: the broker %s takes packets of at most %d bytes (its max_packet_size), less than "
+                        "image_max_bytes (%d) + 1 KiB: larger event images are left out (image_skipped: too_large), "
+                        "larger results and events are dropped; lower mqtt.image_max_bytes or raise the broker's "
+                        "limit", self.settings.safe_url, limit, self.settings.image_max_bytes)
         self._connected = True
         self._connected_at = time.monotonic()
         self._counters["connects"] += 1
@@ -413,9 +481,10 @@ class MqttLink:
                 qos=1, noLocal=True, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
         else:
             client.subscribe(self.topics.cmd_filter, qos=1)
-        self._publish_retained(client)
-        log.info("mqtt: connected to %s (session present: %s, %d waiting in the outbox)", self.settings.safe_url,
-                 bool(getattr(flags, "session_present", False)), self.outbox.depth)
+        self._connect_sent = self._publish_retained(client)
+        log.info("mqtt: connected to %s (session present: %s, %d waiting in the outbox%s)", self.settings.safe_url,
+                 bool(getattr(flags, "session_present", False)), self.outbox.depth,
+                 "" if limit is None else f"; the broker takes packets of up to {limit} bytes")
         self._wake.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
@@ -436,6 +505,7 @@ class MqttLink:
         if was:
             self._counters["disconnects"] += 1
             if not self._stopping:
+                self._out.lost(self._connected_at)     # was it right after sending a message the broker refuses?
                 self._last_error = f"disconnected from {self.settings.safe_url}: {reason_text(reason_code)}"
                 log.warning("mqtt: %s; reconnecting (%d waiting in the outbox)", self._last_error,
                             self.outbox.depth)
@@ -517,7 +587,7 @@ class MqttLink:
                 props.ContentType = "application/json"
                 if reply.correlation_data is not None:
                     props.CorrelationData = reply.correlation_data
-            client.publish(reply.topic, data, qos=1, retain=False, properties=props)
+            self._publish_direct(client, reply.topic, data, 1, False, props)
         except Exception:  # a reply that cannot be sent must not stop the worker
             log.exception("mqtt: cannot send the reply to %s", reply.topic)
 
@@ -548,12 +618,17 @@ class MqttLink:
                 if self._retained_dirty:
                     self._publish_retained(client)
                 while self._telemetry:
-                    client.publish(self.topics.telemetry, self._telemetry.popleft(), qos=0)
-                    self._counters["telemetry_sent"] += 1
+                    if self._publish_direct(client, self.topics.telemetry, self._telemetry.popleft(), 0) is not None:
+                        self._counters["telemetry_sent"] += 1
+                    else:
+                        self._counters["telemetry_dropped"] += 1
                 if time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
                     self._out.resend_stale(client, self._connected_at)
-                self._out.fill(client)
+                # while probing (see .sender) the first message waits for the connect's own to be acknowledged,
+                # so that one of those that gets the connection dropped is never blamed on an outbox message
+                self._out.fill(client, ready=time.monotonic() - self._connected_at > 5.0
+                               or all(info.is_published() for info in self._connect_sent))
             except Exception as exc:  # keep sending whatever happens to one message
                 self._last_error = f"sender: {type(exc).__name__}: {exc}"
                 log.exception("mqtt: sender error")

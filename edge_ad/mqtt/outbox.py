@@ -8,6 +8,8 @@ what is left, oldest first.
 The outbox is bounded by a message count and by payload bytes. When a write would exceed a bound, the
 oldest event images go first, then the oldest messages of any kind; every dropped message is counted
 in ``dropped`` (persisted in the file). A message dropped while it was in flight may still arrive.
+The sender also drops a message the broker will not take (:meth:`Outbox.drop`: larger than the broker's
+maximum packet size): counted in ``dropped`` too, and per reason in ``dropped_by``.
 
 Per-kind sequence numbers (``seq``) are allocated in the same transaction as the insert and persisted,
 so they increase monotonically per device across restarts; a consumer sees a gap only for a dropped
@@ -44,6 +46,8 @@ from .settings import SyncMode
 log = logging.getLogger(__name__)
 
 KINDS = ("result", "event", "image")
+# why messages were dropped (``dropped_by``): "full" (a bound), or the sender's reasons (:meth:`Outbox.drop`)
+DROP_REASONS = ("full", "too_large", "disconnects")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -158,6 +162,9 @@ class Outbox:
                 self.instance = uuid.uuid4().hex
                 self._meta_set("instance", self.instance)
             self._dropped = int(self._meta_get("dropped") or 0)
+            # only the sender's reasons are stored: "full" is the rest of the total (files made before had no
+            # reasons, and all their drops were "full")
+            self._dropped_by = {r: int(self._meta_get(f"dropped.{r}") or 0) for r in DROP_REASONS[1:]}
 
     def _close_connections(self) -> None:
         for name in ("_rdb", "_db"):
@@ -395,6 +402,42 @@ class Outbox:
                 raise RuntimeFailure(f"outbox {self.path}: delete failed ({exc})") from None
         return gone
 
+    def drop(self, ids: Iterable[int], reason: str) -> int:
+        """Remove messages that will never be delivered (the broker refuses them: ``reason`` is one of
+        :data:`DROP_REASONS` but "full") and count them in ``dropped`` and ``dropped_by[reason]``, in one
+        transaction. Ids already gone are ignored. Returns how many went."""
+        if reason not in DROP_REASONS[1:]:
+            raise InputError(f"outbox drop reason '{reason}': expected one of {', '.join(DROP_REASONS[1:])}")
+        ids = sorted({int(i) for i in ids})
+        if not ids:
+            return 0
+        with self._rlock, self._lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    marks = ",".join("?" * len(ids))
+                    row = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE id IN ({marks})",
+                                           ids).fetchone()
+                    gone, gone_bytes = int(row[0]), int(row[1])
+                    if gone:
+                        self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+                        self._meta_set("dropped", self._dropped + gone)
+                        self._meta_set(f"dropped.{reason}", self._dropped_by[reason] + gone)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise RuntimeFailure(f"outbox {self.path}: delete failed ({exc})") from None
+            with self._stat:
+                self._count -= gone
+                self._bytes -= gone_bytes
+                self._dropped += gone
+                self._dropped_by[reason] += gone
+        return gone
+
     # ------------------------------------------------------------------ state
     @property
     def depth(self) -> int:
@@ -407,6 +450,15 @@ class Outbox:
     @property
     def dropped(self) -> int:
         return self._dropped
+
+    @property
+    def dropped_by(self) -> dict[str, int]:
+        """``dropped`` per reason (since the file was made): ``full`` (a bound), ``too_large`` (larger than the
+        broker's maximum packet size), ``disconnects`` (the connection was lost right after each of several
+        sends of it)."""
+        with self._stat:
+            by = dict(self._dropped_by)
+            return {"full": max(0, self._dropped - sum(by.values())), **by}
 
     def image_fits(self, size: int, plus_messages: int = 0, plus_bytes: int = 0) -> bool:
         """Would an image of ``size`` bytes be kept, after ``plus_messages`` messages of ``plus_bytes``
@@ -427,7 +479,7 @@ class Outbox:
             return int(self._meta_get(f"seq.{kind}") or 0) + 1
 
     def stats(self) -> dict:
-        return {"depth": self._count, "bytes": self._bytes, "dropped": self._dropped,
+        return {"depth": self._count, "bytes": self._bytes, "dropped": self._dropped, "dropped_by": self.dropped_by,
                 "max_messages": self.max_messages, "max_bytes": self.max_bytes}
 
     def _check_open(self) -> None:

@@ -65,6 +65,51 @@ def roi_misfit(image: np.ndarray, roi: Optional[list[int]], where: str = "") -> 
             f"(x + width <= {W}, y + height <= {H})")
 
 
+class RoiFilter:
+    """Whether ``source.roi`` fits each frame a source delivers; ``run``'s capture thread and ``edge-ad capture
+    --config`` decide alike. A folder's image it does not fit (a smaller one among the others) is skipped with
+    a warning naming the file and counted (``skipped``), as an unreadable one is: stopping made a restarted
+    service list the folder again and replay it from the first image up to the same file. A folder the ROI
+    fits no image of is an InputError (one pass of it in a row, or at its end: :meth:`at_end`), as is a camera
+    frame it does not fit (the ROI, or the camera's resolution, is wrong)."""
+
+    def __init__(self, roi: Optional[list[int]]):
+        self.roi = roi
+        self.skipped = 0          # a folder's images the ROI does not fit (smaller ones): skipped, named
+        self._fitted = False      # some frame fitted the ROI
+        self._misfits = 0         # folder images in a row the ROI did not fit
+
+    def fits(self, raw, cam) -> bool:
+        """Whether the ROI fits ``raw``, a frame :class:`~edge_ad.runtime.capture.Camera` ``cam`` read (False:
+        skip it, it was logged and counted)."""
+        if not self.roi:
+            return True
+        name = (raw.truth or {}).get("file") if not cam.source.live else None
+        why = roi_misfit(raw.image, self.roi, f"{cam.name} {name}" if name else f"{cam.name} frame {raw.index}")
+        if not why:
+            self._fitted = True
+            self._misfits = 0
+            return True
+        if name is None:
+            raise InputError(why)
+        self.skipped += 1
+        self._misfits += 1
+        log.warning("skipped %s", why)
+        listed = int(getattr(cam.source, "listed", 0) or 0)
+        if listed and self._misfits >= listed:   # a looping folder would skip forever
+            raise InputError(f"source.roi {self.roi} fits none of the {listed} images of {cam.name} "
+                             "(each was skipped with a warning); expected x + width and y + height within "
+                             "the images")
+        return False
+
+    def at_end(self, cam) -> None:
+        """``cam``'s source ended: an InputError when the ROI fitted none of the images it delivered."""
+        if self.skipped and not self._fitted:
+            raise InputError(f"source.roi {self.roi} fits none of the {self.skipped} images {cam.name} delivered "
+                             "(each was skipped with a warning); expected x + width and y + height within the "
+                             "images")
+
+
 def apply_roi_rotate(image: np.ndarray, roi: Optional[list[int]], rotate: int, where: str = "") -> np.ndarray:
     """Crop ``roi`` = [x, y, w, h] (checked against the frame: InputError naming ``where``, the frame's
     size and the ROI) then rotate clockwise by ``rotate``."""
@@ -206,9 +251,7 @@ class Pipeline:
         self.captured = 0          # frames accepted into the frame queue (or dropped from it)
         self.inspected = 0
         self.skipped_untriggered = 0
-        self.skipped_roi = 0         # a folder's images the ROI does not fit (smaller ones): skipped, named
-        self._roi_fitted = False     # some frame of this run fitted the ROI
-        self._roi_misfits = 0        # folder images in a row the ROI did not fit
+        self.roi_filter = RoiFilter(roi)   # a folder's images the ROI does not fit: skipped, named, counted
         self.skipped_paused = 0
         self.triggers_dropped_paused = 0   # triggered frames that came while paused: dropped, not replayed
         self.discarded_at_stop = 0   # frames accepted but never inferred (a failure, max frames, the stop deadline)
@@ -234,6 +277,11 @@ class Pipeline:
     @property
     def dropped(self) -> int:
         return self.frames.dropped
+
+    @property
+    def skipped_roi(self) -> int:
+        """A folder's images the ROI does not fit (smaller ones): skipped with a warning naming them."""
+        return self.roi_filter.skipped
 
     @property
     def skipped_images(self) -> int:
@@ -388,10 +436,7 @@ class Pipeline:
                 raw = cam.read()
                 t1 = time.perf_counter()
                 if raw is None:
-                    if self.skipped_roi and not self._roi_fitted:
-                        raise InputError(f"source.roi {self.roi} fits none of the {self.skipped_roi} images "
-                                         f"{cam.name} delivered (each was skipped with a warning); expected "
-                                         "x + width and y + height within the images")
+                    self.roi_filter.at_end(cam)
                     if not self.stop_capture.is_set():
                         self.end_reason = self.end_reason or "end of stream"
                     break
@@ -401,7 +446,7 @@ class Pipeline:
                         # never inspect a later frame in its place
                         self.triggers_dropped_paused += self.gate.clear()
                     continue
-                if self.roi and not self._roi_fits(raw):   # before the trigger: a skipped image takes none
+                if not self.roi_filter.fits(raw, cam):   # before the trigger: a skipped image takes none
                     continue
                 if self.gated and not self.gate.take():
                     self.skipped_untriggered += 1
@@ -423,31 +468,6 @@ class Pipeline:
         finally:
             self.frames.close()
             cam.close()
-
-    def _roi_fits(self, raw) -> bool:
-        """Whether ``source.roi`` fits the frame. A folder's image it does not fit (a smaller one among
-        the others) is skipped with a warning naming the file and counted, as an unreadable one is: stopping
-        made a restarted service list the folder again and replay it from the first image up to the same
-        file. A folder the ROI fits no image of is an InputError (one pass of it in a row, or the end), as
-        is a camera frame it does not fit (the ROI, or the camera's resolution, is wrong)."""
-        cam = self.camera
-        name = (raw.truth or {}).get("file") if not cam.source.live else None
-        why = roi_misfit(raw.image, self.roi, f"{cam.name} {name}" if name else f"{cam.name} frame {raw.index}")
-        if not why:
-            self._roi_fitted = True
-            self._roi_misfits = 0
-            return True
-        if name is None:
-            raise InputError(why)
-        self.skipped_roi += 1
-        self._roi_misfits += 1
-        log.warning("skipped %s", why)
-        listed = int(getattr(cam.source, "listed", 0) or 0)
-        if listed and self._roi_misfits >= listed:   # a looping folder would skip forever
-            raise InputError(f"source.roi {self.roi} fits none of the {listed} images of {cam.name} "
-                             "(each was skipped with a warning); expected x + width and y + height within "
-                             "the images")
-        return False
 
     # ------------------------------------------------------------------ inference thread
     def _inference_loop(self) -> None:

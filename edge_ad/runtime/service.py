@@ -198,6 +198,7 @@ class Service:
 
             self.link = MqttLink(mqtt, birth=self._birth())
         self._outbox_dropped0 = self.link.outbox.dropped if self.link is not None else 0   # persisted total
+        self._outbox_dropped_by0 = dict(getattr(self.link.outbox, "dropped_by", {})) if self.link is not None else {}
         self.reporter = Reporter(source_name=self.spec.safe_uri, jsonl=jsonl, snapshots=snaps, link=self.link,
                                  heatmap=o.heatmap, event_image=o.event_image, jpeg_quality=o.jpeg_quality,
                                  drift_factory=_drift_factory(s), calibration=self.inspector.calibration,
@@ -864,14 +865,17 @@ class Service:
         self.telemetry.stop()
         if self.telemetry_log is not None:
             self.telemetry_log.close()
-        outbox_left = outbox = outbox_dropped = outbox_reset = None
+        outbox_left = outbox = outbox_dropped = outbox_dropped_by = outbox_reset = None
         if self.link is not None:
             self.link.stop(timeout=10.0)
             if hasattr(self.link, "outbox"):
                 outbox_left, outbox = self.link.outbox.depth, str(self.link.outbox.path)
                 reset = getattr(self.link.outbox, "reset", None)   # a damaged file moved aside at start
                 outbox_reset = reset["moved_to"] if reset else None
-                outbox_dropped = self.link.outbox.dropped - self._outbox_dropped0   # by this run (outbox full)
+                outbox_dropped = self.link.outbox.dropped - self._outbox_dropped0   # by this run
+                # why: the outbox was full, or the broker does not take the message (over its max_packet_size)
+                outbox_dropped_by = {k: v - self._outbox_dropped_by0.get(k, 0)
+                                     for k, v in getattr(self.link.outbox, "dropped_by", {}).items()}
         if "inference" in busy:   # never close a backend under a running batch
             log.warning("the backend is left open: a batch is still being inferred past the stop deadline")
         else:
@@ -891,7 +895,8 @@ class Service:
                    "fps": round(p.inspected / inspect_s, 3) if inspect_s > 0 else 0.0,
                    "reason": self._stop_signal or p.end_reason or "finished", "drained": drained,
                    "jsonl": str(self.settings.output.jsonl) if self.settings.output.jsonl else None,
-                   "outbox_left": outbox_left, "outbox_dropped": outbox_dropped, "outbox": outbox,
+                   "outbox_left": outbox_left, "outbox_dropped": outbox_dropped,
+                   "outbox_dropped_by": outbox_dropped_by, "outbox": outbox,
                    "outbox_reset": outbox_reset, "rss_mb": (final.get("process") or {}).get("rss_mb")}
         log.info("edge-ad run finished: %s", summary)
         self.finished = True
