@@ -233,6 +233,15 @@ def test_a_folder_image_the_roi_does_not_fit_is_skipped_and_named(tmp_path, tiny
             in caplog.text)
     assert svc.pipeline.stats()["skipped_images"] == 2
     assert read_jsonl(tmp_path / "tel.jsonl")[-1]["skipped_images"] == 2
+    # a looping folder: the misfit is said once for the file, not at every pass; every skip is counted
+    caplog.clear()
+    s = _settings(tmp_path / "loop", tiny_bundle, f"dir://{folder}?loop=1", source__mode="trigger",
+                  source__roi=[8, 8, 64, 64])
+    svc = Service(s, install_signals=False, max_frames=12)        # 4 passes of 3 fitting images
+    assert svc.run()["frames"] == 12
+    said = [r.getMessage() for r in caplog.records if "002.png" in r.getMessage()]
+    assert len(said) == 1 and "once per file" in said[0], said
+    assert svc.pipeline.stats()["skipped_images"] >= 3
     # looping over a folder the ROI fits no image of: an input error, not an endless skip
     s = _settings(tmp_path / "none", tiny_bundle, f"dir://{folder}?loop=1", source__mode="trigger",
                   source__roi=[0, 0, 100, 100])
