@@ -347,7 +347,8 @@ def test_an_outbox_locked_by_another_program_or_unopenable_is_refused_not_moved(
     monkeypatch.setattr(Outbox, "OPEN_BUSY_TIMEOUT_S", 0.2)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(RuntimeFailure, match=r"cannot open \(database is locked: another program holds a lock"):
+        with pytest.raises(RuntimeFailure, match=r"cannot open \(database is locked for more than 0.2 s: another "
+                                                 r"program, e\.g\. a sqlite3 shell"):
             Outbox(path)
     finally:
         proc.kill()
@@ -392,7 +393,9 @@ def test_an_outbox_another_program_holds_a_write_lock_on_is_refused_at_start(tmp
             Outbox(path)
         assert time.monotonic() - t0 < 5
         assert err.value.exit_code == 1
-        assert str(err.value).startswith(f"outbox {path}: cannot open (database is locked: another program holds")
+        assert str(err.value).startswith(f"outbox {path}: cannot open (database is locked for more than 0.2 s: "
+                                         "another program, e.g. a sqlite3 shell inside a transaction, holds a lock "
+                                         "on the file); stop that program or point mqtt.outbox_path elsewhere")
     finally:
         _release(proc)
     with Outbox(path) as ob:                                      # nothing moved or lost; free again
@@ -412,7 +415,8 @@ def test_a_write_lock_taken_while_running_fails_writes_fast_and_they_resume_afte
             waits = []
             for _ in range(5):
                 t0 = time.monotonic()
-                with pytest.raises(RuntimeFailure, match=r"write failed \(database is locked: another program"):
+                with pytest.raises(RuntimeFailure, match=r"write failed \(database is locked: another program, "
+                                                         r"e\.g\. a sqlite3 shell"):
                     ob.put("result", "t", lambda s: _json(s))
                 waits.append(time.monotonic() - t0)
             assert 0.5 <= waits[0] < 3 and max(waits[1:]) < 0.2, waits

@@ -90,7 +90,7 @@ def _busy(exc: sqlite3.Error) -> bool:
     return "database is locked" in str(exc).lower()
 
 
-_LOCKED_HINT = "another program holds a lock on the file (a sqlite3 shell in a transaction, a backup tool)"
+_LOCKED_HINT = "another program, e.g. a sqlite3 shell inside a transaction, holds a lock on the file"
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,9 @@ class Outbox:
             self._close_connections()
             self._release()
             if isinstance(exc, sqlite3.Error) and _busy(exc):
-                raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc}: {_LOCKED_HINT}, for more than "
-                                     f"{self.OPEN_BUSY_TIMEOUT_S:g} s); stop that program or point "
-                                     "mqtt.outbox_path elsewhere") from None
+                raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc} for more than "
+                                     f"{self.OPEN_BUSY_TIMEOUT_S:g} s: {_LOCKED_HINT}); stop that program or "
+                                     "point mqtt.outbox_path elsewhere") from None
             raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc})") from None
         except BaseException:
             self._close_connections()
