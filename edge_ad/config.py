@@ -603,6 +603,8 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{cfg_path}: not valid TOML ({exc})") from exc
     file_paths = _relative_file_paths(tree)
+    # the [mqtt] fields the file itself gives: an error about another one does not blame the file
+    file_mqtt = set(tree["mqtt"]) if isinstance(tree.get("mqtt"), dict) else set()
     mqtt_given = []  # origins of [mqtt] fields given after (over) the latest mqtt.enabled
     for path, value, origin in list(env_overrides(environ)) + list(overrides):
         _set_path(tree, path, value, origin, origins)
@@ -636,10 +638,15 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
             raise InputError(_format_errors(exc, origins, cfg_path, prefix=("mqtt",))) from None
         except InputError as exc:  # MqttSettings names the field itself ("mqtt.url = ...: ...")
             # the origins of the fields the message names, not of every [mqtt] override (an unrelated
-            # EDGE_AD_MQTT__PASSWORD would be blamed for an outbox bound in the file)
-            where = sorted({str(o) for k, o in origins.items() if len(k) > 1 and k[0] == "mqtt"
-                            and re.search(rf"\b{re.escape(str(k[1]))}\b", str(exc))})
-            src = f" [from {' or '.join(where + [str(cfg_path or 'defaults')])}]"
+            # EDGE_AD_MQTT__PASSWORD would be blamed for an outbox bound in the file), and the file only when
+            # it gives one of them (an empty EDGE_AD_MQTT_COMMAND_SECRET was 'from ... or cfg.toml' with no
+            # command_secret in cfg.toml)
+            named = {str(k[1]) for k in origins if len(k) > 1 and k[0] == "mqtt"} | file_mqtt
+            named = {k for k in named if re.search(rf"\b{re.escape(k)}\b", str(exc))}
+            where = sorted({str(origins[("mqtt", k)]) for k in named if ("mqtt", k) in origins})
+            if cfg_path is not None and any(("mqtt", k) not in origins for k in named):
+                where.append(str(cfg_path))
+            src = f" [from {' or '.join(where or [str(cfg_path or 'defaults')])}]"
             raise InputError(f"{cfg_path or 'config'}: invalid config: {exc}{src}") from None
     base = cfg_path.resolve().parent if cfg_path is not None else None
     # only paths that came from the file are relative to the file

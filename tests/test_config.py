@@ -282,6 +282,43 @@ def test_an_empty_command_secret_stops_run_at_start_naming_where_it_came_from(tm
     assert "[from environment variable EDGE_AD_MQTT_COMMAND_SECRET" in r.stderr
 
 
+def test_an_empty_command_secret_override_is_refused_naming_only_where_it_came_from(tmp_path, monkeypatch):
+    """docs/runtime.md: an empty override unsets an optional field, except command_secret (refused: signing
+    would go off without a word). The message said '[from --set mqtt.command_secret or cfg.toml]', and
+    '[from environment variable EDGE_AD_MQTT_COMMAND_SECRET or cfg.toml]' with no secret in cfg.toml."""
+    pytest.importorskip("paho.mqtt")
+    from edge_ad.mqtt.settings import ENV_COMMAND_SECRET
+
+    monkeypatch.delenv(ENV_COMMAND_SECRET, raising=False)
+    mqtt = '\n[mqtt]\nurl = "mqtt://127.0.0.1:1"\n'
+    signed = _write(tmp_path, MINIMAL + mqtt + 'command_secret = "0123456789abcdef0123"\n', "signed.toml")
+    plain = _write(tmp_path, MINIMAL + mqtt, "plain.toml")
+    cases = [
+        (signed, [parse_set_option("mqtt.command_secret=")], {}, "--set mqtt.command_secret"),
+        (signed, [], {"EDGE_AD_MQTT__COMMAND_SECRET": ""}, "environment variable EDGE_AD_MQTT__COMMAND_SECRET"),
+        (plain, [parse_set_option("mqtt.command_secret= ")], {}, "--set mqtt.command_secret"),
+    ]
+    for cfg, overrides, environ, origin in cases:
+        with pytest.raises(InputError) as ei:
+            load_settings(cfg, overrides, environ=environ)
+        msg = str(ei.value)
+        assert "mqtt.command_secret" in msg and "an empty override does not unset" in msg, msg
+        assert msg.endswith(f"[from {origin}]"), msg
+    monkeypatch.setenv(ENV_COMMAND_SECRET, "")
+    with pytest.raises(InputError) as ei:
+        load_settings(plain, environ={})
+    assert str(ei.value).endswith(f"[from environment variable {ENV_COMMAND_SECRET}]"), str(ei.value)
+    assert load_settings(signed, environ={}).mqtt_settings().command_secret is not None   # the field wins
+    monkeypatch.delenv(ENV_COMMAND_SECRET)
+    with pytest.raises(InputError) as ei:     # the file's own empty secret: the file, as before
+        load_settings(_write(tmp_path, MINIMAL + mqtt + 'command_secret = ""\n', "empty.toml"), environ={})
+    assert str(ei.value).endswith(f"[from {tmp_path / 'empty.toml'}]"), str(ei.value)
+    with pytest.raises(InputError) as ei:     # a bound the file gives against an override: both named
+        load_settings(_write(tmp_path, MINIMAL + mqtt + "outbox_max_bytes = 100000\n", "bound.toml"),
+                      [parse_set_option("mqtt.image_max_bytes=500000")], environ={})
+    assert str(ei.value).endswith(f"[from --set mqtt.image_max_bytes or {tmp_path / 'bound.toml'}]"), str(ei.value)
+
+
 def test_cli_print_config_applies_flags(tmp_path):
     cfg = _write(tmp_path, MINIMAL)
     r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg), "--print-config",

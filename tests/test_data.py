@@ -187,8 +187,13 @@ def test_mask_size_mismatch_named(tmp_path):
 def test_mask_without_image_named(tmp_path):
     root = _category(tmp_path / "cat")
     _write(root / "ground_truth/scratch/zz_mask.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(InputError, match="zz_mask.png: mask without an image"):
+    with pytest.raises(InputError, match="zz_mask.png: mask without an image") as err:
         MVTecCategory(root).test_samples()
+    # the formats test images are read in, not only '.png or .jpg' (a WebP or TIFF image is one too)
+    from edge_ad.data.image import IMAGE_EXTS
+
+    assert str(err.value).endswith(f"(expected {root / 'test/scratch/zz'} with an image extension: "
+                                   f"{', '.join(IMAGE_EXTS)})"), str(err.value)
 
 
 def test_image_without_mask_named(tmp_path):

@@ -294,6 +294,23 @@ def test_readme_walks_flash_to_service():
         assert (JETSON / doc).is_file()
 
 
+def test_readme_file_table_lists_every_file_of_the_folder():
+    """mosquitto.conf was added without a row in the table at the top of jetson/README.md."""
+    text = (JETSON / "README.md").read_text()
+    table = text[:text.index("After installation")]
+    for f in sorted(JETSON.iterdir()):
+        if f.is_file() and f.name != "README.md":
+            assert f"`{f.name}`" in table or f"[{f.name}]" in table, f.name
+
+
+def test_the_broker_config_creates_the_password_file_once():
+    """Its header said `mosquitto_passwd -c` for every login: -c recreates the file, so each device's login
+    wiped the ones before it (the fleet but the last device refused at connect)."""
+    cmds = [line.lstrip("#").strip() for line in (JETSON / "mosquitto.conf").read_text().splitlines()
+            if "mosquitto_passwd" in line and line.lstrip("#").strip().startswith("sudo")]
+    assert len(cmds) >= 2 and " -c " in cmds[0] and all(" -c " not in c for c in cmds[1:]), cmds
+
+
 # ---------------------------------------------------------------------------- camera-check.sh
 @pytest.mark.parametrize("gst_rc", [0, 1])
 def test_camera_check_exits_non_zero_when_the_capture_fails(tmp_path, gst_rc):

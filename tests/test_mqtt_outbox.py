@@ -344,10 +344,11 @@ def test_an_outbox_locked_by_another_program_or_unopenable_is_refused_not_moved(
             "db.execute('PRAGMA locking_mode=EXCLUSIVE'); db.execute('BEGIN EXCLUSIVE'); "
             "db.execute('DELETE FROM outbox WHERE id < 0'); print('locked', flush=True); time.sleep(30)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-    monkeypatch.setattr(Outbox, "BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(Outbox, "OPEN_BUSY_TIMEOUT_S", 0.2)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(RuntimeFailure, match=r"cannot open \(database is locked\)"):
+        with pytest.raises(RuntimeFailure, match=r"cannot open \(database is locked for more than 0.2 s: another "
+                                                 r"program, e\.g\. a sqlite3 shell"):
             Outbox(path)
     finally:
         proc.kill()
@@ -360,3 +361,79 @@ def test_an_outbox_locked_by_another_program_or_unopenable_is_refused_not_moved(
     with pytest.raises(RuntimeFailure, match="cannot open"):
         Outbox(folder)
     assert folder.is_dir() and not list(tmp_path.glob("adir.sqlite.corrupt-*"))
+
+
+def _hold_write_lock(path):
+    """Another program in a write transaction on the outbox (a sqlite3 shell after BEGIN): in WAL mode it
+    lets readers in, so only a write finds it. Returns the process, once it holds the lock."""
+    code = ("import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.readline()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _release(proc) -> None:
+    proc.stdin.close()           # its readline returns: the process ends, and with it the transaction
+    proc.wait(timeout=10)
+
+
+def test_an_outbox_another_program_holds_a_write_lock_on_is_refused_at_start(tmp_path, monkeypatch):
+    """The open only read, which WAL mode allows under another writer: the start succeeded and every write
+    then waited a minute for the lock (3 frames took 89 s, exit 0). The open takes the write lock once."""
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        ob.put("result", "t", lambda s: _json(s))
+    monkeypatch.setattr(Outbox, "OPEN_BUSY_TIMEOUT_S", 0.2)
+    proc = _hold_write_lock(path)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeFailure) as err:
+            Outbox(path)
+        assert time.monotonic() - t0 < 5
+        assert err.value.exit_code == 1
+        assert str(err.value).startswith(f"outbox {path}: cannot open (database is locked for more than 0.2 s: "
+                                         "another program, e.g. a sqlite3 shell inside a transaction, holds a lock "
+                                         "on the file); stop that program or point mqtt.outbox_path elsewhere")
+    finally:
+        _release(proc)
+    with Outbox(path) as ob:                                      # nothing moved or lost; free again
+        assert ob.reset is None and ob.depth == 1
+
+
+def test_a_write_lock_taken_while_running_fails_writes_fast_and_they_resume_after_it(tmp_path):
+    """A lock another program takes once the outbox is open: the first write blocked waits a short while, the
+    next ones fail at once (the caller counts them; the line is not held up), and writes succeed again as soon
+    as it is released. The sender's deletes likewise."""
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path)
+    try:
+        ob.put("result", "t", lambda s: _json(s))
+        proc = _hold_write_lock(path)
+        try:
+            waits = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                with pytest.raises(RuntimeFailure, match=r"write failed \(database is locked: another program, "
+                                                         r"e\.g\. a sqlite3 shell"):
+                    ob.put("result", "t", lambda s: _json(s))
+                waits.append(time.monotonic() - t0)
+            assert 0.5 <= waits[0] < 3 and max(waits[1:]) < 0.2, waits
+            with pytest.raises(RuntimeFailure, match=r"delete failed \(database is locked"):
+                ob.delete([1])
+            assert ob.depth == 1 and [r.id for r in ob.fetch_after(0, 10)] == [1]     # reads go on
+        finally:
+            _release(proc)
+        assert ob.put("result", "t", lambda s: _json(s))[1] == 2      # nothing half-written: seq 2 follows 1
+        assert ob.delete([1]) == 1 and ob.depth == 1
+        proc = _hold_write_lock(path)      # the short wait is back once a write got through
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(RuntimeFailure, match="write failed"):
+                ob.put("result", "t", b"{}")
+            assert time.monotonic() - t0 >= 0.5
+        finally:
+            _release(proc)
+    finally:
+        ob.close()

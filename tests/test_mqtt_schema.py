@@ -1,5 +1,5 @@
 """Payload schemas: valid schemas, every payload kind the link really publishes validates, bad payloads
-do not, and every example in docs/mqtt.md validates (so the documentation cannot drift)."""
+do not, and every example in docs/mqtt.md and README.md validates (so the documentation cannot drift)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,27 @@ def test_every_published_payload_matches_its_schema(mosquitto, tmp_path):
 def _doc_examples() -> list[tuple[str, str]]:
     text = DOC.read_text()
     return re.findall(r"<!-- schema: ([\w.]+) -->\s*```json\n(.*?)```", text, flags=re.S)
+
+
+README = DOC.parent.parent / "README.md"
+# the schemas of the examples under each comment of README.md's jsonc block, in order
+_README_KINDS = {"status (retained)": ["status"], "result": ["result"], "event": ["event"], "telemetry": ["telemetry"],
+                 "calibration (retained)": ["calibration"],
+                 "cmd/calibrate (in), and its reply on the response topic": ["cmd.calibrate", "reply"]}
+
+
+def test_readme_examples_match_the_schemas():
+    """README.md's MQTT examples (a jsonc block, one '// kind' comment before each payload) were not tested:
+    the event's sha256 was cut short and the calibrate reply lacked schema_version, site and device."""
+    block = re.search(r"```jsonc\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    sections = re.split(r"^// (.*)\n", block, flags=re.M)[1:]
+    titles = sections[0::2]
+    assert titles == list(_README_KINDS), titles      # a new example gets its schema here
+    for title, body in zip(titles, sections[1::2]):
+        objs = [json.loads(part) for part in re.split(r"\n(?=\{)", body.strip())]
+        assert len(objs) == len(_README_KINDS[title]), title
+        for kind, obj in zip(_README_KINDS[title], objs):
+            assert schema.errors(kind, obj) == [], (kind, obj)
 
 
 def test_docs_examples_match_the_schemas():

@@ -233,6 +233,15 @@ def test_a_folder_image_the_roi_does_not_fit_is_skipped_and_named(tmp_path, tiny
             in caplog.text)
     assert svc.pipeline.stats()["skipped_images"] == 2
     assert read_jsonl(tmp_path / "tel.jsonl")[-1]["skipped_images"] == 2
+    # a looping folder: the misfit is said once for the file, not at every pass; every skip is counted
+    caplog.clear()
+    s = _settings(tmp_path / "loop", tiny_bundle, f"dir://{folder}?loop=1", source__mode="trigger",
+                  source__roi=[8, 8, 64, 64])
+    svc = Service(s, install_signals=False, max_frames=12)        # 4 passes of 3 fitting images
+    assert svc.run()["frames"] == 12
+    said = [r.getMessage() for r in caplog.records if "002.png" in r.getMessage()]
+    assert len(said) == 1 and "once per file" in said[0], said
+    assert svc.pipeline.stats()["skipped_images"] >= 3
     # looping over a folder the ROI fits no image of: an input error, not an endless skip
     s = _settings(tmp_path / "none", tiny_bundle, f"dir://{folder}?loop=1", source__mode="trigger",
                   source__roi=[0, 0, 100, 100])
@@ -1435,6 +1444,52 @@ def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision
     events = [json.loads(r.payload) for r in rows if r.kind == "event"]
     assert any(e["type"] == "output_restored" and e["output"] == "outbox" for e in events)
     assert {e["result_id"] for e in events if e["type"] == "ng"} == {m["id"] for m in stored if m["ng"]}
+
+
+def test_an_outbox_another_program_locks_stops_the_start_and_a_lock_taken_later_does_not_stall_the_line(
+        tmp_path, tiny_bundle, monkeypatch):
+    """A sqlite3 shell in a write transaction on the outbox: the start went through (WAL reads pass) and each
+    write then waited 60 s for the lock on the reporting thread (3 frames took 89 s, exit 0, the JSONL log
+    starved too). Now a lock held at start refuses the run (exit 1, naming the file); one taken while the line
+    runs costs one short wait, the writes it blocks are counted, and every decision reaches the JSONL log."""
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt import Outbox
+
+    path = tmp_path / "outbox.sqlite"
+    Outbox(path).close()
+    video, _ = defect_video(tmp_path / "v.avi", n=30, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1", mqtt__outbox_path=str(path))
+    code = ("import sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.readline()")
+
+    def hold():
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    monkeypatch.setattr(Outbox, "OPEN_BUSY_TIMEOUT_S", 0.2)
+    proc = hold()
+    try:
+        with pytest.raises(RuntimeFailure, match=rf"outbox {re.escape(str(path))}: cannot open \(database is locked"):
+            Service(s, install_signals=False)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    svc = Service(s, install_signals=False)         # opened; the lock comes while the line runs
+    proc = hold()
+    try:
+        t0 = time.monotonic()
+        summary = svc.run()
+        took = time.monotonic() - t0
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    assert summary["frames"] == 30 and summary["reason"] == "end of stream"
+    assert [r["frame"] for r in read_jsonl(tmp_path / "results.jsonl")] == list(range(30))
+    assert summary["output_errors"]["outbox"] >= 30 and summary["output_errors"]["jsonl"] == 0
+    assert summary["duration_s"] < 8 and took < 15, (summary, took)    # was a minute per write
 
 
 def test_snapshot_retention_by_count_and_bytes(tmp_path):

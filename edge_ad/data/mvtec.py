@@ -180,7 +180,8 @@ class MVTecCategory:
         orphans = sorted(set(masks) - set(stems))
         if orphans:
             raise InputError(f"{masks[orphans[0]]}: mask without an image (expected "
-                             f"{self.path / 'test' / dtype / orphans[0]}.png or .jpg)"
+                             f"{self.path / 'test' / dtype / orphans[0]} with an image extension: "
+                             f"{', '.join(IMAGE_EXTS)})"
                              + (f"; {len(orphans) - 1} more like it" if len(orphans) > 1 else ""))
         return out
 

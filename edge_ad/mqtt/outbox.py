@@ -20,7 +20,9 @@ A file that is not a readable SQLite database (malformed, truncated, not a datab
 that lied about fsync, a disk error) is moved aside at open as ``NAME.corrupt-<UTC time>`` and an empty
 outbox starts (``reset`` says so; the link announces it with an ``outbox_reset`` event): the line keeps
 inspecting, and only the messages that file held are lost. A file locked by another program, or one that
-cannot be read for its permissions or an I/O error, is still refused (it may be sound).
+cannot be read for its permissions or an I/O error, is still refused (it may be sound). A lock another
+program takes later, while the line runs, fails the writes it blocks after a short wait (counted by the
+caller), never holds the line up (see :meth:`Outbox._begin`).
 
 The writer (the inspection thread) and the sender use separate connections; only the writer's commits
 are fsync'd (see :class:`Outbox`).
@@ -66,7 +68,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_SQLITE_BUSY, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 11, 26
 
 
 def _damaged(exc: sqlite3.DatabaseError) -> bool:
@@ -78,6 +80,17 @@ def _damaged(exc: sqlite3.DatabaseError) -> bool:
         return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """``database is locked``: another connection holds the lock this one waited for, past its busy timeout."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == _SQLITE_BUSY
+    return "database is locked" in str(exc).lower()
+
+
+_LOCKED_HINT = "another program, e.g. a sqlite3 shell inside a transaction, holds a lock on the file"
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,7 @@ class Outbox:
         self._rlock = threading.Lock()       # the sender connection (taken before _lock)
         self._stat = threading.Lock()        # count / bytes / dropped (changed by deltas)
         self._closed = False
+        self._no_wait: set[int] = set()      # connections whose last write found the file locked (see _begin)
         self._full_log = LogLimiter()        # drops are logged at once, then at most once a minute
         # set when the file was damaged and moved aside at open: {"moved_to", "error", "ts"}
         self.reset: dict | None = None
@@ -142,6 +156,10 @@ class Outbox:
         except (sqlite3.Error, OSError) as exc:
             self._close_connections()
             self._release()
+            if isinstance(exc, sqlite3.Error) and _busy(exc):
+                raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc} for more than "
+                                     f"{self.OPEN_BUSY_TIMEOUT_S:g} s: {_LOCKED_HINT}); stop that program or "
+                                     "point mqtt.outbox_path elsewhere") from None
             raise RuntimeFailure(f"outbox {self.path}: cannot open ({exc})") from None
         except BaseException:
             self._close_connections()
@@ -165,6 +183,13 @@ class Outbox:
             # only the sender's reasons are stored: "full" is the rest of the total (files made before had no
             # reasons, and all their drops were "full")
             self._dropped_by = {r: int(self._meta_get(f"dropped.{r}") or 0) for r in DROP_REASONS[1:]}
+            # the write lock, taken and given back: the reads above succeed in WAL mode while another program
+            # holds a write transaction on the file, and the first result would find the lock instead (it
+            # waited a minute per write, holding up the line); refused here, at start, as documented
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+        for db in (self._db, self._rdb):
+            db.execute(f"PRAGMA busy_timeout={int(self.WRITE_BUSY_TIMEOUT_S * 1000)}")
 
     def _close_connections(self) -> None:
         for name in ("_rdb", "_db"):
@@ -238,11 +263,16 @@ class Outbox:
         pages, and a WAL that is never truncated: a 1 MiB outbox kept a 4 MiB -wal beside it)."""
         return max(64 * 1024, min(4 * 1024 * 1024, self.max_bytes))
 
-    BUSY_TIMEOUT_S = 60.0    # how long a connection waits for a lock another program holds on the file
+    # How long a connection waits for a lock another program holds on the file: at open (a short transaction
+    # of a sqlite3 shell may end; one that does not refuses the start), and for a write once running. This
+    # process never waits on itself: its write transactions take turns under _lock (the sender's deletes
+    # too), readers never block a writer in WAL mode, and the automatic checkpoint never waits for a lock.
+    OPEN_BUSY_TIMEOUT_S = 5.0
+    WRITE_BUSY_TIMEOUT_S = 1.0
 
     def _connect(self, sync: SyncMode) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                             timeout=self.BUSY_TIMEOUT_S)
+                             timeout=self.OPEN_BUSY_TIMEOUT_S)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync.value.upper()}")
         # both per connection, and both connections write (inserts; the sender's deletes)
@@ -260,6 +290,26 @@ class Outbox:
         self._db.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, str(value)))
 
+    def _begin(self, db: sqlite3.Connection, what: str) -> None:
+        """``BEGIN IMMEDIATE`` on ``db`` (the caller holds ``_lock``). A lock another program holds is waited
+        for WRITE_BUSY_TIMEOUT_S once; while it lasts the next writes of this connection fail at once (no
+        wait), until one gets through: a file held locked for minutes costs the line one short wait, not one
+        per result (the reporting thread would fall behind and hold up inference). The caller counts each
+        failure (``output_errors.outbox``; the sender retries its deletes)."""
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+            if id(db) not in self._no_wait:
+                self._no_wait.add(id(db))
+                db.execute("PRAGMA busy_timeout=0")
+            raise RuntimeFailure(f"outbox {self.path}: {what} failed ({exc}: {_LOCKED_HINT}; the next writes "
+                                 "fail at once while it lasts)") from None
+        if id(db) in self._no_wait:
+            self._no_wait.discard(id(db))
+            db.execute(f"PRAGMA busy_timeout={int(self.WRITE_BUSY_TIMEOUT_S * 1000)}")
+
     # ------------------------------------------------------------------ write
     def put(self, kind: str, topic: str, payload: bytes | Callable[[int], bytes], *, qos: int = 1,
             retain: bool = False, msg_id: str | None = None, meta: dict | None = None) -> tuple[int, int]:
@@ -276,7 +326,7 @@ class Outbox:
         with self._lock:
             self._check_open()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                self._begin(self._db, "write")
                 try:
                     seq_key = f"seq.{kind}"
                     seq = int(self._meta_get(seq_key) or 0) + 1
@@ -374,7 +424,7 @@ class Outbox:
         with self._rlock, self._lock:       # write transactions take turns here, never in SQLite's busy wait
             self._check_open()
             try:
-                self._rdb.execute("BEGIN IMMEDIATE")
+                self._begin(self._rdb, "delete")
                 gone = gone_bytes = 0
                 try:
                     for start in range(0, len(ids), 500):

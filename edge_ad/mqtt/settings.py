@@ -289,7 +289,8 @@ class MqttSettings(BrokerSettings):
         if isinstance(text, str) and text.strip() == "":
             where = f"${ENV_COMMAND_SECRET} is set but" if isinstance(v, _FromEnv) else "it is"
             remove = (f"unset {ENV_COMMAND_SECRET}" if isinstance(v, _FromEnv) else
-                      "remove the field") + " to take commands without a signature"
+                      "remove the field (an empty override does not unset this one)") + \
+                " to take commands without a signature"
             raise ValueError(f"{where} {'empty' if not text else 'blank'}: commands would be signed with an empty "
                              "key that anyone can use; expected a long random text (openssl rand -hex 32), or "
                              f"{remove}")

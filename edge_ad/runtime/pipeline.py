@@ -69,7 +69,8 @@ class RoiFilter:
     """Whether ``source.roi`` fits each frame a source delivers; ``run``'s capture thread and ``edge-ad capture
     --config`` decide alike. A folder's image it does not fit (a smaller one among the others) is skipped with
     a warning naming the file and counted (``skipped``), as an unreadable one is: stopping made a restarted
-    service list the folder again and replay it from the first image up to the same file. A folder the ROI
+    service list the folder again and replay it from the first image up to the same file (warned about once per
+    file, however many passes a looping folder makes). A folder the ROI
     fits no image of is an InputError (one pass of it in a row, or at its end: :meth:`at_end`), as is a camera
     frame it does not fit (the ROI, or the camera's resolution, is wrong)."""
 
@@ -78,6 +79,7 @@ class RoiFilter:
         self.skipped = 0          # a folder's images the ROI does not fit (smaller ones): skipped, named
         self._fitted = False      # some frame fitted the ROI
         self._misfits = 0         # folder images in a row the ROI did not fit
+        self._warned: set[str] = set()   # folder images warned about: once each, not at every loop pass
 
     def fits(self, raw, cam) -> bool:
         """Whether the ROI fits ``raw``, a frame :class:`~edge_ad.runtime.capture.Camera` ``cam`` read (False:
@@ -94,7 +96,9 @@ class RoiFilter:
             raise InputError(why)
         self.skipped += 1
         self._misfits += 1
-        log.warning("skipped %s", why)
+        if name not in self._warned:   # a looping dir:// of 25 images at 10 fps repeated it every 2.5 s
+            self._warned.add(name)
+            log.warning("skipped %s (said once per file; every skip counts in skipped_images)", why)
         listed = int(getattr(cam.source, "listed", 0) or 0)
         if listed and self._misfits >= listed:   # a looping folder would skip forever
             raise InputError(f"source.roi {self.roi} fits none of the {listed} images of {cam.name} "
