@@ -273,3 +273,42 @@ def cut_replace(bundle, files: dict, renamed: bool = True):
     again = Bundle.open(bundle.path, verify=True)
     assert set(again.replacing) == set(files)
     return again
+
+
+class power_cut:
+    """``with power_cut(monkeypatch, n, os.replace, os.unlink) as cut:``: the ``n``-th call (from 1) among the
+    given functions (``os`` or ``edge_ad.atomic`` functions, each patched where it lives) raises, as a power
+    cut there would; the block ends at that point and ``cut.hit`` says whether it came. The functions are
+    put back when the block ends, so what follows sees the disk as the cut left it."""
+
+    def __init__(self, monkeypatch, at: int, *funcs):
+        self.monkeypatch, self.at, self.funcs = monkeypatch, at, funcs
+        self.calls, self.hit = 0, False
+
+    def _counted(self, real):
+        def op(*a, **k):
+            self.calls += 1
+            if self.calls == self.at:
+                raise SystemExit("power cut")
+            return real(*a, **k)
+        return op
+
+    def __enter__(self):
+        import os
+
+        from edge_ad import atomic
+
+        self._patched = []
+        for fn in self.funcs:
+            where = os if getattr(os, fn.__name__, None) is fn else atomic
+            self._patched.append((where, fn.__name__, fn))
+            self.monkeypatch.setattr(where, fn.__name__, self._counted(fn))
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        for where, name, fn in self._patched:
+            self.monkeypatch.setattr(where, name, fn)
+        if kind is SystemExit and str(exc) == "power cut":
+            self.hit = True
+            return True
+        return False

@@ -6,7 +6,7 @@ from edge_ad.bundle import Bundle
 from edge_ad.errors import InputError
 from edge_ad.scoring import Calibration, MapNorm
 
-from fixtures_bundle import copy_bundle, tiny_bundle  # noqa: F401
+from fixtures_bundle import copy_bundle, power_cut, tiny_bundle  # noqa: F401
 
 
 def _cal(thr):
@@ -275,30 +275,13 @@ def test_replace_files_keeps_manifest_and_files_agreeing_at_every_step(tmp_path,
     that verifies and whose active graph is there: the old one, the FP32 one, or the new one."""
     import os
 
-    real_replace, real_unlink = os.replace, os.unlink
     seen = set()
     for cut_at in range(1, 50):
         b = _graphs_bundle(tmp_path / f"b{cut_at}")
-        calls = [0]
-
-        def counted(real):
-            def op(*a, **k):
-                calls[0] += 1
-                if calls[0] == cut_at:
-                    raise SystemExit("power cut")
-                return real(*a, **k)
-            return op
-
-        monkeypatch.setattr(os, "replace", counted(real_replace))
-        monkeypatch.setattr(os, "unlink", counted(real_unlink))
-        try:
+        with power_cut(monkeypatch, cut_at, os.replace, os.unlink) as cut:
             b.replace_files({"model.int8.onnx": b"new s8", "model.int8-u8.onnx": b"new u8"}, remove=remove,
                             meta={"active": {"graph": "model.int8.onnx", "precision": "int8"}, "note": "new"})
-            done = True
-        except SystemExit:
-            done = False
-        monkeypatch.setattr(os, "replace", real_replace)
-        monkeypatch.setattr(os, "unlink", real_unlink)
+        done = not cut.hit
         on_disk = Bundle.open(b.path, verify=True)
         assert on_disk.manifest == b.manifest       # the object follows what is on disk
         graph = on_disk.graph_for().read_bytes()
@@ -324,31 +307,13 @@ def test_replace_files_of_model_onnx_leaves_a_bundle_that_runs_at_every_step(tmp
 
     from edge_ad import atomic
 
-    real = {"replace": os.replace, "unlink": os.unlink, "write_bytes": atomic.write_bytes}
     seen = set()
     for cut_at in range(1, 50):
         b = _graphs_bundle(tmp_path / f"b{cut_at}")
-        calls = [0]
-
-        def counted(fn):
-            def op(*a, **k):
-                calls[0] += 1
-                if calls[0] == cut_at:
-                    raise SystemExit("power cut")
-                return fn(*a, **k)
-            return op
-
-        monkeypatch.setattr(os, "replace", counted(real["replace"]))
-        monkeypatch.setattr(os, "unlink", counted(real["unlink"]))
-        monkeypatch.setattr(atomic, "write_bytes", counted(real["write_bytes"]))
-        try:
+        with power_cut(monkeypatch, cut_at, os.replace, os.unlink, atomic.write_bytes) as cut:
             b.replace_files({"model.onnx": b"new fp32"}, remove=["model.int8.onnx", "model.int8-u8.onnx"],
                             meta={"active": {"graph": "model.onnx", "precision": "fp32"}})
-            done = True
-        except SystemExit:
-            done = False
-        for name, fn in real.items():
-            monkeypatch.setattr(atomic if name == "write_bytes" else os, name, fn)
+        done = not cut.hit
         on_disk = Bundle.open(b.path, verify=True)
         graph = on_disk.check_graph()          # what 'edge-ad run' asks
         seen.add(graph.read_bytes())
@@ -381,24 +346,11 @@ def test_a_guard_report_written_again_is_never_torn_from_its_manifest(tmp_path, 
 
     from edge_ad.compile import guard as guard_mod
 
-    real = os.replace
     for cut_at in range(1, 20):
         b = _graphs_bundle(tmp_path / f"b{cut_at}")
-        calls = [0]
-
-        def cut(*a, **k):
-            calls[0] += 1
-            if calls[0] == cut_at:
-                raise SystemExit("power cut")
-            return real(*a, **k)
-
-        monkeypatch.setattr(os, "replace", cut)
-        try:
+        with power_cut(monkeypatch, cut_at, os.replace) as cut:
             guard_mod.write_report(b, [{"candidate": "onnxruntime-int8", "passed": False}])
-            done = True
-        except SystemExit:
-            done = False
-        monkeypatch.setattr(os, "replace", real)
+        done = not cut.hit
         report = json.loads(Bundle.open(b.path, verify=True).file("quant_report.json").read_text())
         assert report == {} or report["candidates"]["onnxruntime-int8"]["passed"] is False
         if done:

@@ -149,8 +149,8 @@ def test_a_cut_while_an_engine_is_switched_in_never_leaves_a_record_of_an_engine
 
     from edge_ad.compile import guard as guard_mod
     from edge_ad.compile.tensorrt import record_engine
+    from fixtures_bundle import power_cut
 
-    real_replace, real_unlink = os.replace, os.unlink
     seen_done = False
     for cut_at in range(1, 40):
         b = _bundle(tmp_path / f"c{cut_at}")
@@ -158,25 +158,9 @@ def test_a_cut_while_an_engine_is_switched_in_never_leaves_a_record_of_an_engine
         key = _put(b, "int8", guard=False)
         entry = {"candidate": f"tensorrt-int8-{key.split('-', 2)[2]}", "passed": passed, "checked": 12,
                  "rank_corr": 0.999, "auroc": 1.0, "engine": f"{key}.engine"}
-        calls = [0]
-
-        def counted(real):
-            def op(*a, **k):
-                calls[0] += 1
-                if calls[0] == cut_at:
-                    raise SystemExit("power cut")
-                return real(*a, **k)
-            return op
-
-        monkeypatch.setattr(os, "replace", counted(real_replace))
-        monkeypatch.setattr(os, "unlink", counted(real_unlink))
-        try:
+        with power_cut(monkeypatch, cut_at, os.replace, os.unlink) as cut:
             assert record_engine(b, key, dict(entry), "int8") is passed
-            done = True
-        except SystemExit:
-            done = False
-        monkeypatch.setattr(os, "replace", real_replace)
-        monkeypatch.setattr(os, "unlink", real_unlink)
+        done = not cut.hit
         on_disk = Bundle.open(b.path, verify=True)
         report = json.loads(on_disk.file("quant_report.json").read_text())["candidates"]
         assert "onnxruntime-int8" in report
