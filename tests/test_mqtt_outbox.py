@@ -98,15 +98,18 @@ def test_messages_the_broker_refuses_are_dropped_and_counted_per_reason(tmp_path
         ob.put("result", "t", lambda s: _json(s))              # 2 dropped: full
     rows = ob.fetch_after(0, 10)
     assert ob.drop([rows[0].id], "too_large") == 1
-    assert ob.drop([rows[0].id, rows[1].id], "disconnects") == 1    # one was gone already
+    assert ob.drop([rows[0].id, rows[1].id], "too_large") == 1      # one was gone already
     assert ob.depth == 1 and ob.bytes == len(rows[2].payload) and ob.dropped == 4
-    assert ob.dropped_by == {"full": 2, "too_large": 1, "disconnects": 1}
-    with pytest.raises(InputError, match="drop reason 'full'"):
-        ob.drop([rows[2].id], "full")
+    assert ob.dropped_by == {"full": 2, "too_large": 2}
+    # a lost connection is never a reason: it cannot be told from a network fault (nothing is dropped for it)
+    for reason in ("full", "disconnects"):
+        with pytest.raises(InputError, match=f"drop reason '{reason}': expected one of too_large"):
+            ob.drop([rows[2].id], reason)
+    assert ob.depth == 1
     ob.close()
     with Outbox(tmp_path / "o.sqlite", max_messages=3) as again:
-        assert again.dropped == 4 and again.dropped_by == {"full": 2, "too_large": 1, "disconnects": 1}
-        assert again.stats()["dropped_by"]["too_large"] == 1
+        assert again.dropped == 4 and again.dropped_by == {"full": 2, "too_large": 2}
+        assert again.stats()["dropped_by"]["too_large"] == 2
 
 
 def test_drops_of_a_full_outbox_are_logged_at_once_then_at_most_once_a_minute(tmp_path, monkeypatch, caplog):
@@ -290,6 +293,72 @@ def test_an_acked_message_whose_delete_fails_is_deleted_on_a_later_pass(tmp_path
     assert len(msgs) == 2 and msgs[0][0] == "ERROR" and "2 acknowledged message(s) not deleted" in msgs[0][1]
     assert "disk is full" in msgs[0][1] and not any(r.exc_info for r in caplog.records)
     assert "deleted from the outbox again" in msgs[1][1]
+    ob.close()
+
+
+def test_what_paho_held_at_a_lower_limit_is_handed_over_again_replies_included(tmp_path, caplog):
+    """A limit lower than before takes back all of paho's copies (it cannot drop one alone). The outbox's
+    are handed over again (one over the limit dropped); a command reply was lost with them, and its requester
+    waited in vain: it is published again as it was, unless over the limit (logged). A retained birth is not:
+    every connect publishes it again, newer."""
+    import types
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_ad.mqtt.sender import OutboxSender
+
+    def message(mid, topic, payload, retain=False, props=None):
+        m = paho.MQTTMessage(mid, topic.encode())
+        m.payload, m.qos, m.retain, m.properties = payload, 1, retain, props
+        return m
+
+    class Client:
+        protocol = paho.MQTTv5
+        mids = iter(range(1, 100))
+
+        def __init__(self):
+            self.sent, self.held = [], []
+
+        def publish(self, topic, payload, qos=0, retain=False, properties=None):
+            mid = next(self.mids)
+            self.sent.append((mid, topic, payload, retain, properties))
+            self.held.append(message(mid, topic, payload, retain, properties))
+            return types.SimpleNamespace(rc=paho.MQTT_ERR_SUCCESS, mid=mid)
+
+        def drop_out_messages(self):
+            held, self.held = self.held, []
+            return held
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    for note in ("", "n" * 3000, ""):
+        ob.put("result", "t/result", lambda s, note=note: _json(s, note=note))
+    out = OutboxSender(ob, window=10, resend_after_s=60.0, wake=threading.Event())
+    client = Client()
+    out.reconnected(client, None)
+    out.fill(client)                                            # the three results, no limit known
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"c1"
+    client.publish("replies/a", b'{"ok": true}', 1, False, props)   # the link's reply, birth, oversized reply
+    client.publish("t/status", b'{"state": "online"}', 1, True)
+    client.publish("replies/b", b"r" * 3000, 1, False)
+    client.sent.clear()
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.sender"):
+        out.reconnected(client, 2000)                           # the broker came back with a limit
+        out.fill(client)
+    again = [(topic, payload, retain, p) for _, topic, payload, retain, p in client.sent]
+    assert again[0] == ("replies/a", b'{"ok": true}', False, props)          # as it was, properties included
+    assert [t for t, *_ in again[1:]] == ["t/result", "t/result"]            # the first and last result
+    assert ob.depth == 2 and ob.dropped_by["too_large"] == 1 and out.inflight == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("on replies/b, in flight at the reconnect, not sent again" in e and "(2000 bytes" in e
+               for e in errors), errors
+    assert not any("t/status" in e for e in errors)
+    client.sent.clear()
+    out.reconnected(client, 2000)                               # the same limit: paho keeps and resends its own
+    out.fill(client)
+    assert client.sent == [] and len(client.held) == 3
     ob.close()
 
 

@@ -1367,7 +1367,7 @@ def test_the_run_summary_counts_the_messages_the_full_outbox_dropped(tmp_path, t
         total = ob.dropped
     assert summary["outbox_left"] == 5 and summary["output_errors"]["outbox"] == 0
     assert summary["outbox_dropped"] == total - 2 >= 20 - 4
-    assert summary["outbox_dropped_by"] == {"full": total - 2, "too_large": 0, "disconnects": 0}
+    assert summary["outbox_dropped_by"] == {"full": total - 2, "too_large": 0}
 
 
 def test_the_summary_fps_is_over_the_inspection_not_the_stop(tmp_path, tiny_bundle):
@@ -1554,6 +1554,46 @@ def test_run_says_how_many_messages_wait_in_the_outbox_when_the_broker_was_unrea
     assert res.exit_code == 0, res.output
     m = re.search(r"(\d+) MQTT messages not delivered yet: they wait in the outbox \((.+)\)", res.output)
     assert m and int(m.group(1)) >= 4 and m.group(2) == str(outbox), res.output
+
+
+def test_run_names_the_messages_dropped_as_too_large_for_the_broker(tmp_path, tiny_bundle, monkeypatch):
+    """The summary line counted 'too_large' and 'disconnects' together as messages the broker does not take;
+    a lost connection no longer drops anything, so only messages over the limit the broker announced are
+    counted there, apart from those the full outbox dropped."""
+    import types
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.runtime import service
+
+    summary = {"frames": 4, "ng": 0, "dropped": 0, "duration_s": 1.0, "fps": 4.0, "reason": "finished",
+               "stop_s": 0.1, "outbox_left": 0, "outbox": "o.sqlite", "outbox_reset": None, "outbox_dropped": 3,
+               "outbox_dropped_by": {"full": 1, "too_large": 2}}
+
+    class Fake:
+        finished = True
+        pipeline = types.SimpleNamespace(busy=lambda: False)
+
+        def __init__(self, *a, **kw):
+            pass
+
+        def describe(self):
+            return "fake"
+
+        def run(self):
+            return summary
+
+    monkeypatch.setattr(service, "Service", Fake)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["run", "--config", str(_config_file(tmp_path, tiny_bundle, "synthetic://"))])
+    assert res.exit_code == 0, res.output
+    assert "1 MQTT messages dropped by the full outbox" in res.output
+    assert ("2 MQTT messages dropped because they are larger than the maximum packet size the broker announced "
+            "(max_packet_size in Mosquitto)") in res.output
+    summary["outbox_dropped_by"] = {"full": 0, "too_large": 0}
+    res = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "run.toml")])
+    assert res.exit_code == 0 and "MQTT messages dropped" not in res.output, res.output
 
 
 def test_a_sigterm_after_the_run_stopped_does_not_kill_edge_ad_run(tmp_path, tiny_bundle):

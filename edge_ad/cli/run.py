@@ -113,10 +113,9 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
             if by.get("full"):
                 click.echo(f"{by['full']} MQTT messages dropped by the full outbox (oldest first, "
                            "event images before results): mqtt.outbox_max_messages / outbox_max_bytes", err=err)
-            refused = (by.get("too_large") or 0) + (by.get("disconnects") or 0)
-            if refused:
-                click.echo(f"{refused} MQTT messages dropped because the broker does not take them (larger than its "
-                           "maximum packet size, max_packet_size in Mosquitto): raise that limit above "
+            if by.get("too_large"):
+                click.echo(f"{by['too_large']} MQTT messages dropped because they are larger than the maximum packet "
+                           "size the broker announced (max_packet_size in Mosquitto): raise that limit above "
                            "mqtt.image_max_bytes + 1 KiB, or lower image_max_bytes", err=err)
         sys.stdout.flush()
     except BrokenPipeError:   # `edge-ad run | head`: the reader left; the run itself went well

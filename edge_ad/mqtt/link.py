@@ -20,11 +20,12 @@ Delivery is at least once: a message whose PUBACK was lost (a cut between the br
 kill before the ack was recorded) is sent again. Consumers de-duplicate on the ``id`` field.
 
 Nothing larger than the broker's Maximum Packet Size (announced in its CONNACK, MQTT v5) is published: the
-broker would disconnect the device for it at every reconnect. An outbox message that is, or that gets the
-connection dropped right after it is sent several times in a row (MQTT 3.1.1: no limit is announced), is
-dropped, counted and announced with an ``output_error`` event (:mod:`.sender`); a too large event image is
-left out of its event (``image_skipped: too_large``), a too large status, calibration, discovery config,
-telemetry or reply is not sent (logged).
+broker would disconnect the device for it at every reconnect. Such an outbox message is dropped, counted and
+announced with an ``output_error`` event (:mod:`.sender`); a too large event image is left out of its event
+(``image_skipped: too_large``), a too large status, calibration, discovery config, telemetry or reply is not
+sent (logged). A broker that announces no limit (MQTT 3.1.1) just drops the connection, which cannot be
+told from a network fault: nothing is dropped for it; the same message sent right before several losses in a
+row is named in a WARNING.
 """
 
 from __future__ import annotations
@@ -103,7 +104,6 @@ class MqttLink:
         self._drop_events: collections.deque = collections.deque(maxlen=64)   # ids of our output_error events
         self._oversize_log = LogLimiter()     # direct publishes (status, telemetry, replies) over the limit
         self._limit_warned: int | None = None
-        self._connect_sent: list = []         # paho's infos of the messages published at the last connect
         if self.outbox.reset is not None:
             self._announce_outbox_reset(self.outbox.reset)
 
@@ -440,19 +440,17 @@ class MqttLink:
         self._maybe_validate("status", body)
         return payloads.encode(body, "status")
 
-    def _publish_retained(self, client: paho.Client) -> list:
-        """Birth, calibration and discovery configs: on every connect and after each change. Returns paho's
-        infos of those published."""
+    def _publish_retained(self, client: paho.Client) -> None:
+        """Birth, calibration and discovery configs: on every connect and after each change."""
         with self._lock:
             self._retained_dirty = False
             calibration = self._calibration
-        sent = [self._publish_direct(client, self.topics.status, self._status_bytes("online", "connected"), 1, True)]
+        self._publish_direct(client, self.topics.status, self._status_bytes("online", "connected"), 1, True)
         if calibration is not None:
-            sent.append(self._publish_direct(client, self.topics.calibration, calibration, 1, True))
+            self._publish_direct(client, self.topics.calibration, calibration, 1, True)
         if self.settings.homeassistant:
             for topic, data in homeassistant.discovery(self.settings, self._birth):
-                sent.append(self._publish_direct(client, topic, data, 1, True))
-        return [info for info in sent if info is not None]
+                self._publish_direct(client, topic, data, 1, True)
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -481,7 +479,7 @@ class MqttLink:
                 qos=1, noLocal=True, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
         else:
             client.subscribe(self.topics.cmd_filter, qos=1)
-        self._connect_sent = self._publish_retained(client)
+        self._publish_retained(client)
         log.info("mqtt: connected to %s (session present: %s, %d waiting in the outbox%s)", self.settings.safe_url,
                  bool(getattr(flags, "session_present", False)), self.outbox.depth,
                  "" if limit is None else f"; the broker takes packets of up to {limit} bytes")
@@ -505,7 +503,7 @@ class MqttLink:
         if was:
             self._counters["disconnects"] += 1
             if not self._stopping:
-                self._out.lost(self._connected_at)     # was it right after sending a message the broker refuses?
+                self._out.lost(self._connected_at)     # right after sending a message the broker refuses? (logged)
                 self._last_error = f"disconnected from {self.settings.safe_url}: {reason_text(reason_code)}"
                 log.warning("mqtt: %s; reconnecting (%d waiting in the outbox)", self._last_error,
                             self.outbox.depth)
@@ -625,10 +623,7 @@ class MqttLink:
                 if time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
                     self._out.resend_stale(client, self._connected_at)
-                # while probing (see .sender) the first message waits for the connect's own to be acknowledged,
-                # so that one of those that gets the connection dropped is never blamed on an outbox message
-                self._out.fill(client, ready=time.monotonic() - self._connected_at > 5.0
-                               or all(info.is_published() for info in self._connect_sent))
+                self._out.fill(client)
             except Exception as exc:  # keep sending whatever happens to one message
                 self._last_error = f"sender: {type(exc).__name__}: {exc}"
                 log.exception("mqtt: sender error")

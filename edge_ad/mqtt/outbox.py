@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("result", "event", "image")
 # why messages were dropped (``dropped_by``): "full" (a bound), or the sender's reasons (:meth:`Outbox.drop`)
-DROP_REASONS = ("full", "too_large", "disconnects")
+DROP_REASONS = ("full", "too_large")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -504,8 +504,7 @@ class Outbox:
     @property
     def dropped_by(self) -> dict[str, int]:
         """``dropped`` per reason (since the file was made): ``full`` (a bound), ``too_large`` (larger than the
-        broker's maximum packet size), ``disconnects`` (the connection was lost right after each of several
-        sends of it)."""
+        maximum packet size the broker announced)."""
         with self._stat:
             by = dict(self._dropped_by)
             return {"full": max(0, self._dropped - sum(by.values())), **by}

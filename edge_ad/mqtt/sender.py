@@ -7,19 +7,17 @@ paho's locks (``on_publish`` runs while paho holds its message lock) and ours ap
 
 A message the broker will not take must not block the outbox: a broker disconnects a client that sends a
 packet larger than its maximum packet size (Mosquitto's ``max_packet_size``), and paho sends the same message
-again after every reconnect, so everything behind it waited for ever. Such a message is dropped from the
-outbox (counted in ``dropped_by``, logged, announced through ``on_drop``):
+again after every reconnect, so everything behind it waited for ever. When the broker announces its limit in
+its CONNACK (MQTT v5), a message over it is never handed to paho: it is dropped from the outbox (reason
+``too_large``, counted in ``dropped_by``, logged, announced through ``on_drop``).
 
-* ``too_large``: its PUBLISH packet is larger than the Maximum Packet Size the broker announced in its
-  CONNACK (MQTT v5). It is never handed to paho.
-* ``disconnects``: no limit was announced (MQTT 3.1.1, or a v5 broker that announces none but still refuses
-  it), and the connection was lost within :data:`POISON_WINDOW_S` of sending it alone,
-  :data:`POISON_STRIKES` connections in a row. Which message of those in flight got the connection dropped
-  cannot be told (the broker took the ones before it, but their PUBACKs are lost with the connection), so a
-  connection lost right after sending makes the sender *probe*: at the next connect paho's copies are dropped
-  (:meth:`OutboxSender.reconnected`) and the messages go out again one at a time, each once the previous one
-  is acknowledged, the first once the connect's own messages (birth, calibration) are, until one is
-  acknowledged.
+A broker that announces no limit (MQTT 3.1.1, or a v5 broker without one) just closes the connection, and
+that cannot be told from a network fault (a cut cable, a NAT reset, Wi-Fi roaming, a broker restart): a
+message is never dropped for a lost connection, whatever its timing. Each connection lost right after
+(re)sending the same oldest unacknowledged message is counted instead (:meth:`OutboxSender._note_loss`), and
+:data:`LOSS_REPEATS` such losses in a row are logged as a WARNING naming that message, its size and the broker
+setting that would cause it (at most once a minute): the operator sees the reconnect loop and its likely
+cause, and nothing is lost.
 """
 
 from __future__ import annotations
@@ -46,8 +44,8 @@ log = logging.getLogger(__name__)
 AckListener = Callable[[str, "str | None", float, float], None]   # (kind, msg_id, created, acked) unix s
 DropListener = Callable[[dict], None]   # a report of dropped messages (see OutboxSender._drop)
 
-POISON_STRIKES = 3      # connections lost right after sending the same message: the broker will not take it
-POISON_WINDOW_S = 5.0   # "right after": within this of its send (a broker refuses a packet on its header; a
+LOSS_REPEATS = 3        # connections lost right after sending the same message, in a row: logged (never dropped)
+LOSS_WINDOW_S = 5.0     # "right after": within this of its send (a broker refuses a packet on its header; a
                         # cut noticed by the keep-alive comes 1.5 keep-alives after the last send)
 
 
@@ -79,7 +77,6 @@ class _Inflight:
     sent: float             # monotonic time handed to paho
     topic: str = ""
     size: int = 0           # bytes of the PUBLISH packet
-    probe: bool = False     # sent alone, while probing
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -101,10 +98,10 @@ class OutboxSender:
         # the broker's Maximum Packet Size (its CONNACK, MQTT v5), None when it announced none
         self.max_packet: int | None = None
         self._acks: queue.SimpleQueue = queue.SimpleQueue()   # PUBACKs and lost connections, in their order
-        self._requeue: queue.SimpleQueue = queue.SimpleQueue()  # paho message ids it dropped at a connect
-        self._probing = False                          # one message at a time: a connection was lost after a send
-        self._suspect: tuple[int, int] | None = None   # (outbox row, connections lost right after sending it alone)
-        self._poison: dict[int, str] = {}              # outbox row -> why it must not be sent again
+        self._requeue: queue.SimpleQueue = queue.SimpleQueue()  # paho's messages it dropped at a connect
+        self._suspect: tuple[int, int] | None = None   # (outbox row, connections lost in a row right after sending it)
+        self._largest_acked = 0                        # bytes of the largest PUBLISH the broker acknowledged
+        self._loss_log = LogLimiter()
         self._undropped: dict[int, str] = {}           # rows to drop whose delete failed (a full disk): retried
         self._drop_log = LogLimiter()
         self._inflight: dict[int, _Inflight] = {}      # paho message id -> outbox row
@@ -142,29 +139,29 @@ class OutboxSender:
 
     def reconnected(self, client: paho.Client, max_packet: int | None) -> None:
         """``on_connect`` (before anything is published on the new connection, and before paho sends again the
-        messages it holds): take the broker's Maximum Packet Size, and when paho may hold a message the
-        broker will not take (probing after a connection lost right after a send, one found to get the
-        connection dropped, a limit lower than before), drop paho's copies: the sender hands them over again
-        itself (:meth:`fill`: one at a time while probing; the one found is dropped). Replies and retained
-        messages in flight are lost with them (the retained ones are published again on connect)."""
+        messages it holds): take the broker's Maximum Packet Size. Paho sends every message it holds from
+        before the reconnect again (nothing in flight is lost); only when the limit is lower than on the last
+        connection (or announced for the first time) may one of them be over it, and paho would get the
+        connection dropped for it at every reconnect: then its copies are taken back (``drop_out_messages``:
+        paho cannot drop one alone) and the sender thread hands them over again (:meth:`_take_back`): the
+        outbox's from the outbox (one over the limit is dropped, ``too_large``), the others (command replies)
+        published again unless over the limit."""
         lowered = max_packet is not None and (self.max_packet is None or max_packet < self.max_packet)
         self.max_packet = max_packet
-        if (self._probing or self._poison or lowered) and self._inflight:     # (truth of a dict: atomic)
-            for message in client.drop_out_messages():
-                self._requeue.put(message.mid)
-            self._wake.set()
+        if lowered:
+            messages = client.drop_out_messages()
+            for message in messages:
+                self._requeue.put(message)
+            if messages:
+                self._wake.set()
 
     # ------------------------------------------------------------------ the sender thread
-    def fill(self, client: paho.Client, ready: bool = True) -> None:
-        """Hand stored messages to paho, oldest first, until ``window`` are unacknowledged (one while
-        probing, and none before ``ready``: the messages published at connect are acknowledged)."""
-        self._take_back()
-        if self._probing and not ready:
-            return
-        window = 1 if self._probing else self.window
+    def fill(self, client: paho.Client) -> None:
+        """Hand stored messages to paho, oldest first, until ``window`` are unacknowledged."""
+        self._take_back(client)
         skip = ({f.row_id for f in self._inflight.values()} | set(self._undeleted) | set(self._undropped))
         while True:
-            room = window - len(self._inflight)
+            room = self.window - len(self._inflight)
             if room <= 0:
                 return
             rows = self.outbox.fetch_after(self._cursor, room)
@@ -182,11 +179,9 @@ class OutboxSender:
         props = image_properties(row.msg_id) if row.kind == "image" and v5 else None
         size = publish_size(row.topic, len(row.payload), row.qos, props, v5)
         limit = self.max_packet
-        reason = self._poison.pop(row.id, None)
-        if reason is None and limit is not None and size > limit:
-            reason = "too_large"     # the broker would disconnect us for it, at every reconnect, the outbox behind it
-        if reason is not None:
-            self._drop(row.id, row.kind, row.msg_id, row.topic, size, reason)
+        if limit is not None and size > limit:
+            # the broker would disconnect us for it, at every reconnect, the outbox waiting behind it
+            self._drop(row.id, row.kind, row.msg_id, row.topic, size, "too_large")
             return True
         info = client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain, properties=props)
         # NO_CONN: paho keeps the message and sends it after the reconnect, so it is in flight all the same
@@ -194,25 +189,46 @@ class OutboxSender:
             log.debug("mqtt: publish of outbox row %d deferred (%s)", row.id, paho.error_string(info.rc))
             return False
         self._inflight[info.mid] = _Inflight(row.id, row.kind, row.msg_id, row.created, time.monotonic(),
-                                             row.topic, size, self._probing)
+                                             row.topic, size)
         self.counters["published"] += 1
         return True
 
-    def _take_back(self) -> None:
-        """The messages paho dropped at a connect (:meth:`reconnected`) are no longer in flight: the cursor goes
-        back to the oldest of them, so :meth:`fill` hands them over again in order (and drops the one found
-        to get the connection dropped)."""
+    def _take_back(self, client: paho.Client) -> None:
+        """The messages paho dropped at a connect (:meth:`reconnected`) are no longer in flight. For the
+        outbox's, the cursor goes back to the oldest of them, so :meth:`fill` hands them over again in order
+        (and drops one over the broker's limit). The others are published again as they were, unless over the
+        limit: command replies, whose requester waits for them and which nothing else sends again. A retained
+        one (birth, calibration, discovery config) is not: every connect publishes those again, newer."""
         rows: list[int] = []
+        v5 = client.protocol == paho.MQTTv5
         while True:
             try:
-                mid = self._requeue.get_nowait()
+                message = self._requeue.get_nowait()
             except queue.Empty:
                 break
-            entry = self._inflight.pop(mid, None)
-            if entry is not None:        # else a reply or retained message (published again on connect)
+            entry = self._inflight.pop(message.mid, None)
+            if entry is not None:
                 rows.append(entry.row_id)
+            elif not message.retain:
+                self._publish_again(client, message, v5)
         if rows:
             self._cursor = min(self._cursor, min(rows) - 1)
+
+    def _publish_again(self, client: paho.Client, message: paho.MQTTMessage, v5: bool) -> None:
+        """Publish a message paho held from before the reconnect (not from the outbox) again, unless it is larger
+        than the broker's Maximum Packet Size (then logged as an ERROR: it cannot be delivered)."""
+        props = message.properties if v5 else None
+        size = publish_size(message.topic, len(message.payload), message.qos, props, v5)
+        limit = self.max_packet
+        if limit is not None and size > limit:
+            log.error("mqtt: %d-byte message on %s, in flight at the reconnect, not sent again: larger than the "
+                      "broker's maximum packet size (%d bytes, announced at connect)", size, message.topic, limit)
+            return
+        info = client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
+                              properties=props)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.error("mqtt: message on %s, in flight at the reconnect, could not be sent again: %s", message.topic,
+                      paho.error_string(info.rc))
 
     def _drop(self, row_id: int, kind: str, msg_id: str | None, topic: str, size: int, reason: str) -> None:
         """Drop a message the broker will not take from the outbox (counted in ``dropped_by[reason]``); log it
@@ -226,9 +242,7 @@ class OutboxSender:
             log.error("mqtt: %s; retried on every pass", exc)
         limit = self.max_packet
         why = (f"its {size}-byte packet is larger than the broker's maximum packet size ({limit} bytes, announced "
-               "at connect)" if reason == "too_large" else
-               f"the connection was lost right after each of its last {POISON_STRIKES} sends (a broker disconnects "
-               "a client that sends a packet larger than its max_packet_size)")
+               "at connect)")
         since = self._drop_log.hit(reason)
         if not since:
             return
@@ -238,7 +252,7 @@ class OutboxSender:
         if self._on_drop is not None:
             try:
                 self._on_drop({"reason": reason, "kind": kind, "message_id": msg_id, "topic": topic,
-                               "bytes": size, "max_packet_size": limit if reason == "too_large" else None,
+                               "bytes": size, "max_packet_size": limit,
                                "error": f"{kind} {msg_id} on {topic} dropped: {why}", "dropped": since,
                                "dropped_total": self.outbox.dropped_by.get(reason, 0)})
             except Exception:
@@ -258,29 +272,40 @@ class OutboxSender:
         self.counters["resent"] += resent
         log.warning("mqtt: %d messages unacknowledged for %.0f s were sent again", resent, self.resend_after_s)
 
-    def _judge_loss(self, lost_at: float, connected_since: float) -> None:
-        """A connection was lost (the PUBACKs that came before it are counted). Lost within
-        :data:`POISON_WINDOW_S` of a send: probe from the next connect (see the module's docstring). Lost so
-        while probing, right after the probe was sent alone on it: the probe is suspect; the same message
-        suspect :data:`POISON_STRIKES` times in a row is one the broker will not take, dropped at the next
-        connect (paho's copy by :meth:`reconnected`, the outbox's by :meth:`_hand_over`). paho sends every
-        unacknowledged message again as it reconnects, so "sent" is then the connect."""
+    def _note_loss(self, lost_at: float, connected_since: float) -> None:
+        """A connection was lost (the PUBACKs that came before it are counted). Nothing is dropped for it: a
+        broker that refuses a packet over a limit it did not announce closes the connection as a network
+        fault does, and a heuristic that cannot tell them apart would drop valid results on a flaky network.
+        Lost within :data:`LOSS_WINDOW_S` of a send (paho sends every unacknowledged message again as it
+        reconnects, so "sent" is then the connect) with the same oldest unacknowledged outbox message
+        :data:`LOSS_REPEATS` times in a row: a WARNING names that message (at most once a minute), so the
+        reconnect loop a refused message causes can be told from a flaky network and fixed at the broker."""
         sent = [f for f in self._inflight.values() if f.sent <= lost_at]
-        if not any(lost_at - max(f.sent, connected_since) <= POISON_WINDOW_S for f in sent):
+        if not any(lost_at - max(f.sent, connected_since) <= LOSS_WINDOW_S for f in sent):
             self._suspect = None          # nothing in flight, or a cut long after: no message's doing
             return
-        probe = sent[0] if len(sent) == 1 and sent[0].probe and sent[0].sent >= connected_since else None
-        if not self._probing or probe is None:
-            self._probing = True          # which one is unknown: one at a time from the next connect
+        first = sent[0]                   # the oldest handed to paho: what the broker reads first at a reconnect
+        repeats = self._suspect[1] + 1 if self._suspect is not None and self._suspect[0] == first.row_id else 1
+        self._suspect = (first.row_id, repeats)
+        if repeats < LOSS_REPEATS:
             return
-        strikes = self._suspect[1] + 1 if self._suspect is not None and self._suspect[0] == probe.row_id else 1
-        self._suspect = (probe.row_id, strikes)
-        if strikes >= POISON_STRIKES and probe.row_id not in self._poison:
-            self._poison[probe.row_id] = "disconnects"
-            if self._drop_log.hit("found"):     # (the drop itself is logged as an ERROR)
-                log.warning("mqtt: the connection was lost right after sending %s %s (%d bytes) alone %d times in "
-                            "a row: the broker does not take it (a packet over its max_packet_size?); it is dropped "
-                            "at the next connect", probe.kind, probe.msg_id, probe.size, strikes)
+        since = self._loss_log.hit("loss")
+        if not since:
+            return
+        if 0 < first.size <= self._largest_acked:
+            likely = (f"the broker acknowledged a {self._largest_acked}-byte packet on this link, so unless its limit "
+                      "was lowered since, it is not refusing this one for its size: more likely the network or the "
+                      "broker drops the connection")
+        else:
+            likely = ("if the broker refuses a packet this large (Mosquitto's max_packet_size or message_size_limit), "
+                      "this repeats at every reconnect while the messages behind it wait: raise that limit above "
+                      "mqtt.image_max_bytes + 1 KiB, or lower mqtt.image_max_bytes (MQTT v5 with max_packet_size "
+                      "set: the broker announces it and such a message is dropped as too_large instead)")
+        log.warning("mqtt: the connection was lost %d times in a row right after sending %s %s on %s (%d bytes, the "
+                    "oldest of %d unacknowledged); nothing is dropped, it is sent again at each reconnect: %s; %d "
+                    "loss(es) like it since the last report, logged again in %.0f s at the earliest", repeats,
+                    first.kind, first.msg_id, first.topic, first.size, len(self._inflight), likely, since,
+                    self._loss_log.interval_s)
 
     def drain_acks(self) -> None:
         """Delete acknowledged messages from the outbox (one transaction for all that arrived). A delete
@@ -300,16 +325,13 @@ class OutboxSender:
             except queue.Empty:
                 break
             if mid is None:       # a lost connection: (None, when, connected since)
-                self._judge_loss(failed, reason)
+                self._note_loss(failed, reason)
                 continue
             entry = self._inflight.pop(mid, None)
             if entry is None:
                 continue          # birth, reply, calibration, telemetry: not from the outbox
             if self._suspect is not None and self._suspect[0] == entry.row_id:
-                self._suspect = None
-            self._poison.pop(entry.row_id, None)      # it got through after all
-            if entry.probe:
-                self._probing = False                 # the connection carries messages again: the full window
+                self._suspect = None                  # it got through after all
             done.append(entry.row_id)
             if failed:
                 self.counters["rejected"] += 1
@@ -317,6 +339,7 @@ class OutboxSender:
                           entry.msg_id, reason_text(reason))
                 continue
             self.counters["acked"] += 1
+            self._largest_acked = max(self._largest_acked, entry.size)
             self.latency_ms.append((now - entry.created) * 1000.0)
             if self._ack_listener is not None:
                 try:
