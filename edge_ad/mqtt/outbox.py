@@ -464,7 +464,7 @@ class Outbox:
         with self._rlock, self._lock:
             self._check_open()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                self._begin(self._db, "drop")   # as put and delete: a lock another program holds fails fast
                 try:
                     marks = ",".join("?" * len(ids))
                     row = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE id IN ({marks})",
@@ -480,7 +480,7 @@ class Outbox:
                         self._db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                raise RuntimeFailure(f"outbox {self.path}: delete failed ({exc})") from None
+                raise RuntimeFailure(f"outbox {self.path}: drop failed ({exc})") from None
             with self._stat:
                 self._count -= gone
                 self._bytes -= gone_bytes
