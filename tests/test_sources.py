@@ -323,6 +323,30 @@ def test_dir_source_skips_unreadable_images_without_replaying(tmp_path):
             src.read()
 
 
+def test_looping_dir_warns_once_per_unreadable_image_and_counts_every_skip(tmp_path, caplog):
+    """A looping dir:// said 'skipped ... not a readable image' at every pass (every 2.5 s for 25 images at
+    10 fps, forever). It is said once per file; every skip is still counted; a file that becomes readable is
+    read (and warned about again should it break once more)."""
+    import cv2
+
+    for name, v in (("a.png", 10), ("c.png", 30)):
+        cv2.imwrite(str(tmp_path / name), np.full((8, 8, 3), v, np.uint8))
+    (tmp_path / "b.png").write_text("truncated")
+    caplog.set_level("WARNING", logger="edge_ad.runtime.sources")
+    src = open_source(f"dir://{tmp_path}?loop=1")
+    src.open()
+    assert [src.read().truth["file"] for _ in range(8)] == ["a.png", "c.png"] * 4   # 4 passes
+    said = [r.getMessage() for r in caplog.records if "b.png" in r.getMessage()]
+    assert len(said) == 1 and "not a readable image" in said[0] and "once per file" in said[0], said
+    assert src.skipped == 4
+    cv2.imwrite(str(tmp_path / "b.png"), np.full((8, 8, 3), 20, np.uint8))        # fixed: simply read
+    assert [src.read().truth["file"] for _ in range(3)] == ["a.png", "b.png", "c.png"]
+    (tmp_path / "b.png").write_text("broken again")                                 # a new fault: said again
+    assert [src.read().truth["file"] for _ in range(2)] == ["a.png", "c.png"]
+    said = [r.getMessage() for r in caplog.records if "b.png" in r.getMessage()]
+    assert len(said) == 2 and src.skipped == 5
+
+
 # ----------------------------------------------------------------------------- outages
 def test_removed_video_reconnects_when_it_comes_back(tmp_path):
     path = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(4)])

@@ -546,6 +546,9 @@ class DirSource(Source):
         self._pos = 0
         self._index = 0
         self.skipped = 0   # unreadable images skipped (the pipeline's skipped_images)
+        # unreadable images warned about: once each while they stay unreadable, not at every pass of a
+        # looping folder (25 images at 10 fps repeated the warning every 2.5 s, forever)
+        self._warned: set[Path] = set()
 
     @property
     def listed(self) -> int:
@@ -573,7 +576,10 @@ class DirSource(Source):
     def read(self) -> RawFrame | None:
         """The next readable image. An unreadable one (removed, truncated, not an image) is skipped with
         a warning: raising SourceLost made the reconnect list the folder again and replay it from the
-        first image. A whole pass without one readable image is an outage (loop) or the end."""
+        first image. The warning is said once per file (a looping folder skips it again at every pass,
+        and every skip is counted in ``skipped``); a file that becomes readable is read, and warned about
+        again should it break once more. A whole pass without one readable image is an outage (loop) or
+        the end."""
         from ..data.image import load_image
 
         self._pace()   # one turn per delivered frame (an unreadable image skipped takes none)
@@ -593,8 +599,12 @@ class DirSource(Source):
             except (InputError, OSError) as exc:
                 skipped += 1
                 self.skipped += 1
-                log.warning("%s: skipped %s", self.spec.safe_uri, exc)
+                if p not in self._warned:
+                    self._warned.add(p)
+                    log.warning("%s: skipped %s (said once per file; every skip counts in skipped_images)",
+                                self.spec.safe_uri, exc)
                 continue
+            self._warned.discard(p)
             frame = RawFrame(img, self._index, {"file": p.name})
             self._index += 1
             return frame
