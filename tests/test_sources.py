@@ -16,7 +16,7 @@ import pytest
 from edge_ad.errors import InputError
 from edge_ad.runtime.capture import Camera
 from edge_ad.runtime.sources import (RawFrame, Source, SourceLost, check_startup, csi_pipeline, has_gstreamer,
-                                     open_source, parse_uri, redact_uri)
+                                     open_source, parse_uri, redact_text, redact_uri)
 from fixtures_bundle import make_tiny_bundle, part_frame, write_video
 
 EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
@@ -129,6 +129,9 @@ def test_resolve_relative_keeps_options_and_leaves_others_alone(tmp_path):
 def test_credentials_never_reach_logs():
     assert redact_uri("rtsp://admin:s3cret@10.1.2.3:554/ch1") == "rtsp://***@10.1.2.3:554/ch1"
     assert redact_uri("rtsp://cam/x?token=abc123&channel=1") == "rtsp://cam/x?token=***&channel=1"
+    # a text holding URIs (a calibration record's source): those with secrets redacted, the rest verbatim
+    assert (redact_text("calibrate: rtsp://admin:s3cret@cam/1 and csi://0?gainrange=1+1, /data/a?b")
+            == "calibrate: rtsp://***@cam/1 and csi://0?gainrange=1+1, /data/a?b")
     with pytest.raises(InputError) as ei:
         parse_uri("rtsp://admin:s3cret@cam:99999/x")
     assert "s3cret" not in str(ei.value)

@@ -21,7 +21,8 @@
 
 The capture contract follows jetson-utils: ``read()`` returns a frame, ``None`` at the end of a finite
 stream, and raises :class:`SourceLost` when the camera fails (the capture loop then reconnects with
-back-off). Frames are RGB ``uint8 [H, W, 3]``. Credentials never reach a log: use :func:`redact_uri`.
+back-off). Frames are RGB ``uint8 [H, W, 3]``. Credentials never reach a log, a record or a message: use
+:func:`redact_uri` (:func:`redact_text` for a text that holds a URI).
 
 Files and folders are checked once before anything starts (:func:`check_startup`): a file:// that is
 missing or not a video OpenCV can decode, or a dir:// without one readable image, is an input error,
@@ -206,6 +207,20 @@ def redact_uri(uri: str) -> str:
     if parts.scheme and str(uri).startswith(lead) and not out.startswith(lead):  # dir:///abs came back dir:/abs
         out = lead + out[len(parts.scheme) + 1:]
     return out
+
+
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a message, a calibration record's ``source``: "edge-ad calibrate: rtsp://user:pw@cam/1")
+    with each URI in it that carries credentials or secret-looking query values redacted by
+    :func:`redact_uri`; other URIs and the rest of the text are kept as written."""
+    def one(m: re.Match) -> str:
+        safe = redact_uri(m.group(0))
+        return safe if "***" in safe else m.group(0)   # redact_uri also respells a query ('+' as ' ')
+
+    return _URI_IN_TEXT.sub(one, str(text))
 
 
 def parse_uri(uri: str) -> SourceSpec:
