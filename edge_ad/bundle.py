@@ -529,6 +529,7 @@ class Bundle:
         Order matters for power cuts: the history file is written (atomically) first, then
         calibration.json is replaced atomically. A cut between the two leaves the old calibration in force.
         ``extra["previous_version"]`` records the version in force it replaces (:meth:`previous_calibration_version`).
+        Credentials of a URI in ``cal.source`` are replaced by ``***`` (:func:`~edge_ad.runtime.sources.redact_text`).
         """
         version = self.next_calibration_version()
         extra = {k: v for k, v in cal.extra.items() if k != "previous_version"}
@@ -537,7 +538,12 @@ class Bundle:
                 extra["previous_version"] = self.calibration().version
         except InputError:
             pass  # an unreadable calibration in force: nothing to go back to
-        cal = cal.replace(version=version, created=cal.created or now_iso(), extra=extra)
+        from .runtime.sources import redact_text
+
+        # the record travels (bundle archives, the retained MQTT calibration): a camera URI in its source
+        # ("edge-ad calibrate: rtsp://user:password@cam/1") is stored without its credentials
+        cal = cal.replace(version=version, created=cal.created or now_iso(), extra=extra,
+                          source=redact_text(cal.source))
         data = (json.dumps(cal.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         atomic.write_bytes(self.calibration_version_file(version), data)
         self._put_calibration(data)

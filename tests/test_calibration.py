@@ -656,6 +656,64 @@ def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tm
     assert res.exit_code == 2 and "nope.toml: config file not found" in res.output
 
 
+def test_camera_credentials_never_reach_the_calibration_record_or_the_output(tbundle, tmp_path, monkeypatch):
+    """'edge-ad calibrate --source rtsp://user:password@cam/stream' printed 'note: SOURCE gave N frames' with
+    the password, and the record (calibration.json, calibration.d/, packed into archives and published over
+    MQTT) stored 'edge-ad calibrate: SOURCE' with it. Both now say the URI as every log line does:
+    rtsp://***@cam/stream (a secret-looking query value as ***), here and from --config's source.uri."""
+    from click.testing import CliRunner
+
+    import edge_ad.calibration as calibration_pkg
+    from edge_ad.calibration import pack_bundle
+    from edge_ad.calibration.collect import CollectedFrames
+    from edge_ad.cli import main
+
+    size = tuple(tbundle.image_size)
+    asked = []
+
+    def camera(source, n, **kw):   # what the camera would deliver: fewer frames than asked (the note)
+        asked.append(source)
+        return CollectedFrames([resize_rgb(part_frame(i, 96), size) for i in range(25)],
+                               [f"frame {i}" for i in range(25)])
+
+    monkeypatch.setattr(calibration_pkg, "collect_frames", camera)
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "30", "--policy", "max", "--backend",
+            "onnxruntime"]
+    res = r.invoke(main, [*base, "--source", "rtsp://admin:s3cret@cam/stream"])
+    assert res.exit_code == 0, res.output
+    assert asked[-1] == "rtsp://admin:s3cret@cam/stream"               # the camera still gets its credentials
+    out = res.stdout + res.stderr
+    assert "s3cret" not in out and "admin" not in out, out
+    assert "note: no --config: the frames of rtsp://***@cam/stream are calibrated" in res.stderr
+    assert "note: rtsp://***@cam/stream gave 25 frames (asked for 30)" in res.stderr
+    line = tmp_path / "line.toml"
+    line.write_text('[source]\nuri = "rtsp://cam/stream?token=t0ps3cret&channel=1"\n')
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    assert "t0ps3cret" not in res.stdout + res.stderr
+    assert "note: rtsp://cam/stream?token=***&channel=1 gave 25 frames" in res.stderr
+    assert [tbundle.calibration_at(v).source for v in (2, 3)] == [
+        "edge-ad calibrate: rtsp://***@cam/stream", "edge-ad calibrate: rtsp://cam/stream?token=***&channel=1"]
+    for f in [tbundle.path / "calibration.json", *tbundle.calibration_dir.glob("*.json")]:
+        assert b"s3cret" not in f.read_bytes(), f
+    # any writer of a record (an MQTT calibrate, a script calling recalibrate): redacted when it is stored
+    cal = recalibrate(tbundle, _inspector(tbundle), camera("", 25), policy="max", progress=False,
+                      source="script: 25 frames from rtsp://admin:s3cret@cam/stream").calibration
+    assert tbundle.calibration_at(cal.version).source == "script: 25 frames from rtsp://***@cam/stream"
+    archive = pack_bundle(tbundle.path, tmp_path / "b.tar")            # what travels to other devices
+    assert b"s3cret" not in archive.read_bytes()
+
+    # a record written before (the password in it): --list does not print it either
+    old = json.loads((tbundle.calibration_dir / "0002.json").read_text())
+    old["source"] = "edge-ad calibrate: rtsp://admin:s3cret@cam/stream"
+    (tbundle.calibration_dir / "0002.json").write_text(json.dumps(old))
+    for fmt in ([], ["--json"]):
+        res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--list", *fmt])
+        assert res.exit_code == 0, res.output
+        assert "s3cret" not in res.output and "edge-ad calibrate: rtsp://***@cam/stream" in res.output
+
+
 def test_left_out_and_refused_frames_of_a_folder_are_named_by_their_file(tbundle, tmp_path):
     from click.testing import CliRunner
 

@@ -1025,6 +1025,47 @@ def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bun
         svc.inspector.backend.close()
 
 
+@pytest.mark.parametrize("by", ["update_model", "reload"])
+def test_an_update_that_supersedes_a_waiting_rollback_sends_its_final_model_health(bundles, tmp_path, by):
+    """A failed health check's rollback waited for the deploy lock (one model_health event: rollback
+    "waiting"); an MQTT update_model (or a reload onto a release 'edge-ad bundle install' put in) then
+    switched another release in and replaced the watch, and no event ever said how the waiting one ended: a
+    fleet dashboard waited for ever (or took the new release's verdict for it). It now gets its final event:
+    failed, rollback dropped, superseded by the new release; the new release is not rolled back over, and is
+    watched on its own."""
+    a, b, c = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    held = _HeldElsewhere(deploy)
+    try:
+        _failing_frames(svc)
+        health = [e for e in svc.events if e.get("type") == "model_health"]
+        assert [e["rollback"] for e in health] == ["waiting"]
+        held.release()                                # the lock is free; a switch comes before the next check
+        if by == "update_model":
+            out = _update(svc, pack_bundle(c.path, tmp_path / "c.tar"))
+            new = out["install"]["release"]
+            assert out["health"] == "pending"
+        else:                                         # 'edge-ad bundle install' from a shell, then SIGHUP
+            new = install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, require_golden=False).release
+            svc.reload("bundle")
+        assert deployment(deploy).current == new != failing
+        health = [e for e in svc.events if e.get("type") == "model_health"]
+        assert len(health) == 2, health
+        final = health[1]
+        assert final["status"] == "failed" and final["rollback"] == "dropped" and not final["rolled_back"]
+        assert (final["release"], final["superseded_by"]) == (failing, new)
+        assert f"rollback dropped: superseded by {new}, which {by} switched in" in final["reason"]
+        assert svc.reporter.health is not None and svc.reporter.health.release == new
+        svc._check_health()                                             # the new watch: no verdict yet
+        assert len([e for e in svc.events if e.get("type") == "model_health"]) == 2
+        assert deployment(deploy).current == new and svc.inspector.model_hash == c.model_hash()
+    finally:
+        held.release()
+        svc.inspector.backend.close()
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
     from click.testing import CliRunner

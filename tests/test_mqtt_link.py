@@ -424,7 +424,10 @@ def test_events_images_calibration_and_birth(mosquitto, tmp_path):
         e1 = link.publish_event({"score": 0.9, "result_id": "r1"}, jpeg=b"\xff\xd8jpeg-bytes")
         e2 = link.publish_event({"score": 0.8}, jpeg=b"\xff\xd8second")          # rate-limited
         assert link.stats()["images_skipped"] == 2                                # both reasons counted
+        # a record written before sources were stored redacted: the retained calibration goes to every
+        # consumer, so the camera's password in its source is not published
         link.publish_calibration({"version": 5, "threshold": 0.42, "policy": "fpr:0.001",
+                                  "source": "edge-ad calibrate: rtsp://admin:s3cret@cam/stream",
                                   "maps": {"map": {"q_a": 0.1, "q_b": 0.9, "weight": 1.0}}})
         assert col.wait_ids(3, 10)
         assert col.wait_for(lambda c: len(c.of_kind("event/image")) == 1 and len(c.of_kind("calibration")) >= 1, 10)
@@ -437,6 +440,8 @@ def test_events_images_calibration_and_birth(mosquitto, tmp_path):
         assert dict(img.properties.UserProperty)["event_id"] == e1 and img.properties.ContentType == "image/jpeg"
         cal = col.of_kind("calibration")[-1]
         assert cal.json()["version"] == 5 and cal.json()["threshold"] == 0.42
+        assert cal.json()["calibration"]["source"] == "edge-ad calibrate: rtsp://***@cam/stream"
+        assert b"s3cret" not in cal.payload
         assert col.wait_for(lambda c: _last(c, "status").get("calibration_version") == 5, 5)
         birth = _last(col, "status")
         assert birth["state"] == "online" and birth["model_hash"] == "abc123"

@@ -16,7 +16,7 @@ import pytest
 from edge_ad.errors import InputError
 from edge_ad.runtime.capture import Camera
 from edge_ad.runtime.sources import (RawFrame, Source, SourceLost, check_startup, csi_pipeline, has_gstreamer,
-                                     open_source, parse_uri, redact_uri)
+                                     open_source, parse_uri, redact_text, redact_uri)
 from fixtures_bundle import make_tiny_bundle, part_frame, write_video
 
 EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
@@ -129,6 +129,9 @@ def test_resolve_relative_keeps_options_and_leaves_others_alone(tmp_path):
 def test_credentials_never_reach_logs():
     assert redact_uri("rtsp://admin:s3cret@10.1.2.3:554/ch1") == "rtsp://***@10.1.2.3:554/ch1"
     assert redact_uri("rtsp://cam/x?token=abc123&channel=1") == "rtsp://cam/x?token=***&channel=1"
+    # a text holding URIs (a calibration record's source): those with secrets redacted, the rest verbatim
+    assert (redact_text("calibrate: rtsp://admin:s3cret@cam/1 and csi://0?gainrange=1+1, /data/a?b")
+            == "calibrate: rtsp://***@cam/1 and csi://0?gainrange=1+1, /data/a?b")
     with pytest.raises(InputError) as ei:
         parse_uri("rtsp://admin:s3cret@cam:99999/x")
     assert "s3cret" not in str(ei.value)
@@ -321,6 +324,30 @@ def test_dir_source_skips_unreadable_images_without_replaying(tmp_path):
     with pytest.raises(SourceLost, match="none of the 3 images can be read"):
         for _ in range(4):
             src.read()
+
+
+def test_looping_dir_warns_once_per_unreadable_image_and_counts_every_skip(tmp_path, caplog):
+    """A looping dir:// said 'skipped ... not a readable image' at every pass (every 2.5 s for 25 images at
+    10 fps, forever). It is said once per file; every skip is still counted; a file that becomes readable is
+    read (and warned about again should it break once more)."""
+    import cv2
+
+    for name, v in (("a.png", 10), ("c.png", 30)):
+        cv2.imwrite(str(tmp_path / name), np.full((8, 8, 3), v, np.uint8))
+    (tmp_path / "b.png").write_text("truncated")
+    caplog.set_level("WARNING", logger="edge_ad.runtime.sources")
+    src = open_source(f"dir://{tmp_path}?loop=1")
+    src.open()
+    assert [src.read().truth["file"] for _ in range(8)] == ["a.png", "c.png"] * 4   # 4 passes
+    said = [r.getMessage() for r in caplog.records if "b.png" in r.getMessage()]
+    assert len(said) == 1 and "not a readable image" in said[0] and "once per file" in said[0], said
+    assert src.skipped == 4
+    cv2.imwrite(str(tmp_path / "b.png"), np.full((8, 8, 3), 20, np.uint8))        # fixed: simply read
+    assert [src.read().truth["file"] for _ in range(3)] == ["a.png", "b.png", "c.png"]
+    (tmp_path / "b.png").write_text("broken again")                                 # a new fault: said again
+    assert [src.read().truth["file"] for _ in range(2)] == ["a.png", "c.png"]
+    said = [r.getMessage() for r in caplog.records if "b.png" in r.getMessage()]
+    assert len(said) == 2 and src.skipped == 5
 
 
 # ----------------------------------------------------------------------------- outages

@@ -1000,6 +1000,22 @@ class HealthWatch:
             self._final = v
             return v
 
+    def supersede(self, release: str | None, by: str) -> HealthVerdict | None:
+        """This runtime switched ``release`` in (``by``: update_model, reload) and watches it instead: this
+        watch ends here. An owed rollback (failed, "waiting" for the deploy lock) is dropped, as it would be
+        at its next poll now that ``current`` has moved on, and an owed healthy record is not made; the final
+        verdict is returned (and by later polls). None when nothing was owed: the watch was still judging,
+        or it had ended."""
+        with self._lock:
+            if self._final is not None or self._owed is None:
+                return None
+            owed = self._owed
+            why = f"superseded by {release or 'another release'}, which {by} switched in"
+            if owed.status == "failed":
+                return self._finish(replace(owed, reason=f"{owed.reason}; rollback dropped: {why}",
+                                            rollback="dropped"))
+            return self._finish(replace(owed, reason=f"{owed.reason}; not recorded as healthy: {why}"))
+
     def _confirm(self, v: HealthVerdict) -> HealthVerdict:
         """Record an "ok" verdict on the release judged (under the deploy lock, only while it is still
         ``current``); the verdict to return: final, or "pending" while another install or rollback holds the

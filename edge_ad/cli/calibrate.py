@@ -188,7 +188,8 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
             images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, min_frames, notes)
             insp = Inspector(b, be)
             res = recalibrate(b, insp, images, policy=policy, screen_z=screen_z, min_frames=min_frames,
-                              prior_weight=prior_weight, source=f"edge-ad calibrate: {source}", labels=images.labels)
+                              prior_weight=prior_weight, source=f"edge-ad calibrate: {_shown(source)}",
+                              labels=images.labels)
         finally:
             be.close()
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
@@ -228,9 +229,7 @@ def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: t
     from ..calibration.collect import is_line_folder
 
     if line is None and "://" in str(source) and not str(source).startswith("dir://"):
-        from ..runtime.sources import redact_uri
-
-        click.echo(f"note: no --config: the frames of {redact_uri(source)} are calibrated on whole and unrotated; "
+        click.echo(f"note: no --config: the frames of {_shown(source)} are calibrated on whole and unrotated; "
                    "on a line with source.roi or rotate give --config LINE.toml, else the refit fits other pictures "
                    "than the line inspects", err=True)
     images = collect_frames(source, frames, every=every, timeout_s=timeout_s, size_hw=size_hw,
@@ -238,8 +237,17 @@ def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: t
                             folder_roi=line is not None and is_line_folder(source, line.uri),
                             bundle=bundle, min_frames=min_frames, notes=notes)
     if len(images) < frames:
-        click.echo(f"note: {source} gave {len(images)} frames (asked for {frames})", err=True)
+        click.echo(f"note: {_shown(source)} gave {len(images)} frames (asked for {frames})", err=True)
     return images
+
+
+def _shown(source) -> str:
+    """``--source`` (or the config's source.uri) as it may be printed and recorded: a URI without its
+    credentials (``rtsp://***@cam/1``, as every log line says it), a folder as given."""
+    from ..runtime.sources import redact_uri
+
+    text = str(source)
+    return redact_uri(text) if "://" in text else text
 
 
 def _calibration_rows(b) -> tuple[list[dict], list[str]]:
@@ -273,9 +281,10 @@ def _calibration_rows(b) -> tuple[list[dict], list[str]]:
 
 def _row(b, c, version: int, in_force: bool) -> dict:
     from ..calibration.refit import statistics_kept
+    from ..runtime.sources import redact_text
 
     return {"version": version, "in_force": in_force, "created": c.created, "policy": c.policy,
-            "threshold": c.threshold, "n_frames": c.n_frames, "source": c.source,
+            "threshold": c.threshold, "n_frames": c.n_frames, "source": redact_text(c.source),   # older records
             "rollback": statistics_kept(b, c)}
 
 

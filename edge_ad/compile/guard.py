@@ -287,6 +287,8 @@ def infer_all(backend, batch: np.ndarray, chunk: int = 8) -> dict[str, np.ndarra
 def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
              limits: GuardLimits | None = None, name: str | None = None) -> dict:
     """Compare ``candidate`` (a Backend) with FP32 on the guard set; returns the report entry."""
+    from ..runtime.sources import redact_text   # the entry is stored in the bundle: no camera credentials
+
     limits = limits or GuardLimits()
     if gset.reference is None:
         if reference_backend is None:
@@ -311,7 +313,7 @@ def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
         "backend": candidate.describe(),
         "checked": now_iso(),
         "n_images": {g: int((gset.groups == g).sum()) for g in ("normal", "synthetic", "real")},
-        "calibration": {"version": cal.version, "threshold": thr, "source": cal.source or "bundle"},
+        "calibration": {"version": cal.version, "threshold": thr, "source": redact_text(cal.source) or "bundle"},
         "rank_corr": spearman(ref.scores, cand.scores),
         "non_finite": int(np.sum(~np.isfinite(cand.scores))),   # images the candidate would not decide
         "max_map_error": map_err,

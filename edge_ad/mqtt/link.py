@@ -290,6 +290,10 @@ class MqttLink:
         cal = calibration.to_dict() if hasattr(calibration, "to_dict") else calibration
         if not isinstance(cal, Mapping) or "threshold" not in cal:
             raise InputError("calibration to publish: expected a Calibration or its dict with 'threshold'")
+        if isinstance(cal.get("source"), str):   # a record written before sources were stored redacted
+            from ..runtime.sources import redact_text
+
+            cal = {**cal, "source": redact_text(cal["source"])}
         version = int(cal.get("version") or 0)
         body = {"schema_version": payloads.SCHEMA_VERSION, "ts": payloads.now_iso(), "site": self.settings.site,
                 "device": self.settings.device, "version": version, "threshold": cal["threshold"],

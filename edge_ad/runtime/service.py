@@ -112,6 +112,9 @@ class Service:
         self._t0 = time.monotonic()
         self._swap_lock = threading.Lock()
         self._health_waiting = None   # the HealthWatch whose rollback waits for the deploy lock, once said
+        # held while a model switch replaces the health watch (update_model, reload): the loop's _check_health
+        # skips its turn then, so the watch replaced is neither judged nor announced a second time
+        self._health_lock = threading.Lock()
         self.transient_threshold: float | None = None  # set_threshold {persist: false}, until a calibration swap
         self.override_under_transient: float | None = None  # the override it replaced: back on that swap
         self._build()
@@ -235,8 +238,25 @@ class Service:
         if dep is not None and dep.current_path.resolve() == Path(self.bundle.path).resolve():
             log.warning("release %s of %s is pending: its health is watched (rolled back when it fails)",
                         dep.current, d)
-            self.reporter.health = HealthWatch(d, baseline_ng_rate=baseline_ng_rate, offered=self._offered,
-                                               release=dep.current)
+            self._replace_health(HealthWatch(d, baseline_ng_rate=baseline_ng_rate, offered=self._offered,
+                                             release=dep.current), "reload")
+
+    def _replace_health(self, watch, by: str) -> None:
+        """Watch ``watch``'s release from now on. A watch it replaces whose failed verdict's rollback was said
+        to wait for the deploy lock (a ``model_health`` event with rollback "waiting") gets its final event
+        now: rollback "dropped", superseded by the new release (``superseded_by``), which ``by`` (update_model,
+        reload) switched in. It is never rolled back to over the new switch, and without that event a fleet
+        dashboard waited for ever for the outcome, or took the new release's verdict for it."""
+        old, self.reporter.health = self.reporter.health, watch
+        if old is None or old is watch:
+            return
+        v = old.supersede(watch.release, by)
+        if self._health_waiting is old:
+            self._health_waiting = None
+            if v is not None:
+                log.error("the rollback of %s waited for the deploy lock and is dropped: %s", old.release, v.reason)
+                self.event({"type": "model_health", **_jsonable(v.to_dict()), "release": old.release,
+                            "superseded_by": watch.release})
 
     def _offered(self) -> int:
         """Frames the pipeline has handed to the model so far (captured, triggered, not paused)."""
@@ -445,8 +465,9 @@ class Service:
         try:
             fresh = Bundle.open(path, verify=True)
             if fresh.model_hash() != self.inspector.model_hash or fresh.active_graph != self.bundle.active_graph:
-                out = self._swap_model(fresh, reason="reload")
-                self._watch_if_pending(self._ng_rate())
+                with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
+                    out = self._swap_model(fresh, reason="reload")
+                    self._watch_if_pending(self._ng_rate())
                 return out
         except Exception as exc:   # a pending release the line cannot open: back to the one that runs
             dep = self._pending_release()
@@ -555,18 +576,21 @@ class Service:
         if res.already_installed and res.path.resolve() == Path(self.bundle.path).resolve():
             return _jsonable({"activated": True, "already_installed": True, "model_hash": self.inspector.model_hash,
                               "install": res.summary()})
-        baseline = self._ng_rate()
-        try:
-            out = self._swap_model(Bundle.open(res.path, verify=True), reason="update_model")
-        except Exception as exc:
-            if res.already_installed:   # nothing was switched: nothing to roll back
-                raise
-            dep = rollback_model(m.deploy_dir, reason=f"update_model: the new release could not be swapped in: {exc}")
-            raise RuntimeFailure(f"update_model: {res.release} was installed but could not be swapped in ({exc}); "
-                                 f"'current' is back on {dep.current}, the running model is unchanged") from exc
-        if not res.already_installed:
-            self.reporter.health = HealthWatch(m.deploy_dir, baseline_ng_rate=baseline, offered=self._offered,
-                                               release=res.release)
+        with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
+            baseline = self._ng_rate()
+            try:
+                out = self._swap_model(Bundle.open(res.path, verify=True), reason="update_model")
+            except Exception as exc:
+                if res.already_installed:   # nothing was switched: nothing to roll back
+                    raise
+                dep = rollback_model(m.deploy_dir,
+                                     reason=f"update_model: the new release could not be swapped in: {exc}")
+                raise RuntimeFailure(f"update_model: {res.release} was installed but could not be swapped in "
+                                     f"({exc}); 'current' is back on {dep.current}, the running model is "
+                                     "unchanged") from exc
+            if not res.already_installed:
+                self._replace_health(HealthWatch(m.deploy_dir, baseline_ng_rate=baseline, offered=self._offered,
+                                                 release=res.release), "update_model")
         out.update({"activated": True, "install": res.summary(),
                     "health": "pending" if not res.already_installed else "unchanged"})
         return _jsonable(out)
@@ -581,7 +605,17 @@ class Service:
     def _check_health(self) -> None:
         """After a model update: roll back when the new model's first frames look wrong. A rollback that
         waits for the deploy lock (an 'edge-ad bundle install' or 'rollback' from a shell holds it) keeps the
-        watch, which tries again at every call: one event says it waits, one more how it ended."""
+        watch, which tries again at every call: one event says it waits, one more how it ended (or, when an
+        update_model or reload switches another release in meanwhile, that it was superseded:
+        :meth:`_replace_health`)."""
+        if not self._health_lock.acquire(blocking=False):
+            return   # a model switch is replacing the watch: checked at the next call
+        try:
+            self._check_health_locked()
+        finally:
+            self._health_lock.release()
+
+    def _check_health_locked(self) -> None:
         watch = self.reporter.health
         if watch is None:
             return

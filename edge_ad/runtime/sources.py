@@ -21,7 +21,8 @@
 
 The capture contract follows jetson-utils: ``read()`` returns a frame, ``None`` at the end of a finite
 stream, and raises :class:`SourceLost` when the camera fails (the capture loop then reconnects with
-back-off). Frames are RGB ``uint8 [H, W, 3]``. Credentials never reach a log: use :func:`redact_uri`.
+back-off). Frames are RGB ``uint8 [H, W, 3]``. Credentials never reach a log, a record or a message: use
+:func:`redact_uri` (:func:`redact_text` for a text that holds a URI).
 
 Files and folders are checked once before anything starts (:func:`check_startup`): a file:// that is
 missing or not a video OpenCV can decode, or a dir:// without one readable image, is an input error,
@@ -206,6 +207,20 @@ def redact_uri(uri: str) -> str:
     if parts.scheme and str(uri).startswith(lead) and not out.startswith(lead):  # dir:///abs came back dir:/abs
         out = lead + out[len(parts.scheme) + 1:]
     return out
+
+
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a message, a calibration record's ``source``: "edge-ad calibrate: rtsp://user:pw@cam/1")
+    with each URI in it that carries credentials or secret-looking query values redacted by
+    :func:`redact_uri`; other URIs and the rest of the text are kept as written."""
+    def one(m: re.Match) -> str:
+        safe = redact_uri(m.group(0))
+        return safe if "***" in safe else m.group(0)   # redact_uri also respells a query ('+' as ' ')
+
+    return _URI_IN_TEXT.sub(one, str(text))
 
 
 def parse_uri(uri: str) -> SourceSpec:
@@ -546,6 +561,9 @@ class DirSource(Source):
         self._pos = 0
         self._index = 0
         self.skipped = 0   # unreadable images skipped (the pipeline's skipped_images)
+        # unreadable images warned about: once each while they stay unreadable, not at every pass of a
+        # looping folder (25 images at 10 fps repeated the warning every 2.5 s, forever)
+        self._warned: set[Path] = set()
 
     @property
     def listed(self) -> int:
@@ -573,7 +591,10 @@ class DirSource(Source):
     def read(self) -> RawFrame | None:
         """The next readable image. An unreadable one (removed, truncated, not an image) is skipped with
         a warning: raising SourceLost made the reconnect list the folder again and replay it from the
-        first image. A whole pass without one readable image is an outage (loop) or the end."""
+        first image. The warning is said once per file (a looping folder skips it again at every pass,
+        and every skip is counted in ``skipped``); a file that becomes readable is read, and warned about
+        again should it break once more. A whole pass without one readable image is an outage (loop) or
+        the end."""
         from ..data.image import load_image
 
         self._pace()   # one turn per delivered frame (an unreadable image skipped takes none)
@@ -593,8 +614,12 @@ class DirSource(Source):
             except (InputError, OSError) as exc:
                 skipped += 1
                 self.skipped += 1
-                log.warning("%s: skipped %s", self.spec.safe_uri, exc)
+                if p not in self._warned:
+                    self._warned.add(p)
+                    log.warning("%s: skipped %s (said once per file; every skip counts in skipped_images)",
+                                self.spec.safe_uri, exc)
                 continue
+            self._warned.discard(p)
             frame = RawFrame(img, self._index, {"file": p.name})
             self._index += 1
             return frame
