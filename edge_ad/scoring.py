@@ -216,6 +216,22 @@ def image_scores(combined: np.ndarray) -> np.ndarray:
     return combined.reshape(combined.shape[0], -1).max(axis=1)
 
 
+def unpadded_scores(combined: np.ndarray, map_pad: int) -> np.ndarray:
+    """The maximum per frame of a combined map (:func:`combine`) over its own cells, without the
+    ``map_pad`` border of zeros.
+
+    It equals the image score wherever that is above 0. The pad's zeros make the image score of a frame
+    whose whole map lies below the normalization's ``q_a`` exactly 0; with a calibration fitted to the
+    light in force that is many good frames (16 of 40 on an EfficientAD line), and a set whose scores
+    pile up at 0 has a collapsed median absolute deviation. This score keeps them apart, so the
+    recalibration's defect screen (:mod:`edge_ad.calibration.refit`) measures the set's spread on it.
+    """
+    p = int(map_pad)
+    if p > 0:
+        combined = combined[:, p:combined.shape[1] - p, p:combined.shape[2] - p]
+    return image_scores(combined)
+
+
 def upsample(combined: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of ``[B, h, w]`` maps to ``[B, H, W]`` (OpenCV, half-pixel centres)."""
     import cv2

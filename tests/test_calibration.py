@@ -427,6 +427,64 @@ def test_tied_scores_do_not_screen_out_normal_frames(tbundle):
     assert res.excluded == () and res.n_used == 40
 
 
+def _flat_parts(start, n=40, defects=()):
+    """Good parts of varying contrast (frames listed in ``defects`` carry a blob): the tiny map of the flatter
+    ones lies wholly below the normalization's q_a, so with a pad they score exactly 0, as many good parts
+    of an EfficientAD line do under a calibration fitted to their light."""
+    rng = np.random.default_rng(start)
+    out = []
+    for i in range(n):
+        f = part_frame(start + i, defect=i in defects).astype(np.float32)
+        out.append(np.clip(128 + (f - 128) * rng.uniform(0.5, 1.0), 0, 255).astype(np.uint8))
+    return out
+
+
+def test_the_screen_measures_the_spread_without_the_maps_pad():
+    """EfficientAD pads its combined map with zeros and scores its maximum, so a good frame whose map is all
+    below q_a scores exactly 0. With 16 of 40 at 0 the MAD collapsed and ordinary good frames got z-scores
+    in the hundreds; the screen measures the scores without the pad and reports the image scores."""
+    from edge_ad import scoring
+    from edge_ad.calibration.refit import _screen
+
+    rng = np.random.default_rng(3)
+    level = np.r_[rng.normal(0.0, 0.02, 40), 0.3][:, None, None]       # frame 40: a defect
+    raw = {"map": (level + rng.normal(0, 0.003, (41, 6, 6)))[:, None].astype(np.float32)}
+    cal = scoring.Calibration(maps={"map": scoring.MapNorm(0.0, 0.1)}, threshold=0.05, map_pad=4)
+    scored = scoring.score(raw, cal)
+    s, u = scored.scores.astype(np.float64), scoring.unpadded_scores(scored.combined, 4)
+    assert 12 <= (s == 0).sum() <= 25                                  # good frames piled up at 0
+    np.testing.assert_array_equal(u[s > 0], s[s > 0])                  # the same score above 0 ...
+    assert (u[s == 0] < 0).all() and len(set(u[s == 0])) == (s == 0).sum()   # ... kept apart below it
+    np.testing.assert_array_equal(scoring.unpadded_scores(scored.combined, 0), s)
+    assert (robust_z(s)[:40] > 6).sum() >= 3                           # the collapse the screen avoids
+    out = _screen(s, np.arange(41), 6.0, "why", 0.001, None, u)
+    assert [e.index for e in out] == [40] and out[0].score == pytest.approx(s[40]) and out[0].z > 6
+    assert _screen(s, np.arange(41), 6.0, "why", screen_on=s)           # the image scores alone flag good ones
+
+
+def test_a_second_recalibration_in_the_same_light_keeps_the_good_frames_of_a_padded_map(tbundle):
+    """A padded map (EfficientAD's): under a calibration fitted to this light about half the good frames score
+    exactly 0. The set was refused ('likely defects') or lost its highest good frames (a threshold far too
+    low); now nothing good is left out, a real defect still is, and the same frames give the same threshold
+    whatever calibration is in force."""
+    tbundle.write_calibration(tbundle.calibration().replace(map_pad=4))
+    insp = _inspector(Bundle.open(tbundle.path))
+    v1 = insp.calibration
+    first, second = _flat_parts(0), _flat_parts(100, defects=(17,))
+    res = recalibrate(tbundle, insp, first, policy="fpr:0.05", progress=False)
+    assert res.excluded == () and (res.scores == 0).sum() >= 10
+    insp.set_calibration(res.calibration)
+    with_zeros = insp.inspect(second).scores
+    assert (with_zeros == 0).sum() >= 10                               # the set the screen collapsed on
+    res2 = recalibrate(tbundle, insp, second, policy="fpr:0.05", progress=False)
+    assert [e.index for e in res2.excluded] == [17] and res2.n_used == 39
+    assert res2.calibration.threshold == pytest.approx(res.calibration.threshold, rel=0.3)
+    insp.set_calibration(v1)                                           # the same frames under the first one
+    res3 = recalibrate(tbundle, insp, second, policy="fpr:0.05", progress=False)
+    assert [e.index for e in res3.excluded] == [17]
+    assert res3.calibration.threshold == pytest.approx(res2.calibration.threshold)
+
+
 # ----------------------------------------------------------------------------- collecting frames
 def test_collect_frames_from_a_folder_a_dir_uri_a_video_and_synthetic(tmp_path):
     import cv2

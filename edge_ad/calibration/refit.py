@@ -6,7 +6,11 @@
    inspects) on the frames, once;
 2. **screens out defects** (pass 1): each frame's image score under the calibration in force, as a robust
    z-score within the set, ``z = (score - median) / (1.4826 * MAD)``; frames with ``z > screen_z``
-   (default 6) are reported and left out. The reference is the set itself, not the old calibration's
+   (default 6) are reported and left out. The score screened is the maximum of the combined map without
+   its pad (:func:`edge_ad.scoring.unpadded_scores`): EfficientAD pads its map with zeros, so under a
+   calibration fitted to the light many good frames score exactly 0, the MAD of such a set collapses and
+   ordinary good frames would get z-scores in the hundreds; without the pad they keep their spread (the same
+   score wherever the image score is above 0). The reference is the set itself, not the old calibration's
    normal statistics: after a lighting change *every* frame scores far from the old normals, while a
    defective part still stands out from the other new frames. A Gaussian bundle is scored here with the
    statistics it was trained with (``extra["gaussian_prior"]``), not with a refit in force: a refit saw
@@ -135,8 +139,12 @@ def robust_z(scores: np.ndarray, fallback_scale: float | None = None) -> np.ndar
 
 
 def _screen(scores: np.ndarray, index: np.ndarray, screen_z: float, reason: str,
-            fallback_scale: float | None = None, labels: Sequence[str] | None = None) -> list[Excluded]:
-    z = robust_z(scores, fallback_scale)
+            fallback_scale: float | None = None, labels: Sequence[str] | None = None,
+            screen_on: np.ndarray | None = None) -> list[Excluded]:
+    """The frames whose robust z-score is above ``screen_z`` (or not finite). ``scores`` are the image
+    scores reported; ``screen_on`` (default: ``scores``) what the z-scores are measured on: the scores
+    without the map's pad (:func:`edge_ad.scoring.unpadded_scores`), which do not pile up at 0."""
+    z = robust_z(scores if screen_on is None else screen_on, fallback_scale)
     out = []
     for i in np.nonzero(~(z <= screen_z))[0]:
         why = "non-finite score" if not np.isfinite(scores[i]) else reason
@@ -157,13 +165,15 @@ def _labels(labels: Sequence[str] | None, n: int) -> list[str] | None:
 
 # ----------------------------------------------------------------------------- the model pass
 def _run_model(inspector, frames: Iterable[np.ndarray], batch_size: int, progress: bool, total: int | None):
-    """One pass of the deployed artefact: (kept outputs, scores under the calibration in force, n)."""
+    """One pass of the deployed artefact: (kept outputs, image scores under the calibration in force, the
+    same without the map's pad (what the screen measures: :func:`edge_ad.scoring.unpadded_scores`), n)."""
     from tqdm import tqdm
 
     cur = inspector.calibration
     gaussian = inspector.bundle.kind == "gaussian"
     kept: dict[str, list[np.ndarray]] = {}
     scores: list[np.ndarray] = []
+    unpadded: list[np.ndarray] = []
     n = 0
     buf: list[np.ndarray] = []
     bar = tqdm(total=total, desc="calibrate: inference", unit="frame", disable=None if progress else True,
@@ -174,7 +184,9 @@ def _run_model(inspector, frames: Iterable[np.ndarray], batch_size: int, progres
         batch = to_batch(buf, inspector.image_size)
         outs = inspector.raw_outputs(batch)
         maps = inspector.head(outs, cur)
-        scores.append(scoring.score(maps, cur).scores.astype(np.float64))
+        scored = scoring.score(maps, cur)
+        scores.append(scored.scores.astype(np.float64))
+        unpadded.append(scoring.unpadded_scores(scored.combined, cur.map_pad).astype(np.float64))
         keep = {"feat": outs["feat"]} if gaussian else {k: maps[k] for k in cur.maps}
         for k, v in keep.items():
             kept.setdefault(k, []).append(np.asarray(v, np.float32))
@@ -196,8 +208,8 @@ def _run_model(inspector, frames: Iterable[np.ndarray], batch_size: int, progres
     finally:
         bar.close()
     if n == 0:
-        return {}, np.zeros(0), 0
-    return {k: np.concatenate(v) for k, v in kept.items()}, np.concatenate(scores), n
+        return {}, np.zeros(0), np.zeros(0), 0
+    return {k: np.concatenate(v) for k, v in kept.items()}, np.concatenate(scores), np.concatenate(unpadded), n
 
 
 def _screen_scores(feats: np.ndarray, stats: gaussian.GaussianStats, cur: Calibration, batch: int) -> np.ndarray:
@@ -210,7 +222,8 @@ def _screen_scores(feats: np.ndarray, stats: gaussian.GaussianStats, cur: Calibr
 # ----------------------------------------------------------------------------- fitting
 def _fit(cur: Calibration, kept: dict, used: np.ndarray, policy: str, prior, prior_weight: float | None,
          cache: dict):
-    """(calibration without version, scores of the used frames, Gaussian stats or None)."""
+    """(calibration without version, image scores of the used frames, the same without the map's pad (what
+    the screen measures), Gaussian stats or None)."""
     weights = {name: norm.weight for name, norm in cur.maps.items()}
     stats = None
     if prior is not None:
@@ -226,14 +239,16 @@ def _fit(cur: Calibration, kept: dict, used: np.ndarray, policy: str, prior, pri
     except InputError as exc:
         raise InputError(f"calibration frames: {exc}: {same}") from None
     tmp = Calibration(maps=norms, threshold=0.0, policy=policy, map_pad=cur.map_pad)
-    s = scoring.score(raw, tmp).scores.astype(np.float64)
+    scored = scoring.score(raw, tmp)
+    s = scored.scores.astype(np.float64)
+    u = scoring.unpadded_scores(scored.combined, tmp.map_pad).astype(np.float64)
     if not np.all(np.isfinite(s)):
         raise RuntimeFailure("recalibration produced non-finite scores; the calibration in force is unchanged")
     if not np.ptp(s) > 1e-6 * max(1.0, float(np.abs(s).max())):
         raise InputError(f"calibration frames: the image scores of the {s.size} frames used are all {s[0]:.6g}, "
                          f"with no spread to set a threshold from: {same}")
     thr = scoring.threshold_from_policy(s, policy)
-    return tmp.replace(threshold=thr, normal=scoring.normal_stats(s)), s, stats
+    return tmp.replace(threshold=thr, normal=scoring.normal_stats(s)), s, u, stats
 
 
 def _gaussian_name(bundle: Bundle, version: int, cur: Calibration) -> str:
@@ -374,7 +389,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     min_frames = max(int(min_frames), 3)
     cur = inspector.calibration
     total = len(frames) if isinstance(frames, Sequence) else None
-    kept, s_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, total)
+    kept, s_cur, u_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, total)
     labels = _labels(labels, n)
     t_infer = time.perf_counter() - t0
     if n < min_frames:
@@ -397,27 +412,29 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
                              f"(calibration v{cur.version} extra.gaussian_prior) are missing; recalibrate with "
                              "prior weight 0 (--prior-weight 0: a fit from the new frames alone)")
 
-    s_screen, under = s_cur, f"calibration v{cur.version}"
+    s_screen, u_screen, under = s_cur, u_cur, f"calibration v{cur.version}"
     if prior is not None and pname != cur.extra.get("gaussian"):
         # the statistics in force were refitted on earlier calibration frames: the ones among these that
         # they saw would score far too low (in-sample) and every other frame would look like an outlier
-        s_screen = _screen_scores(kept["feat"], prior, cur, max(1, int(batch_size)))
+        # (a Gaussian map has no pad: its image scores are the unpadded ones)
+        s_screen = u_screen = _screen_scores(kept["feat"], prior, cur, max(1, int(batch_size)))
         under = f"the trained statistics ({pname})"
     index = np.arange(n)
     std = cur.normal.get("std")    # the screen's last-resort scale (scores tied beyond the IQR)
-    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}", std, labels)
+    excluded = _screen(s_screen, index, screen_z, f"robust z > {screen_z:g} under {under}", std, labels,
+                       u_screen)
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
 
     t1 = time.perf_counter()
     cache: dict = {}
-    cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
-    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit", std, labels)
+    cal, s_new, u_new, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
+    more = _screen(s_new, used, screen_z, f"robust z > {screen_z:g} under the refit", std, labels, u_new)
     if more:
         excluded += more
         used = np.setdiff1d(used, [e.index for e in more])
         _check_usable(n, len(used), excluded, min_frames, max_excluded)
-        cal, s_new, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
+        cal, s_new, _, stats = _fit(cur, kept, used, policy, prior, prior_weight, cache)
     del cache
     t_fit = time.perf_counter() - t1
     for e in excluded:
@@ -465,11 +482,11 @@ def screen_frames(inspector, frames: Sequence[np.ndarray], *, screen_z: float = 
     usable, more than ``max_excluded`` flagged). Returns (indices of the frames kept, those left out, the
     warnings: most frames above the threshold in force). ``labels``: as for :func:`recalibrate`."""
     cur = inspector.calibration
-    _, s_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, len(frames))
+    _, s_cur, u_cur, n = _run_model(inspector, frames, max(1, int(batch_size)), progress, len(frames))
     labels = _labels(labels, n)
     index = np.arange(n)
     excluded = _screen(s_cur, index, screen_z, f"robust z > {screen_z:g} under calibration v{cur.version}",
-                       cur.normal.get("std"), labels)
+                       cur.normal.get("std"), labels, u_cur)
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
     return used, excluded, _warnings(cur, s_cur, used)
