@@ -42,11 +42,12 @@ from .outbox import Outbox, Row
 log = logging.getLogger(__name__)
 
 AckListener = Callable[[str, "str | None", float, float], None]   # (kind, msg_id, created, acked) unix s
-DropListener = Callable[[dict], None]   # a report of dropped messages (see OutboxSender._drop)
+DropListener = Callable[[list], None]   # the messages dropped since the last report (OutboxSender.report_drops)
 
 LOSS_REPEATS = 3        # connections lost right after sending the same message, in a row: logged (never dropped)
 LOSS_WINDOW_S = 5.0     # "right after": within this of its send (a broker refuses a packet on its header; a
                         # cut noticed by the keep-alive comes 1.5 keep-alives after the last send)
+DROP_REPORT_S = 1.0     # dropped messages are announced at most this often (a burst of them: together)
 
 
 def publish_size(topic: str, payload_bytes: int, qos: int, properties: Properties | None, v5: bool) -> int:
@@ -104,6 +105,9 @@ class OutboxSender:
         self._loss_log = LogLimiter()
         self._undropped: dict[int, str] = {}           # rows to drop whose delete failed (a full disk): retried
         self._drop_log = LogLimiter()
+        self._drops: list[dict] = []                   # dropped messages not announced yet (report_drops)
+        self._drops_lock = threading.Lock()            # the stop announces the last ones from its own thread
+        self._drops_reported = float("-inf")           # when report_drops last announced some (monotonic)
         self._inflight: dict[int, _Inflight] = {}      # paho message id -> outbox row
         self._cursor = 0                               # highest outbox row id handed to paho
         self._undeleted: list[int] = []                # acknowledged rows a failed delete left in the outbox
@@ -119,11 +123,13 @@ class OutboxSender:
     @property
     def settled(self) -> bool:
         """Nothing waits for the broker: no message is in flight, and every message still stored is one the
-        broker acknowledged but whose delete failed (a full disk). Those are delivered: waiting for the
+        broker acknowledged but whose delete failed (a full disk), and no drop waits to be announced
+        (:meth:`report_drops`). Those are delivered: waiting for the
         outbox to empty cannot make them go, and the next start sends them again (de-duplicated by id).
         Read from any thread (the sender thread replaces ``_undeleted``, never changes it in place)."""
         undeleted, undropped = self._undeleted, self._undropped
-        return not self._inflight and self.outbox.depth <= len(set(undeleted) | set(undropped))
+        return (not self._inflight and not self._drops
+                and self.outbox.depth <= len(set(undeleted) | set(undropped)))
 
     # ------------------------------------------------------------------ paho's network thread
     def acknowledged(self, mid: int, reason_code) -> None:
@@ -231,8 +237,11 @@ class OutboxSender:
                       paho.error_string(info.rc))
 
     def _drop(self, row_id: int, kind: str, msg_id: str | None, topic: str, size: int, reason: str) -> None:
-        """Drop a message the broker will not take from the outbox (counted in ``dropped_by[reason]``); log it
-        and report it through ``on_drop`` at once, then at most once a minute with how many since."""
+        """Drop a message the broker will not take from the outbox (counted in ``dropped_by[reason]``). It is
+        logged at once, then at most once a minute with how many since (:meth:`report_drops` logs what is held
+        back once the minute is over, and at the stop), and announced through ``on_drop`` by
+        :meth:`report_drops`: every dropped message, batched (a burst of them, after a limit was lowered, is one
+        report), so a consumer waiting for an image an event announced is told it will not come."""
         if self._suspect is not None and self._suspect[0] == row_id:
             self._suspect = None
         try:
@@ -243,18 +252,38 @@ class OutboxSender:
         limit = self.max_packet
         why = (f"its {size}-byte packet is larger than the broker's maximum packet size ({limit} bytes, announced "
                "at connect)")
+        with self._drops_lock:
+            self._drops.append({"reason": reason, "kind": kind, "message_id": msg_id, "topic": topic,
+                                "bytes": size, "max_packet_size": limit,
+                                "error": f"{kind} {msg_id} on {topic} dropped: {why}",
+                                "dropped_total": self.outbox.dropped_by.get(reason, 0)})
+        self._wake.set()                  # the sender's next pass reports it
         since = self._drop_log.hit(reason)
-        if not since:
-            return
-        log.error("mqtt: %s %s on %s dropped from the outbox: %s; %d message(s) dropped for this since the last "
-                  "report, %d in all (reported again in %.0f s at the earliest)", kind, msg_id, topic, why, since,
-                  self.outbox.dropped_by.get(reason, 0), self._drop_log.interval_s)
+        if since:
+            log.error("mqtt: %s %s on %s dropped from the outbox: %s; %d message(s) dropped for this since the last "
+                      "report, %d in all (reported again in %.0f s at the earliest; each is named in an output_error "
+                      "event)", kind, msg_id, topic, why, since, self.outbox.dropped_by.get(reason, 0),
+                      self._drop_log.interval_s)
+
+    def report_drops(self, now: bool = False, final: bool = False) -> None:
+        """Announce the messages :meth:`_drop` dropped since the last call through ``on_drop`` (one call with all
+        of them), at most once per :data:`DROP_REPORT_S` (``now``: at once, while stopping); log the drops the
+        once-a-minute ERROR held back once that minute is over (``final``: at once, at the very end), so the
+        log accounts for every drop, also when none follows. Called on every pass of the sender thread and
+        at the stop (any thread)."""
+        for reason, n in self._drop_log.flush(force=final).items():
+            log.error("mqtt: %d more message(s) dropped from the outbox as %s since the last report (larger than the "
+                      "broker's maximum packet size, %s bytes), %d in all; each is named in an output_error event",
+                      n, reason, self.max_packet, self.outbox.dropped_by.get(reason, 0))
+        at = time.monotonic()
+        with self._drops_lock:
+            if not self._drops or not (now or final or at - self._drops_reported >= DROP_REPORT_S):
+                return
+            drops, self._drops = self._drops, []
+            self._drops_reported = at
         if self._on_drop is not None:
             try:
-                self._on_drop({"reason": reason, "kind": kind, "message_id": msg_id, "topic": topic,
-                               "bytes": size, "max_packet_size": limit,
-                               "error": f"{kind} {msg_id} on {topic} dropped: {why}", "dropped": since,
-                               "dropped_total": self.outbox.dropped_by.get(reason, 0)})
+                self._on_drop(drops)
             except Exception:
                 log.exception("mqtt: drop listener raised")
 
