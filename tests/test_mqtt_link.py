@@ -803,7 +803,8 @@ def test_connections_cut_right_after_sending_a_result_drop_nothing(mosquitto_fac
     oldest unacknowledged result first at each reconnect): the link took that for a broker refusing the
     message and dropped a valid 196-byte result ('disconnects'), with a limit announced or not. A lost
     connection is never a reason to drop: every result arrives, and the repeated loss is one WARNING naming
-    the result, which says the broker took larger packets on this link (so not its size)."""
+    the result, which says the broker took larger packets on this link, or announced a limit the result is
+    within (so not its size)."""
     broker = mosquitto_factory(extra_config=broker_config)
     proxy = CuttableProxy(broker.port)
     try:
@@ -834,7 +835,42 @@ def test_connections_cut_right_after_sending_a_result_drop_nothing(mosquitto_fac
     assert len(warned) == 1, warned                         # 4 losses: logged at the 3rd, then rate-limited
     held = _held_id(proxy.cut_publishes[0])                 # the oldest unacknowledged at each loss
     assert f"result {held} on edge-ad/v1/t/d1/result" in warned[0] and "nothing is dropped" in warned[0]
-    assert "the broker acknowledged a" in warned[0] and "more likely the network" in warned[0]
+    assert "more likely the network" in warned[0] and "raise that limit" not in warned[0]
+    if announced:     # within the announced limit: that says it all
+        assert f"announced at connect that it takes packets of up to {announced} bytes" in warned[0]
+    else:
+        assert "the broker acknowledged a" in warned[0]
+
+
+def test_connections_cut_right_after_sending_a_result_within_the_announced_limit_do_not_blame_its_size(
+        mosquitto_factory, tmp_path, caplog):
+    """The broker announced a 3000-byte limit (anything larger is never sent), and the network cut 4
+    connections as the first, 196-byte result of the link was on the wire: the WARNING blamed that result's
+    size and told the operator to raise the broker's limit (only an acknowledged larger packet said
+    otherwise). It says the announced limit rules the size out now: the network or the broker."""
+    broker = mosquitto_factory(extra_config="max_packet_size 3000")
+    proxy = CuttableProxy(broker.port)
+    try:
+        with Collector(BrokerSettings(url=broker.url), "edge-ad/v1/t/d1/#") as col, \
+                caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+            link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path)).start()
+            try:
+                assert _wait(lambda: link.stats()["max_packet_size"] == 3000, 10)
+                proxy.cut_at_publish("/result", 4)
+                ids = [link.publish_result({"score": 0.1, "ng": False}) for _ in range(3)]
+                assert col.wait_for(lambda c: set(ids) <= {m.json()["id"] for m in c.of_kind("result")}, 30)
+                assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+                st = link.stats()
+            finally:
+                link.stop()
+    finally:
+        proxy.close()
+    assert proxy.publish_cuts[1] == 0 and st["disconnects"] >= 4 and st["outbox_dropped"] == 0
+    warned = _loss_warnings(caplog)
+    assert len(warned) == 1, warned
+    assert f"result {_held_id(proxy.cut_publishes[0])} on edge-ad/v1/t/d1/result" in warned[0]
+    assert "announced at connect that it takes packets of up to 3000 bytes" in warned[0]
+    assert "more likely the network" in warned[0] and "raise that limit" not in warned[0]
 
 
 def test_a_reply_in_flight_when_the_connection_drops_arrives_after_the_reconnect(mosquitto, tmp_path):

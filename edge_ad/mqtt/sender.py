@@ -308,7 +308,9 @@ class OutboxSender:
         Lost within :data:`LOSS_WINDOW_S` of a send (paho sends every unacknowledged message again as it
         reconnects, so "sent" is then the connect) with the same oldest unacknowledged outbox message
         :data:`LOSS_REPEATS` times in a row: a WARNING names that message (at most once a minute), so the
-        reconnect loop a refused message causes can be told from a flaky network and fixed at the broker."""
+        reconnect loop a refused message causes can be told from a flaky network and fixed at the broker. The
+        WARNING blames the message's size only when nothing says it fits: not when it is within the limit the
+        broker announced, nor when the broker acknowledged a packet as large on this link."""
         sent = [f for f in self._inflight.values() if f.sent <= lost_at]
         if not any(lost_at - max(f.sent, connected_since) <= LOSS_WINDOW_S for f in sent):
             self._suspect = None          # nothing in flight, or a cut long after: no message's doing
@@ -321,7 +323,12 @@ class OutboxSender:
         since = self._loss_log.hit("loss")
         if not since:
             return
-        if 0 < first.size <= self._largest_acked:
+        if self.max_packet is not None and 0 < first.size <= self.max_packet:
+            # a packet over the announced limit is never sent (dropped as too_large): this one is within it
+            likely = (f"the broker announced at connect that it takes packets of up to {self.max_packet} bytes, so "
+                      "it is not refusing this one for its size: more likely the network or the broker drops the "
+                      "connection")
+        elif 0 < first.size <= self._largest_acked:
             likely = (f"the broker acknowledged a {self._largest_acked}-byte packet on this link, so unless its limit "
                       "was lowered since, it is not refusing this one for its size: more likely the network or the "
                       "broker drops the connection")
