@@ -1006,3 +1006,41 @@ def test_a_limit_lower_than_before_drops_what_paho_holds_over_it_and_sends_the_r
         requester.loop_stop()
         link.stop()
         proxy.close()
+
+
+def test_a_copy_the_safety_net_replaced_is_not_published_again_as_a_reply_when_the_limit_is_lowered(
+        mosquitto_factory, tmp_path, caplog):
+    """resend_stale sends a message unacknowledged for long again under a new id; paho keeps the old copy
+    until its PUBACK. At a reconnect with a lower limit paho's copies are taken back, and the old copy, not
+    tracked as the outbox's, was published again as if it were a command reply: an untracked duplicate of a
+    result, and for one over the limit an ERROR about a message 'in flight at the reconnect, not sent
+    again'. It goes through the outbox now: the result arrives once, the large one is dropped as too_large."""
+    first = mosquitto_factory()
+    proxy = CuttableProxy(first.port)
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path))
+    link._out.resend_after_s = 0.5          # the safety net, after 60 s at the least in real life
+    link.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+            assert _wait(lambda: link.connected, 10)
+            time.sleep(0.6)                      # the connection is older than resend_after_s
+            os.kill(first.proc.pid, signal.SIGSTOP)          # a hung broker: nothing is acknowledged
+            small = link.publish_result({"score": 0.1, "ng": False})
+            big = link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000})
+            assert _wait(lambda: link.stats()["resent"] >= 2, 5)     # paho holds the old copies too
+            proxy.cut()
+            first.kill()
+            second = mosquitto_factory(port=first.port, extra_config=SMALL_PACKETS)
+            with Collector(BrokerSettings(url=second.url), "edge-ad/v1/t/d1/#") as col:
+                proxy.restore()
+                assert _wait(lambda: link.stats()["outbox_depth"] == 0, 15)
+                assert col.wait_for(lambda c: small in {m.json()["id"] for m in c.of_kind("result")}, 10)
+                time.sleep(0.5)                  # a duplicate would follow at once
+                st = link.stats()
+        assert [m.json()["id"] for m in col.of_kind("result")] == [small]
+        assert st["max_packet_size"] == 2000 and st["outbox_dropped_by"]["too_large"] == 1
+        assert big in _dropped_named(col)
+        assert not [r for r in caplog.records if "in flight at the reconnect" in r.getMessage()]
+    finally:
+        link.stop()
+        proxy.close()

@@ -109,6 +109,8 @@ class OutboxSender:
         self._drops_lock = threading.Lock()            # the stop announces the last ones from its own thread
         self._drops_reported = float("-inf")           # when report_drops last announced some (monotonic)
         self._inflight: dict[int, _Inflight] = {}      # paho message id -> outbox row
+        # copies resend_stale replaced, which paho still holds until their PUBACK: paho message id -> (row, topic)
+        self._abandoned: dict[int, tuple[int, str]] = {}
         self._cursor = 0                               # highest outbox row id handed to paho
         self._undeleted: list[int] = []                # acknowledged rows a failed delete left in the outbox
         self._delete_log = LogLimiter()
@@ -194,6 +196,7 @@ class OutboxSender:
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.debug("mqtt: publish of outbox row %d deferred (%s)", row.id, paho.error_string(info.rc))
             return False
+        self._abandoned.pop(info.mid, None)   # paho reused the id (65535 messages later): that copy is gone
         self._inflight[info.mid] = _Inflight(row.id, row.kind, row.msg_id, row.created, time.monotonic(),
                                              row.topic, size)
         self.counters["published"] += 1
@@ -202,9 +205,12 @@ class OutboxSender:
     def _take_back(self, client: paho.Client) -> None:
         """The messages paho dropped at a connect (:meth:`reconnected`) are no longer in flight. For the
         outbox's, the cursor goes back to the oldest of them, so :meth:`fill` hands them over again in order
-        (and drops one over the broker's limit). The others are published again as they were, unless over the
-        limit: command replies, whose requester waits for them and which nothing else sends again. A retained
-        one (birth, calibration, discovery config) is not: every connect publishes those again, newer."""
+        (and drops one over the broker's limit); so for an old copy :meth:`resend_stale` replaced (paho keeps it
+        until its PUBACK): it is an outbox row, not a reply, and publishing it again as it was would send an
+        untracked duplicate (or log an ERROR for a "reply" over the limit). The others are published again as they
+        were, unless over the limit: command replies, whose requester waits for them and which nothing else
+        sends again. A retained one (birth, calibration, discovery config) is not: every connect publishes those
+        again, newer."""
         rows: list[int] = []
         v5 = client.protocol == paho.MQTTv5
         while True:
@@ -213,8 +219,11 @@ class OutboxSender:
             except queue.Empty:
                 break
             entry = self._inflight.pop(message.mid, None)
+            abandoned = self._abandoned.pop(message.mid, None)
             if entry is not None:
                 rows.append(entry.row_id)
+            elif abandoned is not None and abandoned[1] == message.topic:
+                rows.append(abandoned[0])     # sent again from the outbox unless in flight, acknowledged or dropped
             elif not message.retain:
                 self._publish_again(client, message, v5)
         if rows:
@@ -296,7 +305,11 @@ class OutboxSender:
         stale = [mid for mid, f in self._inflight.items() if now - f.sent > self.resend_after_s]
         if not stale:
             return
-        row_ids = [self._inflight.pop(mid).row_id for mid in stale]
+        row_ids = []
+        for mid in stale:     # paho keeps the old copy until its PUBACK (see _take_back)
+            entry = self._inflight.pop(mid)
+            self._abandoned[mid] = (entry.row_id, entry.topic)
+            row_ids.append(entry.row_id)
         resent = sum(1 for row in self.outbox.fetch_ids(row_ids) if self._hand_over(client, row))
         self.counters["resent"] += resent
         log.warning("mqtt: %d messages unacknowledged for %.0f s were sent again", resent, self.resend_after_s)
@@ -364,8 +377,9 @@ class OutboxSender:
                 self._note_loss(failed, reason)
                 continue
             entry = self._inflight.pop(mid, None)
-            if entry is None:
-                continue          # birth, reply, calibration, telemetry: not from the outbox
+            if entry is None:     # birth, reply, calibration, telemetry: not from the outbox; or an old copy
+                self._abandoned.pop(mid, None)          # resend_stale replaced: paho has let go of it
+                continue
             if self._suspect is not None and self._suspect[0] == entry.row_id:
                 self._suspect = None                  # it got through after all
             done.append(entry.row_id)
