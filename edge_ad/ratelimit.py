@@ -2,8 +2,12 @@
 report per interval saying how many occurred since. A full disk or a full outbox on a 50 fps line fails
 50 times a second; a line per failure hides everything else (journald rate-limits the service).
 
+What :meth:`LogLimiter.hit` holds back is reported by a later hit after the interval, or by
+:meth:`LogLimiter.flush` (a timer, the stop) when none comes.
+
 Used for failed output writes (:mod:`edge_ad.runtime.reporting`), messages the full outbox drops
-(:mod:`edge_ad.mqtt.outbox`) and acknowledged messages it cannot delete (:mod:`edge_ad.mqtt.sender`).
+(:mod:`edge_ad.mqtt.outbox`), acknowledged messages it cannot delete and messages too large for the broker
+(:mod:`edge_ad.mqtt.sender`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,22 @@ class LogLimiter:
                 return 0
             since, st[0], st[1] = st[1], now, 0
             return since
+
+    def flush(self, force: bool = False) -> dict[str, int]:
+        """The occurrences :meth:`hit` held back (it returned 0 for them), per key, once the interval since
+        that key's last report has passed (``force``: at once, e.g. at the stop): reported now, so the caller
+        logs them ("N more since"), and the interval starts again. Without it a failure that stops recurring
+        within the interval after a report is never told: only a later :meth:`hit` reports the count. Call it
+        on a timer and at the end."""
+        every = REPORT_EVERY_S if self.every_s is None else self.every_s
+        now = time.monotonic()
+        due: dict[str, int] = {}
+        with self._lock:
+            for key, st in self._state.items():
+                if st[1] > 0 and (force or st[0] is None or now - st[0] >= every):
+                    due[key] = st[1]
+                    st[0], st[1] = now, 0
+        return due
 
     def clear(self, key: str = "") -> bool:
         """``key`` works again. True when it was failing until now (say so once); the occurrences not

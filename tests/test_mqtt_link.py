@@ -674,17 +674,112 @@ def test_a_message_over_the_announced_packet_size_is_dropped_and_the_outbox_goes
             assert st["outbox_dropped_by"] == {"full": 0, "too_large": 2}
             assert st["disconnects"] == 0 and st["connects"] == 1
             assert big not in {m.json()["id"] for m in col.of_kind("result")} and not col.of_kind("event/image")
-            errors = [m.json() for m in col.of_kind("event") if m.json().get("type") == "output_error"]
-            assert len(errors) == 1           # the second drop within the minute: counted, not announced again
-            ev = errors[0]
+            assert col.wait_for(lambda c: {e0, big} <= _dropped_named(c), 10)     # each drop is named
+            ev = _drop_events(col)[0]
             assert ev["output"] == "mqtt" and ev["reason"] == "too_large" and ev["kind"] == "image"
-            assert ev["message_id"] == e0 and ev["topic"] == "edge-ad/v1/t/d1/event/image"
-            assert ev["bytes"] > 5000 and ev["max_packet_size"] == 2000 and ev["failed"] == 1
+            assert ev["message_id"] == e0 and ev["message_ids"][0] == e0
+            assert ev["topic"] == "edge-ad/v1/t/d1/event/image"
+            assert ev["bytes"] > 5000 and ev["max_packet_size"] == 2000 and ev["failed"] == len(ev["message_ids"])
             assert "larger than the broker's maximum packet size (2000 bytes" in ev["error"]
             schema.validate("event", ev)
         finally:
             link.stop()
     assert "oversize" not in broker.log_tail(200)
+
+
+def _drop_events(col: Collector) -> list[dict]:
+    return [m.json() for m in col.of_kind("event") if m.json().get("type") == "output_error"]
+
+
+def _dropped_named(col: Collector) -> set[str]:
+    """The ids of the messages the output_error events received so far name as dropped."""
+    return {i for ev in _drop_events(col) for i in ev.get("message_ids", [])}
+
+
+def test_every_message_dropped_as_too_large_is_named_by_an_output_error_event(mosquitto_factory, tmp_path, caplog):
+    """Only the first too_large drop of each minute was announced (and logged): after a broker limit was
+    lowered dozens of queued images and results went at once and 1 was named. Every dropped message is
+    named now (message_ids), a burst of them in as few events as the broker's limit allows; the log still
+    has one ERROR for the burst."""
+    broker = mosquitto_factory(extra_config=SMALL_PACKETS)
+    with Collector(BrokerSettings(url=broker.url), "edge-ad/v1/t/d1/#") as col, \
+            caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(broker.url, tmp_path))
+        # stored before the limit is known (as after a broker restart with a lower max_packet_size)
+        big = [link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000}) for _ in range(40)]
+        small = [link.publish_result({"score": 0.1, "ng": False}) for _ in range(3)]
+        link.start()
+        try:
+            assert col.wait_for(lambda c: set(big) <= _dropped_named(c), 10), len(_dropped_named(col))
+            assert col.wait_for(lambda c: set(small) <= {m.json()["id"] for m in c.of_kind("result")}, 10)
+            assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+            st = link.stats()
+        finally:
+            link.stop()
+    assert st["outbox_dropped_by"]["too_large"] == 40         # the events naming them were not dropped too
+    events = _drop_events(col)
+    assert 2 <= len(events) <= 4, [len(e["message_ids"]) for e in events]     # ~700 bytes + 39 per id in 2000
+    assert sum(e["failed"] for e in events) == 40 and [i for e in events for i in e["message_ids"]] == big
+    for ev in events:
+        schema.validate("event", ev)
+        assert ev["failed"] == len(ev["message_ids"]) and ev["kind"] == "result" and ev["max_packet_size"] == 2000
+    logged = [r.getMessage() for r in caplog.records if "dropped from the outbox" in r.getMessage()]
+    assert len(logged) == 2 and f"result {big[0]}" in logged[0], logged     # the first at once, the rest at the stop
+    assert logged[1].startswith("mqtt: 39 more message(s) dropped from the outbox as too_large")
+    assert "40 in all" in logged[1]
+
+
+def test_the_events_for_dropped_messages_fit_the_brokers_limit_and_keep_their_order(tmp_path):
+    """The output_error events name every dropped message in order, 100 ids at most each, fewer when the
+    broker's limit needs it, one reason and one limit each (no broker needed: they are stored in the outbox)."""
+    link = MqttLink(_settings("mqtt://127.0.0.1:1", tmp_path))
+    try:
+        link._out.max_packet = 2000
+
+        def drop(i, limit):
+            return {"reason": "too_large", "kind": "result", "message_id": f"{i:036d}", "topic": "t",
+                    "bytes": 3000, "max_packet_size": limit, "error": f"result {i:036d} on t dropped: ...",
+                    "dropped_total": i + 1}
+
+        drops = [drop(i, 2000) for i in range(3)] + [drop(i, 2500) for i in range(3, 80)] + [drop(80, 2000)]
+        link._announce_drops(drops)
+        rows = link.outbox.fetch_after(0, 100)
+    finally:
+        link.stop()
+    from edge_ad.mqtt.sender import publish_size
+
+    assert all(publish_size(r.topic, len(r.payload), 1, None, True) <= 2000 for r in rows)
+    events = [json.loads(r.payload) for r in rows]
+    assert [i for e in events for i in e["message_ids"]] == [d["message_id"] for d in drops]
+    limits = [e["max_packet_size"] for e in events]     # 77 ids of 36 characters do not fit in one event
+    assert limits[0] == 2000 and limits[-1] == 2000 and len(limits) >= 4 and set(limits[1:-1]) == {2500}
+    assert all(e["failed"] == len(e["message_ids"]) for e in events)
+    assert events[0]["message_id"] == "0" * 36 and events[0]["failed_total"] == 3
+    assert "and 2 more message(s) for the same reason" in events[0]["error"]
+    for ev in events:
+        schema.validate("event", ev)
+
+
+def test_drops_held_back_from_the_log_are_logged_and_announced_at_the_stop(mosquitto_factory, tmp_path, caplog):
+    """The too_large ERROR is logged at most once a minute: the drops after it were only told by a later drop
+    (after the minute), so a run that stopped first never logged them. The stop logs them ('N more') and
+    announces them before it disconnects."""
+    broker = mosquitto_factory(extra_config=SMALL_PACKETS)
+    with Collector(BrokerSettings(url=broker.url), "edge-ad/v1/t/d1/#") as col, \
+            caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(broker.url, tmp_path)).start()
+        try:
+            assert _wait(lambda: link.stats()["max_packet_size"] == 2000, 10)
+            first = link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000})
+            assert col.wait_for(lambda c: first in _dropped_named(c), 10)
+            later = [link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000}) for _ in range(3)]
+        finally:
+            link.stop()
+        assert col.wait_for(lambda c: {first, *later} <= _dropped_named(c), 5)
+    logged = [r.getMessage() for r in caplog.records if "dropped from the outbox" in r.getMessage()]
+    assert len(logged) == 2 and f"result {first}" in logged[0], logged
+    assert logged[1].startswith("mqtt: 3 more message(s) dropped from the outbox as too_large")
+    assert "4 in all" in logged[1]
 
 
 def _held_id(packet: bytes) -> str:
@@ -708,7 +803,8 @@ def test_connections_cut_right_after_sending_a_result_drop_nothing(mosquitto_fac
     oldest unacknowledged result first at each reconnect): the link took that for a broker refusing the
     message and dropped a valid 196-byte result ('disconnects'), with a limit announced or not. A lost
     connection is never a reason to drop: every result arrives, and the repeated loss is one WARNING naming
-    the result, which says the broker took larger packets on this link (so not its size)."""
+    the result, which says the broker took larger packets on this link, or announced a limit the result is
+    within (so not its size)."""
     broker = mosquitto_factory(extra_config=broker_config)
     proxy = CuttableProxy(broker.port)
     try:
@@ -739,7 +835,42 @@ def test_connections_cut_right_after_sending_a_result_drop_nothing(mosquitto_fac
     assert len(warned) == 1, warned                         # 4 losses: logged at the 3rd, then rate-limited
     held = _held_id(proxy.cut_publishes[0])                 # the oldest unacknowledged at each loss
     assert f"result {held} on edge-ad/v1/t/d1/result" in warned[0] and "nothing is dropped" in warned[0]
-    assert "the broker acknowledged a" in warned[0] and "more likely the network" in warned[0]
+    assert "more likely the network" in warned[0] and "raise that limit" not in warned[0]
+    if announced:     # within the announced limit: that says it all
+        assert f"announced at connect that it takes packets of up to {announced} bytes" in warned[0]
+    else:
+        assert "the broker acknowledged a" in warned[0]
+
+
+def test_connections_cut_right_after_sending_a_result_within_the_announced_limit_do_not_blame_its_size(
+        mosquitto_factory, tmp_path, caplog):
+    """The broker announced a 3000-byte limit (anything larger is never sent), and the network cut 4
+    connections as the first, 196-byte result of the link was on the wire: the WARNING blamed that result's
+    size and told the operator to raise the broker's limit (only an acknowledged larger packet said
+    otherwise). It says the announced limit rules the size out now: the network or the broker."""
+    broker = mosquitto_factory(extra_config="max_packet_size 3000")
+    proxy = CuttableProxy(broker.port)
+    try:
+        with Collector(BrokerSettings(url=broker.url), "edge-ad/v1/t/d1/#") as col, \
+                caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+            link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path)).start()
+            try:
+                assert _wait(lambda: link.stats()["max_packet_size"] == 3000, 10)
+                proxy.cut_at_publish("/result", 4)
+                ids = [link.publish_result({"score": 0.1, "ng": False}) for _ in range(3)]
+                assert col.wait_for(lambda c: set(ids) <= {m.json()["id"] for m in c.of_kind("result")}, 30)
+                assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+                st = link.stats()
+            finally:
+                link.stop()
+    finally:
+        proxy.close()
+    assert proxy.publish_cuts[1] == 0 and st["disconnects"] >= 4 and st["outbox_dropped"] == 0
+    warned = _loss_warnings(caplog)
+    assert len(warned) == 1, warned
+    assert f"result {_held_id(proxy.cut_publishes[0])} on edge-ad/v1/t/d1/result" in warned[0]
+    assert "announced at connect that it takes packets of up to 3000 bytes" in warned[0]
+    assert "more likely the network" in warned[0] and "raise that limit" not in warned[0]
 
 
 def test_a_reply_in_flight_when_the_connection_drops_arrives_after_the_reconnect(mosquitto, tmp_path):
@@ -873,5 +1004,43 @@ def test_a_limit_lower_than_before_drops_what_paho_holds_over_it_and_sends_the_r
         assert "oversize" not in second.log_tail(200)
     finally:
         requester.loop_stop()
+        link.stop()
+        proxy.close()
+
+
+def test_a_copy_the_safety_net_replaced_is_not_published_again_as_a_reply_when_the_limit_is_lowered(
+        mosquitto_factory, tmp_path, caplog):
+    """resend_stale sends a message unacknowledged for long again under a new id; paho keeps the old copy
+    until its PUBACK. At a reconnect with a lower limit paho's copies are taken back, and the old copy, not
+    tracked as the outbox's, was published again as if it were a command reply: an untracked duplicate of a
+    result, and for one over the limit an ERROR about a message 'in flight at the reconnect, not sent
+    again'. It goes through the outbox now: the result arrives once, the large one is dropped as too_large."""
+    first = mosquitto_factory()
+    proxy = CuttableProxy(first.port)
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path))
+    link._out.resend_after_s = 0.5          # the safety net, after 60 s at the least in real life
+    link.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+            assert _wait(lambda: link.connected, 10)
+            time.sleep(0.6)                      # the connection is older than resend_after_s
+            os.kill(first.proc.pid, signal.SIGSTOP)          # a hung broker: nothing is acknowledged
+            small = link.publish_result({"score": 0.1, "ng": False})
+            big = link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000})
+            assert _wait(lambda: link.stats()["resent"] >= 2, 5)     # paho holds the old copies too
+            proxy.cut()
+            first.kill()
+            second = mosquitto_factory(port=first.port, extra_config=SMALL_PACKETS)
+            with Collector(BrokerSettings(url=second.url), "edge-ad/v1/t/d1/#") as col:
+                proxy.restore()
+                assert _wait(lambda: link.stats()["outbox_depth"] == 0, 15)
+                assert col.wait_for(lambda c: small in {m.json()["id"] for m in c.of_kind("result")}, 10)
+                time.sleep(0.5)                  # a duplicate would follow at once
+                st = link.stats()
+        assert [m.json()["id"] for m in col.of_kind("result")] == [small]
+        assert st["max_packet_size"] == 2000 and st["outbox_dropped_by"]["too_large"] == 1
+        assert big in _dropped_named(col)
+        assert not [r for r in caplog.records if "in flight at the reconnect" in r.getMessage()]
+    finally:
         link.stop()
         proxy.close()

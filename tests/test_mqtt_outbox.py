@@ -506,3 +506,18 @@ def test_a_write_lock_taken_while_running_fails_writes_fast_and_they_resume_afte
             _release(proc)
     finally:
         ob.close()
+
+
+def test_a_log_limiter_reports_what_it_held_back_once_the_interval_is_over_or_at_once_when_forced():
+    """hit() reports the first occurrence, then holds the others back for the interval; only a later hit
+    reported them, so occurrences with none after them were never logged. flush() reports them once the
+    interval is over (a timer), or at once (the stop)."""
+    from edge_ad.ratelimit import LogLimiter
+
+    lim = LogLimiter(every_s=0.2)
+    assert lim.hit("a") == 1 and lim.hit("a") == 0 and lim.hit("a", 2) == 0 and lim.hit("b") == 1
+    assert lim.flush() == {}                          # within the interval
+    assert lim.flush(force=True) == {"a": 3}          # b has nothing held back
+    assert lim.flush(force=True) == {} and lim.hit("a") == 0     # the interval starts again at a flush
+    time.sleep(0.25)
+    assert lim.flush() == {"a": 1} and lim.hit("a") == 0

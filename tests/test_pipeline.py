@@ -1596,6 +1596,49 @@ def test_run_names_the_messages_dropped_as_too_large_for_the_broker(tmp_path, ti
     assert res.exit_code == 0 and "MQTT messages dropped" not in res.output, res.output
 
 
+def test_run_names_the_outputs_whose_writes_failed(tmp_path, tiny_bundle, monkeypatch):
+    """The text summary said nothing of failed writes (35 results never stored for MQTT while another program
+    held the outbox locked, decisions missing from a full disk's result log): only --json had output_errors.
+    It names each output with failed writes and how many."""
+    import types
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.runtime import service
+
+    summary = {"frames": 190, "ng": 190, "dropped": 10, "duration_s": 20.0, "fps": 9.5, "reason": "finished",
+               "stop_s": 0.1, "outbox_left": 0, "outbox": "o.sqlite", "outbox_reset": None, "outbox_dropped": 0,
+               "outbox_dropped_by": {"full": 0, "too_large": 0},
+               "output_errors": {"jsonl": 2, "outbox": 35, "snapshots": 0, "telemetry": 1}}
+
+    class Fake:
+        finished = True
+        pipeline = types.SimpleNamespace(busy=lambda: False)
+
+        def __init__(self, *a, **kw):
+            pass
+
+        def describe(self):
+            return "fake"
+
+        def run(self):
+            return summary
+
+    monkeypatch.setattr(service, "Service", Fake)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["run", "--config", str(_config_file(tmp_path, tiny_bundle, "synthetic://"))])
+    assert res.exit_code == 0, res.output
+    assert ("35 results and events were not stored for MQTT (never sent): their outbox writes failed (see the log "
+            "for why)") in res.output
+    assert "2 decisions are missing from the result log (output.jsonl)" in res.output
+    assert "1 lines are missing from the telemetry file (telemetry.path)" in res.output
+    assert "snapshots" not in res.output
+    summary["output_errors"] = {"jsonl": 0, "outbox": 0, "snapshots": 0, "telemetry": 0}
+    res = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "run.toml")])
+    assert res.exit_code == 0 and "failed (see the log" not in res.output, res.output
+
+
 def test_a_sigterm_after_the_run_stopped_does_not_kill_edge_ad_run(tmp_path, tiny_bundle):
     """A supervisor's SIGTERM can land just after the run ended on its own bound (the loop's handlers already
     restored): the summary is still printed and the exit is 0, not death by signal (-15)."""

@@ -103,6 +103,10 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
                        f"in {summary['duration_s']:.1f} s, {summary['fps']:.1f} frames/s; stopped: "
                        f"{summary['reason']}" + (f" (the stop took {stop:.1f} s more)" if stop >= 1.0 else ""),
                        err=err)
+            for output, n in (summary.get("output_errors") or {}).items():
+                if n:    # a full disk, a locked outbox: inspection went on; the log has the error
+                    click.echo(f"{n} {_FAILED_WRITES.get(output, f'writes to {output}')} failed (see the log for "
+                               "why)", err=err)
             if summary.get("outbox_left"):
                 click.echo(f"{summary['outbox_left']} MQTT messages not delivered yet: they wait in the outbox "
                            f"({summary['outbox']}) and go out on the next run that reaches the broker", err=err)
@@ -121,6 +125,13 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
     except BrokenPipeError:   # `edge-ad run | head`: the reader left; the run itself went well
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
     _exit_past_busy_threads(svc, 0)
+
+
+# what a failed write of each output (the summary's output_errors) lost, for the text summary
+_FAILED_WRITES = {"jsonl": "decisions are missing from the result log (output.jsonl): their writes",
+                  "outbox": "results and events were not stored for MQTT (never sent): their outbox writes",
+                  "snapshots": "snapshots were not saved: their writes",
+                  "telemetry": "lines are missing from the telemetry file (telemetry.path): their writes"}
 
 
 def _is_stdout(path) -> bool:

@@ -56,6 +56,7 @@ from .topics import Topics
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
+DROP_IDS_PER_EVENT = 100    # message ids an output_error event for dropped messages names at most (more: more events)
 
 
 class MqttLink:
@@ -100,8 +101,12 @@ class MqttLink:
                                                              "telemetry_dropped", "images_skipped")})
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
-                                 self._wake, ack_listener, on_drop=self._announce_drop)
+                                 self._wake, ack_listener, on_drop=self._announce_drops)
         self._drop_events: collections.deque = collections.deque(maxlen=64)   # ids of our output_error events
+        # what _store adds to an event (schema_version, id, seq, ts, site, device), at its largest
+        self._event_head_bytes = len(payloads.encode({
+            "schema_version": payloads.SCHEMA_VERSION, "id": "0" * 36, "seq": 10 ** 12, "ts": payloads.now_iso(),
+            "site": settings.site, "device": settings.device}, "event"))
         self._oversize_log = LogLimiter()     # direct publishes (status, telemetry, replies) over the limit
         self._limit_warned: int | None = None
         if self.outbox.reset is not None:
@@ -117,22 +122,49 @@ class MqttLink:
         except Exception as exc:  # a full disk: the ERROR in the log and the new outbox_instance still say it
             log.warning("mqtt: could not store the outbox_reset event: %s", exc)
 
-    def _announce_drop(self, info: dict) -> None:
-        """The sender dropped an outbox message the broker will not take (already logged, at most once a minute
-        per reason): an ``output_error`` event says which, how large, and how many since. Not for one of these
-        events itself (on a broker whose limit is below an event's size they would follow each other)."""
-        if info.get("message_id") in self._drop_events or self._stopped:
-            return
-        ev = {"type": "output_error", "output": "mqtt", "reason": info["reason"], "error": info["error"],
-              "kind": info["kind"], "message_id": info["message_id"], "topic": info["topic"],
-              "bytes": info["bytes"], "max_packet_size": info["max_packet_size"], "failed": info["dropped"],
-              "failed_total": info["dropped_total"]}
-        try:
-            event_id = str(uuid.uuid4())
-            self._drop_events.append(event_id)
-            self.publish_event({"id": event_id, **{k: v for k, v in ev.items() if v is not None}})
-        except Exception as exc:  # a full disk, a stopped link: the log says it already
-            log.warning("mqtt: could not store the output_error event: %s", exc)
+    def _announce_drops(self, drops: list[dict]) -> None:
+        """The sender dropped outbox messages the broker will not take (:meth:`OutboxSender.report_drops`: every
+        one, batched; the log has them at most once a minute): ``output_error`` events name each of them
+        (``message_ids``), with the first one's kind, size and topic, and how many in all. As many events as
+        it takes to name them all, each small enough for the broker's limit (:data:`DROP_IDS_PER_EVENT` ids at
+        most). A drop of one of these events itself is not announced (on a broker whose limit is below an
+        event's size they would follow each other). Also from :meth:`stop`, after the link stopped."""
+        drops = [d for d in drops if d.get("message_id") not in self._drop_events]
+        while drops:
+            key = (drops[0]["reason"], drops[0]["max_packet_size"])
+            n = 1                 # the first ones for the same reason under the same limit: one event
+            while n < min(len(drops), DROP_IDS_PER_EVENT) and (drops[n]["reason"], drops[n]["max_packet_size"]) == key:
+                n += 1
+            same = drops[:n]
+            while True:
+                ev = self._drop_event(same[:n])
+                size = len(payloads.encode(ev, "event")) + self._event_head_bytes
+                if n == 1 or not self._too_large(self.topics.event, size, image=False):
+                    break
+                limit = self._out.max_packet or size
+                n = max(1, min(n - 1, n * limit // size - 1))     # what fits, the ids being the same size
+            drops = drops[n:]
+            try:
+                event_id = str(uuid.uuid4())
+                self._drop_events.append(event_id)
+                self._store("event", self.topics.event, {"id": event_id, **ev}, check_open=False)
+            except Exception as exc:  # a full disk, a closed outbox: the log says it already
+                log.warning("mqtt: could not store the output_error event for %d dropped message(s): %s",
+                            len(ev["message_ids"]), exc)
+
+    @staticmethod
+    def _drop_event(drops: list[dict]) -> dict:
+        """The ``output_error`` event that names ``drops`` (one reason, one limit; the first is described)."""
+        first = drops[0]
+        error = first["error"]
+        if len(drops) > 1:
+            error += f"; and {len(drops) - 1} more message(s) for the same reason (message_ids)"
+        ev = {"type": "output_error", "output": "mqtt", "reason": first["reason"], "error": error,
+              "kind": first["kind"], "message_id": first["message_id"], "topic": first["topic"],
+              "bytes": first["bytes"], "max_packet_size": first["max_packet_size"],
+              "message_ids": [d["message_id"] for d in drops if d["message_id"] is not None],
+              "failed": len(drops), "failed_total": max(d["dropped_total"] for d in drops)}
+        return {k: v for k, v in ev.items() if v is not None}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "MqttLink":
@@ -209,6 +241,9 @@ class MqttLink:
                 client.disconnect()
                 client.loop_stop()
             self._drain_acks()
+            # drops the sender made after its last report (or the flush above had no time to send): their
+            # output_error events wait in the outbox for the next start; the log's held-back count is logged
+            self._out.report_drops(final=True)
         with self._lock:
             self._stopped = True
         self.outbox.close()
@@ -366,8 +401,9 @@ class MqttLink:
         if self.settings.validate_payloads:
             schema.validate(name, body)
 
-    def _store(self, kind: str, topic: str, payload: Mapping[str, Any]) -> str:
-        self._check_open()
+    def _store(self, kind: str, topic: str, payload: Mapping[str, Any], check_open: bool = True) -> str:
+        if check_open:       # only the stop's last output_error events are stored after it (sent at the next start)
+            self._check_open()
         if not isinstance(payload, Mapping):
             raise InputError(f"{kind} payload must be a mapping (dict), got {type(payload).__name__}")
         fields = dict(payload)
@@ -610,6 +646,8 @@ class MqttLink:
                 self._drain_acks()
                 if self._stopped:
                     return
+                # the drops of the last pass (batched; at once while stopping, so stop() can send them)
+                self._out.report_drops(now=self._stopping)
                 client = self._client
                 if client is None:
                     continue

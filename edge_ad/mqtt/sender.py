@@ -42,11 +42,12 @@ from .outbox import Outbox, Row
 log = logging.getLogger(__name__)
 
 AckListener = Callable[[str, "str | None", float, float], None]   # (kind, msg_id, created, acked) unix s
-DropListener = Callable[[dict], None]   # a report of dropped messages (see OutboxSender._drop)
+DropListener = Callable[[list], None]   # the messages dropped since the last report (OutboxSender.report_drops)
 
 LOSS_REPEATS = 3        # connections lost right after sending the same message, in a row: logged (never dropped)
 LOSS_WINDOW_S = 5.0     # "right after": within this of its send (a broker refuses a packet on its header; a
                         # cut noticed by the keep-alive comes 1.5 keep-alives after the last send)
+DROP_REPORT_S = 1.0     # dropped messages are announced at most this often (a burst of them: together)
 
 
 def publish_size(topic: str, payload_bytes: int, qos: int, properties: Properties | None, v5: bool) -> int:
@@ -104,7 +105,12 @@ class OutboxSender:
         self._loss_log = LogLimiter()
         self._undropped: dict[int, str] = {}           # rows to drop whose delete failed (a full disk): retried
         self._drop_log = LogLimiter()
+        self._drops: list[dict] = []                   # dropped messages not announced yet (report_drops)
+        self._drops_lock = threading.Lock()            # the stop announces the last ones from its own thread
+        self._drops_reported = float("-inf")           # when report_drops last announced some (monotonic)
         self._inflight: dict[int, _Inflight] = {}      # paho message id -> outbox row
+        # copies resend_stale replaced, which paho still holds until their PUBACK: paho message id -> (row, topic)
+        self._abandoned: dict[int, tuple[int, str]] = {}
         self._cursor = 0                               # highest outbox row id handed to paho
         self._undeleted: list[int] = []                # acknowledged rows a failed delete left in the outbox
         self._delete_log = LogLimiter()
@@ -119,11 +125,13 @@ class OutboxSender:
     @property
     def settled(self) -> bool:
         """Nothing waits for the broker: no message is in flight, and every message still stored is one the
-        broker acknowledged but whose delete failed (a full disk). Those are delivered: waiting for the
+        broker acknowledged but whose delete failed (a full disk), and no drop waits to be announced
+        (:meth:`report_drops`). Those are delivered: waiting for the
         outbox to empty cannot make them go, and the next start sends them again (de-duplicated by id).
         Read from any thread (the sender thread replaces ``_undeleted``, never changes it in place)."""
         undeleted, undropped = self._undeleted, self._undropped
-        return not self._inflight and self.outbox.depth <= len(set(undeleted) | set(undropped))
+        return (not self._inflight and not self._drops
+                and self.outbox.depth <= len(set(undeleted) | set(undropped)))
 
     # ------------------------------------------------------------------ paho's network thread
     def acknowledged(self, mid: int, reason_code) -> None:
@@ -188,6 +196,7 @@ class OutboxSender:
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.debug("mqtt: publish of outbox row %d deferred (%s)", row.id, paho.error_string(info.rc))
             return False
+        self._abandoned.pop(info.mid, None)   # paho reused the id (65535 messages later): that copy is gone
         self._inflight[info.mid] = _Inflight(row.id, row.kind, row.msg_id, row.created, time.monotonic(),
                                              row.topic, size)
         self.counters["published"] += 1
@@ -196,9 +205,12 @@ class OutboxSender:
     def _take_back(self, client: paho.Client) -> None:
         """The messages paho dropped at a connect (:meth:`reconnected`) are no longer in flight. For the
         outbox's, the cursor goes back to the oldest of them, so :meth:`fill` hands them over again in order
-        (and drops one over the broker's limit). The others are published again as they were, unless over the
-        limit: command replies, whose requester waits for them and which nothing else sends again. A retained
-        one (birth, calibration, discovery config) is not: every connect publishes those again, newer."""
+        (and drops one over the broker's limit); so for an old copy :meth:`resend_stale` replaced (paho keeps it
+        until its PUBACK): it is an outbox row, not a reply, and publishing it again as it was would send an
+        untracked duplicate (or log an ERROR for a "reply" over the limit). The others are published again as they
+        were, unless over the limit: command replies, whose requester waits for them and which nothing else
+        sends again. A retained one (birth, calibration, discovery config) is not: every connect publishes those
+        again, newer."""
         rows: list[int] = []
         v5 = client.protocol == paho.MQTTv5
         while True:
@@ -207,8 +219,11 @@ class OutboxSender:
             except queue.Empty:
                 break
             entry = self._inflight.pop(message.mid, None)
+            abandoned = self._abandoned.pop(message.mid, None)
             if entry is not None:
                 rows.append(entry.row_id)
+            elif abandoned is not None and abandoned[1] == message.topic:
+                rows.append(abandoned[0])     # sent again from the outbox unless in flight, acknowledged or dropped
             elif not message.retain:
                 self._publish_again(client, message, v5)
         if rows:
@@ -231,8 +246,11 @@ class OutboxSender:
                       paho.error_string(info.rc))
 
     def _drop(self, row_id: int, kind: str, msg_id: str | None, topic: str, size: int, reason: str) -> None:
-        """Drop a message the broker will not take from the outbox (counted in ``dropped_by[reason]``); log it
-        and report it through ``on_drop`` at once, then at most once a minute with how many since."""
+        """Drop a message the broker will not take from the outbox (counted in ``dropped_by[reason]``). It is
+        logged at once, then at most once a minute with how many since (:meth:`report_drops` logs what is held
+        back once the minute is over, and at the stop), and announced through ``on_drop`` by
+        :meth:`report_drops`: every dropped message, batched (a burst of them, after a limit was lowered, is one
+        report), so a consumer waiting for an image an event announced is told it will not come."""
         if self._suspect is not None and self._suspect[0] == row_id:
             self._suspect = None
         try:
@@ -243,18 +261,38 @@ class OutboxSender:
         limit = self.max_packet
         why = (f"its {size}-byte packet is larger than the broker's maximum packet size ({limit} bytes, announced "
                "at connect)")
+        with self._drops_lock:
+            self._drops.append({"reason": reason, "kind": kind, "message_id": msg_id, "topic": topic,
+                                "bytes": size, "max_packet_size": limit,
+                                "error": f"{kind} {msg_id} on {topic} dropped: {why}",
+                                "dropped_total": self.outbox.dropped_by.get(reason, 0)})
+        self._wake.set()                  # the sender's next pass reports it
         since = self._drop_log.hit(reason)
-        if not since:
-            return
-        log.error("mqtt: %s %s on %s dropped from the outbox: %s; %d message(s) dropped for this since the last "
-                  "report, %d in all (reported again in %.0f s at the earliest)", kind, msg_id, topic, why, since,
-                  self.outbox.dropped_by.get(reason, 0), self._drop_log.interval_s)
+        if since:
+            log.error("mqtt: %s %s on %s dropped from the outbox: %s; %d message(s) dropped for this since the last "
+                      "report, %d in all (reported again in %.0f s at the earliest; each is named in an output_error "
+                      "event)", kind, msg_id, topic, why, since, self.outbox.dropped_by.get(reason, 0),
+                      self._drop_log.interval_s)
+
+    def report_drops(self, now: bool = False, final: bool = False) -> None:
+        """Announce the messages :meth:`_drop` dropped since the last call through ``on_drop`` (one call with all
+        of them), at most once per :data:`DROP_REPORT_S` (``now``: at once, while stopping); log the drops the
+        once-a-minute ERROR held back once that minute is over (``final``: at once, at the very end), so the
+        log accounts for every drop, also when none follows. Called on every pass of the sender thread and
+        at the stop (any thread)."""
+        for reason, n in self._drop_log.flush(force=final).items():
+            log.error("mqtt: %d more message(s) dropped from the outbox as %s since the last report (larger than the "
+                      "broker's maximum packet size, %s bytes), %d in all; each is named in an output_error event",
+                      n, reason, self.max_packet, self.outbox.dropped_by.get(reason, 0))
+        at = time.monotonic()
+        with self._drops_lock:
+            if not self._drops or not (now or final or at - self._drops_reported >= DROP_REPORT_S):
+                return
+            drops, self._drops = self._drops, []
+            self._drops_reported = at
         if self._on_drop is not None:
             try:
-                self._on_drop({"reason": reason, "kind": kind, "message_id": msg_id, "topic": topic,
-                               "bytes": size, "max_packet_size": limit,
-                               "error": f"{kind} {msg_id} on {topic} dropped: {why}", "dropped": since,
-                               "dropped_total": self.outbox.dropped_by.get(reason, 0)})
+                self._on_drop(drops)
             except Exception:
                 log.exception("mqtt: drop listener raised")
 
@@ -267,7 +305,11 @@ class OutboxSender:
         stale = [mid for mid, f in self._inflight.items() if now - f.sent > self.resend_after_s]
         if not stale:
             return
-        row_ids = [self._inflight.pop(mid).row_id for mid in stale]
+        row_ids = []
+        for mid in stale:     # paho keeps the old copy until its PUBACK (see _take_back)
+            entry = self._inflight.pop(mid)
+            self._abandoned[mid] = (entry.row_id, entry.topic)
+            row_ids.append(entry.row_id)
         resent = sum(1 for row in self.outbox.fetch_ids(row_ids) if self._hand_over(client, row))
         self.counters["resent"] += resent
         log.warning("mqtt: %d messages unacknowledged for %.0f s were sent again", resent, self.resend_after_s)
@@ -279,7 +321,9 @@ class OutboxSender:
         Lost within :data:`LOSS_WINDOW_S` of a send (paho sends every unacknowledged message again as it
         reconnects, so "sent" is then the connect) with the same oldest unacknowledged outbox message
         :data:`LOSS_REPEATS` times in a row: a WARNING names that message (at most once a minute), so the
-        reconnect loop a refused message causes can be told from a flaky network and fixed at the broker."""
+        reconnect loop a refused message causes can be told from a flaky network and fixed at the broker. The
+        WARNING blames the message's size only when nothing says it fits: not when it is within the limit the
+        broker announced, nor when the broker acknowledged a packet as large on this link."""
         sent = [f for f in self._inflight.values() if f.sent <= lost_at]
         if not any(lost_at - max(f.sent, connected_since) <= LOSS_WINDOW_S for f in sent):
             self._suspect = None          # nothing in flight, or a cut long after: no message's doing
@@ -292,7 +336,12 @@ class OutboxSender:
         since = self._loss_log.hit("loss")
         if not since:
             return
-        if 0 < first.size <= self._largest_acked:
+        if self.max_packet is not None and 0 < first.size <= self.max_packet:
+            # a packet over the announced limit is never sent (dropped as too_large): this one is within it
+            likely = (f"the broker announced at connect that it takes packets of up to {self.max_packet} bytes, so "
+                      "it is not refusing this one for its size: more likely the network or the broker drops the "
+                      "connection")
+        elif 0 < first.size <= self._largest_acked:
             likely = (f"the broker acknowledged a {self._largest_acked}-byte packet on this link, so unless its limit "
                       "was lowered since, it is not refusing this one for its size: more likely the network or the "
                       "broker drops the connection")
@@ -328,8 +377,9 @@ class OutboxSender:
                 self._note_loss(failed, reason)
                 continue
             entry = self._inflight.pop(mid, None)
-            if entry is None:
-                continue          # birth, reply, calibration, telemetry: not from the outbox
+            if entry is None:     # birth, reply, calibration, telemetry: not from the outbox; or an old copy
+                self._abandoned.pop(mid, None)          # resend_stale replaced: paho has let go of it
+                continue
             if self._suspect is not None and self._suspect[0] == entry.row_id:
                 self._suspect = None                  # it got through after all
             done.append(entry.row_id)
