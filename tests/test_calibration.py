@@ -714,6 +714,65 @@ def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tm
     assert res.exit_code == 2 and "nope.toml: config file not found" in res.output
 
 
+def test_cli_calibrate_and_capture_config_apply_the_services_env_file(tbundle, tmp_path, monkeypatch):
+    """systemd gives the service /etc/edge-ad/edge-ad.env (EDGE_AD_SOURCE__ROI, __ROTATE, __URI ...), but
+    'calibrate --config' and 'capture --config' read the TOML alone: on a line whose ROI came from the env
+    file they took whole, unrotated frames (every part NG after the refit). Both now apply the edge-ad.env
+    next to the config (or --env-file), its values over the shell's, as 'doctor' and 'bundle install' do."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    video, raw = _raw_video(tmp_path)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    line.write_text('[source]\nuri = "synthetic://disc?size=64"\nmode = "trigger"\n')   # no ROI in the file
+    env = line.parent / "edge-ad.env"
+    env.write_text(f"# overrides\nEDGE_AD_SOURCE__URI=file://{video}\nEDGE_AD_SOURCE__ROI={ROI}\n"
+                   f"EDGE_AD_SOURCE__ROTATE={ROTATE}\n")
+    monkeypatch.setenv("EDGE_AD_SOURCE__ROTATE", "0")      # the shell's value: the file's replaces it
+    seen = _spy_recalibrate(monkeypatch)
+    r = CliRunner()
+    size = tuple(tbundle.image_size)
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "30", "--policy", "max", "--backend",
+            "onnxruntime", "--config", str(line)]
+    res = r.invoke(main, base)                     # the camera of the env file, cropped and turned
+    assert res.exit_code == 0, res.output
+    assert len(seen[-1]) == 30 and all(np.array_equal(a, b) for a, b in zip(seen[-1], _as_inspected(raw, size)))
+    assert (f"note: {env} applied over --config as the service gets it (EDGE_AD_SOURCE__ROI, "
+            "EDGE_AD_SOURCE__ROTATE, EDGE_AD_SOURCE__URI)") in res.stderr
+
+    res = r.invoke(main, ["capture", "--config", str(line), "--out", str(tmp_path / "cap"), "--frames", "30",
+                          "--source", f"file://{video}"])
+    assert res.exit_code == 0, res.output
+    assert f"note: {env} applied over --config" in res.stderr
+    res = r.invoke(main, [*base, "--source", str(tmp_path / "cap")])    # saved as the line inspects them
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], seen[-2]))
+
+    other = tmp_path / "other.env"                 # --env-file names another file: no ROI, no turn there
+    other.write_text(f"EDGE_AD_SOURCE__URI=file://{video}\n")
+    monkeypatch.delenv("EDGE_AD_SOURCE__ROTATE")
+    res = r.invoke(main, [*base, "--env-file", str(other)])
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], [resize_rgb(f, size) for f in raw]))
+    monkeypatch.setenv("EDGE_AD_SOURCE__ROTATE", str(ROTATE))   # this shell's EDGE_AD_* apply, as for 'run'
+    res = r.invoke(main, [*base, "--env-file", str(other)])
+    assert res.exit_code == 0, res.output
+    assert seen[-1][0].shape[:2] == size and np.array_equal(seen[-1][0], resize_rgb(np.rot90(raw[0], -1), size))
+    n = len(seen)
+    bad = tmp_path / "bad.env"
+    bad.write_text("EDGE_AD_SOURCE__ROI\n")
+    for args, msg in (([*base, "--env-file", str(bad)], f"{bad}:1: no '=' in this line"),
+                      ([*base[:-2], "--env-file", str(other)], "--env-file needs --config")):
+        res = r.invoke(main, args)
+        assert res.exit_code == 2 and msg in res.output, res.output
+    res = r.invoke(main, ["capture", "--env-file", str(other), "--out", str(tmp_path / "cap2"), "--frames", "3",
+                          "--source", f"file://{video}"])
+    assert res.exit_code == 2 and "--env-file needs --config" in res.output and not (tmp_path / "cap2").exists()
+    assert len(seen) == n and tbundle.calibration_versions() == [1, 2, 3, 4, 5]
+
+
 def test_camera_credentials_never_reach_the_calibration_record_or_the_output(tbundle, tmp_path, monkeypatch):
     """'edge-ad calibrate --source rtsp://user:password@cam/stream' printed 'note: SOURCE gave N frames' with
     the password, and the record (calibration.json, calibration.d/, packed into archives and published over

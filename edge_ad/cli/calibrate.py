@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import click
@@ -31,6 +30,11 @@ def _echo_json(obj) -> None:
                    "of the line's own dir:// folder, as the loop applies them, so the refit sees what the line "
                    "inspects; another folder's images must have the ROI's size. Without it frames are taken "
                    "whole: give it on a line with source.roi or rotate.")
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
+                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold ...) "
+                   "apply over the config, its values replacing this shell's, as for the service. Default: "
+                   "edge-ad.env next to --config, when there is one.")
 @click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
 @click.option("--policy", default="fpr:0.001", show_default=True,
               help="Threshold policy: fpr:P (target false-positive rate), max (largest normal score + margin), "
@@ -72,7 +76,7 @@ def _echo_json(obj) -> None:
                    "replaced) and exit.")
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate(bundle_dir, source, config, frames, policy, backend, precision, device, every, timeout_s, screen_z,
+def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s, screen_z,
               min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
               no_golden, rollback_to, list_versions, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
@@ -85,6 +89,8 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
     from ..calibration import recalibrate, rollback
     from ..errors import InputError
 
+    if env_file is not None and config is None:
+        raise InputError("--env-file needs --config (it changes the config's values)")
     b = Bundle.open(bundle_dir)
     if list_versions and rollback_to is not None:
         raise InputError("--list and --rollback exclude each other: list the versions, then roll back")
@@ -113,7 +119,8 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
             was = f"v{before}" if before is not None else "unreadable"
             click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
         return
-    line = _line_source(config)   # before the frames, as every other check: a bad config fails at once
+    settings = _line_config(config, env_file)   # before the frames, as every other check: a bad config fails
+    line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
     if not source:
         raise InputError("--source is required (a folder of normal images or a source URI), unless --rollback "
@@ -211,13 +218,27 @@ def _screened(res) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
-def _line_source(config):
-    """The ``[source]`` of the line's run config (None without one), read as ``capture --config`` reads it."""
+def _line_config(config, env_file):
+    """The line's run config (None without one) as the service runs it, read as ``capture --config`` reads
+    it: with the ``edge-ad.env`` next to it (or ``env_file``) and this process's EDGE_AD_* variables applied
+    (:func:`edge_ad.config.service_environ`; the file applied is named on stderr). Only its ``[source]``
+    and ``[decision] threshold`` are used."""
     if config is None:
         return None
-    from ..config import CaptureSettings, load_settings
+    from ..config import CaptureSettings, load_settings, service_environ
 
-    return load_settings(config, schema=CaptureSettings).source
+    env = service_environ(config, env_file)
+    s = load_settings(config, environ=env.environ, schema=CaptureSettings)
+    env_file_note(env)
+    return s
+
+
+def env_file_note(env) -> None:
+    """Say on stderr which environment file (a :class:`edge_ad.config.ServiceEnviron`) was applied over
+    --config, naming its variables (never the values: it holds the service's secrets)."""
+    if env.env_file is not None:
+        click.echo(f"note: {env.env_file} applied over --config as the service gets it"
+                   + (f" ({', '.join(env.names)})" if env.names else " (no variables)"), err=True)
 
 
 def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: tuple[int, int], bundle,
@@ -385,14 +406,11 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
     from ..calibration.deploy import open_probe
     from ..errors import InputError
 
-    if env_file is not None and config is None:
-        raise InputError("--env-file needs --config (it changes the config's values)")
-    if config is not None:
-        from ..config import default_env_file, load_settings, read_env_file
+    from ..config import load_settings, service_environ
 
-        env_file = env_file or default_env_file(config)
-        env = read_env_file(env_file) if env_file is not None else {}
-        m = load_settings(config, environ={**os.environ, **env}).model
+    env = service_environ(config, env_file)
+    if config is not None:
+        m = load_settings(config, environ=env.environ).model
         if deploy_dir is None and m.deploy_dir is None:
             raise InputError(f"--config {config}: no model.deploy_dir in it; give --deploy DIR")
         deploy_dir = deploy_dir or m.deploy_dir
