@@ -773,6 +773,51 @@ def test_cli_calibrate_and_capture_config_apply_the_services_env_file(tbundle, t
     assert len(seen) == n and tbundle.calibration_versions() == [1, 2, 3, 4, 5]
 
 
+def test_cli_calibrate_config_reports_the_threshold_in_force(tbundle, tmp_path):
+    """A [decision] threshold in the line's config overrides every calibration's, but 'calibrate --config'
+    announced the new calibration's threshold as if it would decide, and its --json had no
+    threshold_in_force (the MQTT calibrate reply has). With --config it now reports threshold_in_force by the
+    service's rule (edge_ad.scoring.threshold_in_force) and names the override; without, the threshold the
+    calibration sets."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    video, _ = _raw_video(tmp_path)
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "file://{video}"\n\n[decision]\nthreshold = 0.5\n')
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "30", "--policy", "max", "--backend",
+            "onnxruntime"]
+    res = r.invoke(main, [*base, "--config", str(line), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["threshold"] != 0.5 and out["threshold_in_force"] == 0.5
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    thr = tbundle.calibration().threshold
+    assert f"threshold {thr:.6g} (was {out['threshold']:.6g}), threshold in force 0.5," in res.stdout
+    assert (f"note: the line decides with threshold 0.5, the [decision] threshold of {line}, which overrides this "
+            f"calibration's {thr:.6g}") in res.stdout
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=0.7\n")    # the service's env file wins
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    assert "threshold in force 0.7," in res.stdout
+    assert f"the EDGE_AD_DECISION__THRESHOLD of {tmp_path / 'edge-ad.env'}, which overrides" in res.stdout
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=\n")       # empty: the calibration's
+    res = r.invoke(main, [*base, "--config", str(line), "--json"])
+    out = json.loads(res.stdout)
+    assert res.exit_code == 0 and out["threshold_in_force"] == out["threshold"] == tbundle.calibration().threshold
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0 and "threshold in force" in res.stdout and "note: the line decides" not in res.stdout
+    res = r.invoke(main, [*base, "--source", f"file://{video}", "--json"])   # no config: nothing known of it
+    assert res.exit_code == 0 and "threshold_in_force" not in json.loads(res.stdout)
+    res = r.invoke(main, [*base, "--source", f"file://{video}"])
+    thr = tbundle.calibration().threshold
+    assert res.exit_code == 0 and f"threshold {thr:.6g} set by this calibration (was" in res.stdout
+    assert "in force 0.5" not in res.stdout
+
+
 def test_camera_credentials_never_reach_the_calibration_record_or_the_output(tbundle, tmp_path, monkeypatch):
     """'edge-ad calibrate --source rtsp://user:password@cam/stream' printed 'note: SOURCE gave N frames' with
     the password, and the record (calibration.json, calibration.d/, packed into archives and published over

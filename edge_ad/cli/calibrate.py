@@ -25,8 +25,9 @@ def _echo_json(obj) -> None:
                    "as the loop inspects them (cropped and rotated already, as 'edge-ad capture --config' saves "
                    "them), unless it is the line's own dir:// source.")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
-              help="The line's run config (the file 'edge-ad run --config' takes; only [source] is read): its "
-                   "source.roi and rotate are applied to the frames of a camera, video or synthetic source and "
+              help="The line's run config (the file 'edge-ad run --config' takes; only [source] and [decision] "
+                   "threshold are read: the threshold in force is reported, a [decision] threshold overriding "
+                   "the calibration's): its source.roi and rotate are applied to the frames of a camera, video or synthetic source and "
                    "of the line's own dir:// folder, as the loop applies them, so the refit sees what the line "
                    "inspects; another folder's images must have the ROI's size. Without it frames are taken "
                    "whole: give it on a line with source.roi or rotate.")
@@ -119,7 +120,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             was = f"v{before}" if before is not None else "unreadable"
             click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
         return
-    settings = _line_config(config, env_file)   # before the frames, as every other check: a bad config fails
+    settings, env = _line_config(config, env_file)   # before the frames, as every other check: a bad config fails
     line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
     if not source:
@@ -127,7 +128,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                          "or --list")
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
-    from ..scoring import check_policy
+    from ..scoring import check_policy, threshold_in_force
 
     if (golden_dir or deploy_dir or adapt_out or no_golden) and not adapt:
         raise InputError("--golden, --deploy, --no-golden and --adapt-out go with --adapt")
@@ -200,14 +201,38 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
         finally:
             be.close()
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
-    if as_json:
-        _echo_json(res.summary())
-        return
     c = res.calibration
+    # with --config: the threshold the line decides with, by the service's rule (its MQTT calibrate reply's
+    # threshold_in_force): a [decision] threshold of the config overrides the calibration's
+    override = settings.decision.threshold if settings is not None else None
+    in_force = threshold_in_force(c.threshold, override) if settings is not None else None
+    if as_json:
+        out = res.summary()
+        if in_force is not None:
+            out["threshold_in_force"] = in_force
+        _echo_json(out)
+        return
     _screened(res)
-    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
-               f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
-               f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
+    thr = (f"threshold {c.threshold:.6g} (was {res.previous.threshold:.6g}), threshold in force {in_force:.6g}"
+           if in_force is not None else     # without the config: what the calibration sets, nothing more known
+           f"threshold {c.threshold:.6g} set by this calibration (was {res.previous.threshold:.6g})")
+    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
+               f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, "
+               f"{res.timings['total']:.1f} s")
+    if override is not None:
+        click.echo(f"note: the line decides with threshold {override:.6g}, the {_override_origin(config, env)}, "
+                   f"which overrides this calibration's {c.threshold:.6g} (after a reload or restart too): "
+                   "remove it for the calibration's threshold to decide")
+
+
+def _override_origin(config, env) -> str:
+    """Where the config's ``[decision] threshold`` came from: the env file, this shell, or the file."""
+    name = "EDGE_AD_DECISION__THRESHOLD"
+    if name in env.names:
+        return f"{name} of {env.env_file}"
+    if name in env.environ:
+        return f"environment variable {name}"
+    return f"[decision] threshold of {config}"
 
 
 def _screened(res) -> None:
@@ -219,18 +244,18 @@ def _screened(res) -> None:
 
 
 def _line_config(config, env_file):
-    """The line's run config (None without one) as the service runs it, read as ``capture --config`` reads
+    """The line's run config and its :class:`edge_ad.config.ServiceEnviron` (None, None without one) as the service runs it, read as ``capture --config`` reads
     it: with the ``edge-ad.env`` next to it (or ``env_file``) and this process's EDGE_AD_* variables applied
     (:func:`edge_ad.config.service_environ`; the file applied is named on stderr). Only its ``[source]``
     and ``[decision] threshold`` are used."""
     if config is None:
-        return None
+        return None, None
     from ..config import CaptureSettings, load_settings, service_environ
 
     env = service_environ(config, env_file)
     s = load_settings(config, environ=env.environ, schema=CaptureSettings)
     env_file_note(env)
-    return s
+    return s, env
 
 
 def env_file_note(env) -> None:

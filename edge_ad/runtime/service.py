@@ -27,6 +27,7 @@ from .. import __version__
 from ..bundle import Bundle
 from ..config import Settings
 from ..errors import EdgeADError, InputError, RuntimeFailure
+from ..scoring import threshold_in_force
 from .capture import Camera
 from .commands import Commands
 from .outputs import JsonlLog, SnapshotStore
@@ -286,8 +287,7 @@ class Service:
             self.link.update_birth(**fields)
 
     def effective_threshold(self) -> float:
-        o = self.pipeline.threshold_override
-        return float(o) if o is not None else float(self.inspector.calibration.threshold)
+        return threshold_in_force(self.inspector.calibration.threshold, self.pipeline.threshold_override)
 
     def publish_calibration(self) -> None:
         """The retained MQTT ``calibration``: the calibration in force and the threshold that decides. Sent
