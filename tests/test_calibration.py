@@ -1187,6 +1187,58 @@ def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_a
         svc.inspector.backend.close()
 
 
+def test_mqtt_calibrate_reply_names_skipped_images_the_shortfall_and_its_own_rollback(tbundle, tmp_path):
+    """The MQTT calibrate reply is all a remote operator sees: images of the folder skipped on the device
+    (unreadable, the ROI does not fit) and 'gave N frames (asked for M)' were only in the device's log, the
+    training-image warning said 'calibrating on the other 52' when 50 were used, the 'most frames above the
+    threshold' warning told to run 'edge-ad calibrate --rollback' (a shell command on the device), and the
+    advice for a folder of training images left out capture's --config. Each is in the reply now."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.service import Service
+
+    good = tmp_path / "data" / "train" / "good"
+    _write_pngs(good, [part_frame(700 + i, (120, 140)) for i in range(4)])
+    tbundle.manifest["training"] = {"data": str(tmp_path / "data"), "n_train": 4, "val_images": []}
+    tbundle.save_manifest()
+    roi, rotate = [20, 10, 100, 100], 90
+    line = tmp_path / "line"                           # the line's own folder: 30 good whole frames, and
+    _write_pngs(line, [part_frame(500 + i, (120, 140)) for i in range(30)])
+    small = _write_pngs(line, [part_frame(600, 60)], names=["zz_small.png"])[0]   # one the ROI does not fit,
+    (line / "zz_broken.png").write_bytes(b"not an image")                         # one unreadable,
+    (line / "old.png").write_bytes((good / "000.png").read_bytes())               # one training image
+    _write_pngs(tmp_path / "bright", [part_frame(800 + i, 100, brightness=70) for i in range(25)])
+    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"dir://{line}"), (["source", "roi"], roi), (["source", "rotate"], rotate),
+          (["output", "jsonl"], str(tmp_path / "results.jsonl")), (["telemetry", "tegrastats"], False)]
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    try:
+        out = svc.commands.calibrate({"frames": 40, "source": f"dir://{line}", "policy": "max"})
+        assert out["frames"] == out["n_used"] == 30
+        train, skipped, short = out["warnings"]
+        assert train.startswith(f"1 of the 33 images of {line} are images {tbundle.path} was trained on")
+        assert train.endswith("left out, calibrating on 30 of the other 32")
+        assert skipped.startswith(f"2 of the 32 images of {line} skipped (unreadable, or source.roi {roi} does "
+                                  "not fit them), as edge-ad run skips them: ")
+        assert f"{line / 'zz_broken.png'}" in skipped and f"{small}: source.roi {roi} reaches outside" in skipped
+        assert short.endswith(f"{line} gave 30 frames (asked for 40)")
+        out = svc.commands.calibrate({"frames": 25, "source": str(tmp_path / "bright"), "policy": "max"})
+        assert len(out["warnings"]) == 1 and "100% of the frames used score above the threshold" in out["warnings"][0]
+        assert out["warnings"][0].endswith("roll back with the MQTT rollback_calibration command if not")
+        with pytest.raises(InputError, match=r"'edge-ad capture --config LINE\.toml --source CAMERA --out DIR'"):
+            svc.commands.calibrate({"frames": 25, "source": str(good), "policy": "max"})
+    finally:
+        svc.inspector.backend.close()
+    r = CliRunner()                                    # the CLI's own rollback, for the same frames
+    assert r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback", "2"]).exit_code == 0
+    res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(tmp_path / "bright"),
+                          "--frames", "25", "--policy", "max", "--backend", "onnxruntime"])
+    assert res.exit_code == 0 and "roll back with 'edge-ad calibrate --rollback' if not" in res.stderr, res.output
+
+
 def test_cli_calibrate_list_and_rollback_together_are_refused(tbundle):
     from click.testing import CliRunner
 
