@@ -27,10 +27,10 @@ def _echo_json(obj) -> None:
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
               help="The line's run config (the file 'edge-ad run --config' takes; only [source] and [decision] "
                    "threshold are read: the threshold in force is reported, a [decision] threshold overriding "
-                   "the calibration's): its source.roi and rotate are applied to the frames of a camera, video or synthetic source and "
-                   "of the line's own dir:// folder, as the loop applies them, so the refit sees what the line "
-                   "inspects; another folder's images must have the ROI's size. Without it frames are taken "
-                   "whole: give it on a line with source.roi or rotate.")
+                   "the calibration's): its source.roi and rotate are applied to the frames of a camera, video "
+                   "or synthetic source and of the line's own dir:// folder, as the loop applies them, so the "
+                   "refit sees what the line inspects; another folder's images must have the ROI's size. "
+                   "Without it frames are taken whole: give it on a line with source.roi or rotate.")
 @click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
                    "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold ...) "
@@ -77,8 +77,8 @@ def _echo_json(obj) -> None:
                    "replaced) and exit.")
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s, screen_z,
-              min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
+def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s,
+              screen_z, min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
               no_golden, rollback_to, list_versions, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
 
@@ -244,10 +244,10 @@ def _screened(res) -> None:
 
 
 def _line_config(config, env_file):
-    """The line's run config and its :class:`edge_ad.config.ServiceEnviron` (None, None without one) as the service runs it, read as ``capture --config`` reads
-    it: with the ``edge-ad.env`` next to it (or ``env_file``) and this process's EDGE_AD_* variables applied
-    (:func:`edge_ad.config.service_environ`; the file applied is named on stderr). Only its ``[source]``
-    and ``[decision] threshold`` are used."""
+    """The line's run config and its :class:`edge_ad.config.ServiceEnviron` (None, None without one), as
+    the service runs it and as ``capture --config`` reads it: with the ``edge-ad.env`` next to it (or
+    ``env_file``) and this process's EDGE_AD_* variables applied (:func:`edge_ad.config.service_environ`;
+    the file applied is named on stderr). Only its ``[source]`` and ``[decision] threshold`` are used."""
     if config is None:
         return None, None
     from ..config import CaptureSettings, load_settings, service_environ
