@@ -21,7 +21,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -491,6 +491,29 @@ def default_env_file(config: str | os.PathLike | None) -> Path | None:
         return None
     p = Path(config).parent / ENV_FILE
     return p if p.is_file() else None
+
+
+class ServiceEnviron(NamedTuple):
+    """What :func:`service_environ` gives: the environment, the file applied (None: none) and the names of
+    its variables (the values may be secrets: say the names)."""
+
+    environ: dict[str, str]
+    env_file: Path | None
+    names: tuple[str, ...]
+
+
+def service_environ(config: str | os.PathLike | None, env_file: str | os.PathLike | None = None) -> ServiceEnviron:
+    """The environment the service runs ``config`` with, for a command that must see what it sees
+    (``calibrate``, ``capture``, ``bundle install``; ``doctor`` reads the file itself to report on it): this
+    process's environment with the variables of ``env_file`` (default: :func:`default_env_file`) over it, as
+    systemd's EnvironmentFile= gives them to the service whatever the shell has. ``env_file`` without
+    ``config`` is an :class:`InputError` (it only changes the config's values); a bad file one naming
+    ``file:line`` (:func:`read_env_file`), none of it applied."""
+    if env_file is not None and config is None:
+        raise InputError("--env-file needs --config (it changes the config's values)")
+    env_file = Path(env_file) if env_file is not None else default_env_file(config)
+    env = read_env_file(env_file) if env_file is not None else {}
+    return ServiceEnviron({**os.environ, **env}, env_file, tuple(sorted(env)))
 
 
 @contextlib.contextmanager

@@ -252,6 +252,14 @@ def is_ng(scores: np.ndarray | float, threshold: float) -> np.ndarray | bool:
     return ~(np.asarray(scores) <= threshold) if np.ndim(scores) else not scores <= threshold
 
 
+def threshold_in_force(calibration_threshold: float, override: float | None) -> float:
+    """The image threshold that decides: ``override`` (a ``[decision] threshold`` of the run config, or a
+    ``set_threshold`` without persist) when there is one, else the calibration's. The one rule behind the
+    service's ``threshold_in_force`` (MQTT replies, ``calibration`` events) and ``edge-ad calibrate
+    --config``'s."""
+    return float(override) if override is not None else float(calibration_threshold)
+
+
 def score(raw: Mapping[str, np.ndarray], cal: Calibration) -> Scored:
     comb = combine(raw, cal)
     s = image_scores(comb)

@@ -714,6 +714,110 @@ def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tm
     assert res.exit_code == 2 and "nope.toml: config file not found" in res.output
 
 
+def test_cli_calibrate_and_capture_config_apply_the_services_env_file(tbundle, tmp_path, monkeypatch):
+    """systemd gives the service /etc/edge-ad/edge-ad.env (EDGE_AD_SOURCE__ROI, __ROTATE, __URI ...), but
+    'calibrate --config' and 'capture --config' read the TOML alone: on a line whose ROI came from the env
+    file they took whole, unrotated frames (every part NG after the refit). Both now apply the edge-ad.env
+    next to the config (or --env-file), its values over the shell's, as 'doctor' and 'bundle install' do."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    video, raw = _raw_video(tmp_path)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    line.write_text('[source]\nuri = "synthetic://disc?size=64"\nmode = "trigger"\n')   # no ROI in the file
+    env = line.parent / "edge-ad.env"
+    env.write_text(f"# overrides\nEDGE_AD_SOURCE__URI=file://{video}\nEDGE_AD_SOURCE__ROI={ROI}\n"
+                   f"EDGE_AD_SOURCE__ROTATE={ROTATE}\n")
+    monkeypatch.setenv("EDGE_AD_SOURCE__ROTATE", "0")      # the shell's value: the file's replaces it
+    seen = _spy_recalibrate(monkeypatch)
+    r = CliRunner()
+    size = tuple(tbundle.image_size)
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "30", "--policy", "max", "--backend",
+            "onnxruntime", "--config", str(line)]
+    res = r.invoke(main, base)                     # the camera of the env file, cropped and turned
+    assert res.exit_code == 0, res.output
+    assert len(seen[-1]) == 30 and all(np.array_equal(a, b) for a, b in zip(seen[-1], _as_inspected(raw, size)))
+    assert (f"note: {env} applied over --config as the service gets it (EDGE_AD_SOURCE__ROI, "
+            "EDGE_AD_SOURCE__ROTATE, EDGE_AD_SOURCE__URI)") in res.stderr
+
+    res = r.invoke(main, ["capture", "--config", str(line), "--out", str(tmp_path / "cap"), "--frames", "30",
+                          "--source", f"file://{video}"])
+    assert res.exit_code == 0, res.output
+    assert f"note: {env} applied over --config" in res.stderr
+    res = r.invoke(main, [*base, "--source", str(tmp_path / "cap")])    # saved as the line inspects them
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], seen[-2]))
+
+    other = tmp_path / "other.env"                 # --env-file names another file: no ROI, no turn there
+    other.write_text(f"EDGE_AD_SOURCE__URI=file://{video}\n")
+    monkeypatch.delenv("EDGE_AD_SOURCE__ROTATE")
+    res = r.invoke(main, [*base, "--env-file", str(other)])
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1], [resize_rgb(f, size) for f in raw]))
+    monkeypatch.setenv("EDGE_AD_SOURCE__ROTATE", str(ROTATE))   # this shell's EDGE_AD_* apply, as for 'run'
+    res = r.invoke(main, [*base, "--env-file", str(other)])
+    assert res.exit_code == 0, res.output
+    assert seen[-1][0].shape[:2] == size and np.array_equal(seen[-1][0], resize_rgb(np.rot90(raw[0], -1), size))
+    n = len(seen)
+    bad = tmp_path / "bad.env"
+    bad.write_text("EDGE_AD_SOURCE__ROI\n")
+    for args, msg in (([*base, "--env-file", str(bad)], f"{bad}:1: no '=' in this line"),
+                      ([*base[:-2], "--env-file", str(other)], "--env-file needs --config")):
+        res = r.invoke(main, args)
+        assert res.exit_code == 2 and msg in res.output, res.output
+    res = r.invoke(main, ["capture", "--env-file", str(other), "--out", str(tmp_path / "cap2"), "--frames", "3",
+                          "--source", f"file://{video}"])
+    assert res.exit_code == 2 and "--env-file needs --config" in res.output and not (tmp_path / "cap2").exists()
+    assert len(seen) == n and tbundle.calibration_versions() == [1, 2, 3, 4, 5]
+
+
+def test_cli_calibrate_config_reports_the_threshold_in_force(tbundle, tmp_path):
+    """A [decision] threshold in the line's config overrides every calibration's, but 'calibrate --config'
+    announced the new calibration's threshold as if it would decide, and its --json had no
+    threshold_in_force (the MQTT calibrate reply has). With --config it now reports threshold_in_force by the
+    service's rule (edge_ad.scoring.threshold_in_force) and names the override; without, the threshold the
+    calibration sets."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    video, _ = _raw_video(tmp_path)
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "file://{video}"\n\n[decision]\nthreshold = 0.5\n')
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "30", "--policy", "max", "--backend",
+            "onnxruntime"]
+    res = r.invoke(main, [*base, "--config", str(line), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["threshold"] != 0.5 and out["threshold_in_force"] == 0.5
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    thr = tbundle.calibration().threshold
+    assert f"threshold {thr:.6g} (was {out['threshold']:.6g}), threshold in force 0.5," in res.stdout
+    assert (f"note: the line decides with threshold 0.5, the [decision] threshold of {line}, which overrides this "
+            f"calibration's {thr:.6g}") in res.stdout
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=0.7\n")    # the service's env file wins
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    assert "threshold in force 0.7," in res.stdout
+    assert f"the EDGE_AD_DECISION__THRESHOLD of {tmp_path / 'edge-ad.env'}, which overrides" in res.stdout
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=\n")       # empty: the calibration's
+    res = r.invoke(main, [*base, "--config", str(line), "--json"])
+    out = json.loads(res.stdout)
+    assert res.exit_code == 0 and out["threshold_in_force"] == out["threshold"] == tbundle.calibration().threshold
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0 and "threshold in force" in res.stdout and "note: the line decides" not in res.stdout
+    res = r.invoke(main, [*base, "--source", f"file://{video}", "--json"])   # no config: nothing known of it
+    assert res.exit_code == 0 and "threshold_in_force" not in json.loads(res.stdout)
+    res = r.invoke(main, [*base, "--source", f"file://{video}"])
+    thr = tbundle.calibration().threshold
+    assert res.exit_code == 0 and f"threshold {thr:.6g} set by this calibration (was" in res.stdout
+    assert "in force 0.5" not in res.stdout
+
+
 def test_camera_credentials_never_reach_the_calibration_record_or_the_output(tbundle, tmp_path, monkeypatch):
     """'edge-ad calibrate --source rtsp://user:password@cam/stream' printed 'note: SOURCE gave N frames' with
     the password, and the record (calibration.json, calibration.d/, packed into archives and published over
@@ -1081,6 +1185,58 @@ def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_a
         assert out["threshold"] == outs[line]["threshold"]
     finally:
         svc.inspector.backend.close()
+
+
+def test_mqtt_calibrate_reply_names_skipped_images_the_shortfall_and_its_own_rollback(tbundle, tmp_path):
+    """The MQTT calibrate reply is all a remote operator sees: images of the folder skipped on the device
+    (unreadable, the ROI does not fit) and 'gave N frames (asked for M)' were only in the device's log, the
+    training-image warning said 'calibrating on the other 52' when 50 were used, the 'most frames above the
+    threshold' warning told to run 'edge-ad calibrate --rollback' (a shell command on the device), and the
+    advice for a folder of training images left out capture's --config. Each is in the reply now."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.service import Service
+
+    good = tmp_path / "data" / "train" / "good"
+    _write_pngs(good, [part_frame(700 + i, (120, 140)) for i in range(4)])
+    tbundle.manifest["training"] = {"data": str(tmp_path / "data"), "n_train": 4, "val_images": []}
+    tbundle.save_manifest()
+    roi, rotate = [20, 10, 100, 100], 90
+    line = tmp_path / "line"                           # the line's own folder: 30 good whole frames, and
+    _write_pngs(line, [part_frame(500 + i, (120, 140)) for i in range(30)])
+    small = _write_pngs(line, [part_frame(600, 60)], names=["zz_small.png"])[0]   # one the ROI does not fit,
+    (line / "zz_broken.png").write_bytes(b"not an image")                         # one unreadable,
+    (line / "old.png").write_bytes((good / "000.png").read_bytes())               # one training image
+    _write_pngs(tmp_path / "bright", [part_frame(800 + i, 100, brightness=70) for i in range(25)])
+    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"dir://{line}"), (["source", "roi"], roi), (["source", "rotate"], rotate),
+          (["output", "jsonl"], str(tmp_path / "results.jsonl")), (["telemetry", "tegrastats"], False)]
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    try:
+        out = svc.commands.calibrate({"frames": 40, "source": f"dir://{line}", "policy": "max"})
+        assert out["frames"] == out["n_used"] == 30
+        train, skipped, short = out["warnings"]
+        assert train.startswith(f"1 of the 33 images of {line} are images {tbundle.path} was trained on")
+        assert train.endswith("left out, calibrating on 30 of the other 32")
+        assert skipped.startswith(f"2 of the 32 images of {line} skipped (unreadable, or source.roi {roi} does "
+                                  "not fit them), as edge-ad run skips them: ")
+        assert f"{line / 'zz_broken.png'}" in skipped and f"{small}: source.roi {roi} reaches outside" in skipped
+        assert short.endswith(f"{line} gave 30 frames (asked for 40)")
+        out = svc.commands.calibrate({"frames": 25, "source": str(tmp_path / "bright"), "policy": "max"})
+        assert len(out["warnings"]) == 1 and "100% of the frames used score above the threshold" in out["warnings"][0]
+        assert out["warnings"][0].endswith("roll back with the MQTT rollback_calibration command if not")
+        with pytest.raises(InputError, match=r"'edge-ad capture --config LINE\.toml --source CAMERA --out DIR'"):
+            svc.commands.calibrate({"frames": 25, "source": str(good), "policy": "max"})
+    finally:
+        svc.inspector.backend.close()
+    r = CliRunner()                                    # the CLI's own rollback, for the same frames
+    assert r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback", "2"]).exit_code == 0
+    res = r.invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(tmp_path / "bright"),
+                          "--frames", "25", "--policy", "max", "--backend", "onnxruntime"])
+    assert res.exit_code == 0 and "roll back with 'edge-ad calibrate --rollback' if not" in res.stderr, res.output
 
 
 def test_cli_calibrate_list_and_rollback_together_are_refused(tbundle):

@@ -90,15 +90,13 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
         paths = list_images(folder)
         if not paths:
             raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")   # the formats list_images reads
+        note = ""
         if bundle is not None:   # on the files as they are, before any is read, cropped, rotated or resized
             paths, note = leave_out_training_images(bundle, folder, paths, min_frames)
-            if note and notes is not None:
-                notes.append(note)
-            elif note:
-                log.warning("%s", note)
         prepare = _preparer(roi, rotate, folder_roi, size_hw, expect=None if folder_roi else _crop_size(roi, rotate))
         loaded: dict[Path, np.ndarray] = {}
         bad: set[Path] = set()
+        skipped: list[str] = []   # why each image was skipped (logged at once, summed up in ``notes``)
         misfit = 0
         bar = tqdm(total=min(n, len(paths)), desc="calibrate: reading", unit="frame", leave=False,
                    disable=None if progress else True)
@@ -114,6 +112,7 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
                         bar.update(1)
                     except (InputError, OSError) as exc:
                         log.warning("skipped %s", exc)
+                        skipped.append(str(exc))
                         bad.add(p)
                         continue
                     try:
@@ -123,6 +122,7 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
                             raise
                         # the line's own folder: 'run' skips an image its ROI does not fit, naming it; so does this
                         log.warning("skipped %s (edge-ad run skips it too)", exc)
+                        skipped.append(str(exc))
                         misfit += 1
                         bad.add(p)
         finally:
@@ -130,8 +130,38 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
         if not picked:
             raise InputError(f"{folder}: none of the {len(paths)} images can be read"
                              + (f" or fits source.roi {list(roi)} ({misfit} do not)" if misfit else ""))
+        # the count known now: the training images' note says how many frames the others gave, and the
+        # images skipped are summed up where a remote caller reads them (the MQTT reply's warnings), not only
+        # in the device's log
+        if note:
+            took = (f"the other {len(paths)}" if len(picked) == len(paths) else
+                    f"{len(picked)} of the other {len(paths)}")
+            _note(notes, f"{note}: left out, calibrating on {took}")
+        if skipped and notes is not None:
+            notes.append(skipped_note(folder, len(paths), skipped, roi if misfit else None))
         return CollectedFrames([loaded[p] for p in picked], [str(p) for p in picked])
     return _from_uri(text, n, int(every), timeout_s, progress, _preparer(roi, rotate, True, size_hw))
+
+
+SKIPPED_SHOWN = 5   # images named in the note on the skipped ones (each is named in the log)
+
+
+def skipped_note(folder: Path, n_images: int, skipped: Sequence[str], roi: Sequence[int] | None = None) -> str:
+    """The images of ``folder`` (of ``n_images``) skipped while collecting, as one warning: how many and why
+    (``skipped``: each one's message, which names the file), at most :data:`SKIPPED_SHOWN` of them."""
+    why = "unreadable" + (f", or source.roi {list(roi)} does not fit them" if roi else "")
+    shown = "; ".join(skipped[:SKIPPED_SHOWN])
+    more = f"; and {len(skipped) - SKIPPED_SHOWN} more (each named in the log)" if len(skipped) > SKIPPED_SHOWN else ""
+    return (f"{len(skipped)} of the {n_images} images of {folder} skipped ({why}), as edge-ad run skips them: "
+            f"{shown}{more}")
+
+
+def _note(notes: list[str] | None, text: str) -> None:
+    """A warning for the caller (``notes``: the CLI prints them, the MQTT reply carries them), else logged."""
+    if notes is not None:
+        notes.append(text)
+    else:
+        log.warning("%s", text)
 
 
 def is_line_folder(source: str | os.PathLike, line_uri: str | None) -> bool:
@@ -314,7 +344,8 @@ def training_images(bundle) -> TrainingImages | None:
 def leave_out_training_images(bundle, folder: Path, paths: list[Path],
                               min_frames: int = 1) -> tuple[list[Path], str]:
     """``paths`` (the images of calibration folder ``folder``) without the bundle's training images, and
-    a warning saying how many were left out ("" when none). Raises InputError when fewer than
+    a warning saying how many were left out and why ("" when none; :func:`collect_frames` adds how many
+    frames the others gave). Raises InputError when fewer than
     ``min_frames`` remain: the folder is then (mostly) the training data, and a calibration on it would
     call every unseen good part NG."""
     train = training_images(bundle)
@@ -338,5 +369,7 @@ def leave_out_training_images(bundle, folder: Path, paths: list[Path],
         left = f"the {len(rest)} other images are" if len(rest) != 1 else "the 1 other image is"
         raise InputError(f"{why}; {left} fewer than the {need} a calibration needs: "
                          "calibrate on images of good parts the model has not seen (capture new ones, e.g. "
-                         f"'edge-ad capture --source CAMERA --out DIR'){val}; the calibration in force is unchanged")
-    return rest, f"{why}: left out, calibrating on the other {len(rest)}"
+                         "'edge-ad capture --config LINE.toml --source CAMERA --out DIR': --config saves them "
+                         "cropped and turned as the line inspects them, which a line with source.roi or rotate "
+                         f"needs){val}; the calibration in force is unchanged")
+    return rest, why

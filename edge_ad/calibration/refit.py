@@ -57,6 +57,9 @@ SCREEN_Z = 6.0
 MIN_FRAMES = 20
 MAX_EXCLUDED = 0.25
 KEEP_GAUSSIAN = 5
+# how the user of each route puts the calibration replaced back (the "most frames above the threshold" warning)
+CLI_ROLLBACK = "'edge-ad calibrate --rollback'"
+MQTT_ROLLBACK = "the MQTT rollback_calibration command"
 GAUSSIAN_DIR = "gaussian.d"
 
 
@@ -364,7 +367,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
                 progress: bool = True, *, screen_z: float = SCREEN_Z, min_frames: int = MIN_FRAMES,
                 max_excluded: float = MAX_EXCLUDED, batch_size: int = 16, source: str = "",
                 keep_gaussian: int = KEEP_GAUSSIAN, prior_weight: float | None = None,
-                labels: Sequence[str] | None = None) -> CalibrationResult:
+                labels: Sequence[str] | None = None, rollback_advice: str = CLI_ROLLBACK) -> CalibrationResult:
     """Refit the calibration on new normal frames (RGB uint8) and write it as a new version.
 
     ``labels``: what to call each frame in messages and in the calibration record (the file names of a
@@ -378,6 +381,10 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     Gaussian model: ``prior_weight`` is how many frames the statistics the bundle was trained with
     count for when the covariance is refitted (None: as many as the new frames, at most as many as they
     came from; 0: a fit from the new frames alone; see :mod:`.gaussfit`).
+
+    ``rollback_advice``: how the caller's user rolls back, named in the warning when most frames score
+    above the threshold in force (:data:`CLI_ROLLBACK`; the MQTT ``calibrate`` passes :data:`MQTT_ROLLBACK`:
+    its operator has no shell on the device).
     """
     t0 = time.perf_counter()
     scoring.check_policy(policy)  # a bad policy fails before any work
@@ -440,7 +447,7 @@ def recalibrate(bundle: Bundle, inspector, frames: Iterable[np.ndarray], policy:
     for e in excluded:
         log.info("calibration frame %d (%s) left out: score %.4g, z %.1f (%s)", e.index, e.name, e.score, e.z,
                  e.reason)
-    warnings = _warnings(cur, s_cur, used)
+    warnings = _warnings(cur, s_cur, used, rollback_advice)
 
     version = bundle.next_calibration_version()
     extra = dict(cur.extra)
@@ -492,7 +499,8 @@ def screen_frames(inspector, frames: Sequence[np.ndarray], *, screen_z: float = 
     return used, excluded, _warnings(cur, s_cur, used)
 
 
-def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray) -> tuple[str, ...]:
+def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray, rollback_advice: str = CLI_ROLLBACK
+              ) -> tuple[str, ...]:
     """The screening compares frames with each other; a set made *only* of defects passes it. Say so when
     the set as a whole scores like NG parts under the calibration in force (or a changed light does)."""
     s = s_cur[used]
@@ -509,7 +517,7 @@ def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray) -> tuple[st
     if std and p50 is not None:
         msg += f", {(med - p50) / std:.1f} normal standard deviations above its normal median"
     return (msg + ": fine after a change of light or material, but check that these are normal parts; "
-            "roll back with 'edge-ad calibrate --rollback' if not",)
+            f"roll back with {rollback_advice} if not",)
 
 
 def _check_usable(n: int, n_used: int, excluded: list[Excluded], min_frames: int, max_excluded: float) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import click
@@ -26,11 +25,17 @@ def _echo_json(obj) -> None:
                    "as the loop inspects them (cropped and rotated already, as 'edge-ad capture --config' saves "
                    "them), unless it is the line's own dir:// source.")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
-              help="The line's run config (the file 'edge-ad run --config' takes; only [source] is read): its "
-                   "source.roi and rotate are applied to the frames of a camera, video or synthetic source and "
-                   "of the line's own dir:// folder, as the loop applies them, so the refit sees what the line "
-                   "inspects; another folder's images must have the ROI's size. Without it frames are taken "
-                   "whole: give it on a line with source.roi or rotate.")
+              help="The line's run config (the file 'edge-ad run --config' takes; only [source] and [decision] "
+                   "threshold are read: the threshold in force is reported, a [decision] threshold overriding "
+                   "the calibration's): its source.roi and rotate are applied to the frames of a camera, video "
+                   "or synthetic source and of the line's own dir:// folder, as the loop applies them, so the "
+                   "refit sees what the line inspects; another folder's images must have the ROI's size. "
+                   "Without it frames are taken whole: give it on a line with source.roi or rotate.")
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
+                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold ...) "
+                   "apply over the config, its values replacing this shell's, as for the service. Default: "
+                   "edge-ad.env next to --config, when there is one.")
 @click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
 @click.option("--policy", default="fpr:0.001", show_default=True,
               help="Threshold policy: fpr:P (target false-positive rate), max (largest normal score + margin), "
@@ -72,8 +77,8 @@ def _echo_json(obj) -> None:
                    "replaced) and exit.")
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate(bundle_dir, source, config, frames, policy, backend, precision, device, every, timeout_s, screen_z,
-              min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
+def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s,
+              screen_z, min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
               no_golden, rollback_to, list_versions, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
 
@@ -85,6 +90,8 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
     from ..calibration import recalibrate, rollback
     from ..errors import InputError
 
+    if env_file is not None and config is None:
+        raise InputError("--env-file needs --config (it changes the config's values)")
     b = Bundle.open(bundle_dir)
     if list_versions and rollback_to is not None:
         raise InputError("--list and --rollback exclude each other: list the versions, then roll back")
@@ -113,14 +120,15 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
             was = f"v{before}" if before is not None else "unreadable"
             click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
         return
-    line = _line_source(config)   # before the frames, as every other check: a bad config fails at once
+    settings, env = _line_config(config, env_file)   # before the frames, as every other check: a bad config fails
+    line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
     if not source:
         raise InputError("--source is required (a folder of normal images or a source URI), unless --rollback "
                          "or --list")
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
-    from ..scoring import check_policy
+    from ..scoring import check_policy, threshold_in_force
 
     if (golden_dir or deploy_dir or adapt_out or no_golden) and not adapt:
         raise InputError("--golden, --deploy, --no-golden and --adapt-out go with --adapt")
@@ -193,14 +201,38 @@ def calibrate(bundle_dir, source, config, frames, policy, backend, precision, de
         finally:
             be.close()
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
-    if as_json:
-        _echo_json(res.summary())
-        return
     c = res.calibration
+    # with --config: the threshold the line decides with, by the service's rule (its MQTT calibrate reply's
+    # threshold_in_force): a [decision] threshold of the config overrides the calibration's
+    override = settings.decision.threshold if settings is not None else None
+    in_force = threshold_in_force(c.threshold, override) if settings is not None else None
+    if as_json:
+        out = res.summary()
+        if in_force is not None:
+            out["threshold_in_force"] = in_force
+        _echo_json(out)
+        return
     _screened(res)
-    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, threshold "
-               f"{c.threshold:.6g} (was {res.previous.threshold:.6g}), {res.n_used} of {res.n_frames} frames used, "
-               f"{len(res.excluded)} left out, {res.timings['total']:.1f} s")
+    thr = (f"threshold {c.threshold:.6g} (was {res.previous.threshold:.6g}), threshold in force {in_force:.6g}"
+           if in_force is not None else     # without the config: what the calibration sets, nothing more known
+           f"threshold {c.threshold:.6g} set by this calibration (was {res.previous.threshold:.6g})")
+    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
+               f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, "
+               f"{res.timings['total']:.1f} s")
+    if override is not None:
+        click.echo(f"note: the line decides with threshold {override:.6g}, the {_override_origin(config, env)}, "
+                   f"which overrides this calibration's {c.threshold:.6g} (after a reload or restart too): "
+                   "remove it for the calibration's threshold to decide")
+
+
+def _override_origin(config, env) -> str:
+    """Where the config's ``[decision] threshold`` came from: the env file, this shell, or the file."""
+    name = "EDGE_AD_DECISION__THRESHOLD"
+    if name in env.names:
+        return f"{name} of {env.env_file}"
+    if name in env.environ:
+        return f"environment variable {name}"
+    return f"[decision] threshold of {config}"
 
 
 def _screened(res) -> None:
@@ -211,13 +243,27 @@ def _screened(res) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
-def _line_source(config):
-    """The ``[source]`` of the line's run config (None without one), read as ``capture --config`` reads it."""
+def _line_config(config, env_file):
+    """The line's run config and its :class:`edge_ad.config.ServiceEnviron` (None, None without one), as
+    the service runs it and as ``capture --config`` reads it: with the ``edge-ad.env`` next to it (or
+    ``env_file``) and this process's EDGE_AD_* variables applied (:func:`edge_ad.config.service_environ`;
+    the file applied is named on stderr). Only its ``[source]`` and ``[decision] threshold`` are used."""
     if config is None:
-        return None
-    from ..config import CaptureSettings, load_settings
+        return None, None
+    from ..config import CaptureSettings, load_settings, service_environ
 
-    return load_settings(config, schema=CaptureSettings).source
+    env = service_environ(config, env_file)
+    s = load_settings(config, environ=env.environ, schema=CaptureSettings)
+    env_file_note(env)
+    return s, env
+
+
+def env_file_note(env) -> None:
+    """Say on stderr which environment file (a :class:`edge_ad.config.ServiceEnviron`) was applied over
+    --config, naming its variables (never the values: it holds the service's secrets)."""
+    if env.env_file is not None:
+        click.echo(f"note: {env.env_file} applied over --config as the service gets it"
+                   + (f" ({', '.join(env.names)})" if env.names else " (no variables)"), err=True)
 
 
 def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: tuple[int, int], bundle,
@@ -385,14 +431,11 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
     from ..calibration.deploy import open_probe
     from ..errors import InputError
 
-    if env_file is not None and config is None:
-        raise InputError("--env-file needs --config (it changes the config's values)")
-    if config is not None:
-        from ..config import default_env_file, load_settings, read_env_file
+    from ..config import load_settings, service_environ
 
-        env_file = env_file or default_env_file(config)
-        env = read_env_file(env_file) if env_file is not None else {}
-        m = load_settings(config, environ={**os.environ, **env}).model
+    env = service_environ(config, env_file)
+    if config is not None:
+        m = load_settings(config, environ=env.environ).model
         if deploy_dir is None and m.deploy_dir is None:
             raise InputError(f"--config {config}: no model.deploy_dir in it; give --deploy DIR")
         deploy_dir = deploy_dir or m.deploy_dir

@@ -171,10 +171,15 @@ def _exit_past_busy_threads(svc, code: int, message: str = "") -> None:
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
               help="Take ROI and rotation (and reconnect settings) from this run config, so the frames "
                    "match what the loop inspects.")
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
+                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.roi, rotate ...) apply over the config, its "
+                   "values replacing this shell's, as for the service. Default: edge-ad.env next to --config, "
+                   "when there is one.")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", help="Image format.")
 @click.option("--prefix", default="frame_", show_default=True,
               help="File name prefix (a plain name: no '/', '\\', or leading '.').")
-def capture_cmd(source, out, count, every, config, fmt, prefix):
+def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
     """Save N frames of a camera (or file) to a folder, e.g. normal parts to train or calibrate on."""
     import cv2
     from tqdm import tqdm
@@ -185,14 +190,21 @@ def capture_cmd(source, out, count, every, config, fmt, prefix):
     from ..runtime.sources import check_startup, open_source, parse_uri
 
     _check_prefix(prefix)
+    if env_file is not None and config is None:
+        raise InputError("--env-file needs --config (it changes the config's values)")
     spec = parse_uri(source)
     check_startup(spec)
     roi, rotate = None, 0
     src_settings = None
     if config:
-        from ..config import CaptureSettings, load_settings
+        from ..config import CaptureSettings, load_settings, service_environ
+        from .calibrate import env_file_note
 
-        s = load_settings(config, [(["source", "uri"], source, "--source")], schema=CaptureSettings)
+        # as the service runs the line: its edge-ad.env (and this shell's EDGE_AD_*) over the file
+        env = service_environ(config, env_file)
+        s = load_settings(config, [(["source", "uri"], source, "--source")], environ=env.environ,
+                          schema=CaptureSettings)
+        env_file_note(env)
         roi, rotate, src_settings = s.source.roi, s.source.rotate, s.source
     folder = Path(out)
     # the folders this capture makes: removed again when no frame was saved (a bad ROI, a dead source)

@@ -27,6 +27,7 @@ from .. import __version__
 from ..bundle import Bundle
 from ..config import Settings
 from ..errors import EdgeADError, InputError, RuntimeFailure
+from ..scoring import threshold_in_force
 from .capture import Camera
 from .commands import Commands
 from .outputs import JsonlLog, SnapshotStore
@@ -286,8 +287,7 @@ class Service:
             self.link.update_birth(**fields)
 
     def effective_threshold(self) -> float:
-        o = self.pipeline.threshold_override
-        return float(o) if o is not None else float(self.inspector.calibration.threshold)
+        return threshold_in_force(self.inspector.calibration.threshold, self.pipeline.threshold_override)
 
     def publish_calibration(self) -> None:
         """The retained MQTT ``calibration``: the calibration in force and the threshold that decides. Sent
@@ -349,7 +349,7 @@ class Service:
     def _calibrate(self, frames: int, policy: str, source: str, timeout: float, by: str) -> dict:
         from ..calibration import collect_frames, recalibrate
         from ..calibration.collect import is_line_folder
-        from ..calibration.refit import MIN_FRAMES
+        from ..calibration.refit import MIN_FRAMES, MQTT_ROLLBACK
 
         t0 = time.monotonic()
         notes: list[str] = []   # the training images a source folder held, left out
@@ -380,12 +380,15 @@ class Service:
                                     size_hw=tuple(self.inspector.image_size), bundle=self.bundle,
                                     min_frames=MIN_FRAMES, notes=notes)
             labels = images.labels   # the files kept: the training images left out have none
+            where = parse_uri(source).safe_uri if "://" in source else source
+            if len(images) < frames:   # as 'edge-ad calibrate' notes it: the reply says why fewer were used
+                notes.append(f"{where} gave {len(images)} frames (asked for {frames})")
             for note in notes:
                 log.warning("calibrate: %s", note)
-            where = parse_uri(source).safe_uri if "://" in source else source
         t_collect = time.monotonic() - t0
         res = recalibrate(self.bundle, self.inspector, images, policy=policy, progress=False,
-                          source=f"{by}: {len(images)} frames from {where}", labels=labels)
+                          source=f"{by}: {len(images)} frames from {where}", labels=labels,
+                          rollback_advice=MQTT_ROLLBACK)   # the fleet operator has no shell on the device
         self.swap_calibration(res.calibration, reason=f"calibrate ({len(images)} frames, policy {policy})")
         out = res.summary()
         out["warnings"] = [*notes, *out["warnings"]]
