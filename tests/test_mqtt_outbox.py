@@ -127,7 +127,15 @@ def test_drops_of_a_full_outbox_are_logged_at_once_then_at_most_once_a_minute(tm
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "dropped 15 oldest since the last report (16 in all)" in lines[1]
     assert ob.dropped == 16
-    ob.close()
+    # drops held back when the outbox closes are told then: the log accounts for every one
+    monkeypatch.setattr(ratelimit, "REPORT_EVERY_S", 60.0)
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.outbox"):
+        for _ in range(3):
+            ob.put("result", "t", lambda s: _json(s))
+        assert len(caplog.records) == 2                     # within the minute: held back
+        ob.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and "dropped 3 oldest since the last report (19 in all)" in lines[2]
 
 
 def test_byte_bound_drops_images_first(tmp_path):

@@ -540,6 +540,10 @@ class Outbox:
             if self._closed:
                 return
             self._closed = True
+            held = self._full_log.flush(force=True).get("full", 0)
+            if held:   # drops since the last report: the log accounts for every one (the summary counts them too)
+                log.warning("outbox %s full: dropped %d oldest since the last report (%d in all)", self.path, held,
+                            self._dropped)
             self._rdb.close()
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
