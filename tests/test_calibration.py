@@ -1110,10 +1110,8 @@ def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_a
 
     from edge_ad import calibration as calibration_pkg
     from edge_ad.cli import main
-    from edge_ad.config import load_settings
     from edge_ad.data.image import spread
     from edge_ad.runtime.pipeline import apply_roi_rotate
-    from edge_ad.runtime.service import Service
 
     good = tmp_path / "data" / "train" / "good"
     good.mkdir(parents=True)
@@ -1174,10 +1172,7 @@ def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_a
     assert all(np.array_equal(a, expected[new.index(Path(p))]) for a, p in zip(frames, labels))
     assert tbundle.calibration().extra["recalibration"]["frames"] == 12
 
-    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
-          (["source", "uri"], f"dir://{line}"), (["source", "roi"], roi), (["source", "rotate"], rotate),
-          (["output", "jsonl"], str(tmp_path / "results.jsonl")), (["telemetry", "tegrastats"], False)]
-    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    svc = _line_service(tbundle, tmp_path, line, roi, rotate)
     try:
         out = svc.commands.calibrate({"frames": 100, "source": f"dir://{line}", "policy": "max"})
         assert out["frames"] == 24 and out["warnings"][0].startswith(f"6 of the 30 images of {line} are images")
@@ -1187,18 +1182,27 @@ def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_a
         svc.inspector.backend.close()
 
 
+def _line_service(tbundle, tmp_path, line, roi, rotate):
+    """An edge-ad run service (not started) of ``tbundle`` on the line folder ``line`` with ``roi`` / ``rotate``:
+    for its MQTT calibrate."""
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.service import Service
+
+    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"dir://{line}"), (["source", "roi"], roi), (["source", "rotate"], rotate),
+          (["output", "jsonl"], str(tmp_path / "results.jsonl")), (["telemetry", "tegrastats"], False)]
+    return Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+
+
 def test_mqtt_calibrate_reply_names_skipped_images_the_shortfall_and_its_own_rollback(tbundle, tmp_path):
     """The MQTT calibrate reply is all a remote operator sees: images of the folder skipped on the device
     (unreadable, the ROI does not fit) and 'gave N frames (asked for M)' were only in the device's log, the
     training-image warning said 'calibrating on the other 52' when 50 were used, the 'most frames above the
     threshold' warning told to run 'edge-ad calibrate --rollback' (a shell command on the device), and the
     advice for a folder of training images left out capture's --config. Each is in the reply now."""
-    import cv2
     from click.testing import CliRunner
 
     from edge_ad.cli import main
-    from edge_ad.config import load_settings
-    from edge_ad.runtime.service import Service
 
     good = tmp_path / "data" / "train" / "good"
     _write_pngs(good, [part_frame(700 + i, (120, 140)) for i in range(4)])
@@ -1211,10 +1215,7 @@ def test_mqtt_calibrate_reply_names_skipped_images_the_shortfall_and_its_own_rol
     (line / "zz_broken.png").write_bytes(b"not an image")                         # one unreadable,
     (line / "old.png").write_bytes((good / "000.png").read_bytes())               # one training image
     _write_pngs(tmp_path / "bright", [part_frame(800 + i, 100, brightness=70) for i in range(25)])
-    ov = [(["model", "bundle"], str(tbundle.path)), (["model", "backend"], "onnxruntime"),
-          (["source", "uri"], f"dir://{line}"), (["source", "roi"], roi), (["source", "rotate"], rotate),
-          (["output", "jsonl"], str(tmp_path / "results.jsonl")), (["telemetry", "tegrastats"], False)]
-    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    svc = _line_service(tbundle, tmp_path, line, roi, rotate)
     try:
         out = svc.commands.calibrate({"frames": 40, "source": f"dir://{line}", "policy": "max"})
         assert out["frames"] == out["n_used"] == 30

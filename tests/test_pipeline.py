@@ -1556,20 +1556,15 @@ def test_run_says_how_many_messages_wait_in_the_outbox_when_the_broker_was_unrea
     assert m and int(m.group(1)) >= 4 and m.group(2) == str(outbox), res.output
 
 
-def test_run_names_the_messages_dropped_as_too_large_for_the_broker(tmp_path, tiny_bundle, monkeypatch):
-    """The summary line counted 'too_large' and 'disconnects' together as messages the broker does not take;
-    a lost connection no longer drops anything, so only messages over the limit the broker announced are
-    counted there, apart from those the full outbox dropped."""
+def _run_cli_summarising(monkeypatch, tmp_path, summary: dict):
+    """``run(config)``: ``edge-ad run --config config`` (a CliRunner result) whose service returns ``summary``:
+    the text summary's lines without a real run."""
     import types
 
     from click.testing import CliRunner
 
     from edge_ad.cli import main
     from edge_ad.runtime import service
-
-    summary = {"frames": 4, "ng": 0, "dropped": 0, "duration_s": 1.0, "fps": 4.0, "reason": "finished",
-               "stop_s": 0.1, "outbox_left": 0, "outbox": "o.sqlite", "outbox_reset": None, "outbox_dropped": 3,
-               "outbox_dropped_by": {"full": 1, "too_large": 2}}
 
     class Fake:
         finished = True
@@ -1586,13 +1581,25 @@ def test_run_names_the_messages_dropped_as_too_large_for_the_broker(tmp_path, ti
 
     monkeypatch.setattr(service, "Service", Fake)
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(main, ["run", "--config", str(_config_file(tmp_path, tiny_bundle, "synthetic://"))])
+    return lambda config: CliRunner().invoke(main, ["run", "--config", str(config)])
+
+
+def test_run_names_the_messages_dropped_as_too_large_for_the_broker(tmp_path, tiny_bundle, monkeypatch):
+    """The summary line counted 'too_large' and 'disconnects' together as messages the broker does not take;
+    a lost connection no longer drops anything, so only messages over the limit the broker announced are
+    counted there, apart from those the full outbox dropped."""
+    summary = {"frames": 4, "ng": 0, "dropped": 0, "duration_s": 1.0, "fps": 4.0, "reason": "finished",
+               "stop_s": 0.1, "outbox_left": 0, "outbox": "o.sqlite", "outbox_reset": None, "outbox_dropped": 3,
+               "outbox_dropped_by": {"full": 1, "too_large": 2}}
+
+    run = _run_cli_summarising(monkeypatch, tmp_path, summary)
+    res = run(_config_file(tmp_path, tiny_bundle, "synthetic://"))
     assert res.exit_code == 0, res.output
     assert "1 MQTT messages dropped by the full outbox" in res.output
     assert ("2 MQTT messages dropped because they are larger than the maximum packet size the broker announced "
             "(max_packet_size in Mosquitto)") in res.output
     summary["outbox_dropped_by"] = {"full": 0, "too_large": 0}
-    res = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "run.toml")])
+    res = run(tmp_path / "run.toml")
     assert res.exit_code == 0 and "MQTT messages dropped" not in res.output, res.output
 
 
@@ -1600,34 +1607,13 @@ def test_run_names_the_outputs_whose_writes_failed(tmp_path, tiny_bundle, monkey
     """The text summary said nothing of failed writes (35 results never stored for MQTT while another program
     held the outbox locked, decisions missing from a full disk's result log): only --json had output_errors.
     It names each output with failed writes and how many."""
-    import types
-
-    from click.testing import CliRunner
-
-    from edge_ad.cli import main
-    from edge_ad.runtime import service
-
     summary = {"frames": 190, "ng": 190, "dropped": 10, "duration_s": 20.0, "fps": 9.5, "reason": "finished",
                "stop_s": 0.1, "outbox_left": 0, "outbox": "o.sqlite", "outbox_reset": None, "outbox_dropped": 0,
                "outbox_dropped_by": {"full": 0, "too_large": 0},
                "output_errors": {"jsonl": 2, "outbox": 35, "snapshots": 0, "telemetry": 1}}
 
-    class Fake:
-        finished = True
-        pipeline = types.SimpleNamespace(busy=lambda: False)
-
-        def __init__(self, *a, **kw):
-            pass
-
-        def describe(self):
-            return "fake"
-
-        def run(self):
-            return summary
-
-    monkeypatch.setattr(service, "Service", Fake)
-    monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(main, ["run", "--config", str(_config_file(tmp_path, tiny_bundle, "synthetic://"))])
+    run = _run_cli_summarising(monkeypatch, tmp_path, summary)
+    res = run(_config_file(tmp_path, tiny_bundle, "synthetic://"))
     assert res.exit_code == 0, res.output
     assert ("35 results and events were not stored for MQTT (never sent): their outbox writes failed (see the log "
             "for why)") in res.output
@@ -1635,7 +1621,7 @@ def test_run_names_the_outputs_whose_writes_failed(tmp_path, tiny_bundle, monkey
     assert "1 lines are missing from the telemetry file (telemetry.path)" in res.output
     assert "snapshots" not in res.output
     summary["output_errors"] = {"jsonl": 0, "outbox": 0, "snapshots": 0, "telemetry": 0}
-    res = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "run.toml")])
+    res = run(tmp_path / "run.toml")
     assert res.exit_code == 0 and "failed (see the log" not in res.output, res.output
 
 

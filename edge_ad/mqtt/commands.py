@@ -175,7 +175,7 @@ def _first_not_finite(obj) -> tuple[str, str] | None:
 def _parse_object(data: bytes, what: str, finite: bool = True) -> dict:
     """A JSON object from untrusted bytes; every way it can be bad is a ValueError (a number that is not a
     finite double: :class:`NonFiniteNumber`, naming its field; a NaN threshold would make every part NG, with
-    no region). ``finite=False``: such numbers are left as placeholders, for reading the routing fields of a payload
+    no region). ``finite=False``: such numbers are kept as _NotFinite markers, for reading the routing fields of a payload
     that is refused for them (the refusal still goes where the requester waits)."""
     text = bytes(data).decode("utf-8")      # UnicodeDecodeError is a ValueError
     if not text.strip():
