@@ -1653,7 +1653,9 @@ def test_the_telemetry_file_rotates_and_a_bad_path_stops_run_at_start(tmp_path, 
     from edge_ad.errors import InputError
 
     video, _ = defect_video(tmp_path / "parts.avi", n=40, defect_every=5, size=96)
-    s = _settings(tmp_path, tiny_bundle, f"file://{video}?fps=200", source__mode="trigger",
+    # 0.8 s of frames at 50 fps: dozens of telemetry lines at 0.01 s, rotated past 1 KiB even on a loaded
+    # machine (at 200 fps, 0.2 s, a busy run once wrote too few lines to rotate)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?fps=50", source__mode="trigger",
                   telemetry__path=str(tmp_path / "tel.jsonl"), telemetry__interval_s=0.01,
                   telemetry__max_bytes=1024, telemetry__backups=1)
     _run(s)
