@@ -391,8 +391,8 @@ def _long_history(tiny_bundle, path, versions):
 
 
 def test_a_long_calibration_history_packs_and_installs(tiny_bundle, tmp_path, monkeypatch):
-    """Calibration versions are never pruned: a line tuned ~30 times a day had more than 10,000 (the cap
-    before) within a year, and such a bundle was refused. The cap is now years of that; a bundle of exactly
+    """Calibration versions are kept until 'calibrate --prune' deletes them: a line tuned ~30 times a day had
+    more than 10,000 (the cap before) within a year, and such a bundle was refused. The cap is now years of that; a bundle of exactly
     MAX_FILES files (MAX_FILES made small here) packs and installs."""
     from edge_ad.calibration import package
 
@@ -408,7 +408,8 @@ def test_a_long_calibration_history_packs_and_installs(tiny_bundle, tmp_path, mo
 def test_pack_refuses_more_files_than_an_install_accepts_before_writing(tiny_bundle, tmp_path, monkeypatch):
     """Pack wrote the archive, then its own check refused it with the install wording ('update refused') and
     left the unusable archive (35 MB for 10,001 calibration versions). Now it counts first: exit 2, nothing
-    written, saying how to shorten the history."""
+    written, naming the command that shortens the history ('calibrate --prune', which said to delete files by
+    hand before there was one) and the most versions it may keep."""
     from click.testing import CliRunner
 
     from edge_ad.calibration import package
@@ -418,15 +419,17 @@ def test_pack_refuses_more_files_than_an_install_accepts_before_writing(tiny_bun
     b = _long_history(tiny_bundle, tmp_path / "b", 38)
     out = tmp_path / "out" / "b.tar"
     msg = (f"{b.path}: 41 files to pack (38 of them calibration versions in calibration.d/), and an install accepts "
-           f"at most 40: delete old calibration versions you will not roll back to from {b.calibration_dir} (keep "
-           "0038.json, the one in force, and any you may roll back to), then pack again (nothing packed)")
+           f"at most 40: delete old calibration versions with 'edge-ad calibrate --bundle {b.path} --prune KEEP' "
+           "(KEEP: the newest versions to keep, at most 34 here; the one in force and the one a rollback goes back "
+           "to are always kept; --dry-run shows what would go), then pack again (nothing packed)")
     with pytest.raises(InputError, match=re.escape(msg)):
         pack_bundle(b.path, out)
     res = CliRunner().invoke(main, ["bundle", "pack", str(b.path), str(out)])
     assert res.exit_code == 2 and msg in res.output and "update refused" not in res.output, res.output
     assert not (tmp_path / "out").exists()
-    b.calibration_version_file(1).unlink()   # as the message says
-    assert len(read_index(pack_bundle(b.path, out)).index["files"]) == 40
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--prune", "34"])   # as the message says
+    assert res.exit_code == 0 and "removed 3 calibration versions (v2-v4)" in res.output, res.output
+    assert len(read_index(pack_bundle(b.path, out)).index["files"]) == 38
 
 
 @pytest.mark.parametrize("file,under", [("bundle/manifest.json", "bundle/manifest.json/x"),

@@ -76,15 +76,21 @@ def _echo_json(obj) -> None:
               help="Put an earlier calibration version back in force (default: the one the calibration in force "
                    "replaced) and exit.")
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
+@click.option("--prune", "prune_keep", type=click.IntRange(1), metavar="KEEP",
+              help="Delete old calibration versions, keeping the KEEP newest, the one in force, the one a plain "
+                   "--rollback goes back to and v1 (the trained calibration), and the Gaussian statistics only "
+                   "the removed ones used; print what was removed and exit.")
+@click.option("--dry-run", is_flag=True, help="With --prune: say what would be removed, remove nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s,
               screen_z, min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
-              no_golden, rollback_to, list_versions, as_json):
+              no_golden, rollback_to, list_versions, prune_keep, dry_run, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
 
-    Writes a new calibration version (atomic; the old ones are kept), or with --rollback puts an older one
-    back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload' command. One calibration of a
-    bundle at a time: refused (exit 1) while another runs (an 'edge-ad calibrate', or an MQTT calibrate).
+    Writes a new calibration version (atomic; the old ones are kept until --prune deletes them), or with
+    --rollback puts an older one back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload'
+    command. One calibration change of a bundle at a time: a refit, --rollback or --prune is refused (exit 1)
+    while another runs (an 'edge-ad calibrate', or an MQTT calibrate).
     """
     from ..bundle import Bundle
     from ..calibration import recalibrate, rollback
@@ -93,10 +99,17 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     if env_file is not None and config is None:
         raise InputError("--env-file needs --config (it changes the config's values)")
     b = Bundle.open(bundle_dir)
-    if list_versions and rollback_to is not None:
-        raise InputError("--list and --rollback exclude each other: list the versions, then roll back")
+    modes = [name for name, on in (("--list", list_versions), ("--rollback", rollback_to is not None),
+                                   ("--prune", prune_keep is not None)) if on]
+    if len(modes) > 1:
+        raise InputError(f"{', '.join(modes[:-1])} and {modes[-1]} exclude each other: give one, then the other")
+    if dry_run and prune_keep is None:
+        raise InputError("--dry-run goes with --prune (it shows what a prune would remove)")
     if list_versions:
         _list_calibrations(b, as_json)
+        return
+    if prune_keep is not None:
+        _prune(b, prune_keep, dry_run, as_json)
         return
     if rollback_to is not None:
         version = None
@@ -360,6 +373,41 @@ def _list_calibrations(b, as_json: bool) -> None:
                                + (f" (from v{was})" if was is not None else ""))
     if bad:
         raise InputError(f"{len(bad)} calibration file(s) unreadable: " + "; ".join(bad))
+
+
+def _prune(b, keep: int, dry_run: bool, as_json: bool) -> None:
+    """``calibrate --prune KEEP [--dry-run]``: delete old versions (:func:`edge_ad.calibration.prune_history`) and
+    say which went and which were kept besides the KEEP newest."""
+    from ..calibration import prune_history
+
+    res = prune_history(b, keep, dry_run=dry_run)
+    if as_json:
+        _echo_json(res.summary())
+        return
+    verb = "would remove" if dry_run else "removed"
+    kept = f"{len(res.kept)} kept: {_versions(res.kept)}"
+    if res.protected:
+        kept += " (" + ", ".join(f"v{v} {why}" for v, why in sorted(res.protected.items())) + ")"
+    if not res.removed:
+        click.echo(f"{b.calibration_dir}: nothing to prune, {kept}")
+    else:
+        click.echo(f"{b.calibration_dir}: {verb} {len(res.removed)} calibration version"
+                   f"{'s' if len(res.removed) != 1 else ''} ({_versions(res.removed)}); {kept}")
+    if res.gaussian_removed:
+        click.echo(f"{verb} Gaussian statistics no kept version uses: {', '.join(res.gaussian_removed)}")
+    if dry_run:
+        click.echo("nothing removed (--dry-run)", err=True)
+
+
+def _versions(versions) -> str:
+    """``v1, v4-v9, v12``: versions in runs (a history holds thousands)."""
+    runs: list[list[int]] = []
+    for v in sorted(versions):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"v{a}" if a == z else f"v{a}-v{z}" for a, z in runs) or "none"
 
 
 # ----------------------------------------------------------------------------- bundle archives
