@@ -819,6 +819,59 @@ def test_cli_calibrate_config_reports_the_threshold_in_force(tbundle, tmp_path):
     assert "in force 0.5" not in res.stdout
 
 
+def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_path, monkeypatch):
+    """'calibrate --adapt --config' said nothing of the threshold the line would decide with, and nothing of a
+    [decision] threshold that overrides the adapted model's: a refit reports both (one rule with the MQTT reply,
+    edge_ad.scoring.threshold_in_force). --adapt now does too (the fine-tuning itself is faked here: see
+    test_model_update for a real one)."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.cli import main
+
+    installed = []
+
+    def fake_adapt(path, images, **kw):
+        install = SimpleNamespace(release="r0002-x", golden=None, summary=lambda: {}) if installed else None
+        return adapt_mod.AdaptResult(tmp_path / "cand", "fp32", 1, install=install, threshold=0.25)
+
+    monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    video, _ = _raw_video(tmp_path)
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "file://{video}"\n\n[decision]\nthreshold = 0.5\n')
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "200", "--adapt", "--backend", "onnxruntime"]
+    res = r.invoke(main, [*base, "--config", str(line), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["threshold"] == 0.25 and out["threshold_in_force"] == 0.5
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    assert "threshold 0.25, threshold in force 0.5 once installed; the running bundle is unchanged)" in res.stdout
+    assert (f"note: the line decides with threshold 0.5, the [decision] threshold of {line}, which overrides the "
+            "adapted model's 0.25 (after a reload or restart too): remove it for the adapted model's threshold to "
+            "decide") in res.stdout
+    installed.append(True)                                                        # switched in with --deploy
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=0.7\n")    # the service's env file wins
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    assert "adapted model installed as r0002-x (golden check skipped; fp32, 1 steps, 0 s; threshold 0.25, " \
+           "threshold in force 0.7);" in res.stdout
+    assert f"the EDGE_AD_DECISION__THRESHOLD of {tmp_path / 'edge-ad.env'}, which overrides" in res.stdout
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=\n")       # empty: the adapted model's
+    res = r.invoke(main, [*base, "--config", str(line), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["threshold_in_force"] == 0.25
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0 and "threshold in force 0.25)" in res.stdout and "note: the line" not in res.stdout
+    res = r.invoke(main, [*base, "--source", f"file://{video}", "--json"])        # no config: nothing known of it
+    assert res.exit_code == 0 and "threshold_in_force" not in json.loads(res.stdout)
+    res = r.invoke(main, [*base, "--source", f"file://{video}"])
+    assert res.exit_code == 0 and "threshold 0.25 set by its calibration);" in res.stdout, res.output
+
+
 def test_camera_credentials_never_reach_the_calibration_record_or_the_output(tbundle, tmp_path, monkeypatch):
     """'edge-ad calibrate --source rtsp://user:password@cam/stream' printed 'note: SOURCE gave N frames' with
     the password, and the record (calibration.json, calibration.d/, packed into archives and published over

@@ -1378,18 +1378,24 @@ def _calibrate(*args: str):
 def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normalization(effad_bundle, new_normals,
                                                                                        tmp_path):
     """--adapt on EfficientAD: the candidate keeps the teacher normalization of the running bundle (its scores
-    stay comparable) and the fine-tuning is not mistaken for a resume of a training run."""
+    stay comparable) and the fine-tuning is not mistaken for a resume of a training run. With --config it
+    reports the threshold the line decides with, as a refit does: here the config's [decision] threshold."""
     import torch
     from edge_ad.models import load_from_bundle
 
     running = copy_bundle(effad_bundle, tmp_path / "running")   # whose threshold every frame scores above
     running.write_calibration(running.calibration().replace(version=0, created="", threshold=-1e9, policy="manual"))
-    r = _calibrate("--bundle", str(running.path), "--source", str(new_normals), "--frames", "200", "--adapt",
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "dir://{new_normals}"\n\n[decision]\nthreshold = 0.5\n')
+    r = _calibrate("--bundle", str(running.path), "--config", str(line), "--frames", "200", "--adapt",
                    "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"))
     assert r.exit_code == 0, r.output
     assert "warning: 100% of the frames used score above the threshold of calibration v2" in r.stderr   # as a refit
     cand = Bundle.open(tmp_path / "cand", verify=True)
     assert cand.calibration().n_frames == 20                    # the validation split: a refit's minimum
+    thr = cand.calibration().threshold
+    assert f"threshold {thr:.6g}, threshold in force 0.5 once installed; the running bundle is unchanged" in r.stdout
+    assert f"which overrides the adapted model's {thr:.6g}" in r.stdout
     assert cand.manifest["adapted"]["steps"] == 1
     old, new = load_from_bundle(effad_bundle), load_from_bundle(cand)
     assert torch.equal(old.t_mean, new.t_mean) and torch.equal(old.t_std, new.t_std)

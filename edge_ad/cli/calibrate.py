@@ -141,7 +141,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                          "or --list")
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
-    from ..scoring import check_policy, threshold_in_force
+    from ..scoring import check_policy
 
     if (golden_dir or deploy_dir or adapt_out or no_golden) and not adapt:
         raise InputError("--golden, --deploy, --no-golden and --adapt-out go with --adapt")
@@ -188,19 +188,31 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                         golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
                         require_golden=not no_golden, labels=images.labels)
         res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
+        # with --config: the threshold the line decides with once the adapted model runs, as for a refit
+        override, in_force = _decides_with(settings, res.threshold)
         if as_json:
-            _echo_json(res.summary())
+            out = res.summary()
+            if in_force is not None:
+                out["threshold_in_force"] = in_force
+            _echo_json(out)
             return
         _screened(res)
-        if res.install is not None:
+        installed = res.install is not None
+        if in_force is not None:
+            thr = f"; threshold {res.threshold:.6g}, threshold in force {in_force:.6g}" + (
+                "" if installed else " once installed")
+        else:   # without the config: what the candidate's calibration sets, nothing more known
+            thr = "" if res.threshold is None else f"; threshold {res.threshold:.6g} set by its calibration"
+        if installed:
             g = res.install.golden
             golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
             click.echo(f"adapted model installed as {res.install.release} ({golden}; {res.precision}, "
-                       f"{res.steps} steps, {res.seconds:.0f} s); a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command "
-                       "or a restart, and its health check then confirms it or rolls back")
+                       f"{res.steps} steps, {res.seconds:.0f} s{thr}); a running 'edge-ad run' takes it on SIGHUP, "
+                       "the MQTT reload command or a restart, and its health check then confirms it or rolls back")
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
-                       f"{res.seconds:.0f} s; the running bundle is unchanged)")
+                       f"{res.seconds:.0f} s{thr}; the running bundle is unchanged)")
+        _override_note(override, config, env, "the adapted model", res.threshold)
         return
     with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
@@ -215,10 +227,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             be.close()
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
     c = res.calibration
-    # with --config: the threshold the line decides with, by the service's rule (its MQTT calibrate reply's
-    # threshold_in_force): a [decision] threshold of the config overrides the calibration's
-    override = settings.decision.threshold if settings is not None else None
-    in_force = threshold_in_force(c.threshold, override) if settings is not None else None
+    override, in_force = _decides_with(settings, c.threshold)
     if as_json:
         out = res.summary()
         if in_force is not None:
@@ -232,10 +241,29 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
                f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, "
                f"{res.timings['total']:.1f} s")
+    _override_note(override, config, env, "this calibration", c.threshold)
+
+
+def _decides_with(settings, threshold: float | None) -> tuple[float | None, float | None]:
+    """With --config (``settings``): the config's ``[decision] threshold`` (None: none) and the threshold the line
+    decides with, by the service's rule (its MQTT calibrate reply's ``threshold_in_force``,
+    :func:`edge_ad.scoring.threshold_in_force`): the override when there is one, else ``threshold``. Without
+    the config: (None, None), nothing known of the line."""
+    from ..scoring import threshold_in_force
+
+    if settings is None or threshold is None:
+        return None, None
+    override = settings.decision.threshold
+    return override, threshold_in_force(threshold, override)
+
+
+def _override_note(override, config, env, what: str, threshold: float) -> None:
+    """The ``note:`` that the config's ``[decision] threshold`` (``override``), and not ``what``'s ``threshold``,
+    decides on the line."""
     if override is not None:
         click.echo(f"note: the line decides with threshold {override:.6g}, the {_override_origin(config, env)}, "
-                   f"which overrides this calibration's {c.threshold:.6g} (after a reload or restart too): "
-                   "remove it for the calibration's threshold to decide")
+                   f"which overrides {what}'s {threshold:.6g} (after a reload or restart too): "
+                   f"remove it for {what}'s threshold to decide")
 
 
 def _override_origin(config, env) -> str:
