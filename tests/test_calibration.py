@@ -819,6 +819,69 @@ def test_cli_calibrate_config_reports_the_threshold_in_force(tbundle, tmp_path):
     assert "in force 0.5" not in res.stdout
 
 
+def test_cli_calibrate_config_takes_the_bundle_the_line_runs(tbundle, tmp_path, monkeypatch):
+    """'calibrate --config LINE.toml' still required --bundle, though the config names the line's model
+    ([model] bundle, or deploy_dir). Without --bundle the config's bundle (after its edge-ad.env) is taken
+    and named; a --bundle that differs is taken with a warning; neither naming one is a clear error."""
+    from click.testing import CliRunner
+
+    from edge_ad.calibration import install_bundle
+    from edge_ad.cli import main
+
+    video, _ = _raw_video(tmp_path)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    line.write_text(f'[model]\nbundle = "../tiny"\n\n[source]\nuri = "file://{video}"\n')   # relative to the file
+    r = CliRunner()
+    base = ["calibrate", "--config", str(line), "--frames", "30", "--policy", "max", "--backend", "onnxruntime"]
+    res = r.invoke(main, base)
+    assert res.exit_code == 0, res.output
+    assert f"note: no --bundle: bundle {line.parent / '../tiny'}, the [model] bundle of {line}" in res.stderr
+    assert "warning" not in res.stderr and tbundle.calibration_versions() == [1, 2]
+    res = r.invoke(main, ["calibrate", "--config", str(line), "--rollback"])         # --list, --rollback alike
+    assert res.exit_code == 0 and "calibration v1 in force (was v2)" in res.output, res.output
+    res = r.invoke(main, [*base, "--bundle", str(tbundle.path)])                  # the same one: said by nobody
+    assert res.exit_code == 0 and "note: no --bundle" not in res.stderr and "warning" not in res.stderr
+
+    other = copy_bundle(tbundle, tmp_path / "other")
+    res = r.invoke(main, [*base, "--bundle", str(other.path)])                    # another one: taken, and warned
+    assert res.exit_code == 0, res.output
+    assert (f"warning: --bundle {other.path} is not the bundle the line runs ({line.parent / '../tiny'}, the [model] "
+            f"bundle of {line}): calibrating {other.path} as asked") in res.stderr
+    assert other.calibration_versions() == [1, 2, 3, 4] and tbundle.calibration_versions() == [1, 2, 3]
+    (line.parent / "edge-ad.env").write_text(f"EDGE_AD_MODEL__BUNDLE={other.path}\n")  # the service's env file wins
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["version"] == 5, res.output
+    assert (f"note: no --bundle: bundle {other.path}, the EDGE_AD_MODEL__BUNDLE of {line.parent / 'edge-ad.env'}"
+            in res.stderr)
+    (line.parent / "edge-ad.env").unlink()
+
+    deploy = tmp_path / "deploy"                                                  # a deploy folder: its release
+    rel = install_bundle(tbundle.path, deploy, require_golden=False)
+    line.write_text(f'[model]\ndeploy_dir = "{deploy}"\n\n[source]\nuri = "file://{video}"\n')
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["version"] == 4, res.output
+    assert (f"note: no --bundle: bundle {rel.path}, the release in force of the [model] deploy_dir of {line}"
+            in res.stderr)
+    assert Bundle.open(rel.path).calibration_versions() == [1, 2, 3, 4]
+    res = r.invoke(main, [*base, "--bundle", str(deploy / "current")])             # the link to it: the same one
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+
+    (tmp_path / "empty").mkdir()
+    for text, msg in ((f'[model]\ndeploy_dir = "{tmp_path / "empty"}"\n\n[source]\nuri = "file://{video}"\n',
+                       f"{tmp_path / 'empty'}: no 'current' link; install a bundle first ('edge-ad bundle install') "
+                       f"(the [model] deploy_dir of {line}); give --bundle"),
+                      (f'[source]\nuri = "file://{video}"\n',
+                       f"--bundle is required: {line} has no [model] bundle or deploy_dir to take it from")):
+        line.write_text(text)
+        res = r.invoke(main, base)
+        assert res.exit_code == 2 and f"error: {msg}" in res.output, res.output
+    res = r.invoke(main, ["calibrate", "--source", f"file://{video}"])
+    assert res.exit_code == 2 and ("--bundle is required (or --config LINE.toml, whose [model] bundle or deploy_dir "
+                                   "names it)") in res.output, res.output
+    assert tbundle.calibration_versions() == [1, 2, 3] and other.calibration_versions() == [1, 2, 3, 4, 5]
+
+
 def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_path, monkeypatch):
     """'calibrate --adapt --config' said nothing of the threshold the line would decide with, and nothing of a
     [decision] threshold that overrides the adapted model's: a refit reports both (one rule with the MQTT reply,

@@ -17,23 +17,26 @@ def _echo_json(obj) -> None:
 
 
 @main.command()
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Bundle folder.")
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle folder. Default: --config's model.bundle (or the release in force of its "
+                   "model.deploy_dir), the one the line runs.")
 @click.option("--source", metavar="URI|DIR",
               help="Normal frames: a folder of images, dir://, or a camera / video URI (v4l2://, csi://, "
                    "rtsp://, file://, synthetic://). Default: --config's source.uri. A folder's images are taken "
                    "as the loop inspects them (cropped and rotated already, as 'edge-ad capture --config' saves "
                    "them), unless it is the line's own dir:// source.")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
-              help="The line's run config (the file 'edge-ad run --config' takes; only [source] and [decision] "
-                   "threshold are read: the threshold in force is reported, a [decision] threshold overriding "
+              help="The line's run config (the file 'edge-ad run --config' takes; only [source], [decision] "
+                   "threshold and [model] bundle or deploy_dir are read: the bundle is the default of --bundle, "
+                   "the threshold in force is reported, a [decision] threshold overriding "
                    "the calibration's): its source.roi and rotate are applied to the frames of a camera, video "
                    "or synthetic source and of the line's own dir:// folder, as the loop applies them, so the "
                    "refit sees what the line inspects; another folder's images must have the ROI's size. "
                    "Without it frames are taken whole: give it on a line with source.roi or rotate.")
 @click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
-                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold ...) "
+                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold, "
+                   "model.bundle ...) "
                    "apply over the config, its values replacing this shell's, as for the service. Default: "
                    "edge-ad.env next to --config, when there is one.")
 @click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
@@ -98,7 +101,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
 
     if env_file is not None and config is None:
         raise InputError("--env-file needs --config (it changes the config's values)")
-    b = Bundle.open(bundle_dir)
+    settings, env = _line_config(config, env_file)   # first, as every other check: a bad config fails at once
+    b = Bundle.open(_bundle_dir(bundle_dir, settings, config, env))
     modes = [name for name, on in (("--list", list_versions), ("--rollback", rollback_to is not None),
                                    ("--prune", prune_keep is not None)) if on]
     if len(modes) > 1:
@@ -133,7 +137,6 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             was = f"v{before}" if before is not None else "unreadable"
             click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
         return
-    settings, env = _line_config(config, env_file)   # before the frames, as every other check: a bad config fails
     line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
     if not source:
@@ -266,14 +269,48 @@ def _override_note(override, config, env, what: str, threshold: float) -> None:
                    f"remove it for {what}'s threshold to decide")
 
 
-def _override_origin(config, env) -> str:
-    """Where the config's ``[decision] threshold`` came from: the env file, this shell, or the file."""
-    name = "EDGE_AD_DECISION__THRESHOLD"
+def _override_origin(config, env, section: str = "decision", key: str = "threshold") -> str:
+    """Where the config's ``[section] key`` (default: ``[decision] threshold``) came from: the env file, this
+    shell, or the file."""
+    name = f"EDGE_AD_{section.upper()}__{key.upper()}"
     if name in env.names:
         return f"{name} of {env.env_file}"
     if name in env.environ:
         return f"environment variable {name}"
-    return f"[decision] threshold of {config}"
+    return f"[{section}] {key} of {config}"
+
+
+def _bundle_dir(bundle_dir, settings, config, env) -> Path:
+    """The bundle to calibrate: ``--bundle``, else the one the line config runs (its ``[model] bundle``, or the
+    release in force of its ``deploy_dir``), said on stderr. A ``--bundle`` other than the config's is taken,
+    with a warning: the line does not inspect with what is calibrated then."""
+    from ..errors import InputError
+
+    model = settings.model if settings is not None else None
+    if model is None:
+        if bundle_dir is None:
+            raise InputError(f"--bundle is required: {config} has no [model] bundle or deploy_dir to take it "
+                             "from" if config is not None else "--bundle is required (or --config LINE.toml, whose "
+                             "[model] bundle or deploy_dir names it)")
+        return bundle_dir
+    key = "bundle" if model.bundle is not None else "deploy_dir"
+    origin = _override_origin(config, env, "model", key)
+    try:
+        named = model.bundle_path()
+    except InputError as exc:   # a deploy folder without a release in force
+        if bundle_dir is None:
+            raise InputError(f"{exc} (the {origin}); give --bundle") from None
+        click.echo(f"warning: the line's bundle cannot be told ({exc}, the {origin}): calibrating --bundle "
+                   f"{bundle_dir}", err=True)
+        return bundle_dir
+    what = f"the {origin}" if key == "bundle" else f"the release in force of the {origin}"
+    if bundle_dir is None:
+        click.echo(f"note: no --bundle: bundle {named}, {what}", err=True)
+        return named
+    if Path(bundle_dir).resolve() != Path(named).resolve():
+        click.echo(f"warning: --bundle {bundle_dir} is not the bundle the line runs ({named}, {what}): calibrating "
+                   f"{bundle_dir} as asked; the line does not decide with it", err=True)
+    return bundle_dir
 
 
 def _screened(res) -> None:
@@ -288,7 +325,8 @@ def _line_config(config, env_file):
     """The line's run config and its :class:`edge_ad.config.ServiceEnviron` (None, None without one), as
     the service runs it and as ``capture --config`` reads it: with the ``edge-ad.env`` next to it (or
     ``env_file``) and this process's EDGE_AD_* variables applied (:func:`edge_ad.config.service_environ`;
-    the file applied is named on stderr). Only its ``[source]`` and ``[decision] threshold`` are used."""
+    the file applied is named on stderr). Only its ``[source]``, ``[decision] threshold`` and ``[model]``
+    bundle or deploy_dir are used."""
     if config is None:
         return None, None
     from ..config import CaptureSettings, load_settings, service_environ
