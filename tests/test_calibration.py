@@ -27,7 +27,8 @@ from edge_ad.data.image import resize_rgb
 from edge_ad.errors import InputError
 from edge_ad.inspector import Inspector
 
-from fixtures_bundle import copy_bundle, gaussian_bundle, part_frame, tiny_bundle, write_video  # noqa: F401
+from fixtures_bundle import (copy_bundle, gaussian_bundle, part_frame, power_cut, tiny_bundle,  # noqa: F401
+                             write_video)
 
 SIZE = 64
 SHIFT = dict(brightness=70.0, contrast=0.5)   # a lamp much brighter and flatter than at training
@@ -818,6 +819,122 @@ def test_cli_calibrate_config_reports_the_threshold_in_force(tbundle, tmp_path):
     assert "in force 0.5" not in res.stdout
 
 
+def test_cli_calibrate_config_takes_the_bundle_the_line_runs(tbundle, tmp_path, monkeypatch):
+    """'calibrate --config LINE.toml' still required --bundle, though the config names the line's model
+    ([model] bundle, or deploy_dir). Without --bundle the config's bundle (after its edge-ad.env) is taken
+    and named; a --bundle that differs is taken with a warning; neither naming one is a clear error."""
+    from click.testing import CliRunner
+
+    from edge_ad.calibration import install_bundle
+    from edge_ad.cli import main
+
+    video, _ = _raw_video(tmp_path)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    line.write_text(f'[model]\nbundle = "../tiny"\n\n[source]\nuri = "file://{video}"\n')   # relative to the file
+    r = CliRunner()
+    base = ["calibrate", "--config", str(line), "--frames", "30", "--policy", "max", "--backend", "onnxruntime"]
+    res = r.invoke(main, base)
+    assert res.exit_code == 0, res.output
+    assert f"note: no --bundle: bundle {line.parent / '../tiny'}, the [model] bundle of {line}" in res.stderr
+    assert "warning" not in res.stderr and tbundle.calibration_versions() == [1, 2]
+    res = r.invoke(main, ["calibrate", "--config", str(line), "--rollback"])         # --list, --rollback alike
+    assert res.exit_code == 0 and "calibration v1 in force (was v2)" in res.output, res.output
+    res = r.invoke(main, [*base, "--bundle", str(tbundle.path)])                  # the same one: said by nobody
+    assert res.exit_code == 0 and "note: no --bundle" not in res.stderr and "warning" not in res.stderr
+
+    other = copy_bundle(tbundle, tmp_path / "other")
+    res = r.invoke(main, [*base, "--bundle", str(other.path)])                    # another one: taken, and warned
+    assert res.exit_code == 0, res.output
+    assert (f"warning: --bundle {other.path} is not the bundle the line runs ({line.parent / '../tiny'}, the [model] "
+            f"bundle of {line}): calibrating {other.path} as asked") in res.stderr
+    assert other.calibration_versions() == [1, 2, 3, 4] and tbundle.calibration_versions() == [1, 2, 3]
+    (line.parent / "edge-ad.env").write_text(f"EDGE_AD_MODEL__BUNDLE={other.path}\n")  # the service's env file wins
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["version"] == 5, res.output
+    assert (f"note: no --bundle: bundle {other.path}, the EDGE_AD_MODEL__BUNDLE of {line.parent / 'edge-ad.env'}"
+            in res.stderr)
+    (line.parent / "edge-ad.env").unlink()
+
+    deploy = tmp_path / "deploy"                                                  # a deploy folder: its release
+    rel = install_bundle(tbundle.path, deploy, require_golden=False)
+    line.write_text(f'[model]\ndeploy_dir = "{deploy}"\n\n[source]\nuri = "file://{video}"\n')
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["version"] == 4, res.output
+    assert (f"note: no --bundle: bundle {rel.path}, the release in force of the [model] deploy_dir of {line}"
+            in res.stderr)
+    assert Bundle.open(rel.path).calibration_versions() == [1, 2, 3, 4]
+    res = r.invoke(main, [*base, "--bundle", str(deploy / "current")])             # the link to it: the same one
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+
+    (tmp_path / "empty").mkdir()
+    for text, msg in ((f'[model]\ndeploy_dir = "{tmp_path / "empty"}"\n\n[source]\nuri = "file://{video}"\n',
+                       f"{tmp_path / 'empty'}: no 'current' link; install a bundle first ('edge-ad bundle install') "
+                       f"(the [model] deploy_dir of {line}); give --bundle"),
+                      (f'[source]\nuri = "file://{video}"\n',
+                       f"--bundle is required: {line} has no [model] bundle or deploy_dir to take it from")):
+        line.write_text(text)
+        res = r.invoke(main, base)
+        assert res.exit_code == 2 and f"error: {msg}" in res.output, res.output
+    res = r.invoke(main, ["calibrate", "--source", f"file://{video}"])
+    assert res.exit_code == 2 and ("--bundle is required (or --config LINE.toml, whose [model] bundle or deploy_dir "
+                                   "names it)") in res.output, res.output
+    assert tbundle.calibration_versions() == [1, 2, 3] and other.calibration_versions() == [1, 2, 3, 4, 5]
+
+
+def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_path, monkeypatch):
+    """'calibrate --adapt --config' said nothing of the threshold the line would decide with, and nothing of a
+    [decision] threshold that overrides the adapted model's: a refit reports both (one rule with the MQTT reply,
+    edge_ad.scoring.threshold_in_force). --adapt now does too (the fine-tuning itself is faked here: see
+    test_model_update for a real one)."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.cli import main
+
+    installed = []
+
+    def fake_adapt(path, images, **kw):
+        install = SimpleNamespace(release="r0002-x", golden=None, summary=lambda: {}) if installed else None
+        return adapt_mod.AdaptResult(tmp_path / "cand", "fp32", 1, install=install, threshold=0.25)
+
+    monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    video, _ = _raw_video(tmp_path)
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "file://{video}"\n\n[decision]\nthreshold = 0.5\n')
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "200", "--adapt", "--backend", "onnxruntime"]
+    res = r.invoke(main, [*base, "--config", str(line), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["threshold"] == 0.25 and out["threshold_in_force"] == 0.5
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    assert "threshold 0.25, threshold in force 0.5 once installed; the running bundle is unchanged)" in res.stdout
+    assert (f"note: the line decides with threshold 0.5, the [decision] threshold of {line}, which overrides the "
+            "adapted model's 0.25 (after a reload or restart too): remove it for the adapted model's threshold to "
+            "decide") in res.stdout
+    installed.append(True)                                                        # switched in with --deploy
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=0.7\n")    # the service's env file wins
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0, res.output
+    assert "adapted model installed as r0002-x (golden check skipped; fp32, 1 steps, 0 s; threshold 0.25, " \
+           "threshold in force 0.7);" in res.stdout
+    assert f"the EDGE_AD_DECISION__THRESHOLD of {tmp_path / 'edge-ad.env'}, which overrides" in res.stdout
+    (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=\n")       # empty: the adapted model's
+    res = r.invoke(main, [*base, "--config", str(line), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["threshold_in_force"] == 0.25
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 0 and "threshold in force 0.25)" in res.stdout and "note: the line" not in res.stdout
+    res = r.invoke(main, [*base, "--source", f"file://{video}", "--json"])        # no config: nothing known of it
+    assert res.exit_code == 0 and "threshold_in_force" not in json.loads(res.stdout)
+    res = r.invoke(main, [*base, "--source", f"file://{video}"])
+    assert res.exit_code == 0 and "threshold 0.25 set by its calibration);" in res.stdout, res.output
+
+
 def test_camera_credentials_never_reach_the_calibration_record_or_the_output(tbundle, tmp_path, monkeypatch):
     """'edge-ad calibrate --source rtsp://user:password@cam/stream' printed 'note: SOURCE gave N frames' with
     the password, and the record (calibration.json, calibration.d/, packed into archives and published over
@@ -1264,12 +1381,12 @@ def _stats(seed=0):
                                   chol=np.repeat(np.eye(3, dtype=np.float32)[None], 4, 0), layout="patch", n=10)
 
 
-def _fake_gaussian_bundle(path):
-    """A Gaussian bundle without a model: two calibration versions, each with its statistics file."""
+def _fake_gaussian_bundle(path, versions=2):
+    """A Gaussian bundle without a model: ``versions`` calibration versions, each with its statistics file."""
     from edge_ad.scoring import Calibration, MapNorm
 
     b = Bundle.create(path, {"kind": "gaussian", "image_size": [64, 64], "outputs": ["feat"]})
-    for v in (1, 2):
+    for v in range(1, versions + 1):
         name = f"gaussian.d/{v:04d}.npz"
         _stats(v).save(b.file(name))
         b.add_file(name)
@@ -1375,3 +1492,140 @@ def test_adapt_keeps_a_recalibrations_20_frames_when_the_screen_leaves_a_few_out
     check_adapt_frames(200)
     with pytest.raises(InputError, match="give --frames 200 or more"):
         check_adapt_frames(199)
+
+
+# ----------------------------------------------------------------------------- pruning the history
+def _prunable(path):
+    """A Gaussian bundle of 8 versions (each with its statistics file, a graph to pack) whose calibration in
+    force is v3, put back by a rollback from v5 (itself put back from v8): a prune keeping the 2 newest keeps
+    v7, v8, v3 (in force), v2 (where a plain --rollback goes: v3 replaced it) and v1 (the trained one)."""
+    b = _fake_gaussian_bundle(path, versions=8)
+    b.add_file("model.onnx", data=b"a graph")
+    rollback(b, 5, by="cli")
+    rollback(b, 3, by="cli")
+    return b
+
+
+def _calibrate_cli(b, *args):
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    return CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), *args])
+
+
+def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_force_or_rolled_back_to(tmp_path):
+    """The history was never pruned: the docs said to delete old versions by hand, and 'bundle pack' refuses
+    more than 25,000 files. 'calibrate --prune KEEP' keeps the KEEP newest versions, the one in force, the one a
+    plain --rollback goes back to and v1, and deletes the Gaussian statistics only the removed versions used;
+    --dry-run only says so; the rollback record naming removed versions does not disturb --list."""
+    import fcntl
+    import os
+
+    from edge_ad.calibration import pack_bundle, read_index
+
+    b = _prunable(tmp_path / "b")
+    files = sorted(p.relative_to(b.path) for p in b.path.rglob("*"))
+    res = _calibrate_cli(b, "--prune", "2", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert (f"{b.calibration_dir}: would remove 3 calibration versions (v4-v6); 5 kept: v1-v3, v7-v8 (v1 the trained "
+            "calibration, v2 a plain --rollback goes back to it, v3 in force)") in res.stdout
+    assert ("would remove Gaussian statistics no kept version uses: gaussian.d/0004.npz, gaussian.d/0005.npz, "
+            "gaussian.d/0006.npz") in res.stdout and "nothing removed (--dry-run)" in res.stderr
+    assert sorted(p.relative_to(b.path) for p in b.path.rglob("*")) == files
+
+    fd = os.open(b.path, os.O_RDONLY)   # a calibration of the bundle runs: refused, as a refit or rollback is
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        res = _calibrate_cli(b, "--prune", "2")
+        assert res.exit_code == 1 and "another calibration of this bundle is running" in res.output, res.output
+        assert sorted(p.relative_to(b.path) for p in b.path.rglob("*")) == files
+    finally:
+        os.close(fd)
+
+    res = _calibrate_cli(b, "--prune", "2", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["removed"], out["kept"], out["dry_run"]) == ([4, 5, 6], [1, 2, 3, 7, 8], False)
+    assert out["gaussian_removed"] == ["gaussian.d/0004.npz", "gaussian.d/0005.npz", "gaussian.d/0006.npz"]
+    assert [(p["version"], p["why"]) for p in out["protected"]] == [
+        (1, "the trained calibration"), (2, "a plain --rollback goes back to it"), (3, "in force")]
+    b = Bundle.open(b.path, verify=True)
+    assert b.calibration_versions() == [1, 2, 3, 7, 8] and b.calibration().version == 3
+    assert sorted(p.name for p in b.file("gaussian.d").iterdir()) == ["0001.npz", "0002.npz", "0003.npz",
+                                                                      "0007.npz", "0008.npz"]
+    assert not [n for n in b.manifest["files"] if n.startswith("gaussian.d/000") and n[-5] in "456"]
+    res = _calibrate_cli(b, "--prune", "2")
+    assert res.exit_code == 0 and "nothing to prune, 5 kept: v1-v3, v7-v8" in res.stdout, res.output
+
+    # the rollback record still names v5 (put back from v8, and v3 put back from it): --list takes it as it is
+    assert [(r["version"], r["previous_version"]) for r in b.calibration_rollbacks()] == [(5, 8), (3, 5)]
+    res = _calibrate_cli(b, "--list")
+    assert res.exit_code == 0, res.output
+    assert re.findall(r"^[* ] v(\d+)", res.stdout, re.M) == ["1", "2", "3", "7", "8"]
+    assert "(from v5)" in res.stdout
+    res = _calibrate_cli(b, "--list", "--json")
+    assert res.exit_code == 0 and [r["version"] for r in json.loads(res.stdout)] == [1, 2, 3, 7, 8]
+    assert len(read_index(pack_bundle(b.path, tmp_path / "b.tar")).index["files"]) == 13
+
+    res = _calibrate_cli(b, "--rollback")                     # where a plain rollback went before the prune
+    assert res.exit_code == 0 and "calibration v2 in force (was v3)" in res.output, res.output
+    assert rollback(b, 7).version == 7                        # v7 replaced v6, which is gone: said so
+    res = _calibrate_cli(b, "--rollback")
+    assert res.exit_code == 2 and ("calibration version 6, the one calibration v7 replaced, is no longer kept "
+                                   "(pruned, or deleted by hand)") in res.output, res.output
+    assert b.calibration().version == 7
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prune", "2", "--list"], "--list and --prune exclude each other"),
+    (["--prune", "2", "--rollback"], "--rollback and --prune exclude each other"),
+    (["--dry-run"], "--dry-run goes with --prune"),
+    (["--prune", "0"], "0 is not in the range x>=1"),
+])
+def test_cli_prune_refuses_bad_options(tmp_path, args, message):
+    b = _prunable(tmp_path / "b")
+    res = _calibrate_cli(b, *args)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert b.calibration_versions() == list(range(1, 9)) and b.calibration().version == 3
+
+
+def test_cli_prune_refuses_a_bundle_whose_calibration_in_force_is_unreadable(tmp_path):
+    b = _prunable(tmp_path / "b")
+    b.file("calibration.json").write_text("{")
+    res = _calibrate_cli(b, "--prune", "1")
+    assert res.exit_code == 2 and "calibration.json: unreadable calibration" in res.output, res.output
+    assert "nothing pruned" in res.output and b.calibration_versions() == list(range(1, 9))
+
+
+def test_a_power_cut_anywhere_in_a_prune_leaves_a_history_that_lists_rolls_back_and_packs(tmp_path, monkeypatch):
+    """Each delete and rename of a prune cut in turn: every state left behind verifies, lists, packs and rolls
+    back to where a plain --rollback went; no half file anywhere; the next prune finishes the job."""
+    import os
+    import shutil
+
+    from edge_ad.calibration import pack_bundle, prune_history
+
+    template = _prunable(tmp_path / "template")
+    for cut_at in range(1, 30):
+        path = tmp_path / f"b{cut_at}"
+        shutil.copytree(template.path, path)
+        b = Bundle.open(path)
+        with power_cut(monkeypatch, cut_at, os.replace, os.unlink) as cut:
+            prune_history(b, 2)
+        b = Bundle.open(path, verify=True)
+        assert not [p for p in path.rglob("*") if p.name.startswith(".")]
+        assert {1, 2, 3, 7, 8} <= set(b.calibration_versions()) and b.calibration().version == 3
+        res = _calibrate_cli(b, "--list")
+        assert res.exit_code == 0, res.output
+        pack_bundle(path, tmp_path / f"b{cut_at}.tar")
+        if not cut.hit:
+            break
+        res = prune_history(b, 2)                              # the next prune finishes the job
+        assert set(res.removed) <= {4, 5, 6}
+        assert set(res.gaussian_removed) <= {f"gaussian.d/000{v}.npz" for v in (4, 5, 6)}
+        assert b.calibration_versions() == [1, 2, 3, 7, 8]
+        assert sorted(p.name for p in b.file("gaussian.d").iterdir()) == [f"000{v}.npz" for v in (1, 2, 3, 7, 8)]
+        Bundle.open(path, verify=True)
+        assert rollback(b).version == 2
+    assert cut_at > 6   # three versions, then the manifest, then three statistics files

@@ -391,8 +391,8 @@ def _long_history(tiny_bundle, path, versions):
 
 
 def test_a_long_calibration_history_packs_and_installs(tiny_bundle, tmp_path, monkeypatch):
-    """Calibration versions are never pruned: a line tuned ~30 times a day had more than 10,000 (the cap
-    before) within a year, and such a bundle was refused. The cap is now years of that; a bundle of exactly
+    """Calibration versions are kept until 'calibrate --prune' deletes them: a line tuned ~30 times a day had
+    more than 10,000 (the cap before) within a year, and such a bundle was refused. The cap is now years of that; a bundle of exactly
     MAX_FILES files (MAX_FILES made small here) packs and installs."""
     from edge_ad.calibration import package
 
@@ -408,7 +408,8 @@ def test_a_long_calibration_history_packs_and_installs(tiny_bundle, tmp_path, mo
 def test_pack_refuses_more_files_than_an_install_accepts_before_writing(tiny_bundle, tmp_path, monkeypatch):
     """Pack wrote the archive, then its own check refused it with the install wording ('update refused') and
     left the unusable archive (35 MB for 10,001 calibration versions). Now it counts first: exit 2, nothing
-    written, saying how to shorten the history."""
+    written, naming the command that shortens the history ('calibrate --prune', which said to delete files by
+    hand before there was one) and the most versions it may keep."""
     from click.testing import CliRunner
 
     from edge_ad.calibration import package
@@ -418,15 +419,17 @@ def test_pack_refuses_more_files_than_an_install_accepts_before_writing(tiny_bun
     b = _long_history(tiny_bundle, tmp_path / "b", 38)
     out = tmp_path / "out" / "b.tar"
     msg = (f"{b.path}: 41 files to pack (38 of them calibration versions in calibration.d/), and an install accepts "
-           f"at most 40: delete old calibration versions you will not roll back to from {b.calibration_dir} (keep "
-           "0038.json, the one in force, and any you may roll back to), then pack again (nothing packed)")
+           f"at most 40: delete old calibration versions with 'edge-ad calibrate --bundle {b.path} --prune KEEP' "
+           "(KEEP: the newest versions to keep, at most 34 here; the one in force and the one a rollback goes back "
+           "to are always kept; --dry-run shows what would go), then pack again (nothing packed)")
     with pytest.raises(InputError, match=re.escape(msg)):
         pack_bundle(b.path, out)
     res = CliRunner().invoke(main, ["bundle", "pack", str(b.path), str(out)])
     assert res.exit_code == 2 and msg in res.output and "update refused" not in res.output, res.output
     assert not (tmp_path / "out").exists()
-    b.calibration_version_file(1).unlink()   # as the message says
-    assert len(read_index(pack_bundle(b.path, out)).index["files"]) == 40
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(b.path), "--prune", "34"])   # as the message says
+    assert res.exit_code == 0 and "removed 3 calibration versions (v2-v4)" in res.output, res.output
+    assert len(read_index(pack_bundle(b.path, out)).index["files"]) == 38
 
 
 @pytest.mark.parametrize("file,under", [("bundle/manifest.json", "bundle/manifest.json/x"),
@@ -1375,18 +1378,24 @@ def _calibrate(*args: str):
 def test_cli_adapt_fine_tunes_an_efficientad_bundle_keeping_its_teacher_normalization(effad_bundle, new_normals,
                                                                                        tmp_path):
     """--adapt on EfficientAD: the candidate keeps the teacher normalization of the running bundle (its scores
-    stay comparable) and the fine-tuning is not mistaken for a resume of a training run."""
+    stay comparable) and the fine-tuning is not mistaken for a resume of a training run. With --config it
+    reports the threshold the line decides with, as a refit does: here the config's [decision] threshold."""
     import torch
     from edge_ad.models import load_from_bundle
 
     running = copy_bundle(effad_bundle, tmp_path / "running")   # whose threshold every frame scores above
     running.write_calibration(running.calibration().replace(version=0, created="", threshold=-1e9, policy="manual"))
-    r = _calibrate("--bundle", str(running.path), "--source", str(new_normals), "--frames", "200", "--adapt",
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "dir://{new_normals}"\n\n[decision]\nthreshold = 0.5\n')
+    r = _calibrate("--bundle", str(running.path), "--config", str(line), "--frames", "200", "--adapt",
                    "--adapt-steps", "1", "--adapt-out", str(tmp_path / "cand"))
     assert r.exit_code == 0, r.output
     assert "warning: 100% of the frames used score above the threshold of calibration v2" in r.stderr   # as a refit
     cand = Bundle.open(tmp_path / "cand", verify=True)
     assert cand.calibration().n_frames == 20                    # the validation split: a refit's minimum
+    thr = cand.calibration().threshold
+    assert f"threshold {thr:.6g}, threshold in force 0.5 once installed; the running bundle is unchanged" in r.stdout
+    assert f"which overrides the adapted model's {thr:.6g}" in r.stdout
     assert cand.manifest["adapted"]["steps"] == 1
     old, new = load_from_bundle(effad_bundle), load_from_bundle(cand)
     assert torch.equal(old.t_mean, new.t_mean) and torch.equal(old.t_std, new.t_std)

@@ -90,9 +90,11 @@ class AdaptResult:
     seconds: float = 0.0
     excluded: tuple[Excluded, ...] = ()  # frames left out as likely defects (the screen of a recalibration)
     warnings: tuple[str, ...] = ()     # most frames above the threshold in force: check they are normal parts
+    threshold: float | None = None     # the image threshold of the candidate's calibration (its validation split)
 
     def summary(self) -> dict:
         return {"candidate": str(self.candidate), "precision": self.precision, "steps": self.steps,
+                "threshold": self.threshold,
                 "quantized": self.quantized, "engine": None if self.engine is None else self.engine.get("engine"),
                 "golden": self.golden, "installed": None if self.install is None else self.install.summary(),
                 "seconds": round(self.seconds, 1), "excluded": [e.to_dict() for e in self.excluded],
@@ -192,6 +194,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
                 log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
                             "candidate's engine is left for 'edge-ad compile' on the device")
         cand = Bundle.open(cand.path, verify=True)
+        threshold = cand.calibration().threshold   # read here: an install may leave no candidate folder
         golden = None
         if golden_dir is not None and deploy_dir is None:
             from .deploy import check_golden
@@ -210,7 +213,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
             golden = install.golden
         result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
                              engine, quantized, golden, install, time.perf_counter() - t0, tuple(excluded),
-                             warnings)
+                             warnings, threshold)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)   # check_adapt made sure it did not exist: ours, and unusable
         raise

@@ -51,12 +51,13 @@ PREFIX = "bundle"
 FORMAT = "edge-ad-package"
 FORMAT_VERSION = 1
 # A bundle has tens of files (graphs, checkpoint, Gaussian statistics: gaussian.d keeps 5) plus its calibration
-# history, which is never pruned: one calibration.d/NNNN.json per calibrate and per persisted MQTT set_threshold,
-# ~11,000 a year on a line tuned 30 times a day (10,000, the cap before, refused such a bundle within a year).
+# history, kept until 'edge-ad calibrate --prune' deletes old versions: one calibration.d/NNNN.json per calibrate
+# and per persisted MQTT set_threshold, ~11,000 a year on a line tuned 30 times a day (10,000, the cap before,
+# refused such a bundle within a year).
 # An index or an archive with more entries than this is refused unread. What it bounds is memory: installing
 # keeps the parsed index, tarfile's member list and the files' records, ~2 KB an entry at its peak (measured:
 # 20 MB more for 10,000 calibration versions than for a bundle of tens of files), so 25,000 entries (over two
-# years at 30 a day, a decade at 6) cost ~50 MB. Longer histories need old versions deleted (see _check_count).
+# years at 30 a day, a decade at 6) cost ~50 MB. Longer histories need pruning (see _check_count).
 MAX_FILES = 25_000
 
 
@@ -295,18 +296,18 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
 def _check_count(b: Bundle, files: list[str]) -> None:
     """Refuse to pack more files than an install accepts (:data:`MAX_FILES`), before anything is written: packed,
     the archive was refused by pack's own check afterwards ("update refused") and left on disk, unusable. What
-    grows is the calibration history (never pruned), so say how to shorten it."""
+    grows is the calibration history (kept until pruned), so name the command that shortens it, with the most
+    versions it may keep for the bundle to pack."""
     if len(files) <= MAX_FILES:
         return
     cal = [rel for rel in files if rel.startswith("calibration.d/")]
-    try:
-        keep = f"keep {b.calibration_version_file(b.calibration().version).name}, the one in force, and any "
-    except InputError:
-        keep = "keep any "
+    # the prune keeps KEEP newest versions and up to 3 more (in force, plain rollback target, v1)
+    most = max(1, MAX_FILES - (len(files) - len(cal)) - 3)
     raise InputError(f"{b.path}: {len(files):,} files to pack ({len(cal):,} of them calibration versions in "
                      f"calibration.d/), and an install accepts at most {MAX_FILES:,}: delete old calibration versions "
-                     f"you will not roll back to from {b.calibration_dir} ({keep}you may roll back to), then pack "
-                     "again (nothing packed)")
+                     f"with 'edge-ad calibrate --bundle {b.path} --prune KEEP' (KEEP: the newest versions to keep, at "
+                     f"most {most:,} here; the one in force and the one a rollback goes back to are always kept; "
+                     "--dry-run shows what would go), then pack again (nothing packed)")
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -35,18 +35,20 @@ It never touches the inspector: the caller swaps the returned calibration in bet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .. import gaussian, scoring
+from .. import atomic, gaussian, scoring
 from ..bundle import Bundle
 from ..data.image import to_batch
-from ..errors import InputError, RuntimeFailure
+from ..errors import InputError, RuntimeFailure, os_error_text
 from ..scoring import Calibration
 from . import gaussfit
 
@@ -293,38 +295,124 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
     tens of MB (``[h*w, d, d]`` float32), so the whole history cannot stay on a device; the calibration
     JSON history stays complete, and :func:`rollback` refuses (clearly) a version whose file is gone.
     """
-    d = bundle.file(GAUSSIAN_DIR)
-    if not d.is_dir():
-        return []
     versions = bundle.calibration_versions()
     keep_names = _referenced_gaussian(bundle, versions[-max(keep, 1):])
     keep_names |= _referenced_gaussian(bundle, versions, keys=("gaussian_prior",))
-    try:
-        cal = bundle.calibration()
-        keep_names |= {str(cal.extra.get("gaussian", "")), _prior_name(cal)}
-    except InputError:
-        pass
-    files = bundle.manifest["files"]
-    gone = [n for n in files if n.startswith(GAUSSIAN_DIR + "/") and n not in keep_names]
-    on_disk = [f"{GAUSSIAN_DIR}/{p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".npz"]
-    removed = sorted({*gone, *(n for n in on_disk if n not in keep_names)})
-    if not removed:
-        return []
-    # the manifest first: a kill between the two steps leaves unrecorded files (removed next time), never a
-    # manifest naming files that are gone. The new calibration is in force already: a failure here is logged
     done: list[str] = []
     try:
-        if gone:
-            for n in gone:
-                files.pop(n, None)
-            bundle.save_manifest()
-        for n in removed:
-            bundle.file(n).unlink(missing_ok=True)
-            done.append(n)
-    except OSError as exc:
+        _remove_gaussian(bundle, keep_names, done)
+    except OSError as exc:   # the new calibration is in force already: logged, finished by the next call
         log.warning("%s: could not remove old Gaussian statistics (%s); they are removed at the next "
                     "recalibration", bundle.path, exc)
     return done
+
+
+def _unused_gaussian(bundle: Bundle, keep_names: set[str]) -> tuple[list[str], list[str]]:
+    """The Gaussian statistics files besides ``keep_names`` and those of the calibration in force (its own
+    and its prior): (those the manifest records, all of them: recorded or only on disk)."""
+    d = bundle.file(GAUSSIAN_DIR)
+    if not d.is_dir():
+        return [], []
+    try:
+        cal = bundle.calibration()
+        keep_names = keep_names | {str(cal.extra.get("gaussian", "")), _prior_name(cal)}
+    except InputError:
+        pass
+    gone = [n for n in bundle.manifest["files"] if n.startswith(GAUSSIAN_DIR + "/") and n not in keep_names]
+    on_disk = [f"{GAUSSIAN_DIR}/{p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".npz"]
+    return gone, sorted({*gone, *(n for n in on_disk if n not in keep_names)})
+
+
+def _remove_gaussian(bundle: Bundle, keep_names: set[str], done: list[str]) -> None:
+    """Delete :func:`_unused_gaussian`'s files, appending each to ``done``; an OSError is raised as it comes.
+
+    The manifest first: a kill between the two steps leaves unrecorded files (removed next time), never a
+    manifest naming files that are gone."""
+    gone, removed = _unused_gaussian(bundle, keep_names)
+    if gone:
+        for n in gone:
+            bundle.manifest["files"].pop(n, None)
+        bundle.save_manifest()
+    for n in removed:
+        bundle.file(n).unlink(missing_ok=True)
+        done.append(n)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune_history` removed (or, ``dry_run``, would remove) and kept."""
+
+    removed: tuple[int, ...]                 # calibration versions, oldest first
+    kept: tuple[int, ...]
+    protected: dict = field(default_factory=dict)   # {version: why}: kept besides the newest ones
+    gaussian_removed: tuple[str, ...] = ()   # statistics files only the removed versions used
+    dry_run: bool = False
+
+    def summary(self) -> dict:
+        """JSON-ready (``edge-ad calibrate --prune --json``)."""
+        return {"removed": list(self.removed), "kept": list(self.kept), "dry_run": self.dry_run,
+                "protected": [{"version": v, "why": why} for v, why in sorted(self.protected.items())],
+                "gaussian_removed": list(self.gaussian_removed)}
+
+
+def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResult:
+    """Delete old calibration versions (``calibration.d/NNNN.json``), keeping the ``keep`` newest and, whatever
+    their age, the version in force, the one a rollback without a version puts back
+    (:meth:`Bundle.previous_calibration_version`) and version 1, the trained calibration; then the Gaussian
+    statistics files that only the removed versions used. ``dry_run``: say what would go, delete nothing.
+
+    Takes the bundle's calibration lock (refused, :class:`~edge_ad.errors.Busy`, while a calibration runs).
+    Power cuts: versions go oldest first, each one by a single unlink (never half a file), and the statistics
+    after them (the manifest first, as :func:`prune_gaussian` does), so a cut at any point leaves a history
+    that lists, rolls back and packs; the next prune finishes the job. The rollback record
+    (``rollbacks.json``) is left whole: entries naming removed versions are a record, not needed to run.
+    Refused (:class:`InputError`, nothing removed) when the calibration in force is missing or unreadable:
+    what it needs kept cannot be known.
+    """
+    if keep < 1:
+        raise InputError(f"keep {keep}: expected the number of newest calibration versions to keep, 1 or more")
+    with contextlib.nullcontext() if dry_run else bundle.calibration_lock():
+        versions = bundle.calibration_versions()
+        try:
+            cur = bundle.calibration()
+        except InputError as exc:
+            raise InputError(f"{exc}; nothing pruned: the versions the calibration in force needs cannot be told "
+                             "(put one back with 'edge-ad calibrate --rollback VERSION' first)") from None
+        protected: dict[int, str] = {}
+        for v, why in ((cur.version, "in force"), (_rollback_target(bundle), "a plain --rollback goes back to it"),
+                       (1, "the trained calibration")):
+            if v in versions and v not in protected:
+                protected[v] = why
+        kept = sorted(set(versions[-keep:]) | set(protected))
+        removed = [v for v in versions if v not in kept]
+        keep_names = _referenced_gaussian(bundle, kept)
+        if dry_run:
+            return PruneResult(tuple(removed), tuple(kept), protected,
+                               tuple(_unused_gaussian(bundle, keep_names)[1]), dry_run=True)
+        n_gone, done = 0, []
+        try:
+            for v in removed:   # oldest first: what is left at any point is a history
+                try:
+                    os.unlink(bundle.calibration_version_file(v))
+                except FileNotFoundError:
+                    pass
+                n_gone += 1
+            if removed:
+                atomic._fsync_dir(bundle.calibration_dir)
+            _remove_gaussian(bundle, keep_names, done)
+        except OSError as exc:
+            raise RuntimeFailure(f"{os_error_text(exc)}: the prune stopped after removing {n_gone} of "
+                                 f"{len(removed)} calibration versions and {len(done)} Gaussian statistics "
+                                 "files; what is left is a usable history: run it again") from exc
+    return PruneResult(tuple(removed), tuple(kept), protected, tuple(done))
+
+
+def _rollback_target(bundle: Bundle) -> int | None:
+    """The version a rollback without a version puts back, None when there is none."""
+    try:
+        return bundle.previous_calibration_version()
+    except InputError:
+        return None
 
 
 def statistics_kept(bundle: Bundle, cal: Calibration) -> bool:
@@ -346,6 +434,11 @@ def rollback(bundle: Bundle, version: int | None = None, by: str = "") -> Calibr
     target = version
     if target is None and versions:
         target = bundle.previous_calibration_version()   # the one the calibration in force replaced
+        if target not in versions:
+            raise InputError(f"calibration version {target}, the one calibration v{bundle.calibration().version} "
+                             "replaced, is no longer kept (pruned, or deleted by hand); roll back to a kept version "
+                             "by its number ('edge-ad calibrate --list', or the MQTT status's calibration.versions, "
+                             "lists them); the calibration in force is unchanged")
     if target is not None and target in versions and bundle.kind == "gaussian":
         cal = bundle.calibration_at(target)
         g = str(cal.extra.get("gaussian") or "")

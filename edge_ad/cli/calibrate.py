@@ -17,23 +17,26 @@ def _echo_json(obj) -> None:
 
 
 @main.command()
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Bundle folder.")
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle folder. Default: --config's model.bundle (or the release in force of its "
+                   "model.deploy_dir), the one the line runs.")
 @click.option("--source", metavar="URI|DIR",
               help="Normal frames: a folder of images, dir://, or a camera / video URI (v4l2://, csi://, "
                    "rtsp://, file://, synthetic://). Default: --config's source.uri. A folder's images are taken "
                    "as the loop inspects them (cropped and rotated already, as 'edge-ad capture --config' saves "
                    "them), unless it is the line's own dir:// source.")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
-              help="The line's run config (the file 'edge-ad run --config' takes; only [source] and [decision] "
-                   "threshold are read: the threshold in force is reported, a [decision] threshold overriding "
+              help="The line's run config (the file 'edge-ad run --config' takes; only [source], [decision] "
+                   "threshold and [model] bundle or deploy_dir are read: the bundle is the default of --bundle, "
+                   "the threshold in force is reported, a [decision] threshold overriding "
                    "the calibration's): its source.roi and rotate are applied to the frames of a camera, video "
                    "or synthetic source and of the line's own dir:// folder, as the loop applies them, so the "
                    "refit sees what the line inspects; another folder's images must have the ROI's size. "
                    "Without it frames are taken whole: give it on a line with source.roi or rotate.")
 @click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
-                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold ...) "
+                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold, "
+                   "model.bundle ...) "
                    "apply over the config, its values replacing this shell's, as for the service. Default: "
                    "edge-ad.env next to --config, when there is one.")
 @click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
@@ -76,15 +79,21 @@ def _echo_json(obj) -> None:
               help="Put an earlier calibration version back in force (default: the one the calibration in force "
                    "replaced) and exit.")
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
+@click.option("--prune", "prune_keep", type=click.IntRange(1), metavar="KEEP",
+              help="Delete old calibration versions, keeping the KEEP newest, the one in force, the one a plain "
+                   "--rollback goes back to and v1 (the trained calibration), and the Gaussian statistics only "
+                   "the removed ones used; print what was removed and exit.")
+@click.option("--dry-run", is_flag=True, help="With --prune: say what would be removed, remove nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s,
               screen_z, min_frames, prior_weight, adapt, adapt_steps, adapt_out, train_device, golden_dir, deploy_dir,
-              no_golden, rollback_to, list_versions, as_json):
+              no_golden, rollback_to, list_versions, prune_keep, dry_run, as_json):
     """Refit normalization and threshold (and a Gaussian model's statistics) on new normal frames.
 
-    Writes a new calibration version (atomic; the old ones are kept), or with --rollback puts an older one
-    back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload' command. One calibration of a
-    bundle at a time: refused (exit 1) while another runs (an 'edge-ad calibrate', or an MQTT calibrate).
+    Writes a new calibration version (atomic; the old ones are kept until --prune deletes them), or with
+    --rollback puts an older one back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload'
+    command. One calibration change of a bundle at a time: a refit, --rollback or --prune is refused (exit 1)
+    while another runs (an 'edge-ad calibrate', or an MQTT calibrate).
     """
     from ..bundle import Bundle
     from ..calibration import recalibrate, rollback
@@ -92,11 +101,19 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
 
     if env_file is not None and config is None:
         raise InputError("--env-file needs --config (it changes the config's values)")
-    b = Bundle.open(bundle_dir)
-    if list_versions and rollback_to is not None:
-        raise InputError("--list and --rollback exclude each other: list the versions, then roll back")
+    settings, env = _line_config(config, env_file)   # first, as every other check: a bad config fails at once
+    b = Bundle.open(_bundle_dir(bundle_dir, settings, config, env))
+    modes = [name for name, on in (("--list", list_versions), ("--rollback", rollback_to is not None),
+                                   ("--prune", prune_keep is not None)) if on]
+    if len(modes) > 1:
+        raise InputError(f"{', '.join(modes[:-1])} and {modes[-1]} exclude each other: give one, then the other")
+    if dry_run and prune_keep is None:
+        raise InputError("--dry-run goes with --prune (it shows what a prune would remove)")
     if list_versions:
         _list_calibrations(b, as_json)
+        return
+    if prune_keep is not None:
+        _prune(b, prune_keep, dry_run, as_json)
         return
     if rollback_to is not None:
         version = None
@@ -120,7 +137,6 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             was = f"v{before}" if before is not None else "unreadable"
             click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
         return
-    settings, env = _line_config(config, env_file)   # before the frames, as every other check: a bad config fails
     line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
     if not source:
@@ -128,7 +144,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                          "or --list")
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
-    from ..scoring import check_policy, threshold_in_force
+    from ..scoring import check_policy
 
     if (golden_dir or deploy_dir or adapt_out or no_golden) and not adapt:
         raise InputError("--golden, --deploy, --no-golden and --adapt-out go with --adapt")
@@ -175,19 +191,31 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                         golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
                         require_golden=not no_golden, labels=images.labels)
         res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
+        # with --config: the threshold the line decides with once the adapted model runs, as for a refit
+        override, in_force = _decides_with(settings, res.threshold)
         if as_json:
-            _echo_json(res.summary())
+            out = res.summary()
+            if in_force is not None:
+                out["threshold_in_force"] = in_force
+            _echo_json(out)
             return
         _screened(res)
-        if res.install is not None:
+        installed = res.install is not None
+        if in_force is not None:
+            thr = f"; threshold {res.threshold:.6g}, threshold in force {in_force:.6g}" + (
+                "" if installed else " once installed")
+        else:   # without the config: what the candidate's calibration sets, nothing more known
+            thr = "" if res.threshold is None else f"; threshold {res.threshold:.6g} set by its calibration"
+        if installed:
             g = res.install.golden
             golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
             click.echo(f"adapted model installed as {res.install.release} ({golden}; {res.precision}, "
-                       f"{res.steps} steps, {res.seconds:.0f} s); a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command "
-                       "or a restart, and its health check then confirms it or rolls back")
+                       f"{res.steps} steps, {res.seconds:.0f} s{thr}); a running 'edge-ad run' takes it on SIGHUP, "
+                       "the MQTT reload command or a restart, and its health check then confirms it or rolls back")
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
-                       f"{res.seconds:.0f} s; the running bundle is unchanged)")
+                       f"{res.seconds:.0f} s{thr}; the running bundle is unchanged)")
+        _override_note(override, config, env, "the adapted model", res.threshold)
         return
     with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
@@ -202,10 +230,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             be.close()
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
     c = res.calibration
-    # with --config: the threshold the line decides with, by the service's rule (its MQTT calibrate reply's
-    # threshold_in_force): a [decision] threshold of the config overrides the calibration's
-    override = settings.decision.threshold if settings is not None else None
-    in_force = threshold_in_force(c.threshold, override) if settings is not None else None
+    override, in_force = _decides_with(settings, c.threshold)
     if as_json:
         out = res.summary()
         if in_force is not None:
@@ -219,20 +244,73 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
                f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, "
                f"{res.timings['total']:.1f} s")
+    _override_note(override, config, env, "this calibration", c.threshold)
+
+
+def _decides_with(settings, threshold: float | None) -> tuple[float | None, float | None]:
+    """With --config (``settings``): the config's ``[decision] threshold`` (None: none) and the threshold the line
+    decides with, by the service's rule (its MQTT calibrate reply's ``threshold_in_force``,
+    :func:`edge_ad.scoring.threshold_in_force`): the override when there is one, else ``threshold``. Without
+    the config: (None, None), nothing known of the line."""
+    from ..scoring import threshold_in_force
+
+    if settings is None or threshold is None:
+        return None, None
+    override = settings.decision.threshold
+    return override, threshold_in_force(threshold, override)
+
+
+def _override_note(override, config, env, what: str, threshold: float) -> None:
+    """The ``note:`` that the config's ``[decision] threshold`` (``override``), and not ``what``'s ``threshold``,
+    decides on the line."""
     if override is not None:
         click.echo(f"note: the line decides with threshold {override:.6g}, the {_override_origin(config, env)}, "
-                   f"which overrides this calibration's {c.threshold:.6g} (after a reload or restart too): "
-                   "remove it for the calibration's threshold to decide")
+                   f"which overrides {what}'s {threshold:.6g} (after a reload or restart too): "
+                   f"remove it for {what}'s threshold to decide")
 
 
-def _override_origin(config, env) -> str:
-    """Where the config's ``[decision] threshold`` came from: the env file, this shell, or the file."""
-    name = "EDGE_AD_DECISION__THRESHOLD"
+def _override_origin(config, env, section: str = "decision", key: str = "threshold") -> str:
+    """Where the config's ``[section] key`` (default: ``[decision] threshold``) came from: the env file, this
+    shell, or the file."""
+    name = f"EDGE_AD_{section.upper()}__{key.upper()}"
     if name in env.names:
         return f"{name} of {env.env_file}"
     if name in env.environ:
         return f"environment variable {name}"
-    return f"[decision] threshold of {config}"
+    return f"[{section}] {key} of {config}"
+
+
+def _bundle_dir(bundle_dir, settings, config, env) -> Path:
+    """The bundle to calibrate: ``--bundle``, else the one the line config runs (its ``[model] bundle``, or the
+    release in force of its ``deploy_dir``), said on stderr. A ``--bundle`` other than the config's is taken,
+    with a warning: the line does not inspect with what is calibrated then."""
+    from ..errors import InputError
+
+    model = settings.model if settings is not None else None
+    if model is None:
+        if bundle_dir is None:
+            raise InputError(f"--bundle is required: {config} has no [model] bundle or deploy_dir to take it "
+                             "from" if config is not None else "--bundle is required (or --config LINE.toml, whose "
+                             "[model] bundle or deploy_dir names it)")
+        return bundle_dir
+    key = "bundle" if model.bundle is not None else "deploy_dir"
+    origin = _override_origin(config, env, "model", key)
+    try:
+        named = model.bundle_path()
+    except InputError as exc:   # a deploy folder without a release in force
+        if bundle_dir is None:
+            raise InputError(f"{exc} (the {origin}); give --bundle") from None
+        click.echo(f"warning: the line's bundle cannot be told ({exc}, the {origin}): calibrating --bundle "
+                   f"{bundle_dir}", err=True)
+        return bundle_dir
+    what = f"the {origin}" if key == "bundle" else f"the release in force of the {origin}"
+    if bundle_dir is None:
+        click.echo(f"note: no --bundle: bundle {named}, {what}", err=True)
+        return named
+    if Path(bundle_dir).resolve() != Path(named).resolve():
+        click.echo(f"warning: --bundle {bundle_dir} is not the bundle the line runs ({named}, {what}): calibrating "
+                   f"{bundle_dir} as asked; the line does not decide with it", err=True)
+    return bundle_dir
 
 
 def _screened(res) -> None:
@@ -247,7 +325,8 @@ def _line_config(config, env_file):
     """The line's run config and its :class:`edge_ad.config.ServiceEnviron` (None, None without one), as
     the service runs it and as ``capture --config`` reads it: with the ``edge-ad.env`` next to it (or
     ``env_file``) and this process's EDGE_AD_* variables applied (:func:`edge_ad.config.service_environ`;
-    the file applied is named on stderr). Only its ``[source]`` and ``[decision] threshold`` are used."""
+    the file applied is named on stderr). Only its ``[source]``, ``[decision] threshold`` and ``[model]``
+    bundle or deploy_dir are used."""
     if config is None:
         return None, None
     from ..config import CaptureSettings, load_settings, service_environ
@@ -360,6 +439,41 @@ def _list_calibrations(b, as_json: bool) -> None:
                                + (f" (from v{was})" if was is not None else ""))
     if bad:
         raise InputError(f"{len(bad)} calibration file(s) unreadable: " + "; ".join(bad))
+
+
+def _prune(b, keep: int, dry_run: bool, as_json: bool) -> None:
+    """``calibrate --prune KEEP [--dry-run]``: delete old versions (:func:`edge_ad.calibration.prune_history`) and
+    say which went and which were kept besides the KEEP newest."""
+    from ..calibration import prune_history
+
+    res = prune_history(b, keep, dry_run=dry_run)
+    if as_json:
+        _echo_json(res.summary())
+        return
+    verb = "would remove" if dry_run else "removed"
+    kept = f"{len(res.kept)} kept: {_versions(res.kept)}"
+    if res.protected:
+        kept += " (" + ", ".join(f"v{v} {why}" for v, why in sorted(res.protected.items())) + ")"
+    if not res.removed:
+        click.echo(f"{b.calibration_dir}: nothing to prune, {kept}")
+    else:
+        click.echo(f"{b.calibration_dir}: {verb} {len(res.removed)} calibration version"
+                   f"{'s' if len(res.removed) != 1 else ''} ({_versions(res.removed)}); {kept}")
+    if res.gaussian_removed:
+        click.echo(f"{verb} Gaussian statistics no kept version uses: {', '.join(res.gaussian_removed)}")
+    if dry_run:
+        click.echo("nothing removed (--dry-run)", err=True)
+
+
+def _versions(versions) -> str:
+    """``v1, v4-v9, v12``: versions in runs (a history holds thousands)."""
+    runs: list[list[int]] = []
+    for v in sorted(versions):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"v{a}" if a == z else f"v{a}-v{z}" for a, z in runs) or "none"
 
 
 # ----------------------------------------------------------------------------- bundle archives
