@@ -998,15 +998,17 @@ def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bun
     in once the rollback lands, and someone else's new release is left alone."""
     a, b, _ = bundles
     deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
     svc = _line(tmp_path, deploy)
     held = _HeldElsewhere(deploy)
     try:
         _failing_frames(svc)
         for _ in range(3):
             svc._check_health()
-        health = [e for e in svc.events if e.get("type") == "model_health"]
+        health = _health_events(svc)
         assert [e["rollback"] for e in health] == ["waiting"] and health[0]["status"] == "failed"
         assert "the rollback waits for the deploy folder" in health[0]["reason"] and not health[0]["rolled_back"]
+        assert (health[0]["release"], health[0]["rolled_back_to"]) == (failing, None)
         assert svc.inspector.model_hash == b.model_hash()
         held.release()
         theirs = None
@@ -1015,10 +1017,11 @@ def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bun
                                     require_golden=False).release
         svc._check_health()
         svc._check_health()
-        health = [e for e in svc.events if e.get("type") == "model_health"]
-        assert len(health) == 2 and svc.reporter.health is None
+        health = _health_events(svc)
+        assert len(health) == 2 and svc.reporter.health is None and health[1]["release"] == failing
         if meanwhile == "nothing":
             assert health[1]["rollback"] == "done" and health[1]["rolled_back"] is True
+            assert health[1]["rolled_back_to"] == r1.release
             assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
         else:
             assert health[1]["rollback"] == "dropped" and f"'current' is {theirs} now" in health[1]["reason"]
@@ -1054,7 +1057,7 @@ def test_an_update_that_supersedes_a_waiting_rollback_sends_its_final_model_heal
             new = install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, require_golden=False).release
             svc.reload("bundle")
         assert deployment(deploy).current == new != failing
-        health = [e for e in svc.events if e.get("type") == "model_health"]
+        health = _health_events(svc)
         assert len(health) == 2, health
         final = health[1]
         assert final["status"] == "failed" and final["rollback"] == "dropped" and not final["rolled_back"]
@@ -1710,21 +1713,52 @@ def _failing_frames(svc) -> None:
     svc._check_health()
 
 
+def _health_events(svc) -> list[dict]:
+    """The model_health events ``svc`` sent, each valid against the event schema as the MQTT link sends it."""
+    from edge_ad.mqtt import schema
+
+    out = [e for e in svc.events if e.get("type") == "model_health"]
+    for e in out:
+        body = {"schema_version": 1, "id": "e1", "seq": 1, "ts": "2025-05-01T12:00:00.000Z", "site": "s",
+                "device": "d", **{k: v for k, v in e.items() if k != "ts"}}
+        assert schema.errors("event", body) == [], body
+    return out
+
+
 def test_run_watches_a_release_installed_while_it_was_not_running(bundles, tmp_path):
     """'edge-ad bundle install' then a (re)start: the pending release is watched and rolled back."""
     a = bundles[0]
     deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
     svc = _line(tmp_path, deploy)
     try:
         _failing_frames(svc)
         assert deployment(deploy).current == r1.release and deployment(deploy).health == "rolled_back"
         assert svc.inspector.model_hash == a.model_hash()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+            "failed", "done", failing, r1.release)
     finally:
         svc.inspector.backend.close()
     svc = _line(tmp_path, deploy)   # not pending any more: not watched again
     try:
         _failing_frames(svc)
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_a_healthy_verdict_event_names_the_release_judged(bundles, tmp_path):
+    """A fleet consumer seeing "ok" (several updates a day) must know which release it is about."""
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    try:
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)
+        svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["release"]) == ("ok", judged) and deployment(deploy).health == "ok"
     finally:
         svc.inspector.backend.close()
 
@@ -1772,10 +1806,13 @@ def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles
     deploy, r1 = _installed_twice(bundles, tmp_path)
     svc = _line(tmp_path, deploy)
     try:
+        failing = deployment(deploy).current
         (r1.path / "model.onnx").write_bytes(b"damaged")
         _failing_frames(svc)   # no exception out of the supervisor's call
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == b.model_hash()
-        assert any(e.get("status") == "rollback_failed" for e in svc.events)
+        ev = _health_events(svc)
+        assert [e["status"] for e in ev] == ["failed", "rollback_failed"]
+        assert {(e["release"], e["rolled_back_to"]) for e in ev} == {(failing, r1.release)}
     finally:
         svc.inspector.backend.close()
 
@@ -1794,13 +1831,15 @@ def _fp32_only_installed(tiny_bundle, tmp_path, golden):
 def test_a_pending_release_the_line_cannot_open_is_rolled_back_at_start(tiny_bundle, tmp_path, golden):
     """Not a crash loop under systemd: the start rolls back to the release that ran, and says so."""
     deploy, good = _fp32_only_installed(tiny_bundle, tmp_path, golden)
+    bad = deployment(deploy).current
     svc = _line(tmp_path, deploy, precision="int8")
     try:
         dep = deployment(deploy)
         assert dep.current == good and dep.health == "rolled_back"
         assert Path(svc.bundle.path).resolve() == dep.current_path.resolve()
-        ev = [e for e in svc.events if e.get("type") == "model_health"]
+        ev = _health_events(svc)
         assert ev and ev[0]["status"] == "failed" and ev[0]["rolled_back"] is True
+        assert (ev[0]["release"], ev[0]["rolled_back_to"]) == (bad, good)
         assert "cannot be opened as the line runs it (backend auto, precision int8" in ev[0]["reason"]
         assert "model.int8.onnx" in ev[0]["reason"]
         assert svc.reporter.health is None       # the restored release ran before: not watched again
@@ -1830,6 +1869,7 @@ def test_reload_onto_a_pending_release_the_line_cannot_open_rolls_it_back(tiny_b
         assert deployment(deploy).current == good and deployment(deploy).health == "rolled_back"
         assert svc.inspector.model_hash == running
         assert svc.events[-1]["type"] == "model_health" and svc.events[-1]["rolled_back"] is True
+        assert _health_events(svc)[-1]["rolled_back_to"] == good
         assert svc._reload_bundle()["model"] == "unchanged"   # and the next reload is quiet
     finally:
         svc.inspector.backend.close()

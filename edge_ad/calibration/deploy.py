@@ -879,6 +879,8 @@ class HealthVerdict:
     elapsed_s: float
     rolled_back: bool = False
     restored: Path | None = None     # the bundle folder to reopen after a rollback
+    release: str | None = None       # the release judged (HealthWatch.release)
+    rolled_back_to: str | None = None   # after a rollback: the release in force now (restored's id)
     # a failed verdict's rollback: "done" | "waiting" (another install or rollback holds the deploy lock: retried
     # at the next polls) | "given_up" (held for rollback_wait_s) | "dropped" ('current' is no longer the release
     # judged) | "impossible" (no previous release, or it cannot be opened); None: none was due
@@ -989,7 +991,7 @@ class HealthWatch:
             status, reason = judge_health(self.frames, self.errors, self.ng, elapsed, self.baseline_ng_rate,
                                           self.limits, offered)
             v = HealthVerdict(status, reason, self.frames, self.errors,
-                              self.ng / self.frames if self.frames else None, elapsed)
+                              self.ng / self.frames if self.frames else None, elapsed, release=self.release)
             if status == "pending":
                 return v
             if self.deploy_dir is not None:
@@ -1073,7 +1075,7 @@ class HealthWatch:
             return self._finish(replace(v, reason=f"{v.reason}; rollback impossible: {exc}", rollback="impossible"))
         waited = "" if self._owed is None else f" (after waiting {now - self._owed_since:.0f} s for the deploy lock)"
         return self._finish(replace(v, reason=v.reason + waited, rolled_back=True, restored=dep.current_path,
-                                    rollback="done"))
+                                    rolled_back_to=dep.current, rollback="done"))
 
     def _finish(self, v: HealthVerdict) -> HealthVerdict:
         self._owed = None

@@ -176,7 +176,8 @@ class Service:
             raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
         log.error("%s; rolled back to %s", reason, back.current)
         self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
-                                  "rolled_back": True, "restored": str(back.current_path)}
+                                  "release": dep.current, "rolled_back": True, "restored": str(back.current_path),
+                                  "rolled_back_to": back.current}
         return back
 
     def _build_rest(self) -> None:
@@ -634,7 +635,7 @@ class Service:
         self.reporter.health = None
         self._health_waiting = None
         if v.status == "ok":
-            self.event({"type": "model_health", "status": "ok", "reason": v.reason})
+            self.event({"type": "model_health", "status": "ok", "reason": v.reason, "release": v.release})
             return
         log.error("the new model failed its health check: %s", v.reason)
         self.event({"type": "model_health", **_jsonable(v.to_dict())})
@@ -645,7 +646,8 @@ class Service:
             except Exception as exc:   # the loop keeps the model it has; a restart runs the restored one
                 log.error("rolled back to %s, but it cannot be opened here (%s); the new model keeps inspecting "
                           "until a restart", v.restored, exc)
-                self.event({"type": "model_health", "status": "rollback_failed", "restored": str(v.restored),
+                self.event({"type": "model_health", "status": "rollback_failed", "release": v.release,
+                            "restored": str(v.restored), "rolled_back_to": v.rolled_back_to,
                             "reason": f"{type(exc).__name__}: {exc}"})
 
     def status(self) -> dict:
