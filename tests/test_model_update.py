@@ -966,7 +966,8 @@ def test_a_healthy_verdict_waits_for_the_deploy_lock(bundles, tmp_path, meanwhil
     frames judged): recorded at a later poll, or not at all when their command switched 'current'."""
     deploy, _ = _installed_twice(bundles, tmp_path)
     judged = deployment(deploy).current
-    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10), clock=Clock())
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10), clock=clock)
     for _ in range(10):
         watch.record(ng=False)
     held = _HeldElsewhere(deploy)
@@ -981,14 +982,83 @@ def test_a_healthy_verdict_waits_for_the_deploy_lock(bundles, tmp_path, meanwhil
     if meanwhile == "install":
         theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
                                 require_golden=False).release
+    assert watch.poll().status == "pending"                             # tried again after 1 s, not at every poll
+    clock.t += 1
     v = watch.poll()
     assert v.status == "ok" and v.frames == 10 and watch.poll() is v
     dep = deployment(deploy)
+    assert v.record == ("done" if meanwhile == "nothing" else "dropped")
     if meanwhile == "nothing":
         assert (dep.current, dep.health) == (judged, "ok") and "not recorded" not in v.reason
     else:
         assert (dep.current, dep.health) == (theirs, "pending")
         assert f"not recorded as healthy: 'current' is {theirs} now, not the release judged, {judged}" in v.reason
+
+
+@pytest.mark.parametrize("cause", ["disk full", "lock held"])
+def test_a_healthy_record_that_cannot_be_written_backs_off_and_is_given_up(bundles, tmp_path, monkeypatch, caplog,
+                                                                          cause):
+    """The "ok" record was tried again at every poll (ten times a second) for ever while the deploy lock stayed
+    held, and a deploy.json that could not be written (a full disk) raised out of poll(), stopping the line.
+    It is now tried again after 1, 2, 4 ... s (at most 60 s apart), and given up after record_wait_s with an
+    ERROR: the verdict is "ok" with record "given_up", and the release stays pending in deploy.json."""
+    import errno
+    import logging
+
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10, record_wait_s=300), clock=clock)
+    for _ in range(5):
+        watch.record(ng=False)
+    tries, real = [], deploy_mod.confirm
+
+    def confirm(*args, **kw):
+        tries.append(clock.t - 1000.0)
+        if cause == "disk full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(deploy / "deploy.json"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(deploy_mod, "confirm", confirm)
+    held = _HeldElsewhere(deploy) if cause == "lock held" else None
+    caplog.set_level(logging.WARNING, logger="edge_ad.calibration.deploy")
+    try:
+        v = watch.poll()
+        assert v.status == "pending" and "healthy, not recorded yet" in v.reason
+        assert ("deploy.json: no space left on device" if cause == "disk full" else "another install or rollback") in v.reason
+        for tenth in range(1, 3000):                                    # polled ten times a second
+            clock.t = 1000.0 + tenth / 10
+            v = watch.poll()
+            assert v.status == "pending", v
+        clock.t = 1300.0
+        v = watch.poll()
+    finally:
+        if held is not None:
+            held.release()
+    if cause == "disk full":
+        assert [round(t, 1) for t in tries] == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 63.0, 123.0, 183.0, 243.0, 300.0]
+    assert v.status == "ok" and v.record == "given_up" and not v.rolled_back
+    assert "not recorded as healthy" in v.reason and "given up after 300 s" in v.reason
+    assert watch.poll() is v and deployment(deploy).health == "pending"    # the next start watches it again
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "given up" in errors[0].getMessage()
+
+
+def test_the_runtime_says_when_a_healthy_record_is_given_up(bundles, tmp_path):
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    held = _HeldElsewhere(deploy)
+    try:
+        svc.reporter.health.limits = HealthLimits(record_wait_s=0)
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)
+        svc._check_health()                                              # no exception out of the supervisor's call
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["record"], ev["release"]) == ("ok", "given_up", judged)
+        assert svc.reporter.health is None and deployment(deploy).health == "pending"
+    finally:
+        held.release()
+        svc.inspector.backend.close()
 
 
 @pytest.mark.parametrize("meanwhile", ["nothing", "install"])

@@ -635,7 +635,8 @@ class Service:
         self.reporter.health = None
         self._health_waiting = None
         if v.status == "ok":
-            self.event({"type": "model_health", "status": "ok", "reason": v.reason, "release": v.release})
+            self.event({"type": "model_health", "status": "ok", "reason": v.reason, "release": v.release,
+                        "record": v.record})
             return
         log.error("the new model failed its health check: %s", v.reason)
         self.event({"type": "model_health", **_jsonable(v.to_dict())})
