@@ -746,16 +746,43 @@ def test_rollback_refuses_a_release_that_cannot_be_opened(bundles, tmp_path):
     deploy, r1 = _installed_twice(bundles, tmp_path)
     before = deployment(deploy)
     (r1.path / "model.onnx").unlink()                  # half deleted (by hand, or an older edge-ad's prune)
-    with pytest.raises(RuntimeFailure, match=f"release {r1.release} cannot be opened .*model.onnx: not found.*; "
+    with pytest.raises(RuntimeFailure, match=f"release {r1.release} is not openable: .*model.onnx: not found.*; "
                                              f"not rolled back, 'current' is still {before.current}"):
         rollback_model(deploy)
-    with pytest.raises(InputError, match=f"release {r1.release} cannot be opened"):
+    with pytest.raises(InputError, match=f"release {r1.release} is not openable"):
         rollback_model(deploy, to=r1.release)
     v = HealthWatch(deploy, limits=HealthLimits(window_s=0)).poll()
     assert not v.rolled_back and "rollback impossible" in v.reason and deployment(deploy) == before
     shutil.rmtree(r1.path / "calibration.d")
     (r1.path / "manifest.json").unlink()               # no manifest: not a release any more
     assert [r["id"] for r in deploy_mod.releases(deploy)] == [before.current]
+
+
+@pytest.mark.parametrize("damage", ["graph deleted", "manifest corrupt", "graph not recorded"])
+def test_rollback_refuses_an_unopenable_release_in_the_words_of_bundle_status(bundles, tmp_path, damage):
+    """rollback_model had its own copy of release_problem's check, with its own words ('cannot be opened (...)'
+    where 'bundle status' said 'not openable: ...'); one check now names the release alike in both."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    if damage == "graph deleted":
+        (r1.path / "model.onnx").unlink()
+    elif damage == "manifest corrupt":
+        (r1.path / "manifest.json").write_text("{not json")
+    else:                                              # on disk, but not this bundle's model
+        manifest = json.loads((r1.path / "manifest.json").read_text())
+        del manifest["files"]["model.onnx"]
+        (r1.path / "manifest.json").write_text(json.dumps(manifest))
+    problem = deploy_mod.release_problem(deploy, r1.release)
+    assert problem.startswith("not openable: ") and {"graph deleted": "model.onnx: not found",
+                                                     "manifest corrupt": "unreadable manifest",
+                                                     "graph not recorded": "model.onnx: not recorded in"}[damage] in problem
+    assert [r["problem"] for r in deploy_mod.releases(deploy) if r["id"] == r1.release] == [problem]
+    for to, error in ((None, RuntimeFailure), (r1.release, InputError)):
+        with pytest.raises(error) as err:
+            rollback_model(deploy, to=to)
+        assert str(err.value) == (f"release {r1.release} is {problem}; not rolled back, 'current' is still "
+                                  f"{before.current}")
+    assert deployment(deploy) == before
 
 
 def test_a_power_cut_between_the_two_link_updates_never_leaves_previous_on_current(bundles, tmp_path,
@@ -1282,7 +1309,7 @@ def test_cli_status_and_rollback_name_a_release_deleted_by_hand_or_with_a_corrup
     assert [x["problem"] is None for x in out["releases"]] == [False, True, True]
     (d / "releases" / r1 / "manifest.json").write_text("")
     res = cli("bundle", "rollback", "--deploy", str(d), "--to", r1)
-    assert res.exit_code == 2 and f"release {r1} cannot be opened" in res.output and deployment(d).current == r3
+    assert res.exit_code == 2 and f"release {r1} is not openable: " in res.output and deployment(d).current == r3
     assert cli("bundle", "rollback", "--deploy", str(d)).exit_code == 0 and deployment(d).current == r2
 
     d, (r1, r2, r3) = three("cur_deleted")

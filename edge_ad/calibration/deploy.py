@@ -737,9 +737,10 @@ def _release_ids(d: Path, complete: bool = True) -> list[str]:
 
 
 def release_problem(deploy_dir: str | os.PathLike, release: str) -> str | None:
-    """What keeps ``release`` from being run or rolled back to, checked as :func:`rollback_model` checks it
-    (its manifest, and its active graph there and recorded; no sha256 of every file): "gone (no such
-    folder...)", "not a folder", or why it cannot be opened. None when it opens."""
+    """What keeps ``release`` from being run or rolled back to (its manifest, and its active graph there and
+    recorded; cheap: no sha256 of every file), worded to follow "is": "gone (no such folder...)", "not a
+    folder", or "not openable: why". None when it opens. The one check of a release: ``bundle status``
+    names broken releases with it, and :func:`rollback_model` refuses to switch to one with its words."""
     p = Path(deploy_dir) / RELEASES / release
     if not p.is_dir():
         return ("not a folder" if p.exists() or p.is_symlink()
@@ -792,7 +793,8 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
     RuntimeFailure when there is no previous release (none, or the release in force) or it cannot be
     opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
     :func:`deploy_lock`: nothing changed, try again later); InputError when
-    ``to`` is not a kept release, is the one in force, or cannot be opened."""
+    ``to`` is not a kept release, is the one in force, or cannot be opened (named as ``bundle status`` names
+    it: :func:`release_problem`)."""
     d = Path(deploy_dir)
     if not (d / RELEASES).is_dir():
         if to is not None:
@@ -826,11 +828,9 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
             if to == dep.current:
                 raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
             refuse = InputError
-        try:   # cheap: the manifest, and the active graph there and recorded (no sha256 of every file)
-            Bundle.open(d / RELEASES / to).check_graph(verify=False)
-        except InputError as exc:
-            raise refuse(f"release {to} cannot be opened ({exc}); not rolled back, '{CURRENT}' is still "
-                         f"{dep.current}") from None
+        problem = release_problem(d, to)   # as 'bundle status' names it
+        if problem is not None:
+            raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
         failed = dep.current
         _switch(d, to, failed)
         state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
