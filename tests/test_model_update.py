@@ -2099,6 +2099,55 @@ def test_update_model_percent_decodes_a_file_url_as_camera_sources_do(tmp_path):
         _fetch_archive(str(archive.parent / "new%20100%25.tar"), tmp_path / "dl", digest)
 
 
+def test_update_model_refuses_a_file_url_it_would_misread(tiny_bundle, tmp_path, monkeypatch):
+    """Through the MQTT command path: file://nas/b.tar was read as the relative path nas/b.tar (in the
+    service's working folder), a query or fragment on a file:// URL was dropped (another file installed than
+    the one meant), and '~' was not expanded (./~/b.tar was looked for). Each is refused, naming the part of
+    the URL and what is expected, and nothing is installed; file://localhost/PATH is the local PATH."""
+    from edge_ad.atomic import sha256_file
+    from edge_ad.mqtt import MqttSettings, schema
+    from edge_ad.mqtt.commands import Dispatcher, Incoming
+    from edge_ad.mqtt.topics import Topics
+    from edge_ad.runtime.commands import Commands
+
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    before = deployment(deploy)
+    archive = pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar")
+    digest = sha256_file(archive)
+    monkeypatch.chdir(tmp_path)
+    for misread in ("nas", "~"):                       # what the URLs below were read as, relative paths
+        (tmp_path / misread).mkdir()
+        shutil.copy(archive, tmp_path / misread / "b.tar")
+    svc = _line(tmp_path, deploy)
+    d = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
+    d.register("update_model", Commands(svc).update_model)
+
+    def send(url: str) -> dict:
+        body = d.handle(Incoming("update_model", json.dumps({"url": url, "sha256": digest}).encode())).body
+        assert schema.errors("reply", body) == [], body
+        return body
+
+    try:
+        for url, said in (
+                ("file://nas/b.tar", "host 'nas' in a file:// URL; expected file:///PATH or file://localhost/PATH"),
+                (f"file:/{archive}", f"host '{archive.parts[1]}' in a file:// URL"),   # one '/' short
+                (f"file://{archive}?v=2", "a file:// URL takes no query ('?v=2'); expected file:///PATH"),
+                (f"file://{archive}#b", "a file:// URL takes no fragment ('#b'); expected file:///PATH"),
+                ("~/b.tar", "'~' is not expanded"), ("file://~/b.tar", "'~' is not expanded")):
+            body = send(url)
+            assert not body["ok"] and body["error"]["code"] == "failed", (url, body)
+            assert body["error"]["message"].startswith(f"update_model: url {url!r}: "), (url, body)
+            assert said in body["error"]["message"], (url, body)
+            assert deployment(deploy) == before and svc.bundle.path == before.current_path
+        assert "expected an absolute path" in send("~/b.tar")["error"]["message"]
+        body = send(f"file://LOCALHOST{archive}")
+        assert body["ok"] and body["result"]["activated"], body
+        assert deployment(deploy).current != before.current
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_update_model_refuses_a_url_scheme_it_cannot_fetch(tmp_path, monkeypatch):
     import hashlib
 
