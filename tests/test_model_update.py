@@ -773,9 +773,9 @@ def test_rollback_refuses_an_unopenable_release_in_the_words_of_bundle_status(bu
         del manifest["files"]["model.onnx"]
         (r1.path / "manifest.json").write_text(json.dumps(manifest))
     problem = deploy_mod.release_problem(deploy, r1.release)
-    assert problem.startswith("not openable: ") and {"graph deleted": "model.onnx: not found",
-                                                     "manifest corrupt": "unreadable manifest",
-                                                     "graph not recorded": "model.onnx: not recorded in"}[damage] in problem
+    why = {"graph deleted": "model.onnx: not found", "manifest corrupt": "unreadable manifest",
+           "graph not recorded": "model.onnx: not recorded in"}[damage]
+    assert problem.startswith("not openable: ") and why in problem
     assert [r["problem"] for r in deploy_mod.releases(deploy) if r["id"] == r1.release] == [problem]
     for to, error in ((None, RuntimeFailure), (r1.release, InputError)):
         with pytest.raises(error) as err:
@@ -1051,7 +1051,8 @@ def test_a_healthy_record_that_cannot_be_written_backs_off_and_is_given_up(bundl
     try:
         v = watch.poll()
         assert v.status == "pending" and "healthy, not recorded yet" in v.reason
-        assert ("deploy.json: no space left on device" if cause == "disk full" else "another install or rollback") in v.reason
+        why = "deploy.json: no space left on device" if cause == "disk full" else "another install or rollback"
+        assert why in v.reason
         for tenth in range(1, 3000):                                    # polled ten times a second
             clock.t = 1000.0 + tenth / 10
             v = watch.poll()
