@@ -746,16 +746,43 @@ def test_rollback_refuses_a_release_that_cannot_be_opened(bundles, tmp_path):
     deploy, r1 = _installed_twice(bundles, tmp_path)
     before = deployment(deploy)
     (r1.path / "model.onnx").unlink()                  # half deleted (by hand, or an older edge-ad's prune)
-    with pytest.raises(RuntimeFailure, match=f"release {r1.release} cannot be opened .*model.onnx: not found.*; "
+    with pytest.raises(RuntimeFailure, match=f"release {r1.release} is not openable: .*model.onnx: not found.*; "
                                              f"not rolled back, 'current' is still {before.current}"):
         rollback_model(deploy)
-    with pytest.raises(InputError, match=f"release {r1.release} cannot be opened"):
+    with pytest.raises(InputError, match=f"release {r1.release} is not openable"):
         rollback_model(deploy, to=r1.release)
     v = HealthWatch(deploy, limits=HealthLimits(window_s=0)).poll()
     assert not v.rolled_back and "rollback impossible" in v.reason and deployment(deploy) == before
     shutil.rmtree(r1.path / "calibration.d")
     (r1.path / "manifest.json").unlink()               # no manifest: not a release any more
     assert [r["id"] for r in deploy_mod.releases(deploy)] == [before.current]
+
+
+@pytest.mark.parametrize("damage", ["graph deleted", "manifest corrupt", "graph not recorded"])
+def test_rollback_refuses_an_unopenable_release_in_the_words_of_bundle_status(bundles, tmp_path, damage):
+    """rollback_model had its own copy of release_problem's check, with its own words ('cannot be opened (...)'
+    where 'bundle status' said 'not openable: ...'); one check now names the release alike in both."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    if damage == "graph deleted":
+        (r1.path / "model.onnx").unlink()
+    elif damage == "manifest corrupt":
+        (r1.path / "manifest.json").write_text("{not json")
+    else:                                              # on disk, but not this bundle's model
+        manifest = json.loads((r1.path / "manifest.json").read_text())
+        del manifest["files"]["model.onnx"]
+        (r1.path / "manifest.json").write_text(json.dumps(manifest))
+    problem = deploy_mod.release_problem(deploy, r1.release)
+    why = {"graph deleted": "model.onnx: not found", "manifest corrupt": "unreadable manifest",
+           "graph not recorded": "model.onnx: not recorded in"}[damage]
+    assert problem.startswith("not openable: ") and why in problem
+    assert [r["problem"] for r in deploy_mod.releases(deploy) if r["id"] == r1.release] == [problem]
+    for to, error in ((None, RuntimeFailure), (r1.release, InputError)):
+        with pytest.raises(error) as err:
+            rollback_model(deploy, to=to)
+        assert str(err.value) == (f"release {r1.release} is {problem}; not rolled back, 'current' is still "
+                                  f"{before.current}")
+    assert deployment(deploy) == before
 
 
 def test_a_power_cut_between_the_two_link_updates_never_leaves_previous_on_current(bundles, tmp_path,
@@ -966,7 +993,8 @@ def test_a_healthy_verdict_waits_for_the_deploy_lock(bundles, tmp_path, meanwhil
     frames judged): recorded at a later poll, or not at all when their command switched 'current'."""
     deploy, _ = _installed_twice(bundles, tmp_path)
     judged = deployment(deploy).current
-    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10), clock=Clock())
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10), clock=clock)
     for _ in range(10):
         watch.record(ng=False)
     held = _HeldElsewhere(deploy)
@@ -981,14 +1009,84 @@ def test_a_healthy_verdict_waits_for_the_deploy_lock(bundles, tmp_path, meanwhil
     if meanwhile == "install":
         theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
                                 require_golden=False).release
+    assert watch.poll().status == "pending"                             # tried again after 1 s, not at every poll
+    clock.t += 1
     v = watch.poll()
     assert v.status == "ok" and v.frames == 10 and watch.poll() is v
     dep = deployment(deploy)
+    assert v.record == ("done" if meanwhile == "nothing" else "dropped")
     if meanwhile == "nothing":
         assert (dep.current, dep.health) == (judged, "ok") and "not recorded" not in v.reason
     else:
         assert (dep.current, dep.health) == (theirs, "pending")
         assert f"not recorded as healthy: 'current' is {theirs} now, not the release judged, {judged}" in v.reason
+
+
+@pytest.mark.parametrize("cause", ["disk full", "lock held"])
+def test_a_healthy_record_that_cannot_be_written_backs_off_and_is_given_up(bundles, tmp_path, monkeypatch, caplog,
+                                                                          cause):
+    """The "ok" record was tried again at every poll (ten times a second) for ever while the deploy lock stayed
+    held, and a deploy.json that could not be written (a full disk) raised out of poll(), stopping the line.
+    It is now tried again after 1, 2, 4 ... s (at most 60 s apart), and given up after record_wait_s with an
+    ERROR: the verdict is "ok" with record "given_up", and the release stays pending in deploy.json."""
+    import errno
+    import logging
+
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(min_frames=5, window_s=10, record_wait_s=300), clock=clock)
+    for _ in range(5):
+        watch.record(ng=False)
+    tries, real = [], deploy_mod.confirm
+
+    def confirm(*args, **kw):
+        tries.append(clock.t - 1000.0)
+        if cause == "disk full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(deploy / "deploy.json"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(deploy_mod, "confirm", confirm)
+    held = _HeldElsewhere(deploy) if cause == "lock held" else None
+    caplog.set_level(logging.WARNING, logger="edge_ad.calibration.deploy")
+    try:
+        v = watch.poll()
+        assert v.status == "pending" and "healthy, not recorded yet" in v.reason
+        why = "deploy.json: no space left on device" if cause == "disk full" else "another install or rollback"
+        assert why in v.reason
+        for tenth in range(1, 3000):                                    # polled ten times a second
+            clock.t = 1000.0 + tenth / 10
+            v = watch.poll()
+            assert v.status == "pending", v
+        clock.t = 1300.0
+        v = watch.poll()
+    finally:
+        if held is not None:
+            held.release()
+    if cause == "disk full":
+        assert [round(t, 1) for t in tries] == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 63.0, 123.0, 183.0, 243.0, 300.0]
+    assert v.status == "ok" and v.record == "given_up" and not v.rolled_back
+    assert "not recorded as healthy" in v.reason and "given up after 300 s" in v.reason
+    assert watch.poll() is v and deployment(deploy).health == "pending"    # the next start watches it again
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "given up" in errors[0].getMessage()
+
+
+def test_the_runtime_says_when_a_healthy_record_is_given_up(bundles, tmp_path):
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    held = _HeldElsewhere(deploy)
+    try:
+        svc.reporter.health.limits = HealthLimits(record_wait_s=0)
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)
+        svc._check_health()                                              # no exception out of the supervisor's call
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["record"], ev["release"]) == ("ok", "given_up", judged)
+        assert svc.reporter.health is None and deployment(deploy).health == "pending"
+    finally:
+        held.release()
+        svc.inspector.backend.close()
 
 
 @pytest.mark.parametrize("meanwhile", ["nothing", "install"])
@@ -998,15 +1096,17 @@ def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bun
     in once the rollback lands, and someone else's new release is left alone."""
     a, b, _ = bundles
     deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
     svc = _line(tmp_path, deploy)
     held = _HeldElsewhere(deploy)
     try:
         _failing_frames(svc)
         for _ in range(3):
             svc._check_health()
-        health = [e for e in svc.events if e.get("type") == "model_health"]
+        health = _health_events(svc)
         assert [e["rollback"] for e in health] == ["waiting"] and health[0]["status"] == "failed"
         assert "the rollback waits for the deploy folder" in health[0]["reason"] and not health[0]["rolled_back"]
+        assert (health[0]["release"], health[0]["rolled_back_to"]) == (failing, None)
         assert svc.inspector.model_hash == b.model_hash()
         held.release()
         theirs = None
@@ -1015,10 +1115,11 @@ def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bun
                                     require_golden=False).release
         svc._check_health()
         svc._check_health()
-        health = [e for e in svc.events if e.get("type") == "model_health"]
-        assert len(health) == 2 and svc.reporter.health is None
+        health = _health_events(svc)
+        assert len(health) == 2 and svc.reporter.health is None and health[1]["release"] == failing
         if meanwhile == "nothing":
             assert health[1]["rollback"] == "done" and health[1]["rolled_back"] is True
+            assert health[1]["rolled_back_to"] == r1.release
             assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
         else:
             assert health[1]["rollback"] == "dropped" and f"'current' is {theirs} now" in health[1]["reason"]
@@ -1054,7 +1155,7 @@ def test_an_update_that_supersedes_a_waiting_rollback_sends_its_final_model_heal
             new = install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, require_golden=False).release
             svc.reload("bundle")
         assert deployment(deploy).current == new != failing
-        health = [e for e in svc.events if e.get("type") == "model_health"]
+        health = _health_events(svc)
         assert len(health) == 2, health
         final = health[1]
         assert final["status"] == "failed" and final["rollback"] == "dropped" and not final["rolled_back"]
@@ -1209,7 +1310,7 @@ def test_cli_status_and_rollback_name_a_release_deleted_by_hand_or_with_a_corrup
     assert [x["problem"] is None for x in out["releases"]] == [False, True, True]
     (d / "releases" / r1 / "manifest.json").write_text("")
     res = cli("bundle", "rollback", "--deploy", str(d), "--to", r1)
-    assert res.exit_code == 2 and f"release {r1} cannot be opened" in res.output and deployment(d).current == r3
+    assert res.exit_code == 2 and f"release {r1} is not openable: " in res.output and deployment(d).current == r3
     assert cli("bundle", "rollback", "--deploy", str(d)).exit_code == 0 and deployment(d).current == r2
 
     d, (r1, r2, r3) = three("cur_deleted")
@@ -1710,21 +1811,52 @@ def _failing_frames(svc) -> None:
     svc._check_health()
 
 
+def _health_events(svc) -> list[dict]:
+    """The model_health events ``svc`` sent, each valid against the event schema as the MQTT link sends it."""
+    from edge_ad.mqtt import schema
+
+    out = [e for e in svc.events if e.get("type") == "model_health"]
+    for e in out:
+        body = {"schema_version": 1, "id": "e1", "seq": 1, "ts": "2025-05-01T12:00:00.000Z", "site": "s",
+                "device": "d", **{k: v for k, v in e.items() if k != "ts"}}
+        assert schema.errors("event", body) == [], body
+    return out
+
+
 def test_run_watches_a_release_installed_while_it_was_not_running(bundles, tmp_path):
     """'edge-ad bundle install' then a (re)start: the pending release is watched and rolled back."""
     a = bundles[0]
     deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
     svc = _line(tmp_path, deploy)
     try:
         _failing_frames(svc)
         assert deployment(deploy).current == r1.release and deployment(deploy).health == "rolled_back"
         assert svc.inspector.model_hash == a.model_hash()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+            "failed", "done", failing, r1.release)
     finally:
         svc.inspector.backend.close()
     svc = _line(tmp_path, deploy)   # not pending any more: not watched again
     try:
         _failing_frames(svc)
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_a_healthy_verdict_event_names_the_release_judged(bundles, tmp_path):
+    """A fleet consumer seeing "ok" (several updates a day) must know which release it is about."""
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    try:
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)
+        svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["release"]) == ("ok", judged) and deployment(deploy).health == "ok"
     finally:
         svc.inspector.backend.close()
 
@@ -1772,10 +1904,13 @@ def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles
     deploy, r1 = _installed_twice(bundles, tmp_path)
     svc = _line(tmp_path, deploy)
     try:
+        failing = deployment(deploy).current
         (r1.path / "model.onnx").write_bytes(b"damaged")
         _failing_frames(svc)   # no exception out of the supervisor's call
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == b.model_hash()
-        assert any(e.get("status") == "rollback_failed" for e in svc.events)
+        ev = _health_events(svc)
+        assert [e["status"] for e in ev] == ["failed", "rollback_failed"]
+        assert {(e["release"], e["rolled_back_to"]) for e in ev} == {(failing, r1.release)}
     finally:
         svc.inspector.backend.close()
 
@@ -1794,13 +1929,15 @@ def _fp32_only_installed(tiny_bundle, tmp_path, golden):
 def test_a_pending_release_the_line_cannot_open_is_rolled_back_at_start(tiny_bundle, tmp_path, golden):
     """Not a crash loop under systemd: the start rolls back to the release that ran, and says so."""
     deploy, good = _fp32_only_installed(tiny_bundle, tmp_path, golden)
+    bad = deployment(deploy).current
     svc = _line(tmp_path, deploy, precision="int8")
     try:
         dep = deployment(deploy)
         assert dep.current == good and dep.health == "rolled_back"
         assert Path(svc.bundle.path).resolve() == dep.current_path.resolve()
-        ev = [e for e in svc.events if e.get("type") == "model_health"]
+        ev = _health_events(svc)
         assert ev and ev[0]["status"] == "failed" and ev[0]["rolled_back"] is True
+        assert (ev[0]["release"], ev[0]["rolled_back_to"]) == (bad, good)
         assert "cannot be opened as the line runs it (backend auto, precision int8" in ev[0]["reason"]
         assert "model.int8.onnx" in ev[0]["reason"]
         assert svc.reporter.health is None       # the restored release ran before: not watched again
@@ -1830,6 +1967,7 @@ def test_reload_onto_a_pending_release_the_line_cannot_open_rolls_it_back(tiny_b
         assert deployment(deploy).current == good and deployment(deploy).health == "rolled_back"
         assert svc.inspector.model_hash == running
         assert svc.events[-1]["type"] == "model_health" and svc.events[-1]["rolled_back"] is True
+        assert _health_events(svc)[-1]["rolled_back_to"] == good
         assert svc._reload_bundle()["model"] == "unchanged"   # and the next reload is quiet
     finally:
         svc.inspector.backend.close()
@@ -1960,6 +2098,55 @@ def test_update_model_percent_decodes_a_file_url_as_camera_sources_do(tmp_path):
     assert _fetch_archive(str(archive), tmp_path / "dl", digest) == archive   # a plain path is taken as written
     with pytest.raises(InputError, match="not found"):
         _fetch_archive(str(archive.parent / "new%20100%25.tar"), tmp_path / "dl", digest)
+
+
+def test_update_model_refuses_a_file_url_it_would_misread(tiny_bundle, tmp_path, monkeypatch):
+    """Through the MQTT command path: file://nas/b.tar was read as the relative path nas/b.tar (in the
+    service's working folder), a query or fragment on a file:// URL was dropped (another file installed than
+    the one meant), and '~' was not expanded (./~/b.tar was looked for). Each is refused, naming the part of
+    the URL and what is expected, and nothing is installed; file://localhost/PATH is the local PATH."""
+    from edge_ad.atomic import sha256_file
+    from edge_ad.mqtt import MqttSettings, schema
+    from edge_ad.mqtt.commands import Dispatcher, Incoming
+    from edge_ad.mqtt.topics import Topics
+    from edge_ad.runtime.commands import Commands
+
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    before = deployment(deploy)
+    archive = pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar")
+    digest = sha256_file(archive)
+    monkeypatch.chdir(tmp_path)
+    for misread in ("nas", "~"):                       # what the URLs below were read as, relative paths
+        (tmp_path / misread).mkdir()
+        shutil.copy(archive, tmp_path / misread / "b.tar")
+    svc = _line(tmp_path, deploy)
+    d = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
+    d.register("update_model", Commands(svc).update_model)
+
+    def send(url: str) -> dict:
+        body = d.handle(Incoming("update_model", json.dumps({"url": url, "sha256": digest}).encode())).body
+        assert schema.errors("reply", body) == [], body
+        return body
+
+    try:
+        for url, said in (
+                ("file://nas/b.tar", "host 'nas' in a file:// URL; expected file:///PATH or file://localhost/PATH"),
+                (f"file:/{archive}", f"host '{archive.parts[1]}' in a file:// URL"),   # one '/' short
+                (f"file://{archive}?v=2", "a file:// URL takes no query ('?v=2'); expected file:///PATH"),
+                (f"file://{archive}#b", "a file:// URL takes no fragment ('#b'); expected file:///PATH"),
+                ("~/b.tar", "'~' is not expanded"), ("file://~/b.tar", "'~' is not expanded")):
+            body = send(url)
+            assert not body["ok"] and body["error"]["code"] == "failed", (url, body)
+            assert body["error"]["message"].startswith(f"update_model: url {url!r}: "), (url, body)
+            assert said in body["error"]["message"], (url, body)
+            assert deployment(deploy) == before and svc.bundle.path == before.current_path
+        assert "expected an absolute path" in send("~/b.tar")["error"]["message"]
+        body = send(f"file://LOCALHOST{archive}")
+        assert body["ok"] and body["result"]["activated"], body
+        assert deployment(deploy).current != before.current
+    finally:
+        svc.inspector.backend.close()
 
 
 def test_update_model_refuses_a_url_scheme_it_cannot_fetch(tmp_path, monkeypatch):

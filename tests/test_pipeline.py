@@ -794,7 +794,8 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         while deployment(deploy).health != "ok" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert deployment(deploy).health == "ok"
-        assert any(e["type"] == "model_health" and e["status"] == "ok" for e in call("status")["events"])
+        health = [e for e in call("status")["events"] if e["type"] == "model_health"]
+        assert [(e["status"], e["release"]) for e in health] == [("ok", r["install"]["release"])]
     finally:
         svc.stop("test over")
         svc.thread.join(30)

@@ -56,7 +56,7 @@ import numpy as np
 from .. import atomic
 from ..bundle import Bundle, now_iso
 from ..data.image import IMAGE_EXTS, list_images, load_image
-from ..errors import Busy, EdgeADError, InputError, RuntimeFailure
+from ..errors import Busy, EdgeADError, InputError, RuntimeFailure, os_error_text
 from .package import PREFIX, PackageInfo, extract_archive, load_key, read_index
 
 log = logging.getLogger(__name__)
@@ -737,9 +737,10 @@ def _release_ids(d: Path, complete: bool = True) -> list[str]:
 
 
 def release_problem(deploy_dir: str | os.PathLike, release: str) -> str | None:
-    """What keeps ``release`` from being run or rolled back to, checked as :func:`rollback_model` checks it
-    (its manifest, and its active graph there and recorded; no sha256 of every file): "gone (no such
-    folder...)", "not a folder", or why it cannot be opened. None when it opens."""
+    """What keeps ``release`` from being run or rolled back to (its manifest, and its active graph there and
+    recorded; cheap: no sha256 of every file), worded to follow "is": "gone (no such folder...)", "not a
+    folder", or "not openable: why". None when it opens. The one check of a release: ``bundle status``
+    names broken releases with it, and :func:`rollback_model` refuses to switch to one with its words."""
     p = Path(deploy_dir) / RELEASES / release
     if not p.is_dir():
         return ("not a folder" if p.exists() or p.is_symlink()
@@ -792,7 +793,8 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
     RuntimeFailure when there is no previous release (none, or the release in force) or it cannot be
     opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
     :func:`deploy_lock`: nothing changed, try again later); InputError when
-    ``to`` is not a kept release, is the one in force, or cannot be opened."""
+    ``to`` is not a kept release, is the one in force, or cannot be opened (named as ``bundle status`` names
+    it: :func:`release_problem`)."""
     d = Path(deploy_dir)
     if not (d / RELEASES).is_dir():
         if to is not None:
@@ -826,11 +828,9 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
             if to == dep.current:
                 raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
             refuse = InputError
-        try:   # cheap: the manifest, and the active graph there and recorded (no sha256 of every file)
-            Bundle.open(d / RELEASES / to).check_graph(verify=False)
-        except InputError as exc:
-            raise refuse(f"release {to} cannot be opened ({exc}); not rolled back, '{CURRENT}' is still "
-                         f"{dep.current}") from None
+        problem = release_problem(d, to)   # as 'bundle status' names it
+        if problem is not None:
+            raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
         failed = dep.current
         _switch(d, to, failed)
         state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
@@ -866,12 +866,19 @@ class HealthLimits:
     max_error_rate: float = 0.05     # failed inferences / attempts
     max_ng_rate_jump: float = 0.2    # NG rate may rise at most this much (absolute) over the baseline
     rollback_wait_s: float = 600.0   # a failed model's rollback waits this long for a deploy lock held elsewhere
+    record_wait_s: float = 600.0     # a healthy verdict's record in deploy.json is tried this long (lock held, disk
+                                     # full), at RECORD_RETRY_S intervals
+
+
+RECORD_RETRY_S = (1.0, 60.0)         # an "ok" record not written: tried again after 1 s, then twice as long each
+                                     # time, at most 60 s apart
 
 
 @dataclass(frozen=True)
 class HealthVerdict:
     status: str                      # "pending" | "ok" | "failed" (an "ok" not recorded yet, the deploy lock held
-                                     # elsewhere, is returned as "pending": see HealthWatch)
+                                     # elsewhere or deploy.json not writable, is returned as "pending": see
+                                     # HealthWatch)
     reason: str
     frames: int
     errors: int
@@ -879,10 +886,16 @@ class HealthVerdict:
     elapsed_s: float
     rolled_back: bool = False
     restored: Path | None = None     # the bundle folder to reopen after a rollback
+    release: str | None = None       # the release judged (HealthWatch.release)
+    rolled_back_to: str | None = None   # after a rollback: the release in force now (restored's id)
     # a failed verdict's rollback: "done" | "waiting" (another install or rollback holds the deploy lock: retried
     # at the next polls) | "given_up" (held for rollback_wait_s) | "dropped" ('current' is no longer the release
     # judged) | "impossible" (no previous release, or it cannot be opened); None: none was due
     rollback: str | None = None
+    # an "ok" verdict's record in deploy.json: "done" | "given_up" (not written within record_wait_s: the lock held
+    # elsewhere, or deploy.json not writable) | "dropped" ('current' is no longer the release judged); None: none
+    # was due (no deploy folder)
+    record: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -939,8 +952,9 @@ class HealthWatch:
     rolled back), the rollback is dropped (``rollback`` "dropped") and nothing is confirmed, so that their
     release is never rolled back or called healthy on frames of another model. Both are checked and done
     under the deploy lock, so no switch lands in between; an "ok" while another install or rollback holds
-    the lock is returned as "pending" (not recorded yet: the frames are judged, later ones do not count)
-    and recorded at a later ``poll``, or not at all if their command switched ``current``.
+    the lock (or deploy.json cannot be written) is returned as "pending" (not recorded yet: the frames are
+    judged, later ones do not count) and recorded at a later ``poll`` (backing off, for up to
+    ``limits.record_wait_s``: :meth:`_confirm`), or not at all if their command switched ``current``.
     """
 
     def __init__(self, deploy_dir: str | os.PathLike | None = None, baseline_ng_rate: float | None = None,
@@ -959,8 +973,11 @@ class HealthWatch:
         self._lock = threading.Lock()
         self.frames = self.errors = self.ng = 0
         self._final: HealthVerdict | None = None
-        self._owed: HealthVerdict | None = None    # a failed verdict whose rollback waits for the deploy lock
+        self._owed: HealthVerdict | None = None    # a verdict whose rollback or record waits (see _roll_back, _confirm)
         self._owed_since = 0.0
+        self._retry_at = 0.0                       # an owed record: when it is tried again (backing off)
+        self._retry_delay = RECORD_RETRY_S[0]
+        self._not_recorded: HealthVerdict | None = None   # what poll returns for an owed record meanwhile
 
     def record(self, ng: bool | None = None, error: bool = False) -> None:
         with self._lock:
@@ -978,7 +995,8 @@ class HealthWatch:
                 return self._final
             now = self._clock()
             if self._owed is not None:
-                return self._roll_back(self._owed, now) if self._owed.status == "failed" else self._confirm(self._owed)
+                return (self._roll_back(self._owed, now) if self._owed.status == "failed"
+                        else self._confirm(self._owed, now))
             offered = None
             elapsed = now - self._t0
             if self._offered is not None:
@@ -989,14 +1007,14 @@ class HealthWatch:
             status, reason = judge_health(self.frames, self.errors, self.ng, elapsed, self.baseline_ng_rate,
                                           self.limits, offered)
             v = HealthVerdict(status, reason, self.frames, self.errors,
-                              self.ng / self.frames if self.frames else None, elapsed)
+                              self.ng / self.frames if self.frames else None, elapsed, release=self.release)
             if status == "pending":
                 return v
             if self.deploy_dir is not None:
                 if status == "failed":
                     self._owed_since = now
                     return self._roll_back(v, now)
-                return self._confirm(v)
+                return self._confirm(v, now)
             self._final = v
             return v
 
@@ -1014,27 +1032,48 @@ class HealthWatch:
             if owed.status == "failed":
                 return self._finish(replace(owed, reason=f"{owed.reason}; rollback dropped: {why}",
                                             rollback="dropped"))
-            return self._finish(replace(owed, reason=f"{owed.reason}; not recorded as healthy: {why}"))
+            return self._finish(replace(owed, reason=f"{owed.reason}; not recorded as healthy: {why}",
+                                        record="dropped"))
 
-    def _confirm(self, v: HealthVerdict) -> HealthVerdict:
+    def _confirm(self, v: HealthVerdict, now: float) -> HealthVerdict:
         """Record an "ok" verdict on the release judged (under the deploy lock, only while it is still
-        ``current``); the verdict to return: final, or "pending" while another install or rollback holds the
-        lock (tried again at the next poll, as a rollback is)."""
+        ``current``); the verdict to return: final, or "pending" while it cannot be recorded (another install
+        or rollback holds the lock, or deploy.json cannot be written: a full disk). Such a record is tried
+        again at a later poll, backing off (:data:`RECORD_RETRY_S`: after 1 s, 2 s, 4 s ..., at most 60 s
+        apart; not at every poll, ten times a second), and given up after ``limits.record_wait_s`` with an
+        ERROR: the verdict "ok" with ``record`` "given_up"; the release stays pending in deploy.json (a
+        restart watches it again)."""
+        if self._owed is not None and now < self._retry_at:
+            return self._not_recorded
         try:
             with deploy_lock(self.deploy_dir):
                 moved = self._moved_on()
                 if moved is None:
                     confirm(self.deploy_dir, release=self.release)
-        except Busy as exc:
+        except (Busy, OSError) as exc:
+            why = (f"another install or rollback holds the deploy folder ({exc})" if isinstance(exc, Busy)
+                   else f"deploy.json cannot be written ({os_error_text(exc)})")
             if self._owed is None:
-                log.warning("the healthy verdict on %s waits for the deploy lock: %s", self.release, exc)
+                self._owed_since, self._retry_delay = now, RECORD_RETRY_S[0]
+                log.warning("the healthy verdict on %s is not recorded yet: %s; tried again for up to %g s",
+                            self.release, why, self.limits.record_wait_s)
+            waited = now - self._owed_since
+            if waited >= self.limits.record_wait_s:
+                log.error("the healthy verdict on %s is given up after %.0f s: %s; deploy.json still says pending "
+                          "(a restart watches the release again)", self.release, waited, why)
+                return self._finish(replace(v, reason=(
+                    f"{v.reason}; not recorded as healthy, given up after {waited:.0f} s: {why}; deploy.json still "
+                    "says pending (a restart watches the release again)"), record="given_up"))
             self._owed = v
-            return replace(v, status="pending", reason=(
-                f"{v.reason}; healthy, not recorded yet: another install or rollback holds the deploy folder "
-                f"({exc}); tried again at the next check"))
+            self._retry_at = min(now + self._retry_delay, self._owed_since + self.limits.record_wait_s)
+            self._retry_delay = min(2 * self._retry_delay, RECORD_RETRY_S[1])
+            self._not_recorded = replace(v, status="pending", reason=(
+                f"{v.reason}; healthy, not recorded yet: {why}; tried again in {self._retry_at - now:g} s (given "
+                f"up after {self.limits.record_wait_s:g} s)"))
+            return self._not_recorded
         if moved is not None:
-            return self._finish(replace(v, reason=f"{v.reason}; not recorded as healthy: {moved}"))
-        return self._finish(v)
+            return self._finish(replace(v, reason=f"{v.reason}; not recorded as healthy: {moved}", record="dropped"))
+        return self._finish(replace(v, record="done"))
 
     def _moved_on(self) -> str | None:
         """Why the deploy folder's release in force is no longer the one judged; None while it is."""
@@ -1073,7 +1112,7 @@ class HealthWatch:
             return self._finish(replace(v, reason=f"{v.reason}; rollback impossible: {exc}", rollback="impossible"))
         waited = "" if self._owed is None else f" (after waiting {now - self._owed_since:.0f} s for the deploy lock)"
         return self._finish(replace(v, reason=v.reason + waited, rolled_back=True, restored=dep.current_path,
-                                    rollback="done"))
+                                    rolled_back_to=dep.current, rollback="done"))
 
     def _finish(self, v: HealthVerdict) -> HealthVerdict:
         self._owed = None

@@ -176,7 +176,8 @@ class Service:
             raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
         log.error("%s; rolled back to %s", reason, back.current)
         self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
-                                  "rolled_back": True, "restored": str(back.current_path)}
+                                  "release": dep.current, "rolled_back": True, "restored": str(back.current_path),
+                                  "rolled_back_to": back.current}
         return back
 
     def _build_rest(self) -> None:
@@ -634,7 +635,8 @@ class Service:
         self.reporter.health = None
         self._health_waiting = None
         if v.status == "ok":
-            self.event({"type": "model_health", "status": "ok", "reason": v.reason})
+            self.event({"type": "model_health", "status": "ok", "reason": v.reason, "release": v.release,
+                        "record": v.record})
             return
         log.error("the new model failed its health check: %s", v.reason)
         self.event({"type": "model_health", **_jsonable(v.to_dict())})
@@ -645,7 +647,8 @@ class Service:
             except Exception as exc:   # the loop keeps the model it has; a restart runs the restored one
                 log.error("rolled back to %s, but it cannot be opened here (%s); the new model keeps inspecting "
                           "until a restart", v.restored, exc)
-                self.event({"type": "model_health", "status": "rollback_failed", "restored": str(v.restored),
+                self.event({"type": "model_health", "status": "rollback_failed", "release": v.release,
+                            "restored": str(v.restored), "rolled_back_to": v.rolled_back_to,
                             "reason": f"{type(exc).__name__}: {exc}"})
 
     def status(self) -> dict:
@@ -955,7 +958,7 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
     import hashlib
     import http.client
     import urllib.request
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import urlsplit
 
     from .. import atomic
 
@@ -985,9 +988,7 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
         finally:   # failed, refused or interrupted: no partial or unchecked download stays
             tmp.unlink(missing_ok=True)
         return dest
-    # file:// is percent-decoded as camera sources are (file:///my%20parts/b.tar is "/my parts/b.tar"); a
-    # plain path is taken as written
-    dest = Path(unquote(parts.netloc + parts.path)) if parts.scheme == "file" else Path(url)
+    dest = _local_path(url, parts)
     if dest.is_dir():
         raise InputError(f"update_model: url {url!r}: {dest} is a folder: update_model takes an archive made "
                          "by 'edge-ad bundle pack' (its sha256 is the file's)")
@@ -995,6 +996,35 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
         raise InputError(f"update_model: archive {dest} not found")
     _check_sha256(str(dest), atomic.sha256_file(dest), sha256)
     return dest
+
+
+def _local_path(url: str, parts) -> Path:
+    """The local file that ``url`` (split: ``parts``) names: a file:// URL, percent-decoded as camera sources
+    are (file:///my%20parts/b.tar is "/my parts/b.tar"; file://localhost/PATH is PATH), or a plain path, taken
+    as written. InputError naming the part of the URL that would be misread: a host (file://nas/b.tar was
+    the relative path nas/b.tar), a query or fragment (dropped, so another file than the one meant), a
+    leading '~' (never expanded: the service's user is not the sender's)."""
+    from urllib.parse import unquote
+
+    where = f"update_model: url {url!r}: "
+    if parts.scheme == "file":
+        if parts.netloc and not parts.netloc.startswith("~") and parts.netloc.lower() != "localhost":
+            raise InputError(f"{where}host '{parts.netloc}' in a file:// URL; expected file:///PATH or "
+                             "file://localhost/PATH (three slashes before an absolute path: update_model reads "
+                             "files of this device; fetch one from another machine over http:// or https://)")
+        for part, mark in ((parts.query, "?"), (parts.fragment, "#")):
+            if part:
+                raise InputError(f"{where}a file:// URL takes no {'query' if mark == '?' else 'fragment'} "
+                                 f"('{mark}{part}'); expected file:///PATH (a '?' or '#' in a file name is "
+                                 "written %3F or %23)")
+        text = unquote(parts.netloc + parts.path) if parts.netloc.startswith("~") else unquote(parts.path)
+    else:
+        text = url
+    if text.startswith("~"):
+        raise InputError(f"{where}'~' is not expanded (the service runs as its own user, with its own home); "
+                         "expected an absolute path, e.g. /home/NAME/b2.tar or file:///home/NAME/b2.tar (a "
+                         "relative file name starting with '~': write it as ./~NAME)")
+    return Path(text)
 
 
 def _check_sha256(shown: str, got: str, sha256: str) -> None:
