@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,13 @@ def test_train_writes_a_complete_bundle(category, tmp_path, kind, names):
     assert cal.version == 1 and np.isfinite(cal.threshold)
     assert cal.normal["n"] >= 2
     assert b.manifest["training"]["val_images"]
+    # the fingerprints of the training and validation files: (bytes, the first 16 hex digits of their sha256)
+    val = {Path(v) for v in b.manifest["training"]["val_images"]}
+    train = [p for p in sorted((category / "train" / "good").iterdir()) if p not in val]
+    prints = b.training_fingerprints()
+    assert prints == {split: {(p.stat().st_size, atomic.sha256_file(p)[:16]) for p in paths}
+                      for split, paths in (("train", train), ("val", val))}
+    assert len(prints["train"]) == b.manifest["training"]["n_train"] == 14
     m = load_from_bundle(b)
     outs = m(torch.zeros(1, 3, SIZE, SIZE))
     assert len(outs) == len(names)
@@ -114,7 +122,7 @@ def test_retraining_into_a_bundle_folder_replaces_the_whole_bundle(category, tmp
 
     new = train_bundle("gaussian", category, out, image_size=SIZE, seed=1, export=False)
     assert sorted(_files(out)) == ["calibration.d/0001.json", "calibration.json", "checkpoint.pt",
-                                   "gaussian.d/0001.npz", "manifest.json"]
+                                   "gaussian.d/0001.npz", "manifest.json", "training_images.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["b"]   # the old bundle is gone, not kept beside it
     assert new.manifest["training"]["seed"] == 1 and new.active_graph == "model.onnx"
     cal = new.calibration()

@@ -38,6 +38,14 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
     The EXIF orientation of a JPEG or TIFF is applied, so a camera or phone picture stored sideways is
     seen upright, as every image viewer shows it (IMREAD_UNCHANGED would ignore it)."""
+    return to_rgb8(read_image(path)[0], where=str(path))
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(image, data)``: an image file decoded as it is stored (grey, BGR or BGRA; 8-bit, 16-bit or float;
+    the EXIF orientation applied), before :func:`to_rgb8`, and the file's bytes (a uint8 array), for a
+    reader that also fingerprints the file (:func:`fingerprint`). :func:`load_image` is this plus
+    :func:`to_rgb8`."""
     import cv2
 
     p = Path(path)
@@ -47,7 +55,21 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
     if img is None:
         raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or PBM/PGM/PPM)")
-    return to_rgb8(img, where=str(p))
+    return img, buf
+
+
+FINGERPRINT_HEX = 16   # hex digits of a file's sha256 kept as its fingerprint (64 bits)
+
+
+def fingerprint(data: bytes | np.ndarray) -> str:
+    """An image file's content fingerprint: the first :data:`FINGERPRINT_HEX` hex digits of the sha256 of
+    its bytes (``data``, as :func:`read_image` gives them). The bytes, not the decoded pixels: a copy of
+    the file (cp, scp, rsync, a USB stick, a tar) keeps them, and no decoding is needed to compare, while
+    the pixels a JPEG decodes to may differ between the libjpeg of a workstation and of a Jetson; a file
+    re-encoded (another format, quality or metadata) is another file."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:FINGERPRINT_HEX]
 
 
 def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarray:

@@ -417,8 +417,8 @@ class Service:
         hits = train.matches(paths)
         if hits:
             raise InputError(f"live calibration: {len(hits)} of the {len(paths)} images of the line's source "
-                             f"folder {folder} are images {self.bundle.path} was trained on (the recorded "
-                             f"training data {train.folder}), and a threshold set on them calls good parts NG; "
+                             f"folder {folder} are images {self.bundle.path} was trained on ({train.described}), "
+                             "and a threshold set on them calls good parts NG; "
                              f"give the folder as the source (\"source\": \"dir://{folder}\"), which leaves "
                              "them out, or a folder of good parts the model has not seen; the calibration in "
                              "force is unchanged")
