@@ -2,7 +2,8 @@
 
 ::
 
-    manifest.json          model kind, input size, output names, versions, sha256 of every file
+    manifest.json          model kind, input size, output names, versions, sha256 of every file, the
+                           training record and what its images were (``data``: bit depth, channels)
     model.onnx             FP32 graph (normalization inside, raw maps out)
     model.int8.onnx        Q/DQ graph, when quantized      model.fp16.onnx   FP16 graph
     checkpoint.pt          torch weights (state_dict) for fine-tuning and re-export

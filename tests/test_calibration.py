@@ -1277,6 +1277,48 @@ def test_a_bundle_trained_elsewhere_recognises_copies_of_its_training_images_by_
         training_images(b)
 
 
+def test_calibrate_warns_once_about_frames_of_another_bit_depth_than_the_training_images(tbundle, tmp_path,
+                                                                                         caplog):
+    """A bundle trained on 8-bit colour images (manifest 'data') calibrated on 16-bit grey frames: the
+    frames' pixels do not come out as the training images' did; a warning names both bit depths, once.
+    Frames of the training's bit depth, and a bundle without the record, get none."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.data import image
+
+    tbundle.manifest["data"] = {"bit_depth": 8, "channels": 3}
+    tbundle.save_manifest()
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    for i in range(25):                                 # full-range 16-bit grey: the same parts, in 16 bits
+        assert cv2.imwrite(str(deep / f"{i:03d}.png"), part_frame(300 + i)[..., 0].astype(np.uint16) * 257)
+    plain = _write_pngs(tmp_path / "plain", [part_frame(300 + i) for i in range(25)])[0].parent
+
+    def warned():
+        return [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
+
+    caplog.set_level("WARNING")
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "25", "--policy", "max",
+            "--backend", "onnxruntime"]
+    res = r.invoke(main, [*base, "--source", str(deep)])
+    assert res.exit_code == 0, res.output
+    assert len(warned()) == 1, warned()
+    assert warned()[0].startswith(f"{deep / '000.png'}: a 16-bit grey image, and {tbundle.path} was trained on "
+                                  "8-bit colour images (manifest.json 'data')")
+    assert "further full-range 16-bit images are not warned about" in warned()[0]
+    assert image._expected is None                      # the command's expectation ends with it
+    caplog.clear()
+    res = r.invoke(main, [*base, "--source", str(plain)])
+    assert res.exit_code == 0 and warned() == [], res.output
+    del tbundle.manifest["data"]                        # an older bundle: nothing to compare with
+    tbundle.save_manifest()
+    res = r.invoke(main, [*base, "--source", str(deep)])
+    assert res.exit_code == 0 and warned() == [], res.output
+
+
 def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_and_resize(tbundle, tmp_path,
                                                                                           monkeypatch):
     """The training-image check compares the files themselves, so it works with --config: the line's own

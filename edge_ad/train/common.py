@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import atomic
-from ..data.image import IMAGE_EXTS, fingerprint, list_images, load_image, read_image, resize_rgb, to_rgb8
+from ..data.image import (IMAGE_EXTS, PixelFormats, fingerprint, list_images, load_image, read_image, resize_rgb,
+                          to_rgb8)
 from ..errors import InputError
 from ..models import check_image_size, load_weights
 
@@ -61,14 +62,17 @@ def check_device(device: str, flag: str = "--device") -> None:
 
 class ImagesSeen:
     """What a training learns of its images while :func:`load_images` reads them: ``prints``, each file's
-    ``[bytes, fingerprint]`` (:func:`~edge_ad.data.image.fingerprint`), in the order read."""
+    ``[bytes, fingerprint]`` (:func:`~edge_ad.data.image.fingerprint`), in the order read, and ``formats``,
+    their bit depths and channel counts (shared by the training and validation images' ``ImagesSeen``)."""
 
-    def __init__(self):
+    def __init__(self, formats: PixelFormats | None = None):
         self.prints: list[list] = []
+        self.formats = formats if formats is not None else PixelFormats()
 
     def add(self, data: np.ndarray, img: np.ndarray) -> None:
         """One image file: its bytes ``data`` and ``img`` as decoded (:func:`~edge_ad.data.image.read_image`)."""
         self.prints.append([int(data.size), fingerprint(data)])
+        self.formats.add(img)
 
 
 def load_images(paths: Sequence[Path], size: int, desc: str = "loading images",

@@ -271,7 +271,9 @@ def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size
            "--penalty-dir": str(Path(penalty_dir).resolve()) if penalty_dir and teacher_id else None,
            "--batch-size": p.get("batch_size"), "learning rate": p.get("lr")}
     resume_from = resume_state(state_path, run) if resume else None
-    seen_train, seen_val = ImagesSeen(), ImagesSeen()   # the files' fingerprints, taken as they are read
+    # the files' fingerprints and the images' bit depths, taken as they are read
+    seen_train = ImagesSeen()
+    seen_val = ImagesSeen(seen_train.formats)
     train_imgs = load_images(train_paths, image_size, "loading train images", seen_train)
     val_imgs = load_images(val_paths, image_size, "loading validation images", seen_val)
 
@@ -339,6 +341,8 @@ def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size
                 gauss_stats.save(bundle.file(extra["gaussian"]))
                 bundle.add_file(extra["gaussian"], save=False)
             bundle.manifest["versions"].update({"torch": torch.__version__})
+            # what the images were (run, calibrate and eval warn about frames of another bit depth)
+            bundle.manifest["data"] = seen_train.formats.record()
             bundle.manifest["training"] = {
                 "data": str(Path(data).resolve()), "preset": preset, "seed": seed, "device": device,
                 "image_size": image_size, "policy": policy, "val_fraction": val_fraction, "date": now_iso(), "edge_ad": __version__,
