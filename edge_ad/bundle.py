@@ -2,7 +2,8 @@
 
 ::
 
-    manifest.json          model kind, input size, output names, versions, sha256 of every file
+    manifest.json          model kind, input size, output names, versions, sha256 of every file, the
+                           training record and what its images were (``data``: bit depth, channels)
     model.onnx             FP32 graph (normalization inside, raw maps out)
     model.int8.onnx        Q/DQ graph, when quantized      model.fp16.onnx   FP16 graph
     checkpoint.pt          torch weights (state_dict) for fine-tuning and re-export
@@ -11,6 +12,7 @@
     calibration.d/rollbacks.json  every rollback: to which version, from which, when, by what
     engines/<key>.engine   TensorRT engines
     quant_report.json      guard results
+    training_images.json   fingerprints (size, sha256 prefix) of the training and validation image files
 
 Besides the bundle, its folder may hold what is local to one machine or one run and never ships with it
 (:data:`NOT_SHIPPED`): ``train_state.pt`` (``edge-ad train --resume``'s checkpoint), ``engines/`` (built
@@ -33,7 +35,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from . import __version__, atomic
 from .errors import InputError
@@ -52,10 +54,16 @@ log = logging.getLogger(__name__)
 TRAINING_STATE = ("train_state.pt",)
 LOCAL_ONLY = ("engines", "eval", "timing.cache")
 NOT_SHIPPED = TRAINING_STATE + LOCAL_ONLY
+# The fingerprints of the image files a model was trained on (:meth:`Bundle.training_fingerprints`), so that
+# a calibration on a device, where the training folder is not, still recognises copies of them.
+TRAINING_IMAGES = "training_images.json"
+_TRAINING_IMAGES_FORMAT = "edge-ad-training-images"
 # Everything else a bundle folder holds (top-level names): 'edge-ad train' replaces a folder that holds
 # only these (and the manifest's files) as a whole, and refuses one that holds anything else.
 BUNDLE_ENTRIES = ("manifest.json", "checkpoint.pt", "calibration.json", "calibration.d", "gaussian.d",
-                  "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8-u8.onnx", "quant_report.json")
+                  "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8-u8.onnx", "quant_report.json",
+                  TRAINING_IMAGES)
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
 # replace_files' staged files, atomic writes' temp files, quantize's work folders
 _TEMP_RE = re.compile(r"^\.(new-.+|quantize-.+|.+\.tmp)$")
 GRAPH_HINTS = {"model.onnx": "run 'edge-ad export'", "model.fp16.onnx": "run 'edge-ad quantize --precision fp16'",
@@ -142,6 +150,16 @@ def is_bundle_folder(path: str | os.PathLike) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def training_images_bytes(train: Iterable[Sequence], val: Iterable[Sequence]) -> bytes:
+    """The content of :data:`TRAINING_IMAGES`: the ``[bytes, fingerprint]`` of each training (``train``) and
+    validation (``val``) image file (:func:`~edge_ad.data.image.fingerprint`), one JSON line, about 30
+    bytes an image."""
+    doc = {"format": _TRAINING_IMAGES_FORMAT, "fingerprint": "the first 16 hex digits of the sha256 of the "
+           "image file's bytes", "train": [[int(n), str(h)] for n, h in train],
+           "val": [[int(n), str(h)] for n, h in val]}
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 def check_member(name: Any, what: str = "bundle file name") -> str:
@@ -418,6 +436,35 @@ class Bundle:
         if hist.read_bytes() != p.read_bytes():
             raise InputError(f"{p}: differs from {hist} (version {version}); the file is corrupt or was "
                              "edited by hand (use 'edge-ad calibrate --rollback VERSION' to restore one)")
+
+    def training_fingerprints(self) -> dict[str, frozenset[tuple[int, str]]] | None:
+        """``{"train": ..., "val": ...}``: the ``(bytes, fingerprint)`` of the image files the model was trained
+        on and of its validation split, from :data:`TRAINING_IMAGES` (written by ``edge-ad train``; None for a
+        bundle without it, trained before it was). The file is checked against its sha256 in manifest.json
+        and read whole; a damaged one is an :class:`InputError` naming it."""
+        if TRAINING_IMAGES not in self.manifest["files"] and TRAINING_IMAGES not in self.replacing:
+            return None
+        self.verify([TRAINING_IMAGES])
+        p = self.file(TRAINING_IMAGES)
+        try:
+            doc = json.loads(p.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputError(f"{p}: unreadable ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("format") != _TRAINING_IMAGES_FORMAT:
+            raise InputError(f"{p}: 'format' is not '{_TRAINING_IMAGES_FORMAT}'")
+        out = {}
+        for split in ("train", "val"):
+            entries = doc.get(split)
+            if not isinstance(entries, list):
+                raise InputError(f"{p}: '{split}' is {type(entries).__name__}; expected a list of [bytes, "
+                                 "fingerprint] pairs")
+            for i, e in enumerate(entries):
+                if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and not isinstance(e[0], bool)
+                        and e[0] >= 0 and isinstance(e[1], str) and _HEX16.match(e[1])):
+                    raise InputError(f"{p}: '{split}' entry {i} is {str(e)[:60]}; expected [bytes, fingerprint]: "
+                                     "a whole number >= 0 and 16 lowercase hex digits")
+            out[split] = frozenset((n, h) for n, h in entries)
+        return out
 
     # ----------------------------------------------------------------- active graph
     @property

@@ -24,7 +24,7 @@ import numpy as np
 from . import atomic, metrics
 from .bundle import Bundle
 from .errors import InputError
-from .data.image import load_image, resize_rgb, to_batch
+from .data.image import load_image, resize_rgb, to_batch, trained_format
 from .data.mvtec import MVTecCategory
 from .inspector import Inspector
 
@@ -51,17 +51,18 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
     scores, maps, masks, thumbs = [], [], [], []
     t0 = time.time()
     try:
-        for i in tqdm(range(0, len(samples), batch), desc=f"eval ({be.name} {be.precision})", unit="batch",
-                      disable=None if progress else True):
-            chunk = samples[i:i + batch]
-            frames = [load_image(s.path) for s in chunk]
-            sc = insp.inspect_batch(to_batch(frames, size))
-            full = insp.full_maps(sc, size)
-            scores.extend(sc.scores.tolist())
-            for s, m, f in zip(chunk, full, frames):
-                maps.append(m.astype(np.float32))
-                masks.append(cat.load_mask(s, size, image_shape=f.shape[:2]))
-                thumbs.append(resize_rgb(f, size))   # the grid shows them at the maps' size: keep no more
+        with trained_format(bundle):   # frames of another bit depth than training's: warned
+            for i in tqdm(range(0, len(samples), batch), desc=f"eval ({be.name} {be.precision})", unit="batch",
+                          disable=None if progress else True):
+                chunk = samples[i:i + batch]
+                frames = [load_image(s.path) for s in chunk]
+                sc = insp.inspect_batch(to_batch(frames, size))
+                full = insp.full_maps(sc, size)
+                scores.extend(sc.scores.tolist())
+                for s, m, f in zip(chunk, full, frames):
+                    maps.append(m.astype(np.float32))
+                    masks.append(cat.load_mask(s, size, image_shape=f.shape[:2]))
+                    thumbs.append(resize_rgb(f, size))   # the grid shows them at the maps' size: keep no more
     finally:
         be.close()
     seconds = time.time() - t0

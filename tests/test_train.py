@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from edge_ad import atomic
 from edge_ad.bundle import Bundle
+from edge_ad.data.mvtec import MVTecCategory
 from edge_ad.data.synthetic import write_category
 from edge_ad.errors import InputError
 from edge_ad.models import build, load_from_bundle
@@ -47,6 +49,14 @@ def test_train_writes_a_complete_bundle(category, tmp_path, kind, names):
     assert cal.version == 1 and np.isfinite(cal.threshold)
     assert cal.normal["n"] >= 2
     assert b.manifest["training"]["val_images"]
+    # the fingerprints of the training and validation files: (bytes, the first 16 hex digits of their sha256)
+    val = {Path(v) for v in b.manifest["training"]["val_images"]}
+    train = [p for p in sorted((category / "train" / "good").iterdir()) if p not in val]
+    prints = b.training_fingerprints()
+    assert prints == {split: {(p.stat().st_size, atomic.sha256_file(p)[:16]) for p in paths}
+                      for split, paths in (("train", train), ("val", val))}
+    assert len(prints["train"]) == b.manifest["training"]["n_train"] == 14
+    assert b.manifest["data"] == {"bit_depth": 8, "channels": 3}       # what the training images were
     m = load_from_bundle(b)
     outs = m(torch.zeros(1, 3, SIZE, SIZE))
     assert len(outs) == len(names)
@@ -114,7 +124,7 @@ def test_retraining_into_a_bundle_folder_replaces_the_whole_bundle(category, tmp
 
     new = train_bundle("gaussian", category, out, image_size=SIZE, seed=1, export=False)
     assert sorted(_files(out)) == ["calibration.d/0001.json", "calibration.json", "checkpoint.pt",
-                                   "gaussian.d/0001.npz", "manifest.json"]
+                                   "gaussian.d/0001.npz", "manifest.json", "training_images.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["b"]   # the old bundle is gone, not kept beside it
     assert new.manifest["training"]["seed"] == 1 and new.active_graph == "model.onnx"
     cal = new.calibration()
@@ -755,6 +765,51 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(tmp_path / "missing"),
                         "--data", str(category)], capture_output=True, text=True)
     assert r.returncode == 2 and "bundle folder not found" in r.stderr
+
+
+def test_the_training_images_bit_depth_is_recorded_and_eval_warns_about_images_of_another(category, tmp_path,
+                                                                                           caplog):
+    """12-bit grey camera data in 16-bit PNGs trains a model on 0..15 of 255; the same parts as 8-bit colour
+    images read 0..255, and their scores do not match. The manifest records the bit depth, channels and low
+    bits of the training images ('data'), and eval warns once, naming both, about test images of another
+    bit depth; images like the training ones, or a bundle without the record (an older one), get none."""
+    import shutil
+
+    import cv2
+
+    from edge_ad.evaluate import evaluate
+
+    deep = tmp_path / "mono12"
+    for p in sorted(category.rglob("*.png")):
+        q = deep / p.relative_to(category)
+        q.parent.mkdir(parents=True, exist_ok=True)
+        if "ground_truth" in p.parts:
+            shutil.copyfile(p, q)
+        else:                                   # 12-bit data stored in 16 bits, as camera SDKs save Mono12
+            assert cv2.imwrite(str(q), cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 16)
+    b = train_bundle("gaussian", deep, tmp_path / "b", image_size=SIZE)
+    assert Bundle.open(b.path).manifest["data"] == {"bit_depth": 16, "channels": 1, "low_bits": 12}
+
+    def warned():
+        return [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
+
+    caplog.set_level("WARNING")
+    caplog.clear()
+    evaluate(b.path, category, out_dir=tmp_path / "e1", progress=False, pictures=False)
+    assert len(warned()) == 1, warned()        # once, for the first image of another bit depth
+    first = MVTecCategory(category).test_samples()[0].path
+    assert warned()[0].startswith(f"{first}: an 8-bit colour image, and {b.path} was trained on 16-bit (values "
+                                  "within 12 bits) grey images (manifest.json 'data'): its pixels do not come out "
+                                  "as the training images' did, so its scores may not match"), warned()
+    caplog.clear()
+    evaluate(b.path, deep, out_dir=tmp_path / "e2", progress=False, pictures=False)
+    assert warned() == []                      # the bit depth it was trained on
+    old = Bundle.open(b.path)
+    del old.manifest["data"]                   # a bundle trained before the record was written
+    old.save_manifest()
+    caplog.clear()
+    evaluate(b.path, category, out_dir=tmp_path / "e3", progress=False, pictures=False)
+    assert warned() == []
 
 
 def test_planted_anomalies_mark_what_they_change():

@@ -15,8 +15,10 @@ any unseen part (the Gaussian statistics contain them, a network was trained on 
 on them is far too low and the line calls every good part NG afterwards (a Gaussian bundle calibrated on
 its own ``train/good``: 200 of 200 good parts NG). Given the ``bundle``, a folder's images that are the
 bundle's training images (:func:`training_images`: the recorded training folder when it is on this
-machine, minus its validation split, which the model never saw) are left out before the ``n`` are spread,
-with a warning, and the folder is refused (InputError) when fewer than ``min_frames`` others remain.
+machine, minus its validation split, which the model never saw, and the fingerprints of the training
+image files the bundle records, which a device without that folder goes by) are left out before the ``n``
+are spread, with a warning, and the folder is refused (InputError) when fewer than ``min_frames`` others
+remain.
 
 The frames are those the line inspects: the line's ``source.roi`` and ``source.rotate`` (``roi``,
 ``rotate``) are applied to every frame of a source URI by the loop's own
@@ -45,7 +47,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..data.image import IMAGE_EXTS, list_images, load_image, resize_rgb, spread
+from ..data.image import FINGERPRINT_HEX, IMAGE_EXTS, list_images, load_image, resize_rgb, spread
 from ..errors import InputError, RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -271,17 +273,29 @@ def _stamp(t: float) -> str:
 # ----------------------------------------------------------------------------- training images
 @dataclass(frozen=True)
 class TrainingImages:
-    """The images a bundle's model was fitted on, as far as this machine can tell."""
+    """The images a bundle's model was fitted on, as far as this machine can tell: the recorded training
+    folder's files when it is here, and the fingerprints the bundle records
+    (:data:`~edge_ad.bundle.TRAINING_IMAGES`)."""
 
-    folder: Path              # the recorded training data's normal images (DATA/train/good)
+    folder: Path | None       # the recorded training data's normal images (DATA/train/good), when on this machine
     files: tuple[Path, ...]   # its images but the validation split
-    n_val: int                # validation split images found there (never fitted on: fine to calibrate on)
+    n_val: int                # validation split images (never fitted on: fine to calibrate on)
     n_train: int | None       # training images the manifest records (training.n_train)
+    prints: frozenset[tuple[int, str]] = frozenset()   # (bytes, fingerprint) of the training image files
+    recorded: Path | None = None   # the bundle's training_images.json, when it has one
+
+    @property
+    def described(self) -> str:
+        """Where the training images are known from, for messages."""
+        if self.folder is not None:
+            return f"the recorded training data {self.folder}, the same files or the same bytes"
+        return f"the same bytes as training images whose fingerprints {self.recorded} records"
 
     def matches(self, paths: Iterable[Path]) -> list[Path]:
         """The ``paths`` that are training images: the same file (device and inode, so also through a link,
-        a bind mount or another spelling of the path) or the same bytes (sha256; only files of a size some
-        training image has are read, so a folder of other images costs a ``stat`` each)."""
+        a bind mount or another spelling of the path) or the same bytes (sha256 of a training file here, or
+        a fingerprint the bundle records; only files of a size some training image has are read, so a
+        folder of other images costs a ``stat`` each)."""
         from ..atomic import sha256_file
 
         ids: set[tuple[int, int]] = set()
@@ -293,6 +307,7 @@ class TrainingImages:
                 continue
             ids.add((st.st_dev, st.st_ino))
             by_size.setdefault(st.st_size, []).append(t)
+        print_sizes = {n for n, _ in self.prints}
         digests: dict[int, set[str]] = {}
         out = []
         for p in paths:
@@ -301,16 +316,17 @@ class TrainingImages:
                 if (st.st_dev, st.st_ino) in ids:
                     out.append(p)
                     continue
-                if st.st_size not in by_size:
+                if st.st_size not in by_size and st.st_size not in print_sizes:
                     continue
                 if st.st_size not in digests:
                     digests[st.st_size] = set()
-                    for t in by_size[st.st_size]:
+                    for t in by_size.get(st.st_size, ()):
                         try:
                             digests[st.st_size].add(sha256_file(t))
                         except OSError:
                             pass
-                if sha256_file(p) in digests[st.st_size]:
+                digest = sha256_file(p)
+                if digest in digests[st.st_size] or (st.st_size, digest[:FINGERPRINT_HEX]) in self.prints:
                     out.append(p)
             except OSError:
                 continue   # unreadable: the loader skips it with its own warning
@@ -320,25 +336,37 @@ class TrainingImages:
 def training_images(bundle) -> TrainingImages | None:
     """The images ``bundle``'s model was fitted on: the normal images of the training data folder its
     manifest records (``training.data``, ``train/good``) but the validation split (``training.val_images``:
-    held out from the fit, the training calibrated on them). None when the manifest records no training
-    data or the folder is not on this machine (a bundle trained elsewhere): nothing to compare with.
+    held out from the fit, the training calibrated on them), when that folder is on this machine, and the
+    fingerprints of the training image files the bundle records (``training_images.json``, written by
+    ``edge-ad train``: a bundle trained elsewhere recognises copies of its training images by them). None
+    when neither is here (a bundle of an older edge-ad trained elsewhere): nothing to compare with.
     Images added to the folder since the training are counted as training images (the manifest records
     how many there were, not which)."""
+    from ..bundle import TRAINING_IMAGES
     from ..data.mvtec import MVTecCategory
 
     training = bundle.manifest.get("training") or {}
+    recorded = bundle.training_fingerprints()   # None: an older bundle
     data = training.get("data")
-    if not data or not Path(data).is_dir():
+    paths: list[Path] | None = None
+    if data and Path(data).is_dir():
+        try:
+            paths = MVTecCategory(data).train_paths()
+        except (InputError, OSError):
+            pass
+    if paths is None and recorded is None:
         return None
-    try:
-        paths = MVTecCategory(data).train_paths()
-    except (InputError, OSError):
-        return None
+    n_train = training.get("n_train")
+    n_train = int(n_train) if isinstance(n_train, int) else None
+    prints = recorded["train"] if recorded is not None else frozenset()
+    where = bundle.file(TRAINING_IMAGES) if recorded is not None else None
+    if paths is None:   # the folder is not here: the fingerprints alone
+        return TrainingImages(folder=None, files=(), n_val=len(recorded["val"]), n_train=n_train, prints=prints,
+                              recorded=where)
     val = {os.path.realpath(v) for v in training.get("val_images") or []}
     files = tuple(p for p in paths if os.path.realpath(p) not in val)
-    n_train = training.get("n_train")
     return TrainingImages(folder=Path(data) / "train" / "good", files=files, n_val=len(paths) - len(files),
-                          n_train=int(n_train) if isinstance(n_train, int) else None)
+                          n_train=n_train, prints=prints, recorded=where)
 
 
 def leave_out_training_images(bundle, folder: Path, paths: list[Path],
@@ -355,17 +383,19 @@ def leave_out_training_images(bundle, folder: Path, paths: list[Path],
     if not hits:
         return paths, ""
     rest = [p for p in paths if p not in hits]
-    n_recorded = "" if train.n_train in (None, len(train.files)) else (
+    n_recorded = "" if train.folder is None or train.n_train in (None, len(train.files)) else (
         f"; it holds {len(train.files)} besides the validation split, the training recorded {train.n_train}: "
         "images added since count as training images too")
     why = (f"{len(hits)} of the {len(paths)} images of {folder} are images {bundle.path} was trained on "
-           f"(the recorded training data {train.folder}, the same files or the same bytes{n_recorded}); "
+           f"({train.described}{n_recorded}); "
            "a model scores its own training images far lower than any new part, so a threshold set on them "
            "would call good parts NG")
     need = max(int(min_frames), 1)
     if len(rest) < need:
-        val = (f", or on its validation split ({train.n_val} images of {train.folder} the training held out, "
-               "listed as training.val_images in manifest.json)" if train.n_val >= need else "")
+        held = (f"{train.n_val} images of {train.folder}" if train.folder is not None else
+                f"{train.n_val} images, on the machine that trained it")
+        val = (f", or on its validation split ({held} the training held out, listed as training.val_images in "
+               "manifest.json)" if train.n_val >= need else "")
         left = f"the {len(rest)} other images are" if len(rest) != 1 else "the 1 other image is"
         raise InputError(f"{why}; {left} fewer than the {need} a calibration needs: "
                          "calibrate on images of good parts the model has not seen (capture new ones, e.g. "

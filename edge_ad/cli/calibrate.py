@@ -349,18 +349,22 @@ def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: t
              min_frames: int, notes: list):
     """The frames, as the line inspects them (``line``: its ``[source]``; see ``--config``), each kept at the
     model's input size ``size_hw``; a folder's images that are ``bundle``'s training images are left out
-    (the warning goes to ``notes``), and a folder with fewer than ``min_frames`` others is refused (exit 2)."""
+    (the warning goes to ``notes``), and a folder with fewer than ``min_frames`` others is refused (exit 2).
+    Frames of another bit depth than the training images' are warned about (logged, once)."""
     from ..calibration import collect_frames
     from ..calibration.collect import is_line_folder
+    from ..data.image import trained_format
 
     if line is None and "://" in str(source) and not str(source).startswith("dir://"):
         click.echo(f"note: no --config: the frames of {_shown(source)} are calibrated on whole and unrotated; "
                    "on a line with source.roi or rotate give --config LINE.toml, else the refit fits other pictures "
                    "than the line inspects", err=True)
-    images = collect_frames(source, frames, every=every, timeout_s=timeout_s, size_hw=size_hw,
-                            roi=line.roi if line is not None else None, rotate=line.rotate if line is not None else 0,
-                            folder_roi=line is not None and is_line_folder(source, line.uri),
-                            bundle=bundle, min_frames=min_frames, notes=notes)
+    with trained_format(bundle):   # frames of another bit depth than the training images': warned
+        images = collect_frames(source, frames, every=every, timeout_s=timeout_s, size_hw=size_hw,
+                                roi=line.roi if line is not None else None,
+                                rotate=line.rotate if line is not None else 0,
+                                folder_roi=line is not None and is_line_folder(source, line.uri),
+                                bundle=bundle, min_frames=min_frames, notes=notes)
     if len(images) < frames:
         click.echo(f"note: {_shown(source)} gave {len(images)} frames (asked for {frames})", err=True)
     return images

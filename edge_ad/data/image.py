@@ -6,6 +6,7 @@ Frames are RGB ``uint8`` arrays ``[H, W, 3]``. The model input is ``float32 [B, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -38,6 +39,14 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
     The EXIF orientation of a JPEG or TIFF is applied, so a camera or phone picture stored sideways is
     seen upright, as every image viewer shows it (IMREAD_UNCHANGED would ignore it)."""
+    return to_rgb8(read_image(path)[0], where=str(path))
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(image, data)``: an image file decoded as it is stored (grey, BGR or BGRA; 8-bit, 16-bit or float;
+    the EXIF orientation applied), before :func:`to_rgb8`, and the file's bytes (a uint8 array), for a
+    reader that also fingerprints the file (:func:`fingerprint`). :func:`load_image` is this plus
+    :func:`to_rgb8`."""
     import cv2
 
     p = Path(path)
@@ -47,7 +56,21 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
     if img is None:
         raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or PBM/PGM/PPM)")
-    return to_rgb8(img, where=str(p))
+    return img, buf
+
+
+FINGERPRINT_HEX = 16   # hex digits of a file's sha256 kept as its fingerprint (64 bits)
+
+
+def fingerprint(data: bytes | np.ndarray) -> str:
+    """An image file's content fingerprint: the first :data:`FINGERPRINT_HEX` hex digits of the sha256 of
+    its bytes (``data``, as :func:`read_image` gives them). The bytes, not the decoded pixels: a copy of
+    the file (cp, scp, rsync, a USB stick, a tar) keeps them, and no decoding is needed to compare, while
+    the pixels a JPEG decodes to may differ between the libjpeg of a workstation and of a Jetson; a file
+    re-encoded (another format, quality or metadata) is another file."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:FINGERPRINT_HEX]
 
 
 def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarray:
@@ -56,12 +79,19 @@ def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarr
     16-bit images are taken as full-range 16-bit data: scaled by 1/256, the same for every image, so a
     score never depends on an image's content range. 10- to 14-bit camera data stored in 16 bits (a Mono12
     PNG holds 0..4095) therefore reads dark: :func:`_warn_low_bits` says so. Float images (e.g. 32-bit
-    TIFF) are taken as 0..1 when no value exceeds 1, else as 0..255."""
+    TIFF) are taken as 0..1 when no value exceeds 1, else as 0..255.
+
+    While a command inspects with a bundle that records the bit depth its model was trained on
+    (:func:`trained_format`), an image of another bit depth is warned about (:class:`TrainedFormat`)."""
     import cv2
 
+    brightest = int(img.max()) if img.dtype == np.uint16 and img.size else None
+    expected = _expected
+    if expected is not None:
+        expected.check(img, brightest, where)
     if img.dtype == np.uint16:
-        if img.size:
-            _warn_low_bits(int(img.max()), where)
+        if brightest is not None:
+            _warn_low_bits(brightest, where)
         img = (img >> 8).astype(np.uint8)
     elif img.dtype.kind == "f":
         if not np.isfinite(img).all():
@@ -84,11 +114,162 @@ def to_rgb8(img: np.ndarray, where: str = "image", bgr: bool = True) -> np.ndarr
 LOW_BITS = 14   # a 16-bit image whose values all fit in this many bits is warned about (0..63 of 255 or less)
 
 
+def fits_in(brightest: int) -> int:
+    """The bits a 16-bit image whose brightest value is ``brightest`` fits in: 8, 10, 12, 14 or 16."""
+    return next((d for d in (8, 10, 12, 14) if brightest < 1 << d), 16)
+
+
+def pixel_format(img: np.ndarray, brightest: int | None = None) -> tuple[int, int, int | None]:
+    """``(bit depth, channels, bits)`` of an image as decoded (:func:`read_image`, or a camera frame before
+    :func:`to_rgb8`): the bits of a sample as stored (8, 16; 32 for float), the channels (1 grey, 2 grey and
+    alpha, 3 colour, 4 colour and alpha), and for a 16-bit image the bits its brightest value
+    (``brightest``, computed when not given) fits in (:func:`fits_in`; None for other depths)."""
+    depth = 32 if img.dtype.kind == "f" else 8 * img.dtype.itemsize
+    channels = 1 if img.ndim == 2 else int(img.shape[2])
+    bits = None
+    if img.dtype == np.uint16:
+        if brightest is None and img.size:
+            brightest = int(img.max())
+        bits = fits_in(brightest) if brightest is not None else 16
+    return depth, channels, bits
+
+
+_CHANNELS = {1: "grey", 2: "grey+alpha", 3: "colour", 4: "colour+alpha"}
+
+
+def _depth_text(depth: int, bits: int | None = None) -> str:
+    """``8-bit``, ``16-bit``, ``16-bit (values within 12 bits)`` (16-bit using only its low bits), ``32-bit float``."""
+    if depth == 32:
+        return "32-bit float"
+    if depth == 16 and bits is not None and bits <= LOW_BITS:
+        return f"16-bit (values within {bits} bits)"
+    return f"{depth}-bit"
+
+
+def _listed(value) -> list:
+    """A record's field, one value or a list of them (mixed images), as a list."""
+    return list(value) if isinstance(value, list) else [] if value is None else [value]
+
+
+class PixelFormats:
+    """The bit depths and channel counts of a set of images (a training's), added one by one as they are
+    read, and :meth:`record`, what the manifest's ``data`` records of them."""
+
+    def __init__(self):
+        self.depths: set[int] = set()
+        self.channels: set[int] = set()
+        self.bits16 = 0   # the most bits a 16-bit image's brightest value fits in
+
+    def add(self, img: np.ndarray) -> None:
+        depth, channels, bits = pixel_format(img)
+        self.depths.add(depth)
+        self.channels.add(channels)
+        if bits is not None:
+            self.bits16 = max(self.bits16, bits)
+
+    def record(self) -> dict:
+        """``{"bit_depth": 8 | 16 | 32, "channels": 1..4}`` (a sorted list where the images differ), and for
+        16-bit images whose values all fit in :data:`LOW_BITS` bits or fewer ``"low_bits"``: the bits
+        they fit in (as :func:`_warn_low_bits` detects it)."""
+        def one(values):
+            v = sorted(values)
+            return v[0] if len(v) == 1 else v
+
+        out: dict = {"bit_depth": one(self.depths), "channels": one(self.channels)}
+        if 16 in self.depths and self.bits16 <= LOW_BITS:
+            out["low_bits"] = self.bits16
+        return out
+
+
+class TrainedFormat:
+    """The bit depth a bundle's model was trained on (its manifest's ``data``: :meth:`PixelFormats.record`),
+    which :func:`to_rgb8` compares each image with while a command inspects with that bundle
+    (:func:`trained_format`). An image of another bit depth is warned about, naming both, once per bit
+    depth: its pixels do not come out as the training images' did. A 16-bit image whose values fit in
+    :data:`LOW_BITS` bits or fewer is low-bit data (as :func:`_warn_low_bits` takes it): another depth
+    than full-range 16-bit images, and than 16-bit images whose values fit in fewer bits."""
+
+    def __init__(self, record: dict, bundle: str):
+        self.depths = _listed(record.get("bit_depth"))
+        self.channels = _listed(record.get("channels"))
+        self.low_bits = record.get("low_bits")
+        self.bundle = bundle
+        self._warned: set[tuple[int, bool]] = set()
+
+    def matches(self, depth: int, bits: int | None) -> bool:
+        """Whether an image of ``depth`` (and ``bits``: :func:`pixel_format`) is of the training's bit depth."""
+        if not self.depths:
+            return True   # nothing recorded to compare with
+        if depth not in self.depths:
+            return False
+        if depth != 16 or bits is None:
+            return True
+        return bits > LOW_BITS if self.low_bits is None else bits <= self.low_bits
+
+    def described(self) -> str:
+        """``16-bit (values within 12 bits) grey images``: what the model was trained on."""
+        depths = " and ".join(_depth_text(d, self.low_bits if d == 16 else None) for d in self.depths)
+        return f"{depths} {'/'.join(_CHANNELS.get(c, f'{c}-channel') for c in self.channels)} images"
+
+    def check(self, img: np.ndarray, brightest: int | None, where: str) -> None:
+        depth, channels, bits = pixel_format(img, brightest)
+        if self.matches(depth, bits):
+            return
+        low = bits is not None and bits <= LOW_BITS
+        with _warned_lock:
+            if (depth, low) in self._warned:
+                return
+            self._warned.add((depth, low))
+        seen = f"{_depth_text(depth, bits)} {_CHANNELS.get(channels, f'{channels}-channel')}"
+        further = (_depth_text(depth) if depth != 16 else
+                   f"16-bit (values within {LOW_BITS} bits or fewer)" if low else "full-range 16-bit")
+        log.warning("%s: %s %s image, and %s was trained on %s (manifest.json 'data'): its pixels do not come "
+                    "out as the training images' did, so its scores may not match those its threshold was set on "
+                    "(false alarms, or defects missed). Give it images of the bit depth it was trained on, or "
+                    "train it on images like this one (README: Image folders, bit depth); further %s images "
+                    "are not warned about", where, "an" if seen.startswith("8") else "a", seen, self.bundle,
+                    self.described(), further)
+
+
+_expected: TrainedFormat | None = None   # set by trained_format / expect_trained_format
+
+
+def expect_trained_format(bundle) -> TrainedFormat | None:
+    """From now on :func:`to_rgb8` compares each image with the bit depth ``bundle``'s model was trained on
+    (a :class:`~edge_ad.bundle.Bundle`; one whose manifest records none, trained by an older edge-ad, or
+    None: nothing is compared). For the whole process: the frames of a run are converted in its capture
+    thread. Returns the expectation it replaces."""
+    global _expected
+    record = (getattr(bundle, "manifest", None) or {}).get("data") if bundle is not None else None
+    with _warned_lock:
+        before = _expected
+        _expected = TrainedFormat(record, str(bundle.path)) if isinstance(record, dict) else None
+    return before
+
+
+def put_expected_format(before: TrainedFormat | None) -> None:
+    """Put back the expectation :func:`expect_trained_format` replaced (it returned it)."""
+    global _expected
+    with _warned_lock:
+        _expected = before
+
+
+@contextlib.contextmanager
+def trained_format(bundle):
+    """``with trained_format(bundle):`` :func:`expect_trained_format` while inside (``edge-ad calibrate``,
+    ``eval``), the expectation before it put back at the end."""
+    before = expect_trained_format(bundle)
+    try:
+        yield
+    finally:
+        put_expected_format(before)
+
+
 def _warn_low_bits(brightest: int, where: str) -> None:
     """Warn, once per folder (or source), about a 16-bit image that uses only its low bits: 12-bit camera
     data (Mono12, BayerRG12 exported LSB-aligned) becomes 0..15 of 255, ten grey levels, in training, eval,
     run and snapshots alike, and nothing failed to say so."""
-    depth = next((d for d in (8, 10, 12, 14) if brightest < 1 << d), 16)
+    depth = fits_in(brightest)
     if depth > LOW_BITS:
         return
     key = os.path.dirname(where) if os.sep in where else where

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from .. import __version__
 from ..bundle import Bundle
 from ..config import Settings
+from ..data.image import expect_trained_format, put_expected_format
 from ..errors import EdgeADError, InputError, RuntimeFailure
 from ..scoring import threshold_in_force
 from .capture import Camera
@@ -417,8 +418,8 @@ class Service:
         hits = train.matches(paths)
         if hits:
             raise InputError(f"live calibration: {len(hits)} of the {len(paths)} images of the line's source "
-                             f"folder {folder} are images {self.bundle.path} was trained on (the recorded "
-                             f"training data {train.folder}), and a threshold set on them calls good parts NG; "
+                             f"folder {folder} are images {self.bundle.path} was trained on ({train.described}), "
+                             "and a threshold set on them calls good parts NG; "
                              f"give the folder as the source (\"source\": \"dir://{folder}\"), which leaves "
                              "them out, or a folder of good parts the model has not seen; the calibration in "
                              "force is unchanged")
@@ -499,6 +500,7 @@ class Service:
             self.pipeline.set_inspector(new)
             self.inspector = new
             self.bundle = bundle
+            expect_trained_format(bundle)
             self.reporter.reset_drift(new.calibration, f"model swap ({reason})")
             self._drop_transient_threshold(f"model {before}")
         old.backend.close()
@@ -795,6 +797,8 @@ class Service:
         self._last_ng = self._last_drop = self._last_ok = 0
         self.last_telemetry: dict = {}
         t_start = time.monotonic()
+        # frames of another bit depth than the training images' are warned about (once; a model swap changes it)
+        expected_before = expect_trained_format(self.bundle)
         try:
             if self.link is not None:
                 self.link.start()
@@ -819,6 +823,7 @@ class Service:
             summary = self._shutdown(t_start)
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+            put_expected_format(expected_before)
         err = self.pipeline.error or self._nothing_inspected()
         if err is not None:
             if isinstance(err, EdgeADError):

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import atomic
-from ..data.image import IMAGE_EXTS, list_images, load_image, resize_rgb
+from ..data.image import (IMAGE_EXTS, PixelFormats, fingerprint, list_images, load_image, read_image, resize_rgb,
+                          to_rgb8)
 from ..errors import InputError
 from ..models import check_image_size, load_weights
 
@@ -59,13 +60,33 @@ def check_device(device: str, flag: str = "--device") -> None:
         raise InputError(f"{flag} {device}: no CUDA device is available to torch here")
 
 
-def load_images(paths: Sequence[Path], size: int, desc: str = "loading images") -> torch.Tensor:
-    """Images resized to ``size`` as a uint8 tensor ``[N, 3, size, size]`` (kept in memory)."""
+class ImagesSeen:
+    """What a training learns of its images while :func:`load_images` reads them: ``prints``, each file's
+    ``[bytes, fingerprint]`` (:func:`~edge_ad.data.image.fingerprint`), in the order read, and ``formats``,
+    their bit depths and channel counts (shared by the training and validation images' ``ImagesSeen``)."""
+
+    def __init__(self, formats: PixelFormats | None = None):
+        self.prints: list[list] = []
+        self.formats = formats if formats is not None else PixelFormats()
+
+    def add(self, data: np.ndarray, img: np.ndarray) -> None:
+        """One image file: its bytes ``data`` and ``img`` as decoded (:func:`~edge_ad.data.image.read_image`)."""
+        self.prints.append([int(data.size), fingerprint(data)])
+        self.formats.add(img)
+
+
+def load_images(paths: Sequence[Path], size: int, desc: str = "loading images",
+                seen: ImagesSeen | None = None) -> torch.Tensor:
+    """Images resized to ``size`` as a uint8 tensor ``[N, 3, size, size]`` (kept in memory); each file is
+    also added to ``seen`` (its bytes are hashed as they are read: no second read)."""
     from tqdm import tqdm
 
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=None, leave=False)):
-        out[i] = torch.from_numpy(resize_rgb(load_image(p), (size, size)).transpose(2, 0, 1).copy())
+        img, data = read_image(p)
+        if seen is not None:
+            seen.add(data, img)
+        out[i] = torch.from_numpy(resize_rgb(to_rgb8(img, where=str(p)), (size, size)).transpose(2, 0, 1).copy())
     return out
 
 

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from .. import __version__, atomic, gaussian, scoring
-from ..bundle import (_TEMP_RE, TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder, now_iso,
-                      switch_leftovers)
+from ..bundle import (_TEMP_RE, TRAINING_IMAGES, TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder,
+                      now_iso, switch_leftovers, training_images_bytes)
 from ..errors import InputError, RuntimeFailure
 from ..models import KINDS, build, check_model_config, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
-from .common import (check_run, file_list_id, load_images, penalty_folder, penalty_images, resume_state,
-                     seed_everything)
+from .common import (ImagesSeen, check_run, file_list_id, load_images, penalty_folder, penalty_images,
+                     resume_state, seed_everything)
 from .loops import LoopConfig, train_efficientad, train_fader
 
 log = logging.getLogger(__name__)
@@ -271,8 +271,11 @@ def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size
            "--penalty-dir": str(Path(penalty_dir).resolve()) if penalty_dir and teacher_id else None,
            "--batch-size": p.get("batch_size"), "learning rate": p.get("lr")}
     resume_from = resume_state(state_path, run) if resume else None
-    train_imgs = load_images(train_paths, image_size, "loading train images")
-    val_imgs = load_images(val_paths, image_size, "loading validation images")
+    # the files' fingerprints and the images' bit depths, taken as they are read
+    seen_train = ImagesSeen()
+    seen_val = ImagesSeen(seen_train.formats)
+    train_imgs = load_images(train_paths, image_size, "loading train images", seen_train)
+    val_imgs = load_images(val_paths, image_size, "loading validation images", seen_val)
 
     model = build(model_kind, image_size, cfg)
     if teacher_sd is not None:
@@ -331,10 +334,15 @@ def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size
             buf = io.BytesIO()
             torch.save(model.state_dict(), buf)
             bundle.add_file("checkpoint.pt", data=buf.getvalue(), save=False)
+            # what a calibration on a device, without the training folder, recognises copies of them by
+            bundle.add_file(TRAINING_IMAGES, data=training_images_bytes(seen_train.prints, seen_val.prints),
+                            save=False)
             if gauss_stats is not None:
                 gauss_stats.save(bundle.file(extra["gaussian"]))
                 bundle.add_file(extra["gaussian"], save=False)
             bundle.manifest["versions"].update({"torch": torch.__version__})
+            # what the images were (run, calibrate and eval warn about frames of another bit depth)
+            bundle.manifest["data"] = seen_train.formats.record()
             bundle.manifest["training"] = {
                 "data": str(Path(data).resolve()), "preset": preset, "seed": seed, "device": device,
                 "image_size": image_size, "policy": policy, "val_fraction": val_fraction, "date": now_iso(), "edge_ad": __version__,
