@@ -9,7 +9,8 @@ The outbox is bounded by a message count and by payload bytes. When a write woul
 oldest event images go first, then the oldest messages of any kind; every dropped message is counted
 in ``dropped`` (persisted in the file). A message dropped while it was in flight may still arrive.
 The sender also drops a message the broker will not take (:meth:`Outbox.drop`: larger than the broker's
-maximum packet size): counted in ``dropped`` too, and per reason in ``dropped_by``.
+maximum packet size, or refused by a PUBACK reason code that is final, such as Not authorized): counted in
+``dropped`` too, and per reason in ``dropped_by``.
 
 Per-kind sequence numbers (``seq``) are allocated in the same transaction as the insert and persisted,
 so they increase monotonically per device across restarts; a consumer sees a gap only for a dropped
@@ -48,8 +49,9 @@ from .settings import SyncMode
 log = logging.getLogger(__name__)
 
 KINDS = ("result", "event", "image")
-# why messages were dropped (``dropped_by``): "full" (a bound), or the sender's reasons (:meth:`Outbox.drop`)
-DROP_REASONS = ("full", "too_large")
+# why messages were dropped (``dropped_by``): "full" (a bound), or the sender's reasons (:meth:`Outbox.drop`): the
+# broker announced a smaller maximum packet size, or refused the message for good (a PUBACK reason code)
+DROP_REASONS = ("full", "too_large", "rejected")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -504,7 +506,8 @@ class Outbox:
     @property
     def dropped_by(self) -> dict[str, int]:
         """``dropped`` per reason (since the file was made): ``full`` (a bound), ``too_large`` (larger than the
-        maximum packet size the broker announced)."""
+        maximum packet size the broker announced), ``rejected`` (refused by the broker for good: a PUBACK reason
+        code such as 0x87 Not authorized)."""
         with self._stat:
             by = dict(self._dropped_by)
             return {"full": max(0, self._dropped - sum(by.values())), **by}
