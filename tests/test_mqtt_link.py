@@ -373,11 +373,12 @@ def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path)
     broker = mosquitto_factory()
     with Collector(BrokerSettings(url=broker.url, **FAST), "edge-ad/v1/t/d1/#") as col:
         broker.stop()
-        link = MqttLink(_settings(broker.url, tmp_path, outbox_max_messages=50)).start()
+        link = MqttLink(_settings(broker.url, tmp_path, outbox_max_messages=50))
         for i in range(80):
             link.publish_result({"score": i, "ng": False})
         st = link.stats()
         assert st["outbox_depth"] == 50 and st["outbox_dropped"] == 30
+        link.start()
         broker.start()
         assert _wait(lambda: link.connected and link.stats()["outbox_depth"] == 0, 15)
         assert col.wait_ids(50, 10)                      # (the collector is back: QoS 0 telemetry is not queued)
@@ -386,6 +387,8 @@ def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path)
         assert col.wait_for(lambda c: len(c.of_kind("telemetry")) >= 1, 10)
         tele = col.of_kind("telemetry")[-1].json()
         assert tele["outbox"]["dropped"] == 30 and tele["fps"] == 1.0
+        # named once the outbox had room for the event (it pushed out no 31st)
+        assert col.wait_for(lambda c: [e["dropped"]["result"]["seq"] for e in _drop_events(c)] == [[[1, 30]]], 5)
         link.stop()
 
 
@@ -798,6 +801,35 @@ def test_drops_held_back_from_the_log_are_logged_and_announced_at_the_stop(mosqu
     assert len(logged) == 2 and f"result {first}" in logged[0], logged
     assert logged[1].startswith("mqtt: 3 more message(s) dropped from the outbox as too_large")
     assert "4 in all" in logged[1]
+
+
+def test_the_results_a_full_outbox_dropped_are_named_so_a_consumer_knows_which_are_lost(mosquitto, tmp_path):
+    """A device offline long enough fills its outbox, which drops its oldest results: they were counted, and a
+    consumer saw a gap in seq, but nothing said which results were lost rather than late. An output_error
+    event (reason full) names them by kind, seq ranges and first / last id: what arrived and what was named
+    lost make up every result, and the event stays small however many it names."""
+    link = MqttLink(_settings(mosquitto.url, tmp_path, outbox_max_messages=20, outbox_sync="normal"))
+    ids = [link.publish_result({"score": 0.1, "ng": False}) for _ in range(150)]      # offline: 130 dropped
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
+        link.start()        # the event is stored once the outbox has room: it pushes out no 131st
+        try:
+            assert col.wait_for(lambda c: ids[-1] in {m.json()["id"] for m in c.of_kind("result")}, 10)
+            assert col.wait_for(lambda c: _drop_events(c), 5)
+        finally:
+            link.stop()
+    events = _drop_events(col)
+    for ev in events:
+        schema.validate("event", ev)
+        assert ev["reason"] == "full" and ev["output"] == "mqtt" and set(ev["dropped"]) == {"result"}
+        assert len(json.dumps(ev)) < 1500
+    first = events[0]
+    assert first["failed"] == 130 and "message_ids" not in first        # too many to list: named by seq
+    assert first["dropped"]["result"] == {"count": 130, "first_id": ids[0], "last_id": ids[129], "seq": [[1, 130]]}
+    assert "dropped the 130 oldest message(s) since the last report: 130 result(s) (seq 1..130)" in first["error"]
+    assert len(events) == 1 and link.outbox.dropped == 130
+    named = {seq for a, b in first["dropped"]["result"]["seq"] for seq in range(a, b + 1)}
+    received = {m.json()["seq"] for m in col.of_kind("result")}
+    assert named | received == set(range(1, 151)) and not named & received
 
 
 def test_a_message_the_broker_refuses_for_good_is_dropped_counted_and_named(mosquitto_factory, tmp_path):

@@ -618,3 +618,59 @@ def test_a_refusal_for_good_is_dropped_and_announced_one_for_now_is_sent_again_a
     assert "kept in the outbox and sent again in 1 s" in warned[0]
     assert any("took the messages it had refused" in r.getMessage() for r in caplog.records)
     ob.close()
+
+
+def test_a_full_outbox_names_what_it_drops_per_kind_in_bounded_space(tmp_path, monkeypatch):
+    """A full outbox's drops were only counted (and logged as a count): a consumer could not tell which results
+    were lost. They are named now, per kind: how many, the first and last id, the seq ranges, and every id while
+    they are few; in a bounded report however many (20 seq ranges a kind, the rest counted). They are handed out
+    once the outbox has room for the event that names them (storing it must not push out one more), at most
+    once a minute (at once while stopping), and kept in the file over a stop that had no room for them."""
+    from edge_ad import ratelimit
+
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=10, sync="normal")
+
+    def deliver_one():            # what the sender does with the oldest once the broker acknowledged it
+        ob.delete([ob.fetch_after(0, 1)[0].id])
+
+    for i in range(12):
+        ob.put("result", "t/result", lambda s: _json(s), msg_id=f"r{i}")
+    ob.put("image", "t/image", b"\xff\xd8", msg_id="e1")         # an image never pushes out a result: itself
+    ob.put("event", "t/event", lambda s: _json(s), msg_id="ev1")
+    assert ob.take_full_drops() is None and ob.full_drops_pending      # full: no room for the event yet
+    deliver_one()
+    rep = ob.take_full_drops()
+    assert rep == {"count": 4, "ids": ["r0", "r1", "e1", "r2"], "max_messages": 10, "max_bytes": ob.max_bytes,
+                   "dropped_total": 4,
+                   "kinds": {"result": {"count": 3, "first_id": "r0", "last_id": "r2", "seq": [[1, 3]]},
+                             "image": {"count": 1, "first_id": "e1", "last_id": "e1"}}}
+    assert ob.take_full_drops() is None and not ob.full_drops_pending
+    for i in (12, 13):
+        ob.put("result", "t/result", lambda s: _json(s), msg_id=f"r{i}")      # the second pushes out r4
+    deliver_one()
+    assert ob.take_full_drops() is None                              # within the minute ...
+    assert ob.take_full_drops(now=True)["kinds"] == {"result": {"count": 1, "first_id": "r4", "last_id": "r4",
+                                                                "seq": [[5, 5]]}}      # ... but stopping
+    for i in (14, 15):
+        ob.put("result", "t/result", lambda s: _json(s), msg_id=f"r{i}")      # pushes out r6
+    assert ob.take_full_drops(now=True) is None                      # no room
+    ob.close()
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=10, sync="normal")      # the next start
+    assert ob.take_full_drops(now=True) is None and ob.full_drops_pending
+    deliver_one()
+    assert ob.take_full_drops(now=True)["ids"] == ["r6"]
+    for i in range(3000):      # the sender delivers one now and then: the dropped seqs come in many ranges
+        ob.put("result", "t/result", lambda s: _json(s), msg_id=f"x{i}")
+        if i % 7 == 0:
+            deliver_one()
+    deliver_one()
+    monkeypatch.setattr(ratelimit, "REPORT_EVERY_S", 0.0)             # the minute has passed
+    rep = ob.take_full_drops()
+    result = rep["kinds"]["result"]
+    assert rep["ids"] is None and result["count"] > 2000
+    assert rep["count"] == sum(k["count"] for k in rep["kinds"].values())
+    assert len(result["seq"]) == 20 and result["seq_more"] > 0
+    assert sum(b - a + 1 for a, b in result["seq"]) + result["seq_more"] == result["count"]
+    assert result["last_id"].startswith("x") and result["seq"][0][0] > 7         # r7 on: r6 was the last named
+    assert len(json.dumps(rep)) < 1500
+    ob.close()

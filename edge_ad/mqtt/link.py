@@ -50,14 +50,13 @@ from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text, reason_value
 from .commands import LONG, QUICK, CommandQueue, Dispatcher, Handler, Incoming
-from .outbox import Outbox
+from .outbox import DROP_IDS_PER_EVENT, Outbox
 from .sender import AckListener, OutboxSender, image_properties, percentile, publish_size
 from .settings import SHORT_SECRET, MqttSettings
 from .topics import Topics
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
-DROP_IDS_PER_EVENT = 100    # message ids an output_error event for dropped messages names at most (more: more events)
 
 
 class MqttLink:
@@ -129,8 +128,12 @@ class MqttLink:
         (``message_ids``), with the first one's kind, size and topic, and how many in all. As many events as
         it takes to name them all, each small enough for the broker's limit (:data:`DROP_IDS_PER_EVENT` ids at
         most). A drop of one of these events itself is not announced (on a broker whose limit is below an
-        event's size they would follow each other). Also from :meth:`stop`, after the link stopped."""
-        drops = [d for d in drops if d.get("message_id") not in self._drop_events]
+        event's size they would follow each other). What the full outbox dropped comes as one record (reason
+        ``full``, :meth:`Outbox.take_full_drops`): one event names them by kind (:meth:`_full_event`). Also from
+        :meth:`stop`, after the link stopped."""
+        for rec in [d for d in drops if d["reason"] == "full"]:
+            self._store_drop_event(self._full_event(rec))
+        drops = [d for d in drops if d["reason"] != "full" and d.get("message_id") not in self._drop_events]
 
         def key(d: dict) -> tuple:
             return d["reason"], d.get("max_packet_size"), d.get("reason_code")
@@ -148,13 +151,37 @@ class MqttLink:
                 limit = self._out.max_packet or size
                 n = max(1, min(n - 1, n * limit // size - 1))     # what fits, the ids being the same size
             drops = drops[n:]
-            try:
-                event_id = str(uuid.uuid4())
-                self._drop_events.append(event_id)
-                self._store("event", self.topics.event, {"id": event_id, **ev}, check_open=False)
-            except Exception as exc:  # a full disk, a closed outbox: the log says it already
-                log.warning("mqtt: could not store the output_error event for %d dropped message(s): %s",
-                            len(ev["message_ids"]), exc)
+            self._store_drop_event(ev)
+
+    def _store_drop_event(self, ev: dict) -> None:
+        try:
+            event_id = str(uuid.uuid4())
+            self._drop_events.append(event_id)
+            self._store("event", self.topics.event, {"id": event_id, **ev}, check_open=False)
+        except Exception as exc:  # a full disk, a closed outbox: the log says it already
+            log.warning("mqtt: could not store the output_error event for %d dropped message(s): %s", ev["failed"],
+                        exc)
+
+    def _full_event(self, rec: dict) -> dict:
+        """The ``output_error`` event that names the messages the full outbox dropped (``rec``:
+        :meth:`Outbox.take_full_drops`): per kind in ``dropped`` (how many, the first and last id, the ``seq``
+        ranges), and every id in ``message_ids`` when they are few enough (and the event still fits the
+        broker's limit with them)."""
+        parts = []
+        for kind, k in rec["kinds"].items():
+            ranges = k.get("seq", [])
+            seq = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges[:3])
+            more = " and more" if len(ranges) > 3 or k.get("seq_more") else ""
+            parts.append(f"{k['count']} {kind}(s)" + (f" (seq {seq}{more})" if seq else ""))
+        ev = {"type": "output_error", "output": "mqtt", "reason": "full",
+              "error": f"outbox full ({rec['max_messages']} messages, {rec['max_bytes']} bytes max): dropped the "
+                       f"{rec['count']} oldest message(s) since the last report: {', '.join(parts)}",
+              "dropped": rec["kinds"], "message_ids": rec["ids"], "failed": rec["count"],
+              "failed_total": rec["dropped_total"]}
+        if rec["ids"] and self._too_large(self.topics.event, len(payloads.encode(ev, "event"))
+                                          + self._event_head_bytes, image=False):
+            ev["message_ids"] = None         # "dropped" still names them
+        return {k: v for k, v in ev.items() if v is not None}
 
     @staticmethod
     def _drop_event(drops: list[dict]) -> dict:

@@ -153,12 +153,13 @@ class OutboxSender:
     def settled(self) -> bool:
         """Nothing waits for the broker: no message is in flight, and every message still stored is one the
         broker acknowledged but whose delete failed (a full disk), or one it refused for now (it waits for its
-        back-off, not for the broker), and no drop waits to be announced (:meth:`report_drops`). Waiting for
+        back-off, not for the broker), and no drop waits to be announced (:meth:`report_drops`, the full
+        outbox's too). Waiting for
         the outbox to empty cannot make those go: the next start sends them again (the acknowledged ones
         de-duplicated by id). Read from any thread (the sender thread replaces ``_undeleted`` and ``_undropped``,
         never changes them in place; ``_retry`` is copied)."""
         undeleted, undropped, retry = self._undeleted, self._undropped, list(self._retry)
-        return (not self._inflight and not self._drops
+        return (not self._inflight and not self._drops and not self.outbox.full_drops_pending
                 and self.outbox.depth <= len(set(undeleted) | set(undropped) | set(retry)))
 
     # ------------------------------------------------------------------ paho's network thread
@@ -334,7 +335,9 @@ class OutboxSender:
 
     def report_drops(self, now: bool = False, final: bool = False) -> None:
         """Announce the messages :meth:`_drop` dropped since the last call through ``on_drop`` (one call with all
-        of them), at most once per :data:`DROP_REPORT_S` (``now``: at once, while stopping); log the drops the
+        of them), at most once per :data:`DROP_REPORT_S` (``now``: at once, while stopping), and those the full
+        outbox dropped, named by :meth:`Outbox.take_full_drops` (one record, reason ``full``, at most once a
+        minute and once the outbox has room for the event; while stopping at once); log the drops the
         once-a-minute ERROR held back once that minute is over (``final``: at once, at the very end), so the
         log accounts for every drop, also when none follows. Called on every pass of the sender thread and
         at the stop (any thread)."""
@@ -346,12 +349,15 @@ class OutboxSender:
             log.warning("mqtt: the broker refused %d more message(s) for now since the last report; %d wait in the "
                         "outbox to be sent again", n, len(self._retry))
         at = time.monotonic()
+        full = self.outbox.take_full_drops(now=now or final)
         with self._drops_lock:
-            if not self._drops or not (now or final or at - self._drops_reported >= DROP_REPORT_S):
-                return
-            drops, self._drops = self._drops, []
-            self._drops_reported = at
-        if self._on_drop is not None:
+            drops = []
+            if self._drops and (now or final or at - self._drops_reported >= DROP_REPORT_S):
+                drops, self._drops = self._drops, []
+                self._drops_reported = at
+        if full is not None:
+            drops.append({"reason": "full", **full})
+        if drops and self._on_drop is not None:
             try:
                 self._on_drop(drops)
             except Exception:
