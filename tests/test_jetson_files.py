@@ -255,6 +255,11 @@ def test_the_broker_config_keeps_what_a_consumer_misses_while_away(mosquitto_bin
     keys = dict(line.split(None, 1) for line in shipped)
     assert keys["persistence"] == "true" and int(keys["autosave_interval"]) <= 300
     assert int(keys["max_queued_messages"]) in range(1, 10**9) and int(keys["max_queued_bytes"]) > 0
+    # a payload limit is not announced: v5 loops on a larger message, 3.1.1 has it discarded without a word;
+    # stated, it overrides one an earlier file sets. A packet limit, if any, takes the largest event image
+    assert keys["message_size_limit"] == "0"
+    packet_limit = int(keys.get("max_packet_size", 0))
+    assert packet_limit == 0 or packet_limit >= MqttSettings().image_max_bytes + 2048
     local = [line for line in shipped if line.split()[0] not in ("listener", "allow_anonymous", "password_file")]
     defaults = ["max_queued_messages 1000", "max_queued_bytes 0", "autosave_interval 1800"]   # Mosquitto 2's
     broker = Mosquitto(tmp_path / "broker", binary=mosquitto_binary, extra_config="\n".join(defaults + local))

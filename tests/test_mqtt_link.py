@@ -117,7 +117,8 @@ def test_broker_restarts_mid_stream_lose_and_duplicate_nothing(mosquitto, tmp_pa
 
 class CuttableProxy:
     """A TCP relay between the link and the broker whose cable can be pulled (a network cut), at once
-    (:meth:`cut`) or as the client sends a given message (:meth:`cut_at_publish`)."""
+    (:meth:`cut`) or as the client sends a given message (:meth:`cut_at_publish`); it can also turn the
+    broker's PUBACKs into refusals (:meth:`refuse_pubacks`)."""
 
     def __init__(self, target_port: int):
         import socket
@@ -130,7 +131,14 @@ class CuttableProxy:
         self.lock = threading.Lock()
         self.publish_cuts: list = [b"", 0, 0.0]   # [topic part, connections left to cut at a PUBLISH on it, stall s]
         self.cut_publishes: list[bytes] = []   # the PUBLISH packets cut at so far
+        self.puback_refusals: list = [0, 0]    # [reason code, PUBACKs left to give it]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def refuse_pubacks(self, code: int, times: int) -> None:
+        """The next ``times`` PUBACKs of the broker reach the client (MQTT v5) with the reason code ``code``,
+        as from a broker that refuses the message (this one took it all the same)."""
+        with self.lock:
+            self.puback_refusals = [code, times]
 
     def cut_at_publish(self, topic_part: str, times: int, stall_s: float = 0.0) -> None:
         """The next ``times`` connections are cut as the client sends a PUBLISH whose topic contains
@@ -155,7 +163,7 @@ class CuttableProxy:
             with self.lock:
                 self.conns += [down, up]
             threading.Thread(target=self._pump_packets, args=(down, up), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down), daemon=True).start()
+            threading.Thread(target=self._pump_down, args=(up, down), daemon=True).start()
 
     @staticmethod
     def _split(buf: bytes):
@@ -202,14 +210,24 @@ class CuttableProxy:
             pass
         self._close(src, dst)
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump_down(self, src, dst):
+        """Broker to client, packet by packet, to give PUBACKs the reason code of :meth:`refuse_pubacks`."""
+        buf = b""
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                buf += data
+                while (found := self._split(buf)) is not None:
+                    packet, start = found
+                    buf = buf[len(packet):]
+                    with self.lock:
+                        code, left = self.puback_refusals
+                        if packet[0] >> 4 == 4 and left > 0:     # PUBACK: packet id, reason code
+                            self.puback_refusals[1] -= 1
+                            packet = bytes([0x40, 3]) + packet[start:start + 2] + bytes([code])
+                    dst.sendall(packet)
         except OSError:
             pass
-        CuttableProxy._close(src, dst)
+        self._close(src, dst)
 
     @staticmethod
     def _close(src, dst):
@@ -355,11 +373,12 @@ def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path)
     broker = mosquitto_factory()
     with Collector(BrokerSettings(url=broker.url, **FAST), "edge-ad/v1/t/d1/#") as col:
         broker.stop()
-        link = MqttLink(_settings(broker.url, tmp_path, outbox_max_messages=50)).start()
+        link = MqttLink(_settings(broker.url, tmp_path, outbox_max_messages=50))
         for i in range(80):
             link.publish_result({"score": i, "ng": False})
         st = link.stats()
         assert st["outbox_depth"] == 50 and st["outbox_dropped"] == 30
+        link.start()
         broker.start()
         assert _wait(lambda: link.connected and link.stats()["outbox_depth"] == 0, 15)
         assert col.wait_ids(50, 10)                      # (the collector is back: QoS 0 telemetry is not queued)
@@ -368,6 +387,8 @@ def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path)
         assert col.wait_for(lambda c: len(c.of_kind("telemetry")) >= 1, 10)
         tele = col.of_kind("telemetry")[-1].json()
         assert tele["outbox"]["dropped"] == 30 and tele["fps"] == 1.0
+        # named once the outbox had room for the event (it pushed out no 31st)
+        assert col.wait_for(lambda c: [e["dropped"]["result"]["seq"] for e in _drop_events(c)] == [[[1, 30]]], 5)
         link.stop()
 
 
@@ -671,7 +692,7 @@ def test_a_message_over_the_announced_packet_size_is_dropped_and_the_outbox_goes
             assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
             st = link.stats()
             assert st["outbox_dropped"] == 2
-            assert st["outbox_dropped_by"] == {"full": 0, "too_large": 2}
+            assert st["outbox_dropped_by"] == {"full": 0, "too_large": 2, "rejected": 0}
             assert st["disconnects"] == 0 and st["connects"] == 1
             assert big not in {m.json()["id"] for m in col.of_kind("result")} and not col.of_kind("event/image")
             assert col.wait_for(lambda c: {e0, big} <= _dropped_named(c), 10)     # each drop is named
@@ -782,6 +803,94 @@ def test_drops_held_back_from_the_log_are_logged_and_announced_at_the_stop(mosqu
     assert "4 in all" in logged[1]
 
 
+def test_the_results_a_full_outbox_dropped_are_named_so_a_consumer_knows_which_are_lost(mosquitto, tmp_path):
+    """A device offline long enough fills its outbox, which drops its oldest results: they were counted, and a
+    consumer saw a gap in seq, but nothing said which results were lost rather than late. An output_error
+    event (reason full) names them by kind, seq ranges and first / last id: what arrived and what was named
+    lost make up every result, and the event stays small however many it names."""
+    link = MqttLink(_settings(mosquitto.url, tmp_path, outbox_max_messages=20, outbox_sync="normal"))
+    ids = [link.publish_result({"score": 0.1, "ng": False}) for _ in range(150)]      # offline: 130 dropped
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
+        link.start()        # the event is stored once the outbox has room: it pushes out no 131st
+        try:
+            assert col.wait_for(lambda c: ids[-1] in {m.json()["id"] for m in c.of_kind("result")}, 10)
+            assert col.wait_for(lambda c: _drop_events(c), 5)
+        finally:
+            link.stop()
+    events = _drop_events(col)
+    for ev in events:
+        schema.validate("event", ev)
+        assert ev["reason"] == "full" and ev["output"] == "mqtt" and set(ev["dropped"]) == {"result"}
+        assert len(json.dumps(ev)) < 1500
+    first = events[0]
+    assert first["failed"] == 130 and "message_ids" not in first        # too many to list: named by seq
+    assert first["dropped"]["result"] == {"count": 130, "first_id": ids[0], "last_id": ids[129], "seq": [[1, 130]]}
+    assert "dropped the 130 oldest message(s) since the last report: 130 result(s) (seq 1..130)" in first["error"]
+    assert len(events) == 1 and link.outbox.dropped == 130
+    named = {seq for a, b in first["dropped"]["result"]["seq"] for seq in range(a, b + 1)}
+    received = {m.json()["seq"] for m in col.of_kind("result")}
+    assert named | received == set(range(1, 151)) and not named & received
+
+
+def test_a_message_the_broker_refuses_for_good_is_dropped_counted_and_named(mosquitto_factory, tmp_path):
+    """An ACL that denies the device's result topic: Mosquitto (MQTT v5) answers each result with PUBACK 0x87
+    Not authorized. The link deleted it from the outbox with one log line: not in outbox_dropped_by, no
+    output_error event, a silent loss. Refused for good, each is dropped as 'rejected' now: counted, and named
+    in output_error events with its reason code; the events, which the ACL allows, arrive."""
+    acl = tmp_path / "acl"
+    acl.write_text("user col\ntopic read edge-ad/#\n\nuser dev\ntopic write edge-ad/v1/t/d1/status\n"
+                   "topic write edge-ad/v1/t/d1/event\ntopic read edge-ad/v1/t/d1/cmd/#\n")
+    broker = mosquitto_factory(extra_config=f"acl_file {acl}")
+    with Collector(BrokerSettings(url=broker.url, username="col"), "edge-ad/v1/t/d1/#") as col:
+        link = MqttLink(_settings(broker.url, tmp_path, username="dev")).start()
+        try:
+            ids = [link.publish_result({"score": 0.1 * i, "ng": False}) for i in range(3)]
+            ng = link.publish_event({"score": 0.9})
+            assert col.wait_for(lambda c: set(ids) <= _dropped_named(c), 10), _drop_events(col)
+            assert col.wait_for(lambda c: ng in {m.json()["id"] for m in c.of_kind("event")}, 10)
+            assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+            st = link.stats()
+        finally:
+            link.stop()
+    assert st["outbox_dropped_by"] == {"full": 0, "too_large": 0, "rejected": 3} and st["outbox_dropped"] == 3
+    assert st["rejected"] == 3 and st["disconnects"] == 0 and st["retry_waiting"] == 0 and not col.of_kind("result")
+    events = _drop_events(col)
+    assert [i for e in events for i in e["message_ids"]] == ids
+    ev = events[0]
+    assert ev["output"] == "mqtt" and ev["reason"] == "rejected" and ev["reason_code"] == 0x87
+    assert ev["kind"] == "result" and ev["message_id"] == ids[0] and ev["topic"] == "edge-ad/v1/t/d1/result"
+    assert "the broker refused it: Not authorized (reason code 0x87)" in ev["error"] and "max_packet_size" not in ev
+    schema.validate("event", ev)
+
+
+def test_a_message_the_broker_refuses_for_now_is_sent_again_after_a_back_off(mosquitto, tmp_path, monkeypatch):
+    """A PUBACK 0x97 Quota exceeded ("not now") deleted the result from the outbox: lost, though the broker
+    asked to send it later. It stays in the outbox and is sent again after a back-off: every result arrives,
+    nothing is dropped nor announced as dropped."""
+    from edge_ad.mqtt import sender
+
+    monkeypatch.setattr(sender, "RETRY_MIN_S", 0.2)     # 1 s in real life
+    proxy = CuttableProxy(mosquitto.port)
+    try:
+        with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/#") as col:
+            link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path)).start()
+            try:
+                ids = [link.publish_result({"score": 0.0, "ng": False})]
+                assert _wait(lambda: link.stats()["acked"] == 1, 10)      # the birth's PUBACK went before
+                proxy.refuse_pubacks(0x97, 3)
+                ids += [link.publish_result({"score": 0.1 * i, "ng": False}) for i in range(1, 4)]
+                assert _wait(lambda: link.stats()["acked"] == 4 and link.stats()["outbox_depth"] == 0, 10)
+                st = link.stats()
+            finally:
+                link.stop()
+    finally:
+        proxy.close()
+    assert st["rejected"] == 3 and st["outbox_dropped"] == 0 and st["retry_waiting"] == 0
+    assert col.unique_ids() == set(ids) and not _drop_events(col)
+    # the broker had taken them all the same: each refusal sent one again (a duplicate, removed by its id)
+    assert col.counts[ids[0]] == 1 and sum(col.counts[i] for i in ids) == 4 + 3
+
+
 def _held_id(packet: bytes) -> str:
     """The ``id`` of the result or event in a PUBLISH packet the proxy cut at."""
     return re.search(rb'"id": ?"([0-9a-f-]{36})"', packet).group(1).decode()
@@ -828,7 +937,7 @@ def test_connections_cut_right_after_sending_a_result_drop_nothing(mosquitto_fac
     finally:
         proxy.close()
     assert proxy.publish_cuts[1] == 0 and st["disconnects"] >= 4
-    assert st["outbox_dropped"] == 0 and st["outbox_dropped_by"] == {"full": 0, "too_large": 0}
+    assert st["outbox_dropped"] == 0 and st["outbox_dropped_by"] == {"full": 0, "too_large": 0, "rejected": 0}
     assert sorted({m.json()["seq"] for m in col.of_kind("result")}) == list(range(1, 22))
     assert not [m for m in col.of_kind("event") if m.json().get("type") == "output_error"]
     warned = _loss_warnings(caplog)
@@ -927,7 +1036,7 @@ def test_mqtt_311_a_message_over_the_brokers_limit_is_never_dropped_and_named_in
             st = link.stats()
         finally:
             link.stop(timeout=1)
-    assert st["outbox_dropped"] == 0 and st["outbox_dropped_by"] == {"full": 0, "too_large": 0}
+    assert st["outbox_dropped"] == 0 and st["outbox_dropped_by"] == {"full": 0, "too_large": 0, "rejected": 0}
     assert st["max_packet_size"] is None and st["outbox_depth"] == 4
     assert not {big, *after} & {m.json()["id"] for m in col.of_kind("result")}
     with Outbox(tmp_path / "outbox-d1.sqlite") as ob:
@@ -937,6 +1046,43 @@ def test_mqtt_311_a_message_over_the_brokers_limit_is_never_dropped_and_named_in
     assert f"result {big} on edge-ad/v1/t/d1/result" in warned[0] and "nothing is dropped" in warned[0]
     assert int(re.search(r"\((\d+) bytes", warned[0]).group(1)) > 3000
     assert "max_packet_size" in warned[0] and "mqtt.image_max_bytes" in warned[0]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_message_over_mosquittos_message_size_limit(mosquitto_factory, tmp_path, caplog, protocol):
+    """Mosquitto 2.0's older message_size_limit is not announced. MQTT v5: it answers a larger message with a
+    PUBACK reason code 0x95, which MQTT v5 does not allow in a PUBACK: paho closes the connection on it
+    (Protocol error) and sends the message again at every reconnect. Nothing is dropped (the device cannot
+    tell which message the PUBACK was for), and the WARNING, which blamed a size limit or the network, names the
+    protocol error and the setting to remove. MQTT 3.1.1: the broker acknowledges the message and discards it,
+    which the device cannot see at all (docs/mqtt.md, "The broker")."""
+    broker = mosquitto_factory(extra_config="message_size_limit 1000")
+    with Collector(BrokerSettings(url=broker.url, protocol=protocol), "edge-ad/v1/t/d1/#") as col, \
+            caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(broker.url, tmp_path, protocol=protocol)).start()
+        try:
+            before = link.publish_result({"score": 0.1, "ng": False})
+            big = link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000})
+            after = link.publish_result({"score": 0.3, "ng": False})
+            assert col.wait_for(lambda c: before in {m.json()["id"] for m in c.of_kind("result")}, 10)
+            if protocol == "5":
+                assert _wait(lambda: _loss_warnings(caplog), 20)
+            else:
+                assert col.wait_for(lambda c: after in {m.json()["id"] for m in c.of_kind("result")}, 10)
+                assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+            st = link.stats()
+        finally:
+            link.stop(timeout=1)
+    assert st["outbox_dropped"] == 0 and big not in {m.json()["id"] for m in col.of_kind("result")}
+    if protocol == "3.1.1":      # acknowledged: gone, and only the consumer's seq gap shows it
+        assert st["acked"] == 3 and st["disconnects"] == 0 and not _loss_warnings(caplog)
+        return
+    with Outbox(tmp_path / "outbox-d1.sqlite") as ob:
+        assert [r.msg_id for r in ob.fetch_after(0, 10)] == [big, after]
+    warned = _loss_warnings(caplog)
+    assert len(warned) == 1 and f"result {big} on edge-ad/v1/t/d1/result" in warned[0], warned
+    assert "could not read (Protocol error), not a network fault" in warned[0]
+    assert "PUBACK reason code (0x95)" in warned[0] and "remove message_size_limit" in warned[0]
 
 
 def test_mqtt_311_a_birth_over_the_brokers_limit_drops_nothing(mosquitto_factory, tmp_path):

@@ -91,24 +91,26 @@ def test_count_bound_drops_oldest_and_counts(tmp_path):
 
 
 def test_messages_the_broker_refuses_are_dropped_and_counted_per_reason(tmp_path):
-    """The sender drops a message the broker will not take (over its maximum packet size): gone from the
-    outbox, counted in dropped with those a full outbox dropped, and per reason; both persisted."""
-    ob = Outbox(tmp_path / "o.sqlite", max_messages=3)
-    for _ in range(5):
+    """The sender drops a message the broker will not take (over its maximum packet size, or refused for good
+    by a PUBACK reason code): gone from the outbox, counted in dropped with those a full outbox dropped, and per
+    reason; both persisted."""
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=4)
+    for _ in range(6):
         ob.put("result", "t", lambda s: _json(s))              # 2 dropped: full
     rows = ob.fetch_after(0, 10)
     assert ob.drop([rows[0].id], "too_large") == 1
     assert ob.drop([rows[0].id, rows[1].id], "too_large") == 1      # one was gone already
-    assert ob.depth == 1 and ob.bytes == len(rows[2].payload) and ob.dropped == 4
-    assert ob.dropped_by == {"full": 2, "too_large": 2}
+    assert ob.drop([rows[2].id], "rejected") == 1
+    assert ob.depth == 1 and ob.bytes == len(rows[3].payload) and ob.dropped == 5
+    assert ob.dropped_by == {"full": 2, "too_large": 2, "rejected": 1}
     # a lost connection is never a reason: it cannot be told from a network fault (nothing is dropped for it)
     for reason in ("full", "disconnects"):
-        with pytest.raises(InputError, match=f"drop reason '{reason}': expected one of too_large"):
-            ob.drop([rows[2].id], reason)
+        with pytest.raises(InputError, match=f"drop reason '{reason}': expected one of too_large, rejected"):
+            ob.drop([rows[3].id], reason)
     assert ob.depth == 1
     ob.close()
-    with Outbox(tmp_path / "o.sqlite", max_messages=3) as again:
-        assert again.dropped == 4 and again.dropped_by == {"full": 2, "too_large": 2}
+    with Outbox(tmp_path / "o.sqlite", max_messages=4) as again:
+        assert again.dropped == 5 and again.dropped_by == {"full": 2, "too_large": 2, "rejected": 1}
         assert again.stats()["dropped_by"]["too_large"] == 2
 
 
@@ -529,3 +531,146 @@ def test_a_log_limiter_reports_what_it_held_back_once_the_interval_is_over_or_at
     assert lim.flush(force=True) == {} and lim.hit("a") == 0     # the interval starts again at a flush
     time.sleep(0.25)
     assert lim.flush() == {"a": 1} and lim.hit("a") == 0
+
+
+def test_a_refusal_for_good_is_dropped_and_announced_one_for_now_is_sent_again_after_a_back_off(tmp_path, caplog,
+                                                                                                monkeypatch):
+    """A PUBACK with a failure reason code deleted the message from the outbox whatever the code, with one log
+    line: not counted in dropped_by, not announced, and a "try later" (0x97 Quota exceeded, 0x80 Unspecified
+    error, 0x83 Implementation specific error) lost a result for good. A final refusal (0x87 Not authorized, 0x90
+    Topic name invalid, 0x99 Payload format invalid) is dropped as 'rejected' now (counted, announced through
+    on_drop with its reason code); any other stays in the outbox and is sent again after its own back-off
+    (1 s, doubling), nothing being handed over for 1 s after such a refusal (no hot loop)."""
+    import types
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from edge_ad.mqtt import sender
+    from edge_ad.mqtt.sender import OutboxSender
+
+    clock = [1000.0]
+    monkeypatch.setattr(sender, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+
+    class Client:
+        protocol = paho.MQTTv5
+        mids = iter(range(1, 100))
+
+        def __init__(self):
+            self.sent = []
+
+        def publish(self, topic, payload, qos=0, retain=False, properties=None):
+            mid = next(self.mids)
+            self.sent.append((mid, json.loads(payload)["i"]))
+            return types.SimpleNamespace(rc=paho.MQTT_ERR_SUCCESS, mid=mid)
+
+    def puback(mid, code):
+        out.acknowledged(mid, ReasonCode(PacketTypes.PUBACK, identifier=code))
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    for i in range(6):
+        ob.put("result", "t/result", lambda s, i=i: _json(s, i=i), msg_id=f"r{i}")
+    announced: list[dict] = []
+    out = OutboxSender(ob, window=10, resend_after_s=60.0, wake=threading.Event(), on_drop=announced.extend)
+    client = Client()
+    out.fill(client)
+    assert [i for _, i in client.sent] == [0, 1, 2, 3, 4, 5]
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.sender"):
+        for (mid, _), code in zip(client.sent, (0x87, 0x90, 0x99, 0x97, 0x80, 0x83)):
+            puback(mid, code)
+        out.drain_acks()
+        out.report_drops(now=True)
+        assert ob.dropped_by == {"full": 0, "too_large": 0, "rejected": 3}
+        assert ob.depth == 3 and out.retry_waiting == 3 and out.counters["rejected"] == 6 and out.inflight == 0
+        assert [(d["message_id"], d["reason"], d["reason_code"]) for d in announced] == [
+            ("r0", "rejected", 0x87), ("r1", "rejected", 0x90), ("r2", "rejected", 0x99)]
+        assert "r0 on t/result dropped: the broker refused it: Not authorized (reason code 0x87)" in announced[0]["error"]
+        assert out.settled            # nothing waits for the broker: the stop does not wait for a back-off
+
+        client.sent.clear()
+        ob.put("result", "t/result", lambda s: _json(s, i=6), msg_id="r6")
+        out.fill(client)
+        assert client.sent == []      # the broker said "not now": nothing is handed over for a second
+        clock[0] += 1.0
+        out.fill(client)
+        assert [i for _, i in client.sent] == [3, 4, 5, 6]       # the refused ones first, then the next
+        (m3, _), *others = client.sent
+        puback(m3, 0x97)              # refused again: its back-off doubles
+        for mid, _ in others:
+            puback(mid, 0)
+        out.drain_acks()
+        assert ob.depth == 1 and out.retry_waiting == 1 and ob.dropped_by["rejected"] == 3
+        client.sent.clear()
+        clock[0] += 1.0
+        out.fill(client)
+        assert client.sent == []      # 2 s this time
+        clock[0] += 1.0
+        out.fill(client)
+        assert [i for _, i in client.sent] == [3]
+        puback(client.sent[0][0], 0)
+        out.drain_acks()
+    assert ob.depth == 0 and out.retry_waiting == 0 and out.counters["acked"] == 4
+    assert ob.dropped_by == {"full": 0, "too_large": 0, "rejected": 3} and len(announced) == 3
+    warned = [r.getMessage() for r in caplog.records if "for now:" in r.getMessage()]
+    assert len(warned) == 1, warned             # 4 refusals for now, logged once (at most once a minute)
+    assert "result r3 on t/result for now: Quota exceeded (reason code 0x97)" in warned[0]
+    assert "kept in the outbox and sent again in 1 s" in warned[0]
+    assert any("took the messages it had refused" in r.getMessage() for r in caplog.records)
+    ob.close()
+
+
+def test_a_full_outbox_names_what_it_drops_per_kind_in_bounded_space(tmp_path, monkeypatch):
+    """A full outbox's drops were only counted (and logged as a count): a consumer could not tell which results
+    were lost. They are named now, per kind: how many, the first and last id, the seq ranges, and every id while
+    they are few; in a bounded report however many (20 seq ranges a kind, the rest counted). They are handed out
+    once the outbox has room for the event that names them (storing it must not push out one more), at most
+    once a minute (at once while stopping), and kept in the file over a stop that had no room for them."""
+    from edge_ad import ratelimit
+
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=10, sync="normal")
+
+    def deliver_one():            # what the sender does with the oldest once the broker acknowledged it
+        ob.delete([ob.fetch_after(0, 1)[0].id])
+
+    for i in range(12):
+        ob.put("result", "t/result", lambda s: _json(s), msg_id=f"r{i}")
+    ob.put("image", "t/image", b"\xff\xd8", msg_id="e1")         # an image never pushes out a result: itself
+    ob.put("event", "t/event", lambda s: _json(s), msg_id="ev1")
+    assert ob.take_full_drops() is None and ob.full_drops_pending      # full: no room for the event yet
+    deliver_one()
+    rep = ob.take_full_drops()
+    assert rep == {"count": 4, "ids": ["r0", "r1", "e1", "r2"], "max_messages": 10, "max_bytes": ob.max_bytes,
+                   "dropped_total": 4,
+                   "kinds": {"result": {"count": 3, "first_id": "r0", "last_id": "r2", "seq": [[1, 3]]},
+                             "image": {"count": 1, "first_id": "e1", "last_id": "e1"}}}
+    assert ob.take_full_drops() is None and not ob.full_drops_pending
+    for i in (12, 13):
+        ob.put("result", "t/result", lambda s: _json(s), msg_id=f"r{i}")      # the second pushes out r4
+    deliver_one()
+    assert ob.take_full_drops() is None                              # within the minute ...
+    assert ob.take_full_drops(now=True)["kinds"] == {"result": {"count": 1, "first_id": "r4", "last_id": "r4",
+                                                                "seq": [[5, 5]]}}      # ... but stopping
+    for i in (14, 15):
+        ob.put("result", "t/result", lambda s: _json(s), msg_id=f"r{i}")      # pushes out r6
+    assert ob.take_full_drops(now=True) is None                      # no room
+    ob.close()
+    ob = Outbox(tmp_path / "o.sqlite", max_messages=10, sync="normal")      # the next start
+    assert ob.take_full_drops(now=True) is None and ob.full_drops_pending
+    deliver_one()
+    assert ob.take_full_drops(now=True)["ids"] == ["r6"]
+    for i in range(3000):      # the sender delivers one now and then: the dropped seqs come in many ranges
+        ob.put("result", "t/result", lambda s: _json(s), msg_id=f"x{i}")
+        if i % 7 == 0:
+            deliver_one()
+    deliver_one()
+    monkeypatch.setattr(ratelimit, "REPORT_EVERY_S", 0.0)             # the minute has passed
+    rep = ob.take_full_drops()
+    result = rep["kinds"]["result"]
+    assert rep["ids"] is None and result["count"] > 2000
+    assert rep["count"] == sum(k["count"] for k in rep["kinds"].values())
+    assert len(result["seq"]) == 20 and result["seq_more"] > 0
+    assert sum(b - a + 1 for a, b in result["seq"]) + result["seq_more"] == result["count"]
+    assert result["last_id"].startswith("x") and result["seq"][0][0] > 7         # r7 on: r6 was the last named
+    assert len(json.dumps(rep)) < 1500
+    ob.close()

@@ -1391,7 +1391,7 @@ def test_the_run_summary_counts_the_messages_the_full_outbox_dropped(tmp_path, t
         total = ob.dropped
     assert summary["outbox_left"] == 5 and summary["output_errors"]["outbox"] == 0
     assert summary["outbox_dropped"] == total - 2 >= 20 - 4
-    assert summary["outbox_dropped_by"] == {"full": total - 2, "too_large": 0}
+    assert summary["outbox_dropped_by"] == {"full": total - 2, "too_large": 0, "rejected": 0}
 
 
 def test_the_summary_fps_is_over_the_inspection_not_the_stop(tmp_path, tiny_bundle):
@@ -1611,10 +1611,11 @@ def _run_cli_summarising(monkeypatch, tmp_path, summary: dict):
 def test_run_names_the_messages_dropped_as_too_large_for_the_broker(tmp_path, tiny_bundle, monkeypatch):
     """The summary line counted 'too_large' and 'disconnects' together as messages the broker does not take;
     a lost connection no longer drops anything, so only messages over the limit the broker announced are
-    counted there, apart from those the full outbox dropped."""
+    counted there, apart from those the full outbox dropped, and those the broker refused for good (a PUBACK
+    reason code such as Not authorized), which were not counted anywhere."""
     summary = {"frames": 4, "ng": 0, "dropped": 0, "duration_s": 1.0, "fps": 4.0, "reason": "finished",
-               "stop_s": 0.1, "outbox_left": 0, "outbox": "o.sqlite", "outbox_reset": None, "outbox_dropped": 3,
-               "outbox_dropped_by": {"full": 1, "too_large": 2}}
+               "stop_s": 0.1, "outbox_left": 0, "outbox": "o.sqlite", "outbox_reset": None, "outbox_dropped": 7,
+               "outbox_dropped_by": {"full": 1, "too_large": 2, "rejected": 4}}
 
     run = _run_cli_summarising(monkeypatch, tmp_path, summary)
     res = run(_config_file(tmp_path, tiny_bundle, "synthetic://"))
@@ -1622,7 +1623,9 @@ def test_run_names_the_messages_dropped_as_too_large_for_the_broker(tmp_path, ti
     assert "1 MQTT messages dropped by the full outbox" in res.output
     assert ("2 MQTT messages dropped because they are larger than the maximum packet size the broker announced "
             "(max_packet_size in Mosquitto)") in res.output
-    summary["outbox_dropped_by"] = {"full": 0, "too_large": 0}
+    assert ("4 MQTT messages dropped because the broker refused them for good (a PUBACK reason code such as Not "
+            "authorized: check the broker's ACL for the device's topics)") in res.output
+    summary["outbox_dropped_by"] = {"full": 0, "too_large": 0, "rejected": 0}
     res = run(tmp_path / "run.toml")
     assert res.exit_code == 0 and "MQTT messages dropped" not in res.output, res.output
 
@@ -1633,7 +1636,7 @@ def test_run_names_the_outputs_whose_writes_failed(tmp_path, tiny_bundle, monkey
     It names each output with failed writes and how many."""
     summary = {"frames": 190, "ng": 190, "dropped": 10, "duration_s": 20.0, "fps": 9.5, "reason": "finished",
                "stop_s": 0.1, "outbox_left": 0, "outbox": "o.sqlite", "outbox_reset": None, "outbox_dropped": 0,
-               "outbox_dropped_by": {"full": 0, "too_large": 0},
+               "outbox_dropped_by": {"full": 0, "too_large": 0, "rejected": 0},
                "output_errors": {"jsonl": 2, "outbox": 35, "snapshots": 0, "telemetry": 1}}
 
     run = _run_cli_summarising(monkeypatch, tmp_path, summary)

@@ -121,6 +121,10 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
                 click.echo(f"{by['too_large']} MQTT messages dropped because they are larger than the maximum packet "
                            "size the broker announced (max_packet_size in Mosquitto): raise that limit above "
                            "mqtt.image_max_bytes + 1 KiB, or lower image_max_bytes", err=err)
+            if by.get("rejected"):
+                click.echo(f"{by['rejected']} MQTT messages dropped because the broker refused them for good (a PUBACK "
+                           "reason code such as Not authorized: check the broker's ACL for the device's topics); "
+                           "each is named in an output_error event and in the log", err=err)
         sys.stdout.flush()
     except BrokenPipeError:   # `edge-ad run | head`: the reader left; the run itself went well
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit

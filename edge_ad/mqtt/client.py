@@ -94,3 +94,11 @@ def reason_failed(reason_code: Any) -> bool:
 def reason_text(reason_code: Any) -> str:
     name = getattr(reason_code, "getName", None)
     return name() if callable(name) else str(reason_code)
+
+
+def reason_value(reason_code: Any) -> int | None:
+    """The number of a reason code (paho's ReasonCode, or an int); None when it has none."""
+    try:
+        return int(getattr(reason_code, "value", reason_code))
+    except (TypeError, ValueError):
+        return None

@@ -25,7 +25,8 @@ announced with an ``output_error`` event (:mod:`.sender`); a too large event ima
 (``image_skipped: too_large``), a too large status, calibration, discovery config, telemetry or reply is not
 sent (logged). A broker that announces no limit (MQTT 3.1.1) just drops the connection, which cannot be
 told from a network fault: nothing is dropped for it; the same message sent right before several losses in a
-row is named in a WARNING.
+row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) is dropped and announced the
+same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
 """
 
 from __future__ import annotations
@@ -47,16 +48,15 @@ from .. import __version__
 from ..errors import InputError, RuntimeFailure
 from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
-from .client import connect_async, make_client, reason_failed, reason_text
+from .client import connect_async, make_client, reason_failed, reason_text, reason_value
 from .commands import LONG, QUICK, CommandQueue, Dispatcher, Handler, Incoming
-from .outbox import Outbox
+from .outbox import DROP_IDS_PER_EVENT, Outbox
 from .sender import AckListener, OutboxSender, image_properties, percentile, publish_size
 from .settings import SHORT_SECRET, MqttSettings
 from .topics import Topics
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
-DROP_IDS_PER_EVENT = 100    # message ids an output_error event for dropped messages names at most (more: more events)
 
 
 class MqttLink:
@@ -128,12 +128,19 @@ class MqttLink:
         (``message_ids``), with the first one's kind, size and topic, and how many in all. As many events as
         it takes to name them all, each small enough for the broker's limit (:data:`DROP_IDS_PER_EVENT` ids at
         most). A drop of one of these events itself is not announced (on a broker whose limit is below an
-        event's size they would follow each other). Also from :meth:`stop`, after the link stopped."""
-        drops = [d for d in drops if d.get("message_id") not in self._drop_events]
+        event's size they would follow each other). What the full outbox dropped comes as one record (reason
+        ``full``, :meth:`Outbox.take_full_drops`): one event names them by kind (:meth:`_full_event`). Also from
+        :meth:`stop`, after the link stopped."""
+        for rec in [d for d in drops if d["reason"] == "full"]:
+            self._store_drop_event(self._full_event(rec))
+        drops = [d for d in drops if d["reason"] != "full" and d.get("message_id") not in self._drop_events]
+
+        def key(d: dict) -> tuple:
+            return d["reason"], d.get("max_packet_size"), d.get("reason_code")
+
         while drops:
-            key = (drops[0]["reason"], drops[0]["max_packet_size"])
-            n = 1                 # the first ones for the same reason under the same limit: one event
-            while n < min(len(drops), DROP_IDS_PER_EVENT) and (drops[n]["reason"], drops[n]["max_packet_size"]) == key:
+            n = 1                 # the first ones for the same reason (limit, reason code): one event
+            while n < min(len(drops), DROP_IDS_PER_EVENT) and key(drops[n]) == key(drops[0]):
                 n += 1
             same = drops[:n]
             while True:
@@ -144,24 +151,50 @@ class MqttLink:
                 limit = self._out.max_packet or size
                 n = max(1, min(n - 1, n * limit // size - 1))     # what fits, the ids being the same size
             drops = drops[n:]
-            try:
-                event_id = str(uuid.uuid4())
-                self._drop_events.append(event_id)
-                self._store("event", self.topics.event, {"id": event_id, **ev}, check_open=False)
-            except Exception as exc:  # a full disk, a closed outbox: the log says it already
-                log.warning("mqtt: could not store the output_error event for %d dropped message(s): %s",
-                            len(ev["message_ids"]), exc)
+            self._store_drop_event(ev)
+
+    def _store_drop_event(self, ev: dict) -> None:
+        try:
+            event_id = str(uuid.uuid4())
+            self._drop_events.append(event_id)
+            self._store("event", self.topics.event, {"id": event_id, **ev}, check_open=False)
+        except Exception as exc:  # a full disk, a closed outbox: the log says it already
+            log.warning("mqtt: could not store the output_error event for %d dropped message(s): %s", ev["failed"],
+                        exc)
+
+    def _full_event(self, rec: dict) -> dict:
+        """The ``output_error`` event that names the messages the full outbox dropped (``rec``:
+        :meth:`Outbox.take_full_drops`): per kind in ``dropped`` (how many, the first and last id, the ``seq``
+        ranges), and every id in ``message_ids`` when they are few enough (and the event still fits the
+        broker's limit with them)."""
+        parts = []
+        for kind, k in rec["kinds"].items():
+            ranges = k.get("seq", [])
+            seq = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges[:3])
+            more = " and more" if len(ranges) > 3 or k.get("seq_more") else ""
+            parts.append(f"{k['count']} {kind}(s)" + (f" (seq {seq}{more})" if seq else ""))
+        ev = {"type": "output_error", "output": "mqtt", "reason": "full",
+              "error": f"outbox full ({rec['max_messages']} messages, {rec['max_bytes']} bytes max): dropped the "
+                       f"{rec['count']} oldest message(s) since the last report: {', '.join(parts)}",
+              "dropped": rec["kinds"], "message_ids": rec["ids"], "failed": rec["count"],
+              "failed_total": rec["dropped_total"]}
+        if rec["ids"] and self._too_large(self.topics.event, len(payloads.encode(ev, "event"))
+                                          + self._event_head_bytes, image=False):
+            ev["message_ids"] = None         # "dropped" still names them
+        return {k: v for k, v in ev.items() if v is not None}
 
     @staticmethod
     def _drop_event(drops: list[dict]) -> dict:
-        """The ``output_error`` event that names ``drops`` (one reason, one limit; the first is described)."""
+        """The ``output_error`` event that names ``drops`` (one reason, one limit or reason code; the first is
+        described)."""
         first = drops[0]
         error = first["error"]
         if len(drops) > 1:
             error += f"; and {len(drops) - 1} more message(s) for the same reason (message_ids)"
         ev = {"type": "output_error", "output": "mqtt", "reason": first["reason"], "error": error,
               "kind": first["kind"], "message_id": first["message_id"], "topic": first["topic"],
-              "bytes": first["bytes"], "max_packet_size": first["max_packet_size"],
+              "bytes": first["bytes"], "max_packet_size": first.get("max_packet_size"),
+              "reason_code": first.get("reason_code"),
               "message_ids": [d["message_id"] for d in drops if d["message_id"] is not None],
               "failed": len(drops), "failed_total": max(d["dropped_total"] for d in drops)}
         return {k: v for k, v in ev.items() if v is not None}
@@ -376,6 +409,7 @@ class MqttLink:
             "outbox_dropped_by": self.outbox.dropped_by,
             "max_packet_size": self._out.max_packet,
             "inflight": self._out.inflight,
+            "retry_waiting": self._out.retry_waiting,
             "published": c["published"],
             "acked": c["acked"],
             "rejected": c["rejected"],
@@ -543,7 +577,11 @@ class MqttLink:
         if was:
             self._counters["disconnects"] += 1
             if not self._stopping:
-                self._out.lost(self._connected_at)     # right after sending a message the broker refuses? (logged)
+                # right after sending a message the broker refuses? (logged) A v5 "Protocol error" the client
+                # raised itself: a packet from the broker it could not read (Mosquitto's PUBACK 0x95), no network fault
+                protocol_error = (client.protocol == paho.MQTTv5 and reason_value(reason_code) == 0x82
+                                  and not getattr(flags, "is_disconnect_packet_from_server", True))
+                self._out.lost(self._connected_at, protocol_error)
                 self._last_error = f"disconnected from {self.settings.safe_url}: {reason_text(reason_code)}"
                 log.warning("mqtt: %s; reconnecting (%d waiting in the outbox)", self._last_error,
                             self.outbox.depth)

@@ -7,9 +7,13 @@ what is left, oldest first.
 
 The outbox is bounded by a message count and by payload bytes. When a write would exceed a bound, the
 oldest event images go first, then the oldest messages of any kind; every dropped message is counted
-in ``dropped`` (persisted in the file). A message dropped while it was in flight may still arrive.
+in ``dropped`` (persisted in the file), and named (:class:`DropNames`: per kind, how many, the first and
+last id, the ``seq`` ranges) until the link announces them, once the outbox has room for its event
+(:meth:`Outbox.take_full_drops`; kept in memory, and in the file when it is closed with some not announced
+yet: a power cut loses them, not the count). A message dropped while it was in flight may still arrive.
 The sender also drops a message the broker will not take (:meth:`Outbox.drop`: larger than the broker's
-maximum packet size): counted in ``dropped`` too, and per reason in ``dropped_by``.
+maximum packet size, or refused by a PUBACK reason code that is final, such as Not authorized): counted in
+``dropped`` too, and per reason in ``dropped_by``.
 
 Per-kind sequence numbers (``seq``) are allocated in the same transaction as the insert and persisted,
 so they increase monotonically per device across restarts; a consumer sees a gap only for a dropped
@@ -48,8 +52,12 @@ from .settings import SyncMode
 log = logging.getLogger(__name__)
 
 KINDS = ("result", "event", "image")
-# why messages were dropped (``dropped_by``): "full" (a bound), or the sender's reasons (:meth:`Outbox.drop`)
-DROP_REASONS = ("full", "too_large")
+DROP_IDS_PER_EVENT = 100    # message ids an output_error event for dropped messages names at most
+SEQ_RANGES_MAX = 20         # seq ranges named per kind in one report of a full outbox's drops (more: counted)
+FULL_EVENT_ROOM = 8192      # bytes kept free for the event that names a full outbox's drops (at most ~6 KiB)
+# why messages were dropped (``dropped_by``): "full" (a bound), or the sender's reasons (:meth:`Outbox.drop`): the
+# broker announced a smaller maximum packet size, or refused the message for good (a PUBACK reason code)
+DROP_REASONS = ("full", "too_large", "rejected")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -93,6 +101,56 @@ def _busy(exc: sqlite3.Error) -> bool:
 _LOCKED_HINT = "another program, e.g. a sqlite3 shell inside a transaction, holds a lock on the file"
 
 
+class DropNames:
+    """The messages a full outbox dropped since the last report, named in a bounded space however many they
+    are: per kind, how many, the first and last id, and the ``seq`` ranges of results and events (the first
+    :data:`SEQ_RANGES_MAX`; the messages in further ranges are counted in ``seq_more``); the ids of all of them
+    while they are at most :data:`DROP_IDS_PER_EVENT` (``ids`` is None past that, or when one has no id)."""
+
+    def __init__(self, report: dict | None = None):
+        """Empty, or the names of an earlier :meth:`report` (kept in the file over a restart)."""
+        self.count = int(report["count"]) if report else 0
+        self.kinds: dict[str, dict] = dict(report["kinds"]) if report else {}
+        self.ids: list[str] | None = report["ids"] if report else []
+
+    def add(self, kind: str, msg_id: str | None, seq: int | None) -> None:
+        self.count += 1
+        if self.ids is not None and (msg_id is None or self.count > DROP_IDS_PER_EVENT):
+            self.ids = None
+        elif self.ids is not None:
+            self.ids.append(msg_id)
+        k = self.kinds.setdefault(kind, {"count": 0, "first_id": msg_id})
+        k["count"] += 1
+        k["last_id"] = msg_id
+        if seq is None:
+            return
+        ranges = k.setdefault("seq", [])
+        if "seq_more" in k:
+            k["seq_more"] += 1
+        elif ranges and seq == ranges[-1][1] + 1:
+            ranges[-1][1] = seq
+        elif len(ranges) < SEQ_RANGES_MAX:
+            ranges.append([seq, seq])
+        else:
+            k["seq_more"] = 1
+
+    def report(self) -> dict:
+        """``{"count", "kinds": {kind: {"count", "first_id", "last_id", "seq"?, "seq_more"?}}, "ids"}``"""
+        kinds = {kind: {key: v for key, v in k.items() if v is not None} for kind, k in self.kinds.items()}
+        return {"count": self.count, "kinds": kinds, "ids": self.ids}
+
+
+def _seq_of(payload: bytes | None) -> int | None:
+    """The ``seq`` of a stored result or event (None for an image, or a payload without one)."""
+    if payload is None:
+        return None
+    try:
+        seq = json.loads(payload).get("seq")
+    except (ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
 @dataclass(frozen=True)
 class Row:
     id: int
@@ -134,6 +192,8 @@ class Outbox:
         self._closed = False
         self._no_wait: set[int] = set()      # connections whose last write found the file locked (see _begin)
         self._full_log = LogLimiter()        # drops are logged at once, then at most once a minute
+        self._full_names = DropNames()       # ... and named, for take_full_drops (under _stat; _open may load some)
+        self._full_taken = float("-inf")     # when take_full_drops last returned some (monotonic)
         # set when the file was damaged and moved aside at open: {"moved_to", "error", "ts"}
         self.reset: dict | None = None
         self._lockfile = self._lock_exclusive()
@@ -183,6 +243,14 @@ class Outbox:
             # only the sender's reasons are stored: "full" is the rest of the total (files made before had no
             # reasons, and all their drops were "full")
             self._dropped_by = {r: int(self._meta_get(f"dropped.{r}") or 0) for r in DROP_REASONS[1:]}
+            names = self._meta_get("full_names")        # dropped for a bound, not announced at the last close
+            if names is not None:
+                try:
+                    self._full_names = DropNames(json.loads(names))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("outbox %s: the names of the messages dropped before the last stop are unreadable "
+                                "(%s): only their count is kept", self.path, exc)
+                self._db.execute("DELETE FROM meta WHERE key = 'full_names'")
             # the write lock, taken and given back: the reads above succeed in WAL mode while another program
             # holds a write transaction on the file, and the first result would find the lock instead (it
             # waited a minute per write, holding up the line); refused here, at start, as documented
@@ -341,23 +409,26 @@ class Outbox:
                     with self._stat:
                         count, nbytes = self._count + 1, self._bytes + size
                     dropped = dropped_bytes = 0
+                    named: list[tuple] = []          # (kind, msg_id, seq) of each dropped message
                     while count > self.max_messages or nbytes > self.max_bytes:
                         # older images go first; an image never pushes out a result or an event (it
                         # drops itself instead), and a message larger than the whole bound drops itself
                         # without emptying the backlog first
+                        # (id, size, kind, msg_id, the payload of a result or event: for its seq)
                         victim = None
                         if size <= self.max_bytes:
                             victim = self._db.execute(
-                                "SELECT id, size FROM outbox WHERE kind = 'image' AND id != ? ORDER BY id LIMIT 1",
-                                (row_id,)).fetchone()
+                                f"SELECT {self._VICTIM} FROM outbox WHERE kind = 'image' AND id != ? ORDER BY id "
+                                "LIMIT 1", (row_id,)).fetchone()
                         if victim is None and (kind == "image" or size > self.max_bytes):
-                            victim = (row_id, size)
+                            victim = (row_id, size, kind, msg_id, None if kind == "image" else data)
                         if victim is None:
                             victim = self._db.execute(
-                                "SELECT id, size FROM outbox ORDER BY id LIMIT 1").fetchone()
+                                f"SELECT {self._VICTIM} FROM outbox ORDER BY id LIMIT 1").fetchone()
                         self._db.execute("DELETE FROM outbox WHERE id = ?", (victim[0],))
                         count, nbytes = count - 1, nbytes - int(victim[1])
                         dropped, dropped_bytes = dropped + 1, dropped_bytes + int(victim[1])
+                        named.append((victim[2], victim[3], _seq_of(victim[4])))
                         if victim[0] == row_id:
                             log.warning("outbox %s: a %s message of %d bytes does not fit (%d messages, %d "
                                         "bytes max, results and events kept): dropped", self.path, kind, size,
@@ -375,6 +446,8 @@ class Outbox:
                     self._count += 1 - dropped
                     self._bytes += size - dropped_bytes
                     self._dropped += dropped
+                    for name in named:
+                        self._full_names.add(*name)
             except sqlite3.Error as exc:
                 raise RuntimeFailure(f"outbox {self.path}: write failed ({exc})") from None
             since = self._full_log.hit("full", dropped) if dropped else 0
@@ -383,6 +456,31 @@ class Outbox:
                             "(%d in all); reported again in %.0f s at the earliest", self.path, self.max_messages,
                             self.max_bytes, since, self._dropped, self._full_log.interval_s)
             return row_id, seq
+
+    _VICTIM = "id, size, kind, msg_id, CASE WHEN kind = 'image' THEN NULL ELSE payload END"
+
+    @property
+    def full_drops_pending(self) -> bool:
+        """Messages dropped for a bound that :meth:`take_full_drops` has not handed out yet."""
+        return self._full_names.count > 0
+
+    def take_full_drops(self, now: bool = False) -> dict | None:
+        """The messages dropped for a bound since the last call, named (:meth:`DropNames.report`, with
+        ``max_messages``, ``max_bytes`` and ``dropped_total``, the ``full`` drops since the file was made), for
+        the link to announce in an event: once the outbox has room for that event (storing it must not push out
+        one more message: a full outbox keeps the names meanwhile, bounded, also over a restart), and at most
+        once per :data:`~edge_ad.ratelimit.REPORT_EVERY_S` (as the log) unless ``now`` (the stop). None when
+        there are none, or not yet."""
+        at = time.monotonic()
+        with self._stat:
+            if (not self._full_names.count or (not now and at - self._full_taken < self._full_log.interval_s)
+                    or self._count + 1 > self.max_messages
+                    or self._bytes + min(FULL_EVENT_ROOM, self.max_bytes // 4) > self.max_bytes):
+                return None
+            names, self._full_names, self._full_taken = self._full_names, DropNames(), at
+            total = self._dropped - sum(self._dropped_by.values())
+        return {**names.report(), "max_messages": self.max_messages, "max_bytes": self.max_bytes,
+                "dropped_total": total}
 
     # ------------------------------------------------------------------ read / delete (the sender)
     _COLUMNS = "id, kind, topic, payload, qos, retain, created, msg_id, meta"
@@ -504,7 +602,8 @@ class Outbox:
     @property
     def dropped_by(self) -> dict[str, int]:
         """``dropped`` per reason (since the file was made): ``full`` (a bound), ``too_large`` (larger than the
-        maximum packet size the broker announced)."""
+        maximum packet size the broker announced), ``rejected`` (refused by the broker for good: a PUBACK reason
+        code such as 0x87 Not authorized)."""
         with self._stat:
             by = dict(self._dropped_by)
             return {"full": max(0, self._dropped - sum(by.values())), **by}
@@ -544,6 +643,12 @@ class Outbox:
             if held:   # drops since the last report: the log accounts for every one (the summary counts them too)
                 log.warning("outbox %s full: dropped %d oldest since the last report (%d in all)", self.path, held,
                             self._dropped)
+            if self._full_names.count:   # not announced (no room for the event): the next start does it
+                try:
+                    self._meta_set("full_names", json.dumps(self._full_names.report(), separators=(",", ":")))
+                except sqlite3.Error as exc:
+                    log.warning("outbox %s: the names of the %d message(s) dropped since the last report are lost "
+                                "(%s); their count is kept", self.path, self._full_names.count, exc)
             self._rdb.close()
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

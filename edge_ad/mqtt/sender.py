@@ -18,6 +18,15 @@ message is never dropped for a lost connection, whatever its timing. Each connec
 :data:`LOSS_REPEATS` such losses in a row are logged as a WARNING naming that message, its size and the broker
 setting that would cause it (at most once a minute): the operator sees the reconnect loop and its likely
 cause, and nothing is lost.
+
+A PUBACK with a failure reason code (MQTT v5) is the broker refusing one message, and the code says whether
+sending it again can help (:data:`PERMANENT_REFUSALS`, from the spec's list for PUBACK, 3.4.2.1). A permanent one
+(0x87 Not authorized: an ACL; 0x90 Topic name invalid; 0x99 Payload format invalid) is dropped from the outbox as
+a ``too_large`` one is (reason ``rejected``: counted, logged, announced through ``on_drop``). Any other (0x97 Quota
+exceeded, 0x80 Unspecified error, 0x83 Implementation specific error, a code the spec does not list) means "not
+now": the message stays in the outbox and is sent again after a back-off of its own (:data:`RETRY_MIN_S`,
+doubling up to :data:`RETRY_MAX_S`), and nothing is handed over for :data:`RETRY_MIN_S` after a refusal, so a
+broker that refuses everything for a while is not flooded; logged at most once a minute.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from paho.mqtt.properties import Properties
 
 from ..errors import RuntimeFailure
 from ..ratelimit import LogLimiter
-from .client import reason_failed, reason_text
+from .client import reason_failed, reason_text, reason_value
 from .outbox import Outbox, Row
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,13 @@ LOSS_REPEATS = 3        # connections lost right after sending the same message,
 LOSS_WINDOW_S = 5.0     # "right after": within this of its send (a broker refuses a packet on its header; a
                         # cut noticed by the keep-alive comes 1.5 keep-alives after the last send)
 DROP_REPORT_S = 1.0     # dropped messages are announced at most this often (a burst of them: together)
+# PUBACK reason codes that refuse the message for good (MQTT v5 3.4.2.1): sending it again cannot help. 0x95 is
+# not a PUBACK code in the spec, but Mosquitto 2.0 sends it for a message over its message_size_limit (paho 2.2
+# rejects that PUBACK as malformed and closes the connection: see _note_loss; a library that passes it on gets
+# the message dropped). Every other failure (0x80, 0x83, 0x91, 0x97, an unknown code) is sent again later.
+PERMANENT_REFUSALS = frozenset({0x87, 0x90, 0x95, 0x99})
+RETRY_MIN_S = 1.0       # a message refused for now is sent again after this, doubling per refusal ...
+RETRY_MAX_S = 60.0      # ... up to this; and after any such refusal nothing is handed over for RETRY_MIN_S
 
 
 def publish_size(topic: str, payload_bytes: int, qos: int, properties: Properties | None, v5: bool) -> int:
@@ -78,6 +94,7 @@ class _Inflight:
     sent: float             # monotonic time handed to paho
     topic: str = ""
     size: int = 0           # bytes of the PUBLISH packet
+    refusals: int = 0       # times the broker refused it for now before this send (PUBACK "try later")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -108,6 +125,11 @@ class OutboxSender:
         self._drops: list[dict] = []                   # dropped messages not announced yet (report_drops)
         self._drops_lock = threading.Lock()            # the stop announces the last ones from its own thread
         self._drops_reported = float("-inf")           # when report_drops last announced some (monotonic)
+        self._drop_notes: dict[str, str] = {}          # reason -> why the last message dropped for it was
+        # messages the broker refused for now: outbox row -> (when to send it again (monotonic), refusals so far)
+        self._retry: dict[int, tuple[float, int]] = {}
+        self._hold_until = float("-inf")               # nothing is handed over before this (monotonic)
+        self._retry_log = LogLimiter()
         self._inflight: dict[int, _Inflight] = {}      # paho message id -> outbox row
         # copies resend_stale replaced, which paho still holds until their PUBACK: paho message id -> (row, topic)
         self._abandoned: dict[int, tuple[int, str]] = {}
@@ -123,15 +145,22 @@ class OutboxSender:
         return len(self._inflight)
 
     @property
+    def retry_waiting(self) -> int:
+        """Messages the broker refused for now, waiting in the outbox to be sent again."""
+        return len(self._retry)
+
+    @property
     def settled(self) -> bool:
         """Nothing waits for the broker: no message is in flight, and every message still stored is one the
-        broker acknowledged but whose delete failed (a full disk), and no drop waits to be announced
-        (:meth:`report_drops`). Those are delivered: waiting for the
-        outbox to empty cannot make them go, and the next start sends them again (de-duplicated by id).
-        Read from any thread (the sender thread replaces ``_undeleted``, never changes it in place)."""
-        undeleted, undropped = self._undeleted, self._undropped
-        return (not self._inflight and not self._drops
-                and self.outbox.depth <= len(set(undeleted) | set(undropped)))
+        broker acknowledged but whose delete failed (a full disk), or one it refused for now (it waits for its
+        back-off, not for the broker), and no drop waits to be announced (:meth:`report_drops`, the full
+        outbox's too). Waiting for
+        the outbox to empty cannot make those go: the next start sends them again (the acknowledged ones
+        de-duplicated by id). Read from any thread (the sender thread replaces ``_undeleted`` and ``_undropped``,
+        never changes them in place; ``_retry`` is copied)."""
+        undeleted, undropped, retry = self._undeleted, self._undropped, list(self._retry)
+        return (not self._inflight and not self._drops and not self.outbox.full_drops_pending
+                and self.outbox.depth <= len(set(undeleted) | set(undropped) | set(retry)))
 
     # ------------------------------------------------------------------ paho's network thread
     def acknowledged(self, mid: int, reason_code) -> None:
@@ -139,10 +168,12 @@ class OutboxSender:
         self._acks.put((mid, reason_failed(reason_code), reason_code))
         self._wake.set()
 
-    def lost(self, connected_since: float) -> None:
+    def lost(self, connected_since: float, protocol_error: bool = False) -> None:
         """``on_disconnect`` of a connection made at ``connected_since`` (monotonic): queued behind the
-        PUBACKs that came before it, so the sender sees which message was unacknowledged when it was lost."""
-        self._acks.put((None, time.monotonic(), connected_since))
+        PUBACKs that came before it, so the sender sees which message was unacknowledged when it was lost.
+        ``protocol_error``: the client closed it on a packet from the broker it could not read (not a network
+        fault)."""
+        self._acks.put((None, time.monotonic(), (connected_since, protocol_error)))
         self._wake.set()
 
     def reconnected(self, client: paho.Client, max_packet: int | None) -> None:
@@ -165,9 +196,16 @@ class OutboxSender:
 
     # ------------------------------------------------------------------ the sender thread
     def fill(self, client: paho.Client) -> None:
-        """Hand stored messages to paho, oldest first, until ``window`` are unacknowledged."""
+        """Hand stored messages to paho, oldest first, until ``window`` are unacknowledged: first those the
+        broker refused for now whose back-off is over, then the next ones. Nothing for :data:`RETRY_MIN_S`
+        after such a refusal."""
         self._take_back(client)
-        skip = ({f.row_id for f in self._inflight.values()} | set(self._undeleted) | set(self._undropped))
+        if time.monotonic() < self._hold_until:
+            return
+        if not self._send_again(client):
+            return
+        skip = ({f.row_id for f in self._inflight.values()} | set(self._undeleted) | set(self._undropped)
+                | set(self._retry))
         while True:
             room = self.window - len(self._inflight)
             if room <= 0:
@@ -180,7 +218,24 @@ class OutboxSender:
                     return
                 self._cursor = row.id
 
-    def _hand_over(self, client: paho.Client, row: Row) -> bool:
+    def _send_again(self, client: paho.Client) -> bool:
+        """Hand over the messages the broker refused for now whose back-off is over, oldest first, as the window
+        allows; one the outbox dropped meanwhile (full) is forgotten. False when paho cannot take one now."""
+        now = time.monotonic()
+        due = sorted(row_id for row_id, (at, _) in self._retry.items() if at <= now)
+        due = due[:max(0, self.window - len(self._inflight))]
+        if not due:
+            return True
+        rows = {row.id: row for row in self.outbox.fetch_ids(due)}
+        for row_id in due:
+            at, refusals = self._retry.pop(row_id)
+            row = rows.get(row_id)
+            if row is not None and not self._hand_over(client, row, refusals):
+                self._retry[row_id] = (at, refusals)
+                return False
+        return True
+
+    def _hand_over(self, client: paho.Client, row: Row, refusals: int = 0) -> bool:
         """Publish ``row``; False when paho cannot take it now. A message larger than the broker's Maximum
         Packet Size is dropped instead (True: done with it)."""
         v5 = client.protocol == paho.MQTTv5
@@ -189,7 +244,10 @@ class OutboxSender:
         limit = self.max_packet
         if limit is not None and size > limit:
             # the broker would disconnect us for it, at every reconnect, the outbox waiting behind it
-            self._drop(row.id, row.kind, row.msg_id, row.topic, size, "too_large")
+            self._drop(row.id, row.kind, row.msg_id, row.topic, size, "too_large",
+                       f"its {size}-byte packet is larger than the broker's maximum packet size ({limit} bytes, "
+                       "announced at connect)", f"larger than the broker's maximum packet size, {limit} bytes",
+                       max_packet_size=limit)
             return True
         info = client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain, properties=props)
         # NO_CONN: paho keeps the message and sends it after the reconnect, so it is in flight all the same
@@ -198,7 +256,7 @@ class OutboxSender:
             return False
         self._abandoned.pop(info.mid, None)   # paho reused the id (65535 messages later): that copy is gone
         self._inflight[info.mid] = _Inflight(row.id, row.kind, row.msg_id, row.created, time.monotonic(),
-                                             row.topic, size)
+                                             row.topic, size, refusals)
         self.counters["published"] += 1
         return True
 
@@ -245,8 +303,11 @@ class OutboxSender:
             log.error("mqtt: message on %s, in flight at the reconnect, could not be sent again: %s", message.topic,
                       paho.error_string(info.rc))
 
-    def _drop(self, row_id: int, kind: str, msg_id: str | None, topic: str, size: int, reason: str) -> None:
-        """Drop a message the broker will not take from the outbox (counted in ``dropped_by[reason]``). It is
+    def _drop(self, row_id: int, kind: str, msg_id: str | None, topic: str, size: int, reason: str, why: str,
+              note: str, **fields) -> None:
+        """Drop a message the broker will not take from the outbox (counted in ``dropped_by[reason]``: ``too_large``,
+        ``rejected``); ``why`` says why in the log and the event, ``note`` in the log's "N more" line; ``fields``
+        (``max_packet_size``, ``reason_code``) go into the event. It is
         logged at once, then at most once a minute with how many since (:meth:`report_drops` logs what is held
         back once the minute is over, and at the stop), and announced through ``on_drop`` by
         :meth:`report_drops`: every dropped message, batched (a burst of them, after a limit was lowered, is one
@@ -258,12 +319,10 @@ class OutboxSender:
         except RuntimeFailure as exc:     # a full disk: retried on every pass; never sent meanwhile
             self._undropped = {**self._undropped, row_id: reason}
             log.error("mqtt: %s; retried on every pass", exc)
-        limit = self.max_packet
-        why = (f"its {size}-byte packet is larger than the broker's maximum packet size ({limit} bytes, announced "
-               "at connect)")
+        self._drop_notes[reason] = note
         with self._drops_lock:
             self._drops.append({"reason": reason, "kind": kind, "message_id": msg_id, "topic": topic,
-                                "bytes": size, "max_packet_size": limit,
+                                "bytes": size, "max_packet_size": None, "reason_code": None, **fields,
                                 "error": f"{kind} {msg_id} on {topic} dropped: {why}",
                                 "dropped_total": self.outbox.dropped_by.get(reason, 0)})
         self._wake.set()                  # the sender's next pass reports it
@@ -276,21 +335,29 @@ class OutboxSender:
 
     def report_drops(self, now: bool = False, final: bool = False) -> None:
         """Announce the messages :meth:`_drop` dropped since the last call through ``on_drop`` (one call with all
-        of them), at most once per :data:`DROP_REPORT_S` (``now``: at once, while stopping); log the drops the
+        of them), at most once per :data:`DROP_REPORT_S` (``now``: at once, while stopping), and those the full
+        outbox dropped, named by :meth:`Outbox.take_full_drops` (one record, reason ``full``, at most once a
+        minute and once the outbox has room for the event; while stopping at once); log the drops the
         once-a-minute ERROR held back once that minute is over (``final``: at once, at the very end), so the
         log accounts for every drop, also when none follows. Called on every pass of the sender thread and
         at the stop (any thread)."""
         for reason, n in self._drop_log.flush(force=final).items():
-            log.error("mqtt: %d more message(s) dropped from the outbox as %s since the last report (larger than the "
-                      "broker's maximum packet size, %s bytes), %d in all; each is named in an output_error event",
-                      n, reason, self.max_packet, self.outbox.dropped_by.get(reason, 0))
+            log.error("mqtt: %d more message(s) dropped from the outbox as %s since the last report (%s), %d in all; "
+                      "each is named in an output_error event", n, reason, self._drop_notes.get(reason, reason),
+                      self.outbox.dropped_by.get(reason, 0))
+        for n in self._retry_log.flush(force=final).values():
+            log.warning("mqtt: the broker refused %d more message(s) for now since the last report; %d wait in the "
+                        "outbox to be sent again", n, len(self._retry))
         at = time.monotonic()
+        full = self.outbox.take_full_drops(now=now or final)
         with self._drops_lock:
-            if not self._drops or not (now or final or at - self._drops_reported >= DROP_REPORT_S):
-                return
-            drops, self._drops = self._drops, []
-            self._drops_reported = at
-        if self._on_drop is not None:
+            drops = []
+            if self._drops and (now or final or at - self._drops_reported >= DROP_REPORT_S):
+                drops, self._drops = self._drops, []
+                self._drops_reported = at
+        if full is not None:
+            drops.append({"reason": "full", **full})
+        if drops and self._on_drop is not None:
             try:
                 self._on_drop(drops)
             except Exception:
@@ -314,7 +381,7 @@ class OutboxSender:
         self.counters["resent"] += resent
         log.warning("mqtt: %d messages unacknowledged for %.0f s were sent again", resent, self.resend_after_s)
 
-    def _note_loss(self, lost_at: float, connected_since: float) -> None:
+    def _note_loss(self, lost_at: float, connected_since: float, protocol_error: bool = False) -> None:
         """A connection was lost (the PUBACKs that came before it are counted). Nothing is dropped for it: a
         broker that refuses a packet over a limit it did not announce closes the connection as a network
         fault does, and a heuristic that cannot tell them apart would drop valid results on a flaky network.
@@ -323,7 +390,9 @@ class OutboxSender:
         :data:`LOSS_REPEATS` times in a row: a WARNING names that message (at most once a minute), so the
         reconnect loop a refused message causes can be told from a flaky network and fixed at the broker. The
         WARNING blames the message's size only when nothing says it fits: not when it is within the limit the
-        broker announced, nor when the broker acknowledged a packet as large on this link."""
+        broker announced, nor when the broker acknowledged a packet as large on this link. When the client closed
+        the connection on a reply it could not read (``protocol_error``), it says what does that: Mosquitto 2.0's
+        PUBACK 0x95 for a message over its ``message_size_limit``."""
         sent = [f for f in self._inflight.values() if f.sent <= lost_at]
         if not any(lost_at - max(f.sent, connected_since) <= LOSS_WINDOW_S for f in sent):
             self._suspect = None          # nothing in flight, or a cut long after: no message's doing
@@ -341,6 +410,12 @@ class OutboxSender:
             likely = (f"the broker announced at connect that it takes packets of up to {self.max_packet} bytes, so "
                       "it is not refusing this one for its size: more likely the network or the broker drops the "
                       "connection")
+        elif protocol_error:
+            likely = ("each time the client closed the connection on a reply from the broker it could not read "
+                      "(Protocol error), not a network fault: Mosquitto 2.0 answers a message larger than its "
+                      "message_size_limit with a PUBACK reason code (0x95) MQTT v5 does not allow there; remove "
+                      "message_size_limit from the broker's configuration (or set it to 0), and use max_packet_size, "
+                      "which the broker announces (a larger message is then dropped as too_large instead)")
         elif 0 < first.size <= self._largest_acked:
             likely = (f"the broker acknowledged a {self._largest_acked}-byte packet on this link, so unless its limit "
                       "was lowered since, it is not refusing this one for its size: more likely the network or the "
@@ -355,6 +430,28 @@ class OutboxSender:
                     "loss(es) like it since the last report, logged again in %.0f s at the earliest", repeats,
                     first.kind, first.msg_id, first.topic, first.size, len(self._inflight), likely, since,
                     self._loss_log.interval_s)
+
+    def _refused(self, entry: _Inflight, reason) -> None:
+        """A PUBACK with a failure reason code for ``entry``: dropped when the code refuses it for good
+        (:data:`PERMANENT_REFUSALS`), else kept in the outbox and sent again after its back-off."""
+        code = reason_value(reason)
+        text = reason_text(reason) + (f" (reason code 0x{code:02X})" if code is not None else "")
+        if code in PERMANENT_REFUSALS:
+            self._drop(entry.row_id, entry.kind, entry.msg_id, entry.topic, entry.size, "rejected",
+                       f"the broker refused it: {text}; sending it again cannot change that",
+                       f"refused by the broker, the last: {text}", reason_code=code)
+            return
+        now = time.monotonic()
+        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** entry.refusals)
+        self._retry[entry.row_id] = (now + delay, entry.refusals + 1)
+        self._hold_until = max(self._hold_until, now + RETRY_MIN_S)
+        since = self._retry_log.hit("refused")
+        if since:
+            log.warning("mqtt: the broker refused %s %s on %s for now: %s; kept in the outbox and sent again in %.0f s "
+                        "(refused %d time(s) in a row; nothing is sent for %.0f s after such a refusal); %d refusal(s) "
+                        "since the last report, %d message(s) wait to be sent again (logged again in %.0f s at the "
+                        "earliest)", entry.kind, entry.msg_id, entry.topic, text, delay, entry.refusals + 1,
+                        RETRY_MIN_S, since, len(self._retry), self._retry_log.interval_s)
 
     def drain_acks(self) -> None:
         """Delete acknowledged messages from the outbox (one transaction for all that arrived). A delete
@@ -373,8 +470,8 @@ class OutboxSender:
                 mid, failed, reason = self._acks.get_nowait()
             except queue.Empty:
                 break
-            if mid is None:       # a lost connection: (None, when, connected since)
-                self._note_loss(failed, reason)
+            if mid is None:       # a lost connection: (None, when, (connected since, protocol error))
+                self._note_loss(failed, *reason)
                 continue
             entry = self._inflight.pop(mid, None)
             if entry is None:     # birth, reply, calibration, telemetry: not from the outbox; or an old copy
@@ -382,12 +479,13 @@ class OutboxSender:
                 continue
             if self._suspect is not None and self._suspect[0] == entry.row_id:
                 self._suspect = None                  # it got through after all
-            done.append(entry.row_id)
             if failed:
                 self.counters["rejected"] += 1
-                log.error("mqtt: the broker refused %s %s: %s (removed from the outbox)", entry.kind,
-                          entry.msg_id, reason_text(reason))
+                self._refused(entry, reason)
                 continue
+            done.append(entry.row_id)
+            if entry.refusals and not self._retry and self._retry_log.clear("refused"):
+                log.warning("mqtt: the broker took the messages it had refused for now")
             self.counters["acked"] += 1
             self._largest_acked = max(self._largest_acked, entry.size)
             self.latency_ms.append((now - entry.created) * 1000.0)
