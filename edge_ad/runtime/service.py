@@ -27,7 +27,7 @@ from .. import __version__
 from ..bundle import Bundle
 from ..config import Settings
 from ..data.image import expect_trained_format, put_expected_format
-from ..errors import EdgeADError, InputError, RuntimeFailure
+from ..errors import EdgeADError, InputError, RuntimeFailure, os_error_text
 from ..scoring import threshold_in_force
 from .capture import Camera
 from .commands import Commands
@@ -175,6 +175,11 @@ class Service:
             back = rollback_model(m.deploy_dir, reason=reason)
         except RuntimeFailure as nothing:
             raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
+        except OSError as nothing:   # a full disk before 'current' moved: nothing changed (a reload must not crash)
+            raise RuntimeFailure(f"{reason}; and it cannot be rolled back now ({os_error_text(nothing)}; 'current' "
+                                 f"is still {dep.current}): free disk space, then reload or restart") from exc
+        if back.unrecorded is not None:
+            reason += f"; rolled back, but its record is incomplete: {back.unrecorded}"
         log.error("%s; rolled back to %s", reason, back.current)
         self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
                                   "release": dep.current, "rolled_back": True, "restored": str(back.current_path),
@@ -610,8 +615,8 @@ class Service:
 
     def _check_health(self) -> None:
         """After a model update: roll back when the new model's first frames look wrong. A rollback that
-        waits for the deploy lock (an 'edge-ad bundle install' or 'rollback' from a shell holds it) keeps the
-        watch, which tries again at every call: one event says it waits, one more how it ended (or, when an
+        waits for the deploy lock (an 'edge-ad bundle install' or 'rollback' from a shell holds it), or for
+        room to write it (a full disk), keeps the watch, which tries again at later calls: one event says it waits, one more how it ended (or, when an
         update_model or reload switches another release in meanwhile, that it was superseded:
         :meth:`_replace_health`)."""
         if not self._health_lock.acquire(blocking=False):
