@@ -1751,15 +1751,17 @@ def test_an_archive_with_a_bad_manifest_is_refused_even_without_golden_check(tin
 
 
 # ----------------------------------------------------------------------------- the runtime's update_model
-def _line(tmp_path, deploy: Path, **model):
+def _line(tmp_path, deploy: Path, health: str = "", **model):
+    """A line on ``deploy`` (``model``: more [model] fields; ``health``: the [health] section's lines), its
+    config file reloadable ('reload config')."""
     from edge_ad.config import load_settings
     from edge_ad.runtime.service import Service
 
     extra = "".join(f'{k} = "{v}"\n' for k, v in model.items())
     cfg = tmp_path / "line.toml"
     cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n{extra}[source]\nuri = "synthetic://disc?size=64"\n'
-                   '[output]\njsonl = ""\n')
-    return Service(load_settings(cfg), install_signals=False)
+                   f'[output]\njsonl = ""\n[health]\n{health}')
+    return Service(load_settings(cfg), install_signals=False, reload_settings=lambda: load_settings(cfg))
 
 
 def _update(svc, archive: Path, **args):
@@ -2010,6 +2012,50 @@ def test_a_healthy_verdict_event_names_the_release_judged(bundles, tmp_path):
         svc._check_health()
         [ev] = _health_events(svc)
         assert (ev["status"], ev["release"]) == ("ok", judged) and deployment(deploy).health == "ok"
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_the_health_section_sets_the_watchs_limits_and_a_reload_applies_to_the_next_watch(bundles, tmp_path):
+    """HealthLimits were fixed values. The config's [health] section now gives them to every watch the line
+    starts (at its start, after update_model); a reload of it applies to the next watch, one running keeps its
+    limits; enabled = false starts none: the release stays pending, neither judged nor rolled back."""
+    a, b, c = bundles
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    svc = _line(tmp_path, deploy, health="min_frames = 3\nmax_error_rate = 0.5\n")
+    try:
+        watch = svc.reporter.health
+        assert watch.limits == HealthLimits(min_frames=3, max_error_rate=0.5) and watch.release == judged
+        (tmp_path / "line.toml").write_text((tmp_path / "line.toml").read_text().replace("min_frames = 3",
+                                                                                        "min_frames = 4"))
+        assert "health" in svc.reload("config")["config"]["applied"]
+        assert svc.reporter.health is watch and watch.limits.min_frames == 3   # the running watch keeps its own
+        for _ in range(3):
+            watch.record(ng=False)
+        svc._check_health()                                             # 3 frames: judged (20 by default)
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["release"]) == ("ok", judged) and deployment(deploy).health == "ok"
+        out = _update(svc, pack_bundle(c.path, tmp_path / "c.tar"))
+        assert out["health"] == "pending"
+        assert svc.reporter.health.limits == HealthLimits(min_frames=4, max_error_rate=0.5)   # the next one
+        (tmp_path / "line.toml").write_text((tmp_path / "line.toml").read_text() + "enabled = false\n")
+        assert "health" in svc.reload("config")["config"]["applied"]
+        out = _update(svc, pack_bundle(a.path, tmp_path / "a.tar"))
+        assert out["health"] == "unchecked" and svc.reporter.health is None
+        _failing_frames(svc)                                            # not judged, not rolled back
+        dep = deployment(deploy)
+        assert (dep.current, dep.health) == (out["install"]["release"], "pending") and not _health_events(svc)[1:]
+    finally:
+        svc.inspector.backend.close()
+    svc = _line(tmp_path, deploy, health="enabled = false\n")         # a start with the check off: no watch
+    try:
+        assert svc.reporter.health is None and deployment(deploy).health == "pending"
+    finally:
+        svc.inspector.backend.close()
+    svc = _line(tmp_path, deploy)                                       # on again: the pending release is watched
+    try:
+        assert svc.reporter.health.release == dep.current and svc.reporter.health.limits == HealthLimits()
     finally:
         svc.inspector.backend.close()
 

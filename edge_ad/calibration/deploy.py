@@ -895,6 +895,9 @@ def confirm(deploy_dir: str | os.PathLike, release: str | None = None) -> Deploy
 # ----------------------------------------------------------------------------- health after a switch
 @dataclass(frozen=True)
 class HealthLimits:
+    """The health check's limits; the runtime takes them from the config's ``[health]`` section
+    (:class:`edge_ad.config.HealthSettings`, whose defaults are these)."""
+
     window_s: float = 120.0          # the new model must process min_frames within this time
     min_frames: int = 20
     max_error_rate: float = 0.05     # failed inferences / attempts
