@@ -314,6 +314,34 @@ class DriftSettings(_Section):
                          title="Drift when the window's median is this many standard errors off")
 
 
+class HealthSettings(_Section):
+    """The health check after a model switch of ``model.deploy_dir`` (:class:`edge_ad.calibration.HealthLimits`,
+    docs/calibration.md). A reload applies to the next watch; one already running keeps its limits."""
+
+    enabled: bool = Field(True, title="Watch a switched-in release and roll it back when it fails (false: it "
+                                      "stays pending, neither judged nor rolled back)")
+    window_s: float = Field(120.0, gt=0, le=86_400, allow_inf_nan=False,
+                            title="Fail when, this long after the first frame handed to the new model, it has "
+                                  "processed none of them or left min_frames unprocessed")
+    min_frames: int = Field(20, ge=1, le=1_000_000, title="Frames processed before the verdict")
+    max_error_rate: float = Field(0.05, ge=0, le=1, allow_inf_nan=False,
+                                  title="Fail above this share of failed inferences")
+    max_ng_rate_jump: float = Field(0.2, ge=0, le=1, allow_inf_nan=False,
+                                    title="Fail when the NG rate rises more than this (absolute) over the old model's")
+    rollback_wait_s: float = Field(600.0, ge=0, le=86_400, allow_inf_nan=False,
+                                   title="Longest a rollback waits for a deploy lock held elsewhere, or for room to "
+                                         "be written, before it is given up")
+    record_wait_s: float = Field(600.0, ge=0, le=86_400, allow_inf_nan=False,
+                                 title="Longest a healthy verdict's record in deploy.json is tried before it is "
+                                       "given up")
+
+    def limits(self):
+        """These limits as the :class:`~edge_ad.calibration.HealthLimits` a HealthWatch takes."""
+        from .calibration.deploy import HealthLimits
+
+        return HealthLimits(**self.model_dump(exclude={"enabled"}))
+
+
 class Settings(_Section):
     """Everything ``edge-ad run`` needs. Sections as in the TOML file."""
 
@@ -326,6 +354,7 @@ class Settings(_Section):
     mqtt: Optional[dict[str, Any]] = Field(None, title="edge_ad.mqtt.MqttSettings fields; absent: MQTT off")
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     # where the file was (relative paths in it are resolved against its folder)
     config_dir: Optional[Path] = Field(None, exclude=True)

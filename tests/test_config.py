@@ -97,6 +97,13 @@ def test_example_config_is_valid():
     (MINIMAL.replace('bundle = "bundles/part"', 'bundle = "b"\ndevice = "cuda:x"'), "model.device", ["cuda:x"]),
     (MINIMAL + "\n[decision]\nmax_regions = 0\n", "decision.max_regions", ["greater than or equal to 1"]),
     (MINIMAL + "\n[telemetry]\nmax_bytes = 10\n", "telemetry.max_bytes", ["greater than or equal to 1024"]),
+    (MINIMAL + "\n[health]\nwindow_s = 0\n", "health.window_s", ["greater than 0"]),
+    (MINIMAL + "\n[health]\nmin_frames = 0\n", "health.min_frames", ["greater than or equal to 1"]),
+    (MINIMAL + "\n[health]\nmax_error_rate = 1.5\n", "health.max_error_rate", ["less than or equal to 1", "1.5"]),
+    (MINIMAL + "\n[health]\nmax_ng_rate_jump = nan\n", "health.max_ng_rate_jump", ["finite number"]),
+    (MINIMAL + "\n[health]\nrollback_wait_s = -1\n", "health.rollback_wait_s", ["greater than or equal to 0"]),
+    (MINIMAL + "\n[health]\nwindow = 60\n", "health.window", ["unknown field"]),
+    (MINIMAL + "\n[health]\nenabled = \"sometimes\"\n", "health.enabled", ["boolean", "sometimes"]),
 ])
 def test_invalid_config_names_the_field_and_the_file(tmp_path, text, field, words):
     cfg = _write(tmp_path, text)
@@ -151,6 +158,29 @@ def test_an_invalid_override_names_its_origin(tmp_path):
         env_overrides({"EDGE_AD_SORCE__URI": "file://x"})
     with pytest.raises(InputError, match="SECTION.KEY=VALUE"):
         parse_set_option("max_batch=3")
+
+
+def test_the_health_section_maps_onto_the_health_limits_with_overrides(tmp_path):
+    """[health] gives the health check's limits (they were fixed HealthLimits values); its defaults are
+    HealthLimits', and the environment and --set override it, an invalid override named by its origin."""
+    from edge_ad.calibration import HealthLimits
+
+    s = load_settings(_write(tmp_path, MINIMAL), environ={})
+    assert s.health.enabled and s.health.limits() == HealthLimits()
+    cfg = _write(tmp_path, MINIMAL + "\n[health]\nwindow_s = 30\nmin_frames = 5\n")
+    env = {"EDGE_AD_HEALTH__MAX_ERROR_RATE": "0.1", "EDGE_AD_HEALTH__ROLLBACK_WAIT_S": "60"}
+    s = load_settings(cfg, [parse_set_option("health.enabled=false"), parse_set_option("health.min_frames=8")],
+                      environ=env)
+    assert not s.health.enabled
+    assert s.health.limits() == HealthLimits(window_s=30, min_frames=8, max_error_rate=0.1, rollback_wait_s=60)
+    assert s.redacted()["health"] == {"enabled": False, "window_s": 30, "min_frames": 8, "max_error_rate": 0.1,
+                                      "max_ng_rate_jump": 0.2, "rollback_wait_s": 60, "record_wait_s": 600}
+    with pytest.raises(InputError, match=r"health\.min_frames: .*\[from environment variable "
+                                         r"EDGE_AD_HEALTH__MIN_FRAMES\]"):
+        load_settings(cfg, environ={"EDGE_AD_HEALTH__MIN_FRAMES": "-1"})
+    with pytest.raises(InputError, match=r"health\.record_wait_s: .*\(got 'soon'\) "
+                                         r"\[from --set health\.record_wait_s\]"):
+        load_settings(cfg, [parse_set_option("health.record_wait_s=soon")], environ={})
 
 
 def test_mqtt_section(tmp_path):
@@ -322,11 +352,13 @@ def test_an_empty_command_secret_override_is_refused_naming_only_where_it_came_f
 def test_cli_print_config_applies_flags(tmp_path):
     cfg = _write(tmp_path, MINIMAL)
     r = subprocess.run([*EDGE_AD, "run", "--config", str(cfg), "--print-config",
-                        "--mode", "trigger", "--set", "pipeline.max_batch=3", "--source", "synthetic://disc?size=64"],
+                        "--mode", "trigger", "--set", "pipeline.max_batch=3", "--source", "synthetic://disc?size=64",
+                        "--set", "health.min_frames=7"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["source"]["mode"] == "trigger" and d["pipeline"]["max_batch"] == 3
+    assert d["health"]["min_frames"] == 7 and d["health"]["enabled"] is True and d["health"]["window_s"] == 120
     assert d["source"]["uri"] == "synthetic://disc?size=64"
     assert d["mqtt"] == {"enabled": False}   # no [mqtt] section: MQTT off, as with enabled = false (was null)
 

@@ -1071,6 +1071,116 @@ def test_a_healthy_record_that_cannot_be_written_backs_off_and_is_given_up(bundl
     assert len(errors) == 1 and "given up" in errors[0].getMessage()
 
 
+ROLLBACK_WRITES = ["deploy.json before the switch", "current", "previous", "deploy.json after the switch"]
+
+
+class _DiskFullAt:
+    """A full disk at one write of a rollback (the rename that puts it in place fails with ENOSPC): deploy.json's
+    pending record before the switch, the 'current' or 'previous' link, or deploy.json's final record."""
+
+    def __init__(self, monkeypatch, point: str):
+        import errno
+        import os
+
+        self.point, self.state_writes, self.on = point, 0, True
+        real = os.replace
+
+        def replace(src, dst, *args, **kw):
+            name = Path(dst).name
+            if self.on and name == "deploy.json":
+                self.state_writes += 1
+                if point == "deploy.json before the switch" or point.endswith("after the switch") and \
+                        self.state_writes > 1:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            elif self.on and name == point:
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            return real(src, dst, *args, **kw)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("point", ROLLBACK_WRITES)
+def test_a_health_rollback_that_cannot_be_written_never_raises_and_leaves_a_state_that_opens(bundles, tmp_path,
+                                                                                            monkeypatch, caplog,
+                                                                                            point):
+    """A full disk in a health-check rollback raised OSError out of poll(), stopping the line, and one after
+    'current' moved left the release rolled back to 'pending' (a restart watched it as a new release, and rolled
+    back to the failing one when it failed). Before 'current' moves nothing changes and the rollback is tried
+    again (backing off); after, the rollback holds ("done", its reason naming the incomplete record, one
+    ERROR), and deployment(), releases() and the next rollback read it from deploy.json's pending record."""
+    import logging
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0, rollback_wait_s=300), clock=clock)
+    full = _DiskFullAt(monkeypatch, point)
+    caplog.set_level(logging.WARNING, logger="edge_ad.calibration.deploy")
+    v = watch.poll()                                                    # no OSError out of it
+    dep = deployment(deploy)
+    Bundle.open(current_path(deploy), verify=True)                      # the state opens
+    assert not list(deploy.glob(".*.tmp")) and "no space left on device" in v.reason
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if point in ("previous", "deploy.json after the switch"):          # 'current' moved: rolled back
+        assert (v.status, v.rollback, v.rolled_back, v.restored, v.rolled_back_to) == (
+            "failed", "done", True, r1.path, r1.release)
+        assert "rolled back, but its record is incomplete" in v.reason and watch.poll() is v
+        assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "rolled_back")
+        assert {r["id"]: r["health"] for r in deploy_mod.releases(deploy)}[failing] == "rolled_back"
+        assert len(errors) == 1 and "the record of the rollback is incomplete" in errors[0].getMessage()
+        full.on = False                                                 # the next rollback completes the record
+        back = rollback_model(deploy, reason="edge-ad bundle rollback")
+        assert (back.current, back.previous, back.health) == (failing, r1.release, "rolled_back")
+        assert "pending" not in back.detail and back.unrecorded is None
+        return
+    assert (v.status, v.rollback, v.rolled_back) == ("failed", "waiting", False)
+    assert f"the rollback is not done yet: the deploy folder cannot be written ({deploy}" in v.reason
+    assert (dep.current, dep.previous, dep.health) == (failing, r1.release, "pending") and not errors
+    clock.t += 0.5
+    assert watch.poll() is v                                            # tried again after 1 s, not at every poll
+    full.on = False
+    clock.t += 0.5
+    v = watch.poll()
+    assert (v.rollback, v.rolled_back, v.rolled_back_to) == ("done", True, r1.release)
+    assert "after waiting 1 s for the deploy folder to be writable" in v.reason
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "rolled_back")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_health_rollback_that_stays_unwritable_backs_off_and_is_given_up(bundles, tmp_path, monkeypatch, caplog):
+    import logging
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    clock = Clock()
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0, rollback_wait_s=300), clock=clock)
+    tries, real = [], deploy_mod.rollback_model
+
+    def rollback(*args, **kw):
+        tries.append(clock.t - 1000.0)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(deploy_mod, "rollback_model", rollback)
+    _DiskFullAt(monkeypatch, "deploy.json before the switch")          # at every try
+    caplog.set_level(logging.WARNING, logger="edge_ad.calibration.deploy")
+    for tenth in range(0, 3000):                                        # polled ten times a second
+        clock.t = 1000.0 + tenth / 10
+        v = watch.poll()
+        assert (v.status, v.rollback) == ("failed", "waiting"), v
+    clock.t = 1300.0
+    v = watch.poll()
+    assert [round(t, 1) for t in tries] == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 63.0, 123.0, 183.0, 243.0, 300.0]
+    assert (v.status, v.rollback, v.rolled_back) == ("failed", "given_up", False)
+    assert "rollback given up: not done within 300 s: the deploy folder cannot be written" in v.reason
+    assert watch.poll() is v
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous, dep.health) == (before.current, before.previous, "pending")   # watched again
+    Bundle.open(current_path(deploy), verify=True)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "given up" in errors[0].getMessage()
+
+
 def test_the_runtime_says_when_a_healthy_record_is_given_up(bundles, tmp_path):
     deploy, _ = _installed_twice(bundles, tmp_path)
     judged = deployment(deploy).current
@@ -1086,6 +1196,49 @@ def test_the_runtime_says_when_a_healthy_record_is_given_up(bundles, tmp_path):
         assert svc.reporter.health is None and deployment(deploy).health == "pending"
     finally:
         held.release()
+        svc.inspector.backend.close()
+
+
+@pytest.mark.parametrize("point", ["deploy.json before the switch", "previous"])
+def test_a_health_rollback_on_a_full_disk_keeps_the_line_running_and_says_how_it_went(bundles, tmp_path, monkeypatch,
+                                                                                      point):
+    """The supervisor's call raised OSError (it catches EdgeADError only) and the line stopped. Now the line
+    keeps inspecting: before 'current' moved, one model_health event says the rollback waits (naming the
+    error) and the next how it ended once the disk has room; after, the rollback holds, the restored model is
+    swapped in, and a restart runs it without watching it as a new release."""
+    a, b, _ = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    clock = Clock()
+    try:
+        svc.reporter.health._clock = clock
+        full = _DiskFullAt(monkeypatch, point)
+        _failing_frames(svc)                                            # no exception out of the supervisor's call
+        svc._check_health()
+        health = _health_events(svc)
+        assert len(health) == 1 and health[0]["release"] == failing
+        assert "no space left on device" in health[0]["reason"]
+        if point == "previous":
+            assert (health[0]["rollback"], health[0]["rolled_back_to"]) == ("done", r1.release)
+            assert "rolled back, but its record is incomplete" in health[0]["reason"]
+        else:
+            assert [health[0][k] for k in ("status", "rollback", "rolled_back")] == ["failed", "waiting", False]
+            assert svc.inspector.model_hash == b.model_hash() and deployment(deploy).current == failing
+            full.on = False
+            clock.t += 1
+            svc._check_health()
+            health = _health_events(svc)
+            assert [e["rollback"] for e in health] == ["waiting", "done"] and health[1]["rolled_back_to"] == r1.release
+        assert svc.inspector.model_hash == a.model_hash() and svc.reporter.health is None
+        assert (deployment(deploy).current, deployment(deploy).health) == (r1.release, "rolled_back")
+    finally:
+        svc.inspector.backend.close()
+    monkeypatch.undo()
+    svc = _line(tmp_path, deploy)                                       # a restart: runs A, watches nothing
+    try:
+        assert svc.inspector.model_hash == a.model_hash() and svc.reporter.health is None
+    finally:
         svc.inspector.backend.close()
 
 
@@ -1598,15 +1751,17 @@ def test_an_archive_with_a_bad_manifest_is_refused_even_without_golden_check(tin
 
 
 # ----------------------------------------------------------------------------- the runtime's update_model
-def _line(tmp_path, deploy: Path, **model):
+def _line(tmp_path, deploy: Path, health: str = "", **model):
+    """A line on ``deploy`` (``model``: more [model] fields; ``health``: the [health] section's lines), its
+    config file reloadable ('reload config')."""
     from edge_ad.config import load_settings
     from edge_ad.runtime.service import Service
 
     extra = "".join(f'{k} = "{v}"\n' for k, v in model.items())
     cfg = tmp_path / "line.toml"
     cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n{extra}[source]\nuri = "synthetic://disc?size=64"\n'
-                   '[output]\njsonl = ""\n')
-    return Service(load_settings(cfg), install_signals=False)
+                   f'[output]\njsonl = ""\n[health]\n{health}')
+    return Service(load_settings(cfg), install_signals=False, reload_settings=lambda: load_settings(cfg))
 
 
 def _update(svc, archive: Path, **args):
@@ -1861,6 +2016,50 @@ def test_a_healthy_verdict_event_names_the_release_judged(bundles, tmp_path):
         svc.inspector.backend.close()
 
 
+def test_the_health_section_sets_the_watchs_limits_and_a_reload_applies_to_the_next_watch(bundles, tmp_path):
+    """HealthLimits were fixed values. The config's [health] section now gives them to every watch the line
+    starts (at its start, after update_model); a reload of it applies to the next watch, one running keeps its
+    limits; enabled = false starts none: the release stays pending, neither judged nor rolled back."""
+    a, b, c = bundles
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    svc = _line(tmp_path, deploy, health="min_frames = 3\nmax_error_rate = 0.5\n")
+    try:
+        watch = svc.reporter.health
+        assert watch.limits == HealthLimits(min_frames=3, max_error_rate=0.5) and watch.release == judged
+        (tmp_path / "line.toml").write_text((tmp_path / "line.toml").read_text().replace("min_frames = 3",
+                                                                                        "min_frames = 4"))
+        assert "health" in svc.reload("config")["config"]["applied"]
+        assert svc.reporter.health is watch and watch.limits.min_frames == 3   # the running watch keeps its own
+        for _ in range(3):
+            watch.record(ng=False)
+        svc._check_health()                                             # 3 frames: judged (20 by default)
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["release"]) == ("ok", judged) and deployment(deploy).health == "ok"
+        out = _update(svc, pack_bundle(c.path, tmp_path / "c.tar"))
+        assert out["health"] == "pending"
+        assert svc.reporter.health.limits == HealthLimits(min_frames=4, max_error_rate=0.5)   # the next one
+        (tmp_path / "line.toml").write_text((tmp_path / "line.toml").read_text() + "enabled = false\n")
+        assert "health" in svc.reload("config")["config"]["applied"]
+        out = _update(svc, pack_bundle(a.path, tmp_path / "a.tar"))
+        assert out["health"] == "unchecked" and svc.reporter.health is None
+        _failing_frames(svc)                                            # not judged, not rolled back
+        dep = deployment(deploy)
+        assert (dep.current, dep.health) == (out["install"]["release"], "pending") and not _health_events(svc)[1:]
+    finally:
+        svc.inspector.backend.close()
+    svc = _line(tmp_path, deploy, health="enabled = false\n")         # a start with the check off: no watch
+    try:
+        assert svc.reporter.health is None and deployment(deploy).health == "pending"
+    finally:
+        svc.inspector.backend.close()
+    svc = _line(tmp_path, deploy)                                       # on again: the pending release is watched
+    try:
+        assert svc.reporter.health.release == dep.current and svc.reporter.health.limits == HealthLimits()
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_a_full_disk_names_the_path_and_exits_1(tiny_bundle, tmp_path, monkeypatch):
     """ENOSPC from write()/fsync() names no file: the error must say where, and never blame the archive."""
     import errno
@@ -1969,6 +2168,31 @@ def test_reload_onto_a_pending_release_the_line_cannot_open_rolls_it_back(tiny_b
         assert svc.events[-1]["type"] == "model_health" and svc.events[-1]["rolled_back"] is True
         assert _health_events(svc)[-1]["rolled_back_to"] == good
         assert svc._reload_bundle()["model"] == "unchanged"   # and the next reload is quiet
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_reload_onto_an_unopenable_release_on_a_full_disk_fails_clearly_and_keeps_the_line(tiny_bundle, tmp_path,
+                                                                                         golden, monkeypatch):
+    """Its rollback's OSError left the reload (SIGHUP: the supervisor catches EdgeADError only) and stopped
+    the line. It is now a RuntimeFailure naming the error, with nothing changed; the next reload rolls back."""
+    deploy = _int8_release(tiny_bundle, tmp_path, golden)
+    good = deployment(deploy).current
+    svc = _line(tmp_path, deploy, precision="int8")
+    try:
+        running = svc.inspector.model_hash
+        pending = install_bundle(pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar"),
+                                 deploy, require_golden=False).release
+        full = _DiskFullAt(monkeypatch, "current")
+        with pytest.raises(RuntimeFailure, match=rf"cannot be rolled back now \({deploy / 'current'}: no space left "
+                                                 rf"on device; 'current' is still {pending}\): free disk space"):
+            svc._reload_bundle()
+        dep = deployment(deploy)
+        assert (dep.current, dep.health) == (pending, "pending") and svc.inspector.model_hash == running
+        full.on = False
+        with pytest.raises(RuntimeFailure, match=f"rolled back: 'current' is {good}"):
+            svc._reload_bundle()
+        assert deployment(deploy).current == good and svc.inspector.model_hash == running
     finally:
         svc.inspector.backend.close()
 

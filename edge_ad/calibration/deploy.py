@@ -33,7 +33,8 @@ After the switch the runtime opens :func:`current_path` (the resolved release fo
 ``window_s`` (see :func:`judge_health`), its error rate passes ``max_error_rate``, or its NG rate jumps by
 more than ``max_ng_rate_jump`` over the old model's, the watch calls :func:`rollback_model` and says which
 bundle to reopen; while another install or rollback holds the deploy folder it tries again at its next
-polls, and never rolls back a release someone else switched in meanwhile.
+polls (and while a full disk keeps the rollback from being written, backing off), and never rolls back a
+release someone else switched in meanwhile.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class Deployment:
     previous: str | None
     health: str                  # "pending" | "ok" | "failed" | "rolled_back" | "none"
     detail: dict = field(default_factory=dict)
+    # rollback_model: why its record is incomplete (deploy.json or the 'previous' link not written after 'current'
+    # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch)
+    unrecorded: str | None = None
 
     @property
     def current_path(self) -> Path | None:
@@ -106,11 +110,13 @@ def _link_target(deploy_dir: Path, name: str) -> str | None:
 def _point(deploy_dir: Path, name: str, release: str) -> None:
     """Point ``deploy_dir/name`` at ``releases/<release>`` atomically (symlink + rename)."""
     tmp = deploy_dir / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    os.symlink(f"{RELEASES}/{release}", tmp)
     try:
+        os.symlink(f"{RELEASES}/{release}", tmp)
         os.replace(tmp, deploy_dir / name)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):   # named as the link it was to update, not its temporary name
+            raise OSError(exc.errno, exc.strerror, str(deploy_dir / name)) from exc
         raise
     atomic._fsync_dir(deploy_dir)
 
@@ -157,7 +163,18 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
         was = pending.get("previous")
         prev = was if was is None or isinstance(was, str) and "/" not in was else prev
     health = st.get("health", "none") if st.get("current") == cur else ("pending" if cur else "none")
+    if _cut_short(st, cur) is not None and pending.get("health") == "rolled_back":
+        health = "rolled_back"   # a rollback whose record was cut short: not a new release to watch
     return Deployment(d, cur, prev, health, {k: v for k, v in st.items() if k != "history"})
+
+
+def _cut_short(state: dict, current: str | None) -> dict | None:
+    """The pending record of a switch to ``current`` whose final record in deploy.json was never written (a
+    power cut or a full disk after 'current' moved: :func:`_switch`); None when there is none."""
+    pending = state.get("pending")
+    if current is None or not isinstance(pending, dict) or pending.get("release") != current:
+        return None
+    return pending if state.get("current") != current else None
 
 
 def current_path(deploy_dir: str | os.PathLike) -> Path:
@@ -593,13 +610,14 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
 SPACE_MARGIN = 1 << 20
 
 
-def _switch(d: Path, to: str, previous: str | None) -> None:
+def _switch(d: Path, to: str, previous: str | None, health: str = "pending") -> None:
     """Point ``current`` at ``to``, then ``previous`` at ``previous``, after recording both as ``pending`` in
-    deploy.json: a power cut between the two link updates leaves ``current`` moved and ``previous`` not
-    (it would name the release in force), and :func:`deployment` takes ``previous`` from that record. The
-    caller's next state write drops it."""
+    deploy.json, with the ``health`` the switch gives ``to`` ("pending" for an install, "rolled_back" for a
+    rollback): a power cut (or a full disk) between the two link updates, or before the caller's state write,
+    leaves ``current`` moved and ``previous`` or the record not, and :func:`deployment` takes ``previous``
+    and the health from that record. The caller's next state write drops it."""
     state = _read_state(d)
-    state["pending"] = {"release": to, "previous": previous}
+    state["pending"] = {"release": to, "previous": previous, "health": health}
     _write_state(d, state, "switch_started", release=to, previous=previous)
     _point(d, CURRENT, to)
     if previous is not None:
@@ -761,7 +779,11 @@ def releases(deploy_dir: str | os.PathLike) -> list[dict]:
     graph)."""
     d = Path(deploy_dir)
     dep = deployment(d)
-    hist = _read_state(d).get("history", [])
+    st = _read_state(d)
+    hist = st.get("history", [])
+    cut = _cut_short(st, dep.current)
+    if cut is not None and cut.get("health") == "rolled_back" and isinstance(hist, list):
+        hist = [*hist, {"event": "rolled_back", "failed": cut.get("previous")}]   # its record was cut short
     out = []
     for rid in _release_ids(d):
         health = dep.health if rid == dep.current else "unknown"
@@ -794,7 +816,10 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
     opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
     :func:`deploy_lock`: nothing changed, try again later); InputError when
     ``to`` is not a kept release, is the one in force, or cannot be opened (named as ``bundle status`` names
-    it: :func:`release_problem`)."""
+    it: :func:`release_problem`). An OSError (a full disk) before ``current`` moved is raised, nothing changed
+    but for a pending record that :func:`deployment` ignores; one after it (the ``previous`` link or the final
+    record not written) is logged as an ERROR and the rollback holds: the state returned says why in
+    ``unrecorded``, and :func:`deployment` reads the switch from its pending record (:func:`_switch`)."""
     d = Path(deploy_dir)
     if not (d / RELEASES).is_dir():
         if to is not None:
@@ -832,11 +857,20 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         if problem is not None:
             raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
         failed = dep.current
-        _switch(d, to, failed)
-        state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
-                 "rolled_back_from": failed, "reason": reason}
-        state.pop("pending", None)
-        _write_state(d, state, "rolled_back", release=to, failed=failed, reason=reason)
+        try:
+            _switch(d, to, failed, health="rolled_back")
+            state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
+                     "rolled_back_from": failed, "reason": reason}
+            state.pop("pending", None)
+            _write_state(d, state, "rolled_back", release=to, failed=failed, reason=reason)
+        except OSError as exc:   # a full disk: before 'current' moved nothing changed, and the caller is told
+            if _link_target(d, CURRENT) != to:
+                raise
+            why = (f"{os_error_text(exc)}; 'current' and deploy.json's pending record say rolled back (as 'edge-ad "
+                   "run' and 'bundle status' read it), the next install or rollback completes the record")
+            log.error("rolled back from %s to %s (%s), but the record of the rollback is incomplete: %s", failed, to,
+                      reason, why)
+            return replace(deployment(d), unrecorded=why)
         log.warning("rolled back from %s to %s: %s", failed, to, reason)
         return deployment(d)
 
@@ -861,17 +895,21 @@ def confirm(deploy_dir: str | os.PathLike, release: str | None = None) -> Deploy
 # ----------------------------------------------------------------------------- health after a switch
 @dataclass(frozen=True)
 class HealthLimits:
+    """The health check's limits; the runtime takes them from the config's ``[health]`` section
+    (:class:`edge_ad.config.HealthSettings`, whose defaults are these)."""
+
     window_s: float = 120.0          # the new model must process min_frames within this time
     min_frames: int = 20
     max_error_rate: float = 0.05     # failed inferences / attempts
     max_ng_rate_jump: float = 0.2    # NG rate may rise at most this much (absolute) over the baseline
-    rollback_wait_s: float = 600.0   # a failed model's rollback waits this long for a deploy lock held elsewhere
+    rollback_wait_s: float = 600.0   # a failed model's rollback is tried this long: at every poll while a deploy
+                                     # lock is held elsewhere, at RETRY_S intervals while it cannot be written
     record_wait_s: float = 600.0     # a healthy verdict's record in deploy.json is tried this long (lock held, disk
-                                     # full), at RECORD_RETRY_S intervals
+                                     # full), at RETRY_S intervals
 
 
-RECORD_RETRY_S = (1.0, 60.0)         # an "ok" record not written: tried again after 1 s, then twice as long each
-                                     # time, at most 60 s apart
+RETRY_S = (1.0, 60.0)                # an "ok" record or a rollback not written: tried again after 1 s, then twice
+                                     # as long each time, at most 60 s apart
 
 
 @dataclass(frozen=True)
@@ -889,8 +927,9 @@ class HealthVerdict:
     release: str | None = None       # the release judged (HealthWatch.release)
     rolled_back_to: str | None = None   # after a rollback: the release in force now (restored's id)
     # a failed verdict's rollback: "done" | "waiting" (another install or rollback holds the deploy lock: retried
-    # at the next polls) | "given_up" (held for rollback_wait_s) | "dropped" ('current' is no longer the release
-    # judged) | "impossible" (no previous release, or it cannot be opened); None: none was due
+    # at the next polls; or it could not be written, a full disk: retried after a back-off) | "given_up" (not done
+    # within rollback_wait_s) | "dropped" ('current' is no longer the release judged) | "impossible" (no previous
+    # release, or it cannot be opened); None: none was due
     rollback: str | None = None
     # an "ok" verdict's record in deploy.json: "done" | "given_up" (not written within record_wait_s: the lock held
     # elsewhere, or deploy.json not writable) | "dropped" ('current' is no longer the release judged); None: none
@@ -945,7 +984,9 @@ class HealthWatch:
     to reopen; on "ok" it marks the release healthy. The verdict is final once not "pending", but for a
     rollback another install or rollback keeps waiting (:func:`deploy_lock` held elsewhere, e.g. an
     ``edge-ad bundle install`` from a shell): the verdict stays "failed" with ``rollback`` "waiting" and
-    each later ``poll`` tries again, for up to ``limits.rollback_wait_s`` ("given_up" after that).
+    each later ``poll`` tries again, for up to ``limits.rollback_wait_s`` ("given_up" after that); so does a
+    rollback that could not be written (a full disk before ``current`` moved: nothing changed), tried again
+    backing off as an "ok" record is (:meth:`_owe`). No OSError leaves ``poll``.
 
     ``release``: the release judged (default: the one ``current`` points at now). Both the rollback and
     the "ok" record apply to it only: when ``current`` has moved on since (someone else installed or
@@ -975,9 +1016,10 @@ class HealthWatch:
         self._final: HealthVerdict | None = None
         self._owed: HealthVerdict | None = None    # a verdict whose rollback or record waits (see _roll_back, _confirm)
         self._owed_since = 0.0
-        self._retry_at = 0.0                       # an owed record: when it is tried again (backing off)
-        self._retry_delay = RECORD_RETRY_S[0]
-        self._not_recorded: HealthVerdict | None = None   # what poll returns for an owed record meanwhile
+        self._retry_at = 0.0                       # when the owed rollback or record is tried again (_owe)
+        self._retry_delay = RETRY_S[0]
+        self._meanwhile: HealthVerdict | None = None   # what poll returns until then
+        self._waited_for = ""                      # what an owed rollback waited for last (for its final reason)
 
     def record(self, ng: bool | None = None, error: bool = False) -> None:
         with self._lock:
@@ -995,6 +1037,8 @@ class HealthWatch:
                 return self._final
             now = self._clock()
             if self._owed is not None:
+                if now < self._retry_at:
+                    return self._meanwhile
                 return (self._roll_back(self._owed, now) if self._owed.status == "failed"
                         else self._confirm(self._owed, now))
             offered = None
@@ -1011,10 +1055,8 @@ class HealthWatch:
             if status == "pending":
                 return v
             if self.deploy_dir is not None:
-                if status == "failed":
-                    self._owed_since = now
-                    return self._roll_back(v, now)
-                return self._confirm(v, now)
+                self._owed_since = now
+                return self._roll_back(v, now) if status == "failed" else self._confirm(v, now)
             self._final = v
             return v
 
@@ -1039,12 +1081,10 @@ class HealthWatch:
         """Record an "ok" verdict on the release judged (under the deploy lock, only while it is still
         ``current``); the verdict to return: final, or "pending" while it cannot be recorded (another install
         or rollback holds the lock, or deploy.json cannot be written: a full disk). Such a record is tried
-        again at a later poll, backing off (:data:`RECORD_RETRY_S`: after 1 s, 2 s, 4 s ..., at most 60 s
-        apart; not at every poll, ten times a second), and given up after ``limits.record_wait_s`` with an
-        ERROR: the verdict "ok" with ``record`` "given_up"; the release stays pending in deploy.json (a
-        restart watches it again)."""
-        if self._owed is not None and now < self._retry_at:
-            return self._not_recorded
+        again at a later poll, backing off (:meth:`_owe`: after 1 s, 2 s, 4 s ..., at most 60 s apart; not at
+        every poll, ten times a second), and given up after ``limits.record_wait_s`` with an ERROR: the verdict
+        "ok" with ``record`` "given_up"; the release stays pending in deploy.json (a restart watches it
+        again)."""
         try:
             with deploy_lock(self.deploy_dir):
                 moved = self._moved_on()
@@ -1054,7 +1094,6 @@ class HealthWatch:
             why = (f"another install or rollback holds the deploy folder ({exc})" if isinstance(exc, Busy)
                    else f"deploy.json cannot be written ({os_error_text(exc)})")
             if self._owed is None:
-                self._owed_since, self._retry_delay = now, RECORD_RETRY_S[0]
                 log.warning("the healthy verdict on %s is not recorded yet: %s; tried again for up to %g s",
                             self.release, why, self.limits.record_wait_s)
             waited = now - self._owed_since
@@ -1064,16 +1103,33 @@ class HealthWatch:
                 return self._finish(replace(v, reason=(
                     f"{v.reason}; not recorded as healthy, given up after {waited:.0f} s: {why}; deploy.json still "
                     "says pending (a restart watches the release again)"), record="given_up"))
-            self._owed = v
-            self._retry_at = min(now + self._retry_delay, self._owed_since + self.limits.record_wait_s)
-            self._retry_delay = min(2 * self._retry_delay, RECORD_RETRY_S[1])
-            self._not_recorded = replace(v, status="pending", reason=(
-                f"{v.reason}; healthy, not recorded yet: {why}; tried again in {self._retry_at - now:g} s (given "
-                f"up after {self.limits.record_wait_s:g} s)"))
-            return self._not_recorded
+            again = self._owe(v, now, self.limits.record_wait_s)
+            return self._owe_meanwhile(replace(v, status="pending", reason=(
+                f"{v.reason}; healthy, not recorded yet: {why}; tried again in {again:g} s (given up after "
+                f"{self.limits.record_wait_s:g} s)")))
         if moved is not None:
             return self._finish(replace(v, reason=f"{v.reason}; not recorded as healthy: {moved}", record="dropped"))
         return self._finish(replace(v, record="done"))
+
+    def _owe(self, v: HealthVerdict, now: float, wait_s: float | None) -> float:
+        """``v``'s rollback or record could not be done now: owe it, to be tried again at a later poll, after a
+        back-off (:data:`RETRY_S`: 1 s, 2 s, 4 s ... at most 60 s apart, the last try at ``wait_s`` after the
+        first) or, with ``wait_s`` None, at the next poll (a deploy lock held elsewhere: cheap to try). The
+        seconds until the next try."""
+        if self._owed is None:
+            self._retry_delay = RETRY_S[0]
+        self._owed = v
+        if wait_s is None:
+            self._retry_at = now
+            return 0.0
+        self._retry_at = min(now + self._retry_delay, self._owed_since + wait_s)
+        self._retry_delay = min(2 * self._retry_delay, RETRY_S[1])
+        return self._retry_at - now
+
+    def _owe_meanwhile(self, v: HealthVerdict) -> HealthVerdict:
+        """``v``, returned by polls until the owed rollback or record is tried again."""
+        self._meanwhile = v
+        return v
 
     def _moved_on(self) -> str | None:
         """Why the deploy folder's release in force is no longer the one judged; None while it is."""
@@ -1085,7 +1141,12 @@ class HealthWatch:
 
     def _roll_back(self, v: HealthVerdict, now: float) -> HealthVerdict:
         """Roll the failed release back (under the deploy lock, only while it is still ``current``); the
-        verdict to return: final, or "waiting" while another install or rollback holds the lock."""
+        verdict to return: final, or "waiting" while another install or rollback holds the lock (tried again
+        at the next poll) or the rollback cannot be written before ``current`` moves (a full disk: nothing
+        changed; tried again backing off, :meth:`_owe`). Given up after ``limits.rollback_wait_s``. A rollback
+        whose record could not be completed after ``current`` moved holds (:func:`rollback_model`): "done",
+        its reason saying so."""
+        wait_s = self.limits.rollback_wait_s
         try:
             with deploy_lock(self.deploy_dir):
                 moved = self._moved_on()
@@ -1095,24 +1156,41 @@ class HealthWatch:
                 dep = rollback_model(self.deploy_dir, reason=f"health check: {v.reason}")
         except Busy as exc:
             waited = now - self._owed_since
-            if waited >= self.limits.rollback_wait_s:
-                log.error("the rollback of %s is given up: the deploy lock stayed held for %.0f s", self.release,
-                          waited)
-                return self._finish(replace(v, reason=(
-                    f"{v.reason}; rollback given up: another install or rollback held the deploy folder for "
-                    f"{waited:.0f} s ({exc}); the failing model keeps inspecting until 'edge-ad bundle rollback' "
-                    "or a restart (which watches the release again)"), rollback="given_up"))
+            if waited >= wait_s:
+                return self._give_up_rollback(v, waited, f"another install or rollback held the deploy folder for "
+                                                         f"{waited:.0f} s ({exc})")
             if self._owed is None:
                 log.warning("the rollback of %s waits for the deploy lock: %s", self.release, exc)
-            self._owed = v
-            return replace(v, reason=(f"{v.reason}; the rollback waits for the deploy folder, which another install "
-                                      f"or rollback holds ({exc}): tried again at every check for up to "
-                                      f"{self.limits.rollback_wait_s:g} s"), rollback="waiting")
+            self._owe(v, now, None)
+            self._waited_for = "the deploy lock"
+            return self._owe_meanwhile(replace(v, reason=(
+                f"{v.reason}; the rollback waits for the deploy folder, which another install or rollback holds "
+                f"({exc}): tried again at every check for up to {wait_s:g} s"), rollback="waiting"))
         except RuntimeFailure as exc:
             return self._finish(replace(v, reason=f"{v.reason}; rollback impossible: {exc}", rollback="impossible"))
-        waited = "" if self._owed is None else f" (after waiting {now - self._owed_since:.0f} s for the deploy lock)"
-        return self._finish(replace(v, reason=v.reason + waited, rolled_back=True, restored=dep.current_path,
-                                    rolled_back_to=dep.current, rollback="done"))
+        except OSError as exc:   # a full disk before 'current' moved: nothing changed
+            why = f"the deploy folder cannot be written ({os_error_text(exc)}); '{CURRENT}' is still {self.release}"
+            waited = now - self._owed_since
+            if waited >= wait_s:
+                return self._give_up_rollback(v, waited, f"not done within {waited:.0f} s: {why}")
+            if self._owed is None:
+                log.warning("the rollback of %s is not done yet: %s; tried again for up to %g s", self.release,
+                            why, wait_s)
+            again = self._owe(v, now, wait_s)
+            self._waited_for = "the deploy folder to be writable"
+            return self._owe_meanwhile(replace(v, reason=(
+                f"{v.reason}; the rollback is not done yet: {why}; tried again in {again:g} s (given up after "
+                f"{wait_s:g} s)"), rollback="waiting"))
+        waited = "" if self._owed is None else f" (after waiting {now - self._owed_since:.0f} s for {self._waited_for})"
+        unrecorded = "" if dep.unrecorded is None else f"; rolled back, but its record is incomplete: {dep.unrecorded}"
+        return self._finish(replace(v, reason=v.reason + waited + unrecorded, rolled_back=True,
+                                    restored=dep.current_path, rolled_back_to=dep.current, rollback="done"))
+
+    def _give_up_rollback(self, v: HealthVerdict, waited: float, why: str) -> HealthVerdict:
+        log.error("the rollback of %s is given up after %.0f s: %s", self.release, waited, why)
+        return self._finish(replace(v, reason=(
+            f"{v.reason}; rollback given up: {why}; the failing model keeps inspecting until 'edge-ad bundle "
+            "rollback' or a restart (which watches the release again)"), rollback="given_up"))
 
     def _finish(self, v: HealthVerdict) -> HealthVerdict:
         self._owed = None

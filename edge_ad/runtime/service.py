@@ -27,7 +27,7 @@ from .. import __version__
 from ..bundle import Bundle
 from ..config import Settings
 from ..data.image import expect_trained_format, put_expected_format
-from ..errors import EdgeADError, InputError, RuntimeFailure
+from ..errors import EdgeADError, InputError, RuntimeFailure, os_error_text
 from ..scoring import threshold_in_force
 from .capture import Camera
 from .commands import Commands
@@ -175,6 +175,11 @@ class Service:
             back = rollback_model(m.deploy_dir, reason=reason)
         except RuntimeFailure as nothing:
             raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
+        except OSError as nothing:   # a full disk before 'current' moved: nothing changed (a reload must not crash)
+            raise RuntimeFailure(f"{reason}; and it cannot be rolled back now ({os_error_text(nothing)}; 'current' "
+                                 f"is still {dep.current}): free disk space, then reload or restart") from exc
+        if back.unrecorded is not None:
+            reason += f"; rolled back, but its record is incomplete: {back.unrecorded}"
         log.error("%s; rolled back to %s", reason, back.current)
         self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
                                   "release": dep.current, "rolled_back": True, "restored": str(back.current_path),
@@ -234,32 +239,47 @@ class Service:
     def _watch_if_pending(self, baseline_ng_rate: float | None = None) -> None:
         """A release switched in while this line was not running it ('edge-ad bundle install', or a restart
         before the verdict) is still pending: watch its first frames here, rolling back when they look wrong."""
-        from ..calibration import HealthWatch
-
-        d = self.settings.model.deploy_dir
         dep = self._pending_release()
         if dep is not None and dep.current_path.resolve() == Path(self.bundle.path).resolve():
-            log.warning("release %s of %s is pending: its health is watched (rolled back when it fails)",
-                        dep.current, d)
-            self._replace_health(HealthWatch(d, baseline_ng_rate=baseline_ng_rate, offered=self._offered,
-                                             release=dep.current), "reload")
+            if self._watch_health(dep.current, baseline_ng_rate, "reload"):
+                log.warning("release %s of %s is pending: its health is watched (rolled back when it fails)",
+                            dep.current, self.settings.model.deploy_dir)
 
-    def _replace_health(self, watch, by: str) -> None:
-        """Watch ``watch``'s release from now on. A watch it replaces whose failed verdict's rollback was said
-        to wait for the deploy lock (a ``model_health`` event with rollback "waiting") gets its final event
-        now: rollback "dropped", superseded by the new release (``superseded_by``), which ``by`` (update_model,
-        reload) switched in. It is never rolled back to over the new switch, and without that event a fleet
-        dashboard waited for ever for the outcome, or took the new release's verdict for it."""
+    def _watch_health(self, release: str, baseline_ng_rate: float | None, by: str) -> bool:
+        """Watch the first frames of ``release`` (which ``by``, update_model or reload, switched in) from now on,
+        with the ``[health]`` limits in force now (a reload of them applies to the next watch, not to one
+        running), replacing the watch in force (:meth:`_replace_health`). With ``[health] enabled = false``
+        none: the release stays pending in deploy.json, neither judged nor rolled back. Whether it is watched."""
+        from ..calibration import HealthWatch
+
+        h, d = self.settings.health, self.settings.model.deploy_dir
+        watch = None
+        if h.enabled:
+            watch = HealthWatch(d, baseline_ng_rate=baseline_ng_rate, limits=h.limits(), offered=self._offered,
+                                release=release)
+        else:
+            log.warning("release %s of %s is pending and not watched ([health] enabled = false): it is neither "
+                        "judged nor rolled back automatically", release, d)
+        self._replace_health(watch, release, by)
+        return watch is not None
+
+    def _replace_health(self, watch, release: str, by: str) -> None:
+        """Watch ``release`` with ``watch`` (None: not watched) from now on. A watch it replaces whose failed
+        verdict's rollback was said to wait for the deploy lock (a ``model_health`` event with rollback
+        "waiting") gets its final event now: rollback "dropped", superseded by the new release
+        (``superseded_by``), which ``by`` (update_model, reload) switched in. It is never rolled back to over
+        the new switch, and without that event a fleet dashboard waited for ever for the outcome, or took the
+        new release's verdict for it."""
         old, self.reporter.health = self.reporter.health, watch
         if old is None or old is watch:
             return
-        v = old.supersede(watch.release, by)
+        v = old.supersede(release, by)
         if self._health_waiting is old:
             self._health_waiting = None
             if v is not None:
                 log.error("the rollback of %s waited for the deploy lock and is dropped: %s", old.release, v.reason)
                 self.event({"type": "model_health", **_jsonable(v.to_dict()), "release": old.release,
-                            "superseded_by": watch.release})
+                            "superseded_by": release})
 
     def _offered(self) -> int:
         """Frames the pipeline has handed to the model so far (captured, triggered, not paused)."""
@@ -453,6 +473,8 @@ class Service:
             applied.append("drift")
         if new.telemetry.interval_s != old.telemetry.interval_s:
             applied.append("telemetry.interval_s")
+        if new.health != old.health:
+            applied.append("health")   # read when a watch starts: one running keeps its limits
         for sec in ("model", "source", "pipeline", "output", "mqtt"):
             if getattr(new, sec) != getattr(old, sec):
                 restart.append(sec)
@@ -549,7 +571,7 @@ class Service:
                     archive.unlink(missing_ok=True)
 
     def _install_update(self, archive: Path, precision: str | None, activate: bool) -> dict:
-        from ..calibration import HealthWatch, check_golden, extract_archive, install_bundle, rollback_model
+        from ..calibration import check_golden, extract_archive, install_bundle, rollback_model
         from ..calibration.deploy import build_line_engine, engine_images, engine_needed, open_probe
 
         m = self.settings.model
@@ -594,11 +616,9 @@ class Service:
                 raise RuntimeFailure(f"update_model: {res.release} was installed but could not be swapped in "
                                      f"({exc}); 'current' is back on {dep.current}, the running model is "
                                      "unchanged") from exc
-            if not res.already_installed:
-                self._replace_health(HealthWatch(m.deploy_dir, baseline_ng_rate=baseline, offered=self._offered,
-                                                 release=res.release), "update_model")
+            watched = not res.already_installed and self._watch_health(res.release, baseline, "update_model")
         out.update({"activated": True, "install": res.summary(),
-                    "health": "pending" if not res.already_installed else "unchanged"})
+                    "health": "unchanged" if res.already_installed else "pending" if watched else "unchecked"})
         return _jsonable(out)
 
     def _ng_rate(self) -> float | None:
@@ -610,8 +630,8 @@ class Service:
 
     def _check_health(self) -> None:
         """After a model update: roll back when the new model's first frames look wrong. A rollback that
-        waits for the deploy lock (an 'edge-ad bundle install' or 'rollback' from a shell holds it) keeps the
-        watch, which tries again at every call: one event says it waits, one more how it ended (or, when an
+        waits for the deploy lock (an 'edge-ad bundle install' or 'rollback' from a shell holds it), or for
+        room to write it (a full disk), keeps the watch, which tries again at later calls: one event says it waits, one more how it ended (or, when an
         update_model or reload switches another release in meanwhile, that it was superseded:
         :meth:`_replace_health`)."""
         if not self._health_lock.acquire(blocking=False):
