@@ -67,6 +67,60 @@ def test_reply_routing_v5_311_and_default():
     assert r.topic == "edge-ad/v1/s/d/reply/status"
 
 
+BAD_REPLY_TOPICS = [
+    ("fleet/re\u0000ply", "NUL (U+0000)"),          # the broker closed the connection, at every reconnect
+    ("fleet/\u0001", "control character (U+0001)"),
+    ("fleet/\u0085", "control character (U+0085)"),
+    ("fleet/\ufffe", "non-character (U+FFFE)"),
+    ("$SYS/x", "starts with '$'"),                     # clients may not publish there
+    ("a/#", "wildcard"),
+    ("a/+/b", "wildcard"),
+    ("x" * 70_000, "70000 bytes long"),                # paho: ValueError, an ERROR with a traceback and the topic
+    ("\u00e9" * 513, "1026 bytes long"),               # bytes, not characters
+    ("", "is empty"),
+]
+
+
+@pytest.mark.parametrize("topic, why", BAD_REPLY_TOPICS, ids=range(len(BAD_REPLY_TOPICS)))
+def test_a_reply_topic_a_broker_or_paho_refuses_is_refused_and_answered_on_the_default_topic(topic, why, caplog):
+    """One unsigned status whose reply_to held a NUL cut the device off the broker for good (the reply was sent
+    again at every reconnect); '$SYS/...' got it disconnected; a 70 KB one an ERROR with a traceback. The command
+    is refused (malformed, naming the field, the value cut) and the refusal goes to reply/<name>, for reply_to and
+    the v5 response topic alike, in the signed form too."""
+    seen = []
+    d = _dispatcher()
+    d.register("status", seen.append)
+    with caplog.at_level("WARNING"):
+        for field, msg in (("'reply_to'", _msg("status", {"reply_to": topic, "correlation_id": "c1"})),
+                           ("the MQTT v5 response topic", _msg("status", response_topic=topic, correlation_data=b"c")),
+                           ("the MQTT v5 response topic",   # the response topic wins over a good reply_to
+                            _msg("status", {"reply_to": "ok/topic"}, response_topic=topic)),
+                           ("'reply_to'", _msg("status", raw=signed_envelope(
+                               "k", "edge-ad/v1/s/d/cmd/status", json.dumps({"reply_to": topic}).encode())))):
+            r = d.handle(msg)
+            body = _check_reply(r)
+            assert r.topic == "edge-ad/v1/s/d/reply/status" and body["error"]["code"] == "malformed", body
+            text = body["error"]["message"]
+            assert text.startswith(f"cmd/status: {field} ") and why in text and "Not run" in text, text
+            assert len(text) < 600 and r.correlation_data == msg.correlation_data
+            assert d.route(msg)[0] == "edge-ad/v1/s/d/reply/status"
+            # refused for it whatever else the link refuses it for (busy, retained)
+            r = d.error_reply(msg, "busy", "pause: not run")
+            assert (r.topic, r.body["error"]["code"]) == ("edge-ad/v1/s/d/reply/status", "malformed")
+    assert seen == [] and max(len(r.getMessage()) for r in caplog.records) < 600
+    if "non-character" not in why and "1026" not in why:    # the schema says it too (it counts characters)
+        assert schema.errors("command", {"reply_to": topic}) != []
+
+
+def test_reply_topics_brokers_take_are_kept():
+    d = _dispatcher()
+    for topic in ("a$b/\u00e9/x", "plant/replies/" + "x" * 1000, "/lead/slash", "a//b", "\u00e9" * 512):
+        r = d.handle(_msg("status", {"reply_to": topic}))
+        assert r.topic == topic and r.body["ok"], r.body
+        assert d.handle(_msg("status", response_topic=topic)).topic == topic
+        assert schema.errors("command", {"reply_to": topic}) == []
+
+
 @pytest.mark.parametrize("raw, code", [
     (b"{not json", "malformed"),
     (b"[1, 2]", "malformed"),
@@ -423,6 +477,52 @@ def test_retained_commands_are_not_run(link, mosquitto):
     assert link.calls == ["resume"]
     pub.loop_stop()
     pub.disconnect()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_bad_reply_topic_through_the_broker_costs_no_connection(mosquitto, tmp_path, caplog, protocol):
+    """One unsigned status with a NUL in reply_to made the device reconnect every 1.5 s until it was restarted;
+    a 70 KB one logged a traceback with the whole topic. Each is refused on reply/status and the link stays up."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_ad.mqtt.collector import Collector
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1, reconnect_max_s=0.5, protocol=protocol)
+    lk = MqttLink(settings)
+    lk.start()
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    sent = [{"reply_to": "fleet/re\u0000ply"}, {"reply_to": "fleet/\u0001"}, {"reply_to": "$SYS/x"},
+            {"reply_to": "x" * 70_000}] + ([{}] if protocol == "5" else [])
+    try:
+        assert _wait(lambda: lk.connected)
+        with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/s/d/reply/#") as col, \
+                caplog.at_level("WARNING", logger="edge_ad.mqtt"):
+            for i, body in enumerate(sent):
+                props = None
+                if not body:       # a v5 response topic under $SYS
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.ResponseTopic, props.CorrelationData = "$SYS/edge", b"v5"
+                pub.publish("edge-ad/v1/s/d/cmd/status", json.dumps({**body, "correlation_id": f"c{i}"}), qos=1,
+                            properties=props).wait_for_publish(5)
+            assert col.wait_for(lambda c: len(c.messages) >= len(sent), 10)
+            with CommandClient(BrokerSettings(url=mosquitto.url, protocol=protocol)) as cc:
+                assert cc.call("s", "d", "status", timeout=5)["ok"]      # the link answers as before
+            st = lk.stats()
+        replies = [m.json() for m in col.messages]
+        assert [r["correlation_id"] for r in replies] == [f"c{i}" for i in range(len(sent))]
+        assert all(r["error"]["code"] == "malformed" and len(r["error"]["message"]) < 600 for r in replies), replies
+        assert protocol != "5" or "response topic '$SYS/edge'" in replies[-1]["error"]["message"]
+        assert st["connects"] == 1 and st["disconnects"] == 0, st
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        assert max(len(r.getMessage()) for r in caplog.records) < 600
+    finally:
+        pub.loop_stop()
+        lk.stop(timeout=2)
 
 
 def test_hmac_refusal_through_the_broker(mosquitto, tmp_path):

@@ -27,6 +27,8 @@ sent (logged). A broker that announces no limit (MQTT 3.1.1) just drops the conn
 told from a network fault: nothing is dropped for it; the same message sent right before several losses in a
 row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) is dropped and announced the
 same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
+A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`): one the broker closes the
+connection for is then given up, with an ERROR naming it, instead of costing the connection at every reconnect.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import paho.mqtt.client as paho
@@ -49,14 +52,29 @@ from ..errors import InputError, RuntimeFailure
 from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text, reason_value
-from .commands import LONG, QUICK, CommandQueue, Dispatcher, Handler, Incoming
+from .commands import LONG, QUICK, CommandQueue, Dispatcher, Handler, Incoming, _short
 from .outbox import DROP_IDS_PER_EVENT, Outbox
-from .sender import AckListener, OutboxSender, image_properties, percentile, publish_size
+from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
 from .settings import SHORT_SECRET, MqttSettings
 from .topics import Topics
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
+# a command reply is sent at most this often: once, and again after one reconnect (paho sends a QoS 1 message in
+# flight again at every reconnect; a reply the broker closes the connection for did so for ever). Fewer than the
+# losses in a row the sender names an outbox message for, so such a reply is named, not a result sent beside it.
+REPLY_SENDS = LOSS_REPEATS - 1
+
+
+@dataclass
+class _SentReply:
+    """A command reply paho holds until its PUBACK (see :meth:`MqttLink._replies_at_connect`)."""
+
+    info: paho.MQTTMessageInfo
+    command: str
+    topic: str
+    size: int
+    sends: int = 1
 
 
 class MqttLink:
@@ -94,6 +112,7 @@ class MqttLink:
         self._commands = CommandQueue(settings.command_queue)
         self._quick = CommandQueue(settings.command_queue)     # QUICK commands: their own worker
         self._long: Incoming | None = None    # the LONG command waiting or running: others are refused meanwhile
+        self._replies: dict[int, _SentReply] = {}   # replies paho may still hold, by message id
         self._last_image = float("-inf")
         self._started_iso = payloads.now_iso()
         # every key exists from the start, so stats() never iterates a dict that grows under it
@@ -536,6 +555,7 @@ class MqttLink:
         limit = getattr(properties, "MaximumPacketSize", None) if client.protocol == paho.MQTTv5 else None
         # before anything is published on this connection, and before paho sends again what it holds
         self._out.reconnected(client, int(limit) if limit is not None else None)
+        self._replies_at_connect(client)
         if limit is not None and limit < self.settings.image_max_bytes + 1024 and self._limit_warned != limit:
             self._limit_warned = limit
             log.warning("mqtt: the broker %s takes packets of at most %d bytes (its max_packet_size), less than "
@@ -587,6 +607,8 @@ class MqttLink:
                             self.outbox.depth)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            self._replies.pop(mid, None)
         self._out.acknowledged(mid, reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
@@ -663,9 +685,52 @@ class MqttLink:
                 props.ContentType = "application/json"
                 if reply.correlation_data is not None:
                     props.CorrelationData = reply.correlation_data
-            self._publish_direct(client, reply.topic, data, 1, False, props)
+            info = self._publish_direct(client, reply.topic, data, 1, False, props)
+        except ValueError as exc:  # paho refuses the topic (the dispatcher refuses such reply topics first)
+            log.error("mqtt: the reply to command %s cannot be sent to %s: %s", reply.body.get("command"),
+                      _short(repr(reply.topic), 120), exc)
+            return
         except Exception:  # a reply that cannot be sent must not stop the worker
-            log.exception("mqtt: cannot send the reply to %s", reply.topic)
+            log.exception("mqtt: cannot send the reply to %s", _short(repr(reply.topic), 120))
+            return
+        if info is not None and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            with self._lock:   # its PUBACK may have come already: is_published() says so at the next connect
+                self._replies[info.mid] = _SentReply(info, str(reply.body.get("command")), reply.topic, len(data))
+
+    def _replies_at_connect(self, client: paho.Client) -> None:
+        """``on_connect``, before paho sends again the messages it holds from the last connection: a reply sent
+        :data:`REPLY_SENDS` times already (each connection since was lost before its PUBACK) is given up, with
+        an ERROR naming it: a broker that closes the connection for a reply (its ACL denies the topic) would
+        close it again at every reconnect. Paho cannot drop one message alone: its copies are taken back
+        (``drop_out_messages``), the other replies published again now, the outbox's handed back to the
+        sender (as at a lowered packet limit: :meth:`OutboxSender.reconnected`)."""
+        with self._lock:
+            pending = {mid: r for mid, r in self._replies.items() if not r.info.is_published()}
+            self._replies = pending
+            if not any(r.sends >= REPLY_SENDS for r in pending.values()):
+                for r in pending.values():
+                    r.sends += 1          # paho sends it again now
+                return
+            self._replies = {}
+        others = []
+        for message in client.drop_out_messages():
+            r = pending.get(message.mid)
+            if r is None:
+                others.append(message)
+            elif r.sends >= REPLY_SENDS:
+                log.error("mqtt: the reply to command %s on %s (%d bytes) is given up: the connection was lost each "
+                          "of the %d times it was sent, before the broker acknowledged it (a broker closes the "
+                          "connection for a reply topic it refuses, e.g. one its ACL denies); its requester gets no "
+                          "reply", r.command, _short(repr(r.topic), 120), r.size, r.sends)
+            else:
+                info = client.publish(message.topic, message.payload, qos=message.qos, retain=False,
+                                      properties=message.properties)
+                with self._lock:
+                    self._replies[info.mid] = _SentReply(info, r.command, r.topic, r.size, r.sends + 1)
+        for message in others:     # the sender takes them back as those OutboxSender.reconnected drops
+            self._out._requeue.put(message)
+        if others:
+            self._wake.set()
 
     def _status_command(self, args: dict) -> dict:
         return {"birth": self.birth(), "link": self.stats()}
