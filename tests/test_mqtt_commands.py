@@ -65,6 +65,10 @@ def test_reply_routing_v5_311_and_default():
     assert r.topic == "legacy/replies" and r.body["correlation_id"] == "abc" and r.correlation_data is None
     r = d.handle(_msg("status"))
     assert r.topic == "edge-ad/v1/s/d/reply/status"
+    # both (CommandClient under v5 sends both, the same): the v5 response topic and correlation data win
+    r = d.handle(_msg("status", {"reply_to": "field/replies", "correlation_id": "f1"}, response_topic="prop/replies",
+                      correlation_data=b"p1"))
+    assert (r.topic, r.correlation_data, r.body["correlation_id"]) == ("prop/replies", b"p1", "f1")
 
 
 BAD_REPLY_TOPICS = [
@@ -629,6 +633,49 @@ def test_commands_over_mqtt_311(mosquitto, tmp_path):
         with CommandClient(broker) as unsigned:
             assert unsigned.call("s", "d", "set_threshold", {"threshold": 0.3}, timeout=5)["error"]["code"] == \
                 "unauthorized"
+    finally:
+        lk.stop(timeout=2)
+
+
+def test_the_cli_over_v5_gets_the_reply_of_a_device_that_speaks_311(mosquitto, tmp_path, monkeypatch):
+    """edge-ad command (MQTT v5 by default) sent its reply route, requester id and signature as v5 properties
+    only, which a device configured for 3.1.1 never sees: the device paused, answered on reply/pause, and the CLI
+    exited 1 saying the device may be offline and the command 'will not run late'. The payload carries them too
+    (the signature in the signed form): the reply comes back, with an allow-list and a secret on the device."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            protocol="3.1.1", command_clients=["mes-1"], command_secret="plant-secret",
+                            reconnect_min_s=0.1)
+    calls = []
+    lk = MqttLink(settings)
+    lk.register_command("pause", lambda args: calls.append(args) or {"paused": True})
+    lk.start()
+    assert _wait(lambda: lk.connected)       # a command sent before it subscribed would be lost
+    monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "plant-secret")
+    argv = ["command", "--mqtt", mosquitto.url, "--site", "s", "--device", "d", "--timeout", "5", "--client-id",
+            "mes-1"]
+    try:
+        res = CliRunner().invoke(main, [*argv, "pause", '{"reason": "lunch"}'])
+        assert res.exit_code == 0 and res.stderr == "", res.output
+        reply = json.loads(res.stdout)
+        assert reply["ok"] and reply["result"] == {"paused": True} and calls == [{"reason": "lunch"}]
+        res = CliRunner().invoke(main, [*argv, "status"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["result"]["birth"]["protocol"] == "3.1.1", res.output
+        # and a v5 device gets the same request with the same answer, on the response topic
+        v5 = MqttLink(MqttSettings(url=mosquitto.url, site="s", device="v5", outbox_path=tmp_path / "v5.sqlite",
+                                   command_clients=["mes-1"], command_secret="plant-secret", reconnect_min_s=0.1))
+        v5.register_command("pause", lambda args: calls.append(args) or {"paused": True})
+        v5.start()
+        try:
+            assert _wait(lambda: v5.connected)
+            res = CliRunner().invoke(main, [*argv[:6], "v5", *argv[7:], "pause", '{"reason": "v5"}'])
+            assert res.exit_code == 0 and json.loads(res.stdout)["ok"], res.output
+            assert calls == [{"reason": "lunch"}, {"reason": "v5"}]
+        finally:
+            v5.stop(timeout=2)
     finally:
         lk.stop(timeout=2)
 
