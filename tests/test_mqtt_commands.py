@@ -452,6 +452,64 @@ def test_a_command_that_timed_out_waiting_behind_another_does_not_run_later(link
     assert link.calls == ["resume"]                              # the operator was told pause timed out
 
 
+def test_at_a_stop_every_command_gets_a_reply_and_none_waiting_runs(link, mosquitto):
+    """Commands acknowledged to the broker (QoS 1) but waiting, or running, when the device stopped got no reply
+    and were lost. From close_commands (the run starts stopping) the ones waiting, and those that come, are
+    answered 'failed' without running while status is still answered; stop() answers a command still running
+    when its timeout ends (its own reply, should it finish, is not sent) and does not wait longer for it."""
+    started, gate = threading.Event(), threading.Event()
+    link.register_command("pause", lambda args: started.set() or (gate.wait(10) and {"paused": True}))
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        out = {}
+
+        def call(key, name, args=None):
+            out[key] = cc.call("s", "d", name, args, timeout=10)
+
+        threads = [threading.Thread(target=call, args=("pause", "pause"))]
+        threads[0].start()
+        assert started.wait(5)
+        threads.append(threading.Thread(target=call, args=("thr", "set_threshold", {"threshold": 0.5})))
+        threads[1].start()
+        assert _wait(lambda: link._commands._q.qsize() == 1, 5)
+        link.close_commands("SIGTERM")
+        threads[1].join(10)
+        assert out["thr"]["error"] == {"code": "failed", "message": "set_threshold: not run: the device is stopping "
+                                                                    "(SIGTERM); send it again when it is back online"}
+        r = cc.call("s", "d", "resume", timeout=5)                 # one that comes while the run stops
+        assert r["error"]["code"] == "failed" and "not run: the device is stopping (SIGTERM)" in r["error"]["message"]
+        assert cc.call("s", "d", "status", timeout=5)["ok"]         # answered until the link stops
+        gate.set()
+        threads[0].join(10)
+        assert out["pause"]["ok"]                                   # it was running: it finishes
+        assert link.calls == []                                     # set_threshold and resume never ran
+
+
+def test_a_command_still_running_when_the_stop_ends_is_answered_and_not_waited_for(link, mosquitto, caplog):
+    """A command that outlasts the stop's timeout (a calibrate from a folder, an update_model downloading) got no
+    reply: it is answered 'failed' (whether it took effect is unknown) before the link disconnects."""
+    held, started = threading.Event(), threading.Event()
+    link.register_command("calibrate", lambda args: started.set() or (held.wait(10) and {"calibrated": True}))
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        out = {}
+        t = threading.Thread(target=lambda: out.update(cal=cc.call("s", "d", "calibrate", timeout=10)))
+        t.start()
+        assert started.wait(5)
+        t0 = time.monotonic()
+        link.stop(timeout=1)
+        assert time.monotonic() - t0 < 4
+        t.join(10)
+    err = out["cal"]["error"]
+    assert err["code"] == "failed" and err["message"].startswith(
+        "calibrate: interrupted: the device stopped (the link is stopping) before it finished; whether it took "
+        "effect is unknown"), err
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt"):
+        held.set()                                      # it finishes after all: its own reply is not sent
+        link._workers[0].join(5)
+    assert not link._running and not link._answered_at_stop
+    assert any("calibrate finished after the stop answered it (ok): its reply is not sent" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_retained_commands_are_not_run(link, mosquitto):
     import paho.mqtt.client as paho
 

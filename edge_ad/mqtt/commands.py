@@ -473,37 +473,61 @@ class Dispatcher:
         return out
 
 
+QUEUED, FULL, CLOSED = "queued", "full", "closed"      # what CommandQueue.offer did with a command
+
+
 class CommandQueue:
-    """Bounded queue between the network thread (producer) and the command worker (consumer)."""
+    """Bounded queue between the network thread (producer) and a command worker (consumer). Once closed (the
+    link stops) it takes no more commands (:data:`CLOSED`) and :meth:`get` hands out those still waiting, to be
+    answered without being run, then None."""
 
     def __init__(self, size: int):
         self._q: queue.Queue = queue.Queue(maxsize=size)
         self._closed = threading.Event()
 
-    def offer(self, msg: Incoming) -> bool:
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def offer(self, msg: Incoming) -> str:
+        """:data:`QUEUED`, :data:`FULL` or :data:`CLOSED` (stopping: the caller answers it)."""
         if self._closed.is_set():
-            return True                     # stopping: dropped without a reply
+            return CLOSED
         try:
             self._q.put_nowait(msg)
-            return True
+            return QUEUED
         except queue.Full:
-            return False
+            return FULL
 
     def close(self) -> None:
-        """Wake the worker and make it return (commands still waiting get no reply). Never blocks."""
+        """Take no more commands and wake the worker. Never blocks."""
         self._closed.set()
         try:
             self._q.put_nowait(None)
         except queue.Full:
-            pass
+            pass            # the worker sees the closed queue once it has taken what waits
 
     def get(self) -> Incoming | None:
-        """The next command, or None once closed."""
-        while not self._closed.is_set():
+        """The next command (after :meth:`close`: the next one still waiting), or None once closed and empty."""
+        while True:
             try:
                 msg = self._q.get(timeout=0.25)
             except queue.Empty:
+                if self._closed.is_set():
+                    return None
                 continue
-            if msg is not None and not self._closed.is_set():
+            if msg is not None:
                 return msg
-        return None
+            if self._closed.is_set():
+                return None
+
+    def drain(self) -> list[Incoming]:
+        """The commands still waiting, taken now (a worker that is stuck in a command will not take them)."""
+        out = []
+        while True:
+            try:
+                msg = self._q.get_nowait()
+            except queue.Empty:
+                return out
+            if msg is not None:
+                out.append(msg)
