@@ -65,6 +65,64 @@ def test_reply_routing_v5_311_and_default():
     assert r.topic == "legacy/replies" and r.body["correlation_id"] == "abc" and r.correlation_data is None
     r = d.handle(_msg("status"))
     assert r.topic == "edge-ad/v1/s/d/reply/status"
+    # both (CommandClient under v5 sends both, the same): the v5 response topic and correlation data win
+    r = d.handle(_msg("status", {"reply_to": "field/replies", "correlation_id": "f1"}, response_topic="prop/replies",
+                      correlation_data=b"p1"))
+    assert (r.topic, r.correlation_data, r.body["correlation_id"]) == ("prop/replies", b"p1", "f1")
+
+
+BAD_REPLY_TOPICS = [
+    ("fleet/re\u0000ply", "NUL (U+0000)"),          # the broker closed the connection, at every reconnect
+    ("fleet/\u0001", "control character (U+0001)"),
+    ("fleet/\u0085", "control character (U+0085)"),
+    ("fleet/\ufffe", "non-character (U+FFFE)"),
+    ("$SYS/x", "starts with '$'"),                     # clients may not publish there
+    ("a/#", "wildcard"),
+    ("a/+/b", "wildcard"),
+    ("x" * 70_000, "70000 bytes long"),                # paho: ValueError, an ERROR with a traceback and the topic
+    ("\u00e9" * 513, "1026 bytes long"),               # bytes, not characters
+    ("", "is empty"),
+]
+
+
+@pytest.mark.parametrize("topic, why", BAD_REPLY_TOPICS, ids=range(len(BAD_REPLY_TOPICS)))
+def test_a_reply_topic_a_broker_or_paho_refuses_is_refused_and_answered_on_the_default_topic(topic, why, caplog):
+    """One unsigned status whose reply_to held a NUL cut the device off the broker for good (the reply was sent
+    again at every reconnect); '$SYS/...' got it disconnected; a 70 KB one an ERROR with a traceback. The command
+    is refused (malformed, naming the field, the value cut) and the refusal goes to reply/<name>, for reply_to and
+    the v5 response topic alike, in the signed form too."""
+    seen = []
+    d = _dispatcher()
+    d.register("status", seen.append)
+    with caplog.at_level("WARNING"):
+        for field, msg in (("'reply_to'", _msg("status", {"reply_to": topic, "correlation_id": "c1"})),
+                           ("the MQTT v5 response topic", _msg("status", response_topic=topic, correlation_data=b"c")),
+                           ("the MQTT v5 response topic",   # the response topic wins over a good reply_to
+                            _msg("status", {"reply_to": "ok/topic"}, response_topic=topic)),
+                           ("'reply_to'", _msg("status", raw=signed_envelope(
+                               "k", "edge-ad/v1/s/d/cmd/status", json.dumps({"reply_to": topic}).encode())))):
+            r = d.handle(msg)
+            body = _check_reply(r)
+            assert r.topic == "edge-ad/v1/s/d/reply/status" and body["error"]["code"] == "malformed", body
+            text = body["error"]["message"]
+            assert text.startswith(f"cmd/status: {field} ") and why in text and "Not run" in text, text
+            assert len(text) < 600 and r.correlation_data == msg.correlation_data
+            assert d.route(msg)[0] == "edge-ad/v1/s/d/reply/status"
+            # refused for it whatever else the link refuses it for (busy, retained)
+            r = d.error_reply(msg, "busy", "pause: not run")
+            assert (r.topic, r.body["error"]["code"]) == ("edge-ad/v1/s/d/reply/status", "malformed")
+    assert seen == [] and max(len(r.getMessage()) for r in caplog.records) < 600
+    if "non-character" not in why and "1026" not in why:    # the schema says it too (it counts characters)
+        assert schema.errors("command", {"reply_to": topic}) != []
+
+
+def test_reply_topics_brokers_take_are_kept():
+    d = _dispatcher()
+    for topic in ("a$b/\u00e9/x", "plant/replies/" + "x" * 1000, "/lead/slash", "a//b", "\u00e9" * 512):
+        r = d.handle(_msg("status", {"reply_to": topic}))
+        assert r.topic == topic and r.body["ok"], r.body
+        assert d.handle(_msg("status", response_topic=topic)).topic == topic
+        assert schema.errors("command", {"reply_to": topic}) == []
 
 
 @pytest.mark.parametrize("raw, code", [
@@ -394,6 +452,64 @@ def test_a_command_that_timed_out_waiting_behind_another_does_not_run_later(link
     assert link.calls == ["resume"]                              # the operator was told pause timed out
 
 
+def test_at_a_stop_every_command_gets_a_reply_and_none_waiting_runs(link, mosquitto):
+    """Commands acknowledged to the broker (QoS 1) but waiting, or running, when the device stopped got no reply
+    and were lost. From close_commands (the run starts stopping) the ones waiting, and those that come, are
+    answered 'failed' without running while status is still answered; stop() answers a command still running
+    when its timeout ends (its own reply, should it finish, is not sent) and does not wait longer for it."""
+    started, gate = threading.Event(), threading.Event()
+    link.register_command("pause", lambda args: started.set() or (gate.wait(10) and {"paused": True}))
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        out = {}
+
+        def call(key, name, args=None):
+            out[key] = cc.call("s", "d", name, args, timeout=10)
+
+        threads = [threading.Thread(target=call, args=("pause", "pause"))]
+        threads[0].start()
+        assert started.wait(5)
+        threads.append(threading.Thread(target=call, args=("thr", "set_threshold", {"threshold": 0.5})))
+        threads[1].start()
+        assert _wait(lambda: link._commands._q.qsize() == 1, 5)
+        link.close_commands("SIGTERM")
+        threads[1].join(10)
+        assert out["thr"]["error"] == {"code": "failed", "message": "set_threshold: not run: the device is stopping "
+                                                                    "(SIGTERM); send it again when it is back online"}
+        r = cc.call("s", "d", "resume", timeout=5)                 # one that comes while the run stops
+        assert r["error"]["code"] == "failed" and "not run: the device is stopping (SIGTERM)" in r["error"]["message"]
+        assert cc.call("s", "d", "status", timeout=5)["ok"]         # answered until the link stops
+        gate.set()
+        threads[0].join(10)
+        assert out["pause"]["ok"]                                   # it was running: it finishes
+        assert link.calls == []                                     # set_threshold and resume never ran
+
+
+def test_a_command_still_running_when_the_stop_ends_is_answered_and_not_waited_for(link, mosquitto, caplog):
+    """A command that outlasts the stop's timeout (a calibrate from a folder, an update_model downloading) got no
+    reply: it is answered 'failed' (whether it took effect is unknown) before the link disconnects."""
+    held, started = threading.Event(), threading.Event()
+    link.register_command("calibrate", lambda args: started.set() or (held.wait(10) and {"calibrated": True}))
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        out = {}
+        t = threading.Thread(target=lambda: out.update(cal=cc.call("s", "d", "calibrate", timeout=10)))
+        t.start()
+        assert started.wait(5)
+        t0 = time.monotonic()
+        link.stop(timeout=1)
+        assert time.monotonic() - t0 < 4
+        t.join(10)
+    err = out["cal"]["error"]
+    assert err["code"] == "failed" and err["message"].startswith(
+        "calibrate: interrupted: the device stopped (the link is stopping) before it finished; whether it took "
+        "effect is unknown"), err
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt"):
+        held.set()                                      # it finishes after all: its own reply is not sent
+        link._workers[0].join(5)
+    assert not link._running and not link._answered_at_stop
+    assert any("calibrate finished after the stop answered it (ok): its reply is not sent" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_retained_commands_are_not_run(link, mosquitto):
     import paho.mqtt.client as paho
 
@@ -423,6 +539,52 @@ def test_retained_commands_are_not_run(link, mosquitto):
     assert link.calls == ["resume"]
     pub.loop_stop()
     pub.disconnect()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_bad_reply_topic_through_the_broker_costs_no_connection(mosquitto, tmp_path, caplog, protocol):
+    """One unsigned status with a NUL in reply_to made the device reconnect every 1.5 s until it was restarted;
+    a 70 KB one logged a traceback with the whole topic. Each is refused on reply/status and the link stays up."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_ad.mqtt.collector import Collector
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1, reconnect_max_s=0.5, protocol=protocol)
+    lk = MqttLink(settings)
+    lk.start()
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    sent = [{"reply_to": "fleet/re\u0000ply"}, {"reply_to": "fleet/\u0001"}, {"reply_to": "$SYS/x"},
+            {"reply_to": "x" * 70_000}] + ([{}] if protocol == "5" else [])
+    try:
+        assert _wait(lambda: lk.connected)
+        with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/s/d/reply/#") as col, \
+                caplog.at_level("WARNING", logger="edge_ad.mqtt"):
+            for i, body in enumerate(sent):
+                props = None
+                if not body:       # a v5 response topic under $SYS
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.ResponseTopic, props.CorrelationData = "$SYS/edge", b"v5"
+                pub.publish("edge-ad/v1/s/d/cmd/status", json.dumps({**body, "correlation_id": f"c{i}"}), qos=1,
+                            properties=props).wait_for_publish(5)
+            assert col.wait_for(lambda c: len(c.messages) >= len(sent), 10)
+            with CommandClient(BrokerSettings(url=mosquitto.url, protocol=protocol)) as cc:
+                assert cc.call("s", "d", "status", timeout=5)["ok"]      # the link answers as before
+            st = lk.stats()
+        replies = [m.json() for m in col.messages]
+        assert [r["correlation_id"] for r in replies] == [f"c{i}" for i in range(len(sent))]
+        assert all(r["error"]["code"] == "malformed" and len(r["error"]["message"]) < 600 for r in replies), replies
+        assert protocol != "5" or "response topic '$SYS/edge'" in replies[-1]["error"]["message"]
+        assert st["connects"] == 1 and st["disconnects"] == 0, st
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        assert max(len(r.getMessage()) for r in caplog.records) < 600
+    finally:
+        pub.loop_stop()
+        lk.stop(timeout=2)
 
 
 def test_hmac_refusal_through_the_broker(mosquitto, tmp_path):
@@ -529,6 +691,49 @@ def test_commands_over_mqtt_311(mosquitto, tmp_path):
         with CommandClient(broker) as unsigned:
             assert unsigned.call("s", "d", "set_threshold", {"threshold": 0.3}, timeout=5)["error"]["code"] == \
                 "unauthorized"
+    finally:
+        lk.stop(timeout=2)
+
+
+def test_the_cli_over_v5_gets_the_reply_of_a_device_that_speaks_311(mosquitto, tmp_path, monkeypatch):
+    """edge-ad command (MQTT v5 by default) sent its reply route, requester id and signature as v5 properties
+    only, which a device configured for 3.1.1 never sees: the device paused, answered on reply/pause, and the CLI
+    exited 1 saying the device may be offline and the command 'will not run late'. The payload carries them too
+    (the signature in the signed form): the reply comes back, with an allow-list and a secret on the device."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            protocol="3.1.1", command_clients=["mes-1"], command_secret="plant-secret",
+                            reconnect_min_s=0.1)
+    calls = []
+    lk = MqttLink(settings)
+    lk.register_command("pause", lambda args: calls.append(args) or {"paused": True})
+    lk.start()
+    assert _wait(lambda: lk.connected)       # a command sent before it subscribed would be lost
+    monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "plant-secret")
+    argv = ["command", "--mqtt", mosquitto.url, "--site", "s", "--device", "d", "--timeout", "5", "--client-id",
+            "mes-1"]
+    try:
+        res = CliRunner().invoke(main, [*argv, "pause", '{"reason": "lunch"}'])
+        assert res.exit_code == 0 and res.stderr == "", res.output
+        reply = json.loads(res.stdout)
+        assert reply["ok"] and reply["result"] == {"paused": True} and calls == [{"reason": "lunch"}]
+        res = CliRunner().invoke(main, [*argv, "status"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["result"]["birth"]["protocol"] == "3.1.1", res.output
+        # and a v5 device gets the same request with the same answer, on the response topic
+        v5 = MqttLink(MqttSettings(url=mosquitto.url, site="s", device="v5", outbox_path=tmp_path / "v5.sqlite",
+                                   command_clients=["mes-1"], command_secret="plant-secret", reconnect_min_s=0.1))
+        v5.register_command("pause", lambda args: calls.append(args) or {"paused": True})
+        v5.start()
+        try:
+            assert _wait(lambda: v5.connected)
+            res = CliRunner().invoke(main, [*argv[:6], "v5", *argv[7:], "pause", '{"reason": "v5"}'])
+            assert res.exit_code == 0 and json.loads(res.stdout)["ok"], res.output
+            assert calls == [{"reason": "lunch"}, {"reason": "v5"}]
+        finally:
+            v5.stop(timeout=2)
     finally:
         lk.stop(timeout=2)
 

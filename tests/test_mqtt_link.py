@@ -1015,6 +1015,60 @@ def test_a_reply_in_flight_when_the_connection_drops_arrives_after_the_reconnect
         proxy.close()
 
 
+def test_a_reply_the_connection_is_lost_for_at_every_send_is_given_up_and_named(mosquitto, tmp_path, caplog):
+    """paho sends a QoS 1 reply again after every reconnect: a reply the broker closed the connection for (a NUL
+    in its topic; a topic its ACL denies) cut the device off for ever, its results waiting, and the WARNING
+    blamed a result. A reply is sent twice at most (once more after a reconnect), then given up with an ERROR
+    naming it as a reply; the results sent meanwhile all arrive and the connection stays up."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_ad.mqtt.link import REPLY_SENDS
+
+    proxy = CuttableProxy(mosquitto.port)
+    stop = threading.Event()
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path))
+    ids: list[str] = []
+
+    def line():
+        while not stop.is_set():
+            ids.append(link.publish_result({"score": 0.1, "ng": False}))
+            time.sleep(0.02)
+
+    producer = threading.Thread(target=line, daemon=True)
+    requester = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    try:
+        with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/result") as col, \
+                caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+            link.start()
+            assert _wait(lambda: link.connected, 10)
+            producer.start()
+            requester.connect(mosquitto.host, mosquitto.port)
+            requester.loop_start()
+            proxy.cut_at_publish("fleet/refused", 10)      # as a broker refusing that topic does, every time
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic, props.CorrelationData = "fleet/refused", b"r1"
+            requester.publish("edge-ad/v1/t/d1/cmd/status", b"{}", qos=1, properties=props).wait_for_publish(5)
+            assert _wait(lambda: any("is given up" in r.getMessage() for r in caplog.records), 15)
+            assert _wait(lambda: link.connected, 10)
+            stop.set()
+            producer.join(5)
+            assert col.wait_for(lambda c: set(ids) <= {m.json()["id"] for m in c.of_kind("result")}, 15)
+            st = link.stats()
+    finally:
+        stop.set()
+        requester.loop_stop()
+        link.stop()
+        proxy.close()
+    assert 10 - proxy.publish_cuts[1] == REPLY_SENDS == 2     # sent twice, then never again
+    assert st["disconnects"] == REPLY_SENDS and st["outbox_dropped"] == 0
+    given_up = [r.getMessage() for r in caplog.records if "is given up" in r.getMessage()]
+    assert len(given_up) == 1 and given_up[0].startswith("mqtt: the reply to command status on 'fleet/refused'")
+    assert "lost each of the 2 times it was sent" in given_up[0]
+    assert _loss_warnings(caplog) == []                      # no result is blamed for it
+
+
 def test_mqtt_311_a_message_over_the_brokers_limit_is_never_dropped_and_named_in_the_log(mosquitto_factory,
                                                                                          tmp_path, caplog):
     """MQTT 3.1.1 announces no limit: the broker just closes the connection at a larger message, at every

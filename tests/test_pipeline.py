@@ -728,6 +728,73 @@ def test_a_stop_cancels_a_live_calibrate_which_is_answered_and_changes_nothing(t
     assert col.done.is_set() and col.cancelled == "SIGTERM"
 
 
+def test_commands_running_or_waiting_at_a_stop_are_answered_and_do_not_hold_it(tmp_path, tiny_bundle, mosquitto):
+    """An inspect waiting for 20 frames at 2 fps, then set_threshold and pause queued behind it, then SIGTERM:
+    none was answered (the queued ones were acknowledged to the broker, so they were simply gone) and the stop
+    waited 10 s for the blocked inspect. The inspect is cancelled by the stop, the queued commands are not run,
+    each of the three gets a 'failed' reply before the link disconnects, and the stop is quick."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_ad.mqtt import BrokerSettings, schema
+    from edge_ad.mqtt.collector import Collector
+
+    video = write_video(tmp_path / "v.avi", [part_frame(i, 96) for i in range(16)])
+    s = _settings(tmp_path, copy_bundle(tiny_bundle, tmp_path / "bundle"), f"file://{video}?loop=1&fps=2",
+                  mqtt__url=mosquitto.url, mqtt__site="t", mqtt__device="cam1",
+                  mqtt__outbox_path=str(tmp_path / "outbox.sqlite"), mqtt__validate_payloads=True)
+    svc = Service(s, install_signals=False)
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(summary=svc.run()), daemon=True)
+    th.start()
+    requester = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+
+    def send(name, args, corr):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = "fleet/replies", corr.encode()
+        requester.publish(f"edge-ad/v1/t/cam1/cmd/{name}", json.dumps(args), qos=1,
+                          properties=props).wait_for_publish(5)
+
+    try:
+        with Collector(BrokerSettings(url=mosquitto.url), "fleet/replies") as col:
+            deadline = time.monotonic() + 10
+            while not (svc.link.connected and svc.pipeline.started_at) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            requester.connect(mosquitto.host, mosquitto.port)
+            requester.loop_start()
+            send("inspect", {"count": 20}, "inspect")
+            deadline = time.monotonic() + 10
+            while not svc.pipeline._requests and time.monotonic() < deadline:
+                time.sleep(0.02)
+            send("set_threshold", {"threshold": 0.25, "persist": False}, "set_threshold")
+            send("pause", {"reason": "queued"}, "pause")
+            deadline = time.monotonic() + 10
+            while svc.link._commands._q.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            t0 = time.monotonic()
+            svc.stop("SIGTERM")
+            th.join(30)
+            stop_took = time.monotonic() - t0
+            assert col.wait_for(lambda c: len(c.messages) >= 3, 10)
+            replies = {bytes(m.properties.CorrelationData).decode(): m.json() for m in col.messages}
+    finally:
+        requester.loop_stop()
+        svc.stop("test over")
+        th.join(30)
+    assert not th.is_alive() and out["summary"]["reason"] == "SIGTERM"
+    assert stop_took < 8 and out["summary"]["stop_s"] < 5, (stop_took, out["summary"])
+    assert sorted(replies) == ["inspect", "pause", "set_threshold"] and len(col.messages) == 3
+    for corr, r in replies.items():
+        assert schema.errors("reply", r) == [] and r["ok"] is False and r["error"]["code"] == "failed", r
+    msg = replies["inspect"]["error"]["message"]
+    assert re.fullmatch(r"inspect: cancelled after \d+ of 20 frames: the run is stopping \(SIGTERM\)", msg), msg
+    for name in ("set_threshold", "pause"):
+        assert replies[name]["error"]["message"] == (f"{name}: not run: the device is stopping (SIGTERM); send it "
+                                                      "again when it is back online")
+    assert svc.pipeline.threshold_override is None and not svc.pipeline.paused.is_set()     # neither ran
+
+
 def test_the_retained_calibration_says_which_threshold_decides(tmp_path, tiny_bundle, mosquitto, caller):
     """A dashboard reading the retained calibration showed the calibration's threshold while the config's
     [decision] threshold or a set_threshold without persist decided: it carries threshold_in_force, published

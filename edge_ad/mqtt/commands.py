@@ -7,7 +7,10 @@ registered (``handler(args: dict) -> dict``). Every command gets exactly one rep
 unknown, unauthorized or failing command gets an error reply (and a log line) and never stops anything.
 
 Where the reply goes: the MQTT v5 response topic with the request's correlation data; else the payload's
-``reply_to`` with its ``correlation_id`` echoed (MQTT 3.1.1); else ``edge-ad/v1/<site>/<device>/reply/<name>``.
+``reply_to`` (MQTT 3.1.1); else ``edge-ad/v1/<site>/<device>/reply/<name>``. A payload ``correlation_id`` is
+echoed in the reply body whichever way it goes. A reply topic that cannot be published to (NUL or control
+characters, wildcards, ``$SYS/...``, over 1024 bytes: :func:`~.topics.reply_topic_problem`) is refused: the
+command is not run, and its ``malformed`` reply, naming the field, goes to ``reply/<name>``.
 
 Authorization applies to the commands that change state (:data:`STATE_CHANGING`; all commands with
 ``command_auth_all``):
@@ -51,7 +54,7 @@ from typing import Any, Callable, Mapping
 from ..errors import EdgeADError, InputError, os_error_text
 from . import payloads, schema
 from .settings import MqttSettings
-from .topics import Topics, check_level
+from .topics import MAX_REPLY_TOPIC_BYTES, Topics, check_level, reply_topic_problem
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +255,12 @@ class Dispatcher:
     # ------------------------------------------------------------------ routing
     def route(self, msg: Incoming) -> tuple[str, bytes | None, str | None]:
         """(reply topic, correlation data, correlation id) for ``msg``, even when it is malformed."""
+        return self._route(msg)[:3]
+
+    def _route(self, msg: Incoming) -> tuple[str, bytes | None, str | None, str | None]:
+        """:meth:`route` and why the reply topic the command named is refused (None: it is not). The v5 response
+        topic wins over the payload's ``reply_to``; a refused one (:func:`~.topics.reply_topic_problem`: a
+        reply there would cost the device its connection) is replaced by ``reply/<name>``."""
         obj = None
         try:
             obj = _parse_object(msg.payload, "payload", finite=False)
@@ -259,18 +268,34 @@ class Dispatcher:
                 obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload", finite=False)
         except ValueError:
             obj = None
-        reply_to = msg.response_topic
-        if not reply_to and obj is not None:
-            candidate = obj.get("reply_to")
-            if isinstance(candidate, str) and candidate and not any(c in candidate for c in "+#"):
-                reply_to = candidate
         corr_id = obj.get("correlation_id") if obj is not None else None
         if not isinstance(corr_id, str):
             corr_id = None
-        return reply_to or self.topics.reply(msg.name), msg.correlation_data, corr_id
+        default = self.topics.reply(msg.name)
+        if msg.response_topic is not None:
+            field_name, reply_to = "the MQTT v5 response topic", msg.response_topic
+        elif obj is not None and "reply_to" in obj:
+            field_name, reply_to = "'reply_to'", obj["reply_to"]
+        else:
+            return default, msg.correlation_data, corr_id, None
+        why = reply_topic_problem(reply_to)
+        if why is None:
+            return reply_to, msg.correlation_data, corr_id, None
+        if isinstance(reply_to, str):   # cut: a 70 KB topic came back whole, in the reply and the log
+            shown = repr(reply_to[:80]) + (f"… ({len(reply_to)} characters)" if len(reply_to) > 80 else "")
+        else:
+            shown = _short(json.dumps(reply_to, default=lambda v: getattr(v, "text", "?")), 80)
+        return default, msg.correlation_data, corr_id, (
+            f"cmd/{msg.name}: {field_name} {shown} {why}; expected a topic to publish the reply to (UTF-8 without "
+            f"NUL or control characters, no '+' or '#', not starting with '$', at most {MAX_REPLY_TOPIC_BYTES} "
+            f"bytes). Not run; this reply went to {default}")
 
     def error_reply(self, msg: Incoming, code: str, message: str) -> Reply:
-        topic, corr, corr_id = self.route(msg)
+        """A refusal of ``msg`` with ``code`` and ``message``; one whose reply topic is refused is refused for
+        that (``malformed``, on ``reply/<name>``), as :meth:`handle` does."""
+        topic, corr, corr_id, problem = self._route(msg)
+        if problem is not None:
+            code, message = "malformed", problem
         self._count(ok=False)
         return Reply(topic, self._body(msg.name, False, corr_id, error={"code": code, "message": message}), corr)
 
@@ -289,8 +314,10 @@ class Dispatcher:
     # ------------------------------------------------------------------ handling
     def handle(self, msg: Incoming) -> Reply:
         """Parse, authorize, validate, run. Always returns a reply; never raises."""
-        topic, corr, corr_id = self.route(msg)
+        topic, corr, corr_id, problem = self._route(msg)
         try:
+            if problem is not None:
+                raise CommandError("malformed", problem)
             now = self.clock()
             if msg.expired(now):
                 raise CommandError("expired", f"{msg.name}: not run: its message expiry ({msg.expiry_s:g} s) "
@@ -349,7 +376,7 @@ class Dispatcher:
         signed_bytes = bytes(msg.payload)
         problems = schema.errors("command", obj)
         if problems:
-            raise CommandError("malformed", f"cmd/{msg.name}: " + "; ".join(problems))
+            raise CommandError("malformed", f"cmd/{msg.name}: " + "; ".join(_short(p) for p in problems))
         if "signed" in obj:
             extra = sorted(set(obj) - {"signed", HMAC_KEY})
             if extra:
@@ -366,7 +393,7 @@ class Dispatcher:
             problems = schema.errors("command", obj)
             if problems or "signed" in obj:
                 raise CommandError("malformed", f"cmd/{msg.name}: signed payload: "
-                                                + ("; ".join(problems) or "nested 'signed'"))
+                                                + ("; ".join(_short(p) for p in problems) or "nested 'signed'"))
         spec = self._specs.get(msg.name)
         if spec is None:
             known = ", ".join(sorted(self._specs))
@@ -446,37 +473,61 @@ class Dispatcher:
         return out
 
 
+QUEUED, FULL, CLOSED = "queued", "full", "closed"      # what CommandQueue.offer did with a command
+
+
 class CommandQueue:
-    """Bounded queue between the network thread (producer) and the command worker (consumer)."""
+    """Bounded queue between the network thread (producer) and a command worker (consumer). Once closed (the
+    link stops) it takes no more commands (:data:`CLOSED`) and :meth:`get` hands out those still waiting, to be
+    answered without being run, then None."""
 
     def __init__(self, size: int):
         self._q: queue.Queue = queue.Queue(maxsize=size)
         self._closed = threading.Event()
 
-    def offer(self, msg: Incoming) -> bool:
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def offer(self, msg: Incoming) -> str:
+        """:data:`QUEUED`, :data:`FULL` or :data:`CLOSED` (stopping: the caller answers it)."""
         if self._closed.is_set():
-            return True                     # stopping: dropped without a reply
+            return CLOSED
         try:
             self._q.put_nowait(msg)
-            return True
+            return QUEUED
         except queue.Full:
-            return False
+            return FULL
 
     def close(self) -> None:
-        """Wake the worker and make it return (commands still waiting get no reply). Never blocks."""
+        """Take no more commands and wake the worker. Never blocks."""
         self._closed.set()
         try:
             self._q.put_nowait(None)
         except queue.Full:
-            pass
+            pass            # the worker sees the closed queue once it has taken what waits
 
     def get(self) -> Incoming | None:
-        """The next command, or None once closed."""
-        while not self._closed.is_set():
+        """The next command (after :meth:`close`: the next one still waiting), or None once closed and empty."""
+        while True:
             try:
                 msg = self._q.get(timeout=0.25)
             except queue.Empty:
+                if self._closed.is_set():
+                    return None
                 continue
-            if msg is not None and not self._closed.is_set():
+            if msg is not None:
                 return msg
-        return None
+            if self._closed.is_set():
+                return None
+
+    def drain(self) -> list[Incoming]:
+        """The commands still waiting, taken now (a worker that is stuck in a command will not take them)."""
+        out = []
+        while True:
+            try:
+                msg = self._q.get_nowait()
+            except queue.Empty:
+                return out
+            if msg is not None:
+                out.append(msg)

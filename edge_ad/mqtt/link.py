@@ -15,6 +15,9 @@ Threads:
 * the command worker: runs one command at a time and publishes its reply; a second one answers ``status``
   (:data:`~edge_ad.mqtt.commands.QUICK`), so it is never held behind a long ``calibrate``; while a
   :data:`~edge_ad.mqtt.commands.LONG` command waits or runs, the others are refused at once (``busy``).
+  Once the device stops (:meth:`MqttLink.close_commands`, :meth:`MqttLink.stop`) the commands still waiting
+  and those that come are answered ``failed`` without being run, and one still running when the stop gives up
+  on it is answered ``failed`` too: every command gets its reply before the link disconnects.
 
 Delivery is at least once: a message whose PUBACK was lost (a cut between the broker's ack and ours, a
 kill before the ack was recorded) is sent again. Consumers de-duplicate on the ``id`` field.
@@ -27,6 +30,8 @@ sent (logged). A broker that announces no limit (MQTT 3.1.1) just drops the conn
 told from a network fault: nothing is dropped for it; the same message sent right before several losses in a
 row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) is dropped and announced the
 same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
+A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`): one the broker closes the
+connection for is then given up, with an ERROR naming it, instead of costing the connection at every reconnect.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import paho.mqtt.client as paho
@@ -49,14 +55,29 @@ from ..errors import InputError, RuntimeFailure
 from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text, reason_value
-from .commands import LONG, QUICK, CommandQueue, Dispatcher, Handler, Incoming
+from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming, _short
 from .outbox import DROP_IDS_PER_EVENT, Outbox
-from .sender import AckListener, OutboxSender, image_properties, percentile, publish_size
+from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
 from .settings import SHORT_SECRET, MqttSettings
 from .topics import Topics
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
+# a command reply is sent at most this often: once, and again after one reconnect (paho sends a QoS 1 message in
+# flight again at every reconnect; a reply the broker closes the connection for did so for ever). Fewer than the
+# losses in a row the sender names an outbox message for, so such a reply is named, not a result sent beside it.
+REPLY_SENDS = LOSS_REPEATS - 1
+
+
+@dataclass
+class _SentReply:
+    """A command reply paho holds until its PUBACK (see :meth:`MqttLink._replies_at_connect`)."""
+
+    info: paho.MQTTMessageInfo
+    command: str
+    topic: str
+    size: int
+    sends: int = 1
 
 
 class MqttLink:
@@ -94,6 +115,10 @@ class MqttLink:
         self._commands = CommandQueue(settings.command_queue)
         self._quick = CommandQueue(settings.command_queue)     # QUICK commands: their own worker
         self._long: Incoming | None = None    # the LONG command waiting or running: others are refused meanwhile
+        self._replies: dict[int, _SentReply] = {}   # replies paho may still hold, by message id
+        self._closing: str | None = None      # why commands are no longer run (close_commands), once they are not
+        self._running: dict[str, Incoming] = {}   # worker thread name -> the command it runs
+        self._answered_at_stop: set[int] = set()  # ids of running commands stop() answered (their reply: not sent)
         self._last_image = float("-inf")
         self._started_iso = payloads.now_iso()
         # every key exists from the start, so stats() never iterates a dict that grows under it
@@ -238,7 +263,9 @@ class MqttLink:
     def stop(self, timeout: float = 10.0) -> None:
         """Flush what can be flushed within ``timeout`` s, publish the ``offline`` status, disconnect.
         Whatever is still in the outbox stays there for the next start. Messages the broker acknowledged
-        but that could not be deleted (a full disk) are not waited for: they were delivered."""
+        but that could not be deleted (a full disk) are not waited for: they were delivered. Commands: see
+        :meth:`close_commands`; a command still running at the end of ``timeout`` is answered ``failed``
+        (not finished; whether it took effect is unknown) and its own reply, should it finish, is not sent."""
         with self._lock:
             if self._stopped:
                 return
@@ -246,6 +273,7 @@ class MqttLink:
         t0 = time.monotonic()
         deadline = t0 + max(0.0, timeout)
         if self._started:
+            self.close_commands("the link is stopping", status_too=True)
             while time.monotonic() < deadline:
                 if self._out.settled:
                     break       # empty, or only acknowledged rows a failed delete left (a full disk)
@@ -253,10 +281,9 @@ class MqttLink:
                     break       # broker unreachable: the backlog waits in the outbox for the next start
                 self._wake.set()
                 time.sleep(0.02)
-            self._commands.close()
-            self._quick.close()
             for w in self._workers:
                 w.join(timeout=max(0.5, deadline - time.monotonic()))
+            self._answer_left_at_stop()
             client = self._client
             if self._connected and client is not None:
                 info = client.publish(self.topics.status, self._status_bytes("offline", "stopped"), qos=1,
@@ -281,6 +308,52 @@ class MqttLink:
             self._stopped = True
         self.outbox.close()
         log.info("mqtt: stopped (%d messages left in the outbox)", self.outbox.depth)
+
+    def close_commands(self, reason: str, status_too: bool = False) -> None:
+        """The device is stopping (``reason``, e.g. ``SIGTERM``): run no more commands. Those waiting are answered
+        at once with a ``failed`` reply (``not run: the device is stopping (REASON); send it again ...``), and so
+        is every one that comes later; the one running finishes (:meth:`stop` answers it when it outlasts the
+        stop). They were acknowledged to the broker as they arrived (QoS 1), so nothing would deliver them again.
+        ``status`` is answered until :meth:`stop` (``status_too``: from now on it is refused too). Idempotent; the
+        first reason is the one the replies give."""
+        with self._lock:
+            self._closing = self._closing or reason
+            self._commands.close()         # under the lock: a worker decides to run a command under it too
+            if status_too:
+                self._quick.close()
+        for q in (self._commands, self._quick):
+            if q.closed:
+                for msg in q.drain():
+                    self._answer_stopping(msg)
+
+    def _answer_stopping(self, msg: Incoming) -> None:
+        """Answer ``msg``, received or waiting while the device stops, without running it."""
+        self._done_with(msg)
+        log.warning("mqtt: command %s not run: the device is stopping (%s)", msg.name, self._closing)
+        self._reply_now(self.dispatcher.error_reply(
+            msg, "failed", f"{msg.name}: not run: the device is stopping ({self._closing}); send it again when it "
+                           "is back online"))
+
+    def _answer_left_at_stop(self) -> None:
+        """At the end of :meth:`stop`: a command still running (its worker did not finish within the stop's
+        timeout) is answered ``failed``, and any that slipped into a queue as it closed is answered as waiting."""
+        with self._lock:
+            running = [m for m in self._running.values() if id(m) not in self._answered_at_stop]
+            self._answered_at_stop.update(id(m) for m in running)
+        for msg in running:
+            self._done_with(msg)
+            log.warning("mqtt: command %s still running at the stop: answered 'failed'", msg.name)
+            self._reply_now(self.dispatcher.error_reply(
+                msg, "failed", f"{msg.name}: interrupted: the device stopped ({self._closing}) before it finished; "
+                               "whether it took effect is unknown: check 'status' when the device is back online"))
+        for q in (self._commands, self._quick):
+            for msg in q.drain():
+                self._answer_stopping(msg)
+
+    def _reply_now(self, reply) -> None:
+        client = self._client
+        if client is not None:
+            self._send_reply(client, reply)
 
     def __enter__(self) -> "MqttLink":
         return self.start()
@@ -536,6 +609,7 @@ class MqttLink:
         limit = getattr(properties, "MaximumPacketSize", None) if client.protocol == paho.MQTTv5 else None
         # before anything is published on this connection, and before paho sends again what it holds
         self._out.reconnected(client, int(limit) if limit is not None else None)
+        self._replies_at_connect(client)
         if limit is not None and limit < self.settings.image_max_bytes + 1024 and self._limit_warned != limit:
             self._limit_warned = limit
             log.warning("mqtt: the broker %s takes packets of at most %d bytes (its max_packet_size), less than "
@@ -587,6 +661,8 @@ class MqttLink:
                             self.outbox.depth)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            self._replies.pop(mid, None)
         self._out.acknowledged(mid, reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
@@ -629,7 +705,10 @@ class MqttLink:
                                  f"{time.time() - long.received:.0f} s ago) has not finished; send it again when it "
                                  "has (status answers meanwhile)"))
                 return
-        if not (self._quick if msg.name in QUICK else self._commands).offer(msg):
+        outcome = (self._quick if msg.name in QUICK else self._commands).offer(msg)
+        if outcome == CLOSED:          # the device is stopping
+            self._answer_stopping(msg)
+        elif outcome != QUEUED:
             self._done_with(msg)
             reply = self.dispatcher.error_reply(msg, "busy", f"{self.settings.command_queue} commands are waiting; "
                                                               "try again later")
@@ -643,15 +722,29 @@ class MqttLink:
 
     # ------------------------------------------------------------------ command worker
     def _command_loop(self, commands: CommandQueue) -> None:
+        worker = threading.current_thread().name
         while True:
             msg = commands.get()
             if msg is None:
                 return
+            with self._lock:
+                run = not commands.closed      # closed (the device stops): answered, not run
+                if run:
+                    self._running[worker] = msg
+            if not run:
+                self._answer_stopping(msg)
+                continue
             reply = self.dispatcher.handle(msg)
             self._done_with(msg)    # before the reply: a command sent on it must not find this one running
-            client = self._client
-            if client is not None:
-                self._send_reply(client, reply)
+            with self._lock:
+                self._running.pop(worker, None)
+                answered = id(msg) in self._answered_at_stop
+                self._answered_at_stop.discard(id(msg))
+            if answered:
+                log.warning("mqtt: command %s finished after the stop answered it (%s): its reply is not sent",
+                            msg.name, "ok" if reply.ok else reply.body["error"]["code"])
+                continue
+            self._reply_now(reply)
 
     def _send_reply(self, client: paho.Client, reply) -> None:
         try:
@@ -663,9 +756,52 @@ class MqttLink:
                 props.ContentType = "application/json"
                 if reply.correlation_data is not None:
                     props.CorrelationData = reply.correlation_data
-            self._publish_direct(client, reply.topic, data, 1, False, props)
+            info = self._publish_direct(client, reply.topic, data, 1, False, props)
+        except ValueError as exc:  # paho refuses the topic (the dispatcher refuses such reply topics first)
+            log.error("mqtt: the reply to command %s cannot be sent to %s: %s", reply.body.get("command"),
+                      _short(repr(reply.topic), 120), exc)
+            return
         except Exception:  # a reply that cannot be sent must not stop the worker
-            log.exception("mqtt: cannot send the reply to %s", reply.topic)
+            log.exception("mqtt: cannot send the reply to %s", _short(repr(reply.topic), 120))
+            return
+        if info is not None and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            with self._lock:   # its PUBACK may have come already: is_published() says so at the next connect
+                self._replies[info.mid] = _SentReply(info, str(reply.body.get("command")), reply.topic, len(data))
+
+    def _replies_at_connect(self, client: paho.Client) -> None:
+        """``on_connect``, before paho sends again the messages it holds from the last connection: a reply sent
+        :data:`REPLY_SENDS` times already (each connection since was lost before its PUBACK) is given up, with
+        an ERROR naming it: a broker that closes the connection for a reply (its ACL denies the topic) would
+        close it again at every reconnect. Paho cannot drop one message alone: its copies are taken back
+        (``drop_out_messages``), the other replies published again now, the outbox's handed back to the
+        sender (as at a lowered packet limit: :meth:`OutboxSender.reconnected`)."""
+        with self._lock:
+            pending = {mid: r for mid, r in self._replies.items() if not r.info.is_published()}
+            self._replies = pending
+            if not any(r.sends >= REPLY_SENDS for r in pending.values()):
+                for r in pending.values():
+                    r.sends += 1          # paho sends it again now
+                return
+            self._replies = {}
+        others = []
+        for message in client.drop_out_messages():
+            r = pending.get(message.mid)
+            if r is None:
+                others.append(message)
+            elif r.sends >= REPLY_SENDS:
+                log.error("mqtt: the reply to command %s on %s (%d bytes) is given up: the connection was lost each "
+                          "of the %d times it was sent, before the broker acknowledged it (a broker closes the "
+                          "connection for a reply topic it refuses, e.g. one its ACL denies); its requester gets no "
+                          "reply", r.command, _short(repr(r.topic), 120), r.size, r.sends)
+            else:
+                info = client.publish(message.topic, message.payload, qos=message.qos, retain=False,
+                                      properties=message.properties)
+                with self._lock:
+                    self._replies[info.mid] = _SentReply(info, r.command, r.topic, r.size, r.sends + 1)
+        for message in others:     # the sender takes them back as those OutboxSender.reconnected drops
+            self._out._requeue.put(message)
+        if others:
+            self._wake.set()
 
     def _status_command(self, args: dict) -> dict:
         return {"birth": self.birth(), "link": self.stats()}

@@ -1,13 +1,16 @@
 """Send a command to a device and wait for its reply (``edge-ad command``, tests, plant tools).
 
-MQTT v5: the request carries a response topic (``edge-ad/replies/<client id>``) and correlation data; the
-device answers there with the same correlation data. MQTT 3.1.1: the same travel as the payload fields
-``reply_to`` and ``correlation_id``. MQTT v5: the request also carries a message expiry equal to the reply
-timeout (rounded up, at least 1 s), so a command the broker could not deliver in that time (the device
-is offline) is dropped instead of running when the device comes back, and the device does not start one
-that waited that long behind another command (``expired``); MQTT 3.1.1 has no expiry. With a
-shared secret the payload gets ``ts`` and an HMAC-SHA256
-(v5 user property ``hmac-sha256``; 3.1.1: the signed form).
+The request names its reply topic (``edge-ad/replies/<client id>``) and a correlation id in the payload
+fields ``reply_to`` and ``correlation_id``, and under MQTT v5 also as its response topic and correlation data
+(the same values): a v5 device answers on the response topic with the correlation data (the property wins
+over the field), a device that speaks 3.1.1 on a v5 broker sees no properties and answers on ``reply_to``
+with ``correlation_id`` in the reply; either way the reply comes where this client listens. MQTT v5: the
+request also carries a message expiry equal to the reply timeout (rounded up, at least 1 s), so a command
+the broker could not deliver in that time (the device is offline) is dropped instead of running when the
+device comes back, and the device does not start one that waited that long behind another command
+(``expired``); MQTT 3.1.1 has no expiry. The requester id (``claim``) is the payload field ``client_id``
+(and, v5, the user property). With a shared secret the payload gets ``ts`` and is sent in the signed form
+(``{"signed": ..., "hmac-sha256": ...}``), which devices read whatever their protocol.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from paho.mqtt.properties import Properties
 from ..errors import InputError, RuntimeFailure
 from . import payloads
 from .client import connect_async, make_client, reason_failed
-from .commands import HMAC_KEY, sign, signed_envelope
+from .commands import signed_envelope
 from .settings import BrokerSettings, Protocol
 from .topics import Topics, check_level
 
@@ -116,12 +119,15 @@ class CommandClient:
         body: dict[str, Any] = dict(args or {})
         if self.secret is not None:
             body["ts"] = time.time()
-        if claim is not None and not self.v5:
+        # in the payload under v5 too: a device configured for 3.1.1 sees no properties (a v5 one reads the
+        # properties first; they say the same)
+        if claim is not None:
             body["client_id"] = claim
-        if not self.v5:
-            body["reply_to"] = self.reply_topic
-            body["correlation_id"] = correlation
+        body["reply_to"] = self.reply_topic
+        body["correlation_id"] = correlation
         data = payloads.encode(body, f"cmd/{name} payload")
+        if self.secret is not None:     # the signed form: a user property would not reach a 3.1.1 device either
+            data = signed_envelope(self.secret, topic, data)
         props = None
         if self.v5:
             props = Properties(PacketTypes.PUBLISH)
@@ -130,15 +136,8 @@ class CommandClient:
             props.ContentType = "application/json"
             if timeout is not None:
                 props.MessageExpiryInterval = expiry_s(timeout)
-            user = []
             if claim is not None:
-                user.append(("client_id", claim))
-            if self.secret is not None:
-                user.append((HMAC_KEY, sign(self.secret, topic, data)))
-            if user:
-                props.UserProperty = user
-        elif self.secret is not None:
-            data = signed_envelope(self.secret, topic, data)
+                props.UserProperty = [("client_id", claim)]
         return data, props
 
     def call(self, site: str, device: str, name: str, args: Mapping[str, Any] | None = None, *,
@@ -157,7 +156,8 @@ class CommandClient:
         if self.v5:
             offline = (f"offline or busy with another command (the broker drops the command after "
                        f"{expiry_s(timeout)} s, and the device does not start one that waited that long, so it "
-                       "will not run late)")
+                       "will not run late; a device that speaks MQTT 3.1.1 sees no expiry: one it received runs "
+                       "when its turn comes)")
         else:
             offline = ("offline or busy with another command (MQTT 3.1.1 has no message expiry: the device runs "
                        "the command when it comes back or when its turn comes)")

@@ -10,7 +10,8 @@ event/image       1      no        JPEG (binary) belonging to an event, rate-lim
 telemetry         0      no        periodic fps, latency, drops, outbox depth, drift, ...
 calibration       1      yes       the calibration in force
 cmd/<name>        1      no        commands in; the reply goes to the v5 response topic
-reply/<name>      1      no        replies to commands that named no response topic
+reply/<name>      1      no        replies to commands that named no response topic, or one refused
+                                   (:func:`reply_topic_problem`)
 ================  =====  ========  ==================================================================
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 
 ROOT = "edge-ad/v1"
+MAX_REPLY_TOPIC_BYTES = 1024   # a reply topic a requester names (MQTT allows 65535; none needs more than this)
 KINDS = ("status", "result", "event", "event/image", "telemetry", "calibration")
 
 
@@ -74,6 +76,41 @@ def check_level(value: str, what: str) -> str:
     if not isinstance(value, str) or not value or any(c in value for c in "/+#") or any(ord(c) < 32 for c in value):
         raise InputError(f"{what} {value!r}: expected one topic level (no '/', '+', '#' or control characters)")
     return value
+
+
+def _refused_char(c: str) -> bool:
+    """A character a broker closes the connection for in a topic name (Mosquitto does, as MQTT 4.7.3 and 1.5.4
+    allow): NUL and the other control characters (U+0001-U+001F, U+007F-U+009F) and Unicode non-characters."""
+    o = ord(c)
+    return o < 0x20 or 0x7F <= o <= 0x9F or 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE
+
+
+def reply_topic_problem(topic: object) -> str | None:
+    """Why ``topic`` (a command's v5 response topic or payload ``reply_to``, from anyone who may publish to
+    ``cmd/#``) cannot be published to, else None. A reply published to such a topic costs the device its
+    connection: the broker closes it for a NUL or control character, a non-character or a '$SYS/...' topic
+    (where clients may not publish), paho refuses wildcards and topics over 65535 bytes, and paho sends a QoS 1
+    reply again after every reconnect. Expected: UTF-8 without NUL, control characters or non-characters, no
+    '+' or '#', not starting with '$', at most :data:`MAX_REPLY_TOPIC_BYTES` bytes."""
+    if not isinstance(topic, str):
+        return "is not a string"
+    if not topic:
+        return "is empty"
+    bad = next((c for c in topic if _refused_char(c)), None)
+    if bad is not None:
+        kind = "NUL" if bad == "\0" else "a control character" if ord(bad) <= 0x9F else "a Unicode non-character"
+        return f"holds {kind} (U+{ord(bad):04X}), which a broker closes the connection for"
+    if "+" in topic or "#" in topic:
+        return "holds a wildcard ('+' or '#'), which a message cannot be published to"
+    if topic.startswith("$"):
+        return "starts with '$' (topics such as $SYS/... belong to the broker: clients may not publish there)"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate): it has no UTF-8 form"
+    if size > MAX_REPLY_TOPIC_BYTES:
+        return f"is {size} bytes long (UTF-8), more than {MAX_REPLY_TOPIC_BYTES}"
+    return None
 
 
 def fleet_filter(site: str | None = None) -> str:

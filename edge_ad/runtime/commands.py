@@ -92,6 +92,10 @@ class Commands:
             why = "the source is in an outage" if cam["in_outage"] else "no frame arrived"
             raise RuntimeFailure(f"got {len(req.results)} of {count} frames within {timeout:g} s: {why} "
                                  f"({cam['uri']})")
+        if req.cancelled and len(req.results) < count:   # the run is stopping: its frames will not come
+            pipe.cancel_request(req)
+            raise RuntimeFailure(f"cancelled after {len(req.results)} of {count} frames: the run is stopping "
+                                 f"({req.cancelled})")
         return req
 
     # ------------------------------------------------------------------ state changes

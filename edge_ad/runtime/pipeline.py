@@ -19,6 +19,8 @@ Three threads, each owning one stage:
 
 Stopping: ``request_stop()`` stops the capture, whose ``finally`` closes the frame queue; inference
 drains it and closes the result queue; reporting drains that. Nothing accepted into a queue is lost.
+``on_stop(reason)`` is called at the first ``request_stop()`` (the runtime stops taking MQTT commands), then
+the live calibrations and ``inspect`` requests waiting for frames end (``cancelled``): no frame will come.
 When the drain outlasts its deadline, ``abandon()`` ends it: frames not inferred yet are counted in
 ``discarded_at_stop``, decisions not reported yet in ``unreported``; a thread still busy with one batch or
 one write is left to finish it alone and touches no queue or counter afterwards.
@@ -167,6 +169,7 @@ class InspectRequest:
     assigned: int = 0
     results: list = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: str = ""   # why it was cancelled (the run is stopping): ``done`` is set with fewer frames
 
     def deliver(self, record: dict) -> None:
         self.results.append(record)
@@ -212,7 +215,8 @@ class Pipeline:
                  rotate: int = 0, queue_size: int = 2, result_queue_size: int = 256, max_batch: int = 4,
                  threshold: Optional[float] = None, min_region_area: int = 4, max_regions: int = 16,
                  max_frames: Optional[int] = None, on_event: Callable[[dict], None] | None = None,
-                 result_queue_image_bytes: int = RESULT_QUEUE_IMAGE_BYTES):
+                 result_queue_image_bytes: int = RESULT_QUEUE_IMAGE_BYTES,
+                 on_stop: Callable[[str], None] | None = None):
         self.camera = camera
         self._inspector = inspector
         self.reporter = reporter
@@ -228,6 +232,7 @@ class Pipeline:
         self.max_regions = int(max_regions)
         self.max_frames = int(max_frames) if max_frames else None
         self.on_event = on_event or (lambda e: None)
+        self.on_stop = on_stop or (lambda reason: None)
         policy = DropPolicy.DROP_OLDEST if self.mode == "stream" else DropPolicy.BLOCK
         self.frames: BoundedQueue[Frame] = BoundedQueue(queue_size, policy, "frames")
         self.results: BoundedQueue[ResultItem] = BoundedQueue(result_queue_size, DropPolicy.BLOCK, "results")
@@ -305,8 +310,13 @@ class Pipeline:
             self.end_reason = self.end_reason or reason
             self.stop_requested_at = time.monotonic()
             self.stop_capture.set()
-        with self._req_lock:   # a live calibration gets no more frames: it ends now, not at its timeout
-            for c in self._collectors:
+            try:   # before the requests end: a command waiting behind a cancelled inspect must not start
+                self.on_stop(self.end_reason)
+            except Exception:  # the stop goes on whatever the hook does
+                log.exception("stopping: on_stop failed")
+        with self._req_lock:   # a live calibration or an inspect gets no more frames: it ends now, not at its timeout
+            # (an inspect whose frames are all assigned gets them: the drain reports them)
+            for c in [*self._collectors, *(r for r in self._requests if r.assigned < r.count)]:
                 c.cancelled = c.cancelled or self.end_reason or reason
                 c.done.set()
 
@@ -370,6 +380,10 @@ class Pipeline:
                              note=str(note or ""))
         with self._req_lock:
             self._requests.append(req)
+            if self.stop_capture.is_set():   # the run is stopping: no frames will come
+                req.cancelled = self.end_reason or "stop requested"
+                req.done.set()
+                return req
         if self.gated and self.gate is not None:
             self.gate.fire_frames(req.count, source="inspect command")
         return req

@@ -227,7 +227,8 @@ class Service:
                                  max_batch=p.max_batch, threshold=s.decision.threshold,
                                  min_region_area=s.decision.min_region_area, max_regions=s.decision.max_regions,
                                  max_frames=self.max_frames, on_event=self.event,
-                                 result_queue_image_bytes=int(p.result_queue_image_mb * 2**20))
+                                 result_queue_image_bytes=int(p.result_queue_image_mb * 2**20),
+                                 on_stop=self._close_commands)
         self.commands = Commands(self)
         if self.link is not None:
             self.commands.register(self.link)
@@ -895,6 +896,14 @@ class Service:
                 self.notifier.watchdog()
                 next_wd = now + wd_every
             p.finished.wait(0.1)
+
+    def _close_commands(self, reason: str) -> None:
+        """The pipeline's ``on_stop``: the run stops (``reason``), MQTT commands waiting are answered ``failed``
+        and none runs any more (``status`` is answered until the link stops): see :meth:`MqttLink.close_commands`.
+        An ``inspect`` or a live ``calibrate`` running is cancelled by the pipeline's stop right after, and
+        answered ``failed`` too."""
+        if self.link is not None:
+            self.link.close_commands(reason)
 
     def _shutdown(self, t_start: float) -> dict:
         p = self.pipeline
