@@ -833,7 +833,7 @@ def test_cli_calibrate_config_takes_the_bundle_the_line_runs(tbundle, tmp_path, 
     line.parent.mkdir()
     line.write_text(f'[model]\nbundle = "../tiny"\n\n[source]\nuri = "file://{video}"\n')   # relative to the file
     r = CliRunner()
-    base = ["calibrate", "--config", str(line), "--frames", "30", "--policy", "max", "--backend", "onnxruntime"]
+    base = ["calibrate", "--config", str(line), "--frames", "30", "--policy", "max"]   # the line's backend: auto
     res = r.invoke(main, base)
     assert res.exit_code == 0, res.output
     assert f"note: no --bundle: bundle {line.parent / '../tiny'}, the [model] bundle of {line}" in res.stderr
@@ -880,6 +880,123 @@ def test_cli_calibrate_config_takes_the_bundle_the_line_runs(tbundle, tmp_path, 
     assert res.exit_code == 2 and ("--bundle is required (or --config LINE.toml, whose [model] bundle or deploy_dir "
                                    "names it)") in res.output, res.output
     assert tbundle.calibration_versions() == [1, 2, 3] and other.calibration_versions() == [1, 2, 3, 4, 5]
+
+
+def test_cli_calibrate_config_scores_as_the_line_does(tbundle, tmp_path, monkeypatch):
+    """'calibrate --config' scored the frames on --backend auto and the bundle's active graph whatever the line
+    runs ([model] backend, precision, device, which 'bundle install --config' takes): on a line inspecting with
+    the INT8 graph the threshold was fitted on FP32 scores the line never produces. The line's model settings
+    (after its edge-ad.env) are now the defaults, a given option wins with a warning, and the output says what
+    scored. The INT8 graph is a stand-in (add_stand_in_graph) whose scores differ from the FP32 graph's."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.runtime.backends import open_backend
+    from fixtures_bundle import add_stand_in_graph
+
+    add_stand_in_graph(tbundle, "int8")
+    ref = {p: copy_bundle(tbundle, tmp_path / f"ref-{p}") for p in ("int8", "fp32")}   # v1 in force, as tbundle
+    video, _ = _raw_video(tmp_path)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    model = f'[model]\nbundle = "{tbundle.path}"\nbackend = "onnxruntime"\ndevice = "cpu"\n'
+    line.write_text(f'{model}precision = "int8"\n\n[source]\nuri = "file://{video}"\n')
+    seen = _spy_recalibrate(monkeypatch)
+    r = CliRunner()
+    base = ["calibrate", "--config", str(line), "--frames", "30", "--policy", "max"]
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    # the threshold of a refit on the line's graph, not on the bundle's active (FP32) one
+    expect = {p: recalibrate(b, Inspector(b, open_backend(b, "onnxruntime", p, "cpu")), seen[-1], policy="max",
+                             progress=False).calibration.threshold for p, b in ref.items()}
+    assert abs(expect["int8"] - expect["fp32"]) > 0.03 * expect["fp32"], expect
+    assert out["threshold"] == pytest.approx(expect["int8"], rel=1e-6)
+    assert out["scored_on"] == {"backend": "onnxruntime", "precision": "int8", "device": "cpu",
+                                "graph": "model.int8.onnx"}
+    assert (f"note: scoring as the line does: backend onnxruntime (the [model] backend of {line}), precision int8 "
+            f"(the [model] precision of {line}), device cpu (the [model] device of {line})") in res.stderr
+    assert "warning" not in res.stderr
+
+    res = r.invoke(main, [*base, "--precision", "fp32"])                   # given: it wins, with a warning
+    assert res.exit_code == 0, res.output
+    assert (f"warning: --precision fp32 is not the line's precision (int8, the [model] precision of {line}): "
+            "scoring on fp32 as asked; the line scores otherwise") in res.stderr
+    assert "note: scoring as the line does: backend onnxruntime (" in res.stderr and "precision int8" not in res.stderr
+    assert ", scored on onnxruntime fp32 on cpu (model.onnx), " in res.stdout
+    res = r.invoke(main, [*base, "--precision", "int8", "--backend", "onnxruntime"])   # the line's: no warning
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    assert ", scored on onnxruntime int8 on cpu (model.int8.onnx), " in res.stdout
+
+    env = line.parent / "edge-ad.env"                                      # the service's env file wins
+    env.write_text("EDGE_AD_MODEL__PRECISION=fp32\n")
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["scored_on"]["graph"] == "model.onnx", res.output
+    assert f"precision fp32 (the EDGE_AD_MODEL__PRECISION of {env})" in res.stderr
+    env.unlink()
+    line.write_text(f'{model}\n[source]\nuri = "file://{video}"\n')        # no precision: the active graph
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["scored_on"]["precision"] == "fp32", res.output
+    assert "precision" not in res.stderr.split("note: scoring as the line does:")[1].splitlines()[0]
+    res = r.invoke(main, [*base, "--precision", "int8", "--device", "cpu", "--backend", "auto"])
+    assert res.exit_code == 0, res.output
+    assert (f"warning: --precision int8 is not the line's precision (unset: the bundle's active graph, fp32, the "
+            f"[model] precision of {line})") in res.stderr
+    assert f"warning: --backend auto is not the line's backend (onnxruntime, the [model] backend of {line})" \
+        in res.stderr and "warning: --device" not in res.stderr
+
+    # --adapt screens and checks the frames as the line scores them too (the fine-tuning is faked here)
+    from edge_ad.calibration import adapt as adapt_mod
+
+    asked = []
+
+    def fake_adapt(path, images, **kw):
+        asked.append({k: kw[k] for k in ("backend", "precision", "run_device")})
+        return adapt_mod.AdaptResult(tmp_path / "cand", "int8", 1, threshold=0.25, scored_on={
+            "backend": kw["backend"], "precision": kw["precision"], "device": kw["run_device"], "graph": "g.onnx"})
+
+    monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    line.write_text(f'{model}precision = "int8"\n\n[source]\nuri = "file://{video}"\n')
+    res = r.invoke(main, [*base[:-4], "--frames", "200", "--adapt"])
+    assert res.exit_code == 0, res.output
+    assert asked == [{"backend": "onnxruntime", "precision": "int8", "run_device": "cpu"}]
+    assert "frames screened on onnxruntime int8 on cpu (g.onnx);" in res.stdout
+
+
+def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, monkeypatch):
+    """--adapt screened the frames on the bundle's active graph and quantized the candidate in that precision,
+    whatever the line inspects in: given the line's precision, it screens, quantizes, checks and installs in
+    it (the fine-tuning is a copy here, and the quantization stops the run once asked)."""
+    pytest.importorskip("torch")
+    import edge_ad.compile.quantize as quantize_mod
+    import edge_ad.train.adapt as train_adapt
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.errors import GuardFailure
+    from fixtures_bundle import add_stand_in_graph
+
+    add_stand_in_graph(tbundle, "int8")
+    screened, quantized = [], []
+    real_screen = adapt_mod.screen_frames
+
+    def screen(insp, frames, **kw):
+        screened.append(insp.backend.summary())
+        return real_screen(insp, frames, **kw)
+
+    def quantize(cand, precision, **kw):
+        quantized.append(precision)
+        raise GuardFailure("stopped after the quantization was asked for")
+
+    monkeypatch.setattr(adapt_mod, "screen_frames", screen)
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    monkeypatch.setattr(train_adapt, "adapt_bundle", lambda src, frames, out, **kw: copy_bundle(src, out))
+    monkeypatch.setattr(quantize_mod, "quantize_bundle", quantize)
+    frames = [part_frame(i, 64) for i in range(200)]
+    with pytest.raises(GuardFailure, match="stopped after"):
+        adapt_mod.adapt(tbundle.path, frames, steps=1, backend="onnxruntime", precision="int8", run_device="cpu",
+                        out_dir=tmp_path / "cand", progress=False)
+    assert screened == [{"backend": "onnxruntime", "precision": "int8", "device": "cpu", "graph": "model.int8.onnx"}]
+    assert quantized == ["int8"] and tbundle.active_precision == "fp32" and not (tmp_path / "cand").exists()
 
 
 def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_path, monkeypatch):
