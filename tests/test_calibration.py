@@ -774,6 +774,61 @@ def test_cli_calibrate_and_capture_config_apply_the_services_env_file(tbundle, t
     assert len(seen) == n and tbundle.calibration_versions() == [1, 2, 3, 4, 5]
 
 
+def test_cli_capture_config_takes_the_lines_source(tbundle, tmp_path):
+    """'edge-ad capture --config LINE.toml' still required --source, though the config names the line's camera
+    (source.uri). Without --source it is now the config's (after its edge-ad.env), named in a note; with
+    neither, a clear error (exit 2) and no folder made. A config without source.uri still takes --source, for
+    'calibrate --config' too (its [source] failed to load without a uri)."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    video, raw = _raw_video(tmp_path)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    line.write_text(f'[source]\nuri = "file://{video}"\nroi = {ROI}\nrotate = {ROTATE}\n')
+    r = CliRunner()
+    cap = ["capture", "--config", str(line), "--frames", "5", "--out"]
+    res = r.invoke(main, [*cap, str(tmp_path / "cap")])
+    assert res.exit_code == 0, res.output
+    assert f"note: no --source: source file://{video}, the [source] uri of {line}" in res.stderr
+    saved = sorted((tmp_path / "cap").glob("*.png"))
+    assert len(saved) == 5                                              # the line's camera, as it inspects it
+    assert all(np.array_equal(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB), a)
+               for f, a in zip(saved, _as_inspected(raw)))
+
+    other = write_video(tmp_path / "other.avi", (part_frame(100 + i, RAW) for i in range(3)))
+    env = line.parent / "edge-ad.env"                                   # the service's env file wins
+    env.write_text(f"EDGE_AD_SOURCE__URI=file://{other}\n")
+    res = r.invoke(main, [*cap, str(tmp_path / "cap2")])
+    assert res.exit_code == 0, res.output
+    assert f"note: no --source: source file://{other}, the EDGE_AD_SOURCE__URI of {env}" in res.stderr
+    assert len(list((tmp_path / "cap2").glob("*.png"))) == 3
+    env.unlink()
+
+    line.write_text(f"[source]\nroi = {ROI}\nrotate = {ROTATE}\n")          # no source.uri
+    res = r.invoke(main, [*cap, str(tmp_path / "none" / "cap")])
+    assert res.exit_code == 2, res.output
+    assert (f"error: --source is required: {line} has no source.uri (nor does an EDGE_AD_SOURCE__URI set one) to "
+            "take it from") in res.output and not (tmp_path / "none").exists()
+    res = r.invoke(main, ["capture", "--frames", "5", "--out", str(tmp_path / "none" / "cap")])
+    assert res.exit_code == 2 and not (tmp_path / "none").exists(), res.output
+    assert "error: --source is required (a source URI), or --config LINE.toml whose source.uri names it" in res.output
+    res = r.invoke(main, [*cap, str(tmp_path / "cap3"), "--source", f"file://{video}", "--frames", "30"])
+    assert res.exit_code == 0 and "note: no --source" not in res.stderr, res.output   # given: taken
+    assert len(list((tmp_path / "cap3").glob("*.png"))) == 30
+
+    base = ["calibrate", "--bundle", str(tbundle.path), "--config", str(line), "--frames", "30", "--policy", "max",
+            "--backend", "onnxruntime"]
+    res = r.invoke(main, base)
+    assert res.exit_code == 2, res.output
+    assert f"error: --source is required: {line} has no source.uri" in res.output
+    res = r.invoke(main, [*base, "--source", str(tmp_path / "cap3")])   # the crops, sized as the config's ROI
+    assert res.exit_code == 0, res.output
+    assert tbundle.calibration_versions() == [1, 2]
+
+
 def test_cli_calibrate_config_reports_the_threshold_in_force(tbundle, tmp_path):
     """A [decision] threshold in the line's config overrides every calibration's, but 'calibrate --config'
     announced the new calibration's threshold as if it would decide, and its --json had no

@@ -146,8 +146,10 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
     if not source:
-        raise InputError("--source is required (a folder of normal images or a source URI), unless --rollback "
-                         "or --list")
+        raise InputError(f"--source is required: {config} has no source.uri (nor does an EDGE_AD_SOURCE__URI set "
+                         "one) to take it from" if config is not None else "--source is required (a folder of "
+                         "normal images or a source URI, or --config LINE.toml whose source.uri names it), unless "
+                         "--rollback, --list or --prune")
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
     from ..scoring import check_policy
