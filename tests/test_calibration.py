@@ -1019,6 +1019,78 @@ def test_cli_calibrate_config_scores_as_the_line_does(tbundle, tmp_path, monkeyp
     assert "frames screened on onnxruntime int8 on cpu (g.onnx);" in res.stdout
 
 
+def test_cli_adapt_deploy_takes_the_lines_deploy_folder(tbundle, tmp_path, monkeypatch):
+    """'calibrate --adapt --deploy' needed the folder again though --config names the line's [model] deploy_dir
+    (which 'bundle install --config' takes). A bare --deploy is now the config's deploy_dir (after its
+    edge-ad.env), named in a note, the golden set the config's golden_dir unless --golden or --no-golden; a
+    folder given that is not the line's is taken with a warning; a bare --deploy with no deploy_dir to take
+    is a clear error before any frame. The fine-tuning itself is faked (see test_model_update for a real one)."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.calibration import install_bundle
+    from edge_ad.cli import main
+
+    asked = []
+
+    def fake_adapt(path, images, **kw):
+        asked.append({"bundle": Path(path).resolve(), "deploy_dir": kw["deploy_dir"], "golden_dir": kw["golden_dir"],
+                      "require_golden": kw["require_golden"]})
+        install = SimpleNamespace(release="r0002-x", golden=None, summary=lambda: {})
+        return adapt_mod.AdaptResult(tmp_path / "cand", "fp32", 1, install=install, threshold=0.25)
+
+    monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    video, _ = _raw_video(tmp_path)
+    deploy = tmp_path / "deploy"
+    rel = install_bundle(tbundle.path, deploy, require_golden=False)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    src = f'\n[source]\nuri = "file://{video}"\n'
+    line.write_text(f'[model]\ndeploy_dir = "../deploy"\n{src}')             # relative to the file
+    r = CliRunner()
+    base = ["calibrate", "--config", str(line), "--frames", "200", "--adapt"]
+    res = r.invoke(main, [*base, "--deploy", "--no-golden"])                   # bare, before another option
+    assert res.exit_code == 0, res.output
+    assert asked[-1] == {"bundle": rel.path, "deploy_dir": line.parent / "../deploy", "golden_dir": None,
+                         "require_golden": False}
+    assert f"note: --deploy: deploy folder {line.parent / '../deploy'}, the [model] deploy_dir of {line}" in res.stderr
+    assert "adapted model installed as r0002-x" in res.stdout and "warning" not in res.stderr
+
+    golden = tmp_path / "golden"
+    (golden / "good").mkdir(parents=True)
+    line.write_text(f'[model]\ndeploy_dir = "../deploy"\ngolden_dir = "../golden"\n{src}')
+    res = r.invoke(main, [*base, "--deploy"])                                  # bare, last: the line's golden set
+    assert res.exit_code == 0, res.output
+    assert asked[-1]["deploy_dir"] == line.parent / "../deploy" and asked[-1]["golden_dir"] == line.parent / "../golden"
+    res = r.invoke(main, [*base, "--deploy", str(deploy), "--golden", str(golden / "good")])  # the same, by name
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    assert asked[-1]["deploy_dir"] == deploy and asked[-1]["golden_dir"] == golden / "good"
+    (line.parent / "edge-ad.env").write_text(f"EDGE_AD_MODEL__DEPLOY_DIR={tmp_path / 'other'}\n")
+    res = r.invoke(main, [*base, "--bundle", str(tbundle.path), "--deploy", str(deploy), "--no-golden"])
+    assert res.exit_code == 0, res.output                                      # given, not the line's: warned
+    assert asked[-1]["deploy_dir"] == deploy
+    assert (f"warning: --deploy {deploy} is not the line's deploy folder (it runs the release in force of "
+            f"{tmp_path / 'other'}, the EDGE_AD_MODEL__DEPLOY_DIR of {line.parent / 'edge-ad.env'}): switching the "
+            f"adapted model into {deploy} as asked; the line does not run it") in res.stderr
+    (line.parent / "edge-ad.env").unlink()
+
+    n = len(asked)
+    line.write_text(f'[model]\nbundle = "{tbundle.path}"\n{src}')
+    for args, msg in (([*base, "--deploy"], f"--deploy without a folder is the line's deploy folder: {line} has no "
+                       f"[model] deploy_dir to take it from (the line runs the bundle {tbundle.path}, which takes no "
+                       "model update); give --deploy DIR"),
+                      (["calibrate", "--bundle", str(tbundle.path), "--source", f"file://{video}", "--frames", "200",
+                        "--adapt", "--deploy"], "--deploy without a folder is the line's deploy folder: give --config "
+                       "LINE.toml (its [model] deploy_dir) or --deploy DIR"),
+                      ([*base, "--deploy", str(tmp_path / "etc" / "line.toml")], "is a file")):
+        res = r.invoke(main, args)
+        assert res.exit_code == 2 and msg in res.output, res.output
+    assert len(asked) == n
+
+
 def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, monkeypatch):
     """--adapt screened the frames on the bundle's active graph and quantized the candidate in that precision,
     whatever the line inspects in: given the line's precision, it screens, quantizes, checks and installs in

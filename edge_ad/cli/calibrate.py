@@ -16,6 +16,16 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+_LINE_DEPLOY = "\0line"   # a bare --deploy: the line config's deploy folder (no argument holds a NUL)
+
+
+def _deploy_option(ctx, param, value):
+    """``--deploy [DIR]``: a folder is checked as a ``click.Path`` (not a file); bare, it stays :data:`_LINE_DEPLOY`."""
+    if value is None or value == _LINE_DEPLOY:
+        return value
+    return click.Path(file_okay=False, path_type=Path).convert(value, param, ctx)
+
+
 @main.command()
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Bundle folder. Default: --config's model.bundle (or the release in force of its "
@@ -77,9 +87,11 @@ def _echo_json(obj) -> None:
 @click.option("--train-device", default="cpu", show_default=True, help="--adapt: torch device for fine-tuning.")
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
               help="--adapt: golden images the adapted model must judge no worse than the running one.")
-@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--deploy", "deploy_dir", is_flag=False, flag_value=_LINE_DEPLOY, default=None, metavar="[DIR]",
+              callback=_deploy_option,
               help="--adapt: deploy folder to switch the adapted model into (see 'edge-ad bundle install'; the "
-                   "golden set is --golden, else DEPLOY/golden, else refused unless --no-golden).")
+                   "golden set is --golden, else --config's model.golden_dir, else DEPLOY/golden, else refused "
+                   "unless --no-golden). --deploy without DIR: --config's model.deploy_dir, the line's.")
 @click.option("--no-golden", is_flag=True, help="--adapt --deploy: switch in without the golden-set check.")
 @click.option("--rollback", "rollback_to", is_flag=False, flag_value="previous", default=None, metavar="[VERSION]",
               help="Put an earlier calibration version back in force (default: the one the calibration in force "
@@ -158,6 +170,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
         raise InputError("--golden, --deploy, --no-golden and --adapt-out go with --adapt")
     if no_golden and (golden_dir or not deploy_dir):
         raise InputError("--no-golden goes with --deploy (switching in unchecked), and not with --golden")
+    if deploy_dir is not None:
+        deploy_dir, golden_dir = _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env)
     ctx = click.get_current_context()
     given = [f"--{n.replace('_', '-')}" for n in ("min_frames", "screen_z", "precision", "prior_weight")
              if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
@@ -324,6 +338,35 @@ def _bundle_dir(bundle_dir, settings, config, env) -> Path:
         click.echo(f"warning: --bundle {bundle_dir} is not the bundle the line runs ({named}, {what}): calibrating "
                    f"{bundle_dir} as asked; the line does not decide with it", err=True)
     return bundle_dir
+
+
+def _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env) -> tuple[Path, Path | None]:
+    """``--adapt --deploy``'s folder and golden set: a folder given, else (a bare ``--deploy``) the line config's
+    ``[model] deploy_dir`` (after its edge-ad.env), named on stderr; the golden set ``--golden``, else the
+    config's ``model.golden_dir`` (as ``bundle install --config`` takes them; None: DEPLOY/golden). A folder
+    given that is not the line's is taken, with a warning: the line does not run what is installed there."""
+    from ..errors import InputError
+
+    m = settings.model if settings is not None else None
+    line = m.deploy_dir if m is not None else None
+    origin = setting_origin(config, env, "model", "deploy_dir") if m is not None else None
+    if deploy_dir == _LINE_DEPLOY:
+        if line is None:
+            raise InputError("--deploy without a folder is the line's deploy folder: "
+                             + ("give --config LINE.toml (its [model] deploy_dir) or --deploy DIR" if config is None
+                                else f"{config} has no [model] deploy_dir to take it from"
+                                + (f" (the line runs the bundle {m.bundle}, which takes no model update)"
+                                   if m is not None else "") + "; give --deploy DIR"))
+        deploy_dir = Path(line)
+        click.echo(f"note: --deploy: deploy folder {deploy_dir}, the {origin}", err=True)
+    elif m is not None and (line is None or Path(line).resolve() != Path(deploy_dir).resolve()):
+        runs = (f"release in force of {line}, the {origin}" if line is not None else
+                f"the bundle {m.bundle}, the {setting_origin(config, env, 'model', 'bundle')}")
+        click.echo(f"warning: --deploy {deploy_dir} is not the line's deploy folder (it runs the {runs}): switching "
+                   f"the adapted model into {deploy_dir} as asked; the line does not run it", err=True)
+    if golden_dir is None and not no_golden and m is not None:
+        golden_dir = m.golden_dir
+    return deploy_dir, golden_dir
 
 
 _LINE_UNSET = {"backend": "auto", "precision": None, "device": None}   # ModelSettings' defaults
