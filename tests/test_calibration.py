@@ -224,6 +224,42 @@ def test_rollback_restores_earlier_versions_byte_for_byte(tbundle):
     Bundle.open(tbundle.path, verify=True)
 
 
+def test_rollback_to_a_missing_version_names_the_kept_ones_in_runs(tbundle):
+    """An explicit rollback (--rollback N, the MQTT rollback_calibration) to a version not kept listed every
+    kept version, one number each: thousands of numbers in a long history. The kept versions are now said in
+    runs (the helper of --prune's output), at most a dozen, the oldest and the newest, those between counted;
+    with why N is not there."""
+    from click.testing import CliRunner
+
+    from edge_ad.bundle import version_runs
+    from edge_ad.cli import main
+
+    cal = tbundle.calibration()
+    for _ in range(60):
+        tbundle.write_calibration(cal)                                          # v2 ... v61
+    assert version_runs(tbundle.calibration_versions()) == "v1-v61" and version_runs([]) == "none"
+    for v in [*range(10, 20), *range(30, 61, 2)]:                               # pruned, deleted by hand
+        tbundle.calibration_version_file(v).unlink()
+    kept = "v1-v9, v20-v29, v31, v33, ... 6 more runs ..., v47, v49, v51, v53, v55, v57, v59, v61"
+    assert version_runs(tbundle.calibration_versions(), most=12) == kept
+    for version, why in ((15, "no longer kept: pruned, or deleted by hand"), (99, "the newest is v61"),
+                         (0, "versions start at v1")):
+        with pytest.raises(InputError) as exc:
+            rollback(tbundle, version)
+        assert str(exc.value) == (f"calibration version {version} not found ({why}); 35 kept: {kept} ('edge-ad "
+                                  "calibrate --list', or the MQTT status's calibration.versions, lists them); the "
+                                  "calibration in force is unchanged")
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback", "40"])
+    assert res.exit_code == 2 and f"error: calibration version 40 not found (no longer kept: pruned, or deleted by " \
+                                  f"hand); 35 kept: {kept} (" in res.output, res.output
+    assert tbundle.calibration().version == 61
+    for v in (1, *range(31, 60, 2)):                                             # a short history: all of it
+        tbundle.calibration_version_file(v).unlink()
+    with pytest.raises(InputError, match=r"version 1 not found \(no longer kept: pruned, or deleted by hand\); 19 kept: "
+                                         r"v2-v9, v20-v29, v61 \("):
+        rollback(tbundle, 1)
+
+
 def test_rollback_goes_back_to_the_calibration_the_one_in_force_replaced(tbundle):
     insp = _inspector(tbundle)
     day = [part_frame(i, brightness=20.0) for i in range(30)]

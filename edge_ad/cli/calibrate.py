@@ -549,6 +549,7 @@ def _list_calibrations(b, as_json: bool) -> None:
 def _prune(b, keep: int, dry_run: bool, as_json: bool) -> None:
     """``calibrate --prune KEEP [--dry-run]``: delete old versions (:func:`edge_ad.calibration.prune_history`) and
     say which went and which were kept besides the KEEP newest."""
+    from ..bundle import version_runs
     from ..calibration import prune_history
 
     res = prune_history(b, keep, dry_run=dry_run)
@@ -556,29 +557,18 @@ def _prune(b, keep: int, dry_run: bool, as_json: bool) -> None:
         _echo_json(res.summary())
         return
     verb = "would remove" if dry_run else "removed"
-    kept = f"{len(res.kept)} kept: {_versions(res.kept)}"
+    kept = f"{len(res.kept)} kept: {version_runs(res.kept)}"
     if res.protected:
         kept += " (" + ", ".join(f"v{v} {why}" for v, why in sorted(res.protected.items())) + ")"
     if not res.removed:
         click.echo(f"{b.calibration_dir}: nothing to prune, {kept}")
     else:
         click.echo(f"{b.calibration_dir}: {verb} {len(res.removed)} calibration version"
-                   f"{'s' if len(res.removed) != 1 else ''} ({_versions(res.removed)}); {kept}")
+                   f"{'s' if len(res.removed) != 1 else ''} ({version_runs(res.removed)}); {kept}")
     if res.gaussian_removed:
         click.echo(f"{verb} Gaussian statistics no kept version uses: {', '.join(res.gaussian_removed)}")
     if dry_run:
         click.echo("nothing removed (--dry-run)", err=True)
-
-
-def _versions(versions) -> str:
-    """``v1, v4-v9, v12``: versions in runs (a history holds thousands)."""
-    runs: list[list[int]] = []
-    for v in sorted(versions):
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ", ".join(f"v{a}" if a == z else f"v{a}-v{z}" for a, z in runs) or "none"
 
 
 # ----------------------------------------------------------------------------- bundle archives
