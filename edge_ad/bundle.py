@@ -75,6 +75,24 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def version_runs(versions: Iterable[int], most: int | None = None) -> str:
+    """``v1, v4-v9, v12``: calibration versions in runs (a history holds thousands); ``none`` when empty.
+    ``most``: at most that many runs shown, a third of them the oldest and the rest the newest, those between
+    counted (``v1, ... 40 more runs ..., v2990-v3000``), so a message stays short whatever the history."""
+    runs: list[list[int]] = []
+    for v in sorted(versions):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    shown = [f"v{a}" if a == z else f"v{a}-v{z}" for a, z in runs]
+    if most is not None and len(shown) > max(most, 2):
+        head = max(1, most // 3)
+        tail = max(1, most - head)
+        shown = [*shown[:head], f"... {len(shown) - head - tail} more runs ...", *shown[-tail:]]
+    return ", ".join(shown) or "none"
+
+
 @functools.lru_cache(maxsize=1)
 def _manifest_validator():
     import jsonschema
@@ -646,9 +664,12 @@ class Bundle:
             raise InputError(f"{self.calibration_dir}: no calibration history to roll back to")
         if version is None:  # an explicit version also repairs an unreadable calibration in force
             version = self.previous_calibration_version()
-        if version not in versions:
-            raise InputError(f"calibration version {version} not found; versions kept: "
-                             f"{', '.join(map(str, versions))}")
+        if version not in versions:   # the versions in runs, at most a dozen: a history holds thousands
+            why = (f"the newest is v{versions[-1]}" if version > versions[-1] else "versions start at v1"
+                   if version < 1 else "no longer kept: pruned, or deleted by hand")
+            raise InputError(f"calibration version {version} not found ({why}); {len(versions)} kept: "
+                             f"{version_runs(versions, most=12)} ('edge-ad calibrate --list', or the MQTT status's "
+                             "calibration.versions, lists them); the calibration in force is unchanged")
         _, data = _read_calibration(self.calibration_version_file(version))
         try:
             before = self.calibration().version if self.has("calibration.json") else None

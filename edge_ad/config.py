@@ -595,11 +595,22 @@ def _shown_input(field: str, value: Any) -> str:
     return repr(value)
 
 
+class CaptureSourceSettings(SourceSettings):
+    """``[source]`` for a command that is also given its source on the command line (``capture --source``,
+    ``calibrate --source``): ``uri`` may be absent, the command then says the source is required; the rest
+    (roi, rotate, reconnect ...) as for ``run``, and a uri given is checked as for ``run``."""
+
+    uri: Optional[str] = Field(None, title=SourceSettings.model_fields["uri"].title)
+
+
 class CaptureSettings(Settings):
-    """The settings of a command that reads the source only (``edge-ad capture``): ``[model]`` may be
-    absent (frames are captured before any bundle exists), and is checked as usual when it is there."""
+    """The settings of a command that reads the source only (``edge-ad capture``, and ``edge-ad calibrate``,
+    which opens its bundle itself): ``[model]`` may be absent (frames are captured before any bundle exists),
+    and is checked as usual when it is there; ``[source]`` and its ``uri`` may be absent too (given as
+    ``--source``)."""
 
     model: Optional[ModelSettings] = None
+    source: CaptureSourceSettings = Field(default_factory=CaptureSourceSettings)
 
 
 def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = ()) -> str:

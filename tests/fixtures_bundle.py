@@ -186,6 +186,24 @@ def make_tiny_bundle(path: str | Path, image_size: tuple[int, int] = (64, 64),
     return Bundle.open(path)
 
 
+def add_stand_in_graph(bundle, precision: str = "int8"):
+    """Record in a tiny bundle a graph of another ``precision`` (``model.int8.onnx``, ``model.fp16.onnx``),
+    its active graph unchanged. A stand-in, not a quantized graph (milliseconds to make): the tiny graph with
+    the square of its map, so its scores differ from the FP32 graph's in shape, not only in scale (the
+    normalization takes out a scale), and a test can tell which graph scored. Returns the bundle."""
+    import onnx
+    from onnx import helper
+
+    from edge_ad.runtime.backends import GRAPH_FILES
+
+    model = onnx.load_from_string(tiny_graph(tuple(bundle.image_size), bundle.model["config"]["pool"]))
+    model.graph.node[-1].output[0] = "pooled"
+    model.graph.node.append(helper.make_node("Mul", ["pooled", "pooled"], ["map"]))
+    onnx.checker.check_model(model)
+    bundle.add_file(GRAPH_FILES[precision], data=model.SerializeToString())
+    return bundle
+
+
 def make_gaussian_bundle(path: str | Path, image_size: int = 64, kind: str = "grain", n_train: int = 24,
                          seed: int = 0):
     """A real trained Gaussian bundle (torch needed) on synthetic normal parts of ``kind``."""

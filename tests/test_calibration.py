@@ -224,6 +224,42 @@ def test_rollback_restores_earlier_versions_byte_for_byte(tbundle):
     Bundle.open(tbundle.path, verify=True)
 
 
+def test_rollback_to_a_missing_version_names_the_kept_ones_in_runs(tbundle):
+    """An explicit rollback (--rollback N, the MQTT rollback_calibration) to a version not kept listed every
+    kept version, one number each: thousands of numbers in a long history. The kept versions are now said in
+    runs (the helper of --prune's output), at most a dozen, the oldest and the newest, those between counted;
+    with why N is not there."""
+    from click.testing import CliRunner
+
+    from edge_ad.bundle import version_runs
+    from edge_ad.cli import main
+
+    cal = tbundle.calibration()
+    for _ in range(60):
+        tbundle.write_calibration(cal)                                          # v2 ... v61
+    assert version_runs(tbundle.calibration_versions()) == "v1-v61" and version_runs([]) == "none"
+    for v in [*range(10, 20), *range(30, 61, 2)]:                               # pruned, deleted by hand
+        tbundle.calibration_version_file(v).unlink()
+    kept = "v1-v9, v20-v29, v31, v33, ... 6 more runs ..., v47, v49, v51, v53, v55, v57, v59, v61"
+    assert version_runs(tbundle.calibration_versions(), most=12) == kept
+    for version, why in ((15, "no longer kept: pruned, or deleted by hand"), (99, "the newest is v61"),
+                         (0, "versions start at v1")):
+        with pytest.raises(InputError) as exc:
+            rollback(tbundle, version)
+        assert str(exc.value) == (f"calibration version {version} not found ({why}); 35 kept: {kept} ('edge-ad "
+                                  "calibrate --list', or the MQTT status's calibration.versions, lists them); the "
+                                  "calibration in force is unchanged")
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback", "40"])
+    assert res.exit_code == 2 and f"error: calibration version 40 not found (no longer kept: pruned, or deleted by " \
+                                  f"hand); 35 kept: {kept} (" in res.output, res.output
+    assert tbundle.calibration().version == 61
+    for v in (1, *range(31, 60, 2)):                                             # a short history: all of it
+        tbundle.calibration_version_file(v).unlink()
+    with pytest.raises(InputError, match=r"version 1 not found \(no longer kept: pruned, or deleted by hand\); 19 kept: "
+                                         r"v2-v9, v20-v29, v61 \("):
+        rollback(tbundle, 1)
+
+
 def test_rollback_goes_back_to_the_calibration_the_one_in_force_replaced(tbundle):
     insp = _inspector(tbundle)
     day = [part_frame(i, brightness=20.0) for i in range(30)]
@@ -774,6 +810,61 @@ def test_cli_calibrate_and_capture_config_apply_the_services_env_file(tbundle, t
     assert len(seen) == n and tbundle.calibration_versions() == [1, 2, 3, 4, 5]
 
 
+def test_cli_capture_config_takes_the_lines_source(tbundle, tmp_path):
+    """'edge-ad capture --config LINE.toml' still required --source, though the config names the line's camera
+    (source.uri). Without --source it is now the config's (after its edge-ad.env), named in a note; with
+    neither, a clear error (exit 2) and no folder made. A config without source.uri still takes --source, for
+    'calibrate --config' too (its [source] failed to load without a uri)."""
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    video, raw = _raw_video(tmp_path)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    line.write_text(f'[source]\nuri = "file://{video}"\nroi = {ROI}\nrotate = {ROTATE}\n')
+    r = CliRunner()
+    cap = ["capture", "--config", str(line), "--frames", "5", "--out"]
+    res = r.invoke(main, [*cap, str(tmp_path / "cap")])
+    assert res.exit_code == 0, res.output
+    assert f"note: no --source: source file://{video}, the [source] uri of {line}" in res.stderr
+    saved = sorted((tmp_path / "cap").glob("*.png"))
+    assert len(saved) == 5                                              # the line's camera, as it inspects it
+    assert all(np.array_equal(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB), a)
+               for f, a in zip(saved, _as_inspected(raw)))
+
+    other = write_video(tmp_path / "other.avi", (part_frame(100 + i, RAW) for i in range(3)))
+    env = line.parent / "edge-ad.env"                                   # the service's env file wins
+    env.write_text(f"EDGE_AD_SOURCE__URI=file://{other}\n")
+    res = r.invoke(main, [*cap, str(tmp_path / "cap2")])
+    assert res.exit_code == 0, res.output
+    assert f"note: no --source: source file://{other}, the EDGE_AD_SOURCE__URI of {env}" in res.stderr
+    assert len(list((tmp_path / "cap2").glob("*.png"))) == 3
+    env.unlink()
+
+    line.write_text(f"[source]\nroi = {ROI}\nrotate = {ROTATE}\n")          # no source.uri
+    res = r.invoke(main, [*cap, str(tmp_path / "none" / "cap")])
+    assert res.exit_code == 2, res.output
+    assert (f"error: --source is required: {line} has no source.uri (nor does an EDGE_AD_SOURCE__URI set one) to "
+            "take it from") in res.output and not (tmp_path / "none").exists()
+    res = r.invoke(main, ["capture", "--frames", "5", "--out", str(tmp_path / "none" / "cap")])
+    assert res.exit_code == 2 and not (tmp_path / "none").exists(), res.output
+    assert "error: --source is required (a source URI), or --config LINE.toml whose source.uri names it" in res.output
+    res = r.invoke(main, [*cap, str(tmp_path / "cap3"), "--source", f"file://{video}", "--frames", "30"])
+    assert res.exit_code == 0 and "note: no --source" not in res.stderr, res.output   # given: taken
+    assert len(list((tmp_path / "cap3").glob("*.png"))) == 30
+
+    base = ["calibrate", "--bundle", str(tbundle.path), "--config", str(line), "--frames", "30", "--policy", "max",
+            "--backend", "onnxruntime"]
+    res = r.invoke(main, base)
+    assert res.exit_code == 2, res.output
+    assert f"error: --source is required: {line} has no source.uri" in res.output
+    res = r.invoke(main, [*base, "--source", str(tmp_path / "cap3")])   # the crops, sized as the config's ROI
+    assert res.exit_code == 0, res.output
+    assert tbundle.calibration_versions() == [1, 2]
+
+
 def test_cli_calibrate_config_reports_the_threshold_in_force(tbundle, tmp_path):
     """A [decision] threshold in the line's config overrides every calibration's, but 'calibrate --config'
     announced the new calibration's threshold as if it would decide, and its --json had no
@@ -833,7 +924,7 @@ def test_cli_calibrate_config_takes_the_bundle_the_line_runs(tbundle, tmp_path, 
     line.parent.mkdir()
     line.write_text(f'[model]\nbundle = "../tiny"\n\n[source]\nuri = "file://{video}"\n')   # relative to the file
     r = CliRunner()
-    base = ["calibrate", "--config", str(line), "--frames", "30", "--policy", "max", "--backend", "onnxruntime"]
+    base = ["calibrate", "--config", str(line), "--frames", "30", "--policy", "max"]   # the line's backend: auto
     res = r.invoke(main, base)
     assert res.exit_code == 0, res.output
     assert f"note: no --bundle: bundle {line.parent / '../tiny'}, the [model] bundle of {line}" in res.stderr
@@ -880,6 +971,195 @@ def test_cli_calibrate_config_takes_the_bundle_the_line_runs(tbundle, tmp_path, 
     assert res.exit_code == 2 and ("--bundle is required (or --config LINE.toml, whose [model] bundle or deploy_dir "
                                    "names it)") in res.output, res.output
     assert tbundle.calibration_versions() == [1, 2, 3] and other.calibration_versions() == [1, 2, 3, 4, 5]
+
+
+def test_cli_calibrate_config_scores_as_the_line_does(tbundle, tmp_path, monkeypatch):
+    """'calibrate --config' scored the frames on --backend auto and the bundle's active graph whatever the line
+    runs ([model] backend, precision, device, which 'bundle install --config' takes): on a line inspecting with
+    the INT8 graph the threshold was fitted on FP32 scores the line never produces. The line's model settings
+    (after its edge-ad.env) are now the defaults, a given option wins with a warning, and the output says what
+    scored. The INT8 graph is a stand-in (add_stand_in_graph) whose scores differ from the FP32 graph's."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.runtime.backends import open_backend
+    from fixtures_bundle import add_stand_in_graph
+
+    add_stand_in_graph(tbundle, "int8")
+    ref = {p: copy_bundle(tbundle, tmp_path / f"ref-{p}") for p in ("int8", "fp32")}   # v1 in force, as tbundle
+    video, _ = _raw_video(tmp_path)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    model = f'[model]\nbundle = "{tbundle.path}"\nbackend = "onnxruntime"\ndevice = "cpu"\n'
+    line.write_text(f'{model}precision = "int8"\n\n[source]\nuri = "file://{video}"\n')
+    seen = _spy_recalibrate(monkeypatch)
+    r = CliRunner()
+    base = ["calibrate", "--config", str(line), "--frames", "30", "--policy", "max"]
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    # the threshold of a refit on the line's graph, not on the bundle's active (FP32) one
+    expect = {p: recalibrate(b, Inspector(b, open_backend(b, "onnxruntime", p, "cpu")), seen[-1], policy="max",
+                             progress=False).calibration.threshold for p, b in ref.items()}
+    assert abs(expect["int8"] - expect["fp32"]) > 0.03 * expect["fp32"], expect
+    assert out["threshold"] == pytest.approx(expect["int8"], rel=1e-6)
+    assert out["scored_on"] == {"backend": "onnxruntime", "precision": "int8", "device": "cpu",
+                                "graph": "model.int8.onnx"}
+    assert (f"note: scoring as the line does: backend onnxruntime (the [model] backend of {line}), precision int8 "
+            f"(the [model] precision of {line}), device cpu (the [model] device of {line})") in res.stderr
+    assert "warning" not in res.stderr
+
+    res = r.invoke(main, [*base, "--precision", "fp32"])                   # given: it wins, with a warning
+    assert res.exit_code == 0, res.output
+    assert (f"warning: --precision fp32 is not the line's precision (int8, the [model] precision of {line}): "
+            "scoring on fp32 as asked; the line scores otherwise") in res.stderr
+    assert "note: scoring as the line does: backend onnxruntime (" in res.stderr and "precision int8" not in res.stderr
+    assert ", scored on onnxruntime fp32 on cpu (model.onnx), " in res.stdout
+    res = r.invoke(main, [*base, "--precision", "int8", "--backend", "onnxruntime"])   # the line's: no warning
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    assert ", scored on onnxruntime int8 on cpu (model.int8.onnx), " in res.stdout
+
+    env = line.parent / "edge-ad.env"                                      # the service's env file wins
+    env.write_text("EDGE_AD_MODEL__PRECISION=fp32\n")
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["scored_on"]["graph"] == "model.onnx", res.output
+    assert f"precision fp32 (the EDGE_AD_MODEL__PRECISION of {env})" in res.stderr
+    env.unlink()
+    line.write_text(f'{model}\n[source]\nuri = "file://{video}"\n')        # no precision: the active graph
+    res = r.invoke(main, [*base, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["scored_on"]["precision"] == "fp32", res.output
+    assert "precision" not in res.stderr.split("note: scoring as the line does:")[1].splitlines()[0]
+    res = r.invoke(main, [*base, "--precision", "int8", "--device", "cpu", "--backend", "auto"])
+    assert res.exit_code == 0, res.output
+    assert (f"warning: --precision int8 is not the line's precision (unset: the bundle's active graph, fp32, the "
+            f"[model] precision of {line})") in res.stderr
+    assert f"warning: --backend auto is not the line's backend (onnxruntime, the [model] backend of {line})" \
+        in res.stderr and "warning: --device" not in res.stderr
+
+    # --adapt screens and checks the frames as the line scores them too (the fine-tuning is faked here)
+    from edge_ad.calibration import adapt as adapt_mod
+
+    asked = []
+
+    def fake_adapt(path, images, **kw):
+        asked.append({k: kw[k] for k in ("backend", "precision", "run_device")})
+        return adapt_mod.AdaptResult(tmp_path / "cand", "int8", 1, threshold=0.25, scored_on={
+            "backend": kw["backend"], "precision": kw["precision"], "device": kw["run_device"], "graph": "g.onnx"})
+
+    monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    line.write_text(f'{model}precision = "int8"\n\n[source]\nuri = "file://{video}"\n')
+    res = r.invoke(main, [*base[:-4], "--frames", "200", "--adapt"])
+    assert res.exit_code == 0, res.output
+    assert asked == [{"backend": "onnxruntime", "precision": "int8", "run_device": "cpu"}]
+    assert "frames screened on onnxruntime int8 on cpu (g.onnx);" in res.stdout
+
+
+def test_cli_adapt_deploy_takes_the_lines_deploy_folder(tbundle, tmp_path, monkeypatch):
+    """'calibrate --adapt --deploy' needed the folder again though --config names the line's [model] deploy_dir
+    (which 'bundle install --config' takes). A bare --deploy is now the config's deploy_dir (after its
+    edge-ad.env), named in a note, the golden set the config's golden_dir unless --golden or --no-golden; a
+    folder given that is not the line's is taken with a warning; a bare --deploy with no deploy_dir to take
+    is a clear error before any frame. The fine-tuning itself is faked (see test_model_update for a real one)."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.calibration import install_bundle
+    from edge_ad.cli import main
+
+    asked = []
+
+    def fake_adapt(path, images, **kw):
+        asked.append({"bundle": Path(path).resolve(), "deploy_dir": kw["deploy_dir"], "golden_dir": kw["golden_dir"],
+                      "require_golden": kw["require_golden"]})
+        install = SimpleNamespace(release="r0002-x", golden=None, summary=lambda: {})
+        return adapt_mod.AdaptResult(tmp_path / "cand", "fp32", 1, install=install, threshold=0.25)
+
+    monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    video, _ = _raw_video(tmp_path)
+    deploy = tmp_path / "deploy"
+    rel = install_bundle(tbundle.path, deploy, require_golden=False)
+    line = tmp_path / "etc" / "line.toml"
+    line.parent.mkdir()
+    src = f'\n[source]\nuri = "file://{video}"\n'
+    line.write_text(f'[model]\ndeploy_dir = "../deploy"\n{src}')             # relative to the file
+    r = CliRunner()
+    base = ["calibrate", "--config", str(line), "--frames", "200", "--adapt"]
+    res = r.invoke(main, [*base, "--deploy", "--no-golden"])                   # bare, before another option
+    assert res.exit_code == 0, res.output
+    assert asked[-1] == {"bundle": rel.path, "deploy_dir": line.parent / "../deploy", "golden_dir": None,
+                         "require_golden": False}
+    assert f"note: --deploy: deploy folder {line.parent / '../deploy'}, the [model] deploy_dir of {line}" in res.stderr
+    assert "adapted model installed as r0002-x" in res.stdout and "warning" not in res.stderr
+
+    golden = tmp_path / "golden"
+    (golden / "good").mkdir(parents=True)
+    line.write_text(f'[model]\ndeploy_dir = "../deploy"\ngolden_dir = "../golden"\n{src}')
+    res = r.invoke(main, [*base, "--deploy"])                                  # bare, last: the line's golden set
+    assert res.exit_code == 0, res.output
+    assert asked[-1]["deploy_dir"] == line.parent / "../deploy" and asked[-1]["golden_dir"] == line.parent / "../golden"
+    res = r.invoke(main, [*base, "--deploy", str(deploy), "--golden", str(golden / "good")])  # the same, by name
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    assert asked[-1]["deploy_dir"] == deploy and asked[-1]["golden_dir"] == golden / "good"
+    (line.parent / "edge-ad.env").write_text(f"EDGE_AD_MODEL__DEPLOY_DIR={tmp_path / 'other'}\n")
+    res = r.invoke(main, [*base, "--bundle", str(tbundle.path), "--deploy", str(deploy), "--no-golden"])
+    assert res.exit_code == 0, res.output                                      # given, not the line's: warned
+    assert asked[-1]["deploy_dir"] == deploy
+    assert (f"warning: --deploy {deploy} is not the line's deploy folder (it runs the release in force of "
+            f"{tmp_path / 'other'}, the EDGE_AD_MODEL__DEPLOY_DIR of {line.parent / 'edge-ad.env'}): switching the "
+            f"adapted model into {deploy} as asked; the line does not run it") in res.stderr
+    (line.parent / "edge-ad.env").unlink()
+
+    n = len(asked)
+    line.write_text(f'[model]\nbundle = "{tbundle.path}"\n{src}')
+    for args, msg in (([*base, "--deploy"], f"--deploy without a folder is the line's deploy folder: {line} has no "
+                       f"[model] deploy_dir to take it from (the line runs the bundle {tbundle.path}, which takes no "
+                       "model update); give --deploy DIR"),
+                      (["calibrate", "--bundle", str(tbundle.path), "--source", f"file://{video}", "--frames", "200",
+                        "--adapt", "--deploy"], "--deploy without a folder is the line's deploy folder: give --config "
+                       "LINE.toml (its [model] deploy_dir) or --deploy DIR"),
+                      ([*base, "--deploy", str(tmp_path / "etc" / "line.toml")], "is a file")):
+        res = r.invoke(main, args)
+        assert res.exit_code == 2 and msg in res.output, res.output
+    assert len(asked) == n
+
+
+def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, monkeypatch):
+    """--adapt screened the frames on the bundle's active graph and quantized the candidate in that precision,
+    whatever the line inspects in: given the line's precision, it screens, quantizes, checks and installs in
+    it (the fine-tuning is a copy here, and the quantization stops the run once asked)."""
+    pytest.importorskip("torch")
+    import edge_ad.compile.quantize as quantize_mod
+    import edge_ad.train.adapt as train_adapt
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.errors import GuardFailure
+    from fixtures_bundle import add_stand_in_graph
+
+    add_stand_in_graph(tbundle, "int8")
+    screened, quantized = [], []
+    real_screen = adapt_mod.screen_frames
+
+    def screen(insp, frames, **kw):
+        screened.append(insp.backend.summary())
+        return real_screen(insp, frames, **kw)
+
+    def quantize(cand, precision, **kw):
+        quantized.append(precision)
+        raise GuardFailure("stopped after the quantization was asked for")
+
+    monkeypatch.setattr(adapt_mod, "screen_frames", screen)
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    monkeypatch.setattr(train_adapt, "adapt_bundle", lambda src, frames, out, **kw: copy_bundle(src, out))
+    monkeypatch.setattr(quantize_mod, "quantize_bundle", quantize)
+    frames = [part_frame(i, 64) for i in range(200)]
+    with pytest.raises(GuardFailure, match="stopped after"):
+        adapt_mod.adapt(tbundle.path, frames, steps=1, backend="onnxruntime", precision="int8", run_device="cpu",
+                        out_dir=tmp_path / "cand", progress=False)
+    assert screened == [{"backend": "onnxruntime", "precision": "int8", "device": "cpu", "graph": "model.int8.onnx"}]
+    assert quantized == ["int8"] and tbundle.active_precision == "fp32" and not (tmp_path / "cand").exists()
 
 
 def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_path, monkeypatch):

@@ -4,15 +4,16 @@ For lines that changed more than lighting (EfficientAD, FADeR-style; the Gaussia
 the refit of :func:`edge_ad.calibration.recalibrate`):
 
 0. the frames are screened as a recalibration screens them (:func:`.refit.screen_frames`, the running
-   bundle as the line runs it): likely defects are left out, a set that is not mostly normal parts or
-   too small is refused, and a set that mostly scores above the threshold in force gets a warning;
+   bundle as the line runs it: its backend, precision and device): likely defects are left out, a set that
+   is not mostly normal parts or too small is refused, and a set that mostly scores above the threshold in
+   force gets a warning;
 1. :func:`edge_ad.train.adapt.adapt_bundle` trains the student and autoencoder (or the inpainter) for a
    bounded number of steps on the new normal frames into a **candidate** bundle (a new folder; the
    running bundle is never written), re-exported to ONNX with a calibration from a validation split of
    the new frames;
-2. when the running bundle inspects in INT8 or FP16, the candidate is quantized the same way and checked
-   by the accuracy guard against its FP32 graph (:func:`edge_ad.compile.quantize.quantize_bundle`; the
-   new frames are the guard's images);
+2. when the line inspects in INT8 or FP16 (its precision, else the running bundle's active graph's), the
+   candidate is quantized the same way and checked by the accuracy guard against its FP32 graph
+   (:func:`edge_ad.compile.quantize.quantize_bundle`; the new frames are the guard's images);
 3. when the running bundle has TensorRT engines and TensorRT is here, the candidate's engine is built and
    guarded (:func:`edge_ad.compile.tensorrt.compile_bundle`);
 4. with a golden set, the candidate must judge it no worse than the running bundle
@@ -91,10 +92,11 @@ class AdaptResult:
     excluded: tuple[Excluded, ...] = ()  # frames left out as likely defects (the screen of a recalibration)
     warnings: tuple[str, ...] = ()     # most frames above the threshold in force: check they are normal parts
     threshold: float | None = None     # the image threshold of the candidate's calibration (its validation split)
+    scored_on: dict | None = None      # what screened the frames (Backend.summary: backend, precision, device)
 
     def summary(self) -> dict:
         return {"candidate": str(self.candidate), "precision": self.precision, "steps": self.steps,
-                "threshold": self.threshold,
+                "threshold": self.threshold, "scored_on": self.scored_on,
                 "quantized": self.quantized, "engine": None if self.engine is None else self.engine.get("engine"),
                 "golden": self.golden, "installed": None if self.install is None else self.install.summary(),
                 "seconds": round(self.seconds, 1), "excluded": [e.to_dict() for e in self.excluded],
@@ -140,10 +142,12 @@ def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os
 
 def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy: str | None = None,
           device: str = "cpu", out_dir=None, golden_dir=None, deploy_dir=None, backend: str = "auto",
-          run_device: str | None = None, limits=None, progress: bool = True,
+          precision: str | None = None, run_device: str | None = None, limits=None, progress: bool = True,
           require_golden: bool = True, labels: Sequence[str] | None = None) -> AdaptResult:
     """Fine-tune the bundle at ``bundle_dir`` on ``frames`` (on torch ``device``) and validate the candidate
-    (module doc) as the line runs it: on ``backend`` / ``run_device``, the running bundle's precision.
+    (module doc) as the line runs it: on ``backend`` / ``precision`` / ``run_device`` (the line's model
+    settings; ``precision`` None: the running bundle's active graph), the frames screened so, the candidate
+    quantized (and its engine built) in that precision, its golden check and install probe run so.
     With ``deploy_dir`` the install's golden rule applies: ``golden_dir``, else ``<deploy>/golden``, else
     refused unless ``require_golden`` is false. ``labels`` name the frames the screen leaves out (as for
     :func:`~edge_ad.calibration.recalibrate`)."""
@@ -162,7 +166,8 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         from .deploy import golden_for
 
         golden_dir = golden_for(deploy_dir, golden_dir, require_golden)
-    be = open_backend(src, backend, None, run_device)
+    be = open_backend(src, backend, precision, run_device)
+    scored_on = be.summary()
     try:   # the screen of a recalibration: defects left out, a set of (mostly) defects refused or warned of
         # refused as a recalibration is (more than a quarter flagged); what is kept still holds the 20 frames
         # the candidate is calibrated on (validation_frames) and at least as many more to fine-tune on
@@ -173,7 +178,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
     for e in excluded:
         log.info("adapt frame %d (%s) left out: score %.4g, z %.1f (%s)", e.index, e.name, e.score, e.z, e.reason)
     frames = [frames[i] for i in used]
-    precision = src.active_precision
+    precision = precision.removesuffix("-u8") if precision else src.active_precision   # the line inspects in it
     work = Path(tempfile.mkdtemp(prefix=".adapt-frames-", dir=src.path.parent))
     try:
         cand = adapt_bundle(src.path, frames, out, steps=steps, policy=policy, device=device)
@@ -199,7 +204,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         if golden_dir is not None and deploy_dir is None:
             from .deploy import check_golden
 
-            golden = check_golden(cand, golden_dir, src, backend=backend, device=run_device)
+            golden = check_golden(cand, golden_dir, src, backend=backend, precision=precision, device=run_device)
             if not golden["passed"]:
                 raise GuardFailure("--adapt: the adapted model failed the golden-set check, the running model is "
                                    "unchanged: " + "; ".join(golden["failures"]))
@@ -208,12 +213,12 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
             from .deploy import install_bundle, open_probe
 
             install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=require_golden,
-                                     backend=backend, device=run_device, calib_dir=calib, progress=progress,
-                                     probe=open_probe(backend, None, run_device))
+                                     backend=backend, precision=precision, device=run_device, calib_dir=calib,
+                                     progress=progress, probe=open_probe(backend, precision, run_device))
             golden = install.golden
         result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
                              engine, quantized, golden, install, time.perf_counter() - t0, tuple(excluded),
-                             warnings, threshold)
+                             warnings, threshold, scored_on)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)   # check_adapt made sure it did not exist: ours, and unusable
         raise

@@ -16,6 +16,16 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+_LINE_DEPLOY = "\0line"   # a bare --deploy: the line config's deploy folder (no argument holds a NUL)
+
+
+def _deploy_option(ctx, param, value):
+    """``--deploy [DIR]``: a folder is checked as a ``click.Path`` (not a file); bare, it stays :data:`_LINE_DEPLOY`."""
+    if value is None or value == _LINE_DEPLOY:
+        return value
+    return click.Path(file_okay=False, path_type=Path).convert(value, param, ctx)
+
+
 @main.command()
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Bundle folder. Default: --config's model.bundle (or the release in force of its "
@@ -27,7 +37,9 @@ def _echo_json(obj) -> None:
                    "them), unless it is the line's own dir:// source.")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
               help="The line's run config (the file 'edge-ad run --config' takes; only [source], [decision] "
-                   "threshold and [model] bundle or deploy_dir are read: the bundle is the default of --bundle, "
+                   "threshold and [model] bundle or deploy_dir, backend, precision and device are read: the "
+                   "bundle is the default of --bundle, the model's backend, precision and device those of "
+                   "--backend, --precision and --device, so the frames are scored as the line scores them, "
                    "the threshold in force is reported, a [decision] threshold overriding "
                    "the calibration's): its source.roi and rotate are applied to the frames of a camera, video "
                    "or synthetic source and of the line's own dir:// folder, as the loop applies them, so the "
@@ -36,17 +48,21 @@ def _echo_json(obj) -> None:
 @click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
                    "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold, "
-                   "model.bundle ...) "
+                   "model.bundle, model.precision ...) "
                    "apply over the config, its values replacing this shell's, as for the service. Default: "
                    "edge-ad.env next to --config, when there is one.")
 @click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
 @click.option("--policy", default="fpr:0.001", show_default=True,
               help="Threshold policy: fpr:P (target false-positive rate), max (largest normal score + margin), "
                    "sigma:K (mean + K std).")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
-              help="Run the model as it inspects (same backend and precision as 'edge-ad run').")
-@click.option("--precision", default=None, help="fp32 | fp16 | int8 (default: the bundle's active graph).")
-@click.option("--device", default=None, help="Backend device (cpu, cuda, cuda:N).")
+@click.option("--backend", default=None, type=click.Choice(BACKENDS),
+              help="Run the model as it inspects (same backend and precision as 'edge-ad run'). Default: "
+                   "--config's model.backend, else auto.")
+@click.option("--precision", default=None,
+              help="fp32 | fp16 | int8 (default: --config's model.precision, else the bundle's active graph).")
+@click.option("--device", default=None,
+              help="Backend device (cpu, cuda, cuda:N; default: --config's model.device, else the best this "
+                   "machine has).")
 @click.option("--every", default=1, show_default=True, type=click.IntRange(1),
               help="Camera, video and synthetic sources: keep one frame in N (refused with a folder, which is "
                    "sampled evenly).")
@@ -71,9 +87,11 @@ def _echo_json(obj) -> None:
 @click.option("--train-device", default="cpu", show_default=True, help="--adapt: torch device for fine-tuning.")
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
               help="--adapt: golden images the adapted model must judge no worse than the running one.")
-@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--deploy", "deploy_dir", is_flag=False, flag_value=_LINE_DEPLOY, default=None, metavar="[DIR]",
+              callback=_deploy_option,
               help="--adapt: deploy folder to switch the adapted model into (see 'edge-ad bundle install'; the "
-                   "golden set is --golden, else DEPLOY/golden, else refused unless --no-golden).")
+                   "golden set is --golden, else --config's model.golden_dir, else DEPLOY/golden, else refused "
+                   "unless --no-golden). --deploy without DIR: --config's model.deploy_dir, the line's.")
 @click.option("--no-golden", is_flag=True, help="--adapt --deploy: switch in without the golden-set check.")
 @click.option("--rollback", "rollback_to", is_flag=False, flag_value="previous", default=None, metavar="[VERSION]",
               help="Put an earlier calibration version back in force (default: the one the calibration in force "
@@ -140,8 +158,10 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
     if not source:
-        raise InputError("--source is required (a folder of normal images or a source URI), unless --rollback "
-                         "or --list")
+        raise InputError(f"--source is required: {config} has no source.uri (nor does an EDGE_AD_SOURCE__URI set "
+                         "one) to take it from" if config is not None else "--source is required (a folder of "
+                         "normal images or a source URI, or --config LINE.toml whose source.uri names it), unless "
+                         "--rollback, --list or --prune")
     from ..inspector import Inspector
     from ..runtime.backends import open_backend
     from ..scoring import check_policy
@@ -150,6 +170,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
         raise InputError("--golden, --deploy, --no-golden and --adapt-out go with --adapt")
     if no_golden and (golden_dir or not deploy_dir):
         raise InputError("--no-golden goes with --deploy (switching in unchecked), and not with --golden")
+    if deploy_dir is not None:
+        deploy_dir, golden_dir = _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env)
     ctx = click.get_current_context()
     given = [f"--{n.replace('_', '-')}" for n in ("min_frames", "screen_z", "precision", "prior_weight")
              if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
@@ -158,6 +180,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                          "validation split of the frames and quantized like the running one; leave "
                          f"{'it' if len(given) == 1 else 'them'} out")
     check_policy(policy)
+    # what scores the frames: the line's [model] backend, precision and device unless given
+    backend, precision, device = _scored_as_line(b, settings, config, env, backend, precision, device)
     if adapt:
         from ..calibration.adapt import check_adapt_frames
 
@@ -188,8 +212,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
         notes: list[str] = []
         images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, MIN_KEPT_FRAMES, notes)
         res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
-                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, run_device=device,
-                        require_golden=not no_golden, labels=images.labels)
+                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, precision=precision,
+                        run_device=device, require_golden=not no_golden, labels=images.labels)
         res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
         # with --config: the threshold the line decides with once the adapted model runs, as for a refit
         override, in_force = _decides_with(settings, res.threshold)
@@ -201,6 +225,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             return
         _screened(res)
         installed = res.install is not None
+        screened = f", frames screened on {_ran_on(res.scored_on)}" if res.scored_on else ""
         if in_force is not None:
             thr = f"; threshold {res.threshold:.6g}, threshold in force {in_force:.6g}" + (
                 "" if installed else " once installed")
@@ -210,16 +235,18 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             g = res.install.golden
             golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
             click.echo(f"adapted model installed as {res.install.release} ({golden}; {res.precision}, "
-                       f"{res.steps} steps, {res.seconds:.0f} s{thr}); a running 'edge-ad run' takes it on SIGHUP, "
-                       "the MQTT reload command or a restart, and its health check then confirms it or rolls back")
+                       f"{res.steps} steps, {res.seconds:.0f} s{screened}{thr}); "
+                       "a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command or a restart, and its "
+                       "health check then confirms it or rolls back")
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
-                       f"{res.seconds:.0f} s{thr}; the running bundle is unchanged)")
+                       f"{res.seconds:.0f} s{screened}{thr}; the running bundle is unchanged)")
         _override_note(override, config, env, "the adapted model", res.threshold)
         return
     with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
         try:
+            scored_on = be.summary()
             notes: list[str] = []
             images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, min_frames, notes)
             insp = Inspector(b, be)
@@ -232,7 +259,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     c = res.calibration
     override, in_force = _decides_with(settings, c.threshold)
     if as_json:
-        out = res.summary()
+        out = {**res.summary(), "scored_on": scored_on}
         if in_force is not None:
             out["threshold_in_force"] = in_force
         _echo_json(out)
@@ -242,8 +269,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
            if in_force is not None else     # without the config: what the calibration sets, nothing more known
            f"threshold {c.threshold:.6g} set by this calibration (was {res.previous.threshold:.6g})")
     click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
-               f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, "
-               f"{res.timings['total']:.1f} s")
+               f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, scored on "
+               f"{_ran_on(scored_on)}, {res.timings['total']:.1f} s")
     _override_note(override, config, env, "this calibration", c.threshold)
 
 
@@ -264,12 +291,12 @@ def _override_note(override, config, env, what: str, threshold: float) -> None:
     """The ``note:`` that the config's ``[decision] threshold`` (``override``), and not ``what``'s ``threshold``,
     decides on the line."""
     if override is not None:
-        click.echo(f"note: the line decides with threshold {override:.6g}, the {_override_origin(config, env)}, "
+        click.echo(f"note: the line decides with threshold {override:.6g}, the {setting_origin(config, env)}, "
                    f"which overrides {what}'s {threshold:.6g} (after a reload or restart too): "
                    f"remove it for {what}'s threshold to decide")
 
 
-def _override_origin(config, env, section: str = "decision", key: str = "threshold") -> str:
+def setting_origin(config, env, section: str = "decision", key: str = "threshold") -> str:
     """Where the config's ``[section] key`` (default: ``[decision] threshold``) came from: the env file, this
     shell, or the file."""
     name = f"EDGE_AD_{section.upper()}__{key.upper()}"
@@ -294,7 +321,7 @@ def _bundle_dir(bundle_dir, settings, config, env) -> Path:
                              "[model] bundle or deploy_dir names it)")
         return bundle_dir
     key = "bundle" if model.bundle is not None else "deploy_dir"
-    origin = _override_origin(config, env, "model", key)
+    origin = setting_origin(config, env, "model", key)
     try:
         named = model.bundle_path()
     except InputError as exc:   # a deploy folder without a release in force
@@ -313,6 +340,80 @@ def _bundle_dir(bundle_dir, settings, config, env) -> Path:
     return bundle_dir
 
 
+def _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env) -> tuple[Path, Path | None]:
+    """``--adapt --deploy``'s folder and golden set: a folder given, else (a bare ``--deploy``) the line config's
+    ``[model] deploy_dir`` (after its edge-ad.env), named on stderr; the golden set ``--golden``, else the
+    config's ``model.golden_dir`` (as ``bundle install --config`` takes them; None: DEPLOY/golden). A folder
+    given that is not the line's is taken, with a warning: the line does not run what is installed there."""
+    from ..errors import InputError
+
+    m = settings.model if settings is not None else None
+    line = m.deploy_dir if m is not None else None
+    origin = setting_origin(config, env, "model", "deploy_dir") if m is not None else None
+    if deploy_dir == _LINE_DEPLOY:
+        if line is None:
+            raise InputError("--deploy without a folder is the line's deploy folder: "
+                             + ("give --config LINE.toml (its [model] deploy_dir) or --deploy DIR" if config is None
+                                else f"{config} has no [model] deploy_dir to take it from"
+                                + (f" (the line runs the bundle {m.bundle}, which takes no model update)"
+                                   if m is not None else "") + "; give --deploy DIR"))
+        deploy_dir = Path(line)
+        click.echo(f"note: --deploy: deploy folder {deploy_dir}, the {origin}", err=True)
+    elif m is not None and (line is None or Path(line).resolve() != Path(deploy_dir).resolve()):
+        runs = (f"release in force of {line}, the {origin}" if line is not None else
+                f"the bundle {m.bundle}, the {setting_origin(config, env, 'model', 'bundle')}")
+        click.echo(f"warning: --deploy {deploy_dir} is not the line's deploy folder (it runs the {runs}): switching "
+                   f"the adapted model into {deploy_dir} as asked; the line does not run it", err=True)
+    if golden_dir is None and not no_golden and m is not None:
+        golden_dir = m.golden_dir
+    return deploy_dir, golden_dir
+
+
+_LINE_UNSET = {"backend": "auto", "precision": None, "device": None}   # ModelSettings' defaults
+
+
+def _scored_as_line(b, settings, config, env, backend, precision, device) -> tuple[str, str | None, str | None]:
+    """The backend, precision and device the frames are scored on (a refit's, and --adapt's screen and
+    checks): ``--backend``, ``--precision`` and ``--device`` when given, else the line config's ``[model]``
+    ones (after its edge-ad.env, as ``bundle install --config`` takes them), so the threshold is fitted on
+    the scores the line produces; without the config: auto, the bundle's active graph, the best device.
+    The line's settings taken are named in a ``note:`` on stderr; a given option that is not the line's, in a
+    ``warning:`` (the refit scores as asked, the line otherwise)."""
+    given = {"backend": backend, "precision": precision, "device": device}
+    m = settings.model if settings is not None else None
+    if m is None:
+        return backend or "auto", precision, device
+    taken = []
+    for key, value in given.items():
+        line = getattr(m, key)
+        if value is None:
+            given[key] = line
+            if line != _LINE_UNSET[key]:
+                taken.append(f"{key} {line} (the {setting_origin(config, env, 'model', key)})")
+            continue
+        if key == "precision":   # unset: the bundle's active graph; int8-u8 is the CPU form of int8
+            same = value.removesuffix("-u8") == (line or b.active_precision)
+            said = line or f"unset: the bundle's active graph, {b.active_precision}"
+        else:
+            same = value.lower() == (line or "").lower()
+            said = line or "unset: the best this machine has"
+        if not same:
+            click.echo(f"warning: --{key} {value} is not the line's {key} ({said}, the "
+                       f"{setting_origin(config, env, 'model', key)}): scoring on {value} as "
+                       "asked; the line scores otherwise, and a threshold fitted here may not fit its scores",
+                       err=True)
+    if taken:
+        click.echo("note: scoring as the line does: " + ", ".join(taken), err=True)
+    return given["backend"], given["precision"], given["device"]
+
+
+def _ran_on(scored_on: dict) -> str:
+    """``onnxruntime int8 on cpu (model.int8-u8.onnx)``: a backend's
+    :meth:`~edge_ad.runtime.backends.Backend.summary` in words."""
+    graph = f" ({scored_on['graph']})" if scored_on.get("graph") else ""
+    return f"{scored_on['backend']} {scored_on['precision']} on {scored_on['device']}{graph}"
+
+
 def _screened(res) -> None:
     """The frames the screen left out and the warnings (a refit's or --adapt's result), on stderr."""
     for e in res.excluded:
@@ -326,7 +427,7 @@ def _line_config(config, env_file):
     the service runs it and as ``capture --config`` reads it: with the ``edge-ad.env`` next to it (or
     ``env_file``) and this process's EDGE_AD_* variables applied (:func:`edge_ad.config.service_environ`;
     the file applied is named on stderr). Only its ``[source]``, ``[decision] threshold`` and ``[model]``
-    bundle or deploy_dir are used."""
+    bundle or deploy_dir, backend, precision and device are used."""
     if config is None:
         return None, None
     from ..config import CaptureSettings, load_settings, service_environ
@@ -448,6 +549,7 @@ def _list_calibrations(b, as_json: bool) -> None:
 def _prune(b, keep: int, dry_run: bool, as_json: bool) -> None:
     """``calibrate --prune KEEP [--dry-run]``: delete old versions (:func:`edge_ad.calibration.prune_history`) and
     say which went and which were kept besides the KEEP newest."""
+    from ..bundle import version_runs
     from ..calibration import prune_history
 
     res = prune_history(b, keep, dry_run=dry_run)
@@ -455,29 +557,18 @@ def _prune(b, keep: int, dry_run: bool, as_json: bool) -> None:
         _echo_json(res.summary())
         return
     verb = "would remove" if dry_run else "removed"
-    kept = f"{len(res.kept)} kept: {_versions(res.kept)}"
+    kept = f"{len(res.kept)} kept: {version_runs(res.kept)}"
     if res.protected:
         kept += " (" + ", ".join(f"v{v} {why}" for v, why in sorted(res.protected.items())) + ")"
     if not res.removed:
         click.echo(f"{b.calibration_dir}: nothing to prune, {kept}")
     else:
         click.echo(f"{b.calibration_dir}: {verb} {len(res.removed)} calibration version"
-                   f"{'s' if len(res.removed) != 1 else ''} ({_versions(res.removed)}); {kept}")
+                   f"{'s' if len(res.removed) != 1 else ''} ({version_runs(res.removed)}); {kept}")
     if res.gaussian_removed:
         click.echo(f"{verb} Gaussian statistics no kept version uses: {', '.join(res.gaussian_removed)}")
     if dry_run:
         click.echo("nothing removed (--dry-run)", err=True)
-
-
-def _versions(versions) -> str:
-    """``v1, v4-v9, v12``: versions in runs (a history holds thousands)."""
-    runs: list[list[int]] = []
-    for v in sorted(versions):
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ", ".join(f"v{a}" if a == z else f"v{a}-v{z}" for a, z in runs) or "none"
 
 
 # ----------------------------------------------------------------------------- bundle archives

@@ -166,18 +166,19 @@ def _exit_past_busy_threads(svc, code: int, message: str = "") -> None:
 
 
 @main.command("capture")
-@click.option("--source", "source", required=True, help="Source URI (v4l2:///dev/video0, csi://0, rtsp://..., "
-                                                         "file://..., dir://..., synthetic://...).")
+@click.option("--source", "source", help="Source URI (v4l2:///dev/video0, csi://0, rtsp://..., file://..., dir://..., "
+                                         "synthetic://...). Default: --config's source.uri (after its edge-ad.env), "
+                                         "the line's camera.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for the frames.")
 @click.option("--frames", "count", required=True, type=click.IntRange(min=1), help="How many frames to save.")
 @click.option("--every", type=Seconds(min=0), default=0.0,
               help="Seconds between saved frames (live cameras: frames in between are read and discarded).")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
-              help="Take ROI and rotation (and reconnect settings) from this run config, so the frames "
-                   "match what the loop inspects.")
+              help="Take the source (unless --source), ROI and rotation (and reconnect settings) from this run "
+                   "config, so the frames match what the loop inspects.")
 @click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
-                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.roi, rotate ...) apply over the config, its "
+                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate ...) apply over the config, its "
                    "values replacing this shell's, as for the service. Default: edge-ad.env next to --config, "
                    "when there is one.")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", help="Image format.")
@@ -191,25 +192,34 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
     from ..errors import InputError
     from ..runtime.capture import Camera
     from ..runtime.pipeline import RoiFilter, apply_roi_rotate
-    from ..runtime.sources import check_startup, open_source, parse_uri
+    from ..runtime.sources import check_startup, open_source, parse_uri, redact_uri
 
     _check_prefix(prefix)
     if env_file is not None and config is None:
         raise InputError("--env-file needs --config (it changes the config's values)")
-    spec = parse_uri(source)
-    check_startup(spec)
     roi, rotate = None, 0
     src_settings = None
     if config:
         from ..config import CaptureSettings, load_settings, service_environ
-        from .calibrate import env_file_note
+        from .calibrate import env_file_note, setting_origin
 
         # as the service runs the line: its edge-ad.env (and this shell's EDGE_AD_*) over the file
         env = service_environ(config, env_file)
-        s = load_settings(config, [(["source", "uri"], source, "--source")], environ=env.environ,
-                          schema=CaptureSettings)
+        given = [(["source", "uri"], source, "--source")] if source is not None else []
+        s = load_settings(config, given, environ=env.environ, schema=CaptureSettings)
         env_file_note(env)
         roi, rotate, src_settings = s.source.roi, s.source.rotate, s.source
+        if source is None:   # the line's camera, named: a capture of the wrong one trains the wrong part
+            if s.source.uri is None:
+                raise InputError(f"--source is required: {config} has no source.uri (nor does an "
+                                 "EDGE_AD_SOURCE__URI set one) to take it from")
+            source = s.source.uri
+            click.echo(f"note: no --source: source {redact_uri(source)}, the "
+                       f"{setting_origin(config, env, 'source', 'uri')}", err=True)
+    elif source is None:
+        raise InputError("--source is required (a source URI), or --config LINE.toml whose source.uri names it")
+    spec = parse_uri(source)
+    check_startup(spec)
     folder = Path(out)
     # the folders this capture makes: removed again when no frame was saved (a bad ROI, a dead source)
     made = [q for q in (folder, *folder.parents) if not q.exists()]

@@ -80,6 +80,11 @@ class Backend:
                 "graph": str(self.graph) if self.graph else None, "max_batch": self.max_batch,
                 "image_size": list(self.image_size), "outputs": list(self.output_names)}
 
+    def summary(self) -> dict:
+        """What runs, for outputs and records: backend, precision, device and the graph's file name."""
+        return {"backend": self.name, "precision": self.precision, "device": self.device,
+                "graph": self.graph.name if self.graph else None}
+
     def __enter__(self):
         return self
 
