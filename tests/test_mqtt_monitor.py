@@ -301,6 +301,51 @@ def test_home_assistant_discovery(mosquitto, tmp_path):
         assert all(m.retain for m in late.messages)
 
 
+def test_home_assistant_templates_give_unknown_for_missing_values():
+    """Every discovery template renders against every payload its topic carries: telemetry without latency
+    (paused, an idle trigger line, a camera outage send ``latency_ms: {}``) gave a template error in Home
+    Assistant at every message (its ``round`` refuses anything but a number) and the entity kept its last,
+    healthy-looking value; a missing value must render ``None`` (Home Assistant: unknown)."""
+    import math
+
+    import pytest
+
+    jinja2 = pytest.importorskip("jinja2")
+
+    def ha_round(value, precision=0):   # Home Assistant's round without a default: a non-number is an error
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"round got invalid input '{value}'")
+        return round(value, precision)
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)   # reading a missing value is an error too
+    env.filters["round"] = ha_round
+    full = {"fps": 29.8, "latency_ms": {"p50": 21.0, "p99": 38.46}, "ng_rate": 0.0022,
+            "drift": {"drift": True, "z": 4.1}, "outbox": {"depth": 2}}
+    idle = {"fps": 0.0, "latency_ms": {}, "ng_rate": 0.0, "drift": {"drift": False, "enabled": False},
+            "outbox": {"depth": 0}}
+    bare = {"ts": "2025-05-01T12:00:00.000Z"}                       # nothing but the envelope
+    nulls = {"fps": None, "latency_ms": None, "ng_rate": None, "drift": None, "outbox": None}
+    messages = {"telemetry": [full, idle, bare, nulls],
+                "status": [{"state": "online"}, {"state": "offline", "reason": "will"}],
+                "calibration": [{"version": 4}, {}]}
+    s = MqttSettings(site="p1", device="cam1", homeassistant=True)
+    rendered = {}
+    for topic, data in discovery(s):
+        cfg, obj = json.loads(data), topic.split("/")[-2]
+        for i, msg in enumerate(messages[cfg["state_topic"].rsplit("/", 1)[1]]):
+            rendered[obj, i] = env.from_string(cfg["value_template"]).render(value_json=msg)
+        for msg in messages["status"]:
+            if "availability_template" in cfg:
+                assert env.from_string(cfg["availability_template"]).render(value_json=msg) == msg["state"]
+    assert rendered["latency_p99", 0] == "38.5" and rendered["latency_p99", 1] == "None"
+    assert rendered["fps", 0] == "29.8" and rendered["fps", 1] == "0.0"
+    assert rendered["ng_rate", 0] == "0.22" and rendered["drift", 0] == "ON" and rendered["drift", 1] == "OFF"
+    assert rendered["outbox_depth", 0] == "2" and rendered["online", 0] == "ON" and rendered["online", 1] == "OFF"
+    assert rendered["calibration_version", 0] == "4" and rendered["calibration_version", 1] == "None"
+    for obj in ("fps", "latency_p99", "ng_rate", "outbox_depth", "drift"):
+        assert rendered[obj, 2] == rendered[obj, 3] == "None", obj
+
+
 def test_cli_site_device_and_name_are_checked_before_connecting():
     import pytest
 
