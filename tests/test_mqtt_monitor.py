@@ -72,14 +72,35 @@ def test_fleet_view_survives_hostile_payloads_and_shows_only_finite_numbers():
 def test_retained_messages_do_not_make_an_offline_device_look_just_seen():
     now = [1000.0]
     view = FleetView(clock=lambda: now[0])
-    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline"}), retained=True)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "will"}), retained=True)
     row = view.consume(f"{B}/p1/cam1/calibration", _j({"version": 4, "threshold": 0.5, "ts": 588.0}),
                        retained=True)
-    assert row.last_seen == 588.0 and "412s ago" in view.table()
-    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 5}), retained=True)   # no ts: unchanged
-    assert row.last_seen == 588.0
+    assert row.last_seen is None and view.table().splitlines()[1].split()[-1] == "-"   # the will has no ts
     view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 3}))                         # live: now
     assert row.last_seen == 1000.0
+    now[0] = 1010.0
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "will"}))   # a live will: the broker's
+    assert row.last_seen == 1000.0 and row.state == "offline"
+
+
+def test_seen_of_an_offline_device_is_when_its_retained_status_says_it_stopped():
+    """A fresh monitor showed a cleanly stopped device as seen at its last connect or calibration publish (the
+    retained calibration's ts), not when it stopped: the retained offline status's own ts was ignored."""
+    now = [10_000.0]
+    for order in ("status first", "calibration first"):
+        view = FleetView(clock=lambda: now[0])
+        msgs = [(f"{B}/p1/cam2/status", {"state": "offline", "reason": "stopped", "ts": "1970-01-01T02:43:15.000Z"}),
+                (f"{B}/p1/cam2/calibration", {"version": 3, "threshold": 0.5, "ts": "1970-01-01T02:00:00.000Z"})]
+        for topic, body in (msgs if order == "status first" else msgs[::-1]):
+            row = view.consume(topic, _j(body), retained=True)
+        assert row.last_seen == 9795.0 and "205s ago" in view.table(), order        # 02:43:15
+        d = row.to_dict(now[0])
+        assert d["state"] == "offline" and d["last_seen"] == "1970-01-01T02:43:15.000Z"
+    row = FleetView(clock=lambda: now[0]).consume(f"{B}/p1/cam3/status", _j(
+        {"state": "online", "reason": "connected", "ts": "1970-01-01T02:46:00.000Z"}), retained=True)
+    assert row.last_seen == 9960.0                                                    # the birth: when it connected
+    view.consume(f"{B}/p1/cam2/status", _j({"state": "offline", "reason": "stopped", "ts": "x"}))   # live: now
+    assert view.devices[("p1", "cam2")].last_seen == now[0]
 
 
 def test_the_threshold_shown_is_the_one_deciding():

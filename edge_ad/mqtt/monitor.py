@@ -6,7 +6,8 @@ monitor``. Sources per column: state from the retained ``status`` (birth / will)
 outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
 the retained ``calibration`` (else the birth message), the threshold deciding from the latest result,
 telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is
-kept as ``calibration_threshold``). A device that is ``online`` but silent for
+kept as ``calibration_threshold``), last seen from the messages received live, else the retained status's
+``ts`` (when it connected or stopped; none for the will). A device that is ``online`` but silent for
 ``stale_after_s`` shows as ``stale``.
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device as messages missing
@@ -130,8 +131,7 @@ class FleetView:
 
     def consume(self, topic: str, payload: bytes | str, retained: bool = False) -> DeviceRow | None:
         """Apply one message; returns the row it changed, or None when the message is not for a row.
-        A ``retained`` message was kept by the broker: it says when the device was seen by its own
-        ``ts`` (if any), not by the time it reached the monitor."""
+        A ``retained`` message was kept by the broker: it is not a sign of life now (see :meth:`_seen_at`)."""
         parsed = _topics.parse(topic)
         if parsed is None:
             return None
@@ -158,11 +158,26 @@ class FleetView:
         getattr(self, f"_on_{kind}")(row, body)
         if kind in ("result", "event"):
             self._check_seq(row, kind, _int(body.get("seq")), now)
-        if kind != "status" or body.get("state") == "online":
-            seen = payloads.parse_time(body.get("ts")) if retained else now
-            if seen is not None and (row.last_seen is None or seen > row.last_seen):
-                row.last_seen = min(seen, now)
+        seen = self._seen_at(kind, body, retained, now)
+        if seen is not None and (row.last_seen is None or seen > row.last_seen):
+            row.last_seen = min(seen, now)
         return row
+
+    @staticmethod
+    def _seen_at(kind: str, body: dict, retained: bool, now: float) -> float | None:
+        """When this message says the device was last alive, None when it says nothing about it.
+
+        A message that arrives live comes from the device now, but for the last will, which the broker
+        sends for it (no ``ts``): the device was last seen at its messages before. A retained message was
+        kept by the broker: only the retained ``status`` tells, by its own ``ts``, when the device was last
+        alive (the birth: when it connected; a clean stop: when it stopped; the will has none). A retained
+        ``calibration`` carries when that calibration was published (at the process start or a change), which
+        says nothing about when the device stopped."""
+        if kind == "status" and body.get("state") != "online" and body.get("ts") is None:
+            return None                    # the will
+        if not retained:
+            return now
+        return payloads.parse_time(body.get("ts")) if kind == "status" else None
 
     # ------------------------------------------------------------------ seq gaps
     def _check_seq(self, row: DeviceRow, kind: str, seq: int | None, now: float) -> None:
