@@ -103,6 +103,40 @@ def test_seen_of_an_offline_device_is_when_its_retained_status_says_it_stopped()
     assert view.devices[("p1", "cam2")].last_seen == now[0]
 
 
+def test_a_device_whose_clock_is_off_is_flagged_and_not_shown_stale(caplog):
+    """A healthy device whose clock was an hour behind showed as 'stale' in a fresh monitor (its retained birth's
+    ts) with nothing flagging the clock. The offset is estimated from telemetry and status (sent as they are
+    made): beyond 60 s the row says 'skew', --json has clock_offset_s and clock_skew, and a WARNING names it."""
+    import logging
+
+    from edge_ad.mqtt.payloads import iso_from_unix
+
+    now = [100_000.0]
+    view = FleetView(clock=lambda: now[0], stale_after_s=60)
+    behind = lambda t: iso_from_unix(t - 3600)                         # noqa: E731  the device's clock
+    row = view.consume(f"{B}/p1/cam2/status", _j({"state": "online", "ts": behind(now[0] - 5)}), retained=True)
+    assert row.shown_state(now[0], 60) == "online" and row.clock_offset_s is None   # retained: no estimate
+    with caplog.at_level(logging.WARNING, logger="edge_ad.mqtt.monitor"):
+        now[0] += 10
+        view.consume(f"{B}/p1/cam2/telemetry", _j({"fps": 5.0, "ts": behind(now[0] - 0.2)}))   # 0.2 s on the way
+        now[0] += 10
+        view.consume(f"{B}/p1/cam2/telemetry", _j({"fps": 5.0, "ts": behind(now[0] - 0.04)}))
+        view.consume(f"{B}/p1/cam2/result", _j({"seq": 1, "score": 0.1, "ng": False, "ts": behind(now[0] - 900)}))
+    assert row.clock_offset_s == -3600.0 and row.shown_state(now[0], 60) == "online"   # the backlog result: not used
+    d = row.to_dict(now[0], 60)
+    assert d["clock_offset_s"] == -3600.0 and d["clock_skew"] is True and json.dumps(d)
+    line = view.table().splitlines()[1]
+    assert line.split()[-1] == "-3600s" and "skew -3600s" in line
+    assert [r.getMessage() for r in caplog.records if "clock skew" in r.getMessage()] == [
+        "monitor: p1/cam2: clock skew -3600 s: its clock is 3600 s behind this monitor's (its messages' ts against "
+        "their arrival; flagged beyond 60 s), and its results, events and telemetry carry that time; synchronize its "
+        "clock (NTP: see jetson/README.md, 'Time') or this monitor's"]
+    now[0] += 61                                                        # silent since: stale by receipt time
+    assert row.shown_state(now[0], 60) == "stale"
+    ok = view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 5.0, "ts": iso_from_unix(now[0] + 2.0)}))
+    assert ok.clock_offset_s == 2.0 and not ok.clock_skewed() and view.table().splitlines()[1].split()[-1] == "ok"
+
+
 def test_the_threshold_shown_is_the_one_deciding():
     """set_threshold without persist: results and telemetry decide with 0.15, the calibration still says 0.5."""
     view = FleetView(clock=lambda: 1000.0)
