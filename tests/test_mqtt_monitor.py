@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from edge_ad.cli import main
@@ -399,6 +400,77 @@ def test_home_assistant_templates_give_unknown_for_missing_values():
     assert rendered["calibration_version", 0] == "4" and rendered["calibration_version", 1] == "None"
     for obj in ("fps", "latency_p99", "ng_rate", "outbox_depth", "drift"):
         assert rendered[obj, 2] == rendered[obj, 3] == "None", obj
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_decommission_clears_every_retained_topic_and_drops_the_session(mosquitto, tmp_path, protocol):
+    """There was no way to take a device off the broker: its retained status and calibration kept a ghost row
+    in the monitor, and its persistent session kept queueing commands. 'edge-ad decommission' clears every
+    topic the link publishes retained (retained_topics, checked here against what it published), refuses
+    while the device is online, and drops the session (a command queued while it was away never runs)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt.decommission import decommission, read_retained
+    from edge_ad.mqtt.link import retained_topics
+    from edge_ad.mqtt.requester import CommandClient
+
+    broker = BrokerSettings(url=mosquitto.url, protocol=protocol)
+    everything = ["edge-ad/v1/#", "homeassistant/#"]
+    s = MqttSettings(url=mosquitto.url, site="p1", device="cam1", outbox_path=tmp_path / "cam1.sqlite",
+                     reconnect_min_s=0.1, homeassistant=True, protocol=protocol)
+    calls = []
+
+    def device():
+        link = MqttLink(s, birth={"model_hash": "h1", "calibration_version": 2})
+        for name in ("pause", "resume"):
+            link.register_command(name, lambda args, name=name: calls.append(name) or {})
+        link.start()
+        assert _wait(lambda: link.connected)
+        return link
+
+    link = device()
+    other = _link(mosquitto.url, tmp_path, "cam2")                     # another device: left alone
+    link.publish_calibration({"version": 2, "threshold": 0.5})
+    assert _wait(lambda: set(read_retained(broker, everything)) >= set(retained_topics(s)))
+    held = read_retained(broker, everything)
+    assert {t for t in held if "cam1" in t or node_id("p1", "cam1") in t} == set(retained_topics(s))
+    argv = ["decommission", "--mqtt", mosquitto.url, "--protocol", protocol, "--site", "p1", "--device", "cam1"]
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 1 and "p1/cam1 is online since " in res.output, res.output
+    assert "stop edge-ad on it first" in res.output and "nothing was changed" in res.output
+    assert read_retained(broker, everything) == held
+    with pytest.raises(RuntimeFailure, match="is online"):
+        decommission(broker, "p1", "cam1")
+    link.stop()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-pub",
+                      protocol=paho.MQTTv5 if protocol == "5" else paho.MQTTv311)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    pub.publish(f"{B}/p1/cam1/cmd/pause", b'{"reason": "queued while away"}', qos=1).wait_for_publish(5)
+    pub.disconnect()
+    pub.loop_stop()
+
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout)
+    assert done["status"] == "offline" and done["reason"] == "stopped" and done["session_dropped"] == "edge-ad-p1-cam1"
+    assert done["cleared"] == retained_topics(s)
+    left = read_retained(broker, everything)
+    assert left and all("/cam2/" in t for t in left)                  # nothing of cam1, cam2's untouched
+    view = FleetView()
+    for topic, payload in left.items():
+        view.consume(topic, payload, retained=True)
+    assert [r.device for r in view.rows()] == ["cam2"]                # no ghost row
+    link = device()                                                    # back with the same client id
+    try:
+        with CommandClient(broker) as cc:
+            assert cc.call("p1", "cam1", "resume", timeout=5)["ok"]
+        assert calls == ["resume"]                                     # the queued pause went with the session
+    finally:
+        link.stop()
+        other.stop()
 
 
 def test_cli_site_device_and_name_are_checked_before_connecting():

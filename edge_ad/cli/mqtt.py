@@ -1,4 +1,5 @@
-"""``edge-ad monitor`` (fleet view over MQTT) and ``edge-ad command`` (send one command, print the reply)."""
+"""``edge-ad monitor`` (fleet view over MQTT), ``edge-ad command`` (send one command, print the reply) and
+``edge-ad decommission`` (take a stopped device off the broker)."""
 
 from __future__ import annotations
 
@@ -134,3 +135,30 @@ def _unauthorized_hint(message: str, claim: str, signed: bool) -> str:
     else:
         what = f"if the device has an allow-list, {allow}; {secret}, and that the clocks are synchronized"
     return f"hint: the device refused the command: {what}."
+
+
+@main.command("decommission")
+@_broker_options
+@click.option("--site", required=True, help="Site of the device.")
+@click.option("--device", required=True, help="Device name.")
+@click.option("--client-id", default=None,
+              help="The device's MQTT client id, when its config sets mqtt.client_id (default edge-ad-<site>-<device>).")
+@click.option("--homeassistant-prefix", default="homeassistant", show_default=True,
+              help="The device's mqtt.homeassistant_prefix: its Home Assistant discovery configs are cleared too.")
+@click.option("--timeout", type=Seconds(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for the broker at each step.")
+def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, client_id,
+                 homeassistant_prefix, timeout):
+    """Take a stopped device off the broker for good: clear its retained status, calibration and Home
+    Assistant discovery configs (so it leaves edge-ad monitor and Home Assistant), and drop the persistent
+    session the broker keeps for its client id (the commands queued for it go with it). Refused, changing
+    nothing, while its retained status says online: stop edge-ad on the device first."""
+    from ..mqtt.decommission import decommission as run
+    from ..mqtt.topics import check_level
+
+    for value, what in ((site, "--site"), (device, "--device")):
+        check_level(value, what)
+    broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
+    done = run(broker, site, device, client_id=client_id, homeassistant_prefix=homeassistant_prefix,
+               timeout=timeout)
+    click.echo(json.dumps(done, indent=2))

@@ -4,7 +4,8 @@ With ``homeassistant = true`` the link publishes these on every connect, so the 
 Home Assistant that already watches the broker: online (connectivity), fps, latency p99, NG rate,
 outbox depth, drift (problem) and calibration version. Entities read the low-rate ``telemetry``,
 ``status`` and ``calibration`` topics only (not every result), and are unavailable while the device's
-status is ``offline``. An empty retained payload on the same topics removes them (:func:`removal`).
+status is ``offline``. An empty retained payload on the same topics removes them (:func:`removal`;
+``edge-ad decommission`` clears them with the device's other retained topics).
 """
 
 from __future__ import annotations

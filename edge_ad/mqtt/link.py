@@ -80,6 +80,15 @@ class _SentReply:
     sends: int = 1
 
 
+def retained_topics(settings: MqttSettings) -> list[str]:
+    """Every topic a device's link publishes retained (:meth:`MqttLink._publish_retained`): its ``status``,
+    its ``calibration`` and the Home Assistant discovery configs under ``settings.homeassistant_prefix``
+    (whether or not ``homeassistant`` is on now: it may have been on before). What ``edge-ad decommission``
+    clears (:mod:`edge_ad.mqtt.decommission`)."""
+    topics = Topics(settings.site, settings.device)
+    return [topics.status, topics.calibration, *homeassistant.removal(settings)]
+
+
 class MqttLink:
     """One device's connection to the broker. Safe to call from any thread.
 
@@ -588,7 +597,8 @@ class MqttLink:
         return payloads.encode(body, "status")
 
     def _publish_retained(self, client: paho.Client) -> None:
-        """Birth, calibration and discovery configs: on every connect and after each change."""
+        """Birth, calibration and discovery configs: on every connect and after each change. A topic
+        published retained here must be in :func:`retained_topics` (what a decommission clears)."""
         with self._lock:
             self._retained_dirty = False
             calibration = self._calibration
