@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -528,13 +529,44 @@ class Bundle:
         self.manifest["active"] = {"graph": graph, "precision": precision}
         self.save_manifest()
 
-    def model_hash(self, graph: str | None = None) -> str:
-        name = graph or self.active_graph
+    def graph_hash(self, graph: str | None = None) -> str:
+        """The sha256 of graph ``graph`` (default: the active one), as manifest.json records it; '' when it
+        is missing. What TensorRT engines, quantized graphs and guard reports name their source graph by."""
+        return self._recorded_sha256(graph or self.active_graph)
+
+    def _recorded_sha256(self, name: str) -> str:
         rec = self.manifest["files"].get(name)
         if rec is None or name in self.replacing:   # old or new: the file says which
             p = self.file(name)
             return atomic.sha256_file(p) if p.is_file() else ""
         return rec["sha256"]
+
+    def model_hash(self, graph: str | None = None, calibration: Calibration | None = None) -> str:
+        """The model's identity: what turns a frame into raw anomaly maps (the calibration's map
+        normalization and threshold are not part of it; their version is reported on its own).
+
+        For every kind but ``gaussian``: the sha256 of the graph (:meth:`graph_hash`; default the active
+        one), the same whichever backend or precision runs it. A Gaussian bundle's graph is the pretrained
+        feature extractor, the same for every Gaussian bundle of an input size; its model is the Gaussian
+        statistics fitted on the training images (``gaussian.d/NNNN.npz``, named by the calibration in force
+        as ``extra.gaussian``, and refitted by a recalibration). Its identity is the sha256 of the UTF-8 text
+        ``"<graph sha256>\n<statistics sha256>\n"`` (both as manifest.json records them): two Gaussian
+        bundles trained on different images differ, and so does one before and after a refit.
+        ``calibration``: the calibration in force (default: the bundle's ``calibration.json``; a bundle
+        without one, or a calibration that names no statistics, gives the graph's sha256).
+        """
+        graph_sha = self.graph_hash(graph)
+        if self.kind != "gaussian" or not graph_sha:
+            return graph_sha
+        if calibration is None:
+            if not (self.path / "calibration.json").is_file():
+                return graph_sha
+            calibration = self.calibration()
+        stats = str(calibration.extra.get("gaussian") or "")
+        stats_sha = self._recorded_sha256(stats) if stats else ""
+        if not stats_sha:
+            return graph_sha
+        return hashlib.sha256(f"{graph_sha}\n{stats_sha}\n".encode("utf-8")).hexdigest()
 
     @property
     def engines_dir(self) -> Path:

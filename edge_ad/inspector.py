@@ -65,7 +65,9 @@ class Inspector:
 
     @property
     def model_hash(self) -> str:
-        return self.bundle.model_hash()
+        """The identity of the model in force (:meth:`Bundle.model_hash`): for a Gaussian bundle it follows
+        the statistics the calibration in force names, so a refit changes it."""
+        return self.bundle.model_hash(calibration=self._cal)
 
     # ------------------------------------------------------------------ inference
     def raw_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:

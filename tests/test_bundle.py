@@ -6,7 +6,7 @@ from edge_ad.bundle import Bundle
 from edge_ad.errors import InputError
 from edge_ad.scoring import Calibration, MapNorm
 
-from fixtures_bundle import copy_bundle, power_cut, tiny_bundle  # noqa: F401
+from fixtures_bundle import copy_bundle, gaussian_bundle, power_cut, tiny_bundle  # noqa: F401
 
 
 def _cal(thr):
@@ -466,3 +466,59 @@ def test_folder_lock_is_reentrant_in_one_thread_and_refuses_another_thread(tmp_p
             assert other_thread() == "busy: held elsewhere"
         assert other_thread() == "busy: held elsewhere"  # still held by the outer one
     assert other_thread() == "entered"                    # released
+
+
+def test_model_hash_of_a_gaussian_bundle_covers_its_statistics_in_force(gaussian_bundle, tiny_bundle, tmp_path):
+    """A Gaussian bundle's graph is the pretrained feature extractor, the same for every one of an input size:
+    model_hash (the sha256 of that graph alone) was the same for every Gaussian model on a fleet, and a live
+    refit did not change it. It now covers the statistics the calibration in force names; other kinds keep
+    the graph's sha256, which a recalibration does not change."""
+    import hashlib
+
+    import cv2
+
+    from edge_ad.calibration import recalibrate
+    from edge_ad.config import load_settings
+    from edge_ad.data.synthetic import make_part
+    from edge_ad.inspector import Inspector
+    from edge_ad.runtime.backends import open_backend
+    from edge_ad.runtime.service import Service
+    from fixtures_bundle import make_gaussian_bundle, part_frame
+
+    grain = copy_bundle(gaussian_bundle, tmp_path / "grain")
+    disc = make_gaussian_bundle(tmp_path / "disc", kind="disc", n_train=16)
+    assert grain.graph_hash() == disc.graph_hash() != ""          # one feature extractor ...
+    assert grain.model_hash() != disc.model_hash()                 # ... two models
+    stats = grain.calibration().extra["gaussian"]
+    text = f"{grain.graph_hash()}\n{grain.manifest['files'][stats]['sha256']}\n"
+    assert grain.model_hash() == hashlib.sha256(text.encode()).hexdigest()   # as documented
+
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for i in range(30):
+        cv2.imwrite(str(folder / f"n{i:02d}.png"), make_part("grain", 64, None, seed=7, index=i).image[..., ::-1])
+    ov = [(["model", "bundle"], str(grain.path), "test"), (["model", "backend"], "onnxruntime", "test"),
+          (["model", "device"], "cpu", "test"), (["source", "uri"], f"dir://{folder}", "test"),
+          (["output", "jsonl"], str(tmp_path / "results.jsonl"), "test"), (["telemetry", "tegrastats"], False, "test")]
+    svc = Service(load_settings(None, ov, environ={}), install_signals=False)
+    births = []
+    svc.update_birth = lambda **fields: births.append(fields)
+    try:
+        before = svc.inspector.model_hash
+        assert before == grain.model_hash() == svc._birth()["model_hash"]
+        r = svc.commands.calibrate({"frames": 30, "source": f"dir://{folder}", "policy": "max"})   # a live refit
+        assert r["version"] == 2 and r["gaussian_file"] != stats
+        after = svc.inspector.model_hash
+        assert after != before and after == Bundle.open(grain.path).model_hash()
+        assert births and births[-1] == {"model_hash": after}     # the retained birth says it
+        assert svc._reload_bundle()["model"] == "unchanged"        # the same model as on disk: no swap
+    finally:
+        svc.inspector.backend.close()
+
+    tiny = copy_bundle(tiny_bundle, tmp_path / "tiny")            # any other kind: the graph's sha256
+    before = tiny.model_hash()
+    assert before == tiny.graph_hash() == hashlib.sha256(tiny.file("model.onnx").read_bytes()).hexdigest()
+    insp = Inspector(tiny, open_backend(tiny, "onnxruntime", device="cpu"))
+    res = recalibrate(tiny, insp, [part_frame(2000 + i, 64) for i in range(30)], policy="max", progress=False)
+    insp.set_calibration(res.calibration)
+    assert res.calibration.version == 2 and tiny.model_hash() == insp.model_hash == before

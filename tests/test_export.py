@@ -35,7 +35,7 @@ def test_graph_contract_and_manifest(exported):
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 17
     mf = json.loads(b.file("manifest.json").read_text())
     assert mf["export"]["opset"] == 17 and mf["export"]["outputs"] == ["map_st", "map_ae"]
-    assert mf["files"]["model.onnx"]["sha256"] == b.model_hash("model.onnx")
+    assert mf["files"]["model.onnx"]["sha256"] == b.graph_hash("model.onnx")
     assert mf["active"] == {"graph": "model.onnx", "precision": "fp32"}
     b.verify(["model.onnx"])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import types
 
 import pytest
 
@@ -255,7 +256,13 @@ def test_hmac_signature_freshness_and_replay():
     resume = "edge-ad/v1/s/d/cmd/resume"
     old = json.dumps({"ts": now[0] - 3600}).encode()
     r = d.handle(_msg("resume", raw=old, user_properties={HMAC_KEY: sign("s3cret", resume, old)})).body
-    assert "from the device clock" in r["error"]["message"]
+    assert r["error"]["message"].startswith("resume: the command is 3600 s older than this device's clock (its "
+                                            "'ts'; accepted: within 300 s): made that long ago, or this device's "
+                                            "clock is ahead of the sender's")
+    ahead = json.dumps({"ts": now[0] + 1000}).encode()           # made 1000 s "later": the device is behind
+    r = d.handle(_msg("resume", raw=ahead, user_properties={HMAC_KEY: sign("s3cret", resume, ahead)})).body
+    assert "the command is 1000 s newer than this device's clock" in r["error"]["message"]
+    assert "this device's clock is behind the sender's" in r["error"]["message"]
     nots = b"{}"
     r = d.handle(_msg("resume", raw=nots, user_properties={HMAC_KEY: sign("s3cret", resume, nots)})).body
     assert "needs 'ts'" in r["error"]["message"]
@@ -664,11 +671,18 @@ def test_cli_says_what_to_change_when_a_command_is_unauthorized(mosquitto, tmp_p
         assert "$EDGE_AD_MQTT_COMMAND_SECRET" in res.stderr
         res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
         assert res.exit_code == 1 and "HMAC" in json.loads(res.stdout)["error"]["message"]
-        assert "'mes-1'" in res.stderr and "not signed" in res.stderr
+        assert "not signed" in res.stderr and "allow-list" not in res.stderr   # it passed the allow-list
         monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "guess")
         res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
-        assert res.exit_code == 1 and "was signed" in res.stderr and "clock" in res.stderr
+        assert res.exit_code == 1 and "does not match" in res.stderr and "$EDGE_AD_MQTT_COMMAND_SECRET" in res.stderr
+        assert "allow-list" not in res.stderr and "clock" not in res.stderr
         monkeypatch.setenv("EDGE_AD_MQTT_COMMAND_SECRET", "plant-secret")
+        with monkeypatch.context() as m:                          # this machine's clock two hours behind
+            m.setattr("edge_ad.mqtt.requester.time", types.SimpleNamespace(time=lambda: time.time() - 7200))
+            res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
+        message = json.loads(res.stdout)["error"]["message"]
+        assert res.exit_code == 1 and "the command is 7200 s older than this device's clock" in message, message
+        assert "synchronize this machine's clock and the device's" in res.stderr and "allow-list" not in res.stderr
         res = CliRunner().invoke(main, [*argv, "--client-id", "mes-1"])
         assert res.exit_code == 0 and res.stderr == "", res.output
     finally:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from edge_ad.cli import main
@@ -72,14 +73,69 @@ def test_fleet_view_survives_hostile_payloads_and_shows_only_finite_numbers():
 def test_retained_messages_do_not_make_an_offline_device_look_just_seen():
     now = [1000.0]
     view = FleetView(clock=lambda: now[0])
-    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline"}), retained=True)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "will"}), retained=True)
     row = view.consume(f"{B}/p1/cam1/calibration", _j({"version": 4, "threshold": 0.5, "ts": 588.0}),
                        retained=True)
-    assert row.last_seen == 588.0 and "412s ago" in view.table()
-    view.consume(f"{B}/p1/cam1/calibration", _j({"version": 5}), retained=True)   # no ts: unchanged
-    assert row.last_seen == 588.0
+    assert row.last_seen is None and view.table().splitlines()[1].split()[-1] == "-"   # the will has no ts
     view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 3}))                         # live: now
     assert row.last_seen == 1000.0
+    now[0] = 1010.0
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "will"}))   # a live will: the broker's
+    assert row.last_seen == 1000.0 and row.state == "offline"
+
+
+def test_seen_of_an_offline_device_is_when_its_retained_status_says_it_stopped():
+    """A fresh monitor showed a cleanly stopped device as seen at its last connect or calibration publish (the
+    retained calibration's ts), not when it stopped: the retained offline status's own ts was ignored."""
+    now = [10_000.0]
+    for order in ("status first", "calibration first"):
+        view = FleetView(clock=lambda: now[0])
+        msgs = [(f"{B}/p1/cam2/status", {"state": "offline", "reason": "stopped", "ts": "1970-01-01T02:43:15.000Z"}),
+                (f"{B}/p1/cam2/calibration", {"version": 3, "threshold": 0.5, "ts": "1970-01-01T02:00:00.000Z"})]
+        for topic, body in (msgs if order == "status first" else msgs[::-1]):
+            row = view.consume(topic, _j(body), retained=True)
+        assert row.last_seen == 9795.0 and "205s ago" in view.table(), order        # 02:43:15
+        d = row.to_dict(now[0])
+        assert d["state"] == "offline" and d["last_seen"] == "1970-01-01T02:43:15.000Z"
+    row = FleetView(clock=lambda: now[0]).consume(f"{B}/p1/cam3/status", _j(
+        {"state": "online", "reason": "connected", "ts": "1970-01-01T02:46:00.000Z"}), retained=True)
+    assert row.last_seen == 9960.0                                                    # the birth: when it connected
+    view.consume(f"{B}/p1/cam2/status", _j({"state": "offline", "reason": "stopped", "ts": "x"}))   # live: now
+    assert view.devices[("p1", "cam2")].last_seen == now[0]
+
+
+def test_a_device_whose_clock_is_off_is_flagged_and_not_shown_stale(caplog):
+    """A healthy device whose clock was an hour behind showed as 'stale' in a fresh monitor (its retained birth's
+    ts) with nothing flagging the clock. The offset is estimated from telemetry and status (sent as they are
+    made): beyond 60 s the row says 'skew', --json has clock_offset_s and clock_skew, and a WARNING names it."""
+    import logging
+
+    from edge_ad.mqtt.payloads import iso_from_unix
+
+    now = [100_000.0]
+    view = FleetView(clock=lambda: now[0], stale_after_s=60)
+    behind = lambda t: iso_from_unix(t - 3600)                         # noqa: E731  the device's clock
+    row = view.consume(f"{B}/p1/cam2/status", _j({"state": "online", "ts": behind(now[0] - 5)}), retained=True)
+    assert row.shown_state(now[0], 60) == "online" and row.clock_offset_s is None   # retained: no estimate
+    with caplog.at_level(logging.WARNING, logger="edge_ad.mqtt.monitor"):
+        now[0] += 10
+        view.consume(f"{B}/p1/cam2/telemetry", _j({"fps": 5.0, "ts": behind(now[0] - 0.2)}))   # 0.2 s on the way
+        now[0] += 10
+        view.consume(f"{B}/p1/cam2/telemetry", _j({"fps": 5.0, "ts": behind(now[0] - 0.04)}))
+        view.consume(f"{B}/p1/cam2/result", _j({"seq": 1, "score": 0.1, "ng": False, "ts": behind(now[0] - 900)}))
+    assert row.clock_offset_s == -3600.0 and row.shown_state(now[0], 60) == "online"   # the backlog result: not used
+    d = row.to_dict(now[0], 60)
+    assert d["clock_offset_s"] == -3600.0 and d["clock_skew"] is True and json.dumps(d)
+    line = view.table().splitlines()[1]
+    assert line.split()[-1] == "-3600s" and "skew -3600s" in line
+    assert [r.getMessage() for r in caplog.records if "clock skew" in r.getMessage()] == [
+        "monitor: p1/cam2: clock skew -3600 s: its clock is 3600 s behind this monitor's (its messages' ts against "
+        "their arrival; flagged beyond 60 s), and its results, events and telemetry carry that time; synchronize its "
+        "clock (NTP: see jetson/README.md, 'Time') or this monitor's"]
+    now[0] += 61                                                        # silent since: stale by receipt time
+    assert row.shown_state(now[0], 60) == "stale"
+    ok = view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 5.0, "ts": iso_from_unix(now[0] + 2.0)}))
+    assert ok.clock_offset_s == 2.0 and not ok.clock_skewed() and view.table().splitlines()[1].split()[-1] == "ok"
 
 
 def test_the_threshold_shown_is_the_one_deciding():
@@ -299,6 +355,122 @@ def test_home_assistant_discovery(mosquitto, tmp_path):
     with Collector(BrokerSettings(url=mosquitto.url), "homeassistant/#", persistent=False) as late:
         assert late.wait_for(lambda c: len(c.messages) >= len(configs), 5)
         assert all(m.retain for m in late.messages)
+
+
+def test_home_assistant_templates_give_unknown_for_missing_values():
+    """Every discovery template renders against every payload its topic carries: telemetry without latency
+    (paused, an idle trigger line, a camera outage send ``latency_ms: {}``) gave a template error in Home
+    Assistant at every message (its ``round`` refuses anything but a number) and the entity kept its last,
+    healthy-looking value; a missing value must render ``None`` (Home Assistant: unknown)."""
+    import math
+
+    import pytest
+
+    jinja2 = pytest.importorskip("jinja2")
+
+    def ha_round(value, precision=0):   # Home Assistant's round without a default: a non-number is an error
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"round got invalid input '{value}'")
+        return round(value, precision)
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)   # reading a missing value is an error too
+    env.filters["round"] = ha_round
+    full = {"fps": 29.8, "latency_ms": {"p50": 21.0, "p99": 38.46}, "ng_rate": 0.0022,
+            "drift": {"drift": True, "z": 4.1}, "outbox": {"depth": 2}}
+    idle = {"fps": 0.0, "latency_ms": {}, "ng_rate": 0.0, "drift": {"drift": False, "enabled": False},
+            "outbox": {"depth": 0}}
+    bare = {"ts": "2025-05-01T12:00:00.000Z"}                       # nothing but the envelope
+    nulls = {"fps": None, "latency_ms": None, "ng_rate": None, "drift": None, "outbox": None}
+    messages = {"telemetry": [full, idle, bare, nulls],
+                "status": [{"state": "online"}, {"state": "offline", "reason": "will"}],
+                "calibration": [{"version": 4}, {}]}
+    s = MqttSettings(site="p1", device="cam1", homeassistant=True)
+    rendered = {}
+    for topic, data in discovery(s):
+        cfg, obj = json.loads(data), topic.split("/")[-2]
+        for i, msg in enumerate(messages[cfg["state_topic"].rsplit("/", 1)[1]]):
+            rendered[obj, i] = env.from_string(cfg["value_template"]).render(value_json=msg)
+        for msg in messages["status"]:
+            if "availability_template" in cfg:
+                assert env.from_string(cfg["availability_template"]).render(value_json=msg) == msg["state"]
+    assert rendered["latency_p99", 0] == "38.5" and rendered["latency_p99", 1] == "None"
+    assert rendered["fps", 0] == "29.8" and rendered["fps", 1] == "0.0"
+    assert rendered["ng_rate", 0] == "0.22" and rendered["drift", 0] == "ON" and rendered["drift", 1] == "OFF"
+    assert rendered["outbox_depth", 0] == "2" and rendered["online", 0] == "ON" and rendered["online", 1] == "OFF"
+    assert rendered["calibration_version", 0] == "4" and rendered["calibration_version", 1] == "None"
+    for obj in ("fps", "latency_p99", "ng_rate", "outbox_depth", "drift"):
+        assert rendered[obj, 2] == rendered[obj, 3] == "None", obj
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_decommission_clears_every_retained_topic_and_drops_the_session(mosquitto, tmp_path, protocol):
+    """There was no way to take a device off the broker: its retained status and calibration kept a ghost row
+    in the monitor, and its persistent session kept queueing commands. 'edge-ad decommission' clears every
+    topic the link publishes retained (retained_topics, checked here against what it published), refuses
+    while the device is online, and drops the session (a command queued while it was away never runs)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt.decommission import decommission, read_retained
+    from edge_ad.mqtt.link import retained_topics
+    from edge_ad.mqtt.requester import CommandClient
+
+    broker = BrokerSettings(url=mosquitto.url, protocol=protocol)
+    everything = ["edge-ad/v1/#", "homeassistant/#"]
+    s = MqttSettings(url=mosquitto.url, site="p1", device="cam1", outbox_path=tmp_path / "cam1.sqlite",
+                     reconnect_min_s=0.1, homeassistant=True, protocol=protocol)
+    calls = []
+
+    def device():
+        link = MqttLink(s, birth={"model_hash": "h1", "calibration_version": 2})
+        for name in ("pause", "resume"):
+            link.register_command(name, lambda args, name=name: calls.append(name) or {})
+        link.start()
+        assert _wait(lambda: link.connected)
+        return link
+
+    link = device()
+    other = _link(mosquitto.url, tmp_path, "cam2")                     # another device: left alone
+    link.publish_calibration({"version": 2, "threshold": 0.5})
+    assert _wait(lambda: set(read_retained(broker, everything)) >= set(retained_topics(s)))
+    held = read_retained(broker, everything)
+    assert {t for t in held if "cam1" in t or node_id("p1", "cam1") in t} == set(retained_topics(s))
+    argv = ["decommission", "--mqtt", mosquitto.url, "--protocol", protocol, "--site", "p1", "--device", "cam1"]
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 1 and "p1/cam1 is online since " in res.output, res.output
+    assert "stop edge-ad on it first" in res.output and "nothing was changed" in res.output
+    assert read_retained(broker, everything) == held
+    with pytest.raises(RuntimeFailure, match="is online"):
+        decommission(broker, "p1", "cam1")
+    link.stop()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-pub",
+                      protocol=paho.MQTTv5 if protocol == "5" else paho.MQTTv311)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    pub.publish(f"{B}/p1/cam1/cmd/pause", b'{"reason": "queued while away"}', qos=1).wait_for_publish(5)
+    pub.disconnect()
+    pub.loop_stop()
+
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout)
+    assert done["status"] == "offline" and done["reason"] == "stopped" and done["session_dropped"] == "edge-ad-p1-cam1"
+    assert done["cleared"] == retained_topics(s)
+    left = read_retained(broker, everything)
+    assert left and all("/cam2/" in t for t in left)                  # nothing of cam1, cam2's untouched
+    view = FleetView()
+    for topic, payload in left.items():
+        view.consume(topic, payload, retained=True)
+    assert [r.device for r in view.rows()] == ["cam2"]                # no ghost row
+    link = device()                                                    # back with the same client id
+    try:
+        with CommandClient(broker) as cc:
+            assert cc.call("p1", "cam1", "resume", timeout=5)["ok"]
+        assert calls == ["resume"]                                     # the queued pause went with the session
+    finally:
+        link.stop()
+        other.stop()
 
 
 def test_cli_site_device_and_name_are_checked_before_connecting():

@@ -85,6 +85,36 @@ def test_every_published_payload_matches_its_schema(mosquitto, tmp_path):
     assert [r["ok"] for r in replies] == [True, True, False, False]
 
 
+def test_event_images_on_their_own_topic_match_their_events_without_v5_properties(mosquitto, tmp_path):
+    """MQTT 3.1.1 has no event_id property, and the sha256 is ambiguous when frames repeat (many events of a
+    replayed folder or a still line share one): with image_topic_event_id each JPEG goes to
+    event/image/<event id>, the topic its event names, so a 3.1.1 consumer matches it by topic."""
+    from edge_ad.mqtt.topics import parse
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1, protocol="3.1.1", image_min_interval_s=0, image_topic_event_id=True,
+                            validate_payloads=True)
+    broker = BrokerSettings(url=mosquitto.url, protocol="3.1.1")
+    jpeg = b"\xff\xd8 the same frame \xff\xd9"
+    with Collector(broker, "edge-ad/v1/s/d/#") as col:
+        link = MqttLink(settings).start()
+        ids = [link.publish_event({"score": 0.9, "result_id": f"r{i}"}, jpeg=jpeg) for i in range(3)]
+        ids.append(link.publish_event({"id": "given-id", "score": 0.8}, jpeg=jpeg))    # an id the caller chose
+        images = lambda c: [m for m in c.messages if "/event/image/" in m.topic]      # noqa: E731
+        assert col.wait_for(lambda c: len(c.of_kind("event")) == 4 and len(images(c)) == 4, 10)
+        link.stop()
+    events = {m.json()["id"]: m.json() for m in col.of_kind("event")}
+    assert ids[-1] == "given-id" and set(events) == set(ids)
+    for event_id, ev in events.items():
+        assert schema.errors("event", ev) == [] and ev["image"]["sha256"] == events[ids[0]]["image"]["sha256"]
+        assert ev["image"]["topic"] == f"edge-ad/v1/s/d/event/image/{event_id}"
+    assert {m.topic: m.payload for m in images(col)} == {events[i]["image"]["topic"]: jpeg for i in ids}
+    assert parse(events[ids[0]]["image"]["topic"]) == ("s", "d", f"event/image/{ids[0]}")
+    from edge_ad.mqtt.monitor import FleetView
+
+    assert FleetView().consume(events[ids[0]]["image"]["topic"], jpeg) is None          # not a row of the monitor
+
+
 def _doc_examples() -> list[tuple[str, str]]:
     text = DOC.read_text()
     return re.findall(r"<!-- schema: ([\w.]+) -->\s*```json\n(.*?)```", text, flags=re.S)

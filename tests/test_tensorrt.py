@@ -56,7 +56,7 @@ def test_valid_engine_is_accepted_with_its_sidecar(tmp_path):
     assert c.ok and c.reason == "" and c.key == key and c.engine.name == f"{key}.engine"
     side = json.loads(c.sidecar.read_text())
     assert side["compute_capability"] == "8.7" and side["tensorrt"] == "10.3.0"
-    assert side["source_graph"] == "model.int8.onnx" and side["source_sha256"] == b.model_hash("model.int8.onnx")
+    assert side["source_graph"] == "model.int8.onnx" and side["source_sha256"] == b.graph_hash("model.int8.onnx")
     assert side["engine_sha256"] and side["image_size"] == [64, 64]
 
 

@@ -1,4 +1,5 @@
-"""``edge-ad monitor`` (fleet view over MQTT) and ``edge-ad command`` (send one command, print the reply)."""
+"""``edge-ad monitor`` (fleet view over MQTT), ``edge-ad command`` (send one command, print the reply) and
+``edge-ad decommission`` (take a stopped device off the broker)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,13 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
               help="Table refresh interval (s).")
 @click.option("--stale-after", type=Seconds(min=1), default=60.0, show_default=True,
               help="An online device silent this long shows as stale (s).")
+@click.option("--clock-skew", type=Seconds(min=1), default=60.0, show_default=True,
+              help="A device whose clock differs from this machine's by more is flagged (CLOCK: skew +N s) (s).")
 def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, site, as_json, duration, interval,
-            stale_after):
+            stale_after, clock_skew):
     """Live table of every device under edge-ad/v1/<site>/<device>/: online or offline, fps, latency,
-    NG rate, last result, calibration version, outbox depth, drift. A lost broker connection is shown
-    (and retried) until it is back."""
+    NG rate, last result, calibration version, outbox depth, drift, last seen, clock skew. A lost broker
+    connection is shown (and retried) until it is back."""
     from ..mqtt.monitor import run_monitor
     from ..mqtt.topics import check_level
 
@@ -62,7 +65,7 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
         check_level(site, "--site")
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     run_monitor(broker, site=site, as_json=as_json, duration=duration, interval=interval,
-                stale_after_s=stale_after, out=sys.stdout)
+                stale_after_s=stale_after, out=sys.stdout, clock_skew_s=clock_skew)
 
 
 @main.command("command")
@@ -103,16 +106,59 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
         client.stop()
     click.echo(json.dumps(reply, indent=2))
     if not reply.get("ok"):
-        if (reply.get("error") or {}).get("code") == "unauthorized":
-            click.echo(_unauthorized_hint(claim or client.client_id, secret is not None), err=True)
+        error = reply.get("error") or {}
+        if error.get("code") == "unauthorized":
+            click.echo(_unauthorized_hint(str(error.get("message") or ""), claim or client.client_id,
+                                          secret is not None), err=True)
         sys.exit(1)
 
 
-def _unauthorized_hint(claim: str, signed: bool) -> str:
-    """What an operator can change when the device refused the command (allow-list, HMAC)."""
-    secret = ("it was signed with $EDGE_AD_MQTT_COMMAND_SECRET: check that it holds the device's "
-              "mqtt.command_secret and that the device's clock is right" if signed else
-              "it was not signed: set $EDGE_AD_MQTT_COMMAND_SECRET to the device's mqtt.command_secret")
-    return (f"hint: the device refused the command. Its allow-list (mqtt.command_clients) checks the requester "
-            f"id, here {claim!r}: give an allowed one with --client-id. Commands that change state may need "
-            f"an HMAC-SHA256 signature: {secret}.")
+def _unauthorized_hint(message: str, claim: str, signed: bool) -> str:
+    """What an operator can change when the device refused the command, by what its message says: the
+    allow-list, the signature, a replay or the clocks (a message it does not know: each of them)."""
+    allow = (f"the device's allow-list (mqtt.command_clients) does not hold the requester id {claim!r}: give an "
+             "allowed one with --client-id")
+    unsigned = "it was not signed: set $EDGE_AD_MQTT_COMMAND_SECRET to the device's mqtt.command_secret"
+    secret = "check that $EDGE_AD_MQTT_COMMAND_SECRET holds the device's mqtt.command_secret"
+    if "allow-list" in message:
+        what = allow + ("" if signed else f"; if the device also asks for a signature, {unsigned}")
+    elif "than this device's clock" in message or "from the device clock" in message:
+        what = ("the command's time ('ts') and the device's clock differ by more than it accepts "
+                "(mqtt.command_max_skew_s): synchronize this machine's clock and the device's (NTP; see "
+                "jetson/README.md, 'Time')")
+    elif "replay" in message:
+        what = "the device already received this very signed command: send it again (a new 'ts' signs it anew)"
+    elif not signed:
+        what = unsigned
+    elif "signature" in message:
+        what = f"the signature does not match: {secret}"
+    else:
+        what = f"if the device has an allow-list, {allow}; {secret}, and that the clocks are synchronized"
+    return f"hint: the device refused the command: {what}."
+
+
+@main.command("decommission")
+@_broker_options
+@click.option("--site", required=True, help="Site of the device.")
+@click.option("--device", required=True, help="Device name.")
+@click.option("--client-id", default=None,
+              help="The device's MQTT client id, when its config sets mqtt.client_id (default edge-ad-<site>-<device>).")
+@click.option("--homeassistant-prefix", default="homeassistant", show_default=True,
+              help="The device's mqtt.homeassistant_prefix: its Home Assistant discovery configs are cleared too.")
+@click.option("--timeout", type=Seconds(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for the broker at each step.")
+def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, client_id,
+                 homeassistant_prefix, timeout):
+    """Take a stopped device off the broker for good: clear its retained status, calibration and Home
+    Assistant discovery configs (so it leaves edge-ad monitor and Home Assistant), and drop the persistent
+    session the broker keeps for its client id (the commands queued for it go with it). Refused, changing
+    nothing, while its retained status says online: stop edge-ad on the device first."""
+    from ..mqtt.decommission import decommission as run
+    from ..mqtt.topics import check_level
+
+    for value, what in ((site, "--site"), (device, "--device")):
+        check_level(value, what)
+    broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
+    done = run(broker, site, device, client_id=client_id, homeassistant_prefix=homeassistant_prefix,
+               timeout=timeout)
+    click.echo(json.dumps(done, indent=2))

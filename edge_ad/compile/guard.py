@@ -383,7 +383,7 @@ def report_data(bundle: Bundle, entries: Sequence[dict]) -> bytes:
     for e in entries:
         report["candidates"][e["candidate"]] = e
     report["updated"] = now_iso()
-    report["model_sha256"] = bundle.model_hash("model.onnx")
+    report["model_sha256"] = bundle.graph_hash("model.onnx")
     return (json.dumps(report, indent=2, sort_keys=True, default=_jsonable) + "\n").encode()
 
 

@@ -394,7 +394,7 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
         graph = "model.fp16.onnx" if precision == "fp16" else "model.int8.onnx"
         quantized = dict(bundle.manifest.get("quantized", {}))
         quantized[precision] = {
-            "files": files, "source_sha256": bundle.model_hash("model.onnx"), "fp32_nodes": fp32_nodes,
+            "files": files, "source_sha256": bundle.graph_hash("model.onnx"), "fp32_nodes": fp32_nodes,
             "keep_fp32": keep_fp32, "samples": min(samples, len(pool)) if precision == "int8" else 0}
         if precision == "int8":
             quantized["int8"].update(

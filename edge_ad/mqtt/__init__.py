@@ -13,7 +13,8 @@
 Modules: :mod:`settings` (MqttSettings, BrokerSettings), :mod:`link` (MqttLink), :mod:`outbox` (SQLite
 store-and-forward), :mod:`commands` (dispatch, HMAC, allow-list), :mod:`schema` (payload schemas),
 :mod:`monitor` (fleet view), :mod:`homeassistant` (discovery), :mod:`requester` (send a command),
-:mod:`collector` (de-duplicating subscriber), :mod:`broker` (a local Mosquitto for tests and demos).
+:mod:`collector` (de-duplicating subscriber), :mod:`decommission` (take a stopped device off the broker),
+:mod:`broker` (a local Mosquitto for tests and demos).
 """
 
 from .commands import COMMANDS, STATE_CHANGING, CommandError, sign

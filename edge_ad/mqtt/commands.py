@@ -434,8 +434,7 @@ class Dispatcher:
         now = self.clock()
         skew = self.settings.command_max_skew_s
         if abs(now - sent) > skew:
-            raise CommandError("unauthorized", f"{msg.name}: 'ts' is {now - sent:+.0f} s from the device clock "
-                                               f"(accepted: within {skew:g} s)")
+            raise CommandError("unauthorized", _skew_text(msg.name, now - sent, skew))
         with self._lock:   # the QUICK worker may check a signature at the same time (command_auth_all)
             for sig, until in list(self._seen.items()):
                 if until < now:
@@ -471,6 +470,16 @@ class Dispatcher:
         except InputError as exc:
             raise CommandError("internal", str(exc)) from None
         return out
+
+
+def _skew_text(name: str, age: float, skew: float) -> str:
+    """The refusal of a signed command whose ``ts`` is ``age`` s before this device's clock (negative: after)."""
+    if age > 0:
+        why = ("made that long ago, or this device's clock is ahead of the sender's")
+    else:
+        why = "this device's clock is behind the sender's"
+    return (f"{name}: the command is {abs(age):.0f} s {'older' if age > 0 else 'newer'} than this device's clock "
+            f"(its 'ts'; accepted: within {skew:g} s): {why}; check that both clocks are synchronized (NTP)")
 
 
 QUEUED, FULL, CLOSED = "queued", "full", "closed"      # what CommandQueue.offer did with a command

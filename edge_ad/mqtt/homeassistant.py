@@ -4,7 +4,8 @@ With ``homeassistant = true`` the link publishes these on every connect, so the 
 Home Assistant that already watches the broker: online (connectivity), fps, latency p99, NG rate,
 outbox depth, drift (problem) and calibration version. Entities read the low-rate ``telemetry``,
 ``status`` and ``calibration`` topics only (not every result), and are unavailable while the device's
-status is ``offline``. An empty retained payload on the same topics removes them (:func:`removal`).
+status is ``offline``. An empty retained payload on the same topics removes them (:func:`removal`;
+``edge-ad decommission`` clears them with the device's other retained topics).
 """
 
 from __future__ import annotations
@@ -18,26 +19,34 @@ from . import payloads
 from .settings import MqttSettings
 from .topics import Topics
 
-# (component, object id, name, topic kind, value template, extra config)
+# (component, object id, name, topic kind, value template, extra config). A value the message lacks (no frame
+# inspected in the interval: paused, an idle trigger line, a camera outage send ``latency_ms: {}``) renders
+# ``None``, which Home Assistant shows as *unknown*: a template that fails is logged by Home Assistant at
+# every message and leaves the entity at its last value, which looks healthy. Every value is tested
+# before it is read or rounded (Home Assistant's ``round`` refuses anything but a number).
 _ENTITIES: tuple[tuple[str, str, str, str, str, dict], ...] = (
     ("binary_sensor", "online", "Online", "status",
      "{{ 'ON' if value_json.state == 'online' else 'OFF' }}", {"device_class": "connectivity"}),
     ("sensor", "fps", "Frames per second", "telemetry",
-     "{{ value_json.fps | default(0) | round(2) }}", {"unit_of_measurement": "fps", "state_class": "measurement"}),
+     "{{ value_json.fps | round(2) if value_json.fps is number else None }}",
+     {"unit_of_measurement": "fps", "state_class": "measurement"}),
     ("sensor", "latency_p99", "Latency p99", "telemetry",
-     "{{ (value_json.latency_ms.p99 if value_json.latency_ms is defined else 0) | round(1) }}",
+     "{{ value_json.latency_ms.p99 | round(1) if value_json.latency_ms is mapping"
+     " and value_json.latency_ms.p99 is number else None }}",
      {"unit_of_measurement": "ms", "state_class": "measurement", "device_class": "duration"}),
     ("sensor", "ng_rate", "NG rate", "telemetry",
-     "{{ ((value_json.ng_rate | default(0)) * 100) | round(2) }}",
+     "{{ (value_json.ng_rate * 100) | round(2) if value_json.ng_rate is number else None }}",
      {"unit_of_measurement": "%", "state_class": "measurement"}),
     ("sensor", "outbox_depth", "Outbox depth", "telemetry",
-     "{{ value_json.outbox.depth if value_json.outbox is defined else 0 }}",
+     "{{ value_json.outbox.depth if value_json.outbox is mapping and value_json.outbox.depth is number"
+     " else None }}",
      {"state_class": "measurement", "entity_category": "diagnostic"}),
     ("binary_sensor", "drift", "Drift", "telemetry",
-     "{{ 'ON' if (value_json.drift is defined and value_json.drift.drift) else 'OFF' }}",
+     "{{ ('ON' if value_json.drift.drift else 'OFF') if value_json.drift is mapping"
+     " and value_json.drift.drift is boolean else None }}",
      {"device_class": "problem"}),
     ("sensor", "calibration_version", "Calibration version", "calibration",
-     "{{ value_json.version }}", {"entity_category": "diagnostic"}),
+     "{{ value_json.version if value_json.version is number else None }}", {"entity_category": "diagnostic"}),
 )
 
 

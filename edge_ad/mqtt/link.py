@@ -80,6 +80,15 @@ class _SentReply:
     sends: int = 1
 
 
+def retained_topics(settings: MqttSettings) -> list[str]:
+    """Every topic a device's link publishes retained (:meth:`MqttLink._publish_retained`): its ``status``,
+    its ``calibration`` and the Home Assistant discovery configs under ``settings.homeassistant_prefix``
+    (whether or not ``homeassistant`` is on now: it may have been on before). What ``edge-ad decommission``
+    clears (:mod:`edge_ad.mqtt.decommission`)."""
+    topics = Topics(settings.site, settings.device)
+    return [topics.status, topics.calibration, *homeassistant.removal(settings)]
+
+
 class MqttLink:
     """One device's connection to the broker. Safe to call from any thread.
 
@@ -370,15 +379,20 @@ class MqttLink:
     def publish_event(self, payload: Mapping[str, Any], jpeg: bytes | None = None,
                       image_outcome: dict | None = None) -> str:
         """Store an NG event (QoS 1 on ``event``); returns its id. ``jpeg`` (encoded image bytes) follows
-        on ``event/image`` at most once per ``image_min_interval_s``; the event says whether it was sent
-        (``image``) or why not (``image_skipped``), and so does ``image_outcome`` when given (a dict that
-        receives those fields)."""
+        on ``event/image`` (with ``image_topic_event_id``: ``event/image/<event id>``) at most once per
+        ``image_min_interval_s``; the event says whether it was sent (``image``, with its topic) or why not
+        (``image_skipped``), and so does ``image_outcome`` when given (a dict that receives those fields)."""
         extra: dict[str, Any] = {}
         image = None
+        event_id = None
+        image_topic = self.topics.event_image
+        if jpeg is not None and self.settings.image_topic_event_id and isinstance(payload, Mapping):
+            event_id = str(payload.get("id") or uuid.uuid4())     # known before the event is stored: its topic
+            image_topic = self.topics.event_image_of(event_id)
         if jpeg is not None:
             data = bytes(jpeg)
             now = time.monotonic()
-            if len(data) > self.settings.image_max_bytes or self._too_large(self.topics.event_image, len(data)):
+            if len(data) > self.settings.image_max_bytes or self._too_large(image_topic, len(data)):
                 extra = {"image": None, "image_skipped": "too_large"}
                 self._counters["images_skipped"] += 1
             elif now - self._last_image < self.settings.image_min_interval_s:
@@ -391,15 +405,16 @@ class MqttLink:
             else:
                 self._last_image = now
                 image = data
-                extra = {"image": {"topic": self.topics.event_image, "bytes": len(data),
+                extra = {"image": {"topic": image_topic, "bytes": len(data),
                                    "sha256": hashlib.sha256(data).hexdigest(), "content_type": "image/jpeg"}}
         fields = {"type": "ng", **dict(payload), **extra} if isinstance(payload, Mapping) else payload
+        if event_id is not None:
+            fields["id"] = event_id
         event_id = self._store("event", self.topics.event, fields)
         if image_outcome is not None:
             image_outcome.update(extra)
         if image is not None:
-            self.outbox.put("image", self.topics.event_image, image, msg_id=event_id,
-                            meta={"event_id": event_id})
+            self.outbox.put("image", image_topic, image, msg_id=event_id, meta={"event_id": event_id})
             self._wake.set()
         return event_id
 
@@ -588,7 +603,8 @@ class MqttLink:
         return payloads.encode(body, "status")
 
     def _publish_retained(self, client: paho.Client) -> None:
-        """Birth, calibration and discovery configs: on every connect and after each change."""
+        """Birth, calibration and discovery configs: on every connect and after each change. A topic
+        published retained here must be in :func:`retained_topics` (what a decommission clears)."""
         with self._lock:
             self._retained_dirty = False
             calibration = self._calibration

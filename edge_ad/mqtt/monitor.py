@@ -6,8 +6,11 @@ monitor``. Sources per column: state from the retained ``status`` (birth / will)
 outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
 the retained ``calibration`` (else the birth message), the threshold deciding from the latest result,
 telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is
-kept as ``calibration_threshold``). A device that is ``online`` but silent for
-``stale_after_s`` shows as ``stale``.
+kept as ``calibration_threshold``), last seen from the messages received live, else the retained status's
+``ts`` (when it connected or stopped; none for the will). A device that is ``online`` but sent nothing
+for ``stale_after_s`` (by arrival times) shows as ``stale``. A device whose clock differs from the
+monitor's by more than ``clock_skew_s`` (:data:`CLOCK_SKEW_S`, 60 s; estimated from live telemetry and
+status) is flagged: ``clock_offset_s``, ``clock_skew``, the table's ``CLOCK`` and a WARNING.
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device as messages missing
 (``results_missing``, ``events_missing``, ``last_gap``; the table's ``MISSING``) and logged as a WARNING: a
@@ -39,6 +42,7 @@ from .client import connect_async, make_client, reason_failed, reason_text
 from .settings import BrokerSettings, Protocol
 
 log = logging.getLogger(__name__)
+CLOCK_SKEW_S = 60.0   # a device whose clock differs from the monitor's by more is flagged (clock skew)
 
 
 @dataclass
@@ -69,7 +73,10 @@ class DeviceRow:
     events_missing: int = 0           # the same for events
     last_gap: dict | None = None      # {"kind", "from", "to", "missing", "seen"}: the latest gap found
     outbox_instance: str | None = None
+    clock_offset_s: float | None = None   # the device's clock minus this monitor's (live telemetry and status)
     _ng_from_telemetry: bool = field(default=False, repr=False)
+    _heard: float | None = field(default=None, repr=False)       # receipt of the last live message (or the first)
+    _offsets: list = field(default_factory=list, repr=False)     # ts - receipt of the last fresh messages
     _seq: dict = field(default_factory=dict, repr=False)     # kind -> highest seq received
     _gaps: list = field(default_factory=list, repr=False)    # [kind, first, last] still open (a late one fills)
 
@@ -82,15 +89,22 @@ class DeviceRow:
         return self.site, self.device
 
     def shown_state(self, now: float, stale_after_s: float) -> str:
-        if self.state == "online" and self.last_seen is not None and now - self.last_seen > stale_after_s:
+        """``stale``: online, but nothing received from it for ``stale_after_s`` (receipt times only: a
+        retained birth's ``ts`` is when it connected, and a device's skewed clock must not make it look stale)."""
+        if self.state == "online" and self._heard is not None and now - self._heard > stale_after_s:
             return "stale"
         return self.state
 
-    def to_dict(self, now: float | None = None, stale_after_s: float = 60.0) -> dict[str, Any]:
+    def clock_skewed(self, bound_s: float = CLOCK_SKEW_S) -> bool:
+        return self.clock_offset_s is not None and abs(self.clock_offset_s) > bound_s
+
+    def to_dict(self, now: float | None = None, stale_after_s: float = 60.0,
+                clock_skew_s: float = CLOCK_SKEW_S) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         if now is not None:
             d["state"] = self.shown_state(now, stale_after_s)
         d["last_seen"] = _iso(self.last_seen)
+        d["clock_skew"] = self.clock_skewed(clock_skew_s)
         return d
 
 
@@ -112,14 +126,18 @@ def _int(value: Any) -> int | None:
 
 
 MAX_OPEN_GAPS = 64    # per device: a message that comes later than this many gaps is counted as missing
+CLOCK_SAMPLES = 5     # a device's clock offset: the largest ts - receipt of its last fresh messages
 
 
 class FleetView:
-    def __init__(self, clock: Callable[[], float] = time.time, stale_after_s: float = 60.0):
+    def __init__(self, clock: Callable[[], float] = time.time, stale_after_s: float = 60.0,
+                 clock_skew_s: float = CLOCK_SKEW_S):
         self.clock = clock
         self.stale_after_s = stale_after_s
+        self.clock_skew_s = clock_skew_s
         self.devices: dict[tuple[str, str], DeviceRow] = {}
         self._gap_log = LogLimiter()   # per device: the first gap at once, then at most one line a minute
+        self._skew_log = LogLimiter()  # per device: at most one clock skew WARNING a minute
 
     def resync(self) -> None:
         """Forget the last ``seq`` of every device (counts stay): what was published while this monitor was
@@ -130,8 +148,7 @@ class FleetView:
 
     def consume(self, topic: str, payload: bytes | str, retained: bool = False) -> DeviceRow | None:
         """Apply one message; returns the row it changed, or None when the message is not for a row.
-        A ``retained`` message was kept by the broker: it says when the device was seen by its own
-        ``ts`` (if any), not by the time it reached the monitor."""
+        A ``retained`` message was kept by the broker: it is not a sign of life now (see :meth:`_seen_at`)."""
         parsed = _topics.parse(topic)
         if parsed is None:
             return None
@@ -158,11 +175,47 @@ class FleetView:
         getattr(self, f"_on_{kind}")(row, body)
         if kind in ("result", "event"):
             self._check_seq(row, kind, _int(body.get("seq")), now)
-        if kind != "status" or body.get("state") == "online":
-            seen = payloads.parse_time(body.get("ts")) if retained else now
-            if seen is not None and (row.last_seen is None or seen > row.last_seen):
-                row.last_seen = min(seen, now)
+        seen = self._seen_at(kind, body, retained, now)
+        if seen is not None and (row.last_seen is None or seen > row.last_seen):
+            row.last_seen = min(seen, now)
+        if not retained or row._heard is None:
+            row._heard = now
+        if not retained and kind in ("telemetry", "status"):
+            self._check_clock(row, payloads.parse_time(body.get("ts")), now)
         return row
+
+    def _check_clock(self, row: DeviceRow, ts: float | None, now: float) -> None:
+        """Estimate the device's clock offset from a message it sent just now: telemetry and status are
+        published as they are made (never stored, never re-sent later), so ``ts - receipt`` is the offset
+        less the message's delay; the largest over the last :data:`CLOCK_SAMPLES` is the estimate (results
+        and events may come from the outbox long after they were made, and are not used)."""
+        if ts is None:
+            return
+        row._offsets = (row._offsets + [ts - now])[-CLOCK_SAMPLES:]
+        row.clock_offset_s = round(max(row._offsets), 1)
+        if row.clock_skewed(self.clock_skew_s) and self._skew_log.hit(f"{row.site}/{row.device}"):
+            off = row.clock_offset_s
+            log.warning("monitor: %s/%s: clock skew %+.0f s: its clock is %.0f s %s this monitor's (its messages' ts "
+                        "against their arrival; flagged beyond %g s), and its results, events and telemetry carry "
+                        "that time; synchronize its clock (NTP: see jetson/README.md, 'Time') or this monitor's",
+                        row.site, row.device, off, abs(off), "ahead of" if off > 0 else "behind",
+                        self.clock_skew_s)
+
+    @staticmethod
+    def _seen_at(kind: str, body: dict, retained: bool, now: float) -> float | None:
+        """When this message says the device was last alive, None when it says nothing about it.
+
+        A message that arrives live comes from the device now, but for the last will, which the broker
+        sends for it (no ``ts``): the device was last seen at its messages before. A retained message was
+        kept by the broker: only the retained ``status`` tells, by its own ``ts``, when the device was last
+        alive (the birth: when it connected; a clean stop: when it stopped; the will has none). A retained
+        ``calibration`` carries when that calibration was published (at the process start or a change), which
+        says nothing about when the device stopped."""
+        if kind == "status" and body.get("state") != "online" and body.get("ts") is None:
+            return None                    # the will
+        if not retained:
+            return now
+        return payloads.parse_time(body.get("ts")) if kind == "status" else None
 
     # ------------------------------------------------------------------ seq gaps
     def _check_seq(self, row: DeviceRow, kind: str, seq: int | None, now: float) -> None:
@@ -300,18 +353,19 @@ class FleetView:
         return [self.devices[k] for k in sorted(self.devices)]
 
     def table(self) -> str:
-        return render_table(self.rows(), self.clock(), self.stale_after_s)
+        return render_table(self.rows(), self.clock(), self.stale_after_s, self.clock_skew_s)
 
 
 COLUMNS = ("SITE", "DEVICE", "STATE", "FPS", "LAT p50/p99 ms", "NG %", "LAST RESULT", "CAL", "OUTBOX", "MISSING",
-           "DRIFT", "SEEN")
+           "DRIFT", "SEEN", "CLOCK")
 
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def render_table(rows: list[DeviceRow], now: float, stale_after_s: float = 60.0) -> str:
+def render_table(rows: list[DeviceRow], now: float, stale_after_s: float = 60.0,
+                 clock_skew_s: float = CLOCK_SKEW_S) -> str:
     """A plain-text table, one line per device (no colour codes, so it is safe in logs)."""
     lines = [COLUMNS]
     for r in rows:
@@ -327,7 +381,9 @@ def render_table(rows: list[DeviceRow], now: float, stale_after_s: float = 60.0)
         lines.append((r.site, r.device, state, _fmt(r.fps, '.1f'), lat,
                       _fmt(None if r.ng_rate is None else 100 * r.ng_rate, '.2f'), last,
                       "-" if r.calibration_version is None else str(r.calibration_version), outbox,
-                      str(r.missing), {True: "DRIFT", False: "ok", None: "-"}[r.drift], seen))
+                      str(r.missing), {True: "DRIFT", False: "ok", None: "-"}[r.drift], seen,
+                      "-" if r.clock_offset_s is None else
+                      f"skew {r.clock_offset_s:+.0f}s" if r.clock_skewed(clock_skew_s) else "ok"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -346,7 +402,7 @@ def broker_line(down_since: float | None) -> str:
 def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: bool = False,
                 duration: float | None = None, interval: float = 1.0, stale_after_s: float = 60.0,
                 out: TextIO | None = None, live: bool | None = None, connect_timeout: float = 10.0,
-                stop: threading.Event | None = None) -> FleetView:
+                stop: threading.Event | None = None, clock_skew_s: float = CLOCK_SKEW_S) -> FleetView:
     """Watch the fleet until ``duration`` s pass (forever when None), ``stop`` is set, or Ctrl-C.
 
     ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
@@ -360,7 +416,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     """
     out = out or sys.stdout
     live = out.isatty() if live is None else live
-    view = FleetView(stale_after_s=stale_after_s)
+    view = FleetView(stale_after_s=stale_after_s, clock_skew_s=clock_skew_s)
     lock = threading.Lock()
     connected = threading.Event()
     problem: list[str] = []
@@ -410,8 +466,8 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
                 if row is None:
                     return
                 if as_json:
-                    out.write(json.dumps(row.to_dict(view.clock(), stale_after_s), separators=(",", ":"),
-                                         allow_nan=False) + "\n")
+                    out.write(json.dumps(row.to_dict(view.clock(), stale_after_s, clock_skew_s),
+                                         separators=(",", ":"), allow_nan=False) + "\n")
                     out.flush()
             dirty.set()
         except Exception:

@@ -261,6 +261,8 @@ class MqttSettings(BrokerSettings):
     inflight_window: int = Field(64, ge=1, le=10_000, title="Unacknowledged QoS 1 messages in flight at most")
     image_min_interval_s: float = Field(1.0, ge=0, le=86_400, title="At most one event JPEG per this many seconds")
     image_max_bytes: int = Field(2 * 1024 * 1024, ge=1024, title="Larger event JPEGs are not sent")
+    image_topic_event_id: bool = Field(False, title="Publish each event JPEG on event/image/<event id> instead of "
+                                                    "event/image (MQTT 3.1.1 consumers match it to its event by topic)")
     command_clients: list[str] | None = Field(None, title="Allow-list of requester client ids for state-changing commands")
     command_secret: SecretStr | None = Field(default_factory=_env_command_secret,
                                              title="Shared secret: state-changing commands need an HMAC-SHA256")

@@ -6,7 +6,8 @@ topic             QoS    retained  payload
 status            1      yes       birth (``online``) on every connect; last will / stop: ``offline``
 result            1      no        one per inspected frame or part (outbox; unique ``id``, ``seq``)
 event             1      no        NG events (outbox)
-event/image       1      no        JPEG (binary) belonging to an event, rate-limited (outbox)
+event/image       1      no        JPEG (binary) belonging to an event, rate-limited (outbox); with
+                                   ``image_topic_event_id``: ``event/image/<event id>``
 telemetry         0      no        periodic fps, latency, drops, outbox depth, drift, ...
 calibration       1      yes       the calibration in force
 cmd/<name>        1      no        commands in; the reply goes to the v5 response topic
@@ -50,6 +51,10 @@ class Topics:
     @property
     def event_image(self) -> str:
         return f"{self.base}/event/image"
+
+    def event_image_of(self, event_id: str) -> str:
+        """``event/image/<event id>``: the image topic of one event (``image_topic_event_id``)."""
+        return f"{self.event_image}/{check_level(event_id, 'event id')}"
 
     @property
     def telemetry(self) -> str:

@@ -322,13 +322,15 @@ class Service:
         """Put ``cal`` in force between two batches, restart drift tracking, tell MQTT. ``decides``: its
         threshold decides from now on, over any override (a persisted set_threshold)."""
         with self._swap_lock:
-            before = self.inspector.calibration.version
+            before, model_before = self.inspector.calibration.version, self.inspector.model_hash
             self.inspector.set_calibration(cal)
             self.reporter.reset_drift(cal, reason)
             self._drop_transient_threshold(f"calibration v{before}")
             if decides:
                 self.pipeline.threshold_override = None
         log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
+        if self.inspector.model_hash != model_before:   # a Gaussian refit: its statistics are the model
+            self.update_birth(model_hash=self.inspector.model_hash)
         self.publish_calibration()
         self.event({"type": "calibration", "version": cal.version, "previous_version": before,
                     "threshold": cal.threshold, "policy": cal.policy, "reason": reason,

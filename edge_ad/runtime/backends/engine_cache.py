@@ -79,7 +79,7 @@ def timing_cache_path(bundle: Bundle, target: Target) -> Path:
 
 def model_sha(bundle: Bundle) -> str:
     """The FP32 model's identity: engines of every precision are keyed by it."""
-    sha = bundle.model_hash("model.onnx")
+    sha = bundle.graph_hash("model.onnx")
     if not sha:
         raise FileNotFoundError(f"{bundle.file('model.onnx')}: not found; run 'edge-ad export'")
     return sha
@@ -92,7 +92,7 @@ def make_sidecar(bundle: Bundle, precision: str, target: Target, engine_sha256: 
         "model_sha256": model_sha(bundle),
         "precision": precision,
         "source_graph": source_graph,
-        "source_sha256": bundle.model_hash(source_graph),
+        "source_sha256": bundle.graph_hash(source_graph),
         "compute_capability": target.compute_capability,
         "gpu_name": target.gpu_name,
         "tensorrt": target.trt_version,
@@ -166,7 +166,7 @@ def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target) -
     src = meta.get("source_graph")
     if not isinstance(src, str) or not src:
         return f"{side.name}: names no source graph", meta
-    if bundle.model_hash(src) != meta.get("source_sha256"):
+    if bundle.graph_hash(src) != meta.get("source_sha256"):
         return (f"{side.name}: its source graph {src} changed since the engine was built "
                 "(re-quantized or re-exported)"), meta
     if not isinstance(meta.get("engine_sha256"), str):

@@ -1,0 +1,151 @@
+"""Taking a device off the broker for good (``edge-ad decommission``).
+
+A device leaves state on the broker after it stopped: its retained messages (:func:`~edge_ad.mqtt.link.
+retained_topics`: ``status``, ``calibration``, the Home Assistant discovery configs), which keep it in
+``edge-ad monitor`` and Home Assistant for ever, and its persistent session (``clean_start=False`` with
+``session_expiry_s``; MQTT 3.1.1: ``clean_session=False``, kept until the broker's own expiry), which keeps
+queueing the commands sent to it. :func:`decommission`:
+
+1. reads the device's retained ``status`` and refuses, changing nothing, while it says ``online``: the
+   device must be stopped first (a running device would publish them again at once, and the session is
+   its live connection);
+2. clears every retained topic (an empty retained message, QoS 1, each acknowledged);
+3. drops the session: connects with the device's client id and a clean start (v5: session expiry 0;
+   3.1.1: ``clean_session=True``), which makes the broker discard the old session, and disconnects, so
+   the new, empty one ends too.
+
+:func:`read_retained` is how it knows which retained messages the broker holds: it subscribes, then
+publishes a marker to a topic of its own and waits for it to come back. The broker sends the retained
+messages of a subscription before it handles a later message of the same client, so once the marker is
+back every retained message has arrived (no waiting for a time).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from ..errors import RuntimeFailure
+from .client import connect_async, make_client, reason_failed, reason_text
+from .link import retained_topics
+from .settings import BrokerSettings, MqttSettings
+from .topics import Topics
+
+MARKER_ROOT = "edge-ad/decommission"
+
+
+def _connected(broker: BrokerSettings, client_id: str, timeout: float, *, on_connect=None,
+               **callbacks) -> paho.Client:
+    """A client connected with a clean start (``on_connect(client)`` runs in the CONNACK callback; the other
+    ``callbacks``, such as ``on_message``, are set before it connects); raises :class:`RuntimeFailure` naming
+    the broker when it is not within ``timeout``."""
+    done = threading.Event()
+    problem: list[str] = []
+    client = make_client(broker, client_id, persistent=False, jitter=False)
+
+    def connected(c, userdata, flags, reason_code, properties):
+        if reason_failed(reason_code):
+            problem.append(f"the broker {broker.safe_url} refused client id {client_id!r}: {reason_text(reason_code)}")
+        elif on_connect is not None:
+            on_connect(c)
+        done.set()
+
+    client.on_connect = connected
+    for name, callback in callbacks.items():
+        setattr(client, name, callback)
+    connect_async(client, broker, clean_start=True)
+    client.loop_start()
+    if not done.wait(timeout) or problem:
+        client.disconnect()
+        client.loop_stop()
+        raise RuntimeFailure(problem[0] if problem else f"cannot connect to {broker.safe_url} within {timeout:g} s")
+    return client
+
+
+def _close(client: paho.Client) -> None:
+    client.disconnect()
+    client.loop_stop()
+
+
+def read_retained(broker: BrokerSettings, filters: list[str], timeout: float = 10.0) -> dict[str, bytes]:
+    """{topic: payload} of the retained messages the broker holds under ``filters`` (empty ones are not
+    kept by the broker). Returns once the broker has sent them all (see the module's docstring)."""
+    marker = f"{MARKER_ROOT}/{uuid.uuid4().hex}"
+    found: dict[str, bytes] = {}
+    back = threading.Event()
+
+    def subscribe(c):
+        c.subscribe([(f, 1) for f in filters] + [(marker, 1)])
+
+    def on_subscribe(c, userdata, mid, reason_codes, properties):
+        c.publish(marker, b"1", qos=1)
+
+    def on_message(c, userdata, message):
+        if message.topic == marker:
+            back.set()
+        elif message.retain and message.payload:
+            found[message.topic] = bytes(message.payload)
+
+    client = _connected(broker, f"edge-ad-decommission-{uuid.uuid4().hex[:10]}", timeout, on_connect=subscribe,
+                        on_message=on_message, on_subscribe=on_subscribe)
+    try:
+        if not back.wait(timeout):
+            raise RuntimeFailure(f"{broker.safe_url}: the retained messages under {', '.join(filters)} did not "
+                                 f"arrive within {timeout:g} s (the broker's ACL must let this login subscribe to "
+                                 f"them and publish and subscribe to {MARKER_ROOT}/#)")
+    finally:
+        _close(client)
+    return found
+
+
+def _state(payload: bytes) -> tuple[str, dict]:
+    """``online`` / ``offline`` / ``unknown`` and the status body (JSON, or a plain-text state)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        body = {"state": payload.decode("utf-8", errors="replace").strip().lower()}
+    if not isinstance(body, dict):
+        body = {}
+    state = body.get("state")
+    return (state if state in ("online", "offline") else "unknown"), body
+
+
+def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: str | None = None,
+                 homeassistant_prefix: str = "homeassistant", timeout: float = 10.0) -> dict[str, Any]:
+    """Clear every retained message of ``site``/``device`` and drop its broker session; refuse (nothing
+    changed, :class:`RuntimeFailure`) while its retained status says ``online``. ``client_id``: the device's
+    ``mqtt.client_id`` when it set one (default ``edge-ad-<site>-<device>``). Returns what was done."""
+    settings = MqttSettings(site=site, device=device, client_id=client_id,
+                            homeassistant_prefix=homeassistant_prefix, command_secret=None)
+    topics = retained_topics(settings)
+    status_topic = Topics(site, device).status
+    held = read_retained(broker, topics, timeout)
+    state, body = _state(held[status_topic]) if status_topic in held else (None, {})
+    if state == "online":
+        since = f" since {body['ts']}" if isinstance(body.get("ts"), str) else ""
+        raise RuntimeFailure(f"{site}/{device} is online{since} (its retained status on {status_topic}, client id "
+                             f"{body.get('client_id') or settings.effective_client_id}): stop edge-ad on it first "
+                             "(sudo systemctl disable --now edge-ad), then decommission it; nothing was changed")
+    client = _connected(broker, f"edge-ad-decommission-{uuid.uuid4().hex[:10]}", timeout)
+    try:
+        sent = [(topic, client.publish(topic, b"", qos=1, retain=True)) for topic in topics]
+        for topic, info in sent:
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                raise RuntimeFailure(f"{broker.safe_url}: clearing {topic} was not acknowledged within {timeout:g} s; "
+                                     "run decommission again")
+    finally:
+        _close(client)
+    left = read_retained(broker, topics, timeout)   # a broker whose ACL refuses a publish may drop it silently
+    if left:
+        raise RuntimeFailure(f"{broker.safe_url} still holds {', '.join(sorted(left))} after they were cleared: its "
+                             "ACL may not let this login publish to them; the session was not dropped")
+    # the device's own client id with a clean start: the broker discards the session it kept, and the new one
+    # (session expiry 0, or clean_session=True under 3.1.1) ends with this connection
+    _close(_connected(broker, settings.effective_client_id, timeout))
+    return {"site": site, "device": device, "status": state or "none", "reason": body.get("reason"),
+            "cleared": topics, "held": sorted(held), "session_dropped": settings.effective_client_id}
