@@ -23,7 +23,8 @@ bundle runs::
 3. renames the staging folder into ``releases/``, records the switch as pending in ``deploy.json``,
    swaps ``current`` (a new symlink renamed over the old one with ``os.replace``: atomic; a power cut
    leaves the old or the new link, never none), then points ``previous`` at the release replaced
-   (:func:`_switch`);
+   (:func:`_switch`); once ``current`` has moved the install holds even when ``previous`` or the final record
+   cannot be written (:func:`_switch_recorded`: ``InstallResult.unrecorded`` says why);
 4. keeps the ``keep`` newest releases (never ``current`` or ``previous``), each older one renamed to
    ``releases/.trash-<id>`` before it is deleted.
 
@@ -82,7 +83,7 @@ class Deployment:
     health: str                  # "pending" | "ok" | "failed" | "rolled_back" | "none"
     detail: dict = field(default_factory=dict)
     # rollback_model: why its record is incomplete (deploy.json or the 'previous' link not written after 'current'
-    # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch)
+    # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch_recorded)
     unrecorded: str | None = None
 
     @property
@@ -424,7 +425,9 @@ class InstallResult:
     golden: dict | None          # check_golden's report (None when the check was skipped)
     pruned: tuple[str, ...] = ()
     already_installed: bool = False   # the release in force was installed from the same files: nothing changed
-
+    # why the install's record is incomplete ('previous' or deploy.json not written after 'current' moved: a full
+    # disk); the install holds, deployment() reads it from the pending record (_switch_recorded)
+    unrecorded: str | None = None
 
     def summary(self) -> dict:
         model_hash = self.package.index.get("bundle", {}).get("model_hash")
@@ -436,7 +439,8 @@ class InstallResult:
         return {"path": str(self.path), "release": self.release, "previous": self.previous,
                 "model_hash": model_hash,
                 "signed": self.package.signed, "signature_verified": self.package.verified,
-                "golden": self.golden, "pruned": list(self.pruned), "already_installed": self.already_installed}
+                "golden": self.golden, "pruned": list(self.pruned), "already_installed": self.already_installed,
+                "unrecorded": self.unrecorded}
 
 
 def _release_seq(name: str) -> int:
@@ -460,8 +464,11 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
                    progress: bool = False) -> InstallResult:
     """Verify, validate and switch in a bundle archive (see the module doc). Raises InputError when the
     archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
-    cases the running bundle and the links are untouched. ``archive`` may also be a bundle folder made
-    on this device (an ``--adapt`` candidate): copied, verified against its manifest, no signature.
+    cases the running bundle and the links are untouched, as they are when an OSError (a full disk) is raised
+    before ``current`` moved. Once it has moved the install holds: an OSError writing ``previous`` or the final record
+    is one ERROR log, and :attr:`InstallResult.unrecorded` says why (:func:`_switch_recorded`). ``archive`` may
+    also be a bundle folder made on this device (an ``--adapt`` candidate): copied, verified against its
+    manifest, no signature.
 
     ``key``: HMAC secret (bytes or file) or Ed25519 public key file; with a key an unsigned archive is
     refused (``require_signature`` overrides). ``golden_dir`` defaults to ``<deploy>/golden``; with no
@@ -596,15 +603,23 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _switch(d, rid, dep.current)
-    state = {**_read_state(d), "current": rid, "previous": dep.current, "health": "pending",
-             "switched_at": now_iso()}
-    state.pop("pending", None)
-    _write_state(d, state, "switched", release=rid, previous=dep.current,
-                 golden_passed=None if report is None else report["passed"])
-    pruned = prune_releases(d, keep)
-    log.info("installed %s (previous %s)", rid, dep.current)
-    return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned))
+    try:
+        unrecorded = _switch_recorded(d, rid, dep.current, "pending", f"installed {rid} (previous {dep.current})",
+                                      "switched", {"switched_at": now_iso()},
+                                      {"previous": dep.current,
+                                       "golden_passed": None if report is None else report["passed"]})
+    except OSError:   # before 'current' moved (a full disk): nothing switched, and the new release is not kept
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    try:
+        pruned = prune_releases(d, keep)
+    except OSError as exc:   # the install holds: the next one prunes them
+        log.warning("%s: old releases not pruned (%s); the next install prunes them", d, os_error_text(exc))
+        pruned = []
+    if unrecorded is None:
+        log.info("installed %s (previous %s)", rid, dep.current)
+    return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned),
+                         unrecorded=unrecorded)
 
 
 SPACE_MARGIN = 1 << 20
@@ -622,6 +637,31 @@ def _switch(d: Path, to: str, previous: str | None, health: str = "pending") -> 
     _point(d, CURRENT, to)
     if previous is not None:
         _point(d, PREVIOUS, previous)
+
+
+def _switch_recorded(d: Path, to: str, previous: str | None, health: str, done: str, event: str, fields: dict,
+                     detail: dict) -> str | None:
+    """:func:`_switch` to ``to``, then its final record in deploy.json (``health``, ``fields``; the history
+    ``event`` with ``detail``): an install's or a rollback's switch. An OSError (a full disk) before ``current``
+    moved is raised: nothing changed, but for a pending record :func:`deployment` ignores. One after it (the
+    ``previous`` link or the final record not written) is one ERROR log (``done``: what happened) and the
+    switch holds: :func:`deployment` reads it from the pending record until the next install or rollback
+    completes the record. Returns why the record is incomplete (:attr:`Deployment.unrecorded`), or None."""
+    try:
+        _switch(d, to, previous, health=health)
+        state = {**_read_state(d), "current": to, "previous": previous, "health": health, **fields}
+        state.pop("pending", None)
+        _write_state(d, state, event, release=to, **detail)
+    except OSError as exc:
+        if _link_target(d, CURRENT) != to:
+            raise
+        said = "rolled back" if health == "rolled_back" else "installed, pending its health check"
+        why = (f"{os_error_text(exc)}; '{CURRENT}' and deploy.json's pending record say {said} (as 'edge-ad run' "
+               "and 'bundle status' read it), the next install or rollback completes the record")
+        what = "rollback" if health == "rolled_back" else "install"
+        log.error("%s, but the record of the %s is incomplete: %s", done, what, why)
+        return why
+    return None
 
 
 def deploy_lock(deploy_dir: str | os.PathLike):
@@ -857,20 +897,11 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         if problem is not None:
             raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
         failed = dep.current
-        try:
-            _switch(d, to, failed, health="rolled_back")
-            state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
-                     "rolled_back_from": failed, "reason": reason}
-            state.pop("pending", None)
-            _write_state(d, state, "rolled_back", release=to, failed=failed, reason=reason)
-        except OSError as exc:   # a full disk: before 'current' moved nothing changed, and the caller is told
-            if _link_target(d, CURRENT) != to:
-                raise
-            why = (f"{os_error_text(exc)}; 'current' and deploy.json's pending record say rolled back (as 'edge-ad "
-                   "run' and 'bundle status' read it), the next install or rollback completes the record")
-            log.error("rolled back from %s to %s (%s), but the record of the rollback is incomplete: %s", failed, to,
-                      reason, why)
-            return replace(deployment(d), unrecorded=why)
+        unrecorded = _switch_recorded(d, to, failed, "rolled_back", f"rolled back from {failed} to {to} ({reason})",
+                                      "rolled_back", {"rolled_back_from": failed, "reason": reason},
+                                      {"failed": failed, "reason": reason})
+        if unrecorded is not None:
+            return replace(deployment(d), unrecorded=unrecorded)
         log.warning("rolled back from %s to %s: %s", failed, to, reason)
         return deployment(d)
 

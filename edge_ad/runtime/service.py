@@ -574,7 +574,7 @@ class Service:
                     archive.unlink(missing_ok=True)
 
     def _install_update(self, archive: Path, precision: str | None, activate: bool) -> dict:
-        from ..calibration import check_golden, extract_archive, install_bundle, rollback_model
+        from ..calibration import check_golden, deployment, extract_archive, install_bundle, rollback_model
         from ..calibration.deploy import build_line_engine, engine_images, engine_needed, open_probe
 
         m = self.settings.model
@@ -602,8 +602,12 @@ class Service:
             return _jsonable({"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
                               "signature_verified": info.verified, "golden": report})
         probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
-        res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
-                             device=m.device, probe=probe, require_golden=golden is not None)
+        try:
+            res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
+                                 device=m.device, probe=probe, require_golden=golden is not None)
+        except OSError as exc:   # a full disk before 'current' moved (after it, the install holds): nothing switched
+            raise RuntimeFailure(f"update_model: {os_error_text(exc)}; not installed: 'current' is still "
+                                 f"{deployment(m.deploy_dir).current}, the running model is unchanged") from exc
         if res.already_installed and res.path.resolve() == Path(self.bundle.path).resolve():
             return _jsonable({"activated": True, "already_installed": True, "model_hash": self.inspector.model_hash,
                               "install": res.summary()})
@@ -622,6 +626,9 @@ class Service:
             watched = not res.already_installed and self._watch_health(res.release, baseline, "update_model")
         out.update({"activated": True, "install": res.summary(),
                     "health": "unchanged" if res.already_installed else "pending" if watched else "unchecked"})
+        if res.unrecorded is not None:   # the switch holds (install_bundle): say what the deploy folder lacks
+            out["warnings"] = [f"{res.release} is installed and in force, but the record of the install is "
+                               f"incomplete: {res.unrecorded}"]
         return _jsonable(out)
 
     def _ng_rate(self) -> float | None:
