@@ -1879,6 +1879,58 @@ def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, g
 
 
 @pytest.mark.parametrize("point", SWITCH_WRITES)
+def test_a_failed_swaps_rollback_on_a_full_disk_is_a_failed_reply_naming_the_state_left(bundles, tmp_path,
+                                                                                       monkeypatch, point):
+    """update_model installed a release the line then could not swap in, and its rollback hit a full disk: the
+    OSError left the command (the reply named only the path). Now the reply says what happened and the state
+    left: before 'current' moved, 'current' is still the new release (a reload or restart after freeing disk
+    space runs it, or rolls it back when it cannot be opened); after, rolled back with its record incomplete."""
+    from edge_ad.atomic import sha256_file
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    first = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False).release
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy)
+    update = _mqtt_update_model(svc)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
+    full = _DiskFullAt(monkeypatch, point)
+    full.on = False
+    swap = svc._swap_model
+
+    def fail(bundle, reason):
+        full.on = True                                                  # the disk fills up after the install
+        raise RuntimeFailure("out of device memory")
+
+    try:
+        monkeypatch.setattr(svc, "_swap_model", fail)
+        body = update({"url": str(archive), "sha256": sha256_file(archive)})
+        full.on = False
+        new = deploy_mod._release_ids(deploy)[0]
+        assert not body["ok"] and body["error"]["code"] == "failed", body
+        msg = body["error"]["message"]
+        assert msg.startswith(f"update_model: {new} was installed but could not be swapped in (out of device "
+                              "memory); "), msg
+        assert svc.inspector.model_hash == a.model_hash() and not list(deploy.glob(".*.tmp"))
+        dep = deployment(deploy)
+        if point in MOVED:
+            assert (f"; rolled back, but its record is incomplete: {deploy / point.split()[0]}: no space left on "
+                    "device") in msg
+            assert msg.endswith(f"; 'current' is back on {first}, the running model is unchanged"), msg
+            assert (dep.current, dep.previous, dep.health) == (first, new, "rolled_back")
+            return
+        assert msg.endswith(f"; and it cannot be rolled back now ({deploy / point.split()[0]}: no space left on "
+                            f"device; 'current' is still {new}): free disk space, then reload or restart; the "
+                            "running model is unchanged"), msg
+        assert (dep.current, dep.previous, dep.health) == (new, first, "pending")
+        monkeypatch.setattr(svc, "_swap_model", swap)
+        svc.reload("bundle")                                            # the disk has room again, the model opens
+        assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health.release == new
+    finally:
+        svc.inspector.backend.close()
+
+
+@pytest.mark.parametrize("point", SWITCH_WRITES)
 def test_an_update_on_a_full_disk_replies_as_the_switch_went(bundles, tmp_path, monkeypatch, caplog, point):
     """An OSError after 'current' moved (the 'previous' link or deploy.json's final record not written: a full
     disk) failed the install although the switch happened: update_model replied failed while 'current' said the
