@@ -2259,6 +2259,117 @@ def test_pack_refuses_a_bundle_file_that_is_a_link(tiny_bundle, tmp_path):
     assert not (tmp_path / "b.tar").exists()
 
 
+def _copied_over_current(deploy: Path) -> None:
+    """The 'current' link replaced by a copy of its release (a damaged deploy folder: 'cp -rL' done by hand)."""
+    import os
+
+    release = current_path(deploy)
+    os.unlink(deploy / "current")
+    shutil.copytree(release, deploy / "current")
+
+
+@pytest.mark.parametrize("verdict", ["ok", "failed"])
+def test_a_current_link_that_is_not_a_symlink_ends_the_watch_once_and_keeps_the_line(bundles, tmp_path, caplog,
+                                                                                    verdict):
+    """Every poll of the watch raised InputError once it had judged (deployment() cannot read the folder), and the
+    supervisor logged it ten times a second for ever. Now the verdict is final at once: one model_health event
+    naming the damage and how to repair it (rollback or record "impossible"), one ERROR, no watch left; the line
+    keeps its model, and the deploy folder is left as it is."""
+    import logging
+
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    try:
+        _copied_over_current(deploy)
+        caplog.set_level(logging.WARNING)
+        if verdict == "failed":
+            _failing_frames(svc)
+        else:
+            for _ in range(HealthLimits().min_frames):
+                svc.reporter.health.record(ng=False)
+        for _ in range(50):                                             # the supervisor's calls: none raises
+            svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["release"]) == (verdict, judged)
+        assert ev["rollback" if verdict == "failed" else "record"] == "impossible"
+        assert f"{deploy / 'current'}: a folder, not a symlink (a release copied over the link?)" in ev["reason"]
+        assert (f"mv {deploy / 'current'} {deploy / 'current'}.damaged && ln -s releases/{judged} "
+                f"{deploy / 'current'}") in ev["reason"]
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "not a symlink" in errors[0].getMessage()
+        assert svc.reporter.health is None and svc.inspector.model_hash == bundles[1].model_hash()
+        assert (deploy / "current").is_dir() and not (deploy / "current").is_symlink()
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_the_supervisor_logs_a_recurring_health_check_error_once_then_rate_limited(bundles, tmp_path, caplog):
+    """A health check that raises at every call (ten a second) was logged at every call."""
+    import logging
+
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    svc = _line(tmp_path, deploy)
+    calls = []
+
+    def failing_check():
+        calls.append(1)
+        if len(calls) == 20:
+            svc.stop("test")
+        raise InputError("the deploy folder is damaged")
+
+    svc._check_health = failing_check
+    caplog.set_level(logging.ERROR, logger="edge_ad.runtime.service")
+    svc.run()
+    said = [r.getMessage() for r in caplog.records if "model health check" in r.getMessage()]
+    assert len(calls) >= 20 and said == ["model health check: the deploy folder is damaged (1 time(s) since the last "
+                                         "report; reported again in 60 s at the earliest)"], said
+
+
+@pytest.mark.parametrize("link", ["current", "previous"])
+def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundles, tmp_path, link):
+    """'bundle status' said "exists but is not a symlink" without how to repair it, and doctor's fix said to
+    install a bundle, which is refused on such a folder too. Both name the damage and the command that repairs
+    it (the release deploy.json records there); after it, status reads the folder again."""
+    import os
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    rid = before.current if link == "current" else r1.release
+    p = deploy / link
+    if link == "current":
+        _copied_over_current(deploy)
+        fix = f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p}"
+        what = f"{p}: a folder, not a symlink (a release copied over the link?)"
+    else:
+        os.unlink(p)
+        os.symlink(deploy / "releases" / rid, p)                        # absolute: not releases/<id>
+        fix = f"point it at a kept release: ln -sfn releases/{rid} {p}"
+        what = f"{p}: points at {deploy / 'releases' / rid}; expected releases/<id>"
+    fix += f" ({rid}: the release deploy.json records as '{link}')"
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: {what}") and fix in res.stderr, res.output
+    cfg = tmp_path / "line.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n[source]\nuri = "synthetic://disc"\n')
+    res = r.invoke(main, ["doctor", "--config", str(cfg), "--json"])
+    assert res.exit_code == 1, res.output
+    [check] = [c for c in json.loads(res.stdout)["checks"] if c["name"] == "bundle"]
+    assert check["status"] == "fail" and check["detail"].startswith(f"run cannot find the bundle: {what}")
+    assert check["fix"] == fix
+    if link == "current":                                               # the repair, as said
+        os.rename(p, f"{p}.damaged")
+    else:
+        os.unlink(p)
+    os.symlink(f"releases/{rid}", p)
+    assert deployment(deploy) == before
+    assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0
+
+
 def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path):
     b = bundles[1]
     deploy, r1 = _installed_twice(bundles, tmp_path)

@@ -95,17 +95,41 @@ class Deployment:
         return self.deploy_dir / RELEASES / self.previous if self.previous else None
 
 
+class DeployDamaged(InputError):
+    """The deploy folder's ``current`` or ``previous`` is not a symlink to ``releases/<id>`` (a release copied over
+    the link, a link to elsewhere): nothing can say which release is in force, so no install, rollback or health
+    record is made until someone repairs it. ``what``: the damage; ``fix``: how to repair it (the message says
+    both)."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}; {fix}")
+        self.what, self.fix = what, fix
+
+
 def _link_target(deploy_dir: Path, name: str) -> str | None:
     p = deploy_dir / name
     if not p.is_symlink():
         if p.exists():
-            raise InputError(f"{p}: exists but is not a symlink; the deploy folder layout is "
-                             f"{RELEASES}/<id> plus '{CURRENT}' and '{PREVIOUS}' symlinks")
+            kind = "a folder" if p.is_dir() else "a file"
+            raise DeployDamaged(f"{p}: {kind}, not a symlink (a release copied over the link?); the deploy folder "
+                                f"layout is {RELEASES}/<id> plus '{CURRENT}' and '{PREVIOUS}' symlinks",
+                                "move it away and link a kept release in its place: "
+                                f"mv {p} {p}.damaged && ln -s {_relink(deploy_dir, name)}")
         return None
     target = Path(os.readlink(p))
     if target.is_absolute() or len(target.parts) != 2 or target.parts[0] != RELEASES:
-        raise InputError(f"{p}: points at {target}; expected {RELEASES}/<id>")
+        raise DeployDamaged(f"{p}: points at {target}; expected {RELEASES}/<id>",
+                            f"point it at a kept release: ln -sfn {_relink(deploy_dir, name)}")
     return target.parts[1]
+
+
+def _relink(deploy_dir: Path, name: str) -> str:
+    """``releases/<id> <deploy>/<name>`` and what <id> is, for the ``ln`` that repairs the damaged link ``name``:
+    the release deploy.json records there when it is kept, else any kept one."""
+    rid = _read_state(deploy_dir).get(name)
+    if isinstance(rid, str) and "/" not in rid and (deploy_dir / RELEASES / rid / "manifest.json").is_file():
+        return f"{RELEASES}/{rid} {deploy_dir / name} ({rid}: the release deploy.json records as '{name}')"
+    return f"{RELEASES}/<id> {deploy_dir / name} (<id>: a kept release, ls {deploy_dir / RELEASES})"
 
 
 def _point(deploy_dir: Path, name: str, release: str) -> None:
@@ -960,11 +984,12 @@ class HealthVerdict:
     # a failed verdict's rollback: "done" | "waiting" (another install or rollback holds the deploy lock: retried
     # at the next polls; or it could not be written, a full disk: retried after a back-off) | "given_up" (not done
     # within rollback_wait_s) | "dropped" ('current' is no longer the release judged) | "impossible" (no previous
-    # release, or it cannot be opened); None: none was due
+    # release, or it cannot be opened, or the deploy folder is damaged: DeployDamaged); None: none was due
     rollback: str | None = None
     # an "ok" verdict's record in deploy.json: "done" | "given_up" (not written within record_wait_s: the lock held
-    # elsewhere, or deploy.json not writable) | "dropped" ('current' is no longer the release judged); None: none
-    # was due (no deploy folder)
+    # elsewhere, or deploy.json not writable) | "dropped" ('current' is no longer the release judged) | "impossible"
+    # (the deploy folder is damaged, DeployDamaged: 'current' is not a symlink); None: none was due (no deploy
+    # folder)
     record: str | None = None
 
     def to_dict(self) -> dict:
@@ -1017,7 +1042,8 @@ class HealthWatch:
     ``edge-ad bundle install`` from a shell): the verdict stays "failed" with ``rollback`` "waiting" and
     each later ``poll`` tries again, for up to ``limits.rollback_wait_s`` ("given_up" after that); so does a
     rollback that could not be written (a full disk before ``current`` moved: nothing changed), tried again
-    backing off as an "ok" record is (:meth:`_owe`). No OSError leaves ``poll``.
+    backing off as an "ok" record is (:meth:`_owe`). No OSError leaves ``poll``, nor a :class:`DeployDamaged`
+    (``current`` not a symlink: the verdict is final, its rollback or record "impossible", logged once).
 
     ``release``: the release judged (default: the one ``current`` points at now). Both the rollback and
     the "ok" record apply to it only: when ``current`` has moved on since (someone else installed or
@@ -1121,6 +1147,9 @@ class HealthWatch:
                 moved = self._moved_on()
                 if moved is None:
                     confirm(self.deploy_dir, release=self.release)
+        except DeployDamaged as exc:   # nothing says which release is in force: final, said once
+            log.error("the healthy verdict on %s cannot be recorded: %s", self.release, exc)
+            return self._finish(replace(v, reason=f"{v.reason}; not recorded as healthy: {exc}", record="impossible"))
         except (Busy, OSError) as exc:
             why = (f"another install or rollback holds the deploy folder ({exc})" if isinstance(exc, Busy)
                    else f"deploy.json cannot be written ({os_error_text(exc)})")
@@ -1197,7 +1226,7 @@ class HealthWatch:
             return self._owe_meanwhile(replace(v, reason=(
                 f"{v.reason}; the rollback waits for the deploy folder, which another install or rollback holds "
                 f"({exc}): tried again at every check for up to {wait_s:g} s"), rollback="waiting"))
-        except RuntimeFailure as exc:
+        except (RuntimeFailure, DeployDamaged) as exc:   # no previous release, or the links are damaged
             return self._finish(replace(v, reason=f"{v.reason}; rollback impossible: {exc}", rollback="impossible"))
         except OSError as exc:   # a full disk before 'current' moved: nothing changed
             why = f"the deploy folder cannot be written ({os_error_text(exc)}); '{CURRENT}' is still {self.release}"

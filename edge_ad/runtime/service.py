@@ -28,6 +28,7 @@ from ..bundle import Bundle
 from ..config import Settings
 from ..data.image import expect_trained_format, put_expected_format
 from ..errors import EdgeADError, InputError, RuntimeFailure, os_error_text
+from ..ratelimit import LogLimiter
 from ..scoring import threshold_in_force
 from .capture import Camera
 from .commands import Commands
@@ -117,6 +118,7 @@ class Service:
         # held while a model switch replaces the health watch (update_model, reload): the loop's _check_health
         # skips its turn then, so the watch replaced is neither judged nor announced a second time
         self._health_lock = threading.Lock()
+        self._health_log = LogLimiter()   # an error of the health check, polled ten times a second: once a minute
         self.transient_threshold: float | None = None  # set_threshold {persist: false}, until a calibration swap
         self.override_under_transient: float | None = None  # the override it replaced: back on that swap
         self._build()
@@ -908,8 +910,11 @@ class Service:
             self.camera.watchdog(now)
             try:
                 self._check_health()
-            except EdgeADError as exc:
-                log.error("model health check: %s", exc)
+            except EdgeADError as exc:   # polled ten times a second: logged at once, then at most once a minute
+                since = self._health_log.hit()
+                if since:
+                    log.error("model health check: %s (%d time(s) since the last report; reported again in %.0f s at "
+                              "the earliest)", exc, since, self._health_log.interval_s)
             if now >= next_tel:
                 next_tel = now + self.settings.telemetry.interval_s
                 self._emit_telemetry()
