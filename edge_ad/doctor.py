@@ -928,10 +928,16 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
         try:
             bundle = resolve_bundle()
         except (EdgeADError, OSError) as exc:
+            from .calibration.deploy import DeployDamaged
+
             unresolved = True
-            checks.append(Check("bundle", Status.FAIL, f"run cannot find the bundle: {exc}", required=True,
-                                fix="install a bundle into the deploy folder (edge-ad bundle install ARCHIVE "
-                                    "--deploy DIR), or set model.bundle to a bundle folder (--bundle here)"))
+            if isinstance(exc, DeployDamaged):   # an install would be refused too: repair the link
+                checks.append(Check("bundle", Status.FAIL, f"run cannot find the bundle: {exc.what}", required=True,
+                                    fix=exc.fix))
+            else:
+                checks.append(Check("bundle", Status.FAIL, f"run cannot find the bundle: {exc}", required=True,
+                                    fix="install a bundle into the deploy folder (edge-ad bundle install ARCHIVE "
+                                        "--deploy DIR), or set model.bundle to a bundle folder (--bundle here)"))
     if bundle is not None:
         found: list = [None]
 

@@ -1071,12 +1071,14 @@ def test_a_healthy_record_that_cannot_be_written_backs_off_and_is_given_up(bundl
     assert len(errors) == 1 and "given up" in errors[0].getMessage()
 
 
-ROLLBACK_WRITES = ["deploy.json before the switch", "current", "previous", "deploy.json after the switch"]
+SWITCH_WRITES = ["deploy.json before the switch", "current", "previous", "deploy.json after the switch"]
+MOVED = ("previous", "deploy.json after the switch")   # the writes after 'current' moved
 
 
 class _DiskFullAt:
-    """A full disk at one write of a rollback (the rename that puts it in place fails with ENOSPC): deploy.json's
-    pending record before the switch, the 'current' or 'previous' link, or deploy.json's final record."""
+    """A full disk at one write of a switch, a rollback's or an install's (the rename that puts it in place fails
+    with ENOSPC): deploy.json's pending record before the switch, the 'current' or 'previous' link, or
+    deploy.json's final record."""
 
     def __init__(self, monkeypatch, point: str):
         import errno
@@ -1099,7 +1101,7 @@ class _DiskFullAt:
         monkeypatch.setattr(os, "replace", replace)
 
 
-@pytest.mark.parametrize("point", ROLLBACK_WRITES)
+@pytest.mark.parametrize("point", SWITCH_WRITES)
 def test_a_health_rollback_that_cannot_be_written_never_raises_and_leaves_a_state_that_opens(bundles, tmp_path,
                                                                                             monkeypatch, caplog,
                                                                                             point):
@@ -1121,7 +1123,7 @@ def test_a_health_rollback_that_cannot_be_written_never_raises_and_leaves_a_stat
     Bundle.open(current_path(deploy), verify=True)                      # the state opens
     assert not list(deploy.glob(".*.tmp")) and "no space left on device" in v.reason
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    if point in ("previous", "deploy.json after the switch"):          # 'current' moved: rolled back
+    if point in MOVED:                                                  # 'current' moved: rolled back
         assert (v.status, v.rollback, v.rolled_back, v.restored, v.rolled_back_to) == (
             "failed", "done", True, r1.path, r1.release)
         assert "rolled back, but its record is incomplete" in v.reason and watch.poll() is v
@@ -1352,6 +1354,38 @@ def test_cli_bundle_pack_install_status_rollback(bundles, golden, tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["health"] == "pending"
     res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
     assert res.exit_code == 0 and deployment(deploy).current == first
+
+
+@pytest.mark.parametrize("point", MOVED)
+def test_cli_install_and_rollback_that_switched_with_an_incomplete_record_say_so(bundles, tmp_path, monkeypatch,
+                                                                              point):
+    """A full disk after 'current' moved: the install (and the rollback) holds, exit 0, and stderr says that its
+    record is incomplete and why; --json gives it as unrecorded. 'bundle status' reads the switch."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
+    r = CliRunner()
+    full = _DiskFullAt(monkeypatch, point)
+    res = r.invoke(main, ["bundle", "install", str(archive), "--deploy", str(deploy), "--no-golden"])
+    new = deployment(deploy).current
+    assert res.exit_code == 0 and f"installed {new} (golden check skipped; previous: {r1.release})" in res.stdout
+    assert (f"warning: the install holds, but its record is incomplete: {deploy / point.split()[0]}: no space left "
+            "on device; 'current' and deploy.json's pending record say installed") in res.stderr, res.stderr
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"])
+    assert res.exit_code == 0
+    assert [json.loads(res.stdout)[k] for k in ("current", "previous", "health")] == [new, r1.release, "pending"]
+    full.state_writes = 0
+    res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
+    assert res.exit_code == 0 and f"current -> releases/{r1.release} (previous: {new})" in res.stdout
+    assert "warning: the rollback holds, but its record is incomplete: " in res.stderr, res.stderr
+    full.on = False
+    res = r.invoke(main, ["bundle", "install", str(archive), "--deploy", str(deploy), "--no-golden", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["unrecorded"] is None
 
 
 def test_cli_rollback_to_any_kept_release_and_status_lists_them(bundles, tmp_path):
@@ -1770,6 +1804,24 @@ def _update(svc, archive: Path, **args):
     return svc.update_model({"url": str(archive), "sha256": sha256_file(archive), **args})
 
 
+def _mqtt_update_model(svc):
+    """``svc``'s update_model as the MQTT link runs it (its dispatcher, no broker): args -> the reply's body,
+    checked against the reply schema."""
+    from edge_ad.mqtt import MqttSettings, schema
+    from edge_ad.mqtt.commands import Dispatcher, Incoming
+    from edge_ad.mqtt.topics import Topics
+    from edge_ad.runtime.commands import Commands
+
+    d = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
+    d.register("update_model", Commands(svc).update_model)
+
+    def send(args: dict) -> dict:
+        body = d.handle(Incoming("update_model", json.dumps(args).encode())).body
+        assert schema.errors("reply", body) == [], body
+        return body
+    return send
+
+
 def _int8_release(tiny_bundle, tmp_path, golden):
     """A deploy folder whose release in force has an INT8 graph (the line runs precision int8)."""
     from fixtures_bundle import tiny_graph
@@ -1822,6 +1874,115 @@ def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, g
             _update(svc, new)
         dep = deployment(deploy)
         assert dep.current == first.release and dep.health == "rolled_back"
+    finally:
+        svc.inspector.backend.close()
+
+
+@pytest.mark.parametrize("point", SWITCH_WRITES)
+def test_a_failed_swaps_rollback_on_a_full_disk_is_a_failed_reply_naming_the_state_left(bundles, tmp_path,
+                                                                                       monkeypatch, point):
+    """update_model installed a release the line then could not swap in, and its rollback hit a full disk: the
+    OSError left the command (the reply named only the path). Now the reply says what happened and the state
+    left: before 'current' moved, 'current' is still the new release (a reload or restart after freeing disk
+    space runs it, or rolls it back when it cannot be opened); after, rolled back with its record incomplete."""
+    from edge_ad.atomic import sha256_file
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    first = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False).release
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy)
+    update = _mqtt_update_model(svc)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
+    full = _DiskFullAt(monkeypatch, point)
+    full.on = False
+    swap = svc._swap_model
+
+    def fail(bundle, reason):
+        full.on = True                                                  # the disk fills up after the install
+        raise RuntimeFailure("out of device memory")
+
+    try:
+        monkeypatch.setattr(svc, "_swap_model", fail)
+        body = update({"url": str(archive), "sha256": sha256_file(archive)})
+        full.on = False
+        new = deploy_mod._release_ids(deploy)[0]
+        assert not body["ok"] and body["error"]["code"] == "failed", body
+        msg = body["error"]["message"]
+        assert msg.startswith(f"update_model: {new} was installed but could not be swapped in (out of device "
+                              "memory); "), msg
+        assert svc.inspector.model_hash == a.model_hash() and not list(deploy.glob(".*.tmp"))
+        dep = deployment(deploy)
+        if point in MOVED:
+            assert (f"; rolled back, but its record is incomplete: {deploy / point.split()[0]}: no space left on "
+                    "device") in msg
+            assert msg.endswith(f"; 'current' is back on {first}, the running model is unchanged"), msg
+            assert (dep.current, dep.previous, dep.health) == (first, new, "rolled_back")
+            return
+        assert msg.endswith(f"; and it cannot be rolled back now ({deploy / point.split()[0]}: no space left on "
+                            f"device; 'current' is still {new}): free disk space, then reload or restart; the "
+                            "running model is unchanged"), msg
+        assert (dep.current, dep.previous, dep.health) == (new, first, "pending")
+        monkeypatch.setattr(svc, "_swap_model", swap)
+        svc.reload("bundle")                                            # the disk has room again, the model opens
+        assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health.release == new
+    finally:
+        svc.inspector.backend.close()
+
+
+@pytest.mark.parametrize("point", SWITCH_WRITES)
+def test_an_update_on_a_full_disk_replies_as_the_switch_went(bundles, tmp_path, monkeypatch, caplog, point):
+    """An OSError after 'current' moved (the 'previous' link or deploy.json's final record not written: a full
+    disk) failed the install although the switch happened: update_model replied failed while 'current' said the
+    new release (pending) and the line kept the old model until a restart. Now the install holds, as a rollback
+    does: one ERROR, the reply activated with a warning naming the incomplete record, the new model swapped in
+    and watched, the state read as pending with the right previous until the next install completes the record.
+    Before 'current' moved: a failed reply saying nothing was installed, and nothing changed."""
+    import logging
+    import os
+
+    from edge_ad.atomic import sha256_file
+
+    a, b, c = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy)
+    update = _mqtt_update_model(svc)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
+    try:
+        full = _DiskFullAt(monkeypatch, point)
+        caplog.set_level(logging.WARNING, logger="edge_ad.calibration.deploy")
+        body = update({"url": str(archive), "sha256": sha256_file(archive)})
+        full.on = False
+        dep = deployment(deploy)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not list(deploy.glob(".*.tmp"))
+        if point not in MOVED:
+            assert not body["ok"] and body["error"]["code"] == "failed", body
+            assert body["error"]["message"].startswith(f"update_model: {deploy / point.split()[0]}: no space left on "
+                                                       f"device; not installed: 'current' is still {r1.release}, "
+                                                       "the running model is unchanged"), body
+            assert (dep.current, dep.previous, dep.health) == (r1.release, None, "ok") and not errors
+            assert [p.name for p in (deploy / "releases").iterdir()] == [r1.release]   # no release left behind
+            assert svc.inspector.model_hash == a.model_hash() and svc.reporter.health is None
+            return
+        assert body["ok"], body
+        out = body["result"]
+        new = out["install"]["release"]
+        assert (out["activated"], out["health"], out["install"]["previous"]) == (True, "pending", r1.release)
+        assert out["warnings"] == [f"{new} is installed and in force, but the record of the install is incomplete: "
+                                   f"{out['install']['unrecorded']}"]
+        assert out["install"]["unrecorded"].startswith(f"{deploy / point.split()[0]}: no space left on device; "
+                                                       "'current' and deploy.json's pending record say installed")
+        assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health.release == new
+        assert (dep.current, dep.previous, dep.health) == (new, r1.release, "pending")
+        assert {r["id"]: r["role"] for r in deploy_mod.releases(deploy)} == {new: "current", r1.release: "previous"}
+        assert len(errors) == 1 and "the record of the install is incomplete" in errors[0].getMessage()
+        r3 = install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, require_golden=False)
+        dep = deployment(deploy)                                        # the next install completes the record
+        assert (dep.current, dep.previous, dep.health) == (r3.release, new, "pending") and r3.unrecorded is None
+        assert "pending" not in dep.detail and os.readlink(deploy / "previous") == f"releases/{new}"
     finally:
         svc.inspector.backend.close()
 
@@ -2098,6 +2259,117 @@ def test_pack_refuses_a_bundle_file_that_is_a_link(tiny_bundle, tmp_path):
     assert not (tmp_path / "b.tar").exists()
 
 
+def _copied_over_current(deploy: Path) -> None:
+    """The 'current' link replaced by a copy of its release (a damaged deploy folder: 'cp -rL' done by hand)."""
+    import os
+
+    release = current_path(deploy)
+    os.unlink(deploy / "current")
+    shutil.copytree(release, deploy / "current")
+
+
+@pytest.mark.parametrize("verdict", ["ok", "failed"])
+def test_a_current_link_that_is_not_a_symlink_ends_the_watch_once_and_keeps_the_line(bundles, tmp_path, caplog,
+                                                                                    verdict):
+    """Every poll of the watch raised InputError once it had judged (deployment() cannot read the folder), and the
+    supervisor logged it ten times a second for ever. Now the verdict is final at once: one model_health event
+    naming the damage and how to repair it (rollback or record "impossible"), one ERROR, no watch left; the line
+    keeps its model, and the deploy folder is left as it is."""
+    import logging
+
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    judged = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    try:
+        _copied_over_current(deploy)
+        caplog.set_level(logging.WARNING)
+        if verdict == "failed":
+            _failing_frames(svc)
+        else:
+            for _ in range(HealthLimits().min_frames):
+                svc.reporter.health.record(ng=False)
+        for _ in range(50):                                             # the supervisor's calls: none raises
+            svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["release"]) == (verdict, judged)
+        assert ev["rollback" if verdict == "failed" else "record"] == "impossible"
+        assert f"{deploy / 'current'}: a folder, not a symlink (a release copied over the link?)" in ev["reason"]
+        assert (f"mv {deploy / 'current'} {deploy / 'current'}.damaged && ln -s releases/{judged} "
+                f"{deploy / 'current'}") in ev["reason"]
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "not a symlink" in errors[0].getMessage()
+        assert svc.reporter.health is None and svc.inspector.model_hash == bundles[1].model_hash()
+        assert (deploy / "current").is_dir() and not (deploy / "current").is_symlink()
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_the_supervisor_logs_a_recurring_health_check_error_once_then_rate_limited(bundles, tmp_path, caplog):
+    """A health check that raises at every call (ten a second) was logged at every call."""
+    import logging
+
+    deploy, _ = _installed_twice(bundles, tmp_path)
+    svc = _line(tmp_path, deploy)
+    calls = []
+
+    def failing_check():
+        calls.append(1)
+        if len(calls) == 20:
+            svc.stop("test")
+        raise InputError("the deploy folder is damaged")
+
+    svc._check_health = failing_check
+    caplog.set_level(logging.ERROR, logger="edge_ad.runtime.service")
+    svc.run()
+    said = [r.getMessage() for r in caplog.records if "model health check" in r.getMessage()]
+    assert len(calls) >= 20 and said == ["model health check: the deploy folder is damaged (1 time(s) since the last "
+                                         "report; reported again in 60 s at the earliest)"], said
+
+
+@pytest.mark.parametrize("link", ["current", "previous"])
+def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundles, tmp_path, link):
+    """'bundle status' said "exists but is not a symlink" without how to repair it, and doctor's fix said to
+    install a bundle, which is refused on such a folder too. Both name the damage and the command that repairs
+    it (the release deploy.json records there); after it, status reads the folder again."""
+    import os
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    rid = before.current if link == "current" else r1.release
+    p = deploy / link
+    if link == "current":
+        _copied_over_current(deploy)
+        fix = f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p}"
+        what = f"{p}: a folder, not a symlink (a release copied over the link?)"
+    else:
+        os.unlink(p)
+        os.symlink(deploy / "releases" / rid, p)                        # absolute: not releases/<id>
+        fix = f"point it at a kept release: ln -sfn releases/{rid} {p}"
+        what = f"{p}: points at {deploy / 'releases' / rid}; expected releases/<id>"
+    fix += f" ({rid}: the release deploy.json records as '{link}')"
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: {what}") and fix in res.stderr, res.output
+    cfg = tmp_path / "line.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n[source]\nuri = "synthetic://disc"\n')
+    res = r.invoke(main, ["doctor", "--config", str(cfg), "--json"])
+    assert res.exit_code == 1, res.output
+    [check] = [c for c in json.loads(res.stdout)["checks"] if c["name"] == "bundle"]
+    assert check["status"] == "fail" and check["detail"].startswith(f"run cannot find the bundle: {what}")
+    assert check["fix"] == fix
+    if link == "current":                                               # the repair, as said
+        os.rename(p, f"{p}.damaged")
+    else:
+        os.unlink(p)
+    os.symlink(f"releases/{rid}", p)
+    assert deployment(deploy) == before
+    assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0
+
+
 def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path):
     b = bundles[1]
     deploy, r1 = _installed_twice(bundles, tmp_path)
@@ -2330,10 +2602,6 @@ def test_update_model_refuses_a_file_url_it_would_misread(tiny_bundle, tmp_path,
     the one meant), and '~' was not expanded (./~/b.tar was looked for). Each is refused, naming the part of
     the URL and what is expected, and nothing is installed; file://localhost/PATH is the local PATH."""
     from edge_ad.atomic import sha256_file
-    from edge_ad.mqtt import MqttSettings, schema
-    from edge_ad.mqtt.commands import Dispatcher, Incoming
-    from edge_ad.mqtt.topics import Topics
-    from edge_ad.runtime.commands import Commands
 
     deploy = tmp_path / "deploy"
     install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), deploy, require_golden=False)
@@ -2345,13 +2613,10 @@ def test_update_model_refuses_a_file_url_it_would_misread(tiny_bundle, tmp_path,
         (tmp_path / misread).mkdir()
         shutil.copy(archive, tmp_path / misread / "b.tar")
     svc = _line(tmp_path, deploy)
-    d = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
-    d.register("update_model", Commands(svc).update_model)
+    update = _mqtt_update_model(svc)
 
     def send(url: str) -> dict:
-        body = d.handle(Incoming("update_model", json.dumps({"url": url, "sha256": digest}).encode())).body
-        assert schema.errors("reply", body) == [], body
-        return body
+        return update({"url": url, "sha256": digest})
 
     try:
         for url, said in (

@@ -23,7 +23,8 @@ bundle runs::
 3. renames the staging folder into ``releases/``, records the switch as pending in ``deploy.json``,
    swaps ``current`` (a new symlink renamed over the old one with ``os.replace``: atomic; a power cut
    leaves the old or the new link, never none), then points ``previous`` at the release replaced
-   (:func:`_switch`);
+   (:func:`_switch`); once ``current`` has moved the install holds even when ``previous`` or the final record
+   cannot be written (:func:`_switch_recorded`: ``InstallResult.unrecorded`` says why);
 4. keeps the ``keep`` newest releases (never ``current`` or ``previous``), each older one renamed to
    ``releases/.trash-<id>`` before it is deleted.
 
@@ -82,7 +83,7 @@ class Deployment:
     health: str                  # "pending" | "ok" | "failed" | "rolled_back" | "none"
     detail: dict = field(default_factory=dict)
     # rollback_model: why its record is incomplete (deploy.json or the 'previous' link not written after 'current'
-    # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch)
+    # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch_recorded)
     unrecorded: str | None = None
 
     @property
@@ -94,17 +95,41 @@ class Deployment:
         return self.deploy_dir / RELEASES / self.previous if self.previous else None
 
 
+class DeployDamaged(InputError):
+    """The deploy folder's ``current`` or ``previous`` is not a symlink to ``releases/<id>`` (a release copied over
+    the link, a link to elsewhere): nothing can say which release is in force, so no install, rollback or health
+    record is made until someone repairs it. ``what``: the damage; ``fix``: how to repair it (the message says
+    both)."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}; {fix}")
+        self.what, self.fix = what, fix
+
+
 def _link_target(deploy_dir: Path, name: str) -> str | None:
     p = deploy_dir / name
     if not p.is_symlink():
         if p.exists():
-            raise InputError(f"{p}: exists but is not a symlink; the deploy folder layout is "
-                             f"{RELEASES}/<id> plus '{CURRENT}' and '{PREVIOUS}' symlinks")
+            kind = "a folder" if p.is_dir() else "a file"
+            raise DeployDamaged(f"{p}: {kind}, not a symlink (a release copied over the link?); the deploy folder "
+                                f"layout is {RELEASES}/<id> plus '{CURRENT}' and '{PREVIOUS}' symlinks",
+                                "move it away and link a kept release in its place: "
+                                f"mv {p} {p}.damaged && ln -s {_relink(deploy_dir, name)}")
         return None
     target = Path(os.readlink(p))
     if target.is_absolute() or len(target.parts) != 2 or target.parts[0] != RELEASES:
-        raise InputError(f"{p}: points at {target}; expected {RELEASES}/<id>")
+        raise DeployDamaged(f"{p}: points at {target}; expected {RELEASES}/<id>",
+                            f"point it at a kept release: ln -sfn {_relink(deploy_dir, name)}")
     return target.parts[1]
+
+
+def _relink(deploy_dir: Path, name: str) -> str:
+    """``releases/<id> <deploy>/<name>`` and what <id> is, for the ``ln`` that repairs the damaged link ``name``:
+    the release deploy.json records there when it is kept, else any kept one."""
+    rid = _read_state(deploy_dir).get(name)
+    if isinstance(rid, str) and "/" not in rid and (deploy_dir / RELEASES / rid / "manifest.json").is_file():
+        return f"{RELEASES}/{rid} {deploy_dir / name} ({rid}: the release deploy.json records as '{name}')"
+    return f"{RELEASES}/<id> {deploy_dir / name} (<id>: a kept release, ls {deploy_dir / RELEASES})"
 
 
 def _point(deploy_dir: Path, name: str, release: str) -> None:
@@ -424,7 +449,9 @@ class InstallResult:
     golden: dict | None          # check_golden's report (None when the check was skipped)
     pruned: tuple[str, ...] = ()
     already_installed: bool = False   # the release in force was installed from the same files: nothing changed
-
+    # why the install's record is incomplete ('previous' or deploy.json not written after 'current' moved: a full
+    # disk); the install holds, deployment() reads it from the pending record (_switch_recorded)
+    unrecorded: str | None = None
 
     def summary(self) -> dict:
         model_hash = self.package.index.get("bundle", {}).get("model_hash")
@@ -436,7 +463,8 @@ class InstallResult:
         return {"path": str(self.path), "release": self.release, "previous": self.previous,
                 "model_hash": model_hash,
                 "signed": self.package.signed, "signature_verified": self.package.verified,
-                "golden": self.golden, "pruned": list(self.pruned), "already_installed": self.already_installed}
+                "golden": self.golden, "pruned": list(self.pruned), "already_installed": self.already_installed,
+                "unrecorded": self.unrecorded}
 
 
 def _release_seq(name: str) -> int:
@@ -460,8 +488,11 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
                    progress: bool = False) -> InstallResult:
     """Verify, validate and switch in a bundle archive (see the module doc). Raises InputError when the
     archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
-    cases the running bundle and the links are untouched. ``archive`` may also be a bundle folder made
-    on this device (an ``--adapt`` candidate): copied, verified against its manifest, no signature.
+    cases the running bundle and the links are untouched, as they are when an OSError (a full disk) is raised
+    before ``current`` moved. Once it has moved the install holds: an OSError writing ``previous`` or the final record
+    is one ERROR log, and :attr:`InstallResult.unrecorded` says why (:func:`_switch_recorded`). ``archive`` may
+    also be a bundle folder made on this device (an ``--adapt`` candidate): copied, verified against its
+    manifest, no signature.
 
     ``key``: HMAC secret (bytes or file) or Ed25519 public key file; with a key an unsigned archive is
     refused (``require_signature`` overrides). ``golden_dir`` defaults to ``<deploy>/golden``; with no
@@ -596,15 +627,23 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _switch(d, rid, dep.current)
-    state = {**_read_state(d), "current": rid, "previous": dep.current, "health": "pending",
-             "switched_at": now_iso()}
-    state.pop("pending", None)
-    _write_state(d, state, "switched", release=rid, previous=dep.current,
-                 golden_passed=None if report is None else report["passed"])
-    pruned = prune_releases(d, keep)
-    log.info("installed %s (previous %s)", rid, dep.current)
-    return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned))
+    try:
+        unrecorded = _switch_recorded(d, rid, dep.current, "pending", f"installed {rid} (previous {dep.current})",
+                                      "switched", {"switched_at": now_iso()},
+                                      {"previous": dep.current,
+                                       "golden_passed": None if report is None else report["passed"]})
+    except OSError:   # before 'current' moved (a full disk): nothing switched, and the new release is not kept
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    try:
+        pruned = prune_releases(d, keep)
+    except OSError as exc:   # the install holds: the next one prunes them
+        log.warning("%s: old releases not pruned (%s); the next install prunes them", d, os_error_text(exc))
+        pruned = []
+    if unrecorded is None:
+        log.info("installed %s (previous %s)", rid, dep.current)
+    return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned),
+                         unrecorded=unrecorded)
 
 
 SPACE_MARGIN = 1 << 20
@@ -622,6 +661,31 @@ def _switch(d: Path, to: str, previous: str | None, health: str = "pending") -> 
     _point(d, CURRENT, to)
     if previous is not None:
         _point(d, PREVIOUS, previous)
+
+
+def _switch_recorded(d: Path, to: str, previous: str | None, health: str, done: str, event: str, fields: dict,
+                     detail: dict) -> str | None:
+    """:func:`_switch` to ``to``, then its final record in deploy.json (``health``, ``fields``; the history
+    ``event`` with ``detail``): an install's or a rollback's switch. An OSError (a full disk) before ``current``
+    moved is raised: nothing changed, but for a pending record :func:`deployment` ignores. One after it (the
+    ``previous`` link or the final record not written) is one ERROR log (``done``: what happened) and the
+    switch holds: :func:`deployment` reads it from the pending record until the next install or rollback
+    completes the record. Returns why the record is incomplete (:attr:`Deployment.unrecorded`), or None."""
+    try:
+        _switch(d, to, previous, health=health)
+        state = {**_read_state(d), "current": to, "previous": previous, "health": health, **fields}
+        state.pop("pending", None)
+        _write_state(d, state, event, release=to, **detail)
+    except OSError as exc:
+        if _link_target(d, CURRENT) != to:
+            raise
+        said = "rolled back" if health == "rolled_back" else "installed, pending its health check"
+        why = (f"{os_error_text(exc)}; '{CURRENT}' and deploy.json's pending record say {said} (as 'edge-ad run' "
+               "and 'bundle status' read it), the next install or rollback completes the record")
+        what = "rollback" if health == "rolled_back" else "install"
+        log.error("%s, but the record of the %s is incomplete: %s", done, what, why)
+        return why
+    return None
 
 
 def deploy_lock(deploy_dir: str | os.PathLike):
@@ -857,20 +921,11 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         if problem is not None:
             raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
         failed = dep.current
-        try:
-            _switch(d, to, failed, health="rolled_back")
-            state = {**_read_state(d), "current": to, "previous": failed, "health": "rolled_back",
-                     "rolled_back_from": failed, "reason": reason}
-            state.pop("pending", None)
-            _write_state(d, state, "rolled_back", release=to, failed=failed, reason=reason)
-        except OSError as exc:   # a full disk: before 'current' moved nothing changed, and the caller is told
-            if _link_target(d, CURRENT) != to:
-                raise
-            why = (f"{os_error_text(exc)}; 'current' and deploy.json's pending record say rolled back (as 'edge-ad "
-                   "run' and 'bundle status' read it), the next install or rollback completes the record")
-            log.error("rolled back from %s to %s (%s), but the record of the rollback is incomplete: %s", failed, to,
-                      reason, why)
-            return replace(deployment(d), unrecorded=why)
+        unrecorded = _switch_recorded(d, to, failed, "rolled_back", f"rolled back from {failed} to {to} ({reason})",
+                                      "rolled_back", {"rolled_back_from": failed, "reason": reason},
+                                      {"failed": failed, "reason": reason})
+        if unrecorded is not None:
+            return replace(deployment(d), unrecorded=unrecorded)
         log.warning("rolled back from %s to %s: %s", failed, to, reason)
         return deployment(d)
 
@@ -929,11 +984,12 @@ class HealthVerdict:
     # a failed verdict's rollback: "done" | "waiting" (another install or rollback holds the deploy lock: retried
     # at the next polls; or it could not be written, a full disk: retried after a back-off) | "given_up" (not done
     # within rollback_wait_s) | "dropped" ('current' is no longer the release judged) | "impossible" (no previous
-    # release, or it cannot be opened); None: none was due
+    # release, or it cannot be opened, or the deploy folder is damaged: DeployDamaged); None: none was due
     rollback: str | None = None
     # an "ok" verdict's record in deploy.json: "done" | "given_up" (not written within record_wait_s: the lock held
-    # elsewhere, or deploy.json not writable) | "dropped" ('current' is no longer the release judged); None: none
-    # was due (no deploy folder)
+    # elsewhere, or deploy.json not writable) | "dropped" ('current' is no longer the release judged) | "impossible"
+    # (the deploy folder is damaged, DeployDamaged: 'current' is not a symlink); None: none was due (no deploy
+    # folder)
     record: str | None = None
 
     def to_dict(self) -> dict:
@@ -986,7 +1042,8 @@ class HealthWatch:
     ``edge-ad bundle install`` from a shell): the verdict stays "failed" with ``rollback`` "waiting" and
     each later ``poll`` tries again, for up to ``limits.rollback_wait_s`` ("given_up" after that); so does a
     rollback that could not be written (a full disk before ``current`` moved: nothing changed), tried again
-    backing off as an "ok" record is (:meth:`_owe`). No OSError leaves ``poll``.
+    backing off as an "ok" record is (:meth:`_owe`). No OSError leaves ``poll``, nor a :class:`DeployDamaged`
+    (``current`` not a symlink: the verdict is final, its rollback or record "impossible", logged once).
 
     ``release``: the release judged (default: the one ``current`` points at now). Both the rollback and
     the "ok" record apply to it only: when ``current`` has moved on since (someone else installed or
@@ -1090,6 +1147,9 @@ class HealthWatch:
                 moved = self._moved_on()
                 if moved is None:
                     confirm(self.deploy_dir, release=self.release)
+        except DeployDamaged as exc:   # nothing says which release is in force: final, said once
+            log.error("the healthy verdict on %s cannot be recorded: %s", self.release, exc)
+            return self._finish(replace(v, reason=f"{v.reason}; not recorded as healthy: {exc}", record="impossible"))
         except (Busy, OSError) as exc:
             why = (f"another install or rollback holds the deploy folder ({exc})" if isinstance(exc, Busy)
                    else f"deploy.json cannot be written ({os_error_text(exc)})")
@@ -1166,7 +1226,7 @@ class HealthWatch:
             return self._owe_meanwhile(replace(v, reason=(
                 f"{v.reason}; the rollback waits for the deploy folder, which another install or rollback holds "
                 f"({exc}): tried again at every check for up to {wait_s:g} s"), rollback="waiting"))
-        except RuntimeFailure as exc:
+        except (RuntimeFailure, DeployDamaged) as exc:   # no previous release, or the links are damaged
             return self._finish(replace(v, reason=f"{v.reason}; rollback impossible: {exc}", rollback="impossible"))
         except OSError as exc:   # a full disk before 'current' moved: nothing changed
             why = f"the deploy folder cannot be written ({os_error_text(exc)}); '{CURRENT}' is still {self.release}"

@@ -238,6 +238,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                        f"{res.steps} steps, {res.seconds:.0f} s{screened}{thr}); "
                        "a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command or a restart, and its "
                        "health check then confirms it or rolls back")
+            _unrecorded_note("install", res.install.unrecorded)
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s{screened}{thr}; the running bundle is unchanged)")
@@ -675,6 +676,7 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
     golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
     click.echo(f"installed {res.release} ({golden}; previous: {res.previous or 'none'}); "
                f"{deploy_dir}/current -> releases/{res.release}")
+    _unrecorded_note("install", res.unrecorded)
     click.echo("'edge-ad run' with model.deploy_dir watches its first frames and rolls back when they look wrong "
                "(started, restarted or reloaded after this install: SIGHUP or the MQTT reload command); "
                "'edge-ad bundle status' shows the verdict", err=True)
@@ -695,8 +697,16 @@ def rollback_cmd(deploy_dir, to):
     deployment(deploy_dir, must_exist=True)
     dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to)
     click.echo(f"{deploy_dir}/current -> releases/{dep.current} (previous: {dep.previous})")
+    _unrecorded_note("rollback", dep.unrecorded)
     click.echo("'edge-ad run' with model.deploy_dir switches on its next reload (SIGHUP or the MQTT reload "
                "command) or restart", err=True)
+
+
+def _unrecorded_note(what: str, why: str | None) -> None:
+    """Say on stderr that an install's or rollback's switch holds with its record incomplete (a full disk after
+    'current' moved: :func:`edge_ad.calibration.deploy._switch_recorded`); the exit code stays 0."""
+    if why is not None:
+        click.echo(f"warning: the {what} holds, but its record is incomplete: {why}", err=True)
 
 
 @bundle_group.command("status")
@@ -717,8 +727,11 @@ def status_cmd(deploy_dir, as_json):
     problems = {role: release_problem(deploy_dir, rid) if rid else None
                 for role, rid in (("current", dep.current), ("previous", dep.previous))}
     others = [r["id"] for r in kept if r["id"] != dep.current and not r["problem"]]
+    # the links say current and previous, deployment() the health: deploy.json's own record of them lags behind
+    # a switch cut short (a power cut, a full disk: its pending record)
+    recorded = {k: v for k, v in dep.detail.items() if k not in ("current", "previous", "health")}
     out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
-           "current_path": str(dep.current_path) if dep.current_path else None, **dep.detail,
+           "current_path": str(dep.current_path) if dep.current_path else None, **recorded,
            "current_problem": problems["current"], "previous_problem": problems["previous"], "releases": kept}
     if as_json:
         _echo_json(out)

@@ -28,6 +28,7 @@ from ..bundle import Bundle
 from ..config import Settings
 from ..data.image import expect_trained_format, put_expected_format
 from ..errors import EdgeADError, InputError, RuntimeFailure, os_error_text
+from ..ratelimit import LogLimiter
 from ..scoring import threshold_in_force
 from .capture import Camera
 from .commands import Commands
@@ -117,6 +118,7 @@ class Service:
         # held while a model switch replaces the health watch (update_model, reload): the loop's _check_health
         # skips its turn then, so the watch replaced is neither judged nor announced a second time
         self._health_lock = threading.Lock()
+        self._health_log = LogLimiter()   # an error of the health check, polled ten times a second: once a minute
         self.transient_threshold: float | None = None  # set_threshold {persist: false}, until a calibration swap
         self.override_under_transient: float | None = None  # the override it replaced: back on that swap
         self._build()
@@ -165,26 +167,35 @@ class Service:
 
     def _roll_back_unopenable(self, dep, exc: BaseException):
         """Roll the pending release ``dep.current`` back because the line cannot open it (``exc``)."""
-        from ..calibration import rollback_model
         from ..calibration.deploy import run_as
 
         m = self.settings.model
-        reason = (f"release {dep.current} cannot be opened as the line runs it "
-                  f"({run_as(m.backend, m.precision, m.device)}): {exc}")
-        try:
-            back = rollback_model(m.deploy_dir, reason=reason)
-        except RuntimeFailure as nothing:
-            raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
-        except OSError as nothing:   # a full disk before 'current' moved: nothing changed (a reload must not crash)
-            raise RuntimeFailure(f"{reason}; and it cannot be rolled back now ({os_error_text(nothing)}; 'current' "
-                                 f"is still {dep.current}): free disk space, then reload or restart") from exc
-        if back.unrecorded is not None:
-            reason += f"; rolled back, but its record is incomplete: {back.unrecorded}"
+        back, reason = self._roll_back(dep.current, f"release {dep.current} cannot be opened as the line runs it "
+                                                    f"({run_as(m.backend, m.precision, m.device)}): {exc}", exc)
         log.error("%s; rolled back to %s", reason, back.current)
         self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
                                   "release": dep.current, "rolled_back": True, "restored": str(back.current_path),
                                   "rolled_back_to": back.current}
         return back
+
+    def _roll_back(self, release: str, reason: str, exc: BaseException):
+        """Roll ``release``, the deploy folder's release in force, back to the previous one because the line cannot
+        run it (``reason``, from ``exc``): (the state after the rollback, ``reason`` plus what its record lacks when
+        it is incomplete). When it cannot be rolled back (no previous release or one that cannot be opened; a full
+        disk before 'current' moved: nothing changed) a RuntimeFailure saying so and naming the release in force,
+        never an OSError (a reload, a command handler must not crash on one)."""
+        from ..calibration import rollback_model
+
+        try:
+            back = rollback_model(self.settings.model.deploy_dir, reason=reason)
+        except RuntimeFailure as nothing:
+            raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
+        except OSError as nothing:   # a full disk before 'current' moved: nothing changed
+            raise RuntimeFailure(f"{reason}; and it cannot be rolled back now ({os_error_text(nothing)}; 'current' "
+                                 f"is still {release}): free disk space, then reload or restart") from exc
+        if back.unrecorded is not None:
+            reason += f"; rolled back, but its record is incomplete: {back.unrecorded}"
+        return back, reason
 
     def _build_rest(self) -> None:
         s = self.settings
@@ -544,7 +555,8 @@ class Service:
 
         The golden check runs the line's backend, precision and device, and the candidate is opened as the
         line opens it before ``current`` moves; should the swap still fail, ``current`` goes back to the
-        running release and the update is reported failed. On a TensorRT line the candidate's engine is
+        running release and the update is reported failed (a RuntimeFailure naming the release in force, also
+        when that rollback cannot be written: :meth:`_roll_back`). On a TensorRT line the candidate's engine is
         built and guarded first, on the golden set's good/ images (else its recorded training data when it
         is on this machine; else the update is refused)."""
         from urllib.parse import urlsplit
@@ -574,7 +586,7 @@ class Service:
                     archive.unlink(missing_ok=True)
 
     def _install_update(self, archive: Path, precision: str | None, activate: bool) -> dict:
-        from ..calibration import check_golden, extract_archive, install_bundle, rollback_model
+        from ..calibration import check_golden, deployment, extract_archive, install_bundle
         from ..calibration.deploy import build_line_engine, engine_images, engine_needed, open_probe
 
         m = self.settings.model
@@ -602,8 +614,12 @@ class Service:
             return _jsonable({"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
                               "signature_verified": info.verified, "golden": report})
         probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
-        res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
-                             device=m.device, probe=probe, require_golden=golden is not None)
+        try:
+            res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
+                                 device=m.device, probe=probe, require_golden=golden is not None)
+        except OSError as exc:   # a full disk before 'current' moved (after it, the install holds): nothing switched
+            raise RuntimeFailure(f"update_model: {os_error_text(exc)}; not installed: 'current' is still "
+                                 f"{deployment(m.deploy_dir).current}, the running model is unchanged") from exc
         if res.already_installed and res.path.resolve() == Path(self.bundle.path).resolve():
             return _jsonable({"activated": True, "already_installed": True, "model_hash": self.inspector.model_hash,
                               "install": res.summary()})
@@ -614,14 +630,19 @@ class Service:
             except Exception as exc:
                 if res.already_installed:   # nothing was switched: nothing to roll back
                     raise
-                dep = rollback_model(m.deploy_dir,
-                                     reason=f"update_model: the new release could not be swapped in: {exc}")
-                raise RuntimeFailure(f"update_model: {res.release} was installed but could not be swapped in "
-                                     f"({exc}); 'current' is back on {dep.current}, the running model is "
+                why = f"update_model: {res.release} was installed but could not be swapped in ({exc})"
+                try:
+                    dep, why = self._roll_back(res.release, why, exc)
+                except RuntimeFailure as failure:   # never an OSError out of the command: the state it left, said
+                    raise RuntimeFailure(f"{failure}; the running model is unchanged") from exc
+                raise RuntimeFailure(f"{why}; 'current' is back on {dep.current}, the running model is "
                                      "unchanged") from exc
             watched = not res.already_installed and self._watch_health(res.release, baseline, "update_model")
         out.update({"activated": True, "install": res.summary(),
                     "health": "unchanged" if res.already_installed else "pending" if watched else "unchecked"})
+        if res.unrecorded is not None:   # the switch holds (install_bundle): say what the deploy folder lacks
+            out["warnings"] = [f"{res.release} is installed and in force, but the record of the install is "
+                               f"incomplete: {res.unrecorded}"]
         return _jsonable(out)
 
     def _ng_rate(self) -> float | None:
@@ -889,8 +910,11 @@ class Service:
             self.camera.watchdog(now)
             try:
                 self._check_health()
-            except EdgeADError as exc:
-                log.error("model health check: %s", exc)
+            except EdgeADError as exc:   # polled ten times a second: logged at once, then at most once a minute
+                since = self._health_log.hit()
+                if since:
+                    log.error("model health check: %s (%d time(s) since the last report; reported again in %.0f s at "
+                              "the earliest)", exc, since, self._health_log.interval_s)
             if now >= next_tel:
                 next_tel = now + self.settings.telemetry.interval_s
                 self._emit_telemetry()
