@@ -19,7 +19,9 @@ output, and the shifts add up through the network. For every conv, in order of d
 mean of its output in the quantized graph is compared with the FP32 graph's on calibration images, and
 the difference is taken out of its bias (the INT32 bias of a quantized conv, the float bias of one kept
 in FP32). Convs at the same depth are corrected together; each step runs only the part of the graph
-above the convs it measures.
+above the convs it measures. Means are measured on the graph's own Q/DQ arithmetic, not on the
+quantizing CPU's fused integer kernels (those saturate on x86 CPUs without VNNI), and the correction is
+kept only when it brings the outputs closer to FP32's.
 """
 
 from __future__ import annotations
@@ -63,8 +65,15 @@ def _set_attr(node, name: str, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-def session(model, optimize: bool = True, threads: int = 0):
-    """A CPU ONNX Runtime session on a path or a ModelProto."""
+def session(model, optimize: bool = True, threads: int = 0, exact: bool = False):
+    """A CPU ONNX Runtime session on a path or a ModelProto.
+
+    ``exact``: Q/DQ pairs are computed as the graph writes them (dequantized values in float), not fused
+    into ONNX Runtime's integer kernels. Those are exact on ARM and on x86 CPUs with VNNI, but on x86 CPUs
+    with AVX2 and no VNNI their u8 x s8 products go through VPMADDUBSW, whose 16-bit pair sums saturate
+    (ONNX Runtime's quantization docs): a conv's output can be off by tens of quantization steps there.
+    Measurements that are written into a graph (bias correction) use this, so the graph is the same
+    whichever CPU made it."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -73,6 +82,8 @@ def session(model, optimize: bool = True, threads: int = 0):
         so.intra_op_num_threads = threads
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if exact:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
@@ -311,9 +322,31 @@ def conv_depths(model) -> dict[str, int]:
     return out
 
 
+def graph_outputs(model, batch: np.ndarray, chunk: int = 0, threads: int = 0, exact: bool = False) -> dict:
+    """``model``'s outputs (a path or a ModelProto) on ``batch``, run ``chunk`` images at a time (0: all)."""
+    sess = session(model, threads=threads, exact=exact)
+    names = [o.name for o in sess.get_outputs()]
+    step = chunk or len(batch)
+    parts = [sess.run(names, {"image": batch[i:i + step]}) for i in range(0, len(batch), step)]
+    return {k: np.concatenate([p[j] for p in parts]) for j, k in enumerate(names)}
+
+
+def map_error(ref_out: dict[str, np.ndarray], model, batch: np.ndarray, chunk: int = 0, threads: int = 0,
+              exact: bool = False) -> float:
+    """Mean over ``ref_out``'s outputs of ||q - r|| / ||r - mean(r)|| (0 = identical; 1 = as large as the
+    signal) for ``model`` (a path or a ModelProto) on ``batch``; ``ref_out``: the reference's outputs on it."""
+    out = graph_outputs(model, batch, chunk, threads, exact)
+    errs = []
+    for name, r in ref_out.items():
+        r = r.astype(np.float64)
+        errs.append(float(np.linalg.norm(out[name] - r) / (np.linalg.norm(r - r.mean()) + 1e-12)))
+    return float(np.mean(errs))
+
+
 def _channel_means(model, names: Sequence[str], batch: np.ndarray, chunk: int, threads: int) -> dict:
-    """Per-channel means over images and positions of ``names`` (``[B, C, H, W]`` tensors)."""
-    sess = session(prune(model, names), threads=threads)
+    """Per-channel means over images and positions of ``names`` (``[B, C, H, W]`` tensors), computed on
+    the graph's own Q/DQ arithmetic (:func:`session`'s ``exact``)."""
+    sess = session(prune(model, names), threads=threads, exact=True)
     acc = [np.zeros(0)] * len(names)
     n = 0
     for i in range(0, len(batch), chunk):
@@ -326,8 +359,14 @@ def _channel_means(model, names: Sequence[str], batch: np.ndarray, chunk: int, t
 
 
 def correct_bias(ref_path: Path, q_path: Path, batch: np.ndarray, chunk: int = 8, threads: int = 0) -> dict:
-    """Empirical bias correction of the Q/DQ graph ``q_path`` (rewritten in place) against the FP32 graph
-    ``ref_path`` it was made from, on ``batch`` (calibration images). Returns a summary."""
+    """Empirical bias correction of the Q/DQ graph ``q_path`` against the FP32 graph ``ref_path`` it was
+    made from, on ``batch`` (calibration images). Returns a summary.
+
+    Means are measured on the Q/DQ arithmetic the graph defines (:func:`session`'s ``exact``), what
+    TensorRT and ONNX Runtime's integer kernels on ARM and VNNI CPUs compute, not on this machine's fused
+    kernels: the corrected graph does not depend on the CPU that made it. ``q_path`` is rewritten only when
+    the correction brings the outputs closer to FP32's on ``batch`` (:func:`map_error`, same arithmetic);
+    otherwise it is left as it was and the summary says ``applied: false``."""
     import onnx
     from onnx import numpy_helper
 
@@ -352,7 +391,7 @@ def correct_bias(ref_path: Path, q_path: Path, batch: np.ndarray, chunk: int = 8
             targets[n.name] = (n.output[0], inits[dq.input[0]],
                                numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64))
     if not targets:
-        return {"convs": 0, "levels": 0, "seconds": 0.0}
+        return {"convs": 0, "levels": 0, "applied": False, "seconds": 0.0}
     names = list(targets)
     ref_means = _channel_means(ref, [ref_out[k] for k in names], batch, chunk, threads)
     by_depth: dict[int, list[str]] = {}
@@ -374,9 +413,17 @@ def correct_bias(ref_path: Path, q_path: Path, batch: np.ndarray, chunk: int = 8
                 step = np.round(err / np.broadcast_to(scale, err.shape)).astype(np.int64)
                 new = np.clip(bias.astype(np.int64) - step, -2 ** 31, 2 ** 31 - 1).astype(np.int32)
             init.CopyFrom(numpy_helper.from_array(new, init.name))
-    onnx.save(q, str(q_path))
+    # the per-channel means of every conv now match, but the maps are what counts: keep the correction
+    # only where it brings them closer to FP32's (on a graph with few nearly constant channels it may not)
+    ref_maps = graph_outputs(ref, batch, chunk, threads, exact=True)
+    error = {"before": map_error(ref_maps, q_path, batch, chunk, threads, exact=True),
+             "after": map_error(ref_maps, q, batch, chunk, threads, exact=True)}
+    applied = error["after"] < error["before"]
+    if applied:
+        onnx.save(q, str(q_path))
     summary = {"convs": len(names), "levels": len(by_depth), "images": int(len(batch)),
                "largest_shift": max(shifts), "median_shift": float(np.median(shifts)),
+               "map_error_before": error["before"], "map_error_after": error["after"], "applied": applied,
                "seconds": time.perf_counter() - t0}
     log.info("bias correction: %s", summary)
     return summary

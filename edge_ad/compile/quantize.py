@@ -18,8 +18,8 @@ How (each step measured on trained bundles, see docs/compile.md):
    over the activation's range, 0..6 after ReLU6, instead of its raw range, which wasted most of the 8
    bits; the u8 form folds the activation into the quantization), and Add, Concat, Resize and Pad between
    convs, so the CPU form stays in 8 bits from one conv to the next;
-4. empirical bias correction of every conv, in order of depth, on calibration images
-   (:func:`edge_ad.compile.qgraph.correct_bias`).
+4. empirical bias correction of every conv, in order of depth, on calibration images, kept when it
+   brings the outputs closer to FP32's (:func:`edge_ad.compile.qgraph.correct_bias`).
 
 Everything after the last convolution (the squared differences and channel means that make the maps,
 the Gaussian model's pooling) stays FP32 in every form. Convolutions kept in FP32 (``keep_fp32``):
@@ -236,25 +236,15 @@ def quantize_int8_form(src: Path, dst: Path, form: str, cache: Path, reader: _Re
     return dst
 
 
-def _map_error(ref_out: dict[str, np.ndarray], path: Path, batch: np.ndarray) -> float:
-    """Mean over outputs of ||q - r|| / ||r - mean(r)|| (0 = identical; 1 = as large as the signal)."""
-    sess = qgraph.session(path)
-    outs = sess.run(list(ref_out), {"image": batch})
-    errs = []
-    for (name, r), q in zip(ref_out.items(), outs):
-        r = r.astype(np.float64)
-        errs.append(float(np.linalg.norm(q - r) / (np.linalg.norm(r - r.mean()) + 1e-12)))
-    return float(np.mean(errs))
-
-
 def sensitivity_search(src: Path, work: Path, cache: Path, reader: _Reader | None, batch: np.ndarray,
                        base_exclude: Sequence[str] = (), fixed_exclude: Sequence[str] = (),
                        outlier_factor: float = 5.0, max_fp32_layers: int = 8, progress: bool = True,
                        method: str = "minmax") -> tuple[list[str], list[dict]]:
     """Per-layer INT8 sensitivity: every convolution not in ``base_exclude`` is quantized alone (with its
     activation; signed form, the stricter one) and ranked by the map error it causes on ``batch``
-    (:func:`_map_error`). The outliers, layers whose error is at least ``outlier_factor`` times the median
-    layer's, are added to ``base_exclude`` (worst first, at most ``max_fp32_layers``).
+    (:func:`edge_ad.compile.qgraph.map_error`). The outliers, layers whose error is at least
+    ``outlier_factor`` times the median layer's, are added to ``base_exclude`` (worst first, at most
+    ``max_fp32_layers``).
 
     ``fixed_exclude``: other nodes never quantized (the map head). Returns (convolutions kept in FP32,
     the table, worst first)."""
@@ -268,7 +258,7 @@ def sensitivity_search(src: Path, work: Path, cache: Path, reader: _Reader | Non
     for i, node in enumerate(cands):
         out = work / f"one-{i}.onnx"
         quantize_int8_form(src, out, "int8", cache, reader, only=[node], exclude=fixed_exclude, method=method)
-        table.append({"node": node, "error_alone": _map_error(ref, out, batch)})
+        table.append({"node": node, "error_alone": qgraph.map_error(ref, out, batch)})
         out.unlink()
         if progress:
             log.info("sensitivity %d/%d %s: %.4f", i + 1, len(cands), node, table[-1]["error_alone"])
@@ -450,7 +440,11 @@ def _make_int8(bundle: Bundle, src: Path, work: Path, pool: list[Path], samples:
                                   method=calibration)
         if bias_batch is not None:
             _say(progress, f"bias correction ({form}) on {len(bias_batch)} calibration images")
-            details[f"bias_{form}"] = qgraph.correct_bias(sources[form], path, bias_batch, threads=threads)
+            bias = qgraph.correct_bias(sources[form], path, bias_batch, threads=threads)
+            details[f"bias_{form}"] = bias
+            if bias["convs"] and not bias["applied"]:
+                _say(progress, f"bias correction ({form}) left out: it does not bring the outputs closer to FP32's "
+                               f"(map error {bias['map_error_before']:.4g} -> {bias['map_error_after']:.4g})")
         made[form] = path
     return fp32_nodes, details
 
