@@ -1069,6 +1069,71 @@ def test_a_reply_the_connection_is_lost_for_at_every_send_is_given_up_and_named(
     assert _loss_warnings(caplog) == []                      # no result is blamed for it
 
 
+def _reply_made_now(link: MqttLink, topic: str) -> None:
+    """A command reply to ``topic`` (its ``reply_to``) through the link's reply path, as a command worker makes one
+    when its command finishes."""
+    from edge_ad.mqtt.commands import Incoming
+
+    msg = Incoming("status", json.dumps({"reply_to": topic}).encode())
+    link._reply_now(link.dispatcher.error_reply(msg, "failed", "made while the broker was away"))
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_reply_made_while_the_broker_is_down_goes_out_when_it_is_back_and_the_link_lives_on(
+        mosquitto, tmp_path, caplog, protocol):
+    """A command finished while the broker was away (a restart, a network cut during a calibrate): paho keeps its
+    reply (MQTT_ERR_NO_CONN) and sends it at the next connect, but is_published() raises for such a message. The
+    link asked it at that connect: the exception ended paho's network thread, and the device never reconnected
+    (no command, the outbox growing) until a restart. The reply arrives after the broker is back, so do the
+    results, and nothing is logged as an error."""
+    fast = BrokerSettings(url=mosquitto.url, protocol=protocol, **FAST)
+    with Collector(fast, "fleet/replies/#") as replies, Collector(fast, "edge-ad/v1/t/d1/result") as results, \
+            caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(mosquitto.url, tmp_path, protocol=protocol)).start()
+        try:
+            assert _wait(lambda: link.connected, 10)
+            mosquitto.stop()
+            assert _wait(lambda: not link.connected, 10)
+            _reply_made_now(link, "fleet/replies/r1")
+            result_id = link.publish_result({"score": 0.1, "ng": False})
+            mosquitto.start()
+            assert _wait(lambda: link.connected, 15)
+            assert replies.wait_for(lambda c: c.messages, 15)
+            assert results.wait_ids(1, 15) and results.unique_ids() == {result_id}
+            assert _wait(lambda: not link._replies, 10)        # acknowledged
+            mosquitto.stop()                                    # and it reconnects again, as often as it takes
+            assert _wait(lambda: not link.connected, 10)
+            mosquitto.start()
+            assert _wait(lambda: link.connected, 15)
+            st = link.stats()
+        finally:
+            link.stop()
+    reply = replies.messages[0]
+    assert reply.topic == "fleet/replies/r1" and reply.json()["error"]["message"] == "made while the broker was away"
+    assert st["connects"] == 3 and st["disconnects"] == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_no_paho_callback_raises(tmp_path, caplog):
+    """An exception from a paho callback ends paho's network thread, and with it the link for good (no reconnect
+    until a restart): each callback logs its own exceptions."""
+    link = MqttLink(_settings("mqtt://127.0.0.1:1", tmp_path))
+    broken = object()            # no .protocol: the connect and disconnect callbacks fail on it
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+            link._on_connect(broken, None, None, 0, None)
+            link._connected = True
+            link._on_disconnect(broken, None, None, 0, None)
+            link._out.acknowledged = None                        # not callable
+            link._on_publish(broken, None, 7, 0, None)
+    finally:
+        link.stop()
+    logged = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert [m.split(" (")[0] for m in logged] == ["mqtt: error in the connect callback",
+                                                   "mqtt: error in the disconnect callback",
+                                                   "mqtt: error in the publish callback for message 7"]
+
+
 def test_mqtt_311_a_message_over_the_brokers_limit_is_never_dropped_and_named_in_the_log(mosquitto_factory,
                                                                                          tmp_path, caplog):
     """MQTT 3.1.1 announces no limit: the broker just closes the connection at a larger message, at every

@@ -32,6 +32,7 @@ row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) 
 same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
 A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`): one the broker closes the
 connection for is then given up, with an ERROR naming it, instead of costing the connection at every reconnect.
+No paho callback raises: an exception from one would end paho's network thread, and with it the link, for good.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ class _SentReply:
     topic: str
     size: int
     sends: int = 1
+
+
+def _acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    """Has the broker acknowledged this reply? For one published while disconnected (``MQTT_ERR_NO_CONN``, sent by
+    paho at the next connect) ``is_published()`` raises instead of answering; its PUBACK, should it come, removes
+    it from the replies (``on_publish``)."""
+    return info.rc == paho.MQTT_ERR_SUCCESS and info.is_published()
 
 
 def retained_topics(settings: MqttSettings) -> list[str]:
@@ -616,7 +624,15 @@ class MqttLink:
                 self._publish_direct(client, topic, data, 1, True)
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
+    # paho's network thread dies with an exception from a callback, and with it the link, for good: no reconnect,
+    # no command, the outbox growing, until a restart. Each callback logs its own exceptions instead.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self._connect_done(client, flags, reason_code, properties)
+        except Exception:
+            log.exception("mqtt: error in the connect callback (the link goes on)")
+
+    def _connect_done(self, client, flags, reason_code, properties) -> None:
         if reason_failed(reason_code):
             self._connected = False
             self._last_error = f"broker {self.settings.safe_url} refused the connection: {reason_text(reason_code)}"
@@ -625,7 +641,10 @@ class MqttLink:
         limit = getattr(properties, "MaximumPacketSize", None) if client.protocol == paho.MQTTv5 else None
         # before anything is published on this connection, and before paho sends again what it holds
         self._out.reconnected(client, int(limit) if limit is not None else None)
-        self._replies_at_connect(client)
+        try:      # whatever happens to the replies, the connection is taken (subscribed, the birth published)
+            self._replies_at_connect(client)
+        except Exception:
+            log.exception("mqtt: error while taking stock of the command replies at connect")
         if limit is not None and limit < self.settings.image_max_bytes + 1024 and self._limit_warned != limit:
             self._limit_warned = limit
             log.warning("mqtt: the broker %s takes packets of at most %d bytes (its max_packet_size), less than "
@@ -662,6 +681,12 @@ class MqttLink:
             log.debug("mqtt: %s", self._last_error)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self._disconnected(client, flags, reason_code)
+        except Exception:
+            log.exception("mqtt: error in the disconnect callback (the link goes on)")
+
+    def _disconnected(self, client, flags, reason_code) -> None:
         was = self._connected
         self._connected = False
         if was:
@@ -677,9 +702,12 @@ class MqttLink:
                             self.outbox.depth)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._lock:
-            self._replies.pop(mid, None)
-        self._out.acknowledged(mid, reason_code)
+        try:
+            with self._lock:
+                self._replies.pop(mid, None)
+            self._out.acknowledged(mid, reason_code)
+        except Exception:
+            log.exception("mqtt: error in the publish callback for message %s (the link goes on)", mid)
 
     def _on_message(self, client, userdata, message) -> None:
         try:   # paho's network thread dies with an exception from here, and with it every delivery
@@ -781,7 +809,7 @@ class MqttLink:
             log.exception("mqtt: cannot send the reply to %s", _short(repr(reply.topic), 120))
             return
         if info is not None and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            with self._lock:   # its PUBACK may have come already: is_published() says so at the next connect
+            with self._lock:   # its PUBACK may have come already: _acknowledged() says so at the next connect
                 self._replies[info.mid] = _SentReply(info, str(reply.body.get("command")), reply.topic, len(data))
 
     def _replies_at_connect(self, client: paho.Client) -> None:
@@ -792,7 +820,7 @@ class MqttLink:
         (``drop_out_messages``), the other replies published again now, the outbox's handed back to the
         sender (as at a lowered packet limit: :meth:`OutboxSender.reconnected`)."""
         with self._lock:
-            pending = {mid: r for mid, r in self._replies.items() if not r.info.is_published()}
+            pending = {mid: r for mid, r in self._replies.items() if not _acknowledged(r.info)}
             self._replies = pending
             if not any(r.sends >= REPLY_SENDS for r in pending.values()):
                 for r in pending.values():
