@@ -1134,6 +1134,32 @@ def test_no_paho_callback_raises(tmp_path, caplog):
                                                    "mqtt: error in the publish callback for message 7"]
 
 
+def test_a_reply_made_while_disconnected_is_sent_twice_before_it_is_given_up(mosquitto, tmp_path, caplog):
+    """A reply made while the device was disconnected counted as sent once already: it went out once at the
+    reconnect, and one more lost connection before its PUBACK (a flaky network) gave it up, its requester left
+    without a reply though the command ran. Only real sends count: it is sent again after that loss, and arrives."""
+    proxy = CuttableProxy(mosquitto.port)
+    with Collector(BrokerSettings(url=mosquitto.url, **FAST), "fleet/replies/#") as replies, \
+            caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path)).start()
+        try:
+            assert _wait(lambda: link.connected, 10)
+            proxy.cut()
+            assert _wait(lambda: not link.connected, 10)
+            _reply_made_now(link, "fleet/replies/r1")
+            proxy.cut_at_publish("fleet/replies", 1)            # its first send (at the reconnect) is lost
+            proxy.restore()
+            assert replies.wait_for(lambda c: c.messages, 15)
+            assert _wait(lambda: not link._replies, 10)
+            st = link.stats()
+        finally:
+            link.stop()
+            proxy.close()
+    assert len(proxy.cut_publishes) == 1 and st["connects"] == 3
+    assert [m.topic for m in replies.messages] == ["fleet/replies/r1"]
+    assert not [r for r in caplog.records if "is given up" in r.getMessage()]
+
+
 def test_mqtt_311_a_message_over_the_brokers_limit_is_never_dropped_and_named_in_the_log(mosquitto_factory,
                                                                                          tmp_path, caplog):
     """MQTT 3.1.1 announces no limit: the broker just closes the connection at a larger message, at every

@@ -30,9 +30,10 @@ sent (logged). A broker that announces no limit (MQTT 3.1.1) just drops the conn
 told from a network fault: nothing is dropped for it; the same message sent right before several losses in a
 row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) is dropped and announced the
 same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
-A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`): one the broker closes the
-connection for is then given up, with an ERROR naming it, instead of costing the connection at every reconnect.
-No paho callback raises: an exception from one would end paho's network thread, and with it the link, for good.
+A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`; one made while disconnected is
+first sent at the reconnect): one the broker closes the connection for is then given up, with an ERROR naming it,
+instead of costing the connection at every reconnect. No paho callback raises: an exception from one would end
+paho's network thread, and with it the link, for good.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ REPLY_SENDS = LOSS_REPEATS - 1
 
 @dataclass
 class _SentReply:
-    """A command reply paho holds until its PUBACK (see :meth:`MqttLink._replies_at_connect`)."""
+    """A command reply paho holds until its PUBACK (see :meth:`MqttLink._replies_at_connect`); ``sends``: how many
+    times it was on the wire (0 for one published while disconnected: paho sends it at the next connect)."""
 
     info: paho.MQTTMessageInfo
     command: str
@@ -809,8 +811,11 @@ class MqttLink:
             log.exception("mqtt: cannot send the reply to %s", _short(repr(reply.topic), 120))
             return
         if info is not None and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            with self._lock:   # its PUBACK may have come already: _acknowledged() says so at the next connect
-                self._replies[info.mid] = _SentReply(info, str(reply.body.get("command")), reply.topic, len(data))
+            # its PUBACK may have come already: _acknowledged() says so at the next connect. NO_CONN: paho keeps it
+            # and sends it at the next connect, the first time it is on the wire (not a send yet)
+            with self._lock:
+                self._replies[info.mid] = _SentReply(info, str(reply.body.get("command")), reply.topic, len(data),
+                                                     sends=1 if info.rc == paho.MQTT_ERR_SUCCESS else 0)
 
     def _replies_at_connect(self, client: paho.Client) -> None:
         """``on_connect``, before paho sends again the messages it holds from the last connection: a reply sent
