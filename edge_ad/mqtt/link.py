@@ -60,8 +60,8 @@ from .client import connect_async, make_client, reason_failed, reason_text, reas
 from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming, _short
 from .outbox import DROP_IDS_PER_EVENT, Outbox
 from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
-from .settings import SHORT_SECRET, MqttSettings
-from .topics import Topics
+from .settings import SHORT_SECRET, MqttSettings, Protocol
+from .topics import Topics, level_problem, string_problem
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
@@ -152,6 +152,7 @@ class MqttLink:
             "schema_version": payloads.SCHEMA_VERSION, "id": "0" * 36, "seq": 10 ** 12, "ts": payloads.now_iso(),
             "site": settings.site, "device": settings.device}, "event"))
         self._oversize_log = LogLimiter()     # direct publishes (status, telemetry, replies) over the limit
+        self._id_log = LogLimiter()           # event ids that cannot name their image as they are
         self._limit_warned: int | None = None
         if self.outbox.reset is not None:
             self._announce_outbox_reset(self.outbox.reset)
@@ -388,10 +389,11 @@ class MqttLink:
 
     def publish_event(self, payload: Mapping[str, Any], jpeg: bytes | None = None,
                       image_outcome: dict | None = None) -> str:
-        """Store an NG event (QoS 1 on ``event``); returns its id. ``jpeg`` (encoded image bytes) follows
-        on ``event/image`` (with ``image_topic_event_id``: ``event/image/<event id>``) at most once per
-        ``image_min_interval_s``; the event says whether it was sent (``image``, with its topic) or why not
-        (``image_skipped``), and so does ``image_outcome`` when given (a dict that receives those fields)."""
+        """Store an NG event (QoS 1 on ``event``); returns its id (``id`` kept if given). ``jpeg`` (encoded image
+        bytes) follows on ``event/image`` (with ``image_topic_event_id``: ``event/image/<event id>``, or
+        ``event/image/sha256-...`` for an id that cannot be one topic level: :func:`~.topics.image_level`) at
+        most once per ``image_min_interval_s``; the event says whether it was sent (``image``, with its topic) or
+        why not (``image_skipped``), and so does ``image_outcome`` when given (a dict that receives those fields)."""
         extra: dict[str, Any] = {}
         image = None
         event_id = None
@@ -399,6 +401,8 @@ class MqttLink:
         if jpeg is not None and self.settings.image_topic_event_id and isinstance(payload, Mapping):
             event_id = str(payload.get("id") or uuid.uuid4())     # known before the event is stored: its topic
             image_topic = self.topics.event_image_of(event_id)
+        if jpeg is not None and isinstance(payload, Mapping) and payload.get("id"):
+            self._odd_event_id(str(payload["id"]), image_topic)
         if jpeg is not None:
             data = bytes(jpeg)
             now = time.monotonic()
@@ -427,6 +431,22 @@ class MqttLink:
             self.outbox.put("image", image_topic, image, msg_id=event_id, meta={"event_id": event_id})
             self._wake.set()
         return event_id
+
+    def _odd_event_id(self, event_id: str, image_topic: str) -> None:
+        """A caller's event id that cannot name its image as is: not one topic level (``image_topic_event_id``:
+        the image goes to ``event/image/sha256-...``, :func:`~.topics.image_level`), or not text a broker takes
+        (MQTT v5: the image carries no ``event_id`` property, :func:`~.sender.image_properties`). The event and
+        its image are published all the same; a WARNING says so, at most once a minute."""
+        what = []
+        if self.settings.image_topic_event_id and level_problem(event_id) is not None:
+            what.append(f"its image goes to {image_topic}")
+        if self.settings.protocol == Protocol.V5 and string_problem(event_id) is not None:
+            what.append("its image carries no event_id property")
+        since = self._id_log.hit() if what else 0
+        if since:
+            log.warning("mqtt: event id %s %s: %s (the event's image.topic names the topic); %d such event(s) since "
+                        "the last report", _short(repr(event_id), 80),
+                        string_problem(event_id) or level_problem(event_id), " and ".join(what), since)
 
     def publish_telemetry(self, payload: Mapping[str, Any]) -> dict:
         """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state. Returns the
