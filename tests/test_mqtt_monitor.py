@@ -439,7 +439,8 @@ def test_decommission_clears_every_retained_topic_and_drops_the_session(mosquitt
     argv = ["decommission", "--mqtt", mosquitto.url, "--protocol", protocol, "--site", "p1", "--device", "cam1"]
     res = CliRunner().invoke(main, argv)
     assert res.exit_code == 1 and "p1/cam1 is online since " in res.output, res.output
-    assert "stop edge-ad on it first" in res.output and "nothing was changed" in res.output
+    assert "stop edge-ad on it first" in res.output and "Nothing was changed" in res.output
+    assert "wait for its will" in res.output                          # a device just killed: wait, not stop it
     assert read_retained(broker, everything) == held
     with pytest.raises(RuntimeFailure, match="is online"):
         decommission(broker, "p1", "cam1")
@@ -456,6 +457,7 @@ def test_decommission_clears_every_retained_topic_and_drops_the_session(mosquitt
     assert res.exit_code == 0, res.output
     done = json.loads(res.stdout)
     assert done["status"] == "offline" and done["reason"] == "stopped" and done["session_dropped"] == "edge-ad-p1-cam1"
+    assert done["client_id_from"] == "status" and done["warnings"] == []
     assert done["cleared"] == retained_topics(s)
     left = read_retained(broker, everything)
     assert left and all("/cam2/" in t for t in left)                  # nothing of cam1, cam2's untouched
@@ -471,6 +473,103 @@ def test_decommission_clears_every_retained_topic_and_drops_the_session(mosquitt
     finally:
         link.stop()
         other.stop()
+
+
+def test_decommission_drops_the_session_its_status_names_and_asks_for_force_when_the_status_is_the_will(
+        mosquitto, tmp_path):
+    """'edge-ad decommission' dropped the session of edge-ad-<site>-<device> for a device whose config sets
+    mqtt.client_id (exit 0, "session_dropped" a session that never existed), though its retained status names
+    its client id: the command queued in its real session ran when it came back. It takes the client id of the
+    retained status unless --client-id is given (and says which, and warns when they differ). A status that is
+    the will (the device may be running behind a network cut) is refused, nothing changed, unless --force."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_ad.mqtt.decommission import read_retained
+    from edge_ad.mqtt.requester import CommandClient
+
+    broker = BrokerSettings(url=mosquitto.url)
+    s = MqttSettings(url=mosquitto.url, site="p1", device="cam1", client_id="line3-cam1-custom",
+                     outbox_path=tmp_path / "cam1.sqlite", reconnect_min_s=0.1)
+    calls = []
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-pub", protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+
+    def device():
+        link = MqttLink(s)
+        for name in ("pause", "resume"):
+            link.register_command(name, lambda args, name=name: calls.append(name) or {})
+        link.start()
+        assert _wait(lambda: link.connected)
+        return link
+
+    def decommission(*extra):
+        argv = ["decommission", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam1", *extra]
+        return CliRunner().invoke(main, argv)
+
+    try:
+        device().stop()
+        pub.publish(f"{B}/p1/cam1/cmd/pause", b'{"reason": "queued while away"}', qos=1).wait_for_publish(5)
+        res = decommission()
+        assert res.exit_code == 0, res.output
+        done = json.loads(res.stdout)
+        assert done["session_dropped"] == "line3-cam1-custom" and done["client_id_from"] == "status"
+        assert done["warnings"] == [] and "warning" not in res.stderr
+        link = device()                                                # back with its client id
+        try:
+            with CommandClient(broker) as cc:
+                assert cc.call("p1", "cam1", "resume", timeout=5)["ok"]
+        finally:
+            link.stop()
+        assert calls == ["resume"]                                     # the queued pause went with its session
+
+        res = decommission("--client-id", "other-id")                  # an id its status does not name
+        assert res.exit_code == 0, res.output
+        done = json.loads(res.stdout)
+        assert done["session_dropped"] == "other-id" and done["client_id_from"] == "--client-id"
+        assert len(done["warnings"]) == 1 and "'other-id' is not the client id" in done["warnings"][0]
+        assert "('line3-cam1-custom')" in done["warnings"][0] and "warning: --client-id 'other-id'" in res.stderr
+
+        # the broker's will for the device (as it publishes it when the connection is lost)
+        will = MqttLink(s)._status_bytes("offline", "will")
+        pub.publish(f"{B}/p1/cam1/status", will, qos=1, retain=True).wait_for_publish(5)
+        assert _wait(lambda: read_retained(broker, [f"{B}/p1/cam1/status"]))
+        res = decommission()
+        assert res.exit_code == 1 and "is its will" in res.output and "again with --force" in res.output, res.output
+        assert "nothing was changed" in res.output
+        assert read_retained(broker, [f"{B}/p1/cam1/status"]) == {f"{B}/p1/cam1/status": will}
+        res = decommission("--force")
+        assert res.exit_code == 0, res.output
+        done = json.loads(res.stdout)
+        assert done["reason"] == "will" and done["session_dropped"] == "line3-cam1-custom"
+        assert len(done["warnings"]) == 1 and "(taken: --force)" in done["warnings"][0]
+        assert read_retained(broker, [f"{B}/p1/cam1/#"]) == {}
+
+        res = decommission()                                           # nothing left: the default id, said
+        assert res.exit_code == 0 and json.loads(res.stdout)["client_id_from"] == "default"
+        assert "give --client-id when the device's config sets mqtt.client_id" in res.stderr
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+
+def test_decommission_names_the_option_and_its_value_before_connecting():
+    """'--device' with U+0085 said "mqtt.device = 'd\x85': Value error, 'd' is not a topic-safe name": the
+    config field, not the option, and not the value given. Each option is checked by the device config's rule,
+    named, with its value, before anything connects (exit 2)."""
+    from edge_ad.mqtt.broker import free_port
+
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    for extra, said in ((["--device", "d\u0085"], "--device 'd\\x85' is not a topic-safe name"),
+                        (["--device", "d\u00e9"], "--device 'd\u00e9' is not a topic-safe name"),
+                        (["--site", "a/b"], "--site 'a/b' is not a topic-safe name"),
+                        (["--client-id", "c\u0085"], "--client-id 'c\\x85' holds a control character (U+0085)"),
+                        (["--homeassistant-prefix", "a/#"], "--homeassistant-prefix 'a/#' is not a topic prefix")):
+        argv = {"--site": "p1", "--device": "cam1", **dict(zip(extra[::2], extra[1::2]))}
+        res = CliRunner().invoke(main, ["decommission", "--mqtt", url, "--timeout", "0.5",
+                                        *[x for kv in argv.items() for x in kv]])
+        assert res.exit_code == 2 and said in res.output and "mqtt." not in res.output, res.output
 
 
 def test_cli_site_device_and_name_are_checked_before_connecting():
