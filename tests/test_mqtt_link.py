@@ -863,6 +863,44 @@ def test_a_message_the_broker_refuses_for_good_is_dropped_counted_and_named(mosq
     schema.validate("event", ev)
 
 
+def test_a_reply_or_retained_message_the_broker_refuses_is_logged_and_counted(mosquitto_factory, tmp_path, caplog):
+    """An ACL that denies the device a requester's reply topic: Mosquitto (MQTT v5) answers the reply with
+    PUBACK 0x87 and keeps the connection. The link dropped it without a word (not counted, not logged): the
+    command ran, its requester timed out, and the docs promised a closed connection and an ERROR. The same for
+    a denied retained calibration. Each is an ERROR naming what was refused and why (rate-limited), and counted
+    apart from the outbox's 'rejected'."""
+    acl = tmp_path / "acl"
+    acl.write_text("user col\ntopic read edge-ad/#\ntopic read fleet/#\n\n"
+                   "user dev\ntopic write edge-ad/v1/t/d1/status\ntopic write edge-ad/v1/t/d1/result\n"
+                   "topic read edge-ad/v1/t/d1/cmd/#\ntopic write fleet/allowed/#\n")
+    broker = mosquitto_factory(extra_config=f"acl_file {acl}")
+    with Collector(BrokerSettings(url=broker.url, username="col"), "fleet/#") as col, \
+            caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(broker.url, tmp_path, username="dev")).start()
+        try:
+            assert _wait(lambda: link.connected, 10)
+            link.publish_calibration({"version": 3, "threshold": 0.5})         # calibration: denied
+            for topic in ("fleet/denied/r1", "fleet/denied/r2", "fleet/allowed/r3"):
+                _reply_made_now(link, topic)
+            result = link.publish_result({"score": 0.1, "ng": False})
+            assert col.wait_for(lambda c: c.messages, 10)
+            assert _wait(lambda: link.stats()["replies_rejected"] == 2 and link.stats()["retained_rejected"] == 1, 10)
+            assert _wait(lambda: link.stats()["acked"] == 1 and not link._replies and not link._retained_mids, 10)
+            st = link.stats()
+        finally:
+            link.stop()
+    assert result and [m.topic for m in col.messages] == ["fleet/allowed/r3"]
+    assert st["rejected"] == 0 and st["disconnects"] == 0 and st["outbox_dropped"] == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, errors                          # the second refused reply: within the minute
+    reply = next(e for e in errors if "reply" in e)
+    assert reply.startswith("mqtt: the broker refused the reply to command status on 'fleet/denied/r1': Not "
+                            "authorized (reason code 0x87); its requester gets no reply")
+    assert next(e for e in errors if "retained" in e).startswith(
+        "mqtt: the broker refused the retained message on edge-ad/v1/t/d1/calibration: Not authorized (reason code "
+        "0x87)")
+
+
 def test_a_message_the_broker_refuses_for_now_is_sent_again_after_a_back_off(mosquitto, tmp_path, monkeypatch):
     """A PUBACK 0x97 Quota exceeded ("not now") deleted the result from the outbox: lost, though the broker
     asked to send it later. It stays in the outbox and is sent again after a back-off: every result arrives,

@@ -32,8 +32,10 @@ row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) 
 same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
 A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`; one made while disconnected is
 first sent at the reconnect): one the broker closes the connection for is then given up, with an ERROR naming it,
-instead of costing the connection at every reconnect. No paho callback raises: an exception from one would end
-paho's network thread, and with it the link, for good.
+instead of costing the connection at every reconnect. A reply or a retained message (status, calibration, a
+discovery config) the broker refuses in its PUBACK (MQTT v5: its ACL) is not sent again: it is logged as an ERROR
+and counted (``replies_rejected``, ``retained_rejected``). No paho callback raises: an exception from one would
+end paho's network thread, and with it the link, for good.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure
 # flight again at every reconnect; a reply the broker closes the connection for did so for ever). Fewer than the
 # losses in a row the sender names an outbox message for, so such a reply is named, not a result sent beside it.
 REPLY_SENDS = LOSS_REPEATS - 1
+RETAINED_MIDS = 256   # retained messages whose PUBACK is awaited, at most (a connect publishes a handful)
 
 
 @dataclass
@@ -135,6 +138,7 @@ class MqttLink:
         self._quick = CommandQueue(settings.command_queue)     # QUICK commands: their own worker
         self._long: Incoming | None = None    # the LONG command waiting or running: others are refused meanwhile
         self._replies: dict[int, _SentReply] = {}   # replies paho may still hold, by message id
+        self._retained_mids: dict[int, str] = {}    # retained messages (_publish_retained) not acknowledged: topics
         self._closing: str | None = None      # why commands are no longer run (close_commands), once they are not
         self._running: dict[str, Incoming] = {}   # worker thread name -> the command it runs
         self._answered_at_stop: set[int] = set()  # ids of running commands stop() answered (their reply: not sent)
@@ -142,7 +146,8 @@ class MqttLink:
         self._started_iso = payloads.now_iso()
         # every key exists from the start, so stats() never iterates a dict that grows under it
         self._counters = collections.Counter({k: 0 for k in ("connects", "disconnects", "telemetry_sent",
-                                                             "telemetry_dropped", "images_skipped")})
+                                                             "telemetry_dropped", "images_skipped",
+                                                             "replies_rejected", "retained_rejected")})
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
                                  self._wake, ack_listener, on_drop=self._announce_drops)
@@ -153,6 +158,7 @@ class MqttLink:
             "site": settings.site, "device": settings.device}, "event"))
         self._oversize_log = LogLimiter()     # direct publishes (status, telemetry, replies) over the limit
         self._id_log = LogLimiter()           # event ids that cannot name their image as they are
+        self._refused_log = LogLimiter()      # replies and retained messages the broker refused
         self._limit_warned: int | None = None
         if self.outbox.reset is not None:
             self._announce_outbox_reset(self.outbox.reset)
@@ -531,6 +537,8 @@ class MqttLink:
             "published": c["published"],
             "acked": c["acked"],
             "rejected": c["rejected"],
+            "replies_rejected": c["replies_rejected"],
+            "retained_rejected": c["retained_rejected"],
             "resent": c["resent"],
             "connects": c["connects"],
             "disconnects": c["disconnects"],
@@ -638,12 +646,20 @@ class MqttLink:
         with self._lock:
             self._retained_dirty = False
             calibration = self._calibration
-        self._publish_direct(client, self.topics.status, self._status_bytes("online", "connected"), 1, True)
+        sent = [(self.topics.status, self._publish_direct(client, self.topics.status,
+                                                          self._status_bytes("online", "connected"), 1, True))]
         if calibration is not None:
-            self._publish_direct(client, self.topics.calibration, calibration, 1, True)
+            sent.append((self.topics.calibration, self._publish_direct(client, self.topics.calibration, calibration,
+                                                                       1, True)))
         if self.settings.homeassistant:
             for topic, data in homeassistant.discovery(self.settings, self._birth):
-                self._publish_direct(client, topic, data, 1, True)
+                sent.append((topic, self._publish_direct(client, topic, data, 1, True)))
+        with self._lock:   # their PUBACKs say whether the broker took them (_on_publish)
+            for topic, info in sent:
+                if info is not None and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                    self._retained_mids[info.mid] = topic
+            while len(self._retained_mids) > RETAINED_MIDS:      # acknowledged ones are removed: a bound, not a rule
+                self._retained_mids.pop(next(iter(self._retained_mids)))
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
     # paho's network thread dies with an exception from a callback, and with it the link, for good: no reconnect,
@@ -726,10 +742,37 @@ class MqttLink:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
             with self._lock:
-                self._replies.pop(mid, None)
+                reply = self._replies.pop(mid, None)
+                retained = self._retained_mids.pop(mid, None)
+            if reason_failed(reason_code) and (reply is not None or retained is not None):
+                self._refused_direct(reply, retained, reason_code)
             self._out.acknowledged(mid, reason_code)
         except Exception:
             log.exception("mqtt: error in the publish callback for message %s (the link goes on)", mid)
+
+    def _refused_direct(self, reply: _SentReply | None, retained: str | None, reason_code) -> None:
+        """The broker refused a message that is not in the outbox in its PUBACK (MQTT v5; Mosquitto answers 0x87
+        Not authorized for a topic its ACL denies, and keeps the connection): a command reply (its requester gets
+        none) or a retained status, calibration or discovery config. Not sent again: counted
+        (``replies_rejected``, ``retained_rejected``) and logged as an ERROR, the first at once, then at most
+        once a minute per kind with how many since."""
+        code = reason_value(reason_code)
+        why = f"{reason_text(reason_code)}" + (f" (reason code 0x{code:02X})" if code is not None else "")
+        if reply is not None:
+            self._counters["replies_rejected"] += 1
+            since = self._refused_log.hit("reply")
+            if since:
+                log.error("mqtt: the broker refused the reply to command %s on %s: %s; its requester gets no reply "
+                          "(the broker's ACL must let this device publish to the reply topics of its requesters); "
+                          "%d such since the last report", reply.command, _short(repr(reply.topic), 120),
+                          why, since)
+        else:
+            self._counters["retained_rejected"] += 1
+            since = self._refused_log.hit(retained)
+            if since:
+                log.error("mqtt: the broker refused the retained message on %s: %s; consumers keep the last one it "
+                          "took (let this device publish to it in the broker's ACL); %d such since the last report",
+                          retained, why, since)
 
     def _on_message(self, client, userdata, message) -> None:
         try:   # paho's network thread dies with an exception from here, and with it every delivery
