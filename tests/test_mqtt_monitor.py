@@ -104,6 +104,34 @@ def test_seen_of_an_offline_device_is_when_its_retained_status_says_it_stopped()
     assert view.devices[("p1", "cam2")].last_seen == now[0]
 
 
+def test_a_retained_status_from_a_clock_ahead_does_not_make_a_stopped_device_look_just_seen():
+    """A device that stopped half an hour ago with a clock an hour ahead: its retained status's ts lies in the
+    monitor's future, and SEEN read '0s ago' (clamped to now). A ts more than clock_skew_s ahead says nothing
+    of when that was: SEEN '-' until the device sends again; within it, it is clamped to now as before. Results
+    are not clock samples (they may be an outbox backlog): a device heard only through results shows CLOCK '-',
+    as documented."""
+    from edge_ad.mqtt.payloads import iso_from_unix
+
+    now = [100_000.0]
+    view = FleetView(clock=lambda: now[0], clock_skew_s=60)
+    row = view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "stopped",
+                                                  "ts": iso_from_unix(now[0] - 1800 + 3600)}), retained=True)
+    assert row.last_seen is None and row.to_dict(now[0])["last_seen"] is None
+    assert view.table().splitlines()[1].split()[-2:] == ["-", "-"]             # SEEN, CLOCK
+    near = view.consume(f"{B}/p1/cam2/status", _j({"state": "offline", "reason": "stopped",
+                                                   "ts": iso_from_unix(now[0] + 30)}), retained=True)
+    assert near.last_seen == now[0]                                             # within the skew bound: now
+    for i in range(5):                                                          # only results, an hour behind
+        now[0] += 1
+        view.consume(f"{B}/p1/cam3/result", _j({"seq": i + 1, "score": 0.1, "ng": False,
+                                                "ts": iso_from_unix(now[0] - 3600)}))
+    cam3 = view.devices[("p1", "cam3")]
+    assert cam3.last_seen == now[0] and cam3.clock_offset_s is None and not cam3.clock_skewed()
+    now[0] += 1
+    view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 5.0, "ts": iso_from_unix(now[0] + 3600)}))   # live
+    assert row.last_seen == now[0] and row.clock_offset_s == 3600.0
+
+
 def test_a_device_whose_clock_is_off_is_flagged_and_not_shown_stale(caplog):
     """A healthy device whose clock was an hour behind showed as 'stale' in a fresh monitor (its retained birth's
     ts) with nothing flagging the clock. The offset is estimated from telemetry and status (sent as they are
