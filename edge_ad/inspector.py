@@ -67,7 +67,12 @@ class Inspector:
     def model_hash(self) -> str:
         """The identity of the model in force (:meth:`Bundle.model_hash`): for a Gaussian bundle it follows
         the statistics the calibration in force names, so a refit changes it."""
-        return self.bundle.model_hash(calibration=self._cal)
+        return self.model_hash_of(self._cal)
+
+    def model_hash_of(self, cal: Calibration) -> str:
+        """The identity of the model with calibration ``cal``: what scored a batch with ``cal`` (read once for
+        the batch, as :meth:`inspect_batch` does), whatever calibration is in force by now."""
+        return self.bundle.model_hash(calibration=cal)
 
     # ------------------------------------------------------------------ inference
     def raw_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:

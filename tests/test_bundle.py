@@ -468,6 +468,24 @@ def test_folder_lock_is_reentrant_in_one_thread_and_refuses_another_thread(tmp_p
     assert other_thread() == "entered"                    # released
 
 
+def _gaussian_service(bundle, tmp_path):
+    """A Service running ``bundle`` on onnxruntime, and a folder of 30 normal grain frames (its source)."""
+    import cv2
+
+    from edge_ad.config import load_settings
+    from edge_ad.data.synthetic import make_part
+    from edge_ad.runtime.service import Service
+
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for i in range(30):
+        cv2.imwrite(str(folder / f"n{i:02d}.png"), make_part("grain", 64, None, seed=7, index=i).image[..., ::-1])
+    ov = [(["model", "bundle"], str(bundle.path), "test"), (["model", "backend"], "onnxruntime", "test"),
+          (["model", "device"], "cpu", "test"), (["source", "uri"], f"dir://{folder}", "test"),
+          (["output", "jsonl"], str(tmp_path / "results.jsonl"), "test"), (["telemetry", "tegrastats"], False, "test")]
+    return Service(load_settings(None, ov, environ={}), install_signals=False), folder
+
+
 def test_model_hash_of_a_gaussian_bundle_covers_its_statistics_in_force(gaussian_bundle, tiny_bundle, tmp_path):
     """A Gaussian bundle's graph is the pretrained feature extractor, the same for every one of an input size:
     model_hash (the sha256 of that graph alone) was the same for every Gaussian model on a fleet, and a live
@@ -475,14 +493,9 @@ def test_model_hash_of_a_gaussian_bundle_covers_its_statistics_in_force(gaussian
     the graph's sha256, which a recalibration does not change."""
     import hashlib
 
-    import cv2
-
     from edge_ad.calibration import recalibrate
-    from edge_ad.config import load_settings
-    from edge_ad.data.synthetic import make_part
     from edge_ad.inspector import Inspector
     from edge_ad.runtime.backends import open_backend
-    from edge_ad.runtime.service import Service
     from fixtures_bundle import make_gaussian_bundle, part_frame
 
     grain = copy_bundle(gaussian_bundle, tmp_path / "grain")
@@ -493,14 +506,7 @@ def test_model_hash_of_a_gaussian_bundle_covers_its_statistics_in_force(gaussian
     text = f"{grain.graph_hash()}\n{grain.manifest['files'][stats]['sha256']}\n"
     assert grain.model_hash() == hashlib.sha256(text.encode()).hexdigest()   # as documented
 
-    folder = tmp_path / "normal"
-    folder.mkdir()
-    for i in range(30):
-        cv2.imwrite(str(folder / f"n{i:02d}.png"), make_part("grain", 64, None, seed=7, index=i).image[..., ::-1])
-    ov = [(["model", "bundle"], str(grain.path), "test"), (["model", "backend"], "onnxruntime", "test"),
-          (["model", "device"], "cpu", "test"), (["source", "uri"], f"dir://{folder}", "test"),
-          (["output", "jsonl"], str(tmp_path / "results.jsonl"), "test"), (["telemetry", "tegrastats"], False, "test")]
-    svc = Service(load_settings(None, ov, environ={}), install_signals=False)
+    svc, folder = _gaussian_service(grain, tmp_path)
     births = []
     svc.update_birth = lambda **fields: births.append(fields)
     try:
@@ -522,3 +528,70 @@ def test_model_hash_of_a_gaussian_bundle_covers_its_statistics_in_force(gaussian
     res = recalibrate(tiny, insp, [part_frame(2000 + i, 64) for i in range(30)], policy="max", progress=False)
     insp.set_calibration(res.calibration)
     assert res.calibration.version == 2 and tiny.model_hash() == insp.model_hash == before
+
+
+def test_a_reload_after_a_refit_beside_the_line_is_a_calibration_as_the_live_refit_is(gaussian_bundle, tmp_path):
+    """Since a Gaussian model_hash covers its statistics, a reload (SIGHUP, the MQTT reload) after an 'edge-ad
+    calibrate' refit or rollback of the running bundle took it for another model: a second inspector, a 'model'
+    event, the model-swap reply, where the live MQTT calibrate gives a 'calibration' event. The same operation
+    gives one event type: a new calibration of the same bundle and graph is a calibration, the inspector kept
+    and scoring with the new statistics; a bundle retrained in the same folder is still another model."""
+    import shutil
+
+    from edge_ad.calibration import recalibrate, rollback
+    from edge_ad.inspector import Inspector
+    from edge_ad.runtime.backends import open_backend
+    from fixtures_bundle import make_gaussian_bundle, part_frame
+
+    grain = copy_bundle(gaussian_bundle, tmp_path / "grain")
+    svc, folder = _gaussian_service(grain, tmp_path)
+    events, births = [], []
+    svc.reporter.event = lambda payload, jpeg=None: events.append(payload)
+    svc.update_birth = lambda **fields: births.append(fields)
+    frame = part_frame(4000, 64)
+
+    def beside(change):
+        """``change(bundle, inspector)`` as another process (edge-ad calibrate) makes it; the reload's reply."""
+        other = Bundle.open(grain.path)
+        insp = Inspector(other, open_backend(other, "onnxruntime", device="cpu"))
+        try:
+            change(other, insp)
+        finally:
+            insp.backend.close()
+        return svc.reload("bundle")["bundle"]
+
+    def scores_as_on_disk():
+        on_disk = Bundle.open(grain.path)
+        insp = Inspector(on_disk, open_backend(on_disk, "onnxruntime", device="cpu"))
+        try:
+            assert svc.inspector.model_hash == on_disk.model_hash()
+            return svc.inspector.inspect([frame]).scores[0] == insp.inspect([frame]).scores[0]
+        finally:
+            insp.backend.close()
+
+    inspector = svc.inspector
+    try:
+        svc.commands.calibrate({"frames": 30, "source": f"dir://{folder}", "policy": "max"})    # live: v2
+        assert [e["type"] for e in events] == ["calibration"] and events[-1]["version"] == 2
+        refit = [part_frame(5000 + i, 64, brightness=0.05) for i in range(30)]
+        out = beside(lambda b, insp: recalibrate(b, insp, refit, policy="max", progress=False))   # v3 beside
+        assert out == {"model": "unchanged", "calibration_version": 3}
+        assert events[-1]["type"] == "calibration" and events[-1]["version"] == 3 and events[-1]["reason"] == "reload"
+        assert events[-1]["previous_version"] == 2 and "threshold_in_force" in events[-1]
+        assert svc.inspector is inspector and scores_as_on_disk()            # the new statistics score
+        assert births[-1] == {"model_hash": svc.inspector.model_hash}        # the birth says the new hash
+        v3_hash = svc.inspector.model_hash
+
+        out = beside(lambda b, insp: rollback(b, 2, by="cli"))               # edge-ad calibrate --rollback
+        assert out["model"] == "unchanged" and events[-1]["type"] == "calibration"
+        assert svc.inspector is inspector and svc.inspector.model_hash != v3_hash and scores_as_on_disk()
+        assert [e["type"] for e in events] == ["calibration"] * 3
+
+        disc = make_gaussian_bundle(tmp_path / "disc", kind="disc", n_train=16)
+        shutil.rmtree(grain.path)                                           # retrained in place: another model
+        shutil.copytree(disc.path, grain.path)
+        out = svc.reload("bundle")["bundle"]
+        assert out["model_hash"] == disc.model_hash() and events[-1]["type"] == "model"
+        assert svc.inspector is not inspector and scores_as_on_disk()
+    finally:
+        svc.inspector.backend.close()

@@ -117,6 +117,31 @@ def test_a_reply_topic_a_broker_or_paho_refuses_is_refused_and_answered_on_the_d
         assert schema.errors("command", {"reply_to": topic}) != []
 
 
+BAD_LEVELS = [(t.replace("fleet/", "x"), w) for t, w in BAD_REPLY_TOPICS[:4]] + [
+    ("a/b", "holds '/'"), ("a+b", "wildcard"), ("#", "wildcard"), ("\u00e9" * 129, "258 bytes long"), ("", "is empty"),
+    ("d\ud800", "lone surrogate")]
+
+
+@pytest.mark.parametrize("level, why", BAD_LEVELS, ids=range(len(BAD_LEVELS)))
+def test_a_topic_level_refuses_what_a_broker_closes_the_connection_for(level, why):
+    """check_level (sites and devices of the CLI, command names, event ids) refused only '/', '+', '#' and
+    characters below U+0020: a C1 control (U+0085) or a non-character passed, and Mosquitto closes the
+    connection for them (reply topics were checked for them already: the same check now). An event id that
+    cannot be a level names its image's topic by a hash of it instead."""
+    import hashlib
+
+    from edge_ad.mqtt.topics import Topics, check_level, image_level, level_problem
+
+    assert why in level_problem(level)
+    with pytest.raises(InputError, match="^--device .* expected one topic level") as exc:
+        check_level(level, "--device")
+    assert why in str(exc.value)
+    assert image_level(level) == "sha256-" + hashlib.sha256(level.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    assert Topics("s", "d").event_image_of(level) == "edge-ad/v1/s/d/event/image/" + image_level(level)
+    for good in ("line-3", "\u00e9" * 128, "a$b", "074ca0b9-9a03-4049-bf77-a9ebcf7e9b9b"):
+        assert check_level(good, "x") == image_level(good) == good
+
+
 def test_reply_topics_brokers_take_are_kept():
     d = _dispatcher()
     for topic in ("a$b/\u00e9/x", "plant/replies/" + "x" * 1000, "/lead/slash", "a//b", "\u00e9" * 512):

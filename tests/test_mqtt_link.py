@@ -863,6 +863,44 @@ def test_a_message_the_broker_refuses_for_good_is_dropped_counted_and_named(mosq
     schema.validate("event", ev)
 
 
+def test_a_reply_or_retained_message_the_broker_refuses_is_logged_and_counted(mosquitto_factory, tmp_path, caplog):
+    """An ACL that denies the device a requester's reply topic: Mosquitto (MQTT v5) answers the reply with
+    PUBACK 0x87 and keeps the connection. The link dropped it without a word (not counted, not logged): the
+    command ran, its requester timed out, and the docs promised a closed connection and an ERROR. The same for
+    a denied retained calibration. Each is an ERROR naming what was refused and why (rate-limited), and counted
+    apart from the outbox's 'rejected'."""
+    acl = tmp_path / "acl"
+    acl.write_text("user col\ntopic read edge-ad/#\ntopic read fleet/#\n\n"
+                   "user dev\ntopic write edge-ad/v1/t/d1/status\ntopic write edge-ad/v1/t/d1/result\n"
+                   "topic read edge-ad/v1/t/d1/cmd/#\ntopic write fleet/allowed/#\n")
+    broker = mosquitto_factory(extra_config=f"acl_file {acl}")
+    with Collector(BrokerSettings(url=broker.url, username="col"), "fleet/#") as col, \
+            caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(broker.url, tmp_path, username="dev")).start()
+        try:
+            assert _wait(lambda: link.connected, 10)
+            link.publish_calibration({"version": 3, "threshold": 0.5})         # calibration: denied
+            for topic in ("fleet/denied/r1", "fleet/denied/r2", "fleet/allowed/r3"):
+                _reply_made_now(link, topic)
+            result = link.publish_result({"score": 0.1, "ng": False})
+            assert col.wait_for(lambda c: c.messages, 10)
+            assert _wait(lambda: link.stats()["replies_rejected"] == 2 and link.stats()["retained_rejected"] == 1, 10)
+            assert _wait(lambda: link.stats()["acked"] == 1 and not link._replies and not link._retained_mids, 10)
+            st = link.stats()
+        finally:
+            link.stop()
+    assert result and [m.topic for m in col.messages] == ["fleet/allowed/r3"]
+    assert st["rejected"] == 0 and st["disconnects"] == 0 and st["outbox_dropped"] == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, errors                          # the second refused reply: within the minute
+    reply = next(e for e in errors if "reply" in e)
+    assert reply.startswith("mqtt: the broker refused the reply to command status on 'fleet/denied/r1': Not "
+                            "authorized (reason code 0x87); its requester gets no reply")
+    assert next(e for e in errors if "retained" in e).startswith(
+        "mqtt: the broker refused the retained message on edge-ad/v1/t/d1/calibration: Not authorized (reason code "
+        "0x87)")
+
+
 def test_a_message_the_broker_refuses_for_now_is_sent_again_after_a_back_off(mosquitto, tmp_path, monkeypatch):
     """A PUBACK 0x97 Quota exceeded ("not now") deleted the result from the outbox: lost, though the broker
     asked to send it later. It stays in the outbox and is sent again after a back-off: every result arrives,
@@ -1067,6 +1105,97 @@ def test_a_reply_the_connection_is_lost_for_at_every_send_is_given_up_and_named(
     assert len(given_up) == 1 and given_up[0].startswith("mqtt: the reply to command status on 'fleet/refused'")
     assert "lost each of the 2 times it was sent" in given_up[0]
     assert _loss_warnings(caplog) == []                      # no result is blamed for it
+
+
+def _reply_made_now(link: MqttLink, topic: str) -> None:
+    """A command reply to ``topic`` (its ``reply_to``) through the link's reply path, as a command worker makes one
+    when its command finishes."""
+    from edge_ad.mqtt.commands import Incoming
+
+    msg = Incoming("status", json.dumps({"reply_to": topic}).encode())
+    link._reply_now(link.dispatcher.error_reply(msg, "failed", "made while the broker was away"))
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_reply_made_while_the_broker_is_down_goes_out_when_it_is_back_and_the_link_lives_on(
+        mosquitto, tmp_path, caplog, protocol):
+    """A command finished while the broker was away (a restart, a network cut during a calibrate): paho keeps its
+    reply (MQTT_ERR_NO_CONN) and sends it at the next connect, but is_published() raises for such a message. The
+    link asked it at that connect: the exception ended paho's network thread, and the device never reconnected
+    (no command, the outbox growing) until a restart. The reply arrives after the broker is back, so do the
+    results, and nothing is logged as an error."""
+    fast = BrokerSettings(url=mosquitto.url, protocol=protocol, **FAST)
+    with Collector(fast, "fleet/replies/#") as replies, Collector(fast, "edge-ad/v1/t/d1/result") as results, \
+            caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(mosquitto.url, tmp_path, protocol=protocol)).start()
+        try:
+            assert _wait(lambda: link.connected, 10)
+            mosquitto.stop()
+            assert _wait(lambda: not link.connected, 10)
+            _reply_made_now(link, "fleet/replies/r1")
+            result_id = link.publish_result({"score": 0.1, "ng": False})
+            mosquitto.start()
+            assert _wait(lambda: link.connected, 15)
+            assert replies.wait_for(lambda c: c.messages, 15)
+            assert results.wait_ids(1, 15) and results.unique_ids() == {result_id}
+            assert _wait(lambda: not link._replies, 10)        # acknowledged
+            mosquitto.stop()                                    # and it reconnects again, as often as it takes
+            assert _wait(lambda: not link.connected, 10)
+            mosquitto.start()
+            assert _wait(lambda: link.connected, 15)
+            st = link.stats()
+        finally:
+            link.stop()
+    reply = replies.messages[0]
+    assert reply.topic == "fleet/replies/r1" and reply.json()["error"]["message"] == "made while the broker was away"
+    assert st["connects"] == 3 and st["disconnects"] == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_no_paho_callback_raises(tmp_path, caplog):
+    """An exception from a paho callback ends paho's network thread, and with it the link for good (no reconnect
+    until a restart): each callback logs its own exceptions."""
+    link = MqttLink(_settings("mqtt://127.0.0.1:1", tmp_path))
+    broken = object()            # no .protocol: the connect and disconnect callbacks fail on it
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+            link._on_connect(broken, None, None, 0, None)
+            link._connected = True
+            link._on_disconnect(broken, None, None, 0, None)
+            link._out.acknowledged = None                        # not callable
+            link._on_publish(broken, None, 7, 0, None)
+    finally:
+        link.stop()
+    logged = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert [m.split(" (")[0] for m in logged] == ["mqtt: error in the connect callback",
+                                                   "mqtt: error in the disconnect callback",
+                                                   "mqtt: error in the publish callback for message 7"]
+
+
+def test_a_reply_made_while_disconnected_is_sent_twice_before_it_is_given_up(mosquitto, tmp_path, caplog):
+    """A reply made while the device was disconnected counted as sent once already: it went out once at the
+    reconnect, and one more lost connection before its PUBACK (a flaky network) gave it up, its requester left
+    without a reply though the command ran. Only real sends count: it is sent again after that loss, and arrives."""
+    proxy = CuttableProxy(mosquitto.port)
+    with Collector(BrokerSettings(url=mosquitto.url, **FAST), "fleet/replies/#") as replies, \
+            caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(f"mqtt://127.0.0.1:{proxy.port}", tmp_path)).start()
+        try:
+            assert _wait(lambda: link.connected, 10)
+            proxy.cut()
+            assert _wait(lambda: not link.connected, 10)
+            _reply_made_now(link, "fleet/replies/r1")
+            proxy.cut_at_publish("fleet/replies", 1)            # its first send (at the reconnect) is lost
+            proxy.restore()
+            assert replies.wait_for(lambda c: c.messages, 15)
+            assert _wait(lambda: not link._replies, 10)
+            st = link.stats()
+        finally:
+            link.stop()
+            proxy.close()
+    assert len(proxy.cut_publishes) == 1 and st["connects"] == 3
+    assert [m.topic for m in replies.messages] == ["fleet/replies/r1"]
+    assert not [r for r in caplog.records if "is given up" in r.getMessage()]
 
 
 def test_mqtt_311_a_message_over_the_brokers_limit_is_never_dropped_and_named_in_the_log(mosquitto_factory,

@@ -104,6 +104,34 @@ def test_seen_of_an_offline_device_is_when_its_retained_status_says_it_stopped()
     assert view.devices[("p1", "cam2")].last_seen == now[0]
 
 
+def test_a_retained_status_from_a_clock_ahead_does_not_make_a_stopped_device_look_just_seen():
+    """A device that stopped half an hour ago with a clock an hour ahead: its retained status's ts lies in the
+    monitor's future, and SEEN read '0s ago' (clamped to now). A ts more than clock_skew_s ahead says nothing
+    of when that was: SEEN '-' until the device sends again; within it, it is clamped to now as before. Results
+    are not clock samples (they may be an outbox backlog): a device heard only through results shows CLOCK '-',
+    as documented."""
+    from edge_ad.mqtt.payloads import iso_from_unix
+
+    now = [100_000.0]
+    view = FleetView(clock=lambda: now[0], clock_skew_s=60)
+    row = view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "stopped",
+                                                  "ts": iso_from_unix(now[0] - 1800 + 3600)}), retained=True)
+    assert row.last_seen is None and row.to_dict(now[0])["last_seen"] is None
+    assert view.table().splitlines()[1].split()[-2:] == ["-", "-"]             # SEEN, CLOCK
+    near = view.consume(f"{B}/p1/cam2/status", _j({"state": "offline", "reason": "stopped",
+                                                   "ts": iso_from_unix(now[0] + 30)}), retained=True)
+    assert near.last_seen == now[0]                                             # within the skew bound: now
+    for i in range(5):                                                          # only results, an hour behind
+        now[0] += 1
+        view.consume(f"{B}/p1/cam3/result", _j({"seq": i + 1, "score": 0.1, "ng": False,
+                                                "ts": iso_from_unix(now[0] - 3600)}))
+    cam3 = view.devices[("p1", "cam3")]
+    assert cam3.last_seen == now[0] and cam3.clock_offset_s is None and not cam3.clock_skewed()
+    now[0] += 1
+    view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 5.0, "ts": iso_from_unix(now[0] + 3600)}))   # live
+    assert row.last_seen == now[0] and row.clock_offset_s == 3600.0
+
+
 def test_a_device_whose_clock_is_off_is_flagged_and_not_shown_stale(caplog):
     """A healthy device whose clock was an hour behind showed as 'stale' in a fresh monitor (its retained birth's
     ts) with nothing flagging the clock. The offset is estimated from telemetry and status (sent as they are
@@ -439,7 +467,8 @@ def test_decommission_clears_every_retained_topic_and_drops_the_session(mosquitt
     argv = ["decommission", "--mqtt", mosquitto.url, "--protocol", protocol, "--site", "p1", "--device", "cam1"]
     res = CliRunner().invoke(main, argv)
     assert res.exit_code == 1 and "p1/cam1 is online since " in res.output, res.output
-    assert "stop edge-ad on it first" in res.output and "nothing was changed" in res.output
+    assert "stop edge-ad on it first" in res.output and "Nothing was changed" in res.output
+    assert "wait for its will" in res.output                          # a device just killed: wait, not stop it
     assert read_retained(broker, everything) == held
     with pytest.raises(RuntimeFailure, match="is online"):
         decommission(broker, "p1", "cam1")
@@ -456,6 +485,7 @@ def test_decommission_clears_every_retained_topic_and_drops_the_session(mosquitt
     assert res.exit_code == 0, res.output
     done = json.loads(res.stdout)
     assert done["status"] == "offline" and done["reason"] == "stopped" and done["session_dropped"] == "edge-ad-p1-cam1"
+    assert done["client_id_from"] == "status" and done["warnings"] == []
     assert done["cleared"] == retained_topics(s)
     left = read_retained(broker, everything)
     assert left and all("/cam2/" in t for t in left)                  # nothing of cam1, cam2's untouched
@@ -471,6 +501,103 @@ def test_decommission_clears_every_retained_topic_and_drops_the_session(mosquitt
     finally:
         link.stop()
         other.stop()
+
+
+def test_decommission_drops_the_session_its_status_names_and_asks_for_force_when_the_status_is_the_will(
+        mosquitto, tmp_path):
+    """'edge-ad decommission' dropped the session of edge-ad-<site>-<device> for a device whose config sets
+    mqtt.client_id (exit 0, "session_dropped" a session that never existed), though its retained status names
+    its client id: the command queued in its real session ran when it came back. It takes the client id of the
+    retained status unless --client-id is given (and says which, and warns when they differ). A status that is
+    the will (the device may be running behind a network cut) is refused, nothing changed, unless --force."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_ad.mqtt.decommission import read_retained
+    from edge_ad.mqtt.requester import CommandClient
+
+    broker = BrokerSettings(url=mosquitto.url)
+    s = MqttSettings(url=mosquitto.url, site="p1", device="cam1", client_id="line3-cam1-custom",
+                     outbox_path=tmp_path / "cam1.sqlite", reconnect_min_s=0.1)
+    calls = []
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-pub", protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+
+    def device():
+        link = MqttLink(s)
+        for name in ("pause", "resume"):
+            link.register_command(name, lambda args, name=name: calls.append(name) or {})
+        link.start()
+        assert _wait(lambda: link.connected)
+        return link
+
+    def decommission(*extra):
+        argv = ["decommission", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam1", *extra]
+        return CliRunner().invoke(main, argv)
+
+    try:
+        device().stop()
+        pub.publish(f"{B}/p1/cam1/cmd/pause", b'{"reason": "queued while away"}', qos=1).wait_for_publish(5)
+        res = decommission()
+        assert res.exit_code == 0, res.output
+        done = json.loads(res.stdout)
+        assert done["session_dropped"] == "line3-cam1-custom" and done["client_id_from"] == "status"
+        assert done["warnings"] == [] and "warning" not in res.stderr
+        link = device()                                                # back with its client id
+        try:
+            with CommandClient(broker) as cc:
+                assert cc.call("p1", "cam1", "resume", timeout=5)["ok"]
+        finally:
+            link.stop()
+        assert calls == ["resume"]                                     # the queued pause went with its session
+
+        res = decommission("--client-id", "other-id")                  # an id its status does not name
+        assert res.exit_code == 0, res.output
+        done = json.loads(res.stdout)
+        assert done["session_dropped"] == "other-id" and done["client_id_from"] == "--client-id"
+        assert len(done["warnings"]) == 1 and "'other-id' is not the client id" in done["warnings"][0]
+        assert "('line3-cam1-custom')" in done["warnings"][0] and "warning: --client-id 'other-id'" in res.stderr
+
+        # the broker's will for the device (as it publishes it when the connection is lost)
+        will = MqttLink(s)._status_bytes("offline", "will")
+        pub.publish(f"{B}/p1/cam1/status", will, qos=1, retain=True).wait_for_publish(5)
+        assert _wait(lambda: read_retained(broker, [f"{B}/p1/cam1/status"]))
+        res = decommission()
+        assert res.exit_code == 1 and "is its will" in res.output and "again with --force" in res.output, res.output
+        assert "nothing was changed" in res.output
+        assert read_retained(broker, [f"{B}/p1/cam1/status"]) == {f"{B}/p1/cam1/status": will}
+        res = decommission("--force")
+        assert res.exit_code == 0, res.output
+        done = json.loads(res.stdout)
+        assert done["reason"] == "will" and done["session_dropped"] == "line3-cam1-custom"
+        assert len(done["warnings"]) == 1 and "(taken: --force)" in done["warnings"][0]
+        assert read_retained(broker, [f"{B}/p1/cam1/#"]) == {}
+
+        res = decommission()                                           # nothing left: the default id, said
+        assert res.exit_code == 0 and json.loads(res.stdout)["client_id_from"] == "default"
+        assert "give --client-id when the device's config sets mqtt.client_id" in res.stderr
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+
+def test_decommission_names_the_option_and_its_value_before_connecting():
+    """'--device' with U+0085 said "mqtt.device = 'd\x85': Value error, 'd' is not a topic-safe name": the
+    config field, not the option, and not the value given. Each option is checked by the device config's rule,
+    named, with its value, before anything connects (exit 2)."""
+    from edge_ad.mqtt.broker import free_port
+
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    for extra, said in ((["--device", "d\u0085"], "--device 'd\\x85' is not a topic-safe name"),
+                        (["--device", "d\u00e9"], "--device 'd\u00e9' is not a topic-safe name"),
+                        (["--site", "a/b"], "--site 'a/b' is not a topic-safe name"),
+                        (["--client-id", "c\u0085"], "--client-id 'c\\x85' holds a control character (U+0085)"),
+                        (["--homeassistant-prefix", "a/#"], "--homeassistant-prefix 'a/#' is not a topic prefix")):
+        argv = {"--site": "p1", "--device": "cam1", **dict(zip(extra[::2], extra[1::2]))}
+        res = CliRunner().invoke(main, ["decommission", "--mqtt", url, "--timeout", "0.5",
+                                        *[x for kv in argv.items() for x in kv]])
+        assert res.exit_code == 2 and said in res.output and "mqtt." not in res.output, res.output
 
 
 def test_cli_site_device_and_name_are_checked_before_connecting():

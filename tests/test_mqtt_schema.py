@@ -115,6 +115,68 @@ def test_event_images_on_their_own_topic_match_their_events_without_v5_propertie
     assert FleetView().consume(events[ids[0]]["image"]["topic"], jpeg) is None          # not a row of the monitor
 
 
+ODD_EVENT_IDS = ["a/b", "x+y", "#", "ev\u0085x", "\ufdd0nc"]
+
+
+@pytest.mark.parametrize("protocol, on", [("5", True), ("5", False), ("3.1.1", True)])
+def test_any_event_id_a_caller_gives_keeps_its_event_and_image_and_the_connection(mosquitto, tmp_path, caplog,
+                                                                                  protocol, on):
+    """With image_topic_event_id an id with '/' or '+' raised InputError only when a JPEG was given: the whole
+    event was lost, while the same id without a JPEG was taken; an id with U+0085 or a non-character made a
+    topic (and, under v5, an event_id property) Mosquitto closes the connection for, at every reconnect, the
+    outbox blocked behind it. Every event is stored and delivered with its id as given; an image whose id cannot
+    be its topic level goes to event/image/sha256-<hash>, the topic its event names, and under v5 carries no
+    event_id property when the id is not text the broker takes; the connection is never lost; one WARNING."""
+    import hashlib
+    import logging
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1, protocol=protocol, image_min_interval_s=0, image_topic_event_id=on,
+                            validate_payloads=True)
+    jpeg = b"\xff\xd8 a frame \xff\xd9"
+    with Collector(BrokerSettings(url=mosquitto.url, protocol=protocol), "edge-ad/v1/s/d/#") as col, \
+            caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        link = MqttLink(settings).start()
+        try:
+            given = ODD_EVENT_IDS + ["plain-ok"]
+            with_image = [link.publish_event({"id": i, "score": 0.9}, jpeg=jpeg) for i in given]
+            without = [link.publish_event({"id": i + "-noimg", "score": 0.9}) for i in given]
+            result = link.publish_result({"score": 0.1, "ng": False})
+            images = lambda c: [m for m in c.messages if "/event/image" in m.topic]      # noqa: E731
+            assert col.wait_for(lambda c: len(c.of_kind("event")) == 2 * len(given) and len(images(c)) == len(given)
+                                and c.of_kind("result"), 15)
+            deadline = time.monotonic() + 10
+            while link.stats()["outbox_depth"] and time.monotonic() < deadline:   # the last acks deleted
+                time.sleep(0.02)
+            st = link.stats()
+        finally:
+            link.stop()
+    assert with_image == given and without == [i + "-noimg" for i in given]
+    assert st["disconnects"] == 0 and st["connects"] == 1 and st["outbox_depth"] == 0
+    assert [m.json()["id"] for m in col.of_kind("result")] == [result]
+    events = {m.json()["id"]: m.json() for m in col.of_kind("event")}
+    assert set(events) == set(with_image) | set(without)
+    # with the setting, each on its own topic; without, all on event/image, in order
+    image_of = {i: m for m in images(col) for i in given if m.topic == events[i]["image"]["topic"]} if on else \
+        dict(zip(given, images(col)))
+    for event_id in given:
+        topic = events[event_id]["image"]["topic"]
+        assert schema.errors("event", events[event_id]) == [] and image_of[event_id].payload == jpeg
+        assert image_of[event_id].topic == topic
+        if not on:
+            assert topic == "edge-ad/v1/s/d/event/image"
+        elif event_id == "plain-ok":
+            assert topic == "edge-ad/v1/s/d/event/image/plain-ok"
+        else:
+            assert topic == "edge-ad/v1/s/d/event/image/sha256-" + hashlib.sha256(event_id.encode()).hexdigest()[:32]
+        if protocol == "5":
+            props = dict(getattr(image_of[event_id].properties, "UserProperty", None) or [])
+            assert props.get("event_id") == (None if event_id in ("ev\u0085x", "\ufdd0nc") else event_id)
+    warned = [r.getMessage() for r in caplog.records if "mqtt: event id" in r.getMessage()]
+    assert len(warned) == 1, warned                     # rate-limited
+    assert warned[0].startswith("mqtt: event id 'a/b' holds '/'" if on else "mqtt: event id 'ev\\x85x' holds a")
+
+
 def _doc_examples() -> list[tuple[str, str]]:
     text = DOC.read_text()
     return re.findall(r"<!-- schema: ([\w.]+) -->\s*```json\n(.*?)```", text, flags=re.S)

@@ -98,6 +98,44 @@ def test_a_trained_model_through_the_loop_ranks_planted_defects_first(tmp_path, 
     assert len(list((tmp_path / "snaps").glob("*.jpg"))) == sum(r["ng"] for r in recs)
 
 
+def test_a_result_names_the_model_hash_of_the_calibration_that_scored_it(tmp_path, gaussian_bundle):
+    """Pipeline._infer read the calibration before scoring and the inspector's model_hash after: a Gaussian refit
+    swapped in between (the MQTT calibrate's thread) gave a batch calibration v1 with the hash of v2's statistics,
+    a pair no model has. The hash now comes from the calibration the batch was scored with; here the swap is
+    made at that very point (in the head), deterministically."""
+    from edge_ad.calibration import recalibrate, rollback
+    from edge_ad.runtime.backends import open_backend
+    from edge_ad.inspector import Inspector
+
+    grain = copy_bundle(gaussian_bundle, tmp_path / "grain")
+    insp = Inspector(grain, open_backend(grain, "onnxruntime", device="cpu"))
+    try:
+        recalibrate(grain, insp, [part_frame(6000 + i, 64, brightness=0.05) for i in range(30)], policy="max",
+                    progress=False)
+    finally:
+        insp.backend.close()
+    v2 = grain.calibration()
+    v1 = rollback(grain, 1, by="test")
+    assert (v1.version, v2.version) == (1, 2) and grain.model_hash(calibration=v1) != grain.model_hash(calibration=v2)
+    s = _settings(tmp_path, grain, "synthetic://grain?size=64&count=3&seed=5", source__mode="trigger",
+                  pipeline__max_batch=1)
+    svc = Service(s, install_signals=False)
+    real_head = svc.inspector.head
+
+    def head(outputs, cal=None):            # the refit lands while the first batch is scored with v1
+        maps = real_head(outputs, cal)
+        if svc.inspector.calibration.version == 1:
+            svc.inspector.set_calibration(v2)
+        return maps
+
+    svc.inspector.head = head
+    svc.run()
+    recs = read_jsonl(tmp_path / "results.jsonl")
+    assert [r["calibration_version"] for r in recs] == [1, 2, 2]
+    assert {r["calibration_version"]: r["model_hash"] for r in recs} == {
+        1: grain.model_hash(calibration=v1), 2: grain.model_hash(calibration=v2)}
+
+
 def test_stream_mode_infers_the_newest_frame_and_counts_drops(tmp_path, tiny_bundle):
     video, labels = defect_video(tmp_path / "long.avi", n=240, defect_every=5, size=160)
     s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="stream", pipeline__queue_size=1,

@@ -142,23 +142,35 @@ def _unauthorized_hint(message: str, claim: str, signed: bool) -> str:
 @click.option("--site", required=True, help="Site of the device.")
 @click.option("--device", required=True, help="Device name.")
 @click.option("--client-id", default=None,
-              help="The device's MQTT client id, when its config sets mqtt.client_id (default edge-ad-<site>-<device>).")
+              help="The MQTT client id whose session to drop (default: the one the device's retained status names, "
+                   "else edge-ad-<site>-<device>).")
 @click.option("--homeassistant-prefix", default="homeassistant", show_default=True,
               help="The device's mqtt.homeassistant_prefix: its Home Assistant discovery configs are cleared too.")
+@click.option("--force", is_flag=True,
+              help="Take the device also when its last status is the will (the broker published it for a lost "
+                   "connection: the device may still be running behind a network cut).")
 @click.option("--timeout", type=Seconds(min=0.1), default=10.0, show_default=True,
               help="Seconds to wait for the broker at each step.")
 def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, client_id,
-                 homeassistant_prefix, timeout):
+                 homeassistant_prefix, force, timeout):
     """Take a stopped device off the broker for good: clear its retained status, calibration and Home
     Assistant discovery configs (so it leaves edge-ad monitor and Home Assistant), and drop the persistent
     session the broker keeps for its client id (the commands queued for it go with it). Refused, changing
-    nothing, while its retained status says online: stop edge-ad on the device first."""
+    nothing, while its retained status says online: stop edge-ad on the device first; and, without --force,
+    while it is the will."""
     from ..mqtt.decommission import decommission as run
-    from ..mqtt.topics import check_level
+    from ..mqtt.settings import client_id_problem, name_problem, prefix_problem
 
-    for value, what in ((site, "--site"), (device, "--device")):
-        check_level(value, what)
+    # the device config's rules, named by option (MqttSettings would name mqtt.site, mqtt.device, ...)
+    problems = [f"{what} {check(value)}" for value, what, check in (
+        (site, "--site", name_problem), (device, "--device", name_problem),
+        (client_id, "--client-id", client_id_problem), (homeassistant_prefix, "--homeassistant-prefix", prefix_problem))
+        if value is not None and check(value) is not None]
+    if problems:
+        raise InputError("; ".join(problems))
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     done = run(broker, site, device, client_id=client_id, homeassistant_prefix=homeassistant_prefix,
-               timeout=timeout)
+               timeout=timeout, force=force)
     click.echo(json.dumps(done, indent=2))
+    for warning in done["warnings"]:
+        click.echo(f"warning: {warning}", err=True)

@@ -8,9 +8,11 @@ queueing the commands sent to it. :func:`decommission`:
 
 1. reads the device's retained ``status`` and refuses, changing nothing, while it says ``online``: the
    device must be stopped first (a running device would publish them again at once, and the session is
-   its live connection);
+   its live connection); and, unless forced, while it is the will (the broker published it for a lost
+   connection: the device may still run behind a network cut);
 2. clears every retained topic (an empty retained message, QoS 1, each acknowledged);
-3. drops the session: connects with the device's client id and a clean start (v5: session expiry 0;
+3. drops the session: connects with the device's client id (given, else the one its retained status
+   names, else the default ``edge-ad-<site>-<device>``) and a clean start (v5: session expiry 0;
    3.1.1: ``clean_session=True``), which makes the broker discard the old session, and disconnects, so
    the new, empty one ends too.
 
@@ -32,7 +34,7 @@ import paho.mqtt.client as paho
 from ..errors import RuntimeFailure
 from .client import connect_async, make_client, reason_failed, reason_text
 from .link import retained_topics
-from .settings import BrokerSettings, MqttSettings
+from .settings import BrokerSettings, MqttSettings, client_id_problem
 from .topics import Topics
 
 MARKER_ROOT = "edge-ad/decommission"
@@ -115,10 +117,13 @@ def _state(payload: bytes) -> tuple[str, dict]:
 
 
 def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: str | None = None,
-                 homeassistant_prefix: str = "homeassistant", timeout: float = 10.0) -> dict[str, Any]:
+                 homeassistant_prefix: str = "homeassistant", timeout: float = 10.0,
+                 force: bool = False) -> dict[str, Any]:
     """Clear every retained message of ``site``/``device`` and drop its broker session; refuse (nothing
-    changed, :class:`RuntimeFailure`) while its retained status says ``online``. ``client_id``: the device's
-    ``mqtt.client_id`` when it set one (default ``edge-ad-<site>-<device>``). Returns what was done."""
+    changed, :class:`RuntimeFailure`) while its retained status says ``online``, and, unless ``force``, while
+    it is the last will (the device may be running behind a network cut). The session dropped is that of
+    ``client_id`` when given, else of the client id the retained status names (:func:`_session_client_id`).
+    Returns what was done, with ``warnings``."""
     settings = MqttSettings(site=site, device=device, client_id=client_id,
                             homeassistant_prefix=homeassistant_prefix, command_secret=None)
     topics = retained_topics(settings)
@@ -129,7 +134,21 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
         since = f" since {body['ts']}" if isinstance(body.get("ts"), str) else ""
         raise RuntimeFailure(f"{site}/{device} is online{since} (its retained status on {status_topic}, client id "
                              f"{body.get('client_id') or settings.effective_client_id}): stop edge-ad on it first "
-                             "(sudo systemctl disable --now edge-ad), then decommission it; nothing was changed")
+                             "(sudo systemctl disable --now edge-ad), then decommission it; if it is stopped already "
+                             "(killed, powered off, cut off the network), wait for its will: the broker publishes it "
+                             "1.5 x the device's mqtt.keepalive_s (30 s by default) after the connection was lost. "
+                             "Nothing was changed")
+    warnings: list[str] = []
+    if state == "offline" and body.get("reason") == "will":
+        why = (f"the last status of {site}/{device} on {status_topic} is its will: the broker published it when the "
+               "device's connection was lost, as it does for a device powered off and for one still running behind "
+               "a network cut, which would publish everything again and start a new session when it reconnects")
+        if not force:
+            raise RuntimeFailure(f"{why}. Make sure edge-ad is stopped on it (sudo systemctl disable --now edge-ad) "
+                                 "or that it is gone for good, then run decommission again with --force; nothing "
+                                 "was changed")
+        warnings.append(f"{why} (taken: --force)")
+    session, source = _session_client_id(settings, client_id, body, warnings)
     client = _connected(broker, f"edge-ad-decommission-{uuid.uuid4().hex[:10]}", timeout)
     try:
         sent = [(topic, client.publish(topic, b"", qos=1, retain=True)) for topic in topics]
@@ -146,6 +165,31 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
                              "ACL may not let this login publish to them; the session was not dropped")
     # the device's own client id with a clean start: the broker discards the session it kept, and the new one
     # (session expiry 0, or clean_session=True under 3.1.1) ends with this connection
-    _close(_connected(broker, settings.effective_client_id, timeout))
+    _close(_connected(broker, session, timeout))
     return {"site": site, "device": device, "status": state or "none", "reason": body.get("reason"),
-            "cleared": topics, "held": sorted(held), "session_dropped": settings.effective_client_id}
+            "cleared": topics, "held": sorted(held), "session_dropped": session, "client_id_from": source,
+            "warnings": warnings}
+
+
+def _session_client_id(settings: MqttSettings, given: str | None, status: dict,
+                       warnings: list[str]) -> tuple[str, str]:
+    """The client id whose session to drop, and where it came from: ``given`` (``--client-id``); else the one
+    the device's retained status names (``status``: every status a device publishes carries it, its
+    ``mqtt.client_id`` included); else ``edge-ad-<site>-<device>`` (``default``: the device's own unless its
+    config sets ``mqtt.client_id``). What does not add up goes to ``warnings``."""
+    named = status.get("client_id")
+    if named is not None and client_id_problem(named) is not None:
+        warnings.append(f"the client id its retained status names cannot be one, not used: {client_id_problem(named)}")
+        named = None
+    if given is not None:
+        if named is not None and named != given:
+            warnings.append(f"--client-id {given!r} is not the client id its retained status names ({named!r}): "
+                            f"the session of {given!r} was dropped, not that of {named!r} (run again with "
+                            f"--client-id {named!r} to drop that one)")
+        return given, "--client-id"
+    if named is not None:
+        return named, "status"
+    warnings.append(f"no retained status names its client id: the session of the default one, "
+                    f"{settings.effective_client_id!r}, was dropped; give --client-id when the device's config sets "
+                    "mqtt.client_id")
+    return settings.effective_client_id, "default"

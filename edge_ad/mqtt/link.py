@@ -30,8 +30,12 @@ sent (logged). A broker that announces no limit (MQTT 3.1.1) just drops the conn
 told from a network fault: nothing is dropped for it; the same message sent right before several losses in a
 row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) is dropped and announced the
 same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
-A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`): one the broker closes the
-connection for is then given up, with an ERROR naming it, instead of costing the connection at every reconnect.
+A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`; one made while disconnected is
+first sent at the reconnect): one the broker closes the connection for is then given up, with an ERROR naming it,
+instead of costing the connection at every reconnect. A reply or a retained message (status, calibration, a
+discovery config) the broker refuses in its PUBACK (MQTT v5: its ACL) is not sent again: it is logged as an ERROR
+and counted (``replies_rejected``, ``retained_rejected``). No paho callback raises: an exception from one would
+end paho's network thread, and with it the link, for good.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ from .client import connect_async, make_client, reason_failed, reason_text, reas
 from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming, _short
 from .outbox import DROP_IDS_PER_EVENT, Outbox
 from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
-from .settings import SHORT_SECRET, MqttSettings
-from .topics import Topics
+from .settings import SHORT_SECRET, MqttSettings, Protocol
+from .topics import Topics, level_problem, string_problem
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
@@ -67,17 +71,26 @@ UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure
 # flight again at every reconnect; a reply the broker closes the connection for did so for ever). Fewer than the
 # losses in a row the sender names an outbox message for, so such a reply is named, not a result sent beside it.
 REPLY_SENDS = LOSS_REPEATS - 1
+RETAINED_MIDS = 256   # retained messages whose PUBACK is awaited, at most (a connect publishes a handful)
 
 
 @dataclass
 class _SentReply:
-    """A command reply paho holds until its PUBACK (see :meth:`MqttLink._replies_at_connect`)."""
+    """A command reply paho holds until its PUBACK (see :meth:`MqttLink._replies_at_connect`); ``sends``: how many
+    times it was on the wire (0 for one published while disconnected: paho sends it at the next connect)."""
 
     info: paho.MQTTMessageInfo
     command: str
     topic: str
     size: int
     sends: int = 1
+
+
+def _acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    """Has the broker acknowledged this reply? For one published while disconnected (``MQTT_ERR_NO_CONN``, sent by
+    paho at the next connect) ``is_published()`` raises instead of answering; its PUBACK, should it come, removes
+    it from the replies (``on_publish``)."""
+    return info.rc == paho.MQTT_ERR_SUCCESS and info.is_published()
 
 
 def retained_topics(settings: MqttSettings) -> list[str]:
@@ -125,6 +138,7 @@ class MqttLink:
         self._quick = CommandQueue(settings.command_queue)     # QUICK commands: their own worker
         self._long: Incoming | None = None    # the LONG command waiting or running: others are refused meanwhile
         self._replies: dict[int, _SentReply] = {}   # replies paho may still hold, by message id
+        self._retained_mids: dict[int, str] = {}    # retained messages (_publish_retained) not acknowledged: topics
         self._closing: str | None = None      # why commands are no longer run (close_commands), once they are not
         self._running: dict[str, Incoming] = {}   # worker thread name -> the command it runs
         self._answered_at_stop: set[int] = set()  # ids of running commands stop() answered (their reply: not sent)
@@ -132,7 +146,8 @@ class MqttLink:
         self._started_iso = payloads.now_iso()
         # every key exists from the start, so stats() never iterates a dict that grows under it
         self._counters = collections.Counter({k: 0 for k in ("connects", "disconnects", "telemetry_sent",
-                                                             "telemetry_dropped", "images_skipped")})
+                                                             "telemetry_dropped", "images_skipped",
+                                                             "replies_rejected", "retained_rejected")})
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
                                  self._wake, ack_listener, on_drop=self._announce_drops)
@@ -142,6 +157,8 @@ class MqttLink:
             "schema_version": payloads.SCHEMA_VERSION, "id": "0" * 36, "seq": 10 ** 12, "ts": payloads.now_iso(),
             "site": settings.site, "device": settings.device}, "event"))
         self._oversize_log = LogLimiter()     # direct publishes (status, telemetry, replies) over the limit
+        self._id_log = LogLimiter()           # event ids that cannot name their image as they are
+        self._refused_log = LogLimiter()      # replies and retained messages the broker refused
         self._limit_warned: int | None = None
         if self.outbox.reset is not None:
             self._announce_outbox_reset(self.outbox.reset)
@@ -378,10 +395,11 @@ class MqttLink:
 
     def publish_event(self, payload: Mapping[str, Any], jpeg: bytes | None = None,
                       image_outcome: dict | None = None) -> str:
-        """Store an NG event (QoS 1 on ``event``); returns its id. ``jpeg`` (encoded image bytes) follows
-        on ``event/image`` (with ``image_topic_event_id``: ``event/image/<event id>``) at most once per
-        ``image_min_interval_s``; the event says whether it was sent (``image``, with its topic) or why not
-        (``image_skipped``), and so does ``image_outcome`` when given (a dict that receives those fields)."""
+        """Store an NG event (QoS 1 on ``event``); returns its id (``id`` kept if given). ``jpeg`` (encoded image
+        bytes) follows on ``event/image`` (with ``image_topic_event_id``: ``event/image/<event id>``, or
+        ``event/image/sha256-...`` for an id that cannot be one topic level: :func:`~.topics.image_level`) at
+        most once per ``image_min_interval_s``; the event says whether it was sent (``image``, with its topic) or
+        why not (``image_skipped``), and so does ``image_outcome`` when given (a dict that receives those fields)."""
         extra: dict[str, Any] = {}
         image = None
         event_id = None
@@ -389,6 +407,8 @@ class MqttLink:
         if jpeg is not None and self.settings.image_topic_event_id and isinstance(payload, Mapping):
             event_id = str(payload.get("id") or uuid.uuid4())     # known before the event is stored: its topic
             image_topic = self.topics.event_image_of(event_id)
+        if jpeg is not None and isinstance(payload, Mapping) and payload.get("id"):
+            self._odd_event_id(str(payload["id"]), image_topic)
         if jpeg is not None:
             data = bytes(jpeg)
             now = time.monotonic()
@@ -417,6 +437,22 @@ class MqttLink:
             self.outbox.put("image", image_topic, image, msg_id=event_id, meta={"event_id": event_id})
             self._wake.set()
         return event_id
+
+    def _odd_event_id(self, event_id: str, image_topic: str) -> None:
+        """A caller's event id that cannot name its image as is: not one topic level (``image_topic_event_id``:
+        the image goes to ``event/image/sha256-...``, :func:`~.topics.image_level`), or not text a broker takes
+        (MQTT v5: the image carries no ``event_id`` property, :func:`~.sender.image_properties`). The event and
+        its image are published all the same; a WARNING says so, at most once a minute."""
+        what = []
+        if self.settings.image_topic_event_id and level_problem(event_id) is not None:
+            what.append(f"its image goes to {image_topic}")
+        if self.settings.protocol == Protocol.V5 and string_problem(event_id) is not None:
+            what.append("its image carries no event_id property")
+        since = self._id_log.hit() if what else 0
+        if since:
+            log.warning("mqtt: event id %s %s: %s (the event's image.topic names the topic); %d such event(s) since "
+                        "the last report", _short(repr(event_id), 80),
+                        string_problem(event_id) or level_problem(event_id), " and ".join(what), since)
 
     def publish_telemetry(self, payload: Mapping[str, Any]) -> dict:
         """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state. Returns the
@@ -501,6 +537,8 @@ class MqttLink:
             "published": c["published"],
             "acked": c["acked"],
             "rejected": c["rejected"],
+            "replies_rejected": c["replies_rejected"],
+            "retained_rejected": c["retained_rejected"],
             "resent": c["resent"],
             "connects": c["connects"],
             "disconnects": c["disconnects"],
@@ -608,15 +646,31 @@ class MqttLink:
         with self._lock:
             self._retained_dirty = False
             calibration = self._calibration
-        self._publish_direct(client, self.topics.status, self._status_bytes("online", "connected"), 1, True)
+        sent = [(self.topics.status, self._publish_direct(client, self.topics.status,
+                                                          self._status_bytes("online", "connected"), 1, True))]
         if calibration is not None:
-            self._publish_direct(client, self.topics.calibration, calibration, 1, True)
+            sent.append((self.topics.calibration, self._publish_direct(client, self.topics.calibration, calibration,
+                                                                       1, True)))
         if self.settings.homeassistant:
             for topic, data in homeassistant.discovery(self.settings, self._birth):
-                self._publish_direct(client, topic, data, 1, True)
+                sent.append((topic, self._publish_direct(client, topic, data, 1, True)))
+        with self._lock:   # their PUBACKs say whether the broker took them (_on_publish)
+            for topic, info in sent:
+                if info is not None and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                    self._retained_mids[info.mid] = topic
+            while len(self._retained_mids) > RETAINED_MIDS:      # acknowledged ones are removed: a bound, not a rule
+                self._retained_mids.pop(next(iter(self._retained_mids)))
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
+    # paho's network thread dies with an exception from a callback, and with it the link, for good: no reconnect,
+    # no command, the outbox growing, until a restart. Each callback logs its own exceptions instead.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self._connect_done(client, flags, reason_code, properties)
+        except Exception:
+            log.exception("mqtt: error in the connect callback (the link goes on)")
+
+    def _connect_done(self, client, flags, reason_code, properties) -> None:
         if reason_failed(reason_code):
             self._connected = False
             self._last_error = f"broker {self.settings.safe_url} refused the connection: {reason_text(reason_code)}"
@@ -625,7 +679,10 @@ class MqttLink:
         limit = getattr(properties, "MaximumPacketSize", None) if client.protocol == paho.MQTTv5 else None
         # before anything is published on this connection, and before paho sends again what it holds
         self._out.reconnected(client, int(limit) if limit is not None else None)
-        self._replies_at_connect(client)
+        try:      # whatever happens to the replies, the connection is taken (subscribed, the birth published)
+            self._replies_at_connect(client)
+        except Exception:
+            log.exception("mqtt: error while taking stock of the command replies at connect")
         if limit is not None and limit < self.settings.image_max_bytes + 1024 and self._limit_warned != limit:
             self._limit_warned = limit
             log.warning("mqtt: the broker %s takes packets of at most %d bytes (its max_packet_size), less than "
@@ -662,6 +719,12 @@ class MqttLink:
             log.debug("mqtt: %s", self._last_error)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self._disconnected(client, flags, reason_code)
+        except Exception:
+            log.exception("mqtt: error in the disconnect callback (the link goes on)")
+
+    def _disconnected(self, client, flags, reason_code) -> None:
         was = self._connected
         self._connected = False
         if was:
@@ -677,9 +740,39 @@ class MqttLink:
                             self.outbox.depth)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._lock:
-            self._replies.pop(mid, None)
-        self._out.acknowledged(mid, reason_code)
+        try:
+            with self._lock:
+                reply = self._replies.pop(mid, None)
+                retained = self._retained_mids.pop(mid, None)
+            if reason_failed(reason_code) and (reply is not None or retained is not None):
+                self._refused_direct(reply, retained, reason_code)
+            self._out.acknowledged(mid, reason_code)
+        except Exception:
+            log.exception("mqtt: error in the publish callback for message %s (the link goes on)", mid)
+
+    def _refused_direct(self, reply: _SentReply | None, retained: str | None, reason_code) -> None:
+        """The broker refused a message that is not in the outbox in its PUBACK (MQTT v5; Mosquitto answers 0x87
+        Not authorized for a topic its ACL denies, and keeps the connection): a command reply (its requester gets
+        none) or a retained status, calibration or discovery config. Not sent again: counted
+        (``replies_rejected``, ``retained_rejected``) and logged as an ERROR, the first at once, then at most
+        once a minute per kind with how many since."""
+        code = reason_value(reason_code)
+        why = f"{reason_text(reason_code)}" + (f" (reason code 0x{code:02X})" if code is not None else "")
+        if reply is not None:
+            self._counters["replies_rejected"] += 1
+            since = self._refused_log.hit("reply")
+            if since:
+                log.error("mqtt: the broker refused the reply to command %s on %s: %s; its requester gets no reply "
+                          "(the broker's ACL must let this device publish to the reply topics of its requesters); "
+                          "%d such since the last report", reply.command, _short(repr(reply.topic), 120),
+                          why, since)
+        else:
+            self._counters["retained_rejected"] += 1
+            since = self._refused_log.hit(retained)
+            if since:
+                log.error("mqtt: the broker refused the retained message on %s: %s; consumers keep the last one it "
+                          "took (let this device publish to it in the broker's ACL); %d such since the last report",
+                          retained, why, since)
 
     def _on_message(self, client, userdata, message) -> None:
         try:   # paho's network thread dies with an exception from here, and with it every delivery
@@ -781,8 +874,11 @@ class MqttLink:
             log.exception("mqtt: cannot send the reply to %s", _short(repr(reply.topic), 120))
             return
         if info is not None and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            with self._lock:   # its PUBACK may have come already: is_published() says so at the next connect
-                self._replies[info.mid] = _SentReply(info, str(reply.body.get("command")), reply.topic, len(data))
+            # its PUBACK may have come already: _acknowledged() says so at the next connect. NO_CONN: paho keeps it
+            # and sends it at the next connect, the first time it is on the wire (not a send yet)
+            with self._lock:
+                self._replies[info.mid] = _SentReply(info, str(reply.body.get("command")), reply.topic, len(data),
+                                                     sends=1 if info.rc == paho.MQTT_ERR_SUCCESS else 0)
 
     def _replies_at_connect(self, client: paho.Client) -> None:
         """``on_connect``, before paho sends again the messages it holds from the last connection: a reply sent
@@ -792,7 +888,7 @@ class MqttLink:
         (``drop_out_messages``), the other replies published again now, the outbox's handed back to the
         sender (as at a lowered packet limit: :meth:`OutboxSender.reconnected`)."""
         with self._lock:
-            pending = {mid: r for mid, r in self._replies.items() if not r.info.is_published()}
+            pending = {mid: r for mid, r in self._replies.items() if not _acknowledged(r.info)}
             self._replies = pending
             if not any(r.sends >= REPLY_SENDS for r in pending.values()):
                 for r in pending.values():

@@ -7,10 +7,12 @@ outbox depth and drift from ``telemetry``, the last result from ``result``, the 
 the retained ``calibration`` (else the birth message), the threshold deciding from the latest result,
 telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is
 kept as ``calibration_threshold``), last seen from the messages received live, else the retained status's
-``ts`` (when it connected or stopped; none for the will). A device that is ``online`` but sent nothing
-for ``stale_after_s`` (by arrival times) shows as ``stale``. A device whose clock differs from the
-monitor's by more than ``clock_skew_s`` (:data:`CLOCK_SKEW_S`, 60 s; estimated from live telemetry and
-status) is flagged: ``clock_offset_s``, ``clock_skew``, the table's ``CLOCK`` and a WARNING.
+``ts`` (when it connected or stopped; none for the will, nor for a ``ts`` ahead of the monitor's clock by
+more than ``clock_skew_s``). A device that is ``online`` but sent nothing for ``stale_after_s`` (by arrival
+times) shows as ``stale``. A device whose clock differs from the monitor's by more than ``clock_skew_s``
+(:data:`CLOCK_SKEW_S`, 60 s; estimated from live telemetry and status only: results and events may come from
+the outbox's backlog, so a device that sends no telemetry is not checked until it sends some or reconnects) is
+flagged: ``clock_offset_s``, ``clock_skew``, the table's ``CLOCK`` and a WARNING.
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device as messages missing
 (``results_missing``, ``events_missing``, ``last_gap``; the table's ``MISSING``) and logged as a WARNING: a
@@ -201,8 +203,7 @@ class FleetView:
                         row.site, row.device, off, abs(off), "ahead of" if off > 0 else "behind",
                         self.clock_skew_s)
 
-    @staticmethod
-    def _seen_at(kind: str, body: dict, retained: bool, now: float) -> float | None:
+    def _seen_at(self, kind: str, body: dict, retained: bool, now: float) -> float | None:
         """When this message says the device was last alive, None when it says nothing about it.
 
         A message that arrives live comes from the device now, but for the last will, which the broker
@@ -210,12 +211,15 @@ class FleetView:
         kept by the broker: only the retained ``status`` tells, by its own ``ts``, when the device was last
         alive (the birth: when it connected; a clean stop: when it stopped; the will has none). A retained
         ``calibration`` carries when that calibration was published (at the process start or a change), which
-        says nothing about when the device stopped."""
+        says nothing about when the device stopped. A retained ``ts`` more than ``clock_skew_s`` ahead of this
+        monitor's clock was written by a clock that is ahead: it says nothing either (a device stopped half an
+        hour ago with a clock an hour ahead read "0s ago")."""
         if kind == "status" and body.get("state") != "online" and body.get("ts") is None:
             return None                    # the will
         if not retained:
             return now
-        return payloads.parse_time(body.get("ts")) if kind == "status" else None
+        ts = payloads.parse_time(body.get("ts")) if kind == "status" else None
+        return ts if ts is not None and ts <= now + self.clock_skew_s else None
 
     # ------------------------------------------------------------------ seq gaps
     def _check_seq(self, row: DeviceRow, kind: str, seq: int | None, now: float) -> None:

@@ -47,6 +47,7 @@ from ..errors import RuntimeFailure
 from ..ratelimit import LogLimiter
 from .client import reason_failed, reason_text, reason_value
 from .outbox import Outbox, Row
+from .topics import string_problem
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,11 @@ def publish_size(topic: str, payload_bytes: int, qos: int, properties: Propertie
 
 
 def image_properties(event_id: str | None) -> Properties:
-    """The v5 PUBLISH properties of an event image."""
+    """The v5 PUBLISH properties of an event image: its content type, and its event's id (``event_id``) unless
+    that id is not text a broker takes (:func:`~.topics.string_problem`: a broker closes the connection for it)."""
     props = Properties(PacketTypes.PUBLISH)
     props.ContentType = "image/jpeg"
-    if event_id:
+    if event_id and string_problem(event_id) is None:
         props.UserProperty = ("event_id", event_id)
     return props
 

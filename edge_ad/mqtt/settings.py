@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ..errors import InputError
+from .topics import string_problem
 
 ENV_USERNAME = "EDGE_AD_MQTT_USERNAME"
 ENV_PASSWORD = "EDGE_AD_MQTT_PASSWORD"
@@ -27,6 +28,32 @@ ENV_COMMAND_SECRET = "EDGE_AD_MQTT_COMMAND_SECRET"
 _WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("edge_ad_mqtt_settings_where", default="mqtt")
 SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")   # fullmatch: '$' would let a trailing newline through
+
+
+def name_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a site or device name (``mqtt.site``, ``mqtt.device``), else None."""
+    if isinstance(value, str) and _NAME_RE.fullmatch(value):
+        return None
+    return f"{value!r} is not a topic-safe name: expected 1-64 of A-Z a-z 0-9 _ . -"
+
+
+def prefix_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a topic prefix (``mqtt.homeassistant_prefix``), else None."""
+    if (isinstance(value, str) and value and not any(c in value for c in "+#") and not value.startswith("/")
+            and not value.endswith("/") and string_problem(value) is None):
+        return None
+    return (f"{value!r} is not a topic prefix: no wildcards, no leading or trailing '/', no control characters or "
+            "non-characters")
+
+
+def client_id_problem(value: object) -> str | None:
+    """Why ``value`` cannot be an MQTT client id (``mqtt.client_id``), else None."""
+    why = "is not a string" if not isinstance(value, str) else string_problem(value)
+    if why is None and not 0 < len(value.encode("utf-8")) <= 128:
+        why = f"is {len(value.encode('utf-8'))} bytes long"
+    if why is None:
+        return None
+    return f"{value!r} {why}: expected 1..128 bytes of UTF-8 without control characters or non-characters"
 
 
 class Protocol(str, enum.Enum):
@@ -301,22 +328,25 @@ class MqttSettings(BrokerSettings):
     @field_validator("site", "device")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        if not _NAME_RE.fullmatch(v):
-            raise ValueError(f"'{v}' is not a topic-safe name: expected 1-64 of A-Z a-z 0-9 _ . -")
+        why = name_problem(v)
+        if why is not None:
+            raise ValueError(why)
         return v
 
     @field_validator("client_id")
     @classmethod
     def _check_client_id(cls, v: str | None) -> str | None:
-        if v is not None and not (0 < len(v.encode()) <= 128):
-            raise ValueError("client_id must be 1..128 bytes")
+        why = None if v is None else client_id_problem(v)
+        if why is not None:
+            raise ValueError(why)
         return v
 
     @field_validator("homeassistant_prefix")
     @classmethod
     def _check_prefix(cls, v: str) -> str:
-        if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/"):
-            raise ValueError(f"'{v}' is not a topic prefix: no wildcards, no leading or trailing '/'")
+        why = prefix_problem(v)
+        if why is not None:
+            raise ValueError(why)
         return v
 
     @property

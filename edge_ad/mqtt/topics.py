@@ -7,7 +7,7 @@ status            1      yes       birth (``online``) on every connect; last wil
 result            1      no        one per inspected frame or part (outbox; unique ``id``, ``seq``)
 event             1      no        NG events (outbox)
 event/image       1      no        JPEG (binary) belonging to an event, rate-limited (outbox); with
-                                   ``image_topic_event_id``: ``event/image/<event id>``
+                                   ``image_topic_event_id``: ``event/image/<event id>`` (:func:`image_level`)
 telemetry         0      no        periodic fps, latency, drops, outbox depth, drift, ...
 calibration       1      yes       the calibration in force
 cmd/<name>        1      no        commands in; the reply goes to the v5 response topic
@@ -18,12 +18,14 @@ reply/<name>      1      no        replies to commands that named no response to
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from ..errors import InputError
 
 ROOT = "edge-ad/v1"
 MAX_REPLY_TOPIC_BYTES = 1024   # a reply topic a requester names (MQTT allows 65535; none needs more than this)
+MAX_LEVEL_BYTES = 256          # one level of a topic the device publishes to: a site, a device, an event id
 KINDS = ("status", "result", "event", "event/image", "telemetry", "calibration")
 
 
@@ -53,8 +55,9 @@ class Topics:
         return f"{self.base}/event/image"
 
     def event_image_of(self, event_id: str) -> str:
-        """``event/image/<event id>``: the image topic of one event (``image_topic_event_id``)."""
-        return f"{self.event_image}/{check_level(event_id, 'event id')}"
+        """``event/image/<level>``: the image topic of one event (``image_topic_event_id``), ``<level>`` being
+        :func:`image_level` of its id."""
+        return f"{self.event_image}/{image_level(event_id)}"
 
     @property
     def telemetry(self) -> str:
@@ -76,11 +79,38 @@ class Topics:
 
 
 def check_level(value: str, what: str) -> str:
-    """``value`` if it can be one topic level (a site, a device, a command name); else InputError naming
-    ``what``. A '/' would publish to another topic and '+' / '#' are wildcards a publish may not carry."""
-    if not isinstance(value, str) or not value or any(c in value for c in "/+#") or any(ord(c) < 32 for c in value):
-        raise InputError(f"{what} {value!r}: expected one topic level (no '/', '+', '#' or control characters)")
+    """``value`` if it can be one topic level (a site, a device, a command name: :func:`level_problem`); else
+    InputError naming ``what`` and saying why."""
+    why = level_problem(value)
+    if why is not None:
+        raise InputError(f"{what} {value!r} {why}; expected one topic level (UTF-8 without '/', '+', '#', control "
+                         f"characters or non-characters, at most {MAX_LEVEL_BYTES} bytes)")
     return value
+
+
+def level_problem(value: object) -> str | None:
+    """Why ``value`` cannot be one topic level, else None. A '/' would publish to another topic, '+' and '#' are
+    wildcards a publish may not carry, and a broker closes the connection for a control character or a
+    non-character (:func:`_text_problem`, as for a reply topic); at most :data:`MAX_LEVEL_BYTES` bytes."""
+    if not isinstance(value, str):
+        return "is not a string"
+    if not value:
+        return "is empty"
+    why = _text_problem(value, MAX_LEVEL_BYTES)
+    if why is None and any(c in value for c in "/+#"):
+        why = "holds '/' (a level separator) or a wildcard ('+' or '#')"
+    return why
+
+
+def image_level(event_id: str) -> str:
+    """The topic level an event's image goes to (``event/image/<level>``, ``image_topic_event_id``): the event id
+    itself when it can be one topic level (:func:`level_problem`, as the runtime's UUIDs can); else
+    ``sha256-`` and the first 32 hex digits of the sha256 of its UTF-8 form, so that no event id, whoever gives
+    it, makes a topic the broker closes the connection for or paho refuses. The event's ``image.topic`` names
+    the topic either way."""
+    if level_problem(event_id) is None:
+        return event_id
+    return "sha256-" + hashlib.sha256(str(event_id).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _refused_char(c: str) -> bool:
@@ -88,6 +118,28 @@ def _refused_char(c: str) -> bool:
     allow): NUL and the other control characters (U+0001-U+001F, U+007F-U+009F) and Unicode non-characters."""
     o = ord(c)
     return o < 0x20 or 0x7F <= o <= 0x9F or 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE
+
+
+def string_problem(text: str) -> str | None:
+    """Why ``text`` cannot be an MQTT string a broker takes (a topic name, a v5 user property): a character it
+    closes the connection for (:func:`_refused_char`), or no UTF-8 form; else None."""
+    bad = next((c for c in text if _refused_char(c)), None)
+    if bad is not None:
+        kind = "NUL" if bad == "\0" else "a control character" if ord(bad) <= 0x9F else "a Unicode non-character"
+        return f"holds {kind} (U+{ord(bad):04X}), which a broker closes the connection for"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate): it has no UTF-8 form"
+    return None
+
+
+def _text_problem(text: str, max_bytes: int) -> str | None:
+    """:func:`string_problem`, or more than ``max_bytes`` bytes (UTF-8); else None."""
+    why = string_problem(text)
+    if why is None and len(text.encode("utf-8")) > max_bytes:
+        why = f"is {len(text.encode('utf-8'))} bytes long (UTF-8), more than {max_bytes}"
+    return why
 
 
 def reply_topic_problem(topic: object) -> str | None:
@@ -101,21 +153,12 @@ def reply_topic_problem(topic: object) -> str | None:
         return "is not a string"
     if not topic:
         return "is empty"
-    bad = next((c for c in topic if _refused_char(c)), None)
-    if bad is not None:
-        kind = "NUL" if bad == "\0" else "a control character" if ord(bad) <= 0x9F else "a Unicode non-character"
-        return f"holds {kind} (U+{ord(bad):04X}), which a broker closes the connection for"
-    if "+" in topic or "#" in topic:
-        return "holds a wildcard ('+' or '#'), which a message cannot be published to"
-    if topic.startswith("$"):
-        return "starts with '$' (topics such as $SYS/... belong to the broker: clients may not publish there)"
-    try:
-        size = len(topic.encode("utf-8"))
-    except UnicodeEncodeError:
-        return "is not valid Unicode (a lone surrogate): it has no UTF-8 form"
-    if size > MAX_REPLY_TOPIC_BYTES:
-        return f"is {size} bytes long (UTF-8), more than {MAX_REPLY_TOPIC_BYTES}"
-    return None
+    why = _text_problem(topic, MAX_REPLY_TOPIC_BYTES)
+    if why is None and ("+" in topic or "#" in topic):
+        why = "holds a wildcard ('+' or '#'), which a message cannot be published to"
+    if why is None and topic.startswith("$"):
+        why = "starts with '$' (topics such as $SYS/... belong to the broker: clients may not publish there)"
+    return why
 
 
 def fleet_filter(site: str | None = None) -> str:

@@ -583,7 +583,7 @@ class Pipeline:
         backend = insp.backend
         bname = getattr(backend, "name", type(backend).__name__)
         prec = getattr(backend, "precision", "")
-        model_hash = insp.model_hash
+        model_hash = insp.model_hash_of(cal)       # the same calibration: never a new hash with an old version
         items = []
         n = len(frames)
         with self._req_lock:

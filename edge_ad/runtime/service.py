@@ -505,7 +505,7 @@ class Service:
         path = self.settings.model.bundle_path() if self.settings.model.deploy_dir is not None else self.bundle.path
         try:
             fresh = Bundle.open(path, verify=True)
-            if fresh.model_hash() != self.inspector.model_hash or fresh.active_graph != self.bundle.active_graph:
+            if self._another_model(fresh):
                 with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
                     out = self._swap_model(fresh, reason="reload")
                     self._watch_if_pending(self._ng_rate())
@@ -526,6 +526,27 @@ class Service:
             self.swap_calibration(cal, reason="reload")
             return {"model": "unchanged", "calibration_version": cal.version}
         return {"model": "unchanged", "calibration": "unchanged", "calibration_version": cal.version}
+
+    def _another_model(self, fresh: Bundle) -> bool:
+        """Is ``fresh``, the bundle a reload opened, another model than the one running (a model swap: a second
+        inspector, the ``model`` event) rather than the same model with another calibration (the calibration path:
+        :meth:`swap_calibration`, the ``calibration`` event, as the MQTT calibrate and rollback_calibration give)?
+        Another model: another folder (the release ``current`` points at now), another active graph or graph
+        contents (:meth:`Bundle.graph_hash`), another training (a bundle retrained in place: the manifest's
+        ``created``). A Gaussian bundle's statistics are its model too (its ``model_hash`` covers them), but they
+        change with a calibration version: a refit or a rollback (``edge-ad calibrate`` beside the running line)
+        puts in force a calibration that names other statistics, which :meth:`Inspector.set_calibration` loads;
+        only statistics that changed under the same name (the file replaced) make another model."""
+        run = self.bundle
+        if Path(fresh.path).resolve() != Path(run.path).resolve() or fresh.active_graph != run.active_graph:
+            return True
+        if fresh.graph_hash() != run.graph_hash() or fresh.manifest.get("created") != run.manifest.get("created"):
+            return True
+        if fresh.kind != "gaussian":
+            return False
+        cal, running = fresh.calibration(), self.inspector.calibration
+        same_stats = cal.extra.get("gaussian") == running.extra.get("gaussian")
+        return same_stats and fresh.model_hash(calibration=cal) != self.inspector.model_hash
 
     def _swap_model(self, bundle: Bundle, reason: str) -> dict:
         """Open the new model beside the running one; swap between two batches; close the old one."""
