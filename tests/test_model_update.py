@@ -2987,3 +2987,31 @@ def test_cli_install_config_takes_the_env_file_next_to_it(tiny_bundle, tmp_path,
     res = r.invoke(main, ["bundle", "install", str(arch), "--deploy", str(deploy), "--env-file", str(other)])
     assert res.exit_code == 2 and "--env-file needs --config" in res.output, res.output
     assert deployment(deploy) == before
+
+
+def test_a_reload_onto_a_release_installed_from_a_shell_judges_its_ng_rate_against_the_running_ones(bundles,
+                                                                                                  tmp_path):
+    """'edge-ad bundle install' from a shell, then a reload (SIGHUP, MQTT reload): the baseline NG rate was taken
+    after the swap had cleared the decisions it counts, so a release calling every part NG was recorded ok."""
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy)
+    try:
+        assert svc.reporter.health is None
+        svc.reporter.recent_ng.extend([False] * 49 + [True])           # the running model: NG rate 0.02
+        r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
+        assert svc.reload("bundle")["bundle"]["model_hash"] == b.model_hash()
+        watch = svc.reporter.health
+        assert watch.release == r2.release and watch.baseline_ng_rate == pytest.approx(0.02)
+        for _ in range(HealthLimits().min_frames):
+            watch.record(ng=True)
+        svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+            "failed", "done", r2.release, r1.release)
+        assert "NG rate jumped to 1.000 from 0.020" in ev["reason"]
+        assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
+    finally:
+        svc.inspector.backend.close()

@@ -507,8 +507,9 @@ class Service:
             fresh = Bundle.open(path, verify=True)
             if self._another_model(fresh):
                 with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
+                    baseline = self._ng_rate()   # before the swap, which clears the decisions it counts
                     out = self._swap_model(fresh, reason="reload")
-                    self._watch_if_pending(self._ng_rate())
+                    self._watch_if_pending(baseline)
                 return out
         except Exception as exc:   # a pending release the line cannot open: back to the one that runs
             dep = self._pending_release()
