@@ -3015,3 +3015,33 @@ def test_a_reload_onto_a_release_installed_from_a_shell_judges_its_ng_rate_again
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
     finally:
         svc.inspector.backend.close()
+
+
+def test_a_reload_onto_another_release_of_the_same_model_switches_to_its_folder_and_watches_it(bundles, tmp_path):
+    """A re-pack of the same model (same model_hash, another file changed) installed from a shell: the reload
+    called it "unchanged", so the line kept the old release folder (a later calibration landed there, lost at
+    the next restart) and the new release stayed pending, never watched."""
+    a = bundles[0]
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    deploy_mod.confirm(deploy)
+    a2 = copy_bundle(a, tmp_path / "A2")
+    a2.add_file("notes.txt", data=b"re-packed\n")
+    assert a2.model_hash() == a.model_hash()
+    svc = _line(tmp_path, deploy)
+    try:
+        assert Path(svc.bundle.path).name == r1.release
+        r2 = install_bundle(pack_bundle(a2.path, tmp_path / "a2.tar"), deploy, require_golden=False)
+        out = svc.reload("bundle")["bundle"]
+        assert out["bundle"] == str(r2.path) and out["model_hash"] == a.model_hash()
+        assert Path(svc.bundle.path).resolve() == r2.path.resolve() == Path(svc.inspector.bundle.path).resolve()
+        assert svc.reporter.health is not None and svc.reporter.health.release == r2.release
+        assert svc.status()["model"]["bundle"] == str(r2.path)
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)
+        svc._check_health()
+        assert [(e["status"], e["release"]) for e in _health_events(svc)] == [("ok", r2.release)]
+        assert deployment(deploy).health == "ok"
+        assert svc.reload("bundle")["bundle"]["model"] == "unchanged"   # and the next reload is quiet
+    finally:
+        svc.inspector.backend.close()

@@ -505,12 +505,10 @@ class Service:
         path = self.settings.model.bundle_path() if self.settings.model.deploy_dir is not None else self.bundle.path
         try:
             fresh = Bundle.open(path, verify=True)
+            # another release folder ('edge-ad bundle install', 'bundle rollback') is always a switch, whatever its
+            # model hash, so that the line runs, calibrates into and watches the release in force (_another_model)
             if self._another_model(fresh):
-                with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
-                    baseline = self._ng_rate()   # before the swap, which clears the decisions it counts
-                    out = self._swap_model(fresh, reason="reload")
-                    self._watch_if_pending(baseline)
-                return out
+                return self._reload_model(fresh)
         except Exception as exc:   # a pending release the line cannot open: back to the one that runs
             dep = self._pending_release()
             if dep is None or dep.current_path.resolve() == Path(self.bundle.path).resolve():
@@ -549,6 +547,14 @@ class Service:
         same_stats = cal.extra.get("gaussian") == running.extra.get("gaussian")
         return same_stats and fresh.model_hash(calibration=cal) != self.inspector.model_hash
 
+    def _reload_model(self, fresh: Bundle) -> dict:
+        """A reload's model switch to ``fresh``, watched when it is the deploy folder's pending release."""
+        with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
+            baseline = self._ng_rate()   # before the swap, which clears the decisions it counts
+            out = self._swap_model(fresh, reason="reload")
+            self._watch_if_pending(baseline)
+        return out
+
     def _swap_model(self, bundle: Bundle, reason: str) -> dict:
         """Open the new model beside the running one; swap between two batches; close the old one."""
         new = open_inspector(bundle, self.settings)
@@ -568,7 +574,7 @@ class Service:
         self.event({"type": "model", "model_hash": new.model_hash, "previous_model_hash": before, "reason": reason,
                     "bundle": str(bundle.path)})
         return {"model_hash": new.model_hash, "previous_model_hash": before,
-                "calibration_version": new.calibration.version}
+                "calibration_version": new.calibration.version, "bundle": str(bundle.path)}
 
     def update_model(self, args: dict) -> dict:
         """Install a bundle archive (edge_ad.calibration.install_bundle: verify, golden set, atomic switch),
