@@ -3045,3 +3045,39 @@ def test_a_reload_onto_another_release_of_the_same_model_switches_to_its_folder_
         assert svc.reload("bundle")["bundle"]["model"] == "unchanged"   # and the next reload is quiet
     finally:
         svc.inspector.backend.close()
+
+
+def test_a_failed_release_whose_rollback_was_given_up_is_rolled_back_by_a_restart_never_called_healthy(bundles,
+                                                                                                       tmp_path):
+    """The given_up event recommended a restart, which watched the still pending release again without an NG
+    rate to compare with: a model calling every part NG was recorded ok. The failed verdict is kept in the
+    release (no deploy lock needed), and the restart rolls it back at its first check."""
+    a, b, _ = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    svc = _line(tmp_path, deploy, health="rollback_wait_s = 0\n")
+    held = _HeldElsewhere(deploy)
+    try:
+        _failing_frames(svc)
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"]) == ("failed", "given_up", failing)
+        assert f"a restart (which rolls it back: the failed verdict is kept in {deploy / 'releases' / failing}" \
+               in ev["reason"]
+        assert deployment(deploy).current == failing and svc.inspector.model_hash == b.model_hash()
+    finally:
+        held.release()
+        svc.inspector.backend.close()
+    assert deployment(deploy).health == "pending"
+    svc = _line(tmp_path, deploy)                                   # the restart
+    try:
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)                    # frames that would pass without a baseline
+        svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+            "failed", "done", failing, r1.release)
+        assert "failed its health check before this start" in ev["reason"] and "error rate" in ev["reason"]
+        dep = deployment(deploy)
+        assert (dep.current, dep.health) == (r1.release, "rolled_back") and svc.inspector.model_hash == a.model_hash()
+    finally:
+        svc.inspector.backend.close()

@@ -71,6 +71,9 @@ GOLDEN = "golden"
 NORMAL_DIRS = ("good", "ok")
 HISTORY = 50
 INSTALLED_FROM = ".installed-from.json"   # in each release: {"archive": .., "release": .., "model": ..} at install
+# in a release whose health check failed: {"time": .., "reason": ..}, written (no deploy lock needed) when the verdict
+# is reached, so that a restart before its rollback is done rolls it back instead of judging it again
+HEALTH_FAILED = ".health-failed.json"
 DEVICE_WRITTEN = ("calibration.json", "calibration.d/", "gaussian.d/")   # what calibrating on the device writes
 
 
@@ -1077,6 +1080,37 @@ class HealthWatch:
         self._retry_delay = RETRY_S[0]
         self._meanwhile: HealthVerdict | None = None   # what poll returns until then
         self._waited_for = ""                      # what an owed rollback waited for last (for its final reason)
+        # the reason of a failed verdict on this release recorded before (HEALTH_FAILED: a restart while its
+        # rollback waited, or after it was given up): the first poll fails it again and rolls it back
+        self._failed_before = self._read_failed()
+
+    def _marker(self) -> Path | None:
+        if self.deploy_dir is None or self.release is None or "/" in self.release:
+            return None
+        return self.deploy_dir / RELEASES / self.release / HEALTH_FAILED
+
+    def _read_failed(self) -> str | None:
+        m = self._marker()
+        if m is None or not m.is_file():
+            return None
+        try:
+            was = json.loads(m.read_text("utf-8"))
+            why = f"{was['reason']} (judged at {was['time']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            why = "an unreadable record"
+        return f"failed its health check before this start ({m}: {why})"
+
+    def _keep_failed(self, reason: str) -> None:
+        """Record the failed verdict in the release (atomic; no deploy lock needed): a restart before the rollback
+        is done rolls it back instead of judging it again (with no NG rate to compare with it could pass)."""
+        m = self._marker()
+        if m is None or not m.parent.is_dir():
+            return
+        try:
+            atomic.write_json(m, {"time": now_iso(), "reason": reason})
+        except OSError as exc:
+            log.error("the failed verdict on %s cannot be recorded in %s (%s): a restart before its rollback is "
+                      "done judges it again", self.release, m, os_error_text(exc))
 
     def record(self, ng: bool | None = None, error: bool = False) -> None:
         with self._lock:
@@ -1107,12 +1141,16 @@ class HealthWatch:
                 elapsed = now - self._t_first_offer if self._t_first_offer is not None else 0.0
             status, reason = judge_health(self.frames, self.errors, self.ng, elapsed, self.baseline_ng_rate,
                                           self.limits, offered)
+            if self._failed_before is not None:   # judged failed before a restart: not judged again
+                status, reason = "failed", self._failed_before
             v = HealthVerdict(status, reason, self.frames, self.errors,
                               self.ng / self.frames if self.frames else None, elapsed, release=self.release)
             if status == "pending":
                 return v
             if self.deploy_dir is not None:
                 self._owed_since = now
+                if status == "failed" and self._failed_before is None:
+                    self._keep_failed(reason)
                 return self._roll_back(v, now) if status == "failed" else self._confirm(v, now)
             self._final = v
             return v
@@ -1250,7 +1288,8 @@ class HealthWatch:
         log.error("the rollback of %s is given up after %.0f s: %s", self.release, waited, why)
         return self._finish(replace(v, reason=(
             f"{v.reason}; rollback given up: {why}; the failing model keeps inspecting until 'edge-ad bundle "
-            "rollback' or a restart (which watches the release again)"), rollback="given_up"))
+            f"rollback' or a restart (which rolls it back: the failed verdict is kept in {self._marker()})"),
+            rollback="given_up"))
 
     def _finish(self, v: HealthVerdict) -> HealthVerdict:
         self._owed = None
