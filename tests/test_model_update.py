@@ -3081,3 +3081,28 @@ def test_a_failed_release_whose_rollback_was_given_up_is_rolled_back_by_a_restar
         assert (dep.current, dep.health) == (r1.release, "rolled_back") and svc.inspector.model_hash == a.model_hash()
     finally:
         svc.inspector.backend.close()
+
+
+def test_an_adapt_candidate_of_a_release_goes_to_candidates_never_among_the_releases(fader_bundle, tmp_path):
+    """'calibrate --config --adapt' without --deploy took the line's release as BUNDLE and wrote
+    BUNDLE.adapted-<time> inside releases/, where 'bundle status' listed it and 'rollback --to' switched the
+    unchecked candidate in."""
+    from edge_ad.calibration.adapt import adapt
+    from edge_ad.calibration.deploy import releases
+    from edge_ad.data.synthetic import make_part
+
+    deploy = tmp_path / "deploy"
+    first = install_bundle(fader_bundle.path, deploy, require_golden=False)
+    frames = [make_part("grain", 64, None, seed=9, index=i).image for i in range(200)]
+    res = adapt(first.path, frames, steps=1)
+    assert res.install is None and res.candidate.parent == deploy / "candidates"
+    assert res.candidate.name.startswith(f"{first.release}.adapted-")
+    Bundle.open(res.candidate, verify=True)
+    assert [r["id"] for r in releases(deploy)] == [first.release]
+    # one an older edge-ad left among the releases is not taken for one either
+    old = deploy / "releases" / f"{first.release}.adapted-20250101T000000"
+    shutil.copytree(res.candidate, old)
+    assert [r["id"] for r in releases(deploy)] == [first.release]
+    with pytest.raises(InputError, match=r"--to .*adapted.*: no such release"):
+        rollback_model(deploy, to=old.name)
+    assert deployment(deploy).current == first.release

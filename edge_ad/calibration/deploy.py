@@ -68,6 +68,7 @@ CURRENT = "current"
 PREVIOUS = "previous"
 STATE = "deploy.json"
 GOLDEN = "golden"
+CANDIDATES = "candidates"   # <deploy>/candidates/: 'calibrate --adapt' candidates of a release, never a release
 NORMAL_DIRS = ("good", "ok")
 HISTORY = 50
 INSTALLED_FROM = ".installed-from.json"   # in each release: {"archive": .., "release": .., "model": ..} at install
@@ -810,15 +811,31 @@ def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:
     return removed
 
 
+def _is_release_id(name: str) -> bool:
+    """``name`` is named as an install names a release (``r<seq>-...``, no dot): not a folder put there by hand,
+    such as an ``--adapt`` candidate (``<id>.adapted-<time>``) written there by an older edge-ad."""
+    return _release_seq(name) >= 0 and "." not in name
+
+
 def _release_ids(d: Path, complete: bool = True) -> list[str]:
-    """The release folders kept in ``d/releases`` (``complete``: only those holding a manifest.json, so a
-    bundle), newest (highest sequence number) first."""
+    """The release folders kept in ``d/releases`` (named as an install names them, :func:`_is_release_id`;
+    ``complete``: only those holding a manifest.json, so a bundle), newest (highest sequence number) first."""
     rel = d / RELEASES
     if not rel.is_dir():
         return []
-    return sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")
+    return sorted((p.name for p in rel.iterdir() if p.is_dir() and _is_release_id(p.name)
                    and (not complete or (p / "manifest.json").is_file())),
                   key=lambda n: (_release_seq(n), n), reverse=True)
+
+
+def release_deploy_dir(bundle_dir: str | os.PathLike) -> Path | None:
+    """The deploy folder whose release ``bundle_dir`` is (``<deploy>/releases/<id>``), else None."""
+    p = Path(bundle_dir).resolve()
+    d = p.parent.parent
+    if p.parent.name == RELEASES and _is_release_id(p.name) and (
+            (p / INSTALLED_FROM).is_file() or (d / CURRENT).is_symlink() or (d / STATE).is_file()):
+        return d
+    return None
 
 
 def release_problem(deploy_dir: str | os.PathLike, release: str) -> str | None:

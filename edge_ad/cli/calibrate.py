@@ -82,7 +82,8 @@ def _deploy_option(ctx, param, value):
                    "train extra).")
 @click.option("--adapt-steps", default=200, show_default=True, type=click.IntRange(1), help="Fine-tuning steps.")
 @click.option("--adapt-out", type=click.Path(file_okay=False, path_type=Path),
-              help="--adapt: write the adapted bundle here (default: BUNDLE.adapted-<time>, removed once "
+              help="--adapt: write the adapted bundle here (default: BUNDLE.adapted-<time>, or "
+                   "DEPLOY/candidates/<release>.adapted-<time> for a release of a deploy folder; removed once "
                    "installed through --deploy).")
 @click.option("--train-device", default="cpu", show_default=True, help="--adapt: torch device for fine-tuning.")
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
