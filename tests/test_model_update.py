@@ -2370,13 +2370,22 @@ def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundl
     assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0
 
 
-def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path):
+def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path, monkeypatch):
+    from edge_ad.runtime import service as service_mod
+
     b = bundles[1]
     deploy, r1 = _installed_twice(bundles, tmp_path)
     svc = _line(tmp_path, deploy)
     try:
         failing = deployment(deploy).current
-        (r1.path / "model.onnx").write_bytes(b"damaged")
+        opener = service_mod.open_inspector
+
+        def open_inspector(bundle, settings):   # passes the rollback's checks, fails as the line opens it
+            if Path(bundle.path).name == r1.release:
+                raise RuntimeFailure(f"{bundle.path}: cannot be opened here")
+            return opener(bundle, settings)
+
+        monkeypatch.setattr(service_mod, "open_inspector", open_inspector)
         _failing_frames(svc)   # no exception out of the supervisor's call
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == b.model_hash()
         ev = _health_events(svc)
@@ -3106,3 +3115,31 @@ def test_an_adapt_candidate_of_a_release_goes_to_candidates_never_among_the_rele
     with pytest.raises(InputError, match=r"--to .*adapted.*: no such release"):
         rollback_model(deploy, to=old.name)
     assert deployment(deploy).current == first.release
+
+
+@pytest.mark.parametrize("damage", ["graph", "checkpoint"])
+def test_a_release_with_a_corrupt_file_is_named_by_status_and_refused_by_rollback(bundles, tmp_path, damage):
+    """release_problem checked only that the graph exists: 'bundle rollback' switched to a release with a corrupt
+    graph (the runtime had just rolled back from it) and 'edge-ad run' then exited 2 at every start, while
+    'bundle status' said nothing. The graph's sha256 is checked by both; a rollback checks every file, as run
+    does at its start."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    name = "model.onnx" if damage == "graph" else "extra.bin"
+    if damage == "checkpoint":                         # a recorded file run verifies but the line never loads
+        Bundle.open(r1.path).add_file(name, data=b"weights\n")
+    (r1.path / name).write_bytes(b"garbage\n")         # a bad SD card, a partial copy
+    problem = deploy_mod.release_problem(deploy, r1.release, full=True)
+    assert problem.startswith("not openable: ") and name in problem and "sha256" in problem
+    listed = [r["problem"] for r in deploy_mod.releases(deploy) if r["id"] == r1.release]
+    assert listed == ([problem] if damage == "graph" else [None])
+    for to, error in ((None, RuntimeFailure), (r1.release, InputError)):
+        with pytest.raises(error, match=f"release {r1.release} is not openable: .*{name}.*sha256"):
+            rollback_model(deploy, to=to)
+    assert deployment(deploy) == before
+    if damage == "graph":
+        from click.testing import CliRunner
+        from edge_ad.cli import main
+
+        res = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+        assert res.exit_code == 0 and f"{r1.release}" in res.output and "PROBLEM: not openable" in res.output

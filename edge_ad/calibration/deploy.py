@@ -838,17 +838,29 @@ def release_deploy_dir(bundle_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def release_problem(deploy_dir: str | os.PathLike, release: str) -> str | None:
-    """What keeps ``release`` from being run or rolled back to (its manifest, and its active graph there and
-    recorded; cheap: no sha256 of every file), worded to follow "is": "gone (no such folder...)", "not a
-    folder", or "not openable: why". None when it opens. The one check of a release: ``bundle status``
-    names broken releases with it, and :func:`rollback_model` refuses to switch to one with its words."""
+def release_problem(deploy_dir: str | os.PathLike, release: str, full: bool = False) -> str | None:
+    """What keeps ``release`` from being run or rolled back to, worded to follow "is": "gone (no such
+    folder...)", "not a folder", or "not openable: why". None when it opens. The one check of a release:
+    ``bundle status`` names broken releases with it, and :func:`rollback_model` refuses to switch to one with
+    its words. Checked: its manifest, its active graph there, recorded and its sha256 as recorded, its
+    calibration in force the same as its history file and, for a Gaussian bundle, the sha256 of the
+    statistics it names (what the line runs: a corrupt graph made 'edge-ad run' exit 2 at every start);
+    ``full`` (a rollback: one release) also every other recorded file's sha256, as 'edge-ad run' checks at
+    its start. Without it the listing stays fast on a device (no sha256 of a checkpoint or of other graphs)."""
     p = Path(deploy_dir) / RELEASES / release
     if not p.is_dir():
         return ("not a folder" if p.exists() or p.is_symlink()
                 else "gone (no such folder: deleted by hand, or by an older edge-ad's prune)")
     try:
-        Bundle.open(p).check_graph(verify=False)
+        b = Bundle.open(p)
+        b.check_graph(verify=True)
+        if full:
+            b.verify()
+        elif (p / "calibration.json").is_file():
+            b._verify_calibration()   # the calibration in force against its history file
+            stats = str(b.calibration().extra.get("gaussian") or "")
+            if stats and (stats in b.manifest["files"] or stats in b.replacing):
+                b.verify([stats])
     except (EdgeADError, OSError, ValueError) as exc:
         return f"not openable: {exc}"
     return None
@@ -937,7 +949,7 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
             if to == dep.current:
                 raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
             refuse = InputError
-        problem = release_problem(d, to)   # as 'bundle status' names it
+        problem = release_problem(d, to, full=True)   # as 'bundle status' names it, every file checked as run does
         if problem is not None:
             raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
         failed = dep.current
