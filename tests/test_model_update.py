@@ -3143,3 +3143,25 @@ def test_a_release_with_a_corrupt_file_is_named_by_status_and_refused_by_rollbac
 
         res = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy)])
         assert res.exit_code == 0 and f"{r1.release}" in res.output and "PROBLEM: not openable" in res.output
+
+
+def test_no_golden_skips_the_deploy_folders_own_golden_set(bundles, golden, tmp_path):
+    """--no-golden still ran the check on DEPLOY/golden when it existed: the only way to skip it was to move the
+    folder away."""
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    a, _, c = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    shutil.copytree(golden, deploy / "golden")
+    bad = pack_bundle(c.path, tmp_path / "c.tar")                      # never says NG: fails the golden check
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "install", str(bad), "--deploy", str(deploy)])
+    assert res.exit_code == 1 and "golden-set check failed" in res.output
+    res = r.invoke(main, ["bundle", "install", str(bad), "--deploy", str(deploy), "--no-golden", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["golden"] is None and deployment(deploy).current == out["release"]
+    assert install_bundle(pack_bundle(a.path, tmp_path / "a2.tar"), deploy, golden,
+                          require_golden=False).golden["passed"]                   # one given is used

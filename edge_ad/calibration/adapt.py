@@ -25,8 +25,8 @@ the refit of :func:`edge_ad.calibration.recalibrate`):
 Any failure (:class:`GuardFailure`, :class:`InputError`) leaves the running model as it was, says why and
 removes the candidate folder, also one asked for by ``out_dir`` (by default it is written next to the
 bundle as ``<bundle>.adapted-<UTC time>``, or in ``<deploy>/candidates/`` for a release of a deploy folder
-(:func:`default_candidate`), and removed once installed as a release; an ``out_dir`` is kept once installed). Needs torch (the ``train``
-extra); this module imports it only inside :func:`adapt`.
+(:func:`default_candidate`), and removed once installed as a release; an ``out_dir`` is kept once
+installed). Needs torch (the ``train`` extra); this module imports it only inside :func:`adapt`.
 """
 
 from __future__ import annotations

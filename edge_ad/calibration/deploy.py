@@ -531,9 +531,10 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
 
 def golden_for(deploy_dir: str | os.PathLike, golden_dir, require_golden: bool = True) -> Path | None:
     """The golden set an install into ``deploy_dir`` checks on: ``golden_dir``, else ``<deploy>/golden``
-    when it exists; none is refused unless ``require_golden`` is false (the check skipped on purpose)."""
+    when it exists; none is refused unless ``require_golden`` is false: the check skipped on purpose
+    (``--no-golden``), so ``<deploy>/golden`` is not taken then either, only a ``golden_dir`` given."""
     d = Path(deploy_dir)
-    if golden_dir is None and (d / GOLDEN).is_dir():
+    if golden_dir is None and require_golden and (d / GOLDEN).is_dir():
         golden_dir = d / GOLDEN
     if golden_dir is None and require_golden:
         raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
@@ -560,7 +561,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
             log.warning("the running release %s cannot be opened (%s); the candidate is judged on its own",
                         dep.current_path, exc)
     build = engine_needed(backend, device, running)
-    images = engine_images(calib_dir, golden_dir) if build else None
+    # --no-golden skips the check, not the normal images of <deploy>/golden an engine is built on
+    images = engine_images(calib_dir, golden_dir if golden_dir is not None else d / GOLDEN) if build else None
     if Path(archive).is_dir():
         content = _content(Bundle.open(archive, verify=True))
         need = sum(Path(archive, rel).stat().st_size for rel in content)

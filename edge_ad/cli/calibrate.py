@@ -609,7 +609,8 @@ def pack_cmd(bundle_dir, out, sign_key):
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Golden images: good/ must be OK, other folders NG, loose images must agree with the "
                    "running model (default: the config's model.golden_dir, else DEPLOY/golden).")
-@click.option("--no-golden", is_flag=True, help="Install without the golden-set check.")
+@click.option("--no-golden", is_flag=True,
+              help="Install without the golden-set check (DEPLOY/golden is not used either).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="HMAC secret file or Ed25519 public key (PEM); unsigned archives are then refused "
                    "(default: the config's model.update_key).")
