@@ -43,6 +43,7 @@ from .triggers import TriggerGate, load_trigger
 log = logging.getLogger(__name__)
 
 ABANDON_GRACE_S = 0.5   # after the stop deadline: how long idle pipeline threads get to see the closed queues
+SWAP_WAIT_S = 60.0     # a model swap waits this long for a batch still in the old backend before closing it
 
 
 class LockedBackend:
@@ -556,7 +557,8 @@ class Service:
         return out
 
     def _swap_model(self, bundle: Bundle, reason: str) -> dict:
-        """Open the new model beside the running one; swap between two batches; close the old one."""
+        """Open the new model beside the running one; swap between two batches; close the old one once the
+        batch it may be inferring is done (for up to :data:`SWAP_WAIT_S`)."""
         new = open_inspector(bundle, self.settings)
         old = self.pipeline.inspector
         before = old.model_hash
@@ -567,6 +569,9 @@ class Service:
             expect_trained_format(bundle)
             self.reporter.reset_drift(new.calibration, f"model swap ({reason})")
             self._drop_transient_threshold(f"model {before}")
+        if not self.pipeline.wait_idle(old, SWAP_WAIT_S):   # a batch still in the old backend finishes there
+            log.warning("the old model's batch did not finish within %g s of the swap; its backend is closed under "
+                        "it", SWAP_WAIT_S)
         old.backend.close()
         self.update_birth(model_hash=new.model_hash, calibration_version=new.calibration.version,
                           backend=getattr(new.backend, "name", ""), precision=getattr(new.backend, "precision", ""))
