@@ -3165,3 +3165,25 @@ def test_no_golden_skips_the_deploy_folders_own_golden_set(bundles, golden, tmp_
     assert out["golden"] is None and deployment(deploy).current == out["release"]
     assert install_bundle(pack_bundle(a.path, tmp_path / "a2.tar"), deploy, golden,
                           require_golden=False).golden["passed"]                   # one given is used
+
+
+def test_the_repair_of_a_damaged_link_can_be_run_as_printed_when_the_path_has_a_space(bundles, tmp_path):
+    """The repair text was not shell-quoted: under a path with a space the printed mv/ln failed."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    base = tmp_path / "line one"
+    base.mkdir()
+    deploy, _ = _installed_twice(bundles, base)
+    before = deployment(deploy)
+    _copied_over_current(deploy)
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 2
+    fix = res.stderr.split("in its place: ", 1)[1].rsplit(" (", 1)[0]
+    subprocess.run(["bash", "-c", fix], cwd=deploy, check=True)
+    assert deployment(deploy) == before
+    assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0

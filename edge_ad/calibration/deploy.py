@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import threading
 import time
@@ -118,7 +119,8 @@ def _link_target(deploy_dir: Path, name: str) -> str | None:
             raise DeployDamaged(f"{p}: {kind}, not a symlink (a release copied over the link?); the deploy folder "
                                 f"layout is {RELEASES}/<id> plus '{CURRENT}' and '{PREVIOUS}' symlinks",
                                 "move it away and link a kept release in its place: "
-                                f"mv {p} {p}.damaged && ln -s {_relink(deploy_dir, name)}")
+                                f"mv {shlex.quote(str(p))} {shlex.quote(f'{p}.damaged')} && ln -s "
+                                f"{_relink(deploy_dir, name)}")
         return None
     target = Path(os.readlink(p))
     if target.is_absolute() or len(target.parts) != 2 or target.parts[0] != RELEASES:
@@ -132,8 +134,10 @@ def _relink(deploy_dir: Path, name: str) -> str:
     the release deploy.json records there when it is kept, else any kept one."""
     rid = _read_state(deploy_dir).get(name)
     if isinstance(rid, str) and "/" not in rid and (deploy_dir / RELEASES / rid / "manifest.json").is_file():
-        return f"{RELEASES}/{rid} {deploy_dir / name} ({rid}: the release deploy.json records as '{name}')"
-    return f"{RELEASES}/<id> {deploy_dir / name} (<id>: a kept release, ls {deploy_dir / RELEASES})"
+        return (f"{RELEASES}/{shlex.quote(rid)} {shlex.quote(str(deploy_dir / name))} ({rid}: the release "
+                f"deploy.json records as '{name}')")
+    return (f"{RELEASES}/<id> {shlex.quote(str(deploy_dir / name))} (<id>: a kept release, ls "
+            f"{shlex.quote(str(deploy_dir / RELEASES))})")
 
 
 def _point(deploy_dir: Path, name: str, release: str) -> None:
