@@ -3187,3 +3187,16 @@ def test_the_repair_of_a_damaged_link_can_be_run_as_printed_when_the_path_has_a_
     subprocess.run(["bash", "-c", fix], cwd=deploy, check=True)
     assert deployment(deploy) == before
     assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0
+
+
+def test_a_switch_drops_the_reason_of_an_earlier_rollback_from_deploy_json(bundles, tmp_path):
+    """deploy.json (and 'bundle status --json') carried an old rollback's reason and rolled_back_from next to a
+    release switched in since."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    rollback_model(deploy, reason="by hand")
+    assert deployment(deploy).detail["reason"] == "by hand"
+    r3 = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy, require_golden=False)
+    detail = deployment(deploy).detail
+    assert detail["current"] == r3.release and "reason" not in detail and "rolled_back_from" not in detail
+    assert [h["event"] for h in json.loads((deploy / "deploy.json").read_text())["history"]][-2:] == [
+        "switch_started", "switched"]

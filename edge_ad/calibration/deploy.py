@@ -683,8 +683,9 @@ def _switch_recorded(d: Path, to: str, previous: str | None, health: str, done: 
     completes the record. Returns why the record is incomplete (:attr:`Deployment.unrecorded`), or None."""
     try:
         _switch(d, to, previous, health=health)
-        state = {**_read_state(d), "current": to, "previous": previous, "health": health, **fields}
-        state.pop("pending", None)
+        # this switch's fields only: an earlier rollback's reason or rolled_back_from must not stay beside it
+        kept = {k: v for k, v in _read_state(d).items() if k in ("schema_version", "history")}
+        state = {**kept, "current": to, "previous": previous, "health": health, **fields}
         _write_state(d, state, event, release=to, **detail)
     except OSError as exc:
         if _link_target(d, CURRENT) != to:
