@@ -2013,3 +2013,18 @@ def test_a_power_cut_anywhere_in_a_prune_leaves_a_history_that_lists_rolls_back_
         Bundle.open(path, verify=True)
         assert rollback(b).version == 2
     assert cut_at > 6   # three versions, then the manifest, then three statistics files
+
+
+def test_the_adapt_screen_warning_names_the_rollback_of_what_adapt_puts_in_force(tiny_bundle, tmp_path):
+    """--adapt's screen warned "roll back with 'edge-ad calibrate --rollback' if not": --adapt writes no
+    calibration version, so that rollback would undo an unrelated earlier calibration."""
+    from edge_ad.calibration.refit import screen_frames
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    b.write_calibration(b.calibration().replace(version=0, created="", threshold=-100.0, policy="manual"))
+    frames = [part_frame(i, 64) for i in range(30)]
+    _, _, warnings = screen_frames(_inspector(b), frames, progress=False)
+    assert len(warnings) == 1 and "score above the threshold" in warnings[0]
+    assert "calibrate --rollback" not in warnings[0]
+    assert warnings[0].endswith("roll back with 'edge-ad bundle rollback' once --deploy has switched the adapted "
+                                "model in (a candidate only written is not in force: delete it) if not")

@@ -2370,13 +2370,22 @@ def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundl
     assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0
 
 
-def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path):
+def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path, monkeypatch):
+    from edge_ad.runtime import service as service_mod
+
     b = bundles[1]
     deploy, r1 = _installed_twice(bundles, tmp_path)
     svc = _line(tmp_path, deploy)
     try:
         failing = deployment(deploy).current
-        (r1.path / "model.onnx").write_bytes(b"damaged")
+        opener = service_mod.open_inspector
+
+        def open_inspector(bundle, settings):   # passes the rollback's checks, fails as the line opens it
+            if Path(bundle.path).name == r1.release:
+                raise RuntimeFailure(f"{bundle.path}: cannot be opened here")
+            return opener(bundle, settings)
+
+        monkeypatch.setattr(service_mod, "open_inspector", open_inspector)
         _failing_frames(svc)   # no exception out of the supervisor's call
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == b.model_hash()
         ev = _health_events(svc)
@@ -2987,3 +2996,207 @@ def test_cli_install_config_takes_the_env_file_next_to_it(tiny_bundle, tmp_path,
     res = r.invoke(main, ["bundle", "install", str(arch), "--deploy", str(deploy), "--env-file", str(other)])
     assert res.exit_code == 2 and "--env-file needs --config" in res.output, res.output
     assert deployment(deploy) == before
+
+
+def test_a_reload_onto_a_release_installed_from_a_shell_judges_its_ng_rate_against_the_running_ones(bundles,
+                                                                                                  tmp_path):
+    """'edge-ad bundle install' from a shell, then a reload (SIGHUP, MQTT reload): the baseline NG rate was taken
+    after the swap had cleared the decisions it counts, so a release calling every part NG was recorded ok."""
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy)
+    try:
+        assert svc.reporter.health is None
+        svc.reporter.recent_ng.extend([False] * 49 + [True])           # the running model: NG rate 0.02
+        r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
+        assert svc.reload("bundle")["bundle"]["model_hash"] == b.model_hash()
+        watch = svc.reporter.health
+        assert watch.release == r2.release and watch.baseline_ng_rate == pytest.approx(0.02)
+        for _ in range(HealthLimits().min_frames):
+            watch.record(ng=True)
+        svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+            "failed", "done", r2.release, r1.release)
+        assert "NG rate jumped to 1.000 from 0.020" in ev["reason"]
+        assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_a_reload_onto_another_release_of_the_same_model_switches_to_its_folder_and_watches_it(bundles, tmp_path):
+    """A re-pack of the same model (same model_hash, another file changed) installed from a shell: the reload
+    called it "unchanged", so the line kept the old release folder (a later calibration landed there, lost at
+    the next restart) and the new release stayed pending, never watched."""
+    a = bundles[0]
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    deploy_mod.confirm(deploy)
+    a2 = copy_bundle(a, tmp_path / "A2")
+    a2.add_file("notes.txt", data=b"re-packed\n")
+    assert a2.model_hash() == a.model_hash()
+    svc = _line(tmp_path, deploy)
+    try:
+        assert Path(svc.bundle.path).name == r1.release
+        r2 = install_bundle(pack_bundle(a2.path, tmp_path / "a2.tar"), deploy, require_golden=False)
+        out = svc.reload("bundle")["bundle"]
+        assert out["bundle"] == str(r2.path) and out["model_hash"] == a.model_hash()
+        assert Path(svc.bundle.path).resolve() == r2.path.resolve() == Path(svc.inspector.bundle.path).resolve()
+        assert svc.reporter.health is not None and svc.reporter.health.release == r2.release
+        assert svc.status()["model"]["bundle"] == str(r2.path)
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)
+        svc._check_health()
+        assert [(e["status"], e["release"]) for e in _health_events(svc)] == [("ok", r2.release)]
+        assert deployment(deploy).health == "ok"
+        assert svc.reload("bundle")["bundle"]["model"] == "unchanged"   # and the next reload is quiet
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_a_failed_release_whose_rollback_was_given_up_is_rolled_back_by_a_restart_never_called_healthy(bundles,
+                                                                                                       tmp_path):
+    """The given_up event recommended a restart, which watched the still pending release again without an NG
+    rate to compare with: a model calling every part NG was recorded ok. The failed verdict is kept in the
+    release (no deploy lock needed), and the restart rolls it back at its first check."""
+    a, b, _ = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    svc = _line(tmp_path, deploy, health="rollback_wait_s = 0\n")
+    held = _HeldElsewhere(deploy)
+    try:
+        _failing_frames(svc)
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"]) == ("failed", "given_up", failing)
+        assert f"a restart (which rolls it back: the failed verdict is kept in {deploy / 'releases' / failing}" \
+               in ev["reason"]
+        assert deployment(deploy).current == failing and svc.inspector.model_hash == b.model_hash()
+    finally:
+        held.release()
+        svc.inspector.backend.close()
+    assert deployment(deploy).health == "pending"
+    svc = _line(tmp_path, deploy)                                   # the restart
+    try:
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)                    # frames that would pass without a baseline
+        svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+            "failed", "done", failing, r1.release)
+        assert "failed its health check before this start" in ev["reason"] and "error rate" in ev["reason"]
+        dep = deployment(deploy)
+        assert (dep.current, dep.health) == (r1.release, "rolled_back") and svc.inspector.model_hash == a.model_hash()
+    finally:
+        svc.inspector.backend.close()
+
+
+def test_an_adapt_candidate_of_a_release_goes_to_candidates_never_among_the_releases(fader_bundle, tmp_path):
+    """'calibrate --config --adapt' without --deploy took the line's release as BUNDLE and wrote
+    BUNDLE.adapted-<time> inside releases/, where 'bundle status' listed it and 'rollback --to' switched the
+    unchecked candidate in."""
+    from edge_ad.calibration.adapt import adapt
+    from edge_ad.calibration.deploy import releases
+    from edge_ad.data.synthetic import make_part
+
+    deploy = tmp_path / "deploy"
+    first = install_bundle(fader_bundle.path, deploy, require_golden=False)
+    frames = [make_part("grain", 64, None, seed=9, index=i).image for i in range(200)]
+    res = adapt(first.path, frames, steps=1)
+    assert res.install is None and res.candidate.parent == deploy / "candidates"
+    assert res.candidate.name.startswith(f"{first.release}.adapted-")
+    Bundle.open(res.candidate, verify=True)
+    assert [r["id"] for r in releases(deploy)] == [first.release]
+    # one an older edge-ad left among the releases is not taken for one either
+    old = deploy / "releases" / f"{first.release}.adapted-20250101T000000"
+    shutil.copytree(res.candidate, old)
+    assert [r["id"] for r in releases(deploy)] == [first.release]
+    with pytest.raises(InputError, match=r"--to .*adapted.*: no such release"):
+        rollback_model(deploy, to=old.name)
+    assert deployment(deploy).current == first.release
+
+
+@pytest.mark.parametrize("damage", ["graph", "checkpoint"])
+def test_a_release_with_a_corrupt_file_is_named_by_status_and_refused_by_rollback(bundles, tmp_path, damage):
+    """release_problem checked only that the graph exists: 'bundle rollback' switched to a release with a corrupt
+    graph (the runtime had just rolled back from it) and 'edge-ad run' then exited 2 at every start, while
+    'bundle status' said nothing. The graph's sha256 is checked by both; a rollback checks every file, as run
+    does at its start."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    before = deployment(deploy)
+    name = "model.onnx" if damage == "graph" else "extra.bin"
+    if damage == "checkpoint":                         # a recorded file run verifies but the line never loads
+        Bundle.open(r1.path).add_file(name, data=b"weights\n")
+    (r1.path / name).write_bytes(b"garbage\n")         # a bad SD card, a partial copy
+    problem = deploy_mod.release_problem(deploy, r1.release, full=True)
+    assert problem.startswith("not openable: ") and name in problem and "sha256" in problem
+    listed = [r["problem"] for r in deploy_mod.releases(deploy) if r["id"] == r1.release]
+    assert listed == ([problem] if damage == "graph" else [None])
+    for to, error in ((None, RuntimeFailure), (r1.release, InputError)):
+        with pytest.raises(error, match=f"release {r1.release} is not openable: .*{name}.*sha256"):
+            rollback_model(deploy, to=to)
+    assert deployment(deploy) == before
+    if damage == "graph":
+        from click.testing import CliRunner
+        from edge_ad.cli import main
+
+        res = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+        assert res.exit_code == 0 and f"{r1.release}" in res.output and "PROBLEM: not openable" in res.output
+
+
+def test_no_golden_skips_the_deploy_folders_own_golden_set(bundles, golden, tmp_path):
+    """--no-golden still ran the check on DEPLOY/golden when it existed: the only way to skip it was to move the
+    folder away."""
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+
+    a, _, c = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    shutil.copytree(golden, deploy / "golden")
+    bad = pack_bundle(c.path, tmp_path / "c.tar")                      # never says NG: fails the golden check
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "install", str(bad), "--deploy", str(deploy)])
+    assert res.exit_code == 1 and "golden-set check failed" in res.output
+    res = r.invoke(main, ["bundle", "install", str(bad), "--deploy", str(deploy), "--no-golden", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["golden"] is None and deployment(deploy).current == out["release"]
+    assert install_bundle(pack_bundle(a.path, tmp_path / "a2.tar"), deploy, golden,
+                          require_golden=False).golden["passed"]                   # one given is used
+
+
+def test_the_repair_of_a_damaged_link_can_be_run_as_printed_when_the_path_has_a_space(bundles, tmp_path):
+    """The repair text was not shell-quoted: under a path with a space the printed mv/ln failed."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    base = tmp_path / "line one"
+    base.mkdir()
+    deploy, _ = _installed_twice(bundles, base)
+    before = deployment(deploy)
+    _copied_over_current(deploy)
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 2
+    fix = res.stderr.split("in its place: ", 1)[1].rsplit(" (", 1)[0]
+    subprocess.run(["bash", "-c", fix], cwd=deploy, check=True)
+    assert deployment(deploy) == before
+    assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0
+
+
+def test_a_switch_drops_the_reason_of_an_earlier_rollback_from_deploy_json(bundles, tmp_path):
+    """deploy.json (and 'bundle status --json') carried an old rollback's reason and rolled_back_from next to a
+    release switched in since."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    rollback_model(deploy, reason="by hand")
+    assert deployment(deploy).detail["reason"] == "by hand"
+    r3 = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy, require_golden=False)
+    detail = deployment(deploy).detail
+    assert detail["current"] == r3.release and "reason" not in detail and "rolled_back_from" not in detail
+    assert [h["event"] for h in json.loads((deploy / "deploy.json").read_text())["history"]][-2:] == [
+        "switch_started", "switched"]

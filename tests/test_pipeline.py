@@ -1874,3 +1874,55 @@ def test_set_threshold_handler_refuses_what_is_not_a_finite_number(value):
 
     with pytest.raises(InputError, match=r"threshold .*: expected a finite number"):
         Commands(None).set_threshold({"threshold": value, "persist": False})
+
+
+def test_a_model_swap_closes_the_old_backend_only_once_its_batch_is_done(tmp_path, tiny_bundle, monkeypatch):
+    """The swap closed the old backend as soon as no inference ran on it, while a batch that had taken the old
+    inspector was still being prepared: its inference then ran on a closed backend and the frames became an
+    inference_error (a reload, update_model or health rollback on a Jetson). The swap now waits for that batch."""
+    from edge_ad.bundle import Bundle
+    from edge_ad.runtime import pipeline as pipeline_mod
+    from edge_ad.runtime.records import Frame
+
+    svc = Service(_settings(tmp_path, tiny_bundle, "synthetic://disc?size=64"), install_signals=False)
+    old = svc.inspector
+    entered, go, closed = threading.Event(), threading.Event(), threading.Event()
+
+    class Closing(_SlowBackend):
+        def close(self):
+            closed.set()
+            super().close()
+
+    backend = Closing(old.backend._backend, 0.0)
+    old.backend._backend = backend
+    to_batch = pipeline_mod.to_batch
+
+    def preparing(images, size):   # the batch has taken the old inspector and is being prepared
+        entered.set()
+        go.wait(30)
+        return to_batch(images, size)
+
+    monkeypatch.setattr(pipeline_mod, "to_batch", preparing)
+    frame = Frame(seq=0, image=part_frame(0, 64), source_index=0, t_wall=time.time(), t_captured=time.perf_counter(),
+                  capture_ms=0.0)
+    out: dict = {}
+    infer = threading.Thread(target=lambda: out.update(items=svc.pipeline._infer([frame])), daemon=True)
+    swap = threading.Thread(target=lambda: out.update(swap=svc._swap_model(Bundle.open(tiny_bundle.path), "test")),
+                            daemon=True)
+    try:
+        infer.start()
+        assert entered.wait(30)
+        swap.start()
+        deadline = time.monotonic() + 30
+        while svc.pipeline.inspector is old and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert svc.pipeline.inspector is not old                  # swapped: the next batch runs on the new model
+        assert not closed.wait(0.3)                               # but the old backend stays open for this one
+        go.set()
+        infer.join(30)
+        swap.join(30)
+        assert closed.is_set() and "swap" in out
+        assert len(out["items"]) == 1 and backend.calls_after_close == 0
+    finally:
+        go.set()
+        svc.inspector.backend.close()

@@ -24,9 +24,9 @@ the refit of :func:`edge_ad.calibration.recalibrate`):
 
 Any failure (:class:`GuardFailure`, :class:`InputError`) leaves the running model as it was, says why and
 removes the candidate folder, also one asked for by ``out_dir`` (by default it is written next to the
-bundle as ``<bundle>.adapted-<UTC time>``, and removed once installed as a release; an ``out_dir`` is
-kept once installed). Needs torch (the ``train``
-extra); this module imports it only inside :func:`adapt`.
+bundle as ``<bundle>.adapted-<UTC time>``, or in ``<deploy>/candidates/`` for a release of a deploy folder
+(:func:`default_candidate`), and removed once installed as a release; an ``out_dir`` is kept once
+installed). Needs torch (the ``train`` extra); this module imports it only inside :func:`adapt`.
 """
 
 from __future__ import annotations
@@ -115,6 +115,17 @@ def _write_frames(frames: Sequence[np.ndarray], folder: Path) -> Path:
     return folder
 
 
+def default_candidate(bundle_dir: Path, stamp: str) -> Path:
+    """Where ``adapt`` writes its candidate without ``out_dir``: next to the bundle as
+    ``<bundle>.adapted-<stamp>``; for a release of a deploy folder in ``<deploy>/candidates/`` instead, never
+    among its releases (a candidate is no release: it never passed an install)."""
+    from .deploy import CANDIDATES, release_deploy_dir
+
+    deploy = release_deploy_dir(bundle_dir)
+    parent = deploy / CANDIDATES if deploy is not None else bundle_dir.parent
+    return parent / f"{bundle_dir.name}.adapted-{stamp}"
+
+
 def check_adapt(src: Bundle, out: str | os.PathLike | None, golden_dir: str | os.PathLike | None = None,
                 device: str = "cpu") -> None:
     """What ``adapt`` refuses, checked before any frame is collected: a Gaussian bundle (nothing to
@@ -159,8 +170,9 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
     src = Bundle.open(bundle_dir, verify=True)
     keep_out = out_dir is not None
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    out = Path(out_dir) if keep_out else src.path.parent / f"{src.path.name}.adapted-{stamp}"
+    out = Path(out_dir) if keep_out else default_candidate(src.path, stamp)
     check_adapt(src, out, golden_dir, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
     check_adapt_frames(len(frames))
     if deploy_dir is not None:
         from .deploy import golden_for

@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import threading
 import time
@@ -68,9 +69,13 @@ CURRENT = "current"
 PREVIOUS = "previous"
 STATE = "deploy.json"
 GOLDEN = "golden"
+CANDIDATES = "candidates"   # <deploy>/candidates/: 'calibrate --adapt' candidates of a release, never a release
 NORMAL_DIRS = ("good", "ok")
 HISTORY = 50
 INSTALLED_FROM = ".installed-from.json"   # in each release: {"archive": .., "release": .., "model": ..} at install
+# in a release whose health check failed: {"time": .., "reason": ..}, written (no deploy lock needed) when the verdict
+# is reached, so that a restart before its rollback is done rolls it back instead of judging it again
+HEALTH_FAILED = ".health-failed.json"
 DEVICE_WRITTEN = ("calibration.json", "calibration.d/", "gaussian.d/")   # what calibrating on the device writes
 
 
@@ -114,7 +119,8 @@ def _link_target(deploy_dir: Path, name: str) -> str | None:
             raise DeployDamaged(f"{p}: {kind}, not a symlink (a release copied over the link?); the deploy folder "
                                 f"layout is {RELEASES}/<id> plus '{CURRENT}' and '{PREVIOUS}' symlinks",
                                 "move it away and link a kept release in its place: "
-                                f"mv {p} {p}.damaged && ln -s {_relink(deploy_dir, name)}")
+                                f"mv {shlex.quote(str(p))} {shlex.quote(f'{p}.damaged')} && ln -s "
+                                f"{_relink(deploy_dir, name)}")
         return None
     target = Path(os.readlink(p))
     if target.is_absolute() or len(target.parts) != 2 or target.parts[0] != RELEASES:
@@ -128,8 +134,10 @@ def _relink(deploy_dir: Path, name: str) -> str:
     the release deploy.json records there when it is kept, else any kept one."""
     rid = _read_state(deploy_dir).get(name)
     if isinstance(rid, str) and "/" not in rid and (deploy_dir / RELEASES / rid / "manifest.json").is_file():
-        return f"{RELEASES}/{rid} {deploy_dir / name} ({rid}: the release deploy.json records as '{name}')"
-    return f"{RELEASES}/<id> {deploy_dir / name} (<id>: a kept release, ls {deploy_dir / RELEASES})"
+        return (f"{RELEASES}/{shlex.quote(rid)} {shlex.quote(str(deploy_dir / name))} ({rid}: the release "
+                f"deploy.json records as '{name}')")
+    return (f"{RELEASES}/<id> {shlex.quote(str(deploy_dir / name))} (<id>: a kept release, ls "
+            f"{shlex.quote(str(deploy_dir / RELEASES))})")
 
 
 def _point(deploy_dir: Path, name: str, release: str) -> None:
@@ -527,9 +535,10 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
 
 def golden_for(deploy_dir: str | os.PathLike, golden_dir, require_golden: bool = True) -> Path | None:
     """The golden set an install into ``deploy_dir`` checks on: ``golden_dir``, else ``<deploy>/golden``
-    when it exists; none is refused unless ``require_golden`` is false (the check skipped on purpose)."""
+    when it exists; none is refused unless ``require_golden`` is false: the check skipped on purpose
+    (``--no-golden``), so ``<deploy>/golden`` is not taken then either, only a ``golden_dir`` given."""
     d = Path(deploy_dir)
-    if golden_dir is None and (d / GOLDEN).is_dir():
+    if golden_dir is None and require_golden and (d / GOLDEN).is_dir():
         golden_dir = d / GOLDEN
     if golden_dir is None and require_golden:
         raise InputError(f"no golden set: give --golden DIR or put images in {d / GOLDEN} (good/ and defect "
@@ -556,7 +565,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
             log.warning("the running release %s cannot be opened (%s); the candidate is judged on its own",
                         dep.current_path, exc)
     build = engine_needed(backend, device, running)
-    images = engine_images(calib_dir, golden_dir) if build else None
+    # --no-golden skips the check, not the normal images of <deploy>/golden an engine is built on
+    images = engine_images(calib_dir, golden_dir if golden_dir is not None else d / GOLDEN) if build else None
     if Path(archive).is_dir():
         content = _content(Bundle.open(archive, verify=True))
         need = sum(Path(archive, rel).stat().st_size for rel in content)
@@ -673,8 +683,9 @@ def _switch_recorded(d: Path, to: str, previous: str | None, health: str, done: 
     completes the record. Returns why the record is incomplete (:attr:`Deployment.unrecorded`), or None."""
     try:
         _switch(d, to, previous, health=health)
-        state = {**_read_state(d), "current": to, "previous": previous, "health": health, **fields}
-        state.pop("pending", None)
+        # this switch's fields only: an earlier rollback's reason or rolled_back_from must not stay beside it
+        kept = {k: v for k, v in _read_state(d).items() if k in ("schema_version", "history")}
+        state = {**kept, "current": to, "previous": previous, "health": health, **fields}
         _write_state(d, state, event, release=to, **detail)
     except OSError as exc:
         if _link_target(d, CURRENT) != to:
@@ -807,28 +818,56 @@ def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:
     return removed
 
 
+def _is_release_id(name: str) -> bool:
+    """``name`` is named as an install names a release (``r<seq>-...``, no dot): not a folder put there by hand,
+    such as an ``--adapt`` candidate (``<id>.adapted-<time>``) written there by an older edge-ad."""
+    return _release_seq(name) >= 0 and "." not in name
+
+
 def _release_ids(d: Path, complete: bool = True) -> list[str]:
-    """The release folders kept in ``d/releases`` (``complete``: only those holding a manifest.json, so a
-    bundle), newest (highest sequence number) first."""
+    """The release folders kept in ``d/releases`` (named as an install names them, :func:`_is_release_id`;
+    ``complete``: only those holding a manifest.json, so a bundle), newest (highest sequence number) first."""
     rel = d / RELEASES
     if not rel.is_dir():
         return []
-    return sorted((p.name for p in rel.iterdir() if p.is_dir() and not p.name.startswith(".")
+    return sorted((p.name for p in rel.iterdir() if p.is_dir() and _is_release_id(p.name)
                    and (not complete or (p / "manifest.json").is_file())),
                   key=lambda n: (_release_seq(n), n), reverse=True)
 
 
-def release_problem(deploy_dir: str | os.PathLike, release: str) -> str | None:
-    """What keeps ``release`` from being run or rolled back to (its manifest, and its active graph there and
-    recorded; cheap: no sha256 of every file), worded to follow "is": "gone (no such folder...)", "not a
-    folder", or "not openable: why". None when it opens. The one check of a release: ``bundle status``
-    names broken releases with it, and :func:`rollback_model` refuses to switch to one with its words."""
+def release_deploy_dir(bundle_dir: str | os.PathLike) -> Path | None:
+    """The deploy folder whose release ``bundle_dir`` is (``<deploy>/releases/<id>``), else None."""
+    p = Path(bundle_dir).resolve()
+    d = p.parent.parent
+    if p.parent.name == RELEASES and _is_release_id(p.name) and (
+            (p / INSTALLED_FROM).is_file() or (d / CURRENT).is_symlink() or (d / STATE).is_file()):
+        return d
+    return None
+
+
+def release_problem(deploy_dir: str | os.PathLike, release: str, full: bool = False) -> str | None:
+    """What keeps ``release`` from being run or rolled back to, worded to follow "is": "gone (no such
+    folder...)", "not a folder", or "not openable: why". None when it opens. The one check of a release:
+    ``bundle status`` names broken releases with it, and :func:`rollback_model` refuses to switch to one with
+    its words. Checked: its manifest, its active graph there, recorded and its sha256 as recorded, its
+    calibration in force the same as its history file and, for a Gaussian bundle, the sha256 of the
+    statistics it names (what the line runs: a corrupt graph made 'edge-ad run' exit 2 at every start);
+    ``full`` (a rollback: one release) also every other recorded file's sha256, as 'edge-ad run' checks at
+    its start. Without it the listing stays fast on a device (no sha256 of a checkpoint or of other graphs)."""
     p = Path(deploy_dir) / RELEASES / release
     if not p.is_dir():
         return ("not a folder" if p.exists() or p.is_symlink()
                 else "gone (no such folder: deleted by hand, or by an older edge-ad's prune)")
     try:
-        Bundle.open(p).check_graph(verify=False)
+        b = Bundle.open(p)
+        b.check_graph(verify=True)
+        if full:
+            b.verify()
+        elif (p / "calibration.json").is_file():
+            b._verify_calibration()   # the calibration in force against its history file
+            stats = str(b.calibration().extra.get("gaussian") or "")
+            if stats and (stats in b.manifest["files"] or stats in b.replacing):
+                b.verify([stats])
     except (EdgeADError, OSError, ValueError) as exc:
         return f"not openable: {exc}"
     return None
@@ -917,7 +956,7 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
             if to == dep.current:
                 raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
             refuse = InputError
-        problem = release_problem(d, to)   # as 'bundle status' names it
+        problem = release_problem(d, to, full=True)   # as 'bundle status' names it, every file checked as run does
         if problem is not None:
             raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
         failed = dep.current
@@ -1077,6 +1116,37 @@ class HealthWatch:
         self._retry_delay = RETRY_S[0]
         self._meanwhile: HealthVerdict | None = None   # what poll returns until then
         self._waited_for = ""                      # what an owed rollback waited for last (for its final reason)
+        # the reason of a failed verdict on this release recorded before (HEALTH_FAILED: a restart while its
+        # rollback waited, or after it was given up): the first poll fails it again and rolls it back
+        self._failed_before = self._read_failed()
+
+    def _marker(self) -> Path | None:
+        if self.deploy_dir is None or self.release is None or "/" in self.release:
+            return None
+        return self.deploy_dir / RELEASES / self.release / HEALTH_FAILED
+
+    def _read_failed(self) -> str | None:
+        m = self._marker()
+        if m is None or not m.is_file():
+            return None
+        try:
+            was = json.loads(m.read_text("utf-8"))
+            why = f"{was['reason']} (judged at {was['time']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            why = "an unreadable record"
+        return f"failed its health check before this start ({m}: {why})"
+
+    def _keep_failed(self, reason: str) -> None:
+        """Record the failed verdict in the release (atomic; no deploy lock needed): a restart before the rollback
+        is done rolls it back instead of judging it again (with no NG rate to compare with it could pass)."""
+        m = self._marker()
+        if m is None or not m.parent.is_dir():
+            return
+        try:
+            atomic.write_json(m, {"time": now_iso(), "reason": reason})
+        except OSError as exc:
+            log.error("the failed verdict on %s cannot be recorded in %s (%s): a restart before its rollback is "
+                      "done judges it again", self.release, m, os_error_text(exc))
 
     def record(self, ng: bool | None = None, error: bool = False) -> None:
         with self._lock:
@@ -1107,12 +1177,16 @@ class HealthWatch:
                 elapsed = now - self._t_first_offer if self._t_first_offer is not None else 0.0
             status, reason = judge_health(self.frames, self.errors, self.ng, elapsed, self.baseline_ng_rate,
                                           self.limits, offered)
+            if self._failed_before is not None:   # judged failed before a restart: not judged again
+                status, reason = "failed", self._failed_before
             v = HealthVerdict(status, reason, self.frames, self.errors,
                               self.ng / self.frames if self.frames else None, elapsed, release=self.release)
             if status == "pending":
                 return v
             if self.deploy_dir is not None:
                 self._owed_since = now
+                if status == "failed" and self._failed_before is None:
+                    self._keep_failed(reason)
                 return self._roll_back(v, now) if status == "failed" else self._confirm(v, now)
             self._final = v
             return v
@@ -1250,7 +1324,8 @@ class HealthWatch:
         log.error("the rollback of %s is given up after %.0f s: %s", self.release, waited, why)
         return self._finish(replace(v, reason=(
             f"{v.reason}; rollback given up: {why}; the failing model keeps inspecting until 'edge-ad bundle "
-            "rollback' or a restart (which watches the release again)"), rollback="given_up"))
+            f"rollback' or a restart (which rolls it back: the failed verdict is kept in {self._marker()})"),
+            rollback="given_up"))
 
     def _finish(self, v: HealthVerdict) -> HealthVerdict:
         self._owed = None

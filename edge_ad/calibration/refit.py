@@ -62,6 +62,9 @@ KEEP_GAUSSIAN = 5
 # how the user of each route puts the calibration replaced back (the "most frames above the threshold" warning)
 CLI_ROLLBACK = "'edge-ad calibrate --rollback'"
 MQTT_ROLLBACK = "the MQTT rollback_calibration command"
+# --adapt writes no calibration version into the running bundle: what it puts in force is a release
+ADAPT_ROLLBACK = ("'edge-ad bundle rollback' once --deploy has switched the adapted model in (a candidate only "
+                  "written is not in force: delete it)")
 GAUSSIAN_DIR = "gaussian.d"
 
 
@@ -589,7 +592,7 @@ def screen_frames(inspector, frames: Sequence[np.ndarray], *, screen_z: float = 
                        cur.normal.get("std"), labels, u_cur)
     used = np.setdiff1d(index, [e.index for e in excluded])
     _check_usable(n, len(used), excluded, min_frames, max_excluded)
-    return used, excluded, _warnings(cur, s_cur, used)
+    return used, excluded, _warnings(cur, s_cur, used, ADAPT_ROLLBACK)
 
 
 def _warnings(cur: Calibration, s_cur: np.ndarray, used: np.ndarray, rollback_advice: str = CLI_ROLLBACK

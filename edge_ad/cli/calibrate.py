@@ -82,7 +82,8 @@ def _deploy_option(ctx, param, value):
                    "train extra).")
 @click.option("--adapt-steps", default=200, show_default=True, type=click.IntRange(1), help="Fine-tuning steps.")
 @click.option("--adapt-out", type=click.Path(file_okay=False, path_type=Path),
-              help="--adapt: write the adapted bundle here (default: BUNDLE.adapted-<time>, removed once "
+              help="--adapt: write the adapted bundle here (default: BUNDLE.adapted-<time>, or "
+                   "DEPLOY/candidates/<release>.adapted-<time> for a release of a deploy folder; removed once "
                    "installed through --deploy).")
 @click.option("--train-device", default="cpu", show_default=True, help="--adapt: torch device for fine-tuning.")
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -608,7 +609,8 @@ def pack_cmd(bundle_dir, out, sign_key):
 @click.option("--golden", "golden_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Golden images: good/ must be OK, other folders NG, loose images must agree with the "
                    "running model (default: the config's model.golden_dir, else DEPLOY/golden).")
-@click.option("--no-golden", is_flag=True, help="Install without the golden-set check.")
+@click.option("--no-golden", is_flag=True,
+              help="Install without the golden-set check (DEPLOY/golden is not used either).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="HMAC secret file or Ed25519 public key (PEM); unsigned archives are then refused "
                    "(default: the config's model.update_key).")

@@ -250,6 +250,8 @@ class Pipeline:
         self.finished = threading.Event()
         self.latency = {k: LatencyWindow() for k in ("capture", "queue", "preprocess", "infer", "score", "total")}
         self._swap_lock = threading.Lock()
+        self._swap_cond = threading.Condition(self._swap_lock)
+        self._busy: dict[int, int] = {}   # id(inspector) -> batches in its backend now (see wait_idle)
         self._req_lock = threading.Lock()
         self._requests: list[InspectRequest] = []
         self._collectors: list[FrameCollector] = []
@@ -279,9 +281,17 @@ class Pipeline:
         return self._inspector
 
     def set_inspector(self, inspector) -> None:
-        """Swap the inspector (a new model) between two batches."""
+        """Swap the inspector (a new model): the next batch runs on it. A batch already in the old one's
+        backend finishes there: :meth:`wait_idle` before closing it."""
         with self._swap_lock:
             self._inspector = inspector
+
+    def wait_idle(self, inspector, timeout: float) -> bool:
+        """Wait until no batch is in ``inspector``'s backend (one swapped out: no new batch takes it), for up to
+        ``timeout`` s; whether it is idle. Closing a backend under a batch made its frames an inference
+        error instead of decisions."""
+        with self._swap_cond:
+            return self._swap_cond.wait_for(lambda: not self._busy.get(id(inspector)), timeout)
 
     @property
     def dropped(self) -> int:
@@ -566,13 +576,21 @@ class Pipeline:
     def _infer(self, frames: list[Frame]) -> list[ResultItem]:
         with self._swap_lock:
             insp = self._inspector
-        t_deq = time.perf_counter()
-        t0 = time.perf_counter()
-        size = tuple(insp.image_size)
-        batch = to_batch([f.image for f in frames], size)
-        t1 = time.perf_counter()
-        outputs = insp.raw_outputs(batch)
-        t2 = time.perf_counter()
+            self._busy[id(insp)] = self._busy.get(id(insp), 0) + 1   # a swap closes it only when done (wait_idle)
+        try:
+            t_deq = time.perf_counter()
+            t0 = time.perf_counter()
+            size = tuple(insp.image_size)
+            batch = to_batch([f.image for f in frames], size)
+            t1 = time.perf_counter()
+            outputs = insp.raw_outputs(batch)
+            t2 = time.perf_counter()
+        finally:
+            with self._swap_cond:
+                left = self._busy.pop(id(insp)) - 1
+                if left:
+                    self._busy[id(insp)] = left
+                self._swap_cond.notify_all()
         cal = insp.calibration                     # one calibration for the whole batch
         scored = scoring.score(insp.head(outputs, cal), cal)
         good = _finite_frames(scored.scores, frames, cal)

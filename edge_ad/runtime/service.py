@@ -43,6 +43,7 @@ from .triggers import TriggerGate, load_trigger
 log = logging.getLogger(__name__)
 
 ABANDON_GRACE_S = 0.5   # after the stop deadline: how long idle pipeline threads get to see the closed queues
+SWAP_WAIT_S = 60.0     # a model swap waits this long for a batch still in the old backend before closing it
 
 
 class LockedBackend:
@@ -505,11 +506,10 @@ class Service:
         path = self.settings.model.bundle_path() if self.settings.model.deploy_dir is not None else self.bundle.path
         try:
             fresh = Bundle.open(path, verify=True)
+            # another release folder ('edge-ad bundle install', 'bundle rollback') is always a switch, whatever its
+            # model hash, so that the line runs, calibrates into and watches the release in force (_another_model)
             if self._another_model(fresh):
-                with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
-                    out = self._swap_model(fresh, reason="reload")
-                    self._watch_if_pending(self._ng_rate())
-                return out
+                return self._reload_model(fresh)
         except Exception as exc:   # a pending release the line cannot open: back to the one that runs
             dep = self._pending_release()
             if dep is None or dep.current_path.resolve() == Path(self.bundle.path).resolve():
@@ -548,8 +548,17 @@ class Service:
         same_stats = cal.extra.get("gaussian") == running.extra.get("gaussian")
         return same_stats and fresh.model_hash(calibration=cal) != self.inspector.model_hash
 
+    def _reload_model(self, fresh: Bundle) -> dict:
+        """A reload's model switch to ``fresh``, watched when it is the deploy folder's pending release."""
+        with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
+            baseline = self._ng_rate()   # before the swap, which clears the decisions it counts
+            out = self._swap_model(fresh, reason="reload")
+            self._watch_if_pending(baseline)
+        return out
+
     def _swap_model(self, bundle: Bundle, reason: str) -> dict:
-        """Open the new model beside the running one; swap between two batches; close the old one."""
+        """Open the new model beside the running one; swap between two batches; close the old one once the
+        batch it may be inferring is done (for up to :data:`SWAP_WAIT_S`)."""
         new = open_inspector(bundle, self.settings)
         old = self.pipeline.inspector
         before = old.model_hash
@@ -560,6 +569,9 @@ class Service:
             expect_trained_format(bundle)
             self.reporter.reset_drift(new.calibration, f"model swap ({reason})")
             self._drop_transient_threshold(f"model {before}")
+        if not self.pipeline.wait_idle(old, SWAP_WAIT_S):   # a batch still in the old backend finishes there
+            log.warning("the old model's batch did not finish within %g s of the swap; its backend is closed under "
+                        "it", SWAP_WAIT_S)
         old.backend.close()
         self.update_birth(model_hash=new.model_hash, calibration_version=new.calibration.version,
                           backend=getattr(new.backend, "name", ""), precision=getattr(new.backend, "precision", ""))
@@ -567,7 +579,7 @@ class Service:
         self.event({"type": "model", "model_hash": new.model_hash, "previous_model_hash": before, "reason": reason,
                     "bundle": str(bundle.path)})
         return {"model_hash": new.model_hash, "previous_model_hash": before,
-                "calibration_version": new.calibration.version}
+                "calibration_version": new.calibration.version, "bundle": str(bundle.path)}
 
     def update_model(self, args: dict) -> dict:
         """Install a bundle archive (edge_ad.calibration.install_bundle: verify, golden set, atomic switch),
