@@ -4,11 +4,24 @@
 sessions), stopped after the test; the test is skipped when the binary is absent (CI installs it with
 ``apt-get install -y mosquitto``). Use ``mosquitto.url``; ``mosquitto.stop()`` / ``.start()`` /
 ``.kill()`` / ``.restart()`` to break it. ``mosquitto_factory(**kw)`` makes more (TLS, passwords).
+
+Every test starts with no trained-format expectation (``edge_ad.data.image``'s process-wide record of the
+bit depth the running model was trained on): a Service whose model a test swaps without ``run()`` (which
+puts the expectation back when it ends) would otherwise leave it set for the tests after it.
 """
 
 from __future__ import annotations
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_trained_format_expectation():
+    from edge_ad.data import image
+
+    image.put_expected_format(None)
+    yield
+    image.put_expected_format(None)
 
 
 @pytest.fixture(scope="session")
