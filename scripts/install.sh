@@ -40,8 +40,10 @@ if [ $make_venv = 1 ]; then
 fi
 # torch is pinned (2.13.0). PyPI's Linux torch is the multi-GB CUDA build: unless pip is configured with an
 # index or wheel folder of its own (CI's, a company mirror), PyTorch's CPU wheel index is added, whose
-# 2.13.0+cpu satisfies the pin and is preferred.
-if ! "$PY" -m pip config list 2>/dev/null | grep -qE '(index-url|find-links)='; then
+# 2.13.0+cpu satisfies the pin and is preferred. (The list is read whole first: 'pip config list | grep -q'
+# under pipefail failed whenever grep's early exit cut pip's output, and the index was added on a configured pip.)
+pip_config=$("$PY" -m pip config list 2>/dev/null || true)
+if ! grep -qE '(index-url|find-links)=' <<<"$pip_config"; then
   export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
   echo "pip has no index configured besides PyPI: adding PyTorch's CPU wheels ($PIP_EXTRA_INDEX_URL)" >&2
 fi

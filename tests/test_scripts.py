@@ -104,7 +104,11 @@ def test_install_sh_asks_for_pip_when_python3_has_none(tmp_path):
 
 @pytest.mark.parametrize("pip_config, expected", [("", "https://download.pytorch.org/whl/cpu"),
                                                   ("global.extra-index-url='file:///opt/pypi/simple'", ""),
-                                                  (":env:.find-links='/opt/wheels'", "")])
+                                                  (":env:.find-links='/opt/wheels'", ""),
+                                                  # a long list: grep -q stops reading at the first line, and
+                                                  # pip's write then fails (under pipefail that read as "none")
+                                                  ("global.extra-index-url='file:///opt/pypi/simple'\n"
+                                                   "$(seq 1 200000)", "")])
 def test_install_sh_adds_pytorchs_cpu_index_only_where_pip_has_none(tmp_path, pip_config, expected):
     """PyPI's Linux torch is the CUDA build: a pip with no index of its own gets PyTorch's CPU wheel index;
     a configured one (CI's, a mirror, a wheel folder) is left alone."""
