@@ -203,9 +203,12 @@ def test_seq_gaps_are_counted_per_device_and_warned(caplog):
         res("cam2", 7)
         res("cam2", 8)
     assert (row.results_missing, row.events_missing) == (503, 0)
-    assert row.last_gap == {"kind": "result", "from": 544, "to": 546, "missing": 3, "seen": row.last_gap["seen"]}
+    assert row.last_gap == {"kind": "result", "from": 544, "to": 546, "missing": 3, "dropped": 0,
+                            "seen": row.last_gap["seen"]}
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "p1/cam1: result seq 43..542 never arrived (500 missing" in warnings[0]
+    assert len(warnings) == 1
+    assert "p1/cam1: result seq 43..542 never arrived, 500 of them not announced by the device (500 missing" \
+        in warnings[0]
     assert "max_queued_messages" in warnings[0]               # the second gap: counted, logged a minute later
     res("cam1", 545)                                          # a re-sent one, late: not missing after all
     assert row.results_missing == 502
@@ -325,7 +328,60 @@ def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
         stop.set()
         watch.join(5)
     last = lines()[-1]
-    assert last["results_missing"] == 20 and last["last_gap"]["from"] == 6 and last["last_gap"]["to"] == 25
+    assert last["last_gap"]["from"] == 6 and last["last_gap"]["to"] == 25
+    # the full outbox announced its drops (output_error, dropped.result.seq [[6, 25]]): dropped, not missing
+    assert (last["results_dropped"], last["results_missing"]) == (20, 0), last
+
+
+def _drop_event(view, dev, seq, reason="full", **dropped):
+    """An output_error event naming dropped results / events by seq range (``result=[[a, b]], event=...``)."""
+    kinds = {k: {"count": sum(b - a + 1 for a, b in r), "first_id": "x", "last_id": "y", "seq": r}
+             for k, r in dropped.items()}
+    return view.consume(f"{B}/p1/{dev}/event", _j({"id": f"ev{seq}", "seq": seq, "type": "output_error",
+                                                    "output": "mqtt", "reason": reason, "dropped": kinds,
+                                                    "failed": sum(k["count"] for k in kinds.values())}))
+
+
+def test_announced_drops_are_counted_apart_from_unexplained_gaps(caplog):
+    """A gap the device announced (output_error with seq ranges in dropped) is DROPPED, not MISSING, whether the
+    announcement comes before the gap is seen or after; only the rest of a gap is missing and warned about."""
+    view = FleetView(clock=lambda: 1000.0)
+    res = lambda seq: view.consume(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq,  # noqa: E731
+                                                              "score": 0.1, "ng": False}))
+    row = res(10)
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"):
+        res(21)                                               # 11..20 missing: unexplained for now
+        assert (row.results_missing, row.results_dropped) == (10, 0)
+        _drop_event(view, "cam1", 1, result=[[11, 15], [18, 18]])          # the announcement comes after the gap
+        assert (row.results_missing, row.results_dropped) == (4, 6)
+        res(16)                                               # a late one still fills its gap
+        assert (row.results_missing, row.results_dropped) == (3, 6)
+        _drop_event(view, "cam1", 2, reason="too_large", result=[[22, 24]], event=[[5, 5]])   # before the gap
+        res(25)                                               # 22..24: announced, so no warning
+        assert (row.results_missing, row.results_dropped) == (3, 9)
+        assert row.last_gap == {"kind": "result", "from": 22, "to": 24, "missing": 0, "dropped": 3,
+                                "seen": row.last_gap["seen"]}
+        _drop_event(view, "cam1", 3, reason="rejected", result=[[27, 27]])
+        res(30)                                               # 26..29: 27 announced, 26, 28, 29 not
+        assert (row.results_missing, row.results_dropped) == (6, 10)
+        _drop_event(view, "cam1", 6, event=[[4, 5]])          # events 4 (gap seen now) and 5 (announced before)
+        assert (row.events_missing, row.events_dropped) == (0, 2)
+        _drop_event(view, "cam1", 7, result=[[11, 15]])       # the same announcement again: counted once
+    assert (row.results_missing, row.results_dropped, row.missing, row.dropped) == (6, 10, 6, 12)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "result seq 11..20 never arrived, 10 of them not announced" in warnings[0]
+    d = row.to_dict(1000.0)
+    assert (d["results_dropped"], d["events_dropped"], d["results_missing"]) == (10, 2, 6) and "_announced" not in d
+    head, line = view.table().splitlines()
+    assert head.split().index("DROPPED") == head.split().index("MISSING") + 1
+    cols = line.split()
+    assert cols[cols.index("6") + 1] == "12"                  # MISSING 6, DROPPED 12
+    for seq in range(100, 300, 2):                            # announcements for gaps never seen stay bounded
+        _drop_event(view, "cam1", seq, result=[[1000 + seq, 1000 + seq]])
+    assert len(row._announced) <= 64
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "new"}))
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "newer"}))
+    assert row._announced == [] and row._gaps == []
 
 
 def test_cli_monitor_and_command(mosquitto, tmp_path):

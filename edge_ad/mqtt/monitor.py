@@ -14,12 +14,15 @@ times) shows as ``stale``. A device whose clock differs from the monitor's by mo
 the outbox's backlog, so a device that sends no telemetry is not checked until it sends some or reconnects) is
 flagged: ``clock_offset_s``, ``clock_skew``, the table's ``CLOCK`` and a WARNING.
 
-Gaps in ``seq`` (results and events each count +1 per device) are counted per device as messages missing
-(``results_missing``, ``events_missing``, ``last_gap``; the table's ``MISSING``) and logged as a WARNING: a
-message the device's full outbox dropped, or one the broker dropped on the way to this monitor
-(Mosquitto's ``max_queued_messages``). Repeats (at-least-once delivery) are not gaps, a late message fills
-its gap again, and a new outbox (the birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the
-monitor's own reconnect (what was published meanwhile never reached it) starts counting afresh.
+Gaps in ``seq`` (results and events each count +1 per device) are counted per device. The messages the
+device itself dropped and announced (``output_error`` events whose ``dropped`` names their ``seq`` ranges:
+a full outbox) are counted as dropped (``results_dropped``, ``events_dropped``; the table's ``DROPPED``),
+whichever comes first, the gap or the announcement; the rest as missing (``results_missing``,
+``events_missing``, ``last_gap``; the table's ``MISSING``), logged as a WARNING: unexplained, such as
+messages the broker dropped on the way to this monitor (Mosquitto's ``max_queued_messages``), or drops
+announced by id only (``too_large``, ``rejected``: ``message_ids``, no ``seq``). Repeats (at-least-once delivery) are not gaps, a late message fills its gap again,
+and a new outbox (the birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own
+reconnect (what was published meanwhile never reached it) starts counting afresh.
 """
 
 from __future__ import annotations
@@ -71,9 +74,11 @@ class DeviceRow:
     drift: bool | None = None
     paused: bool | None = None
     events: int = 0
-    results_missing: int = 0          # gaps in the results' seq seen by this monitor (messages never received)
+    results_missing: int = 0          # gaps in the results' seq that no output_error event explains
     events_missing: int = 0           # the same for events
-    last_gap: dict | None = None      # {"kind", "from", "to", "missing", "seen"}: the latest gap found
+    results_dropped: int = 0          # gaps in the results' seq the device announced as dropped (output_error)
+    events_dropped: int = 0           # the same for events
+    last_gap: dict | None = None      # {"kind", "from", "to", "missing", "dropped", "seen"}: the latest gap found
     outbox_instance: str | None = None
     clock_offset_s: float | None = None   # the device's clock minus this monitor's (live telemetry and status)
     _ng_from_telemetry: bool = field(default=False, repr=False)
@@ -81,10 +86,28 @@ class DeviceRow:
     _offsets: list = field(default_factory=list, repr=False)     # ts - receipt of the last fresh messages
     _seq: dict = field(default_factory=dict, repr=False)     # kind -> highest seq received
     _gaps: list = field(default_factory=list, repr=False)    # [kind, first, last] still open (a late one fills)
+    _announced: list = field(default_factory=list, repr=False)   # [kind, first, last] announced, no gap seen yet
+
+    def _forget_seq(self) -> None:
+        self._seq.clear()
+        self._gaps.clear()
+        self._announced.clear()
+
+    def _count(self, kind: str, missing: int = 0, dropped: int = 0) -> None:
+        if kind == "result":
+            self.results_missing += missing
+            self.results_dropped += dropped
+        else:
+            self.events_missing += missing
+            self.events_dropped += dropped
 
     @property
     def missing(self) -> int:
         return self.results_missing + self.events_missing
+
+    @property
+    def dropped(self) -> int:
+        return self.results_dropped + self.events_dropped
 
     @property
     def key(self) -> tuple[str, str]:
@@ -128,7 +151,35 @@ def _int(value: Any) -> int | None:
 
 
 MAX_OPEN_GAPS = 64    # per device: a message that comes later than this many gaps is counted as missing
+MAX_ANNOUNCED = 64    # per device: seq ranges announced as dropped before their gap was seen (the oldest go)
+SEQ_RANGES_READ = 100  # of an output_error's dropped seq ranges per kind (the device lists 20 at most)
 CLOCK_SAMPLES = 5     # a device's clock offset: the largest ts - receipt of its last fresh messages
+
+
+def _cut(ranges: list, kind: str, lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
+    """Take ``lo..hi`` of ``kind`` out of ``ranges`` (``[kind, first, last]`` each, changed in place): how many
+    ``seq`` it held, and the parts of ``lo..hi`` it did not hold."""
+    taken, held = 0, []
+    for r in list(ranges):
+        k, a, b = r
+        if k != kind or b < lo or a > hi:
+            continue
+        a2, b2 = max(a, lo), min(b, hi)
+        taken += b2 - a2 + 1
+        held.append((a2, b2))
+        ranges.remove(r)
+        if a < a2:
+            ranges.append([k, a, a2 - 1])
+        if b2 < b:
+            ranges.append([k, b2 + 1, b])
+    rest, at = [], lo
+    for a, b in sorted(held):
+        if at < a:
+            rest.append((at, a - 1))
+        at = b + 1
+    if at <= hi:
+        rest.append((at, hi))
+    return taken, rest
 
 
 class FleetView:
@@ -145,8 +196,7 @@ class FleetView:
         """Forget the last ``seq`` of every device (counts stay): what was published while this monitor was
         away from the broker never reached it, and is nobody's loss."""
         for row in self.devices.values():
-            row._seq.clear()
-            row._gaps.clear()
+            row._forget_seq()
 
     def consume(self, topic: str, payload: bytes | str, retained: bool = False) -> DeviceRow | None:
         """Apply one message; returns the row it changed, or None when the message is not for a row.
@@ -177,6 +227,8 @@ class FleetView:
         getattr(self, f"_on_{kind}")(row, body)
         if kind in ("result", "event"):
             self._check_seq(row, kind, _int(body.get("seq")), now)
+        if kind == "event" and body.get("type") == "output_error":
+            self._announced_drops(row, body.get("dropped"))
         seen = self._seen_at(kind, body, retained, now)
         if seen is not None and (row.last_seen is None or seen > row.last_seen):
             row.last_seen = min(seen, now)
@@ -235,23 +287,50 @@ class FleetView:
             self._fills(row, kind, seq)   # a repeat (at least once), or a late one that closes its gap
             return
         row._seq[kind] = seq
-        missing = seq - last - 1
-        if not missing:
+        gap = seq - last - 1
+        if not gap:
             return
-        if kind == "result":
-            row.results_missing += missing
-        else:
-            row.events_missing += missing
-        row.last_gap = {"kind": kind, "from": last + 1, "to": seq - 1, "missing": missing, "seen": _iso(now)}
-        row._gaps.append([kind, last + 1, seq - 1])
+        dropped, unexplained = _cut(row._announced, kind, last + 1, seq - 1)   # announced before the gap
+        row._announced[:] = [a for a in row._announced if a[0] != kind or a[1] > seq]
+        missing = gap - dropped
+        row._count(kind, missing, dropped)
+        row.last_gap = {"kind": kind, "from": last + 1, "to": seq - 1, "missing": missing, "dropped": dropped,
+                        "seen": _iso(now)}
+        row._gaps.extend([kind, lo, hi] for lo, hi in unexplained)
         del row._gaps[:-MAX_OPEN_GAPS]
-        since = self._gap_log.hit(f"{row.site}/{row.device}", missing)
+        since = self._gap_log.hit(f"{row.site}/{row.device}", missing) if missing else 0
         if since:
-            log.warning("monitor: %s/%s: %s seq %d..%d never arrived (%d missing since the last report, %d results "
-                        "and %d events in all): dropped by the device's full outbox (its outbox 'dropped' count), "
-                        "or by the broker on the way to this monitor (Mosquitto's max_queued_messages: see "
-                        "docs/mqtt.md, 'The broker')", row.site, row.device, kind, last + 1, seq - 1, since,
-                        row.results_missing, row.events_missing)
+            log.warning("monitor: %s/%s: %s seq %d..%d never arrived, %d of them not announced by the device (%d "
+                        "missing since the last report, %d results and %d events in all): lost between the device "
+                        "and this monitor, e.g. by the broker (Mosquitto's max_queued_messages: see docs/mqtt.md, "
+                        "'The broker'), or dropped by the device and named by id only (too_large, rejected) or in an "
+                        "output_error event that did not reach this monitor",
+                        row.site, row.device, kind, last + 1, seq - 1, missing, since, row.results_missing,
+                        row.events_missing)
+
+    @staticmethod
+    def _announced_drops(row: DeviceRow, dropped: Any) -> None:
+        """An ``output_error`` event's ``dropped``: the ``seq`` ranges of the results and events the device
+        dropped on purpose. The parts of an open gap are moved from missing to dropped; the parts above the
+        highest ``seq`` received wait for their gap (at most :data:`MAX_ANNOUNCED` ranges); the rest were
+        received (a repeat), or lie before this monitor's count began."""
+        if not isinstance(dropped, dict):
+            return
+        for kind in ("result", "event"):
+            k = dropped.get(kind)
+            ranges = k.get("seq") if isinstance(k, dict) else None
+            if not isinstance(ranges, list):
+                continue
+            for r in ranges[:SEQ_RANGES_READ]:
+                lo, hi = (_int(r[0]), _int(r[1])) if isinstance(r, list) and len(r) == 2 else (None, None)
+                if lo is None or hi is None or not 1 <= lo <= hi:
+                    continue
+                moved, _ = _cut(row._gaps, kind, lo, hi)
+                row._count(kind, -moved, moved)
+                last = row._seq.get(kind)
+                if last is None or hi > last:
+                    row._announced.append([kind, lo if last is None else max(lo, last + 1), hi])
+            del row._announced[:-MAX_ANNOUNCED]
 
     @staticmethod
     def _fills(row: DeviceRow, kind: str, seq: int) -> bool:
@@ -259,10 +338,7 @@ class FleetView:
         for gap in row._gaps:
             k, lo, hi = gap
             if k == kind and lo <= seq <= hi:
-                if kind == "result":
-                    row.results_missing -= 1
-                else:
-                    row.events_missing -= 1
+                row._count(kind, -1)
                 row._gaps.remove(gap)
                 if lo < seq:
                     row._gaps.append([k, lo, seq - 1])
@@ -276,8 +352,7 @@ class FleetView:
         instance = b.get("outbox_instance")
         if isinstance(instance, str) and b.get("state") == "online":
             if row.outbox_instance is not None and instance != row.outbox_instance:
-                row._seq.clear()          # a new outbox file: seq starts again at 1
-                row._gaps.clear()
+                row._forget_seq()         # a new outbox file: seq starts again at 1
             row.outbox_instance = instance
         state = b.get("state")
         row.state = state if state in ("online", "offline") else "unknown"
@@ -361,7 +436,7 @@ class FleetView:
 
 
 COLUMNS = ("SITE", "DEVICE", "STATE", "FPS", "LAT p50/p99 ms", "NG %", "LAST RESULT", "CAL", "OUTBOX", "MISSING",
-           "DRIFT", "SEEN", "CLOCK")
+           "DROPPED", "DRIFT", "SEEN", "CLOCK")
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -385,7 +460,7 @@ def render_table(rows: list[DeviceRow], now: float, stale_after_s: float = 60.0,
         lines.append((r.site, r.device, state, _fmt(r.fps, '.1f'), lat,
                       _fmt(None if r.ng_rate is None else 100 * r.ng_rate, '.2f'), last,
                       "-" if r.calibration_version is None else str(r.calibration_version), outbox,
-                      str(r.missing), {True: "DRIFT", False: "ok", None: "-"}[r.drift], seen,
+                      str(r.missing), str(r.dropped), {True: "DRIFT", False: "ok", None: "-"}[r.drift], seen,
                       "-" if r.clock_offset_s is None else
                       f"skew {r.clock_offset_s:+.0f}s" if r.clock_skewed(clock_skew_s) else "ok"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(COLUMNS))]
