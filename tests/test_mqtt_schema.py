@@ -115,7 +115,7 @@ def test_event_images_on_their_own_topic_match_their_events_without_v5_propertie
     assert FleetView().consume(events[ids[0]]["image"]["topic"], jpeg) is None          # not a row of the monitor
 
 
-ODD_EVENT_IDS = ["a/b", "x+y", "#", "ev\u0085x", "\ufdd0nc"]
+ODD_EVENT_IDS = ["a/b", "x+y", "#", "ev\u0085x", "\ufdd0nc", "long-" + "x" * 300]   # the last: > 256 bytes
 
 
 @pytest.mark.parametrize("protocol, on", [("5", True), ("5", False), ("3.1.1", True)])
