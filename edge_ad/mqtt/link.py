@@ -910,10 +910,7 @@ class MqttLink:
                                       properties=message.properties)
                 with self._lock:
                     self._replies[info.mid] = _SentReply(info, r.command, r.topic, r.size, r.sends + 1)
-        for message in others:     # the sender takes them back as those OutboxSender.reconnected drops
-            self._out._requeue.put(message)
-        if others:
-            self._wake.set()
+        self._out.take_back(others)   # handed over again, as at a lowered packet limit
 
     def _status_command(self, args: dict) -> dict:
         return {"birth": self.birth(), "link": self.stats()}

@@ -190,11 +190,16 @@ class OutboxSender:
         lowered = max_packet is not None and (self.max_packet is None or max_packet < self.max_packet)
         self.max_packet = max_packet
         if lowered:
-            messages = client.drop_out_messages()
-            for message in messages:
-                self._requeue.put(message)
-            if messages:
-                self._wake.set()
+            self.take_back(client.drop_out_messages())
+
+    def take_back(self, messages: list) -> None:
+        """Messages taken back from paho (``drop_out_messages``) that the sender thread hands over again
+        (:meth:`_take_back`): at a lowered packet limit (:meth:`reconnected`), and the outbox's and the
+        others the link takes back with a command reply it gives up (``MqttLink._replies_at_connect``)."""
+        for message in messages:
+            self._requeue.put(message)
+        if messages:
+            self._wake.set()
 
     # ------------------------------------------------------------------ the sender thread
     def fill(self, client: paho.Client) -> None:
