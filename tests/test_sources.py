@@ -400,6 +400,56 @@ def test_dead_rtsp_url_fails_clearly_without_leaking_the_password():
     assert events and events[0]["type"] == "source_lost" and cam.open_failures == 2
 
 
+def test_an_rtsp_camera_that_never_answers_is_waited_for_open_timeout_s_and_named(caplog):
+    """A host that takes the TCP connection and never answers (a camera hung, a wrong port on a live host)
+    blocked the open for FFmpeg's own timeout with no word; now open_timeout_s bounds it, a WARNING names the
+    camera while the open waits (once until an open succeeds, not at every reconnect), and the error says it
+    did not answer in time. A port where nothing listens is said to refuse, at once."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)   # the kernel accepts the connections; nothing ever reads or answers
+    port = silent.getsockname()[1]
+    src = open_source(f"rtsp://admin:pw123@127.0.0.1:{port}/stream", open_timeout_s=1.0)
+    try:
+        with caplog.at_level("INFO", logger="edge_ad.runtime.sources"):
+            for _ in range(2):
+                t0 = time.monotonic()
+                with pytest.raises(SourceLost) as ei:
+                    src.open()
+                assert time.monotonic() - t0 < 15     # not FFmpeg's own 30 s
+                msg = str(ei.value)
+                assert msg.startswith(f"rtsp://***@127.0.0.1:{port}/stream: could not open (no answer from "
+                                      f"127.0.0.1:{port} within source.open_timeout_s = 1 s"), msg
+    finally:
+        silent.close()
+    said = [r for r in caplog.records if r.name == "edge_ad.runtime.sources"]
+    waits = [r.getMessage() for r in said if r.levelname == "WARNING"]
+    assert waits == [f"rtsp://***@127.0.0.1:{port}/stream: no answer yet after 0.5 s; waiting up to 1 s "
+                     "(source.open_timeout_s)"], waits
+    assert sum("opening; waiting up to 1 s" in r.getMessage() for r in said if r.levelname == "INFO") == 2
+    assert all("pw123" not in r.getMessage() for r in caplog.records)
+
+    refused = _free_port()
+    with pytest.raises(SourceLost, match=f"127.0.0.1:{refused} refused or closed the connection after"):
+        open_source(f"rtsp://127.0.0.1:{refused}/stream", open_timeout_s=5.0).open()
+
+
+def test_an_opencv_without_the_open_timeout_opens_rtsp_without_it_and_says_so(monkeypatch, caplog):
+    """An OpenCV build without CAP_PROP_OPEN_TIMEOUT_MSEC (an old one) cannot take open_timeout_s: the camera is
+    opened without it (it raised AttributeError) and a WARNING says FFmpeg's own timeout applies, once."""
+    import cv2
+
+    monkeypatch.delattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC")
+    port = _free_port()
+    src = open_source(f"rtsp://admin:pw123@127.0.0.1:{port}/stream", open_timeout_s=1.0)
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.sources"):
+        for _ in range(2):
+            with pytest.raises(SourceLost, match="within FFmpeg's own timeout, the connection refused"):
+                src.open()
+    said = [r.getMessage() for r in caplog.records if "CAP_PROP_OPEN_TIMEOUT_MSEC" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"rtsp://***@127.0.0.1:{port}/stream: this OpenCV"), said
+
+
 class _StallingSource(Source):
     """A camera that delivers two frames, then blocks in read() until released."""
 

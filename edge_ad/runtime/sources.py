@@ -432,8 +432,14 @@ def csi_pipeline(sensor: int, width: int, height: int, fps: int, flip: int = 0, 
             f"videoconvert ! video/x-raw, format=(string)BGR ! appsink drop=true max-buffers=1 sync=false")
 
 
+OPEN_WAIT_WARN_S = 2.0   # a network camera that has not answered after this long is named in a WARNING
+
+
 class OpenCVSource(Source):
-    """v4l2, csi, rtsp and file sources through ``cv2.VideoCapture``."""
+    """v4l2, csi, rtsp and file sources through ``cv2.VideoCapture``. A network camera (rtsp://, rtsps://) is
+    opened and read with ``open_timeout_s`` as FFmpeg's timeout (when this OpenCV can take it, else a WARNING
+    says FFmpeg's own applies); one that has not answered after :data:`OPEN_WAIT_WARN_S` is named in a WARNING
+    while the open goes on, and one that does not answer in time raises :class:`SourceLost` saying so."""
 
     def __init__(self, spec: SourceSpec, open_timeout_s: float = 10.0, rtsp_transport: str = "tcp"):
         super().__init__(spec)
@@ -443,12 +449,14 @@ class OpenCVSource(Source):
         self._lock = threading.Lock()
         self._index = 0
         self._fps = 0.0
+        self._wait_warned = False   # "no answer yet" said since the last open that succeeded
+        self._unbounded_warned = False
 
     def _capture_args(self):
         import cv2
 
         s, o = self.spec, self.spec.options
-        ms = int(self.open_timeout_s * 1000)
+        ms = max(1, round(self.open_timeout_s * 1000))   # whole milliseconds, at least 1
         if s.scheme == "csi":
             if not has_gstreamer():
                 raise InputError(
@@ -466,6 +474,13 @@ class OpenCVSource(Source):
             return (dev, cv2.CAP_V4L2), []
         if s.scheme in ("rtsp", "rtsps"):
             os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", f"rtsp_transport;{self.rtsp_transport}")
+            if not _has_open_timeout():
+                if not self._unbounded_warned:
+                    self._unbounded_warned = True
+                    log.warning("%s: this OpenCV (%s) has no CAP_PROP_OPEN_TIMEOUT_MSEC: source.open_timeout_s "
+                                "cannot be applied, and opening an unreachable camera waits for FFmpeg's own "
+                                "timeout (tens of seconds)", s.safe_uri, cv2.__version__)
+                return (s.target, cv2.CAP_FFMPEG), []
             return (s.target, cv2.CAP_FFMPEG), [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
         # file
         p = Path(s.target)
@@ -477,10 +492,17 @@ class OpenCVSource(Source):
         import cv2
 
         (target, api), params = self._capture_args()
-        cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+        waiting = self._say_waiting() if self.spec.scheme in ("rtsp", "rtsps") else None
+        t0 = time.monotonic()
+        try:
+            cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+        finally:
+            if waiting is not None:
+                waiting.cancel()
         if not cap.isOpened():
             cap.release()
-            raise SourceLost(f"{self.spec.safe_uri}: could not open ({self._why_not()})")
+            raise SourceLost(f"{self.spec.safe_uri}: could not open ({self._why_not(time.monotonic() - t0)})")
+        self._wait_warned = False
         o = self.spec.options
         if self.spec.scheme == "v4l2":
             if o.get("fourcc"):
@@ -500,11 +522,38 @@ class OpenCVSource(Source):
             self._cap = cap
         self._index = 0
 
-    def _why_not(self) -> str:
+    def _say_waiting(self) -> threading.Timer | None:
+        """Log that a network camera is being opened (INFO), and start the timer of a WARNING should it still
+        not have answered after :data:`OPEN_WAIT_WARN_S` (at most half the timeout), said once until an open
+        succeeds: not at every reconnect attempt of an outage. The caller cancels the timer."""
+        bound = (f"up to {self.open_timeout_s:g} s (source.open_timeout_s)" if _has_open_timeout()
+                 else "for FFmpeg's own timeout")
+        log.info("%s: opening; waiting %s for the camera to answer", self.spec.safe_uri, bound)
+        if self._wait_warned:
+            return None
+        after = min(OPEN_WAIT_WARN_S, self.open_timeout_s / 2)
+
+        def warn() -> None:
+            self._wait_warned = True
+            log.warning("%s: no answer yet after %g s; waiting %s", self.spec.safe_uri, after, bound)
+
+        timer = threading.Timer(after, warn)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _why_not(self, waited: float = 0.0) -> str:
         s = self.spec
         if s.scheme in ("rtsp", "rtsps"):
-            return (f"no answer from {urlsplit(s.target).hostname}:{urlsplit(s.target).port or 554} within "
-                    f"{self.open_timeout_s:g} s, connection refused, or the stream path/credentials are wrong")
+            where = f"{urlsplit(s.target).hostname}:{urlsplit(s.target).port or 554}"
+            if not _has_open_timeout():   # no bound of ours: a timeout cannot be told from a refusal
+                return (f"no answer from {where} within FFmpeg's own timeout, the connection refused, or the stream "
+                        f"path or credentials are wrong (after {waited:.1f} s)")
+            if waited >= 0.9 * self.open_timeout_s:
+                return (f"no answer from {where} within source.open_timeout_s = {self.open_timeout_s:g} s: the "
+                        "camera is off or unreachable, or the host or port is wrong")
+            return (f"{where} refused or closed the connection after {waited:.1f} s: nothing listens on that "
+                    "port, or the stream path or credentials are wrong")
         if s.scheme == "v4l2":
             return "device busy, unplugged, or the user is not in the 'video' group"
         if s.scheme == "csi":
@@ -543,6 +592,14 @@ class OpenCVSource(Source):
             cap, self._cap = self._cap, None
         if cap is not None:
             cap.release()
+
+
+def _has_open_timeout() -> bool:
+    """Can this OpenCV bound the open and read of an FFmpeg stream (CAP_PROP_OPEN_TIMEOUT_MSEC and
+    CAP_PROP_READ_TIMEOUT_MSEC, given as open params)?"""
+    import cv2
+
+    return hasattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC") and hasattr(cv2, "CAP_PROP_READ_TIMEOUT_MSEC")
 
 
 def _has_ffmpeg() -> bool:
