@@ -177,6 +177,79 @@ def test_csi_exposure_and_white_balance_lock_reach_nvarguscamerasrc(monkeypatch)
         parse_uri(u)
 
 
+class _FakeCapture:
+    """cv2.VideoCapture of a camera with fixed modes: ``took`` maps a property to what the camera makes of the
+    value set (absent: taken as asked); a property never set reads 0, as OpenCV's unsupported ones do."""
+
+    def __init__(self, took=None):
+        self.took = took or {}
+        self.values: dict[int, float] = {}
+        self.order: list[int] = []
+
+    def isOpened(self):
+        return True
+
+    def set(self, prop, value):
+        self.order.append(prop)
+        self.values[prop] = self.took.get(prop, lambda v: v)(value)
+        return True
+
+    def get(self, prop):
+        return self.values.get(prop, 0.0)
+
+    def release(self):
+        pass
+
+
+def test_v4l2_settings_are_read_back_and_those_not_taken_named():
+    """cap.set's values were never read back: a camera that rounds 1920x1080 to 1280x720 or MJPG to YUYV
+    went unnoticed. set_v4l2_settings sets in order (the format first) and gives each value not taken."""
+    import cv2
+
+    from edge_ad.runtime.sources import set_v4l2_settings
+
+    yuyv = float(cv2.VideoWriter_fourcc(*"YUYV"))
+    cam = _FakeCapture({cv2.CAP_PROP_FRAME_WIDTH: lambda v: 1280.0, cv2.CAP_PROP_FRAME_HEIGHT: lambda v: 720.0,
+                        cv2.CAP_PROP_FPS: lambda v: 29.97, cv2.CAP_PROP_FOURCC: lambda v: yuyv})
+    asked = {"fps": 30.0, "height": 1080, "width": 1920, "fourcc": "MJPG", "buffer": 1}
+    assert set_v4l2_settings(cam, asked) == [("fourcc", "MJPG", "YUYV"), ("width", 1920, 1280),
+                                             ("height", 1080, 720), ("fps", 30.0, 29.97)]
+    assert cam.order == [cv2.CAP_PROP_FOURCC, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT,
+                         cv2.CAP_PROP_FPS, cv2.CAP_PROP_BUFFERSIZE]
+    assert cam.values[cv2.CAP_PROP_BUFFERSIZE] == 1.0
+    # taken as asked (an fps read back as 30.000001 too), and one the camera does not report (None)
+    cam = _FakeCapture({cv2.CAP_PROP_FPS: lambda v: 30.000001, cv2.CAP_PROP_BUFFERSIZE: lambda v: 0.0})
+    assert set_v4l2_settings(cam, {"fourcc": "MJPG", "width": 640, "fps": 30.0, "buffer": 2}) == [("buffer", 2, None)]
+    assert cam.values[cv2.CAP_PROP_FOURCC] == float(cv2.VideoWriter_fourcc(*"MJPG"))
+    with pytest.raises(TypeError, match="exposure"):
+        set_v4l2_settings(cam, {"exposure": 100})
+
+
+def test_a_v4l2_camera_that_rounds_a_setting_is_warned_about_once(monkeypatch, caplog):
+    """open() warns about each setting the camera did not take, naming it, the value asked and the one taken,
+    and does not fail; a reconnect that finds the same values says nothing again."""
+    import cv2
+
+    opened = []
+
+    def capture(*args):
+        opened.append(_FakeCapture({cv2.CAP_PROP_FRAME_WIDTH: lambda v: 1280.0, cv2.CAP_PROP_FPS: lambda v: 15.0}))
+        return opened[-1]
+
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    src = open_source("v4l2://0?width=1920&height=720&fps=30&fourcc=MJPG")
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.sources"):
+        for _ in range(2):
+            src.open()
+            src.close()
+    said = [r.getMessage() for r in caplog.records]
+    hint = " (a camera keeps to the formats, sizes and rates it has: 'v4l2-ctl --list-formats-ext' lists them)"
+    uri = "v4l2://0?width=1920&height=720&fps=30&fourcc=MJPG"
+    assert said == [f"{uri}: width 1920 asked, the camera took 1280{hint}",
+                    f"{uri}: fps 30 asked, the camera took 15{hint}"]
+    assert len(opened) == 2 and opened[1].order == opened[0].order   # set again at the reconnect
+
+
 # ----------------------------------------------------------------------------- real files and folders
 def test_file_source_reads_rgb_frames_and_ends(tmp_path):
     frames = [part_frame(i, 64, defect=(i == 2)) for i in range(5)]

@@ -451,6 +451,7 @@ class OpenCVSource(Source):
         self._fps = 0.0
         self._wait_warned = False   # "no answer yet" said since the last open that succeeded
         self._unbounded_warned = False
+        self._settings_said: set[tuple[str, Any]] = set()   # (setting, value taken) warned about
 
     def _capture_args(self):
         import cv2
@@ -505,15 +506,8 @@ class OpenCVSource(Source):
         self._wait_warned = False
         o = self.spec.options
         if self.spec.scheme == "v4l2":
-            if o.get("fourcc"):
-                cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*o["fourcc"]))
-            if o.get("width"):
-                cap.set(cv2.CAP_PROP_FRAME_WIDTH, o["width"])
-            if o.get("height"):
-                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, o["height"])
-            if o.get("fps"):
-                cap.set(cv2.CAP_PROP_FPS, o["fps"])
-            cap.set(cv2.CAP_PROP_BUFFERSIZE, o.get("buffer") or 1)
+            asked = {k: o[k] for k in ("fourcc", "width", "height", "fps") if o.get(k)}
+            self._say_settings(set_v4l2_settings(cap, {**asked, "buffer": o.get("buffer") or 1}))
         self._fps = 0.0  # pacing: only files are paced (cameras pace themselves)
         if self.spec.scheme == "file":
             fps = o.get("fps", 0.0)
@@ -521,6 +515,25 @@ class OpenCVSource(Source):
         with self._lock:
             self._cap = cap
         self._index = 0
+
+    def _say_settings(self, differ: list[tuple[str, Any, Any]]) -> None:
+        """A WARNING for each camera setting that did not take the value asked (:func:`set_v4l2_settings`),
+        said once per value the camera took: not again at every reconnect."""
+        def shown(v: Any) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        for name, want, took in differ:
+            if (name, took) in self._settings_said:
+                continue
+            self._settings_said.add((name, took))
+            if took is None:
+                log.warning("%s: %s %s asked; the camera does not report the value it took", self.spec.safe_uri,
+                            name, shown(want))
+            else:
+                hint = "" if name == "buffer" else (" (a camera keeps to the formats, sizes and rates it has: "
+                                                    "'v4l2-ctl --list-formats-ext' lists them)")
+                log.warning("%s: %s %s asked, the camera took %s%s", self.spec.safe_uri, name, shown(want),
+                            shown(took), hint)
 
     def _say_waiting(self) -> threading.Timer | None:
         """Log that a network camera is being opened (INFO), and start the timer of a WARNING should it still
@@ -592,6 +605,51 @@ class OpenCVSource(Source):
             cap, self._cap = self._cap, None
         if cap is not None:
             cap.release()
+
+
+def _fourcc_text(v: float) -> str:
+    """A FOURCC code as ``cap.get(CAP_PROP_FOURCC)`` gives it (a float), as its four characters."""
+    code = int(v)
+    return "".join(chr((code >> 8 * i) & 0xFF) for i in range(4))
+
+
+# the options of v4l2:// set with cap.set, in the order they are set (the pixel format first: it decides
+# which sizes and rates the camera has), and how a value read back with cap.get compares with the one asked
+_V4L2_SETTINGS: dict[str, tuple[str, Callable[[Any], float], Callable[[float], Any]]] = {
+    # option: (cv2 property, value to set, value read back as the option's)
+    "fourcc": ("CAP_PROP_FOURCC", lambda v: float(sum(ord(c) << 8 * i for i, c in enumerate(v))), _fourcc_text),
+    "width": ("CAP_PROP_FRAME_WIDTH", float, lambda v: int(round(v))),
+    "height": ("CAP_PROP_FRAME_HEIGHT", float, lambda v: int(round(v))),
+    "fps": ("CAP_PROP_FPS", float, lambda v: round(float(v), 2)),
+    "buffer": ("CAP_PROP_BUFFERSIZE", float, lambda v: int(round(v))),
+}
+
+
+def set_v4l2_settings(cap, asked: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Set the camera settings ``asked`` (v4l2:// options: fourcc, width, height, fps, buffer) with
+    ``cap.set``, then read each back with ``cap.get``; the (option, asked, taken) of those the camera did not
+    take as asked. ``taken`` is None where the camera reports nothing (``cap.get`` gives 0 or less). A camera
+    rounds to the modes it has (1920x1080 asked of a 1280x720 camera gives 1280x720, 30 fps of a 29.97 one
+    29.97): the caller warns, nothing fails. An fps is compared at 0.01."""
+    import cv2
+
+    unknown = sorted(set(asked) - set(_V4L2_SETTINGS))
+    if unknown:
+        raise TypeError(f"set_v4l2_settings: unknown setting(s) {', '.join(unknown)}; expected "
+                        f"{', '.join(_V4L2_SETTINGS)}")
+    order = [k for k in _V4L2_SETTINGS if k in asked]
+    for k in order:
+        prop, to_cv, _ = _V4L2_SETTINGS[k]
+        cap.set(getattr(cv2, prop), to_cv(asked[k]))
+    differ = []
+    for k in order:
+        prop, _, from_cv = _V4L2_SETTINGS[k]
+        got = cap.get(getattr(cv2, prop))
+        took = from_cv(got) if got and got > 0 else None
+        want = round(float(asked[k]), 2) if k == "fps" else asked[k]
+        if took != want:
+            differ.append((k, asked[k], took))
+    return differ
 
 
 def _has_open_timeout() -> bool:
