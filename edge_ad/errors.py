@@ -1,4 +1,5 @@
-"""Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure)."""
+"""Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure), and
+helpers that word their messages (:func:`os_error_text`, :func:`clip_text`)."""
 
 import errno
 
@@ -39,3 +40,10 @@ def os_error_text(exc: OSError) -> str:
         return what
     target = f" -> {exc.filename2}" if exc.filename2 else ""
     return f"{exc.filename}{target}: {what}"
+
+
+def clip_text(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was (``abc… (70000 characters)``): for a value a
+    message or a log line quotes, which may be anything a client sent (jsonschema quotes the offending value
+    whole: an 8 MiB command argument was repeated in the reply and in one log line)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"

@@ -462,3 +462,21 @@ def test_an_mqtt_cross_field_error_names_only_the_origins_of_its_fields(tmp_path
     with pytest.raises(InputError) as ei:   # an override of a field in the check is named
         load_settings(cfg, [parse_set_option("mqtt.image_max_bytes=70000")], environ=env)
     assert str(ei.value).endswith(f"[from --set mqtt.image_max_bytes or {cfg}]")
+
+
+def test_every_env_file_option_is_the_shared_one():
+    """capture, calibrate, bundle install and doctor each declared their own --env-file with its own help
+    (three said 'With --config', doctor's 'checked'); they now use one option, edge_ad.cli.types.env_file_option."""
+    import click
+
+    from edge_ad.cli import main
+    from edge_ad.cli.types import env_file_option
+
+    want = env_file_option(click.Command("x")).params[0]
+    commands = {"capture": main.commands["capture"], "calibrate": main.commands["calibrate"],
+                "doctor": main.commands["doctor"], "bundle install": main.commands["bundle"].commands["install"]}
+    for name, cmd in commands.items():
+        (opt,) = [p for p in cmd.params if p.name == "env_file"]
+        assert opt.opts == ["--env-file"] and opt.help == want.help, name
+        assert opt.type.exists and not opt.type.dir_okay and opt.type.type is Path, name
+    assert "Only doctor takes it without --config" in want.help

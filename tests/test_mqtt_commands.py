@@ -209,6 +209,18 @@ def test_an_oversized_refused_value_is_not_repeated_whole(caplog):
     assert max(len(r.getMessage()) for r in caplog.records) < 1000
 
 
+def test_clip_text_is_the_one_cut_of_quoted_values():
+    """The link cut the topics it logs with commands.py's private _short; the helper is now public in
+    edge_ad.errors (clip_text) and both modules use it."""
+    import edge_ad.mqtt.commands as commands
+    import edge_ad.mqtt.link as link
+    from edge_ad.errors import clip_text
+
+    assert clip_text("abc", 3) == "abc" and clip_text("abcd", 3) == "abc… (4 characters)"
+    assert len(clip_text("x" * 10_000)) < 230
+    assert link.clip_text is commands.clip_text is clip_text and not hasattr(commands, "_short")
+
+
 def test_unknown_invalid_unavailable_failed_internal():
     d = _dispatcher()
     assert d.handle(_msg("reboot")).body["error"]["code"] == "unknown_command"

@@ -177,6 +177,79 @@ def test_csi_exposure_and_white_balance_lock_reach_nvarguscamerasrc(monkeypatch)
         parse_uri(u)
 
 
+class _FakeCapture:
+    """cv2.VideoCapture of a camera with fixed modes: ``took`` maps a property to what the camera makes of the
+    value set (absent: taken as asked); a property never set reads 0, as OpenCV's unsupported ones do."""
+
+    def __init__(self, took=None):
+        self.took = took or {}
+        self.values: dict[int, float] = {}
+        self.order: list[int] = []
+
+    def isOpened(self):
+        return True
+
+    def set(self, prop, value):
+        self.order.append(prop)
+        self.values[prop] = self.took.get(prop, lambda v: v)(value)
+        return True
+
+    def get(self, prop):
+        return self.values.get(prop, 0.0)
+
+    def release(self):
+        pass
+
+
+def test_v4l2_settings_are_read_back_and_those_not_taken_named():
+    """cap.set's values were never read back: a camera that rounds 1920x1080 to 1280x720 or MJPG to YUYV
+    went unnoticed. set_v4l2_settings sets in order (the format first) and gives each value not taken."""
+    import cv2
+
+    from edge_ad.runtime.sources import set_v4l2_settings
+
+    yuyv = float(cv2.VideoWriter_fourcc(*"YUYV"))
+    cam = _FakeCapture({cv2.CAP_PROP_FRAME_WIDTH: lambda v: 1280.0, cv2.CAP_PROP_FRAME_HEIGHT: lambda v: 720.0,
+                        cv2.CAP_PROP_FPS: lambda v: 29.97, cv2.CAP_PROP_FOURCC: lambda v: yuyv})
+    asked = {"fps": 30.0, "height": 1080, "width": 1920, "fourcc": "MJPG", "buffer": 1}
+    assert set_v4l2_settings(cam, asked) == [("fourcc", "MJPG", "YUYV"), ("width", 1920, 1280),
+                                             ("height", 1080, 720), ("fps", 30.0, 29.97)]
+    assert cam.order == [cv2.CAP_PROP_FOURCC, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT,
+                         cv2.CAP_PROP_FPS, cv2.CAP_PROP_BUFFERSIZE]
+    assert cam.values[cv2.CAP_PROP_BUFFERSIZE] == 1.0
+    # taken as asked (an fps read back as 30.000001 too), and one the camera does not report (None)
+    cam = _FakeCapture({cv2.CAP_PROP_FPS: lambda v: 30.000001, cv2.CAP_PROP_BUFFERSIZE: lambda v: 0.0})
+    assert set_v4l2_settings(cam, {"fourcc": "MJPG", "width": 640, "fps": 30.0, "buffer": 2}) == [("buffer", 2, None)]
+    assert cam.values[cv2.CAP_PROP_FOURCC] == float(cv2.VideoWriter_fourcc(*"MJPG"))
+    with pytest.raises(TypeError, match="exposure"):
+        set_v4l2_settings(cam, {"exposure": 100})
+
+
+def test_a_v4l2_camera_that_rounds_a_setting_is_warned_about_once(monkeypatch, caplog):
+    """open() warns about each setting the camera did not take, naming it, the value asked and the one taken,
+    and does not fail; a reconnect that finds the same values says nothing again."""
+    import cv2
+
+    opened = []
+
+    def capture(*args):
+        opened.append(_FakeCapture({cv2.CAP_PROP_FRAME_WIDTH: lambda v: 1280.0, cv2.CAP_PROP_FPS: lambda v: 15.0}))
+        return opened[-1]
+
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    src = open_source("v4l2://0?width=1920&height=720&fps=30&fourcc=MJPG")
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.sources"):
+        for _ in range(2):
+            src.open()
+            src.close()
+    said = [r.getMessage() for r in caplog.records]
+    hint = " (a camera keeps to the formats, sizes and rates it has: 'v4l2-ctl --list-formats-ext' lists them)"
+    uri = "v4l2://0?width=1920&height=720&fps=30&fourcc=MJPG"
+    assert said == [f"{uri}: width 1920 asked, the camera took 1280{hint}",
+                    f"{uri}: fps 30 asked, the camera took 15{hint}"]
+    assert len(opened) == 2 and opened[1].order == opened[0].order   # set again at the reconnect
+
+
 # ----------------------------------------------------------------------------- real files and folders
 def test_file_source_reads_rgb_frames_and_ends(tmp_path):
     frames = [part_frame(i, 64, defect=(i == 2)) for i in range(5)]
@@ -398,6 +471,56 @@ def test_dead_rtsp_url_fails_clearly_without_leaking_the_password():
     assert f"rtsp://***@127.0.0.1:{port}/stream" in msg and "could not open" in msg
     assert "pw123" not in msg and all("pw123" not in str(e) for e in events)
     assert events and events[0]["type"] == "source_lost" and cam.open_failures == 2
+
+
+def test_an_rtsp_camera_that_never_answers_is_waited_for_open_timeout_s_and_named(caplog):
+    """A host that takes the TCP connection and never answers (a camera hung, a wrong port on a live host)
+    blocked the open for FFmpeg's own timeout with no word; now open_timeout_s bounds it, a WARNING names the
+    camera while the open waits (once until an open succeeds, not at every reconnect), and the error says it
+    did not answer in time. A port where nothing listens is said to refuse, at once."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)   # the kernel accepts the connections; nothing ever reads or answers
+    port = silent.getsockname()[1]
+    src = open_source(f"rtsp://admin:pw123@127.0.0.1:{port}/stream", open_timeout_s=1.0)
+    try:
+        with caplog.at_level("INFO", logger="edge_ad.runtime.sources"):
+            for _ in range(2):
+                t0 = time.monotonic()
+                with pytest.raises(SourceLost) as ei:
+                    src.open()
+                assert time.monotonic() - t0 < 15     # not FFmpeg's own 30 s
+                msg = str(ei.value)
+                assert msg.startswith(f"rtsp://***@127.0.0.1:{port}/stream: could not open (no answer from "
+                                      f"127.0.0.1:{port} within source.open_timeout_s = 1 s"), msg
+    finally:
+        silent.close()
+    said = [r for r in caplog.records if r.name == "edge_ad.runtime.sources"]
+    waits = [r.getMessage() for r in said if r.levelname == "WARNING"]
+    assert waits == [f"rtsp://***@127.0.0.1:{port}/stream: no answer yet after 0.5 s; waiting up to 1 s "
+                     "(source.open_timeout_s)"], waits
+    assert sum("opening; waiting up to 1 s" in r.getMessage() for r in said if r.levelname == "INFO") == 2
+    assert all("pw123" not in r.getMessage() for r in caplog.records)
+
+    refused = _free_port()
+    with pytest.raises(SourceLost, match=f"127.0.0.1:{refused} refused or closed the connection after"):
+        open_source(f"rtsp://127.0.0.1:{refused}/stream", open_timeout_s=5.0).open()
+
+
+def test_an_opencv_without_the_open_timeout_opens_rtsp_without_it_and_says_so(monkeypatch, caplog):
+    """An OpenCV build without CAP_PROP_OPEN_TIMEOUT_MSEC (an old one) cannot take open_timeout_s: the camera is
+    opened without it (it raised AttributeError) and a WARNING says FFmpeg's own timeout applies, once."""
+    import cv2
+
+    monkeypatch.delattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC")
+    port = _free_port()
+    src = open_source(f"rtsp://admin:pw123@127.0.0.1:{port}/stream", open_timeout_s=1.0)
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.sources"):
+        for _ in range(2):
+            with pytest.raises(SourceLost, match="within FFmpeg's own timeout, the connection refused"):
+                src.open()
+    said = [r.getMessage() for r in caplog.records if "CAP_PROP_OPEN_TIMEOUT_MSEC" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"rtsp://***@127.0.0.1:{port}/stream: this OpenCV"), said
 
 
 class _StallingSource(Source):

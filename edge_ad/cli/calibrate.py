@@ -10,6 +10,7 @@ import click
 
 from ..runtime.backends import BACKENDS  # the one list open_backend accepts
 from . import main
+from .types import env_file_option
 
 
 def _echo_json(obj) -> None:
@@ -45,12 +46,7 @@ def _deploy_option(ctx, param, value):
                    "or synthetic source and of the line's own dir:// folder, as the loop applies them, so the "
                    "refit sees what the line inspects; another folder's images must have the ROI's size. "
                    "Without it frames are taken whole: give it on a line with source.roi or rotate.")
-@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
-                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate, decision.threshold, "
-                   "model.bundle, model.precision ...) "
-                   "apply over the config, its values replacing this shell's, as for the service. Default: "
-                   "edge-ad.env next to --config, when there is one.")
+@env_file_option
 @click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
 @click.option("--policy", default="fpr:0.001", show_default=True,
               help="Threshold policy: fpr:P (target false-positive rate), max (largest normal score + margin), "
@@ -599,10 +595,7 @@ def pack_cmd(bundle_dir, out, sign_key):
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
               help="The line's run config: its [model] deploy_dir, golden_dir, update_key, backend, precision and "
                    "device are the defaults of the options below, so the install checks what the line will run.")
-@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
-                   "its EDGE_AD_<SECTION>__<KEY> overrides apply over the config, its values replacing this "
-                   "shell's, as for the service. Default: edge-ad.env next to --config, when there is one.")
+@env_file_option
 @click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Deploy folder (releases/, current and previous links); default: the config's "
                    "model.deploy_dir.")

@@ -11,18 +11,14 @@ import click
 
 from ..runtime.backends import BACKENDS  # the one list run and open_backend accept
 from . import main
-from .types import Seconds
+from .types import Seconds, env_file_option
 
 
 @main.command()
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="EDGE_AD_CONFIG", help="The edge-ad run config to check (bundle or deploy_dir, backend, "
                                             "precision, device, source, MQTT, paths). Default: $EDGE_AD_CONFIG.")
-@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Environment file the service runs with (systemd EnvironmentFile= syntax: NAME=value lines, "
-                   "# comments, optional quotes): its MQTT credentials and EDGE_AD_<SECTION>__<KEY> overrides "
-                   "are checked, its values replacing this shell's as systemd gives them to the service. "
-                   "Default: edge-ad.env next to --config, when there is one.")
+@env_file_option
 @click.option("--bundle", type=click.Path(path_type=Path), help="Bundle folder to verify (overrides the config's model.bundle, as run --bundle does).")
 @click.option("--mqtt", "mqtt_url", metavar="URL",
               help="Broker to reach, mqtt://host[:port] or mqtts://host[:port] (overrides the config's URL).")

@@ -15,7 +15,7 @@ import click
 
 from ..errors import EdgeADError
 from . import main
-from .types import Seconds
+from .types import Seconds, env_file_option
 
 
 def _settings_loader(config: str | None, overrides: list):
@@ -176,11 +176,7 @@ def _exit_past_busy_threads(svc, code: int, message: str = "") -> None:
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
               help="Take the source (unless --source), ROI and rotation (and reconnect settings) from this run "
                    "config, so the frames match what the loop inspects.")
-@click.option("--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="With --config: the environment file the service runs with (systemd EnvironmentFile= syntax); "
-                   "its EDGE_AD_<SECTION>__<KEY> overrides (source.uri, roi, rotate ...) apply over the config, its "
-                   "values replacing this shell's, as for the service. Default: edge-ad.env next to --config, "
-                   "when there is one.")
+@env_file_option
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", help="Image format.")
 @click.option("--prefix", default="frame_", show_default=True,
               help="File name prefix (a plain name: no '/', '\\', or leading '.').")

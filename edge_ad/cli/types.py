@@ -1,8 +1,9 @@
-"""Option types the commands share (click's own ranges, plus what they miss)."""
+"""Option types and options the commands share (click's own ranges, plus what they miss)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import click
 
@@ -31,3 +32,14 @@ class Seconds(FiniteFloat):
         if rv > threading.TIMEOUT_MAX:
             self.fail(f"{value!r} seconds is too long (at most {threading.TIMEOUT_MAX:.0f}).", param, ctx)
         return rv
+
+
+# --env-file of capture, calibrate, bundle install and doctor: the service's EnvironmentFile=, read with
+# edge_ad.config.read_env_file (edge_ad.config.service_environ, doctor's own check)
+env_file_option = click.option(
+    "--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The environment file the service runs with (systemd EnvironmentFile= syntax: NAME=value lines, # "
+         "comments, optional quotes). Its variables (MQTT credentials, the command secret, "
+         "EDGE_AD_<SECTION>__<KEY> overrides of --config) replace this shell's, as systemd gives them to the "
+         "service. Default: edge-ad.env next to --config, when there is one. Only doctor takes it without "
+         "--config.")

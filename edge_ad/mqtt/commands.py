@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..errors import EdgeADError, InputError, os_error_text
+from ..errors import EdgeADError, InputError, clip_text, os_error_text
 from . import payloads, schema
 from .settings import MqttSettings
 from .topics import MAX_REPLY_TOPIC_BYTES, Topics, check_level, reply_topic_problem
@@ -129,12 +129,6 @@ class Spec:
     changes_state: bool
 
 
-def _short(text: str, limit: int = 200) -> str:
-    """A refusal's text cut to ``limit`` characters: jsonschema quotes the offending value whole, and an
-    8 MiB argument was repeated in the reply and in one log line."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
-
-
 class NonFiniteNumber(ValueError):
     """A command payload holds a number that is not a finite double: ``NaN``, ``Infinity`` (which Python's
     JSON parser accepts), ``1e999`` (parsed as infinity) or an integer too large for a double. Its message
@@ -188,13 +182,13 @@ def _parse_object(data: bytes, what: str, finite: bool = True) -> dict:
     except RecursionError:
         raise ValueError(f"{what} is nested too deeply") from None
     if isinstance(obj, _NotFinite):
-        raise ValueError(f"{what} is {_short(obj.text, 40)}, expected an object")
+        raise ValueError(f"{what} is {clip_text(obj.text, 40)}, expected an object")
     if not isinstance(obj, dict):
         raise ValueError(f"{what} is a JSON {type(obj).__name__}, expected an object")
     bad = _first_not_finite(obj) if finite else None
     if bad is not None:
-        raise NonFiniteNumber(f"{what} field '{_short(bad[0], 100)}' is {_short(bad[1], 40)}: expected a finite "
-                              "number (JSON has no NaN or infinity, and a number must fit a 64-bit float)")
+        raise NonFiniteNumber(f"{what} field '{clip_text(bad[0], 100)}' is {clip_text(bad[1], 40)}: expected a "
+                              "finite number (JSON has no NaN or infinity, and a number must fit a 64-bit float)")
     try:  # "\ud800" parses to a lone surrogate that nothing downstream can encode
         json.dumps(obj, ensure_ascii=False, default=lambda v: v.text).encode("utf-8")   # v: a _NotFinite
     except UnicodeEncodeError:
@@ -284,7 +278,7 @@ class Dispatcher:
         if isinstance(reply_to, str):   # cut: a 70 KB topic came back whole, in the reply and the log
             shown = repr(reply_to[:80]) + (f"… ({len(reply_to)} characters)" if len(reply_to) > 80 else "")
         else:
-            shown = _short(json.dumps(reply_to, default=lambda v: getattr(v, "text", "?")), 80)
+            shown = clip_text(json.dumps(reply_to, default=lambda v: getattr(v, "text", "?")), 80)
         return default, msg.correlation_data, corr_id, (
             f"cmd/{msg.name}: {field_name} {shown} {why}; expected a topic to publish the reply to (UTF-8 without "
             f"NUL or control characters, no '+' or '#', not starting with '$', at most {MAX_REPLY_TOPIC_BYTES} "
@@ -376,7 +370,7 @@ class Dispatcher:
         signed_bytes = bytes(msg.payload)
         problems = schema.errors("command", obj)
         if problems:
-            raise CommandError("malformed", f"cmd/{msg.name}: " + "; ".join(_short(p) for p in problems))
+            raise CommandError("malformed", f"cmd/{msg.name}: " + "; ".join(clip_text(p) for p in problems))
         if "signed" in obj:
             extra = sorted(set(obj) - {"signed", HMAC_KEY})
             if extra:
@@ -393,7 +387,7 @@ class Dispatcher:
             problems = schema.errors("command", obj)
             if problems or "signed" in obj:
                 raise CommandError("malformed", f"cmd/{msg.name}: signed payload: "
-                                                + ("; ".join(_short(p) for p in problems) or "nested 'signed'"))
+                                                + ("; ".join(clip_text(p) for p in problems) or "nested 'signed'"))
         spec = self._specs.get(msg.name)
         if spec is None:
             known = ", ".join(sorted(self._specs))
@@ -404,7 +398,7 @@ class Dispatcher:
             self._authorize(msg, obj, who, signature, signed_bytes)
         args = {k: v for k, v in obj.items() if k not in RESERVED}
         if spec.validator is not None:
-            problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '(args)'}: {_short(e.message)}"
+            problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '(args)'}: {clip_text(e.message)}"
                         for e in spec.validator.iter_errors(args)]
             if problems:
                 raise CommandError("invalid_args", f"{msg.name}: " + "; ".join(problems))

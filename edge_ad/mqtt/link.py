@@ -55,11 +55,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .. import __version__
-from ..errors import InputError, RuntimeFailure
+from ..errors import InputError, RuntimeFailure, clip_text
 from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text, reason_value
-from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming, _short
+from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import DROP_IDS_PER_EVENT, Outbox
 from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
 from .settings import SHORT_SECRET, MqttSettings, Protocol
@@ -451,7 +451,7 @@ class MqttLink:
         since = self._id_log.hit() if what else 0
         if since:
             log.warning("mqtt: event id %s %s: %s (the event's image.topic names the topic); %d such event(s) since "
-                        "the last report", _short(repr(event_id), 80),
+                        "the last report", clip_text(repr(event_id), 80),
                         string_problem(event_id) or level_problem(event_id), " and ".join(what), since)
 
     def publish_telemetry(self, payload: Mapping[str, Any]) -> dict:
@@ -764,7 +764,7 @@ class MqttLink:
             if since:
                 log.error("mqtt: the broker refused the reply to command %s on %s: %s; its requester gets no reply "
                           "(the broker's ACL must let this device publish to the reply topics of its requesters); "
-                          "%d such since the last report", reply.command, _short(repr(reply.topic), 120),
+                          "%d such since the last report", reply.command, clip_text(repr(reply.topic), 120),
                           why, since)
         else:
             self._counters["retained_rejected"] += 1
@@ -868,10 +868,10 @@ class MqttLink:
             info = self._publish_direct(client, reply.topic, data, 1, False, props)
         except ValueError as exc:  # paho refuses the topic (the dispatcher refuses such reply topics first)
             log.error("mqtt: the reply to command %s cannot be sent to %s: %s", reply.body.get("command"),
-                      _short(repr(reply.topic), 120), exc)
+                      clip_text(repr(reply.topic), 120), exc)
             return
         except Exception:  # a reply that cannot be sent must not stop the worker
-            log.exception("mqtt: cannot send the reply to %s", _short(repr(reply.topic), 120))
+            log.exception("mqtt: cannot send the reply to %s", clip_text(repr(reply.topic), 120))
             return
         if info is not None and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # its PUBACK may have come already: _acknowledged() says so at the next connect. NO_CONN: paho keeps it
@@ -904,7 +904,7 @@ class MqttLink:
                 log.error("mqtt: the reply to command %s on %s (%d bytes) is given up: the connection was lost each "
                           "of the %d times it was sent, before the broker acknowledged it (a broker closes the "
                           "connection for a reply topic it refuses, e.g. one its ACL denies); its requester gets no "
-                          "reply", r.command, _short(repr(r.topic), 120), r.size, r.sends)
+                          "reply", r.command, clip_text(repr(r.topic), 120), r.size, r.sends)
             else:
                 info = client.publish(message.topic, message.payload, qos=message.qos, retain=False,
                                       properties=message.properties)

@@ -432,8 +432,14 @@ def csi_pipeline(sensor: int, width: int, height: int, fps: int, flip: int = 0, 
             f"videoconvert ! video/x-raw, format=(string)BGR ! appsink drop=true max-buffers=1 sync=false")
 
 
+OPEN_WAIT_WARN_S = 2.0   # a network camera that has not answered after this long is named in a WARNING
+
+
 class OpenCVSource(Source):
-    """v4l2, csi, rtsp and file sources through ``cv2.VideoCapture``."""
+    """v4l2, csi, rtsp and file sources through ``cv2.VideoCapture``. A network camera (rtsp://, rtsps://) is
+    opened and read with ``open_timeout_s`` as FFmpeg's timeout (when this OpenCV can take it, else a WARNING
+    says FFmpeg's own applies); one that has not answered after :data:`OPEN_WAIT_WARN_S` is named in a WARNING
+    while the open goes on, and one that does not answer in time raises :class:`SourceLost` saying so."""
 
     def __init__(self, spec: SourceSpec, open_timeout_s: float = 10.0, rtsp_transport: str = "tcp"):
         super().__init__(spec)
@@ -443,12 +449,15 @@ class OpenCVSource(Source):
         self._lock = threading.Lock()
         self._index = 0
         self._fps = 0.0
+        self._wait_warned = False   # "no answer yet" said since the last open that succeeded
+        self._unbounded_warned = False
+        self._settings_said: set[tuple[str, Any]] = set()   # (setting, value taken) warned about
 
     def _capture_args(self):
         import cv2
 
         s, o = self.spec, self.spec.options
-        ms = int(self.open_timeout_s * 1000)
+        ms = max(1, round(self.open_timeout_s * 1000))   # whole milliseconds, at least 1
         if s.scheme == "csi":
             if not has_gstreamer():
                 raise InputError(
@@ -466,6 +475,13 @@ class OpenCVSource(Source):
             return (dev, cv2.CAP_V4L2), []
         if s.scheme in ("rtsp", "rtsps"):
             os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", f"rtsp_transport;{self.rtsp_transport}")
+            if not _has_open_timeout():
+                if not self._unbounded_warned:
+                    self._unbounded_warned = True
+                    log.warning("%s: this OpenCV (%s) has no CAP_PROP_OPEN_TIMEOUT_MSEC: source.open_timeout_s "
+                                "cannot be applied, and opening an unreachable camera waits for FFmpeg's own "
+                                "timeout (tens of seconds)", s.safe_uri, cv2.__version__)
+                return (s.target, cv2.CAP_FFMPEG), []
             return (s.target, cv2.CAP_FFMPEG), [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
         # file
         p = Path(s.target)
@@ -477,21 +493,21 @@ class OpenCVSource(Source):
         import cv2
 
         (target, api), params = self._capture_args()
-        cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+        waiting = self._say_waiting() if self.spec.scheme in ("rtsp", "rtsps") else None
+        t0 = time.monotonic()
+        try:
+            cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+        finally:
+            if waiting is not None:
+                waiting.cancel()
         if not cap.isOpened():
             cap.release()
-            raise SourceLost(f"{self.spec.safe_uri}: could not open ({self._why_not()})")
+            raise SourceLost(f"{self.spec.safe_uri}: could not open ({self._why_not(time.monotonic() - t0)})")
+        self._wait_warned = False
         o = self.spec.options
         if self.spec.scheme == "v4l2":
-            if o.get("fourcc"):
-                cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*o["fourcc"]))
-            if o.get("width"):
-                cap.set(cv2.CAP_PROP_FRAME_WIDTH, o["width"])
-            if o.get("height"):
-                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, o["height"])
-            if o.get("fps"):
-                cap.set(cv2.CAP_PROP_FPS, o["fps"])
-            cap.set(cv2.CAP_PROP_BUFFERSIZE, o.get("buffer") or 1)
+            asked = {k: o[k] for k in ("fourcc", "width", "height", "fps") if o.get(k)}
+            self._say_settings(set_v4l2_settings(cap, {**asked, "buffer": o.get("buffer") or 1}))
         self._fps = 0.0  # pacing: only files are paced (cameras pace themselves)
         if self.spec.scheme == "file":
             fps = o.get("fps", 0.0)
@@ -500,11 +516,57 @@ class OpenCVSource(Source):
             self._cap = cap
         self._index = 0
 
-    def _why_not(self) -> str:
+    def _say_settings(self, differ: list[tuple[str, Any, Any]]) -> None:
+        """A WARNING for each camera setting that did not take the value asked (:func:`set_v4l2_settings`),
+        said once per value the camera took: not again at every reconnect."""
+        def shown(v: Any) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        for name, want, took in differ:
+            if (name, took) in self._settings_said:
+                continue
+            self._settings_said.add((name, took))
+            if took is None:
+                log.warning("%s: %s %s asked; the camera does not report the value it took", self.spec.safe_uri,
+                            name, shown(want))
+            else:
+                hint = "" if name == "buffer" else (" (a camera keeps to the formats, sizes and rates it has: "
+                                                    "'v4l2-ctl --list-formats-ext' lists them)")
+                log.warning("%s: %s %s asked, the camera took %s%s", self.spec.safe_uri, name, shown(want),
+                            shown(took), hint)
+
+    def _say_waiting(self) -> threading.Timer | None:
+        """Log that a network camera is being opened (INFO), and start the timer of a WARNING should it still
+        not have answered after :data:`OPEN_WAIT_WARN_S` (at most half the timeout), said once until an open
+        succeeds: not at every reconnect attempt of an outage. The caller cancels the timer."""
+        bound = (f"up to {self.open_timeout_s:g} s (source.open_timeout_s)" if _has_open_timeout()
+                 else "for FFmpeg's own timeout")
+        log.info("%s: opening; waiting %s for the camera to answer", self.spec.safe_uri, bound)
+        if self._wait_warned:
+            return None
+        after = min(OPEN_WAIT_WARN_S, self.open_timeout_s / 2)
+
+        def warn() -> None:
+            self._wait_warned = True
+            log.warning("%s: no answer yet after %g s; waiting %s", self.spec.safe_uri, after, bound)
+
+        timer = threading.Timer(after, warn)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _why_not(self, waited: float = 0.0) -> str:
         s = self.spec
         if s.scheme in ("rtsp", "rtsps"):
-            return (f"no answer from {urlsplit(s.target).hostname}:{urlsplit(s.target).port or 554} within "
-                    f"{self.open_timeout_s:g} s, connection refused, or the stream path/credentials are wrong")
+            where = f"{urlsplit(s.target).hostname}:{urlsplit(s.target).port or 554}"
+            if not _has_open_timeout():   # no bound of ours: a timeout cannot be told from a refusal
+                return (f"no answer from {where} within FFmpeg's own timeout, the connection refused, or the stream "
+                        f"path or credentials are wrong (after {waited:.1f} s)")
+            if waited >= 0.9 * self.open_timeout_s:
+                return (f"no answer from {where} within source.open_timeout_s = {self.open_timeout_s:g} s: the "
+                        "camera is off or unreachable, or the host or port is wrong")
+            return (f"{where} refused or closed the connection after {waited:.1f} s: nothing listens on that "
+                    "port, or the stream path or credentials are wrong")
         if s.scheme == "v4l2":
             return "device busy, unplugged, or the user is not in the 'video' group"
         if s.scheme == "csi":
@@ -543,6 +605,59 @@ class OpenCVSource(Source):
             cap, self._cap = self._cap, None
         if cap is not None:
             cap.release()
+
+
+def _fourcc_text(v: float) -> str:
+    """A FOURCC code as ``cap.get(CAP_PROP_FOURCC)`` gives it (a float), as its four characters."""
+    code = int(v)
+    return "".join(chr((code >> 8 * i) & 0xFF) for i in range(4))
+
+
+# the options of v4l2:// set with cap.set, in the order they are set (the pixel format first: it decides
+# which sizes and rates the camera has), and how a value read back with cap.get compares with the one asked
+_V4L2_SETTINGS: dict[str, tuple[str, Callable[[Any], float], Callable[[float], Any]]] = {
+    # option: (cv2 property, value to set, value read back as the option's)
+    "fourcc": ("CAP_PROP_FOURCC", lambda v: float(sum(ord(c) << 8 * i for i, c in enumerate(v))), _fourcc_text),
+    "width": ("CAP_PROP_FRAME_WIDTH", float, lambda v: int(round(v))),
+    "height": ("CAP_PROP_FRAME_HEIGHT", float, lambda v: int(round(v))),
+    "fps": ("CAP_PROP_FPS", float, lambda v: round(float(v), 2)),
+    "buffer": ("CAP_PROP_BUFFERSIZE", float, lambda v: int(round(v))),
+}
+
+
+def set_v4l2_settings(cap, asked: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Set the camera settings ``asked`` (v4l2:// options: fourcc, width, height, fps, buffer) with
+    ``cap.set``, then read each back with ``cap.get``; the (option, asked, taken) of those the camera did not
+    take as asked. ``taken`` is None where the camera reports nothing (``cap.get`` gives 0 or less). A camera
+    rounds to the modes it has (1920x1080 asked of a 1280x720 camera gives 1280x720, 30 fps of a 29.97 one
+    29.97): the caller warns, nothing fails. An fps is compared at 0.01."""
+    import cv2
+
+    unknown = sorted(set(asked) - set(_V4L2_SETTINGS))
+    if unknown:
+        raise TypeError(f"set_v4l2_settings: unknown setting(s) {', '.join(unknown)}; expected "
+                        f"{', '.join(_V4L2_SETTINGS)}")
+    order = [k for k in _V4L2_SETTINGS if k in asked]
+    for k in order:
+        prop, to_cv, _ = _V4L2_SETTINGS[k]
+        cap.set(getattr(cv2, prop), to_cv(asked[k]))
+    differ = []
+    for k in order:
+        prop, _, from_cv = _V4L2_SETTINGS[k]
+        got = cap.get(getattr(cv2, prop))
+        took = from_cv(got) if got and got > 0 else None
+        want = round(float(asked[k]), 2) if k == "fps" else asked[k]
+        if took != want:
+            differ.append((k, asked[k], took))
+    return differ
+
+
+def _has_open_timeout() -> bool:
+    """Can this OpenCV bound the open and read of an FFmpeg stream (CAP_PROP_OPEN_TIMEOUT_MSEC and
+    CAP_PROP_READ_TIMEOUT_MSEC, given as open params)?"""
+    import cv2
+
+    return hasattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC") and hasattr(cv2, "CAP_PROP_READ_TIMEOUT_MSEC")
 
 
 def _has_ffmpeg() -> bool:
