@@ -534,6 +534,26 @@ def test_image_due_and_one_image_per_interval_whatever_the_callers(tmp_path):
         link.stop(timeout=0)
 
 
+def test_telemetry_carries_images_skipped(tmp_path):
+    """Only the status command's link block said how many event images were skipped: a fleet watching
+    telemetry could not see it. The link adds images_skipped to every telemetry body (the telemetry.path line
+    too), the count stats() gives."""
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{free_port()}", tmp_path, image_min_interval_s=3600,
+                              image_max_bytes=1024, validate_payloads=True))
+    try:
+        assert link.publish_telemetry({"fps": 1.0})["images_skipped"] == 0
+        link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8a")                 # sent
+        link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8b")                 # rate_limited
+        link.publish_event({"score": 0.9}, jpeg=b"\xff" * 2000)               # too_large
+        link.publish_event({"score": 0.9}, image_not_due=True)                 # rate_limited, not encoded
+        body = link.publish_telemetry({"fps": 1.0, "images_skipped": 99})      # the link's count wins
+        assert body["images_skipped"] == link.stats()["images_skipped"] == 3
+        assert json.loads(link._telemetry[-1])["images_skipped"] == 3
+        schema.validate("telemetry", body)
+    finally:
+        link.stop(timeout=0)
+
+
 def _openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 

@@ -479,7 +479,8 @@ class MqttLink:
                         string_problem(event_id) or level_problem(event_id), " and ".join(what), since)
 
     def publish_telemetry(self, payload: Mapping[str, Any]) -> dict:
-        """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state. Returns the
+        """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state and
+        ``images_skipped`` (event images not sent since the link was made, as in :meth:`stats`). Returns the
         body queued (what ``telemetry.path`` writes too)."""
         self._check_open()
         if not isinstance(payload, Mapping):
@@ -491,6 +492,7 @@ class MqttLink:
         if isinstance(body.get("outbox"), Mapping):
             outbox = {**dict(body["outbox"]), **outbox}
         body["outbox"] = outbox
+        body["images_skipped"] = self._counters["images_skipped"]
         data = payloads.encode(body, "telemetry")
         self._maybe_validate("telemetry", body)
         self._telemetry.append(data)
