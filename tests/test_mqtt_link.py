@@ -496,6 +496,64 @@ def test_an_event_never_announces_an_image_the_outbox_would_drop(tmp_path):
         link.stop(timeout=5)
 
 
+def test_image_due_and_one_image_per_interval_whatever_the_callers(tmp_path):
+    """image_due() tells a caller whether an event image would be sent now, so that it encodes one only then;
+    publish_event decides again and records the image it sends in one step under the link's lock. Two events
+    published at once both passed the interval check before either recorded its image: two images within
+    image_min_interval_s."""
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{free_port()}", tmp_path, image_min_interval_s=3600))
+    try:
+        assert link.image_due()
+        both_checked = threading.Barrier(2, timeout=10)
+        fits = link.outbox.image_fits
+
+        def image_fits(*a, **kw):           # both callers between the interval check and the send
+            both_checked.wait()
+            return fits(*a, **kw)
+
+        link.outbox.image_fits = image_fits
+        outcomes = [{}, {}]
+        threads = [threading.Thread(target=link.publish_event, args=({"score": 0.9}, b"\xff\xd8" + bytes([i])),
+                                    kwargs={"image_outcome": outcomes[i]}) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert sorted(bool(o["image"]) for o in outcomes) == [False, True], outcomes
+        assert [o.get("image_skipped") for o in outcomes if not o["image"]] == ["rate_limited"]
+        assert [r.kind for r in link.outbox.fetch_after(0, 10)].count("image") == 1
+        assert not link.image_due()
+        # an event whose image was not encoded because none was due: skipped and counted as a jpeg would be
+        outcome = {}
+        link.publish_event({"score": 0.8}, image_not_due=True, image_outcome=outcome)
+        assert outcome == {"image": None, "image_skipped": "rate_limited"}
+        assert link.stats()["images_skipped"] == 2
+        link.publish_event({"type": "drift"}, image_outcome=(outcome := {}))     # no image at all: nothing said
+        assert outcome == {} and link.stats()["images_skipped"] == 2
+    finally:
+        link.stop(timeout=0)
+
+
+def test_telemetry_carries_images_skipped(tmp_path):
+    """Only the status command's link block said how many event images were skipped: a fleet watching
+    telemetry could not see it. The link adds images_skipped to every telemetry body (the telemetry.path line
+    too), the count stats() gives."""
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{free_port()}", tmp_path, image_min_interval_s=3600,
+                              image_max_bytes=1024, validate_payloads=True))
+    try:
+        assert link.publish_telemetry({"fps": 1.0})["images_skipped"] == 0
+        link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8a")                 # sent
+        link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8b")                 # rate_limited
+        link.publish_event({"score": 0.9}, jpeg=b"\xff" * 2000)               # too_large
+        link.publish_event({"score": 0.9}, image_not_due=True)                 # rate_limited, not encoded
+        body = link.publish_telemetry({"fps": 1.0, "images_skipped": 99})      # the link's count wins
+        assert body["images_skipped"] == link.stats()["images_skipped"] == 3
+        assert json.loads(link._telemetry[-1])["images_skipped"] == 3
+        schema.validate("telemetry", body)
+    finally:
+        link.stop(timeout=0)
+
+
 def _openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 

@@ -956,6 +956,57 @@ def test_drift_flag_and_event_from_ok_scores(tiny_bundle):
     assert rep.drift is None and rep.drift_summary() == {"drift": False, "enabled": False}
 
 
+def _ng_item(seq: int):
+    """An NG decision of a 32x32 frame with its map, as the pipeline hands it to the reporting."""
+    from edge_ad.runtime.records import Decision, ResultItem
+
+    d = Decision(id=f"r{seq}", seq=seq, source_index=seq, ts=time.time(), score=0.9, threshold=0.5, ng=True,
+                 calibration_version=1, model_hash="h", backend="b", precision="fp32", image_size=(32, 32),
+                 stages_ms={}, latency_ms=1.0, batch=1, trigger="t")
+    amap = np.zeros((8, 8), np.float32)
+    amap[2:4, 2:4] = 0.9
+    return ResultItem(d, image=np.full((32, 32, 3), 128, np.uint8), combined=amap)
+
+
+@pytest.mark.parametrize("snapshots", [False, True])
+def test_an_event_image_the_rate_limit_skips_is_never_encoded(tmp_path, monkeypatch, snapshots):
+    """The reporting made the heat-map JPEG of every NG frame, and the link then skipped nearly all of them
+    (image_skipped: rate_limited): on an all-NG line, CPU spent on every frame for nothing. The JPEG made for
+    the event alone is made only when the link says an image is due; the events still say rate_limited, and
+    images_skipped counts them. A snapshot file is made of every NG frame, as before."""
+    from edge_ad import viz
+    from edge_ad.mqtt import MqttLink, MqttSettings
+    from edge_ad.mqtt.broker import free_port
+    from edge_ad.runtime.reporting import Reporter
+
+    encoded = []
+    real = viz.encode_jpeg          # every JPEG ends there (the heat-map overlay's too)
+    monkeypatch.setattr(viz, "encode_jpeg", lambda *a, **kw: encoded.append(1) or real(*a, **kw))
+    link = MqttLink(MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}", site="t", device="d",
+                                 outbox_path=tmp_path / "outbox.sqlite", image_min_interval_s=3600))
+    store = SnapshotStore(tmp_path / "snaps", 100, 10**9, 80) if snapshots else None
+    rep = Reporter(source_name="test", link=link, snapshots=store)
+    try:
+        for seq in range(6):
+            rep.report(_ng_item(seq))
+        rows = link.outbox.fetch_after(0, 100)
+        events = [json.loads(r.payload) for r in rows if r.kind == "event"]
+        assert [e["result_id"] for e in events] == [f"r{i}" for i in range(6)]
+        assert events[0]["image"]["bytes"] > 0 and [r.kind for r in rows].count("image") == 1
+        assert all(e["image"] is None and e["image_skipped"] == "rate_limited" for e in events[1:])
+        assert link.stats()["images_skipped"] == 5
+        assert len(encoded) == (6 if snapshots else 1)
+        if snapshots:
+            assert len(list((tmp_path / "snaps").glob("*.jpg"))) == 6 and all("snapshot" in e for e in events)
+        rep.event_image = False            # no event images: nothing encoded for the events
+        rep.report(_ng_item(6))
+        assert len(encoded) == (7 if snapshots else 1)
+        last = json.loads(link.outbox.fetch_after(rows[-1].id, 100)[-1].payload)
+        assert last["result_id"] == "r6" and "image" not in last and "image_skipped" not in last
+    finally:
+        link.stop(timeout=0)
+
+
 def test_reload_config_and_bundle(tmp_path, tiny_bundle):
     bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
     video, _ = defect_video(tmp_path / "v.avi", n=4, size=96)

@@ -523,6 +523,55 @@ def test_an_opencv_without_the_open_timeout_opens_rtsp_without_it_and_says_so(mo
     assert len(said) == 1 and said[0].startswith(f"rtsp://***@127.0.0.1:{port}/stream: this OpenCV"), said
 
 
+def test_each_rtsp_open_gets_its_own_transport_and_a_users_ffmpeg_options_are_kept(monkeypatch, caplog):
+    """rtsp_transport went into OPENCV_FFMPEG_CAPTURE_OPTIONS with os.environ.setdefault: the first open of
+    the process set it for good, and a later open with another transport (a second camera, a reopen after a
+    reload) got the first one's. Each open now sets its own, under a lock, and removes it after; a value the
+    user set in the environment is used as it is, and said once."""
+    import cv2
+
+    from edge_ad.runtime import sources
+
+    seen = []
+    env = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+
+    def capture(target, *args):       # what FFmpeg would read at this open, and whether another open could run
+        lock = getattr(sources, "_ffmpeg_env_lock", None)
+        seen.append((target, os.environ.get(env), lock is not None and lock.locked()))
+        return _FakeCapture()
+
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    monkeypatch.setenv(env, "x")    # (restored after the test)
+    monkeypatch.delenv(env)
+    tcp = open_source("rtsp://admin:pw@cam1/s", rtsp_transport="tcp")
+    udp = open_source("rtsp://cam2/s", rtsp_transport="udp")
+    for src in (tcp, udp, tcp):
+        src.open()
+        src.close()
+    assert seen == [("rtsp://admin:pw@cam1/s", "rtsp_transport;tcp", True),
+                    ("rtsp://cam2/s", "rtsp_transport;udp", True), ("rtsp://admin:pw@cam1/s", "rtsp_transport;tcp", True)]
+    assert env not in os.environ       # nothing left for the next open (a video file's)
+    # the user's own options: used as they are, for every open, and said once per value and transport
+    seen.clear()
+    monkeypatch.setenv(env, "rtsp_transport;udp|headers;Authorization: Basic c2VjcmV0")
+    with caplog.at_level("INFO", logger="edge_ad.runtime.sources"):
+        for src in (tcp, tcp, udp, udp):
+            src.open()
+            src.close()
+    user = "rtsp_transport;udp|headers;Authorization: Basic c2VjcmV0"
+    assert [v for _, v, _ in seen] == [user] * 4
+    assert os.environ[env] == user
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if env in r.getMessage()]
+    assert said == [
+        ("WARNING", "rtsp://***@cam1/s: OPENCV_FFMPEG_CAPTURE_OPTIONS is set in the environment (options: "
+                    "rtsp_transport=udp, headers): FFmpeg opens the camera with it, not with source.rtsp_transport = "
+                    "tcp (FFmpeg's default transport applies unless it names one; unset the variable, or put "
+                    "rtsp_transport;tcp in it)"),
+        ("INFO", "rtsp://cam2/s: OPENCV_FFMPEG_CAPTURE_OPTIONS is set in the environment (options: "
+                 "rtsp_transport=udp, headers): FFmpeg opens the camera with it")]
+    assert "c2VjcmV0" not in caplog.text
+
+
 class _StallingSource(Source):
     """A camera that delivers two frames, then blocks in read() until released."""
 

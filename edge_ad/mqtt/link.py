@@ -394,12 +394,14 @@ class MqttLink:
         return self._store("result", self.topics.result, payload)
 
     def publish_event(self, payload: Mapping[str, Any], jpeg: bytes | None = None,
-                      image_outcome: dict | None = None) -> str:
+                      image_outcome: dict | None = None, image_not_due: bool = False) -> str:
         """Store an NG event (QoS 1 on ``event``); returns its id (``id`` kept if given). ``jpeg`` (encoded image
         bytes) follows on ``event/image`` (with ``image_topic_event_id``: ``event/image/<event id>``, or
         ``event/image/sha256-...`` for an id that cannot be one topic level: :func:`~.topics.image_level`) at
         most once per ``image_min_interval_s``; the event says whether it was sent (``image``, with its topic) or
-        why not (``image_skipped``), and so does ``image_outcome`` when given (a dict that receives those fields)."""
+        why not (``image_skipped``), and so does ``image_outcome`` when given (a dict that receives those fields).
+        ``image_not_due`` (with no ``jpeg``): the event had an image, not encoded because :meth:`image_due` said
+        no; it is skipped as a ``jpeg`` given now would have been (``rate_limited``, counted)."""
         extra: dict[str, Any] = {}
         image = None
         event_id = None
@@ -409,24 +411,25 @@ class MqttLink:
             image_topic = self.topics.event_image_of(event_id)
         if jpeg is not None and isinstance(payload, Mapping) and payload.get("id"):
             self._odd_event_id(str(payload["id"]), image_topic)
+        skipped = "rate_limited" if image_not_due and jpeg is None else None
         if jpeg is not None:
             data = bytes(jpeg)
-            now = time.monotonic()
             if len(data) > self.settings.image_max_bytes or self._too_large(image_topic, len(data)):
-                extra = {"image": None, "image_skipped": "too_large"}
-                self._counters["images_skipped"] += 1
-            elif now - self._last_image < self.settings.image_min_interval_s:
-                extra = {"image": None, "image_skipped": "rate_limited"}
-                self._counters["images_skipped"] += 1
+                skipped = "too_large"
+            elif not self._image_slot(take=False):
+                skipped = "rate_limited"
             elif not self.outbox.image_fits(len(data), 1, len(payloads.encode(dict(payload), "event")) + 1024):
-                # the outbox would drop the image itself: say so in the event instead of announcing it
-                extra = {"image": None, "image_skipped": "outbox_full"}
-                self._counters["images_skipped"] += 1
+                skipped = "outbox_full"   # the outbox would drop the image itself: the event says so instead
+            elif not self._image_slot(take=True):
+                skipped = "rate_limited"  # another event's image was sent since the look above
             else:
-                self._last_image = now
                 image = data
                 extra = {"image": {"topic": image_topic, "bytes": len(data),
                                    "sha256": hashlib.sha256(data).hexdigest(), "content_type": "image/jpeg"}}
+        if skipped is not None:
+            extra = {"image": None, "image_skipped": skipped}
+            with self._lock:
+                self._counters["images_skipped"] += 1
         fields = {"type": "ng", **dict(payload), **extra} if isinstance(payload, Mapping) else payload
         if event_id is not None:
             fields["id"] = event_id
@@ -437,6 +440,27 @@ class MqttLink:
             self.outbox.put("image", image_topic, image, msg_id=event_id, meta={"event_id": event_id})
             self._wake.set()
         return event_id
+
+    def image_due(self) -> bool:
+        """Would an event image given to :meth:`publish_event` now be sent as far as ``image_min_interval_s``
+        goes? A caller that encodes a JPEG for the event alone asks first and encodes only then (else it
+        passes ``image_not_due=True``: the event still says ``rate_limited``). A look, not a reservation:
+        :meth:`publish_event` decides again and records the image it sends in one step under the lock, so
+        callers told True at the same time still send one image per interval (the others' events say
+        ``rate_limited``), and an image that is not sent after all (too large, outbox full) leaves the
+        interval to the next one. Too large and outbox full are only known with the image."""
+        return self._image_slot(take=False)
+
+    def _image_slot(self, take: bool) -> bool:
+        """Has ``image_min_interval_s`` passed since the last event image sent? With ``take``, and it has: this
+        image is the one sent (its time recorded). The decision and its record in one place, under the lock."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_image < self.settings.image_min_interval_s:
+                return False
+            if take:
+                self._last_image = now
+            return True
 
     def _odd_event_id(self, event_id: str, image_topic: str) -> None:
         """A caller's event id that cannot name its image as is: not one topic level (``image_topic_event_id``:
@@ -455,7 +479,8 @@ class MqttLink:
                         string_problem(event_id) or level_problem(event_id), " and ".join(what), since)
 
     def publish_telemetry(self, payload: Mapping[str, Any]) -> dict:
-        """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state. Returns the
+        """Queue telemetry (QoS 0, not stored; dropped while disconnected). Adds the outbox state and
+        ``images_skipped`` (event images not sent since the link was made, as in :meth:`stats`). Returns the
         body queued (what ``telemetry.path`` writes too)."""
         self._check_open()
         if not isinstance(payload, Mapping):
@@ -467,6 +492,7 @@ class MqttLink:
         if isinstance(body.get("outbox"), Mapping):
             outbox = {**dict(body["outbox"]), **outbox}
         body["outbox"] = outbox
+        body["images_skipped"] = self._counters["images_skipped"]
         data = payloads.encode(body, "telemetry")
         self._maybe_validate("telemetry", body)
         self._telemetry.append(data)

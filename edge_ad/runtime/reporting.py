@@ -188,16 +188,17 @@ class Reporter:
         rec["source"] = self.source_name
         req = item.request
         want_snapshot = item.image is not None and (d.ng or (req is not None and req.snapshot))
+        label = f"{'NG' if d.ng else 'OK'} {d.score:.3f} / {d.threshold:.3f}"
         jpeg = None
-        if want_snapshot and (self.snapshots is not None or self.link is not None):
+        encoded = False     # tried (a failure is counted once)
+        if want_snapshot and self.snapshots is not None:
             try:
-                label = f"{'NG' if d.ng else 'OK'} {d.score:.3f} / {d.threshold:.3f}"
+                encoded = True
                 jpeg = self._jpeg(item, label, full)
-                if self.snapshots is not None:
-                    stamp = _dt.datetime.fromtimestamp(d.ts, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S_%f")[:-3]
-                    name = f"{stamp}_{d.seq:08d}_{'NG' if d.ng else 'OK'}.jpg"
-                    rec["snapshot"] = str(self.snapshots.save(name, jpeg))
-                    self._output_ok("snapshots")
+                stamp = _dt.datetime.fromtimestamp(d.ts, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S_%f")[:-3]
+                name = f"{stamp}_{d.seq:08d}_{'NG' if d.ng else 'OK'}.jpg"
+                rec["snapshot"] = str(self.snapshots.save(name, jpeg))
+                self._output_ok("snapshots")
             except Exception as exc:  # a full disk must not stop inspection; the decision still goes out
                 self._output_failed("snapshots", d.seq, exc)
         if req is not None and req.note:
@@ -219,9 +220,21 @@ class Reporter:
                 if k in rec:
                     ev[k] = rec[k]
             self.events += 1
-            image = jpeg if (self.event_image or publish_snapshot) else None
+            with_image = want_snapshot and (self.event_image or publish_snapshot)
+            not_due = False
+            if with_image and not encoded:
+                # made for the event alone: only when the link would send it (a JPEG per NG frame of an all-NG
+                # line, nearly all of them rate-limited, was CPU spent for nothing)
+                not_due = not self.link.image_due()
+                if not not_due:
+                    try:
+                        jpeg = self._jpeg(item, label, full)
+                    except Exception as exc:  # the event still goes out, without its image
+                        self._output_failed("snapshots", d.seq, exc)
+            image = jpeg if with_image else None
             outcome = req.image if publish_snapshot else None
-            self._write("outbox", d.seq, lambda: self.link.publish_event(ev, jpeg=image, image_outcome=outcome))
+            self._write("outbox", d.seq, lambda: self.link.publish_event(ev, jpeg=image, image_outcome=outcome,
+                                                                         image_not_due=not_due))
         self._update_drift(d.score, d.ng)
         if self.health is not None:
             self.health.record(ng=d.ng)

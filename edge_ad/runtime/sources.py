@@ -31,6 +31,7 @@ not an outage to wait out. Later failures (a looping file removed while running)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -433,13 +434,54 @@ def csi_pipeline(sensor: int, width: int, height: int, fps: int, flip: int = 0, 
 
 
 OPEN_WAIT_WARN_S = 2.0   # a network camera that has not answered after this long is named in a WARNING
+FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"   # OpenCV's FFmpeg backend reads it at each open
+_ffmpeg_env_lock = threading.Lock()     # held from setting the variable to the end of the open it is for
+_ffmpeg_env_said: set[tuple[str, str]] = set()   # (the environment's value, the source's transport) said
+
+
+def _option_names(options: str) -> dict[str, str]:
+    """``key;value|key;value`` (OpenCV's form; ``key value`` also) as a dict, to name the options in a log
+    line without their values (a header option can hold a credential)."""
+    pairs = [p.strip() for p in options.split("|") if p.strip()]
+    return dict((p.split(";", 1) if ";" in p else (p.split(None, 1) + [""])[:2]) for p in pairs)
+
+
+@contextlib.contextmanager
+def _ffmpeg_options(transport: str, where: str):
+    """Open a network camera (``where``) with its ``rtsp_transport`` in OPENCV_FFMPEG_CAPTURE_OPTIONS, which
+    OpenCV reads from the process environment when a capture opens: set for this open alone and removed after
+    it, under a lock, so that each open (another camera, a reopen with other settings) gets its own and no other
+    open sees them. A value the user put in the environment is used as it is, said once per value and transport
+    (INFO when it asks for the same transport, else a WARNING that ``source.rtsp_transport`` is not applied)."""
+    with _ffmpeg_env_lock:
+        user = os.environ.get(FFMPEG_OPTIONS_ENV)
+        if user is None:
+            os.environ[FFMPEG_OPTIONS_ENV] = f"rtsp_transport;{transport}"
+            try:
+                yield
+            finally:
+                os.environ.pop(FFMPEG_OPTIONS_ENV, None)
+            return
+        if (user, transport) not in _ffmpeg_env_said:
+            _ffmpeg_env_said.add((user, transport))
+            names = _option_names(user)
+            theirs = names.get("rtsp_transport")
+            shown = ", ".join(f"rtsp_transport={theirs}" if k == "rtsp_transport" else k for k in names) or "none"
+            same = theirs is not None and theirs.strip().lower() == transport
+            log.log(logging.INFO if same else logging.WARNING,
+                    "%s: %s is set in the environment (options: %s): FFmpeg opens the camera with it%s", where,
+                    FFMPEG_OPTIONS_ENV, shown, "" if same else
+                    f", not with source.rtsp_transport = {transport} (FFmpeg's default transport applies unless it "
+                    f"names one; unset the variable, or put rtsp_transport;{transport} in it)")
+        yield
 
 
 class OpenCVSource(Source):
     """v4l2, csi, rtsp and file sources through ``cv2.VideoCapture``. A network camera (rtsp://, rtsps://) is
     opened and read with ``open_timeout_s`` as FFmpeg's timeout (when this OpenCV can take it, else a WARNING
     says FFmpeg's own applies); one that has not answered after :data:`OPEN_WAIT_WARN_S` is named in a WARNING
-    while the open goes on, and one that does not answer in time raises :class:`SourceLost` saying so."""
+    while the open goes on, and one that does not answer in time raises :class:`SourceLost` saying so. Its
+    ``rtsp_transport`` is given to FFmpeg at each open (:func:`_ffmpeg_options`)."""
 
     def __init__(self, spec: SourceSpec, open_timeout_s: float = 10.0, rtsp_transport: str = "tcp"):
         super().__init__(spec)
@@ -474,7 +516,6 @@ class OpenCVSource(Source):
                 raise SourceLost(f"{s.safe_uri}: {dev} does not exist (camera unplugged?)")
             return (dev, cv2.CAP_V4L2), []
         if s.scheme in ("rtsp", "rtsps"):
-            os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", f"rtsp_transport;{self.rtsp_transport}")
             if not _has_open_timeout():
                 if not self._unbounded_warned:
                     self._unbounded_warned = True
@@ -493,13 +534,15 @@ class OpenCVSource(Source):
         import cv2
 
         (target, api), params = self._capture_args()
-        waiting = self._say_waiting() if self.spec.scheme in ("rtsp", "rtsps") else None
-        t0 = time.monotonic()
-        try:
-            cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
-        finally:
-            if waiting is not None:
-                waiting.cancel()
+        network = self.spec.scheme in ("rtsp", "rtsps")
+        with _ffmpeg_options(self.rtsp_transport, self.spec.safe_uri) if network else contextlib.nullcontext():
+            waiting = self._say_waiting() if network else None    # (from here: not the wait for another open)
+            t0 = time.monotonic()
+            try:
+                cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+            finally:
+                if waiting is not None:
+                    waiting.cancel()
         if not cap.isOpened():
             cap.release()
             raise SourceLost(f"{self.spec.safe_uri}: could not open ({self._why_not(time.monotonic() - t0)})")
