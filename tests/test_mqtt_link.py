@@ -770,6 +770,12 @@ def _drop_events(col: Collector) -> list[dict]:
     return [m.json() for m in col.of_kind("event") if m.json().get("type") == "output_error"]
 
 
+def _dropped_seqs(events: list[dict], kind: str) -> list[int]:
+    """The seq of each ``kind`` the output_error ``events`` name as dropped (their ``dropped.<kind>.seq`` ranges)."""
+    return [seq for ev in events for a, b in ev.get("dropped", {}).get(kind, {}).get("seq", [])
+            for seq in range(a, b + 1)]
+
+
 def _dropped_named(col: Collector) -> set[str]:
     """The ids of the messages the output_error events received so far name as dropped."""
     return {i for ev in _drop_events(col) for i in ev.get("message_ids", [])}
@@ -799,6 +805,9 @@ def test_every_message_dropped_as_too_large_is_named_by_an_output_error_event(mo
     events = _drop_events(col)
     assert 2 <= len(events) <= 4, [len(e["message_ids"]) for e in events]     # ~700 bytes + 39 per id in 2000
     assert sum(e["failed"] for e in events) == 40 and [i for e in events for i in e["message_ids"]] == big
+    # by seq too (results 1..40, one range per event): a monitor counts them as dropped, not missing
+    assert _dropped_seqs(events, "result") == list(range(1, 41))
+    assert events[0]["dropped"]["result"]["first_id"] == big[0]
     for ev in events:
         schema.validate("event", ev)
         assert ev["failed"] == len(ev["message_ids"]) and ev["kind"] == "result" and ev["max_packet_size"] == 2000
@@ -836,6 +845,26 @@ def test_the_events_for_dropped_messages_fit_the_brokers_limit_and_keep_their_or
     assert events[0]["message_id"] == "0" * 36 and events[0]["failed_total"] == 3
     assert "and 2 more message(s) for the same reason" in events[0]["error"]
     for ev in events:
+        schema.validate("event", ev)
+
+
+def test_the_events_for_dropped_messages_list_every_seq(tmp_path):
+    """Drops named by seq ranges (dropped.<kind>.seq) list 20 ranges per kind at most: scattered drops (every
+    other result too large) are split over as many events as that takes, so none is only counted (seq_more) and
+    a monitor can match every one to its gap."""
+    link = MqttLink(_settings("mqtt://127.0.0.1:1", tmp_path))
+    try:
+        drops = [{"reason": "too_large", "kind": kind, "message_id": f"{kind}{seq}", "seq": seq, "topic": "t",
+                  "bytes": 3000, "max_packet_size": 2000, "error": "...", "dropped_total": 1}
+                 for seq in range(2, 122, 2) for kind in ("result", "event")]
+        link._announce_drops(drops)
+        events = [json.loads(r.payload) for r in link.outbox.fetch_after(0, 100)]
+    finally:
+        link.stop()
+    assert len(events) == 3 and [len(e["message_ids"]) for e in events] == [40, 40, 40]
+    assert _dropped_seqs(events, "result") == _dropped_seqs(events, "event") == list(range(2, 122, 2))
+    for ev in events:
+        assert all(len(k["seq"]) <= 20 and "seq_more" not in k for k in ev["dropped"].values())
         schema.validate("event", ev)
 
 
@@ -914,6 +943,8 @@ def test_a_message_the_broker_refuses_for_good_is_dropped_counted_and_named(mosq
     assert st["rejected"] == 3 and st["disconnects"] == 0 and st["retry_waiting"] == 0 and not col.of_kind("result")
     events = _drop_events(col)
     assert [i for e in events for i in e["message_ids"]] == ids
+    # named by seq too, as a full outbox's drops are, so a monitor counts the gap as dropped, not missing
+    assert _dropped_seqs(events, "result") == [1, 2, 3]
     ev = events[0]
     assert ev["output"] == "mqtt" and ev["reason"] == "rejected" and ev["reason_code"] == 0x87
     assert ev["kind"] == "result" and ev["message_id"] == ids[0] and ev["topic"] == "edge-ad/v1/t/d1/result"

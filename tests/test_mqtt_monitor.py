@@ -333,6 +333,41 @@ def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
     assert (last["results_dropped"], last["results_missing"]) == (20, 0), last
 
 
+def test_run_monitor_counts_messages_too_large_for_the_broker_as_dropped(mosquitto_factory, tmp_path):
+    """Live: a result and an event over the broker's max_packet_size are dropped by the device (too_large). Their
+    output_error event named them by id only, so the monitor counted their seq gaps as MISSING and warned about
+    an unexplained loss; the event now names their seq ranges (dropped.<kind>.seq): DROPPED, not MISSING (the
+    gap arrives before the announcement: counted missing meanwhile, then moved)."""
+    broker = mosquitto_factory(extra_config="max_packet_size 2000")
+    out, stop = io.StringIO(), threading.Event()
+    lines = lambda: [json.loads(x) for x in out.getvalue().splitlines() if '"device"' in x]   # noqa: E731
+    watch = threading.Thread(target=run_monitor, args=(BrokerSettings(url=broker.url),), daemon=True,
+                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop})
+    watch.start()
+    link = None
+    try:
+        link = _link(broker.url, tmp_path, "cam1")
+        link.publish_result({"score": 0.1, "ng": False})
+        link.publish_event({"score": 0.9})
+        assert _wait(lambda: lines() and lines()[-1]["results"] == 1 and lines()[-1]["events"] == 1), lines()
+        assert link.stats()["max_packet_size"] == 2000
+        big = "n" * 3000
+        link.publish_result({"score": 0.2, "ng": False, "note": big})      # seq 2: dropped, too_large
+        link.publish_event({"score": 0.9, "note": big})                     # event seq 2: the same
+        link.publish_result({"score": 0.3, "ng": False})
+        link.publish_event({"score": 0.9})
+        assert _wait(lambda: (lines()[-1]["results_dropped"], lines()[-1]["events_dropped"]) == (1, 1)
+                     and lines()[-1]["last_result"]["seq"] == 3), lines()[-1]
+    finally:
+        if link is not None:
+            link.stop()
+        stop.set()
+        watch.join(5)
+    last = lines()[-1]
+    assert (last["results_missing"], last["events_missing"]) == (0, 0), last
+    assert link.stats()["outbox_dropped_by"]["too_large"] == 2
+
+
 def _drop_event(view, dev, seq, reason="full", **dropped):
     """An output_error event naming dropped results / events by seq range (``result=[[a, b]], event=...``)."""
     kinds = {k: {"count": sum(b - a + 1 for a, b in r), "first_id": "x", "last_id": "y", "seq": r}

@@ -16,13 +16,14 @@ flagged: ``clock_offset_s``, ``clock_skew``, the table's ``CLOCK`` and a WARNING
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device. The messages the
 device itself dropped and announced (``output_error`` events whose ``dropped`` names their ``seq`` ranges:
-a full outbox) are counted as dropped (``results_dropped``, ``events_dropped``; the table's ``DROPPED``),
-whichever comes first, the gap or the announcement; the rest as missing (``results_missing``,
-``events_missing``, ``last_gap``; the table's ``MISSING``), logged as a WARNING: unexplained, such as
-messages the broker dropped on the way to this monitor (Mosquitto's ``max_queued_messages``), or drops
-announced by id only (``too_large``, ``rejected``: ``message_ids``, no ``seq``). Repeats (at-least-once delivery) are not gaps, a late message fills its gap again,
-and a new outbox (the birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own
-reconnect (what was published meanwhile never reached it) starts counting afresh.
+a full outbox, a message too large for the broker or refused by it) are counted as dropped
+(``results_dropped``, ``events_dropped``; the table's ``DROPPED``), whichever comes first, the gap or the
+announcement; the rest as missing (``results_missing``, ``events_missing``, ``last_gap``; the table's
+``MISSING``), logged as a WARNING: unexplained, such as messages the broker dropped on the way to this
+monitor (Mosquitto's ``max_queued_messages``), or drops an older device announced by id only (``too_large``,
+``rejected``: ``message_ids``, no ``dropped``). Repeats (at-least-once delivery) are not gaps, a late message
+fills its gap again, and a new outbox (the birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the
+monitor's own reconnect (what was published meanwhile never reached it) starts counting afresh.
 """
 
 from __future__ import annotations
@@ -303,8 +304,8 @@ class FleetView:
             log.warning("monitor: %s/%s: %s seq %d..%d never arrived, %d of them not announced by the device (%d "
                         "missing since the last report, %d results and %d events in all): lost between the device "
                         "and this monitor, e.g. by the broker (Mosquitto's max_queued_messages: see docs/mqtt.md, "
-                        "'The broker'), or dropped by the device and named by id only (too_large, rejected) or in an "
-                        "output_error event that did not reach this monitor",
+                        "'The broker'), or dropped by the device and announced in an output_error event that did not "
+                        "reach this monitor (or named by id only, by an older device)",
                         row.site, row.device, kind, last + 1, seq - 1, missing, since, row.results_missing,
                         row.events_missing)
 
