@@ -890,6 +890,27 @@ def test_drops_held_back_from_the_log_are_logged_and_announced_at_the_stop(mosqu
     assert "4 in all" in logged[1]
 
 
+def test_telemetry_over_the_packet_size_held_back_from_the_log_is_told_at_the_stop(mosquitto_factory, tmp_path,
+                                                                                    caplog):
+    """A message not stored in the outbox (here telemetry) over the broker's announced limit is not sent, with an
+    ERROR at most once a minute per topic: the ones after the first within the minute were never logged when the
+    run stopped first. The stop logs them ('N more')."""
+    broker = mosquitto_factory(extra_config=SMALL_PACKETS)
+    with caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(broker.url, tmp_path)).start()
+        try:
+            assert _wait(lambda: link.stats()["max_packet_size"] == 2000, 10)
+            for _ in range(3):
+                link.publish_telemetry({"note": "n" * 3000})
+            assert _wait(lambda: link.stats()["telemetry_dropped"] == 3, 10)
+        finally:
+            link.stop()
+    logged = [r.getMessage() for r in caplog.records if "edge-ad/v1/t/d1/telemetry" in r.getMessage()]
+    assert len(logged) == 2 and "not sent: larger than the broker's maximum packet size" in logged[0], logged
+    assert logged[1] == ("mqtt: 2 more message(s) on edge-ad/v1/t/d1/telemetry not sent since the last report: "
+                         "larger than the broker's maximum packet size (2000 bytes)")
+
+
 def test_the_results_a_full_outbox_dropped_are_named_so_a_consumer_knows_which_are_lost(mosquitto, tmp_path):
     """A device offline long enough fills its outbox, which drops its oldest results: they were counted, and a
     consumer saw a gap in seq, but nothing said which results were lost rather than late. An output_error
@@ -981,7 +1002,9 @@ def test_a_reply_or_retained_message_the_broker_refuses_is_logged_and_counted(mo
     assert result and [m.topic for m in col.messages] == ["fleet/allowed/r3"]
     assert st["rejected"] == 0 and st["disconnects"] == 0 and st["outbox_dropped"] == 0
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 2, errors                          # the second refused reply: within the minute
+    assert len(errors) == 3, errors                          # the second refused reply: within the minute ...
+    assert errors[2] == ("mqtt: the broker refused 1 more command reply(ies) since the last report, 2 in all "
+                         "(replies_rejected); their requesters get no reply")     # ... so told at the stop
     reply = next(e for e in errors if "reply" in e)
     assert reply.startswith("mqtt: the broker refused the reply to command status on 'fleet/denied/r1': Not "
                             "authorized (reason code 0x87); its requester gets no reply")

@@ -348,6 +348,7 @@ class MqttLink:
             self._out.report_drops(final=True)
         with self._lock:
             self._stopped = True
+        self._log_held(final=True)
         self.outbox.close()
         log.info("mqtt: stopped (%d messages left in the outbox)", self.outbox.depth)
 
@@ -816,6 +817,26 @@ class MqttLink:
                           "took (let this device publish to it in the broker's ACL); %d such since the last report",
                           retained, why, since)
 
+    def _log_held(self, final: bool = False) -> None:
+        """Log what the once-a-minute lines of messages not sent or refused held back (the replies and retained
+        messages the broker refused, those over its maximum packet size, the events whose id cannot name their
+        image), one line per count ("N more since the last report"), once that minute is over (``final``: at
+        once, at the stop): without it, a count no later occurrence reported was never logged. Called on every
+        pass of the sender thread and by :meth:`stop`."""
+        for topic, n in self._oversize_log.flush(force=final).items():
+            log.error("mqtt: %d more message(s) on %s not sent since the last report: larger than the broker's maximum "
+                      "packet size (%s bytes)", n, topic, self._out.max_packet)
+        for key, n in self._refused_log.flush(force=final).items():
+            if key == "reply":
+                log.error("mqtt: the broker refused %d more command reply(ies) since the last report, %d in all "
+                          "(replies_rejected); their requesters get no reply", n, self._counters["replies_rejected"])
+            else:
+                log.error("mqtt: the broker refused the retained message on %s %d more time(s) since the last report",
+                          key, n)
+        for n in self._id_log.flush(force=final).values():
+            log.warning("mqtt: %d more event(s) since the last report whose id cannot name its image as is (the "
+                        "event's image.topic names the topic)", n)
+
     def _on_message(self, client, userdata, message) -> None:
         try:   # paho's network thread dies with an exception from here, and with it every delivery
             self._take_command(client, message)
@@ -973,6 +994,7 @@ class MqttLink:
                     return
                 # the drops of the last pass (batched; at once while stopping, so stop() can send them)
                 self._out.report_drops(now=self._stopping)
+                self._log_held()
                 client = self._client
                 if client is None:
                     continue
