@@ -727,6 +727,66 @@ def test_decommission_drops_the_session_its_status_names_and_asks_for_force_when
         pub.loop_stop()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_decommission_fails_naming_what_the_brokers_acl_keeps_and_clears_the_status_last(mosquitto_factory, tmp_path,
+                                                                                         protocol):
+    """A broker ACL that denies the decommissioning login writes to some of the device's retained topics (v5: PUBACK
+    0x87; 3.1.1: acknowledged and dropped): the run cleared the status anyway (the device lost its last status
+    while its calibration and discovery configs stayed) and blamed an ACL that 'may' refuse. It exits 1, names
+    each topic still held and why (the reason code under v5), what was cleared, and clears the status only once
+    everything else is: a refusal leaves the device's last status as it was; the session is not dropped."""
+    from edge_ad.mqtt.decommission import read_retained
+    from edge_ad.mqtt.link import retained_topics
+
+    acl = tmp_path / "acl"
+    reads = "topic read edge-ad/#\ntopic read homeassistant/#\ntopic readwrite edge-ad/decommission/#\n"
+    acl.write_text("user dev\ntopic readwrite edge-ad/#\ntopic readwrite homeassistant/#\n\n"
+                   f"user admin\n{reads}topic write {B}/p1/cam1/status\n\n"       # not the calibration, HA configs
+                   f"user ops\n{reads}topic write {B}/p1/cam1/calibration\ntopic write homeassistant/#\n\n"  # no status
+                   "user blind\ntopic readwrite edge-ad/decommission/#\ntopic write edge-ad/#\n")   # reads nothing
+    broker = mosquitto_factory(extra_config=f"acl_file {acl}")
+    s = MqttSettings(url=broker.url, site="p1", device="cam1", outbox_path=tmp_path / "cam1.sqlite",
+                     reconnect_min_s=0.1, homeassistant=True, protocol=protocol, username="dev")
+    link = MqttLink(s).start()
+    assert _wait(lambda: link.connected)
+    link.publish_calibration({"version": 2, "threshold": 0.5})
+    link.stop()
+    admin = BrokerSettings(url=broker.url, protocol=protocol, username="admin")
+    topics = retained_topics(s)
+    status = f"{B}/p1/cam1/status"
+    assert _wait(lambda: set(read_retained(admin, topics)) == set(topics))
+    held = read_retained(admin, topics)
+
+    def decommission(user):
+        return CliRunner().invoke(main, ["decommission", "--mqtt", broker.url, "--protocol", protocol, "--site", "p1",
+                                         "--device", "cam1", "--username", user, "--timeout", "5"])
+
+    res = decommission("admin")
+    assert res.exit_code == 1, res.output
+    denied = [t for t in topics if t != status]
+    why = ("(the broker refused the clear: Not authorized, reason code 0x87)" if protocol == "5" else
+           "(the broker acknowledged the clear and dropped it: MQTT 3.1.1 cannot say why, most often its ACL)")
+    assert f"still holds {len(denied)} retained message(s) of p1/cam1 after decommission cleared them: " \
+           f"{', '.join(sorted(denied))} {why}" in res.output, res.output
+    assert "must let this login ('admin') publish to them" in res.output
+    assert f"Cleared: none; its status {status} is cleared last, so it was left as it was" in res.output
+    assert "the session was not dropped" in res.output
+    assert read_retained(admin, topics) == held                      # nothing changed: the status is still there
+
+    res = decommission("ops")                                        # may clear all but the status
+    assert res.exit_code == 1, res.output
+    assert f"still holds 1 retained message(s) of p1/cam1 after decommission cleared them: {status} (" in res.output
+    assert f"Cleared: {', '.join(denied)}; the session was not dropped" in res.output, res.output
+    assert read_retained(admin, topics) == {status: held[status]}
+    assert json.loads(held[status])["state"] == "offline"
+    # a login that may not read the device's topics sees none (Mosquitto grants the subscription, delivers
+    # nothing): it cannot check the device is stopped, nor the clears, and says so
+    res = decommission("blind")
+    assert res.exit_code == 0, res.output
+    assert "warning: the broker holds no retained message of p1/cam1 that this login can read" in res.stderr
+    assert "it was not checked to be stopped, nor were the clears checked" in res.stderr
+
+
 def test_decommission_names_the_option_and_its_value_before_connecting():
     """'--device' with U+0085 said "mqtt.device = 'd\x85': Value error, 'd' is not a topic-safe name": the
     config field, not the option, and not the value given. Each option is checked by the device config's rule,
