@@ -7,7 +7,8 @@ What :meth:`LogLimiter.hit` holds back is reported by a later hit after the inte
 
 Used for failed output writes (:mod:`edge_ad.runtime.reporting`), messages the full outbox drops
 (:mod:`edge_ad.mqtt.outbox`), acknowledged messages it cannot delete and messages too large for the broker
-(:mod:`edge_ad.mqtt.sender`).
+(:mod:`edge_ad.mqtt.sender`), and the messages the link does not send or the broker refuses
+(:mod:`edge_ad.mqtt.link`); each flushes what is held at its clean stop, so the log counts every one.
 """
 
 from __future__ import annotations

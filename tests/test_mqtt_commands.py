@@ -192,6 +192,61 @@ def test_a_number_that_is_not_a_finite_double_is_refused_at_parse_naming_its_fie
     assert f"signed payload field '{field}' is {shown}" in r.body["error"]["message"], r.body
 
 
+SURROGATES = [   # (raw payload, what the refusal names); the escape stays as text in the JSON bytes
+    (b'{"command": "inspect", "threshold": "\\ud800"}', "field 'threshold'"),
+    (b'{"threshold": "\\ud800", "n": NaN}', "field 'threshold'"),        # the first in the payload: not the NaN
+    (b'{"part_id": "ok", "extra": [1, {"deep": "a\\udc00b"}]}', "field 'extra/1/deep'"),
+    (b'{"\\ud800": 1}', "field name '\\ud800'"),
+    (b'{"threshold": 0.5, "correlation_id": "\\ud800"}', "field 'correlation_id'"),
+    (b'{"threshold": 0.5, "client_id": "x\\udfff"}', "field 'client_id'"),
+    (b'{"signed": "\\ud800", "hmac-sha256": "00"}', "field 'signed'"),
+    (b'"\\ud800"', "payload is a JSON string"),
+]
+
+
+@pytest.mark.parametrize("raw, names", SURROGATES, ids=["threshold", "before-nan", "nested", "key", "correlation_id",
+                                                        "client_id", "signed", "whole"])
+def test_a_lone_surrogate_is_refused_naming_its_field(raw, names, caplog):
+    """A lone surrogate escape anywhere in a command payload was refused as 'payload is not a JSON object (payload
+    holds a lone surrogate ...)', naming no field (and a NaN after it was named instead). The refusal names the
+    field and says it is not valid Unicode; the reply and the log line are valid UTF-8."""
+    seen = []
+    d = _dispatcher()
+    d.register("set_threshold", seen.append)
+    with caplog.at_level("WARNING"):
+        body = _check_reply(d.handle(_msg("set_threshold", raw=raw, response_topic="r/t")))
+    msg = body["error"]["message"]
+    assert body["error"]["code"] == "malformed" and seen == [], body
+    assert names in msg and "not valid Unicode" in msg and "NaN" not in msg, msg
+    assert "lone surrogate escape (\\ud" in msg, msg
+    assert "not a JSON object" not in msg or names == "payload is a JSON string", msg
+    json.dumps(body, ensure_ascii=False).encode("utf-8")
+    for r in caplog.records:
+        r.getMessage().encode("utf-8")
+
+
+def test_a_lone_surrogate_in_a_signed_payload_is_named_and_the_refusal_goes_where_the_requester_waits():
+    """The refusal of a payload with a lone surrogate went to reply/<name> without the correlation_id: a 3.1.1
+    requester waiting on its reply_to never got it. The routing fields are read all the same (when they are
+    valid themselves), in the plain and the signed form."""
+    d = _dispatcher(command_secret="0123456789abcdef")
+    inner = b'{"ts": %d, "reply_to": "my/replies", "correlation_id": "c7", "threshold": "\\ud800"}' % int(time.time())
+    for raw in (inner, signed_envelope("0123456789abcdef", "edge-ad/v1/s/d/cmd/set_threshold", inner)):
+        r = d.handle(_msg("set_threshold", raw=raw))
+        assert (r.topic, r.body["correlation_id"], r.body["error"]["code"]) == ("my/replies", "c7", "malformed"), r
+        assert "field 'threshold' is not valid Unicode" in r.body["error"]["message"], r.body
+    assert "signed payload field 'threshold'" in r.body["error"]["message"]
+
+
+def test_a_reply_or_result_with_a_lone_surrogate_is_not_called_a_nan():
+    """payloads.encode said '(NaN and infinity are not valid JSON)' for a string that is not valid Unicode."""
+    from edge_ad.mqtt import payloads
+
+    with pytest.raises(InputError, match=r"reply: a string is not valid Unicode: .* surrogate \(\\udc80\)") as err:
+        payloads.encode({"command": "status", "path": "/data/caf\udc80"}, "reply")
+    assert "NaN" not in str(err.value) and '"path":"/data/caf' in str(err.value)
+
+
 def test_any_finite_threshold_passes_negative_ones_too():
     # normalized scores are below 0 where a map is under its 0.9 quantile: a calibration's threshold can be
     d = _dispatcher()
@@ -397,6 +452,17 @@ def test_every_command_round_trips_with_correlation_data(link, mosquitto):
         raw = cc.send_raw("edge-ad/v1/s/d/cmd/status", b"", "corr-\u00e9-42", timeout=5)
         assert raw["ok"]
     assert link.calls == [n for n in VALID_ARGS if n != "status"]
+
+
+def test_a_lone_surrogate_through_the_broker_gets_a_reply_naming_its_field(link, mosquitto):
+    with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
+        for raw, names in SURROGATES:
+            for name in ("inspect", "set_threshold"):
+                r = cc.send_raw(f"edge-ad/v1/s/d/cmd/{name}", raw, "c1", timeout=5)
+                assert r["error"]["code"] == "malformed" and names in r["error"]["message"], (raw, r)
+                assert "not valid Unicode" in r["error"]["message"] and "NaN" not in r["error"]["message"], (raw, r)
+        assert cc.call("s", "d", "status", timeout=5)["ok"]          # the loop goes on
+    assert link.calls == []
 
 
 def test_malformed_and_unknown_commands_get_error_replies(link, mosquitto):

@@ -770,6 +770,12 @@ def _drop_events(col: Collector) -> list[dict]:
     return [m.json() for m in col.of_kind("event") if m.json().get("type") == "output_error"]
 
 
+def _dropped_seqs(events: list[dict], kind: str) -> list[int]:
+    """The seq of each ``kind`` the output_error ``events`` name as dropped (their ``dropped.<kind>.seq`` ranges)."""
+    return [seq for ev in events for a, b in ev.get("dropped", {}).get(kind, {}).get("seq", [])
+            for seq in range(a, b + 1)]
+
+
 def _dropped_named(col: Collector) -> set[str]:
     """The ids of the messages the output_error events received so far name as dropped."""
     return {i for ev in _drop_events(col) for i in ev.get("message_ids", [])}
@@ -799,6 +805,9 @@ def test_every_message_dropped_as_too_large_is_named_by_an_output_error_event(mo
     events = _drop_events(col)
     assert 2 <= len(events) <= 4, [len(e["message_ids"]) for e in events]     # ~700 bytes + 39 per id in 2000
     assert sum(e["failed"] for e in events) == 40 and [i for e in events for i in e["message_ids"]] == big
+    # by seq too (results 1..40, one range per event): a monitor counts them as dropped, not missing
+    assert _dropped_seqs(events, "result") == list(range(1, 41))
+    assert events[0]["dropped"]["result"]["first_id"] == big[0]
     for ev in events:
         schema.validate("event", ev)
         assert ev["failed"] == len(ev["message_ids"]) and ev["kind"] == "result" and ev["max_packet_size"] == 2000
@@ -839,6 +848,26 @@ def test_the_events_for_dropped_messages_fit_the_brokers_limit_and_keep_their_or
         schema.validate("event", ev)
 
 
+def test_the_events_for_dropped_messages_list_every_seq(tmp_path):
+    """Drops named by seq ranges (dropped.<kind>.seq) list 20 ranges per kind at most: scattered drops (every
+    other result too large) are split over as many events as that takes, so none is only counted (seq_more) and
+    a monitor can match every one to its gap."""
+    link = MqttLink(_settings("mqtt://127.0.0.1:1", tmp_path))
+    try:
+        drops = [{"reason": "too_large", "kind": kind, "message_id": f"{kind}{seq}", "seq": seq, "topic": "t",
+                  "bytes": 3000, "max_packet_size": 2000, "error": "...", "dropped_total": 1}
+                 for seq in range(2, 122, 2) for kind in ("result", "event")]
+        link._announce_drops(drops)
+        events = [json.loads(r.payload) for r in link.outbox.fetch_after(0, 100)]
+    finally:
+        link.stop()
+    assert len(events) == 3 and [len(e["message_ids"]) for e in events] == [40, 40, 40]
+    assert _dropped_seqs(events, "result") == _dropped_seqs(events, "event") == list(range(2, 122, 2))
+    for ev in events:
+        assert all(len(k["seq"]) <= 20 and "seq_more" not in k for k in ev["dropped"].values())
+        schema.validate("event", ev)
+
+
 def test_drops_held_back_from_the_log_are_logged_and_announced_at_the_stop(mosquitto_factory, tmp_path, caplog):
     """The too_large ERROR is logged at most once a minute: the drops after it were only told by a later drop
     (after the minute), so a run that stopped first never logged them. The stop logs them ('N more') and
@@ -859,6 +888,27 @@ def test_drops_held_back_from_the_log_are_logged_and_announced_at_the_stop(mosqu
     assert len(logged) == 2 and f"result {first}" in logged[0], logged
     assert logged[1].startswith("mqtt: 3 more message(s) dropped from the outbox as too_large")
     assert "4 in all" in logged[1]
+
+
+def test_telemetry_over_the_packet_size_held_back_from_the_log_is_told_at_the_stop(mosquitto_factory, tmp_path,
+                                                                                    caplog):
+    """A message not stored in the outbox (here telemetry) over the broker's announced limit is not sent, with an
+    ERROR at most once a minute per topic: the ones after the first within the minute were never logged when the
+    run stopped first. The stop logs them ('N more')."""
+    broker = mosquitto_factory(extra_config=SMALL_PACKETS)
+    with caplog.at_level(logging.ERROR, logger="edge_ad.mqtt"):
+        link = MqttLink(_settings(broker.url, tmp_path)).start()
+        try:
+            assert _wait(lambda: link.stats()["max_packet_size"] == 2000, 10)
+            for _ in range(3):
+                link.publish_telemetry({"note": "n" * 3000})
+            assert _wait(lambda: link.stats()["telemetry_dropped"] == 3, 10)
+        finally:
+            link.stop()
+    logged = [r.getMessage() for r in caplog.records if "edge-ad/v1/t/d1/telemetry" in r.getMessage()]
+    assert len(logged) == 2 and "not sent: larger than the broker's maximum packet size" in logged[0], logged
+    assert logged[1] == ("mqtt: 2 more message(s) on edge-ad/v1/t/d1/telemetry not sent since the last report: "
+                         "larger than the broker's maximum packet size (2000 bytes)")
 
 
 def test_the_results_a_full_outbox_dropped_are_named_so_a_consumer_knows_which_are_lost(mosquitto, tmp_path):
@@ -914,6 +964,8 @@ def test_a_message_the_broker_refuses_for_good_is_dropped_counted_and_named(mosq
     assert st["rejected"] == 3 and st["disconnects"] == 0 and st["retry_waiting"] == 0 and not col.of_kind("result")
     events = _drop_events(col)
     assert [i for e in events for i in e["message_ids"]] == ids
+    # named by seq too, as a full outbox's drops are, so a monitor counts the gap as dropped, not missing
+    assert _dropped_seqs(events, "result") == [1, 2, 3]
     ev = events[0]
     assert ev["output"] == "mqtt" and ev["reason"] == "rejected" and ev["reason_code"] == 0x87
     assert ev["kind"] == "result" and ev["message_id"] == ids[0] and ev["topic"] == "edge-ad/v1/t/d1/result"
@@ -950,7 +1002,9 @@ def test_a_reply_or_retained_message_the_broker_refuses_is_logged_and_counted(mo
     assert result and [m.topic for m in col.messages] == ["fleet/allowed/r3"]
     assert st["rejected"] == 0 and st["disconnects"] == 0 and st["outbox_dropped"] == 0
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 2, errors                          # the second refused reply: within the minute
+    assert len(errors) == 3, errors                          # the second refused reply: within the minute ...
+    assert errors[2] == ("mqtt: the broker refused 1 more command reply(ies) since the last report, 2 in all "
+                         "(replies_rejected); their requesters get no reply")     # ... so told at the stop
     reply = next(e for e in errors if "reply" in e)
     assert reply.startswith("mqtt: the broker refused the reply to command status on 'fleet/denied/r1': Not "
                             "authorized (reason code 0x87); its requester gets no reply")

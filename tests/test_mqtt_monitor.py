@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
@@ -107,9 +108,7 @@ def test_seen_of_an_offline_device_is_when_its_retained_status_says_it_stopped()
 def test_a_retained_status_from_a_clock_ahead_does_not_make_a_stopped_device_look_just_seen():
     """A device that stopped half an hour ago with a clock an hour ahead: its retained status's ts lies in the
     monitor's future, and SEEN read '0s ago' (clamped to now). A ts more than clock_skew_s ahead says nothing
-    of when that was: SEEN '-' until the device sends again; within it, it is clamped to now as before. Results
-    are not clock samples (they may be an outbox backlog): a device heard only through results shows CLOCK '-',
-    as documented."""
+    of when that was: SEEN '-' until the device sends again; within it, it is clamped to now as before."""
     from edge_ad.mqtt.payloads import iso_from_unix
 
     now = [100_000.0]
@@ -121,12 +120,6 @@ def test_a_retained_status_from_a_clock_ahead_does_not_make_a_stopped_device_loo
     near = view.consume(f"{B}/p1/cam2/status", _j({"state": "offline", "reason": "stopped",
                                                    "ts": iso_from_unix(now[0] + 30)}), retained=True)
     assert near.last_seen == now[0]                                             # within the skew bound: now
-    for i in range(5):                                                          # only results, an hour behind
-        now[0] += 1
-        view.consume(f"{B}/p1/cam3/result", _j({"seq": i + 1, "score": 0.1, "ng": False,
-                                                "ts": iso_from_unix(now[0] - 3600)}))
-    cam3 = view.devices[("p1", "cam3")]
-    assert cam3.last_seen == now[0] and cam3.clock_offset_s is None and not cam3.clock_skewed()
     now[0] += 1
     view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 5.0, "ts": iso_from_unix(now[0] + 3600)}))   # live
     assert row.last_seen == now[0] and row.clock_offset_s == 3600.0
@@ -164,6 +157,69 @@ def test_a_device_whose_clock_is_off_is_flagged_and_not_shown_stale(caplog):
     assert row.shown_state(now[0], 60) == "stale"
     ok = view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 5.0, "ts": iso_from_unix(now[0] + 2.0)}))
     assert ok.clock_offset_s == 2.0 and not ok.clock_skewed() and view.table().splitlines()[1].split()[-1] == "ok"
+
+
+def test_a_device_heard_only_through_its_results_gets_a_clock_check(caplog):
+    """A device whose status and telemetry the monitor does not receive (an ACL, a subscription to results only)
+    showed CLOCK '-' however wrong its clock. Its new results' ts is used instead: a clock ahead is flagged at
+    once; one behind once results come at the pace they were made, not while a backlog the outbox sends after a
+    reconnect catches up (old ts, arriving fast: not a clock). Telemetry, once heard, decides again."""
+    import logging
+
+    from edge_ad.mqtt.payloads import iso_from_unix
+
+    now = [100_000.0]
+    view = FleetView(clock=lambda: now[0], clock_skew_s=60)
+
+    def result(dev, seq, made, at):   # a result made at the device's time ``made``, received at ``at``
+        now[0] = at
+        return view.consume(f"{B}/p1/{dev}/result", _j({"seq": seq, "score": 0.1, "ng": False,
+                                                        "ts": iso_from_unix(made)}))
+
+    with caplog.at_level(logging.WARNING, logger="edge_ad.mqtt.monitor"):
+        ahead = result("cam1", 1, 100_000.0 + 3600, 100_000.2)                 # an hour ahead: at once
+        assert ahead.clock_offset_s == 3599.8 and ahead.clock_skewed()
+        # a backlog of results made over the last hour (a correct clock), sent in 2 s after a reconnect
+        for i in range(10):
+            row = result("cam2", i + 1, 100_000.0 - 3600 + 360 * i, 100_001.0 + 0.2 * i)
+        assert row.clock_offset_s is None and not row.clock_skewed()
+        for i in range(5):                                                      # then live ones: ok
+            row = result("cam2", 11 + i, 100_010.0 + i, 100_010.05 + i)
+        assert row.clock_offset_s == -0.1 and view.table().splitlines()[2].split()[-1] == "ok"
+        behind = result("cam3", 1, 100_000.0 - 3600, 100_000.1)                # one result: may be a backlog
+        assert behind.clock_offset_s is None
+        for i in range(1, 4):                                                   # at the pace they are made
+            behind = result("cam3", 1 + i, 100_000.0 - 3600 + i, 100_000.1 + i)
+        assert behind.clock_offset_s == -3600.1 and behind.clock_skewed()
+        result("cam3", 3, 100_000.0 - 3600 + 2, 100_010.0)                      # a repeat: not a sample
+        assert behind._result_times[-1][1] == 100_003.1
+    warned = [r.getMessage() for r in caplog.records if "clock skew" in r.getMessage()]
+    assert [w.split(":")[1].strip() for w in warned] == ["p1/cam1", "p1/cam3"], warned
+    d = behind.to_dict(now[0])
+    assert (d["clock_offset_s"], d["clock_skew"]) == (-3600.1, True) and "_result_times" not in d
+    view.consume(f"{B}/p1/cam3/telemetry", _j({"fps": 5.0, "ts": iso_from_unix(now[0] + 1.0)}))   # heard now
+    result("cam3", 5, 100_000.0 - 3600 + 5, 100_011.0)
+    assert behind.clock_offset_s == 1.0 and not behind.clock_skewed()
+
+
+def test_run_monitor_checks_the_clock_of_a_device_it_may_read_only_the_results_of(mosquitto_factory, tmp_path):
+    """Live: a broker ACL lets the monitor read results only (no status, no telemetry); the device's results carry
+    a clock an hour ahead: the monitor's JSON rows flag it."""
+    from edge_ad.mqtt.payloads import iso_from_unix
+
+    acl = tmp_path / "acl"
+    acl.write_text("user mon\ntopic read edge-ad/v1/+/+/result\n\nuser dev\ntopic readwrite edge-ad/#\n")
+    broker = mosquitto_factory(extra_config=f"acl_file {acl}")
+    with _json_monitor(BrokerSettings(url=broker.url, username="mon")) as lines:
+        link = _link(broker.url, tmp_path, "cam1", username="dev")
+        try:
+            assert _wait(lambda: link.connected)
+            link.publish_result({"score": 0.1, "ng": False, "ts": iso_from_unix(time.time() + 3600)})
+            assert _wait(lambda: lines() and lines()[-1]["clock_skew"]), lines()
+        finally:
+            link.stop()
+    last = lines()[-1]
+    assert last["state"] == "unknown" and last["fps"] is None and 3590 < last["clock_offset_s"] < 3601, last
 
 
 def test_the_threshold_shown_is_the_one_deciding():
@@ -247,6 +303,20 @@ def _wait(pred, timeout=10.0):
     return pred()
 
 
+@contextlib.contextmanager
+def _json_monitor(broker: BrokerSettings):
+    """run_monitor (site p1, JSON lines) on a thread until the block ends; yields what reads its device rows."""
+    out, stop = io.StringIO(), threading.Event()
+    watch = threading.Thread(target=run_monitor, args=(broker,), daemon=True,
+                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop})
+    watch.start()
+    try:
+        yield lambda: [json.loads(x) for x in out.getvalue().splitlines() if '"device"' in x]
+    finally:
+        stop.set()
+        watch.join(5)
+
+
 def test_run_monitor_streams_json_lines(mosquitto, tmp_path):
     link = _link(mosquitto.url, tmp_path, "cam1")
     assert _wait(lambda: link.connected)
@@ -306,12 +376,7 @@ def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
     reconnect the monitor's JSON rows show the results it never got (the monitor itself stayed connected)."""
     from edge_ad.mqtt.broker import free_port
 
-    out, stop = io.StringIO(), threading.Event()
-    lines = lambda: [json.loads(x) for x in out.getvalue().splitlines() if '"device"' in x]   # noqa: E731
-    watch = threading.Thread(target=run_monitor, args=(BrokerSettings(url=mosquitto.url),), daemon=True,
-                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop})
-    watch.start()
-    try:
+    with _json_monitor(BrokerSettings(url=mosquitto.url)) as lines:
         link = _link(mosquitto.url, tmp_path, "cam1")
         for _ in range(5):
             link.publish_result({"score": 0.1, "ng": False})
@@ -324,13 +389,37 @@ def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
         link = _link(mosquitto.url, tmp_path, "cam1")       # back: 26..35 are delivered
         assert _wait(lambda: lines()[-1]["last_result"]["seq"] == 35), lines()[-1]
         link.stop()
-    finally:
-        stop.set()
-        watch.join(5)
     last = lines()[-1]
     assert last["last_gap"]["from"] == 6 and last["last_gap"]["to"] == 25
     # the full outbox announced its drops (output_error, dropped.result.seq [[6, 25]]): dropped, not missing
     assert (last["results_dropped"], last["results_missing"]) == (20, 0), last
+
+
+def test_run_monitor_counts_messages_too_large_for_the_broker_as_dropped(mosquitto_factory, tmp_path):
+    """Live: a result and an event over the broker's max_packet_size are dropped by the device (too_large). Their
+    output_error event named them by id only, so the monitor counted their seq gaps as MISSING and warned about
+    an unexplained loss; the event now names their seq ranges (dropped.<kind>.seq): DROPPED, not MISSING (the
+    gap arrives before the announcement: counted missing meanwhile, then moved)."""
+    broker = mosquitto_factory(extra_config="max_packet_size 2000")
+    with _json_monitor(BrokerSettings(url=broker.url)) as lines:
+        link = _link(broker.url, tmp_path, "cam1")
+        try:
+            link.publish_result({"score": 0.1, "ng": False})
+            link.publish_event({"score": 0.9})
+            assert _wait(lambda: lines() and lines()[-1]["results"] == 1 and lines()[-1]["events"] == 1), lines()
+            assert link.stats()["max_packet_size"] == 2000
+            big = "n" * 3000
+            link.publish_result({"score": 0.2, "ng": False, "note": big})      # seq 2: dropped, too_large
+            link.publish_event({"score": 0.9, "note": big})                     # event seq 2: the same
+            link.publish_result({"score": 0.3, "ng": False})
+            link.publish_event({"score": 0.9})
+            assert _wait(lambda: (lines()[-1]["results_dropped"], lines()[-1]["events_dropped"]) == (1, 1)
+                         and lines()[-1]["last_result"]["seq"] == 3), lines()[-1]
+        finally:
+            link.stop()
+    last = lines()[-1]
+    assert (last["results_missing"], last["events_missing"]) == (0, 0), last
+    assert link.stats()["outbox_dropped_by"]["too_large"] == 2
 
 
 def _drop_event(view, dev, seq, reason="full", **dropped):
@@ -636,6 +725,66 @@ def test_decommission_drops_the_session_its_status_names_and_asks_for_force_when
     finally:
         pub.disconnect()
         pub.loop_stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_decommission_fails_naming_what_the_brokers_acl_keeps_and_clears_the_status_last(mosquitto_factory, tmp_path,
+                                                                                         protocol):
+    """A broker ACL that denies the decommissioning login writes to some of the device's retained topics (v5: PUBACK
+    0x87; 3.1.1: acknowledged and dropped): the run cleared the status anyway (the device lost its last status
+    while its calibration and discovery configs stayed) and blamed an ACL that 'may' refuse. It exits 1, names
+    each topic still held and why (the reason code under v5), what was cleared, and clears the status only once
+    everything else is: a refusal leaves the device's last status as it was; the session is not dropped."""
+    from edge_ad.mqtt.decommission import read_retained
+    from edge_ad.mqtt.link import retained_topics
+
+    acl = tmp_path / "acl"
+    reads = "topic read edge-ad/#\ntopic read homeassistant/#\ntopic readwrite edge-ad/decommission/#\n"
+    acl.write_text("user dev\ntopic readwrite edge-ad/#\ntopic readwrite homeassistant/#\n\n"
+                   f"user admin\n{reads}topic write {B}/p1/cam1/status\n\n"       # not the calibration, HA configs
+                   f"user ops\n{reads}topic write {B}/p1/cam1/calibration\ntopic write homeassistant/#\n\n"  # no status
+                   "user blind\ntopic readwrite edge-ad/decommission/#\ntopic write edge-ad/#\n")   # reads nothing
+    broker = mosquitto_factory(extra_config=f"acl_file {acl}")
+    s = MqttSettings(url=broker.url, site="p1", device="cam1", outbox_path=tmp_path / "cam1.sqlite",
+                     reconnect_min_s=0.1, homeassistant=True, protocol=protocol, username="dev")
+    link = MqttLink(s).start()
+    assert _wait(lambda: link.connected)
+    link.publish_calibration({"version": 2, "threshold": 0.5})
+    link.stop()
+    admin = BrokerSettings(url=broker.url, protocol=protocol, username="admin")
+    topics = retained_topics(s)
+    status = f"{B}/p1/cam1/status"
+    assert _wait(lambda: set(read_retained(admin, topics)) == set(topics))
+    held = read_retained(admin, topics)
+
+    def decommission(user):
+        return CliRunner().invoke(main, ["decommission", "--mqtt", broker.url, "--protocol", protocol, "--site", "p1",
+                                         "--device", "cam1", "--username", user, "--timeout", "5"])
+
+    res = decommission("admin")
+    assert res.exit_code == 1, res.output
+    denied = [t for t in topics if t != status]
+    why = ("(the broker refused the clear: Not authorized, reason code 0x87)" if protocol == "5" else
+           "(the broker acknowledged the clear and dropped it: MQTT 3.1.1 cannot say why, most often its ACL)")
+    assert f"still holds {len(denied)} retained message(s) of p1/cam1 after decommission cleared them: " \
+           f"{', '.join(sorted(denied))} {why}" in res.output, res.output
+    assert "must let this login ('admin') publish to them" in res.output
+    assert f"Cleared: none; its status {status} is cleared last, so it was left as it was" in res.output
+    assert "the session was not dropped" in res.output
+    assert read_retained(admin, topics) == held                      # nothing changed: the status is still there
+
+    res = decommission("ops")                                        # may clear all but the status
+    assert res.exit_code == 1, res.output
+    assert f"still holds 1 retained message(s) of p1/cam1 after decommission cleared them: {status} (" in res.output
+    assert f"Cleared: {', '.join(denied)}; the session was not dropped" in res.output, res.output
+    assert read_retained(admin, topics) == {status: held[status]}
+    assert json.loads(held[status])["state"] == "offline"
+    # a login that may not read the device's topics sees none (Mosquitto grants the subscription, delivers
+    # nothing): it cannot check the device is stopped, nor the clears, and says so
+    res = decommission("blind")
+    assert res.exit_code == 0, res.output
+    assert "warning: the broker holds no retained message of p1/cam1 that this login can read" in res.stderr
+    assert "it was not checked to be stopped, nor were the clears checked" in res.stderr
 
 
 def test_decommission_names_the_option_and_its_value_before_connecting():

@@ -175,6 +175,10 @@ def test_any_event_id_a_caller_gives_keeps_its_event_and_image_and_the_connectio
     warned = [r.getMessage() for r in caplog.records if "mqtt: event id" in r.getMessage()]
     assert len(warned) == 1, warned                     # rate-limited
     assert warned[0].startswith("mqtt: event id 'a/b' holds '/'" if on else "mqtt: event id 'ev\\x85x' holds a")
+    # the ones the rate limit held back are told at the stop (every odd id with the setting, 2 without it)
+    held = [r.getMessage() for r in caplog.records if "more event(s) since the last report whose id" in r.getMessage()]
+    assert held == [f"mqtt: {5 if on else 1} more event(s) since the last report whose id cannot name its image as is "
+                    "(the event's image.topic names the topic)"], held
 
 
 def _doc_examples() -> list[tuple[str, str]]:

@@ -1507,6 +1507,29 @@ def test_a_full_disk_under_the_jsonl_log_is_counted_and_inspection_goes_on(tmp_p
     assert kinds.count(("output_error", "jsonl")) == 1 and kinds.count(("output_restored", "jsonl")) == 1
 
 
+def test_failed_writes_held_back_from_the_report_are_told_at_the_stop(tmp_path, tiny_bundle, monkeypatch, caplog):
+    """A failed write is logged (with an output_error event) at most once a minute per output: when the disk stayed
+    full until the run stopped, the failures after the first report were in output_errors but in no log line and
+    no event. The stop reports them: one ERROR and one output_error event with how many."""
+    from edge_ad import ratelimit
+
+    monkeypatch.setattr(ratelimit, "REPORT_EVERY_S", 3600.0)
+    video, _ = defect_video(tmp_path / "v.avi", n=10, defect_every=5, size=96)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}", source__mode="trigger")
+    svc = Service(s, install_signals=False)
+    svc.reporter.jsonl._fh = _FullDisk(svc.reporter.jsonl._fh, first=4, calls=1000)   # frames 2-9 fail: 8
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.reporting"):
+        summary = svc.run()
+    assert summary["output_errors"]["jsonl"] == 8
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "No space left on device" in errors[0], errors
+    assert errors[1].startswith("jsonl: 7 more failed write(s) since the last report (the last: OSError: [Errno 28]")
+    assert errors[1].endswith("8 in all")
+    reports = [e for e in svc.events if e["type"] == "output_error" and e["output"] == "jsonl"]
+    assert [(e["failed"], e["failed_total"]) for e in reports] == [(1, 1), (7, 8)]
+    assert "No space left on device" in reports[1]["error"]
+
+
 def test_a_full_disk_under_the_telemetry_file_is_counted_like_the_other_outputs(tmp_path, tiny_bundle, monkeypatch,
                                                                               caplog):
     """It was a WARNING every interval, not in output_errors, with no output_error / output_restored event."""

@@ -157,7 +157,8 @@ def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol
     Assistant discovery configs (so it leaves edge-ad monitor and Home Assistant), and drop the persistent
     session the broker keeps for its client id (the commands queued for it go with it). Refused, changing
     nothing, while its retained status says online: stop edge-ad on the device first; and, without --force,
-    while it is the will."""
+    while it is the will. A topic the broker still holds after it was cleared (its ACL does not let this login
+    publish there) fails the run (exit 1), naming each and why; the status is cleared last."""
     from ..mqtt.decommission import decommission as run
     from ..mqtt.settings import client_id_problem, name_problem, prefix_problem
 

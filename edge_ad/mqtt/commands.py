@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import queue
+import re
 import sys
 import threading
 import time
@@ -129,7 +130,14 @@ class Spec:
     changes_state: bool
 
 
-class NonFiniteNumber(ValueError):
+class FieldProblem(ValueError):
+    """A command payload is a JSON object, but one of its fields holds what no command can take: a number that is
+    not a finite double (:class:`NonFiniteNumber`), or a string that is not valid Unicode (a lone surrogate
+    escape such as ``"\\ud800"``, which JSON allows and nothing downstream can encode). Its message names the
+    field: ``threshold: NaN``."""
+
+
+class NonFiniteNumber(FieldProblem):
     """A command payload holds a number that is not a finite double: ``NaN``, ``Infinity`` (which Python's
     JSON parser accepts), ``1e999`` (parsed as infinity) or an integer too large for a double. Its message
     names the field: ``threshold: NaN``."""
@@ -154,15 +162,40 @@ def _int(text: str):
     return value if abs(value) <= sys.float_info.max else _NotFinite(text)
 
 
-def _first_not_finite(obj) -> tuple[str, str] | None:
-    """(path, text) of the first number the parser marked, the path as jsonschema's ("a/0/b"), else None.
-    Iterative: the payload may be nested as deeply as the parser allows."""
+_SURROGATE = re.compile("[\ud800-\udfff]")   # what json.loads leaves of an escape that is not half of a pair
+
+
+def _shown(text: str) -> str:
+    """``text`` as it can be written back: a lone surrogate as its escape (``\\ud800``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate of ``text`` as its escape (``\\ud800``), None when it is valid Unicode."""
+    found = _SURROGATE.search(text)
+    return None if found is None else f"\\u{ord(found.group()):04x}"
+
+
+def _first_problem(obj, what: str) -> FieldProblem | None:
+    """The first field of ``obj`` (in the payload's order) that no command can take, as the error naming it (its
+    path as jsonschema's, "a/0/b"): a number the parser marked (:class:`_NotFinite`), a string value or a field
+    name that is not valid Unicode. Iterative: the payload may be nested as deeply as the parser allows."""
     todo = [(obj, "")]
     while todo:
         value, path = todo.pop()
         if isinstance(value, _NotFinite):
-            return path or "(payload)", value.text
+            return NonFiniteNumber(f"{what} field '{clip_text(_shown(path), 100)}' is {clip_text(value.text, 40)}: expected "
+                                   "a finite number (JSON has no NaN or infinity, and a number must fit a 64-bit "
+                                   "float)")
+        if isinstance(value, str) and _lone_surrogate(value):
+            return FieldProblem(f"{what} field '{clip_text(_shown(path), 100)}' is not valid Unicode: it holds a lone "
+                                f"surrogate escape ({_lone_surrogate(value)}), which has no UTF-8 form")
         if isinstance(value, dict):
+            for k in value:
+                if _lone_surrogate(k):
+                    name = clip_text(_shown(f"{path}/{k}" if path else k), 100)
+                    return FieldProblem(f"{what} field name '{name}' is not valid Unicode: it holds a lone surrogate "
+                                        f"escape ({_lone_surrogate(k)}), which has no UTF-8 form")
             todo.extend((v, f"{path}/{k}" if path else str(k)) for k, v in reversed(value.items()))
         elif isinstance(value, list):
             todo.extend((v, f"{path}/{i}" if path else str(i)) for i, v in reversed(list(enumerate(value))))
@@ -170,10 +203,11 @@ def _first_not_finite(obj) -> tuple[str, str] | None:
 
 
 def _parse_object(data: bytes, what: str, finite: bool = True) -> dict:
-    """A JSON object from untrusted bytes; every way it can be bad is a ValueError (a number that is not a
-    finite double: :class:`NonFiniteNumber`, naming its field; a NaN threshold would make every part NG, with
-    no region). ``finite=False``: such numbers are kept as _NotFinite markers, for reading the routing fields of a payload
-    that is refused for them (the refusal still goes where the requester waits)."""
+    """A JSON object from untrusted bytes; every way it can be bad is a ValueError (a field no command can take:
+    :class:`FieldProblem`, naming it: a number that is not a finite double, :class:`NonFiniteNumber` (a NaN
+    threshold would make every part NG, with no region), or a string that is not valid Unicode). ``finite=False``:
+    such fields are kept (numbers as _NotFinite markers), for reading the routing fields of a payload that is
+    refused for them (the refusal still goes where the requester waits; :func:`_text` reads them)."""
     text = bytes(data).decode("utf-8")      # UnicodeDecodeError is a ValueError
     if not text.strip():
         return {}
@@ -183,17 +217,21 @@ def _parse_object(data: bytes, what: str, finite: bool = True) -> dict:
         raise ValueError(f"{what} is nested too deeply") from None
     if isinstance(obj, _NotFinite):
         raise ValueError(f"{what} is {clip_text(obj.text, 40)}, expected an object")
+    if isinstance(obj, str) and _lone_surrogate(obj):
+        raise ValueError(f"{what} is a JSON string, expected an object; and it is not valid Unicode: it holds a "
+                         f"lone surrogate escape ({_lone_surrogate(obj)})")
     if not isinstance(obj, dict):
         raise ValueError(f"{what} is a JSON {type(obj).__name__}, expected an object")
-    bad = _first_not_finite(obj) if finite else None
+    bad = _first_problem(obj, what) if finite else None
     if bad is not None:
-        raise NonFiniteNumber(f"{what} field '{clip_text(bad[0], 100)}' is {clip_text(bad[1], 40)}: expected a "
-                              "finite number (JSON has no NaN or infinity, and a number must fit a 64-bit float)")
-    try:  # "\ud800" parses to a lone surrogate that nothing downstream can encode
-        json.dumps(obj, ensure_ascii=False, default=lambda v: v.text).encode("utf-8")   # v: a _NotFinite
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} holds a lone surrogate escape (such as \\ud800): not valid Unicode") from None
+        raise bad
     return obj
+
+
+def _text(value) -> str | None:
+    """A routing field read from a payload parsed with ``finite=False`` (``correlation_id``, ``client_id``): the
+    string, None when it is not one or not valid Unicode (it could not be written in the reply nor the log)."""
+    return value if isinstance(value, str) and not _lone_surrogate(value) else None
 
 
 class Dispatcher:
@@ -262,9 +300,7 @@ class Dispatcher:
                 obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload", finite=False)
         except ValueError:
             obj = None
-        corr_id = obj.get("correlation_id") if obj is not None else None
-        if not isinstance(corr_id, str):
-            corr_id = None
+        corr_id = _text(obj.get("correlation_id")) if obj is not None else None
         default = self.topics.reply(msg.name)
         if msg.response_topic is not None:
             field_name, reply_to = "the MQTT v5 response topic", msg.response_topic
@@ -356,13 +392,12 @@ class Dispatcher:
                 obj = _parse_object(obj["signed"].encode("utf-8"), "signed payload", finite=False)
         except ValueError:
             return None
-        who = obj.get("client_id")
-        return who if isinstance(who, str) else None
+        return _text(obj.get("client_id"))
 
     def _admit(self, msg: Incoming) -> tuple[Spec, dict, str | None]:
         try:
             obj = _parse_object(msg.payload, "payload")
-        except NonFiniteNumber as exc:
+        except FieldProblem as exc:
             raise CommandError("malformed", f"cmd/{msg.name}: {exc}") from None
         except ValueError as exc:
             raise CommandError("malformed", f"cmd/{msg.name}: payload is not a JSON object ({exc})") from None
@@ -380,7 +415,7 @@ class Dispatcher:
             try:
                 signed_bytes = obj["signed"].encode("utf-8")
                 obj = _parse_object(signed_bytes, "signed payload")
-            except NonFiniteNumber as exc:
+            except FieldProblem as exc:
                 raise CommandError("malformed", f"cmd/{msg.name}: {exc}") from None
             except ValueError as exc:
                 raise CommandError("malformed", f"cmd/{msg.name}: 'signed' is not a JSON object ({exc})") from None

@@ -10,7 +10,12 @@ queueing the commands sent to it. :func:`decommission`:
    device must be stopped first (a running device would publish them again at once, and the session is
    its live connection); and, unless forced, while it is the will (the broker published it for a lost
    connection: the device may still run behind a network cut);
-2. clears every retained topic (an empty retained message, QoS 1, each acknowledged);
+2. clears every retained topic (an empty retained message, QoS 1, each acknowledged), its ``status`` last,
+   and reads them back: a broker whose ACL does not let this login publish there refuses the clear (MQTT v5:
+   PUBACK 0x87 Not authorized) or acknowledges and drops it (3.1.1). What is still held then fails the run,
+   naming each topic and why (the PUBACK's reason code, or the 3.1.1 silent drop), with what was cleared; the
+   ``status`` is cleared only once everything else is (a refusal leaves the device's last status as it was,
+   not a half-cleared device without one), and the session is not dropped;
 3. drops the session: connects with the device's client id (given, else the one its retained status
    names, else the default ``edge-ad-<site>-<device>``) and a clean start (v5: session expiry 0;
    3.1.1: ``clean_session=True``), which makes the broker discard the old session, and disconnects, so
@@ -32,9 +37,9 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from ..errors import RuntimeFailure
-from .client import connect_async, make_client, reason_failed, reason_text
+from .client import connect_async, make_client, reason_failed, reason_text, reason_value
 from .link import retained_topics
-from .settings import BrokerSettings, MqttSettings, client_id_problem
+from .settings import BrokerSettings, MqttSettings, Protocol, client_id_problem
 from .topics import Topics
 
 MARKER_ROOT = "edge-ad/decommission"
@@ -104,6 +109,56 @@ def read_retained(broker: BrokerSettings, filters: list[str], timeout: float = 1
     return found
 
 
+def _clear(broker: BrokerSettings, topics: list[str], timeout: float) -> dict[str, str]:
+    """Publish an empty retained message (QoS 1) to each of ``topics``, each acknowledged within ``timeout``;
+    returns {topic: why} of those the broker refused in its PUBACK (MQTT v5)."""
+    refused: dict[int, str] = {}
+
+    def on_publish(c, userdata, mid, reason_code, properties):
+        if reason_failed(reason_code):
+            code = reason_value(reason_code)
+            refused[mid] = reason_text(reason_code) + (f", reason code 0x{code:02X}" if code is not None else "")
+
+    client = _connected(broker, f"edge-ad-decommission-{uuid.uuid4().hex[:10]}", timeout, on_publish=on_publish)
+    try:
+        sent = [(topic, client.publish(topic, b"", qos=1, retain=True)) for topic in topics]
+        for topic, info in sent:
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                raise RuntimeFailure(f"{broker.safe_url}: clearing {topic} was not acknowledged within {timeout:g} s; "
+                                     "run decommission again")
+    finally:
+        _close(client)
+    return {topic: refused[info.mid] for topic, info in sent if info.mid in refused}
+
+
+def _not_cleared(broker: BrokerSettings, where: str, left: dict[str, bytes], refused: dict[str, str],
+                 cleared: list[str], status_topic: str) -> RuntimeFailure:
+    """The failure for retained messages still held after they were cleared: each topic and why, what was
+    cleared, and what to do."""
+    login = broker.credentials()[0]
+    v5 = broker.protocol == Protocol.V5
+    why: dict[str, list[str]] = {}     # why -> the topics it holds for that
+    for t in sorted(left):
+        why.setdefault(f"the broker refused the clear: {refused[t]}" if t in refused else
+                       "the broker acknowledged the clear and still holds it: something published it again (is the "
+                       "device running?)" if v5 else
+                       "the broker acknowledged the clear and dropped it: MQTT 3.1.1 cannot say why, most often its "
+                       "ACL", []).append(t)
+    kept = (f"; its status {status_topic} is cleared last, so it was left as it was" if status_topic not in left
+            and status_topic not in cleared else "")
+    if refused.keys() & left.keys() or not v5:
+        todo = (f"the broker's ACL must let this login ({repr(login) if login else 'anonymous'}) publish to them: "
+                "allow it (or clear them as a user that may), then run decommission again")
+    else:
+        todo = "stop whatever publishes them (edge-ad on the device), then run decommission again"
+    return RuntimeFailure(
+        f"{broker.safe_url} still holds {len(left)} retained message(s) of {where} after decommission cleared them: "
+        + "; ".join(f"{', '.join(ts)} ({w})" for w, ts in why.items())
+        + f". To take it off, {todo}. Cleared: " + (", ".join(cleared) or "none") + kept
+        + "; the session was not dropped")
+
+
 def _state(payload: bytes) -> tuple[str, dict]:
     """``online`` / ``offline`` / ``unknown`` and the status body (JSON, or a plain-text state)."""
     try:
@@ -148,21 +203,20 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
                                  "or that it is gone for good, then run decommission again with --force; nothing "
                                  "was changed")
         warnings.append(f"{why} (taken: --force)")
+    if not held:   # a Mosquitto ACL that denies reading grants the subscription and delivers nothing
+        warnings.append(f"the broker holds no retained message of {site}/{device} that this login can read: it was "
+                        "decommissioned already or never connected; or the broker's ACL does not let this login read "
+                        "its topics, and then it was not checked to be stopped, nor were the clears checked")
     session, source = _session_client_id(settings, client_id, body, warnings)
-    client = _connected(broker, f"edge-ad-decommission-{uuid.uuid4().hex[:10]}", timeout)
-    try:
-        sent = [(topic, client.publish(topic, b"", qos=1, retain=True)) for topic in topics]
-        for topic, info in sent:
-            info.wait_for_publish(timeout)
-            if not info.is_published():
-                raise RuntimeFailure(f"{broker.safe_url}: clearing {topic} was not acknowledged within {timeout:g} s; "
-                                     "run decommission again")
-    finally:
-        _close(client)
-    left = read_retained(broker, topics, timeout)   # a broker whose ACL refuses a publish may drop it silently
-    if left:
-        raise RuntimeFailure(f"{broker.safe_url} still holds {', '.join(sorted(left))} after they were cleared: its "
-                             "ACL may not let this login publish to them; the session was not dropped")
+    cleared: list[str] = []
+    # the status last: while something else cannot be cleared, the device keeps its last status
+    for batch in ([t for t in topics if t != status_topic], [status_topic]):
+        refused = _clear(broker, batch, timeout)
+        left = read_retained(broker, batch, timeout)   # under 3.1.1 a broker drops a refused publish silently
+        if left:
+            raise _not_cleared(broker, f"{site}/{device}", left, refused,
+                               cleared + [t for t in batch if t not in left], status_topic)
+        cleared += batch
     # the device's own client id with a clean start: the broker discards the session it kept, and the new one
     # (session expiry 0, or clean_session=True under 3.1.1) ends with this connection
     _close(_connected(broker, session, timeout))

@@ -60,7 +60,7 @@ from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
 from .client import connect_async, make_client, reason_failed, reason_text, reason_value
 from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming
-from .outbox import DROP_IDS_PER_EVENT, Outbox
+from .outbox import DROP_IDS_PER_EVENT, DropNames, Outbox
 from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
 from .settings import SHORT_SECRET, MqttSettings, Protocol
 from .topics import Topics, level_problem, string_problem
@@ -91,6 +91,15 @@ def _acknowledged(info: paho.MQTTMessageInfo) -> bool:
     paho at the next connect) ``is_published()`` raises instead of answering; its PUBACK, should it come, removes
     it from the replies (``on_publish``)."""
     return info.rc == paho.MQTT_ERR_SUCCESS and info.is_published()
+
+
+def _drop_names(drops: list[dict]) -> DropNames:
+    """The sender's dropped messages (:meth:`OutboxSender.report_drops`) named per kind, as a full outbox names
+    its drops (:class:`DropNames`)."""
+    names = DropNames()
+    for d in drops:
+        names.add(d["kind"], d["message_id"], d.get("seq"))
+    return names
 
 
 def retained_topics(settings: MqttSettings) -> list[str]:
@@ -176,10 +185,12 @@ class MqttLink:
     def _announce_drops(self, drops: list[dict]) -> None:
         """The sender dropped outbox messages the broker will not take (:meth:`OutboxSender.report_drops`: every
         one, batched; the log has them at most once a minute): ``output_error`` events name each of them
-        (``message_ids``), with the first one's kind, size and topic, and how many in all. As many events as
-        it takes to name them all, each small enough for the broker's limit (:data:`DROP_IDS_PER_EVENT` ids at
-        most). A drop of one of these events itself is not announced (on a broker whose limit is below an
-        event's size they would follow each other). What the full outbox dropped comes as one record (reason
+        (``message_ids``, and per kind in ``dropped`` as a full outbox's are: the ``seq`` ranges of results and
+        events), with the first one's kind, size and topic, and how many in all. As many events as it takes to
+        name them all, each small enough for the broker's limit (:data:`DROP_IDS_PER_EVENT` ids at most) and
+        listing every ``seq`` (:data:`~.outbox.SEQ_RANGES_MAX` ranges per kind at most). A drop of one of these
+        events itself is not announced (on a broker whose limit is below an event's size they would follow each
+        other). What the full outbox dropped comes as one record (reason
         ``full``, :meth:`Outbox.take_full_drops`): one event names them by kind (:meth:`_full_event`). Also from
         :meth:`stop`, after the link stopped."""
         for rec in [d for d in drops if d["reason"] == "full"]:
@@ -190,8 +201,11 @@ class MqttLink:
             return d["reason"], d.get("max_packet_size"), d.get("reason_code")
 
         while drops:
-            n = 1                 # the first ones for the same reason (limit, reason code): one event
-            while n < min(len(drops), DROP_IDS_PER_EVENT) and key(drops[n]) == key(drops[0]):
+            # the first ones for the same reason (limit, reason code) whose seq ranges all fit: one event
+            n, names = 0, DropNames()
+            while (n < min(len(drops), DROP_IDS_PER_EVENT) and key(drops[n]) == key(drops[0])
+                   and not names.spills(drops[n]["kind"], drops[n].get("seq"))):
+                names.add(drops[n]["kind"], drops[n]["message_id"], drops[n].get("seq"))
                 n += 1
             same = drops[:n]
             while True:
@@ -237,7 +251,8 @@ class MqttLink:
     @staticmethod
     def _drop_event(drops: list[dict]) -> dict:
         """The ``output_error`` event that names ``drops`` (one reason, one limit or reason code; the first is
-        described)."""
+        described): by id (``message_ids``) and per kind (``dropped``: how many, the first and last id, the
+        ``seq`` ranges of results and events, as :meth:`_full_event` names a full outbox's)."""
         first = drops[0]
         error = first["error"]
         if len(drops) > 1:
@@ -246,6 +261,7 @@ class MqttLink:
               "kind": first["kind"], "message_id": first["message_id"], "topic": first["topic"],
               "bytes": first["bytes"], "max_packet_size": first.get("max_packet_size"),
               "reason_code": first.get("reason_code"),
+              "dropped": _drop_names(drops).report()["kinds"],
               "message_ids": [d["message_id"] for d in drops if d["message_id"] is not None],
               "failed": len(drops), "failed_total": max(d["dropped_total"] for d in drops)}
         return {k: v for k, v in ev.items() if v is not None}
@@ -332,6 +348,7 @@ class MqttLink:
             self._out.report_drops(final=True)
         with self._lock:
             self._stopped = True
+        self._log_held(final=True)
         self.outbox.close()
         log.info("mqtt: stopped (%d messages left in the outbox)", self.outbox.depth)
 
@@ -800,6 +817,26 @@ class MqttLink:
                           "took (let this device publish to it in the broker's ACL); %d such since the last report",
                           retained, why, since)
 
+    def _log_held(self, final: bool = False) -> None:
+        """Log what the once-a-minute lines of messages not sent or refused held back (the replies and retained
+        messages the broker refused, those over its maximum packet size, the events whose id cannot name their
+        image), one line per count ("N more since the last report"), once that minute is over (``final``: at
+        once, at the stop): without it, a count no later occurrence reported was never logged. Called on every
+        pass of the sender thread and by :meth:`stop`."""
+        for topic, n in self._oversize_log.flush(force=final).items():
+            log.error("mqtt: %d more message(s) on %s not sent since the last report: larger than the broker's maximum "
+                      "packet size (%s bytes)", n, topic, self._out.max_packet)
+        for key, n in self._refused_log.flush(force=final).items():
+            if key == "reply":
+                log.error("mqtt: the broker refused %d more command reply(ies) since the last report, %d in all "
+                          "(replies_rejected); their requesters get no reply", n, self._counters["replies_rejected"])
+            else:
+                log.error("mqtt: the broker refused the retained message on %s %d more time(s) since the last report",
+                          key, n)
+        for n in self._id_log.flush(force=final).values():
+            log.warning("mqtt: %d more event(s) since the last report whose id cannot name its image as is (the "
+                        "event's image.topic names the topic)", n)
+
     def _on_message(self, client, userdata, message) -> None:
         try:   # paho's network thread dies with an exception from here, and with it every delivery
             self._take_command(client, message)
@@ -957,6 +994,7 @@ class MqttLink:
                     return
                 # the drops of the last pass (batched; at once while stopping, so stop() can send them)
                 self._out.report_drops(now=self._stopping)
+                self._log_held()
                 client = self._client
                 if client is None:
                     continue

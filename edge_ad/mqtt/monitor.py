@@ -10,19 +10,21 @@ kept as ``calibration_threshold``), last seen from the messages received live, e
 ``ts`` (when it connected or stopped; none for the will, nor for a ``ts`` ahead of the monitor's clock by
 more than ``clock_skew_s``). A device that is ``online`` but sent nothing for ``stale_after_s`` (by arrival
 times) shows as ``stale``. A device whose clock differs from the monitor's by more than ``clock_skew_s``
-(:data:`CLOCK_SKEW_S`, 60 s; estimated from live telemetry and status only: results and events may come from
-the outbox's backlog, so a device that sends no telemetry is not checked until it sends some or reconnects) is
+(:data:`CLOCK_SKEW_S`, 60 s; estimated from live telemetry and status; for a device this monitor hears neither
+from, from the ``ts`` of its new results, which may come from the outbox's backlog long after they were made: a
+clock ahead is flagged at once, one behind only from results that arrive at the pace they were made) is
 flagged: ``clock_offset_s``, ``clock_skew``, the table's ``CLOCK`` and a WARNING.
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device. The messages the
 device itself dropped and announced (``output_error`` events whose ``dropped`` names their ``seq`` ranges:
-a full outbox) are counted as dropped (``results_dropped``, ``events_dropped``; the table's ``DROPPED``),
-whichever comes first, the gap or the announcement; the rest as missing (``results_missing``,
-``events_missing``, ``last_gap``; the table's ``MISSING``), logged as a WARNING: unexplained, such as
-messages the broker dropped on the way to this monitor (Mosquitto's ``max_queued_messages``), or drops
-announced by id only (``too_large``, ``rejected``: ``message_ids``, no ``seq``). Repeats (at-least-once delivery) are not gaps, a late message fills its gap again,
-and a new outbox (the birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own
-reconnect (what was published meanwhile never reached it) starts counting afresh.
+a full outbox, a message too large for the broker or refused by it) are counted as dropped
+(``results_dropped``, ``events_dropped``; the table's ``DROPPED``), whichever comes first, the gap or the
+announcement; the rest as missing (``results_missing``, ``events_missing``, ``last_gap``; the table's
+``MISSING``), logged as a WARNING: unexplained, such as messages the broker dropped on the way to this
+monitor (Mosquitto's ``max_queued_messages``), or drops an older device announced by id only (``too_large``,
+``rejected``: ``message_ids``, no ``dropped``). Repeats (at-least-once delivery) are not gaps, a late message
+fills its gap again, and a new outbox (the birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the
+monitor's own reconnect (what was published meanwhile never reached it) starts counting afresh.
 """
 
 from __future__ import annotations
@@ -80,10 +82,11 @@ class DeviceRow:
     events_dropped: int = 0           # the same for events
     last_gap: dict | None = None      # {"kind", "from", "to", "missing", "dropped", "seen"}: the latest gap found
     outbox_instance: str | None = None
-    clock_offset_s: float | None = None   # the device's clock minus this monitor's (live telemetry and status)
+    clock_offset_s: float | None = None   # the device's clock minus this monitor's (telemetry and status, else results)
     _ng_from_telemetry: bool = field(default=False, repr=False)
     _heard: float | None = field(default=None, repr=False)       # receipt of the last live message (or the first)
-    _offsets: list = field(default_factory=list, repr=False)     # ts - receipt of the last fresh messages
+    _offsets: list = field(default_factory=list, repr=False)     # ts - receipt of the last telemetry and status
+    _result_times: list = field(default_factory=list, repr=False)   # (ts, receipt) of the last new results
     _seq: dict = field(default_factory=dict, repr=False)     # kind -> highest seq received
     _gaps: list = field(default_factory=list, repr=False)    # [kind, first, last] still open (a late one fills)
     _announced: list = field(default_factory=list, repr=False)   # [kind, first, last] announced, no gap seen yet
@@ -226,7 +229,11 @@ class FleetView:
         now = self.clock()
         getattr(self, f"_on_{kind}")(row, body)
         if kind in ("result", "event"):
-            self._check_seq(row, kind, _int(body.get("seq")), now)
+            seq, before = _int(body.get("seq")), row._seq.get(kind)
+            self._check_seq(row, kind, seq, now)
+            new = seq is not None and seq != before and row._seq.get(kind) == seq   # not a repeat, not a late one
+            if kind == "result" and new and not retained and not row._offsets:
+                self._check_clock_from_result(row, payloads.parse_time(body.get("ts")), now)
         if kind == "event" and body.get("type") == "output_error":
             self._announced_drops(row, body.get("dropped"))
         seen = self._seen_at(kind, body, retained, now)
@@ -242,11 +249,33 @@ class FleetView:
         """Estimate the device's clock offset from a message it sent just now: telemetry and status are
         published as they are made (never stored, never re-sent later), so ``ts - receipt`` is the offset
         less the message's delay; the largest over the last :data:`CLOCK_SAMPLES` is the estimate (results
-        and events may come from the outbox long after they were made, and are not used)."""
+        and events may come from the outbox long after they were made: results are used only for a device that
+        sends neither, :meth:`_check_clock_from_result`)."""
         if ts is None:
             return
         row._offsets = (row._offsets + [ts - now])[-CLOCK_SAMPLES:]
-        row.clock_offset_s = round(max(row._offsets), 1)
+        self._set_clock(row, max(row._offsets))
+
+    def _check_clock_from_result(self, row: DeviceRow, ts: float | None, now: float) -> None:
+        """A device this monitor hears no telemetry or status from (an ACL, a subscription to its results only):
+        the offset from its new results (the newest ``seq`` so far), ``ts - receipt``, the largest over the last
+        :data:`CLOCK_SAMPLES`. A result may come from the outbox's backlog, long after it was made: its sample is
+        the offset less that delay. So a clock ahead is flagged at once (nothing arrives before it is made), and
+        one behind only from results that came at the pace they were made (two or more, their arrival spread at
+        least half their ``ts`` spread): a backlog sent after a reconnect arrives much faster than it was made,
+        and its old ``ts`` says nothing of the clock."""
+        if ts is None:
+            return
+        row._result_times = (row._result_times + [(ts, now)])[-CLOCK_SAMPLES:]
+        offset = max(t - r for t, r in row._result_times)
+        if offset < -self.clock_skew_s:
+            (t0, r0), (t1, r1) = row._result_times[0], row._result_times[-1]
+            if len(row._result_times) < 2 or r1 - r0 < (t1 - t0) / 2:
+                return                    # one result, or a backlog catching up: not a clock
+        self._set_clock(row, offset)
+
+    def _set_clock(self, row: DeviceRow, offset: float) -> None:
+        row.clock_offset_s = round(offset, 1)
         if row.clock_skewed(self.clock_skew_s) and self._skew_log.hit(f"{row.site}/{row.device}"):
             off = row.clock_offset_s
             log.warning("monitor: %s/%s: clock skew %+.0f s: its clock is %.0f s %s this monitor's (its messages' ts "
@@ -303,8 +332,8 @@ class FleetView:
             log.warning("monitor: %s/%s: %s seq %d..%d never arrived, %d of them not announced by the device (%d "
                         "missing since the last report, %d results and %d events in all): lost between the device "
                         "and this monitor, e.g. by the broker (Mosquitto's max_queued_messages: see docs/mqtt.md, "
-                        "'The broker'), or dropped by the device and named by id only (too_large, rejected) or in an "
-                        "output_error event that did not reach this monitor",
+                        "'The broker'), or dropped by the device and announced in an output_error event that did not "
+                        "reach this monitor (or named by id only, by an older device)",
                         row.site, row.device, kind, last + 1, seq - 1, missing, since, row.results_missing,
                         row.events_missing)
 

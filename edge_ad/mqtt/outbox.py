@@ -134,6 +134,14 @@ class DropNames:
         else:
             k["seq_more"] = 1
 
+    def spills(self, kind: str, seq: int | None) -> bool:
+        """Would :meth:`add` of ``seq`` (of ``kind``) count it in ``seq_more`` instead of a listed range?"""
+        k = self.kinds.get(kind)
+        if seq is None or k is None:
+            return False
+        ranges = k.get("seq", [])
+        return "seq_more" in k or (len(ranges) >= SEQ_RANGES_MAX and seq != ranges[-1][1] + 1)
+
     def report(self) -> dict:
         """``{"count", "kinds": {kind: {"count", "first_id", "last_id", "seq"?, "seq_more"?}}, "ids"}``"""
         kinds = {kind: {key: v for key, v in k.items() if v is not None} for kind, k in self.kinds.items()}
@@ -162,6 +170,11 @@ class Row:
     created: float          # unix time of the write
     msg_id: str | None      # the payload's id (results, events) or the event id (images)
     meta: dict
+
+    @property
+    def seq(self) -> int | None:
+        """The ``seq`` of a result or event (read from its payload), None for an image."""
+        return None if self.kind == "image" else _seq_of(self.payload)
 
 
 class Outbox:

@@ -69,11 +69,16 @@ def _default(obj: Any) -> Any:
 
 
 def encode(obj: Any, what: str = "payload") -> bytes:
-    """Compact UTF-8 JSON. Raises :class:`InputError` naming ``what`` for NaN / infinity or a value
-    JSON cannot hold."""
+    """Compact UTF-8 JSON. Raises :class:`InputError` naming ``what`` for NaN / infinity, a string that is not
+    valid Unicode (a lone surrogate) or a value JSON cannot hold."""
     try:
         return json.dumps(obj, separators=(",", ":"), default=_default, allow_nan=False,
                           ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:   # a ValueError too, but not a NaN
+        bad = exc.object[exc.start:exc.end].encode("utf-8", "backslashreplace").decode("ascii")
+        near = exc.object[max(0, exc.start - 40):exc.start].encode("utf-8", "backslashreplace").decode("utf-8")
+        raise InputError(f"{what}: a string is not valid Unicode: it holds a lone surrogate ({bad}), which has no "
+                         f"UTF-8 form (after ...{near})") from None
     except ValueError as exc:
         raise InputError(f"{what}: {exc} (NaN and infinity are not valid JSON)") from None
     except TypeError as exc:

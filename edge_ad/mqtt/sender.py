@@ -97,6 +97,7 @@ class _Inflight:
     topic: str = ""
     size: int = 0           # bytes of the PUBLISH packet
     refusals: int = 0       # times the broker refused it for now before this send (PUBACK "try later")
+    seq: int | None = None  # a result's or event's seq (names it if it is dropped)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -249,9 +250,10 @@ class OutboxSender:
         props = image_properties(row.msg_id) if row.kind == "image" and v5 else None
         size = publish_size(row.topic, len(row.payload), row.qos, props, v5)
         limit = self.max_packet
+        seq = row.seq
         if limit is not None and size > limit:
             # the broker would disconnect us for it, at every reconnect, the outbox waiting behind it
-            self._drop(row.id, row.kind, row.msg_id, row.topic, size, "too_large",
+            self._drop(row.id, row.kind, row.msg_id, seq, row.topic, size, "too_large",
                        f"its {size}-byte packet is larger than the broker's maximum packet size ({limit} bytes, "
                        "announced at connect)", f"larger than the broker's maximum packet size, {limit} bytes",
                        max_packet_size=limit)
@@ -263,7 +265,7 @@ class OutboxSender:
             return False
         self._abandoned.pop(info.mid, None)   # paho reused the id (65535 messages later): that copy is gone
         self._inflight[info.mid] = _Inflight(row.id, row.kind, row.msg_id, row.created, time.monotonic(),
-                                             row.topic, size, refusals)
+                                             row.topic, size, refusals, seq)
         self.counters["published"] += 1
         return True
 
@@ -310,15 +312,16 @@ class OutboxSender:
             log.error("mqtt: message on %s, in flight at the reconnect, could not be sent again: %s", message.topic,
                       paho.error_string(info.rc))
 
-    def _drop(self, row_id: int, kind: str, msg_id: str | None, topic: str, size: int, reason: str, why: str,
-              note: str, **fields) -> None:
+    def _drop(self, row_id: int, kind: str, msg_id: str | None, seq: int | None, topic: str, size: int, reason: str,
+              why: str, note: str, **fields) -> None:
         """Drop a message the broker will not take from the outbox (counted in ``dropped_by[reason]``: ``too_large``,
-        ``rejected``); ``why`` says why in the log and the event, ``note`` in the log's "N more" line; ``fields``
-        (``max_packet_size``, ``reason_code``) go into the event. It is
-        logged at once, then at most once a minute with how many since (:meth:`report_drops` logs what is held
-        back once the minute is over, and at the stop), and announced through ``on_drop`` by
-        :meth:`report_drops`: every dropped message, batched (a burst of them, after a limit was lowered, is one
-        report), so a consumer waiting for an image an event announced is told it will not come."""
+        ``rejected``); ``seq`` is a result's or event's (None for an image): the event names it by its ``seq`` as a
+        full outbox's drops are named; ``why`` says why in the log and the event, ``note`` in the log's "N more"
+        line; ``fields`` (``max_packet_size``, ``reason_code``) go into the event. It is logged at once, then at
+        most once a minute with how many since (:meth:`report_drops` logs what is held back once the minute is
+        over, and at the stop), and announced through ``on_drop`` by :meth:`report_drops`: every dropped message,
+        batched (a burst of them, after a limit was lowered, is one report), so a consumer waiting for an image an
+        event announced is told it will not come, and a monitor counts the gap in ``seq`` as dropped."""
         if self._suspect is not None and self._suspect[0] == row_id:
             self._suspect = None
         try:
@@ -328,7 +331,7 @@ class OutboxSender:
             log.error("mqtt: %s; retried on every pass", exc)
         self._drop_notes[reason] = note
         with self._drops_lock:
-            self._drops.append({"reason": reason, "kind": kind, "message_id": msg_id, "topic": topic,
+            self._drops.append({"reason": reason, "kind": kind, "message_id": msg_id, "seq": seq, "topic": topic,
                                 "bytes": size, "max_packet_size": None, "reason_code": None, **fields,
                                 "error": f"{kind} {msg_id} on {topic} dropped: {why}",
                                 "dropped_total": self.outbox.dropped_by.get(reason, 0)})
@@ -444,7 +447,7 @@ class OutboxSender:
         code = reason_value(reason)
         text = reason_text(reason) + (f" (reason code 0x{code:02X})" if code is not None else "")
         if code in PERMANENT_REFUSALS:
-            self._drop(entry.row_id, entry.kind, entry.msg_id, entry.topic, entry.size, "rejected",
+            self._drop(entry.row_id, entry.kind, entry.msg_id, entry.seq, entry.topic, entry.size, "rejected",
                        f"the broker refused it: {text}; sending it again cannot change that",
                        f"refused by the broker, the last: {text}", reason_code=code)
             return

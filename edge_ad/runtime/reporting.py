@@ -53,6 +53,7 @@ class Reporter:
         # failed writes per output (a full disk, a broken outbox): the decision went on to the other outputs
         self.output_errors = {"jsonl": 0, "outbox": 0, "snapshots": 0, "telemetry": 0}
         self._output_log = LogLimiter()   # per output: logged (and an event) at most once a minute
+        self._output_why: dict[str, str] = {}   # per output: the last failure (for the report at the stop)
         self.last_result: dict | None = None
 
     # ------------------------------------------------------------------ drift
@@ -132,17 +133,18 @@ class Reporter:
 
     def _output_failed(self, output: str, frame: int | None, exc: BaseException) -> None:
         """Count a failed write; log it and publish an ``output_error`` event at most once a minute per
-        output (with how many failed since: :class:`~edge_ad.ratelimit.LogLimiter`), never once per frame."""
+        output (with how many failed since: :class:`~edge_ad.ratelimit.LogLimiter`), never once per frame; what
+        that holds back is reported at the stop (:meth:`report_held_failures`)."""
         self.output_errors[output] += 1
         if output == "jsonl" and isinstance(exc, BrokenPipeError) and self.on_reader_gone is not None:
             # `--jsonl /dev/stdout | consumer` and the consumer exited: every line from now on would be lost;
             # the run stops (the stop logs why), so no "inspection goes on" error
             self.on_reader_gone(f"the reader of the result log {self.jsonl.path} closed the pipe")
             return
+        what = self._output_why[output] = f"{type(exc).__name__}: {exc}"
         since = self._output_log.hit(output)
         if not since:
             return
-        what = f"{type(exc).__name__}: {exc}"
         log.error("%s: writing%s failed (%s); %d failed write(s) since the last report, %d in all; "
                   "inspection goes on (reported again in %.0f s at the earliest)", output,
                   "" if frame is None else f" frame {frame}", what, since,
@@ -244,6 +246,17 @@ class Reporter:
             req.deliver(rec)
         self.latency.add((time.perf_counter() - t0) * 1000.0)
         return rec
+
+    def report_held_failures(self) -> None:
+        """At the stop: the failed writes the once-a-minute report held back (:meth:`_output_failed`; no later
+        failure reports them now), one ERROR and one ``output_error`` event per output, so the log and the events
+        account for every one (as ``output_errors`` does)."""
+        for output, n in self._output_log.flush(force=True).items():
+            what = self._output_why.get(output, "unknown")
+            log.error("%s: %d more failed write(s) since the last report (the last: %s), %d in all", output, n, what,
+                      self.output_errors[output])
+            self.event({"type": "output_error", "output": output, "error": what, "failed": n,
+                        "failed_total": self.output_errors[output]})
 
     def close(self) -> None:
         if self.jsonl is not None:

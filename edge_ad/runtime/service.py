@@ -991,6 +991,7 @@ class Service:
         except Exception as exc:  # never let telemetry block the shutdown
             log.warning("final telemetry failed: %s", exc)
             final = {}
+        self.reporter.report_held_failures()   # before the link stops: their events still go out
         if "reporting" in busy:   # a write still hangs: closing the log under it would lose that line too
             log.warning("the result log is left open: the reporting thread is still writing")
         else:
