@@ -1785,17 +1785,18 @@ def test_an_archive_with_a_bad_manifest_is_refused_even_without_golden_check(tin
 
 
 # ----------------------------------------------------------------------------- the runtime's update_model
-def _line(tmp_path, deploy: Path, health: str = "", **model):
-    """A line on ``deploy`` (``model``: more [model] fields; ``health``: the [health] section's lines), its
-    config file reloadable ('reload config')."""
+def _line(tmp_path, deploy: Path, health: str = "", jsonl: str = "", max_frames: int | None = None, **model):
+    """A line on ``deploy`` (``model``: more [model] fields; ``health``: the [health] section's lines; ``jsonl``:
+    the result log; ``max_frames``: for run()), its config file reloadable ('reload config')."""
     from edge_ad.config import load_settings
     from edge_ad.runtime.service import Service
 
     extra = "".join(f'{k} = "{v}"\n' for k, v in model.items())
     cfg = tmp_path / "line.toml"
     cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n{extra}[source]\nuri = "synthetic://disc?size=64"\n'
-                   f'[output]\njsonl = ""\n[health]\n{health}')
-    return Service(load_settings(cfg), install_signals=False, reload_settings=lambda: load_settings(cfg))
+                   f'[output]\njsonl = "{jsonl}"\n[telemetry]\ntegrastats = false\n[health]\n{health}')
+    return Service(load_settings(cfg), install_signals=False, reload_settings=lambda: load_settings(cfg),
+                   max_frames=max_frames)
 
 
 def _update(svc, archive: Path, **args):
@@ -3077,17 +3078,87 @@ def test_a_failed_release_whose_rollback_was_given_up_is_rolled_back_by_a_restar
         held.release()
         svc.inspector.backend.close()
     assert deployment(deploy).health == "pending"
-    svc = _line(tmp_path, deploy)                                   # the restart
+    results = tmp_path / "results.jsonl"
+    svc = _line(tmp_path, deploy, jsonl=str(results), max_frames=30)   # the restart
+    [ev] = _health_events(svc)
+    assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+        "failed", "done", failing, r1.release)
+    assert ev["reason"].startswith(f"release {failing} failed its health check before this start") \
+        and "error rate" in ev["reason"]
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (r1.release, "rolled_back") and svc.inspector.model_hash == a.model_hash()
+    assert svc.reporter.health is None                              # the release restored ran before: not watched
+    assert svc.run()["frames"] == 30
+    assert {json.loads(line)["model_hash"] for line in results.read_text().splitlines()} == {a.model_hash()}
+
+
+def _failed_before_restart(bundles, tmp_path, previous: bool = True):
+    """A deploy folder whose pending release in force holds a failed health verdict (the line stopped while its
+    rollback waited): (deploy, the failed release, the release before it, or None with ``previous`` false)."""
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = None
+    if previous:
+        r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False).release
+    failing = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False).release
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0))
+    held = _HeldElsewhere(deploy)
     try:
-        for _ in range(HealthLimits().min_frames):
-            svc.reporter.health.record(ng=False)                    # frames that would pass without a baseline
-        svc._check_health()
-        [ev] = _health_events(svc)
-        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
-            "failed", "done", failing, r1.release)
-        assert "failed its health check before this start" in ev["reason"] and "error rate" in ev["reason"]
-        dep = deployment(deploy)
-        assert (dep.current, dep.health) == (r1.release, "rolled_back") and svc.inspector.model_hash == a.model_hash()
+        assert watch.poll().rollback == "waiting"                   # the verdict is kept; the line stops here
+    finally:
+        held.release()
+    assert deployment(deploy).current == failing
+    return deploy, failing, r1
+
+
+def test_a_restart_rolls_a_release_that_failed_its_health_check_back_before_it_inspects_a_frame(bundles,
+                                                                                               tmp_path):
+    """The restart rolled the failed release back at the supervisor's first health check, about 0.1 s after the
+    pipeline started: a fast line inspected frames with the model known to be wrong first (10 of 40 here). The
+    start rolls it back before the model is opened."""
+    a = bundles[0]
+    deploy, failing, r1 = _failed_before_restart(bundles, tmp_path)
+    results = tmp_path / "results.jsonl"
+    svc = _line(tmp_path, deploy, jsonl=str(results), max_frames=40)
+    assert svc.run()["frames"] == 40
+    assert {json.loads(line)["model_hash"] for line in results.read_text().splitlines()} == {a.model_hash()}
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous, dep.health) == (r1, failing, "rolled_back")
+    [ev] = _health_events(svc)
+    assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+        "failed", True, "done", failing, r1)
+    assert "no frames processed within 0 s" in ev["reason"]
+
+
+def test_a_failed_release_that_cannot_be_rolled_back_at_start_is_not_run(bundles, tmp_path, caplog):
+    """No release to roll back to: the start fails (exit 1, systemd tries again) naming the verdict and how to go
+    on, rather than inspect with a model known to be wrong; with [health] enabled = false it runs, with a
+    WARNING."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy, failing, _ = _failed_before_restart(bundles, tmp_path, previous=False)
+    marker = deploy / "releases" / failing / deploy_mod.HEALTH_FAILED
+    with pytest.raises(RuntimeFailure) as err:
+        _line(tmp_path, deploy)
+    msg = str(err.value)
+    assert msg.startswith(f"release {failing} failed its health check before this start ({marker}: no frames "), msg
+    assert "; and it cannot be rolled back (" in msg and "no previous release to roll back to" in msg
+    assert msg.endswith("edge-ad run does not inspect with a release that failed its health check: switch to a "
+                        "kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle status') or "
+                        f"install another, or, to run this one anyway, delete {marker}"), msg
+    assert deployment(deploy).current == failing
+    res = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "line.toml"), "--max-frames", "1"])
+    assert res.exit_code == 1 and "does not inspect with a release that failed" in res.stderr, res.output
+    caplog.set_level(logging.WARNING)
+    svc = _line(tmp_path, deploy, health="enabled = false\n")
+    try:
+        assert svc.inspector.model_hash == bundles[1].model_hash() and svc.reporter.health is None
+        assert any(r.levelno == logging.WARNING and "[health] enabled = false: not rolled back" in r.getMessage()
+                   for r in caplog.records)
     finally:
         svc.inspector.backend.close()
 

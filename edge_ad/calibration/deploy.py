@@ -1070,6 +1070,29 @@ def judge_health(frames: int, errors: int, ng: int, elapsed_s: float, baseline_n
     return "pending", f"{frames} of {limits.min_frames} frames"
 
 
+def failed_marker(deploy_dir: str | os.PathLike, release: str | None) -> Path | None:
+    """Where a failed health verdict on ``release`` is kept (:data:`HEALTH_FAILED`); None for no release."""
+    if release is None or "/" in release:
+        return None
+    return Path(deploy_dir) / RELEASES / release / HEALTH_FAILED
+
+
+def failed_before(deploy_dir: str | os.PathLike, release: str | None) -> str | None:
+    """``failed its health check before this start (MARKER: REASON (judged at TIME))`` when ``release`` holds
+    a failed verdict (:data:`HEALTH_FAILED`: its rollback was still owed, or given up, when the line stopped),
+    else None. :class:`HealthWatch` fails such a release at its first poll; ``edge-ad run`` rolls it back
+    before it inspects a frame (:meth:`edge_ad.runtime.service.Service._open_model`)."""
+    m = failed_marker(deploy_dir, release)
+    if m is None or not m.is_file():
+        return None
+    try:
+        was = json.loads(m.read_text("utf-8"))
+        why = f"{was['reason']} (judged at {was['time']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        why = "an unreadable record"
+    return f"failed its health check before this start ({m}: {why})"
+
+
 class HealthWatch:
     """Watches the first frames after a model switch; rolls back when they look wrong.
 
@@ -1121,20 +1144,10 @@ class HealthWatch:
         self._failed_before = self._read_failed()
 
     def _marker(self) -> Path | None:
-        if self.deploy_dir is None or self.release is None or "/" in self.release:
-            return None
-        return self.deploy_dir / RELEASES / self.release / HEALTH_FAILED
+        return None if self.deploy_dir is None else failed_marker(self.deploy_dir, self.release)
 
     def _read_failed(self) -> str | None:
-        m = self._marker()
-        if m is None or not m.is_file():
-            return None
-        try:
-            was = json.loads(m.read_text("utf-8"))
-            why = f"{was['reason']} (judged at {was['time']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            why = "an unreadable record"
-        return f"failed its health check before this start ({m}: {why})"
+        return None if self.deploy_dir is None else failed_before(self.deploy_dir, self.release)
 
     def _keep_failed(self, reason: str) -> None:
         """Record the failed verdict in the release (atomic; no deploy lock needed): a restart before the rollback

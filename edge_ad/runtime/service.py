@@ -142,8 +142,10 @@ class Service:
     def _open_model(self) -> tuple[Bundle, Any]:
         """The bundle ``run`` inspects with, opened on the line's backend. A pending release of the deploy folder
         ('edge-ad bundle install' while the line was stopped) that cannot be opened so is rolled back, and the
-        restored release opens instead: a crash loop on a release the line cannot run helps nobody."""
+        restored release opens instead: a crash loop on a release the line cannot run helps nobody. So is one
+        that failed its health check before this start (:meth:`_roll_back_failed`), before it inspects a frame."""
         s = self.settings
+        self._roll_back_failed()
         try:
             bundle = Bundle.open(s.model.bundle_path(), verify=True)
             return bundle, open_inspector(bundle, s)
@@ -166,20 +168,51 @@ class Service:
         dep = deployment(m.deploy_dir)
         return dep if dep.health == "pending" and dep.current_path is not None else None
 
+    def _roll_back_failed(self) -> None:
+        """A pending release that failed its health check before this start (the line stopped while its rollback
+        waited, or after it was given up: :func:`edge_ad.calibration.deploy.failed_before`) is rolled back here,
+        before a frame is inspected with it, with a ``model_health`` event; the restored release opens instead.
+        When it cannot be rolled back (no previous release, a damaged ``previous`` link, the deploy folder locked
+        or full) the start fails saying how to go on: the line does not inspect with a model known to be wrong.
+        With ``[health] enabled = false`` it is left in force, with a WARNING."""
+        from ..calibration.deploy import failed_before, failed_marker
+
+        dep = self._pending_release()
+        why = failed_before(dep.deploy_dir, dep.current) if dep is not None else None
+        if why is None:
+            return
+        marker = failed_marker(dep.deploy_dir, dep.current)
+        if not self.settings.health.enabled:
+            log.warning("release %s %s; [health] enabled = false: not rolled back, it inspects (roll back with "
+                        "'edge-ad bundle rollback')", dep.current, why)
+            return
+        try:
+            self._roll_back_at_start(dep, f"release {dep.current} {why}", None)
+        except RuntimeFailure as exc:
+            raise RuntimeFailure(f"{exc}; edge-ad run does not inspect with a release that failed its health check: "
+                                 "switch to a kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle "
+                                 f"status') or install another, or, to run this one anyway, delete {marker}") from exc
+
     def _roll_back_unopenable(self, dep, exc: BaseException):
         """Roll the pending release ``dep.current`` back because the line cannot open it (``exc``)."""
         from ..calibration.deploy import run_as
 
         m = self.settings.model
-        back, reason = self._roll_back(dep.current, f"release {dep.current} cannot be opened as the line runs it "
-                                                    f"({run_as(m.backend, m.precision, m.device)}): {exc}", exc)
+        return self._roll_back_at_start(dep, f"release {dep.current} cannot be opened as the line runs it "
+                                             f"({run_as(m.backend, m.precision, m.device)}): {exc}", exc)
+
+    def _roll_back_at_start(self, dep, reason: str, exc: BaseException | None):
+        """Roll the pending release ``dep.current`` back before the line runs it (``reason``, from ``exc`` when an
+        error): the state after it. Its ``model_health`` event waits in ``_startup_rollback`` (sent once the
+        outputs are built, or by the reload that asked)."""
+        back, reason = self._roll_back(dep.current, reason, exc)
         log.error("%s; rolled back to %s", reason, back.current)
         self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
-                                  "release": dep.current, "rolled_back": True, "restored": str(back.current_path),
-                                  "rolled_back_to": back.current}
+                                  "release": dep.current, "rolled_back": True, "rollback": "done",
+                                  "restored": str(back.current_path), "rolled_back_to": back.current}
         return back
 
-    def _roll_back(self, release: str, reason: str, exc: BaseException):
+    def _roll_back(self, release: str, reason: str, exc: BaseException | None):
         """Roll ``release``, the deploy folder's release in force, back to the previous one because the line cannot
         run it (``reason``, from ``exc``): (the state after the rollback, ``reason`` plus what its record lacks when
         it is incomplete). When it cannot be rolled back (no previous release or one that cannot be opened; a full
