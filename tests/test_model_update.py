@@ -1875,6 +1875,11 @@ def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, g
             _update(svc, new)
         dep = deployment(deploy)
         assert dep.current == first.release and dep.health == "rolled_back"
+        [ev] = _health_events(svc)                                      # as a health-check rollback says it
+        assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+            "failed", True, "done", dep.previous, first.release)
+        assert ev["reason"] == f"update_model: {dep.previous} was installed but could not be swapped in (out of " \
+                               "device memory)"
     finally:
         svc.inspector.backend.close()
 

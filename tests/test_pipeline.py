@@ -906,6 +906,48 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         svc.thread.join(30)
 
 
+def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path, mosquitto, caller, monkeypatch):
+    """update_model installed a release the loop then could not swap in, and rolled it back: the fleet got the
+    command's failed reply only, no model_health event naming the release and the one rolled back to, as a
+    health-check rollback sends."""
+    from edge_ad.atomic import sha256_file
+    from edge_ad.calibration import deployment, install_bundle, pack_bundle
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt import BrokerSettings, schema
+    from edge_ad.mqtt.collector import Collector
+    from fixtures_bundle import make_tiny_bundle
+
+    deploy = tmp_path / "deploy"
+    first = install_bundle(pack_bundle(make_tiny_bundle(tmp_path / "first").path, tmp_path / "first.tar"), deploy,
+                           require_golden=False)
+    archive = pack_bundle(make_tiny_bundle(tmp_path / "second", pool=4).path, tmp_path / "second.tar")
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/event") as col:
+        svc = _start(tmp_path, None, mosquitto, model__deploy_dir=str(deploy))
+        try:
+            def fail(bundle, reason):
+                raise RuntimeFailure("out of device memory")
+
+            monkeypatch.setattr(svc, "_swap_model", fail)
+            err = caller("update_model", {"url": str(archive), "sha256": sha256_file(archive)}, ok=False, timeout=120)
+            new = max(p.name for p in (deploy / "releases").iterdir())
+            assert f"'current' is back on {first.release}" in err["message"]
+            assert deployment(deploy).current == first.release
+
+            def health(c):
+                return [m.json() for m in c.of_kind("event") if m.json().get("type") == "model_health"]
+
+            assert col.wait_for(lambda c: health(c), timeout=10)
+            [ev] = health(col)
+            assert schema.errors("event", ev) == [], ev
+            assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"],
+                    ev["restored"]) == ("failed", True, "done", new, first.release, str(first.path))
+            assert ev["reason"] == (f"update_model: {new} was installed but could not be swapped in (out of device "
+                                    "memory)")
+        finally:
+            svc.stop("test over")
+            svc.thread.join(30)
+
+
 def test_pacing_wait_is_not_capture_time_nor_latency(tmp_path, tiny_bundle):
     """A source paced at fps=4 waits 250 ms before each read after the first: the capture stage (and the
     latency, which starts with it) is the read, not that wait (it was 250 ms per frame)."""

@@ -207,9 +207,7 @@ class Service:
         outputs are built, or by the reload that asked)."""
         back, reason = self._roll_back(dep.current, reason, exc)
         log.error("%s; rolled back to %s", reason, back.current)
-        self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
-                                  "release": dep.current, "rolled_back": True, "rollback": "done",
-                                  "restored": str(back.current_path), "rolled_back_to": back.current}
+        self._startup_rollback = _rolled_back_event(dep.current, reason, back)
         return back
 
     def _roll_back(self, release: str, reason: str, exc: BaseException | None):
@@ -622,7 +620,8 @@ class Service:
         The golden check runs the line's backend, precision and device, and the candidate is opened as the
         line opens it before ``current`` moves; should the swap still fail, ``current`` goes back to the
         running release and the update is reported failed (a RuntimeFailure naming the release in force, also
-        when that rollback cannot be written: :meth:`_roll_back`). On a TensorRT line the candidate's engine is
+        when that rollback cannot be written: :meth:`_roll_back`), a rollback made with a ``model_health`` event
+        as a health-check rollback sends. On a TensorRT line the candidate's engine is
         built and guarded first, on the golden set's good/ images (else its recorded training data when it
         is on this machine; else the update is refused)."""
         from urllib.parse import urlsplit
@@ -701,6 +700,7 @@ class Service:
                     dep, why = self._roll_back(res.release, why, exc)
                 except RuntimeFailure as failure:   # never an OSError out of the command: the state it left, said
                     raise RuntimeFailure(f"{failure}; the running model is unchanged") from exc
+                self.event(_rolled_back_event(res.release, why, dep))   # as a health-check rollback says it
                 raise RuntimeFailure(f"{why}; 'current' is back on {dep.current}, the running model is "
                                      "unchanged") from exc
             watched = not res.already_installed and self._watch_health(res.release, baseline, "update_model")
@@ -1068,6 +1068,14 @@ class Service:
         log.info("edge-ad run finished: %s", summary)
         self.finished = True
         return summary
+
+
+def _rolled_back_event(release: str, reason: str, back) -> dict:
+    """The ``model_health`` event of ``release`` rolled back before the line ran it (it cannot be opened, it failed
+    its health check before a restart, update_model could not swap it in): ``back`` is the deploy folder's state
+    after the rollback, as a health-check rollback's event names it."""
+    return {"type": "model_health", "status": "failed", "reason": reason, "release": release, "rolled_back": True,
+            "rollback": "done", "restored": str(back.current_path), "rolled_back_to": back.current}
 
 
 _FETCH_SCHEMES = ("file", "http", "https")   # and a plain local path (no scheme)
