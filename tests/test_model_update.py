@@ -2332,30 +2332,25 @@ def test_the_supervisor_logs_a_recurring_health_check_error_once_then_rate_limit
                                          "report; reported again in 60 s at the earliest)"], said
 
 
-@pytest.mark.parametrize("link", ["current", "previous"])
-def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundles, tmp_path, link):
+def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundles, tmp_path):
     """'bundle status' said "exists but is not a symlink" without how to repair it, and doctor's fix said to
     install a bundle, which is refused on such a folder too. Both name the damage and the command that repairs
-    it (the release deploy.json records there); after it, status reads the folder again."""
+    it (the release deploy.json records there); after it, status reads the folder again. (A damaged 'previous':
+    test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollback.)"""
     import os
 
     from click.testing import CliRunner
 
     from edge_ad.cli import main
 
+    link = "current"
     deploy, r1 = _installed_twice(bundles, tmp_path)
     before = deployment(deploy)
-    rid = before.current if link == "current" else r1.release
+    rid = before.current
     p = deploy / link
-    if link == "current":
-        _copied_over_current(deploy)
-        fix = f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p}"
-        what = f"{p}: a folder, not a symlink (a release copied over the link?)"
-    else:
-        os.unlink(p)
-        os.symlink(deploy / "releases" / rid, p)                        # absolute: not releases/<id>
-        fix = f"point it at a kept release: ln -sfn releases/{rid} {p}"
-        what = f"{p}: points at {deploy / 'releases' / rid}; expected releases/<id>"
+    _copied_over_current(deploy)
+    fix = f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p}"
+    what = f"{p}: a folder, not a symlink (a release copied over the link?)"
     fix += f" ({rid}: the release deploy.json records as '{link}')"
     r = CliRunner()
     res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
@@ -2367,13 +2362,141 @@ def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundl
     [check] = [c for c in json.loads(res.stdout)["checks"] if c["name"] == "bundle"]
     assert check["status"] == "fail" and check["detail"].startswith(f"run cannot find the bundle: {what}")
     assert check["fix"] == fix
-    if link == "current":                                               # the repair, as said
-        os.rename(p, f"{p}.damaged")
-    else:
-        os.unlink(p)
+    os.rename(p, f"{p}.damaged")                                        # the repair, as said
     os.symlink(f"releases/{rid}", p)
     assert deployment(deploy) == before
     assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0
+
+
+def _damage_previous(deploy: Path, damage: str, rid: str) -> tuple[str, str]:
+    """Damage the 'previous' link (it points at ``rid``): (what the error says, the repair it gives)."""
+    import os
+
+    p = deploy / "previous"
+    os.unlink(p)
+    if damage == "folder":
+        shutil.copytree(deploy / "releases" / rid, p)                  # a release copied over the link
+        return (f"{p}: a folder, not a symlink (a release copied over the link?); the deploy folder layout is "
+                "releases/<id> plus 'current' and 'previous' symlinks",
+                f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p} "
+                f"({rid}: the release deploy.json records as 'previous')")
+    target = deploy / "releases" / rid if damage == "absolute" else Path("../elsewhere")   # the latter dangling
+    os.symlink(target, p)
+    return (f"{p}: points at {target}; expected releases/<id>",
+            f"point it at a kept release: ln -sfn releases/{rid} {p} ({rid}: the release deploy.json records as "
+            "'previous')")
+
+
+@pytest.mark.parametrize("damage", ["folder", "absolute", "outside"])
+def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollback(bundles, tmp_path, caplog,
+                                                                                   damage):
+    """A damaged 'previous' (not a link, pointing outside releases/) made 'edge-ad run' refuse to start (exit 2),
+    though the line can run its release in force: only a rollback needs 'previous'. The line now starts with a
+    WARNING naming the damage and its repair; 'bundle status' and doctor show it; every rollback (by hand, the
+    health check's, update_model's after a failed swap) and every install (which point 'previous' at the release
+    they replace) refuse with the damage and its repair, nothing changed. A healthy verdict is recorded, keeping
+    deploy.json's 'previous' for the repair to name."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    what, fix = _damage_previous(deploy, damage, r1.release)
+    before = sorted(p.name for p in (deploy / "releases").iterdir())
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 0 and f"current: {failing}  previous: DAMAGED  health: pending" in res.stdout
+    assert f"warning: {what}: the line runs its release in force, but no rollback or install" in res.stderr
+    assert fix in res.stderr, res.stderr
+    status = json.loads(r.invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"]).stdout)
+    assert status["previous"] is None and status["previous_damaged"] == f"{what}; {fix}"
+    cfg = tmp_path / "doctor.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n[source]\nuri = "synthetic://disc"\n')
+    res = r.invoke(main, ["doctor", "--config", str(cfg), "--json"])
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    assert checks["bundle"]["status"] == "ok" and checks["rollback"]["status"] == "warn", res.output
+    assert checks["rollback"]["detail"].startswith(what) and checks["rollback"]["fix"] == fix
+    for args in ([], ["--to", r1.release]):                             # by hand
+        res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy), *args])
+        assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
+    res = r.invoke(main, ["bundle", "install", str(pack_bundle(bundles[2].path, tmp_path / "c.tar")), "--deploy",
+                          str(deploy), "--no-golden"])
+    assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
+    assert deployment(deploy).current == failing and sorted(p.name for p in (deploy / "releases").iterdir()) == before
+
+    caplog.set_level(logging.WARNING)
+    svc = _line(tmp_path, deploy)                                       # the line starts
+    try:
+        assert svc.inspector.model_hash == bundles[1].model_hash() and svc.reporter.health.release == failing
+        [warn] = [m.getMessage() for m in caplog.records if "no rollback" in m.getMessage()]
+        assert warn == (f"{what}; {fix}; the line runs its release in force, {failing}, but no rollback (edge-ad "
+                        "bundle rollback, the health check's, update_model's after a failed swap) can be made until "
+                        "it is repaired")
+        update = _mqtt_update_model(svc)                                # update_model: its install refuses
+        archive = pack_bundle(bundles[2].path, tmp_path / "c.tar")
+        from edge_ad.atomic import sha256_file
+
+        body = update({"url": str(archive), "sha256": sha256_file(archive)})
+        assert not body["ok"] and body["error"]["message"] == f"update_model: {what}; {fix}", body
+        _failing_frames(svc)                                            # the health check's rollback
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"]) == ("failed", "impossible", failing)
+        assert ev["reason"].endswith(f"; rollback impossible: {what}; {fix}"), ev["reason"]
+        assert deployment(deploy).current == failing and svc.inspector.model_hash == bundles[1].model_hash()
+    finally:
+        svc.inspector.backend.close()
+    assert sorted(p.name for p in (deploy / "releases").iterdir()) == before
+
+
+def test_a_healthy_verdict_is_recorded_beside_a_damaged_previous_link(bundles, tmp_path):
+    """The record needs no 'previous'; deploy.json keeps the one it records, which the repair names."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    what, fix = _damage_previous(deploy, "absolute", r1.release)
+    svc = _line(tmp_path, deploy)
+    try:
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)
+        svc._check_health()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["record"]) == ("ok", "done")
+    finally:
+        svc.inspector.backend.close()
+    dep = deployment(deploy)
+    assert dep.health == "ok" and dep.detail["previous"] == r1.release and str(dep.previous_damaged) == f"{what}; {fix}"
+
+
+def test_update_models_rollback_after_a_failed_swap_refuses_a_damaged_previous_link(bundles, tmp_path, monkeypatch):
+    """'previous' damaged after the install (by hand, meanwhile): the rollback is refused with the damage and its
+    repair, and the reply says the state left."""
+    from edge_ad.atomic import sha256_file
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    svc = _line(tmp_path, deploy)
+    update = _mqtt_update_model(svc)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
+
+    damaged = []
+
+    def fail(bundle, reason):                                           # 'previous' damaged after the install
+        damaged.extend(_damage_previous(deploy, "folder", deployment(deploy).previous))
+        raise RuntimeFailure("out of device memory")
+
+    try:
+        monkeypatch.setattr(svc, "_swap_model", fail)
+        body = update({"url": str(archive), "sha256": sha256_file(archive)})
+        new = deployment(deploy).current
+        what, fix = damaged
+        assert not body["ok"] and body["error"]["message"] == (
+            f"update_model: {new} was installed but could not be swapped in (out of device memory); and it cannot "
+            f"be rolled back ({what}; {fix}); the running model is unchanged"), body
+        assert svc.inspector.model_hash == a.model_hash() and _health_events(svc) == []
+    finally:
+        svc.inspector.backend.close()
 
 
 def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path, monkeypatch):

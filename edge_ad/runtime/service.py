@@ -132,6 +132,7 @@ class Service:
         self._startup_rollback: dict | None = None
         self.bundle, self.inspector = self._open_model()
         try:
+            self._warn_previous()
             self._build_rest()
         except BaseException:
             self.inspector.backend.close()
@@ -156,6 +157,21 @@ class Service:
             back = self._roll_back_unopenable(dep, exc)
             bundle = Bundle.open(back.current_path, verify=True)
             return bundle, open_inspector(bundle, s)
+
+    def _warn_previous(self) -> None:
+        """A deploy folder whose ``previous`` link is damaged, or points at a release that is gone, runs its
+        release in force; a WARNING names the damage and its repair, as no rollback can be made until then."""
+        from ..calibration.deploy import deployment, previous_problem
+
+        m = self.settings.model
+        if m.deploy_dir is None or m.bundle is not None:
+            return
+        dep = deployment(m.deploy_dir)
+        problem = previous_problem(dep)
+        if problem is not None:
+            log.warning("%s; the line runs its release in force, %s, but no rollback (edge-ad bundle rollback, the "
+                        "health check's, update_model's after a failed swap) can be made until it is repaired",
+                        problem, dep.current)
 
     def _pending_release(self):
         """The deploy folder's state when its release in force is pending (not yet confirmed by a health
@@ -213,14 +229,15 @@ class Service:
     def _roll_back(self, release: str, reason: str, exc: BaseException | None):
         """Roll ``release``, the deploy folder's release in force, back to the previous one because the line cannot
         run it (``reason``, from ``exc``): (the state after the rollback, ``reason`` plus what its record lacks when
-        it is incomplete). When it cannot be rolled back (no previous release or one that cannot be opened; a full
-        disk before 'current' moved: nothing changed) a RuntimeFailure saying so and naming the release in force,
-        never an OSError (a reload, a command handler must not crash on one)."""
+        it is incomplete). When it cannot be rolled back (no previous release or one that cannot be opened, a
+        damaged link; a full disk before 'current' moved: nothing changed) a RuntimeFailure saying so and naming the
+        release in force, never an OSError (a reload, a command handler must not crash on one)."""
         from ..calibration import rollback_model
+        from ..calibration.deploy import DeployDamaged
 
         try:
             back = rollback_model(self.settings.model.deploy_dir, reason=reason)
-        except RuntimeFailure as nothing:
+        except (RuntimeFailure, DeployDamaged) as nothing:   # DeployDamaged: 'previous' (or 'current') to repair
             raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
         except OSError as nothing:   # a full disk before 'current' moved: nothing changed
             raise RuntimeFailure(f"{reason}; and it cannot be rolled back now ({os_error_text(nothing)}; 'current' "
