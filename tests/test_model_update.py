@@ -1879,7 +1879,7 @@ def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, g
         assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
             "failed", True, "done", dep.previous, first.release)
         assert ev["reason"] == f"update_model: {dep.previous} was installed but could not be swapped in (out of " \
-                               "device memory)"
+                               "device memory); no golden check was done before it was switched in"   # no DEPLOY/golden
     finally:
         svc.inspector.backend.close()
 
@@ -1977,8 +1977,9 @@ def test_an_update_on_a_full_disk_replies_as_the_switch_went(bundles, tmp_path, 
         out = body["result"]
         new = out["install"]["release"]
         assert (out["activated"], out["health"], out["install"]["previous"]) == (True, "pending", r1.release)
-        assert out["warnings"] == [f"{new} is installed and in force, but the record of the install is incomplete: "
-                                   f"{out['install']['unrecorded']}"]
+        assert out["warnings"][1:] == [f"{new} is installed and in force, but the record of the install is "
+                                       f"incomplete: {out['install']['unrecorded']}"]
+        assert out["warnings"][0].startswith("no golden check was done") and out["golden_checked"] is False
         assert out["install"]["unrecorded"].startswith(f"{deploy / point.split()[0]}: no space left on device; "
                                                        "'current' and deploy.json's pending record say installed")
         assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health.release == new
@@ -1989,6 +1990,58 @@ def test_an_update_on_a_full_disk_replies_as_the_switch_went(bundles, tmp_path, 
         dep = deployment(deploy)                                        # the next install completes the record
         assert (dep.current, dep.previous, dep.health) == (r3.release, new, "pending") and r3.unrecorded is None
         assert "pending" not in dep.detail and os.readlink(deploy / "previous") == f"releases/{new}"
+    finally:
+        svc.inspector.backend.close()
+
+
+@pytest.mark.parametrize("health", ["on", "off"])
+def test_update_model_without_a_golden_set_says_plainly_that_no_golden_check_was_done(bundles, golden, tmp_path,
+                                                                                      health):
+    """A device without DEPLOY/golden installed the archive after verifying and opening it only; the reply said
+    just "golden": null inside install, and the model_health events of the release nothing. Both say it now:
+    golden_checked false, a warning naming what was done instead, and the events' reason; with a golden set,
+    golden_checked true and no such words."""
+    from edge_ad.atomic import sha256_file
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy, health="" if health == "on" else "enabled = false\n")
+    update = _mqtt_update_model(svc)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
+    args = {"url": str(archive), "sha256": sha256_file(archive)}
+    none = (f"no golden check was done: this device has no golden set (model.golden_dir is not set and "
+            f"{deploy / 'golden'} does not exist); ")
+    try:
+        out = update({**args, "activate": False})["result"]
+        assert (out["golden"], out["golden_checked"]) == (None, False)
+        assert out["warnings"] == [none + "the archive was only verified and opened as the line runs it"]
+        out = update(args)["result"]
+        new = out["install"]["release"]
+        assert (out["install"]["golden"], out["golden_checked"]) == (None, False)
+        assert out["warnings"] == [none + f"{new} was only verified and opened as the line runs it before it was "
+                                   "switched in; " + ("only the health check judges it, on its first frames"
+                                                      if health == "on" else "and the health check is off ([health] "
+                                                      "enabled = false): nothing judges its decisions")]
+        if health == "off":
+            assert svc.reporter.health is None
+            return
+        _failing_frames(svc)
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"], ev["golden_checked"]) == ("failed", "done", new, False)
+        assert ev["reason"] == "error rate 20/20 > 0.05; no golden check was done before it was switched in"
+        shutil.copytree(golden, deploy / "golden")                      # with a golden set
+        out = update({**args, "activate": False})["result"]
+        assert out["golden"]["passed"] and out["golden_checked"] is True and "warnings" not in out
+        out = update(args)["result"]
+        assert out["install"]["golden"]["passed"] and out["golden_checked"] is True and "warnings" not in out
+        for _ in range(HealthLimits().min_frames):
+            svc.reporter.health.record(ng=False)
+        svc._check_health()
+        ev = _health_events(svc)[-1]
+        assert (ev["status"], ev["release"], ev["golden_checked"]) == ("ok", out["install"]["release"], True)
+        assert "golden" not in ev["reason"]
     finally:
         svc.inspector.backend.close()
 
@@ -2444,7 +2497,8 @@ def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollb
         _failing_frames(svc)                                            # the health check's rollback
         [ev] = _health_events(svc)
         assert (ev["status"], ev["rollback"], ev["release"]) == ("failed", "impossible", failing)
-        assert ev["reason"].endswith(f"; rollback impossible: {what}; {fix}"), ev["reason"]
+        assert ev["reason"].endswith(f"; rollback impossible: {what}; {fix}; no golden check was done before it "
+                                     "was switched in"), ev["reason"]
         assert deployment(deploy).current == failing and svc.inspector.model_hash == bundles[1].model_hash()
     finally:
         svc.inspector.backend.close()

@@ -888,9 +888,11 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         assert svc.inspector.model_hash == first.model_hash()   # (the file's sha256 is in the log, not the reply)
         r = call("update_model", {"url": f"file://{archive}", "sha256": digest, "activate": False}, timeout=120)
         assert r["activated"] is False and r["golden"]["passed"] and svc.inspector.model_hash == first.model_hash()
+        assert r["golden_checked"] is True and "warnings" not in r
         assert r["signed"] is False and r["signature_verified"] is False   # a line without update_key checks none
         r = call("update_model", {"url": str(archive), "sha256": digest}, timeout=120)
         assert r["activated"] and r["model_hash"] == second.model_hash() and r["health"] == "pending"
+        assert r["golden_checked"] is True and "warnings" not in r
         res = call("inspect", {"count": 24})["results"]
         assert {x["model_hash"] for x in res} == {second.model_hash()}
         assert [x["ng"] for x in res] == [i % 8 == 7 for i in range(res[0]["source_index"],
@@ -900,7 +902,8 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
             time.sleep(0.05)
         assert deployment(deploy).health == "ok"
         health = [e for e in call("status")["events"] if e["type"] == "model_health"]
-        assert [(e["status"], e["release"]) for e in health] == [("ok", r["install"]["release"])]
+        assert [(e["status"], e["release"], e["golden_checked"]) for e in health] == [
+            ("ok", r["install"]["release"], True)]
     finally:
         svc.stop("test over")
         svc.thread.join(30)
@@ -936,13 +939,13 @@ def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path,
             def health(c):
                 return [m.json() for m in c.of_kind("event") if m.json().get("type") == "model_health"]
 
-            assert col.wait_for(lambda c: health(c), timeout=10)
+            assert col.wait_for(lambda c: health(c), timeout=30)
             [ev] = health(col)
             assert schema.errors("event", ev) == [], ev
             assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"],
                     ev["restored"]) == ("failed", True, "done", new, first.release, str(first.path))
             assert ev["reason"] == (f"update_model: {new} was installed but could not be swapped in (out of device "
-                                    "memory)")
+                                    "memory); no golden check was done before it was switched in")
         finally:
             svc.stop("test over")
             svc.thread.join(30)

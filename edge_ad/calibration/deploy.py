@@ -1105,6 +1105,18 @@ def judge_health(frames: int, errors: int, ng: int, elapsed_s: float, baseline_n
     return "pending", f"{frames} of {limits.min_frames} frames"
 
 
+def golden_checked(deploy_dir: str | os.PathLike, release: str | None) -> bool | None:
+    """Whether ``release`` passed a golden check before its install switched it in, from deploy.json's record of
+    that switch (``golden_passed``): False for an install without one (``--no-golden``, or an MQTT
+    ``update_model`` on a device without a golden set); None when no record of its switch is kept (one cut short,
+    or older than the history)."""
+    hist = _read_state(Path(deploy_dir)).get("history")
+    for ev in reversed(hist if isinstance(hist, list) else []):
+        if isinstance(ev, dict) and ev.get("event") == "switched" and ev.get("release") == release:
+            return ev["golden_passed"] is not None if "golden_passed" in ev else None
+    return None
+
+
 def failed_marker(deploy_dir: str | os.PathLike, release: str | None) -> Path | None:
     """Where a failed health verdict on ``release`` is kept (:data:`HEALTH_FAILED`); None for no release."""
     if release is None or "/" in release:

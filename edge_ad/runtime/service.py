@@ -363,7 +363,24 @@ class Service:
         if payload.get("type") == "inference_error" and self.reporter.health is not None:
             for _ in range(int(payload.get("frames", 1))):
                 self.reporter.health.record(error=True)
+        if payload.get("type") == "model_health":
+            payload = self._golden_said(payload)
         self.reporter.event(payload)
+
+    def _golden_said(self, health: dict) -> dict:
+        """A ``model_health`` event with ``golden_checked``: whether its release passed a golden check before it was
+        switched in (deploy.json's record of the switch: :func:`edge_ad.calibration.deploy.golden_checked`); when
+        not, its reason says so plainly. Unchanged when that is not known."""
+        from ..calibration.deploy import golden_checked
+
+        d = self.settings.model.deploy_dir
+        checked = golden_checked(d, health.get("release")) if d is not None and "golden_checked" not in health else None
+        if checked is None:
+            return health
+        if checked:
+            return {**health, "golden_checked": True}
+        return {**health, "golden_checked": False,
+                "reason": f"{health.get('reason', '')}; no golden check was done before it was switched in"}
 
     def update_birth(self, **fields) -> None:
         if self.link is not None:
@@ -693,8 +710,11 @@ class Service:
                                       device=m.device) if golden else None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            return _jsonable({"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
-                              "signature_verified": info.verified, "golden": report})
+            out = {"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
+                   "signature_verified": info.verified, "golden": report, "golden_checked": golden is not None}
+            if golden is None:
+                out["warnings"] = [self._no_golden("the archive was only verified and opened as the line runs it")]
+            return _jsonable(out)
         probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
         try:
             res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
@@ -723,10 +743,26 @@ class Service:
             watched = not res.already_installed and self._watch_health(res.release, baseline, "update_model")
         out.update({"activated": True, "install": res.summary(),
                     "health": "unchanged" if res.already_installed else "pending" if watched else "unchecked"})
+        warnings = []
+        if not res.already_installed:
+            out["golden_checked"] = res.golden is not None
+            if res.golden is None:
+                warnings.append(self._no_golden(
+                    f"{res.release} was only verified and opened as the line runs it before it was switched in; "
+                    + ("only the health check judges it, on its first frames" if watched else
+                       "and the health check is off ([health] enabled = false): nothing judges its decisions")))
         if res.unrecorded is not None:   # the switch holds (install_bundle): say what the deploy folder lacks
-            out["warnings"] = [f"{res.release} is installed and in force, but the record of the install is "
-                               f"incomplete: {res.unrecorded}"]
+            warnings.append(f"{res.release} is installed and in force, but the record of the install is "
+                            f"incomplete: {res.unrecorded}")
+        if warnings:
+            out["warnings"] = warnings
         return _jsonable(out)
+
+    def _no_golden(self, what: str) -> str:
+        """The reply's warning that update_model made no golden check (``what``: what was done instead)."""
+        m = self.settings.model
+        return (f"no golden check was done: this device has no golden set (model.golden_dir is not set and "
+                f"{Path(m.deploy_dir) / 'golden'} does not exist); {what}")
 
     def _ng_rate(self) -> float | None:
         """The NG rate of the latest decisions of the model and calibration in force (the baseline a new
