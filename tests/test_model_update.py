@@ -2036,9 +2036,7 @@ def test_update_model_without_a_golden_set_says_plainly_that_no_golden_check_was
         assert out["golden"]["passed"] and out["golden_checked"] is True and "warnings" not in out
         out = update(args)["result"]
         assert out["install"]["golden"]["passed"] and out["golden_checked"] is True and "warnings" not in out
-        for _ in range(HealthLimits().min_frames):
-            svc.reporter.health.record(ng=False)
-        svc._check_health()
+        _healthy_frames(svc)
         ev = _health_events(svc)[-1]
         assert (ev["status"], ev["release"], ev["golden_checked"]) == ("ok", out["install"]["release"], True)
         assert "golden" not in ev["reason"]
@@ -2186,6 +2184,13 @@ def _failing_frames(svc) -> None:
     svc._check_health()
 
 
+def _healthy_frames(svc) -> None:
+    """The model in force decides as many frames OK as a health verdict needs; the health check runs."""
+    for _ in range(HealthLimits().min_frames):
+        svc.reporter.health.record(ng=False)
+    svc._check_health()
+
+
 def _health_events(svc) -> list[dict]:
     """The model_health events ``svc`` sent, each valid against the event schema as the MQTT link sends it."""
     from edge_ad.mqtt import schema
@@ -2227,9 +2232,7 @@ def test_a_healthy_verdict_event_names_the_release_judged(bundles, tmp_path):
     judged = deployment(deploy).current
     svc = _line(tmp_path, deploy)
     try:
-        for _ in range(HealthLimits().min_frames):
-            svc.reporter.health.record(ng=False)
-        svc._check_health()
+        _healthy_frames(svc)
         [ev] = _health_events(svc)
         assert (ev["status"], ev["release"]) == ("ok", judged) and deployment(deploy).health == "ok"
     finally:
@@ -2511,9 +2514,7 @@ def test_a_healthy_verdict_is_recorded_beside_a_damaged_previous_link(bundles, t
     what, fix = _damage_previous(deploy, "absolute", r1.release)
     svc = _line(tmp_path, deploy)
     try:
-        for _ in range(HealthLimits().min_frames):
-            svc.reporter.health.record(ng=False)
-        svc._check_health()
+        _healthy_frames(svc)
         [ev] = _health_events(svc)
         assert (ev["status"], ev["record"]) == ("ok", "done")
     finally:
