@@ -8,7 +8,8 @@ What is checked: Python, numpy, OpenCV (and its GStreamer / FFmpeg / V4L2 suppor
 providers, TensorRT, the CUDA driver and GPUs (cuda-python, else ``nvidia-smi``, else the kernel driver
 files), the Jetson L4T / JetPack release and power mode, cameras, the MQTT broker (TCP, TLS handshake,
 MQTT CONNECT with the credentials), disk space and write access for the outbox, log and snapshots, the
-bundle's integrity and calibration (the bundle found as ``run`` finds it, ``model.deploy_dir`` included),
+bundle's integrity and calibration (the bundle found as ``run`` finds it, ``model.deploy_dir`` included, and a
+warning when that deploy folder's ``previous`` link is damaged: no rollback until it is repaired),
 whether a TensorRT engine ``run`` would use exists for this GPU, whether the model opens on the backend,
 precision and device ``run`` will use (it is opened and closed again, as ``run`` opens it), and the
 systemd service's state (failed or restarting is a warning). Nothing here imports torch, unless the
@@ -663,6 +664,18 @@ def check_disk(dirs: Iterable[str | os.PathLike], min_free_mb: int = DEFAULT_MIN
 
 
 # ---------------------------------------------------------------------------- bundle and engine
+def check_previous(deploy_dir: str | os.PathLike) -> list[Check]:
+    """A warning when the deploy folder's ``previous`` link is damaged or its release gone: ``run`` starts on
+    ``current``, but no rollback can be made until it is repaired. Nothing when it is fine."""
+    from .calibration.deploy import deployment, previous_problem
+
+    problem = previous_problem(deployment(deploy_dir))
+    if problem is None:
+        return []
+    return [Check("rollback", Status.WARN, f"{problem.what}: run starts on the release in force, but no rollback "
+                                           "can be made until it is repaired", fix=problem.fix)]
+
+
 def check_bundle(path: str | os.PathLike) -> tuple[list[Check], Any]:
     """Integrity (sha256 of every file), calibration and the active graph. Returns (checks, bundle|None)."""
     from .bundle import Bundle
@@ -957,6 +970,9 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
                                                                  settings=settings), True)
     elif not unresolved:
         checks.append(Check("bundle", Status.SKIP, "no bundle given (--bundle DIR or a config)"))
+    m = settings.model if settings is not None else None
+    if m is not None and m.bundle is None and m.deploy_dir is not None and not unresolved:
+        checks += _safe("rollback", lambda: check_previous(m.deploy_dir))
     if service:
         checks += _safe("service", check_service)
     return checks

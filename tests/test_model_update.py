@@ -1785,17 +1785,18 @@ def test_an_archive_with_a_bad_manifest_is_refused_even_without_golden_check(tin
 
 
 # ----------------------------------------------------------------------------- the runtime's update_model
-def _line(tmp_path, deploy: Path, health: str = "", **model):
-    """A line on ``deploy`` (``model``: more [model] fields; ``health``: the [health] section's lines), its
-    config file reloadable ('reload config')."""
+def _line(tmp_path, deploy: Path, health: str = "", jsonl: str = "", max_frames: int | None = None, **model):
+    """A line on ``deploy`` (``model``: more [model] fields; ``health``: the [health] section's lines; ``jsonl``:
+    the result log; ``max_frames``: for run()), its config file reloadable ('reload config')."""
     from edge_ad.config import load_settings
     from edge_ad.runtime.service import Service
 
     extra = "".join(f'{k} = "{v}"\n' for k, v in model.items())
     cfg = tmp_path / "line.toml"
     cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n{extra}[source]\nuri = "synthetic://disc?size=64"\n'
-                   f'[output]\njsonl = ""\n[health]\n{health}')
-    return Service(load_settings(cfg), install_signals=False, reload_settings=lambda: load_settings(cfg))
+                   f'[output]\njsonl = "{jsonl}"\n[telemetry]\ntegrastats = false\n[health]\n{health}')
+    return Service(load_settings(cfg), install_signals=False, reload_settings=lambda: load_settings(cfg),
+                   max_frames=max_frames)
 
 
 def _update(svc, archive: Path, **args):
@@ -1874,6 +1875,11 @@ def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, g
             _update(svc, new)
         dep = deployment(deploy)
         assert dep.current == first.release and dep.health == "rolled_back"
+        [ev] = _health_events(svc)                                      # as a health-check rollback says it
+        assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+            "failed", True, "done", dep.previous, first.release)
+        assert ev["reason"] == f"update_model: {dep.previous} was installed but could not be swapped in (out of " \
+                               "device memory); no golden check was done before it was switched in"   # no DEPLOY/golden
     finally:
         svc.inspector.backend.close()
 
@@ -1971,8 +1977,9 @@ def test_an_update_on_a_full_disk_replies_as_the_switch_went(bundles, tmp_path, 
         out = body["result"]
         new = out["install"]["release"]
         assert (out["activated"], out["health"], out["install"]["previous"]) == (True, "pending", r1.release)
-        assert out["warnings"] == [f"{new} is installed and in force, but the record of the install is incomplete: "
-                                   f"{out['install']['unrecorded']}"]
+        assert out["warnings"][1:] == [f"{new} is installed and in force, but the record of the install is "
+                                       f"incomplete: {out['install']['unrecorded']}"]
+        assert out["warnings"][0].startswith("no golden check was done") and out["golden_checked"] is False
         assert out["install"]["unrecorded"].startswith(f"{deploy / point.split()[0]}: no space left on device; "
                                                        "'current' and deploy.json's pending record say installed")
         assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health.release == new
@@ -1983,6 +1990,56 @@ def test_an_update_on_a_full_disk_replies_as_the_switch_went(bundles, tmp_path, 
         dep = deployment(deploy)                                        # the next install completes the record
         assert (dep.current, dep.previous, dep.health) == (r3.release, new, "pending") and r3.unrecorded is None
         assert "pending" not in dep.detail and os.readlink(deploy / "previous") == f"releases/{new}"
+    finally:
+        svc.inspector.backend.close()
+
+
+@pytest.mark.parametrize("health", ["on", "off"])
+def test_update_model_without_a_golden_set_says_plainly_that_no_golden_check_was_done(bundles, golden, tmp_path,
+                                                                                      health):
+    """A device without DEPLOY/golden installed the archive after verifying and opening it only; the reply said
+    just "golden": null inside install, and the model_health events of the release nothing. Both say it now:
+    golden_checked false, a warning naming what was done instead, and the events' reason; with a golden set,
+    golden_checked true and no such words."""
+    from edge_ad.atomic import sha256_file
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy, health="" if health == "on" else "enabled = false\n")
+    update = _mqtt_update_model(svc)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
+    args = {"url": str(archive), "sha256": sha256_file(archive)}
+    none = (f"no golden check was done: this device has no golden set (model.golden_dir is not set and "
+            f"{deploy / 'golden'} does not exist); ")
+    try:
+        out = update({**args, "activate": False})["result"]
+        assert (out["golden"], out["golden_checked"]) == (None, False)
+        assert out["warnings"] == [none + "the archive was only verified and opened as the line runs it"]
+        out = update(args)["result"]
+        new = out["install"]["release"]
+        assert (out["install"]["golden"], out["golden_checked"]) == (None, False)
+        assert out["warnings"] == [none + f"{new} was only verified and opened as the line runs it before it was "
+                                   "switched in; " + ("only the health check judges it, on its first frames"
+                                                      if health == "on" else "and the health check is off ([health] "
+                                                      "enabled = false): nothing judges its decisions")]
+        if health == "off":
+            assert svc.reporter.health is None
+            return
+        _failing_frames(svc)
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"], ev["golden_checked"]) == ("failed", "done", new, False)
+        assert ev["reason"] == "error rate 20/20 > 0.05; no golden check was done before it was switched in"
+        shutil.copytree(golden, deploy / "golden")                      # with a golden set
+        out = update({**args, "activate": False})["result"]
+        assert out["golden"]["passed"] and out["golden_checked"] is True and "warnings" not in out
+        out = update(args)["result"]
+        assert out["install"]["golden"]["passed"] and out["golden_checked"] is True and "warnings" not in out
+        _healthy_frames(svc)
+        ev = _health_events(svc)[-1]
+        assert (ev["status"], ev["release"], ev["golden_checked"]) == ("ok", out["install"]["release"], True)
+        assert "golden" not in ev["reason"]
     finally:
         svc.inspector.backend.close()
 
@@ -2127,6 +2184,13 @@ def _failing_frames(svc) -> None:
     svc._check_health()
 
 
+def _healthy_frames(svc) -> None:
+    """The model in force decides as many frames OK as a health verdict needs; the health check runs."""
+    for _ in range(HealthLimits().min_frames):
+        svc.reporter.health.record(ng=False)
+    svc._check_health()
+
+
 def _health_events(svc) -> list[dict]:
     """The model_health events ``svc`` sent, each valid against the event schema as the MQTT link sends it."""
     from edge_ad.mqtt import schema
@@ -2168,9 +2232,7 @@ def test_a_healthy_verdict_event_names_the_release_judged(bundles, tmp_path):
     judged = deployment(deploy).current
     svc = _line(tmp_path, deploy)
     try:
-        for _ in range(HealthLimits().min_frames):
-            svc.reporter.health.record(ng=False)
-        svc._check_health()
+        _healthy_frames(svc)
         [ev] = _health_events(svc)
         assert (ev["status"], ev["release"]) == ("ok", judged) and deployment(deploy).health == "ok"
     finally:
@@ -2326,30 +2388,25 @@ def test_the_supervisor_logs_a_recurring_health_check_error_once_then_rate_limit
                                          "report; reported again in 60 s at the earliest)"], said
 
 
-@pytest.mark.parametrize("link", ["current", "previous"])
-def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundles, tmp_path, link):
+def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundles, tmp_path):
     """'bundle status' said "exists but is not a symlink" without how to repair it, and doctor's fix said to
     install a bundle, which is refused on such a folder too. Both name the damage and the command that repairs
-    it (the release deploy.json records there); after it, status reads the folder again."""
+    it (the release deploy.json records there); after it, status reads the folder again. (A damaged 'previous':
+    test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollback.)"""
     import os
 
     from click.testing import CliRunner
 
     from edge_ad.cli import main
 
+    link = "current"
     deploy, r1 = _installed_twice(bundles, tmp_path)
     before = deployment(deploy)
-    rid = before.current if link == "current" else r1.release
+    rid = before.current
     p = deploy / link
-    if link == "current":
-        _copied_over_current(deploy)
-        fix = f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p}"
-        what = f"{p}: a folder, not a symlink (a release copied over the link?)"
-    else:
-        os.unlink(p)
-        os.symlink(deploy / "releases" / rid, p)                        # absolute: not releases/<id>
-        fix = f"point it at a kept release: ln -sfn releases/{rid} {p}"
-        what = f"{p}: points at {deploy / 'releases' / rid}; expected releases/<id>"
+    _copied_over_current(deploy)
+    fix = f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p}"
+    what = f"{p}: a folder, not a symlink (a release copied over the link?)"
     fix += f" ({rid}: the release deploy.json records as '{link}')"
     r = CliRunner()
     res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
@@ -2361,13 +2418,140 @@ def test_bundle_status_and_doctor_name_a_damaged_link_and_how_to_repair_it(bundl
     [check] = [c for c in json.loads(res.stdout)["checks"] if c["name"] == "bundle"]
     assert check["status"] == "fail" and check["detail"].startswith(f"run cannot find the bundle: {what}")
     assert check["fix"] == fix
-    if link == "current":                                               # the repair, as said
-        os.rename(p, f"{p}.damaged")
-    else:
-        os.unlink(p)
+    os.rename(p, f"{p}.damaged")                                        # the repair, as said
     os.symlink(f"releases/{rid}", p)
     assert deployment(deploy) == before
     assert r.invoke(main, ["bundle", "status", "--deploy", str(deploy)]).exit_code == 0
+
+
+def _damage_previous(deploy: Path, damage: str, rid: str) -> tuple[str, str]:
+    """Damage the 'previous' link (it points at ``rid``): (what the error says, the repair it gives)."""
+    import os
+
+    p = deploy / "previous"
+    os.unlink(p)
+    if damage == "folder":
+        shutil.copytree(deploy / "releases" / rid, p)                  # a release copied over the link
+        return (f"{p}: a folder, not a symlink (a release copied over the link?); the deploy folder layout is "
+                "releases/<id> plus 'current' and 'previous' symlinks",
+                f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p} "
+                f"({rid}: the release deploy.json records as 'previous')")
+    target = deploy / "releases" / rid if damage == "absolute" else Path("../elsewhere")   # the latter dangling
+    os.symlink(target, p)
+    return (f"{p}: points at {target}; expected releases/<id>",
+            f"point it at a kept release: ln -sfn releases/{rid} {p} ({rid}: the release deploy.json records as "
+            "'previous')")
+
+
+@pytest.mark.parametrize("damage", ["folder", "absolute", "outside"])
+def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollback(bundles, tmp_path, caplog,
+                                                                                   damage):
+    """A damaged 'previous' (not a link, pointing outside releases/) made 'edge-ad run' refuse to start (exit 2),
+    though the line can run its release in force: only a rollback needs 'previous'. The line now starts with a
+    WARNING naming the damage and its repair; 'bundle status' and doctor show it; every rollback (by hand, the
+    health check's, update_model's after a failed swap) and every install (which point 'previous' at the release
+    they replace) refuse with the damage and its repair, nothing changed. A healthy verdict is recorded, keeping
+    deploy.json's 'previous' for the repair to name."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    what, fix = _damage_previous(deploy, damage, r1.release)
+    before = sorted(p.name for p in (deploy / "releases").iterdir())
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 0 and f"current: {failing}  previous: DAMAGED  health: pending" in res.stdout
+    assert f"warning: {what}: the line runs its release in force, but no rollback or install" in res.stderr
+    assert fix in res.stderr, res.stderr
+    status = json.loads(r.invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"]).stdout)
+    assert status["previous"] is None and status["previous_damaged"] == f"{what}; {fix}"
+    cfg = tmp_path / "doctor.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n[source]\nuri = "synthetic://disc"\n')
+    res = r.invoke(main, ["doctor", "--config", str(cfg), "--json"])
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    assert checks["bundle"]["status"] == "ok" and checks["rollback"]["status"] == "warn", res.output
+    assert checks["rollback"]["detail"].startswith(what) and checks["rollback"]["fix"] == fix
+    for args in ([], ["--to", r1.release]):                             # by hand
+        res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy), *args])
+        assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
+    res = r.invoke(main, ["bundle", "install", str(pack_bundle(bundles[2].path, tmp_path / "c.tar")), "--deploy",
+                          str(deploy), "--no-golden"])
+    assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
+    assert deployment(deploy).current == failing and sorted(p.name for p in (deploy / "releases").iterdir()) == before
+
+    caplog.set_level(logging.WARNING)
+    svc = _line(tmp_path, deploy)                                       # the line starts
+    try:
+        assert svc.inspector.model_hash == bundles[1].model_hash() and svc.reporter.health.release == failing
+        [warn] = [m.getMessage() for m in caplog.records if "no rollback" in m.getMessage()]
+        assert warn == (f"{what}; {fix}; the line runs its release in force, {failing}, but no rollback (edge-ad "
+                        "bundle rollback, the health check's, update_model's after a failed swap) can be made until "
+                        "it is repaired")
+        update = _mqtt_update_model(svc)                                # update_model: its install refuses
+        archive = pack_bundle(bundles[2].path, tmp_path / "c.tar")
+        from edge_ad.atomic import sha256_file
+
+        body = update({"url": str(archive), "sha256": sha256_file(archive)})
+        assert not body["ok"] and body["error"]["message"] == f"update_model: {what}; {fix}", body
+        _failing_frames(svc)                                            # the health check's rollback
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rollback"], ev["release"]) == ("failed", "impossible", failing)
+        assert ev["reason"].endswith(f"; rollback impossible: {what}; {fix}; no golden check was done before it "
+                                     "was switched in"), ev["reason"]
+        assert deployment(deploy).current == failing and svc.inspector.model_hash == bundles[1].model_hash()
+    finally:
+        svc.inspector.backend.close()
+    assert sorted(p.name for p in (deploy / "releases").iterdir()) == before
+
+
+def test_a_healthy_verdict_is_recorded_beside_a_damaged_previous_link(bundles, tmp_path):
+    """The record needs no 'previous'; deploy.json keeps the one it records, which the repair names."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    what, fix = _damage_previous(deploy, "absolute", r1.release)
+    svc = _line(tmp_path, deploy)
+    try:
+        _healthy_frames(svc)
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["record"]) == ("ok", "done")
+    finally:
+        svc.inspector.backend.close()
+    dep = deployment(deploy)
+    assert dep.health == "ok" and dep.detail["previous"] == r1.release and str(dep.previous_damaged) == f"{what}; {fix}"
+
+
+def test_update_models_rollback_after_a_failed_swap_refuses_a_damaged_previous_link(bundles, tmp_path, monkeypatch):
+    """'previous' damaged after the install (by hand, meanwhile): the rollback is refused with the damage and its
+    repair, and the reply says the state left."""
+    from edge_ad.atomic import sha256_file
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    svc = _line(tmp_path, deploy)
+    update = _mqtt_update_model(svc)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
+
+    damaged = []
+
+    def fail(bundle, reason):                                           # 'previous' damaged after the install
+        damaged.extend(_damage_previous(deploy, "folder", deployment(deploy).previous))
+        raise RuntimeFailure("out of device memory")
+
+    try:
+        monkeypatch.setattr(svc, "_swap_model", fail)
+        body = update({"url": str(archive), "sha256": sha256_file(archive)})
+        new = deployment(deploy).current
+        what, fix = damaged
+        assert not body["ok"] and body["error"]["message"] == (
+            f"update_model: {new} was installed but could not be swapped in (out of device memory); and it cannot "
+            f"be rolled back ({what}; {fix}); the running model is unchanged"), body
+        assert svc.inspector.model_hash == a.model_hash() and _health_events(svc) == []
+    finally:
+        svc.inspector.backend.close()
 
 
 def test_a_restored_release_that_cannot_be_opened_keeps_the_loop_running(bundles, tmp_path, monkeypatch):
@@ -3077,17 +3261,87 @@ def test_a_failed_release_whose_rollback_was_given_up_is_rolled_back_by_a_restar
         held.release()
         svc.inspector.backend.close()
     assert deployment(deploy).health == "pending"
-    svc = _line(tmp_path, deploy)                                   # the restart
+    results = tmp_path / "results.jsonl"
+    svc = _line(tmp_path, deploy, jsonl=str(results), max_frames=30)   # the restart
+    [ev] = _health_events(svc)
+    assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+        "failed", "done", failing, r1.release)
+    assert ev["reason"].startswith(f"release {failing} failed its health check before this start") \
+        and "error rate" in ev["reason"]
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (r1.release, "rolled_back") and svc.inspector.model_hash == a.model_hash()
+    assert svc.reporter.health is None                              # the release restored ran before: not watched
+    assert svc.run()["frames"] == 30
+    assert {json.loads(line)["model_hash"] for line in results.read_text().splitlines()} == {a.model_hash()}
+
+
+def _failed_before_restart(bundles, tmp_path, previous: bool = True):
+    """A deploy folder whose pending release in force holds a failed health verdict (the line stopped while its
+    rollback waited): (deploy, the failed release, the release before it, or None with ``previous`` false)."""
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = None
+    if previous:
+        r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False).release
+    failing = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False).release
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0))
+    held = _HeldElsewhere(deploy)
     try:
-        for _ in range(HealthLimits().min_frames):
-            svc.reporter.health.record(ng=False)                    # frames that would pass without a baseline
-        svc._check_health()
-        [ev] = _health_events(svc)
-        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
-            "failed", "done", failing, r1.release)
-        assert "failed its health check before this start" in ev["reason"] and "error rate" in ev["reason"]
-        dep = deployment(deploy)
-        assert (dep.current, dep.health) == (r1.release, "rolled_back") and svc.inspector.model_hash == a.model_hash()
+        assert watch.poll().rollback == "waiting"                   # the verdict is kept; the line stops here
+    finally:
+        held.release()
+    assert deployment(deploy).current == failing
+    return deploy, failing, r1
+
+
+def test_a_restart_rolls_a_release_that_failed_its_health_check_back_before_it_inspects_a_frame(bundles,
+                                                                                               tmp_path):
+    """The restart rolled the failed release back at the supervisor's first health check, about 0.1 s after the
+    pipeline started: a fast line inspected frames with the model known to be wrong first (10 of 40 here). The
+    start rolls it back before the model is opened."""
+    a = bundles[0]
+    deploy, failing, r1 = _failed_before_restart(bundles, tmp_path)
+    results = tmp_path / "results.jsonl"
+    svc = _line(tmp_path, deploy, jsonl=str(results), max_frames=40)
+    assert svc.run()["frames"] == 40
+    assert {json.loads(line)["model_hash"] for line in results.read_text().splitlines()} == {a.model_hash()}
+    dep = deployment(deploy)
+    assert (dep.current, dep.previous, dep.health) == (r1, failing, "rolled_back")
+    [ev] = _health_events(svc)
+    assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
+        "failed", True, "done", failing, r1)
+    assert "no frames processed within 0 s" in ev["reason"]
+
+
+def test_a_failed_release_that_cannot_be_rolled_back_at_start_is_not_run(bundles, tmp_path, caplog):
+    """No release to roll back to: the start fails (exit 1, systemd tries again) naming the verdict and how to go
+    on, rather than inspect with a model known to be wrong; with [health] enabled = false it runs, with a
+    WARNING."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy, failing, _ = _failed_before_restart(bundles, tmp_path, previous=False)
+    marker = deploy / "releases" / failing / deploy_mod.HEALTH_FAILED
+    with pytest.raises(RuntimeFailure) as err:
+        _line(tmp_path, deploy)
+    msg = str(err.value)
+    assert msg.startswith(f"release {failing} failed its health check before this start ({marker}: no frames "), msg
+    assert "; and it cannot be rolled back (" in msg and "no previous release to roll back to" in msg
+    assert msg.endswith("edge-ad run does not inspect with a release that failed its health check: switch to a "
+                        "kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle status') or "
+                        f"install another, or, to run this one anyway, delete {marker}"), msg
+    assert deployment(deploy).current == failing
+    res = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "line.toml"), "--max-frames", "1"])
+    assert res.exit_code == 1 and "does not inspect with a release that failed" in res.stderr, res.output
+    caplog.set_level(logging.WARNING)
+    svc = _line(tmp_path, deploy, health="enabled = false\n")
+    try:
+        assert svc.inspector.model_hash == bundles[1].model_hash() and svc.reporter.health is None
+        assert any(r.levelno == logging.WARNING and "[health] enabled = false: not rolled back" in r.getMessage()
+                   for r in caplog.records)
     finally:
         svc.inspector.backend.close()
 

@@ -888,9 +888,11 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         assert svc.inspector.model_hash == first.model_hash()   # (the file's sha256 is in the log, not the reply)
         r = call("update_model", {"url": f"file://{archive}", "sha256": digest, "activate": False}, timeout=120)
         assert r["activated"] is False and r["golden"]["passed"] and svc.inspector.model_hash == first.model_hash()
+        assert r["golden_checked"] is True and "warnings" not in r
         assert r["signed"] is False and r["signature_verified"] is False   # a line without update_key checks none
         r = call("update_model", {"url": str(archive), "sha256": digest}, timeout=120)
         assert r["activated"] and r["model_hash"] == second.model_hash() and r["health"] == "pending"
+        assert r["golden_checked"] is True and "warnings" not in r
         res = call("inspect", {"count": 24})["results"]
         assert {x["model_hash"] for x in res} == {second.model_hash()}
         assert [x["ng"] for x in res] == [i % 8 == 7 for i in range(res[0]["source_index"],
@@ -900,10 +902,53 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
             time.sleep(0.05)
         assert deployment(deploy).health == "ok"
         health = [e for e in call("status")["events"] if e["type"] == "model_health"]
-        assert [(e["status"], e["release"]) for e in health] == [("ok", r["install"]["release"])]
+        assert [(e["status"], e["release"], e["golden_checked"]) for e in health] == [
+            ("ok", r["install"]["release"], True)]
     finally:
         svc.stop("test over")
         svc.thread.join(30)
+
+
+def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path, mosquitto, caller, monkeypatch):
+    """update_model installed a release the loop then could not swap in, and rolled it back: the fleet got the
+    command's failed reply only, no model_health event naming the release and the one rolled back to, as a
+    health-check rollback sends."""
+    from edge_ad.atomic import sha256_file
+    from edge_ad.calibration import deployment, install_bundle, pack_bundle
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt import BrokerSettings, schema
+    from edge_ad.mqtt.collector import Collector
+    from fixtures_bundle import make_tiny_bundle
+
+    deploy = tmp_path / "deploy"
+    first = install_bundle(pack_bundle(make_tiny_bundle(tmp_path / "first").path, tmp_path / "first.tar"), deploy,
+                           require_golden=False)
+    archive = pack_bundle(make_tiny_bundle(tmp_path / "second", pool=4).path, tmp_path / "second.tar")
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/event") as col:
+        svc = _start(tmp_path, None, mosquitto, model__deploy_dir=str(deploy))
+        try:
+            def fail(bundle, reason):
+                raise RuntimeFailure("out of device memory")
+
+            monkeypatch.setattr(svc, "_swap_model", fail)
+            err = caller("update_model", {"url": str(archive), "sha256": sha256_file(archive)}, ok=False, timeout=120)
+            new = max(p.name for p in (deploy / "releases").iterdir())
+            assert f"'current' is back on {first.release}" in err["message"]
+            assert deployment(deploy).current == first.release
+
+            def health(c):
+                return [m.json() for m in c.of_kind("event") if m.json().get("type") == "model_health"]
+
+            assert col.wait_for(lambda c: health(c), timeout=30)
+            [ev] = health(col)
+            assert schema.errors("event", ev) == [], ev
+            assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"],
+                    ev["restored"]) == ("failed", True, "done", new, first.release, str(first.path))
+            assert ev["reason"] == (f"update_model: {new} was installed but could not be swapped in (out of device "
+                                    "memory); no golden check was done before it was switched in")
+        finally:
+            svc.stop("test over")
+            svc.thread.join(30)
 
 
 def test_pacing_wait_is_not_capture_time_nor_latency(tmp_path, tiny_bundle):

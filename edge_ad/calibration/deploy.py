@@ -90,6 +90,9 @@ class Deployment:
     # rollback_model: why its record is incomplete (deploy.json or the 'previous' link not written after 'current'
     # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch_recorded)
     unrecorded: str | None = None
+    # the 'previous' link is damaged (not a symlink, or not to releases/<id>): the line runs 'current', and every
+    # install or rollback, which rewrites 'previous', is refused with this error until it is repaired
+    previous_damaged: DeployDamaged | None = field(default=None, compare=False)
 
     @property
     def current_path(self) -> Path | None:
@@ -102,8 +105,10 @@ class Deployment:
 
 class DeployDamaged(InputError):
     """The deploy folder's ``current`` or ``previous`` is not a symlink to ``releases/<id>`` (a release copied over
-    the link, a link to elsewhere): nothing can say which release is in force, so no install, rollback or health
-    record is made until someone repairs it. ``what``: the damage; ``fix``: how to repair it (the message says
+    the link, a link to elsewhere). ``current``: nothing can say which release is in force, so nothing runs and no
+    install, rollback or health record is made until someone repairs it. ``previous``: the line runs ``current``
+    (:attr:`Deployment.previous_damaged`), and health records are made, but no install or rollback, which point
+    ``previous`` at the release they replace. ``what``: the damage; ``fix``: how to repair it (the message says
     both)."""
 
     def __init__(self, what: str, fix: str):
@@ -177,7 +182,9 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
     """What the deploy folder holds now. The links are the truth; ``deploy.json`` adds the health (a
     switch whose record was cut by a power loss reads as "pending") and, for a switch a power cut
     interrupted after ``current`` moved, its ``previous`` (:func:`_switch`). ``must_exist``: a missing folder is
-    an InputError (for ``bundle status``), not an empty deployment."""
+    an InputError (for ``bundle status``), not an empty deployment. A damaged ``current`` link raises
+    :class:`DeployDamaged`; a damaged ``previous`` one does not: it is kept in ``previous_damaged``, ``previous``
+    None."""
     d = Path(deploy_dir)
     if must_exist and not d.is_dir():
         raise InputError(f"--deploy {d}: {'not a folder' if d.exists() else 'no such folder'}; expected a "
@@ -188,7 +195,11 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
                "install')" if (d / "manifest.json").is_file() else "no releases/ and no 'current' link in it"
         raise InputError(f"--deploy {d}: not a deploy folder: {what}; a deploy folder is made by 'edge-ad bundle "
                          "install'")
-    cur, prev = _link_target(d, CURRENT), _link_target(d, PREVIOUS)
+    cur = _link_target(d, CURRENT)
+    try:
+        prev, prev_damaged = _link_target(d, PREVIOUS), None
+    except DeployDamaged as exc:   # the line can run 'current'; what rewrites 'previous' refuses (Deployment)
+        prev, prev_damaged = None, exc
     st = _read_state(d)
     pending = st.get("pending")
     if cur is not None and isinstance(pending, dict) and pending.get("release") == cur:
@@ -198,7 +209,22 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
     health = st.get("health", "none") if st.get("current") == cur else ("pending" if cur else "none")
     if _cut_short(st, cur) is not None and pending.get("health") == "rolled_back":
         health = "rolled_back"   # a rollback whose record was cut short: not a new release to watch
-    return Deployment(d, cur, prev, health, {k: v for k, v in st.items() if k != "history"})
+    return Deployment(d, cur, prev, health, {k: v for k, v in st.items() if k != "history"},
+                      previous_damaged=prev_damaged)
+
+
+def previous_problem(dep: Deployment) -> DeployDamaged | None:
+    """Why ``dep``'s ``previous`` cannot be rolled back to though the line runs ``current`` (``what``) and its
+    repair (``fix``), for a WARNING: the link damaged (:attr:`Deployment.previous_damaged`) or the release it points
+    at gone (deleted by hand). None when there is nothing to say (no previous release is one)."""
+    d = dep.deploy_dir
+    if dep.previous_damaged is not None:
+        return dep.previous_damaged
+    if dep.previous is None or dep.previous == dep.current or (d / RELEASES / dep.previous).is_dir():
+        return None
+    return DeployDamaged(f"{d / PREVIOUS}: points at {RELEASES}/{dep.previous}, which is "
+                         f"{release_problem(d, dep.previous)}", f"point it at a kept release: ln -sfn "
+                                                                f"{_relink(d, PREVIOUS)}")
 
 
 def _cut_short(state: dict, current: str | None) -> dict | None:
@@ -597,6 +623,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
             return InstallResult(dep.current_path, dep.current, dep.previous, dep.previous_path,
                                  info if not Path(archive).is_dir() else PackageInfo({}, False, None, None, False),
                                  None, already_installed=True)
+    if dep.previous_damaged is not None:   # the switch points 'previous' at the release replaced: over what?
+        raise dep.previous_damaged
     free = shutil.disk_usage(d / RELEASES).free
     if need + SPACE_MARGIN > free:
         raise RuntimeFailure(f"{d / RELEASES}: {free / 2**20:.1f} MiB free, the bundle needs {need / 2**20:.1f} MiB "
@@ -806,7 +834,8 @@ def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:
     deleted by an older edge-ad) goes too."""
     d = Path(deploy_dir)
     dep = deployment(d)
-    protect = {dep.current, dep.previous} | set(_release_ids(d)[:max(keep, 2)])
+    protect = {dep.current, dep.previous, _read_state(d).get(PREVIOUS) if dep.previous_damaged else None} | set(
+        _release_ids(d)[:max(keep, 2)])
     removed = []
     for rid in _release_ids(d, complete=False):
         if rid not in protect:
@@ -919,7 +948,9 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
     opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
     :func:`deploy_lock`: nothing changed, try again later); InputError when
     ``to`` is not a kept release, is the one in force, or cannot be opened (named as ``bundle status`` names
-    it: :func:`release_problem`). An OSError (a full disk) before ``current`` moved is raised, nothing changed
+    it: :func:`release_problem`); :class:`DeployDamaged` (an InputError) when ``current`` or ``previous`` is
+    damaged, with or without ``to``: the rollback would point ``previous`` at the release left. An OSError (a full
+    disk) before ``current`` moved is raised, nothing changed
     but for a pending record that :func:`deployment` ignores; one after it (the ``previous`` link or the final
     record not written) is logged as an ERROR and the rollback holds: the state returned says why in
     ``unrecorded``, and :func:`deployment` reads the switch from its pending record (:func:`_switch`)."""
@@ -931,6 +962,8 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         raise RuntimeFailure(f"{d}: no previous release to roll back to (no {RELEASES}/ folder)")
     with deploy_lock(d):
         dep = deployment(d)
+        if dep.previous_damaged is not None:   # the switch points 'previous' at the release left: repair it first
+            raise dep.previous_damaged
         if to is None:
             if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
                 # only those a --to would take (as 'bundle status' offers them): not one that cannot be opened
@@ -981,7 +1014,9 @@ def confirm(deploy_dir: str | os.PathLike, release: str | None = None) -> Deploy
         if release is not None and dep.current != release:
             raise RuntimeFailure(f"{d}: '{CURRENT}' is {dep.current or 'gone'} now, not {release}; not recorded as "
                                  "healthy")
-        state = {**_read_state(d), "current": dep.current, "previous": dep.previous, "health": "ok"}
+        state = {**_read_state(d), "current": dep.current, "health": "ok"}
+        if dep.previous_damaged is None:   # else deploy.json's record stays, for the repair (_relink) to name
+            state["previous"] = dep.previous
         _write_state(d, state, "health_ok", release=dep.current)
         return deployment(d)
 
@@ -1070,6 +1105,41 @@ def judge_health(frames: int, errors: int, ng: int, elapsed_s: float, baseline_n
     return "pending", f"{frames} of {limits.min_frames} frames"
 
 
+def golden_checked(deploy_dir: str | os.PathLike, release: str | None) -> bool | None:
+    """Whether ``release`` passed a golden check before its install switched it in, from deploy.json's record of
+    that switch (``golden_passed``): False for an install without one (``--no-golden``, or an MQTT
+    ``update_model`` on a device without a golden set); None when no record of its switch is kept (one cut short,
+    or older than the history)."""
+    hist = _read_state(Path(deploy_dir)).get("history")
+    for ev in reversed(hist if isinstance(hist, list) else []):
+        if isinstance(ev, dict) and ev.get("event") == "switched" and ev.get("release") == release:
+            return ev["golden_passed"] is not None if "golden_passed" in ev else None
+    return None
+
+
+def failed_marker(deploy_dir: str | os.PathLike, release: str | None) -> Path | None:
+    """Where a failed health verdict on ``release`` is kept (:data:`HEALTH_FAILED`); None for no release."""
+    if release is None or "/" in release:
+        return None
+    return Path(deploy_dir) / RELEASES / release / HEALTH_FAILED
+
+
+def failed_before(deploy_dir: str | os.PathLike, release: str | None) -> str | None:
+    """``failed its health check before this start (MARKER: REASON (judged at TIME))`` when ``release`` holds
+    a failed verdict (:data:`HEALTH_FAILED`: its rollback was still owed, or given up, when the line stopped),
+    else None. :class:`HealthWatch` fails such a release at its first poll; ``edge-ad run`` rolls it back
+    before it inspects a frame (:meth:`edge_ad.runtime.service.Service._open_model`)."""
+    m = failed_marker(deploy_dir, release)
+    if m is None or not m.is_file():
+        return None
+    try:
+        was = json.loads(m.read_text("utf-8"))
+        why = f"{was['reason']} (judged at {was['time']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        why = "an unreadable record"
+    return f"failed its health check before this start ({m}: {why})"
+
+
 class HealthWatch:
     """Watches the first frames after a model switch; rolls back when they look wrong.
 
@@ -1121,20 +1191,10 @@ class HealthWatch:
         self._failed_before = self._read_failed()
 
     def _marker(self) -> Path | None:
-        if self.deploy_dir is None or self.release is None or "/" in self.release:
-            return None
-        return self.deploy_dir / RELEASES / self.release / HEALTH_FAILED
+        return None if self.deploy_dir is None else failed_marker(self.deploy_dir, self.release)
 
     def _read_failed(self) -> str | None:
-        m = self._marker()
-        if m is None or not m.is_file():
-            return None
-        try:
-            was = json.loads(m.read_text("utf-8"))
-            why = f"{was['reason']} (judged at {was['time']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            why = "an unreadable record"
-        return f"failed its health check before this start ({m}: {why})"
+        return None if self.deploy_dir is None else failed_before(self.deploy_dir, self.release)
 
     def _keep_failed(self, reason: str) -> None:
         """Record the failed verdict in the release (atomic; no deploy lock needed): a restart before the rollback

@@ -712,7 +712,8 @@ def status_cmd(deploy_dir, as_json):
     (newest first: id, install time, health) that 'edge-ad bundle rollback --to ID' can switch to.
 
     A release that cannot be run or rolled back to (its folder deleted by hand, a corrupt manifest.json)
-    is named with what is wrong; exit 1 when it is the release in force, after the listing."""
+    is named with what is wrong; exit 1 when it is the release in force, after the listing. A damaged
+    'previous' link is a warning with its repair (a damaged 'current' one an error, exit 2)."""
     from ..calibration import deployment
     from ..calibration.deploy import release_problem, releases
     from ..errors import RuntimeFailure
@@ -725,13 +726,20 @@ def status_cmd(deploy_dir, as_json):
     # the links say current and previous, deployment() the health: deploy.json's own record of them lags behind
     # a switch cut short (a power cut, a full disk: its pending record)
     recorded = {k: v for k, v in dep.detail.items() if k not in ("current", "previous", "health")}
+    damaged = dep.previous_damaged   # the line runs 'current'; no install or rollback until it is repaired
     out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
            "current_path": str(dep.current_path) if dep.current_path else None, **recorded,
-           "current_problem": problems["current"], "previous_problem": problems["previous"], "releases": kept}
+           "current_problem": problems["current"], "previous_problem": problems["previous"],
+           "previous_damaged": str(damaged) if damaged else None, "releases": kept}
     if as_json:
         _echo_json(out)
     else:
-        click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or '-'}  health: {dep.health}")
+        click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or ('DAMAGED' if damaged else '-')}  "
+                   f"health: {dep.health}")
+        if damaged:
+            click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback or install "
+                       f"(which point 'previous' at the release they replace) can be made until it is repaired: "
+                       f"{damaged.fix}", err=True)
         if problems["previous"] and dep.previous != dep.current:
             click.echo(f"warning: the previous release, {dep.previous}, is {problems['previous']}: a plain "
                        "'edge-ad bundle rollback' is refused"

@@ -132,6 +132,7 @@ class Service:
         self._startup_rollback: dict | None = None
         self.bundle, self.inspector = self._open_model()
         try:
+            self._warn_previous()
             self._build_rest()
         except BaseException:
             self.inspector.backend.close()
@@ -142,8 +143,10 @@ class Service:
     def _open_model(self) -> tuple[Bundle, Any]:
         """The bundle ``run`` inspects with, opened on the line's backend. A pending release of the deploy folder
         ('edge-ad bundle install' while the line was stopped) that cannot be opened so is rolled back, and the
-        restored release opens instead: a crash loop on a release the line cannot run helps nobody."""
+        restored release opens instead: a crash loop on a release the line cannot run helps nobody. So is one
+        that failed its health check before this start (:meth:`_roll_back_failed`), before it inspects a frame."""
         s = self.settings
+        self._roll_back_failed()
         try:
             bundle = Bundle.open(s.model.bundle_path(), verify=True)
             return bundle, open_inspector(bundle, s)
@@ -154,6 +157,21 @@ class Service:
             back = self._roll_back_unopenable(dep, exc)
             bundle = Bundle.open(back.current_path, verify=True)
             return bundle, open_inspector(bundle, s)
+
+    def _warn_previous(self) -> None:
+        """A deploy folder whose ``previous`` link is damaged, or points at a release that is gone, runs its
+        release in force; a WARNING names the damage and its repair, as no rollback can be made until then."""
+        from ..calibration.deploy import deployment, previous_problem
+
+        m = self.settings.model
+        if m.deploy_dir is None or m.bundle is not None:
+            return
+        dep = deployment(m.deploy_dir)
+        problem = previous_problem(dep)
+        if problem is not None:
+            log.warning("%s; the line runs its release in force, %s, but no rollback (edge-ad bundle rollback, the "
+                        "health check's, update_model's after a failed swap) can be made until it is repaired",
+                        problem, dep.current)
 
     def _pending_release(self):
         """The deploy folder's state when its release in force is pending (not yet confirmed by a health
@@ -166,30 +184,60 @@ class Service:
         dep = deployment(m.deploy_dir)
         return dep if dep.health == "pending" and dep.current_path is not None else None
 
+    def _roll_back_failed(self) -> None:
+        """A pending release that failed its health check before this start (the line stopped while its rollback
+        waited, or after it was given up: :func:`edge_ad.calibration.deploy.failed_before`) is rolled back here,
+        before a frame is inspected with it, with a ``model_health`` event; the restored release opens instead.
+        When it cannot be rolled back (no previous release, a damaged ``previous`` link, the deploy folder locked
+        or full) the start fails saying how to go on: the line does not inspect with a model known to be wrong.
+        With ``[health] enabled = false`` it is left in force, with a WARNING."""
+        from ..calibration.deploy import failed_before, failed_marker
+
+        dep = self._pending_release()
+        why = failed_before(dep.deploy_dir, dep.current) if dep is not None else None
+        if why is None:
+            return
+        marker = failed_marker(dep.deploy_dir, dep.current)
+        if not self.settings.health.enabled:
+            log.warning("release %s %s; [health] enabled = false: not rolled back, it inspects (roll back with "
+                        "'edge-ad bundle rollback')", dep.current, why)
+            return
+        try:
+            self._roll_back_at_start(dep, f"release {dep.current} {why}", None)
+        except RuntimeFailure as exc:
+            raise RuntimeFailure(f"{exc}; edge-ad run does not inspect with a release that failed its health check: "
+                                 "switch to a kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle "
+                                 f"status') or install another, or, to run this one anyway, delete {marker}") from exc
+
     def _roll_back_unopenable(self, dep, exc: BaseException):
         """Roll the pending release ``dep.current`` back because the line cannot open it (``exc``)."""
         from ..calibration.deploy import run_as
 
         m = self.settings.model
-        back, reason = self._roll_back(dep.current, f"release {dep.current} cannot be opened as the line runs it "
-                                                    f"({run_as(m.backend, m.precision, m.device)}): {exc}", exc)
+        return self._roll_back_at_start(dep, f"release {dep.current} cannot be opened as the line runs it "
+                                             f"({run_as(m.backend, m.precision, m.device)}): {exc}", exc)
+
+    def _roll_back_at_start(self, dep, reason: str, exc: BaseException | None):
+        """Roll the pending release ``dep.current`` back before the line runs it (``reason``, from ``exc`` when an
+        error): the state after it. Its ``model_health`` event waits in ``_startup_rollback`` (sent once the
+        outputs are built, or by the reload that asked)."""
+        back, reason = self._roll_back(dep.current, reason, exc)
         log.error("%s; rolled back to %s", reason, back.current)
-        self._startup_rollback = {"type": "model_health", "status": "failed", "reason": reason,
-                                  "release": dep.current, "rolled_back": True, "restored": str(back.current_path),
-                                  "rolled_back_to": back.current}
+        self._startup_rollback = _rolled_back_event(dep.current, reason, back)
         return back
 
-    def _roll_back(self, release: str, reason: str, exc: BaseException):
+    def _roll_back(self, release: str, reason: str, exc: BaseException | None):
         """Roll ``release``, the deploy folder's release in force, back to the previous one because the line cannot
         run it (``reason``, from ``exc``): (the state after the rollback, ``reason`` plus what its record lacks when
-        it is incomplete). When it cannot be rolled back (no previous release or one that cannot be opened; a full
-        disk before 'current' moved: nothing changed) a RuntimeFailure saying so and naming the release in force,
-        never an OSError (a reload, a command handler must not crash on one)."""
+        it is incomplete). When it cannot be rolled back (no previous release or one that cannot be opened, a
+        damaged link; a full disk before 'current' moved: nothing changed) a RuntimeFailure saying so and naming the
+        release in force, never an OSError (a reload, a command handler must not crash on one)."""
         from ..calibration import rollback_model
+        from ..calibration.deploy import DeployDamaged
 
         try:
             back = rollback_model(self.settings.model.deploy_dir, reason=reason)
-        except RuntimeFailure as nothing:
+        except (RuntimeFailure, DeployDamaged) as nothing:   # DeployDamaged: 'previous' (or 'current') to repair
             raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
         except OSError as nothing:   # a full disk before 'current' moved: nothing changed
             raise RuntimeFailure(f"{reason}; and it cannot be rolled back now ({os_error_text(nothing)}; 'current' "
@@ -315,7 +363,24 @@ class Service:
         if payload.get("type") == "inference_error" and self.reporter.health is not None:
             for _ in range(int(payload.get("frames", 1))):
                 self.reporter.health.record(error=True)
+        if payload.get("type") == "model_health":
+            payload = self._golden_said(payload)
         self.reporter.event(payload)
+
+    def _golden_said(self, health: dict) -> dict:
+        """A ``model_health`` event with ``golden_checked``: whether its release passed a golden check before it was
+        switched in (deploy.json's record of the switch: :func:`edge_ad.calibration.deploy.golden_checked`); when
+        not, its reason says so plainly. Unchanged when that is not known."""
+        from ..calibration.deploy import golden_checked
+
+        d = self.settings.model.deploy_dir
+        checked = golden_checked(d, health.get("release")) if d is not None and "golden_checked" not in health else None
+        if checked is None:
+            return health
+        if checked:
+            return {**health, "golden_checked": True}
+        return {**health, "golden_checked": False,
+                "reason": f"{health.get('reason', '')}; no golden check was done before it was switched in"}
 
     def update_birth(self, **fields) -> None:
         if self.link is not None:
@@ -589,7 +654,8 @@ class Service:
         The golden check runs the line's backend, precision and device, and the candidate is opened as the
         line opens it before ``current`` moves; should the swap still fail, ``current`` goes back to the
         running release and the update is reported failed (a RuntimeFailure naming the release in force, also
-        when that rollback cannot be written: :meth:`_roll_back`). On a TensorRT line the candidate's engine is
+        when that rollback cannot be written: :meth:`_roll_back`), a rollback made with a ``model_health`` event
+        as a health-check rollback sends. On a TensorRT line the candidate's engine is
         built and guarded first, on the golden set's good/ images (else its recorded training data when it
         is on this machine; else the update is refused)."""
         from urllib.parse import urlsplit
@@ -644,8 +710,11 @@ class Service:
                                       device=m.device) if golden else None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            return _jsonable({"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
-                              "signature_verified": info.verified, "golden": report})
+            out = {"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
+                   "signature_verified": info.verified, "golden": report, "golden_checked": golden is not None}
+            if golden is None:
+                out["warnings"] = [self._no_golden("the archive was only verified and opened as the line runs it")]
+            return _jsonable(out)
         probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
         try:
             res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
@@ -668,15 +737,32 @@ class Service:
                     dep, why = self._roll_back(res.release, why, exc)
                 except RuntimeFailure as failure:   # never an OSError out of the command: the state it left, said
                     raise RuntimeFailure(f"{failure}; the running model is unchanged") from exc
+                self.event(_rolled_back_event(res.release, why, dep))   # as a health-check rollback says it
                 raise RuntimeFailure(f"{why}; 'current' is back on {dep.current}, the running model is "
                                      "unchanged") from exc
             watched = not res.already_installed and self._watch_health(res.release, baseline, "update_model")
         out.update({"activated": True, "install": res.summary(),
                     "health": "unchanged" if res.already_installed else "pending" if watched else "unchecked"})
+        warnings = []
+        if not res.already_installed:
+            out["golden_checked"] = res.golden is not None
+            if res.golden is None:
+                warnings.append(self._no_golden(
+                    f"{res.release} was only verified and opened as the line runs it before it was switched in; "
+                    + ("only the health check judges it, on its first frames" if watched else
+                       "and the health check is off ([health] enabled = false): nothing judges its decisions")))
         if res.unrecorded is not None:   # the switch holds (install_bundle): say what the deploy folder lacks
-            out["warnings"] = [f"{res.release} is installed and in force, but the record of the install is "
-                               f"incomplete: {res.unrecorded}"]
+            warnings.append(f"{res.release} is installed and in force, but the record of the install is "
+                            f"incomplete: {res.unrecorded}")
+        if warnings:
+            out["warnings"] = warnings
         return _jsonable(out)
+
+    def _no_golden(self, what: str) -> str:
+        """The reply's warning that update_model made no golden check (``what``: what was done instead)."""
+        m = self.settings.model
+        return (f"no golden check was done: this device has no golden set (model.golden_dir is not set and "
+                f"{Path(m.deploy_dir) / 'golden'} does not exist); {what}")
 
     def _ng_rate(self) -> float | None:
         """The NG rate of the latest decisions of the model and calibration in force (the baseline a new
@@ -1035,6 +1121,14 @@ class Service:
         log.info("edge-ad run finished: %s", summary)
         self.finished = True
         return summary
+
+
+def _rolled_back_event(release: str, reason: str, back) -> dict:
+    """The ``model_health`` event of ``release`` rolled back before the line ran it (it cannot be opened, it failed
+    its health check before a restart, update_model could not swap it in): ``back`` is the deploy folder's state
+    after the rollback, as a health-check rollback's event names it."""
+    return {"type": "model_health", "status": "failed", "reason": reason, "release": release, "rolled_back": True,
+            "rollback": "done", "restored": str(back.current_path), "rolled_back_to": back.current}
 
 
 _FETCH_SCHEMES = ("file", "http", "https")   # and a plain local path (no scheme)
