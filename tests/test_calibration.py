@@ -2028,3 +2028,84 @@ def test_the_adapt_screen_warning_names_the_rollback_of_what_adapt_puts_in_force
     assert "calibrate --rollback" not in warnings[0]
     assert warnings[0].endswith("roll back with 'edge-ad bundle rollback' once --deploy has switched the adapted "
                                 "model in (a candidate only written is not in force: delete it) if not")
+
+
+def test_prune_keeps_the_version_a_running_line_decides_with_until_it_reloads(tiny_bundle, tmp_path):
+    """'edge-ad calibrate' twice beside a running line (not reloaded): the line still decided with v2, yet
+    nothing on disk said so, and '--prune 1' deleted v2 (a rollback to the calibration that judged its parts
+    was refused from then on). The run records the version it decides with; a prune keeps it, saying why, until
+    the line reloads; a clean stop removes the record, and a killed process's record is ignored, then deleted."""
+    import os
+    import threading
+    import time
+
+    from edge_ad.bundle import CalibrationHold
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.service import Service
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+
+    def cli_calibration(threshold):   # what an 'edge-ad calibrate' beside the line writes
+        b.write_calibration(b.calibration().replace(version=0, created="", threshold=threshold, policy="manual"))
+
+    def wait_for(cond):
+        deadline = time.monotonic() + 30
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cond()
+
+    cli_calibration(0.9)   # v2: the line starts on it
+    video = write_video(tmp_path / "v.avi", [part_frame(i, 64) for i in range(8)])
+    ov = [(["model", "bundle"], str(b.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"file://{video}?loop=1&fps=50"), (["output", "jsonl"], ""),
+          (["telemetry", "tegrastats"], False)]
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    th = threading.Thread(target=svc.run, daemon=True)
+    th.start()
+    try:
+        wait_for(lambda: list(b.calibration_holders()) == [2])
+        cli_calibration(0.8)
+        cli_calibration(0.7)   # v4 in force on disk, v3 where a plain --rollback goes; the line decides with v2
+        why = f"v2 edge-ad run (pid {os.getpid()}) decides with it until it reloads"
+        for args in (["--dry-run"], []):
+            res = _calibrate_cli(b, "--prune", "1", *args)
+            assert res.exit_code == 0 and "nothing to prune, 4 kept: v1-v4" in res.stdout and why in res.stdout, \
+                res.output
+        res = _calibrate_cli(b, "--prune", "1", "--json")
+        out = json.loads(res.stdout)
+        assert out["removed"] == [] and {"version": 2, "why": why[3:]} in out["protected"]
+        assert svc.inspector.calibration.version == 2
+        assert _calibrate_cli(b, "--rollback", "2").exit_code == 0   # the line's calibration can be put back
+        cli_calibration(0.6)                                           # v5 (replaced v2): v4, v3 unprotected
+        svc.reload("bundle")                                           # SIGHUP: the line takes v5
+        assert list(b.calibration_holders()) == [5]
+        res = _calibrate_cli(b, "--prune", "1", "--json")
+        assert json.loads(res.stdout)["removed"] == [3, 4] and b.calibration_versions() == [1, 2, 5]
+    finally:
+        svc.stop("test over")
+        th.join(30)
+    assert not th.is_alive() and b.calibration_holders() == {}
+    assert not [p.name for p in b.calibration_dir.iterdir() if p.name.startswith(".")]   # a clean stop: no record
+
+    # a process that holds v2 and is killed: its record stays, is not counted, and the next prune deletes it
+    cli_calibration(0.5)   # v6, replacing v5: v2 is no plain --rollback's target any more
+    code = (f"import os, signal; from edge_ad.bundle import Bundle, CalibrationHold; "
+            f"CalibrationHold('edge-ad run').put(Bundle.open({str(b.path)!r}), 2); os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    assert len([p for p in b.calibration_dir.iterdir() if p.name.startswith(".held-")]) == 2
+    assert b.calibration_holders() == {}
+    res = _calibrate_cli(b, "--prune", "1", "--dry-run")
+    assert "would remove 1 calibration version (v2)" in res.stdout, res.output
+    assert len([p for p in b.calibration_dir.iterdir() if p.name.startswith(".held-")]) == 2   # dry: kept
+    assert _calibrate_cli(b, "--prune", "1").exit_code == 0
+    assert b.calibration_versions() == [1, 5, 6] and not [p for p in b.calibration_dir.iterdir() if p.name[0] == "."]
+
+    # the Gaussian statistics of a held version survive the statistics pruning of every refit too
+    g = _fake_gaussian_bundle(tmp_path / "g", versions=8)
+    hold = CalibrationHold("edge-ad run")
+    hold.put(g, 2)
+    try:
+        assert prune_gaussian(g, keep=5) == ["gaussian.d/0001.npz", "gaussian.d/0003.npz"]   # not v2's
+    finally:
+        hold.release()
+    assert g.calibration_holders() == {} and not [p for p in g.calibration_dir.iterdir() if p.name[0] == "."]

@@ -293,8 +293,9 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
     The manifest stops naming them before they are deleted; a failure (disk, permissions) is logged and
     left for the next call, which also removes files left unrecorded by a kill between the two steps.
 
-    Kept: the files of the ``keep`` newest calibration versions and of the one in force, and every
-    prior (the statistics the bundle was trained with, which each refit pools with). Each file is
+    Kept: the files of the ``keep`` newest calibration versions, of the one in force and of those running
+    processes decide with (:meth:`Bundle.calibration_holders`), and every prior (the statistics the bundle
+    was trained with, which each refit pools with). Each file is
     tens of MB (``[h*w, d, d]`` float32), so the whole history cannot stay on a device; the calibration
     JSON history stays complete, and :func:`rollback` refuses (clearly) a version whose file is gone.
     """
@@ -311,8 +312,9 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
 
 
 def _unused_gaussian(bundle: Bundle, keep_names: set[str]) -> tuple[list[str], list[str]]:
-    """The Gaussian statistics files besides ``keep_names`` and those of the calibration in force (its own
-    and its prior): (those the manifest records, all of them: recorded or only on disk)."""
+    """The Gaussian statistics files besides ``keep_names``, those of the calibration in force (its own and its
+    prior) and those of the versions running processes decide with (:meth:`Bundle.calibration_holders`):
+    (those the manifest records, all of them: recorded or only on disk)."""
     d = bundle.file(GAUSSIAN_DIR)
     if not d.is_dir():
         return [], []
@@ -321,6 +323,8 @@ def _unused_gaussian(bundle: Bundle, keep_names: set[str]) -> tuple[list[str], l
         keep_names = keep_names | {str(cal.extra.get("gaussian", "")), _prior_name(cal)}
     except InputError:
         pass
+    # the statistics a running edge-ad run decides with (a calibration written beside it, not reloaded yet)
+    keep_names = keep_names | _referenced_gaussian(bundle, sorted(bundle.calibration_holders()))
     gone = [n for n in bundle.manifest["files"] if n.startswith(GAUSSIAN_DIR + "/") and n not in keep_names]
     on_disk = [f"{GAUSSIAN_DIR}/{p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".npz"]
     return gone, sorted({*gone, *(n for n in on_disk if n not in keep_names)})
@@ -361,8 +365,11 @@ class PruneResult:
 def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResult:
     """Delete old calibration versions (``calibration.d/NNNN.json``), keeping the ``keep`` newest and, whatever
     their age, the version in force, the one a rollback without a version puts back
-    (:meth:`Bundle.previous_calibration_version`) and version 1, the trained calibration; then the Gaussian
-    statistics files that only the removed versions used. ``dry_run``: say what would go, delete nothing.
+    (:meth:`Bundle.previous_calibration_version`), those a running ``edge-ad run`` decides with
+    (:meth:`Bundle.calibration_holders`: a calibration written beside it that it has not reloaded yet) and
+    version 1, the trained calibration; then the Gaussian statistics files that only the removed versions used.
+    ``dry_run``: say what would go, delete nothing (the records of processes that are gone are deleted
+    otherwise).
 
     Takes the bundle's calibration lock (refused, :class:`~edge_ad.errors.Busy`, while a calibration runs).
     Power cuts: versions go oldest first, each one by a single unlink (never half a file), and the statistics
@@ -382,8 +389,10 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
             raise InputError(f"{exc}; nothing pruned: the versions the calibration in force needs cannot be told "
                              "(put one back with 'edge-ad calibrate --rollback VERSION' first)") from None
         protected: dict[int, str] = {}
+        held = [(v, _holders(recs)) for v, recs in
+                sorted(bundle.calibration_holders(remove_stale=not dry_run).items())]
         for v, why in ((cur.version, "in force"), (_rollback_target(bundle), "a plain --rollback goes back to it"),
-                       (1, "the trained calibration")):
+                       *held, (1, "the trained calibration")):
             if v in versions and v not in protected:
                 protected[v] = why
         kept = sorted(set(versions[-keep:]) | set(protected))
@@ -408,6 +417,13 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
                                  f"{len(removed)} calibration versions and {len(done)} Gaussian statistics "
                                  "files; what is left is a usable history: run it again") from exc
     return PruneResult(tuple(removed), tuple(kept), protected, tuple(done))
+
+
+def _holders(records: list[dict]) -> str:
+    """``edge-ad run (pid 812) decides with it until it reloads``: the processes that decide with a version."""
+    who = " and ".join(f"{r.get('by') or 'a process'} (pid {r.get('pid')})" for r in records)
+    one = len(records) == 1
+    return f"{who} {'decides' if one else 'decide'} with it until {'it reloads' if one else 'they reload'}"
 
 
 def _rollback_target(bundle: Bundle) -> int | None:

@@ -96,8 +96,9 @@ def _deploy_option(ctx, param, value):
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
 @click.option("--prune", "prune_keep", type=click.IntRange(1), metavar="KEEP",
               help="Delete old calibration versions, keeping the KEEP newest, the one in force, the one a plain "
-                   "--rollback goes back to and v1 (the trained calibration), and the Gaussian statistics only "
-                   "the removed ones used; print what was removed and exit.")
+                   "--rollback goes back to, the one a running 'edge-ad run' decides with until it reloads and v1 "
+                   "(the trained calibration), and the Gaussian statistics only the removed ones used; print what "
+                   "was removed and exit.")
 @click.option("--dry-run", is_flag=True, help="With --prune: say what would be removed, remove nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from ..bundle import Bundle
+from ..bundle import Bundle, CalibrationHold
 from ..config import Settings
 from ..data.image import expect_trained_format, put_expected_format
 from ..errors import EdgeADError, InputError, RuntimeFailure, os_error_text
@@ -120,6 +120,9 @@ class Service:
         # skips its turn then, so the watch replaced is neither judged nor announced a second time
         self._health_lock = threading.Lock()
         self._health_log = LogLimiter()   # an error of the health check, polled ten times a second: once a minute
+        # calibration.d/.held-*: the calibration version this run decides with, recorded while run() runs, so that
+        # 'edge-ad calibrate --prune' keeps it after a calibration written beside the line (not reloaded yet)
+        self._hold = None
         self.transient_threshold: float | None = None  # set_threshold {persist: false}, until a calibration swap
         self.override_under_transient: float | None = None  # the override it replaced: back on that swap
         self._build()
@@ -405,6 +408,7 @@ class Service:
             self._drop_transient_threshold(f"calibration v{before}")
             if decides:
                 self.pipeline.threshold_override = None
+            self._hold_calibration()
         log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
         if self.inspector.model_hash != model_before:   # a Gaussian refit: its statistics are the model
             self.update_birth(model_hash=self.inspector.model_hash)
@@ -412,6 +416,12 @@ class Service:
         self.event({"type": "calibration", "version": cal.version, "previous_version": before,
                     "threshold": cal.threshold, "policy": cal.policy, "reason": reason,
                     "threshold_in_force": self.effective_threshold()})
+
+    def _hold_calibration(self) -> None:
+        """Record on disk the bundle and calibration version this run decides with (:class:`CalibrationHold`:
+        never raises), while it runs."""
+        if self._hold is not None:
+            self._hold.put(self.bundle, self.inspector.calibration.version)
 
     def _drop_transient_threshold(self, what: str) -> None:
         """A this-run-only threshold belongs to the calibration (and model) it was set on: when another is
@@ -634,6 +644,7 @@ class Service:
             expect_trained_format(bundle)
             self.reporter.reset_drift(new.calibration, f"model swap ({reason})")
             self._drop_transient_threshold(f"model {before}")
+            self._hold_calibration()
         if not self.pipeline.wait_idle(old, SWAP_WAIT_S):   # a batch still in the old backend finishes there
             log.warning("the old model's batch did not finish within %g s of the swap; its backend is closed under "
                         "it", SWAP_WAIT_S)
@@ -962,6 +973,9 @@ class Service:
         t_start = time.monotonic()
         # frames of another bit depth than the training images' are warned about (once; a model swap changes it)
         expected_before = expect_trained_format(self.bundle)
+        with self._swap_lock:
+            self._hold = CalibrationHold("edge-ad run")
+            self._hold_calibration()
         try:
             if self.link is not None:
                 self.link.start()
@@ -1104,6 +1118,10 @@ class Service:
             except Exception as exc:
                 log.debug("closing the backend: %s", exc)
         self.notifier.close()
+        with self._swap_lock:
+            hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.release()
         inspect_s = t_inspected - t_start
         stop_s = time.monotonic() - t_inspected
         summary = {"frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": self.reporter.ng,
