@@ -1162,6 +1162,75 @@ def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, m
     assert quantized == ["int8"] and tbundle.active_precision == "fp32" and not (tmp_path / "cand").exists()
 
 
+def test_adapt_fits_a_quantized_candidates_calibration_on_its_quantized_scores(tbundle, tmp_path, monkeypatch):
+    """--adapt on an INT8 line calibrated the candidate on its FP32 model's scores, then quantized it and kept that
+    calibration, though the line scores with the INT8 graph. The calibration is now fitted again on the INT8
+    graph's scores of the same validation frames (as 'calibrate --config' scores as the line does); the summary
+    gives both thresholds (the fine-tuning is a copy here, and the quantization a stand-in graph)."""
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    import edge_ad.compile.quantize as quantize_mod
+    import edge_ad.train.adapt as train_adapt
+    from edge_ad import scoring
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.cli import main
+    from edge_ad.data.image import to_batch
+    from edge_ad.runtime.backends import open_backend
+    from fixtures_bundle import add_stand_in_graph
+
+    add_stand_in_graph(tbundle, "int8")   # the line runs INT8
+    frames = [part_frame(i, 64) for i in range(200)]
+    val = [frames[i] for i in adapt_mod.validation_split(len(frames))[0]]
+
+    def fitted(bundle, precision):   # a calibration (policy max) fitted on the validation frames' scores
+        with open_backend(bundle, "onnxruntime", precision, "cpu") as be:
+            raw = be.infer(to_batch(val, bundle.image_size))
+        cal = scoring.Calibration(maps=scoring.fit_map_norms(raw), threshold=0.0, policy="max")
+        s = scoring.score(raw, cal).scores
+        return cal.replace(threshold=scoring.threshold_from_policy(s, "max"), normal=scoring.normal_stats(s))
+
+    def fine_tune(src, kept, out, **kw):   # as adapt_bundle: calibrated on the FP32 model's scores of its split
+        assert len(kept) == len(frames)
+        cand = copy_bundle(src, out)
+        cand.write_calibration(fitted(cand, "fp32").replace(source="--adapt (test)"))
+        return cand
+
+    def quantize(cand, precision, **kw):   # a stand-in INT8 graph that passed the guard
+        add_stand_in_graph(cand, precision)
+        cand.set_active("model.int8.onnx", precision)
+        return SimpleNamespace(files=["model.int8.onnx"])
+
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    monkeypatch.setattr(train_adapt, "adapt_bundle", fine_tune)
+    monkeypatch.setattr(quantize_mod, "quantize_bundle", quantize)
+    res = adapt_mod.adapt(tbundle.path, frames, steps=1, backend="onnxruntime", precision="int8", run_device="cpu",
+                          out_dir=tmp_path / "cand", progress=False)
+    cand = Bundle.open(tmp_path / "cand", verify=True)
+    cal, want = cand.calibration(), fitted(cand, "int8")
+    assert cal.threshold == pytest.approx(want.threshold, rel=1e-6) and res.threshold == cal.threshold
+    assert {k: (m.q_a, m.q_b) for k, m in cal.maps.items()} == pytest.approx(
+        {k: (m.q_a, m.q_b) for k, m in want.maps.items()}, rel=1e-6)
+    fp32 = cand.calibration_at(cal.extra["previous_version"])   # the FP32 model's, kept in the history
+    assert fp32.threshold == pytest.approx(fitted(cand, "fp32").threshold, rel=1e-6)
+    assert res.fp32_threshold == fp32.threshold != pytest.approx(cal.threshold, rel=0.01)
+    assert cal.n_frames == len(val) and cal.source == "--adapt (test), scored on onnxruntime int8 on cpu " \
+                                                      "(model.int8.onnx)"
+    out = res.summary()
+    assert out["threshold"] == cal.threshold and out["fp32_threshold"] == fp32.threshold
+    assert out["calibrated_on"] == {"backend": "onnxruntime", "precision": "int8", "device": "cpu",
+                                    "graph": "model.int8.onnx"}
+    monkeypatch.setattr(adapt_mod, "adapt", lambda *a, **k: res)   # the CLI says both
+    video, _ = _raw_video(tmp_path)
+    r = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", f"file://{video}",
+                                  "--frames", "200", "--adapt", "--backend", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    assert (f"threshold {cal.threshold:.6g} (fitted on its scores on onnxruntime int8 on cpu (model.int8.onnx); "
+            f"{fp32.threshold:.6g} on the FP32 model's) set by its calibration" in r.stdout), r.output
+
+
 def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_path, monkeypatch):
     """'calibrate --adapt --config' said nothing of the threshold the line would decide with, and nothing of a
     [decision] threshold that overrides the adapted model's: a refit reports both (one rule with the MQTT reply,

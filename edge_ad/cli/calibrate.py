@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.backends import BACKENDS  # the one list open_backend accepts
+from ..runtime.backends import BACKENDS, summary_text  # the one list open_backend accepts; a Backend.summary in words
 from . import main
 from .types import env_file_option
 
@@ -223,12 +223,16 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             return
         _screened(res)
         installed = res.install is not None
-        screened = f", frames screened on {_ran_on(res.scored_on)}" if res.scored_on else ""
+        screened = f", frames screened on {summary_text(res.scored_on)}" if res.scored_on else ""
+        # a quantized candidate's threshold is fitted on its own scores: the FP32 model's is said beside it
+        fitted = "" if res.fp32_threshold is None else (
+            f" (fitted on its scores on {summary_text(res.calibrated_on)}; {res.fp32_threshold:.6g} on the FP32 "
+            "model's)")
         if in_force is not None:
-            thr = f"; threshold {res.threshold:.6g}, threshold in force {in_force:.6g}" + (
+            thr = f"; threshold {res.threshold:.6g}{fitted}, threshold in force {in_force:.6g}" + (
                 "" if installed else " once installed")
         else:   # without the config: what the candidate's calibration sets, nothing more known
-            thr = "" if res.threshold is None else f"; threshold {res.threshold:.6g} set by its calibration"
+            thr = "" if res.threshold is None else f"; threshold {res.threshold:.6g}{fitted} set by its calibration"
         if installed:
             g = res.install.golden
             golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
@@ -269,7 +273,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
            f"threshold {c.threshold:.6g} set by this calibration (was {res.previous.threshold:.6g})")
     click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
                f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, scored on "
-               f"{_ran_on(scored_on)}, {res.timings['total']:.1f} s")
+               f"{summary_text(scored_on)}, {res.timings['total']:.1f} s")
     _override_note(override, config, env, "this calibration", c.threshold)
 
 
@@ -404,13 +408,6 @@ def _scored_as_line(b, settings, config, env, backend, precision, device) -> tup
     if taken:
         click.echo("note: scoring as the line does: " + ", ".join(taken), err=True)
     return given["backend"], given["precision"], given["device"]
-
-
-def _ran_on(scored_on: dict) -> str:
-    """``onnxruntime int8 on cpu (model.int8-u8.onnx)``: a backend's
-    :meth:`~edge_ad.runtime.backends.Backend.summary` in words."""
-    graph = f" ({scored_on['graph']})" if scored_on.get("graph") else ""
-    return f"{scored_on['backend']} {scored_on['precision']} on {scored_on['device']}{graph}"
 
 
 def _screened(res) -> None:
