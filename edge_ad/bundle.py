@@ -714,8 +714,8 @@ class Bundle:
             why = (f"the newest is v{versions[-1]}" if version > versions[-1] else "versions start at v1"
                    if version < 1 else "no longer kept: pruned, or deleted by hand")
             raise InputError(f"calibration version {version} not found ({why}); {len(versions)} kept: "
-                             f"{version_runs(versions, most=12)} ('edge-ad calibrate --list', or the MQTT status's "
-                             "calibration.versions, lists them); the calibration in force is unchanged")
+                             f"{version_runs(versions, most=12)} ('edge-ad calibrate --list' lists them all, the MQTT "
+                             "status's calibration.versions the newest); the calibration in force is unchanged")
         _, data = _read_calibration(self.calibration_version_file(version))
         try:
             before = self.calibration().version if self.has("calibration.json") else None

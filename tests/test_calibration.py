@@ -247,8 +247,8 @@ def test_rollback_to_a_missing_version_names_the_kept_ones_in_runs(tbundle):
         with pytest.raises(InputError) as exc:
             rollback(tbundle, version)
         assert str(exc.value) == (f"calibration version {version} not found ({why}); 35 kept: {kept} ('edge-ad "
-                                  "calibrate --list', or the MQTT status's calibration.versions, lists them); the "
-                                  "calibration in force is unchanged")
+                                  "calibrate --list' lists them all, the MQTT status's calibration.versions the "
+                                  "newest); the calibration in force is unchanged")
     res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback", "40"])
     assert res.exit_code == 2 and f"error: calibration version 40 not found (no longer kept: pruned, or deleted by " \
                                   f"hand); 35 kept: {kept} (" in res.output, res.output

@@ -391,7 +391,7 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
         protected: dict[int, str] = {}
         held = [(v, _holders(recs)) for v, recs in
                 sorted(bundle.calibration_holders(remove_stale=not dry_run).items())]
-        for v, why in ((cur.version, "in force"), (_rollback_target(bundle), "a plain --rollback goes back to it"),
+        for v, why in ((cur.version, "in force"), (rollback_target(bundle), "a plain --rollback goes back to it"),
                        *held, (1, "the trained calibration")):
             if v in versions and v not in protected:
                 protected[v] = why
@@ -426,8 +426,9 @@ def _holders(records: list[dict]) -> str:
     return f"{who} {'decides' if one else 'decide'} with it until {'it reloads' if one else 'they reload'}"
 
 
-def _rollback_target(bundle: Bundle) -> int | None:
-    """The version a rollback without a version puts back, None when there is none."""
+def rollback_target(bundle: Bundle) -> int | None:
+    """The version a rollback without a version puts back (:meth:`Bundle.previous_calibration_version`), None
+    when there is none (or the calibration in force is unreadable)."""
     try:
         return bundle.previous_calibration_version()
     except InputError:
@@ -456,8 +457,8 @@ def rollback(bundle: Bundle, version: int | None = None, by: str = "") -> Calibr
         if target not in versions:
             raise InputError(f"calibration version {target}, the one calibration v{bundle.calibration().version} "
                              "replaced, is no longer kept (pruned, or deleted by hand); roll back to a kept version "
-                             "by its number ('edge-ad calibrate --list', or the MQTT status's calibration.versions, "
-                             "lists them); the calibration in force is unchanged")
+                             "by its number ('edge-ad calibrate --list' lists them all, the MQTT status's "
+                             "calibration.versions the newest); the calibration in force is unchanged")
     if target is not None and target in versions and bundle.kind == "gaussian":
         cal = bundle.calibration_at(target)
         g = str(cal.extra.get("gaussian") or "")

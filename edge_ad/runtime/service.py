@@ -42,6 +42,7 @@ from .triggers import TriggerGate, load_trigger
 
 log = logging.getLogger(__name__)
 
+STATUS_VERSIONS = 20   # the newest calibration versions 'status' lists (a history holds thousands: --list has all)
 ABANDON_GRACE_S = 0.5   # after the stop deadline: how long idle pipeline threads get to see the closed queues
 SWAP_WAIT_S = 60.0     # a model swap waits this long for a batch still in the old backend before closing it
 
@@ -838,8 +839,7 @@ class Service:
                "model": {"bundle": str(self.bundle.path), "kind": self.bundle.kind, "hash": self.inspector.model_hash,
                          "backend": getattr(b, "name", ""), "precision": getattr(b, "precision", ""),
                          "image_size": list(self.bundle.image_size)},
-               "calibration": {"version": cal.version, "threshold": cal.threshold, "policy": cal.policy,
-                               "versions": self.bundle.calibration_versions()},
+               "calibration": self._calibration_status(cal),
                "threshold": self.effective_threshold(), "drift": self.reporter.drift_summary(),
                "results": {"ok": self.reporter.ok, "ng": self.reporter.ng,
                            "output_errors": dict(self.reporter.output_errors)},
@@ -849,6 +849,19 @@ class Service:
             out["link"] = self.link.stats()
             out["birth"] = self.link.birth()
         return _jsonable(out)
+
+    def _calibration_status(self, cal) -> dict:
+        """The status's ``calibration``: the one this run decides with (``version``, ``threshold``, ``policy``), the
+        versions the bundle keeps, bounded whatever the history (``versions``: the newest :data:`STATUS_VERSIONS`;
+        ``versions_kept``: how many; ``edge-ad calibrate --list`` lists them all), and ``rollback_to``, the one a
+        ``rollback_calibration`` without a version puts back (None: none, or no longer kept)."""
+        from ..calibration.refit import rollback_target
+
+        versions = self.bundle.calibration_versions()
+        target = rollback_target(self.bundle)
+        return {"version": cal.version, "threshold": cal.threshold, "policy": cal.policy,
+                "versions": versions[-STATUS_VERSIONS:], "versions_kept": len(versions),
+                "rollback_to": target if target in versions else None}
 
     # ------------------------------------------------------------------ telemetry
     def telemetry_payload(self) -> dict:
