@@ -9,7 +9,7 @@
     checkpoint.pt          torch weights (state_dict) for fine-tuning and re-export
     calibration.json       the calibration in force (byte-identical to its calibration.d/ entry)
     calibration.d/NNNN.json  every calibration version ever written
-    calibration.d/rollbacks.json  every rollback: to which version, from which, when, by what
+    calibration.d/rollbacks.json  the rollbacks (the newest 1000): to which version, from which, when, by what
     calibration.d/.held-<id>.json  the version a running 'edge-ad run' decides with (and its .lock: held while
                            it runs), so that 'edge-ad calibrate --prune' keeps it; local, never shipped
     engines/<key>.engine   TensorRT engines
@@ -51,6 +51,7 @@ FORMAT = "edge-ad-bundle"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 _CAL_RE = re.compile(r"^(\d{4,})\.json$")
+ROLLBACKS_KEPT = 1000   # rollbacks.json keeps the newest records: one is written per rollback, for ever
 _HELD_RE = re.compile(r"^\.held-([0-9a-f]{16})\.(json|lock)$")   # CalibrationHold's records in calibration.d/
 log = logging.getLogger(__name__)
 
@@ -682,14 +683,39 @@ class Bundle:
         return self.calibration_dir / "rollbacks.json"
 
     def calibration_rollbacks(self) -> list[dict]:
-        """The rollbacks recorded (oldest first): ``version`` put back, ``previous_version`` (None when the one
-        in force was unreadable), ``ts``, ``by`` (``cli``, ``mqtt``, ``mqtt (client ID)``). An unreadable log
-        reads as none: it is a record, never needed to run."""
+        """The rollbacks recorded (oldest first; the newest :data:`ROLLBACKS_KEPT`): ``version`` put back,
+        ``previous_version`` (None when the one in force was unreadable), ``ts``, ``by`` (``cli``, ``mqtt``,
+        ``mqtt (client ID)``). An unreadable log reads as none: it is a record, never needed to run."""
+        return self._rollback_records() or []
+
+    def _rollback_records(self) -> list[dict] | None:
+        """:meth:`calibration_rollbacks`, None when the log is there but unreadable (not a JSON list)."""
         try:
             records = json.loads(self.rollback_log.read_text("utf-8"))
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return []
-        return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+        except (OSError, ValueError):
+            return None
+        return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else None
+
+    def _write_rollbacks(self, records: list[dict]) -> None:
+        """Write the rollback log (atomic), keeping its newest :data:`ROLLBACKS_KEPT` records."""
+        atomic.write_json(self.rollback_log, records[-ROLLBACKS_KEPT:])
+
+    def drop_rollbacks(self, kept: Iterable[int] | None = None, dry_run: bool = False) -> int:
+        """Drop the rollback records that put back a version the history does not keep (``kept``; default: the
+        versions on disk): pruned, or deleted by hand. ``--list`` shows a record under the version it put back,
+        so these say nothing any more. A record that put back a kept version stays, also when the version it
+        replaced is gone (it still says where it came from). Returns how many are (``dry_run``: would be)
+        dropped; an unreadable log is left as it is."""
+        records = self._rollback_records()
+        if not records:
+            return 0
+        kept = set(self.calibration_versions() if kept is None else kept)
+        left = [r for r in records if not isinstance(r.get("version"), int) or r["version"] in kept]
+        if len(left) < len(records) and not dry_run:
+            self._write_rollbacks(left)
+        return len(records) - len(left)
 
     def calibration_holders(self, remove_stale: bool = False) -> dict[int, list[dict]]:
         """``{version: [record, ...]}``: the calibration versions running processes decide with, as their
@@ -724,7 +750,7 @@ class Bundle:
         self._put_calibration(data)
         record = {"version": version, "previous_version": before, "ts": now_iso(), "by": by or "api"}
         try:   # after the switch, which is done: a full disk costs the record, not the rollback
-            atomic.write_json(self.rollback_log, self.calibration_rollbacks() + [record])
+            self._write_rollbacks(self.calibration_rollbacks() + [record])
         except OSError as exc:
             log.warning("rollback to calibration v%d not recorded in %s: %s", version, self.rollback_log, exc)
         return self.calibration()

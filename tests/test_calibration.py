@@ -1971,7 +1971,7 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
     """The history was never pruned: the docs said to delete old versions by hand, and 'bundle pack' refuses
     more than 25,000 files. 'calibrate --prune KEEP' keeps the KEEP newest versions, the one in force, the one a
     plain --rollback goes back to and v1, and deletes the Gaussian statistics only the removed versions used;
-    --dry-run only says so; the rollback record naming removed versions does not disturb --list."""
+    --dry-run only says so; the records of rollbacks to removed versions are dropped, the others stay for --list."""
     import fcntl
     import os
 
@@ -1985,6 +1985,7 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
             "calibration, v2 a plain --rollback goes back to it, v3 in force)") in res.stdout
     assert ("would remove Gaussian statistics no kept version uses: gaussian.d/0004.npz, gaussian.d/0005.npz, "
             "gaussian.d/0006.npz") in res.stdout and "nothing removed (--dry-run)" in res.stderr
+    assert "would drop 1 record of rollbacks.json that put back a version not kept" in res.stdout
     assert sorted(p.relative_to(b.path) for p in b.path.rglob("*")) == files
 
     fd = os.open(b.path, os.O_RDONLY)   # a calibration of the bundle runs: refused, as a refit or rollback is
@@ -2001,6 +2002,7 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
     out = json.loads(res.stdout)
     assert (out["removed"], out["kept"], out["dry_run"]) == ([4, 5, 6], [1, 2, 3, 7, 8], False)
     assert out["gaussian_removed"] == ["gaussian.d/0004.npz", "gaussian.d/0005.npz", "gaussian.d/0006.npz"]
+    assert out["rollbacks_dropped"] == 1
     assert [(p["version"], p["why"]) for p in out["protected"]] == [
         (1, "the trained calibration"), (2, "a plain --rollback goes back to it"), (3, "in force")]
     b = Bundle.open(b.path, verify=True)
@@ -2011,8 +2013,8 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
     res = _calibrate_cli(b, "--prune", "2")
     assert res.exit_code == 0 and "nothing to prune, 5 kept: v1-v3, v7-v8" in res.stdout, res.output
 
-    # the rollback record still names v5 (put back from v8, and v3 put back from it): --list takes it as it is
-    assert [(r["version"], r["previous_version"]) for r in b.calibration_rollbacks()] == [(5, 8), (3, 5)]
+    # the rollback record of v5 (put back from v8) is gone with v5; v3's (put back from v5) stays, saying so
+    assert [(r["version"], r["previous_version"]) for r in b.calibration_rollbacks()] == [(3, 5)]
     res = _calibrate_cli(b, "--list")
     assert res.exit_code == 0, res.output
     assert re.findall(r"^[* ] v(\d+)", res.stdout, re.M) == ["1", "2", "3", "7", "8"]
@@ -2028,6 +2030,35 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
     assert res.exit_code == 2 and ("calibration version 6, the one calibration v7 replaced, is no longer kept "
                                    "(pruned, or deleted by hand)") in res.output, res.output
     assert b.calibration().version == 7
+
+
+def test_the_rollback_log_keeps_its_newest_records_and_a_prune_drops_those_of_removed_versions(tmp_path):
+    """calibration.d/rollbacks.json grew by one record per rollback, for ever, and a prune left it whole. Every
+    write now keeps the newest 1000 records (atomically); a prune drops the records that put back a version it
+    removed (--list shows a record under that version) and keeps one that put back a kept version; an unreadable
+    log is left as it is."""
+    from edge_ad.bundle import ROLLBACKS_KEPT
+    from edge_ad.calibration import prune_history
+
+    b = _fake_gaussian_bundle(tmp_path / "b", versions=3)
+    old = [{"version": 2, "previous_version": 3, "ts": f"t{i}", "by": "cli"} for i in range(ROLLBACKS_KEPT)]
+    b.rollback_log.write_text(json.dumps(old))
+    rollback(b, 1, by="cli")                                        # the 1001st: the oldest goes
+    recs = b.calibration_rollbacks()
+    assert ROLLBACKS_KEPT == 1000 and len(recs) == 1000 and recs[0]["ts"] == "t1"
+    assert (recs[-1]["version"], recs[-1]["previous_version"], recs[-1]["by"]) == (1, 3, "cli")
+    assert sorted(p.name for p in b.calibration_dir.iterdir()) == ["0001.json", "0002.json", "0003.json",
+                                                                   "rollbacks.json"]   # no temp file left
+    res = prune_history(b, 1, dry_run=True)                         # v3 the newest, v1 in force: v2 goes
+    assert (res.removed, res.rollbacks_dropped) == ((2,), 999) and len(b.calibration_rollbacks()) == 1000
+    res = prune_history(b, 1)
+    assert (res.removed, res.rollbacks_dropped) == ((2,), 999)
+    assert [(r["version"], r["previous_version"]) for r in b.calibration_rollbacks()] == [(1, 3)]
+    res = _calibrate_cli(b, "--list")
+    assert res.exit_code == 0 and "rolled back to at" in res.stdout and "(from v3)" in res.stdout, res.output
+    b.rollback_log.write_text("{")                                  # unreadable: a record, left for a person
+    b.calibration_version_file(3).unlink()
+    assert prune_history(b, 1).rollbacks_dropped == 0 and b.rollback_log.read_text() == "{"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -354,12 +354,13 @@ class PruneResult:
     protected: dict = field(default_factory=dict)   # {version: why}: kept besides the newest ones
     gaussian_removed: tuple[str, ...] = ()   # statistics files only the removed versions used
     dry_run: bool = False
+    rollbacks_dropped: int = 0               # records of rollbacks.json that put back a version not kept
 
     def summary(self) -> dict:
         """JSON-ready (``edge-ad calibrate --prune --json``)."""
         return {"removed": list(self.removed), "kept": list(self.kept), "dry_run": self.dry_run,
                 "protected": [{"version": v, "why": why} for v, why in sorted(self.protected.items())],
-                "gaussian_removed": list(self.gaussian_removed)}
+                "gaussian_removed": list(self.gaussian_removed), "rollbacks_dropped": self.rollbacks_dropped}
 
 
 def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResult:
@@ -374,8 +375,9 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
     Takes the bundle's calibration lock (refused, :class:`~edge_ad.errors.Busy`, while a calibration runs).
     Power cuts: versions go oldest first, each one by a single unlink (never half a file), and the statistics
     after them (the manifest first, as :func:`prune_gaussian` does), so a cut at any point leaves a history
-    that lists, rolls back and packs; the next prune finishes the job. The rollback record
-    (``rollbacks.json``) is left whole: entries naming removed versions are a record, not needed to run.
+    that lists, rolls back and packs; the next prune finishes the job. Last, the records of the rollback log
+    (``rollbacks.json``, rewritten atomically) that put back a version not kept are dropped
+    (:meth:`Bundle.drop_rollbacks`; those that put back a kept version stay, whatever they replaced).
     Refused (:class:`InputError`, nothing removed) when the calibration in force is missing or unreadable:
     what it needs kept cannot be known.
     """
@@ -400,7 +402,8 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
         keep_names = _referenced_gaussian(bundle, kept)
         if dry_run:
             return PruneResult(tuple(removed), tuple(kept), protected,
-                               tuple(_unused_gaussian(bundle, keep_names)[1]), dry_run=True)
+                               tuple(_unused_gaussian(bundle, keep_names)[1]), dry_run=True,
+                               rollbacks_dropped=bundle.drop_rollbacks(kept, dry_run=True))
         n_gone, done = 0, []
         try:
             for v in removed:   # oldest first: what is left at any point is a history
@@ -412,11 +415,12 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
             if removed:
                 atomic._fsync_dir(bundle.calibration_dir)
             _remove_gaussian(bundle, keep_names, done)
+            dropped = bundle.drop_rollbacks(kept)   # last: a cut before it leaves records the next prune drops
         except OSError as exc:
             raise RuntimeFailure(f"{os_error_text(exc)}: the prune stopped after removing {n_gone} of "
                                  f"{len(removed)} calibration versions and {len(done)} Gaussian statistics "
                                  "files; what is left is a usable history: run it again") from exc
-    return PruneResult(tuple(removed), tuple(kept), protected, tuple(done))
+    return PruneResult(tuple(removed), tuple(kept), protected, tuple(done), rollbacks_dropped=dropped)
 
 
 def _holders(records: list[dict]) -> str:

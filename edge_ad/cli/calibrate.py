@@ -97,8 +97,8 @@ def _deploy_option(ctx, param, value):
 @click.option("--prune", "prune_keep", type=click.IntRange(1), metavar="KEEP",
               help="Delete old calibration versions, keeping the KEEP newest, the one in force, the one a plain "
                    "--rollback goes back to, the one a running 'edge-ad run' decides with until it reloads and v1 "
-                   "(the trained calibration), and the Gaussian statistics only the removed ones used; print what "
-                   "was removed and exit.")
+                   "(the trained calibration), and the Gaussian statistics only the removed ones used and the "
+                   "records of rollbacks to them; print what was removed and exit.")
 @click.option("--dry-run", is_flag=True, help="With --prune: say what would be removed, remove nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s,
@@ -563,6 +563,10 @@ def _prune(b, keep: int, dry_run: bool, as_json: bool) -> None:
                    f"{'s' if len(res.removed) != 1 else ''} ({version_runs(res.removed)}); {kept}")
     if res.gaussian_removed:
         click.echo(f"{verb} Gaussian statistics no kept version uses: {', '.join(res.gaussian_removed)}")
+    if res.rollbacks_dropped:
+        n = res.rollbacks_dropped
+        click.echo(f"{'would drop' if dry_run else 'dropped'} {n} record{'s' if n != 1 else ''} of "
+                   f"{b.rollback_log.name} that put back a version not kept")
     if dry_run:
         click.echo("nothing removed (--dry-run)", err=True)
 
