@@ -2190,7 +2190,8 @@ def test_prune_keeps_the_version_a_running_line_decides_with_until_it_reloads(ti
     # a process that holds v2 and is killed: its record stays, is not counted, and the next prune deletes it
     cli_calibration(0.5)   # v6, replacing v5: v2 is no plain --rollback's target any more
     code = (f"import os, signal; from edge_ad.bundle import Bundle, CalibrationHold; "
-            f"CalibrationHold('edge-ad run').put(Bundle.open({str(b.path)!r}), 2); os.kill(os.getpid(), signal.SIGKILL)")
+            f"CalibrationHold('edge-ad run').put(Bundle.open({str(b.path)!r}), 2); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
     assert len([p for p in b.calibration_dir.iterdir() if p.name.startswith(".held-")]) == 2
     assert b.calibration_holders() == {}
@@ -2209,3 +2210,67 @@ def test_prune_keeps_the_version_a_running_line_decides_with_until_it_reloads(ti
     finally:
         hold.release()
     assert g.calibration_holders() == {} and not [p for p in g.calibration_dir.iterdir() if p.name[0] == "."]
+
+
+def test_the_frames_a_killed_adapt_left_are_removed_by_the_next_calibrate_or_adapt(tbundle, tmp_path, caplog,
+                                                                                  monkeypatch):
+    """A killed 'calibrate --adapt' left its .adapt-frames-* folder (every frame as a PNG) beside the bundle for
+    ever. An --adapt now holds its folder's lock while it works; the next calibrate (the CLI's, or --adapt's)
+    removes the folders nobody holds, each named in an INFO line, and leaves one still at work alone."""
+    pytest.importorskip("torch")
+    import threading
+
+    from click.testing import CliRunner
+
+    import edge_ad.train.adapt as train_adapt
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.cli import main
+
+    def killed_adapt(name):   # a process that held the folder, as --adapt does, and was killed
+        folder = _write_pngs(tmp_path / name / "normals", [part_frame(0, 64)])[0].parent.parent
+        code = (f"import os, signal; from edge_ad import atomic; atomic.folder_lock({str(folder)!r}, 'x').__enter__(); "
+                "os.kill(os.getpid(), signal.SIGKILL)")
+        assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+        return folder
+
+    assert tbundle.path.parent == tmp_path
+    killed, at_work = killed_adapt(".adapt-frames-k1"), tmp_path / ".adapt-frames-w1"
+    at_work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys\nfrom edge_ad import atomic\nwith atomic.folder_lock("
+                               f"{str(at_work)!r}, 'x'):\n    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        folder = tmp_path / "normals"
+        _write_pngs(folder, [part_frame(900 + i, 64) for i in range(24)])
+        with caplog.at_level(logging.INFO, logger="edge_ad.calibration.adapt"):
+            res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(folder),
+                                            "--frames", "24", "--policy", "max", "--backend", "onnxruntime"])
+        assert res.exit_code == 0, res.output
+        assert not killed.exists() and at_work.is_dir()
+        assert f"removed {killed}: the frames of an 'edge-ad calibrate --adapt' that was killed" in caplog.text
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+
+    # --adapt removes them too (the one at work is left now), and holds its own folder while it works: a
+    # calibrate beside it keeps it
+    killed = killed_adapt(".adapt-frames-k2")
+    seen = {}
+
+    def fine_tune(src, frames, out, **kw):
+        seen["work"] = sorted(p.name for p in tmp_path.glob(".adapt-frames-*"))
+        t = threading.Thread(target=lambda: seen.update(removed=adapt_mod.remove_stale_work(src)))
+        t.start()
+        t.join(30)
+        return copy_bundle(src, out)
+
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    monkeypatch.setattr(train_adapt, "adapt_bundle", fine_tune)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="edge_ad.calibration.adapt"):
+        adapt_mod.adapt(tbundle.path, [part_frame(i, 64) for i in range(200)], steps=1, backend="onnxruntime",
+                        run_device="cpu", out_dir=tmp_path / "cand", progress=False)
+    assert f"removed {killed}" in caplog.text and f"removed {at_work}" in caplog.text
+    assert len(seen["work"]) == 1 and seen["work"][0].startswith(".adapt-frames-") and seen["removed"] == []
+    assert not list(tmp_path.glob(".adapt-frames-*"))   # its own: gone when it is done

@@ -44,6 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..bundle import Bundle
 from ..errors import GuardFailure, InputError
 from .deploy import _has_engines, _tensorrt_here
@@ -120,6 +121,21 @@ class AdaptResult:
                 "warnings": list(self.warnings)}
 
 
+WORK_PREFIX = ".adapt-frames-"   # beside the bundle: the frames the candidate is quantized and guarded on
+
+
+def remove_stale_work(bundle_dir: str | os.PathLike) -> list[Path]:
+    """Delete the frame folders (``.adapt-frames-*``) that killed ``--adapt`` runs left beside the bundle at
+    ``bundle_dir``: a run at work holds its folder's lock (:func:`edge_ad.atomic.remove_unheld` keeps it).
+    Each one removed is named in an INFO line; returns them."""
+    removed = []
+    for left in sorted(Path(bundle_dir).absolute().parent.glob(WORK_PREFIX + "*")):
+        if left.is_dir() and not left.is_symlink() and atomic.remove_unheld(left):
+            log.info("removed %s: the frames of an 'edge-ad calibrate --adapt' that was killed", left)
+            removed.append(left)
+    return removed
+
+
 def _write_frames(frames: Sequence[np.ndarray], folder: Path) -> Path:
     import cv2
 
@@ -185,6 +201,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
 
     t0 = time.perf_counter()
     src = Bundle.open(bundle_dir, verify=True)
+    remove_stale_work(src.path)
     keep_out = out_dir is not None
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     out = Path(out_dir) if keep_out else default_candidate(src.path, stamp)
@@ -208,56 +225,58 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         log.info("adapt frame %d (%s) left out: score %.4g, z %.1f (%s)", e.index, e.name, e.score, e.z, e.reason)
     frames = [frames[i] for i in used]
     precision = precision.removesuffix("-u8") if precision else src.active_precision   # the line inspects in it
-    work = Path(tempfile.mkdtemp(prefix=".adapt-frames-", dir=src.path.parent))
-    try:
-        cand = adapt_bundle(src.path, frames, out, steps=steps, policy=policy, device=device)
-        quantized: list[str] = []
-        engine = None
-        calib = _write_frames(frames, work / "normals")
-        if precision in ("int8", "fp16"):
-            from ..compile.quantize import quantize_bundle
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=src.path.parent))
+    # held while it works: a later calibrate removes the folder once this process is gone (remove_stale_work)
+    with atomic.folder_lock(work, f"{work}: taken by another 'edge-ad calibrate --adapt'"):
+        try:
+            cand = adapt_bundle(src.path, frames, out, steps=steps, policy=policy, device=device)
+            quantized: list[str] = []
+            engine = None
+            calib = _write_frames(frames, work / "normals")
+            if precision in ("int8", "fp16"):
+                from ..compile.quantize import quantize_bundle
 
-            res = quantize_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
-            quantized = list(res.files)
-        if _has_engines(src):
-            if _tensorrt_here():
-                from ..compile.tensorrt import compile_bundle
+                res = quantize_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
+                quantized = list(res.files)
+            if _has_engines(src):
+                if _tensorrt_here():
+                    from ..compile.tensorrt import compile_bundle
 
-                engine = compile_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
-            else:
-                log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
-                            "candidate's engine is left for 'edge-ad compile' on the device")
-        fp32_threshold = calibrated_on = None
-        if quantized or engine is not None:   # the line scores with these, not with the FP32 model: fit on theirs
-            fp32_threshold = cand.calibration().threshold
-            calibrated_on = _calibrate_as_run(cand, [frames[i] for i in validation_split(len(frames))[0]],
-                                              backend, precision, run_device)
-        cand = Bundle.open(cand.path, verify=True)
-        threshold = cand.calibration().threshold   # read here: an install may leave no candidate folder
-        golden = None
-        if golden_dir is not None and deploy_dir is None:
-            from .deploy import check_golden
+                    engine = compile_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
+                else:
+                    log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
+                                "candidate's engine is left for 'edge-ad compile' on the device")
+            fp32_threshold = calibrated_on = None
+            if quantized or engine is not None:   # the line scores with these, not with the FP32 model: fit on theirs
+                fp32_threshold = cand.calibration().threshold
+                calibrated_on = _calibrate_as_run(cand, [frames[i] for i in validation_split(len(frames))[0]],
+                                                  backend, precision, run_device)
+            cand = Bundle.open(cand.path, verify=True)
+            threshold = cand.calibration().threshold   # read here: an install may leave no candidate folder
+            golden = None
+            if golden_dir is not None and deploy_dir is None:
+                from .deploy import check_golden
 
-            golden = check_golden(cand, golden_dir, src, backend=backend, precision=precision, device=run_device)
-            if not golden["passed"]:
-                raise GuardFailure("--adapt: the adapted model failed the golden-set check, the running model is "
-                                   "unchanged: " + "; ".join(golden["failures"]))
-        install = None
-        if deploy_dir is not None:
-            from .deploy import install_bundle, open_probe
+                golden = check_golden(cand, golden_dir, src, backend=backend, precision=precision, device=run_device)
+                if not golden["passed"]:
+                    raise GuardFailure("--adapt: the adapted model failed the golden-set check, the running model is "
+                                       "unchanged: " + "; ".join(golden["failures"]))
+            install = None
+            if deploy_dir is not None:
+                from .deploy import install_bundle, open_probe
 
-            install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=require_golden,
-                                     backend=backend, precision=precision, device=run_device, calib_dir=calib,
-                                     progress=progress, probe=open_probe(backend, precision, run_device))
-            golden = install.golden
-        result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
-                             engine, quantized, golden, install, time.perf_counter() - t0, tuple(excluded),
-                             warnings, threshold, scored_on, fp32_threshold, calibrated_on)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)   # check_adapt made sure it did not exist: ours, and unusable
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=require_golden,
+                                         backend=backend, precision=precision, device=run_device, calib_dir=calib,
+                                         progress=progress, probe=open_probe(backend, precision, run_device))
+                golden = install.golden
+            result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
+                                 engine, quantized, golden, install, time.perf_counter() - t0, tuple(excluded),
+                                 warnings, threshold, scored_on, fp32_threshold, calibrated_on)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)   # check_adapt made sure it did not exist: ours, and unusable
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if install is not None and not keep_out:
         shutil.rmtree(out, ignore_errors=True)   # installed as a release: the working copy goes
     return result

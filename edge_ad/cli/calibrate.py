@@ -246,6 +246,9 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                        f"{res.seconds:.0f} s{screened}{thr}; the running bundle is unchanged)")
         _override_note(override, config, env, "the adapted model", res.threshold)
         return
+    from ..calibration.adapt import remove_stale_work
+
+    remove_stale_work(b.path)   # the frames a killed --adapt left beside the bundle (--adapt itself does it too)
     with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
         try:

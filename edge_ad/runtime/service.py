@@ -461,9 +461,11 @@ class Service:
 
     def _calibrate(self, frames: int, policy: str, source: str, timeout: float, by: str) -> dict:
         from ..calibration import collect_frames, recalibrate
+        from ..calibration.adapt import remove_stale_work
         from ..calibration.collect import is_line_folder
         from ..calibration.refit import MIN_FRAMES, MQTT_ROLLBACK
 
+        remove_stale_work(self.bundle.path)   # the frames a killed 'edge-ad calibrate --adapt' left beside it
         t0 = time.monotonic()
         notes: list[str] = []   # the training images a source folder held, left out
         if source == "live":
