@@ -9,7 +9,9 @@
     checkpoint.pt          torch weights (state_dict) for fine-tuning and re-export
     calibration.json       the calibration in force (byte-identical to its calibration.d/ entry)
     calibration.d/NNNN.json  every calibration version ever written
-    calibration.d/rollbacks.json  every rollback: to which version, from which, when, by what
+    calibration.d/rollbacks.json  the rollbacks (the newest 1000): to which version, from which, when, by what
+    calibration.d/.held-<id>.json  the version a running 'edge-ad run' decides with (and its .lock: held while
+                           it runs), so that 'edge-ad calibrate --prune' keeps it; local, never shipped
     engines/<key>.engine   TensorRT engines
     quant_report.json      guard results
     training_images.json   fingerprints (size, sha256 prefix) of the training and validation image files
@@ -34,6 +36,9 @@ import json
 import logging
 import os
 import re
+import secrets
+import tempfile
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -46,6 +51,8 @@ FORMAT = "edge-ad-bundle"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("efficientad-s", "efficientad-m", "fader", "gaussian")
 _CAL_RE = re.compile(r"^(\d{4,})\.json$")
+ROLLBACKS_KEPT = 1000   # rollbacks.json keeps the newest records: one is written per rollback, for ever
+_HELD_RE = re.compile(r"^\.held-([0-9a-f]{16})\.(json|lock)$")   # CalibrationHold's records in calibration.d/
 log = logging.getLogger(__name__)
 
 # What a bundle folder may hold that is not part of the bundle: training state for 'edge-ad train --resume'
@@ -676,14 +683,47 @@ class Bundle:
         return self.calibration_dir / "rollbacks.json"
 
     def calibration_rollbacks(self) -> list[dict]:
-        """The rollbacks recorded (oldest first): ``version`` put back, ``previous_version`` (None when the one
-        in force was unreadable), ``ts``, ``by`` (``cli``, ``mqtt``, ``mqtt (client ID)``). An unreadable log
-        reads as none: it is a record, never needed to run."""
+        """The rollbacks recorded (oldest first; the newest :data:`ROLLBACKS_KEPT`): ``version`` put back,
+        ``previous_version`` (None when the one in force was unreadable), ``ts``, ``by`` (``cli``, ``mqtt``,
+        ``mqtt (client ID)``). An unreadable log reads as none: it is a record, never needed to run."""
+        return self._rollback_records() or []
+
+    def _rollback_records(self) -> list[dict] | None:
+        """:meth:`calibration_rollbacks`, None when the log is there but unreadable (not a JSON list)."""
         try:
             records = json.loads(self.rollback_log.read_text("utf-8"))
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return []
-        return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+        except (OSError, ValueError):
+            return None
+        return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else None
+
+    def _write_rollbacks(self, records: list[dict]) -> None:
+        """Write the rollback log (atomic), keeping its newest :data:`ROLLBACKS_KEPT` records."""
+        atomic.write_json(self.rollback_log, records[-ROLLBACKS_KEPT:])
+
+    def drop_rollbacks(self, kept: Iterable[int] | None = None, dry_run: bool = False) -> int:
+        """Drop the rollback records that put back a version the history does not keep (``kept``; default: the
+        versions on disk): pruned, or deleted by hand. ``--list`` shows a record under the version it put back,
+        so these say nothing any more. A record that put back a kept version stays, also when the version it
+        replaced is gone (it still says where it came from). Returns how many are (``dry_run``: would be)
+        dropped; an unreadable log is left as it is."""
+        records = self._rollback_records()
+        if not records:
+            return 0
+        kept = set(self.calibration_versions() if kept is None else kept)
+        left = [r for r in records if not isinstance(r.get("version"), int) or r["version"] in kept]
+        if len(left) < len(records) and not dry_run:
+            self._write_rollbacks(left)
+        return len(records) - len(left)
+
+    def calibration_holders(self, remove_stale: bool = False) -> dict[int, list[dict]]:
+        """``{version: [record, ...]}``: the calibration versions running processes decide with, as their
+        :class:`CalibrationHold` records them (``edge-ad run`` after a calibration written beside it and not
+        reloaded yet: another version than the one in force). Each record: ``version``, ``pid``, ``by``,
+        ``since``. A record whose process is gone (killed, a power cut: the kernel's lock on it is released)
+        is not counted; ``remove_stale`` deletes it. Where the kernel's lock is missing (not POSIX) none."""
+        return _held_records(self.calibration_dir, remove_stale)
 
     def rollback_calibration(self, version: int | None = None, by: str = "") -> Calibration:
         """Put an earlier calibration version back in force, byte for byte, and record it in
@@ -700,8 +740,8 @@ class Bundle:
             why = (f"the newest is v{versions[-1]}" if version > versions[-1] else "versions start at v1"
                    if version < 1 else "no longer kept: pruned, or deleted by hand")
             raise InputError(f"calibration version {version} not found ({why}); {len(versions)} kept: "
-                             f"{version_runs(versions, most=12)} ('edge-ad calibrate --list', or the MQTT status's "
-                             "calibration.versions, lists them); the calibration in force is unchanged")
+                             f"{version_runs(versions, most=12)} ('edge-ad calibrate --list' lists them all, the MQTT "
+                             "status's calibration.versions the newest); the calibration in force is unchanged")
         _, data = _read_calibration(self.calibration_version_file(version))
         try:
             before = self.calibration().version if self.has("calibration.json") else None
@@ -710,10 +750,139 @@ class Bundle:
         self._put_calibration(data)
         record = {"version": version, "previous_version": before, "ts": now_iso(), "by": by or "api"}
         try:   # after the switch, which is done: a full disk costs the record, not the rollback
-            atomic.write_json(self.rollback_log, self.calibration_rollbacks() + [record])
+            self._write_rollbacks(self.calibration_rollbacks() + [record])
         except OSError as exc:
             log.warning("rollback to calibration v%d not recorded in %s: %s", version, self.rollback_log, exc)
         return self.calibration()
+
+
+class CalibrationHold:
+    """What a running process (``edge-ad run``) records of the calibration version it decides with, so that
+    ``edge-ad calibrate --prune`` keeps that version while the process may still roll back from it or to it:
+    after ``edge-ad calibrate`` wrote a new version beside it, the line decides with the old one until it
+    reloads, and nothing else on disk says so.
+
+    :meth:`put` writes ``calibration.d/.held-<id>.json`` (atomic; ``version``, ``pid``, ``by``, ``since``) in
+    the bundle's folder, and holds the kernel's lock (flock) on ``.held-<id>.lock`` beside it from then on;
+    called again with another version it rewrites the record, with another bundle it moves it there.
+    :meth:`release` (a clean stop) deletes both. A process that dies however it dies (killed, a power cut)
+    releases the lock with it, so its record is known stale (:meth:`Bundle.calibration_holders`), also from
+    another PID namespace (a container) sharing the folder. Never raises: a record that cannot be written (a
+    read-only bundle) is logged once as a WARNING, and the run goes on. Not POSIX (no flock): nothing recorded."""
+
+    def __init__(self, by: str = "edge-ad run"):
+        self.by = by
+        self.id = secrets.token_hex(8)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._folder: Path | None = None
+        self._failed: str | None = None   # the last error logged (said once)
+
+    @property
+    def record(self) -> Path | None:
+        return self._folder / f".held-{self.id}.json" if self._folder is not None else None
+
+    def put(self, bundle: "Bundle", version: int) -> None:
+        """Record ``version`` of ``bundle`` as the one this process decides with."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        folder = bundle.calibration_dir
+        with self._lock:
+            try:
+                if not folder.is_dir():   # no history to prune: nothing to keep
+                    self._drop()
+                    return
+                if self._folder is None or self._folder.resolve() != folder.resolve():
+                    self._drop()
+                    _held_records(folder, remove_stale=True)   # what killed runs left there
+                    # locked before it appears under its name: a lock file there unlocked is a stale one
+                    fd, tmp = tempfile.mkstemp(prefix=f".held-{self.id}.", suffix=".tmp", dir=folder)
+                    try:
+                        os.fchmod(fd, 0o644)
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                        os.replace(tmp, folder / f".held-{self.id}.lock")
+                    except BaseException:
+                        os.close(fd)
+                        Path(tmp).unlink(missing_ok=True)
+                        raise
+                    self._fd, self._folder = fd, folder
+                atomic.write_json(self.record, {"version": int(version), "pid": os.getpid(), "by": self.by,
+                                                "since": now_iso()})
+                self._failed = None
+            except OSError as exc:
+                why = f"{exc}"
+                if why != self._failed:
+                    self._failed = why
+                    log.warning("%s: cannot record that %s decides with calibration v%d (%s): 'edge-ad calibrate "
+                                "--prune' may delete that version while it runs", folder, self.by, version, why)
+
+    def release(self) -> None:
+        """Delete the record (a clean stop); nothing held any more."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._folder is None:
+            return
+        record, lock = self.record, self._folder / f".held-{self.id}.lock"
+        try:
+            record.unlink(missing_ok=True)   # the record first: a record without its lock reads as stale
+            lock.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s: cannot remove this run's calibration record (%s); it reads as stale once this "
+                        "process has ended", record, exc)
+        finally:
+            os.close(self._fd)
+            self._fd, self._folder = None, None
+
+
+def _held_records(folder: Path, remove_stale: bool) -> dict[int, list[dict]]:
+    """:meth:`Bundle.calibration_holders` of the history folder ``folder``."""
+    try:
+        import fcntl
+    except ImportError:
+        return {}
+    try:
+        ids = sorted({m.group(1) for p in folder.iterdir() if (m := _HELD_RE.match(p.name))})
+    except OSError:
+        return {}
+    out: dict[int, list[dict]] = {}
+    for hid in ids:
+        record, lock = folder / f".held-{hid}.json", folder / f".held-{hid}.lock"
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None   # a record without its lock: a process stopped between the two removals
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:   # held: its process runs
+                    try:
+                        rec = json.loads(record.read_text("utf-8"))
+                        v = rec["version"]
+                    except FileNotFoundError:
+                        continue   # a clean stop, just now
+                    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+                        log.warning("%s: unreadable (%s); the version it records is not known", record, exc)
+                        continue
+                    if isinstance(v, int) and not isinstance(v, bool):
+                        out.setdefault(v, []).append(rec)
+                    continue
+            if remove_stale:   # nobody holds it (we do, now): its process is gone, and an id is never reused
+                record.unlink(missing_ok=True)
+                lock.unlink(missing_ok=True)
+                log.info("removed %s: the record of a process that ended without removing it", record)
+        except OSError as exc:
+            log.warning("%s: cannot remove this stale record (%s)", record, exc)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return out
 
 
 def _read_calibration(p: Path) -> tuple[Calibration, bytes]:

@@ -247,8 +247,8 @@ def test_rollback_to_a_missing_version_names_the_kept_ones_in_runs(tbundle):
         with pytest.raises(InputError) as exc:
             rollback(tbundle, version)
         assert str(exc.value) == (f"calibration version {version} not found ({why}); 35 kept: {kept} ('edge-ad "
-                                  "calibrate --list', or the MQTT status's calibration.versions, lists them); the "
-                                  "calibration in force is unchanged")
+                                  "calibrate --list' lists them all, the MQTT status's calibration.versions the "
+                                  "newest); the calibration in force is unchanged")
     res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--rollback", "40"])
     assert res.exit_code == 2 and f"error: calibration version 40 not found (no longer kept: pruned, or deleted by " \
                                   f"hand); 35 kept: {kept} (" in res.output, res.output
@@ -1162,6 +1162,75 @@ def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, m
     assert quantized == ["int8"] and tbundle.active_precision == "fp32" and not (tmp_path / "cand").exists()
 
 
+def test_adapt_fits_a_quantized_candidates_calibration_on_its_quantized_scores(tbundle, tmp_path, monkeypatch):
+    """--adapt on an INT8 line calibrated the candidate on its FP32 model's scores, then quantized it and kept that
+    calibration, though the line scores with the INT8 graph. The calibration is now fitted again on the INT8
+    graph's scores of the same validation frames (as 'calibrate --config' scores as the line does); the summary
+    gives both thresholds (the fine-tuning is a copy here, and the quantization a stand-in graph)."""
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    import edge_ad.compile.quantize as quantize_mod
+    import edge_ad.train.adapt as train_adapt
+    from edge_ad import scoring
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.cli import main
+    from edge_ad.data.image import to_batch
+    from edge_ad.runtime.backends import open_backend
+    from fixtures_bundle import add_stand_in_graph
+
+    add_stand_in_graph(tbundle, "int8")   # the line runs INT8
+    frames = [part_frame(i, 64) for i in range(200)]
+    val = [frames[i] for i in adapt_mod.validation_split(len(frames))[0]]
+
+    def fitted(bundle, precision):   # a calibration (policy max) fitted on the validation frames' scores
+        with open_backend(bundle, "onnxruntime", precision, "cpu") as be:
+            raw = be.infer(to_batch(val, bundle.image_size))
+        cal = scoring.Calibration(maps=scoring.fit_map_norms(raw), threshold=0.0, policy="max")
+        s = scoring.score(raw, cal).scores
+        return cal.replace(threshold=scoring.threshold_from_policy(s, "max"), normal=scoring.normal_stats(s))
+
+    def fine_tune(src, kept, out, **kw):   # as adapt_bundle: calibrated on the FP32 model's scores of its split
+        assert len(kept) == len(frames)
+        cand = copy_bundle(src, out)
+        cand.write_calibration(fitted(cand, "fp32").replace(source="--adapt (test)"))
+        return cand
+
+    def quantize(cand, precision, **kw):   # a stand-in INT8 graph that passed the guard
+        add_stand_in_graph(cand, precision)
+        cand.set_active("model.int8.onnx", precision)
+        return SimpleNamespace(files=["model.int8.onnx"])
+
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    monkeypatch.setattr(train_adapt, "adapt_bundle", fine_tune)
+    monkeypatch.setattr(quantize_mod, "quantize_bundle", quantize)
+    res = adapt_mod.adapt(tbundle.path, frames, steps=1, backend="onnxruntime", precision="int8", run_device="cpu",
+                          out_dir=tmp_path / "cand", progress=False)
+    cand = Bundle.open(tmp_path / "cand", verify=True)
+    cal, want = cand.calibration(), fitted(cand, "int8")
+    assert cal.threshold == pytest.approx(want.threshold, rel=1e-6) and res.threshold == cal.threshold
+    assert {k: (m.q_a, m.q_b) for k, m in cal.maps.items()} == pytest.approx(
+        {k: (m.q_a, m.q_b) for k, m in want.maps.items()}, rel=1e-6)
+    fp32 = cand.calibration_at(cal.extra["previous_version"])   # the FP32 model's, kept in the history
+    assert fp32.threshold == pytest.approx(fitted(cand, "fp32").threshold, rel=1e-6)
+    assert res.fp32_threshold == fp32.threshold != pytest.approx(cal.threshold, rel=0.01)
+    assert cal.n_frames == len(val) and cal.source == "--adapt (test), scored on onnxruntime int8 on cpu " \
+                                                      "(model.int8.onnx)"
+    out = res.summary()
+    assert out["threshold"] == cal.threshold and out["fp32_threshold"] == fp32.threshold
+    assert out["calibrated_on"] == {"backend": "onnxruntime", "precision": "int8", "device": "cpu",
+                                    "graph": "model.int8.onnx"}
+    monkeypatch.setattr(adapt_mod, "adapt", lambda *a, **k: res)   # the CLI says both
+    video, _ = _raw_video(tmp_path)
+    r = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", f"file://{video}",
+                                  "--frames", "200", "--adapt", "--backend", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    assert (f"threshold {cal.threshold:.6g} (fitted on its scores on onnxruntime int8 on cpu (model.int8.onnx); "
+            f"{fp32.threshold:.6g} on the FP32 model's) set by its calibration" in r.stdout), r.output
+
+
 def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_path, monkeypatch):
     """'calibrate --adapt --config' said nothing of the threshold the line would decide with, and nothing of a
     [decision] threshold that overrides the adapted model's: a refit reports both (one rule with the MQTT reply,
@@ -1902,7 +1971,7 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
     """The history was never pruned: the docs said to delete old versions by hand, and 'bundle pack' refuses
     more than 25,000 files. 'calibrate --prune KEEP' keeps the KEEP newest versions, the one in force, the one a
     plain --rollback goes back to and v1, and deletes the Gaussian statistics only the removed versions used;
-    --dry-run only says so; the rollback record naming removed versions does not disturb --list."""
+    --dry-run only says so; the records of rollbacks to removed versions are dropped, the others stay for --list."""
     import fcntl
     import os
 
@@ -1916,6 +1985,7 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
             "calibration, v2 a plain --rollback goes back to it, v3 in force)") in res.stdout
     assert ("would remove Gaussian statistics no kept version uses: gaussian.d/0004.npz, gaussian.d/0005.npz, "
             "gaussian.d/0006.npz") in res.stdout and "nothing removed (--dry-run)" in res.stderr
+    assert "would drop 1 record of rollbacks.json that put back a version not kept" in res.stdout
     assert sorted(p.relative_to(b.path) for p in b.path.rglob("*")) == files
 
     fd = os.open(b.path, os.O_RDONLY)   # a calibration of the bundle runs: refused, as a refit or rollback is
@@ -1932,6 +2002,7 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
     out = json.loads(res.stdout)
     assert (out["removed"], out["kept"], out["dry_run"]) == ([4, 5, 6], [1, 2, 3, 7, 8], False)
     assert out["gaussian_removed"] == ["gaussian.d/0004.npz", "gaussian.d/0005.npz", "gaussian.d/0006.npz"]
+    assert out["rollbacks_dropped"] == 1
     assert [(p["version"], p["why"]) for p in out["protected"]] == [
         (1, "the trained calibration"), (2, "a plain --rollback goes back to it"), (3, "in force")]
     b = Bundle.open(b.path, verify=True)
@@ -1942,8 +2013,8 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
     res = _calibrate_cli(b, "--prune", "2")
     assert res.exit_code == 0 and "nothing to prune, 5 kept: v1-v3, v7-v8" in res.stdout, res.output
 
-    # the rollback record still names v5 (put back from v8, and v3 put back from it): --list takes it as it is
-    assert [(r["version"], r["previous_version"]) for r in b.calibration_rollbacks()] == [(5, 8), (3, 5)]
+    # the rollback record of v5 (put back from v8) is gone with v5; v3's (put back from v5) stays, saying so
+    assert [(r["version"], r["previous_version"]) for r in b.calibration_rollbacks()] == [(3, 5)]
     res = _calibrate_cli(b, "--list")
     assert res.exit_code == 0, res.output
     assert re.findall(r"^[* ] v(\d+)", res.stdout, re.M) == ["1", "2", "3", "7", "8"]
@@ -1959,6 +2030,35 @@ def test_cli_prune_deletes_old_versions_and_their_statistics_but_what_is_in_forc
     assert res.exit_code == 2 and ("calibration version 6, the one calibration v7 replaced, is no longer kept "
                                    "(pruned, or deleted by hand)") in res.output, res.output
     assert b.calibration().version == 7
+
+
+def test_the_rollback_log_keeps_its_newest_records_and_a_prune_drops_those_of_removed_versions(tmp_path):
+    """calibration.d/rollbacks.json grew by one record per rollback, for ever, and a prune left it whole. Every
+    write now keeps the newest 1000 records (atomically); a prune drops the records that put back a version it
+    removed (--list shows a record under that version) and keeps one that put back a kept version; an unreadable
+    log is left as it is."""
+    from edge_ad.bundle import ROLLBACKS_KEPT
+    from edge_ad.calibration import prune_history
+
+    b = _fake_gaussian_bundle(tmp_path / "b", versions=3)
+    old = [{"version": 2, "previous_version": 3, "ts": f"t{i}", "by": "cli"} for i in range(ROLLBACKS_KEPT)]
+    b.rollback_log.write_text(json.dumps(old))
+    rollback(b, 1, by="cli")                                        # the 1001st: the oldest goes
+    recs = b.calibration_rollbacks()
+    assert ROLLBACKS_KEPT == 1000 and len(recs) == 1000 and recs[0]["ts"] == "t1"
+    assert (recs[-1]["version"], recs[-1]["previous_version"], recs[-1]["by"]) == (1, 3, "cli")
+    assert sorted(p.name for p in b.calibration_dir.iterdir()) == ["0001.json", "0002.json", "0003.json",
+                                                                   "rollbacks.json"]   # no temp file left
+    res = prune_history(b, 1, dry_run=True)                         # v3 the newest, v1 in force: v2 goes
+    assert (res.removed, res.rollbacks_dropped) == ((2,), 999) and len(b.calibration_rollbacks()) == 1000
+    res = prune_history(b, 1)
+    assert (res.removed, res.rollbacks_dropped) == ((2,), 999)
+    assert [(r["version"], r["previous_version"]) for r in b.calibration_rollbacks()] == [(1, 3)]
+    res = _calibrate_cli(b, "--list")
+    assert res.exit_code == 0 and "rolled back to at" in res.stdout and "(from v3)" in res.stdout, res.output
+    b.rollback_log.write_text("{")                                  # unreadable: a record, left for a person
+    b.calibration_version_file(3).unlink()
+    assert prune_history(b, 1).rollbacks_dropped == 0 and b.rollback_log.read_text() == "{"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -2028,3 +2128,149 @@ def test_the_adapt_screen_warning_names_the_rollback_of_what_adapt_puts_in_force
     assert "calibrate --rollback" not in warnings[0]
     assert warnings[0].endswith("roll back with 'edge-ad bundle rollback' once --deploy has switched the adapted "
                                 "model in (a candidate only written is not in force: delete it) if not")
+
+
+def test_prune_keeps_the_version_a_running_line_decides_with_until_it_reloads(tiny_bundle, tmp_path):
+    """'edge-ad calibrate' twice beside a running line (not reloaded): the line still decided with v2, yet
+    nothing on disk said so, and '--prune 1' deleted v2 (a rollback to the calibration that judged its parts
+    was refused from then on). The run records the version it decides with; a prune keeps it, saying why, until
+    the line reloads; a clean stop removes the record, and a killed process's record is ignored, then deleted."""
+    import os
+    import threading
+    import time
+
+    from edge_ad.bundle import CalibrationHold
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.service import Service
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+
+    def cli_calibration(threshold):   # what an 'edge-ad calibrate' beside the line writes
+        b.write_calibration(b.calibration().replace(version=0, created="", threshold=threshold, policy="manual"))
+
+    def wait_for(cond):
+        deadline = time.monotonic() + 30
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cond()
+
+    cli_calibration(0.9)   # v2: the line starts on it
+    video = write_video(tmp_path / "v.avi", [part_frame(i, 64) for i in range(8)])
+    ov = [(["model", "bundle"], str(b.path)), (["model", "backend"], "onnxruntime"),
+          (["source", "uri"], f"file://{video}?loop=1&fps=50"), (["output", "jsonl"], ""),
+          (["telemetry", "tegrastats"], False)]
+    svc = Service(load_settings(None, [(k, v, "test") for k, v in ov], environ={}), install_signals=False)
+    th = threading.Thread(target=svc.run, daemon=True)
+    th.start()
+    try:
+        wait_for(lambda: list(b.calibration_holders()) == [2])
+        cli_calibration(0.8)
+        cli_calibration(0.7)   # v4 in force on disk, v3 where a plain --rollback goes; the line decides with v2
+        why = f"v2 edge-ad run (pid {os.getpid()}) decides with it until it reloads"
+        for args in (["--dry-run"], []):
+            res = _calibrate_cli(b, "--prune", "1", *args)
+            assert res.exit_code == 0 and "nothing to prune, 4 kept: v1-v4" in res.stdout and why in res.stdout, \
+                res.output
+        res = _calibrate_cli(b, "--prune", "1", "--json")
+        out = json.loads(res.stdout)
+        assert out["removed"] == [] and {"version": 2, "why": why[3:]} in out["protected"]
+        assert svc.inspector.calibration.version == 2
+        assert _calibrate_cli(b, "--rollback", "2").exit_code == 0   # the line's calibration can be put back
+        cli_calibration(0.6)                                           # v5 (replaced v2): v4, v3 unprotected
+        svc.reload("bundle")                                           # SIGHUP: the line takes v5
+        assert list(b.calibration_holders()) == [5]
+        res = _calibrate_cli(b, "--prune", "1", "--json")
+        assert json.loads(res.stdout)["removed"] == [3, 4] and b.calibration_versions() == [1, 2, 5]
+    finally:
+        svc.stop("test over")
+        th.join(30)
+    assert not th.is_alive() and b.calibration_holders() == {}
+    assert not [p.name for p in b.calibration_dir.iterdir() if p.name.startswith(".")]   # a clean stop: no record
+
+    # a process that holds v2 and is killed: its record stays, is not counted, and the next prune deletes it
+    cli_calibration(0.5)   # v6, replacing v5: v2 is no plain --rollback's target any more
+    code = (f"import os, signal; from edge_ad.bundle import Bundle, CalibrationHold; "
+            f"CalibrationHold('edge-ad run').put(Bundle.open({str(b.path)!r}), 2); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    assert len([p for p in b.calibration_dir.iterdir() if p.name.startswith(".held-")]) == 2
+    assert b.calibration_holders() == {}
+    res = _calibrate_cli(b, "--prune", "1", "--dry-run")
+    assert "would remove 1 calibration version (v2)" in res.stdout, res.output
+    assert len([p for p in b.calibration_dir.iterdir() if p.name.startswith(".held-")]) == 2   # dry: kept
+    assert _calibrate_cli(b, "--prune", "1").exit_code == 0
+    assert b.calibration_versions() == [1, 5, 6] and not [p for p in b.calibration_dir.iterdir() if p.name[0] == "."]
+
+    # the Gaussian statistics of a held version survive the statistics pruning of every refit too
+    g = _fake_gaussian_bundle(tmp_path / "g", versions=8)
+    hold = CalibrationHold("edge-ad run")
+    hold.put(g, 2)
+    try:
+        assert prune_gaussian(g, keep=5) == ["gaussian.d/0001.npz", "gaussian.d/0003.npz"]   # not v2's
+    finally:
+        hold.release()
+    assert g.calibration_holders() == {} and not [p for p in g.calibration_dir.iterdir() if p.name[0] == "."]
+
+
+def test_the_frames_a_killed_adapt_left_are_removed_by_the_next_calibrate_or_adapt(tbundle, tmp_path, caplog,
+                                                                                  monkeypatch):
+    """A killed 'calibrate --adapt' left its .adapt-frames-* folder (every frame as a PNG) beside the bundle for
+    ever. An --adapt now holds its folder's lock while it works; the next calibrate (the CLI's, or --adapt's)
+    removes the folders nobody holds, each named in an INFO line, and leaves one still at work alone."""
+    pytest.importorskip("torch")
+    import threading
+
+    from click.testing import CliRunner
+
+    import edge_ad.train.adapt as train_adapt
+    from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.cli import main
+
+    def killed_adapt(name):   # a process that held the folder, as --adapt does, and was killed
+        folder = _write_pngs(tmp_path / name / "normals", [part_frame(0, 64)])[0].parent.parent
+        code = (f"import os, signal; from edge_ad import atomic; atomic.folder_lock({str(folder)!r}, 'x').__enter__(); "
+                "os.kill(os.getpid(), signal.SIGKILL)")
+        assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+        return folder
+
+    assert tbundle.path.parent == tmp_path
+    killed, at_work = killed_adapt(".adapt-frames-k1"), tmp_path / ".adapt-frames-w1"
+    at_work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys\nfrom edge_ad import atomic\nwith atomic.folder_lock("
+                               f"{str(at_work)!r}, 'x'):\n    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        folder = tmp_path / "normals"
+        _write_pngs(folder, [part_frame(900 + i, 64) for i in range(24)])
+        with caplog.at_level(logging.INFO, logger="edge_ad.calibration.adapt"):
+            res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(folder),
+                                            "--frames", "24", "--policy", "max", "--backend", "onnxruntime"])
+        assert res.exit_code == 0, res.output
+        assert not killed.exists() and at_work.is_dir()
+        assert f"removed {killed}: the frames of an 'edge-ad calibrate --adapt' that was killed" in caplog.text
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+
+    # --adapt removes them too (the one at work is left now), and holds its own folder while it works: a
+    # calibrate beside it keeps it
+    killed = killed_adapt(".adapt-frames-k2")
+    seen = {}
+
+    def fine_tune(src, frames, out, **kw):
+        seen["work"] = sorted(p.name for p in tmp_path.glob(".adapt-frames-*"))
+        t = threading.Thread(target=lambda: seen.update(removed=adapt_mod.remove_stale_work(src)))
+        t.start()
+        t.join(30)
+        return copy_bundle(src, out)
+
+    monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+    monkeypatch.setattr(train_adapt, "adapt_bundle", fine_tune)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="edge_ad.calibration.adapt"):
+        adapt_mod.adapt(tbundle.path, [part_frame(i, 64) for i in range(200)], steps=1, backend="onnxruntime",
+                        run_device="cpu", out_dir=tmp_path / "cand", progress=False)
+    assert f"removed {killed}" in caplog.text and f"removed {at_work}" in caplog.text
+    assert len(seen["work"]) == 1 and seen["work"][0].startswith(".adapt-frames-") and seen["removed"] == []
+    assert not list(tmp_path.glob(".adapt-frames-*"))   # its own: gone when it is done

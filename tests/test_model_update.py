@@ -3155,6 +3155,17 @@ def test_a_refused_candidates_compile_hint_names_the_new_release_not_a_path(tmp_
     assert "edge-ad compile --bundle <the new release> --precision fp32" in msg
 
 
+def _line_to_install(tmp_path, deploy: Path, model: str = "", env: str = "") -> tuple[Path, Path]:
+    """(an archive of another tiny bundle, etc/config.toml of a line on ``deploy`` with more ``[model]`` lines
+    ``model`` and the service's ``etc/edge-ad.env`` holding ``env``)."""
+    arch = pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar")
+    cfg = tmp_path / "etc" / "config.toml"
+    cfg.parent.mkdir()
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n{model}[source]\nuri = "synthetic://disc"\n')
+    (cfg.parent / "edge-ad.env").write_text(env)
+    return arch, cfg
+
+
 def test_cli_install_config_takes_the_env_file_next_to_it(tiny_bundle, tmp_path, golden):
     """bundle install --config applies the service's edge-ad.env (or --env-file) over the config, as the line
     gets it from systemd: its precision override makes the install refuse what the line could not open."""
@@ -3164,12 +3175,7 @@ def test_cli_install_config_takes_the_env_file_next_to_it(tiny_bundle, tmp_path,
 
     deploy = _int8_release(tiny_bundle, tmp_path, golden)
     before = deployment(deploy)
-    arch = pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar")
-    etc = tmp_path / "etc"
-    etc.mkdir()
-    cfg = etc / "config.toml"
-    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\n[source]\nuri = "synthetic://disc"\n')
-    (etc / "edge-ad.env").write_text("# the line runs int8\nEDGE_AD_MODEL__PRECISION=\"int8\"\n")
+    arch, cfg = _line_to_install(tmp_path, deploy, env="# the line runs int8\nEDGE_AD_MODEL__PRECISION=\"int8\"\n")
     r = CliRunner()
     res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--no-golden"])
     assert res.exit_code == 2 and "precision int8" in res.output, res.output
@@ -3180,6 +3186,44 @@ def test_cli_install_config_takes_the_env_file_next_to_it(tiny_bundle, tmp_path,
     res = r.invoke(main, ["bundle", "install", str(arch), "--deploy", str(deploy), "--env-file", str(other)])
     assert res.exit_code == 2 and "--env-file needs --config" in res.output, res.output
     assert deployment(deploy) == before
+
+
+def test_cli_install_config_names_the_lines_settings_it_takes_as_calibrate_config_does(tiny_bundle, tmp_path):
+    """'bundle install --config' took the line's [model] deploy_dir, golden_dir, backend, precision and device with
+    lines of its own and said nothing of them, while 'calibrate --config' names each setting it takes and warns of
+    an option that is not the line's. Both go through one helper now: the install names the env file applied, the
+    deploy folder and the settings it checks with, and warns of a --deploy or --precision that is not the line's."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    arch, cfg = _line_to_install(tmp_path, deploy, model='backend = "onnxruntime"\n', env="EDGE_AD_MODEL__DEVICE=cpu\n")
+    etc = cfg.parent
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--no-golden", "--precision", "int8"])
+    assert res.exit_code == 2 and "precision int8" in res.output, res.output      # refused: no INT8 graph
+    assert f"note: {etc / 'edge-ad.env'} applied over --config as the service gets it (EDGE_AD_MODEL__DEVICE)" \
+        in res.stderr
+    assert f"note: no --deploy: deploy folder {deploy}, the [model] deploy_dir of {cfg}" in res.stderr
+    assert (f"note: checking the new model as the line will run it: backend onnxruntime (the [model] backend of "
+            f"{cfg}), device cpu (the EDGE_AD_MODEL__DEVICE of {etc / 'edge-ad.env'})") in res.stderr
+    assert (f"warning: --precision int8 is not the line's precision (unset: each bundle's active graph, the [model] "
+            f"precision of {cfg}): opening and checking the new model on int8 as asked; the line runs it "
+            "otherwise") in res.stderr
+    other = tmp_path / "other"
+    res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--no-golden", "--deploy", str(other)])
+    assert res.exit_code == 0, res.output                                         # installed where asked
+    assert (f"warning: --deploy {other} is not the line's deploy folder (it runs the release in force of {deploy}, "
+            f"the [model] deploy_dir of {cfg}): switching the new model into {other} as asked; the line does not "
+            "run it") in res.stderr
+    assert deployment(other).current is not None and len(list((deploy / "releases").iterdir())) == 1
+    cfg.write_text(f'[model]\nbundle = "{tiny_bundle.path}"\n[source]\nuri = "synthetic://disc"\n')
+    res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--no-golden"])
+    assert res.exit_code == 2 and (f"without --deploy, the folder is the line's deploy folder: {cfg} has no [model] "
+                                   f"deploy_dir to take it from (the line runs the bundle {tiny_bundle.path}, which "
+                                   "takes no model update); give --deploy DIR") in res.output, res.output
 
 
 def test_a_reload_onto_a_release_installed_from_a_shell_judges_its_ng_rate_against_the_running_ones(bundles,

@@ -717,7 +717,8 @@ def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(plc_lin
     assert r["code"] == "invalid_args" and "minimum of 20" in r["message"]
     assert svc.inspector.calibration.version == 3
     st = call("status")
-    assert st["calibration"]["versions"] == [1, 2, 3]
+    assert st["calibration"]["versions"] == [1, 2, 3] and st["calibration"]["versions_kept"] == 3
+    assert st["calibration"]["version"] == 3 and st["calibration"]["rollback_to"] == 2
     events = [e["type"] for e in st["events"]]
     assert events.count("calibration") == 2
     # rollback without a version: the one the calibration in force replaced, not the next lower number
@@ -738,6 +739,31 @@ def test_calibrate_over_mqtt_swaps_between_frames_and_leaves_defects_out(plc_lin
         os.close(fd)
     assert svc.inspector.calibration.version == 2 == svc.bundle.calibration().version
     assert svc.bundle.calibration_versions() == [1, 2, 3, 4]
+
+
+def test_status_lists_the_newest_calibration_versions_whatever_the_history(tmp_path, tiny_bundle):
+    """The status's calibration.versions listed every version kept: a line tuned 30 times a day keeps thousands
+    (until a prune), and the reply grew by each. It now gives the newest 20, how many are kept, the version the
+    run decides with and the one a rollback_calibration without a version goes back to (null when not kept)."""
+    from edge_ad.runtime.service import STATUS_VERSIONS
+
+    b = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    cal = b.calibration()
+    for i in range(44):                                        # v2 ... v45
+        b.write_calibration(cal.replace(version=0, created="", threshold=1.0 + i, policy="manual"))
+    video = write_video(tmp_path / "v.avi", [part_frame(i, 96) for i in range(4)])
+    svc = Service(_settings(tmp_path, b, f"file://{video}"), install_signals=False)
+    try:
+        st = svc.status()["calibration"]
+        assert st == {"version": 45, "threshold": 44.0, "policy": "manual", "versions": list(range(26, 46)),
+                      "versions_kept": 45, "rollback_to": 44}
+        assert STATUS_VERSIONS == 20 and len(json.dumps(st)) < 300
+        for v in range(2, 45):                                 # pruned: v1 and the one in force are left
+            b.calibration_version_file(v).unlink()
+        st = svc.status()["calibration"]
+        assert (st["versions"], st["versions_kept"], st["rollback_to"]) == ([1, 45], 2, None)   # v44 is gone
+    finally:
+        svc.inspector.backend.close()
 
 
 def test_a_stop_cancels_a_live_calibrate_which_is_answered_and_changes_nothing(tmp_path, tiny_bundle, mosquitto,

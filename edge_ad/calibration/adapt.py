@@ -15,7 +15,9 @@ the refit of :func:`edge_ad.calibration.recalibrate`):
    candidate is quantized the same way and checked by the accuracy guard against its FP32 graph
    (:func:`edge_ad.compile.quantize.quantize_bundle`; the new frames are the guard's images);
 3. when the running bundle has TensorRT engines and TensorRT is here, the candidate's engine is built and
-   guarded (:func:`edge_ad.compile.tensorrt.compile_bundle`);
+   guarded (:func:`edge_ad.compile.tensorrt.compile_bundle`); a candidate quantized or given an engine is then
+   calibrated again on its validation split scored as the line will run it (:func:`_calibrate_as_run`), so its
+   threshold is in the quantized model's units, not the FP32 model's;
 4. with a golden set, the candidate must judge it no worse than the running bundle
    (:func:`edge_ad.calibration.deploy.check_golden`);
 5. with a deploy folder, the candidate is switched in atomically (:func:`install_bundle` on the folder;
@@ -42,6 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..bundle import Bundle
 from ..errors import GuardFailure, InputError
 from .deploy import _has_engines, _tensorrt_here
@@ -57,6 +60,16 @@ def validation_frames(n: int) -> int:
     """How many of ``n`` frames the candidate is calibrated on (the rest fine-tune it): one in 10, and never
     fewer than a recalibration needs (the screen may have left a few likely defects out of 200)."""
     return max(n // VALIDATION_SHARE, min(MIN_FRAMES, n))
+
+
+def validation_split(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the ``n`` frames the candidate is calibrated on, indices of those it is fine-tuned on), each
+    sorted: :func:`validation_frames` of them drawn at random (``seed``). One split for the fine-tuning
+    (:func:`edge_ad.train.adapt.adapt_bundle`) and for the calibration fitted again on a quantized
+    candidate's scores (:func:`adapt`)."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = validation_frames(n)
+    return np.sort(order[:k]), np.sort(order[k:])
 
 
 MIN_KEPT_FRAMES = 2 * MIN_FRAMES   # after the screen: the 20 the candidate is calibrated on, as many to fine-tune
@@ -93,14 +106,34 @@ class AdaptResult:
     warnings: tuple[str, ...] = ()     # most frames above the threshold in force: check they are normal parts
     threshold: float | None = None     # the image threshold of the candidate's calibration (its validation split)
     scored_on: dict | None = None      # what screened the frames (Backend.summary: backend, precision, device)
+    # a quantized candidate (or one with an engine): its calibration is fitted again on the validation split's scores
+    # as the line runs it (calibrated_on, Backend.summary); fp32_threshold: the threshold the FP32 model's gave
+    fp32_threshold: float | None = None
+    calibrated_on: dict | None = None
 
     def summary(self) -> dict:
         return {"candidate": str(self.candidate), "precision": self.precision, "steps": self.steps,
-                "threshold": self.threshold, "scored_on": self.scored_on,
+                "threshold": self.threshold, "fp32_threshold": self.fp32_threshold,
+                "calibrated_on": self.calibrated_on, "scored_on": self.scored_on,
                 "quantized": self.quantized, "engine": None if self.engine is None else self.engine.get("engine"),
                 "golden": self.golden, "installed": None if self.install is None else self.install.summary(),
                 "seconds": round(self.seconds, 1), "excluded": [e.to_dict() for e in self.excluded],
                 "warnings": list(self.warnings)}
+
+
+WORK_PREFIX = ".adapt-frames-"   # beside the bundle: the frames the candidate is quantized and guarded on
+
+
+def remove_stale_work(bundle_dir: str | os.PathLike) -> list[Path]:
+    """Delete the frame folders (``.adapt-frames-*``) that killed ``--adapt`` runs left beside the bundle at
+    ``bundle_dir``: a run at work holds its folder's lock (:func:`edge_ad.atomic.remove_unheld` keeps it).
+    Each one removed is named in an INFO line; returns them."""
+    removed = []
+    for left in sorted(Path(bundle_dir).absolute().parent.glob(WORK_PREFIX + "*")):
+        if left.is_dir() and not left.is_symlink() and atomic.remove_unheld(left):
+            log.info("removed %s: the frames of an 'edge-ad calibrate --adapt' that was killed", left)
+            removed.append(left)
+    return removed
 
 
 def _write_frames(frames: Sequence[np.ndarray], folder: Path) -> Path:
@@ -168,6 +201,7 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
 
     t0 = time.perf_counter()
     src = Bundle.open(bundle_dir, verify=True)
+    remove_stale_work(src.path)
     keep_out = out_dir is not None
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     out = Path(out_dir) if keep_out else default_candidate(src.path, stamp)
@@ -191,51 +225,90 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
         log.info("adapt frame %d (%s) left out: score %.4g, z %.1f (%s)", e.index, e.name, e.score, e.z, e.reason)
     frames = [frames[i] for i in used]
     precision = precision.removesuffix("-u8") if precision else src.active_precision   # the line inspects in it
-    work = Path(tempfile.mkdtemp(prefix=".adapt-frames-", dir=src.path.parent))
-    try:
-        cand = adapt_bundle(src.path, frames, out, steps=steps, policy=policy, device=device)
-        quantized: list[str] = []
-        engine = None
-        calib = _write_frames(frames, work / "normals")
-        if precision in ("int8", "fp16"):
-            from ..compile.quantize import quantize_bundle
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=src.path.parent))
+    # held while it works: a later calibrate removes the folder once this process is gone (remove_stale_work)
+    with atomic.folder_lock(work, f"{work}: taken by another 'edge-ad calibrate --adapt'"):
+        try:
+            cand = adapt_bundle(src.path, frames, out, steps=steps, policy=policy, device=device)
+            quantized: list[str] = []
+            engine = None
+            calib = _write_frames(frames, work / "normals")
+            if precision in ("int8", "fp16"):
+                from ..compile.quantize import quantize_bundle
 
-            res = quantize_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
-            quantized = list(res.files)
-        if _has_engines(src):
-            if _tensorrt_here():
-                from ..compile.tensorrt import compile_bundle
+                res = quantize_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
+                quantized = list(res.files)
+            if _has_engines(src):
+                if _tensorrt_here():
+                    from ..compile.tensorrt import compile_bundle
 
-                engine = compile_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
-            else:
-                log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
-                            "candidate's engine is left for 'edge-ad compile' on the device")
-        cand = Bundle.open(cand.path, verify=True)
-        threshold = cand.calibration().threshold   # read here: an install may leave no candidate folder
-        golden = None
-        if golden_dir is not None and deploy_dir is None:
-            from .deploy import check_golden
+                    engine = compile_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
+                else:
+                    log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
+                                "candidate's engine is left for 'edge-ad compile' on the device")
+            fp32_threshold = calibrated_on = None
+            if quantized or engine is not None:   # the line scores with these, not with the FP32 model: fit on theirs
+                fp32_threshold = cand.calibration().threshold
+                calibrated_on = _calibrate_as_run(cand, [frames[i] for i in validation_split(len(frames))[0]],
+                                                  backend, precision, run_device)
+            cand = Bundle.open(cand.path, verify=True)
+            threshold = cand.calibration().threshold   # read here: an install may leave no candidate folder
+            golden = None
+            if golden_dir is not None and deploy_dir is None:
+                from .deploy import check_golden
 
-            golden = check_golden(cand, golden_dir, src, backend=backend, precision=precision, device=run_device)
-            if not golden["passed"]:
-                raise GuardFailure("--adapt: the adapted model failed the golden-set check, the running model is "
-                                   "unchanged: " + "; ".join(golden["failures"]))
-        install = None
-        if deploy_dir is not None:
-            from .deploy import install_bundle, open_probe
+                golden = check_golden(cand, golden_dir, src, backend=backend, precision=precision, device=run_device)
+                if not golden["passed"]:
+                    raise GuardFailure("--adapt: the adapted model failed the golden-set check, the running model is "
+                                       "unchanged: " + "; ".join(golden["failures"]))
+            install = None
+            if deploy_dir is not None:
+                from .deploy import install_bundle, open_probe
 
-            install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=require_golden,
-                                     backend=backend, precision=precision, device=run_device, calib_dir=calib,
-                                     progress=progress, probe=open_probe(backend, precision, run_device))
-            golden = install.golden
-        result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
-                             engine, quantized, golden, install, time.perf_counter() - t0, tuple(excluded),
-                             warnings, threshold, scored_on)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)   # check_adapt made sure it did not exist: ours, and unusable
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                install = install_bundle(cand.path, deploy_dir, golden_dir, require_golden=require_golden,
+                                         backend=backend, precision=precision, device=run_device, calib_dir=calib,
+                                         progress=progress, probe=open_probe(backend, precision, run_device))
+                golden = install.golden
+            result = AdaptResult(install.path if install is not None else cand.path, cand.active_precision, steps,
+                                 engine, quantized, golden, install, time.perf_counter() - t0, tuple(excluded),
+                                 warnings, threshold, scored_on, fp32_threshold, calibrated_on)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)   # check_adapt made sure it did not exist: ours, and unusable
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if install is not None and not keep_out:
         shutil.rmtree(out, ignore_errors=True)   # installed as a release: the working copy goes
     return result
+
+
+def _calibrate_as_run(cand: Bundle, frames: Sequence[np.ndarray], backend: str, precision: str | None,
+                      device: str | None) -> dict:
+    """Fit ``cand``'s calibration again (map normalization, threshold by its policy, normal statistics), as
+    :func:`edge_ad.train.adapt.adapt_bundle` fitted it on the FP32 model's outputs, on the outputs of ``frames``
+    (its validation split) scored as the line will run it: ``backend`` / ``precision`` / ``device``, the
+    quantized graph or the engine. Written as the candidate's next calibration version (the FP32 one stays in
+    its history); returns what scored them (:meth:`Backend.summary`)."""
+    from ..data.image import to_batch
+    from ..inspector import Inspector
+    from ..runtime.backends import open_backend, summary_text
+    from ..train.pipeline import fit_calibration
+
+    be = open_backend(cand, backend, precision, device)
+    try:
+        insp = Inspector(cand, be)
+        parts = [insp.raw_maps(to_batch(frames[i:i + 16], insp.image_size)) for i in range(0, len(frames), 16)]
+        scored_on = be.summary()
+    finally:
+        be.close()
+    raw = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    ran_on = summary_text(scored_on)
+    if not all(np.all(np.isfinite(v)) for v in raw.values()):
+        raise GuardFailure(f"--adapt: the candidate's outputs on {ran_on} are not all finite on its {len(frames)} "
+                           "calibration frames; the running model is unchanged")
+    fp32 = cand.calibration()
+    cal = fit_calibration(cand.kind, raw, fp32.map_pad, fp32.policy, source=f"{fp32.source}, scored on {ran_on}")
+    written = cand.write_calibration(cal)
+    log.info("adapted model: calibration v%d fitted on its scores on %s: threshold %.6g (%.6g on the FP32 model's)",
+             written.version, ran_on, written.threshold, fp32.threshold)
+    return scored_on

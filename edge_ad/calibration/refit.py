@@ -293,8 +293,9 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
     The manifest stops naming them before they are deleted; a failure (disk, permissions) is logged and
     left for the next call, which also removes files left unrecorded by a kill between the two steps.
 
-    Kept: the files of the ``keep`` newest calibration versions and of the one in force, and every
-    prior (the statistics the bundle was trained with, which each refit pools with). Each file is
+    Kept: the files of the ``keep`` newest calibration versions, of the one in force and of those running
+    processes decide with (:meth:`Bundle.calibration_holders`), and every prior (the statistics the bundle
+    was trained with, which each refit pools with). Each file is
     tens of MB (``[h*w, d, d]`` float32), so the whole history cannot stay on a device; the calibration
     JSON history stays complete, and :func:`rollback` refuses (clearly) a version whose file is gone.
     """
@@ -311,8 +312,9 @@ def prune_gaussian(bundle: Bundle, keep: int = KEEP_GAUSSIAN) -> list[str]:
 
 
 def _unused_gaussian(bundle: Bundle, keep_names: set[str]) -> tuple[list[str], list[str]]:
-    """The Gaussian statistics files besides ``keep_names`` and those of the calibration in force (its own
-    and its prior): (those the manifest records, all of them: recorded or only on disk)."""
+    """The Gaussian statistics files besides ``keep_names``, those of the calibration in force (its own and its
+    prior) and those of the versions running processes decide with (:meth:`Bundle.calibration_holders`):
+    (those the manifest records, all of them: recorded or only on disk)."""
     d = bundle.file(GAUSSIAN_DIR)
     if not d.is_dir():
         return [], []
@@ -321,6 +323,8 @@ def _unused_gaussian(bundle: Bundle, keep_names: set[str]) -> tuple[list[str], l
         keep_names = keep_names | {str(cal.extra.get("gaussian", "")), _prior_name(cal)}
     except InputError:
         pass
+    # the statistics a running edge-ad run decides with (a calibration written beside it, not reloaded yet)
+    keep_names = keep_names | _referenced_gaussian(bundle, sorted(bundle.calibration_holders()))
     gone = [n for n in bundle.manifest["files"] if n.startswith(GAUSSIAN_DIR + "/") and n not in keep_names]
     on_disk = [f"{GAUSSIAN_DIR}/{p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".npz"]
     return gone, sorted({*gone, *(n for n in on_disk if n not in keep_names)})
@@ -350,25 +354,30 @@ class PruneResult:
     protected: dict = field(default_factory=dict)   # {version: why}: kept besides the newest ones
     gaussian_removed: tuple[str, ...] = ()   # statistics files only the removed versions used
     dry_run: bool = False
+    rollbacks_dropped: int = 0               # records of rollbacks.json that put back a version not kept
 
     def summary(self) -> dict:
         """JSON-ready (``edge-ad calibrate --prune --json``)."""
         return {"removed": list(self.removed), "kept": list(self.kept), "dry_run": self.dry_run,
                 "protected": [{"version": v, "why": why} for v, why in sorted(self.protected.items())],
-                "gaussian_removed": list(self.gaussian_removed)}
+                "gaussian_removed": list(self.gaussian_removed), "rollbacks_dropped": self.rollbacks_dropped}
 
 
 def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResult:
     """Delete old calibration versions (``calibration.d/NNNN.json``), keeping the ``keep`` newest and, whatever
     their age, the version in force, the one a rollback without a version puts back
-    (:meth:`Bundle.previous_calibration_version`) and version 1, the trained calibration; then the Gaussian
-    statistics files that only the removed versions used. ``dry_run``: say what would go, delete nothing.
+    (:meth:`Bundle.previous_calibration_version`), those a running ``edge-ad run`` decides with
+    (:meth:`Bundle.calibration_holders`: a calibration written beside it that it has not reloaded yet) and
+    version 1, the trained calibration; then the Gaussian statistics files that only the removed versions used.
+    ``dry_run``: say what would go, delete nothing (the records of processes that are gone are deleted
+    otherwise).
 
     Takes the bundle's calibration lock (refused, :class:`~edge_ad.errors.Busy`, while a calibration runs).
     Power cuts: versions go oldest first, each one by a single unlink (never half a file), and the statistics
     after them (the manifest first, as :func:`prune_gaussian` does), so a cut at any point leaves a history
-    that lists, rolls back and packs; the next prune finishes the job. The rollback record
-    (``rollbacks.json``) is left whole: entries naming removed versions are a record, not needed to run.
+    that lists, rolls back and packs; the next prune finishes the job. Last, the records of the rollback log
+    (``rollbacks.json``, rewritten atomically) that put back a version not kept are dropped
+    (:meth:`Bundle.drop_rollbacks`; those that put back a kept version stay, whatever they replaced).
     Refused (:class:`InputError`, nothing removed) when the calibration in force is missing or unreadable:
     what it needs kept cannot be known.
     """
@@ -382,8 +391,10 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
             raise InputError(f"{exc}; nothing pruned: the versions the calibration in force needs cannot be told "
                              "(put one back with 'edge-ad calibrate --rollback VERSION' first)") from None
         protected: dict[int, str] = {}
-        for v, why in ((cur.version, "in force"), (_rollback_target(bundle), "a plain --rollback goes back to it"),
-                       (1, "the trained calibration")):
+        held = [(v, _holders(recs)) for v, recs in
+                sorted(bundle.calibration_holders(remove_stale=not dry_run).items())]
+        for v, why in ((cur.version, "in force"), (rollback_target(bundle), "a plain --rollback goes back to it"),
+                       *held, (1, "the trained calibration")):
             if v in versions and v not in protected:
                 protected[v] = why
         kept = sorted(set(versions[-keep:]) | set(protected))
@@ -391,7 +402,8 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
         keep_names = _referenced_gaussian(bundle, kept)
         if dry_run:
             return PruneResult(tuple(removed), tuple(kept), protected,
-                               tuple(_unused_gaussian(bundle, keep_names)[1]), dry_run=True)
+                               tuple(_unused_gaussian(bundle, keep_names)[1]), dry_run=True,
+                               rollbacks_dropped=bundle.drop_rollbacks(kept, dry_run=True))
         n_gone, done = 0, []
         try:
             for v in removed:   # oldest first: what is left at any point is a history
@@ -403,15 +415,24 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
             if removed:
                 atomic._fsync_dir(bundle.calibration_dir)
             _remove_gaussian(bundle, keep_names, done)
+            dropped = bundle.drop_rollbacks(kept)   # last: a cut before it leaves records the next prune drops
         except OSError as exc:
             raise RuntimeFailure(f"{os_error_text(exc)}: the prune stopped after removing {n_gone} of "
                                  f"{len(removed)} calibration versions and {len(done)} Gaussian statistics "
                                  "files; what is left is a usable history: run it again") from exc
-    return PruneResult(tuple(removed), tuple(kept), protected, tuple(done))
+    return PruneResult(tuple(removed), tuple(kept), protected, tuple(done), rollbacks_dropped=dropped)
 
 
-def _rollback_target(bundle: Bundle) -> int | None:
-    """The version a rollback without a version puts back, None when there is none."""
+def _holders(records: list[dict]) -> str:
+    """``edge-ad run (pid 812) decides with it until it reloads``: the processes that decide with a version."""
+    who = " and ".join(f"{r.get('by') or 'a process'} (pid {r.get('pid')})" for r in records)
+    one = len(records) == 1
+    return f"{who} {'decides' if one else 'decide'} with it until {'it reloads' if one else 'they reload'}"
+
+
+def rollback_target(bundle: Bundle) -> int | None:
+    """The version a rollback without a version puts back (:meth:`Bundle.previous_calibration_version`), None
+    when there is none (or the calibration in force is unreadable)."""
     try:
         return bundle.previous_calibration_version()
     except InputError:
@@ -440,8 +461,8 @@ def rollback(bundle: Bundle, version: int | None = None, by: str = "") -> Calibr
         if target not in versions:
             raise InputError(f"calibration version {target}, the one calibration v{bundle.calibration().version} "
                              "replaced, is no longer kept (pruned, or deleted by hand); roll back to a kept version "
-                             "by its number ('edge-ad calibrate --list', or the MQTT status's calibration.versions, "
-                             "lists them); the calibration in force is unchanged")
+                             "by its number ('edge-ad calibrate --list' lists them all, the MQTT status's "
+                             "calibration.versions the newest); the calibration in force is unchanged")
     if target is not None and target in versions and bundle.kind == "gaussian":
         cal = bundle.calibration_at(target)
         g = str(cal.extra.get("gaussian") or "")

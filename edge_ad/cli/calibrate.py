@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.backends import BACKENDS  # the one list open_backend accepts
+from ..runtime.backends import BACKENDS, summary_text  # the one list open_backend accepts; a Backend.summary in words
 from . import main
 from .types import env_file_option
 
@@ -96,8 +96,9 @@ def _deploy_option(ctx, param, value):
 @click.option("--list", "list_versions", is_flag=True, help="List the calibration versions kept and exit.")
 @click.option("--prune", "prune_keep", type=click.IntRange(1), metavar="KEEP",
               help="Delete old calibration versions, keeping the KEEP newest, the one in force, the one a plain "
-                   "--rollback goes back to and v1 (the trained calibration), and the Gaussian statistics only "
-                   "the removed ones used; print what was removed and exit.")
+                   "--rollback goes back to, the one a running 'edge-ad run' decides with until it reloads and v1 "
+                   "(the trained calibration), and the Gaussian statistics only the removed ones used and the "
+                   "records of rollbacks to them; print what was removed and exit.")
 @click.option("--dry-run", is_flag=True, help="With --prune: say what would be removed, remove nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, precision, device, every, timeout_s,
@@ -178,7 +179,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                          f"{'it' if len(given) == 1 else 'them'} out")
     check_policy(policy)
     # what scores the frames: the line's [model] backend, precision and device unless given
-    backend, precision, device = _scored_as_line(b, settings, config, env, backend, precision, device)
+    backend, precision, device = _scored_as_line(settings, config, env, backend, precision, device,
+                                                 b.active_precision)
     if adapt:
         from ..calibration.adapt import check_adapt_frames
 
@@ -222,12 +224,16 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             return
         _screened(res)
         installed = res.install is not None
-        screened = f", frames screened on {_ran_on(res.scored_on)}" if res.scored_on else ""
+        screened = f", frames screened on {summary_text(res.scored_on)}" if res.scored_on else ""
+        # a quantized candidate's threshold is fitted on its own scores: the FP32 model's is said beside it
+        fitted = "" if res.fp32_threshold is None else (
+            f" (fitted on its scores on {summary_text(res.calibrated_on)}; {res.fp32_threshold:.6g} on the FP32 "
+            "model's)")
         if in_force is not None:
-            thr = f"; threshold {res.threshold:.6g}, threshold in force {in_force:.6g}" + (
+            thr = f"; threshold {res.threshold:.6g}{fitted}, threshold in force {in_force:.6g}" + (
                 "" if installed else " once installed")
         else:   # without the config: what the candidate's calibration sets, nothing more known
-            thr = "" if res.threshold is None else f"; threshold {res.threshold:.6g} set by its calibration"
+            thr = "" if res.threshold is None else f"; threshold {res.threshold:.6g}{fitted} set by its calibration"
         if installed:
             g = res.install.golden
             golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
@@ -241,6 +247,9 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                        f"{res.seconds:.0f} s{screened}{thr}; the running bundle is unchanged)")
         _override_note(override, config, env, "the adapted model", res.threshold)
         return
+    from ..calibration.adapt import remove_stale_work
+
+    remove_stale_work(b.path)   # the frames a killed --adapt left beside the bundle (--adapt itself does it too)
     with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once
         try:
@@ -268,7 +277,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
            f"threshold {c.threshold:.6g} set by this calibration (was {res.previous.threshold:.6g})")
     click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
                f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, scored on "
-               f"{_ran_on(scored_on)}, {res.timings['total']:.1f} s")
+               f"{summary_text(scored_on)}, {res.timings['total']:.1f} s")
     _override_note(override, config, env, "this calibration", c.threshold)
 
 
@@ -338,11 +347,36 @@ def _bundle_dir(bundle_dir, settings, config, env) -> Path:
     return bundle_dir
 
 
-def _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env) -> tuple[Path, Path | None]:
-    """``--adapt --deploy``'s folder and golden set: a folder given, else (a bare ``--deploy``) the line config's
-    ``[model] deploy_dir`` (after its edge-ad.env), named on stderr; the golden set ``--golden``, else the
-    config's ``model.golden_dir`` (as ``bundle install --config`` takes them; None: DEPLOY/golden). A folder
-    given that is not the line's is taken, with a warning: the line does not run what is installed there."""
+@dataclasses.dataclass(frozen=True)
+class _LineUse:
+    """How a command that takes the line config's ``[model]`` defaults (:func:`_deploy_into`,
+    :func:`_scored_as_line`) words its notes and warnings: ``calibrate`` scores frames as the line does,
+    ``bundle install`` checks a new model as the line will run it."""
+
+    doing: str         # the note: "note: <doing>: backend ... (the [model] backend of LINE.toml), ..."
+    asked: str         # an option that is not the line's: "... (<the line's>): <asked, {value}>"
+    bare: str          # no deploy folder given: "<bare> is the line's deploy folder: ..."
+    bare_note: str     # "note: <bare_note>: deploy folder DIR, the [model] deploy_dir of LINE.toml"
+    switched: str      # what a deploy folder that is not the line's receives: "switching <switched> into DIR"
+
+
+_CALIBRATE_USE = _LineUse("scoring as the line does", "scoring on {value} as asked; the line scores otherwise, and a "
+                          "threshold fitted here may not fit its scores", "--deploy without a folder", "--deploy",
+                          "the adapted model")
+_INSTALL_USE = _LineUse("checking the new model as the line will run it", "opening and checking the new model on "
+                        "{value} as asked; the line runs it otherwise", "without --deploy, the folder",
+                        "no --deploy", "the new model")
+_LINE_UNSET = {"backend": "auto", "precision": None, "device": None}   # ModelSettings' defaults
+
+
+def _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env,
+                 use: _LineUse = _CALIBRATE_USE) -> tuple[Path, Path | None]:
+    """The deploy folder and golden set of a command that switches a model into the line's deploy folder
+    (``calibrate --adapt --deploy``, ``bundle install``; ``use`` words its notes): a folder given, else
+    (:data:`_LINE_DEPLOY`) the line config's ``[model] deploy_dir`` (after its edge-ad.env), named on stderr; the
+    golden set ``golden_dir``, else the config's ``model.golden_dir`` unless ``no_golden`` (None: DEPLOY/golden).
+    A folder given that is not the line's is taken, with a warning: the line does not run what is installed
+    there."""
     from ..errors import InputError
 
     m = settings.model if settings is not None else None
@@ -350,33 +384,32 @@ def _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env) -> tu
     origin = setting_origin(config, env, "model", "deploy_dir") if m is not None else None
     if deploy_dir == _LINE_DEPLOY:
         if line is None:
-            raise InputError("--deploy without a folder is the line's deploy folder: "
+            raise InputError(f"{use.bare} is the line's deploy folder: "
                              + ("give --config LINE.toml (its [model] deploy_dir) or --deploy DIR" if config is None
                                 else f"{config} has no [model] deploy_dir to take it from"
                                 + (f" (the line runs the bundle {m.bundle}, which takes no model update)"
                                    if m is not None else "") + "; give --deploy DIR"))
         deploy_dir = Path(line)
-        click.echo(f"note: --deploy: deploy folder {deploy_dir}, the {origin}", err=True)
+        click.echo(f"note: {use.bare_note}: deploy folder {deploy_dir}, the {origin}", err=True)
     elif m is not None and (line is None or Path(line).resolve() != Path(deploy_dir).resolve()):
         runs = (f"release in force of {line}, the {origin}" if line is not None else
                 f"the bundle {m.bundle}, the {setting_origin(config, env, 'model', 'bundle')}")
         click.echo(f"warning: --deploy {deploy_dir} is not the line's deploy folder (it runs the {runs}): switching "
-                   f"the adapted model into {deploy_dir} as asked; the line does not run it", err=True)
+                   f"{use.switched} into {deploy_dir} as asked; the line does not run it", err=True)
     if golden_dir is None and not no_golden and m is not None:
         golden_dir = m.golden_dir
     return deploy_dir, golden_dir
 
 
-_LINE_UNSET = {"backend": "auto", "precision": None, "device": None}   # ModelSettings' defaults
-
-
-def _scored_as_line(b, settings, config, env, backend, precision, device) -> tuple[str, str | None, str | None]:
-    """The backend, precision and device the frames are scored on (a refit's, and --adapt's screen and
-    checks): ``--backend``, ``--precision`` and ``--device`` when given, else the line config's ``[model]``
-    ones (after its edge-ad.env, as ``bundle install --config`` takes them), so the threshold is fitted on
-    the scores the line produces; without the config: auto, the bundle's active graph, the best device.
-    The line's settings taken are named in a ``note:`` on stderr; a given option that is not the line's, in a
-    ``warning:`` (the refit scores as asked, the line otherwise)."""
+def _scored_as_line(settings, config, env, backend, precision, device, active: str | None,
+                    use: _LineUse = _CALIBRATE_USE) -> tuple[str, str | None, str | None]:
+    """The backend, precision and device a command runs the model on as the line does (a refit's frames, and
+    --adapt's screen and checks; an install's open and golden checks; ``use`` words its notes): ``--backend``,
+    ``--precision`` and ``--device`` when given, else the line config's ``[model]`` ones (after its edge-ad.env),
+    so a threshold is fitted on the scores the line produces and an install checks what the line will run;
+    without the config: auto, the bundle's active graph (``active``: its precision; None: each bundle's, as for
+    an install), the best device. The line's settings taken are named in a ``note:`` on stderr; a given option
+    that is not the line's, in a ``warning:`` (taken as asked, the line otherwise)."""
     given = {"backend": backend, "precision": precision, "device": device}
     m = settings.model if settings is not None else None
     if m is None:
@@ -390,26 +423,18 @@ def _scored_as_line(b, settings, config, env, backend, precision, device) -> tup
                 taken.append(f"{key} {line} (the {setting_origin(config, env, 'model', key)})")
             continue
         if key == "precision":   # unset: the bundle's active graph; int8-u8 is the CPU form of int8
-            same = value.removesuffix("-u8") == (line or b.active_precision)
-            said = line or f"unset: the bundle's active graph, {b.active_precision}"
+            same = value.removesuffix("-u8") == (line or active)
+            said = line or ("unset: each bundle's active graph" if active is None else
+                            f"unset: the bundle's active graph, {active}")
         else:
             same = value.lower() == (line or "").lower()
             said = line or "unset: the best this machine has"
         if not same:
             click.echo(f"warning: --{key} {value} is not the line's {key} ({said}, the "
-                       f"{setting_origin(config, env, 'model', key)}): scoring on {value} as "
-                       "asked; the line scores otherwise, and a threshold fitted here may not fit its scores",
-                       err=True)
+                       f"{setting_origin(config, env, 'model', key)}): {use.asked.format(value=value)}", err=True)
     if taken:
-        click.echo("note: scoring as the line does: " + ", ".join(taken), err=True)
+        click.echo(f"note: {use.doing}: " + ", ".join(taken), err=True)
     return given["backend"], given["precision"], given["device"]
-
-
-def _ran_on(scored_on: dict) -> str:
-    """``onnxruntime int8 on cpu (model.int8-u8.onnx)``: a backend's
-    :meth:`~edge_ad.runtime.backends.Backend.summary` in words."""
-    graph = f" ({scored_on['graph']})" if scored_on.get("graph") else ""
-    return f"{scored_on['backend']} {scored_on['precision']} on {scored_on['device']}{graph}"
 
 
 def _screened(res) -> None:
@@ -565,6 +590,10 @@ def _prune(b, keep: int, dry_run: bool, as_json: bool) -> None:
                    f"{'s' if len(res.removed) != 1 else ''} ({version_runs(res.removed)}); {kept}")
     if res.gaussian_removed:
         click.echo(f"{verb} Gaussian statistics no kept version uses: {', '.join(res.gaussian_removed)}")
+    if res.rollbacks_dropped:
+        n = res.rollbacks_dropped
+        click.echo(f"{'would drop' if dry_run else 'dropped'} {n} record{'s' if n != 1 else ''} of "
+                   f"{b.rollback_log.name} that put back a version not kept")
     if dry_run:
         click.echo("nothing removed (--dry-run)", err=True)
 
@@ -594,7 +623,9 @@ def pack_cmd(bundle_dir, out, sign_key):
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
               help="The line's run config: its [model] deploy_dir, golden_dir, update_key, backend, precision and "
-                   "device are the defaults of the options below, so the install checks what the line will run.")
+                   "device are the defaults of the options below, so the install checks what the line will run "
+                   "(named on stderr, as by 'calibrate --config'; an option given that is not the line's is warned "
+                   "of).")
 @env_file_option
 @click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Deploy folder (releases/, current and previous links); default: the config's "
@@ -639,19 +670,18 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
     from ..config import load_settings, service_environ
 
     env = service_environ(config, env_file)
-    if config is not None:
-        m = load_settings(config, environ=env.environ).model
-        if deploy_dir is None and m.deploy_dir is None:
-            raise InputError(f"--config {config}: no model.deploy_dir in it; give --deploy DIR")
-        deploy_dir = deploy_dir or m.deploy_dir
-        golden_dir = golden_dir or (None if no_golden else m.golden_dir)
-        key = key or m.update_key
-        backend = backend or m.backend
-        precision = precision or m.precision
-        device = device or m.device
-    if deploy_dir is None:
+    settings = None
+    if config is not None:   # the line's [model] (after its edge-ad.env): the defaults of the options below
+        settings = load_settings(config, environ=env.environ)
+        env_file_note(env)
+        key = key or settings.model.update_key
+    elif deploy_dir is None:
         raise InputError("--deploy DIR (or --config with a model.deploy_dir) is required: where to install")
-    backend = backend or "auto"
+    # as calibrate --config takes them: named in notes, a given option that is not the line's in a warning
+    deploy_dir, golden_dir = _deploy_into(deploy_dir or _LINE_DEPLOY, golden_dir, no_golden, settings, config, env,
+                                          _INSTALL_USE)
+    backend, precision, device = _scored_as_line(settings, config, env, backend, precision, device, None,
+                                                 _INSTALL_USE)
     if no_golden and golden_dir:
         raise InputError("--golden and --no-golden exclude each other")
     if require_signature and key is None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from ..bundle import Bundle
+from ..bundle import Bundle, CalibrationHold
 from ..config import Settings
 from ..data.image import expect_trained_format, put_expected_format
 from ..errors import EdgeADError, InputError, RuntimeFailure, os_error_text
@@ -42,6 +42,7 @@ from .triggers import TriggerGate, load_trigger
 
 log = logging.getLogger(__name__)
 
+STATUS_VERSIONS = 20   # the newest calibration versions 'status' lists (a history holds thousands: --list has all)
 ABANDON_GRACE_S = 0.5   # after the stop deadline: how long idle pipeline threads get to see the closed queues
 SWAP_WAIT_S = 60.0     # a model swap waits this long for a batch still in the old backend before closing it
 
@@ -120,6 +121,9 @@ class Service:
         # skips its turn then, so the watch replaced is neither judged nor announced a second time
         self._health_lock = threading.Lock()
         self._health_log = LogLimiter()   # an error of the health check, polled ten times a second: once a minute
+        # calibration.d/.held-*: the calibration version this run decides with, recorded while run() runs, so that
+        # 'edge-ad calibrate --prune' keeps it after a calibration written beside the line (not reloaded yet)
+        self._hold = None
         self.transient_threshold: float | None = None  # set_threshold {persist: false}, until a calibration swap
         self.override_under_transient: float | None = None  # the override it replaced: back on that swap
         self._build()
@@ -405,6 +409,7 @@ class Service:
             self._drop_transient_threshold(f"calibration v{before}")
             if decides:
                 self.pipeline.threshold_override = None
+            self._hold_calibration()
         log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
         if self.inspector.model_hash != model_before:   # a Gaussian refit: its statistics are the model
             self.update_birth(model_hash=self.inspector.model_hash)
@@ -412,6 +417,12 @@ class Service:
         self.event({"type": "calibration", "version": cal.version, "previous_version": before,
                     "threshold": cal.threshold, "policy": cal.policy, "reason": reason,
                     "threshold_in_force": self.effective_threshold()})
+
+    def _hold_calibration(self) -> None:
+        """Record on disk the bundle and calibration version this run decides with (:class:`CalibrationHold`:
+        never raises), while it runs."""
+        if self._hold is not None:
+            self._hold.put(self.bundle, self.inspector.calibration.version)
 
     def _drop_transient_threshold(self, what: str) -> None:
         """A this-run-only threshold belongs to the calibration (and model) it was set on: when another is
@@ -450,9 +461,11 @@ class Service:
 
     def _calibrate(self, frames: int, policy: str, source: str, timeout: float, by: str) -> dict:
         from ..calibration import collect_frames, recalibrate
+        from ..calibration.adapt import remove_stale_work
         from ..calibration.collect import is_line_folder
         from ..calibration.refit import MIN_FRAMES, MQTT_ROLLBACK
 
+        remove_stale_work(self.bundle.path)   # the frames a killed 'edge-ad calibrate --adapt' left beside it
         t0 = time.monotonic()
         notes: list[str] = []   # the training images a source folder held, left out
         if source == "live":
@@ -634,6 +647,7 @@ class Service:
             expect_trained_format(bundle)
             self.reporter.reset_drift(new.calibration, f"model swap ({reason})")
             self._drop_transient_threshold(f"model {before}")
+            self._hold_calibration()
         if not self.pipeline.wait_idle(old, SWAP_WAIT_S):   # a batch still in the old backend finishes there
             log.warning("the old model's batch did not finish within %g s of the swap; its backend is closed under "
                         "it", SWAP_WAIT_S)
@@ -827,8 +841,7 @@ class Service:
                "model": {"bundle": str(self.bundle.path), "kind": self.bundle.kind, "hash": self.inspector.model_hash,
                          "backend": getattr(b, "name", ""), "precision": getattr(b, "precision", ""),
                          "image_size": list(self.bundle.image_size)},
-               "calibration": {"version": cal.version, "threshold": cal.threshold, "policy": cal.policy,
-                               "versions": self.bundle.calibration_versions()},
+               "calibration": self._calibration_status(cal),
                "threshold": self.effective_threshold(), "drift": self.reporter.drift_summary(),
                "results": {"ok": self.reporter.ok, "ng": self.reporter.ng,
                            "output_errors": dict(self.reporter.output_errors)},
@@ -838,6 +851,19 @@ class Service:
             out["link"] = self.link.stats()
             out["birth"] = self.link.birth()
         return _jsonable(out)
+
+    def _calibration_status(self, cal) -> dict:
+        """The status's ``calibration``: the one this run decides with (``version``, ``threshold``, ``policy``), the
+        versions the bundle keeps, bounded whatever the history (``versions``: the newest :data:`STATUS_VERSIONS`;
+        ``versions_kept``: how many; ``edge-ad calibrate --list`` lists them all), and ``rollback_to``, the one a
+        ``rollback_calibration`` without a version puts back (None: none, or no longer kept)."""
+        from ..calibration.refit import rollback_target
+
+        versions = self.bundle.calibration_versions()
+        target = rollback_target(self.bundle)
+        return {"version": cal.version, "threshold": cal.threshold, "policy": cal.policy,
+                "versions": versions[-STATUS_VERSIONS:], "versions_kept": len(versions),
+                "rollback_to": target if target in versions else None}
 
     # ------------------------------------------------------------------ telemetry
     def telemetry_payload(self) -> dict:
@@ -962,6 +988,9 @@ class Service:
         t_start = time.monotonic()
         # frames of another bit depth than the training images' are warned about (once; a model swap changes it)
         expected_before = expect_trained_format(self.bundle)
+        with self._swap_lock:
+            self._hold = CalibrationHold("edge-ad run")
+            self._hold_calibration()
         try:
             if self.link is not None:
                 self.link.start()
@@ -1104,6 +1133,10 @@ class Service:
             except Exception as exc:
                 log.debug("closing the backend: %s", exc)
         self.notifier.close()
+        with self._swap_lock:
+            hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.release()
         inspect_s = t_inspected - t_start
         stop_s = time.monotonic() - t_inspected
         summary = {"frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": self.reporter.ng,

@@ -24,7 +24,7 @@ import torch
 
 from .. import scoring
 from ..bundle import NOT_SHIPPED, Bundle, now_iso
-from ..calibration.adapt import check_kept_frames, validation_frames
+from ..calibration.adapt import check_kept_frames, validation_split
 from ..data.image import resize_rgb
 from ..errors import InputError
 from ..models import load_from_bundle
@@ -56,9 +56,9 @@ def adapt_bundle(bundle_dir: str | Path, frames: Sequence[np.ndarray], out_dir: 
     seed_everything(seed)
     size = src.image_size[0]
     imgs = torch.from_numpy(np.stack([resize_rgb(f, (size, size)).transpose(2, 0, 1) for f in frames]).copy())
-    order = np.random.default_rng(seed).permutation(len(imgs))
-    n_val = validation_frames(len(imgs))
-    val, train = imgs[np.sort(order[:n_val])], imgs[np.sort(order[n_val:])]
+    val_idx, train_idx = validation_split(len(imgs), seed)
+    n_val = len(val_idx)
+    val, train = imgs[val_idx], imgs[train_idx]
     model = load_from_bundle(src, device)
     lr = lr if lr is not None else PRESETS[kind]["quick"]["lr"] * 0.5
     # EfficientAD: the teacher normalization of the original training is kept (scores stay comparable)

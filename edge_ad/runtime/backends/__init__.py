@@ -20,14 +20,14 @@ import logging
 
 from ...bundle import Bundle
 from ...errors import InputError
-from .base import CPU_INT8_FILE, GRAPH_FILES, PRECISIONS, Backend, precision_of_graph
+from .base import CPU_INT8_FILE, GRAPH_FILES, PRECISIONS, Backend, precision_of_graph, summary_text
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "openvino")
 
 __all__ = ["Backend", "open_backend", "BACKENDS", "PRECISIONS", "GRAPH_FILES", "CPU_INT8_FILE",
-           "precision_of_graph", "tensorrt_usable", "available"]
+           "precision_of_graph", "summary_text", "tensorrt_usable", "available"]
 
 
 def tensorrt_usable() -> tuple[bool, str]:

@@ -29,6 +29,13 @@ GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.i
 CPU_INT8_FILE = "model.int8-u8.onnx"
 
 
+def summary_text(summary: dict) -> str:
+    """``onnxruntime int8 on cpu (model.int8-u8.onnx)``: a :meth:`Backend.summary` in words (what scored a
+    calibration's frames, in messages)."""
+    graph = f" ({summary['graph']})" if summary.get("graph") else ""
+    return f"{summary['backend']} {summary['precision']} on {summary['device']}{graph}"
+
+
 def precision_of_graph(name: str) -> str:
     """'model.int8-u8.onnx' -> 'int8' (the precision a graph file holds)."""
     if name == CPU_INT8_FILE:
