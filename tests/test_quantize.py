@@ -176,10 +176,15 @@ def test_bias_correction_takes_out_the_mean_shift(base, tmp_path):
     before = tmp_path / "before.onnx"
     shutil.copy(q, before)
     summary = qgraph.correct_bias(src, q, batch)
-    assert summary["convs"] >= 40 and summary["levels"] >= 10 and summary["applied"]
-
     ref_m, q_m, b_m = onnx.load(str(src)), onnx.load(str(q)), onnx.load(str(before))
-    convs = [n.name for n in ref_m.graph.node if n.op_type == "Conv"]
+    # every quantized conv with a constant bias is corrected. How many have one depends on the onnxruntime
+    # that pre-processed the graph: 51 of 53 with 1.32 (the convs made of PDN's pools have none); 29 with
+    # 1.30, whose pre-processing leaves the exported chains unfolded: the other 22 read their bias through
+    # the exporter's Identity nodes (this random model's zero biases, deduplicated), not a constant
+    convs = _quantized_convs_with_bias(b_m)
+    assert convs and summary["convs"] == len(convs) and summary["applied"]
+    depths = qgraph.conv_depths(b_m)
+    assert summary["levels"] == len({depths[c] for c in convs}) > 1
     out_of = {n.name: n.output[0] for n in q_m.graph.node if n.op_type == "Conv"}
     ref_out = {n.name: n.output[0] for n in ref_m.graph.node if n.op_type == "Conv"}
     r = qgraph._channel_means(ref_m, [ref_out[c] for c in convs], batch, 8, 0)
@@ -193,6 +198,21 @@ def test_bias_correction_takes_out_the_mean_shift(base, tmp_path):
     assert dist["after"] < dist["before"]
     assert dist["before"] == pytest.approx(summary["map_error_before"], rel=1e-4)
     assert dist["after"] == pytest.approx(summary["map_error_after"], rel=1e-4)
+
+
+def _quantized_convs_with_bias(model) -> list[str]:
+    """Convs of a Q/DQ graph whose weights are dequantized and whose bias is a constant: an initializer, or
+    the DequantizeLinear of one (the INT32 bias of the u8 form)."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    produced = {o: n for n in g.node for o in n.output}
+
+    def dequantized(t, of_init=False):
+        return t in produced and produced[t].op_type == "DequantizeLinear" and \
+            (not of_init or produced[t].input[0] in inits)
+
+    return [n.name for n in g.node if n.op_type == "Conv" and dequantized(n.input[1]) and len(n.input) > 2
+            and (n.input[2] in inits or dequantized(n.input[2], of_init=True))]
 
 
 def _tiny_model(nodes, inits, output="y"):
