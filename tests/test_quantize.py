@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from edge_ad.bundle import Bundle  # noqa: E402
 from edge_ad.compile import guard as guard_mod  # noqa: E402
 from edge_ad.compile.guard import GuardLimits  # noqa: E402
 from edge_ad.compile import qgraph  # noqa: E402
-from edge_ad.compile.quantize import (CONV_OPS, INT8_FORMS, _Reader, calibrate, graph_heads,  # noqa: E402
-                                      quantize_bundle, quantize_int8_form)
+from edge_ad.compile.quantize import (CONV_OPS, INT8_FORMS, _Reader, calibrate, check_cpu_kernels,  # noqa: E402
+                                      graph_heads, quantize_bundle, quantize_int8_form, sensitivity_search)
 from edge_ad.errors import GuardFailure, InputError, RuntimeFailure  # noqa: E402
 from edge_ad.runtime.backends import open_backend  # noqa: E402
 
@@ -175,10 +176,15 @@ def test_bias_correction_takes_out_the_mean_shift(base, tmp_path):
     before = tmp_path / "before.onnx"
     shutil.copy(q, before)
     summary = qgraph.correct_bias(src, q, batch)
-    assert summary["convs"] >= 40 and summary["levels"] >= 10 and summary["applied"]
-
     ref_m, q_m, b_m = onnx.load(str(src)), onnx.load(str(q)), onnx.load(str(before))
-    convs = [n.name for n in ref_m.graph.node if n.op_type == "Conv"]
+    # every quantized conv with a constant bias is corrected. How many have one depends on the onnxruntime
+    # that pre-processed the graph: 51 of 53 with 1.32 (the convs made of PDN's pools have none); 29 with
+    # 1.30, whose pre-processing leaves the exported chains unfolded: the other 22 read their bias through
+    # the exporter's Identity nodes (this random model's zero biases, deduplicated), not a constant
+    convs = _quantized_convs_with_bias(b_m)
+    assert convs and summary["convs"] == len(convs) and summary["applied"]
+    depths = qgraph.conv_depths(b_m)
+    assert summary["levels"] == len({depths[c] for c in convs}) > 1
     out_of = {n.name: n.output[0] for n in q_m.graph.node if n.op_type == "Conv"}
     ref_out = {n.name: n.output[0] for n in ref_m.graph.node if n.op_type == "Conv"}
     r = qgraph._channel_means(ref_m, [ref_out[c] for c in convs], batch, 8, 0)
@@ -192,6 +198,21 @@ def test_bias_correction_takes_out_the_mean_shift(base, tmp_path):
     assert dist["after"] < dist["before"]
     assert dist["before"] == pytest.approx(summary["map_error_before"], rel=1e-4)
     assert dist["after"] == pytest.approx(summary["map_error_after"], rel=1e-4)
+
+
+def _quantized_convs_with_bias(model) -> list[str]:
+    """Convs of a Q/DQ graph whose weights are dequantized and whose bias is a constant: an initializer, or
+    the DequantizeLinear of one (the INT32 bias of the u8 form)."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    produced = {o: n for n in g.node for o in n.output}
+
+    def dequantized(t, of_init=False):
+        return t in produced and produced[t].op_type == "DequantizeLinear" and \
+            (not of_init or produced[t].input[0] in inits)
+
+    return [n.name for n in g.node if n.op_type == "Conv" and dequantized(n.input[1]) and len(n.input) > 2
+            and (n.input[2] in inits or dequantized(n.input[2], of_init=True))]
 
 
 def _tiny_model(nodes, inits, output="y"):
@@ -284,7 +305,119 @@ def test_auto_keeps_the_sensitivity_outliers_in_fp32(base, tmp_path):
     outliers = [r["node"] for r in table if r["error_alone"] >= 2.0 * np.median(errs)]
     assert res.fp32_nodes == outliers[:3] and res.fp32_nodes
     assert b.manifest["quantized"]["int8"]["keep_fp32"] == "auto"
+    assert b.manifest["quantized"]["int8"]["judged"] == {"int8": "exact", "int8-u8": "fused", "sensitivity": "exact"}
     assert b.manifest["quantized"]["int8"]["fp32_nodes"] == res.fp32_nodes
+
+
+def _guard_images(b):
+    """The guard's images for a bundle quantized with ``guard_normals=4``, with FP32's outputs on them."""
+    _, held_out = guard_mod.training_images(b)
+    gset = guard_mod.prepare_guard_set(b, held_out, n_normal=4)
+    gset.reference = qgraph.graph_outputs(b.file("model.onnx"), gset.batch)
+    return gset
+
+
+def test_the_guard_judges_each_int8_form_on_its_targets_arithmetic(int8):
+    """The TensorRT form is judged on the graph's own Q/DQ arithmetic (TensorRT's), not on this CPU's fused
+    ONNX Runtime kernels, which saturate on x86 CPUs without VNNI; the CPU form on those kernels, which are
+    what runs it here. The report and the manifest say which."""
+    b, res = int8
+    gset = _guard_images(b)
+    err = {(form, exact): qgraph.map_error(gset.reference, b.file(f), gset.batch, exact=exact)
+           for form, f in INT8_FORMS.items() for exact in (True, False)}
+    e = {x["candidate"]: x for x in res.entries}
+    s8, u8 = e["onnxruntime-int8"], e["onnxruntime-int8-u8"]
+    assert s8["arithmetic"] == "exact" and s8["backend"]["int8_arithmetic"] == "exact"
+    assert s8["rel_map_error"] == pytest.approx(err["int8", True], rel=1e-4)
+    assert u8["arithmetic"] == "fused" and u8["backend"]["int8_arithmetic"] == "fused"
+    assert u8["rel_map_error"] == pytest.approx(err["int8-u8", False], rel=1e-4)
+    saturates, cpu = qgraph.cpu_int8_kernels()
+    assert u8["cpu"] == cpu and "cpu" not in s8
+    if saturates:   # x86 without VNNI: the CPU form's exact error is measured beside, to compare
+        assert u8["rel_map_error_exact"] == pytest.approx(err["int8-u8", True], rel=1e-4)
+    else:
+        assert "rel_map_error_exact" not in u8
+    q = b.manifest["quantized"]["int8"]
+    assert q["judged"] == {"int8": "exact", "int8-u8": "fused"} and q["cpu"] == cpu   # head: no search
+    report = json.loads(b.file("quant_report.json").read_text())["candidates"]
+    assert [report[f"onnxruntime-{f}"]["arithmetic"] for f in INT8_FORMS] == ["exact", "fused"]
+
+
+def test_int8_kernels_that_saturate_are_named_with_both_map_errors(int8, monkeypatch, caplog):
+    """On an x86 CPU without VNNI, a CPU form whose map error on the fused kernels is much worse than in
+    the graph's own arithmetic gets a warning naming both and what to do; with VNNI (or on ARM) nothing
+    is measured. The fused error is set by hand here: how far this CPU's kernels are off is the CPU's."""
+    b, _ = int8
+    gset = _guard_images(b)
+    path = b.file("model.int8-u8.onnx")
+    exact = qgraph.map_error(gset.reference, path, gset.batch, exact=True)
+    monkeypatch.setattr(qgraph, "cpu_int8_kernels", lambda: (False, "x86_64 with VNNI (avx512_vnni)"))
+    e = {"candidate": "onnxruntime-int8-u8", "rel_map_error": 3 * exact + 0.1}
+    assert check_cpu_kernels(e, path, gset, progress=False) is None
+    assert e == {"candidate": "onnxruntime-int8-u8", "rel_map_error": 3 * exact + 0.1,
+                 "cpu": "x86_64 with VNNI (avx512_vnni)"}
+    monkeypatch.setattr(qgraph, "cpu_int8_kernels", lambda: (True, "x86_64 without VNNI"))
+    with caplog.at_level("WARNING", logger="edge_ad.compile.quantize"):
+        msg = check_cpu_kernels(e, path, gset, progress=False)
+    assert e["rel_map_error_exact"] == pytest.approx(exact, rel=1e-4) and e["warning"] == msg
+    assert e["cpu"] == "x86_64 without VNNI" and "x86_64 without VNNI" in msg
+    assert f"{3 * exact + 0.1:.3f}" in msg and f"{exact:.3f}" in msg
+    assert "FP32 or FP16 on this CPU" in msg and "TensorRT" in msg and "ARM" in msg and "VNNI" in msg
+    assert msg in caplog.text
+    close = {"candidate": "onnxruntime-int8-u8", "rel_map_error": 1.2 * exact}
+    assert check_cpu_kernels(close, path, gset, progress=False) is None
+    assert "warning" not in close and close["rel_map_error_exact"] == pytest.approx(exact, rel=1e-4)
+
+
+def test_cpu_int8_kernels_reads_vnni_from_the_cpu_flags(tmp_path, monkeypatch):
+    import platform
+
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(qgraph, "CPUINFO", str(info))
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert qgraph.cpu_int8_kernels() == (True, "x86_64 without VNNI")
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert qgraph.cpu_int8_kernels() == (False, "x86_64 with VNNI (avx512_vnni)")
+    info.write_text("flags\t\t: avx2 avx_vnni\n")
+    assert qgraph.cpu_int8_kernels() == (False, "x86_64 with VNNI (avx_vnni)")
+    info.unlink()
+    saturates, words = qgraph.cpu_int8_kernels()
+    assert saturates and "VNNI unknown" in words
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert qgraph.cpu_int8_kernels() == (False, "aarch64")
+
+
+def test_the_sensitivity_search_judges_the_graphs_own_arithmetic(base, tmp_path, monkeypatch):
+    """Each layer's error alone is measured on the graph's own Q/DQ arithmetic (every session on a trial
+    graph is an exact one), not on this CPU's fused kernels: on an x86 CPU without VNNI those would rank
+    the layers by how much the kernels saturate (this model's student.3 conv alone: 0.02 exact, 0.46 fused)."""
+    pool, _ = guard_mod.training_images(base)
+    batch = _to_batch(base, pool[:4])
+    src, _ = qgraph.prepare_graph(base.file("model.onnx"), tmp_path / "p.onnx")
+    cache = calibrate(src, _Reader(pool[:8], base.image_size), tmp_path / "cal.json")
+    convs = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Conv"]
+    tried = [c for c in convs if c.startswith("/student/") and c.endswith("/Conv")][1:3]   # two, to keep it short
+    rest = [c for c in convs if c not in tried]
+    sessions = []
+    real = qgraph.session
+    monkeypatch.setattr(qgraph, "session",
+                        lambda model, *a, **kw: sessions.append((model, kw)) or real(model, *a, **kw))
+    kept, table = sensitivity_search(src, tmp_path, cache, None, batch, base_exclude=rest, progress=False)
+    monkeypatch.undo()
+    trials = [kw for model, kw in sessions if Path(str(model)).name.startswith("one-")]
+    assert len(trials) == len(tried) and all(kw.get("exact") for kw in trials)
+    assert sorted(r["node"] for r in table) == sorted(tried) and kept[:len(rest)] == rest
+    ref = qgraph.graph_outputs(src, batch)
+    for r in table:
+        one = quantize_int8_form(src, tmp_path / "one.onnx", "int8", cache, only=[r["node"]])
+        assert r["error_alone"] == pytest.approx(qgraph.map_error(ref, one, batch, exact=True), rel=1e-4)
+
+
+def _to_batch(b, paths):
+    from edge_ad.data.image import load_image, to_batch
+
+    return to_batch([load_image(p) for p in paths], b.image_size)
 
 
 def test_head_convs_stay_fp32(int8):

@@ -10,7 +10,9 @@ Measures, candidate vs FP32:
                        threshold is in the same units) and ``max_map_error_rel`` = that / threshold;
 - ``auroc``            image AUROC normal vs synthetic defects (and vs real defects), FP32 and candidate,
                        and the drop;
-- ``agreement``        fraction of images whose OK/NG decision at the calibration threshold is the same.
+- ``agreement``        fraction of images whose OK/NG decision at the calibration threshold is the same;
+- ``rel_map_error``    mean over the raw outputs of ||candidate - FP32|| / ||FP32 - its mean||
+                       (:func:`edge_ad.compile.qgraph.output_error`; reported).
 
 Limits (:class:`GuardLimits`; defaults: AUROC drop <= 0.005, rank correlation >= 0.99; decision
 agreement and map error are reported and can be limited too). Results are merged into
@@ -33,6 +35,7 @@ from ..bundle import Bundle, now_iso
 from ..data.image import IMAGE_EXTS, list_images, load_image, spread, to_batch
 from ..errors import GuardFailure, InputError
 from ..scoring import Calibration, Scored
+from .qgraph import output_error
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +322,7 @@ def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
         "max_map_error": map_err,
         "max_map_error_rel": map_err / abs(thr) if thr else float("inf"),
         "max_raw_error_rel": raw_err,
+        "rel_map_error": output_error(ref_out, cand_out),
         "agreement": float(np.mean(ref.ng == cand.ng)),
         "auroc": {},
         "limits": asdict(limits),

@@ -37,6 +37,8 @@ from ..errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
 
+CPUINFO = "/proc/cpuinfo"   # where cpu_int8_kernels reads the CPU's flags (Linux)
+
 
 # --------------------------------------------------------------------------- small helpers
 def _const_values(graph) -> dict[str, np.ndarray]:
@@ -69,21 +71,15 @@ def session(model, optimize: bool = True, threads: int = 0, exact: bool = False)
     """A CPU ONNX Runtime session on a path or a ModelProto.
 
     ``exact``: Q/DQ pairs are computed as the graph writes them (dequantized values in float), not fused
-    into ONNX Runtime's integer kernels. Those are exact on ARM and on x86 CPUs with VNNI, but on x86 CPUs
-    with AVX2 and no VNNI their u8 x s8 products go through VPMADDUBSW, whose 16-bit pair sums saturate
-    (ONNX Runtime's quantization docs): a conv's output can be off by tens of quantization steps there.
-    Measurements that are written into a graph (bias correction) use this, so the graph is the same
-    whichever CPU made it."""
+    into ONNX Runtime's integer kernels, which saturate on x86 CPUs without VNNI
+    (:func:`edge_ad.runtime.backends.onnxruntime.session_options`). Measurements that are written into a
+    graph (bias correction) or that choose what goes into it (the sensitivity search) use this, so the
+    graph is the same whichever CPU made it."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if exact:
-        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    from ..runtime.backends.onnxruntime import session_options
+
+    so = session_options(threads, "all" if optimize else "none", exact=exact)
     src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
@@ -333,14 +329,41 @@ def graph_outputs(model, batch: np.ndarray, chunk: int = 0, threads: int = 0, ex
 
 def map_error(ref_out: dict[str, np.ndarray], model, batch: np.ndarray, chunk: int = 0, threads: int = 0,
               exact: bool = False) -> float:
+    """:func:`output_error` of ``model`` (a path or a ModelProto) on ``batch``; ``ref_out``: the
+    reference's outputs on it."""
+    return output_error(ref_out, graph_outputs(model, batch, chunk, threads, exact))
+
+
+def output_error(ref_out: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> float:
     """Mean over ``ref_out``'s outputs of ||q - r|| / ||r - mean(r)|| (0 = identical; 1 = as large as the
-    signal) for ``model`` (a path or a ModelProto) on ``batch``; ``ref_out``: the reference's outputs on it."""
-    out = graph_outputs(model, batch, chunk, threads, exact)
+    signal), ``q`` the same output in ``out``: the relative map error."""
     errs = []
     for name, r in ref_out.items():
         r = r.astype(np.float64)
         errs.append(float(np.linalg.norm(out[name] - r) / (np.linalg.norm(r - r.mean()) + 1e-12)))
     return float(np.mean(errs))
+
+
+def cpu_int8_kernels() -> tuple[bool, str]:
+    """(whether ONNX Runtime's fused INT8 kernels may saturate on this CPU, the CPU in words).
+
+    They may on x86 CPUs without VNNI (``avx512_vnni`` / ``avx_vnni`` not among /proc/cpuinfo's flags, or
+    the flags unreadable): their u8 x s8 products go through VPMADDUBSW, whose 16-bit pair sums saturate
+    (:func:`session`'s ``exact``). ARM CPUs and VNNI compute the graph's own arithmetic."""
+    import platform
+
+    machine = platform.machine() or "unknown CPU"
+    if machine.lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False, machine
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return True, f"{machine}, VNNI unknown (no CPU flags in /proc/cpuinfo)"
+    vnni = [f for f in flags if f in ("avx512_vnni", "avx_vnni")]
+    return (False, f"{machine} with VNNI ({', '.join(vnni)})") if vnni else (True, f"{machine} without VNNI")
 
 
 def _channel_means(model, names: Sequence[str], batch: np.ndarray, chunk: int, threads: int) -> dict:

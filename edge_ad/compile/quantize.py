@@ -34,6 +34,11 @@ the Gaussian model's pooling) stays FP32 in every form. Convolutions kept in FP3
 
 FP16: ``model.fp16.onnx``, weights and activations in FP16, inputs and outputs FP32, and the map head
 (after the last convolution) in FP32.
+
+The guard judges each INT8 form by its target's arithmetic (:data:`JUDGED_ON`): the TensorRT form by the
+graph's own Q/DQ arithmetic, the CPU form by this CPU's ONNX Runtime kernels; on an x86 CPU without VNNI,
+whose kernels saturate, a CPU form much worse on them than in its own arithmetic is warned about
+(:func:`check_cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -68,6 +73,15 @@ QUANT_OPS = CONV_OPS + ["Clip", "Relu", "Add", "Concat", "Resize", "Pad"]
 KEEP_FP32 = ("head", "none", "auto")
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 INT8_FORMS = {"int8": "model.int8.onnx", "int8-u8": "model.int8-u8.onnx"}
+# The arithmetic the guard judges each INT8 form by, that of its target: the TensorRT form by the graph's
+# own Q/DQ arithmetic ("exact": what TensorRT computes; `edge-ad compile` then guards the engine itself),
+# the CPU form by this CPU's ONNX Runtime integer kernels ("fused": what runs it here). They differ on x86
+# CPUs without VNNI, where the fused kernels saturate (qgraph.cpu_int8_kernels).
+JUDGED_ON = {"int8": "exact", "int8-u8": "fused"}
+# on such a CPU: a warning when the CPU form's relative map error on the fused kernels is over this many
+# times the exact arithmetic's (and over it by more than SATURATION_MARGIN)
+SATURATION_FACTOR = 1.5
+SATURATION_MARGIN = 0.01
 
 
 @dataclass
@@ -242,7 +256,10 @@ def sensitivity_search(src: Path, work: Path, cache: Path, reader: _Reader | Non
                        method: str = "minmax") -> tuple[list[str], list[dict]]:
     """Per-layer INT8 sensitivity: every convolution not in ``base_exclude`` is quantized alone (with its
     activation; signed form, the stricter one) and ranked by the map error it causes on ``batch``
-    (:func:`edge_ad.compile.qgraph.map_error`). The outliers, layers whose error is at least
+    (:func:`edge_ad.compile.qgraph.map_error`), measured on the graph's own Q/DQ arithmetic (``exact``:
+    TensorRT's, the signed form's target, and that of ARM and VNNI CPUs), not on the fused kernels of the
+    CPU that quantizes, which saturate on x86 CPUs without VNNI and would rank layers by this CPU's kernel
+    error instead of by what INT8 costs them. The outliers, layers whose error is at least
     ``outlier_factor`` times the median layer's, are added to ``base_exclude`` (worst first, at most
     ``max_fp32_layers``).
 
@@ -258,7 +275,7 @@ def sensitivity_search(src: Path, work: Path, cache: Path, reader: _Reader | Non
     for i, node in enumerate(cands):
         out = work / f"one-{i}.onnx"
         quantize_int8_form(src, out, "int8", cache, reader, only=[node], exclude=fixed_exclude, method=method)
-        table.append({"node": node, "error_alone": qgraph.map_error(ref, out, batch)})
+        table.append({"node": node, "error_alone": qgraph.map_error(ref, out, batch, exact=True)})
         out.unlink()
         if progress:
             log.info("sensitivity %d/%d %s: %.4f", i + 1, len(cands), node, table[-1]["error_alone"])
@@ -326,6 +343,9 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     (auto | head | none; auto: the sensitivity search's outliers, at most ``max_fp32_layers``), bias
     correction on ``bias_images`` of the calibration images.
 
+    The guard judges the TensorRT form (``model.int8.onnx``) by the graph's own Q/DQ arithmetic and the CPU
+    form by this CPU's ONNX Runtime kernels (:data:`JUDGED_ON`; each report entry's ``arithmetic``).
+
     On a guard failure: ``quant_report.json`` records why, the new graphs are not kept, the active graph
     is unchanged, and :class:`edge_ad.errors.GuardFailure` is raised.
     """
@@ -368,12 +388,20 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
         entries = []
         for form, path in made.items():
             prec = "int8" if form.startswith("int8") else form
-            cand = OnnxRuntimeBackend(bundle, precision=prec, device="cpu", graph=path, threads=threads)
-            _say(progress, f"guard: {form} vs FP32 on {len(gset)} images")
+            arithmetic = JUDGED_ON.get(form)
+            cand = OnnxRuntimeBackend(bundle, precision=prec, device="cpu", graph=path, threads=threads,
+                                      exact=arithmetic == "exact")
+            how = {"exact": " (the graph's own Q/DQ arithmetic, TensorRT's)",
+                   "fused": " (this CPU's ONNX Runtime INT8 kernels)"}.get(arithmetic, "")
+            _say(progress, f"guard: {form} vs FP32 on {len(gset)} images{how}")
             e = guard_mod.evaluate(bundle, cand, gset, ref_backend, limits, name=f"onnxruntime-{form}")
             e["graph"] = path.name
             e["fp32_nodes"] = fp32_nodes
             cand.close()
+            if arithmetic:
+                e["arithmetic"] = arithmetic
+            if arithmetic == "fused":
+                check_cpu_kernels(e, path, gset, threads, progress)
             entries.append(e)
             _say(progress, guard_mod.summary(e))
         report = guard_mod.report_data(bundle, entries)
@@ -389,6 +417,8 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
         if precision == "int8":
             quantized["int8"].update(
                 calibration=calibration, ops=QUANT_OPS, prepared=details.get("prepared", {}),
+                judged={**JUDGED_ON, **({"sensitivity": "exact"} if keep_fp32 == "auto" else {})},
+                cpu=qgraph.cpu_int8_kernels()[1],
                 bias_correction={f: details.get(f"bias_{f}") for f in INT8_FORMS} if bias_correction else None)
         # the graphs, the report of their guard and the manifest change together: a failure leaves the old
         # graphs in force, and no report says a graph not in force passed
@@ -396,6 +426,37 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
                              meta={"quantized": quantized, "active": {"graph": graph, "precision": precision}})
     ref_backend.close()
     return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details)
+
+
+def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, threads: int = 0,
+                      progress: bool = True) -> str | None:
+    """For a guard ``entry`` of an INT8 ``graph`` judged on this CPU's fused kernels: on a CPU whose kernels
+    may saturate (:func:`edge_ad.compile.qgraph.cpu_int8_kernels`: x86 without VNNI), also the relative map
+    error of the graph's own arithmetic on the guard images (``rel_map_error_exact``), and a warning
+    (returned, printed with ``progress``, else logged, and kept in the entry as ``warning``) when the fused
+    kernels' is much worse
+    (:data:`SATURATION_FACTOR`). Records the CPU in ``entry["cpu"]``."""
+    saturates, cpu = qgraph.cpu_int8_kernels()
+    entry["cpu"] = cpu
+    if not saturates:
+        return None
+    exact = qgraph.map_error(gset.reference, graph, gset.batch, chunk=8, threads=threads, exact=True)
+    entry["rel_map_error_exact"] = exact
+    fused = entry["rel_map_error"]
+    if not fused > SATURATION_FACTOR * exact + SATURATION_MARGIN:
+        return None
+    msg = (f"WARNING: {entry['candidate']}: this CPU ({cpu}) runs INT8 through ONNX Runtime kernels whose 16-bit "
+           f"sums saturate: relative map error vs FP32 {fused:.3f} on them against {exact:.3f} in the graph's own "
+           "arithmetic (what TensorRT, ARM CPUs and x86 CPUs with VNNI compute). The guard judged this CPU's "
+           "kernels, what ONNX Runtime runs here. Run FP32 or FP16 on this CPU (model.precision), or run INT8 "
+           "on TensorRT (edge-ad compile), an ARM device or an x86 CPU with VNNI (quantized there when this "
+           "guard fails)")
+    entry["warning"] = msg
+    if progress:
+        _say(progress, msg)   # printed (and logged at info: the CLI would print a warning twice)
+    else:
+        log.warning(msg)
+    return msg
 
 
 def _make_int8(bundle: Bundle, src: Path, work: Path, pool: list[Path], samples: int, keep_fp32: str,

@@ -52,15 +52,47 @@ def parse_device(device: str | None) -> tuple[str, int]:
     return ("tensorrt" if kind == "trt" else kind), index
 
 
+def session_options(threads: int = 0, optimization: str = "all", exact: bool = False,
+                    spinning: bool | None = None):
+    """ONNX Runtime session options: ``threads`` intra-op threads (0: all cores), graph ``optimization``
+    (all | extended | basic | none), ``spinning`` of the intra-op threads (None: ONNX Runtime's default).
+
+    ``exact``: Q/DQ pairs are computed as the graph writes them (dequantized values in float), not fused
+    into ONNX Runtime's integer kernels. Those are exact on ARM and on x86 CPUs with VNNI, but on x86 CPUs
+    with AVX2 and no VNNI their u8 x s8 products go through VPMADDUBSW, whose 16-bit pair sums saturate
+    (ONNX Runtime's quantization docs): a conv's output can be off by tens of quantization steps there.
+    The exact arithmetic is what TensorRT and the integer kernels of ARM and VNNI CPUs compute."""
+    ort = _import_ort()
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    if optimization not in levels:
+        raise InputError(f"onnxruntime optimization '{optimization}': expected one of {', '.join(levels)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[optimization]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if exact:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, precision: str | None = None, device: str | None = "cpu",
                  threads: int = 0, max_batch: int = 64, graph: str | os.PathLike | None = None,
                  verify: bool = True, optimization: str = "all", int8_form: str = "auto",
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, exact: bool = False):
         """``spinning``: ONNX Runtime's intra-op thread spinning (None: its default, on). Off is faster when
-        the cores are shared with other busy processes (docs/compile.md, "Threads")."""
+        the cores are shared with other busy processes (docs/compile.md, "Threads"). ``exact``: an INT8
+        graph's Q/DQ pairs computed as the graph writes them, not by this CPU's fused integer kernels
+        (:func:`session_options`; the accuracy guard judges the TensorRT form so)."""
         ort = _import_ort()
         kind, index = parse_device(device)
         self.device = kind if kind == "cpu" else f"{kind}:{index}"
@@ -77,18 +109,8 @@ class OnnxRuntimeBackend(Backend):
         self.graph = path
 
         providers = self._providers(kind, index, bundle, ort)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-        if spinning is not None:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.exact = bool(exact)
+        so = session_options(threads, optimization, exact=self.exact, spinning=spinning)
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -143,6 +165,12 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:
             raise RuntimeFailure(f"{self.graph}: ONNX Runtime inference failed ({type(exc).__name__}: {exc})") from exc
         return {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.output_names, outs)}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.precision == "int8":   # which arithmetic ran the Q/DQ graph (session_options' exact)
+            d["int8_arithmetic"] = "exact" if self.exact else "fused"
+        return d
 
     def close(self) -> None:
         self._sess = None
