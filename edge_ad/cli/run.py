@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import EdgeADError
-from . import main
+from . import drop_stdout, main
 from .types import Seconds, env_file_option
 
 
@@ -127,7 +127,7 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
                            "each is named in an output_error event and in the log", err=err)
         sys.stdout.flush()
     except BrokenPipeError:   # `edge-ad run | head`: the reader left; the run itself went well
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        drop_stdout()   # no second error at exit
     _exit_past_busy_threads(svc, 0)
 
 
