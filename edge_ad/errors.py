@@ -1,4 +1,5 @@
-"""Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure), and
+"""Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure, 3 a
+device that is offline: :class:`DeviceOffline`), and
 helpers that word their messages (:func:`os_error_text`, :func:`clip_text`) or tell a closed pipe
 (:func:`reader_gone`)."""
 
@@ -27,6 +28,13 @@ class RuntimeFailure(EdgeADError):
 class Busy(RuntimeFailure):
     """Another process or thread holds the lock of a folder (:func:`edge_ad.atomic.folder_lock`): nothing
     was done, and the same work may succeed once it is free (a health check's rollback retries it)."""
+
+
+class DeviceOffline(RuntimeFailure):
+    """``edge-ad command``: the device's retained status says it is offline, so the command was not sent.
+    Exit code 3 (no reply within the timeout is 1)."""
+
+    exit_code = 3
 
 
 class GuardFailure(RuntimeFailure):
