@@ -16,12 +16,13 @@ The reference of every field is ``docs/runtime.md``; ``examples/edge-ad.toml`` i
 from __future__ import annotations
 
 import contextlib
+import difflib
 import enum
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -467,13 +468,45 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[list[s
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if path[0] not in sections or any(not p for p in path):
-            raise InputError(f"environment variable {name}: '{path[0]}' is not a config section "
-                             f"(expected EDGE_AD_<SECTION>__<KEY> with SECTION one of {', '.join(sorted(sections))})")
+            close = _close_match(path[0], sections) if path[0] else None
+            hint = f"did you mean {_env_name([close, *path[1:]])}? " if close and all(path[1:]) else ""
+            raise InputError(f"environment variable {name}: '{path[0]}' is not a config section ({hint}expected "
+                             f"EDGE_AD_<SECTION>__<KEY> with SECTION one of {', '.join(sorted(sections))})")
         out.append((path, _parse_scalar(environ[name], path), f"environment variable {name}"))
     return out
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(path) -> str:
+    """The EDGE_AD_* variable that sets the config field at ``path`` (``EDGE_AD_OUTPUT__SNAPSHOTS_DIR``)."""
+    return ENV_PREFIX + "__".join(str(p).upper() for p in path)
+
+
+def _close_match(name: str, known) -> str | None:
+    """The one of ``known`` that ``name`` most likely misspells (difflib, case aside), else None."""
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[close[0]] if close else None
+
+
+def _unknown_field(loc: tuple, known, origin: str, list_known: bool = True) -> str:
+    """What to say of the unknown field at ``loc`` whose table has the fields ``known`` (None: not known): the
+    field it most likely misspells, written as where it came from writes it (an EDGE_AD_* variable, else
+    ``section.key``); without one, the table's fields (``list_known``)."""
+    msg = "unknown field"
+    if known is None:
+        return msg
+    close = _close_match(loc[-1], known)
+    if close is not None:
+        path = (*loc[:-1], close)
+        spelled = _env_name(path) if origin.startswith("environment variable") else ".".join(map(str, path))
+        return f"{msg}; did you mean {spelled}?"
+    if not list_known:
+        return msg
+    table = f"the [{'.'.join(map(str, loc[:-1]))}] fields" if len(loc) > 1 else "the sections"
+    return f"{msg} ({table}: {', '.join(sorted(known))})"
 
 
 def read_env_file(path: str | os.PathLike) -> dict[str, str]:
@@ -613,7 +646,23 @@ class CaptureSettings(Settings):
     source: CaptureSourceSettings = Field(default_factory=CaptureSourceSettings)
 
 
-def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = ()) -> str:
+def _table_fields(schema: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The fields of the table at ``loc`` (``()``: the sections; ``("source", "gpio")``) of ``schema``, None when
+    that is not a settings model (``[mqtt]``, a plain table: :func:`_check_mqtt_keys`)."""
+    model: Any = schema
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        model = next((t for t in (field.annotation, *get_args(field.annotation))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None:
+            return None
+    return [k for k, f in model.model_fields.items() if not f.exclude]   # not config_dir: set by the loader
+
+
+def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = (),
+                   schema: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors():
         loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -624,9 +673,10 @@ def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None
         got = ""
         if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
             got = f" (got {_shown_input(field, err['input'])})"
+        where = _where(loc, origins, config_path)
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        lines.append(f"{field}: {msg}{got} [from {_where(loc, origins, config_path)}]")
+            msg = _unknown_field(loc, None if schema is None else _table_fields(schema, loc[:-1]), where)
+        lines.append(f"{field}: {msg}{got} [from {where}]")
     head = f"{config_path}: invalid config" if config_path else "invalid config"
     return head + ": " + "; ".join(lines)
 
@@ -639,10 +689,12 @@ def _check_mqtt_keys(table: dict, origins: dict, config_path: Path | None) -> No
     known = {"enabled", *MqttSettings.model_fields}
     unknown = sorted(set(table) - known)
     if unknown:
-        where = "; ".join(f"mqtt.{k}: unknown field [from {_where(('mqtt', k), origins, config_path)}]"
-                          for k in unknown)
-        raise InputError(f"{config_path or 'config'}: invalid config: {where} (the [mqtt] fields: "
-                         f"{', '.join(sorted(known))})")
+        froms = {k: _where(("mqtt", k), origins, config_path) for k in unknown}
+        where = "; ".join(f"mqtt.{k}: {_unknown_field(('mqtt', k), known, froms[k], list_known=False)} "
+                          f"[from {froms[k]}]" for k in unknown)
+        fields = "" if all(_close_match(k, known) for k in unknown) else \
+            f" (the [mqtt] fields: {', '.join(sorted(known))})"
+        raise InputError(f"{config_path or 'config'}: invalid config: {where}{fields}")
 
 
 def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple[list[str], Any, str]] = (),
@@ -681,7 +733,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
     try:
         s = (schema or Settings).model_validate(tree)
     except ValidationError as exc:
-        raise InputError(_format_errors(exc, origins, cfg_path)) from None
+        raise InputError(_format_errors(exc, origins, cfg_path, schema=schema or Settings)) from None
     if mqtt_given and not s.mqtt_enabled:
         # a --mqtt-url that the file's enabled = false would silently drop
         where = origins.get(("mqtt", "enabled"), cfg_path or "defaults")

@@ -1,7 +1,10 @@
-"""Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure), and
-helpers that word their messages (:func:`os_error_text`, :func:`clip_text`)."""
+"""Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure, 3 a
+device that is offline: :class:`DeviceOffline`), and
+helpers that word their messages (:func:`os_error_text`, :func:`clip_text`) or tell a closed pipe
+(:func:`reader_gone`)."""
 
 import errno
+import select
 
 
 class EdgeADError(Exception):
@@ -27,6 +30,13 @@ class Busy(RuntimeFailure):
     was done, and the same work may succeed once it is free (a health check's rollback retries it)."""
 
 
+class DeviceOffline(RuntimeFailure):
+    """``edge-ad command``: the device's retained status says it is offline, so the command was not sent.
+    Exit code 3 (no reply within the timeout is 1)."""
+
+    exit_code = 3
+
+
 class GuardFailure(RuntimeFailure):
     """A quantized or compiled artefact did not match FP32 closely enough; nothing was switched in."""
 
@@ -47,3 +57,15 @@ def clip_text(text: str, limit: int = 200) -> str:
     message or a log line quotes, which may be anything a client sent (jsonschema quotes the offending value
     whole: an 8 MiB command argument was repeated in the reply and in one log line)."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def reader_gone(stream) -> bool:
+    """Has the reader of ``stream`` (stdout piped into ``head -1``, a consumer that exited) closed its end? A
+    pipe's write end then polls as an error, before anything more is written. False for a terminal, a file, a
+    stream with no file descriptor (a test's StringIO), and where poll() is missing."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # no fileno (io.UnsupportedOperation), closed, no poll()
+        return False

@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -138,8 +139,11 @@ def _samples(f: np.ndarray, layout: str):
         yield slice(0, 1), np.asarray(f, np.float64).transpose(0, 2, 3, 1).reshape(1, -1, d)
 
 
-def fit_with_shrinkage(feats: np.ndarray, layout: str = "patch") -> tuple[GaussianStats, np.ndarray]:
-    """Fit from normal features ``[N, d, h, w]``; also returns the Ledoit-Wolf shrinkage per Gaussian."""
+def fit_with_shrinkage(feats: np.ndarray, layout: str = "patch",
+                       done: Callable[[int], Any] | None = None) -> tuple[GaussianStats, np.ndarray]:
+    """Fit from normal features ``[N, d, h, w]``; also returns the Ledoit-Wolf shrinkage per Gaussian.
+    ``done(k)`` is called after each chunk with the number of Gaussians it fitted (``h * w`` in all for the
+    patch layout, else 1): a progress bar's ``update``."""
     if layout not in LAYOUTS:
         raise InputError(f"Gaussian layout '{layout}': expected one of {', '.join(LAYOUTS)}")
     f = np.asarray(feats)
@@ -157,12 +161,14 @@ def fit_with_shrinkage(feats: np.ndarray, layout: str = "patch") -> tuple[Gaussi
             means[sl] = x.mean(axis=1)
             cov, shrink[sl] = _ledoit_wolf_many(x)
             chol[sl] = _upper_factors(cov)
+            if done is not None:
+                done(sl.stop - sl.start)
     return GaussianStats(mean=means.astype(np.float32), chol=chol, layout=layout, n=n), shrink
 
 
-def fit(feats: np.ndarray, layout: str = "patch") -> GaussianStats:
-    """Fit from normal features ``[N, d, h, w]``."""
-    return fit_with_shrinkage(feats, layout)[0]
+def fit(feats: np.ndarray, layout: str = "patch", done: Callable[[int], Any] | None = None) -> GaussianStats:
+    """Fit from normal features ``[N, d, h, w]``; ``done`` as for :func:`fit_with_shrinkage`."""
+    return fit_with_shrinkage(feats, layout, done)[0]
 
 
 def distance_map(feats: np.ndarray, stats: GaussianStats) -> np.ndarray:

@@ -150,7 +150,7 @@ def test_an_invalid_override_names_its_origin(tmp_path):
     assert "drift.window" in str(ei.value) and "--set drift.window" in str(ei.value)
     with pytest.raises(InputError) as ei:  # an unknown section is blamed on the flag that made it
         load_settings(cfg, [parse_set_option("pipelin.max_batch=3")], environ={})
-    assert "pipelin: unknown field [from --set pipelin.max_batch]" in str(ei.value)
+    assert "pipelin: unknown field; did you mean pipeline? [from --set pipelin.max_batch]" in str(ei.value)
     with pytest.raises(InputError, match=r"model\.device: 'gpu': expected .*\[from --set model\.device\]"):
         load_settings(cfg, [parse_set_option("model.device=gpu")], environ={})
     assert load_settings(cfg, [parse_set_option("model.device=CUDA:1")], environ={}).model.device == "cuda:1"
@@ -200,6 +200,41 @@ def test_mqtt_section(tmp_path):
     bad = _write(tmp_path, MINIMAL + '\n[mqtt]\nsite = "has space"\n', "bad2.toml")
     with pytest.raises(InputError, match="mqtt.site"):
         load_settings(bad, environ={})
+
+
+def test_an_unknown_field_says_which_known_one_it_most_likely_misspells(tmp_path):
+    """`snapshot_dir` for `snapshots_dir` was refused as 'unknown field' with no hint. The closest known field is
+    named, as its origin writes it: `section.key` for the file and --set, the variable for EDGE_AD_*; with no
+    close one, the fields of its table (the sections, for a section)."""
+    pytest.importorskip("paho.mqtt")
+    cfg = _write(tmp_path, MINIMAL)
+
+    def refused(text=MINIMAL, overrides=(), environ=None):
+        with pytest.raises(InputError) as ei:
+            load_settings(_write(tmp_path, text, "t.toml"), [parse_set_option(o) for o in overrides],
+                          environ=environ or {})
+        return str(ei.value)
+
+    msg = refused(MINIMAL + '\n[output]\nsnapshot_dir = "snaps"\n')
+    assert ("output.snapshot_dir: unknown field; did you mean output.snapshots_dir? (got 'snaps') "
+            f"[from {tmp_path / 't.toml'}]") in msg, msg
+    msg = refused(environ={"EDGE_AD_OUTPUT__SNAPSHOT_DIR": "snaps"})
+    assert "did you mean EDGE_AD_OUTPUT__SNAPSHOTS_DIR? (got 'snaps') [from environment variable " in msg, msg
+    msg = refused(overrides=["output.Snapshot_Dir=snaps"])
+    assert "did you mean output.snapshots_dir? (got 'snaps') [from --set output.Snapshot_Dir]" in msg, msg
+    msg = refused(overrides=["source.gpio.pn=4"])           # a table in a section
+    assert "source.gpio.pn: unknown field; did you mean source.gpio.pin?" in msg, msg
+    msg = refused(overrides=["output.colour=1"])            # no close field: the fields of its table
+    assert "output.colour: unknown field (the [output] fields: event_image, heatmap, " in msg, msg
+    msg = refused(overrides=["sauce.uri=x"])
+    assert "sauce: unknown field; did you mean source? [from --set sauce.uri]" in msg, msg
+    msg = refused(MINIMAL + '\n[mqtt]\nurl = "mqtt://b"\nusename = "u"\n', environ={"EDGE_AD_MQTT__KEEPALIVE": "9"})
+    assert "mqtt.keepalive: unknown field; did you mean EDGE_AD_MQTT__KEEPALIVE_S? [from environment" in msg, msg
+    assert "mqtt.usename: unknown field; did you mean mqtt.username? [from " in msg, msg
+    assert "(the [mqtt] fields" not in msg, msg             # each has its close match: no list of 30 fields
+    with pytest.raises(InputError, match=r"'outpt' is not a config section \(did you mean EDGE_AD_OUTPUT__JSONL\? "):
+        env_overrides({"EDGE_AD_OUTPT__JSONL": "r.jsonl"})
+    assert load_settings(cfg, environ={}).output.snapshots_dir is None
 
 
 @pytest.mark.parametrize("enabled", ["true", "false"])

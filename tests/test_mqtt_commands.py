@@ -792,6 +792,71 @@ def test_cli_says_what_to_change_when_a_command_is_unauthorized(mosquitto, tmp_p
         lk.stop(timeout=2)
 
 
+def test_cli_command_to_an_offline_device_says_so_at_once_and_sends_nothing(mosquitto, tmp_path):
+    """`edge-ad command` to a device whose retained status says offline waited the whole --timeout and then said
+    'no reply'. It reads that status first: exit 3 at once (a timeout is 1), saying since when and why (a clean
+    stop, the will), and nothing is sent, so the device does not run it when it comes back. --even-offline sends
+    it: the broker queues it in the device's persistent session and the reply comes once the device is back."""
+    import subprocess
+    import sys
+
+    import paho.mqtt.client as paho
+    from click.testing import CliRunner
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_ad.cli import main
+
+    settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
+                            reconnect_min_s=0.1)
+    ran = []
+
+    def device():
+        lk = MqttLink(settings)
+        lk.register_command("pause", lambda args: ran.append(args.get("reason")) or {"paused": True})
+        lk.start()
+        assert _wait(lambda: lk.connected)
+        return lk
+
+    device().stop()                                   # retained status: offline, stopped, with its time
+    argv = ["command", "--mqtt", mosquitto.url, "--site", "s", "--device", "d", "--timeout", "60", "pause"]
+    res = CliRunner().invoke(main, [*argv, '{"reason": "stopped"}'])
+    assert res.exit_code == 3 and res.stdout == "", res.output
+    assert "error: device s/d is offline since 20" in res.stderr, res.stderr
+    assert "edge-ad stopped there. The command was not sent. --even-offline" in res.stderr
+    assert "drops it unless the device is back within 60 s" in res.stderr
+    res = CliRunner().invoke(main, [*argv, "--protocol", "3.1.1", '{"reason": "stopped, 3.1.1"}'])
+    assert res.exit_code == 3 and "runs it whenever it comes back, however late" in res.stderr, res.output
+
+    watch = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-watch", protocol=paho.MQTTv5)
+    sent = []
+    watch.on_message = lambda c, u, m: sent.append(m.topic) if "/cmd/" in m.topic else None
+    watch.connect(mosquitto.host, mosquitto.port)
+    watch.loop_start()
+    try:
+        will = json.dumps({"schema_version": 1, "state": "offline", "reason": "will", "site": "s", "device": "d",
+                           "client_id": settings.effective_client_id}).encode()   # a lost link's, as the broker sends it
+        watch.publish(Topics("s", "d").status, will, qos=1, retain=True).wait_for_publish(5)
+        res = CliRunner().invoke(main, [*argv, '{"reason": "will"}'])
+        assert res.exit_code == 3 and "is offline: its retained status is its last will" in res.stderr, res.output
+        watch.subscribe(f"{Topics('s', 'd').base}/cmd/#", qos=1)
+        p = subprocess.Popen([sys.executable, "-c", "from edge_ad.cli import main; main()", *argv,
+                              '{"reason": "queued"}', "--even-offline"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert _wait(lambda: sent, 30), "the command was not sent"
+            lk = device()                             # back: its session delivers what was queued
+            out, err = p.communicate(timeout=60)
+            lk.stop()
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0 and json.loads(out)["result"] == {"paused": True}, err
+        assert ran == ["queued"]                      # the refused ones were never queued before it
+    finally:
+        watch.disconnect()
+        watch.loop_stop()
+
+
 def test_commands_over_mqtt_311(mosquitto, tmp_path):
     settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
                             protocol="3.1.1", command_secret="k", reconnect_min_s=0.1)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,6 +22,7 @@ from edge_ad.mqtt.monitor import FleetView, render_table, run_monitor
 from edge_ad.mqtt.settings import BrokerSettings
 
 B = "edge-ad/v1"
+EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
 
 
 def _j(obj) -> bytes:
@@ -495,6 +499,48 @@ def test_cli_monitor_and_command(mosquitto, tmp_path):
                                '{"nope": 1}', "--timeout", "5"])
     assert res.exit_code == 1 and json.loads(res.output)["error"]["code"] == "invalid_args"
     b.stop()
+
+
+@pytest.mark.parametrize("json_lines", [True, False], ids=["json", "table"])
+def test_cli_monitor_stops_quietly_when_the_reader_closes_the_pipe(mosquitto, tmp_path, json_lines):
+    """`edge-ad monitor --json | head -1`: the monitor caught the BrokenPipeError of every later message,
+    logged it with a traceback and ran on (forever without --duration), exit 0 at the end. It now stops at
+    the first failed write, and also when nothing more comes to write; quietly, exit 0 as `edge-ad run`."""
+    link = _link(mosquitto.url, tmp_path, "cam1")
+    assert _wait(lambda: link.connected)
+    for publish in (True, False):       # a device that keeps sending; one that stays silent
+        p = subprocess.Popen(EDGE_AD + ["monitor", "--mqtt", mosquitto.url, "--interval", "0.2"]
+                             + (["--json"] if json_lines else []),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = p.stdout.readline()
+            assert json.loads(first)["device"] == "cam1" if json_lines else first.startswith("SITE"), first
+            p.stdout.close()                # the reader is gone
+            deadline = time.monotonic() + 30
+            while publish and p.poll() is None and time.monotonic() < deadline:
+                link.publish_result({"score": 0.3, "ng": False})
+                time.sleep(0.05)
+            _, err = p.communicate(timeout=30)   # no --duration: only the closed pipe ends it
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0 and err == "", err[-2000:]
+    link.stop()
+
+
+def test_a_command_whose_reader_is_gone_exits_0_without_a_word(tmp_path):
+    """Any command's stdout closed before it writes (`edge-ad run --print-config | true`): exit 1 from the
+    CLI framework; now 0, as `edge-ad run` and `edge-ad monitor` do, and nothing on stderr."""
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text('[model]\nbundle = "b"\n[source]\nuri = "synthetic://disc"\n')
+    read, write = os.pipe()
+    os.close(read)                          # a reader that left before the first byte
+    try:
+        r = subprocess.run(EDGE_AD + ["run", "--config", str(cfg), "--print-config"], stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_cli_monitor_tty_redraw_is_bounded(mosquitto, tmp_path):

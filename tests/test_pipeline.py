@@ -1924,6 +1924,36 @@ def test_a_sigterm_after_the_run_stopped_does_not_kill_edge_ad_run(tmp_path, tin
     assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 4
 
 
+def test_edge_ad_run_logs_its_routine_lifecycle_at_info_shown_by_default(tmp_path, tiny_bundle):
+    """The SIGHUP line printed the reload's Python dict ({'bundle': {...}}), and routine events (the stop on
+    SIGTERM, a calibration put in force) were WARNINGs, which `edge-ad run` showed because nothing below WARNING
+    was shown. They are INFO now, the SIGHUP line in words, and `edge-ad run` shows INFO by default."""
+    video, _ = defect_video(tmp_path / "v.avi", n=4, defect_every=2, size=96)
+    cfg = _config_file(tmp_path, tiny_bundle, f"file://{video}?loop=1")
+    code = ("import os, signal, sys\n"        # SIGHUP once the loop runs; SIGTERM once it is reloaded
+            "from edge_ad.runtime.service import Service\n"
+            "supervise, reload = Service._supervise, Service.reload\n"
+            "def hup(self, t):\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    return supervise(self, t)\n"
+            "def then_term(self, what):\n"
+            "    done = reload(self, what)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return done\n"
+            "Service._supervise, Service.reload = hup, then_term\n"
+            "from edge_ad.cli import main\n"
+            "sys.exit(main(prog_name='edge-ad'))\n")
+    r = subprocess.run([sys.executable, "-c", code, "run", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    version = tiny_bundle.calibration().version
+    assert (f" INFO edge_ad.runtime.service: SIGHUP: bundle reloaded: model and calibration v{version} unchanged\n"
+            in r.stderr), r.stderr
+    assert " INFO edge_ad.runtime.service: SIGTERM: stopping; draining " in r.stderr, r.stderr
+    assert not re.search(r"WARNING .*(SIGHUP|stopping|in force)", r.stderr) and "{'" not in r.stderr, r.stderr
+    assert "telemetry: " not in r.stderr            # a line per interval: -v (DEBUG)
+
+
 def test_the_telemetry_file_rotates_and_a_bad_path_stops_run_at_start(tmp_path, tiny_bundle):
     """A line runs for months: telemetry.path rotates past telemetry.max_bytes like the result log (it grew
     without a limit, ~16 MB a day); a path that cannot be opened is refused at start like output.jsonl."""

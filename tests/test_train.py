@@ -729,10 +729,18 @@ def test_cli_names_a_file_where_a_folder_must_be(tmp_path):
 
 
 def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
+    """Also: the Gaussian's feature extraction, fit and validation pass show progress off a terminal (nothing
+    was printed for minutes on a real category), each state a line of its own; no "0 steps" for its one pass."""
     out = tmp_path / "g"
     r = subprocess.run([sys.executable, "-m", "edge_ad", "train", "--model", "gaussian", "--data", str(category),
                         "--out", str(out), "--image-size", str(SIZE)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    for stage, total in (("features of the train images", 14), ("fitting the Gaussians", 64),
+                         ("scoring the validation images", 2)):
+        states = [x for x in lines if x.startswith(f"{stage}: ")]
+        assert "0%" in states[0] and f" {total}/{total} " in states[-1], r.stderr
+    assert "\r" not in r.stderr and ", fitted on 14 images in " in r.stdout and "steps" not in r.stdout
     assert (out / "model.onnx").is_file()
     assert f"wrote {out / 'model.onnx'} (" in r.stderr and ".new-" not in r.stderr   # not the staging folder
     r = subprocess.run([sys.executable, "-m", "edge_ad", "eval", "--bundle", str(out), "--data", str(category),

@@ -5,7 +5,8 @@ Heavy imports (torch, onnxruntime) happen inside the commands, so ``edge-ad --he
 runtime-only install never needs torch.
 
 Exit codes: 0 ok, 2 usage or input error, 1 runtime failure; a training loop stopped by a signal:
-128 + the signal (130 Ctrl-C, 143 SIGTERM).
+128 + the signal (130 Ctrl-C, 143 SIGTERM). A command whose stdout's reader went away (``edge-ad monitor --json
+| head -1``) stops there quietly with 0, as ``edge-ad run`` does: no failure of its own (:func:`drop_stdout`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import os
 import signal
 import sys
 
 import click
 
 from .. import __version__
-from ..errors import EdgeADError, os_error_text
+from ..errors import EdgeADError, os_error_text, reader_gone
 
 # Modules that add commands to `main`. Each owns one area of the CLI.
 COMMAND_MODULES = ("train", "compile", "run", "mqtt", "calibrate", "deploy", "demo")
@@ -32,6 +34,11 @@ class _Group(click.Group):
         except EdgeADError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            if not reader_gone(sys.stdout):   # a socket, a child's pipe: a real crash
+                raise
+            drop_stdout()                     # `... | head -1`: the reader has what it wanted
+            sys.exit(0)
         except KeyboardInterrupt as exc:  # a training loop's says where it stopped and how to go on
             click.echo(str(exc) or "interrupted", err=True)
             # 128 + the signal, as the shell reports it: 130 for Ctrl-C, 143 for SIGTERM (systemd, docker stop)
@@ -43,6 +50,15 @@ class _Group(click.Group):
             logging.getLogger(__name__).debug("OS error", exc_info=True)
             click.echo(f"error: {os_error_text(exc)}", err=True)
             sys.exit(2 if exc.errno in _INPUT_ERRNOS else 1)
+
+
+def drop_stdout() -> None:
+    """The reader of stdout closed the pipe: send what is still to be written (buffered text, a summary)
+    to /dev/null, so that neither it nor the interpreter's flush at exit raises a second BrokenPipeError."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):   # no real stdout (a test's runner): nothing will be flushed to a pipe
+        pass
 
 
 # OS errors about a path the user named (a file where a folder must be, a missing parent, no

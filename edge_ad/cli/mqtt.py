@@ -77,13 +77,18 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
                    "the broker drops a command it could not deliver by then, and the device does not start "
                    "one that waited that long behind another command, so it never runs late.")
 @click.option("--client-id", "claim", default=None, help="Requester id the device's allow-list checks.")
+@click.option("--even-offline", is_flag=True,
+              help="Send also when the device's retained status says it is offline (the broker queues the command "
+                   "in its persistent session; MQTT v5: dropped after --timeout s), and wait for the reply.")
 @click.argument("name")
 @click.argument("args", required=False)
-def command(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, timeout, claim, name,
-            args):
+def command(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, timeout, claim,
+            even_offline, name, args):
     """Send command NAME (status, calibrate, set_threshold, pause, ...) with ARGS (a JSON object) to a
     device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
-    the device answers with an error (an 'unauthorized' one with a hint on stderr: --client-id, the secret)."""
+    the device answers with an error (an 'unauthorized' one with a hint on stderr: --client-id, the secret)
+    or not within --timeout; 3, nothing sent, when its retained status says it is offline (--even-offline
+    sends all the same)."""
     from ..mqtt.requester import CommandClient
     from ..mqtt.topics import check_level
 
@@ -101,6 +106,8 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     client = CommandClient(broker, secret=secret).start(timeout=min(timeout, 10.0))
     try:
+        if not even_offline:
+            client.check_online(site, device, timeout)
         reply = client.call(site, device, name, parsed, timeout=timeout, claim=claim)
     finally:
         client.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import EdgeADError
-from . import main
+from . import drop_stdout, main
 from .types import Seconds, env_file_option
 
 
@@ -57,6 +57,7 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
     """
     from ..config import ENV_CONFIG, load_settings, parse_set_option
 
+    _run_log_level()
     config = config or os.environ.get(ENV_CONFIG) or None
     overrides = []
     for flag, path, value in (("--bundle", ["model", "bundle"], bundle), ("--source", ["source", "uri"], source),
@@ -127,7 +128,7 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
                            "each is named in an output_error event and in the log", err=err)
         sys.stdout.flush()
     except BrokenPipeError:   # `edge-ad run | head`: the reader left; the run itself went well
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        drop_stdout()   # no second error at exit
     _exit_past_busy_threads(svc, 0)
 
 
@@ -147,6 +148,20 @@ def _is_stdout(path) -> bool:
         return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
     except (OSError, ValueError, AttributeError):   # no such file; stdout closed or not a real file
         return False
+
+
+def _run_log_level() -> None:
+    """``edge-ad run`` logs what an operator reads in the journal at INFO, shown by default (the other commands
+    show WARNING and above): the MQTT connection, each command, a calibration put in force, a reload, a release
+    watched, the stop. ``-v`` adds DEBUG (a line per telemetry interval); ``-vv`` the libraries' DEBUG too.
+    Set on the ``edge_ad`` loggers for this command only, and put back when it ends (tests run many commands)."""
+    import logging
+
+    ctx = click.get_current_context()
+    logger = logging.getLogger("edge_ad")
+    before = logger.level
+    logger.setLevel(logging.DEBUG if ctx.find_root().params.get("verbose") else logging.INFO)
+    ctx.call_on_close(lambda: logger.setLevel(before))
 
 
 def _exit_past_busy_threads(svc, code: int, message: str = "") -> None:

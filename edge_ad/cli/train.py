@@ -58,8 +58,10 @@ def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher,
     t = b.manifest["training"]
     if t.get("stopped_by_time_budget"):
         click.echo(f"time budget reached: {t['steps']} of {t['planned_steps']} steps")
-    click.echo(f"bundle {b.path}: {b.kind} {image_size}x{image_size}, {t.get('steps', 0)} steps in "
-               f"{t['seconds']} s, calibration v{cal.version} threshold {cal.threshold:.4g} ({cal.policy})")
+    work = (f"fitted on {t['fitted_on']} images" if "fitted_on" in t   # the Gaussian: one pass, no steps
+            else f"{t.get('steps', 0)} steps")
+    click.echo(f"bundle {b.path}: {b.kind} {image_size}x{image_size}, {work} in {t['seconds']} s, "
+               f"calibration v{cal.version} threshold {cal.threshold:.4g} ({cal.policy})")
 
 
 # options that only some model families use: given to another, they would be silently ignored

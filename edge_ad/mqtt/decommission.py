@@ -29,7 +29,6 @@ back every retained message has arrived (no waiting for a time).
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from typing import Any
@@ -39,6 +38,7 @@ import paho.mqtt.client as paho
 from ..errors import RuntimeFailure
 from .client import connect_async, make_client, reason_failed, reason_text, reason_value
 from .link import retained_topics
+from .payloads import status_state
 from .settings import BrokerSettings, MqttSettings, Protocol, client_id_problem
 from .topics import Topics
 
@@ -159,18 +159,6 @@ def _not_cleared(broker: BrokerSettings, where: str, left: dict[str, bytes], ref
         + "; the session was not dropped")
 
 
-def _state(payload: bytes) -> tuple[str, dict]:
-    """``online`` / ``offline`` / ``unknown`` and the status body (JSON, or a plain-text state)."""
-    try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError):
-        body = {"state": payload.decode("utf-8", errors="replace").strip().lower()}
-    if not isinstance(body, dict):
-        body = {}
-    state = body.get("state")
-    return (state if state in ("online", "offline") else "unknown"), body
-
-
 def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: str | None = None,
                  homeassistant_prefix: str = "homeassistant", timeout: float = 10.0,
                  force: bool = False) -> dict[str, Any]:
@@ -184,7 +172,7 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
     topics = retained_topics(settings)
     status_topic = Topics(site, device).status
     held = read_retained(broker, topics, timeout)
-    state, body = _state(held[status_topic]) if status_topic in held else (None, {})
+    state, body = status_state(held[status_topic]) if status_topic in held else (None, {})
     if state == "online":
         since = f" since {body['ts']}" if isinstance(body.get("ts"), str) else ""
         raise RuntimeFailure(f"{site}/{device} is online{since} (its retained status on {status_topic}, client id "

@@ -30,6 +30,7 @@ monitor's own reconnect (what was published meanwhile never reached it) starts c
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import logging
 import sys
@@ -41,7 +42,7 @@ from typing import Any, Callable, TextIO
 
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ..errors import RuntimeFailure
+from ..errors import RuntimeFailure, reader_gone
 from ..ratelimit import LogLimiter
 from . import payloads
 from . import topics as _topics
@@ -521,6 +522,10 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     ``DISCONNECTED from broker since HH:MM:SS`` line, ``as_json`` writes ``{"monitor": "disconnected", ...}``
     and then ``{"monitor": "reconnected", ...}``; after the reconnect it subscribes again, and the broker
     sends the retained status and calibration of every device again.
+
+    When the reader of ``out`` closes it (``edge-ad monitor --json | head -1``, a consumer that exited) the
+    monitor stops at once and raises the BrokenPipeError, also when nothing more was to be written (the closed
+    pipe is seen within ``interval`` s): every line from then on would be lost.
     """
     out = out or sys.stdout
     live = out.isatty() if live is None else live
@@ -531,12 +536,22 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     dirty = threading.Event()
     stop = stop or threading.Event()
     down: dict[str, Any] = {"since": None, "stopping": False}   # the monitor's own link to the broker
+    gone: list[BrokenPipeError] = []   # the reader of ``out`` closed it: the monitor stops (raised at the end)
+
+    def emit(line: dict) -> None:   # one JSON line, from paho's thread (under lock)
+        if gone:
+            return
+        try:
+            out.write(json.dumps(line, separators=(",", ":"), allow_nan=False) + "\n")
+            out.flush()
+        except BrokenPipeError as exc:   # not one error per message: the main loop stops and raises it
+            gone.append(exc)
+            stop.set()
+            dirty.set()
 
     def note(state: str, **extra) -> None:   # a JSON line about the monitor's connection (under lock)
         if as_json:
-            line = {"monitor": state, "broker": broker.safe_url, "ts": _iso(time.time()), **extra}
-            out.write(json.dumps(line, separators=(",", ":")) + "\n")
-            out.flush()
+            emit({"monitor": state, "broker": broker.safe_url, "ts": _iso(time.time()), **extra})
 
     def on_connect(client, userdata, flags, reason_code, properties):
         if reason_failed(reason_code):
@@ -574,9 +589,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
                 if row is None:
                     return
                 if as_json:
-                    out.write(json.dumps(row.to_dict(view.clock(), stale_after_s, clock_skew_s),
-                                         separators=(",", ":"), allow_nan=False) + "\n")
-                    out.flush()
+                    emit(row.to_dict(view.clock(), stale_after_s, clock_skew_s))
             dirty.set()
         except Exception:
             log.exception("monitor: message on %s ignored", message.topic)
@@ -602,6 +615,10 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
             if dirty.wait(wait):
                 dirty.clear()
                 pending = True
+            if not gone and reader_gone(out):   # closed while there was nothing to write
+                gone.append(BrokenPipeError(errno.EPIPE, "the reader closed the monitor's output"))
+            if gone:
+                raise gone[0]
             if as_json:
                 continue
             now = time.monotonic()
@@ -619,6 +636,8 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
                 out.write((f"{note_line}\n" if note_line else "") + text + "\n\n")
                 out.flush()
                 last_draw, pending = now, False
+        if gone:
+            raise gone[0]
     except KeyboardInterrupt:
         pass
     else:

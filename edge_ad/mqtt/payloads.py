@@ -93,3 +93,16 @@ def decode(data: bytes | str, what: str = "payload") -> Any:
         return json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{what}: not valid UTF-8 JSON ({exc})") from None
+
+
+def status_state(payload: bytes) -> tuple[str, dict]:
+    """A device's ``status`` message: ``online`` / ``offline`` / ``unknown`` and its body (JSON, or a
+    plain-text state)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        body = {"state": payload.decode("utf-8", errors="replace").strip().lower()}
+    if not isinstance(body, dict):
+        body = {}
+    state = body.get("state")
+    return (state if state in ("online", "offline") else "unknown"), body

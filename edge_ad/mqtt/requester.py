@@ -11,6 +11,9 @@ device comes back, and the device does not start one that waited that long behin
 (``expired``); MQTT 3.1.1 has no expiry. The requester id (``claim``) is the payload field ``client_id``
 (and, v5, the user property). With a shared secret the payload gets ``ts`` and is sent in the signed form
 (``{"signed": ..., "hmac-sha256": ...}``), which devices read whatever their protocol.
+
+:meth:`CommandClient.last_status` reads the device's retained ``status`` first (``edge-ad command`` does, and
+:meth:`~CommandClient.check_online` refuses to send to a device that is offline: :class:`DeviceOffline`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..errors import InputError, RuntimeFailure
+from ..errors import DeviceOffline, InputError, RuntimeFailure
 from . import payloads
 from .client import connect_async, make_client, reason_failed
 from .commands import signed_envelope
@@ -33,6 +36,7 @@ from .settings import BrokerSettings, Protocol
 from .topics import Topics, check_level
 
 REPLY_ROOT = "edge-ad/replies"
+STATUS_WAIT_S = 2.0   # the most last_status waits when neither the status nor its marker comes (an ACL)
 
 
 def expiry_s(timeout: float) -> int:
@@ -50,6 +54,7 @@ class CommandClient:
         self._waiting: dict[str, threading.Event] = {}
         self._replies: dict[str, dict] = {}
         self._ready = threading.Event()
+        self._status: dict[str, tuple[threading.Event, list[bytes]]] = {}   # status topic -> (came, payload)
         self._error: str | None = None
         self._client: paho.Client | None = None
 
@@ -94,6 +99,12 @@ class CommandClient:
         self._ready.set()
 
     def _on_message(self, client, userdata, message) -> None:
+        with self._lock:
+            watch = self._status.get(message.topic)
+        if watch is not None:               # a device's status that last_status reads
+            watch[1].append(bytes(message.payload))
+            watch[0].set()
+            return
         try:
             body = payloads.decode(message.payload, "reply")
         except InputError:
@@ -152,6 +163,47 @@ class CommandClient:
                                  timeout=timeout)
         return self.send_raw(topic, data, corr, props, timeout=timeout)
 
+    def last_status(self, site: str, device: str, wait: float = STATUS_WAIT_S) -> tuple[str, dict] | None:
+        """The device's retained ``status`` (:func:`~edge_ad.mqtt.payloads.status_state`: ``online`` /
+        ``offline`` / ``unknown`` and its body), or None when the broker holds none this login may read. It
+        subscribes to it, then sends a marker to its own reply topic: the broker sends a subscription's retained
+        message before it handles the client's next one, so once the marker is back the status has come if
+        there is one (as :func:`~edge_ad.mqtt.decommission.read_retained` does). At most ``wait`` s when neither
+        comes (an ACL that denies this login the status topic or the marker)."""
+        client = self._client
+        if client is None:
+            raise RuntimeFailure("command client is not started")
+        topic = Topics(site, device).status
+        came, payload = threading.Event(), []
+        marker = f"status-{uuid.uuid4().hex}"
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = marker.encode("utf-8")
+        with self._lock:
+            self._status[topic] = (came, payload)
+            self._waiting[marker] = came
+        try:
+            client.subscribe(topic, qos=1)
+            client.publish(self.reply_topic, payloads.encode({"correlation_id": marker}, "marker"), qos=1,
+                           properties=props)
+            came.wait(wait)
+        finally:
+            with self._lock:
+                self._status.pop(topic, None)
+                self._waiting.pop(marker, None)
+                self._replies.pop(marker, None)
+            client.unsubscribe(topic)
+        return payloads.status_state(payload[0]) if payload and payload[0] else None
+
+    def check_online(self, site: str, device: str, timeout: float) -> tuple[str, dict] | None:
+        """Raise :class:`DeviceOffline` when the device's retained status says it is offline (a command to it
+        would wait ``timeout`` s for nothing: see :func:`offline_text`); returns the status (None: none read)."""
+        status = self.last_status(site, device)
+        if status is not None and status[0] == "offline":
+            raise DeviceOffline(offline_text(site, device, status[1], timeout, self.v5))
+        return status
+
     def _no_reply(self, topic: str, timeout: float) -> str:
         if self.v5:
             offline = (f"offline or busy with another command (the broker drops the command after "
@@ -189,3 +241,27 @@ class CommandClient:
         finally:
             with self._lock:
                 self._waiting.pop(correlation, None)
+
+
+def offline_text(site: str, device: str, status: dict, timeout: float, v5: bool) -> str:
+    """Why a command to a device whose retained ``status`` says offline was not sent, and what sending it
+    anyway (``--even-offline``) would do: the broker queues it in the device's persistent session, where MQTT v5
+    drops it after its expiry (``timeout``) and MQTT 3.1.1 keeps it until the device comes back."""
+    ts = status.get("ts") if isinstance(status.get("ts"), str) else None
+    since = f" since {ts}" if ts else ""
+    reason = status.get("reason")
+    if reason == "will":
+        why = (": its retained status is its last will, which the broker published when it lost the device's "
+               "connection (a will carries no time)")
+    elif reason == "stopped":
+        why = f"{since}: its retained status says edge-ad stopped there"
+    else:
+        why = f"{since} (its retained status" + (f", reason {reason!r})" if reason else ")")
+    if v5:
+        late = (f"drops it unless the device is back within {expiry_s(timeout)} s (--timeout, the command's "
+                "message expiry), so it never runs late")
+    else:
+        late = "the device runs it whenever it comes back, however late (MQTT 3.1.1 has no message expiry)"
+    return (f"device {site}/{device} is offline{why}. The command was not sent. --even-offline sends it anyway "
+            "and waits for the reply: the broker queues it in the device's persistent session while it keeps that "
+            f"(MQTT v5: the device's mqtt.session_expiry_s, 1 hour by default), and {late}")

@@ -95,6 +95,16 @@ def _drift_factory(settings: Settings):
     return lambda cal: DriftMonitor(cal, window=d.window, limit=d.limit)
 
 
+def reload_text(done: dict) -> str:
+    """A bundle reload's result (``Service.reload("bundle")["bundle"]``) in words, for the log."""
+    if "model_hash" in done:
+        return (f"model {done['previous_model_hash']} -> {done['model_hash']} ({done['bundle']}), calibration "
+                f"v{done['calibration_version']}")
+    if done.get("calibration") == "unchanged":
+        return f"model and calibration v{done['calibration_version']} unchanged"
+    return f"model unchanged, calibration v{done['calibration_version']} in force"
+
+
 class Service:
     def __init__(self, settings: Settings, *, max_frames: Optional[int] = None, duration: Optional[float] = None,
                  reload_settings=None, notifier: Notifier | None = None, install_signals: bool = True):
@@ -307,7 +317,7 @@ class Service:
         dep = self._pending_release()
         if dep is not None and dep.current_path.resolve() == Path(self.bundle.path).resolve():
             if self._watch_health(dep.current, baseline_ng_rate, "reload"):
-                log.warning("release %s of %s is pending: its health is watched (rolled back when it fails)",
+                log.info("release %s of %s is pending: its health is watched (rolled back when it fails)",
                             dep.current, self.settings.model.deploy_dir)
 
     def _watch_health(self, release: str, baseline_ng_rate: float | None, by: str) -> bool:
@@ -410,7 +420,7 @@ class Service:
             if decides:
                 self.pipeline.threshold_override = None
             self._hold_calibration()
-        log.warning("calibration v%d in force (was v%d): %s", cal.version, before, reason)
+        log.info("calibration v%d in force (was v%d): %s", cal.version, before, reason)
         if self.inspector.model_hash != model_before:   # a Gaussian refit: its statistics are the model
             self.update_birth(model_hash=self.inspector.model_hash)
         self.publish_calibration()
@@ -936,7 +946,7 @@ class Service:
             # a full disk: counted in output_errors, logged once a minute, output_error / output_restored events
             self.reporter._write("telemetry", None, lambda: self.telemetry_log.write(body))
         lat = payload.get("latency_ms") or {}
-        log.info("telemetry: %.1f fps, latency p50 %s ms p99 %s ms, %d frames, %d NG, %d dropped, rss %.0f MB%s",
+        log.debug("telemetry: %.1f fps, latency p50 %s ms p99 %s ms, %d frames, %d NG, %d dropped, rss %.0f MB%s",
                  payload["fps"], lat.get("p50"), lat.get("p99"), payload["frames"], payload["ng"],
                  payload["dropped"], payload["memory_mb"], ", DRIFT" if payload["drift"].get("drift") else "")
         self.notifier.status(f"{payload['fps']:.1f} fps, {payload['frames']} frames, {payload['ng']} NG")
@@ -1006,7 +1016,7 @@ class Service:
                                      f"{type(exc).__name__}: {exc}") from exc
             self.pipeline.start()
             self.notifier.ready(f"inspecting {self.spec.safe_uri}")
-            log.info("edge-ad run: %s -> %s (%s %s, calibration v%d, threshold %.4g, mode %s)",
+            log.debug("edge-ad run: %s -> %s (%s %s, calibration v%d, threshold %.4g, mode %s)",
                         self.spec.safe_uri, self.bundle.path.name, getattr(self.inspector.backend, "name", ""),
                         getattr(self.inspector.backend, "precision", ""), self.inspector.calibration.version,
                         self.effective_threshold(), self.pipeline.mode)
@@ -1040,7 +1050,7 @@ class Service:
         while not p.finished.is_set():
             now = time.monotonic()
             if self._stop_signal and not p.stop_capture.is_set():
-                log.warning("%s: stopping; draining %d queued frames and %d results", self._stop_signal,
+                log.info("%s: stopping; draining %d queued frames and %d results", self._stop_signal,
                             len(p.frames), len(p.results))
                 p.request_stop(self._stop_signal)
             if self.duration is not None and now - t_start >= self.duration and not p.stop_capture.is_set():
@@ -1052,7 +1062,7 @@ class Service:
             if self._hup:
                 self._hup = False
                 try:
-                    log.warning("SIGHUP: reloading the bundle: %s", self.reload("bundle"))
+                    log.info("SIGHUP: bundle reloaded: %s", reload_text(self.reload("bundle")["bundle"]))
                 except EdgeADError as exc:
                     log.error("SIGHUP reload failed: %s", exc)
             self.camera.watchdog(now)
@@ -1151,7 +1161,7 @@ class Service:
                    "outbox_left": outbox_left, "outbox_dropped": outbox_dropped,
                    "outbox_dropped_by": outbox_dropped_by, "outbox": outbox,
                    "outbox_reset": outbox_reset, "rss_mb": (final.get("process") or {}).get("rss_mb")}
-        log.info("edge-ad run finished: %s", summary)
+        log.debug("edge-ad run finished: %s", summary)   # edge-ad run prints it
         self.finished = True
         return summary
 

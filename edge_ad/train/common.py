@@ -9,6 +9,7 @@ import numbers
 import os
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -73,6 +74,62 @@ class ImagesSeen:
         """One image file: its bytes ``data`` and ``img`` as decoded (:func:`~edge_ad.data.image.read_image`)."""
         self.prints.append([int(data.size), fingerprint(data)])
         self.formats.add(img)
+
+
+class _ProgressStream:
+    """The progress bar's stream (stderr): once a write or flush fails (the pipe's reader gone, as with
+    ``edge-ad train ... 2>&1 | head -1``; a closed stream) the progress output is dropped and the training
+    goes on, saving its checkpoints and result as usual; it stopped there, nothing saved.
+
+    Off a terminal each state of the bar is a line of its own: tqdm starts each with a carriage return, which
+    a log (journald, CI, a file read with grep or less) shows as one ever longer line."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._broken = False
+        isatty = getattr(stream, "isatty", None)
+        self._lines = not (isatty is not None and isatty())
+
+    def _line(self, text: str) -> str:
+        if text.startswith("\r"):           # a new state of the bar (or a blank one that clears it)
+            text = text.strip("\r").rstrip()
+            return text + "\n" if text else ""
+        return "" if text == "\n" else text   # the newline tqdm ends the bar with: every line has one already
+
+    def _guard(self, name, *args):
+        if self._broken:
+            return None
+        try:
+            return getattr(self._stream, name)(*args)
+        except (OSError, ValueError) as exc:  # BrokenPipeError, EIO, "I/O operation on closed file"
+            self._broken = True
+            log.warning("progress output dropped, training goes on: stderr cannot be written (%s)", exc)
+            return None
+
+    def write(self, text):
+        if self._lines:
+            text = self._line(text)
+            if not text:
+                return 0
+        return self._guard("write", text)
+
+    def flush(self):
+        return self._guard("flush")
+
+    def __getattr__(self, name):  # encoding, fileno, isatty: the stream's
+        return getattr(self._stream, name)
+
+
+def progress_bar(total: int, desc: str, unit: str, initial: int = 0):
+    """The training's tqdm progress bar on stderr: on a terminal redrawn ten times a second; in a log (CI,
+    journald, a file) one line every 30 s, and the first and last; a stderr that cannot be written any more
+    drops it and the work goes on (:class:`_ProgressStream`). For the training steps, the Gaussian model's
+    feature extraction and fit, and the validation pass."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                mininterval=0.1 if tty else 30.0, file=_ProgressStream(sys.stderr))
 
 
 def load_images(paths: Sequence[Path], size: int, desc: str = "loading images",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -23,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .common import (color_jitter, fast_convolutions, load_checkpoint, planted_anomalies, resume_state, sample_batch,
-                     save_checkpoint)
+from .common import (color_jitter, fast_convolutions, load_checkpoint, planted_anomalies, progress_bar, resume_state,
+                     sample_batch, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -100,35 +99,6 @@ def stop_requests():
         restore()
 
 
-class _ProgressStream:
-    """The progress bar's stream (stderr): once a write or flush fails (the pipe's reader gone, as with
-    ``edge-ad train ... 2>&1 | head -1``; a closed stream) the progress output is dropped and the training
-    goes on, saving its checkpoints and result as usual; it stopped there, nothing saved."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._broken = False
-
-    def _guard(self, name, *args):
-        if self._broken:
-            return None
-        try:
-            return getattr(self._stream, name)(*args)
-        except (OSError, ValueError) as exc:  # BrokenPipeError, EIO, "I/O operation on closed file"
-            self._broken = True
-            log.warning("progress output dropped, training goes on: stderr cannot be written (%s)", exc)
-            return None
-
-    def write(self, text):
-        return self._guard("write", text)
-
-    def flush(self):
-        return self._guard("flush")
-
-    def __getattr__(self, name):  # encoding, fileno, isatty: the stream's
-        return getattr(self._stream, name)
-
-
 def run_loop(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
     """Run ``step_fn`` from step 0 (or the checkpoint's step at a resume) to ``cfg.steps``. With a checkpoint
     file, SIGINT / SIGTERM stop it between two steps: the state is saved there and :class:`Interrupted` raised."""
@@ -139,8 +109,6 @@ def run_loop(step_fn, model, params, cfg: LoopConfig, desc: str) -> dict:
 
 
 def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) -> dict:
-    from tqdm import tqdm
-
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True if str(cfg.device).startswith("cuda") else None)
@@ -161,9 +129,7 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
                         seconds=earlier + time.time() - started)
 
     losses: dict = {}
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               mininterval=0.1 if tty else 30.0, file=_ProgressStream(sys.stderr))  # logs (CI, journald) get a line every 30 s
+    bar = progress_bar(cfg.steps, desc, "step", initial=start)
     done = start
     for step in range(start, cfg.steps):
         if stop["signal"] is not None:

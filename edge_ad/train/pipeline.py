@@ -27,7 +27,7 @@ from ..bundle import (_TEMP_RE, TRAINING_IMAGES, TRAINING_STATE, Bundle, foreign
 from ..errors import InputError, RuntimeFailure
 from ..models import KINDS, build, check_model_config, default_config, describe, load_weights
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
-from .common import (ImagesSeen, check_run, file_list_id, load_images, penalty_folder, penalty_images,
+from .common import (ImagesSeen, check_run, file_list_id, load_images, penalty_folder, penalty_images, progress_bar,
                      resume_state, seed_everything)
 from .loops import LoopConfig, train_efficientad, train_fader
 
@@ -72,12 +72,20 @@ def load_teacher_file(path: str | Path) -> tuple[str, int, dict]:
 
 
 @torch.no_grad()
-def model_outputs(model, images: torch.Tensor, device: str, batch: int = 8) -> dict[str, np.ndarray]:
+def model_outputs(model, images: torch.Tensor, device: str, batch: int = 8,
+                  desc: str | None = None) -> dict[str, np.ndarray]:
+    """The model's outputs for ``images``, ``batch`` at a time; with ``desc``, a progress bar of that name
+    (:func:`~edge_ad.train.common.progress_bar`: also lines in a log)."""
     outs: dict[str, list[np.ndarray]] = {n: [] for n in model.output_names}
+    bar = None if desc is None else progress_bar(int(images.shape[0]), desc, "img")
     for i in range(0, images.shape[0], batch):
         res = model(images[i:i + batch].float().to(device))
         for n, t in zip(model.output_names, res):
             outs[n].append(t.float().cpu().numpy())
+        if bar is not None:
+            bar.update(min(batch, images.shape[0] - i))
+    if bar is not None:
+        bar.close()
     return {n: np.concatenate(v) for n, v in outs.items()}
 
 
@@ -304,13 +312,16 @@ def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size
         train_info = train_fader(model, train_imgs, lc)
     else:
         model.to(device).eval()
-        feats = model_outputs(model, train_imgs, device)["feat"]
-        gauss_stats = gaussian.fit(feats, "patch" if cfg["layout"] == "patch" else "shared")
+        feats = model_outputs(model, train_imgs, device, desc="features of the train images")["feat"]
+        layout = "patch" if cfg["layout"] == "patch" else "shared"
+        with progress_bar(feats.shape[2] * feats.shape[3] if layout == "patch" else 1, "fitting the Gaussians",
+                          "location") as bar:
+            gauss_stats = gaussian.fit(feats, layout, bar.update)
         train_info = {"steps": 0, "fitted_on": int(train_imgs.shape[0])}
     earlier = train_info.pop("earlier_seconds", 0.0)  # of the runs a --resume continues
     model.to("cpu").eval()
 
-    raw_val = model_outputs(model, val_imgs, "cpu")
+    raw_val = model_outputs(model, val_imgs, "cpu", desc="scoring the validation images")
     if gauss_stats is not None:
         extra["gaussian"] = "gaussian.d/0001.npz"
         raw_val = {"map": gaussian.distance_map(raw_val["feat"], gauss_stats)}
