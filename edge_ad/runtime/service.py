@@ -775,6 +775,8 @@ class Service:
                     f"{res.release} was only verified and opened as the line runs it before it was switched in; "
                     + ("only the health check judges it, on its first frames" if watched else
                        "and the health check is off ([health] enabled = false): nothing judges its decisions")))
+        if res.replaced_previous is not None:   # a damaged 'previous' link the install replaced (install_bundle)
+            warnings.append(res.replaced_previous)
         if res.unrecorded is not None:   # the switch holds (install_bundle): say what the deploy folder lacks
             warnings.append(f"{res.release} is installed and in force, but the record of the install is "
                             f"incomplete: {res.unrecorded}")
