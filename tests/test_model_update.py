@@ -1919,16 +1919,21 @@ def test_a_failed_swaps_rollback_on_a_full_disk_is_a_failed_reply_naming_the_sta
                               "memory); "), msg
         assert svc.inspector.model_hash == a.model_hash() and not list(deploy.glob(".*.tmp"))
         dep = deployment(deploy)
+        [ev] = _health_events(svc)                                      # a dashboard learns of it either way
+        assert (ev["status"], ev["release"]) == ("failed", new)
         if point in MOVED:
             assert (f"; rolled back, but its record is incomplete: {deploy / point.split()[0]}: no space left on "
                     "device") in msg
             assert msg.endswith(f"; 'current' is back on {first}, the running model is unchanged"), msg
             assert (dep.current, dep.previous, dep.health) == (first, new, "rolled_back")
+            assert (ev["rolled_back"], ev["rollback"], ev["rolled_back_to"]) == (True, "done", first)
             return
         assert msg.endswith(f"; and it cannot be rolled back now ({deploy / point.split()[0]}: no space left on "
                             f"device; 'current' is still {new}): free disk space, then reload or restart; the "
                             "running model is unchanged"), msg
         assert (dep.current, dep.previous, dep.health) == (new, first, "pending")
+        assert (ev["rolled_back"], ev["rollback"]) == (False, "failed")   # not written, not tried again
+        assert ev["reason"] == f"{msg}; no golden check was done before it was switched in"
         monkeypatch.setattr(svc, "_swap_model", swap)
         svc.reload("bundle")                                            # the disk has room again, the model opens
         assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health.release == new
@@ -2621,7 +2626,8 @@ def test_update_model_replaces_a_damaged_previous_link_and_its_reply_says_so(bun
 
 def test_update_models_rollback_after_a_failed_swap_refuses_a_damaged_previous_link(bundles, tmp_path, monkeypatch):
     """'previous' damaged after the install (by hand, meanwhile): the rollback is refused with the damage and its
-    repair, and the reply says the state left."""
+    repair, and the reply says the state left; so does a model_health event (it sent none: a dashboard following
+    them never learnt of the release), "rollback": "impossible" as the health check's says it."""
     from edge_ad.atomic import sha256_file
 
     a, b, _ = bundles
@@ -2645,7 +2651,11 @@ def test_update_models_rollback_after_a_failed_swap_refuses_a_damaged_previous_l
         assert not body["ok"] and body["error"]["message"] == (
             f"update_model: {new} was installed but could not be swapped in (out of device memory); and it cannot "
             f"be rolled back ({what}; {fix}); the running model is unchanged"), body
-        assert svc.inspector.model_hash == a.model_hash() and _health_events(svc) == []
+        assert svc.inspector.model_hash == a.model_hash()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"]) == ("failed", False, "impossible", new)
+        assert ev["reason"] == (f"{body['error']['message']}; no golden check was done before it was switched in")
+        assert "rolled_back_to" not in ev and "restored" not in ev
     finally:
         svc.inspector.backend.close()
 

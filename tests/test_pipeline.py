@@ -935,11 +935,18 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         svc.thread.join(30)
 
 
-def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path, mosquitto, caller, monkeypatch):
+@pytest.mark.parametrize("rollback", ["done", "impossible", "failed"])
+def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path, mosquitto, caller, monkeypatch,
+                                                                      rollback):
     """update_model installed a release the loop then could not swap in, and rolled it back: the fleet got the
     command's failed reply only, no model_health event naming the release and the one rolled back to, as a
-    health-check rollback sends."""
+    health-check rollback sends. Nor any when that rollback could not be made ('previous' removed meanwhile:
+    "impossible", as the health check's says it) or written (a full disk before 'current' moved back:
+    "failed"): the event says so (rolled_back false), with the reply's words."""
+    import errno
+
     from edge_ad.atomic import sha256_file
+    from edge_ad.bundle import Bundle
     from edge_ad.calibration import deployment, install_bundle, pack_bundle
     from edge_ad.errors import RuntimeFailure
     from edge_ad.mqtt import BrokerSettings, schema
@@ -953,14 +960,34 @@ def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path,
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/event") as col:
         svc = _start(tmp_path, None, mosquitto, model__deploy_dir=str(deploy))
         try:
+            real_replace = os.replace
+
+            def full(src, dst, *args, **kw):                            # the 'current' link cannot be written
+                if Path(dst).name == "current":
+                    raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+                return real_replace(src, dst, *args, **kw)
+
             def fail(bundle, reason):
+                if rollback == "impossible":
+                    os.unlink(deploy / "previous")                      # removed by hand meanwhile
+                elif rollback == "failed":
+                    monkeypatch.setattr(os, "replace", full)            # the disk fills up after the install
                 raise RuntimeFailure("out of device memory")
 
             monkeypatch.setattr(svc, "_swap_model", fail)
             err = caller("update_model", {"url": str(archive), "sha256": sha256_file(archive)}, ok=False, timeout=120)
+            monkeypatch.setattr(os, "replace", real_replace)
             new = max(p.name for p in (deploy / "releases").iterdir())
-            assert f"'current' is back on {first.release}" in err["message"]
-            assert deployment(deploy).current == first.release
+            assert deployment(deploy).current == (first.release if rollback == "done" else new)
+            said = f"update_model: {new} was installed but could not be swapped in (out of device memory)"
+            if rollback == "done":
+                assert err["message"].startswith(said) and f"'current' is back on {first.release}" in err["message"]
+            else:
+                assert err["message"] == said + (
+                    f"; and it cannot be rolled back ({deploy}: no previous release to roll back to)"
+                    if rollback == "impossible" else
+                    f"; and it cannot be rolled back now ({deploy / 'current'}: no space left on device; 'current' "
+                    f"is still {new}): free disk space, then reload or restart") + "; the running model is unchanged"
 
             def health(c):
                 return [m.json() for m in c.of_kind("event") if m.json().get("type") == "model_health"]
@@ -968,10 +995,15 @@ def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path,
             assert col.wait_for(lambda c: health(c), timeout=30)
             [ev] = health(col)
             assert schema.errors("event", ev) == [], ev
-            assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"],
-                    ev["restored"]) == ("failed", True, "done", new, first.release, str(first.path))
-            assert ev["reason"] == (f"update_model: {new} was installed but could not be swapped in (out of device "
-                                    "memory); no golden check was done before it was switched in")
+            if rollback == "done":
+                assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"],
+                        ev["restored"]) == ("failed", True, "done", new, first.release, str(first.path))
+                assert ev["reason"] == f"{said}; no golden check was done before it was switched in"
+            else:
+                assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"]) == (
+                    "failed", False, rollback, new)
+                assert ev["reason"] == f"{err['message']}; no golden check was done before it was switched in"
+            assert svc.inspector.model_hash == Bundle.open(first.path).model_hash()
         finally:
             svc.stop("test over")
             svc.thread.join(30)
