@@ -1074,7 +1074,8 @@ def test_cli_adapt_deploy_takes_the_lines_deploy_folder(tbundle, tmp_path, monke
     def fake_adapt(path, images, **kw):
         asked.append({"bundle": Path(path).resolve(), "deploy_dir": kw["deploy_dir"], "golden_dir": kw["golden_dir"],
                       "require_golden": kw["require_golden"]})
-        install = SimpleNamespace(release="r0002-x", golden=None, unrecorded=None, summary=lambda: {})
+        install = SimpleNamespace(release="r0002-x", golden=None, unrecorded=None, replaced_previous=None,
+                                  summary=lambda: {})
         return adapt_mod.AdaptResult(tmp_path / "cand", "fp32", 1, install=install, threshold=0.25)
 
     monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
@@ -1246,7 +1247,8 @@ def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_p
     installed = []
 
     def fake_adapt(path, images, **kw):
-        install = SimpleNamespace(release="r0002-x", golden=None, unrecorded=None, summary=lambda: {}) if installed else None
+        install = SimpleNamespace(release="r0002-x", golden=None, unrecorded=None, replaced_previous=None,
+                                  summary=lambda: {}) if installed else None
         return adapt_mod.AdaptResult(tmp_path / "cand", "fp32", 1, install=install, threshold=0.25)
 
     monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)

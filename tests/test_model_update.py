@@ -1919,16 +1919,21 @@ def test_a_failed_swaps_rollback_on_a_full_disk_is_a_failed_reply_naming_the_sta
                               "memory); "), msg
         assert svc.inspector.model_hash == a.model_hash() and not list(deploy.glob(".*.tmp"))
         dep = deployment(deploy)
+        [ev] = _health_events(svc)                                      # a dashboard learns of it either way
+        assert (ev["status"], ev["release"]) == ("failed", new)
         if point in MOVED:
             assert (f"; rolled back, but its record is incomplete: {deploy / point.split()[0]}: no space left on "
                     "device") in msg
             assert msg.endswith(f"; 'current' is back on {first}, the running model is unchanged"), msg
             assert (dep.current, dep.previous, dep.health) == (first, new, "rolled_back")
+            assert (ev["rolled_back"], ev["rollback"], ev["rolled_back_to"]) == (True, "done", first)
             return
         assert msg.endswith(f"; and it cannot be rolled back now ({deploy / point.split()[0]}: no space left on "
                             f"device; 'current' is still {new}): free disk space, then reload or restart; the "
                             "running model is unchanged"), msg
         assert (dep.current, dep.previous, dep.health) == (new, first, "pending")
+        assert (ev["rolled_back"], ev["rollback"]) == (False, "failed")   # not written, not tried again
+        assert ev["reason"] == f"{msg}; no golden check was done before it was switched in"
         monkeypatch.setattr(svc, "_swap_model", swap)
         svc.reload("bundle")                                            # the disk has room again, the model opens
         assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health.release == new
@@ -2430,9 +2435,12 @@ def _damage_previous(deploy: Path, damage: str, rid: str) -> tuple[str, str]:
 
     p = deploy / "previous"
     os.unlink(p)
-    if damage == "folder":
-        shutil.copytree(deploy / "releases" / rid, p)                  # a release copied over the link
-        return (f"{p}: a folder, not a symlink (a release copied over the link?); the deploy folder layout is "
+    if damage in ("folder", "file"):
+        if damage == "folder":
+            shutil.copytree(deploy / "releases" / rid, p)              # a release copied over the link
+        else:
+            p.write_text("notes kept here by hand\n")
+        return (f"{p}: a {damage}, not a symlink (a release copied over the link?); the deploy folder layout is "
                 "releases/<id> plus 'current' and 'previous' symlinks",
                 f"move it away and link a kept release in its place: mv {p} {p}.damaged && ln -s releases/{rid} {p} "
                 f"({rid}: the release deploy.json records as 'previous')")
@@ -2443,15 +2451,16 @@ def _damage_previous(deploy: Path, damage: str, rid: str) -> tuple[str, str]:
             "'previous')")
 
 
-@pytest.mark.parametrize("damage", ["folder", "absolute", "outside"])
+@pytest.mark.parametrize("damage", ["folder", "file", "absolute", "outside"])
 def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollback(bundles, tmp_path, caplog,
                                                                                    damage):
     """A damaged 'previous' (not a link, pointing outside releases/) made 'edge-ad run' refuse to start (exit 2),
     though the line can run its release in force: only a rollback needs 'previous'. The line now starts with a
     WARNING naming the damage and its repair; 'bundle status' and doctor show it; every rollback (by hand, the
-    health check's, update_model's after a failed swap) and every install (which point 'previous' at the release
-    they replace) refuse with the damage and its repair, nothing changed. A healthy verdict is recorded, keeping
-    deploy.json's 'previous' for the repair to name."""
+    health check's, update_model's after a failed swap) refuses with the damage and its repair, nothing changed, and
+    so does every install (which points 'previous' at the release it replaces) over a folder in its place (a damaged
+    link it replaces: test_an_install_replaces_a_damaged_previous_link_and_says_what_it_pointed_at). A healthy
+    verdict is recorded, keeping deploy.json's 'previous' for the repair to name."""
     import logging
 
     from click.testing import CliRunner
@@ -2465,7 +2474,8 @@ def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollb
     r = CliRunner()
     res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
     assert res.exit_code == 0 and f"current: {failing}  previous: DAMAGED  health: pending" in res.stdout
-    assert f"warning: {what}: the line runs its release in force, but no rollback or install" in res.stderr
+    until = "or install" if damage in ("folder", "file") else "can be made until it is repaired or the next install"
+    assert f"warning: {what}: the line runs its release in force, but no rollback {until}" in res.stderr
     assert fix in res.stderr, res.stderr
     status = json.loads(r.invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"]).stdout)
     assert status["previous"] is None and status["previous_damaged"] == f"{what}; {fix}"
@@ -2478,9 +2488,10 @@ def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollb
     for args in ([], ["--to", r1.release]):                             # by hand
         res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy), *args])
         assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
-    res = r.invoke(main, ["bundle", "install", str(pack_bundle(bundles[2].path, tmp_path / "c.tar")), "--deploy",
-                          str(deploy), "--no-golden"])
-    assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
+    if damage == "folder":                                              # what it could hold is not deleted
+        res = r.invoke(main, ["bundle", "install", str(pack_bundle(bundles[2].path, tmp_path / "c.tar")),
+                              "--deploy", str(deploy), "--no-golden"])
+        assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
     assert deployment(deploy).current == failing and sorted(p.name for p in (deploy / "releases").iterdir()) == before
 
     caplog.set_level(logging.WARNING)
@@ -2491,12 +2502,13 @@ def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollb
         assert warn == (f"{what}; {fix}; the line runs its release in force, {failing}, but no rollback (edge-ad "
                         "bundle rollback, the health check's, update_model's after a failed swap) can be made until "
                         "it is repaired")
-        update = _mqtt_update_model(svc)                                # update_model: its install refuses
-        archive = pack_bundle(bundles[2].path, tmp_path / "c.tar")
-        from edge_ad.atomic import sha256_file
+        if damage == "folder":                                          # update_model: its install refuses
+            update = _mqtt_update_model(svc)
+            archive = pack_bundle(bundles[2].path, tmp_path / "c.tar")
+            from edge_ad.atomic import sha256_file
 
-        body = update({"url": str(archive), "sha256": sha256_file(archive)})
-        assert not body["ok"] and body["error"]["message"] == f"update_model: {what}; {fix}", body
+            body = update({"url": str(archive), "sha256": sha256_file(archive)})
+            assert not body["ok"] and body["error"]["message"] == f"update_model: {what}; {fix}", body
         _failing_frames(svc)                                            # the health check's rollback
         [ev] = _health_events(svc)
         assert (ev["status"], ev["rollback"], ev["release"]) == ("failed", "impossible", failing)
@@ -2523,9 +2535,99 @@ def test_a_healthy_verdict_is_recorded_beside_a_damaged_previous_link(bundles, t
     assert dep.health == "ok" and dep.detail["previous"] == r1.release and str(dep.previous_damaged) == f"{what}; {fix}"
 
 
+@pytest.mark.parametrize("damage", ["absolute", "outside"])
+def test_an_install_replaces_a_damaged_previous_link_and_says_what_it_pointed_at(bundles, tmp_path, damage):
+    """A 'previous' symlink pointing outside releases/ (absolute, or dangling elsewhere) made every install refuse
+    (exit 2), so a device could not be updated until someone repaired it from a shell. A link holds no data: the
+    install points it at the release it replaces, as always (atomically), and says what it pointed at (a
+    WARNING, and on stderr; --json: replaced_previous); the next rollback goes back to that release."""
+    import os
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    def said(pointed_at: str, replaced: str) -> str:
+        target = deploy / "releases" / pointed_at if damage == "absolute" else Path("../elsewhere")
+        return (f"{deploy / 'previous'} was damaged (it pointed at {target}, not releases/<id>); the install "
+                f"replaced it: it points at releases/{replaced}, the release replaced")
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    replaced = deployment(deploy).current
+    _damage_previous(deploy, damage, r1.release)
+    res = CliRunner().invoke(main, ["bundle", "install", str(pack_bundle(bundles[2].path, tmp_path / "c.tar")),
+                                    "--deploy", str(deploy), "--no-golden"])
+    assert res.exit_code == 0 and f"warning: {said(r1.release, replaced)}\n" in res.stderr, res.output
+    dep = deployment(deploy)
+    assert (dep.previous, dep.previous_damaged) == (replaced, None) and dep.current not in (r1.release, replaced)
+    assert os.readlink(deploy / "previous") == f"releases/{replaced}" and not list(deploy.glob(".*.tmp"))
+    _damage_previous(deploy, damage, replaced)                          # again: --json says it
+    res = CliRunner().invoke(main, ["bundle", "install", str(tmp_path / "a.tar"), "--deploy", str(deploy),
+                                    "--no-golden", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["previous"], out["replaced_previous"]) == (dep.current, said(replaced, dep.current))
+    assert rollback_model(deploy).current == dep.current                # a rollback can be made again
+
+
+def test_an_install_cut_short_over_a_damaged_previous_link_leaves_a_folder_that_rolls_back(bundles, tmp_path,
+                                                                                           monkeypatch):
+    """A power cut after 'current' moved, before the damaged 'previous' link was replaced: deploy.json's pending
+    record names the release replaced (as for any install cut there), so the folder reads as the install left it
+    and its rollback (by hand, or the health check's after a restart) replaces the link."""
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    replaced = deployment(deploy).current
+    _damage_previous(deploy, "outside", r1.release)
+    real = deploy_mod._point
+
+    def cut(d, name, release):
+        if name == "previous":
+            raise SystemExit("power cut")
+        return real(d, name, release)
+
+    monkeypatch.setattr(deploy_mod, "_point", cut)
+    with pytest.raises(SystemExit):
+        install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy, require_golden=False)
+    monkeypatch.undo()
+    dep = deployment(deploy)
+    assert (dep.previous, dep.previous_damaged, dep.health) == (replaced, None, "pending")
+    assert dep.current not in (r1.release, replaced)
+    back = rollback_model(deploy)
+    assert (back.current, back.previous, back.previous_damaged) == (replaced, dep.current, None)
+
+
+def test_update_model_replaces_a_damaged_previous_link_and_its_reply_says_so(bundles, tmp_path):
+    """MQTT update_model was refused over a 'previous' link pointing outside releases/ (a fleet device could not
+    be updated until repaired from a shell); it now installs, replacing the link, and its reply's warnings say
+    what the link pointed at; the health check can then roll back to the release replaced."""
+    from edge_ad.atomic import sha256_file
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    running = deployment(deploy).current
+    _damage_previous(deploy, "outside", r1.release)
+    svc = _line(tmp_path, deploy)
+    try:
+        update = _mqtt_update_model(svc)
+        archive = pack_bundle(bundles[2].path, tmp_path / "c.tar")
+        body = update({"url": str(archive), "sha256": sha256_file(archive)})
+        said = (f"{deploy / 'previous'} was damaged (it pointed at ../elsewhere, not releases/<id>); the install "
+                f"replaced it: it points at releases/{running}, the release replaced")
+        assert body["ok"] and body["result"]["activated"], body
+        assert said in body["result"]["warnings"] and body["result"]["install"]["replaced_previous"] == said
+        new = body["result"]["install"]["release"]
+        assert (deployment(deploy).current, deployment(deploy).previous) == (new, running)
+        _failing_frames(svc)                                            # and its health check can roll back
+        [ev] = _health_events(svc)
+        assert (ev["release"], ev["rollback"], ev["rolled_back_to"]) == (new, "done", running)
+        assert deployment(deploy).current == running and svc.inspector.model_hash == bundles[1].model_hash()
+    finally:
+        svc.inspector.backend.close()
+
+
 def test_update_models_rollback_after_a_failed_swap_refuses_a_damaged_previous_link(bundles, tmp_path, monkeypatch):
     """'previous' damaged after the install (by hand, meanwhile): the rollback is refused with the damage and its
-    repair, and the reply says the state left."""
+    repair, and the reply says the state left; so does a model_health event (it sent none: a dashboard following
+    them never learnt of the release), "rollback": "impossible" as the health check's says it."""
     from edge_ad.atomic import sha256_file
 
     a, b, _ = bundles
@@ -2549,7 +2651,11 @@ def test_update_models_rollback_after_a_failed_swap_refuses_a_damaged_previous_l
         assert not body["ok"] and body["error"]["message"] == (
             f"update_model: {new} was installed but could not be swapped in (out of device memory); and it cannot "
             f"be rolled back ({what}; {fix}); the running model is unchanged"), body
-        assert svc.inspector.model_hash == a.model_hash() and _health_events(svc) == []
+        assert svc.inspector.model_hash == a.model_hash()
+        [ev] = _health_events(svc)
+        assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"]) == ("failed", False, "impossible", new)
+        assert ev["reason"] == (f"{body['error']['message']}; no golden check was done before it was switched in")
+        assert "rolled_back_to" not in ev and "restored" not in ev
     finally:
         svc.inspector.backend.close()
 

@@ -539,9 +539,20 @@ def test_no_image_is_queued_when_no_snapshot_is_made(tmp_path, tiny_bundle):
 
 
 # ----------------------------------------------------------------------------- commands over MQTT
+START_S = 120   # how long a line may take to start and take commands (a loaded machine, not a slow line)
+
+
 def _start(tmp_path: Path, bundle, mosquitto, trigger: str = "command", **fields) -> Service:
     """A running service in trigger mode whose frames are released by the MQTT inspect command (or a
-    plug-in ``trigger``); one defective part (a dark blob) in every 8, on a looping video."""
+    plug-in ``trigger``); one defective part (a dark blob) in every 8, on a looping video. Returned once it
+    takes commands: its retained ``online`` status, which its link publishes after subscribing to the command
+    topics on the same connection, has reached the broker, and its pipeline has started. (It waited for the
+    link's ``connected``, set a moment before that subscription, for at most 10 s and then went on anyway: on a
+    loaded machine a command sent then was dropped by the broker, and its requester waited for a reply that
+    never came.)"""
+    from edge_ad.mqtt import BrokerSettings
+    from edge_ad.mqtt.collector import Collector
+
     frames = [part_frame(i, 96, defect=(i % 8 == 7)) for i in range(16)]
     video = write_video(tmp_path / "v.avi", frames)
     s = _settings(tmp_path, bundle, f"file://{video}?loop=1", source__mode="trigger", source__trigger=trigger,
@@ -551,11 +562,19 @@ def _start(tmp_path: Path, bundle, mosquitto, trigger: str = "command", **fields
     svc = Service(s, install_signals=False)
     out: dict = {}
     th = threading.Thread(target=lambda: out.update(summary=svc.run()), daemon=True)
-    th.start()
-    deadline = time.monotonic() + 10
-    while not (svc.link.connected and svc.pipeline.started_at) and time.monotonic() < deadline:
-        time.sleep(0.02)
     svc.thread, svc.out = th, out
+
+    def online(c) -> bool:
+        return any(m.json().get("state") == "online" for m in c.messages)
+
+    with Collector(BrokerSettings(url=mosquitto.url), svc.link.topics.status, persistent=False) as col:
+        th.start()
+        col.wait_for(lambda c: online(c) or not th.is_alive(), START_S)   # a run that fails is not waited for
+    deadline = time.monotonic() + START_S
+    while not svc.pipeline.started_at and th.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert online(col) and svc.pipeline.started_at, (f"the line did not start and take commands within {START_S} s "
+                                                     f"(running: {th.is_alive()})")
     return svc
 
 
@@ -616,14 +635,7 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     rbs = svc.bundle.calibration_rollbacks()
     assert [(x["version"], x["previous_version"]) for x in rbs] == [(1, 1), (1, 2)]
     assert all(re.fullmatch(r"MQTT rollback_calibration \(client edge-ad-cli-\w+\)", x["by"]) for x in rbs), rbs
-    # snapshot of the next frame, with its heat map, sent as an event
-    r = call("snapshot", {"publish": True, "note": "operator check"})
-    assert Path(r["snapshot"]).is_file() and r["result"]["note"] == "operator check"
-    r2 = call("snapshot", {"publish": True})     # within image_min_interval_s of the last image sent
-    for x in (r, r2):
-        assert x["published"] is ("image_skipped" not in x)
-    assert r2["published"] is False and r2["image_skipped"] == "rate_limited"     # it said True before
-    assert call("snapshot")["published"] is False
+    # (snapshot: test_a_snapshot_says_whether_its_image_was_published)
     # pause: inspect is refused until resume
     assert call("pause", {"reason": "maintenance"})["paused"] is True
     assert call("status")["state"] == "paused"
@@ -638,6 +650,28 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     assert call("set_threshold", {"threshold": 2.0})["persisted"]
     recs = read_jsonl(tmp_path / "results.jsonl")
     assert len(recs) == svc.pipeline.inspected
+
+
+def test_a_snapshot_says_whether_its_image_was_published(tmp_path, tiny_bundle, mosquitto, caller):
+    """A snapshot of the next frame, with its heat map, sent as an event: the reply says whether its image was
+    published; one within image_min_interval_s of the last image sent is rate_limited (it said True before).
+    The interval is an hour here, so that the second snapshot is within it however long the first reply takes
+    (with the default 1 s, a loaded machine took longer than that between the two, and the second image was
+    sent); the first is the line's first image (no NG part inspected before it), so it is sent."""
+    svc = _start(tmp_path, copy_bundle(tiny_bundle, tmp_path / "bundle"), mosquitto,
+                 mqtt__image_min_interval_s=3600)
+    try:
+        r = caller("snapshot", {"publish": True, "note": "operator check"})
+        assert Path(r["snapshot"]).is_file() and r["result"]["note"] == "operator check"
+        r2 = caller("snapshot", {"publish": True})  # within image_min_interval_s of the last image sent
+        for x in (r, r2):
+            assert x["published"] is ("image_skipped" not in x)
+        assert r["published"] is True
+        assert r2["published"] is False and r2["image_skipped"] == "rate_limited"     # it said True before
+        assert caller("snapshot")["published"] is False
+    finally:
+        svc.stop("test over")
+        svc.thread.join(30)
 
 
 def test_a_calibration_change_is_refused_while_another_process_wrote_one_not_reloaded_yet(running, caller):
@@ -773,16 +807,24 @@ def test_a_stop_cancels_a_live_calibrate_which_is_answered_and_changes_nothing(t
     and the reply goes out before the link disconnects."""
     svc = _start(tmp_path, copy_bundle(tiny_bundle, tmp_path / "bundle"), mosquitto, trigger="frame")
     out = {}
-    t = threading.Thread(target=lambda: out.update(r=caller("calibrate", {"frames": 100000, "timeout_s": 600},
-                                                             ok=False, timeout=60)))
+
+    def ask():   # what went wrong in here is kept, not only printed by the thread
+        try:
+            out["r"] = caller("calibrate", {"frames": 100000, "timeout_s": 600}, ok=False, timeout=START_S)
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=ask)
     t.start()
-    deadline = time.monotonic() + 30
-    while not (svc.pipeline._collectors and svc.pipeline._collectors[0].frames) and time.monotonic() < deadline:
+    deadline = time.monotonic() + START_S
+    while not any(c.frames for c in list(svc.pipeline._collectors)):   # collecting live frames
+        assert time.monotonic() < deadline and t.is_alive(), f"no frame collected within {START_S} s: {out}"
         time.sleep(0.02)
     svc.stop("SIGTERM")
-    svc.thread.join(30)
-    t.join(30)
+    svc.thread.join(START_S)
+    t.join(START_S)
     assert not svc.thread.is_alive() and svc.out["summary"]["reason"] == "SIGTERM"
+    assert not t.is_alive() and "r" in out, out
     r = out["r"]
     assert r["code"] == "failed" and "cancelled after" in r["message"], r
     assert "the run is stopping (SIGTERM); the calibration in force is unchanged" in r["message"]
@@ -935,11 +977,18 @@ def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquit
         svc.thread.join(30)
 
 
-def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path, mosquitto, caller, monkeypatch):
+@pytest.mark.parametrize("rollback", ["done", "impossible", "failed"])
+def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path, mosquitto, caller, monkeypatch,
+                                                                      rollback):
     """update_model installed a release the loop then could not swap in, and rolled it back: the fleet got the
     command's failed reply only, no model_health event naming the release and the one rolled back to, as a
-    health-check rollback sends."""
+    health-check rollback sends. Nor any when that rollback could not be made ('previous' removed meanwhile:
+    "impossible", as the health check's says it) or written (a full disk before 'current' moved back:
+    "failed"): the event says so (rolled_back false), with the reply's words."""
+    import errno
+
     from edge_ad.atomic import sha256_file
+    from edge_ad.bundle import Bundle
     from edge_ad.calibration import deployment, install_bundle, pack_bundle
     from edge_ad.errors import RuntimeFailure
     from edge_ad.mqtt import BrokerSettings, schema
@@ -953,14 +1002,34 @@ def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path,
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/event") as col:
         svc = _start(tmp_path, None, mosquitto, model__deploy_dir=str(deploy))
         try:
+            real_replace = os.replace
+
+            def full(src, dst, *args, **kw):                            # the 'current' link cannot be written
+                if Path(dst).name == "current":
+                    raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+                return real_replace(src, dst, *args, **kw)
+
             def fail(bundle, reason):
+                if rollback == "impossible":
+                    os.unlink(deploy / "previous")                      # removed by hand meanwhile
+                elif rollback == "failed":
+                    monkeypatch.setattr(os, "replace", full)            # the disk fills up after the install
                 raise RuntimeFailure("out of device memory")
 
             monkeypatch.setattr(svc, "_swap_model", fail)
             err = caller("update_model", {"url": str(archive), "sha256": sha256_file(archive)}, ok=False, timeout=120)
+            monkeypatch.setattr(os, "replace", real_replace)
             new = max(p.name for p in (deploy / "releases").iterdir())
-            assert f"'current' is back on {first.release}" in err["message"]
-            assert deployment(deploy).current == first.release
+            assert deployment(deploy).current == (first.release if rollback == "done" else new)
+            said = f"update_model: {new} was installed but could not be swapped in (out of device memory)"
+            if rollback == "done":
+                assert err["message"].startswith(said) and f"'current' is back on {first.release}" in err["message"]
+            else:
+                assert err["message"] == said + (
+                    f"; and it cannot be rolled back ({deploy}: no previous release to roll back to)"
+                    if rollback == "impossible" else
+                    f"; and it cannot be rolled back now ({deploy / 'current'}: no space left on device; 'current' "
+                    f"is still {new}): free disk space, then reload or restart") + "; the running model is unchanged"
 
             def health(c):
                 return [m.json() for m in c.of_kind("event") if m.json().get("type") == "model_health"]
@@ -968,10 +1037,15 @@ def test_update_models_rollback_after_a_failed_swap_sends_model_health(tmp_path,
             assert col.wait_for(lambda c: health(c), timeout=30)
             [ev] = health(col)
             assert schema.errors("event", ev) == [], ev
-            assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"],
-                    ev["restored"]) == ("failed", True, "done", new, first.release, str(first.path))
-            assert ev["reason"] == (f"update_model: {new} was installed but could not be swapped in (out of device "
-                                    "memory); no golden check was done before it was switched in")
+            if rollback == "done":
+                assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"],
+                        ev["restored"]) == ("failed", True, "done", new, first.release, str(first.path))
+                assert ev["reason"] == f"{said}; no golden check was done before it was switched in"
+            else:
+                assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"]) == (
+                    "failed", False, rollback, new)
+                assert ev["reason"] == f"{err['message']}; no golden check was done before it was switched in"
+            assert svc.inspector.model_hash == Bundle.open(first.path).model_hash()
         finally:
             svc.stop("test over")
             svc.thread.join(30)

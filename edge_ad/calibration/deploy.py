@@ -91,7 +91,8 @@ class Deployment:
     # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch_recorded)
     unrecorded: str | None = None
     # the 'previous' link is damaged (not a symlink, or not to releases/<id>): the line runs 'current', and every
-    # install or rollback, which rewrites 'previous', is refused with this error until it is repaired
+    # rollback, which rewrites 'previous', is refused with this error until it is repaired; so is every install when
+    # a folder or file is in its place (a damaged symlink it replaces: DeployDamaged.link)
     previous_damaged: DeployDamaged | None = field(default=None, compare=False)
 
     @property
@@ -107,13 +108,15 @@ class DeployDamaged(InputError):
     """The deploy folder's ``current`` or ``previous`` is not a symlink to ``releases/<id>`` (a release copied over
     the link, a link to elsewhere). ``current``: nothing can say which release is in force, so nothing runs and no
     install, rollback or health record is made until someone repairs it. ``previous``: the line runs ``current``
-    (:attr:`Deployment.previous_damaged`), and health records are made, but no install or rollback, which point
-    ``previous`` at the release they replace. ``what``: the damage; ``fix``: how to repair it (the message says
-    both)."""
+    (:attr:`Deployment.previous_damaged`), and health records are made, but no rollback, which points ``previous``
+    at the release it leaves, nor an install over a folder or file there. ``what``: the damage; ``fix``: how to
+    repair it (the message says both); ``link``: what a damaged symlink points at (None: a folder or a file is in
+    its place), which an install replaces as it points ``previous`` at the release it replaces
+    (:func:`install_bundle`): a link holds no data."""
 
-    def __init__(self, what: str, fix: str):
+    def __init__(self, what: str, fix: str, link: str | None = None):
         super().__init__(f"{what}; {fix}")
-        self.what, self.fix = what, fix
+        self.what, self.fix, self.link = what, fix, link
 
 
 def _link_target(deploy_dir: Path, name: str) -> str | None:
@@ -130,7 +133,7 @@ def _link_target(deploy_dir: Path, name: str) -> str | None:
     target = Path(os.readlink(p))
     if target.is_absolute() or len(target.parts) != 2 or target.parts[0] != RELEASES:
         raise DeployDamaged(f"{p}: points at {target}; expected {RELEASES}/<id>",
-                            f"point it at a kept release: ln -sfn {_relink(deploy_dir, name)}")
+                            f"point it at a kept release: ln -sfn {_relink(deploy_dir, name)}", link=str(target))
     return target.parts[1]
 
 
@@ -206,6 +209,8 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
         # a switch a power cut interrupted after 'current' moved: 'previous' may not have followed yet
         was = pending.get("previous")
         prev = was if was is None or isinstance(was, str) and "/" not in was else prev
+        if prev is not None and prev_damaged is not None and prev_damaged.link is not None:
+            prev_damaged = None   # a damaged link an install was replacing (_install): the record says what it is now
     health = st.get("health", "none") if st.get("current") == cur else ("pending" if cur else "none")
     if _cut_short(st, cur) is not None and pending.get("health") == "rolled_back":
         health = "rolled_back"   # a rollback whose record was cut short: not a new release to watch
@@ -486,6 +491,9 @@ class InstallResult:
     # why the install's record is incomplete ('previous' or deploy.json not written after 'current' moved: a full
     # disk); the install holds, deployment() reads it from the pending record (_switch_recorded)
     unrecorded: str | None = None
+    # the 'previous' symlink was damaged (pointing outside releases/) and this install replaced it: what it pointed
+    # at and what it points at now (also a WARNING in the log); None when it was not damaged
+    replaced_previous: str | None = None
 
     def summary(self) -> dict:
         model_hash = self.package.index.get("bundle", {}).get("model_hash")
@@ -498,7 +506,7 @@ class InstallResult:
                 "model_hash": model_hash,
                 "signed": self.package.signed, "signature_verified": self.package.verified,
                 "golden": self.golden, "pruned": list(self.pruned), "already_installed": self.already_installed,
-                "unrecorded": self.unrecorded}
+                "unrecorded": self.unrecorded, "replaced_previous": self.replaced_previous}
 
 
 def _release_seq(name: str) -> int:
@@ -524,7 +532,9 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
     cases the running bundle and the links are untouched, as they are when an OSError (a full disk) is raised
     before ``current`` moved. Once it has moved the install holds: an OSError writing ``previous`` or the final record
-    is one ERROR log, and :attr:`InstallResult.unrecorded` says why (:func:`_switch_recorded`). ``archive`` may
+    is one ERROR log, and :attr:`InstallResult.unrecorded` says why (:func:`_switch_recorded`). A damaged
+    ``previous`` symlink is replaced by the switch, with a WARNING (:attr:`InstallResult.replaced_previous`); a
+    folder or file in its place refuses the install (:class:`DeployDamaged`), nothing changed. ``archive`` may
     also be a bundle folder made on this device (an ``--adapt`` candidate): copied, verified against its
     manifest, no signature.
 
@@ -623,8 +633,9 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
             return InstallResult(dep.current_path, dep.current, dep.previous, dep.previous_path,
                                  info if not Path(archive).is_dir() else PackageInfo({}, False, None, None, False),
                                  None, already_installed=True)
-    if dep.previous_damaged is not None:   # the switch points 'previous' at the release replaced: over what?
-        raise dep.previous_damaged
+    damaged = dep.previous_damaged
+    if damaged is not None and (damaged.link is None or dep.current is None):
+        raise damaged   # a folder or file in its place (data?), or no release to point it at: the repair first
     free = shutil.disk_usage(d / RELEASES).free
     if need + SPACE_MARGIN > free:
         raise RuntimeFailure(f"{d / RELEASES}: {free / 2**20:.1f} MiB free, the bundle needs {need / 2**20:.1f} MiB "
@@ -673,6 +684,7 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     except OSError:   # before 'current' moved (a full disk): nothing switched, and the new release is not kept
         shutil.rmtree(final, ignore_errors=True)
         raise
+    replaced = _replaced_damaged(d, damaged, dep.current) if damaged is not None else None
     try:
         pruned = prune_releases(d, keep)
     except OSError as exc:   # the install holds: the next one prunes them
@@ -681,7 +693,23 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     if unrecorded is None:
         log.info("installed %s (previous %s)", rid, dep.current)
     return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned),
-                         unrecorded=unrecorded)
+                         unrecorded=unrecorded, replaced_previous=replaced)
+
+
+def _replaced_damaged(d: Path, damaged: DeployDamaged, previous: str) -> str | None:
+    """After an install's switch over a damaged ``previous`` symlink (``damaged``): what to say (a WARNING, logged
+    here) when the link now points at ``previous``, the release replaced; None when it does not (not written: a
+    full disk, :attr:`InstallResult.unrecorded` says so, and deploy.json's pending record names ``previous``)."""
+    try:
+        now = _link_target(d, PREVIOUS)
+    except DeployDamaged:
+        return None
+    if now != previous:
+        return None
+    said = (f"{d / PREVIOUS} was damaged (it pointed at {damaged.link}, not {RELEASES}/<id>); the install replaced "
+            f"it: it points at {RELEASES}/{previous}, the release replaced")
+    log.warning("%s", said)
+    return said
 
 
 SPACE_MARGIN = 1 << 20

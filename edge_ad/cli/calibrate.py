@@ -241,7 +241,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                        f"{res.steps} steps, {res.seconds:.0f} s{screened}{thr}); "
                        "a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command or a restart, and its "
                        "health check then confirms it or rolls back")
-            _unrecorded_note("install", res.install.unrecorded)
+            _install_notes(res.install)
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s{screened}{thr}; the running bundle is unchanged)")
@@ -701,7 +701,7 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
     golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
     click.echo(f"installed {res.release} ({golden}; previous: {res.previous or 'none'}); "
                f"{deploy_dir}/current -> releases/{res.release}")
-    _unrecorded_note("install", res.unrecorded)
+    _install_notes(res)
     click.echo("'edge-ad run' with model.deploy_dir watches its first frames and rolls back when they look wrong "
                "(started, restarted or reloaded after this install: SIGHUP or the MQTT reload command); "
                "'edge-ad bundle status' shows the verdict", err=True)
@@ -725,6 +725,14 @@ def rollback_cmd(deploy_dir, to):
     _unrecorded_note("rollback", dep.unrecorded)
     click.echo("'edge-ad run' with model.deploy_dir switches on its next reload (SIGHUP or the MQTT reload "
                "command) or restart", err=True)
+
+
+def _install_notes(res) -> None:
+    """Say on stderr what an install that holds did beside the switch: a damaged 'previous' link it replaced
+    (:attr:`edge_ad.calibration.deploy.InstallResult.replaced_previous`), a record left incomplete."""
+    if res.replaced_previous is not None:
+        click.echo(f"warning: {res.replaced_previous}", err=True)
+    _unrecorded_note("install", res.unrecorded)
 
 
 def _unrecorded_note(what: str, why: str | None) -> None:
@@ -756,7 +764,7 @@ def status_cmd(deploy_dir, as_json):
     # the links say current and previous, deployment() the health: deploy.json's own record of them lags behind
     # a switch cut short (a power cut, a full disk: its pending record)
     recorded = {k: v for k, v in dep.detail.items() if k not in ("current", "previous", "health")}
-    damaged = dep.previous_damaged   # the line runs 'current'; no install or rollback until it is repaired
+    damaged = dep.previous_damaged   # the line runs 'current'; no rollback (nor install, over a folder) until repaired
     out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
            "current_path": str(dep.current_path) if dep.current_path else None, **recorded,
            "current_problem": problems["current"], "previous_problem": problems["previous"],
@@ -767,9 +775,14 @@ def status_cmd(deploy_dir, as_json):
         click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or ('DAMAGED' if damaged else '-')}  "
                    f"health: {dep.health}")
         if damaged:
-            click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback or install "
-                       f"(which point 'previous' at the release they replace) can be made until it is repaired: "
-                       f"{damaged.fix}", err=True)
+            if damaged.link is None:   # a folder or file: an install would delete it
+                click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback or install "
+                           f"(which point 'previous' at the release they replace) can be made until it is repaired: "
+                           f"{damaged.fix}", err=True)
+            else:
+                click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback can be made "
+                           f"until it is repaired or the next install replaces the link (it points 'previous' at the "
+                           f"release it replaces): {damaged.fix}", err=True)
         if problems["previous"] and dep.previous != dep.current:
             click.echo(f"warning: the previous release, {dep.previous}, is {problems['previous']}: a plain "
                        "'edge-ad bundle rollback' is refused"

@@ -244,18 +244,18 @@ class Service:
         """Roll ``release``, the deploy folder's release in force, back to the previous one because the line cannot
         run it (``reason``, from ``exc``): (the state after the rollback, ``reason`` plus what its record lacks when
         it is incomplete). When it cannot be rolled back (no previous release or one that cannot be opened, a
-        damaged link; a full disk before 'current' moved: nothing changed) a RuntimeFailure saying so and naming the
-        release in force, never an OSError (a reload, a command handler must not crash on one)."""
+        damaged link; a full disk before 'current' moved: nothing changed) a :class:`RollbackFailure` saying so and
+        naming the release in force, never an OSError (a reload, a command handler must not crash on one)."""
         from ..calibration import rollback_model
         from ..calibration.deploy import DeployDamaged
 
         try:
             back = rollback_model(self.settings.model.deploy_dir, reason=reason)
         except (RuntimeFailure, DeployDamaged) as nothing:   # DeployDamaged: 'previous' (or 'current') to repair
-            raise RuntimeFailure(f"{reason}; and it cannot be rolled back ({nothing})") from exc
+            raise RollbackFailure(f"{reason}; and it cannot be rolled back ({nothing})", "impossible") from exc
         except OSError as nothing:   # a full disk before 'current' moved: nothing changed
-            raise RuntimeFailure(f"{reason}; and it cannot be rolled back now ({os_error_text(nothing)}; 'current' "
-                                 f"is still {release}): free disk space, then reload or restart") from exc
+            raise RollbackFailure(f"{reason}; and it cannot be rolled back now ({os_error_text(nothing)}; 'current' "
+                                  f"is still {release}): free disk space, then reload or restart", "failed") from exc
         if back.unrecorded is not None:
             reason += f"; rolled back, but its record is incomplete: {back.unrecorded}"
         return back, reason
@@ -679,7 +679,8 @@ class Service:
         line opens it before ``current`` moves; should the swap still fail, ``current`` goes back to the
         running release and the update is reported failed (a RuntimeFailure naming the release in force, also
         when that rollback cannot be written: :meth:`_roll_back`), a rollback made with a ``model_health`` event
-        as a health-check rollback sends. On a TensorRT line the candidate's engine is
+        as a health-check rollback sends; one that cannot be made sends one too (rolled_back false, rollback
+        "impossible", or "failed" when it could not be written). On a TensorRT line the candidate's engine is
         built and guarded first, on the golden set's good/ images (else its recorded training data when it
         is on this machine; else the update is refused)."""
         from urllib.parse import urlsplit
@@ -759,8 +760,12 @@ class Service:
                 why = f"update_model: {res.release} was installed but could not be swapped in ({exc})"
                 try:
                     dep, why = self._roll_back(res.release, why, exc)
-                except RuntimeFailure as failure:   # never an OSError out of the command: the state it left, said
-                    raise RuntimeFailure(f"{failure}; the running model is unchanged") from exc
+                except RollbackFailure as failure:   # never an OSError out of the command: the state it left, said
+                    why = f"{failure}; the running model is unchanged"
+                    # as a health-check rollback that cannot be made says it: a dashboard learns of the release
+                    self.event({"type": "model_health", "status": "failed", "reason": why, "release": res.release,
+                                "rolled_back": False, "rollback": failure.rollback})
+                    raise RuntimeFailure(why) from exc
                 self.event(_rolled_back_event(res.release, why, dep))   # as a health-check rollback says it
                 raise RuntimeFailure(f"{why}; 'current' is back on {dep.current}, the running model is "
                                      "unchanged") from exc
@@ -775,6 +780,8 @@ class Service:
                     f"{res.release} was only verified and opened as the line runs it before it was switched in; "
                     + ("only the health check judges it, on its first frames" if watched else
                        "and the health check is off ([health] enabled = false): nothing judges its decisions")))
+        if res.replaced_previous is not None:   # a damaged 'previous' link the install replaced (install_bundle)
+            warnings.append(res.replaced_previous)
         if res.unrecorded is not None:   # the switch holds (install_bundle): say what the deploy folder lacks
             warnings.append(f"{res.release} is installed and in force, but the record of the install is "
                             f"incomplete: {res.unrecorded}")
@@ -1164,6 +1171,17 @@ class Service:
         log.debug("edge-ad run finished: %s", summary)   # edge-ad run prints it
         self.finished = True
         return summary
+
+
+class RollbackFailure(RuntimeFailure):
+    """A rollback of a release the line cannot run that could not be made (:meth:`Service._roll_back`); its
+    ``model_health`` event's ``rollback`` (``rollback``): "impossible" (no previous release, or one that cannot be
+    opened, a damaged link: as the health check's rollback says it) or "failed" (it could not be written, a full
+    disk before 'current' moved: nothing changed, 'current' is still the release)."""
+
+    def __init__(self, message: str, rollback: str):
+        super().__init__(message)
+        self.rollback = rollback
 
 
 def _rolled_back_event(release: str, reason: str, back) -> dict:
