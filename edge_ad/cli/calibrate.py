@@ -716,11 +716,14 @@ def rollback_cmd(deploy_dir, to):
 
     The release left becomes 'previous', so a second plain rollback undoes the first; to go two or more
     releases back, give --to RELEASE_ID. A running 'edge-ad run' switches on its next reload (SIGHUP or the
-    MQTT reload command) or restart."""
+    MQTT reload command) or restart. deploy.json records it as a rollback by hand, with the user who made it:
+    no verdict on the release left, whose health stays its own ('edge-ad bundle status')."""
     from ..calibration import deployment, rollback_model
 
     deployment(deploy_dir, must_exist=True)
-    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to)
+    # by hand: no verdict on the release left (its health stays its own), recorded with who asked for it
+    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to,
+                         by=f"edge-ad bundle rollback ({_who()})")
     click.echo(f"{deploy_dir}/current -> releases/{dep.current} (previous: {dep.previous})")
     _unrecorded_note("rollback", dep.unrecorded)
     click.echo("'edge-ad run' with model.deploy_dir switches on its next reload (SIGHUP or the MQTT reload "
@@ -735,6 +738,20 @@ def _install_notes(res) -> None:
     _unrecorded_note("install", res.unrecorded)
 
 
+def _who() -> str:
+    """``user NAME`` (``user NAME, sudo from NAME2`` under sudo) of this process, for a record of who did something
+    by hand."""
+    import getpass
+    import os
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):   # no passwd entry (a container's uid)
+        user = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"user {user}" + (f", sudo from {sudo}" if sudo and sudo != user else "")
+
+
 def _unrecorded_note(what: str, why: str | None) -> None:
     """Say on stderr that an install's or rollback's switch holds with its record incomplete (a full disk after
     'current' moved: :func:`edge_ad.calibration.deploy._switch_recorded`); the exit code stays 0."""
@@ -746,18 +763,22 @@ def _unrecorded_note(what: str, why: str | None) -> None:
 @click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def status_cmd(deploy_dir, as_json):
-    """The release in force, the previous one, the health of the last switch, and every kept release
-    (newest first: id, install time, health) that 'edge-ad bundle rollback --to ID' can switch to.
+    """The release in force, the previous one, and every kept release (newest first: id, install time, its own
+    health: pending, ok, failed or unchecked) that 'edge-ad bundle rollback --to ID' can switch to; when a
+    rollback switched the release in force in, from which release, by hand (by whom) or because it failed.
 
     A release that cannot be run or rolled back to (its folder deleted by hand, a corrupt manifest.json)
     is named with what is wrong; exit 1 when it is the release in force, after the listing. A damaged
     'previous' link is a warning with its repair (a damaged 'current' one an error, exit 2)."""
     from ..calibration import deployment
-    from ..calibration.deploy import release_problem, releases
+    from ..calibration.deploy import last_rollback, release_problem, releases
     from ..errors import RuntimeFailure
 
     dep = deployment(deploy_dir, must_exist=True)
     kept = releases(deploy_dir)
+    # the release in force's own health as listed (a failed verdict kept in it included), else the record's
+    health = next((r["health"] for r in kept if r["id"] == dep.current), dep.health)
+    back = last_rollback(dep)
     problems = {role: release_problem(deploy_dir, rid) if rid else None
                 for role, rid in (("current", dep.current), ("previous", dep.previous))}
     others = [r["id"] for r in kept if r["id"] != dep.current and not r["problem"]]
@@ -765,7 +786,7 @@ def status_cmd(deploy_dir, as_json):
     # a switch cut short (a power cut, a full disk: its pending record)
     recorded = {k: v for k, v in dep.detail.items() if k not in ("current", "previous", "health")}
     damaged = dep.previous_damaged   # the line runs 'current'; no rollback (nor install, over a folder) until repaired
-    out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
+    out = {"current": dep.current, "previous": dep.previous, "health": health, "rollback": back,
            "current_path": str(dep.current_path) if dep.current_path else None, **recorded,
            "current_problem": problems["current"], "previous_problem": problems["previous"],
            "previous_damaged": str(damaged) if damaged else None, "releases": kept}
@@ -773,7 +794,12 @@ def status_cmd(deploy_dir, as_json):
         _echo_json(out)
     else:
         click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or ('DAMAGED' if damaged else '-')}  "
-                   f"health: {dep.health}")
+                   f"health: {health}")
+        if back is not None:
+            when = f" at {back['time']}" if back["time"] else ""
+            click.echo(f"rolled back from {back['from']}{when}: " + (
+                f"it failed ({back['reason']})" if back["failed"] else
+                f"by hand, {back['by'] or back['reason']} (no verdict on {back['from']})"))
         if damaged:
             if damaged.link is None:   # a folder or file: an install would delete it
                 click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback or install "
