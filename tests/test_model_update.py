@@ -523,6 +523,63 @@ def test_failing_golden_check_keeps_the_running_model(bundles, golden, tmp_path)
         install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), tmp_path / "fresh", golden)
 
 
+def test_a_failed_golden_check_names_the_images_it_misjudged(bundles, golden, tmp_path):
+    """'golden-set check failed ...: accuracy 0.889 on 9 labelled golden images < 0.9' named no image (the
+    engineer looked the culprit up in eval/report.json), and 'bundle install --json' printed nothing. The error
+    (CLI, update_model's reply) names the misjudged images, what each should have been, its score and the
+    threshold, the first five and how many more; --json prints the report, which lists them."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, _, c = bundles                                                  # C never says NG
+    r = CliRunner()
+    arch_c = pack_bundle(c.path, tmp_path / "c.tar")
+    fresh = tmp_path / "fresh"
+    res = r.invoke(main, ["bundle", "install", str(arch_c), "--deploy", str(fresh), "--golden", str(golden)])
+    assert res.exit_code == 1 and "accuracy 0.500 on 16 labelled golden images < 0.9; misjudged 8 of 16 golden " \
+        "images: " in res.stderr, res.output
+    for i in range(5):
+        assert re.search(rf"{golden / 'ng' / f'{i}.png'}: NG expected, judged OK \(score \S+ <= threshold 1e\+09\)",
+                         res.stderr), res.stderr
+    assert f"{golden / 'ng' / '5.png'}" not in res.stderr and res.stderr.rstrip().endswith("; and 3 more")
+    assert res.stdout == "" and not fresh.exists()
+    res = r.invoke(main, ["bundle", "install", str(arch_c), "--deploy", str(fresh), "--golden", str(golden),
+                          "--json"])
+    assert res.exit_code == 1 and "misjudged 8 of 16" in res.stderr
+    out = json.loads(res.stdout)
+    assert "misjudged 8 of 16" in out["error"] and not out["golden"]["passed"] and out["golden"]["n_misjudged"] == 8
+    assert [m["image"] for m in out["golden"]["misjudged"]] == [str(golden / "ng" / f"{i}.png") for i in range(8)]
+    assert {(m["expected"], m["expected_from"], m["judged"], m["threshold"]) for m in out["golden"]["misjudged"]} \
+        == {("NG", "label", "OK", 1e9)} and all(isinstance(m["score"], float) for m in out["golden"]["misjudged"])
+
+    # an unlabelled image is judged against the running model's decision; update_model's reply names it too
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    loose = tmp_path / "loose"
+    shutil.copytree(golden / "good", loose / "good")
+    _write(loose / "odd.png", part_frame(7000, defect=True))           # A says NG, C says OK
+    svc = _line(tmp_path, deploy, golden_dir=str(loose))
+    try:
+        body = _mqtt_update_model(svc)({"url": str(arch_c), "sha256": _sha(arch_c)})
+        assert not body["ok"] and body["error"]["code"] == "failed", body
+        assert re.search(rf"misjudged 1 of 9 golden images: {loose / 'odd.png'}: NG expected \(the running model's "
+                         r"decision: an unlabelled image\), judged OK \(score \S+ <= threshold 1e\+09\)",
+                         body["error"]["message"]), body
+        body = _mqtt_update_model(svc)({"url": str(arch_c), "sha256": _sha(arch_c), "activate": False})
+        [m] = body["result"]["golden"]["misjudged"]
+        assert (m["image"], m["expected_from"], body["result"]["golden"]["passed"]) == (str(loose / "odd.png"),
+                                                                                      "running model", False)
+    finally:
+        svc.inspector.backend.close()
+
+
+def _sha(path: Path) -> str:
+    from edge_ad.atomic import sha256_file
+
+    return sha256_file(path)
+
+
 def test_a_damaged_running_release_does_not_block_the_update_that_replaces_it(bundles, golden, tmp_path):
     a, b, c = bundles
     deploy = tmp_path / "deploy"

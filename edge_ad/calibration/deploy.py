@@ -59,7 +59,7 @@ import numpy as np
 from .. import atomic
 from ..bundle import Bundle, now_iso
 from ..data.image import IMAGE_EXTS, list_images, load_image
-from ..errors import Busy, EdgeADError, InputError, RuntimeFailure, os_error_text
+from ..errors import Busy, EdgeADError, GuardFailure, InputError, RuntimeFailure, os_error_text
 from .package import PREFIX, PackageInfo, extract_archive, load_key, read_index
 
 log = logging.getLogger(__name__)
@@ -442,7 +442,6 @@ def build_line_engine(candidate: Bundle, images: Path | None, precision: str | N
     training data, when it is on this machine). Raises InputError / GuardFailure / RuntimeFailure naming
     what failed; the caller switches nothing in then."""
     from ..compile.tensorrt import _say, compile_bundle
-    from ..errors import GuardFailure
     from ..runtime.backends.tensorrt import parse_device
 
     if images is None:
@@ -465,12 +464,52 @@ def build_line_engine(candidate: Bundle, images: Path | None, precision: str | N
         raise type(exc)(f"{what} could not be built on this device: {exc}; update refused") from exc
 
 
+MISJUDGED_KEPT = 100   # misjudged golden images a report lists (n_misjudged counts them all)
+MISJUDGED_SAID = 5     # ... and a failure's message names
+
+
+class GoldenFailure(GuardFailure):
+    """A candidate failed the golden-set check: the message says why and names the images it misjudged
+    (:func:`golden_failure`); ``report`` is :func:`check_golden`'s."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def golden_failure(report: dict, what: str = "golden-set check failed") -> GoldenFailure:
+    """The error for a failed :func:`check_golden` ``report``: ``WHAT, the running model is unchanged: FAILURES;
+    misjudged N of M golden images: IMAGE: NG expected, judged OK (score S <= threshold T); ...`` (the first
+    :data:`MISJUDGED_SAID`, then how many more)."""
+    bad = report.get("misjudged") or []
+    n = report.get("n_misjudged", len(bad))
+    said = ""
+    if n:
+        more = n - min(n, MISJUDGED_SAID)
+        said = (f"; misjudged {n} of {report['n_images']} golden images: "
+                + "; ".join(_misjudged_text(m) for m in bad[:MISJUDGED_SAID]) + (f"; and {more} more" if more else ""))
+    return GoldenFailure(f"{what}, the running model is unchanged: " + "; ".join(report["failures"]) + said, report)
+
+
+def _misjudged_text(m: dict) -> str:
+    """``IMAGE: NG expected, judged OK (score S <= threshold T)`` for an entry of a report's ``misjudged``."""
+    by = "" if m["expected_from"] == "label" else " (the running model's decision: an unlabelled image)"
+    score = m["score"]
+    rel = "not a number, never OK:" if score is None else ">" if m["judged"] == "NG" else "<="
+    return (f"{m['image']}: {m['expected']} expected{by}, judged {m['judged']} (score "
+            f"{'' if score is None else f'{score:.6g} '}{rel} threshold {m['threshold']:.6g})")
+
+
 def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bundle | None = None,
                  backend: str = "auto", precision: str | None = None,
                  limits: GoldenLimits | None = None, device: str | None = None) -> dict:
     """Judge ``candidate`` on the golden set (against ``running`` when given); a report with
-    ``passed`` and ``failures``. Both run on ``backend`` / ``precision`` / ``device``: give the line's
-    (``model.*``), so that the check runs what will run."""
+    ``passed`` and ``failures``, and ``misjudged``: the images the candidate decides otherwise than their
+    label (``good/`` OK, other folders NG) or, unlabelled, than the running model (``image``, ``expected``,
+    ``expected_from`` "label" or "running model", ``judged``, ``score``: None when not a number, ``threshold``:
+    the candidate's calibration's), the first :data:`MISJUDGED_KEPT`, ``n_misjudged`` counting them all. Both run
+    on ``backend`` / ``precision`` / ``device``: give the line's (``model.*``), so that the check runs what will
+    run."""
     from ..compile.guard import auroc
 
     limits = limits or GoldenLimits()
@@ -505,6 +544,15 @@ def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bund
         failures.append(f"the candidate's score is not a finite number (NaN or inf) on {int(bad.sum())} of "
                         f"{len(items)} golden images, e.g. {items[int(np.argmax(bad))][0]}")
     lab = labels >= 0
+    threshold = float(candidate.calibration().threshold)
+    expected = np.where(lab, labels == 1, r_ng if running is not None else c_ng)   # unlabelled: the running model's
+    wrong = [i for i in range(len(items)) if c_ng[i] != expected[i] and (lab[i] or running is not None)]
+    report["n_misjudged"] = len(wrong)
+    report["misjudged"] = [
+        {"image": str(items[i][0]), "expected": "NG" if expected[i] else "OK",
+         "expected_from": "label" if lab[i] else "running model", "judged": "NG" if c_ng[i] else "OK",
+         "score": float(c_s[i]) if np.isfinite(c_s[i]) else None, "threshold": threshold}
+        for i in wrong[:MISJUDGED_KEPT]]
     if lab.any():
         y = labels[lab] == 1
         c_err = int((c_ng[lab] != y).sum())
@@ -648,8 +696,6 @@ def golden_for(deploy_dir: str | os.PathLike, golden_dir, require_golden: bool =
 
 def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
              keep, device, probe, calib_dir, progress) -> InstallResult:
-    from ..errors import GuardFailure
-
     dep = deployment(d)
     key_obj = load_key(key) if key is not None else None
     golden_dir = golden_for(d, golden_dir, require_golden)
@@ -724,8 +770,7 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
             report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
                                   limits=limits, device=device)
             if not report["passed"]:
-                raise GuardFailure("golden-set check failed, the running model is unchanged: "
-                                   + "; ".join(report["failures"]))
+                raise golden_failure(report)
         if probe is not None:
             probe(candidate)
         atomic.write_json(staging / INSTALLED_FROM, {"archive": content, "release": _content(candidate),

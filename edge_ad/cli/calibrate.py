@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -15,6 +16,20 @@ from .types import env_file_option
 
 def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def _golden_json(as_json: bool):
+    """With --json, a failed golden check prints its report (``golden``: the images misjudged among it) and the
+    error on stdout before the error ends the command (exit 1)."""
+    from ..calibration.deploy import GoldenFailure
+
+    try:
+        yield
+    except GoldenFailure as exc:
+        if as_json:
+            _echo_json({"error": str(exc), "golden": exc.report})
+        raise
 
 
 _LINE_DEPLOY = "\0line"   # a bare --deploy: the line config's deploy folder (no argument holds a NUL)
@@ -210,9 +225,11 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
 
         notes: list[str] = []
         images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, MIN_KEPT_FRAMES, notes)
-        res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
-                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, precision=precision,
-                        run_device=device, require_golden=not no_golden, labels=images.labels)
+        with _golden_json(as_json):
+            res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device,
+                            out_dir=adapt_out, golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend,
+                            precision=precision, run_device=device, require_golden=not no_golden,
+                            labels=images.labels)
         res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
         # with --config: the threshold the line decides with once the adapted model runs, as for a refit
         override, in_force = _decides_with(settings, res.threshold)
@@ -686,10 +703,11 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
         raise InputError("--golden and --no-golden exclude each other")
     if require_signature and key is None:
         raise InputError("--require-signature needs --key to check the signature with")
-    res = install_bundle(archive, deploy_dir, golden_dir, key, require_signature=True if key else None,
-                         require_golden=not no_golden, backend=backend, precision=precision, device=device,
-                         keep=keep, probe=open_probe(backend, precision, device), calib_dir=calib_dir,
-                         progress=True)
+    with _golden_json(as_json):
+        res = install_bundle(archive, deploy_dir, golden_dir, key, require_signature=True if key else None,
+                             require_golden=not no_golden, backend=backend, precision=precision, device=device,
+                             keep=keep, probe=open_probe(backend, precision, device), calib_dir=calib_dir,
+                             progress=True)
     if as_json:
         _echo_json(res.summary())
         return
