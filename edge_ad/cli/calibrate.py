@@ -123,7 +123,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
 
     Writes a new calibration version (atomic; the old ones are kept until --prune deletes them), or with
     --rollback puts an older one back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload'
-    command. One calibration change of a bundle at a time: a refit, --rollback or --prune is refused (exit 1)
+    command: until then the summary says 'written', not 'in force', and which run still decides with which
+    version (not_reloaded in --json). One calibration change of a bundle at a time: a refit, --rollback or --prune is refused (exit 1)
     while another runs (an 'edge-ad calibrate', or an MQTT calibrate).
     """
     from ..bundle import Bundle
@@ -161,12 +162,15 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                     raise
                 before = None   # unreadable: an explicit version puts a good one back
             cal = rollback(b, version, by="cli")
-        out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy}
+        waiting = _not_reloaded(b, cal.version)
+        out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy,
+               "not_reloaded": waiting}
         if as_json:
             _echo_json(out)
         else:
             was = f"v{before}" if before is not None else "unreadable"
-            click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
+            click.echo(f"calibration v{cal.version} {_taken(waiting)} (was {was}), threshold {cal.threshold:.6g}")
+            _reload_note(waiting)
         return
     line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
@@ -233,14 +237,18 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
         res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
         # with --config: the threshold the line decides with once the adapted model runs, as for a refit
         override, in_force = _decides_with(settings, res.threshold)
+        installed = res.install is not None
+        # installed: a running line still runs the model it replaces (b) until it reloads
+        waiting = _not_reloaded(b) if installed else []
         if as_json:
             out = res.summary()
             if in_force is not None:
                 out["threshold_in_force"] = in_force
+            if installed:
+                out["not_reloaded"] = waiting
             _echo_json(out)
             return
         _screened(res)
-        installed = res.install is not None
         screened = f", frames screened on {summary_text(res.scored_on)}" if res.scored_on else ""
         # a quantized candidate's threshold is fitted on its own scores: the FP32 model's is said beside it
         fitted = "" if res.fp32_threshold is None else (
@@ -255,10 +263,9 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             g = res.install.golden
             golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
             click.echo(f"adapted model installed as {res.install.release} ({golden}; {res.precision}, "
-                       f"{res.steps} steps, {res.seconds:.0f} s{screened}{thr}); "
-                       "a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command or a restart, and its "
-                       "health check then confirms it or rolls back")
+                       f"{res.steps} steps, {res.seconds:.0f} s{screened}{thr})")
             _install_notes(res.install)
+            _reload_note(waiting, f"the model it replaces ({b.path.name})", restart=True)
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s{screened}{thr}; the running bundle is unchanged)")
@@ -282,8 +289,9 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
     c = res.calibration
     override, in_force = _decides_with(settings, c.threshold)
+    waiting = _not_reloaded(b, c.version)
     if as_json:
-        out = {**res.summary(), "scored_on": scored_on}
+        out = {**res.summary(), "scored_on": scored_on, "not_reloaded": waiting}
         if in_force is not None:
             out["threshold_in_force"] = in_force
         _echo_json(out)
@@ -292,10 +300,44 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     thr = (f"threshold {c.threshold:.6g} (was {res.previous.threshold:.6g}), threshold in force {in_force:.6g}"
            if in_force is not None else     # without the config: what the calibration sets, nothing more known
            f"threshold {c.threshold:.6g} set by this calibration (was {res.previous.threshold:.6g})")
-    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
+    click.echo(f"calibration v{c.version} {_taken(waiting)} (was v{res.previous.version}): policy {c.policy}, {thr}, "
                f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, scored on "
                f"{summary_text(scored_on)}, {res.timings['total']:.1f} s")
+    _reload_note(waiting)
     _override_note(override, config, env, "this calibration", c.threshold)
+
+
+def _not_reloaded(b, version: int | None = None) -> list[dict]:
+    """The running processes (``edge-ad run``) that decide with ``b`` and another calibration version than
+    ``version`` until they reload (None: any version: a model installed in its place, which they do not run
+    yet), as they record it (:meth:`edge_ad.bundle.Bundle.calibration_holders`): ``pid``, ``by``, ``since`` and
+    the ``version`` each decides with. ``not_reloaded`` in ``--json``."""
+    return [{**r, "version": v} for v, recs in sorted(b.calibration_holders().items()) if v != version
+            for r in recs]
+
+
+def _taken(waiting: list[dict]) -> str:
+    """How a calibration written stands: "in force", or only "written" while a running line decides with
+    another version (``waiting``, :func:`_not_reloaded`)."""
+    return "written" if waiting else "in force"
+
+
+def _reload_note(waiting: list[dict], what: str | None = None, restart: bool = False) -> None:
+    """Say when the running lines (``waiting``, :func:`_not_reloaded`) take what was written: ``note: edge-ad run
+    (pid 812) still decides with v2 until it reloads (SIGHUP or the MQTT reload command)``; ``what``: what they
+    decide with (default: each one's calibration version). ``restart`` (a model installed in a deploy folder):
+    a restart takes it too, and its health check judges it; said also when no line is known to run."""
+    from ..calibration.refit import holders_text
+
+    how = "SIGHUP or the MQTT reload command" + (", or a restart; its health check then confirms the new model or "
+                                                 "rolls it back" if restart else "")
+    if not waiting:
+        if restart:
+            click.echo(f"note: a running 'edge-ad run' takes it on {how}")
+        return
+    groups = [(what, waiting)] if what else [
+        (f"v{v}", [r for r in waiting if r["version"] == v]) for v in sorted({r["version"] for r in waiting})]
+    click.echo("note: " + "; ".join(holders_text(recs, said, still=True) for said, recs in groups) + f" ({how})")
 
 
 def _decides_with(settings, threshold: float | None) -> tuple[float | None, float | None]:
