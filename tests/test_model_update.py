@@ -3425,6 +3425,53 @@ def test_cli_install_config_takes_the_env_file_next_to_it(tiny_bundle, tmp_path,
     assert deployment(deploy) == before
 
 
+def test_cli_status_and_rollback_take_the_lines_deploy_folder_from_its_config(bundles, tmp_path):
+    """'bundle status' and 'bundle rollback' took no --config, while install, doctor and calibrate do: the
+    engineer had to copy the deploy folder out of the line's config. Both take --config (its edge-ad.env applied
+    over it, or --env-file): the line's deploy_dir, named on stderr, as 'bundle install --config' takes it; a
+    --deploy that is not the line's is warned of; neither given is an error naming both."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False).release
+    r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False).release
+    cfg = tmp_path / "etc" / "config.toml"
+    cfg.parent.mkdir()
+    cfg.write_text(f'[model]\ndeploy_dir = "{tmp_path / "elsewhere"}"\n[source]\nuri = "synthetic://disc"\n')
+    env_file = cfg.parent / "edge-ad.env"                              # the service's: its deploy_dir is the line's
+    env_file.write_text(f'EDGE_AD_MODEL__DEPLOY_DIR="{deploy}"\n')
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--config", str(cfg), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["current"] == r2, res.output
+    assert f"note: {env_file} applied over --config as the service gets it (EDGE_AD_MODEL__DEPLOY_DIR)" in res.stderr
+    assert (f"note: no --deploy: deploy folder {deploy}, the EDGE_AD_MODEL__DEPLOY_DIR of {env_file}"
+            in res.stderr), res.stderr
+    res = r.invoke(main, ["bundle", "rollback", "--config", str(cfg)])
+    assert res.exit_code == 0 and f"current -> releases/{r1} (previous: {r2})" in res.stdout, res.output
+    assert f"note: no --deploy: deploy folder {deploy}, the EDGE_AD_MODEL__DEPLOY_DIR" in res.stderr
+    other = tmp_path / "other.env"
+    other.write_text(f"EDGE_AD_MODEL__DEPLOY_DIR={tmp_path / 'elsewhere'}\n")
+    res = r.invoke(main, ["bundle", "status", "--config", str(cfg), "--env-file", str(other), "--deploy",
+                          str(deploy)])                                 # given, not the line's: shown, warned
+    assert res.exit_code == 0 and f"current: {r1}" in res.stdout, res.output
+    assert (f"warning: --deploy {deploy} is not the line's deploy folder (it runs the release in force of "
+            f"{tmp_path / 'elsewhere'}, the EDGE_AD_MODEL__DEPLOY_DIR of {other}): showing {deploy} as asked"
+            in res.stderr), res.stderr
+    res = r.invoke(main, ["bundle", "rollback", "--config", str(cfg), "--env-file", str(other)])
+    assert res.exit_code == 2 and f"--deploy {tmp_path / 'elsewhere'}: no such folder" in res.output, res.output
+    assert deployment(deploy).current == r1                            # nothing rolled back there
+    for cmd in ("status", "rollback"):
+        res = r.invoke(main, ["bundle", cmd])
+        assert res.exit_code == 2 and ("without --deploy, the folder is the line's deploy folder: give --config "
+                                       "LINE.toml (its [model] deploy_dir) or --deploy DIR") in res.output, res.output
+        res = r.invoke(main, ["bundle", cmd, "--deploy", str(deploy), "--env-file", str(other)])
+        assert res.exit_code == 2 and "--env-file needs --config" in res.output, res.output
+    assert deployment(deploy).current == r1
+
+
 def test_cli_install_config_names_the_lines_settings_it_takes_as_calibrate_config_does(tiny_bundle, tmp_path):
     """'bundle install --config' took the line's [model] deploy_dir, golden_dir, backend, precision and device with
     lines of its own and said nothing of them, while 'calibrate --config' names each setting it takes and warns of

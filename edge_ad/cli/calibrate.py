@@ -416,15 +416,19 @@ class _LineUse:
     asked: str         # an option that is not the line's: "... (<the line's>): <asked, {value}>"
     bare: str          # no deploy folder given: "<bare> is the line's deploy folder: ..."
     bare_note: str     # "note: <bare_note>: deploy folder DIR, the [model] deploy_dir of LINE.toml"
-    switched: str      # what a deploy folder that is not the line's receives: "switching <switched> into DIR"
+    other: str         # what is done to a deploy folder given that is not the line's ({deploy}: that folder)
 
 
 _CALIBRATE_USE = _LineUse("scoring as the line does", "scoring on {value} as asked; the line scores otherwise, and a "
                           "threshold fitted here may not fit its scores", "--deploy without a folder", "--deploy",
-                          "the adapted model")
+                          "switching the adapted model into {deploy} as asked; the line does not run it")
 _INSTALL_USE = _LineUse("checking the new model as the line will run it", "opening and checking the new model on "
                         "{value} as asked; the line runs it otherwise", "without --deploy, the folder",
-                        "no --deploy", "the new model")
+                        "no --deploy", "switching the new model into {deploy} as asked; the line does not run it")
+# bundle status and rollback take only the deploy folder (doing and asked: unused)
+_STATUS_USE = _LineUse("", "", "without --deploy, the folder", "no --deploy", "showing {deploy} as asked")
+_ROLLBACK_USE = _LineUse("", "", "without --deploy, the folder", "no --deploy",
+                         "rolling {deploy} back as asked; the line does not run it")
 _LINE_UNSET = {"backend": "auto", "precision": None, "device": None}   # ModelSettings' defaults
 
 
@@ -453,8 +457,8 @@ def _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env,
     elif m is not None and (line is None or Path(line).resolve() != Path(deploy_dir).resolve()):
         runs = (f"release in force of {line}, the {origin}" if line is not None else
                 f"the bundle {m.bundle}, the {setting_origin(config, env, 'model', 'bundle')}")
-        click.echo(f"warning: --deploy {deploy_dir} is not the line's deploy folder (it runs the {runs}): switching "
-                   f"{use.switched} into {deploy_dir} as asked; the line does not run it", err=True)
+        click.echo(f"warning: --deploy {deploy_dir} is not the line's deploy folder (it runs the {runs}): "
+                   f"{use.other.format(deploy=deploy_dir)}", err=True)
     if golden_dir is None and not no_golden and m is not None:
         golden_dir = m.golden_dir
     return deploy_dir, golden_dir
@@ -767,11 +771,18 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
                "'edge-ad bundle status' shows the verdict", err=True)
 
 
+_DEPLOY_CONFIG_HELP = ("The line's run config: its [model] deploy_dir (after its edge-ad.env) is the deploy folder "
+                       "when --deploy is not given (named on stderr; a --deploy that is not the line's is warned of).")
+
+
 @bundle_group.command("rollback")
-@click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Deploy folder; default: --config's model.deploy_dir.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help=_DEPLOY_CONFIG_HELP)
+@env_file_option
 @click.option("--to", "to", metavar="RELEASE_ID",
               help="Switch to this kept release (ids: 'edge-ad bundle status') instead of the previous one.")
-def rollback_cmd(deploy_dir, to):
+def rollback_cmd(deploy_dir, config, env_file, to):
     """Switch the deploy folder back to the previous release, or to any kept one with --to.
 
     The release left becomes 'previous', so a second plain rollback undoes the first; to go two or more
@@ -780,6 +791,7 @@ def rollback_cmd(deploy_dir, to):
     no verdict on the release left, whose health stays its own ('edge-ad bundle status')."""
     from ..calibration import deployment, rollback_model
 
+    deploy_dir = _line_deploy(deploy_dir, config, env_file, _ROLLBACK_USE)
     deployment(deploy_dir, must_exist=True)
     # by hand: no verdict on the release left (its health stays its own), recorded with who asked for it
     dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to,
@@ -796,6 +808,17 @@ def _install_notes(res) -> None:
     if res.replaced_previous is not None:
         click.echo(f"warning: {res.replaced_previous}", err=True)
     _unrecorded_note("install", res.unrecorded)
+
+
+def _line_deploy(deploy_dir, config, env_file, use: _LineUse) -> Path:
+    """The deploy folder of ``bundle status`` / ``rollback``: ``--deploy``, else ``--config``'s
+    ``[model] deploy_dir`` (after its edge-ad.env), as :func:`_deploy_into` takes it for an install."""
+    from ..errors import InputError
+
+    if env_file is not None and config is None:
+        raise InputError("--env-file needs --config (it changes the config's values)")
+    settings, env = _line_config(config, env_file)
+    return _deploy_into(deploy_dir or _LINE_DEPLOY, None, True, settings, config, env, use)[0]
 
 
 def _who() -> str:
@@ -820,9 +843,12 @@ def _unrecorded_note(what: str, why: str | None) -> None:
 
 
 @bundle_group.command("status")
-@click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Deploy folder; default: --config's model.deploy_dir.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help=_DEPLOY_CONFIG_HELP)
+@env_file_option
 @click.option("--json", "as_json", is_flag=True)
-def status_cmd(deploy_dir, as_json):
+def status_cmd(deploy_dir, config, env_file, as_json):
     """The release in force, the previous one, and every kept release (newest first: id, install time, its own
     health: pending, ok, failed or unchecked) that 'edge-ad bundle rollback --to ID' can switch to; when a
     rollback switched the release in force in, from which release, by hand (by whom) or because it failed.
@@ -834,6 +860,7 @@ def status_cmd(deploy_dir, as_json):
     from ..calibration.deploy import last_rollback, release_problem, releases
     from ..errors import RuntimeFailure
 
+    deploy_dir = _line_deploy(deploy_dir, config, env_file, _STATUS_USE)
     dep = deployment(deploy_dir, must_exist=True)
     kept = releases(deploy_dir)
     # the release in force's own health as listed (a failed verdict kept in it included), else the record's
