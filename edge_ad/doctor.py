@@ -968,8 +968,10 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
             else:
                 checks += _safe("backend", lambda: check_backend(found[0], backend, precision, device,
                                                                  settings=settings), True)
-    elif not unresolved:
-        checks.append(Check("bundle", Status.SKIP, "no bundle given (--bundle DIR or a config)"))
+    elif not unresolved:   # what run would open is unknown: the summary says run itself was not checked
+        checks.append(Check("bundle", Status.SKIP, "no bundle or config given: the model run opens, its backend and "
+                            "engine are not checked (give --config LINE.toml, the service's, or --bundle DIR)",
+                            data={"not_given": True}))
     m = settings.model if settings is not None else None
     if m is not None and m.bundle is None and m.deploy_dir is not None and not unresolved:
         checks += _safe("rollback", lambda: check_previous(m.deploy_dir))
@@ -979,11 +981,26 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
 
 
 def exit_code(checks: Sequence[Check], strict: bool = False) -> int:
-    """0 when ``run`` can start (no required check failed; with ``strict`` also no warning or failure)."""
+    """0 when no required check failed (with ``strict`` also no warning or failure): ``run`` can start, or, with
+    no bundle or config given (:func:`run_unchecked`), this machine has what it needs; 1 otherwise."""
     bad = [c for c in checks if c.status == Status.FAIL and (c.required or strict)]
     if strict:
         bad += [c for c in checks if c.status == Status.WARN]
     return 1 if bad else 0
+
+
+def run_unchecked(checks: Sequence[Check]) -> bool:
+    """No bundle or config was given: the checks say what this machine can do, not whether ``run`` can start
+    (it needs a bundle)."""
+    return any(c.name == "bundle" and c.data.get("not_given") for c in checks)
+
+
+def run_can_start(checks: Sequence[Check]) -> bool | None:
+    """Whether ``run`` can start by these checks: False when a required one failed, None when no bundle or config
+    was given (nothing else failed: not known), else True."""
+    if any(c.status == Status.FAIL and c.required for c in checks):
+        return False
+    return None if run_unchecked(checks) else True
 
 
 def summary(checks: Sequence[Check], strict: bool = False) -> str:
@@ -992,6 +1009,11 @@ def summary(checks: Sequence[Check], strict: bool = False) -> str:
     warns = [c.name for c in checks if c.status == Status.WARN]
     if blocking:
         head = f"edge-ad run cannot start: {', '.join(dict.fromkeys(blocking))}"
+    elif run_unchecked(checks):
+        done = [c.name for c in checks if c.status != Status.SKIP]
+        head = (f"this machine has what edge-ad run needs ({', '.join(dict.fromkeys(done))} checked), but no bundle "
+                "or config was given, so whether edge-ad run can start is not known: give --config LINE.toml (the "
+                "service's) or --bundle DIR")
     else:
         head = "edge-ad run can start"
     tail = []
@@ -1022,5 +1044,6 @@ def format_report(checks: Sequence[Check], strict: bool = False) -> str:
 
 def report_dict(checks: Sequence[Check], strict: bool = False) -> dict:
     code = exit_code(checks, strict)
-    return {"ok": code == 0, "exit_code": code, "strict": strict, "summary": summary(checks, strict),
+    return {"ok": code == 0, "exit_code": code, "strict": strict, "run_can_start": run_can_start(checks),
+            "summary": summary(checks, strict),
             "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checks": [c.to_dict() for c in checks]}

@@ -8,7 +8,9 @@ Besides the aggregates, ``report["samples"]`` lists every test image: ``path`` (
 ``type``, ``score`` and ``decision`` (``NG`` above the threshold, as the loop decides; ``null`` for a score
 that is not a finite number), sorted by type, then path. ``report["notes"]`` says what was left out: files
 of other formats, a test/<type> folder without images, defect types without masks and masks without a
-defective pixel (both left out of the pixel metrics); each is logged as a warning too.
+defective pixel (both left out of the pixel metrics); each is logged as a warning too. ``report["files"]``
+names what was written: ``report`` (report.json), and ``grid`` and ``histogram`` (the pictures), paths under
+``out_dir`` (default BUNDLE/eval); the text report ends with them (``wrote ...``).
 """
 
 from __future__ import annotations
@@ -79,12 +81,14 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
                    "graph": Path(be.graph).name if getattr(be, "graph", None) else None, "model": bundle.kind, "calibration_version": cal.version,
                    "seconds": round(seconds, 2), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2),
                    "samples": sample_rows(samples, scores, cat.path, cal.threshold)})
+    report["files"] = {"report": str(out / "report.json")}
     atomic.write_json(out / "report.json", report)
     if pictures:
         from . import viz
 
         report["pictures"] = viz.write_eval_pictures(out, thumbs, masks, maps, scores, labels, types,
                                                      cal.threshold, size, names=[s.stem for s in samples])
+        report["files"].update({k: str(out / name) for k, name in report["pictures"].items()})
         atomic.write_json(out / "report.json", report)
     return report
 
@@ -136,7 +140,9 @@ def report_text(report: dict) -> str:
             f"v{report['calibration_version']}) on {report['data']}: {report['overall']['n']} images, "
             f"{report['images_per_second']} img/s")
     notes = "".join(f"\nnote: {n}" for n in report.get("notes") or [])
-    return head + "\n" + metrics.format_report(report) + ("\n" + notes if notes else "")
+    files = report.get("files") or {}
+    wrote = f"\nwrote {', '.join(files.values())}" if files else ""
+    return head + "\n" + metrics.format_report(report) + ("\n" + notes if notes else "") + wrote
 
 
 def dumps(report: dict) -> str:

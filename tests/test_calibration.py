@@ -1273,7 +1273,7 @@ def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_p
     res = r.invoke(main, [*base, "--config", str(line)])
     assert res.exit_code == 0, res.output
     assert "adapted model installed as r0002-x (golden check skipped; fp32, 1 steps, 0 s; threshold 0.25, " \
-           "threshold in force 0.7);" in res.stdout
+           "threshold in force 0.7)\n" in res.stdout
     assert f"the EDGE_AD_DECISION__THRESHOLD of {tmp_path / 'edge-ad.env'}, which overrides" in res.stdout
     (tmp_path / "edge-ad.env").write_text("EDGE_AD_DECISION__THRESHOLD=\n")       # empty: the adapted model's
     res = r.invoke(main, [*base, "--config", str(line), "--json"])
@@ -1283,7 +1283,7 @@ def test_cli_adapt_reports_the_threshold_in_force_as_a_refit_does(tbundle, tmp_p
     res = r.invoke(main, [*base, "--source", f"file://{video}", "--json"])        # no config: nothing known of it
     assert res.exit_code == 0 and "threshold_in_force" not in json.loads(res.stdout)
     res = r.invoke(main, [*base, "--source", f"file://{video}"])
-    assert res.exit_code == 0 and "threshold 0.25 set by its calibration);" in res.stdout, res.output
+    assert res.exit_code == 0 and "threshold 0.25 set by its calibration)\n" in res.stdout, res.output
 
 
 def test_camera_credentials_never_reach_the_calibration_record_or_the_output(tbundle, tmp_path, monkeypatch):
@@ -2212,6 +2212,67 @@ def test_prune_keeps_the_version_a_running_line_decides_with_until_it_reloads(ti
     finally:
         hold.release()
     assert g.calibration_holders() == {} and not [p for p in g.calibration_dir.iterdir() if p.name[0] == "."]
+
+
+def test_calibrate_says_when_a_running_line_still_decides_with_another_version(tbundle, tmp_path, monkeypatch):
+    """'calibration v3 in force (was v2)' while a running edge-ad run went on deciding with v2 until SIGHUP or
+    the MQTT reload (also after --rollback): the run records the version it decides with (.held-<id>.json), and
+    the refit, --rollback and --adapt lines now say 'written' and which process still decides with what until it
+    reloads; --json lists them in not_reloaded. Without a running line (or one on that version): 'in force'."""
+    import os
+    from types import SimpleNamespace
+
+    from edge_ad.bundle import CalibrationHold
+    from edge_ad.calibration import adapt as adapt_mod
+
+    b = tbundle
+    video, _ = _raw_video(tmp_path)
+    refit = ["--source", f"file://{video}", "--frames", "30", "--policy", "max"]
+    still = (f"note: edge-ad run (pid {os.getpid()}) still decides with v1 until it reloads (SIGHUP or the MQTT "
+             "reload command)")
+    hold = CalibrationHold("edge-ad run")
+    hold.put(b, 1)                                                    # a line running v1 beside the command
+    try:
+        res = _calibrate_cli(b, *refit)
+        assert res.exit_code == 0 and "calibration v2 written (was v1): policy max" in res.stdout, res.output
+        assert still in res.stdout and "in force" not in res.stdout.replace("threshold in force", "")
+        res = _calibrate_cli(b, *refit, "--json")
+        [rec] = json.loads(res.stdout)["not_reloaded"]
+        assert (rec["version"], rec["pid"], rec["by"]) == (1, os.getpid(), "edge-ad run") and rec["since"]
+        res = _calibrate_cli(b, "--rollback", "2")
+        assert res.exit_code == 0 and "calibration v2 written (was v3), threshold" in res.stdout and still in res.stdout
+        res = _calibrate_cli(b, "--rollback", "1", "--json")          # the line's own: in force for it too
+        assert json.loads(res.stdout)["not_reloaded"] == []
+        res = _calibrate_cli(b, "--rollback", "2")
+        assert "calibration v2 written (was v1)" in res.stdout and still in res.stdout
+        hold.put(b, 2)                                                # the line reloaded
+        res = _calibrate_cli(b, "--rollback", "1")
+        assert "calibration v1 written (was v2)" in res.stdout and "still decides with v2 until" in res.stdout
+
+        # --adapt switched into a deploy folder: the line still runs the model it replaces, until it reloads
+        def fake_adapt(path, images, **kw):
+            install = SimpleNamespace(release="r0002-x", golden=None, unrecorded=None, replaced_previous=None,
+                                      summary=lambda: {})
+            return adapt_mod.AdaptResult(tmp_path / "cand", "fp32", 1, install=install, threshold=0.25)
+
+        monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
+        monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
+        adapt = ["--source", f"file://{video}", "--frames", "200", "--adapt", "--deploy", str(tmp_path / "d"),
+                 "--no-golden"]
+        res = _calibrate_cli(b, *adapt)
+        assert res.exit_code == 0 and "adapted model installed as r0002-x (" in res.stdout, res.output
+        assert (f"note: edge-ad run (pid {os.getpid()}) still decides with the model it replaces ({b.path.name}) "
+                "until it reloads (SIGHUP or the MQTT reload command, or a restart; its health check then confirms "
+                "the new model or rolls it back)") in res.stdout, res.stdout
+        assert [r["version"] for r in json.loads(_calibrate_cli(b, *adapt, "--json").stdout)["not_reloaded"]] == [2]
+    finally:
+        hold.release()
+    res = _calibrate_cli(b, *adapt)
+    assert res.exit_code == 0 and "note: a running 'edge-ad run' takes it on SIGHUP or the MQTT reload command, " \
+        "or a restart" in res.stdout and "still decides" not in res.stdout
+    res = _calibrate_cli(b, *refit)                                   # nobody runs it: in force
+    assert res.exit_code == 0 and "calibration v4 in force (was v1)" in res.stdout and "note:" not in res.stdout
+    assert json.loads(_calibrate_cli(b, "--rollback", "--json").stdout)["not_reloaded"] == []
 
 
 def test_the_frames_a_killed_adapt_left_are_removed_by_the_next_calibrate_or_adapt(tbundle, tmp_path, caplog,

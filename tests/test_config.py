@@ -515,3 +515,53 @@ def test_every_env_file_option_is_the_shared_one():
         assert opt.opts == ["--env-file"] and opt.help == want.help, name
         assert opt.type.exists and not opt.type.dir_okay and opt.type.type is Path, name
     assert "Only doctor takes it without --config" in want.help
+
+
+def _documented(md: Path) -> dict[str, set[str]]:
+    """{heading: the names in the first column of its tables} of a Markdown file (a cell may name several:
+    `a`, `b`)."""
+    import re
+
+    out: dict[str, set[str]] = {}
+    head = None
+    for line in md.read_text("utf-8").splitlines():
+        m = re.match(r"#+ (.*)", line)
+        if m:
+            head = m.group(1)
+        elif line.startswith("| `") and head is not None:
+            out.setdefault(head, set()).update(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    return out
+
+
+def _fields(model, prefix: str = "") -> set[str]:
+    """The settings of a config section (a nested section's as ``section.field``)."""
+    out = set()
+    for name, f in model.model_fields.items():
+        if f.exclude:
+            continue
+        if hasattr(f.annotation, "model_fields"):
+            out |= _fields(f.annotation, f"{prefix}{name}.")
+        else:
+            out.add(prefix + name)
+    return out
+
+
+def test_every_setting_is_in_the_documented_tables():
+    """'mqtt.connect_timeout_s' was in 'run --print-config' but not in docs/mqtt.md's table. Every field of every
+    config section is in its table (docs/runtime.md, docs/mqtt.md for [mqtt]), and the tables name no field
+    that does not exist."""
+    from edge_ad.config import Settings
+    from edge_ad.mqtt.settings import MqttSettings
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    runtime, mqtt = _documented(docs / "runtime.md"), _documented(docs / "mqtt.md")
+    for section, f in Settings.model_fields.items():
+        if section in ("mqtt", "config_dir"):
+            continue
+        [table] = [k for k in runtime if f"`[{section}]`" in k]   # a shared table names them section.field
+        shared = " and " in table
+        documented = {d.split(".", 1)[1] for d in runtime[table] if d.startswith(f"{section}.")} if shared \
+            else runtime[table]
+        assert _fields(f.annotation) == documented, (section, _fields(f.annotation) ^ documented)
+    documented = mqtt["Settings (`[mqtt]` in the config file)"]
+    assert {"enabled", *MqttSettings.model_fields} == documented, {"enabled", *MqttSettings.model_fields} ^ documented

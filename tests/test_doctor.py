@@ -297,6 +297,33 @@ def test_run_checks_and_cli(tmp_path, mosquitto, tiny):
     assert res.exit_code == 2 and "--ca-file needs --mqtt" in res.output
 
 
+def test_a_bare_doctor_checks_the_machine_and_does_not_claim_run_can_start(tmp_path, tiny, monkeypatch):
+    """'edge-ad doctor' with no bundle and no config ended 'edge-ad run can start', exit 0, though run cannot
+    start without a bundle. It now says what it checked, that no bundle or config was given and what to pass;
+    exit 0 when this machine has what run needs (run_can_start null in --json), 1 when it lacks something."""
+    monkeypatch.delenv("EDGE_AD_CONFIG", raising=False)
+    runner = CliRunner()
+    base = ["doctor", "--data-dir", str(tmp_path), "--min-free-mb", "1"]
+    res = runner.invoke(main, base)
+    assert res.exit_code == 0, res.output
+    assert "\nedge-ad run can start" not in res.output, res.output
+    assert "[  - ] bundle" in res.output and "no bundle or config given" in res.output
+    assert re.search(r"\nthis machine has what edge-ad run needs \(python, numpy, .*disk checked\), but no bundle "
+                     r"or config was given, so whether edge-ad run can start is not known: give --config LINE\.toml "
+                     r"\(the service's\) or --bundle DIR", res.output), res.output
+    rep = json.loads(runner.invoke(main, [*base, "--json"]).output)
+    assert (rep["ok"], rep["exit_code"], rep["run_can_start"]) == (True, 0, None) and "not known" in rep["summary"]
+    res = runner.invoke(main, [*base, "--bundle", str(tiny.path), "--json"])   # a bundle: run itself is checked
+    rep = json.loads(res.output)
+    assert (rep["exit_code"], rep["run_can_start"], rep["summary"].split(" (")[0]) == (0, True,
+                                                                                    "edge-ad run can start")
+    # the machine lacks something run needs: cannot start, whatever the bundle
+    res = runner.invoke(main, ["doctor", "--data-dir", str(tmp_path), "--min-free-mb", str(2**40), "--json"])
+    rep = json.loads(res.output)
+    assert (res.exit_code, rep["run_can_start"]) == (1, False) and rep["summary"].startswith(
+        "edge-ad run cannot start: disk")
+
+
 def test_cli_with_config(tmp_path, tiny):
     b = copy_bundle(tiny, tmp_path / "b")
     cfg = tmp_path / "edge-ad.toml"

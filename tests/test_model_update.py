@@ -523,6 +523,63 @@ def test_failing_golden_check_keeps_the_running_model(bundles, golden, tmp_path)
         install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), tmp_path / "fresh", golden)
 
 
+def test_a_failed_golden_check_names_the_images_it_misjudged(bundles, golden, tmp_path):
+    """'golden-set check failed ...: accuracy 0.889 on 9 labelled golden images < 0.9' named no image (the
+    engineer looked the culprit up in eval/report.json), and 'bundle install --json' printed nothing. The error
+    (CLI, update_model's reply) names the misjudged images, what each should have been, its score and the
+    threshold, the first five and how many more; --json prints the report, which lists them."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, _, c = bundles                                                  # C never says NG
+    r = CliRunner()
+    arch_c = pack_bundle(c.path, tmp_path / "c.tar")
+    fresh = tmp_path / "fresh"
+    res = r.invoke(main, ["bundle", "install", str(arch_c), "--deploy", str(fresh), "--golden", str(golden)])
+    assert res.exit_code == 1 and "accuracy 0.500 on 16 labelled golden images < 0.9; misjudged 8 of 16 golden " \
+        "images: " in res.stderr, res.output
+    for i in range(5):
+        assert re.search(rf"{golden / 'ng' / f'{i}.png'}: NG expected, judged OK \(score \S+ <= threshold 1e\+09\)",
+                         res.stderr), res.stderr
+    assert f"{golden / 'ng' / '5.png'}" not in res.stderr and res.stderr.rstrip().endswith("; and 3 more")
+    assert res.stdout == "" and not fresh.exists()
+    res = r.invoke(main, ["bundle", "install", str(arch_c), "--deploy", str(fresh), "--golden", str(golden),
+                          "--json"])
+    assert res.exit_code == 1 and "misjudged 8 of 16" in res.stderr
+    out = json.loads(res.stdout)
+    assert "misjudged 8 of 16" in out["error"] and not out["golden"]["passed"] and out["golden"]["n_misjudged"] == 8
+    assert [m["image"] for m in out["golden"]["misjudged"]] == [str(golden / "ng" / f"{i}.png") for i in range(8)]
+    assert {(m["expected"], m["expected_from"], m["judged"], m["threshold"]) for m in out["golden"]["misjudged"]} \
+        == {("NG", "label", "OK", 1e9)} and all(isinstance(m["score"], float) for m in out["golden"]["misjudged"])
+
+    # an unlabelled image is judged against the running model's decision; update_model's reply names it too
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    loose = tmp_path / "loose"
+    shutil.copytree(golden / "good", loose / "good")
+    _write(loose / "odd.png", part_frame(7000, defect=True))           # A says NG, C says OK
+    svc = _line(tmp_path, deploy, golden_dir=str(loose))
+    try:
+        body = _mqtt_update_model(svc)({"url": str(arch_c), "sha256": _sha(arch_c)})
+        assert not body["ok"] and body["error"]["code"] == "failed", body
+        assert re.search(rf"misjudged 1 of 9 golden images: {loose / 'odd.png'}: NG expected \(the running model's "
+                         r"decision: an unlabelled image\), judged OK \(score \S+ <= threshold 1e\+09\)",
+                         body["error"]["message"]), body
+        body = _mqtt_update_model(svc)({"url": str(arch_c), "sha256": _sha(arch_c), "activate": False})
+        [m] = body["result"]["golden"]["misjudged"]
+        assert (m["image"], m["expected_from"], body["result"]["golden"]["passed"]) == (str(loose / "odd.png"),
+                                                                                      "running model", False)
+    finally:
+        svc.inspector.backend.close()
+
+
+def _sha(path: Path) -> str:
+    from edge_ad.atomic import sha256_file
+
+    return sha256_file(path)
+
+
 def test_a_damaged_running_release_does_not_block_the_update_that_replaces_it(bundles, golden, tmp_path):
     a, b, c = bundles
     deploy = tmp_path / "deploy"
@@ -615,7 +672,7 @@ def test_health_watch_rolls_back_when_no_frames_are_processed(bundles, golden, t
     assert v.status == "failed" and "no frames processed within 60 s" in v.reason
     assert v.rolled_back and v.restored == r1.path
     dep = deployment(deploy)
-    assert (dep.current, dep.previous, dep.health) == (r1.release, r2.release, "rolled_back")
+    assert (dep.current, dep.previous, dep.health) == (r1.release, r2.release, "unchecked")
     assert dep.detail["rolled_back_from"] == r2.release
     watch.record(ng=False)
     assert watch.poll() is v                                       # the verdict is final
@@ -880,7 +937,7 @@ def test_a_health_rollback_waits_for_the_deploy_lock_and_lands_when_it_is_free(b
     assert v.status == "failed" and v.rollback == "done" and v.rolled_back and v.restored == r1.path
     assert "after waiting 101 s for the deploy lock" in v.reason
     dep = deployment(deploy)
-    assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "rolled_back")
+    assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "unchecked")
     assert watch.poll() is v                                            # final now
 
 
@@ -981,10 +1038,10 @@ def test_a_healthy_verdict_is_recorded_under_the_deploy_lock_on_the_judged_relea
     assert (dep.current, dep.health) == (judged, "ok")
     assert rollback_model(deploy, reason="edge-ad bundle rollback", to=r1.release).current == r1.release  # now
     dep = deployment(deploy)
-    assert (dep.current, dep.health) == (r1.release, "rolled_back") and watch.poll() is v
+    assert (dep.current, dep.health) == (r1.release, "unchecked") and watch.poll() is v
     with pytest.raises(RuntimeFailure, match=f"'current' is {r1.release} now, not {judged}; not recorded as healthy"):
         deploy_mod.confirm(deploy, release=judged)
-    assert deployment(deploy).health == "rolled_back"
+    assert deployment(deploy).health == "unchecked"
 
 
 @pytest.mark.parametrize("meanwhile", ["nothing", "install"])
@@ -1127,12 +1184,12 @@ def test_a_health_rollback_that_cannot_be_written_never_raises_and_leaves_a_stat
         assert (v.status, v.rollback, v.rolled_back, v.restored, v.rolled_back_to) == (
             "failed", "done", True, r1.path, r1.release)
         assert "rolled back, but its record is incomplete" in v.reason and watch.poll() is v
-        assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "rolled_back")
-        assert {r["id"]: r["health"] for r in deploy_mod.releases(deploy)}[failing] == "rolled_back"
+        assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "unchecked")
+        assert {r["id"]: r["health"] for r in deploy_mod.releases(deploy)}[failing] == "failed"
         assert len(errors) == 1 and "the record of the rollback is incomplete" in errors[0].getMessage()
         full.on = False                                                 # the next rollback completes the record
         back = rollback_model(deploy, reason="edge-ad bundle rollback")
-        assert (back.current, back.previous, back.health) == (failing, r1.release, "rolled_back")
+        assert (back.current, back.previous, back.health) == (failing, r1.release, "failed")
         assert "pending" not in back.detail and back.unrecorded is None
         return
     assert (v.status, v.rollback, v.rolled_back) == ("failed", "waiting", False)
@@ -1146,7 +1203,7 @@ def test_a_health_rollback_that_cannot_be_written_never_raises_and_leaves_a_stat
     assert (v.rollback, v.rolled_back, v.rolled_back_to) == ("done", True, r1.release)
     assert "after waiting 1 s for the deploy folder to be writable" in v.reason
     dep = deployment(deploy)
-    assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "rolled_back")
+    assert (dep.current, dep.previous, dep.health) == (r1.release, failing, "unchecked")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -1233,7 +1290,7 @@ def test_a_health_rollback_on_a_full_disk_keeps_the_line_running_and_says_how_it
             health = _health_events(svc)
             assert [e["rollback"] for e in health] == ["waiting", "done"] and health[1]["rolled_back_to"] == r1.release
         assert svc.inspector.model_hash == a.model_hash() and svc.reporter.health is None
-        assert (deployment(deploy).current, deployment(deploy).health) == (r1.release, "rolled_back")
+        assert (deployment(deploy).current, deployment(deploy).health) == (r1.release, "unchecked")
     finally:
         svc.inspector.backend.close()
     monkeypatch.undo()
@@ -1428,12 +1485,86 @@ def test_cli_rollback_to_any_kept_release_and_status_lists_them(bundles, tmp_pat
         assert svc._reload_bundle()["model_hash"] == a.model_hash()      # what SIGHUP / MQTT reload call
         assert svc.inspector.model_hash == a.model_hash() and svc.reporter.health is None
         dep = deployment(deploy)
-        assert (dep.current, dep.previous, dep.health) == (r1, r3, "rolled_back")
+        assert (dep.current, dep.previous, dep.health) == (r1, r3, "unchecked")   # never judged, never watched
     finally:
         svc.inspector.backend.close()
     res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
-    assert res.exit_code == 0 and re.search(rf"{r3}  installed \S+  health rolled_back  \(previous\)", res.output)
-    assert re.search(rf"{r1}  installed \S+  health rolled_back  \(current\)", res.output), res.output
+    assert res.exit_code == 0 and re.search(rf"{r3}  installed \S+  health unchecked  \(previous\)", res.output)
+    assert re.search(rf"{r1}  installed \S+  health unchecked  \(current\)", res.output), res.output
+
+
+def test_status_gives_each_release_its_own_health_and_a_rollback_by_hand_judges_none(bundles, tmp_path,
+                                                                                     monkeypatch):
+    """Two releases each judged healthy, then 'edge-ad bundle rollback': status called both 'rolled_back' (the
+    one in force took the last switch's state) and deploy.json recorded the healthy release left as 'failed'.
+    Each release now has its own health, the rollback by hand names who made it and judges nothing, status says
+    how the release in force came back; a release that failed its health check reads 'failed'. An older
+    edge-ad's records (health 'rolled_back', a rollback by hand naming the release left 'failed') read so too."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r = CliRunner()
+
+    def status():
+        res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"])
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout)
+        return out, {x["id"]: x["health"] for x in out["releases"]}
+
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False).release
+    deploy_mod.confirm(deploy)                                       # what the health check records
+    r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False).release
+    assert status()[1] == {r1: "ok", r2: "pending"}
+    deploy_mod.confirm(deploy)
+    monkeypatch.setenv("SUDO_USER", "alice")
+    res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
+    assert res.exit_code == 0 and f"current -> releases/{r1} (previous: {r2})" in res.stdout, res.output
+    out, health = status()
+    assert (out["current"], out["health"], health) == (r1, "ok", {r1: "ok", r2: "ok"})
+    assert out["rollback"]["from"] == r2 and not out["rollback"]["failed"], out["rollback"]
+    assert re.fullmatch(r"edge-ad bundle rollback \(user .+, sudo from alice\)", out["rollback"]["by"])
+    state = json.loads((deploy / "deploy.json").read_text())
+    last = state["history"][-1]
+    assert (last["event"], last["release"], last["rolled_back_from"], "failed" in last) == ("rolled_back", r1, r2,
+                                                                                            False)
+    assert last["by"] == out["rollback"]["by"] and state["health"] == "ok"
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert f"current: {r1}  previous: {r2}  health: ok\n" in res.stdout, res.stdout
+    assert re.search(rf"rolled back from {r2} at \S+: by hand, edge-ad bundle rollback \(user .+, sudo from alice\) "
+                     rf"\(no verdict on {r2}\)", res.stdout), res.stdout
+    assert re.search(rf"{r2}  installed \S+  health ok  \(previous\)\n  {r1}  installed \S+  health ok  \(current\)",
+                     res.stdout), res.stdout
+
+    assert rollback_model(deploy, by="test").current == r2           # the second plain rollback: r2 again, healthy
+    assert deployment(deploy).health == "ok" and status()[1] == {r1: "ok", r2: "ok"}
+    r3 = install_bundle(pack_bundle(a.path, tmp_path / "a3.tar"), deploy, require_golden=False, keep=4).release
+    watch = HealthWatch(deploy, limits=HealthLimits(window_s=0), clock=Clock())
+    assert watch.poll().rolled_back                                  # no frame in the window: failed, rolled back
+    out, health = status()
+    assert (out["current"], out["health"], health) == (r2, "ok", {r1: "ok", r2: "ok", r3: "failed"})
+    assert (out["rollback"]["from"], out["rollback"]["failed"], out["rollback"]["by"]) == (r3, True, None)
+    res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert f"rolled back from {r3} at " in res.stdout and ": it failed (health check: no frames processed" \
+        in res.stdout, res.stdout
+    rollback_model(deploy, to=r3)                                    # by hand onto the failed one: still failed
+    assert deployment(deploy).health == "failed" and status()[1][r3] == "failed"
+
+    # deploy.json as an older edge-ad wrote it: a rollback by hand to r2, the release left named "failed"
+    state = json.loads((deploy / "deploy.json").read_text())
+    state.update(current=r2, previous=r3, health="rolled_back", rolled_back_from=r3, reason="edge-ad bundle rollback")
+    state["history"] = [e for e in state["history"] if e["event"] != "rolled_back"] + [
+        {"time": "t", "event": "rolled_back", "release": r2, "failed": r1, "reason": "edge-ad bundle rollback"}]
+    for name, rid in (("current", r2), ("previous", r3)):
+        (deploy / name).unlink()
+        (deploy / name).symlink_to(f"releases/{rid}")
+    (deploy / "deploy.json").write_text(json.dumps(state))
+    (deploy / "releases" / r3 / ".health-failed.json").unlink()
+    out, health = status()
+    assert (out["health"], health) == ("ok", {r1: "ok", r2: "ok", r3: "unchecked"}), health
+    assert (out["rollback"]["from"], out["rollback"]["failed"]) == (r3, False)
 
 
 def test_cli_status_and_rollback_name_a_release_deleted_by_hand_or_with_a_corrupt_manifest(bundles, tmp_path):
@@ -1874,7 +2005,7 @@ def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, g
         with pytest.raises(RuntimeFailure, match=f"could not be swapped in.*back on {first.release}"):
             _update(svc, new)
         dep = deployment(deploy)
-        assert dep.current == first.release and dep.health == "rolled_back"
+        assert dep.current == first.release and dep.health == "unchecked"
         [ev] = _health_events(svc)                                      # as a health-check rollback says it
         assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
             "failed", True, "done", dep.previous, first.release)
@@ -1925,7 +2056,7 @@ def test_a_failed_swaps_rollback_on_a_full_disk_is_a_failed_reply_naming_the_sta
             assert (f"; rolled back, but its record is incomplete: {deploy / point.split()[0]}: no space left on "
                     "device") in msg
             assert msg.endswith(f"; 'current' is back on {first}, the running model is unchanged"), msg
-            assert (dep.current, dep.previous, dep.health) == (first, new, "rolled_back")
+            assert (dep.current, dep.previous, dep.health) == (first, new, "ok")
             assert (ev["rolled_back"], ev["rollback"], ev["rolled_back_to"]) == (True, "done", first)
             return
         assert msg.endswith(f"; and it cannot be rolled back now ({deploy / point.split()[0]}: no space left on "
@@ -2216,7 +2347,7 @@ def test_run_watches_a_release_installed_while_it_was_not_running(bundles, tmp_p
     svc = _line(tmp_path, deploy)
     try:
         _failing_frames(svc)
-        assert deployment(deploy).current == r1.release and deployment(deploy).health == "rolled_back"
+        assert deployment(deploy).current == r1.release and deployment(deploy).health == "unchecked"
         assert svc.inspector.model_hash == a.model_hash()
         [ev] = _health_events(svc)
         assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
@@ -2703,7 +2834,7 @@ def test_a_pending_release_the_line_cannot_open_is_rolled_back_at_start(tiny_bun
     svc = _line(tmp_path, deploy, precision="int8")
     try:
         dep = deployment(deploy)
-        assert dep.current == good and dep.health == "rolled_back"
+        assert dep.current == good and dep.health == "unchecked"
         assert Path(svc.bundle.path).resolve() == dep.current_path.resolve()
         ev = _health_events(svc)
         assert ev and ev[0]["status"] == "failed" and ev[0]["rolled_back"] is True
@@ -2734,7 +2865,7 @@ def test_reload_onto_a_pending_release_the_line_cannot_open_rolls_it_back(tiny_b
         with pytest.raises(RuntimeFailure, match=r"reload: release .* cannot be opened .*rolled back: 'current' "
                                                  rf"is {good}, the running model is unchanged"):
             svc._reload_bundle()
-        assert deployment(deploy).current == good and deployment(deploy).health == "rolled_back"
+        assert deployment(deploy).current == good and deployment(deploy).health == "unchecked"
         assert svc.inspector.model_hash == running
         assert svc.events[-1]["type"] == "model_health" and svc.events[-1]["rolled_back"] is True
         assert _health_events(svc)[-1]["rolled_back_to"] == good
@@ -3294,6 +3425,53 @@ def test_cli_install_config_takes_the_env_file_next_to_it(tiny_bundle, tmp_path,
     assert deployment(deploy) == before
 
 
+def test_cli_status_and_rollback_take_the_lines_deploy_folder_from_its_config(bundles, tmp_path):
+    """'bundle status' and 'bundle rollback' took no --config, while install, doctor and calibrate do: the
+    engineer had to copy the deploy folder out of the line's config. Both take --config (its edge-ad.env applied
+    over it, or --env-file): the line's deploy_dir, named on stderr, as 'bundle install --config' takes it; a
+    --deploy that is not the line's is warned of; neither given is an error naming both."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, _ = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False).release
+    r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False).release
+    cfg = tmp_path / "etc" / "config.toml"
+    cfg.parent.mkdir()
+    cfg.write_text(f'[model]\ndeploy_dir = "{tmp_path / "elsewhere"}"\n[source]\nuri = "synthetic://disc"\n')
+    env_file = cfg.parent / "edge-ad.env"                              # the service's: its deploy_dir is the line's
+    env_file.write_text(f'EDGE_AD_MODEL__DEPLOY_DIR="{deploy}"\n')
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "status", "--config", str(cfg), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["current"] == r2, res.output
+    assert f"note: {env_file} applied over --config as the service gets it (EDGE_AD_MODEL__DEPLOY_DIR)" in res.stderr
+    assert (f"note: no --deploy: deploy folder {deploy}, the EDGE_AD_MODEL__DEPLOY_DIR of {env_file}"
+            in res.stderr), res.stderr
+    res = r.invoke(main, ["bundle", "rollback", "--config", str(cfg)])
+    assert res.exit_code == 0 and f"current -> releases/{r1} (previous: {r2})" in res.stdout, res.output
+    assert f"note: no --deploy: deploy folder {deploy}, the EDGE_AD_MODEL__DEPLOY_DIR" in res.stderr
+    other = tmp_path / "other.env"
+    other.write_text(f"EDGE_AD_MODEL__DEPLOY_DIR={tmp_path / 'elsewhere'}\n")
+    res = r.invoke(main, ["bundle", "status", "--config", str(cfg), "--env-file", str(other), "--deploy",
+                          str(deploy)])                                 # given, not the line's: shown, warned
+    assert res.exit_code == 0 and f"current: {r1}" in res.stdout, res.output
+    assert (f"warning: --deploy {deploy} is not the line's deploy folder (it runs the release in force of "
+            f"{tmp_path / 'elsewhere'}, the EDGE_AD_MODEL__DEPLOY_DIR of {other}): showing {deploy} as asked"
+            in res.stderr), res.stderr
+    res = r.invoke(main, ["bundle", "rollback", "--config", str(cfg), "--env-file", str(other)])
+    assert res.exit_code == 2 and f"--deploy {tmp_path / 'elsewhere'}: no such folder" in res.output, res.output
+    assert deployment(deploy).current == r1                            # nothing rolled back there
+    for cmd in ("status", "rollback"):
+        res = r.invoke(main, ["bundle", cmd])
+        assert res.exit_code == 2 and ("without --deploy, the folder is the line's deploy folder: give --config "
+                                       "LINE.toml (its [model] deploy_dir) or --deploy DIR") in res.output, res.output
+        res = r.invoke(main, ["bundle", cmd, "--deploy", str(deploy), "--env-file", str(other)])
+        assert res.exit_code == 2 and "--env-file needs --config" in res.output, res.output
+    assert deployment(deploy).current == r1
+
+
 def test_cli_install_config_names_the_lines_settings_it_takes_as_calibrate_config_does(tiny_bundle, tmp_path):
     """'bundle install --config' took the line's [model] deploy_dir, golden_dir, backend, precision and device with
     lines of its own and said nothing of them, while 'calibrate --config' names each setting it takes and warns of
@@ -3419,7 +3597,7 @@ def test_a_failed_release_whose_rollback_was_given_up_is_rolled_back_by_a_restar
     assert ev["reason"].startswith(f"release {failing} failed its health check before this start") \
         and "error rate" in ev["reason"]
     dep = deployment(deploy)
-    assert (dep.current, dep.health) == (r1.release, "rolled_back") and svc.inspector.model_hash == a.model_hash()
+    assert (dep.current, dep.health) == (r1.release, "unchecked") and svc.inspector.model_hash == a.model_hash()
     assert svc.reporter.health is None                              # the release restored ran before: not watched
     assert svc.run()["frames"] == 30
     assert {json.loads(line)["model_hash"] for line in results.read_text().splitlines()} == {a.model_hash()}
@@ -3456,7 +3634,7 @@ def test_a_restart_rolls_a_release_that_failed_its_health_check_back_before_it_i
     assert svc.run()["frames"] == 40
     assert {json.loads(line)["model_hash"] for line in results.read_text().splitlines()} == {a.model_hash()}
     dep = deployment(deploy)
-    assert (dep.current, dep.previous, dep.health) == (r1, failing, "rolled_back")
+    assert (dep.current, dep.previous, dep.health) == (r1, failing, "unchecked")
     [ev] = _health_events(svc)
     assert (ev["status"], ev["rolled_back"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
         "failed", True, "done", failing, r1)

@@ -775,6 +775,31 @@ def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
     assert r.returncode == 2 and "bundle folder not found" in r.stderr
 
 
+def test_eval_says_where_it_wrote_the_report_and_pictures(category, tmp_path):
+    """'edge-ad eval' wrote BUNDLE/eval/report.json, grid.png and histogram.png without a word about where (the
+    demo names them). The text report ends with the paths written; --json (and report.json) has them in
+    'files'."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from fixtures_bundle import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "tiny")
+    r = CliRunner()
+    res = r.invoke(main, ["eval", "--bundle", str(b.path), "--data", str(category)])
+    assert res.exit_code == 0, res.output
+    out = b.path / "eval"
+    assert res.stdout.rstrip().splitlines()[-1] == (f"wrote {out / 'report.json'}, {out / 'grid.png'}, "
+                                                    f"{out / 'histogram.png'}"), res.stdout
+    res = r.invoke(main, ["eval", "--bundle", str(b.path), "--data", str(category), "--out", str(tmp_path / "e"),
+                          "--json"])
+    files = json.loads(res.stdout)["files"]
+    assert files == {"report": str(tmp_path / "e" / "report.json"), "grid": str(tmp_path / "e" / "grid.png"),
+                     "histogram": str(tmp_path / "e" / "histogram.png")}
+    assert all(Path(f).is_file() for f in files.values())
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["files"] == files
+
+
 def test_the_training_images_bit_depth_is_recorded_and_eval_warns_about_images_of_another(category, tmp_path,
                                                                                            caplog):
     """12-bit grey camera data in 16-bit PNGs trains a model on 0..15 of 255; the same parts as 8-bit colour

@@ -255,12 +255,11 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
             threshold = cand.calibration().threshold   # read here: an install may leave no candidate folder
             golden = None
             if golden_dir is not None and deploy_dir is None:
-                from .deploy import check_golden
+                from .deploy import check_golden, golden_failure
 
                 golden = check_golden(cand, golden_dir, src, backend=backend, precision=precision, device=run_device)
                 if not golden["passed"]:
-                    raise GuardFailure("--adapt: the adapted model failed the golden-set check, the running model is "
-                                       "unchanged: " + "; ".join(golden["failures"]))
+                    raise golden_failure(golden, "--adapt: the adapted model failed the golden-set check")
             install = None
             if deploy_dir is not None:
                 from .deploy import install_bundle, open_probe

@@ -59,7 +59,7 @@ import numpy as np
 from .. import atomic
 from ..bundle import Bundle, now_iso
 from ..data.image import IMAGE_EXTS, list_images, load_image
-from ..errors import Busy, EdgeADError, InputError, RuntimeFailure, os_error_text
+from ..errors import Busy, EdgeADError, GuardFailure, InputError, RuntimeFailure, os_error_text
 from .package import PREFIX, PackageInfo, extract_archive, load_key, read_index
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,12 @@ class Deployment:
     deploy_dir: Path
     current: str | None          # release id the ``current`` link points at
     previous: str | None
-    health: str                  # "pending" | "ok" | "failed" | "rolled_back" | "none"
+    # the release in force's own health: "pending" (switched in by an install, its health check not done: the
+    # runtime watches it), "ok" (its health check passed), "failed" (its health check failed, or the line could
+    # not open it, and a rollback by hand switched it in again), "unchecked" (switched in by a rollback before any
+    # verdict on it: never watched) or "none" (no release). A rollback leaves it the release's own, never
+    # "pending" (see release_health)
+    health: str
     detail: dict = field(default_factory=dict)
     # rollback_model: why its record is incomplete (deploy.json or the 'previous' link not written after 'current'
     # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch_recorded)
@@ -212,8 +217,10 @@ def deployment(deploy_dir: str | os.PathLike, must_exist: bool = False) -> Deplo
         if prev is not None and prev_damaged is not None and prev_damaged.link is not None:
             prev_damaged = None   # a damaged link an install was replacing (_install): the record says what it is now
     health = st.get("health", "none") if st.get("current") == cur else ("pending" if cur else "none")
-    if _cut_short(st, cur) is not None and pending.get("health") == "rolled_back":
-        health = "rolled_back"   # a rollback whose record was cut short: not a new release to watch
+    if health == ROLLED_BACK or _cut_short(st, cur) is not None and pending.get("health") == ROLLED_BACK:
+        # switched in by a rollback (its record cut short, or written by an older edge-ad, which recorded
+        # "rolled_back"): the release's own health, never a new release to watch
+        health = release_health(_history(st, cur), cur)
     return Deployment(d, cur, prev, health, {k: v for k, v in st.items() if k != "history"},
                       previous_damaged=prev_damaged)
 
@@ -230,6 +237,63 @@ def previous_problem(dep: Deployment) -> DeployDamaged | None:
     return DeployDamaged(f"{d / PREVIOUS}: points at {RELEASES}/{dep.previous}, which is "
                          f"{release_problem(d, dep.previous)}", f"point it at a kept release: ln -sfn "
                                                                 f"{_relink(d, PREVIOUS)}")
+
+
+ROLLED_BACK = "rolled_back"   # the health a rollback's pending record gives the release it switches in (_switch)
+
+
+def _by_hand(ev: dict) -> bool:
+    """A ``rolled_back`` record of deploy.json's history made by hand (``edge-ad bundle rollback``): it says
+    nothing of the release left. One by an older edge-ad named that release ``failed`` too, with the command in
+    its reason."""
+    return "by" in ev or str(ev.get("reason", "")).startswith("edge-ad bundle rollback")
+
+
+def release_health(history, release: str | None) -> str:
+    """The health of ``release`` by the last verdict on it in deploy.json's ``history``: "ok" (its health check
+    passed), "failed" (rolled back from because it failed its health check or the line could not open it) or
+    "unchecked" (no verdict recorded: never watched, rolled back from by hand before its verdict, or older than
+    the history kept). A rollback by hand is no verdict on the release it leaves."""
+    for ev in reversed(history if isinstance(history, list) else []):
+        if not isinstance(ev, dict):
+            continue
+        if ev.get("event") == "health_ok" and ev.get("release") == release:
+            return "ok"
+        if ev.get("event") == ROLLED_BACK and ev.get("failed") == release and not _by_hand(ev):
+            return "failed"
+    return "unchecked"
+
+
+def last_rollback(dep: Deployment) -> dict | None:
+    """How the release in force came back, when a rollback switched it in (deploy.json's record of it, also one
+    cut short): ``from`` (the release left), ``failed`` (whether that one failed: a health check, or the line
+    could not open it; else it was a rollback by hand), ``by`` (who made one by hand), ``reason`` and ``time``
+    (None when its record was cut short). None when an install switched it in."""
+    st = dep.detail
+    rec = _cut_short(st, dep.current)
+    if rec is None:
+        rec = st if st.get("current") == dep.current and "rolled_back_from" in st else None
+    elif rec.get("health") != ROLLED_BACK:
+        rec = None
+    if rec is None:
+        return None
+    return {"from": rec.get("rolled_back_from", rec.get("previous")), "failed": not _by_hand(rec),
+            "by": rec.get("by"), "reason": rec.get("reason"), "time": rec.get("switched_at")}
+
+
+def _history(state: dict, current: str | None) -> list:
+    """deploy.json's history, with the record of the switch to ``current`` when it was cut short (its pending
+    record, :func:`_cut_event`)."""
+    hist = state.get("history")
+    hist = hist if isinstance(hist, list) else []
+    cut = _cut_short(state, current)
+    return hist if cut is None else [*hist, _cut_event(cut)]
+
+
+def _cut_event(cut: dict) -> dict:
+    """The history record of a switch whose own was cut short, from its pending record (:func:`_switch`)."""
+    return {"event": ROLLED_BACK if cut.get("health") == ROLLED_BACK else "switched", "cut_short": True,
+            **{k: v for k, v in cut.items() if k != "health"}}
 
 
 def _cut_short(state: dict, current: str | None) -> dict | None:
@@ -378,7 +442,6 @@ def build_line_engine(candidate: Bundle, images: Path | None, precision: str | N
     training data, when it is on this machine). Raises InputError / GuardFailure / RuntimeFailure naming
     what failed; the caller switches nothing in then."""
     from ..compile.tensorrt import _say, compile_bundle
-    from ..errors import GuardFailure
     from ..runtime.backends.tensorrt import parse_device
 
     if images is None:
@@ -401,12 +464,52 @@ def build_line_engine(candidate: Bundle, images: Path | None, precision: str | N
         raise type(exc)(f"{what} could not be built on this device: {exc}; update refused") from exc
 
 
+MISJUDGED_KEPT = 100   # misjudged golden images a report lists (n_misjudged counts them all)
+MISJUDGED_SAID = 5     # ... and a failure's message names
+
+
+class GoldenFailure(GuardFailure):
+    """A candidate failed the golden-set check: the message says why and names the images it misjudged
+    (:func:`golden_failure`); ``report`` is :func:`check_golden`'s."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def golden_failure(report: dict, what: str = "golden-set check failed") -> GoldenFailure:
+    """The error for a failed :func:`check_golden` ``report``: ``WHAT, the running model is unchanged: FAILURES;
+    misjudged N of M golden images: IMAGE: NG expected, judged OK (score S <= threshold T); ...`` (the first
+    :data:`MISJUDGED_SAID`, then how many more)."""
+    bad = report.get("misjudged") or []
+    n = report.get("n_misjudged", len(bad))
+    said = ""
+    if n:
+        more = n - min(n, MISJUDGED_SAID)
+        said = (f"; misjudged {n} of {report['n_images']} golden images: "
+                + "; ".join(_misjudged_text(m) for m in bad[:MISJUDGED_SAID]) + (f"; and {more} more" if more else ""))
+    return GoldenFailure(f"{what}, the running model is unchanged: " + "; ".join(report["failures"]) + said, report)
+
+
+def _misjudged_text(m: dict) -> str:
+    """``IMAGE: NG expected, judged OK (score S <= threshold T)`` for an entry of a report's ``misjudged``."""
+    by = "" if m["expected_from"] == "label" else " (the running model's decision: an unlabelled image)"
+    score = m["score"]
+    rel = "not a number, never OK:" if score is None else ">" if m["judged"] == "NG" else "<="
+    return (f"{m['image']}: {m['expected']} expected{by}, judged {m['judged']} (score "
+            f"{'' if score is None else f'{score:.6g} '}{rel} threshold {m['threshold']:.6g})")
+
+
 def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bundle | None = None,
                  backend: str = "auto", precision: str | None = None,
                  limits: GoldenLimits | None = None, device: str | None = None) -> dict:
     """Judge ``candidate`` on the golden set (against ``running`` when given); a report with
-    ``passed`` and ``failures``. Both run on ``backend`` / ``precision`` / ``device``: give the line's
-    (``model.*``), so that the check runs what will run."""
+    ``passed`` and ``failures``, and ``misjudged``: the images the candidate decides otherwise than their
+    label (``good/`` OK, other folders NG) or, unlabelled, than the running model (``image``, ``expected``,
+    ``expected_from`` "label" or "running model", ``judged``, ``score``: None when not a number, ``threshold``:
+    the candidate's calibration's), the first :data:`MISJUDGED_KEPT`, ``n_misjudged`` counting them all. Both run
+    on ``backend`` / ``precision`` / ``device``: give the line's (``model.*``), so that the check runs what will
+    run."""
     from ..compile.guard import auroc
 
     limits = limits or GoldenLimits()
@@ -441,6 +544,15 @@ def check_golden(candidate: Bundle, golden_dir: str | os.PathLike, running: Bund
         failures.append(f"the candidate's score is not a finite number (NaN or inf) on {int(bad.sum())} of "
                         f"{len(items)} golden images, e.g. {items[int(np.argmax(bad))][0]}")
     lab = labels >= 0
+    threshold = float(candidate.calibration().threshold)
+    expected = np.where(lab, labels == 1, r_ng if running is not None else c_ng)   # unlabelled: the running model's
+    wrong = [i for i in range(len(items)) if c_ng[i] != expected[i] and (lab[i] or running is not None)]
+    report["n_misjudged"] = len(wrong)
+    report["misjudged"] = [
+        {"image": str(items[i][0]), "expected": "NG" if expected[i] else "OK",
+         "expected_from": "label" if lab[i] else "running model", "judged": "NG" if c_ng[i] else "OK",
+         "score": float(c_s[i]) if np.isfinite(c_s[i]) else None, "threshold": threshold}
+        for i in wrong[:MISJUDGED_KEPT]]
     if lab.any():
         y = labels[lab] == 1
         c_err = int((c_ng[lab] != y).sum())
@@ -584,8 +696,6 @@ def golden_for(deploy_dir: str | os.PathLike, golden_dir, require_golden: bool =
 
 def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
              keep, device, probe, calib_dir, progress) -> InstallResult:
-    from ..errors import GuardFailure
-
     dep = deployment(d)
     key_obj = load_key(key) if key is not None else None
     golden_dir = golden_for(d, golden_dir, require_golden)
@@ -660,8 +770,7 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
             report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
                                   limits=limits, device=device)
             if not report["passed"]:
-                raise GuardFailure("golden-set check failed, the running model is unchanged: "
-                                   + "; ".join(report["failures"]))
+                raise golden_failure(report)
         if probe is not None:
             probe(candidate)
         atomic.write_json(staging / INSTALLED_FROM, {"archive": content, "release": _content(candidate),
@@ -715,14 +824,19 @@ def _replaced_damaged(d: Path, damaged: DeployDamaged, previous: str) -> str | N
 SPACE_MARGIN = 1 << 20
 
 
-def _switch(d: Path, to: str, previous: str | None, health: str = "pending") -> None:
+def _switch(d: Path, to: str, previous: str | None, health: str = "pending", detail: dict | None = None) -> None:
     """Point ``current`` at ``to``, then ``previous`` at ``previous``, after recording both as ``pending`` in
-    deploy.json, with the ``health`` the switch gives ``to`` ("pending" for an install, "rolled_back" for a
-    rollback): a power cut (or a full disk) between the two link updates, or before the caller's state write,
-    leaves ``current`` moved and ``previous`` or the record not, and :func:`deployment` takes ``previous``
-    and the health from that record. The caller's next state write drops it."""
+    deploy.json, with the ``health`` the switch gives ``to`` ("pending" for an install, :data:`ROLLED_BACK` for a
+    rollback) and the ``detail`` of its history record: a power cut (or a full disk) between the two link
+    updates, or before the caller's state write, leaves ``current`` moved and ``previous`` or the record not,
+    and :func:`deployment` takes ``previous`` and the health from that record (``bundle status`` the detail).
+    The caller's next state write drops it."""
     state = _read_state(d)
-    state["pending"] = {"release": to, "previous": previous, "health": health}
+    cut = _cut_short(state, _link_target(d, CURRENT))
+    if cut is not None:   # the last switch's record was cut short: its history record is kept now
+        state["history"] = [*(state.get("history") if isinstance(state.get("history"), list) else []),
+                            {"time": now_iso(), **_cut_event(cut)}]
+    state["pending"] = {**(detail or {}), "release": to, "previous": previous, "health": health}
     _write_state(d, state, "switch_started", release=to, previous=previous)
     _point(d, CURRENT, to)
     if previous is not None:
@@ -736,9 +850,11 @@ def _switch_recorded(d: Path, to: str, previous: str | None, health: str, done: 
     moved is raised: nothing changed, but for a pending record :func:`deployment` ignores. One after it (the
     ``previous`` link or the final record not written) is one ERROR log (``done``: what happened) and the
     switch holds: :func:`deployment` reads it from the pending record until the next install or rollback
-    completes the record. Returns why the record is incomplete (:attr:`Deployment.unrecorded`), or None."""
+    completes the record. Returns why the record is incomplete (:attr:`Deployment.unrecorded`), or None. A
+    ``health`` in ``fields`` is the one recorded at the end (a rollback's: the release's own, :func:`release_health`).
+    """
     try:
-        _switch(d, to, previous, health=health)
+        _switch(d, to, previous, health=health, detail=detail)
         # this switch's fields only: an earlier rollback's reason or rolled_back_from must not stay beside it
         kept = {k: v for k, v in _read_state(d).items() if k in ("schema_version", "history")}
         state = {**kept, "current": to, "previous": previous, "health": health, **fields}
@@ -746,10 +862,10 @@ def _switch_recorded(d: Path, to: str, previous: str | None, health: str, done: 
     except OSError as exc:
         if _link_target(d, CURRENT) != to:
             raise
-        said = "rolled back" if health == "rolled_back" else "installed, pending its health check"
+        said = "rolled back" if health == ROLLED_BACK else "installed, pending its health check"
         why = (f"{os_error_text(exc)}; '{CURRENT}' and deploy.json's pending record say {said} (as 'edge-ad run' "
                "and 'bundle status' read it), the next install or rollback completes the record")
-        what = "rollback" if health == "rolled_back" else "install"
+        what = "rollback" if health == ROLLED_BACK else "install"
         log.error("%s, but the record of the %s is incomplete: %s", done, what, why)
         return why
     return None
@@ -932,32 +1048,19 @@ def release_problem(deploy_dir: str | os.PathLike, release: str, full: bool = Fa
 
 def releases(deploy_dir: str | os.PathLike) -> list[dict]:
     """The kept releases, newest first: ``id``, ``installed`` (UTC, from the id), ``role`` ("current",
-    "previous" or None) and ``health``: the release in force's is :attr:`Deployment.health`; another's is
-    the last verdict on it in ``deploy.json``'s history: "ok" (its health check passed), "rolled_back"
-    (rolled back from, by a health check or by hand) or "unknown" (none recorded); ``problem``: None, or
-    why it cannot be run or rolled back to (:func:`release_problem`: a corrupt manifest.json, a missing
-    graph)."""
+    "previous" or None) and ``health``, each release's own: the release in force's is :attr:`Deployment.health`
+    ("pending" until its health check is done); another's the last verdict on it in ``deploy.json``'s history
+    (:func:`release_health`: "ok", "failed" or "unchecked"); a failed verdict kept in the release
+    (:data:`HEALTH_FAILED`, its rollback owed or given up) is "failed". ``problem``: None, or why it cannot be run
+    or rolled back to (:func:`release_problem`: a corrupt manifest.json, a missing graph)."""
     d = Path(deploy_dir)
     dep = deployment(d)
-    st = _read_state(d)
-    hist = st.get("history", [])
-    cut = _cut_short(st, dep.current)
-    if cut is not None and cut.get("health") == "rolled_back" and isinstance(hist, list):
-        hist = [*hist, {"event": "rolled_back", "failed": cut.get("previous")}]   # its record was cut short
+    hist = _history(_read_state(d), dep.current)
     out = []
     for rid in _release_ids(d):
-        health = dep.health if rid == dep.current else "unknown"
-        if rid != dep.current:
-            for ev in reversed(hist if isinstance(hist, list) else []):
-                if not isinstance(ev, dict):
-                    continue
-                if ev.get("event") == "health_ok" and ev.get("release") == rid:
-                    health = "ok"
-                elif ev.get("event") == "rolled_back" and ev.get("failed") == rid:
-                    health = "rolled_back"
-                else:
-                    continue
-                break
+        health = dep.health if rid == dep.current else release_health(hist, rid)
+        if failed_before(d, rid) is not None:
+            health = "failed"
         parts = rid.split("-")
         try:
             installed = _dt.datetime.strptime(parts[1], "%Y%m%dT%H%M%SZ").strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -969,9 +1072,14 @@ def releases(deploy_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
-def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: str | None = None) -> Deployment:
+def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: str | None = None, *,
+                   failed: bool = False, by: str | None = None) -> Deployment:
     """Point ``current`` at ``previous``, or at the kept release ``to``; the release left becomes
-    ``previous`` (so a second plain rollback undoes the first). Returns the new state. Raises
+    ``previous`` (so a second plain rollback undoes the first). ``failed``: the release left failed (its health
+    check, or the line cannot open it): recorded as its verdict, ``failed`` in deploy.json's history. Else the
+    rollback is one by hand, ``by`` whom (default "api"), and says nothing of the release left: its health stays
+    its own. The release switched in gets its own health (:func:`release_health`: "ok", "failed" or
+    "unchecked"; never "pending", so it is not watched). Returns the new state. Raises
     RuntimeFailure when there is no previous release (none, or the release in force) or it cannot be
     opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
     :func:`deploy_lock`: nothing changed, try again later); InputError when
@@ -1020,13 +1128,17 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         problem = release_problem(d, to, full=True)   # as 'bundle status' names it, every file checked as run does
         if problem is not None:
             raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
-        failed = dep.current
-        unrecorded = _switch_recorded(d, to, failed, "rolled_back", f"rolled back from {failed} to {to} ({reason})",
-                                      "rolled_back", {"rolled_back_from": failed, "reason": reason},
-                                      {"failed": failed, "reason": reason})
+        left = dep.current
+        # a failed release is named as such; a rollback by hand names who made it, and judges no release
+        who = {"failed": left} if failed else {"by": by or "api"}
+        health = release_health(_history(_read_state(d), dep.current), to)
+        unrecorded = _switch_recorded(d, to, left, ROLLED_BACK, f"rolled back from {left} to {to} ({reason})",
+                                      ROLLED_BACK, {"health": health, "rolled_back_from": left, "reason": reason,
+                                                    "switched_at": now_iso(), **who},
+                                      {"rolled_back_from": left, "reason": reason, **who})
         if unrecorded is not None:
             return replace(deployment(d), unrecorded=unrecorded)
-        log.warning("rolled back from %s to %s: %s", failed, to, reason)
+        log.warning("rolled back from %s to %s%s: %s", left, to, "" if failed else f" by hand ({who['by']})", reason)
         return deployment(d)
 
 
@@ -1375,7 +1487,7 @@ class HealthWatch:
                 if moved is not None:
                     return self._finish(replace(v, reason=f"{v.reason}; rollback dropped: {moved}",
                                                 rollback="dropped"))
-                dep = rollback_model(self.deploy_dir, reason=f"health check: {v.reason}")
+                dep = rollback_model(self.deploy_dir, reason=f"health check: {v.reason}", failed=True)
         except Busy as exc:
             waited = now - self._owed_since
             if waited >= wait_s:

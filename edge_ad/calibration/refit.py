@@ -391,7 +391,7 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
             raise InputError(f"{exc}; nothing pruned: the versions the calibration in force needs cannot be told "
                              "(put one back with 'edge-ad calibrate --rollback VERSION' first)") from None
         protected: dict[int, str] = {}
-        held = [(v, _holders(recs)) for v, recs in
+        held = [(v, holders_text(recs)) for v, recs in
                 sorted(bundle.calibration_holders(remove_stale=not dry_run).items())]
         for v, why in ((cur.version, "in force"), (rollback_target(bundle), "a plain --rollback goes back to it"),
                        *held, (1, "the trained calibration")):
@@ -423,11 +423,13 @@ def prune_history(bundle: Bundle, keep: int, dry_run: bool = False) -> PruneResu
     return PruneResult(tuple(removed), tuple(kept), protected, tuple(done), rollbacks_dropped=dropped)
 
 
-def _holders(records: list[dict]) -> str:
-    """``edge-ad run (pid 812) decides with it until it reloads``: the processes that decide with a version."""
+def holders_text(records: list[dict], what: str = "it", still: bool = False) -> str:
+    """``edge-ad run (pid 812) decides with it until it reloads``: the processes that decide with a version
+    (:meth:`Bundle.calibration_holders` records), ``what`` naming it (``v2``), ``still`` saying so."""
     who = " and ".join(f"{r.get('by') or 'a process'} (pid {r.get('pid')})" for r in records)
     one = len(records) == 1
-    return f"{who} {'decides' if one else 'decide'} with it until {'it reloads' if one else 'they reload'}"
+    return (f"{who} {'still ' if still else ''}{'decides' if one else 'decide'} with {what} until "
+            f"{'it reloads' if one else 'they reload'}")
 
 
 def rollback_target(bundle: Bundle) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -15,6 +16,20 @@ from .types import env_file_option
 
 def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def _golden_json(as_json: bool):
+    """With --json, a failed golden check prints its report (``golden``: the images misjudged among it) and the
+    error on stdout before the error ends the command (exit 1)."""
+    from ..calibration.deploy import GoldenFailure
+
+    try:
+        yield
+    except GoldenFailure as exc:
+        if as_json:
+            _echo_json({"error": str(exc), "golden": exc.report})
+        raise
 
 
 _LINE_DEPLOY = "\0line"   # a bare --deploy: the line config's deploy folder (no argument holds a NUL)
@@ -108,7 +123,8 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
 
     Writes a new calibration version (atomic; the old ones are kept until --prune deletes them), or with
     --rollback puts an older one back. A running 'edge-ad run' picks it up on SIGHUP or the MQTT 'reload'
-    command. One calibration change of a bundle at a time: a refit, --rollback or --prune is refused (exit 1)
+    command: until then the summary says 'written', not 'in force', and which run still decides with which
+    version (not_reloaded in --json). One calibration change of a bundle at a time: a refit, --rollback or --prune is refused (exit 1)
     while another runs (an 'edge-ad calibrate', or an MQTT calibrate).
     """
     from ..bundle import Bundle
@@ -146,12 +162,15 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
                     raise
                 before = None   # unreadable: an explicit version puts a good one back
             cal = rollback(b, version, by="cli")
-        out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy}
+        waiting = _not_reloaded(b, cal.version)
+        out = {"version": cal.version, "previous_version": before, "threshold": cal.threshold, "policy": cal.policy,
+               "not_reloaded": waiting}
         if as_json:
             _echo_json(out)
         else:
             was = f"v{before}" if before is not None else "unreadable"
-            click.echo(f"calibration v{cal.version} in force (was {was}), threshold {cal.threshold:.6g}")
+            click.echo(f"calibration v{cal.version} {_taken(waiting)} (was {was}), threshold {cal.threshold:.6g}")
+            _reload_note(waiting)
         return
     line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
@@ -210,20 +229,26 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
 
         notes: list[str] = []
         images = _collect(source, frames, every, timeout_s, line, tuple(b.image_size), b, MIN_KEPT_FRAMES, notes)
-        res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device, out_dir=adapt_out,
-                        golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend, precision=precision,
-                        run_device=device, require_golden=not no_golden, labels=images.labels)
+        with _golden_json(as_json):
+            res = run_adapt(b.path, images, steps=adapt_steps, policy=policy, device=train_device,
+                            out_dir=adapt_out, golden_dir=golden_dir, deploy_dir=deploy_dir, backend=backend,
+                            precision=precision, run_device=device, require_golden=not no_golden,
+                            labels=images.labels)
         res = dataclasses.replace(res, warnings=(*notes, *res.warnings))
         # with --config: the threshold the line decides with once the adapted model runs, as for a refit
         override, in_force = _decides_with(settings, res.threshold)
+        installed = res.install is not None
+        # installed: a running line still runs the model it replaces (b) until it reloads
+        waiting = _not_reloaded(b) if installed else []
         if as_json:
             out = res.summary()
             if in_force is not None:
                 out["threshold_in_force"] = in_force
+            if installed:
+                out["not_reloaded"] = waiting
             _echo_json(out)
             return
         _screened(res)
-        installed = res.install is not None
         screened = f", frames screened on {summary_text(res.scored_on)}" if res.scored_on else ""
         # a quantized candidate's threshold is fitted on its own scores: the FP32 model's is said beside it
         fitted = "" if res.fp32_threshold is None else (
@@ -238,10 +263,9 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             g = res.install.golden
             golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
             click.echo(f"adapted model installed as {res.install.release} ({golden}; {res.precision}, "
-                       f"{res.steps} steps, {res.seconds:.0f} s{screened}{thr}); "
-                       "a running 'edge-ad run' takes it on SIGHUP, the MQTT reload command or a restart, and its "
-                       "health check then confirms it or rolls back")
+                       f"{res.steps} steps, {res.seconds:.0f} s{screened}{thr})")
             _install_notes(res.install)
+            _reload_note(waiting, f"the model it replaces ({b.path.name})", restart=True)
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
                        f"{res.seconds:.0f} s{screened}{thr}; the running bundle is unchanged)")
@@ -265,8 +289,9 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     res = dataclasses.replace(res, warnings=(*notes, *res.warnings))   # the training images left out, first
     c = res.calibration
     override, in_force = _decides_with(settings, c.threshold)
+    waiting = _not_reloaded(b, c.version)
     if as_json:
-        out = {**res.summary(), "scored_on": scored_on}
+        out = {**res.summary(), "scored_on": scored_on, "not_reloaded": waiting}
         if in_force is not None:
             out["threshold_in_force"] = in_force
         _echo_json(out)
@@ -275,10 +300,44 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     thr = (f"threshold {c.threshold:.6g} (was {res.previous.threshold:.6g}), threshold in force {in_force:.6g}"
            if in_force is not None else     # without the config: what the calibration sets, nothing more known
            f"threshold {c.threshold:.6g} set by this calibration (was {res.previous.threshold:.6g})")
-    click.echo(f"calibration v{c.version} in force (was v{res.previous.version}): policy {c.policy}, {thr}, "
+    click.echo(f"calibration v{c.version} {_taken(waiting)} (was v{res.previous.version}): policy {c.policy}, {thr}, "
                f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, scored on "
                f"{summary_text(scored_on)}, {res.timings['total']:.1f} s")
+    _reload_note(waiting)
     _override_note(override, config, env, "this calibration", c.threshold)
+
+
+def _not_reloaded(b, version: int | None = None) -> list[dict]:
+    """The running processes (``edge-ad run``) that decide with ``b`` and another calibration version than
+    ``version`` until they reload (None: any version: a model installed in its place, which they do not run
+    yet), as they record it (:meth:`edge_ad.bundle.Bundle.calibration_holders`): ``pid``, ``by``, ``since`` and
+    the ``version`` each decides with. ``not_reloaded`` in ``--json``."""
+    return [{**r, "version": v} for v, recs in sorted(b.calibration_holders().items()) if v != version
+            for r in recs]
+
+
+def _taken(waiting: list[dict]) -> str:
+    """How a calibration written stands: "in force", or only "written" while a running line decides with
+    another version (``waiting``, :func:`_not_reloaded`)."""
+    return "written" if waiting else "in force"
+
+
+def _reload_note(waiting: list[dict], what: str | None = None, restart: bool = False) -> None:
+    """Say when the running lines (``waiting``, :func:`_not_reloaded`) take what was written: ``note: edge-ad run
+    (pid 812) still decides with v2 until it reloads (SIGHUP or the MQTT reload command)``; ``what``: what they
+    decide with (default: each one's calibration version). ``restart`` (a model installed in a deploy folder):
+    a restart takes it too, and its health check judges it; said also when no line is known to run."""
+    from ..calibration.refit import holders_text
+
+    how = "SIGHUP or the MQTT reload command" + (", or a restart; its health check then confirms the new model or "
+                                                 "rolls it back" if restart else "")
+    if not waiting:
+        if restart:
+            click.echo(f"note: a running 'edge-ad run' takes it on {how}")
+        return
+    groups = [(what, waiting)] if what else [
+        (f"v{v}", [r for r in waiting if r["version"] == v]) for v in sorted({r["version"] for r in waiting})]
+    click.echo("note: " + "; ".join(holders_text(recs, said, still=True) for said, recs in groups) + f" ({how})")
 
 
 def _decides_with(settings, threshold: float | None) -> tuple[float | None, float | None]:
@@ -357,15 +416,19 @@ class _LineUse:
     asked: str         # an option that is not the line's: "... (<the line's>): <asked, {value}>"
     bare: str          # no deploy folder given: "<bare> is the line's deploy folder: ..."
     bare_note: str     # "note: <bare_note>: deploy folder DIR, the [model] deploy_dir of LINE.toml"
-    switched: str      # what a deploy folder that is not the line's receives: "switching <switched> into DIR"
+    other: str         # what is done to a deploy folder given that is not the line's ({deploy}: that folder)
 
 
 _CALIBRATE_USE = _LineUse("scoring as the line does", "scoring on {value} as asked; the line scores otherwise, and a "
                           "threshold fitted here may not fit its scores", "--deploy without a folder", "--deploy",
-                          "the adapted model")
+                          "switching the adapted model into {deploy} as asked; the line does not run it")
 _INSTALL_USE = _LineUse("checking the new model as the line will run it", "opening and checking the new model on "
                         "{value} as asked; the line runs it otherwise", "without --deploy, the folder",
-                        "no --deploy", "the new model")
+                        "no --deploy", "switching the new model into {deploy} as asked; the line does not run it")
+# bundle status and rollback take only the deploy folder (doing and asked: unused)
+_STATUS_USE = _LineUse("", "", "without --deploy, the folder", "no --deploy", "showing {deploy} as asked")
+_ROLLBACK_USE = _LineUse("", "", "without --deploy, the folder", "no --deploy",
+                         "rolling {deploy} back as asked; the line does not run it")
 _LINE_UNSET = {"backend": "auto", "precision": None, "device": None}   # ModelSettings' defaults
 
 
@@ -394,8 +457,8 @@ def _deploy_into(deploy_dir, golden_dir, no_golden, settings, config, env,
     elif m is not None and (line is None or Path(line).resolve() != Path(deploy_dir).resolve()):
         runs = (f"release in force of {line}, the {origin}" if line is not None else
                 f"the bundle {m.bundle}, the {setting_origin(config, env, 'model', 'bundle')}")
-        click.echo(f"warning: --deploy {deploy_dir} is not the line's deploy folder (it runs the {runs}): switching "
-                   f"{use.switched} into {deploy_dir} as asked; the line does not run it", err=True)
+        click.echo(f"warning: --deploy {deploy_dir} is not the line's deploy folder (it runs the {runs}): "
+                   f"{use.other.format(deploy=deploy_dir)}", err=True)
     if golden_dir is None and not no_golden and m is not None:
         golden_dir = m.golden_dir
     return deploy_dir, golden_dir
@@ -686,10 +749,11 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
         raise InputError("--golden and --no-golden exclude each other")
     if require_signature and key is None:
         raise InputError("--require-signature needs --key to check the signature with")
-    res = install_bundle(archive, deploy_dir, golden_dir, key, require_signature=True if key else None,
-                         require_golden=not no_golden, backend=backend, precision=precision, device=device,
-                         keep=keep, probe=open_probe(backend, precision, device), calib_dir=calib_dir,
-                         progress=True)
+    with _golden_json(as_json):
+        res = install_bundle(archive, deploy_dir, golden_dir, key, require_signature=True if key else None,
+                             require_golden=not no_golden, backend=backend, precision=precision, device=device,
+                             keep=keep, probe=open_probe(backend, precision, device), calib_dir=calib_dir,
+                             progress=True)
     if as_json:
         _echo_json(res.summary())
         return
@@ -707,20 +771,31 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
                "'edge-ad bundle status' shows the verdict", err=True)
 
 
+_DEPLOY_CONFIG_HELP = ("The line's run config: its [model] deploy_dir (after its edge-ad.env) is the deploy folder "
+                       "when --deploy is not given (named on stderr; a --deploy that is not the line's is warned of).")
+
+
 @bundle_group.command("rollback")
-@click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Deploy folder; default: --config's model.deploy_dir.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help=_DEPLOY_CONFIG_HELP)
+@env_file_option
 @click.option("--to", "to", metavar="RELEASE_ID",
               help="Switch to this kept release (ids: 'edge-ad bundle status') instead of the previous one.")
-def rollback_cmd(deploy_dir, to):
+def rollback_cmd(deploy_dir, config, env_file, to):
     """Switch the deploy folder back to the previous release, or to any kept one with --to.
 
     The release left becomes 'previous', so a second plain rollback undoes the first; to go two or more
     releases back, give --to RELEASE_ID. A running 'edge-ad run' switches on its next reload (SIGHUP or the
-    MQTT reload command) or restart."""
+    MQTT reload command) or restart. deploy.json records it as a rollback by hand, with the user who made it:
+    no verdict on the release left, whose health stays its own ('edge-ad bundle status')."""
     from ..calibration import deployment, rollback_model
 
+    deploy_dir = _line_deploy(deploy_dir, config, env_file, _ROLLBACK_USE)
     deployment(deploy_dir, must_exist=True)
-    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to)
+    # by hand: no verdict on the release left (its health stays its own), recorded with who asked for it
+    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to,
+                         by=f"edge-ad bundle rollback ({_who()})")
     click.echo(f"{deploy_dir}/current -> releases/{dep.current} (previous: {dep.previous})")
     _unrecorded_note("rollback", dep.unrecorded)
     click.echo("'edge-ad run' with model.deploy_dir switches on its next reload (SIGHUP or the MQTT reload "
@@ -735,6 +810,31 @@ def _install_notes(res) -> None:
     _unrecorded_note("install", res.unrecorded)
 
 
+def _line_deploy(deploy_dir, config, env_file, use: _LineUse) -> Path:
+    """The deploy folder of ``bundle status`` / ``rollback``: ``--deploy``, else ``--config``'s
+    ``[model] deploy_dir`` (after its edge-ad.env), as :func:`_deploy_into` takes it for an install."""
+    from ..errors import InputError
+
+    if env_file is not None and config is None:
+        raise InputError("--env-file needs --config (it changes the config's values)")
+    settings, env = _line_config(config, env_file)
+    return _deploy_into(deploy_dir or _LINE_DEPLOY, None, True, settings, config, env, use)[0]
+
+
+def _who() -> str:
+    """``user NAME`` (``user NAME, sudo from NAME2`` under sudo) of this process, for a record of who did something
+    by hand."""
+    import getpass
+    import os
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):   # no passwd entry (a container's uid)
+        user = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"user {user}" + (f", sudo from {sudo}" if sudo and sudo != user else "")
+
+
 def _unrecorded_note(what: str, why: str | None) -> None:
     """Say on stderr that an install's or rollback's switch holds with its record incomplete (a full disk after
     'current' moved: :func:`edge_ad.calibration.deploy._switch_recorded`); the exit code stays 0."""
@@ -743,21 +843,29 @@ def _unrecorded_note(what: str, why: str | None) -> None:
 
 
 @bundle_group.command("status")
-@click.option("--deploy", "deploy_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Deploy folder; default: --config's model.deploy_dir.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help=_DEPLOY_CONFIG_HELP)
+@env_file_option
 @click.option("--json", "as_json", is_flag=True)
-def status_cmd(deploy_dir, as_json):
-    """The release in force, the previous one, the health of the last switch, and every kept release
-    (newest first: id, install time, health) that 'edge-ad bundle rollback --to ID' can switch to.
+def status_cmd(deploy_dir, config, env_file, as_json):
+    """The release in force, the previous one, and every kept release (newest first: id, install time, its own
+    health: pending, ok, failed or unchecked) that 'edge-ad bundle rollback --to ID' can switch to; when a
+    rollback switched the release in force in, from which release, by hand (by whom) or because it failed.
 
     A release that cannot be run or rolled back to (its folder deleted by hand, a corrupt manifest.json)
     is named with what is wrong; exit 1 when it is the release in force, after the listing. A damaged
     'previous' link is a warning with its repair (a damaged 'current' one an error, exit 2)."""
     from ..calibration import deployment
-    from ..calibration.deploy import release_problem, releases
+    from ..calibration.deploy import last_rollback, release_problem, releases
     from ..errors import RuntimeFailure
 
+    deploy_dir = _line_deploy(deploy_dir, config, env_file, _STATUS_USE)
     dep = deployment(deploy_dir, must_exist=True)
     kept = releases(deploy_dir)
+    # the release in force's own health as listed (a failed verdict kept in it included), else the record's
+    health = next((r["health"] for r in kept if r["id"] == dep.current), dep.health)
+    back = last_rollback(dep)
     problems = {role: release_problem(deploy_dir, rid) if rid else None
                 for role, rid in (("current", dep.current), ("previous", dep.previous))}
     others = [r["id"] for r in kept if r["id"] != dep.current and not r["problem"]]
@@ -765,7 +873,7 @@ def status_cmd(deploy_dir, as_json):
     # a switch cut short (a power cut, a full disk: its pending record)
     recorded = {k: v for k, v in dep.detail.items() if k not in ("current", "previous", "health")}
     damaged = dep.previous_damaged   # the line runs 'current'; no rollback (nor install, over a folder) until repaired
-    out = {"current": dep.current, "previous": dep.previous, "health": dep.health,
+    out = {"current": dep.current, "previous": dep.previous, "health": health, "rollback": back,
            "current_path": str(dep.current_path) if dep.current_path else None, **recorded,
            "current_problem": problems["current"], "previous_problem": problems["previous"],
            "previous_damaged": str(damaged) if damaged else None, "releases": kept}
@@ -773,7 +881,12 @@ def status_cmd(deploy_dir, as_json):
         _echo_json(out)
     else:
         click.echo(f"current: {dep.current or '-'}  previous: {dep.previous or ('DAMAGED' if damaged else '-')}  "
-                   f"health: {dep.health}")
+                   f"health: {health}")
+        if back is not None:
+            when = f" at {back['time']}" if back["time"] else ""
+            click.echo(f"rolled back from {back['from']}{when}: " + (
+                f"it failed ({back['reason']})" if back["failed"] else
+                f"by hand, {back['by'] or back['reason']} (no verdict on {back['from']})"))
         if damaged:
             if damaged.link is None:   # a folder or file: an install would delete it
                 click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback or install "

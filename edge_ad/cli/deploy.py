@@ -42,7 +42,9 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
            as_json):
     """Check what this machine can do for `edge-ad run`, and say how to fix what is missing.
 
-    Exit code: 0 when `edge-ad run` can start, 1 when something it needs is missing, 2 for usage errors.
+    Exit code: 0 when `edge-ad run` can start, 1 when something it needs is missing, 2 for usage errors. With
+    neither --config (nor $EDGE_AD_CONFIG) nor --bundle only this machine is checked: 0 then says it has what
+    run needs, and the summary says that whether run can start is not known without a bundle.
 
     \b
     edge-ad doctor

@@ -34,8 +34,8 @@ class Seconds(FiniteFloat):
         return rv
 
 
-# --env-file of capture, calibrate, bundle install and doctor: the service's EnvironmentFile=, read with
-# edge_ad.config.read_env_file (edge_ad.config.service_environ, doctor's own check)
+# --env-file of capture, calibrate, bundle install, status and rollback, and doctor: the service's
+# EnvironmentFile=, read with edge_ad.config.read_env_file (edge_ad.config.service_environ, doctor's own check)
 env_file_option = click.option(
     "--env-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="The environment file the service runs with (systemd EnvironmentFile= syntax: NAME=value lines, # "

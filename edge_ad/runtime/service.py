@@ -250,7 +250,7 @@ class Service:
         from ..calibration.deploy import DeployDamaged
 
         try:
-            back = rollback_model(self.settings.model.deploy_dir, reason=reason)
+            back = rollback_model(self.settings.model.deploy_dir, reason=reason, failed=True)
         except (RuntimeFailure, DeployDamaged) as nothing:   # DeployDamaged: 'previous' (or 'current') to repair
             raise RollbackFailure(f"{reason}; and it cannot be rolled back ({nothing})", "impossible") from exc
         except OSError as nothing:   # a full disk before 'current' moved: nothing changed
