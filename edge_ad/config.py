@@ -313,6 +313,9 @@ class DriftSettings(_Section):
                               "are OK)")
     limit: float = Field(3.0, gt=0, allow_inf_nan=False,
                          title="Drift when the window's median is this many standard errors off")
+    clear_after: int = Field(50, ge=1, le=1_000_000,
+                             title="Drift clears once the statistic has stayed below 80 % of the limits for this "
+                                   "many parts in a row (a crossing back starts the count again)")
 
 
 class HealthSettings(_Section):
