@@ -360,8 +360,14 @@ class Settings(_Section):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
 
-    # where the file was (relative paths in it are resolved against its folder)
-    config_dir: Optional[Path] = Field(None, exclude=True)
+    # where the file was (relative paths in it are resolved against its folder): set by load_settings, never by
+    # what it loads (not a field, so a config_dir key in the file, a variable or a flag is an unknown field)
+    _config_dir: Optional[Path] = None   # (a leading _: a pydantic private attribute)
+
+    @property
+    def config_dir(self) -> Optional[Path]:
+        """The folder of the config file these settings were loaded from (None: no file)."""
+        return self._config_dir
 
     def mqtt_settings(self):
         """The validated :class:`edge_ad.mqtt.MqttSettings`, or None when MQTT is off (no ``[mqtt]``
@@ -386,7 +392,7 @@ class Settings(_Section):
         path it derives), or ``{"enabled": false}`` when MQTT is off."""
         from .runtime.sources import redact_uri
 
-        d = self.model_dump(mode="json", exclude={"config_dir"})
+        d = self.model_dump(mode="json")
         d["source"]["uri"] = redact_uri(self.source.uri)
         d["mqtt"] = self._mqtt_redacted()   # no [mqtt] section is MQTT off too: {"enabled": false}
         return d
@@ -464,7 +470,7 @@ def _set_path(tree: dict, path: list[str], value: Any, origin: str, origins: dic
 def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[list[str], Any, str]]:
     """``EDGE_AD_SECTION__KEY[__SUB]=value`` -> [(path, value, origin)]; other EDGE_AD_* names ignored."""
     environ = os.environ if environ is None else environ
-    sections = set(Settings.model_fields) - {"config_dir"}
+    sections = set(Settings.model_fields)
     out = []
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG or "__" not in name:
@@ -769,7 +775,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
     base = cfg_path.resolve().parent if cfg_path is not None else None
     # only paths that came from the file are relative to the file
     s = _resolve_file_paths(s, base, file_paths)
-    s.config_dir = base
+    s._config_dir = base
     return s
 
 
