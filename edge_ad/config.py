@@ -667,7 +667,7 @@ def _table_fields(schema: type[BaseModel], loc: tuple) -> list[str] | None:
                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
         if model is None:
             return None
-    return [k for k, f in model.model_fields.items() if not f.exclude]   # not config_dir: set by the loader
+    return list(model.model_fields)
 
 
 def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = (),
