@@ -313,6 +313,9 @@ class DriftSettings(_Section):
                               "are OK)")
     limit: float = Field(3.0, gt=0, allow_inf_nan=False,
                          title="Drift when the window's median is this many standard errors off")
+    clear_after: int = Field(50, ge=1, le=1_000_000,
+                             title="Drift clears once the statistic has stayed below 80 % of the limits for this "
+                                   "many parts in a row (a crossing back starts the count again)")
 
 
 class HealthSettings(_Section):
@@ -357,8 +360,14 @@ class Settings(_Section):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
 
-    # where the file was (relative paths in it are resolved against its folder)
-    config_dir: Optional[Path] = Field(None, exclude=True)
+    # where the file was (relative paths in it are resolved against its folder): set by load_settings, never by
+    # what it loads (not a field, so a config_dir key in the file, a variable or a flag is an unknown field)
+    _config_dir: Optional[Path] = None   # (a leading _: a pydantic private attribute)
+
+    @property
+    def config_dir(self) -> Optional[Path]:
+        """The folder of the config file these settings were loaded from (None: no file)."""
+        return self._config_dir
 
     def mqtt_settings(self):
         """The validated :class:`edge_ad.mqtt.MqttSettings`, or None when MQTT is off (no ``[mqtt]``
@@ -383,7 +392,7 @@ class Settings(_Section):
         path it derives), or ``{"enabled": false}`` when MQTT is off."""
         from .runtime.sources import redact_uri
 
-        d = self.model_dump(mode="json", exclude={"config_dir"})
+        d = self.model_dump(mode="json")
         d["source"]["uri"] = redact_uri(self.source.uri)
         d["mqtt"] = self._mqtt_redacted()   # no [mqtt] section is MQTT off too: {"enabled": false}
         return d
@@ -461,7 +470,7 @@ def _set_path(tree: dict, path: list[str], value: Any, origin: str, origins: dic
 def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[list[str], Any, str]]:
     """``EDGE_AD_SECTION__KEY[__SUB]=value`` -> [(path, value, origin)]; other EDGE_AD_* names ignored."""
     environ = os.environ if environ is None else environ
-    sections = set(Settings.model_fields) - {"config_dir"}
+    sections = set(Settings.model_fields)
     out = []
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG or "__" not in name:
@@ -658,7 +667,7 @@ def _table_fields(schema: type[BaseModel], loc: tuple) -> list[str] | None:
                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
         if model is None:
             return None
-    return [k for k, f in model.model_fields.items() if not f.exclude]   # not config_dir: set by the loader
+    return list(model.model_fields)
 
 
 def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = (),
@@ -766,7 +775,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
     base = cfg_path.resolve().parent if cfg_path is not None else None
     # only paths that came from the file are relative to the file
     s = _resolve_file_paths(s, base, file_paths)
-    s.config_dir = base
+    s._config_dir = base
     return s
 
 

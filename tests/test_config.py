@@ -565,3 +565,39 @@ def test_every_setting_is_in_the_documented_tables():
         assert _fields(f.annotation) == documented, (section, _fields(f.annotation) ^ documented)
     documented = mqtt["Settings (`[mqtt]` in the config file)"]
     assert {"enabled", *MqttSettings.model_fields} == documented, {"enabled", *MqttSettings.model_fields} ^ documented
+
+
+def test_drift_clear_after_is_validated_and_reaches_the_monitor(tmp_path):
+    from edge_ad.runtime.service import _drift_factory
+    from edge_ad.scoring import Calibration, MapNorm
+
+    cfg = _write(tmp_path, MINIMAL + "\n[drift]\nclear_after = 20\n")
+    s = load_settings(cfg, environ={})
+    cal = Calibration(maps={"map": MapNorm(0.0, 1.0)}, threshold=1.0, normal={"mean": 0.1, "std": 0.02, "n": 50.0})
+    assert s.drift.clear_after == 20 and _drift_factory(s)(cal).clear_after == 20
+    assert load_settings(_write(tmp_path, MINIMAL, "default.toml"), environ={}).drift.clear_after == 50
+    for origin, kw in (("EDGE_AD_DRIFT__CLEAR_AFTER", {"environ": {"EDGE_AD_DRIFT__CLEAR_AFTER": "0"}}),
+                       ("--set drift.clear_after", {"overrides": [parse_set_option("drift.clear_after=-5")],
+                                                    "environ": {}})):
+        with pytest.raises(InputError) as ei:
+            load_settings(cfg, **kw)
+        assert "drift.clear_after" in str(ei.value) and "greater than or equal to 1" in str(ei.value)
+        assert origin in str(ei.value)
+
+
+def test_config_dir_is_set_by_the_loader_and_refused_from_the_file(tmp_path):
+    # an internal value (the folder relative paths are resolved against): a file's config_dir was accepted
+    # without a word and then overwritten
+    cfg = _write(tmp_path, 'config_dir = "/somewhere/else"\n' + MINIMAL)
+    with pytest.raises(InputError, match=r"config_dir: unknown field .*\[from .*edge-ad\.toml\]"):
+        load_settings(cfg, environ={})
+    good = _write(tmp_path, MINIMAL, "good.toml")
+    with pytest.raises(InputError, match=r"config_dir: unknown field .*\[from --set config_dir\.x\]"):
+        load_settings(good, [parse_set_option("config_dir.x=1")], environ={})
+    with pytest.raises(InputError, match="EDGE_AD_CONFIG_DIR__X: 'config_dir' is not a config section"):
+        load_settings(good, environ={"EDGE_AD_CONFIG_DIR__X": "1"})
+    s = load_settings(good, environ={})
+    assert s.config_dir == tmp_path and s.model.bundle == tmp_path / "bundles/part"
+    assert s.model_copy().config_dir == tmp_path and "config_dir" not in s.redacted()
+    assert load_settings(None, [parse_set_option("model.bundle=b"), parse_set_option("source.uri=synthetic://disc")],
+                         environ={}).config_dir is None

@@ -107,6 +107,42 @@ def test_a_window_flipping_between_bases_is_one_drift_episode():
     assert [s.event for s in back if s.event] == ["drift_cleared"]
 
 
+def test_a_flapping_statistic_is_one_drift_episode():
+    # a line that repeats 4 parts (a looping clip, a small carousel): the window's median jumps between their
+    # scores, beyond the limit on one part and back inside the 80 % band on the next; drift was raised and
+    # cleared every few parts (984 events in 2000 parts), a WARNING and an MQTT event each
+    cycle = [0.07, 0.086, 0.095, 0.12]                          # -1.5, -0.7, -0.25, +1 normal std
+    mon = DriftMonitor(_cal(), window=50, limit=3.0)            # clear_after: 50 parts by default
+    states = _feed(mon, cycle * 500)
+    z = [abs(s.z) for s in states[100:]]
+    assert max(z) > 3.0 and min(z) <= 0.8 * 3.0                 # it does cross both limits, over and over
+    assert [s.event for s in states if s.event] == ["drift"]
+    first = next(i for i, s in enumerate(states) if s.drift)
+    assert all(s.drift for s in states[first:]) and states[-1].parts_in_drift == len(states) - first
+    assert states[-1].clear_after == 50 and states[-1].in_band < 50
+    back = _feed(mon, [0.1] * 200)                              # the parts score like the normals again
+    ends = [(i, s) for i, s in enumerate(back) if s.event]
+    assert [s.event for _, s in ends] == ["drift_cleared"]
+    i, end = ends[0]
+    assert not end.drift and end.in_band == 50 and end.parts_in_drift == len(states) - first + i + 1
+    assert all(s.in_band == 0 and s.parts_in_drift == 0 and s.event is None for s in back[i + 1:])
+
+
+def test_drift_clears_only_after_clear_after_parts_in_a_row_back_inside_the_band():
+    far, normal = 0.18, 0.1                                     # +4 and 0 normal std
+    mon = DriftMonitor(_cal(), window=3, limit=3.0, clear_after=6)
+    seq = [far] * 3 + [normal] * 4 + [far] * 2 + [normal] * 8
+    states = _feed(mon, seq)
+    # the median of 3 parts: back inside the band from the 2nd normal part, out again at the 2nd far one
+    assert [s.in_band for s in states] == [0, 0, 0, 0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 0]
+    assert [(i, s.event) for i, s in enumerate(states) if s.event] == [(2, "drift"), (15, "drift_cleared")]
+    assert states[15].parts_in_drift == 14 and states[16].parts_in_drift == 0
+    mon = DriftMonitor(_cal(), window=3, limit=3.0, clear_after=1)   # 1: clear as soon as it is back
+    assert [s.event for s in _feed(mon, seq) if s.event] == ["drift", "drift_cleared", "drift", "drift_cleared"]
+    st = mon.update(float("nan"), False)                        # not a sample: no count, no event
+    assert st.event is None and st.parts_in_drift == 0 and mon.state().event is None
+
+
 def test_not_judged_before_min_samples_or_without_normal_statistics():
     mon = DriftMonitor(_cal(), window=200)
     st = _feed(mon, [0.5] * 49)[-1]
@@ -122,8 +158,8 @@ def test_not_judged_before_min_samples_or_without_normal_statistics():
 
 
 def test_bad_settings_are_refused():
-    for kw in ({"window": 1}, {"limit": 0}, {"min_shift": -1}):
-        with pytest.raises(InputError):
+    for kw in ({"window": 1}, {"limit": 0}, {"min_shift": -1}, {"clear_after": 0}):
+        with pytest.raises(InputError, match=f"drift {next(iter(kw))}"):
             DriftMonitor(_cal(), **kw)
 
 

@@ -445,11 +445,11 @@ def test_decisions_the_reporting_never_got_are_counted_as_unreported(tmp_path, t
     real = svc.reporter._update_drift
     calls = []
 
-    def update_drift(score, ng):
+    def update_drift(score, ng, ts=None):
         calls.append(score)
         if len(calls) == 3:
             raise ValueError("a bug in the reporting")
-        return real(score, ng)
+        return real(score, ng, ts)
 
     svc.reporter._update_drift = update_drift
     with pytest.raises(RuntimeFailure, match="reporting: ValueError: a bug in the reporting"):
@@ -1094,11 +1094,87 @@ def test_drift_flag_and_event_from_ok_scores(tiny_bundle):
     # the alarm raised by 'drift' ends with a 'drift_cleared' that says why
     assert [e["type"] for e in events] == ["drift", "drift_cleared"]
     assert events[1]["reason"] == "rollback to v1" and events[1]["drift"] is False
+    assert events[1]["since"] == events[0]["since"] and events[1]["duration_s"] >= 0
+    assert events[1]["parts_in_drift"] == summ["parts_in_drift"] >= 1
     rep.reset_drift(cal, "calibrate")                             # not flagged: nothing to clear
     assert len(events) == 2
     rep._drift_factory = None                                     # drift disabled (reload config)
     rep.reset_drift(cal, "reload config")
     assert rep.drift is None and rep.drift_summary() == {"drift": False, "enabled": False}
+
+
+class _EventLink:
+    """A stand-in MQTT link for a Reporter: records the events it would publish."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def publish_result(self, rec):
+        pass
+
+    def publish_event(self, payload, jpeg=None, **kw):
+        self.events.append(dict(payload))
+
+    def image_due(self):
+        return False
+
+
+def test_a_flapping_drift_statistic_sends_one_drift_and_one_drift_cleared(tiny_bundle, caplog):
+    """Parts repeating a few scores (a looping clip): the window's median jumped across the limit and back inside
+    the band every few parts, and each jump was a WARNING and an MQTT event. Now one event (and one WARNING) when
+    drift is raised, one when it clears, with the statistic, the limits and how long it lasted."""
+    from edge_ad.calibration import DriftMonitor
+    from edge_ad.mqtt import schema
+    from edge_ad.mqtt.payloads import iso_from_unix
+    from edge_ad.runtime.records import Decision, ResultItem
+    from edge_ad.runtime.reporting import Reporter
+
+    cal = tiny_bundle.calibration()
+    link = _EventLink()
+    rep = Reporter(source_name="test", link=link, calibration=cal,
+                   drift_factory=lambda c: DriftMonitor(c, window=50, limit=3.0, clear_after=50))
+    caplog.set_level("WARNING", logger="edge_ad.runtime.reporting")
+    p50, std = cal.normal["p50"], cal.normal["std"]
+    cycle = [p50 + k * std for k in (-2.5, -1.0, -0.25, 1.5)]
+    zs, flags = [], []
+    for i in range(2000):
+        score = cycle[i % 4] if i < 1600 else p50                 # then the parts score like the normals again
+        d = Decision(id=f"r{i}", seq=i, source_index=i, ts=1000.0 + 0.1 * i, score=score, threshold=cal.threshold,
+                     ng=False, calibration_version=cal.version, model_hash="h", backend="b", precision="fp32",
+                     image_size=(8, 8), stages_ms={}, latency_ms=1.0, batch=1, trigger="t")
+        rep.report(ResultItem(d))
+        zs.append(abs(rep.drift_state.z))
+        flags.append(rep.drift_state.drift)
+    assert max(zs[100:1600]) > 3.0 and min(zs[100:1600]) <= 0.8 * 3.0   # it flapped across both limits
+    assert [e["type"] for e in link.events] == ["drift", "drift_cleared"]
+    warned = [r for r in caplog.records if "normal distribution" in r.getMessage()]
+    assert len(warned) == 2 and "z -" in warned[0].getMessage() and "50 parts in a row" in warned[1].getMessage()
+    start = flags.index(True)
+    end = flags.index(False, start)                                # one episode: raised at start, cleared at end
+    assert not any(flags[end:]) and 1600 < end
+    raised, cleared = link.events
+    assert raised["drift"] is True and raised["z"] < -3.0 and raised["limit"] == 3.0 and raised["parts_in_drift"] == 1
+    assert raised["since"] == iso_from_unix(1000.0 + 0.1 * start)
+    assert cleared["drift"] is False and cleared["since"] == raised["since"] and cleared["in_band"] == 50
+    assert cleared["parts_in_drift"] == end - start + 1 and cleared["duration_s"] == pytest.approx(0.1 * (end - start))
+    assert abs(cleared["z"]) <= 0.8 * 3.0 and cleared["limit"] == 3.0
+    for ev in link.events:                                        # valid MQTT events
+        assert schema.errors("event", {"schema_version": 1, "id": "e", "seq": 1, "ts": raised["since"],
+                                       "site": "s", "device": "d", **ev}) == []
+    assert rep.drift_summary()["drift"] is False and "since" not in rep.drift_summary()
+
+
+def test_a_looping_clip_raises_drift_once_not_on_every_part(tmp_path, tiny_bundle, caplog):
+    """4 parts in a loop, each inspected (trigger mode), default drift settings: until the window filled its
+    median jumped between two of their scores, across the limit and back, and 400 parts raised and cleared drift
+    74 times. Now once each."""
+    video = write_video(tmp_path / "loop.avi", (part_frame(i, 96, seed=2) for i in range(4)))
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1", source__mode="trigger")
+    caplog.set_level("WARNING", logger="edge_ad.runtime.reporting")
+    svc = Service(s, install_signals=False, max_frames=400)
+    assert svc.run()["frames"] == 400
+    assert [e["type"] for e in svc.events if e["type"].startswith("drift")] == ["drift", "drift_cleared"]
+    assert len([r for r in caplog.records if "normal distribution" in r.getMessage()]) == 2
 
 
 def _ng_item(seq: int):

@@ -41,6 +41,7 @@ class Reporter:
         self._drift_lock = threading.Lock()
         self.drift = drift_factory(calibration) if (drift_factory and calibration is not None) else None
         self.drift_state = None
+        self._drift_since: float | None = None   # unix time of the part that raised the drift flagged now
         self.health = None          # a HealthWatch after a model update (edge_ad.calibration)
         self.on_event = on_event or (lambda e: None)
         self.on_reader_gone = on_reader_gone   # (reason): the JSONL log is a pipe whose reader has gone
@@ -60,22 +61,27 @@ class Reporter:
     def reset_drift(self, calibration, reason: str) -> None:
         """A new calibration (or model, or drift settings) is in force: drift is measured afresh against it
         (not at all when the factory is gone: drift disabled). When drift was flagged, a ``drift_cleared``
-        event with ``reason`` says so: a consumer alarmed by ``drift`` would otherwise never hear the end."""
+        event with ``reason`` says so (at once: this is no recovery to wait out), with how long the drift
+        lasted: a consumer alarmed by ``drift`` would otherwise never hear the end."""
         self.recent_ng.clear()   # the decisions of what is in force now, not of the model or calibration before
         with self._drift_lock:
-            flagged = self.drift_state is not None and bool(self.drift_state.drift)
+            old = self.drift_state
+            flagged = old is not None and bool(old.drift)
+            lasted = self._drift_lasted(old, time.time()) if flagged else {}
             self.drift = self._drift_factory(calibration) if self._drift_factory is not None else None
             self.drift_state = None
+            self._drift_since = None
         if flagged:
             ev = {"type": "drift_cleared", "reason": reason, "calibration_version": calibration.version,
-                  **self.drift_summary(),
+                  **self.drift_summary(), **lasted,
                   "message": f"drift tracking restarted ({reason}): scores are measured afresh against "
                              f"calibration v{calibration.version}"}
             log.warning("%s", ev["message"])
             self.event(ev)
 
     def drift_summary(self) -> dict[str, Any]:
-        """``drift`` (bool) and the monitor's figures (z, shift, median, n, ...)."""
+        """``drift`` (bool) and the monitor's figures (z, shift, median, n, parts_in_drift, ...); while drift
+        is flagged, ``since``: when it was raised."""
         st = self.drift_state
         if st is None:
             return {"drift": False, "enabled": self.drift is not None}
@@ -85,23 +91,55 @@ class Reporter:
                 continue
             out[k] = round(v, 6) if isinstance(v, float) else v
         out["drift"] = bool(st.drift)
+        since = self._drift_since
+        if st.drift and since is not None:
+            from ..mqtt.payloads import iso_from_unix
+
+            out["since"] = iso_from_unix(since)
         return out
 
-    def _update_drift(self, score: float, ng: bool) -> None:
+    def _drift_lasted(self, state, now: float) -> dict[str, Any]:
+        """How long the drift flagged in ``state`` lasted, until ``now`` (unix time): ``since``, ``duration_s``,
+        ``parts_in_drift``."""
+        from ..mqtt.payloads import iso_from_unix
+
+        since = self._drift_since
+        out: dict[str, Any] = {"parts_in_drift": state.parts_in_drift}
+        if since is not None:
+            out.update(since=iso_from_unix(since), duration_s=round(max(0.0, now - since), 3))
+        return out
+
+    def _update_drift(self, score: float, ng: bool, ts: float | None = None) -> None:
+        """Add a decision (its score, NG, the frame's unix time ``ts``; default now) to the drift monitor; an
+        event and a WARNING when the monitor raises or clears the flag, never otherwise (the monitor's
+        hysteresis and ``clear_after`` make a flapping statistic one episode)."""
+        ts = time.time() if ts is None else float(ts)
         with self._drift_lock:
             mon = self.drift
             if mon is None:
                 return
-            before = bool(self.drift_state.drift) if self.drift_state is not None else False
             self.drift_state = state = mon.update(score, ng)
-        now = bool(state.drift)   # (state: reset_drift may have cleared drift_state since)
-        if now != before:
-            ev = {"type": "drift" if now else "drift_cleared", **self.drift_summary(),
-                  "message": ("OK scores drifted away from the calibration's normal distribution: recalibrate "
-                              "(edge-ad calibrate or the MQTT calibrate command)") if now
-                  else "OK scores are back within the calibration's normal distribution"}
-            log.warning("%s", ev["message"])
-            self.event(ev)
+            if state.event is None:
+                return
+            lasted = self._drift_lasted(state, ts) if state.event == "drift_cleared" else {}
+            self._drift_since = ts if state.drift else None
+            summary = self.drift_summary()   # this state's (reset_drift may replace it once the lock is free)
+        from ..calibration.drift import HYSTERESIS
+
+        fig = f"z {state.z:+.2f}, shift {state.shift:+.2f} normal std"
+        if state.drift:
+            ev = {"type": "drift", **summary,
+                  "message": f"OK scores drifted away from the calibration's normal distribution ({fig}; limits: "
+                             f"|z| > {state.limit:g} and |shift| >= {state.min_shift:g}): recalibrate (edge-ad "
+                             "calibrate or the MQTT calibrate command)"}
+        else:
+            ev = {"type": "drift_cleared", **summary, **lasted,
+                  "message": f"OK scores are back within the calibration's normal distribution ({fig}; inside "
+                             f"{HYSTERESIS:.0%} of the limits for {state.clear_after} parts in a row) after "
+                             f"{state.parts_in_drift} parts in drift"
+                             + (f" ({lasted['duration_s']:g} s)" if "duration_s" in lasted else "")}
+        log.warning("%s", ev["message"])
+        self.event(ev)
 
     # ------------------------------------------------------------------ events
     def event(self, payload: dict, jpeg: bytes | None = None) -> None:
@@ -237,7 +275,7 @@ class Reporter:
             outcome = req.image if publish_snapshot else None
             self._write("outbox", d.seq, lambda: self.link.publish_event(ev, jpeg=image, image_outcome=outcome,
                                                                          image_not_due=not_due))
-        self._update_drift(d.score, d.ng)
+        self._update_drift(d.score, d.ng, d.ts)
         if self.health is not None:
             self.health.record(ng=d.ng)
         self.reported += 1

@@ -92,7 +92,7 @@ def _drift_factory(settings: Settings):
     from ..calibration import DriftMonitor
 
     d = settings.drift
-    return lambda cal: DriftMonitor(cal, window=d.window, limit=d.limit)
+    return lambda cal: DriftMonitor(cal, window=d.window, limit=d.limit, clear_after=d.clear_after)
 
 
 def reload_text(done: dict) -> str:
