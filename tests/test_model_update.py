@@ -2605,7 +2605,8 @@ def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollb
     r = CliRunner()
     res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
     assert res.exit_code == 0 and f"current: {failing}  previous: DAMAGED  health: pending" in res.stdout
-    until = "or install" if damage in ("folder", "file") else "can be made until it is repaired or the next install"
+    until = "or install" if damage in ("folder", "file") else ("can be made until it is repaired or the next install "
+                                                               "or 'rollback --to ID' replaces the link")
     assert f"warning: {what}: the line runs its release in force, but no rollback {until}" in res.stderr
     assert fix in res.stderr, res.stderr
     status = json.loads(r.invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"]).stdout)
@@ -2616,7 +2617,8 @@ def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollb
     checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
     assert checks["bundle"]["status"] == "ok" and checks["rollback"]["status"] == "warn", res.output
     assert checks["rollback"]["detail"].startswith(what) and checks["rollback"]["fix"] == fix
-    for args in ([], ["--to", r1.release]):                             # by hand
+    # by hand; a --to replaces a damaged link: test_a_rollback_to_a_release_replaces_a_damaged_previous_link
+    for args in ([], ["--to", r1.release]) if damage in ("folder", "file") else ([],):
         res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy), *args])
         assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
     if damage == "folder":                                              # what it could hold is not deleted
@@ -2699,6 +2701,39 @@ def test_an_install_replaces_a_damaged_previous_link_and_says_what_it_pointed_at
     out = json.loads(res.stdout)
     assert (out["previous"], out["replaced_previous"]) == (dep.current, said(replaced, dep.current))
     assert rollback_model(deploy).current == dep.current                # a rollback can be made again
+
+
+@pytest.mark.parametrize("damage", ["absolute", "outside"])
+def test_a_rollback_to_a_release_replaces_a_damaged_previous_link(bundles, tmp_path, damage):
+    """'bundle rollback --to' over a 'previous' symlink pointing outside releases/ refused (exit 2), though it
+    points 'previous' at the release it leaves, as an install does, which replaces such a link. It now replaces it
+    the same way and says what it pointed at; a plain rollback (where to go is what the link would say) still
+    refuses, as does a --to over a folder or file in its place
+    (test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollback)."""
+    import os
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    left = deployment(deploy).current
+    what, fix = _damage_previous(deploy, damage, r1.release)
+    target = deploy / "releases" / r1.release if damage == "absolute" else Path("../elsewhere")
+    r = CliRunner()
+    res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
+    assert res.exit_code == 2 and res.stderr == f"error: {what}; {fix}\n", res.output
+    assert deployment(deploy).current == left
+    res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy), "--to", r1.release])
+    assert res.exit_code == 0, res.output
+    assert (f"warning: {deploy / 'previous'} was damaged (it pointed at {target}, not releases/<id>); the rollback "
+            f"replaced it: it points at releases/{left}, the release left\n") in res.stderr, res.stderr
+    dep = deployment(deploy)
+    # a rollback by hand judges no release: the one rolled back to keeps its own health (never checked here)
+    assert (dep.current, dep.previous, dep.previous_damaged, dep.health) == (r1.release, left, None, "unchecked")
+    assert os.readlink(deploy / "previous") == f"releases/{left}" and not list(deploy.glob(".*.tmp"))
+    back = rollback_model(deploy)                                       # a plain rollback can be made again
+    assert (back.current, back.previous, back.replaced_previous) == (left, r1.release, None)
 
 
 def test_an_install_cut_short_over_a_damaged_previous_link_leaves_a_folder_that_rolls_back(bundles, tmp_path,

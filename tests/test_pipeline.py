@@ -550,16 +550,21 @@ def _start(tmp_path: Path, bundle, mosquitto, trigger: str = "command", **fields
     link's ``connected``, set a moment before that subscription, for at most 10 s and then went on anyway: on a
     loaded machine a command sent then was dropped by the broker, and its requester waited for a reply that
     never came.)"""
-    from edge_ad.mqtt import BrokerSettings
-    from edge_ad.mqtt.collector import Collector
-
     frames = [part_frame(i, 96, defect=(i % 8 == 7)) for i in range(16)]
     video = write_video(tmp_path / "v.avi", frames)
     s = _settings(tmp_path, bundle, f"file://{video}?loop=1", source__mode="trigger", source__trigger=trigger,
                   output__snapshots_dir=str(tmp_path / "snaps"),
                   mqtt__url=mosquitto.url, mqtt__site="t", mqtt__device="cam1",
                   mqtt__outbox_path=str(tmp_path / "outbox.sqlite"), mqtt__validate_payloads=True, **fields)
-    svc = Service(s, install_signals=False)
+    return _launch(Service(s, install_signals=False))
+
+
+def _launch(svc: Service) -> Service:
+    """Run ``svc`` (MQTT on) in a thread (``svc.thread``; its summary lands in ``svc.out``) and return once it
+    takes commands, as ``_start`` says."""
+    from edge_ad.mqtt import BrokerSettings
+    from edge_ad.mqtt.collector import Collector
+
     out: dict = {}
     th = threading.Thread(target=lambda: out.update(summary=svc.run()), daemon=True)
     svc.thread, svc.out = th, out
@@ -567,7 +572,7 @@ def _start(tmp_path: Path, bundle, mosquitto, trigger: str = "command", **fields
     def online(c) -> bool:
         return any(m.json().get("state") == "online" for m in c.messages)
 
-    with Collector(BrokerSettings(url=mosquitto.url), svc.link.topics.status, persistent=False) as col:
+    with Collector(BrokerSettings(url=svc.link.settings.url), svc.link.topics.status, persistent=False) as col:
         th.start()
         col.wait_for(lambda c: online(c) or not th.is_alive(), START_S)   # a run that fails is not waited for
     deadline = time.monotonic() + START_S
@@ -850,10 +855,8 @@ def test_commands_running_or_waiting_at_a_stop_are_answered_and_do_not_hold_it(t
     s = _settings(tmp_path, copy_bundle(tiny_bundle, tmp_path / "bundle"), f"file://{video}?loop=1&fps=2",
                   mqtt__url=mosquitto.url, mqtt__site="t", mqtt__device="cam1",
                   mqtt__outbox_path=str(tmp_path / "outbox.sqlite"), mqtt__validate_payloads=True)
-    svc = Service(s, install_signals=False)
-    out: dict = {}
-    th = threading.Thread(target=lambda: out.update(summary=svc.run()), daemon=True)
-    th.start()
+    svc = _launch(Service(s, install_signals=False))      # takes commands: none sent below is lost
+    th, out = svc.thread, svc.out
     requester = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
 
     def send(name, args, corr):
@@ -864,9 +867,6 @@ def test_commands_running_or_waiting_at_a_stop_are_answered_and_do_not_hold_it(t
 
     try:
         with Collector(BrokerSettings(url=mosquitto.url), "fleet/replies") as col:
-            deadline = time.monotonic() + 10
-            while not (svc.link.connected and svc.pipeline.started_at) and time.monotonic() < deadline:
-                time.sleep(0.02)
             requester.connect(mosquitto.host, mosquitto.port)
             requester.loop_start()
             send("inspect", {"count": 20}, "inspect")

@@ -456,6 +456,29 @@ def test_a_signal_stops_the_loop_after_the_step_and_saves_its_state(tmp_path, si
     assert run()["resumed_at"] == 3
 
 
+def test_efficientads_teacher_normalization_shows_progress_off_a_terminal(capsys):
+    """Its pass over every training image printed nothing in a log (CI, journald); it is a progress bar now, each
+    state a line of its own off a terminal."""
+    from edge_ad.train.loops import fit_teacher_normalization
+
+    class Teacher(torch.nn.Module):            # EfficientAD's interface, the teacher's features: two channels
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("t_mean", torch.zeros(1, 2, 1, 1))
+            self.register_buffer("t_std", torch.ones(1, 2, 1, 1))
+
+        def teacher_features(self, x):
+            return x[:, :2]
+
+    model = Teacher()
+    fit_teacher_normalization(model, torch.arange(10 * 3 * 4 * 4, dtype=torch.float32).view(10, 3, 4, 4), "cpu",
+                              batch=4)
+    err = capsys.readouterr().err
+    states = [x for x in err.splitlines() if x.startswith("teacher normalization: ")]
+    assert "0%" in states[0] and " 10/10 " in states[-1] and "\r" not in err, err
+    assert model.t_std.flatten().tolist()[0] > 1                       # and it still fits
+
+
 def test_a_closed_stderr_drops_the_progress_bar_not_the_training(tmp_path, monkeypatch, caplog):
     """`edge-ad train ... 2>&1 | head -1`: once the pipe's reader is gone the bar's write raised BrokenPipeError
     and the training died, nothing saved; now the bar goes quiet and the loop ends and saves as usual."""
@@ -729,14 +752,16 @@ def test_cli_names_a_file_where_a_folder_must_be(tmp_path):
 
 
 def test_cli_train_then_eval_reports_and_pictures(category, tmp_path):
-    """Also: the Gaussian's feature extraction, fit and validation pass show progress off a terminal (nothing
-    was printed for minutes on a real category), each state a line of its own; no "0 steps" for its one pass."""
+    """Also: the loading of the images and the Gaussian's feature extraction, fit and validation pass show progress
+    off a terminal (nothing was printed for minutes on a real category), each state a line of its own; no "0 steps"
+    for its one pass."""
     out = tmp_path / "g"
     r = subprocess.run([sys.executable, "-m", "edge_ad", "train", "--model", "gaussian", "--data", str(category),
                         "--out", str(out), "--image-size", str(SIZE)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
-    for stage, total in (("features of the train images", 14), ("fitting the Gaussians", 64),
+    for stage, total in (("loading train images", 14), ("loading validation images", 2),
+                         ("features of the train images", 14), ("fitting the Gaussians", 64),
                          ("scoring the validation images", 2)):
         states = [x for x in lines if x.startswith(f"{stage}: ")]
         assert "0%" in states[0] and f" {total}/{total} " in states[-1], r.stderr

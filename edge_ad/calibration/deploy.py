@@ -96,9 +96,13 @@ class Deployment:
     # moved: a full disk); the rollback holds, deployment() reads it from the pending record (_switch_recorded)
     unrecorded: str | None = None
     # the 'previous' link is damaged (not a symlink, or not to releases/<id>): the line runs 'current', and every
-    # rollback, which rewrites 'previous', is refused with this error until it is repaired; so is every install when
-    # a folder or file is in its place (a damaged symlink it replaces: DeployDamaged.link)
+    # plain rollback, which rewrites 'previous' and cannot tell where it goes, is refused with this error until it is
+    # repaired; so is every install and rollback --to when a folder or file is in its place (a damaged symlink they
+    # replace: DeployDamaged.link)
     previous_damaged: DeployDamaged | None = field(default=None, compare=False)
+    # rollback_model with ``to``: the damaged 'previous' symlink it replaced, in words (as
+    # InstallResult.replaced_previous); None when there was none
+    replaced_previous: str | None = None
 
     @property
     def current_path(self) -> Path | None:
@@ -793,7 +797,7 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     except OSError:   # before 'current' moved (a full disk): nothing switched, and the new release is not kept
         shutil.rmtree(final, ignore_errors=True)
         raise
-    replaced = _replaced_damaged(d, damaged, dep.current) if damaged is not None else None
+    replaced = _replaced_damaged(d, damaged, dep.current, "install", "replaced") if damaged is not None else None
     try:
         pruned = prune_releases(d, keep)
     except OSError as exc:   # the install holds: the next one prunes them
@@ -805,18 +809,19 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
                          unrecorded=unrecorded, replaced_previous=replaced)
 
 
-def _replaced_damaged(d: Path, damaged: DeployDamaged, previous: str) -> str | None:
-    """After an install's switch over a damaged ``previous`` symlink (``damaged``): what to say (a WARNING, logged
-    here) when the link now points at ``previous``, the release replaced; None when it does not (not written: a
-    full disk, :attr:`InstallResult.unrecorded` says so, and deploy.json's pending record names ``previous``)."""
+def _replaced_damaged(d: Path, damaged: DeployDamaged, previous: str, by: str, left: str) -> str | None:
+    """After the switch of an install or a rollback --to (``by``) over a damaged ``previous`` symlink
+    (``damaged``): what to say (a WARNING, logged here) when the link now points at ``previous``, the release
+    ``left`` (replaced, or left); None when it does not (not written: a full disk, the ``unrecorded`` of the
+    result says so, and deploy.json's pending record names ``previous``)."""
     try:
         now = _link_target(d, PREVIOUS)
     except DeployDamaged:
         return None
     if now != previous:
         return None
-    said = (f"{d / PREVIOUS} was damaged (it pointed at {damaged.link}, not {RELEASES}/<id>); the install replaced "
-            f"it: it points at {RELEASES}/{previous}, the release replaced")
+    said = (f"{d / PREVIOUS} was damaged (it pointed at {damaged.link}, not {RELEASES}/<id>); the {by} replaced "
+            f"it: it points at {RELEASES}/{previous}, the release {left}")
     log.warning("%s", said)
     return said
 
@@ -1084,8 +1089,10 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
     opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
     :func:`deploy_lock`: nothing changed, try again later); InputError when
     ``to`` is not a kept release, is the one in force, or cannot be opened (named as ``bundle status`` names
-    it: :func:`release_problem`); :class:`DeployDamaged` (an InputError) when ``current`` or ``previous`` is
-    damaged, with or without ``to``: the rollback would point ``previous`` at the release left. An OSError (a full
+    it: :func:`release_problem`); :class:`DeployDamaged` (an InputError) when ``current`` is damaged, or
+    ``previous`` is: without ``to`` (which release it would go back to is unknown), or with ``to`` when a folder or
+    file is in its place (it could hold data). A damaged ``previous`` symlink is replaced by the switch of a rollback
+    with ``to``, as an install replaces it, with a WARNING (:attr:`Deployment.replaced_previous`). An OSError (a full
     disk) before ``current`` moved is raised, nothing changed
     but for a pending record that :func:`deployment` ignores; one after it (the ``previous`` link or the final
     record not written) is logged as an ERROR and the rollback holds: the state returned says why in
@@ -1098,8 +1105,10 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         raise RuntimeFailure(f"{d}: no previous release to roll back to (no {RELEASES}/ folder)")
     with deploy_lock(d):
         dep = deployment(d)
-        if dep.previous_damaged is not None:   # the switch points 'previous' at the release left: repair it first
-            raise dep.previous_damaged
+        damaged = dep.previous_damaged
+        if damaged is not None and (to is None or damaged.link is None or dep.current is None):
+            # no release to go back to, a folder or file in its place (data?), or no release to point it at
+            raise damaged
         if to is None:
             if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
                 # only those a --to would take (as 'bundle status' offers them): not one that cannot be opened
@@ -1136,10 +1145,11 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
                                       ROLLED_BACK, {"health": health, "rolled_back_from": left, "reason": reason,
                                                     "switched_at": now_iso(), **who},
                                       {"rolled_back_from": left, "reason": reason, **who})
+        replaced = _replaced_damaged(d, damaged, left, "rollback", "left") if damaged is not None else None
         if unrecorded is not None:
-            return replace(deployment(d), unrecorded=unrecorded)
+            return replace(deployment(d), unrecorded=unrecorded, replaced_previous=replaced)
         log.warning("rolled back from %s to %s%s: %s", left, to, "" if failed else f" by hand ({who['by']})", reason)
-        return deployment(d)
+        return replace(deployment(d), replaced_previous=replaced)
 
 
 def confirm(deploy_dir: str | os.PathLike, release: str | None = None) -> Deployment:

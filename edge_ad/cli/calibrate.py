@@ -264,7 +264,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
             golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
             click.echo(f"adapted model installed as {res.install.release} ({golden}; {res.precision}, "
                        f"{res.steps} steps, {res.seconds:.0f} s{screened}{thr})")
-            _install_notes(res.install)
+            _switch_notes("install", res.install)
             _reload_note(waiting, f"the model it replaces ({b.path.name})", restart=True)
         else:
             click.echo(f"adapted model written to {res.candidate} ({res.precision}, {res.steps} steps, "
@@ -765,7 +765,7 @@ def install_cmd(archive, config, env_file, deploy_dir, golden_dir, no_golden, ke
     golden = "golden check skipped" if g is None else f"golden check passed on {g['n_images']} images"
     click.echo(f"installed {res.release} ({golden}; previous: {res.previous or 'none'}); "
                f"{deploy_dir}/current -> releases/{res.release}")
-    _install_notes(res)
+    _switch_notes("install", res)
     click.echo("'edge-ad run' with model.deploy_dir watches its first frames and rolls back when they look wrong "
                "(started, restarted or reloaded after this install: SIGHUP or the MQTT reload command); "
                "'edge-ad bundle status' shows the verdict", err=True)
@@ -797,17 +797,18 @@ def rollback_cmd(deploy_dir, config, env_file, to):
     dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to,
                          by=f"edge-ad bundle rollback ({_who()})")
     click.echo(f"{deploy_dir}/current -> releases/{dep.current} (previous: {dep.previous})")
-    _unrecorded_note("rollback", dep.unrecorded)
+    _switch_notes("rollback", dep)
     click.echo("'edge-ad run' with model.deploy_dir switches on its next reload (SIGHUP or the MQTT reload "
                "command) or restart", err=True)
 
 
-def _install_notes(res) -> None:
-    """Say on stderr what an install that holds did beside the switch: a damaged 'previous' link it replaced
-    (:attr:`edge_ad.calibration.deploy.InstallResult.replaced_previous`), a record left incomplete."""
+def _switch_notes(what: str, res) -> None:
+    """Say on stderr what an install or rollback (``what``) that holds did beside the switch: a damaged 'previous'
+    link it replaced (``replaced_previous`` of :class:`edge_ad.calibration.deploy.InstallResult` or
+    :class:`edge_ad.calibration.deploy.Deployment`), a record left incomplete."""
     if res.replaced_previous is not None:
         click.echo(f"warning: {res.replaced_previous}", err=True)
-    _unrecorded_note("install", res.unrecorded)
+    _unrecorded_note(what, res.unrecorded)
 
 
 def _line_deploy(deploy_dir, config, env_file, use: _LineUse) -> Path:
@@ -894,8 +895,8 @@ def status_cmd(deploy_dir, config, env_file, as_json):
                            f"{damaged.fix}", err=True)
             else:
                 click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback can be made "
-                           f"until it is repaired or the next install replaces the link (it points 'previous' at the "
-                           f"release it replaces): {damaged.fix}", err=True)
+                           f"until it is repaired or the next install or 'rollback --to ID' replaces the link (they "
+                           f"point 'previous' at the release they replace): {damaged.fix}", err=True)
         if problems["previous"] and dep.previous != dep.current:
             click.echo(f"warning: the previous release, {dep.previous}, is {problems['previous']}: a plain "
                        "'edge-ad bundle rollback' is refused"

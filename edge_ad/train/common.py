@@ -123,8 +123,9 @@ class _ProgressStream:
 def progress_bar(total: int, desc: str, unit: str, initial: int = 0):
     """The training's tqdm progress bar on stderr: on a terminal redrawn ten times a second; in a log (CI,
     journald, a file) one line every 30 s, and the first and last; a stderr that cannot be written any more
-    drops it and the work goes on (:class:`_ProgressStream`). For the training steps, the Gaussian model's
-    feature extraction and fit, and the validation pass."""
+    drops it and the work goes on (:class:`_ProgressStream`). For the loading of the images, the training steps,
+    EfficientAD's teacher normalization, the Gaussian model's feature extraction and fit, and the validation
+    pass."""
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
@@ -135,15 +136,16 @@ def progress_bar(total: int, desc: str, unit: str, initial: int = 0):
 def load_images(paths: Sequence[Path], size: int, desc: str = "loading images",
                 seen: ImagesSeen | None = None) -> torch.Tensor:
     """Images resized to ``size`` as a uint8 tensor ``[N, 3, size, size]`` (kept in memory); each file is
-    also added to ``seen`` (its bytes are hashed as they are read: no second read)."""
-    from tqdm import tqdm
-
+    also added to ``seen`` (its bytes are hashed as they are read: no second read). A progress bar named
+    ``desc`` (:func:`progress_bar`: also lines in a log)."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=None, leave=False)):
-        img, data = read_image(p)
-        if seen is not None:
-            seen.add(data, img)
-        out[i] = torch.from_numpy(resize_rgb(to_rgb8(img, where=str(p)), (size, size)).transpose(2, 0, 1).copy())
+    with progress_bar(len(paths), desc, "img") as bar:
+        for i, p in enumerate(paths):
+            img, data = read_image(p)
+            if seen is not None:
+                seen.add(data, img)
+            out[i] = torch.from_numpy(resize_rgb(to_rgb8(img, where=str(p)), (size, size)).transpose(2, 0, 1).copy())
+            bar.update(1)
     return out
 
 

@@ -168,16 +168,19 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
 
 @torch.no_grad()
 def fit_teacher_normalization(model, images: torch.Tensor, device: str, batch: int = 8) -> None:
-    """Per-channel mean / std of the teacher output over the training images (EfficientAD, Alg. 1)."""
+    """Per-channel mean / std of the teacher output over the training images (EfficientAD, Alg. 1), with a
+    progress bar (:func:`~edge_ad.train.common.progress_bar`: also lines in a log)."""
     model.t_mean.zero_()
     model.t_std.fill_(1.0)
     s1 = s2 = None
     n = 0
-    for i in range(0, images.shape[0], batch):
-        t = model.teacher_features(images[i:i + batch].float().to(device))
-        s1 = t.sum(dim=(0, 2, 3)) if s1 is None else s1 + t.sum(dim=(0, 2, 3))
-        s2 = (t ** 2).sum(dim=(0, 2, 3)) if s2 is None else s2 + (t ** 2).sum(dim=(0, 2, 3))
-        n += t.shape[0] * t.shape[2] * t.shape[3]
+    with progress_bar(int(images.shape[0]), "teacher normalization", "img") as bar:
+        for i in range(0, images.shape[0], batch):
+            t = model.teacher_features(images[i:i + batch].float().to(device))
+            s1 = t.sum(dim=(0, 2, 3)) if s1 is None else s1 + t.sum(dim=(0, 2, 3))
+            s2 = (t ** 2).sum(dim=(0, 2, 3)) if s2 is None else s2 + (t ** 2).sum(dim=(0, 2, 3))
+            n += t.shape[0] * t.shape[2] * t.shape[3]
+            bar.update(t.shape[0])
     mean = s1 / n
     std = (s2 / n - mean ** 2).clamp_min(1e-12).sqrt()
     model.t_mean.copy_(mean.view(1, -1, 1, 1))
