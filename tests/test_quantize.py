@@ -684,3 +684,23 @@ def test_a_validation_split_too_small_for_the_guard_says_how_to_fix_it(tmp_path)
         gm.training_images(b)
     pool, held = gm.training_images(b, data)   # --calib: the last quarter held out
     assert (len(pool), len(held)) == (15, 5)
+
+
+def test_quantize_says_how_many_held_out_normals_the_guard_uses(base, tmp_path, capsys):
+    """It said '(79 held-out normal images are kept for the guard)' and then guarded on the default
+    --guard-normals 32 of them. Now it says how many of the held-out normals the guard uses, and how to use
+    more (and says it for FP16 too)."""
+    from edge_ad.compile.quantize import guard_images_text
+    from edge_ad.data.synthetic import write_category
+
+    shutil.copytree(base.path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    calib = write_category(tmp_path / "calib", n_train=24, n_test_good=0, n_test_defect=0, size=64, kind="grain")
+    res = quantize_bundle(b, "fp16", calib_dir=calib, guard_normals=4, limits=PASS_ALL, progress=True)
+    err = capsys.readouterr().err
+    assert res.entries[0]["n_images"] == {"normal": 4, "synthetic": 4, "real": 0}
+    assert ("(the guard uses 4 of the 6 held-out normal images, and the same 4 with planted defects; "
+            "--guard-normals to use more)") in err, err
+    assert "held-out normal images are kept" not in err
+    assert guard_images_text(6, 6) == ("(the guard uses all 6 held-out normal images, and the same 6 with planted "
+                                       "defects)")

@@ -382,7 +382,7 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
             fp32_nodes, details = _make_int8(bundle, src, work, pool, samples, keep_fp32, calibration,
                                              bias_correction, bias_images, outlier_factor, max_fp32_layers,
                                              threads, progress, made)
-            _say(progress, f"({len(held_out)} held-out normal images are kept for the guard)")
+        _say(progress, guard_images_text(int(np.sum(gset.groups == "normal")), len(held_out)))
         for form, path in made.items():
             check_graph(path, bundle.outputs, bundle.image_size, where=f"{form} graph")
         entries = []
@@ -426,6 +426,15 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
                              meta={"quantized": quantized, "active": {"graph": graph, "precision": precision}})
     ref_backend.close()
     return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details)
+
+
+def guard_images_text(used: int, held_out: int) -> str:
+    """What the guard runs on, said before it runs: ``used`` of the ``held_out`` normal images kept out of
+    calibration (``guard_normals`` of them, spread over the set), each also with a planted defect."""
+    if used < held_out:
+        return (f"(the guard uses {used} of the {held_out} held-out normal images, and the same {used} with planted "
+                "defects; --guard-normals to use more)")
+    return f"(the guard uses all {held_out} held-out normal images, and the same {held_out} with planted defects)"
 
 
 def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, threads: int = 0,
