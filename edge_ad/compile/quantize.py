@@ -92,6 +92,7 @@ class QuantizeResult:
     fp32_nodes: list[str]
     seconds: float
     details: dict = field(default_factory=dict)   # preparation, calibration, bias correction
+    refused: dict = field(default_factory=dict)   # INT8 forms the guard kept out: {file: record (refusal)}
 
 
 # --------------------------------------------------------------------------- graph analysis
@@ -346,7 +347,13 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     The guard judges the TensorRT form (``model.int8.onnx``) by the graph's own Q/DQ arithmetic and the CPU
     form by this CPU's ONNX Runtime kernels (:data:`JUDGED_ON`; each report entry's ``arithmetic``).
 
-    On a guard failure: ``quant_report.json`` records why, the new graphs are not kept, the active graph
+    Each INT8 form goes in on its own verdict (on an x86 CPU without VNNI the CPU form may fail on this CPU's
+    kernels where the TensorRT form passes): a refused form is not written (one of an earlier quantization is
+    removed), ``manifest["quantized"]["int8"]["refused"]`` says why and what to do (:func:`refusal`; running
+    it is refused with that message), and the result's ``refused`` names it. The active graph becomes INT8
+    only with its CPU form (:func:`_active_after`).
+
+    When no graph passes: ``quant_report.json`` records why, the new graphs are not kept, the active graph
     is unchanged, and :class:`edge_ad.errors.GuardFailure` is raised.
     """
     from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -404,12 +411,20 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
                 check_cpu_kernels(e, path, gset, threads, progress)
             entries.append(e)
             _say(progress, guard_mod.summary(e))
+            if arithmetic == "fused" and not e["passed"] and "rel_map_error_exact" in e:
+                judge_exact(bundle, e, path, gset, ref_backend, limits, threads, progress)
         report = guard_mod.report_data(bundle, entries)
-        if not all(e["passed"] for e in entries):
+        verdicts = dict(zip(made, entries))
+        passed = [form for form, e in verdicts.items() if e["passed"]]
+        if not passed:   # nothing goes in
             guard_mod.write_report(bundle, entries)
             guard_mod.raise_on_failure(entries)
-        files = [path.name for path in made.values()]
-        graph = "model.fp16.onnx" if precision == "fp16" else "model.int8.onnx"
+        # each form goes in on its own verdict: a CPU form refused on this CPU's kernels does not keep out the
+        # TensorRT form, which passed in TensorRT's arithmetic (and the other way round)
+        refused = {made[form].name: refusal(form, e, passed) for form, e in verdicts.items() if not e["passed"]}
+        for name, r in refused.items():
+            _say(progress, f"REFUSED {name}: {r['why']}; {r['fix']}")
+        files = [made[form].name for form in passed]
         quantized = dict(bundle.manifest.get("quantized", {}))
         quantized[precision] = {
             "files": files, "source_sha256": bundle.graph_hash("model.onnx"), "fp32_nodes": fp32_nodes,
@@ -420,12 +435,88 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
                 judged={**JUDGED_ON, **({"sensitivity": "exact"} if keep_fp32 == "auto" else {})},
                 cpu=qgraph.cpu_int8_kernels()[1],
                 bias_correction={f: details.get(f"bias_{f}") for f in INT8_FORMS} if bias_correction else None)
+            if refused:
+                quantized["int8"]["refused"] = refused
+        meta = {"quantized": quantized}
+        active = _active_after(bundle, precision, passed)
+        if active is not None:
+            meta["active"] = active
         # the graphs, the report of their guard and the manifest change together: a failure leaves the old
-        # graphs in force, and no report says a graph not in force passed
-        bundle.replace_files({**{path.name: path for path in made.values()}, guard_mod.REPORT: report},
-                             meta={"quantized": quantized, "active": {"graph": graph, "precision": precision}})
+        # graphs in force, and no report says a graph not in force passed; a refused form's graph of an earlier
+        # quantization goes (it is not of this calibration, and the record says why there is none)
+        bundle.replace_files({**{made[form].name: made[form] for form in passed}, guard_mod.REPORT: report},
+                             remove=[n for n in refused if n in bundle.manifest["files"] or bundle.has(n)],
+                             meta=meta)
     ref_backend.close()
-    return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details)
+    return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details, refused)
+
+
+def _active_after(bundle: Bundle, precision: str, passed: Sequence[str]) -> dict | None:
+    """The bundle's active graph after a quantization whose forms ``passed`` go in (None: unchanged).
+
+    INT8 is made active when its CPU form passed (``model.int8.onnx``, which CPUs run as its u8 twin; the u8
+    form alone when the TensorRT form was refused). Without the CPU form the active graph stays, as ONNX Runtime
+    on a CPU (the default backend) has no INT8 graph to run; an INT8 active before goes back to FP32, its graphs
+    replaced or removed. FP16 is made active."""
+    if precision == "fp16":
+        return {"graph": "model.fp16.onnx", "precision": "fp16"}
+    if "int8-u8" in passed:
+        return {"graph": INT8_FORMS["int8" if "int8" in passed else "int8-u8"], "precision": "int8"}
+    if bundle.active_precision == "int8":
+        return {"graph": "model.onnx", "precision": "fp32"}
+    return None
+
+
+def judge_exact(bundle: Bundle, entry: dict, graph: Path, gset: guard_mod.GuardSet, ref_backend,
+                limits: GuardLimits, threads: int = 0, progress: bool = True) -> dict:
+    """The guard's verdict on an INT8 ``graph`` in its own Q/DQ arithmetic (what ARM CPUs and x86 CPUs with VNNI
+    compute), for a CPU form that failed on the fused kernels of a CPU whose kernels saturate: whether only this
+    CPU's kernels refused it. Kept in ``entry["exact_guard"]`` (passed, failures, rank_corr) and returned."""
+    from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    cand = OnnxRuntimeBackend(bundle, precision="int8", device="cpu", graph=graph, threads=threads, exact=True)
+    try:
+        e = guard_mod.evaluate(bundle, cand, gset, ref_backend, limits,
+                               name=f"{entry['candidate']} (the graph's own arithmetic)")
+    finally:
+        cand.close()
+    _say(progress, guard_mod.summary(e))
+    entry["exact_guard"] = {"passed": e["passed"], "failures": e["failures"], "rank_corr": e["rank_corr"]}
+    return entry["exact_guard"]
+
+
+def refusal(form: str, entry: dict, passed: Sequence[str]) -> dict:
+    """The manifest's record of an INT8 form the guard refused (``quantized.int8.refused``, by file name): its
+    failures and, in words, why it is not in the bundle (``why``) and what to do (``fix``), which the quantize
+    output and every later attempt to run it (:meth:`edge_ad.bundle.Bundle.check_graph`) say."""
+    failures = "; ".join(entry["failures"])
+    rec = {"form": form, "candidate": entry["candidate"], "failures": list(entry["failures"]),
+           "arithmetic": entry.get("arithmetic")}
+    if form == "int8-u8":
+        cpu = entry.get("cpu") or "unknown CPU"
+        kernels_only = bool((entry.get("exact_guard") or {}).get("passed"))
+        rec.update(cpu=cpu, cpu_kernels_only=kernels_only)
+        why = (f"the CPU form of INT8 failed the accuracy guard when the bundle was quantized, on the ONNX Runtime "
+               f"INT8 kernels of that CPU ({cpu}: {failures})")
+        if kernels_only:
+            why += (", and passed in the graph's own arithmetic, which ARM CPUs and x86 CPUs with VNNI compute: "
+                    "only that CPU's kernels refused it")
+            fix = ("to run INT8 on a CPU, quantize on the device that will run it (an ARM device, or an x86 CPU with "
+                   "VNNI: edge-ad quantize there guards the CPU form on its own kernels); meanwhile run FP32 on CPUs "
+                   "(model.precision = \"fp32\")")
+        else:
+            fix = "run FP32 on CPUs (model.precision = \"fp32\")"
+        if "int8" in passed:
+            fix += ("; INT8 for TensorRT (model.int8.onnx) passed and is in the bundle: edge-ad compile --precision "
+                    "int8 on the device builds its engine")
+    else:
+        why = (f"the TensorRT form of INT8 failed the accuracy guard in its own Q/DQ arithmetic, which TensorRT "
+               f"computes ({failures})")
+        fix = "on TensorRT build FP16 instead (edge-ad compile --precision fp16; 'best' falls back to it)"
+        if "int8-u8" in passed:
+            fix += "; the CPU form (model.int8-u8.onnx) passed and runs INT8 on CPUs"
+    rec.update(why=why, fix=fix)
+    return rec
 
 
 def guard_images_text(used: int, held_out: int) -> str:

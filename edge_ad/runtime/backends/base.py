@@ -121,14 +121,18 @@ def graph_file(bundle: Bundle, precision: str, device_kind: str, int8_form: str 
 
     INT8 on the CPU: the unsigned-activation form when the bundle has it (``int8_form`` 'auto'), or the
     form asked for ('u8' / 's8'); on GPUs always the signed symmetric form. ONNX Runtime and OpenVINO
-    both run the u8 form faster on x86 CPUs (docs/compile.md).
+    both run the u8 form faster on x86 CPUs (docs/compile.md). A CPU form the accuracy guard refused
+    (:meth:`Bundle.graph_refusal`) is still the one 'auto' names on the CPU, so that opening it says why it
+    is not there and what to do, instead of running the TensorRT form, which was not judged on CPU kernels;
+    ``int8_form='s8'`` runs that form on the CPU explicitly.
     """
     check_precision(precision)
     if int8_form not in ("auto", "u8", "s8"):
         raise InputError(f"int8_form '{int8_form}': expected auto, u8 or s8")
     if precision == "int8":
-        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and bundle.has(CPU_INT8_FILE)
-                                 and CPU_INT8_FILE in bundle.manifest.get("files", {})):
+        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and (
+                (bundle.has(CPU_INT8_FILE) and CPU_INT8_FILE in bundle.manifest.get("files", {}))
+                or bundle.graph_refusal(CPU_INT8_FILE) is not None)):
             return CPU_INT8_FILE
     return GRAPH_FILES[precision]
 
