@@ -820,7 +820,7 @@ def check_backend(bundle, backend: str = "auto", precision: str | None = None, d
         if settings is not None:
             from .runtime.service import open_inspector
 
-            be = open_inspector(bundle, settings).backend
+            be = open_inspector(bundle, settings, warn=False).backend
         else:
             from .inspector import Inspector
             from .runtime.backends import open_backend
@@ -839,7 +839,13 @@ def check_backend(bundle, backend: str = "auto", precision: str | None = None, d
         detail = f"{name} {prec} on {dev}" + (f" ({Path(graph).name})" if graph else "") + ": the model opens"
         if backend == "auto":
             detail += " (backend auto)"
-        return _ok("backend", detail, data={"backend": name, "precision": prec, "device": str(dev)})
+        data = {"backend": name, "precision": prec, "device": str(dev)}
+        from .runtime.backends.base import slower_than_fp32
+
+        slow = slower_than_fp32(be)
+        if slow:   # run can start, on a slower graph than it could
+            return Check("backend", Status.WARN, f"{detail}; {slow[0]}", data=data, fix=slow[1])
+        return _ok("backend", detail, data=data)
     finally:
         try:
             be.close()

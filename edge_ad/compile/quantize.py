@@ -336,8 +336,9 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
                     limits: GuardLimits | None = None, guard_normals: int = 32, test_limit: int = 100,
                     outlier_factor: float = 5.0, max_fp32_layers: int = 8, threads: int = 0,
                     progress: bool = True, calibration: str = "minmax", bias_correction: bool = True,
-                    bias_images: int = 32) -> QuantizeResult:
-    """Make the ``precision`` graph(s), guard them against FP32, record them and make them active.
+                    bias_images: int = 32, activate: bool = False) -> QuantizeResult:
+    """Make the ``precision`` graph(s), guard them against FP32, record them and, for what CPUs run faster, make
+    them active.
 
     INT8: ``samples`` calibration images (from ``calib_dir`` or the bundle's training images, never the
     guard's held-out normals), ranges by ``calibration`` (minmax | percentile | entropy), ``keep_fp32``
@@ -350,8 +351,12 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     Each INT8 form goes in on its own verdict (on an x86 CPU without VNNI the CPU form may fail on this CPU's
     kernels where the TensorRT form passes): a refused form is not written (one of an earlier quantization is
     removed), ``manifest["quantized"]["int8"]["refused"]`` says why and what to do (:func:`refusal`; running
-    it is refused with that message), and the result's ``refused`` names it. The active graph becomes INT8
-    only with its CPU form (:func:`_active_after`).
+    it is refused with that message), and the result's ``refused`` names it.
+
+    The active graph, what a CPU line runs by default, becomes INT8 only with its CPU form; FP16 is left as it
+    was (FP16 is for GPUs and TensorRT: ONNX Runtime runs it slower than FP32 on x86 CPUs). ``activate``: make
+    the graph that passed active in any case (``--adapt`` quantizes a candidate like the line that runs it)
+    (:func:`_active_after`).
 
     When no graph passes: ``quant_report.json`` records why, the new graphs are not kept, the active graph
     is unchanged, and :class:`edge_ad.errors.GuardFailure` is raised.
@@ -438,9 +443,13 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
             if refused:
                 quantized["int8"]["refused"] = refused
         meta = {"quantized": quantized}
-        active = _active_after(bundle, precision, passed)
+        active = _active_after(bundle, precision, passed, activate)
         if active is not None:
             meta["active"] = active
+        if precision == "fp16" and (active or bundle.manifest["active"])["graph"] != "model.fp16.onnx":
+            _say(progress, "model.fp16.onnx is for GPUs and TensorRT (edge-ad compile --precision fp16, or "
+                           "model.precision = \"fp16\" on a GPU); the active graph stays, as ONNX Runtime runs "
+                           "FP16 slower than FP32 on x86 CPUs")
         # the graphs, the report of their guard and the manifest change together: a failure leaves the old
         # graphs in force, and no report says a graph not in force passed; a refused form's graph of an earlier
         # quantization goes (it is not of this calibration, and the record says why there is none)
@@ -451,17 +460,23 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details, refused)
 
 
-def _active_after(bundle: Bundle, precision: str, passed: Sequence[str]) -> dict | None:
-    """The bundle's active graph after a quantization whose forms ``passed`` go in (None: unchanged).
+def _active_after(bundle: Bundle, precision: str, passed: Sequence[str], activate: bool = False) -> dict | None:
+    """The bundle's active graph after a quantization whose graphs ``passed`` go in (None: unchanged).
 
-    INT8 is made active when its CPU form passed (``model.int8.onnx``, which CPUs run as its u8 twin; the u8
-    form alone when the TensorRT form was refused). Without the CPU form the active graph stays, as ONNX Runtime
-    on a CPU (the default backend) has no INT8 graph to run; an INT8 active before goes back to FP32, its graphs
-    replaced or removed. FP16 is made active."""
-    if precision == "fp16":
-        return {"graph": "model.fp16.onnx", "precision": "fp16"}
+    The active graph is what ONNX Runtime on a CPU, the default backend, runs when nothing else is asked. So INT8
+    is made active when its CPU form passed (``model.int8.onnx``, which CPUs run as its u8 twin; the u8 form
+    alone when the TensorRT form was refused); without the CPU form the active graph stays, and an INT8 active
+    before goes back to FP32 (its graphs replaced or removed). FP16 is not made active (ONNX Runtime runs it
+    slower than FP32 on x86 CPUs; on a GPU ``edge-ad compile`` makes its engine's precision active); one active
+    before stays active. ``activate``: the graph that passed is made active in any case (INT8:
+    ``model.int8.onnx``, else the u8 form)."""
+    int8 = INT8_FORMS["int8" if "int8" in passed else "int8-u8"]
+    if activate:
+        return {"graph": "model.fp16.onnx" if precision == "fp16" else int8, "precision": precision}
+    if precision == "fp16":   # kept when it was active (its file is replaced, which would make FP32 active)
+        return {"graph": "model.fp16.onnx", "precision": "fp16"} if bundle.active_graph == "model.fp16.onnx" else None
     if "int8-u8" in passed:
-        return {"graph": INT8_FORMS["int8" if "int8" in passed else "int8-u8"], "precision": "int8"}
+        return {"graph": int8, "precision": "int8"}
     if bundle.active_precision == "int8":
         return {"graph": "model.onnx", "precision": "fp32"}
     return None
@@ -548,7 +563,7 @@ def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, thread
     msg = (f"WARNING: {entry['candidate']}: this CPU ({cpu}) runs INT8 through ONNX Runtime kernels whose 16-bit "
            f"sums saturate: relative map error vs FP32 {fused:.3f} on them against {exact:.3f} in the graph's own "
            "arithmetic (what TensorRT, ARM CPUs and x86 CPUs with VNNI compute). The guard judged this CPU's "
-           "kernels, what ONNX Runtime runs here. Run FP32 or FP16 on this CPU (model.precision), or run INT8 "
+           "kernels, what ONNX Runtime runs here. Run FP32 on this CPU (model.precision), or run INT8 "
            "on TensorRT (edge-ad compile), an ARM device or an x86 CPU with VNNI (quantized there when this "
            "guard fails)")
     entry["warning"] = msg

@@ -27,6 +27,25 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # (model.int8-u8.onnx, about twice as fast in ONNX Runtime on x86).
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 CPU_INT8_FILE = "model.int8-u8.onnx"
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")   # platform.machine() of x86 CPUs, lower case
+
+
+def is_x86() -> bool:
+    """Whether this machine's CPU is x86 (``platform.machine()``)."""
+    import platform
+
+    return (platform.machine() or "").lower() in X86_MACHINES
+
+
+def slower_than_fp32(backend) -> tuple[str, str] | None:
+    """(why, what to do) when ``backend`` runs FP16 on an x86 CPU through ONNX Runtime, which runs
+    ``model.fp16.onnx`` slower than ``model.onnx`` there (docs/compile.md: 216 against 188 ms per frame
+    measured): FP16 is for GPUs and TensorRT. None otherwise (ARM CPUs were not measured)."""
+    if getattr(backend, "name", "") != "onnxruntime" or getattr(backend, "device", "") != "cpu" \
+            or getattr(backend, "precision", "") != "fp16" or not is_x86():
+        return None
+    return ("ONNX Runtime runs FP16 (model.fp16.onnx) slower than FP32 on an x86 CPU: FP16 is for GPUs and TensorRT",
+            "run FP32 on this CPU: model.precision = \"fp32\" (or empty, when the bundle's active graph is FP32)")
 
 
 def summary_text(summary: dict) -> str:
