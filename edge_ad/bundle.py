@@ -524,6 +524,9 @@ class Bundle:
         p = self.file(name)
         hint = GRAPH_HINTS.get(name, "run 'edge-ad export'")
         if not p.is_file():
+            refused = self.graph_refusal(name)
+            if refused is not None:
+                raise InputError(f"{p}: not in the bundle: {refused['why']}; {refused['fix']}")
             raise InputError(f"{p}: not found; {hint}")
         if name not in self.manifest["files"] and name not in self.replacing:
             raise InputError(f"{p}: not recorded in {self.path / 'manifest.json'}, so it is not this bundle's "
@@ -531,6 +534,19 @@ class Bundle:
         if verify:
             self.verify([name])
         return p
+
+    def graph_refusal(self, name: str) -> dict | None:
+        """The record of INT8 graph ``name`` that the accuracy guard refused when this ``model.onnx`` was quantized
+        (``manifest["quantized"]["int8"]["refused"][name]``: ``why`` and ``fix`` in words, the failures, the CPU),
+        or None: ``name`` is in the bundle, was not refused, or the record is of an earlier model."""
+        q = (self.manifest.get("quantized") or {}).get("int8")
+        refused = q.get("refused") if isinstance(q, dict) else None
+        rec = refused.get(name) if isinstance(refused, dict) else None
+        if not isinstance(rec, dict) or name in self.manifest["files"]:
+            return None
+        if q.get("source_sha256") != self.graph_hash("model.onnx"):
+            return None
+        return {"why": "the accuracy guard refused it", "fix": GRAPH_HINTS.get(name, ""), **rec}
 
     def set_active(self, graph: str, precision: str) -> None:
         self.manifest["active"] = {"graph": graph, "precision": precision}

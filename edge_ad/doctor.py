@@ -700,6 +700,11 @@ def check_bundle(path: str | os.PathLike) -> tuple[list[Check], Any]:
         detail += f", calibration v{cal.version} (threshold {cal.threshold:.4g})"
     except EdgeADError as exc:
         problems.append(str(exc))
+    int8_graphs = _int8_graphs()
+    refused = [n for n in int8_graphs if b.graph_refusal(n) is not None]
+    if refused:
+        detail += (f", INT8 {' and '.join(n for n in int8_graphs if n in b.manifest['files'])} only "
+                   f"({', '.join(refused)} refused by the guard at quantization)")
     if problems:
         checks.append(Check("bundle", Status.FAIL, detail + "; " + "; ".join(problems), required=True,
                             fix="finish the bundle: edge-ad train writes the graph and calibration; "
@@ -711,6 +716,13 @@ def check_bundle(path: str | os.PathLike) -> tuple[list[Check], Any]:
                             fix="recalibration writes calibration.d/ in the bundle: give the service user write "
                                 "access (sudo chown -R edge-ad BUNDLE)"))
     return checks, b
+
+
+def _int8_graphs() -> tuple[str, str]:
+    """The INT8 graph files: the TensorRT form, the CPU form (each goes in on its own guard verdict)."""
+    from .runtime.backends.base import CPU_INT8_FILE, GRAPH_FILES
+
+    return GRAPH_FILES["int8"], CPU_INT8_FILE
 
 
 def check_engine(bundle, required: bool = False, precision: str | None = None) -> Check:
@@ -808,7 +820,7 @@ def check_backend(bundle, backend: str = "auto", precision: str | None = None, d
         if settings is not None:
             from .runtime.service import open_inspector
 
-            be = open_inspector(bundle, settings).backend
+            be = open_inspector(bundle, settings, warn=False).backend
         else:
             from .inspector import Inspector
             from .runtime.backends import open_backend
@@ -827,7 +839,13 @@ def check_backend(bundle, backend: str = "auto", precision: str | None = None, d
         detail = f"{name} {prec} on {dev}" + (f" ({Path(graph).name})" if graph else "") + ": the model opens"
         if backend == "auto":
             detail += " (backend auto)"
-        return _ok("backend", detail, data={"backend": name, "precision": prec, "device": str(dev)})
+        data = {"backend": name, "precision": prec, "device": str(dev)}
+        from .runtime.backends.base import slower_than_fp32
+
+        slow = slower_than_fp32(be)
+        if slow:   # run can start, on a slower graph than it could
+            return Check("backend", Status.WARN, f"{detail}; {slow[0]}", data=data, fix=slow[1])
+        return _ok("backend", detail, data=data)
     finally:
         try:
             be.close()
@@ -846,7 +864,10 @@ def _backend_fix(bundle, backend: str, precision: str | None) -> str:
                      "otherwise model.backend = \"onnxruntime\"")
     elif backend == "tensorrt":
         hints.append(f"edge-ad compile --bundle {bundle.path} on this device, or model.backend = \"auto\"")
-    if precision is not None and backend not in ("tensorrt", "torch"):
+    refused = [r for r in map(bundle.graph_refusal, _int8_graphs()) if r is not None] if precision == "int8" else []
+    if refused:   # quantizing again here would be refused again: say what the refusal says to do
+        hints += [r["fix"] for r in refused]
+    elif precision is not None and backend not in ("tensorrt", "torch"):
         make = (f"edge-ad export --bundle {bundle.path}" if precision == "fp32"
                 else f"edge-ad quantize --bundle {bundle.path} --precision {precision}")
         hints.append(f"{make} for the {precision} graph, or leave model.precision empty to run the bundle's "

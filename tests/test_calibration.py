@@ -1131,7 +1131,9 @@ def test_cli_adapt_deploy_takes_the_lines_deploy_folder(tbundle, tmp_path, monke
 def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, monkeypatch):
     """--adapt screened the frames on the bundle's active graph and quantized the candidate in that precision,
     whatever the line inspects in: given the line's precision, it screens, quantizes, checks and installs in
-    it (the fine-tuning is a copy here, and the quantization stops the run once asked)."""
+    it (the fine-tuning is a copy here, and the quantization stops the run once asked). The quantized graph is
+    made the candidate's active one whatever its precision (quantize leaves FP16 inactive by default), so the
+    candidate runs as the line does."""
     pytest.importorskip("torch")
     import edge_ad.compile.quantize as quantize_mod
     import edge_ad.train.adapt as train_adapt
@@ -1148,7 +1150,7 @@ def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, m
         return real_screen(insp, frames, **kw)
 
     def quantize(cand, precision, **kw):
-        quantized.append(precision)
+        quantized.append((precision, kw.get("activate")))   # active in the line's precision, even FP16
         raise GuardFailure("stopped after the quantization was asked for")
 
     monkeypatch.setattr(adapt_mod, "screen_frames", screen)
@@ -1160,7 +1162,7 @@ def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, m
         adapt_mod.adapt(tbundle.path, frames, steps=1, backend="onnxruntime", precision="int8", run_device="cpu",
                         out_dir=tmp_path / "cand", progress=False)
     assert screened == [{"backend": "onnxruntime", "precision": "int8", "device": "cpu", "graph": "model.int8.onnx"}]
-    assert quantized == ["int8"] and tbundle.active_precision == "fp32" and not (tmp_path / "cand").exists()
+    assert quantized == [("int8", True)] and tbundle.active_precision == "fp32" and not (tmp_path / "cand").exists()
 
 
 def test_adapt_fits_a_quantized_candidates_calibration_on_its_quantized_scores(tbundle, tmp_path, monkeypatch):

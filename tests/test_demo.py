@@ -190,28 +190,48 @@ def test_quick_demo_with_the_embedded_broker(tmp_path):
     assert summary["loop"]["calibration"]["via"] == "mqtt"
 
 
-def test_the_quantize_step_names_only_the_guard_candidates_that_failed(tmp_path, monkeypatch):
-    """One INT8 form passing and the other failing: the console line names the failing one with its reason
-    and says the passing one passed (it said 'failed' for both, against quant_report.json)."""
+def test_the_quantize_step_names_the_refused_int8_form_and_what_the_loop_runs(tmp_path, monkeypatch):
+    """Each INT8 form goes in on its own verdict. One passing and the other refused (the CPU form on an x86 CPU
+    without VNNI): the line says which passed, names the refused one with why, and says the loop runs FP32 (the
+    summary too); it said 'INT8 is switched in only when every form passes' and nothing went in. Both refused:
+    the line names each failure."""
+    from types import SimpleNamespace
+
     import edge_ad.compile.quantize as quantize
     from edge_ad.demo import steps
     from edge_ad.demo.plan import make_plan
+    from edge_ad.demo.report import quantize_verdict
     from edge_ad.errors import GuardFailure
+
+    why = "the CPU form of INT8 failed the accuracy guard (x86_64 without VNNI: synthetic AUROC fell 0.0059)"
+    entries = [{"candidate": "onnxruntime-int8", "passed": True, "failures": [], "rank_corr": 0.9984, "auroc": {}},
+               {"candidate": "onnxruntime-int8-u8", "passed": False, "failures": ["synthetic AUROC fell 0.0059"],
+                "rank_corr": 0.9958, "auroc": {}}]
+    monkeypatch.setattr("edge_ad.bundle.Bundle.open", staticmethod(
+        lambda *a, **k: SimpleNamespace(active_precision="fp32", active_graph="model.onnx")))
+    monkeypatch.setattr("edge_ad.data.synthetic.write_category", lambda *a, **k: tmp_path / "q")
+    monkeypatch.setattr(quantize, "quantize_bundle", lambda *a, **k: SimpleNamespace(
+        files=["model.int8.onnx"], refused={"model.int8-u8.onnx": {"why": why, "fix": "quantize on the device"}},
+        entries=entries))
+    info, (level, line) = steps.step_quantize(tmp_path, make_plan(True, "gaussian"))
+    assert level == "warning" and not info["passed"] and info["files"] == ["model.int8.onnx"]
+    assert line == (f"INT8 model.int8.onnx passed the accuracy guard, model.int8-u8.onnx REFUSED (model.int8-u8.onnx: "
+                    f"{why}); the loop runs model.onnx")
+    assert info["precision"] == "fp32" and why in info["refused"]
+    assert quantize_verdict(info) == f"INT8 model.int8.onnx passed the guard, the other form was refused " \
+                                     f"({info['refused']}); FP32 runs"   # report.html
 
     def refuse(*a, **k):
         raise GuardFailure("onnxruntime-int8: score rank correlation 0.9882 < 0.99")
 
-    monkeypatch.setattr("edge_ad.bundle.Bundle.open", staticmethod(lambda *a, **k: None))
-    monkeypatch.setattr("edge_ad.data.synthetic.write_category", lambda *a, **k: tmp_path / "q")
     monkeypatch.setattr(quantize, "quantize_bundle", refuse)
     monkeypatch.setattr(steps, "_guard_entries", lambda b: [
         {"candidate": "onnxruntime-int8", "passed": False, "failures": ["score rank correlation 0.9882 < 0.99"]},
-        {"candidate": "onnxruntime-int8-u8", "passed": True, "failures": []}])
+        {"candidate": "onnxruntime-int8-u8", "passed": False, "failures": ["synthetic AUROC fell 0.0059"]}])
     info, (level, line) = steps.step_quantize(tmp_path, make_plan(True, "gaussian"))
     assert level == "warning" and not info["passed"]
-    assert "onnxruntime-int8: score rank correlation 0.9882 < 0.99" in line
-    assert "onnxruntime-int8-u8: failed" not in line
-    assert "onnxruntime-int8-u8 passed, but INT8 is switched in only when every form passes" in line
+    assert ("INT8 REFUSED by the accuracy guard (onnxruntime-int8: score rank correlation 0.9882 < 0.99; "
+            "onnxruntime-int8-u8: synthetic AUROC fell 0.0059); nothing switched in") in line
 
 
 def test_the_demo_monitor_line_says_the_ng_rate_is_the_last_intervals():

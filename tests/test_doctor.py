@@ -803,3 +803,40 @@ def test_an_empty_command_secret_in_the_env_file_fails_the_config_check(tmp_path
     assert fails and fails[0]["required"], res.output
     assert "$EDGE_AD_MQTT_COMMAND_SECRET is set but empty" in fails[0]["detail"]
     assert "[from environment variable EDGE_AD_MQTT_COMMAND_SECRET" in fails[0]["detail"]
+
+
+def test_fp16_on_an_x86_cpu_is_warned_of_at_run_and_by_doctor(tiny, tmp_path, monkeypatch, caplog):
+    """ONNX Runtime runs FP16 slower than FP32 on an x86 CPU. A line asked to (model.precision = "fp16", or a
+    bundle whose active graph is FP16 from an earlier quantize) ran it without a word; run now logs a warning
+    and doctor gives one, each with the fix. Not on FP32, nor on an ARM CPU (not measured there)."""
+    import edge_ad.runtime.backends.base as base
+    from edge_ad.config import load_settings, parse_set_option
+    from edge_ad.runtime.service import open_inspector
+    from fixtures_bundle import add_stand_in_graph
+
+    b = add_stand_in_graph(copy_bundle(tiny, tmp_path / "b"), "fp16")
+    monkeypatch.setattr(base, "is_x86", lambda: True)
+
+    def settings(precision):
+        return load_settings(None, [parse_set_option("source.uri=synthetic://"),
+                                    parse_set_option(f"model.bundle={b.path}"),
+                                    parse_set_option("model.backend=onnxruntime"), parse_set_option("model.device=cpu"),
+                                    parse_set_option(f"model.precision={precision}")])
+
+    for precision, warned in (("fp16", True), ("fp32", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="edge_ad.runtime.service"):
+            insp = open_inspector(b, settings(precision))
+        insp.backend.close()
+        said = "ONNX Runtime runs FP16 (model.fp16.onnx) slower than FP32 on an x86 CPU" in caplog.text
+        assert said == warned and ('model.precision = "fp32"' in caplog.text) == warned, caplog.text
+        c = d.check_backend(b, settings=settings(precision))
+        assert c.status == (d.Status.WARN if warned else d.Status.OK), c
+    c = d.check_backend(b, settings=settings("fp16"))
+    assert "slower than FP32" in c.detail and 'model.precision = "fp32"' in c.fix and not c.required
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.service"):
+        open_inspector(b, settings("fp16"), warn=False).backend.close()   # doctor's: said as its check
+    assert "slower" not in caplog.text
+    monkeypatch.setattr(base, "is_x86", lambda: False)
+    assert d.check_backend(b, settings=settings("fp16")).status == d.Status.OK

@@ -236,7 +236,9 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
             if precision in ("int8", "fp16"):
                 from ..compile.quantize import quantize_bundle
 
-                res = quantize_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
+                # activate: the candidate runs in the line's precision, FP16 or INT8 without its CPU form included
+                res = quantize_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress,
+                                      activate=True)
                 quantized = list(res.files)
             if _has_engines(src):
                 if _tensorrt_here():

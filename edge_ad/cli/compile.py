@@ -72,14 +72,19 @@ def export(bundle_dir, opset):
 @_with_limits
 def quantize(bundle_dir, precision, samples, keep_fp32, threads, max_auroc_drop, min_rank_corr, min_agreement,
              test_dir, test_limit, guard_normals, calib_dir):
-    """INT8 (Q/DQ, two forms: TensorRT and CPU) or FP16 graph, guarded against FP32 before it is used."""
+    """INT8 (Q/DQ, two forms: TensorRT and CPU) or FP16 graph, guarded against FP32 before it is used.
+
+    Each INT8 form goes in when it passes its guard; exit 0 when at least one graph went in (a refused
+    form is named, with why and what to do), 1 when none passed."""
     from ..compile.quantize import quantize_bundle
 
     b = _open(bundle_dir)
     res = quantize_bundle(b, precision, calib_dir=calib_dir, samples=samples, keep_fp32=keep_fp32,
                           test_dir=test_dir, limits=_limits(max_auroc_drop, min_rank_corr, min_agreement),
                           guard_normals=guard_normals, test_limit=test_limit, threads=threads)
-    click.echo(f"{', '.join(res.files)} written and guarded ({res.seconds:.0f} s); active graph: "
+    refused = (f"; {', '.join(res.refused)} refused (why above, and in manifest.json's quantized.{precision}.refused)"
+               if res.refused else "")
+    click.echo(f"{', '.join(res.files)} written and guarded ({res.seconds:.0f} s){refused}; active graph: "
                f"{b.active_graph} ({b.active_precision}). Report: {b.file('quant_report.json')}")
 
 

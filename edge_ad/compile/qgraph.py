@@ -352,8 +352,10 @@ def cpu_int8_kernels() -> tuple[bool, str]:
     (:func:`session`'s ``exact``). ARM CPUs and VNNI compute the graph's own arithmetic."""
     import platform
 
+    from ..runtime.backends.base import is_x86
+
     machine = platform.machine() or "unknown CPU"
-    if machine.lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if not is_x86():
         return False, machine
     try:
         with open(CPUINFO, encoding="utf-8", errors="replace") as f:

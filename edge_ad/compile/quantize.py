@@ -92,6 +92,7 @@ class QuantizeResult:
     fp32_nodes: list[str]
     seconds: float
     details: dict = field(default_factory=dict)   # preparation, calibration, bias correction
+    refused: dict = field(default_factory=dict)   # INT8 forms the guard kept out: {file: record (refusal)}
 
 
 # --------------------------------------------------------------------------- graph analysis
@@ -335,8 +336,9 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
                     limits: GuardLimits | None = None, guard_normals: int = 32, test_limit: int = 100,
                     outlier_factor: float = 5.0, max_fp32_layers: int = 8, threads: int = 0,
                     progress: bool = True, calibration: str = "minmax", bias_correction: bool = True,
-                    bias_images: int = 32) -> QuantizeResult:
-    """Make the ``precision`` graph(s), guard them against FP32, record them and make them active.
+                    bias_images: int = 32, activate: bool = False) -> QuantizeResult:
+    """Make the ``precision`` graph(s), guard them against FP32, record them and, for what CPUs run faster, make
+    them active.
 
     INT8: ``samples`` calibration images (from ``calib_dir`` or the bundle's training images, never the
     guard's held-out normals), ranges by ``calibration`` (minmax | percentile | entropy), ``keep_fp32``
@@ -346,7 +348,17 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
     The guard judges the TensorRT form (``model.int8.onnx``) by the graph's own Q/DQ arithmetic and the CPU
     form by this CPU's ONNX Runtime kernels (:data:`JUDGED_ON`; each report entry's ``arithmetic``).
 
-    On a guard failure: ``quant_report.json`` records why, the new graphs are not kept, the active graph
+    Each INT8 form goes in on its own verdict (on an x86 CPU without VNNI the CPU form may fail on this CPU's
+    kernels where the TensorRT form passes): a refused form is not written (one of an earlier quantization is
+    removed), ``manifest["quantized"]["int8"]["refused"]`` says why and what to do (:func:`refusal`; running
+    it is refused with that message), and the result's ``refused`` names it.
+
+    The active graph, what a CPU line runs by default, becomes INT8 only with its CPU form; FP16 is left as it
+    was (FP16 is for GPUs and TensorRT: ONNX Runtime runs it slower than FP32 on x86 CPUs). ``activate``: make
+    the graph that passed active in any case (``--adapt`` quantizes a candidate like the line that runs it)
+    (:func:`_active_after`).
+
+    When no graph passes: ``quant_report.json`` records why, the new graphs are not kept, the active graph
     is unchanged, and :class:`edge_ad.errors.GuardFailure` is raised.
     """
     from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -382,7 +394,7 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
             fp32_nodes, details = _make_int8(bundle, src, work, pool, samples, keep_fp32, calibration,
                                              bias_correction, bias_images, outlier_factor, max_fp32_layers,
                                              threads, progress, made)
-            _say(progress, f"({len(held_out)} held-out normal images are kept for the guard)")
+        _say(progress, guard_images_text(int(np.sum(gset.groups == "normal")), len(held_out)))
         for form, path in made.items():
             check_graph(path, bundle.outputs, bundle.image_size, where=f"{form} graph")
         entries = []
@@ -404,12 +416,20 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
                 check_cpu_kernels(e, path, gset, threads, progress)
             entries.append(e)
             _say(progress, guard_mod.summary(e))
+            if arithmetic == "fused" and not e["passed"] and "rel_map_error_exact" in e:
+                judge_exact(bundle, e, path, gset, ref_backend, limits, threads, progress)
         report = guard_mod.report_data(bundle, entries)
-        if not all(e["passed"] for e in entries):
+        verdicts = dict(zip(made, entries))
+        passed = [form for form, e in verdicts.items() if e["passed"]]
+        if not passed:   # nothing goes in
             guard_mod.write_report(bundle, entries)
             guard_mod.raise_on_failure(entries)
-        files = [path.name for path in made.values()]
-        graph = "model.fp16.onnx" if precision == "fp16" else "model.int8.onnx"
+        # each form goes in on its own verdict: a CPU form refused on this CPU's kernels does not keep out the
+        # TensorRT form, which passed in TensorRT's arithmetic (and the other way round)
+        refused = {made[form].name: refusal(form, e, passed) for form, e in verdicts.items() if not e["passed"]}
+        for name, r in refused.items():
+            _say(progress, f"REFUSED {name}: {r['why']}; {r['fix']}")
+        files = [made[form].name for form in passed]
         quantized = dict(bundle.manifest.get("quantized", {}))
         quantized[precision] = {
             "files": files, "source_sha256": bundle.graph_hash("model.onnx"), "fp32_nodes": fp32_nodes,
@@ -420,12 +440,107 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
                 judged={**JUDGED_ON, **({"sensitivity": "exact"} if keep_fp32 == "auto" else {})},
                 cpu=qgraph.cpu_int8_kernels()[1],
                 bias_correction={f: details.get(f"bias_{f}") for f in INT8_FORMS} if bias_correction else None)
+            if refused:
+                quantized["int8"]["refused"] = refused
+        meta = {"quantized": quantized}
+        active = _active_after(bundle, precision, passed, activate)
+        if active is not None:
+            meta["active"] = active
+        if precision == "fp16" and (active or bundle.manifest["active"])["graph"] != "model.fp16.onnx":
+            _say(progress, "model.fp16.onnx is for GPUs and TensorRT (edge-ad compile --precision fp16, or "
+                           "model.precision = \"fp16\" on a GPU); the active graph stays, as ONNX Runtime runs "
+                           "FP16 slower than FP32 on x86 CPUs")
         # the graphs, the report of their guard and the manifest change together: a failure leaves the old
-        # graphs in force, and no report says a graph not in force passed
-        bundle.replace_files({**{path.name: path for path in made.values()}, guard_mod.REPORT: report},
-                             meta={"quantized": quantized, "active": {"graph": graph, "precision": precision}})
+        # graphs in force, and no report says a graph not in force passed; a refused form's graph of an earlier
+        # quantization goes (it is not of this calibration, and the record says why there is none)
+        bundle.replace_files({**{made[form].name: made[form] for form in passed}, guard_mod.REPORT: report},
+                             remove=[n for n in refused if n in bundle.manifest["files"] or bundle.has(n)],
+                             meta=meta)
     ref_backend.close()
-    return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details)
+    return QuantizeResult(precision, files, entries, fp32_nodes, time.perf_counter() - t0, details, refused)
+
+
+def _active_after(bundle: Bundle, precision: str, passed: Sequence[str], activate: bool = False) -> dict | None:
+    """The bundle's active graph after a quantization whose graphs ``passed`` go in (None: unchanged).
+
+    The active graph is what ONNX Runtime on a CPU, the default backend, runs when nothing else is asked. So INT8
+    is made active when its CPU form passed (``model.int8.onnx``, which CPUs run as its u8 twin; the u8 form
+    alone when the TensorRT form was refused); without the CPU form the active graph stays, and an INT8 active
+    before goes back to FP32 (its graphs replaced or removed). FP16 is not made active (ONNX Runtime runs it
+    slower than FP32 on x86 CPUs; on a GPU ``edge-ad compile`` makes its engine's precision active); one active
+    before stays active. ``activate``: the graph that passed is made active in any case (INT8:
+    ``model.int8.onnx``, else the u8 form)."""
+    int8 = INT8_FORMS["int8" if "int8" in passed else "int8-u8"]
+    if activate:
+        return {"graph": "model.fp16.onnx" if precision == "fp16" else int8, "precision": precision}
+    if precision == "fp16":   # kept when it was active (its file is replaced, which would make FP32 active)
+        return {"graph": "model.fp16.onnx", "precision": "fp16"} if bundle.active_graph == "model.fp16.onnx" else None
+    if "int8-u8" in passed:
+        return {"graph": int8, "precision": "int8"}
+    if bundle.active_precision == "int8":
+        return {"graph": "model.onnx", "precision": "fp32"}
+    return None
+
+
+def judge_exact(bundle: Bundle, entry: dict, graph: Path, gset: guard_mod.GuardSet, ref_backend,
+                limits: GuardLimits, threads: int = 0, progress: bool = True) -> dict:
+    """The guard's verdict on an INT8 ``graph`` in its own Q/DQ arithmetic (what ARM CPUs and x86 CPUs with VNNI
+    compute), for a CPU form that failed on the fused kernels of a CPU whose kernels saturate: whether only this
+    CPU's kernels refused it. Kept in ``entry["exact_guard"]`` (passed, failures, rank_corr) and returned."""
+    from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    cand = OnnxRuntimeBackend(bundle, precision="int8", device="cpu", graph=graph, threads=threads, exact=True)
+    try:
+        e = guard_mod.evaluate(bundle, cand, gset, ref_backend, limits,
+                               name=f"{entry['candidate']} (the graph's own arithmetic)")
+    finally:
+        cand.close()
+    _say(progress, guard_mod.summary(e))
+    entry["exact_guard"] = {"passed": e["passed"], "failures": e["failures"], "rank_corr": e["rank_corr"]}
+    return entry["exact_guard"]
+
+
+def refusal(form: str, entry: dict, passed: Sequence[str]) -> dict:
+    """The manifest's record of an INT8 form the guard refused (``quantized.int8.refused``, by file name): its
+    failures and, in words, why it is not in the bundle (``why``) and what to do (``fix``), which the quantize
+    output and every later attempt to run it (:meth:`edge_ad.bundle.Bundle.check_graph`) say."""
+    failures = "; ".join(entry["failures"])
+    rec = {"form": form, "candidate": entry["candidate"], "failures": list(entry["failures"]),
+           "arithmetic": entry.get("arithmetic")}
+    if form == "int8-u8":
+        cpu = entry.get("cpu") or "unknown CPU"
+        kernels_only = bool((entry.get("exact_guard") or {}).get("passed"))
+        rec.update(cpu=cpu, cpu_kernels_only=kernels_only)
+        why = (f"the CPU form of INT8 failed the accuracy guard when the bundle was quantized, on the ONNX Runtime "
+               f"INT8 kernels of that CPU ({cpu}: {failures})")
+        if kernels_only:
+            why += (", and passed in the graph's own arithmetic, which ARM CPUs and x86 CPUs with VNNI compute: "
+                    "only that CPU's kernels refused it")
+            fix = ("to run INT8 on a CPU, quantize on the device that will run it (an ARM device, or an x86 CPU with "
+                   "VNNI: edge-ad quantize there guards the CPU form on its own kernels); meanwhile run FP32 on CPUs "
+                   "(model.precision = \"fp32\")")
+        else:
+            fix = "run FP32 on CPUs (model.precision = \"fp32\")"
+        if "int8" in passed:
+            fix += ("; INT8 for TensorRT (model.int8.onnx) passed and is in the bundle: edge-ad compile --precision "
+                    "int8 on the device builds its engine")
+    else:
+        why = (f"the TensorRT form of INT8 failed the accuracy guard in its own Q/DQ arithmetic, which TensorRT "
+               f"computes ({failures})")
+        fix = "on TensorRT build FP16 instead (edge-ad compile --precision fp16; 'best' falls back to it)"
+        if "int8-u8" in passed:
+            fix += "; the CPU form (model.int8-u8.onnx) passed and runs INT8 on CPUs"
+    rec.update(why=why, fix=fix)
+    return rec
+
+
+def guard_images_text(used: int, held_out: int) -> str:
+    """What the guard runs on, said before it runs: ``used`` of the ``held_out`` normal images kept out of
+    calibration (``guard_normals`` of them, spread over the set), each also with a planted defect."""
+    if used < held_out:
+        return (f"(the guard uses {used} of the {held_out} held-out normal images, and the same {used} with planted "
+                "defects; --guard-normals to use more)")
+    return f"(the guard uses all {held_out} held-out normal images, and the same {held_out} with planted defects)"
 
 
 def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, threads: int = 0,
@@ -448,7 +563,7 @@ def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, thread
     msg = (f"WARNING: {entry['candidate']}: this CPU ({cpu}) runs INT8 through ONNX Runtime kernels whose 16-bit "
            f"sums saturate: relative map error vs FP32 {fused:.3f} on them against {exact:.3f} in the graph's own "
            "arithmetic (what TensorRT, ARM CPUs and x86 CPUs with VNNI compute). The guard judged this CPU's "
-           "kernels, what ONNX Runtime runs here. Run FP32 or FP16 on this CPU (model.precision), or run INT8 "
+           "kernels, what ONNX Runtime runs here. Run FP32 on this CPU (model.precision), or run INT8 "
            "on TensorRT (edge-ad compile), an ARM device or an x86 CPU with VNNI (quantized there when this "
            "guard fails)")
     entry["warning"] = msg

@@ -223,6 +223,9 @@ def compile_bundle(bundle: Bundle, precision: str = "best", max_batch: int = DEF
     import_tensorrt()  # say what to install before anything else
     if precision == "best":
         order = (["int8"] if bundle.has("model.int8.onnx") else []) + ["fp16"]
+        refused = bundle.graph_refusal("model.int8.onnx")
+        if refused is not None:
+            _say(progress, f"no INT8 engine: {refused['why']}; building FP16")
     elif precision in ("fp32", "fp16", "int8"):
         order = [precision]
     else:

@@ -5,7 +5,8 @@ Steps (each prints one line with its timing; a failed step stops the demo with a
 1. **data**      synthetic parts in the MVTec layout (:func:`edge_ad.data.synthetic.write_category`);
 2. **train**     a quick model (Gaussian by default: seconds; EfficientAD / FADeR with a small step count);
 3. **evaluate**  AUROC / AUPRO / F1 through the deployed graph, with the grid and histogram pictures;
-4. **quantize**  INT8 with the accuracy guard; a refusal is reported and the loop runs FP32;
+4. **quantize**  INT8 with the accuracy guard, each form on its own verdict; a refusal is reported, and the
+                 loop runs INT8 when the CPU form passed, else FP32;
 5. **broker**    Mosquitto on a free loopback port (:mod:`edge_ad.mqtt.broker`); when it is not installed, the
                  embedded amqtt broker (MQTT 3.1.1) in this process; with neither, the loop runs without MQTT;
 6. **inspect**   ``edge-ad run`` as a subprocess on a ``synthetic://`` conveyor with planted defects and a

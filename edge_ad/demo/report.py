@@ -305,8 +305,7 @@ def write_report(out: Path, plan, summary: dict, records: Sequence[dict], steps:
                                                               "threshold"))]))
         parts += [_img("eval/grid.png", "eval grid"), _img("eval/histogram.png", "eval histogram")]
     if q:
-        verdict = "INT8 passed the guard and runs" if q.get("passed") else "INT8 refused by the guard; FP32 runs"
-        parts.append(f"<p>{_e(verdict)}.</p>")
+        parts.append(f"<p>{_e(quantize_verdict(q))}.</p>")
         grows = []
         for g in q.get("guard") or []:
             auc = "; ".join(f"{k} {v['fp32']:.3f}->{v['candidate']:.3f}" for k, v in (g.get("auroc") or {}).items())
@@ -323,6 +322,16 @@ def write_report(out: Path, plan, summary: dict, records: Sequence[dict], steps:
     parts.append("</ul></body></html>")
     atomic.write_text(out / "report.html", "\n".join(parts) + "\n")
     return pictures
+
+
+def quantize_verdict(q: dict) -> str:
+    """The report's sentence on the quantize step (its ``summary.json`` entry): what passed, what runs."""
+    if q.get("passed"):
+        return "INT8 passed the guard and runs"
+    if q.get("files"):   # one INT8 form went in, the other was refused
+        return (f"INT8 {', '.join(q['files'])} passed the guard, the other form was refused ({q.get('refused')}); "
+                f"{str(q.get('precision') or 'fp32').upper()} runs")
+    return "INT8 refused by the guard; FP32 runs"
 
 
 def _calibration(out: Path, version) -> dict:

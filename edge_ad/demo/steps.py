@@ -148,12 +148,15 @@ def step_quantize(out: Path, plan: DemoPlan) -> tuple[dict, tuple[str, str]]:
         info.update(entries=entries, refused=str(exc))
         failed = [e for e in entries if not e.get("passed")]
         why = "; ".join(f"{e['candidate']}: {', '.join(e.get('failures') or ['failed'])}" for e in failed) or str(exc)
-        passed = [e["candidate"] for e in entries if e.get("passed")]
-        also = f"; {', '.join(passed)} passed, but INT8 is switched in only when every form passes" if passed else ""
-        return info, ("warning", f"INT8 REFUSED by the accuracy guard ({why}{also}); nothing switched in, the "
+        return info, ("warning", f"INT8 REFUSED by the accuracy guard ({why}); nothing switched in, the "
                                  f"loop runs the FP32 graph")
     b = Bundle.open(out / "bundle")
-    info.update(precision=b.active_precision, passed=True, entries=res.entries, files=res.files)
+    info.update(precision=b.active_precision, passed=not res.refused, entries=res.entries, files=res.files)
+    if res.refused:   # each INT8 form goes in on its own verdict: one passed, the other did not
+        info["refused"] = "; ".join(f"{name}: {r['why']}" for name, r in res.refused.items())
+        return info, ("warning", f"INT8 {', '.join(res.files)} passed the accuracy guard, "
+                                 f"{', '.join(res.refused)} REFUSED ({info['refused']}); the loop runs "
+                                 f"{b.active_graph}")
     e = res.entries[0]
     auc = "; ".join(f"{g} AUROC {v['fp32']:.3f} -> {v['candidate']:.3f}" for g, v in e["auroc"].items())
     return info, ("ok", f"INT8 passed the accuracy guard (rank corr {e['rank_corr']:.4f}, {auc}); the loop runs "

@@ -67,10 +67,12 @@ class LockedBackend:
         return getattr(self._backend, name)
 
 
-def open_inspector(bundle: Bundle, settings: Settings):
-    """Backend + Inspector for a bundle, as the settings ask."""
+def open_inspector(bundle: Bundle, settings: Settings, warn: bool = True):
+    """Backend + Inspector for a bundle, as the settings ask. ``warn``: log a warning when what opened runs slower
+    than FP32 would on this machine (FP16 on an x86 CPU: :func:`slower_than_fp32`; doctor says it its own way)."""
     from ..inspector import Inspector
     from .backends import open_backend
+    from .backends.base import slower_than_fp32
 
     m = settings.model
     options: dict[str, Any] = {"max_batch": max(settings.pipeline.max_batch, 1)}
@@ -79,6 +81,9 @@ def open_inspector(bundle: Bundle, settings: Settings):
     if m.thread_spinning is not None and m.backend in ("auto", "onnxruntime"):
         options["spinning"] = m.thread_spinning
     backend = LockedBackend(open_backend(bundle, m.backend, m.precision, m.device, **options))
+    slow = slower_than_fp32(backend) if warn else None
+    if slow:
+        log.warning("%s; %s", *slow)
     try:
         return Inspector(bundle, backend)
     except BaseException:

@@ -27,6 +27,25 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # (model.int8-u8.onnx, about twice as fast in ONNX Runtime on x86).
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 CPU_INT8_FILE = "model.int8-u8.onnx"
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")   # platform.machine() of x86 CPUs, lower case
+
+
+def is_x86() -> bool:
+    """Whether this machine's CPU is x86 (``platform.machine()``)."""
+    import platform
+
+    return (platform.machine() or "").lower() in X86_MACHINES
+
+
+def slower_than_fp32(backend) -> tuple[str, str] | None:
+    """(why, what to do) when ``backend`` runs FP16 on an x86 CPU through ONNX Runtime, which runs
+    ``model.fp16.onnx`` slower than ``model.onnx`` there (docs/compile.md: 216 against 188 ms per frame
+    measured): FP16 is for GPUs and TensorRT. None otherwise (ARM CPUs were not measured)."""
+    if getattr(backend, "name", "") != "onnxruntime" or getattr(backend, "device", "") != "cpu" \
+            or getattr(backend, "precision", "") != "fp16" or not is_x86():
+        return None
+    return ("ONNX Runtime runs FP16 (model.fp16.onnx) slower than FP32 on an x86 CPU: FP16 is for GPUs and TensorRT",
+            "run FP32 on this CPU: model.precision = \"fp32\" (or empty, when the bundle's active graph is FP32)")
 
 
 def summary_text(summary: dict) -> str:
@@ -121,14 +140,18 @@ def graph_file(bundle: Bundle, precision: str, device_kind: str, int8_form: str 
 
     INT8 on the CPU: the unsigned-activation form when the bundle has it (``int8_form`` 'auto'), or the
     form asked for ('u8' / 's8'); on GPUs always the signed symmetric form. ONNX Runtime and OpenVINO
-    both run the u8 form faster on x86 CPUs (docs/compile.md).
+    both run the u8 form faster on x86 CPUs (docs/compile.md). A CPU form the accuracy guard refused
+    (:meth:`Bundle.graph_refusal`) is still the one 'auto' names on the CPU, so that opening it says why it
+    is not there and what to do, instead of running the TensorRT form, which was not judged on CPU kernels;
+    ``int8_form='s8'`` runs that form on the CPU explicitly.
     """
     check_precision(precision)
     if int8_form not in ("auto", "u8", "s8"):
         raise InputError(f"int8_form '{int8_form}': expected auto, u8 or s8")
     if precision == "int8":
-        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and bundle.has(CPU_INT8_FILE)
-                                 and CPU_INT8_FILE in bundle.manifest.get("files", {})):
+        if int8_form == "u8" or (int8_form == "auto" and device_kind == "cpu" and (
+                (bundle.has(CPU_INT8_FILE) and CPU_INT8_FILE in bundle.manifest.get("files", {}))
+                or bundle.graph_refusal(CPU_INT8_FILE) is not None)):
             return CPU_INT8_FILE
     return GRAPH_FILES[precision]
 
