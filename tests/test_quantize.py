@@ -364,6 +364,9 @@ def test_int8_kernels_that_saturate_are_named_with_both_map_errors(int8, monkeyp
     assert f"{3 * exact + 0.1:.3f}" in msg and f"{exact:.3f}" in msg
     assert "Run FP32 on this CPU" in msg and "FP16" not in msg   # FP16 is slower than FP32 on x86 CPUs
     assert "TensorRT" in msg and "ARM" in msg and "VNNI" in msg
+    # logged once at WARNING, its text not prefixed with a second "WARNING:"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [msg]
+    assert not msg.startswith("WARNING")
     assert msg in caplog.text
     close = {"candidate": "onnxruntime-int8-u8", "rel_map_error": 1.2 * exact}
     assert check_cpu_kernels(close, path, gset, progress=False) is None

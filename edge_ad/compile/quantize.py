@@ -560,7 +560,7 @@ def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, thread
     fused = entry["rel_map_error"]
     if not fused > SATURATION_FACTOR * exact + SATURATION_MARGIN:
         return None
-    msg = (f"WARNING: {entry['candidate']}: this CPU ({cpu}) runs INT8 through ONNX Runtime kernels whose 16-bit "
+    msg = (f"{entry['candidate']}: this CPU ({cpu}) runs INT8 through ONNX Runtime kernels whose 16-bit "
            f"sums saturate: relative map error vs FP32 {fused:.3f} on them against {exact:.3f} in the graph's own "
            "arithmetic (what TensorRT, ARM CPUs and x86 CPUs with VNNI compute). The guard judged this CPU's "
            "kernels, what ONNX Runtime runs here. Run FP32 on this CPU (model.precision), or run INT8 "
@@ -568,7 +568,7 @@ def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, thread
            "guard fails)")
     entry["warning"] = msg
     if progress:
-        _say(progress, msg)   # printed (and logged at info: the CLI would print a warning twice)
+        _say(progress, f"WARNING: {msg}")   # printed (and logged at info: the CLI would print a warning twice)
     else:
         log.warning(msg)
     return msg
