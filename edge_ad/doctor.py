@@ -666,14 +666,16 @@ def check_disk(dirs: Iterable[str | os.PathLike], min_free_mb: int = DEFAULT_MIN
 # ---------------------------------------------------------------------------- bundle and engine
 def check_previous(deploy_dir: str | os.PathLike) -> list[Check]:
     """A warning when the deploy folder's ``previous`` link is damaged or its release gone: ``run`` starts on
-    ``current``, but no rollback can be made until it is repaired. Nothing when it is fine."""
-    from .calibration.deploy import deployment, previous_problem
+    ``current``, but the rollbacks it blocks (:func:`~edge_ad.calibration.deploy.previous_blocks`) cannot be made
+    until it is repaired. Nothing when it is fine."""
+    from .calibration.deploy import deployment, previous_blocks, previous_problem
 
-    problem = previous_problem(deployment(deploy_dir))
+    dep = deployment(deploy_dir)
+    problem = previous_problem(dep)
     if problem is None:
         return []
-    return [Check("rollback", Status.WARN, f"{problem.what}: run starts on the release in force, but no rollback "
-                                           "can be made until it is repaired", fix=problem.fix)]
+    return [Check("rollback", Status.WARN, f"{problem.what}: run starts on the release in force, but "
+                                           f"{previous_blocks(dep)}", fix=problem.fix)]
 
 
 def check_bundle(path: str | os.PathLike) -> tuple[list[Check], Any]:

@@ -2617,6 +2617,12 @@ def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollb
     checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
     assert checks["bundle"]["status"] == "ok" and checks["rollback"]["status"] == "warn", res.output
     assert checks["rollback"]["detail"].startswith(what) and checks["rollback"]["fix"] == fix
+    # a damaged link blocks only the rollbacks to 'previous': a --to replaces it; a folder or file blocks every one
+    blocks = ("no rollback (edge-ad bundle rollback, the health check's, update_model's after a failed swap) can be "
+              "made until it is repaired" if damage in ("folder", "file") else
+              "no rollback to 'previous' (edge-ad bundle rollback, the health check's, update_model's after a failed "
+              "swap) can be made until it is repaired; 'edge-ad bundle rollback --to ID' can")
+    assert checks["rollback"]["detail"] == f"{what}: run starts on the release in force, but {blocks}"
     # by hand; a --to replaces a damaged link: test_a_rollback_to_a_release_replaces_a_damaged_previous_link
     for args in ([], ["--to", r1.release]) if damage in ("folder", "file") else ([],):
         res = r.invoke(main, ["bundle", "rollback", "--deploy", str(deploy), *args])
@@ -2632,9 +2638,7 @@ def test_a_damaged_previous_link_alone_lets_the_line_run_and_refuses_every_rollb
     try:
         assert svc.inspector.model_hash == bundles[1].model_hash() and svc.reporter.health.release == failing
         [warn] = [m.getMessage() for m in caplog.records if "no rollback" in m.getMessage()]
-        assert warn == (f"{what}; {fix}; the line runs its release in force, {failing}, but no rollback (edge-ad "
-                        "bundle rollback, the health check's, update_model's after a failed swap) can be made until "
-                        "it is repaired")
+        assert warn == f"{what}; {fix}; the line runs its release in force, {failing}, but {blocks}"
         if damage == "folder":                                          # update_model: its install refuses
             update = _mqtt_update_model(svc)
             archive = pack_bundle(bundles[2].path, tmp_path / "c.tar")

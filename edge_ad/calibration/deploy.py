@@ -243,6 +243,18 @@ def previous_problem(dep: Deployment) -> DeployDamaged | None:
                                                                 f"{_relink(d, PREVIOUS)}")
 
 
+def previous_blocks(dep: Deployment) -> str:
+    """What a :func:`previous_problem` of ``dep`` keeps from being made, for its WARNING: every rollback when a
+    folder or file is in ``previous``'s place; else (a damaged symlink, which a ``rollback --to`` replaces, or one
+    pointing at a release gone) only those to ``previous``: a plain ``bundle rollback``, the health check's and
+    update_model's after a failed swap."""
+    which = "(edge-ad bundle rollback, the health check's, update_model's after a failed swap)"
+    if dep.previous_damaged is not None and dep.previous_damaged.link is None:
+        return f"no rollback {which} can be made until it is repaired"
+    return (f"no rollback to 'previous' {which} can be made until it is repaired; 'edge-ad bundle rollback --to "
+            "ID' can")
+
+
 ROLLED_BACK = "rolled_back"   # the health a rollback's pending record gives the release it switches in (_switch)
 
 

@@ -179,8 +179,8 @@ class Service:
 
     def _warn_previous(self) -> None:
         """A deploy folder whose ``previous`` link is damaged, or points at a release that is gone, runs its
-        release in force; a WARNING names the damage and its repair, as no rollback can be made until then."""
-        from ..calibration.deploy import deployment, previous_problem
+        release in force; a WARNING names the damage, its repair and the rollbacks it blocks until then."""
+        from ..calibration.deploy import deployment, previous_blocks, previous_problem
 
         m = self.settings.model
         if m.deploy_dir is None or m.bundle is not None:
@@ -188,9 +188,8 @@ class Service:
         dep = deployment(m.deploy_dir)
         problem = previous_problem(dep)
         if problem is not None:
-            log.warning("%s; the line runs its release in force, %s, but no rollback (edge-ad bundle rollback, the "
-                        "health check's, update_model's after a failed swap) can be made until it is repaired",
-                        problem, dep.current)
+            log.warning("%s; the line runs its release in force, %s, but %s", problem, dep.current,
+                        previous_blocks(dep))
 
     def _pending_release(self):
         """The deploy folder's state when its release in force is pending (not yet confirmed by a health
