@@ -11,7 +11,7 @@ import types
 import pytest
 
 from edge_ad.errors import InputError, RuntimeFailure
-from edge_ad.mqtt import COMMANDS, STATE_CHANGING, MqttLink, MqttSettings, schema
+from edge_ad.mqtt import COMMANDS, STATE_CHANGING, MqttLink, MqttSettings, payloads, schema
 from edge_ad.mqtt.commands import HMAC_KEY, Dispatcher, Incoming, sign, signed_envelope
 from edge_ad.mqtt.requester import CommandClient
 from edge_ad.mqtt.settings import BrokerSettings
@@ -308,6 +308,14 @@ def test_unknown_invalid_unavailable_failed_internal():
         assert d.handle(_msg("calibrate")).body["error"]["message"] == text
     assert d.handle(_msg("reload")).body["error"]["code"] == "internal"
     assert d.handle(_msg("inspect")).body["error"]["code"] == "internal"
+
+    def names_a_bad_file(args):   # a file name read with surrogateescape: its lone surrogate cannot be sent as is
+        raise RuntimeFailure("cannot read /data/b\udcff.png")
+
+    d.register("calibrate", names_a_bad_file)
+    r = _check_reply(d.handle(_msg("calibrate")))                     # encodes: the requester gets its answer
+    assert r["error"] == {"code": "failed", "message": "calibrate: cannot read /data/b\\udcff.png"}
+    assert b"udcff" in payloads.encode(r, "reply")
     assert d.handle(_msg("status")).body["ok"]                       # still working
     with pytest.raises(InputError):
         d.register("a/b", lambda a: {})

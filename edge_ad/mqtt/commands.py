@@ -130,6 +130,13 @@ class Spec:
     changes_state: bool
 
 
+def _unicode_safe(text: str) -> str:
+    """``text`` with each lone surrogate written as its escape (``\\udcff``), which UTF-8 can hold: a refusal's
+    message quotes what it refuses (a file name read with surrogateescape, an argument), and a reply that cannot be
+    encoded is never sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class FieldProblem(ValueError):
     """A command payload is a JSON object, but one of its fields holds what no command can take: a number that is
     not a finite double (:class:`NonFiniteNumber`), or a string that is not valid Unicode (a lone surrogate
@@ -337,8 +344,8 @@ class Dispatcher:
             body["correlation_id"] = corr_id
         if ok:
             body["result"] = result if result is not None else {}
-        else:
-            body["error"] = error
+        else:   # a message quoting a file name or an argument may hold a lone surrogate: escaped, so the reply encodes
+            body["error"] = {**error, "message": _unicode_safe(error["message"])}
         return body
 
     # ------------------------------------------------------------------ handling
