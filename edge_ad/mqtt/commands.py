@@ -130,13 +130,6 @@ class Spec:
     changes_state: bool
 
 
-def _unicode_safe(text: str) -> str:
-    """``text`` with each lone surrogate written as its escape (``\\udcff``), which UTF-8 can hold: a refusal's
-    message quotes what it refuses (a file name read with surrogateescape, an argument), and a reply that cannot be
-    encoded is never sent."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 class FieldProblem(ValueError):
     """A command payload is a JSON object, but one of its fields holds what no command can take: a number that is
     not a finite double (:class:`NonFiniteNumber`), or a string that is not valid Unicode (a lone surrogate
@@ -173,7 +166,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")   # what json.loads leaves of an esca
 
 
 def _shown(text: str) -> str:
-    """``text`` as it can be written back: a lone surrogate as its escape (``\\ud800``)."""
+    """``text`` as it can be written back: a lone surrogate as its escape (``\\ud800``). A refusal's message quotes
+    what it refuses (a field, a file name read with surrogateescape), and a reply that cannot be encoded is never
+    sent."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -191,9 +186,9 @@ def _first_problem(obj, what: str) -> FieldProblem | None:
     while todo:
         value, path = todo.pop()
         if isinstance(value, _NotFinite):
-            return NonFiniteNumber(f"{what} field '{clip_text(_shown(path), 100)}' is {clip_text(value.text, 40)}: expected "
-                                   "a finite number (JSON has no NaN or infinity, and a number must fit a 64-bit "
-                                   "float)")
+            return NonFiniteNumber(f"{what} field '{clip_text(_shown(path), 100)}' is {clip_text(value.text, 40)}: "
+                                   "expected a finite number (JSON has no NaN or infinity, and a number must fit a "
+                                   "64-bit float)")
         if isinstance(value, str) and _lone_surrogate(value):
             return FieldProblem(f"{what} field '{clip_text(_shown(path), 100)}' is not valid Unicode: it holds a lone "
                                 f"surrogate escape ({_lone_surrogate(value)}), which has no UTF-8 form")
@@ -345,7 +340,7 @@ class Dispatcher:
         if ok:
             body["result"] = result if result is not None else {}
         else:   # a message quoting a file name or an argument may hold a lone surrogate: escaped, so the reply encodes
-            body["error"] = {**error, "message": _unicode_safe(error["message"])}
+            body["error"] = {**error, "message": _shown(error["message"])}
         return body
 
     # ------------------------------------------------------------------ handling
