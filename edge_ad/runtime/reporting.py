@@ -228,7 +228,8 @@ class Reporter:
         rec["source"] = self.source_name
         req = item.request
         want_snapshot = item.image is not None and (d.ng or (req is not None and req.snapshot))
-        label = f"{'NG' if d.ng else 'OK'} {d.score:.3f} / {d.threshold:.3f}"
+        # the JPEG's caption: only for a frame whose picture may be made (not formatted for every OK frame)
+        label = f"{'NG' if d.ng else 'OK'} {d.score:.3f} / {d.threshold:.3f}" if want_snapshot else ""
         jpeg = None
         encoded = False     # tried (a failure is counted once)
         if want_snapshot and self.snapshots is not None:
