@@ -3657,7 +3657,9 @@ def _failed_before_restart(bundles, tmp_path, previous: bool = True):
         assert watch.poll().rollback == "waiting"                   # the verdict is kept; the line stops here
     finally:
         held.release()
-    assert deployment(deploy).current == failing
+    # deploy.json still says pending (what the start acts on: Deployment.health), the listing says failed
+    assert (deployment(deploy).current, deployment(deploy).health) == (failing, "pending")
+    assert {r["id"]: r["health"] for r in deploy_mod.releases(deploy)}[failing] == "failed"
     return deploy, failing, r1
 
 

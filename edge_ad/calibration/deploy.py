@@ -89,7 +89,13 @@ class Deployment:
     # runtime watches it), "ok" (its health check passed), "failed" (its health check failed, or the line could
     # not open it, and a rollback by hand switched it in again), "unchecked" (switched in by a rollback before any
     # verdict on it: never watched) or "none" (no release). A rollback leaves it the release's own, never
-    # "pending" (see release_health)
+    # "pending" (see release_health). It is deploy.json's record only: a failed verdict kept in the release
+    # (HEALTH_FAILED, its rollback owed or given up when the line stopped) leaves it "pending", on purpose. The
+    # runtime acts on that pair: a pending release holding one is rolled back at start (Service._roll_back_failed,
+    # failed_before) and a HealthWatch on it fails at its first poll, so reading it here as "failed" would make
+    # the start run it. What shows a health reads it over this one: the listing (releases(), which 'bundle
+    # status' takes the release in force's health from); no other caller (doctor, update_model, install_bundle,
+    # rollback_model) shows or acts on this field
     health: str
     detail: dict = field(default_factory=dict)
     # rollback_model: why its record is incomplete (deploy.json or the 'previous' link not written after 'current'
