@@ -488,6 +488,7 @@ def build_line_engine(candidate: Bundle, images: Path | None, precision: str | N
 
 MISJUDGED_KEPT = 100   # misjudged golden images a report lists (n_misjudged counts them all)
 MISJUDGED_SAID = 5     # ... and a failure's message names
+MISJUDGED_REPLIED = 20   # ... and a failed MQTT reply's error.golden lists (GoldenFailure.reply_fields)
 
 
 class GoldenFailure(GuardFailure):
@@ -497,6 +498,15 @@ class GoldenFailure(GuardFailure):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
+
+    def reply_fields(self) -> dict:
+        """``golden`` for a failed command's reply (update_model): the report's ``failures``, ``n_images``,
+        ``n_misjudged`` and its first :data:`MISJUDGED_REPLIED` ``misjudged`` entries, which the message names
+        in words (the first :data:`MISJUDGED_SAID`)."""
+        r = self.report
+        bad = r.get("misjudged") or []
+        return {"golden": {"failures": list(r["failures"]), "n_images": r["n_images"],
+                           "n_misjudged": r.get("n_misjudged", len(bad)), "misjudged": bad[:MISJUDGED_REPLIED]}}
 
 
 def golden_failure(report: dict, what: str = "golden-set check failed") -> GoldenFailure:
