@@ -12,6 +12,11 @@ class EdgeADError(Exception):
 
     exit_code = 1
 
+    def reply_fields(self) -> dict:
+        """Fields the MQTT reply's ``error`` object carries beside ``code`` and ``message`` when this fails a
+        command (each one the reply schema, ``edge_ad/schemas/reply.schema.json``, names); none by default."""
+        return {}
+
 
 class InputError(EdgeADError):
     """Bad user input: a file, field or value that is not what was expected. Exit code 2."""

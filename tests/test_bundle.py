@@ -535,7 +535,10 @@ def test_a_reload_after_a_refit_beside_the_line_is_a_calibration_as_the_live_ref
     calibrate' refit or rollback of the running bundle took it for another model: a second inspector, a 'model'
     event, the model-swap reply, where the live MQTT calibrate gives a 'calibration' event. The same operation
     gives one event type: a new calibration of the same bundle and graph is a calibration, the inspector kept
-    and scoring with the new statistics; a bundle retrained in the same folder is still another model."""
+    and scoring with the new statistics; a bundle retrained in the same folder is still another model. The
+    reload's reply then said "model": "unchanged" while the model_hash (the birth's) had changed: it says
+    "refit", with model_hash and previous_model_hash ("unchanged" only when the hash is)."""
+    from edge_ad.runtime.service import reload_text
     import shutil
 
     from edge_ad.calibration import recalibrate, rollback
@@ -558,7 +561,7 @@ def test_a_reload_after_a_refit_beside_the_line_is_a_calibration_as_the_live_ref
             change(other, insp)
         finally:
             insp.backend.close()
-        return svc.reload("bundle")["bundle"]
+        return svc.commands.reload({"what": "bundle"})["bundle"]      # the MQTT reload's reply (SIGHUP's too)
 
     def scores_as_on_disk():
         on_disk = Bundle.open(grain.path)
@@ -573,9 +576,13 @@ def test_a_reload_after_a_refit_beside_the_line_is_a_calibration_as_the_live_ref
     try:
         svc.commands.calibrate({"frames": 30, "source": f"dir://{folder}", "policy": "max"})    # live: v2
         assert [e["type"] for e in events] == ["calibration"] and events[-1]["version"] == 2
+        v2_hash = svc.inspector.model_hash
         refit = [part_frame(5000 + i, 64, brightness=0.05) for i in range(30)]
         out = beside(lambda b, insp: recalibrate(b, insp, refit, policy="max", progress=False))   # v3 beside
-        assert out == {"model": "unchanged", "calibration_version": 3}
+        assert out == {"model": "refit", "model_hash": svc.inspector.model_hash, "previous_model_hash": v2_hash,
+                       "calibration_version": 3} and v2_hash != svc.inspector.model_hash
+        assert reload_text(out) == (f"model refit {v2_hash} -> {svc.inspector.model_hash} (the Gaussian statistics "
+                                    "of calibration v3), calibration v3 in force")
         assert events[-1]["type"] == "calibration" and events[-1]["version"] == 3 and events[-1]["reason"] == "reload"
         assert events[-1]["previous_version"] == 2 and "threshold_in_force" in events[-1]
         assert svc.inspector is inspector and scores_as_on_disk()            # the new statistics score
@@ -583,9 +590,12 @@ def test_a_reload_after_a_refit_beside_the_line_is_a_calibration_as_the_live_ref
         v3_hash = svc.inspector.model_hash
 
         out = beside(lambda b, insp: rollback(b, 2, by="cli"))               # edge-ad calibrate --rollback
-        assert out["model"] == "unchanged" and events[-1]["type"] == "calibration"
-        assert svc.inspector is inspector and svc.inspector.model_hash != v3_hash and scores_as_on_disk()
+        assert out == {"model": "refit", "model_hash": v2_hash, "previous_model_hash": v3_hash,
+                       "calibration_version": 2} and events[-1]["type"] == "calibration"
+        assert svc.inspector is inspector and svc.inspector.model_hash == v2_hash and scores_as_on_disk()
         assert [e["type"] for e in events] == ["calibration"] * 3
+        assert beside(lambda b, insp: None) == {"model": "unchanged", "calibration": "unchanged",
+                                                "calibration_version": 2}
 
         disc = make_gaussian_bundle(tmp_path / "disc", kind="disc", n_train=16)
         shutil.rmtree(grain.path)                                           # retrained in place: another model

@@ -517,6 +517,31 @@ def test_every_env_file_option_is_the_shared_one():
     assert "Only doctor takes it without --config" in want.help
 
 
+@pytest.mark.parametrize("args", [
+    ["capture", "--out", "{tmp}/cap", "--frames", "1"],                             # no --source either
+    ["calibrate", "--bundle", "{tmp}/no-bundle"],
+    ["bundle", "install", "{tmp}/no.tar", "--deploy", "{tmp}/no-deploy"],
+    ["bundle", "status", "--deploy", "{tmp}/no-deploy"],
+    ["bundle", "rollback", "--deploy", "{tmp}/no-deploy"],
+], ids=["capture", "calibrate", "bundle install", "bundle status", "bundle rollback"])
+def test_env_file_without_config_is_refused_first(tmp_path, args):
+    """--env-file without --config is refused (exit 2) before any other check, by every command but doctor: the
+    check was written in capture, calibrate and bundle status / rollback and edge_ad.config.service_environ; it is
+    made once now, in service_environ, which each calls first (bundle install directly, the others through
+    edge_ad.cli.calibrate.line_config)."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    env = tmp_path / "edge-ad.env"
+    env.write_text("EDGE_AD_MODEL__PRECISION=fp32\n")
+    res = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args] + ["--env-file", str(env)])
+    assert res.exit_code == 2, res.output
+    assert res.output == "error: --env-file needs --config (it changes the config's values)\n", res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edge-ad.env"]            # nothing made
+
+
 def _documented(md: Path) -> dict[str, set[str]]:
     """{heading: the names in the first column of its tables} of a Markdown file (a cell may name several:
     `a`, `b`)."""

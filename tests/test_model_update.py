@@ -574,6 +574,48 @@ def test_a_failed_golden_check_names_the_images_it_misjudged(bundles, golden, tm
         svc.inspector.backend.close()
 
 
+def test_a_failed_update_models_reply_lists_the_misjudged_golden_images_in_its_error(bundles, tmp_path):
+    """update_model refused by the golden check named the images it misjudged only in its error message (the first
+    five, in words): the reply schema's error object took no other field. Its error.golden now lists them, as the
+    report does: the check's failures, n_images, n_misjudged and the first 20 misjudged entries (image, expected,
+    expected_from, judged, score, threshold); a file name that is not valid UTF-8 is escaped there too, so the
+    reply can still be sent."""
+    import os
+
+    from edge_ad.mqtt import payloads
+
+    a, _, c = bundles                                                  # C never says NG
+    golden = tmp_path / "golden"
+    for i in range(3):
+        _write(golden / "good" / f"{i}.png", part_frame(5000 + i))
+    for i in range(24):
+        _write(golden / "ng" / f"{i:02d}.png", part_frame(6000 + i, defect=True))
+    odd = os.fsdecode(str(golden / "ng").encode() + b"/0\xff.png")    # after 09.png: among the first 20
+    os.rename(golden / "ng" / "23.png", odd)
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    before = deployment(deploy)
+    arch_c = pack_bundle(c.path, tmp_path / "c.tar")
+    svc = _line(tmp_path, deploy, golden_dir=str(golden))
+    try:
+        body = _mqtt_update_model(svc)({"url": str(arch_c), "sha256": _sha(arch_c)})   # schema-checked
+    finally:
+        svc.inspector.backend.close()
+    assert not body["ok"] and body["error"]["code"] == "failed" and deployment(deploy) == before, body
+    assert "misjudged 24 of 27 golden images: " in body["error"]["message"] and \
+        body["error"]["message"].endswith("; and 19 more"), body["error"]["message"]
+    g = body["error"]["golden"]
+    assert (g["n_images"], g["n_misjudged"], len(g["misjudged"])) == (27, 24, 20)
+    assert g["failures"] == ["24 wrong decisions on 27 labelled golden images, the running model makes 0 (allowed "
+                             "extra: 0)"], g["failures"]
+    shown = odd.encode("utf-8", "backslashreplace").decode("utf-8")   # ...ng/0\udcff.png, as the message has it
+    assert [m["image"] for m in g["misjudged"]] == [str(golden / "ng" / f"{i:02d}.png") for i in range(10)] + [
+        shown] + [str(golden / "ng" / f"{i:02d}.png") for i in range(10, 19)]
+    assert {(m["expected"], m["expected_from"], m["judged"], m["threshold"]) for m in g["misjudged"]} == {
+        ("NG", "label", "OK", 1e9)} and all(isinstance(m["score"], float) for m in g["misjudged"])
+    payloads.encode(body, "reply")                                     # it can be sent
+
+
 def _sha(path: Path) -> str:
     from edge_ad.atomic import sha256_file
 
@@ -3657,7 +3699,9 @@ def _failed_before_restart(bundles, tmp_path, previous: bool = True):
         assert watch.poll().rollback == "waiting"                   # the verdict is kept; the line stops here
     finally:
         held.release()
-    assert deployment(deploy).current == failing
+    # deploy.json still says pending (what the start acts on: Deployment.health), the listing says failed
+    assert (deployment(deploy).current, deployment(deploy).health) == (failing, "pending")
+    assert {r["id"]: r["health"] for r in deploy_mod.releases(deploy)}[failing] == "failed"
     return deploy, failing, r1
 
 

@@ -89,7 +89,13 @@ class Deployment:
     # runtime watches it), "ok" (its health check passed), "failed" (its health check failed, or the line could
     # not open it, and a rollback by hand switched it in again), "unchecked" (switched in by a rollback before any
     # verdict on it: never watched) or "none" (no release). A rollback leaves it the release's own, never
-    # "pending" (see release_health)
+    # "pending" (see release_health). It is deploy.json's record only: a failed verdict kept in the release
+    # (HEALTH_FAILED, its rollback owed or given up when the line stopped) leaves it "pending", on purpose. The
+    # runtime acts on that pair: a pending release holding one is rolled back at start (Service._roll_back_failed,
+    # failed_before) and a HealthWatch on it fails at its first poll, so reading it here as "failed" would make
+    # the start run it. What shows a health reads it over this one: the listing (releases(), which 'bundle
+    # status' takes the release in force's health from); no other caller (doctor, update_model, install_bundle,
+    # rollback_model) shows or acts on this field
     health: str
     detail: dict = field(default_factory=dict)
     # rollback_model: why its record is incomplete (deploy.json or the 'previous' link not written after 'current'
@@ -482,6 +488,7 @@ def build_line_engine(candidate: Bundle, images: Path | None, precision: str | N
 
 MISJUDGED_KEPT = 100   # misjudged golden images a report lists (n_misjudged counts them all)
 MISJUDGED_SAID = 5     # ... and a failure's message names
+MISJUDGED_REPLIED = 20   # ... and a failed MQTT reply's error.golden lists (GoldenFailure.reply_fields)
 
 
 class GoldenFailure(GuardFailure):
@@ -491,6 +498,15 @@ class GoldenFailure(GuardFailure):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
+
+    def reply_fields(self) -> dict:
+        """``golden`` for a failed command's reply (update_model): the report's ``failures``, ``n_images``,
+        ``n_misjudged`` and its first :data:`MISJUDGED_REPLIED` ``misjudged`` entries, which the message names
+        in words (the first :data:`MISJUDGED_SAID`)."""
+        r = self.report
+        bad = r.get("misjudged") or []
+        return {"golden": {"failures": list(r["failures"]), "n_images": r["n_images"],
+                           "n_misjudged": r.get("n_misjudged", len(bad)), "misjudged": bad[:MISJUDGED_REPLIED]}}
 
 
 def golden_failure(report: dict, what: str = "golden-set check failed") -> GoldenFailure:

@@ -131,9 +131,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     from ..calibration import recalibrate, rollback
     from ..errors import InputError
 
-    if env_file is not None and config is None:
-        raise InputError("--env-file needs --config (it changes the config's values)")
-    settings, env = _line_config(config, env_file)   # first, as every other check: a bad config fails at once
+    settings, env = line_config(config, env_file)   # first, as every other check: a bad config fails at once
     b = Bundle.open(_bundle_dir(bundle_dir, settings, config, env))
     modes = [name for name, on in (("--list", list_versions), ("--rollback", rollback_to is not None),
                                    ("--prune", prune_keep is not None)) if on]
@@ -508,18 +506,21 @@ def _screened(res) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
-def _line_config(config, env_file):
+def line_config(config, env_file, given=()):
     """The line's run config and its :class:`edge_ad.config.ServiceEnviron` (None, None without one), as
-    the service runs it and as ``capture --config`` reads it: with the ``edge-ad.env`` next to it (or
-    ``env_file``) and this process's EDGE_AD_* variables applied (:func:`edge_ad.config.service_environ`;
-    the file applied is named on stderr). Only its ``[source]``, ``[decision] threshold`` and ``[model]``
-    bundle or deploy_dir, backend, precision and device are used."""
-    if config is None:
-        return None, None
+    the service runs it (``capture``, ``calibrate``, ``bundle status`` and ``rollback`` read it so): with the
+    ``edge-ad.env`` next to it (or ``env_file``) and this process's EDGE_AD_* variables applied
+    (:func:`edge_ad.config.service_environ`; the file applied is named on stderr), then ``given``
+    (:func:`edge_ad.config.load_settings` overrides, e.g. capture's ``--source``). An ``env_file`` without
+    ``config`` is refused here (exit 2), so a command calling this first refuses it before any other check.
+    Only its ``[source]``, ``[decision] threshold`` and ``[model]`` bundle or deploy_dir, backend, precision and
+    device are used."""
     from ..config import CaptureSettings, load_settings, service_environ
 
-    env = service_environ(config, env_file)
-    s = load_settings(config, environ=env.environ, schema=CaptureSettings)
+    env = service_environ(config, env_file)   # --env-file without --config: refused before anything is read
+    if config is None:
+        return None, None
+    s = load_settings(config, given, environ=env.environ, schema=CaptureSettings)
     env_file_note(env)
     return s, env
 
@@ -814,11 +815,7 @@ def _switch_notes(what: str, res) -> None:
 def _line_deploy(deploy_dir, config, env_file, use: _LineUse) -> Path:
     """The deploy folder of ``bundle status`` / ``rollback``: ``--deploy``, else ``--config``'s
     ``[model] deploy_dir`` (after its edge-ad.env), as :func:`_deploy_into` takes it for an install."""
-    from ..errors import InputError
-
-    if env_file is not None and config is None:
-        raise InputError("--env-file needs --config (it changes the config's values)")
-    settings, env = _line_config(config, env_file)
+    settings, env = line_config(config, env_file)
     return _deploy_into(deploy_dir or _LINE_DEPLOY, None, True, settings, config, env, use)[0]
 
 

@@ -204,21 +204,15 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
     from ..runtime.capture import Camera
     from ..runtime.pipeline import RoiFilter, apply_roi_rotate
     from ..runtime.sources import check_startup, open_source, parse_uri, redact_uri
+    from .calibrate import line_config, setting_origin
 
     _check_prefix(prefix)
-    if env_file is not None and config is None:
-        raise InputError("--env-file needs --config (it changes the config's values)")
+    # as the service runs the line: its edge-ad.env (and this shell's EDGE_AD_*) over the file
+    given = [(["source", "uri"], source, "--source")] if source is not None else []
+    s, env = line_config(config, env_file, given)   # --env-file without --config: refused here, first
     roi, rotate = None, 0
     src_settings = None
-    if config:
-        from ..config import CaptureSettings, load_settings, service_environ
-        from .calibrate import env_file_note, setting_origin
-
-        # as the service runs the line: its edge-ad.env (and this shell's EDGE_AD_*) over the file
-        env = service_environ(config, env_file)
-        given = [(["source", "uri"], source, "--source")] if source is not None else []
-        s = load_settings(config, given, environ=env.environ, schema=CaptureSettings)
-        env_file_note(env)
+    if s is not None:
         roi, rotate, src_settings = s.source.roi, s.source.rotate, s.source
         if source is None:   # the line's camera, named: a capture of the wrong one trains the wrong part
             if s.source.uri is None:

@@ -72,12 +72,14 @@ Handler = Callable[[dict], "Mapping[str, Any] | None"]
 
 
 class CommandError(Exception):
-    """A command refused or failed; ``code`` is one of the reply schema's error codes."""
+    """A command refused or failed; ``code`` is one of the reply schema's error codes; ``fields``: more fields of
+    the reply's ``error`` object (:meth:`edge_ad.errors.EdgeADError.reply_fields`), each one the schema names."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, fields: dict | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.fields = fields or {}
 
 
 def sign(secret: str | bytes, topic: str, data: bytes) -> str:
@@ -165,11 +167,18 @@ def _int(text: str):
 _SURROGATE = re.compile("[\ud800-\udfff]")   # what json.loads leaves of an escape that is not half of a pair
 
 
-def _shown(text: str) -> str:
-    """``text`` as it can be written back: a lone surrogate as its escape (``\\ud800``). A refusal's message quotes
-    what it refuses (a field, a file name read with surrogateescape), and a reply that cannot be encoded is never
-    sent."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+def _shown(value):
+    """``value`` as it can be written back: in each string of it (in lists and objects too) a lone surrogate as its
+    escape (``\\ud800``). A refusal's message quotes what it refuses (a field, a file name read with
+    surrogateescape), so do an error's other fields (the golden images an update misjudged), and a reply that cannot
+    be encoded is never sent."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_shown(k): _shown(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shown(v) for v in value]
+    return value
 
 
 def _lone_surrogate(text: str) -> str | None:
@@ -340,7 +349,7 @@ class Dispatcher:
         if ok:
             body["result"] = result if result is not None else {}
         else:   # a message quoting a file name or an argument may hold a lone surrogate: escaped, so the reply encodes
-            body["error"] = {**error, "message": _shown(error["message"])}
+            body["error"] = _shown(error)
         return body
 
     # ------------------------------------------------------------------ handling
@@ -371,8 +380,8 @@ class Dispatcher:
             self._count(ok=False)
             log.warning("command %s from %s refused: %s: %s", msg.name, self._claimed(msg) or "?", exc.code,
                         exc.message)
-            return Reply(topic, self._body(msg.name, False, corr_id, error={"code": exc.code, "message": exc.message}),
-                         corr)
+            return Reply(topic, self._body(msg.name, False, corr_id,
+                                           error={"code": exc.code, "message": exc.message, **exc.fields}), corr)
         self._count(ok=True)
         log.info("command %s from %s: ok", msg.name, who or "?")
         return Reply(topic, self._body(msg.name, True, corr_id, result=result), corr)
@@ -484,7 +493,7 @@ class Dispatcher:
             text = str(exc)
             if not text.startswith((f"{spec.name}:", f"{spec.name} ")):   # many messages name it already
                 text = f"{spec.name}: {text}"
-            raise CommandError("failed", text) from None
+            raise CommandError("failed", text, exc.reply_fields()) from None
         except Exception as exc:  # a handler bug must not stop the command loop
             if isinstance(exc, OSError) and exc.filename is not None:   # a read-only or full disk: no bug
                 log.warning("command %s: %s", spec.name, os_error_text(exc))

@@ -102,11 +102,14 @@ def _drift_factory(settings: Settings):
 
 def reload_text(done: dict) -> str:
     """A bundle reload's result (``Service.reload("bundle")["bundle"]``) in words, for the log."""
-    if "model_hash" in done:
+    if "model" not in done:   # a model swap
         return (f"model {done['previous_model_hash']} -> {done['model_hash']} ({done['bundle']}), calibration "
                 f"v{done['calibration_version']}")
     if done.get("calibration") == "unchanged":
         return f"model and calibration v{done['calibration_version']} unchanged"
+    if done["model"] == "refit":
+        return (f"model refit {done['previous_model_hash']} -> {done['model_hash']} (the Gaussian statistics of "
+                f"calibration v{done['calibration_version']}), calibration v{done['calibration_version']} in force")
     return f"model unchanged, calibration v{done['calibration_version']} in force"
 
 
@@ -413,9 +416,11 @@ class Service:
         if self.link is not None:
             self.link.publish_calibration(self.inspector.calibration, threshold_in_force=self.effective_threshold())
 
-    def swap_calibration(self, cal, reason: str, decides: bool = False) -> None:
+    def swap_calibration(self, cal, reason: str, decides: bool = False) -> str | None:
         """Put ``cal`` in force between two batches, restart drift tracking, tell MQTT. ``decides``: its
-        threshold decides from now on, over any override (a persisted set_threshold)."""
+        threshold decides from now on, over any override (a persisted set_threshold). Returns the model hash
+        it replaced when ``cal`` changed it (a Gaussian bundle's statistics: other ones, the birth published
+        again), else None."""
         with self._swap_lock:
             before, model_before = self.inspector.calibration.version, self.inspector.model_hash
             self.inspector.set_calibration(cal)
@@ -425,12 +430,14 @@ class Service:
                 self.pipeline.threshold_override = None
             self._hold_calibration()
         log.info("calibration v%d in force (was v%d): %s", cal.version, before, reason)
-        if self.inspector.model_hash != model_before:   # a Gaussian refit: its statistics are the model
+        refit = self.inspector.model_hash != model_before   # a Gaussian refit: its statistics are the model
+        if refit:
             self.update_birth(model_hash=self.inspector.model_hash)
         self.publish_calibration()
         self.event({"type": "calibration", "version": cal.version, "previous_version": before,
                     "threshold": cal.threshold, "policy": cal.policy, "reason": reason,
                     "threshold_in_force": self.effective_threshold()})
+        return model_before if refit else None
 
     def _hold_calibration(self) -> None:
         """Record on disk the bundle and calibration version this run decides with (:class:`CalibrationHold`:
@@ -615,7 +622,10 @@ class Service:
         if cal.version != self.inspector.calibration.version or cal.to_dict() != self.inspector.calibration.to_dict():
             self.bundle = fresh
             self.inspector.bundle = fresh
-            self.swap_calibration(cal, reason="reload")
+            replaced = self.swap_calibration(cal, reason="reload")
+            if replaced is not None:   # a Gaussian bundle's statistics: the same graph and inspector, another hash
+                return {"model": "refit", "model_hash": self.inspector.model_hash, "previous_model_hash": replaced,
+                        "calibration_version": cal.version}
             return {"model": "unchanged", "calibration_version": cal.version}
         return {"model": "unchanged", "calibration": "unchanged", "calibration_version": cal.version}
 
