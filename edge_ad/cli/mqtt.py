@@ -53,8 +53,11 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
               help="An online device silent this long shows as stale (s).")
 @click.option("--clock-skew", type=Seconds(min=1), default=60.0, show_default=True,
               help="A device whose clock differs from this machine's by more is flagged (CLOCK: skew +N s) (s).")
+@click.option("--gap-grace", type=Seconds(min=0), default=5.0, show_default=True,
+              help="A gap in a device's seq waits this long for the device's announcement of its drops before "
+                   "it counts as MISSING and is warned of (s).")
 def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, site, as_json, duration, interval,
-            stale_after, clock_skew):
+            stale_after, clock_skew, gap_grace):
     """Live table of every device under edge-ad/v1/<site>/<device>/: online or offline, fps, latency,
     NG rate, last result, calibration version, outbox depth, drift, last seen, clock skew. A lost broker
     connection is shown (and retried) until it is back."""
@@ -65,7 +68,7 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
         check_level(site, "--site")
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     run_monitor(broker, site=site, as_json=as_json, duration=duration, interval=interval,
-                stale_after_s=stale_after, out=sys.stdout, clock_skew_s=clock_skew)
+                stale_after_s=stale_after, out=sys.stdout, clock_skew_s=clock_skew, gap_grace_s=gap_grace)
 
 
 @main.command("command")
