@@ -435,7 +435,8 @@ def test_run_monitor_counts_messages_too_large_for_the_broker_as_dropped(mosquit
 def test_run_monitor_warns_of_a_gap_nobody_announces_once_its_grace_period_is_over(mosquitto, caplog):
     """Live: results 3 and 4 of a device never reach the broker and nothing announces them: the gap is held for
     the grace period (the row shows it held, not missing), then counted as MISSING and warned of, though no
-    message follows it (the monitor's own timer)."""
+    message follows it (the monitor's own timer). A second gap within the minute is counted, and the WARNING it
+    held back is logged at the monitor's stop."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -451,16 +452,21 @@ def test_run_monitor_warns_of_a_gap_nobody_announces_once_its_grace_period_is_ov
                 pub.publish(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq, "score": 0.1, "ng": False}),
                             qos=1).wait_for_publish(10)
             assert _wait(lambda: lines() and lines()[-1]["results_missing"] == 2), lines()
+            pub.publish(f"{B}/p1/cam1/result", _j({"id": "r9", "seq": 9, "score": 0.1, "ng": False}),
+                        qos=1).wait_for_publish(10)   # 6..8: within the minute of the WARNING, held back
+            assert _wait(lambda: lines()[-1]["results_missing"] == 5), lines()
     finally:
         pub.loop_stop()
         pub.disconnect()
     held = next(x for x in lines() if (x["last_result"] or {}).get("seq") == 5)     # as the gap was seen
     assert held["results_missing"] == 0 and held["last_gap"]["held"] == 2, held
-    assert lines()[-1]["last_gap"] | {"seen": None} == {"kind": "result", "from": 3, "to": 4, "missing": 2,
+    assert lines()[-1]["last_gap"] | {"seen": None} == {"kind": "result", "from": 6, "to": 8, "missing": 3,
                                                          "dropped": 0, "held": 0, "seen": None}
     warned = [r.getMessage() for r in caplog.records if r.name == "edge_ad.mqtt.monitor"]
-    assert len(warned) == 1 and "p1/cam1: result seq 3..4 never arrived, 2 of them not announced by the device " \
+    assert len(warned) == 2 and "p1/cam1: result seq 3..4 never arrived, 2 of them not announced by the device " \
                                 "within 1 s" in warned[0], warned
+    assert warned[1] == ("monitor: p1/cam1: 3 more result(s) and event(s) missing since the last report, 5 "
+                         "results and 0 events in all")                       # told at the stop
 
 
 def test_a_fresh_gap_waits_for_its_announcement_before_it_counts_as_missing(caplog):
@@ -497,8 +503,11 @@ def test_a_fresh_gap_waits_for_its_announcement_before_it_counts_as_missing(capl
         res(40)                                               # 32..39: held until the stop
         assert view.settle() == [] and view.settle(final=True) == [row] and row.results_missing == 15
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "result seq 11..20 never arrived, 1 of them not announced by the device " \
+    assert len(warnings) == 2 and "result seq 11..20 never arrived, 1 of them not announced by the device " \
                                   "within 5 s (1 missing since the last report" in warnings[0], warnings
+    # the other two gaps came within the minute of that WARNING: their 15 are told at the stop
+    assert warnings[1] == ("monitor: p1/cam1: 15 more result(s) and event(s) missing since the last report, 15 "
+                           "results and 0 events in all")
     assert row._held == [] and (row.missing, row.dropped) == (15, 8)
 
 

@@ -225,10 +225,19 @@ class FleetView:
 
     def settle(self, final: bool = False) -> list[DeviceRow]:
         """Count as missing, and warn of, the parts of gaps held for their announcement longer than
-        ``gap_grace_s`` (``final``: all of them, at the stop: nothing more will explain them). Call it on a
-        timer: :meth:`consume` does it only for the device whose message it applies. Returns the rows changed."""
+        ``gap_grace_s`` (``final``: all of them, at the stop: nothing more will explain them), and log the missing
+        messages the once-a-minute WARNING held back once that minute is over (``final``: at once), so the log
+        accounts for every one, also when no later gap reports them. Call it on a timer and at the stop:
+        :meth:`consume` ends the grace periods only of the device whose message it applies. Returns the rows
+        changed."""
         now = self.clock()
-        return [row for row in self.rows() if self._release_due(row, now, final)]
+        changed = [row for row in self.rows() if self._release_due(row, now, final)]
+        for key, n in self._gap_log.flush(force=final).items():
+            row = self.devices.get(tuple(key.split("/", 1)))
+            log.warning("monitor: %s: %d more result(s) and event(s) missing since the last report%s", key, n,
+                        "" if row is None else f", {row.results_missing} results and {row.events_missing} events "
+                        "in all")
+        return changed
 
     def _release_due(self, row: DeviceRow, now: float, final: bool = False) -> bool:
         due = [h for h in row._held if final or h[5] <= now]
@@ -583,7 +592,8 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     sends the retained status and calibration of every device again.
 
     A gap in a device's ``seq`` waits ``gap_grace_s`` for the device's announcement before it counts as missing
-    (:meth:`FleetView.settle`, every ``interval`` s; those still held count as missing at the end).
+    (:meth:`FleetView.settle`, every ``interval`` s; at the end those still held count as missing, and the
+    missing messages the once-a-minute WARNING held back are logged).
 
     When the reader of ``out`` closes it (``edge-ad monitor --json | head -1``, a consumer that exited) the
     monitor stops at once and raises the BrokenPipeError, also when nothing more was to be written (the closed
