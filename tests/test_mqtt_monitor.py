@@ -851,7 +851,10 @@ def test_decommission_drops_the_session_its_status_names_and_asks_for_force_when
         assert len(done["warnings"]) == 1 and "(taken: --force)" in done["warnings"][0]
         assert read_retained(broker, [f"{B}/p1/cam1/#"]) == {}
 
-        res = decommission()                                           # nothing left: the default id, said
+        res = decommission()                                           # nothing left: refused, nothing done
+        assert res.exit_code == 1 and "holds no retained message of p1/cam1 that this login can read" in res.output
+        assert "No device has a retained status under edge-ad/v1/ that this login can read" in res.output
+        res = decommission("--force")                                  # all the same: the default id, said
         assert res.exit_code == 0 and json.loads(res.stdout)["client_id_from"] == "default"
         assert "give --client-id when the device's config sets mqtt.client_id" in res.stderr
     finally:
@@ -889,9 +892,9 @@ def test_decommission_fails_naming_what_the_brokers_acl_keeps_and_clears_the_sta
     assert _wait(lambda: set(read_retained(admin, topics)) == set(topics))
     held = read_retained(admin, topics)
 
-    def decommission(user):
+    def decommission(user, *extra):
         return CliRunner().invoke(main, ["decommission", "--mqtt", broker.url, "--protocol", protocol, "--site", "p1",
-                                         "--device", "cam1", "--username", user, "--timeout", "5"])
+                                         "--device", "cam1", "--username", user, "--timeout", "5", *extra])
 
     res = decommission("admin")
     assert res.exit_code == 1, res.output
@@ -912,11 +915,51 @@ def test_decommission_fails_naming_what_the_brokers_acl_keeps_and_clears_the_sta
     assert read_retained(admin, topics) == {status: held[status]}
     assert json.loads(held[status])["state"] == "offline"
     # a login that may not read the device's topics sees none (Mosquitto grants the subscription, delivers
-    # nothing): it cannot check the device is stopped, nor the clears, and says so
+    # nothing): it cannot check the device is stopped, nor the clears: refused unless --force, which says so
     res = decommission("blind")
+    assert res.exit_code == 1 and "holds no retained message of p1/cam1 that this login can read" in res.output
+    assert "the broker's ACL does not let this login read its topics" in res.output and "--force" in res.output
+    assert read_retained(admin, topics) == {status: held[status]}
+    res = decommission("blind", "--force")
     assert res.exit_code == 0, res.output
     assert "warning: the broker holds no retained message of p1/cam1 that this login can read" in res.stderr
-    assert "it was not checked to be stopped, nor were the clears checked" in res.stderr
+    assert "it was not checked to be stopped, nor were the clears checked (taken: --force)" in res.stderr
+
+
+def test_decommission_of_a_device_the_broker_holds_nothing_of_is_refused_naming_the_devices_it_holds(mosquitto,
+                                                                                                  tmp_path):
+    """'edge-ad decommission --device cam3' for a device that never existed (a typo for cam2) found nothing
+    retained, warned, "cleared" its topics, dropped a session nobody had and exited 0: the real device stayed.
+    With nothing retained it now refuses (exit 1, nothing changed), naming the device and the devices that have
+    a retained status (the closest as a guess); --force goes on as before, with the warning."""
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt.decommission import decommission, read_retained
+
+    for device in ("cam1", "cam2"):
+        _link(mosquitto.url, tmp_path, device).stop()
+    p2 = MqttLink(MqttSettings(url=mosquitto.url, site="p2", device="cam3", outbox_path=tmp_path / "p2.sqlite"))
+    p2.start().stop()
+    everything = ["edge-ad/v1/#", "homeassistant/#"]
+    broker = BrokerSettings(url=mosquitto.url)
+    held = read_retained(broker, everything)
+    assert {f"{B}/p1/cam1/status", f"{B}/p1/cam2/status", f"{B}/p2/cam3/status"} <= set(held)
+    argv = ["decommission", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam3"]
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 1, res.output
+    assert f"{mosquitto.url} holds no retained message of p1/cam3 that this login can read (no status, calibration " \
+           "or Home Assistant config): is --site or --device mistyped? The devices with a retained status under " \
+           "edge-ad/v1/ are p1/cam1, p1/cam2, p2/cam3 (did you mean " in res.stderr, res.output
+    assert "Nothing was changed; --force clears its topics and drops the session of client id 'edge-ad-p1-cam3' " \
+           "all the same" in res.stderr and res.stdout == "", res.output
+    with pytest.raises(RuntimeFailure, match="holds no retained message of p1/cam3"):
+        decommission(broker, "p1", "cam3")
+    assert read_retained(broker, everything) == held                  # nothing changed
+    res = CliRunner().invoke(main, argv + ["--force"])
+    assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout)
+    assert done["status"] == "none" and done["held"] == [] and done["session_dropped"] == "edge-ad-p1-cam3"
+    assert "(taken: --force)" in done["warnings"][0] and "warning: the broker holds no retained message" in res.stderr
+    assert read_retained(broker, everything) == held                  # the other devices untouched
 
 
 def test_decommission_names_the_option_and_its_value_before_connecting():

@@ -158,7 +158,9 @@ def _unauthorized_hint(message: str, claim: str, signed: bool) -> str:
               help="The device's mqtt.homeassistant_prefix: its Home Assistant discovery configs are cleared too.")
 @click.option("--force", is_flag=True,
               help="Take the device also when its last status is the will (the broker published it for a lost "
-                   "connection: the device may still be running behind a network cut).")
+                   "connection: the device may still be running behind a network cut), and when the broker holds no "
+                   "retained message of it that this login can read (a mistyped --site or --device, a device "
+                   "decommissioned already, or an ACL that hides its topics).")
 @click.option("--timeout", type=Seconds(min=0.1), default=10.0, show_default=True,
               help="Seconds to wait for the broker at each step.")
 def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, client_id,
@@ -167,8 +169,9 @@ def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol
     Assistant discovery configs (so it leaves edge-ad monitor and Home Assistant), and drop the persistent
     session the broker keeps for its client id (the commands queued for it go with it). Refused, changing
     nothing, while its retained status says online: stop edge-ad on the device first; and, without --force,
-    while it is the will. A topic the broker still holds after it was cleared (its ACL does not let this login
-    publish there) fails the run (exit 1), naming each and why; the status is cleared last."""
+    while it is the will, or when the broker holds no retained message of it (a mistyped --site or --device: the
+    devices it holds are named). A topic the broker still holds after it was cleared (its ACL does not let this
+    login publish there) fails the run (exit 1), naming each and why; the status is cleared last."""
     from ..mqtt.decommission import decommission as run
     from ..mqtt.settings import client_id_problem, name_problem, prefix_problem
 
