@@ -91,7 +91,8 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
     the device answers with an error (an 'unauthorized' one with a hint on stderr: --client-id, the secret)
     or not within --timeout; 3, nothing sent, when its retained status says it is offline (--even-offline
-    sends all the same)."""
+    sends all the same). When no status is retained for it (a mistyped --site or --device, or an ACL that hides
+    it), a note on stderr names the devices that have one, and it sends and waits all the same."""
     from ..mqtt.requester import CommandClient
     from ..mqtt.topics import check_level
 
@@ -109,8 +110,9 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     client = CommandClient(broker, secret=secret).start(timeout=min(timeout, 10.0))
     try:
-        if not even_offline:
-            client.check_online(site, device, timeout)
+        status = client.last_status(site, device) if even_offline else client.check_online(site, device, timeout)
+        if status is None:   # a typo waits the whole --timeout for nothing; an ACL may hide a device that answers
+            click.echo(client.no_status_note(site, device, timeout), err=True)
         reply = client.call(site, device, name, parsed, timeout=timeout, claim=claim)
     finally:
         client.stop()
