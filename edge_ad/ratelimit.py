@@ -6,9 +6,10 @@ What :meth:`LogLimiter.hit` holds back is reported by a later hit after the inte
 :meth:`LogLimiter.flush` (a timer, the stop) when none comes.
 
 Used for failed output writes (:mod:`edge_ad.runtime.reporting`), messages the full outbox drops
-(:mod:`edge_ad.mqtt.outbox`), acknowledged messages it cannot delete and messages too large for the broker
-(:mod:`edge_ad.mqtt.sender`), and the messages the link does not send or the broker refuses
-(:mod:`edge_ad.mqtt.link`); each flushes what is held at its clean stop, so the log counts every one.
+(:mod:`edge_ad.mqtt.outbox`), acknowledged messages it cannot delete, messages too large for the broker or
+refused by it and connections lost right after the same message (:mod:`edge_ad.mqtt.sender`), the messages the
+link does not send or the broker refuses (:mod:`edge_ad.mqtt.link`), and the messages the fleet monitor finds
+missing (:mod:`edge_ad.mqtt.monitor`); each flushes what is held at its clean stop, so the log counts every one.
 """
 
 from __future__ import annotations

@@ -865,6 +865,51 @@ def test_cli_command_to_an_offline_device_says_so_at_once_and_sends_nothing(mosq
         watch.loop_stop()
 
 
+def test_cli_command_to_a_device_without_a_retained_status_says_so_and_names_the_devices_that_have_one(
+        mosquitto_factory, tmp_path):
+    """`edge-ad command` to a mistyped device id waited the whole --timeout without a word (an ACL can hide a
+    device's status, so it sends all the same). When no status is retained for that device it now says so on
+    stderr at once, naming the devices that have one (the closest as a guess), and still waits: a reply that
+    comes (a device whose status the broker's ACL hides from this login) is printed as before, exit 0."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    acl = tmp_path / "acl"
+    acl.write_text("user dev\ntopic readwrite edge-ad/#\n\n"
+                   "user cli\ntopic read edge-ad/v1/p1/cam1/status\ntopic write edge-ad/v1/+/+/cmd/#\n"
+                   "topic readwrite edge-ad/replies/#\n")             # cam2's status hidden from the CLI
+    broker = mosquitto_factory(extra_config=f"acl_file {acl}")
+    links = []
+    for device in ("cam1", "cam2"):
+        lk = MqttLink(MqttSettings(url=broker.url, site="p1", device=device, username="dev",
+                                   outbox_path=tmp_path / f"{device}.sqlite", reconnect_min_s=0.1)).start()
+        links.append(lk)
+        assert _wait(lambda: lk.connected)
+    try:
+        argv = ["command", "--mqtt", broker.url, "--username", "cli", "--site", "p1", "--timeout", "30"]
+        res = CliRunner().invoke(main, [*argv, "--device", "cam2", "status"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["ok"], res.output      # hidden, yet it answers
+        assert res.stderr == (
+            f"note: no status is retained for device p1/cam2 on {broker.url}: a mistyped --site or --device, a "
+            "device that never connected, or a broker ACL that hides its status from this login; the devices with "
+            "a retained status under edge-ad/v1/ are p1/cam1 (did you mean p1/cam1?). Waiting for the reply all "
+            "the same (--timeout 30 s)\n"), res.stderr
+        res = CliRunner().invoke(main, [*argv, "--device", "cam1", "status"])
+        assert res.exit_code == 0 and res.stderr == "", res.output             # a status: nothing to say
+        res = CliRunner().invoke(main, ["command", "--mqtt", broker.url, "--username", "dev", "--site", "plant9",
+                                        "--device", "line3", "--timeout", "0.5", "--even-offline", "status"])
+        assert res.exit_code == 1 and res.stdout == "", res.output           # a typo: nothing answers
+        note, error = res.stderr.splitlines()
+        assert note.startswith("note: no status is retained for device plant9/line3") and note.endswith(
+            "the devices with a retained status under edge-ad/v1/ are p1/cam1, p1/cam2. Waiting for the reply all "
+            "the same (--timeout 0.5 s)"), note
+        assert error.startswith("error: no reply on edge-ad/replies/") and "within 0.5 s" in error, error
+    finally:
+        for lk in links:
+            lk.stop()
+
+
 def test_commands_over_mqtt_311(mosquitto, tmp_path):
     settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
                             protocol="3.1.1", command_secret="k", reconnect_min_s=0.1)

@@ -392,13 +392,15 @@ def test_bounded_outbox_drops_oldest_and_reports_it(mosquitto_factory, tmp_path)
         link.stop()
 
 
-def test_stop_does_not_wait_for_acknowledged_messages_a_full_disk_kept(mosquitto, tmp_path):
+def test_stop_does_not_wait_for_acknowledged_messages_a_full_disk_kept(mosquitto, tmp_path, caplog):
     """On a full disk the broker's PUBACKs come but the rows cannot be deleted: stop() waited its whole
     flush timeout for an outbox depth of 0 that could not come (every run's stop took 10 s). Delivered rows
-    are not waited for; they stay in the file and the next start sends them again (same ids)."""
+    are not waited for; they stay in the file and the next start sends them again (same ids). The failed
+    deletes are logged once a minute at most: those held back since are told at the stop."""
     from edge_ad.errors import RuntimeFailure
 
-    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/result") as col:
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/result") as col, \
+            caplog.at_level(logging.ERROR, logger="edge_ad.mqtt.sender"):
         link = MqttLink(_settings(mosquitto.url, tmp_path)).start()
 
         def full_disk(ids):
@@ -410,6 +412,12 @@ def test_stop_does_not_wait_for_acknowledged_messages_a_full_disk_kept(mosquitto
         t0 = time.monotonic()
         link.stop(timeout=6.0)
         assert time.monotonic() - t0 < 3.0
+        errors = [r.getMessage() for r in caplog.records]
+        assert len(errors) == 2 and "acknowledged message(s) not deleted" in errors[0], errors
+        assert re.fullmatch(r"mqtt: deleting acknowledged messages from the outbox failed \d+ more time\(s\) since "
+                            r"the last report \(the last: outbox .*outbox-d1.sqlite: delete failed \(database or "
+                            r"disk is full\)\); 5 acknowledged message\(s\) are still in it \(the next start sends "
+                            r"them again\)", errors[1]), errors[1]
         with Outbox(tmp_path / "outbox-d1.sqlite") as ob:
             assert ob.depth == 5                       # kept: sent again by the next start
         again = MqttLink(_settings(mosquitto.url, tmp_path)).start()

@@ -249,8 +249,9 @@ def test_the_threshold_shown_is_the_one_deciding():
 def test_seq_gaps_are_counted_per_device_and_warned(caplog):
     """A broker that drops a consumer's queued messages (Mosquitto's max_queued_messages) or a full outbox
     shows only as a gap in seq: the monitor counts the missing results and events per device and says so;
-    repeats (at least once) are no gap, a late one fills its gap, a new outbox starts counting afresh."""
-    view = FleetView(clock=lambda: 1000.0)
+    repeats (at least once) are no gap, a late one fills its gap, a new outbox starts counting afresh. (No grace
+    period here: a gap counts as missing at once.)"""
+    view = FleetView(clock=lambda: 1000.0, gap_grace_s=0)
     res = lambda dev, seq: view.consume(f"{B}/p1/{dev}/result", _j({"id": f"{dev}{seq}", "seq": seq,  # noqa: E731
                                                                    "score": 0.1, "ng": False}))
     view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), retained=True)
@@ -263,15 +264,15 @@ def test_seq_gaps_are_counted_per_device_and_warned(caplog):
         res("cam2", 7)
         res("cam2", 8)
     assert (row.results_missing, row.events_missing) == (503, 0)
-    assert row.last_gap == {"kind": "result", "from": 544, "to": 546, "missing": 3, "dropped": 0,
+    assert row.last_gap == {"kind": "result", "from": 544, "to": 546, "missing": 3, "dropped": 0, "held": 0,
                             "seen": row.last_gap["seen"]}
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
-    assert "p1/cam1: result seq 43..542 never arrived, 500 of them not announced by the device (500 missing" \
-        in warnings[0]
+    assert "p1/cam1: result seq 43..542 never arrived, 500 of them not announced by the device within 0 s (500 " \
+           "missing" in warnings[0]
     assert "max_queued_messages" in warnings[0]               # the second gap: counted, logged a minute later
     res("cam1", 545)                                          # a re-sent one, late: not missing after all
-    assert row.results_missing == 502
+    assert row.results_missing == 502 and row.last_gap["missing"] == 2
     view.consume(f"{B}/p1/cam1/event", _j({"id": "e1", "seq": 3, "type": "ng"}))
     view.consume(f"{B}/p1/cam1/event", _j({"id": "e2", "seq": 6, "type": "ng"}))
     assert row.events_missing == 2 and row.to_dict()["events_missing"] == 2
@@ -308,11 +309,12 @@ def _wait(pred, timeout=10.0):
 
 
 @contextlib.contextmanager
-def _json_monitor(broker: BrokerSettings):
-    """run_monitor (site p1, JSON lines) on a thread until the block ends; yields what reads its device rows."""
+def _json_monitor(broker: BrokerSettings, **kw):
+    """run_monitor (site p1, JSON lines; ``kw`` for it) on a thread until the block ends; yields what reads its
+    device rows."""
     out, stop = io.StringIO(), threading.Event()
     watch = threading.Thread(target=run_monitor, args=(broker,), daemon=True,
-                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop})
+                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop, **kw})
     watch.start()
     try:
         yield lambda: [json.loads(x) for x in out.getvalue().splitlines() if '"device"' in x]
@@ -399,13 +401,15 @@ def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
     assert (last["results_dropped"], last["results_missing"]) == (20, 0), last
 
 
-def test_run_monitor_counts_messages_too_large_for_the_broker_as_dropped(mosquitto_factory, tmp_path):
+def test_run_monitor_counts_messages_too_large_for_the_broker_as_dropped(mosquitto_factory, tmp_path, caplog):
     """Live: a result and an event over the broker's max_packet_size are dropped by the device (too_large). Their
     output_error event named them by id only, so the monitor counted their seq gaps as MISSING and warned about
-    an unexplained loss; the event now names their seq ranges (dropped.<kind>.seq): DROPPED, not MISSING (the
-    gap arrives before the announcement: counted missing meanwhile, then moved)."""
+    an unexplained loss; the event now names their seq ranges (dropped.<kind>.seq): DROPPED, not MISSING. The gap
+    arrives before the announcement: it was counted missing and warned of meanwhile, then moved; it is now held
+    for the grace period, so no row ever shows it missing and nothing is warned."""
     broker = mosquitto_factory(extra_config="max_packet_size 2000")
-    with _json_monitor(BrokerSettings(url=broker.url)) as lines:
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"), \
+            _json_monitor(BrokerSettings(url=broker.url)) as lines:
         link = _link(broker.url, tmp_path, "cam1")
         try:
             link.publish_result({"score": 0.1, "ng": False})
@@ -421,9 +425,90 @@ def test_run_monitor_counts_messages_too_large_for_the_broker_as_dropped(mosquit
                          and lines()[-1]["last_result"]["seq"] == 3), lines()[-1]
         finally:
             link.stop()
+    assert [x for x in lines() if x["results_missing"] or x["events_missing"]] == [], lines()
     last = lines()[-1]
-    assert (last["results_missing"], last["events_missing"]) == (0, 0), last
+    assert last["last_gap"]["kind"] == "event" and (last["last_gap"]["held"], last["last_gap"]["dropped"]) == (0, 1)
     assert link.stats()["outbox_dropped_by"]["too_large"] == 2
+    assert [r.getMessage() for r in caplog.records if r.name == "edge_ad.mqtt.monitor"] == []
+
+
+def test_run_monitor_warns_of_a_gap_nobody_announces_once_its_grace_period_is_over(mosquitto, caplog):
+    """Live: results 3 and 4 of a device never reach the broker and nothing announces them: the gap is held for
+    the grace period (the row shows it held, not missing), then counted as MISSING and warned of, though no
+    message follows it (the monitor's own timer). A second gap within the minute is counted, and the WARNING it
+    held back is logged at the monitor's stop."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-pub", protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    try:
+        with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"), \
+                _json_monitor(BrokerSettings(url=mosquitto.url), interval=0.1, gap_grace_s=1.0) as lines:
+            pub.publish(f"{B}/p1/cam1/status", _j({"state": "online"}), qos=1, retain=True)
+            assert _wait(lambda: lines()), "the monitor saw no status"          # it is subscribed
+            for seq in (1, 2, 5):
+                pub.publish(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq, "score": 0.1, "ng": False}),
+                            qos=1).wait_for_publish(10)
+            assert _wait(lambda: lines() and lines()[-1]["results_missing"] == 2), lines()
+            pub.publish(f"{B}/p1/cam1/result", _j({"id": "r9", "seq": 9, "score": 0.1, "ng": False}),
+                        qos=1).wait_for_publish(10)   # 6..8: within the minute of the WARNING, held back
+            assert _wait(lambda: lines()[-1]["results_missing"] == 5), lines()
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    held = next(x for x in lines() if (x["last_result"] or {}).get("seq") == 5)     # as the gap was seen
+    assert held["results_missing"] == 0 and held["last_gap"]["held"] == 2, held
+    assert lines()[-1]["last_gap"] | {"seen": None} == {"kind": "result", "from": 6, "to": 8, "missing": 3,
+                                                         "dropped": 0, "held": 0, "seen": None}
+    warned = [r.getMessage() for r in caplog.records if r.name == "edge_ad.mqtt.monitor"]
+    assert len(warned) == 2 and "p1/cam1: result seq 3..4 never arrived, 2 of them not announced by the device " \
+                                "within 1 s" in warned[0], warned
+    assert warned[1] == ("monitor: p1/cam1: 3 more result(s) and event(s) missing since the last report, 5 "
+                         "results and 0 events in all")                       # told at the stop
+
+
+def test_a_fresh_gap_waits_for_its_announcement_before_it_counts_as_missing(caplog):
+    """The device announces the messages it dropped (output_error) a moment after the gap shows: the gap is held,
+    counted nowhere, for gap_grace_s; what its announcement names is DROPPED, what a late message brings is no
+    gap, and only the rest counts as MISSING (with one WARNING) once the grace period is over: on the device's
+    next message, or settle() (the monitor's timer), or at the stop (settle(final=True))."""
+    now = [1000.0]
+    view = FleetView(clock=lambda: now[0], gap_grace_s=5)
+    res = lambda seq, dev="cam1": view.consume(f"{B}/p1/{dev}/result", _j({"id": f"r{seq}", "seq": seq,  # noqa
+                                                                          "score": 0.1, "ng": False}))
+    row = res(10)
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"):
+        res(21)                                               # 11..20: held
+        assert (row.results_missing, row.results_dropped) == (0, 0)
+        assert row.last_gap | {"seen": None} == {"kind": "result", "from": 11, "to": 20, "missing": 0, "dropped": 0,
+                                                 "held": 10, "seen": None}
+        now[0] += 1
+        res(22)
+        _drop_event(view, "cam1", 1, result=[[11, 18]])       # its announcement, a second later
+        res(19)                                               # a late one
+        assert (row.results_missing, row.results_dropped, row.last_gap["held"]) == (0, 8, 1)
+        assert view.settle() == []                            # 4 s left
+        now[0] += 4
+        assert view.settle() == [row]                         # 20: nobody announced it
+        assert (row.results_missing, row.results_dropped) == (1, 8)
+        assert (row.last_gap["missing"], row.last_gap["dropped"], row.last_gap["held"]) == (1, 8, 0)
+        res(20)                                               # later still: not missing after all
+        assert row.results_missing == 0 and row.last_gap["missing"] == 0
+        res(30)                                               # 23..29: held ...
+        now[0] += 5
+        res(31)                                               # ... until the next message after the grace
+        assert row.results_missing == 7
+        res(40)                                               # 32..39: held until the stop
+        assert view.settle() == [] and view.settle(final=True) == [row] and row.results_missing == 15
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and "result seq 11..20 never arrived, 1 of them not announced by the device " \
+                                  "within 5 s (1 missing since the last report" in warnings[0], warnings
+    # the other two gaps came within the minute of that WARNING: their 15 are told at the stop
+    assert warnings[1] == ("monitor: p1/cam1: 15 more result(s) and event(s) missing since the last report, 15 "
+                           "results and 0 events in all")
+    assert row._held == [] and (row.missing, row.dropped) == (15, 8)
 
 
 def _drop_event(view, dev, seq, reason="full", **dropped):
@@ -437,8 +522,9 @@ def _drop_event(view, dev, seq, reason="full", **dropped):
 
 def test_announced_drops_are_counted_apart_from_unexplained_gaps(caplog):
     """A gap the device announced (output_error with seq ranges in dropped) is DROPPED, not MISSING, whether the
-    announcement comes before the gap is seen or after; only the rest of a gap is missing and warned about."""
-    view = FleetView(clock=lambda: 1000.0)
+    announcement comes before the gap is seen or after (here after the gap counted as missing: no grace period);
+    only the rest of a gap is missing and warned about."""
+    view = FleetView(clock=lambda: 1000.0, gap_grace_s=0)
     res = lambda seq: view.consume(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq,  # noqa: E731
                                                               "score": 0.1, "ng": False}))
     row = res(10)
@@ -452,7 +538,7 @@ def test_announced_drops_are_counted_apart_from_unexplained_gaps(caplog):
         _drop_event(view, "cam1", 2, reason="too_large", result=[[22, 24]], event=[[5, 5]])   # before the gap
         res(25)                                               # 22..24: announced, so no warning
         assert (row.results_missing, row.results_dropped) == (3, 9)
-        assert row.last_gap == {"kind": "result", "from": 22, "to": 24, "missing": 0, "dropped": 3,
+        assert row.last_gap == {"kind": "result", "from": 22, "to": 24, "missing": 0, "dropped": 3, "held": 0,
                                 "seen": row.last_gap["seen"]}
         _drop_event(view, "cam1", 3, reason="rejected", result=[[27, 27]])
         res(30)                                               # 26..29: 27 announced, 26, 28, 29 not
@@ -765,7 +851,10 @@ def test_decommission_drops_the_session_its_status_names_and_asks_for_force_when
         assert len(done["warnings"]) == 1 and "(taken: --force)" in done["warnings"][0]
         assert read_retained(broker, [f"{B}/p1/cam1/#"]) == {}
 
-        res = decommission()                                           # nothing left: the default id, said
+        res = decommission()                                           # nothing left: refused, nothing done
+        assert res.exit_code == 1 and "holds no retained message of p1/cam1 that this login can read" in res.output
+        assert "No device has a retained status under edge-ad/v1/ that this login can read" in res.output
+        res = decommission("--force")                                  # all the same: the default id, said
         assert res.exit_code == 0 and json.loads(res.stdout)["client_id_from"] == "default"
         assert "give --client-id when the device's config sets mqtt.client_id" in res.stderr
     finally:
@@ -803,9 +892,9 @@ def test_decommission_fails_naming_what_the_brokers_acl_keeps_and_clears_the_sta
     assert _wait(lambda: set(read_retained(admin, topics)) == set(topics))
     held = read_retained(admin, topics)
 
-    def decommission(user):
+    def decommission(user, *extra):
         return CliRunner().invoke(main, ["decommission", "--mqtt", broker.url, "--protocol", protocol, "--site", "p1",
-                                         "--device", "cam1", "--username", user, "--timeout", "5"])
+                                         "--device", "cam1", "--username", user, "--timeout", "5", *extra])
 
     res = decommission("admin")
     assert res.exit_code == 1, res.output
@@ -826,11 +915,51 @@ def test_decommission_fails_naming_what_the_brokers_acl_keeps_and_clears_the_sta
     assert read_retained(admin, topics) == {status: held[status]}
     assert json.loads(held[status])["state"] == "offline"
     # a login that may not read the device's topics sees none (Mosquitto grants the subscription, delivers
-    # nothing): it cannot check the device is stopped, nor the clears, and says so
+    # nothing): it cannot check the device is stopped, nor the clears: refused unless --force, which says so
     res = decommission("blind")
+    assert res.exit_code == 1 and "holds no retained message of p1/cam1 that this login can read" in res.output
+    assert "the broker's ACL does not let this login read its topics" in res.output and "--force" in res.output
+    assert read_retained(admin, topics) == {status: held[status]}
+    res = decommission("blind", "--force")
     assert res.exit_code == 0, res.output
     assert "warning: the broker holds no retained message of p1/cam1 that this login can read" in res.stderr
-    assert "it was not checked to be stopped, nor were the clears checked" in res.stderr
+    assert "it was not checked to be stopped, nor were the clears checked (taken: --force)" in res.stderr
+
+
+def test_decommission_of_a_device_the_broker_holds_nothing_of_is_refused_naming_the_devices_it_holds(mosquitto,
+                                                                                                  tmp_path):
+    """'edge-ad decommission --device cam3' for a device that never existed (a typo for cam2) found nothing
+    retained, warned, "cleared" its topics, dropped a session nobody had and exited 0: the real device stayed.
+    With nothing retained it now refuses (exit 1, nothing changed), naming the device and the devices that have
+    a retained status (the closest as a guess); --force goes on as before, with the warning."""
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.mqtt.decommission import decommission, read_retained
+
+    for device in ("cam1", "cam2"):
+        _link(mosquitto.url, tmp_path, device).stop()
+    p2 = MqttLink(MqttSettings(url=mosquitto.url, site="p2", device="cam3", outbox_path=tmp_path / "p2.sqlite"))
+    p2.start().stop()
+    everything = ["edge-ad/v1/#", "homeassistant/#"]
+    broker = BrokerSettings(url=mosquitto.url)
+    held = read_retained(broker, everything)
+    assert {f"{B}/p1/cam1/status", f"{B}/p1/cam2/status", f"{B}/p2/cam3/status"} <= set(held)
+    argv = ["decommission", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam3"]
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 1, res.output
+    assert f"{mosquitto.url} holds no retained message of p1/cam3 that this login can read (no status, calibration " \
+           "or Home Assistant config): is --site or --device mistyped? The devices with a retained status under " \
+           "edge-ad/v1/ are p1/cam1, p1/cam2, p2/cam3 (did you mean " in res.stderr, res.output
+    assert "Nothing was changed; --force clears its topics and drops the session of client id 'edge-ad-p1-cam3' " \
+           "all the same" in res.stderr and res.stdout == "", res.output
+    with pytest.raises(RuntimeFailure, match="holds no retained message of p1/cam3"):
+        decommission(broker, "p1", "cam3")
+    assert read_retained(broker, everything) == held                  # nothing changed
+    res = CliRunner().invoke(main, argv + ["--force"])
+    assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout)
+    assert done["status"] == "none" and done["held"] == [] and done["session_dropped"] == "edge-ad-p1-cam3"
+    assert "(taken: --force)" in done["warnings"][0] and "warning: the broker holds no retained message" in res.stderr
+    assert read_retained(broker, everything) == held                  # the other devices untouched
 
 
 def test_decommission_names_the_option_and_its_value_before_connecting():

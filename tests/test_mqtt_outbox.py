@@ -260,9 +260,8 @@ def test_one_process_per_outbox_file(tmp_path):
     Outbox(path).close()                                   # closed: free again
 
 
-def test_an_acked_message_whose_delete_fails_is_deleted_on_a_later_pass(tmp_path, caplog):
-    """A full disk fails the delete of acknowledged rows: the sender keeps their ids and deletes them once
-    it can (they stayed in the outbox for the whole run, and the next start sent them again)."""
+def _three_in_flight(tmp_path):
+    """An outbox of 3 results and a sender that handed them to a stand-in paho client (message ids 1, 2, 3)."""
     import types
 
     import paho.mqtt.client as paho
@@ -281,6 +280,13 @@ def test_an_acked_message_whose_delete_fails_is_deleted_on_a_later_pass(tmp_path
         ob.put("result", "t", lambda s: _json(s))
     out = OutboxSender(ob, window=10, resend_after_s=60.0, wake=threading.Event())
     out.fill(Client())
+    return ob, out
+
+
+def test_an_acked_message_whose_delete_fails_is_deleted_on_a_later_pass(tmp_path, caplog):
+    """A full disk fails the delete of acknowledged rows: the sender keeps their ids and deletes them once
+    it can (they stayed in the outbox for the whole run, and the next start sent them again)."""
+    ob, out = _three_in_flight(tmp_path)
     real, full = ob.delete, [True]
 
     def delete(ids):
@@ -303,6 +309,42 @@ def test_an_acked_message_whose_delete_fails_is_deleted_on_a_later_pass(tmp_path
     assert len(msgs) == 2 and msgs[0][0] == "ERROR" and "2 acknowledged message(s) not deleted" in msgs[0][1]
     assert "disk is full" in msgs[0][1] and not any(r.exc_info for r in caplog.records)
     assert "deleted from the outbox again" in msgs[1][1]
+    ob.close()
+
+
+def test_connection_losses_and_failed_deletes_held_back_from_the_log_are_told_at_the_stop(tmp_path, caplog):
+    """The connection lost again and again right after the same message, and deletes of acknowledged messages
+    failing on a full disk, are logged at most once a minute: those after the first were counted but never logged
+    when the link stopped within the minute. The stop's report_drops(final=True) logs them ('N more')."""
+    from edge_ad.mqtt.sender import LOSS_REPEATS
+
+    ob, out = _three_in_flight(tmp_path)
+    first = out._inflight[1]
+
+    def delete(ids):
+        raise RuntimeFailure(f"outbox {ob.path}: delete failed (database or disk is full)")
+
+    ob.delete = delete
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.sender"):
+        for _ in range(LOSS_REPEATS + 2):                   # logged at the 3rd, the 4th and 5th held back
+            out.lost(time.monotonic())
+            out.drain_acks()
+        for mid in (2, 3):                                  # acknowledged, never deleted: logged, then held back
+            out.acknowledged(mid, 0)
+            out.drain_acks()
+        out.drain_acks()
+        out.report_drops()                                  # within the minute: nothing more
+        assert len(caplog.records) == 2
+        out.report_drops(final=True)                        # the stop
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [m[0] for m in msgs] == ["WARNING", "ERROR", "WARNING", "ERROR"], msgs
+    assert "lost 3 times in a row right after sending result" in msgs[0][1]
+    assert msgs[2][1] == ("mqtt: the connection was lost 2 more time(s) right after sending the same message since "
+                          f"the last report (the last: result {first.msg_id} on t, 5 times in a row); nothing is "
+                          "dropped for it")
+    assert msgs[3][1] == (f"mqtt: deleting acknowledged messages from the outbox failed 2 more time(s) since the last "
+                          f"report (the last: outbox {ob.path}: delete failed (database or disk is full)); 2 "
+                          "acknowledged message(s) are still in it (the next start sends them again)")
     ob.close()
 
 

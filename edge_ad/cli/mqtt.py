@@ -53,8 +53,11 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
               help="An online device silent this long shows as stale (s).")
 @click.option("--clock-skew", type=Seconds(min=1), default=60.0, show_default=True,
               help="A device whose clock differs from this machine's by more is flagged (CLOCK: skew +N s) (s).")
+@click.option("--gap-grace", type=Seconds(min=0), default=5.0, show_default=True,
+              help="A gap in a device's seq waits this long for the device's announcement of its drops before "
+                   "it counts as MISSING and is warned of (s).")
 def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, site, as_json, duration, interval,
-            stale_after, clock_skew):
+            stale_after, clock_skew, gap_grace):
     """Live table of every device under edge-ad/v1/<site>/<device>/: online or offline, fps, latency,
     NG rate, last result, calibration version, outbox depth, drift, last seen, clock skew. A lost broker
     connection is shown (and retried) until it is back."""
@@ -65,7 +68,7 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
         check_level(site, "--site")
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     run_monitor(broker, site=site, as_json=as_json, duration=duration, interval=interval,
-                stale_after_s=stale_after, out=sys.stdout, clock_skew_s=clock_skew)
+                stale_after_s=stale_after, out=sys.stdout, clock_skew_s=clock_skew, gap_grace_s=gap_grace)
 
 
 @main.command("command")
@@ -88,7 +91,8 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
     the device answers with an error (an 'unauthorized' one with a hint on stderr: --client-id, the secret)
     or not within --timeout; 3, nothing sent, when its retained status says it is offline (--even-offline
-    sends all the same)."""
+    sends all the same). When no status is retained for it (a mistyped --site or --device, or an ACL that hides
+    it), a note on stderr names the devices that have one, and it sends and waits all the same."""
     from ..mqtt.requester import CommandClient
     from ..mqtt.topics import check_level
 
@@ -106,8 +110,9 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     client = CommandClient(broker, secret=secret).start(timeout=min(timeout, 10.0))
     try:
-        if not even_offline:
-            client.check_online(site, device, timeout)
+        status = client.last_status(site, device) if even_offline else client.check_online(site, device, timeout)
+        if status is None:   # a typo waits the whole --timeout for nothing; an ACL may hide a device that answers
+            click.echo(client.no_status_note(site, device, timeout), err=True)
         reply = client.call(site, device, name, parsed, timeout=timeout, claim=claim)
     finally:
         client.stop()
@@ -155,7 +160,9 @@ def _unauthorized_hint(message: str, claim: str, signed: bool) -> str:
               help="The device's mqtt.homeassistant_prefix: its Home Assistant discovery configs are cleared too.")
 @click.option("--force", is_flag=True,
               help="Take the device also when its last status is the will (the broker published it for a lost "
-                   "connection: the device may still be running behind a network cut).")
+                   "connection: the device may still be running behind a network cut), and when the broker holds no "
+                   "retained message of it that this login can read (a mistyped --site or --device, a device "
+                   "decommissioned already, or an ACL that hides its topics).")
 @click.option("--timeout", type=Seconds(min=0.1), default=10.0, show_default=True,
               help="Seconds to wait for the broker at each step.")
 def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, client_id,
@@ -164,8 +171,9 @@ def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol
     Assistant discovery configs (so it leaves edge-ad monitor and Home Assistant), and drop the persistent
     session the broker keeps for its client id (the commands queued for it go with it). Refused, changing
     nothing, while its retained status says online: stop edge-ad on the device first; and, without --force,
-    while it is the will. A topic the broker still holds after it was cleared (its ACL does not let this login
-    publish there) fails the run (exit 1), naming each and why; the status is cleared last."""
+    while it is the will, or when the broker holds no retained message of it (a mistyped --site or --device: the
+    devices it holds are named). A topic the broker still holds after it was cleared (its ACL does not let this
+    login publish there) fails the run (exit 1), naming each and why; the status is cleared last."""
     from ..mqtt.decommission import decommission as run
     from ..mqtt.settings import client_id_problem, name_problem, prefix_problem
 

@@ -9,7 +9,9 @@ queueing the commands sent to it. :func:`decommission`:
 1. reads the device's retained ``status`` and refuses, changing nothing, while it says ``online``: the
    device must be stopped first (a running device would publish them again at once, and the session is
    its live connection); and, unless forced, while it is the will (the broker published it for a lost
-   connection: the device may still run behind a network cut);
+   connection: the device may still run behind a network cut), and while the broker holds no retained message
+   of it this login can read (a mistyped site or device, which names the devices that have a retained status;
+   one decommissioned already or never connected; an ACL that hides its topics);
 2. clears every retained topic (an empty retained message, QoS 1, each acknowledged), its ``status`` last,
    and reads them back: a broker whose ACL does not let this login publish there refuses the clear (MQTT v5:
    PUBACK 0x87 Not authorized) or acknowledges and drops it (3.1.1). What is still held then fails the run,
@@ -40,7 +42,7 @@ from .client import connect_async, make_client, reason_failed, reason_text, reas
 from .link import retained_topics
 from .payloads import status_state
 from .settings import BrokerSettings, MqttSettings, Protocol, client_id_problem
-from .topics import Topics
+from .topics import Topics, known_devices_text, status_filter
 
 MARKER_ROOT = "edge-ad/decommission"
 
@@ -164,7 +166,8 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
                  force: bool = False) -> dict[str, Any]:
     """Clear every retained message of ``site``/``device`` and drop its broker session; refuse (nothing
     changed, :class:`RuntimeFailure`) while its retained status says ``online``, and, unless ``force``, while
-    it is the last will (the device may be running behind a network cut). The session dropped is that of
+    it is the last will (the device may be running behind a network cut) or when the broker holds no retained
+    message of it that this login can read (:func:`_nothing_held`). The session dropped is that of
     ``client_id`` when given, else of the client id the retained status names (:func:`_session_client_id`).
     Returns what was done, with ``warnings``."""
     settings = MqttSettings(site=site, device=device, client_id=client_id,
@@ -172,6 +175,8 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
     topics = retained_topics(settings)
     status_topic = Topics(site, device).status
     held = read_retained(broker, topics, timeout)
+    if not held and not force:
+        raise RuntimeFailure(_nothing_held(broker, site, device, client_id or settings.effective_client_id, timeout))
     state, body = status_state(held[status_topic]) if status_topic in held else (None, {})
     if state == "online":
         since = f" since {body['ts']}" if isinstance(body.get("ts"), str) else ""
@@ -194,7 +199,8 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
     if not held:   # a Mosquitto ACL that denies reading grants the subscription and delivers nothing
         warnings.append(f"the broker holds no retained message of {site}/{device} that this login can read: it was "
                         "decommissioned already or never connected; or the broker's ACL does not let this login read "
-                        "its topics, and then it was not checked to be stopped, nor were the clears checked")
+                        "its topics, and then it was not checked to be stopped, nor were the clears checked (taken: "
+                        "--force)")
     session, source = _session_client_id(settings, client_id, body, warnings)
     cleared: list[str] = []
     # the status last: while something else cannot be cleared, the device keeps its last status
@@ -211,6 +217,21 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
     return {"site": site, "device": device, "status": state or "none", "reason": body.get("reason"),
             "cleared": topics, "held": sorted(held), "session_dropped": session, "client_id_from": source,
             "warnings": warnings}
+
+
+def _nothing_held(broker: BrokerSettings, site: str, device: str, session: str, timeout: float) -> str:
+    """Why a device of which the broker holds no retained message this login can read is not decommissioned
+    without ``force``: a mistyped site or device (the devices that have a retained status are named), one
+    decommissioned already or never connected, or an ACL that hides its topics; nothing was changed."""
+    try:
+        known = known_devices_text(site, device, read_retained(broker, [status_filter()], timeout))
+    except RuntimeFailure as exc:
+        known = f"the devices that have one could not be read ({exc})"
+    return (f"{broker.safe_url} holds no retained message of {site}/{device} that this login can read (no status, "
+            f"calibration or Home Assistant config): is --site or --device mistyped? {known[0].upper()}{known[1:]}. "
+            "Else it was decommissioned already or never connected, or the broker's ACL does not let this login read "
+            "its topics (then it cannot be checked to be stopped, nor can the clears be checked). Nothing was changed; "
+            f"--force clears its topics and drops the session of client id {session!r} all the same")
 
 
 def _session_client_id(settings: MqttSettings, given: str | None, status: dict,

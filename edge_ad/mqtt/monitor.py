@@ -19,12 +19,16 @@ Gaps in ``seq`` (results and events each count +1 per device) are counted per de
 device itself dropped and announced (``output_error`` events whose ``dropped`` names their ``seq`` ranges:
 a full outbox, a message too large for the broker or refused by it) are counted as dropped
 (``results_dropped``, ``events_dropped``; the table's ``DROPPED``), whichever comes first, the gap or the
-announcement; the rest as missing (``results_missing``, ``events_missing``, ``last_gap``; the table's
+announcement. The announcement usually comes a moment after the gap is seen, so a gap's part not announced
+yet is held for ``gap_grace_s`` (:data:`GAP_GRACE_S`), counted nowhere and not warned of (``last_gap``'s
+``held``); what is left of it then counts as missing (``results_missing``, ``events_missing``; the table's
 ``MISSING``), logged as a WARNING: unexplained, such as messages the broker dropped on the way to this
 monitor (Mosquitto's ``max_queued_messages``), or drops an older device announced by id only (``too_large``,
-``rejected``: ``message_ids``, no ``dropped``). Repeats (at-least-once delivery) are not gaps, a late message
-fills its gap again, and a new outbox (the birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the
-monitor's own reconnect (what was published meanwhile never reached it) starts counting afresh.
+``rejected``: ``message_ids``, no ``dropped``), or announced later still (moved to dropped when it comes).
+:meth:`FleetView.settle` ends the grace periods that are over (``run_monitor`` calls it every ``interval``).
+Repeats (at-least-once delivery) are not gaps, a late message fills its gap again, and a new outbox (the
+birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own reconnect (what was published
+meanwhile never reached it) starts counting afresh.
 """
 
 from __future__ import annotations
@@ -89,13 +93,18 @@ class DeviceRow:
     _offsets: list = field(default_factory=list, repr=False)     # ts - receipt of the last telemetry and status
     _result_times: list = field(default_factory=list, repr=False)   # (ts, receipt) of the last new results
     _seq: dict = field(default_factory=dict, repr=False)     # kind -> highest seq received
-    _gaps: list = field(default_factory=list, repr=False)    # [kind, first, last] still open (a late one fills)
+    _gaps: list = field(default_factory=list, repr=False)    # [kind, first, last, gap's first, gap's last] missing,
+    #                                                          still open (a late one fills it)
     _announced: list = field(default_factory=list, repr=False)   # [kind, first, last] announced, no gap seen yet
+    # [kind, first, last, gap's first, gap's last, until]: a fresh gap's part not announced yet, counted nowhere
+    # until its announcement comes (dropped), a late message fills it, or the grace period ends (missing)
+    _held: list = field(default_factory=list, repr=False)
 
     def _forget_seq(self) -> None:
         self._seq.clear()
         self._gaps.clear()
         self._announced.clear()
+        self._held.clear()
 
     def _count(self, kind: str, missing: int = 0, dropped: int = 0) -> None:
         if kind == "result":
@@ -155,29 +164,30 @@ def _int(value: Any) -> int | None:
 
 
 MAX_OPEN_GAPS = 64    # per device: a message that comes later than this many gaps is counted as missing
+GAP_GRACE_S = 5.0     # a gap's part not announced yet waits this long for the device's announcement (output_error)
 MAX_ANNOUNCED = 64    # per device: seq ranges announced as dropped before their gap was seen (the oldest go)
 SEQ_RANGES_READ = 100  # of an output_error's dropped seq ranges per kind (the device lists 20 at most)
 CLOCK_SAMPLES = 5     # a device's clock offset: the largest ts - receipt of its last fresh messages
 
 
-def _cut(ranges: list, kind: str, lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
-    """Take ``lo..hi`` of ``kind`` out of ``ranges`` (``[kind, first, last]`` each, changed in place): how many
-    ``seq`` it held, and the parts of ``lo..hi`` it did not hold."""
-    taken, held = 0, []
+def _cut(ranges: list, kind: str, lo: int, hi: int) -> tuple[list[list], list[tuple[int, int]]]:
+    """Take ``lo..hi`` of ``kind`` out of ``ranges`` (``[kind, first, last, *more]`` each, changed in place; a
+    range cut in two keeps its ``more`` in both parts): the parts it held (``[kind, first, last, *more]``), and
+    the parts of ``lo..hi`` it did not hold."""
+    taken = []
     for r in list(ranges):
-        k, a, b = r
+        k, a, b, *more = r
         if k != kind or b < lo or a > hi:
             continue
         a2, b2 = max(a, lo), min(b, hi)
-        taken += b2 - a2 + 1
-        held.append((a2, b2))
+        taken.append([k, a2, b2, *more])
         ranges.remove(r)
         if a < a2:
-            ranges.append([k, a, a2 - 1])
+            ranges.append([k, a, a2 - 1, *more])
         if b2 < b:
-            ranges.append([k, b2 + 1, b])
+            ranges.append([k, b2 + 1, b, *more])
     rest, at = [], lo
-    for a, b in sorted(held):
+    for _, a, b, *_more in sorted(taken, key=lambda t: t[1]):
         if at < a:
             rest.append((at, a - 1))
         at = b + 1
@@ -186,21 +196,54 @@ def _cut(ranges: list, kind: str, lo: int, hi: int) -> tuple[int, list[tuple[int
     return taken, rest
 
 
+def _size(ranges: list) -> int:
+    """How many ``seq`` the ``[kind, first, last, ...]`` ranges hold."""
+    return sum(r[2] - r[1] + 1 for r in ranges)
+
+
 class FleetView:
     def __init__(self, clock: Callable[[], float] = time.time, stale_after_s: float = 60.0,
-                 clock_skew_s: float = CLOCK_SKEW_S):
+                 clock_skew_s: float = CLOCK_SKEW_S, gap_grace_s: float = GAP_GRACE_S):
         self.clock = clock
         self.stale_after_s = stale_after_s
         self.clock_skew_s = clock_skew_s
+        self.gap_grace_s = gap_grace_s
         self.devices: dict[tuple[str, str], DeviceRow] = {}
         self._gap_log = LogLimiter()   # per device: the first gap at once, then at most one line a minute
         self._skew_log = LogLimiter()  # per device: at most one clock skew WARNING a minute
 
     def resync(self) -> None:
         """Forget the last ``seq`` of every device (counts stay): what was published while this monitor was
-        away from the broker never reached it, and is nobody's loss."""
+        away from the broker never reached it, and is nobody's loss. The gaps held for their announcement
+        are counted as missing first (:meth:`settle`): they were seen before."""
         for row in self.devices.values():
-            row._forget_seq()
+            self._forget(row)
+
+    def _forget(self, row: DeviceRow) -> None:
+        self._release_due(row, 0.0, final=True)
+        row._forget_seq()
+
+    def settle(self, final: bool = False) -> list[DeviceRow]:
+        """Count as missing, and warn of, the parts of gaps held for their announcement longer than
+        ``gap_grace_s`` (``final``: all of them, at the stop: nothing more will explain them), and log the missing
+        messages the once-a-minute WARNING held back once that minute is over (``final``: at once), so the log
+        accounts for every one, also when no later gap reports them. Call it on a timer and at the stop:
+        :meth:`consume` ends the grace periods only of the device whose message it applies. Returns the rows
+        changed."""
+        now = self.clock()
+        changed = [row for row in self.rows() if self._release_due(row, now, final)]
+        for key, n in self._gap_log.flush(force=final).items():
+            row = self.devices.get(tuple(key.split("/", 1)))
+            log.warning("monitor: %s: %d more result(s) and event(s) missing since the last report%s", key, n,
+                        "" if row is None else f", {row.results_missing} results and {row.events_missing} events "
+                        "in all")
+        return changed
+
+    def _release_due(self, row: DeviceRow, now: float, final: bool = False) -> bool:
+        due = [h for h in row._held if final or h[5] <= now]
+        if due:
+            self._release(row, due)
+        return bool(due)
 
     def consume(self, topic: str, payload: bytes | str, retained: bool = False) -> DeviceRow | None:
         """Apply one message; returns the row it changed, or None when the message is not for a row.
@@ -228,10 +271,12 @@ class FleetView:
         if row is None:
             row = self.devices[key] = DeviceRow(site, device)
         now = self.clock()
+        self._release_due(row, now)       # the gaps whose grace period is over: missing
         getattr(self, f"_on_{kind}")(row, body)
         if kind in ("result", "event"):
             seq, before = _int(body.get("seq")), row._seq.get(kind)
             self._check_seq(row, kind, seq, now)
+            self._release_due(row, now)   # no grace period (gap_grace_s 0)
             new = seq is not None and seq != before and row._seq.get(kind) == seq   # not a repeat, not a late one
             if kind == "result" and new and not retained and not row._offsets:
                 self._check_clock_from_result(row, payloads.parse_time(body.get("ts")), now)
@@ -320,30 +365,56 @@ class FleetView:
         gap = seq - last - 1
         if not gap:
             return
-        dropped, unexplained = _cut(row._announced, kind, last + 1, seq - 1)   # announced before the gap
+        announced, unexplained = _cut(row._announced, kind, last + 1, seq - 1)   # announced before the gap
         row._announced[:] = [a for a in row._announced if a[0] != kind or a[1] > seq]
-        missing = gap - dropped
-        row._count(kind, missing, dropped)
-        row.last_gap = {"kind": kind, "from": last + 1, "to": seq - 1, "missing": missing, "dropped": dropped,
-                        "seen": _iso(now)}
-        row._gaps.extend([kind, lo, hi] for lo, hi in unexplained)
-        del row._gaps[:-MAX_OPEN_GAPS]
-        since = self._gap_log.hit(f"{row.site}/{row.device}", missing) if missing else 0
-        if since:
-            log.warning("monitor: %s/%s: %s seq %d..%d never arrived, %d of them not announced by the device (%d "
-                        "missing since the last report, %d results and %d events in all): lost between the device "
-                        "and this monitor, e.g. by the broker (Mosquitto's max_queued_messages: see docs/mqtt.md, "
-                        "'The broker'), or dropped by the device and announced in an output_error event that did not "
-                        "reach this monitor (or named by id only, by an older device)",
-                        row.site, row.device, kind, last + 1, seq - 1, missing, since, row.results_missing,
-                        row.events_missing)
+        dropped = _size(announced)
+        row._count(kind, 0, dropped)
+        row.last_gap = {"kind": kind, "from": last + 1, "to": seq - 1, "missing": 0, "dropped": dropped,
+                        "held": gap - dropped, "seen": _iso(now)}
+        # the device announces its drops in an output_error event that comes after the gap is seen (a second or
+        # so later): the rest waits for it, counted nowhere, for gap_grace_s
+        row._held.extend([kind, lo, hi, last + 1, seq - 1, now + self.gap_grace_s] for lo, hi in unexplained)
+        if len(row._held) > MAX_OPEN_GAPS:
+            self._release(row, row._held[:-MAX_OPEN_GAPS])
+
+    def _release(self, row: DeviceRow, held: list) -> None:
+        """The grace period of these ``held`` parts is over: count them as missing, open (a late message still
+        fills them), and warn, one line per gap (the first at once, then at most one line a minute per device)."""
+        gaps: dict[tuple, list] = {}
+        for h in list(held):
+            row._held.remove(h)
+            gaps.setdefault((h[0], h[3], h[4]), []).append(h[:5])
+        for (kind, first, last), parts in gaps.items():
+            missing = _size(parts)
+            row._count(kind, missing)
+            self._note_gap(row, kind, first, last, missing=missing, held=-missing)
+            row._gaps.extend(parts)
+            del row._gaps[:-MAX_OPEN_GAPS]
+            since = self._gap_log.hit(f"{row.site}/{row.device}", missing)
+            if since:
+                log.warning("monitor: %s/%s: %s seq %d..%d never arrived, %d of them not announced by the device "
+                            "within %g s (%d missing since the last report, %d results and %d events in all): lost "
+                            "between the device and this monitor, e.g. by the broker (Mosquitto's "
+                            "max_queued_messages: see docs/mqtt.md, 'The broker'), or dropped by the device and "
+                            "announced in an output_error event that did not reach this monitor in time (or named by "
+                            "id only, by an older device)", row.site, row.device, kind, first, last, missing,
+                            self.gap_grace_s, since, row.results_missing, row.events_missing)
 
     @staticmethod
-    def _announced_drops(row: DeviceRow, dropped: Any) -> None:
+    def _note_gap(row: DeviceRow, kind: str, first: int, last: int, **change: int) -> None:
+        """``last_gap``'s counts follow its parts (held, announced, missing once held long enough, filled by a late
+        message) while it is the latest gap."""
+        g = row.last_gap
+        if g is not None and (g["kind"], g["from"], g["to"]) == (kind, first, last):
+            for k, n in change.items():
+                g[k] += n
+
+    def _announced_drops(self, row: DeviceRow, dropped: Any) -> None:
         """An ``output_error`` event's ``dropped``: the ``seq`` ranges of the results and events the device
-        dropped on purpose. The parts of an open gap are moved from missing to dropped; the parts above the
-        highest ``seq`` received wait for their gap (at most :data:`MAX_ANNOUNCED` ranges); the rest were
-        received (a repeat), or lie before this monitor's count began."""
+        dropped on purpose. The parts of a gap held for it are counted as dropped, those of an open gap (held
+        longer than the grace period) are moved from missing to dropped; the parts above the highest ``seq``
+        received wait for their gap (at most :data:`MAX_ANNOUNCED` ranges); the rest were received (a repeat),
+        or lie before this monitor's count began."""
         if not isinstance(dropped, dict):
             return
         for kind in ("result", "event"):
@@ -355,34 +426,30 @@ class FleetView:
                 lo, hi = (_int(r[0]), _int(r[1])) if isinstance(r, list) and len(r) == 2 else (None, None)
                 if lo is None or hi is None or not 1 <= lo <= hi:
                     continue
-                moved, _ = _cut(row._gaps, kind, lo, hi)
-                row._count(kind, -moved, moved)
+                for ranges, was in ((row._gaps, "missing"), (row._held, "held")):
+                    for part in _cut(ranges, kind, lo, hi)[0]:
+                        n = _size([part])
+                        row._count(kind, -n if was == "missing" else 0, n)
+                        self._note_gap(row, kind, part[3], part[4], **{was: -n, "dropped": n})
                 last = row._seq.get(kind)
                 if last is None or hi > last:
                     row._announced.append([kind, lo if last is None else max(lo, last + 1), hi])
             del row._announced[:-MAX_ANNOUNCED]
 
-    @staticmethod
-    def _fills(row: DeviceRow, kind: str, seq: int) -> bool:
-        """A message that arrives after later ones (a re-send) and lies in an open gap: not missing after all."""
-        for gap in row._gaps:
-            k, lo, hi = gap
-            if k == kind and lo <= seq <= hi:
-                row._count(kind, -1)
-                row._gaps.remove(gap)
-                if lo < seq:
-                    row._gaps.append([k, lo, seq - 1])
-                if seq < hi:
-                    row._gaps.append([k, seq + 1, hi])
-                return True
-        return False
+    def _fills(self, row: DeviceRow, kind: str, seq: int) -> None:
+        """A message that arrives after later ones (a re-send) and lies in a gap: not missing after all (nor
+        held)."""
+        for ranges, was in ((row._gaps, "missing"), (row._held, "held")):
+            for part in _cut(ranges, kind, seq, seq)[0]:
+                row._count(kind, -1 if was == "missing" else 0)
+                self._note_gap(row, kind, part[3], part[4], **{was: -1})
 
     # ------------------------------------------------------------------ per kind
     def _on_status(self, row: DeviceRow, b: dict) -> None:
         instance = b.get("outbox_instance")
         if isinstance(instance, str) and b.get("state") == "online":
             if row.outbox_instance is not None and instance != row.outbox_instance:
-                row._forget_seq()         # a new outbox file: seq starts again at 1
+                self._forget(row)         # a new outbox file: seq starts again at 1
             row.outbox_instance = instance
         state = b.get("state")
         row.state = state if state in ("online", "offline") else "unknown"
@@ -511,7 +578,8 @@ def broker_line(down_since: float | None) -> str:
 def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: bool = False,
                 duration: float | None = None, interval: float = 1.0, stale_after_s: float = 60.0,
                 out: TextIO | None = None, live: bool | None = None, connect_timeout: float = 10.0,
-                stop: threading.Event | None = None, clock_skew_s: float = CLOCK_SKEW_S) -> FleetView:
+                stop: threading.Event | None = None, clock_skew_s: float = CLOCK_SKEW_S,
+                gap_grace_s: float = GAP_GRACE_S) -> FleetView:
     """Watch the fleet until ``duration`` s pass (forever when None), ``stop`` is set, or Ctrl-C.
 
     ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
@@ -523,13 +591,17 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     and then ``{"monitor": "reconnected", ...}``; after the reconnect it subscribes again, and the broker
     sends the retained status and calibration of every device again.
 
+    A gap in a device's ``seq`` waits ``gap_grace_s`` for the device's announcement before it counts as missing
+    (:meth:`FleetView.settle`, every ``interval`` s; at the end those still held count as missing, and the
+    missing messages the once-a-minute WARNING held back are logged).
+
     When the reader of ``out`` closes it (``edge-ad monitor --json | head -1``, a consumer that exited) the
     monitor stops at once and raises the BrokenPipeError, also when nothing more was to be written (the closed
     pipe is seen within ``interval`` s): every line from then on would be lost.
     """
     out = out or sys.stdout
     live = out.isatty() if live is None else live
-    view = FleetView(stale_after_s=stale_after_s, clock_skew_s=clock_skew_s)
+    view = FleetView(stale_after_s=stale_after_s, clock_skew_s=clock_skew_s, gap_grace_s=gap_grace_s)
     lock = threading.Lock()
     connected = threading.Event()
     problem: list[str] = []
@@ -552,6 +624,14 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     def note(state: str, **extra) -> None:   # a JSON line about the monitor's connection (under lock)
         if as_json:
             emit({"monitor": state, "broker": broker.safe_url, "ts": _iso(time.time()), **extra})
+
+    def settle(final: bool = False) -> bool:   # held gaps whose grace is over (final: all) become missing
+        with lock:
+            changed = view.settle(final)
+            if as_json:
+                for row in changed:
+                    emit(row.to_dict(view.clock(), stale_after_s, clock_skew_s))
+        return bool(changed)
 
     def on_connect(client, userdata, flags, reason_code, properties):
         if reason_failed(reason_code):
@@ -615,6 +695,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
             if dirty.wait(wait):
                 dirty.clear()
                 pending = True
+            pending = settle() or pending
             if not gone and reader_gone(out):   # closed while there was nothing to write
                 gone.append(BrokenPipeError(errno.EPIPE, "the reader closed the monitor's output"))
             if gone:
@@ -639,8 +720,9 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
         if gone:
             raise gone[0]
     except KeyboardInterrupt:
-        pass
+        settle(final=True)
     else:
+        settle(final=True)   # a gap still held: nothing more will explain it while this monitor runs
         if not as_json and not live and duration is not None:
             with lock:
                 note_line = broker_line(down["since"])

@@ -13,7 +13,8 @@ device comes back, and the device does not start one that waited that long behin
 (``{"signed": ..., "hmac-sha256": ...}``), which devices read whatever their protocol.
 
 :meth:`CommandClient.last_status` reads the device's retained ``status`` first (``edge-ad command`` does, and
-:meth:`~CommandClient.check_online` refuses to send to a device that is offline: :class:`DeviceOffline`).
+:meth:`~CommandClient.check_online` refuses to send to a device that is offline: :class:`DeviceOffline`); when
+there is none, :meth:`~CommandClient.no_status_note` says so and names the devices that have one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from . import payloads
 from .client import connect_async, make_client, reason_failed
 from .commands import signed_envelope
 from .settings import BrokerSettings, Protocol
-from .topics import Topics, check_level
+from .topics import Topics, check_level, known_devices_text, status_filter
 
 REPLY_ROOT = "edge-ad/replies"
 STATUS_WAIT_S = 2.0   # the most last_status waits when neither the status nor its marker comes (an ACL)
@@ -54,7 +55,9 @@ class CommandClient:
         self._waiting: dict[str, threading.Event] = {}
         self._replies: dict[str, dict] = {}
         self._ready = threading.Event()
-        self._status: dict[str, tuple[threading.Event, list[bytes]]] = {}   # status topic -> (came, payload)
+        # subscription filter -> (set at the first message or None, {topic: payload}) of the retained messages
+        # _retained reads
+        self._watch: dict[str, tuple[threading.Event | None, dict[str, bytes]]] = {}
         self._error: str | None = None
         self._client: paho.Client | None = None
 
@@ -99,11 +102,13 @@ class CommandClient:
         self._ready.set()
 
     def _on_message(self, client, userdata, message) -> None:
-        with self._lock:
-            watch = self._status.get(message.topic)
-        if watch is not None:               # a device's status that last_status reads
-            watch[1].append(bytes(message.payload))
-            watch[0].set()
+        with self._lock:                    # a device's status that last_status or no_status_note reads
+            watches = [w for f, w in self._watch.items() if paho.topic_matches_sub(f, message.topic)]
+            for first, found in watches:
+                found[message.topic] = bytes(message.payload)
+                if first is not None:
+                    first.set()
+        if watches:
             return
         try:
             body = payloads.decode(message.payload, "reply")
@@ -165,36 +170,53 @@ class CommandClient:
 
     def last_status(self, site: str, device: str, wait: float = STATUS_WAIT_S) -> tuple[str, dict] | None:
         """The device's retained ``status`` (:func:`~edge_ad.mqtt.payloads.status_state`: ``online`` /
-        ``offline`` / ``unknown`` and its body), or None when the broker holds none this login may read. It
-        subscribes to it, then sends a marker to its own reply topic: the broker sends a subscription's retained
-        message before it handles the client's next one, so once the marker is back the status has come if
-        there is one (as :func:`~edge_ad.mqtt.decommission.read_retained` does). At most ``wait`` s when neither
-        comes (an ACL that denies this login the status topic or the marker)."""
+        ``offline`` / ``unknown`` and its body), or None when the broker holds none this login may read
+        (:meth:`_retained`; it returns as soon as the status comes)."""
+        topic = Topics(site, device).status
+        payload = self._retained(topic, wait, first=True).get(topic)
+        return payloads.status_state(payload) if payload else None
+
+    def no_status_note(self, site: str, device: str, timeout: float, wait: float = STATUS_WAIT_S) -> str:
+        """What ``edge-ad command`` says when no status is retained for the device (:meth:`last_status` read
+        none), before it waits for the reply all the same: a mistyped site or device id, a device that never
+        connected, or an ACL that hides its status from this login; and the devices that have a retained status
+        (read under :func:`~edge_ad.mqtt.topics.status_filter`), the closest as a guess."""
+        known = known_devices_text(site, device, self._retained(status_filter(), wait))
+        return (f"note: no status is retained for device {site}/{device} on {self.broker.safe_url}: a mistyped "
+                f"--site or --device, a device that never connected, or a broker ACL that hides its status from this "
+                f"login; {known}. Waiting for the reply all the same (--timeout {timeout:g} s)")
+
+    def _retained(self, filt: str, wait: float, first: bool = False) -> dict[str, bytes]:
+        """{topic: payload} of the retained messages the broker holds under ``filt`` that this login may read
+        (empty ones are none). It subscribes, then sends a marker to its own reply topic: the broker sends a
+        subscription's retained messages before it handles the client's next message, so once the marker is
+        back they have come (as :func:`~edge_ad.mqtt.decommission.read_retained` does); ``first``: it returns at
+        the first one. At most ``wait`` s when the marker does not come (an ACL that denies it this login)."""
         client = self._client
         if client is None:
             raise RuntimeFailure("command client is not started")
-        topic = Topics(site, device).status
-        came, payload = threading.Event(), []
+        came, found = threading.Event(), {}
         marker = f"status-{uuid.uuid4().hex}"
         props = None
         if self.v5:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = marker.encode("utf-8")
         with self._lock:
-            self._status[topic] = (came, payload)
+            self._watch[filt] = (came if first else None, found)
             self._waiting[marker] = came
         try:
-            client.subscribe(topic, qos=1)
+            client.subscribe(filt, qos=1)
             client.publish(self.reply_topic, payloads.encode({"correlation_id": marker}, "marker"), qos=1,
                            properties=props)
             came.wait(wait)
         finally:
             with self._lock:
-                self._status.pop(topic, None)
+                self._watch.pop(filt, None)
                 self._waiting.pop(marker, None)
                 self._replies.pop(marker, None)
-            client.unsubscribe(topic)
-        return payloads.status_state(payload[0]) if payload and payload[0] else None
+                found = {t: p for t, p in found.items() if p}
+            client.unsubscribe(filt)
+        return found
 
     def check_online(self, site: str, device: str, timeout: float) -> tuple[str, dict] | None:
         """Raise :class:`DeviceOffline` when the device's retained status says it is offline (a command to it

@@ -123,6 +123,7 @@ class OutboxSender:
         self._suspect: tuple[int, int] | None = None   # (outbox row, connections lost in a row right after sending it)
         self._largest_acked = 0                        # bytes of the largest PUBLISH the broker acknowledged
         self._loss_log = LogLimiter()
+        self._loss_note = ""                           # the message named by the last connection-loss WARNING
         self._undropped: dict[int, str] = {}           # rows to drop whose delete failed (a full disk): retried
         self._drop_log = LogLimiter()
         self._drops: list[dict] = []                   # dropped messages not announced yet (report_drops)
@@ -139,6 +140,7 @@ class OutboxSender:
         self._cursor = 0                               # highest outbox row id handed to paho
         self._undeleted: list[int] = []                # acknowledged rows a failed delete left in the outbox
         self._delete_log = LogLimiter()
+        self._delete_why = ""                          # why the last delete failed
         self.latency_ms: collections.deque = collections.deque(maxlen=10_000)
         self.counters: collections.Counter = collections.Counter({"published": 0, "acked": 0, "rejected": 0,
                                                                   "resent": 0})
@@ -347,10 +349,11 @@ class OutboxSender:
         """Announce the messages :meth:`_drop` dropped since the last call through ``on_drop`` (one call with all
         of them), at most once per :data:`DROP_REPORT_S` (``now``: at once, while stopping), and those the full
         outbox dropped, named by :meth:`Outbox.take_full_drops` (one record, reason ``full``, at most once a
-        minute and once the outbox has room for the event; while stopping at once); log the drops the
-        once-a-minute ERROR held back once that minute is over (``final``: at once, at the very end), so the
-        log accounts for every drop, also when none follows. Called on every pass of the sender thread and
-        at the stop (any thread)."""
+        minute and once the outbox has room for the event; while stopping at once); log what the once-a-minute
+        lines held back (drops, refusals for now, connection losses right after the same message, failed deletes
+        of acknowledged messages) once that minute is over (``final``: at once, at the very end), so the log
+        accounts for every one, also when none follows. Called on every pass of the sender thread and at the
+        stop (any thread)."""
         for reason, n in self._drop_log.flush(force=final).items():
             log.error("mqtt: %d more message(s) dropped from the outbox as %s since the last report (%s), %d in all; "
                       "each is named in an output_error event", n, reason, self._drop_notes.get(reason, reason),
@@ -358,6 +361,13 @@ class OutboxSender:
         for n in self._retry_log.flush(force=final).values():
             log.warning("mqtt: the broker refused %d more message(s) for now since the last report; %d wait in the "
                         "outbox to be sent again", n, len(self._retry))
+        for n in self._loss_log.flush(force=final).values():
+            log.warning("mqtt: the connection was lost %d more time(s) right after sending the same message since the "
+                        "last report (the last: %s); nothing is dropped for it", n, self._loss_note)
+        for n in self._delete_log.flush(force=final).values():
+            log.error("mqtt: deleting acknowledged messages from the outbox failed %d more time(s) since the last "
+                      "report (the last: %s); %d acknowledged message(s) are still in it (the next start sends them "
+                      "again)", n, self._delete_why, len(self._undeleted))
         at = time.monotonic()
         full = self.outbox.take_full_drops(now=now or final)
         with self._drops_lock:
@@ -412,6 +422,7 @@ class OutboxSender:
         self._suspect = (first.row_id, repeats)
         if repeats < LOSS_REPEATS:
             return
+        self._loss_note = f"{first.kind} {first.msg_id} on {first.topic}, {repeats} times in a row"
         since = self._loss_log.hit("loss")
         if not since:
             return
@@ -510,6 +521,7 @@ class OutboxSender:
             self.outbox.delete(done)
         except RuntimeFailure as exc:
             self._undeleted = done
+            self._delete_why = str(exc)
             if self._delete_log.hit("delete"):
                 log.error("mqtt: %d acknowledged message(s) not deleted: %s; retried on every pass (logged again in "
                           "%.0f s at the earliest)", len(done), exc, self._delete_log.interval_s)

@@ -18,8 +18,10 @@ reply/<name>      1      no        replies to commands that named no response to
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass
+from typing import Iterable
 
 from ..errors import InputError
 
@@ -164,6 +166,29 @@ def reply_topic_problem(topic: object) -> str | None:
 def fleet_filter(site: str | None = None) -> str:
     """Subscription filter for every device (of one site, when given)."""
     return f"{ROOT}/{site or '+'}/+/#"
+
+
+def status_filter() -> str:
+    """Subscription filter for the ``status`` of every device (the retained ones say which devices exist)."""
+    return f"{ROOT}/+/+/status"
+
+
+KNOWN_SHOWN = 20   # devices named by known_devices_text at most (the closest ones are named apart)
+
+
+def known_devices_text(site: str, device: str, status_topics: Iterable[str]) -> str:
+    """For ``site``/``device``, of which no retained status was found: the devices that have one (the topics of
+    the retained statuses read under :func:`status_filter`), with the closest named as a guess, or that there
+    are none, so a mistyped site or device shows."""
+    names = sorted({f"{p[0]}/{p[1]}" for p in map(parse, status_topics) if p is not None and p[2] == "status"})
+    if not names:
+        return f"no device has a retained status under {ROOT}/ that this login can read"
+    shown = ", ".join(names[:KNOWN_SHOWN]) + (f" and {len(names) - KNOWN_SHOWN} more" if len(names) > KNOWN_SHOWN
+                                               else "")
+    guess = difflib.get_close_matches(f"{site}/{device}", names, n=3, cutoff=0.6)
+    return (f"the devices with a retained status under {ROOT}/ are {shown}"
+            + (f" (did you mean {' or '.join([', '.join(guess[:-1]), guess[-1]] if guess[1:] else guess)}?)"
+               if guess else ""))
 
 
 def parse(topic: str) -> tuple[str, str, str] | None:
