@@ -7,7 +7,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -170,7 +172,9 @@ def test_dry_run_changes_nothing(tmp_path):
     assert f"-m venv --system-site-packages {prefix}/venv" in out
     assert "apt-get install -y --no-install-recommends python3-libnvinfer" in out
     assert "apt-get install -y --no-install-recommends nvidia-opencv" in out
-    assert "pip install --no-deps --upgrade" in out
+    # this checkout is installed as a wheel built from a copy of it (test_source_wheel_is_built_from_a_clean_copy)
+    assert f"pip wheel --no-deps --wheel-dir {prefix}/build/wheel" in out
+    assert f"pip install --no-deps --upgrade --force-reinstall {prefix}/build/wheel/edge_ad-VERSION-py3-none-any.whl" in out
     assert "without opencv-python-headless" in out
     assert "pip uninstall -y opencv-python-headless opencv-python" in out
     assert "cuda-python\\>=12.6\\,\\<12.7" in out
@@ -183,6 +187,49 @@ def test_dry_run_changes_nothing(tmp_path):
     # the closing steps build the engine as jetson/README.md step 6 does
     assert f"edge-ad compile --bundle {var}/bundle --precision best --calib {var}/normals" in out
     assert not prefix.exists() and not etc.exists() and not var.exists()
+
+
+@pytest.mark.slow
+def test_source_wheel_is_built_from_a_clean_copy(tmp_path):
+    """install.sh ran `pip install <checkout>`, which builds in the checkout: it left a root-owned build/ and
+    edge_ad.egg-info in the user's clone, and after a `git pull` the next install reused build/lib, shipping
+    modules deleted from the source. The wheel (--build-wheel: the one an install of a source folder
+    installs) is now built from a temporary copy that leaves those out; the clone is only read."""
+    repo = JETSON.parent
+    clone = tmp_path / "clone"
+    shutil.copytree(repo / "edge_ad", clone / "edge_ad", ignore=shutil.ignore_patterns("__pycache__"))
+    (clone / "jetson").mkdir()
+    for name in ("pyproject.toml", "README.md", "jetson/install.sh"):
+        shutil.copy2(repo / name, clone / name)
+    # what a build in place left: the module since deleted from the source is still in build/lib
+    stale = clone / "build" / "lib" / "edge_ad" / "removed_module.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("GONE = True\n")
+    (clone / "edge_ad.egg-info").mkdir()
+    (clone / "edge_ad.egg-info" / "SOURCES.txt").write_text("edge_ad/removed_module.py\n")
+
+    def tree():
+        return {str(p.relative_to(clone)): (p.stat().st_mtime_ns, p.stat().st_size) for p in clone.rglob("*")}
+
+    before = tree()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "wheels"
+    res = subprocess.run(["bash", str(clone / "jetson" / "install.sh"), "--l4t", "36.4.3", "--python", sys.executable,
+                          "--build-wheel", str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    wheels = list(out.glob("edge_ad-*.whl"))
+    assert len(wheels) == 1, wheels
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert "edge_ad/cli/__init__.py" in names and any(n.startswith("edge_ad/schemas/") for n in names)
+    assert not [n for n in names if "removed_module" in n], names
+    assert tree() == before                      # no build/, egg-info or anything else written into the clone
+    assert not list(tmp.iterdir())               # the temporary copy is removed
+
+    res = subprocess.run(["bash", str(clone / "jetson" / "install.sh"), "--l4t", "36.4.3",
+                          "--package", str(tmp_path), "--build-wheel", str(out)], capture_output=True, text=True)
+    assert res.returncode == 1 and f"{tmp_path}: not an edge-ad source folder (no pyproject.toml)" in res.stderr
 
 
 def test_dry_run_jetpack5_builds_trt_bindings_when_asked(tmp_path):
