@@ -346,6 +346,38 @@ def test_readme_walks_flash_to_service():
         assert (JETSON / doc).is_file()
 
 
+def _readme_commands(text: str) -> list[str]:
+    """The commands of a README's text: the lines of its bash blocks (continuations joined) and its inline
+    code that starts with a command."""
+    cmds = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
+        cmds += [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    cmds += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", text.replace("```", ""))]
+    return [c for c in cmds if c.split()[0] in ("edge-ad", "sudo", "rsync", "ssh", "scp")]
+
+
+def test_readme_reaches_the_service_folders_as_a_user_that_may():
+    """install.sh makes /var/lib/edge-ad the service user's (0750): step 5 fetched the normal images with
+    `rsync -a jetson:/var/lib/edge-ad/normals/ data/part-a/`, which the login user cannot read (Permission
+    denied). Every command of the guide that touches the service's folders runs with sudo (as root or as
+    the service user), and sudo over ssh gets a terminal to ask for the password on (ssh -t). The same in
+    the top README's short version for the device, which wrote the bundle there as the login user."""
+    top = (JETSON.parent / "README.md").read_text()
+    top = top[top.index("## Jetson deployment"):]
+    top = top[:top.index("\n## ", 1)]
+    cmds = _readme_commands((JETSON / "README.md").read_text()) + _readme_commands(top)
+    assert any("edge-ad compile" in c for c in _readme_commands(top))
+    assert any("jetson:" in c and "normals" in c for c in cmds), cmds
+    for c in cmds:
+        if "/var/lib/edge-ad" in c and c.split()[0] != "scp":
+            assert "sudo" in c, c
+        if c.startswith("ssh ") and "sudo" in c:
+            assert c.startswith("ssh -t "), c
+        if " bundle install " in c and c.startswith("sudo -u edge-ad"):
+            # the service user cannot read the login user's home folder (0750): the archive is elsewhere
+            assert re.search(r"bundle install /(tmp|var/lib/edge-ad)/", c), c
+
+
 def test_readme_file_table_lists_every_file_of_the_folder():
     """mosquitto.conf was added without a row in the table at the top of jetson/README.md."""
     text = (JETSON / "README.md").read_text()
