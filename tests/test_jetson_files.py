@@ -378,6 +378,32 @@ def test_readme_reaches_the_service_folders_as_a_user_that_may():
             assert re.search(r"bundle install /(tmp|var/lib/edge-ad)/", c), c
 
 
+def test_step_references_point_at_the_step_they_mean():
+    """jetson/config.toml said 'copy or train the bundle here (jetson/README.md, step 4)', but step 4 is the
+    capture and 'Train a bundle, or copy one' is step 5. Every 'jetson/README.md, step N' elsewhere names a
+    step whose title shares a word with the line that refers to it; every step N of the guide exists."""
+    readme = (JETSON / "README.md").read_text()
+    steps = {int(n): title for n, title in re.findall(r"^## (\d+)\. (.+)$", readme, re.M)}
+    assert sorted(steps) == list(range(1, len(steps) + 1)) and len(steps) >= 9, steps
+
+    def words(text):
+        return set(re.findall(r"[a-z]{4,}", text.lower())) - {"edge", "jetson", "readme", "step", "this", "here"}
+
+    repo = JETSON.parent
+    files = [f for f in (*JETSON.iterdir(), *repo.glob("docs/*.md"), repo / "README.md", *repo.glob("examples/*"),
+                         *repo.glob("edge_ad/**/*.py")) if f.is_file() and f != JETSON / "README.md"]
+    refs = []
+    for f in files:
+        for line in f.read_text(errors="replace").splitlines():
+            for n in re.findall(r"jetson/README\.md,? step (\d+)", line):
+                refs.append((f.name, int(n), line))
+    assert len(refs) >= 2, refs   # config.toml and install.sh's closing steps
+    for name, n, line in refs:
+        assert n in steps and words(line) & words(steps[n]), (name, line, steps.get(n))
+    for n in re.findall(r"\b[Ss]teps? (\d+)\b", readme):
+        assert int(n) in steps, n
+
+
 def test_readme_file_table_lists_every_file_of_the_folder():
     """mosquitto.conf was added without a row in the table at the top of jetson/README.md."""
     text = (JETSON / "README.md").read_text()
