@@ -422,6 +422,27 @@ def test_the_broker_config_creates_the_password_file_once():
 
 
 # ---------------------------------------------------------------------------- camera-check.sh
+def test_camera_check_help_is_its_header_comment(tmp_path):
+    """--help printed lines 2-10 of the file, which ended with 'set -Eeuo pipefail' (and a longer header would
+    have been cut). It prints the comment at the top, without '#', up to the first line that is not one."""
+    script = JETSON / "camera-check.sh"
+    lines = script.read_text().splitlines()
+    header = []
+    for line in lines[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(re.sub(r"^# ?", "", line))
+    for opt in ("--help", "-h"):
+        res = subprocess.run(["bash", str(script), opt], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and res.stdout.splitlines() == header, res.stdout + res.stderr
+    assert any("camera-check.sh snap" in h for h in header) and "set -" not in res.stdout
+    # a header grown by a line is printed whole, and still not the code after it
+    longer = tmp_path / "camera-check.sh"
+    longer.write_text("\n".join([lines[0], "# Added line.", *lines[1:]]) + "\n")
+    res = subprocess.run(["bash", str(longer), "--help"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and res.stdout.splitlines() == ["Added line.", *header], res.stdout
+
+
 @pytest.mark.parametrize("gst_rc", [0, 1])
 def test_camera_check_exits_non_zero_when_the_capture_fails(tmp_path, gst_rc):
     """camera-check.sh csi / snap: a GStreamer pipeline that fails (no sensor, Argus down) is an error exit
