@@ -10,6 +10,8 @@
 set -Eeuo pipefail
 
 die() { printf 'camera-check: %s\n' "$*" >&2; exit 1; }
+# The comment at the top of this file, without its '#', up to the first line that is not a comment
+help() { awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found (sudo apt install $2)"; }
 
 list() {
@@ -82,6 +84,6 @@ case "${cmd}" in
             *) die "snap: expected csi or usb" ;;
         esac
         snap "${src}" "${4:-snap.jpg}" ;;
-    -h|--help) sed -n '2,10p' "$0" ;;
+    -h|--help) help ;;
     *) die "unknown command '${cmd}' (list, csi, usb, snap)" ;;
 esac

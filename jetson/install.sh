@@ -11,7 +11,8 @@
 #      (python3-libnvinfer) and JetPack's OpenCV (built with GStreamer, for CSI cameras) are used;
 #      JetPack 5 ships Python 3.8, edge-ad needs >= 3.10: python3.10 comes from the deadsnakes PPA and
 #      the TensorRT bindings are built for it from NVIDIA's TensorRT OSS sources (--trt-bindings);
-#   3. installs edge-ad WITHOUT letting pip put opencv-python-headless over the system OpenCV, keeps
+#   3. installs edge-ad (a source folder as a wheel built from a temporary copy of it: the folder is only
+#      read) WITHOUT letting pip put opencv-python-headless over the system OpenCV, keeps
 #      numpy < 2 (JetPack's OpenCV and TensorRT are built against numpy 1.x), and installs the
 #      cuda-python matching the CUDA version;
 #   4. links /usr/local/bin/edge-ad to the venv's edge-ad; creates the service user (groups video,
@@ -42,8 +43,9 @@ WITH_SERVICE=1
 ENABLE=0
 CLOCKS=0
 DRY_RUN=0
-ACTION=install        # install | plan | render-unit | render-config
+ACTION=install        # install | plan | render-unit | render-config | build-wheel
 RENDER_OUT=""
+STAGE_DIR=""          # the temporary copy of a source folder a wheel is built from (removed at exit)
 ASSUME_YES=0
 
 log() { printf '[edge-ad] %s\n' "$*"; }
@@ -89,6 +91,8 @@ Usage: sudo jetson/install.sh [options]
   --render-config FILE write the config.toml a first install writes to FILE, then exit
                        (backend onnxruntime on the CPU where no TensorRT is installed: JetPack 5,
                        --trt-bindings none; else tensorrt on cuda:0)
+  --build-wheel DIR    build the wheel an install of a source folder (--package, default this
+                       repository) installs into DIR with --python's pip, then exit
   -y, --yes            do not ask before adding the deadsnakes PPA (JetPack 5)
   -h, --help           this help
 EOF
@@ -113,6 +117,7 @@ while [[ $# -gt 0 ]]; do
         --print-plan) ACTION=plan; shift ;;
         --render-unit) ACTION=render-unit; RENDER_OUT=${2:?--render-unit needs a file}; shift 2 ;;
         --render-config) ACTION=render-config; RENDER_OUT=${2:?--render-config needs a file}; shift 2 ;;
+        --build-wheel) ACTION=build-wheel; RENDER_OUT=${2:?--build-wheel needs a folder}; shift 2 ;;
         -y|--yes) ASSUME_YES=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option '$1'" ;;
@@ -286,10 +291,31 @@ render_config() {
     sed "${edits[@]}" "${SCRIPT_DIR}/config.toml"
 }
 
+# The wheel of source folder SRC, built with Python PY into folder OUT. It is built from a copy of SRC in
+# a temporary folder, not in SRC: pip builds a folder in place, which left a root-owned build/ and
+# edge_ad.egg-info in the user's clone, and the next build (git pull, install.sh again) reused that
+# build/lib, so modules deleted from the source were installed again. The copy leaves out .git, .venv and
+# what earlier builds left (build/, dist/, *.egg-info, __pycache__); SRC is only read.
+build_wheel() {
+    local py=$1 src=$2 out=$3
+    [[ -f ${src}/pyproject.toml ]] || die "${src}: not an edge-ad source folder (no pyproject.toml); --package takes a source folder, a wheel or a requirement"
+    STAGE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/edge-ad-src.XXXXXX")
+    tar -C "${src}" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
+        --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "${STAGE_DIR}" -xf - \
+        || die "${src}: could not be copied to ${STAGE_DIR} to build the wheel"
+    mkdir -p "${out}"
+    "${py}" -m pip wheel --no-deps --wheel-dir "${out}" "${STAGE_DIR}" \
+        || die "building the edge-ad wheel from ${src} failed (pip's messages above)"
+    rm -rf "${STAGE_DIR}"
+    STAGE_DIR=""
+}
+trap '[[ -z ${STAGE_DIR} ]] || rm -rf "${STAGE_DIR}"' EXIT
+
 case "${ACTION}" in
     plan) print_plan; exit 0 ;;
     render-unit) render_unit > "${RENDER_OUT}"; exit 0 ;;
     render-config) render_config > "${RENDER_OUT}"; exit 0 ;;
+    build-wheel) build_wheel "${PYTHON}" "${PACKAGE:-${REPO_DIR}}" "${RENDER_OUT}"; exit 0 ;;
 esac
 
 # ----------------------------------------------------------------------------- install
@@ -434,7 +460,8 @@ system_opencv() {
 
 # --- 3c. edge-ad itself, its dependencies (except OpenCV), cuda-python
 install_edge_ad() {
-    local pkg=${PACKAGE:-${REPO_DIR}} constraints reqs
+    local pkg=${PACKAGE:-${REPO_DIR}} constraints reqs wheel_dir
+    local -a wheels
     constraints=${PREFIX}/constraints.txt
     # JetPack's OpenCV and TensorRT bindings are built against numpy 1.x
     if [[ ${DRY_RUN} -eq 1 ]]; then
@@ -443,7 +470,24 @@ install_edge_ad() {
         printf 'numpy>=1.24,<2\n' > "${constraints}"
     fi
     log "installing edge-ad from ${pkg}"
-    run "${VPY}" -m pip install --no-deps --upgrade "${pkg}"
+    if [[ -d ${pkg} ]]; then
+        # a source folder: its wheel, built from a clean copy (build_wheel says why)
+        wheel_dir=${PREFIX}/build/wheel
+        run rm -rf "${wheel_dir}"
+        if [[ ${DRY_RUN} -eq 1 ]]; then
+            printf '+ copy %s to a temporary folder (without .git, .venv, build/, dist/, *.egg-info)\n' "${pkg}"
+            printf '+ %s -m pip wheel --no-deps --wheel-dir %s <the copy>\n' "${VPY}" "${wheel_dir}"
+            pkg="${wheel_dir}/edge_ad-VERSION-py3-none-any.whl"
+        else
+            build_wheel "${VPY}" "${pkg}" "${wheel_dir}"
+            wheels=("${wheel_dir}"/*.whl)
+            [[ ${#wheels[@]} -eq 1 && -f ${wheels[0]} ]] || die "expected one wheel in ${wheel_dir}, found: ${wheels[*]}"
+            pkg=${wheels[0]}
+        fi
+    fi
+    # --force-reinstall: a wheel of the version installed (every build of a checkout is 0.1.0 until the
+    # version changes) is otherwise skipped as 'already installed'; --no-deps keeps it to edge-ad
+    run "${VPY}" -m pip install --no-deps --upgrade --force-reinstall "${pkg}"
     # its runtime requirements, except the OpenCV wheel when the system OpenCV is used
     if [[ ${DRY_RUN} -eq 1 ]]; then
         printf '+ %s -m pip install -c %s <requirements of edge-ad%s>\n' "${VPY}" "${constraints}" \

@@ -7,7 +7,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -170,7 +172,9 @@ def test_dry_run_changes_nothing(tmp_path):
     assert f"-m venv --system-site-packages {prefix}/venv" in out
     assert "apt-get install -y --no-install-recommends python3-libnvinfer" in out
     assert "apt-get install -y --no-install-recommends nvidia-opencv" in out
-    assert "pip install --no-deps --upgrade" in out
+    # this checkout is installed as a wheel built from a copy of it (test_source_wheel_is_built_from_a_clean_copy)
+    assert f"pip wheel --no-deps --wheel-dir {prefix}/build/wheel" in out
+    assert f"pip install --no-deps --upgrade --force-reinstall {prefix}/build/wheel/edge_ad-VERSION-py3-none-any.whl" in out
     assert "without opencv-python-headless" in out
     assert "pip uninstall -y opencv-python-headless opencv-python" in out
     assert "cuda-python\\>=12.6\\,\\<12.7" in out
@@ -183,6 +187,49 @@ def test_dry_run_changes_nothing(tmp_path):
     # the closing steps build the engine as jetson/README.md step 6 does
     assert f"edge-ad compile --bundle {var}/bundle --precision best --calib {var}/normals" in out
     assert not prefix.exists() and not etc.exists() and not var.exists()
+
+
+@pytest.mark.slow
+def test_source_wheel_is_built_from_a_clean_copy(tmp_path):
+    """install.sh ran `pip install <checkout>`, which builds in the checkout: it left a root-owned build/ and
+    edge_ad.egg-info in the user's clone, and after a `git pull` the next install reused build/lib, shipping
+    modules deleted from the source. The wheel (--build-wheel: the one an install of a source folder
+    installs) is now built from a temporary copy that leaves those out; the clone is only read."""
+    repo = JETSON.parent
+    clone = tmp_path / "clone"
+    shutil.copytree(repo / "edge_ad", clone / "edge_ad", ignore=shutil.ignore_patterns("__pycache__"))
+    (clone / "jetson").mkdir()
+    for name in ("pyproject.toml", "README.md", "jetson/install.sh"):
+        shutil.copy2(repo / name, clone / name)
+    # what a build in place left: the module since deleted from the source is still in build/lib
+    stale = clone / "build" / "lib" / "edge_ad" / "removed_module.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("GONE = True\n")
+    (clone / "edge_ad.egg-info").mkdir()
+    (clone / "edge_ad.egg-info" / "SOURCES.txt").write_text("edge_ad/removed_module.py\n")
+
+    def tree():
+        return {str(p.relative_to(clone)): (p.stat().st_mtime_ns, p.stat().st_size) for p in clone.rglob("*")}
+
+    before = tree()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "wheels"
+    res = subprocess.run(["bash", str(clone / "jetson" / "install.sh"), "--l4t", "36.4.3", "--python", sys.executable,
+                          "--build-wheel", str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    wheels = list(out.glob("edge_ad-*.whl"))
+    assert len(wheels) == 1, wheels
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert "edge_ad/cli/__init__.py" in names and any(n.startswith("edge_ad/schemas/") for n in names)
+    assert not [n for n in names if "removed_module" in n], names
+    assert tree() == before                      # no build/, egg-info or anything else written into the clone
+    assert not list(tmp.iterdir())               # the temporary copy is removed
+
+    res = subprocess.run(["bash", str(clone / "jetson" / "install.sh"), "--l4t", "36.4.3",
+                          "--package", str(tmp_path), "--build-wheel", str(out)], capture_output=True, text=True)
+    assert res.returncode == 1 and f"{tmp_path}: not an edge-ad source folder (no pyproject.toml)" in res.stderr
 
 
 def test_dry_run_jetpack5_builds_trt_bindings_when_asked(tmp_path):
@@ -299,6 +346,64 @@ def test_readme_walks_flash_to_service():
         assert (JETSON / doc).is_file()
 
 
+def _readme_commands(text: str) -> list[str]:
+    """The commands of a README's text: the lines of its bash blocks (continuations joined) and its inline
+    code that starts with a command."""
+    cmds = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
+        cmds += [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    cmds += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", text.replace("```", ""))]
+    return [c for c in cmds if c.split()[0] in ("edge-ad", "sudo", "rsync", "ssh", "scp")]
+
+
+def test_readme_reaches_the_service_folders_as_a_user_that_may():
+    """install.sh makes /var/lib/edge-ad the service user's (0750): step 5 fetched the normal images with
+    `rsync -a jetson:/var/lib/edge-ad/normals/ data/part-a/`, which the login user cannot read (Permission
+    denied). Every command of the guide that touches the service's folders runs with sudo (as root or as
+    the service user), and sudo over ssh gets a terminal to ask for the password on (ssh -t). The same in
+    the top README's short version for the device, which wrote the bundle there as the login user."""
+    top = (JETSON.parent / "README.md").read_text()
+    top = top[top.index("## Jetson deployment"):]
+    top = top[:top.index("\n## ", 1)]
+    cmds = _readme_commands((JETSON / "README.md").read_text()) + _readme_commands(top)
+    assert any("edge-ad compile" in c for c in _readme_commands(top))
+    assert any("jetson:" in c and "normals" in c for c in cmds), cmds
+    for c in cmds:
+        if "/var/lib/edge-ad" in c and c.split()[0] != "scp":
+            assert "sudo" in c, c
+        if c.startswith("ssh ") and "sudo" in c:
+            assert c.startswith("ssh -t "), c
+        if " bundle install " in c and c.startswith("sudo -u edge-ad"):
+            # the service user cannot read the login user's home folder (0750): the archive is elsewhere
+            assert re.search(r"bundle install /(tmp|var/lib/edge-ad)/", c), c
+
+
+def test_step_references_point_at_the_step_they_mean():
+    """jetson/config.toml said 'copy or train the bundle here (jetson/README.md, step 4)', but step 4 is the
+    capture and 'Train a bundle, or copy one' is step 5. Every 'jetson/README.md, step N' elsewhere names a
+    step whose title shares a word with the line that refers to it; every step N of the guide exists."""
+    readme = (JETSON / "README.md").read_text()
+    steps = {int(n): title for n, title in re.findall(r"^## (\d+)\. (.+)$", readme, re.M)}
+    assert sorted(steps) == list(range(1, len(steps) + 1)) and len(steps) >= 9, steps
+
+    def words(text):
+        return set(re.findall(r"[a-z]{4,}", text.lower())) - {"edge", "jetson", "readme", "step", "this", "here"}
+
+    repo = JETSON.parent
+    files = [f for f in (*JETSON.iterdir(), *repo.glob("docs/*.md"), repo / "README.md", *repo.glob("examples/*"),
+                         *repo.glob("edge_ad/**/*.py")) if f.is_file() and f != JETSON / "README.md"]
+    refs = []
+    for f in files:
+        for line in f.read_text(errors="replace").splitlines():
+            for n in re.findall(r"jetson/README\.md,? step (\d+)", line):
+                refs.append((f.name, int(n), line))
+    assert len(refs) >= 2, refs   # config.toml and install.sh's closing steps
+    for name, n, line in refs:
+        assert n in steps and words(line) & words(steps[n]), (name, line, steps.get(n))
+    for n in re.findall(r"\b[Ss]teps? (\d+)\b", readme):
+        assert int(n) in steps, n
+
+
 def test_readme_file_table_lists_every_file_of_the_folder():
     """mosquitto.conf was added without a row in the table at the top of jetson/README.md."""
     text = (JETSON / "README.md").read_text()
@@ -317,6 +422,27 @@ def test_the_broker_config_creates_the_password_file_once():
 
 
 # ---------------------------------------------------------------------------- camera-check.sh
+def test_camera_check_help_is_its_header_comment(tmp_path):
+    """--help printed lines 2-10 of the file, which ended with 'set -Eeuo pipefail' (and a longer header would
+    have been cut). It prints the comment at the top, without '#', up to the first line that is not one."""
+    script = JETSON / "camera-check.sh"
+    lines = script.read_text().splitlines()
+    header = []
+    for line in lines[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(re.sub(r"^# ?", "", line))
+    for opt in ("--help", "-h"):
+        res = subprocess.run(["bash", str(script), opt], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and res.stdout.splitlines() == header, res.stdout + res.stderr
+    assert any("camera-check.sh snap" in h for h in header) and "set -" not in res.stdout
+    # a header grown by a line is printed whole, and still not the code after it
+    longer = tmp_path / "camera-check.sh"
+    longer.write_text("\n".join([lines[0], "# Added line.", *lines[1:]]) + "\n")
+    res = subprocess.run(["bash", str(longer), "--help"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and res.stdout.splitlines() == ["Added line.", *header], res.stdout
+
+
 @pytest.mark.parametrize("gst_rc", [0, 1])
 def test_camera_check_exits_non_zero_when_the_capture_fails(tmp_path, gst_rc):
     """camera-check.sh csi / snap: a GStreamer pipeline that fails (no sensor, Argus down) is an error exit

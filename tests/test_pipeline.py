@@ -1502,45 +1502,153 @@ def test_gpio_trigger_with_a_stand_in_jetson_gpio(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- systemd
-def test_systemd_ready_watchdog_and_stopping(tmp_path, tiny_bundle):
-    sock_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(0.2)
-    video, _ = defect_video(tmp_path / "v.avi", n=10, size=64)
-    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1&fps=100", source__mode="trigger")
-    n = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "100000", "WATCHDOG_PID": str(os.getpid())})
-    assert n.enabled and n.watchdog_s == 0.1
-    got: list[str] = []
-    done = threading.Event()
+class _NotifySocket:
+    """What systemd does with $NOTIFY_SOCKET: read every notification as it comes (``got``), on a thread."""
 
-    def listen():                      # what systemd does: read every notification as it comes
-        while not done.is_set():
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.got: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.path)
+        self._sock.settimeout(0.2)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+
+    def _listen(self):
+        while not self._done.is_set():
             try:
-                got.append(sock.recv(4096).decode())
+                self.got.append(self._sock.recv(4096).decode())
             except (socket.timeout, BlockingIOError):
                 continue
 
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    svc = Service(s, install_signals=False, notifier=n)
-    th = threading.Thread(target=svc.run, daemon=True)
-    th.start()
-    time.sleep(0.8)
-    t0 = time.monotonic()
-    svc.stop("test")
-    th.join(20)
-    assert time.monotonic() - t0 < 5
-    time.sleep(0.3)
-    done.set()
-    listener.join(2)
-    sock.close()
+    def notifier(self, watchdog_s: float) -> Notifier:
+        return Notifier({"NOTIFY_SOCKET": self.path, "WATCHDOG_USEC": str(int(watchdog_s * 1e6)),
+                         "WATCHDOG_PID": str(os.getpid())})
+
+    def count(self, message: str) -> int:
+        return sum(m == message for m in list(self.got))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
+def test_systemd_ready_watchdog_and_stopping(tmp_path, tiny_bundle):
+    video, _ = defect_video(tmp_path / "v.avi", n=10, size=64)
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1&fps=100", source__mode="trigger")
+    with _NotifySocket(tmp_path / "notify.sock") as systemd:
+        n = systemd.notifier(0.1)
+        assert n.enabled and n.watchdog_s == 0.1
+        svc = Service(s, install_signals=False, notifier=n)
+        th = threading.Thread(target=svc.run, daemon=True)
+        th.start()
+        time.sleep(0.8)
+        t0 = time.monotonic()
+        svc.stop("test")
+        th.join(20)
+        assert time.monotonic() - t0 < 5
+        time.sleep(0.3)
+    got = systemd.got
     assert got[0].startswith("READY=1")
     assert sum(m == "WATCHDOG=1" for m in got) >= 3
     assert any(m.startswith("STOPPING=1") for m in got)
     assert any(m.startswith("STATUS=") for m in got)
 
 
+class _HeldReload:
+    """A Service running in a thread whose SIGHUP reload swaps the model in (the bundle on disk counts as another
+    model) and then waits, as for a batch still in the old backend, until ``let_go`` is set."""
+
+    def __init__(self, tmp_path, bundle, monkeypatch, notifier=None):
+        video, _ = defect_video(tmp_path / "v.avi", n=10, size=64)
+        self.svc = Service(_settings(tmp_path, bundle, f"file://{video}?loop=1&fps=100"), install_signals=False,
+                           notifier=notifier)
+        self.running = self.svc.inspector
+        self.in_swap, self.let_go = threading.Event(), threading.Event()
+        wait_idle = self.svc.pipeline.wait_idle
+
+        def held(inspector, timeout):
+            self.in_swap.set()
+            self.let_go.wait(60)
+            return wait_idle(inspector, timeout)
+
+        monkeypatch.setattr(self.svc.pipeline, "wait_idle", held)
+        monkeypatch.setattr(self.svc, "_another_model", lambda fresh: True)
+        self.thread = threading.Thread(target=self.svc.run, daemon=True)
+
+    def start_and_hup(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while self.svc.pipeline.inspected == 0 and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.svc._on_signal(signal.SIGHUP, None)
+        assert self.in_swap.wait(30), "the reload did not reach the swap"
+
+
+def test_a_slow_sighup_reload_keeps_the_watchdog_fed(tmp_path, tiny_bundle, monkeypatch):
+    """SIGHUP's reload ran on the supervisor thread, and a model swap may wait up to SWAP_WAIT_S (60 s) for a
+    batch still in the old backend: no WATCHDOG=1 went out meanwhile, and systemd (WatchdogSec=30 in
+    jetson/edge-ad.service) killed the line in the middle of the reload. The reload runs beside the supervisor
+    now: the pings go on while the test holds the swap, which completes once let go."""
+    with _NotifySocket(tmp_path / "notify.sock") as systemd:
+        line = _HeldReload(tmp_path, tiny_bundle, monkeypatch, notifier=systemd.notifier(0.1))
+        try:
+            line.start_and_hup()
+            before = systemd.count("WATCHDOG=1")
+            deadline = time.monotonic() + 10
+            while systemd.count("WATCHDOG=1") < before + 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert systemd.count("WATCHDOG=1") >= before + 5, systemd.got[-10:]
+            assert not line.let_go.is_set() and line.thread.is_alive()
+        finally:
+            line.let_go.set()
+        deadline = time.monotonic() + 30
+        while line.svc.inspector is line.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        line.svc.stop("test")
+        line.thread.join(30)
+    assert not line.thread.is_alive() and line.svc.inspector is not line.running
+    assert [e["reason"] for e in line.svc.events if e.get("type") == "model"] == ["reload"]
+
+
+def test_a_stop_during_a_slow_sighup_reload_is_not_held_up_by_it(tmp_path, tiny_bundle, monkeypatch, caplog):
+    """A SIGTERM during the reload waited for all of it (the supervisor was in it); now the stop drains and
+    ends, waiting RELOAD_STOP_WAIT_S for the reload, and leaves the backend open when it still runs (never
+    closed under a swap). An error of the reload other than an EdgeADError still ends the run, as before."""
+    import edge_ad.runtime.service as service
+
+    monkeypatch.setattr(service, "RELOAD_STOP_WAIT_S", 0.2)
+    caplog.set_level("WARNING", logger="edge_ad.runtime.service")
+    line = _HeldReload(tmp_path, tiny_bundle, monkeypatch)
+    try:
+        line.start_and_hup()
+        line.svc.stop("test")
+        line.thread.join(30)
+        assert not line.thread.is_alive() and line.svc.finished and not line.let_go.is_set()
+        assert "the backend is left open: the SIGHUP reload is still running past the stop" in caplog.text
+    finally:
+        line.let_go.set()
+        line.svc._hup_thread.join(30)
+        line.svc.inspector.backend.close()
+
+    video, _ = defect_video(tmp_path / "v2.avi", n=10, size=64)
+    svc = Service(_settings(tmp_path, tiny_bundle, f"file://{video}?loop=1&fps=100"), install_signals=False)
+
+    def broken(fresh):
+        raise ZeroDivisionError("a bug in the reload")
+
+    monkeypatch.setattr(svc, "_another_model", broken)
+    svc._on_signal(signal.SIGHUP, None)
+    with pytest.raises(ZeroDivisionError, match="a bug in the reload"):
+        svc.run()
+
+
+# ----------------------------------------------------------------------------- local outputs
 # ----------------------------------------------------------------------------- local outputs
 def test_find_regions_boxes_areas_peaks():
     m = np.zeros((40, 60), np.float32)

@@ -10,7 +10,8 @@ The main thread supervises: the camera watchdog, telemetry every ``telemetry.int
 SIGTERM / SIGINT stop the capture and drain both queues (every accepted frame is inspected and
 reported), flush the outbox, publish the offline status, and exit 0. The drain ends at one deadline,
 ``pipeline.drain_timeout_s`` after the stop request (``Pipeline.abandon``: what is left is counted). A
-second SIGINT aborts at once. SIGHUP reloads the bundle (a calibration or model changed on disk).
+second SIGINT aborts at once. SIGHUP reloads the bundle (a calibration or model changed on disk), on a
+thread of its own: a model swap may take a minute, and the supervisor goes on meanwhile (watchdog, stop).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 STATUS_VERSIONS = 20   # the newest calibration versions 'status' lists (a history holds thousands: --list has all)
 ABANDON_GRACE_S = 0.5   # after the stop deadline: how long idle pipeline threads get to see the closed queues
 SWAP_WAIT_S = 60.0     # a model swap waits this long for a batch still in the old backend before closing it
+RELOAD_STOP_WAIT_S = 10.0   # a stop waits this long for a SIGHUP reload still running before closing the backend
 
 
 class LockedBackend:
@@ -128,6 +130,8 @@ class Service:
         self._stop_signal: str | None = None
         self.finished = False   # set once run() has stopped everything and made its summary
         self._hup = False
+        self._hup_thread: threading.Thread | None = None   # the SIGHUP reload running (_reload_on_sighup)
+        self._hup_error: BaseException | None = None       # its unexpected error, raised by the supervisor
         self._signals = 0
         self._events_lock = threading.Lock()
         self.events: list[dict] = []       # the last events (for 'status')
@@ -1080,12 +1084,7 @@ class Service:
                 self._stop_all.set()      # wakes a camera waiting out a back-off
                 if now - p.stop_requested_at > s.pipeline.drain_timeout_s:
                     break                 # _shutdown() ends the drain (one deadline for the whole stop)
-            if self._hup:
-                self._hup = False
-                try:
-                    log.info("SIGHUP: bundle reloaded: %s", reload_text(self.reload("bundle")["bundle"]))
-                except EdgeADError as exc:
-                    log.error("SIGHUP reload failed: %s", exc)
+            self._reload_on_sighup()
             self.camera.watchdog(now)
             try:
                 self._check_health()
@@ -1101,6 +1100,53 @@ class Service:
                 self.notifier.watchdog()
                 next_wd = now + wd_every
             p.finished.wait(0.1)
+
+    def _reload_on_sighup(self) -> None:
+        """The supervisor's turn for SIGHUP: start the bundle reload on a thread of its own. It ran here, and a
+        model swap may take a minute (the sha256 of every file, the new model opened, up to SWAP_WAIT_S for a
+        batch still in the old one) while no WATCHDOG=1 went out: systemd (WatchdogSec=30) killed the line in
+        the middle of it. The supervisor now goes on meanwhile (watchdog, telemetry, a stop). One reload at a
+        time, after a calibration or model change an MQTT command is making (:meth:`Commands.reload`); SIGHUPs
+        during one make one more after it. An error other than an EdgeADError is raised here, from the
+        supervisor, as before."""
+        t = self._hup_thread
+        if t is not None:
+            if t.is_alive():
+                return
+            self._hup_thread = None
+            err, self._hup_error = self._hup_error, None
+            if err is not None:
+                raise err
+        if not self._hup:
+            return
+        self._hup = False
+        if self.pipeline.stop_capture.is_set():
+            log.info("SIGHUP: not reloaded: the run is stopping")
+            return
+        self._hup_thread = threading.Thread(target=self._sighup_reload, name="sighup-reload", daemon=True)
+        self._hup_thread.start()
+
+    def _sighup_reload(self) -> None:
+        try:
+            log.info("SIGHUP: bundle reloaded: %s", reload_text(self.commands.reload({"what": "bundle"})["bundle"]))
+        except EdgeADError as exc:
+            log.error("SIGHUP reload failed: %s", exc)
+        except Exception as exc:
+            self._hup_error = exc
+
+    def _join_sighup_reload(self) -> bool:
+        """At the stop: wait up to RELOAD_STOP_WAIT_S for a SIGHUP reload still running (the drained pipeline
+        leaves it no batch to wait for). True when it still runs: the backend is then not closed under it."""
+        t = self._hup_thread
+        if t is None:
+            return False
+        t.join(RELOAD_STOP_WAIT_S)
+        err, self._hup_error = self._hup_error, None
+        if err is not None:
+            log.error("SIGHUP reload failed: %s: %s", type(err).__name__, err, exc_info=err)
+        if t.is_alive():
+            log.warning("the backend is left open: the SIGHUP reload is still running past the stop")
+        return t.is_alive()
 
     def _close_commands(self, reason: str) -> None:
         """The pipeline's ``on_stop``: the run stops (``reason``), MQTT commands waiting are answered ``failed``
@@ -1123,6 +1169,7 @@ class Service:
         # inspection ends here: what follows (closing outputs, the outbox flush: up to 10 s against a hung
         # broker or a full disk) is the stop, and must not show as a slow line in the summary's fps
         t_inspected = time.monotonic()
+        reloading = self._join_sighup_reload()   # before the outbox flush: its model event goes out too
         busy = p.busy()
         if busy:
             log.error("stopping without the %s thread(s), still busy past the stop deadline", ", ".join(busy))
@@ -1158,7 +1205,7 @@ class Service:
                                      for k, v in getattr(self.link.outbox, "dropped_by", {}).items()}
         if "inference" in busy:   # never close a backend under a running batch
             log.warning("the backend is left open: a batch is still being inferred past the stop deadline")
-        else:
+        elif not reloading:       # nor one a reload may be opening or swapping in
             try:
                 self.inspector.backend.close()
             except Exception as exc:
