@@ -149,7 +149,9 @@ def compact_reply(reply: dict) -> str:
 
 
 def monitor_line(row, msgs: int) -> str:
-    """One plain line of the fleet view for logs (stdout not a terminal)."""
+    """One plain line of the fleet view for logs (stdout not a terminal). Its two NG rates are on different
+    bases and say so: the count and share of the results the monitor received since it started, and the rate of
+    the device's last telemetry interval (``-`` before its first telemetry)."""
     if row is None:
         return ""
     last = "-"
@@ -157,14 +159,14 @@ def monitor_line(row, msgs: int) -> str:
         s = row.last_result.get("score")
         last = f"{'NG' if row.last_result['ng'] else 'OK'} {s:.3f}" if s is not None else "?"
     fps = "-" if row.fps is None else f"{row.fps:.1f}"
-    ng = "-" if row.ng_rate is None else f"{100 * row.ng_rate:.0f}%"
+    since = f" ({100 * row.ng / row.results:.0f}%)" if row.results else ""
+    interval = "-" if row.telemetry_ng_rate is None else f"{100 * row.telemetry_ng_rate:.0f}%"
     cal = "-" if row.calibration_version is None else f"v{row.calibration_version}"
     box = "-" if row.outbox_depth is None else str(row.outbox_depth)
     drift = {True: "DRIFT", False: "ok", None: "-"}[row.drift]
-    # ng_rate is the last telemetry interval's; the counts are the results received since the monitor started
-    return (f"      monitor  {row.site}/{row.device} {row.state}: {fps} fps, NG {ng} last interval "
-            f"({row.ng} of {row.results} results since start), last {last}, calibration {cal}, outbox {box}, "
-            f"drift {drift}, {msgs} MQTT messages")
+    return (f"      monitor  {row.site}/{row.device} {row.state}: {fps} fps, NG {row.ng} of {row.results} results "
+            f"since start{since}, {interval} in the last telemetry interval, last {last}, calibration {cal}, "
+            f"outbox {box}, drift {drift}, {msgs} MQTT messages")
 
 
 class LoopRun:

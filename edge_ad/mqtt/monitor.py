@@ -126,6 +126,12 @@ class DeviceRow:
     def key(self) -> tuple[str, str]:
         return self.site, self.device
 
+    @property
+    def telemetry_ng_rate(self) -> float | None:
+        """The NG rate of the device's last telemetry interval (its ``ng_rate``); None until telemetry gave one
+        (``ng_rate`` is then counted from the results seen, ``ng`` of ``results``)."""
+        return self.ng_rate if self._ng_from_telemetry else None
+
     def shown_state(self, now: float, stale_after_s: float) -> str:
         """``stale``: online, but nothing received from it for ``stale_after_s`` (receipt times only: a
         retained birth's ``ts`` is when it connected, and a device's skewed clock must not make it look stale)."""
