@@ -252,6 +252,25 @@ def test_the_demo_monitor_line_gives_each_ng_rate_with_its_base():
     assert "19.9 fps, NG 3 of 4 results since start (75%), 5% in the last telemetry interval" in monitor_line(row, 5)
 
 
+def test_the_demo_prints_the_calibrate_reply_in_the_devices_shape():
+    """The reply the demo prints showed each excluded frame as a string ('0 (z 48.5)') where the device sends
+    (and docs/mqtt.md, the README show) an object: index, label, score, z, reason. It is printed as sent now,
+    its floats rounded, the normal-score statistics left out."""
+    from edge_ad.calibration.refit import Excluded
+    from edge_ad.demo.loop import compact_reply
+
+    out = Excluded(index=9, score=3.5712345, z=55.91234, reason="robust z > 6 under calibration v1",
+                   label="frame 1210 (2026-11-23T04:30:21.967Z)").to_dict()
+    reply = {"schema_version": 1, "ts": "2026-11-23T04:31:08.389Z", "site": "demo", "device": "conveyor-1",
+             "command": "calibrate", "ok": True,
+             "result": {"version": 2, "threshold": 0.29931234, "excluded": [out], "normal": {"p50": 0.1}}}
+    shown = json.loads(compact_reply(reply))
+    assert shown == {"ts": "2026-11-23T04:31:08.389Z", "command": "calibrate", "ok": True,
+                     "result": {"version": 2, "threshold": 0.2993,
+                                "excluded": [{"index": 9, "label": "frame 1210 (2026-11-23T04:30:21.967Z)",
+                                              "score": 3.571, "z": 55.91, "reason": "robust z > 6 under calibration v1"}]}}
+
+
 def test_the_rerun_command_the_demo_prints_can_be_pasted_into_a_shell(tmp_path):
     """--out with a space, a quote and a '#': the command in rerun.toml (and the demo's last line, built the
     same way) is shell-quoted, so pasting it runs edge-ad with that one path."""

@@ -128,7 +128,10 @@ class MqttWatch:
 
 
 def compact_reply(reply: dict) -> str:
-    """The calibrate command's reply as one JSON line: floats rounded, excluded frames as 'index (z)'."""
+    """The calibrate command's reply as one JSON line, in the device's shape (docs/mqtt.md): floats rounded to 4
+    significant digits; the envelope's schema_version, site and device and the result's normal-score statistics
+    left out. The frames left out as likely defects (``excluded``) stay objects (index, label, score, z,
+    reason), as the device sends them."""
     def rnd(x):
         if isinstance(x, float):
             return float(f"{x:.4g}")
@@ -139,12 +142,8 @@ def compact_reply(reply: dict) -> str:
         return x
 
     body = {k: v for k, v in reply.items() if k not in ("schema_version", "site", "device")}
-    res = dict(body.get("result") or {})
-    res.pop("normal", None)
-    if isinstance(res.get("excluded"), list):
-        res["excluded"] = [f"{e.get('index')} (z {e.get('z') or 0:.1f})" for e in res["excluded"]]
-    if "result" in body:
-        body["result"] = res
+    if isinstance(body.get("result"), dict):
+        body["result"] = {k: v for k, v in body["result"].items() if k != "normal"}
     return json.dumps(rnd(body), sort_keys=True)
 
 
