@@ -589,8 +589,9 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     """Watch the fleet until ``duration`` s pass (forever when None), ``stop`` is set, or Ctrl-C.
 
     ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
-    ``interval`` s when ``live`` (default: ``out`` is a terminal); else printed once at the end when a
-    ``duration`` is given, or after each change (at most every ``interval`` s) when not.
+    ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a pipe) printed after each
+    change, at most every ``interval`` s, so that a reader following the log sees the fleet as it goes, and,
+    when a ``duration`` is given, once more when the run ends (the fleet then).
 
     When the monitor loses the broker it reconnects by itself and says so: the table gets a
     ``DISCONNECTED from broker since HH:MM:SS`` line, ``as_json`` writes ``{"monitor": "disconnected", ...}``
@@ -717,7 +718,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
                           + (f"{note_line}\n" if note_line else "") + "\n" + text + "\n")
                 out.flush()
                 last_draw, pending = now, False
-            elif not live and duration is None and pending and since >= interval:
+            elif not live and pending and since >= interval:   # a log: a table after each change, as it comes
                 with lock:
                     text, note_line = view.table(), broker_line(down["since"])
                 out.write((f"{note_line}\n" if note_line else "") + text + "\n\n")
