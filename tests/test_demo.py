@@ -268,7 +268,8 @@ def test_the_demo_prints_the_calibrate_reply_in_the_devices_shape():
     assert shown == {"ts": "2026-11-23T04:31:08.389Z", "command": "calibrate", "ok": True,
                      "result": {"version": 2, "threshold": 0.2993,
                                 "excluded": [{"index": 9, "label": "frame 1210 (2026-11-23T04:30:21.967Z)",
-                                              "score": 3.571, "z": 55.91, "reason": "robust z > 6 under calibration v1"}]}}
+                                              "score": 3.571, "z": 55.91,
+                                              "reason": "robust z > 6 under calibration v1"}]}}
 
 
 def test_the_rerun_command_the_demo_prints_can_be_pasted_into_a_shell(tmp_path):
