@@ -751,6 +751,43 @@ def test_cli_calibrate_config_refits_on_the_frames_the_line_inspects(tbundle, tm
     assert res.exit_code == 2 and "nope.toml: config file not found" in res.output
 
 
+def test_cli_calibrate_config_opens_a_network_camera_with_the_lines_open_timeout_and_transport(tbundle, tmp_path,
+                                                                                            monkeypatch):
+    """'edge-ad calibrate --config' took the line's source.uri but opened a network camera with the defaults (10 s,
+    tcp), not the line's source.open_timeout_s and rtsp_transport ('run' and 'capture --config' use them): a
+    camera the line reads over UDP, or one that needs a longer timeout, could not be calibrated from. Without
+    --config the defaults apply."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.runtime import sources
+
+    opened = []
+    real = sources.open_source
+
+    def spy(spec, *args, **kw):
+        src = real(spec, *args, **kw)
+        opened.append((src.open_timeout_s, src.rtsp_transport))
+        return src
+
+    monkeypatch.setattr(sources, "open_source", spy)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                     # nothing listens there: the open is refused at once
+    line = tmp_path / "line.toml"
+    line.write_text(f'[source]\nuri = "rtsp://127.0.0.1:{port}/s"\nopen_timeout_s = 3.5\nrtsp_transport = "udp"\n')
+    base = ["calibrate", "--bundle", str(tbundle.path), "--frames", "20", "--backend", "onnxruntime"]
+    r = CliRunner()
+    res = r.invoke(main, [*base, "--config", str(line)])
+    assert res.exit_code == 1 and f"127.0.0.1:{port} refused" in res.output, res.output
+    res = r.invoke(main, [*base, "--source", f"rtsp://127.0.0.1:{port}/s"])
+    assert res.exit_code == 1, res.output
+    assert opened == [(3.5, "udp"), (10.0, "tcp")]
+
+
 def test_cli_calibrate_and_capture_config_apply_the_services_env_file(tbundle, tmp_path, monkeypatch):
     """systemd gives the service /etc/edge-ad/edge-ad.env (EDGE_AD_SOURCE__ROI, __ROTATE, __URI ...), but
     'calibrate --config' and 'capture --config' read the TOML alone: on a line whose ROI came from the env

@@ -234,14 +234,42 @@ def test_the_quantize_step_names_the_refused_int8_form_and_what_the_loop_runs(tm
             "onnxruntime-int8-u8: synthetic AUROC fell 0.0059); nothing switched in") in line
 
 
-def test_the_demo_monitor_line_says_the_ng_rate_is_the_last_intervals():
-    """Telemetry's ng_rate covers the last interval, the counts beside it every result since the start: the
-    line labels both (it showed 'NG 5% (47/87)', a rate that contradicted the counts)."""
+def test_the_demo_monitor_line_gives_each_ng_rate_with_its_base():
+    """Telemetry's ng_rate covers its last interval, the counts beside it every result since the start. The line
+    showed 'NG 5% last interval (47 of 87 results since start)', and before the first telemetry the rate shown
+    as the last interval's was the one counted from the results. Now the counts carry their own share, and the
+    interval's rate is telemetry's only ('-' before any)."""
     from edge_ad.demo.loop import monitor_line
-    from edge_ad.mqtt.monitor import DeviceRow
+    from edge_ad.mqtt.monitor import FleetView
 
-    row = DeviceRow("demo", "conveyor-1", state="online", fps=19.9, ng_rate=0.05, results=87, ng=47)
-    assert "NG 5% last interval (47 of 87 results since start)" in monitor_line(row, 300)
+    view = FleetView(clock=lambda: 1000.0)
+    topic = "edge-ad/v1/demo/conveyor-1/"
+    for i in range(4):
+        row = view.consume(topic + "result", json.dumps({"seq": i + 1, "score": 0.5, "ng": i < 3}))
+    assert "NG 3 of 4 results since start (75%), - in the last telemetry interval, last OK 0.500" in \
+        monitor_line(row, 4)
+    row = view.consume(topic + "telemetry", json.dumps({"fps": 19.9, "ng_rate": 0.05}))
+    assert "19.9 fps, NG 3 of 4 results since start (75%), 5% in the last telemetry interval" in monitor_line(row, 5)
+
+
+def test_the_demo_prints_the_calibrate_reply_in_the_devices_shape():
+    """The reply the demo prints showed each excluded frame as a string ('0 (z 48.5)') where the device sends
+    (and docs/mqtt.md, the README show) an object: index, label, score, z, reason. It is printed as sent now,
+    its floats rounded, the normal-score statistics left out."""
+    from edge_ad.calibration.refit import Excluded
+    from edge_ad.demo.loop import compact_reply
+
+    out = Excluded(index=9, score=3.5712345, z=55.91234, reason="robust z > 6 under calibration v1",
+                   label="frame 1210 (2026-11-23T04:30:21.967Z)").to_dict()
+    reply = {"schema_version": 1, "ts": "2026-11-23T04:31:08.389Z", "site": "demo", "device": "conveyor-1",
+             "command": "calibrate", "ok": True,
+             "result": {"version": 2, "threshold": 0.29931234, "excluded": [out], "normal": {"p50": 0.1}}}
+    shown = json.loads(compact_reply(reply))
+    assert shown == {"ts": "2026-11-23T04:31:08.389Z", "command": "calibrate", "ok": True,
+                     "result": {"version": 2, "threshold": 0.2993,
+                                "excluded": [{"index": 9, "label": "frame 1210 (2026-11-23T04:30:21.967Z)",
+                                              "score": 3.571, "z": 55.91,
+                                              "reason": "robust z > 6 under calibration v1"}]}}
 
 
 def test_the_rerun_command_the_demo_prints_can_be_pasted_into_a_shell(tmp_path):

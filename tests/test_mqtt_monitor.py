@@ -639,6 +639,29 @@ def test_cli_monitor_tty_redraw_is_bounded(mosquitto, tmp_path):
     link.stop()
 
 
+def test_a_monitor_with_a_duration_writing_to_a_log_prints_tables_as_the_fleet_changes(mosquitto, tmp_path):
+    """`edge-ad monitor --duration N > log` printed one table at the end, so a reader following the log saw
+    nothing for N s. A table not on a terminal now comes after each change (at most every --interval s) with
+    or without --duration, and with one once more at the end."""
+    link = _link(mosquitto.url, tmp_path, "cam1")
+    assert _wait(lambda: link.connected)
+    out, stop, views = io.StringIO(), threading.Event(), []
+    watch = threading.Thread(target=lambda: views.append(run_monitor(
+        BrokerSettings(url=mosquitto.url), site="p1", duration=120, interval=0.1, out=out, stop=stop)), daemon=True)
+    watch.start()
+    try:
+        assert _wait(lambda: "cam1" in out.getvalue(), 30), out.getvalue()      # the birth, long before the end
+        link.publish_result({"score": 0.3, "ng": False})
+        assert _wait(lambda: "OK 0.300" in out.getvalue(), 30), out.getvalue()  # the result, as it came
+    finally:
+        stop.set()
+        watch.join(30)
+        link.stop()
+    tables = out.getvalue().split("\n\n")
+    assert views and len(tables) >= 3 and all(t.startswith("SITE") for t in tables), tables
+    assert "OK 0.300" in tables[-1] and out.getvalue().endswith("\n")       # the last: the fleet at the end
+
+
 def test_home_assistant_discovery(mosquitto, tmp_path):
     s = MqttSettings(url=mosquitto.url, site="p1", device="cam1", homeassistant=True)
     configs = dict(discovery(s))

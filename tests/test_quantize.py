@@ -177,10 +177,10 @@ def test_bias_correction_takes_out_the_mean_shift(base, tmp_path):
     shutil.copy(q, before)
     summary = qgraph.correct_bias(src, q, batch)
     ref_m, q_m, b_m = onnx.load(str(src)), onnx.load(str(q)), onnx.load(str(before))
-    # every quantized conv with a constant bias is corrected. How many have one depends on the onnxruntime
-    # that pre-processed the graph: 51 of 53 with 1.32 (the convs made of PDN's pools have none); 29 with
-    # 1.30, whose pre-processing leaves the exported chains unfolded: the other 22 read their bias through
-    # the exporter's Identity nodes (this random model's zero biases, deduplicated), not a constant
+    # every quantized conv with a constant bias is corrected: 51 of 53 with onnxruntime 1.32 (the convs made
+    # of PDN's pools have none). 1.30's pre-processing leaves the exported chains unfolded: 22 of them read
+    # their bias through the exporter's Identity nodes (this random model's zero biases, deduplicated and
+    # shared), which the correction follows, giving each conv its own copy
     convs = _quantized_convs_with_bias(b_m)
     assert convs and summary["convs"] == len(convs) and summary["applied"]
     depths = qgraph.conv_depths(b_m)
@@ -202,24 +202,28 @@ def test_bias_correction_takes_out_the_mean_shift(base, tmp_path):
 
 def _quantized_convs_with_bias(model) -> list[str]:
     """Convs of a Q/DQ graph whose weights are dequantized and whose bias is a constant: an initializer, or
-    the DequantizeLinear of one (the INT32 bias of the u8 form)."""
+    the DequantizeLinear of one (the INT32 bias of the u8 form), read directly or through Identity nodes."""
     g = model.graph
     inits = {i.name for i in g.initializer}
     produced = {o: n for n in g.node for o in n.output}
 
+    def source(t):
+        return qgraph._through_identity(t, produced)[0]
+
     def dequantized(t, of_init=False):
         return t in produced and produced[t].op_type == "DequantizeLinear" and \
-            (not of_init or produced[t].input[0] in inits)
+            (not of_init or source(produced[t].input[0]) in inits)
 
     return [n.name for n in g.node if n.op_type == "Conv" and dequantized(n.input[1]) and len(n.input) > 2
-            and (n.input[2] in inits or dequantized(n.input[2], of_init=True))]
+            and (source(n.input[2]) in inits or dequantized(source(n.input[2]), of_init=True))]
 
 
 def _tiny_model(nodes, inits, output="y"):
     from onnx import TensorProto, helper
 
+    outputs = [output] if isinstance(output, str) else list(output)
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 1, 4, 4])],
-                          [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
                           [onnx.numpy_helper.from_array(np.asarray(v, dt), k) for k, (v, dt) in inits.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)   # any onnxruntime
 
@@ -252,6 +256,58 @@ def test_bias_correction_measures_the_graphs_own_arithmetic(tmp_path):
     summary = qgraph.correct_bias(tmp_path / "ref.onnx", tmp_path / "q.onnx", x)
     assert summary["convs"] == 2 and summary["largest_shift"] < 1e-6
     np.testing.assert_array_equal(qgraph.session(tmp_path / "q.onnx", exact=True).run(None, {"image": x})[0], want)
+
+
+# how the two convs of the quantized graph read their bias (1.0 each): conv name -> its bias input; the nodes that
+# make it from the initializers "b", "b1", "b2" and "bq" (INT32 2 at scale 0.5); how many convs get their own copy
+# (one reading a shared bias gets a copy, the other keeps the original; a conv whose Identity or DequantizeLinear
+# nothing else reads, but whose initializer another Identity reads, gets one too)
+_BIAS_WIRING = {
+    "identity": ({"conv1": "b1i", "conv2": "b2i"}, [("Identity", ["b1"], "b1i"), ("Identity", ["b2"], "b2i")], 0),
+    "shared": ({"conv1": "b", "conv2": "b"}, [], 1),
+    "shared_identity": ({"conv1": "bi", "conv2": "bi"}, [("Identity", ["b"], "bi")], 1),
+    "identities_of_one": ({"conv1": "bi1", "conv2": "bi2"}, [("Identity", ["b"], "bi1"), ("Identity", ["b"], "bi2")],
+                          2),
+    "shared_int32": ({"conv1": "bd", "conv2": "bd"}, [("DequantizeLinear", ["bq", "half"], "bd")], 1),
+    "int32_identity": ({"conv1": "bd", "conv2": "bd"}, [("Identity", ["bq"], "bqi"),
+                                                        ("DequantizeLinear", ["bqi", "half"], "bd")], 1),
+}
+
+
+@pytest.mark.parametrize("wiring", list(_BIAS_WIRING))
+def test_bias_correction_follows_identity_nodes_and_corrects_a_shared_bias_per_conv(tmp_path, wiring):
+    """Two convs whose FP32 biases are 0 and 0.5, both 1.0 in the quantized graph. A bias read through an
+    Identity node (an exporter's, for a deduplicated initializer) was not corrected at all, and a bias that
+    both convs read was corrected twice, each time by one conv's error (ending at -0.5 for both). Each conv
+    now gets its own copy when the bias is read elsewhere too, and both come out exact."""
+    from onnx import helper
+
+    f, i32 = np.float32, np.int32
+    w = {"w1": (np.ones((1, 1, 1, 1)), f), "w2": (2 * np.ones((1, 1, 1, 1)), f)}
+    ref = _tiny_model([helper.make_node("Conv", ["image", "w1", "r1"], ["y1"], name="conv1"),
+                       helper.make_node("Conv", ["image", "w2", "r2"], ["y2"], name="conv2")],
+                      {**w, "r1": ([0.0], f), "r2": ([0.5], f)}, output=("y1", "y2"))
+    bias_of, made, copies = _BIAS_WIRING[wiring]
+    consts = {"b": ([1.0], f), "b1": ([1.0], f), "b2": ([1.0], f), "bq": ([2], i32), "half": (0.5, f)}
+    used = {t for _, ins, _ in made for t in ins} | set(bias_of.values())
+    q = _tiny_model([helper.make_node(op, ins, [out]) for op, ins, out in made]
+                    + [helper.make_node("Conv", ["image", f"w{i}", bias_of[f"conv{i}"]], [f"y{i}"], name=f"conv{i}")
+                       for i in (1, 2)],
+                    {**w, **{k: v for k, v in consts.items() if k in used}}, output=("y1", "y2"))
+    onnx.save(ref, str(tmp_path / "ref.onnx"))
+    onnx.save(q, str(tmp_path / "q.onnx"))
+    x = (np.arange(32, dtype=np.float32) % 7).reshape(2, 1, 4, 4)
+    want = qgraph.session(ref).run(None, {"image": x})
+    summary = qgraph.correct_bias(tmp_path / "ref.onnx", tmp_path / "q.onnx", x)
+    assert summary["convs"] == 2 and summary["applied"], summary
+    assert summary["largest_shift"] == pytest.approx(1.0) and summary["map_error_after"] == pytest.approx(0, abs=1e-6)
+    assert summary["biases_copied"] == copies
+    got = qgraph.session(tmp_path / "q.onnx", exact=True).run(None, {"image": x})
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    read = {t for n in m.graph.node for t in n.input} | {o.name for o in m.graph.output}
+    assert all(set(n.output) & read for n in m.graph.node) and all(i.name in read for i in m.graph.initializer)
 
 
 def test_a_bias_correction_that_moves_the_outputs_away_is_left_out(tmp_path):

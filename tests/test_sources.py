@@ -572,6 +572,65 @@ def test_each_rtsp_open_gets_its_own_transport_and_a_users_ffmpeg_options_are_ke
     assert "c2VjcmV0" not in caplog.text
 
 
+def test_a_video_file_opened_while_a_camera_opens_gets_no_camera_ffmpeg_options(monkeypatch, tmp_path):
+    """A video file's open (OpenCV's FFmpeg backend, which reads OPENCV_FFMPEG_CAPTURE_OPTIONS at each open)
+    did not take the lock an rtsp:// open holds while the variable holds its rtsp_transport: a file opened in
+    another thread meanwhile was opened with the camera's options. It now waits for the camera's open to end
+    and opens with the environment as the user left it (here: unset)."""
+    import cv2
+
+    from edge_ad.runtime import sources
+
+    env = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+    monkeypatch.setenv(env, "x")    # (restored after the test)
+    monkeypatch.delenv(env)
+    real_capture, real_lock = cv2.VideoCapture, sources._ffmpeg_env_lock
+    camera_opening, camera_answers, file_waits = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def capture(target, *args):       # a camera that answers when told; a real open of the video file
+        seen[str(target)] = os.environ.get(env)
+        if str(target).startswith("rtsp://"):
+            camera_opening.set()
+            camera_answers.wait(30)
+            return _FakeCapture()
+        file_waits.set()
+        return real_capture(target, *args)
+
+    class Watched:                    # the lock, saying when the file's thread asks for it
+        def __enter__(self):
+            if threading.current_thread().name == "file":
+                file_waits.set()
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc):
+            return real_lock.__exit__(*exc)
+
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    monkeypatch.setattr(sources, "_ffmpeg_env_lock", Watched())
+    video = write_video(tmp_path / "v.avi", [part_frame(i, 32) for i in range(3)])
+    camera = open_source("rtsp://cam1/s", rtsp_transport="udp")
+    clip = open_source(f"file://{video}")
+    frames = []
+
+    def read_clip():
+        clip.open()
+        frames.extend(iter(clip.read, None))
+        clip.close()
+
+    threads = [threading.Thread(target=camera.open, name="camera"), threading.Thread(target=read_clip, name="file")]
+    threads[0].start()
+    assert camera_opening.wait(30)
+    threads[1].start()
+    assert file_waits.wait(30)        # the file's open asked for the lock (or, unlocked, opened already)
+    camera_answers.set()
+    for t in threads:
+        t.join(30)
+    camera.close()
+    assert seen == {"rtsp://cam1/s": "rtsp_transport;udp", str(video): None}
+    assert len(frames) == 3 and env not in os.environ
+
+
 class _StallingSource(Source):
     """A camera that delivers two frames, then blocks in read() until released."""
 

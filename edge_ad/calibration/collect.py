@@ -65,12 +65,14 @@ class CollectedFrames(list):
 def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout_s: float | None = 600.0,
                    progress: bool = True, roi: Sequence[int] | None = None, rotate: int = 0,
                    folder_roi: bool = False, size_hw: tuple[int, int] | None = None, bundle=None,
-                   min_frames: int = 1, notes: list[str] | None = None) -> CollectedFrames:
+                   min_frames: int = 1, notes: list[str] | None = None, open_timeout_s: float = 10.0,
+                   rtsp_transport: str = "tcp") -> CollectedFrames:
     """Up to ``n`` RGB uint8 frames from ``source`` (a folder, ``dir://`` or any source URI), with their
     labels (module doc). ``roi`` / ``rotate``: the line's ``source.roi`` / ``source.rotate``, applied to the
     frames of a source URI, and of a folder when ``folder_roi`` (the folder is the line's source); for
     another folder an ``roi`` is the size its images must have. ``size_hw``: the model's input size (H, W),
-    each frame is kept resized to it (None: as read).
+    each frame is kept resized to it (None: as read). ``open_timeout_s`` / ``rtsp_transport``: the line's
+    ``source.open_timeout_s`` / ``source.rtsp_transport``, with which a network camera is opened.
 
     ``bundle`` (the bundle being calibrated): a folder's images that are its training images are left
     out (:func:`leave_out_training_images`; the warning is appended to ``notes``, else logged), and the
@@ -142,7 +144,8 @@ def collect_frames(source: str | os.PathLike, n: int, *, every: int = 1, timeout
         if skipped and notes is not None:
             notes.append(skipped_note(folder, len(paths), skipped, roi if misfit else None))
         return CollectedFrames([loaded[p] for p in picked], [str(p) for p in picked])
-    return _from_uri(text, n, int(every), timeout_s, progress, _preparer(roi, rotate, True, size_hw))
+    return _from_uri(text, n, int(every), timeout_s, progress, _preparer(roi, rotate, True, size_hw),
+                     open_timeout_s, rtsp_transport)
 
 
 SKIPPED_SHOWN = 5   # images named in the note on the skipped ones (each is named in the log)
@@ -225,14 +228,15 @@ def _folder_of(text: str) -> Path | None:
     return p
 
 
-def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: bool, prepare) -> CollectedFrames:
+def _from_uri(uri: str, n: int, every: int, timeout_s: float | None, progress: bool, prepare,
+              open_timeout_s: float = 10.0, rtsp_transport: str = "tcp") -> CollectedFrames:
     from tqdm import tqdm
 
     from ..runtime.sources import SourceLost, check_startup, open_source, parse_uri
 
     spec = parse_uri(uri)
     check_startup(spec)   # a missing or undecodable video is bad input (exit 2), as for 'edge-ad run'
-    src = open_source(spec)
+    src = open_source(spec, open_timeout_s, rtsp_transport)
     frames = CollectedFrames()
     deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
     seen = 0

@@ -59,7 +59,8 @@ def _deploy_option(ctx, param, value):
                    "the threshold in force is reported, a [decision] threshold overriding "
                    "the calibration's): its source.roi and rotate are applied to the frames of a camera, video "
                    "or synthetic source and of the line's own dir:// folder, as the loop applies them, so the "
-                   "refit sees what the line inspects; another folder's images must have the ROI's size. "
+                   "refit sees what the line inspects; another folder's images must have the ROI's size; a "
+                   "network camera is opened with its source.open_timeout_s and rtsp_transport. "
                    "Without it frames are taken whole: give it on a line with source.roi or rotate.")
 @env_file_option
 @click.option("--frames", default=200, show_default=True, type=click.IntRange(1), help="Frames to collect.")
@@ -552,7 +553,9 @@ def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: t
                                 roi=line.roi if line is not None else None,
                                 rotate=line.rotate if line is not None else 0,
                                 folder_roi=line is not None and is_line_folder(source, line.uri),
-                                bundle=bundle, min_frames=min_frames, notes=notes)
+                                bundle=bundle, min_frames=min_frames, notes=notes,
+                                open_timeout_s=line.open_timeout_s if line is not None else 10.0,
+                                rtsp_transport=line.rtsp_transport if line is not None else "tcp")
     if len(images) < frames:
         click.echo(f"note: {_shown(source)} gave {len(images)} frames (asked for {frames})", err=True)
     return images

@@ -383,6 +383,126 @@ def _channel_means(model, names: Sequence[str], batch: np.ndarray, chunk: int, t
     return {k: a / n for k, a in zip(names, acc)}
 
 
+def _through_identity(t: str, producer: dict) -> tuple[str, list]:
+    """The tensor ``t`` is a copy of through ``Identity`` nodes (an exporter's, for an initializer it
+    deduplicated or that two modules share), and those nodes, nearest first."""
+    chain = []
+    while t in producer and producer[t].op_type == "Identity":
+        chain.append(producer[t])
+        t = producer[t].input[0]
+    return t, chain
+
+
+def _bias_source(conv, inits: dict, producer: dict):
+    """Where a conv's constant bias comes from: (the initializer, its ``DequantizeLinear`` or None for a float
+    bias, the nodes between the conv and the initializer), through any ``Identity`` nodes; None when the bias
+    is not such a constant (computed, or a dequantization with a zero point other than 0)."""
+    from onnx import numpy_helper
+
+    b, chain = _through_identity(conv.input[2], producer)
+    if b in inits:
+        return b, None, chain
+    dq = producer.get(b)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    x, more = _through_identity(dq.input[0], producer)
+    scale = _through_identity(dq.input[1], producer)[0]
+    zp = _through_identity(dq.input[2], producer)[0] if len(dq.input) > 2 and dq.input[2] else None
+    if x not in inits or scale not in inits or (zp is not None and (
+            zp not in inits or np.any(numpy_helper.to_array(inits[zp]) != 0))):
+        return None
+    return x, dq, chain + [dq] + more
+
+
+def _bias_targets(q, convs: set[str]) -> tuple[dict, int]:
+    """The convs of ``q`` named in ``convs`` whose bias is a constant (:func:`_bias_source`): conv name ->
+    (its output, the bias initializer to correct, the bias scale or None for a float bias), and how many of
+    them were given their own copy of the bias. In place: a bias initializer that other nodes read too (two
+    convs sharing one, an exporter's deduplicated zeros behind ``Identity`` nodes) is copied for each conv
+    that reads it, so each is corrected once and by its own error; the nodes and initializers the copies
+    leave unread are removed. Exact: the copies hold the same values."""
+    from onnx import helper, numpy_helper
+
+    g = q.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {o.name: 1 for o in g.output}
+    for n in g.node:
+        for t in n.input:
+            uses[t] = uses.get(t, 0) + 1
+    names = set(inits) | set(producer) | {i.name for i in g.input}
+    new_name = _namer(names)
+    targets, before, copied = {}, {}, 0
+    for n in list(g.node):
+        if n.op_type != "Conv" or n.name not in convs or len(n.input) < 3 or not n.input[2]:
+            continue
+        found = _bias_source(n, inits, producer)
+        if found is None:
+            continue
+        init, dq, chain = found
+        scale = None if dq is None else \
+            numpy_helper.to_array(inits[_through_identity(dq.input[1], producer)[0]]).astype(np.float64)
+        if any(uses.get(t, 0) != 1 for t in [n.input[2], *(c.input[0] for c in chain)]):   # read elsewhere too
+            uses[n.input[2]] -= 1   # (the conv reads its own copy: another one reading it may keep the original)
+            own = g.initializer.add()
+            own.CopyFrom(inits[init])
+            own.name = new_name(f"{init}_{n.name}")
+            if dq is None:
+                n.input[2] = own.name
+            else:
+                node = helper.make_node("DequantizeLinear", [own.name, *dq.input[1:]], [new_name(f"{own.name}_dq")],
+                                        name=new_name(f"{own.name}_dq"))
+                node.attribute.extend(dq.attribute)    # (its axis)
+                before[n.name] = node                   # placed just before the conv
+                n.input[2] = node.output[0]
+            init, copied = own.name, copied + 1
+            inits[init] = own
+        targets[n.name] = (n.output[0], init, scale)
+    if copied:
+        nodes = []
+        for n in g.node:
+            if n.op_type == "Conv" and n.name in before:
+                nodes.append(before[n.name])
+            nodes.append(n)
+        del g.node[:]
+        g.node.extend(nodes)
+        _drop_unread(g)
+    inits = {i.name: i for i in g.initializer}   # (after the changes: the initializers the graph holds now)
+    return {k: (out, inits[init], scale) for k, (out, init, scale) in targets.items()}, copied
+
+
+def _namer(taken: set[str]):
+    """A function giving a name not in ``taken`` (``base``, else ``base_2``, ``base_3``, ...), taking it."""
+    def name(base: str) -> str:
+        out, i = base, 1
+        while out in taken:
+            i += 1
+            out = f"{base}_{i}"
+        taken.add(out)
+        return out
+
+    return name
+
+
+def _drop_unread(g) -> None:
+    """Remove the ``Identity`` and ``DequantizeLinear`` nodes whose outputs nothing reads (nor the graph
+    outputs), then the initializers nothing reads (but those a graph input names). In place."""
+    outputs = {o.name for o in g.output}
+    while True:
+        read = outputs | {t for n in g.node for t in n.input}
+        dead = [n for n in g.node if n.op_type in ("Identity", "DequantizeLinear") and not read & set(n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    read = outputs | {t for n in g.node for t in n.input}
+    for i in [i for i in g.initializer if i.name not in read | {x.name for x in g.input}]:
+        g.initializer.remove(i)
+    gone = {v.name for v in g.value_info} - read - {o for n in g.node for o in n.output}
+    for v in [v for v in g.value_info if v.name in gone]:
+        g.value_info.remove(v)
+
+
 def correct_bias(ref_path: Path, q_path: Path, batch: np.ndarray, chunk: int = 8, threads: int = 0) -> dict:
     """Empirical bias correction of the Q/DQ graph ``q_path`` against the FP32 graph ``ref_path`` it was
     made from, on ``batch`` (calibration images). Returns a summary.
@@ -391,7 +511,9 @@ def correct_bias(ref_path: Path, q_path: Path, batch: np.ndarray, chunk: int = 8
     TensorRT and ONNX Runtime's integer kernels on ARM and VNNI CPUs compute, not on this machine's fused
     kernels: the corrected graph does not depend on the CPU that made it. ``q_path`` is rewritten only when
     the correction brings the outputs closer to FP32's on ``batch`` (:func:`map_error`, same arithmetic);
-    otherwise it is left as it was and the summary says ``applied: false``."""
+    otherwise it is left as it was and the summary says ``applied: false``. A bias read through ``Identity``
+    nodes is followed to its constant, and one that other nodes read too is copied for the conv first
+    (:func:`_bias_targets`; ``biases_copied`` in the summary)."""
     import onnx
     from onnx import numpy_helper
 
@@ -399,24 +521,9 @@ def correct_bias(ref_path: Path, q_path: Path, batch: np.ndarray, chunk: int = 8
     ref = onnx.load(str(ref_path))
     q = onnx.load(str(q_path))
     ref_out = {n.name: n.output[0] for n in ref.graph.node if n.op_type == "Conv"}
-    inits = {i.name: i for i in q.graph.initializer}
-    producer = {o: n for n in q.graph.node for o in n.output}
-    targets = {}  # conv name -> (q output, bias initializer, bias scale or None for float bias)
-    for n in q.graph.node:
-        if n.op_type != "Conv" or n.name not in ref_out or len(n.input) < 3 or not n.input[2]:
-            continue
-        b = n.input[2]
-        if b in inits:
-            targets[n.name] = (n.output[0], inits[b], None)
-        elif b in producer and producer[b].op_type == "DequantizeLinear" and producer[b].input[0] in inits:
-            dq = producer[b]
-            if dq.input[1] not in inits or (len(dq.input) > 2 and dq.input[2] and dq.input[2] in inits and
-                                            np.any(numpy_helper.to_array(inits[dq.input[2]]) != 0)):
-                continue
-            targets[n.name] = (n.output[0], inits[dq.input[0]],
-                               numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64))
+    targets, copied = _bias_targets(q, set(ref_out))
     if not targets:
-        return {"convs": 0, "levels": 0, "applied": False, "seconds": 0.0}
+        return {"convs": 0, "levels": 0, "applied": False, "biases_copied": 0, "seconds": 0.0}
     names = list(targets)
     ref_means = _channel_means(ref, [ref_out[k] for k in names], batch, chunk, threads)
     by_depth: dict[int, list[str]] = {}
@@ -449,6 +556,6 @@ def correct_bias(ref_path: Path, q_path: Path, batch: np.ndarray, chunk: int = 8
     summary = {"convs": len(names), "levels": len(by_depth), "images": int(len(batch)),
                "largest_shift": max(shifts), "median_shift": float(np.median(shifts)),
                "map_error_before": error["before"], "map_error_after": error["after"], "applied": applied,
-               "seconds": time.perf_counter() - t0}
+               "biases_copied": copied, "seconds": time.perf_counter() - t0}
     log.info("bias correction: %s", summary)
     return summary

@@ -128,7 +128,10 @@ class MqttWatch:
 
 
 def compact_reply(reply: dict) -> str:
-    """The calibrate command's reply as one JSON line: floats rounded, excluded frames as 'index (z)'."""
+    """The calibrate command's reply as one JSON line, in the device's shape (docs/mqtt.md): floats rounded to 4
+    significant digits; the envelope's schema_version, site and device and the result's normal-score statistics
+    left out. The frames left out as likely defects (``excluded``) stay objects (index, label, score, z,
+    reason), as the device sends them."""
     def rnd(x):
         if isinstance(x, float):
             return float(f"{x:.4g}")
@@ -139,17 +142,15 @@ def compact_reply(reply: dict) -> str:
         return x
 
     body = {k: v for k, v in reply.items() if k not in ("schema_version", "site", "device")}
-    res = dict(body.get("result") or {})
-    res.pop("normal", None)
-    if isinstance(res.get("excluded"), list):
-        res["excluded"] = [f"{e.get('index')} (z {e.get('z') or 0:.1f})" for e in res["excluded"]]
-    if "result" in body:
-        body["result"] = res
+    if isinstance(body.get("result"), dict):
+        body["result"] = {k: v for k, v in body["result"].items() if k != "normal"}
     return json.dumps(rnd(body), sort_keys=True)
 
 
 def monitor_line(row, msgs: int) -> str:
-    """One plain line of the fleet view for logs (stdout not a terminal)."""
+    """One plain line of the fleet view for logs (stdout not a terminal). Its two NG rates are on different
+    bases and say so: the count and share of the results the monitor received since it started, and the rate of
+    the device's last telemetry interval (``-`` before its first telemetry)."""
     if row is None:
         return ""
     last = "-"
@@ -157,14 +158,14 @@ def monitor_line(row, msgs: int) -> str:
         s = row.last_result.get("score")
         last = f"{'NG' if row.last_result['ng'] else 'OK'} {s:.3f}" if s is not None else "?"
     fps = "-" if row.fps is None else f"{row.fps:.1f}"
-    ng = "-" if row.ng_rate is None else f"{100 * row.ng_rate:.0f}%"
+    since = f" ({100 * row.ng / row.results:.0f}%)" if row.results else ""
+    interval = "-" if row.telemetry_ng_rate is None else f"{100 * row.telemetry_ng_rate:.0f}%"
     cal = "-" if row.calibration_version is None else f"v{row.calibration_version}"
     box = "-" if row.outbox_depth is None else str(row.outbox_depth)
     drift = {True: "DRIFT", False: "ok", None: "-"}[row.drift]
-    # ng_rate is the last telemetry interval's; the counts are the results received since the monitor started
-    return (f"      monitor  {row.site}/{row.device} {row.state}: {fps} fps, NG {ng} last interval "
-            f"({row.ng} of {row.results} results since start), last {last}, calibration {cal}, outbox {box}, "
-            f"drift {drift}, {msgs} MQTT messages")
+    return (f"      monitor  {row.site}/{row.device} {row.state}: {fps} fps, NG {row.ng} of {row.results} results "
+            f"since start{since}, {interval} in the last telemetry interval, last {last}, calibration {cal}, "
+            f"outbox {box}, drift {drift}, {msgs} MQTT messages")
 
 
 class LoopRun:

@@ -126,6 +126,12 @@ class DeviceRow:
     def key(self) -> tuple[str, str]:
         return self.site, self.device
 
+    @property
+    def telemetry_ng_rate(self) -> float | None:
+        """The NG rate of the device's last telemetry interval (its ``ng_rate``); None until telemetry gave one
+        (``ng_rate`` is then counted from the results seen, ``ng`` of ``results``)."""
+        return self.ng_rate if self._ng_from_telemetry else None
+
     def shown_state(self, now: float, stale_after_s: float) -> str:
         """``stale``: online, but nothing received from it for ``stale_after_s`` (receipt times only: a
         retained birth's ``ts`` is when it connected, and a device's skewed clock must not make it look stale)."""
@@ -583,8 +589,9 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     """Watch the fleet until ``duration`` s pass (forever when None), ``stop`` is set, or Ctrl-C.
 
     ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
-    ``interval`` s when ``live`` (default: ``out`` is a terminal); else printed once at the end when a
-    ``duration`` is given, or after each change (at most every ``interval`` s) when not.
+    ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a pipe) printed after each
+    change, at most every ``interval`` s, so that a reader following the log sees the fleet as it goes, and,
+    when a ``duration`` is given, once more when the run ends (the fleet then).
 
     When the monitor loses the broker it reconnects by itself and says so: the table gets a
     ``DISCONNECTED from broker since HH:MM:SS`` line, ``as_json`` writes ``{"monitor": "disconnected", ...}``
@@ -711,7 +718,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
                           + (f"{note_line}\n" if note_line else "") + "\n" + text + "\n")
                 out.flush()
                 last_draw, pending = now, False
-            elif not live and duration is None and pending and since >= interval:
+            elif not live and pending and since >= interval:   # a log: a table after each change, as it comes
                 with lock:
                     text, note_line = view.table(), broker_line(down["since"])
                 out.write((f"{note_line}\n" if note_line else "") + text + "\n\n")

@@ -435,7 +435,7 @@ def csi_pipeline(sensor: int, width: int, height: int, fps: int, flip: int = 0, 
 
 OPEN_WAIT_WARN_S = 2.0   # a network camera that has not answered after this long is named in a WARNING
 FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"   # OpenCV's FFmpeg backend reads it at each open
-_ffmpeg_env_lock = threading.Lock()     # held from setting the variable to the end of the open it is for
+_ffmpeg_env_lock = threading.Lock()     # held for each FFmpeg open, from setting the variable to the open's end
 _ffmpeg_env_said: set[tuple[str, str]] = set()   # (the environment's value, the source's transport) said
 
 
@@ -447,22 +447,26 @@ def _option_names(options: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _ffmpeg_options(transport: str, where: str):
-    """Open a network camera (``where``) with its ``rtsp_transport`` in OPENCV_FFMPEG_CAPTURE_OPTIONS, which
-    OpenCV reads from the process environment when a capture opens: set for this open alone and removed after
-    it, under a lock, so that each open (another camera, a reopen with other settings) gets its own and no other
-    open sees them. A value the user put in the environment is used as it is, said once per value and transport
-    (INFO when it asks for the same transport, else a WARNING that ``source.rtsp_transport`` is not applied)."""
+def _ffmpeg_options(transport: str | None, where: str):
+    """Every open through OpenCV's FFmpeg backend (``where``: a network camera, or a video file) goes through
+    here. OpenCV reads OPENCV_FFMPEG_CAPTURE_OPTIONS from the process environment when such a capture opens, so
+    each open holds one lock from before it reads the variable to its end: no open sees another's options.
+    A network camera's open (``transport``: its ``rtsp_transport``) sets the variable to its transport for
+    that open alone and removes it after, so each open (another camera, a reopen with other settings) gets its
+    own; a video file's (``transport`` None) opens with the variable as the user left it (unset, or theirs),
+    never with a camera's, and waits for a camera's open to end (at most its open_timeout_s). A value the user
+    put in the environment is used as it is, said once per value and transport for a camera (INFO when it asks
+    for the same transport, else a WARNING that ``source.rtsp_transport`` is not applied)."""
     with _ffmpeg_env_lock:
         user = os.environ.get(FFMPEG_OPTIONS_ENV)
-        if user is None:
+        if transport is not None and user is None:
             os.environ[FFMPEG_OPTIONS_ENV] = f"rtsp_transport;{transport}"
             try:
                 yield
             finally:
                 os.environ.pop(FFMPEG_OPTIONS_ENV, None)
             return
-        if (user, transport) not in _ffmpeg_env_said:
+        if transport is not None and (user, transport) not in _ffmpeg_env_said:
             _ffmpeg_env_said.add((user, transport))
             names = _option_names(user)
             theirs = names.get("rtsp_transport")
@@ -481,7 +485,8 @@ class OpenCVSource(Source):
     opened and read with ``open_timeout_s`` as FFmpeg's timeout (when this OpenCV can take it, else a WARNING
     says FFmpeg's own applies); one that has not answered after :data:`OPEN_WAIT_WARN_S` is named in a WARNING
     while the open goes on, and one that does not answer in time raises :class:`SourceLost` saying so. Its
-    ``rtsp_transport`` is given to FFmpeg at each open (:func:`_ffmpeg_options`)."""
+    ``rtsp_transport`` is given to FFmpeg at each open; every FFmpeg open, a video file's too, goes through
+    :func:`_ffmpeg_options`."""
 
     def __init__(self, spec: SourceSpec, open_timeout_s: float = 10.0, rtsp_transport: str = "tcp"):
         super().__init__(spec)
@@ -535,7 +540,9 @@ class OpenCVSource(Source):
 
         (target, api), params = self._capture_args()
         network = self.spec.scheme in ("rtsp", "rtsps")
-        with _ffmpeg_options(self.rtsp_transport, self.spec.safe_uri) if network else contextlib.nullcontext():
+        ffmpeg = _ffmpeg_options(self.rtsp_transport if network else None, self.spec.safe_uri) \
+            if api == cv2.CAP_FFMPEG else contextlib.nullcontext()    # V4L2, GStreamer: no FFmpeg options
+        with ffmpeg:
             waiting = self._say_waiting() if network else None    # (from here: not the wait for another open)
             t0 = time.monotonic()
             try:
