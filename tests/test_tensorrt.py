@@ -182,6 +182,146 @@ def test_a_cut_while_an_engine_is_switched_in_never_leaves_a_record_of_an_engine
     assert seen_done
 
 
+# ------------------------------------------------------------ a rebuild never leaves the line without an engine
+class _FakeTRT:
+    """Stands in for the ``tensorrt`` module in build_engine's control flow: only its version is read there;
+    TensorRT's own part (:func:`edge_ad.compile.tensorrt._serialize`) is replaced by each test. Not TensorRT."""
+
+    __version__ = ORIN.trt_version
+
+
+class _FakeCuda:
+    def set_device(self, index):
+        pass
+
+
+def _compile_here(monkeypatch, serialize, guard_passes=True):
+    """compile_bundle / build_engine with TensorRT, the GPU, the guard set and the guarded backend replaced:
+    ``serialize`` stands in for the TensorRT build (return engine bytes or raise); the guard passes or fails
+    as told. Returns the guard calls (the engine file each one ran)."""
+    from edge_ad.compile import guard as guard_mod
+    from edge_ad.compile import tensorrt as trt_compile
+    from edge_ad.runtime.backends import cuda as cuda_mod
+    from edge_ad.runtime.backends import tensorrt as trt_backend
+
+    guarded = []
+
+    class Backend:
+        def __init__(self, bundle, precision=None, device=None, engine_path=None):
+            self.engine_path = engine_path
+
+        def close(self):
+            pass
+
+    def evaluate(bundle, backend, gset, ref, limits, name=None):
+        guarded.append(backend.engine_path)
+        return {"candidate": name, "passed": guard_passes, "checked": 8, "rank_corr": 0.999 if guard_passes else 0.5,
+                "auroc": {"synthetic": {"fp32": 1.0, "candidate": 1.0 if guard_passes else 0.6}}, "agreement": 1.0,
+                "max_map_error_rel": 0.1, "failures": [] if guard_passes else ["rank corr 0.5 < 0.99"]}
+
+    monkeypatch.setattr(trt_compile, "import_tensorrt", lambda: _FakeTRT)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: _FakeTRT)
+    monkeypatch.setattr(cuda_mod, "cuda_api", lambda: _FakeCuda())
+    monkeypatch.setattr(trt_compile, "current_target", lambda trt, cuda, index=0: ORIN)
+    monkeypatch.setattr(trt_compile, "_serialize", lambda *a, **k: serialize())
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", Backend)
+    monkeypatch.setattr(guard_mod, "training_images", lambda bundle, calib_dir=None: ([], []))
+    monkeypatch.setattr(guard_mod, "prepare_guard_set", lambda *a, **k: None)
+    monkeypatch.setattr(guard_mod, "evaluate", evaluate)
+    return guarded
+
+
+def _in_use(b, precision="fp16"):
+    """The engine run would open for ``precision`` (its bytes), or None."""
+    c = engine_cache.check(b, precision, ORIN, require_guard=True)
+    return c.engine.read_bytes() if c.ok else None
+
+
+@pytest.mark.parametrize("failure", ["build", "guard", "guard crashed"])
+def test_a_failed_rebuild_keeps_the_guarded_engine_in_use(tmp_path, monkeypatch, failure):
+    """compile --force (or other --max-batch / --workspace) used to delete the guarded engine before building
+    the new one: a build that failed (parser error, out of memory) or failed its guard left no engine, and
+    run could not start. The new engine is now built beside it and switched in only once guarded."""
+    from edge_ad.compile.tensorrt import compile_bundle
+    from edge_ad.errors import GuardFailure, RuntimeFailure
+
+    b = _bundle(tmp_path)
+    key = _put(b, "fp16", source="model.onnx")
+    old = _in_use(b)
+
+    def serialize():
+        if failure == "build":
+            raise RuntimeFailure("TensorRT could not build the fp16 engine from model.onnx: out of memory")
+        return b"new fp16 engine"
+
+    guarded = _compile_here(monkeypatch, serialize, guard_passes=failure != "guard")
+    if failure == "guard crashed":
+        from edge_ad.compile import guard as guard_mod
+
+        monkeypatch.setattr(guard_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeFailure("CUDA error")))
+    expect = {"build": RuntimeFailure, "guard": GuardFailure, "guard crashed": RuntimeFailure}[failure]
+    with pytest.raises(expect) as err:
+        compile_bundle(b, "fp16", force=True, progress=False)
+    if failure != "guard crashed":
+        assert f"the engine in use, {key}.engine" in str(err.value) and "is kept and still runs" in str(err.value)
+    assert _in_use(b) == old                                  # still there, still guarded, still the old one
+    assert sorted(p.name for p in b.engines_dir.iterdir()) == [f"{key}.engine", f"{key}.json"]  # no .new left
+    if failure == "guard":
+        assert guarded == [engine_cache.paths(b, key, pending=True)[0]]   # the guard ran the new engine, not the old
+        entry = json.loads(b.file("quant_report.json").read_text())["candidates"]["tensorrt-fp16-sm87-trt10.3.0"]
+        assert not entry["passed"] and entry["kept"] == f"{key}.engine"
+
+
+def test_a_rebuild_that_passes_its_guard_replaces_the_engine(tmp_path, monkeypatch):
+    from edge_ad.compile.tensorrt import compile_bundle
+
+    b = _bundle(tmp_path)
+    key = _put(b, "fp16", source="model.onnx")
+    (b.engines_dir / f"{key}.engine.new").write_bytes(b"left by a power cut during an earlier build")
+    guarded = _compile_here(monkeypatch, lambda: b"new fp16 engine")
+    entry = compile_bundle(b, "fp16", max_batch=4, progress=False)   # other options than the cached engine's
+    assert entry["passed"] and entry["built"] and entry["engine"] == f"{key}.engine" and "kept" not in entry
+    assert "built with other options (max_batch 8, asked 4)" in entry["refused"][0]
+    assert guarded == [engine_cache.paths(b, key, pending=True)[0]]
+    assert _in_use(b) == b"new fp16 engine"
+    meta = engine_cache.check(b, "fp16", ORIN).meta
+    assert meta["max_batch"] == 4 and meta["guard"]["passed"] and "replacing" not in meta
+    assert sorted(p.name for p in b.engines_dir.iterdir()) == [f"{key}.engine", f"{key}.json"]
+
+
+def test_a_cut_while_a_rebuilt_engine_is_switched_in_leaves_the_old_or_the_new_engine(tmp_path, monkeypatch):
+    """A power cut at each rename or delete of the switch (record_engine with a pending engine): run always
+    finds a guarded engine, the old one or the new one, never none and never one the sidecar does not
+    describe; the next build (engine_cache.recover) finishes or drops what the cut left."""
+    import os
+
+    from edge_ad.compile.tensorrt import record_engine
+    from fixtures_bundle import power_cut
+
+    seen_done = False
+    for cut_at in range(1, 40):
+        b = _bundle(tmp_path / f"c{cut_at}")
+        key = _put(b, "fp16", source="model.onnx")
+        old = _in_use(b)
+        side = engine_cache.make_sidecar(b, "fp16", ORIN, "", "model.onnx", 4, "weak", 1024, 3.0)
+        engine_cache.write(b, key, b"new fp16 engine", side, pending=True)
+        entry = {"candidate": "tensorrt-fp16-sm87-trt10.3.0", "passed": True, "checked": 8, "rank_corr": 0.999,
+                 "auroc": 1.0, "engine": f"{key}.engine"}
+        with power_cut(monkeypatch, cut_at, os.replace, os.unlink) as cut:
+            assert record_engine(b, key, dict(entry), "fp16", pending=True)
+        Bundle.open(b.path, verify=True)
+        assert _in_use(b) in (old, b"new fp16 engine"), cut_at
+        engine_cache.recover(b, key)
+        assert _in_use(b) in (old, b"new fp16 engine"), cut_at
+        assert sorted(p.name for p in b.engines_dir.iterdir()) == [f"{key}.engine", f"{key}.json"], cut_at
+        assert "replacing" not in json.loads(engine_cache.paths(b, key)[1].read_text())
+        if not cut.hit:
+            assert _in_use(b) == b"new fp16 engine"
+            seen_done = True
+            break
+    assert seen_done
+
+
 def test_supported_tensorrt_releases():
     from edge_ad.runtime.backends.tensorrt import trt_supported
 
@@ -278,11 +418,13 @@ def test_real_engine_builds_guards_caches_and_matches(trt_bundle, tmp_path, prec
     from edge_ad.errors import InputError
     with pytest.raises(InputError, match="does not match its sidecar"):
         open_backend(b, "tensorrt", precision)
-    rebuilt = build_engine(b, precision, max_batch=4, progress=False)
-    assert rebuilt.built and rebuilt.refused and "does not match" in rebuilt.refused[0]
-    # other build options: the cached engine is not silently reused
-    other = build_engine(b, precision, max_batch=8, progress=False)
-    assert other.built and "built with other options (max_batch 4, asked 8)" in other.refused[0]
+    rebuilt = compile_bundle(b, precision, max_batch=4, guard_normals=4, limits=loose, progress=False)
+    assert rebuilt["built"] and rebuilt["refused"] and "does not match" in rebuilt["refused"][0]
+    # other build options: the cached engine is not silently reused (build_engine alone leaves the new
+    # engine beside the one in use; compile_bundle switches it in once guarded)
+    other = compile_bundle(b, precision, max_batch=8, guard_normals=4, limits=loose, progress=False)
+    assert other["built"] and "built with other options (max_batch 4, asked 8)" in other["refused"][0]
+    assert not list(b.engines_dir.glob("*.new"))
 
 
 @pytest.mark.tensorrt

@@ -10,12 +10,18 @@ An engine is used only when its sidecar matches this machine and this bundle exa
 sha256 matches the sidecar. Anything else (another GPU, another TensorRT, a changed or re-quantized
 model, a truncated or altered file, a missing sidecar) is refused with the reason; ``edge-ad compile``
 then rebuilds it. Pure Python: tested without TensorRT.
+
+A rebuild never deletes the engine in use first: the new engine is written beside it as
+``<key>.engine.new`` with ``<key>.json.new`` (:func:`write` with ``pending``), guarded from there, and
+only then switched in by :func:`swap_in`; a failed build or guard drops the pending pair
+(:func:`discard_pending`), and the engine that was there stays.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +73,12 @@ def parse_key(key: str) -> dict | None:
     return {"model_sha16": m["sha"], "precision": m["prec"], "sm": "sm" + m["cc"], "trt_version": m["trt"]}
 
 
-def paths(bundle: Bundle, key: str) -> tuple[Path, Path]:
+def paths(bundle: Bundle, key: str, pending: bool = False) -> tuple[Path, Path]:
+    """The engine and sidecar of ``key``; ``pending``: those of a new engine not switched in yet
+    (``<key>.engine.new``, ``<key>.json.new``: no ``.engine`` suffix, so nothing lists or runs them)."""
     d = bundle.engines_dir
-    return d / f"{key}.engine", d / f"{key}.json"
+    new = ".new" if pending else ""
+    return d / f"{key}.engine{new}", d / f"{key}.json{new}"
 
 
 def timing_cache_path(bundle: Bundle, target: Target) -> Path:
@@ -108,23 +117,25 @@ def make_sidecar(bundle: Bundle, precision: str, target: Target, engine_sha256: 
     }
 
 
-def check(bundle: Bundle, precision: str, target: Target, require_guard: bool = False) -> EngineCheck:
+def check(bundle: Bundle, precision: str, target: Target, require_guard: bool = False,
+          pending: bool = False) -> EngineCheck:
     """Is there a usable engine for ``precision`` on ``target``? Never raises for a bad engine.
 
     ``require_guard``: also refuse an engine whose sidecar does not record a passed accuracy guard
-    (``edge-ad compile`` builds, guards, then records; an interrupted compile leaves none).
+    (``edge-ad compile`` builds, guards, then records; an interrupted compile leaves none). ``pending``:
+    check the new engine written beside the one in use (:func:`paths`) instead.
     """
     try:
         key = engine_key(model_sha(bundle), precision, target)
     except (FileNotFoundError, ValueError) as exc:
         return EngineCheck("", Path(), Path(), False, str(exc))
-    eng, side = paths(bundle, key)
+    eng, side = paths(bundle, key, pending)
     if not eng.is_file():
         others = [p.name for p in bundle.engines_dir.glob(f"*-{precision}-*.engine")] if bundle.engines_dir.is_dir() else []
         extra = f" (engines present for other models / GPUs / TensorRT versions: {', '.join(others)})" if others else ""
         return EngineCheck(key, eng, side, False, f"no {precision} engine for this model on "
                            f"{target.sm} with TensorRT {target.trt_version}{extra}")
-    reason, meta = validate_sidecar(bundle, key, precision, target)
+    reason, meta = validate_sidecar(bundle, key, precision, target, pending)
     if reason is None:
         got = atomic.sha256_file(eng)
         if got != meta["engine_sha256"]:
@@ -135,15 +146,15 @@ def check(bundle: Bundle, precision: str, target: Target, require_guard: bool = 
     return EngineCheck(key, eng, side, reason is None, reason or "", meta)
 
 
-def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target) -> tuple[str | None, dict | None]:
-    """(None, sidecar) when the sidecar matches this bundle and target; (reason, sidecar or None) if not."""
-    _, side = paths(bundle, key)
+def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target,
+                     pending: bool = False) -> tuple[str | None, dict | None]:
+    """(None, sidecar) when the sidecar matches this bundle and target; (reason, sidecar or None) if not.
+    The sidecar is the one in force (:func:`_in_force`: a switch a power cut interrupted has two)."""
+    eng, side = paths(bundle, key, pending)
     if not side.is_file():
         return f"{side.name}: sidecar missing (an engine without one is never run)", None
     try:
-        meta = json.loads(side.read_text("utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
+        meta = _in_force(_read(side), eng)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return f"{side.name}: unreadable sidecar ({exc})", None
     if meta.get("format") != SIDECAR_FORMAT:
@@ -210,27 +221,104 @@ def scan(bundle: Bundle, target: Target) -> list[EngineCheck]:
     return out
 
 
-def write(bundle: Bundle, key: str, engine: bytes, sidecar: dict) -> Path:
-    """Engine first, sidecar last (atomically each): a power cut leaves no sidecar for a torn engine."""
-    eng, side = paths(bundle, key)
+def write(bundle: Bundle, key: str, engine: bytes, sidecar: dict, pending: bool = False) -> Path:
+    """Engine first, sidecar last (atomically each): a power cut leaves no sidecar for a torn engine.
+    ``pending``: beside the engine in use, to be switched in by :func:`swap_in` (:func:`paths`)."""
+    eng, side = paths(bundle, key, pending)
     atomic.write_bytes(eng, engine)
     sidecar = dict(sidecar, engine_sha256=atomic.sha256_file(eng))
     atomic.write_json(side, sidecar)
     return eng
 
 
-def update_sidecar(bundle: Bundle, key: str, **fields) -> None:
-    _, side = paths(bundle, key)
-    meta = json.loads(side.read_text("utf-8"))
+def update_sidecar(bundle: Bundle, key: str, pending: bool = False, **fields) -> None:
+    eng, side = paths(bundle, key, pending)
+    meta = _in_force(_read(side), eng)
     meta.update(fields)
     atomic.write_json(side, meta)
 
 
+def swap_in(bundle: Bundle, key: str) -> None:
+    """Switch the pending engine of ``key`` (written and guarded beside the one in use) in, so that a power cut
+    at any point leaves one usable engine, the old or the new (never none, never a torn pair):
+
+    1. the sidecar in use gets the new sidecar as ``replacing`` (:func:`_in_force` takes it for the engine
+       whose sha256 it records, the old sidecar for the old engine);
+    2. the new engine is renamed over the old one;
+    3. the new sidecar is renamed over the old one.
+
+    With no readable sidecar in use (no engine, or one that was never usable) step 1 is skipped."""
+    eng, side = paths(bundle, key)
+    new_eng, new_side = paths(bundle, key, pending=True)
+    new = _read(new_side)
+    try:
+        old = _in_force(_read(side), eng) if eng.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        old = None
+    if old is not None:
+        atomic.write_json(side, dict(old, replacing=new))
+    os.replace(new_eng, eng)
+    os.replace(new_side, side)
+    atomic._fsync_dir(side.parent)
+
+
+def discard_pending(bundle: Bundle, key: str) -> None:
+    """Drop the pending engine of ``key`` (a failed build or guard); the engine in use is not touched."""
+    for p in reversed(paths(bundle, key, pending=True)):
+        p.unlink(missing_ok=True)
+
+
+def recover(bundle: Bundle, key: str) -> None:
+    """Finish or undo what a power cut interrupted for ``key`` (called before a build): a switch cut after its
+    engine rename is completed (the new sidecar renamed in), a pending pair not switched in is dropped, and a
+    sidecar with a ``replacing`` record is written back as the one in force alone."""
+    eng, side = paths(bundle, key)
+    new_eng, new_side = paths(bundle, key, pending=True)
+    if new_side.is_file() and not new_eng.exists() and eng.is_file():   # cut between steps 2 and 3 of swap_in
+        try:
+            done = _read(new_side).get("engine_sha256") == atomic.sha256_file(eng)
+        except (OSError, UnicodeDecodeError, ValueError):
+            done = False
+        if done:
+            os.replace(new_side, side)
+            atomic._fsync_dir(side.parent)
+    discard_pending(bundle, key)
+    try:
+        meta = _read(side)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
+    if "replacing" in meta:
+        atomic.write_json(side, _in_force(meta, eng))
+
+
+def _read(side: Path) -> dict:
+    meta = json.loads(side.read_text("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta
+
+
+def _in_force(meta: dict, eng: Path) -> dict:
+    """The sidecar that describes the engine file ``eng``: ``meta``, or, during a switch (:func:`swap_in`),
+    its ``replacing`` record once the new engine has been renamed in (the file's sha256 is the new one's)."""
+    new = meta.get("replacing")
+    if not isinstance(new, dict):
+        return meta
+    try:
+        got = atomic.sha256_file(eng)
+    except OSError:
+        got = None
+    if got is not None and got != meta.get("engine_sha256") and got == new.get("engine_sha256"):
+        return new
+    return {k: v for k, v in meta.items() if k != "replacing"}
+
+
 def remove(bundle: Bundle, key: str) -> None:
-    """Sidecar first (so a half-removed engine is already refused), then the engine."""
+    """Sidecar first (so a half-removed engine is already refused), then the engine; a pending one too."""
     eng, side = paths(bundle, key)
     for p in (side, eng):
         try:
             p.unlink()
         except FileNotFoundError:
             pass
+    discard_pending(bundle, key)
