@@ -3466,8 +3466,8 @@ def test_orchestration_update_model_on_a_tensorrt_line_builds_from_the_golden_se
 
 def test_a_refused_candidates_compile_hint_names_the_new_release_not_a_path(tmp_path):
     staging = tmp_path / "deploy" / "releases" / ".incoming-abc"
-    exc = InputError(f"TensorRT engine refused: no fp32 engine. Build one on this device: edge-ad compile "
-                     f"--bundle {staging} --precision fp32; update refused")
+    exc = InputError("no usable TensorRT engine: no engine of this model in the bundle's engines/. Build one on this "
+                     f"device: edge-ad compile --bundle {staging} --precision fp32; update refused")
     msg = str(deploy_mod._named_in_archive(exc, staging, tmp_path / "part-a.tar"))
     assert "part-a.tar: bundle" not in msg and str(staging) not in msg
     assert "edge-ad compile --bundle <the new release> --precision fp32" in msg

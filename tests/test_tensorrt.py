@@ -61,8 +61,9 @@ def test_valid_engine_is_accepted_with_its_sidecar(tmp_path):
 
 
 @pytest.mark.parametrize("change,reason", [
-    ("other_gpu", "no int8 engine for this model on sm72"),
-    ("other_trt", "no int8 engine for this model on sm87 with TensorRT 10.7.0"),
+    ("other_gpu", "-int8-sm87-trt10.3.0.engine was built for another GPU (sm87, TensorRT 10.3.0; this device is "
+                  "sm72, TensorRT 10.3.0)"),   # a bundle copied from another device
+    ("other_trt", "the int8 engine built by TensorRT 10.3.0 is stale (this device has 10.7.0)"),   # JetPack upgrade
     ("model_changed", "no int8 engine for this model"),
     ("requantized", "source graph model.int8.onnx changed"),
     ("corrupt", "does not match its sidecar"),

@@ -131,10 +131,7 @@ def check(bundle: Bundle, precision: str, target: Target, require_guard: bool = 
         return EngineCheck("", Path(), Path(), False, str(exc))
     eng, side = paths(bundle, key, pending)
     if not eng.is_file():
-        others = [p.name for p in bundle.engines_dir.glob(f"*-{precision}-*.engine")] if bundle.engines_dir.is_dir() else []
-        extra = f" (engines present for other models / GPUs / TensorRT versions: {', '.join(others)})" if others else ""
-        return EngineCheck(key, eng, side, False, f"no {precision} engine for this model on "
-                           f"{target.sm} with TensorRT {target.trt_version}{extra}")
+        return EngineCheck(key, eng, side, False, _absent(bundle, precision, target))
     reason, meta = validate_sidecar(bundle, key, precision, target, pending)
     if reason is None:
         got = atomic.sha256_file(eng)
@@ -187,14 +184,78 @@ def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target,
     return None, meta
 
 
+def _order(prefer: str | None) -> list[str]:
+    return ([prefer] if prefer else []) + [p for p in ("int8", "fp16", "fp32") if p != prefer]
+
+
 def best(bundle: Bundle, target: Target, prefer: str | None = None) -> EngineCheck | None:
     """The guarded engine to run when no precision is asked for: ``prefer`` first, then int8, fp16, fp32."""
-    order = ([prefer] if prefer else []) + [p for p in ("int8", "fp16", "fp32") if p != prefer]
-    for prec in order:
+    for prec in _order(prefer):
         c = check(bundle, prec, target, require_guard=True)
         if c.ok:
             return c
     return None
+
+
+def model_engines(bundle: Bundle) -> list[dict]:
+    """The engine files of this bundle's model, for any precision, GPU or TensorRT version: :func:`parse_key`'s
+    fields and ``file`` (the name), sorted by name; [] without ``model.onnx``."""
+    d = bundle.engines_dir
+    try:
+        sha16 = model_sha(bundle)[:16]
+    except FileNotFoundError:
+        return []
+    if not d.is_dir():
+        return []
+    found = ((parse_key(p.stem), p.name) for p in sorted(d.glob("*.engine")))
+    return [dict(k, file=name) for k, name in found if k is not None and k["model_sha16"] == sha16]
+
+
+def _absent(bundle: Bundle, precision: str, target: Target) -> str:
+    """Why there is no ``precision`` engine for ``target``: the engines of this model there are for another
+    TensorRT (stale: a JetPack upgrade) or another GPU (a copied bundle), or none at all."""
+    mine = [k for k in model_engines(bundle) if k["precision"] == precision]
+    if mine:
+        return "; ".join(_foreign_text(k, target) for k in mine)
+    others = [p.name for p in bundle.engines_dir.glob(f"*-{precision}-*.engine")] if bundle.engines_dir.is_dir() else []
+    extra = f" (engines present for other models: {', '.join(others)})" if others else ""
+    return f"no {precision} engine for this model on {target.sm} with TensorRT {target.trt_version}{extra}"
+
+
+def _foreign_text(k: dict, target: Target) -> str:
+    if k["sm"] == target.sm:
+        return (f"the {k['precision']} engine built by TensorRT {k['trt_version']} is stale (this device has "
+                f"{target.trt_version})")
+    return (f"the {k['precision']} engine {k['file']} was built for another GPU ({k['sm']}, TensorRT "
+            f"{k['trt_version']}; this device is {target.sm}, TensorRT {target.trt_version})")
+
+
+def no_engine(bundle: Bundle, target: Target, precision: str | None = None) -> tuple[str, str]:
+    """(why, what to build) when run has no guarded engine to open: ``precision`` (the config's
+    ``model.precision``), or, when it is None, any in :func:`best`'s order. The one source of the words and
+    the hint of ``run`` (the TensorRT backend) and ``doctor``: the first engine of this model that is there
+    but refused (corrupt, never guarded, stale after a TensorRT upgrade, built on another GPU) gives the
+    reason, and its precision is the one to rebuild; with none, ``precision``, else ``best`` (what
+    ``edge-ad compile --precision best`` builds). :func:`compile_command` words the hint."""
+    order = [precision] if precision else _order(bundle.active_precision)
+    checks = [check(bundle, p, target, require_guard=True) for p in order]
+    if not checks[0].key:   # no model.onnx: check() says so
+        return checks[0].reason, precision or "best"
+    have = {k["precision"] for k in model_engines(bundle)}
+    for p, c in zip(order, checks):
+        if c.engine.is_file() or p in have:
+            return c.reason, p
+    if precision:
+        return checks[0].reason, precision
+    d = bundle.engines_dir
+    others = sorted(p.name for p in d.glob("*.engine")) if d.is_dir() else []
+    extra = f" (engines present for other models: {', '.join(others)})" if others else ""
+    return f"no engine of this model in the bundle's engines/{extra}", "best"
+
+
+def compile_command(bundle: Bundle, precision: str) -> str:
+    """The command that builds, guards and records the engine of ``precision`` (or ``best``) on this device."""
+    return f"edge-ad compile --bundle {bundle.path} --precision {precision}"
 
 
 def scan(bundle: Bundle, target: Target) -> list[EngineCheck]:

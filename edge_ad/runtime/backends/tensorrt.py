@@ -129,24 +129,27 @@ class TensorRTBackend(Backend):
             self.precision = check_precision(precision or "fp32")
             path = engine_path
         else:
-            if precision is None:  # the best guarded engine, the bundle's active precision first
-                chk = engine_cache.best(bundle, target, prefer=bundle.active_precision)
-                if chk is None:
-                    chk = engine_cache.check(bundle, bundle.active_precision, target, require_guard=True)
-            else:
-                chk = engine_cache.check(bundle, check_precision(precision), target, require_guard=True)
-            self.precision = (chk.meta or {}).get("precision") if chk.ok else (precision or bundle.active_precision)
-            if not chk.ok:
+            def pick():  # the best guarded engine, the bundle's active precision first; or the one asked for
+                if precision is None:
+                    return engine_cache.best(bundle, target, prefer=bundle.active_precision)
+                c = engine_cache.check(bundle, check_precision(precision), target, require_guard=True)
+                return c if c.ok else None
+
+            chk = pick()
+            if chk is None:
+                why, build_as = engine_cache.no_engine(bundle, target, precision)
                 if not build:
-                    raise InputError(f"TensorRT engine refused: {chk.reason}. Build one on this device: "
-                                     f"edge-ad compile --bundle {bundle.path} --precision {self.precision}")
-                log.warning("TensorRT engine refused (%s); building a new one", chk.reason)
+                    raise InputError(f"no usable TensorRT engine: {why}. Build one on this device: "
+                                     f"{engine_cache.compile_command(bundle, build_as)}")
+                log.warning("no usable TensorRT engine (%s); building a new one (%s)", why, build_as)
                 from ...compile.tensorrt import compile_bundle
 
-                compile_bundle(bundle, self.precision, device=index, **build_options)
-                chk = engine_cache.check(bundle, self.precision, target, require_guard=True)
-                if not chk.ok:
-                    raise RuntimeFailure(f"TensorRT engine still refused after building: {chk.reason}")
+                compile_bundle(bundle, build_as, device=index, **build_options)
+                chk = pick()
+                if chk is None:
+                    raise RuntimeFailure("TensorRT engine still refused after building: "
+                                         f"{engine_cache.no_engine(bundle, target, precision)[0]}")
+            self.precision = chk.meta["precision"]
             path = chk.engine
         self.graph = path
         self._logger = _Logger(trt)
