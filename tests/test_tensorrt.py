@@ -199,7 +199,8 @@ class _FakeCuda:
 def _compile_here(monkeypatch, serialize, guard_passes=True):
     """compile_bundle / build_engine with TensorRT, the GPU, the guard set and the guarded backend replaced:
     ``serialize`` stands in for the TensorRT build (return engine bytes or raise); the guard passes or fails
-    as told. Returns the guard calls (the engine file each one ran)."""
+    as told (``guard_passes``: a bool, or the precisions that pass). Returns the guard calls (the engine file
+    each one ran)."""
     from edge_ad.compile import guard as guard_mod
     from edge_ad.compile import tensorrt as trt_compile
     from edge_ad.runtime.backends import cuda as cuda_mod
@@ -216,9 +217,10 @@ def _compile_here(monkeypatch, serialize, guard_passes=True):
 
     def evaluate(bundle, backend, gset, ref, limits, name=None):
         guarded.append(backend.engine_path)
-        return {"candidate": name, "passed": guard_passes, "checked": 8, "rank_corr": 0.999 if guard_passes else 0.5,
-                "auroc": {"synthetic": {"fp32": 1.0, "candidate": 1.0 if guard_passes else 0.6}}, "agreement": 1.0,
-                "max_map_error_rel": 0.1, "failures": [] if guard_passes else ["rank corr 0.5 < 0.99"]}
+        passes = guard_passes if isinstance(guard_passes, bool) else name.split("-")[1] in guard_passes
+        return {"candidate": name, "passed": passes, "checked": 8, "rank_corr": 0.999 if passes else 0.5,
+                "auroc": {"synthetic": {"fp32": 1.0, "candidate": 1.0 if passes else 0.6}}, "agreement": 1.0,
+                "max_map_error_rel": 0.1, "failures": [] if passes else ["rank corr 0.5 < 0.99"]}
 
     monkeypatch.setattr(trt_compile, "import_tensorrt", lambda: _FakeTRT)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: _FakeTRT)
@@ -288,6 +290,21 @@ def test_a_rebuild_that_passes_its_guard_replaces_the_engine(tmp_path, monkeypat
     meta = engine_cache.check(b, "fp16", ORIN).meta
     assert meta["max_batch"] == 4 and meta["guard"]["passed"] and "replacing" not in meta
     assert sorted(p.name for p in b.engines_dir.iterdir()) == [f"{key}.engine", f"{key}.json"]
+
+
+@pytest.mark.parametrize("passing,built", [({"int8", "fp16", "fp32"}, "int8"), ({"fp16", "fp32"}, "fp16"),
+                                            ({"fp32"}, "fp32")])
+def test_best_is_int8_else_fp16_else_fp32(tmp_path, monkeypatch, passing, built):
+    """--precision best (and so an install on a TensorRT line with model.precision empty): the first of INT8,
+    FP16, FP32 whose engine passes its guard; FP32 used not to be tried, leaving no engine at all."""
+    from edge_ad.compile.tensorrt import compile_bundle
+
+    b = _bundle(tmp_path)
+    guarded = _compile_here(monkeypatch, lambda: b"engine bytes", guard_passes=passing)
+    entry = compile_bundle(b, "best", progress=False)
+    assert entry["passed"] and entry["candidate"].startswith(f"tensorrt-{built}-")
+    assert [p.name.split("-")[1] for p in guarded] == ["int8", "fp16", "fp32"][:len(guarded)]
+    assert _in_use(b, built) == b"engine bytes" and {p.suffix for p in b.engines_dir.iterdir()} == {".engine", ".json"}
 
 
 def test_a_cut_while_a_rebuilt_engine_is_switched_in_leaves_the_old_or_the_new_engine(tmp_path, monkeypatch):

@@ -250,14 +250,15 @@ def compile_bundle(bundle: Bundle, precision: str = "best", max_batch: int = DEF
                    calib_dir=None, test_limit: int = 100, progress: bool = True) -> dict:
     """Build (or reuse) the engine, guard it against FP32, make its precision active. Returns the guard
     entry. ``best``: int8 when the bundle has a (guarded) INT8 graph, falling back to fp16 when the INT8
-    engine cannot be built or fails its guard; otherwise fp16. A failed engine is removed, never left to be run."""
+    engine cannot be built or fails its guard, and to fp32 when fp16 fails too; without an INT8 graph fp16,
+    then fp32. A failed engine is removed, never left to be run."""
     from ..errors import GuardFailure
     from ..runtime.backends.tensorrt import TensorRTBackend
     from . import guard as guard_mod
 
     import_tensorrt()  # say what to install before anything else
     if precision == "best":
-        order = (["int8"] if bundle.has("model.int8.onnx") else []) + ["fp16"]
+        order = (["int8"] if bundle.has("model.int8.onnx") else []) + ["fp16", "fp32"]
         refused = bundle.graph_refusal("model.int8.onnx")
         if refused is not None:
             _say(progress, f"no INT8 engine: {refused['why']}; building FP16")
