@@ -111,6 +111,57 @@ def test_stale_foreign_or_corrupt_engines_are_refused(tmp_path, change, reason):
     assert reason in c.reason
 
 
+AGX_64 = Target("8.7", "10.3.0", "Orin", 16, 62_841)        # Jetson AGX Orin 64GB: the CUDA name is "Orin" on
+NX_16 = Target("8.7", "10.3.0", "Orin", 8, 15_388)           # every Orin module; the SMs and the memory differ
+NX_8 = Target("8.7", "10.3.0", "Orin", 8, 7_620)
+
+
+@pytest.mark.parametrize("built_on,runs_on,reason", [
+    (AGX_64, NX_8, "built on another GPU model (16 SMs, this device has 8)"),
+    (NX_16, NX_8, "built on another GPU model (15,388 MiB of memory, this device has 7,620 MiB)"),
+    (Target("8.6", "10.3.0", "NVIDIA GeForce RTX 3080", 68, 10_240), Target("8.6", "10.3.0", "NVIDIA RTX A4000", 48, 16_376),
+     "built on another GPU model (gpu_name 'NVIDIA GeForce RTX 3080', this device has 'NVIDIA RTX A4000')"),
+    (NX_8, Target("8.7", "10.3.0", "Orin", 8, 7_400), None),     # the memory a kernel update leaves: the same module
+    (Target("8.7", "10.3.0", "Orin"), NX_8, None),                # a sidecar of an earlier edge-ad: name only
+])
+def test_an_engine_built_on_another_gpu_model_is_refused(tmp_path, built_on, runs_on, reason):
+    """Same architecture and TensorRT (the same key), another GPU model: the sidecar recorded the GPU name but
+    it was never compared, so an engine copied from an AGX Orin ran on an Orin NX. NVIDIA's engines are
+    specific to the GPU model they were built on."""
+    b = _bundle(tmp_path)
+    _put(b, "int8", target=built_on)
+    c = engine_cache.check(b, "int8", runs_on, require_guard=True)
+    if reason is None:
+        assert c.ok, c.reason
+    else:
+        assert not c.ok and reason in c.reason, c.reason
+        assert engine_cache.best(b, runs_on) is None
+
+
+def test_the_gpu_model_is_read_from_cuda(monkeypatch):
+    """current_target takes the GPU's name, SM count and memory from cuda-python's cudaGetDeviceProperties
+    (a stand-in module here: only our parsing of what it returns is tested)."""
+    from edge_ad.runtime.backends.cuda import CudaPython
+    from edge_ad.runtime.backends.tensorrt import current_target
+
+    class Prop:
+        name = b"Orin\0\0\0"
+        multiProcessorCount = 8
+        totalGlobalMem = (7_620 << 20) + 4_096
+
+    class RT:
+        class cudaDeviceAttr:
+            cudaDevAttrComputeCapabilityMajor, cudaDevAttrComputeCapabilityMinor = "major", "minor"
+
+        cudaGetDeviceCount = staticmethod(lambda: (0, 1))
+        cudaGetDeviceProperties = staticmethod(lambda i: (0, Prop()))
+        cudaDeviceGetAttribute = staticmethod(lambda attr, i: (0, 8 if attr == "major" else 7))
+
+    api = CudaPython.__new__(CudaPython)
+    api.rt = RT
+    assert current_target(_FakeTRT, api, 0) == Target("8.7", "10.3.0", "Orin", 8, 7_620)
+
+
 def test_best_prefers_the_active_precision_then_int8(tmp_path):
     b = _bundle(tmp_path)
     assert engine_cache.best(b, ORIN) is None

@@ -89,12 +89,14 @@ class CudaPython:
                       "cudaDeviceGetAttribute(minor)")
         return int(major), int(minor)
 
-    def device_name(self, index: int) -> str:
+    def device_model(self, index: int) -> tuple[str, int, int]:
+        """(CUDA name, SM count, memory in MiB): what tells GPU models apart (on a Jetson the name is "Orin"
+        for every Orin module; the SMs and the memory differ)."""
         prop = check(self.rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
         name = prop.name
         if isinstance(name, (bytes, bytearray)):
             name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
-        return str(name)
+        return str(name), int(prop.multiProcessorCount), int(prop.totalGlobalMem) >> 20
 
     def mem_info(self) -> tuple[int, int]:
         free, total = check(self.rt.cudaMemGetInfo(), "cudaMemGetInfo")
@@ -175,8 +177,13 @@ class PyCuda:
     def compute_capability(self, index: int) -> tuple[int, int]:
         return tuple(self._call(self.drv.Device(index).compute_capability, "cuDeviceComputeCapability"))
 
-    def device_name(self, index: int) -> str:
-        return str(self._call(self.drv.Device(index).name, "cuDeviceGetName"))
+    def device_model(self, index: int) -> tuple[str, int, int]:
+        """(CUDA name, SM count, memory in MiB), as :meth:`CudaPython.device_model`."""
+        dev = self._call(self.drv.Device, f"cuDeviceGet({index})", index)
+        name = str(self._call(dev.name, "cuDeviceGetName"))
+        sms = self._call(dev.get_attribute, "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
+                         self.drv.device_attribute.MULTIPROCESSOR_COUNT)
+        return name, int(sms), int(self._call(dev.total_memory, "cuDeviceTotalMem")) >> 20
 
     def mem_info(self) -> tuple[int, int]:
         free, total = self._call(self.drv.mem_get_info, "cuMemGetInfo")

@@ -6,7 +6,8 @@ says all four::
     engines/<model sha256[:16]>-<precision>-sm<major><minor>-trt<version>.engine
     engines/<same key>.json      sidecar: what it was built from, on what, and the engine's sha256
 
-An engine is used only when its sidecar matches this machine and this bundle exactly and the file's
+It is also tied to the GPU model (name, SM count, memory: :func:`_other_gpu_model`), which the sidecar
+records. An engine is used only when its sidecar matches this machine and this bundle and the file's
 sha256 matches the sidecar. Anything else (another GPU, another TensorRT, a changed or re-quantized
 model, a truncated or altered file, a missing sidecar) is refused with the reason; ``edge-ad compile``
 then rebuilds it. Pure Python: tested without TensorRT.
@@ -37,11 +38,15 @@ _KEY_RE = re.compile(r"^(?P<sha>[0-9a-f]{16})-(?P<prec>fp32|fp16|int8)-sm(?P<cc>
 
 @dataclass(frozen=True)
 class Target:
-    """Where an engine runs: GPU compute capability ("8.7"), GPU name and TensorRT version."""
+    """Where an engine runs: GPU compute capability ("8.7"), TensorRT version, and the GPU model: its CUDA
+    name, number of SMs and memory (MiB). On a Jetson the name is "Orin" for every Orin module, so the SM
+    count and the memory tell the modules apart (0: not known)."""
 
     compute_capability: str
     trt_version: str
     gpu_name: str = ""
+    sm_count: int = 0
+    memory_mib: int = 0
 
     @property
     def sm(self) -> str:
@@ -104,6 +109,8 @@ def make_sidecar(bundle: Bundle, precision: str, target: Target, engine_sha256: 
         "source_sha256": bundle.graph_hash(source_graph),
         "compute_capability": target.compute_capability,
         "gpu_name": target.gpu_name,
+        "sm_count": int(target.sm_count),
+        "gpu_memory_mib": int(target.memory_mib),
         "tensorrt": target.trt_version,
         "engine_sha256": engine_sha256,
         "image_size": list(bundle.image_size),
@@ -171,6 +178,9 @@ def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target,
         if meta.get(field) != want:
             return (f"{side.name}: {what[field]} ({field} {meta.get(field)!r}, this machine/bundle has "
                     f"{want!r})"), meta
+    other_gpu = _other_gpu_model(meta, target)
+    if other_gpu:
+        return f"{side.name}: built on another GPU model ({other_gpu}); engines are specific to it", meta
     src = meta.get("source_graph")
     if not isinstance(src, str) or not src:
         return f"{side.name}: names no source graph", meta
@@ -186,6 +196,27 @@ def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target,
 
 def _order(prefer: str | None) -> list[str]:
     return ([prefer] if prefer else []) + [p for p in ("int8", "fp16", "fp32") if p != prefer]
+
+
+MEMORY_TOLERANCE = 1.25   # the memory a device reports may move a little with its kernel; modules differ 2x
+
+
+def _other_gpu_model(meta: dict, target: Target) -> str:
+    """How the GPU an engine was built on differs from ``target``'s ("" when it does not): the CUDA name,
+    then (the name being "Orin" for every Orin module) the SM count and the memory, NVIDIA's engines being
+    specific to the exact GPU model, not only to its architecture. A field either side does not know (a
+    sidecar from an earlier edge-ad has no SM count or memory) is not compared."""
+    name = meta.get("gpu_name")
+    if name and target.gpu_name and name != target.gpu_name:
+        return f"gpu_name {name!r}, this device has {target.gpu_name!r}"
+    sms = meta.get("sm_count")
+    if isinstance(sms, int) and sms > 0 and target.sm_count > 0 and sms != target.sm_count:
+        return f"{sms} SMs, this device has {target.sm_count}"
+    mib = meta.get("gpu_memory_mib")
+    if isinstance(mib, (int, float)) and mib > 0 and target.memory_mib > 0 and \
+            max(mib, target.memory_mib) > MEMORY_TOLERANCE * min(mib, target.memory_mib):
+        return f"{mib:,.0f} MiB of memory, this device has {target.memory_mib:,} MiB"
+    return ""
 
 
 def best(bundle: Bundle, target: Target, prefer: str | None = None) -> EngineCheck | None:

@@ -69,7 +69,8 @@ def current_target(trt, cuda, index: int = 0) -> engine_cache.Target:
     if n <= index:
         raise InputError(f"CUDA device {index} not found ({n} device(s) visible)")
     major, minor = cuda.compute_capability(index)
-    return engine_cache.Target(f"{major}.{minor}", str(trt.__version__), cuda.device_name(index))
+    name, sm_count, memory_mib = cuda.device_model(index)
+    return engine_cache.Target(f"{major}.{minor}", str(trt.__version__), name, sm_count, memory_mib)
 
 
 class _Logger:
