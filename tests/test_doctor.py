@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -590,8 +591,9 @@ def test_run_and_doctor_say_the_same_of_a_missing_engine(tmp_path, monkeypatch, 
     from edge_ad.runtime.backends.engine_cache import Target
 
     class Cuda:
-        def set_device(self, index):
-            pass
+        @contextlib.contextmanager
+        def activate(self, index):
+            yield
 
         def close(self):
             pass

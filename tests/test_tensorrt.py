@@ -406,6 +406,128 @@ def test_cuda_status_check_raises_with_the_error():
         check((2,), "cudaMalloc(64)")
 
 
+# ------------------------------------------------------------- the device is current on the inference thread
+class _StandInCudaRuntime:
+    """cuda-python's runtime module as far as the backend uses it, keeping cudaSetDevice per thread as CUDA
+    does (a thread that never set it is on device 0); each copy records the device current on its thread.
+    Not CUDA: it tests our calls, not the driver."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        import threading
+
+        self.local, self.copies = threading.local(), []
+
+    def cudaSetDevice(self, index):
+        self.local.device = index
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        import threading
+
+        self.copies.append((threading.current_thread().name, getattr(self.local, "device", 0)))
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+
+class _StandInPycuda:
+    """pycuda.driver as far as the backend uses it: a context stack per thread, as CUDA and pycuda keep it;
+    each copy records whether the device's primary context is current on its thread. Not CUDA."""
+
+    class Error(Exception):
+        pass
+
+    def __init__(self):
+        import threading
+
+        local, drv = threading.local(), self
+        self.copies, self.left_pushed = [], {}
+
+        def stack():
+            if not hasattr(local, "stack"):
+                local.stack = []
+            return local.stack
+
+        class Context:
+            def push(self):
+                stack().append(self)
+                drv.left_pushed[threading.current_thread().name] = len(stack())
+
+            @staticmethod
+            def pop():
+                stack().pop()
+                drv.left_pushed[threading.current_thread().name] = len(stack())
+
+            @staticmethod
+            def get_current():
+                return stack()[-1] if stack() else None
+
+        self.primary = Context()
+        self.Context, self.stack = Context, stack
+        self.Device = lambda index: type("Device", (), {"retain_primary_context": lambda _: self.primary})()
+
+    def memcpy_htod_async(self, dst, src, stream):
+        import threading
+
+        self.copies.append((threading.current_thread().name, self.Context.get_current() is self.primary))
+
+    memcpy_dtoh_async = memcpy_htod_async
+
+
+@pytest.mark.parametrize("binding", ["cuda-python", "pycuda"])
+def test_inference_makes_the_device_current_on_its_own_thread(binding):
+    """The backend was opened on one thread and inferred on the runtime's edge-ad-inference thread, where the
+    device was never made current: with cuda-python cudaSetDevice is per thread, so cuda:1 ran on device 0
+    there; with pycuda the primary context was pushed only on the opening thread. Every inference now makes it
+    current on its own thread first (pycuda: pushed for the call and popped after). The binding's CUDA module
+    is a stand-in: this checks our calls, on the threads that make them, not CUDA (docs/compile.md)."""
+    import threading
+
+    from edge_ad.runtime.backends.cuda import CudaPython, PyCuda
+    from edge_ad.runtime.backends.tensorrt import TensorRTBackend
+
+    if binding == "cuda-python":
+        api, fake = CudaPython.__new__(CudaPython), _StandInCudaRuntime()
+        api.rt, stream, want = fake, 7, ("edge-ad-inference", 1)
+    else:
+        api, fake = PyCuda.__new__(PyCuda), _StandInPycuda()
+        api.drv, api._ctx, api._pushed = fake, None, False
+        stream = type("Stream", (), {"handle": 7, "synchronize": lambda self: None})()
+        want = ("edge-ad-inference", True)
+
+    class ExecutionContext:   # TensorRT's, as far as _run uses it
+        def set_input_shape(self, name, shape):
+            self.batch = shape[0]
+            return True
+
+        def execute_async_v3(self, handle):
+            return True
+
+        def get_tensor_shape(self, name):
+            return (self.batch, 1, 8, 8)
+
+    be = TensorRTBackend.__new__(TensorRTBackend)
+    be.image_size, be.output_names, be.max_batch, be._bufs = (64, 64), ["map"], 4, []
+    be._cuda, be._index, be._stream, be._context, be._logger = api, 1, stream, ExecutionContext(), None
+    be._io = {"image": (np.zeros(4 * 3 * 64 * 64 * 4, np.uint8), 1000, np.dtype(np.float32)),
+              "map": (np.zeros(4 * 64 * 4, np.uint8), 2000, np.dtype(np.float32))}
+    done = []
+    t = threading.Thread(target=lambda: done.append(be.infer(np.zeros((2, 3, 64, 64), np.float32))),
+                         name="edge-ad-inference")
+    t.start()
+    t.join()
+    assert done and done[0]["map"].shape == (2, 1, 8, 8)
+    assert fake.copies == [want, want]   # image in, map out: both with the device current on that thread
+    if binding == "pycuda":
+        assert fake.left_pushed == {"edge-ad-inference": 0}   # popped again: pycuda aborts on a thread left so
+    be._stream = None
+    be.close()
+
+
 @pytest.mark.skipif(tensorrt_usable()[0], reason="tensorrt is installed here")
 def test_compile_without_tensorrt_exits_2_saying_what_to_install(tmp_path):
     from edge_ad.cli import main
