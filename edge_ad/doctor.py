@@ -783,19 +783,19 @@ def engine_verdict(bundle, target, required: bool = False, precision: str | None
                   f"precision {wanted} has no usable engine ({pref.reason})")
         if pref.engine.is_file():  # there, but refused: something went wrong with it
             return Check("engine", Status.WARN, detail, data=data,
-                         fix=f"to run {wanted}: edge-ad compile --bundle {bundle.path} --precision {wanted} "
+                         fix=f"to run {wanted}: {engine_cache.compile_command(bundle, wanted)} "
                              "(on this device; takes minutes)")
         return _ok("engine", detail, data=data)
-    detail = f"no usable {wanted} engine for {where} ({pref.reason})"
+    why, build_as = engine_cache.no_engine(bundle, target, precision)   # run's words and hint, the same
+    detail = f"no usable {precision + ' ' if precision else ''}engine for {where}: {why}"
     if usable:
         detail += f"; usable: {', '.join(usable)}"
         if precision is not None:
             detail += f" (model.precision = \"{precision}\" asks for {precision} only)"
     return Check("engine", Status.FAIL if required else Status.WARN, detail, required=required, data=data,
-                 fix=f"edge-ad compile --bundle {bundle.path} --precision {wanted if wanted != 'fp32' else 'fp16'} "
-                     "(on this device; takes minutes)" + (
-                         f", or leave model.precision empty to run the {', '.join(usable)} engine"
-                         if usable and precision is not None else ""))
+                 fix=f"{engine_cache.compile_command(bundle, build_as)} (on this device; takes minutes)" + (
+                     f", or leave model.precision empty to run the {', '.join(usable)} engine"
+                     if usable and precision is not None else ""))
 
 
 def check_backend(bundle, backend: str = "auto", precision: str | None = None, device: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -451,8 +452,8 @@ def test_engine_check_with_a_stand_in_gpu(tmp_path, monkeypatch):
     b = _bundle(tmp_path / "b")
     b.set_active("model.onnx", "fp16")
     missing = d.check_engine(b)
-    assert missing.status == d.Status.WARN and "no usable fp16 engine for Orin sm87, TensorRT 10.3.0" in missing.detail
-    assert "edge-ad compile --bundle" in missing.fix
+    assert missing.status == d.Status.WARN and "no usable engine for Orin sm87, TensorRT 10.3.0" in missing.detail
+    assert f"edge-ad compile --bundle {b.path} --precision best" in missing.fix
     assert d.check_engine(b, required=True).status == d.Status.FAIL
 
     key = engine_cache.engine_key(engine_cache.model_sha(b), "fp16", target)
@@ -479,7 +480,9 @@ def test_engine_check_with_a_stand_in_gpu(tmp_path, monkeypatch):
     # another TensorRT on the device (a JetPack upgrade) makes it stale
     monkeypatch.setattr(trt_mod, "current_target", lambda trt, api, index=0: engine_cache.Target("8.7", "10.4.0", "Orin"))
     stale = d.check_engine(b)
-    assert stale.status == d.Status.WARN and "10.4.0" in stale.detail
+    assert stale.status == d.Status.WARN, stale
+    assert "the fp16 engine built by TensorRT 10.3.0 is stale (this device has 10.4.0)" in stale.detail
+    assert f"edge-ad compile --bundle {b.path} --precision fp16 " in stale.fix
 
 
 # ---------------------------------------------------------------------------- the engine run would open
@@ -567,13 +570,57 @@ def test_engine_asked_precision_only_and_none_usable(tmp_path):
     # no engine at all: run (tensorrt) cannot start
     empty = _engine_bundle(tmp_path / "2")
     c = d.engine_verdict(empty, _orin(), required=True)
-    assert c.status == d.Status.FAIL and "no usable int8 engine for Orin sm87" in c.detail
-    assert "edge-ad compile --bundle" in c.fix
+    assert c.status == d.Status.FAIL and "no usable engine for Orin sm87" in c.detail
+    assert "no engine of this model in" in c.detail and c.fix.startswith(f"edge-ad compile --bundle {empty.path} "
+                                                                          "--precision best ")
     # an engine for another TensorRT (a JetPack upgrade) does not count
     other = _engine_bundle(tmp_path / "3")
     from edge_ad.runtime.backends.engine_cache import Target
     _put_engine(other, "fp16", Target("8.7", "10.4.0", "Orin"))
     assert d.engine_verdict(other, _orin(), required=True).status == d.Status.FAIL
+
+
+@pytest.mark.parametrize("case", ["stale", "stale, precision asked", "unguarded", "none"])
+def test_run_and_doctor_say_the_same_of_a_missing_engine(tmp_path, monkeypatch, case):
+    """After a TensorRT upgrade (engine built by 10.3.0, the device now has 10.3.1) run said "no fp32 engine ...
+    compile --precision fp32" (the active ONNX precision) and doctor "... --precision fp16": neither said the
+    engine there was stale. Both now take engine_cache.no_engine: the same reason, and the same command,
+    rebuilding the precision that was there (else the one asked, else best)."""
+    from edge_ad.errors import InputError
+    from edge_ad.runtime.backends import tensorrt as trt_mod
+    from edge_ad.runtime.backends.engine_cache import Target
+
+    class Cuda:
+        @contextlib.contextmanager
+        def activate(self, index):
+            yield
+
+        def close(self):
+            pass
+
+    now = Target("8.7", "10.3.1", "Orin")
+    monkeypatch.setattr(trt_mod, "import_tensorrt", lambda: object())
+    monkeypatch.setattr(trt_mod, "cuda_api", lambda: Cuda())
+    monkeypatch.setattr(trt_mod, "current_target", lambda trt, api, index=0: now)
+    b = _engine_bundle(tmp_path, active=("model.onnx", "fp32"))
+    precision = "int8" if case == "stale, precision asked" else None
+    if case.startswith("stale"):
+        _put_engine(b, "fp16", Target("8.7", "10.3.0", "Orin"))
+        why, build_as = "the fp16 engine built by TensorRT 10.3.0 is stale (this device has 10.3.1)", precision or "fp16"
+    elif case == "unguarded":   # a compile cut before its guard was recorded
+        _put_engine(b, "int8", now, source="model.int8.onnx", guard=False)
+        why, build_as = "never passed the accuracy guard", "int8"
+    else:
+        why, build_as = "no engine of this model in the bundle's engines/", "best"
+    if precision:
+        why = "no int8 engine for this model on sm87 with TensorRT 10.3.1"
+    hint = f"edge-ad compile --bundle {b.path} --precision {build_as}"
+    with pytest.raises(InputError) as run_says:
+        trt_mod.TensorRTBackend(b, precision=precision, device="cuda:0")
+    assert why in str(run_says.value) and str(run_says.value).endswith(f"Build one on this device: {hint}"), run_says.value
+    doctor_says = d.engine_verdict(b, now, required=True, precision=precision)
+    assert doctor_says.status == d.Status.FAIL and why in doctor_says.detail, doctor_says
+    assert doctor_says.fix.startswith(f"{hint} (on this device"), doctor_says.fix
 
 
 # ---------------------------------------------------------------------------- the model opens as run opens it

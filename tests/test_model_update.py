@@ -3349,9 +3349,12 @@ def test_orchestration_a_tensorrt_line_builds_the_engine_in_staging_before_the_c
                         device="cuda:1", probe=lambda c: trt_line["order"].append("probe"))
     (call,) = trt_line["calls"]
     assert call["path"].parent == deploy / "releases" and call["path"].name.startswith(".incoming-")
-    assert (call["precision"], call["device"], call["calib_dir"]) == ("fp32", 1, golden / "good")
+    # model.precision empty: what 'compile --precision best' builds (INT8, else FP16, else FP32), not an engine of
+    # the candidate's active ONNX precision (fp32 here: a slow FP32 engine)
+    assert a.active_precision == "fp32"
+    assert (call["precision"], call["device"], call["calib_dir"]) == ("best", 1, golden / "good")
     assert trt_line["order"][0] == "compile" and trt_line["order"][-1] == "probe" and "open" in trt_line["order"]
-    assert (r1.path / "engines" / "x-fp32.engine").is_file() and r1.golden["passed"]
+    assert (r1.path / "engines" / "x-best.engine").is_file() and r1.golden["passed"]
     again = install_bundle(tmp_path / "a.tar", deploy, golden, backend="tensorrt", probe=lambda c: None)
     assert again.already_installed and again.release == r1.release and len(trt_line["calls"]) == 1   # a retry
     # --calib wins; the line's precision wins over the candidate's active one
@@ -3372,7 +3375,7 @@ def test_orchestration_a_failed_engine_build_or_guard_refuses_the_update(bundles
     r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)   # an onnxruntime release
     before = _release_files(deploy)
     trt_line["fail"], trt_line["order"] = fail, []
-    with pytest.raises(type(fail), match=f"new release's fp32 TensorRT engine .*{re.escape(str(fail))}"):
+    with pytest.raises(type(fail), match=f"new release's TensorRT engine .*{re.escape(str(fail))}"):
         install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, golden, backend="tensorrt",
                        probe=lambda c: pytest.fail("probed after a failed build"))
     assert trt_line["order"] == ["compile"]   # no golden check, no probe
@@ -3439,7 +3442,7 @@ def test_orchestration_cli_install_on_a_tensorrt_line_shows_progress(bundles, tm
                                      "--backend", "onnxruntime", "--calib", str(tmp_path / "nromals")])
     assert typo.exit_code == 2 and "nromals: no such folder" in typo.output, typo.output
     assert not (tmp_path / "d2").exists()
-    assert "building and guarding the new release's fp32 engine" in res.output
+    assert "building and guarding the new release's engine (best: INT8, else FP16, else FP32" in res.output
     assert trt_line["calls"][0]["calib_dir"] == calib and trt_line["calls"][0]["progress"] is True
     assert list((current_path(deploy) / "engines").glob("*.engine"))
 
@@ -3460,14 +3463,15 @@ def test_orchestration_update_model_on_a_tensorrt_line_builds_from_the_golden_se
         out = _update(svc, arch)
         assert out["activated"] and list((current_path(deploy) / "engines").glob("*.engine"))
         assert trt_line["calls"][-1]["path"].name.startswith(".incoming-") and len(trt_line["calls"]) == 3
+        assert [c["precision"] for c in trt_line["calls"]] == ["best"] * 3   # model.precision empty
     finally:
         svc.inspector.backend.close()
 
 
 def test_a_refused_candidates_compile_hint_names_the_new_release_not_a_path(tmp_path):
     staging = tmp_path / "deploy" / "releases" / ".incoming-abc"
-    exc = InputError(f"TensorRT engine refused: no fp32 engine. Build one on this device: edge-ad compile "
-                     f"--bundle {staging} --precision fp32; update refused")
+    exc = InputError("no usable TensorRT engine: no engine of this model in the bundle's engines/. Build one on this "
+                     f"device: edge-ad compile --bundle {staging} --precision fp32; update refused")
     msg = str(deploy_mod._named_in_archive(exc, staging, tmp_path / "part-a.tar"))
     assert "part-a.tar: bundle" not in msg and str(staging) not in msg
     assert "edge-ad compile --bundle <the new release> --precision fp32" in msg

@@ -61,8 +61,9 @@ def test_valid_engine_is_accepted_with_its_sidecar(tmp_path):
 
 
 @pytest.mark.parametrize("change,reason", [
-    ("other_gpu", "no int8 engine for this model on sm72"),
-    ("other_trt", "no int8 engine for this model on sm87 with TensorRT 10.7.0"),
+    ("other_gpu", "-int8-sm87-trt10.3.0.engine was built for another GPU (sm87, TensorRT 10.3.0; this device is "
+                  "sm72, TensorRT 10.3.0)"),   # a bundle copied from another device
+    ("other_trt", "the int8 engine built by TensorRT 10.3.0 is stale (this device has 10.7.0)"),   # JetPack upgrade
     ("model_changed", "no int8 engine for this model"),
     ("requantized", "source graph model.int8.onnx changed"),
     ("corrupt", "does not match its sidecar"),
@@ -108,6 +109,57 @@ def test_stale_foreign_or_corrupt_engines_are_refused(tmp_path, change, reason):
     c = engine_cache.check(b, "int8", target, require_guard=True)
     assert not c.ok
     assert reason in c.reason
+
+
+AGX_64 = Target("8.7", "10.3.0", "Orin", 16, 62_841)        # Jetson AGX Orin 64GB: the CUDA name is "Orin" on
+NX_16 = Target("8.7", "10.3.0", "Orin", 8, 15_388)           # every Orin module; the SMs and the memory differ
+NX_8 = Target("8.7", "10.3.0", "Orin", 8, 7_620)
+
+
+@pytest.mark.parametrize("built_on,runs_on,reason", [
+    (AGX_64, NX_8, "built on another GPU model (16 SMs, this device has 8)"),
+    (NX_16, NX_8, "built on another GPU model (15,388 MiB of memory, this device has 7,620 MiB)"),
+    (Target("8.6", "10.3.0", "NVIDIA GeForce RTX 3080", 68, 10_240), Target("8.6", "10.3.0", "NVIDIA RTX A4000", 48, 16_376),
+     "built on another GPU model (gpu_name 'NVIDIA GeForce RTX 3080', this device has 'NVIDIA RTX A4000')"),
+    (NX_8, Target("8.7", "10.3.0", "Orin", 8, 7_400), None),     # the memory a kernel update leaves: the same module
+    (Target("8.7", "10.3.0", "Orin"), NX_8, None),                # a sidecar of an earlier edge-ad: name only
+])
+def test_an_engine_built_on_another_gpu_model_is_refused(tmp_path, built_on, runs_on, reason):
+    """Same architecture and TensorRT (the same key), another GPU model: the sidecar recorded the GPU name but
+    it was never compared, so an engine copied from an AGX Orin ran on an Orin NX. NVIDIA's engines are
+    specific to the GPU model they were built on."""
+    b = _bundle(tmp_path)
+    _put(b, "int8", target=built_on)
+    c = engine_cache.check(b, "int8", runs_on, require_guard=True)
+    if reason is None:
+        assert c.ok, c.reason
+    else:
+        assert not c.ok and reason in c.reason, c.reason
+        assert engine_cache.best(b, runs_on) is None
+
+
+def test_the_gpu_model_is_read_from_cuda(monkeypatch):
+    """current_target takes the GPU's name, SM count and memory from cuda-python's cudaGetDeviceProperties
+    (a stand-in module here: only our parsing of what it returns is tested)."""
+    from edge_ad.runtime.backends.cuda import CudaPython
+    from edge_ad.runtime.backends.tensorrt import current_target
+
+    class Prop:
+        name = b"Orin\0\0\0"
+        multiProcessorCount = 8
+        totalGlobalMem = (7_620 << 20) + 4_096
+
+    class RT:
+        class cudaDeviceAttr:
+            cudaDevAttrComputeCapabilityMajor, cudaDevAttrComputeCapabilityMinor = "major", "minor"
+
+        cudaGetDeviceCount = staticmethod(lambda: (0, 1))
+        cudaGetDeviceProperties = staticmethod(lambda i: (0, Prop()))
+        cudaDeviceGetAttribute = staticmethod(lambda attr, i: (0, 8 if attr == "major" else 7))
+
+    api = CudaPython.__new__(CudaPython)
+    api.rt = RT
+    assert current_target(_FakeTRT, api, 0) == Target("8.7", "10.3.0", "Orin", 8, 7_620)
 
 
 def test_best_prefers_the_active_precision_then_int8(tmp_path):
@@ -182,6 +234,163 @@ def test_a_cut_while_an_engine_is_switched_in_never_leaves_a_record_of_an_engine
     assert seen_done
 
 
+# ------------------------------------------------------------ a rebuild never leaves the line without an engine
+class _FakeTRT:
+    """Stands in for the ``tensorrt`` module in build_engine's control flow: only its version is read there;
+    TensorRT's own part (:func:`edge_ad.compile.tensorrt._serialize`) is replaced by each test. Not TensorRT."""
+
+    __version__ = ORIN.trt_version
+
+
+class _FakeCuda:
+    def set_device(self, index):
+        pass
+
+
+def _compile_here(monkeypatch, serialize, guard_passes=True):
+    """compile_bundle / build_engine with TensorRT, the GPU, the guard set and the guarded backend replaced:
+    ``serialize`` stands in for the TensorRT build (return engine bytes or raise); the guard passes or fails
+    as told (``guard_passes``: a bool, or the precisions that pass). Returns the guard calls (the engine file
+    each one ran)."""
+    from edge_ad.compile import guard as guard_mod
+    from edge_ad.compile import tensorrt as trt_compile
+    from edge_ad.runtime.backends import cuda as cuda_mod
+    from edge_ad.runtime.backends import tensorrt as trt_backend
+
+    guarded = []
+
+    class Backend:
+        def __init__(self, bundle, precision=None, device=None, engine_path=None):
+            self.engine_path = engine_path
+
+        def close(self):
+            pass
+
+    def evaluate(bundle, backend, gset, ref, limits, name=None):
+        guarded.append(backend.engine_path)
+        passes = guard_passes if isinstance(guard_passes, bool) else name.split("-")[1] in guard_passes
+        return {"candidate": name, "passed": passes, "checked": 8, "rank_corr": 0.999 if passes else 0.5,
+                "auroc": {"synthetic": {"fp32": 1.0, "candidate": 1.0 if passes else 0.6}}, "agreement": 1.0,
+                "max_map_error_rel": 0.1, "failures": [] if passes else ["rank corr 0.5 < 0.99"]}
+
+    monkeypatch.setattr(trt_compile, "import_tensorrt", lambda: _FakeTRT)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: _FakeTRT)
+    monkeypatch.setattr(cuda_mod, "cuda_api", lambda: _FakeCuda())
+    monkeypatch.setattr(trt_compile, "current_target", lambda trt, cuda, index=0: ORIN)
+    monkeypatch.setattr(trt_compile, "_serialize", lambda *a, **k: serialize())
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", Backend)
+    monkeypatch.setattr(guard_mod, "training_images", lambda bundle, calib_dir=None: ([], []))
+    monkeypatch.setattr(guard_mod, "prepare_guard_set", lambda *a, **k: None)
+    monkeypatch.setattr(guard_mod, "evaluate", evaluate)
+    return guarded
+
+
+def _in_use(b, precision="fp16"):
+    """The engine run would open for ``precision`` (its bytes), or None."""
+    c = engine_cache.check(b, precision, ORIN, require_guard=True)
+    return c.engine.read_bytes() if c.ok else None
+
+
+@pytest.mark.parametrize("failure", ["build", "guard", "guard crashed"])
+def test_a_failed_rebuild_keeps_the_guarded_engine_in_use(tmp_path, monkeypatch, failure):
+    """compile --force (or other --max-batch / --workspace) used to delete the guarded engine before building
+    the new one: a build that failed (parser error, out of memory) or failed its guard left no engine, and
+    run could not start. The new engine is now built beside it and switched in only once guarded."""
+    from edge_ad.compile.tensorrt import compile_bundle
+    from edge_ad.errors import GuardFailure, RuntimeFailure
+
+    b = _bundle(tmp_path)
+    key = _put(b, "fp16", source="model.onnx")
+    old = _in_use(b)
+
+    def serialize():
+        if failure == "build":
+            raise RuntimeFailure("TensorRT could not build the fp16 engine from model.onnx: out of memory")
+        return b"new fp16 engine"
+
+    guarded = _compile_here(monkeypatch, serialize, guard_passes=failure != "guard")
+    if failure == "guard crashed":
+        from edge_ad.compile import guard as guard_mod
+
+        monkeypatch.setattr(guard_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeFailure("CUDA error")))
+    expect = {"build": RuntimeFailure, "guard": GuardFailure, "guard crashed": RuntimeFailure}[failure]
+    with pytest.raises(expect) as err:
+        compile_bundle(b, "fp16", force=True, progress=False)
+    if failure != "guard crashed":
+        assert f"the engine in use, {key}.engine" in str(err.value) and "is kept and still runs" in str(err.value)
+    assert _in_use(b) == old                                  # still there, still guarded, still the old one
+    assert sorted(p.name for p in b.engines_dir.iterdir()) == [f"{key}.engine", f"{key}.json"]  # no .new left
+    if failure == "guard":
+        assert guarded == [engine_cache.paths(b, key, pending=True)[0]]   # the guard ran the new engine, not the old
+        entry = json.loads(b.file("quant_report.json").read_text())["candidates"]["tensorrt-fp16-sm87-trt10.3.0"]
+        assert not entry["passed"] and entry["kept"] == f"{key}.engine"
+
+
+def test_a_rebuild_that_passes_its_guard_replaces_the_engine(tmp_path, monkeypatch):
+    from edge_ad.compile.tensorrt import compile_bundle
+
+    b = _bundle(tmp_path)
+    key = _put(b, "fp16", source="model.onnx")
+    (b.engines_dir / f"{key}.engine.new").write_bytes(b"left by a power cut during an earlier build")
+    guarded = _compile_here(monkeypatch, lambda: b"new fp16 engine")
+    entry = compile_bundle(b, "fp16", max_batch=4, progress=False)   # other options than the cached engine's
+    assert entry["passed"] and entry["built"] and entry["engine"] == f"{key}.engine" and "kept" not in entry
+    assert "built with other options (max_batch 8, asked 4)" in entry["refused"][0]
+    assert guarded == [engine_cache.paths(b, key, pending=True)[0]]
+    assert _in_use(b) == b"new fp16 engine"
+    meta = engine_cache.check(b, "fp16", ORIN).meta
+    assert meta["max_batch"] == 4 and meta["guard"]["passed"] and "replacing" not in meta
+    assert sorted(p.name for p in b.engines_dir.iterdir()) == [f"{key}.engine", f"{key}.json"]
+
+
+@pytest.mark.parametrize("passing,built", [({"int8", "fp16", "fp32"}, "int8"), ({"fp16", "fp32"}, "fp16"),
+                                            ({"fp32"}, "fp32")])
+def test_best_is_int8_else_fp16_else_fp32(tmp_path, monkeypatch, passing, built):
+    """--precision best (and so an install on a TensorRT line with model.precision empty): the first of INT8,
+    FP16, FP32 whose engine passes its guard; FP32 used not to be tried, leaving no engine at all."""
+    from edge_ad.compile.tensorrt import compile_bundle
+
+    b = _bundle(tmp_path)
+    guarded = _compile_here(monkeypatch, lambda: b"engine bytes", guard_passes=passing)
+    entry = compile_bundle(b, "best", progress=False)
+    assert entry["passed"] and entry["candidate"].startswith(f"tensorrt-{built}-")
+    assert [p.name.split("-")[1] for p in guarded] == ["int8", "fp16", "fp32"][:len(guarded)]
+    assert _in_use(b, built) == b"engine bytes" and {p.suffix for p in b.engines_dir.iterdir()} == {".engine", ".json"}
+
+
+def test_a_cut_while_a_rebuilt_engine_is_switched_in_leaves_the_old_or_the_new_engine(tmp_path, monkeypatch):
+    """A power cut at each rename or delete of the switch (record_engine with a pending engine): run always
+    finds a guarded engine, the old one or the new one, never none and never one the sidecar does not
+    describe; the next build (engine_cache.recover) finishes or drops what the cut left."""
+    import os
+
+    from edge_ad.compile.tensorrt import record_engine
+    from fixtures_bundle import power_cut
+
+    seen_done = False
+    for cut_at in range(1, 40):
+        b = _bundle(tmp_path / f"c{cut_at}")
+        key = _put(b, "fp16", source="model.onnx")
+        old = _in_use(b)
+        side = engine_cache.make_sidecar(b, "fp16", ORIN, "", "model.onnx", 4, "weak", 1024, 3.0)
+        engine_cache.write(b, key, b"new fp16 engine", side, pending=True)
+        entry = {"candidate": "tensorrt-fp16-sm87-trt10.3.0", "passed": True, "checked": 8, "rank_corr": 0.999,
+                 "auroc": 1.0, "engine": f"{key}.engine"}
+        with power_cut(monkeypatch, cut_at, os.replace, os.unlink) as cut:
+            assert record_engine(b, key, dict(entry), "fp16", pending=True)
+        Bundle.open(b.path, verify=True)
+        assert _in_use(b) in (old, b"new fp16 engine"), cut_at
+        engine_cache.recover(b, key)
+        assert _in_use(b) in (old, b"new fp16 engine"), cut_at
+        assert sorted(p.name for p in b.engines_dir.iterdir()) == [f"{key}.engine", f"{key}.json"], cut_at
+        assert "replacing" not in json.loads(engine_cache.paths(b, key)[1].read_text())
+        if not cut.hit:
+            assert _in_use(b) == b"new fp16 engine"
+            seen_done = True
+            break
+    assert seen_done
+
+
 def test_supported_tensorrt_releases():
     from edge_ad.runtime.backends.tensorrt import trt_supported
 
@@ -195,6 +404,128 @@ def test_cuda_status_check_raises_with_the_error():
     assert check((0, 7)) == 7 and check(0) is None and check((0, 1, 2)) == (1, 2)
     with pytest.raises(CudaError, match=r"cudaMalloc\(64\) failed: .*2"):
         check((2,), "cudaMalloc(64)")
+
+
+# ------------------------------------------------------------- the device is current on the inference thread
+class _StandInCudaRuntime:
+    """cuda-python's runtime module as far as the backend uses it, keeping cudaSetDevice per thread as CUDA
+    does (a thread that never set it is on device 0); each copy records the device current on its thread.
+    Not CUDA: it tests our calls, not the driver."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        import threading
+
+        self.local, self.copies = threading.local(), []
+
+    def cudaSetDevice(self, index):
+        self.local.device = index
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        import threading
+
+        self.copies.append((threading.current_thread().name, getattr(self.local, "device", 0)))
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+
+class _StandInPycuda:
+    """pycuda.driver as far as the backend uses it: a context stack per thread, as CUDA and pycuda keep it;
+    each copy records whether the device's primary context is current on its thread. Not CUDA."""
+
+    class Error(Exception):
+        pass
+
+    def __init__(self):
+        import threading
+
+        local, drv = threading.local(), self
+        self.copies, self.left_pushed = [], {}
+
+        def stack():
+            if not hasattr(local, "stack"):
+                local.stack = []
+            return local.stack
+
+        class Context:
+            def push(self):
+                stack().append(self)
+                drv.left_pushed[threading.current_thread().name] = len(stack())
+
+            @staticmethod
+            def pop():
+                stack().pop()
+                drv.left_pushed[threading.current_thread().name] = len(stack())
+
+            @staticmethod
+            def get_current():
+                return stack()[-1] if stack() else None
+
+        self.primary = Context()
+        self.Context, self.stack = Context, stack
+        self.Device = lambda index: type("Device", (), {"retain_primary_context": lambda _: self.primary})()
+
+    def memcpy_htod_async(self, dst, src, stream):
+        import threading
+
+        self.copies.append((threading.current_thread().name, self.Context.get_current() is self.primary))
+
+    memcpy_dtoh_async = memcpy_htod_async
+
+
+@pytest.mark.parametrize("binding", ["cuda-python", "pycuda"])
+def test_inference_makes_the_device_current_on_its_own_thread(binding):
+    """The backend was opened on one thread and inferred on the runtime's edge-ad-inference thread, where the
+    device was never made current: with cuda-python cudaSetDevice is per thread, so cuda:1 ran on device 0
+    there; with pycuda the primary context was pushed only on the opening thread. Every inference now makes it
+    current on its own thread first (pycuda: pushed for the call and popped after). The binding's CUDA module
+    is a stand-in: this checks our calls, on the threads that make them, not CUDA (docs/compile.md)."""
+    import threading
+
+    from edge_ad.runtime.backends.cuda import CudaPython, PyCuda
+    from edge_ad.runtime.backends.tensorrt import TensorRTBackend
+
+    if binding == "cuda-python":
+        api, fake = CudaPython.__new__(CudaPython), _StandInCudaRuntime()
+        api.rt, stream, want = fake, 7, ("edge-ad-inference", 1)
+    else:
+        api, fake = PyCuda.__new__(PyCuda), _StandInPycuda()
+        api.drv, api._ctx, api._pushed = fake, None, False
+        stream = type("Stream", (), {"handle": 7, "synchronize": lambda self: None})()
+        want = ("edge-ad-inference", True)
+
+    class ExecutionContext:   # TensorRT's, as far as _run uses it
+        def set_input_shape(self, name, shape):
+            self.batch = shape[0]
+            return True
+
+        def execute_async_v3(self, handle):
+            return True
+
+        def get_tensor_shape(self, name):
+            return (self.batch, 1, 8, 8)
+
+    be = TensorRTBackend.__new__(TensorRTBackend)
+    be.image_size, be.output_names, be.max_batch, be._bufs = (64, 64), ["map"], 4, []
+    be._cuda, be._index, be._stream, be._context, be._logger = api, 1, stream, ExecutionContext(), None
+    be._io = {"image": (np.zeros(4 * 3 * 64 * 64 * 4, np.uint8), 1000, np.dtype(np.float32)),
+              "map": (np.zeros(4 * 64 * 4, np.uint8), 2000, np.dtype(np.float32))}
+    done = []
+    t = threading.Thread(target=lambda: done.append(be.infer(np.zeros((2, 3, 64, 64), np.float32))),
+                         name="edge-ad-inference")
+    t.start()
+    t.join()
+    assert done and done[0]["map"].shape == (2, 1, 8, 8)
+    assert fake.copies == [want, want]   # image in, map out: both with the device current on that thread
+    if binding == "pycuda":
+        assert fake.left_pushed == {"edge-ad-inference": 0}   # popped again: pycuda aborts on a thread left so
+    be._stream = None
+    be.close()
 
 
 @pytest.mark.skipif(tensorrt_usable()[0], reason="tensorrt is installed here")
@@ -278,11 +609,13 @@ def test_real_engine_builds_guards_caches_and_matches(trt_bundle, tmp_path, prec
     from edge_ad.errors import InputError
     with pytest.raises(InputError, match="does not match its sidecar"):
         open_backend(b, "tensorrt", precision)
-    rebuilt = build_engine(b, precision, max_batch=4, progress=False)
-    assert rebuilt.built and rebuilt.refused and "does not match" in rebuilt.refused[0]
-    # other build options: the cached engine is not silently reused
-    other = build_engine(b, precision, max_batch=8, progress=False)
-    assert other.built and "built with other options (max_batch 4, asked 8)" in other.refused[0]
+    rebuilt = compile_bundle(b, precision, max_batch=4, guard_normals=4, limits=loose, progress=False)
+    assert rebuilt["built"] and rebuilt["refused"] and "does not match" in rebuilt["refused"][0]
+    # other build options: the cached engine is not silently reused (build_engine alone leaves the new
+    # engine beside the one in use; compile_bundle switches it in once guarded)
+    other = compile_bundle(b, precision, max_batch=8, guard_normals=4, limits=loose, progress=False)
+    assert other["built"] and "built with other options (max_batch 4, asked 8)" in other["refused"][0]
+    assert not list(b.engines_dir.glob("*.new"))
 
 
 @pytest.mark.tensorrt

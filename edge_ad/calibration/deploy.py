@@ -459,10 +459,12 @@ def engine_images(calib_dir: str | os.PathLike | None, golden_dir: str | os.Path
 def build_line_engine(candidate: Bundle, images: Path | None, precision: str | None, device: str | None,
                       progress: bool = False) -> dict:
     """Build and guard the TensorRT engine of ``candidate`` (in its folder: ``engines/``) with
-    :func:`edge_ad.compile.tensorrt.compile_bundle`, in ``precision`` (the line's ``model.precision``, else
-    the candidate's active precision), calibrated and guarded on ``images`` (else the candidate's recorded
-    training data, when it is on this machine). Raises InputError / GuardFailure / RuntimeFailure naming
-    what failed; the caller switches nothing in then."""
+    :func:`edge_ad.compile.tensorrt.compile_bundle`, in ``precision`` (the line's ``model.precision``; when it
+    is empty, ``best``, as ``edge-ad compile --precision best`` on the device: INT8 when the candidate has an
+    INT8 graph and its engine passes the guard, else FP16, else FP32; the candidate's active ONNX precision,
+    FP32 on a bundle never quantized, would make a slow FP32 engine), calibrated and guarded on ``images``
+    (else the candidate's recorded training data, when it is on this machine). Raises InputError /
+    GuardFailure / RuntimeFailure naming what failed; the caller switches nothing in then."""
     from ..compile.tensorrt import _say, compile_bundle
     from ..runtime.backends.tensorrt import parse_device
 
@@ -473,10 +475,12 @@ def build_line_engine(candidate: Bundle, images: Path | None, precision: str | N
                              "device from normal images of the part, and none were found: give them with --calib "
                              "DIR ('edge-ad bundle install'), or put them in the golden set's good/ folder; "
                              "update refused")
-    precision = precision or candidate.active_precision
-    _say(progress, f"the line runs TensorRT: building and guarding the new release's {precision} engine on this "
+    precision = precision or "best"   # what step 6 of jetson/README.md builds: the precision run then picks
+    said = "engine (best: INT8, else FP16, else FP32, the first to pass its guard)" if precision == "best" else \
+        f"{precision} engine"
+    _say(progress, f"the line runs TensorRT: building and guarding the new release's {said} on this "
                    f"device ({'normal images: ' + str(images) if images else 'its recorded training data'})")
-    what = f"the new release's {precision} TensorRT engine"
+    what = f"the new release's {'' if precision == 'best' else precision + ' '}TensorRT engine"
     try:
         return compile_bundle(candidate, precision, device=parse_device(device), calib_dir=images,
                               progress=progress)

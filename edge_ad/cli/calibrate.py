@@ -711,8 +711,9 @@ def pack_cmd(bundle_dir, out, sign_key):
               help="Backend the line runs (model.backend): the new model is opened on it, and the golden check "
                    "runs on it, before the switch. Default: the config's, else auto.")
 @click.option("--precision", default=None,
-              help="Precision the line runs (model.precision), for the open and golden checks. Default: the "
-                   "config's, else each bundle's active graph.")
+              help="Precision the line runs (model.precision), for the open and golden checks (and, on a "
+                   "TensorRT line, the new release's engine; without one, 'compile --precision best'). Default: "
+                   "the config's, else each bundle's active graph.")
 @click.option("--device", default=None, help="Device the line runs on (model.device), for the open and golden "
                                              "checks. Default: the config's, else the best this machine has.")
 @click.option("--calib", "calib_dir", type=click.Path(path_type=Path),

@@ -90,7 +90,8 @@ def quantize(bundle_dir, precision, samples, keep_fp32, threads, max_auroc_drop,
 
 @main.command("compile")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder.")
-@click.option("--precision", default="best", show_default=True, type=click.Choice(["fp16", "int8", "fp32", "best"]))
+@click.option("--precision", default="best", show_default=True, type=click.Choice(["fp16", "int8", "fp32", "best"]),
+              help="best: INT8 (on a quantized bundle), else FP16, else FP32: the first engine to pass the guard.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Largest batch of the engine's profile.")
 @click.option("--workspace", "workspace_mib", default=1024, show_default=True, type=click.IntRange(min=16),

@@ -402,7 +402,9 @@ def _jsonable(x):
 def raise_on_failure(entries: Sequence[dict]) -> None:
     bad = [e for e in entries if not e["passed"]]
     if bad:
-        lines = [f"{e['candidate']}: " + "; ".join(e["failures"]) for e in bad]
+        lines = [f"{e['candidate']}: " + "; ".join(e["failures"])
+                 + (f" (the engine in use, {e['kept']}, is kept and still runs)" if e.get("kept") else "")
+                 for e in bad]
         raise GuardFailure("accuracy guard failed, nothing was switched in (see quant_report.json):\n  "
                            + "\n  ".join(lines))
 

@@ -13,9 +13,11 @@ Versions and how precision is chosen:
 
 Every build: all ONNX parser errors reported, an optimization profile for batch 1..max_batch, a
 workspace limit, a persisted timing cache (per GPU architecture and TensorRT version), the engine
-deserialized once to check it, then written with its sidecar (:mod:`..runtime.backends.engine_cache`).
-An engine already in the cache is reused only when the cache accepts it; otherwise the refusal is
-reported and the engine rebuilt. :func:`compile_bundle` then runs the accuracy guard on the engine.
+deserialized once to check it, then written with its sidecar (:mod:`..runtime.backends.engine_cache`)
+beside the engine in use, if any. An engine already in the cache is reused only when the cache accepts
+it; otherwise the refusal is reported and the engine rebuilt. :func:`compile_bundle` then runs the
+accuracy guard on the new engine and switches it in only when it passed (:func:`record_engine`): a
+failed build or guard, or a power cut, leaves the engine that was in use.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class BuildResult:
     seconds: float
     source_graph: str
     typing: str
+    kept: EngineCheck | None = None   # a rebuild: the guarded engine in use, kept until the new one is guarded
 
 
 def source_graph(precision: str, strong: bool) -> str:
@@ -59,7 +62,12 @@ def source_graph(precision: str, strong: bool) -> str:
 def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BATCH,
                  workspace_mib: int = DEFAULT_WORKSPACE_MIB, device: int = 0, typing: str = "auto",
                  opt_batch: int = 1, force: bool = False, progress: bool = True) -> BuildResult:
-    """Build (or reuse a valid cached) engine for ``precision``; returns where it is and what happened."""
+    """Build (or reuse a valid cached) engine for ``precision``; returns where it is and what happened.
+
+    A new engine is written beside the one in use (``engines/<key>.engine.new``, :func:`engine_cache.paths`):
+    ``check`` names it, and :func:`record_engine` switches it in once it has passed its guard. A build that
+    fails (parser error, out of memory, interrupted) leaves the engine in use as it was and says so when
+    it is a guarded one (:func:`kept_note`)."""
     if precision not in ("fp32", "fp16", "int8"):
         raise InputError(f"precision '{precision}': expected fp32, fp16 or int8")
     if typing not in ("auto", "weak", "strong"):
@@ -82,6 +90,12 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
         raise InputError(f"strongly typed networks need TensorRT 10 or newer (this is {trt.__version__})")
 
     refused = []
+    try:
+        key = engine_cache.engine_key(engine_cache.model_sha(bundle), precision, target)
+    except (FileNotFoundError, ValueError):
+        key = ""   # no model.onnx: check() says so, and the build is refused with its reason below
+    if key:
+        engine_cache.recover(bundle, key)   # what a power cut in an earlier build or switch left
     chk = engine_cache.check(bundle, precision, target)
     # a cached engine is reused only when it was built with the options asked for now
     wanted = {"max_batch": int(max_batch), "typing": "strong" if strong else "weak",
@@ -91,22 +105,53 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
     if chk.ok and not force and not differs:
         _say(progress, f"engine {chk.engine.name} is valid for this GPU and TensorRT; not rebuilding")
         return BuildResult(chk, False, [], 0.0, chk.meta.get("source_graph", ""), chk.meta.get("typing", ""))
+    kept = chk if chk.ok and (chk.meta.get("guard") or {}).get("passed") else None
     if chk.engine.name and chk.engine.is_file():
         refused.append(chk.reason if not chk.ok else
                        "rebuild forced" if force else "built with other options (" + "; ".join(differs) + ")")
-        _say(progress, f"refusing engine {chk.engine.name}: {refused[-1]}; rebuilding")
-        engine_cache.remove(bundle, chk.key)
+        _say(progress, f"refusing engine {chk.engine.name}: {refused[-1]}; rebuilding"
+                       + (" beside it (it stays in use until the new one has passed its guard)" if kept else ""))
     for other in engine_cache.scan(bundle, target):
         if not other.ok:
             log.info("engine cache: %s", other.reason)
 
+    if not key:
+        raise InputError(chk.reason)
     graph = source_graph(precision, strong)
-    path = bundle.check_graph(graph)  # on disk, recorded by the manifest, sha256 checked
+    try:
+        path = bundle.check_graph(graph)  # on disk, recorded by the manifest, sha256 checked
+        _say(progress, f"building a TensorRT {trt.__version__} {precision} engine from {graph} for "
+                       f"{target.gpu_name} ({target.sm}), batch 1..{max_batch}, "
+                       f"{'strongly' if strong else 'weakly'} typed (this takes minutes on a Jetson)")
+        t0 = time.perf_counter()
+        data = _serialize(trt, bundle, path, precision, strong, major, max_batch, opt_batch, workspace_mib,
+                          engine_cache.timing_cache_path(bundle, target))
+        seconds = time.perf_counter() - t0
+        side = engine_cache.make_sidecar(bundle, precision, target, "", graph, max_batch,
+                                         "strong" if strong else "weak", workspace_mib, seconds)
+        engine_cache.write(bundle, key, data, side, pending=True)   # beside the engine in use
+        chk = engine_cache.check(bundle, precision, target, pending=True)
+        if not chk.ok:  # a write that does not read back is a disk problem, not a model problem
+            raise RuntimeFailure(f"engine written but refused on reading back: {chk.reason}")
+    except BaseException as exc:
+        engine_cache.discard_pending(bundle, key)
+        if kept is not None and isinstance(exc, (RuntimeFailure, InputError)):
+            exc.args = (f"{exc}; {kept_note(kept)}",)
+        raise
+    _say(progress, f"wrote {chk.engine} ({len(data) / 1e6:.1f} MB, {seconds:.0f} s)")
+    return BuildResult(chk, True, refused, seconds, graph, "strong" if strong else "weak", kept)
+
+
+def kept_note(kept: EngineCheck) -> str:
+    """What a failed rebuild says of the guarded engine it leaves in use."""
+    return f"the engine in use, {kept.engine.name} (guarded), is kept and still runs"
+
+
+def _serialize(trt, bundle: Bundle, path: Path, precision: str, strong: bool, major: int, max_batch: int,
+               opt_batch: int, workspace_mib: int, tc_path: Path) -> bytes:
+    """TensorRT's part of a build: parse ``path``, set precision, profile, workspace and timing cache, build,
+    deserialize the result once to check its tensors; returns the serialized engine."""
     h, w = bundle.image_size
-    _say(progress, f"building a TensorRT {trt.__version__} {precision} engine from {graph} for "
-                   f"{target.gpu_name} ({target.sm}), batch 1..{max_batch}, "
-                   f"{'strongly' if strong else 'weakly'} typed (this takes minutes on a Jetson)")
-    t0 = time.perf_counter()
     logger = _Logger(trt)
     builder = trt.Builder(logger)
     flags = 0
@@ -133,15 +178,13 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
     profile = builder.create_optimization_profile()
     profile.set_shape("image", (1, 3, h, w), (int(opt_batch), 3, h, w), (int(max_batch), 3, h, w))
     config.add_optimization_profile(profile)
-    tc_path = engine_cache.timing_cache_path(bundle, target)
     cache = _timing_cache(config, tc_path)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeFailure(f"TensorRT could not build the {precision} engine from {graph}:\n  "
+        raise RuntimeFailure(f"TensorRT could not build the {precision} engine from {path.name}:\n  "
                              + "\n  ".join(logger.errors() or ["(no error message; run with -vv)"]))
     data = bytes(memoryview(serialized))
-    seconds = time.perf_counter() - t0
     if cache is not None:
         from .. import atomic
 
@@ -152,15 +195,7 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
     if missing:
         raise RuntimeFailure(f"the built engine lacks tensors {missing} (has {names})")
     del engine, _runtime
-    key = engine_cache.engine_key(engine_cache.model_sha(bundle), precision, target)
-    side = engine_cache.make_sidecar(bundle, precision, target, "", graph, max_batch,
-                                     "strong" if strong else "weak", workspace_mib, seconds)
-    engine_cache.write(bundle, key, data, side)
-    chk = engine_cache.check(bundle, precision, target)
-    if not chk.ok:  # a write that does not read back is a disk problem, not a model problem
-        raise RuntimeFailure(f"engine written but refused on reading back: {chk.reason}")
-    _say(progress, f"wrote {chk.engine} ({len(data) / 1e6:.1f} MB, {seconds:.0f} s)")
-    return BuildResult(chk, True, refused, seconds, graph, "strong" if strong else "weak")
+    return data
 
 
 def pin_head_fp32(trt, network) -> int:
@@ -215,14 +250,15 @@ def compile_bundle(bundle: Bundle, precision: str = "best", max_batch: int = DEF
                    calib_dir=None, test_limit: int = 100, progress: bool = True) -> dict:
     """Build (or reuse) the engine, guard it against FP32, make its precision active. Returns the guard
     entry. ``best``: int8 when the bundle has a (guarded) INT8 graph, falling back to fp16 when the INT8
-    engine cannot be built or fails its guard; otherwise fp16. A failed engine is removed, never left to be run."""
+    engine cannot be built or fails its guard, and to fp32 when fp16 fails too; without an INT8 graph fp16,
+    then fp32. A failed engine is removed, never left to be run."""
     from ..errors import GuardFailure
     from ..runtime.backends.tensorrt import TensorRTBackend
     from . import guard as guard_mod
 
     import_tensorrt()  # say what to install before anything else
     if precision == "best":
-        order = (["int8"] if bundle.has("model.int8.onnx") else []) + ["fp16"]
+        order = (["int8"] if bundle.has("model.int8.onnx") else []) + ["fp16", "fp32"]
         refused = bundle.graph_refusal("model.int8.onnx")
         if refused is not None:
             _say(progress, f"no INT8 engine: {refused['why']}; building FP16")
@@ -243,51 +279,67 @@ def compile_bundle(bundle: Bundle, precision: str = "best", max_batch: int = DEF
                 raise
             _say(progress, f"{prec} engine could not be built ({exc}); trying {order[order.index(prec) + 1]}")
             continue
-        backend = TensorRTBackend(bundle, precision=prec, device=f"cuda:{device}", engine_path=res.check.engine)
         try:
-            name = f"tensorrt-{prec}-{res.check.key.split('-', 2)[2]}"
-            entry = guard_mod.evaluate(bundle, backend, gset, None, limits, name=name)
-        finally:
-            backend.close()
-        entry.update(engine=res.check.engine.name, built=res.built, refused=res.refused,
+            backend = TensorRTBackend(bundle, precision=prec, device=f"cuda:{device}", engine_path=res.check.engine)
+            try:
+                name = f"tensorrt-{prec}-{res.check.key.split('-', 2)[2]}"
+                entry = guard_mod.evaluate(bundle, backend, gset, None, limits, name=name)
+            finally:
+                backend.close()
+        except BaseException:   # the new engine is not switched in; the one in use stays
+            if res.built:
+                engine_cache.discard_pending(bundle, res.check.key)
+            raise
+        entry.update(engine=f"{res.check.key}.engine", built=res.built, refused=res.refused,
                      build_seconds=res.seconds, source_graph=res.source_graph, typing=res.typing)
-        if record_engine(bundle, res.check.key, entry, prec):
+        if not entry["passed"] and res.kept is not None:
+            entry["kept"] = res.kept.engine.name
+        if record_engine(bundle, res.check.key, entry, prec, pending=res.built):
             _say(progress, guard_mod.summary(entry))
             return entry
         _say(progress, guard_mod.summary(entry))
         last_failure = entry
-        _say(progress, f"{prec} engine failed the guard and was removed")
+        _say(progress, f"{prec} engine failed the guard and was removed"
+                       + (f"; {kept_note(res.kept)}" if res.kept is not None else ""))
     guard_mod.raise_on_failure([last_failure])
     raise GuardFailure("no engine passed the guard")
 
 
-def record_engine(bundle: Bundle, key: str, entry: dict, precision: str) -> bool:
-    """Switch the engine ``key`` (written with its sidecar by :func:`build_engine`) in when its guard
-    ``entry`` passed, else out, and record ``entry`` in ``quant_report.json``; returns whether it passed.
+def record_engine(bundle: Bundle, key: str, entry: dict, precision: str, pending: bool = False) -> bool:
+    """Switch the engine ``key`` (written with its sidecar by :func:`build_engine`; ``pending``: beside the
+    engine in use, as a new build writes it) in when its guard ``entry`` passed, else out, and record
+    ``entry`` in ``quant_report.json``; returns whether it passed.
 
     The engine first, then the records that name it, so that a power cut at any point leaves a bundle
     that opens and no record of an engine that is not in force:
 
     - passed: the sidecar records the guard (from then on the runtime may run the engine: it runs only
-      engines whose sidecar says they passed), then the report and the active precision change as one
-      (:func:`guard.write_report`: :meth:`Bundle.replace_files`, as ``edge-ad quantize`` switches its graphs
-      in). The report was written first, on its own and then recorded: a cut between the two left a
-      ``quant_report.json`` whose sha256 the manifest refused (a bundle that no longer opened), a cut before
-      the sidecar a report saying "passed" of an engine the runtime refuses;
-    - failed: the engine goes (sidecar first, :func:`engine_cache.remove`), then the report says why.
+      engines whose sidecar says they passed); a pending engine is then switched in over the one in use
+      (:func:`engine_cache.swap_in`: a cut leaves the old engine or the new one usable, never none); then the
+      report and the active precision change as one (:func:`guard.write_report`: :meth:`Bundle.replace_files`,
+      as ``edge-ad quantize`` switches its graphs in). The report was written first, on its own and then
+      recorded: a cut between the two left a ``quant_report.json`` whose sha256 the manifest refused (a bundle
+      that no longer opened), a cut before the sidecar a report saying "passed" of an engine the runtime refuses;
+    - failed: the engine goes (a pending one alone, the engine in use staying: ``entry["kept"]`` names it; else
+      sidecar first, :func:`engine_cache.remove`), then the report says why.
     """
     from . import guard as guard_mod
 
     if entry["passed"]:
-        engine_cache.update_sidecar(bundle, key, guard={
+        engine_cache.update_sidecar(bundle, key, pending=pending, guard={
             "passed": True, "checked": entry["checked"], "rank_corr": entry["rank_corr"],
             "auroc": entry["auroc"]})
+        if pending:
+            engine_cache.swap_in(bundle, key)
         graph = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[precision]
         # an fp16 engine built from model.onnx leaves the ONNX side as it is
         guard_mod.write_report(bundle, [entry], meta={"active": {"graph": graph, "precision": precision}}
                                if bundle.has(graph) else None)
         return True
-    engine_cache.remove(bundle, key)
+    if pending:
+        engine_cache.discard_pending(bundle, key)
+    else:
+        engine_cache.remove(bundle, key)
     guard_mod.write_report(bundle, [entry])
     return False
 

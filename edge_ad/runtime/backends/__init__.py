@@ -114,15 +114,15 @@ def _open_auto(bundle: Bundle, precision: str | None, device: str | None, **opti
             target = current_target(import_tensorrt(), cuda_api(), index)
             if precision is None:
                 chk = engine_cache.best(bundle, target, prefer=bundle.active_precision)
-                reason = "no guarded engine for this model, GPU and TensorRT"
             else:
                 chk = engine_cache.check(bundle, precision, target, require_guard=True)
-                reason = chk.reason
                 chk = chk if chk.ok else None
             if chk is not None:
                 trt_opts = {k: v for k, v in options.items() if k not in ("threads", "max_batch", "spinning")}
                 return TensorRTBackend(bundle, precision=chk.meta["precision"], device=f"cuda:{index}", **trt_opts)
-            log.warning("not using TensorRT: %s (run 'edge-ad compile'); using ONNX Runtime", reason)
+            why, build_as = engine_cache.no_engine(bundle, target, precision)
+            log.warning("not using TensorRT: %s (%s); using ONNX Runtime", why,
+                        engine_cache.compile_command(bundle, build_as))
         else:
             log.info("not using TensorRT: %s", why)
     from .onnxruntime import OnnxRuntimeBackend, available_providers

@@ -4,10 +4,17 @@ cuda-python (``cuda.bindings.runtime``, or the legacy ``cuda.cudart``) is prefer
 binding and ships for JetPack 6. pycuda is the fallback. Every cuda-python status goes through
 :func:`check`, which raises :class:`CudaError` with the error's name (``cudaErrorMemoryAllocation``...);
 pycuda's own exceptions are turned into the same error. Buffers are freed explicitly, never left to GC.
+
+The device is current *per thread* (cuda-python: ``cudaSetDevice``; pycuda: the context pushed on the
+thread's stack), and the thread that opens a backend is not the one that runs inference (the runtime's
+``edge-ad-inference`` thread). So every call that uses the device runs inside :meth:`activate` on the thread
+that makes it: cuda-python sets the device there, pycuda pushes the primary context there for the call and
+pops it after (pycuda aborts the process when a thread ends with a context still pushed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 
@@ -81,6 +88,13 @@ class CudaPython:
     def set_device(self, index: int) -> None:
         check(self.rt.cudaSetDevice(index), f"cudaSetDevice({index})")
 
+    @contextlib.contextmanager
+    def activate(self, index: int):
+        """Device ``index`` current on the calling thread (``cudaSetDevice`` is per thread: a thread that never
+        called it runs on device 0)."""
+        self.set_device(index)
+        yield
+
     def compute_capability(self, index: int) -> tuple[int, int]:
         attr = self.rt.cudaDeviceAttr
         major = check(self.rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, index),
@@ -89,12 +103,14 @@ class CudaPython:
                       "cudaDeviceGetAttribute(minor)")
         return int(major), int(minor)
 
-    def device_name(self, index: int) -> str:
+    def device_model(self, index: int) -> tuple[str, int, int]:
+        """(CUDA name, SM count, memory in MiB): what tells GPU models apart (on a Jetson the name is "Orin"
+        for every Orin module; the SMs and the memory differ)."""
         prop = check(self.rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
         name = prop.name
         if isinstance(name, (bytes, bytearray)):
             name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
-        return str(name)
+        return str(name), int(prop.multiProcessorCount), int(prop.totalGlobalMem) >> 20
 
     def mem_info(self) -> tuple[int, int]:
         free, total = check(self.rt.cudaMemGetInfo(), "cudaMemGetInfo")
@@ -153,6 +169,7 @@ class PyCuda:
         self.drv = drv
         self._call(drv.init, "cuInit")
         self._ctx = None
+        self._pushed = False   # set_device pushed the context (popped by close)
         self._dev_allocs: dict[int, object] = {}
         self._host_allocs: dict[int, np.ndarray] = {}
 
@@ -165,18 +182,48 @@ class PyCuda:
     def device_count(self) -> int:
         return int(self._call(self.drv.Device.count, "cuDeviceGetCount"))
 
+    def _primary(self, index: int):
+        if self._ctx is None:
+            dev = self._call(self.drv.Device, f"cuDeviceGet({index})", index)
+            self._ctx = self._call(dev.retain_primary_context, "cuDevicePrimaryCtxRetain")
+        return self._ctx
+
+    def _current(self) -> bool:
+        """Whether the primary context is the current one of the calling thread (pycuda's per-thread stack)."""
+        cur = self._call(self.drv.Context.get_current, "cuCtxGetCurrent")
+        return cur is not None and cur == self._ctx
+
     def set_device(self, index: int) -> None:
-        if self._ctx is not None:
-            return
-        dev = self._call(self.drv.Device, f"cuDeviceGet({index})", index)
-        self._ctx = self._call(dev.retain_primary_context, "cuDevicePrimaryCtxRetain")
-        self._call(self._ctx.push, "cuCtxPushCurrent")
+        """The primary context current on the calling thread until :meth:`close` (on that thread)."""
+        self._primary(index)
+        if not self._current():
+            self._call(self._ctx.push, "cuCtxPushCurrent")
+            self._pushed = True
+
+    @contextlib.contextmanager
+    def activate(self, index: int):
+        """The primary context current on the calling thread for the block: pushed, and popped after, where it
+        is not current already."""
+        self._primary(index)
+        pushed = not self._current()
+        if pushed:
+            self._call(self._ctx.push, "cuCtxPushCurrent")
+        try:
+            yield
+        finally:
+            if pushed:
+                self._call(self.drv.Context.pop, "cuCtxPopCurrent")
 
     def compute_capability(self, index: int) -> tuple[int, int]:
         return tuple(self._call(self.drv.Device(index).compute_capability, "cuDeviceComputeCapability"))
 
-    def device_name(self, index: int) -> str:
-        return str(self._call(self.drv.Device(index).name, "cuDeviceGetName"))
+    def device_model(self, index: int) -> tuple[str, int, int]:
+        """(CUDA name, SM count, memory in MiB), as :meth:`CudaPython.device_model`."""
+        dev = self._call(self.drv.Device, f"cuDeviceGet({index})", index)
+        name = str(self._call(dev.name, "cuDeviceGetName"))
+        sms = self._call(dev.get_attribute, "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
+                         self.drv.device_attribute.MULTIPROCESSOR_COUNT)
+        return name, int(sms), int(self._call(dev.total_memory, "cuDeviceTotalMem")) >> 20
 
     def mem_info(self) -> tuple[int, int]:
         free, total = self._call(self.drv.mem_get_info, "cuMemGetInfo")
@@ -223,12 +270,13 @@ class PyCuda:
         self._call(self.drv.memcpy_dtoh_async, "cuMemcpyDtoHAsync", dst, src, stream)
 
     def close(self) -> None:
-        if self._ctx is not None:
+        if self._pushed:
             try:
                 self._ctx.pop()
             except self.drv.Error as exc:
                 log.warning("pycuda: popping the context failed: %s", exc)
-            self._ctx = None
+            self._pushed = False
+        self._ctx = None
 
 
 def cuda_api():

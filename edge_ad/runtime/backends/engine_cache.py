@@ -6,16 +6,23 @@ says all four::
     engines/<model sha256[:16]>-<precision>-sm<major><minor>-trt<version>.engine
     engines/<same key>.json      sidecar: what it was built from, on what, and the engine's sha256
 
-An engine is used only when its sidecar matches this machine and this bundle exactly and the file's
+It is also tied to the GPU model (name, SM count, memory: :func:`_other_gpu_model`), which the sidecar
+records. An engine is used only when its sidecar matches this machine and this bundle and the file's
 sha256 matches the sidecar. Anything else (another GPU, another TensorRT, a changed or re-quantized
 model, a truncated or altered file, a missing sidecar) is refused with the reason; ``edge-ad compile``
 then rebuilds it. Pure Python: tested without TensorRT.
+
+A rebuild never deletes the engine in use first: the new engine is written beside it as
+``<key>.engine.new`` with ``<key>.json.new`` (:func:`write` with ``pending``), guarded from there, and
+only then switched in by :func:`swap_in`; a failed build or guard drops the pending pair
+(:func:`discard_pending`), and the engine that was there stays.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +38,15 @@ _KEY_RE = re.compile(r"^(?P<sha>[0-9a-f]{16})-(?P<prec>fp32|fp16|int8)-sm(?P<cc>
 
 @dataclass(frozen=True)
 class Target:
-    """Where an engine runs: GPU compute capability ("8.7"), GPU name and TensorRT version."""
+    """Where an engine runs: GPU compute capability ("8.7"), TensorRT version, and the GPU model: its CUDA
+    name, number of SMs and memory (MiB). On a Jetson the name is "Orin" for every Orin module, so the SM
+    count and the memory tell the modules apart (0: not known)."""
 
     compute_capability: str
     trt_version: str
     gpu_name: str = ""
+    sm_count: int = 0
+    memory_mib: int = 0
 
     @property
     def sm(self) -> str:
@@ -67,9 +78,12 @@ def parse_key(key: str) -> dict | None:
     return {"model_sha16": m["sha"], "precision": m["prec"], "sm": "sm" + m["cc"], "trt_version": m["trt"]}
 
 
-def paths(bundle: Bundle, key: str) -> tuple[Path, Path]:
+def paths(bundle: Bundle, key: str, pending: bool = False) -> tuple[Path, Path]:
+    """The engine and sidecar of ``key``; ``pending``: those of a new engine not switched in yet
+    (``<key>.engine.new``, ``<key>.json.new``: no ``.engine`` suffix, so nothing lists or runs them)."""
     d = bundle.engines_dir
-    return d / f"{key}.engine", d / f"{key}.json"
+    new = ".new" if pending else ""
+    return d / f"{key}.engine{new}", d / f"{key}.json{new}"
 
 
 def timing_cache_path(bundle: Bundle, target: Target) -> Path:
@@ -95,6 +109,8 @@ def make_sidecar(bundle: Bundle, precision: str, target: Target, engine_sha256: 
         "source_sha256": bundle.graph_hash(source_graph),
         "compute_capability": target.compute_capability,
         "gpu_name": target.gpu_name,
+        "sm_count": int(target.sm_count),
+        "gpu_memory_mib": int(target.memory_mib),
         "tensorrt": target.trt_version,
         "engine_sha256": engine_sha256,
         "image_size": list(bundle.image_size),
@@ -108,23 +124,22 @@ def make_sidecar(bundle: Bundle, precision: str, target: Target, engine_sha256: 
     }
 
 
-def check(bundle: Bundle, precision: str, target: Target, require_guard: bool = False) -> EngineCheck:
+def check(bundle: Bundle, precision: str, target: Target, require_guard: bool = False,
+          pending: bool = False) -> EngineCheck:
     """Is there a usable engine for ``precision`` on ``target``? Never raises for a bad engine.
 
     ``require_guard``: also refuse an engine whose sidecar does not record a passed accuracy guard
-    (``edge-ad compile`` builds, guards, then records; an interrupted compile leaves none).
+    (``edge-ad compile`` builds, guards, then records; an interrupted compile leaves none). ``pending``:
+    check the new engine written beside the one in use (:func:`paths`) instead.
     """
     try:
         key = engine_key(model_sha(bundle), precision, target)
     except (FileNotFoundError, ValueError) as exc:
         return EngineCheck("", Path(), Path(), False, str(exc))
-    eng, side = paths(bundle, key)
+    eng, side = paths(bundle, key, pending)
     if not eng.is_file():
-        others = [p.name for p in bundle.engines_dir.glob(f"*-{precision}-*.engine")] if bundle.engines_dir.is_dir() else []
-        extra = f" (engines present for other models / GPUs / TensorRT versions: {', '.join(others)})" if others else ""
-        return EngineCheck(key, eng, side, False, f"no {precision} engine for this model on "
-                           f"{target.sm} with TensorRT {target.trt_version}{extra}")
-    reason, meta = validate_sidecar(bundle, key, precision, target)
+        return EngineCheck(key, eng, side, False, _absent(bundle, precision, target))
+    reason, meta = validate_sidecar(bundle, key, precision, target, pending)
     if reason is None:
         got = atomic.sha256_file(eng)
         if got != meta["engine_sha256"]:
@@ -135,15 +150,15 @@ def check(bundle: Bundle, precision: str, target: Target, require_guard: bool = 
     return EngineCheck(key, eng, side, reason is None, reason or "", meta)
 
 
-def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target) -> tuple[str | None, dict | None]:
-    """(None, sidecar) when the sidecar matches this bundle and target; (reason, sidecar or None) if not."""
-    _, side = paths(bundle, key)
+def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target,
+                     pending: bool = False) -> tuple[str | None, dict | None]:
+    """(None, sidecar) when the sidecar matches this bundle and target; (reason, sidecar or None) if not.
+    The sidecar is the one in force (:func:`_in_force`: a switch a power cut interrupted has two)."""
+    eng, side = paths(bundle, key, pending)
     if not side.is_file():
         return f"{side.name}: sidecar missing (an engine without one is never run)", None
     try:
-        meta = json.loads(side.read_text("utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
+        meta = _in_force(_read(side), eng)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return f"{side.name}: unreadable sidecar ({exc})", None
     if meta.get("format") != SIDECAR_FORMAT:
@@ -163,6 +178,9 @@ def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target) -
         if meta.get(field) != want:
             return (f"{side.name}: {what[field]} ({field} {meta.get(field)!r}, this machine/bundle has "
                     f"{want!r})"), meta
+    other_gpu = _other_gpu_model(meta, target)
+    if other_gpu:
+        return f"{side.name}: built on another GPU model ({other_gpu}); engines are specific to it", meta
     src = meta.get("source_graph")
     if not isinstance(src, str) or not src:
         return f"{side.name}: names no source graph", meta
@@ -176,14 +194,99 @@ def validate_sidecar(bundle: Bundle, key: str, precision: str, target: Target) -
     return None, meta
 
 
+def _order(prefer: str | None) -> list[str]:
+    return ([prefer] if prefer else []) + [p for p in ("int8", "fp16", "fp32") if p != prefer]
+
+
+MEMORY_TOLERANCE = 1.25   # the memory a device reports may move a little with its kernel; modules differ 2x
+
+
+def _other_gpu_model(meta: dict, target: Target) -> str:
+    """How the GPU an engine was built on differs from ``target``'s ("" when it does not): the CUDA name,
+    then (the name being "Orin" for every Orin module) the SM count and the memory, NVIDIA's engines being
+    specific to the exact GPU model, not only to its architecture. A field either side does not know (a
+    sidecar from an earlier edge-ad has no SM count or memory) is not compared."""
+    name = meta.get("gpu_name")
+    if name and target.gpu_name and name != target.gpu_name:
+        return f"gpu_name {name!r}, this device has {target.gpu_name!r}"
+    sms = meta.get("sm_count")
+    if isinstance(sms, int) and sms > 0 and target.sm_count > 0 and sms != target.sm_count:
+        return f"{sms} SMs, this device has {target.sm_count}"
+    mib = meta.get("gpu_memory_mib")
+    if isinstance(mib, (int, float)) and mib > 0 and target.memory_mib > 0 and \
+            max(mib, target.memory_mib) > MEMORY_TOLERANCE * min(mib, target.memory_mib):
+        return f"{mib:,.0f} MiB of memory, this device has {target.memory_mib:,} MiB"
+    return ""
+
+
 def best(bundle: Bundle, target: Target, prefer: str | None = None) -> EngineCheck | None:
     """The guarded engine to run when no precision is asked for: ``prefer`` first, then int8, fp16, fp32."""
-    order = ([prefer] if prefer else []) + [p for p in ("int8", "fp16", "fp32") if p != prefer]
-    for prec in order:
+    for prec in _order(prefer):
         c = check(bundle, prec, target, require_guard=True)
         if c.ok:
             return c
     return None
+
+
+def model_engines(bundle: Bundle) -> list[dict]:
+    """The engine files of this bundle's model, for any precision, GPU or TensorRT version: :func:`parse_key`'s
+    fields and ``file`` (the name), sorted by name; [] without ``model.onnx``."""
+    d = bundle.engines_dir
+    try:
+        sha16 = model_sha(bundle)[:16]
+    except FileNotFoundError:
+        return []
+    if not d.is_dir():
+        return []
+    found = ((parse_key(p.stem), p.name) for p in sorted(d.glob("*.engine")))
+    return [dict(k, file=name) for k, name in found if k is not None and k["model_sha16"] == sha16]
+
+
+def _absent(bundle: Bundle, precision: str, target: Target) -> str:
+    """Why there is no ``precision`` engine for ``target``: the engines of this model there are for another
+    TensorRT (stale: a JetPack upgrade) or another GPU (a copied bundle), or none at all."""
+    mine = [k for k in model_engines(bundle) if k["precision"] == precision]
+    if mine:
+        return "; ".join(_foreign_text(k, target) for k in mine)
+    others = [p.name for p in bundle.engines_dir.glob(f"*-{precision}-*.engine")] if bundle.engines_dir.is_dir() else []
+    extra = f" (engines present for other models: {', '.join(others)})" if others else ""
+    return f"no {precision} engine for this model on {target.sm} with TensorRT {target.trt_version}{extra}"
+
+
+def _foreign_text(k: dict, target: Target) -> str:
+    if k["sm"] == target.sm:
+        return (f"the {k['precision']} engine built by TensorRT {k['trt_version']} is stale (this device has "
+                f"{target.trt_version})")
+    return (f"the {k['precision']} engine {k['file']} was built for another GPU ({k['sm']}, TensorRT "
+            f"{k['trt_version']}; this device is {target.sm}, TensorRT {target.trt_version})")
+
+
+def no_engine(bundle: Bundle, target: Target, precision: str | None = None) -> tuple[str, str]:
+    """(why, what to build) when run has no guarded engine to open: ``precision`` (the config's
+    ``model.precision``), or, when it is None, any in :func:`best`'s order. The one source of the words and
+    the hint of ``run`` (the TensorRT backend) and ``doctor``: the first engine of this model that is there
+    but refused (corrupt, never guarded, stale after a TensorRT upgrade, built on another GPU) gives the
+    reason, and its precision is the one to rebuild; with none, ``precision``, else ``best`` (what
+    ``edge-ad compile --precision best`` builds). :func:`compile_command` words the hint."""
+    order = [precision] if precision else _order(bundle.active_precision)
+    checks = [check(bundle, p, target, require_guard=True) for p in order]
+    if not checks[0].key:   # no model.onnx: check() says so
+        return checks[0].reason, precision or "best"
+    have = {k["precision"] for k in model_engines(bundle)}
+    for p, c in zip(order, checks):
+        if c.engine.is_file() or p in have:
+            return c.reason, p
+    if precision:
+        return checks[0].reason, precision
+    d = bundle.engines_dir
+    others = sorted(p.name for p in d.glob("*.engine")) if d.is_dir() else []
+    extra = f" (engines present for other models: {', '.join(others)})" if others else ""
+    return f"no engine of this model in the bundle's engines/{extra}", "best"
+
+
+def compile_command(bundle: Bundle, precision: str) -> str:
+    """The command that builds, guards and records the engine of ``precision`` (or ``best``) on this device."""
+    return f"edge-ad compile --bundle {bundle.path} --precision {precision}"
 
 
 def scan(bundle: Bundle, target: Target) -> list[EngineCheck]:
@@ -210,27 +313,104 @@ def scan(bundle: Bundle, target: Target) -> list[EngineCheck]:
     return out
 
 
-def write(bundle: Bundle, key: str, engine: bytes, sidecar: dict) -> Path:
-    """Engine first, sidecar last (atomically each): a power cut leaves no sidecar for a torn engine."""
-    eng, side = paths(bundle, key)
+def write(bundle: Bundle, key: str, engine: bytes, sidecar: dict, pending: bool = False) -> Path:
+    """Engine first, sidecar last (atomically each): a power cut leaves no sidecar for a torn engine.
+    ``pending``: beside the engine in use, to be switched in by :func:`swap_in` (:func:`paths`)."""
+    eng, side = paths(bundle, key, pending)
     atomic.write_bytes(eng, engine)
     sidecar = dict(sidecar, engine_sha256=atomic.sha256_file(eng))
     atomic.write_json(side, sidecar)
     return eng
 
 
-def update_sidecar(bundle: Bundle, key: str, **fields) -> None:
-    _, side = paths(bundle, key)
-    meta = json.loads(side.read_text("utf-8"))
+def update_sidecar(bundle: Bundle, key: str, pending: bool = False, **fields) -> None:
+    eng, side = paths(bundle, key, pending)
+    meta = _in_force(_read(side), eng)
     meta.update(fields)
     atomic.write_json(side, meta)
 
 
+def swap_in(bundle: Bundle, key: str) -> None:
+    """Switch the pending engine of ``key`` (written and guarded beside the one in use) in, so that a power cut
+    at any point leaves one usable engine, the old or the new (never none, never a torn pair):
+
+    1. the sidecar in use gets the new sidecar as ``replacing`` (:func:`_in_force` takes it for the engine
+       whose sha256 it records, the old sidecar for the old engine);
+    2. the new engine is renamed over the old one;
+    3. the new sidecar is renamed over the old one.
+
+    With no readable sidecar in use (no engine, or one that was never usable) step 1 is skipped."""
+    eng, side = paths(bundle, key)
+    new_eng, new_side = paths(bundle, key, pending=True)
+    new = _read(new_side)
+    try:
+        old = _in_force(_read(side), eng) if eng.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        old = None
+    if old is not None:
+        atomic.write_json(side, dict(old, replacing=new))
+    os.replace(new_eng, eng)
+    os.replace(new_side, side)
+    atomic._fsync_dir(side.parent)
+
+
+def discard_pending(bundle: Bundle, key: str) -> None:
+    """Drop the pending engine of ``key`` (a failed build or guard); the engine in use is not touched."""
+    for p in reversed(paths(bundle, key, pending=True)):
+        p.unlink(missing_ok=True)
+
+
+def recover(bundle: Bundle, key: str) -> None:
+    """Finish or undo what a power cut interrupted for ``key`` (called before a build): a switch cut after its
+    engine rename is completed (the new sidecar renamed in), a pending pair not switched in is dropped, and a
+    sidecar with a ``replacing`` record is written back as the one in force alone."""
+    eng, side = paths(bundle, key)
+    new_eng, new_side = paths(bundle, key, pending=True)
+    if new_side.is_file() and not new_eng.exists() and eng.is_file():   # cut between steps 2 and 3 of swap_in
+        try:
+            done = _read(new_side).get("engine_sha256") == atomic.sha256_file(eng)
+        except (OSError, UnicodeDecodeError, ValueError):
+            done = False
+        if done:
+            os.replace(new_side, side)
+            atomic._fsync_dir(side.parent)
+    discard_pending(bundle, key)
+    try:
+        meta = _read(side)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
+    if "replacing" in meta:
+        atomic.write_json(side, _in_force(meta, eng))
+
+
+def _read(side: Path) -> dict:
+    meta = json.loads(side.read_text("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta
+
+
+def _in_force(meta: dict, eng: Path) -> dict:
+    """The sidecar that describes the engine file ``eng``: ``meta``, or, during a switch (:func:`swap_in`),
+    its ``replacing`` record once the new engine has been renamed in (the file's sha256 is the new one's)."""
+    new = meta.get("replacing")
+    if not isinstance(new, dict):
+        return meta
+    try:
+        got = atomic.sha256_file(eng)
+    except OSError:
+        got = None
+    if got is not None and got != meta.get("engine_sha256") and got == new.get("engine_sha256"):
+        return new
+    return {k: v for k, v in meta.items() if k != "replacing"}
+
+
 def remove(bundle: Bundle, key: str) -> None:
-    """Sidecar first (so a half-removed engine is already refused), then the engine."""
+    """Sidecar first (so a half-removed engine is already refused), then the engine; a pending one too."""
     eng, side = paths(bundle, key)
     for p in (side, eng):
         try:
             p.unlink()
         except FileNotFoundError:
             pass
+    discard_pending(bundle, key)

@@ -3,7 +3,9 @@
 TensorRT 8.6 (JetPack 6.0), 10.x (JetPack 6.1 / 6.2) and 11.x share the name-based API used here:
 ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode``, ``set_input_shape``,
 ``set_tensor_address`` and ``execute_async_v3``. One CUDA stream, pinned host buffers and device
-buffers sized for the engine's largest batch, allocated once and freed in ``close()``.
+buffers sized for the engine's largest batch, allocated once and freed in ``close()``. Opening, each
+inference and ``close()`` run with the device made current on the thread that calls them
+(:meth:`..cuda.CudaPython.activate`): the runtime opens the backend on one thread and infers on another.
 
 The engine is loaded only after :mod:`engine_cache` accepted it (key, sidecar, sha256, a passed accuracy
 guard); a refused engine raises with the reason (``build=True`` compiles and guards a new one instead,
@@ -69,7 +71,8 @@ def current_target(trt, cuda, index: int = 0) -> engine_cache.Target:
     if n <= index:
         raise InputError(f"CUDA device {index} not found ({n} device(s) visible)")
     major, minor = cuda.compute_capability(index)
-    return engine_cache.Target(f"{major}.{minor}", str(trt.__version__), cuda.device_name(index))
+    name, sm_count, memory_mib = cuda.device_model(index)
+    return engine_cache.Target(f"{major}.{minor}", str(trt.__version__), name, sm_count, memory_mib)
 
 
 class _Logger:
@@ -118,7 +121,11 @@ class TensorRTBackend(Backend):
         index = parse_device(device)
         cuda = cuda_api()
         self._cuda = cuda
-        cuda.set_device(index)
+        self._index = index
+        with cuda.activate(index):
+            self._open(trt, cuda, index, bundle, precision, build, engine_path, build_options)
+
+    def _open(self, trt, cuda, index: int, bundle: Bundle, precision, build, engine_path, build_options) -> None:
         self.device = f"cuda:{index}"
         self.image_size = bundle.image_size
         self.output_names = bundle.outputs
@@ -129,24 +136,27 @@ class TensorRTBackend(Backend):
             self.precision = check_precision(precision or "fp32")
             path = engine_path
         else:
-            if precision is None:  # the best guarded engine, the bundle's active precision first
-                chk = engine_cache.best(bundle, target, prefer=bundle.active_precision)
-                if chk is None:
-                    chk = engine_cache.check(bundle, bundle.active_precision, target, require_guard=True)
-            else:
-                chk = engine_cache.check(bundle, check_precision(precision), target, require_guard=True)
-            self.precision = (chk.meta or {}).get("precision") if chk.ok else (precision or bundle.active_precision)
-            if not chk.ok:
+            def pick():  # the best guarded engine, the bundle's active precision first; or the one asked for
+                if precision is None:
+                    return engine_cache.best(bundle, target, prefer=bundle.active_precision)
+                c = engine_cache.check(bundle, check_precision(precision), target, require_guard=True)
+                return c if c.ok else None
+
+            chk = pick()
+            if chk is None:
+                why, build_as = engine_cache.no_engine(bundle, target, precision)
                 if not build:
-                    raise InputError(f"TensorRT engine refused: {chk.reason}. Build one on this device: "
-                                     f"edge-ad compile --bundle {bundle.path} --precision {self.precision}")
-                log.warning("TensorRT engine refused (%s); building a new one", chk.reason)
+                    raise InputError(f"no usable TensorRT engine: {why}. Build one on this device: "
+                                     f"{engine_cache.compile_command(bundle, build_as)}")
+                log.warning("no usable TensorRT engine (%s); building a new one (%s)", why, build_as)
                 from ...compile.tensorrt import compile_bundle
 
-                compile_bundle(bundle, self.precision, device=index, **build_options)
-                chk = engine_cache.check(bundle, self.precision, target, require_guard=True)
-                if not chk.ok:
-                    raise RuntimeFailure(f"TensorRT engine still refused after building: {chk.reason}")
+                compile_bundle(bundle, build_as, device=index, **build_options)
+                chk = pick()
+                if chk is None:
+                    raise RuntimeFailure("TensorRT engine still refused after building: "
+                                         f"{engine_cache.no_engine(bundle, target, precision)[0]}")
+            self.precision = chk.meta["precision"]
             path = chk.engine
         self.graph = path
         self._logger = _Logger(trt)
@@ -201,6 +211,10 @@ class TensorRTBackend(Backend):
                                  f"(engine profile: batch 1..{self.max_batch})")
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self._cuda.activate(self._index):   # on this thread: inference runs on another than the opening one
+            return self._run_here(batch)
+
+    def _run_here(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         cuda, ctx, stream = self._cuda, self._context, self._stream
         b = batch.shape[0]
         self._ctx_shape(b)
@@ -225,23 +239,27 @@ class TensorRTBackend(Backend):
         cuda = self._cuda
         if cuda is None:
             return
-        # the context and engine go before the memory they point at
-        self._context = None
-        self._engine = None
-        self._runtime = None
         errors = []
-        for kind, buf in reversed(self._bufs):
-            try:
-                cuda.host_free(buf) if kind == "host" else cuda.free(buf)
-            except RuntimeFailure as exc:
-                errors.append(str(exc))
-        self._bufs = []
-        if self._stream is not None:
-            try:
-                cuda.stream_destroy(self._stream)
-            except RuntimeFailure as exc:
-                errors.append(str(exc))
-            self._stream = None
+        try:
+            with cuda.activate(self._index):
+                # the context and engine go before the memory they point at
+                self._context = None
+                self._engine = None
+                self._runtime = None
+                for kind, buf in reversed(self._bufs):
+                    try:
+                        cuda.host_free(buf) if kind == "host" else cuda.free(buf)
+                    except RuntimeFailure as exc:
+                        errors.append(str(exc))
+                self._bufs = []
+                if self._stream is not None:
+                    try:
+                        cuda.stream_destroy(self._stream)
+                    except RuntimeFailure as exc:
+                        errors.append(str(exc))
+                    self._stream = None
+        except RuntimeFailure as exc:   # the device could not be made current here
+            errors.append(str(exc))
         cuda.close()
         self._cuda = None
         if errors:
