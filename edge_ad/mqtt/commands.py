@@ -416,7 +416,7 @@ class Dispatcher:
         signed_bytes = bytes(msg.payload)
         problems = schema.errors("command", obj)
         if problems:
-            raise CommandError("malformed", f"cmd/{msg.name}: " + "; ".join(clip_text(p) for p in problems))
+            raise CommandError("malformed", f"cmd/{msg.name}: " + "; ".join(problems))
         if "signed" in obj:
             extra = sorted(set(obj) - {"signed", HMAC_KEY})
             if extra:
@@ -433,7 +433,7 @@ class Dispatcher:
             problems = schema.errors("command", obj)
             if problems or "signed" in obj:
                 raise CommandError("malformed", f"cmd/{msg.name}: signed payload: "
-                                                + ("; ".join(clip_text(p) for p in problems) or "nested 'signed'"))
+                                                + ("; ".join(problems) or "nested 'signed'"))
         spec = self._specs.get(msg.name)
         if spec is None:
             known = ", ".join(sorted(self._specs))
@@ -444,8 +444,7 @@ class Dispatcher:
             self._authorize(msg, obj, who, signature, signed_bytes)
         args = {k: v for k, v in obj.items() if k not in RESERVED}
         if spec.validator is not None:
-            problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '(args)'}: {clip_text(e.message)}"
-                        for e in spec.validator.iter_errors(args)]
+            problems = schema.problems(spec.validator, args, "(args)")
             if problems:
                 raise CommandError("invalid_args", f"{msg.name}: " + "; ".join(problems))
         if spec.handler is None:
