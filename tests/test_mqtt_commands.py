@@ -416,6 +416,39 @@ def test_hmac_signature_freshness_and_replay():
     assert d.handle(_msg("reload", raw=wrong)).body["error"]["code"] == "unauthorized"
 
 
+def test_a_ts_that_is_not_a_time_is_malformed_signed_or_not():
+    """'ts' was read only to check a signed command's age: an unsigned set_threshold {"ts": "yesterday"} ran (ok
+    true), while docs/mqtt.md says a bad reserved field is malformed. Every command's reserved fields are now
+    checked in one place; a signed one with such a ts was refused as if it had none."""
+    calls = []
+    d = _dispatcher()
+    d.register("set_threshold", lambda args: calls.append(args) or {})
+    expected = ("is not a time: expected unix seconds (a number) or an RFC 3339 date and time "
+                "(2025-05-01T12:00:00Z)")
+    for ts in ("yesterday", "", "1746100800", "12:00", "z" * 300):
+        r = _check_reply(d.handle(_msg("set_threshold", {"threshold": 0.5, "ts": ts, "correlation_id": "c1"})))
+        assert r["error"]["code"] == "malformed" and r["correlation_id"] == "c1", r
+        assert r["error"]["message"] == f"cmd/set_threshold: ts: {schema.shown(ts)} {expected}", r
+    r = d.handle(_msg("set_threshold", {"threshold": 0.5, "ts": [1]})).body
+    assert r["error"]["message"] == "cmd/set_threshold: ts: [1] is not of type 'number', 'string'", r
+    assert calls == []
+    for ts in (1746100800, 1746100800.5, "2025-05-01T12:00:00Z", "2025-05-01T14:00:00.250+02:00"):
+        assert d.handle(_msg("set_threshold", {"threshold": 0.5, "ts": ts})).body["ok"]
+    assert calls == [{"threshold": 0.5}] * 4
+    # signed: the v5 user property and the signed form
+    now = 1_000_000.0
+    s = _dispatcher(command_secret="s3cret")
+    s.clock = lambda: now
+    pause = "edge-ad/v1/s/d/cmd/pause"
+    payload = json.dumps({"ts": "yesterday"}).encode()
+    r = _check_reply(s.handle(_msg("pause", raw=payload, user_properties={HMAC_KEY: sign("s3cret", pause, payload)})))
+    assert r["error"] == {"code": "malformed", "message": f"cmd/pause: ts: 'yesterday' {expected}"}, r
+    r = _check_reply(s.handle(_msg("pause", raw=signed_envelope("s3cret", pause, payload))))
+    assert r["error"] == {"code": "malformed", "message": f"cmd/pause: signed payload: ts: 'yesterday' {expected}"}, r
+    good = json.dumps({"ts": "1970-01-12T13:46:40Z"}).encode()
+    assert s.handle(_msg("pause", raw=signed_envelope("s3cret", pause, good))).body["ok"]
+
+
 def test_a_signature_is_good_for_one_command_on_one_device():
     now = 1_000_000.0
     secret = "plant-secret"
