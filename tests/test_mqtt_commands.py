@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import types
+import uuid
 
 import pytest
 
@@ -525,6 +526,7 @@ def test_every_command_round_trips_with_correlation_data(link, mosquitto):
             reply = cc.call("s", "d", name, args, timeout=5)          # matched by its correlation data
             assert schema.errors("reply", reply) == []
             assert reply["ok"] and reply["command"] == name, reply
+            assert str(uuid.UUID(reply["correlation_id"])) == reply["correlation_id"]   # a UUID, canonical form
             if name == "status":
                 assert reply["result"]["link"]["connected"] is True
                 assert set(reply["result"]["birth"]["commands"]) == set(COMMANDS)
