@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import types
+import uuid
 
 import pytest
 
@@ -264,6 +265,47 @@ def test_an_oversized_refused_value_is_not_repeated_whole(caplog):
     assert max(len(r.getMessage()) for r in caplog.records) < 1000
 
 
+def test_a_refusal_says_what_is_wrong_with_a_long_value():
+    """jsonschema's message quotes the value whole ('rrr...' is too long), and the reply cut it to 200 characters:
+    'pause: reason: 'rrrr... (314 characters)' said neither 'too long' nor the limit, and 314 was the length of the
+    message. The message is now made of the error's parts, the value quoted short on its own."""
+    d = _dispatcher()
+    d.register("tagged", lambda args: {}, {"type": "object", "additionalProperties": False, "properties": {
+        "tags": {"type": "array", "maxItems": 3}, "when": {"type": "string", "format": "date-time"},
+        "labels": {"type": "object", "maxProperties": 1}}})
+    head = repr("z" * 60) + "… (300 characters)"
+    expected = {
+        ("pause", '{"reason": "%s"}' % ("r" * 300)):
+            "pause: reason: a string of 300 characters is too long (at most 256)",
+        ("update_model", '{"url": "x", "sha256": "%s"}' % ("z" * 300)):
+            f"update_model: sha256: {head} does not match '^[0-9a-fA-F]{{64}}$'",
+        ("reload", '{"what": "%s"}' % ("z" * 300)): f"reload: what: {head} is not one of ['config', 'bundle', 'all']",
+        ("set_threshold", '{"threshold": "%s"}' % ("z" * 300)):
+            f"set_threshold: threshold: {head} is not of type 'number'",
+        ("set_threshold", json.dumps({"threshold": [1] * 200})):
+            "set_threshold: threshold: an array of 200 items is not of type 'number'",
+        ("calibrate", '{"source": ""}'): "calibrate: source: an empty string is too short (at least 1)",
+        ("calibrate", '{"frames": 5}'): "calibrate: frames: 5 is less than the minimum of 20",
+        ("pause", '{"%s": 1}' % ("z" * 300)): f"pause: (args): unexpected field {head} (expected only 'reason')",
+        ("resume", json.dumps({f"k{i}": i for i in range(9)})):
+            "resume: (args): unexpected fields 'k0', 'k1', 'k2', 'k3', 'k4' and 4 more (expected none)",
+        ("tagged", json.dumps({"tags": list(range(100))})):
+            "tagged: tags: an array of 100 items is too long (at most 3)",
+        ("tagged", json.dumps({"labels": {"a": 1, "b": 2}})):
+            "tagged: labels: an object with 2 fields has too many fields (at most 1)",
+        ("tagged", '{"when": "%s"}' % ("z" * 300)): f"tagged: when: {head} is not a 'date-time'",
+        # the reserved fields are checked the same way (the command envelope's schema): malformed
+        ("status", '{"correlation_id": "%s"}' % ("c" * 300)):
+            "cmd/status: correlation_id: a string of 300 characters is too long (at most 256)",
+    }
+    for (name, payload), message in expected.items():
+        body = _check_reply(d.handle(_msg(name, raw=payload.encode())))
+        assert body["error"]["message"] == message, (name, body)
+    # and a value too large for a message is still cut: 1 MB is not repeated
+    body = d.handle(_msg("reload", {"what": "w" * 1_000_000})).body
+    assert len(body["error"]["message"]) < 300 and "1000000 characters" in body["error"]["message"]
+
+
 def test_clip_text_is_the_one_cut_of_quoted_values():
     """The link cut the topics it logs with commands.py's private _short; the helper is now public in
     edge_ad.errors (clip_text) and both modules use it."""
@@ -375,6 +417,39 @@ def test_hmac_signature_freshness_and_replay():
     assert d.handle(_msg("reload", raw=wrong)).body["error"]["code"] == "unauthorized"
 
 
+def test_a_ts_that_is_not_a_time_is_malformed_signed_or_not():
+    """'ts' was read only to check a signed command's age: an unsigned set_threshold {"ts": "yesterday"} ran (ok
+    true), while docs/mqtt.md says a bad reserved field is malformed. Every command's reserved fields are now
+    checked in one place; a signed one with such a ts was refused as if it had none."""
+    calls = []
+    d = _dispatcher()
+    d.register("set_threshold", lambda args: calls.append(args) or {})
+    expected = ("is not a time: expected unix seconds (a number) or an RFC 3339 date and time "
+                "(2025-05-01T12:00:00Z)")
+    for ts in ("yesterday", "", "1746100800", "12:00", "z" * 300):
+        r = _check_reply(d.handle(_msg("set_threshold", {"threshold": 0.5, "ts": ts, "correlation_id": "c1"})))
+        assert r["error"]["code"] == "malformed" and r["correlation_id"] == "c1", r
+        assert r["error"]["message"] == f"cmd/set_threshold: ts: {schema.shown(ts)} {expected}", r
+    r = d.handle(_msg("set_threshold", {"threshold": 0.5, "ts": [1]})).body
+    assert r["error"]["message"] == "cmd/set_threshold: ts: [1] is not of type 'number', 'string'", r
+    assert calls == []
+    for ts in (1746100800, 1746100800.5, "2025-05-01T12:00:00Z", "2025-05-01T14:00:00.250+02:00"):
+        assert d.handle(_msg("set_threshold", {"threshold": 0.5, "ts": ts})).body["ok"]
+    assert calls == [{"threshold": 0.5}] * 4
+    # signed: the v5 user property and the signed form
+    now = 1_000_000.0
+    s = _dispatcher(command_secret="s3cret")
+    s.clock = lambda: now
+    pause = "edge-ad/v1/s/d/cmd/pause"
+    payload = json.dumps({"ts": "yesterday"}).encode()
+    r = _check_reply(s.handle(_msg("pause", raw=payload, user_properties={HMAC_KEY: sign("s3cret", pause, payload)})))
+    assert r["error"] == {"code": "malformed", "message": f"cmd/pause: ts: 'yesterday' {expected}"}, r
+    r = _check_reply(s.handle(_msg("pause", raw=signed_envelope("s3cret", pause, payload))))
+    assert r["error"] == {"code": "malformed", "message": f"cmd/pause: signed payload: ts: 'yesterday' {expected}"}, r
+    good = json.dumps({"ts": "1970-01-12T13:46:40Z"}).encode()
+    assert s.handle(_msg("pause", raw=signed_envelope("s3cret", pause, good))).body["ok"]
+
+
 def test_a_signature_is_good_for_one_command_on_one_device():
     now = 1_000_000.0
     secret = "plant-secret"
@@ -451,6 +526,7 @@ def test_every_command_round_trips_with_correlation_data(link, mosquitto):
             reply = cc.call("s", "d", name, args, timeout=5)          # matched by its correlation data
             assert schema.errors("reply", reply) == []
             assert reply["ok"] and reply["command"] == name, reply
+            assert str(uuid.UUID(reply["correlation_id"])) == reply["correlation_id"]   # a UUID, canonical form
             if name == "status":
                 assert reply["result"]["link"]["connected"] is True
                 assert set(reply["result"]["birth"]["commands"]) == set(COMMANDS)

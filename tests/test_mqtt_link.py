@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -64,6 +65,33 @@ def test_results_arrive_with_qos1_ids_and_seq(mosquitto, tmp_path):
         st = link.stats()
         assert st["acked"] == 20 and st["connected"] and st["ack_latency_ms"]["n"] == 20
         link.stop()
+
+
+def _canonical(text: str) -> bool:
+    """``text`` is a UUID in its canonical form (36 characters, with dashes, lower case)."""
+    return str(uuid.UUID(text)) == text
+
+
+def test_ids_are_canonical_uuids_and_a_backlog_of_hex_ids_goes_out_as_it_is(mosquitto, tmp_path):
+    """Result ids were uuid4().hex (32 hex digits) while event ids, and docs/mqtt.md, are dashed UUIDs. Every id
+    edge-ad makes is now the dashed form; results an earlier edge-ad left in the outbox carry hex ids: they are
+    sent as they are, and de-duplicated on them like the new ones."""
+    old = MqttLink(_settings(mosquitto.url, tmp_path))            # never connected: its results wait in the outbox
+    hex_ids = [old.publish_result({"id": uuid.uuid4().hex, "score": 0.1, "ng": False}) for _ in range(3)]
+    old.stop()
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/d1/+") as col:
+        link = MqttLink(_settings(mosquitto.url, tmp_path))       # the same outbox file: the backlog an upgrade finds
+        try:
+            new = [link.publish_result({"score": 0.2, "ng": False}) for _ in range(2)]
+            event = link.publish_event({"type": "ng", "result_id": new[0]})
+            link.start()
+            assert col.wait_ids(6, 10), col.unique_ids()
+        finally:
+            link.stop()
+    assert all(_canonical(i) for i in [*new, event, link.outbox.instance]) and not any(map(_canonical, hex_ids))
+    assert [b["id"] for b in _results(col)] == hex_ids + new and col.unique_ids() == {*hex_ids, *new, event}
+    assert _last(col, "event")["result_id"] == new[0]
+    assert all(schema.errors(kind, m.json()) == [] for kind in ("result", "event") for m in col.of_kind(kind))
 
 
 def test_publishing_never_blocks_on_a_dead_broker(tmp_path):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import cv2
@@ -56,6 +57,8 @@ def test_trigger_mode_inspects_every_frame_and_finds_the_planted_defects(tmp_pat
     recs = read_jsonl(tmp_path / "results.jsonl")
     assert [r["source_index"] for r in recs] == list(range(40))
     assert [r["ng"] for r in recs] == labels
+    # ids are UUIDs in their canonical form, as event ids are (they were 32 hex digits)
+    assert all(str(uuid.UUID(r["id"])) == r["id"] for r in recs) and len({r["id"] for r in recs}) == 40
     cal = tiny_bundle.calibration()
     for r in recs:
         assert r["threshold"] == pytest.approx(cal.threshold, abs=1e-6)

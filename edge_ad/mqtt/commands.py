@@ -1,7 +1,8 @@
 """Remote commands: ``cmd/<name>`` in, one reply out. Parsing, authorization, argument schemas, dispatch.
 
 A command payload is a JSON object: the command's arguments plus a few reserved fields (``ts``,
-``client_id``, ``reply_to``, ``correlation_id``); an empty payload means no arguments. The arguments
+``client_id``, ``reply_to``, ``correlation_id``), checked for every command, signed or not (schema ``command``,
+and a ``ts`` must read as a time): a bad one is ``malformed``. An empty payload means no arguments. The arguments
 are checked against ``edge_ad/schemas/cmd.<name>.schema.json`` and handed to the handler the runtime
 registered (``handler(args: dict) -> dict``). Every command gets exactly one reply; a malformed,
 unknown, unauthorized or failing command gets an error reply (and a log line) and never stops anything.
@@ -414,9 +415,7 @@ class Dispatcher:
             raise CommandError("malformed", f"cmd/{msg.name}: payload is not a JSON object ({exc})") from None
         signature = msg.user_properties.get(HMAC_KEY)
         signed_bytes = bytes(msg.payload)
-        problems = schema.errors("command", obj)
-        if problems:
-            raise CommandError("malformed", f"cmd/{msg.name}: " + "; ".join(clip_text(p) for p in problems))
+        sent = _reserved(msg.name, obj, "")
         if "signed" in obj:
             extra = sorted(set(obj) - {"signed", HMAC_KEY})
             if extra:
@@ -430,10 +429,9 @@ class Dispatcher:
                 raise CommandError("malformed", f"cmd/{msg.name}: {exc}") from None
             except ValueError as exc:
                 raise CommandError("malformed", f"cmd/{msg.name}: 'signed' is not a JSON object ({exc})") from None
-            problems = schema.errors("command", obj)
-            if problems or "signed" in obj:
-                raise CommandError("malformed", f"cmd/{msg.name}: signed payload: "
-                                                + ("; ".join(clip_text(p) for p in problems) or "nested 'signed'"))
+            if "signed" in obj:
+                raise CommandError("malformed", f"cmd/{msg.name}: signed payload: nested 'signed'")
+            sent = _reserved(msg.name, obj, "signed payload: ")
         spec = self._specs.get(msg.name)
         if spec is None:
             known = ", ".join(sorted(self._specs))
@@ -441,19 +439,20 @@ class Dispatcher:
         who = msg.user_properties.get("client_id") or (obj.get("client_id") if isinstance(obj.get("client_id"), str)
                                                        else None)
         if spec.changes_state or self.settings.command_auth_all:
-            self._authorize(msg, obj, who, signature, signed_bytes)
+            self._authorize(msg, sent, who, signature, signed_bytes)
         args = {k: v for k, v in obj.items() if k not in RESERVED}
         if spec.validator is not None:
-            problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '(args)'}: {clip_text(e.message)}"
-                        for e in spec.validator.iter_errors(args)]
+            problems = schema.problems(spec.validator, args, "(args)")
             if problems:
                 raise CommandError("invalid_args", f"{msg.name}: " + "; ".join(problems))
         if spec.handler is None:
             raise CommandError("not_available", f"command '{msg.name}' has no handler on this device")
         return spec, args, who
 
-    def _authorize(self, msg: Incoming, obj: dict, who: str | None, signature: str | None,
+    def _authorize(self, msg: Incoming, sent: float | None, who: str | None, signature: str | None,
                    signed_bytes: bytes) -> None:
+        """The allow-list, then the signature (``sent``: the payload's ``ts`` as unix seconds, None when it has
+        none)."""
         allow = self.settings.command_clients
         if allow is not None and who not in allow:
             raise CommandError("unauthorized", f"{msg.name}: client id {who!r} is not in the allow-list "
@@ -468,7 +467,6 @@ class Dispatcher:
         given = str(signature).lower().encode("utf-8", "replace")   # bytes: compare_digest refuses non-ASCII str
         if not hmac.compare_digest(expected.encode("ascii"), given):
             raise CommandError("unauthorized", f"{msg.name}: bad HMAC-SHA256 signature")
-        sent = payloads.parse_time(obj.get("ts"))
         if sent is None:
             raise CommandError("unauthorized", f"{msg.name}: a signed command needs 'ts' (unix seconds or RFC 3339)")
         now = self.clock()
@@ -510,6 +508,21 @@ class Dispatcher:
         except InputError as exc:
             raise CommandError("internal", str(exc)) from None
         return out
+
+
+def _reserved(name: str, obj: dict, what: str) -> float | None:
+    """Check the reserved fields of a command payload (``what``: ``"signed payload: "`` for the one inside the signed
+    form), the same for every command, signed or not: their types and sizes (schema ``command``), and ``ts``, which
+    must read as a time. A bad one is ``malformed``, naming it and what is expected. Returns ``ts`` as unix seconds,
+    None when the payload has none."""
+    problems = schema.errors("command", obj)
+    sent = payloads.parse_time(obj.get("ts"))
+    if not problems and "ts" in obj and sent is None:
+        problems = [f"ts: {schema.shown(obj['ts'])} is not a time: expected unix seconds (a number) or an RFC 3339 "
+                    "date and time (2025-05-01T12:00:00Z)"]
+    if problems:
+        raise CommandError("malformed", f"cmd/{name}: {what}" + "; ".join(problems))
+    return sent
 
 
 def _skew_text(name: str, age: float, skew: float) -> str:

@@ -250,7 +250,7 @@ class Outbox:
             self._count, self._bytes = int(row[0]), int(row[1])
             self.instance = self._meta_get("instance")
             if self.instance is None:
-                self.instance = uuid.uuid4().hex
+                self.instance = str(uuid.uuid4())
                 self._meta_set("instance", self.instance)
             self._dropped = int(self._meta_get("dropped") or 0)
             # only the sender's reasons are stored: "full" is the rest of the total (files made before had no

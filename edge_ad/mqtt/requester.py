@@ -162,7 +162,7 @@ class CommandClient:
         ``claim`` is the client id the allow-list sees (default: this client's id)."""
         for value, what in ((site, "site"), (device, "device"), (name, "command name")):
             check_level(value, what)
-        corr = uuid.uuid4().hex
+        corr = str(uuid.uuid4())
         topic = Topics(site, device).cmd(name)
         data, props = self.build(topic, name, args, corr, claim if claim is not None else self.client_id,
                                  timeout=timeout)

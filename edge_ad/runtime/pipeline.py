@@ -638,7 +638,7 @@ class Pipeline:
                       "preprocess": (t1 - t0) * 1000.0, "infer": (t2 - t1) * 1000.0,
                       "score": (t_dec - t2) * 1000.0}
             total = f.capture_ms + (t_dec - f.t_captured) * 1000.0
-            d = Decision(id=uuid.uuid4().hex, seq=f.seq, source_index=f.source_index, ts=f.t_wall, score=s,
+            d = Decision(id=str(uuid.uuid4()), seq=f.seq, source_index=f.source_index, ts=f.t_wall, score=s,
                          threshold=threshold, ng=bool(ng), calibration_version=int(cal.version),
                          model_hash=model_hash, backend=bname, precision=prec, image_size=(h, w),
                          stages_ms=stages, latency_ms=total, batch=n, trigger=f.trigger,
