@@ -2417,7 +2417,9 @@ def _healthy_frames(svc) -> None:
 
 
 def _health_events(svc) -> list[dict]:
-    """The model_health events ``svc`` sent, each valid against the event schema as the MQTT link sends it."""
+    """The model_health events ``svc`` sent, each valid against the event schema as the MQTT link sends it, and
+    each naming its release (and, after a rollback, the one rolled back to): the schema allows them absent, as
+    events of an edge-ad before 372c9c5 are, this version always sends them."""
     from edge_ad.mqtt import schema
 
     out = [e for e in svc.events if e.get("type") == "model_health"]
@@ -2425,6 +2427,9 @@ def _health_events(svc) -> list[dict]:
         body = {"schema_version": 1, "id": "e1", "seq": 1, "ts": "2025-05-01T12:00:00.000Z", "site": "s",
                 "device": "d", **{k: v for k, v in e.items() if k != "ts"}}
         assert schema.errors("event", body) == [], body
+        assert e.get("release"), e
+        if e.get("rolled_back") or e["status"] == "rollback_failed":
+            assert e.get("rolled_back_to"), e
     return out
 
 
