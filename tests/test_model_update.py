@@ -489,6 +489,27 @@ def test_install_refuses_files_a_bundle_never_ships(bundles, golden, tmp_path, n
     assert deployment(deploy).current == res.release
 
 
+def test_an_archive_an_older_edge_ad_packed_with_its_training_state_is_refused_saying_to_pack_it_again(tiny_bundle,
+                                                                                                       tmp_path):
+    """An edge-ad before 706432c packed all of the bundle folder but engines/, train_state.pt included: 'bundle
+    install' refused such an archive saying only that the file is never part of one. It now says what to do."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    old = _forged(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), tmp_path / "old.tar",
+                  add={"bundle/train_state.pt": b"the training state"})
+    deploy = tmp_path / "deploy"
+    res = CliRunner().invoke(main, ["bundle", "install", str(old), "--deploy", str(deploy), "--no-golden"])
+    assert res.exit_code == 2, res.output
+    assert (f"error: {old}: 'bundle/train_state.pt' is never part of a bundle archive (it holds manifest.json, "
+            "calibration.json, calibration.d/NNNN.json and the files its manifest.json records; never train_state.pt, "
+            "engines/, eval/ or timing.cache: pack the bundle again with 'edge-ad bundle pack BUNDLE_DIR OUT', which "
+            "ships only those; an edge-ad before 706432c (2026-12-05) packed all of the folder but engines/); update "
+            "refused") in res.output, res.output
+    assert not deploy.exists()
+
+
 @pytest.mark.parametrize("edit", ['"format_version": 1e999', '"bytes": 1e999', '"bytes": "12"'])
 def test_an_index_with_numbers_that_are_not_whole_is_refused(tiny_bundle, tmp_path, edit):
     good = pack_bundle(tiny_bundle.path, tmp_path / "a.tar")
