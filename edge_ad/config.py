@@ -816,8 +816,9 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         file_paths.discard(tuple(path))
         if path[0] == "mqtt":
             mqtt_given = [] if path[1:] == ["enabled"] else mqtt_given + [f"{'.'.join(path)} [from {origin}]"]
-    # a relative outbox_path from the file: edge-ad before 53e6b29 read it from the working directory
-    outbox_given = tree["mqtt"]["outbox_path"] if ("mqtt", "outbox_path") in file_paths else None
+    # the [mqtt] paths the file gives relative, as given: read from its folder (edge-ad before 53e6b29 read them
+    # from the working directory): an error about one says so, and the outbox's old place is looked at
+    mqtt_relative = {key: tree["mqtt"][key] for sec, key in file_paths if sec == "mqtt"}
     # [mqtt] is a plain table checked by MqttSettings (its TLS files must exist): resolve its paths first
     for sec, key in sorted(p for p in file_paths if p[0] == "mqtt"):
         tree["mqtt"][key] = str(cfg_path.resolve().parent / tree["mqtt"][key])
@@ -854,13 +855,18 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
             if cfg_path is not None and any(("mqtt", k) not in origins for k in named):
                 where.append(str(cfg_path))
             src = f" [from {' or '.join(where or [str(cfg_path or 'defaults')])}]"
+            rel = sorted(k for k in mqtt_relative if re.search(rf"\bmqtt\.{k} = [^;]*?: does not exist", str(exc)))
+            if rel:   # a file not found where an older edge-ad found it (the working directory)
+                given = ", ".join(f"{k} = {mqtt_relative[k]!r}" for k in rel)
+                src = (f" ({given} in {cfg_path}: a relative path in the config file is read from the file's folder, "
+                       f"{cfg_path.resolve().parent}, not from the working directory){src}")
             raise InputError(f"{cfg_path or 'config'}: invalid config: {exc}{src}") from None
     base = cfg_path.resolve().parent if cfg_path is not None else None
     # only paths that came from the file are relative to the file
     s = _resolve_file_paths(s, base, file_paths)
     s._config_dir = base
     s._config_file = cfg_path
-    s._outbox_given = outbox_given
+    s._outbox_given = mqtt_relative.get("outbox_path")
     return s
 
 
