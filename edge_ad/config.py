@@ -346,6 +346,62 @@ class HealthSettings(_Section):
         return HealthLimits(**self.model_dump(exclude={"enabled"}))
 
 
+class OutboxLeftBehind(NamedTuple):
+    """An outbox file at ``old``, the working directory's reading of the config's relative ``mqtt.outbox_path``
+    (``given``), where edge-ad before 53e6b29 (2026-12-05) kept it; this version reads the path from the config's
+    folder (``new``). A line upgraded from such a revision would start an empty outbox at ``new`` and never send
+    the ``messages`` waiting in ``old`` (its ``seq`` starting again at 1). ``run`` refuses to start while ``new``
+    does not exist and ``old`` holds messages (:attr:`blocks`), and warns otherwise (:attr:`what`, :attr:`fix`);
+    ``doctor`` says the same."""
+
+    config: Path
+    given: str
+    old: Path
+    new: Path
+    messages: Optional[int]
+    unreadable: Optional[str]    # why ``messages`` could not be counted
+
+    @property
+    def new_exists(self) -> bool:
+        return self.new.exists()
+
+    @property
+    def blocks(self) -> bool:
+        """Would starting strand messages (or ones that could not be counted)? ``new`` does not exist yet."""
+        return self.messages != 0 and not self.new_exists
+
+    @property
+    def what(self) -> str:
+        """What is wrong, in words."""
+        held = ("no message" if self.messages == 0 else f"{self.messages} message(s) not delivered yet"
+                if self.unreadable is None else f"messages that could not be counted ({self.unreadable})")
+        head = (f"{self.config}: mqtt.outbox_path = {self.given!r} is read from the config file's folder since "
+                f"edge-ad 53e6b29 (2026-12-05), {self.new}, but the outbox an earlier edge-ad kept at the working "
+                f"directory's reading of it, {self.old}, holds {held}")
+        if self.blocks:
+            return (f"{head}: starting would begin an empty outbox at {self.new} and never send them (seq would "
+                    "start again at 1)")
+        if not self.new_exists:
+            return f"{head}: run starts an empty outbox at {self.new} (seq starts again at 1)"
+        return f"{head}, and the line uses the one at {self.new}" + (
+            "" if self.messages == 0 else ": the older one's messages are not sent from there")
+
+    @property
+    def fix(self) -> str:
+        """What to do about it."""
+        keep = f"set mqtt.outbox_path = \"{self.old}\" in {self.config}"
+        if self.blocks:
+            return (f"{keep} (its absolute path: the outbox stays where it is), or, with the line stopped, move "
+                    f"{self.old} (and its -wal and -shm, if there are any) to {self.new}; delete it only if its "
+                    "messages are not wanted")
+        if self.messages == 0:
+            return f"delete {self.old} (nothing is lost)" + ("" if self.new_exists else
+                                                              f", or {keep} to go on with it and its seq")
+        return (f"to send them, stop the line and run it with mqtt.outbox_path = \"{self.old}\" until they are out "
+                "(the outbox depth in telemetry or the run summary is 0), then set it back; delete "
+                f"{self.old} once they are sent, or if they are not wanted")
+
+
 class Settings(_Section):
     """Everything ``edge-ad run`` needs. Sections as in the TOML file."""
 
@@ -363,11 +419,36 @@ class Settings(_Section):
     # where the file was (relative paths in it are resolved against its folder): set by load_settings, never by
     # what it loads (not a field, so a config_dir key in the file, a variable or a flag is an unknown field)
     _config_dir: Optional[Path] = None   # (a leading _: a pydantic private attribute)
+    _config_file: Optional[Path] = None
+    _outbox_given: Optional[str] = None  # a relative mqtt.outbox_path as the file gives it (see outbox_left_behind)
 
     @property
     def config_dir(self) -> Optional[Path]:
         """The folder of the config file these settings were loaded from (None: no file)."""
         return self._config_dir
+
+    def outbox_left_behind(self) -> "OutboxLeftBehind | None":
+        """An outbox at the working directory's reading of the file's relative ``mqtt.outbox_path``, where
+        edge-ad before 53e6b29 (2026-12-05) kept it, when that is not the file this version uses (the path
+        read from the config's folder): see :class:`OutboxLeftBehind`. None when there is none (the path is
+        absolute, from the environment or a flag, or both readings are the same file)."""
+        if self._outbox_given is None or self._config_dir is None or not self.mqtt_enabled:
+            return None
+        old, new = Path.cwd() / self._outbox_given, self._config_dir / self._outbox_given
+        if not old.is_file() or os.path.realpath(old) == os.path.realpath(new) or (
+                new.exists() and os.path.samefile(old, new)):
+            return None
+        import sqlite3
+
+        from .mqtt.outbox import waiting_in
+
+        try:
+            messages, unreadable = waiting_in(old), None
+        except sqlite3.Error as exc:
+            if "no such table" in str(exc):   # an SQLite file, but no outbox
+                return None
+            messages, unreadable = None, str(exc)
+        return OutboxLeftBehind(self._config_file, self._outbox_given, old, new, messages, unreadable)
 
     def mqtt_settings(self):
         """The validated :class:`edge_ad.mqtt.MqttSettings`, or None when MQTT is off (no ``[mqtt]``
@@ -735,6 +816,9 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         file_paths.discard(tuple(path))
         if path[0] == "mqtt":
             mqtt_given = [] if path[1:] == ["enabled"] else mqtt_given + [f"{'.'.join(path)} [from {origin}]"]
+    # the [mqtt] paths the file gives relative, as given: read from its folder (edge-ad before 53e6b29 read them
+    # from the working directory): an error about one says so, and the outbox's old place is looked at
+    mqtt_relative = {key: tree["mqtt"][key] for sec, key in file_paths if sec == "mqtt"}
     # [mqtt] is a plain table checked by MqttSettings (its TLS files must exist): resolve its paths first
     for sec, key in sorted(p for p in file_paths if p[0] == "mqtt"):
         tree["mqtt"][key] = str(cfg_path.resolve().parent / tree["mqtt"][key])
@@ -771,11 +855,18 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
             if cfg_path is not None and any(("mqtt", k) not in origins for k in named):
                 where.append(str(cfg_path))
             src = f" [from {' or '.join(where or [str(cfg_path or 'defaults')])}]"
+            rel = sorted(k for k in mqtt_relative if re.search(rf"\bmqtt\.{k} = [^;]*?: does not exist", str(exc)))
+            if rel:   # a file not found where an older edge-ad found it (the working directory)
+                given = ", ".join(f"{k} = {mqtt_relative[k]!r}" for k in rel)
+                src = (f" ({given} in {cfg_path}: a relative path in the config file is read from the file's folder, "
+                       f"{cfg_path.resolve().parent}, not from the working directory){src}")
             raise InputError(f"{cfg_path or 'config'}: invalid config: {exc}{src}") from None
     base = cfg_path.resolve().parent if cfg_path is not None else None
     # only paths that came from the file are relative to the file
     s = _resolve_file_paths(s, base, file_paths)
     s._config_dir = base
+    s._config_file = cfg_path
+    s._outbox_given = mqtt_relative.get("outbox_path")
     return s
 
 

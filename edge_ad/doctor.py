@@ -7,10 +7,11 @@ ones ``edge-ad run`` cannot start without; :func:`exit_code` is 0 when none of t
 What is checked: Python, numpy, OpenCV (and its GStreamer / FFmpeg / V4L2 support), ONNX Runtime and its
 providers, TensorRT, the CUDA driver and GPUs (cuda-python, else ``nvidia-smi``, else the kernel driver
 files), the Jetson L4T / JetPack release and power mode, cameras, the MQTT broker (TCP, TLS handshake,
-MQTT CONNECT with the credentials), disk space and write access for the outbox, log and snapshots, the
-bundle's integrity and calibration (the bundle found as ``run`` finds it, ``model.deploy_dir`` included, and a
-warning when that deploy folder's ``previous`` link is damaged: no rollback until it is repaired),
-whether a TensorRT engine ``run`` would use exists for this GPU, whether the model opens on the backend,
+MQTT CONNECT with the credentials), an outbox an earlier edge-ad kept at the working directory's reading of a
+relative ``mqtt.outbox_path`` (this one reads it from the config's folder), disk space and write access for the
+outbox, log and snapshots, the bundle's integrity and calibration (the bundle found as ``run`` finds it,
+``model.deploy_dir`` included, and a warning when that deploy folder's ``previous`` link is damaged: no
+rollback until it is repaired), whether a TensorRT engine ``run`` would use exists for this GPU, whether the model opens on the backend,
 precision and device ``run`` will use (it is opened and closed again, as ``run`` opens it), and the
 systemd service's state (failed or restarting is a warning). Nothing here imports torch, unless the
 backend to check is ``torch``.
@@ -663,6 +664,20 @@ def check_disk(dirs: Iterable[str | os.PathLike], min_free_mb: int = DEFAULT_MIN
     return out
 
 
+def check_outbox_left_behind(settings) -> list[Check]:
+    """An outbox an earlier edge-ad kept at the working directory's reading of the config's relative
+    ``mqtt.outbox_path`` (:meth:`edge_ad.config.Settings.outbox_left_behind`): a required failure when it holds messages
+    and the config folder's reading does not exist (``run`` refuses to start), else a warning (``run`` warns).
+    Nothing when there is none."""
+    left = settings.outbox_left_behind()
+    if left is None:
+        return []
+    data = {"old": str(left.old), "new": str(left.new), "messages": left.messages}
+    if left.blocks:
+        return [Check("outbox", Status.FAIL, left.what, fix=left.fix, required=True, data=data)]
+    return [Check("outbox", Status.WARN, left.what, fix=left.fix, data=data)]
+
+
 # ---------------------------------------------------------------------------- bundle and engine
 def check_previous(deploy_dir: str | os.PathLike) -> list[Check]:
     """A warning when the deploy folder's ``previous`` link is damaged or its release gone: ``run`` starts on
@@ -957,6 +972,8 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
         checks += _safe("broker", lambda: check_broker(mqtt, timeout_s))
     else:
         checks.append(Check("broker", Status.SKIP, "no broker given (--mqtt URL or a config with [mqtt])"))
+    if settings is not None:
+        checks += _safe("outbox", lambda: check_outbox_left_behind(settings))
     dirs = list(data_dirs) or [default_outbox_dir(), Path.cwd()]
     checks += _safe("disk", lambda: check_disk(dirs, min_free_mb), True)
     unresolved = False

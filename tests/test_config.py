@@ -270,6 +270,47 @@ def test_mqtt_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
     assert s.mqtt_settings().ca_file == tmp_path / "ca.pem"
 
 
+def test_a_missing_tls_file_is_named_by_its_field_and_a_relative_one_says_where_it_was_looked_for(tmp_path,
+                                                                                                    monkeypatch):
+    """A relative ca_file that is not beside the config (an older edge-ad read it from the working directory) was
+    'mqtt.(settings): Value error, ca_file '...' does not exist': no field named, nothing said about where a
+    relative path is read from. The field is named, and the message says so; so are cert_file and key_file, also
+    for a certificate without its key. A path from --set is the working directory's: no such note."""
+    pytest.importorskip("paho.mqtt")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "ca.pem").write_text("beside the working directory, where an older edge-ad looked")
+    cfg = _write(tmp_path / "etc", MINIMAL + '\n[mqtt]\nurl = "mqtts://broker"\nca_file = "ca.pem"\n')
+    etc = tmp_path / "etc"
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, environ={})
+    assert str(ei.value) == (
+        f"{cfg}: invalid config: mqtt.ca_file = '{etc / 'ca.pem'}': does not exist or is not a file (ca_file = "
+        f"'ca.pem' in {cfg}: a relative path in the config file is read from the file's folder, {etc}, not from the "
+        f"working directory) [from {cfg}]")
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, [parse_set_option("mqtt.ca_file=nope.pem")], environ={})
+    assert str(ei.value) == (f"{cfg}: invalid config: mqtt.ca_file = 'nope.pem': does not exist or is not a file "
+                             "[from --set mqtt.ca_file]")
+
+    cfg.write_text(MINIMAL + '\n[mqtt]\nurl = "mqtts://broker"\ncert_file = "c.pem"\nkey_file = "k.pem"\n')
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, environ={})
+    assert str(ei.value).startswith(
+        f"{cfg}: invalid config: mqtt.cert_file = '{etc / 'c.pem'}': does not exist or is not a file; mqtt.key_file = "
+        f"'{etc / 'k.pem'}': does not exist or is not a file (cert_file = 'c.pem', key_file = 'k.pem' in {cfg}: a "
+        "relative path in the config file is read from the file's folder"), str(ei.value)
+    (etc / "c.pem").write_text("a certificate")
+    for table, message in (('cert_file = "c.pem"', "mqtt.key_file: not set, but cert_file is: a client certificate "
+                                                   "needs its key"),
+                           ('key_file = "c.pem"', f"mqtt.key_file = '{etc / 'c.pem'}': set, but cert_file is not: a "
+                                                  "client key needs its certificate")):
+        cfg.write_text(MINIMAL + f'\n[mqtt]\nurl = "mqtts://broker"\n{table}\n')
+        with pytest.raises(InputError) as ei:
+            load_settings(cfg, environ={})
+        assert str(ei.value) == f"{cfg}: invalid config: {message} [from {cfg}]"
+
+
 def test_text_fields_keep_their_text_from_env_and_flags(tmp_path):
     pytest.importorskip("paho.mqtt")
     cfg = _write(tmp_path, MINIMAL + '\n[mqtt]\nurl = "mqtt://broker"\n')

@@ -835,6 +835,47 @@ def test_cli_config_reads_the_env_file_next_to_it(tmp_path, mosquitto_factory, t
     assert res.exit_code == 2 and "--env-file" in res.output
 
 
+def test_an_outbox_an_older_edge_ad_kept_in_the_working_directory_fails_or_warns(tmp_path, tiny, monkeypatch):
+    """A relative mqtt.outbox_path, whose outbox an edge-ad before 53e6b29 kept in the working directory (this one
+    reads it from the config's folder): doctor fails as run refuses (exit 1, both files and the fix named) while the
+    config folder has none and the old one holds messages, warns once it has one, and says nothing when the working
+    directory is the config's folder."""
+    from edge_ad.mqtt import Outbox
+
+    b = copy_bundle(tiny, tmp_path / "b")
+    var, etc = tmp_path / "var", tmp_path / "etc"
+    var.mkdir()
+    etc.mkdir()
+    with Outbox(var / "outbox.sqlite") as ob:
+        for _ in range(4):
+            ob.put("result", "edge-ad/v1/s/d/result", b"{}")
+    cfg = etc / "config.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\n\n[source]\nuri = "synthetic://disc"\n\n'
+                   '[mqtt]\nurl = "mqtt://127.0.0.1:1"\noutbox_path = "outbox.sqlite"\n')
+    monkeypatch.chdir(var)
+
+    def outbox_checks():
+        res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"])
+        return res.exit_code, [c for c in json.loads(res.output)["checks"] if c["name"] == "outbox"]
+
+    code, (check,) = outbox_checks()
+    assert code == 1 and check["status"] == "fail" and check["required"], check
+    assert check["detail"].startswith(f"{cfg}: mqtt.outbox_path = 'outbox.sqlite' is read from the config file's "
+                                      "folder")
+    assert f"{var / 'outbox.sqlite'}, holds 4 message(s) not delivered yet: starting would begin" in check["detail"]
+    assert check["fix"].startswith(f'set mqtt.outbox_path = "{var / "outbox.sqlite"}" in {cfg}')
+    assert check["data"] == {"old": str(var / "outbox.sqlite"), "new": str(etc / "outbox.sqlite"), "messages": 4}
+    assert not (etc / "outbox.sqlite").exists()
+
+    Outbox(etc / "outbox.sqlite").close()
+    code, (check,) = outbox_checks()
+    assert code == 0 and check["status"] == "warn", check
+    assert check["detail"].endswith(f"and the line uses the one at {etc / 'outbox.sqlite'}: the older one's "
+                                    "messages are not sent from there")
+    monkeypatch.chdir(etc)
+    assert outbox_checks()[1] == []
+
+
 def test_an_empty_command_secret_in_the_env_file_fails_the_config_check(tmp_path, tiny):
     """``EDGE_AD_MQTT_COMMAND_SECRET=`` in the service's env file (a template left unfilled) would turn command
     signing off, or sign with an empty key: doctor says so, naming the variable, as run refuses to start."""

@@ -489,6 +489,27 @@ def test_install_refuses_files_a_bundle_never_ships(bundles, golden, tmp_path, n
     assert deployment(deploy).current == res.release
 
 
+def test_an_archive_an_older_edge_ad_packed_with_its_training_state_is_refused_saying_to_pack_it_again(tiny_bundle,
+                                                                                                       tmp_path):
+    """An edge-ad before 706432c packed all of the bundle folder but engines/, train_state.pt included: 'bundle
+    install' refused such an archive saying only that the file is never part of one. It now says what to do."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    old = _forged(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), tmp_path / "old.tar",
+                  add={"bundle/train_state.pt": b"the training state"})
+    deploy = tmp_path / "deploy"
+    res = CliRunner().invoke(main, ["bundle", "install", str(old), "--deploy", str(deploy), "--no-golden"])
+    assert res.exit_code == 2, res.output
+    assert (f"error: {old}: 'bundle/train_state.pt' is never part of a bundle archive (it holds manifest.json, "
+            "calibration.json, calibration.d/NNNN.json and the files its manifest.json records; never train_state.pt, "
+            "engines/, eval/ or timing.cache: pack the bundle again with 'edge-ad bundle pack BUNDLE_DIR OUT', which "
+            "ships only those; an edge-ad before 706432c (2026-12-05) packed all of the folder but engines/); update "
+            "refused") in res.output, res.output
+    assert not deploy.exists()
+
+
 @pytest.mark.parametrize("edit", ['"format_version": 1e999', '"bytes": 1e999', '"bytes": "12"'])
 def test_an_index_with_numbers_that_are_not_whole_is_refused(tiny_bundle, tmp_path, edit):
     good = pack_bundle(tiny_bundle.path, tmp_path / "a.tar")
@@ -1609,6 +1630,53 @@ def test_status_gives_each_release_its_own_health_and_a_rollback_by_hand_judges_
     assert (out["rollback"]["from"], out["rollback"]["failed"]) == (r3, False)
 
 
+def test_status_takes_an_older_edge_ads_rollback_time_from_its_history_and_sees_its_install_after_one(bundles,
+                                                                                                      tmp_path):
+    """'bundle status' said an older edge-ad's rollback was made at the time of the install before it: that
+    rollback left deploy.json's switched_at as it was (its history record has the right time). And an install that
+    older edge-ad made after a rollback kept the rollback's rolled_back_from, so status said the release installed
+    had come back by a rollback. deploy.json below is shaped as edge-ad 157ceb3 wrote it."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    deploy = tmp_path / "deploy"
+    r1, r2, r3 = (install_bundle(pack_bundle(b.path, tmp_path / f"{i}.tar"), deploy, require_golden=False,
+                                 keep=3).release for i, b in enumerate(bundles))
+
+    def status(current, previous, state):
+        for name, rid in (("current", current), ("previous", previous)):
+            (deploy / name).unlink()
+            (deploy / name).symlink_to(f"releases/{rid}")
+        (deploy / "deploy.json").write_text(json.dumps(state))
+        res = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"])
+        assert res.exit_code == 0, res.output
+        text = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+        return json.loads(res.stdout)["rollback"], text.stdout
+
+    t1, t2, t_back, t3 = "2026-12-07T02:32:26+00:00", "2026-12-07T02:32:30+00:00", "2026-12-07T02:54:44+00:00", \
+        "2026-12-07T02:54:57+00:00"
+    hist = []
+    for rid, prev, t in ((r1, None, t1), (r2, r1, t2)):
+        hist += [{"event": "switch_started", "previous": prev, "release": rid, "time": t},
+                 {"event": "switched", "golden_passed": None, "previous": prev, "release": rid, "time": t}]
+    hist += [{"event": "health_ok", "release": r2, "time": "2026-12-07T02:33:06+00:00"},
+             {"event": "rolled_back", "failed": r2, "reason": "edge-ad bundle rollback", "release": r1, "time": t_back}]
+    rolled = {"current": r1, "health": "rolled_back", "previous": r2, "reason": "edge-ad bundle rollback",
+              "rolled_back_from": r2, "schema_version": 1, "switched_at": t2, "history": hist}
+    back, text = status(r1, r2, rolled)
+    assert back == {"from": r2, "failed": False, "by": None, "reason": "edge-ad bundle rollback", "time": t_back}
+    assert f"rolled back from {r2} at {t_back}: by hand, edge-ad bundle rollback" in text, text
+    back, text = status(r1, r2, {**rolled, "history": []})      # no longer in the history kept (the newest 50)
+    assert back["time"] is None and f"rolled back from {r2}: by hand" in text, text
+
+    installed = {**rolled, "current": r3, "previous": r1, "health": "pending", "switched_at": t3, "history": hist + [
+        {"event": "switch_started", "previous": r1, "release": r3, "time": t3},
+        {"event": "switched", "golden_passed": None, "previous": r1, "release": r3, "time": t3}]}
+    back, text = status(r3, r1, installed)
+    assert back is None and "rolled back" not in text, text
+
+
 def test_cli_status_and_rollback_name_a_release_deleted_by_hand_or_with_a_corrupt_manifest(bundles, tmp_path):
     """status listed a deleted or unopenable release in force or previous as if all were well (exit 0), and
     a plain rollback whose previous release was deleted said only 'no previous release to roll back to'."""
@@ -2370,7 +2438,9 @@ def _healthy_frames(svc) -> None:
 
 
 def _health_events(svc) -> list[dict]:
-    """The model_health events ``svc`` sent, each valid against the event schema as the MQTT link sends it."""
+    """The model_health events ``svc`` sent, each valid against the event schema as the MQTT link sends it, and
+    each naming its release (and, after a rollback, the one rolled back to): the schema allows them absent, as
+    events of an edge-ad before 372c9c5 are, this version always sends them."""
     from edge_ad.mqtt import schema
 
     out = [e for e in svc.events if e.get("type") == "model_health"]
@@ -2378,6 +2448,9 @@ def _health_events(svc) -> list[dict]:
         body = {"schema_version": 1, "id": "e1", "seq": 1, "ts": "2025-05-01T12:00:00.000Z", "site": "s",
                 "device": "d", **{k: v for k, v in e.items() if k != "ts"}}
         assert schema.errors("event", body) == [], body
+        assert e.get("release"), e
+        if e.get("rolled_back") or e["status"] == "rollback_failed":
+            assert e.get("rolled_back_to"), e
     return out
 
 

@@ -52,6 +52,29 @@ def test_bad_payloads_are_refused_with_the_field_named():
                                    "ok": False})                    # an error reply needs 'error'
 
 
+def test_model_health_events_of_an_older_edge_ad_still_validate():
+    """model_health events made before 372c9c5 have no release (nor rolled_back_to after a rollback); an upgraded
+    line's outbox sends them after the upgrade, and the schema a consumer validates with (docs/mqtt.md) refused
+    them. Both are optional now (this version always sends them: test_model_update checks that), and are still
+    checked when present."""
+    head = {"schema_version": 1, "id": "030fac1d-7485-40a5-a537-0a930245f038", "seq": 9,
+            "ts": "2026-12-07T02:33:06.938Z", "site": "plant1", "device": "line-157ceb3", "type": "model_health"}
+    old = [{**head, "status": "ok", "reason": "20 frames, NG rate 0.400, 0 errors"},   # as edge-ad 157ceb3 sent it
+           {**head, "status": "failed", "reason": "NG rate jumped to 0.450 from 0.050 (limit +0.2)", "frames": 20,
+            "errors": 0, "ng_rate": 0.45, "elapsed_s": 41.3, "rolled_back": True,
+            "restored": "/var/lib/edge-ad/deploy/releases/r0007-20250501T120150Z-9f2c4be01d7a"},
+           {**head, "status": "rollback_failed", "restored": "/var/lib/edge-ad/deploy/releases/r0007",
+            "reason": "InputError: no model.onnx"}]
+    for ev in old:
+        assert schema.errors("event", ev) == [], ev
+    now = {**old[1], "release": "r0008-20250501T140111Z-0b1de47a3c95", "rollback": "done",
+           "rolled_back_to": "r0007-20250501T120150Z-9f2c4be01d7a"}
+    assert schema.errors("event", now) == []
+    for field, bad in (("release", ""), ("rolled_back_to", None)):
+        problems = schema.errors("event", {**now, field: bad})
+        assert len(problems) == 1 and problems[0].startswith(f"{field}: "), problems
+
+
 def test_every_published_payload_matches_its_schema(mosquitto, tmp_path):
     settings = MqttSettings(url=mosquitto.url, site="s", device="d", outbox_path=tmp_path / "o.sqlite",
                             reconnect_min_s=0.1)

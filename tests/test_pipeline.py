@@ -1942,6 +1942,94 @@ def test_a_damaged_outbox_file_does_not_stop_the_line(tmp_path, tiny_bundle):
     assert first["type"] == "outbox_reset" and first["moved_to"] == summary["outbox_reset"]
 
 
+def _outbox_left_behind(tmp_path: Path, bundle, broker_url: str, messages: int) -> tuple[Path, Path, Path]:
+    """A line as an edge-ad before 53e6b29 left it: the config in etc/ with a relative mqtt.outbox_path, which that
+    revision read from the working directory, var/ (the unit's WorkingDirectory), where its outbox holds
+    ``messages`` results (seq 1..) not sent yet. Returns (config, the old outbox, the config folder's reading)."""
+    from edge_ad.mqtt import Outbox
+
+    var, etc = tmp_path / "var", tmp_path / "etc"
+    var.mkdir()
+    etc.mkdir()
+    old = var / "outbox.sqlite"
+    with Outbox(old) as ob:
+        for _ in range(messages):
+            ob.put("result", "edge-ad/v1/t/cam1/result",
+                   lambda seq: json.dumps({"id": f"old-{seq}", "seq": seq}).encode())
+    video, _ = defect_video(tmp_path / "v.avi", n=5, defect_every=5, size=96)
+    cfg = _config_file(etc, bundle, f"file://{video}", f'\n[mqtt]\nurl = "{broker_url}"\nsite = "t"\ndevice = "cam1"\n'
+                       'outbox_path = "outbox.sqlite"\n')
+    return cfg, old, etc / "outbox.sqlite"
+
+
+def test_an_outbox_an_older_edge_ad_kept_in_the_working_directory_is_not_left_behind(tmp_path, tiny_bundle, mosquitto,
+                                                                                      monkeypatch):
+    """edge-ad before 53e6b29 read a relative mqtt.outbox_path from the working directory (the unit's
+    /var/lib/edge-ad), this one reads it from the config's folder (/etc/edge-ad): an upgraded line began an empty
+    outbox there without a word and never sent the old one's backlog (seq starting again at 1). run now refuses to
+    start, naming both files and the fix, and changes nothing; with the fix (the outbox's absolute path) the
+    backlog is delivered and seq goes on."""
+    from edge_ad.errors import InputError
+    from edge_ad.mqtt import BrokerSettings
+    from edge_ad.mqtt.collector import Collector
+    from edge_ad.mqtt.outbox import waiting_in
+
+    cfg, old, new = _outbox_left_behind(tmp_path, tiny_bundle, mosquitto.url, 3)
+    monkeypatch.chdir(old.parent)
+    with pytest.raises(InputError) as exc:
+        Service(load_settings(cfg, environ={}), install_signals=False)
+    assert str(exc.value) == (
+        f"{cfg}: mqtt.outbox_path = 'outbox.sqlite' is read from the config file's folder since edge-ad 53e6b29 "
+        f"(2026-12-05), {new}, but the outbox an earlier edge-ad kept at the working directory's reading of it, {old}, "
+        f"holds 3 message(s) not delivered yet: starting would begin an empty outbox at {new} and never send them (seq "
+        f'would start again at 1); set mqtt.outbox_path = "{old}" in {cfg} (its absolute path: the outbox stays where '
+        f"it is), or, with the line stopped, move {old} (and its -wal and -shm, if there are any) to {new}; delete it "
+        "only if its messages are not wanted")
+    assert exc.value.exit_code == 2
+    assert not new.exists() and not (cfg.parent / "results.jsonl").exists() and waiting_in(old) == 3
+
+    fixed = load_settings(cfg, [(["mqtt", "outbox_path"], str(old), "test")], environ={})
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/#") as col:
+        summary = _run(fixed)
+        assert col.wait_for(lambda c: {"old-1", "old-2", "old-3"} <= c.unique_ids(), timeout=30), col.unique_ids()
+    assert summary["frames"] == 5 and summary["outbox"] == str(old) and not new.exists()
+    seqs = sorted(m.json()["seq"] for m in col.of_kind("result"))
+    assert seqs == list(range(1, 3 + 5 + 1))          # the old backlog's 1..3, then this run's 4..8
+
+
+def test_an_outbox_left_behind_beside_the_one_in_use_or_empty_is_warned_of(tmp_path, tiny_bundle, monkeypatch, caplog):
+    """Once the config folder's outbox exists (the line already started on it) run does not refuse (that would
+    stop a running line and strand that one's messages instead): a WARNING at every start names both files and how
+    to send the old one's messages. An old outbox that holds nothing is not worth a refusal either; nor is there any
+    when the working directory is the config's folder (both readings are the same file)."""
+    from edge_ad.mqtt import Outbox
+
+    cfg, old, new = _outbox_left_behind(tmp_path, tiny_bundle, "mqtt://127.0.0.1:1", 2)
+    Outbox(new).close()
+    monkeypatch.chdir(old.parent)
+    with caplog.at_level("WARNING", logger="edge_ad.runtime.service"):
+        svc = Service(load_settings(cfg, environ={}), install_signals=False)
+    svc.link.stop(timeout=1.0)
+    svc.inspector.backend.close()
+    warned = [r.getMessage() for r in caplog.records if "outbox_path" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"{cfg}: mqtt.outbox_path = 'outbox.sqlite'"), warned
+    assert (f"{old}, holds 2 message(s) not delivered yet, and the line uses the one at {new}: the older one's "
+            f'messages are not sent from there; to send them, stop the line and run it with mqtt.outbox_path = "{old}" '
+            "until they are out") in warned[0]
+
+    new.unlink()
+    (new.parent / "outbox.sqlite.lock").unlink()
+    with Outbox(old) as ob:
+        ob.delete([r.id for r in ob.fetch_after(0, 10)])
+    left = load_settings(cfg, environ={}).outbox_left_behind()
+    assert not left.blocks and left.what.endswith(f"holds no message: run starts an empty outbox at {new} (seq starts "
+                                                  "again at 1)")
+    assert left.fix == f'delete {old} (nothing is lost), or set mqtt.outbox_path = "{old}" in {cfg} to go on with it ' \
+                       "and its seq"
+    monkeypatch.chdir(cfg.parent)
+    assert load_settings(cfg, environ={}).outbox_left_behind() is None
+
+
 def test_a_failing_outbox_is_counted_and_the_jsonl_log_still_gets_every_decision(tmp_path, tiny_bundle):
     """The disk under the SQLite outbox is full (the broker is down, so it only grows): results the outbox
     refuses are counted, every decision still reaches the JSONL log, and the outbox takes results again

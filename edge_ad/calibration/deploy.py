@@ -290,17 +290,33 @@ def last_rollback(dep: Deployment) -> dict | None:
     """How the release in force came back, when a rollback switched it in (deploy.json's record of it, also one
     cut short): ``from`` (the release left), ``failed`` (whether that one failed: a health check, or the line
     could not open it; else it was a rollback by hand), ``by`` (who made one by hand), ``reason`` and ``time``
-    (None when its record was cut short). None when an install switched it in."""
+    (None when its record was cut short). None when an install switched it in.
+
+    ``time`` is the rollback's history record's: an older edge-ad's rollback left ``switched_at`` at the install
+    before it (and when the history no longer holds it, such a record's time is not known: None). The switch
+    the history last records for the release in force also tells an install that an older edge-ad made after a
+    rollback (it kept the rollback's ``rolled_back_from`` in deploy.json) from the rollback itself."""
     st = dep.detail
     rec = _cut_short(st, dep.current)
-    if rec is None:
-        rec = st if st.get("current") == dep.current and "rolled_back_from" in st else None
-    elif rec.get("health") != ROLLED_BACK:
-        rec = None
-    if rec is None:
+    if rec is not None:
+        if rec.get("health") != ROLLED_BACK:
+            return None
+        time = None
+    elif st.get("current") == dep.current and "rolled_back_from" in st:
+        rec = st
+        switch = next((ev for ev in reversed(_read_state(dep.deploy_dir).get("history") or [])
+                       if isinstance(ev, dict) and ev.get("release") == dep.current
+                       and ev.get("event") in ("switched", ROLLED_BACK)), None)
+        if switch is None:      # older than the history kept
+            time = None if st.get("health") == ROLLED_BACK else st.get("switched_at")
+        elif switch["event"] != ROLLED_BACK:
+            return None
+        else:
+            time = switch.get("time")
+    else:
         return None
     return {"from": rec.get("rolled_back_from", rec.get("previous")), "failed": not _by_hand(rec),
-            "by": rec.get("by"), "reason": rec.get("reason"), "time": rec.get("switched_at")}
+            "by": rec.get("by"), "reason": rec.get("reason"), "time": time}
 
 
 def _history(state: dict, current: str | None) -> list:

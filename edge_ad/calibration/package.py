@@ -191,6 +191,8 @@ _NEVER = [n + "/" if n in ("engines", "eval") else n for n in NOT_SHIPPED]
 # what an archive's bundle/ may hold, for messages
 SHIPPED = ("manifest.json, calibration.json, calibration.d/NNNN.json and the files its manifest.json records; "
            f"never {', '.join(_NEVER[:-1])} or {_NEVER[-1]}")
+# what to do about an archive that holds anything else (one packed by an older edge-ad, one made by hand)
+REPACK = "pack the bundle again with 'edge-ad bundle pack BUNDLE_DIR OUT', which ships only those"
 
 
 def ships(rel: str, b: Bundle) -> bool:
@@ -421,8 +423,9 @@ def _check_index(archive: Path, index_bytes: bytes, sig: dict | None, key: Signi
                 raise ValueError(f"entry '{name}': bytes {str(rec.get('bytes'))[:40]!r} is not a whole number >= 0")
         for name in files:
             if name.split("/")[1] in NOT_SHIPPED:   # whatever the manifest says: see ships()
-                raise InputError(f"{archive}: '{name}' is never part of a bundle archive (it holds {SHIPPED}); "
-                                 "update refused")
+                raise InputError(f"{archive}: '{name}' is never part of a bundle archive (it holds {SHIPPED}: "
+                                 f"{REPACK}; an edge-ad before 706432c (2026-12-05) packed all of the folder but "
+                                 "engines/); update refused")
             # 'bundle/a' and 'bundle/a/b' cannot both be files: extracting one would fail on the other as if
             # the disk were at fault
             for parent in PurePosixPath(name).parents[:-2]:
@@ -537,8 +540,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
         foreign = sorted(n for n in files if not ships(n[len(PREFIX) + 1:], b))
         if foreign:
             raise InputError(f"{archive}: '{foreign[0]}' is not part of the bundle, its manifest.json does not "
-                             f"record it (an archive holds {SHIPPED}: pack the bundle again with 'edge-ad bundle "
-                             "pack', which ships only those); update refused")
+                             f"record it (an archive holds {SHIPPED}: {REPACK}); update refused")
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

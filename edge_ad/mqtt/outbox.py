@@ -101,6 +101,20 @@ def _busy(exc: sqlite3.Error) -> bool:
 _LOCKED_HINT = "another program, e.g. a sqlite3 shell inside a transaction, holds a lock on the file"
 
 
+def waiting_in(path: str | Path) -> int:
+    """The messages the outbox file ``path`` holds (not yet acknowledged by a broker), read without opening it as
+    an :class:`Outbox`: no lock is taken and nothing is written (a file this run does not use, e.g. one an
+    earlier revision kept elsewhere). :class:`sqlite3.Error` when it cannot be read or is not an outbox (no
+    ``outbox`` table)."""
+    from urllib.parse import quote
+
+    db = sqlite3.connect(f"file:{quote(str(Path(path).absolute()))}?mode=ro", uri=True, timeout=1.0)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+    finally:
+        db.close()
+
+
 class DropNames:
     """The messages a full outbox dropped since the last report, named in a bounded space however many they
     are: per kind, how many, the first and last id, and the ``seq`` ranges of results and events (the first

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from ..errors import InputError
 from .topics import string_problem
@@ -117,17 +118,22 @@ SHORT_SECRET = 16   # characters: a shorter command secret is taken, with a WARN
 
 
 def _format_validation_error(exc: ValidationError, where: str) -> str:
+    """``where.field = value: message`` per error (``where: message`` for one about several fields; no value for
+    a secret, a table or a field not given)."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(settings)"
+        loc = ".".join(str(p) for p in err.get("loc", ()))
         msg = err.get("msg", "invalid")
+        msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
         value = err.get("input")
         if loc == "url" and isinstance(value, str):
             value = redact_url(value)
-        if "input" in err and loc not in ("password", "command_secret") and not isinstance(value, dict):
-            lines.append(f"{where}.{loc} = {value!r}: {msg}")
+        field = f"{where}.{loc}" if loc else where
+        if loc and "input" in err and loc not in ("password", "command_secret") and value is not None \
+                and not isinstance(value, dict):
+            lines.append(f"{field} = {value!r}: {msg}")
         else:
-            lines.append(f"{where}.{loc}: {msg}")
+            lines.append(f"{field}: {msg}")
     return "; ".join(lines)
 
 
@@ -224,16 +230,28 @@ class BrokerSettings(BaseModel):
             raise ValueError("port 0; expected 1..65535")
         return v
 
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _is_file(cls, v: Path | None) -> Path | None:
+        """Each TLS file exists: checked per field, so that the error names it (``mqtt.ca_file = ...``)."""
+        if v is not None and not Path(v).is_file():
+            raise ValueError("does not exist or is not a file")
+        return v
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_with_cert(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        """A client certificate and its key come together (checked on key_file, validated after cert_file)."""
+        if "cert_file" not in info.data:    # cert_file failed its own check, which names it
+            return v
+        if info.data["cert_file"] is not None and v is None:
+            raise ValueError("not set, but cert_file is: a client certificate needs its key")
+        if info.data["cert_file"] is None and v is not None:
+            raise ValueError("set, but cert_file is not: a client key needs its certificate")
+        return v
+
     @model_validator(mode="after")
-    def _check_tls(self):
-        if self.cert_file is not None and self.key_file is None:
-            raise ValueError("cert_file is set but key_file is not: a client certificate needs its key")
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file is set but cert_file is not")
-        for name in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name} '{path}' does not exist or is not a file")
+    def _check_reconnect(self):
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError(f"reconnect_max_s {self.reconnect_max_s} < reconnect_min_s {self.reconnect_min_s}")
         return self

@@ -155,6 +155,7 @@ class Service:
         s = self.settings
         self.spec = parse_uri(s.source.uri)
         check_startup(self.spec)
+        self._check_outbox_left_behind()
         self._startup_rollback: dict | None = None
         self.bundle, self.inspector = self._open_model()
         try:
@@ -165,6 +166,18 @@ class Service:
             if self.link is not None:
                 self.link.stop(timeout=1.0)
             raise
+
+    def _check_outbox_left_behind(self) -> None:
+        """A relative ``mqtt.outbox_path`` whose outbox an earlier edge-ad kept at the working directory's reading
+        of it (:meth:`Settings.outbox_left_behind`): refused while the config folder's reading does not exist yet and
+        that outbox holds messages (an empty outbox would start there and they would never be sent), else a WARNING
+        at every start (the line already runs on the new one, or the old one holds nothing)."""
+        left = self.settings.outbox_left_behind()
+        if left is None:
+            return
+        if left.blocks:
+            raise InputError(f"{left.what}; {left.fix}")
+        log.warning("%s; %s", left.what, left.fix)
 
     def _open_model(self) -> tuple[Bundle, Any]:
         """The bundle ``run`` inspects with, opened on the line's backend. A pending release of the deploy folder
