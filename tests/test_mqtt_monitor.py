@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from edge_ad.mqtt.monitor import FleetView, render_table, run_monitor
 from edge_ad.mqtt.settings import BrokerSettings
 
 B = "edge-ad/v1"
+STAMP = re.compile(r"-- \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ --")   # before each table off a terminal
 EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
 
 
@@ -642,7 +645,7 @@ def test_cli_monitor_stops_quietly_when_the_reader_closes_the_pipe(mosquitto, tm
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             first = p.stdout.readline()
-            assert json.loads(first)["device"] == "cam1" if json_lines else first.startswith("SITE"), first
+            assert json.loads(first)["device"] == "cam1" if json_lines else STAMP.fullmatch(first.strip()), first
             p.stdout.close()                # the reader is gone
             deadline = time.monotonic() + 30
             while publish and p.poll() is None and time.monotonic() < deadline:
@@ -684,7 +687,8 @@ def test_cli_monitor_tty_redraw_is_bounded(mosquitto, tmp_path):
 def test_a_monitor_with_a_duration_writing_to_a_log_prints_tables_as_the_fleet_changes(mosquitto, tmp_path):
     """`edge-ad monitor --duration N > log` printed one table at the end, so a reader following the log saw
     nothing for N s. A table not on a terminal now comes after each change (at most every --interval s) with
-    or without --duration, and with one once more at the end."""
+    or without --duration, and with one once more at the end; each after a line saying when it was printed
+    (a reader of the log could not tell)."""
     link = _link(mosquitto.url, tmp_path, "cam1")
     assert _wait(lambda: link.connected)
     out, stop, views = io.StringIO(), threading.Event(), []
@@ -699,9 +703,12 @@ def test_a_monitor_with_a_duration_writing_to_a_log_prints_tables_as_the_fleet_c
         stop.set()
         watch.join(30)
         link.stop()
-    tables = out.getvalue().split("\n\n")
-    assert views and len(tables) >= 3 and all(t.startswith("SITE") for t in tables), tables
-    assert "OK 0.300" in tables[-1] and out.getvalue().endswith("\n")       # the last: the fleet at the end
+    tables = [t.split("\n", 1) for t in out.getvalue().split("\n\n")]   # (the time line, the table)
+    assert views and len(tables) >= 3, tables
+    assert all(STAMP.fullmatch(s) and t.startswith("SITE") for s, t in tables), tables
+    when = [calendar.timegm(time.strptime(s, "-- %Y-%m-%dT%H:%M:%SZ --")) for s, _ in tables]
+    assert when == sorted(when) and abs(when[-1] - time.time()) < 60, when            # UTC, as printed
+    assert "OK 0.300" in tables[-1][1] and out.getvalue().endswith("\n")    # the last: the fleet at the end
 
 
 def test_home_assistant_discovery(mosquitto, tmp_path):

@@ -599,6 +599,11 @@ def _clock_time(t: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t))
 
 
+def stamp_line(t: float) -> str:
+    """The line before each table the monitor prints off a terminal: when it was printed (ISO 8601, UTC)."""
+    return f"-- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t))} --"
+
+
 def broker_line(down_since: float | None) -> str:
     """The table's note on the monitor's own connection: empty while connected."""
     if down_since is None:
@@ -616,7 +621,8 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
     ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a pipe) printed after each
     change, at most every ``interval`` s, so that a reader following the log sees the fleet as it goes, and,
-    when a ``duration`` is given, once more when the run ends (the fleet then).
+    when a ``duration`` is given, once more when the run ends (the fleet then); each such table after a line
+    with the time it was printed (:func:`stamp_line`: ``-- 2026-12-07T03:01:32Z --``, UTC).
 
     When the monitor loses the broker it reconnects by itself and says so: the table gets a
     ``DISCONNECTED from broker since HH:MM:SS`` line, ``as_json`` writes ``{"monitor": "disconnected", ...}``
@@ -652,6 +658,12 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
             gone.append(exc)
             stop.set()
             dirty.set()
+
+    def log_table(end: str) -> None:   # off a terminal: when, the monitor's own connection, the table
+        with lock:
+            text, note_line = view.table(), broker_line(down["since"])
+        out.write(stamp_line(time.time()) + "\n" + (f"{note_line}\n" if note_line else "") + text + end)
+        out.flush()
 
     def note(state: str, **extra) -> None:   # a JSON line about the monitor's connection (under lock)
         if as_json:
@@ -744,10 +756,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
                 out.flush()
                 last_draw, pending = now, False
             elif not live and pending and since >= interval:   # a log: a table after each change, as it comes
-                with lock:
-                    text, note_line = view.table(), broker_line(down["since"])
-                out.write((f"{note_line}\n" if note_line else "") + text + "\n\n")
-                out.flush()
+                log_table("\n\n")
                 last_draw, pending = now, False
         if gone:
             raise gone[0]
@@ -756,10 +765,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     else:
         settle(final=True)   # a gap still held: nothing more will explain it while this monitor runs
         if not as_json and not live and duration is not None:
-            with lock:
-                note_line = broker_line(down["since"])
-                out.write((f"{note_line}\n" if note_line else "") + view.table() + "\n")
-            out.flush()
+            log_table("\n")
     finally:
         with lock:
             down["stopping"] = True
