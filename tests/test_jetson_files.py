@@ -346,14 +346,22 @@ def test_readme_walks_flash_to_service():
         assert (JETSON / doc).is_file()
 
 
-def _readme_commands(text: str) -> list[str]:
-    """The commands of a README's text: the lines of its bash blocks (continuations joined) and its inline
-    code that starts with a command."""
-    cmds = []
-    for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
-        cmds += [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+def _readme_commands(text: str, langs: tuple[str, ...] = ("bash",)) -> list[str]:
+    """The commands of a README's text: the lines of its code blocks of ``langs`` ("": a block that names
+    none; continuations joined) and its inline code that starts with a command."""
+    cmds, block = [], None
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            if block is None:
+                lang, block = line[3:].strip(), []
+            else:
+                if lang in langs:
+                    cmds += [x.strip() for x in "".join(block).replace("\\\n", " ").splitlines() if x.strip()]
+                block = None
+        elif block is not None:
+            block.append(line)
     cmds += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", text.replace("```", ""))]
-    return [c for c in cmds if c.split()[0] in ("edge-ad", "sudo", "rsync", "ssh", "scp")]
+    return [c for c in cmds if c.split()[:1] and c.split()[0] in ("edge-ad", "sudo", "rsync", "ssh", "scp")]
 
 
 def test_readme_reaches_the_service_folders_as_a_user_that_may():
@@ -376,6 +384,25 @@ def test_readme_reaches_the_service_folders_as_a_user_that_may():
         if " bundle install " in c and c.startswith("sudo -u edge-ad"):
             # the service user cannot read the login user's home folder (0750): the archive is elsewhere
             assert re.search(r"bundle install /(tmp|var/lib/edge-ad)/", c), c
+
+
+def test_the_docs_use_the_service_folders_as_a_user_that_may():
+    """docs/calibration.md's examples calibrated with the line's /etc/edge-ad config and installed into
+    /opt/edge-ad as the login user: on a device set up with install.sh, /var/lib/edge-ad is the service user's
+    (0750), the edge-ad.env that --config reads is root's and the service group's (0640), and /opt/edge-ad holds
+    the program (root's): Permission denied. Every command of the docs that uses the service's folders runs
+    with sudo, as the guide's do, and none keeps a bundle or a deploy folder in /opt/edge-ad."""
+    repo = JETSON.parent
+    used = []
+    for doc in (repo / "README.md", *sorted(repo.glob("docs/*.md"))):
+        for c in _readme_commands(doc.read_text(), langs=("bash", "")):
+            if "/var/lib/edge-ad" in c or re.search(r"--config[ =]/etc/edge-ad", c):
+                used.append(c)
+                assert c.startswith("sudo"), (doc.name, c)
+            assert not re.search(r"--(deploy|bundle|out)[ =]/opt/edge-ad", c), (doc.name, c)
+            if " bundle install " in c and c.startswith("sudo -u edge-ad"):
+                assert re.search(r"bundle install /(tmp|var/lib/edge-ad)/", c), c
+    assert len(used) >= 10, used
 
 
 def test_step_references_point_at_the_step_they_mean():

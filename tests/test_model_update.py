@@ -1312,7 +1312,7 @@ def test_the_runtime_says_when_a_healthy_record_is_given_up(bundles, tmp_path):
         svc.reporter.health.limits = HealthLimits(record_wait_s=0)
         for _ in range(HealthLimits().min_frames):
             svc.reporter.health.record(ng=False)
-        svc._check_health()                                              # no exception out of the supervisor's call
+        _check_health(svc)                                               # no exception out of the supervisor's call
         [ev] = _health_events(svc)
         assert (ev["status"], ev["record"], ev["release"]) == ("ok", "given_up", judged)
         assert svc.reporter.health is None and deployment(deploy).health == "pending"
@@ -1337,7 +1337,7 @@ def test_a_health_rollback_on_a_full_disk_keeps_the_line_running_and_says_how_it
         svc.reporter.health._clock = clock
         full = _DiskFullAt(monkeypatch, point)
         _failing_frames(svc)                                            # no exception out of the supervisor's call
-        svc._check_health()
+        _check_health(svc)
         health = _health_events(svc)
         assert len(health) == 1 and health[0]["release"] == failing
         assert "no space left on device" in health[0]["reason"]
@@ -1349,7 +1349,7 @@ def test_a_health_rollback_on_a_full_disk_keeps_the_line_running_and_says_how_it
             assert svc.inspector.model_hash == b.model_hash() and deployment(deploy).current == failing
             full.on = False
             clock.t += 1
-            svc._check_health()
+            _check_health(svc)
             health = _health_events(svc)
             assert [e["rollback"] for e in health] == ["waiting", "done"] and health[1]["rolled_back_to"] == r1.release
         assert svc.inspector.model_hash == a.model_hash() and svc.reporter.health is None
@@ -1377,7 +1377,7 @@ def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bun
     try:
         _failing_frames(svc)
         for _ in range(3):
-            svc._check_health()
+            _check_health(svc)
         health = _health_events(svc)
         assert [e["rollback"] for e in health] == ["waiting"] and health[0]["status"] == "failed"
         assert "the rollback waits for the deploy folder" in health[0]["reason"] and not health[0]["rolled_back"]
@@ -1388,8 +1388,8 @@ def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bun
         if meanwhile == "install":
             theirs = install_bundle(pack_bundle(bundles[2].path, tmp_path / "c.tar"), deploy,
                                     require_golden=False).release
-        svc._check_health()
-        svc._check_health()
+        _check_health(svc)
+        _check_health(svc)
         health = _health_events(svc)
         assert len(health) == 2 and svc.reporter.health is None and health[1]["release"] == failing
         if meanwhile == "nothing":
@@ -1401,6 +1401,30 @@ def test_the_runtime_says_once_that_its_rollback_waits_and_then_how_it_ended(bun
             assert deployment(deploy).current == theirs and svc.inspector.model_hash == b.model_hash()
     finally:
         held.release()
+        svc.inspector.backend.close()
+
+
+def test_a_health_rollback_swap_leaves_a_model_switched_in_before_it_running(bundles, tmp_path, monkeypatch, caplog):
+    """The restored model is swapped in on a thread of its own (_in_background, so that the supervisor feeds the
+    watchdog meanwhile), after the verdict rolled 'current' back: a reload that switches another release in
+    before that swap runs stands; the rollback's swap does not undo it."""
+    a, b, c = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    svc = _line(tmp_path, deploy)
+    swaps = []
+    monkeypatch.setattr(svc, "_in_background", lambda what, change: swaps.append((what, change)))
+    try:
+        _failing_frames(svc)
+        [ev] = _health_events(svc)
+        assert (ev["rollback"], deployment(deploy).current) == ("done", r1.release)
+        assert [what for what, _ in swaps] == ["health rollback"] and svc.inspector.model_hash == b.model_hash()
+        theirs = install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, require_golden=False).release
+        svc._reload_bundle()                                            # SIGHUP / MQTT reload: C runs
+        swaps[0][1]()
+        assert Path(svc.bundle.path).name == theirs and svc.reporter.health.release == theirs
+        assert [e["reason"] for e in svc.events if e.get("type") == "model"] == ["reload"]
+        assert f"rolled back to {deploy / 'releases' / r1.release}, but" in caplog.text
+    finally:
         svc.inspector.backend.close()
 
 
@@ -1437,7 +1461,7 @@ def test_an_update_that_supersedes_a_waiting_rollback_sends_its_final_model_heal
         assert (final["release"], final["superseded_by"]) == (failing, new)
         assert f"rollback dropped: superseded by {new}, which {by} switched in" in final["reason"]
         assert svc.reporter.health is not None and svc.reporter.health.release == new
-        svc._check_health()                                             # the new watch: no verdict yet
+        _check_health(svc)                                              # the new watch: no verdict yet
         assert len([e for e in svc.events if e.get("type") == "model_health"]) == 2
         assert deployment(deploy).current == new and svc.inspector.model_hash == c.model_hash()
     finally:
@@ -2427,14 +2451,22 @@ def _failing_frames(svc) -> None:
     """Every inference of the model in force fails, for as long as a health verdict needs."""
     for _ in range(HealthLimits().min_frames):
         svc.event({"type": "inference_error", "frames": 1})
-    svc._check_health()
+    _check_health(svc)
 
 
 def _healthy_frames(svc) -> None:
     """The model in force decides as many frames OK as a health verdict needs; the health check runs."""
     for _ in range(HealthLimits().min_frames):
         svc.reporter.health.record(ng=False)
+    _check_health(svc)
+
+
+def _check_health(svc) -> None:
+    """The supervisor's health check, with the rollback's swap it may start on a thread of its own done."""
     svc._check_health()
+    if svc._change_thread is not None:
+        svc._change_thread.join(60)
+    svc._change_running()   # its unexpected error raised here, as the supervisor does
 
 
 def _health_events(svc) -> list[dict]:
@@ -2507,7 +2539,7 @@ def test_the_health_section_sets_the_watchs_limits_and_a_reload_applies_to_the_n
         assert svc.reporter.health is watch and watch.limits.min_frames == 3   # the running watch keeps its own
         for _ in range(3):
             watch.record(ng=False)
-        svc._check_health()                                             # 3 frames: judged (20 by default)
+        _check_health(svc)                                              # 3 frames: judged (20 by default)
         [ev] = _health_events(svc)
         assert (ev["status"], ev["release"]) == ("ok", judged) and deployment(deploy).health == "ok"
         out = _update(svc, pack_bundle(c.path, tmp_path / "c.tar"))
@@ -2602,7 +2634,7 @@ def test_a_current_link_that_is_not_a_symlink_ends_the_watch_once_and_keeps_the_
             for _ in range(HealthLimits().min_frames):
                 svc.reporter.health.record(ng=False)
         for _ in range(50):                                             # the supervisor's calls: none raises
-            svc._check_health()
+            _check_health(svc)
         [ev] = _health_events(svc)
         assert (ev["status"], ev["release"]) == (verdict, judged)
         assert ev["rollback" if verdict == "failed" else "record"] == "impossible"
@@ -3686,7 +3718,7 @@ def test_a_reload_onto_a_release_installed_from_a_shell_judges_its_ng_rate_again
         assert watch.release == r2.release and watch.baseline_ng_rate == pytest.approx(0.02)
         for _ in range(HealthLimits().min_frames):
             watch.record(ng=True)
-        svc._check_health()
+        _check_health(svc)
         [ev] = _health_events(svc)
         assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
             "failed", "done", r2.release, r1.release)
@@ -3718,7 +3750,7 @@ def test_a_reload_onto_another_release_of_the_same_model_switches_to_its_folder_
         assert svc.status()["model"]["bundle"] == str(r2.path)
         for _ in range(HealthLimits().min_frames):
             svc.reporter.health.record(ng=False)
-        svc._check_health()
+        _check_health(svc)
         assert [(e["status"], e["release"]) for e in _health_events(svc)] == [("ok", r2.release)]
         assert deployment(deploy).health == "ok"
         assert svc.reload("bundle")["bundle"]["model"] == "unchanged"   # and the next reload is quiet

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from edge_ad.mqtt.monitor import FleetView, render_table, run_monitor
 from edge_ad.mqtt.settings import BrokerSettings
 
 B = "edge-ad/v1"
+STAMP = re.compile(r"-- \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ --")   # before each table off a terminal
 EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
 
 
@@ -257,7 +260,7 @@ def test_seq_gaps_are_counted_per_device_and_warned(caplog):
     view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), retained=True)
     for seq in (40, 41, 42, 41):                              # joined mid-stream; 41 twice: at least once
         row = res("cam1", seq)
-    assert row.results_missing == 0 and row.last_gap is None
+    assert row.results_missing == 0 and row.last_gap is None and (row.results, row.duplicates) == (3, 1)
     with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"):
         res("cam1", 543)                                      # 500 never came
         res("cam1", 547)
@@ -287,6 +290,48 @@ def test_seq_gaps_are_counted_per_device_and_warned(caplog):
     view.resync()                                             # the monitor was away from the broker itself
     res("cam1", 90)
     assert row.results_missing == 502 and view.devices[("p1", "cam2")].results_missing == 0
+
+
+def test_a_result_delivered_again_is_counted_once():
+    """QoS 1 is at least once, and a device sends its unacknowledged outbox rows again after a reconnect: the
+    monitor counted each delivery as a new result, inflating results, NG and NG %. Each (outbox, seq) now counts
+    once, repeats in duplicates; a late one that fills its gap, one from before the count began (once) and a new
+    outbox's seq 1 are new."""
+    view = FleetView(clock=lambda: 1000.0, gap_grace_s=0)
+
+    def res(seq, ng, score=0.1):
+        return view.consume(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq, "score": score, "ng": ng,
+                                                      "threshold": 0.5}))
+
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), retained=True)
+    for seq in range(1, 6):
+        row = res(seq, ng=seq in (2, 5), score=0.9 if seq in (2, 5) else 0.1)
+    assert (row.results, row.ng, row.ng_rate, row.duplicates) == (5, 2, 0.4, 0)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}))   # its reconnect
+    for seq in range(1, 6):                                   # the window sent again, seq 1 included
+        res(seq, ng=seq in (2, 5), score=0.2)
+    assert (row.results, row.ng, row.ng_rate, row.duplicates) == (5, 2, 0.4, 5)
+    assert row.last_result["seq"] == 5 and row.last_result["score"] == 0.9   # a repeat changes nothing shown
+    res(8, ng=True)                                           # 6 and 7 late: they fill their gap, new
+    res(7, ng=False)
+    res(7, ng=False)
+    assert (row.results, row.ng, row.duplicates, row.results_missing) == (7, 3, 6, 1)
+    d = row.to_dict(1000.0)
+    assert (d["results"], d["ng"], d["duplicates"]) == (7, 3, 6)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "b"}))   # a new outbox file
+    res(1, ng=False)
+    res(1, ng=False)
+    assert (row.results, row.duplicates) == (8, 7)
+    late = FleetView(clock=lambda: 1000.0)                    # joined mid-stream: 40 is the first it receives
+    for seq in (40, 41, 38, 39, 38, 41, 40):
+        r = late.consume(f"{B}/p1/cam2/result", _j({"seq": seq, "score": 0.1, "ng": False}))
+    assert (r.results, r.duplicates, r.results_missing) == (4, 3, 0)
+    for seq in (3, 4, 3):                                     # events alike
+        late.consume(f"{B}/p1/cam2/event", _j({"seq": seq, "type": "ng"}))
+    assert (r.events, r.duplicates) == (2, 4)
+    for seq in (1, 2, 3, 2):                                  # no birth with an instance: 1 is a new outbox file
+        r = late.consume(f"{B}/p1/cam2/result", _j({"seq": seq, "score": 0.1, "ng": False}))
+    assert (r.results, r.duplicates) == (7, 5)
 
 
 def test_home_assistant_node_ids_do_not_collide():
@@ -600,7 +645,7 @@ def test_cli_monitor_stops_quietly_when_the_reader_closes_the_pipe(mosquitto, tm
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             first = p.stdout.readline()
-            assert json.loads(first)["device"] == "cam1" if json_lines else first.startswith("SITE"), first
+            assert json.loads(first)["device"] == "cam1" if json_lines else STAMP.fullmatch(first.strip()), first
             p.stdout.close()                # the reader is gone
             deadline = time.monotonic() + 30
             while publish and p.poll() is None and time.monotonic() < deadline:
@@ -642,7 +687,8 @@ def test_cli_monitor_tty_redraw_is_bounded(mosquitto, tmp_path):
 def test_a_monitor_with_a_duration_writing_to_a_log_prints_tables_as_the_fleet_changes(mosquitto, tmp_path):
     """`edge-ad monitor --duration N > log` printed one table at the end, so a reader following the log saw
     nothing for N s. A table not on a terminal now comes after each change (at most every --interval s) with
-    or without --duration, and with one once more at the end."""
+    or without --duration, and with one once more at the end; each after a line saying when it was printed
+    (a reader of the log could not tell)."""
     link = _link(mosquitto.url, tmp_path, "cam1")
     assert _wait(lambda: link.connected)
     out, stop, views = io.StringIO(), threading.Event(), []
@@ -657,9 +703,12 @@ def test_a_monitor_with_a_duration_writing_to_a_log_prints_tables_as_the_fleet_c
         stop.set()
         watch.join(30)
         link.stop()
-    tables = out.getvalue().split("\n\n")
-    assert views and len(tables) >= 3 and all(t.startswith("SITE") for t in tables), tables
-    assert "OK 0.300" in tables[-1] and out.getvalue().endswith("\n")       # the last: the fleet at the end
+    tables = [t.split("\n", 1) for t in out.getvalue().split("\n\n")]   # (the time line, the table)
+    assert views and len(tables) >= 3, tables
+    assert all(STAMP.fullmatch(s) and t.startswith("SITE") for s, t in tables), tables
+    when = [calendar.timegm(time.strptime(s, "-- %Y-%m-%dT%H:%M:%SZ --")) for s, _ in tables]
+    assert when == sorted(when) and abs(when[-1] - time.time()) < 60, when            # UTC, as printed
+    assert "OK 0.300" in tables[-1][1] and out.getvalue().endswith("\n")    # the last: the fleet at the end
 
 
 def test_home_assistant_discovery(mosquitto, tmp_path):

@@ -25,8 +25,8 @@ from edge_ad.runtime.decision import find_regions
 from edge_ad.runtime.outputs import JsonlLog, SnapshotStore, read_jsonl
 from edge_ad.runtime.service import Service
 from edge_ad.runtime.systemd import Notifier
-from fixtures_bundle import (copy_bundle, defect_box, defect_video, gaussian_bundle, part_frame,  # noqa: F401
-                             tiny_bundle, write_video)
+from fixtures_bundle import (copy_bundle, defect_box, defect_video, gaussian_bundle, make_tiny_bundle,  # noqa: F401
+                             part_frame, tiny_bundle, write_video)
 
 EDGE_AD = [sys.executable, "-c", "from edge_ad.cli import main; main()"]
 
@@ -1564,13 +1564,14 @@ def test_systemd_ready_watchdog_and_stopping(tmp_path, tiny_bundle):
 
 
 class _HeldReload:
-    """A Service running in a thread whose SIGHUP reload swaps the model in (the bundle on disk counts as another
-    model) and then waits, as for a batch still in the old backend, until ``let_go`` is set."""
+    """A Service running in a thread whose model swaps (a SIGHUP reload: the bundle on disk counts as another
+    model; a health rollback) wait, as for a batch still in the old backend, until ``let_go`` is set.
+    ``fields``: more settings (``model__deploy_dir``)."""
 
-    def __init__(self, tmp_path, bundle, monkeypatch, notifier=None):
+    def __init__(self, tmp_path, bundle, monkeypatch, notifier=None, **fields):
         video, _ = defect_video(tmp_path / "v.avi", n=10, size=64)
-        self.svc = Service(_settings(tmp_path, bundle, f"file://{video}?loop=1&fps=100"), install_signals=False,
-                           notifier=notifier)
+        self.svc = Service(_settings(tmp_path, bundle, f"file://{video}?loop=1&fps=100", **fields),
+                           install_signals=False, notifier=notifier)
         self.running = self.svc.inspector
         self.in_swap, self.let_go = threading.Event(), threading.Event()
         wait_idle = self.svc.pipeline.wait_idle
@@ -1592,6 +1593,24 @@ class _HeldReload:
         self.svc._on_signal(signal.SIGHUP, None)
         assert self.in_swap.wait(30), "the reload did not reach the swap"
 
+    def fed_while_held_then_swapped(self, systemd) -> None:
+        """While the swap is held, WATCHDOG=1 keeps going out; let go, the swap completes; then the run stops."""
+        try:
+            before = systemd.count("WATCHDOG=1")
+            deadline = time.monotonic() + 10
+            while systemd.count("WATCHDOG=1") < before + 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert systemd.count("WATCHDOG=1") >= before + 5, systemd.got[-10:]
+            assert not self.let_go.is_set() and self.thread.is_alive()
+        finally:
+            self.let_go.set()
+        deadline = time.monotonic() + 30
+        while self.svc.inspector is self.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.svc.stop("test")
+        self.thread.join(30)
+        assert not self.thread.is_alive() and self.svc.inspector is not self.running
+
 
 def test_a_slow_sighup_reload_keeps_the_watchdog_fed(tmp_path, tiny_bundle, monkeypatch):
     """SIGHUP's reload ran on the supervisor thread, and a model swap may wait up to SWAP_WAIT_S (60 s) for a
@@ -1600,23 +1619,42 @@ def test_a_slow_sighup_reload_keeps_the_watchdog_fed(tmp_path, tiny_bundle, monk
     now: the pings go on while the test holds the swap, which completes once let go."""
     with _NotifySocket(tmp_path / "notify.sock") as systemd:
         line = _HeldReload(tmp_path, tiny_bundle, monkeypatch, notifier=systemd.notifier(0.1))
-        try:
-            line.start_and_hup()
-            before = systemd.count("WATCHDOG=1")
-            deadline = time.monotonic() + 10
-            while systemd.count("WATCHDOG=1") < before + 5 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert systemd.count("WATCHDOG=1") >= before + 5, systemd.got[-10:]
-            assert not line.let_go.is_set() and line.thread.is_alive()
-        finally:
-            line.let_go.set()
-        deadline = time.monotonic() + 30
-        while line.svc.inspector is line.running and time.monotonic() < deadline:
-            time.sleep(0.01)
-        line.svc.stop("test")
-        line.thread.join(30)
-    assert not line.thread.is_alive() and line.svc.inspector is not line.running
+        line.start_and_hup()
+        line.fed_while_held_then_swapped(systemd)
     assert [e["reason"] for e in line.svc.events if e.get("type") == "model"] == ["reload"]
+
+
+def test_a_slow_health_rollback_keeps_the_watchdog_fed(tmp_path, tiny_bundle, monkeypatch):
+    """The health check's rollback swapped the restored model in on the supervisor thread too: no WATCHDOG=1
+    while the swap waited (up to SWAP_WAIT_S) for a batch still in the failed model's backend. It swaps on a
+    thread of its own now, as a SIGHUP reload does. A release that fails every other inference is rolled back
+    while the line runs; the pings go on while the test holds the swap, which completes once let go."""
+    from edge_ad.calibration import install_bundle, pack_bundle
+
+    deploy = tmp_path / "deploy"
+    good = install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    other = make_tiny_bundle(tmp_path / "B", image_size=(96, 96))
+    install_bundle(pack_bundle(other.path, tmp_path / "b.tar"), deploy, require_golden=False)   # pending: watched
+    with _NotifySocket(tmp_path / "notify.sock") as systemd:
+        line = _HeldReload(tmp_path, None, monkeypatch, notifier=systemd.notifier(0.1),
+                           model__deploy_dir=str(deploy))
+
+        infer, calls = line.svc.inspector.backend.infer, []
+
+        def broken(batch):   # every other batch (five in a row would stop the line)
+            calls.append(1)
+            if len(calls) % 2:
+                raise RuntimeError("the new model fails")
+            return infer(batch)
+
+        monkeypatch.setattr(line.svc.inspector.backend, "infer", broken)
+        line.thread.start()
+        assert line.in_swap.wait(30), "the health check did not roll back to the swap"
+        line.fed_while_held_then_swapped(systemd)
+    assert line.svc.inspector.model_hash == tiny_bundle.model_hash()
+    assert Path(line.svc.bundle.path).name == good.release
+    [model] = [e for e in line.svc.events if e.get("type") == "model"]
+    assert model["reason"].startswith("rollback after health check: error rate")
 
 
 def test_a_stop_during_a_slow_sighup_reload_is_not_held_up_by_it(tmp_path, tiny_bundle, monkeypatch, caplog):
@@ -1636,7 +1674,7 @@ def test_a_stop_during_a_slow_sighup_reload_is_not_held_up_by_it(tmp_path, tiny_
         assert "the backend is left open: the SIGHUP reload is still running past the stop" in caplog.text
     finally:
         line.let_go.set()
-        line.svc._hup_thread.join(30)
+        line.svc._change_thread.join(30)
         line.svc.inspector.backend.close()
 
     video, _ = defect_video(tmp_path / "v2.avi", n=10, size=64)

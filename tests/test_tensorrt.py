@@ -7,6 +7,7 @@ never deserialize anything. Nothing here pretends to be TensorRT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -243,15 +244,16 @@ class _FakeTRT:
 
 
 class _FakeCuda:
-    def set_device(self, index):
-        pass
+    @contextlib.contextmanager
+    def activate(self, index):
+        yield
 
 
-def _compile_here(monkeypatch, serialize, guard_passes=True):
+def _compile_here(monkeypatch, serialize, guard_passes=True, cuda=None):
     """compile_bundle / build_engine with TensorRT, the GPU, the guard set and the guarded backend replaced:
     ``serialize`` stands in for the TensorRT build (return engine bytes or raise); the guard passes or fails
-    as told (``guard_passes``: a bool, or the precisions that pass). Returns the guard calls (the engine file
-    each one ran)."""
+    as told (``guard_passes``: a bool, or the precisions that pass); ``cuda``: the CUDA binding (default: one
+    that does nothing). Returns the guard calls (the engine file each one ran)."""
     from edge_ad.compile import guard as guard_mod
     from edge_ad.compile import tensorrt as trt_compile
     from edge_ad.runtime.backends import cuda as cuda_mod
@@ -275,7 +277,7 @@ def _compile_here(monkeypatch, serialize, guard_passes=True):
 
     monkeypatch.setattr(trt_compile, "import_tensorrt", lambda: _FakeTRT)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: _FakeTRT)
-    monkeypatch.setattr(cuda_mod, "cuda_api", lambda: _FakeCuda())
+    monkeypatch.setattr(cuda_mod, "cuda_api", lambda: cuda or _FakeCuda())
     monkeypatch.setattr(trt_compile, "current_target", lambda trt, cuda, index=0: ORIN)
     monkeypatch.setattr(trt_compile, "_serialize", lambda *a, **k: serialize())
     monkeypatch.setattr(trt_backend, "TensorRTBackend", Backend)
@@ -495,7 +497,7 @@ def test_inference_makes_the_device_current_on_its_own_thread(binding):
         api.rt, stream, want = fake, 7, ("edge-ad-inference", 1)
     else:
         api, fake = PyCuda.__new__(PyCuda), _StandInPycuda()
-        api.drv, api._ctx, api._pushed = fake, None, False
+        api.drv, api._ctx = fake, None
         stream = type("Stream", (), {"handle": 7, "synchronize": lambda self: None})()
         want = ("edge-ad-inference", True)
 
@@ -526,6 +528,50 @@ def test_inference_makes_the_device_current_on_its_own_thread(binding):
         assert fake.left_pushed == {"edge-ad-inference": 0}   # popped again: pycuda aborts on a thread left so
     be._stream = None
     be.close()
+
+
+@pytest.mark.parametrize("binding", ["cuda-python", "pycuda"])
+def test_a_build_makes_the_device_current_on_its_thread_and_leaves_no_context_pushed(tmp_path, monkeypatch,
+                                                                                      binding):
+    """build_engine pushed pycuda's primary context on its thread (PyCuda.set_device) and never popped it: pycuda
+    aborts a process whose thread ends with a context still pushed (a build off the main thread: update_model's
+    on the MQTT command worker). The build now runs inside activate(device), as inference does: the device is
+    current on the building thread during the build, and pycuda's stack is empty after. Stand-in binding modules,
+    as above: our calls, not CUDA."""
+    import threading
+
+    from edge_ad.compile.tensorrt import compile_bundle
+    from edge_ad.runtime.backends.cuda import CudaPython, PyCuda
+
+    if binding == "cuda-python":
+        api, fake = CudaPython.__new__(CudaPython), _StandInCudaRuntime()
+        api.rt, want = fake, 1
+
+        def current():
+            return getattr(fake.local, "device", 0)
+    else:
+        api, fake = PyCuda.__new__(PyCuda), _StandInPycuda()
+        api.drv, api._ctx, want = fake, None, True
+
+        def current():
+            return fake.Context.get_current() is fake.primary
+
+    during = []
+
+    def serialize():
+        during.append(current())
+        return b"engine bytes"
+
+    b = _bundle(tmp_path)
+    _compile_here(monkeypatch, serialize, cuda=api)
+    done = []
+    t = threading.Thread(target=lambda: done.append(compile_bundle(b, "fp16", device=1, progress=False)),
+                         name="edge-ad-compile")
+    t.start()
+    t.join()
+    assert done and done[0]["passed"] and during == [want]
+    if binding == "pycuda":
+        assert fake.left_pushed == {"edge-ad-compile": 0}   # popped again: pycuda aborts on a thread left so
 
 
 @pytest.mark.skipif(tensorrt_usable()[0], reason="tensorrt is installed here")

@@ -15,9 +15,11 @@ the refit of :func:`edge_ad.calibration.recalibrate`):
    candidate is quantized the same way and checked by the accuracy guard against its FP32 graph
    (:func:`edge_ad.compile.quantize.quantize_bundle`; the new frames are the guard's images);
 3. when the running bundle has TensorRT engines and TensorRT is here, the candidate's engine is built and
-   guarded (:func:`edge_ad.compile.tensorrt.compile_bundle`); a candidate quantized or given an engine is then
-   calibrated again on its validation split scored as the line will run it (:func:`_calibrate_as_run`), so its
-   threshold is in the quantized model's units, not the FP32 model's;
+   guarded (:func:`edge_ad.compile.tensorrt.compile_bundle`) in the line's precision, else ``best`` (INT8, else
+   FP16, else FP32, the first to pass its guard), as ``bundle install`` and ``update_model`` build a new
+   release's (:func:`edge_ad.calibration.deploy.build_line_engine`); a candidate quantized or given an engine is
+   then calibrated again on its validation split scored as the line will run it (:func:`_calibrate_as_run`), so
+   its threshold is in the quantized model's (or the engine's) units, not the FP32 model's;
 4. with a golden set, the candidate must judge it no worse than the running bundle
    (:func:`edge_ad.calibration.deploy.check_golden`);
 5. with a deploy folder, the candidate is switched in atomically (:func:`install_bundle` on the folder;
@@ -190,8 +192,9 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
           require_golden: bool = True, labels: Sequence[str] | None = None) -> AdaptResult:
     """Fine-tune the bundle at ``bundle_dir`` on ``frames`` (on torch ``device``) and validate the candidate
     (module doc) as the line runs it: on ``backend`` / ``precision`` / ``run_device`` (the line's model
-    settings; ``precision`` None: the running bundle's active graph), the frames screened so, the candidate
-    quantized (and its engine built) in that precision, its golden check and install probe run so.
+    settings; ``precision`` None: each bundle's active graph, or its best guarded engine), the frames screened
+    so, the candidate quantized in that precision (None: the running bundle's active graph's) and its engine built
+    in it (None: ``best``, as an install builds one), its golden check and install probe run so.
     With ``deploy_dir`` the install's golden rule applies: ``golden_dir``, else ``<deploy>/golden``, else
     refused unless ``require_golden`` is false. ``labels`` name the frames the screen leaves out (as for
     :func:`~edge_ad.calibration.recalibrate`)."""
@@ -224,7 +227,12 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
     for e in excluded:
         log.info("adapt frame %d (%s) left out: score %.4g, z %.1f (%s)", e.index, e.name, e.score, e.z, e.reason)
     frames = [frames[i] for i in used]
-    precision = precision.removesuffix("-u8") if precision else src.active_precision   # the line inspects in it
+    # the line's precision, as the steps below run the candidate (None: as the line runs each bundle, its active
+    # graph or its best guarded engine); the ONNX graphs are quantized in it, else in the running bundle's active
+    # graph's (the line inspects in that when it runs ONNX), and an engine is built in it, else 'best' (as an install
+    # builds one: the active ONNX precision, FP32 on a bundle never quantized, would make a slow FP32 engine)
+    precision = precision.removesuffix("-u8") if precision else None
+    graphs = precision or src.active_precision
     work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=src.path.parent))
     # held while it works: a later calibrate removes the folder once this process is gone (remove_stale_work)
     with atomic.folder_lock(work, f"{work}: taken by another 'edge-ad calibrate --adapt'"):
@@ -233,18 +241,19 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
             quantized: list[str] = []
             engine = None
             calib = _write_frames(frames, work / "normals")
-            if precision in ("int8", "fp16"):
+            if graphs in ("int8", "fp16"):
                 from ..compile.quantize import quantize_bundle
 
                 # activate: the candidate runs in the line's precision, FP16 or INT8 without its CPU form included
-                res = quantize_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress,
+                res = quantize_bundle(cand, graphs, calib_dir=calib, limits=limits, progress=progress,
                                       activate=True)
                 quantized = list(res.files)
             if _has_engines(src):
                 if _tensorrt_here():
                     from ..compile.tensorrt import compile_bundle
 
-                    engine = compile_bundle(cand, precision, calib_dir=calib, limits=limits, progress=progress)
+                    engine = compile_bundle(cand, precision or "best", calib_dir=calib, limits=limits,
+                                            progress=progress)
                 else:
                     log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
                                 "candidate's engine is left for 'edge-ad compile' on the device")

@@ -49,7 +49,7 @@ def _broker(url, username, ca_file, cert_file, key_file, insecure, protocol):
               help="Stop after this many seconds (default: until Ctrl-C).")
 @click.option("--interval", type=Seconds(min=0.1), default=1.0, show_default=True,
               help="Table refresh interval (s); in a log or a pipe, the least time between two tables "
-                   "(one is printed after each change).")
+                   "(one is printed after each change, after a line with the time in UTC: -- 2026-12-07T03:01:32Z --).")
 @click.option("--stale-after", type=Seconds(min=1), default=60.0, show_default=True,
               help="An online device silent this long shows as stale (s).")
 @click.option("--clock-skew", type=Seconds(min=1), default=60.0, show_default=True,

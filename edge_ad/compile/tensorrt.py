@@ -78,7 +78,16 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
     from ..runtime.backends.cuda import cuda_api
 
     cuda = cuda_api()
-    cuda.set_device(device)
+    # the device current on this thread for the build only: pycuda pushes its context here and pops it after (it
+    # aborts the process when a thread ends with a context still pushed); cuda-python sets the device here
+    with cuda.activate(device):
+        return _build(trt, cuda, bundle, precision, max_batch, workspace_mib, device, typing, opt_batch, force,
+                      progress)
+
+
+def _build(trt, cuda, bundle: Bundle, precision: str, max_batch: int, workspace_mib: int, device: int, typing: str,
+           opt_batch: int, force: bool, progress: bool) -> BuildResult:
+    """:func:`build_engine` with the device current (the options checked)."""
     target = current_target(trt, cuda, device)
     major = trt_major(trt)
     if not trt_supported(trt.__version__):

@@ -26,9 +26,13 @@ yet is held for ``gap_grace_s`` (:data:`GAP_GRACE_S`), counted nowhere and not w
 monitor (Mosquitto's ``max_queued_messages``), or drops an older device announced by id only (``too_large``,
 ``rejected``: ``message_ids``, no ``dropped``), or announced later still (moved to dropped when it comes).
 :meth:`FleetView.settle` ends the grace periods that are over (``run_monitor`` calls it every ``interval``).
-Repeats (at-least-once delivery) are not gaps, a late message fills its gap again, and a new outbox (the
+Repeats (at-least-once delivery: QoS 1, and a device sends its unacknowledged messages again after a
+reconnect) are not gaps, nor new: ``results``, ``ng`` and ``events`` count each ``seq`` of an outbox once, a
+repeat only adds to ``duplicates`` and changes nothing else in the row. A late message fills its gap again (new),
+and so does, once, one below the first ``seq`` this count received (it began mid-stream). A new outbox (the
 birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own reconnect (what was published
-meanwhile never reached it) starts counting afresh.
+meanwhile never reached it) starts counting afresh; a ``seq`` 1 after higher ones starts it afresh too for a device
+whose birth names no ``outbox_instance`` (else it is a repeat: a new outbox comes with a new birth first).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class DeviceRow:
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
     ng_rate: float | None = None
-    results: int = 0                  # results seen by this monitor
+    results: int = 0                  # results seen by this monitor, each (outbox, seq) once
     ng: int = 0
     last_result: dict | None = None   # {"ts", "score", "ng", "seq"}
     calibration_version: int | None = None
@@ -81,6 +85,7 @@ class DeviceRow:
     drift: bool | None = None
     paused: bool | None = None
     events: int = 0
+    duplicates: int = 0               # results and events received again (at-least-once): not counted again
     results_missing: int = 0          # gaps in the results' seq that no output_error event explains
     events_missing: int = 0           # the same for events
     results_dropped: int = 0          # gaps in the results' seq the device announced as dropped (output_error)
@@ -96,6 +101,8 @@ class DeviceRow:
     _gaps: list = field(default_factory=list, repr=False)    # [kind, first, last, gap's first, gap's last] missing,
     #                                                          still open (a late one fills it)
     _announced: list = field(default_factory=list, repr=False)   # [kind, first, last] announced, no gap seen yet
+    # [kind, first, last] below the first seq of this count (it began mid-stream): never received, and no gap
+    _unseen: list = field(default_factory=list, repr=False)
     # [kind, first, last, gap's first, gap's last, until]: a fresh gap's part not announced yet, counted nowhere
     # until its announcement comes (dropped), a late message fills it, or the grace period ends (missing)
     _held: list = field(default_factory=list, repr=False)
@@ -105,6 +112,7 @@ class DeviceRow:
         self._gaps.clear()
         self._announced.clear()
         self._held.clear()
+        self._unseen.clear()
 
     def _count(self, kind: str, missing: int = 0, dropped: int = 0) -> None:
         if kind == "result":
@@ -169,7 +177,7 @@ def _int(value: Any) -> int | None:
     return int(value)
 
 
-MAX_OPEN_GAPS = 64    # per device: a message that comes later than this many gaps is counted as missing
+MAX_OPEN_GAPS = 64    # per device: a message that comes later than this many gaps is counted as missing (a repeat)
 GAP_GRACE_S = 5.0     # a gap's part not announced yet waits this long for the device's announcement (output_error)
 MAX_ANNOUNCED = 64    # per device: seq ranges announced as dropped before their gap was seen (the oldest go)
 SEQ_RANGES_READ = 100  # of an output_error's dropped seq ranges per kind (the device lists 20 at most)
@@ -278,15 +286,19 @@ class FleetView:
             row = self.devices[key] = DeviceRow(site, device)
         now = self.clock()
         self._release_due(row, now)       # the gaps whose grace period is over: missing
-        getattr(self, f"_on_{kind}")(row, body)
+        repeat = False
         if kind in ("result", "event"):
             seq, before = _int(body.get("seq")), row._seq.get(kind)
-            self._check_seq(row, kind, seq, now)
+            repeat = not self._check_seq(row, kind, seq, now)
             self._release_due(row, now)   # no grace period (gap_grace_s 0)
             new = seq is not None and seq != before and row._seq.get(kind) == seq   # not a repeat, not a late one
             if kind == "result" and new and not retained and not row._offsets:
                 self._check_clock_from_result(row, payloads.parse_time(body.get("ts")), now)
-        if kind == "event" and body.get("type") == "output_error":
+        if repeat:
+            row.duplicates += 1           # received before: counted once (results, NG, events), shown as it was
+        else:
+            getattr(self, f"_on_{kind}")(row, body)
+        if kind == "event" and body.get("type") == "output_error" and not repeat:
             self._announced_drops(row, body.get("dropped"))
         seen = self._seen_at(kind, body, retained, now)
         if seen is not None and (row.last_seen is None or seen > row.last_seen):
@@ -355,22 +367,31 @@ class FleetView:
         return ts if ts is not None and ts <= now + self.clock_skew_s else None
 
     # ------------------------------------------------------------------ seq gaps
-    def _check_seq(self, row: DeviceRow, kind: str, seq: int | None, now: float) -> None:
+    def _check_seq(self, row: DeviceRow, kind: str, seq: int | None, now: float) -> bool:
+        """Count the gap ``seq`` leaves or fills; False when this message was received before (a repeat: QoS 1
+        is at least once, and a device sends its unacknowledged messages again after a reconnect), True when it
+        is new (or has no ``seq``: it cannot tell)."""
         if seq is None or seq < 1:
-            return
+            return True
         last = row._seq.get(kind)
-        if last is None or (seq == 1 and last > 1):
-            # the first one seen, or a new outbox file whose birth this monitor missed (seq starts again;
-            # a device re-sending its backlog re-sends it in order, so 1 again is followed by 2, 3, ...)
+        if last is None or (seq == 1 and last > 1 and row.outbox_instance is None):
+            # the first one seen (those before it never reached this monitor: each is new once), or, for a device
+            # whose birth names no outbox_instance, a new outbox file (seq starts again; a device re-sending its
+            # backlog re-sends it in order, so 1 again is followed by 2, 3, ...). Knowing the instance, a new
+            # file comes with a new birth first (_on_status), and 1 again is a repeat.
+            row._unseen[:] = [u for u in row._unseen if u[0] != kind] + ([[kind, 1, seq - 1]] if seq > 1 else [])
             row._seq[kind] = seq
-            return
-        if seq <= last:
-            self._fills(row, kind, seq)   # a repeat (at least once), or a late one that closes its gap
-            return
+            return True
+        if seq <= last:               # a repeat, or a late one that closes its gap, or one from before the count
+            if self._fills(row, kind, seq):
+                return True
+            before = bool(_cut(row._unseen, kind, seq, seq)[0])
+            del row._unseen[:-MAX_OPEN_GAPS]
+            return before
         row._seq[kind] = seq
         gap = seq - last - 1
         if not gap:
-            return
+            return True
         announced, unexplained = _cut(row._announced, kind, last + 1, seq - 1)   # announced before the gap
         row._announced[:] = [a for a in row._announced if a[0] != kind or a[1] > seq]
         dropped = _size(announced)
@@ -382,6 +403,7 @@ class FleetView:
         row._held.extend([kind, lo, hi, last + 1, seq - 1, now + self.gap_grace_s] for lo, hi in unexplained)
         if len(row._held) > MAX_OPEN_GAPS:
             self._release(row, row._held[:-MAX_OPEN_GAPS])
+        return True
 
     def _release(self, row: DeviceRow, held: list) -> None:
         """The grace period of these ``held`` parts is over: count them as missing, open (a late message still
@@ -442,13 +464,16 @@ class FleetView:
                     row._announced.append([kind, lo if last is None else max(lo, last + 1), hi])
             del row._announced[:-MAX_ANNOUNCED]
 
-    def _fills(self, row: DeviceRow, kind: str, seq: int) -> None:
+    def _fills(self, row: DeviceRow, kind: str, seq: int) -> bool:
         """A message that arrives after later ones (a re-send) and lies in a gap: not missing after all (nor
-        held)."""
+        held). False when it lies in none: received before."""
+        filled = False
         for ranges, was in ((row._gaps, "missing"), (row._held, "held")):
             for part in _cut(ranges, kind, seq, seq)[0]:
                 row._count(kind, -1 if was == "missing" else 0)
                 self._note_gap(row, kind, part[3], part[4], **{was: -1})
+                filled = True
+        return filled
 
     # ------------------------------------------------------------------ per kind
     def _on_status(self, row: DeviceRow, b: dict) -> None:
@@ -574,6 +599,11 @@ def _clock_time(t: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t))
 
 
+def stamp_line(t: float) -> str:
+    """The line before each table the monitor prints off a terminal: when it was printed (ISO 8601, UTC)."""
+    return f"-- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t))} --"
+
+
 def broker_line(down_since: float | None) -> str:
     """The table's note on the monitor's own connection: empty while connected."""
     if down_since is None:
@@ -591,7 +621,8 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
     ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a pipe) printed after each
     change, at most every ``interval`` s, so that a reader following the log sees the fleet as it goes, and,
-    when a ``duration`` is given, once more when the run ends (the fleet then).
+    when a ``duration`` is given, once more when the run ends (the fleet then); each such table after a line
+    with the time it was printed (:func:`stamp_line`: ``-- 2026-12-07T03:01:32Z --``, UTC).
 
     When the monitor loses the broker it reconnects by itself and says so: the table gets a
     ``DISCONNECTED from broker since HH:MM:SS`` line, ``as_json`` writes ``{"monitor": "disconnected", ...}``
@@ -627,6 +658,12 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
             gone.append(exc)
             stop.set()
             dirty.set()
+
+    def log_table(end: str) -> None:   # off a terminal: when, the monitor's own connection, the table
+        with lock:
+            text, note_line = view.table(), broker_line(down["since"])
+        out.write(stamp_line(time.time()) + "\n" + (f"{note_line}\n" if note_line else "") + text + end)
+        out.flush()
 
     def note(state: str, **extra) -> None:   # a JSON line about the monitor's connection (under lock)
         if as_json:
@@ -719,10 +756,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
                 out.flush()
                 last_draw, pending = now, False
             elif not live and pending and since >= interval:   # a log: a table after each change, as it comes
-                with lock:
-                    text, note_line = view.table(), broker_line(down["since"])
-                out.write((f"{note_line}\n" if note_line else "") + text + "\n\n")
-                out.flush()
+                log_table("\n\n")
                 last_draw, pending = now, False
         if gone:
             raise gone[0]
@@ -731,10 +765,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     else:
         settle(final=True)   # a gap still held: nothing more will explain it while this monitor runs
         if not as_json and not live and duration is not None:
-            with lock:
-                note_line = broker_line(down["since"])
-                out.write((f"{note_line}\n" if note_line else "") + view.table() + "\n")
-            out.flush()
+            log_table("\n")
     finally:
         with lock:
             down["stopping"] = True

@@ -10,8 +10,9 @@ The main thread supervises: the camera watchdog, telemetry every ``telemetry.int
 SIGTERM / SIGINT stop the capture and drain both queues (every accepted frame is inspected and
 reported), flush the outbox, publish the offline status, and exit 0. The drain ends at one deadline,
 ``pipeline.drain_timeout_s`` after the stop request (``Pipeline.abandon``: what is left is counted). A
-second SIGINT aborts at once. SIGHUP reloads the bundle (a calibration or model changed on disk), on a
-thread of its own: a model swap may take a minute, and the supervisor goes on meanwhile (watchdog, stop).
+second SIGINT aborts at once. SIGHUP reloads the bundle (a calibration or model changed on disk), and a
+failed health check swaps the restored model back in, each on a thread of its own: a model swap may take a
+minute, and the supervisor goes on meanwhile (watchdog, stop).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 STATUS_VERSIONS = 20   # the newest calibration versions 'status' lists (a history holds thousands: --list has all)
 ABANDON_GRACE_S = 0.5   # after the stop deadline: how long idle pipeline threads get to see the closed queues
 SWAP_WAIT_S = 60.0     # a model swap waits this long for a batch still in the old backend before closing it
-RELOAD_STOP_WAIT_S = 10.0   # a stop waits this long for a SIGHUP reload still running before closing the backend
+RELOAD_STOP_WAIT_S = 10.0   # a stop waits this long for a model change (SIGHUP reload, health rollback) still
+#                             running on its thread before closing the backend
 
 
 class LockedBackend:
@@ -130,8 +132,11 @@ class Service:
         self._stop_signal: str | None = None
         self.finished = False   # set once run() has stopped everything and made its summary
         self._hup = False
-        self._hup_thread: threading.Thread | None = None   # the SIGHUP reload running (_reload_on_sighup)
-        self._hup_error: BaseException | None = None       # its unexpected error, raised by the supervisor
+        # the model change running beside the supervisor (_in_background: a SIGHUP reload, a health rollback),
+        # what it is, and its unexpected error, raised by the supervisor
+        self._change_thread: threading.Thread | None = None
+        self._change_what = ""
+        self._change_error: BaseException | None = None
         self._signals = 0
         self._events_lock = threading.Lock()
         self.events: list[dict] = []       # the last events (for 'status')
@@ -838,8 +843,10 @@ class Service:
         waits for the deploy lock (an 'edge-ad bundle install' or 'rollback' from a shell holds it), or for
         room to write it (a full disk), keeps the watch, which tries again at later calls: one event says it waits, one more how it ended (or, when an
         update_model or reload switches another release in meanwhile, that it was superseded:
-        :meth:`_replace_health`)."""
-        if not self._health_lock.acquire(blocking=False):
+        :meth:`_replace_health`). The restored model is swapped in on a thread of its own (:meth:`_in_background`,
+        as a SIGHUP reload), so that the supervisor goes on feeding the watchdog during the swap; while a model
+        change runs there the check waits its turn."""
+        if self._change_running() or not self._health_lock.acquire(blocking=False):
             return   # a model switch is replacing the watch: checked at the next call
         try:
             self._check_health_locked()
@@ -868,6 +875,18 @@ class Service:
         log.error("the new model failed its health check: %s", v.reason)
         self.event({"type": "model_health", **_jsonable(v.to_dict())})
         if v.rolled_back and v.restored is not None:
+            failed = Path(self.bundle.path).resolve()
+            self._in_background("health rollback", lambda: self._swap_back(v, failed))
+
+    def _swap_back(self, v, failed: Path) -> None:
+        """The health check's rollback (``v``, its verdict) moved 'current' back: swap the restored model in
+        for ``failed``, the one that ran then, unless a model switch (update_model, reload) replaced that one
+        meanwhile (the later switch stands)."""
+        with self._health_lock:
+            if Path(self.bundle.path).resolve() != failed:
+                log.warning("rolled back to %s, but %s runs now (switched in meanwhile): left running", v.restored,
+                            self.bundle.path)
+                return
             try:
                 self._swap_model(Bundle.open(v.restored, verify=True),
                                  reason=f"rollback after health check: {v.reason}")
@@ -1115,50 +1134,64 @@ class Service:
             p.finished.wait(0.1)
 
     def _reload_on_sighup(self) -> None:
-        """The supervisor's turn for SIGHUP: start the bundle reload on a thread of its own. It ran here, and a
-        model swap may take a minute (the sha256 of every file, the new model opened, up to SWAP_WAIT_S for a
-        batch still in the old one) while no WATCHDOG=1 went out: systemd (WatchdogSec=30) killed the line in
-        the middle of it. The supervisor now goes on meanwhile (watchdog, telemetry, a stop). One reload at a
-        time, after a calibration or model change an MQTT command is making (:meth:`Commands.reload`); SIGHUPs
-        during one make one more after it. An error other than an EdgeADError is raised here, from the
-        supervisor, as before."""
-        t = self._hup_thread
-        if t is not None:
-            if t.is_alive():
-                return
-            self._hup_thread = None
-            err, self._hup_error = self._hup_error, None
-            if err is not None:
-                raise err
-        if not self._hup:
+        """The supervisor's turn for SIGHUP: start the bundle reload on a thread of its own
+        (:meth:`_in_background`). One reload at a time, after a calibration or model change an MQTT command is
+        making (:meth:`Commands.reload`), and after a health rollback's swap; SIGHUPs during one make one more
+        after it."""
+        if self._change_running() or not self._hup:
             return
         self._hup = False
         if self.pipeline.stop_capture.is_set():
             log.info("SIGHUP: not reloaded: the run is stopping")
             return
-        self._hup_thread = threading.Thread(target=self._sighup_reload, name="sighup-reload", daemon=True)
-        self._hup_thread.start()
+        self._in_background("SIGHUP reload", lambda: log.info(
+            "SIGHUP: bundle reloaded: %s", reload_text(self.commands.reload({"what": "bundle"})["bundle"])))
 
-    def _sighup_reload(self) -> None:
-        try:
-            log.info("SIGHUP: bundle reloaded: %s", reload_text(self.commands.reload({"what": "bundle"})["bundle"]))
-        except EdgeADError as exc:
-            log.error("SIGHUP reload failed: %s", exc)
-        except Exception as exc:
-            self._hup_error = exc
+    def _in_background(self, what: str, change) -> None:
+        """Run ``change``, a model change (a SIGHUP reload, a health rollback's swap), on a thread of its own.
+        Either ran on the supervisor thread, and a model swap may take a minute (the sha256 of every file, the
+        new model opened, up to SWAP_WAIT_S for a batch still in the old one) while no WATCHDOG=1 went out:
+        systemd (WatchdogSec=30) killed the line in the middle of it. The supervisor now goes on meanwhile
+        (watchdog, telemetry, a stop: :meth:`_join_change`). One at a time (:meth:`_change_running`). An
+        EdgeADError is logged; another error is raised from the supervisor, as before."""
+        def run() -> None:
+            try:
+                change()
+            except EdgeADError as exc:
+                log.error("%s failed: %s", what, exc)
+            except Exception as exc:
+                self._change_error = exc
 
-    def _join_sighup_reload(self) -> bool:
-        """At the stop: wait up to RELOAD_STOP_WAIT_S for a SIGHUP reload still running (the drained pipeline
+        self._change_what = what
+        self._change_thread = threading.Thread(target=run, name=what.lower().replace(" ", "-"), daemon=True)
+        self._change_thread.start()
+
+    def _change_running(self) -> bool:
+        """Whether a model change runs on its thread (:meth:`_in_background`). One that ended is let go here,
+        and its error other than an EdgeADError raised, from the supervisor."""
+        t = self._change_thread
+        if t is None:
+            return False
+        if t.is_alive():
+            return True
+        self._change_thread = None
+        err, self._change_error = self._change_error, None
+        if err is not None:
+            raise err
+        return False
+
+    def _join_change(self) -> bool:
+        """At the stop: wait up to RELOAD_STOP_WAIT_S for a model change still running (the drained pipeline
         leaves it no batch to wait for). True when it still runs: the backend is then not closed under it."""
-        t = self._hup_thread
+        t = self._change_thread
         if t is None:
             return False
         t.join(RELOAD_STOP_WAIT_S)
-        err, self._hup_error = self._hup_error, None
+        err, self._change_error = self._change_error, None
         if err is not None:
-            log.error("SIGHUP reload failed: %s: %s", type(err).__name__, err, exc_info=err)
+            log.error("%s failed: %s: %s", self._change_what, type(err).__name__, err, exc_info=err)
         if t.is_alive():
-            log.warning("the backend is left open: the SIGHUP reload is still running past the stop")
+            log.warning("the backend is left open: the %s is still running past the stop", self._change_what)
         return t.is_alive()
 
     def _close_commands(self, reason: str) -> None:
@@ -1182,7 +1215,7 @@ class Service:
         # inspection ends here: what follows (closing outputs, the outbox flush: up to 10 s against a hung
         # broker or a full disk) is the stop, and must not show as a slow line in the summary's fps
         t_inspected = time.monotonic()
-        reloading = self._join_sighup_reload()   # before the outbox flush: its model event goes out too
+        reloading = self._join_change()   # before the outbox flush: its model event goes out too
         busy = p.busy()
         if busy:
             log.error("stopping without the %s thread(s), still busy past the stop deadline", ", ".join(busy))

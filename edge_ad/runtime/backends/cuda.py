@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 
 import numpy as np
 
 from ...errors import InputError, RuntimeFailure
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("install cuda-python (pip install 'cuda-python>=12', or 'edge-ad[gpu]'), "
                 "or pycuda as a fallback")
@@ -85,14 +82,11 @@ class CudaPython:
     def device_count(self) -> int:
         return int(check(self.rt.cudaGetDeviceCount(), "cudaGetDeviceCount"))
 
-    def set_device(self, index: int) -> None:
-        check(self.rt.cudaSetDevice(index), f"cudaSetDevice({index})")
-
     @contextlib.contextmanager
     def activate(self, index: int):
         """Device ``index`` current on the calling thread (``cudaSetDevice`` is per thread: a thread that never
         called it runs on device 0)."""
-        self.set_device(index)
+        check(self.rt.cudaSetDevice(index), f"cudaSetDevice({index})")
         yield
 
     def compute_capability(self, index: int) -> tuple[int, int]:
@@ -169,7 +163,6 @@ class PyCuda:
         self.drv = drv
         self._call(drv.init, "cuInit")
         self._ctx = None
-        self._pushed = False   # set_device pushed the context (popped by close)
         self._dev_allocs: dict[int, object] = {}
         self._host_allocs: dict[int, np.ndarray] = {}
 
@@ -192,13 +185,6 @@ class PyCuda:
         """Whether the primary context is the current one of the calling thread (pycuda's per-thread stack)."""
         cur = self._call(self.drv.Context.get_current, "cuCtxGetCurrent")
         return cur is not None and cur == self._ctx
-
-    def set_device(self, index: int) -> None:
-        """The primary context current on the calling thread until :meth:`close` (on that thread)."""
-        self._primary(index)
-        if not self._current():
-            self._call(self._ctx.push, "cuCtxPushCurrent")
-            self._pushed = True
 
     @contextlib.contextmanager
     def activate(self, index: int):
@@ -270,12 +256,6 @@ class PyCuda:
         self._call(self.drv.memcpy_dtoh_async, "cuMemcpyDtoHAsync", dst, src, stream)
 
     def close(self) -> None:
-        if self._pushed:
-            try:
-                self._ctx.pop()
-            except self.drv.Error as exc:
-                log.warning("pycuda: popping the context failed: %s", exc)
-            self._pushed = False
         self._ctx = None
 
 
