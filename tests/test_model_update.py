@@ -21,7 +21,7 @@ from edge_ad.calibration import (HealthLimits, HealthWatch, current_path, deploy
 from edge_ad.calibration import deploy as deploy_mod
 from edge_ad.errors import GuardFailure, InputError, RuntimeFailure
 
-from fixtures_bundle import copy_bundle, make_tiny_bundle, part_frame, tiny_bundle  # noqa: F401
+from fixtures_bundle import copy_bundle, gaussian_bundle, make_tiny_bundle, part_frame, tiny_bundle  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -2123,6 +2123,39 @@ def test_update_model_checks_and_opens_the_candidate_as_the_line_runs_it(tiny_bu
     finally:
         svc.inspector.backend.close()
     _line(tmp_path, deploy, precision="int8").inspector.backend.close()   # a restart opens it
+
+
+def test_a_check_only_update_replies_the_model_hash_of_a_gaussian_archive(gaussian_bundle, tiny_bundle, tmp_path):
+    """A Gaussian bundle's model_hash covers its statistics, named by its calibration.json: the check-only reply
+    took the hash after the archive's temporary folder was deleted, so it said the graph's sha256 alone, the
+    same for every Gaussian archive. It is now what 'bundle pack' recorded and the activated reply says."""
+    import dataclasses
+
+    from edge_ad.atomic import sha256_file
+    from edge_ad.gaussian import GaussianStats
+
+    g1 = copy_bundle(gaussian_bundle, tmp_path / "g1")
+    g2 = copy_bundle(gaussian_bundle, tmp_path / "g2")   # the same graph, other statistics
+    cal = g2.calibration()
+    st = GaussianStats.load(g2.file(cal.extra["gaussian"]))
+    dataclasses.replace(st, mean=st.mean + 0.5).save(g2.file("gaussian.d/0002.npz"))
+    g2.add_file("gaussian.d/0002.npz")
+    g2.write_calibration(cal.replace(version=2, extra={**cal.extra, "gaussian": "gaussian.d/0002.npz"}))
+    archives = [pack_bundle(g.path, tmp_path / f"{g.path.name}.tar") for g in (g1, g2)]
+    packed = [read_index(a).index["bundle"]["model_hash"] for a in archives]
+    assert packed == [g1.model_hash(), g2.model_hash()] and packed[0] != packed[1] != g1.graph_hash()
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "tiny.tar"), deploy, require_golden=False)
+    svc = _line(tmp_path, deploy)
+    update = _mqtt_update_model(svc)
+    try:
+        checked = [update({"url": str(a), "sha256": sha256_file(a), "activate": False})["result"]["model_hash"]
+                   for a in archives]
+        assert checked == packed
+        activated = update({"url": str(archives[1]), "sha256": sha256_file(archives[1])})["result"]
+        assert activated["model_hash"] == packed[1] == svc.inspector.model_hash
+    finally:
+        svc.inspector.backend.close()
 
 
 def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, golden, tmp_path, monkeypatch):

@@ -761,6 +761,9 @@ class Service:
             try:
                 info = extract_archive(archive, tmp / "bundle", key=key)
                 cand = Bundle.open(tmp / "bundle", verify=True)
+                # now: a Gaussian bundle's hash covers the statistics its calibration.json names, and the folder
+                # goes in 'finally' (without it, the hash was the graph's alone, the same for every Gaussian archive)
+                model_hash = cand.model_hash()
                 if golden and engine_needed(m.backend, m.device, self.bundle):   # the check runs the line's backend
                     build_line_engine(cand, engine_images(None, golden), precision, m.device)
                 # opened as it would run, with or without a golden set (an int8 check of a bundle without
@@ -771,7 +774,7 @@ class Service:
                                       device=m.device) if golden else None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            out = {"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
+            out = {"activated": False, "model_hash": model_hash, "signed": info.signed,
                    "signature_verified": info.verified, "golden": report, "golden_checked": golden is not None}
             if golden is None:
                 out["warnings"] = [self._no_golden("the archive was only verified and opened as the line runs it")]
