@@ -1180,6 +1180,39 @@ def test_a_looping_clip_raises_drift_once_not_on_every_part(tmp_path, tiny_bundl
     assert len([r for r in caplog.records if "normal distribution" in r.getMessage()]) == 2
 
 
+def test_a_stop_while_drift_is_flagged_ends_it_with_a_drift_cleared_before_the_stopped_status(tmp_path, tiny_bundle,
+                                                                                              mosquitto):
+    """A clean stop with drift flagged sent no drift_cleared: the episode stayed open for the fleet, and the next
+    run, measuring afresh, sent a second drift, while the docs say every drift is ended by a drift_cleared. The stop
+    now sends one (reason "stopped", how long the drift lasted) before the 'stopped' status; each run's drift is
+    ended by its own."""
+    from edge_ad.mqtt import BrokerSettings, schema
+    from edge_ad.mqtt.collector import Collector
+
+    video = write_video(tmp_path / "bright.avi", (part_frame(i, 96, brightness=5.0) for i in range(8)))
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1", source__mode="trigger", drift__window=20,
+                  mqtt__url=mosquitto.url, mqtt__site="t", mqtt__device="cam1",
+                  mqtt__outbox_path=str(tmp_path / "outbox.sqlite"), mqtt__validate_payloads=True)
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/#") as col:
+        for run in (1, 2):   # OK parts, brighter than the calibration's: drift is raised and still flagged at the end
+            assert _run(s, max_frames=60)["ng"] == 0
+
+            def drift_events(c):
+                return [(m, m.json()) for m in c.messages if m.topic.endswith("/event")
+                        and m.json().get("type", "").startswith("drift")]
+            assert col.wait_for(lambda c: len(drift_events(c)) == 2 * run, timeout=10)
+        events = [e for _, e in drift_events(col)]
+        for raised, cleared in zip(events[::2], events[1::2]):
+            assert (raised["type"], cleared["type"]) == ("drift", "drift_cleared")
+            assert (cleared["reason"], cleared["drift"], cleared["since"]) == ("stopped", False, raised["since"])
+            assert cleared["parts_in_drift"] >= 1 and cleared["duration_s"] >= 0
+            assert cleared["calibration_version"] == tiny_bundle.calibration().version
+            assert schema.errors("event", cleared) == []
+        # each run's drift_cleared came before its 'stopped' status (a birth is sent again after a change: left out)
+        said = [m.json().get("type") if m.topic.endswith("/event") else f"{m.json()['state']} {m.json().get('reason')}"
+                for m in col.messages if m.topic.endswith(("/status", "/event"))]
+        assert [x for x in said if x != "online connected"] == ["drift", "drift_cleared", "offline stopped"] * 2, said
+
 def _ng_item(seq: int):
     """An NG decision of a 32x32 frame with its map, as the pipeline hands it to the reporting."""
     from edge_ad.runtime.records import Decision, ResultItem

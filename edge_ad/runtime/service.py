@@ -1223,6 +1223,8 @@ class Service:
             log.warning("final telemetry failed: %s", exc)
             final = {}
         self.reporter.report_held_failures()   # before the link stops: their events still go out
+        # a drift flagged now is ended before the 'stopped' status (the next run measures afresh)
+        self.reporter.stop_drift(self.inspector.calibration)
         if "reporting" in busy:   # a write still hangs: closing the log under it would lose that line too
             log.warning("the result log is left open: the reporting thread is still writing")
         else:
