@@ -1055,29 +1055,41 @@ def test_decommission_names_the_option_and_its_value_before_connecting():
 
 
 def test_cli_site_device_and_name_are_checked_before_connecting():
+    """--site and --device of command and monitor are checked by the device config's rule for mqtt.site and
+    mqtt.device, as decommission checks them (they took any topic level: 'plant 1' or 'café', which no device can
+    have, waited the whole --timeout for a reply that could not come); NAME is one topic level."""
     import pytest
 
     from edge_ad.errors import InputError
+    from edge_ad.mqtt import BrokerSettings
     from edge_ad.mqtt.broker import free_port
+    from edge_ad.mqtt.requester import CommandClient
     from edge_ad.mqtt.topics import check_level
 
     url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: a check that connected first would time out
     runner = CliRunner()
-    for argv, named in ((["--site", "+", "--device", "#", "status"], "--site '+'"),
-                        (["--site", "a", "--device", "#", "status"], "--device '#'"),
-                        (["--site", "a/b", "--device", "d", "status"], "--site 'a/b'"),
-                        (["--site", "", "--device", "d", "status"], "--site ''"),
+    rule = "is not a topic-safe name: expected 1-64 of A-Z a-z 0-9 _ . -"
+    for argv, named in ((["--site", "+", "--device", "#", "status"], f"--site '+' {rule}"),
+                        (["--site", "a", "--device", "#", "status"], f"--device '#' {rule}"),
+                        (["--site", "a/b", "--device", "d", "status"], f"--site 'a/b' {rule}"),
+                        (["--site", "", "--device", "d", "status"], f"--site '' {rule}"),
+                        (["--site", "plant 1", "--device", "d", "status"], f"--site 'plant 1' {rule}"),
+                        (["--site", "a", "--device", "caf\u00e9", "status"], f"--device 'caf\u00e9' {rule}"),
                         (["--site", "a", "--device", "d", "no such/cmd"], "NAME 'no such/cmd'")):
         res = runner.invoke(main, ["command", "--mqtt", url, "--timeout", "0.5", *argv])
-        assert res.exit_code == 2 and named in res.output and "one topic level" in res.output, res.output
+        assert res.exit_code == 2 and named in res.output, res.output
+        assert ("one topic level" in res.output) == named.startswith("NAME"), res.output
+    for site in ("plant 1", "caf\u00e9", "#"):
+        res = runner.invoke(main, ["monitor", "--mqtt", url, "--site", site, "--duration", "0.5"])
+        assert res.exit_code == 2 and f"--site {site!r} {rule}" in res.output, res.output
+    with pytest.raises(InputError, match=f"^device 'caf\u00e9' {rule}"):   # the library refuses it too
+        CommandClient(BrokerSettings(url=url)).call("a", "caf\u00e9", "status")
     for bad in ("nan", "inf", "0"):
         res = runner.invoke(main, ["command", "--mqtt", url, "--site", "a", "--device", "d", "--timeout", bad,
                                    "status"])
         assert res.exit_code == 2 and "--timeout" in res.output, res.output
         res = runner.invoke(main, ["monitor", "--mqtt", url, "--duration", bad if bad != "0" else "-1"])
         assert res.exit_code == 2 and "--duration" in res.output, res.output
-    res = runner.invoke(main, ["monitor", "--mqtt", url, "--site", "#"])
-    assert res.exit_code == 2 and "--site '#'" in res.output
     assert check_level("line-3", "site") == "line-3"
     with pytest.raises(InputError, match="device 'a\\+b'"):
         check_level("a+b", "device")

@@ -63,10 +63,10 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     NG rate, last result, calibration version, outbox depth, drift, last seen, clock skew. A lost broker
     connection is shown (and retried) until it is back."""
     from ..mqtt.monitor import run_monitor
-    from ..mqtt.topics import check_level
+    from ..mqtt.settings import check_name
 
-    if site is not None:
-        check_level(site, "--site")
+    if site is not None:   # a name no device can have would show nothing
+        check_name(site, "--site")
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     run_monitor(broker, site=site, as_json=as_json, duration=duration, interval=interval,
                 stale_after_s=stale_after, out=sys.stdout, clock_skew_s=clock_skew, gap_grace_s=gap_grace)
@@ -95,10 +95,12 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     sends all the same). When no status is retained for it (a mistyped --site or --device, or an ACL that hides
     it), a note on stderr names the devices that have one, and it sends and waits all the same."""
     from ..mqtt.requester import CommandClient
+    from ..mqtt.settings import check_name
     from ..mqtt.topics import check_level
 
-    for value, what in ((site, "--site"), (device, "--device"), (name, "NAME")):
-        check_level(value, what)
+    for value, what in ((site, "--site"), (device, "--device")):   # a name no device can have waits for nothing
+        check_name(value, what)
+    check_level(name, "NAME")
     parsed = {}
     if args:
         try:

@@ -33,7 +33,7 @@ from ..errors import DeviceOffline, InputError, RuntimeFailure
 from . import payloads
 from .client import connect_async, make_client, reason_failed
 from .commands import signed_envelope
-from .settings import BrokerSettings, Protocol
+from .settings import BrokerSettings, Protocol, check_name
 from .topics import Topics, check_level, known_devices_text, status_filter
 
 REPLY_ROOT = "edge-ad/replies"
@@ -160,8 +160,9 @@ class CommandClient:
              timeout: float = 10.0, claim: str | None = None) -> dict:
         """Send ``cmd/<name>`` to a device; returns its reply (``{"ok": ..., "result" | "error": ...}``).
         ``claim`` is the client id the allow-list sees (default: this client's id)."""
-        for value, what in ((site, "site"), (device, "device"), (name, "command name")):
-            check_level(value, what)
+        for value, what in ((site, "site"), (device, "device")):   # a name no device can have: no reply would come
+            check_name(value, what)
+        check_level(name, "command name")
         corr = str(uuid.uuid4())
         topic = Topics(site, device).cmd(name)
         data, props = self.build(topic, name, args, corr, claim if claim is not None else self.client_id,
