@@ -1093,3 +1093,56 @@ def test_cli_site_device_and_name_are_checked_before_connecting():
     assert check_level("line-3", "site") == "line-3"
     with pytest.raises(InputError, match="device 'a\\+b'"):
         check_level("a+b", "device")
+
+
+def test_an_unreachable_broker_is_named_with_why_and_the_monitor_waits_no_longer_than_its_duration(mosquitto):
+    """monitor, command and decommission to a closed port said "cannot connect ... within 10 s" and not why
+    (paho's network thread swallows the error), and monitor --duration 2 waited the whole 10 s connect timeout
+    before saying so. They name the reason now, and the monitor's connect wait is part of its --duration."""
+    from edge_ad.mqtt.broker import free_port
+
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    refused = (f"connection refused by 127.0.0.1:{port}: no broker listens on that port (it is down, or the port is "
+               "wrong)")
+    runner = CliRunner()
+    t0 = time.monotonic()
+    res = runner.invoke(main, ["monitor", "--mqtt", url, "--duration", "1"])
+    assert res.exit_code == 1 and f"monitor: cannot connect to {url} within 1 s: {refused}" in res.output, res.output
+    assert time.monotonic() - t0 < 10   # not the 10 s connect timeout
+    for argv, who in ((["command", "--site", "a", "--device", "b", "--timeout", "1", "status"], "command client"),
+                      (["decommission", "--site", "a", "--device", "b", "--timeout", "1"], "decommission")):
+        res = runner.invoke(main, [argv[0], "--mqtt", url, *argv[1:]])
+        assert res.exit_code == 1 and f"{who}: cannot connect to {url} within 1 s: {refused}" in res.output, res.output
+    tls = f"mqtts://127.0.0.1:{mosquitto.port}"   # TLS to a plain MQTT port: the broker closes the connection
+    res = runner.invoke(main, ["monitor", "--mqtt", tls, "--duration", "2"])
+    assert res.exit_code == 1 and f"monitor: cannot connect to {tls} within 2 s: " in res.output, res.output
+    assert "TLS handshake with" in res.output or "reset the connection" in res.output, res.output
+
+
+def test_why_a_connection_failed_is_said_for_each_cause():
+    import errno
+    import socket
+    import ssl
+
+    from edge_ad.mqtt.client import connect_error_text, refused_text
+
+    b = BrokerSettings(url="mqtts://broker.example:8883")
+    cert = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cert.verify_message = "self-signed certificate"
+    for exc, said in ((socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+                       "DNS: the host name 'broker.example' cannot be resolved (Name or service not known)"),
+                      (OSError(errno.EHOSTUNREACH, "No route to host"), "no route to broker.example:8883"),
+                      (OSError(errno.ENETUNREACH, "Network is unreachable"), "no route to broker.example:8883"),
+                      (TimeoutError("timed out"), "no answer from broker.example:8883 within 10 s"),
+                      (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "connection refused"),
+                      (cert, "TLS: the certificate of broker.example:8883 was not accepted (self-signed certificate)"),
+                      (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+                       "TLS handshake with broker.example:8883 failed")):
+        assert connect_error_text(exc, b).startswith(said), (exc, connect_error_text(exc, b))
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    said = refused_text(b, ReasonCode(PacketTypes.CONNACK, identifier=0x86))
+    assert said.startswith("the broker mqtts://broker.example:8883 refused the connection: Bad user name or password "
+                           "(check the user name and password"), said

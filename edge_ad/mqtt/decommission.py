@@ -38,7 +38,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from ..errors import RuntimeFailure
-from .client import connect_async, make_client, reason_failed, reason_text, reason_value
+from .client import connect_async, make_client, not_connected, reason_failed, reason_text, reason_value, refused_text
 from .link import retained_topics
 from .payloads import status_state
 from .settings import BrokerSettings, MqttSettings, Protocol, client_id_problem
@@ -58,7 +58,7 @@ def _connected(broker: BrokerSettings, client_id: str, timeout: float, *, on_con
 
     def connected(c, userdata, flags, reason_code, properties):
         if reason_failed(reason_code):
-            problem.append(f"the broker {broker.safe_url} refused client id {client_id!r}: {reason_text(reason_code)}")
+            problem.append(f"{refused_text(broker, reason_code)} (client id {client_id!r})")
         elif on_connect is not None:
             on_connect(c)
         done.set()
@@ -69,9 +69,10 @@ def _connected(broker: BrokerSettings, client_id: str, timeout: float, *, on_con
     connect_async(client, broker, clean_start=True)
     client.loop_start()
     if not done.wait(timeout) or problem:
+        failure = RuntimeFailure(problem[0]) if problem else not_connected(client, broker, "decommission", timeout)
         client.disconnect()
         client.loop_stop()
-        raise RuntimeFailure(problem[0] if problem else f"cannot connect to {broker.safe_url} within {timeout:g} s")
+        raise failure
     return client
 
 

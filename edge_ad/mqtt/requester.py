@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 
 from ..errors import DeviceOffline, InputError, RuntimeFailure
 from . import payloads
-from .client import connect_async, make_client, reason_failed
+from .client import connect_async, make_client, not_connected, reason_failed, refused_text
 from .commands import signed_envelope
 from .settings import BrokerSettings, Protocol, check_name
 from .topics import Topics, check_level, known_devices_text, status_filter
@@ -74,9 +74,9 @@ class CommandClient:
         connect_async(client, self.broker, clean_start=True)
         client.loop_start()
         if not self._ready.wait(timeout):
+            failure = not_connected(client, self.broker, "command client", timeout, refused=self._error)
             self.stop()
-            raise RuntimeFailure(f"command client: no connection to {self.broker.safe_url} within {timeout:g} s"
-                                 + (f" ({self._error})" if self._error else ""))
+            raise failure
         return self
 
     def stop(self) -> None:
@@ -94,7 +94,7 @@ class CommandClient:
     # ------------------------------------------------------------------ callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_failed(reason_code):
-            self._error = f"refused: {reason_code}"
+            self._error = refused_text(self.broker, reason_code)
             return
         client.subscribe(self.reply_topic, qos=1)
 
