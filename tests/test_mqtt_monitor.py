@@ -1054,6 +1054,70 @@ def test_decommission_names_the_option_and_its_value_before_connecting():
         assert res.exit_code == 2 and said in res.output and "mqtt." not in res.output, res.output
 
 
+DEVICE = """
+import sys, time
+from edge_ad.mqtt import MqttLink, MqttSettings
+url, outbox, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
+link = MqttLink(MqttSettings(url=url, site="p1", device="cam1", outbox_path=outbox, reconnect_min_s=0.1),
+                birth={"telemetry_interval_s": interval})   # as edge-ad run's birth says it
+link.start()
+while True:   # telemetry every interval, until killed
+    link.publish_telemetry({"fps": 1.0})
+    time.sleep(interval)
+"""
+
+
+def test_decommission_force_takes_a_device_that_stopped_while_the_broker_was_down_never_a_running_one(mosquitto,
+                                                                                                     tmp_path):
+    """After a broker crash (its saved state restored), a device killed during the outage kept a retained 'online'
+    status for ever: the broker had no connection to lose, so it published no will; decommission refused it even
+    with --force, and a command to it waited and said nothing of it. --force now watches the device and takes it
+    when it publishes nothing for 3 of the telemetry intervals its birth names (+ 2 s); one that publishes is
+    refused, nothing changed (a connect with its client id to test it would take a live device's session over)."""
+    import signal
+
+    from edge_ad.mqtt.decommission import read_retained
+    from edge_ad.mqtt.payloads import status_state
+
+    broker = BrokerSettings(url=mosquitto.url)
+    status = f"{B}/p1/cam1/status"
+    argv = ["decommission", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam1"]
+    dev = subprocess.Popen([sys.executable, "-c", DEVICE, mosquitto.url, str(tmp_path / "cam1.sqlite"), "0.3"])
+    try:
+        assert _wait(lambda: status_state(read_retained(broker, [status]).get(status, b""))[0] == "online", 30)
+        res = CliRunner().invoke(main, argv + ["--force"])             # running: it sends telemetry
+        assert res.exit_code == 1, res.output
+        assert f"and running: it published on {B}/p1/cam1/telemetry while decommission watched" in res.output
+        assert "nothing was changed" in res.output and status in read_retained(broker, [status])
+        # the broker saves its state (SIGUSR1), crashes; the device is killed while it is down
+        db = mosquitto.workdir / "mosquitto.db"
+        before = db.stat().st_mtime_ns if db.exists() else None
+        mosquitto.proc.send_signal(signal.SIGUSR1)
+        assert _wait(lambda: db.exists() and db.stat().st_mtime_ns != before), "the broker saved nothing"
+        mosquitto.kill()
+    finally:
+        dev.kill()
+        dev.wait()
+    mosquitto.start()
+    held = read_retained(broker, [f"{B}/p1/cam1/#"])
+    assert status_state(held[status])[0] == "online"                   # for ever: no will came
+    res = CliRunner().invoke(main, ["command", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam1",
+                                    "--timeout", "0.5", "status"])
+    assert res.exit_code == 1 and "Its retained status says online since " in res.output, res.output
+    assert "a device that stopped while the broker was down keeps that status for ever" in res.output
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 1 and "A device that stopped while the broker was down gets no will" in res.output
+    assert "--force takes it once it has published nothing for 2.9 s (3 x its telemetry interval of 0.3 s + 2 s)" \
+        in res.output and read_retained(broker, [f"{B}/p1/cam1/#"]) == held
+    res = CliRunner().invoke(main, argv + ["--force"])
+    assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout)
+    assert (done["status"], done["reason"], done["session_dropped"]) == ("online", "connected", "edge-ad-p1-cam1")
+    assert "watching 2.9 s for a message from it" in res.stderr
+    [warning] = done["warnings"]
+    assert "says online since" in warning and "but it published nothing for 2.9 s" in warning
+    assert warning.endswith("(taken: --force)") and read_retained(broker, [f"{B}/p1/cam1/#"]) == {}
+
 def test_cli_site_device_and_name_are_checked_before_connecting():
     """--site and --device of command and monitor are checked by the device config's rule for mqtt.site and
     mqtt.device, as decommission checks them (they took any topic level: 'plant 1' or 'café', which no device can

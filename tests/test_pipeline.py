@@ -1271,9 +1271,13 @@ def test_reload_config_and_bundle(tmp_path, tiny_bundle):
     s2 = _settings(tmp_path, bundle, f"file://{video}?loop=1", decision__threshold=5.0, drift__window=50,
                    telemetry__interval_s=2.0, telemetry__nvml=not s.telemetry.nvml)
     svc = Service(s, install_signals=False, reload_settings=lambda: s2)
+    births = []
+    svc.update_birth = lambda **fields: births.append(fields)
     try:
+        assert svc._birth()["telemetry_interval_s"] == 0.5   # how long a device said online may be silent
         r = svc.reload("config")["config"]
         assert set(r["applied"]) == {"decision", "drift", "telemetry.interval_s"}
+        assert {"telemetry_interval_s": 2.0} in births and svc._birth()["telemetry_interval_s"] == 2.0
         assert r["restart_required"] == ["source", "telemetry"]     # the NVML reader is made at start
         assert svc.pipeline.threshold_override == 5.0 and svc.effective_threshold() == 5.0
         assert svc.settings.source.uri == f"file://{video}"          # kept until a restart

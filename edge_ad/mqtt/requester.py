@@ -266,6 +266,16 @@ class CommandClient:
                 self._waiting.pop(correlation, None)
 
 
+def stale_online_text(site: str, device: str, status: dict) -> str:
+    """What a command that got no reply from a device whose retained ``status`` says online adds: the status may
+    be stale (a device that stopped while the broker was down gets no will), and how to tell."""
+    since = f" since {status['ts']}" if isinstance(status.get("ts"), str) else ""
+    return (f"Its retained status says online{since}, which is not proof that it runs: a device that stopped while "
+            "the broker was down keeps that status for ever (a broker restarted from its saved state had no "
+            f"connection to lose, so it publishes no will); edge-ad monitor shows {site}/{device} stale when it "
+            "sends nothing, and edge-ad decommission --force takes a retired one that stays silent.")
+
+
 def offline_text(site: str, device: str, status: dict, timeout: float, v5: bool) -> str:
     """Why a command to a device whose retained ``status`` says offline was not sent, and what sending it
     anyway (``--even-offline``) would do: the broker queues it in the device's persistent session, where MQTT v5

@@ -394,7 +394,9 @@ class Service:
         return {"model_hash": self.inspector.model_hash, "calibration_version": self.inspector.calibration.version,
                 "model_kind": self.bundle.kind, "backend": getattr(b, "name", ""),
                 "precision": getattr(b, "precision", ""), "source": self.spec.safe_uri,
-                "mode": self.settings.source.mode.value, "paused": False}
+                "mode": self.settings.source.mode.value, "paused": False,
+                # how often it sends telemetry: how long a device said online may be silent (decommission --force)
+                "telemetry_interval_s": self.settings.telemetry.interval_s}
 
     # ------------------------------------------------------------------ events and state
     def _log_event(self, ev: dict) -> None:
@@ -609,6 +611,7 @@ class Service:
             applied.append("drift")
         if new.telemetry.interval_s != old.telemetry.interval_s:
             applied.append("telemetry.interval_s")
+            self.update_birth(telemetry_interval_s=new.telemetry.interval_s)
         if new.health != old.health:
             applied.append("health")   # read when a watch starts: one running keeps its limits
         for sec in ("model", "source", "pipeline", "output", "mqtt"):
