@@ -21,7 +21,8 @@ from edge_ad.calibration import (HealthLimits, HealthWatch, current_path, deploy
 from edge_ad.calibration import deploy as deploy_mod
 from edge_ad.errors import GuardFailure, InputError, RuntimeFailure
 
-from fixtures_bundle import copy_bundle, make_tiny_bundle, part_frame, tiny_bundle  # noqa: F401
+from fixtures_bundle import (add_stand_in_graph, copy_bundle, gaussian_bundle, make_tiny_bundle, part_frame,  # noqa: F401
+                             tiny_bundle)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -2112,17 +2113,82 @@ def test_update_model_checks_and_opens_the_candidate_as_the_line_runs_it(tiny_bu
     svc = _line(tmp_path, deploy, precision="int8")
     fp32_only = pack_bundle(make_tiny_bundle(tmp_path / "B", pool=4).path, tmp_path / "b.tar")
     try:
-        with pytest.raises(InputError, match=r"cannot .*as the line runs it.*precision int8.*b\.tar: bundle/"
-                                             r"model\.int8\.onnx.*update refused"):
+        refused = (rf"{re.escape(str(fp32_only))}: bundle has no int8 graph \(model\.int8\.onnx\) and the line runs "
+                   r"int8 \(model\.precision\): run 'edge-ad quantize --precision int8' on the bundle before packing "
+                   r"it \(it has fp32\); update refused")
+        with pytest.raises(InputError, match=refused):
             _update(svc, fp32_only)
-        with pytest.raises(InputError, match=r"cannot .*as the line runs it.*precision int8.*update refused"):
-            _update(svc, fp32_only, activate=False)   # the check alone opens it too (it said ok)
+        with pytest.raises(InputError, match=refused):
+            _update(svc, fp32_only, activate=False)   # the check alone too (it said ok)
         assert deployment(deploy).current == before and svc.inspector.model_hash == Bundle.open(
             current_path(deploy)).model_hash()
         assert [p.name for p in (deploy / "releases").iterdir()] == [before]
     finally:
         svc.inspector.backend.close()
     _line(tmp_path, deploy, precision="int8").inspector.backend.close()   # a restart opens it
+
+
+def test_a_check_in_a_precision_the_archive_lacks_names_the_archive_and_the_precisions_it_has(tiny_bundle, tmp_path):
+    """A check-only update_model asking for a precision whose graph the archive's bundle lacks said, on a line that
+    runs fp32, that the new model "cannot be opened as the line runs it (..., precision int8, ...)", naming
+    model.int8.onnx in the check's temporary folder, deleted by then. It names the archive, the graph it lacks
+    and the precisions it has; the temporary folder is gone and a precision it has is checked."""
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    b = make_tiny_bundle(tmp_path / "B", pool=4)
+    fp32_only = pack_bundle(b.path, tmp_path / "b.tar")
+    with_int8 = pack_bundle(add_stand_in_graph(copy_bundle(b, tmp_path / "B8")).path, tmp_path / "b8.tar")
+    svc = _line(tmp_path, deploy)   # runs each bundle's active graph: fp32
+    update = _mqtt_update_model(svc)
+    try:
+        body = update({"url": str(fp32_only), "sha256": _sha(fp32_only), "activate": False, "precision": "int8"})
+        assert (body["ok"], body["error"]["code"]) == (False, "failed"), body
+        assert body["error"]["message"].endswith(
+            f"{fp32_only}: bundle has no int8 graph (model.int8.onnx) to check: run 'edge-ad quantize --precision "
+            "int8' on the bundle before packing it, or ask for a precision it has: fp32; update refused"), body
+        body = update({"url": str(with_int8), "sha256": _sha(with_int8), "activate": False, "precision": "fp16"})
+        assert body["error"]["message"].endswith(
+            f"{with_int8}: bundle has no fp16 graph (model.fp16.onnx) to check: run 'edge-ad quantize --precision "
+            "fp16' on the bundle before packing it, or ask for a precision it has: fp32, int8; update refused"), body
+        body = update({"url": str(with_int8), "sha256": _sha(with_int8), "activate": False, "precision": "int8"})
+        assert body["ok"] and body["result"]["activated"] is False, body
+        assert body["result"]["warnings"][0].endswith("the archive was only verified and opened in precision int8, "
+                                                      "as the check asks")
+        assert [p.name for p in deploy.iterdir() if p.name.startswith(".check-")] == []
+    finally:
+        svc.inspector.backend.close()
+
+def test_a_check_only_update_replies_the_model_hash_of_a_gaussian_archive(gaussian_bundle, tiny_bundle, tmp_path):
+    """A Gaussian bundle's model_hash covers its statistics, named by its calibration.json: the check-only reply
+    took the hash after the archive's temporary folder was deleted, so it said the graph's sha256 alone, the
+    same for every Gaussian archive. It is now what 'bundle pack' recorded and the activated reply says."""
+    import dataclasses
+
+    from edge_ad.atomic import sha256_file
+    from edge_ad.gaussian import GaussianStats
+
+    g1 = copy_bundle(gaussian_bundle, tmp_path / "g1")
+    g2 = copy_bundle(gaussian_bundle, tmp_path / "g2")   # the same graph, other statistics
+    cal = g2.calibration()
+    st = GaussianStats.load(g2.file(cal.extra["gaussian"]))
+    dataclasses.replace(st, mean=st.mean + 0.5).save(g2.file("gaussian.d/0002.npz"))
+    g2.add_file("gaussian.d/0002.npz")
+    g2.write_calibration(cal.replace(version=2, extra={**cal.extra, "gaussian": "gaussian.d/0002.npz"}))
+    archives = [pack_bundle(g.path, tmp_path / f"{g.path.name}.tar") for g in (g1, g2)]
+    packed = [read_index(a).index["bundle"]["model_hash"] for a in archives]
+    assert packed == [g1.model_hash(), g2.model_hash()] and packed[0] != packed[1] != g1.graph_hash()
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(tiny_bundle.path, tmp_path / "tiny.tar"), deploy, require_golden=False)
+    svc = _line(tmp_path, deploy)
+    update = _mqtt_update_model(svc)
+    try:
+        checked = [update({"url": str(a), "sha256": sha256_file(a), "activate": False})["result"]["model_hash"]
+                   for a in archives]
+        assert checked == packed
+        activated = update({"url": str(archives[1]), "sha256": sha256_file(archives[1])})["result"]
+        assert activated["model_hash"] == packed[1] == svc.inspector.model_hash
+    finally:
+        svc.inspector.backend.close()
 
 
 def test_update_model_rolls_back_when_the_swap_fails_after_the_switch(bundles, golden, tmp_path, monkeypatch):
@@ -3099,8 +3165,9 @@ def test_cli_install_opens_the_new_model_as_the_line_runs_it(tiny_bundle, tmp_pa
     res = r.invoke(main, ["bundle", "install", str(arch), "--deploy", str(deploy), "--no-golden",
                           "--precision", "int8"])
     assert res.exit_code == 2, res.output
-    assert "the new model cannot be opened as the line runs it (backend auto, precision int8" in res.output
-    assert "model.int8.onnx" in res.output and "update refused" in res.output
+    assert (f"{arch}: bundle has no int8 graph (model.int8.onnx) and the line runs int8 (model.precision): run "
+            "'edge-ad quantize --precision int8' on the bundle before packing it (it has fp32); update refused"
+            in res.output), res.output
     cfg = tmp_path / "line.toml"
     cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\nprecision = "int8"\n[source]\nuri = "synthetic://disc"\n')
     res = r.invoke(main, ["bundle", "install", str(arch), "--config", str(cfg), "--no-golden"])
@@ -3462,8 +3529,9 @@ def test_orchestration_a_tensorrt_line_builds_the_engine_in_staging_before_the_c
     assert (r1.path / "engines" / "x-best.engine").is_file() and r1.golden["passed"]
     again = install_bundle(tmp_path / "a.tar", deploy, golden, backend="tensorrt", probe=lambda c: None)
     assert again.already_installed and again.release == r1.release and len(trt_line["calls"]) == 1   # a retry
-    # --calib wins; the line's precision wins over the candidate's active one
+    # --calib wins; the line's precision wins over the candidate's active one (fp32; it has an INT8 graph)
     calib = _normals(tmp_path / "calib")
+    add_stand_in_graph(b)
     install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, None, require_golden=False,
                    backend="tensorrt", precision="int8", calib_dir=calib, probe=lambda c: None)
     assert (trt_line["calls"][-1]["precision"], trt_line["calls"][-1]["calib_dir"]) == ("int8", calib)

@@ -732,7 +732,9 @@ def test_an_unreachable_broker_is_a_warning_at_once_then_at_most_once_a_minute(t
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot connect" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in warned]
     assert f"127.0.0.1:{port}" in warned[0].getMessage() and "1 results and events waiting" in warned[0].getMessage()
-    assert link.stats()["last_error"] == f"cannot connect to mqtt://127.0.0.1:{port}"
+    assert link.stats()["last_error"] == (f"cannot connect to mqtt://127.0.0.1:{port}: connection refused by "
+                                          f"127.0.0.1:{port}: no broker listens on that port (it is down, or the "
+                                          "port is wrong)")
 
 
 def test_publish_size_is_the_packet_paho_writes():

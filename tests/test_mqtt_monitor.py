@@ -1054,30 +1054,159 @@ def test_decommission_names_the_option_and_its_value_before_connecting():
         assert res.exit_code == 2 and said in res.output and "mqtt." not in res.output, res.output
 
 
+DEVICE = """
+import sys, time
+from edge_ad.mqtt import MqttLink, MqttSettings
+url, outbox, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
+link = MqttLink(MqttSettings(url=url, site="p1", device="cam1", outbox_path=outbox, reconnect_min_s=0.1),
+                birth={"telemetry_interval_s": interval})   # as edge-ad run's birth says it
+link.start()
+while True:   # telemetry every interval, until killed
+    link.publish_telemetry({"fps": 1.0})
+    time.sleep(interval)
+"""
+
+
+def test_decommission_force_takes_a_device_that_stopped_while_the_broker_was_down_never_a_running_one(mosquitto,
+                                                                                                     tmp_path):
+    """After a broker crash (its saved state restored), a device killed during the outage kept a retained 'online'
+    status for ever: the broker had no connection to lose, so it published no will; decommission refused it even
+    with --force, and a command to it waited and said nothing of it. --force now watches the device and takes it
+    when it publishes nothing for 3 of the telemetry intervals its birth names (+ 2 s); one that publishes is
+    refused, nothing changed (a connect with its client id to test it would take a live device's session over)."""
+    import signal
+
+    from edge_ad.mqtt.decommission import read_retained
+    from edge_ad.mqtt.payloads import status_state
+
+    broker = BrokerSettings(url=mosquitto.url)
+    status = f"{B}/p1/cam1/status"
+    argv = ["decommission", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam1"]
+    dev = subprocess.Popen([sys.executable, "-c", DEVICE, mosquitto.url, str(tmp_path / "cam1.sqlite"), "0.3"])
+    try:
+        assert _wait(lambda: status_state(read_retained(broker, [status]).get(status, b""))[0] == "online", 30)
+        res = CliRunner().invoke(main, argv + ["--force"])             # running: it sends telemetry
+        assert res.exit_code == 1, res.output
+        assert f"and running: it published on {B}/p1/cam1/telemetry while decommission watched" in res.output
+        assert "nothing was changed" in res.output and status in read_retained(broker, [status])
+        # the broker saves its state (SIGUSR1), crashes; the device is killed while it is down
+        db = mosquitto.workdir / "mosquitto.db"
+        before = db.stat().st_mtime_ns if db.exists() else None
+        mosquitto.proc.send_signal(signal.SIGUSR1)
+        assert _wait(lambda: db.exists() and db.stat().st_mtime_ns != before), "the broker saved nothing"
+        mosquitto.kill()
+    finally:
+        dev.kill()
+        dev.wait()
+    mosquitto.start()
+    held = read_retained(broker, [f"{B}/p1/cam1/#"])
+    assert status_state(held[status])[0] == "online"                   # for ever: no will came
+    res = CliRunner().invoke(main, ["command", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam1",
+                                    "--timeout", "0.5", "status"])
+    assert res.exit_code == 1 and "Its retained status says online since " in res.output, res.output
+    assert "a device that stopped while the broker was down keeps that status for ever" in res.output
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 1 and "A device that stopped while the broker was down gets no will" in res.output
+    assert "--force takes it once it has published nothing for 2.9 s (3 x its telemetry interval of 0.3 s + 2 s)" \
+        in res.output and read_retained(broker, [f"{B}/p1/cam1/#"]) == held
+    res = CliRunner().invoke(main, argv + ["--force"])
+    assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout)
+    assert (done["status"], done["reason"], done["session_dropped"]) == ("online", "connected", "edge-ad-p1-cam1")
+    assert "watching 2.9 s for a message from it" in res.stderr
+    [warning] = done["warnings"]
+    assert "says online since" in warning and "but it published nothing for 2.9 s" in warning
+    assert warning.endswith("(taken: --force)") and read_retained(broker, [f"{B}/p1/cam1/#"]) == {}
+
 def test_cli_site_device_and_name_are_checked_before_connecting():
+    """--site and --device of command and monitor are checked by the device config's rule for mqtt.site and
+    mqtt.device, as decommission checks them (they took any topic level: 'plant 1' or 'café', which no device can
+    have, waited the whole --timeout for a reply that could not come); NAME is one topic level."""
     import pytest
 
     from edge_ad.errors import InputError
+    from edge_ad.mqtt import BrokerSettings
     from edge_ad.mqtt.broker import free_port
+    from edge_ad.mqtt.requester import CommandClient
     from edge_ad.mqtt.topics import check_level
 
     url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: a check that connected first would time out
     runner = CliRunner()
-    for argv, named in ((["--site", "+", "--device", "#", "status"], "--site '+'"),
-                        (["--site", "a", "--device", "#", "status"], "--device '#'"),
-                        (["--site", "a/b", "--device", "d", "status"], "--site 'a/b'"),
-                        (["--site", "", "--device", "d", "status"], "--site ''"),
+    rule = "is not a topic-safe name: expected 1-64 of A-Z a-z 0-9 _ . -"
+    for argv, named in ((["--site", "+", "--device", "#", "status"], f"--site '+' {rule}"),
+                        (["--site", "a", "--device", "#", "status"], f"--device '#' {rule}"),
+                        (["--site", "a/b", "--device", "d", "status"], f"--site 'a/b' {rule}"),
+                        (["--site", "", "--device", "d", "status"], f"--site '' {rule}"),
+                        (["--site", "plant 1", "--device", "d", "status"], f"--site 'plant 1' {rule}"),
+                        (["--site", "a", "--device", "caf\u00e9", "status"], f"--device 'caf\u00e9' {rule}"),
                         (["--site", "a", "--device", "d", "no such/cmd"], "NAME 'no such/cmd'")):
         res = runner.invoke(main, ["command", "--mqtt", url, "--timeout", "0.5", *argv])
-        assert res.exit_code == 2 and named in res.output and "one topic level" in res.output, res.output
+        assert res.exit_code == 2 and named in res.output, res.output
+        assert ("one topic level" in res.output) == named.startswith("NAME"), res.output
+    for site in ("plant 1", "caf\u00e9", "#"):
+        res = runner.invoke(main, ["monitor", "--mqtt", url, "--site", site, "--duration", "0.5"])
+        assert res.exit_code == 2 and f"--site {site!r} {rule}" in res.output, res.output
+    with pytest.raises(InputError, match=f"^device 'caf\u00e9' {rule}"):   # the library refuses it too
+        CommandClient(BrokerSettings(url=url)).call("a", "caf\u00e9", "status")
     for bad in ("nan", "inf", "0"):
         res = runner.invoke(main, ["command", "--mqtt", url, "--site", "a", "--device", "d", "--timeout", bad,
                                    "status"])
         assert res.exit_code == 2 and "--timeout" in res.output, res.output
         res = runner.invoke(main, ["monitor", "--mqtt", url, "--duration", bad if bad != "0" else "-1"])
         assert res.exit_code == 2 and "--duration" in res.output, res.output
-    res = runner.invoke(main, ["monitor", "--mqtt", url, "--site", "#"])
-    assert res.exit_code == 2 and "--site '#'" in res.output
     assert check_level("line-3", "site") == "line-3"
     with pytest.raises(InputError, match="device 'a\\+b'"):
         check_level("a+b", "device")
+
+
+def test_an_unreachable_broker_is_named_with_why_and_the_monitor_waits_no_longer_than_its_duration(mosquitto):
+    """monitor, command and decommission to a closed port said "cannot connect ... within 10 s" and not why
+    (paho's network thread swallows the error), and monitor --duration 2 waited the whole 10 s connect timeout
+    before saying so. They name the reason now, and the monitor's connect wait is part of its --duration."""
+    from edge_ad.mqtt.broker import free_port
+
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    refused = (f"connection refused by 127.0.0.1:{port}: no broker listens on that port (it is down, or the port is "
+               "wrong)")
+    runner = CliRunner()
+    t0 = time.monotonic()
+    res = runner.invoke(main, ["monitor", "--mqtt", url, "--duration", "1"])
+    assert res.exit_code == 1 and f"monitor: cannot connect to {url} within 1 s: {refused}" in res.output, res.output
+    assert time.monotonic() - t0 < 10   # not the 10 s connect timeout
+    for argv, who in ((["command", "--site", "a", "--device", "b", "--timeout", "1", "status"], "command client"),
+                      (["decommission", "--site", "a", "--device", "b", "--timeout", "1"], "decommission")):
+        res = runner.invoke(main, [argv[0], "--mqtt", url, *argv[1:]])
+        assert res.exit_code == 1 and f"{who}: cannot connect to {url} within 1 s: {refused}" in res.output, res.output
+    tls = f"mqtts://127.0.0.1:{mosquitto.port}"   # TLS to a plain MQTT port: the broker closes the connection
+    res = runner.invoke(main, ["monitor", "--mqtt", tls, "--duration", "2"])
+    assert res.exit_code == 1 and f"monitor: cannot connect to {tls} within 2 s: " in res.output, res.output
+    assert "TLS handshake with" in res.output or "reset the connection" in res.output, res.output
+
+
+def test_why_a_connection_failed_is_said_for_each_cause():
+    import errno
+    import socket
+    import ssl
+
+    from edge_ad.mqtt.client import connect_error_text, refused_text
+
+    b = BrokerSettings(url="mqtts://broker.example:8883")
+    cert = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cert.verify_message = "self-signed certificate"
+    for exc, said in ((socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+                       "DNS: the host name 'broker.example' cannot be resolved (Name or service not known)"),
+                      (OSError(errno.EHOSTUNREACH, "No route to host"), "no route to broker.example:8883"),
+                      (OSError(errno.ENETUNREACH, "Network is unreachable"), "no route to broker.example:8883"),
+                      (TimeoutError("timed out"), "no answer from broker.example:8883 within 10 s"),
+                      (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "connection refused"),
+                      (cert, "TLS: the certificate of broker.example:8883 was not accepted (self-signed certificate)"),
+                      (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+                       "TLS handshake with broker.example:8883 failed")):
+        assert connect_error_text(exc, b).startswith(said), (exc, connect_error_text(exc, b))
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    said = refused_text(b, ReasonCode(PacketTypes.CONNACK, identifier=0x86))
+    assert said.startswith("the broker mqtts://broker.example:8883 refused the connection: Bad user name or password "
+                           "(check the user name and password"), said

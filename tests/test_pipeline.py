@@ -1180,6 +1180,39 @@ def test_a_looping_clip_raises_drift_once_not_on_every_part(tmp_path, tiny_bundl
     assert len([r for r in caplog.records if "normal distribution" in r.getMessage()]) == 2
 
 
+def test_a_stop_while_drift_is_flagged_ends_it_with_a_drift_cleared_before_the_stopped_status(tmp_path, tiny_bundle,
+                                                                                              mosquitto):
+    """A clean stop with drift flagged sent no drift_cleared: the episode stayed open for the fleet, and the next
+    run, measuring afresh, sent a second drift, while the docs say every drift is ended by a drift_cleared. The stop
+    now sends one (reason "stopped", how long the drift lasted) before the 'stopped' status; each run's drift is
+    ended by its own."""
+    from edge_ad.mqtt import BrokerSettings, schema
+    from edge_ad.mqtt.collector import Collector
+
+    video = write_video(tmp_path / "bright.avi", (part_frame(i, 96, brightness=5.0) for i in range(8)))
+    s = _settings(tmp_path, tiny_bundle, f"file://{video}?loop=1", source__mode="trigger", drift__window=20,
+                  mqtt__url=mosquitto.url, mqtt__site="t", mqtt__device="cam1",
+                  mqtt__outbox_path=str(tmp_path / "outbox.sqlite"), mqtt__validate_payloads=True)
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/#") as col:
+        for run in (1, 2):   # OK parts, brighter than the calibration's: drift is raised and still flagged at the end
+            assert _run(s, max_frames=60)["ng"] == 0
+
+            def drift_events(c):
+                return [(m, m.json()) for m in c.messages if m.topic.endswith("/event")
+                        and m.json().get("type", "").startswith("drift")]
+            assert col.wait_for(lambda c: len(drift_events(c)) == 2 * run, timeout=10)
+        events = [e for _, e in drift_events(col)]
+        for raised, cleared in zip(events[::2], events[1::2]):
+            assert (raised["type"], cleared["type"]) == ("drift", "drift_cleared")
+            assert (cleared["reason"], cleared["drift"], cleared["since"]) == ("stopped", False, raised["since"])
+            assert cleared["parts_in_drift"] >= 1 and cleared["duration_s"] >= 0
+            assert cleared["calibration_version"] == tiny_bundle.calibration().version
+            assert schema.errors("event", cleared) == []
+        # each run's drift_cleared came before its 'stopped' status (a birth is sent again after a change: left out)
+        said = [m.json().get("type") if m.topic.endswith("/event") else f"{m.json()['state']} {m.json().get('reason')}"
+                for m in col.messages if m.topic.endswith(("/status", "/event"))]
+        assert [x for x in said if x != "online connected"] == ["drift", "drift_cleared", "offline stopped"] * 2, said
+
 def _ng_item(seq: int):
     """An NG decision of a 32x32 frame with its map, as the pipeline hands it to the reporting."""
     from edge_ad.runtime.records import Decision, ResultItem
@@ -1238,9 +1271,13 @@ def test_reload_config_and_bundle(tmp_path, tiny_bundle):
     s2 = _settings(tmp_path, bundle, f"file://{video}?loop=1", decision__threshold=5.0, drift__window=50,
                    telemetry__interval_s=2.0, telemetry__nvml=not s.telemetry.nvml)
     svc = Service(s, install_signals=False, reload_settings=lambda: s2)
+    births = []
+    svc.update_birth = lambda **fields: births.append(fields)
     try:
+        assert svc._birth()["telemetry_interval_s"] == 0.5   # how long a device said online may be silent
         r = svc.reload("config")["config"]
         assert set(r["applied"]) == {"decision", "drift", "telemetry.interval_s"}
+        assert {"telemetry_interval_s": 2.0} in births and svc._birth()["telemetry_interval_s"] == 2.0
         assert r["restart_required"] == ["source", "telemetry"]     # the NVML reader is made at start
         assert svc.pipeline.threshold_override == 5.0 and svc.effective_threshold() == 5.0
         assert svc.settings.source.uri == f"file://{video}"          # kept until a restart

@@ -57,7 +57,7 @@ from typing import Callable
 import numpy as np
 
 from .. import atomic
-from ..bundle import Bundle, now_iso
+from ..bundle import GRAPH_HINTS, Bundle, now_iso
 from ..data.image import IMAGE_EXTS, list_images, load_image
 from ..errors import Busy, EdgeADError, GuardFailure, InputError, RuntimeFailure, os_error_text
 from .package import PREFIX, PackageInfo, extract_archive, load_key, read_index
@@ -408,10 +408,11 @@ def run_as(backend: str, precision: str | None, device: str | None) -> str:
 
 
 def open_probe(backend: str = "auto", precision: str | None = None, device: str | None = None,
-               opener: Callable[[Bundle], object] | None = None) -> Callable[[Bundle], None]:
+               opener: Callable[[Bundle], object] | None = None, line: bool = True) -> Callable[[Bundle], None]:
     """A ``probe`` for :func:`install_bundle`: open the candidate as a line with these model settings opens
     it, then close it; what cannot be opened so is refused before ``current`` moves. ``opener``: how the
-    line opens a bundle (the runtime's, with its thread options); it returns an Inspector."""
+    line opens a bundle (the runtime's, with its thread options); it returns an Inspector. ``line`` false:
+    ``precision`` is not the line's but one a check asks for (:func:`check_archive`), and the refusal says so."""
     def probe(bundle: Bundle) -> None:
         from ..inspector import Inspector
         from ..runtime.backends import open_backend
@@ -426,8 +427,9 @@ def open_probe(backend: str = "auto", precision: str | None = None, device: str 
             finally:
                 be.close()
         except EdgeADError as exc:
-            raise InputError(f"the new model cannot be opened as the line runs it "
-                             f"({run_as(backend, precision, device)}): {exc}; update refused") from exc
+            how = "as the line runs it" if line else "as the check asks"
+            raise InputError(f"the new model cannot be opened {how} ({run_as(backend, precision, device)}): "
+                             f"{exc}; update refused") from exc
     return probe
 
 
@@ -809,22 +811,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
         else:
             info = extract_archive(archive, staging, key=key_obj, require_signature=require_signature)
         candidate = Bundle.open(staging, verify=True)
-        try:  # an archive of a bundle without its graph (packed by an older edge-ad) cannot inspect
-            candidate.check_graph(verify=False)
-        except InputError:
-            raise InputError(f"{archive}: the bundle has no active graph {candidate.active_graph} (missing, or "
-                             "not recorded in its manifest.json), so it cannot inspect; run 'edge-ad export' on "
-                             "it and pack it again; update refused") from None
-        if build:   # before the golden check and the probe, which run the line's backend
-            build_line_engine(candidate, images, precision, device, progress)
-        report = None
-        if golden_dir is not None:
-            report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
-                                  limits=limits, device=device)
-            if not report["passed"]:
-                raise golden_failure(report)
-        if probe is not None:
-            probe(candidate)
+        report = _judge(candidate, Path(archive), running, golden_dir, backend, precision, device, limits, build,
+                        images, probe, progress)
         atomic.write_json(staging / INSTALLED_FROM, {"archive": content, "release": _content(candidate),
                                                      "model": _model_content(candidate)})
         rid = _release_id(d, candidate.model_hash())
@@ -855,6 +843,90 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
         log.info("installed %s (previous %s)", rid, dep.current)
     return InstallResult(final, rid, dep.current, dep.current_path, info, report, tuple(pruned),
                          unrecorded=unrecorded, replaced_previous=replaced)
+
+
+def _judge(candidate: Bundle, archive: Path, running: Bundle | None, golden_dir: Path | None, backend: str,
+           precision: str | None, device: str | None, limits: GoldenLimits | None, build: bool,
+           images: Path | None, probe: Callable[[Bundle], None] | None, progress: bool,
+           line: bool = True, check_only: bool = False) -> dict | None:
+    """What an install checks of the verified ``candidate`` before the switch (and :func:`check_archive` of one
+    it only checks): its active graph and the graph of ``precision``, its TensorRT engine when ``build`` (built and
+    guarded on ``images``: :func:`build_line_engine`), the golden set (a failed check raises, unless
+    ``check_only``: the report says it), then ``probe``. ``line``: ``precision`` is the line's."""
+    try:  # an archive of a bundle without its graph (packed by an older edge-ad) cannot inspect
+        candidate.check_graph(verify=False)
+    except InputError:
+        raise InputError(f"{archive}: the bundle has no active graph {candidate.active_graph} (missing, or "
+                         "not recorded in its manifest.json), so it cannot inspect; run 'edge-ad export' on "
+                         "it and pack it again; update refused") from None
+    require_precision(candidate, precision, backend, device, line)
+    if build:   # before the golden check and the probe, which run the line's backend
+        build_line_engine(candidate, images, precision, device, progress)
+    report = None
+    if golden_dir is not None:
+        report = check_golden(candidate, golden_dir, running, backend=backend, precision=precision,
+                              limits=limits, device=device)
+        if not check_only and not report["passed"]:
+            raise golden_failure(report)
+    if probe is not None:
+        probe(candidate)
+    return report
+
+
+def require_precision(candidate: Bundle, precision: str | None, backend: str = "auto", device: str | None = None,
+                      line: bool = True) -> None:
+    """Refuse, before anything runs it, a ``candidate`` that has no graph ``precision`` could run from (an int8
+    check of a bundle never quantized said the new model cannot be opened "as the line runs it", naming a file
+    in a folder deleted since): INT8 needs ``model.int8.onnx`` (or the CPU form ``model.int8-u8.onnx``), FP16
+    ``model.fp16.onnx`` (or, where TensorRT builds the engine, ``model.onnx``), FP32 ``model.onnx``; recorded in
+    the manifest. ``line``: ``precision`` is the one the line runs, else one a check asked for."""
+    from ..runtime.backends import CPU_INT8_FILE, GRAPH_FILES, PRECISIONS
+
+    if precision not in PRECISIONS:   # None: the active graph (checked apart); an unknown name: open_backend's
+        return
+    recorded = candidate.manifest.get("files", {})
+    can = {GRAPH_FILES[precision]}
+    if precision == "int8":
+        can.add(CPU_INT8_FILE)
+    elif precision == "fp16" and (backend == "tensorrt" or backend == "auto" and (
+            device is None or device.startswith("cuda")) and _tensorrt_here()):
+        can.add(GRAPH_FILES["fp32"])   # a weakly typed FP16 engine
+    if any(name in recorded for name in can):
+        return
+    has = ", ".join(p for p in PRECISIONS if GRAPH_FILES[p] in recorded or p == "int8" and CPU_INT8_FILE in recorded)
+    make = f"{GRAPH_HINTS[GRAPH_FILES[precision]]} on the bundle before packing it"
+    what = (f"and the line runs {precision} (model.precision): {make} (it has {has or 'none'})" if line else
+            f"to check: {make}, or ask for a precision it has: {has or 'none'}")
+    raise InputError(f"{candidate.path} has no {precision} graph ({GRAPH_FILES[precision]}) {what}; update refused")
+
+
+def check_archive(archive: str | os.PathLike, work_dir: str | os.PathLike, golden_dir: Path | None,
+                  running: Bundle | None, key=None, *, backend: str = "auto", precision: str | None = None,
+                  device: str | None = None, build: bool = False, probe: Callable[[Bundle], None] | None = None,
+                  line: bool = True) -> tuple[PackageInfo, str, dict | None]:
+    """Check a bundle archive without installing it (the MQTT ``update_model`` with ``activate`` false): extract
+    and verify it in a temporary folder under ``work_dir``, then judge it as an install does (:func:`_judge`: the
+    TensorRT engine when ``build``, the golden set, whose report says a failure instead of raising, then
+    ``probe``); ``line``: ``precision`` is the line's, else one the check asks for. Returns the archive's
+    signature info, its model hash (taken while the folder is there: a Gaussian bundle's covers the statistics
+    its calibration names) and the golden report (None without a golden set). An error about the archive's
+    content names it (``ARCHIVE: bundle/FILE``), not the temporary folder, which is always removed."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".check-", dir=work_dir))
+    staging = tmp / PREFIX
+    try:
+        info = extract_archive(archive, staging, key=key)
+        candidate = Bundle.open(staging, verify=True)
+        model_hash = candidate.model_hash()
+        images = engine_images(None, golden_dir) if build else None
+        report = _judge(candidate, Path(archive), running, golden_dir, backend, precision, device, None, build,
+                        images, probe, False, line=line, check_only=True)
+    except InputError as exc:
+        raise _named_in_archive(exc, staging, Path(archive)) from exc.__cause__
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info, model_hash, report
 
 
 def _replaced_damaged(d: Path, damaged: DeployDamaged, previous: str, by: str, left: str) -> str | None:

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import InputError
+from ..errors import InputError, RuntimeFailure
 from . import main
 from .types import Seconds
 
@@ -63,10 +63,10 @@ def monitor(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     NG rate, last result, calibration version, outbox depth, drift, last seen, clock skew. A lost broker
     connection is shown (and retried) until it is back."""
     from ..mqtt.monitor import run_monitor
-    from ..mqtt.topics import check_level
+    from ..mqtt.settings import check_name
 
-    if site is not None:
-        check_level(site, "--site")
+    if site is not None:   # a name no device can have would show nothing
+        check_name(site, "--site")
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     run_monitor(broker, site=site, as_json=as_json, duration=duration, interval=interval,
                 stale_after_s=stale_after, out=sys.stdout, clock_skew_s=clock_skew, gap_grace_s=gap_grace)
@@ -94,11 +94,13 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     or not within --timeout; 3, nothing sent, when its retained status says it is offline (--even-offline
     sends all the same). When no status is retained for it (a mistyped --site or --device, or an ACL that hides
     it), a note on stderr names the devices that have one, and it sends and waits all the same."""
-    from ..mqtt.requester import CommandClient
+    from ..mqtt.requester import CommandClient, stale_online_text
+    from ..mqtt.settings import check_name
     from ..mqtt.topics import check_level
 
-    for value, what in ((site, "--site"), (device, "--device"), (name, "NAME")):
-        check_level(value, what)
+    for value, what in ((site, "--site"), (device, "--device")):   # a name no device can have waits for nothing
+        check_name(value, what)
+    check_level(name, "NAME")
     parsed = {}
     if args:
         try:
@@ -114,7 +116,12 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
         status = client.last_status(site, device) if even_offline else client.check_online(site, device, timeout)
         if status is None:   # a typo waits the whole --timeout for nothing; an ACL may hide a device that answers
             click.echo(client.no_status_note(site, device, timeout), err=True)
-        reply = client.call(site, device, name, parsed, timeout=timeout, claim=claim)
+        try:
+            reply = client.call(site, device, name, parsed, timeout=timeout, claim=claim)
+        except RuntimeFailure as exc:   # no reply: an 'online' status may be one the device could not replace
+            if status is None or status[0] != "online":
+                raise
+            raise RuntimeFailure(f"{exc} {stale_online_text(site, device, status[1])}") from exc
     finally:
         client.stop()
     click.echo(json.dumps(reply, indent=2))
@@ -161,17 +168,25 @@ def _unauthorized_hint(message: str, claim: str, signed: bool) -> str:
               help="The device's mqtt.homeassistant_prefix: its Home Assistant discovery configs are cleared too.")
 @click.option("--force", is_flag=True,
               help="Take the device also when its last status is the will (the broker published it for a lost "
-                   "connection: the device may still be running behind a network cut), and when the broker holds no "
+                   "connection: the device may still be running behind a network cut), when the broker holds no "
                    "retained message of it that this login can read (a mistyped --site or --device, a device "
-                   "decommissioned already, or an ACL that hides its topics).")
+                   "decommissioned already, or an ACL that hides its topics), and when its status says online "
+                   "but it publishes nothing for --silence s (one that stopped while the broker was down gets no "
+                   "will).")
+@click.option("--silence", type=Seconds(min=0.1), default=None,
+              help="With --force, a device whose status says online is taken only when it publishes nothing for "
+                   "this long (s); default: 3 x the telemetry interval its birth names + 2 s (32 s for the default "
+                   "10 s).")
 @click.option("--timeout", type=Seconds(min=0.1), default=10.0, show_default=True,
               help="Seconds to wait for the broker at each step.")
 def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol, site, device, client_id,
-                 homeassistant_prefix, force, timeout):
+                 homeassistant_prefix, force, silence, timeout):
     """Take a stopped device off the broker for good: clear its retained status, calibration and Home
     Assistant discovery configs (so it leaves edge-ad monitor and Home Assistant), and drop the persistent
     session the broker keeps for its client id (the commands queued for it go with it). Refused, changing
-    nothing, while its retained status says online: stop edge-ad on the device first; and, without --force,
+    nothing, while its retained status says online: stop edge-ad on the device first (with --force, one that
+    publishes nothing for --silence s is taken: a device that stopped while the broker was down gets no will and
+    says online for ever); and, without --force,
     while it is the will, or when the broker holds no retained message of it (a mistyped --site or --device: the
     devices it holds are named). A topic the broker still holds after it was cleared (its ACL does not let this
     login publish there) fails the run (exit 1), naming each and why; the status is cleared last."""
@@ -187,7 +202,7 @@ def decommission(url, username, ca_file, cert_file, key_file, insecure, protocol
         raise InputError("; ".join(problems))
     broker = _broker(url, username, ca_file, cert_file, key_file, insecure, protocol)
     done = run(broker, site, device, client_id=client_id, homeassistant_prefix=homeassistant_prefix,
-               timeout=timeout, force=force)
+               timeout=timeout, force=force, silence_s=silence, progress=lambda said: click.echo(said, err=True))
     click.echo(json.dumps(done, indent=2))
     for warning in done["warnings"]:
         click.echo(f"warning: {warning}", err=True)

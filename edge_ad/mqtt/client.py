@@ -6,8 +6,10 @@ one of them treats URLs, TLS files and credentials the same way.
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+import socket
 import ssl
 from typing import Any
 
@@ -16,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from ..errors import InputError
+from ..errors import InputError, RuntimeFailure
 from .settings import BrokerSettings, Protocol
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,73 @@ def make_client(settings: BrokerSettings, client_id: str, *, persistent: bool = 
         client.max_inflight_messages_set(max_inflight)
     if log.isEnabledFor(logging.DEBUG):
         client.enable_logger(logging.getLogger("edge_ad.mqtt.paho"))
+    _keep_connect_errors(client)
     return client
+
+
+def _keep_connect_errors(client: paho.Client) -> None:
+    """Keep on ``client`` the error of its last failed connection attempt (``connect_error``; None once one
+    succeeds): paho's network thread catches it and retries, and its ``on_connect_fail`` gets no reason, so a
+    "cannot connect" could not say whether the port refused, the host was unreachable or TLS failed."""
+    attempt = client.reconnect
+
+    def reconnect(*args, **kwargs):
+        try:
+            done = attempt(*args, **kwargs)
+        except OSError as exc:   # refused, unreachable, DNS, TLS (ssl.SSLError), timed out
+            client.connect_error = exc
+            raise
+        client.connect_error = None
+        return done
+
+    client.connect_error = None
+    client.reconnect = reconnect   # paho's loop calls self.reconnect(): this one
+
+
+def connect_error_text(exc: OSError, settings: BrokerSettings) -> str:
+    """Why a connection attempt to ``settings``' broker failed, in words, with what to check."""
+    where = f"{settings.host}:{settings.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = getattr(exc, "verify_message", None) or exc
+        return (f"TLS: the certificate of {where} was not accepted ({why}); check the CA (--ca, mqtt.ca_file) and "
+                "that the URL's host name is the one in the certificate")
+    if isinstance(exc, ssl.SSLError):
+        why = getattr(exc, "reason", None) or exc
+        return (f"TLS handshake with {where} failed ({why}): is it a TLS port (mqtts:// talks TLS), and are the CA "
+                "and the client certificate and key right?")
+    if isinstance(exc, socket.gaierror):
+        return f"DNS: the host name {settings.host!r} cannot be resolved ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where}: no broker listens on that port (it is down, or the port is wrong)"
+    if isinstance(exc, TimeoutError):
+        return (f"no answer from {where} within {settings.connect_timeout_s:g} s: the host is down or a firewall "
+                "drops the connection")
+    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return f"no route to {where} ({exc.strerror}): the host or its network cannot be reached from here"
+    if isinstance(exc, ConnectionResetError):
+        return (f"{where} reset the connection ({exc.strerror}): is the URL's scheme the port's (mqtt:// for a plain "
+                "port, mqtts:// for a TLS one)?")
+    return f"{where}: {exc.strerror or exc}"
+
+
+def refused_text(settings: BrokerSettings, reason_code: Any) -> str:
+    """The broker answered the connection with a refusal (a failed CONNACK): its reason, and for the login
+    refusals what to check."""
+    why = f"the broker {settings.safe_url} refused the connection: {reason_text(reason_code)}"
+    if reason_value(reason_code) in (0x86, 0x87, 4, 5):   # bad user name or password, not authorized (3.1.1: 4, 5)
+        why += " (check the user name and password: --username and $EDGE_AD_MQTT_PASSWORD, or mqtt.username)"
+    return why
+
+
+def not_connected(client: paho.Client, settings: BrokerSettings, what: str, timeout: float,
+                  refused: str | None = None) -> RuntimeFailure:
+    """The error of a client (``what``: whose) that had no connection within ``timeout`` s: the broker's URL and
+    the reason (``refused``: the broker's refusal, :func:`refused_text`; else the last attempt's error)."""
+    exc = getattr(client, "connect_error", None)
+    why = refused or (connect_error_text(exc, settings) if exc is not None else
+                      f"no MQTT answer from {settings.host}:{settings.port} (a TLS port reached with mqtt://, or a "
+                      "broker too busy to answer?)")
+    return RuntimeFailure(f"{what}: cannot connect to {settings.safe_url} within {timeout:g} s: {why}")
 
 
 def connect_async(client: paho.Client, settings: BrokerSettings, *, clean_start: bool,

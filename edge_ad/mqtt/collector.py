@@ -18,7 +18,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..errors import RuntimeFailure
-from .client import connect_async, make_client, reason_failed
+from .client import connect_async, make_client, not_connected, reason_failed
 from .settings import BrokerSettings, Protocol
 from . import topics as _topics
 
@@ -66,8 +66,10 @@ class Collector:
                       session_expiry_s=self.session_expiry_s if self.persistent else 0)
         client.loop_start()
         if not self._subscribed.wait(timeout):
+            failure = RuntimeFailure(f"collector: no subscription on {self.broker.safe_url} within {timeout:g} s") \
+                if self.connects else not_connected(client, self.broker, "collector", timeout)
             self.stop()
-            raise RuntimeFailure(f"collector: no subscription on {self.broker.safe_url} within {timeout:g} s")
+            raise failure
         return self
 
     def stop(self) -> None:

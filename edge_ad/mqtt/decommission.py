@@ -8,7 +8,13 @@ queueing the commands sent to it. :func:`decommission`:
 
 1. reads the device's retained ``status`` and refuses, changing nothing, while it says ``online``: the
    device must be stopped first (a running device would publish them again at once, and the session is
-   its live connection); and, unless forced, while it is the will (the broker published it for a lost
+   its live connection). Forced, it takes one that says ``online`` only when the device publishes nothing
+   while it watches (:func:`_heard`) for :data:`SILENCE_INTERVALS` of the telemetry intervals its birth names
+   (plus :data:`SILENCE_MARGIN_S`; or ``silence_s``): a device killed while the broker was down keeps an
+   ``online`` status for ever, since a broker restarted from its saved state had no connection to lose and
+   publishes no will; a running device sends telemetry every interval. (Connecting with its client id to
+   see whether it is connected would take its session over, disconnecting a live device.) Unless forced, it
+   also refuses while the status is the will (the broker published it for a lost
    connection: the device may still run behind a network cut), and while the broker holds no retained message
    of it this login can read (a mistyped site or device, which names the devices that have a retained status;
    one decommissioned already or never connected; an ACL that hides its topics);
@@ -31,20 +37,24 @@ back every retained message has arrived (no waiting for a time).
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import paho.mqtt.client as paho
 
 from ..errors import RuntimeFailure
-from .client import connect_async, make_client, reason_failed, reason_text, reason_value
+from .client import connect_async, make_client, not_connected, reason_failed, reason_text, reason_value, refused_text
 from .link import retained_topics
 from .payloads import status_state
 from .settings import BrokerSettings, MqttSettings, Protocol, client_id_problem
-from .topics import Topics, known_devices_text, status_filter
+from .topics import KINDS, Topics, known_devices_text, parse, status_filter
 
 MARKER_ROOT = "edge-ad/decommission"
+SILENCE_INTERVALS = 3       # telemetry intervals a device whose status says online must stay silent to be taken
+SILENCE_MARGIN_S = 2.0      # ... and these seconds more
+DEFAULT_TELEMETRY_S = 10.0  # telemetry.interval_s's default: for a birth that does not name it (an older edge-ad)
 
 
 def _connected(broker: BrokerSettings, client_id: str, timeout: float, *, on_connect=None,
@@ -58,7 +68,7 @@ def _connected(broker: BrokerSettings, client_id: str, timeout: float, *, on_con
 
     def connected(c, userdata, flags, reason_code, properties):
         if reason_failed(reason_code):
-            problem.append(f"the broker {broker.safe_url} refused client id {client_id!r}: {reason_text(reason_code)}")
+            problem.append(f"{refused_text(broker, reason_code)} (client id {client_id!r})")
         elif on_connect is not None:
             on_connect(c)
         done.set()
@@ -69,9 +79,10 @@ def _connected(broker: BrokerSettings, client_id: str, timeout: float, *, on_con
     connect_async(client, broker, clean_start=True)
     client.loop_start()
     if not done.wait(timeout) or problem:
+        failure = RuntimeFailure(problem[0]) if problem else not_connected(client, broker, "decommission", timeout)
         client.disconnect()
         client.loop_stop()
-        raise RuntimeFailure(problem[0] if problem else f"cannot connect to {broker.safe_url} within {timeout:g} s")
+        raise failure
     return client
 
 
@@ -109,6 +120,41 @@ def read_retained(broker: BrokerSettings, filters: list[str], timeout: float = 1
     finally:
         _close(client)
     return found
+
+
+def _heard(broker: BrokerSettings, site: str, device: str, window: float, timeout: float) -> str | None:
+    """Watch ``site``/``device`` for ``window`` s, from when the broker holds the subscription: the topic of the
+    first message the device publishes (telemetry, results, events, a status or calibration published now: not
+    one the broker kept retained, nor a command or reply others publish under its topics), or None when it
+    published nothing."""
+    base = Topics(site, device).base
+    heard: list[str] = []
+    came, ready = threading.Event(), threading.Event()
+
+    def on_message(c, userdata, message):
+        parsed = parse(message.topic)
+        if not message.retain and parsed is not None and parsed[2].startswith(KINDS):
+            heard.append(message.topic)
+            came.set()
+
+    client = _connected(broker, f"edge-ad-decommission-{uuid.uuid4().hex[:10]}", timeout,
+                        on_connect=lambda c: c.subscribe(f"{base}/#", 1), on_message=on_message,
+                        on_subscribe=lambda *a: ready.set())
+    try:
+        if not ready.wait(timeout):
+            raise RuntimeFailure(f"{broker.safe_url}: the subscription to {base}/# was not acknowledged within "
+                                 f"{timeout:g} s; nothing was changed")
+        came.wait(window)
+    finally:
+        _close(client)
+    return heard[0] if heard else None
+
+
+def _telemetry_interval(status: dict) -> float | None:
+    """The telemetry interval a device's birth names (``telemetry_interval_s``), None when it names none."""
+    v = status.get("telemetry_interval_s")
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return float(v) if ok else None
 
 
 def _clear(broker: BrokerSettings, topics: list[str], timeout: float) -> dict[str, str]:
@@ -163,9 +209,12 @@ def _not_cleared(broker: BrokerSettings, where: str, left: dict[str, bytes], ref
 
 def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: str | None = None,
                  homeassistant_prefix: str = "homeassistant", timeout: float = 10.0,
-                 force: bool = False) -> dict[str, Any]:
+                 force: bool = False, silence_s: float | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Clear every retained message of ``site``/``device`` and drop its broker session; refuse (nothing
-    changed, :class:`RuntimeFailure`) while its retained status says ``online``, and, unless ``force``, while
+    changed, :class:`RuntimeFailure`) while its retained status says ``online`` (with ``force``: while the device
+    publishes something within ``silence_s``, default :data:`SILENCE_INTERVALS` x the telemetry interval its
+    birth names + :data:`SILENCE_MARGIN_S`, said first to ``progress``), and, unless ``force``, while
     it is the last will (the device may be running behind a network cut) or when the broker holds no retained
     message of it that this login can read (:func:`_nothing_held`). The session dropped is that of
     ``client_id`` when given, else of the client id the retained status names (:func:`_session_client_id`).
@@ -178,15 +227,39 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
     if not held and not force:
         raise RuntimeFailure(_nothing_held(broker, site, device, client_id or settings.effective_client_id, timeout))
     state, body = status_state(held[status_topic]) if status_topic in held else (None, {})
+    warnings: list[str] = []
     if state == "online":
         since = f" since {body['ts']}" if isinstance(body.get("ts"), str) else ""
-        raise RuntimeFailure(f"{site}/{device} is online{since} (its retained status on {status_topic}, client id "
-                             f"{body.get('client_id') or settings.effective_client_id}): stop edge-ad on it first "
-                             "(sudo systemctl disable --now edge-ad), then decommission it; if it is stopped already "
-                             "(killed, powered off, cut off the network), wait for its will: the broker publishes it "
-                             "1.5 x the device's mqtt.keepalive_s (30 s by default) after the connection was lost. "
-                             "Nothing was changed")
-    warnings: list[str] = []
+        interval = _telemetry_interval(body)
+        window = silence_s if silence_s is not None else \
+            SILENCE_INTERVALS * (interval or DEFAULT_TELEMETRY_S) + SILENCE_MARGIN_S
+        how = (f"{window:g} s (--silence)" if silence_s is not None else
+               f"{window:g} s ({SILENCE_INTERVALS} x its telemetry interval of {interval:g} s + "
+               f"{SILENCE_MARGIN_S:g} s)" if interval is not None else
+               f"{window:g} s ({SILENCE_INTERVALS} x the default telemetry interval of {DEFAULT_TELEMETRY_S:g} s + "
+               f"{SILENCE_MARGIN_S:g} s: its birth names none)")
+        said = (f"{site}/{device} is online{since} (its retained status on {status_topic}, client id "
+                f"{body.get('client_id') or settings.effective_client_id})")
+        if not force:
+            raise RuntimeFailure(f"{said}: stop edge-ad on it first (sudo systemctl disable --now edge-ad), then "
+                                 "decommission it; if it is stopped already (killed, powered off, cut off the "
+                                 "network), wait for its will: the broker publishes it 1.5 x the device's "
+                                 "mqtt.keepalive_s (30 s by default) after the connection was lost. A device that "
+                                 "stopped while the broker was down gets no will (a broker restarted from its saved "
+                                 "state had no connection to lose) and says online for ever: --force takes it once "
+                                 f"it has published nothing for {how}. Nothing was changed")
+        if progress is not None:
+            progress(f"{said}: watching {window:g} s for a message from it (--force takes it only if it publishes "
+                     "nothing)")
+        topic = _heard(broker, site, device, window, timeout)
+        if topic is not None:
+            raise RuntimeFailure(f"{said} and running: it published on {topic} while decommission watched. Stop "
+                                 "edge-ad on it first (sudo systemctl disable --now edge-ad), then decommission it; "
+                                 "nothing was changed")
+        warnings.append(f"the retained status of {site}/{device} on {status_topic} says online{since}, but it "
+                        f"published nothing for {how}: taken as a status left by a device that is not running (one "
+                        "that stopped while the broker was down gets no will: a broker restarted from its saved "
+                        "state had no connection to lose) (taken: --force)")
     if state == "offline" and body.get("reason") == "will":
         why = (f"the last status of {site}/{device} on {status_topic} is its will: the broker published it when the "
                "device's connection was lost, as it does for a device powered off and for one still running behind "

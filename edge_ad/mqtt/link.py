@@ -58,7 +58,7 @@ from .. import __version__
 from ..errors import InputError, RuntimeFailure, clip_text
 from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
-from .client import connect_async, make_client, reason_failed, reason_text, reason_value
+from .client import connect_async, connect_error_text, make_client, reason_failed, reason_text, reason_value
 from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import DROP_IDS_PER_EVENT, DropNames, Outbox
 from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
@@ -750,7 +750,9 @@ class MqttLink:
         self._wake.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
-        self._last_error = f"cannot connect to {self.settings.safe_url}"
+        exc = getattr(client, "connect_error", None)   # why (make_client keeps it)
+        self._last_error = f"cannot connect to {self.settings.safe_url}" + (
+            f": {connect_error_text(exc, self.settings)}" if exc is not None else "")
         now = time.monotonic()
         if now - self._unreachable_warned >= UNREACHABLE_WARN_S and not self._stopping:
             # the first failure, then once a minute while it lasts: a wrong URL or a broker that is down

@@ -54,7 +54,7 @@ from ..errors import RuntimeFailure, reader_gone
 from ..ratelimit import LogLimiter
 from . import payloads
 from . import topics as _topics
-from .client import connect_async, make_client, reason_failed, reason_text
+from .client import connect_async, make_client, not_connected, reason_failed, reason_text, refused_text
 from .settings import BrokerSettings, Protocol
 
 log = logging.getLogger(__name__)
@@ -616,7 +616,9 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
                 out: TextIO | None = None, live: bool | None = None, connect_timeout: float = 10.0,
                 stop: threading.Event | None = None, clock_skew_s: float = CLOCK_SKEW_S,
                 gap_grace_s: float = GAP_GRACE_S) -> FleetView:
-    """Watch the fleet until ``duration`` s pass (forever when None), ``stop`` is set, or Ctrl-C.
+    """Watch the fleet until ``duration`` s pass (forever when None), ``stop`` is set, or Ctrl-C. The first
+    connection to the broker counts in ``duration`` and waits at most ``connect_timeout`` s (or ``duration``):
+    then a :class:`RuntimeFailure` names the broker and why (:func:`~edge_ad.mqtt.client.not_connected`).
 
     ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
     ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a pipe) printed after each
@@ -679,7 +681,7 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
 
     def on_connect(client, userdata, flags, reason_code, properties):
         if reason_failed(reason_code):
-            problem.append(f"broker {broker.safe_url} refused the connection: {reason_text(reason_code)}")
+            problem.append(refused_text(broker, reason_code))
             return
         filt = _topics.fleet_filter(site)
         if broker.protocol == Protocol.V5:
@@ -726,12 +728,13 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     client.loop_start()
     try:
         t0 = time.monotonic()
+        wait = connect_timeout if duration is None else min(connect_timeout, duration)   # the run, connect included
         while not connected.wait(0.1):
             if problem:
-                raise RuntimeFailure(problem[0])
-            if time.monotonic() - t0 > connect_timeout:
-                raise RuntimeFailure(f"monitor: cannot connect to {broker.safe_url} within {connect_timeout:g} s")
-        end = None if duration is None else time.monotonic() + duration
+                raise RuntimeFailure(f"monitor: {problem[0]}")
+            if time.monotonic() - t0 > wait:
+                raise not_connected(client, broker, "monitor", wait)
+        end = None if duration is None else t0 + duration
         last_draw = float("-inf")
         pending = False
         while (end is None or time.monotonic() < end) and not stop.is_set():

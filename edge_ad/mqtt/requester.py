@@ -31,9 +31,9 @@ from paho.mqtt.properties import Properties
 
 from ..errors import DeviceOffline, InputError, RuntimeFailure
 from . import payloads
-from .client import connect_async, make_client, reason_failed
+from .client import connect_async, make_client, not_connected, reason_failed, refused_text
 from .commands import signed_envelope
-from .settings import BrokerSettings, Protocol
+from .settings import BrokerSettings, Protocol, check_name
 from .topics import Topics, check_level, known_devices_text, status_filter
 
 REPLY_ROOT = "edge-ad/replies"
@@ -74,9 +74,9 @@ class CommandClient:
         connect_async(client, self.broker, clean_start=True)
         client.loop_start()
         if not self._ready.wait(timeout):
+            failure = not_connected(client, self.broker, "command client", timeout, refused=self._error)
             self.stop()
-            raise RuntimeFailure(f"command client: no connection to {self.broker.safe_url} within {timeout:g} s"
-                                 + (f" ({self._error})" if self._error else ""))
+            raise failure
         return self
 
     def stop(self) -> None:
@@ -94,7 +94,7 @@ class CommandClient:
     # ------------------------------------------------------------------ callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_failed(reason_code):
-            self._error = f"refused: {reason_code}"
+            self._error = refused_text(self.broker, reason_code)
             return
         client.subscribe(self.reply_topic, qos=1)
 
@@ -160,8 +160,9 @@ class CommandClient:
              timeout: float = 10.0, claim: str | None = None) -> dict:
         """Send ``cmd/<name>`` to a device; returns its reply (``{"ok": ..., "result" | "error": ...}``).
         ``claim`` is the client id the allow-list sees (default: this client's id)."""
-        for value, what in ((site, "site"), (device, "device"), (name, "command name")):
-            check_level(value, what)
+        for value, what in ((site, "site"), (device, "device")):   # a name no device can have: no reply would come
+            check_name(value, what)
+        check_level(name, "command name")
         corr = str(uuid.uuid4())
         topic = Topics(site, device).cmd(name)
         data, props = self.build(topic, name, args, corr, claim if claim is not None else self.client_id,
@@ -263,6 +264,16 @@ class CommandClient:
         finally:
             with self._lock:
                 self._waiting.pop(correlation, None)
+
+
+def stale_online_text(site: str, device: str, status: dict) -> str:
+    """What a command that got no reply from a device whose retained ``status`` says online adds: the status may
+    be stale (a device that stopped while the broker was down gets no will), and how to tell."""
+    since = f" since {status['ts']}" if isinstance(status.get("ts"), str) else ""
+    return (f"Its retained status says online{since}, which is not proof that it runs: a device that stopped while "
+            "the broker was down keeps that status for ever (a broker restarted from its saved state had no "
+            f"connection to lose, so it publishes no will); edge-ad monitor shows {site}/{device} stale when it "
+            "sends nothing, and edge-ad decommission --force takes a retired one that stays silent.")
 
 
 def offline_text(site: str, device: str, status: dict, timeout: float, v5: bool) -> str:

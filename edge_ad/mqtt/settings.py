@@ -38,6 +38,16 @@ def name_problem(value: object) -> str | None:
     return f"{value!r} is not a topic-safe name: expected 1-64 of A-Z a-z 0-9 _ . -"
 
 
+def check_name(value: object, what: str) -> str:
+    """``value`` if it can be a site or device name (:func:`name_problem`, the rule of ``mqtt.site`` and
+    ``mqtt.device``), else InputError naming ``what`` (e.g. ``--site``) and the value: a name no device can have
+    (``'plant 1'``, ``'café'``) is refused at once instead of being waited for."""
+    why = name_problem(value)
+    if why is not None:
+        raise InputError(f"{what} {why}")
+    return value  # type: ignore[return-value]
+
+
 def prefix_problem(value: object) -> str | None:
     """Why ``value`` cannot be a topic prefix (``mqtt.homeassistant_prefix``), else None."""
     if (isinstance(value, str) and value and not any(c in value for c in "+#") and not value.startswith("/")

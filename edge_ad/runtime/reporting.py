@@ -64,18 +64,33 @@ class Reporter:
         event with ``reason`` says so (at once: this is no recovery to wait out), with how long the drift
         lasted: a consumer alarmed by ``drift`` would otherwise never hear the end."""
         self.recent_ng.clear()   # the decisions of what is in force now, not of the model or calibration before
+        self._end_drift(self._drift_factory(calibration) if self._drift_factory is not None else None, reason,
+                        calibration.version, f"drift tracking restarted ({reason}): scores are measured afresh "
+                                             f"against calibration v{calibration.version}")
+
+    def stop_drift(self, calibration, reason: str = "stopped") -> None:
+        """The line stops (``calibration``: the one in force): drift tracking ends, and a drift flagged now is
+        ended by a ``drift_cleared`` event with ``reason``, as :meth:`reset_drift` ends it; without it the
+        episode stayed open for a consumer, and the next run, which measures afresh, could send a second
+        ``drift`` before any ``drift_cleared``."""
+        self._end_drift(None, reason, calibration.version,
+                        f"drift tracking ended ({reason}) while drift was flagged; the next run measures afresh "
+                        f"against its calibration")
+
+    def _end_drift(self, monitor, reason: str, version: int, message: str) -> None:
+        """Put ``monitor`` (None: no tracking) in place of the drift monitor; a drift flagged until now is ended
+        by a ``drift_cleared`` event with ``reason``, ``calibration_version`` ``version`` and ``message``."""
         with self._drift_lock:
             old = self.drift_state
             flagged = old is not None and bool(old.drift)
             lasted = self._drift_lasted(old, time.time()) if flagged else {}
-            self.drift = self._drift_factory(calibration) if self._drift_factory is not None else None
+            self.drift = monitor
             self.drift_state = None
             self._drift_since = None
         if flagged:
-            ev = {"type": "drift_cleared", "reason": reason, "calibration_version": calibration.version,
-                  **self.drift_summary(), **lasted,
-                  "message": f"drift tracking restarted ({reason}): scores are measured afresh against "
-                             f"calibration v{calibration.version}"}
+            # no figures: tracking starts afresh, or ends; 'enabled': drift tracking is on in the settings
+            ev = {"type": "drift_cleared", "reason": reason, "calibration_version": version, "drift": False,
+                  "enabled": self._drift_factory is not None, **lasted, "message": message}
             log.warning("%s", ev["message"])
             self.event(ev)
 

@@ -394,7 +394,9 @@ class Service:
         return {"model_hash": self.inspector.model_hash, "calibration_version": self.inspector.calibration.version,
                 "model_kind": self.bundle.kind, "backend": getattr(b, "name", ""),
                 "precision": getattr(b, "precision", ""), "source": self.spec.safe_uri,
-                "mode": self.settings.source.mode.value, "paused": False}
+                "mode": self.settings.source.mode.value, "paused": False,
+                # how often it sends telemetry: how long a device said online may be silent (decommission --force)
+                "telemetry_interval_s": self.settings.telemetry.interval_s}
 
     # ------------------------------------------------------------------ events and state
     def _log_event(self, ev: dict) -> None:
@@ -609,6 +611,7 @@ class Service:
             applied.append("drift")
         if new.telemetry.interval_s != old.telemetry.interval_s:
             applied.append("telemetry.interval_s")
+            self.update_birth(telemetry_interval_s=new.telemetry.interval_s)
         if new.health != old.health:
             applied.append("health")   # read when a watch starts: one running keeps its limits
         for sec in ("model", "source", "pipeline", "output", "mqtt"):
@@ -746,35 +749,27 @@ class Service:
                     archive.unlink(missing_ok=True)
 
     def _install_update(self, archive: Path, precision: str | None, activate: bool) -> dict:
-        from ..calibration import check_golden, deployment, extract_archive, install_bundle
-        from ..calibration.deploy import build_line_engine, engine_images, engine_needed, open_probe
+        from ..calibration import deployment, install_bundle
+        from ..calibration.deploy import check_archive, engine_needed, open_probe
 
         m = self.settings.model
         golden = m.golden_dir if m.golden_dir is not None else (
             Path(m.deploy_dir) / "golden" if (Path(m.deploy_dir) / "golden").is_dir() else None)
         key = str(m.update_key) if m.update_key is not None else None
         if not activate:
-            import shutil
-            import tempfile
-
-            tmp = Path(tempfile.mkdtemp(prefix=".check-", dir=m.deploy_dir))
-            try:
-                info = extract_archive(archive, tmp / "bundle", key=key)
-                cand = Bundle.open(tmp / "bundle", verify=True)
-                if golden and engine_needed(m.backend, m.device, self.bundle):   # the check runs the line's backend
-                    build_line_engine(cand, engine_images(None, golden), precision, m.device)
-                # opened as it would run, with or without a golden set (an int8 check of a bundle without
-                # an INT8 graph said ok): as the line opens it, or in the precision the check asks for
-                open_probe(m.backend, precision, m.device, opener=(lambda b: open_inspector(b, self.settings))
-                           if precision == m.precision else None)(cand)
-                report = check_golden(cand, golden, self.bundle, backend=m.backend, precision=precision,
-                                      device=m.device) if golden else None
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            out = {"activated": False, "model_hash": cand.model_hash(), "signed": info.signed,
+            # opened as it would run, with or without a golden set (an int8 check of a bundle without an INT8
+            # graph said ok): as the line opens it, or in the precision the check asks for
+            line = precision == m.precision
+            info, model_hash, report = check_archive(
+                archive, m.deploy_dir, golden, self.bundle, key, backend=m.backend, precision=precision,
+                device=m.device, build=bool(golden) and engine_needed(m.backend, m.device, self.bundle),
+                probe=open_probe(m.backend, precision, m.device, opener=(
+                    lambda b: open_inspector(b, self.settings)) if line else None, line=line), line=line)
+            out = {"activated": False, "model_hash": model_hash, "signed": info.signed,
                    "signature_verified": info.verified, "golden": report, "golden_checked": golden is not None}
             if golden is None:
-                out["warnings"] = [self._no_golden("the archive was only verified and opened as the line runs it")]
+                out["warnings"] = [self._no_golden("the archive was only verified and opened " + (
+                    "as the line runs it" if line else f"in precision {precision}, as the check asks"))]
             return _jsonable(out)
         probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
         try:
@@ -1231,6 +1226,8 @@ class Service:
             log.warning("final telemetry failed: %s", exc)
             final = {}
         self.reporter.report_held_failures()   # before the link stops: their events still go out
+        # a drift flagged now is ended before the 'stopped' status (the next run measures afresh)
+        self.reporter.stop_drift(self.inspector.calibration)
         if "reporting" in busy:   # a write still hangs: closing the log under it would lose that line too
             log.warning("the result log is left open: the reporting thread is still writing")
         else:
