@@ -166,6 +166,29 @@ def test_a_device_whose_clock_is_off_is_flagged_and_not_shown_stale(caplog):
     assert ok.clock_offset_s == 2.0 and not ok.clock_skewed() and view.table().splitlines()[1].split()[-1] == "ok"
 
 
+def test_settle_gives_out_a_row_once_when_it_turns_stale():
+    """A device that falls silent sends nothing, so no consume gave its row out as stale: run_monitor's JSON rows
+    came only from consume, and --json never said stale. settle() now returns the row once when its shown state
+    turns stale (and, should it be heard again without a message given out, back); consume's row is given out as
+    it shows, so the row of the device's next message is the one that says it is back."""
+    now = [1000.0]
+    view = FleetView(clock=lambda: now[0], stale_after_s=3)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online"}), retained=True)
+    view.consume(f"{B}/p1/cam1/result", _j({"seq": 1, "score": 0.1, "ng": False}))
+    view.consume(f"{B}/p1/cam2/status", _j({"state": "offline", "reason": "will"}), retained=True)
+    assert view.settle() == []
+    now[0] += 3.5
+    assert [(r.device, r.shown_state(now[0], 3)) for r in view.settle()] == [("cam1", "stale")]
+    now[0] += 10
+    assert view.settle() == []                                          # once per change
+    row = view.consume(f"{B}/p1/cam1/result", _j({"seq": 2, "score": 0.1, "ng": False}))
+    assert row.shown_state(now[0], 3) == "online" and view.settle() == []   # back: given out by consume
+    now[0] += 4
+    assert [r.device for r in view.settle()] == ["cam1"] and view.settle() == []   # stale again: once more
+    row = view.consume(f"{B}/p1/cam1/calibration", _j({"version": 1, "threshold": 0.5}), retained=True)
+    assert row.shown_state(now[0], 3) == "stale" and view.settle() == []  # a retained message: still stale
+
+
 def test_a_device_heard_only_through_its_results_gets_a_clock_check(caplog):
     """A device whose status and telemetry the monitor does not receive (an ACL, a subscription to results only)
     showed CLOCK '-' however wrong its clock. Its new results' ts is used instead: a clock ahead is flagged at
@@ -420,6 +443,35 @@ def test_run_monitor_says_when_it_loses_the_broker_and_rows_recover(mosquitto, t
     notes = [x for x in lines() if "monitor" in x]
     assert [x["monitor"] for x in notes] == ["disconnected", "reconnected"]
     assert notes[0]["broker"] == mosquitto.url and notes[0]["reason"] and notes[1]["down_s"] >= 0
+
+
+def test_run_monitor_json_says_when_a_device_turns_stale_and_back(mosquitto):
+    """Live: a device that sent its birth and results, then stayed connected and silent, showed 'stale' in the
+    table but never in --json (rows came only from the messages of the device, each of which made it fresh).
+    --json now writes its row once when it turns stale, and the row of its next message reads online."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-stale", protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    try:
+        with _json_monitor(BrokerSettings(url=mosquitto.url), interval=0.1, stale_after_s=2.0) as lines:
+            pub.publish(f"{B}/p1/cam1/status", _j({"state": "online"}), qos=1, retain=True)
+            assert _wait(lambda: lines()), "the monitor saw no status"          # it is subscribed
+            for seq in (1, 2, 3):
+                pub.publish(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq, "score": 0.1, "ng": False}),
+                            qos=1).wait_for_publish(10)
+            assert _wait(lambda: any(x["state"] == "stale" for x in lines())), lines()
+            pub.publish(f"{B}/p1/cam1/result", _j({"id": "r4", "seq": 4, "score": 0.1, "ng": False}),
+                        qos=1).wait_for_publish(10)
+            assert _wait(lambda: lines()[-1]["state"] == "online" and lines()[-1]["results"] == 4), lines()
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    states = [(x["state"], x["results"]) for x in lines()]
+    at = states.index(("stale", 3))
+    assert states[at - 1] == ("online", 3) and states[at + 1] == ("online", 4), states   # one line for the change
 
 
 def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):

@@ -9,11 +9,12 @@ telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibra
 kept as ``calibration_threshold``), last seen from the messages received live, else the retained status's
 ``ts`` (when it connected or stopped; none for the will, nor for a ``ts`` ahead of the monitor's clock by
 more than ``clock_skew_s``). A device that is ``online`` but sent nothing for ``stale_after_s`` (by arrival
-times) shows as ``stale``. A device whose clock differs from the monitor's by more than ``clock_skew_s``
-(:data:`CLOCK_SKEW_S`, 60 s; estimated from live telemetry and status; for a device this monitor hears neither
-from, from the ``ts`` of its new results, which may come from the outbox's backlog long after they were made: a
-clock ahead is flagged at once, one behind only from results that arrive at the pace they were made) is
-flagged: ``clock_offset_s``, ``clock_skew``, the table's ``CLOCK`` and a WARNING.
+times) shows as ``stale`` (:meth:`FleetView.settle` returns its row once when it turns so). A device whose
+clock differs from the monitor's by more than ``clock_skew_s`` (:data:`CLOCK_SKEW_S`, 60 s; estimated from live
+telemetry and status; for a device this monitor hears neither from, from the ``ts`` of its new results, which may
+come from the outbox's backlog long after they were made: a clock ahead is flagged at once, one behind only from
+results that arrive at the pace they were made) is flagged: ``clock_offset_s``, ``clock_skew``, the table's
+``CLOCK`` and a WARNING.
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device. The messages the
 device itself dropped and announced (``output_error`` events whose ``dropped`` names their ``seq`` ranges:
@@ -106,6 +107,7 @@ class DeviceRow:
     # [kind, first, last, gap's first, gap's last, until]: a fresh gap's part not announced yet, counted nowhere
     # until its announcement comes (dropped), a late message fills it, or the grace period ends (missing)
     _held: list = field(default_factory=list, repr=False)
+    _stale: bool = field(default=False, repr=False)   # whether it was stale when last given out (consume, settle)
 
     def _forget_seq(self) -> None:
         self._seq.clear()
@@ -242,16 +244,28 @@ class FleetView:
         ``gap_grace_s`` (``final``: all of them, at the stop: nothing more will explain them), and log the missing
         messages the once-a-minute WARNING held back once that minute is over (``final``: at once), so the log
         accounts for every one, also when no later gap reports them. Call it on a timer and at the stop:
-        :meth:`consume` ends the grace periods only of the device whose message it applies. Returns the rows
-        changed."""
+        :meth:`consume` ends the grace periods only of the device whose message it applies, and a device that
+        falls silent sends nothing to turn it ``stale``. Returns the rows changed: those with gaps counted, and
+        those whose shown state turned ``stale`` or back since :meth:`consume` or this last gave them out,
+        each once per change."""
         now = self.clock()
-        changed = [row for row in self.rows() if self._release_due(row, now, final)]
+        changed = []
+        for row in self.rows():
+            released = self._release_due(row, now, final)
+            if self._stale_turned(row, now) or released:
+                changed.append(row)
         for key, n in self._gap_log.flush(force=final).items():
             row = self.devices.get(tuple(key.split("/", 1)))
             log.warning("monitor: %s: %d more result(s) and event(s) missing since the last report%s", key, n,
                         "" if row is None else f", {row.results_missing} results and {row.events_missing} events "
                         "in all")
         return changed
+
+    def _stale_turned(self, row: DeviceRow, now: float) -> bool:
+        """Whether the row turned ``stale`` (or back) since it was last given out; notes that it is given out now."""
+        stale = row.shown_state(now, self.stale_after_s) == "stale"
+        turned, row._stale = stale != row._stale, stale
+        return turned
 
     def _release_due(self, row: DeviceRow, now: float, final: bool = False) -> bool:
         due = [h for h in row._held if final or h[5] <= now]
@@ -307,6 +321,7 @@ class FleetView:
             row._heard = now
         if not retained and kind in ("telemetry", "status"):
             self._check_clock(row, payloads.parse_time(body.get("ts")), now)
+        self._stale_turned(row, now)      # given out now, as it shows (settle tells when that changes)
         return row
 
     def _check_clock(self, row: DeviceRow, ts: float | None, now: float) -> None:
@@ -620,11 +635,13 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     connection to the broker counts in ``duration`` and waits at most ``connect_timeout`` s (or ``duration``):
     then a :class:`RuntimeFailure` names the broker and why (:func:`~edge_ad.mqtt.client.not_connected`).
 
-    ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
-    ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a pipe) printed after each
-    change, at most every ``interval`` s, so that a reader following the log sees the fleet as it goes, and,
-    when a ``duration`` is given, once more when the run ends (the fleet then); each such table after a line
-    with the time it was printed (:func:`stamp_line`: ``-- 2026-12-07T03:01:32Z --``, UTC).
+    ``as_json``: one JSON line per device update on ``out``, and one when a device turns ``stale`` (silent for
+    ``stale_after_s``: seen within ``interval`` s), its next message's line saying it is back. Otherwise a
+    table: redrawn in place every ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a
+    pipe) printed after each change (a device turning ``stale`` too), at most every ``interval`` s, so that a
+    reader following the log sees the fleet as it goes, and, when a ``duration`` is given, once more when the run
+    ends (the fleet then); each such table after a line with the time it was printed (:func:`stamp_line`:
+    ``-- 2026-12-07T03:01:32Z --``, UTC).
 
     When the monitor loses the broker it reconnects by itself and says so: the table gets a
     ``DISCONNECTED from broker since HH:MM:SS`` line, ``as_json`` writes ``{"monitor": "disconnected", ...}``
