@@ -189,6 +189,25 @@ def test_settle_gives_out_a_row_once_when_it_turns_stale():
     assert row.shown_state(now[0], 3) == "stale" and view.settle() == []  # a retained message: still stale
 
 
+def test_a_cleared_status_gives_the_row_out_once_as_removed(caplog):
+    """An empty retained status (edge-ad decommission cleared it) popped the device's row and returned None, so
+    run_monitor wrote nothing for it in --json. consume now returns the row once more with state 'removed' (its
+    gaps still held counted as missing and warned of, as at the monitor's stop), and rows() no longer has it."""
+    view = FleetView(clock=lambda: 1000.0)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "stopped"}), retained=True)
+    for seq in (1, 4):                                                   # 2..3 held for their announcement
+        view.consume(f"{B}/p1/cam1/result", _j({"seq": seq, "score": 0.1, "ng": False}))
+    view.consume(f"{B}/p1/cam2/status", _j({"state": "online"}))
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"):
+        row = view.consume(f"{B}/p1/cam1/status", b"", retained=True)
+    d = row.to_dict(1000.0)
+    assert (d["site"], d["device"], d["state"], d["reason"], d["results"]) == ("p1", "cam1", "removed", None, 2)
+    assert d["results_missing"] == 2 and "p1/cam1: result seq 2..3 never arrived" in caplog.text
+    assert [r.device for r in view.rows()] == ["cam2"] and "cam1" not in view.table()
+    assert view.consume(f"{B}/p1/cam1/status", b"", retained=True) is None   # once: nothing left to remove
+    assert view.consume(f"{B}/p1/cam9/status", b"") is None                # never seen: no row
+
+
 def test_a_device_heard_only_through_its_results_gets_a_clock_check(caplog):
     """A device whose status and telemetry the monitor does not receive (an ACL, a subscription to results only)
     showed CLOCK '-' however wrong its clock. Its new results' ts is used instead: a clock ahead is flagged at
@@ -472,6 +491,24 @@ def test_run_monitor_json_says_when_a_device_turns_stale_and_back(mosquitto):
     states = [(x["state"], x["results"]) for x in lines()]
     at = states.index(("stale", 3))
     assert states[at - 1] == ("online", 3) and states[at + 1] == ("online", 4), states   # one line for the change
+
+
+def test_run_monitor_json_says_when_a_device_is_decommissioned(mosquitto, tmp_path):
+    """Live: 'edge-ad decommission' cleared a stopped device's retained status; the table dropped its row, but
+    --json wrote nothing (docs: a running monitor drops the row), so a consumer kept it as it was last seen. It
+    now writes one last line for it, state 'removed'."""
+    with _json_monitor(BrokerSettings(url=mosquitto.url), interval=0.1) as lines:
+        link = _link(mosquitto.url, tmp_path, "cam1")
+        link.publish_result({"score": 0.1, "ng": False})
+        assert _wait(lambda: lines() and lines()[-1]["results"] == 1), lines()
+        link.stop()
+        assert _wait(lambda: lines()[-1]["state"] == "offline"), lines()
+        res = CliRunner().invoke(main, ["decommission", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam1"])
+        assert res.exit_code == 0, res.output
+        assert _wait(lambda: lines()[-1]["state"] == "removed"), lines()[-1]
+    gone = [x for x in lines() if x["state"] == "removed"]
+    assert len(gone) == 1 and lines()[-1]["state"] == "removed", lines()     # once, and the last of it
+    assert (gone[0]["site"], gone[0]["device"], gone[0]["results"]) == ("p1", "cam1", 1), gone
 
 
 def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):

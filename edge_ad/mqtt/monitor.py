@@ -66,7 +66,8 @@ CLOCK_SKEW_S = 60.0   # a device whose clock differs from the monitor's by more 
 class DeviceRow:
     site: str
     device: str
-    state: str = "unknown"            # online | offline | unknown (stale is derived when shown)
+    state: str = "unknown"            # online | offline | unknown (stale is derived when shown); removed: its
+    #                                   retained status was cleared (decommission), the row given out once, gone
     reason: str | None = None         # connected | will | stopped
     last_seen: float | None = None    # unix time of the last message from the device
     version: str | None = None
@@ -275,7 +276,9 @@ class FleetView:
 
     def consume(self, topic: str, payload: bytes | str, retained: bool = False) -> DeviceRow | None:
         """Apply one message; returns the row it changed, or None when the message is not for a row.
-        A ``retained`` message was kept by the broker: it is not a sign of life now (see :meth:`_seen_at`)."""
+        A ``retained`` message was kept by the broker: it is not a sign of life now (see :meth:`_seen_at`).
+        An empty ``status`` (its retained status cleared: ``edge-ad decommission``) removes the device's row:
+        returned once more with state ``removed`` (its gaps still held counted as missing), gone from :meth:`rows`."""
         parsed = _topics.parse(topic)
         if parsed is None:
             return None
@@ -284,9 +287,12 @@ class FleetView:
             return None                   # commands, replies, event images
         raw = payload.encode() if isinstance(payload, str) else bytes(payload)
         key = (site, device)
-        if kind == "status" and not raw:
-            self.devices.pop(key, None)    # retained status cleared: the device is gone
-            return None
+        if kind == "status" and not raw:   # retained status cleared: the device is gone
+            row = self.devices.pop(key, None)
+            if row is not None:
+                self._forget(row)
+                row.state, row.reason = "removed", None
+            return row
         body: Any
         try:
             body = json.loads(raw)
@@ -636,7 +642,8 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     then a :class:`RuntimeFailure` names the broker and why (:func:`~edge_ad.mqtt.client.not_connected`).
 
     ``as_json``: one JSON line per device update on ``out``, and one when a device turns ``stale`` (silent for
-    ``stale_after_s``: seen within ``interval`` s), its next message's line saying it is back. Otherwise a
+    ``stale_after_s``: seen within ``interval`` s), its next message's line saying it is back; a device whose
+    retained status is cleared (``edge-ad decommission``) gets a last line with state ``removed``. Otherwise a
     table: redrawn in place every ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a
     pipe) printed after each change (a device turning ``stale`` too), at most every ``interval`` s, so that a
     reader following the log sees the fleet as it goes, and, when a ``duration`` is given, once more when the run
