@@ -511,6 +511,30 @@ def test_run_monitor_json_says_when_a_device_is_decommissioned(mosquitto, tmp_pa
     assert (gone[0]["site"], gone[0]["device"], gone[0]["results"]) == ("p1", "cam1", 1), gone
 
 
+def test_a_monitor_started_late_reads_paused_from_the_retained_birth(mosquitto, tmp_path):
+    """The birth carries 'paused' (re-published on pause and resume, retained), but the monitor read it only from
+    telemetry: one started while a device was paused showed it plain 'online' until its next telemetry. It reads
+    the status's 'paused' now."""
+    from edge_ad.mqtt.decommission import read_retained
+
+    broker = BrokerSettings(url=mosquitto.url)
+    link = _link(mosquitto.url, tmp_path, "cam1")
+    try:
+        link.update_birth(paused=True)
+        topic = f"{B}/p1/cam1/status"
+        assert _wait(lambda: json.loads(read_retained(broker, [topic]).get(topic, b"{}")).get("paused") is True)
+        with _json_monitor(broker, interval=0.1) as lines:
+            assert _wait(lambda: lines()), "the monitor saw no status"
+            assert lines()[0]["state"] == "online" and lines()[0]["paused"] is True, lines()[0]
+            link.update_birth(paused=False)                                # resumed
+            assert _wait(lambda: lines()[-1]["paused"] is False), lines()[-1]
+    finally:
+        link.stop()
+    view = FleetView()
+    view.consume(f"{B}/p1/cam2/status", _j({"state": "online", "paused": True}), retained=True)
+    assert view.table().splitlines()[1].split()[2:4] == ["online", "paused"]
+
+
 def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
     """Live: a device cut off from the broker fills its outbox, which drops the oldest results; after the
     reconnect the monitor's JSON rows show the results it never got (the monitor itself stayed connected)."""

@@ -2,8 +2,8 @@
 
 :class:`FleetView` is pure: feed it ``(topic, payload)`` and read rows, so it is tested without a broker.
 :func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad
-monitor``. Sources per column: state from the retained ``status`` (birth / will), fps, latency, NG rate,
-outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
+monitor``. Sources per column: state from the retained ``status`` (birth / will; ``paused`` from the birth or
+telemetry), fps, latency, NG rate, outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
 the retained ``calibration`` (else the birth message), the threshold deciding from the latest result,
 telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is
 kept as ``calibration_threshold``), last seen from the messages received live, else the retained status's
@@ -510,6 +510,8 @@ class FleetView:
             row.version = b["version"]
         if "model_hash" in b:
             row.model_hash = b["model_hash"] if isinstance(b["model_hash"], str) else None
+        if isinstance(b.get("paused"), bool):   # the birth's, re-published on pause / resume (retained)
+            row.paused = b["paused"]
         cal = _int(b.get("calibration_version"))
         if cal is not None and row.calibration_version is None:
             row.calibration_version = cal
