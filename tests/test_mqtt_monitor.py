@@ -376,6 +376,34 @@ def test_a_result_delivered_again_is_counted_once():
     assert (r.results, r.duplicates) == (7, 5)
 
 
+def test_a_late_result_that_fills_a_gap_is_counted_but_not_shown_as_the_last():
+    """A result re-sent late (it fills its gap: new) replaced the last result, the threshold and the calibration
+    version shown with its older ones, so the row went back in time. It now only counts (results, NG, NG rate):
+    what is shown stays the newest seq's; a new outbox starts again (its first seq is the newest)."""
+    view = FleetView(clock=lambda: 1000.0)
+
+    def res(seq, score, thr, cal, ng=False):
+        return view.consume(f"{B}/p1/cam1/result", _j({"seq": seq, "score": score, "ng": ng, "threshold": thr,
+                                                      "calibration_version": cal}))
+
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), retained=True)
+    res(1, 0.1, 0.5, 3)
+    res(4, 0.2, 0.6, 4)                                          # 2..3 late
+    row = res(2, 0.9, 0.5, 3, ng=True)
+    assert (row.results, row.ng, row.ng_rate, row.last_gap["held"]) == (3, 1, 1 / 3, 1)   # counted, gap filled
+    assert (row.last_result["seq"], row.last_result["score"], row.last_result["ng"]) == (4, 0.2, False)
+    assert (row.threshold, row.calibration_version) == (0.6, 4)   # the newest result's, not the late one's
+    res(5, 0.3, 0.7, 5)
+    assert (row.last_result["seq"], row.threshold, row.calibration_version) == (5, 0.7, 5)
+    late = FleetView(clock=lambda: 1000.0)                       # joined mid-stream: 40 is the first it receives
+    r = late.consume(f"{B}/p1/cam2/result", _j({"seq": 40, "score": 0.1, "ng": False, "threshold": 0.6}))
+    late.consume(f"{B}/p1/cam2/result", _j({"seq": 39, "score": 0.8, "ng": True, "threshold": 0.4}))
+    assert (r.results, r.last_result["seq"], r.threshold) == (2, 40, 0.6)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "b"}))   # a new outbox file
+    res(1, 0.4, 0.8, 5)
+    assert (row.last_result["seq"], row.last_result["score"], row.threshold) == (1, 0.4, 0.8)
+
+
 def test_home_assistant_node_ids_do_not_collide():
     ids = {node_id("plant1", "line3_cam1"), node_id("plant1_line3", "cam1"), node_id("plant1.line3", "cam1")}
     assert len(ids) == 3 and all(i.startswith("edge_ad_plant1") for i in ids)

@@ -3,13 +3,14 @@
 :class:`FleetView` is pure: feed it ``(topic, payload)`` and read rows, so it is tested without a broker.
 :func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad
 monitor``. Sources per column: state from the retained ``status`` (birth / will; ``paused`` from the birth or
-telemetry), fps, latency, NG rate, outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
-the retained ``calibration`` (else the birth message), the threshold deciding from the latest result,
-telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is
-kept as ``calibration_threshold``), last seen from the messages received live, else the retained status's
-``ts`` (when it connected or stopped; none for the will, nor for a ``ts`` ahead of the monitor's clock by
-more than ``clock_skew_s``). A device that is ``online`` but sent nothing for ``stale_after_s`` (by arrival
-times) shows as ``stale`` (:meth:`FleetView.settle` returns its row once when it turns so). A device whose
+telemetry), fps, latency, NG rate, outbox depth and drift from ``telemetry``, the last result from ``result``
+(the newest ``seq``), the calibration version from the retained ``calibration`` (else the birth message), the
+threshold deciding from the latest result (the newest ``seq``), telemetry or retained ``calibration``'s
+``threshold_in_force`` (else the calibration's; the calibration's is kept as ``calibration_threshold``), last
+seen from the messages received live, else the retained status's ``ts`` (when it connected or stopped; none for
+the will, nor for a ``ts`` ahead of the monitor's clock by more than ``clock_skew_s``). A device that is
+``online`` but sent nothing for ``stale_after_s`` (by arrival times) shows as ``stale`` (:meth:`FleetView.settle`
+returns its row once when it turns so). A device whose
 clock differs from the monitor's by more than ``clock_skew_s`` (:data:`CLOCK_SKEW_S`, 60 s; estimated from live
 telemetry and status; for a device this monitor hears neither from, from the ``ts`` of its new results, which may
 come from the outbox's backlog long after they were made: a clock ahead is flagged at once, one behind only from
@@ -29,10 +30,11 @@ monitor (Mosquitto's ``max_queued_messages``), or drops an older device announce
 :meth:`FleetView.settle` ends the grace periods that are over (``run_monitor`` calls it every ``interval``).
 Repeats (at-least-once delivery: QoS 1, and a device sends its unacknowledged messages again after a
 reconnect) are not gaps, nor new: ``results``, ``ng`` and ``events`` count each ``seq`` of an outbox once, a
-repeat only adds to ``duplicates`` and changes nothing else in the row. A late message fills its gap again (new),
-and so does, once, one below the first ``seq`` this count received (it began mid-stream). A new outbox (the
-birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own reconnect (what was published
-meanwhile never reached it) starts counting afresh; a ``seq`` 1 after higher ones starts it afresh too for a device
+repeat only adds to ``duplicates`` and changes nothing else in the row. A late message fills its gap again (new:
+counted, but the last result, threshold and calibration version shown stay the newest ``seq``'s), and so does,
+once, one below the first ``seq`` this count received (it began mid-stream). A new outbox (the birth's
+``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own reconnect (what was published meanwhile
+never reached it) starts counting afresh; a ``seq`` 1 after higher ones starts it afresh too for a device
 whose birth names no ``outbox_instance`` (else it is a repeat: a new outbox comes with a new birth first).
 """
 
@@ -78,7 +80,7 @@ class DeviceRow:
     ng_rate: float | None = None
     results: int = 0                  # results seen by this monitor, each (outbox, seq) once
     ng: int = 0
-    last_result: dict | None = None   # {"ts", "score", "ng", "seq"}
+    last_result: dict | None = None   # {"ts", "score", "ng", "seq"} of the newest seq (not a late one)
     calibration_version: int | None = None
     threshold: float | None = None    # the one deciding: latest result / telemetry (else the calibration's)
     calibration_threshold: float | None = None   # the calibration's (a set_threshold without persist differs)
@@ -306,16 +308,19 @@ class FleetView:
             row = self.devices[key] = DeviceRow(site, device)
         now = self.clock()
         self._release_due(row, now)       # the gaps whose grace period is over: missing
-        repeat = False
+        repeat, newest = False, True
         if kind in ("result", "event"):
             seq, before = _int(body.get("seq")), row._seq.get(kind)
             repeat = not self._check_seq(row, kind, seq, now)
             self._release_due(row, now)   # no grace period (gap_grace_s 0)
             new = seq is not None and seq != before and row._seq.get(kind) == seq   # not a repeat, not a late one
+            newest = new or seq is None or seq < 1      # a late one (it fills a gap) only counts; no seq: cannot tell
             if kind == "result" and new and not retained and not row._offsets:
                 self._check_clock_from_result(row, payloads.parse_time(body.get("ts")), now)
         if repeat:
             row.duplicates += 1           # received before: counted once (results, NG, events), shown as it was
+        elif kind == "result":
+            self._on_result(row, body, newest)
         else:
             getattr(self, f"_on_{kind}")(row, body)
         if kind == "event" and body.get("type") == "output_error" and not repeat:
@@ -546,14 +551,18 @@ class FleetView:
         row.threshold = _num(b.get("threshold")) if "threshold" in b else row.threshold
 
     @staticmethod
-    def _on_result(row: DeviceRow, b: dict) -> None:
+    def _on_result(row: DeviceRow, b: dict, newest: bool = True) -> None:
+        """Count the result; only the ``newest`` (the highest ``seq`` of its outbox so far, not a late one that
+        fills a gap) is shown: the last result, its threshold and calibration version."""
         row.results += 1
         ng = b.get("ng") is True
         row.ng += int(ng)
-        ts = b.get("ts") if isinstance(b.get("ts"), str) else _num(b.get("ts"))
-        row.last_result = {"ts": ts, "score": _num(b.get("score")), "ng": ng, "seq": _int(b.get("seq"))}
         if not row._ng_from_telemetry:
             row.ng_rate = row.ng / row.results
+        if not newest:
+            return
+        ts = b.get("ts") if isinstance(b.get("ts"), str) else _num(b.get("ts"))
+        row.last_result = {"ts": ts, "score": _num(b.get("score")), "ng": ng, "seq": _int(b.get("seq"))}
         lat = _num(b.get("latency_ms"))
         if lat is not None and row.latency_p50_ms is None:
             row.latency_p50_ms = lat
