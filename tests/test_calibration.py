@@ -7,6 +7,7 @@ on synthetic 'grain' parts; the others the tiny hand-built ONNX bundle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -1202,24 +1203,32 @@ def test_adapt_screens_and_quantizes_in_the_lines_precision(tbundle, tmp_path, m
     assert quantized == [("int8", True)] and tbundle.active_precision == "fp32" and not (tmp_path / "cand").exists()
 
 
-@pytest.mark.parametrize("line,asked", [
-    (None, [("compile", "best"), ("calibrate as run", None)]),
-    ("int8", [("quantize", "int8"), ("compile", "int8"), ("calibrate as run", "int8")])])
-def test_adapt_on_a_tensorrt_line_builds_the_engine_an_install_builds(tbundle, tmp_path, monkeypatch, line, asked):
+@pytest.mark.parametrize("backend,device,line,asked", [
+    ("tensorrt", "cuda:1", None, [("compile", "best", 1), ("calibrate as run", None)]),
+    ("tensorrt", "cuda:1", "int8", [("quantize", "int8"), ("compile", "int8", 1), ("calibrate as run", "int8")]),
+    ("auto", None, None, [("compile", "best", 0), ("calibrate as run", None)]),
+    ("onnxruntime", "cpu", None, [])])
+def test_adapt_on_a_tensorrt_line_builds_the_engine_an_install_builds(tbundle, tmp_path, monkeypatch, backend,
+                                                                      device, line, asked):
     """--adapt built the candidate's TensorRT engine in the running bundle's active ONNX precision when the line's
     model.precision is empty: an FP32 engine for a bundle never quantized (its FP16 engine from model.onnx leaves
     the ONNX side FP32), while 'bundle install' and update_model build 'best' then (INT8, else FP16, else FP32).
     It now follows their rule: the line's precision, else best; the steps after the build (the calibration on
     the candidate's scores, the golden check, the install) run the candidate as the line runs it (no precision:
-    its best guarded engine), and the ONNX graphs are quantized as before (none for an FP32 bundle). The fine-tuning
-    is a copy here, the quantization and the build stand-ins, and the run stops after the calibration is asked."""
+    its best guarded engine), and the ONNX graphs are quantized as before (none for an FP32 bundle). It also built
+    on GPU 0 whatever the line's device (cuda:1), and on any line whose running bundle had engines; it now builds
+    as an install does (deploy.build_line_engine, when deploy.engine_needed): on the line's device, and only on a
+    TensorRT line (an onnxruntime line gets none). The fine-tuning is a copy here, the quantization and the build
+    stand-ins, the line's TensorRT runs on ONNX Runtime, and the run stops after the calibration is asked."""
     pytest.importorskip("torch")
     from types import SimpleNamespace
 
     import edge_ad.compile.quantize as quantize_mod
     import edge_ad.compile.tensorrt as trt_compile
+    import edge_ad.runtime.backends as backends
     import edge_ad.train.adapt as train_adapt
     from edge_ad.calibration import adapt as adapt_mod
+    from edge_ad.calibration import deploy as deploy_mod
     from edge_ad.errors import GuardFailure
     from fixtures_bundle import add_stand_in_graph
 
@@ -1232,26 +1241,32 @@ def test_adapt_on_a_tensorrt_line_builds_the_engine_an_install_builds(tbundle, t
         calls.append(("quantize", precision))
         return SimpleNamespace(files=[f"model.{precision}.onnx"])
 
-    def compile_bundle(cand, precision, **kw):
-        calls.append(("compile", precision))
+    def compile_bundle(cand, precision, device=0, **kw):
+        calls.append(("compile", precision, device))
         return {"engine": f"x-{precision}.engine", "passed": True}
 
     def calibrate_as_run(cand, frames, backend, precision, device):
         calls.append(("calibrate as run", precision))
         raise GuardFailure("stopped after the calibration was asked for")
 
+    real_open = backends.open_backend
+
+    def open_backend(bundle, backend="auto", precision=None, device=None, **options):   # the screen: here, on CPU
+        return real_open(bundle, "onnxruntime", precision, "cpu", **options)
+
     monkeypatch.setattr(adapt_mod, "check_adapt", lambda *a, **k: None)
-    monkeypatch.setattr(adapt_mod, "_tensorrt_here", lambda: True)
+    monkeypatch.setattr(deploy_mod, "_tensorrt_here", lambda: True)
     monkeypatch.setattr(adapt_mod, "_calibrate_as_run", calibrate_as_run)
+    monkeypatch.setattr(backends, "open_backend", open_backend)
     monkeypatch.setattr(train_adapt, "adapt_bundle", lambda src, frames, out, **kw: copy_bundle(src, out))
     monkeypatch.setattr(quantize_mod, "quantize_bundle", quantize)
     monkeypatch.setattr(trt_compile, "compile_bundle", compile_bundle)
     frames = [part_frame(i, 64) for i in range(200)]
     assert tbundle.active_precision == "fp32"
-    with pytest.raises(GuardFailure, match="stopped after"):
-        adapt_mod.adapt(tbundle.path, frames, steps=1, backend="onnxruntime", precision=line, run_device="cpu",
+    with pytest.raises(GuardFailure, match="stopped after") if asked else contextlib.nullcontext():
+        adapt_mod.adapt(tbundle.path, frames, steps=1, backend=backend, precision=line, run_device=device,
                         out_dir=tmp_path / "cand", progress=False)
-    assert calls == asked and not (tmp_path / "cand").exists()
+    assert calls == asked and (tmp_path / "cand").exists() == (not asked)
 
 
 def test_adapt_fits_a_quantized_candidates_calibration_on_its_quantized_scores(tbundle, tmp_path, monkeypatch):

@@ -166,6 +166,48 @@ def test_a_device_whose_clock_is_off_is_flagged_and_not_shown_stale(caplog):
     assert ok.clock_offset_s == 2.0 and not ok.clock_skewed() and view.table().splitlines()[1].split()[-1] == "ok"
 
 
+def test_settle_gives_out_a_row_once_when_it_turns_stale():
+    """A device that falls silent sends nothing, so no consume gave its row out as stale: run_monitor's JSON rows
+    came only from consume, and --json never said stale. settle() now returns the row once when its shown state
+    turns stale (and, should it be heard again without a message given out, back); consume's row is given out as
+    it shows, so the row of the device's next message is the one that says it is back."""
+    now = [1000.0]
+    view = FleetView(clock=lambda: now[0], stale_after_s=3)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online"}), retained=True)
+    view.consume(f"{B}/p1/cam1/result", _j({"seq": 1, "score": 0.1, "ng": False}))
+    view.consume(f"{B}/p1/cam2/status", _j({"state": "offline", "reason": "will"}), retained=True)
+    assert view.settle() == []
+    now[0] += 3.5
+    assert [(r.device, r.shown_state(now[0], 3)) for r in view.settle()] == [("cam1", "stale")]
+    now[0] += 10
+    assert view.settle() == []                                          # once per change
+    row = view.consume(f"{B}/p1/cam1/result", _j({"seq": 2, "score": 0.1, "ng": False}))
+    assert row.shown_state(now[0], 3) == "online" and view.settle() == []   # back: given out by consume
+    now[0] += 4
+    assert [r.device for r in view.settle()] == ["cam1"] and view.settle() == []   # stale again: once more
+    row = view.consume(f"{B}/p1/cam1/calibration", _j({"version": 1, "threshold": 0.5}), retained=True)
+    assert row.shown_state(now[0], 3) == "stale" and view.settle() == []  # a retained message: still stale
+
+
+def test_a_cleared_status_gives_the_row_out_once_as_removed(caplog):
+    """An empty retained status (edge-ad decommission cleared it) popped the device's row and returned None, so
+    run_monitor wrote nothing for it in --json. consume now returns the row once more with state 'removed' (its
+    gaps still held counted as missing and warned of, as at the monitor's stop), and rows() no longer has it."""
+    view = FleetView(clock=lambda: 1000.0)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "offline", "reason": "stopped"}), retained=True)
+    for seq in (1, 4):                                                   # 2..3 held for their announcement
+        view.consume(f"{B}/p1/cam1/result", _j({"seq": seq, "score": 0.1, "ng": False}))
+    view.consume(f"{B}/p1/cam2/status", _j({"state": "online"}))
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"):
+        row = view.consume(f"{B}/p1/cam1/status", b"", retained=True)
+    d = row.to_dict(1000.0)
+    assert (d["site"], d["device"], d["state"], d["reason"], d["results"]) == ("p1", "cam1", "removed", None, 2)
+    assert d["results_missing"] == 2 and "p1/cam1: result seq 2..3 never arrived" in caplog.text
+    assert [r.device for r in view.rows()] == ["cam2"] and "cam1" not in view.table()
+    assert view.consume(f"{B}/p1/cam1/status", b"", retained=True) is None   # once: nothing left to remove
+    assert view.consume(f"{B}/p1/cam9/status", b"") is None                # never seen: no row
+
+
 def test_a_device_heard_only_through_its_results_gets_a_clock_check(caplog):
     """A device whose status and telemetry the monitor does not receive (an ACL, a subscription to results only)
     showed CLOCK '-' however wrong its clock. Its new results' ts is used instead: a clock ahead is flagged at
@@ -334,6 +376,34 @@ def test_a_result_delivered_again_is_counted_once():
     assert (r.results, r.duplicates) == (7, 5)
 
 
+def test_a_late_result_that_fills_a_gap_is_counted_but_not_shown_as_the_last():
+    """A result re-sent late (it fills its gap: new) replaced the last result, the threshold and the calibration
+    version shown with its older ones, so the row went back in time. It now only counts (results, NG, NG rate):
+    what is shown stays the newest seq's; a new outbox starts again (its first seq is the newest)."""
+    view = FleetView(clock=lambda: 1000.0)
+
+    def res(seq, score, thr, cal, ng=False):
+        return view.consume(f"{B}/p1/cam1/result", _j({"seq": seq, "score": score, "ng": ng, "threshold": thr,
+                                                      "calibration_version": cal}))
+
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), retained=True)
+    res(1, 0.1, 0.5, 3)
+    res(4, 0.2, 0.6, 4)                                          # 2..3 late
+    row = res(2, 0.9, 0.5, 3, ng=True)
+    assert (row.results, row.ng, row.ng_rate, row.last_gap["held"]) == (3, 1, 1 / 3, 1)   # counted, gap filled
+    assert (row.last_result["seq"], row.last_result["score"], row.last_result["ng"]) == (4, 0.2, False)
+    assert (row.threshold, row.calibration_version) == (0.6, 4)   # the newest result's, not the late one's
+    res(5, 0.3, 0.7, 5)
+    assert (row.last_result["seq"], row.threshold, row.calibration_version) == (5, 0.7, 5)
+    late = FleetView(clock=lambda: 1000.0)                       # joined mid-stream: 40 is the first it receives
+    r = late.consume(f"{B}/p1/cam2/result", _j({"seq": 40, "score": 0.1, "ng": False, "threshold": 0.6}))
+    late.consume(f"{B}/p1/cam2/result", _j({"seq": 39, "score": 0.8, "ng": True, "threshold": 0.4}))
+    assert (r.results, r.last_result["seq"], r.threshold) == (2, 40, 0.6)
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "b"}))   # a new outbox file
+    res(1, 0.4, 0.8, 5)
+    assert (row.last_result["seq"], row.last_result["score"], row.threshold) == (1, 0.4, 0.8)
+
+
 def test_home_assistant_node_ids_do_not_collide():
     ids = {node_id("plant1", "line3_cam1"), node_id("plant1_line3", "cam1"), node_id("plant1.line3", "cam1")}
     assert len(ids) == 3 and all(i.startswith("edge_ad_plant1") for i in ids)
@@ -420,6 +490,77 @@ def test_run_monitor_says_when_it_loses_the_broker_and_rows_recover(mosquitto, t
     notes = [x for x in lines() if "monitor" in x]
     assert [x["monitor"] for x in notes] == ["disconnected", "reconnected"]
     assert notes[0]["broker"] == mosquitto.url and notes[0]["reason"] and notes[1]["down_s"] >= 0
+
+
+def test_run_monitor_json_says_when_a_device_turns_stale_and_back(mosquitto):
+    """Live: a device that sent its birth and results, then stayed connected and silent, showed 'stale' in the
+    table but never in --json (rows came only from the messages of the device, each of which made it fresh).
+    --json now writes its row once when it turns stale, and the row of its next message reads online."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-stale", protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    try:
+        with _json_monitor(BrokerSettings(url=mosquitto.url), interval=0.1, stale_after_s=2.0) as lines:
+            pub.publish(f"{B}/p1/cam1/status", _j({"state": "online"}), qos=1, retain=True)
+            assert _wait(lambda: lines()), "the monitor saw no status"          # it is subscribed
+            for seq in (1, 2, 3):
+                pub.publish(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq, "score": 0.1, "ng": False}),
+                            qos=1).wait_for_publish(10)
+            assert _wait(lambda: any(x["state"] == "stale" for x in lines())), lines()
+            pub.publish(f"{B}/p1/cam1/result", _j({"id": "r4", "seq": 4, "score": 0.1, "ng": False}),
+                        qos=1).wait_for_publish(10)
+            assert _wait(lambda: lines()[-1]["state"] == "online" and lines()[-1]["results"] == 4), lines()
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    states = [(x["state"], x["results"]) for x in lines()]
+    at = states.index(("stale", 3))
+    assert states[at - 1] == ("online", 3) and states[at + 1] == ("online", 4), states   # one line for the change
+
+
+def test_run_monitor_json_says_when_a_device_is_decommissioned(mosquitto, tmp_path):
+    """Live: 'edge-ad decommission' cleared a stopped device's retained status; the table dropped its row, but
+    --json wrote nothing (docs: a running monitor drops the row), so a consumer kept it as it was last seen. It
+    now writes one last line for it, state 'removed'."""
+    with _json_monitor(BrokerSettings(url=mosquitto.url), interval=0.1) as lines:
+        link = _link(mosquitto.url, tmp_path, "cam1")
+        link.publish_result({"score": 0.1, "ng": False})
+        assert _wait(lambda: lines() and lines()[-1]["results"] == 1), lines()
+        link.stop()
+        assert _wait(lambda: lines()[-1]["state"] == "offline"), lines()
+        res = CliRunner().invoke(main, ["decommission", "--mqtt", mosquitto.url, "--site", "p1", "--device", "cam1"])
+        assert res.exit_code == 0, res.output
+        assert _wait(lambda: lines()[-1]["state"] == "removed"), lines()[-1]
+    gone = [x for x in lines() if x["state"] == "removed"]
+    assert len(gone) == 1 and lines()[-1]["state"] == "removed", lines()     # once, and the last of it
+    assert (gone[0]["site"], gone[0]["device"], gone[0]["results"]) == ("p1", "cam1", 1), gone
+
+
+def test_a_monitor_started_late_reads_paused_from_the_retained_birth(mosquitto, tmp_path):
+    """The birth carries 'paused' (re-published on pause and resume, retained), but the monitor read it only from
+    telemetry: one started while a device was paused showed it plain 'online' until its next telemetry. It reads
+    the status's 'paused' now."""
+    from edge_ad.mqtt.decommission import read_retained
+
+    broker = BrokerSettings(url=mosquitto.url)
+    link = _link(mosquitto.url, tmp_path, "cam1")
+    try:
+        link.update_birth(paused=True)
+        topic = f"{B}/p1/cam1/status"
+        assert _wait(lambda: json.loads(read_retained(broker, [topic]).get(topic, b"{}")).get("paused") is True)
+        with _json_monitor(broker, interval=0.1) as lines:
+            assert _wait(lambda: lines()), "the monitor saw no status"
+            assert lines()[0]["state"] == "online" and lines()[0]["paused"] is True, lines()[0]
+            link.update_birth(paused=False)                                # resumed
+            assert _wait(lambda: lines()[-1]["paused"] is False), lines()[-1]
+    finally:
+        link.stop()
+    view = FleetView()
+    view.consume(f"{B}/p1/cam2/status", _j({"state": "online", "paused": True}), retained=True)
+    assert view.table().splitlines()[1].split()[2:4] == ["online", "paused"]
 
 
 def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):

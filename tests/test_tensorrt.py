@@ -248,6 +248,9 @@ class _FakeCuda:
     def activate(self, index):
         yield
 
+    def close(self):
+        pass
+
 
 def _compile_here(monkeypatch, serialize, guard_passes=True, cuda=None):
     """compile_bundle / build_engine with TensorRT, the GPU, the guard set and the guarded backend replaced:
@@ -438,7 +441,8 @@ class _StandInCudaRuntime:
 
 class _StandInPycuda:
     """pycuda.driver as far as the backend uses it: a context stack per thread, as CUDA and pycuda keep it;
-    each copy records whether the device's primary context is current on its thread. Not CUDA."""
+    each copy records whether the device's primary context is current on its thread; ``retained`` counts the
+    primary context's retains less its releases (detach: a second one is an error, as in pycuda). Not CUDA."""
 
     class Error(Exception):
         pass
@@ -447,7 +451,7 @@ class _StandInPycuda:
         import threading
 
         local, drv = threading.local(), self
-        self.copies, self.left_pushed = [], {}
+        self.copies, self.left_pushed, self.retained = [], {}, 0
 
         def stack():
             if not hasattr(local, "stack"):
@@ -468,9 +472,22 @@ class _StandInPycuda:
             def get_current():
                 return stack()[-1] if stack() else None
 
-        self.primary = Context()
+            def detach(self):
+                if self.detached:
+                    raise drv.Error("context::detach failed: invalid device context - cannot detach from invalid "
+                                    "context")
+                self.detached = True
+                drv.retained -= 1
+
+        def retain(_):
+            drv.primary = Context()
+            drv.primary.detached = False
+            drv.retained += 1
+            return drv.primary
+
+        self.primary = None
         self.Context, self.stack = Context, stack
-        self.Device = lambda index: type("Device", (), {"retain_primary_context": lambda _: self.primary})()
+        self.Device = lambda index: type("Device", (), {"retain_primary_context": retain})()
 
     def memcpy_htod_async(self, dst, src, stream):
         import threading
@@ -528,6 +545,9 @@ def test_inference_makes_the_device_current_on_its_own_thread(binding):
         assert fake.left_pushed == {"edge-ad-inference": 0}   # popped again: pycuda aborts on a thread left so
     be._stream = None
     be.close()
+    if binding == "pycuda":
+        assert fake.retained == 0   # closed: the primary context is released (our call; pycuda: on the thread
+        #                             that retained it, the opening one in the runtime)
 
 
 @pytest.mark.parametrize("binding", ["cuda-python", "pycuda"])
@@ -572,6 +592,41 @@ def test_a_build_makes_the_device_current_on_its_thread_and_leaves_no_context_pu
     assert done and done[0]["passed"] and during == [want]
     if binding == "pycuda":
         assert fake.left_pushed == {"edge-ad-compile": 0}   # popped again: pycuda aborts on a thread left so
+        assert fake.retained == 0   # and the primary context the build retained is released after it
+
+
+def test_pycuda_close_releases_the_primary_context_once():
+    """PyCuda.close() dropped its reference to the primary context it retained and left the release to the context
+    object's destructor, which never runs while anything else holds it (a buffer whose free failed, a stream). It
+    now releases it (pycuda's detach), once: a second close, or one before anything retained it, does nothing (a
+    second detach is an error in pycuda). The backend's close releases it too, and says when the release failed.
+    pycuda is a stand-in here, as above."""
+    from edge_ad.errors import RuntimeFailure
+    from edge_ad.runtime.backends.cuda import PyCuda
+    from edge_ad.runtime.backends.tensorrt import TensorRTBackend
+
+    api, fake = PyCuda.__new__(PyCuda), _StandInPycuda()
+    api.drv, api._ctx = fake, None
+    api.close()                                  # nothing retained yet
+    with api.activate(1):
+        assert fake.retained == 1
+    api.close()
+    assert fake.retained == 0 and fake.primary.detached
+    api.close()                                  # once: no second detach
+    with api.activate(0):                        # opened again: retained again, released again
+        pass
+    api.close()
+    assert fake.retained == 0
+
+    be = TensorRTBackend.__new__(TensorRTBackend)
+    be._cuda, be._index, be._bufs, be._stream = api, 0, [], None
+    with api.activate(0):
+        pass
+    fake.primary.detached = True                 # the release fails: said, and the backend is closed all the same
+    with pytest.raises(RuntimeFailure, match=r"cuDevicePrimaryCtxRelease failed: .*cannot detach"):
+        be.close()
+    assert be._cuda is None and api._ctx is None
+    be.close()                                   # closed: nothing more to do
 
 
 @pytest.mark.skipif(tensorrt_usable()[0], reason="tensorrt is installed here")

@@ -14,10 +14,11 @@ the refit of :func:`edge_ad.calibration.recalibrate`):
 2. when the line inspects in INT8 or FP16 (its precision, else the running bundle's active graph's), the
    candidate is quantized the same way and checked by the accuracy guard against its FP32 graph
    (:func:`edge_ad.compile.quantize.quantize_bundle`; the new frames are the guard's images);
-3. when the running bundle has TensorRT engines and TensorRT is here, the candidate's engine is built and
-   guarded (:func:`edge_ad.compile.tensorrt.compile_bundle`) in the line's precision, else ``best`` (INT8, else
-   FP16, else FP32, the first to pass its guard), as ``bundle install`` and ``update_model`` build a new
-   release's (:func:`edge_ad.calibration.deploy.build_line_engine`); a candidate quantized or given an engine is
+3. when the line runs TensorRT (:func:`edge_ad.calibration.deploy.engine_needed`: backend ``tensorrt``, or
+   ``auto`` on a GPU where TensorRT is here and the running bundle has engines), the candidate's engine is built
+   and guarded on the line's device (:func:`edge_ad.compile.tensorrt.compile_bundle`) in the line's precision,
+   else ``best`` (INT8, else FP16, else FP32, the first to pass its guard), as ``bundle install`` and
+   ``update_model`` build a new release's (:func:`edge_ad.calibration.deploy.build_line_engine`); a candidate quantized or given an engine is
    then calibrated again on its validation split scored as the line will run it (:func:`_calibrate_as_run`), so
    its threshold is in the quantized model's (or the engine's) units, not the FP32 model's;
 4. with a golden set, the candidate must judge it no worse than the running bundle
@@ -49,7 +50,7 @@ import numpy as np
 from .. import atomic
 from ..bundle import Bundle
 from ..errors import GuardFailure, InputError
-from .deploy import _has_engines, _tensorrt_here
+from .deploy import _has_engines, _tensorrt_here, build_line_engine, engine_needed
 from .refit import MIN_FRAMES, Excluded, screen_frames
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,9 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
     """Fine-tune the bundle at ``bundle_dir`` on ``frames`` (on torch ``device``) and validate the candidate
     (module doc) as the line runs it: on ``backend`` / ``precision`` / ``run_device`` (the line's model
     settings; ``precision`` None: each bundle's active graph, or its best guarded engine), the frames screened
-    so, the candidate quantized in that precision (None: the running bundle's active graph's) and its engine built
-    in it (None: ``best``, as an install builds one), its golden check and install probe run so.
+    so, the candidate quantized in that precision (None: the running bundle's active graph's) and, on a TensorRT
+    line, its engine built in it (None: ``best``) on ``run_device``, as an install builds one, its golden check and
+    install probe run so.
     With ``deploy_dir`` the install's golden rule applies: ``golden_dir``, else ``<deploy>/golden``, else
     refused unless ``require_golden`` is false. ``labels`` name the frames the screen leaves out (as for
     :func:`~edge_ad.calibration.recalibrate`)."""
@@ -248,15 +250,11 @@ def adapt(bundle_dir, frames: Sequence[np.ndarray], *, steps: int = 200, policy:
                 res = quantize_bundle(cand, graphs, calib_dir=calib, limits=limits, progress=progress,
                                       activate=True)
                 quantized = list(res.files)
-            if _has_engines(src):
-                if _tensorrt_here():
-                    from ..compile.tensorrt import compile_bundle
-
-                    engine = compile_bundle(cand, precision or "best", calib_dir=calib, limits=limits,
-                                            progress=progress)
-                else:
-                    log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
-                                "candidate's engine is left for 'edge-ad compile' on the device")
+            if engine_needed(backend, run_device, src):   # as an install builds one: the line's device
+                engine = build_line_engine(cand, calib, precision, run_device, progress, limits)
+            elif _has_engines(src) and not _tensorrt_here():
+                log.warning("the running bundle has TensorRT engines but TensorRT is not importable here; the "
+                            "candidate's engine is left for 'edge-ad compile' on the device")
             fp32_threshold = calibrated_on = None
             if quantized or engine is not None:   # the line scores with these, not with the FP32 model: fit on theirs
                 fp32_threshold = cand.calibration().threshold

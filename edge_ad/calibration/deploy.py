@@ -475,14 +475,16 @@ def engine_images(calib_dir: str | os.PathLike | None, golden_dir: str | os.Path
 
 
 def build_line_engine(candidate: Bundle, images: Path | None, precision: str | None, device: str | None,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, limits=None) -> dict:
     """Build and guard the TensorRT engine of ``candidate`` (in its folder: ``engines/``) with
     :func:`edge_ad.compile.tensorrt.compile_bundle`, in ``precision`` (the line's ``model.precision``; when it
     is empty, ``best``, as ``edge-ad compile --precision best`` on the device: INT8 when the candidate has an
     INT8 graph and its engine passes the guard, else FP16, else FP32; the candidate's active ONNX precision,
-    FP32 on a bundle never quantized, would make a slow FP32 engine), calibrated and guarded on ``images``
-    (else the candidate's recorded training data, when it is on this machine). Raises InputError /
-    GuardFailure / RuntimeFailure naming what failed; the caller switches nothing in then."""
+    FP32 on a bundle never quantized, would make a slow FP32 engine), on the line's ``device`` (``cuda:N``;
+    empty: device 0), calibrated and guarded on ``images`` (else the candidate's recorded training data, when it
+    is on this machine), within the guard's ``limits`` (None: its defaults). Raises InputError / GuardFailure /
+    RuntimeFailure naming what failed; the caller switches nothing in then. ``bundle install``, ``update_model``
+    and ``calibrate --adapt`` build with it, when :func:`engine_needed` says so."""
     from ..compile.tensorrt import _say, compile_bundle
     from ..runtime.backends.tensorrt import parse_device
 
@@ -500,7 +502,7 @@ def build_line_engine(candidate: Bundle, images: Path | None, precision: str | N
                    f"device ({'normal images: ' + str(images) if images else 'its recorded training data'})")
     what = f"the new release's {'' if precision == 'best' else precision + ' '}TensorRT engine"
     try:
-        return compile_bundle(candidate, precision, device=parse_device(device), calib_dir=images,
+        return compile_bundle(candidate, precision, device=parse_device(device), calib_dir=images, limits=limits,
                               progress=progress)
     except GuardFailure as exc:
         raise GuardFailure(f"{what} failed its accuracy guard, the running model is unchanged: {exc}") from exc

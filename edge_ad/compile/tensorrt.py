@@ -80,9 +80,12 @@ def build_engine(bundle: Bundle, precision: str, max_batch: int = DEFAULT_MAX_BA
     cuda = cuda_api()
     # the device current on this thread for the build only: pycuda pushes its context here and pops it after (it
     # aborts the process when a thread ends with a context still pushed); cuda-python sets the device here
-    with cuda.activate(device):
-        return _build(trt, cuda, bundle, precision, max_batch, workspace_mib, device, typing, opt_batch, force,
-                      progress)
+    try:
+        with cuda.activate(device):
+            return _build(trt, cuda, bundle, precision, max_batch, workspace_mib, device, typing, opt_batch, force,
+                          progress)
+    finally:
+        cuda.close()   # pycuda: releases the primary context activate retained, on this thread
 
 
 def _build(trt, cuda, bundle: Bundle, precision: str, max_batch: int, workspace_mib: int, device: int, typing: str,

@@ -2,18 +2,20 @@
 
 :class:`FleetView` is pure: feed it ``(topic, payload)`` and read rows, so it is tested without a broker.
 :func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad
-monitor``. Sources per column: state from the retained ``status`` (birth / will), fps, latency, NG rate,
-outbox depth and drift from ``telemetry``, the last result from ``result``, the calibration version from
-the retained ``calibration`` (else the birth message), the threshold deciding from the latest result,
-telemetry or retained ``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is
-kept as ``calibration_threshold``), last seen from the messages received live, else the retained status's
-``ts`` (when it connected or stopped; none for the will, nor for a ``ts`` ahead of the monitor's clock by
-more than ``clock_skew_s``). A device that is ``online`` but sent nothing for ``stale_after_s`` (by arrival
-times) shows as ``stale``. A device whose clock differs from the monitor's by more than ``clock_skew_s``
-(:data:`CLOCK_SKEW_S`, 60 s; estimated from live telemetry and status; for a device this monitor hears neither
-from, from the ``ts`` of its new results, which may come from the outbox's backlog long after they were made: a
-clock ahead is flagged at once, one behind only from results that arrive at the pace they were made) is
-flagged: ``clock_offset_s``, ``clock_skew``, the table's ``CLOCK`` and a WARNING.
+monitor``. Sources per column: state from the retained ``status`` (birth / will; ``paused`` from the birth or
+telemetry), fps, latency, NG rate, outbox depth and drift from ``telemetry``, the last result from ``result``
+(the newest ``seq``), the calibration version from the retained ``calibration`` (else the birth message), the
+threshold deciding from the latest result (the newest ``seq``), telemetry or retained ``calibration``'s
+``threshold_in_force`` (else the calibration's; the calibration's is kept as ``calibration_threshold``), last
+seen from the messages received live, else the retained status's ``ts`` (when it connected or stopped; none for
+the will, nor for a ``ts`` ahead of the monitor's clock by more than ``clock_skew_s``). A device that is
+``online`` but sent nothing for ``stale_after_s`` (by arrival times) shows as ``stale`` (:meth:`FleetView.settle`
+returns its row once when it turns so). A device whose
+clock differs from the monitor's by more than ``clock_skew_s`` (:data:`CLOCK_SKEW_S`, 60 s; estimated from live
+telemetry and status; for a device this monitor hears neither from, from the ``ts`` of its new results, which may
+come from the outbox's backlog long after they were made: a clock ahead is flagged at once, one behind only from
+results that arrive at the pace they were made) is flagged: ``clock_offset_s``, ``clock_skew``, the table's
+``CLOCK`` and a WARNING.
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device. The messages the
 device itself dropped and announced (``output_error`` events whose ``dropped`` names their ``seq`` ranges:
@@ -28,10 +30,11 @@ monitor (Mosquitto's ``max_queued_messages``), or drops an older device announce
 :meth:`FleetView.settle` ends the grace periods that are over (``run_monitor`` calls it every ``interval``).
 Repeats (at-least-once delivery: QoS 1, and a device sends its unacknowledged messages again after a
 reconnect) are not gaps, nor new: ``results``, ``ng`` and ``events`` count each ``seq`` of an outbox once, a
-repeat only adds to ``duplicates`` and changes nothing else in the row. A late message fills its gap again (new),
-and so does, once, one below the first ``seq`` this count received (it began mid-stream). A new outbox (the
-birth's ``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own reconnect (what was published
-meanwhile never reached it) starts counting afresh; a ``seq`` 1 after higher ones starts it afresh too for a device
+repeat only adds to ``duplicates`` and changes nothing else in the row. A late message fills its gap again (new:
+counted, but the last result, threshold and calibration version shown stay the newest ``seq``'s), and so does,
+once, one below the first ``seq`` this count received (it began mid-stream). A new outbox (the birth's
+``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own reconnect (what was published meanwhile
+never reached it) starts counting afresh; a ``seq`` 1 after higher ones starts it afresh too for a device
 whose birth names no ``outbox_instance`` (else it is a repeat: a new outbox comes with a new birth first).
 """
 
@@ -65,7 +68,8 @@ CLOCK_SKEW_S = 60.0   # a device whose clock differs from the monitor's by more 
 class DeviceRow:
     site: str
     device: str
-    state: str = "unknown"            # online | offline | unknown (stale is derived when shown)
+    state: str = "unknown"            # online | offline | unknown (stale is derived when shown); removed: its
+    #                                   retained status was cleared (decommission), the row given out once, gone
     reason: str | None = None         # connected | will | stopped
     last_seen: float | None = None    # unix time of the last message from the device
     version: str | None = None
@@ -76,7 +80,7 @@ class DeviceRow:
     ng_rate: float | None = None
     results: int = 0                  # results seen by this monitor, each (outbox, seq) once
     ng: int = 0
-    last_result: dict | None = None   # {"ts", "score", "ng", "seq"}
+    last_result: dict | None = None   # {"ts", "score", "ng", "seq"} of the newest seq (not a late one)
     calibration_version: int | None = None
     threshold: float | None = None    # the one deciding: latest result / telemetry (else the calibration's)
     calibration_threshold: float | None = None   # the calibration's (a set_threshold without persist differs)
@@ -106,6 +110,7 @@ class DeviceRow:
     # [kind, first, last, gap's first, gap's last, until]: a fresh gap's part not announced yet, counted nowhere
     # until its announcement comes (dropped), a late message fills it, or the grace period ends (missing)
     _held: list = field(default_factory=list, repr=False)
+    _stale: bool = field(default=False, repr=False)   # whether it was stale when last given out (consume, settle)
 
     def _forget_seq(self) -> None:
         self._seq.clear()
@@ -242,16 +247,28 @@ class FleetView:
         ``gap_grace_s`` (``final``: all of them, at the stop: nothing more will explain them), and log the missing
         messages the once-a-minute WARNING held back once that minute is over (``final``: at once), so the log
         accounts for every one, also when no later gap reports them. Call it on a timer and at the stop:
-        :meth:`consume` ends the grace periods only of the device whose message it applies. Returns the rows
-        changed."""
+        :meth:`consume` ends the grace periods only of the device whose message it applies, and a device that
+        falls silent sends nothing to turn it ``stale``. Returns the rows changed: those with gaps counted, and
+        those whose shown state turned ``stale`` or back since :meth:`consume` or this last gave them out,
+        each once per change."""
         now = self.clock()
-        changed = [row for row in self.rows() if self._release_due(row, now, final)]
+        changed = []
+        for row in self.rows():
+            released = self._release_due(row, now, final)
+            if self._stale_turned(row, now) or released:
+                changed.append(row)
         for key, n in self._gap_log.flush(force=final).items():
             row = self.devices.get(tuple(key.split("/", 1)))
             log.warning("monitor: %s: %d more result(s) and event(s) missing since the last report%s", key, n,
                         "" if row is None else f", {row.results_missing} results and {row.events_missing} events "
                         "in all")
         return changed
+
+    def _stale_turned(self, row: DeviceRow, now: float) -> bool:
+        """Whether the row turned ``stale`` (or back) since it was last given out; notes that it is given out now."""
+        stale = row.shown_state(now, self.stale_after_s) == "stale"
+        turned, row._stale = stale != row._stale, stale
+        return turned
 
     def _release_due(self, row: DeviceRow, now: float, final: bool = False) -> bool:
         due = [h for h in row._held if final or h[5] <= now]
@@ -261,7 +278,9 @@ class FleetView:
 
     def consume(self, topic: str, payload: bytes | str, retained: bool = False) -> DeviceRow | None:
         """Apply one message; returns the row it changed, or None when the message is not for a row.
-        A ``retained`` message was kept by the broker: it is not a sign of life now (see :meth:`_seen_at`)."""
+        A ``retained`` message was kept by the broker: it is not a sign of life now (see :meth:`_seen_at`).
+        An empty ``status`` (its retained status cleared: ``edge-ad decommission``) removes the device's row:
+        returned once more with state ``removed`` (its gaps still held counted as missing), gone from :meth:`rows`."""
         parsed = _topics.parse(topic)
         if parsed is None:
             return None
@@ -270,9 +289,12 @@ class FleetView:
             return None                   # commands, replies, event images
         raw = payload.encode() if isinstance(payload, str) else bytes(payload)
         key = (site, device)
-        if kind == "status" and not raw:
-            self.devices.pop(key, None)    # retained status cleared: the device is gone
-            return None
+        if kind == "status" and not raw:   # retained status cleared: the device is gone
+            row = self.devices.pop(key, None)
+            if row is not None:
+                self._forget(row)
+                row.state, row.reason = "removed", None
+            return row
         body: Any
         try:
             body = json.loads(raw)
@@ -286,16 +308,19 @@ class FleetView:
             row = self.devices[key] = DeviceRow(site, device)
         now = self.clock()
         self._release_due(row, now)       # the gaps whose grace period is over: missing
-        repeat = False
+        repeat, newest = False, True
         if kind in ("result", "event"):
             seq, before = _int(body.get("seq")), row._seq.get(kind)
             repeat = not self._check_seq(row, kind, seq, now)
             self._release_due(row, now)   # no grace period (gap_grace_s 0)
             new = seq is not None and seq != before and row._seq.get(kind) == seq   # not a repeat, not a late one
+            newest = new or seq is None or seq < 1      # a late one (it fills a gap) only counts; no seq: cannot tell
             if kind == "result" and new and not retained and not row._offsets:
                 self._check_clock_from_result(row, payloads.parse_time(body.get("ts")), now)
         if repeat:
             row.duplicates += 1           # received before: counted once (results, NG, events), shown as it was
+        elif kind == "result":
+            self._on_result(row, body, newest)
         else:
             getattr(self, f"_on_{kind}")(row, body)
         if kind == "event" and body.get("type") == "output_error" and not repeat:
@@ -307,6 +332,7 @@ class FleetView:
             row._heard = now
         if not retained and kind in ("telemetry", "status"):
             self._check_clock(row, payloads.parse_time(body.get("ts")), now)
+        self._stale_turned(row, now)      # given out now, as it shows (settle tells when that changes)
         return row
 
     def _check_clock(self, row: DeviceRow, ts: float | None, now: float) -> None:
@@ -489,6 +515,8 @@ class FleetView:
             row.version = b["version"]
         if "model_hash" in b:
             row.model_hash = b["model_hash"] if isinstance(b["model_hash"], str) else None
+        if isinstance(b.get("paused"), bool):   # the birth's, re-published on pause / resume (retained)
+            row.paused = b["paused"]
         cal = _int(b.get("calibration_version"))
         if cal is not None and row.calibration_version is None:
             row.calibration_version = cal
@@ -523,14 +551,18 @@ class FleetView:
         row.threshold = _num(b.get("threshold")) if "threshold" in b else row.threshold
 
     @staticmethod
-    def _on_result(row: DeviceRow, b: dict) -> None:
+    def _on_result(row: DeviceRow, b: dict, newest: bool = True) -> None:
+        """Count the result; only the ``newest`` (the highest ``seq`` of its outbox so far, not a late one that
+        fills a gap) is shown: the last result, its threshold and calibration version."""
         row.results += 1
         ng = b.get("ng") is True
         row.ng += int(ng)
-        ts = b.get("ts") if isinstance(b.get("ts"), str) else _num(b.get("ts"))
-        row.last_result = {"ts": ts, "score": _num(b.get("score")), "ng": ng, "seq": _int(b.get("seq"))}
         if not row._ng_from_telemetry:
             row.ng_rate = row.ng / row.results
+        if not newest:
+            return
+        ts = b.get("ts") if isinstance(b.get("ts"), str) else _num(b.get("ts"))
+        row.last_result = {"ts": ts, "score": _num(b.get("score")), "ng": ng, "seq": _int(b.get("seq"))}
         lat = _num(b.get("latency_ms"))
         if lat is not None and row.latency_p50_ms is None:
             row.latency_p50_ms = lat
@@ -620,11 +652,14 @@ def run_monitor(broker: BrokerSettings, *, site: str | None = None, as_json: boo
     connection to the broker counts in ``duration`` and waits at most ``connect_timeout`` s (or ``duration``):
     then a :class:`RuntimeFailure` names the broker and why (:func:`~edge_ad.mqtt.client.not_connected`).
 
-    ``as_json``: one JSON line per device update on ``out``. Otherwise a table: redrawn in place every
-    ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a pipe) printed after each
-    change, at most every ``interval`` s, so that a reader following the log sees the fleet as it goes, and,
-    when a ``duration`` is given, once more when the run ends (the fleet then); each such table after a line
-    with the time it was printed (:func:`stamp_line`: ``-- 2026-12-07T03:01:32Z --``, UTC).
+    ``as_json``: one JSON line per device update on ``out``, and one when a device turns ``stale`` (silent for
+    ``stale_after_s``: seen within ``interval`` s), its next message's line saying it is back; a device whose
+    retained status is cleared (``edge-ad decommission``) gets a last line with state ``removed``. Otherwise a
+    table: redrawn in place every ``interval`` s when ``live`` (default: ``out`` is a terminal); else (a log, a
+    pipe) printed after each change (a device turning ``stale`` too), at most every ``interval`` s, so that a
+    reader following the log sees the fleet as it goes, and, when a ``duration`` is given, once more when the run
+    ends (the fleet then); each such table after a line with the time it was printed (:func:`stamp_line`:
+    ``-- 2026-12-07T03:01:32Z --``, UTC).
 
     When the monitor loses the broker it reconnects by itself and says so: the table gets a
     ``DISCONNECTED from broker since HH:MM:SS`` line, ``as_json`` writes ``{"monitor": "disconnected", ...}``

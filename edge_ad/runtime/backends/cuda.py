@@ -256,7 +256,13 @@ class PyCuda:
         self._call(self.drv.memcpy_dtoh_async, "cuMemcpyDtoHAsync", dst, src, stream)
 
     def close(self) -> None:
-        self._ctx = None
+        """Release the primary context :meth:`activate` retained (pycuda's ``detach``: cuDevicePrimaryCtxRelease),
+        once: a second call, or one before any :meth:`activate`, does nothing. Explicitly, not left to the context
+        object's destructor, which runs only when nothing refers to it any more (a buffer not freed, a stream, a
+        traceback keep it). pycuda releases it on the thread that retained it; elsewhere it lets it go silently."""
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            self._call(ctx.detach, "cuDevicePrimaryCtxRelease")
 
 
 def cuda_api():

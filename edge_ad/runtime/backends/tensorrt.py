@@ -260,8 +260,11 @@ class TensorRTBackend(Backend):
                     self._stream = None
         except RuntimeFailure as exc:   # the device could not be made current here
             errors.append(str(exc))
-        cuda.close()
         self._cuda = None
+        try:
+            cuda.close()   # pycuda: releases the primary context it retained
+        except RuntimeFailure as exc:
+            errors.append(str(exc))
         if errors:
             raise RuntimeFailure("TensorRT backend: freeing CUDA resources failed: " + "; ".join(errors))
 
