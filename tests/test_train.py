@@ -287,6 +287,33 @@ def test_teacher_file_in_public_format(category, tmp_path):
                      teacher=str(tmp_path / "bad.pth"))
 
 
+def test_teacher_file_of_wrong_shapes_or_missing_keys_is_refused_when_read(tmp_path):
+    """Right layer indices but a wrong shape or a missing key failed in load_state_dict (a traceback) after
+    the images were loaded; now every key and shape is checked when the file is read, before --data."""
+    from edge_ad.models.pdn import pdn_medium
+
+    def refused(sd, match, model="efficientad-s"):
+        torch.save(sd, tmp_path / "t.pth")
+        with pytest.raises(InputError, match=match):
+            train_bundle(model, tmp_path / "no data", tmp_path / "b", image_size=SIZE, steps=1,
+                         export=False, teacher=str(tmp_path / "t.pth"))
+        assert not (tmp_path / "b").exists()
+
+    good = pdn_small(8).state_dict()
+    refused({**good, "0.weight": torch.zeros(128, 3, 3, 3)},
+            r"t\.pth: layer 0\.weight has shape 128x3x3x3, expected 128x3x4x4 \(PDN-S\)$")
+    refused({**good, "3.weight": torch.zeros(256, 64, 4, 4)}, r"layer 3\.weight has shape 256x64x4x4, expected "
+            r"256x128x4x4")
+    refused({**good, "8.bias": torch.zeros(9)}, r"layer 8\.bias has shape 9, expected 8 \(PDN-S\)")  # channels
+    refused({k: v for k, v in good.items() if k != "8.bias"},
+            r"not a complete teacher \(PDN-S, 8 output channels\): missing 8\.bias \(expected the keys 0\.weight")
+    refused({**good, "6.running_mean": torch.zeros(256)}, r"unexpected 6\.running_mean")
+    refused({**good, "6.bias": torch.zeros(256, dtype=torch.int64)}, r"layer 6\.bias is a tensor of torch\.int64")
+    medium = pdn_medium(4).state_dict()
+    refused({**medium, "12.weight": torch.zeros(4, 4, 3, 3)},
+            r"layer 12\.weight has shape 4x4x3x3, expected 4x4x1x1 \(PDN-M\)", "efficientad-m")
+
+
 def test_penalty_dir_takes_an_mvtec_category_as_distill_teacher_does(category, tmp_path, caplog):
     """--penalty-dir CATEGORY found no images (it looked in CATEGORY only); now its train/good's, as
     distill-teacher's --data; a folder with none at all is refused naming it, before any image is loaded."""
