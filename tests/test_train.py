@@ -1,6 +1,7 @@
 """Training, bundles and evaluation on tiny synthetic data (64x64, a few steps)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -446,7 +447,7 @@ def test_resume_without_a_checkpoint_or_from_an_older_one_is_refused(category, t
     assert "run without --resume" in r.output
 
 
-def _tiny_loop(state, on_step, steps=50, **kw):
+def _tiny_loop(state, on_step, steps=50, checkpoint_every=1000, **kw):
     """run_loop on a 3-weight model; ``on_step(i)`` runs inside step i, before its loss."""
     from edge_ad.train.loops import LoopConfig, run_loop
 
@@ -459,7 +460,7 @@ def _tiny_loop(state, on_step, steps=50, **kw):
         calls.append(1)
         return {"loss": model(torch.ones(4, 2)).pow(2).mean()}
 
-    cfg = LoopConfig(steps=steps, state_path=state, checkpoint_every=1000, run={"command": "test"}, **kw)
+    cfg = LoopConfig(steps=steps, state_path=state, checkpoint_every=checkpoint_every, run={"command": "test"}, **kw)
     return model, lambda: run_loop(step, model, list(model.parameters()), cfg, "test")
 
 
@@ -481,6 +482,40 @@ def test_a_signal_stops_the_loop_after_the_step_and_saves_its_state(tmp_path, si
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     model, run = _tiny_loop(state, lambda i: None, resume=True)
     assert run()["resumed_at"] == 3
+
+
+def test_a_non_finite_loss_stops_the_loop_and_no_nan_state_is_saved(tmp_path):
+    """A NaN loss trained every step on loss=nan and saved its NaN weights for --resume; now the loop stops
+    at it (read every 10 steps and before each save) naming the step, and keeps only a finite checkpoint."""
+    state = tmp_path / "train_state.pt"
+    held = {}
+
+    def poison_at(n):
+        return lambda i: i == n and held["model"].weight.data.fill_(float("nan"))
+
+    held["model"], run = _tiny_loop(state, poison_at(5), checkpoint_every=3)
+    with pytest.raises(InputError, match=rf"^test: the loss is not finite \(NaN or inf\) at step 6 of 50 \(loss\): "
+                       rf"training stopped there, .*\({re.escape(str(state))} keeps the last checkpoint saved "
+                       r"before it\)\. Likely causes: a learning rate too high \(learning rate 0\.0001\), images"):
+        run()
+    st = torch.load(state, weights_only=True)
+    assert st["step"] == 3 and all(torch.isfinite(v).all() for v in st["model"].values())
+    state.unlink()
+    held["model"], run = _tiny_loop(state, poison_at(12), steps=15)  # between two reads: found at the end
+    with pytest.raises(InputError, match=r"at step 13 of 15 .*\(no training state was saved\)"):
+        run()
+    assert not state.exists()
+
+
+def test_a_teacher_file_with_a_nan_is_refused_when_read(tmp_path):
+    sd = pdn_small(8).state_dict()
+    sd["6.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, tmp_path / "t.pth")
+    with pytest.raises(InputError, match=r"t\.pth: layer 6\.weight holds 1 non-finite value \(NaN or inf\) of "
+                       r"589824; the teacher file is damaged"):
+        train_bundle("efficientad-s", tmp_path / "no data", tmp_path / "b", image_size=SIZE, steps=1,
+                     teacher=str(tmp_path / "t.pth"))
+    assert not (tmp_path / "b").exists()
 
 
 def test_efficientads_teacher_normalization_shows_progress_off_a_terminal(capsys):

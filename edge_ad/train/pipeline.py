@@ -83,8 +83,9 @@ def _shape(shape) -> str:
 
 def check_teacher_tensors(p: Path, size: str, channels: int, sd: dict) -> None:
     """Every key of a PDN-``size`` teacher with ``channels`` output channels is in ``sd``, none other, each a
-    floating-point tensor of the PDN's shape: checked when the file is read, before any image loads (a wrong
-    shape or a missing key failed in load_state_dict after the images were loaded)."""
+    floating-point tensor of the PDN's shape holding finite values: checked when the file is read, before any
+    image loads (a wrong shape or a missing key failed in load_state_dict after the images were loaded; a
+    NaN trained every step on loss=nan)."""
     with torch.device("meta"):  # the shapes only: no weights are made
         expected = {k: tuple(v.shape) for k, v in pdn(size, channels).state_dict().items()}
     name = f"PDN-{size.upper()}, {channels} output channels"
@@ -105,6 +106,11 @@ def check_teacher_tensors(p: Path, size: str, channels: int, sd: dict) -> None:
                              f"(PDN-{size.upper()})")
         if not v.is_floating_point():
             raise InputError(f"{p}: layer {k} is a tensor of {v.dtype}, expected floating-point weights ({name})")
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise InputError(f"{p}: layer {k} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
+                             f"{v.numel()}; the teacher file is damaged or was written by a training that "
+                             "diverged: use another teacher file")
 
 
 @torch.no_grad()
