@@ -518,6 +518,16 @@ def test_a_teacher_file_with_a_nan_is_refused_when_read(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_off_a_terminal_the_loss_postfix_prints_no_line_of_its_own(tmp_path, capsys):
+    """The loss shown every 10 steps refreshed the bar: a line every 10 steps in a log, not one every 30 s.
+    A fast loop of 200 steps now prints its first and last line only."""
+    _, run = _tiny_loop(tmp_path / "train_state.pt", lambda i: None, steps=200)
+    run()
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("test:")]
+    assert len(lines) == 2 and "0/200" in lines[0] and "200/200" in lines[1] and "loss=" in lines[1], err
+
+
 def test_efficientads_teacher_normalization_shows_progress_off_a_terminal(capsys):
     """Its pass over every training image printed nothing in a log (CI, journald); it is a progress bar now, each
     state a line of its own off a terminal."""

@@ -178,7 +178,7 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
         bar.update(1)
         if step % 10 == 0:  # reading a loss waits for the GPU: not on every step
             check_finite()
-            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}", refresh=False)  # shown at the next line
         if cfg.state_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save(step + 1)
     bar.close()
