@@ -895,6 +895,10 @@ def test_eval_says_where_it_wrote_the_report_and_pictures(category, tmp_path):
                      "histogram": str(tmp_path / "e" / "histogram.png")}
     assert all(Path(f).is_file() for f in files.values())
     assert json.loads((tmp_path / "e" / "report.json").read_text())["files"] == files
+    # a refused input makes no --out folder (it was made before --data was read: an empty one each time)
+    for args in (["--data", str(tmp_path / "no data")], ["--data", str(category), "--backend", "nope"]):
+        res = r.invoke(main, ["eval", "--bundle", str(b.path), *args, "--out", str(tmp_path / "new" / "e")])
+        assert res.exit_code == 2 and not (tmp_path / "new").exists(), res.output
 
 
 def test_the_training_images_bit_depth_is_recorded_and_eval_warns_about_images_of_another(category, tmp_path,
