@@ -1,4 +1,5 @@
-"""Accuracy benchmark on the shared Magnetic Tile split (MVTec layout).
+"""Accuracy benchmark on the shared Magnetic Tile split (MVTec layout), or the dataset of --data (the table
+names it from its README title, else its folder name).
 
 Trains each requested model with its preset, evaluates the exported ONNX graph with ONNX Runtime
 (the artefact that runs on the device), and prints one table: model, preset, training time, image
@@ -20,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (DATA_HELP, at_least, check_out, check_work, command, dataset, input_errors_exit_2, merge_json,
-                      model_list, out_default, positive_float)
+from benchlib import (DATA_HELP, at_least, check_out, check_work, command, dataset, dataset_name, input_errors_exit_2,
+                      merge_json, model_list, out_default, positive_float)
 
 HERE = Path(__file__).resolve().parent
 
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
                      "penalty": b.manifest["training"].get("penalty")})
         print(json.dumps(rows[-1]), flush=True)
         merge_json(out_json, {f"{m}-{args.preset}{suffix}": {**rows[-1], "machine": machine, "command": cmd}})
-    print(f"\nMagnetic Tile ({data}), {args.image_size}x{args.image_size}, evaluated with {args.backend}; {machine}")
+    print(f"\n{dataset_name(data)} ({data}), {args.image_size}x{args.image_size}, evaluated with {args.backend}; {machine}")
     print_table(("model", "preset", "steps", "train time", "image AUROC", "pixel AUROC", "AUPRO"),
                 [(r["model"], r["preset"], str(r["steps"]), f"{r['train_s'] / 60:.1f} min", _f(r["image_auroc"]),
                   _f(r["pixel_auroc"]), _f(r["aupro"])) for r in rows])

@@ -133,6 +133,23 @@ def dataset(ap: argparse.ArgumentParser, given: str | None, need: tuple[str, ...
     return None
 
 
+def dataset_name(path: Path) -> str:
+    """What a table calls the dataset at ``path``: the title of its README (README.md, README.txt or README:
+    the first non-empty line, a Markdown heading's ``#`` dropped), else "Magnetic Tile" for the shared split,
+    else the folder's name."""
+    for name in ("README.md", "README.txt", "README"):
+        try:
+            lines = (path / name).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        title = next((x.strip().lstrip("#").strip() for x in lines if x.strip().lstrip("#").strip()), "")
+        if title:
+            return title[:80]
+    if path.resolve() == DEFAULT_DATA.resolve():
+        return "Magnetic Tile"
+    return path.resolve().name
+
+
 def fail(prog: str, msg: str):
     """End the bench as an argument error does: ``PROG: error: MSG`` on stderr, exit 2."""
     print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)

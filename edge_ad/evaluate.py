@@ -44,7 +44,6 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
     out = Path(out_dir) if out_dir else bundle.path / "eval"
     if out.exists() and not out.is_dir():         # checked before the images are inferred, not after
         raise InputError(f"--out {out}: is a file; expected a folder for report.json and the pictures")
-    out.mkdir(parents=True, exist_ok=True)
     cat = MVTecCategory(data)
     samples = cat.test_samples()
     be = open_backend(bundle, backend, precision, device)
@@ -82,6 +81,7 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
                    "seconds": round(seconds, 2), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2),
                    "samples": sample_rows(samples, scores, cat.path, cal.threshold)})
     report["files"] = {"report": str(out / "report.json")}
+    out.mkdir(parents=True, exist_ok=True)   # once the inputs were read and scored: a refused eval makes none
     atomic.write_json(out / "report.json", report)
     if pictures:
         from . import viz

@@ -206,6 +206,28 @@ def test_accuracy_keeps_earlier_rows_when_a_later_model_fails(capsys, monkeypatc
     assert rows["gaussian-quick"]["command"].startswith("python bench/accuracy.py --models gaussian,fader")
 
 
+def test_accuracy_table_names_the_dataset_of_data(capsys, monkeypatch, tmp_path):
+    """The table was labelled "Magnetic Tile" whatever --data was: now the README title, else the folder."""
+    import edge_ad.evaluate
+    import edge_ad.train.pipeline
+
+    class Trained:
+        manifest = {"training": {"steps": 0}, "model": {"config": {}}}
+
+    monkeypatch.setattr(edge_ad.train.pipeline, "train_bundle", lambda *a, **kw: Trained())
+    monkeypatch.setattr(edge_ad.evaluate, "evaluate", lambda *a, **kw: {
+        "overall": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}, "backend": "x", "images_per_second": 1.0})
+    acc = _bench("accuracy")
+    data = _mvtec(tmp_path / "screws")
+    argv = ["--models", "gaussian", "--data", str(data), "--out", str(tmp_path / "a.json"), "--work", str(tmp_path / "w")]
+    assert acc.main(argv) == 0
+    assert f"\nscrews ({data}), 256x256" in capsys.readouterr().out
+    (data / "README.md").write_text("\n# Bottle caps, line 3\n\nsome text\n")
+    assert acc.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"\nBottle caps, line 3 ({data}), 256x256" in out and "Magnetic Tile" not in out
+
+
 def test_calibration_writes_the_accuracy_results_before_the_timing(capsys, monkeypatch, tmp_path):
     from fixtures_bundle import make_tiny_bundle
 

@@ -1,6 +1,7 @@
 """Training, bundles and evaluation on tiny synthetic data (64x64, a few steps)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +288,33 @@ def test_teacher_file_in_public_format(category, tmp_path):
                      teacher=str(tmp_path / "bad.pth"))
 
 
+def test_teacher_file_of_wrong_shapes_or_missing_keys_is_refused_when_read(tmp_path):
+    """Right layer indices but a wrong shape or a missing key failed in load_state_dict (a traceback) after
+    the images were loaded; now every key and shape is checked when the file is read, before --data."""
+    from edge_ad.models.pdn import pdn_medium
+
+    def refused(sd, match, model="efficientad-s"):
+        torch.save(sd, tmp_path / "t.pth")
+        with pytest.raises(InputError, match=match):
+            train_bundle(model, tmp_path / "no data", tmp_path / "b", image_size=SIZE, steps=1,
+                         export=False, teacher=str(tmp_path / "t.pth"))
+        assert not (tmp_path / "b").exists()
+
+    good = pdn_small(8).state_dict()
+    refused({**good, "0.weight": torch.zeros(128, 3, 3, 3)},
+            r"t\.pth: layer 0\.weight has shape 128x3x3x3, expected 128x3x4x4 \(PDN-S\)$")
+    refused({**good, "3.weight": torch.zeros(256, 64, 4, 4)}, r"layer 3\.weight has shape 256x64x4x4, expected "
+            r"256x128x4x4")
+    refused({**good, "8.bias": torch.zeros(9)}, r"layer 8\.bias has shape 9, expected 8 \(PDN-S\)")  # channels
+    refused({k: v for k, v in good.items() if k != "8.bias"},
+            r"not a complete teacher \(PDN-S, 8 output channels\): missing 8\.bias \(expected the keys 0\.weight")
+    refused({**good, "6.running_mean": torch.zeros(256)}, r"unexpected 6\.running_mean")
+    refused({**good, "6.bias": torch.zeros(256, dtype=torch.int64)}, r"layer 6\.bias is a tensor of torch\.int64")
+    medium = pdn_medium(4).state_dict()
+    refused({**medium, "12.weight": torch.zeros(4, 4, 3, 3)},
+            r"layer 12\.weight has shape 4x4x3x3, expected 4x4x1x1 \(PDN-M\)", "efficientad-m")
+
+
 def test_penalty_dir_takes_an_mvtec_category_as_distill_teacher_does(category, tmp_path, caplog):
     """--penalty-dir CATEGORY found no images (it looked in CATEGORY only); now its train/good's, as
     distill-teacher's --data; a folder with none at all is refused naming it, before any image is loaded."""
@@ -419,7 +447,7 @@ def test_resume_without_a_checkpoint_or_from_an_older_one_is_refused(category, t
     assert "run without --resume" in r.output
 
 
-def _tiny_loop(state, on_step, steps=50, **kw):
+def _tiny_loop(state, on_step, steps=50, checkpoint_every=1000, **kw):
     """run_loop on a 3-weight model; ``on_step(i)`` runs inside step i, before its loss."""
     from edge_ad.train.loops import LoopConfig, run_loop
 
@@ -432,7 +460,7 @@ def _tiny_loop(state, on_step, steps=50, **kw):
         calls.append(1)
         return {"loss": model(torch.ones(4, 2)).pow(2).mean()}
 
-    cfg = LoopConfig(steps=steps, state_path=state, checkpoint_every=1000, run={"command": "test"}, **kw)
+    cfg = LoopConfig(steps=steps, state_path=state, checkpoint_every=checkpoint_every, run={"command": "test"}, **kw)
     return model, lambda: run_loop(step, model, list(model.parameters()), cfg, "test")
 
 
@@ -454,6 +482,50 @@ def test_a_signal_stops_the_loop_after_the_step_and_saves_its_state(tmp_path, si
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     model, run = _tiny_loop(state, lambda i: None, resume=True)
     assert run()["resumed_at"] == 3
+
+
+def test_a_non_finite_loss_stops_the_loop_and_no_nan_state_is_saved(tmp_path):
+    """A NaN loss trained every step on loss=nan and saved its NaN weights for --resume; now the loop stops
+    at it (read every 10 steps and before each save) naming the step, and keeps only a finite checkpoint."""
+    state = tmp_path / "train_state.pt"
+    held = {}
+
+    def poison_at(n):
+        return lambda i: i == n and held["model"].weight.data.fill_(float("nan"))
+
+    held["model"], run = _tiny_loop(state, poison_at(5), checkpoint_every=3)
+    with pytest.raises(InputError, match=rf"^test: the loss is not finite \(NaN or inf\) at step 6 of 50 \(loss\): "
+                       rf"training stopped there, .*\({re.escape(str(state))} keeps the last checkpoint saved "
+                       r"before it\)\. Likely causes: a learning rate too high \(learning rate 0\.0001\), images"):
+        run()
+    st = torch.load(state, weights_only=True)
+    assert st["step"] == 3 and all(torch.isfinite(v).all() for v in st["model"].values())
+    state.unlink()
+    held["model"], run = _tiny_loop(state, poison_at(12), steps=15)  # between two reads: found at the end
+    with pytest.raises(InputError, match=r"at step 13 of 15 .*\(no training state was saved\)"):
+        run()
+    assert not state.exists()
+
+
+def test_a_teacher_file_with_a_nan_is_refused_when_read(tmp_path):
+    sd = pdn_small(8).state_dict()
+    sd["6.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, tmp_path / "t.pth")
+    with pytest.raises(InputError, match=r"t\.pth: layer 6\.weight holds 1 non-finite value \(NaN or inf\) of "
+                       r"589824; the teacher file is damaged"):
+        train_bundle("efficientad-s", tmp_path / "no data", tmp_path / "b", image_size=SIZE, steps=1,
+                     teacher=str(tmp_path / "t.pth"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_off_a_terminal_the_loss_postfix_prints_no_line_of_its_own(tmp_path, capsys):
+    """The loss shown every 10 steps refreshed the bar: a line every 10 steps in a log, not one every 30 s.
+    A fast loop of 200 steps now prints its first and last line only."""
+    _, run = _tiny_loop(tmp_path / "train_state.pt", lambda i: None, steps=200)
+    run()
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("test:")]
+    assert len(lines) == 2 and "0/200" in lines[0] and "200/200" in lines[1] and "loss=" in lines[1], err
 
 
 def test_efficientads_teacher_normalization_shows_progress_off_a_terminal(capsys):
@@ -823,6 +895,10 @@ def test_eval_says_where_it_wrote_the_report_and_pictures(category, tmp_path):
                      "histogram": str(tmp_path / "e" / "histogram.png")}
     assert all(Path(f).is_file() for f in files.values())
     assert json.loads((tmp_path / "e" / "report.json").read_text())["files"] == files
+    # a refused input makes no --out folder (it was made before --data was read: an empty one each time)
+    for args in (["--data", str(tmp_path / "no data")], ["--data", str(category), "--backend", "nope"]):
+        res = r.invoke(main, ["eval", "--bundle", str(b.path), *args, "--out", str(tmp_path / "new" / "e")])
+        assert res.exit_code == 2 and not (tmp_path / "new").exists(), res.output
 
 
 def test_the_training_images_bit_depth_is_recorded_and_eval_warns_about_images_of_another(category, tmp_path,

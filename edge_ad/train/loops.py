@@ -4,7 +4,9 @@ Both loops: Adam, learning rate x0.1 at 95% of the steps (EfficientAD's schedule
 a checkpoint every ``checkpoint_every`` steps (``train_state.pt``, atomic) and ``resume``. A checkpoint
 records what defines its run (``LoopConfig.run``); a resume is refused unless the run matches it.
 SIGINT / SIGTERM (Ctrl-C) during a loop with a checkpoint file finish the current step, save the state
-there and raise :class:`Interrupted`; a second one aborts at once. Deterministic given the seed (CPU).
+there and raise :class:`Interrupted`; a second one aborts at once.
+A loss that is not finite (read every 10 steps, before each save and at the end) stops the loop with an
+InputError naming the step: no state of the NaN weights is saved. Deterministic given the seed (CPU).
 """
 
 from __future__ import annotations
@@ -124,12 +126,35 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
     t0 = time.time()
     started = t0 if cfg.started is None else cfg.started
 
+    losses: dict = {}
+    names: list = []
+    first_bad = None  # per loss, on the device (no host sync per step): the first step it was not finite
+    bar = progress_bar(cfg.steps, desc, "step", initial=start)
+
+    def check_finite():
+        """Stop at a non-finite loss (read every 10 steps and before any save): its weights are lost."""
+        if first_bad is None:
+            return
+        at = first_bad.tolist()
+        bad = [(s, n) for s, n in zip(at, names) if s < cfg.steps]
+        if not bad:
+            return
+        bar.close()
+        step = min(s for s, _ in bad)
+        kept = (f"{cfg.state_path} keeps the last checkpoint saved before it" if cfg.state_path is not None
+                and cfg.state_path.is_file() else "no training state was saved")
+        raise InputError(
+            f"{desc}: the loss is not finite (NaN or inf) at step {step + 1} of {cfg.steps} "
+            f"({', '.join(n for s, n in bad if s == step)}): training stopped there, its weights are lost "
+            f"and nothing was written from them ({kept}). Likely causes: a learning rate too high "
+            f"(learning rate {cfg.lr:g}), images with broken or extreme pixel values, or a teacher whose weights "
+            "or outputs are not finite")
+
     def save(step):
+        check_finite()  # never a state that --resume would continue on NaN weights from
         save_checkpoint(cfg.state_path, model, opt, step, gen, cfg.run, cfg.extra,
                         seconds=earlier + time.time() - started)
 
-    losses: dict = {}
-    bar = progress_bar(cfg.steps, desc, "step", initial=start)
     done = start
     for step in range(start, cfg.steps):
         if stop["signal"] is not None:
@@ -146,12 +171,18 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
         losses["loss"].backward()
         opt.step()
         done = step + 1
+        names = [k for k, v in losses.items() if torch.is_tensor(v)]
+        bad = ~torch.isfinite(torch.stack([losses[k].detach().float().reshape(()) for k in names]))
+        first_bad = (torch.where(bad, step, cfg.steps) if first_bad is None else
+                     torch.where(bad & (first_bad == cfg.steps), step, first_bad))
         bar.update(1)
         if step % 10 == 0:  # reading a loss waits for the GPU: not on every step
-            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
+            check_finite()
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}", refresh=False)  # shown at the next line
         if cfg.state_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save(step + 1)
     bar.close()
+    check_finite()
     last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
     if stop["signal"] is not None:
         save(done)

@@ -26,6 +26,7 @@ from ..bundle import (_TEMP_RE, TRAINING_IMAGES, TRAINING_STATE, Bundle, foreign
                       now_iso, switch_leftovers, training_images_bytes)
 from ..errors import InputError, RuntimeFailure
 from ..models import KINDS, build, check_model_config, default_config, describe, load_weights
+from ..models.pdn import pdn
 from ..data.mvtec import MVTecCategory, smallest_split, split_train_val
 from .common import (ImagesSeen, check_run, file_list_id, load_images, penalty_folder, penalty_images, progress_bar,
                      resume_state, seed_everything)
@@ -67,8 +68,49 @@ def load_teacher_file(path: str | Path) -> tuple[str, int, dict]:
         size = "m"
     else:
         raise InputError(f"{p}: layer indices {convs} match neither PDN-S (0,3,6,8) nor PDN-M (0,3,6,8,10,12)")
-    channels = int(sd[f"{convs[-1]}.weight"].shape[0])
+    last = sd[f"{convs[-1]}.weight"]
+    if not isinstance(last, torch.Tensor) or last.dim() != 4 or last.shape[0] < 1:
+        raise InputError(f"{p}: layer {convs[-1]}.weight is not a 4-d tensor with output channels; expected the "
+                         f"last conv's weights (PDN-{size.upper()})")
+    channels = int(last.shape[0])
+    check_teacher_tensors(p, size, channels, sd)
     return size, channels, sd
+
+
+def _shape(shape) -> str:
+    return "x".join(str(int(n)) for n in shape) or "a scalar"
+
+
+def check_teacher_tensors(p: Path, size: str, channels: int, sd: dict) -> None:
+    """Every key of a PDN-``size`` teacher with ``channels`` output channels is in ``sd``, none other, each a
+    floating-point tensor of the PDN's shape holding finite values: checked when the file is read, before any
+    image loads (a wrong shape or a missing key failed in load_state_dict after the images were loaded; a
+    NaN trained every step on loss=nan)."""
+    with torch.device("meta"):  # the shapes only: no weights are made
+        expected = {k: tuple(v.shape) for k, v in pdn(size, channels).state_dict().items()}
+    name = f"PDN-{size.upper()}, {channels} output channels"
+    missing = [k for k in expected if k not in sd]
+    extra = sorted(str(k) for k in sd if k not in expected)
+    if missing or extra:
+        said = [f"missing {', '.join(missing)}"] if missing else []
+        said += [f"unexpected {', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}"] if extra else []
+        raise InputError(f"{p}: not a complete teacher ({name}): {'; '.join(said)} (expected the keys "
+                         f"{', '.join(expected)})")
+    for k, want in expected.items():
+        v = sd[k]
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{p}: layer {k} is a {type(v).__name__}, expected a tensor of shape {_shape(want)} "
+                             f"({name})")
+        if tuple(v.shape) != want:
+            raise InputError(f"{p}: layer {k} has shape {_shape(v.shape)}, expected {_shape(want)} "
+                             f"(PDN-{size.upper()})")
+        if not v.is_floating_point():
+            raise InputError(f"{p}: layer {k} is a tensor of {v.dtype}, expected floating-point weights ({name})")
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise InputError(f"{p}: layer {k} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
+                             f"{v.numel()}; the teacher file is damaged or was written by a training that "
+                             "diverged: use another teacher file")
 
 
 @torch.no_grad()
