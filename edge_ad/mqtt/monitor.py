@@ -446,12 +446,16 @@ class FleetView:
             del row._gaps[:-MAX_OPEN_GAPS]
             since = self._gap_log.hit(f"{row.site}/{row.device}", missing)
             if since:
-                log.warning("monitor: %s/%s: %s seq %d..%d never arrived, %d of them not announced by the device "
+                # the parts still missing, not the whole gap: a late message may have filled some of it meanwhile
+                lost = ", ".join(f"{a}" if a == b else f"{a}..{b}" for _, a, b, *_ in sorted(parts, key=lambda p: p[1]))
+                whole = "" if lost == f"{first}..{last}" or (first == last and lost == f"{first}") else \
+                    f" (of the gap {first}..{last}, the rest arrived late or was announced)"
+                log.warning("monitor: %s/%s: %s seq %s%s never arrived, %d of them not announced by the device "
                             "within %g s (%d missing since the last report, %d results and %d events in all): lost "
                             "between the device and this monitor, e.g. by the broker (Mosquitto's "
                             "max_queued_messages: see docs/mqtt.md, 'The broker'), or dropped by the device and "
                             "announced in an output_error event that did not reach this monitor in time (or named by "
-                            "id only, by an older device)", row.site, row.device, kind, first, last, missing,
+                            "id only, by an older device)", row.site, row.device, kind, lost, whole, missing,
                             self.gap_grace_s, since, row.results_missing, row.events_missing)
 
     @staticmethod
