@@ -651,6 +651,13 @@ def test_password_from_environment_and_never_logged(mosquitto_factory, tmp_path,
     assert _wait(lambda: bad.stats()["last_error"] and "refused" in bad.stats()["last_error"], 10)
     assert not bad.connected
     bad.stop(timeout=1)
+    # the device's log and last_error say what to check on the device (not a CLI tool's options)
+    said = bad.stats()["last_error"]
+    assert said.startswith(f"the broker {bad.settings.safe_url} refused the connection: "), said
+    assert "mqtt.username" in said and "EDGE_AD_MQTT_PASSWORD in edge-ad.env" in said and "ACL" in said, said
+    assert "--username" not in said, said
+    assert any(r.levelno == logging.ERROR and "EDGE_AD_MQTT_PASSWORD in edge-ad.env" in r.getMessage()
+               for r in caplog.records), caplog.text
     text = caplog.text
     assert "Sup3r-Secret" not in text and "wrong-Secret" not in text and "wrong-Url-Secret" not in text
 

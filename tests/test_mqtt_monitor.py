@@ -563,6 +563,27 @@ def test_a_monitor_started_late_reads_paused_from_the_retained_birth(mosquitto, 
     assert view.table().splitlines()[1].split()[2:4] == ["online", "paused"]
 
 
+def test_an_offline_device_is_not_shown_paused():
+    """The will and the stop's status carry no 'paused': a device paused, then stopped or dead, showed 'offline
+    paused' for ever. Going offline clears 'paused' (table and JSON); the next birth sets it again."""
+    view = FleetView(clock=lambda: 1000.0)
+    topic = f"{B}/p1/cam1/status"
+    for reason in ("will", "stopped"):
+        view.consume(topic, _j({"state": "online", "paused": True}))
+        view.consume(f"{B}/p1/cam1/telemetry", _j({"fps": 0.0, "paused": True}))
+        assert view.table().splitlines()[1].split()[2:4] == ["online", "paused"]
+        row = view.consume(topic, _j({"state": "offline", "reason": reason}))
+        assert row.paused is None and row.to_dict(1000.0)["paused"] is None, reason
+        assert view.table().splitlines()[1].split()[2:4] == ["offline", "0.0"], view.table()   # STATE, FPS
+    view.consume(topic, _j({"state": "online", "paused": True}))          # back, still paused: its birth says so
+    assert view.rows()[0].paused is True
+    view.consume(topic, _j({"state": "offline", "reason": "will"}))
+    view.consume(topic, _j({"state": "online", "paused": False}))         # back, running
+    assert view.rows()[0].paused is False and view.rows()[0].to_dict()["paused"] is False
+    view.consume(topic, _j({"state": "online", "paused": True}))
+    assert view.consume(topic, b"").paused is None                        # decommissioned: removed, not paused
+
+
 def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
     """Live: a device cut off from the broker fills its outbox, which drops the oldest results; after the
     reconnect the monitor's JSON rows show the results it never got (the monitor itself stayed connected)."""

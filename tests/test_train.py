@@ -507,6 +507,36 @@ def test_a_non_finite_loss_stops_the_loop_and_no_nan_state_is_saved(tmp_path):
     assert not state.exists()
 
 
+def test_a_fresh_training_that_fails_before_a_checkpoint_leaves_no_out_folder(category, tmp_path, monkeypatch):
+    """A fresh run made --out for its checkpoints and, failing before the first (a non-finite loss, a crash in the
+    first steps), left it empty (and the folders above it it made). It leaves nothing it made now; an --out that
+    was there before stays, and one failed after a checkpoint keeps it for --resume."""
+    from edge_ad.train import loops
+
+    real_lr_at = loops.lr_at
+    monkeypatch.setattr(loops, "lr_at", lambda *a, **k: float("nan"))   # NaN weights: the loss is not finite
+    kw = dict(image_size=SIZE, batch_size=1, steps=3, export=False)
+    out = tmp_path / "new" / "bundles" / "b"
+    with pytest.raises(InputError, match="the loss is not finite"):
+        train_bundle("efficientad-s", category, out, **kw)
+    assert list(tmp_path.iterdir()) == []                         # neither b nor the folders made above it
+    out.mkdir(parents=True)                                       # an empty --out that was there before
+    with pytest.raises(InputError, match="the loss is not finite"):
+        train_bundle("efficientad-s", category, out, **kw)
+    assert out.is_dir() and list(out.iterdir()) == []
+    out.rmdir()
+
+    def crash(*a, **k):                                           # a crash after the first checkpoint
+        if not (out / "train_state.pt").exists():
+            return real_lr_at(*a, **k)
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(loops, "lr_at", crash)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train_bundle("fader", category, out, checkpoint_every=1, **kw)
+    assert [p.name for p in out.iterdir()] == ["train_state.pt"]  # kept for --resume
+
+
 def test_a_teacher_file_with_a_nan_is_refused_when_read(tmp_path):
     sd = pdn_small(8).state_dict()
     sd["6.weight"][0, 0, 0, 0] = float("nan")

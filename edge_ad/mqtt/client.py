@@ -111,12 +111,19 @@ def connect_error_text(exc: OSError, settings: BrokerSettings) -> str:
     return f"{where}: {exc.strerror or exc}"
 
 
-def refused_text(settings: BrokerSettings, reason_code: Any) -> str:
+# what to check when the broker refuses the login: a CLI tool's (its options) and the device's (its service files)
+CLI_LOGIN_HINT = "check the user name and password: --username and $EDGE_AD_MQTT_PASSWORD, or mqtt.username"
+DEVICE_LOGIN_HINT = ("check the user name and password: mqtt.username in the config, EDGE_AD_MQTT_PASSWORD in "
+                     "edge-ad.env or the URL's password, and that the broker's ACL lets this user connect")
+
+
+def refused_text(settings: BrokerSettings, reason_code: Any, hint: str = CLI_LOGIN_HINT) -> str:
     """The broker answered the connection with a refusal (a failed CONNACK): its reason, and for the login
-    refusals what to check."""
+    refusals what to check (``hint``: :data:`CLI_LOGIN_HINT` for a CLI tool, :data:`DEVICE_LOGIN_HINT` for the
+    device's link)."""
     why = f"the broker {settings.safe_url} refused the connection: {reason_text(reason_code)}"
     if reason_value(reason_code) in (0x86, 0x87, 4, 5):   # bad user name or password, not authorized (3.1.1: 4, 5)
-        why += " (check the user name and password: --username and $EDGE_AD_MQTT_PASSWORD, or mqtt.username)"
+        why += f" ({hint})"
     return why
 
 

@@ -58,7 +58,8 @@ from .. import __version__
 from ..errors import InputError, RuntimeFailure, clip_text
 from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
-from .client import connect_async, connect_error_text, make_client, reason_failed, reason_text, reason_value
+from .client import (DEVICE_LOGIN_HINT, connect_async, connect_error_text, make_client, reason_failed, reason_text,
+                     reason_value, refused_text)
 from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import DROP_IDS_PER_EVENT, DropNames, Outbox
 from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
@@ -716,7 +717,7 @@ class MqttLink:
     def _connect_done(self, client, flags, reason_code, properties) -> None:
         if reason_failed(reason_code):
             self._connected = False
-            self._last_error = f"broker {self.settings.safe_url} refused the connection: {reason_text(reason_code)}"
+            self._last_error = refused_text(self.settings, reason_code, DEVICE_LOGIN_HINT)
             log.error("mqtt: %s", self._last_error)
             return
         limit = getattr(properties, "MaximumPacketSize", None) if client.protocol == paho.MQTTv5 else None

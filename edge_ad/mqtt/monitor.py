@@ -1,16 +1,16 @@
 """Fleet monitor: every device seen under ``edge-ad/v1/<site>/<device>/``, one row each.
 
 :class:`FleetView` is pure: feed it ``(topic, payload)`` and read rows, so it is tested without a broker.
-:func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad
-monitor``. Sources per column: state from the retained ``status`` (birth / will; ``paused`` from the birth or
-telemetry), fps, latency, NG rate, outbox depth and drift from ``telemetry``, the last result from ``result``
-(the newest ``seq``), the calibration version from the retained ``calibration`` (else the birth message), the
-threshold deciding from the latest result (the newest ``seq``), telemetry or retained ``calibration``'s
-``threshold_in_force`` (else the calibration's; the calibration's is kept as ``calibration_threshold``), last
-seen from the messages received live, else the retained status's ``ts`` (when it connected or stopped; none for
-the will, nor for a ``ts`` ahead of the monitor's clock by more than ``clock_skew_s``). A device that is
-``online`` but sent nothing for ``stale_after_s`` (by arrival times) shows as ``stale`` (:meth:`FleetView.settle`
-returns its row once when it turns so). A device whose
+:func:`run_monitor` connects, feeds it, and draws a live table (or streams JSON lines) for ``edge-ad monitor``.
+Sources per column: state from the retained ``status`` (birth / will; ``paused`` from the birth or telemetry,
+cleared while offline), fps, latency, NG rate, outbox depth and drift from ``telemetry``, the last result from
+``result`` (the newest ``seq``), the calibration version from the retained ``calibration`` (else the birth
+message), the threshold deciding from the latest result (the newest ``seq``), telemetry or retained
+``calibration``'s ``threshold_in_force`` (else the calibration's; the calibration's is kept as
+``calibration_threshold``), last seen from the messages received live, else the retained status's ``ts`` (when it
+connected or stopped; none for the will, nor for a ``ts`` ahead of the monitor's clock by more than
+``clock_skew_s``). A device that is ``online`` but sent nothing for ``stale_after_s`` (by arrival times) shows as
+``stale`` (:meth:`FleetView.settle` returns its row once when it turns so). A device whose
 clock differs from the monitor's by more than ``clock_skew_s`` (:data:`CLOCK_SKEW_S`, 60 s; estimated from live
 telemetry and status; for a device this monitor hears neither from, from the ``ts`` of its new results, which may
 come from the outbox's backlog long after they were made: a clock ahead is flagged at once, one behind only from
@@ -293,7 +293,7 @@ class FleetView:
             row = self.devices.pop(key, None)
             if row is not None:
                 self._forget(row)
-                row.state, row.reason = "removed", None
+                row.state, row.reason, row.paused = "removed", None, None
             return row
         body: Any
         try:
@@ -519,7 +519,9 @@ class FleetView:
             row.version = b["version"]
         if "model_hash" in b:
             row.model_hash = b["model_hash"] if isinstance(b["model_hash"], str) else None
-        if isinstance(b.get("paused"), bool):   # the birth's, re-published on pause / resume (retained)
+        if row.state == "offline":   # stopped or died: not paused (the will carries no paused); the next birth says
+            row.paused = None
+        elif isinstance(b.get("paused"), bool):   # the birth's, re-published on pause / resume (retained)
             row.paused = b["paused"]
         cal = _int(b.get("calibration_version"))
         if cal is not None and row.calibration_version is None:

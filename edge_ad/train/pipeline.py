@@ -242,16 +242,26 @@ def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size:
     One training at a time per ``out``, for the whole run: two into the same folder (two shells) both wrote
     checkpoints there and switched their bundles in, each other's files mixed. The second is refused at once
     (:class:`InputError`, exit 2) naming the folder and the first one's pid; ``--resume`` of a run that was
-    stopped takes the folder as any training does."""
+    stopped takes the folder as any training does.
+
+    A fresh run that fails (an error, a non-finite loss, Ctrl-C) before it saved a checkpoint leaves nothing it
+    made: the ``out`` folder it made (the gradient-trained models make it for their checkpoints) is removed while
+    still empty, and so are the folders above it it made; an ``out`` that was there before stays as it was."""
     real = Path(os.path.realpath(out))  # a link to a bundle folder: the folder is the one guarded
     check_out_folder(real)   # its clear messages (a folder that is not writable) before the lock file is made
+    made = not real.exists()
     with atomic.output_lock(real, f"--out {out}: another edge-ad train into this folder is running (pid {{pid}}); "
                             "try again when it has finished, or choose another --out (nothing was changed)"):
-        return _train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset,
-                             teacher=teacher, seed=seed, device=device, resume=resume, penalty_dir=penalty_dir,
-                             policy=policy, val_fraction=val_fraction, batch_size=batch_size, lr=lr,
-                             max_minutes=max_minutes, export=export, config=config,
-                             checkpoint_every=checkpoint_every)
+        try:
+            return _train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset,
+                                 teacher=teacher, seed=seed, device=device, resume=resume, penalty_dir=penalty_dir,
+                                 policy=policy, val_fraction=val_fraction, batch_size=batch_size, lr=lr,
+                                 max_minutes=max_minutes, export=export, config=config,
+                                 checkpoint_every=checkpoint_every)
+        except BaseException:
+            if made:   # empty: no checkpoint to --resume from (one saved keeps it); the lock removes the parents
+                atomic._rmdir_quietly(real)
+            raise
 
 
 def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size: int = 256,
