@@ -537,6 +537,24 @@ def test_a_fresh_training_that_fails_before_a_checkpoint_leaves_no_out_folder(ca
     assert [p.name for p in out.iterdir()] == ["train_state.pt"]  # kept for --resume
 
 
+def test_weights_made_non_finite_by_a_finite_loss_stop_the_loop_with_the_same_error(category, tmp_path,
+                                                                                     monkeypatch):
+    """A NaN step size leaves the loss of its step finite and the weights NaN. FADeR's next step then failed inside
+    its binary cross-entropy ('all elements of input should be between 0 and 1'), a traceback; and a checkpoint or
+    a bundle could be written from those weights. The weights are now read before a save, when a step fails and at
+    the end: the same InputError as a non-finite loss, and no state of them is saved."""
+    from edge_ad.train import loops
+
+    monkeypatch.setattr(loops, "lr_at", lambda *a, **k: float("nan"))
+    kw = dict(image_size=SIZE, batch_size=1, export=False)
+    with pytest.raises(InputError, match=r"the weights are not finite \(NaN or inf\) at step 2 of 3, where the "
+                                         r"step failed, though the losses were"):
+        train_bundle("fader", category, tmp_path / "f", steps=3, **kw)
+    with pytest.raises(InputError, match=r"the weights are not finite \(NaN or inf\) at the checkpoint of step 1"):
+        train_bundle("efficientad-s", category, tmp_path / "e", steps=3, checkpoint_every=1, **kw)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "e").exists()    # nothing saved from NaN weights
+
+
 def test_a_teacher_file_with_a_nan_is_refused_when_read(tmp_path):
     sd = pdn_small(8).state_dict()
     sd["6.weight"][0, 0, 0, 0] = float("nan")

@@ -5,8 +5,9 @@ a checkpoint every ``checkpoint_every`` steps (``train_state.pt``, atomic) and `
 records what defines its run (``LoopConfig.run``); a resume is refused unless the run matches it.
 SIGINT / SIGTERM (Ctrl-C) during a loop with a checkpoint file finish the current step, save the state
 there and raise :class:`Interrupted`; a second one aborts at once.
-A loss that is not finite (read every 10 steps, before each save and at the end) stops the loop with an
-InputError naming the step: no state of the NaN weights is saved. Deterministic given the seed (CPU).
+A loss that is not finite (read every 10 steps, before each save and at the end), or weights that are not
+(read before each save, at the end and when a step fails: FADeR's loss refuses NaN outputs with a RuntimeError),
+stops the loop with an InputError naming the step: no state of the NaN weights is saved. Deterministic given the seed (CPU).
 """
 
 from __future__ import annotations
@@ -139,19 +140,31 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
         bad = [(s, n) for s, n in zip(at, names) if s < cfg.steps]
         if not bad:
             return
-        bar.close()
         step = min(s for s, _ in bad)
+        diverged(f"the loss is not finite (NaN or inf) at step {step + 1} of {cfg.steps} "
+                 f"({', '.join(n for s, n in bad if s == step)})")
+
+    def diverged(what):
+        bar.close()
         kept = (f"{cfg.state_path} keeps the last checkpoint saved before it" if cfg.state_path is not None
                 and cfg.state_path.is_file() else "no training state was saved")
         raise InputError(
-            f"{desc}: the loss is not finite (NaN or inf) at step {step + 1} of {cfg.steps} "
-            f"({', '.join(n for s, n in bad if s == step)}): training stopped there, its weights are lost "
+            f"{desc}: {what}: training stopped there, its weights are lost "
             f"and nothing was written from them ({kept}). Likely causes: a learning rate too high "
             f"(learning rate {cfg.lr:g}), images with broken or extreme pixel values, or a teacher whose weights "
             "or outputs are not finite")
 
+    def check_weights(where):
+        """Stop at non-finite weights: an update made them so while its loss was finite (a NaN step size or
+        gradient). Read before any save, when a step fails and at the end, not every step."""
+        with torch.no_grad():
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                diverged(f"the weights are not finite (NaN or inf) {where}, though the losses were (an update "
+                         "with a gradient or step size that was not)")
+
     def save(step):
         check_finite()  # never a state that --resume would continue on NaN weights from
+        check_weights(f"at the checkpoint of step {step} of {cfg.steps}")
         save_checkpoint(cfg.state_path, model, opt, step, gen, cfg.run, cfg.extra,
                         seconds=earlier + time.time() - started)
 
@@ -167,7 +180,15 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg, elapsed)
         opt.zero_grad(set_to_none=True)
-        losses = step_fn(gen)
+        try:
+            losses = step_fn(gen)
+        except RuntimeError:
+            # a loss that checks its input (FADeR's binary cross-entropy: "all elements of input should be between
+            # 0 and 1") refuses the outputs of weights a non-finite loss of an earlier step left: that loss is the
+            # cause, said as such, not a traceback
+            check_finite()
+            check_weights(f"at step {step + 1} of {cfg.steps}, where the step failed")
+            raise
         losses["loss"].backward()
         opt.step()
         done = step + 1
@@ -183,6 +204,7 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
             save(step + 1)
     bar.close()
     check_finite()
+    check_weights(f"after step {done} of {cfg.steps}")
     last = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
     if stop["signal"] is not None:
         save(done)
