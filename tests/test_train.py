@@ -309,6 +309,8 @@ def test_teacher_file_of_wrong_shapes_or_missing_keys_is_refused_when_read(tmp_p
     refused({k: v for k, v in good.items() if k != "8.bias"},
             r"not a complete teacher \(PDN-S, 8 output channels\): missing 8\.bias \(expected the keys 0\.weight")
     refused({**good, "6.running_mean": torch.zeros(256)}, r"unexpected 6\.running_mean")
+    # a key that is not a layer's: named (the message listed the first four keys, all of them right)
+    refused({**good, "extra.weight": torch.zeros(1)}, r"t\.pth: keys \['extra\.weight'\] are not a PDN state_dict")
     refused({**good, "6.bias": torch.zeros(256, dtype=torch.int64)}, r"layer 6\.bias is a tensor of torch\.int64")
     medium = pdn_medium(4).state_dict()
     refused({**medium, "12.weight": torch.zeros(4, 4, 3, 3)},

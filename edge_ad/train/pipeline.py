@@ -59,7 +59,8 @@ def load_teacher_file(path: str | Path) -> tuple[str, int, dict]:
         raise InputError(f"{p}: expected a PDN state_dict (keys like '0.weight', '3.weight', ...)")
     heads = {k.split(".")[0] for k in sd if isinstance(k, str) and k.endswith(".weight")}
     if not heads or not all(h.isdigit() for h in heads):
-        raise InputError(f"{p}: keys {sorted(map(str, sd))[:4]} are not a PDN state_dict "
+        odd = sorted(str(k) for k in sd if not str(k).split(".")[0].isdigit())   # the keys that are wrong
+        raise InputError(f"{p}: keys {(odd or sorted(map(str, sd)))[:4]} are not a PDN state_dict "
                          "(expected '0.weight', '3.weight', ...): neither PDN-S nor PDN-M")
     convs = sorted(int(h) for h in heads)
     if convs == [0, 3, 6, 8]:
