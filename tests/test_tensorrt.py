@@ -363,6 +363,28 @@ def test_best_is_int8_else_fp16_else_fp32(tmp_path, monkeypatch, passing, built)
     assert _in_use(b, built) == b"engine bytes" and {p.suffix for p in b.engines_dir.iterdir()} == {".engine", ".json"}
 
 
+def test_best_whose_fp32_cannot_be_built_says_the_fp16_guard_failure_too(tmp_path, monkeypatch):
+    """--precision best: INT8 and FP16 built and failed their guards, then FP32 failed to build: the error named
+    the FP32 build failure only, as if FP16 had not been tried; it now says the FP16 guard's verdict too."""
+    from edge_ad.compile.tensorrt import compile_bundle
+    from edge_ad.errors import RuntimeFailure
+
+    b = _bundle(tmp_path)
+    builds = []
+
+    def serialize():
+        builds.append(1)
+        if len(builds) == 3:                                  # int8, fp16, then fp32
+            raise RuntimeFailure("TensorRT could not build the engine: out of memory")
+        return b"engine bytes"
+
+    _compile_here(monkeypatch, serialize, guard_passes=set())
+    with pytest.raises(RuntimeFailure, match=r"out of memory \(before it, the tensorrt-fp16-\S+ engine failed its "
+                                             r"guard: tensorrt-fp16-\S+: FAIL  rank corr 0\.5000"):
+        compile_bundle(b, "best", progress=False)
+    assert len(builds) == 3
+
+
 def test_a_cut_while_a_rebuilt_engine_is_switched_in_leaves_the_old_or_the_new_engine(tmp_path, monkeypatch):
     """A power cut at each rename or delete of the switch (record_engine with a pending engine): run always
     finds a guarded engine, the old one or the new one, never none and never one the sidecar does not

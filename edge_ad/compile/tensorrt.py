@@ -288,6 +288,10 @@ def compile_bundle(bundle: Bundle, precision: str = "best", max_batch: int = DEF
                                progress=progress)
         except (RuntimeFailure, InputError) as exc:
             if prec == order[-1]:
+                if last_failure is not None:   # the one before built but failed its guard: the error says both
+                    kind = RuntimeFailure if isinstance(exc, RuntimeFailure) else InputError
+                    raise kind(f"{exc} (before it, the {last_failure['candidate']} engine failed its guard: "
+                               f"{guard_mod.summary(last_failure)})") from exc
                 raise
             _say(progress, f"{prec} engine could not be built ({exc}); trying {order[order.index(prec) + 1]}")
             continue
