@@ -1106,3 +1106,20 @@ def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_pa
     d.register("reload", lambda args: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")))
     assert d.handle(_msg("reload")).body["error"]["code"] == "internal"
 
+
+
+def test_a_mistyped_device_is_guessed_from_its_site_or_its_name_not_from_common_letters():
+    """The did-you-mean of 'command' and 'decommission' compared the whole 'site/device' with a loose cutoff, so
+    p9/cam9 'meant' p1/cam2 (their common 'p', '/cam'). A typo is in one part: the close devices of the same site,
+    then the same device under another site; the whole name only when it is much closer."""
+    from edge_ad.mqtt.topics import known_devices_text
+
+    def guess(site, device, *names):
+        text = known_devices_text(site, device, [f"edge-ad/v1/{n}/status" for n in names])
+        return text.partition("(did you mean ")[2].rstrip("?)")
+
+    assert guess("p9", "cam9", "p1/cam1", "p1/cam2") == ""
+    assert guess("plant9", "line3", "p1/cam1", "p1/cam2") == ""
+    assert guess("p1", "cam9", "p1/cam1", "p1/cam2") == "p1/cam2 or p1/cam1"
+    assert guess("p1", "cam3", "p1/cam1", "p1/cam2", "p2/cam3") == "p1/cam2, p1/cam1 or p2/cam3"
+    assert guess("plnt1", "line3-camera1", "plant1/line3-camera1", "plant2/line3-camera2") == "plant1/line3-camera1"

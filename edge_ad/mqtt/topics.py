@@ -185,10 +185,20 @@ def known_devices_text(site: str, device: str, status_topics: Iterable[str]) -> 
         return f"no device has a retained status under {ROOT}/ that this login can read"
     shown = ", ".join(names[:KNOWN_SHOWN]) + (f" and {len(names) - KNOWN_SHOWN} more" if len(names) > KNOWN_SHOWN
                                                else "")
-    guess = difflib.get_close_matches(f"{site}/{device}", names, n=3, cutoff=0.6)
+    guess = _guesses(site, device, names)
     return (f"the devices with a retained status under {ROOT}/ are {shown}"
             + (f" (did you mean {' or '.join([', '.join(guess[:-1]), guess[-1]] if guess[1:] else guess)}?)"
                if guess else ""))
+
+
+def _guesses(site: str, device: str, names: list[str]) -> list[str]:
+    """The known ``site/device`` names a mistyped one most likely meant, at most three: a typo is in one of the
+    two parts, so the devices of the same site whose names are close, then the same device under another site;
+    else the whole name, closer than a short one's common letters make it (``p9/cam9`` is not ``p1/cam2``)."""
+    pairs = [n.split("/", 1) for n in names]
+    guess = [f"{site}/{d}" for d in difflib.get_close_matches(device, [d for s, d in pairs if s == site], 3, 0.6)]
+    guess += [f"{s}/{device}" for s in difflib.get_close_matches(site, [s for s, d in pairs if d == device], 3, 0.0)]
+    return guess[:3] or difflib.get_close_matches(f"{site}/{device}", names, n=3, cutoff=0.8)
 
 
 def parse(topic: str) -> tuple[str, str, str] | None:
