@@ -65,6 +65,12 @@ class ModelSettings(_Section):
     golden_dir: Optional[Path] = Field(None, title="Golden images a model update must pass (default "
                                                    "<deploy_dir>/golden)")
     update_key: Optional[Path] = Field(None, title="Key that model update archives must be signed with")
+    download_max_mb: float = Field(1024.0, gt=0, allow_inf_nan=False,
+                                   title="Largest archive update_model downloads over http(s), in MiB (also at "
+                                         "most half the deploy disk's free space)")
+    download_timeout_s: float = Field(600.0, gt=0, le=86_400,
+                                      title="Longest an update_model download over http(s) may take, in seconds, "
+                                            "from the request to the last byte")
     backend: str = Field("auto", title="auto | onnxruntime | tensorrt | torch | openvino (x86 CPUs, optional)")
     precision: Optional[str] = Field(None, title="fp32 | fp16 | int8; empty: the bundle's active graph")
     device: Optional[str] = Field(None, title="cpu | cuda[:N] | tensorrt[:N]; empty: the best this machine has")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -3375,7 +3376,6 @@ def http_bytes():
     """An HTTP server on a free loopback port that answers every GET path (even "/.." or none) with
     ``state["data"]``; yields (base URL, state)."""
     import http.server
-    import threading
 
     state = {"data": b""}
 
@@ -3386,13 +3386,22 @@ def http_bytes():
             self.end_headers()
             self.wfile.write(state["data"])
 
-        def log_message(self, *args):
-            pass
+    with _serving(Handler) as base:
+        yield base, state
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+@contextlib.contextmanager
+def _serving(handler):
+    """An HTTP server of ``handler`` (quiet: its log_message is silenced) on a free loopback port, in a thread;
+    yields its base URL."""
+    import http.server
+    import threading
+
+    handler.log_message = lambda self, *args: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", state
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
     finally:
         srv.shutdown()
         srv.server_close()
@@ -3464,6 +3473,97 @@ def test_update_model_deletes_its_download_however_the_url_spells_http(bundles, 
             out = svc.update_model({"url": url, "sha256": sha256_file(archive)})
             assert out["already_installed"]
             assert not list((deploy / "downloads").iterdir()), url
+    finally:
+        svc.inspector.backend.close()
+
+
+@pytest.fixture
+def http_endless():
+    """An HTTP server on a free loopback port whose GET ``/forever`` streams zeros with no Content-Length,
+    ``/trickle`` sends a byte every 20 ms, and ``/big`` announces a Content-Length of 1 TiB then streams as
+    /forever does; each stops after 10 s or 64 MiB (an unbounded client then gets a short, mismatching
+    archive, not a hang); ``sent[path]`` counts the bytes sent. Yields (base URL, sent)."""
+    import http.server
+    import time
+
+    sent: dict[str, int] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            if self.path == "/big":
+                self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            sent[self.path] = 0
+            until = time.monotonic() + 10
+            try:
+                while time.monotonic() < until and sent[self.path] < 64 << 20:
+                    block = b"x" if self.path == "/trickle" else bytes(1 << 16)
+                    self.wfile.write(block)
+                    self.wfile.flush()
+                    sent[self.path] += len(block)
+                    if self.path == "/trickle":
+                        time.sleep(0.02)
+            except OSError:   # the client went away
+                pass
+            self.close_connection = True
+
+    with _serving(Handler) as base:
+        yield base, sent
+
+
+def test_a_download_is_bounded_in_size_and_time(http_endless, tmp_path, monkeypatch):
+    """A server streaming forever or trickling neither fills the deploy disk nor holds update_model: the
+    download stops at model.download_max_mb (refused before any byte when Content-Length says more), at half
+    the disk's free space, and at model.download_timeout_s, naming the URL, the limit and the setting; its
+    .part file is removed."""
+    import shutil
+
+    from edge_ad.runtime.service import _fetch_archive
+
+    base, sent = http_endless
+    dl = tmp_path / "dl"
+    with pytest.raises(RuntimeFailure) as err:
+        _fetch_archive(base + "/forever?t=s3cret", dl, "ab" * 32, max_mb=1)
+    assert str(err.value) == (f"update_model: cannot download {base}/forever: the archive is larger than 1 MiB "
+                              "(model.download_max_mb); stopped, nothing kept")
+    assert not list(dl.iterdir())
+    with pytest.raises(RuntimeFailure) as err:
+        _fetch_archive(base + "/big", dl, "ab" * 32, max_mb=1)
+    assert str(err.value) == (f"update_model: cannot download {base}/big: its Content-Length, {1 << 40} bytes, is "
+                              "over 1 MiB (model.download_max_mb); nothing downloaded")
+    assert not list(dl.iterdir())
+    with pytest.raises(RuntimeFailure) as err:
+        _fetch_archive(base + "/trickle", dl, "ab" * 32, timeout_s=0.3)
+    assert str(err.value) == (f"update_model: cannot download {base}/trickle: not done within 0.3 s "
+                              "(model.download_timeout_s); stopped, nothing kept")
+    assert 0 < sent["/trickle"] and not list(dl.iterdir())
+    # a disk with 3 MiB free takes at most half of it, whatever the setting allows
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=3 << 20))
+    with pytest.raises(RuntimeFailure) as err:
+        _fetch_archive(base + "/forever", dl, "ab" * 32)
+    assert str(err.value) == (f"update_model: cannot download {base}/forever: the archive is larger than 1.5 MiB, "
+                              f"half the free space of {dl} (3.0 MiB free: the install unpacks it beside the "
+                              "download; free disk space); stopped, nothing kept")
+    assert not list(dl.iterdir())
+
+
+def test_update_model_downloads_within_the_lines_settings(bundles, http_endless, tmp_path):
+    """update_model takes its limits from [model] download_max_mb and download_timeout_s; a refused download
+    is a failed reply and the line runs on."""
+    a, _, _ = bundles
+    deploy = tmp_path / "deploy"
+    install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    base, _ = http_endless
+    svc = _line(tmp_path, deploy, download_max_mb=0.5, download_timeout_s=0.3)
+    try:
+        for path, setting in (("/forever", "model.download_max_mb"), ("/trickle", "model.download_timeout_s")):
+            reply = _mqtt_update_model(svc)({"url": base + path, "sha256": "ab" * 32})
+            assert (reply["ok"], reply["error"]["code"]) == (False, "failed"), reply
+            assert f"({setting}); stopped, nothing kept" in reply["error"]["message"], reply
+            assert not list((deploy / "downloads").iterdir())
+        assert deployment(deploy).current_path.resolve() == Path(svc.bundle.path).resolve()
     finally:
         svc.inspector.backend.close()
 

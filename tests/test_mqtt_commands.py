@@ -118,6 +118,43 @@ def test_a_reply_topic_a_broker_or_paho_refuses_is_refused_and_answered_on_the_d
         assert schema.errors("command", {"reply_to": topic}) != []
 
 
+@pytest.mark.parametrize("topic", ["edge-ad/v1/s/d2/cmd/pause", "edge-ad/v1/s/d2/result", "edge-ad/v1/p9/d/status",
+                                   "edge-ad/v1/s/d/cmd/pause", "edge-ad/v1/s/d/event", "edge-ad/v1/s/d2/reply/status",
+                                   "edge-ad/v1/s/d/reply/", "edge-ad/v1/"])
+def test_a_reply_topic_under_the_device_tree_is_refused_but_its_own_replies(topic, caplog):
+    """reply_to 'edge-ad/v1/p1/cam2/cmd/pause' made the device publish its reply there with its credentials: a
+    command to another device (to its own cmd/pause: one it ran itself), or a result or status that passed for
+    another device's. Under edge-ad/v1/ only this device's reply/... is taken; the refusal is malformed, on
+    reply/<name>, naming the topic and why, and logged."""
+    seen = []
+    d = _dispatcher()
+    d.register("status", seen.append)
+    with caplog.at_level("WARNING"):
+        for field, msg in (("'reply_to'", _msg("status", {"reply_to": topic, "correlation_id": "c1"})),
+                           ("the MQTT v5 response topic", _msg("status", response_topic=topic, correlation_data=b"c"))):
+            r = d.handle(msg)
+            body = _check_reply(r)
+            assert r.topic == "edge-ad/v1/s/d/reply/status" and body["error"]["code"] == "malformed", body
+            assert body["error"]["message"].startswith(
+                f"cmd/status: {field} {topic!r} is under edge-ad/v1/, where the devices' status, results, events "
+                "and commands go: the reply would pass for a message of the device or a command to it; expected "), body
+            assert "not under edge-ad/v1/ but for edge-ad/v1/s/d/reply/<name>). Not run" in body["error"]["message"]
+            assert d.route(msg)[0] == "edge-ad/v1/s/d/reply/status"
+    assert seen == []
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(logged) == 2 and all(m.startswith("command status from ? refused: malformed: cmd/status: ") and
+                                    f"{topic!r} is under edge-ad/v1/" in m for m in logged), logged
+
+
+def test_reply_topics_of_requesters_and_the_devices_own_replies_are_kept():
+    d = _dispatcher()
+    for topic in ("edge-ad/replies/cli-1", "edge-ad/v1/s/d/reply/status", "edge-ad/v1/s/d/reply/x/y", "edge-ad/v1x/a",
+                  "edge-ad/v1", "Edge-AD/v1/s/d2/cmd/pause", "/edge-ad/v1/s/d2/cmd/pause"):
+        r = d.handle(_msg("status", {"reply_to": topic}))
+        assert r.topic == topic and r.body["ok"], r.body
+        assert d.handle(_msg("status", response_topic=topic)).topic == topic
+
+
 BAD_LEVELS = [(t.replace("fleet/", "x"), w) for t, w in BAD_REPLY_TOPICS[:4]] + [
     ("a/b", "holds '/'"), ("a+b", "wildcard"), ("#", "wildcard"), ("\u00e9" * 129, "258 bytes long"), ("", "is empty"),
     ("d\ud800", "lone surrogate")]
@@ -753,7 +790,7 @@ def test_a_bad_reply_topic_through_the_broker_costs_no_connection(mosquitto, tmp
     pub.connect(mosquitto.host, mosquitto.port)
     pub.loop_start()
     sent = [{"reply_to": "fleet/re\u0000ply"}, {"reply_to": "fleet/\u0001"}, {"reply_to": "$SYS/x"},
-            {"reply_to": "x" * 70_000}] + ([{}] if protocol == "5" else [])
+            {"reply_to": "x" * 70_000}, {"reply_to": "edge-ad/v1/s/d2/cmd/pause"}] + ([{}] if protocol == "5" else [])
     try:
         assert _wait(lambda: lk.connected)
         with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/s/d/reply/#") as col, \

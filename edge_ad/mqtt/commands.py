@@ -10,8 +10,10 @@ unknown, unauthorized or failing command gets an error reply (and a log line) an
 Where the reply goes: the MQTT v5 response topic with the request's correlation data; else the payload's
 ``reply_to`` (MQTT 3.1.1); else ``edge-ad/v1/<site>/<device>/reply/<name>``. A payload ``correlation_id`` is
 echoed in the reply body whichever way it goes. A reply topic that cannot be published to (NUL or control
-characters, wildcards, ``$SYS/...``, over 1024 bytes: :func:`~.topics.reply_topic_problem`) is refused: the
-command is not run, and its ``malformed`` reply, naming the field, goes to ``reply/<name>``.
+characters, wildcards, ``$SYS/...``, over 1024 bytes: :func:`~.topics.reply_topic_problem`), or that is under
+``edge-ad/v1/`` but not this device's ``reply/...`` (another device's ``cmd/pause``, ``result``, ...: the reply
+would go out with this device's credentials), is refused: the command is not run, and its ``malformed`` reply,
+naming the field, goes to ``reply/<name>`` (and a WARNING to the log).
 
 Authorization applies to the commands that change state (:data:`STATE_CHANGING`; all commands with
 ``command_auth_all``):
@@ -56,7 +58,7 @@ from typing import Any, Callable, Mapping
 from ..errors import EdgeADError, InputError, clip_text, os_error_text
 from . import payloads, schema
 from .settings import MqttSettings
-from .topics import MAX_REPLY_TOPIC_BYTES, Topics, check_level, reply_topic_problem
+from .topics import MAX_REPLY_TOPIC_BYTES, ROOT, Topics, check_level, reply_topic_problem
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +306,8 @@ class Dispatcher:
     def _route(self, msg: Incoming) -> tuple[str, bytes | None, str | None, str | None]:
         """:meth:`route` and why the reply topic the command named is refused (None: it is not). The v5 response
         topic wins over the payload's ``reply_to``; a refused one (:func:`~.topics.reply_topic_problem`: a
-        reply there would cost the device its connection) is replaced by ``reply/<name>``."""
+        reply there would cost the device its connection, or pass for a device's message or a command to it) is
+        replaced by ``reply/<name>``."""
         obj = None
         try:
             obj = _parse_object(msg.payload, "payload", finite=False)
@@ -320,7 +323,7 @@ class Dispatcher:
             field_name, reply_to = "'reply_to'", obj["reply_to"]
         else:
             return default, msg.correlation_data, corr_id, None
-        why = reply_topic_problem(reply_to)
+        why = reply_topic_problem(reply_to, self.topics)
         if why is None:
             return reply_to, msg.correlation_data, corr_id, None
         if isinstance(reply_to, str):   # cut: a 70 KB topic came back whole, in the reply and the log
@@ -330,7 +333,8 @@ class Dispatcher:
         return default, msg.correlation_data, corr_id, (
             f"cmd/{msg.name}: {field_name} {shown} {why}; expected a topic to publish the reply to (UTF-8 without "
             f"NUL or control characters, no '+' or '#', not starting with '$', at most {MAX_REPLY_TOPIC_BYTES} "
-            f"bytes). Not run; this reply went to {default}")
+            f"bytes, not under {ROOT}/ but for {self.topics.reply('<name>')}). Not run; this reply went to "
+            f"{default}")
 
     def error_reply(self, msg: Incoming, code: str, message: str) -> Reply:
         """A refusal of ``msg`` with ``code`` and ``message``; one whose reply topic is refused is refused for

@@ -12,7 +12,8 @@ telemetry         0      no        periodic fps, latency, drops, outbox depth, d
 calibration       1      yes       the calibration in force
 cmd/<name>        1      no        commands in; the reply goes to the v5 response topic
 reply/<name>      1      no        replies to commands that named no response topic, or one refused
-                                   (:func:`reply_topic_problem`)
+                                   (:func:`reply_topic_problem`: e.g. one under ``edge-ad/v1/`` that is
+                                   not this device's ``reply/...``)
 ================  =====  ========  ==================================================================
 """
 
@@ -144,13 +145,19 @@ def _text_problem(text: str, max_bytes: int) -> str | None:
     return why
 
 
-def reply_topic_problem(topic: object) -> str | None:
+def reply_topic_problem(topic: object, own: Topics | None = None) -> str | None:
     """Why ``topic`` (a command's v5 response topic or payload ``reply_to``, from anyone who may publish to
     ``cmd/#``) cannot be published to, else None. A reply published to such a topic costs the device its
     connection: the broker closes it for a NUL or control character, a non-character or a '$SYS/...' topic
     (where clients may not publish), paho refuses wildcards and topics over 65535 bytes, and paho sends a QoS 1
     reply again after every reconnect. Expected: UTF-8 without NUL, control characters or non-characters, no
-    '+' or '#', not starting with '$', at most :data:`MAX_REPLY_TOPIC_BYTES` bytes."""
+    '+' or '#', not starting with '$', at most :data:`MAX_REPLY_TOPIC_BYTES` bytes.
+
+    Nor a topic under ``edge-ad/v1/`` (:data:`ROOT`) but the ``reply/...`` topics of ``own`` (the device
+    answering; None: none): the device publishes its reply with its own credentials, so a reply to
+    ``edge-ad/v1/p1/cam2/cmd/pause`` would be a command to that device (to its own ``cmd/...``: one it runs
+    itself), and one to another device's ``result`` or ``status`` would pass for that device's message.
+    Requesters take their replies outside it (``edge-ad command``: ``edge-ad/replies/<client id>``)."""
     if not isinstance(topic, str):
         return "is not a string"
     if not topic:
@@ -160,6 +167,10 @@ def reply_topic_problem(topic: object) -> str | None:
         why = "holds a wildcard ('+' or '#'), which a message cannot be published to"
     if why is None and topic.startswith("$"):
         why = "starts with '$' (topics such as $SYS/... belong to the broker: clients may not publish there)"
+    if why is None and topic.startswith(f"{ROOT}/") and not (
+            own is not None and topic.startswith(own.reply("")) and topic != own.reply("")):
+        why = (f"is under {ROOT}/, where the devices' status, results, events and commands go: the reply would "
+               "pass for a message of the device or a command to it")
     return why
 
 

@@ -739,7 +739,8 @@ class Service:
                              "to only check")
         with deploy_lock(m.deploy_dir):   # one install at a time; stale staging is cleaned under it
             url = str(args["url"])
-            archive = _fetch_archive(url, Path(m.deploy_dir) / "downloads", str(args["sha256"]))
+            archive = _fetch_archive(url, Path(m.deploy_dir) / "downloads", str(args["sha256"]),
+                                     max_mb=m.download_max_mb, timeout_s=m.download_timeout_s)
             try:
                 return self._install_update(archive, precision, activate)
             finally:
@@ -1299,7 +1300,7 @@ def _rolled_back_event(release: str, reason: str, back) -> dict:
 _FETCH_SCHEMES = ("file", "http", "https")   # and a plain local path (no scheme)
 
 
-def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
+def _fetch_archive(url: str, folder: Path, sha256: str, max_mb: float = 1024.0, timeout_s: float = 600.0) -> Path:
     """A local copy of a bundle archive (file://, a path, or http(s)://), checked against ``sha256``.
 
     A download lands in ``folder`` under a name made from the command's sha256 (``<16 hex>.tar``, or
@@ -1307,9 +1308,18 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
     detects compression), never from the URL, whose path may end in ``/..``, ``/.`` or nothing, or carry
     any character. It is written to a ``.part`` file and moved in place only once its sha256 matches: a
     failed, refused or interrupted download leaves nothing behind. A mismatch is refused without the
-    file's own sha256 (:func:`_check_sha256`)."""
+    file's own sha256 (:func:`_check_sha256`).
+
+    A download is bounded (a server streaming forever or trickling must not fill the deploy disk or hold the
+    deploy lock): at most ``max_mb`` MiB (``model.download_max_mb``) and at most half the free space of
+    ``folder``'s disk (the install unpacks the archive beside it), refused before any byte when the server's
+    Content-Length says more; and done within ``timeout_s`` seconds (``model.download_timeout_s``) from the
+    request, each wait for the server also bounded by it (at most 60 s). RuntimeFailure naming the URL, the
+    limit and the setting."""
     import hashlib
     import http.client
+    import shutil
+    import time
     import urllib.request
     from urllib.parse import urlsplit
 
@@ -1327,13 +1337,35 @@ def _fetch_archive(url: str, folder: Path, sha256: str) -> Path:
         want = sha256.lower()
         dest = folder / (want[:16] + (".tar.gz" if parts.path.lower().endswith((".tar.gz", ".tgz")) else ".tar"))
         tmp = folder / f".{dest.name}.part"   # what install_bundle's cleanup of a killed install removes
+        free = shutil.disk_usage(folder).free
+        limit = min(int(max_mb * 2**20), free // 2)
+        cap = (f"{max_mb:g} MiB (model.download_max_mb)" if limit == int(max_mb * 2**20) else
+               f"{limit / 2**20:.1f} MiB, half the free space of {folder} ({free / 2**20:.1f} MiB free: the install "
+               "unpacks it beside the download; free disk space)")
+        late = (f"update_model: cannot download {shown}: not done within {timeout_s:g} s "
+                "(model.download_timeout_s); stopped, nothing kept")
         h = hashlib.sha256()
+        deadline = time.monotonic() + timeout_s
         try:
             try:
-                with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as fh:
-                    while chunk := r.read(1 << 20):
+                with urllib.request.urlopen(url, timeout=min(60.0, timeout_s)) as r, open(tmp, "wb") as fh:
+                    length = r.headers.get("Content-Length", "")
+                    if length.strip().isdigit() and int(length) > limit:   # refused before any byte
+                        raise RuntimeFailure(f"update_model: cannot download {shown}: its Content-Length, "
+                                             f"{int(length)} bytes, is over {cap}; nothing downloaded")
+                    got = 0
+                    while chunk := r.read1(1 << 20):   # what has come: a trickle is checked against the deadline
+                        got += len(chunk)
+                        if got > limit:
+                            raise RuntimeFailure(f"update_model: cannot download {shown}: the archive is larger "
+                                                 f"than {cap}; stopped, nothing kept")
+                        if time.monotonic() > deadline:
+                            raise RuntimeFailure(late)
                         h.update(chunk)
                         fh.write(chunk)
+            except TimeoutError as exc:   # a wait for the server: over the deadline or 60 s without a byte
+                raise RuntimeFailure(late if time.monotonic() > deadline else
+                                     f"update_model: cannot download {shown}: {exc}") from exc
             except (OSError, ValueError, http.client.HTTPException) as exc:   # e.g. InvalidURL (a bad port)
                 raise RuntimeFailure(f"update_model: cannot download {shown}: {exc}") from exc
             _check_sha256(shown, h.hexdigest(), sha256)
