@@ -58,8 +58,13 @@ def _mode_for(path: Path, mode: int | None) -> int:
         return 0o666 & ~_umask()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` atomically; permissions as :func:`_mode_for` says (0600 for secrets)."""
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, mode: int | None = None, sync: bool = True):
+    """Write ``path`` atomically through the binary file this yields: a temp file made with ``mkstemp``
+    (``O_EXCL``, a name nobody can guess, so a link planted in a shared folder is never followed) beside it,
+    moved over ``path`` when the block ends, removed when it fails. Permissions as :func:`_mode_for` says
+    (0600 for secrets). ``sync``: fsync the file and the folder (a record that must survive a power cut; not
+    for a stream of pictures)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     perm = _mode_for(path, mode)
@@ -67,19 +72,27 @@ def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -
     try:
         os.fchmod(fd, perm)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            yield fh
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and exc.filename is None:   # a full disk: say which file
             raise naming(exc, path) from exc
         raise
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`writing`)."""
+    with writing(path, mode, sync) as fh:
+        fh.write(data)
 
 
 @contextlib.contextmanager

@@ -1831,8 +1831,38 @@ def test_a_failed_snapshot_write_leaves_no_temp_file(tmp_path):
         st.save("20250101T000000_000_00000001_NG.jpg", "not bytes")    # fails after the temp file is made
     assert list((tmp_path / "snaps").iterdir()) == [] and st.count == 0
     (tmp_path / "snaps" / ".20250101T000001_000_00000002_NG.jpg.tmp").write_bytes(b"torn")  # a killed write
+    (tmp_path / "snaps" / ".20250101T000002_000_00000003_NG.jpg.k2x9q_ab.tmp").write_bytes(b"torn")  # mkstemp's
     SnapshotStore(tmp_path / "snaps")
     assert list((tmp_path / "snaps").iterdir()) == []
+
+
+def test_no_writer_follows_a_link_planted_at_its_temp_name(tmp_path, gaussian_bundle):
+    """bundle pack, capture and the NG snapshots wrote through a fixed '.NAME.tmp' beside their output and moved it
+    in: in a folder others may write, a link planted at that name made them overwrite the file it pointed at (as
+    root, any file), and the output became that link. They now write through a temp file nobody can guess
+    (atomic.writing: mkstemp); the planted link and its target are left alone."""
+    from click.testing import CliRunner
+
+    from edge_ad.calibration.package import pack_bundle, read_index
+    from edge_ad.cli import main
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victims = {}
+    for name in ("b.tar", "frame_00000.png", "20250101T000000_000_00000001_NG.jpg"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("the victim's own content")
+        (shared / f".{name}.tmp").symlink_to(victims[name])
+    pack_bundle(gaussian_bundle.path, shared / "b.tar")
+    res = CliRunner().invoke(main, ["capture", "--source", "synthetic://disc?size=64", "--out", str(shared),
+                                    "--frames", "1"])
+    assert res.exit_code == 0, res.output
+    SnapshotStore(shared).save("20250101T000000_000_00000001_NG.jpg", b"jpeg bytes")
+    for name, victim in victims.items():
+        assert victim.read_text() == "the victim's own content", name
+        assert not (shared / name).is_symlink() and (shared / name).is_file(), name
+    assert read_index(shared / "b.tar").index["bundle"]["model_hash"] == gaussian_bundle.model_hash()
+    assert (shared / "20250101T000000_000_00000001_NG.jpg").read_bytes() == b"jpeg bytes"
 
 
 def _unwritable_folder(tmp_path: Path) -> Path:

@@ -270,28 +270,20 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
     out.parent.mkdir(parents=True, exist_ok=True)
     name = out.name.lower()
     mode = "w:gz" if name.endswith((".tar.gz", ".tgz")) else "w"
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        with tarfile.open(tmp, mode, format=tarfile.PAX_FORMAT) as tar:
-            _add_bytes(tar, INDEX, index_bytes)
-            if key is not None:
-                sig = {"alg": key.alg, "key_id": key.key_id, "signature": _sign(key, index_bytes)}
-                _add_bytes(tar, SIGNATURE, (json.dumps(sig, indent=2) + "\n").encode())
-            for rel in files:
-                info = tar.gettarinfo(str(root / rel), arcname=f"{PREFIX}/{rel}")
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mode = 0o644
-                with open(root / rel, "rb") as fh:
-                    tar.addfile(info, fh)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:   # a full disk: say which file
-            raise atomic.naming(exc, out) from exc
-        raise
+    # a temp file nobody can guess (atomic.writing): a fixed '.NAME.tmp' in a shared folder let a planted link
+    # make pack overwrite the file it pointed at
+    with atomic.writing(out) as fh, tarfile.open(fileobj=fh, mode=mode, format=tarfile.PAX_FORMAT) as tar:
+        _add_bytes(tar, INDEX, index_bytes)
+        if key is not None:
+            sig = {"alg": key.alg, "key_id": key.key_id, "signature": _sign(key, index_bytes)}
+            _add_bytes(tar, SIGNATURE, (json.dumps(sig, indent=2) + "\n").encode())
+        for rel in files:
+            info = tar.gettarinfo(str(root / rel), arcname=f"{PREFIX}/{rel}")
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = 0o644
+            with open(root / rel, "rb") as src:
+                tar.addfile(info, src)
     return out
 
 

@@ -200,6 +200,7 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
     import cv2
     from tqdm import tqdm
 
+    from .. import atomic
     from ..errors import InputError
     from ..runtime.capture import Camera
     from ..runtime.pipeline import RoiFilter, apply_roi_rotate
@@ -274,9 +275,7 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
                 if not ok:
                     raise InputError(f"could not encode frame {raw.index} as {fmt}")
                 p = folder / f"{prefix}{first + saved:05d}.{fmt}"
-                tmp = p.with_name("." + p.name + ".tmp")
-                tmp.write_bytes(buf.tobytes())
-                os.replace(tmp, p)
+                atomic.write_bytes(p, buf.tobytes(), sync=False)   # no fixed temp name a planted link could take
                 saved += 1
                 last = now
                 bar.update(1)

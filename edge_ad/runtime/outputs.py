@@ -14,7 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-
+from .. import atomic
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class SnapshotStore:
         self.max_bytes = int(max_bytes)
         self.quality = int(quality)
         self._lock = threading.Lock()
-        for stale in self.folder.glob(".*.jpg.tmp"):  # left by a process killed mid-write
+        for stale in self.folder.glob(".*.jpg*.tmp"):  # left by a process killed mid-write (.NAME.jpg.XXXX.tmp)
             stale.unlink(missing_ok=True)
         existing = sorted((p for p in self.folder.glob("*.jpg") if _SNAP_RE.match(p.name)),
                           key=lambda p: p.name)
@@ -204,14 +204,8 @@ class SnapshotStore:
     def save(self, name: str, data: bytes) -> Path:
         """Write ``data`` as ``name`` (names sort by time: make them start with YYYYMMDDTHHMMSS)."""
         p = self.folder / name
-        tmp = p.with_name("." + p.name + ".tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, p)
-        except BaseException:   # a full disk: no partial temp file left behind
-            tmp.unlink(missing_ok=True)
-            raise
+        # a temp file nobody can guess, removed on failure (a full disk): no partial file, no planted link taken
+        atomic.write_bytes(p, data, sync=False)
         with self._lock:
             self._files.append((p, len(data)))
             self._bytes += len(data)
