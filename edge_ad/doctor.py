@@ -678,6 +678,27 @@ def check_outbox_left_behind(settings) -> list[Check]:
     return [Check("outbox", Status.WARN, left.what, fix=left.fix, data=data)]
 
 
+def check_update_key(path: str | os.PathLike) -> list[Check]:
+    """``model.update_key``, read as ``update_model`` and ``bundle install`` read it: a key it cannot use (missing,
+    empty, a short HMAC secret, an unreadable PEM) made every update refused, found only at the first one. Not
+    required: ``run`` starts all the same."""
+    from .calibration.package import load_key
+    from .errors import InputError
+
+    try:
+        key = load_key(path)
+    except InputError as exc:
+        return [Check("update key", Status.FAIL, f"model.update_key: {exc}: every update_model and bundle install "
+                      "will be refused", fix="point model.update_key at the key the archives are signed with (the "
+                      "public .pem of 'edge-ad bundle keygen', or an HMAC secret of at least 16 bytes)")]
+    except OSError as exc:
+        return [Check("update key", Status.FAIL, f"model.update_key: {path}: cannot read it ({exc.strerror}): "
+                      "every update_model and bundle install will be refused",
+                      fix="make it readable by the service's user (edge-ad)")]
+    return [Check("update key", Status.OK, f"{path}: {key.alg} key {key.key_id}: update archives must be signed "
+                  "with it", data={"alg": key.alg, "key_id": key.key_id})]
+
+
 # ---------------------------------------------------------------------------- bundle and engine
 def check_previous(deploy_dir: str | os.PathLike) -> list[Check]:
     """A warning when the deploy folder's ``previous`` link is damaged or its release gone: ``run`` starts on
@@ -1015,6 +1036,8 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
     m = settings.model if settings is not None else None
     if m is not None and m.bundle is None and m.deploy_dir is not None and not unresolved:
         checks += _safe("rollback", lambda: check_previous(m.deploy_dir))
+    if m is not None and m.update_key is not None:
+        checks += _safe("update key", lambda: check_update_key(m.update_key))
     if service:
         checks += _safe("service", check_service)
     return checks

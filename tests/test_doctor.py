@@ -349,6 +349,32 @@ def test_cli_with_config(tmp_path, tiny):
     assert res.exit_code == 2 and "--timeout" in res.output
 
 
+def test_doctor_reads_the_update_key_as_an_update_would(tmp_path, tiny):
+    """model.update_key was not looked at: an empty or short key passed doctor and made every update_model and
+    bundle install refused, found at the first one. Doctor now reads it (a failure that does not stop run)."""
+    b = copy_bundle(tiny, tmp_path / "b")
+    key = tmp_path / "update.key"
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\nbackend = "auto"\nupdate_key = "{key}"\n\n'
+                   '[source]\nuri = "synthetic://disc"\n')
+
+    def update_key():
+        res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"])
+        assert res.exit_code == 0, res.output          # run starts all the same
+        return {c["name"]: c for c in json.loads(res.output)["checks"]}["update key"]
+
+    key.write_bytes(b"")
+    c = update_key()
+    assert c["status"] == "fail" and c["detail"] == (f"model.update_key: {key}: an HMAC secret of 0 bytes; expected at "
+                                                      "least 16: every update_model and bundle install will be refused")
+    key.unlink()
+    assert update_key()["detail"].startswith(f"model.update_key: {key}: key file not found")
+    key.write_bytes(b"0123456789abcdef0123\n")
+    c = update_key()
+    assert c["status"] == "ok" and c["data"]["alg"] == "hmac-sha256" and "must be signed with it" in c["detail"]
+    assert "0123456789abcdef" not in json.dumps(c)     # the secret itself is never shown
+
+
 # ---------------------------------------------------------------------------- GPU probes without a GPU
 def test_cuda_via_fake_nvidia_smi(tmp_path, monkeypatch):
     import importlib.util
