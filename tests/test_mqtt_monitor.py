@@ -1374,3 +1374,13 @@ def test_why_a_connection_failed_is_said_for_each_cause():
     said = refused_text(b, ReasonCode(PacketTypes.CONNACK, identifier=0x86))
     assert said.startswith("the broker mqtts://broker.example:8883 refused the connection: Bad user name or password "
                            "(check the user name and password"), said
+
+
+def test_the_telemetry_interval_a_birth_names_is_read_as_a_finite_number():
+    """decommission --force's silence window reads the birth's telemetry_interval_s through payloads.finite_number:
+    its own copy of that check raised OverflowError (a traceback) on an integer too large for a float."""
+    from edge_ad.mqtt.decommission import _telemetry_interval
+
+    assert [_telemetry_interval({"telemetry_interval_s": v}) for v in (5, 2.5, 10**400, True, 0, -1, "5", None)] \
+        == [5.0, 2.5, None, None, None, None, None, None]
+    assert _telemetry_interval({}) is None

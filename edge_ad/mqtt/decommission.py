@@ -37,7 +37,6 @@ back every retained message has arrived (no waiting for a time).
 
 from __future__ import annotations
 
-import math
 import threading
 import uuid
 from typing import Any, Callable
@@ -47,7 +46,7 @@ import paho.mqtt.client as paho
 from ..errors import RuntimeFailure
 from .client import connect_async, make_client, not_connected, reason_failed, reason_text, reason_value, refused_text
 from .link import retained_topics
-from .payloads import status_state
+from .payloads import finite_number, status_state
 from .settings import BrokerSettings, MqttSettings, Protocol, client_id_problem
 from .topics import KINDS, Topics, known_devices_text, parse, status_filter
 
@@ -152,9 +151,8 @@ def _heard(broker: BrokerSettings, site: str, device: str, window: float, timeou
 
 def _telemetry_interval(status: dict) -> float | None:
     """The telemetry interval a device's birth names (``telemetry_interval_s``), None when it names none."""
-    v = status.get("telemetry_interval_s")
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-    return float(v) if ok else None
+    v = finite_number(status.get("telemetry_interval_s"))
+    return v if v is not None and v > 0 else None
 
 
 def _clear(broker: BrokerSettings, topics: list[str], timeout: float) -> dict[str, str]:
