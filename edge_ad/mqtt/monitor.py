@@ -312,7 +312,8 @@ class FleetView:
         if kind in ("result", "event"):
             seq, before = _int(body.get("seq")), row._seq.get(kind)
             repeat = not self._check_seq(row, kind, seq, now)
-            self._release_due(row, now)   # no grace period (gap_grace_s 0)
+            if self.gap_grace_s <= 0:     # no grace period: the gap just seen is due now (with one, it is not)
+                self._release_due(row, now)
             new = seq is not None and seq != before and row._seq.get(kind) == seq   # not a repeat, not a late one
             newest = new or seq is None or seq < 1      # a late one (it fills a gap) only counts; no seq: cannot tell
             if kind == "result" and new and not retained and not row._offsets:
