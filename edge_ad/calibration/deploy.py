@@ -454,9 +454,12 @@ def engine_needed(backend: str, device: str | None, running: Bundle | None) -> b
     running release has engines (auto would otherwise fall back to ONNX Runtime)."""
     if backend == "tensorrt":
         return True
-    if backend != "auto" or (device is not None and not device.startswith("cuda")):
-        return False
-    return running is not None and _has_engines(running) and _tensorrt_here()
+    return _auto_on_gpu(backend, device) and running is not None and _has_engines(running) and _tensorrt_here()
+
+
+def _auto_on_gpu(backend: str, device: str | None) -> bool:
+    """``backend`` auto with ``device`` empty or cuda: such a line runs TensorRT where it is installed."""
+    return backend == "auto" and (device is None or device.startswith("cuda"))
 
 
 def engine_images(calib_dir: str | os.PathLike | None, golden_dir: str | os.PathLike | None) -> Path | None:
@@ -890,8 +893,7 @@ def require_precision(candidate: Bundle, precision: str | None, backend: str = "
     can = {GRAPH_FILES[precision]}
     if precision == "int8":
         can.add(CPU_INT8_FILE)
-    elif precision == "fp16" and (backend == "tensorrt" or backend == "auto" and (
-            device is None or device.startswith("cuda")) and _tensorrt_here()):
+    elif precision == "fp16" and (backend == "tensorrt" or _auto_on_gpu(backend, device) and _tensorrt_here()):
         can.add(GRAPH_FILES["fp32"])   # a weakly typed FP16 engine
     if any(name in recorded for name in can):
         return
