@@ -112,11 +112,7 @@ def _open_auto(bundle: Bundle, precision: str | None, device: str | None, **opti
 
             index = parse_device(device)
             target = current_target(import_tensorrt(), cuda_api(), index)
-            if precision is None:
-                chk = engine_cache.best(bundle, target, prefer=bundle.active_precision)
-            else:
-                chk = engine_cache.check(bundle, precision, target, require_guard=True)
-                chk = chk if chk.ok else None
+            chk = engine_cache.select(bundle, target, precision)
             if chk is not None:
                 trt_opts = {k: v for k, v in options.items() if k not in ("threads", "max_batch", "spinning")}
                 return TensorRTBackend(bundle, precision=chk.meta["precision"], device=f"cuda:{index}", **trt_opts)

@@ -219,6 +219,15 @@ def _other_gpu_model(meta: dict, target: Target) -> str:
     return ""
 
 
+def select(bundle: Bundle, target: Target, precision: str | None = None) -> EngineCheck | None:
+    """The guarded engine run opens: ``precision``'s, or with none :func:`best`'s, the bundle's active precision
+    first; None when there is none (:func:`no_engine` says why)."""
+    if precision is None:
+        return best(bundle, target, prefer=bundle.active_precision)
+    c = check(bundle, precision, target, require_guard=True)
+    return c if c.ok else None
+
+
 def best(bundle: Bundle, target: Target, prefer: str | None = None) -> EngineCheck | None:
     """The guarded engine to run when no precision is asked for: ``prefer`` first, then int8, fp16, fp32."""
     for prec in _order(prefer):
@@ -269,15 +278,18 @@ def no_engine(bundle: Bundle, target: Target, precision: str | None = None) -> t
     reason, and its precision is the one to rebuild; with none, ``precision``, else ``best`` (what
     ``edge-ad compile --precision best`` builds). :func:`compile_command` words the hint."""
     order = [precision] if precision else _order(bundle.active_precision)
-    checks = [check(bundle, p, target, require_guard=True) for p in order]
-    if not checks[0].key:   # no model.onnx: check() says so
-        return checks[0].reason, precision or "best"
-    have = {k["precision"] for k in model_engines(bundle)}
-    for p, c in zip(order, checks):
+    first, have = None, set()
+    for p in order:   # one at a time: a check hashes the engine, and the first one there answers
+        c = check(bundle, p, target, require_guard=True)
+        if first is None:
+            first = c
+            if not c.key:   # no model.onnx: check() says so
+                return c.reason, precision or "best"
+            have = {k["precision"] for k in model_engines(bundle)}
         if c.engine.is_file() or p in have:
             return c.reason, p
     if precision:
-        return checks[0].reason, precision
+        return first.reason, precision
     d = bundle.engines_dir
     others = sorted(p.name for p in d.glob("*.engine")) if d.is_dir() else []
     extra = f" (engines present for other models: {', '.join(others)})" if others else ""

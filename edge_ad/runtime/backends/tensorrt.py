@@ -136,13 +136,8 @@ class TensorRTBackend(Backend):
             self.precision = check_precision(precision or "fp32")
             path = engine_path
         else:
-            def pick():  # the best guarded engine, the bundle's active precision first; or the one asked for
-                if precision is None:
-                    return engine_cache.best(bundle, target, prefer=bundle.active_precision)
-                c = engine_cache.check(bundle, check_precision(precision), target, require_guard=True)
-                return c if c.ok else None
-
-            chk = pick()
+            asked = check_precision(precision) if precision is not None else None
+            chk = engine_cache.select(bundle, target, asked)
             if chk is None:
                 why, build_as = engine_cache.no_engine(bundle, target, precision)
                 if not build:
@@ -152,7 +147,7 @@ class TensorRTBackend(Backend):
                 from ...compile.tensorrt import compile_bundle
 
                 compile_bundle(bundle, build_as, device=index, **build_options)
-                chk = pick()
+                chk = engine_cache.select(bundle, target, asked)
                 if chk is None:
                     raise RuntimeFailure("TensorRT engine still refused after building: "
                                          f"{engine_cache.no_engine(bundle, target, precision)[0]}")
