@@ -1188,7 +1188,8 @@ def releases(deploy_dir: str | os.PathLike) -> list[dict]:
     out = []
     for rid in _release_ids(d):
         health = dep.health if rid == dep.current else release_health(hist, rid)
-        if failed_before(d, rid) is not None:
+        marker = failed_marker(d, rid)
+        if marker is not None and marker.is_file():   # whether failed_before() would say so, without reading it
             health = "failed"
         parts = rid.split("-")
         try:
