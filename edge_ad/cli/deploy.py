@@ -105,6 +105,8 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
                 dirs.append(Path(out.snapshots_dir))
             if mqtt is not None:
                 dirs.append(Path(mqtt.effective_outbox_path).parent)
+    # the device's topics, probed on the broker (its site and device come from the config, whatever --mqtt says)
+    publish = d.publish_probe_topics(mqtt) if mqtt is not None else None
     if ca_file is not None and mqtt_url is None and mqtt is None:
         raise click.UsageError("--ca-file needs --mqtt URL (or a config with an [mqtt] url)")
     if mqtt_url is not None or ca_file is not None:
@@ -122,7 +124,8 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
         mqtt = BrokerSettings(**fields)  # a malformed URL is a usage error (exit 2)
     checks = extra + d.run_checks(bundle=bundle, mqtt=mqtt, data_dirs=dirs, source=source,
                                   backend=backend or "auto", precision=precision, min_free_mb=min_free_mb,
-                                  timeout_s=timeout_s, resolve_bundle=resolve_bundle, settings=settings)
+                                  timeout_s=timeout_s, resolve_bundle=resolve_bundle, settings=settings,
+                                  publish=publish)
     code = d.exit_code(checks, strict)
     if as_json:
         click.echo(json.dumps(d.report_dict(checks, strict), indent=2, sort_keys=False, default=str))
