@@ -662,6 +662,57 @@ def test_password_from_environment_and_never_logged(mosquitto_factory, tmp_path,
     assert "Sup3r-Secret" not in text and "wrong-Secret" not in text and "wrong-Url-Secret" not in text
 
 
+@pytest.mark.skipif(find_mosquitto_passwd() is None, reason="needs mosquitto_passwd")
+def test_a_refused_login_is_an_error_once_not_at_every_retry(mosquitto_factory, tmp_path, monkeypatch, caplog):
+    """A broker that refuses the device's login refuses every retry alike: the link logged an ERROR at each one
+    (with reconnect_max_s 60, one a minute for as long as nobody fixes the password: the log is nothing else).
+    The first refusal is an ERROR with the reason and the fix, the next only after REFUSED_LOG_S (10 minutes) or
+    when the reason changes, each with how many since; all are counted (connect_refused), the ones held back are
+    told at the stop, and the connection that finally succeeds says how many refusals came before it."""
+    from edge_ad.mqtt import link as link_mod
+
+    pw = tmp_path / "passwd"
+    broker = mosquitto_factory(password_file=make_password_file(pw, {"edge": "right-one"}))
+    errors = lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]   # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        bad = MqttLink(_settings(broker.url.replace("mqtt://", "mqtt://edge:wrong-one@"), tmp_path,
+                                 reconnect_min_s=0.05, reconnect_max_s=0.1)).start()
+        try:
+            assert _wait(lambda: bad.stats()["connect_refused"] >= 5, 20), bad.stats()
+            assert len(errors()) == 1, errors()
+            assert errors()[0].startswith(f"mqtt: the broker {bad.settings.safe_url} refused the connection: Not "
+                                          "authorized (check the user name and password: mqtt.username"), errors()
+            assert "1 refusal(s) since the last report, 1 in all: connect_refused; logged again in 600 s at the " \
+                   "earliest, or when the reason changes" in errors()[0]
+            bad._refused_login("the broker refused the connection: Server unavailable")   # another reason: at once
+            assert len(errors()) == 2 and "Server unavailable" in errors()[1]
+            make_password_file(pw, {"edge": "wrong-one"})       # the broker takes the device's password now
+            broker.restart()
+            assert _wait(lambda: bad.connected, 20)
+            n = bad.stats()["connect_refused"]
+        finally:
+            bad.stop(timeout=1)
+    assert len(errors()) == 2, errors()                      # the stop: none held back (reported at the change)
+    accepted = [r.getMessage() for r in caplog.records if "accepted the connection after" in r.getMessage()]
+    assert accepted == [f"mqtt: the broker {bad.settings.safe_url} accepted the connection after refusing it {n} "
+                        "time(s) in a row"], accepted
+
+    caplog.clear()                                           # held back, then told: after the interval, at the stop
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{free_port()}", tmp_path, device="d2"))
+    with caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        for _ in range(3):
+            link._refused_login("refused: Not authorized")
+        monkeypatch.setattr(link_mod, "REFUSED_LOG_S", 0.0)
+        link._refused_login("refused: Not authorized")
+        monkeypatch.setattr(link_mod, "REFUSED_LOG_S", 600.0)
+        link._refused_login("refused: Not authorized")
+        link.stop()
+    assert len(errors()) == 3 and "(3 refusal(s) since the last report, 4 in all" in errors()[1], errors()
+    assert errors()[2] == "mqtt: the broker refused the connection 1 more time(s) since the last report (5 in all): " \
+                          "refused: Not authorized"
+    assert link.stats()["connect_refused"] == 5
+
+
 def test_mqtt_311_mode(mosquitto, tmp_path):
     broker = BrokerSettings(url=mosquitto.url, protocol="3.1.1")
     with Collector(broker, "edge-ad/v1/t/+/result") as col:

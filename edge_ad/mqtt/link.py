@@ -68,6 +68,7 @@ from .topics import Topics, level_problem, string_problem
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
+REFUSED_LOG_S = 600.0       # a login the broker refuses: an ERROR at the first refusal, then at most this often
 # a command reply is sent at most this often: once, and again after one reconnect (paho sends a QoS 1 message in
 # flight again at every reconnect; a reply the broker closes the connection for did so for ever). Fewer than the
 # losses in a row the sender names an outbox message for, so such a reply is named, not a result sent beside it.
@@ -138,6 +139,12 @@ class MqttLink:
         self._connected = False
         self._connected_at = 0.0
         self._unreachable_warned = float("-inf")   # when "cannot connect" was last logged at WARNING
+        # the broker refusing the connection (a CONNACK failure: bad login, not authorized): the reason last
+        # logged (None: none since the last accepted connection), when, and the refusals not logged since
+        self._refusal: str | None = None
+        self._refusal_logged = float("-inf")
+        self._refusals_held = 0
+        self._refusals_in_a_row = 0
         self._started = False
         self._stopping = False
         self._stopped = False
@@ -157,7 +164,8 @@ class MqttLink:
         # every key exists from the start, so stats() never iterates a dict that grows under it
         self._counters = collections.Counter({k: 0 for k in ("connects", "disconnects", "telemetry_sent",
                                                              "telemetry_dropped", "images_skipped",
-                                                             "replies_rejected", "retained_rejected")})
+                                                             "replies_rejected", "retained_rejected",
+                                                             "connect_refused")})
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
                                  self._wake, ack_listener, on_drop=self._announce_drops)
@@ -350,6 +358,10 @@ class MqttLink:
         with self._lock:
             self._stopped = True
         self._log_held(final=True)
+        if self._refusals_held:
+            log.error("mqtt: the broker refused the connection %d more time(s) since the last report (%d in all): %s",
+                      self._refusals_held, self._counters["connect_refused"], self._refusal)
+            self._refusals_held = 0
         self.outbox.close()
         log.info("mqtt: stopped (%d messages left in the outbox)", self.outbox.depth)
 
@@ -585,6 +597,7 @@ class MqttLink:
             "retained_rejected": c["retained_rejected"],
             "resent": c["resent"],
             "connects": c["connects"],
+            "connect_refused": c["connect_refused"],
             "disconnects": c["disconnects"],
             "telemetry_sent": c["telemetry_sent"],
             "telemetry_dropped": c["telemetry_dropped"],
@@ -718,8 +731,12 @@ class MqttLink:
         if reason_failed(reason_code):
             self._connected = False
             self._last_error = refused_text(self.settings, reason_code, DEVICE_LOGIN_HINT)
-            log.error("mqtt: %s", self._last_error)
+            self._refused_login(self._last_error)
             return
+        if self._refusal is not None:
+            log.warning("mqtt: the broker %s accepted the connection after refusing it %d time(s) in a row",
+                        self.settings.safe_url, self._refusals_in_a_row)
+            self._refusal, self._refusals_held = None, 0
         limit = getattr(properties, "MaximumPacketSize", None) if client.protocol == paho.MQTTv5 else None
         # before anything is published on this connection, and before paho sends again what it holds
         self._out.reconnected(client, int(limit) if limit is not None else None)
@@ -749,6 +766,24 @@ class MqttLink:
                  bool(getattr(flags, "session_present", False)), self.outbox.depth,
                  "" if limit is None else f"; the broker takes packets of up to {limit} bytes")
         self._wake.set()
+
+    def _refused_login(self, why: str) -> None:
+        """The broker refused the connection (``why``: its reason and what to check). It will refuse every retry
+        alike until its password file, its ACL or the device's config changes: an ERROR the first time, then at
+        most once per :data:`REFUSED_LOG_S` (with how many since), and at once when the reason changes; counted
+        in ``connect_refused``. Paho's network thread only."""
+        self._counters["connect_refused"] += 1
+        self._refusals_in_a_row = 1 if self._refusal is None else self._refusals_in_a_row + 1
+        now = time.monotonic()
+        if why == self._refusal and now - self._refusal_logged < REFUSED_LOG_S:
+            self._refusals_held += 1
+            log.debug("mqtt: %s", why)
+            return
+        since, self._refusals_held = self._refusals_held + 1, 0
+        self._refusal, self._refusal_logged = why, now
+        log.error("mqtt: %s; retrying in the background (%d refusal(s) since the last report, %d in all: "
+                  "connect_refused; logged again in %.0f s at the earliest, or when the reason changes)", why, since,
+                  self._counters["connect_refused"], REFUSED_LOG_S)
 
     def _on_connect_fail(self, client, userdata) -> None:
         exc = getattr(client, "connect_error", None)   # why (make_client keeps it)
