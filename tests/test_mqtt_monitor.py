@@ -686,6 +686,42 @@ def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
     assert (last["results_dropped"], last["results_missing"]) == (20, 0), last
 
 
+def test_the_drops_of_a_full_outbox_are_named_before_the_backlog_that_follows_them(mosquitto, tmp_path, caplog):
+    """A full outbox drops its oldest and names them in an output_error event once it has room: after the
+    reconnect, behind the whole backlog. The gap shows at the backlog's first message, so with 100 000 kept the
+    announcement came tens of seconds after it, long past the monitor's grace period (5 s): the monitor warned of
+    the drops as MISSING, then moved them to DROPPED. The birth, published at connect before the backlog, now
+    names them (dropped_pending): the gap is announced before it is seen, even with no grace period at all."""
+    from edge_ad.mqtt import schema
+    from edge_ad.mqtt.broker import free_port
+
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"), \
+            _json_monitor(BrokerSettings(url=mosquitto.url), gap_grace_s=0) as lines:
+        link = _link(mosquitto.url, tmp_path, "cam1", validate_payloads=True)
+        for _ in range(5):
+            link.publish_result({"score": 0.1, "ng": False})
+        assert _wait(lambda: lines() and (lines()[-1].get("last_result") or {}).get("seq") == 5), lines()
+        link.stop()
+        cut = _link(f"mqtt://127.0.0.1:{free_port()}", tmp_path, "cam1", outbox_max_messages=10,
+                    validate_payloads=True)
+        for _ in range(30):                                 # seq 6..35: the outbox keeps the newest 10
+            cut.publish_result({"score": 0.1, "ng": False})
+        birth = cut.birth()
+        assert birth["dropped_pending"]["result"]["seq"] == [[6, 25]] and birth["dropped_pending"]["result"][
+            "count"] == 20, birth
+        schema.validate("status", birth)
+        cut.stop(timeout=0.5)                               # no room for the event: the names wait in the file
+        link = _link(mosquitto.url, tmp_path, "cam1", validate_payloads=True)
+        try:
+            assert _wait(lambda: lines()[-1]["last_result"]["seq"] == 35 and lines()[-1]["events"] == 1), lines()[-1]
+            assert "dropped_pending" not in link.birth()    # the output_error event names them now
+        finally:
+            link.stop()
+    assert [x for x in lines() if x["results_missing"]] == [], lines()
+    assert (lines()[-1]["results_dropped"], lines()[-1]["last_gap"]["dropped"]) == (20, 20), lines()[-1]
+    assert [r.getMessage() for r in caplog.records if r.name == "edge_ad.mqtt.monitor"] == []
+
+
 def test_run_monitor_counts_messages_too_large_for_the_broker_as_dropped(mosquitto_factory, tmp_path, caplog):
     """Live: a result and an event over the broker's max_packet_size are dropped by the device (too_large). Their
     output_error event named them by id only, so the monitor counted their seq gaps as MISSING and warned about

@@ -683,6 +683,12 @@ class MqttLink:
         body.update(extra)
         body.update({"schema_version": payloads.SCHEMA_VERSION, "state": "online", "reason": "connected",
                      "site": self.settings.site, "device": self.settings.device})
+        # what the full outbox dropped and no output_error event names yet: that event is stored once the outbox
+        # has room, behind the backlog, so it reaches a consumer long after the gap the backlog's first message
+        # shows; the birth, published at connect before the backlog goes out, names them first
+        pending = self.outbox.full_drops_named()
+        if pending is not None:
+            body["dropped_pending"] = pending
         return body
 
     def _status_bytes(self, state: str, reason: str) -> bytes:

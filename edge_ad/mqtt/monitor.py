@@ -19,9 +19,10 @@ results that arrive at the pace they were made) is flagged: ``clock_offset_s``, 
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device. The messages the
 device itself dropped and announced (``output_error`` events whose ``dropped`` names their ``seq`` ranges:
-a full outbox, a message too large for the broker or refused by it) are counted as dropped
-(``results_dropped``, ``events_dropped``; the table's ``DROPPED``), whichever comes first, the gap or the
-announcement. The announcement usually comes a moment after the gap is seen, so a gap's part not announced
+a full outbox, a message too large for the broker or refused by it; and a birth's ``dropped_pending``: what
+the full outbox dropped, named at the connect before the backlog, whose event comes behind it) are counted as
+dropped (``results_dropped``, ``events_dropped``; the table's ``DROPPED``), whichever comes first, the gap or
+the announcement. The announcement usually comes a moment after the gap is seen, so a gap's part not announced
 yet is held for ``gap_grace_s`` (:data:`GAP_GRACE_S`), counted nowhere and not warned of (``last_gap``'s
 ``held``); what is left of it then counts as missing (``results_missing``, ``events_missing``; the table's
 ``MISSING``), logged as a WARNING: unexplained, such as messages the broker dropped on the way to this
@@ -336,6 +337,8 @@ class FleetView:
             getattr(self, f"_on_{kind}")(row, body)
         if kind == "event" and body.get("type") == "output_error" and not repeat:
             self._announced_drops(row, body.get("dropped"))
+        elif kind == "status" and body.get("state") == "online":   # a birth names the full outbox's drops first
+            self._announced_drops(row, body.get("dropped_pending"))
         seen = self._seen_at(kind, body, retained, now)
         if seen is not None and (row.last_seen is None or seen > row.last_seen):
             row.last_seen = min(seen, now)
