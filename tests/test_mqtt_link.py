@@ -1442,11 +1442,13 @@ def test_mqtt_311_a_message_over_the_brokers_limit_is_never_dropped_and_named_in
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_message_over_mosquittos_message_size_limit(mosquitto_factory, tmp_path, caplog, protocol):
     """Mosquitto 2.0's older message_size_limit is not announced. MQTT v5: it answers a larger message with a
-    PUBACK reason code 0x95, which MQTT v5 does not allow in a PUBACK: paho closes the connection on it
-    (Protocol error) and sends the message again at every reconnect. Nothing is dropped (the device cannot
-    tell which message the PUBACK was for), and the WARNING, which blamed a size limit or the network, names the
-    protocol error and the setting to remove. MQTT 3.1.1: the broker acknowledges the message and discards it,
-    which the device cannot see at all (docs/mqtt.md, "The broker")."""
+    PUBACK reason code 0x95, which MQTT v5 does not allow in a PUBACK: paho-mqtt closed the connection on it
+    (Protocol error) and the link sent the message again at every reconnect, the outbox waiting behind it for
+    ever. The PUBACK names its message (its packet id): it is read as the refusal it is now, and the message is
+    dropped as too_large (as one over an announced limit), counted and named in an output_error event with its
+    seq and the reason code; the connection stays, and what follows it arrives. An event's image over the
+    limit goes the same way: the event arrives, the image is named as dropped. MQTT 3.1.1: the broker
+    acknowledges the message and discards it, which the device cannot see at all (docs/mqtt.md, "The broker")."""
     broker = mosquitto_factory(extra_config="message_size_limit 1000")
     with Collector(BrokerSettings(url=broker.url, protocol=protocol), "edge-ad/v1/t/d1/#") as col, \
             caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
@@ -1455,25 +1457,38 @@ def test_a_message_over_mosquittos_message_size_limit(mosquitto_factory, tmp_pat
             before = link.publish_result({"score": 0.1, "ng": False})
             big = link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000})
             after = link.publish_result({"score": 0.3, "ng": False})
-            assert col.wait_for(lambda c: before in {m.json()["id"] for m in c.of_kind("result")}, 10)
+            event = link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8" + b"j" * 3000)
+            link.publish_calibration({"version": 3, "threshold": 0.5, "note": "c" * 3000})     # retained, refused
+            got = lambda kind: {m.json()["id"] for m in col.of_kind(kind) if m.json().get("type") != "output_error"}  # noqa
+            assert col.wait_for(lambda c: {before, after} <= got("result") and event in got("event"), 10), \
+                caplog.text
             if protocol == "5":
-                assert _wait(lambda: _loss_warnings(caplog), 20)
-            else:
-                assert col.wait_for(lambda c: after in {m.json()["id"] for m in c.of_kind("result")}, 10)
-                assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+                assert col.wait_for(lambda c: {big, event} <= _dropped_named(c), 10), _drop_events(col)
+            assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+            if protocol == "5":
+                assert _wait(lambda: link.stats()["retained_rejected"] == 1, 10)
             st = link.stats()
         finally:
             link.stop(timeout=1)
-    assert st["outbox_dropped"] == 0 and big not in {m.json()["id"] for m in col.of_kind("result")}
+    assert big not in got("result") and not col.of_kind("event/image") and not _loss_warnings(caplog)
+    assert not col.of_kind("calibration")
+    assert st["disconnects"] == 0
     if protocol == "3.1.1":      # acknowledged: gone, and only the consumer's seq gap shows it
-        assert st["acked"] == 3 and st["disconnects"] == 0 and not _loss_warnings(caplog)
+        assert st["acked"] == 5 and st["outbox_dropped"] == 0
         return
-    with Outbox(tmp_path / "outbox-d1.sqlite") as ob:
-        assert [r.msg_id for r in ob.fetch_after(0, 10)] == [big, after]
-    warned = _loss_warnings(caplog)
-    assert len(warned) == 1 and f"result {big} on edge-ad/v1/t/d1/result" in warned[0], warned
-    assert "could not read (Protocol error), not a network fault" in warned[0]
-    assert "PUBACK reason code (0x95)" in warned[0] and "remove message_size_limit" in warned[0]
+    assert st["outbox_dropped_by"] == {"full": 0, "too_large": 2, "rejected": 0} and st["rejected"] == 2
+    events = _drop_events(col)
+    assert _dropped_seqs(events, "result") == [2] and {e["reason"] for e in events} == {"too_large"}
+    ev = next(e for e in events if e["kind"] == "result")
+    assert ev["reason_code"] == 0x95 and ev["message_id"] == big and "max_packet_size" not in ev
+    assert "the broker refused its" in ev["error"] and "for its size: Packet too large (reason code 0x95), over a " \
+        "limit it does not announce (Mosquitto's message_size_limit)" in ev["error"], ev["error"]
+    schema.validate("event", ev)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"result {big} on edge-ad/v1/t/d1/result dropped from the outbox" in e for e in errors), errors
+    assert any(e.startswith("mqtt: the broker refused the retained message on edge-ad/v1/t/d1/calibration: Packet "
+                            "too large (reason code 0x95); consumers keep the last one it took (it is larger than the "
+                            "broker's message_size_limit") for e in errors), errors
 
 
 def test_mqtt_311_a_birth_over_the_brokers_limit_drops_nothing(mosquitto_factory, tmp_path):

@@ -29,7 +29,8 @@ announced with an ``output_error`` event (:mod:`.sender`); a too large event ima
 sent (logged). A broker that announces no limit (MQTT 3.1.1) just drops the connection, which cannot be
 told from a network fault: nothing is dropped for it; the same message sent right before several losses in a
 row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) is dropped and announced the
-same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
+same way when the reason code refuses it for good (Not authorized; Packet too large, Mosquitto's answer for its
+``message_size_limit``, as ``too_large``), else kept and sent again after a back-off.
 A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`; one made while disconnected is
 first sent at the reconnect): one the broker closes the connection for is then given up, with an ERROR naming it,
 instead of costing the connection at every reconnect. A reply or a retained message (status, calibration, a
@@ -62,7 +63,8 @@ from .client import (DEVICE_LOGIN_HINT, connect_async, connect_error_text, make_
                      reason_value, refused_text)
 from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import DROP_IDS_PER_EVENT, DropNames, Outbox
-from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
+from .sender import (LOSS_REPEATS, PACKET_TOO_LARGE, AckListener, OutboxSender, image_properties, percentile,
+                     publish_size)
 from .settings import SHORT_SECRET, MqttSettings, Protocol
 from .topics import Topics, level_problem, string_problem
 
@@ -818,7 +820,8 @@ class MqttLink:
             self._counters["disconnects"] += 1
             if not self._stopping:
                 # right after sending a message the broker refuses? (logged) A v5 "Protocol error" the client
-                # raised itself: a packet from the broker it could not read (Mosquitto's PUBACK 0x95), no network fault
+                # raised itself: a packet from the broker it could not read, no network fault (Mosquitto's PUBACK
+                # 0x95 for message_size_limit is read: client._read_refusing_pubacks)
                 protocol_error = (client.protocol == paho.MQTTv5 and reason_value(reason_code) == 0x82
                                   and not getattr(flags, "is_disconnect_packet_from_server", True))
                 self._out.lost(self._connected_at, protocol_error)
@@ -845,21 +848,23 @@ class MqttLink:
         once a minute per kind with how many since."""
         code = reason_value(reason_code)
         why = f"{reason_text(reason_code)}" + (f" (reason code 0x{code:02X})" if code is not None else "")
+        size_fix = ("it is larger than the broker's message_size_limit, which it does not announce: set that to 0 "
+                    "and use max_packet_size") if code == PACKET_TOO_LARGE else None
         if reply is not None:
             self._counters["replies_rejected"] += 1
             since = self._refused_log.hit("reply")
             if since:
                 log.error("mqtt: the broker refused the reply to command %s on %s: %s; its requester gets no reply "
-                          "(the broker's ACL must let this device publish to the reply topics of its requesters); "
-                          "%d such since the last report", reply.command, clip_text(repr(reply.topic), 120),
-                          why, since)
+                          "(%s); %d such since the last report", reply.command, clip_text(repr(reply.topic), 120),
+                          why, size_fix or "the broker's ACL must let this device publish to the reply topics of its "
+                                           "requesters", since)
         else:
             self._counters["retained_rejected"] += 1
             since = self._refused_log.hit(retained)
             if since:
                 log.error("mqtt: the broker refused the retained message on %s: %s; consumers keep the last one it "
-                          "took (let this device publish to it in the broker's ACL); %d such since the last report",
-                          retained, why, since)
+                          "took (%s); %d such since the last report", retained, why,
+                          size_fix or "let this device publish to it in the broker's ACL", since)
 
     def _log_held(self, final: bool = False) -> None:
         """Log what the once-a-minute lines of messages not sent or refused held back (the replies and retained
