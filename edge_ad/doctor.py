@@ -1059,7 +1059,8 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
         checks += broker
         if publish is None and any(c.name == "broker" and c.status == Status.OK for c in broker):
             checks.append(Check("broker-acl", Status.SKIP, "whether the broker lets the device publish to its topics "
-                                "is not checked: they are named by its site and device (give --config LINE.toml)"))
+                                "is not checked (doctor --config LINE.toml --probe-publish checks it, with an empty "
+                                "message to each that their consumers receive)"))
     else:
         checks.append(Check("broker", Status.SKIP, "no broker given (--mqtt URL or a config with [mqtt])"))
     if settings is not None:

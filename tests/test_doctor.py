@@ -267,13 +267,18 @@ def test_broker_check_probes_whether_the_device_may_publish_to_its_topics(mosqui
     cfg.write_text(f'[model]\nbundle = "{b.path}"\n\n[source]\nuri = "synthetic://disc"\n\n'
                    f'[mqtt]\nurl = "mqtt://127.0.0.1:1"\nsite = "s1"\ndevice = "d1"\nusername = "dev"\n'
                    f'image_topic_event_id = true\noutbox_path = "{tmp_path / "outbox.sqlite"}"\n')
-    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--mqtt", broker.url, "--min-free-mb", "1",
-                                    "--data-dir", str(tmp_path)])
+    args = ["doctor", "--config", str(cfg), "--mqtt", broker.url, "--min-free-mb", "1", "--data-dir", str(tmp_path)]
+    res = CliRunner().invoke(main, args)                      # not asked: nothing is published
+    assert res.exit_code == 0 and "broker-acl" in res.output and "is not checked" in res.output, res.output
+    assert "--probe-publish" in res.output and "[FAIL] broker-acl" not in res.output, res.output
+    res = CliRunner().invoke(main, args + ["--probe-publish"])
     assert res.exit_code == 0, res.output                     # optional: run starts, and drops what is refused
     assert "[FAIL] broker-acl" in res.output and "edge-ad/v1/s1/d1/event/image/doctor-probe: Not authorized" in \
         res.output and "failed (not needed to start): broker-acl" in res.output, res.output
     res = CliRunner().invoke(main, ["doctor", "--mqtt", broker.url, "--min-free-mb", "1", "--data-dir", str(tmp_path)])
     assert "broker-acl" in res.output and "is not checked" in res.output and "--config" in res.output, res.output
+    res = CliRunner().invoke(main, ["doctor", "--mqtt", broker.url, "--probe-publish"])
+    assert res.exit_code == 2 and "--probe-publish needs --config" in res.output, res.output
 
 
 def _openssl(*args, cwd):
