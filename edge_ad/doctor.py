@@ -7,7 +7,7 @@ ones ``edge-ad run`` cannot start without; :func:`exit_code` is 0 when none of t
 What is checked: Python, numpy, OpenCV (and its GStreamer / FFmpeg / V4L2 support), ONNX Runtime and its
 providers, TensorRT, the CUDA driver and GPUs (cuda-python, else ``nvidia-smi``, else the kernel driver
 files), the Jetson L4T / JetPack release and power mode, cameras, the MQTT broker (TCP, TLS handshake,
-MQTT CONNECT with the credentials), an outbox an earlier edge-ad kept at the working directory's reading of a
+MQTT CONNECT with the credentials, and with a config whether the broker lets the device publish to its topics), an outbox an earlier edge-ad kept at the working directory's reading of a
 relative ``mqtt.outbox_path`` (this one reads it from the config's folder), disk space and write access for the
 outbox, log and snapshots, the bundle's integrity and calibration (the bundle found as ``run`` finds it,
 ``model.deploy_dir`` included, and a warning when that deploy folder's ``previous`` link is damaged: no
@@ -537,8 +537,10 @@ def _tls_context(settings) -> ssl.SSLContext:
     return ctx
 
 
-def _mqtt_connect(settings, timeout: float) -> tuple[bool, str]:
-    """MQTT CONNECT with the settings' credentials and protocol: (accepted, reason)."""
+def _mqtt_connect(settings, timeout: float, publish: Sequence[str] = ()) -> tuple[bool, str, dict[str, Any]]:
+    """MQTT CONNECT with the settings' credentials and protocol: (accepted, reason, acks). Once accepted, an empty
+    QoS 1 message is published to each topic in ``publish`` (MQTT v5 only: a 3.1.1 PUBACK carries no reason code);
+    ``acks`` maps each to the reason code of its PUBACK, None when none came within ``timeout``."""
     import threading
 
     import paho.mqtt.client as mqtt
@@ -553,24 +555,37 @@ def _mqtt_connect(settings, timeout: float) -> tuple[bool, str]:
         client.tls_set_context(_tls_context(settings))
         if settings.tls_insecure:
             client.tls_insecure_set(True)
-    done = threading.Event()
+    done, acked = threading.Event(), threading.Condition()
     result: dict[str, Any] = {}
+    acks: dict[int, Any] = {}      # message id -> the reason code of its PUBACK
 
     def on_connect(_c, _u, _flags, reason_code, _props=None):
         result["ok"] = not reason_code.is_failure
         result["reason"] = str(reason_code)
         done.set()
 
+    def on_publish(_c, _u, mid, reason_code, _props=None):
+        with acked:
+            acks[mid] = reason_code
+            acked.notify_all()
+
     client.on_connect = on_connect
+    client.on_publish = on_publish
     try:
         client.connect(settings.host, settings.port, keepalive=max(5, int(timeout) + 5))
     except Exception as exc:  # noqa: BLE001
-        return False, f"connect failed: {exc}"
+        return False, f"connect failed: {exc}", {}
     client.loop_start()
     try:
         if not done.wait(timeout):
-            return False, f"no CONNACK within {timeout:g} s (is this an MQTT broker? MQTT v5 refused?)"
-        return bool(result.get("ok")), str(result.get("reason"))
+            return False, f"no CONNACK within {timeout:g} s (is this an MQTT broker? MQTT v5 refused?)", {}
+        sent: dict[str, int] = {}
+        if result.get("ok") and v5:
+            sent = {topic: client.publish(topic, b"", qos=1).mid for topic in publish}
+            with acked:
+                acked.wait_for(lambda: set(sent.values()) <= set(acks), timeout)
+        with acked:
+            return bool(result.get("ok")), str(result.get("reason")), {t: acks.get(mid) for t, mid in sent.items()}
     finally:
         try:
             client.disconnect()
@@ -578,10 +593,49 @@ def _mqtt_connect(settings, timeout: float) -> tuple[bool, str]:
             client.loop_stop()
 
 
-def check_broker(settings, timeout: float = 3.0) -> list[Check]:
-    """TCP connect, TLS handshake (mqtts://) and MQTT CONNECT. Never required: ``run`` starts without a
-    broker (results wait in the outbox), so an unreachable broker is a warning and a refused TLS or login
-    (which will not fix itself) a failure of an optional check."""
+def publish_probe_topics(settings) -> list[str]:
+    """The topics of a device (``settings``: its :class:`~edge_ad.mqtt.settings.MqttSettings`) that ``doctor``
+    probes for the broker's leave to publish: those of its outbox (``result``, ``event`` and the event image's:
+    one the broker refuses is dropped, lost), not the retained ``status`` and ``calibration`` nor ``telemetry``,
+    whose consumers would show a probe (an empty status reads as a decommissioned device)."""
+    from .mqtt.topics import Topics
+
+    t = Topics(settings.site, settings.device)
+    return [t.result, t.event, t.event_image_of("doctor-probe") if settings.image_topic_event_id else t.event_image]
+
+
+def _check_publish(settings, acks: dict[str, Any], base: str) -> Check:
+    """The ``broker-acl`` line: what the broker answered to the probes of :func:`_mqtt_connect` (MQTT v5) of the
+    device's topics under ``base``."""
+    from .mqtt.client import reason_failed, reason_text, reason_value
+
+    url = settings.safe_url
+    login = f"login '{settings.credentials()[0]}'" if settings.credentials()[0] is not None else "the anonymous login"
+    refused = {t: rc for t, rc in acks.items() if rc is not None and reason_failed(rc)}
+    silent = [t for t, rc in acks.items() if rc is None]
+    if refused:
+        why = "; ".join(f"{t}: {reason_text(rc)} (reason code 0x{reason_value(rc) or 0:02X})" for t, rc in refused.items())
+        return Check("broker-acl", Status.FAIL,
+                     f"{url} refused {login} a publish to {len(refused)} of the device's topics ({why}): the "
+                     "broker's ACL does not let it write there, and edge-ad run would drop every result, event or "
+                     "image it sends there (counted as 'rejected' and named in output_error events, see "
+                     "docs/mqtt.md, 'Refused by the broker')",
+                     fix=f"let {login} write {base}/# in the broker's ACL (Mosquitto: its acl_file, a 'user' line "
+                         f"then 'topic write {base}/#'), or set mqtt.username to the user the ACL grants it")
+    if silent:
+        return Check("broker-acl", Status.WARN, f"{url}: no PUBACK within the timeout for the probe of "
+                                               f"{', '.join(silent)}: whether {login} may publish there is not known",
+                     fix="run doctor again with a longer --timeout; check the broker's load and log")
+    return _ok("broker-acl", f"{url}: {login} may publish to {', '.join(acks)} (an empty message to each, "
+                             "acknowledged)")
+
+
+def check_broker(settings, timeout: float = 3.0, publish: Sequence[str] | None = None) -> list[Check]:
+    """TCP connect, TLS handshake (mqtts://) and MQTT CONNECT; with ``publish`` (the device's topics:
+    :func:`publish_probe_topics`) whether the broker lets the login publish there (``broker-acl``: an empty QoS 1
+    message to each, MQTT v5; a 3.1.1 PUBACK cannot refuse, so that is not checked). Never required: ``run``
+    starts without a broker (results wait in the outbox), so an unreachable broker is a warning and a refused
+    TLS, login or publish (which will not fix itself) a failure of an optional check."""
     url = settings.safe_url
     err = _tcp_probe(settings.host, settings.port, timeout)
     if err:
@@ -606,11 +660,19 @@ def check_broker(settings, timeout: float = 3.0) -> list[Check]:
             return [Check("broker-tls", Status.FAIL, f"{url}: TLS handshake failed ({exc})",
                           fix="is this port TLS (8883)? check the broker's TLS listener, ca_file, cert_file, key_file")]
     try:
-        ok, reason = _mqtt_connect(settings, timeout)
+        ok, reason, acks = _mqtt_connect(settings, timeout, publish or ())
     except Exception as exc:  # noqa: BLE001
-        ok, reason = False, f"{type(exc).__name__}: {exc}"
+        ok, reason, acks = False, f"{type(exc).__name__}: {exc}", {}
     if ok:
         checks.append(_ok("broker", f"{url}: MQTT CONNECT accepted ({reason})"))
+        base = publish[0].rsplit("/", 1)[0] if publish else ""      # edge-ad/v1/<site>/<device>
+        if publish and str(getattr(settings.protocol, "value", settings.protocol)) != "5":
+            checks.append(Check("broker-acl", Status.SKIP, "MQTT 3.1.1: whether the broker lets the device publish "
+                                "to its topics cannot be checked (a 3.1.1 PUBACK carries no reason code: Mosquitto "
+                                "acknowledges a publish its ACL denies and discards it, and the device counts it as "
+                                f"delivered); let it write {base}/# in the broker's ACL, or use MQTT v5"))
+        elif publish:
+            checks.append(_check_publish(settings, acks, base))
     else:
         fix = "check mqtt.username / password (or EDGE_AD_MQTT_USERNAME / EDGE_AD_MQTT_PASSWORD) and the broker's ACL"
         if "CONNACK" in reason:
@@ -962,8 +1024,11 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
                source: str | None = None, backend: str = "auto", precision: str | None = None,
                min_free_mb: int = DEFAULT_MIN_FREE_MB, timeout_s: float = 3.0,
                service: bool = True, device: str | None = None,
-               resolve_bundle: Callable[[], str | os.PathLike] | None = None, settings=None) -> list[Check]:
+               resolve_bundle: Callable[[], str | os.PathLike] | None = None, settings=None,
+               publish: Sequence[str] | None = None) -> list[Check]:
     """Run every check. ``mqtt``: a :class:`edge_ad.mqtt.settings.BrokerSettings` (or None: skipped);
+    ``publish``: the device's topics to probe on it (:func:`publish_probe_topics`; None: its site and device are
+    not known, not probed);
     ``data_dirs``: folders ``run`` writes (default: the outbox folder and the working directory);
     ``backend``, ``precision``, ``device``: what ``run`` will use ("tensorrt" makes TensorRT, CUDA and the
     engine required); the bundle is opened with them as ``run`` opens it (the "backend" check).
@@ -990,7 +1055,12 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
     checks += _safe("platform", check_platform)
     checks += _safe("cameras", lambda: check_cameras(source), bool(source))
     if mqtt is not None:
-        checks += _safe("broker", lambda: check_broker(mqtt, timeout_s))
+        broker = _safe("broker", lambda: check_broker(mqtt, timeout_s, publish))
+        checks += broker
+        if publish is None and any(c.name == "broker" and c.status == Status.OK for c in broker):
+            checks.append(Check("broker-acl", Status.SKIP, "whether the broker lets the device publish to its topics "
+                                "is not checked (doctor --config LINE.toml --probe-publish checks it, with an empty "
+                                "message to each that their consumers receive)"))
     else:
         checks.append(Check("broker", Status.SKIP, "no broker given (--mqtt URL or a config with [mqtt])"))
     if settings is not None:

@@ -236,6 +236,51 @@ def test_broker_mosquitto(mosquitto):
     assert "CONNECT accepted" in checks[0].detail
 
 
+def test_broker_check_probes_whether_the_device_may_publish_to_its_topics(mosquitto_factory, tmp_path, tiny):
+    """An ACL that denies the device its result topic: the broker accepted the login, doctor said ok, and run then
+    dropped every result (MQTT v5: PUBACK 0x87 Not authorized, 'rejected'). doctor now publishes an empty QoS 1
+    message to each of the device's outbox topics (a config names them) and fails naming each topic the broker
+    refused and its ACL; under MQTT 3.1.1 (no reason code in a PUBACK) it says that cannot be checked."""
+    acl = tmp_path / "acl"
+    acl.write_text("user dev\ntopic write edge-ad/v1/s1/d1/status\ntopic write edge-ad/v1/s1/d1/event\n\n"
+                   "user good\ntopic write edge-ad/v1/s1/d1/#\n")
+    broker = mosquitto_factory(extra_config=f"acl_file {acl}")
+    topics = ["edge-ad/v1/s1/d1/result", "edge-ad/v1/s1/d1/event", "edge-ad/v1/s1/d1/event/image"]
+    denied = d.check_broker(BrokerSettings(url=broker.url, username="dev"), timeout=3.0, publish=topics)
+    assert [(c.name, c.status) for c in denied] == [("broker", d.Status.OK), ("broker-acl", d.Status.FAIL)], denied
+    acl_check = denied[1]
+    assert ("refused login 'dev' a publish to 2 of the device's topics (edge-ad/v1/s1/d1/result: Not authorized "
+            "(reason code 0x87); edge-ad/v1/s1/d1/event/image: Not authorized (reason code 0x87)): the broker's ACL "
+            "does not let it write there") in acl_check.detail, acl_check.detail
+    assert "'topic write edge-ad/v1/s1/d1/#'" in acl_check.fix and not acl_check.required
+    allowed = d.check_broker(BrokerSettings(url=broker.url, username="good"), timeout=3.0, publish=topics)
+    assert [(c.name, c.status) for c in allowed] == [("broker", d.Status.OK), ("broker-acl", d.Status.OK)], allowed
+    assert "login 'good' may publish to edge-ad/v1/s1/d1/result" in allowed[1].detail
+    old = d.check_broker(BrokerSettings(url=broker.url, username="dev", protocol="3.1.1"), timeout=3.0,
+                         publish=topics)
+    assert [(c.name, c.status) for c in old] == [("broker", d.Status.OK), ("broker-acl", d.Status.SKIP)], old
+    assert "MQTT 3.1.1: whether the broker lets the device publish to its topics cannot be checked" in old[1].detail
+
+    # the CLI probes the topics the config's site and device name, also at a URL --mqtt gives
+    b = copy_bundle(tiny, tmp_path / "b")
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\n\n[source]\nuri = "synthetic://disc"\n\n'
+                   f'[mqtt]\nurl = "mqtt://127.0.0.1:1"\nsite = "s1"\ndevice = "d1"\nusername = "dev"\n'
+                   f'image_topic_event_id = true\noutbox_path = "{tmp_path / "outbox.sqlite"}"\n')
+    args = ["doctor", "--config", str(cfg), "--mqtt", broker.url, "--min-free-mb", "1", "--data-dir", str(tmp_path)]
+    res = CliRunner().invoke(main, args)                      # not asked: nothing is published
+    assert res.exit_code == 0 and "broker-acl" in res.output and "is not checked" in res.output, res.output
+    assert "--probe-publish" in res.output and "[FAIL] broker-acl" not in res.output, res.output
+    res = CliRunner().invoke(main, args + ["--probe-publish"])
+    assert res.exit_code == 0, res.output                     # optional: run starts, and drops what is refused
+    assert "[FAIL] broker-acl" in res.output and "edge-ad/v1/s1/d1/event/image/doctor-probe: Not authorized" in \
+        res.output and "failed (not needed to start): broker-acl" in res.output, res.output
+    res = CliRunner().invoke(main, ["doctor", "--mqtt", broker.url, "--min-free-mb", "1", "--data-dir", str(tmp_path)])
+    assert "broker-acl" in res.output and "is not checked" in res.output and "--config" in res.output, res.output
+    res = CliRunner().invoke(main, ["doctor", "--mqtt", broker.url, "--probe-publish"])
+    assert res.exit_code == 2 and "--probe-publish needs --config" in res.output, res.output
+
+
 def _openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 

@@ -302,7 +302,7 @@ def test_the_broker_config_keeps_what_a_consumer_misses_while_away(mosquitto_bin
     keys = dict(line.split(None, 1) for line in shipped)
     assert keys["persistence"] == "true" and int(keys["autosave_interval"]) <= 300
     assert int(keys["max_queued_messages"]) in range(1, 10**9) and int(keys["max_queued_bytes"]) > 0
-    # a payload limit is not announced: v5 loops on a larger message, 3.1.1 has it discarded without a word;
+    # a payload limit is not announced: v5 drops a larger message, 3.1.1 has it discarded without a word;
     # stated, it overrides one an earlier file sets. A packet limit, if any, takes the largest event image
     assert keys["message_size_limit"] == "0"
     packet_limit = int(keys.get("max_packet_size", 0))

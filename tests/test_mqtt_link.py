@@ -662,6 +662,57 @@ def test_password_from_environment_and_never_logged(mosquitto_factory, tmp_path,
     assert "Sup3r-Secret" not in text and "wrong-Secret" not in text and "wrong-Url-Secret" not in text
 
 
+@pytest.mark.skipif(find_mosquitto_passwd() is None, reason="needs mosquitto_passwd")
+def test_a_refused_login_is_an_error_once_not_at_every_retry(mosquitto_factory, tmp_path, monkeypatch, caplog):
+    """A broker that refuses the device's login refuses every retry alike: the link logged an ERROR at each one
+    (with reconnect_max_s 60, one a minute for as long as nobody fixes the password: the log is nothing else).
+    The first refusal is an ERROR with the reason and the fix, the next only after REFUSED_LOG_S (10 minutes) or
+    when the reason changes, each with how many since; all are counted (connect_refused), the ones held back are
+    told at the stop, and the connection that finally succeeds says how many refusals came before it."""
+    from edge_ad.mqtt import link as link_mod
+
+    pw = tmp_path / "passwd"
+    broker = mosquitto_factory(password_file=make_password_file(pw, {"edge": "right-one"}))
+    errors = lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]   # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        bad = MqttLink(_settings(broker.url.replace("mqtt://", "mqtt://edge:wrong-one@"), tmp_path,
+                                 reconnect_min_s=0.05, reconnect_max_s=0.1)).start()
+        try:
+            assert _wait(lambda: bad.stats()["connect_refused"] >= 5, 20), bad.stats()
+            assert len(errors()) == 1, errors()
+            assert errors()[0].startswith(f"mqtt: the broker {bad.settings.safe_url} refused the connection: Not "
+                                          "authorized (check the user name and password: mqtt.username"), errors()
+            assert "1 refusal(s) since the last report, 1 in all: connect_refused; logged again in 600 s at the " \
+                   "earliest, or when the reason changes" in errors()[0]
+            bad._refused_login("the broker refused the connection: Server unavailable")   # another reason: at once
+            assert len(errors()) == 2 and "Server unavailable" in errors()[1]
+            make_password_file(pw, {"edge": "wrong-one"})       # the broker takes the device's password now
+            broker.restart()
+            assert _wait(lambda: bad.connected, 20)
+            n = bad.stats()["connect_refused"]
+        finally:
+            bad.stop(timeout=1)
+    assert len(errors()) == 2, errors()                      # the stop: none held back (reported at the change)
+    accepted = [r.getMessage() for r in caplog.records if "accepted the connection after" in r.getMessage()]
+    assert accepted == [f"mqtt: the broker {bad.settings.safe_url} accepted the connection after refusing it {n} "
+                        "time(s) in a row"], accepted
+
+    caplog.clear()                                           # held back, then told: after the interval, at the stop
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{free_port()}", tmp_path, device="d2"))
+    with caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
+        for _ in range(3):
+            link._refused_login("refused: Not authorized")
+        monkeypatch.setattr(link_mod, "REFUSED_LOG_S", 0.0)
+        link._refused_login("refused: Not authorized")
+        monkeypatch.setattr(link_mod, "REFUSED_LOG_S", 600.0)
+        link._refused_login("refused: Not authorized")
+        link.stop()
+    assert len(errors()) == 3 and "(3 refusal(s) since the last report, 4 in all" in errors()[1], errors()
+    assert errors()[2] == "mqtt: the broker refused the connection 1 more time(s) since the last report (5 in all): " \
+                          "refused: Not authorized"
+    assert link.stats()["connect_refused"] == 5
+
+
 def test_mqtt_311_mode(mosquitto, tmp_path):
     broker = BrokerSettings(url=mosquitto.url, protocol="3.1.1")
     with Collector(broker, "edge-ad/v1/t/+/result") as col:
@@ -1391,11 +1442,13 @@ def test_mqtt_311_a_message_over_the_brokers_limit_is_never_dropped_and_named_in
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_message_over_mosquittos_message_size_limit(mosquitto_factory, tmp_path, caplog, protocol):
     """Mosquitto 2.0's older message_size_limit is not announced. MQTT v5: it answers a larger message with a
-    PUBACK reason code 0x95, which MQTT v5 does not allow in a PUBACK: paho closes the connection on it
-    (Protocol error) and sends the message again at every reconnect. Nothing is dropped (the device cannot
-    tell which message the PUBACK was for), and the WARNING, which blamed a size limit or the network, names the
-    protocol error and the setting to remove. MQTT 3.1.1: the broker acknowledges the message and discards it,
-    which the device cannot see at all (docs/mqtt.md, "The broker")."""
+    PUBACK reason code 0x95, which MQTT v5 does not allow in a PUBACK: paho-mqtt closed the connection on it
+    (Protocol error) and the link sent the message again at every reconnect, the outbox waiting behind it for
+    ever. The PUBACK names its message (its packet id): it is read as the refusal it is now, and the message is
+    dropped as too_large (as one over an announced limit), counted and named in an output_error event with its
+    seq and the reason code; the connection stays, and what follows it arrives. An event's image over the
+    limit goes the same way: the event arrives, the image is named as dropped. MQTT 3.1.1: the broker
+    acknowledges the message and discards it, which the device cannot see at all (docs/mqtt.md, "The broker")."""
     broker = mosquitto_factory(extra_config="message_size_limit 1000")
     with Collector(BrokerSettings(url=broker.url, protocol=protocol), "edge-ad/v1/t/d1/#") as col, \
             caplog.at_level(logging.WARNING, logger="edge_ad.mqtt"):
@@ -1404,25 +1457,38 @@ def test_a_message_over_mosquittos_message_size_limit(mosquitto_factory, tmp_pat
             before = link.publish_result({"score": 0.1, "ng": False})
             big = link.publish_result({"score": 0.2, "ng": False, "note": "n" * 3000})
             after = link.publish_result({"score": 0.3, "ng": False})
-            assert col.wait_for(lambda c: before in {m.json()["id"] for m in c.of_kind("result")}, 10)
+            event = link.publish_event({"score": 0.9}, jpeg=b"\xff\xd8" + b"j" * 3000)
+            link.publish_calibration({"version": 3, "threshold": 0.5, "note": "c" * 3000})     # retained, refused
+            got = lambda kind: {m.json()["id"] for m in col.of_kind(kind) if m.json().get("type") != "output_error"}  # noqa
+            assert col.wait_for(lambda c: {before, after} <= got("result") and event in got("event"), 10), \
+                caplog.text
             if protocol == "5":
-                assert _wait(lambda: _loss_warnings(caplog), 20)
-            else:
-                assert col.wait_for(lambda c: after in {m.json()["id"] for m in c.of_kind("result")}, 10)
-                assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+                assert col.wait_for(lambda c: {big, event} <= _dropped_named(c), 10), _drop_events(col)
+            assert _wait(lambda: link.stats()["outbox_depth"] == 0, 10)
+            if protocol == "5":
+                assert _wait(lambda: link.stats()["retained_rejected"] == 1, 10)
             st = link.stats()
         finally:
             link.stop(timeout=1)
-    assert st["outbox_dropped"] == 0 and big not in {m.json()["id"] for m in col.of_kind("result")}
+    assert big not in got("result") and not col.of_kind("event/image") and not _loss_warnings(caplog)
+    assert not col.of_kind("calibration")
+    assert st["disconnects"] == 0
     if protocol == "3.1.1":      # acknowledged: gone, and only the consumer's seq gap shows it
-        assert st["acked"] == 3 and st["disconnects"] == 0 and not _loss_warnings(caplog)
+        assert st["acked"] == 5 and st["outbox_dropped"] == 0
         return
-    with Outbox(tmp_path / "outbox-d1.sqlite") as ob:
-        assert [r.msg_id for r in ob.fetch_after(0, 10)] == [big, after]
-    warned = _loss_warnings(caplog)
-    assert len(warned) == 1 and f"result {big} on edge-ad/v1/t/d1/result" in warned[0], warned
-    assert "could not read (Protocol error), not a network fault" in warned[0]
-    assert "PUBACK reason code (0x95)" in warned[0] and "remove message_size_limit" in warned[0]
+    assert st["outbox_dropped_by"] == {"full": 0, "too_large": 2, "rejected": 0} and st["rejected"] == 2
+    events = _drop_events(col)
+    assert _dropped_seqs(events, "result") == [2] and {e["reason"] for e in events} == {"too_large"}
+    ev = next(e for e in events if e["kind"] == "result")
+    assert ev["reason_code"] == 0x95 and ev["message_id"] == big and "max_packet_size" not in ev
+    assert "the broker refused its" in ev["error"] and "for its size: Packet too large (reason code 0x95), over a " \
+        "limit it does not announce (Mosquitto's message_size_limit)" in ev["error"], ev["error"]
+    schema.validate("event", ev)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"result {big} on edge-ad/v1/t/d1/result dropped from the outbox" in e for e in errors), errors
+    assert any(e.startswith("mqtt: the broker refused the retained message on edge-ad/v1/t/d1/calibration: Packet "
+                            "too large (reason code 0x95); consumers keep the last one it took (it is larger than the "
+                            "broker's message_size_limit") for e in errors), errors
 
 
 def test_mqtt_311_a_birth_over_the_brokers_limit_drops_nothing(mosquitto_factory, tmp_path):

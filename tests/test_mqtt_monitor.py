@@ -376,6 +376,40 @@ def test_a_result_delivered_again_is_counted_once():
     assert (r.results, r.duplicates) == (7, 5)
 
 
+def test_the_monitors_own_reconnect_counts_nothing_twice():
+    """After the monitor's own reconnect it forgot every device's seq, so a result it had received and received
+    again (the device re-sends what the broker had not acknowledged to it when the broker restarted) counted as a
+    new one: results, NG and the NG rate grew with each reconnect. What it received stays known now: a repeat
+    after the reconnect is a duplicate, a gap seen before still waits for its announcement or a late message,
+    and what was published while it was away opens no gap (new once, should it come late)."""
+    now = [1000.0]
+    view = FleetView(clock=lambda: now[0], gap_grace_s=5)
+    res = lambda seq, ng=False: view.consume(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq,  # noqa: E731
+                                                                        "score": 0.1, "ng": ng}))
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), retained=True)
+    for seq in (1, 2, 3, 4, 5, 8):                            # 6..7: held for the device's announcement
+        row = res(seq, ng=seq == 4)
+    view.consume(f"{B}/p1/cam1/event", _j({"id": "e1", "seq": 1, "type": "ng"}))
+    view.resync()                                             # the monitor lost the broker and is back
+    view.consume(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), retained=True)
+    for seq in (4, 5, 8):                                     # received before: sent again after the restart
+        res(seq, ng=seq == 4)
+    view.consume(f"{B}/p1/cam1/event", _j({"id": "e1", "seq": 1, "type": "ng"}))
+    assert (row.results, row.ng, row.events, row.duplicates) == (6, 1, 1, 4)
+    res(7)                                                    # late: it fills the gap seen before
+    res(12)                                                   # 9..11 were published while the monitor was away
+    assert (row.results, row.duplicates, row.results_missing, row.last_gap["held"]) == (8, 4, 0, 1)
+    res(10)                                                   # one of them, late: new once
+    res(10)
+    view.consume(f"{B}/p1/cam1/event", _j({"id": "e5", "seq": 5, "type": "ng"}))   # events 2..4: away too
+    assert (row.results, row.events, row.duplicates) == (9, 2, 5)
+    now[0] += 5
+    view.settle()                                             # 6 never came: missing, as without the reconnect
+    assert (row.results_missing, row.events_missing, row.last_gap["from"], row.last_gap["to"]) == (1, 0, 6, 7)
+    res(14)                                                   # after the first seq above: gaps count again
+    assert row.last_gap["from"] == 13 and row.last_gap["held"] == 1
+
+
 def test_a_late_result_that_fills_a_gap_is_counted_but_not_shown_as_the_last():
     """A result re-sent late (it fills its gap: new) replaced the last result, the threshold and the calibration
     version shown with its older ones, so the row went back in time. It now only counts (results, NG, NG rate):
@@ -492,6 +526,50 @@ def test_run_monitor_says_when_it_loses_the_broker_and_rows_recover(mosquitto, t
     assert notes[0]["broker"] == mosquitto.url and notes[0]["reason"] and notes[1]["down_s"] >= 0
 
 
+def test_run_monitor_counts_a_result_received_again_after_its_own_reconnect_once(mosquitto):
+    """Live: the broker restarts while a line publishes; the device sends again a result the monitor had already
+    received (its PUBACK was lost with the broker). The monitor, back too, counted it a second time (results 5
+    for 4); it is a duplicate now, and the rows equal those without the restart."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="t-pub", protocol=paho.MQTTv5)
+    pub.reconnect_delay_set(0.1, 0.5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    out, stop = io.StringIO(), threading.Event()
+    lines = lambda: [json.loads(x) for x in out.getvalue().splitlines()]   # noqa: E731
+    broker = BrokerSettings(url=mosquitto.url, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    watch = threading.Thread(target=run_monitor, args=(broker,), daemon=True,
+                             kwargs={"site": "p1", "as_json": True, "out": out, "stop": stop})
+    watch.start()
+
+    def res(seq):
+        pub.publish(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq, "score": 0.1, "ng": seq == 2}),
+                    qos=1).wait_for_publish(10)
+
+    try:
+        pub.publish(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a"}), qos=1,
+                    retain=True).wait_for_publish(10)
+        assert _wait(lambda: lines()), "the monitor saw no status"          # it is subscribed
+        for seq in (1, 2, 3):
+            res(seq)
+        assert _wait(lambda: lines()[-1].get("results") == 3), lines()
+        mosquitto.restart()
+        assert _wait(lambda: any(x.get("monitor") == "reconnected" for x in lines()))
+        assert _wait(lambda: pub.is_connected())
+        for seq in (3, 4):                                  # 3: sent again, its PUBACK lost with the broker
+            res(seq)
+        assert _wait(lambda: (lines()[-1].get("last_result") or {}).get("seq") == 4), lines()[-1]
+    finally:
+        stop.set()
+        watch.join(5)
+        pub.loop_stop()
+        pub.disconnect()
+    last = [x for x in lines() if "device" in x][-1]
+    assert (last["results"], last["ng"], last["duplicates"], last["results_missing"]) == (4, 1, 1, 0), last
+
+
 def test_run_monitor_json_says_when_a_device_turns_stale_and_back(mosquitto):
     """Live: a device that sent its birth and results, then stayed connected and silent, showed 'stale' in the
     table but never in --json (rows came only from the messages of the device, each of which made it fresh).
@@ -606,6 +684,42 @@ def test_run_monitor_reports_a_seq_gap_of_a_device(mosquitto, tmp_path):
     assert last["last_gap"]["from"] == 6 and last["last_gap"]["to"] == 25
     # the full outbox announced its drops (output_error, dropped.result.seq [[6, 25]]): dropped, not missing
     assert (last["results_dropped"], last["results_missing"]) == (20, 0), last
+
+
+def test_the_drops_of_a_full_outbox_are_named_before_the_backlog_that_follows_them(mosquitto, tmp_path, caplog):
+    """A full outbox drops its oldest and names them in an output_error event once it has room: after the
+    reconnect, behind the whole backlog. The gap shows at the backlog's first message, so with 100 000 kept the
+    announcement came tens of seconds after it, long past the monitor's grace period (5 s): the monitor warned of
+    the drops as MISSING, then moved them to DROPPED. The birth, published at connect before the backlog, now
+    names them (dropped_pending): the gap is announced before it is seen, even with no grace period at all."""
+    from edge_ad.mqtt import schema
+    from edge_ad.mqtt.broker import free_port
+
+    with caplog.at_level("WARNING", logger="edge_ad.mqtt.monitor"), \
+            _json_monitor(BrokerSettings(url=mosquitto.url), gap_grace_s=0) as lines:
+        link = _link(mosquitto.url, tmp_path, "cam1", validate_payloads=True)
+        for _ in range(5):
+            link.publish_result({"score": 0.1, "ng": False})
+        assert _wait(lambda: lines() and (lines()[-1].get("last_result") or {}).get("seq") == 5), lines()
+        link.stop()
+        cut = _link(f"mqtt://127.0.0.1:{free_port()}", tmp_path, "cam1", outbox_max_messages=10,
+                    validate_payloads=True)
+        for _ in range(30):                                 # seq 6..35: the outbox keeps the newest 10
+            cut.publish_result({"score": 0.1, "ng": False})
+        birth = cut.birth()
+        assert birth["dropped_pending"]["result"]["seq"] == [[6, 25]] and birth["dropped_pending"]["result"][
+            "count"] == 20, birth
+        schema.validate("status", birth)
+        cut.stop(timeout=0.5)                               # no room for the event: the names wait in the file
+        link = _link(mosquitto.url, tmp_path, "cam1", validate_payloads=True)
+        try:
+            assert _wait(lambda: lines()[-1]["last_result"]["seq"] == 35 and lines()[-1]["events"] == 1), lines()[-1]
+            assert "dropped_pending" not in link.birth()    # the output_error event names them now
+        finally:
+            link.stop()
+    assert [x for x in lines() if x["results_missing"]] == [], lines()
+    assert (lines()[-1]["results_dropped"], lines()[-1]["last_gap"]["dropped"]) == (20, 20), lines()[-1]
+    assert [r.getMessage() for r in caplog.records if r.name == "edge_ad.mqtt.monitor"] == []
 
 
 def test_run_monitor_counts_messages_too_large_for_the_broker_as_dropped(mosquitto_factory, tmp_path, caplog):

@@ -36,10 +36,14 @@ from .types import Seconds, env_file_option
               help="Free disk space required in each data folder.")
 @click.option("--timeout", "timeout_s", type=Seconds(0.1, max=60), default=3.0, show_default=True,
               help="Seconds to wait for a broker or camera host.")
+@click.option("--probe-publish", is_flag=True,
+              help="With --config (MQTT v5): publish an empty message to the device's result, event and event "
+                   "image topics to check that the broker's ACL lets it write there. Their consumers receive it: "
+                   "off by default.")
 @click.option("--strict", is_flag=True, help="Exit 1 on any warning or failed optional check too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_free_mb, timeout_s, strict,
-           as_json):
+def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backend, min_free_mb, timeout_s,
+           probe_publish, strict, as_json):
     """Check what this machine can do for `edge-ad run`, and say how to fix what is missing.
 
     Exit code: 0 when `edge-ad run` can start, 1 when something it needs is missing, 2 for usage errors. With
@@ -105,6 +109,12 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
                 dirs.append(Path(out.snapshots_dir))
             if mqtt is not None:
                 dirs.append(Path(mqtt.effective_outbox_path).parent)
+    # the device's topics, probed on the broker when asked (its site and device come from the config, whatever
+    # --mqtt says): consumers of those topics receive the probe
+    publish = d.publish_probe_topics(mqtt) if mqtt is not None and probe_publish else None
+    if probe_publish and mqtt is None:
+        raise click.UsageError("--probe-publish needs --config LINE.toml with an [mqtt] url: the topics it probes "
+                               "are named by the line's site and device")
     if ca_file is not None and mqtt_url is None and mqtt is None:
         raise click.UsageError("--ca-file needs --mqtt URL (or a config with an [mqtt] url)")
     if mqtt_url is not None or ca_file is not None:
@@ -122,7 +132,8 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
         mqtt = BrokerSettings(**fields)  # a malformed URL is a usage error (exit 2)
     checks = extra + d.run_checks(bundle=bundle, mqtt=mqtt, data_dirs=dirs, source=source,
                                   backend=backend or "auto", precision=precision, min_free_mb=min_free_mb,
-                                  timeout_s=timeout_s, resolve_bundle=resolve_bundle, settings=settings)
+                                  timeout_s=timeout_s, resolve_bundle=resolve_bundle, settings=settings,
+                                  publish=publish)
     code = d.exit_code(checks, strict)
     if as_json:
         click.echo(json.dumps(d.report_dict(checks, strict), indent=2, sort_keys=False, default=str))

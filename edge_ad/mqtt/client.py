@@ -11,12 +11,14 @@ import logging
 import random
 import socket
 import ssl
+import struct
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from ..errors import InputError, RuntimeFailure
 from .settings import BrokerSettings, Protocol
@@ -63,7 +65,54 @@ def make_client(settings: BrokerSettings, client_id: str, *, persistent: bool = 
     if log.isEnabledFor(logging.DEBUG):
         client.enable_logger(logging.getLogger("edge_ad.mqtt.paho"))
     _keep_connect_errors(client)
+    if protocol == paho.MQTTv5:
+        _read_refusing_pubacks(client)
     return client
+
+
+class PubackRefusal(ReasonCode):
+    """A PUBACK's failure reason code that MQTT v5 does not list for a PUBACK, such as 0x95 Packet too large,
+    which Mosquitto 2.0 sends for a message over its ``message_size_limit``: named as the spec names the code
+    where it allows it (a CONNACK or DISCONNECT), else ``Unknown reason``."""
+
+    def __init__(self, value: int):
+        super().__init__(PacketTypes.PUBACK)
+        self.value = int(value)
+
+    def getName(self) -> str:  # noqa: N802 - paho's name
+        return next(iter(self.names.get(self.value, {})), "Unknown reason")
+
+
+def _puback_lists(code: int) -> bool:
+    """Does MQTT v5 (paho's table) allow ``code`` in a PUBACK?"""
+    return any(PacketTypes.PUBACK in types for types in ReasonCode.names.get(code, {}).values())
+
+
+def _read_refusing_pubacks(client: paho.Client) -> None:
+    """Read a PUBACK whose failure reason code (0x80 or more) MQTT v5 does not allow in a PUBACK, and hand it to
+    ``on_publish`` as the refusal it is (:class:`PubackRefusal`). paho-mqtt 2.2 rejects such a PUBACK as a malformed
+    packet and closes the connection (Protocol error), though its packet id says which message it answers: a
+    message Mosquitto 2.0 refuses for its ``message_size_limit`` (0x95) was then sent again at every reconnect,
+    and everything behind it in the outbox waited for ever. Other PUBACKs go to paho as they are. Left out (paho
+    reads them all itself) when this paho lacks the internals it takes (a later version may read them itself)."""
+    handle = getattr(client, "_handle_pubackcomp", None)
+    if handle is None or not all(hasattr(client, a) for a in ("_in_packet", "_out_message_mutex", "_out_messages",
+                                                               "_do_on_publish")):
+        return
+
+    def handle_pubackcomp(cmd):
+        packet = client._in_packet.get("packet", b"") if cmd == "PUBACK" else b""
+        if len(packet) < 3 or packet[2] < 0x80 or _puback_lists(packet[2]):
+            return handle(cmd)
+        mid, code = struct.unpack("!H", packet[:2])[0], packet[2]
+        log.debug("mqtt: PUBACK for message %d with reason code 0x%02X, which MQTT v5 does not allow in a PUBACK: "
+                  "taken as a refusal", mid, code)
+        with client._out_message_mutex:
+            if mid in client._out_messages:
+                return client._do_on_publish(mid, PubackRefusal(code), Properties(PacketTypes.PUBACK))
+        return paho.MQTT_ERR_SUCCESS
+
+    client._handle_pubackcomp = handle_pubackcomp
 
 
 def _keep_connect_errors(client: paho.Client) -> None:

@@ -29,7 +29,8 @@ announced with an ``output_error`` event (:mod:`.sender`); a too large event ima
 sent (logged). A broker that announces no limit (MQTT 3.1.1) just drops the connection, which cannot be
 told from a network fault: nothing is dropped for it; the same message sent right before several losses in a
 row is named in a WARNING. A message the broker refuses in its PUBACK (MQTT v5) is dropped and announced the
-same way when the reason code refuses it for good (Not authorized), else kept and sent again after a back-off.
+same way when the reason code refuses it for good (Not authorized; Packet too large, Mosquitto's answer for its
+``message_size_limit``, as ``too_large``), else kept and sent again after a back-off.
 A command reply is sent again after a reconnect once at most (:data:`REPLY_SENDS`; one made while disconnected is
 first sent at the reconnect): one the broker closes the connection for is then given up, with an ERROR naming it,
 instead of costing the connection at every reconnect. A reply or a retained message (status, calibration, a
@@ -62,12 +63,14 @@ from .client import (DEVICE_LOGIN_HINT, connect_async, connect_error_text, make_
                      reason_value, refused_text)
 from .commands import CLOSED, LONG, QUEUED, QUICK, CommandQueue, Dispatcher, Handler, Incoming
 from .outbox import DROP_IDS_PER_EVENT, DropNames, Outbox
-from .sender import LOSS_REPEATS, AckListener, OutboxSender, image_properties, percentile, publish_size
+from .sender import (LOSS_REPEATS, PACKET_TOO_LARGE, AckListener, OutboxSender, image_properties, percentile,
+                     publish_size)
 from .settings import SHORT_SECRET, MqttSettings, Protocol
 from .topics import Topics, level_problem, string_problem
 
 log = logging.getLogger(__name__)
 UNREACHABLE_WARN_S = 60.0   # "cannot connect" is a WARNING at the first failure, then at most this often
+REFUSED_LOG_S = 600.0       # a login the broker refuses: an ERROR at the first refusal, then at most this often
 # a command reply is sent at most this often: once, and again after one reconnect (paho sends a QoS 1 message in
 # flight again at every reconnect; a reply the broker closes the connection for did so for ever). Fewer than the
 # losses in a row the sender names an outbox message for, so such a reply is named, not a result sent beside it.
@@ -138,6 +141,12 @@ class MqttLink:
         self._connected = False
         self._connected_at = 0.0
         self._unreachable_warned = float("-inf")   # when "cannot connect" was last logged at WARNING
+        # the broker refusing the connection (a CONNACK failure: bad login, not authorized): the reason last
+        # logged (None: none since the last accepted connection), when, and the refusals not logged since
+        self._refusal: str | None = None
+        self._refusal_logged = float("-inf")
+        self._refusals_held = 0
+        self._refusals_in_a_row = 0
         self._started = False
         self._stopping = False
         self._stopped = False
@@ -157,7 +166,8 @@ class MqttLink:
         # every key exists from the start, so stats() never iterates a dict that grows under it
         self._counters = collections.Counter({k: 0 for k in ("connects", "disconnects", "telemetry_sent",
                                                              "telemetry_dropped", "images_skipped",
-                                                             "replies_rejected", "retained_rejected")})
+                                                             "replies_rejected", "retained_rejected",
+                                                             "connect_refused")})
         self._last_error: str | None = None
         self._out = OutboxSender(self.outbox, settings.inflight_window, max(60.0, 2.0 * settings.keepalive_s),
                                  self._wake, ack_listener, on_drop=self._announce_drops)
@@ -350,6 +360,10 @@ class MqttLink:
         with self._lock:
             self._stopped = True
         self._log_held(final=True)
+        if self._refusals_held:
+            log.error("mqtt: the broker refused the connection %d more time(s) since the last report (%d in all): %s",
+                      self._refusals_held, self._counters["connect_refused"], self._refusal)
+            self._refusals_held = 0
         self.outbox.close()
         log.info("mqtt: stopped (%d messages left in the outbox)", self.outbox.depth)
 
@@ -585,6 +599,7 @@ class MqttLink:
             "retained_rejected": c["retained_rejected"],
             "resent": c["resent"],
             "connects": c["connects"],
+            "connect_refused": c["connect_refused"],
             "disconnects": c["disconnects"],
             "telemetry_sent": c["telemetry_sent"],
             "telemetry_dropped": c["telemetry_dropped"],
@@ -670,6 +685,12 @@ class MqttLink:
         body.update(extra)
         body.update({"schema_version": payloads.SCHEMA_VERSION, "state": "online", "reason": "connected",
                      "site": self.settings.site, "device": self.settings.device})
+        # what the full outbox dropped and no output_error event names yet: that event is stored once the outbox
+        # has room, behind the backlog, so it reaches a consumer long after the gap the backlog's first message
+        # shows; the birth, published at connect before the backlog goes out, names them first
+        pending = self.outbox.full_drops_named()
+        if pending is not None:
+            body["dropped_pending"] = pending
         return body
 
     def _status_bytes(self, state: str, reason: str) -> bytes:
@@ -718,8 +739,12 @@ class MqttLink:
         if reason_failed(reason_code):
             self._connected = False
             self._last_error = refused_text(self.settings, reason_code, DEVICE_LOGIN_HINT)
-            log.error("mqtt: %s", self._last_error)
+            self._refused_login(self._last_error)
             return
+        if self._refusal is not None:
+            log.warning("mqtt: the broker %s accepted the connection after refusing it %d time(s) in a row",
+                        self.settings.safe_url, self._refusals_in_a_row)
+            self._refusal, self._refusals_held = None, 0
         limit = getattr(properties, "MaximumPacketSize", None) if client.protocol == paho.MQTTv5 else None
         # before anything is published on this connection, and before paho sends again what it holds
         self._out.reconnected(client, int(limit) if limit is not None else None)
@@ -750,6 +775,24 @@ class MqttLink:
                  "" if limit is None else f"; the broker takes packets of up to {limit} bytes")
         self._wake.set()
 
+    def _refused_login(self, why: str) -> None:
+        """The broker refused the connection (``why``: its reason and what to check). It will refuse every retry
+        alike until its password file, its ACL or the device's config changes: an ERROR the first time, then at
+        most once per :data:`REFUSED_LOG_S` (with how many since), and at once when the reason changes; counted
+        in ``connect_refused``. Paho's network thread only."""
+        self._counters["connect_refused"] += 1
+        self._refusals_in_a_row = 1 if self._refusal is None else self._refusals_in_a_row + 1
+        now = time.monotonic()
+        if why == self._refusal and now - self._refusal_logged < REFUSED_LOG_S:
+            self._refusals_held += 1
+            log.debug("mqtt: %s", why)
+            return
+        since, self._refusals_held = self._refusals_held + 1, 0
+        self._refusal, self._refusal_logged = why, now
+        log.error("mqtt: %s; retrying in the background (%d refusal(s) since the last report, %d in all: "
+                  "connect_refused; logged again in %.0f s at the earliest, or when the reason changes)", why, since,
+                  self._counters["connect_refused"], REFUSED_LOG_S)
+
     def _on_connect_fail(self, client, userdata) -> None:
         exc = getattr(client, "connect_error", None)   # why (make_client keeps it)
         self._last_error = f"cannot connect to {self.settings.safe_url}" + (
@@ -777,7 +820,8 @@ class MqttLink:
             self._counters["disconnects"] += 1
             if not self._stopping:
                 # right after sending a message the broker refuses? (logged) A v5 "Protocol error" the client
-                # raised itself: a packet from the broker it could not read (Mosquitto's PUBACK 0x95), no network fault
+                # raised itself: a packet from the broker it could not read, no network fault (Mosquitto's PUBACK
+                # 0x95 for message_size_limit is read: client._read_refusing_pubacks)
                 protocol_error = (client.protocol == paho.MQTTv5 and reason_value(reason_code) == 0x82
                                   and not getattr(flags, "is_disconnect_packet_from_server", True))
                 self._out.lost(self._connected_at, protocol_error)
@@ -804,21 +848,23 @@ class MqttLink:
         once a minute per kind with how many since."""
         code = reason_value(reason_code)
         why = f"{reason_text(reason_code)}" + (f" (reason code 0x{code:02X})" if code is not None else "")
+        size_fix = ("it is larger than the broker's message_size_limit, which it does not announce: set that to 0 "
+                    "and use max_packet_size") if code == PACKET_TOO_LARGE else None
         if reply is not None:
             self._counters["replies_rejected"] += 1
             since = self._refused_log.hit("reply")
             if since:
                 log.error("mqtt: the broker refused the reply to command %s on %s: %s; its requester gets no reply "
-                          "(the broker's ACL must let this device publish to the reply topics of its requesters); "
-                          "%d such since the last report", reply.command, clip_text(repr(reply.topic), 120),
-                          why, since)
+                          "(%s); %d such since the last report", reply.command, clip_text(repr(reply.topic), 120),
+                          why, size_fix or "the broker's ACL must let this device publish to the reply topics of its "
+                                           "requesters", since)
         else:
             self._counters["retained_rejected"] += 1
             since = self._refused_log.hit(retained)
             if since:
                 log.error("mqtt: the broker refused the retained message on %s: %s; consumers keep the last one it "
-                          "took (let this device publish to it in the broker's ACL); %d such since the last report",
-                          retained, why, since)
+                          "took (%s); %d such since the last report", retained, why,
+                          size_fix or "let this device publish to it in the broker's ACL", since)
 
     def _log_held(self, final: bool = False) -> None:
         """Log what the once-a-minute lines of messages not sent or refused held back (the replies and retained

@@ -19,9 +19,10 @@ results that arrive at the pace they were made) is flagged: ``clock_offset_s``, 
 
 Gaps in ``seq`` (results and events each count +1 per device) are counted per device. The messages the
 device itself dropped and announced (``output_error`` events whose ``dropped`` names their ``seq`` ranges:
-a full outbox, a message too large for the broker or refused by it) are counted as dropped
-(``results_dropped``, ``events_dropped``; the table's ``DROPPED``), whichever comes first, the gap or the
-announcement. The announcement usually comes a moment after the gap is seen, so a gap's part not announced
+a full outbox, a message too large for the broker or refused by it; and a birth's ``dropped_pending``: what
+the full outbox dropped, named at the connect before the backlog, whose event comes behind it) are counted as
+dropped (``results_dropped``, ``events_dropped``; the table's ``DROPPED``), whichever comes first, the gap or
+the announcement. The announcement usually comes a moment after the gap is seen, so a gap's part not announced
 yet is held for ``gap_grace_s`` (:data:`GAP_GRACE_S`), counted nowhere and not warned of (``last_gap``'s
 ``held``); what is left of it then counts as missing (``results_missing``, ``events_missing``; the table's
 ``MISSING``), logged as a WARNING: unexplained, such as messages the broker dropped on the way to this
@@ -33,9 +34,12 @@ reconnect) are not gaps, nor new: ``results``, ``ng`` and ``events`` count each 
 repeat only adds to ``duplicates`` and changes nothing else in the row. A late message fills its gap again (new:
 counted, but the last result, threshold and calibration version shown stay the newest ``seq``'s), and so does,
 once, one below the first ``seq`` this count received (it began mid-stream). A new outbox (the birth's
-``outbox_instance`` changes, ``seq`` starts at 1) or the monitor's own reconnect (what was published meanwhile
-never reached it) starts counting afresh; a ``seq`` 1 after higher ones starts it afresh too for a device
-whose birth names no ``outbox_instance`` (else it is a repeat: a new outbox comes with a new birth first).
+``outbox_instance`` changes, ``seq`` starts at 1) starts counting afresh; a ``seq`` 1 after higher ones starts it
+afresh too for a device whose birth names no ``outbox_instance`` (else it is a repeat: a new outbox comes with a
+new birth first). After the monitor's own reconnect what was published meanwhile never reached it: the first
+``seq`` above the highest received opens no gap (what lies between is new once, should it come late), and what
+was received before is still known, so a message the broker or the device sends again after the reconnect is a
+repeat (:meth:`FleetView.resync`).
 """
 
 from __future__ import annotations
@@ -110,6 +114,9 @@ class DeviceRow:
     # [kind, first, last, gap's first, gap's last, until]: a fresh gap's part not announced yet, counted nowhere
     # until its announcement comes (dropped), a late message fills it, or the grace period ends (missing)
     _held: list = field(default_factory=list, repr=False)
+    # kinds whose next seq above the highest is the first since this monitor's own reconnect: what lies between
+    # was published while it was away (never received, no gap), like what lies below the first seq of a count
+    _resumed: set = field(default_factory=set, repr=False)
     _stale: bool = field(default=False, repr=False)   # whether it was stale when last given out (consume, settle)
 
     def _forget_seq(self) -> None:
@@ -118,6 +125,7 @@ class DeviceRow:
         self._announced.clear()
         self._held.clear()
         self._unseen.clear()
+        self._resumed.clear()
 
     def _count(self, kind: str, missing: int = 0, dropped: int = 0) -> None:
         if kind == "result":
@@ -232,11 +240,14 @@ class FleetView:
         self._skew_log = LogLimiter()  # per device: at most one clock skew WARNING a minute
 
     def resync(self) -> None:
-        """Forget the last ``seq`` of every device (counts stay): what was published while this monitor was
-        away from the broker never reached it, and is nobody's loss. The gaps held for their announcement
-        are counted as missing first (:meth:`settle`): they were seen before."""
+        """This monitor reconnected to the broker: what was published while it was away never reached it, and is
+        nobody's loss. Each device's next ``seq`` above the highest received opens no gap: what lies between is
+        unseen (each new once, should it come late), as below the first ``seq`` of a count. What it received
+        before stays known, so a message received again after the reconnect (the device sends again what the
+        broker had not acknowledged to it, e.g. after a broker restart) is a repeat, not counted twice; the
+        gaps seen before wait out their grace period as before."""
         for row in self.devices.values():
-            self._forget(row)
+            row._resumed.update(row._seq)
 
     def _forget(self, row: DeviceRow) -> None:
         self._release_due(row, 0.0, final=True)
@@ -326,6 +337,8 @@ class FleetView:
             getattr(self, f"_on_{kind}")(row, body)
         if kind == "event" and body.get("type") == "output_error" and not repeat:
             self._announced_drops(row, body.get("dropped"))
+        elif kind == "status" and body.get("state") == "online":   # a birth names the full outbox's drops first
+            self._announced_drops(row, body.get("dropped_pending"))
         seen = self._seen_at(kind, body, retained, now)
         if seen is not None and (row.last_seen is None or seen > row.last_seen):
             row.last_seen = min(seen, now)
@@ -408,6 +421,7 @@ class FleetView:
             # file comes with a new birth first (_on_status), and 1 again is a repeat.
             row._unseen[:] = [u for u in row._unseen if u[0] != kind] + ([[kind, 1, seq - 1]] if seq > 1 else [])
             row._seq[kind] = seq
+            row._resumed.discard(kind)
             return True
         if seq <= last:               # a repeat, or a late one that closes its gap, or one from before the count
             if self._fills(row, kind, seq):
@@ -417,12 +431,18 @@ class FleetView:
             return before
         row._seq[kind] = seq
         gap = seq - last - 1
+        resumed = kind in row._resumed    # the first above the highest since this monitor's reconnect
+        row._resumed.discard(kind)
         if not gap:
             return True
         announced, unexplained = _cut(row._announced, kind, last + 1, seq - 1)   # announced before the gap
         row._announced[:] = [a for a in row._announced if a[0] != kind or a[1] > seq]
         dropped = _size(announced)
         row._count(kind, 0, dropped)
+        if resumed:                       # published while this monitor was away: unseen, no gap
+            row._unseen.extend([kind, lo, hi] for lo, hi in unexplained)
+            del row._unseen[:-MAX_OPEN_GAPS]
+            return True
         row.last_gap = {"kind": kind, "from": last + 1, "to": seq - 1, "missing": 0, "dropped": dropped,
                         "held": gap - dropped, "seen": _iso(now)}
         # the device announces its drops in an output_error event that comes after the gap is seen (a second or

@@ -491,6 +491,15 @@ class Outbox:
         """Messages dropped for a bound that :meth:`take_full_drops` has not handed out yet."""
         return self._full_names.count > 0
 
+    def full_drops_named(self) -> dict | None:
+        """The messages dropped for a bound that :meth:`take_full_drops` has not handed out yet, named per kind
+        (:meth:`DropNames.report`'s ``kinds``: how many, the first and last id, the ``seq`` ranges), without
+        taking them; None when there are none. The link's birth carries them (``dropped_pending``)."""
+        with self._stat:
+            if not self._full_names.count:
+                return None
+            return json.loads(json.dumps(self._full_names.report()["kinds"]))     # a copy: they keep growing
+
     def take_full_drops(self, now: bool = False) -> dict | None:
         """The messages dropped for a bound since the last call, named (:meth:`DropNames.report`, with
         ``max_messages``, ``max_bytes`` and ``dropped_total``, the ``full`` drops since the file was made), for

@@ -22,7 +22,9 @@ cause, and nothing is lost.
 A PUBACK with a failure reason code (MQTT v5) is the broker refusing one message, and the code says whether
 sending it again can help (:data:`PERMANENT_REFUSALS`, from the spec's list for PUBACK, 3.4.2.1). A permanent one
 (0x87 Not authorized: an ACL; 0x90 Topic name invalid; 0x99 Payload format invalid) is dropped from the outbox as
-a ``too_large`` one is (reason ``rejected``: counted, logged, announced through ``on_drop``). Any other (0x97 Quota
+a ``too_large`` one is (reason ``rejected``: counted, logged, announced through ``on_drop``); 0x95 Packet too large
+(Mosquitto 2.0's answer to a message over its unannounced ``message_size_limit``, read by the client although MQTT
+v5 does not allow it in a PUBACK: :func:`~.client.make_client`) is dropped as ``too_large``. Any other (0x97 Quota
 exceeded, 0x80 Unspecified error, 0x83 Implementation specific error, a code the spec does not list) means "not
 now": the message stays in the outbox and is sent again after a back-off of its own (:data:`RETRY_MIN_S`,
 doubling up to :data:`RETRY_MAX_S`), and nothing is handed over for :data:`RETRY_MIN_S` after a refusal, so a
@@ -60,9 +62,11 @@ LOSS_WINDOW_S = 5.0     # "right after": within this of its send (a broker refus
 DROP_REPORT_S = 1.0     # dropped messages are announced at most this often (a burst of them: together)
 # PUBACK reason codes that refuse the message for good (MQTT v5 3.4.2.1): sending it again cannot help. 0x95 is
 # not a PUBACK code in the spec, but Mosquitto 2.0 sends it for a message over its message_size_limit (paho 2.2
-# rejects that PUBACK as malformed and closes the connection: see _note_loss; a library that passes it on gets
-# the message dropped). Every other failure (0x80, 0x83, 0x91, 0x97, an unknown code) is sent again later.
+# rejects that PUBACK as malformed and closes the connection; the client reads it instead, see
+# client._read_refusing_pubacks): such a message is dropped as too_large. Every other failure (0x80, 0x83, 0x91,
+# 0x97, an unknown code) is sent again later.
 PERMANENT_REFUSALS = frozenset({0x87, 0x90, 0x95, 0x99})
+PACKET_TOO_LARGE = 0x95   # of those, the one dropped as too_large (a size limit), not rejected
 RETRY_MIN_S = 1.0       # a message refused for now is sent again after this, doubling per refusal ...
 RETRY_MAX_S = 60.0      # ... up to this; and after any such refusal nothing is handed over for RETRY_MIN_S
 
@@ -411,8 +415,9 @@ class OutboxSender:
         reconnect loop a refused message causes can be told from a flaky network and fixed at the broker. The
         WARNING blames the message's size only when nothing says it fits: not when it is within the limit the
         broker announced, nor when the broker acknowledged a packet as large on this link. When the client closed
-        the connection on a reply it could not read (``protocol_error``), it says what does that: Mosquitto 2.0's
-        PUBACK 0x95 for a message over its ``message_size_limit``."""
+        the connection on a reply it could not read (``protocol_error``), it says so: not a network fault. (A PUBACK
+        with a failure reason code MQTT v5 does not allow there, Mosquitto 2.0's 0x95 for a message over its
+        ``message_size_limit``, is read as a refusal instead: :func:`~.client.make_client`.)"""
         sent = [f for f in self._inflight.values() if f.sent <= lost_at]
         if not any(lost_at - max(f.sent, connected_since) <= LOSS_WINDOW_S for f in sent):
             self._suspect = None          # nothing in flight, or a cut long after: no message's doing
@@ -433,10 +438,8 @@ class OutboxSender:
                       "connection")
         elif protocol_error:
             likely = ("each time the client closed the connection on a reply from the broker it could not read "
-                      "(Protocol error), not a network fault: Mosquitto 2.0 answers a message larger than its "
-                      "message_size_limit with a PUBACK reason code (0x95) MQTT v5 does not allow there; remove "
-                      "message_size_limit from the broker's configuration (or set it to 0), and use max_packet_size, "
-                      "which the broker announces (a larger message is then dropped as too_large instead)")
+                      "(Protocol error), not a network fault: the broker answers this message with a packet the MQTT "
+                      "library cannot read (the broker's log says why it refuses it)")
         elif 0 < first.size <= self._largest_acked:
             likely = (f"the broker acknowledged a {self._largest_acked}-byte packet on this link, so unless its limit "
                       "was lowered since, it is not refusing this one for its size: more likely the network or the "
@@ -457,6 +460,12 @@ class OutboxSender:
         (:data:`PERMANENT_REFUSALS`), else kept in the outbox and sent again after its back-off."""
         code = reason_value(reason)
         text = reason_text(reason) + (f" (reason code 0x{code:02X})" if code is not None else "")
+        if code == PACKET_TOO_LARGE:    # a size limit the broker did not announce: a too large one, as over one it did
+            self._drop(entry.row_id, entry.kind, entry.msg_id, entry.seq, entry.topic, entry.size, "too_large",
+                       f"the broker refused its {entry.size}-byte packet for its size: {text}, over a limit it does "
+                       "not announce (Mosquitto's message_size_limit); sending it again cannot change that",
+                       f"refused by the broker for its size, the last: {text}", reason_code=code)
+            return
         if code in PERMANENT_REFUSALS:
             self._drop(entry.row_id, entry.kind, entry.msg_id, entry.seq, entry.topic, entry.size, "rejected",
                        f"the broker refused it: {text}; sending it again cannot change that",
