@@ -558,6 +558,11 @@ def test_run_monitor_counts_a_result_received_again_after_its_own_reconnect_once
         mosquitto.restart()
         assert _wait(lambda: any(x.get("monitor") == "reconnected" for x in lines()))
         assert _wait(lambda: pub.is_connected())
+        # "reconnected" comes at the CONNACK, the subscription after it: wait until the monitor shows a message
+        # published after the restart (a status saying paused), or the repeat of 3 could come before it
+        pub.publish(f"{B}/p1/cam1/status", _j({"state": "online", "outbox_instance": "a", "paused": True}), qos=1,
+                    retain=True).wait_for_publish(10)
+        assert _wait(lambda: lines()[-1].get("paused") is True), lines()[-1]
         for seq in (3, 4):                                  # 3: sent again, its PUBACK lost with the broker
             res(seq)
         assert _wait(lambda: (lines()[-1].get("last_result") or {}).get("seq") == 4), lines()[-1]
