@@ -898,6 +898,7 @@ class Service:
         b = self.inspector.backend
         with self._events_lock:
             events = list(self.events[-10:])
+        ok, ng = self.reporter.counts()
         out = {"version": __version__, "uptime_s": round(time.monotonic() - self._t0, 1),
                "state": "paused" if self.pipeline.paused.is_set() else "running",
                "pipeline": self.pipeline.stats(), "source": self.camera.stats(),
@@ -906,7 +907,7 @@ class Service:
                          "image_size": list(self.bundle.image_size)},
                "calibration": self._calibration_status(cal),
                "threshold": self.effective_threshold(), "drift": self.reporter.drift_summary(),
-               "results": {"ok": self.reporter.ok, "ng": self.reporter.ng,
+               "results": {"ok": ok, "ng": ng,
                            "output_errors": dict(self.reporter.output_errors)},
                "last_result": self.reporter.last_result, "events": _jsonable(events),
                "settings": self.settings.redacted()}
@@ -931,11 +932,15 @@ class Service:
     # ------------------------------------------------------------------ telemetry
     def telemetry_payload(self) -> dict:
         p = self.pipeline
-        fps, dn, dt = self._rate.rate(p.inspected)
+        # each counter is read once: the count sent and the interval's figure made from it are the same reading,
+        # so the interval of one message is the difference of its counts and the previous message's (read again
+        # later, a frame decided meanwhile was in this message's counts and the next one's interval)
+        inspected = p.inspected
+        fps, dn, dt = self._rate.rate(inspected)
         cfps, _, _ = self._cap_rate.rate(self.camera.frames)
         # ok and ng are counted together (the result's outputs written, its NG event not yet): the interval's
         # rate is NG over OK + NG, never above 1 (over 'reported', counted after the event, it reached 1.07)
-        ok_now, ng_now = self.reporter.ok, self.reporter.ng
+        ok_now, ng_now = self.reporter.counts()
         dng, self._last_ng = ng_now - self._last_ng, ng_now
         drep, self._last_ok = dng + ok_now - self._last_ok, ok_now
         dropped_now = p.dropped
@@ -951,7 +956,7 @@ class Service:
             "fps": round(fps, 3), "capture_fps": round(cfps, 3), "interval_s": round(dt, 3),
             "latency_ms": {k: v for k, v in (total or {}).items() if k != "n"},
             "stages_ms": {k: v for k, v in stages.items() if v is not None},
-            "frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": ng_now,
+            "frames": inspected, "captured": p.captured, "ok": ok_now, "ng": ng_now,
             "ng_rate": round(dng / drep, 4) if drep else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
             "skipped_untriggered": st["skipped_untriggered"], "skipped_paused": st["skipped_paused"],
             "triggers_dropped_paused": st["triggers_dropped_paused"], "skipped_images": st["skipped_images"],
