@@ -765,11 +765,48 @@ def test_retained_commands_are_not_run(link, mosquitto):
             time.sleep(0.05)
         assert cc.call("s", "d", "resume", timeout=5)["ok"]
         assert link.calls == ["resume"]
-    pub.publish("edge-ad/v1/s/d/cmd/pause", b"", qos=1, retain=True).wait_for_publish(5)   # the usual "clear"
-    time.sleep(0.3)
-    assert link.calls == ["resume"]
     pub.loop_stop()
     pub.disconnect()
+
+
+def test_clearing_a_retained_command_is_no_command(link, mosquitto, caplog):
+    """docs/mqtt.md says to clear a retained command with an empty retained message to its topic; the broker passes
+    that on (retain as published), and the device logged 'WARNING retained command on .../cmd/pause not run
+    (publish commands with retain=false)' for the cleanup itself. It is no command: not run, not answered, no
+    WARNING (DEBUG)."""
+    import paho.mqtt.client as paho
+
+    got = []
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    sub.on_message = lambda c, u, m: got.append((m.topic, json.loads(m.payload)))
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.connect(mosquitto.host, mosquitto.port)
+    sub.subscribe("edge-ad/v1/s/d/reply/#", qos=1)
+    sub.loop_start()
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    try:
+        assert subscribed.wait(5)
+        with caplog.at_level("DEBUG", logger="edge_ad.mqtt.link"):
+            pub.publish("edge-ad/v1/s/d/cmd/pause", b'{"reason": "x"}', qos=1, retain=True).wait_for_publish(5)
+            pub.publish("edge-ad/v1/s/d/cmd/pause", b"", qos=1, retain=True).wait_for_publish(5)   # the clear
+            pub.publish("edge-ad/v1/s/d/cmd/resume", b"", qos=1).wait_for_publish(5)   # taken after it, in order
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert [(t, r["command"], r["ok"]) for t, r in got] == [("edge-ad/v1/s/d/reply/pause", "pause", False),
+                                                                ("edge-ad/v1/s/d/reply/resume", "resume", True)], got
+        assert link.calls == ["resume"]
+        retained = [r for r in caplog.records if "retained command" in r.getMessage()]
+        assert [r.levelname for r in retained] == ["WARNING", "DEBUG"], [r.getMessage() for r in retained]
+        assert retained[1].getMessage() == ("mqtt: edge-ad/v1/s/d/cmd/pause: a retained command cleared (an empty "
+                                            "retained message): nothing to run")
+    finally:
+        for c in (pub, sub):
+            c.loop_stop()
+            c.disconnect()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -30,7 +30,9 @@ Authorization applies to the commands that change state (:data:`STATE_CHANGING`;
   (replays are refused).
 
 Commands published with the retain flag are not run (a retained command would run again at every
-reconnect): the link refuses them with a ``malformed`` reply.
+reconnect): the link refuses them with a ``malformed`` reply. An empty retained message (the one that clears
+a retained command on the broker) is no command: not run, not answered. MQTT 3.1.1 delivers neither with
+its retain flag (only a subscribe's retained messages carry it): see docs/mqtt.md.
 
 Commands run one at a time, in order, except :data:`QUICK` ones (``status``), which the link answers on
 a thread of their own so they never wait behind a long ``calibrate``. While a :data:`LONG` one

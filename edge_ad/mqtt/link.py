@@ -908,7 +908,13 @@ class MqttLink:
                        bytes(corr) if corr is not None else None, user,
                        expiry_s=float(expiry) if expiry is not None else None)
         if message.retain:
-            # a retained command would run again at every reconnect; an empty one is the broker's "clear"
+            if not msg.payload:
+                # an empty retained message clears a retained command on the broker (the documented cleanup),
+                # and the broker passes it on to the subscribers: no command, nothing to warn of or answer
+                log.debug("mqtt: %s: a retained command cleared (an empty retained message): nothing to run",
+                          message.topic)
+                return
+            # a retained command would run again at every reconnect
             log.warning("mqtt: retained command on %s not run (publish commands with retain=false)", message.topic)
             if msg.payload.strip():
                 self._send_reply(client, self.dispatcher.error_reply(
