@@ -366,6 +366,14 @@ def test_unknown_invalid_unavailable_failed_internal():
     assert d.handle(_msg("update_model", {"url": "x", "sha256": "AB" * 32})).body["ok"]      # sha256sum -b | tr
     empty = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
     assert empty.handle(_msg("calibrate")).body["error"]["code"] == "not_available"
+    # a command the device's config cannot run (update_model without model.deploy_dir) was listed in the birth's
+    # commands and answered 'failed': it is left out of them and answered not_available, saying why
+    ran = []
+    d.register("update_model", lambda a: ran.append(a) or {}, unavailable="update_model needs model.deploy_dir")
+    assert "update_model" not in d.names() and not d.has_handler("update_model") and "pause" in d.names()
+    r = d.handle(_msg("update_model", {"url": "x", "sha256": "ab" * 32})).body
+    assert r["error"] == {"code": "not_available", "message": "update_model needs model.deploy_dir"} and not ran
+    assert d.handle(_msg("update_model", {"url": "x"})).body["error"]["code"] == "invalid_args"   # checked first
 
     def fails(args):
         raise RuntimeFailure("camera is gone")

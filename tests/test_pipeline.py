@@ -653,8 +653,15 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     assert call("inspect")["count"] == 1
     r = call("reload", {"what": "bundle"})
     assert r["bundle"]["model"] == "unchanged"
+    # no model.deploy_dir: the birth listed update_model, then answered it 'failed'; it is not_available,
+    # saying why (docs/mqtt.md: no handler on this device), and the birth lists what the line can run
     r = call("update_model", {"url": "file:///nonexistent.tar", "sha256": "0" * 64}, ok=False)
-    assert r["code"] in ("failed", "internal")
+    assert r == {"code": "not_available", "message": "update_model needs model.deploy_dir in the config (a folder of "
+                 "installed bundles whose 'current' release runs; see docs/runtime.md)"}, r
+    assert "update_model" not in st["birth"]["commands"] and "update_model" not in svc.link.birth()["commands"]
+    from edge_ad.runtime.commands import COMMAND_NAMES
+
+    assert set(st["birth"]["commands"]) == set(COMMAND_NAMES) - {"update_model"}
     assert call("set_threshold", {"threshold": 2.0})["persisted"]
     recs = read_jsonl(tmp_path / "results.jsonl")
     assert len(recs) == svc.pipeline.inspected

@@ -568,10 +568,11 @@ class MqttLink:
         self._wake.set()
 
     def register_command(self, name: str, handler: Handler, schema_name: str | dict | None = None,
-                         changes_state: bool | None = None) -> None:
+                         changes_state: bool | None = None, unavailable: str | None = None) -> None:
         """``handler(args: dict) -> dict`` runs on the command worker thread; raise an
-        :class:`edge_ad.errors.EdgeADError` for an error reply. See :mod:`edge_ad.mqtt.commands`."""
-        self.dispatcher.register(name, handler, schema_name, changes_state)
+        :class:`edge_ad.errors.EdgeADError` for an error reply. ``unavailable``: why this device cannot run it
+        (not in the birth's ``commands``, answered ``not_available`` with it). See :mod:`edge_ad.mqtt.commands`."""
+        self.dispatcher.register(name, handler, schema_name, changes_state, unavailable)
         if self._started:
             self.update_birth()
 

@@ -709,6 +709,14 @@ class Service:
         return {"model_hash": new.model_hash, "previous_model_hash": before,
                 "calibration_version": new.calibration.version, "bundle": str(bundle.path)}
 
+    def update_model_unavailable(self) -> str | None:
+        """Why this line cannot take a model update (no ``model.deploy_dir``: the MQTT ``update_model`` is then
+        answered ``not_available``, and the birth does not list it); None when it can."""
+        if self.settings.model.deploy_dir is None:
+            return ("update_model needs model.deploy_dir in the config (a folder of installed bundles whose "
+                    "'current' release runs; see docs/runtime.md)")
+        return None
+
     def update_model(self, args: dict) -> dict:
         """Install a bundle archive (edge_ad.calibration.install_bundle: verify, golden set, atomic switch),
         swap it in between two batches, and watch its health: a failed check rolls back to the previous
@@ -727,9 +735,9 @@ class Service:
         from ..calibration.deploy import deploy_lock
 
         m = self.settings.model
-        if m.deploy_dir is None:
-            raise InputError("update_model needs model.deploy_dir in the config (a folder of installed bundles "
-                             "whose 'current' release runs; see docs/runtime.md)")
+        why = self.update_model_unavailable()
+        if why is not None:
+            raise InputError(why)
         precision = args.get("precision") or m.precision
         activate = args.get("activate", True)
         if activate and precision != m.precision:
