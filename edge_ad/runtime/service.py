@@ -158,6 +158,9 @@ class Service:
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
         s = self.settings
+        why = s.trigger_problem()   # load_settings refuses it first, naming where each value came from
+        if why is not None:         # (settings made otherwise: before the model opens or a file is made)
+            raise InputError(why)
         self.spec = parse_uri(s.source.uri)
         check_startup(self.spec)
         self._check_outbox_left_behind()
@@ -298,10 +301,6 @@ class Service:
         jsonl = JsonlLog(o.jsonl, o.jsonl_max_bytes, o.jsonl_backups, o.jsonl_fsync) if o.jsonl else None
         self.gate = TriggerGate(s.source.frames_per_trigger)
         mode = s.source.mode.value
-        if mode == "trigger" and s.source.trigger == "command" and s.mqtt_settings() is None:
-            raise InputError("source.trigger = 'command' releases frames only on the MQTT inspect command, and "
-                             "MQTT is off (no [mqtt] section, or enabled = false): nothing could ever be "
-                             "inspected; add [mqtt], or use trigger 'frame', 'gpio' or a plug-in")
         self.trigger = load_trigger(s.source.trigger, self.gate, s.source.gpio) if mode == "trigger" else None
         self.telemetry = Telemetry(s.telemetry.tegrastats, s.telemetry.nvml, s.telemetry.interval_s)
         t = s.telemetry
