@@ -1190,6 +1190,22 @@ def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_pa
 
 
 
+def test_the_did_you_mean_docs_mqtt_md_quotes_is_the_one_made():
+    """docs/mqtt.md quoted 'did you mean plant1/line3-cam1 or plant1/line3-cam2?' for plant1/line3-cam9 in the notes
+    of 'command' and 'decommission'; the guesses come closest first, equally close ones the later name first, so
+    the line says cam2 first. Both quotes are now the text made."""
+    import re
+    from pathlib import Path
+
+    from edge_ad.mqtt.topics import known_devices_text
+
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "mqtt.md").read_text("utf-8").split())
+    made = known_devices_text("plant1", "line3-cam9", [f"edge-ad/v1/plant1/line3-cam{i}/status" for i in (1, 2)])
+    quoted = re.findall(r"[Tt]he devices with a retained status under edge-ad/v1/ are plant1/line3-cam1, "
+                        r"plant1/line3-cam2 \(did you mean [^)]*\)", doc)
+    assert len(quoted) == 2 and all(q[1:] == made[1:] for q in quoted), (quoted, made)
+
+
 def test_a_mistyped_device_is_guessed_from_its_site_or_its_name_not_from_common_letters():
     """The did-you-mean of 'command' and 'decommission' compared the whole 'site/device' with a loose cutoff, so
     p9/cam9 'meant' p1/cam2 (their common 'p', '/cam'). A typo is in one part: the close devices of the same site,
