@@ -473,6 +473,25 @@ class Settings(_Section):
         enabled = self.mqtt.get("enabled", True)
         return not (enabled is False or str(enabled).lower() in ("false", "0", "no", "off"))
 
+    def trigger_problem(self, where=None) -> str | None:
+        """Why ``source.trigger`` cannot work with the rest of the settings, None when it can: ``command`` releases
+        frames only on the MQTT ``inspect`` command, so with MQTT off nothing could ever be inspected. ``where``
+        (a field's dotted name -> where its value came from) adds ``[from ...]`` to each field named."""
+        src = self.source
+        if not (src.mode is Mode.TRIGGER and src.trigger == "command" and not self.mqtt_enabled):
+            return None
+
+        def at(field: str) -> str:
+            return f" [from {where(field)}]" if where is not None else ""
+
+        if self.mqtt is None:
+            off, on = "no [mqtt] section", "add an [mqtt] section (its url)"
+        else:
+            off, on = f"mqtt.enabled = false{at('mqtt.enabled')}", "set mqtt.enabled = true"
+        return (f"source.trigger = 'command'{at('source.trigger')} (with source.mode = 'trigger'{at('source.mode')}) "
+                f"releases frames only on the MQTT inspect command, and MQTT is off ({off}): nothing could ever be "
+                f"inspected; {on}, or set source.trigger to 'frame', 'gpio' or a plug-in")
+
     def redacted(self) -> dict:
         """The settings as a dict with secrets and credentials removed (for logs and ``status``). ``mqtt`` is
         the validated :class:`~edge_ad.mqtt.MqttSettings` the run uses (defaults, the client id and outbox
@@ -867,6 +886,10 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
                 src = (f" ({given} in {cfg_path}: a relative path in the config file is read from the file's folder, "
                        f"{cfg_path.resolve().parent}, not from the working directory){src}")
             raise InputError(f"{cfg_path or 'config'}: invalid config: {exc}{src}") from None
+    if not isinstance(s, CaptureSettings):   # what run would refuse at start (capture and calibrate read no trigger)
+        why = s.trigger_problem(lambda field: _where(tuple(field.split(".")), origins, cfg_path))
+        if why is not None:
+            raise InputError(f"{cfg_path or 'config'}: invalid config: {why}")
     base = cfg_path.resolve().parent if cfg_path is not None else None
     # only paths that came from the file are relative to the file
     s = _resolve_file_paths(s, base, file_paths)

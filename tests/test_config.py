@@ -258,6 +258,42 @@ def test_an_unknown_mqtt_key_is_refused_whether_or_not_mqtt_is_on(tmp_path, enab
     assert load_settings(ok, environ={}).mqtt_enabled is (enabled == "true")
 
 
+def test_a_command_trigger_without_mqtt_is_refused_with_the_config(tmp_path):
+    """source.trigger = "command" with MQTT off (no [mqtt], or enabled = false) passed 'run --print-config' and
+    doctor's config line, and only 'run' refused it, once the model was loaded. The config is refused (exit 2),
+    naming the fields and where each value came from; capture and calibrate, which read no trigger, take it."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.config import CaptureSettings
+
+    trig = MINIMAL.replace('uri = "file://clip.avi"', 'uri = "synthetic://disc"\nmode = "trigger"\ntrigger = "command"')
+    cfg = _write(tmp_path, trig)
+    with pytest.raises(InputError) as ei:
+        load_settings(cfg, environ={})
+    assert str(ei.value) == (
+        f"{cfg}: invalid config: source.trigger = 'command' [from {cfg}] (with source.mode = 'trigger' [from {cfg}]) "
+        "releases frames only on the MQTT inspect command, and MQTT is off (no [mqtt] section): nothing could ever be "
+        "inspected; add an [mqtt] section (its url), or set source.trigger to 'frame', 'gpio' or a plug-in")
+    res = CliRunner().invoke(main, ["run", "--config", str(cfg), "--print-config"])
+    assert res.exit_code == 2 and res.output == f"error: {ei.value}\n", res.output
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"])
+    assert res.exit_code == 1, res.output
+    [line] = [c for c in json.loads(res.output)["checks"] if c["name"] == "config"]
+    assert line["status"] == "fail" and line["detail"] == str(ei.value), line
+    off = _write(tmp_path, trig + '\n[mqtt]\nenabled = false\n', "off.toml")
+    with pytest.raises(InputError, match=rf"MQTT is off \(mqtt.enabled = false \[from {off}\]\): nothing could ever "
+                                         "be inspected; set mqtt.enabled = true, or"):
+        load_settings(off, environ={})
+    with pytest.raises(InputError, match=r"source.trigger = 'command' \[from --set source.trigger\] \(with source.mode "
+                                         r"= 'trigger' \[from environment variable EDGE_AD_SOURCE__MODE\]\)"):
+        load_settings(_write(tmp_path, MINIMAL, "plain.toml"), [parse_set_option("source.trigger=command")],
+                      environ={"EDGE_AD_SOURCE__MODE": "trigger"})
+    assert load_settings(off, [parse_set_option("mqtt.enabled=true")], environ={}).source.trigger == "command"
+    assert load_settings(cfg, [parse_set_option("source.mode=stream")], environ={}).source.trigger == "command"
+    assert load_settings(cfg, environ={}, schema=CaptureSettings).source.trigger == "command"
+
+
 def test_mqtt_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
     pytest.importorskip("paho.mqtt")
     monkeypatch.chdir("/")

@@ -366,6 +366,14 @@ def test_unknown_invalid_unavailable_failed_internal():
     assert d.handle(_msg("update_model", {"url": "x", "sha256": "AB" * 32})).body["ok"]      # sha256sum -b | tr
     empty = Dispatcher(MqttSettings(site="s", device="d"), Topics("s", "d"))
     assert empty.handle(_msg("calibrate")).body["error"]["code"] == "not_available"
+    # a command the device's config cannot run (update_model without model.deploy_dir) was listed in the birth's
+    # commands and answered 'failed': it is left out of them and answered not_available, saying why
+    ran = []
+    d.register("update_model", lambda a: ran.append(a) or {}, unavailable="update_model needs model.deploy_dir")
+    assert "update_model" not in d.names() and not d.has_handler("update_model") and "pause" in d.names()
+    r = d.handle(_msg("update_model", {"url": "x", "sha256": "ab" * 32})).body
+    assert r["error"] == {"code": "not_available", "message": "update_model needs model.deploy_dir"} and not ran
+    assert d.handle(_msg("update_model", {"url": "x"})).body["error"]["code"] == "invalid_args"   # checked first
 
     def fails(args):
         raise RuntimeFailure("camera is gone")
@@ -765,11 +773,48 @@ def test_retained_commands_are_not_run(link, mosquitto):
             time.sleep(0.05)
         assert cc.call("s", "d", "resume", timeout=5)["ok"]
         assert link.calls == ["resume"]
-    pub.publish("edge-ad/v1/s/d/cmd/pause", b"", qos=1, retain=True).wait_for_publish(5)   # the usual "clear"
-    time.sleep(0.3)
-    assert link.calls == ["resume"]
     pub.loop_stop()
     pub.disconnect()
+
+
+def test_clearing_a_retained_command_is_no_command(link, mosquitto, caplog):
+    """docs/mqtt.md says to clear a retained command with an empty retained message to its topic; the broker passes
+    that on (retain as published), and the device logged 'WARNING retained command on .../cmd/pause not run
+    (publish commands with retain=false)' for the cleanup itself. It is no command: not run, not answered, no
+    WARNING (DEBUG)."""
+    import paho.mqtt.client as paho
+
+    got = []
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    sub.on_message = lambda c, u, m: got.append((m.topic, json.loads(m.payload)))
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.connect(mosquitto.host, mosquitto.port)
+    sub.subscribe("edge-ad/v1/s/d/reply/#", qos=1)
+    sub.loop_start()
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+    try:
+        assert subscribed.wait(5)
+        with caplog.at_level("DEBUG", logger="edge_ad.mqtt.link"):
+            pub.publish("edge-ad/v1/s/d/cmd/pause", b'{"reason": "x"}', qos=1, retain=True).wait_for_publish(5)
+            pub.publish("edge-ad/v1/s/d/cmd/pause", b"", qos=1, retain=True).wait_for_publish(5)   # the clear
+            pub.publish("edge-ad/v1/s/d/cmd/resume", b"", qos=1).wait_for_publish(5)   # taken after it, in order
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert [(t, r["command"], r["ok"]) for t, r in got] == [("edge-ad/v1/s/d/reply/pause", "pause", False),
+                                                                ("edge-ad/v1/s/d/reply/resume", "resume", True)], got
+        assert link.calls == ["resume"]
+        retained = [r for r in caplog.records if "retained command" in r.getMessage()]
+        assert [r.levelname for r in retained] == ["WARNING", "DEBUG"], [r.getMessage() for r in retained]
+        assert retained[1].getMessage() == ("mqtt: edge-ad/v1/s/d/cmd/pause: a retained command cleared (an empty "
+                                            "retained message): nothing to run")
+    finally:
+        for c in (pub, sub):
+            c.loop_stop()
+            c.disconnect()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -1143,6 +1188,22 @@ def test_a_read_only_bundle_is_a_failed_reply_naming_it_not_a_handler_bug(tmp_pa
     d.register("reload", lambda args: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")))
     assert d.handle(_msg("reload")).body["error"]["code"] == "internal"
 
+
+
+def test_the_did_you_mean_docs_mqtt_md_quotes_is_the_one_made():
+    """docs/mqtt.md quoted 'did you mean plant1/line3-cam1 or plant1/line3-cam2?' for plant1/line3-cam9 in the notes
+    of 'command' and 'decommission'; the guesses come closest first, equally close ones the later name first, so
+    the line says cam2 first. Both quotes are now the text made."""
+    import re
+    from pathlib import Path
+
+    from edge_ad.mqtt.topics import known_devices_text
+
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "mqtt.md").read_text("utf-8").split())
+    made = known_devices_text("plant1", "line3-cam9", [f"edge-ad/v1/plant1/line3-cam{i}/status" for i in (1, 2)])
+    quoted = re.findall(r"[Tt]he devices with a retained status under edge-ad/v1/ are plant1/line3-cam1, "
+                        r"plant1/line3-cam2 \(did you mean [^)]*\)", doc)
+    assert len(quoted) == 2 and all(q[1:] == made[1:] for q in quoted), (quoted, made)
 
 
 def test_a_mistyped_device_is_guessed_from_its_site_or_its_name_not_from_common_letters():

@@ -365,6 +365,13 @@ def test_last_will_marks_a_killed_client_offline(mosquitto, tmp_path):
         will = col.of_kind("status")[-1]
         assert will.json()["reason"] == "will"
         assert schema.errors("status", will.json()) == []
+        # docs/mqtt.md said every payload carries a ts: the will has none (made at connect); its example is the will
+        from pathlib import Path
+
+        doc = (Path(__file__).resolve().parents[1] / "docs" / "mqtt.md").read_text("utf-8")
+        [example] = [json.loads(b) for b in re.findall(r"<!-- schema: status -->\s*```json\n(.*?)```", doc, re.S)
+                     if '"reason": "will"' in b]
+        assert "ts" not in will.json() and set(will.json()) == set(example), (will.json(), example)
     # retained: a newcomer sees the device offline
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/sub/status", persistent=False) as late:
         assert late.wait_for(lambda c: len(c.of_kind("status")) >= 1, 5)

@@ -230,6 +230,18 @@ def test_readme_examples_match_the_schemas():
             assert schema.errors(kind, obj) == [], (kind, obj)
 
 
+def test_the_telemetry_examples_give_ng_rate_over_their_interval():
+    """docs/mqtt.md's and README.md's telemetry said "frames": 86400, "ng": 190, "ng_rate": 0.0022, which is 190 of
+    86 400, the rate since the start; ng_rate is over the interval (the counts beside it are since the start): the
+    example must be an NG share of the parts of its interval (fps x interval_s), and not the one since the start."""
+    readme = re.search(r"^// telemetry\n(\{.*?\})\n// ", README.read_text(), flags=re.S | re.M).group(1)
+    examples = [json.loads(b) for k, b in _doc_examples() if k == "telemetry"] + [json.loads(readme)]
+    for ex in examples:
+        parts = round(ex["fps"] * ex["interval_s"])
+        assert any(round(k / parts, 4) == ex["ng_rate"] for k in range(parts + 1)), ex
+        assert ex["ng_rate"] != round(ex["ng"] / (ex["ok"] + ex["ng"]), 4), ex
+
+
 def test_docs_examples_match_the_schemas():
     examples = _doc_examples()
     kinds = {k for k, _ in examples}

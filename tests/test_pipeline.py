@@ -653,8 +653,15 @@ def test_commands_drive_the_running_loop(running, caller, tmp_path):
     assert call("inspect")["count"] == 1
     r = call("reload", {"what": "bundle"})
     assert r["bundle"]["model"] == "unchanged"
+    # no model.deploy_dir: the birth listed update_model, then answered it 'failed'; it is not_available,
+    # saying why (docs/mqtt.md: no handler on this device), and the birth lists what the line can run
     r = call("update_model", {"url": "file:///nonexistent.tar", "sha256": "0" * 64}, ok=False)
-    assert r["code"] in ("failed", "internal")
+    assert r == {"code": "not_available", "message": "update_model needs model.deploy_dir in the config (a folder of "
+                 "installed bundles whose 'current' release runs; see docs/runtime.md)"}, r
+    assert "update_model" not in st["birth"]["commands"] and "update_model" not in svc.link.birth()["commands"]
+    from edge_ad.runtime.commands import COMMAND_NAMES
+
+    assert set(st["birth"]["commands"]) == set(COMMAND_NAMES) - {"update_model"}
     assert call("set_threshold", {"threshold": 2.0})["persisted"]
     recs = read_jsonl(tmp_path / "results.jsonl")
     assert len(recs) == svc.pipeline.inspected
@@ -1497,12 +1504,21 @@ def test_a_failing_plugin_trigger_is_named_and_a_failing_stop_costs_nothing_else
 
 
 def test_command_trigger_without_mqtt_is_refused(tmp_path, tiny_bundle):
+    from edge_ad.config import Settings
     from edge_ad.errors import InputError
 
-    s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64", source__mode="trigger",
-                  source__trigger="command")
     with pytest.raises(InputError, match="MQTT is off"):    # it idled forever, inspecting nothing
+        _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64", source__mode="trigger",
+                  source__trigger="command")                 # refused with the config (tests/test_config.py)
+    # settings made without load_settings are refused by the service all the same, before the model opens or
+    # the result log is made
+    jsonl = tmp_path / "results.jsonl"
+    s = Settings.model_validate({"model": {"bundle": str(tiny_bundle.path)}, "output": {"jsonl": str(jsonl)},
+                                 "source": {"uri": "synthetic://disc?size=64", "mode": "trigger", "trigger": "command"}})
+    with pytest.raises(InputError, match=r"^source.trigger = 'command' \(with source.mode = 'trigger'\) releases "
+                                         r"frames only on the MQTT inspect command, and MQTT is off \(no \[mqtt\]"):
         Service(s, install_signals=False)
+    assert not jsonl.exists()
 
 
 def test_gpio_trigger_with_a_stand_in_jetson_gpio(monkeypatch):

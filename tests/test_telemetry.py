@@ -241,6 +241,55 @@ def test_telemetry_payload_matches_the_mqtt_schema(tmp_path):
     assert payload["discarded_at_stop"] == 0 and payload["unreported"] == 0
 
 
+def test_each_telemetry_message_counts_a_decision_reported_while_it_is_built_in_its_totals_and_interval_alike(tmp_path):
+    """frames, ok and ng are counts since the start, fps and ng_rate are over the interval: one message's interval
+    is the difference of its counts and the previous message's. A decision reported while a message was built
+    was in its ok (read a second time) but in the next message's interval, so ng_rate and the counts disagreed
+    by a frame at the interval's edge (ok 1, ng 6, ng_rate 1.0; then ok 5, ng 8, ng_rate 2/7 for 2 of 6)."""
+    from edge_ad.config import load_settings
+    from edge_ad.runtime.service import Service
+    from fixtures_bundle import defect_video, make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    video, _ = defect_video(tmp_path / "v.avi", n=10, defect_every=3, size=96)
+    s = load_settings(None, [(["model", "bundle"], str(bundle.path), "t"), (["source", "uri"], f"file://{video}", "t"),
+                             (["source", "mode"], "trigger", "t"), (["output", "jsonl"], "", "t"),
+                             (["telemetry", "tegrastats"], False, "t")], environ={})
+    svc = Service(s, install_signals=False)
+    svc.run()
+    rep, pipe = svc.reporter, svc.pipeline
+    assert rep.ng > 0 and rep.ok > 0
+    frames_in_interval = []
+    rate = svc._rate.rate
+
+    def counted_rate(n):
+        out = rate(n)
+        frames_in_interval.append(out[1])
+        return out
+
+    decided = iter([False, True, False, True, True, False])
+    host = svc.telemetry.host
+
+    def host_while_a_decision_is_reported():   # the reporting thread goes on while the payload is built
+        ng = next(decided)
+        pipe.inspected += 1
+        if ng:
+            rep.ng += 1
+        else:
+            rep.ok += 1
+        return host()
+
+    svc._rate.rate = counted_rate
+    svc.telemetry.host = host_while_a_decision_is_reported
+    prev = svc.last_telemetry   # the run's last message, where the next interval starts
+    for _ in range(6):
+        msg = svc.telemetry_payload()
+        dok, dng = msg["ok"] - prev["ok"], msg["ng"] - prev["ng"]
+        assert msg["ng_rate"] == (round(dng / (dok + dng), 4) if dok + dng else 0.0), (prev, msg)
+        assert frames_in_interval[-1] == msg["frames"] - prev["frames"]
+        prev = msg
+
+
 if __name__ == "__main__":  # print what the parser makes of each recorded line
     for name, line in list(globals().items()):
         if name.startswith("JP") and isinstance(line, str):

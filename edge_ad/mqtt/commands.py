@@ -30,7 +30,9 @@ Authorization applies to the commands that change state (:data:`STATE_CHANGING`;
   (replays are refused).
 
 Commands published with the retain flag are not run (a retained command would run again at every
-reconnect): the link refuses them with a ``malformed`` reply.
+reconnect): the link refuses them with a ``malformed`` reply. An empty retained message (the one that clears
+a retained command on the broker) is no command: not run, not answered. MQTT 3.1.1 delivers neither with
+its retain flag (only a subscribe's retained messages carry it): see docs/mqtt.md.
 
 Commands run one at a time, in order, except :data:`QUICK` ones (``status``), which the link answers on
 a thread of their own so they never wait behind a long ``calibrate``. While a :data:`LONG` one
@@ -133,6 +135,7 @@ class Spec:
     schema_name: str | None
     validator: Any          # a jsonschema validator, or None: any JSON object is accepted
     changes_state: bool
+    unavailable: str | None = None   # why this device cannot run it (a setting it lacks): answered not_available
 
 
 class FieldProblem(ValueError):
@@ -267,9 +270,12 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ registry
     def register(self, name: str, handler: Handler, schema_name: str | dict | None = None,
-                 changes_state: bool | None = None) -> None:
+                 changes_state: bool | None = None, unavailable: str | None = None) -> None:
         """Attach ``handler`` to command ``name``. The ten standard commands keep their shipped schemas;
-        another name needs ``schema_name`` (a shipped schema name or a schema dict) or takes any object."""
+        another name needs ``schema_name`` (a shipped schema name or a schema dict) or takes any object.
+        ``unavailable``: why this device cannot run the command (``update_model`` without ``model.deploy_dir``):
+        it is left out of :meth:`names` (the birth's ``commands``) and answered ``not_available`` with that
+        message, as a command without a handler is."""
         if not callable(handler):
             raise InputError(f"command '{name}': handler {handler!r} is not callable")
         check_level(name, "command name")
@@ -284,11 +290,11 @@ class Dispatcher:
             sname, validator = None, None
         if changes_state is None:
             changes_state = old.changes_state if old is not None else True
-        self._specs[name] = Spec(name, handler, sname, validator, bool(changes_state))
+        self._specs[name] = Spec(name, handler, sname, validator, bool(changes_state), unavailable)
 
     def has_handler(self, name: str) -> bool:
         spec = self._specs.get(name)
-        return spec is not None and spec.handler is not None
+        return spec is not None and spec.handler is not None and spec.unavailable is None
 
     def requester(self) -> str | None:
         """Called from a handler: the requester id of the command it runs (v5 user property or payload field
@@ -296,7 +302,8 @@ class Dispatcher:
         return getattr(self._running, "who", None)
 
     def names(self) -> list[str]:
-        return sorted(n for n, s in self._specs.items() if s.handler is not None)
+        """The commands this device can run (the birth's ``commands``)."""
+        return sorted(n for n in self._specs if self.has_handler(n))
 
     # ------------------------------------------------------------------ routing
     def route(self, msg: Incoming) -> tuple[str, bytes | None, str | None]:
@@ -449,6 +456,8 @@ class Dispatcher:
             problems = schema.problems(spec.validator, args, "(args)")
             if problems:
                 raise CommandError("invalid_args", f"{msg.name}: " + "; ".join(problems))
+        if spec.unavailable is not None:
+            raise CommandError("not_available", spec.unavailable)
         if spec.handler is None:
             raise CommandError("not_available", f"command '{msg.name}' has no handler on this device")
         return spec, args, who

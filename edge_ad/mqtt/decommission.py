@@ -286,7 +286,7 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
     # (session expiry 0, or clean_session=True under 3.1.1) ends with this connection
     _close(_connected(broker, session, timeout))
     return {"site": site, "device": device, "status": state or "none", "reason": body.get("reason"),
-            "cleared": topics, "held": sorted(held), "session_dropped": session, "client_id_from": source,
+            "cleared": cleared, "held": sorted(held), "session_dropped": session, "client_id_from": source,
             "warnings": warnings}
 
 

@@ -568,10 +568,11 @@ class MqttLink:
         self._wake.set()
 
     def register_command(self, name: str, handler: Handler, schema_name: str | dict | None = None,
-                         changes_state: bool | None = None) -> None:
+                         changes_state: bool | None = None, unavailable: str | None = None) -> None:
         """``handler(args: dict) -> dict`` runs on the command worker thread; raise an
-        :class:`edge_ad.errors.EdgeADError` for an error reply. See :mod:`edge_ad.mqtt.commands`."""
-        self.dispatcher.register(name, handler, schema_name, changes_state)
+        :class:`edge_ad.errors.EdgeADError` for an error reply. ``unavailable``: why this device cannot run it
+        (not in the birth's ``commands``, answered ``not_available`` with it). See :mod:`edge_ad.mqtt.commands`."""
+        self.dispatcher.register(name, handler, schema_name, changes_state, unavailable)
         if self._started:
             self.update_birth()
 
@@ -908,7 +909,13 @@ class MqttLink:
                        bytes(corr) if corr is not None else None, user,
                        expiry_s=float(expiry) if expiry is not None else None)
         if message.retain:
-            # a retained command would run again at every reconnect; an empty one is the broker's "clear"
+            if not msg.payload:
+                # an empty retained message clears a retained command on the broker (the documented cleanup),
+                # and the broker passes it on to the subscribers: no command, nothing to warn of or answer
+                log.debug("mqtt: %s: a retained command cleared (an empty retained message): nothing to run",
+                          message.topic)
+                return
+            # a retained command would run again at every reconnect
             log.warning("mqtt: retained command on %s not run (publish commands with retain=false)", message.topic)
             if msg.payload.strip():
                 self._send_reply(client, self.dispatcher.error_reply(

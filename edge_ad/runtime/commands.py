@@ -49,9 +49,18 @@ class Commands:
         self._link = None
 
     def register(self, link) -> None:
+        """Every command on ``link``; one this line's config cannot run (:meth:`unavailable`) is left out of the
+        birth's ``commands`` and answered ``not_available``, saying why."""
         self._link = link
         for name in COMMAND_NAMES:
-            link.register_command(name, getattr(self, name))
+            link.register_command(name, getattr(self, name), unavailable=self.unavailable(name))
+
+    def unavailable(self, name: str) -> str | None:
+        """Why this line cannot run command ``name`` whatever its arguments (a setting the config lacks, which
+        only a restart changes); None when it can."""
+        if name == "update_model":
+            return self.svc.update_model_unavailable()
+        return None
 
     def _by(self, command: str) -> str:
         """What made a calibration version or a rollback: ``MQTT <command>``, with the requester's id when the

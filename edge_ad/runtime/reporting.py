@@ -49,6 +49,7 @@ class Reporter:
         self.reported = 0
         self.ok = 0
         self.ng = 0
+        self._count_lock = threading.Lock()   # ok and ng change together: counts() reads both at one instant
         self.recent_ng: collections.deque = collections.deque(maxlen=RECENT)   # NG of the latest decisions
         self.events = 0
         # failed writes per output (a full disk, a broken outbox): the decision went on to the other outputs
@@ -262,10 +263,11 @@ class Reporter:
         stored = self.link is not None and self._write("outbox", d.seq, lambda: self.link.publish_result(rec))
         if self.jsonl is not None:
             self._write("jsonl", d.seq, lambda: self.jsonl.write(rec))
-        if d.ng:
-            self.ng += 1
-        else:
-            self.ok += 1
+        with self._count_lock:
+            if d.ng:
+                self.ng += 1
+            else:
+                self.ok += 1
         self.recent_ng.append(bool(d.ng))
         publish_snapshot = req is not None and req.snapshot and req.publish
         if stored and (d.ng or publish_snapshot):   # (not when the outbox has just refused the result)
@@ -300,6 +302,12 @@ class Reporter:
             req.deliver(rec)
         self.latency.add((time.perf_counter() - t0) * 1000.0)
         return rec
+
+    def counts(self) -> tuple[int, int]:
+        """(OK, NG) decisions reported so far, read together: telemetry publishes these and derives its interval's
+        NG rate from them, so a decision reported meanwhile is in both or in neither."""
+        with self._count_lock:
+            return self.ok, self.ng
 
     def report_held_failures(self) -> None:
         """At the stop: the failed writes the once-a-minute report held back (:meth:`_output_failed`; no later

@@ -158,6 +158,9 @@ class Service:
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
         s = self.settings
+        why = s.trigger_problem()   # load_settings refuses it first, naming where each value came from
+        if why is not None:         # (settings made otherwise: before the model opens or a file is made)
+            raise InputError(why)
         self.spec = parse_uri(s.source.uri)
         check_startup(self.spec)
         self._check_outbox_left_behind()
@@ -298,10 +301,6 @@ class Service:
         jsonl = JsonlLog(o.jsonl, o.jsonl_max_bytes, o.jsonl_backups, o.jsonl_fsync) if o.jsonl else None
         self.gate = TriggerGate(s.source.frames_per_trigger)
         mode = s.source.mode.value
-        if mode == "trigger" and s.source.trigger == "command" and s.mqtt_settings() is None:
-            raise InputError("source.trigger = 'command' releases frames only on the MQTT inspect command, and "
-                             "MQTT is off (no [mqtt] section, or enabled = false): nothing could ever be "
-                             "inspected; add [mqtt], or use trigger 'frame', 'gpio' or a plug-in")
         self.trigger = load_trigger(s.source.trigger, self.gate, s.source.gpio) if mode == "trigger" else None
         self.telemetry = Telemetry(s.telemetry.tegrastats, s.telemetry.nvml, s.telemetry.interval_s)
         t = s.telemetry
@@ -709,6 +708,14 @@ class Service:
         return {"model_hash": new.model_hash, "previous_model_hash": before,
                 "calibration_version": new.calibration.version, "bundle": str(bundle.path)}
 
+    def update_model_unavailable(self) -> str | None:
+        """Why this line cannot take a model update (no ``model.deploy_dir``: the MQTT ``update_model`` is then
+        answered ``not_available``, and the birth does not list it); None when it can."""
+        if self.settings.model.deploy_dir is None:
+            return ("update_model needs model.deploy_dir in the config (a folder of installed bundles whose "
+                    "'current' release runs; see docs/runtime.md)")
+        return None
+
     def update_model(self, args: dict) -> dict:
         """Install a bundle archive (edge_ad.calibration.install_bundle: verify, golden set, atomic switch),
         swap it in between two batches, and watch its health: a failed check rolls back to the previous
@@ -727,9 +734,9 @@ class Service:
         from ..calibration.deploy import deploy_lock
 
         m = self.settings.model
-        if m.deploy_dir is None:
-            raise InputError("update_model needs model.deploy_dir in the config (a folder of installed bundles "
-                             "whose 'current' release runs; see docs/runtime.md)")
+        why = self.update_model_unavailable()
+        if why is not None:
+            raise InputError(why)
         precision = args.get("precision") or m.precision
         activate = args.get("activate", True)
         if activate and precision != m.precision:
@@ -898,6 +905,7 @@ class Service:
         b = self.inspector.backend
         with self._events_lock:
             events = list(self.events[-10:])
+        ok, ng = self.reporter.counts()
         out = {"version": __version__, "uptime_s": round(time.monotonic() - self._t0, 1),
                "state": "paused" if self.pipeline.paused.is_set() else "running",
                "pipeline": self.pipeline.stats(), "source": self.camera.stats(),
@@ -906,7 +914,7 @@ class Service:
                          "image_size": list(self.bundle.image_size)},
                "calibration": self._calibration_status(cal),
                "threshold": self.effective_threshold(), "drift": self.reporter.drift_summary(),
-               "results": {"ok": self.reporter.ok, "ng": self.reporter.ng,
+               "results": {"ok": ok, "ng": ng,
                            "output_errors": dict(self.reporter.output_errors)},
                "last_result": self.reporter.last_result, "events": _jsonable(events),
                "settings": self.settings.redacted()}
@@ -931,11 +939,15 @@ class Service:
     # ------------------------------------------------------------------ telemetry
     def telemetry_payload(self) -> dict:
         p = self.pipeline
-        fps, dn, dt = self._rate.rate(p.inspected)
+        # each counter is read once: the count sent and the interval's figure made from it are the same reading,
+        # so the interval of one message is the difference of its counts and the previous message's (read again
+        # later, a frame decided meanwhile was in this message's counts and the next one's interval)
+        inspected = p.inspected
+        fps, dn, dt = self._rate.rate(inspected)
         cfps, _, _ = self._cap_rate.rate(self.camera.frames)
         # ok and ng are counted together (the result's outputs written, its NG event not yet): the interval's
         # rate is NG over OK + NG, never above 1 (over 'reported', counted after the event, it reached 1.07)
-        ok_now, ng_now = self.reporter.ok, self.reporter.ng
+        ok_now, ng_now = self.reporter.counts()
         dng, self._last_ng = ng_now - self._last_ng, ng_now
         drep, self._last_ok = dng + ok_now - self._last_ok, ok_now
         dropped_now = p.dropped
@@ -951,7 +963,7 @@ class Service:
             "fps": round(fps, 3), "capture_fps": round(cfps, 3), "interval_s": round(dt, 3),
             "latency_ms": {k: v for k, v in (total or {}).items() if k != "n"},
             "stages_ms": {k: v for k, v in stages.items() if v is not None},
-            "frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": ng_now,
+            "frames": inspected, "captured": p.captured, "ok": ok_now, "ng": ng_now,
             "ng_rate": round(dng / drep, 4) if drep else 0.0, "dropped": dropped_now, "dropped_interval": ddrop,
             "skipped_untriggered": st["skipped_untriggered"], "skipped_paused": st["skipped_paused"],
             "triggers_dropped_paused": st["triggers_dropped_paused"], "skipped_images": st["skipped_images"],
