@@ -958,6 +958,22 @@ def test_cli_says_what_to_change_when_a_command_is_unauthorized(mosquitto, tmp_p
         lk.stop(timeout=2)
 
 
+@pytest.mark.parametrize("ts, since", [("2026-03-01T08:00:00+00:00", " since 2026-03-01T08:00:00+00:00"),
+                                       ("", ""), (None, ""), (1772352000, ""), (["x"], "")])
+def test_the_time_of_a_retained_status_is_said_alike_or_not_at_all(ts, since):
+    """The " since TS" of a device's retained status was written three times, two ways: an empty 'ts' made the
+    no-reply note and decommission say "online since , which ..." while the offline message left it out. One
+    helper says it now: a non-empty text, else nothing."""
+    from edge_ad.mqtt.requester import offline_text, stale_online_text
+
+    body = {"state": "online"} if ts is None else {"state": "online", "ts": ts}
+    assert payloads.status_since(body) == since
+    assert f"Its retained status says online{since}, which is not proof" in stale_online_text("s", "d", body)
+    off = {**body, "state": "offline", "reason": "stopped"}
+    assert offline_text("s", "d", off, 10, True).startswith(f"device s/d is offline{since}: its retained status says "
+                                                            "edge-ad stopped there.")
+
+
 def test_cli_command_to_an_offline_device_says_so_at_once_and_sends_nothing(mosquitto, tmp_path):
     """`edge-ad command` to a device whose retained status says offline waited the whole --timeout and then said
     'no reply'. It reads that status first: exit 3 at once (a timeout is 1), saying since when and why (a clean

@@ -429,6 +429,50 @@ def test_int8_kernels_that_saturate_are_named_with_both_map_errors(int8, monkeyp
     assert "warning" not in close and close["rel_map_error_exact"] == pytest.approx(exact, rel=1e-4)
 
 
+def test_the_exact_int8_outputs_are_computed_once_for_both_checks(int8, monkeypatch):
+    """On an x86 CPU without VNNI the CPU form's outputs in the graph's own arithmetic were computed twice on the
+    guard images: by check_cpu_kernels (their map error) and again by judge_exact (the verdict in that arithmetic,
+    when the fused kernels failed). They are computed once now, and the map error and the verdict are those of
+    computing them on their own, as before."""
+    import onnxruntime as ort
+
+    from edge_ad.compile.quantize import judge_exact
+    from edge_ad.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    b, _ = int8
+    gset = _guard_images(b)
+    path = b.file("model.int8-u8.onnx")
+    ref = OnnxRuntimeBackend(b, precision="fp32", device="cpu")
+    with OnnxRuntimeBackend(b, precision="int8", device="cpu", graph=path, exact=True) as cand:
+        alone = guard_mod.evaluate(b, cand, gset, ref, GuardLimits())
+    exact_error = qgraph.map_error(gset.reference, path, gset.batch, chunk=8, exact=True)
+    images = []   # the images each session in the graph's own arithmetic ran
+    real = ort.InferenceSession
+
+    class Counted(real):
+        def __init__(self, src, sess_options=None, *a, **k):
+            super().__init__(src, sess_options, *a, **k)
+            try:
+                self.exact = sess_options.get_session_config_entry("session.disable_quant_qdq") == "1"
+            except Exception:   # noqa: BLE001 - onnxruntime raises its own type for a key not set
+                self.exact = False
+
+        def run(self, names, feed, *a, **k):
+            if self.exact:
+                images.append(len(feed["image"]))
+            return super().run(names, feed, *a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", Counted)
+    monkeypatch.setattr(qgraph, "cpu_int8_kernels", lambda: (True, "x86_64 without VNNI"))
+    e = {"candidate": "onnxruntime-int8-u8", "rel_map_error": 1.0}
+    check_cpu_kernels(e, path, gset, progress=False)
+    got = judge_exact(b, e, path, gset, ref, GuardLimits(), progress=False)
+    assert sum(images) == len(gset)                                     # once, not twice
+    assert e["rel_map_error_exact"] == exact_error
+    assert got == e["exact_guard"] == {k: alone[k] for k in ("passed", "failures", "rank_corr")}
+    ref.close()
+
+
 def test_cpu_int8_kernels_reads_vnni_from_the_cpu_flags(tmp_path, monkeypatch):
     import platform
 

@@ -189,6 +189,29 @@ def test_scan_reports_engines_of_other_devices_and_remove(tmp_path):
     assert engine_cache.timing_cache_path(b, ORIN).name == "timing-sm87-trt10.3.0.cache"
 
 
+def test_the_engines_of_other_models_are_named_by_their_key_sorted(tmp_path):
+    """An absent engine's reason (check) and no_engine's each listed the engines "present for other models" with a
+    glob of their own: every name with "-<precision>-" in directory order, or every name ending in .engine, so files
+    that are no edge-ad engine (junk.engine, one renamed by hand) were named as engines of another model. One helper
+    lists them now, by name: the files whose key names another model, of the precision asked when there is one."""
+    b = _bundle(tmp_path)
+    assert engine_cache.no_engine(b, ORIN) == ("no engine of this model in the bundle's engines/", "best")
+    old = [_put(b, "int8"), _put(b, "fp16")]                   # the engines of two models re-exported since
+    b.add_file("model.onnx", data=b"re-exported graph")
+    old.append(_put(b, "int8"))
+    b.add_file("model.onnx", data=b"re-exported again")
+    for junk in ("junk.engine", "zz-int8-renamed.engine"):
+        (b.engines_dir / junk).write_bytes(b"x")
+    int8 = sorted(f"{k}.engine" for k in old if "-int8-" in k)
+    assert engine_cache.check(b, "int8", ORIN).reason == (
+        f"no int8 engine for this model on sm87 with TensorRT 10.3.0 (engines present for other models: "
+        f"{', '.join(int8)})")
+    assert engine_cache.check(b, "fp32", ORIN).reason == "no fp32 engine for this model on sm87 with TensorRT 10.3.0"
+    assert engine_cache.no_engine(b, ORIN) == (
+        f"no engine of this model in the bundle's engines/ (engines present for other models: "
+        f"{', '.join(sorted(f'{k}.engine' for k in old))})", "best")
+
+
 @pytest.mark.parametrize("passed", [True, False])
 def test_a_cut_while_an_engine_is_switched_in_never_leaves_a_record_of_an_engine_not_there(tmp_path, monkeypatch,
                                                                                          passed):

@@ -504,9 +504,45 @@ def test_a_non_finite_loss_stops_the_loop_and_no_nan_state_is_saved(tmp_path):
     assert st["step"] == 3 and all(torch.isfinite(v).all() for v in st["model"].values())
     state.unlink()
     held["model"], run = _tiny_loop(state, poison_at(12), steps=15)  # between two reads: found at the end
-    with pytest.raises(InputError, match=r"at step 13 of 15 .*\(no training state was saved\)"):
+    with pytest.raises(InputError, match=r"at step 13 of 15 .*\(no training state was saved\)") as exc:
         run()
     assert not state.exists()
+    assert str(exc.value).endswith("not finite") and "--lr" not in str(exc.value)  # no option to name (--adapt)
+
+
+def test_a_non_finite_loss_says_to_train_again_with_a_lower_lr_which_works(category, tmp_path, monkeypatch):
+    """The error named a learning rate too high as the likely cause and kept the checkpoint before it, but
+    --resume refuses another learning rate (it is part of the run) and with the same one it takes the same steps
+    again to the same NaN; and the command had no option to lower it. It now says to train again from step 0
+    with a lower --lr (train and distill-teacher have one), and that works."""
+    from click.testing import CliRunner
+    from edge_ad.cli import main
+    from edge_ad.train import loops
+
+    real = loops.lr_at
+    too_high = []   # the command's default learning rate blows the weights up (a NaN) from the third step on
+    monkeypatch.setattr(loops, "lr_at", lambda step, cfg, *a: float("nan") if step >= 2 and cfg.lr in too_high
+                        else real(step, cfg, *a))
+    out = tmp_path / "b"
+    train = ["train", "--model", "fader", "--data", str(category), "--out", str(out), "--image-size", str(SIZE),
+             "--steps", "4", "--batch-size", "2", "--checkpoint-every", "1", "--no-export"]
+    distill = ["distill-teacher", "--data", str(category / "train" / "good"), "--out", str(tmp_path / "t.pth"),
+               "--image-size", str(SIZE), "--steps", "4", "--batch-size", "2", "--checkpoint-every", "1"]
+    for cmd, lr, lower, state in ((train, "0.001", "0.0001", out / "train_state.pt"),
+                                  (distill, "0.0001", "1e-05", tmp_path / "t.pth.state.pt")):
+        too_high[:] = [float(lr)]
+        for flags in ([], ["--resume"]):   # the same steps again from the checkpoint: the same stop
+            r = CliRunner().invoke(main, cmd + flags)
+            assert r.exit_code == 2 and "not finite (NaN or inf) at" in r.output, r.output
+            assert f"(learning rate {float(lr):g})" in r.output, r.output
+            assert (f"for the learning rate, train again from step 0 (without --resume) with a lower --lr, e.g. "
+                    f"--lr {lower}: --resume refuses another learning rate") in " ".join(r.output.split()), r.output
+            assert torch.load(state, weights_only=True)["step"] == 2
+        r = CliRunner().invoke(main, cmd + ["--resume", "--lr", lower])
+        assert r.exit_code == 2 and f"learning rate: checkpoint {lr}; this run {lower}" in r.output, r.output
+        r = CliRunner().invoke(main, cmd + ["--lr", lower])   # the way out the error gives
+        assert r.exit_code == 0, r.output
+    assert Bundle.open(out).manifest["training"]["lr"] == 1e-4 and (tmp_path / "t.pth").is_file()
 
 
 def test_a_fresh_training_that_fails_before_a_checkpoint_leaves_no_out_folder(category, tmp_path, monkeypatch):
@@ -812,6 +848,8 @@ def test_val_fraction_advice_is_quick_and_points_the_right_way(tmp_path):
     (["--image-size", "0"], "image size 0: expected a multiple of 32 from 64 to 4096"),   # was a cv2 traceback
     (["--image-size", "4128"], "image size 4128"),             # was refused by the manifest after training
     (["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),                  # was a torch traceback
+    (["--lr", "0"], "--lr 0.0: expected a positive finite number"),
+    (["--lr", "nan"], "--lr nan: expected a positive finite number"),
 ])
 def test_bad_run_options_are_named_before_anything_is_written(category, tmp_path, args, named):
     from edge_ad.cli import main
@@ -1090,8 +1128,8 @@ def test_every_model_runs_in_half_precision(kind):
 @pytest.mark.parametrize("model, extra, named", [
     ("fader", ["--teacher", "lite0", "--penalty-dir", "g"], ["--teacher applies to efficientad-s, efficientad-m",
                                                              "--penalty-dir applies to"]),
-    ("gaussian", ["--steps", "5", "--checkpoint-every", "2"], ["--steps applies to", "--checkpoint-every applies to",
-                                                               "fitted in one pass"]),
+    ("gaussian", ["--steps", "5", "--checkpoint-every", "2", "--lr", "1e-3"],
+     ["--steps applies to", "--checkpoint-every applies to", "--lr applies to", "fitted in one pass"]),
     ("efficientad-s", ["--gaussian-layout", "image"], ["--gaussian-layout applies to gaussian only"]),
 ])
 def test_train_refuses_options_the_model_does_not_use(tmp_path, model, extra, named):

@@ -250,15 +250,18 @@ def previous_problem(dep: Deployment) -> DeployDamaged | None:
 
 
 def previous_blocks(dep: Deployment) -> str:
-    """What a :func:`previous_problem` of ``dep`` keeps from being made, for its WARNING: every rollback when a
-    folder or file is in ``previous``'s place; else (a damaged symlink, which a ``rollback --to`` replaces, or one
-    pointing at a release gone) only those to ``previous``: a plain ``bundle rollback``, the health check's and
-    update_model's after a failed swap."""
+    """What a damaged ``previous`` of ``dep`` keeps from being made, for its warning (the line's, doctor's and
+    ``bundle status``'s, which all say it so): every rollback and every install (they point ``previous`` at the
+    release they replace) when a folder or file is in its place; else (a damaged symlink, one pointing at a release
+    gone, as :func:`previous_problem` finds, or at one that cannot be opened) only the rollbacks to ``previous``: a
+    plain ``bundle rollback``, the health check's and update_model's after a failed swap; a ``rollback --to`` and an
+    install replace the link."""
     which = "(edge-ad bundle rollback, the health check's, update_model's after a failed swap)"
     if dep.previous_damaged is not None and dep.previous_damaged.link is None:
-        return f"no rollback {which} can be made until it is repaired"
+        return (f"no rollback {which} and no install (they point 'previous' at the release they replace) can be made "
+                "until it is repaired")
     return (f"no rollback to 'previous' {which} can be made until it is repaired; 'edge-ad bundle rollback --to "
-            "ID' can")
+            "ID' can, and it or the next install repairs it (they point 'previous' at the release they replace)")
 
 
 ROLLED_BACK = "rolled_back"   # the health a rollback's pending record gives the release it switches in (_switch)

@@ -859,7 +859,7 @@ def status_cmd(deploy_dir, config, env_file, as_json):
     is named with what is wrong; exit 1 when it is the release in force, after the listing. A damaged
     'previous' link is a warning with its repair (a damaged 'current' one an error, exit 2)."""
     from ..calibration import deployment
-    from ..calibration.deploy import last_rollback, release_problem, releases
+    from ..calibration.deploy import last_rollback, previous_blocks, release_problem, releases
     from ..errors import RuntimeFailure
 
     deploy_dir = _line_deploy(deploy_dir, config, env_file, _STATUS_USE)
@@ -889,19 +889,13 @@ def status_cmd(deploy_dir, config, env_file, as_json):
             click.echo(f"rolled back from {back['from']}{when}: " + (
                 f"it failed ({back['reason']})" if back["failed"] else
                 f"by hand, {back['by'] or back['reason']} (no verdict on {back['from']})"))
-        if damaged:
-            if damaged.link is None:   # a folder or file: an install would delete it
-                click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback or install "
-                           f"(which point 'previous' at the release they replace) can be made until it is repaired: "
-                           f"{damaged.fix}", err=True)
-            else:
-                click.echo(f"warning: {damaged.what}: the line runs its release in force, but no rollback can be made "
-                           f"until it is repaired or the next install or 'rollback --to ID' replaces the link (they "
-                           f"point 'previous' at the release they replace): {damaged.fix}", err=True)
+        if damaged:   # what it blocks, as the line's and doctor's warnings say it
+            click.echo(f"warning: {damaged.what}: the line runs its release in force, but {previous_blocks(dep)}: "
+                       f"{damaged.fix}", err=True)
         if problems["previous"] and dep.previous != dep.current:
-            click.echo(f"warning: the previous release, {dep.previous}, is {problems['previous']}: a plain "
-                       "'edge-ad bundle rollback' is refused"
-                       + (f"; 'rollback --to ID' takes a kept one: {', '.join(others)}" if others else ""), err=True)
+            click.echo(f"warning: the previous release, {dep.previous}, is {problems['previous']}: "
+                       f"{previous_blocks(dep)}" + (f"; 'rollback --to ID' takes a kept one: {', '.join(others)}"
+                                             if others else ""), err=True)
         click.echo("kept releases, newest first ('edge-ad bundle rollback --to ID' switches to one):")
         for r in kept:
             click.echo(f"  {r['id']}  installed {r['installed'] or '?'}  health {r['health']}"

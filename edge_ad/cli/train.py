@@ -16,6 +16,9 @@ from . import main
 @click.option("--image-size", default=256, show_default=True, type=int, help="Square input size (multiple of 32).")
 @click.option("--steps", type=int, default=None, help="Training steps (default: the preset's).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default: the preset's).")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate (default: the preset's: efficientad quick 3e-4, paper 1e-4; fader 1e-3); part of "
+                   "the run, which --resume continues only at the checkpoint's.")
 @click.option("--preset", default="quick", show_default=True, type=click.Choice(["quick", "paper"]))
 @click.option("--teacher", default=None,
               help="EfficientAD teacher: 'lite0' (default: truncated ImageNet EfficientNet-Lite0) or a PDN "
@@ -43,7 +46,7 @@ from . import main
               help="Time budget for the gradient steps: stop there and write the bundle (the x0.1 learning-rate "
                    "drop then comes at 95% of the budget if the steps do not fit).")
 @click.option("--no-export", is_flag=True, help="Skip the ONNX export at the end.")
-def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher, penalty_dir, gaussian_layout,
+def train(model_kind, data, out, image_size, steps, batch_size, lr, preset, teacher, penalty_dir, gaussian_layout,
           policy, val_fraction, seed, device, resume, checkpoint_every, max_minutes, no_export):
     """Fit a model on normal images and write a bundle (checkpoint, calibration, ONNX)."""
     from ..train.pipeline import train_bundle
@@ -52,7 +55,7 @@ def train(model_kind, data, out, image_size, steps, batch_size, preset, teacher,
     config = {"layout": gaussian_layout} if gaussian_layout else None
     b = train_bundle(model_kind, data, out, image_size=image_size, steps=steps, preset=preset, teacher=teacher,
                      seed=seed, device=device, resume=resume, penalty_dir=penalty_dir, policy=policy,
-                     val_fraction=val_fraction, batch_size=batch_size, export=not no_export, config=config,
+                     val_fraction=val_fraction, batch_size=batch_size, lr=lr, export=not no_export, config=config,
                      checkpoint_every=checkpoint_every, max_minutes=max_minutes)
     cal = b.calibration()
     t = b.manifest["training"]
@@ -71,6 +74,7 @@ _MODEL_OPTIONS = {
     "gaussian_layout": ("--gaussian-layout", ("gaussian",)),
     "steps": ("--steps", ("efficientad-s", "efficientad-m", "fader")),
     "batch_size": ("--batch-size", ("efficientad-s", "efficientad-m", "fader")),
+    "lr": ("--lr", ("efficientad-s", "efficientad-m", "fader")),
     "checkpoint_every": ("--checkpoint-every", ("efficientad-s", "efficientad-m", "fader")),
     "max_minutes": ("--max-minutes", ("efficientad-s", "efficientad-m", "fader")),
 }
@@ -122,6 +126,8 @@ def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_js
 @click.option("--image-size", default=256, show_default=True, type=int)
 @click.option("--steps", default=2000, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float,
+              help="Learning rate; part of the run, which --resume continues only at the checkpoint's.")
 @click.option("--max-minutes", default=None, type=float,
               help="Time budget: stop there and still write the teacher.")
 @click.option("--checkpoint-every", default=1000, show_default=True, type=int,
@@ -133,12 +139,12 @@ def eval_cmd(bundle_dir, data, backend, precision, device, batch, out_dir, as_js
                    "--steps, --max-minutes, --checkpoint-every and --device may change).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True)
-def distill_teacher(data, out, size, image_size, steps, batch_size, max_minutes, checkpoint_every, resume, seed,
+def distill_teacher(data, out, size, image_size, steps, batch_size, lr, max_minutes, checkpoint_every, resume, seed,
                     device):
     """Distill a PDN teacher from the offline ImageNet EfficientNet-Lite0 on image folders."""
     from ..train.distill import distill
 
-    info = distill(list(data), out, size=size, image_size=image_size, steps=steps, batch_size=batch_size,
+    info = distill(list(data), out, size=size, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr,
                    seed=seed, device=device, max_minutes=max_minutes, resume=resume,
                    checkpoint_every=checkpoint_every)
     click.echo(f"teacher {out}: PDN-{size.upper()} with {info['channels']} channels, final loss "

@@ -59,6 +59,9 @@ class GuardSet:
     groups: np.ndarray                        # str [N]: "normal", "synthetic", "real"
     sources: list[str] = field(default_factory=list)
     reference: dict[str, np.ndarray] | None = None   # FP32 outputs, computed once for all candidates
+    # an INT8 graph's outputs in its own Q/DQ arithmetic, by graph path: computed once for the checks that need
+    # them on a CPU whose kernels saturate (quantize.exact_outputs)
+    exact: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.batch.shape[0])
@@ -288,8 +291,11 @@ def infer_all(backend, batch: np.ndarray, chunk: int = 8) -> dict[str, np.ndarra
 
 
 def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
-             limits: GuardLimits | None = None, name: str | None = None) -> dict:
-    """Compare ``candidate`` (a Backend) with FP32 on the guard set; returns the report entry."""
+             limits: GuardLimits | None = None, name: str | None = None,
+             outputs: dict[str, np.ndarray] | None = None) -> dict:
+    """Compare ``candidate`` (a Backend) with FP32 on the guard set; returns the report entry. ``outputs``: the
+    candidate's outputs on the guard images when they were computed already: not computed again, and
+    ``candidate`` may then be None (the entry's ``backend`` is None and ``name`` names it)."""
     from ..runtime.sources import redact_text   # the entry is stored in the bundle: no camera credentials
 
     limits = limits or GuardLimits()
@@ -300,7 +306,7 @@ def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
             reference_backend = OnnxRuntimeBackend(bundle, precision="fp32", device="cpu")
         gset.reference = infer_all(reference_backend, gset.batch)
     ref_out = gset.reference
-    cand_out = infer_all(candidate, gset.batch)
+    cand_out = infer_all(candidate, gset.batch) if outputs is None else outputs
     cal, stats = guard_calibration(bundle, ref_out, np.nonzero(gset.groups == "normal")[0])
     ref = score_outputs(bundle, ref_out, cal, stats)
     cand = score_outputs(bundle, cand_out, cal, stats)
@@ -313,7 +319,7 @@ def evaluate(bundle: Bundle, candidate, gset: GuardSet, reference_backend=None,
     thr = float(cal.threshold)
     entry = {
         "candidate": name or f"{candidate.name}-{candidate.precision}",
-        "backend": candidate.describe(),
+        "backend": candidate.describe() if candidate is not None else None,
         "checked": now_iso(),
         "n_images": {g: int((gset.groups == g).sum()) for g in ("normal", "synthetic", "real")},
         "calibration": {"version": cal.version, "threshold": thr, "source": redact_text(cal.source) or "bundle"},

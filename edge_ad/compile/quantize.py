@@ -487,14 +487,9 @@ def judge_exact(bundle: Bundle, entry: dict, graph: Path, gset: guard_mod.GuardS
     """The guard's verdict on an INT8 ``graph`` in its own Q/DQ arithmetic (what ARM CPUs and x86 CPUs with VNNI
     compute), for a CPU form that failed on the fused kernels of a CPU whose kernels saturate: whether only this
     CPU's kernels refused it. Kept in ``entry["exact_guard"]`` (passed, failures, rank_corr) and returned."""
-    from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-    cand = OnnxRuntimeBackend(bundle, precision="int8", device="cpu", graph=graph, threads=threads, exact=True)
-    try:
-        e = guard_mod.evaluate(bundle, cand, gset, ref_backend, limits,
-                               name=f"{entry['candidate']} (the graph's own arithmetic)")
-    finally:
-        cand.close()
+    e = guard_mod.evaluate(bundle, None, gset, ref_backend, limits,
+                           name=f"{entry['candidate']} (the graph's own arithmetic)",
+                           outputs=exact_outputs(gset, graph, threads))   # check_cpu_kernels' already
     _say(progress, guard_mod.summary(e))
     entry["exact_guard"] = {"passed": e["passed"], "failures": e["failures"], "rank_corr": e["rank_corr"]}
     return entry["exact_guard"]
@@ -543,6 +538,16 @@ def guard_images_text(used: int, held_out: int) -> str:
     return f"(the guard uses all {held_out} held-out normal images, and the same {held_out} with planted defects)"
 
 
+def exact_outputs(gset: guard_mod.GuardSet, graph: Path, threads: int = 0) -> dict[str, np.ndarray]:
+    """The INT8 ``graph``'s outputs on the guard images in its own Q/DQ arithmetic, computed once per guard set
+    (kept in ``gset.exact``): on a CPU whose kernels saturate, :func:`check_cpu_kernels` measures its map error
+    on them and :func:`judge_exact` judges them."""
+    key = str(graph)
+    if key not in gset.exact:
+        gset.exact[key] = qgraph.graph_outputs(graph, gset.batch, chunk=8, threads=threads, exact=True)
+    return gset.exact[key]
+
+
 def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, threads: int = 0,
                       progress: bool = True) -> str | None:
     """For a guard ``entry`` of an INT8 ``graph`` judged on this CPU's fused kernels: on a CPU whose kernels
@@ -555,7 +560,7 @@ def check_cpu_kernels(entry: dict, graph: Path, gset: guard_mod.GuardSet, thread
     entry["cpu"] = cpu
     if not saturates:
         return None
-    exact = qgraph.map_error(gset.reference, graph, gset.batch, chunk=8, threads=threads, exact=True)
+    exact = qgraph.output_error(gset.reference, exact_outputs(gset, graph, threads))
     entry["rel_map_error_exact"] = exact
     fused = entry["rel_map_error"]
     if not fused > SATURATION_FACTOR * exact + SATURATION_MARGIN:

@@ -46,7 +46,7 @@ import paho.mqtt.client as paho
 from ..errors import RuntimeFailure
 from .client import connect_async, make_client, not_connected, reason_failed, reason_text, reason_value, refused_text
 from .link import retained_topics
-from .payloads import finite_number, status_state
+from .payloads import finite_number, status_since, status_state
 from .settings import BrokerSettings, MqttSettings, Protocol, client_id_problem
 from .topics import KINDS, Topics, known_devices_text, parse, status_filter
 
@@ -227,7 +227,7 @@ def decommission(broker: BrokerSettings, site: str, device: str, *, client_id: s
     state, body = status_state(held[status_topic]) if status_topic in held else (None, {})
     warnings: list[str] = []
     if state == "online":
-        since = f" since {body['ts']}" if isinstance(body.get("ts"), str) else ""
+        since = status_since(body)
         interval = _telemetry_interval(body)
         window = silence_s if silence_s is not None else \
             SILENCE_INTERVALS * (interval or DEFAULT_TELEMETRY_S) + SILENCE_MARGIN_S

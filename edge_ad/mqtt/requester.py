@@ -269,7 +269,7 @@ class CommandClient:
 def stale_online_text(site: str, device: str, status: dict) -> str:
     """What a command that got no reply from a device whose retained ``status`` says online adds: the status may
     be stale (a device that stopped while the broker was down gets no will), and how to tell."""
-    since = f" since {status['ts']}" if isinstance(status.get("ts"), str) else ""
+    since = payloads.status_since(status)
     return (f"Its retained status says online{since}, which is not proof that it runs: a device that stopped while "
             "the broker was down keeps that status for ever (a broker restarted from its saved state had no "
             f"connection to lose, so it publishes no will); edge-ad monitor shows {site}/{device} stale when it "
@@ -280,8 +280,7 @@ def offline_text(site: str, device: str, status: dict, timeout: float, v5: bool)
     """Why a command to a device whose retained ``status`` says offline was not sent, and what sending it
     anyway (``--even-offline``) would do: the broker queues it in the device's persistent session, where MQTT v5
     drops it after its expiry (``timeout``) and MQTT 3.1.1 keeps it until the device comes back."""
-    ts = status.get("ts") if isinstance(status.get("ts"), str) else None
-    since = f" since {ts}" if ts else ""
+    since = payloads.status_since(status)
     reason = status.get("reason")
     if reason == "will":
         why = (": its retained status is its last will, which the broker published when it lost the device's "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import numbers
 import os
 import random
@@ -39,7 +40,8 @@ def fast_convolutions(device: str) -> None:
 
 
 def check_run(device: str, max_minutes: float | None, steps: int | None = None, batch_size: int | None = None,
-              checkpoint_every: int | None = None, seed: int = 0, image_size: int | None = None) -> None:
+              checkpoint_every: int | None = None, seed: int = 0, image_size: int | None = None,
+              lr: float | None = None) -> None:
     """The options every training run shares, checked before any image is loaded (``None``: the default)."""
     if image_size is not None:
         check_image_size(image_size)
@@ -51,6 +53,8 @@ def check_run(device: str, max_minutes: float | None, steps: int | None = None, 
         raise InputError(f"--seed {seed}: expected a whole number from 0 to 2**64 - 1")
     if max_minutes is not None and not max_minutes > 0:
         raise InputError(f"--max-minutes {max_minutes}: expected a positive number of minutes")
+    if lr is not None and not (isinstance(lr, numbers.Real) and 0 < lr < math.inf):
+        raise InputError(f"--lr {lr}: expected a positive finite number (a learning rate, e.g. 1e-4)")
 
 
 def check_device(device: str, flag: str = "--device") -> None:

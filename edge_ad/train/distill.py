@@ -53,7 +53,7 @@ def distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: st
 def _distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: str = "s", image_size: int = 256,
              steps: int = 2000, batch_size: int = 8, seed: int = 0, device: str = "cpu", lr: float = 1e-4,
              max_minutes: float | None = None, resume: bool = False, checkpoint_every: int = 1000) -> dict:
-    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
+    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size, lr)
     out = atomic.check_creatable(out)
     folders = [image_folder(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]
     listed = [list_images(f) for f in folders]
@@ -101,7 +101,7 @@ def _distill(data: str | os.PathLike | Sequence[str | os.PathLike], out, size: s
     cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, resume=resume,
                      state_path=state_path, checkpoint_every=checkpoint_every,
                      max_seconds=None if max_minutes is None else 60.0 * max_minutes, run=run,
-                     resume_from=resume_from, extra={"f_mean": f_mean.cpu(), "f_std": f_std.cpu()})
+                     resume_from=resume_from, extra={"f_mean": f_mean.cpu(), "f_std": f_std.cpu()}, lr_flag="--lr")
     net.train()
     res = run_loop(step, net, list(net.parameters()), cfg, "distill teacher")
     buf = io.BytesIO()

@@ -7,7 +7,9 @@ SIGINT / SIGTERM (Ctrl-C) during a loop with a checkpoint file finish the curren
 there and raise :class:`Interrupted`; a second one aborts at once.
 A loss that is not finite (read every 10 steps, before each save and at the end), or weights that are not
 (read before each save, at the end and when a step fails: FADeR's loss refuses NaN outputs with a RuntimeError),
-stops the loop with an InputError naming the step: no state of the NaN weights is saved. Deterministic given the seed (CPU).
+stops the loop with an InputError naming the step: no state of the NaN weights is saved. A --resume from the
+checkpoint before it would repeat the same steps at the same learning rate (and is refused at another), so the
+error says to train again from step 0 with a lower ``LoopConfig.lr_flag``. Deterministic given the seed (CPU).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class LoopConfig:
                                   # checkpoint's "seconds" count from there, plus the resumed runs' seconds
     fit_teacher_norm: bool = True  # EfficientAD: fit the teacher normalization on the images (not at a resume,
                                    # whose checkpoint has it; not for --adapt, which keeps the bundle's)
+    lr_flag: str | None = None  # the command's option that sets the learning rate: a non-finite loss's error
+                                # says to train again from step 0 with a lower one (None: the command has none)
 
 
 def lr_at(step: int, cfg: LoopConfig, elapsed: float = 0.0) -> float:
@@ -148,11 +152,15 @@ def _run_loop(step_fn, model, params, cfg: LoopConfig, desc: str, stop: dict) ->
         bar.close()
         kept = (f"{cfg.state_path} keeps the last checkpoint saved before it" if cfg.state_path is not None
                 and cfg.state_path.is_file() else "no training state was saved")
+        lower = "" if cfg.lr_flag is None else (
+            f"; for the learning rate, train again from step 0 (without --resume) with a lower {cfg.lr_flag}, e.g. "
+            f"{cfg.lr_flag} {cfg.lr / 10:g}: --resume refuses another learning rate, and with this one it takes "
+            "the same steps again and likely stops the same way")
         raise InputError(
             f"{desc}: {what}: training stopped there, its weights are lost "
             f"and nothing was written from them ({kept}). Likely causes: a learning rate too high "
             f"(learning rate {cfg.lr:g}), images with broken or extreme pixel values, or a teacher whose weights "
-            "or outputs are not finite")
+            f"or outputs are not finite{lower}")
 
     def check_weights(where):
         """Stop at non-finite weights: an update made them so while its loss was finite (a NaN step size or

@@ -278,7 +278,7 @@ def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size
     if resume and model_kind == "gaussian":
         raise InputError("--resume: the gaussian model is fitted in one pass, with no steps or checkpoint to "
                          "resume from; train it without --resume")
-    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size)
+    check_run(device, max_minutes, steps, batch_size, checkpoint_every, seed, image_size, lr)
     scoring.check_policy(policy)  # validate early
     check_model_config(model_kind, config, image_size)
     out = Path(out)
@@ -349,7 +349,7 @@ def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size
         steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=device, resume=resume,
         state_path=state_path, checkpoint_every=checkpoint_every,
         max_seconds=None if max_minutes is None else 60.0 * max_minutes, run=run, resume_from=resume_from,
-        started=t_start)
+        started=t_start, lr_flag="--lr")
     if lc is not None:
         real.mkdir(parents=True, exist_ok=True)
     if model_kind.startswith("efficientad"):

@@ -257,9 +257,23 @@ def _absent(bundle: Bundle, precision: str, target: Target) -> str:
     mine = [k for k in model_engines(bundle) if k["precision"] == precision]
     if mine:
         return "; ".join(_foreign_text(k, target) for k in mine)
-    others = [p.name for p in bundle.engines_dir.glob(f"*-{precision}-*.engine")] if bundle.engines_dir.is_dir() else []
-    extra = f" (engines present for other models: {', '.join(others)})" if others else ""
-    return f"no {precision} engine for this model on {target.sm} with TensorRT {target.trt_version}{extra}"
+    return f"no {precision} engine for this model on {target.sm} with TensorRT {target.trt_version}" + \
+        _other_models_note(bundle, precision)
+
+
+def _other_models_note(bundle: Bundle, precision: str | None = None) -> str:
+    """" (engines present for other models: A, B)", by name: the engine files in the bundle's engines/ whose key
+    (:func:`parse_key`) names another model (one exported before, say): those of ``precision`` when given (why
+    that precision's engine is absent: :func:`_absent`), else every one (why no engine of this model is there at
+    all: :func:`no_engine`); "" when there is none. A file whose name is no engine key is not listed: nothing says
+    it is another model's (:func:`scan` names it)."""
+    d = bundle.engines_dir
+    if not d.is_dir():
+        return ""
+    sha16 = model_sha(bundle)[:16]
+    others = [p.name for p in sorted(d.glob("*.engine")) if (k := parse_key(p.stem)) is not None
+              and k["model_sha16"] != sha16 and precision in (None, k["precision"])]
+    return f" (engines present for other models: {', '.join(others)})" if others else ""
 
 
 def _foreign_text(k: dict, target: Target) -> str:
@@ -290,10 +304,7 @@ def no_engine(bundle: Bundle, target: Target, precision: str | None = None) -> t
             return c.reason, p
     if precision:
         return first.reason, precision
-    d = bundle.engines_dir
-    others = sorted(p.name for p in d.glob("*.engine")) if d.is_dir() else []
-    extra = f" (engines present for other models: {', '.join(others)})" if others else ""
-    return f"no engine of this model in the bundle's engines/{extra}", "best"
+    return f"no engine of this model in the bundle's engines/{_other_models_note(bundle)}", "best"
 
 
 def compile_command(bundle: Bundle, precision: str) -> str:
