@@ -15,6 +15,9 @@ device comes back, and the device does not start one that waited that long behin
 :meth:`CommandClient.last_status` reads the device's retained ``status`` first (``edge-ad command`` does, and
 :meth:`~CommandClient.check_online` refuses to send to a device that is offline: :class:`DeviceOffline`); when
 there is none, :meth:`~CommandClient.no_status_note` says so and names the devices that have one.
+:meth:`CommandClient.call` watches the device's ``status`` while it waits for the reply: when the device goes
+offline (the broker publishes its will, or it stops), it stops waiting and raises :class:`DeviceWentOffline`
+(the command's outcome is unknown), instead of waiting out the timeout for a reply that cannot come.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..errors import DeviceOffline, InputError, RuntimeFailure
+from ..errors import DeviceOffline, DeviceWentOffline, InputError, RuntimeFailure
 from . import payloads
 from .client import connect_async, make_client, not_connected, reason_failed, refused_text
 from .commands import signed_envelope
@@ -58,6 +61,9 @@ class CommandClient:
         # subscription filter -> (set at the first message or None, {topic: payload}) of the retained messages
         # _retained reads
         self._watch: dict[str, tuple[threading.Event | None, dict[str, bytes]]] = {}
+        # a device's status topic -> [(the event of a reply awaited from it, [the offline status bodies that came
+        # live while waiting])] (send_raw's status_topic)
+        self._gone: dict[str, list[tuple[threading.Event, list[dict]]]] = {}
         self._error: str | None = None
         self._client: paho.Client | None = None
 
@@ -108,7 +114,15 @@ class CommandClient:
                 found[message.topic] = bytes(message.payload)
                 if first is not None:
                     first.set()
-        if watches:
+            waiting = self._gone.get(message.topic, [])
+            # the retained status comes at the subscription (retain flag set): it is the one read before sending
+            if waiting and not message.retain:
+                state, body = payloads.status_state(bytes(message.payload))
+                if state == "offline":
+                    for event, offline in waiting:
+                        offline.append(body)
+                        event.set()
+        if watches or waiting:
             return
         try:
             body = payloads.decode(message.payload, "reply")
@@ -157,9 +171,13 @@ class CommandClient:
         return data, props
 
     def call(self, site: str, device: str, name: str, args: Mapping[str, Any] | None = None, *,
-             timeout: float = 10.0, claim: str | None = None) -> dict:
+             timeout: float = 10.0, claim: str | None = None, watch_status: bool = True) -> dict:
         """Send ``cmd/<name>`` to a device; returns its reply (``{"ok": ..., "result" | "error": ...}``).
-        ``claim`` is the client id the allow-list sees (default: this client's id)."""
+        ``claim`` is the client id the allow-list sees (default: this client's id). Raises
+        :class:`RuntimeFailure` when no reply comes within ``timeout`` s, and (``watch_status``) raises
+        :class:`DeviceWentOffline` as soon as the device's status turns offline while it waits (:meth:`send_raw`):
+        a device killed mid-command never answers. A device that only lost its network also publishes its will,
+        and answers after it reconnects: ``watch_status=False`` waits for that reply (or the timeout)."""
         for value, what in ((site, "site"), (device, "device")):   # a name no device can have: no reply would come
             check_name(value, what)
         check_level(name, "command name")
@@ -167,7 +185,8 @@ class CommandClient:
         topic = Topics(site, device).cmd(name)
         data, props = self.build(topic, name, args, corr, claim if claim is not None else self.client_id,
                                  timeout=timeout)
-        return self.send_raw(topic, data, corr, props, timeout=timeout)
+        return self.send_raw(topic, data, corr, props, timeout=timeout,
+                             status_topic=Topics(site, device).status if watch_status else None)
 
     def last_status(self, site: str, device: str, wait: float = STATUS_WAIT_S) -> tuple[str, dict] | None:
         """The device's retained ``status`` (:func:`~edge_ad.mqtt.payloads.status_state`: ``online`` /
@@ -242,8 +261,11 @@ class CommandClient:
                 "resending, or wait longer (--timeout).")
 
     def send_raw(self, topic: str, data: bytes, correlation: str, properties: Properties | None = None, *,
-                 timeout: float = 10.0) -> dict:
-        """Publish exactly ``data`` on ``topic`` and wait for the reply correlated by ``correlation``."""
+                 timeout: float = 10.0, status_topic: str | None = None) -> dict:
+        """Publish exactly ``data`` on ``topic`` and wait for the reply correlated by ``correlation``.
+        ``status_topic``: the device's ``status``, subscribed to before sending; an ``offline`` status published
+        while waiting (not the retained one the subscription brings: the device may be offline on purpose,
+        ``--even-offline``) ends the wait with :class:`DeviceWentOffline`."""
         client = self._client
         if client is None:
             raise RuntimeFailure("command client is not started")
@@ -252,18 +274,30 @@ class CommandClient:
             properties.ResponseTopic = self.reply_topic
             properties.CorrelationData = correlation.encode("utf-8")
             properties.MessageExpiryInterval = expiry_s(timeout)
-        event = threading.Event()
+        event, offline = threading.Event(), []
         with self._lock:
             self._waiting[correlation] = event
+            if status_topic is not None:
+                self._gone.setdefault(status_topic, []).append((event, offline))
         try:
+            if status_topic is not None:   # before the command: the broker handles the two in this order
+                client.subscribe(status_topic, qos=1)
             client.publish(topic, data, qos=1, properties=properties)
             if not event.wait(timeout):
                 raise RuntimeFailure(self._no_reply(topic, timeout))
             with self._lock:
-                return self._replies.pop(correlation)
+                if correlation in self._replies:   # a reply wins over a status that came with it
+                    return self._replies.pop(correlation)
+            raise DeviceWentOffline(went_offline_text(topic, offline[0]))
         finally:
             with self._lock:
                 self._waiting.pop(correlation, None)
+                self._replies.pop(correlation, None)
+                others = [w for w in self._gone.pop(status_topic, []) if w[0] is not event]
+                if others:   # another call waits on the same device
+                    self._gone[status_topic] = others
+            if status_topic is not None and not others:
+                client.unsubscribe(status_topic)
 
 
 def stale_online_text(site: str, device: str, status: dict) -> str:
@@ -274,6 +308,25 @@ def stale_online_text(site: str, device: str, status: dict) -> str:
             "the broker was down keeps that status for ever (a broker restarted from its saved state had no "
             f"connection to lose, so it publishes no will); edge-ad monitor shows {site}/{device} stale when it "
             "sends nothing, and edge-ad decommission --force takes a retired one that stays silent.")
+
+
+def went_offline_text(topic: str, status: dict) -> str:
+    """What :meth:`CommandClient.send_raw` says when the device's status turned offline (``status``) while it
+    waited for the reply to a command on ``topic`` (``edge-ad/v1/<site>/<device>/cmd/<name>``)."""
+    parts = topic.split("/")
+    site, device, name = parts[-4], parts[-3], parts[-1]
+    reason = status.get("reason")
+    if reason == "will":
+        why = ("the broker published its last will, having lost its connection (killed, a power cut, or a network "
+               "cut, after which it may still finish the command and reconnect)")
+    elif reason == "stopped":
+        when = f" at {status['ts']}" if isinstance(status.get("ts"), str) else ""
+        why = f"edge-ad stopped there{when} without answering it"
+    else:
+        why = f"reason {reason!r}" if reason else "no reason given"
+    return (f"device {site}/{device} went offline while the command {name} was under way: its status turned "
+            f"offline: {why}. Whether the command ran, in part or in full, is unknown: once the device is back, "
+            "send 'status' (and check what the command changes: its calibration, its bundle) before resending")
 
 
 def offline_text(site: str, device: str, status: dict, timeout: float, v5: bool) -> str:
