@@ -1113,6 +1113,42 @@ def test_drift_flag_and_event_from_ok_scores(tiny_bundle):
     assert rep.drift is None and rep.drift_summary() == {"drift": False, "enabled": False}
 
 
+def test_a_drift_on_all_parts_says_so_not_ok_scores(tiny_bundle, caplog):
+    """With most parts NG the drift monitor compares the median of all parts (basis 'all'), yet the WARNING and the
+    event said 'OK scores drifted away ...' on a line where every part was NG. The subject is worded by the
+    basis: the scores of all parts, with the NG share of the window."""
+    from edge_ad.calibration import DriftMonitor
+    from edge_ad.runtime.records import Decision, ResultItem
+    from edge_ad.runtime.reporting import Reporter
+
+    cal = tiny_bundle.calibration()
+    caplog.set_level("WARNING", logger="edge_ad.runtime.reporting")
+
+    def reporter_fed(scores):
+        events = []
+        rep = Reporter(source_name="test", drift_factory=lambda c: DriftMonitor(c, window=40, limit=3.0),
+                       calibration=cal, on_event=events.append)
+        for i, score in enumerate(scores):
+            d = Decision(id=f"r{i}", seq=i, source_index=i, ts=1000.0 + i, score=score, threshold=cal.threshold,
+                         ng=score > cal.threshold, calibration_version=cal.version, model_hash="h", backend="b",
+                         precision="fp32", image_size=(8, 8), stages_ms={}, latency_ms=1.0, batch=1, trigger="t")
+            rep.report(ResultItem(d))
+        return events
+
+    high = cal.threshold + 20 * cal.normal["std"]
+    events = reporter_fed([high] * 40)                          # a line gone all NG (a lens cover, a new part)
+    assert [e["type"] for e in events] == ["drift"] and events[0]["basis"] == "all", events
+    assert events[0]["message"].startswith(
+        "scores of all parts (every part NG in the window, too few OK ones to judge alone) drifted away from the "
+        "calibration's normal distribution (z +"), events[0]["message"]
+    assert events[0]["message"].endswith("look before recalibrating")
+    assert caplog.records[-1].getMessage() == events[0]["message"]
+    events = reporter_fed([cal.normal["p50"]] * 30 + [high] * 40)   # the NG parts become the majority
+    assert [e["type"] for e in events] == ["drift"] and events[0]["message"].startswith(
+        f"scores of all parts ({events[0]['ng_rate']:.0%} of the parts NG in the window, "), events[0]
+    assert not any("OK scores" in r.getMessage() for r in caplog.records)
+
+
 class _EventLink:
     """A stand-in MQTT link for a Reporter: records the events it would publish."""
 

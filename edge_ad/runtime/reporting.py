@@ -143,14 +143,21 @@ class Reporter:
         from ..calibration.drift import HYSTERESIS
 
         fig = f"z {state.z:+.2f}, shift {state.shift:+.2f} normal std"
+        if state.basis == "ok":
+            scores, check = "OK scores", ""
+        else:   # fewer than half the parts OK: the monitor compares the median of all of them
+            ng = "every part" if state.ng_rate >= 1.0 else f"{state.ng_rate:.0%} of the parts"
+            scores = f"scores of all parts ({ng} NG in the window, too few OK ones to judge alone)"
+            check = ("; a line gone (nearly) all NG may also be a blocked or moved camera or a run of defective "
+                     "parts: look before recalibrating")
         if state.drift:
             ev = {"type": "drift", **summary,
-                  "message": f"OK scores drifted away from the calibration's normal distribution ({fig}; limits: "
+                  "message": f"{scores} drifted away from the calibration's normal distribution ({fig}; limits: "
                              f"|z| > {state.limit:g} and |shift| >= {state.min_shift:g}): recalibrate (edge-ad "
-                             "calibrate or the MQTT calibrate command)"}
+                             f"calibrate or the MQTT calibrate command){check}"}
         else:
             ev = {"type": "drift_cleared", **summary, **lasted,
-                  "message": f"OK scores are back within the calibration's normal distribution ({fig}; inside "
+                  "message": f"{scores} are back within the calibration's normal distribution ({fig}; inside "
                              f"{HYSTERESIS:.0%} of the limits for {state.clear_after} parts in a row) after "
                              f"{state.parts_in_drift} parts in drift"
                              + (f" ({lasted['duration_s']:g} s)" if "duration_s" in lasted else "")}
