@@ -408,6 +408,29 @@ def test_unknown_invalid_unavailable_failed_internal():
         d.register("a/b", lambda a: {})
 
 
+def test_a_long_command_is_logged_when_it_starts_with_its_correlation_id_and_requester(caplog):
+    """Only 'command X from Y: ok / refused' was logged, at the end: after a kill in a calibrate or an update_model
+    the log could not tell that one had started. A long command (calibrate, update_model, reload) is logged once
+    at INFO when it starts, with its correlation id (the v5 correlation data, else the payload's) and requester;
+    a quick one, and one refused before it runs, are not."""
+    d = _dispatcher()
+    caplog.set_level("INFO", logger="edge_ad.mqtt.commands")
+    d.handle(_msg("calibrate", {"frames": 64, "client_id": "mes-1"}, response_topic="r/t", correlation_data=b"c-17"))
+    d.handle(_msg("update_model", {"url": "file:///b.tar", "sha256": "ab" * 32, "correlation_id": "c-18"}))
+    d.handle(_msg("reload", {"correlation_id": "payload"}, correlation_data=b"data"))  # v5's wins, as for the reply
+    d.handle(_msg("reload", {"what": "bundle"}))
+    d.handle(_msg("status", {}, correlation_data=b"c-19"))
+    d.handle(_msg("calibrate", {"frames": 0}, correlation_data=b"c-20"))          # refused: never started
+    assert [r.getMessage() for r in caplog.records] == [
+        "command calibrate from mes-1 started (correlation id c-17)", "command calibrate from mes-1: ok",
+        "command update_model from ? started (correlation id c-18)", "command update_model from ?: ok",
+        "command reload from ? started (correlation id data)", "command reload from ?: ok",
+        "command reload from ? started (no correlation id)", "command reload from ?: ok",
+        "command status from ?: ok",
+        "command calibrate from ? refused: invalid_args: calibrate: frames: 0 is less than the minimum of 20"]
+    assert all(r.levelname == "INFO" for r in caplog.records[:-1])
+
+
 def test_allow_list_applies_to_state_changing_commands():
     d = _dispatcher(command_clients=["mes-1"])
     assert d.handle(_msg("status")).body["ok"]                       # read-only: open
