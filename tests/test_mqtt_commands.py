@@ -1309,7 +1309,8 @@ def test_cli_command_stops_waiting_when_the_device_goes_offline_while_it_runs(mo
     t.join(timeout=5)
     assert got.is_set() and res.exit_code == 1 and res.stdout == "", res.output
     why = ("the broker published its last will, having lost its connection (killed, a power cut, or a network cut, "
-           "after which it may still finish the command and reconnect)" if how == "will" else "edge-ad stopped there at 2026-12-07T05:16:00.000Z without answering it")
+           "after which it may still finish the command and reconnect)" if how == "will"
+           else "edge-ad stopped there at 2026-12-07T05:16:00.000Z without answering it")
     assert res.stderr.startswith(
         f"error: device s/d went offline while the command calibrate was under way: its status turned offline: "
         f"{why}. Whether the command ran, in part or in full, is unknown: once the device is back, send 'status'"), \
