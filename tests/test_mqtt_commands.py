@@ -1262,15 +1262,19 @@ def test_a_mistyped_device_is_guessed_from_its_site_or_its_name_not_from_common_
     assert guess("plnt1", "line3-camera1", "plant1/line3-camera1", "plant2/line3-camera2") == "plant1/line3-camera1"
 
 
-@pytest.mark.parametrize("protocol, how", [("5", "will"), ("3.1.1", "will"), ("5", "stopped")])
+@pytest.mark.parametrize("protocol, how", [("5", "will"), ("3.1.1", "will"), ("5", "stopped"), ("5", "restarted"),
+                                           ("3.1.1", "restarted")])
 def test_cli_command_stops_waiting_when_the_device_goes_offline_while_it_runs(mosquitto, protocol, how):
     """`edge-ad command --timeout 50 calibrate` to a device killed 9 s in waited the whole 50 s, though the broker
     had published the device's will, and then said its retained status 'says online since ...' (read before
-    sending). It watches the device's status while it waits: a live offline status (the will, or a clean stop)
-    ends the wait at once, exit 1, saying the device went offline while the command was under way and that its
-    outcome is unknown. Here a fake device with a will receives the command and drops its connection (or says it
-    stopped, without answering). The retained offline status the watch's subscription brings does not end it
-    (--even-offline waits for a device that is offline: see the test above)."""
+    sending). It watches the device's status while it waits: a clean stop without a reply, or the device back
+    after its will as another process (its birth's 'started' differs: killed and restarted), ends the wait at once,
+    exit 1, saying the device went offline while the command was under way and that its outcome is unknown. A
+    will alone does not end it (a device that only lost its network answers after it reconnects), but the timeout
+    then says the device went offline, not what the status read before sending said. Here a fake device with a
+    will receives the command and drops its connection (or says it stopped, without answering). The retained
+    offline status the watch's subscription brings does not end it (--even-offline waits for a device that is
+    offline: see the test above)."""
     import paho.mqtt.client as paho
     from click.testing import CliRunner
     from paho.mqtt.enums import CallbackAPIVersion
@@ -1278,41 +1282,68 @@ def test_cli_command_stops_waiting_when_the_device_goes_offline_while_it_runs(mo
     from edge_ad.cli import main
 
     topics = Topics("s", "d")
-    v5 = protocol == "5"
-    dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="fake-device",
-                      protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
+    proto = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+    dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="fake-device", protocol=proto)
     will = {"schema_version": 1, "state": "offline", "reason": "will", "site": "s", "device": "d",
             "client_id": "fake-device"}
     dev.will_set(topics.status, json.dumps(will), qos=1, retain=True)
     got = threading.Event()
     dev.on_message = lambda c, u, m: got.set()
     dev.connect(mosquitto.host, mosquitto.port)
-    online = {**will, "reason": "connected", "state": "online", "ts": "2026-12-07T05:15:12.589Z"}
+    online = {**will, "reason": "connected", "state": "online", "ts": "2026-12-07T05:15:12.589Z",
+              "started": "2026-12-07T05:15:12.000Z"}
     dev.subscribe(f"{topics.base}/cmd/#", qos=1)
     dev.publish(topics.status, json.dumps(online), qos=1, retain=True)
 
     def device():   # runs until the command comes, then loses its connection without a DISCONNECT (kill -9)
         while not got.is_set():
             dev.loop(timeout=0.05)
-        if how == "will":
-            dev.socket().close()
-        else:
+        if how == "stopped":
             stopped = {**will, "reason": "stopped", "ts": "2026-12-07T05:16:00.000Z"}
             dev.publish(topics.status, json.dumps(stopped), qos=1, retain=True)
             dev.disconnect()
             dev.loop(timeout=0.5)
+            return
+        dev.socket().close()
+        if how == "restarted":   # systemd starts it again: a new process, a new birth, once the will is out
+            back = paho.Client(CallbackAPIVersion.VERSION2, client_id="fake-device-2", protocol=proto)
+            back.connect(mosquitto.host, mosquitto.port)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not seen_will.is_set():
+                back.loop(timeout=0.05)
+            back.publish(topics.status, json.dumps({**online, "started": "2026-12-07T05:16:30.000Z"}), qos=1,
+                         retain=True)
+            for _ in range(20):
+                back.loop(timeout=0.05)
+            back.disconnect()
 
+    seen_will = threading.Event()
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="will-watch", protocol=paho.MQTTv5)
+    watcher.on_message = lambda c, u, m: seen_will.set() if b'"will"' in m.payload and not m.retain else None
+    watcher.connect(mosquitto.host, mosquitto.port)
+    watcher.subscribe(topics.status, qos=1)
+    watcher.loop_start()
     t = threading.Thread(target=device, daemon=True)
     t.start()
-    res = CliRunner().invoke(main, ["command", "--mqtt", mosquitto.url, "--protocol", protocol, "--site", "s",
-                                    "--device", "d", "--timeout", "120", "calibrate", '{"frames": 30}'])
-    t.join(timeout=5)
+    timeout = "3" if how == "will" else "120"
+    try:
+        t0 = time.monotonic()
+        res = CliRunner().invoke(main, ["command", "--mqtt", mosquitto.url, "--protocol", protocol, "--site", "s",
+                                        "--device", "d", "--timeout", timeout, "calibrate", '{"frames": 30}'])
+        waited = time.monotonic() - t0
+        t.join(timeout=15)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
     assert got.is_set() and res.exit_code == 1 and res.stdout == "", res.output
-    why = ("the broker published its last will, having lost its connection (killed, a power cut, or a network cut, "
-           "after which it may still finish the command and reconnect)" if how == "will"
-           else "edge-ad stopped there at 2026-12-07T05:16:00.000Z without answering it")
+    why = {"will": "the broker published its last will, having lost its connection (killed, a power cut, or a "
+                   "network cut), and no reply came within 3 s; it may still answer once it reconnects",
+           "stopped": "edge-ad stopped there at 2026-12-07T05:16:00.000Z without answering it",
+           "restarted": "the broker published its last will, and it came back as another process (started "
+                        "2026-12-07T05:16:30.000Z): it was killed or lost power, and restarted"}[how]
     assert res.stderr.startswith(
         f"error: device s/d went offline while the command calibrate was under way: its status turned offline: "
         f"{why}. Whether the command ran, in part or in full, is unknown: once the device is back, send 'status'"), \
         res.stderr
-    assert "no reply" not in res.stderr and "says online" not in res.stderr, res.stderr
+    assert "no reply on" not in res.stderr and "says online" not in res.stderr, res.stderr
+    assert how == "will" or waited < 60, waited          # the stop and the restart end the wait, not the timeout

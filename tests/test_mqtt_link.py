@@ -1258,7 +1258,7 @@ def test_a_reply_in_flight_when_the_connection_drops_arrives_after_the_reconnect
         with CommandClient(BrokerSettings(url=mosquitto.url)) as cc:
             # the network stalls as the reply is sent, and results sent meanwhile are in flight when it dies
             proxy.cut_at_publish(REPLY_ROOT, 1, stall_s=0.3)
-            reply = cc.call("t", "d1", "status", timeout=10, watch_status=False)
+            reply = cc.call("t", "d1", "status", timeout=10)
         assert reply["ok"] and proxy.publish_cuts[1] == 0 and link.stats()["connects"] >= 2
         stop.set()
         producer.join(5)

@@ -91,8 +91,8 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     """Send command NAME (status, calibrate, set_threshold, pause, ...) with ARGS (a JSON object) to a
     device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
     the device answers with an error (an 'unauthorized' one with a hint on stderr: --client-id, the secret)
-    or not within --timeout, or when its status turns offline while it waits (its will: it was killed or lost
-    its network; or it stopped) and the command's outcome is unknown; 3, nothing sent, when its retained status
+    or not within --timeout, or when it stops, or comes back after its will as another process (killed or a
+    power cut, then restarted), while it waits: the command's outcome is unknown; 3, nothing sent, when its retained status
     says it is offline (--even-offline sends all the same). When no status is retained for it (a mistyped
     --site or --device, or an ACL that hides it), a note on stderr names the devices that have one, and it
     sends and waits all the same."""
