@@ -741,6 +741,12 @@ class Bundle:
         is not counted; ``remove_stale`` deletes it. Where the kernel's lock is missing (not POSIX) none."""
         return _held_records(self.calibration_dir, remove_stale)
 
+    @staticmethod
+    def holders_of(bundle_dir: str | os.PathLike) -> dict[int, list[dict]]:
+        """:meth:`calibration_holders` of the bundle folder ``bundle_dir``, without opening it (no manifest read:
+        another release of a deploy folder, which may be damaged)."""
+        return _held_records(Path(bundle_dir) / "calibration.d", False)
+
     def rollback_calibration(self, version: int | None = None, by: str = "") -> Calibration:
         """Put an earlier calibration version back in force, byte for byte, and record it in
         :attr:`rollback_log` (``by``: what asked for it).

@@ -42,6 +42,12 @@ class DeviceOffline(RuntimeFailure):
     exit_code = 3
 
 
+class DeviceWentOffline(RuntimeFailure):
+    """``edge-ad command``: the device's status turned offline (its will, a stop) while the command was under
+    way, before its reply came: whether the command ran is unknown. Exit code 1, as no reply within the timeout
+    (3 says that nothing was sent)."""
+
+
 class GuardFailure(RuntimeFailure):
     """A quantized or compiled artefact did not match FP32 closely enough; nothing was switched in."""
 

@@ -2381,6 +2381,50 @@ def test_calibrate_says_when_a_running_line_still_decides_with_another_version(t
     assert json.loads(_calibrate_cli(b, "--rollback", "--json").stdout)["not_reloaded"] == []
 
 
+def test_calibrate_says_when_the_running_line_runs_another_release_of_its_deploy_folder(tbundle, tmp_path):
+    """'calibrate --config line.toml' after a hand 'bundle rollback --to rA' the running line had not reloaded
+    said 'calibration v2 in force (was v1)' with no note, while the line went on deciding with release B's
+    calibration: the note came only for a line on the same release. A line that runs another release of the
+    deploy folder is now named too, with the release and calibration it decides with, and that this calibration
+    (of the release in force) decides on the line once it reloads; --json lists it in not_reloaded."""
+    import os
+
+    from click.testing import CliRunner
+
+    from edge_ad.bundle import CalibrationHold
+    from edge_ad.calibration import install_bundle, rollback_model
+    from edge_ad.cli import main
+    from fixtures_bundle import make_tiny_bundle
+
+    video, _ = _raw_video(tmp_path)
+    deploy = tmp_path / "deploy"
+    ra = install_bundle(tbundle.path, deploy, require_golden=False)
+    rb = install_bundle(make_tiny_bundle(tmp_path / "B", image_size=(96, 96)).path, deploy, require_golden=False)
+    line = tmp_path / "line.toml"
+    line.write_text(f'[model]\ndeploy_dir = "{deploy}"\n\n[source]\nuri = "file://{video}"\n')
+    hold = CalibrationHold("edge-ad run")
+    hold.put(Bundle.open(rb.path), 1)                     # the line runs release B, calibration v1
+    rollback_model(deploy, to=ra.release, by="cli")       # 'bundle rollback --to rA' by hand: not reloaded
+    still = (f"note: edge-ad run (pid {os.getpid()}) still decides with release {rb.release} (its calibration v1) "
+             "until it reloads (SIGHUP or the MQTT reload command): this calibration is for release "
+             f"{ra.release}, the release in force, and decides on the line once it reloads")
+    base = ["calibrate", "--config", str(line)]
+    try:
+        res = CliRunner().invoke(main, [*base, "--frames", "30", "--policy", "max"])
+        assert res.exit_code == 0 and "calibration v2 written (was v1): policy max" in res.stdout, res.output
+        assert still in res.stdout, res.stdout
+        res = CliRunner().invoke(main, [*base, "--rollback", "1", "--json"])
+        [rec] = json.loads(res.stdout)["not_reloaded"]
+        assert (rec["release"], rec["version"], rec["pid"], rec["by"]) == (rb.release, 1, os.getpid(), "edge-ad run")
+        res = CliRunner().invoke(main, [*base, "--rollback", "2"])
+        assert res.exit_code == 0 and "calibration v2 written (was v1)" in res.stdout and still in res.stdout
+        hold.put(Bundle.open(ra.path), 2)                 # the line reloaded: it runs release A, v2
+        res = CliRunner().invoke(main, [*base, "--rollback", "2"])
+        assert "calibration v2 in force (was v2)" in res.stdout and "note:" not in res.stdout, res.output
+    finally:
+        hold.release()
+
+
 def test_the_frames_a_killed_adapt_left_are_removed_by_the_next_calibrate_or_adapt(tbundle, tmp_path, caplog,
                                                                                   monkeypatch):
     """A killed 'calibrate --adapt' left its .adapt-frames-* folder (every frame as a PNG) beside the bundle for

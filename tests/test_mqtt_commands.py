@@ -408,6 +408,29 @@ def test_unknown_invalid_unavailable_failed_internal():
         d.register("a/b", lambda a: {})
 
 
+def test_a_long_command_is_logged_when_it_starts_with_its_correlation_id_and_requester(caplog):
+    """Only 'command X from Y: ok / refused' was logged, at the end: after a kill in a calibrate or an update_model
+    the log could not tell that one had started. A long command (calibrate, update_model, reload) is logged once
+    at INFO when it starts, with its correlation id (the v5 correlation data, else the payload's) and requester;
+    a quick one, and one refused before it runs, are not."""
+    d = _dispatcher()
+    caplog.set_level("INFO", logger="edge_ad.mqtt.commands")
+    d.handle(_msg("calibrate", {"frames": 64, "client_id": "mes-1"}, response_topic="r/t", correlation_data=b"c-17"))
+    d.handle(_msg("update_model", {"url": "file:///b.tar", "sha256": "ab" * 32, "correlation_id": "c-18"}))
+    d.handle(_msg("reload", {"correlation_id": "payload"}, correlation_data=b"data"))  # v5's wins, as for the reply
+    d.handle(_msg("reload", {"what": "bundle"}))
+    d.handle(_msg("status", {}, correlation_data=b"c-19"))
+    d.handle(_msg("calibrate", {"frames": 0}, correlation_data=b"c-20"))          # refused: never started
+    assert [r.getMessage() for r in caplog.records] == [
+        "command calibrate from mes-1 started (correlation id c-17)", "command calibrate from mes-1: ok",
+        "command update_model from ? started (correlation id c-18)", "command update_model from ?: ok",
+        "command reload from ? started (correlation id data)", "command reload from ?: ok",
+        "command reload from ? started (no correlation id)", "command reload from ?: ok",
+        "command status from ?: ok",
+        "command calibrate from ? refused: invalid_args: calibrate: frames: 0 is less than the minimum of 20"]
+    assert all(r.levelname == "INFO" for r in caplog.records[:-1])
+
+
 def test_allow_list_applies_to_state_changing_commands():
     d = _dispatcher(command_clients=["mes-1"])
     assert d.handle(_msg("status")).body["ok"]                       # read-only: open
@@ -1237,3 +1260,90 @@ def test_a_mistyped_device_is_guessed_from_its_site_or_its_name_not_from_common_
     assert guess("p1", "cam9", "p1/cam1", "p1/cam2") == "p1/cam2 or p1/cam1"
     assert guess("p1", "cam3", "p1/cam1", "p1/cam2", "p2/cam3") == "p1/cam2, p1/cam1 or p2/cam3"
     assert guess("plnt1", "line3-camera1", "plant1/line3-camera1", "plant2/line3-camera2") == "plant1/line3-camera1"
+
+
+@pytest.mark.parametrize("protocol, how", [("5", "will"), ("3.1.1", "will"), ("5", "stopped"), ("5", "restarted"),
+                                           ("3.1.1", "restarted")])
+def test_cli_command_stops_waiting_when_the_device_goes_offline_while_it_runs(mosquitto, protocol, how):
+    """`edge-ad command --timeout 50 calibrate` to a device killed 9 s in waited the whole 50 s, though the broker
+    had published the device's will, and then said its retained status 'says online since ...' (read before
+    sending). It watches the device's status while it waits: a clean stop without a reply, or the device back
+    after its will as another process (its birth's 'started' differs: killed and restarted), ends the wait at once,
+    exit 1, saying the device went offline while the command was under way and that its outcome is unknown. A
+    will alone does not end it (a device that only lost its network answers after it reconnects), but the timeout
+    then says the device went offline, not what the status read before sending said. Here a fake device with a
+    will receives the command and drops its connection (or says it stopped, without answering). The retained
+    offline status the watch's subscription brings does not end it (--even-offline waits for a device that is
+    offline: see the test above)."""
+    import paho.mqtt.client as paho
+    from click.testing import CliRunner
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_ad.cli import main
+
+    topics = Topics("s", "d")
+    proto = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+    dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="fake-device", protocol=proto)
+    will = {"schema_version": 1, "state": "offline", "reason": "will", "site": "s", "device": "d",
+            "client_id": "fake-device"}
+    dev.will_set(topics.status, json.dumps(will), qos=1, retain=True)
+    got = threading.Event()
+    dev.on_message = lambda c, u, m: got.set()
+    dev.connect(mosquitto.host, mosquitto.port)
+    online = {**will, "reason": "connected", "state": "online", "ts": "2026-12-07T05:15:12.589Z",
+              "started": "2026-12-07T05:15:12.000Z"}
+    dev.subscribe(f"{topics.base}/cmd/#", qos=1)
+    dev.publish(topics.status, json.dumps(online), qos=1, retain=True)
+
+    def device():   # runs until the command comes, then loses its connection without a DISCONNECT (kill -9)
+        while not got.is_set():
+            dev.loop(timeout=0.05)
+        if how == "stopped":
+            stopped = {**will, "reason": "stopped", "ts": "2026-12-07T05:16:00.000Z"}
+            dev.publish(topics.status, json.dumps(stopped), qos=1, retain=True)
+            dev.disconnect()
+            dev.loop(timeout=0.5)
+            return
+        dev.socket().close()
+        if how == "restarted":   # systemd starts it again: a new process, a new birth, once the will is out
+            back = paho.Client(CallbackAPIVersion.VERSION2, client_id="fake-device-2", protocol=proto)
+            back.connect(mosquitto.host, mosquitto.port)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not seen_will.is_set():
+                back.loop(timeout=0.05)
+            back.publish(topics.status, json.dumps({**online, "started": "2026-12-07T05:16:30.000Z"}), qos=1,
+                         retain=True)
+            for _ in range(20):
+                back.loop(timeout=0.05)
+            back.disconnect()
+
+    seen_will = threading.Event()
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="will-watch", protocol=paho.MQTTv5)
+    watcher.on_message = lambda c, u, m: seen_will.set() if b'"will"' in m.payload and not m.retain else None
+    watcher.connect(mosquitto.host, mosquitto.port)
+    watcher.subscribe(topics.status, qos=1)
+    watcher.loop_start()
+    t = threading.Thread(target=device, daemon=True)
+    t.start()
+    timeout = "3" if how == "will" else "120"
+    try:
+        t0 = time.monotonic()
+        res = CliRunner().invoke(main, ["command", "--mqtt", mosquitto.url, "--protocol", protocol, "--site", "s",
+                                        "--device", "d", "--timeout", timeout, "calibrate", '{"frames": 30}'])
+        waited = time.monotonic() - t0
+        t.join(timeout=15)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+    assert got.is_set() and res.exit_code == 1 and res.stdout == "", res.output
+    why = {"will": "the broker published its last will, having lost its connection (killed, a power cut, or a "
+                   "network cut), and no reply came within 3 s; it may still answer once it reconnects",
+           "stopped": "edge-ad stopped there at 2026-12-07T05:16:00.000Z without answering it",
+           "restarted": "the broker published its last will, and it came back as another process (started "
+                        "2026-12-07T05:16:30.000Z): it was killed or lost power, and restarted"}[how]
+    assert res.stderr.startswith(
+        f"error: device s/d went offline while the command calibrate was under way: its status turned offline: "
+        f"{why}. Whether the command ran, in part or in full, is unknown: once the device is back, send 'status'"), \
+        res.stderr
+    assert "no reply on" not in res.stderr and "says online" not in res.stderr, res.stderr
+    assert how == "will" or waited < 60, waited          # the stop and the restart end the wait, not the timeout

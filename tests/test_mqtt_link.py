@@ -1238,7 +1238,8 @@ def test_connections_cut_right_after_sending_a_result_within_the_announced_limit
 def test_a_reply_in_flight_when_the_connection_drops_arrives_after_the_reconnect(mosquitto, tmp_path):
     """A command reply is not in the outbox: only paho sends it again after a reconnect. The link dropped
     paho's copies at the reconnect after a loss close to an outbox send (always, on a running line), and
-    the requester never got its reply; it is sent again like any message in flight."""
+    the requester never got its reply; it is sent again like any message in flight (the requester does not stop
+    at the device's will, which the cut makes the broker publish)."""
     from edge_ad.mqtt.requester import REPLY_ROOT, CommandClient
 
     proxy = CuttableProxy(mosquitto.port)

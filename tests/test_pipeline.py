@@ -1113,6 +1113,42 @@ def test_drift_flag_and_event_from_ok_scores(tiny_bundle):
     assert rep.drift is None and rep.drift_summary() == {"drift": False, "enabled": False}
 
 
+def test_a_drift_on_all_parts_says_so_not_ok_scores(tiny_bundle, caplog):
+    """With most parts NG the drift monitor compares the median of all parts (basis 'all'), yet the WARNING and the
+    event said 'OK scores drifted away ...' on a line where every part was NG. The subject is worded by the
+    basis: the scores of all parts, with the NG share of the window."""
+    from edge_ad.calibration import DriftMonitor
+    from edge_ad.runtime.records import Decision, ResultItem
+    from edge_ad.runtime.reporting import Reporter
+
+    cal = tiny_bundle.calibration()
+    caplog.set_level("WARNING", logger="edge_ad.runtime.reporting")
+
+    def reporter_fed(scores):
+        events = []
+        rep = Reporter(source_name="test", drift_factory=lambda c: DriftMonitor(c, window=40, limit=3.0),
+                       calibration=cal, on_event=events.append)
+        for i, score in enumerate(scores):
+            d = Decision(id=f"r{i}", seq=i, source_index=i, ts=1000.0 + i, score=score, threshold=cal.threshold,
+                         ng=score > cal.threshold, calibration_version=cal.version, model_hash="h", backend="b",
+                         precision="fp32", image_size=(8, 8), stages_ms={}, latency_ms=1.0, batch=1, trigger="t")
+            rep.report(ResultItem(d))
+        return events
+
+    high = cal.threshold + 20 * cal.normal["std"]
+    events = reporter_fed([high] * 40)                          # a line gone all NG (a lens cover, a new part)
+    assert [e["type"] for e in events] == ["drift"] and events[0]["basis"] == "all", events
+    assert events[0]["message"].startswith(
+        "scores of all parts (every part NG in the window, too few OK ones to judge alone) drifted away from the "
+        "calibration's normal distribution (z +"), events[0]["message"]
+    assert events[0]["message"].endswith("look before recalibrating")
+    assert caplog.records[-1].getMessage() == events[0]["message"]
+    events = reporter_fed([cal.normal["p50"]] * 30 + [high] * 40)   # the NG parts become the majority
+    assert [e["type"] for e in events] == ["drift"] and events[0]["message"].startswith(
+        f"scores of all parts ({events[0]['ng_rate']:.0%} of the parts NG in the window, "), events[0]
+    assert not any("OK scores" in r.getMessage() for r in caplog.records)
+
+
 class _EventLink:
     """A stand-in MQTT link for a Reporter: records the events it would publish."""
 
@@ -1819,6 +1855,35 @@ def test_jsonl_torn_by_a_power_cut_next_run_starts_a_new_line(tmp_path):
     assert path.read_bytes().endswith(b'"NEW1"}\n{"id":"NEW2"}\n')
 
 
+def test_jsonl_last_record_skips_a_torn_line_reads_back_across_blocks_and_into_the_rotated_file(tmp_path,
+                                                                                                monkeypatch):
+    """last_record (what the start compares with the outbox's last result): the last whole line, past a torn one
+    and across the blocks it reads from the end; in ``.1`` when the file holds none; None for a pipe."""
+    monkeypatch.setattr(JsonlLog, "TAIL_BLOCK", 16)
+    path = tmp_path / "r.jsonl"
+    log = JsonlLog(path, max_bytes=400)
+    assert log.last_record() is None
+    for i in range(3):
+        log.write({"id": f"a{i}", "pad": "x" * 50})
+    assert log.last_record() == {"id": "a2", "pad": "x" * 50}
+    log.close()
+    path.write_bytes(path.read_bytes()[:-5])      # a power cut tore the last line
+    log = JsonlLog(path, max_bytes=400)
+    assert log.last_record()["id"] == "a1"
+    path.write_bytes(b"")                         # a rotation made it, and the first line was not written yet
+    (tmp_path / "r.jsonl.1").write_bytes(b'{"id": "b0"}\n{"id": "b1"}\n')
+    assert log.last_record() == {"id": "b1"}
+    log.close()
+    r, w = os.pipe()
+    try:
+        piped = JsonlLog(f"/dev/fd/{w}")
+        assert piped.last_record() is None
+        piped.close()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_jsonl_to_a_pipe_writes_and_never_rotates():
     """``--jsonl /dev/stdout | jq``: a pipe has no size to ask and nothing to rename."""
     import os
@@ -2024,6 +2089,60 @@ def test_the_run_summary_counts_the_messages_the_full_outbox_dropped(tmp_path, t
     assert summary["outbox_left"] == 5 and summary["output_errors"]["outbox"] == 0
     assert summary["outbox_dropped"] == total - 2 >= 20 - 4
     assert summary["outbox_dropped_by"] == {"full": total - 2, "too_large": 0, "rejected": 0}
+
+
+_KILLED_BETWEEN_OUTBOX_AND_LOG = """
+import os, signal, sys, time
+from edge_ad.mqtt import MqttLink, MqttSettings
+from edge_ad.runtime.outputs import JsonlLog
+from edge_ad.runtime.records import Decision, ResultItem
+from edge_ad.runtime.reporting import Reporter
+
+outbox, jsonl = sys.argv[1:3]
+link = MqttLink(MqttSettings(url="mqtt://127.0.0.1:1", site="t", device="cam1", outbox_path=outbox))
+log = JsonlLog(jsonl)
+write = log.write
+log.write = lambda rec: os.kill(os.getpid(), signal.SIGKILL) if log.lines == 2 else write(rec)
+rep = Reporter(source_name="test", jsonl=log, link=link)
+for i in range(3):   # killed at the third result: stored in the outbox, its line not written
+    rep.report(ResultItem(Decision(id=f"r{i}", seq=i, source_index=i, ts=time.time(), score=0.1, threshold=0.5,
+                                   ng=False, calibration_version=1, model_hash="h", backend="b", precision="fp32",
+                                   image_size=(8, 8), stages_ms={}, latency_ms=1.0, batch=1, trigger="t")))
+"""
+
+
+def test_a_result_a_kill_kept_from_the_result_log_is_appended_at_the_next_start(tmp_path, tiny_bundle, caplog):
+    """A result is stored in the MQTT outbox (fsync'd) before its JSONL line is written: after a kill -9
+    between the two, MQTT had a result that results.jsonl, the line's audit trail, lacked for good. The outbox
+    keeps its last result and the id of the one before; the next start appends that result to the log when the
+    log ends with the one before, then goes on: the log and MQTT hold the same results, in the same order."""
+    from edge_ad.mqtt import Outbox
+
+    outbox, jsonl = tmp_path / "outbox.sqlite", tmp_path / "results.jsonl"
+    p = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_OUTBOX_AND_LOG, str(outbox), str(jsonl)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert [r["id"] for r in read_jsonl(jsonl)] == ["r0", "r1"]
+    with Outbox(outbox) as ob:
+        assert ob.last_result()[0] == "r1"
+    caplog.set_level("WARNING", logger="edge_ad.runtime.reporting")
+    s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64&count=2&fps=100", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1", mqtt__outbox_path=str(outbox))
+    assert Service(s, install_signals=False).run()["frames"] == 2
+    logged = read_jsonl(jsonl)
+    with Outbox(outbox) as ob:                      # the broker was never reached: every result is still there
+        sent = [json.loads(r.payload) for r in ob.fetch_after(0, 100) if r.kind == "result"]
+    assert [r["id"] for r in logged] == [r["id"] for r in sent] and [r["id"] for r in logged][:3] == ["r0", "r1", "r2"]
+    restored = logged[2]
+    assert {k: v for k, v in sent[2].items() if k not in ("schema_version", "seq", "site", "device")} == restored
+    assert [r.getMessage() for r in caplog.records if "appended result" in r.getMessage()] == [
+        f"{jsonl}: appended result r2 (frame 2, {restored['ts']}), which the MQTT outbox stored before the last stop "
+        "but whose line was not written (the run was killed between the two)"]
+    s = _settings(tmp_path, tiny_bundle, "synthetic://disc?size=64&count=1&fps=100", source__mode="trigger",
+                  mqtt__url="mqtt://127.0.0.1:1", mqtt__site="t", mqtt__device="cam1", mqtt__outbox_path=str(outbox),
+                  output__jsonl=str(tmp_path / "other.jsonl"))
+    Service(s, install_signals=False).run()         # another log, empty: not the place for the outbox's last
+    assert len(read_jsonl(tmp_path / "other.jsonl")) == 1 and len(read_jsonl(jsonl)) == 5
 
 
 def test_the_summary_fps_is_over_the_inspection_not_the_stop(tmp_path, tiny_bundle):

@@ -1150,6 +1150,20 @@ def release_deploy_dir(bundle_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def other_release_holders(bundle_dir: str | os.PathLike) -> list[dict]:
+    """The running processes (``edge-ad run``) that decide with another release of the deploy folder whose
+    release ``bundle_dir`` is (none when it is no release): a line that has not reloaded since an install or a
+    rollback by hand made ``bundle_dir`` the release in force. Each is its
+    :meth:`~edge_ad.bundle.Bundle.calibration_holders` record (``pid``, ``by``, ``since``), with the ``version``
+    of that release's calibration it decides with and the ``release``, oldest release first."""
+    d = release_deploy_dir(bundle_dir)
+    if d is None:
+        return []
+    own = Path(bundle_dir).resolve().name
+    return [{**rec, "version": v, "release": rid} for rid in reversed(_release_ids(d, complete=False)) if rid != own
+            for v, recs in sorted(Bundle.holders_of(d / RELEASES / rid).items()) for rec in recs]
+
+
 def release_problem(deploy_dir: str | os.PathLike, release: str, full: bool = False) -> str | None:
     """What keeps ``release`` from being run or rolled back to, worded to follow "is": "gone (no such
     folder...)", "not a folder", or "not openable: why". None when it opens. The one check of a release:

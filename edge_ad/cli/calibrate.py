@@ -169,7 +169,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
         else:
             was = f"v{before}" if before is not None else "unreadable"
             click.echo(f"calibration v{cal.version} {_taken(waiting)} (was {was}), threshold {cal.threshold:.6g}")
-            _reload_note(waiting)
+            _reload_note(waiting, written=b)
         return
     line = settings.source if settings is not None else None
     source = source or (line.uri if line is not None else None)
@@ -302,7 +302,7 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
     click.echo(f"calibration v{c.version} {_taken(waiting)} (was v{res.previous.version}): policy {c.policy}, {thr}, "
                f"{res.n_used} of {res.n_frames} frames used, {len(res.excluded)} left out, scored on "
                f"{summary_text(scored_on)}, {res.timings['total']:.1f} s")
-    _reload_note(waiting)
+    _reload_note(waiting, written=b)
     _override_note(override, config, env, "this calibration", c.threshold)
 
 
@@ -310,9 +310,13 @@ def _not_reloaded(b, version: int | None = None) -> list[dict]:
     """The running processes (``edge-ad run``) that decide with ``b`` and another calibration version than
     ``version`` until they reload (None: any version: a model installed in its place, which they do not run
     yet), as they record it (:meth:`edge_ad.bundle.Bundle.calibration_holders`): ``pid``, ``by``, ``since`` and
-    the ``version`` each decides with. ``not_reloaded`` in ``--json``."""
+    the ``version`` each decides with; and, ``b`` being the release in force of a deploy folder, those that still
+    run another release of it (an install or a rollback by hand they have not reloaded since), with its
+    ``release`` (:func:`edge_ad.calibration.deploy.other_release_holders`). ``not_reloaded`` in ``--json``."""
+    from ..calibration.deploy import other_release_holders
+
     return [{**r, "version": v} for v, recs in sorted(b.calibration_holders().items()) if v != version
-            for r in recs]
+            for r in recs] + other_release_holders(b.path)
 
 
 def _taken(waiting: list[dict]) -> str:
@@ -321,11 +325,14 @@ def _taken(waiting: list[dict]) -> str:
     return "written" if waiting else "in force"
 
 
-def _reload_note(waiting: list[dict], what: str | None = None, restart: bool = False) -> None:
+def _reload_note(waiting: list[dict], what: str | None = None, restart: bool = False, written=None) -> None:
     """Say when the running lines (``waiting``, :func:`_not_reloaded`) take what was written: ``note: edge-ad run
     (pid 812) still decides with v2 until it reloads (SIGHUP or the MQTT reload command)``; ``what``: what they
-    decide with (default: each one's calibration version). ``restart`` (a model installed in a deploy folder):
-    a restart takes it too, and its health check judges it; said also when no line is known to run."""
+    decide with (default: each one's calibration version); those that run another release of the deploy folder:
+    ``still decides with release r0004-... (its calibration v2)``, and with ``written`` (the bundle calibrated,
+    the release in force) the note adds that the calibration is for that release, which the line runs once it
+    reloads. ``restart`` (a model installed in a deploy folder): a restart takes it too, and its health check
+    judges it; said also when no line is known to run."""
     from ..calibration.refit import holders_text
 
     how = "SIGHUP or the MQTT reload command" + (", or a restart; its health check then confirms the new model or "
@@ -334,9 +341,17 @@ def _reload_note(waiting: list[dict], what: str | None = None, restart: bool = F
         if restart:
             click.echo(f"note: a running 'edge-ad run' takes it on {how}")
         return
-    groups = [(what, waiting)] if what else [
-        (f"v{v}", [r for r in waiting if r["version"] == v]) for v in sorted({r["version"] for r in waiting})]
-    click.echo("note: " + "; ".join(holders_text(recs, said, still=True) for said, recs in groups) + f" ({how})")
+    own = [r for r in waiting if "release" not in r]
+    other = [r for r in waiting if "release" in r]
+    groups = ([(what, own)] if what and own else [
+        (f"v{v}", [r for r in own if r["version"] == v]) for v in sorted({r["version"] for r in own})])
+    groups += [(f"release {rel} (its calibration v{v})", [r for r in other if (r["release"], r["version"]) == (rel, v)])
+               for rel, v in dict.fromkeys((r["release"], r["version"]) for r in other)]
+    note = "note: " + "; ".join(holders_text(recs, said, still=True) for said, recs in groups) + f" ({how})"
+    if other and written is not None:
+        note += (f": this calibration is for release {written.path.resolve().name}, the release in force, and decides "
+                 "on the line once it reloads")
+    click.echo(note)
 
 
 def _decides_with(settings, threshold: float | None) -> tuple[float | None, float | None]:

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import InputError, RuntimeFailure
+from ..errors import DeviceWentOffline, InputError, RuntimeFailure
 from . import main
 from .types import Seconds
 
@@ -91,9 +91,11 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
     """Send command NAME (status, calibrate, set_threshold, pause, ...) with ARGS (a JSON object) to a
     device and print its reply. Signed with $EDGE_AD_MQTT_COMMAND_SECRET when set. Exit code 1 when
     the device answers with an error (an 'unauthorized' one with a hint on stderr: --client-id, the secret)
-    or not within --timeout; 3, nothing sent, when its retained status says it is offline (--even-offline
-    sends all the same). When no status is retained for it (a mistyped --site or --device, or an ACL that hides
-    it), a note on stderr names the devices that have one, and it sends and waits all the same."""
+    or not within --timeout, or when it stops, or comes back after its will as another process (killed or a
+    power cut, then restarted), while it waits: the command's outcome is unknown; 3, nothing sent, when its retained status
+    says it is offline (--even-offline sends all the same). When no status is retained for it (a mistyped
+    --site or --device, or an ACL that hides it), a note on stderr names the devices that have one, and it
+    sends and waits all the same."""
     from ..mqtt.requester import CommandClient, stale_online_text
     from ..mqtt.settings import check_name
     from ..mqtt.topics import check_level
@@ -119,7 +121,7 @@ def command(url, username, ca_file, cert_file, key_file, insecure, protocol, sit
         try:
             reply = client.call(site, device, name, parsed, timeout=timeout, claim=claim)
         except RuntimeFailure as exc:   # no reply: an 'online' status may be one the device could not replace
-            if status is None or status[0] != "online":
+            if status is None or status[0] != "online" or isinstance(exc, DeviceWentOffline):
                 raise
             raise RuntimeFailure(f"{exc} {stale_online_text(site, device, status[1])}") from exc
     finally:

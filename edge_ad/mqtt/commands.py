@@ -384,6 +384,11 @@ class Dispatcher:
                 log.exception("command %s: refused by an unexpected error", msg.name)
                 raise CommandError("internal", f"{msg.name}: {type(exc).__name__}: {exc}") from None
             self._running.who = who
+            if msg.name in LONG:   # minutes: a kill before its end would leave no trace of it in the log
+                # the v5 correlation data, which the requester matches the reply on, else the payload's
+                corr_text = msg.correlation_data.decode("utf-8", "replace") if msg.correlation_data else corr_id
+                log.info("command %s from %s started (%s)", msg.name, who or "?",
+                         f"correlation id {clip_text(corr_text, 80)}" if corr_text else "no correlation id")
             try:
                 result = self._run(spec, args)
             finally:

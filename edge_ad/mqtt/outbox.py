@@ -17,8 +17,12 @@ maximum packet size, or refused by a PUBACK reason code that is final, such as N
 
 Per-kind sequence numbers (``seq``) are allocated in the same transaction as the insert and persisted,
 so they increase monotonically per device across restarts; a consumer sees a gap only for a dropped
-message. ``instance`` is a random id made when the file is created: if the file is ever replaced, the
-sequence restarts and the instance changes (both appear in the device's birth message).
+message. The same transaction keeps a copy of the last result stored and the id of the result stored before
+it (:meth:`Outbox.last_result`), also once its row is delivered and deleted: the runtime stores a result here
+before it writes its line in the result log, and gives that log the line a kill cut off (see
+:meth:`edge_ad.runtime.reporting.Reporter.restore_result_log`). ``instance`` is a random id made when the file
+is created: if the file is ever replaced, the sequence restarts and the instance changes (both appear in the
+device's birth message).
 
 A file that is not a readable SQLite database (malformed, truncated, not a database: a power cut on storage
 that lied about fsync, a disk error) is moved aside at open as ``NAME.corrupt-<UTC time>`` and an empty
@@ -162,15 +166,26 @@ class DropNames:
         return {"count": self.count, "kinds": kinds, "ids": self.ids}
 
 
-def _seq_of(payload: bytes | None) -> int | None:
-    """The ``seq`` of a stored result or event (None for an image, or a payload without one)."""
+def _field_of(payload: bytes | None, key: str):
+    """Field ``key`` of a stored result or event (None for an image, or a payload without one)."""
     if payload is None:
         return None
     try:
-        seq = json.loads(payload).get("seq")
+        return json.loads(payload).get(key)
     except (ValueError, AttributeError):
         return None
+
+
+def _seq_of(payload: bytes | None) -> int | None:
+    """The ``seq`` of a stored result or event (None for an image, or a payload without one)."""
+    seq = _field_of(payload, "seq")
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _id_of(payload: bytes | None) -> str | None:
+    """The ``id`` of a stored result or event (None for a payload without one)."""
+    msg_id = _field_of(payload, "id")
+    return msg_id if isinstance(msg_id, str) and msg_id else None
 
 
 @dataclass(frozen=True)
@@ -267,6 +282,7 @@ class Outbox:
                 self.instance = str(uuid.uuid4())
                 self._meta_set("instance", self.instance)
             self._dropped = int(self._meta_get("dropped") or 0)
+            self._last_result_id = _id_of(self._meta_get("last.result"))   # the result the next one follows
             # only the sender's reasons are stored: "full" is the rest of the total (files made before had no
             # reasons, and all their drops were "full")
             self._dropped_by = {r: int(self._meta_get(f"dropped.{r}") or 0) for r in DROP_REASONS[1:]}
@@ -382,8 +398,10 @@ class Outbox:
         return row[0] if row else None
 
     def _meta_set(self, key: str, value) -> None:
+        """Set ``key`` to ``value``: bytes are kept as they are (a BLOB), anything else as its text."""
         self._db.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
-                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, str(value)))
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                         (key, value if isinstance(value, bytes) else str(value)))
 
     def _begin(self, db: sqlite3.Connection, what: str) -> None:
         """``BEGIN IMMEDIATE`` on ``db`` (the caller holds ``_lock``). A lock another program holds is waited
@@ -433,6 +451,9 @@ class Outbox:
                         (kind, topic, data, int(qos), int(bool(retain)), size, time.time(), msg_id, meta_text))
                     row_id = int(cur.lastrowid)
                     self._meta_set(seq_key, seq)
+                    if kind == "result":   # in the seq's transaction: no fsync more (Outbox.last_result)
+                        self._meta_set("last.result.after", self._last_result_id or "")
+                        self._meta_set("last.result", data)
                     with self._stat:
                         count, nbytes = self._count + 1, self._bytes + size
                     dropped = dropped_bytes = 0
@@ -468,6 +489,8 @@ class Outbox:
                     if self._db.in_transaction:  # a failed COMMIT may have ended it: keep the real error
                         self._db.execute("ROLLBACK")
                     raise
+                if kind == "result":
+                    self._last_result_id = _id_of(data) if msg_id is None else msg_id
                 # deltas, not totals: a delete may have committed (and counted) since our COMMIT
                 with self._stat:
                     self._count += 1 - dropped
@@ -656,6 +679,21 @@ class Outbox:
                 raise RuntimeFailure(f"outbox {self.path}: read failed ({exc})") from None
         return (int(n) + plus_messages + 1 <= self.max_messages
                 and int(b) + plus_bytes + int(size) <= self.max_bytes)
+
+    def last_result(self) -> tuple[str | None, bytes] | None:
+        """``(after, payload)`` of the last result stored, kept when its row is gone (delivered, dropped):
+        ``after`` is the id of the result stored before it (None: it was the first). None when this file
+        stored no result yet (or only before this was kept)."""
+        with self._lock:
+            self._check_open()
+            try:
+                payload = self._meta_get("last.result")
+                after = self._meta_get("last.result.after")
+            except sqlite3.Error as exc:
+                raise RuntimeFailure(f"outbox {self.path}: read failed ({exc})") from None
+        if payload is None:
+            return None
+        return (after or None), bytes(payload)
 
     def next_seq(self, kind: str) -> int:
         with self._lock:

@@ -15,6 +15,12 @@ device comes back, and the device does not start one that waited that long behin
 :meth:`CommandClient.last_status` reads the device's retained ``status`` first (``edge-ad command`` does, and
 :meth:`~CommandClient.check_online` refuses to send to a device that is offline: :class:`DeviceOffline`); when
 there is none, :meth:`~CommandClient.no_status_note` says so and names the devices that have one.
+:meth:`CommandClient.call` watches the device's ``status`` while it waits for the reply: when edge-ad stops there
+without answering, or comes back after its will as another process (its birth's ``started`` differs: it was
+killed or lost power, and restarted), it stops waiting and raises :class:`DeviceWentOffline` (the command's
+outcome is unknown), instead of waiting out the timeout for a reply that cannot come. After a will alone it
+waits on (a device that only lost its network answers once it reconnects), and a timeout then says the device
+went offline meanwhile instead of quoting the status read before sending.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..errors import DeviceOffline, InputError, RuntimeFailure
+from ..errors import DeviceOffline, DeviceWentOffline, InputError, RuntimeFailure
 from . import payloads
 from .client import connect_async, make_client, not_connected, reason_failed, refused_text
 from .commands import signed_envelope
@@ -58,6 +64,10 @@ class CommandClient:
         # subscription filter -> (set at the first message or None, {topic: payload}) of the retained messages
         # _retained reads
         self._watch: dict[str, tuple[threading.Event | None, dict[str, bytes]]] = {}
+        # a device's status topic -> [(the event of a reply awaited from it, what its status said while waiting:
+        # "started" of the retained one, "offline" the last offline body, "end" why the wait ended)]
+        # (send_raw's status_topic)
+        self._gone: dict[str, list[tuple[threading.Event, dict[str, Any]]]] = {}
         self._error: str | None = None
         self._client: paho.Client | None = None
 
@@ -101,6 +111,27 @@ class CommandClient:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         self._ready.set()
 
+    @staticmethod
+    def _status_while_waiting(waiting: list[tuple[threading.Event, dict[str, Any]]], payload: bytes,
+                              retained: bool) -> None:
+        """A device's status while replies from it are awaited (:meth:`send_raw`). The retained one comes at the
+        subscription (retain flag set): the status read before sending, whose ``started`` names the process the
+        command went to. A live ``offline`` is kept; when it says edge-ad stopped, or a live ``online`` names
+        another process after an offline one (killed and restarted), the wait ends: no reply can come."""
+        state, body = payloads.status_state(payload)
+        for event, seen in waiting:
+            if retained:
+                seen.setdefault("started", body.get("started"))
+            elif state == "offline":
+                seen["offline"] = body
+                if body.get("reason") == "stopped":
+                    seen["end"] = "stopped"
+                    event.set()
+            elif (state == "online" and "offline" in seen and seen.get("started") is not None
+                  and body.get("started") != seen["started"]):
+                seen["end"], seen["online"] = "restarted", body
+                event.set()
+
     def _on_message(self, client, userdata, message) -> None:
         with self._lock:                    # a device's status that last_status or no_status_note reads
             watches = [w for f, w in self._watch.items() if paho.topic_matches_sub(f, message.topic)]
@@ -108,7 +139,10 @@ class CommandClient:
                 found[message.topic] = bytes(message.payload)
                 if first is not None:
                     first.set()
-        if watches:
+            waiting = self._gone.get(message.topic, [])
+            if waiting:
+                self._status_while_waiting(waiting, bytes(message.payload), message.retain)
+        if watches or waiting:
             return
         try:
             body = payloads.decode(message.payload, "reply")
@@ -157,9 +191,12 @@ class CommandClient:
         return data, props
 
     def call(self, site: str, device: str, name: str, args: Mapping[str, Any] | None = None, *,
-             timeout: float = 10.0, claim: str | None = None) -> dict:
+             timeout: float = 10.0, claim: str | None = None, watch_status: bool = True) -> dict:
         """Send ``cmd/<name>`` to a device; returns its reply (``{"ok": ..., "result" | "error": ...}``).
-        ``claim`` is the client id the allow-list sees (default: this client's id)."""
+        ``claim`` is the client id the allow-list sees (default: this client's id). Raises
+        :class:`RuntimeFailure` when no reply comes within ``timeout`` s, and (``watch_status``) raises
+        :class:`DeviceWentOffline` as soon as the device stops or restarts while it waits, or at the timeout when
+        its will came meanwhile (:meth:`send_raw`)."""
         for value, what in ((site, "site"), (device, "device")):   # a name no device can have: no reply would come
             check_name(value, what)
         check_level(name, "command name")
@@ -167,7 +204,8 @@ class CommandClient:
         topic = Topics(site, device).cmd(name)
         data, props = self.build(topic, name, args, corr, claim if claim is not None else self.client_id,
                                  timeout=timeout)
-        return self.send_raw(topic, data, corr, props, timeout=timeout)
+        return self.send_raw(topic, data, corr, props, timeout=timeout,
+                             status_topic=Topics(site, device).status if watch_status else None)
 
     def last_status(self, site: str, device: str, wait: float = STATUS_WAIT_S) -> tuple[str, dict] | None:
         """The device's retained ``status`` (:func:`~edge_ad.mqtt.payloads.status_state`: ``online`` /
@@ -242,8 +280,12 @@ class CommandClient:
                 "resending, or wait longer (--timeout).")
 
     def send_raw(self, topic: str, data: bytes, correlation: str, properties: Properties | None = None, *,
-                 timeout: float = 10.0) -> dict:
-        """Publish exactly ``data`` on ``topic`` and wait for the reply correlated by ``correlation``."""
+                 timeout: float = 10.0, status_topic: str | None = None) -> dict:
+        """Publish exactly ``data`` on ``topic`` and wait for the reply correlated by ``correlation``.
+        ``status_topic``: the device's ``status``, subscribed to before sending (:meth:`_status_while_waiting`):
+        a stop, or a restart after its will, while waiting ends the wait with :class:`DeviceWentOffline`, as
+        does the timeout after a will (not the retained offline status the subscription brings: the device may
+        be offline on purpose, ``--even-offline``)."""
         client = self._client
         if client is None:
             raise RuntimeFailure("command client is not started")
@@ -252,18 +294,32 @@ class CommandClient:
             properties.ResponseTopic = self.reply_topic
             properties.CorrelationData = correlation.encode("utf-8")
             properties.MessageExpiryInterval = expiry_s(timeout)
-        event = threading.Event()
+        event, seen = threading.Event(), {}
         with self._lock:
             self._waiting[correlation] = event
+            if status_topic is not None:
+                self._gone.setdefault(status_topic, []).append((event, seen))
         try:
+            if status_topic is not None:   # before the command: the broker handles the two in this order
+                client.subscribe(status_topic, qos=1)
             client.publish(topic, data, qos=1, properties=properties)
-            if not event.wait(timeout):
-                raise RuntimeFailure(self._no_reply(topic, timeout))
+            answered = event.wait(timeout)
             with self._lock:
-                return self._replies.pop(correlation)
+                if correlation in self._replies:   # a reply wins over a status that came with it
+                    return self._replies.pop(correlation)
+                gone = dict(seen)
+            if "offline" in gone:
+                raise DeviceWentOffline(went_offline_text(topic, gone, None if answered else timeout))
+            raise RuntimeFailure(self._no_reply(topic, timeout))
         finally:
             with self._lock:
                 self._waiting.pop(correlation, None)
+                self._replies.pop(correlation, None)
+                others = [w for w in self._gone.pop(status_topic, []) if w[0] is not event]
+                if others:   # another call waits on the same device
+                    self._gone[status_topic] = others
+            if status_topic is not None and not others:
+                client.unsubscribe(status_topic)
 
 
 def stale_online_text(site: str, device: str, status: dict) -> str:
@@ -274,6 +330,31 @@ def stale_online_text(site: str, device: str, status: dict) -> str:
             "the broker was down keeps that status for ever (a broker restarted from its saved state had no "
             f"connection to lose, so it publishes no will); edge-ad monitor shows {site}/{device} stale when it "
             "sends nothing, and edge-ad decommission --force takes a retired one that stays silent.")
+
+
+def went_offline_text(topic: str, seen: dict, timeout: float | None = None) -> str:
+    """What :meth:`CommandClient.send_raw` says when the device's status turned offline while it waited for the
+    reply to a command on ``topic`` (``edge-ad/v1/<site>/<device>/cmd/<name>``): ``seen`` as
+    :meth:`CommandClient._status_while_waiting` keeps it; ``timeout``: the wait ran out after a will."""
+    parts = topic.split("/")
+    site, device, name = parts[-4], parts[-3], parts[-1]
+    status = seen["offline"]
+    reason = status.get("reason")
+    if seen.get("end") == "restarted":
+        started = seen["online"].get("started")
+        why = (f"the broker published its last will, and it came back as another process (started {started}): "
+               "it was killed or lost power, and restarted")
+    elif reason == "will":
+        why = ("the broker published its last will, having lost its connection (killed, a power cut, or a network "
+               f"cut), and no reply came within {timeout:g} s; it may still answer once it reconnects")
+    elif reason == "stopped":
+        ts = status.get("ts")
+        why = f"edge-ad stopped there{f' at {ts}' if isinstance(ts, str) and ts else ''} without answering it"
+    else:
+        why = f"reason {reason!r}" if reason else "no reason given"
+    return (f"device {site}/{device} went offline while the command {name} was under way: its status turned "
+            f"offline: {why}. Whether the command ran, in part or in full, is unknown: once the device is back, "
+            "send 'status' (and check what the command changes: its calibration, its bundle) before resending")
 
 
 def offline_text(site: str, device: str, status: dict, timeout: float, v5: bool) -> str:

@@ -107,6 +107,23 @@ class JsonlLog:
         except OSError:
             return False
 
+    TAIL_BLOCK = 65536
+
+    def last_record(self) -> dict | None:
+        """The last whole record of the log: of the file, or of ``.1`` when the file holds none (a rotation
+        just made it). None when there is none, and for a pipe or a terminal (nothing to read back)."""
+        if not self._regular:
+            return None
+        with self._lock:
+            for path in (self.path, self.path.with_name(f"{self.path.name}.1")):
+                try:
+                    rec = _last_record(path, self.TAIL_BLOCK)
+                except FileNotFoundError:
+                    continue
+                if rec is not None:
+                    return rec
+        return None
+
     def _rotate(self) -> None:
         self._fh.close()
         try:
@@ -139,6 +156,31 @@ class JsonlLog:
                 except OSError:
                     pass
                 self._fh.close()
+
+
+def _last_record(path: Path, block: int) -> dict | None:
+    """The last line of ``path`` that is a whole JSON object (a torn line is skipped), read from the end."""
+    with open(path, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - block)
+            fh.seek(start)
+            tail = fh.read(end - start) + tail
+            end = start
+            lines = tail.split(b"\n")
+            # the first piece may be the end of a line that starts before what was read
+            for line in reversed(lines if end == 0 else lines[1:]):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue      # a torn line
+                if isinstance(rec, dict):
+                    return rec
+            tail = lines[0] if end > 0 else b""
+    return None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -2,6 +2,8 @@
 drift tracking. Runs on the pipeline's reporting thread, so a slow disk or broker never stalls inference
 (the result queue between them absorbs bursts; the outbox write is a local SQLite insert). A failed
 write (a full disk, a broken outbox) is counted per output in ``output_errors`` and never stops the loop.
+A result goes to the outbox first (MQTT loses nothing), then to the JSONL log: the next start makes good a
+kill between the two (:meth:`Reporter.restore_result_log`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import threading
 import time
 from typing import Any, Callable, Optional
 
+from ..errors import RuntimeFailure
 from ..ratelimit import LogLimiter
 from .decision import regions_for, upsample_one
 from .outputs import JsonlLog, SnapshotStore
@@ -143,14 +147,21 @@ class Reporter:
         from ..calibration.drift import HYSTERESIS
 
         fig = f"z {state.z:+.2f}, shift {state.shift:+.2f} normal std"
+        if state.basis == "ok":
+            scores, check = "OK scores", ""
+        else:   # fewer than half the parts OK: the monitor compares the median of all of them
+            ng = "every part" if state.ng_rate >= 1.0 else f"{state.ng_rate:.0%} of the parts"
+            scores = f"scores of all parts ({ng} NG in the window, too few OK ones to judge alone)"
+            check = ("; a line gone (nearly) all NG may also be a blocked or moved camera or a run of defective "
+                     "parts: look before recalibrating")
         if state.drift:
             ev = {"type": "drift", **summary,
-                  "message": f"OK scores drifted away from the calibration's normal distribution ({fig}; limits: "
+                  "message": f"{scores} drifted away from the calibration's normal distribution ({fig}; limits: "
                              f"|z| > {state.limit:g} and |shift| >= {state.min_shift:g}): recalibrate (edge-ad "
-                             "calibrate or the MQTT calibrate command)"}
+                             f"calibrate or the MQTT calibrate command){check}"}
         else:
             ev = {"type": "drift_cleared", **summary, **lasted,
-                  "message": f"OK scores are back within the calibration's normal distribution ({fig}; inside "
+                  "message": f"{scores} are back within the calibration's normal distribution ({fig}; inside "
                              f"{HYSTERESIS:.0%} of the limits for {state.clear_after} parts in a row) after "
                              f"{state.parts_in_drift} parts in drift"
                              + (f" ({lasted['duration_s']:g} s)" if "duration_s" in lasted else "")}
@@ -308,6 +319,39 @@ class Reporter:
         NG rate from them, so a decision reported meanwhile is in both or in neither."""
         with self._count_lock:
             return self.ok, self.ng
+
+    def restore_result_log(self) -> dict | None:
+        """At start, before the first decision: a result is stored in the outbox before its JSONL line is
+        written, so a kill (or a power cut) between the two left MQTT with a result the result log lacks. The
+        outbox keeps its last result and the id of the one before (:meth:`~edge_ad.mqtt.outbox.Outbox.last_result`):
+        when the log's last line is that one before, the missing line is appended (the result as sent, less
+        the MQTT fields ``schema_version``, ``seq``, ``site``, ``device``), logged as a WARNING, and returned.
+        Anything else is left as it is (the log already has it, or is another file, or lost more than one line
+        to a power cut: nothing says where that line would go)."""
+        outbox = getattr(self.link, "outbox", None)
+        if self.jsonl is None or outbox is None:
+            return None
+        try:
+            last = outbox.last_result()
+            if last is None:
+                return None
+            after, payload = last
+            rec = json.loads(payload)
+            logged = self.jsonl.last_record()
+        except (OSError, ValueError, RuntimeFailure) as exc:   # never a reason not to start
+            log.warning("%s: could not check it against the MQTT outbox's last result (%s)", self.jsonl.path, exc)
+            return None
+        logged_id = logged.get("id") if logged is not None else None
+        if not isinstance(rec, dict) or rec.get("id") == logged_id or logged_id != after:
+            return None
+        for key in ("schema_version", "seq", "site", "device"):
+            rec.pop(key, None)
+        if not self._write("jsonl", rec.get("frame"), lambda: self.jsonl.write(rec)):
+            return None
+        log.warning("%s: appended result %s (frame %s, %s), which the MQTT outbox stored before the last stop but "
+                    "whose line was not written (the run was killed between the two)", self.jsonl.path,
+                    rec.get("id"), rec.get("frame"), rec.get("ts"))
+        return rec
 
     def report_held_failures(self) -> None:
         """At the stop: the failed writes the once-a-minute report held back (:meth:`_output_failed`; no later

@@ -316,6 +316,7 @@ class Service:
                                  heatmap=o.heatmap, event_image=o.event_image, jpeg_quality=o.jpeg_quality,
                                  drift_factory=_drift_factory(s), calibration=self.inspector.calibration,
                                  on_event=self._log_event, on_reader_gone=self.stop)
+        self.reporter.restore_result_log()   # a line a kill cut off between the outbox and the result log
         src = open_source(self.spec, s.source.open_timeout_s, s.source.rtsp_transport)
         self._stop_all = threading.Event()
         self.camera = Camera(src, self._stop_all, on_event=self.event, reconnect=s.source.reconnect,
