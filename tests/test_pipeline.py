@@ -940,6 +940,48 @@ def test_the_retained_calibration_says_which_threshold_decides(tmp_path, tiny_bu
             svc.thread.join(30)
 
 
+def test_a_file_name_that_is_not_utf8_neither_stops_the_line_nor_fails_a_calibrate_that_took(tmp_path, tiny_bundle,
+                                                                                              mosquitto, caller):
+    """A calibration.json an earlier edge-ad wrote with a file name that is not UTF-8 (a lone surrogate, as
+    '"\\udcfe"' in JSON) stopped 'run' with MQTT (its retained calibration could not be encoded), though doctor
+    said it could start; the MQTT calibrate on a folder holding such an image put the new calibration in force
+    and then replied 'failed', the retained calibration not updated. Such a name is read, stored and sent as
+    '\\xfe' now: the line starts, and the calibrate is answered ok, its calibration retained."""
+    from edge_ad.mqtt import BrokerSettings
+    from edge_ad.mqtt.collector import Collector
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    old = {**bundle.calibration().to_dict(), "version": 2,
+           "extra": {"recalibration": {"excluded_labels": ["/data/\udcfeold.png"]}}}
+    data = (json.dumps(old, indent=2, sort_keys=True) + "\n").encode("utf-8")   # as such an edge-ad wrote it
+    (bundle.calibration_version_file(2)).write_bytes(data)
+    (bundle.path / "calibration.json").write_bytes(data)
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/cal"))
+    folder.mkdir()
+    for i in range(24):
+        (folder / f"{i:02d}.png").write_bytes(cv2.imencode(".png", part_frame(300 + i, 96))[1].tobytes())
+    (folder / os.fsdecode(b"\xfedefect.png")).write_bytes(cv2.imencode(".png", part_frame(9, 96, defect=True))[1]
+                                                          .tobytes())
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/calibration") as col:
+        svc = _start(tmp_path, bundle, mosquitto)
+        try:
+            def retained(version):
+                ok = col.wait_for(lambda c: any(m.json().get("version") == version for m in c.of_kind("calibration")),
+                                  timeout=10)
+                assert ok, [m.json() for m in col.of_kind("calibration")]
+                return [m.json() for m in col.of_kind("calibration") if m.json()["version"] == version][-1]
+
+            assert retained(2)["calibration"]["extra"]["recalibration"]["excluded_labels"] == ["/data/\\xfeold.png"]
+            r = caller("calibrate", {"frames": 30, "source": str(folder), "policy": "max"}, timeout=120)
+            label = f"{folder.parent}/cal/\\xfedefect.png"
+            assert r["version"] == 3 and [e["label"] for e in r["excluded"]] == [label], r
+            assert svc.inspector.calibration.version == 3
+            assert retained(3)["calibration"]["extra"]["recalibration"]["excluded_labels"] == [label]
+        finally:
+            svc.stop("test over")
+            svc.thread.join(30)
+
+
 def test_update_model_installs_checks_swaps_and_watches_health(tmp_path, mosquitto, caller):
     from edge_ad.atomic import sha256_file
     from edge_ad.calibration import deployment, install_bundle, pack_bundle
