@@ -1,10 +1,13 @@
 """Exceptions that carry the exit code the CLI returns (0 ok, 2 usage or input error, 1 runtime failure, 3 a
 device that is offline: :class:`DeviceOffline`), and
-helpers that word their messages (:func:`os_error_text`, :func:`clip_text`) or tell a closed pipe
-(:func:`reader_gone`)."""
+helpers that word their messages (:func:`os_error_text`, :func:`clip_text`, :func:`name_text`) or tell a
+closed pipe (:func:`reader_gone`)."""
 
 import errno
+import os
+import re
 import select
+from typing import Any
 
 
 class EdgeADError(Exception):
@@ -68,6 +71,39 @@ def clip_text(text: str, limit: int = 200) -> str:
     message or a log line quotes, which may be anything a client sent (jsonschema quotes the offending value
     whole: an 8 MiB command argument was repeated in the reply and in one log line)."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(found: "re.Match") -> str:
+    c = ord(found.group())
+    return f"\\x{c - 0xdc00:02x}" if 0xdc80 <= c <= 0xdcff else f"\\u{c:04x}"
+
+
+def name_text(name: "str | bytes | os.PathLike") -> str:
+    """A file name or path (or any text) as valid Unicode, the one way edge-ad shows and stores such a name in
+    text (JSON files, MQTT payloads, results.jsonl, calibration.json, report.json, log lines, picture captions).
+    A byte of a name that is not UTF-8 (Linux allows any byte but ``/`` and NUL), which Python reads as a lone
+    surrogate (``\\udcfe``, PEP 383), becomes the 4 characters ``\\xfe``, as
+    ``os.fsencode(name).decode("utf-8", "backslashreplace")`` shows it; any other lone surrogate (a JSON
+    ``"\\ud800"`` escape) its escape ``\\ud800``. Valid text comes back as it is. Such text cannot be encoded
+    in UTF-8 at all: a JSON payload holding it could not be sent or written (a result lost, a calibration
+    that stopped ``run``), and OpenCV crashed drawing it."""
+    text = os.fsdecode(name) if not isinstance(name, str) else name
+    return text if _SURROGATE.search(text) is None else _SURROGATE.sub(_escaped, text)
+
+
+def valid_unicode(value: Any) -> Any:
+    """``value`` with every string in it (in lists, tuples and dicts, keys too) through :func:`name_text`: what a
+    JSON record holding file names is stored or sent as. Tuples become lists, other values stay."""
+    if isinstance(value, str):
+        return name_text(value)
+    if isinstance(value, dict):
+        return {valid_unicode(k): valid_unicode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [valid_unicode(v) for v in value]
+    return value
 
 
 def reader_gone(stream) -> bool:

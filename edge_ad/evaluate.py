@@ -10,7 +10,8 @@ that is not a finite number), sorted by type, then path. ``report["notes"]`` say
 of other formats, a test/<type> folder without images, defect types without masks and masks without a
 defective pixel (both left out of the pixel metrics); each is logged as a warning too. ``report["files"]``
 names what was written: ``report`` (report.json), and ``grid`` and ``histogram`` (the pictures), paths under
-``out_dir`` (default BUNDLE/eval); the text report ends with them (``wrote ...``).
+``out_dir`` (default BUNDLE/eval); the text report ends with them (``wrote ...``). A file or defect-type
+folder named with a byte that is not UTF-8 is written with it as ``\\xfe`` (:func:`~edge_ad.errors.name_text`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import atomic, metrics
 from .bundle import Bundle
-from .errors import InputError
+from .errors import InputError, valid_unicode
 from .data.image import load_image, resize_rgb, to_batch, trained_format
 from .data.mvtec import MVTecCategory
 from .inspector import Inspector
@@ -81,6 +82,8 @@ def evaluate(bundle_dir: str | Path, data: str | Path, backend: str = "onnxrunti
                    "seconds": round(seconds, 2), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2),
                    "samples": sample_rows(samples, scores, cat.path, cal.threshold)})
     report["files"] = {"report": str(out / "report.json")}
+    # a file or defect-type folder named with a byte that is not UTF-8 is written as \xfe (README: Image folders)
+    report = valid_unicode(report)
     out.mkdir(parents=True, exist_ok=True)   # once the inputs were read and scored: a refused eval makes none
     atomic.write_json(out / "report.json", report)
     if pictures:

@@ -25,7 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, name_text, valid_unicode
 
 Q_A = 0.9
 Q_B = 0.995
@@ -129,7 +129,12 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "calibration") -> "Calibration":
         """Check every field (numbers finite, ``q_b > q_a``, weights >= 0 and not all 0, a known
-        ``schema_version``) and build the calibration; :class:`InputError` naming ``where`` and the field."""
+        ``schema_version``) and build the calibration; :class:`InputError` naming ``where`` and the field.
+        Its texts (``policy``, ``created``, ``source``, every string in ``extra``) are taken as valid Unicode
+        (:func:`~edge_ad.errors.valid_unicode`): a file name that is not UTF-8 among a recalibration's
+        ``excluded_labels`` is stored as ``\\xfe``, and a file an edge-ad before that wrote with the lone
+        surrogate reads the same way (it stopped ``run`` with MQTT, whose retained calibration could not be
+        encoded)."""
         if not isinstance(d, Mapping):
             raise InputError(f"{where}: expected a calibration (a JSON object), got {type(d).__name__}")
         sv = d.get("schema_version", SCHEMA_VERSION)
@@ -143,15 +148,15 @@ class Calibration:
         return cls(
             maps=_maps(d["maps"], where),
             threshold=_finite(d["threshold"], f"{where}: threshold"),
-            policy=_text(d.get("policy", "max"), f"{where}: policy"),
+            policy=name_text(_text(d.get("policy", "max"), f"{where}: policy")),
             version=_count(d.get("version", 0), f"{where}: version"),
             map_pad=_count(d.get("map_pad", 0), f"{where}: map_pad", MAX_MAP_PAD),
             normal={str(k): _finite(v, f"{where}: normal.{k}") for k, v in _obj(d.get("normal", {}),
                                                                                 f"{where}: normal").items()},
-            created=_text(d.get("created", ""), f"{where}: created"),
-            source=_text(d.get("source", ""), f"{where}: source"),
+            created=name_text(_text(d.get("created", ""), f"{where}: created")),
+            source=name_text(_text(d.get("source", ""), f"{where}: source")),
             n_frames=_count(d.get("n_frames", 0), f"{where}: n_frames"),
-            extra=dict(_obj(d.get("extra", {}), f"{where}: extra")),
+            extra=valid_unicode(dict(_obj(d.get("extra", {}), f"{where}: extra"))),
         )
 
     def replace(self, **changes) -> "Calibration":

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from . import atomic
-from .errors import InputError
+from .errors import InputError, name_text
 
 BG = (32, 32, 36)
 FG = (230, 230, 230)
@@ -172,14 +172,23 @@ def overlay_jpeg(frame: np.ndarray, amap: np.ndarray, threshold: float | None = 
 
 
 # ---------------------------------------------------------------------------- text helpers
+def drawable(text: str) -> str:
+    """``text`` as the pictures draw it: printable ASCII, a byte of a file name that is not UTF-8 as ``\\xfe``
+    (:func:`~edge_ad.errors.name_text`, as every record of edge-ad writes such a name) and any other character as
+    ``?``. OpenCV crashed (SIGSEGV) on a lone surrogate, and draws other non-ASCII characters differently from
+    one version to the next (4.x a ``?`` per UTF-8 byte, 5.x some Latin letters, a ``?`` for the rest)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in name_text(str(text)))
+
+
 def _text_size(text: str, scale: float) -> tuple[int, int, int]:
-    (tw, th), base = _cv2().getTextSize(text, _cv2().FONT_HERSHEY_SIMPLEX, scale, 1)
+    (tw, th), base = _cv2().getTextSize(drawable(text), _cv2().FONT_HERSHEY_SIMPLEX, scale, 1)
     return tw, th, base
 
 
 def _put(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45, color=FG) -> None:
     cv2 = _cv2()
-    cv2.putText(img, text, (int(org[0]), int(org[1])), cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+    cv2.putText(img, drawable(text), (int(org[0]), int(org[1])), cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1,
+                cv2.LINE_AA)
 
 
 def _caption(img: np.ndarray, text: str, top_left: tuple[int, int], scale: float = 0.45) -> None:
@@ -446,8 +455,9 @@ def write_eval_pictures(out_dir: str | os.PathLike, images: Sequence[np.ndarray]
                 mk = _cv2().resize(mk.astype(np.uint8), (img.shape[1], img.shape[0]),
                                    interpolation=_cv2().INTER_NEAREST) > 0
         verdict = "" if threshold is None else (" NG" if float(scores[i]) > float(threshold) else " OK")
-        name = names[i] if len(names[i]) <= 28 else names[i][:13] + ".." + names[i][-13:]  # the score stays in view
-        rows.append(GridRow(img, mk, maps[i], f"{types[i]} {name}  score {float(scores[i]):.3g}{verdict}"))
+        name = name_text(names[i])      # a byte that is not UTF-8 as \xfe: cut as shown
+        name = name if len(name) <= 28 else name[:13] + ".." + name[-13:]  # the score stays in view
+        rows.append(GridRow(img, mk, maps[i], f"{name_text(types[i])} {name}  score {float(scores[i]):.3g}{verdict}"))
     result = {}
     if rows:
         write_grid(out / "grid.png", rows, cell=cell, threshold=threshold,

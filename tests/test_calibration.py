@@ -1554,6 +1554,47 @@ def test_cli_calibrate_list_and_rollback(tbundle, tmp_path):
     assert res.exit_code == 2 and "--source is required" in res.output
 
 
+def test_a_file_name_that_is_not_utf8_is_stored_as_its_bytes_escaped_in_the_calibration(tbundle, tmp_path):
+    """A defect image named b'\\xfedefect.png' in a calibration folder (Python reads the byte as the lone surrogate
+    '\\udcfe') was left out and its name stored as it was in calibration.json's extra.recalibration.excluded_labels:
+    'run' with MQTT then refused to start (its retained calibration could not be encoded). The name is stored as
+    every record shows such a name, its byte as the 4 characters \\xfe, and so is the folder's in 'source'."""
+    import os
+
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.mqtt import payloads
+
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/lot\xff"))
+    folder.mkdir()
+    for i in range(30):                                 # (OpenCV cannot open such a path: encoded here)
+        (folder / f"{i:03d}.png").write_bytes(cv2.imencode(".png", part_frame(i))[1].tobytes())
+    odd = folder / os.fsdecode(b"\xfedefect.png")
+    odd.write_bytes(cv2.imencode(".png", part_frame(99, defect=True))[1].tobytes())
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(tbundle.path), "--source", str(folder),
+                                    "--frames", "40", "--policy", "max", "--backend", "onnxruntime"])
+    assert res.exit_code == 0, res.output
+    shown = f"{tmp_path}/lot\\xff"
+    assert f"left out {shown}/\\xfedefect.png: score" in res.output and f"note: {shown} gave 31" in res.output, \
+        res.output
+    text = (tbundle.path / "calibration.json").read_bytes().decode("utf-8")
+    rec = json.loads(text)
+    assert f"{shown}/\\xfedefect.png" in rec["extra"]["recalibration"]["excluded_labels"], rec["extra"]
+    assert rec["source"] == f"edge-ad calibrate: {shown}" and "\\ud" not in text, text
+    cal = Bundle.open(tbundle.path).calibration()
+    assert cal.version == 2 and cal.to_dict() == {**rec, "extra": cal.extra}
+    payloads.encode(cal.to_dict(), "calibration")                     # what run publishes, retained
+    res = CliRunner().invoke(main, ["calibrate", "--bundle", str(folder), "--source", str(folder)])
+    assert res.exit_code == 2 and res.output.startswith(f"error: {shown}"), res.output   # error messages and
+    from edge_ad.cli import _LogFormatter                                                # log lines alike
+
+    line = _LogFormatter("%(levelname)s %(message)s").format(logging.makeLogRecord(
+        {"levelname": "WARNING", "msg": "skipped %s", "args": (str(odd),)}))
+    assert line == f"WARNING skipped {shown}/\\xfedefect.png", line
+
+
 def test_cli_calibrate_and_rollback_are_refused_while_another_calibration_of_the_bundle_runs(tbundle, tmp_path):
     import fcntl
     import os

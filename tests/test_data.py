@@ -439,6 +439,46 @@ def test_hidden_and_system_files_are_skipped_by_every_reader(tmp_path, caplog):
     assert "._" not in text and "Thumbs" not in text and "DS_Store" not in text and "skipped" not in text
 
 
+def test_a_broken_or_looping_link_named_like_an_image_is_an_unreadable_image_not_dropped(tmp_path, caplog):
+    """A symbolic link named *.png whose target is gone, or that loops, was in neither list of scan_images (not a
+    file, not another format): train, eval and dir:// dropped it without a word. It is an image that cannot be
+    read now, as README says for each place: train and eval stop naming it and why, run and calibrate skip it
+    with a warning naming it (counted in skipped_images). A link to a folder is still a sub-folder, not read."""
+    import os
+
+    from edge_ad.calibration.collect import collect_frames
+    from edge_ad.data.image import list_images, load_image
+    from edge_ad.runtime.sources import check_startup, open_source, parse_uri
+
+    root = _category(tmp_path / "cat")
+    os.symlink(tmp_path / "gone.png", root / "train/good/zz.png")                    # its target removed
+    os.symlink("loop_b.png", root / "test/dent/loop_a.png")                          # a loop
+    os.symlink("loop_a.png", root / "test/dent/loop_b.png")
+    os.symlink(tmp_path / "gone.png", root / "test/good/g2.png")
+    os.symlink(root / "test", root / "test/good/sub.png")                            # a folder: skipped
+    cat = MVTecCategory(root)
+    assert [p.name for p in cat.train_paths()] == ["a.png", "b.jpg", "c.png", "zz.png"]
+    with pytest.raises(InputError, match=re.escape(f"{root / 'train/good/zz.png'}: a broken symbolic link (to "
+                                                   f"{tmp_path / 'gone.png'}, which does not exist)")):
+        load_image(root / "train/good/zz.png")
+    with pytest.raises(InputError, match="zz.png"):
+        cat.check()                                      # train and eval decode every listed image
+    bad = [s for s in cat.test_samples() if s.path.name == "loop_a.png"][0]
+    with pytest.raises(InputError, match=re.escape(f"{bad.path}: a symbolic link that loops (to loop_b.png)")):
+        cat.load_sample(bad)
+    good = root / "test/good"
+    assert [p.name for p in list_images(good)] == ["g1.jpg", "g2.png"]
+    caplog.set_level("WARNING")
+    check_startup(parse_uri(f"dir://{good}"))           # one image can be read: the source starts
+    src = open_source(f"dir://{good}")
+    src.open()
+    assert [f.truth["file"] for f in iter(src.read, None)] == ["g1.jpg"] and src.skipped == 1
+    assert "g2.png: a broken symbolic link" in caplog.text
+    caplog.clear()
+    assert len(collect_frames(good, 10, progress=False)) == 1       # calibrate skips it too, naming it
+    assert "g2.png: a broken symbolic link" in caplog.text
+
+
 def test_files_of_other_formats_are_named_once_and_webp_is_read(tmp_path, caplog):
     """A defect type saved in a format the loader does not list vanished from the eval report, and extra
     training images were dropped, without a word: now a warning names the folder, the count and the

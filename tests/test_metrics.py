@@ -299,3 +299,46 @@ def test_eval_names_what_it_left_out(tmp_path, tiny_bundle, caplog):
     assert all(n in caplog.text for n in r["notes"])
     assert "note: pixel metrics: spot has no masks" in report_text(r)
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["notes"] == r["notes"]
+
+
+def test_eval_on_names_that_are_not_utf8_writes_its_report_and_pictures(tmp_path, tiny_bundle):
+    """A test image or a defect-type folder named with a byte that is not UTF-8 (Python reads it as a lone
+    surrogate, '\\udcff'): eval crashed (SIGSEGV) drawing it in the grid's captions (cv2.putText), and
+    report.json and --json held the surrogate. They show each such byte as \\xff, as every record of edge-ad
+    does, in valid UTF-8."""
+    import os
+
+    import cv2
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from fixtures_bundle import part_frame
+
+    def png(path, img):   # (OpenCV cannot write to such a path: encoded here)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(cv2.imencode(".png", img)[1].tobytes())
+
+    root = tmp_path / "cat"
+    kind = os.fsdecode(b"ray\xe9")                 # 'rayé' in Latin-1, from a Windows share
+    for i in range(3):
+        png(root / "test/good" / f"{i}.png", part_frame(i, 64))
+        img = part_frame(i, 64, defect=True)
+        name = os.fsdecode(b"\xff%d" % i)
+        png(root / "test" / kind / f"{name}.png", img)
+        png(root / "ground_truth" / kind / f"{name}_mask.png", (img[..., 0] < 40).astype(np.uint8) * 255)
+    out = tmp_path / "ev"
+    res = CliRunner().invoke(main, ["eval", "--bundle", str(tiny_bundle.path), "--data", str(root), "--out",
+                                    str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.stdout)
+    text = (out / "report.json").read_bytes().decode("utf-8")
+    assert "\\ud" not in text and "\\ud" not in res.stdout
+    stored = json.loads(text)
+    for r in (printed, stored):
+        assert set(r["per_type"]) == {"good", "ray\\xe9"}
+        assert [s["path"] for s in r["samples"] if s["type"] != "good"] == [f"test/ray\\xe9/\\xff{i}.png"
+                                                                                 for i in range(3)]
+    assert (out / "grid.png").stat().st_size > 1000
+    res = CliRunner().invoke(main, ["eval", "--bundle", str(tiny_bundle.path), "--data", str(root), "--out",
+                                    str(out)])
+    assert res.exit_code == 0 and "ray\\xe9" in res.output, res.output

@@ -401,8 +401,15 @@ def test_unknown_invalid_unavailable_failed_internal():
 
     d.register("calibrate", names_a_bad_file)
     r = _check_reply(d.handle(_msg("calibrate")))                     # encodes: the requester gets its answer
-    assert r["error"] == {"code": "failed", "message": "calibrate: cannot read /data/b\\udcff.png"}
-    assert b"udcff" in payloads.encode(r, "reply")
+    assert r["error"] == {"code": "failed", "message": "calibrate: cannot read /data/b\\xff.png"}
+    assert b"/data/b\\\\xff.png" in payloads.encode(r, "reply")
+
+    def names_a_left_out_file(args):   # a result too: the command ran (a calibration in force), so it is answered ok
+        return {"excluded": [{"label": "/data/b\udcff.png"}], "paths": ("/x\udcfe",)}
+
+    d.register("calibrate", names_a_left_out_file)
+    r = _check_reply(d.handle(_msg("calibrate")))
+    assert r["ok"] and r["result"] == {"excluded": [{"label": "/data/b\\xff.png"}], "paths": ["/x\\xfe"]}, r
     assert d.handle(_msg("status")).body["ok"]                       # still working
     with pytest.raises(InputError):
         d.register("a/b", lambda a: {})

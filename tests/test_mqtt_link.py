@@ -17,6 +17,7 @@ import uuid
 
 import pytest
 
+from edge_ad.errors import InputError
 from edge_ad.mqtt import MqttLink, MqttSettings, schema
 from edge_ad.mqtt.broker import TlsFiles, find_mosquitto_passwd, free_port, make_password_file
 from edge_ad.mqtt.collector import Collector
@@ -92,6 +93,24 @@ def test_ids_are_canonical_uuids_and_a_backlog_of_hex_ids_goes_out_as_it_is(mosq
     assert [b["id"] for b in _results(col)] == hex_ids + new and col.unique_ids() == {*hex_ids, *new, event}
     assert _last(col, "event")["result_id"] == new[0]
     assert all(schema.errors(kind, m.json()) == [] for kind in ("result", "event") for m in col.of_kind(kind))
+
+
+def test_a_result_holding_a_file_name_that_is_not_utf8_is_stored_not_lost(tmp_path):
+    """A result or event holding a lone surrogate (a dir:// image named with a byte that is not UTF-8) was refused
+    by the outbox ('a string is not valid Unicode'): the decision never reached MQTT. It is stored with the byte
+    as \\xff, as every record writes such a name; a NaN is still refused."""
+    link = MqttLink(_settings(f"mqtt://127.0.0.1:{free_port()}", tmp_path))     # never started: all stays stored
+    try:
+        link.publish_result({"score": 0.1, "ng": False, "truth": {"file": "b\udcff.png"}})
+        link.publish_event({"type": "ng", "source": "dir:///data/lot\udcfe"})
+        with pytest.raises(InputError, match="NaN"):
+            link.publish_result({"score": float("nan"), "truth": {"file": "b\udcff.png"}})
+        rows = link.outbox.fetch_after(0, 10)
+        assert [r.kind for r in rows] == ["result", "event"]
+        assert json.loads(rows[0].payload)["truth"] == {"file": "b\\xff.png"}
+        assert json.loads(rows[1].payload)["source"] == "dir:///data/lot\\xfe"
+    finally:
+        link.stop()
 
 
 def test_publishing_never_blocks_on_a_dead_broker(tmp_path):

@@ -296,6 +296,39 @@ def test_a_folder_image_the_roi_does_not_fit_is_skipped_and_named(tmp_path, tiny
     assert "source.roi [0, 0, 100, 100] fits none of the 4 images dir://" in str(ei.value)
 
 
+def test_a_folder_image_whose_name_is_not_utf8_is_reported_as_every_other(tmp_path, tiny_bundle, mosquitto):
+    """dir:// on a folder holding an image named b'\\xff.png' (Python reads the byte as the lone surrogate
+    '\\udcff'): its decision was lost, in results.jsonl and in the outbox alike ('a string is not valid Unicode'),
+    and the run still ended as if nothing had happened. Every decision is reported: the name written with its byte
+    as the 4 characters \\xff, as every record writes such a name; the folder's own name too, in 'source'."""
+    from edge_ad.mqtt import BrokerSettings
+    from edge_ad.mqtt.collector import Collector
+
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/lot\xfe"))
+    folder.mkdir()
+    names = ["000.png", os.fsdecode(b"\xff.png"), "zz.png"]
+    for i, name in enumerate(names):             # (OpenCV cannot write to such a path: encoded here)
+        (folder / name).write_bytes(cv2.imencode(".png", part_frame(i, 96, defect=(i == 1)))[1].tobytes())
+    s = _settings(tmp_path, tiny_bundle, f"dir://{folder}", source__mode="trigger",
+                  output__snapshots_dir=str(folder / "snaps"), mqtt__url=mosquitto.url, mqtt__site="t",
+                  mqtt__device="cam1", mqtt__outbox_path=str(tmp_path / "outbox.sqlite"), mqtt__validate_payloads=True)
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/#") as col:
+        svc = Service(s, install_signals=False)
+        summary = svc.run()
+        recs = read_jsonl(tmp_path / "results.jsonl")
+        files = ["000.png", "zz.png", "\\xff.png"]                # (in name order: the byte's surrogate sorts last)
+        assert summary["frames"] == 3 and [r["truth"]["file"] for r in recs] == files
+        assert [r["ng"] for r in recs] == [False, False, True] and svc.reporter.output_errors["outbox"] == 0
+        assert {r["source"] for r in recs} == {f"dir://{tmp_path}/lot\\xfe"}
+        assert recs[2]["snapshot"].startswith(f"{tmp_path}/lot\\xfe/snaps/")
+        ids = {r["id"] for r in recs}
+        assert col.wait_for(lambda c: ids <= c.unique_ids(), timeout=10), ids - col.unique_ids()
+        sent = {m.json()["id"]: m.json() for m in col.of_kind("result")}
+        assert [sent[r["id"]]["truth"]["file"] for r in recs] == files
+        ng = [m.json() for m in col.of_kind("event") if m.json().get("type") == "ng"]
+        assert [e["result_id"] for e in ng] == [recs[2]["id"]]
+
+
 # ----------------------------------------------------------------------------- stopping
 def _config_file(tmp_path: Path, bundle, uri: str, extra: str = "") -> Path:
     cfg = tmp_path / "run.toml"
@@ -935,6 +968,48 @@ def test_the_retained_calibration_says_which_threshold_decides(tmp_path, tiny_bu
             seen(version=2, threshold=0.7, threshold_in_force=0.7)
             assert svc.effective_threshold() == 0.7
             assert [e for e in svc.events if e["type"] == "calibration"][-1]["threshold_in_force"] == 0.7
+        finally:
+            svc.stop("test over")
+            svc.thread.join(30)
+
+
+def test_a_file_name_that_is_not_utf8_neither_stops_the_line_nor_fails_a_calibrate_that_took(tmp_path, tiny_bundle,
+                                                                                              mosquitto, caller):
+    """A calibration.json an earlier edge-ad wrote with a file name that is not UTF-8 (a lone surrogate, as
+    '"\\udcfe"' in JSON) stopped 'run' with MQTT (its retained calibration could not be encoded), though doctor
+    said it could start; the MQTT calibrate on a folder holding such an image put the new calibration in force
+    and then replied 'failed', the retained calibration not updated. Such a name is read, stored and sent as
+    '\\xfe' now: the line starts, and the calibrate is answered ok, its calibration retained."""
+    from edge_ad.mqtt import BrokerSettings
+    from edge_ad.mqtt.collector import Collector
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    old = {**bundle.calibration().to_dict(), "version": 2,
+           "extra": {"recalibration": {"excluded_labels": ["/data/\udcfeold.png"]}}}
+    data = (json.dumps(old, indent=2, sort_keys=True) + "\n").encode("utf-8")   # as such an edge-ad wrote it
+    (bundle.calibration_version_file(2)).write_bytes(data)
+    (bundle.path / "calibration.json").write_bytes(data)
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/cal"))
+    folder.mkdir()
+    for i in range(24):
+        (folder / f"{i:02d}.png").write_bytes(cv2.imencode(".png", part_frame(300 + i, 96))[1].tobytes())
+    (folder / os.fsdecode(b"\xfedefect.png")).write_bytes(cv2.imencode(".png", part_frame(9, 96, defect=True))[1]
+                                                          .tobytes())
+    with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/t/cam1/calibration") as col:
+        svc = _start(tmp_path, bundle, mosquitto)
+        try:
+            def retained(version):
+                ok = col.wait_for(lambda c: any(m.json().get("version") == version for m in c.of_kind("calibration")),
+                                  timeout=10)
+                assert ok, [m.json() for m in col.of_kind("calibration")]
+                return [m.json() for m in col.of_kind("calibration") if m.json()["version"] == version][-1]
+
+            assert retained(2)["calibration"]["extra"]["recalibration"]["excluded_labels"] == ["/data/\\xfeold.png"]
+            r = caller("calibrate", {"frames": 30, "source": str(folder), "policy": "max"}, timeout=120)
+            label = f"{folder.parent}/cal/\\xfedefect.png"
+            assert r["version"] == 3 and [e["label"] for e in r["excluded"]] == [label], r
+            assert svc.inspector.calibration.version == 3
+            assert retained(3)["calibration"]["extra"]["recalibration"]["excluded_labels"] == [label]
         finally:
             svc.stop("test over")
             svc.thread.join(30)
@@ -1834,6 +1909,16 @@ def test_jsonl_never_writes_bare_nan(tmp_path):
     line = (tmp_path / "r.jsonl").read_text()
     assert json.loads(line) == {"score": None, "ng": True, "stages_ms": {"x": None}, "ok": [1.0, None]}
     assert "NaN" not in line and "Infinity" not in line
+
+
+def test_jsonl_writes_a_file_name_that_is_not_utf8_escaped_instead_of_losing_the_line(tmp_path):
+    """A record holding a lone surrogate (a file name with a byte that is not UTF-8) raised UnicodeEncodeError: the
+    line, a decision, was lost. It is written with the byte as \\xff, as every record writes such a name."""
+    log = JsonlLog(tmp_path / "r.jsonl")
+    log.write({"truth": {"file": "b\udcff.png"}, "score": float("nan"), "ng": True})
+    log.close()
+    assert json.loads((tmp_path / "r.jsonl").read_text("utf-8")) == {"truth": {"file": "b\\xff.png"}, "score": None,
+                                                                    "ng": True}
 
 
 def test_jsonl_torn_by_a_power_cut_next_run_starts_a_new_line(tmp_path):

@@ -356,6 +356,19 @@ def test_missing_file_or_folder_is_an_input_error(tmp_path):
         check_startup(parse_uri(f"dir://{tmp_path}/missing"))
 
 
+def test_a_video_whose_path_is_not_utf8_is_refused_naming_it_not_a_crash(tmp_path):
+    """file:// of a video named with a byte that is not UTF-8 (Python holds it as the lone surrogate '\\udcff'):
+    OpenCV's VideoCapture crashed the process (SIGSEGV). It is an input error naming the file (its byte as
+    \\xff) and the fix."""
+    import os
+
+    odd = tmp_path / os.fsdecode(b"v\xff.avi")
+    os.rename(write_video(tmp_path / "v.avi", [part_frame(0, 32)]), odd)
+    with pytest.raises(InputError, match=r"v\\xff\.avi: OpenCV cannot open a video whose path is not valid UTF-8 .*"
+                                         "rename the file or its folder"):
+        check_startup(parse_uri(f"file://{odd}"))
+
+
 def test_undecodable_file_or_unreadable_folder_is_an_input_error(tmp_path):
     import cv2
 

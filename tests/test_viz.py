@@ -153,6 +153,27 @@ def test_eval_grid_captions_name_the_files(tmp_path, monkeypatch):
                                 [np.zeros((8, 8), np.float32)] * 3, scores, [0, 0, 1], types, 0.5, names=names[:2])
 
 
+def test_captions_draw_any_text_the_same_on_every_opencv(tmp_path, monkeypatch):
+    """cv2.putText crashed the process (SIGSEGV) on a lone surrogate (a file or defect-type name with a byte that is
+    not UTF-8), and draws other non-ASCII characters differently from one OpenCV to the next. Captions draw
+    printable ASCII: such a byte as \\xff, as every record names the file, any other character as '?'."""
+    assert viz.drawable("a\udcffb\x00\n\u00e9\u4e2d\ud800~") == "a\\xffb????\\ud800~"
+    for text in ("caf\u00e9", "\udcfe" * 50, "\x00", "\ud800", "", "\u4e2d"):
+        img = np.zeros((20, 60, 3), np.uint8)
+        viz._caption(img, text, (2, 2))                              # never crashes
+    a, b = np.zeros((20, 60, 3), np.uint8), np.zeros((20, 60, 3), np.uint8)
+    viz._caption(a, "caf\u00e9", (2, 2))
+    viz._caption(b, "caf?", (2, 2))
+    assert (a == b).all()
+    drawn = []
+    monkeypatch.setattr(viz, "write_grid", lambda path, rows, **kw: drawn.extend(rows))
+    viz.write_eval_pictures(tmp_path, [np.zeros((8, 8, 3), np.uint8)] * 2, [None] * 2,
+                            [np.zeros((8, 8), np.float32)] * 2, [0.1, 2.0], [0, 1], ["good", "ray\udce9"], 0.5,
+                            names=["\udcff" * 10, "x"])
+    assert [r.caption for r in drawn] == ["good \\xff\\xff\\xff\\..f\\xff\\xff\\xff  score 0.1 OK",
+                                          "ray\\xe9 x  score 2 NG"], [r.caption for r in drawn]
+
+
 HOTTEST = (128, 0, 0)   # JET at 255, RGB
 
 

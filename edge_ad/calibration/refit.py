@@ -48,7 +48,7 @@ import numpy as np
 from .. import atomic, gaussian, scoring
 from ..bundle import Bundle
 from ..data.image import to_batch
-from ..errors import InputError, RuntimeFailure, os_error_text
+from ..errors import InputError, RuntimeFailure, name_text, os_error_text
 from ..scoring import Calibration
 from . import gaussfit
 
@@ -162,10 +162,12 @@ def _screen(scores: np.ndarray, index: np.ndarray, screen_z: float, reason: str,
 
 
 def _labels(labels: Sequence[str] | None, n: int) -> list[str] | None:
-    """The frames' labels, one per frame the model pass saw (None: none given)."""
+    """The frames' labels, one per frame the model pass saw (None: none given), as valid Unicode: a file name
+    that is not UTF-8 shows its bytes as ``\\xfe`` (:func:`~edge_ad.errors.name_text`), in messages, replies and
+    the calibration record's ``excluded_labels``."""
     if labels is None:
         return None
-    labels = [str(x) for x in labels]
+    labels = [name_text(str(x)) for x in labels]
     if len(labels) != n:
         raise InputError(f"calibration: {len(labels)} labels for {n} frames; expected one per frame")
     return labels

@@ -21,7 +21,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import EdgeADError, os_error_text, reader_gone
+from ..errors import EdgeADError, name_text, os_error_text, reader_gone
 
 # Modules that add commands to `main`. Each owns one area of the CLI.
 COMMAND_MODULES = ("train", "compile", "run", "mqtt", "calibrate", "deploy", "demo")
@@ -32,7 +32,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except EdgeADError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(name_text(f"error: {exc}"), err=True)   # a file name that is not UTF-8 as \xfe
             sys.exit(exc.exit_code)
         except BrokenPipeError:
             if not reader_gone(sys.stdout):   # a socket, a child's pipe: a real crash
@@ -48,7 +48,7 @@ class _Group(click.Group):
             if exc.filename is None and exc.errno not in _DISK_ERRNOS:
                 raise
             logging.getLogger(__name__).debug("OS error", exc_info=True)
-            click.echo(f"error: {os_error_text(exc)}", err=True)
+            click.echo(name_text(f"error: {os_error_text(exc)}"), err=True)
             sys.exit(2 if exc.errno in _INPUT_ERRNOS else 1)
 
 
@@ -73,7 +73,17 @@ _INPUT_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.
 def main(verbose: int) -> None:
     """edge-ad: visual anomaly inspection for factory lines on edge devices."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+class _LogFormatter(logging.Formatter):
+    """Log lines show a file name that is not UTF-8 as every record of edge-ad stores it (``\\xfe``:
+    :func:`~edge_ad.errors.name_text`), not as Python's stderr escapes the lone surrogate (``\\udcfe``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return name_text(super().format(record))
 
 
 for _name in COMMAND_MODULES:

@@ -578,11 +578,13 @@ def _collect(source, frames: int, every: int, timeout_s: float, line, size_hw: t
 
 def _shown(source) -> str:
     """``--source`` (or the config's source.uri) as it may be printed and recorded: a URI without its
-    credentials (``rtsp://***@cam/1``, as every log line says it), a folder as given."""
+    credentials (``rtsp://***@cam/1``, as every log line says it), a folder as given, a byte of its name that is
+    not UTF-8 as ``\\xfe`` (:func:`~edge_ad.errors.name_text`)."""
+    from ..errors import name_text
     from ..runtime.sources import redact_uri
 
     text = str(source)
-    return redact_uri(text) if "://" in text else text
+    return name_text(redact_uri(text) if "://" in text else text)
 
 
 def _calibration_rows(b) -> tuple[list[dict], list[str]]:

@@ -7,6 +7,7 @@ Frames are RGB ``uint8`` arrays ``[H, W, 3]``. The model input is ``float32 [B, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -51,12 +52,27 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"{p}: image not found")
+        raise InputError(f"{p}: {_not_a_file(p)}")
     buf = np.fromfile(str(p), dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
     if img is None:
         raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or PBM/PGM/PPM)")
     return img, buf
+
+
+def _not_a_file(p: Path) -> str:
+    """Why ``p`` is no image file to read: a symbolic link whose target is gone or that loops (named with where
+    it points), else not found."""
+    if p.is_symlink():
+        try:
+            target = os.readlink(p)
+            os.stat(p)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"a symbolic link that loops (to {target}); expected an image file"
+            if exc.errno == errno.ENOENT:
+                return f"a broken symbolic link (to {target}, which does not exist)"
+    return "image not found"
 
 
 FINGERPRINT_HEX = 16   # hex digits of a file's sha256 kept as its fingerprint (64 bits)
@@ -356,13 +372,17 @@ def scan_images(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     """``(images, others)`` of a folder, both in name order (no recursion): ``images`` the files with an
     extension of :data:`IMAGE_EXTS`, ``others`` the files that are not read (another extension). Hidden
     files (a name starting with ".": macOS AppleDouble "._NAME.png", .DS_Store) and the system's own
-    (Thumbs.db, desktop.ini) are in neither, and neither are sub-folders."""
+    (Thumbs.db, desktop.ini) are in neither, and neither are sub-folders (a link to one too), FIFOs or sockets.
+    A symbolic link whose target is gone or that loops is listed as a file: an image named so is one that cannot
+    be read (:func:`read_image` says why), which each reader treats as it treats an unreadable image."""
     d = Path(folder)
     if not d.is_dir():
         raise InputError(f"{d}: folder not found")
     images, others = [], []
     for p in sorted(d.iterdir()):
-        if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES or not p.is_file():
+        if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES:
+            continue
+        if not p.is_file() and not (p.is_symlink() and not p.exists()):   # exists() follows it: False when broken
             continue
         (images if p.suffix.lower() in IMAGE_EXTS else others).append(p)
     return images, others

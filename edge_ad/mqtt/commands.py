@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..errors import EdgeADError, InputError, clip_text, os_error_text
+from ..errors import EdgeADError, InputError, clip_text, os_error_text, valid_unicode
 from . import payloads, schema
 from .settings import MqttSettings
 from .topics import MAX_REPLY_TOPIC_BYTES, ROOT, Topics, check_level, reply_topic_problem
@@ -174,17 +174,13 @@ _SURROGATE = re.compile("[\ud800-\udfff]")   # what json.loads leaves of an esca
 
 
 def _shown(value):
-    """``value`` as it can be written back: in each string of it (in lists and objects too) a lone surrogate as its
-    escape (``\\ud800``). A refusal's message quotes what it refuses (a field, a file name read with
-    surrogateescape), so do an error's other fields (the golden images an update misjudged), and a reply that cannot
-    be encoded is never sent."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_shown(k): _shown(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_shown(v) for v in value]
-    return value
+    """``value`` as it can be written back (:func:`~edge_ad.errors.valid_unicode`): in each string of it (in lists
+    and objects too) a byte of a file name that is not UTF-8 as ``\\xfe``, another lone surrogate as its escape
+    (``\\ud800``). A refusal's message quotes what it refuses (a field, a file name read with surrogateescape), so
+    do an error's other fields (the golden images an update misjudged) and a result (the labels of the frames a
+    calibrate left out): a reply that cannot be encoded is never sent, and a command that ran must not be
+    answered ``failed`` for its reply."""
+    return valid_unicode(value)
 
 
 def _lone_surrogate(text: str) -> str | None:
@@ -520,7 +516,9 @@ class Dispatcher:
             return {}
         if not isinstance(out, Mapping):
             raise CommandError("internal", f"{spec.name}: handler returned {type(out).__name__}, expected a dict")
-        out = dict(out)
+        # a file name in it (the frames a calibrate left out) may hold a lone surrogate: escaped, as in an error's
+        # message, since the command ran (a new calibration in force) and must not be answered as failed for it
+        out = _shown(dict(out))
         try:
             payloads.encode(out, f"{spec.name} result")
         except InputError as exc:

@@ -56,7 +56,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .. import __version__
-from ..errors import InputError, RuntimeFailure, clip_text
+from ..errors import InputError, RuntimeFailure, clip_text, valid_unicode
 from ..ratelimit import LogLimiter
 from . import homeassistant, payloads, schema
 from .client import (DEVICE_LOGIN_HINT, connect_async, connect_error_text, make_client, reason_failed, reason_text,
@@ -641,7 +641,11 @@ class MqttLink:
 
         def build(seq: int) -> bytes:
             body = {**head, "seq": seq, **tail}
-            data = payloads.encode(body, kind)
+            try:
+                data = payloads.encode(body, kind)
+            except InputError:   # a string that is not valid Unicode (a file name that is not UTF-8) is sent as
+                body = valid_unicode(body)   # every record writes it (\xfe), not lost; a NaN is still refused
+                data = payloads.encode(body, kind)
             self._maybe_validate(kind, body)
             return data
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..errors import InputError
+from ..errors import InputError, valid_unicode
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,16 @@ def _finite_or_null(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def _json_line(record: dict[str, Any]) -> bytes:
+    """``record`` as one line of UTF-8 JSON; a NaN or infinite number is written as null. UnicodeEncodeError for
+    a string that is not valid Unicode."""
+    try:
+        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN / inf is not JSON: such a number is written as null
+        text = json.dumps(_finite_or_null(record), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return (text + "\n").encode("utf-8")
 
 
 class JsonlLog:
@@ -66,10 +76,9 @@ class JsonlLog:
         next write starts on a fresh line (a torn part line is skipped by readers), so writing resumes
         whole once there is room again."""
         try:
-            text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except ValueError:  # NaN / inf is not JSON: such a number is written as null
-            text = json.dumps(_finite_or_null(record), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        data = (text + "\n").encode("utf-8")
+            data = _json_line(record)
+        except UnicodeEncodeError:   # a lone surrogate (a file name that is not UTF-8): written as \xfe, not lost
+            data = _json_line(valid_unicode(record))
         with self._lock:
             if self._fh.closed:
                 if self._closed:

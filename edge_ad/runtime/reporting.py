@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from ..errors import RuntimeFailure
+from ..errors import RuntimeFailure, name_text
 from ..ratelimit import LogLimiter
 from .decision import regions_for, upsample_one
 from .outputs import JsonlLog, SnapshotStore
@@ -265,7 +265,7 @@ class Reporter:
                 jpeg = self._jpeg(item, label, full)
                 stamp = _dt.datetime.fromtimestamp(d.ts, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S_%f")[:-3]
                 name = f"{stamp}_{d.seq:08d}_{'NG' if d.ng else 'OK'}.jpg"
-                rec["snapshot"] = str(self.snapshots.save(name, jpeg))
+                rec["snapshot"] = name_text(self.snapshots.save(name, jpeg))
                 self._output_ok("snapshots")
             except Exception as exc:  # a full disk must not stop inspection; the decision still goes out
                 self._output_failed("snapshots", d.seq, exc)

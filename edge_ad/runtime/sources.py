@@ -45,7 +45,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 import numpy as np
 
-from ..errors import InputError, RuntimeFailure
+from ..errors import InputError, RuntimeFailure, name_text
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,9 @@ class SourceSpec:
 
     @property
     def safe_uri(self) -> str:
-        return redact_uri(self.uri)
+        """The URI as messages, results and the birth name it: credentials redacted, a byte of a folder or file
+        name that is not UTF-8 as ``\\xfe`` (:func:`~edge_ad.errors.name_text`)."""
+        return name_text(redact_uri(self.uri))
 
 
 def redact_uri(uri: str) -> str:
@@ -533,6 +535,9 @@ class OpenCVSource(Source):
         p = Path(s.target)
         if not p.is_file():
             raise SourceLost(f"{s.safe_uri}: video file {p} not found (removed or not yet written?)")
+        if name_text(p) != str(p):   # OpenCV crashes (SIGSEGV) on a path Python holds with a lone surrogate
+            raise InputError(f"{s.safe_uri}: OpenCV cannot open a video whose path is not valid UTF-8 (the bytes "
+                             "shown as \\xNN); rename the file or its folder")
         return (str(p), cv2.CAP_FFMPEG if _has_ffmpeg() else cv2.CAP_ANY), []
 
     def open(self) -> None:
@@ -785,7 +790,7 @@ class DirSource(Source):
                                 self.spec.safe_uri, exc)
                 continue
             self._warned.discard(p)
-            frame = RawFrame(img, self._index, {"file": p.name})
+            frame = RawFrame(img, self._index, {"file": name_text(p.name)})   # valid Unicode: JSON can carry it
             self._index += 1
             return frame
 
