@@ -54,10 +54,9 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not p.is_file():
         raise InputError(f"{p}: {_not_a_file(p)}")
     buf = np.fromfile(str(p), dtype=np.uint8)
-    img, said = imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
     if img is None:
-        raise InputError(f"{p}: not a readable image ({f'{said}; ' if said else ''}expected PNG, JPEG, BMP, TIFF, "
-                         "WebP or PBM/PGM/PPM)")
+        raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or PBM/PGM/PPM)")
     return img, buf
 
 
@@ -74,59 +73,6 @@ def _not_a_file(p: Path) -> str:
             if exc.errno == errno.ENOENT:
                 return f"a broken symbolic link (to {target}, which does not exist)"
     return "image not found"
-
-
-# What a codec library OpenCV decodes with writes to the process's stderr itself, not through OpenCV's log (no
-# OpenCV setting silences it): libpng's "libpng error: ..." (a PNG whose header promises more pixels than its
-# data holds, a CRC error) and "libpng warning: ..." (e.g. "iCCP: known incorrect sRGB profile").
-_CODEC_SAYS = (b"libpng error: ", b"libpng warning: ")
-_decode_lock = threading.Lock()
-_decode_sink = None   # the file stderr goes to while a decode runs; made at the first decode
-
-
-def imdecode(buf: np.ndarray, flags: int) -> tuple[np.ndarray | None, str]:
-    """``cv2.imdecode(buf, flags)`` (None for an empty ``buf``) and what the codec library said, e.g. ``libpng:
-    Not enough image data`` ("" if nothing): such lines (:data:`_CODEC_SAYS`) went to stderr on their own,
-    before edge-ad's error about the file (or with no error at all, for a warning). While the decode runs the
-    process's stderr (file descriptor 2) goes to a file, one decode at a time; what else was written to it
-    meanwhile (another thread's log) is written to stderr afterwards. Where stderr cannot be redirected, the
-    decode runs as it is."""
-    global _decode_sink
-    import tempfile
-
-    import cv2
-
-    if not buf.size:
-        return None, ""
-    with _decode_lock:
-        try:
-            if _decode_sink is None:
-                _decode_sink = tempfile.TemporaryFile()
-            _decode_sink.seek(0)
-            _decode_sink.truncate()
-            saved = os.dup(2)
-        except OSError:
-            return cv2.imdecode(buf, flags), ""
-        try:
-            os.dup2(_decode_sink.fileno(), 2)
-            try:
-                img = cv2.imdecode(buf, flags)
-            finally:
-                os.dup2(saved, 2)
-        finally:
-            os.close(saved)
-        _decode_sink.seek(0)
-        written = _decode_sink.read()
-    said, others = [], []
-    for line in written.splitlines(keepends=True):
-        prefix = next((c for c in _CODEC_SAYS if line.startswith(c)), None)
-        (said if prefix else others).append(line[len(prefix):] if prefix else line)
-    if others:
-        os.write(2, b"".join(others))
-    text = "; ".join(x.decode("utf-8", "replace").strip() for x in said)
-    if text:
-        log.debug("image decoder: %s", text)
-    return img, f"libpng: {text}" if text else ""
 
 
 FINGERPRINT_HEX = 16   # hex digits of a file's sha256 kept as its fingerprint (64 bits)
@@ -372,11 +318,11 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     p = Path(path)
     buf = np.fromfile(str(p), dtype=np.uint8) if p.is_file() else np.zeros(0, np.uint8)
     # ANYCOLOR applies the EXIF orientation as load_image does, so a mask stays aligned with its image
-    m, said = imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    m = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
     if m is None:
-        raise InputError(f"{p}: not a readable mask image{f' ({said})' if said else ''}")
+        raise InputError(f"{p}: not a readable mask image")
     if m.size and m.min() == m.max():   # uniform colour: the drawing, if any, is in the alpha channel
-        full = imdecode(buf, cv2.IMREAD_UNCHANGED)[0]
+        full = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         if full is not None and full.ndim == 3 and full.shape[2] in (2, 4) and full.shape[:2] == m.shape[:2]:
             a = full[:, :, -1]
             if a.min() != a.max():
