@@ -1,6 +1,8 @@
 """Crash-safe file writes: temp file in the same folder, fsync, rename, fsync the folder.
 
-A power cut at any point leaves either the old file or the new one, never a torn file.
+A power cut at any point leaves either the old file or the new one, never a torn file. A folder replaced as
+a whole (a bundle a training writes, a folder of generic images) is built beside its place and switched in
+(:func:`staging_beside`, :func:`switch_folder`).
 """
 
 from __future__ import annotations
@@ -8,13 +10,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _held: dict[tuple[int, int, int], int] = {}   # folder_lock: (inode, device, thread) -> depth held there
 _held_lock = threading.Lock()
@@ -215,6 +222,57 @@ def remove_unheld(folder: str | os.PathLike) -> bool:
     return not os.path.exists(folder)
 
 
+def staging_beside(path: str | os.PathLike) -> Path:
+    """A name for the folder that replaces the folder ``path`` to be built in: ``.NAME.new-XXXXXXXX`` beside
+    it (made by the caller, held with :func:`folder_lock` while it works, put in place by :func:`switch_folder`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.new-{uuid.uuid4().hex[:8]}")
+
+
+def switch_folder(stage: str | os.PathLike, out: str | os.PathLike, what: str = "folder") -> None:
+    """Put the folder ``stage`` (built beside ``out``, :func:`staging_beside`) at ``out``; the folder there before
+    (if any), a ``what``, is deleted.
+
+    The old folder is renamed away (``.NAME.old-*``), the new one renamed in, then the old one deleted: a failure or
+    power cut before the first rename leaves the old folder whole (and ``stage`` beside it); between the two renames
+    (two system calls) both are whole, as ``.NAME.old-*`` and ``.NAME.new-*`` beside ``out``
+    (:func:`switch_leftovers`); a second rename that fails puts the old folder back."""
+    stage, out = Path(stage), Path(out)
+    old = None
+    try:
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+        os.rename(stage, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.rename(old, out)
+        raise
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            log.warning("%s: the replaced %s could not be removed entirely; delete it by hand", old, what)
+
+
+def switch_leftovers(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """What a command that replaces the folder ``path`` as a whole (:func:`switch_folder`) leaves beside it when
+    cut off: its staging folders (``.NAME.new-*``, the new folder being built) and replaced folders not yet
+    deleted (``.NAME.old-*``), each list newest first. ``path`` missing with both beside it: a power cut between
+    the two renames that switch a new folder in (the new one is complete)."""
+    path = Path(path)
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.(new|old)-[0-9a-f]{{8}}$")
+    found: dict[str, list[Path]] = {"new": [], "old": []}
+    try:
+        for p in path.parent.iterdir():
+            if (m := pat.match(p.name)) and p.is_dir() and not p.is_symlink():
+                found[m.group(1)].append(p)
+    except OSError:
+        pass
+    newest = lambda p: p.stat().st_mtime  # noqa: E731
+    return sorted(found["new"], key=newest, reverse=True), sorted(found["old"], key=newest, reverse=True)
+
+
 def naming(exc: OSError, path: str | os.PathLike) -> OSError:
     """``exc`` with the file it was writing: a full disk's ENOSPC (or EIO, EDQUOT) from write() or fsync()
     names no file, and an error must say where."""
@@ -232,14 +290,24 @@ def check_creatable(path: str | os.PathLike, what: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{what} {path}: is a folder; expected a file name")
-    parent = path.absolute().parent
+    check_parent_writable(path, f"{what} {path}")
+    return path
+
+
+def check_parent_writable(path: str | os.PathLike, label: str, why: str = "") -> Path:
+    """The nearest existing folder above ``path`` (where ``path`` and the missing folders to it are made, or a
+    folder replacing it is built): a writable folder, else an InputError ``label: ...`` naming it, ``why`` in
+    brackets after "not writable". Returns it."""
+    from .errors import InputError
+
+    parent = Path(path).absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise InputError(f"{what} {path}: {parent} is a file; a folder was expected there")
+        raise InputError(f"{label}: {parent} is a file; a folder was expected there")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: the folder {parent} is not writable")
-    return path
+        raise InputError(f"{label}: the folder {parent} is not writable" + (f" ({why})" if why else ""))
+    return parent
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -150,24 +150,6 @@ def foreign_entries(path: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name not in known and not _TEMP_RE.match(p.name))
 
 
-def switch_leftovers(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """What a training into bundle folder ``path`` leaves beside it when cut off: its staging folders
-    (``.NAME.new-*``, the new bundle being built) and replaced bundles not yet deleted (``.NAME.old-*``),
-    each list newest first. ``path`` missing with both beside it: a power cut between the two renames that
-    switch a new bundle in (the new one is complete)."""
-    path = Path(path)
-    pat = re.compile(rf"^\.{re.escape(path.name)}\.(new|old)-[0-9a-f]{{8}}$")
-    found: dict[str, list[Path]] = {"new": [], "old": []}
-    try:
-        for p in path.parent.iterdir():
-            if (m := pat.match(p.name)) and p.is_dir() and not p.is_symlink():
-                found[m.group(1)].append(p)
-    except OSError:
-        pass
-    newest = lambda p: p.stat().st_mtime  # noqa: E731
-    return sorted(found["new"], key=newest, reverse=True), sorted(found["old"], key=newest, reverse=True)
-
-
 def is_bundle_folder(path: str | os.PathLike) -> bool:
     """``path`` holds an edge-ad bundle: a manifest.json whose 'format' is edge-ad's (readable or not
     against the schema: a damaged bundle is still a bundle)."""
@@ -240,7 +222,7 @@ class Bundle:
         path = Path(path)
         mf = path / "manifest.json"
         if not path.is_dir():
-            new, old = switch_leftovers(path)
+            new, old = atomic.switch_leftovers(path)
             whole = [p for p in new if is_bundle_folder(p)]
             if whole and old and not path.exists():
                 raise InputError(f"{path}: bundle folder not found; a training into it was cut off while switching "

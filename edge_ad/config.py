@@ -827,7 +827,9 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
         if not cfg_path.is_file():
             raise InputError(f"{cfg_path}: config file not found")
         try:
-            tree = tomllib.loads(cfg_path.read_text("utf-8"))
+            # utf-8-sig: a byte-order mark (Notepad and other Windows editors write one) is not TOML, and
+            # tomllib refused it as "Invalid statement (at line 1, column 1)"
+            tree = tomllib.loads(cfg_path.read_text("utf-8-sig"))
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{cfg_path}: unreadable ({exc})") from exc
         except tomllib.TOMLDecodeError as exc:

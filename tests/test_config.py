@@ -123,6 +123,14 @@ def test_not_toml_and_missing_file(tmp_path):
         load_settings(tmp_path / "nope.toml", environ={})
 
 
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
+    """Notepad (and other Windows editors) write UTF-8 with a byte-order mark: it was refused as "not valid TOML
+    (Invalid statement (at line 1, column 1))", which did not say why. It is taken as UTF-8."""
+    cfg = _write(tmp_path, MINIMAL + "\n[pipeline]\nmax_batch = 2\n")
+    cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())
+    assert load_settings(cfg, environ={}).pipeline.max_batch == 2
+
+
 def test_environment_and_flags_override_the_file_in_order(tmp_path):
     cfg = _write(tmp_path, MINIMAL + "\n[pipeline]\nmax_batch = 2\n")
     env = {"EDGE_AD_PIPELINE__MAX_BATCH": "8", "EDGE_AD_SOURCE__ROI": "[1, 2, 30, 40]",

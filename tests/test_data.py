@@ -395,6 +395,40 @@ def test_generic_images_never_write_into_a_folder_of_other_files(tmp_path):
         write_generic(tmp_path / "afile", 2, size=32, progress=False)
 
 
+def test_generic_images_interrupted_over_a_previous_run_leave_it_whole(tmp_path, monkeypatch):
+    """A run over a previous run's folder stopped part-way (Ctrl-C) left the folder with the old count of
+    images, the first ones of the new run and the rest of the old, and nothing to tell: the help says the
+    folder is replaced as a whole. The images are now written beside it and switched in at the end: the
+    previous run's folder stays as it was, and what a killed run left beside it goes at the next run."""
+    import edge_ad.data.generic as generic
+
+    gen = tmp_path / "gen"
+    generic.write_generic(gen, 4, size=32, seed=0, progress=False)
+    before = {p.name: p.read_bytes() for p in gen.iterdir()}
+    real_image = generic.generic_image
+
+    def image(size, seed, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        return real_image(size, seed, index)
+
+    monkeypatch.setattr(generic, "generic_image", image)
+    with pytest.raises(KeyboardInterrupt):
+        generic.write_generic(gen, 6, size=32, seed=1, progress=False)
+    assert {p.name: p.read_bytes() for p in gen.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]   # no staging folder left
+    monkeypatch.undo()
+    # a killed run's staging folder and a replaced folder not yet deleted: removed by the next run
+    for name in (".gen.new-0123abcd", ".gen.old-4567cdef"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "generic_000000.jpg").write_bytes(b"x")
+    paths = generic.write_generic(gen, 2, size=32, seed=1, progress=False)
+    assert paths == [gen / "generic_000000.jpg", gen / "generic_000001.jpg"]
+    assert sorted(p.name for p in gen.iterdir()) == ["generic_000000.jpg", "generic_000001.jpg"]
+    assert gen.joinpath("generic_000000.jpg").read_bytes() != before["generic_000000.jpg"]   # seed 1's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]
+
+
 def test_frames_that_are_not_rgb_uint8_are_named():
     from edge_ad.data.image import to_batch
 

@@ -868,6 +868,31 @@ def test_capture_saves_frames(tmp_path):
     assert r.returncode == 0 and "saved 6 frames" in r.stdout and "source ended" in r.stdout
 
 
+@pytest.mark.parametrize("sig, code, said", [(2, 130, "interrupted"), (15, 143, "stopped by SIGTERM")])
+def test_capture_stopped_by_a_signal_says_so_and_exits_as_stopped(tmp_path, sig, code, said):
+    """Ctrl-C (or SIGTERM) ended a capture with exit 0 and "the source ended or capture was interrupted",
+    though it knows which: now it says, and exits 130 (143), as a training stopped so does; the frames saved
+    so far stay."""
+    import signal
+
+    out = tmp_path / "normals"
+    p = subprocess.Popen([*EDGE_AD, "capture", "--source", "synthetic://disc?size=32", "--out", str(out),
+                          "--frames", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("frame_*.png")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.Signals(sig))
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == code, stderr
+    saved = len(list(out.glob("frame_*.png")))
+    assert stdout == f"saved {saved} frames to {out} (asked for 1000000; {said})\n" and saved > 0, stderr
+
+
 def test_capture_config_needs_no_model_and_a_bad_roi_leaves_no_folder(tmp_path):
     """Frames are captured before any bundle exists: a config of [source] alone is enough (it asked for a
     [model] it never used); an ROI outside the frame is an error that leaves no empty --out behind."""

@@ -312,13 +312,38 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 # ----------------------------------------------------------------------------- verify and extract
+# the compressions tarfile's "r:*" tries, by the bytes a file of theirs starts with
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
 def _open_tar(archive: Path) -> tarfile.TarFile:
     if not archive.is_file():
         raise InputError(f"{archive}: archive not found")
     try:
         return tarfile.open(archive, "r:*")
+    except tarfile.ReadError as exc:   # its message lists each decompression tried: say what the file is instead
+        raise InputError(f"{archive}: {_not_a_tar(archive)}; expected a tar or tar.gz archive made by 'edge-ad "
+                         "bundle pack'; update refused") from exc
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise InputError(f"{archive}: not a readable tar archive ({exc}); update refused") from exc
+
+
+def _not_a_tar(archive: Path) -> str:
+    """What ``archive``, which tarfile cannot open, is, in a few words: empty, a compressed file that holds no
+    tar archive (or a cut-short one), too short for a tar archive, or something else."""
+    try:
+        with open(archive, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        head = b""
+    if not head:
+        return "an empty file"
+    for magic, kind in _COMPRESSED:
+        if head.startswith(magic):
+            return f"a {kind} file holding no readable tar archive (corrupt or cut short)"
+    if len(head) < 512:
+        return f"not a tar archive ({len(head)} bytes, shorter than a tar header)"
+    return "not a tar archive"
 
 
 def _safe_name(name: str, where: str) -> str:
@@ -463,6 +488,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
     seen: set[str] = set()
     try:
         with _open_tar(archive) as tar:
+            m, reading = None, None   # the member last read, and whether its content was being read
             try:
                 count, head = 0, True   # head: still among the index and signature members at the start
                 for m in tar:
@@ -492,8 +518,12 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
                         raise InputError(f"{archive}: '{name}' is {m.size} bytes, the index says {rec['bytes']}; "
                                          "update refused")
                     out = dest / PurePosixPath(name).relative_to(PREFIX)
-                    out.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                    except OSError as exc:
+                        raise _write_failed(exc, dest, name) from exc
                     h = hashlib.sha256()
+                    reading = name
                     src = tar.extractfile(m)
                     try:
                         fh = open(out, "wb")
@@ -517,9 +547,11 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike,
                     if h.hexdigest() != rec["sha256"]:
                         raise InputError(f"{archive}: '{name}' has sha256 {h.hexdigest()[:12]}…, the index says "
                                          f"{rec['sha256'][:12]}… (corrupt or altered); update refused")
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                raise InputError(f"{archive}: corrupt archive, or extracting to {dest} failed ({exc}); "
-                                 "update refused") from exc
+                    reading = None
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:   # reading it: writes are told above
+                where = f"in '{reading}'" if reading else f"after '{m.name[:200]}'" if m else "at its start"
+                raise InputError(f"{archive}: corrupt or cut-short archive ({exc}, {where}); update refused") \
+                    from exc
         missing = sorted(set(files) - seen)
         if missing:
             raise InputError(f"{archive}: files listed in the index are missing: {', '.join(missing[:5])}; "

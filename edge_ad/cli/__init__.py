@@ -7,9 +7,17 @@ runtime-only install never needs torch.
 Exit codes: 0 ok, 2 usage or input error, 1 runtime failure; a training loop stopped by a signal:
 128 + the signal (130 Ctrl-C, 143 SIGTERM). A command whose stdout's reader went away (``edge-ad monitor --json
 | head -1``) stops there quietly with 0, as ``edge-ad run`` does: no failure of its own (:func:`drop_stdout`).
+
+Ctrl-C anywhere from the import of this package to the end of the command (loading the commands, parsing the
+arguments, the command itself, unless it handles Ctrl-C itself as ``run`` does) prints ``interrupted`` (or a
+training loop's message) and exits 130, never a traceback (:mod:`.interrupt`); once the command has finished,
+the console entry point ignores Ctrl-C, so that its exit status is the command's own (the interpreter's
+shutdown would otherwise die by the signal after the work was done).
 """
 
 from __future__ import annotations
+
+from . import interrupt  # first: a Ctrl-C while the commands load exits with "interrupted", no traceback
 
 import errno
 import importlib
@@ -17,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import click
 
@@ -28,6 +37,31 @@ COMMAND_MODULES = ("train", "compile", "run", "mqtt", "calibrate", "deploy", "de
 
 
 class _Group(click.Group):
+    entry_point = False   # this call of main() is the process's (edge-ad, python -m edge_ad): see main()
+
+    def main(self, args=None, *rest, **kwargs):
+        """The console entry point calls this with no ``args`` (they come from sys.argv); a test's runner gives
+        them. A Ctrl-C outside the command and click's own handling is told as in a command; once the command
+        is done the entry point's process ignores Ctrl-C, so a late one cannot turn its exit status into a death
+        by the signal during the interpreter's shutdown."""
+        self.entry_point = args is None and threading.current_thread() is threading.main_thread()
+        try:
+            return super().main(args, *rest, **kwargs)
+        except KeyboardInterrupt as exc:
+            interrupt.interrupted(exc)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        if self.entry_point:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def make_context(self, *args, **kwargs):
+        try:   # click would print "Aborted!" and exit 1 for a Ctrl-C while it parses the arguments
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            interrupt.interrupted(exc)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -40,9 +74,7 @@ class _Group(click.Group):
             drop_stdout()                     # `... | head -1`: the reader has what it wanted
             sys.exit(0)
         except KeyboardInterrupt as exc:  # a training loop's says where it stopped and how to go on
-            click.echo(str(exc) or "interrupted", err=True)
-            # 128 + the signal, as the shell reports it: 130 for Ctrl-C, 143 for SIGTERM (systemd, docker stop)
-            sys.exit(128 + (getattr(exc, "signum", None) or signal.SIGINT))
+            interrupt.interrupted(exc)
         except OSError as exc:
             # not about a path the user gave (a socket, a device): a real crash; a full or failing disk is not
             if exc.filename is None and exc.errno not in _DISK_ERRNOS:
@@ -50,6 +82,8 @@ class _Group(click.Group):
             logging.getLogger(__name__).debug("OS error", exc_info=True)
             click.echo(name_text(f"error: {os_error_text(exc)}"), err=True)
             sys.exit(2 if exc.errno in _INPUT_ERRNOS else 1)
+        finally:   # the command is done (or failed, or was interrupted): its exit status stands
+            self._done()
 
 
 def drop_stdout() -> None:
@@ -86,9 +120,12 @@ class _LogFormatter(logging.Formatter):
         return name_text(super().format(record))
 
 
-for _name in COMMAND_MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _exc:  # a module of this package not written yet
-        if _exc.name != f"{__name__}.{_name}":
-            raise
+try:
+    for _name in COMMAND_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{_name}")
+        except ModuleNotFoundError as _exc:  # a module of this package not written yet
+            if _exc.name != f"{__name__}.{_name}":
+                raise
+finally:
+    interrupt.loaded()

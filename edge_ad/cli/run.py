@@ -234,7 +234,13 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
     except OSError as exc:
         raise InputError(f"{folder}: cannot create the output folder ({exc.strerror})") from exc
     stop = threading.Event()
-    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stopped_by = []   # the signals that stopped the capture (Ctrl-C, SIGTERM), as they came
+
+    def on_signal(signum, frame):
+        stopped_by.append(signum)
+        stop.set()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     kw = {}
     if src_settings is not None:
         kw = dict(reconnect=src_settings.reconnect, reconnect_attempts=src_settings.reconnect_attempts,
@@ -289,12 +295,18 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
                     q.rmdir()
                 except OSError:
                     break
-    click.echo(f"saved {saved} frames to {folder}" + ("" if saved == count else f" (asked for {count}; the "
-                                                      "source ended or capture was interrupted)"))
+    interrupted = bool(stopped_by) and saved < count
+    if not interrupted:
+        why = "the source ended"
+    else:
+        why = "interrupted" if stopped_by[0] == signal.SIGINT else f"stopped by {signal.Signals(stopped_by[0]).name}"
+    click.echo(f"saved {saved} frames to {folder}" + ("" if saved == count else f" (asked for {count}; {why})"))
     skipped = roi_filter.skipped + int(getattr(src, "skipped", 0) or 0)    # (run's skipped_images)
     if skipped:
         why = f"unreadable, or smaller than source.roi {roi}" if roi else "unreadable"
         click.echo(f"{skipped} images of {src.name} skipped (each named in a warning above): {why}", err=True)
+    if interrupted:   # as the shell reports a command a signal stopped: 130 for Ctrl-C, 143 for SIGTERM
+        sys.exit(128 + stopped_by[0])
     if saved == 0:
         sys.exit(1)
 

@@ -153,7 +153,8 @@ def distill_teacher(data, out, size, image_size, steps, batch_size, lr, max_minu
 
 @main.command("generic-images")
 @click.option("--out", required=True, type=click.Path(),
-              help="Folder to write the JPEG files into: new or empty, or a previous run's (replaced as a whole).")
+              help="Folder to write the JPEG files into: new or empty, or a previous run's (replaced as a whole, "
+                   "when all images are written: an interrupted run leaves it as it was).")
 @click.option("--count", default=2000, show_default=True, type=int)
 @click.option("--image-size", default=256, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)

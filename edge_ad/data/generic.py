@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from .. import atomic
 from ..errors import InputError
 
 
@@ -115,19 +117,10 @@ def generic_image(size: int = 256, seed: int = 0, index: int = 0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_generic(folder: str | os.PathLike, count: int, size: int = 256, seed: int = 0,
-                  progress: bool = True) -> list[Path]:
-    """Write ``count`` generic images as ``generic_NNNNNN.jpg`` into ``folder``; returns their paths.
-    A file is written to a temporary name and renamed, so an interrupted run leaves only whole images."""
-    import cv2
-    from tqdm import tqdm
-
-    from .. import atomic
-
-    if int(count) < 1:
-        raise InputError(f"generic image count {count}: expected at least 1")
-    _check(size, seed)  # before the folder is made
-    out = Path(folder)
+def _check_out(out: Path) -> Path:
+    """``out`` of :func:`write_generic`: missing, an empty folder or a previous run's (generic_NNNNNN.jpg only;
+    older versions wrote them in place, and a killed one left its temp files), in a folder where the new one
+    can be made. Returns the folder (a link's target), the one replaced."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; expected a folder to write the generic images into")
     ours = re.compile(r"\.?generic_\d{6}\.jpg(\..*\.tmp)?")   # a previous run's images (and a killed one's temps)
@@ -137,18 +130,48 @@ def write_generic(folder: str | os.PathLike, count: int, size: int = 256, seed: 
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             raise InputError(f"{out}: holds {shown}; expected a new or empty folder, or one a previous "
                              "'edge-ad generic-images' wrote (generic_NNNNNN.jpg only): its images are replaced")
-    out.mkdir(parents=True, exist_ok=True)
-    keep = {f"generic_{i:06d}.jpg" for i in range(int(count))}
-    for p in out.iterdir():   # a previous run's images beyond this count, and its temporary files
-        if p.name not in keep:
-            p.unlink()
-    paths = []
-    for i in tqdm(range(int(count)), desc="generic images", unit="img", disable=None if progress else True):
-        img = generic_image(size, seed, i)
-        ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
-        if not ok:
-            raise InputError(f"{out}: could not encode generic image {i} as JPEG")
-        p = out / f"generic_{i:06d}.jpg"
-        atomic.write_bytes(p, buf.tobytes())
-        paths.append(p)
-    return paths
+    real = Path(os.path.realpath(out))   # a link to the folder: the folder is the one replaced, beside itself
+    atomic.check_parent_writable(real, str(out), f"the images are written beside {real.name} and renamed into place")
+    return real
+
+
+def write_generic(folder: str | os.PathLike, count: int, size: int = 256, seed: int = 0,
+                  progress: bool = True) -> list[Path]:
+    """Write ``count`` generic images as ``generic_NNNNNN.jpg`` into ``folder``; returns their paths.
+
+    ``folder`` is new, empty, or a previous run's, which is replaced as a whole: the images are written into a
+    sibling folder (``.NAME.new-*``) switched in when all are there (:func:`atomic.switch_folder`), so an
+    interrupted run (Ctrl-C, a power cut) leaves the previous run's folder as it was, never a mix of two runs,
+    and the next run deletes what it left beside the folder."""
+    import cv2
+    from tqdm import tqdm
+
+    if int(count) < 1:
+        raise InputError(f"generic image count {count}: expected at least 1")
+    _check(size, seed)  # before the folder is made
+    out = Path(folder)
+    real = _check_out(out)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    for p in sum(atomic.switch_leftovers(real), []):   # a killed run's; one at work holds its own
+        atomic.remove_unheld(p)
+    stage = atomic.staging_beside(real)
+    stage.mkdir()
+    try:
+        with atomic.folder_lock(stage, f"{stage}: taken by another edge-ad generic-images; run it again"):
+            if real.is_dir():  # the folder keeps its permissions
+                os.chmod(stage, real.stat().st_mode & 0o7777)
+            names = []
+            for i in tqdm(range(int(count)), desc="generic images", unit="img",
+                          disable=None if progress else True):
+                img = generic_image(size, seed, i)
+                ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+                if not ok:
+                    raise InputError(f"{out}: could not encode generic image {i} as JPEG")
+                names.append(f"generic_{i:06d}.jpg")
+                atomic.write_bytes(stage / names[-1], buf.tobytes())
+            _check_out(out)   # again: something may have been put there meanwhile
+            atomic.switch_folder(stage, real, "generic images folder")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return [out / n for n in names]

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 
 from .. import __version__, atomic, gaussian, scoring
 from ..bundle import (_TEMP_RE, TRAINING_IMAGES, TRAINING_STATE, Bundle, foreign_entries, is_bundle_folder,
-                      now_iso, switch_leftovers, training_images_bytes)
+                      now_iso, training_images_bytes)
 from ..errors import InputError, RuntimeFailure
 from ..models import KINDS, build, check_model_config, default_config, describe, load_weights
 from ..models.pdn import pdn
@@ -161,15 +160,10 @@ def check_out_folder(out: Path) -> None:
             raise InputError(f"--out {out}: holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, "
                              "which no bundle holds; training replaces the bundle folder as a whole, so move "
                              "them away or choose another --out (nothing was changed)")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"--out {out}: {parent} is a file; a folder was expected there")
-    for folder in (parent, out) if out.is_dir() else (parent,):
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"--out {out}: the folder {folder} is not writable (the new bundle is built "
-                             f"beside {out.name} and renamed into place)")
+    why = f"the new bundle is built beside {out.name} and renamed into place"
+    atomic.check_parent_writable(out, f"--out {out}", why)
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: the folder {out} is not writable ({why})")
 
 
 def tidy_out(out: Path) -> None:
@@ -179,7 +173,7 @@ def tidy_out(out: Path) -> None:
     ``.NAME.new-*`` (a training killed while building it), ``.NAME.old-*`` (once ``out`` is whole) and the
     temp files of a checkpoint being written (``.train_state.pt.*.tmp``) are deleted. A staging folder
     another training still holds (it locks it) is left alone."""
-    new, old = switch_leftovers(out)
+    new, old = atomic.switch_leftovers(out)
     if old and not out.exists():
         for stage in new:   # newest first
             try:
@@ -203,33 +197,19 @@ def tidy_out(out: Path) -> None:
 
 
 def _switch_in(stage: Path, out: Path, state: Path | None) -> None:
-    """Put the bundle built in ``stage`` at ``out``; the bundle there before (if any) is removed. With
-    ``state`` (this run's training state, in ``out``) it moves into the new bundle for a later ``--resume``.
-
-    The old folder is renamed away, the new one renamed in, then the old one deleted: a failure or power cut
-    before the first rename leaves the old bundle whole (and ``stage`` beside it); between the two renames
-    (two system calls) both are whole, as ``.NAME.old-*`` and ``.NAME.new-*`` beside ``out``."""
+    """Put the bundle built in ``stage`` at ``out``; the bundle there before (if any) is removed
+    (:func:`atomic.switch_folder`: a failure or power cut leaves the old bundle or the new one whole). With
+    ``state`` (this run's training state, in ``out``) it moves into the new bundle for a later ``--resume``."""
     if out.is_dir():
         check_out_folder(out)  # again: something may have been put there during the training
     if state is not None:
         os.replace(state, stage / state.name)
-    old = None
     try:
-        if out.is_dir():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-        os.rename(stage, out)
+        atomic.switch_folder(stage, out, "bundle")
     except BaseException:
-        if old is not None and not out.exists():
-            os.rename(old, out)
         if state is not None and (stage / state.name).exists():
             os.replace(stage / state.name, state)
         raise
-    atomic._fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-        if old.exists():
-            log.warning("%s: the replaced bundle could not be removed entirely; delete it by hand", old)
 
 
 def train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size: int = 256,
@@ -387,7 +367,7 @@ def _train_bundle(model_kind: str, data: str | Path, out: str | Path, image_size
     # --out before (graphs, quantized graphs, calibration history, Gaussian statistics, engines, eval
     # report) survives to mix with the new model, and a failure or interruption leaves that bundle as it was
     real.parent.mkdir(parents=True, exist_ok=True)
-    stage = real.with_name(f".{real.name}.new-{uuid.uuid4().hex[:8]}")
+    stage = atomic.staging_beside(real)
     stage.mkdir()
     try:
         with atomic.folder_lock(stage, f"{stage}: taken by another edge-ad train tidying up beside {real.name}; "
