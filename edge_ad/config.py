@@ -813,9 +813,12 @@ def _check_mqtt_keys(table: dict, origins: dict, config_path: Path | None) -> No
 
 
 def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple[list[str], Any, str]] = (),
-                  environ: Mapping[str, str] | None = None, schema: type[Settings] | None = None) -> Settings:
+                  environ: Mapping[str, str] | None = None, schema: type[Settings] | None = None,
+                  for_run: bool = False) -> Settings:
     """Read the TOML file (optional), apply env then ``overrides`` ((path, value, origin) tuples), validate
     (against ``schema``: :class:`Settings`, or :class:`CaptureSettings` for a command that opens no model).
+    ``for_run``: also refuse what ``run`` would refuse at start (:meth:`Settings.trigger_problem`), for ``run``
+    and ``doctor``; commands that read only some sections (``bundle install`` its ``[model]``) leave it out.
 
     Relative paths in the file are taken relative to the file's folder; relative paths given in the
     environment or on the command line are taken relative to the working directory.
@@ -888,7 +891,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
                 src = (f" ({given} in {cfg_path}: a relative path in the config file is read from the file's folder, "
                        f"{cfg_path.resolve().parent}, not from the working directory){src}")
             raise InputError(f"{cfg_path or 'config'}: invalid config: {exc}{src}") from None
-    if not isinstance(s, CaptureSettings):   # what run would refuse at start (capture and calibrate read no trigger)
+    if for_run and not isinstance(s, CaptureSettings):   # what run would refuse at start
         why = s.trigger_problem(lambda field: _where(tuple(field.split(".")), origins, cfg_path))
         if why is not None:
             raise InputError(f"{cfg_path or 'config'}: invalid config: {why}")

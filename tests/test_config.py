@@ -269,7 +269,8 @@ def test_an_unknown_mqtt_key_is_refused_whether_or_not_mqtt_is_on(tmp_path, enab
 def test_a_command_trigger_without_mqtt_is_refused_with_the_config(tmp_path):
     """source.trigger = "command" with MQTT off (no [mqtt], or enabled = false) passed 'run --print-config' and
     doctor's config line, and only 'run' refused it, once the model was loaded. The config is refused (exit 2),
-    naming the fields and where each value came from; capture and calibrate, which read no trigger, take it."""
+    naming the fields and where each value came from, by run and doctor (for_run); capture, calibrate and bundle
+    install, which read no trigger, take it."""
     from click.testing import CliRunner
 
     from edge_ad.cli import main
@@ -278,7 +279,7 @@ def test_a_command_trigger_without_mqtt_is_refused_with_the_config(tmp_path):
     trig = MINIMAL.replace('uri = "file://clip.avi"', 'uri = "synthetic://disc"\nmode = "trigger"\ntrigger = "command"')
     cfg = _write(tmp_path, trig)
     with pytest.raises(InputError) as ei:
-        load_settings(cfg, environ={})
+        load_settings(cfg, environ={}, for_run=True)
     assert str(ei.value) == (
         f"{cfg}: invalid config: source.trigger = 'command' [from {cfg}] (with source.mode = 'trigger' [from {cfg}]) "
         "releases frames only on the MQTT inspect command, and MQTT is off (no [mqtt] section): nothing could ever be "
@@ -292,14 +293,18 @@ def test_a_command_trigger_without_mqtt_is_refused_with_the_config(tmp_path):
     off = _write(tmp_path, trig + '\n[mqtt]\nenabled = false\n', "off.toml")
     with pytest.raises(InputError, match=rf"MQTT is off \(mqtt.enabled = false \[from {off}\]\): nothing could ever "
                                          "be inspected; set mqtt.enabled = true, or"):
-        load_settings(off, environ={})
+        load_settings(off, environ={}, for_run=True)
     with pytest.raises(InputError, match=r"source.trigger = 'command' \[from --set source.trigger\] \(with source.mode "
                                          r"= 'trigger' \[from environment variable EDGE_AD_SOURCE__MODE\]\)"):
         load_settings(_write(tmp_path, MINIMAL, "plain.toml"), [parse_set_option("source.trigger=command")],
-                      environ={"EDGE_AD_SOURCE__MODE": "trigger"})
-    assert load_settings(off, [parse_set_option("mqtt.enabled=true")], environ={}).source.trigger == "command"
-    assert load_settings(cfg, [parse_set_option("source.mode=stream")], environ={}).source.trigger == "command"
+                      environ={"EDGE_AD_SOURCE__MODE": "trigger"}, for_run=True)
+    assert load_settings(off, [parse_set_option("mqtt.enabled=true")], environ={}, for_run=True).source.trigger == "command"
+    assert load_settings(cfg, [parse_set_option("source.mode=stream")], environ={}, for_run=True).source.trigger == "command"
     assert load_settings(cfg, environ={}, schema=CaptureSettings).source.trigger == "command"
+    assert load_settings(cfg, environ={}).source.trigger == "command"     # bundle install reads only [model]
+    res = CliRunner().invoke(main, ["bundle", "install", "--config", str(cfg), str(tmp_path / "none.tar")])
+    assert res.exit_code == 2 and "invalid config" not in res.output, res.output          # read: its [model] is
+    assert "has no [model] deploy_dir" in res.output, res.output                             # what it refuses
 
 
 def test_mqtt_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):

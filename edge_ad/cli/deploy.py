@@ -81,7 +81,8 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
         from ..config import load_settings
 
         try:  # --bundle overrides model.bundle as run's --bundle does (and is refused beside a deploy_dir, too)
-            settings = load_settings(config, [(["model", "bundle"], str(bundle), "--bundle")] if bundle else [])
+            settings = load_settings(config, [(["model", "bundle"], str(bundle), "--bundle")] if bundle else [],
+                                     for_run=True)
             extra.append(d.Check("config", d.Status.OK, f"{config}: valid"))
         except EdgeADError as exc:
             extra.append(d.Check("config", d.Status.FAIL, str(exc), required=True,

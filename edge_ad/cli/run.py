@@ -21,7 +21,7 @@ from .types import Seconds, env_file_option
 def _settings_loader(config: str | None, overrides: list):
     from ..config import load_settings
 
-    return lambda: load_settings(config, overrides)
+    return lambda: load_settings(config, overrides, for_run=True)
 
 
 @main.command("run")
@@ -69,7 +69,7 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
         if value is not None:
             overrides.append((path, value, flag))
     overrides += [parse_set_option(s) for s in sets]
-    settings = load_settings(config, overrides)
+    settings = load_settings(config, overrides, for_run=True)
     if print_config:
         click.echo(json.dumps(settings.redacted(), indent=2))
         return
