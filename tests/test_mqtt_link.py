@@ -1623,3 +1623,29 @@ def test_a_copy_the_safety_net_replaced_is_not_published_again_as_a_reply_when_t
     finally:
         link.stop()
         proxy.close()
+
+
+def test_a_puback_the_link_cannot_read_itself_goes_to_paho(monkeypatch):
+    """The PUBACK reader for codes MQTT v5 does not allow in a PUBACK (0x95 from Mosquitto's message_size_limit)
+    read paho's reason-code table from the class, which paho 2.0 and 2.1 make per instance: its AttributeError
+    killed paho's network thread at the first refusing PUBACK, and nothing left the outbox again. The table is
+    read from an instance, and whatever fails in that reading hands the PUBACK to paho as it is."""
+    import types
+
+    from edge_ad.mqtt import client as mc
+
+    assert mc._puback_lists(0x87) and mc._puback_lists(0x10) and not mc._puback_lists(0x95)
+    seen = []
+    fake = types.SimpleNamespace(_handle_pubackcomp=lambda cmd: seen.append(cmd) or 0,
+                                 _in_packet={"packet": b"\x00\x07\x95"}, _out_message_mutex=threading.Lock(),
+                                 _out_messages={7: object()},
+                                 _do_on_publish=lambda mid, rc, props: seen.append((mid, rc.value)) or 0)
+    mc._read_refusing_pubacks(fake)
+    assert fake._handle_pubackcomp("PUBACK") == 0 and seen == [(7, 0x95)]          # read here: a refusal
+    seen.clear()
+
+    def broken(code):
+        raise AttributeError("type object 'ReasonCode' has no attribute 'names'")
+
+    monkeypatch.setattr(mc, "_puback_lists", broken)
+    assert fake._handle_pubackcomp("PUBACK") == 0 and seen == ["PUBACK"]           # paho reads it
