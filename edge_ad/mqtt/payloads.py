@@ -108,9 +108,9 @@ def status_state(payload: bytes) -> tuple[str, dict]:
     return (state if state in ("online", "offline") else "unknown"), body
 
 
-def status_since(body: dict) -> str:
-    """" since TS" for a status ``body`` (:func:`status_state`) whose ``ts`` is a text (the device's RFC 3339
-    time), to follow the state it names in a message; "" when its ``ts`` is missing, empty or not a text (a will
-    carries none)."""
+def status_since(body: dict, word: str = "since") -> str:
+    """" since TS" (or another ``word``: " at TS") for a status ``body`` (:func:`status_state`) whose ``ts`` is a
+    text (the device's RFC 3339 time), to follow the state it names in a message; "" when its ``ts`` is missing,
+    empty or not a text (a will carries none)."""
     ts = body.get("ts")
-    return f" since {ts}" if isinstance(ts, str) and ts else ""
+    return f" {word} {ts}" if isinstance(ts, str) and ts else ""

@@ -348,8 +348,7 @@ def went_offline_text(topic: str, seen: dict, timeout: float | None = None) -> s
         why = ("the broker published its last will, having lost its connection (killed, a power cut, or a network "
                f"cut), and no reply came within {timeout:g} s; it may still answer once it reconnects")
     elif reason == "stopped":
-        ts = status.get("ts")
-        why = f"edge-ad stopped there{f' at {ts}' if isinstance(ts, str) and ts else ''} without answering it"
+        why = f"edge-ad stopped there{payloads.status_since(status, 'at')} without answering it"
     else:
         why = f"reason {reason!r}" if reason else "no reason given"
     return (f"device {site}/{device} went offline while the command {name} was under way: its status turned "
