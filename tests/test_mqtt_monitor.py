@@ -444,10 +444,13 @@ def test_home_assistant_node_ids_do_not_collide():
     assert node_id("p1", "cam1") == node_id("p1", "cam1")
 
 
+MODEL_HASH = "1f" * 32     # a model_hash is a sha256 (the status schema says so)
+
+
 def _link(url, tmp_path, device, **kw):
     s = MqttSettings(url=url, site="p1", device=device, outbox_path=tmp_path / f"{device}.sqlite",
                      reconnect_min_s=0.1, **kw)
-    return MqttLink(s, birth={"model_hash": "h1", "calibration_version": 2}).start()
+    return MqttLink(s, birth={"model_hash": MODEL_HASH, "calibration_version": 2}).start()
 
 
 def _wait(pred, timeout=10.0):
@@ -489,7 +492,7 @@ def test_run_monitor_streams_json_lines(mosquitto, tmp_path):
     last = lines[-1]
     assert last["state"] == "online" and last["fps"] == 12.5 and last["calibration_version"] == 2
     assert last["last_result"]["score"] == 0.3 and last["drift"] is False and last["outbox_depth"] == 0
-    assert view.rows()[0].model_hash == "h1"
+    assert view.rows()[0].model_hash == MODEL_HASH
     link.stop()
 
 
