@@ -920,6 +920,36 @@ def test_cli_monitor_and_command(mosquitto, tmp_path):
     b.stop()
 
 
+def test_cli_broker_url_from_run_s_variable_and_ca_file_as_doctor_names_it(mosquitto, tmp_path, monkeypatch):
+    """monitor, command and decommission read the broker from $EDGE_AD_MQTT_URL only, a variable no doc named,
+    while run reads $EDGE_AD_MQTT__URL; and their CA option was --ca where doctor's is --ca-file. Both variables
+    are read now ($EDGE_AD_MQTT_URL first), a missing --mqtt names them, and --ca-file is the option (--ca the
+    same)."""
+    link = _link(mosquitto.url, tmp_path, "cam1")
+    assert _wait(lambda: link.connected)
+    monkeypatch.delenv("EDGE_AD_MQTT_URL", raising=False)
+    monkeypatch.delenv("EDGE_AD_MQTT__URL", raising=False)
+    runner = CliRunner()
+    rest = {"monitor": [], "command": ["--site", "p1", "--device", "cam1", "status"],
+            "decommission": ["--site", "p1", "--device", "cam1"]}
+    for name, args in rest.items():
+        res = runner.invoke(main, [name, *args])
+        assert res.exit_code == 2, res.output
+        assert "Missing option '--mqtt' (or $EDGE_AD_MQTT_URL, $EDGE_AD_MQTT__URL)" in res.output, res.output
+    res = runner.invoke(main, ["monitor", "--json", "--duration", "1"], env={"EDGE_AD_MQTT__URL": mosquitto.url})
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[0])["device"] == "cam1", res.output
+    res = runner.invoke(main, ["monitor", "--json", "--duration", "1"],
+                        env={"EDGE_AD_MQTT_URL": mosquitto.url, "EDGE_AD_MQTT__URL": "mqtt://127.0.0.1:1"})
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[0])["device"] == "cam1", res.output
+    missing = tmp_path / "no-ca.pem"
+    for name, args in rest.items():
+        for option in ("--ca-file", "--ca"):
+            argv = [name, "--mqtt", "mqtts://127.0.0.1:1", option, str(missing), *args]
+            res = runner.invoke(main, argv)
+            assert res.exit_code == 2 and f"ca_file = '{missing}': does not exist" in res.output, (argv, res.output)
+    link.stop()
+
+
 @pytest.mark.parametrize("json_lines", [True, False], ids=["json", "table"])
 def test_cli_monitor_stops_quietly_when_the_reader_closes_the_pipe(mosquitto, tmp_path, json_lines):
     """`edge-ad monitor --json | head -1`: the monitor caught the BrokenPipeError of every later message,
