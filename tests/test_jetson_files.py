@@ -506,3 +506,18 @@ def test_camera_check_exits_non_zero_when_the_capture_fails(tmp_path, gst_rc):
         else:
             assert res.returncode == 1 and "camera-check: capture failed (gst-launch-1.0 exit 1)" in res.stderr
             assert "No cameras available" in res.stdout + res.stderr
+
+
+def test_the_docs_name_only_files_the_repository_has():
+    """README.md pointed at `shared/DESIGN.md` and `shared/MODELS.md`, files outside the repository that a reader
+    of it does not have. Every relative link of README.md, docs/*.md and jetson/*.md, and every `*.md` file they
+    name in a code span, is a file of the repository (relative to the document or to its root)."""
+    repo = JETSON.parent
+    missing = []
+    for doc in (repo / "README.md", *sorted(repo.glob("docs/*.md")), *sorted(JETSON.glob("*.md"))):
+        text = doc.read_text()
+        links = [t for t in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if not re.match(r"[a-z]+:", t)]
+        for target in links + re.findall(r"`([\w./-]+\.md)`", text):
+            if not ((doc.parent / target).exists() or (repo / target).exists()):
+                missing.append((doc.name, target))
+    assert not missing, missing
