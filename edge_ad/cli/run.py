@@ -69,7 +69,10 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
         if value is not None:
             overrides.append((path, value, flag))
     overrides += [parse_set_option(s) for s in sets]
-    settings = load_settings(config, overrides, for_run=True)
+    hint = "" if config else (f"no config file was given: name one with --config FILE or ${ENV_CONFIG} "
+                              "(examples/edge-ad.toml is a documented example), or give the model and the "
+                              "source as flags: --bundle DIR --source URI")
+    settings = load_settings(config, overrides, missing_hint=hint, for_run=True)
     if print_config:
         click.echo(json.dumps(settings.redacted(), indent=2))
         return
