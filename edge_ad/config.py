@@ -777,8 +777,11 @@ def _table_fields(schema: type[BaseModel], loc: tuple) -> list[str] | None:
 
 
 def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None, prefix: tuple = (),
-                   schema: type[BaseModel] | None = None) -> str:
+                   schema: type[BaseModel] | None = None, missing_hint: str = "") -> str:
+    """``FILE: invalid config: field: what [from origin]; ...``, and ``missing_hint`` at the end when a required
+    field is missing that nothing gave (no file, variable or flag: ``[from defaults]``)."""
     lines = []
+    unset = False
     for err in exc.errors():
         loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         field = ".".join(str(p) for p in loc) or "(top level)"
@@ -791,9 +794,10 @@ def _format_errors(exc: ValidationError, origins: dict, config_path: Path | None
         where = _where(loc, origins, config_path)
         if err["type"] == "extra_forbidden":
             msg = _unknown_field(loc, None if schema is None else _table_fields(schema, loc[:-1]), where)
+        unset = unset or (err["type"] == "missing" and where == "defaults")
         lines.append(f"{field}: {msg}{got} [from {where}]")
     head = f"{config_path}: invalid config" if config_path else "invalid config"
-    return head + ": " + "; ".join(lines)
+    return head + ": " + "; ".join(lines) + (f"; {missing_hint}" if unset and missing_hint else "")
 
 
 def _check_mqtt_keys(table: dict, origins: dict, config_path: Path | None) -> None:
@@ -814,11 +818,12 @@ def _check_mqtt_keys(table: dict, origins: dict, config_path: Path | None) -> No
 
 def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple[list[str], Any, str]] = (),
                   environ: Mapping[str, str] | None = None, schema: type[Settings] | None = None,
-                  for_run: bool = False) -> Settings:
+                  for_run: bool = False, missing_hint: str = "") -> Settings:
     """Read the TOML file (optional), apply env then ``overrides`` ((path, value, origin) tuples), validate
     (against ``schema``: :class:`Settings`, or :class:`CaptureSettings` for a command that opens no model).
     ``for_run``: also refuse what ``run`` would refuse at start (:meth:`Settings.trigger_problem`), for ``run``
     and ``doctor``; commands that read only some sections (``bundle install`` its ``[model]``) leave it out.
+    ``missing_hint`` ends the error when a required field is missing that nothing gave (what to give instead).
 
     Relative paths in the file are taken relative to the file's folder; relative paths given in the
     environment or on the command line are taken relative to the working directory.
@@ -856,7 +861,8 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[tuple
     try:
         s = (schema or Settings).model_validate(tree)
     except ValidationError as exc:
-        raise InputError(_format_errors(exc, origins, cfg_path, schema=schema or Settings)) from None
+        raise InputError(_format_errors(exc, origins, cfg_path, schema=schema or Settings,
+                                        missing_hint=missing_hint)) from None
     if mqtt_given and not s.mqtt_enabled:
         # a --mqtt-url that the file's enabled = false would silently drop
         where = origins.get(("mqtt", "enabled"), cfg_path or "defaults")

@@ -1025,7 +1025,7 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
                min_free_mb: int = DEFAULT_MIN_FREE_MB, timeout_s: float = 3.0,
                service: bool = True, device: str | None = None,
                resolve_bundle: Callable[[], str | os.PathLike] | None = None, settings=None,
-               publish: Sequence[str] | None = None) -> list[Check]:
+               publish: Sequence[str] | None = None, invalid_config: str | os.PathLike | None = None) -> list[Check]:
     """Run every check. ``mqtt``: a :class:`edge_ad.mqtt.settings.BrokerSettings` (or None: skipped);
     ``publish``: the device's topics to probe on it (:func:`publish_probe_topics`; None: its site and device are
     not known, not probed);
@@ -1036,8 +1036,12 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
     ``model.bundle_path``, which follows ``model.deploy_dir``'s 'current' link); its error is a required
     failure. ``settings``: the validated config, when there is one: the model is then opened through
     ``run``'s own :func:`open_inspector` with it (its backend, precision, device, threads, batch), so its
-    ``model`` section must already carry any override of ``backend`` / ``precision``."""
+    ``model`` section must already carry any override of ``backend`` / ``precision``. ``invalid_config``: the
+    config given, when it is invalid: the broker and the bundle it would name are then said to be not checked
+    because of it, not "not given"."""
     from .errors import EdgeADError
+
+    unread = f"not checked: the config {invalid_config} is invalid (above)" if invalid_config is not None else ""
 
     need_trt = backend == "tensorrt"
     l4t = None
@@ -1061,6 +1065,9 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
             checks.append(Check("broker-acl", Status.SKIP, "whether the broker lets the device publish to its topics "
                                 "is not checked (doctor --config LINE.toml --probe-publish checks it, with an empty "
                                 "message to each that their consumers receive)"))
+    elif unread:
+        checks.append(Check("broker", Status.SKIP, f"{unread}: its [mqtt] broker is not known until it is fixed "
+                            "(or give --mqtt URL)"))
     else:
         checks.append(Check("broker", Status.SKIP, "no broker given (--mqtt URL or a config with [mqtt])"))
     if settings is not None:
@@ -1099,6 +1106,9 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
             else:
                 checks += _safe("backend", lambda: check_backend(found[0], backend, precision, device,
                                                                  settings=settings), True)
+    elif unread:   # the config's FAIL already says run cannot start
+        checks.append(Check("bundle", Status.SKIP, f"{unread}: the model run opens, its backend and engine are not "
+                            "known until it is fixed (or give --bundle DIR)"))
     elif not unresolved:   # what run would open is unknown: the summary says run itself was not checked
         checks.append(Check("bundle", Status.SKIP, "no bundle or config given: the model run opens, its backend and "
                             "engine are not checked (give --config LINE.toml, the service's, or --bundle DIR)",

@@ -488,9 +488,11 @@ install_edge_ad() {
     # --force-reinstall: a wheel of the version installed (every build of a checkout is 0.1.0 until the
     # version changes) is otherwise skipped as 'already installed'; --no-deps keeps it to edge-ad
     run "${VPY}" -m pip install --no-deps --upgrade --force-reinstall "${pkg}"
-    # its runtime requirements, except the OpenCV wheel when the system OpenCV is used
+    # its runtime requirements and those of its sign extra (cryptography: a line with an Ed25519 update_key
+    # verifies bundle archives, bundle install --key and the MQTT update_model), except the OpenCV wheel when
+    # the system OpenCV is used
     if [[ ${DRY_RUN} -eq 1 ]]; then
-        printf '+ %s -m pip install -c %s <requirements of edge-ad%s>\n' "${VPY}" "${constraints}" \
+        printf '+ %s -m pip install -c %s <requirements of edge-ad and its sign extra%s>\n' "${VPY}" "${constraints}" \
             "$([[ ${OPENCV} == system ]] && echo ', without opencv-python-headless')"
     else
         reqs=$("${VPY}" - "${OPENCV}" <<'PY'
@@ -501,7 +503,9 @@ from importlib.metadata import requires
 skip_opencv = sys.argv[1] == "system"
 for req in requires("edge-ad") or []:
     if "extra ==" in req:
-        continue
+        if not re.search(r"""extra\s*==\s*["']sign["']""", req):
+            continue
+        req = req.split(";", 1)[0].strip()
     name = re.split(r"[ ;<>=!~\[]", req, maxsplit=1)[0].lower()
     if skip_opencv and name.startswith("opencv"):
         continue

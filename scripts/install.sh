@@ -47,4 +47,5 @@ if ! grep -qE '(index-url|find-links)=' <<<"$pip_config"; then
   export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
   echo "pip has no index configured besides PyPI: adding PyTorch's CPU wheels ($PIP_EXTRA_INDEX_URL)" >&2
 fi
-"$PY" -m pip install -q --disable-pip-version-check -e ".[train,dev,broker]"
+# sign: cryptography, for the Ed25519 signatures of bundle archives (bundle keygen, pack --sign-key, install --key)
+"$PY" -m pip install -q --disable-pip-version-check -e ".[train,dev,broker,sign]"

@@ -169,6 +169,30 @@ def test_open_backend_errors_name_the_choices(bundle):
         open_backend(b, "torch", "fp16", "cpu")
 
 
+def test_open_backend_takes_a_bundle_folder_and_the_compile_doc_example_runs(bundle, tmp_path):
+    """docs/compile.md showed open_backend(bundle, ...) without saying what bundle is, and a folder's path
+    failed deep inside ('str' object has no attribute 'active_precision'). A path is opened with
+    Bundle.open, anything else is a TypeError, and the doc's example (Bundle.open, a batch, infer) runs."""
+    import re
+
+    import cv2
+
+    b, _ = bundle
+    for path in (str(b.path), b.path):
+        with open_backend(path, "onnxruntime", device="cpu") as be:
+            assert be.name == "onnxruntime" and be.graph == b.file("model.onnx")
+    with pytest.raises(TypeError, match="bundle is a int; expected a Bundle"):
+        open_backend(3)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "compile.md").read_text()
+    code = re.search(r"## Backends\n\n```python\n(.*?)```", doc, flags=re.S).group(1)
+    assert 'Bundle.open("bundles/mt")' in code and 'load_image("part.png")' in code
+    cv2.imwrite(str(tmp_path / "part.png"), make_part("grain", SIZE, None, seed=3).image[:, :, ::-1])
+    names = {}
+    exec(code.replace("bundles/mt", str(b.path)).replace("part.png", str(tmp_path / "part.png")), names)
+    assert set(names["outputs"]) == set(b.manifest["model"]["outputs"])
+    assert all(v.dtype == np.float32 and v.shape[0] == 1 for v in names["outputs"].values())
+
+
 def test_corrupt_graph_is_refused(bundle, tmp_path):
     import shutil
 

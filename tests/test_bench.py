@@ -288,3 +288,23 @@ def test_speed_chart_of_one_model_is_wide_enough_for_its_title(tmp_path):
     assert width >= 9 * 110                                        # 9 inches at 110 dpi
     assert speed.machine_label({"machine": "x86_64", "cpu_count": 2, "gpu_name": None}) == "x86_64, 2 CPU cores"
     assert speed.machine_label({"gpu_name": "NVIDIA H200"}) == "NVIDIA H200"
+
+
+def test_readme_accuracy_table_rounds_the_results_file():
+    """README's accuracy table gave AUPRO 0.557 and 0.542 for the H200 5,000- and 1,200-step rows, where
+    bench/results/accuracy.json has 0.55648 and 0.54150: each row's image AUROC, pixel AUROC and AUPRO are those
+    of a result in the file, rounded to 3 decimals."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    results = json.loads((repo / "bench" / "results" / "accuracy.json").read_text())
+    known = {tuple(f"{r[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro")): name
+             for name, r in results.items() if isinstance(r, dict) and "aupro" in r}
+    text = (repo / "README.md").read_text()
+    table = text[text.index("| model | preset | steps |"):]
+    rows = table[:table.index("\n\n")].splitlines()[2:]
+    assert len(rows) >= 10, rows
+    for row in rows:
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        assert tuple(cells[4:7]) in known, (cells[0], cells[1], cells[4:7])
+        assert all(re.fullmatch(r"0\.\d{3}", c) for c in cells[4:7]), cells

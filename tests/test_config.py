@@ -420,6 +420,34 @@ def test_cli_invalid_config_exits_2_before_opening_the_camera(tmp_path):
     assert "pipeline.max_batch" in r.stderr and "video-does-not-exist" not in r.stderr
 
 
+def test_cli_run_without_a_config_says_what_to_give(tmp_path, monkeypatch):
+    """'edge-ad run --max-frames 1' with no config said only 'invalid config: model: Field required [from
+    defaults]; source: Field required [from defaults]'. With nothing giving a required field, it now says what
+    to give: --config FILE, $EDGE_AD_CONFIG, or --bundle with --source; a config file that lacks them is named
+    as before, and an error that is not a missing field gets no such advice."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    for k in [k for k in os.environ if k.startswith("EDGE_AD_")]:
+        monkeypatch.delenv(k)
+    hint = ("no config file was given: name one with --config FILE or $EDGE_AD_CONFIG (examples/edge-ad.toml is a "
+            "documented example), or give the model and the source as flags: --bundle DIR --source URI")
+    monkeypatch.chdir(tmp_path)
+    for argv, first in ((["--max-frames", "1"], "model: Field required [from defaults]; source: Field required"),
+                        (["--source", "synthetic://disc"], "model: Field required [from defaults]"),
+                        (["--bundle", "b"], "source: Field required [from defaults]")):
+        res = CliRunner().invoke(main, ["run", *argv])
+        assert res.exit_code == 2 and res.output.startswith(f"error: invalid config: {first}"), res.output
+        assert res.output.rstrip().endswith(hint), res.output
+    res = CliRunner().invoke(main, ["run", "--bundle", "b", "--source", "synthetic://disc", "--precision", "int4"])
+    assert res.exit_code == 2 and "model.precision" in res.output and "no config file" not in res.output
+    cfg = _write(tmp_path, "[output]\njsonl = \"\"\n")
+    res = CliRunner().invoke(main, ["run", "--config", str(cfg)])
+    assert res.exit_code == 2 and f"model: Field required [from {cfg}]" in res.output, res.output
+    assert "no config file" not in res.output
+
+
 def test_an_empty_command_secret_stops_run_at_start_naming_where_it_came_from(tmp_path):
     pytest.importorskip("paho.mqtt")
     cfg = _write(tmp_path, MINIMAL.replace("file://clip.avi", "synthetic://")

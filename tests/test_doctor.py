@@ -394,6 +394,31 @@ def test_cli_with_config(tmp_path, tiny):
     assert res.exit_code == 2 and "--timeout" in res.output
 
 
+def test_cli_with_an_invalid_config_says_what_it_did_not_check_and_why(tmp_path, tiny):
+    """'doctor --config C' with an invalid C printed '[FAIL] config ...' and then 'no bundle or config given' and
+    'no broker given (--mqtt URL or a config with [mqtt])', as if no config had been given. Those lines now say
+    they were not checked because the config is invalid (a --bundle or --mqtt given is still checked)."""
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text('[model]\nbundle = "b"\n\n[source]\nuri = "synthetic://disc"\nmode = "strem"\n\n'
+                   '[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n')
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1", "--json"])
+    assert res.exit_code == 1, res.output
+    rep = json.loads(res.output)
+    by = {c["name"]: c for c in rep["checks"]}
+    assert by["config"]["status"] == "fail" and "source.mode" in by["config"]["detail"]
+    unread = f"not checked: the config {cfg} is invalid (above): "
+    assert by["broker"]["status"] == "skip" and by["broker"]["detail"] == (
+        unread + "its [mqtt] broker is not known until it is fixed (or give --mqtt URL)")
+    assert by["bundle"]["status"] == "skip" and by["bundle"]["detail"] == (
+        unread + "the model run opens, its backend and engine are not known until it is fixed (or give --bundle DIR)")
+    assert rep["run_can_start"] is False and rep["summary"].startswith("edge-ad run cannot start: config")
+    b = copy_bundle(tiny, tmp_path / "b")
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--bundle", str(b.path), "--min-free-mb", "1",
+                                    "--json"])
+    by = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    assert by["bundle"]["status"] == "ok", by["bundle"]
+
+
 def test_doctor_reads_the_update_key_as_an_update_would(tmp_path, tiny):
     """model.update_key was not looked at: an empty or short key passed doctor and made every update_model and
     bundle install refused, found at the first one. Doctor now reads it (a failure that does not stop run)."""

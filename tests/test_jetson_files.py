@@ -232,6 +232,22 @@ def test_source_wheel_is_built_from_a_clean_copy(tmp_path):
     assert res.returncode == 1 and f"{tmp_path}: not an edge-ad source folder (no pyproject.toml)" in res.stderr
 
 
+@pytest.mark.parametrize("opencv", ["system", "pip"])
+def test_install_sh_installs_the_sign_extra_with_the_requirements(opencv):
+    """Ed25519-signed bundle archives (bundle install --key, the config's update_key) need cryptography, the
+    sign extra, which install.sh left out with every extra: the requirements it installs (the Python it runs
+    on edge-ad's metadata, here this checkout's) are edge-ad's own and its sign extra's, and nothing of the
+    train, dev, broker, gpu or bench extras; opencv-python-headless only with --opencv pip."""
+    code = re.search(r"<<'PY'\n(.*?)\nPY\n", INSTALL.read_text(), flags=re.S).group(1)
+    reqs = subprocess.run([sys.executable, "-", opencv], input=code, capture_output=True, text=True,
+                          check=True).stdout.split("\n")
+    names = {re.split(r"[ ;<>=!~\[]", r, maxsplit=1)[0].lower() for r in reqs if r}
+    assert "cryptography>=41" in reqs and not any("extra" in r for r in reqs), reqs
+    assert not names & {"torch", "pytest", "amqtt", "cuda-python", "openvino", "matplotlib"}, names
+    assert ("opencv-python-headless" in names) == (opencv == "pip"), names
+    assert {"numpy", "onnxruntime", "paho-mqtt"} <= names, names
+
+
 def test_dry_run_jetpack5_builds_trt_bindings_when_asked(tmp_path):
     res = _bash("--l4t", "35.4.1", "--dry-run", "--yes", "--no-service", "--prefix", str(tmp_path / "opt"),
                 "--python", "python3.10-that-is-not-here", timeout=120)
@@ -490,3 +506,18 @@ def test_camera_check_exits_non_zero_when_the_capture_fails(tmp_path, gst_rc):
         else:
             assert res.returncode == 1 and "camera-check: capture failed (gst-launch-1.0 exit 1)" in res.stderr
             assert "No cameras available" in res.stdout + res.stderr
+
+
+def test_the_docs_name_only_files_the_repository_has():
+    """README.md pointed at `shared/DESIGN.md` and `shared/MODELS.md`, files outside the repository that a reader
+    of it does not have. Every relative link of README.md, docs/*.md and jetson/*.md, and every `*.md` file they
+    name in a code span, is a file of the repository (relative to the document or to its root)."""
+    repo = JETSON.parent
+    missing = []
+    for doc in (repo / "README.md", *sorted(repo.glob("docs/*.md")), *sorted(JETSON.glob("*.md"))):
+        text = doc.read_text()
+        links = [t for t in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if not re.match(r"[a-z]+:", t)]
+        for target in links + re.findall(r"`([\w./-]+\.md)`", text):
+            if not ((doc.parent / target).exists() or (repo / target).exists()):
+                missing.append((doc.name, target))
+    assert not missing, missing

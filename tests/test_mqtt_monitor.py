@@ -444,10 +444,13 @@ def test_home_assistant_node_ids_do_not_collide():
     assert node_id("p1", "cam1") == node_id("p1", "cam1")
 
 
+MODEL_HASH = "1f" * 32     # a model_hash is a sha256 (the status schema says so)
+
+
 def _link(url, tmp_path, device, **kw):
     s = MqttSettings(url=url, site="p1", device=device, outbox_path=tmp_path / f"{device}.sqlite",
                      reconnect_min_s=0.1, **kw)
-    return MqttLink(s, birth={"model_hash": "h1", "calibration_version": 2}).start()
+    return MqttLink(s, birth={"model_hash": MODEL_HASH, "calibration_version": 2}).start()
 
 
 def _wait(pred, timeout=10.0):
@@ -489,7 +492,7 @@ def test_run_monitor_streams_json_lines(mosquitto, tmp_path):
     last = lines[-1]
     assert last["state"] == "online" and last["fps"] == 12.5 and last["calibration_version"] == 2
     assert last["last_result"]["score"] == 0.3 and last["drift"] is False and last["outbox_depth"] == 0
-    assert view.rows()[0].model_hash == "h1"
+    assert view.rows()[0].model_hash == MODEL_HASH
     link.stop()
 
 
@@ -915,6 +918,36 @@ def test_cli_monitor_and_command(mosquitto, tmp_path):
                                '{"nope": 1}', "--timeout", "5"])
     assert res.exit_code == 1 and json.loads(res.output)["error"]["code"] == "invalid_args"
     b.stop()
+
+
+def test_cli_broker_url_from_run_s_variable_and_ca_file_as_doctor_names_it(mosquitto, tmp_path, monkeypatch):
+    """monitor, command and decommission read the broker from $EDGE_AD_MQTT_URL only, a variable no doc named,
+    while run reads $EDGE_AD_MQTT__URL; and their CA option was --ca where doctor's is --ca-file. Both variables
+    are read now ($EDGE_AD_MQTT_URL first), a missing --mqtt names them, and --ca-file is the option (--ca the
+    same)."""
+    link = _link(mosquitto.url, tmp_path, "cam1")
+    assert _wait(lambda: link.connected)
+    monkeypatch.delenv("EDGE_AD_MQTT_URL", raising=False)
+    monkeypatch.delenv("EDGE_AD_MQTT__URL", raising=False)
+    runner = CliRunner()
+    rest = {"monitor": [], "command": ["--site", "p1", "--device", "cam1", "status"],
+            "decommission": ["--site", "p1", "--device", "cam1"]}
+    for name, args in rest.items():
+        res = runner.invoke(main, [name, *args])
+        assert res.exit_code == 2, res.output
+        assert "Missing option '--mqtt' (or $EDGE_AD_MQTT_URL, $EDGE_AD_MQTT__URL)" in res.output, res.output
+    res = runner.invoke(main, ["monitor", "--json", "--duration", "1"], env={"EDGE_AD_MQTT__URL": mosquitto.url})
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[0])["device"] == "cam1", res.output
+    res = runner.invoke(main, ["monitor", "--json", "--duration", "1"],
+                        env={"EDGE_AD_MQTT_URL": mosquitto.url, "EDGE_AD_MQTT__URL": "mqtt://127.0.0.1:1"})
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[0])["device"] == "cam1", res.output
+    missing = tmp_path / "no-ca.pem"
+    for name, args in rest.items():
+        for option in ("--ca-file", "--ca"):
+            argv = [name, "--mqtt", "mqtts://127.0.0.1:1", option, str(missing), *args]
+            res = runner.invoke(main, argv)
+            assert res.exit_code == 2 and f"ca_file = '{missing}': does not exist" in res.output, (argv, res.output)
+    link.stop()
 
 
 @pytest.mark.parametrize("json_lines", [True, False], ids=["json", "table"])

@@ -3,6 +3,7 @@ do not, and every example in docs/mqtt.md and README.md validates (so the docume
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -80,7 +81,7 @@ def test_every_published_payload_matches_its_schema(mosquitto, tmp_path):
                             reconnect_min_s=0.1)
     cal = Calibration(maps={"map": MapNorm(0.1, 0.9)}, threshold=0.5, policy="max", version=3)
     with Collector(BrokerSettings(url=mosquitto.url), "edge-ad/v1/s/d/#") as col:
-        link = MqttLink(settings, birth={"model_hash": "h", "calibration_version": 2})
+        link = MqttLink(settings, birth={"model_hash": "ab" * 32, "calibration_version": 2})
         link.register_command("pause", lambda args: {"paused": True})
         link.start()
         link.publish_result({"score": 0.7, "ng": True, "threshold": 0.5, "latency_ms": 3.2, "frame": 9,
@@ -240,6 +241,23 @@ def test_the_telemetry_examples_give_ng_rate_over_their_interval():
         parts = round(ex["fps"] * ex["interval_s"])
         assert any(round(k / parts, 4) == ex["ng_rate"] for k in range(parts + 1)), ex
         assert ex["ng_rate"] != round(ex["ng"] / (ex["ok"] + ex["ng"]), 4), ex
+
+
+def test_model_hash_is_a_whole_sha256():
+    """README.md and docs/mqtt.md showed "model_hash": "9f2c41d0a7b3" (12 hex digits) in the status and result
+    examples, though the device sends the whole sha256 (Bundle.model_hash), and the schemas, which the doc
+    examples are checked against, took any string. They now take 64 lowercase hex digits (or null)."""
+    for kind, base in (("status", {"schema_version": 1, "state": "online", "ts": "2025-05-01T12:00:00.386Z",
+                                   "site": "plant1", "device": "line3-cam1"}),
+                       ("result", {"schema_version": 1, "id": "r1", "seq": 1, "ts": "2025-05-01T12:00:00.385Z",
+                                   "site": "plant1", "device": "line3-cam1", "score": 0.7, "ng": True,
+                                   "threshold": 0.5})):
+        assert schema.errors(kind, {**base, "model_hash": hashlib.sha256(b"m").hexdigest()}) == []
+        assert schema.errors(kind, {**base, "model_hash": None}) == []
+        for bad in ("9f2c41d0a7b3", "A" * 64, "ab" * 32 + "0"):
+            found = schema.errors(kind, {**base, "model_hash": bad})
+            assert len(found) == 1 and found[0].startswith("model_hash: '"), (kind, found)
+            assert found[0].endswith(" does not match '^[0-9a-f]{64}$'"), (kind, found)
 
 
 def test_docs_examples_match_the_schemas():

@@ -126,6 +126,24 @@ exit 0
     assert log.read_text().strip() == f"index={expected}"
 
 
+def test_install_sh_installs_the_sign_extra(tmp_path):
+    """Ed25519 signing (bundle keygen, pack --sign-key) needs cryptography, the sign extra, which install.sh
+    left out: the README's commands failed on a machine it had set up."""
+    log = tmp_path / "pip.log"
+    repo, env = _fake_repo(tmp_path, f"""case "$1" in -) exit 1;; esac
+case "$*" in "-m pip install"*) echo "$*" > {log} ;; esac
+exit 0
+""")
+    res = subprocess.run(["bash", str(repo / "scripts" / "install.sh")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().split()[-1] == ".[train,dev,broker,sign]", log.read_text()
+    from edge_ad.config import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"train", "dev", "broker", "sign"} <= set(extras) and any("cryptography" in r for r in extras["sign"])
+
+
 def test_install_sh_without_root_or_sudo_names_the_packages_to_install(tmp_path):
     repo, env = _fake_repo(tmp_path, 'case "$1" in -) exit 1;; esac\nexit 0\n')
     bindir = Path(env["PATH"].split(":")[0])

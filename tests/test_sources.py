@@ -811,6 +811,30 @@ def test_run_and_capture_on_a_file_that_is_not_a_video_exit_2_at_once(tmp_path):
         assert not (tmp_path / "cap").exists()  # no empty output folder
 
 
+def test_capture_of_a_source_that_is_not_there_exits_2_at_once_unless_config_waits(tmp_path):
+    """'edge-ad capture --source v4l2:///dev/video0 ...' (the README's example) on a machine without that camera
+    printed one outage warning and then waited for it for ever. Without --config a source that cannot be
+    opened at the start is exit 2 naming it and what to check, before --out is made; with --config the
+    config's reconnect settings wait for it, each outage saying that it retries and how to stop."""
+    dev = next(f"/dev/video{n}" for n in range(90, 200) if not os.path.exists(f"/dev/video{n}"))
+    out = tmp_path / "n" / "normals"
+    for uri, said in ((f"v4l2://{dev}", f"error: v4l2://{dev}: {dev} does not exist (camera unplugged?): cannot "
+                                        "capture from it; check that the camera is plugged in"),
+                      (f"dir://{tmp_path / 'nope'}", f"error: source dir://{tmp_path / 'nope'}: folder")):
+        r = subprocess.run([*EDGE_AD, "capture", "--source", uri, "--out", str(out), "--frames", "3", "--every",
+                            "0.5"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and said in r.stderr and "outage" not in r.stderr, r.stderr
+        assert not (tmp_path / "n").exists()
+    cfg = tmp_path / "line.toml"
+    cfg.write_text(f'[source]\nuri = "v4l2://{dev}"\nreconnect_attempts = 2\nbackoff_initial_s = 0.05\n')
+    r = subprocess.run([*EDGE_AD, "capture", "--config", str(cfg), "--out", str(out), "--frames", "3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "gave up after 2 reconnect attempt(s)" in r.stderr, r.stderr
+    assert (f"retrying with back-off (up to 2 attempts, source.reconnect_attempts of {cfg}); Ctrl-C to stop"
+            in r.stderr), r.stderr
+    assert not (tmp_path / "n").exists()
+
+
 @pytest.mark.parametrize("prefix", ["../../escape_", "nosub/x", "..", ".hidden", "a\\b"])
 def test_capture_prefix_is_a_plain_file_name_prefix(tmp_path, prefix):
     from click.testing import CliRunner

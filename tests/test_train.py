@@ -614,6 +614,33 @@ def test_off_a_terminal_the_loss_postfix_prints_no_line_of_its_own(tmp_path, cap
     assert len(lines) == 2 and "0/200" in lines[0] and "200/200" in lines[1] and "loss=" in lines[1], err
 
 
+def test_off_a_terminal_the_end_of_a_bar_is_one_line(capsys):
+    """A training whose last step came 30 s after the bar's previous line printed its 100% line twice in a log:
+    the last update printed it, and tqdm's close printed it again. The end is one line now; close still prints
+    it when the last update did not, or when the loss shown changed since."""
+    from edge_ad.train.common import progress_bar
+
+    def bar(desc, total):
+        b = progress_bar(total, desc, "step")
+        b.mininterval, b.miniters, b.dynamic_miniters = 0, 1, False   # every update prints, as after 30 s
+        return b
+
+    b = bar("every", 3)
+    for _ in range(3):
+        b.update(1)
+    b.close()
+    b = bar("postfix", 2)
+    b.update(2)
+    b.set_postfix(loss="0.5", refresh=False)
+    b.close()
+    with progress_bar(2, "quiet", "step") as b:      # the usual: the last update prints no line
+        b.update(2)
+    lines = capsys.readouterr().err.splitlines()
+    assert [x.split(":")[0] + " " + x.split("|")[2].split()[0] for x in lines if " 0%" not in x] == [
+        "every 1/3", "every 2/3", "every 3/3", "postfix 2/2", "postfix 2/2", "quiet 2/2"], lines
+    assert "loss=0.5" in [x for x in lines if x.startswith("postfix")][-1]
+
+
 def test_efficientads_teacher_normalization_shows_progress_off_a_terminal(capsys):
     """Its pass over every training image printed nothing in a log (CI, journald); it is a progress bar now, each
     state a line of its own off a terminal."""

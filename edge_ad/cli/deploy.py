@@ -77,6 +77,7 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
     settings = None
     mqtt = None
     precision = None
+    invalid = None   # the config given, when it is invalid: what it would name is not checked
     if config is not None:
         from ..config import load_settings
 
@@ -85,6 +86,7 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
                                      for_run=True)
             extra.append(d.Check("config", d.Status.OK, f"{config}: valid"))
         except EdgeADError as exc:
+            invalid = config
             extra.append(d.Check("config", d.Status.FAIL, str(exc), required=True,
                                  fix="fix the field named above (docs: edge-ad run --help, examples/)"))
     dirs = list(data_dirs)
@@ -134,7 +136,7 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
     checks = extra + d.run_checks(bundle=bundle, mqtt=mqtt, data_dirs=dirs, source=source,
                                   backend=backend or "auto", precision=precision, min_free_mb=min_free_mb,
                                   timeout_s=timeout_s, resolve_bundle=resolve_bundle, settings=settings,
-                                  publish=publish)
+                                  publish=publish, invalid_config=invalid)
     code = d.exit_code(checks, strict)
     if as_json:
         click.echo(json.dumps(d.report_dict(checks, strict), indent=2, sort_keys=False, default=str))

@@ -14,6 +14,21 @@ from . import main
 from .types import Seconds
 
 
+# where --mqtt comes from when not given, first set first: this command's own variable, then the one `edge-ad run`
+# reads mqtt.url from (a shell set up for the loop reaches the same broker)
+MQTT_URL_ENV = ("EDGE_AD_MQTT_URL", "EDGE_AD_MQTT__URL")
+
+
+class _EnvOption(click.Option):
+    """An option read from several environment variables, named one by one when it is missing (click writes
+    the list as a Python list: ``(env var: '['A', 'B']')``)."""
+
+    def get_error_hint(self, ctx) -> str:
+        hint = click.Parameter.get_error_hint(self, ctx)
+        names = [self.envvar] if isinstance(self.envvar, str) else list(self.envvar or ())
+        return hint + (f" (or ${', $'.join(names)})" if names else "")
+
+
 def _broker_options(f):
     f = click.option("--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True,
                      help="MQTT protocol version.")(f)
@@ -21,12 +36,15 @@ def _broker_options(f):
     f = click.option("--key", "key_file", type=click.Path(dir_okay=False), help="TLS client key (PEM).")(f)
     f = click.option("--cert", "cert_file", type=click.Path(dir_okay=False),
                      help="TLS client certificate (PEM).")(f)
-    f = click.option("--ca", "ca_file", type=click.Path(dir_okay=False), help="TLS CA certificate (PEM).")(f)
+    f = click.option("--ca-file", "--ca", "ca_file", type=click.Path(dir_okay=False),
+                     help="TLS CA certificate (PEM) of an mqtts:// broker; --ca is the same option (as doctor's "
+                          "--ca-file and the config's mqtt.ca_file).")(f)
     f = click.option("--username", default=None,
                      help="Broker user name (default $EDGE_AD_MQTT_USERNAME; the password comes from "
                           "$EDGE_AD_MQTT_PASSWORD only).")(f)
-    f = click.option("--mqtt", "url", required=True, envvar="EDGE_AD_MQTT_URL", show_envvar=True,
-                     help="Broker URL: mqtt://host[:port] or mqtts://host[:port].")(f)
+    f = click.option("--mqtt", "url", cls=_EnvOption, required=True, envvar=list(MQTT_URL_ENV), show_envvar=True,
+                     help="Broker URL: mqtt://host[:port] or mqtts://host[:port]. Default: $EDGE_AD_MQTT_URL, "
+                          "else $EDGE_AD_MQTT__URL (the variable 'edge-ad run' reads its mqtt.url from).")(f)
     return f
 
 

@@ -69,7 +69,10 @@ def run_cmd(config, max_frames, duration, bundle, source, mode, backend, precisi
         if value is not None:
             overrides.append((path, value, flag))
     overrides += [parse_set_option(s) for s in sets]
-    settings = load_settings(config, overrides, for_run=True)
+    hint = "" if config else (f"no config file was given: name one with --config FILE or ${ENV_CONFIG} "
+                              "(examples/edge-ad.toml is a documented example), or give the model and the "
+                              "source as flags: --bundle DIR --source URI")
+    settings = load_settings(config, overrides, missing_hint=hint, for_run=True)
     if print_config:
         click.echo(json.dumps(settings.redacted(), indent=2))
         return
@@ -196,7 +199,11 @@ def _exit_past_busy_threads(svc, code: int, message: str = "") -> None:
 @click.option("--prefix", default="frame_", show_default=True,
               help="File name prefix (a plain name: no '/', '\\', or leading '.').")
 def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
-    """Save N frames of a camera (or file) to a folder, e.g. normal parts to train or calibrate on."""
+    """Save N frames of a camera (or file) to a folder, e.g. normal parts to train or calibrate on.
+
+    A source that cannot be opened at the start stops it (exit 2, naming what to check); with --config it is
+    waited for as the config's [source] reconnect settings say (Ctrl-C to stop).
+    """
     import cv2
     from tqdm import tqdm
 
@@ -226,21 +233,7 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
         raise InputError("--source is required (a source URI), or --config LINE.toml whose source.uri names it")
     spec = parse_uri(source)
     check_startup(spec)
-    folder = Path(out)
-    # the folders this capture makes: removed again when no frame was saved (a bad ROI, a dead source)
-    made = [q for q in (folder, *folder.parents) if not q.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{folder}: cannot create the output folder ({exc.strerror})") from exc
     stop = threading.Event()
-    stopped_by = []   # the signals that stopped the capture (Ctrl-C, SIGTERM), as they came
-
-    def on_signal(signum, frame):
-        stopped_by.append(signum)
-        stop.set()
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     kw = {}
     if src_settings is not None:
         kw = dict(reconnect=src_settings.reconnect, reconnect_attempts=src_settings.reconnect_attempts,
@@ -248,7 +241,24 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
                   watchdog_s=src_settings.watchdog_s)
     src = open_source(spec, src_settings.open_timeout_s if src_settings else 10.0,
                       src_settings.rtsp_transport if src_settings else "tcp")
-    cam = Camera(src, stop, on_event=lambda e: click.echo(f"{e['type']}: {e.get('reason', '')}", err=True), **kw)
+    cam = Camera(src, stop, on_event=_capture_event_printer(config, src_settings), **kw)
+    if src_settings is None:
+        _open_at_start(cam, spec)   # before --out is made: a source that is not there leaves nothing behind
+    folder = Path(out)
+    # the folders this capture makes: removed again when no frame was saved (a bad ROI, a dead source)
+    made = [q for q in (folder, *folder.parents) if not q.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        cam.close()
+        raise InputError(f"{folder}: cannot create the output folder ({exc.strerror})") from exc
+    stopped_by = []   # the signals that stopped the capture (Ctrl-C, SIGTERM), as they came
+
+    def on_signal(signum, frame):
+        stopped_by.append(signum)
+        stop.set()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     saved = 0
     # a second session into the same folder continues the numbering: earlier frames are never overwritten
     numbered = re.compile(re.escape(prefix) + r"(\d+)\.(png|jpg)$")
@@ -309,6 +319,50 @@ def capture_cmd(source, out, count, every, config, env_file, fmt, prefix):
         sys.exit(128 + stopped_by[0])
     if saved == 0:
         sys.exit(1)
+
+
+# what to check when a camera cannot be opened, per URI scheme (capture without --config stops on it)
+_SOURCE_CHECKS = {
+    "v4l2": "that the camera is plugged in and that this is its device (ls /dev/video*; v4l2-ctl --list-devices; "
+            "jetson/camera-check.sh list), and that this user is in the 'video' group",
+    "csi": "the sensor's cable and that nvargus-daemon runs (sudo systemctl restart nvargus-daemon; "
+           "jetson/camera-check.sh csi)",
+    "rtsp": "the camera's address, port, stream path and credentials, and that it answers on the network",
+}
+
+
+def _open_at_start(cam, spec) -> None:
+    """``edge-ad capture`` without ``--config``: open the source now; one that cannot be opened is an input
+    error (exit 2) naming it and what to check, not an outage waited out for ever (a one-shot command run by
+    hand; the loop and ``capture --config`` wait for a camera with the config's reconnect settings)."""
+    from ..errors import InputError
+    from ..runtime.sources import SourceLost
+
+    try:
+        cam.open()
+    except SourceLost as exc:
+        what = _SOURCE_CHECKS.get("rtsp" if spec.scheme == "rtsps" else spec.scheme, "the source URI")
+        raise InputError(f"{exc}: cannot capture from it; check {what}. Without --config, capture stops when its "
+                         "source cannot be opened at the start; with --config LINE.toml it waits for it as that "
+                         "config's [source] reconnect settings say") from None
+
+
+def _capture_event_printer(config: str | None, src):
+    """capture's outage events on stderr, each outage saying that it is retrying, for how long (by --config's
+    [source] reconnect settings; without --config, until the source answers) and how to stop."""
+    def on_event(e: dict) -> None:
+        line = f"{e['type']}: {e.get('reason', '')}"
+        if e["type"] == "source_lost" and (src is None or src.reconnect):
+            if src is None:
+                bound = "until it answers"
+            elif src.reconnect_attempts:
+                bound = f"up to {src.reconnect_attempts} attempts, source.reconnect_attempts of {config}"
+            else:
+                bound = f"until it answers: source.reconnect_attempts = 0 in {config}"
+            line += f"; retrying with back-off ({bound}); Ctrl-C to stop"
+        click.echo(line, err=True)
+
+    return on_event
 
 
 def _check_prefix(prefix: str) -> None:

@@ -5,7 +5,7 @@ Choices, each ours (the paper publishes none of these details):
 1. **Single deterministic mask** (EAR-style excision): the input is cut into ``cell``-pixel cells; the
    cells whose pretrained EfficientNet-Lite0 stride-8 feature energy is in the top half of the image
    are masked. Same image -> same mask; no random masks at inference. (EAR uses ViT attention; feature
-   energy of a pretrained CNN is our stand-in, as DESIGN.md suggests.)
+   energy of a pretrained CNN is our stand-in, as the original design proposal suggested.)
 2. **Hint**: masked cells are not blanked but replaced by a coarse mosaic of themselves (each cell
    averaged over ``hint``-pixel blocks), so the network sees colour and rough shape but not detail.
    The mask itself is given as a fourth input channel.

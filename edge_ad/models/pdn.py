@@ -1,6 +1,6 @@
 """EfficientAD's networks: patch description networks (PDN-S / PDN-M) and the autoencoder.
 
-Exactly as in Batzner et al. (WACV 2024), Table/Appendix A (see shared MODELS.md): no padding at training
+Exactly as in Batzner et al. (WACV 2024, arXiv 2303.14535), Table/Appendix A: no padding at training
 and inference (256x256 -> 56x56 maps, receptive field 33x33); ``padding=True`` gives the padded variant
 used only for teacher distillation (64x64 maps at 256x256).
 """

@@ -144,7 +144,7 @@ def connect_error_text(exc: OSError, settings: BrokerSettings) -> str:
     where = f"{settings.host}:{settings.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = getattr(exc, "verify_message", None) or exc
-        return (f"TLS: the certificate of {where} was not accepted ({why}); check the CA (--ca, mqtt.ca_file) and "
+        return (f"TLS: the certificate of {where} was not accepted ({why}); check the CA (--ca-file, mqtt.ca_file) and "
                 "that the URL's host name is the one in the certificate")
     if isinstance(exc, ssl.SSLError):
         why = getattr(exc, "reason", None) or exc

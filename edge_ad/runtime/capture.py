@@ -106,6 +106,13 @@ class Camera:
         return SourceLost(f"{self.name}: gave up after {self._attempts} reconnect attempt(s): {reason}")
 
     # ------------------------------------------------------------------ reading
+    def open(self) -> None:
+        """Open the source now, once: :class:`SourceLost` when it cannot be, with no outage, event or retry
+        (a one-shot command whose source must be there when it starts: ``edge-ad capture`` without
+        ``--config``). ``read()`` then goes on from the open source, and rides out later outages as usual."""
+        self.source.open()
+        self._open = True
+
     def _try_open(self) -> bool:
         wait = self._next_open - time.monotonic()
         if wait > 0 and self.stop.wait(wait):

@@ -127,16 +127,33 @@ class _ProgressStream:
 def progress_bar(total: int, desc: str, unit: str, initial: int = 0):
     """The training's tqdm progress bar on stderr: on a terminal redrawn ten times a second; in a log (CI,
     journald, a file) a line at the start, one about every 30 s (tqdm's monitor thread wakes every 10 s: a
-    stalled bar's line comes 30 to 40 s after the last one) and one at the end. A postfix is set with
+    stalled bar's line comes 30 to 40 s after the last one) and one at the end (once: not again when the last
+    step's line was that end already). A postfix is set with
     ``refresh=False`` (a refresh would print a line in a log at once); a stderr that cannot be written any more
     drops it and the work goes on (:class:`_ProgressStream`). For the loading of the images, the training steps,
     EfficientAD's teacher normalization, the Gaussian model's feature extraction and fit, and the validation
     pass."""
     from tqdm import tqdm
 
+    class Bar(tqdm):
+        """Off a terminal, the end is one line: tqdm's close() printed the final state again after the last
+        update had printed it (the 100% line twice); it is now left out when nothing changed since that line."""
+
+        shown = None   # (count, postfix) of the last line printed
+
+        def display(self, msg=None, pos=None):
+            if msg is None:
+                self.shown = (self.n, self.postfix)
+            return super().display(msg, pos)
+
+        def close(self):
+            if not tty and not getattr(self, "disable", True) and self.shown == (self.n, self.postfix):
+                self.leave = False   # its clearing writes nothing in a log (_ProgressStream)
+            super().close()
+
     tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
-                mininterval=0.1 if tty else 30.0, maxinterval=10.0 if tty else 30.0, file=_ProgressStream(sys.stderr))
+    return Bar(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+               mininterval=0.1 if tty else 30.0, maxinterval=10.0 if tty else 30.0, file=_ProgressStream(sys.stderr))
 
 
 def load_images(paths: Sequence[Path], size: int, desc: str = "loading images",

@@ -1,6 +1,6 @@
 """Interchangeable inference backends behind one interface (docs/CONTRACTS.md, "Backends").
 
->>> backend = open_backend(bundle, "auto")          # TensorRT engine, else ONNX Runtime (CUDA, else CPU)
+>>> backend = open_backend(Bundle.open("bundles/mt"), "auto")   # TensorRT engine, else ONNX Runtime (CUDA, else CPU)
 >>> outputs = backend.infer(batch)                  # float32 [B, 3, H, W] in 0..255 -> raw outputs
 >>> backend.close()
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 from ...bundle import Bundle
 from ...errors import InputError
@@ -70,8 +71,16 @@ def available() -> dict[str, tuple[bool, str]]:
     return out
 
 
-def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = None,
+def open_backend(bundle: Bundle | str | os.PathLike, backend: str = "auto", precision: str | None = None,
                  device: str | None = None, **options) -> Backend:
+    """The backend that runs ``bundle``'s model: a :class:`~edge_ad.bundle.Bundle` (``Bundle.open(path)``) or
+    the path of a bundle folder, opened here as ``Bundle.open`` opens it. Anything else is a TypeError (a
+    string used to fail deep inside with ``'str' object has no attribute 'active_precision'``)."""
+    if isinstance(bundle, (str, os.PathLike)):
+        bundle = Bundle.open(bundle)
+    elif not isinstance(bundle, Bundle):
+        raise TypeError(f"open_backend: bundle is a {type(bundle).__name__}; expected a Bundle "
+                        "(edge_ad.bundle.Bundle.open(path)) or the path of a bundle folder")
     if backend not in BACKENDS:
         raise InputError(f"backend '{backend}': expected one of {', '.join(BACKENDS)}")
     if precision == "int8-u8":  # the CPU form of INT8, by name (ONNX Runtime only)
