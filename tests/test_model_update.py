@@ -874,6 +874,77 @@ def test_a_power_cut_in_a_prune_leaves_no_half_release_to_roll_back_to(bundles, 
     assert not [p.name for p in (deploy / "releases").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("cut_at", ["before its record", "before 'current' moves"])
+def test_an_install_killed_before_its_switch_leaves_no_release_and_never_costs_a_kept_one(bundles, tmp_path,
+                                                                                        monkeypatch, caplog, cut_at):
+    """A kill -9 (a power cut) of an install after its folder is renamed into releases/ and before 'current' moves
+    to it: that folder is no release. It was listed as one ('health unchecked'), 'rollback --to' took it, and the
+    next installs counted it among the 3 newest kept and deleted the release still needed (the one the line ran,
+    with its calibrations fitted on the device). It is not listed (a warning names it), not taken, not counted,
+    and the next install removes it."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, c = bundles
+    deploy = tmp_path / "deploy"
+    arch = {n: pack_bundle(x.path, tmp_path / f"{n}.tar") for n, x in (("a", a), ("b", b), ("c", c))}
+    r1 = install_bundle(arch["a"], deploy, require_golden=False)
+    if cut_at == "before its record":
+        monkeypatch.setattr(deploy_mod, "_switch_recorded", lambda *a, **k: (_ for _ in ()).throw(SystemExit(9)))
+    else:
+        real = deploy_mod._point
+        monkeypatch.setattr(deploy_mod, "_point", lambda d, name, rid: (_ for _ in ()).throw(SystemExit(9))
+                            if name == "current" else real(d, name, rid))
+    with pytest.raises(SystemExit):
+        install_bundle(arch["b"], deploy, require_golden=False)
+    monkeypatch.undo()
+    orphan = next(p.name for p in (deploy / "releases").iterdir() if p.name.startswith("r0002-"))
+    assert deployment(deploy).current == r1.release
+    assert [r["id"] for r in deploy_mod.releases(deploy)] == [r1.release]
+    res = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 0 and "r0002" not in res.stdout, res.output
+    assert f"warning: releases/{orphan} was never switched in" in res.stderr
+    res = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"])
+    assert json.loads(res.stdout)["not_switched_in"] == [orphan]
+    with pytest.raises(InputError, match=f"--to {orphan}: no such release"):
+        rollback_model(deploy, to=orphan)
+    with caplog.at_level("WARNING", logger="edge_ad.calibration.deploy"):
+        r2 = install_bundle(arch["b"], deploy, require_golden=False)
+    assert f"releases/{orphan} (a release never switched in" in caplog.text
+    r3 = install_bundle(arch["c"], deploy, require_golden=False)   # keep 3: the first release is still kept
+    assert sorted(p.name for p in (deploy / "releases").iterdir()) == [r1.release, r2.release, r3.release]
+    assert not r3.pruned and [r["id"] for r in deploy_mod.releases(deploy)] == [r3.release, r2.release, r1.release]
+    assert not list((deploy / "releases").glob(f"*/{deploy_mod.NOT_SWITCHED}"))
+
+
+def test_a_release_whose_switch_was_cut_after_current_moved_stays_the_release_in_force(bundles, tmp_path,
+                                                                                      monkeypatch):
+    """Cut after 'current' moved to the new release but before its mark was dropped: it is the release in force,
+    listed, kept by the next install (which drops the mark), never taken for one never switched in."""
+    a, b, c = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    real = deploy_mod._point
+
+    def cut(d, name, rid):
+        real(d, name, rid)
+        if name == "current":
+            (d / "releases" / rid / deploy_mod.NOT_SWITCHED).write_text("{}")   # as if cut before its unlink
+            raise SystemExit(9)
+
+    monkeypatch.setattr(deploy_mod, "_point", cut)
+    with pytest.raises(SystemExit):
+        install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
+    monkeypatch.undo()
+    dep = deployment(deploy)
+    assert dep.current.startswith("r0002-") and dep.previous == r1.release and dep.health == "pending"
+    assert [r["id"] for r in deploy_mod.releases(deploy)] == [dep.current, r1.release]
+    r3 = install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, require_golden=False)
+    assert r3.previous == dep.current and not r3.pruned
+    assert not list((deploy / "releases").glob(f"*/{deploy_mod.NOT_SWITCHED}"))
+
+
 def test_rollback_refuses_a_release_that_cannot_be_opened(bundles, tmp_path):
     deploy, r1 = _installed_twice(bundles, tmp_path)
     before = deployment(deploy)

@@ -20,11 +20,12 @@ bundle runs::
    ``min_accuracy`` right when there is none) with AUROC no lower than ``max_auroc_drop`` below it;
    unlabelled images (directly in the folder) must get the running bundle's decision
    (``min_agreement``). A failing candidate is deleted and nothing else changes;
-3. renames the staging folder into ``releases/``, records the switch as pending in ``deploy.json``,
-   swaps ``current`` (a new symlink renamed over the old one with ``os.replace``: atomic; a power cut
-   leaves the old or the new link, never none), then points ``previous`` at the release replaced
-   (:func:`_switch`); once ``current`` has moved the install holds even when ``previous`` or the final record
-   cannot be written (:func:`_switch_recorded`: ``InstallResult.unrecorded`` says why);
+3. renames the staging folder into ``releases/`` (marked :data:`NOT_SWITCHED` until ``current`` points at it: cut
+   off before, it is no release, and the next install removes it: :func:`not_switched_in`), records the switch as
+   pending in ``deploy.json``, swaps ``current`` (a new symlink renamed over the old one with ``os.replace``:
+   atomic; a power cut leaves the old or the new link, never none), then points ``previous`` at the release
+   replaced (:func:`_switch`); once ``current`` has moved the install holds even when ``previous`` or the final
+   record cannot be written (:func:`_switch_recorded`: ``InstallResult.unrecorded`` says why);
 4. keeps the ``keep`` newest releases (never ``current`` or ``previous``), each older one renamed to
    ``releases/.trash-<id>`` before it is deleted.
 
@@ -76,6 +77,10 @@ INSTALLED_FROM = ".installed-from.json"   # in each release: {"archive": .., "re
 # in a release whose health check failed: {"time": .., "reason": ..}, written (no deploy lock needed) when the verdict
 # is reached, so that a restart before its rollback is done rolls it back instead of judging it again
 HEALTH_FAILED = ".health-failed.json"
+# in a new release from its rename into releases/ until its install's switch has moved 'current' to it: {"time": ..,
+# "previous": ..}. A release holding it that neither link names was never switched in (the install was killed, or the
+# power cut, between the two): no release, never listed or counted, removed by the next install (_clean_stale)
+NOT_SWITCHED = ".not-switched-in.json"
 DEVICE_WRITTEN = ("calibration.json", "calibration.d/", "gaussian.d/")   # what calibrating on the device writes
 
 
@@ -764,7 +769,7 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     if calib_dir is not None and not Path(calib_dir).is_dir():   # on every line: a typo is not kept quiet
         raise InputError(f"--calib {calib_dir}: no such folder; expected a folder of normal images of the part "
                          "(or DIR/train/good) to build and guard the new release's TensorRT engine on")
-    _clean_stale(d)
+    _clean_stale(d, dep)
     running = None
     if dep.current_path is not None and dep.current_path.is_dir():
         try:
@@ -823,6 +828,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
                         images, probe, progress)
         atomic.write_json(staging / INSTALLED_FROM, {"archive": content, "release": _content(candidate),
                                                      "model": _model_content(candidate)})
+        # renamed in with it: until 'current' moves to it, it is no release (a kill in between: _clean_stale)
+        atomic.write_json(staging / NOT_SWITCHED, {"time": now_iso(), "previous": dep.current})
         rid = _release_id(d, candidate.model_hash())
         final = d / RELEASES / rid
         os.rename(staging, final)
@@ -971,6 +978,10 @@ def _switch(d: Path, to: str, previous: str | None, health: str = "pending", det
     state["pending"] = {**(detail or {}), "release": to, "previous": previous, "health": health}
     _write_state(d, state, "switch_started", release=to, previous=previous)
     _point(d, CURRENT, to)
+    try:   # an install's new release is one now (NOT_SWITCHED); left there, the next install drops it (in force)
+        (d / RELEASES / to / NOT_SWITCHED).unlink(missing_ok=True)
+    except OSError:
+        pass
     if previous is not None:
         _point(d, PREVIOUS, previous)
 
@@ -1014,8 +1025,19 @@ def deploy_lock(deploy_dir: str | os.PathLike):
                               "again when it has finished")
 
 
-def _clean_stale(d: Path) -> None:
-    """What a killed install, prune, check or download left (under the lock, so none of it is in use)."""
+def _clean_stale(d: Path, dep: Deployment) -> None:
+    """What a killed install, prune, check or download left (under the lock, so none of it is in use; ``dep``: the
+    deploy folder's state), a release never switched in (:func:`not_switched_in`) included: renamed to
+    ``.trash-<id>`` before it is deleted, as a prune deletes one. A release a link names that still holds the mark
+    (the switch cut short after 'current' moved) loses it."""
+    unswitched = not_switched_in(d)
+    for rid in unswitched:
+        os.rename(d / RELEASES / rid, d / RELEASES / f".trash-{rid}")
+    if unswitched:
+        atomic._fsync_dir(d / RELEASES)
+    for rid in (dep.current, dep.previous):
+        if rid is not None:
+            (d / RELEASES / rid / NOT_SWITCHED).unlink(missing_ok=True)
     stale = [*(d / RELEASES).glob(".incoming-*"), *(d / RELEASES).glob(".trash-*"), *d.glob(".check-*"), *(d / "downloads").glob(".*.part"),
              *d.glob(f".{CURRENT}.*.tmp"), *d.glob(f".{PREVIOUS}.*.tmp"), *d.glob(f".{STATE}.*.tmp")]
     for p in stale:
@@ -1024,7 +1046,31 @@ def _clean_stale(d: Path) -> None:
         else:
             p.unlink(missing_ok=True)
     if stale:
-        log.warning("%s: removed what an interrupted install left: %s", d, ", ".join(p.name for p in stale))
+        log.warning("%s: removed what an interrupted install left: %s", d, ", ".join(
+            f"{RELEASES}/{p.name[len('.trash-'):]} (a release never switched in: its install was cut off before "
+            "the switch)" if p.name.startswith(".trash-") and p.name[len(".trash-"):] in unswitched else p.name
+            for p in stale))
+
+
+def not_switched_in(d: Path) -> list[str]:
+    """The release folders an install renamed into ``releases/`` whose switch never moved ``current`` to them (killed,
+    or a power cut, in between; :data:`NOT_SWITCHED`): no release, neither listed nor counted as kept
+    (:func:`_release_ids`), nor rolled back to; the next install removes them (:func:`_clean_stale`). One that a
+    link names (``current``, or ``previous`` after a rollback, also as a switch cut short records them) is a
+    release: the switch moved ``current`` before it could drop the mark. None while ``current`` is damaged
+    (what is in force is unknown)."""
+    rel = d / RELEASES
+    if not rel.is_dir():
+        return []
+    marked = [p.name for p in rel.iterdir() if _is_release_id(p.name) and (p / NOT_SWITCHED).is_file()]
+    if not marked:
+        return []
+    try:
+        dep = deployment(d)
+    except DeployDamaged:
+        return []
+    linked = {dep.current, dep.previous, _read_state(d).get(PREVIOUS) if dep.previous_damaged else None}
+    return sorted(rid for rid in marked if rid not in linked)
 
 
 def _content(b: Bundle) -> dict[str, str]:
@@ -1131,11 +1177,13 @@ def _is_release_id(name: str) -> bool:
 
 def _release_ids(d: Path, complete: bool = True) -> list[str]:
     """The release folders kept in ``d/releases`` (named as an install names them, :func:`_is_release_id`;
-    ``complete``: only those holding a manifest.json, so a bundle), newest (highest sequence number) first."""
+    ``complete``: only those holding a manifest.json, so a bundle), newest (highest sequence number) first; not those
+    never switched in (:func:`not_switched_in`)."""
     rel = d / RELEASES
     if not rel.is_dir():
         return []
-    return sorted((p.name for p in rel.iterdir() if p.is_dir() and _is_release_id(p.name)
+    unswitched = set(not_switched_in(d))
+    return sorted((p.name for p in rel.iterdir() if p.is_dir() and _is_release_id(p.name) and p.name not in unswitched
                    and (not complete or (p / "manifest.json").is_file())),
                   key=lambda n: (_release_seq(n), n), reverse=True)
 

@@ -876,7 +876,7 @@ def status_cmd(deploy_dir, config, env_file, as_json):
     is named with what is wrong; exit 1 when it is the release in force, after the listing. A damaged
     'previous' link is a warning with its repair (a damaged 'current' one an error, exit 2)."""
     from ..calibration import deployment
-    from ..calibration.deploy import last_rollback, previous_blocks, release_problem, releases
+    from ..calibration.deploy import last_rollback, not_switched_in, previous_blocks, release_problem, releases
     from ..errors import RuntimeFailure
 
     deploy_dir = _line_deploy(deploy_dir, config, env_file, _STATUS_USE)
@@ -895,7 +895,8 @@ def status_cmd(deploy_dir, config, env_file, as_json):
     out = {"current": dep.current, "previous": dep.previous, "health": health, "rollback": back,
            "current_path": str(dep.current_path) if dep.current_path else None, **recorded,
            "current_problem": problems["current"], "previous_problem": problems["previous"],
-           "previous_damaged": str(damaged) if damaged else None, "releases": kept}
+           "previous_damaged": str(damaged) if damaged else None, "releases": kept,
+           "not_switched_in": not_switched_in(Path(deploy_dir))}
     if as_json:
         _echo_json(out)
     else:
@@ -913,6 +914,9 @@ def status_cmd(deploy_dir, config, env_file, as_json):
             click.echo(f"warning: the previous release, {dep.previous}, is {problems['previous']}: "
                        f"{previous_blocks(dep)}" + (f"; 'rollback --to ID' takes a kept one: {', '.join(others)}"
                                              if others else ""), err=True)
+        for rid in out["not_switched_in"]:
+            click.echo(f"warning: releases/{rid} was never switched in (its install was cut off before the switch: "
+                       "killed, a power cut); it is no release and the next install removes it", err=True)
         click.echo("kept releases, newest first ('edge-ad bundle rollback --to ID' switches to one):")
         for r in kept:
             click.echo(f"  {r['id']}  installed {r['installed'] or '?'}  health {r['health']}"
