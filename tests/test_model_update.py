@@ -1334,7 +1334,7 @@ def test_a_health_rollback_that_cannot_be_written_never_raises_and_leaves_a_stat
         assert {r["id"]: r["health"] for r in deploy_mod.releases(deploy)}[failing] == "failed"
         assert len(errors) == 1 and "the record of the rollback is incomplete" in errors[0].getMessage()
         full.on = False                                                 # the next rollback completes the record
-        back = rollback_model(deploy, reason="edge-ad bundle rollback")
+        back = rollback_model(deploy, reason="edge-ad bundle rollback", force=True)
         assert (back.current, back.previous, back.health) == (failing, r1.release, "failed")
         assert "pending" not in back.detail and back.unrecorded is None
         return
@@ -1719,7 +1719,7 @@ def test_status_gives_each_release_its_own_health_and_a_rollback_by_hand_judges_
     res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
     assert f"rolled back from {r3} at " in res.stdout and ": it failed (health check: no frames processed" \
         in res.stdout, res.stdout
-    rollback_model(deploy, to=r3)                                    # by hand onto the failed one: still failed
+    rollback_model(deploy, to=r3, force=True)                        # by hand onto the failed one: still failed
     assert deployment(deploy).health == "failed" and status()[1][r3] == "failed"
 
     # deploy.json as an older edge-ad wrote it: a rollback by hand to r2, the release left named "failed"
@@ -2658,6 +2658,63 @@ def test_run_watches_a_release_installed_while_it_was_not_running(bundles, tmp_p
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
     finally:
         svc.inspector.backend.close()
+
+
+def test_a_release_that_failed_its_health_check_is_put_back_by_hand_only_with_force_and_runs_with_a_warning(
+        bundles, tmp_path, caplog):
+    """'bundle rollback' (plain or --to) put back a release whose health check had failed, silently, and 'run'
+    and 'reload' then inspected with it with no word: the line inspected with a release it judged wrong. It is
+    refused, naming the verdict, unless --force; a line that starts or reloads on it says so in a WARNING."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, _ = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    try:
+        _failing_frames(svc)                                         # rolled back to r1: failing is 'previous'
+        assert (deployment(deploy).current, deployment(deploy).previous) == (r1.release, failing)
+        before = deployment(deploy)
+        for to in (None, failing):
+            with pytest.raises(InputError) as err:
+                rollback_model(deploy, to=to, by="tests")
+            assert str(err.value).startswith(f"release {failing} failed its health check (error rate 20/20 > 0.05, "
+                                             "judged at "), str(err.value)
+            assert f"not rolled back, 'current' is still {r1.release}: give --force" in str(err.value)
+            assert deployment(deploy) == before
+        res = CliRunner().invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
+        assert res.exit_code == 2 and "failed its health check (error rate" in res.stderr, res.output
+        (deploy / "releases" / failing / deploy_mod.HEALTH_FAILED).unlink()   # the verdict deploy.json records
+        res = CliRunner().invoke(main, ["bundle", "rollback", "--deploy", str(deploy), "--to", failing])
+        assert res.exit_code == 2, res.output
+        assert (f"release {failing} failed (health check: error rate 20/20 > 0.05; rolled back from at "
+                in res.stderr), res.output
+        assert deployment(deploy) == before
+        res = CliRunner().invoke(main, ["bundle", "rollback", "--deploy", str(deploy), "--force"])
+        assert res.exit_code == 0 and deployment(deploy).current == failing, res.output
+        assert f"warning: releases/{failing} failed (health check: error rate" in res.stderr
+        assert "the line inspects with it (--force)" in res.stderr
+        caplog.set_level(logging.WARNING)
+        svc.reload("bundle")                                         # the running line switches to it
+        assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health is None
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and f"on release {failing}, which failed (health check: error rate" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith("the line reloads"), said
+    finally:
+        svc.inspector.backend.close()
+    caplog.clear()
+    svc = _line(tmp_path, deploy)                                    # and a start on it
+    try:
+        assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health is None
+        assert any(r.getMessage().startswith(f"the line starts on release {failing}, which failed")
+                   for r in caplog.records if r.levelno == logging.WARNING)
+    finally:
+        svc.inspector.backend.close()
+    assert deployment(deploy).current == failing
 
 
 def test_a_healthy_verdict_event_names_the_release_judged(bundles, tmp_path):

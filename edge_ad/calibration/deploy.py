@@ -284,14 +284,46 @@ def release_health(history, release: str | None) -> str:
     passed), "failed" (rolled back from because it failed its health check or the line could not open it) or
     "unchecked" (no verdict recorded: never watched, rolled back from by hand before its verdict, or older than
     the history kept). A rollback by hand is no verdict on the release it leaves."""
+    ev = _last_verdict(history, release)
+    return "unchecked" if ev is None else "ok" if ev["event"] == "health_ok" else "failed"
+
+
+def _last_verdict(history, release: str | None) -> dict | None:
+    """The record of the last verdict on ``release`` in deploy.json's ``history`` (:func:`release_health`): its
+    ``health_ok``, or the rollback made because it failed; None when there is none."""
     for ev in reversed(history if isinstance(history, list) else []):
         if not isinstance(ev, dict):
             continue
         if ev.get("event") == "health_ok" and ev.get("release") == release:
-            return "ok"
+            return ev
         if ev.get("event") == ROLLED_BACK and ev.get("failed") == release and not _by_hand(ev):
-            return "failed"
-    return "unchecked"
+            return ev
+    return None
+
+
+def failed_verdict(deploy_dir: str | os.PathLike, release: str | None) -> str | None:
+    """Why ``release`` was judged wrong, in words, when it was: ``failed its health check (REASON, judged at TIME)``
+    for the verdict kept in it (:data:`HEALTH_FAILED`, as :func:`releases` reads it), else ``failed (REASON; rolled
+    back from at TIME)`` when the last verdict deploy.json's history records on it is a rollback because it failed
+    (its health check, or the line could not open it). None when neither: the line may inspect with it. A plain
+    ``edge-ad bundle rollback`` (or ``--to``) refuses to put such a release back without ``force``
+    (:func:`rollback_model`), and ``edge-ad run`` warns when it starts or reloads on one."""
+    d = Path(deploy_dir)
+    m = failed_marker(d, release)
+    if m is not None and m.is_file():
+        try:
+            was = json.loads(m.read_text("utf-8"))
+            return f"failed its health check ({was['reason']}, judged at {was['time']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"failed its health check ({m}: an unreadable record)"
+    try:
+        current = deployment(d).current   # a rollback cut short: its pending record is the last verdict
+    except DeployDamaged:
+        current = None
+    ev = _last_verdict(_history(_read_state(d), current), release)
+    if ev is None or ev["event"] == "health_ok":
+        return None
+    return f"failed ({ev.get('reason', 'no reason recorded')}; rolled back from at {ev.get('time', 'an unknown time')})"
 
 
 def last_rollback(dep: Deployment) -> dict | None:
@@ -1268,13 +1300,15 @@ def releases(deploy_dir: str | os.PathLike) -> list[dict]:
 
 
 def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: str | None = None, *,
-                   failed: bool = False, by: str | None = None) -> Deployment:
+                   failed: bool = False, by: str | None = None, force: bool = False) -> Deployment:
     """Point ``current`` at ``previous``, or at the kept release ``to``; the release left becomes
     ``previous`` (so a second plain rollback undoes the first). ``failed``: the release left failed (its health
     check, or the line cannot open it): recorded as its verdict, ``failed`` in deploy.json's history. Else the
     rollback is one by hand, ``by`` whom (default "api"), and says nothing of the release left: its health stays
     its own. The release switched in gets its own health (:func:`release_health`: "ok", "failed" or
-    "unchecked"; never "pending", so it is not watched). Returns the new state. Raises
+    "unchecked"; never "pending", so it is not watched). A rollback by hand to a release judged wrong
+    (:func:`failed_verdict`), to ``previous`` or ``to``, is refused (InputError naming the verdict, nothing changed)
+    unless ``force``: the line would inspect with it. Returns the new state. Raises
     RuntimeFailure when there is no previous release (none, or the release in force) or it cannot be
     opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
     :func:`deploy_lock`: nothing changed, try again later); InputError when
@@ -1327,6 +1361,15 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
         problem = release_problem(d, to, full=True)   # as 'bundle status' names it, every file checked as run does
         if problem is not None:
             raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
+        verdict = None if failed or force else failed_verdict(d, to)
+        if verdict is not None:   # by hand: the line never inspects with a release judged wrong unless told to
+            others = [r for r in _release_ids(d) if r not in (to, dep.current) and failed_verdict(d, r) is None
+                      and release_problem(d, r) is None]
+            raise InputError(f"release {to} {verdict}; not rolled back, '{CURRENT}' is still {dep.current}: "
+                             + (f"roll back to another kept release with --to ID ({', '.join(others)}), or " if others
+                                else "")
+                             + "give --force to put it back all the same (the line then inspects with it, with a "
+                               "WARNING at each start and reload)")
         left = dep.current
         # a failed release is named as such; a rollback by hand names who made it, and judges no release
         who = {"failed": left} if failed else {"by": by or "api"}

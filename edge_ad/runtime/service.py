@@ -168,6 +168,7 @@ class Service:
         self.bundle, self.inspector = self._open_model()
         try:
             self._warn_previous()
+            self._warn_failed("starts")
             self._build_rest()
         except BaseException:
             self.inspector.backend.close()
@@ -218,6 +219,23 @@ class Service:
         if problem is not None:
             log.warning("%s; the line runs its release in force, %s, but %s", problem, dep.current,
                         previous_blocks(dep))
+
+    def _warn_failed(self, how: str) -> None:
+        """A WARNING when the line ``how`` ("starts", "reloads") on a deploy folder's release in force that was judged
+        wrong (:func:`edge_ad.calibration.deploy.failed_verdict`) and is not pending: switched in again by hand
+        ('edge-ad bundle rollback --force'), it inspects. A pending one is rolled back at the start
+        (:meth:`_roll_back_failed`) or by its health watch, which fails it at once."""
+        from ..calibration.deploy import deployment, failed_verdict
+
+        m = self.settings.model
+        if m.deploy_dir is None or m.bundle is not None:
+            return
+        dep = deployment(m.deploy_dir)
+        why = failed_verdict(m.deploy_dir, dep.current) if dep.health != "pending" else None
+        if why is not None:
+            log.warning("the line %s on release %s, which %s; it was switched in again by hand since ('edge-ad bundle "
+                        "rollback --force'), so it inspects: roll back to another kept release ('edge-ad bundle "
+                        "rollback --to ID'; ids: 'edge-ad bundle status') or install another", how, dep.current, why)
 
     def _pending_release(self):
         """The deploy folder's state when its release in force is pending (not yet confirmed by a health
@@ -681,6 +699,7 @@ class Service:
             baseline = self._ng_rate()   # before the swap, which clears the decisions it counts
             out = self._swap_model(fresh, reason="reload")
             self._watch_if_pending(baseline)
+            self._warn_failed("reloads")
         return out
 
     def _swap_model(self, bundle: Bundle, reason: str) -> dict:
