@@ -4178,6 +4178,65 @@ def test_a_failed_release_that_cannot_be_rolled_back_at_start_is_not_run(bundles
         svc.inspector.backend.close()
 
 
+def _doctor_release(tmp_path, deploy: Path, health: str = "") -> tuple[int, dict, dict]:
+    """doctor --config on a line of ``deploy``: (exit code, its 'release' check, its 'bundle' check)."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    cfg = tmp_path / "doctor.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\nbackend = "onnxruntime"\n[source]\nuri = "synthetic://disc"\n'
+                   f'[telemetry]\ntegrastats = false\n[health]\n{health}')
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--json"])
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    return res.exit_code, checks.get("release"), checks["bundle"]
+
+
+def test_doctor_says_what_run_does_with_a_release_in_force_that_failed_or_is_pending(bundles, tmp_path):
+    """doctor --config said '[ok] bundle .../r0006' and 'run can start' on a release that had failed its health check
+    (run then rolled it back at its start, or did not start at all when it could not) or was pending. It says what
+    run does, decided by run's own code: the rollback and the release run runs instead (which the bundle check then
+    checks), a failure with run's own fix when the rollback cannot be made, the watch of a pending release, the
+    warning of a release judged wrong that inspects all the same."""
+    deploy, failing, r1 = _failed_before_restart(bundles, tmp_path)
+    code, release, bundle = _doctor_release(tmp_path, deploy)
+    assert code == 0 and release["status"] == "warn", release
+    assert release["detail"].startswith(f"the release in force, {failing}, failed its health check before this start")
+    assert release["detail"].endswith(f": run rolls it back to {r1} at its start, before it inspects a frame, and "
+                                      f"runs {r1} (the checks below are of it)")
+    assert bundle["status"] == "ok" and bundle["detail"].startswith(str(deploy / "releases" / r1))
+    code, release, _ = _doctor_release(tmp_path, deploy, health="enabled = false\n")
+    assert code == 0 and release["status"] == "warn" and "[health] enabled = false: not rolled back" in release["detail"]
+    svc = _line(tmp_path, deploy)                                       # and run does so
+    try:
+        assert svc.inspector.model_hash == bundles[0].model_hash() and deployment(deploy).current == r1
+    finally:
+        svc.inspector.backend.close()
+    code, release, _ = _doctor_release(tmp_path, deploy)                # a release that ran: nothing to say
+    assert code == 0 and release is None
+    rollback_model(deploy, force=True, by="tests")                      # put back by hand: it inspects, warned of
+    code, release, _ = _doctor_release(tmp_path, deploy)
+    assert code == 0 and release["status"] == "warn", release
+    assert release["detail"].startswith(f"the release in force, {failing}, failed its health check (")
+    assert "switched in again by hand since ('edge-ad bundle rollback --force'), so it inspects" in release["detail"]
+
+    deploy, failing, _ = _failed_before_restart(bundles, tmp_path / "none", previous=False)
+    code, release, _ = _doctor_release(tmp_path, deploy)
+    assert code == 1 and release["status"] == "fail" and release["required"], release
+    assert (f"; and it cannot be rolled back ({deploy}: no previous release to roll back to): run does not inspect "
+            "with a release that failed its health check, so it does not start") in release["detail"]
+    with pytest.raises(RuntimeFailure) as err:                          # run's own words: the same fix
+        _line(tmp_path, deploy)
+    assert str(err.value).endswith(release["fix"]) and release["fix"].startswith("switch to a kept release")
+
+    deploy, r1 = _installed_twice(bundles, tmp_path / "pending")
+    code, release, _ = _doctor_release(tmp_path, deploy)
+    assert code == 0 and release["status"] == "ok", release
+    assert release["detail"] == (f"the release in force, {deployment(deploy).current}, is pending (its health check "
+                                 f"is not done): run watches its first frames and rolls it back to {r1.release} if "
+                                 "they look wrong")
+
+
 def test_an_adapt_candidate_of_a_release_goes_to_candidates_never_among_the_releases(fader_bundle, tmp_path):
     """'calibrate --config --adapt' without --deploy took the line's release as BUNDLE and wrote
     BUNDLE.adapted-<time> inside releases/, where 'bundle status' listed it and 'rollback --to' switched the

@@ -1334,22 +1334,10 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
             # no release to go back to, a folder or file in its place (data?), or no release to point it at
             raise damaged
         if to is None:
-            if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
-                # only those a --to would take (as 'bundle status' offers them): not one that cannot be opened
-                others = [r for r in _release_ids(d) if r != dep.current]
-                kept = [r for r in others if release_problem(d, r) is None]
-                raise RuntimeFailure(f"{d}: no previous release to roll back to: '{PREVIOUS}' points at "
-                                     f"{RELEASES}/{dep.previous}, which is {release_problem(d, dep.previous)}; "
-                                     + (f"roll back to a kept release with --to ID: {', '.join(kept)}" if kept
-                                        else (f"no other kept release can be rolled back to ({len(others)} cannot "
-                                              "be opened: see 'edge-ad bundle status')" if others
-                                              else "no other release is kept")
-                                        + "; install a release ('edge-ad bundle install')"))
-            if dep.previous is None or dep.previous == dep.current:
-                raise RuntimeFailure(f"{d}: no previous release to roll back to"
-                                     + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
-                                        if dep.previous is not None and dep.previous == dep.current else ""))
-            to, refuse = dep.previous, RuntimeFailure
+            refusal = rollback_refusal(dep)
+            if refusal is not None:
+                raise refusal
+            to = dep.previous
         else:
             kept = _release_ids(d)
             if to not in kept:
@@ -1357,10 +1345,9 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
                                  f"without a manifest.json); kept: {', '.join(kept) or 'none'}")
             if to == dep.current:
                 raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
-            refuse = InputError
-        problem = release_problem(d, to, full=True)   # as 'bundle status' names it, every file checked as run does
-        if problem is not None:
-            raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
+            problem = release_problem(d, to, full=True)   # as 'bundle status' names it, every file checked as run does
+            if problem is not None:
+                raise InputError(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
         verdict = None if failed or force else failed_verdict(d, to)
         if verdict is not None:   # by hand: the line never inspects with a release judged wrong unless told to
             others = [r for r in _release_ids(d) if r not in (to, dep.current) and failed_verdict(d, r) is None
@@ -1383,6 +1370,82 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
             return replace(deployment(d), unrecorded=unrecorded, replaced_previous=replaced)
         log.warning("rolled back from %s to %s%s: %s", left, to, "" if failed else f" by hand ({who['by']})", reason)
         return replace(deployment(d), replaced_previous=replaced)
+
+
+def rollback_refusal(dep: Deployment) -> EdgeADError | None:
+    """Why a plain rollback of ``dep`` (to ``previous``: ``edge-ad bundle rollback``, the health check's, the start's
+    of a release that failed before) would be refused, without making it: the error :func:`rollback_model` raises
+    then (a damaged ``previous`` link: :class:`DeployDamaged`; no previous release, its folder gone, or it cannot be
+    opened, every file checked as ``edge-ad run`` checks them: RuntimeFailure); None when it can be made (the deploy
+    lock and the disk aside). ``doctor`` tells with it whether ``run`` can roll back a release at its start."""
+    d = dep.deploy_dir
+    if dep.previous_damaged is not None:
+        return dep.previous_damaged
+    if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
+        # only those a --to would take (as 'bundle status' offers them): not one that cannot be opened
+        others = [r for r in _release_ids(d) if r != dep.current]
+        kept = [r for r in others if release_problem(d, r) is None]
+        return RuntimeFailure(f"{d}: no previous release to roll back to: '{PREVIOUS}' points at "
+                              f"{RELEASES}/{dep.previous}, which is {release_problem(d, dep.previous)}; "
+                              + (f"roll back to a kept release with --to ID: {', '.join(kept)}" if kept
+                                 else (f"no other kept release can be rolled back to ({len(others)} cannot "
+                                       "be opened: see 'edge-ad bundle status')" if others
+                                       else "no other release is kept")
+                                 + "; install a release ('edge-ad bundle install')"))
+    if dep.previous is None or dep.previous == dep.current:
+        return RuntimeFailure(f"{d}: no previous release to roll back to"
+                              + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
+                                 if dep.previous is not None and dep.previous == dep.current else ""))
+    problem = release_problem(d, dep.previous, full=True)   # as 'bundle status' names it, every file checked as run does
+    if problem is not None:
+        return RuntimeFailure(f"release {dep.previous} is {problem}; not rolled back, '{CURRENT}' is still "
+                              f"{dep.current}")
+    return None
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What ``edge-ad run`` does at its start with the release in force of its deploy folder (:func:`start_plan`).
+    ``action``: "run" (nothing to say), "watch" (pending: its health check watches its first frames), "unwatched"
+    (pending, ``[health] enabled = false``: neither judged nor rolled back), "roll back" (pending, and it failed its
+    health check before this start: rolled back to ``previous`` before a frame is inspected; the start fails when
+    that rollback cannot be made) or "inspect failed" (judged wrong, yet it inspects: ``why``, with a WARNING).
+    ``verdict``: the failed verdict in words (:func:`failed_before`, :func:`failed_verdict`), else None."""
+    dep: Deployment
+    action: str
+    verdict: str | None = None
+    why: str | None = None
+
+    def fix(self) -> str:
+        """How to go on when a release that failed cannot be rolled back at the start (``run``'s error, doctor's fix)."""
+        return ("switch to a kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle status') or install "
+                f"another, or, to run this one anyway, delete {failed_marker(self.dep.deploy_dir, self.dep.current)}")
+
+
+def start_plan(deploy_dir: str | os.PathLike, health_enabled: bool = True) -> StartPlan:
+    """What ``edge-ad run`` does with the release in force of ``deploy_dir`` at its start (and, for "inspect failed",
+    at a reload onto it), with ``[health] enabled`` ``health_enabled``: :class:`StartPlan`. ``run`` acts on it
+    (:meth:`edge_ad.runtime.service.Service._roll_back_failed`) and ``doctor --config`` says it (with
+    :func:`rollback_refusal` for whether the rollback can be made)."""
+    dep = deployment(deploy_dir)
+    if dep.current is None:
+        return StartPlan(dep, "run")
+    if dep.health == "pending":   # deploy.json's record: what the start acts on (Deployment.health)
+        before = failed_before(dep.deploy_dir, dep.current)
+        if before is None:
+            return StartPlan(dep, "watch" if health_enabled else "unwatched")
+        if health_enabled:
+            return StartPlan(dep, "roll back", before)
+        return StartPlan(dep, "inspect failed", before,
+                         "[health] enabled = false: not rolled back, it inspects (roll back with 'edge-ad bundle "
+                         "rollback')")
+    verdict = failed_verdict(dep.deploy_dir, dep.current)
+    if verdict is None:
+        return StartPlan(dep, "run")
+    return StartPlan(dep, "inspect failed", verdict,
+                     "it was switched in again by hand since ('edge-ad bundle rollback --force'), so it inspects: roll "
+                     "back to another kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle status') "
+                     "or install another")
 
 
 def confirm(deploy_dir: str | os.PathLike, release: str | None = None) -> Deployment:

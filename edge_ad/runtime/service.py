@@ -168,7 +168,6 @@ class Service:
         self.bundle, self.inspector = self._open_model()
         try:
             self._warn_previous()
-            self._warn_failed("starts")
             self._build_rest()
         except BaseException:
             self.inspector.backend.close()
@@ -220,22 +219,24 @@ class Service:
             log.warning("%s; the line runs its release in force, %s, but %s", problem, dep.current,
                         previous_blocks(dep))
 
-    def _warn_failed(self, how: str) -> None:
-        """A WARNING when the line ``how`` ("starts", "reloads") on a deploy folder's release in force that was judged
-        wrong (:func:`edge_ad.calibration.deploy.failed_verdict`) and is not pending: switched in again by hand
-        ('edge-ad bundle rollback --force'), it inspects. A pending one is rolled back at the start
-        (:meth:`_roll_back_failed`) or by its health watch, which fails it at once."""
-        from ..calibration.deploy import deployment, failed_verdict
+    def _start_plan(self):
+        """What the deploy folder's release in force asks of this line (:func:`edge_ad.calibration.deploy.start_plan`);
+        None without a deploy folder."""
+        from ..calibration.deploy import start_plan
 
         m = self.settings.model
         if m.deploy_dir is None or m.bundle is not None:
-            return
-        dep = deployment(m.deploy_dir)
-        why = failed_verdict(m.deploy_dir, dep.current) if dep.health != "pending" else None
-        if why is not None:
-            log.warning("the line %s on release %s, which %s; it was switched in again by hand since ('edge-ad bundle "
-                        "rollback --force'), so it inspects: roll back to another kept release ('edge-ad bundle "
-                        "rollback --to ID'; ids: 'edge-ad bundle status') or install another", how, dep.current, why)
+            return None
+        return start_plan(m.deploy_dir, self.settings.health.enabled)
+
+    def _warn_failed(self, how: str, plan=None) -> None:
+        """A WARNING when the line ``how`` ("starts", "reloads") on a deploy folder's release in force that was judged
+        wrong and inspects all the same (the plan "inspect failed": switched in again by hand with 'edge-ad bundle
+        rollback --force', or pending with ``[health] enabled = false``). A pending one with the check on is rolled
+        back at the start (:meth:`_roll_back_failed`) or by its health watch, which fails it at once."""
+        plan = plan or self._start_plan()
+        if plan is not None and plan.action == "inspect failed":
+            log.warning("the line %s on release %s, which %s; %s", how, plan.dep.current, plan.verdict, plan.why)
 
     def _pending_release(self):
         """The deploy folder's state when its release in force is pending (not yet confirmed by a health
@@ -254,24 +255,18 @@ class Service:
         before a frame is inspected with it, with a ``model_health`` event; the restored release opens instead.
         When it cannot be rolled back (no previous release, a damaged ``previous`` link, the deploy folder locked
         or full) the start fails saying how to go on: the line does not inspect with a model known to be wrong.
-        With ``[health] enabled = false`` it is left in force, with a WARNING."""
-        from ..calibration.deploy import failed_before, failed_marker
-
-        dep = self._pending_release()
-        why = failed_before(dep.deploy_dir, dep.current) if dep is not None else None
-        if why is None:
-            return
-        marker = failed_marker(dep.deploy_dir, dep.current)
-        if not self.settings.health.enabled:
-            log.warning("release %s %s; [health] enabled = false: not rolled back, it inspects (roll back with "
-                        "'edge-ad bundle rollback')", dep.current, why)
+        With ``[health] enabled = false`` it is left in force, with a WARNING, as a release judged wrong that a
+        rollback by hand switched in again is. What to do is :func:`edge_ad.calibration.deploy.start_plan`'s
+        (``doctor --config`` says it from the same)."""
+        plan = self._start_plan()
+        if plan is None or plan.action != "roll back":
+            self._warn_failed("starts", plan)
             return
         try:
-            self._roll_back_at_start(dep, f"release {dep.current} {why}", None)
+            self._roll_back_at_start(plan.dep, f"release {plan.dep.current} {plan.verdict}", None)
         except RuntimeFailure as exc:
             raise RuntimeFailure(f"{exc}; edge-ad run does not inspect with a release that failed its health check: "
-                                 "switch to a kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle "
-                                 f"status') or install another, or, to run this one anyway, delete {marker}") from exc
+                                 f"{plan.fix()}") from exc
 
     def _roll_back_unopenable(self, dep, exc: BaseException):
         """Roll the pending release ``dep.current`` back because the line cannot open it (``exc``)."""
