@@ -4017,27 +4017,70 @@ def test_a_reload_onto_a_release_installed_from_a_shell_judges_its_ng_rate_again
     """'edge-ad bundle install' from a shell, then a reload (SIGHUP, MQTT reload): the baseline NG rate was taken
     after the swap had cleared the decisions it counts, so a release calling every part NG was recorded ok."""
     a, b, _ = bundles
-    deploy = tmp_path / "deploy"
-    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
-    deploy_mod.confirm(deploy)
-    svc = _line(tmp_path, deploy)
+    deploy, r1, svc = _a_line_at_ng_rate_002(bundles, tmp_path)
     try:
         assert svc.reporter.health is None
-        svc.reporter.recent_ng.extend([False] * 49 + [True])           # the running model: NG rate 0.02
         r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
         assert svc.reload("bundle")["bundle"]["model_hash"] == b.model_hash()
-        watch = svc.reporter.health
-        assert watch.release == r2.release and watch.baseline_ng_rate == pytest.approx(0.02)
-        for _ in range(HealthLimits().min_frames):
-            watch.record(ng=True)
-        _check_health(svc)
-        [ev] = _health_events(svc)
-        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
-            "failed", "done", r2.release, r1.release)
-        assert "NG rate jumped to 1.000 from 0.020" in ev["reason"]
+        _all_ng_is_rolled_back(svc, r2.release, r1.release)
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
     finally:
         svc.inspector.backend.close()
+
+
+def _a_line_at_ng_rate_002(bundles, tmp_path):
+    """A line on a deploy folder with A installed and healthy, its latest decisions at NG rate 0.02 (1 of 50):
+    (deploy, A's release, the line)."""
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(bundles[0].path, tmp_path / "a.tar"), deploy, require_golden=False)
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy)
+    svc.reporter.recent_ng.extend([False] * 49 + [True])
+    return deploy, r1, svc
+
+
+def _all_ng_is_rolled_back(svc, release: str, to: str) -> None:
+    """``release``, watched by ``svc`` against NG rate 0.02, calls every part NG: failed, rolled back to ``to``."""
+    watch = svc.reporter.health
+    assert watch.release == release and watch.baseline_ng_rate == pytest.approx(0.02)
+    for _ in range(HealthLimits().min_frames):
+        watch.record(ng=True)
+    _check_health(svc)
+    [ev] = _health_events(svc)
+    assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == ("failed", "done", release, to)
+    assert "NG rate jumped to 1.000 from 0.020" in ev["reason"]
+
+
+@pytest.mark.parametrize("cut", ["after the switch", "before the final record"])
+def test_a_restart_after_an_update_judges_the_new_model_against_the_ng_rate_recorded_at_its_switch(bundles, tmp_path,
+                                                                                                  monkeypatch, cut):
+    """A power cut right after an update_model switch lost the old model's NG rate: after the restart the health
+    check had nothing to compare with, and a model calling every part NG passed ('10 frames, NG rate 1.000, 0
+    errors' -> ok). The switch records it in deploy.json (with the decisions behind it), also in its pending record
+    when the final one is cut short, and the watch after a restart takes it."""
+    b = bundles[1]
+    deploy, r1, svc = _a_line_at_ng_rate_002(bundles, tmp_path)          # NG rate 0.02 over 50 decisions
+    try:
+        archive = pack_bundle(b.path, tmp_path / "b.tar")
+        if cut == "before the final record":                             # only the pending record is written
+            _DiskFullAt(monkeypatch, "deploy.json after the switch")
+        out = _update(svc, archive)
+        monkeypatch.undo()
+        assert svc.reporter.health.baseline_ng_rate == pytest.approx(0.02)
+    finally:
+        svc.inspector.backend.close()                                    # the power goes: no verdict
+    new = out["install"]["release"]
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (new, "pending")
+    assert (cut == "after the switch") == (out["install"]["unrecorded"] is None)
+    assert deploy_mod.recorded_baseline(deploy, new) == {"ng_rate": pytest.approx(0.02), "frames": 50}
+    svc = _line(tmp_path, deploy)                                        # the restart
+    try:
+        _all_ng_is_rolled_back(svc, new, r1.release)
+    finally:
+        svc.inspector.backend.close()
+    r3 = install_bundle(pack_bundle(b.path, tmp_path / "b3.tar"), deploy, require_golden=False)   # from a shell: none
+    assert deploy_mod.recorded_baseline(deploy, r3.release) is None
 
 
 def test_a_reload_onto_another_release_of_the_same_model_switches_to_its_folder_and_watches_it(bundles, tmp_path):

@@ -738,7 +738,7 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
                    precision: str | None = None, limits: GoldenLimits | None = None,
                    keep: int = 3, device: str | None = None,
                    probe: Callable[[Bundle], None] | None = None, calib_dir: str | os.PathLike | None = None,
-                   progress: bool = False) -> InstallResult:
+                   progress: bool = False, baseline: dict | None = None) -> InstallResult:
     """Verify, validate and switch in a bundle archive (see the module doc). Raises InputError when the
     archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
     cases the running bundle and the links are untouched, as they are when an OSError (a full disk) is raised
@@ -757,7 +757,10 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     opens it as the line will); what it raises refuses the update, nothing switched. On a TensorRT line
     (:func:`engine_needed`) the candidate's engine is built and guarded before the golden check and the
     probe (:func:`build_line_engine`, ``progress`` shown), on ``calib_dir`` else the golden set's normal
-    images (:func:`engine_images`); a failed build or guard refuses the update.
+    images (:func:`engine_images`); a failed build or guard refuses the update. ``baseline``: the NG rate of the
+    model the line runs now, ``{"ng_rate": R, "frames": N}`` (the runtime's update_model gives it), recorded in
+    deploy.json with the switch, its pending record included, so that the health check after a restart judges the
+    new release against it (:func:`recorded_baseline`).
     """
     d = Path(deploy_dir)
     made = []  # folders this install creates, deepest first: removed again when it fails
@@ -770,7 +773,7 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     try:
         with deploy_lock(d):
             return _install(archive, d, golden_dir, key, require_signature, require_golden, backend, precision,
-                            limits, keep, device, probe, calib_dir, progress)
+                            limits, keep, device, probe, calib_dir, progress, baseline)
     except BaseException:
         for p in made:
             try:
@@ -794,7 +797,7 @@ def golden_for(deploy_dir: str | os.PathLike, golden_dir, require_golden: bool =
 
 
 def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
-             keep, device, probe, calib_dir, progress) -> InstallResult:
+             keep, device, probe, calib_dir, progress, baseline) -> InstallResult:
     dep = deployment(d)
     key_obj = load_key(key) if key is not None else None
     golden_dir = golden_for(d, golden_dir, require_golden)
@@ -872,11 +875,12 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    said = {BASELINE: baseline} if baseline else {}   # the old model's NG rate, for a restart before the verdict
     try:
         unrecorded = _switch_recorded(d, rid, dep.current, "pending", f"installed {rid} (previous {dep.current})",
-                                      "switched", {"switched_at": now_iso()},
+                                      "switched", {"switched_at": now_iso(), **said},
                                       {"previous": dep.current,
-                                       "golden_passed": None if report is None else report["passed"]})
+                                       "golden_passed": None if report is None else report["passed"], **said})
     except OSError:   # before 'current' moved (a full disk): nothing switched, and the new release is not kept
         shutil.rmtree(final, ignore_errors=True)
         raise
@@ -1551,6 +1555,24 @@ def judge_health(frames: int, errors: int, ng: int, elapsed_s: float, baseline_n
     return "pending", f"{frames} of {limits.min_frames} frames"
 
 
+BASELINE = "baseline"   # deploy.json (and the switch's pending and history records): the old model's NG rate
+
+
+def recorded_baseline(deploy_dir: str | os.PathLike, release: str | None) -> dict | None:
+    """The NG rate of the model ``release`` replaced, as the runtime's update_model recorded it with the switch
+    (:func:`install_bundle` ``baseline``: ``{"ng_rate": R, "frames": N}``, N the decisions behind it): from
+    deploy.json's record of the switch, or from its pending record when the final one was cut short (a power cut,
+    a full disk). None when ``release`` is not the release that switch put in force, or none was recorded (an
+    install from a shell: no line's decisions known). A :class:`HealthWatch` without a baseline takes it, so the
+    check after a restart still compares the new model's NG rate with the old one's."""
+    st = _read_state(Path(deploy_dir))
+    rec = st if st.get("current") == release else _cut_short(st, release)
+    b = (rec or {}).get(BASELINE)
+    if not isinstance(b, dict) or not isinstance(b.get("ng_rate"), (int, float)) or isinstance(b["ng_rate"], bool):
+        return None
+    return b
+
+
 def golden_checked(deploy_dir: str | os.PathLike, release: str | None) -> bool | None:
     """Whether ``release`` passed a golden check before its install switched it in, from deploy.json's record of
     that switch (``golden_passed``): False for an install without one (``--no-golden``, or an MQTT
@@ -1615,6 +1637,12 @@ class HealthWatch:
                  offered: Callable[[], int] | None = None, release: str | None = None):
         self.deploy_dir = Path(deploy_dir) if deploy_dir is not None else None
         self.release = release if release is not None or self.deploy_dir is None else deployment(deploy_dir).current
+        if baseline_ng_rate is None and self.deploy_dir is not None:   # a restart since the switch: as recorded there
+            recorded = recorded_baseline(self.deploy_dir, self.release)
+            if recorded is not None:
+                baseline_ng_rate = float(recorded["ng_rate"])
+                log.info("release %s is judged against the NG rate recorded at its switch: %.3f over the last %s "
+                         "decisions of the model it replaced", self.release, baseline_ng_rate, recorded.get("frames"))
         self.baseline_ng_rate = baseline_ng_rate
         self.limits = limits or HealthLimits()
         self._clock = clock

@@ -795,9 +795,10 @@ class Service:
                     "as the line runs it" if line else f"in precision {precision}, as the check asks"))]
             return _jsonable(out)
         probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
+        baseline = self._baseline()   # recorded with the switch: a restart before the verdict judges against it too
         try:
             res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
-                                 device=m.device, probe=probe, require_golden=golden is not None)
+                                 device=m.device, probe=probe, require_golden=golden is not None, baseline=baseline)
         except OSError as exc:   # a full disk before 'current' moved (after it, the install holds): nothing switched
             raise RuntimeFailure(f"update_model: {os_error_text(exc)}; not installed: 'current' is still "
                                  f"{deployment(m.deploy_dir).current}, the running model is unchanged") from exc
@@ -805,7 +806,6 @@ class Service:
             return _jsonable({"activated": True, "already_installed": True, "model_hash": self.inspector.model_hash,
                               "install": res.summary()})
         with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
-            baseline = self._ng_rate()
             try:
                 out = self._swap_model(Bundle.open(res.path, verify=True), reason="update_model")
             except Exception as exc:
@@ -823,7 +823,8 @@ class Service:
                 self.event(_rolled_back_event(res.release, why, dep))   # as a health-check rollback says it
                 raise RuntimeFailure(f"{why}; 'current' is back on {dep.current}, the running model is "
                                      "unchanged") from exc
-            watched = not res.already_installed and self._watch_health(res.release, baseline, "update_model")
+            watched = not res.already_installed and self._watch_health(
+                res.release, baseline["ng_rate"] if baseline else None, "update_model")
         out.update({"activated": True, "install": res.summary(),
                     "health": "unchanged" if res.already_installed else "pending" if watched else "unchecked"})
         warnings = []
@@ -853,8 +854,14 @@ class Service:
         """The NG rate of the latest decisions of the model and calibration in force (the baseline a new
         model's health is judged against: not the whole run's, which a badly calibrated start skews); None
         before any OK among them."""
+        b = self._baseline()
+        return b["ng_rate"] if b else None
+
+    def _baseline(self) -> dict | None:
+        """:meth:`_ng_rate` with the number of decisions behind it, ``{"ng_rate": R, "frames": N}`` (as update_model
+        records it in deploy.json with its switch); None before any OK among them."""
         recent = list(self.reporter.recent_ng)
-        return sum(recent) / len(recent) if recent and not all(recent) else None
+        return {"ng_rate": sum(recent) / len(recent), "frames": len(recent)} if recent and not all(recent) else None
 
     def _check_health(self) -> None:
         """After a model update: roll back when the new model's first frames look wrong. A rollback that
