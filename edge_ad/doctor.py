@@ -11,7 +11,8 @@ MQTT CONNECT with the credentials, and with a config whether the broker lets the
 relative ``mqtt.outbox_path`` (this one reads it from the config's folder), disk space and write access for the
 outbox, log and snapshots, the bundle's integrity and calibration (the bundle found as ``run`` finds it,
 ``model.deploy_dir`` included, and a warning when that deploy folder's ``previous`` link is damaged: no
-rollback until it is repaired), whether a TensorRT engine ``run`` would use exists for this GPU, whether the model opens on the backend,
+rollback until it is repaired; what ``run`` does at its start with the release in force, by ``run``'s own
+decision: :func:`check_release`), whether a TensorRT engine ``run`` would use exists for this GPU, whether the model opens on the backend,
 precision and device ``run`` will use (it is opened and closed again, as ``run`` opens it), and the
 systemd service's state (failed or restarting is a warning). Nothing here imports torch, unless the
 backend to check is ``torch``.
@@ -776,6 +777,45 @@ def check_previous(deploy_dir: str | os.PathLike) -> list[Check]:
                                            f"{previous_blocks(dep)}", fix=problem.fix)]
 
 
+def check_release(deploy_dir: str | os.PathLike, health_enabled: bool = True) -> tuple[list[Check], Path | None]:
+    """What ``run`` does at its start with the deploy folder's release in force, by the code ``run`` decides it with
+    (:func:`~edge_ad.calibration.deploy.start_plan`, and :func:`~edge_ad.calibration.deploy.rollback_refusal` for
+    whether its rollback can be made): nothing said for a release it simply runs; ok for a pending one it watches;
+    a warning when it inspects with a release not watched or judged wrong, or rolls a release that failed back at
+    its start (then the release it will run instead is returned, for the bundle checks to check); a required
+    failure when that rollback cannot be made (``run`` does not start). Returns (checks, the release folder ``run``
+    opens instead of the one in force, or None)."""
+    from .calibration.deploy import rollback_refusal, start_plan
+
+    plan = start_plan(deploy_dir, health_enabled)
+    dep = plan.dep
+    rel = f"the release in force, {dep.current},"
+    if plan.action == "watch":
+        return [_ok("release", f"{rel} is pending (its health check is not done): run watches its first frames"
+                               + (f" and rolls it back to {dep.previous} if they look wrong" if dep.previous else
+                                  " (there is no previous release to roll it back to if they look wrong)"))], None
+    if plan.action == "unwatched":
+        return [Check("release", Status.WARN, f"{rel} is pending and [health] enabled = false: run neither judges it "
+                                              "nor rolls it back", fix="set [health] enabled = true to have its first "
+                                                                       "frames judged")], None
+    if plan.action == "inspect failed":
+        return [Check("release", Status.WARN, f"{rel} {plan.verdict}; {plan.why}",
+                      fix="edge-ad bundle rollback --to ID (ids: edge-ad bundle status), or install another release")
+                ], None
+    if plan.action != "roll back":
+        return [], None
+    refusal = rollback_refusal(dep)
+    if refusal is not None:
+        return [Check("release", Status.FAIL, f"{rel} {plan.verdict}; and it cannot be rolled back ({refusal}): run "
+                                              "does not inspect with a release that failed its health check, so it "
+                                              "does not start", required=True, fix=plan.fix())], None
+    return [Check("release", Status.WARN, f"{rel} {plan.verdict}: run rolls it back to {dep.previous} at its start, "
+                                          f"before it inspects a frame, and runs {dep.previous} (the checks below "
+                                          "are of it)",
+                  fix="nothing is needed for run to start; 'edge-ad bundle rollback' makes the rollback now")
+            ], dep.previous_path
+
+
 def check_bundle(path: str | os.PathLike) -> tuple[list[Check], Any]:
     """Integrity (sha256 of every file), calibration and the active graph. Returns (checks, bundle|None)."""
     from .bundle import Bundle
@@ -1089,6 +1129,16 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
                 checks.append(Check("bundle", Status.FAIL, f"run cannot find the bundle: {exc}", required=True,
                                     fix="install a bundle into the deploy folder (edge-ad bundle install ARCHIVE "
                                         "--deploy DIR), or set model.bundle to a bundle folder (--bundle here)"))
+    m = settings.model if settings is not None else None
+    if m is not None and m.bundle is None and m.deploy_dir is not None and not unresolved:
+        instead: list = [None]
+
+        def _release():
+            res, instead[0] = check_release(m.deploy_dir, settings.health.enabled)
+            return res
+
+        checks += _safe("release", _release)
+        bundle = instead[0] or bundle   # what run opens after its start's rollback
     if bundle is not None:
         found: list = [None]
 
@@ -1113,7 +1163,6 @@ def run_checks(bundle: str | os.PathLike | None = None, mqtt=None, data_dirs: Se
         checks.append(Check("bundle", Status.SKIP, "no bundle or config given: the model run opens, its backend and "
                             "engine are not checked (give --config LINE.toml, the service's, or --bundle DIR)",
                             data={"not_given": True}))
-    m = settings.model if settings is not None else None
     if m is not None and m.bundle is None and m.deploy_dir is not None and not unresolved:
         checks += _safe("rollback", lambda: check_previous(m.deploy_dir))
     if m is not None and m.update_key is not None:

@@ -874,6 +874,77 @@ def test_a_power_cut_in_a_prune_leaves_no_half_release_to_roll_back_to(bundles, 
     assert not [p.name for p in (deploy / "releases").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("cut_at", ["before its record", "before 'current' moves"])
+def test_an_install_killed_before_its_switch_leaves_no_release_and_never_costs_a_kept_one(bundles, tmp_path,
+                                                                                        monkeypatch, caplog, cut_at):
+    """A kill -9 (a power cut) of an install after its folder is renamed into releases/ and before 'current' moves
+    to it: that folder is no release. It was listed as one ('health unchecked'), 'rollback --to' took it, and the
+    next installs counted it among the 3 newest kept and deleted the release still needed (the one the line ran,
+    with its calibrations fitted on the device). It is not listed (a warning names it), not taken, not counted,
+    and the next install removes it."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, c = bundles
+    deploy = tmp_path / "deploy"
+    arch = {n: pack_bundle(x.path, tmp_path / f"{n}.tar") for n, x in (("a", a), ("b", b), ("c", c))}
+    r1 = install_bundle(arch["a"], deploy, require_golden=False)
+    if cut_at == "before its record":
+        monkeypatch.setattr(deploy_mod, "_switch_recorded", lambda *a, **k: (_ for _ in ()).throw(SystemExit(9)))
+    else:
+        real = deploy_mod._point
+        monkeypatch.setattr(deploy_mod, "_point", lambda d, name, rid: (_ for _ in ()).throw(SystemExit(9))
+                            if name == "current" else real(d, name, rid))
+    with pytest.raises(SystemExit):
+        install_bundle(arch["b"], deploy, require_golden=False)
+    monkeypatch.undo()
+    orphan = next(p.name for p in (deploy / "releases").iterdir() if p.name.startswith("r0002-"))
+    assert deployment(deploy).current == r1.release
+    assert [r["id"] for r in deploy_mod.releases(deploy)] == [r1.release]
+    res = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy)])
+    assert res.exit_code == 0 and "r0002" not in res.stdout, res.output
+    assert f"warning: releases/{orphan} was never switched in" in res.stderr
+    res = CliRunner().invoke(main, ["bundle", "status", "--deploy", str(deploy), "--json"])
+    assert json.loads(res.stdout)["not_switched_in"] == [orphan]
+    with pytest.raises(InputError, match=f"--to {orphan}: no such release"):
+        rollback_model(deploy, to=orphan)
+    with caplog.at_level("WARNING", logger="edge_ad.calibration.deploy"):
+        r2 = install_bundle(arch["b"], deploy, require_golden=False)
+    assert f"releases/{orphan} (a release never switched in" in caplog.text
+    r3 = install_bundle(arch["c"], deploy, require_golden=False)   # keep 3: the first release is still kept
+    assert sorted(p.name for p in (deploy / "releases").iterdir()) == [r1.release, r2.release, r3.release]
+    assert not r3.pruned and [r["id"] for r in deploy_mod.releases(deploy)] == [r3.release, r2.release, r1.release]
+    assert not list((deploy / "releases").glob(f"*/{deploy_mod.NOT_SWITCHED}"))
+
+
+def test_a_release_whose_switch_was_cut_after_current_moved_stays_the_release_in_force(bundles, tmp_path,
+                                                                                      monkeypatch):
+    """Cut after 'current' moved to the new release but before its mark was dropped: it is the release in force,
+    listed, kept by the next install (which drops the mark), never taken for one never switched in."""
+    a, b, c = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    real = deploy_mod._point
+
+    def cut(d, name, rid):
+        real(d, name, rid)
+        if name == "current":
+            (d / "releases" / rid / deploy_mod.NOT_SWITCHED).write_text("{}")   # as if cut before its unlink
+            raise SystemExit(9)
+
+    monkeypatch.setattr(deploy_mod, "_point", cut)
+    with pytest.raises(SystemExit):
+        install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
+    monkeypatch.undo()
+    dep = deployment(deploy)
+    assert dep.current.startswith("r0002-") and dep.previous == r1.release and dep.health == "pending"
+    assert [r["id"] for r in deploy_mod.releases(deploy)] == [dep.current, r1.release]
+    r3 = install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, require_golden=False)
+    assert r3.previous == dep.current and not r3.pruned
+    assert not list((deploy / "releases").glob(f"*/{deploy_mod.NOT_SWITCHED}"))
+
+
 def test_rollback_refuses_a_release_that_cannot_be_opened(bundles, tmp_path):
     deploy, r1 = _installed_twice(bundles, tmp_path)
     before = deployment(deploy)
@@ -1263,7 +1334,7 @@ def test_a_health_rollback_that_cannot_be_written_never_raises_and_leaves_a_stat
         assert {r["id"]: r["health"] for r in deploy_mod.releases(deploy)}[failing] == "failed"
         assert len(errors) == 1 and "the record of the rollback is incomplete" in errors[0].getMessage()
         full.on = False                                                 # the next rollback completes the record
-        back = rollback_model(deploy, reason="edge-ad bundle rollback")
+        back = rollback_model(deploy, reason="edge-ad bundle rollback", force=True)
         assert (back.current, back.previous, back.health) == (failing, r1.release, "failed")
         assert "pending" not in back.detail and back.unrecorded is None
         return
@@ -1648,7 +1719,7 @@ def test_status_gives_each_release_its_own_health_and_a_rollback_by_hand_judges_
     res = r.invoke(main, ["bundle", "status", "--deploy", str(deploy)])
     assert f"rolled back from {r3} at " in res.stdout and ": it failed (health check: no frames processed" \
         in res.stdout, res.stdout
-    rollback_model(deploy, to=r3)                                    # by hand onto the failed one: still failed
+    rollback_model(deploy, to=r3, force=True)                        # by hand onto the failed one: still failed
     assert deployment(deploy).health == "failed" and status()[1][r3] == "failed"
 
     # deploy.json as an older edge-ad wrote it: a rollback by hand to r2, the release left named "failed"
@@ -2587,6 +2658,63 @@ def test_run_watches_a_release_installed_while_it_was_not_running(bundles, tmp_p
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
     finally:
         svc.inspector.backend.close()
+
+
+def test_a_release_that_failed_its_health_check_is_put_back_by_hand_only_with_force_and_runs_with_a_warning(
+        bundles, tmp_path, caplog):
+    """'bundle rollback' (plain or --to) put back a release whose health check had failed, silently, and 'run'
+    and 'reload' then inspected with it with no word: the line inspected with a release it judged wrong. It is
+    refused, naming the verdict, unless --force; a line that starts or reloads on it says so in a WARNING."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    a, b, _ = bundles
+    deploy, r1 = _installed_twice(bundles, tmp_path)
+    failing = deployment(deploy).current
+    svc = _line(tmp_path, deploy)
+    try:
+        _failing_frames(svc)                                         # rolled back to r1: failing is 'previous'
+        assert (deployment(deploy).current, deployment(deploy).previous) == (r1.release, failing)
+        before = deployment(deploy)
+        for to in (None, failing):
+            with pytest.raises(InputError) as err:
+                rollback_model(deploy, to=to, by="tests")
+            assert str(err.value).startswith(f"release {failing} failed its health check (error rate 20/20 > 0.05, "
+                                             "judged at "), str(err.value)
+            assert f"not rolled back, 'current' is still {r1.release}: give --force" in str(err.value)
+            assert deployment(deploy) == before
+        res = CliRunner().invoke(main, ["bundle", "rollback", "--deploy", str(deploy)])
+        assert res.exit_code == 2 and "failed its health check (error rate" in res.stderr, res.output
+        (deploy / "releases" / failing / deploy_mod.HEALTH_FAILED).unlink()   # the verdict deploy.json records
+        res = CliRunner().invoke(main, ["bundle", "rollback", "--deploy", str(deploy), "--to", failing])
+        assert res.exit_code == 2, res.output
+        assert (f"release {failing} failed (health check: error rate 20/20 > 0.05; rolled back from at "
+                in res.stderr), res.output
+        assert deployment(deploy) == before
+        res = CliRunner().invoke(main, ["bundle", "rollback", "--deploy", str(deploy), "--force"])
+        assert res.exit_code == 0 and deployment(deploy).current == failing, res.output
+        assert f"warning: releases/{failing} failed (health check: error rate" in res.stderr
+        assert "the line inspects with it (--force)" in res.stderr
+        caplog.set_level(logging.WARNING)
+        svc.reload("bundle")                                         # the running line switches to it
+        assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health is None
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and f"on release {failing}, which failed (health check: error rate" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith("the line reloads"), said
+    finally:
+        svc.inspector.backend.close()
+    caplog.clear()
+    svc = _line(tmp_path, deploy)                                    # and a start on it
+    try:
+        assert svc.inspector.model_hash == b.model_hash() and svc.reporter.health is None
+        assert any(r.getMessage().startswith(f"the line starts on release {failing}, which failed")
+                   for r in caplog.records if r.levelno == logging.WARNING)
+    finally:
+        svc.inspector.backend.close()
+    assert deployment(deploy).current == failing
 
 
 def test_a_healthy_verdict_event_names_the_release_judged(bundles, tmp_path):
@@ -3889,27 +4017,70 @@ def test_a_reload_onto_a_release_installed_from_a_shell_judges_its_ng_rate_again
     """'edge-ad bundle install' from a shell, then a reload (SIGHUP, MQTT reload): the baseline NG rate was taken
     after the swap had cleared the decisions it counts, so a release calling every part NG was recorded ok."""
     a, b, _ = bundles
-    deploy = tmp_path / "deploy"
-    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
-    deploy_mod.confirm(deploy)
-    svc = _line(tmp_path, deploy)
+    deploy, r1, svc = _a_line_at_ng_rate_002(bundles, tmp_path)
     try:
         assert svc.reporter.health is None
-        svc.reporter.recent_ng.extend([False] * 49 + [True])           # the running model: NG rate 0.02
         r2 = install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
         assert svc.reload("bundle")["bundle"]["model_hash"] == b.model_hash()
-        watch = svc.reporter.health
-        assert watch.release == r2.release and watch.baseline_ng_rate == pytest.approx(0.02)
-        for _ in range(HealthLimits().min_frames):
-            watch.record(ng=True)
-        _check_health(svc)
-        [ev] = _health_events(svc)
-        assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == (
-            "failed", "done", r2.release, r1.release)
-        assert "NG rate jumped to 1.000 from 0.020" in ev["reason"]
+        _all_ng_is_rolled_back(svc, r2.release, r1.release)
         assert deployment(deploy).current == r1.release and svc.inspector.model_hash == a.model_hash()
     finally:
         svc.inspector.backend.close()
+
+
+def _a_line_at_ng_rate_002(bundles, tmp_path):
+    """A line on a deploy folder with A installed and healthy, its latest decisions at NG rate 0.02 (1 of 50):
+    (deploy, A's release, the line)."""
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(bundles[0].path, tmp_path / "a.tar"), deploy, require_golden=False)
+    deploy_mod.confirm(deploy)
+    svc = _line(tmp_path, deploy)
+    svc.reporter.recent_ng.extend([False] * 49 + [True])
+    return deploy, r1, svc
+
+
+def _all_ng_is_rolled_back(svc, release: str, to: str) -> None:
+    """``release``, watched by ``svc`` against NG rate 0.02, calls every part NG: failed, rolled back to ``to``."""
+    watch = svc.reporter.health
+    assert watch.release == release and watch.baseline_ng_rate == pytest.approx(0.02)
+    for _ in range(HealthLimits().min_frames):
+        watch.record(ng=True)
+    _check_health(svc)
+    [ev] = _health_events(svc)
+    assert (ev["status"], ev["rollback"], ev["release"], ev["rolled_back_to"]) == ("failed", "done", release, to)
+    assert "NG rate jumped to 1.000 from 0.020" in ev["reason"]
+
+
+@pytest.mark.parametrize("cut", ["after the switch", "before the final record"])
+def test_a_restart_after_an_update_judges_the_new_model_against_the_ng_rate_recorded_at_its_switch(bundles, tmp_path,
+                                                                                                  monkeypatch, cut):
+    """A power cut right after an update_model switch lost the old model's NG rate: after the restart the health
+    check had nothing to compare with, and a model calling every part NG passed ('10 frames, NG rate 1.000, 0
+    errors' -> ok). The switch records it in deploy.json (with the decisions behind it), also in its pending record
+    when the final one is cut short, and the watch after a restart takes it."""
+    b = bundles[1]
+    deploy, r1, svc = _a_line_at_ng_rate_002(bundles, tmp_path)          # NG rate 0.02 over 50 decisions
+    try:
+        archive = pack_bundle(b.path, tmp_path / "b.tar")
+        if cut == "before the final record":                             # only the pending record is written
+            _DiskFullAt(monkeypatch, "deploy.json after the switch")
+        out = _update(svc, archive)
+        monkeypatch.undo()
+        assert svc.reporter.health.baseline_ng_rate == pytest.approx(0.02)
+    finally:
+        svc.inspector.backend.close()                                    # the power goes: no verdict
+    new = out["install"]["release"]
+    dep = deployment(deploy)
+    assert (dep.current, dep.health) == (new, "pending")
+    assert (cut == "after the switch") == (out["install"]["unrecorded"] is None)
+    assert deploy_mod.recorded_baseline(deploy, new) == {"ng_rate": pytest.approx(0.02), "frames": 50}
+    svc = _line(tmp_path, deploy)                                        # the restart
+    try:
+        _all_ng_is_rolled_back(svc, new, r1.release)
+    finally:
+        svc.inspector.backend.close()
+    r3 = install_bundle(pack_bundle(b.path, tmp_path / "b3.tar"), deploy, require_golden=False)   # from a shell: none
+    assert deploy_mod.recorded_baseline(deploy, r3.release) is None
 
 
 def test_a_reload_onto_another_release_of_the_same_model_switches_to_its_folder_and_watches_it(bundles, tmp_path):
@@ -4048,6 +4219,65 @@ def test_a_failed_release_that_cannot_be_rolled_back_at_start_is_not_run(bundles
                    for r in caplog.records)
     finally:
         svc.inspector.backend.close()
+
+
+def _doctor_release(tmp_path, deploy: Path, health: str = "") -> tuple[int, dict, dict]:
+    """doctor --config on a line of ``deploy``: (exit code, its 'release' check, its 'bundle' check)."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+
+    cfg = tmp_path / "doctor.toml"
+    cfg.write_text(f'[model]\ndeploy_dir = "{deploy}"\nbackend = "onnxruntime"\n[source]\nuri = "synthetic://disc"\n'
+                   f'[telemetry]\ntegrastats = false\n[health]\n{health}')
+    res = CliRunner().invoke(main, ["doctor", "--config", str(cfg), "--json"])
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    return res.exit_code, checks.get("release"), checks["bundle"]
+
+
+def test_doctor_says_what_run_does_with_a_release_in_force_that_failed_or_is_pending(bundles, tmp_path):
+    """doctor --config said '[ok] bundle .../r0006' and 'run can start' on a release that had failed its health check
+    (run then rolled it back at its start, or did not start at all when it could not) or was pending. It says what
+    run does, decided by run's own code: the rollback and the release run runs instead (which the bundle check then
+    checks), a failure with run's own fix when the rollback cannot be made, the watch of a pending release, the
+    warning of a release judged wrong that inspects all the same."""
+    deploy, failing, r1 = _failed_before_restart(bundles, tmp_path)
+    code, release, bundle = _doctor_release(tmp_path, deploy)
+    assert code == 0 and release["status"] == "warn", release
+    assert release["detail"].startswith(f"the release in force, {failing}, failed its health check before this start")
+    assert release["detail"].endswith(f": run rolls it back to {r1} at its start, before it inspects a frame, and "
+                                      f"runs {r1} (the checks below are of it)")
+    assert bundle["status"] == "ok" and bundle["detail"].startswith(str(deploy / "releases" / r1))
+    code, release, _ = _doctor_release(tmp_path, deploy, health="enabled = false\n")
+    assert code == 0 and release["status"] == "warn" and "[health] enabled = false: not rolled back" in release["detail"]
+    svc = _line(tmp_path, deploy)                                       # and run does so
+    try:
+        assert svc.inspector.model_hash == bundles[0].model_hash() and deployment(deploy).current == r1
+    finally:
+        svc.inspector.backend.close()
+    code, release, _ = _doctor_release(tmp_path, deploy)                # a release that ran: nothing to say
+    assert code == 0 and release is None
+    rollback_model(deploy, force=True, by="tests")                      # put back by hand: it inspects, warned of
+    code, release, _ = _doctor_release(tmp_path, deploy)
+    assert code == 0 and release["status"] == "warn", release
+    assert release["detail"].startswith(f"the release in force, {failing}, failed its health check (")
+    assert "switched in again by hand since ('edge-ad bundle rollback --force'), so it inspects" in release["detail"]
+
+    deploy, failing, _ = _failed_before_restart(bundles, tmp_path / "none", previous=False)
+    code, release, _ = _doctor_release(tmp_path, deploy)
+    assert code == 1 and release["status"] == "fail" and release["required"], release
+    assert (f"; and it cannot be rolled back ({deploy}: no previous release to roll back to): run does not inspect "
+            "with a release that failed its health check, so it does not start") in release["detail"]
+    with pytest.raises(RuntimeFailure) as err:                          # run's own words: the same fix
+        _line(tmp_path, deploy)
+    assert str(err.value).endswith(release["fix"]) and release["fix"].startswith("switch to a kept release")
+
+    deploy, r1 = _installed_twice(bundles, tmp_path / "pending")
+    code, release, _ = _doctor_release(tmp_path, deploy)
+    assert code == 0 and release["status"] == "ok", release
+    assert release["detail"] == (f"the release in force, {deployment(deploy).current}, is pending (its health check "
+                                 f"is not done): run watches its first frames and rolls it back to {r1.release} if "
+                                 "they look wrong")
 
 
 def test_an_adapt_candidate_of_a_release_goes_to_candidates_never_among_the_releases(fader_bundle, tmp_path):

@@ -20,11 +20,12 @@ bundle runs::
    ``min_accuracy`` right when there is none) with AUROC no lower than ``max_auroc_drop`` below it;
    unlabelled images (directly in the folder) must get the running bundle's decision
    (``min_agreement``). A failing candidate is deleted and nothing else changes;
-3. renames the staging folder into ``releases/``, records the switch as pending in ``deploy.json``,
-   swaps ``current`` (a new symlink renamed over the old one with ``os.replace``: atomic; a power cut
-   leaves the old or the new link, never none), then points ``previous`` at the release replaced
-   (:func:`_switch`); once ``current`` has moved the install holds even when ``previous`` or the final record
-   cannot be written (:func:`_switch_recorded`: ``InstallResult.unrecorded`` says why);
+3. renames the staging folder into ``releases/`` (marked :data:`NOT_SWITCHED` until ``current`` points at it: cut
+   off before, it is no release, and the next install removes it: :func:`not_switched_in`), records the switch as
+   pending in ``deploy.json``, swaps ``current`` (a new symlink renamed over the old one with ``os.replace``:
+   atomic; a power cut leaves the old or the new link, never none), then points ``previous`` at the release
+   replaced (:func:`_switch`); once ``current`` has moved the install holds even when ``previous`` or the final
+   record cannot be written (:func:`_switch_recorded`: ``InstallResult.unrecorded`` says why);
 4. keeps the ``keep`` newest releases (never ``current`` or ``previous``), each older one renamed to
    ``releases/.trash-<id>`` before it is deleted.
 
@@ -76,6 +77,10 @@ INSTALLED_FROM = ".installed-from.json"   # in each release: {"archive": .., "re
 # in a release whose health check failed: {"time": .., "reason": ..}, written (no deploy lock needed) when the verdict
 # is reached, so that a restart before its rollback is done rolls it back instead of judging it again
 HEALTH_FAILED = ".health-failed.json"
+# in a new release from its rename into releases/ until its install's switch has moved 'current' to it: {"time": ..,
+# "previous": ..}. A release holding it that neither link names was never switched in (the install was killed, or the
+# power cut, between the two): no release, never listed or counted, removed by the next install (_clean_stale)
+NOT_SWITCHED = ".not-switched-in.json"
 DEVICE_WRITTEN = ("calibration.json", "calibration.d/", "gaussian.d/")   # what calibrating on the device writes
 
 
@@ -279,14 +284,46 @@ def release_health(history, release: str | None) -> str:
     passed), "failed" (rolled back from because it failed its health check or the line could not open it) or
     "unchecked" (no verdict recorded: never watched, rolled back from by hand before its verdict, or older than
     the history kept). A rollback by hand is no verdict on the release it leaves."""
+    ev = _last_verdict(history, release)
+    return "unchecked" if ev is None else "ok" if ev["event"] == "health_ok" else "failed"
+
+
+def _last_verdict(history, release: str | None) -> dict | None:
+    """The record of the last verdict on ``release`` in deploy.json's ``history`` (:func:`release_health`): its
+    ``health_ok``, or the rollback made because it failed; None when there is none."""
     for ev in reversed(history if isinstance(history, list) else []):
         if not isinstance(ev, dict):
             continue
         if ev.get("event") == "health_ok" and ev.get("release") == release:
-            return "ok"
+            return ev
         if ev.get("event") == ROLLED_BACK and ev.get("failed") == release and not _by_hand(ev):
-            return "failed"
-    return "unchecked"
+            return ev
+    return None
+
+
+def failed_verdict(deploy_dir: str | os.PathLike, release: str | None) -> str | None:
+    """Why ``release`` was judged wrong, in words, when it was: ``failed its health check (REASON, judged at TIME)``
+    for the verdict kept in it (:data:`HEALTH_FAILED`, as :func:`releases` reads it), else ``failed (REASON; rolled
+    back from at TIME)`` when the last verdict deploy.json's history records on it is a rollback because it failed
+    (its health check, or the line could not open it). None when neither: the line may inspect with it. A plain
+    ``edge-ad bundle rollback`` (or ``--to``) refuses to put such a release back without ``force``
+    (:func:`rollback_model`), and ``edge-ad run`` warns when it starts or reloads on one."""
+    d = Path(deploy_dir)
+    m = failed_marker(d, release)
+    if m is not None and m.is_file():
+        try:
+            was = json.loads(m.read_text("utf-8"))
+            return f"failed its health check ({was['reason']}, judged at {was['time']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"failed its health check ({m}: an unreadable record)"
+    try:
+        current = deployment(d).current   # a rollback cut short: its pending record is the last verdict
+    except DeployDamaged:
+        current = None
+    ev = _last_verdict(_history(_read_state(d), current), release)
+    if ev is None or ev["event"] == "health_ok":
+        return None
+    return f"failed ({ev.get('reason', 'no reason recorded')}; rolled back from at {ev.get('time', 'an unknown time')})"
 
 
 def last_rollback(dep: Deployment) -> dict | None:
@@ -701,7 +738,7 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
                    precision: str | None = None, limits: GoldenLimits | None = None,
                    keep: int = 3, device: str | None = None,
                    probe: Callable[[Bundle], None] | None = None, calib_dir: str | os.PathLike | None = None,
-                   progress: bool = False) -> InstallResult:
+                   progress: bool = False, baseline: dict | None = None) -> InstallResult:
     """Verify, validate and switch in a bundle archive (see the module doc). Raises InputError when the
     archive is refused and :class:`edge_ad.errors.GuardFailure` when the golden check fails; in both
     cases the running bundle and the links are untouched, as they are when an OSError (a full disk) is raised
@@ -720,7 +757,10 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     opens it as the line will); what it raises refuses the update, nothing switched. On a TensorRT line
     (:func:`engine_needed`) the candidate's engine is built and guarded before the golden check and the
     probe (:func:`build_line_engine`, ``progress`` shown), on ``calib_dir`` else the golden set's normal
-    images (:func:`engine_images`); a failed build or guard refuses the update.
+    images (:func:`engine_images`); a failed build or guard refuses the update. ``baseline``: the NG rate of the
+    model the line runs now, ``{"ng_rate": R, "frames": N}`` (the runtime's update_model gives it), recorded in
+    deploy.json with the switch, its pending record included, so that the health check after a restart judges the
+    new release against it (:func:`recorded_baseline`).
     """
     d = Path(deploy_dir)
     made = []  # folders this install creates, deepest first: removed again when it fails
@@ -733,7 +773,7 @@ def install_bundle(archive: str | os.PathLike, deploy_dir: str | os.PathLike,
     try:
         with deploy_lock(d):
             return _install(archive, d, golden_dir, key, require_signature, require_golden, backend, precision,
-                            limits, keep, device, probe, calib_dir, progress)
+                            limits, keep, device, probe, calib_dir, progress, baseline)
     except BaseException:
         for p in made:
             try:
@@ -757,14 +797,14 @@ def golden_for(deploy_dir: str | os.PathLike, golden_dir, require_golden: bool =
 
 
 def _install(archive, d: Path, golden_dir, key, require_signature, require_golden, backend, precision, limits,
-             keep, device, probe, calib_dir, progress) -> InstallResult:
+             keep, device, probe, calib_dir, progress, baseline) -> InstallResult:
     dep = deployment(d)
     key_obj = load_key(key) if key is not None else None
     golden_dir = golden_for(d, golden_dir, require_golden)
     if calib_dir is not None and not Path(calib_dir).is_dir():   # on every line: a typo is not kept quiet
         raise InputError(f"--calib {calib_dir}: no such folder; expected a folder of normal images of the part "
                          "(or DIR/train/good) to build and guard the new release's TensorRT engine on")
-    _clean_stale(d)
+    _clean_stale(d, dep)
     running = None
     if dep.current_path is not None and dep.current_path.is_dir():
         try:
@@ -823,6 +863,8 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
                         images, probe, progress)
         atomic.write_json(staging / INSTALLED_FROM, {"archive": content, "release": _content(candidate),
                                                      "model": _model_content(candidate)})
+        # renamed in with it: until 'current' moves to it, it is no release (a kill in between: _clean_stale)
+        atomic.write_json(staging / NOT_SWITCHED, {"time": now_iso(), "previous": dep.current})
         rid = _release_id(d, candidate.model_hash())
         final = d / RELEASES / rid
         os.rename(staging, final)
@@ -833,11 +875,12 @@ def _install(archive, d: Path, golden_dir, key, require_signature, require_golde
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    said = {BASELINE: baseline} if baseline else {}   # the old model's NG rate, for a restart before the verdict
     try:
         unrecorded = _switch_recorded(d, rid, dep.current, "pending", f"installed {rid} (previous {dep.current})",
-                                      "switched", {"switched_at": now_iso()},
+                                      "switched", {"switched_at": now_iso(), **said},
                                       {"previous": dep.current,
-                                       "golden_passed": None if report is None else report["passed"]})
+                                       "golden_passed": None if report is None else report["passed"], **said})
     except OSError:   # before 'current' moved (a full disk): nothing switched, and the new release is not kept
         shutil.rmtree(final, ignore_errors=True)
         raise
@@ -971,6 +1014,10 @@ def _switch(d: Path, to: str, previous: str | None, health: str = "pending", det
     state["pending"] = {**(detail or {}), "release": to, "previous": previous, "health": health}
     _write_state(d, state, "switch_started", release=to, previous=previous)
     _point(d, CURRENT, to)
+    try:   # an install's new release is one now (NOT_SWITCHED); left there, the next install drops it (in force)
+        (d / RELEASES / to / NOT_SWITCHED).unlink(missing_ok=True)
+    except OSError:
+        pass
     if previous is not None:
         _point(d, PREVIOUS, previous)
 
@@ -1014,8 +1061,19 @@ def deploy_lock(deploy_dir: str | os.PathLike):
                               "again when it has finished")
 
 
-def _clean_stale(d: Path) -> None:
-    """What a killed install, prune, check or download left (under the lock, so none of it is in use)."""
+def _clean_stale(d: Path, dep: Deployment) -> None:
+    """What a killed install, prune, check or download left (under the lock, so none of it is in use; ``dep``: the
+    deploy folder's state), a release never switched in (:func:`not_switched_in`) included: renamed to
+    ``.trash-<id>`` before it is deleted, as a prune deletes one. A release a link names that still holds the mark
+    (the switch cut short after 'current' moved) loses it."""
+    unswitched = not_switched_in(d)
+    for rid in unswitched:
+        os.rename(d / RELEASES / rid, d / RELEASES / f".trash-{rid}")
+    if unswitched:
+        atomic._fsync_dir(d / RELEASES)
+    for rid in (dep.current, dep.previous):
+        if rid is not None:
+            (d / RELEASES / rid / NOT_SWITCHED).unlink(missing_ok=True)
     stale = [*(d / RELEASES).glob(".incoming-*"), *(d / RELEASES).glob(".trash-*"), *d.glob(".check-*"), *(d / "downloads").glob(".*.part"),
              *d.glob(f".{CURRENT}.*.tmp"), *d.glob(f".{PREVIOUS}.*.tmp"), *d.glob(f".{STATE}.*.tmp")]
     for p in stale:
@@ -1024,7 +1082,31 @@ def _clean_stale(d: Path) -> None:
         else:
             p.unlink(missing_ok=True)
     if stale:
-        log.warning("%s: removed what an interrupted install left: %s", d, ", ".join(p.name for p in stale))
+        log.warning("%s: removed what an interrupted install left: %s", d, ", ".join(
+            f"{RELEASES}/{p.name[len('.trash-'):]} (a release never switched in: its install was cut off before "
+            "the switch)" if p.name.startswith(".trash-") and p.name[len(".trash-"):] in unswitched else p.name
+            for p in stale))
+
+
+def not_switched_in(d: Path) -> list[str]:
+    """The release folders an install renamed into ``releases/`` whose switch never moved ``current`` to them (killed,
+    or a power cut, in between; :data:`NOT_SWITCHED`): no release, neither listed nor counted as kept
+    (:func:`_release_ids`), nor rolled back to; the next install removes them (:func:`_clean_stale`). One that a
+    link names (``current``, or ``previous`` after a rollback, also as a switch cut short records them) is a
+    release: the switch moved ``current`` before it could drop the mark. None while ``current`` is damaged
+    (what is in force is unknown)."""
+    rel = d / RELEASES
+    if not rel.is_dir():
+        return []
+    marked = [p.name for p in rel.iterdir() if _is_release_id(p.name) and (p / NOT_SWITCHED).is_file()]
+    if not marked:
+        return []
+    try:
+        dep = deployment(d)
+    except DeployDamaged:
+        return []
+    linked = {dep.current, dep.previous, _read_state(d).get(PREVIOUS) if dep.previous_damaged else None}
+    return sorted(rid for rid in marked if rid not in linked)
 
 
 def _content(b: Bundle) -> dict[str, str]:
@@ -1131,11 +1213,13 @@ def _is_release_id(name: str) -> bool:
 
 def _release_ids(d: Path, complete: bool = True) -> list[str]:
     """The release folders kept in ``d/releases`` (named as an install names them, :func:`_is_release_id`;
-    ``complete``: only those holding a manifest.json, so a bundle), newest (highest sequence number) first."""
+    ``complete``: only those holding a manifest.json, so a bundle), newest (highest sequence number) first; not those
+    never switched in (:func:`not_switched_in`)."""
     rel = d / RELEASES
     if not rel.is_dir():
         return []
-    return sorted((p.name for p in rel.iterdir() if p.is_dir() and _is_release_id(p.name)
+    unswitched = set(not_switched_in(d))
+    return sorted((p.name for p in rel.iterdir() if p.is_dir() and _is_release_id(p.name) and p.name not in unswitched
                    and (not complete or (p / "manifest.json").is_file())),
                   key=lambda n: (_release_seq(n), n), reverse=True)
 
@@ -1220,13 +1304,15 @@ def releases(deploy_dir: str | os.PathLike) -> list[dict]:
 
 
 def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: str | None = None, *,
-                   failed: bool = False, by: str | None = None) -> Deployment:
+                   failed: bool = False, by: str | None = None, force: bool = False) -> Deployment:
     """Point ``current`` at ``previous``, or at the kept release ``to``; the release left becomes
     ``previous`` (so a second plain rollback undoes the first). ``failed``: the release left failed (its health
     check, or the line cannot open it): recorded as its verdict, ``failed`` in deploy.json's history. Else the
     rollback is one by hand, ``by`` whom (default "api"), and says nothing of the release left: its health stays
     its own. The release switched in gets its own health (:func:`release_health`: "ok", "failed" or
-    "unchecked"; never "pending", so it is not watched). Returns the new state. Raises
+    "unchecked"; never "pending", so it is not watched). A rollback by hand to a release judged wrong
+    (:func:`failed_verdict`), to ``previous`` or ``to``, is refused (InputError naming the verdict, nothing changed)
+    unless ``force``: the line would inspect with it. Returns the new state. Raises
     RuntimeFailure when there is no previous release (none, or the release in force) or it cannot be
     opened, or another install or rollback holds the deploy folder (:class:`~edge_ad.errors.Busy`, from
     :func:`deploy_lock`: nothing changed, try again later); InputError when
@@ -1252,22 +1338,10 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
             # no release to go back to, a folder or file in its place (data?), or no release to point it at
             raise damaged
         if to is None:
-            if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
-                # only those a --to would take (as 'bundle status' offers them): not one that cannot be opened
-                others = [r for r in _release_ids(d) if r != dep.current]
-                kept = [r for r in others if release_problem(d, r) is None]
-                raise RuntimeFailure(f"{d}: no previous release to roll back to: '{PREVIOUS}' points at "
-                                     f"{RELEASES}/{dep.previous}, which is {release_problem(d, dep.previous)}; "
-                                     + (f"roll back to a kept release with --to ID: {', '.join(kept)}" if kept
-                                        else (f"no other kept release can be rolled back to ({len(others)} cannot "
-                                              "be opened: see 'edge-ad bundle status')" if others
-                                              else "no other release is kept")
-                                        + "; install a release ('edge-ad bundle install')"))
-            if dep.previous is None or dep.previous == dep.current:
-                raise RuntimeFailure(f"{d}: no previous release to roll back to"
-                                     + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
-                                        if dep.previous is not None and dep.previous == dep.current else ""))
-            to, refuse = dep.previous, RuntimeFailure
+            refusal = rollback_refusal(dep)
+            if refusal is not None:
+                raise refusal
+            to = dep.previous
         else:
             kept = _release_ids(d)
             if to not in kept:
@@ -1275,10 +1349,18 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
                                  f"without a manifest.json); kept: {', '.join(kept) or 'none'}")
             if to == dep.current:
                 raise InputError(f"--to {to}: already the release in force; kept: {', '.join(kept)}")
-            refuse = InputError
-        problem = release_problem(d, to, full=True)   # as 'bundle status' names it, every file checked as run does
-        if problem is not None:
-            raise refuse(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
+            problem = release_problem(d, to, full=True)   # as 'bundle status' names it, every file checked as run does
+            if problem is not None:
+                raise InputError(f"release {to} is {problem}; not rolled back, '{CURRENT}' is still {dep.current}")
+        verdict = None if failed or force else failed_verdict(d, to)
+        if verdict is not None:   # by hand: the line never inspects with a release judged wrong unless told to
+            others = [r for r in _release_ids(d) if r not in (to, dep.current) and failed_verdict(d, r) is None
+                      and release_problem(d, r) is None]
+            raise InputError(f"release {to} {verdict}; not rolled back, '{CURRENT}' is still {dep.current}: "
+                             + (f"roll back to another kept release with --to ID ({', '.join(others)}), or " if others
+                                else "")
+                             + "give --force to put it back all the same (the line then inspects with it, with a "
+                               "WARNING at each start and reload)")
         left = dep.current
         # a failed release is named as such; a rollback by hand names who made it, and judges no release
         who = {"failed": left} if failed else {"by": by or "api"}
@@ -1292,6 +1374,82 @@ def rollback_model(deploy_dir: str | os.PathLike, reason: str = "manual", to: st
             return replace(deployment(d), unrecorded=unrecorded, replaced_previous=replaced)
         log.warning("rolled back from %s to %s%s: %s", left, to, "" if failed else f" by hand ({who['by']})", reason)
         return replace(deployment(d), replaced_previous=replaced)
+
+
+def rollback_refusal(dep: Deployment) -> EdgeADError | None:
+    """Why a plain rollback of ``dep`` (to ``previous``: ``edge-ad bundle rollback``, the health check's, the start's
+    of a release that failed before) would be refused, without making it: the error :func:`rollback_model` raises
+    then (a damaged ``previous`` link: :class:`DeployDamaged`; no previous release, its folder gone, or it cannot be
+    opened, every file checked as ``edge-ad run`` checks them: RuntimeFailure); None when it can be made (the deploy
+    lock and the disk aside). ``doctor`` tells with it whether ``run`` can roll back a release at its start."""
+    d = dep.deploy_dir
+    if dep.previous_damaged is not None:
+        return dep.previous_damaged
+    if dep.previous is not None and dep.previous != dep.current and not (d / RELEASES / dep.previous).is_dir():
+        # only those a --to would take (as 'bundle status' offers them): not one that cannot be opened
+        others = [r for r in _release_ids(d) if r != dep.current]
+        kept = [r for r in others if release_problem(d, r) is None]
+        return RuntimeFailure(f"{d}: no previous release to roll back to: '{PREVIOUS}' points at "
+                              f"{RELEASES}/{dep.previous}, which is {release_problem(d, dep.previous)}; "
+                              + (f"roll back to a kept release with --to ID: {', '.join(kept)}" if kept
+                                 else (f"no other kept release can be rolled back to ({len(others)} cannot "
+                                       "be opened: see 'edge-ad bundle status')" if others
+                                       else "no other release is kept")
+                                 + "; install a release ('edge-ad bundle install')"))
+    if dep.previous is None or dep.previous == dep.current:
+        return RuntimeFailure(f"{d}: no previous release to roll back to"
+                              + (f" ('{PREVIOUS}' is the release in force, {dep.current})"
+                                 if dep.previous is not None and dep.previous == dep.current else ""))
+    problem = release_problem(d, dep.previous, full=True)   # as 'bundle status' names it, every file checked as run does
+    if problem is not None:
+        return RuntimeFailure(f"release {dep.previous} is {problem}; not rolled back, '{CURRENT}' is still "
+                              f"{dep.current}")
+    return None
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What ``edge-ad run`` does at its start with the release in force of its deploy folder (:func:`start_plan`).
+    ``action``: "run" (nothing to say), "watch" (pending: its health check watches its first frames), "unwatched"
+    (pending, ``[health] enabled = false``: neither judged nor rolled back), "roll back" (pending, and it failed its
+    health check before this start: rolled back to ``previous`` before a frame is inspected; the start fails when
+    that rollback cannot be made) or "inspect failed" (judged wrong, yet it inspects: ``why``, with a WARNING).
+    ``verdict``: the failed verdict in words (:func:`failed_before`, :func:`failed_verdict`), else None."""
+    dep: Deployment
+    action: str
+    verdict: str | None = None
+    why: str | None = None
+
+    def fix(self) -> str:
+        """How to go on when a release that failed cannot be rolled back at the start (``run``'s error, doctor's fix)."""
+        return ("switch to a kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle status') or install "
+                f"another, or, to run this one anyway, delete {failed_marker(self.dep.deploy_dir, self.dep.current)}")
+
+
+def start_plan(deploy_dir: str | os.PathLike, health_enabled: bool = True) -> StartPlan:
+    """What ``edge-ad run`` does with the release in force of ``deploy_dir`` at its start (and, for "inspect failed",
+    at a reload onto it), with ``[health] enabled`` ``health_enabled``: :class:`StartPlan`. ``run`` acts on it
+    (:meth:`edge_ad.runtime.service.Service._roll_back_failed`) and ``doctor --config`` says it (with
+    :func:`rollback_refusal` for whether the rollback can be made)."""
+    dep = deployment(deploy_dir)
+    if dep.current is None:
+        return StartPlan(dep, "run")
+    if dep.health == "pending":   # deploy.json's record: what the start acts on (Deployment.health)
+        before = failed_before(dep.deploy_dir, dep.current)
+        if before is None:
+            return StartPlan(dep, "watch" if health_enabled else "unwatched")
+        if health_enabled:
+            return StartPlan(dep, "roll back", before)
+        return StartPlan(dep, "inspect failed", before,
+                         "[health] enabled = false: not rolled back, it inspects (roll back with 'edge-ad bundle "
+                         "rollback')")
+    verdict = failed_verdict(dep.deploy_dir, dep.current)
+    if verdict is None:
+        return StartPlan(dep, "run")
+    return StartPlan(dep, "inspect failed", verdict,
+                     "it was switched in again by hand since ('edge-ad bundle rollback --force'), so it inspects: roll "
+                     "back to another kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle status') "
+                     "or install another")
 
 
 def confirm(deploy_dir: str | os.PathLike, release: str | None = None) -> Deployment:
@@ -1397,6 +1555,24 @@ def judge_health(frames: int, errors: int, ng: int, elapsed_s: float, baseline_n
     return "pending", f"{frames} of {limits.min_frames} frames"
 
 
+BASELINE = "baseline"   # deploy.json (and the switch's pending and history records): the old model's NG rate
+
+
+def recorded_baseline(deploy_dir: str | os.PathLike, release: str | None) -> dict | None:
+    """The NG rate of the model ``release`` replaced, as the runtime's update_model recorded it with the switch
+    (:func:`install_bundle` ``baseline``: ``{"ng_rate": R, "frames": N}``, N the decisions behind it): from
+    deploy.json's record of the switch, or from its pending record when the final one was cut short (a power cut,
+    a full disk). None when ``release`` is not the release that switch put in force, or none was recorded (an
+    install from a shell: no line's decisions known). A :class:`HealthWatch` without a baseline takes it, so the
+    check after a restart still compares the new model's NG rate with the old one's."""
+    st = _read_state(Path(deploy_dir))
+    rec = st if st.get("current") == release else _cut_short(st, release)
+    b = (rec or {}).get(BASELINE)
+    if not isinstance(b, dict) or not isinstance(b.get("ng_rate"), (int, float)) or isinstance(b["ng_rate"], bool):
+        return None
+    return b
+
+
 def golden_checked(deploy_dir: str | os.PathLike, release: str | None) -> bool | None:
     """Whether ``release`` passed a golden check before its install switched it in, from deploy.json's record of
     that switch (``golden_passed``): False for an install without one (``--no-golden``, or an MQTT
@@ -1461,6 +1637,12 @@ class HealthWatch:
                  offered: Callable[[], int] | None = None, release: str | None = None):
         self.deploy_dir = Path(deploy_dir) if deploy_dir is not None else None
         self.release = release if release is not None or self.deploy_dir is None else deployment(deploy_dir).current
+        if baseline_ng_rate is None and self.deploy_dir is not None:   # a restart since the switch: as recorded there
+            recorded = recorded_baseline(self.deploy_dir, self.release)
+            if recorded is not None:
+                baseline_ng_rate = float(recorded["ng_rate"])
+                log.info("release %s is judged against the NG rate recorded at its switch: %.3f over the last %s "
+                         "decisions of the model it replaced", self.release, baseline_ng_rate, recorded.get("frames"))
         self.baseline_ng_rate = baseline_ng_rate
         self.limits = limits or HealthLimits()
         self._clock = clock

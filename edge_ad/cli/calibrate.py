@@ -804,21 +804,29 @@ _DEPLOY_CONFIG_HELP = ("The line's run config: its [model] deploy_dir (after its
 @env_file_option
 @click.option("--to", "to", metavar="RELEASE_ID",
               help="Switch to this kept release (ids: 'edge-ad bundle status') instead of the previous one.")
-def rollback_cmd(deploy_dir, config, env_file, to):
+@click.option("--force", is_flag=True,
+              help="Switch to the release even when it failed its health check (or the line could not open it): "
+                   "refused without it. The line then inspects with it, with a WARNING at each start and reload.")
+def rollback_cmd(deploy_dir, config, env_file, to, force):
     """Switch the deploy folder back to the previous release, or to any kept one with --to.
 
     The release left becomes 'previous', so a second plain rollback undoes the first; to go two or more
-    releases back, give --to RELEASE_ID. A running 'edge-ad run' switches on its next reload (SIGHUP or the
-    MQTT reload command) or restart. deploy.json records it as a rollback by hand, with the user who made it:
-    no verdict on the release left, whose health stays its own ('edge-ad bundle status')."""
+    releases back, give --to RELEASE_ID. A release that failed its health check ('health failed' in 'edge-ad
+    bundle status') is not switched to without --force. A running 'edge-ad run' switches on its next reload
+    (SIGHUP or the MQTT reload command) or restart. deploy.json records it as a rollback by hand, with the user
+    who made it: no verdict on the release left, whose health stays its own ('edge-ad bundle status')."""
     from ..calibration import deployment, rollback_model
+    from ..calibration.deploy import failed_verdict
 
     deploy_dir = _line_deploy(deploy_dir, config, env_file, _ROLLBACK_USE)
     deployment(deploy_dir, must_exist=True)
     # by hand: no verdict on the release left (its health stays its own), recorded with who asked for it
-    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else ""), to=to,
-                         by=f"edge-ad bundle rollback ({_who()})")
+    dep = rollback_model(deploy_dir, reason="edge-ad bundle rollback" + (f" --to {to}" if to else "")
+                         + (" --force" if force else ""), to=to, by=f"edge-ad bundle rollback ({_who()})", force=force)
     click.echo(f"{deploy_dir}/current -> releases/{dep.current} (previous: {dep.previous})")
+    verdict = failed_verdict(deploy_dir, dep.current)
+    if verdict is not None:   # put back with --force
+        click.echo(f"warning: releases/{dep.current} {verdict}: the line inspects with it (--force)", err=True)
     _switch_notes("rollback", dep)
     click.echo("'edge-ad run' with model.deploy_dir switches on its next reload (SIGHUP or the MQTT reload "
                "command) or restart", err=True)
@@ -876,7 +884,7 @@ def status_cmd(deploy_dir, config, env_file, as_json):
     is named with what is wrong; exit 1 when it is the release in force, after the listing. A damaged
     'previous' link is a warning with its repair (a damaged 'current' one an error, exit 2)."""
     from ..calibration import deployment
-    from ..calibration.deploy import last_rollback, previous_blocks, release_problem, releases
+    from ..calibration.deploy import last_rollback, not_switched_in, previous_blocks, release_problem, releases
     from ..errors import RuntimeFailure
 
     deploy_dir = _line_deploy(deploy_dir, config, env_file, _STATUS_USE)
@@ -895,7 +903,8 @@ def status_cmd(deploy_dir, config, env_file, as_json):
     out = {"current": dep.current, "previous": dep.previous, "health": health, "rollback": back,
            "current_path": str(dep.current_path) if dep.current_path else None, **recorded,
            "current_problem": problems["current"], "previous_problem": problems["previous"],
-           "previous_damaged": str(damaged) if damaged else None, "releases": kept}
+           "previous_damaged": str(damaged) if damaged else None, "releases": kept,
+           "not_switched_in": not_switched_in(Path(deploy_dir))}
     if as_json:
         _echo_json(out)
     else:
@@ -913,6 +922,9 @@ def status_cmd(deploy_dir, config, env_file, as_json):
             click.echo(f"warning: the previous release, {dep.previous}, is {problems['previous']}: "
                        f"{previous_blocks(dep)}" + (f"; 'rollback --to ID' takes a kept one: {', '.join(others)}"
                                              if others else ""), err=True)
+        for rid in out["not_switched_in"]:
+            click.echo(f"warning: releases/{rid} was never switched in (its install was cut off before the switch: "
+                       "killed, a power cut); it is no release and the next install removes it", err=True)
         click.echo("kept releases, newest first ('edge-ad bundle rollback --to ID' switches to one):")
         for r in kept:
             click.echo(f"  {r['id']}  installed {r['installed'] or '?'}  health {r['health']}"

@@ -219,6 +219,25 @@ class Service:
             log.warning("%s; the line runs its release in force, %s, but %s", problem, dep.current,
                         previous_blocks(dep))
 
+    def _start_plan(self):
+        """What the deploy folder's release in force asks of this line (:func:`edge_ad.calibration.deploy.start_plan`);
+        None without a deploy folder."""
+        from ..calibration.deploy import start_plan
+
+        m = self.settings.model
+        if m.deploy_dir is None or m.bundle is not None:
+            return None
+        return start_plan(m.deploy_dir, self.settings.health.enabled)
+
+    def _warn_failed(self, how: str, plan=None) -> None:
+        """A WARNING when the line ``how`` ("starts", "reloads") on a deploy folder's release in force that was judged
+        wrong and inspects all the same (the plan "inspect failed": switched in again by hand with 'edge-ad bundle
+        rollback --force', or pending with ``[health] enabled = false``). A pending one with the check on is rolled
+        back at the start (:meth:`_roll_back_failed`) or by its health watch, which fails it at once."""
+        plan = plan or self._start_plan()
+        if plan is not None and plan.action == "inspect failed":
+            log.warning("the line %s on release %s, which %s; %s", how, plan.dep.current, plan.verdict, plan.why)
+
     def _pending_release(self):
         """The deploy folder's state when its release in force is pending (not yet confirmed by a health
         check), else None."""
@@ -236,24 +255,18 @@ class Service:
         before a frame is inspected with it, with a ``model_health`` event; the restored release opens instead.
         When it cannot be rolled back (no previous release, a damaged ``previous`` link, the deploy folder locked
         or full) the start fails saying how to go on: the line does not inspect with a model known to be wrong.
-        With ``[health] enabled = false`` it is left in force, with a WARNING."""
-        from ..calibration.deploy import failed_before, failed_marker
-
-        dep = self._pending_release()
-        why = failed_before(dep.deploy_dir, dep.current) if dep is not None else None
-        if why is None:
-            return
-        marker = failed_marker(dep.deploy_dir, dep.current)
-        if not self.settings.health.enabled:
-            log.warning("release %s %s; [health] enabled = false: not rolled back, it inspects (roll back with "
-                        "'edge-ad bundle rollback')", dep.current, why)
+        With ``[health] enabled = false`` it is left in force, with a WARNING, as a release judged wrong that a
+        rollback by hand switched in again is. What to do is :func:`edge_ad.calibration.deploy.start_plan`'s
+        (``doctor --config`` says it from the same)."""
+        plan = self._start_plan()
+        if plan is None or plan.action != "roll back":
+            self._warn_failed("starts", plan)
             return
         try:
-            self._roll_back_at_start(dep, f"release {dep.current} {why}", None)
+            self._roll_back_at_start(plan.dep, f"release {plan.dep.current} {plan.verdict}", None)
         except RuntimeFailure as exc:
             raise RuntimeFailure(f"{exc}; edge-ad run does not inspect with a release that failed its health check: "
-                                 "switch to a kept release ('edge-ad bundle rollback --to ID'; ids: 'edge-ad bundle "
-                                 f"status') or install another, or, to run this one anyway, delete {marker}") from exc
+                                 f"{plan.fix()}") from exc
 
     def _roll_back_unopenable(self, dep, exc: BaseException):
         """Roll the pending release ``dep.current`` back because the line cannot open it (``exc``)."""
@@ -681,6 +694,7 @@ class Service:
             baseline = self._ng_rate()   # before the swap, which clears the decisions it counts
             out = self._swap_model(fresh, reason="reload")
             self._watch_if_pending(baseline)
+            self._warn_failed("reloads")
         return out
 
     def _swap_model(self, bundle: Bundle, reason: str) -> dict:
@@ -781,9 +795,10 @@ class Service:
                     "as the line runs it" if line else f"in precision {precision}, as the check asks"))]
             return _jsonable(out)
         probe = open_probe(m.backend, m.precision, m.device, opener=lambda b: open_inspector(b, self.settings))
+        baseline = self._baseline()   # recorded with the switch: a restart before the verdict judges against it too
         try:
             res = install_bundle(archive, m.deploy_dir, golden, key, backend=m.backend, precision=m.precision,
-                                 device=m.device, probe=probe, require_golden=golden is not None)
+                                 device=m.device, probe=probe, require_golden=golden is not None, baseline=baseline)
         except OSError as exc:   # a full disk before 'current' moved (after it, the install holds): nothing switched
             raise RuntimeFailure(f"update_model: {os_error_text(exc)}; not installed: 'current' is still "
                                  f"{deployment(m.deploy_dir).current}, the running model is unchanged") from exc
@@ -791,7 +806,6 @@ class Service:
             return _jsonable({"activated": True, "already_installed": True, "model_hash": self.inspector.model_hash,
                               "install": res.summary()})
         with self._health_lock:   # the loop's health check waits its turn while the watch is replaced
-            baseline = self._ng_rate()
             try:
                 out = self._swap_model(Bundle.open(res.path, verify=True), reason="update_model")
             except Exception as exc:
@@ -809,7 +823,8 @@ class Service:
                 self.event(_rolled_back_event(res.release, why, dep))   # as a health-check rollback says it
                 raise RuntimeFailure(f"{why}; 'current' is back on {dep.current}, the running model is "
                                      "unchanged") from exc
-            watched = not res.already_installed and self._watch_health(res.release, baseline, "update_model")
+            watched = not res.already_installed and self._watch_health(
+                res.release, baseline["ng_rate"] if baseline else None, "update_model")
         out.update({"activated": True, "install": res.summary(),
                     "health": "unchanged" if res.already_installed else "pending" if watched else "unchecked"})
         warnings = []
@@ -839,8 +854,14 @@ class Service:
         """The NG rate of the latest decisions of the model and calibration in force (the baseline a new
         model's health is judged against: not the whole run's, which a badly calibrated start skews); None
         before any OK among them."""
+        b = self._baseline()
+        return b["ng_rate"] if b else None
+
+    def _baseline(self) -> dict | None:
+        """:meth:`_ng_rate` with the number of decisions behind it, ``{"ng_rate": R, "frames": N}`` (as update_model
+        records it in deploy.json with its switch); None before any OK among them."""
         recent = list(self.reporter.recent_ng)
-        return sum(recent) / len(recent) if recent and not all(recent) else None
+        return {"ng_rate": sum(recent) / len(recent), "frames": len(recent)} if recent and not all(recent) else None
 
     def _check_health(self) -> None:
         """After a model update: roll back when the new model's first frames look wrong. A rollback that
