@@ -376,6 +376,24 @@ def test_a_result_delivered_again_is_counted_once():
     assert (r.results, r.duplicates) == (7, 5)
 
 
+def test_a_birth_that_names_the_same_pending_drops_twice_counts_them_once():
+    """A device's birth names the drops of its full outbox no event names yet (dropped_pending), and it is
+    published at every connect, on pause / resume, and re-delivered retained after the monitor's own reconnect:
+    each copy was added to the announced drops, and the gap then counted them twice (10 dropped for 5)."""
+    view = FleetView(clock=lambda: 1000.0, gap_grace_s=5)
+    res = lambda seq: view.consume(f"{B}/p1/cam1/result", _j({"id": f"r{seq}", "seq": seq, "score": 0.1,  # noqa: E731
+                                                               "ng": False}))
+    birth = _j({"state": "online", "outbox_instance": "a",
+                "dropped_pending": {"result": {"count": 5, "seq": [[3, 7]]}}})
+    res(1)
+    res(2)
+    view.consume(f"{B}/p1/cam1/status", birth)
+    view.consume(f"{B}/p1/cam1/status", birth, retained=True)
+    row = res(8)
+    assert (row.results, row.results_dropped, row.results_missing) == (3, 5, 0), row.last_gap
+    assert row.last_gap["dropped"] == 5 and row.last_gap["held"] == 0, row.last_gap
+
+
 def test_the_monitors_own_reconnect_counts_nothing_twice():
     """After the monitor's own reconnect it forgot every device's seq, so a result it had received and received
     again (the device re-sends what the broker had not acknowledged to it when the broker restarted) counted as a

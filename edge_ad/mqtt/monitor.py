@@ -511,8 +511,10 @@ class FleetView:
                         row._count(kind, -n if was == "missing" else 0, n)
                         self._note_gap(row, kind, part[3], part[4], **{was: -n, "dropped": n})
                 last = row._seq.get(kind)
-                if last is None or hi > last:
-                    row._announced.append([kind, lo if last is None else max(lo, last + 1), hi])
+                if last is None or hi > last:   # once: a birth names its pending drops again at each connect
+                    lo = lo if last is None else max(lo, last + 1)
+                    _cut(row._announced, kind, lo, hi)
+                    row._announced.append([kind, lo, hi])
             del row._announced[:-MAX_ANNOUNCED]
 
     def _fills(self, row: DeviceRow, kind: str, seq: int) -> bool:
