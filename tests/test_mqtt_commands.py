@@ -1354,3 +1354,28 @@ def test_cli_command_stops_waiting_when_the_device_goes_offline_while_it_runs(mo
         res.stderr
     assert "no reply on" not in res.stderr and "says online" not in res.stderr, res.stderr
     assert how == "will" or waited < 60, waited          # the stop and the restart end the wait, not the timeout
+
+
+def test_the_status_watched_while_a_reply_is_awaited_decides_once():
+    """A 'stopped' status ended the wait, and a will that came before the caller woke replaced it: the message
+    then took the will's branch, which formats the timeout, None there: a TypeError out of edge-ad command. What
+    ends the wait is kept; and a will followed by the same process back online is no longer 'went offline'."""
+    from edge_ad.mqtt.requester import CommandClient, went_offline_text
+
+    def _j(obj):
+        return json.dumps(obj).encode()
+
+    retained = _j({"state": "online", "started": "t0"})
+    stopped = _j({"state": "offline", "reason": "stopped", "ts": "2026-12-07T05:16:00.000Z"})
+    will = _j({"state": "offline", "reason": "will"})
+    event, seen = threading.Event(), {}
+    for payload, is_retained in ((retained, True), (stopped, False), (will, False)):
+        CommandClient._status_while_waiting([(event, seen)], payload, is_retained)
+    assert event.is_set() and seen["end"] == "stopped" and seen["offline"]["reason"] == "stopped"
+    text = went_offline_text("edge-ad/v1/s/d/cmd/calibrate", seen)
+    assert "edge-ad stopped there at 2026-12-07T05:16:00.000Z without answering it" in text
+    event, seen = threading.Event(), {}
+    for payload, is_retained in ((retained, True), (will, False), (_j({"state": "online", "started": "t0"}), False)):
+        CommandClient._status_while_waiting([(event, seen)], payload, is_retained)
+    assert not event.is_set() and "offline" not in seen                  # back: a timeout is 'no reply' again
+    assert "no reply came;" in went_offline_text("edge-ad/v1/s/d/cmd/x", {"offline": {"reason": "will"}})

@@ -120,6 +120,8 @@ class CommandClient:
         another process after an offline one (killed and restarted), the wait ends: no reply can come."""
         state, body = payloads.status_state(payload)
         for event, seen in waiting:
+            if "end" in seen:   # decided: what came after cannot change why the wait ended
+                continue
             if retained:
                 seen.setdefault("started", body.get("started"))
             elif state == "offline":
@@ -127,10 +129,12 @@ class CommandClient:
                 if body.get("reason") == "stopped":
                     seen["end"] = "stopped"
                     event.set()
-            elif (state == "online" and "offline" in seen and seen.get("started") is not None
-                  and body.get("started") != seen["started"]):
-                seen["end"], seen["online"] = "restarted", body
-                event.set()
+            elif state == "online" and "offline" in seen:
+                if seen.get("started") is not None and body.get("started") != seen["started"]:
+                    seen["end"], seen["online"] = "restarted", body
+                    event.set()
+                elif body.get("started") == seen.get("started"):   # the same process, back: it may answer
+                    del seen["offline"]
 
     def _on_message(self, client, userdata, message) -> None:
         with self._lock:                    # a device's status that last_status or no_status_note reads
@@ -345,8 +349,9 @@ def went_offline_text(topic: str, seen: dict, timeout: float | None = None) -> s
         why = (f"the broker published its last will, and it came back as another process (started {started}): "
                "it was killed or lost power, and restarted")
     elif reason == "will":
+        within = f" within {timeout:g} s" if timeout is not None else ""
         why = ("the broker published its last will, having lost its connection (killed, a power cut, or a network "
-               f"cut), and no reply came within {timeout:g} s; it may still answer once it reconnects")
+               f"cut), and no reply came{within}; it may still answer once it reconnects")
     elif reason == "stopped":
         why = f"edge-ad stopped there{payloads.status_since(status, 'at')} without answering it"
     else:
