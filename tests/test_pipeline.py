@@ -2775,3 +2775,26 @@ def test_a_model_swap_closes_the_old_backend_only_once_its_batch_is_done(tmp_pat
     finally:
         go.set()
         svc.inspector.backend.close()
+
+
+def test_the_result_log_is_not_restored_into_a_pipe(tmp_path):
+    """restore_result_log appended the outbox's last result when the log's last line was the one before it; a
+    pipe (or /dev/stdout) has no last line to read back, and an outbox whose last result was its first has none
+    before it either, so the two 'matched' and the result went down the pipe at every start."""
+    import types
+
+    from edge_ad.runtime.outputs import JsonlLog
+    from edge_ad.runtime.reporting import Reporter
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        log = JsonlLog(fifo)
+        outbox = types.SimpleNamespace(last_result=lambda: (None, json.dumps({"id": "r1", "seq": 1})))
+        fake = types.SimpleNamespace(jsonl=log, link=types.SimpleNamespace(outbox=outbox),
+                                     _write=lambda *a: pytest.fail("written to a pipe"))
+        assert not log.regular and Reporter.restore_result_log(fake) is None
+        log.close()
+    finally:
+        os.close(reader)

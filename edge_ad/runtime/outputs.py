@@ -118,6 +118,11 @@ class JsonlLog:
 
     TAIL_BLOCK = 65536
 
+    @property
+    def regular(self) -> bool:
+        """Is the log a regular file (not a pipe, a terminal or /dev/stdout)?"""
+        return self._regular
+
     def last_record(self) -> dict | None:
         """The last whole record of the log: of the file, or of ``.1`` when the file holds none (a rotation
         just made it). None when there is none, and for a pipe or a terminal (nothing to read back)."""

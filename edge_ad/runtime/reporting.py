@@ -329,7 +329,7 @@ class Reporter:
         Anything else is left as it is (the log already has it, or is another file, or lost more than one line
         to a power cut: nothing says where that line would go)."""
         outbox = getattr(self.link, "outbox", None)
-        if self.jsonl is None or outbox is None:
+        if self.jsonl is None or outbox is None or not self.jsonl.regular:   # a pipe: no line is known there
             return None
         try:
             last = outbox.last_result()
