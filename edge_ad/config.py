@@ -637,6 +637,10 @@ def read_env_file(path: str | os.PathLike) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{p}: cannot read the environment file ({getattr(exc, 'strerror', None) or exc})") \
             from exc
+    if text.startswith("\ufeff"):   # systemd reads the mark as part of the first name, as edge-ad would
+        raise InputError(f"{p}: the file starts with a UTF-8 byte-order mark (some Windows editors write one), which "
+                         "systemd does not read either; save it without one (sed -i '1s/^\\xEF\\xBB\\xBF//' "
+                         f"{p})")
     out: dict[str, str] = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()

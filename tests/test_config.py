@@ -131,6 +131,19 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
     assert load_settings(cfg, environ={}).pipeline.max_batch == 2
 
 
+def test_an_env_file_with_a_byte_order_mark_names_the_mark(tmp_path):
+    """The service's edge-ad.env saved with a byte-order mark was refused as "'\\ufeffEDGE_AD_...' is not a
+    variable name", which did not say why; systemd reads the mark into the first name too, so it is not taken,
+    but named, with the fix."""
+    from edge_ad.config import read_env_file
+
+    env = tmp_path / "edge-ad.env"
+    env.write_bytes(b"\xef\xbb\xbfEDGE_AD_MQTT__URL=mqtt://broker\n")
+    with pytest.raises(InputError, match=r"edge-ad.env: the file starts with a UTF-8 byte-order mark .* systemd does "
+                                         r"not read either; save it without one"):
+        read_env_file(env)
+
+
 def test_environment_and_flags_override_the_file_in_order(tmp_path):
     cfg = _write(tmp_path, MINIMAL + "\n[pipeline]\nmax_batch = 2\n")
     env = {"EDGE_AD_PIPELINE__MAX_BATCH": "8", "EDGE_AD_SOURCE__ROI": "[1, 2, 30, 40]",
