@@ -1024,3 +1024,12 @@ def test_fp16_on_an_x86_cpu_is_warned_of_at_run_and_by_doctor(tiny, tmp_path, mo
     assert "slower" not in caplog.text
     monkeypatch.setattr(base, "is_x86", lambda: False)
     assert d.check_backend(b, settings=settings("fp16")).status == d.Status.OK
+
+
+def test_probe_publish_with_an_invalid_config_reports_the_config(tmp_path):
+    """doctor --config BAD --probe-publish gave the usage error '--probe-publish needs --config LINE.toml with an
+    [mqtt] url' (exit 2) for a config that was given: the report, with its failing config line, never printed."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[source]\nuri = 'synthetic://disc'\n")
+    res = CliRunner().invoke(main, ["doctor", "--config", str(bad), "--probe-publish", "--min-free-mb", "1"])
+    assert res.exit_code == 1 and "[FAIL] config" in res.output and "needs --config" not in res.output, res.output

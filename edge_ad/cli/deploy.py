@@ -115,7 +115,7 @@ def doctor(config, env_file, bundle, mqtt_url, ca_file, source, data_dirs, backe
     # the device's topics, probed on the broker when asked (its site and device come from the config, whatever
     # --mqtt says): consumers of those topics receive the probe
     publish = d.publish_probe_topics(mqtt) if mqtt is not None and probe_publish else None
-    if probe_publish and mqtt is None:
+    if probe_publish and mqtt is None and invalid is None:   # an invalid config is reported, not a usage error
         raise click.UsageError("--probe-publish needs --config LINE.toml with an [mqtt] url: the topics it probes "
                                "are named by the line's site and device")
     if ca_file is not None and mqtt_url is None and mqtt is None:
