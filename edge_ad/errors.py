@@ -73,7 +73,8 @@ def clip_text(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")   # a lone surrogate: what json.loads leaves of an unpaired escape, and
+# what Python reads a file-name byte that is not UTF-8 as (surrogateescape)
 
 
 def _escaped(found: "re.Match") -> str:
@@ -91,7 +92,7 @@ def name_text(name: "str | bytes | os.PathLike") -> str:
     in UTF-8 at all: a JSON payload holding it could not be sent or written (a result lost, a calibration
     that stopped ``run``), and OpenCV crashed drawing it."""
     text = os.fsdecode(name) if not isinstance(name, str) else name
-    return text if _SURROGATE.search(text) is None else _SURROGATE.sub(_escaped, text)
+    return text if SURROGATE.search(text) is None else SURROGATE.sub(_escaped, text)
 
 
 def valid_unicode(value: Any) -> Any:

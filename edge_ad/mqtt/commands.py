@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..errors import EdgeADError, InputError, clip_text, os_error_text, valid_unicode
+from ..errors import SURROGATE, EdgeADError, InputError, clip_text, os_error_text, valid_unicode
 from . import payloads, schema
 from .settings import MqttSettings
 from .topics import MAX_REPLY_TOPIC_BYTES, ROOT, Topics, check_level, reply_topic_problem
@@ -170,22 +170,9 @@ def _int(text: str):
     return value if abs(value) <= sys.float_info.max else _NotFinite(text)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")   # what json.loads leaves of an escape that is not half of a pair
-
-
-def _shown(value):
-    """``value`` as it can be written back (:func:`~edge_ad.errors.valid_unicode`): in each string of it (in lists
-    and objects too) a byte of a file name that is not UTF-8 as ``\\xfe``, another lone surrogate as its escape
-    (``\\ud800``). A refusal's message quotes what it refuses (a field, a file name read with surrogateescape), so
-    do an error's other fields (the golden images an update misjudged) and a result (the labels of the frames a
-    calibrate left out): a reply that cannot be encoded is never sent, and a command that ran must not be
-    answered ``failed`` for its reply."""
-    return valid_unicode(value)
-
-
 def _lone_surrogate(text: str) -> str | None:
     """The first lone surrogate of ``text`` as its escape (``\\ud800``), None when it is valid Unicode."""
-    found = _SURROGATE.search(text)
+    found = SURROGATE.search(text)
     return None if found is None else f"\\u{ord(found.group()):04x}"
 
 
@@ -197,16 +184,16 @@ def _first_problem(obj, what: str) -> FieldProblem | None:
     while todo:
         value, path = todo.pop()
         if isinstance(value, _NotFinite):
-            return NonFiniteNumber(f"{what} field '{clip_text(_shown(path), 100)}' is {clip_text(value.text, 40)}: "
+            return NonFiniteNumber(f"{what} field '{clip_text(valid_unicode(path), 100)}' is {clip_text(value.text, 40)}: "
                                    "expected a finite number (JSON has no NaN or infinity, and a number must fit a "
                                    "64-bit float)")
         if isinstance(value, str) and _lone_surrogate(value):
-            return FieldProblem(f"{what} field '{clip_text(_shown(path), 100)}' is not valid Unicode: it holds a lone "
+            return FieldProblem(f"{what} field '{clip_text(valid_unicode(path), 100)}' is not valid Unicode: it holds a lone "
                                 f"surrogate escape ({_lone_surrogate(value)}), which has no UTF-8 form")
         if isinstance(value, dict):
             for k in value:
                 if _lone_surrogate(k):
-                    name = clip_text(_shown(f"{path}/{k}" if path else k), 100)
+                    name = clip_text(valid_unicode(f"{path}/{k}" if path else k), 100)
                     return FieldProblem(f"{what} field name '{name}' is not valid Unicode: it holds a lone surrogate "
                                         f"escape ({_lone_surrogate(k)}), which has no UTF-8 form")
             todo.extend((v, f"{path}/{k}" if path else str(k)) for k, v in reversed(value.items()))
@@ -357,7 +344,7 @@ class Dispatcher:
         if ok:
             body["result"] = result if result is not None else {}
         else:   # a message quoting a file name or an argument may hold a lone surrogate: escaped, so the reply encodes
-            body["error"] = _shown(error)
+            body["error"] = valid_unicode(error)
         return body
 
     # ------------------------------------------------------------------ handling
@@ -518,7 +505,7 @@ class Dispatcher:
             raise CommandError("internal", f"{spec.name}: handler returned {type(out).__name__}, expected a dict")
         # a file name in it (the frames a calibrate left out) may hold a lone surrogate: escaped, as in an error's
         # message, since the command ran (a new calibration in force) and must not be answered as failed for it
-        out = _shown(dict(out))
+        out = valid_unicode(dict(out))
         try:
             payloads.encode(out, f"{spec.name} result")
         except InputError as exc:
