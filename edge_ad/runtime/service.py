@@ -234,7 +234,12 @@ class Service:
         wrong and inspects all the same (the plan "inspect failed": switched in again by hand with 'edge-ad bundle
         rollback --force', or pending with ``[health] enabled = false``). A pending one with the check on is rolled
         back at the start (:meth:`_roll_back_failed`) or by its health watch, which fails it at once."""
-        plan = plan or self._start_plan()
+        if plan is None:
+            try:   # a warning only: never a reason for a start or a reload (one that has swapped already) to fail
+                plan = self._start_plan()
+            except EdgeADError as exc:
+                log.debug("no start plan to warn from: %s", exc)
+                return
         if plan is not None and plan.action == "inspect failed":
             log.warning("the line %s on release %s, which %s; %s", how, plan.dep.current, plan.verdict, plan.why)
 
@@ -1295,7 +1300,8 @@ class Service:
             hold.release()
         inspect_s = t_inspected - t_start
         stop_s = time.monotonic() - t_inspected
-        summary = {"frames": p.inspected, "captured": p.captured, "ok": self.reporter.ok, "ng": self.reporter.ng,
+        ok, ng = self.reporter.counts()
+        summary = {"frames": p.inspected, "captured": p.captured, "ok": ok, "ng": ng,
                    "dropped": p.dropped, "discarded_at_stop": p.discarded_at_stop, "unreported": p.unreported,
                    "output_errors": dict(self.reporter.output_errors), "snapshots_skipped": p.snapshots_skipped,
                    "skipped_untriggered": p.skipped_untriggered, "inference_errors": p.inference_errors,
