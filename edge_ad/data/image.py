@@ -64,10 +64,11 @@ def _not_a_file(p: Path) -> str:
     """Why ``p`` is no image file to read: a symbolic link whose target is gone or that loops (named with where
     it points), else not found."""
     if p.is_symlink():
+        target = "?"
         try:
             target = os.readlink(p)
             os.stat(p)
-        except OSError as exc:
+        except OSError as exc:   # ENOENT from readlink too: the link went meanwhile
             if exc.errno == errno.ELOOP:
                 return f"a symbolic link that loops (to {target}); expected an image file"
             if exc.errno == errno.ENOENT:
