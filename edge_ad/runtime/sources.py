@@ -32,6 +32,7 @@ not an outage to wait out. Later failures (a looping file removed while running)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -185,10 +186,11 @@ class SourceSpec:
         """A camera that keeps producing frames whether or not they are read."""
         return self.scheme in ("v4l2", "csi", "rtsp", "rtsps")
 
-    @property
+    @functools.cached_property
     def safe_uri(self) -> str:
         """The URI as messages, results and the birth name it: credentials redacted, a byte of a folder or file
-        name that is not UTF-8 as ``\\xfe`` (:func:`~edge_ad.errors.name_text`)."""
+        name that is not UTF-8 as ``\\xfe`` (:func:`~edge_ad.errors.name_text`). Made once (every frame names
+        it)."""
         return name_text(redact_uri(self.uri))
 
 
