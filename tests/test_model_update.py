@@ -945,6 +945,34 @@ def test_a_release_whose_switch_was_cut_after_current_moved_stays_the_release_in
     assert not list((deploy / "releases").glob(f"*/{deploy_mod.NOT_SWITCHED}"))
 
 
+def test_a_release_cut_short_keeps_no_mark_once_a_rollback_makes_it_previous(bundles, tmp_path, monkeypatch):
+    """A release whose switch was cut after 'current' moved kept its mark; a rollback then made it 'previous' and
+    left the mark, and once another switch moved 'previous' on, the next install took it for one never switched
+    in and deleted it (a release the line had run). A switch now drops the mark of both releases it links."""
+    a, b, c = bundles
+    deploy = tmp_path / "deploy"
+    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
+    real = deploy_mod._point
+
+    def cut(d, name, rid):
+        real(d, name, rid)
+        if name == "current":
+            (d / "releases" / rid / deploy_mod.NOT_SWITCHED).write_text("{}")   # as if cut before its unlink
+            raise SystemExit(9)
+
+    monkeypatch.setattr(deploy_mod, "_point", cut)
+    with pytest.raises(SystemExit):
+        install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
+    monkeypatch.undo()
+    r2 = deployment(deploy).current
+    rollback_model(deploy)                                    # r1 in force, r2 previous
+    assert deployment(deploy).previous == r2
+    assert not (deploy / "releases" / r2 / deploy_mod.NOT_SWITCHED).exists()
+    r3 = install_bundle(pack_bundle(c.path, tmp_path / "c.tar"), deploy, require_golden=False)
+    assert r3.previous == r1.release and (deploy / "releases" / r2).is_dir()     # kept: one of the 3 newest
+    assert r2 in [r["id"] for r in deploy_mod.releases(deploy)]
+
+
 def test_rollback_refuses_a_release_that_cannot_be_opened(bundles, tmp_path):
     deploy, r1 = _installed_twice(bundles, tmp_path)
     before = deployment(deploy)

@@ -1014,10 +1014,14 @@ def _switch(d: Path, to: str, previous: str | None, health: str = "pending", det
     state["pending"] = {**(detail or {}), "release": to, "previous": previous, "health": health}
     _write_state(d, state, "switch_started", release=to, previous=previous)
     _point(d, CURRENT, to)
-    try:   # an install's new release is one now (NOT_SWITCHED); left there, the next install drops it (in force)
-        (d / RELEASES / to / NOT_SWITCHED).unlink(missing_ok=True)
-    except OSError:
-        pass
+    # an install's new release is one now (NOT_SWITCHED), and so is the one a link named before (a switch cut
+    # short after 'current' moved left its mark: a rollback that keeps it as 'previous' must not leave it marked)
+    for rid in (to, previous):
+        if rid is not None:
+            try:
+                (d / RELEASES / rid / NOT_SWITCHED).unlink(missing_ok=True)
+            except OSError:
+                pass
     if previous is not None:
         _point(d, PREVIOUS, previous)
 
@@ -1105,8 +1109,13 @@ def not_switched_in(d: Path) -> list[str]:
         dep = deployment(d)
     except DeployDamaged:
         return []
-    linked = {dep.current, dep.previous, _read_state(d).get(PREVIOUS) if dep.previous_damaged else None}
-    return sorted(rid for rid in marked if rid not in linked)
+    return sorted(rid for rid in marked if rid not in _linked(d, dep))
+
+
+def _linked(d: Path, dep: Deployment) -> set:
+    """The releases the links name: ``current``, ``previous``, and with a damaged ``previous`` link the one
+    deploy.json records for it."""
+    return {dep.current, dep.previous, _read_state(d).get(PREVIOUS) if dep.previous_damaged else None}
 
 
 def _content(b: Bundle) -> dict[str, str]:
@@ -1192,8 +1201,7 @@ def prune_releases(deploy_dir: str | os.PathLike, keep: int = 3) -> list[str]:
     deleted by an older edge-ad) goes too."""
     d = Path(deploy_dir)
     dep = deployment(d)
-    protect = {dep.current, dep.previous, _read_state(d).get(PREVIOUS) if dep.previous_damaged else None} | set(
-        _release_ids(d)[:max(keep, 2)])
+    protect = _linked(d, dep) | set(_release_ids(d)[:max(keep, 2)])
     removed = []
     for rid in _release_ids(d, complete=False):
         if rid not in protect:
