@@ -19,7 +19,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,35 @@ def switch_leftovers(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
         pass
     newest = lambda p: p.stat().st_mtime  # noqa: E731
     return sorted(found["new"], key=newest, reverse=True), sorted(found["old"], key=newest, reverse=True)
+
+
+def tidy_switch(path: str | os.PathLike, complete: Callable[[Path], object] = lambda stage: None,
+                what: str = "folder") -> None:
+    """Before a command replaces the folder ``path`` as a whole (:func:`switch_folder`), what a cut-off one left
+    beside it (:func:`switch_leftovers`): a power cut between the two renames (``path`` missing, ``.NAME.old-*``
+    beside it) is finished by renaming the newest ``.NAME.new-*`` that ``complete`` accepts (it raises an
+    :class:`~edge_ad.errors.EdgeADError` or OSError for one it does not) into place, with a WARNING; the other
+    staging folders (a command killed while building one) and the replaced ones (once ``path`` is whole) are
+    deleted, but not one another process still holds (:func:`remove_unheld`)."""
+    from .errors import EdgeADError
+
+    path = Path(path)
+    new, old = switch_leftovers(path)
+    if old and not path.exists():
+        for stage in new:   # newest first
+            try:
+                with folder_lock(stage, "held"):
+                    complete(stage)
+                    os.rename(stage, path)
+            except (EdgeADError, OSError):
+                continue
+            _fsync_dir(path.parent)
+            log.warning("%s: a run that replaced it was cut off while switching %ss; its new %s %s was put in "
+                        "place", path, what, what, stage.name)
+            break
+    for p in new + (old if path.is_dir() else []):
+        if p.exists() and not remove_unheld(p):
+            log.info("%s: left in place (another run holds it)", p)
 
 
 def naming(exc: OSError, path: str | os.PathLike) -> OSError:

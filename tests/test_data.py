@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -418,6 +419,16 @@ def test_generic_images_interrupted_over_a_previous_run_leave_it_whole(tmp_path,
     assert paths == [gen / "generic_000000.jpg", gen / "generic_000001.jpg"]
     assert sorted(p.name for p in gen.iterdir()) == ["generic_000000.jpg", "generic_000001.jpg"]
     assert gen.joinpath("generic_000000.jpg").read_bytes() != before["generic_000000.jpg"]   # seed 1's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]
+    # a power cut between the switch's two renames: no gen, the complete new folder and the old one beside it;
+    # the next run finishes that switch first, so an interruption of its own still leaves a whole folder
+    done = {p.name: p.read_bytes() for p in gen.iterdir()}
+    os.rename(gen, tmp_path / ".gen.new-89abcdef")
+    (tmp_path / ".gen.old-01234567").mkdir()
+    monkeypatch.setattr(generic, "generic_image", image)
+    with pytest.raises(KeyboardInterrupt):
+        generic.write_generic(gen, 6, size=32, seed=2, progress=False)
+    assert {p.name: p.read_bytes() for p in gen.iterdir()} == done
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]
 
 

@@ -152,8 +152,7 @@ def write_generic(folder: str | os.PathLike, count: int, size: int = 256, seed: 
     out = Path(folder)
     real = _check_out(out)
     real.parent.mkdir(parents=True, exist_ok=True)
-    for p in sum(atomic.switch_leftovers(real), []):   # a killed run's; one at work holds its own
-        atomic.remove_unheld(p)
+    atomic.tidy_switch(real, what="generic images folder")   # a killed run's; one at work holds its own
     stage = atomic.staging_beside(real)
     stage.mkdir()
     try:

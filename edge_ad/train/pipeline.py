@@ -173,22 +173,7 @@ def tidy_out(out: Path) -> None:
     ``.NAME.new-*`` (a training killed while building it), ``.NAME.old-*`` (once ``out`` is whole) and the
     temp files of a checkpoint being written (``.train_state.pt.*.tmp``) are deleted. A staging folder
     another training still holds (it locks it) is left alone."""
-    new, old = atomic.switch_leftovers(out)
-    if old and not out.exists():
-        for stage in new:   # newest first
-            try:
-                with atomic.folder_lock(stage, "held"):
-                    Bundle.open(stage, verify=True)
-                    os.rename(stage, out)
-            except (InputError, RuntimeFailure, OSError):
-                continue
-            atomic._fsync_dir(out.parent)
-            log.warning("%s: a training into it was cut off while switching bundles; its new bundle %s was put "
-                        "in place", out, stage.name)
-            break
-    for p in new + (old if out.is_dir() else []):
-        if p.exists() and not atomic.remove_unheld(p):
-            log.info("%s: left in place (another training holds it)", p)
+    atomic.tidy_switch(out, lambda stage: Bundle.open(stage, verify=True), "bundle")
     if out.is_dir():
         temp = re.compile(rf"^\.({'|'.join(map(re.escape, TRAINING_STATE))})\..+\.tmp$")
         for p in out.iterdir():
