@@ -339,10 +339,15 @@ class Bundle:
             for name, content in files.items():
                 dst = self.file(name)
                 tmp = dst.with_name(f".new-{dst.name}")
-                if isinstance(content, (bytes, bytearray)):
-                    atomic.write_bytes(tmp, bytes(content))
-                else:
-                    atomic.copy_file(content, tmp)
+                try:
+                    if isinstance(content, (bytes, bytearray)):
+                        atomic.write_bytes(tmp, bytes(content))
+                    else:
+                        atomic.copy_file(content, tmp)
+                except OSError as exc:
+                    if exc.filename != str(tmp):
+                        raise
+                    raise type(exc)(exc.errno, exc.strerror or str(exc), str(dst)) from exc   # the file meant
                 staged[name] = tmp
             records = {n: {"sha256": atomic.sha256_file(p), "bytes": p.stat().st_size} for n, p in staged.items()}
             interim = copy.deepcopy(self.manifest)
@@ -572,6 +577,17 @@ class Bundle:
         if not stats_sha:
             return graph_sha
         return hashlib.sha256(f"{graph_sha}\n{stats_sha}\n".encode("utf-8")).hexdigest()
+
+    def check_writable(self, what: str, *folders: str | None) -> None:
+        """Before work that ends in writing this bundle (``what``: the command, e.g. ``calibrate``; minutes of
+        frames or an export): the bundle folder and each of its sub-``folders`` written (None: none) can be
+        written in by this process (:func:`~edge_ad.atomic.check_writable`), else an InputError naming the
+        folder, and nothing was done. The work then never ends in a permission error on its last file."""
+        for sub in (None, *folders):
+            try:
+                atomic.check_writable(self.path / sub if sub else self.path, f"{what} {self.path}")
+            except InputError as exc:
+                raise InputError(f"{exc}; nothing was changed") from None
 
     @property
     def engines_dir(self) -> Path:
