@@ -2142,8 +2142,14 @@ def _prunable(path):
     """A Gaussian bundle of 8 versions (each with its statistics file, a graph to pack) whose calibration in
     force is v3, put back by a rollback from v5 (itself put back from v8): a prune keeping the 2 newest keeps
     v7, v8, v3 (in force), v2 (where a plain --rollback goes: v3 replaced it) and v1 (the trained one)."""
+    import onnx
+
+    from fixtures_bundle import tiny_graph
+
     b = _fake_gaussian_bundle(path, versions=8)
-    b.add_file("model.onnx", data=b"a graph")
+    graph = onnx.load_from_string(tiny_graph(b.image_size))   # one that opens, as pack opens it
+    graph.graph.node[-1].output[0] = graph.graph.output[0].name = "feat"   # a Gaussian model's output
+    b.add_file("model.onnx", data=graph.SerializeToString())
     rollback(b, 5, by="cli")
     rollback(b, 3, by="cli")
     return b
