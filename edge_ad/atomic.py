@@ -75,7 +75,10 @@ def writing(path: str | os.PathLike, mode: int | None = None, sync: bool = True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     perm = _mode_for(path, mode)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:   # a folder that cannot be written: the file meant, not the hidden temp name
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
     try:
         os.fchmod(fd, perm)
         with os.fdopen(fd, "wb") as fh:
@@ -319,24 +322,30 @@ def check_creatable(path: str | os.PathLike, what: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{what} {path}: is a folder; expected a file name")
-    check_parent_writable(path, f"{what} {path}")
+    check_writable(path.absolute().parent, f"{what} {path}")
     return path
 
 
-def check_parent_writable(path: str | os.PathLike, label: str, why: str = "") -> Path:
-    """The nearest existing folder above ``path`` (where ``path`` and the missing folders to it are made, or a
-    folder replacing it is built): a writable folder, else an InputError ``label: ...`` naming it, ``why`` in
-    brackets after "not writable". Returns it."""
+def check_writable(folder: str | os.PathLike, what: str, why: str = "") -> Path:
+    """Before work that ends in writing files in ``folder``: ``folder``, or where it is missing the nearest
+    existing folder above it (the write makes the missing ones), is a folder this process can make files
+    in; else an :class:`~edge_ad.errors.InputError` ``WHAT: the folder F is not writable`` (saying when the
+    file system is read-only, and ``why`` it is written). Returns that folder. Makes nothing."""
     from .errors import InputError
 
-    parent = Path(path).absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{label}: {parent} is a file; a folder was expected there")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{label}: the folder {parent} is not writable" + (f" ({why})" if why else ""))
-    return parent
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{what}: {folder} is a file; a folder was expected there")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        notes = [n for n in ("read-only file system" if read_only else "", why) if n]
+        raise InputError(f"{what}: the folder {folder} is not writable" + (f" ({'; '.join(notes)})" if notes else ""))
+    return folder
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -122,7 +122,25 @@ def manifest_problems(manifest: Any) -> list[str]:
         if h != w:
             out.append(f"model.image_size: [{h}, {w}] is not square (expected [N, N]: every model takes "
                        "square inputs)")
+        out += _active_problems(manifest["active"])
     return out
+
+
+def _active_problems(active: dict) -> list[str]:
+    """What is wrong with a manifest's ``active`` record, beyond JSON Schema: a graph that is not a graph of
+    its precision (``model.int8.onnx`` with precision ``fp32``). The backends open the graph of the precision
+    (``run``, ``eval``, ``calibrate`` ran model.onnx) where ``doctor``, ``pack``, ``install`` and the model's
+    hash took the graph named: edge-ad writes the two together, so such a record was edited or damaged, and
+    every command refuses it alike."""
+    from .runtime.backends.base import CPU_INT8_FILE, GRAPH_FILES
+
+    graph, precision = active["graph"], active.get("precision", "fp32")
+    graphs = [GRAPH_FILES[precision], *([CPU_INT8_FILE] if precision == "int8" else [])]
+    if graph in graphs:
+        return []
+    return [f"active: graph '{graph}' is not a graph of precision '{precision}' (expected {' or '.join(graphs)}): "
+            "the precision decides the graph edge-ad run opens, and export, quantize and compile set the two "
+            "together; set both to the graph to run, e.g. {\"graph\": \"model.onnx\", \"precision\": \"fp32\"}"]
 
 
 def check_manifest(manifest: Any, where: str | os.PathLike) -> None:
@@ -339,10 +357,15 @@ class Bundle:
             for name, content in files.items():
                 dst = self.file(name)
                 tmp = dst.with_name(f".new-{dst.name}")
-                if isinstance(content, (bytes, bytearray)):
-                    atomic.write_bytes(tmp, bytes(content))
-                else:
-                    atomic.copy_file(content, tmp)
+                try:
+                    if isinstance(content, (bytes, bytearray)):
+                        atomic.write_bytes(tmp, bytes(content))
+                    else:
+                        atomic.copy_file(content, tmp)
+                except OSError as exc:
+                    if exc.filename != str(tmp):
+                        raise
+                    raise type(exc)(exc.errno, exc.strerror or str(exc), str(dst)) from exc   # the file meant
                 staged[name] = tmp
             records = {n: {"sha256": atomic.sha256_file(p), "bytes": p.stat().st_size} for n, p in staged.items()}
             interim = copy.deepcopy(self.manifest)
@@ -493,9 +516,8 @@ class Bundle:
             if name is None:
                 raise InputError(f"precision '{precision}': expected fp32, fp16, int8 or int8-u8")
         p = self.file(name)
-        if not p.is_file():
-            hint = "run 'edge-ad export'" if name == "model.onnx" else f"run 'edge-ad quantize --precision {precision}'"
-            raise InputError(f"{p}: not found; {hint}")
+        if not p.is_file():   # the active graph's precision is its own, not the None asked for
+            raise InputError(f"{p}: not found; {GRAPH_HINTS.get(name, 'run ' + repr('edge-ad export'))}")
         return p
 
     def check_graph(self, name: str | None = None, verify: bool = True) -> Path:
@@ -572,6 +594,17 @@ class Bundle:
         if not stats_sha:
             return graph_sha
         return hashlib.sha256(f"{graph_sha}\n{stats_sha}\n".encode("utf-8")).hexdigest()
+
+    def check_writable(self, what: str, *folders: str | None) -> None:
+        """Before work that ends in writing this bundle (``what``: the command, e.g. ``calibrate``; minutes of
+        frames or an export): the bundle folder and each of its sub-``folders`` written (None: none) can be
+        written in by this process (:func:`~edge_ad.atomic.check_writable`), else an InputError naming the
+        folder, and nothing was done. The work then never ends in a permission error on its last file."""
+        for sub in (None, *folders):
+            try:
+                atomic.check_writable(self.path / sub if sub else self.path, f"{what} {self.path}")
+            except InputError as exc:
+                raise InputError(f"{exc}; nothing was changed") from None
 
     @property
     def engines_dir(self) -> Path:

@@ -963,14 +963,8 @@ def check_backend(bundle, backend: str = "auto", precision: str | None = None, d
             be = open_inspector(bundle, settings, warn=False).backend
         else:
             from .inspector import Inspector
-            from .runtime.backends import open_backend
 
-            be = open_backend(bundle, backend, precision, device)
-            try:
-                Inspector(bundle, be)
-            except BaseException:
-                be.close()
-                raise
+            be = Inspector.open(bundle, backend, precision, device).backend
     except Exception as exc:  # noqa: BLE001 - whatever run would die of is the finding
         return failed(exc)
     try:

@@ -28,6 +28,24 @@ class Inspector:
         self._cal = calibration if calibration is not None else bundle.calibration()
         self._check(self._cal)
 
+    @classmethod
+    def open(cls, bundle: Bundle, backend: str = "auto", precision: str | None = None, device: str | None = None,
+             **options) -> "Inspector":
+        """The model of ``bundle`` opened by :func:`~edge_ad.runtime.backends.open_backend` (``backend``,
+        ``precision``, ``device``, ``options``: its graph there and recorded, its outputs those the manifest
+        names) under the calibration in force (readable, its maps the model's, a Gaussian model's statistics
+        there): what ``edge-ad run`` opens, and what ``bundle install``'s probe, ``doctor`` and ``bundle
+        pack`` check a bundle by. The caller closes ``.backend``; here it is closed when the calibration is
+        refused."""
+        from .runtime.backends import open_backend
+
+        be = open_backend(bundle, backend, precision, device, **options)
+        try:
+            return cls(bundle, be)
+        except BaseException:
+            be.close()
+            raise
+
     # ------------------------------------------------------------------ calibration
     @property
     def calibration(self) -> Calibration:

@@ -256,6 +256,19 @@ def disk_full_for(monkeypatch, suffix: str, func: str = "write_bytes"):
     return real
 
 
+def unwritable(monkeypatch, *folders: Path) -> set:
+    """Make ``folders`` read as not writable by this process (os.access), as a chmod 555 folder does for a
+    user that is not root (the tests may run as root, whom mode bits do not stop); returns the set, which a
+    test may change."""
+    import os
+
+    real = os.access
+    locked = {Path(f).absolute() for f in folders}
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **kw: (
+        False if mode & os.W_OK and Path(path).absolute() in locked else real(path, mode, *a, **kw)))
+    return locked
+
+
 def cut_replace(bundle, files: dict, renamed: bool = True):
     """Leave ``bundle`` as a power cut in :meth:`Bundle.replace_files` of ``files`` does: the interim manifest
     (``replacing`` records the new sha256) on disk, the new files renamed in (``renamed``: the cut came

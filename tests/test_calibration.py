@@ -29,7 +29,7 @@ from edge_ad.errors import InputError
 from edge_ad.inspector import Inspector
 
 from fixtures_bundle import (copy_bundle, gaussian_bundle, part_frame, power_cut, tiny_bundle,  # noqa: F401
-                             write_video)
+                             unwritable, write_video)
 
 SIZE = 64
 SHIFT = dict(brightness=70.0, contrast=0.5)   # a lamp much brighter and flatter than at training
@@ -1641,6 +1641,47 @@ def test_cli_calibrate_refuses_bad_options_before_collecting_frames(tbundle, tmp
     assert tbundle.calibration_versions() == [1]
 
 
+def test_cli_calibrate_refuses_a_bundle_it_cannot_write_before_collecting_frames(gbundle, tmp_path, monkeypatch):
+    """calibrate --bundle B on a bundle folder it could not write collected, scored and refitted the frames
+    first, then failed naming a hidden temp file ('.../gaussian.d/.0002.npz.ln3a99tx.tmp: permission
+    denied'). The bundle folder and the folders the refit writes in (calibration.d, a Gaussian model's
+    gaussian.d) are checked first: exit 2 naming the folder, no frame collected, nothing written. A write
+    that still fails (the folder changed meanwhile) names the file meant, not its temp file."""
+    import errno
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from edge_ad import calibration as calibration_pkg
+    from edge_ad.cli import main
+    from edge_ad.errors import os_error_text
+
+    monkeypatch.setattr(calibration_pkg, "collect_frames", lambda *a, **k: pytest.fail("frames were collected"))
+    locked = unwritable(monkeypatch)
+    for folder in (gbundle.path, gbundle.calibration_dir, gbundle.file("gaussian.d")):
+        locked.clear()
+        locked.add(folder.absolute())
+        res = CliRunner().invoke(main, ["calibrate", "--bundle", str(gbundle.path), "--source", str(tmp_path),
+                                        "--backend", "onnxruntime"])
+        assert res.exit_code == 2, res.output
+        assert f"error: calibrate {gbundle.path}: the folder {folder.absolute()} is not writable; nothing was " \
+               "changed" in res.output, res.output
+    assert gbundle.calibration_versions() == [1]
+    # the late failure: the file meant
+    real_mkstemp = tempfile.mkstemp
+
+    def refused(*a, prefix="", dir=None, **kw):
+        if Path(dir).name == "gaussian.d":
+            raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x1y2z3.tmp")
+        return real_mkstemp(*a, prefix=prefix, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as exc:
+        recalibrate(gbundle, _inspector(gbundle), _parts(24, 0), policy="max", progress=False)
+    assert os_error_text(exc.value) == f"{gbundle.file('gaussian.d/0002.npz')}: permission denied"
+    assert gbundle.calibration_versions() == [1] and gbundle.calibration().version == 1
+
+
 def _training_folder(bundle) -> tuple[Path, list[Path], list[Path]]:
     """(the bundle's recorded train/good folder, its training images, its validation split)."""
     t = bundle.manifest["training"]
@@ -2101,8 +2142,14 @@ def _prunable(path):
     """A Gaussian bundle of 8 versions (each with its statistics file, a graph to pack) whose calibration in
     force is v3, put back by a rollback from v5 (itself put back from v8): a prune keeping the 2 newest keeps
     v7, v8, v3 (in force), v2 (where a plain --rollback goes: v3 replaced it) and v1 (the trained one)."""
+    import onnx
+
+    from fixtures_bundle import tiny_graph
+
     b = _fake_gaussian_bundle(path, versions=8)
-    b.add_file("model.onnx", data=b"a graph")
+    graph = onnx.load_from_string(tiny_graph(b.image_size))   # one that opens, as pack opens it
+    graph.graph.node[-1].output[0] = graph.graph.output[0].name = "feat"   # a Gaussian model's output
+    b.add_file("model.onnx", data=graph.SerializeToString())
     rollback(b, 5, by="cli")
     rollback(b, 3, by="cli")
     return b

@@ -446,6 +446,49 @@ def test_frames_that_are_not_rgb_uint8_are_named():
             to_batch([ok, bad], (8, 8))
 
 
+def test_images_over_the_pixel_limit_are_named_before_decoding(tmp_path, monkeypatch):
+    """A 21-byte PGM whose header claims 100000 x 100000 pixels (and a 40000 x 40000 PNG) made OpenCV raise a
+    cv2.error (its 2^30 pixel limit): a traceback in train, eval and calibrate, a dead capture thread in
+    run. Every reader now gets an InputError naming the file, its size and edge-ad's limit, read from the
+    header before anything is decoded (as an image and as a mask)."""
+    from edge_ad.data import image
+    from edge_ad.data.image import MAX_IMAGE_PIXELS, header_size, load_image, load_mask, read_image
+
+    huge = tmp_path / "x.pgm"
+    huge.write_bytes(b"P5\n100000 100000\n255\n")
+    words = r"x\.pgm: %s of 100000 x 100000 pixels \(10000 megapixels, as its header says\); .*at most 268 megapixels"
+    for read, what in ((load_image, "image"), (read_image, "image"), (load_mask, "mask")):
+        with pytest.raises(InputError, match=words % what):
+            read(huge)
+    # the sides each format's header declares, nothing decoded (a PNG, TIFF, ... of 53 x 37)
+    img = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    for ext in (".png", ".jpg", ".bmp", ".tif", ".webp", ".pgm", ".ppm", ".pbm"):
+        for params in ([], [cv2.IMWRITE_WEBP_QUALITY, 101], [cv2.IMWRITE_PXM_BINARY, 0], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]):
+            data = cv2.imencode(ext, img[:, :, 0] if ext in (".pgm", ".pbm") else img, params)[1]
+            assert header_size(data) == (53, 37), (ext, params)
+    jpg = cv2.imencode(".jpg", img)[1].tobytes()   # behind 128 KB of metadata (two APP segments)
+    app = b"\xff\xe2" + (65535).to_bytes(2, "big") + bytes(65533)
+    assert header_size(np.frombuffer(jpg[:2] + app + app + jpg[2:], np.uint8)) == (53, 37)
+    vp8x = b"RIFF" + bytes(4) + b"WEBPVP8X" + (10).to_bytes(4, "little") + bytes(4) + (29999).to_bytes(3, "little") \
+        + (19999).to_bytes(3, "little")   # an extended WebP's canvas
+    assert header_size(vp8x) == (30000, 20000)
+    for cut in (b"", b"P5", b"\xff\xd8\xff", b"II*\x00\xff\xff\xff\xff", b"\x89PNG\r\n\x1a\n"):
+        assert header_size(cut) is None
+    # a header it does not read (PAM): OpenCV's own limit is an InputError too, not a cv2.error
+    pam = tmp_path / "big.png"
+    pam.write_bytes(b"P7\nWIDTH 100000\nHEIGHT 100000\nDEPTH 1\nMAXVAL 255\nTUPLTYPE GRAYSCALE\nENDHDR\n")
+    with pytest.raises(InputError, match=r"big\.png: not a readable image: its header declares more pixels than OpenCV"):
+        load_image(pam)
+    # ... and under OpenCV's, edge-ad's limit holds once decoded
+    small = tmp_path / "small.pam"
+    small.write_bytes(b"P7\nWIDTH 4\nHEIGHT 3\nDEPTH 1\nMAXVAL 255\nTUPLTYPE GRAYSCALE\nENDHDR\n" + bytes(12))
+    assert load_image(small).shape == (3, 4, 3)
+    monkeypatch.setattr(image, "MAX_IMAGE_PIXELS", 11)
+    with pytest.raises(InputError, match=r"small\.pam: image of 4 x 3 pixels \(0 megapixels, decoded\)"):
+        load_image(small)
+    assert MAX_IMAGE_PIXELS == 16384 * 16384
+
+
 # ---------------------------------------------------------------------------- what a folder lists
 def test_hidden_and_system_files_are_skipped_by_every_reader(tmp_path, caplog):
     """A folder copied from a Mac gets a '._NAME' AppleDouble twin per image: train and eval stopped at

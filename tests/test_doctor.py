@@ -805,6 +805,46 @@ def test_cli_backend_and_precision_run_refuses(tmp_path, tiny):
     assert be["status"] == "fail" and be["detail"].startswith("backend torch, device cpu: run cannot open")
 
 
+
+@pytest.mark.parametrize("active, words", [
+    ({"graph": "model.int8.onnx", "precision": "fp32"}, "active: graph 'model.int8.onnx' is not a graph of "
+                                                        "precision 'fp32' (expected model.onnx)"),
+    ({"graph": "model.onnx", "precision": "fp64"}, "active.precision: 'fp64' is not one of ['fp32', 'fp16', 'int8']"),
+])
+def test_doctor_and_run_refuse_an_active_record_alike(tmp_path, tiny, active, words):
+    """A manifest whose active.graph (model.int8.onnx, not there) is not the graph of its active.precision
+    (fp32): doctor said run cannot start and to run 'edge-ad quantize --precision None', while run, eval and
+    calibrate ran model.onnx (the backends open the graph of the precision). The record is inconsistent, so
+    every command that opens the bundle refuses it the same way (exit 2 naming the fields), doctor too."""
+    from edge_ad.errors import InputError
+
+    b = copy_bundle(tiny, tmp_path / "b")
+    manifest = json.loads(b.file("manifest.json").read_text())
+    manifest["active"] = active
+    b.file("manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError) as opened:
+        Bundle.open(b.path)
+    assert words in str(opened.value)
+    cfg = tmp_path / "edge-ad.toml"
+    cfg.write_text(f'[model]\nbundle = "{b.path}"\nbackend = "onnxruntime"\ndevice = "cpu"\n\n'
+                   f'[source]\nuri = "synthetic://disc"\n\n[output]\njsonl = "{tmp_path / "results.jsonl"}"\n')
+    runner = CliRunner()
+    res = runner.invoke(main, ["doctor", "--config", str(cfg), "--min-free-mb", "1"])
+    assert res.exit_code == 1 and "[FAIL] bundle" in res.output and str(opened.value) in res.output, res.output
+    assert "None" not in res.output
+    run = runner.invoke(main, ["run", "--config", str(cfg), "--max-frames", "1"])
+    assert run.exit_code == 2 and f"error: {opened.value}" in run.output, run.output
+
+
+def test_a_missing_active_graph_is_named_with_the_command_that_makes_it(tmp_path, tiny):
+    """An INT8 active graph that is not there: doctor's fix said 'edge-ad quantize --precision None'."""
+    b = copy_bundle(tiny, tmp_path / "b")
+    b.set_active("model.int8.onnx", "int8")
+    checks, _ = d.check_bundle(b.path)
+    assert checks[0].status == d.Status.FAIL, checks[0]
+    assert "model.int8.onnx: not found; run 'edge-ad quantize --precision int8'" in checks[0].detail, checks[0]
+
+
 # ---------------------------------------------------------------------------- the bundle found as run finds it
 def test_cli_config_with_deploy_dir(tmp_path, tiny):
     from edge_ad.calibration.deploy import CURRENT, RELEASES

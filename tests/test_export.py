@@ -101,6 +101,45 @@ def test_a_reexport_that_fails_writing_model_onnx_leaves_the_old_bundle_whole(ex
         assert set(be.infer(np.full((1, 3, 64, 64), 128, np.float32))) == {"map_st", "map_ae"}
 
 
+def test_export_refuses_a_bundle_it_cannot_write_before_exporting(exported, tmp_path, monkeypatch):
+    """export --bundle B on a bundle folder it could not write ran the whole export (torch, checker, ONNX
+    Runtime parity) and then failed naming a hidden temp file. The folder is checked first: exit 2 naming
+    it, nothing done. A write that still fails names model.onnx, not '.new-model.onnx' or its temp file."""
+    import errno
+    import shutil
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.errors import os_error_text
+    from fixtures_bundle import unwritable
+
+    shutil.copytree(exported[0].path, tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in b.path.iterdir() if p.is_file()}
+    unwritable(monkeypatch, b.path)
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **kw: pytest.fail("the export ran"))
+    with pytest.raises(InputError, match=f"export {b.path}: the folder {b.path.absolute()} is not writable; "
+                                         "nothing was changed"):
+        export_bundle(b, exported[1], progress=False)
+    res = CliRunner().invoke(main, ["export", "--bundle", str(b.path)])
+    assert res.exit_code == 2 and f"the folder {b.path.absolute()} is not writable" in res.output, res.output
+    monkeypatch.undo()
+    real_mkstemp = tempfile.mkstemp
+
+    def refused(*a, prefix="", dir=None, **kw):
+        if prefix == "..new-model.onnx.":   # the temp file of the staged .new-model.onnx
+            raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x1y2z3.tmp")
+        return real_mkstemp(*a, prefix=prefix, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as exc:
+        export_bundle(b, exported[1], progress=False)
+    assert os_error_text(exc.value) == f"{b.file('model.onnx')}: permission denied"
+    assert {p.name: p.read_bytes() for p in b.path.iterdir() if p.is_file()} == before
+
+
 def test_output_name_mismatch_is_refused(tmp_path):
     m = models.build("efficientad-s", 64, pretrained=False)
     b = Bundle.create(tmp_path / "b", {"kind": "efficientad-s", "image_size": [64, 64], "outputs": ["map"]})

@@ -20,6 +20,7 @@ from edge_ad.bundle import Bundle
 from edge_ad.calibration import (HealthLimits, HealthWatch, current_path, deployment, install_bundle,
                                  judge_health, pack_bundle, read_index, rollback_model)
 from edge_ad.calibration import deploy as deploy_mod
+from edge_ad.calibration import package as package_mod
 from edge_ad.errors import GuardFailure, InputError, RuntimeFailure
 
 from fixtures_bundle import (add_stand_in_graph, copy_bundle, gaussian_bundle, make_tiny_bundle, part_frame,  # noqa: F401
@@ -150,6 +151,7 @@ def test_a_bundle_without_its_graph_is_neither_packed_nor_installed(tiny_bundle,
     (b.path / "model.onnx").unlink()
     with monkeypatch.context() as m:          # an archive made by an older packer
         m.setattr(Bundle, "check_graph", lambda self, name=None, verify=True: None)
+        m.setattr(package_mod, "_check_opens", lambda b, graph: None)
         archive = pack_bundle(b.path, tmp_path / "b.tar")
     with pytest.raises(InputError, match="b.tar: the bundle has no active graph model.onnx"):
         install_bundle(archive, tmp_path / "deploy", require_golden=False)
@@ -158,6 +160,36 @@ def test_a_bundle_without_its_graph_is_neither_packed_nor_installed(tiny_bundle,
     assert res.exit_code == 2 and "the bundle has no active graph model.onnx" in res.output, res.output
     assert "run 'edge-ad export' on it and pack it again; update refused" in res.output
     assert not (tmp_path / "deploy").exists()
+
+
+def test_pack_refuses_a_bundle_that_run_and_install_refuse(tiny_bundle, tmp_path):
+    """pack wrote an archive of a bundle without calibration.json (install then refused it: the new model
+    cannot be opened) and of one whose manifest names outputs its graph lacks (eval, run and calibrate refuse
+    it). pack now opens the bundle as run and install's probe do (Inspector.open: the graph on a backend,
+    under the calibration in force), and refuses it with their message: exit 2, nothing written."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.inspector import Inspector
+
+    nocal = copy_bundle(tiny_bundle, tmp_path / "nocal")
+    nocal.file("calibration.json").unlink()
+    outputs = copy_bundle(tiny_bundle, tmp_path / "outputs")
+    outputs.manifest["model"]["outputs"] = ["nope"]
+    outputs.save_manifest()
+    for b, words in ((nocal, "calibration.json: not found"), (outputs, "outputs ['map'] lack ['nope']")):
+        with pytest.raises(InputError) as as_run:
+            Inspector.open(b, "onnxruntime", None, "cpu")
+        assert words in str(as_run.value)
+        with pytest.raises(InputError) as packed:
+            pack_bundle(b.path, tmp_path / "b.tar")
+        assert str(packed.value) == f"{as_run.value}; edge-ad run and bundle install refuse such a bundle " \
+                                    "(nothing packed)"
+        res = CliRunner().invoke(main, ["bundle", "pack", str(b.path), str(tmp_path / "b.tar")])
+        assert res.exit_code == 2 and f"error: {packed.value}" in res.output, res.output
+        with pytest.raises(InputError, match=re.escape(words)):   # what install says of such a bundle
+            deploy_mod.open_probe("onnxruntime", None, "cpu")(b)
+    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*"))
 
 
 def test_corrupt_or_truncated_archive_is_refused_and_the_running_model_untouched(bundles, golden, tmp_path):
@@ -2157,6 +2189,7 @@ def test_an_archive_with_a_bad_manifest_is_refused_even_without_golden_check(tin
     b.save_manifest()
     with monkeypatch.context() as m:          # an archive made by another (older, buggy) packer
         m.setattr(bundle_mod, "check_manifest", lambda manifest, where: None)
+        m.setattr(package_mod, "_check_opens", lambda b, graph: None)
         archive = pack_bundle(b.path, tmp_path / "bad.tar")
     with pytest.raises(InputError, match=f"manifest.json: model.{field}"):
         install_bundle(archive, tmp_path / "deploy", require_golden=False)
@@ -3789,8 +3822,10 @@ def test_orchestration_a_tensorrt_line_builds_the_engine_in_staging_before_the_c
     open the candidate; it travels with the release."""
     a, b, _ = bundles
     deploy = tmp_path / "deploy"
-    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden, backend="tensorrt",
-                        device="cuda:1", probe=lambda c: trt_line["order"].append("probe"))
+    archive = pack_bundle(a.path, tmp_path / "a.tar")
+    trt_line["order"].clear()   # pack opened it as a line does
+    r1 = install_bundle(archive, deploy, golden, backend="tensorrt", device="cuda:1",
+                        probe=lambda c: trt_line["order"].append("probe"))
     (call,) = trt_line["calls"]
     assert call["path"].parent == deploy / "releases" and call["path"].name.startswith(".incoming-")
     # model.precision empty: what 'compile --precision best' builds (INT8, else FP16, else FP32), not an engine of
@@ -3819,9 +3854,10 @@ def test_orchestration_a_failed_engine_build_or_guard_refuses_the_update(bundles
     deploy = tmp_path / "deploy"
     r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, golden)   # an onnxruntime release
     before = _release_files(deploy)
+    archive = pack_bundle(b.path, tmp_path / "b.tar")
     trt_line["fail"], trt_line["order"] = fail, []
     with pytest.raises(type(fail), match=f"new release's TensorRT engine .*{re.escape(str(fail))}"):
-        install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, golden, backend="tensorrt",
+        install_bundle(archive, deploy, golden, backend="tensorrt",
                        probe=lambda c: pytest.fail("probed after a failed build"))
     assert trt_line["order"] == ["compile"]   # no golden check, no probe
     assert deployment(deploy).current == r1.release and _release_files(deploy) == before   # no staging left

@@ -953,3 +953,21 @@ def test_the_active_graph_changes_only_to_what_a_cpu_runs_faster(tmp_path):
     b.manifest["active"] = {"graph": "model.fp16.onnx", "precision": "fp16"}
     assert _active_after(b, "fp16", ["fp16"]) == {"graph": "model.fp16.onnx", "precision": "fp16"}
     assert _active_after(b, "int8", ["int8"]) is None   # an FP16 line stays FP16
+
+
+def test_quantize_refuses_a_bundle_it_cannot_write_before_any_work(tmp_path, monkeypatch):
+    """The graphs and quant_report.json go into the bundle folder: one this process cannot write is named
+    at once (exit 2), not after the calibration images are read and the guard has run."""
+    from click.testing import CliRunner
+
+    from edge_ad.cli import main
+    from edge_ad.compile import quantize as quantize_mod
+    from fixtures_bundle import make_tiny_bundle, unwritable
+
+    b = make_tiny_bundle(tmp_path / "b")
+    unwritable(monkeypatch, b.path)
+    monkeypatch.setattr(quantize_mod, "load_image", lambda *a: pytest.fail("images were read"))
+    res = CliRunner().invoke(main, ["quantize", "--bundle", str(b.path), "--precision", "int8"])
+    assert res.exit_code == 2, res.output
+    assert f"error: quantize {b.path}: the folder {b.path.absolute()} is not writable; nothing was changed" \
+        in res.output, res.output

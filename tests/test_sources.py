@@ -412,6 +412,26 @@ def test_dir_source_skips_unreadable_images_without_replaying(tmp_path):
             src.read()
 
 
+def test_dir_source_skips_and_counts_an_image_over_the_pixel_limit(tmp_path, caplog):
+    """An image whose header declares more pixels than OpenCV decodes raised a cv2.error that killed the
+    capture thread (and a traceback at the start's probe). It is skipped with a warning naming its size and
+    counted in skipped_images, as an unreadable image is (docs/runtime.md)."""
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((8, 8, 3), 10, np.uint8))
+    (tmp_path / "b.pgm").write_bytes(b"P5\n100000 100000\n255\n")
+    caplog.set_level("WARNING", logger="edge_ad.runtime.sources")
+    check_startup(parse_uri(f"dir://{tmp_path}"))   # a.png is readable
+    src = open_source(f"dir://{tmp_path}?loop=1")
+    src.open()
+    assert [src.read().truth["file"] for _ in range(3)] == ["a.png"] * 3 and src.skipped == 2
+    said = [r.getMessage() for r in caplog.records if "b.pgm" in r.getMessage()]
+    assert len(said) == 1 and "100000 x 100000 pixels" in said[0], said
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(InputError, match=r"none of the 1 images .*b\.pgm: image of 100000 x 100000 pixels"):
+        check_startup(parse_uri(f"dir://{tmp_path}"))
+
+
 def test_looping_dir_warns_once_per_unreadable_image_and_counts_every_skip(tmp_path, caplog):
     """A looping dir:// said 'skipped ... not a readable image' at every pass (every 2.5 s for 25 images at
     10 fps, forever). It is said once per file; every skip is still counted; a file that becomes readable is

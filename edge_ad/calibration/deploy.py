@@ -455,17 +455,12 @@ def open_probe(backend: str = "auto", precision: str | None = None, device: str 
     ``precision`` is not the line's but one a check asks for (:func:`check_archive`), and the refusal says so."""
     def probe(bundle: Bundle) -> None:
         from ..inspector import Inspector
-        from ..runtime.backends import open_backend
 
         try:
             if opener is not None:
                 opener(bundle).backend.close()
-                return
-            be = open_backend(bundle, backend, precision, device)
-            try:
-                Inspector(bundle, be)
-            finally:
-                be.close()
+            else:
+                Inspector.open(bundle, backend, precision, device).backend.close()
         except EdgeADError as exc:
             how = "as the line runs it" if line else "as the check asks"
             raise InputError(f"the new model cannot be opened {how} ({run_as(backend, precision, device)}): "

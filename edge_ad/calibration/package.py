@@ -247,10 +247,11 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
                          ".tgz are compressed)")
     b = Bundle.open(bundle_dir, verify=True)
     try:  # a bundle without its graph cannot inspect (trained with --no-export, or an export that failed)
-        b.check_graph(verify=False)  # verified above
+        graph = b.check_graph(verify=False)  # verified above
     except InputError as exc:
         raise InputError(f"{exc}; the bundle's active graph ({b.active_graph}) must be there and recorded "
                          "in manifest.json to pack it (nothing packed)") from None
+    _check_opens(b, graph)
     key = load_key(sign_key) if sign_key is not None else None
     if key is not None and not key.can_sign:
         raise InputError(f"{sign_key}: a public key cannot sign; give the Ed25519 private key")
@@ -285,6 +286,21 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_archive: str | os.PathLike,
             with open(root / rel, "rb") as src:
                 tar.addfile(info, src)
     return out
+
+
+def _check_opens(b: Bundle, graph: Path) -> None:
+    """Refuse to pack a bundle that ``edge-ad run`` and ``bundle install`` refuse (packed, it failed at the
+    install on the device): its active graph ``graph`` opened as they open it (:meth:`Inspector.open`; here on
+    ONNX Runtime on this CPU, which every machine that packs has) under its calibration in force: a bundle
+    without calibration.json, whose manifest names outputs the graph lacks, whose calibration names maps the
+    model does not make or Gaussian statistics that are not there."""
+    from ..errors import EdgeADError
+    from ..inspector import Inspector
+
+    try:
+        Inspector.open(b, "onnxruntime", b.active_precision, "cpu", graph=graph, threads=1).backend.close()
+    except EdgeADError as exc:
+        raise InputError(f"{exc}; edge-ad run and bundle install refuse such a bundle (nothing packed)") from None
 
 
 def _check_count(b: Bundle, files: list[str]) -> None:

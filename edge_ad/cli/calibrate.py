@@ -271,7 +271,11 @@ def calibrate(bundle_dir, source, config, env_file, frames, policy, backend, pre
         _override_note(override, config, env, "the adapted model", res.threshold)
         return
     from ..calibration.adapt import remove_stale_work
+    from ..calibration.refit import GAUSSIAN_DIR
 
+    # what the refit writes, known now and not after minutes of frames: calibration.json (and manifest.json),
+    # calibration.d/, and a Gaussian model's refitted statistics in gaussian.d/
+    b.check_writable("calibrate", b.calibration_dir.name, GAUSSIAN_DIR if b.kind == "gaussian" else None)
     remove_stale_work(b.path)   # the frames a killed --adapt left beside the bundle (--adapt itself does it too)
     with b.calibration_lock():   # from before the frames to the switch: a second calibration is refused
         be = open_backend(b, backend, precision, device)   # before the frames: a bad backend fails at once

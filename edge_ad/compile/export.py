@@ -41,6 +41,7 @@ def export_bundle(bundle: Bundle, module=None, opset: int = DEFAULT_OPSET, progr
 
     if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"opset {opset!r}: expected a whole number {MIN_OPSET}..{MAX_OPSET}")
+    bundle.check_writable("export")   # model.onnx and manifest.json go there: known before the export
     if module is None:
         from ..models import load_from_bundle
         module = load_from_bundle(bundle, device="cpu")

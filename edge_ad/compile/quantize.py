@@ -369,6 +369,7 @@ def quantize_bundle(bundle: Bundle, precision: str = "int8", calib_dir: str | os
         raise InputError(f"keep_fp32 '{keep_fp32}': expected one of {', '.join(KEEP_FP32)}")
     if calibration not in CALIBRATIONS:
         raise InputError(f"calibration '{calibration}': expected one of {', '.join(CALIBRATIONS)}")
+    bundle.check_writable("quantize")   # the graphs and quant_report.json go there: known before the guard
     t0 = time.perf_counter()
     src = bundle.graph_for("fp32")
     if "model.onnx" in bundle.manifest["files"]:

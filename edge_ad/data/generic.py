@@ -131,7 +131,7 @@ def _check_out(out: Path) -> Path:
             raise InputError(f"{out}: holds {shown}; expected a new or empty folder, or one a previous "
                              "'edge-ad generic-images' wrote (generic_NNNNNN.jpg only): its images are replaced")
     real = Path(os.path.realpath(out))   # a link to the folder: the folder is the one replaced, beside itself
-    atomic.check_parent_writable(real, str(out), f"the images are written beside {real.name} and renamed into place")
+    atomic.check_writable(real.absolute().parent, str(out), f"the images are written beside {real.name} and renamed into place")
     return real
 
 

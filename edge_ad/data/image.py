@@ -54,7 +54,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not p.is_file():
         raise InputError(f"{p}: {_not_a_file(p)}")
     buf = np.fromfile(str(p), dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
+    img = decode(p, buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if img is None:
         raise InputError(f"{p}: not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or PBM/PGM/PPM)")
     return img, buf
@@ -74,6 +74,136 @@ def _not_a_file(p: Path) -> str:
             if exc.errno == errno.ENOENT:
                 return f"a broken symbolic link (to {target}, which does not exist)"
     return "image not found"
+
+
+# The most pixels an image may have to be decoded (16384 x 16384, 268 megapixels). Decoding one of 8-bit
+# colour takes about 1.6 GB of memory (the decoded pixels and their RGB copy), twice that at 16 bits, and a
+# run holds a few frames at once (the frame queue, the batch): a Jetson shares its 8 GB between CPU and
+# GPU. The model sees every image resized to its input size (4096 px at most) anyway. OpenCV's own limit
+# (2^30 pixels) raised a cv2.error, a traceback, on a 21-byte file whose header claims more.
+MAX_IMAGE_PIXELS = 1 << 28
+
+
+def decode(p: Path, buf: np.ndarray, flags: int, what: str = "image") -> np.ndarray | None:
+    """``cv2.imdecode`` of the bytes ``buf`` of the file ``p`` (None where OpenCV cannot read them), its size
+    first checked against :data:`MAX_IMAGE_PIXELS` from its header (:func:`header_size`), or for a format
+    whose header that does not read, once decoded. An image over it, and an error of OpenCV's
+    (its own pixel limit, a damaged file it gives up on), are an :class:`InputError` naming the file
+    (``what``: ``image``, ``mask``), so a folder's reader skips it or stops naming it as it does an
+    unreadable file."""
+    import cv2
+
+    if not buf.size:
+        return None
+    size = header_size(buf)
+    if size is not None:
+        _check_pixels(p, what, size, "as its header says")
+    try:
+        img = cv2.imdecode(buf, flags)
+    except cv2.error as exc:
+        reason = f"OpenCV: {getattr(exc, 'err', None) or str(exc).strip() or type(exc).__name__}"
+        if "CV_IO_MAX_IMAGE" in reason:   # a header header_size does not read (BigTIFF, PAM)
+            reason = (f"its header declares more pixels than OpenCV decodes (2^30, or a side over 2^20); "
+                      f"edge-ad decodes {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels at most")
+        raise InputError(f"{p}: not a readable {what}: {reason}") from None
+    if size is None and img is not None:
+        _check_pixels(p, what, (img.shape[1], img.shape[0]), "decoded")
+    return img
+
+
+def _check_pixels(p: Path, what: str, size: tuple[int, int], how: str) -> None:
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(f"{p}: {what} of {w} x {h} pixels ({w * h / 1e6:.0f} megapixels, {how}); edge-ad decodes "
+                         f"images of at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels ({MAX_IMAGE_PIXELS} pixels, "
+                         "e.g. 16384 x 16384): scale it down (the model sees it resized to its input size anyway)")
+
+
+def header_size(buf: bytes | np.ndarray) -> tuple[int, int] | None:
+    """``(width, height)`` an image file's header declares (its bytes, as :func:`read_image` reads them), for
+    PNG, JPEG, BMP, TIFF (its first page, as OpenCV reads it), WebP and PBM/PGM/PPM; None for another
+    format or a header cut short (OpenCV then says what it makes of the file). Nothing is decoded."""
+    b = bytes(buf[:1 << 16])   # every header here but a JPEG's, which may follow large metadata
+    try:
+        if b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR":
+            return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
+        if b[:2] == b"\xff\xd8":
+            return _jpeg_size(buf)
+        if b[:2] == b"BM" and len(b) >= 26:
+            if int.from_bytes(b[14:18], "little") == 12:   # OS/2 BITMAPCOREHEADER: 16-bit sides
+                return int.from_bytes(b[18:20], "little"), int.from_bytes(b[20:22], "little")
+            return (abs(int.from_bytes(b[18:22], "little", signed=True)),
+                    abs(int.from_bytes(b[22:26], "little", signed=True)))   # negative height: top-down rows
+        if b[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(b, "little" if b[:2] == b"II" else "big")
+        if b[:4] == b"RIFF" and b[8:12] == b"WEBP":
+            return _webp_size(b)
+        if len(b) > 2 and b[0:1] == b"P" and b[1:2] in b"123456" and b[2:3].isspace():
+            return _pnm_size(b)
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
+def _jpeg_size(b: bytes | np.ndarray) -> tuple[int, int] | None:
+    """The frame header's (SOF0..SOF15) sides of a JPEG, its segments walked from the start (only their
+    lengths read); None where the scan or the end comes first."""
+    def word(i: int) -> int:
+        return int.from_bytes(bytes(b[i:i + 2]), "big")
+
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = int(b[i + 1])
+        if marker == 0xFF:   # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:   # no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):   # the end, the scan
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return (word(i + 7), word(i + 5)) if i + 9 <= len(b) else None
+        i += 2 + word(i + 2)
+    return None
+
+
+def _tiff_size(b: bytes, order: str) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) of a TIFF's first directory (SHORT or LONG values)."""
+    ifd = int.from_bytes(b[4:8], order)
+    n = int.from_bytes(b[ifd:ifd + 2], order)
+    sides: dict[int, int] = {}
+    for k in range(n):
+        e = ifd + 2 + 12 * k
+        tag, kind = int.from_bytes(b[e:e + 2], order), int.from_bytes(b[e + 2:e + 4], order)
+        if tag in (256, 257) and kind in (3, 4):
+            sides[tag] = int.from_bytes(b[e + 8:e + (10 if kind == 3 else 12)], order)
+    return (sides[256], sides[257]) if len(sides) == 2 else None
+
+
+def _webp_size(b: bytes) -> tuple[int, int] | None:
+    """The canvas of an extended WebP (VP8X), else the lossy (VP8) or lossless (VP8L) frame's sides."""
+    chunk = b[12:16]
+    if chunk == b"VP8X":
+        return int.from_bytes(b[24:27], "little") + 1, int.from_bytes(b[27:30], "little") + 1
+    if chunk == b"VP8L":
+        bits = int.from_bytes(b[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 ":
+        return int.from_bytes(b[26:28], "little") & 0x3FFF, int.from_bytes(b[28:30], "little") & 0x3FFF
+    return None
+
+
+def _pnm_size(b: bytes) -> tuple[int, int] | None:
+    """Width and height of a PBM/PGM/PPM header (``P5 640 480 255``; ``#`` comments to the line's end)."""
+    words: list[bytes] = []
+    for line in b[2:].split(b"\n"):
+        words += line.split(b"#", 1)[0].split()
+        if len(words) >= 2:
+            return int(words[0]), int(words[1])
+    return None
 
 
 FINGERPRINT_HEX = 16   # hex digits of a file's sha256 kept as its fingerprint (64 bits)
@@ -319,11 +449,11 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     p = Path(path)
     buf = np.fromfile(str(p), dtype=np.uint8) if p.is_file() else np.zeros(0, np.uint8)
     # ANYCOLOR applies the EXIF orientation as load_image does, so a mask stays aligned with its image
-    m = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
+    m = decode(p, buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH, "mask")
     if m is None:
         raise InputError(f"{p}: not a readable mask image")
     if m.size and m.min() == m.max():   # uniform colour: the drawing, if any, is in the alpha channel
-        full = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        full = decode(p, buf, cv2.IMREAD_UNCHANGED, "mask")
         if full is not None and full.ndim == 3 and full.shape[2] in (2, 4) and full.shape[:2] == m.shape[:2]:
             a = full[:, :, -1]
             if a.min() != a.max():

@@ -161,7 +161,7 @@ def check_out_folder(out: Path) -> None:
                              "which no bundle holds; training replaces the bundle folder as a whole, so move "
                              "them away or choose another --out (nothing was changed)")
     why = f"the new bundle is built beside {out.name} and renamed into place"
-    atomic.check_parent_writable(out, f"--out {out}", why)
+    atomic.check_writable(out.absolute().parent, f"--out {out}", why)
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"--out {out}: the folder {out} is not writable ({why})")
 
