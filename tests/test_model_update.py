@@ -950,11 +950,10 @@ def test_an_install_killed_before_its_switch_leaves_no_release_and_never_costs_a
     assert not list((deploy / "releases").glob(f"*/{deploy_mod.NOT_SWITCHED}"))
 
 
-def test_a_release_whose_switch_was_cut_after_current_moved_stays_the_release_in_force(bundles, tmp_path,
-                                                                                      monkeypatch):
-    """Cut after 'current' moved to the new release but before its mark was dropped: it is the release in force,
-    listed, kept by the next install (which drops the mark), never taken for one never switched in."""
-    a, b, c = bundles
+def _installed_then_cut_after_current_moved(bundles, tmp_path, monkeypatch):
+    """A deploy folder with bundles[0] installed, then bundles[1]'s install cut after 'current' moved to it and
+    before its not-switched-in mark was dropped. Returns (deploy folder, the first install)."""
+    a, b = bundles[0], bundles[1]
     deploy = tmp_path / "deploy"
     r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
     real = deploy_mod._point
@@ -969,6 +968,15 @@ def test_a_release_whose_switch_was_cut_after_current_moved_stays_the_release_in
     with pytest.raises(SystemExit):
         install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
     monkeypatch.undo()
+    return deploy, r1
+
+
+def test_a_release_whose_switch_was_cut_after_current_moved_stays_the_release_in_force(bundles, tmp_path,
+                                                                                      monkeypatch):
+    """Cut after 'current' moved to the new release but before its mark was dropped: it is the release in force,
+    listed, kept by the next install (which drops the mark), never taken for one never switched in."""
+    c = bundles[2]
+    deploy, r1 = _installed_then_cut_after_current_moved(bundles, tmp_path, monkeypatch)
     dep = deployment(deploy)
     assert dep.current.startswith("r0002-") and dep.previous == r1.release and dep.health == "pending"
     assert [r["id"] for r in deploy_mod.releases(deploy)] == [dep.current, r1.release]
@@ -981,21 +989,8 @@ def test_a_release_cut_short_keeps_no_mark_once_a_rollback_makes_it_previous(bun
     """A release whose switch was cut after 'current' moved kept its mark; a rollback then made it 'previous' and
     left the mark, and once another switch moved 'previous' on, the next install took it for one never switched
     in and deleted it (a release the line had run). A switch now drops the mark of both releases it links."""
-    a, b, c = bundles
-    deploy = tmp_path / "deploy"
-    r1 = install_bundle(pack_bundle(a.path, tmp_path / "a.tar"), deploy, require_golden=False)
-    real = deploy_mod._point
-
-    def cut(d, name, rid):
-        real(d, name, rid)
-        if name == "current":
-            (d / "releases" / rid / deploy_mod.NOT_SWITCHED).write_text("{}")   # as if cut before its unlink
-            raise SystemExit(9)
-
-    monkeypatch.setattr(deploy_mod, "_point", cut)
-    with pytest.raises(SystemExit):
-        install_bundle(pack_bundle(b.path, tmp_path / "b.tar"), deploy, require_golden=False)
-    monkeypatch.undo()
+    c = bundles[2]
+    deploy, r1 = _installed_then_cut_after_current_moved(bundles, tmp_path, monkeypatch)
     r2 = deployment(deploy).current
     rollback_model(deploy)                                    # r1 in force, r2 previous
     assert deployment(deploy).previous == r2
